@@ -1,0 +1,19 @@
+//! ebpf-proxy userspace: the daemon that keeps the eBPF maps equal to the cluster's
+//! Services and EndpointSlices, and the node-admin CLI that reads them.
+//!
+//! Control path, one module a stage:
+//! [`source`] (manifests directory) → [`model`] → [`plan`] (pure) → [`writer`] (diff and
+//! map writes, the only code that touches the maps). [`datapath`] loads, pins and attaches
+//! the kernel programs; [`netlink`] reads node addresses and follows pod interfaces;
+//! [`daemon`] wires it all together.
+
+pub mod daemon;
+pub mod datapath;
+pub mod model;
+pub mod netlink;
+pub mod plan;
+pub mod source;
+pub mod writer;
+
+/// The kernel programs, built from proxy-ebpf by build.rs.
+pub const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));

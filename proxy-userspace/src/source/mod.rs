@@ -1,0 +1,3 @@
+//! Sources of Services and EndpointSlices.
+
+pub mod manifests;
