@@ -75,12 +75,12 @@ pub mod service_flags {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct ServiceValue {
     pub backend_id: u32,
+    /// Identifies the frontend in conntrack entries (for listings and flushes). 32 bits so
+    /// clusters with more than 65 535 frontends fit.
+    pub rev_nat_id: u32,
     /// Number of backends (slot 0 only). 0 means the Service has no endpoints.
     pub count: u16,
-    /// Identifies the frontend in conntrack entries (for listings and flushes).
-    pub rev_nat_id: u16,
     pub flags: u16,
-    pub _pad: u16,
 }
 
 /// Value of the BACKENDS map (key: backend id, never 0).
@@ -132,7 +132,7 @@ pub struct CtKey {
 pub mod ct_flags {
     /// A FIN or RST was seen: the flow is ending; a new SYN on the same tuple re-selects,
     /// and the daemon's garbage collector reaps it after a short grace period.
-    pub const CLOSING: u32 = 1 << 0;
+    pub const CLOSING: u16 = 1 << 0;
 }
 
 /// Value of the CONNTRACK map.
@@ -141,11 +141,12 @@ pub mod ct_flags {
 pub struct CtValue {
     /// FORWARD: the backend address to DNAT to. REPLY: the frontend address to restore.
     pub nat_addr: u32,
+    pub rev_nat_id: u32,
+    pub backend_id: u32,
     /// FORWARD: the backend port. REPLY: the frontend port. Network byte order.
     pub nat_port: u16,
-    pub rev_nat_id: u16,
-    pub backend_id: u32,
-    pub flags: u32,
+    /// Bits of [`ct_flags`].
+    pub flags: u16,
     /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when the flow was created.
     pub created_ns: u64,
     /// `bpf_ktime_get_ns` of the latest packet in this direction.

@@ -1,1 +1,205 @@
-//! TODO(owner: see lib.rs)
+//! Loads the kernel programs, pins their maps and links under the bpffs root, and attaches
+//! the classifier to devices.
+//!
+//! Everything is pinned so the datapath keeps forwarding while the daemon restarts or is
+//! upgraded: on start the maps are reused from their pins, and a device whose link is
+//! already pinned gets the new program swapped in atomically (`bpf_link_update`), with no
+//! moment where packets pass unbalanced.
+//!
+//! Layout of the bpffs root: `SERVICES`, `BACKENDS`, `CONNTRACK`, `STATS` (maps) and
+//! `links/<ifindex>-<ifname>` (tcx ingress links).
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::programs::links::{FdLink, LinkError, PinnedLink};
+use aya::programs::tc::TcAttachOptions;
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
+use aya::sys::SyscallError;
+use aya::{Ebpf, EbpfLoader};
+use proxy_common::{Backend, CtKey, CtValue, PROGRAM_NAME, ServiceKey, ServiceValue, map_names};
+
+use crate::netlink::Device;
+
+/// Map sizes (entries); the defaults are compiled into the object.
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    pub services: u32,
+    pub backends: u32,
+    pub conntrack: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        use proxy_common::default_max_entries as max;
+        Self {
+            services: max::SERVICES,
+            backends: max::BACKENDS,
+            conntrack: max::CONNTRACK,
+        }
+    }
+}
+
+/// The maps, taken out of the loaded object for their single owners.
+pub struct Maps {
+    pub services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
+    pub backends: BpfHashMap<MapData, u32, Backend>,
+    pub conntrack: BpfHashMap<MapData, CtKey, CtValue>,
+    pub stats: PerCpuArray<MapData, u64>,
+}
+
+/// The loaded programs and their attachments.
+pub struct Datapath {
+    ebpf: Ebpf,
+    links_dir: PathBuf,
+}
+
+impl Datapath {
+    /// Loads the embedded object, reusing (or creating) the maps pinned under `root`.
+    pub fn load(root: &Path, sizes: MapSizes) -> Result<Self> {
+        ensure_bpffs(root)?;
+        let links_dir = root.join("links");
+        fs::create_dir_all(&links_dir)
+            .with_context(|| format!("creating {}", links_dir.display()))?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(root)
+            .map_max_entries(map_names::SERVICES, sizes.services)
+            .map_max_entries(map_names::BACKENDS, sizes.backends)
+            .map_max_entries(map_names::CONNTRACK, sizes.conntrack)
+            .load(crate::EBPF_OBJECT)
+            .with_context(|| {
+                format!(
+                    "loading the eBPF object with maps pinned under {} (a pin left by an \
+                     incompatible version can be removed with `ebpf-proxy cleanup`)",
+                    root.display()
+                )
+            })?;
+        program(&mut ebpf)?
+            .load()
+            .context("loading the tc program into the kernel")?;
+        Ok(Self { ebpf, links_dir })
+    }
+
+    /// Takes the maps out of the object. Call once.
+    pub fn take_maps(&mut self) -> Result<Maps> {
+        let mut take = |name: &str| {
+            self.ebpf
+                .take_map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+        };
+        Ok(Maps {
+            services: take(map_names::SERVICES)?.try_into()?,
+            backends: take(map_names::BACKENDS)?.try_into()?,
+            conntrack: take(map_names::CONNTRACK)?.try_into()?,
+            stats: take(map_names::STATS)?.try_into()?,
+        })
+    }
+
+    fn link_pin(&self, device: &Device) -> PathBuf {
+        self.links_dir.join(link_pin_name(device))
+    }
+
+    /// Attaches the program at tcx ingress of `device` and pins the link. An existing
+    /// pinned link (from a previous daemon) gets the new program atomically instead.
+    pub fn attach(&mut self, device: &Device) -> Result<()> {
+        let pin = self.link_pin(device);
+        let program = program(&mut self.ebpf)?;
+        let link_id = match PinnedLink::from_pin(&pin) {
+            Ok(pinned) => {
+                let link = FdLink::from(pinned)
+                    .try_into()
+                    .context("pinned link is not a tcx link")?;
+                program
+                    .attach_to_link(link)
+                    .with_context(|| format!("replacing the program on {}", device.name))?
+            }
+            Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.kind() == io::ErrorKind::NotFound =>
+            {
+                program
+                    .attach_with_options(
+                        &device.name,
+                        TcAttachType::Ingress,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .with_context(|| format!("attaching to {} (tcx ingress)", device.name))?
+            }
+            Err(error) => {
+                return Err(error).with_context(|| format!("opening pin {}", pin.display()));
+            }
+        };
+        let link: FdLink = program.take_link(link_id)?.try_into()?;
+        // Replacing the pin: remove the old file first, the link itself stays alive
+        // through our fd until the new pin holds it.
+        let _ = fs::remove_file(&pin);
+        link.pin(&pin)
+            .with_context(|| format!("pinning link at {}", pin.display()))?;
+        Ok(())
+    }
+
+    /// Removes the pins of links whose device is gone (or renamed, or re-created with a
+    /// new index), which releases those links. Returns the names of the released pins.
+    pub fn release_stale_links(&self, devices: &[Device]) -> Result<Vec<String>> {
+        let keep: BTreeSet<PathBuf> = devices.iter().map(|d| self.link_pin(d)).collect();
+        let mut released = Vec::new();
+        for entry in fs::read_dir(&self.links_dir)? {
+            let path = entry?.path();
+            if !keep.contains(&path) {
+                fs::remove_file(&path)?;
+                released.push(
+                    path.file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into(),
+                );
+            }
+        }
+        Ok(released)
+    }
+}
+
+/// The pin name of a device's link: the index makes a re-created device with the same
+/// name a different pin, since the old link died with the old device.
+fn link_pin_name(device: &Device) -> String {
+    format!("{}-{}", device.index, device.name)
+}
+
+fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
+    let program = ebpf
+        .program_mut(PROGRAM_NAME)
+        .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing from the eBPF object"))?;
+    Ok(program.try_into()?)
+}
+
+/// The pins must live on a bpffs; say so clearly instead of failing on the first pin.
+fn ensure_bpffs(root: &Path) -> Result<()> {
+    fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    let stat = nix_statfs(root)?;
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    if stat != BPF_FS_MAGIC {
+        return Err(anyhow!(
+            "{} is not on a bpf filesystem: mount one with `mount -t bpf bpf /sys/fs/bpf` \
+             (or pass --bpffs-root on a bpffs)",
+            root.display()
+        ));
+    }
+    Ok(())
+}
+
+fn nix_statfs(path: &Path) -> Result<i64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c_path is a valid NUL-terminated string and stat a writable statfs.
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", path.display()));
+    }
+    #[allow(clippy::unnecessary_cast)]
+    Ok(stat.f_type as i64)
+}

@@ -5,10 +5,13 @@
 //! [`source`] (manifests directory) → [`model`] → [`plan`] (pure) → [`writer`] (diff and
 //! map writes, the only code that touches the maps). [`datapath`] loads, pins and attaches
 //! the kernel programs; [`netlink`] reads node addresses and follows pod interfaces;
-//! [`daemon`] wires it all together.
+//! [`conntrack`] sweeps idle flows; [`daemon`] wires it all together. [`inspect`] gives
+//! node admins views of the pinned maps.
 
+pub mod conntrack;
 pub mod daemon;
 pub mod datapath;
+pub mod inspect;
 pub mod model;
 pub mod netlink;
 pub mod plan;

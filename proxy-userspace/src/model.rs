@@ -1,1 +1,313 @@
-//! TODO(owner: see lib.rs)
+//! Model: the cluster state the planner reads, as plain data.
+//!
+//! Sources (the manifests directory now, a Kubernetes watcher later) feed Services and
+//! EndpointSlices in with insert/remove/replace; the planner reads them back, slices grouped
+//! by the Service they belong to (their `kubernetes.io/service-name` label), as kube-proxy's
+//! EndpointSliceCache merges them. No policy lives here: which objects matter, and how, is
+//! the planner's business.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The namespace of an object whose `metadata.namespace` is absent.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// `namespace/name` of a namespaced object.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ObjectKey {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// The key of an object; `None` when `metadata.name` is missing or empty. An absent or
+    /// empty namespace means [`DEFAULT_NAMESPACE`].
+    pub fn from_metadata(metadata: &ObjectMeta) -> Option<Self> {
+        let name = metadata.name.as_deref().filter(|name| !name.is_empty())?;
+        let namespace = metadata
+            .namespace
+            .as_deref()
+            .filter(|namespace| !namespace.is_empty())
+            .unwrap_or(DEFAULT_NAMESPACE);
+        Some(ObjectKey::new(namespace, name))
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Why an object can't enter the model.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ModelError {
+    #[error("metadata.name is missing")]
+    MissingName,
+    #[error("EndpointSlice {slice} has no {SERVICE_NAME_LABEL} label")]
+    MissingServiceNameLabel { slice: ObjectKey },
+}
+
+/// Services and EndpointSlices keyed by `namespace/name`, slices also indexed by Service.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Model {
+    services: BTreeMap<ObjectKey, Service>,
+    endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+    /// Service key → keys of the slices labelled with its name (same namespace).
+    slices_by_service: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
+}
+
+impl Model {
+    /// Adds or replaces a Service; returns the one it replaced.
+    pub fn insert_service(&mut self, service: Service) -> Result<Option<Service>, ModelError> {
+        let key = ObjectKey::from_metadata(&service.metadata).ok_or(ModelError::MissingName)?;
+        Ok(self.services.insert(key, service))
+    }
+
+    pub fn remove_service(&mut self, key: &ObjectKey) -> Option<Service> {
+        self.services.remove(key)
+    }
+
+    /// Replaces all Services (a watcher's relist). Objects that can't enter are skipped and
+    /// returned as errors; the others are kept.
+    pub fn replace_services(
+        &mut self,
+        services: impl IntoIterator<Item = Service>,
+    ) -> Vec<ModelError> {
+        self.services.clear();
+        services
+            .into_iter()
+            .filter_map(|service| self.insert_service(service).err())
+            .collect()
+    }
+
+    /// Adds or replaces an EndpointSlice; returns the one it replaced. A slice must name its
+    /// Service with the [`SERVICE_NAME_LABEL`] label.
+    pub fn insert_endpoint_slice(
+        &mut self,
+        slice: EndpointSlice,
+    ) -> Result<Option<EndpointSlice>, ModelError> {
+        let key = ObjectKey::from_metadata(&slice.metadata).ok_or(ModelError::MissingName)?;
+        let service = service_of_slice(&key, &slice)
+            .ok_or_else(|| ModelError::MissingServiceNameLabel { slice: key.clone() })?;
+        let replaced = self.remove_endpoint_slice(&key);
+        self.slices_by_service
+            .entry(service)
+            .or_default()
+            .insert(key.clone());
+        self.endpoint_slices.insert(key, slice);
+        Ok(replaced)
+    }
+
+    pub fn remove_endpoint_slice(&mut self, key: &ObjectKey) -> Option<EndpointSlice> {
+        let slice = self.endpoint_slices.remove(key)?;
+        if let Some(service) = service_of_slice(key, &slice)
+            && let Some(slices) = self.slices_by_service.get_mut(&service)
+        {
+            slices.remove(key);
+            if slices.is_empty() {
+                self.slices_by_service.remove(&service);
+            }
+        }
+        Some(slice)
+    }
+
+    /// Replaces all EndpointSlices (a watcher's relist). Objects that can't enter are
+    /// skipped and returned as errors; the others are kept.
+    pub fn replace_endpoint_slices(
+        &mut self,
+        slices: impl IntoIterator<Item = EndpointSlice>,
+    ) -> Vec<ModelError> {
+        self.endpoint_slices.clear();
+        self.slices_by_service.clear();
+        slices
+            .into_iter()
+            .filter_map(|slice| self.insert_endpoint_slice(slice).err())
+            .collect()
+    }
+
+    /// All Services, ordered by `namespace/name`.
+    pub fn services(&self) -> impl Iterator<Item = (&ObjectKey, &Service)> {
+        self.services.iter()
+    }
+
+    pub fn service(&self, key: &ObjectKey) -> Option<&Service> {
+        self.services.get(key)
+    }
+
+    /// All EndpointSlices, ordered by `namespace/name`.
+    pub fn endpoint_slices(&self) -> impl Iterator<Item = (&ObjectKey, &EndpointSlice)> {
+        self.endpoint_slices.iter()
+    }
+
+    /// The slices that belong to a Service (whether or not the Service exists), ordered by
+    /// slice name.
+    pub fn endpoint_slices_of<'a>(
+        &'a self,
+        service: &ObjectKey,
+    ) -> impl Iterator<Item = &'a EndpointSlice> + use<'a> {
+        self.slices_by_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|slice| self.endpoint_slices.get(slice))
+    }
+}
+
+/// The Service a slice belongs to: its namespace and its service-name label.
+fn service_of_slice(key: &ObjectKey, slice: &EndpointSlice) -> Option<ObjectKey> {
+    let service_name = slice
+        .metadata
+        .labels
+        .as_ref()?
+        .get(SERVICE_NAME_LABEL)
+        .filter(|name| !name.is_empty())?;
+    Some(ObjectKey::new(key.namespace.clone(), service_name.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(namespace: Option<&str>, name: &str) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                namespace: namespace.map(str::to_owned),
+                name: Some(name.to_owned()),
+                ..ObjectMeta::default()
+            },
+            ..Service::default()
+        }
+    }
+
+    fn slice(name: &str, service_name: Option<&str>, address_type: &str) -> EndpointSlice {
+        EndpointSlice {
+            metadata: ObjectMeta {
+                namespace: Some("web".to_owned()),
+                name: Some(name.to_owned()),
+                labels: service_name
+                    .map(|service| [(SERVICE_NAME_LABEL.to_owned(), service.to_owned())].into()),
+                ..ObjectMeta::default()
+            },
+            address_type: address_type.to_owned(),
+            ..EndpointSlice::default()
+        }
+    }
+
+    fn slice_names_of(model: &Model, service: &ObjectKey) -> Vec<String> {
+        model
+            .endpoint_slices_of(service)
+            .map(|slice| slice.metadata.name.clone().unwrap_or_default())
+            .collect()
+    }
+
+    #[test]
+    fn services_are_keyed_by_namespace_and_name_with_default_namespace() {
+        let mut model = Model::default();
+        assert_eq!(model.insert_service(service(None, "a")), Ok(None));
+        assert_eq!(model.insert_service(service(Some("web"), "a")), Ok(None));
+        let replaced = model.insert_service(service(Some("web"), "a")).unwrap();
+        assert!(replaced.is_some());
+        let keys: Vec<String> = model.services().map(|(key, _)| key.to_string()).collect();
+        assert_eq!(keys, ["default/a", "web/a"]);
+
+        assert!(
+            model
+                .remove_service(&ObjectKey::new("default", "a"))
+                .is_some()
+        );
+        assert!(model.service(&ObjectKey::new("default", "a")).is_none());
+        assert_eq!(
+            model.insert_service(Service::default()),
+            Err(ModelError::MissingName)
+        );
+    }
+
+    #[test]
+    fn slices_are_grouped_by_their_service_name_label() {
+        let mut model = Model::default();
+        let frontend = ObjectKey::new("web", "frontend");
+        model
+            .insert_endpoint_slice(slice("frontend-b", Some("frontend"), "IPv4"))
+            .unwrap();
+        model
+            .insert_endpoint_slice(slice("frontend-a", Some("frontend"), "IPv4"))
+            .unwrap();
+        model
+            .insert_endpoint_slice(slice("other-a", Some("other"), "IPv4"))
+            .unwrap();
+        assert_eq!(
+            slice_names_of(&model, &frontend),
+            ["frontend-a", "frontend-b"]
+        );
+
+        // Replacing a slice with one labelled for another Service moves it.
+        let replaced = model
+            .insert_endpoint_slice(slice("frontend-b", Some("other"), "IPv6"))
+            .unwrap();
+        assert_eq!(
+            replaced.map(|slice| slice.address_type).as_deref(),
+            Some("IPv4")
+        );
+        assert_eq!(slice_names_of(&model, &frontend), ["frontend-a"]);
+        assert_eq!(
+            slice_names_of(&model, &ObjectKey::new("web", "other")),
+            ["frontend-b", "other-a"]
+        );
+
+        model.remove_endpoint_slice(&ObjectKey::new("web", "frontend-a"));
+        assert!(slice_names_of(&model, &frontend).is_empty());
+        assert_eq!(model.endpoint_slices().count(), 2);
+    }
+
+    #[test]
+    fn slice_without_service_name_label_is_refused() {
+        let mut model = Model::default();
+        assert_eq!(
+            model.insert_endpoint_slice(slice("orphan", None, "IPv4")),
+            Err(ModelError::MissingServiceNameLabel {
+                slice: ObjectKey::new("web", "orphan")
+            })
+        );
+        assert_eq!(model.endpoint_slices().count(), 0);
+    }
+
+    #[test]
+    fn replace_drops_what_is_not_in_the_new_set_and_reports_refusals() {
+        let mut model = Model::default();
+        model.insert_service(service(None, "old")).unwrap();
+        model
+            .insert_endpoint_slice(slice("old-a", Some("old"), "IPv4"))
+            .unwrap();
+
+        let errors = model.replace_services([service(None, "new"), Service::default()]);
+        assert_eq!(errors, [ModelError::MissingName]);
+        let keys: Vec<String> = model.services().map(|(key, _)| key.to_string()).collect();
+        assert_eq!(keys, ["default/new"]);
+
+        let errors = model.replace_endpoint_slices([
+            slice("new-a", Some("new"), "IPv4"),
+            slice("orphan", None, "IPv4"),
+        ]);
+        assert_eq!(errors.len(), 1);
+        assert!(slice_names_of(&model, &ObjectKey::new("web", "old")).is_empty());
+        assert_eq!(
+            slice_names_of(&model, &ObjectKey::new("web", "new")),
+            ["new-a"]
+        );
+    }
+}

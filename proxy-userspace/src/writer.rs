@@ -1,1 +1,488 @@
-//! TODO(owner: see lib.rs)
+//! Writer: turns the planner's [`DesiredState`] into map entries, diffs them against what
+//! the maps hold, and applies the difference in an order that keeps every packet
+//! consistent.
+//!
+//! Three stages: [`materialize`] (pure: frontends and backends → SERVICES/BACKENDS
+//! entries, with stable ids from an [`IdRegistry`]), [`diff`] (pure: ordered operations),
+//! and [`MapWriter`] (the only code that writes the aya maps).
+
+use std::collections::{BTreeMap, HashMap};
+
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
+use proxy_common::{Backend, ServiceKey, ServiceValue, service_flags};
+
+use crate::plan::{DesiredState, FrontendKind};
+
+/// The contents of the SERVICES and BACKENDS maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapImage {
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub backends: BTreeMap<u32, Backend>,
+}
+
+/// Gives backends and frontends ids that stay the same across syncs and daemon restarts
+/// (it is seeded from the pinned maps), so conntrack entries keep naming the right ones.
+/// Ids grow monotonically and are not reused soon after release, so a listing never
+/// attributes an old flow to a new backend.
+#[derive(Clone, Debug, Default)]
+pub struct IdRegistry {
+    backends: HashMap<Backend, u32>,
+    frontends: HashMap<ServiceKey, u32>,
+    last_backend_id: u32,
+    last_rev_nat_id: u32,
+}
+
+impl IdRegistry {
+    /// Learns the ids already in the maps.
+    pub fn from_image(image: &MapImage) -> Self {
+        let mut ids = Self::default();
+        for (id, backend) in &image.backends {
+            ids.backends.insert(*backend, *id);
+            ids.last_backend_id = ids.last_backend_id.max(*id);
+        }
+        for (key, value) in image.services.iter().filter(|(key, _)| key.slot == 0) {
+            ids.frontends.insert(*key, value.rev_nat_id);
+            ids.last_rev_nat_id = ids.last_rev_nat_id.max(value.rev_nat_id);
+        }
+        ids
+    }
+
+    fn backend_id(&mut self, backend: Backend) -> u32 {
+        if let Some(id) = self.backends.get(&backend) {
+            return *id;
+        }
+        let id = next_free(&mut self.last_backend_id, |id| {
+            self.backends.values().any(|used| *used == id)
+        });
+        self.backends.insert(backend, id);
+        id
+    }
+
+    fn rev_nat_id(&mut self, frontend: ServiceKey) -> u32 {
+        if let Some(id) = self.frontends.get(&frontend) {
+            return *id;
+        }
+        let id = next_free(&mut self.last_rev_nat_id, |id| {
+            self.frontends.values().any(|used| *used == id)
+        });
+        self.frontends.insert(frontend, id);
+        id
+    }
+
+    /// Forgets the ids of everything that is no longer in `image`.
+    fn retain(&mut self, image: &MapImage) {
+        self.backends
+            .retain(|_, id| image.backends.contains_key(id));
+        self.frontends
+            .retain(|key, _| image.services.contains_key(&key.with_slot(0)));
+    }
+}
+
+/// The id after `last` that is not 0 and not in use. The in-use check only runs after the
+/// 32-bit counter wraps, which in practice never happens.
+fn next_free(last: &mut u32, in_use: impl Fn(u32) -> bool) -> u32 {
+    let mut wrapped = false;
+    loop {
+        *last = last.wrapping_add(1);
+        if *last == 0 {
+            *last = 1;
+            wrapped = true;
+        }
+        if !wrapped || !in_use(*last) {
+            return *last;
+        }
+    }
+}
+
+fn kind_flag(kind: FrontendKind) -> u16 {
+    match kind {
+        FrontendKind::ClusterIp => service_flags::CLUSTER_IP,
+        FrontendKind::NodePort => service_flags::NODE_PORT,
+        FrontendKind::ExternalIp => service_flags::EXTERNAL_IP,
+        FrontendKind::LoadBalancer => service_flags::LOAD_BALANCER,
+    }
+}
+
+/// Builds the map contents for `desired`. Slots follow the plan's (sorted) backend order.
+pub fn materialize(desired: &DesiredState, ids: &mut IdRegistry) -> MapImage {
+    let mut image = MapImage::default();
+    for (frontend, plan) in &desired.frontends {
+        let proto = frontend.protocol.number();
+        let header = ServiceKey::new(frontend.addr.octets(), frontend.port, proto, 0);
+        for (index, backend) in plan.backends.iter().enumerate() {
+            let backend = Backend::new(backend.addr.octets(), backend.port, proto);
+            let backend_id = ids.backend_id(backend);
+            image.backends.insert(backend_id, backend);
+            let slot = u16::try_from(index + 1).expect("more than 65535 backends for one frontend");
+            image.services.insert(
+                header.with_slot(slot),
+                ServiceValue {
+                    backend_id,
+                    ..ServiceValue::default()
+                },
+            );
+        }
+        image.services.insert(
+            header,
+            ServiceValue {
+                backend_id: 0,
+                rev_nat_id: ids.rev_nat_id(header),
+                count: u16::try_from(plan.backends.len()).unwrap_or(u16::MAX),
+                flags: kind_flag(plan.kind),
+            },
+        );
+    }
+    ids.retain(&image);
+    image
+}
+
+/// One map write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapOp {
+    PutBackend(u32, Backend),
+    PutService(ServiceKey, ServiceValue),
+    DeleteService(ServiceKey),
+    DeleteBackend(u32),
+}
+
+/// The writes that turn `current` into `next`, ordered so that at every step each
+/// frontend's header only counts slots that exist and every slot names a backend that
+/// exists: new backends, then new slots, then headers; then removed headers, slots and
+/// backends.
+pub fn diff(current: &MapImage, next: &MapImage) -> Vec<MapOp> {
+    let mut ops = Vec::new();
+    for (id, backend) in &next.backends {
+        if current.backends.get(id) != Some(backend) {
+            ops.push(MapOp::PutBackend(*id, *backend));
+        }
+    }
+    let changed_services = next
+        .services
+        .iter()
+        .filter(|(key, value)| current.services.get(key) != Some(value));
+    let (headers, slots): (Vec<_>, Vec<_>) = changed_services.partition(|(key, _)| key.slot == 0);
+    ops.extend(slots.into_iter().map(|(k, v)| MapOp::PutService(*k, *v)));
+    ops.extend(headers.into_iter().map(|(k, v)| MapOp::PutService(*k, *v)));
+
+    let removed_services = current
+        .services
+        .keys()
+        .filter(|key| !next.services.contains_key(key));
+    let (headers, slots): (Vec<&ServiceKey>, Vec<&ServiceKey>) =
+        removed_services.partition(|key| key.slot == 0);
+    ops.extend(headers.into_iter().map(|key| MapOp::DeleteService(*key)));
+    ops.extend(slots.into_iter().map(|key| MapOp::DeleteService(*key)));
+    for id in current.backends.keys() {
+        if !next.backends.contains_key(id) {
+            ops.push(MapOp::DeleteBackend(*id));
+        }
+    }
+    ops
+}
+
+impl MapImage {
+    /// Applies one operation to this in-memory image.
+    fn apply(&mut self, op: MapOp) {
+        match op {
+            MapOp::PutBackend(id, backend) => {
+                self.backends.insert(id, backend);
+            }
+            MapOp::PutService(key, value) => {
+                self.services.insert(key, value);
+            }
+            MapOp::DeleteService(key) => {
+                self.services.remove(&key);
+            }
+            MapOp::DeleteBackend(id) => {
+                self.backends.remove(&id);
+            }
+        }
+    }
+}
+
+/// What one [`MapWriter::apply`] did.
+#[derive(Debug, Default)]
+pub struct ApplyReport {
+    pub ops: usize,
+    /// Writes refused because a map was full; retried on the next sync.
+    pub map_full: usize,
+    /// Other failed writes, with the reason; retried on the next sync.
+    pub failures: Vec<String>,
+    pub frontends: usize,
+    pub backends: usize,
+}
+
+/// Owns the SERVICES and BACKENDS maps and a mirror of their contents.
+pub struct MapWriter {
+    services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
+    backends: BpfHashMap<MapData, u32, Backend>,
+    current: MapImage,
+    ids: IdRegistry,
+}
+
+impl MapWriter {
+    /// Takes the maps and learns what they already hold (they may be pinned from a
+    /// previous run of the daemon).
+    pub fn new(
+        services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
+        backends: BpfHashMap<MapData, u32, Backend>,
+    ) -> Result<Self, MapError> {
+        let mut writer = Self {
+            services,
+            backends,
+            current: MapImage::default(),
+            ids: IdRegistry::default(),
+        };
+        writer.reread()?;
+        writer.ids = IdRegistry::from_image(&writer.current);
+        Ok(writer)
+    }
+
+    /// Reads the maps again, so the next [`apply`](Self::apply) repairs anything that was
+    /// changed behind our back.
+    pub fn reread(&mut self) -> Result<(), MapError> {
+        let mut image = MapImage::default();
+        for entry in self.services.iter() {
+            let (key, value) = entry?;
+            image.services.insert(key, value);
+        }
+        for entry in self.backends.iter() {
+            let (id, backend) = entry?;
+            image.backends.insert(id, backend);
+        }
+        self.current = image;
+        Ok(())
+    }
+
+    /// Makes the maps equal to `desired`, writing only the difference.
+    pub fn apply(&mut self, desired: &DesiredState) -> ApplyReport {
+        let next = materialize(desired, &mut self.ids);
+        let ops = diff(&self.current, &next);
+        let mut report = ApplyReport {
+            ops: ops.len(),
+            frontends: desired.frontends.len(),
+            backends: next.backends.len(),
+            ..ApplyReport::default()
+        };
+        for op in ops {
+            match self.write(op) {
+                Ok(()) => self.current.apply(op),
+                Err(error) if is_map_full(&error) => report.map_full += 1,
+                Err(error) => report.failures.push(format!("{op:?}: {error}")),
+            }
+        }
+        report
+    }
+
+    fn write(&mut self, op: MapOp) -> Result<(), MapError> {
+        match op {
+            MapOp::PutBackend(id, backend) => self.backends.insert(id, backend, 0),
+            MapOp::PutService(key, value) => self.services.insert(key, value, 0),
+            MapOp::DeleteService(key) => ignore_missing(self.services.remove(&key)),
+            MapOp::DeleteBackend(id) => ignore_missing(self.backends.remove(&id)),
+        }
+    }
+}
+
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(error))
+            if error.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// A hash map that is full refuses new keys with E2BIG.
+fn is_map_full(error: &MapError) -> bool {
+    matches!(error, MapError::SyscallError(error) if error.io_error.raw_os_error() == Some(libc::E2BIG))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::plan::{BackendAddr, Frontend, FrontendPlan, Protocol, ServicePortName};
+
+    fn frontend(addr: [u8; 4], port: u16) -> Frontend {
+        Frontend {
+            addr: Ipv4Addr::from(addr),
+            port,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    fn backends(last_octets: &[u8]) -> Vec<BackendAddr> {
+        last_octets
+            .iter()
+            .map(|octet| BackendAddr {
+                addr: Ipv4Addr::new(198, 18, 1, *octet),
+                port: 8080,
+            })
+            .collect()
+    }
+
+    fn desired(entries: &[(Frontend, &[u8])]) -> DesiredState {
+        let mut state = DesiredState::default();
+        for (frontend, octets) in entries {
+            state.frontends.insert(
+                *frontend,
+                FrontendPlan {
+                    service: ServicePortName {
+                        namespace: "default".into(),
+                        name: "web".into(),
+                        port_name: String::new(),
+                    },
+                    kind: FrontendKind::ClusterIp,
+                    backends: backends(octets),
+                },
+            );
+        }
+        state
+    }
+
+    /// Every header counts only existing slots; every slot names an existing backend.
+    fn assert_consistent(image: &MapImage, step: usize) {
+        for (key, value) in image.services.iter().filter(|(k, _)| k.slot == 0) {
+            for slot in 1..=value.count {
+                let slot_value = image.services.get(&key.with_slot(slot));
+                let slot_value = slot_value
+                    .unwrap_or_else(|| panic!("step {step}: {key:?} counts missing slot {slot}"));
+                assert!(
+                    image.backends.contains_key(&slot_value.backend_id),
+                    "step {step}: slot {slot} of {key:?} names a missing backend"
+                );
+            }
+        }
+    }
+
+    /// Applies the diff from `from` to `to` one op at a time, checking consistency at
+    /// every step, and returns the number of ops.
+    fn transition(from: &DesiredState, to: &DesiredState) -> usize {
+        let mut ids = IdRegistry::default();
+        let mut image = materialize(from, &mut ids);
+        let next = materialize(to, &mut ids);
+        let ops = diff(&image, &next);
+        for (step, op) in ops.iter().enumerate() {
+            image.apply(*op);
+            assert_consistent(&image, step);
+        }
+        assert_eq!(image, next);
+        ops.len()
+    }
+
+    #[test]
+    fn transitions_stay_consistent_at_every_step() {
+        let vip = frontend([198, 19, 0, 10], 80);
+        let other = frontend([198, 19, 0, 11], 53);
+        let cases: &[(&str, DesiredState, DesiredState)] = &[
+            (
+                "add first frontend",
+                desired(&[]),
+                desired(&[(vip, &[10, 11, 12])]),
+            ),
+            (
+                "grow",
+                desired(&[(vip, &[10])]),
+                desired(&[(vip, &[10, 11, 12])]),
+            ),
+            (
+                "shrink",
+                desired(&[(vip, &[10, 11, 12])]),
+                desired(&[(vip, &[12])]),
+            ),
+            (
+                "replace all",
+                desired(&[(vip, &[10, 11])]),
+                desired(&[(vip, &[20, 21])]),
+            ),
+            (
+                "to no endpoints",
+                desired(&[(vip, &[10, 11])]),
+                desired(&[(vip, &[])]),
+            ),
+            (
+                "remove frontend",
+                desired(&[(vip, &[10]), (other, &[10])]),
+                desired(&[(other, &[10])]),
+            ),
+            (
+                "remove everything",
+                desired(&[(vip, &[10, 11]), (other, &[12])]),
+                desired(&[]),
+            ),
+        ];
+        for (name, from, to) in cases {
+            let ops = transition(from, to);
+            assert!(ops > 0, "{name}: expected writes");
+        }
+    }
+
+    #[test]
+    fn unchanged_state_writes_nothing() {
+        let state = desired(&[(frontend([198, 19, 0, 10], 80), &[10, 11, 12])]);
+        assert_eq!(transition(&state, &state), 0);
+    }
+
+    #[test]
+    fn shared_backend_is_written_once_and_kept_while_used() {
+        let a = frontend([198, 19, 0, 10], 80);
+        let b = frontend([198, 19, 0, 11], 80);
+        let mut ids = IdRegistry::default();
+        let both = materialize(&desired(&[(a, &[10]), (b, &[10])]), &mut ids);
+        assert_eq!(both.backends.len(), 1);
+        let one = materialize(&desired(&[(b, &[10])]), &mut ids);
+        let ops = diff(&both, &one);
+        assert!(!ops.iter().any(|op| matches!(op, MapOp::DeleteBackend(_))));
+    }
+
+    #[test]
+    fn ids_are_stable_across_syncs_and_restarts() {
+        let vip = frontend([198, 19, 0, 10], 80);
+        let mut ids = IdRegistry::default();
+        let first = materialize(&desired(&[(vip, &[10, 11])]), &mut ids);
+        let second = materialize(&desired(&[(vip, &[11, 12])]), &mut ids);
+        let id_of = |image: &MapImage, octet: u8| {
+            image
+                .backends
+                .iter()
+                .find(|(_, b)| b.addr.to_ne_bytes()[3] == octet)
+                .map(|(id, _)| *id)
+        };
+        assert_eq!(id_of(&first, 11), id_of(&second, 11));
+        assert_ne!(
+            id_of(&first, 10),
+            id_of(&second, 12),
+            "released id reused at once"
+        );
+
+        let mut restarted = IdRegistry::from_image(&second);
+        let after_restart = materialize(&desired(&[(vip, &[11, 12])]), &mut restarted);
+        assert_eq!(after_restart, second);
+    }
+
+    #[test]
+    fn header_records_count_kind_and_rev_nat_id() {
+        let vip = frontend([198, 19, 0, 10], 80);
+        let image = materialize(
+            &desired(&[(vip, &[10, 11, 12])]),
+            &mut IdRegistry::default(),
+        );
+        let header = image.services[&ServiceKey::new([198, 19, 0, 10], 80, 6, 0)];
+        assert_eq!(header.count, 3);
+        assert_eq!(header.flags, service_flags::CLUSTER_IP);
+        assert_ne!(header.rev_nat_id, 0);
+        assert_eq!(image.services.len(), 4);
+    }
+
+    #[test]
+    fn next_free_skips_zero_and_used_ids_after_wrapping() {
+        let mut last = u32::MAX - 1;
+        assert_eq!(next_free(&mut last, |_| false), u32::MAX);
+        assert_eq!(next_free(&mut last, |id| id == 1 || id == 2), 3);
+    }
+}

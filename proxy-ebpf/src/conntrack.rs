@@ -1,0 +1,142 @@
+//! Connection tracking: keeps a flow on the backend chosen for its first packet and
+//! remembers the frontend to restore on the backend's replies.
+//!
+//! Each translated flow has two entries in CONNTRACK: FORWARD, keyed by the client's
+//! tuple (client → frontend), holding the backend; and REPLY, keyed by the backend's
+//! reply tuple (backend → client), holding the frontend.
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::{bindings::BPF_ANY, macros::map, maps::LruHashMap};
+use proxy_common::{Backend, CtKey, CtValue, ct_dir, ct_flags, default_max_entries};
+
+use crate::{lookup::Frontend, parse::Packet};
+
+/// Named like `proxy_common::map_names::CONNTRACK`; pinned so the daemon can list and
+/// garbage-collect it. LRU: when full, the least recently used flows are evicted
+/// instead of new flows failing.
+#[map]
+static CONNTRACK: LruHashMap<CtKey, CtValue> =
+    LruHashMap::pinned(default_max_entries::CONNTRACK, 0);
+
+/// A conntrack entry found for the packet; it lives in the map, so updates are shared.
+pub struct Flow {
+    entry: *mut CtValue,
+}
+
+impl Flow {
+    /// Where to rewrite to: the backend (FORWARD) or the frontend (REPLY).
+    #[inline(always)]
+    pub fn nat_target(&self) -> (u32, u16) {
+        // SAFETY: `entry` comes from a successful map lookup and map values stay valid
+        // for the whole program run.
+        unsafe { ((*self.entry).nat_addr, (*self.entry).nat_port) }
+    }
+
+    #[inline(always)]
+    pub fn is_closing(&self) -> bool {
+        // SAFETY: as in `nat_target`.
+        unsafe { (*self.entry).flags & ct_flags::CLOSING != 0 }
+    }
+
+    /// Accounts one packet of `len` bytes at `now_ns`; a FIN or RST marks the flow closing.
+    #[inline(always)]
+    pub fn record(&self, packet: &Packet, len: u32, now_ns: u64) {
+        // SAFETY: as in `nat_target`. The counters are shared between CPUs, hence the
+        // atomic adds; `last_seen_ns` and `flags` are plain stores because any racing
+        // writer stores an equivalent value.
+        unsafe {
+            let entry = self.entry;
+            (*entry).last_seen_ns = now_ns;
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*entry).packets, 1);
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                &raw mut (*entry).bytes,
+                u64::from(len),
+            );
+            if packet.closes_connection {
+                (*entry).flags |= ct_flags::CLOSING;
+            }
+        }
+    }
+}
+
+/// The REPLY entry for the packet: it is a backend answering a translated flow.
+#[inline(always)]
+pub fn reply_flow(packet: &Packet) -> Option<Flow> {
+    lookup(packet, ct_dir::REPLY)
+}
+
+/// The FORWARD entry for the packet: it belongs to a flow that was already translated.
+#[inline(always)]
+pub fn forward_flow(packet: &Packet) -> Option<Flow> {
+    lookup(packet, ct_dir::FORWARD)
+}
+
+#[inline(always)]
+fn lookup(packet: &Packet, dir: u8) -> Option<Flow> {
+    CONNTRACK
+        .get_ptr_mut(packet_key(packet, dir))
+        .map(|entry| Flow { entry })
+}
+
+/// The key for the packet's own tuple as seen on the wire.
+#[inline(always)]
+fn packet_key(packet: &Packet, dir: u8) -> CtKey {
+    CtKey {
+        src_addr: packet.src_addr,
+        dst_addr: packet.dst_addr,
+        src_port: packet.src_port,
+        dst_port: packet.dst_port,
+        proto: packet.proto,
+        dir,
+        _pad: 0,
+    }
+}
+
+/// The entries were not (both) written: the map update failed.
+pub struct CreateFailed;
+
+/// Records a new flow of `packet` to `frontend`, translated to `backend`: the FORWARD
+/// entry (this packet, already accounted) and the REPLY entry the backend's answers hit.
+/// Existing entries for the same tuples (a reused port) are replaced.
+#[inline(always)]
+pub fn create(
+    packet: &Packet,
+    len: u32,
+    now_ns: u64,
+    frontend: &Frontend,
+    backend_id: u32,
+    backend: &Backend,
+) -> Result<(), CreateFailed> {
+    let forward = CtValue {
+        nat_addr: backend.addr,
+        nat_port: backend.port,
+        rev_nat_id: frontend.header.rev_nat_id,
+        backend_id,
+        flags: 0,
+        created_ns: now_ns,
+        last_seen_ns: now_ns,
+        packets: 1,
+        bytes: u64::from(len),
+    };
+    let reply_key = CtKey {
+        src_addr: backend.addr,
+        dst_addr: packet.src_addr,
+        src_port: backend.port,
+        dst_port: packet.src_port,
+        proto: packet.proto,
+        dir: ct_dir::REPLY,
+        _pad: 0,
+    };
+    let reply = CtValue {
+        nat_addr: packet.dst_addr,
+        nat_port: packet.dst_port,
+        packets: 0,
+        bytes: 0,
+        ..forward
+    };
+    let forward_written =
+        CONNTRACK.insert(packet_key(packet, ct_dir::FORWARD), forward, BPF_ANY.into());
+    let reply_written = CONNTRACK.insert(reply_key, reply, BPF_ANY.into());
+    forward_written.and(reply_written).map_err(|_| CreateFailed)
+}

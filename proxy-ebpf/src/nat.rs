@@ -1,0 +1,89 @@
+//! Address and port rewriting: DNAT towards a backend, reverse NAT of its replies.
+
+use aya_ebpf::{cty::c_long, programs::TcContext};
+
+use crate::{
+    csum::L4Checksum,
+    parse::{L3_OFFSET, Packet},
+};
+
+/// Offsets of the addresses within the IPv4 header.
+const IPV4_SRC_OFFSET: usize = 12;
+const IPV4_DST_OFFSET: usize = 16;
+/// Offsets of the ports within the TCP and UDP headers (same in both).
+const L4_SRC_PORT_OFFSET: usize = 0;
+const L4_DST_PORT_OFFSET: usize = 2;
+
+/// Rewrites the destination to `addr:port` (wire order): client → frontend becomes
+/// client → backend.
+#[inline(always)]
+pub fn to_backend(ctx: &TcContext, packet: &Packet, addr: u32, port: u16) -> Result<(), c_long> {
+    let csum = L4Checksum::of(packet);
+    rewrite_addr(
+        ctx,
+        &csum,
+        L3_OFFSET + IPV4_DST_OFFSET,
+        packet.dst_addr,
+        addr,
+    )?;
+    rewrite_port(
+        ctx,
+        &csum,
+        packet.l4_offset + L4_DST_PORT_OFFSET,
+        packet.dst_port,
+        port,
+    )
+}
+
+/// Rewrites the source to `addr:port` (wire order): backend → client becomes
+/// frontend → client, so the client sees the address it connected to.
+#[inline(always)]
+pub fn to_frontend(ctx: &TcContext, packet: &Packet, addr: u32, port: u16) -> Result<(), c_long> {
+    let csum = L4Checksum::of(packet);
+    rewrite_addr(
+        ctx,
+        &csum,
+        L3_OFFSET + IPV4_SRC_OFFSET,
+        packet.src_addr,
+        addr,
+    )?;
+    rewrite_port(
+        ctx,
+        &csum,
+        packet.l4_offset + L4_SRC_PORT_OFFSET,
+        packet.src_port,
+        port,
+    )
+}
+
+/// Stores `to` over the address `from` at `offset` and fixes the checksums.
+#[inline(always)]
+fn rewrite_addr(
+    ctx: &TcContext,
+    csum: &L4Checksum,
+    offset: usize,
+    from: u32,
+    to: u32,
+) -> Result<(), c_long> {
+    if from == to {
+        return Ok(());
+    }
+    ctx.store(offset, &to, 0)?;
+    csum.address_changed(ctx, from, to)
+}
+
+/// Stores `to` over the port `from` at `offset` and fixes the L4 checksum.
+#[inline(always)]
+fn rewrite_port(
+    ctx: &TcContext,
+    csum: &L4Checksum,
+    offset: usize,
+    from: u16,
+    to: u16,
+) -> Result<(), c_long> {
+    if from == to {
+        return Ok(());
+    }
+    ctx.store(offset, &to, 0)?;
+    csum.port_changed(ctx, from, to)
+}

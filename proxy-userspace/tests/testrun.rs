@@ -1,0 +1,769 @@
+//! Packet tests of the tc program `epx_ingress` through `BPF_PROG_TEST_RUN`, in the style
+//! of Katran's fixtures: a crafted frame in, the exact verdict and the exact frame out.
+//!
+//! Expected frames are built independently (etherparse, full checksums) and compared
+//! whole; the output's checksums are also verified from scratch. Test-run skbs are not
+//! CHECKSUM_PARTIAL, so every input frame carries fully valid checksums.
+//!
+//! Each test loads its own copy of the object. Its maps are pinned by name, so aya needs a
+//! bpffs directory: every test mounts a private bpffs instance and unmounts it on drop
+//! (also on panic), which frees the maps.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    ffi::CString,
+    net::SocketAddrV4,
+    os::unix::ffi::OsStrExt as _,
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, PerCpuArray},
+    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+};
+use etherparse::{
+    EtherType, Ethernet2Header, IpFragOffset, IpNumber, Ipv4Header, Ipv4Options, PacketBuilder,
+    TcpHeader, UdpHeader,
+};
+use proxy_common::{
+    Backend, CtKey, CtValue, PROGRAM_NAME, ServiceKey, ServiceValue, ct_dir, ct_flags, map_names,
+    proto, stat,
+};
+
+/// Whether this process can load BPF programs. Without root (or without a working `bpf()`
+/// syscall) the tests print why and pass as skipped, except under `CI=true`, where a
+/// silently skipped datapath test would hide a broken runner: there they fail.
+fn bpf_available() -> bool {
+    let reason = if unsafe { libc::geteuid() } != 0 {
+        Some("needs root".to_owned())
+    } else {
+        bpf_syscall_error().map(|error| format!("bpf() is unavailable: {error}"))
+    };
+    let Some(reason) = reason else {
+        return true;
+    };
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("BPF test-run tests cannot run under CI=true: {reason}");
+    }
+    println!("skipped: {reason}");
+    false
+}
+
+/// Creates (and closes) a one-entry array map: the smallest proof that `bpf()` works.
+fn bpf_syscall_error() -> Option<std::io::Error> {
+    /// The leading `union bpf_attr` fields of BPF_MAP_CREATE.
+    #[repr(C)]
+    struct MapCreateAttr {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+    }
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    let attr = MapCreateAttr {
+        map_type: BPF_MAP_TYPE_ARRAY,
+        key_size: 4,
+        value_size: 4,
+        max_entries: 1,
+    };
+    // SAFETY: `attr` outlives the call and its size is passed along.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &raw const attr,
+            size_of::<MapCreateAttr>(),
+        )
+    };
+    if fd < 0 {
+        return Some(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by the kernel and is closed once.
+    unsafe { libc::close(fd as libc::c_int) };
+    None
+}
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+
+const CLIENT: SocketAddrV4 = addr([198, 18, 0, 10], 40_000);
+const VIP: SocketAddrV4 = addr([198, 19, 0, 10], 80);
+const BACKEND_1: SocketAddrV4 = addr([198, 18, 1, 10], 8080);
+const BACKEND_2: SocketAddrV4 = addr([198, 18, 1, 11], 8080);
+const BACKEND_3: SocketAddrV4 = addr([198, 18, 1, 12], 8080);
+/// A destination that is no frontend.
+const OTHER: SocketAddrV4 = addr([198, 18, 5, 5], 80);
+const REV_NAT_ID: u32 = 7;
+
+const fn addr(ip: [u8; 4], port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(std::net::Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]), port)
+}
+
+fn frontend(addr: SocketAddrV4, proto: u8) -> ServiceKey {
+    ServiceKey::new(addr.ip().octets(), addr.port(), proto, 0)
+}
+
+fn backend(addr: SocketAddrV4, proto: u8) -> Backend {
+    Backend::new(addr.ip().octets(), addr.port(), proto)
+}
+
+fn ct_key(src: SocketAddrV4, dst: SocketAddrV4, proto: u8, dir: u8) -> CtKey {
+    CtKey {
+        src_addr: u32::from_ne_bytes(src.ip().octets()),
+        dst_addr: u32::from_ne_bytes(dst.ip().octets()),
+        src_port: src.port().to_be(),
+        dst_port: dst.port().to_be(),
+        proto,
+        dir,
+        _pad: 0,
+    }
+}
+
+/// A bpffs instance mounted on a fresh directory; unmounted and removed on drop.
+struct PrivateBpffs {
+    path: PathBuf,
+}
+
+impl PrivateBpffs {
+    fn mount() -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "epx-testrun-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("creating {path:?}: {e}"));
+        let bpffs = Self { path };
+        let target = CString::new(bpffs.path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: all arguments are NUL-terminated strings that outlive the call.
+        let rc = unsafe {
+            libc::mount(
+                c"bpf".as_ptr(),
+                target.as_ptr(),
+                c"bpf".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            panic!(
+                "mount -t bpf bpf {:?}: {}",
+                bpffs.path,
+                std::io::Error::last_os_error()
+            );
+        }
+        bpffs
+    }
+}
+
+impl Drop for PrivateBpffs {
+    fn drop(&mut self) {
+        if let Ok(target) = CString::new(self.path.as_os_str().as_bytes()) {
+            // SAFETY: `target` is a NUL-terminated path. Failing (not mounted) is harmless.
+            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// The loaded program and its maps, pinned in a private bpffs.
+struct Datapath {
+    // Declared (and so dropped) before the bpffs it pins into.
+    ebpf: Ebpf,
+    _bpffs: PrivateBpffs,
+    next_backend_id: u32,
+}
+
+impl Datapath {
+    /// Loads the object, or returns `None` when the test must be skipped.
+    fn load() -> Option<Self> {
+        if !bpf_available() {
+            return None;
+        }
+        let bpffs = PrivateBpffs::mount();
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&bpffs.path)
+            .load(proxy_userspace::EBPF_OBJECT)
+            .unwrap_or_else(|e| panic!("loading the eBPF object: {e:?}"));
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(PROGRAM_NAME)
+            .expect("program in object")
+            .try_into()
+            .expect("a tc classifier");
+        program
+            .load()
+            .unwrap_or_else(|e| panic!("loading {PROGRAM_NAME}: {e:?}"));
+        Some(Self {
+            ebpf,
+            _bpffs: bpffs,
+            next_backend_id: 1,
+        })
+    }
+
+    /// Installs a frontend with `backends` in slots 1..=n, the way the daemon does
+    /// (backends and slots first, then the slot-0 header). Returns the backend ids.
+    fn add_service(&mut self, frontend: ServiceKey, backends: &[Backend]) -> Vec<u32> {
+        let mut ids = Vec::new();
+        for (slot, backend) in (1..).zip(backends) {
+            let id = self.next_backend_id;
+            self.next_backend_id += 1;
+            self.insert_backend(id, *backend);
+            self.insert_service_entry(
+                frontend.with_slot(slot),
+                ServiceValue {
+                    backend_id: id,
+                    ..ServiceValue::default()
+                },
+            );
+            ids.push(id);
+        }
+        self.insert_service_entry(
+            frontend,
+            ServiceValue {
+                count: backends.len().try_into().unwrap(),
+                rev_nat_id: REV_NAT_ID,
+                ..ServiceValue::default()
+            },
+        );
+        ids
+    }
+
+    fn insert_service_entry(&mut self, key: ServiceKey, value: ServiceValue) {
+        let mut services: BpfHashMap<_, ServiceKey, ServiceValue> =
+            BpfHashMap::try_from(self.ebpf.map_mut(map_names::SERVICES).unwrap()).unwrap();
+        services.insert(key, value, 0).unwrap();
+    }
+
+    fn insert_backend(&mut self, id: u32, backend: Backend) {
+        let mut backends: BpfHashMap<_, u32, Backend> =
+            BpfHashMap::try_from(self.ebpf.map_mut(map_names::BACKENDS).unwrap()).unwrap();
+        backends.insert(id, backend, 0).unwrap();
+    }
+
+    /// Runs the program on `frame`: its verdict and the frame it leaves.
+    fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let program: &SchedClassifier =
+            self.ebpf.program(PROGRAM_NAME).unwrap().try_into().unwrap();
+        let mut out = vec![0; frame.len() + 256];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    /// Every counter, summed over the CPUs, by name.
+    fn stats(&self) -> BTreeMap<&'static str, u64> {
+        let stats: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map(map_names::STATS).unwrap()).unwrap();
+        (0..stat::COUNT)
+            .map(|index| {
+                let total = stats.get(&index, 0).unwrap().iter().sum();
+                (stat::NAMES[index as usize], total)
+            })
+            .collect()
+    }
+
+    /// Asserts the counters equal `expected`, all others being zero.
+    fn assert_stats(&self, expected: &[(u32, u64)]) {
+        let mut want: BTreeMap<_, _> = stat::NAMES.iter().map(|name| (*name, 0)).collect();
+        for (index, count) in expected {
+            want.insert(stat::NAMES[*index as usize], *count);
+        }
+        assert_eq!(self.stats(), want);
+    }
+
+    fn conntrack(&self) -> HashMap<CtKey, CtValue> {
+        let conntrack: BpfHashMap<_, CtKey, CtValue> =
+            BpfHashMap::try_from(self.ebpf.map(map_names::CONNTRACK).unwrap()).unwrap();
+        conntrack.iter().map(Result::unwrap).collect()
+    }
+
+    fn conntrack_entry(&self, key: CtKey) -> CtValue {
+        *self
+            .conntrack()
+            .get(&key)
+            .unwrap_or_else(|| panic!("no conntrack entry {key:?}"))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Transport {
+    Tcp {
+        syn: bool,
+        ack: bool,
+        fin: bool,
+    },
+    /// `checksum: false` sends the RFC 768 "no checksum" zero.
+    Udp {
+        checksum: bool,
+    },
+}
+
+const SYN: Transport = Transport::Tcp {
+    syn: true,
+    ack: false,
+    fin: false,
+};
+const SYN_ACK: Transport = Transport::Tcp {
+    syn: true,
+    ack: true,
+    fin: false,
+};
+const ACK: Transport = Transport::Tcp {
+    syn: false,
+    ack: true,
+    fin: false,
+};
+const FIN_ACK: Transport = Transport::Tcp {
+    syn: false,
+    ack: true,
+    fin: true,
+};
+const UDP: Transport = Transport::Udp { checksum: true };
+
+/// An odd length, so checksums cover a padded last byte.
+const PAYLOAD: &[u8] = b"hello, backend!";
+
+/// A description of an Ethernet/IPv4/TCP-or-UDP frame; `build` gives its bytes with full,
+/// valid checksums.
+#[derive(Clone, Copy)]
+struct Frame {
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    transport: Transport,
+    ip_options: &'static [u8],
+    more_fragments: bool,
+    fragment_offset: u16,
+}
+
+impl Frame {
+    fn new(src: SocketAddrV4, dst: SocketAddrV4, transport: Transport) -> Self {
+        Self {
+            src,
+            dst,
+            transport,
+            ip_options: &[],
+            more_fragments: false,
+            fragment_offset: 0,
+        }
+    }
+
+    /// The same frame between other endpoints: what a translation should produce.
+    fn between(self, src: SocketAddrV4, dst: SocketAddrV4) -> Self {
+        Self { src, dst, ..self }
+    }
+
+    fn build(&self) -> Vec<u8> {
+        let mut ip = Ipv4Header::new(
+            0,
+            64,
+            IpNumber::TCP,
+            self.src.ip().octets(),
+            self.dst.ip().octets(),
+        )
+        .unwrap();
+        ip.identification = 0x4242;
+        ip.dont_fragment = !self.more_fragments && self.fragment_offset == 0;
+        ip.more_fragments = self.more_fragments;
+        ip.fragment_offset = IpFragOffset::try_new(self.fragment_offset).unwrap();
+        ip.options = Ipv4Options::try_from(self.ip_options).unwrap();
+        let l4 = match self.transport {
+            Transport::Tcp { syn, ack, fin } => {
+                let mut tcp = TcpHeader::new(self.src.port(), self.dst.port(), 1_000, 64_240);
+                tcp.syn = syn;
+                tcp.ack = ack;
+                tcp.fin = fin;
+                tcp.acknowledgment_number = if ack { 5_000 } else { 0 };
+                ip.set_payload_len(tcp.header_len() + PAYLOAD.len())
+                    .unwrap();
+                tcp.checksum = tcp.calc_checksum_ipv4(&ip, PAYLOAD).unwrap();
+                tcp.to_bytes().to_vec()
+            }
+            Transport::Udp { checksum } => {
+                ip.protocol = IpNumber::UDP;
+                ip.set_payload_len(UdpHeader::LEN + PAYLOAD.len()).unwrap();
+                let mut udp =
+                    UdpHeader::with_ipv4_checksum(self.src.port(), self.dst.port(), &ip, PAYLOAD)
+                        .unwrap();
+                if !checksum {
+                    udp.checksum = 0;
+                }
+                udp.to_bytes().to_vec()
+            }
+        };
+        ip.header_checksum = ip.calc_header_checksum();
+        let eth = Ethernet2Header {
+            source: [0x02, 0, 0, 0, 0, 0x01],
+            destination: [0x02, 0, 0, 0, 0, 0x02],
+            ether_type: EtherType::IPV4,
+        };
+        [&eth.to_bytes()[..], &ip.to_bytes(), &l4, PAYLOAD].concat()
+    }
+}
+
+/// Asserts, computing from scratch, that the IPv4 header checksum and the TCP/UDP
+/// checksum (over the pseudo-header) of `frame` are valid. A zero UDP checksum is valid.
+fn assert_checksums_valid(frame: &[u8]) {
+    let ip = &frame[Ethernet2Header::LEN..];
+    let header_len = usize::from(ip[0] & 0x0f) * 4;
+    assert_eq!(
+        ones_complement_sum(&ip[..header_len]),
+        0xffff,
+        "IPv4 header checksum of {frame:02x?}"
+    );
+    let total_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let segment = &ip[header_len..total_len];
+    let protocol = ip[9];
+    if protocol == proto::UDP && segment[6..8] == [0, 0] {
+        return;
+    }
+    let segment_len = u16::try_from(segment.len()).unwrap().to_be_bytes();
+    let pseudo_header = [&ip[12..20], &[0, protocol], &segment_len[..]].concat();
+    assert_eq!(
+        ones_complement_sum(&[&pseudo_header[..], segment].concat()),
+        0xffff,
+        "L4 checksum of {frame:02x?}"
+    );
+}
+
+fn ones_complement_sum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// Runs `input` and asserts the verdict is TC_ACT_OK and the output is exactly `expected`
+/// with valid checksums.
+fn assert_translated(datapath: &Datapath, input: Frame, expected: Frame) {
+    let (verdict, out) = datapath.run(&input.build());
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, expected.build());
+    assert_checksums_valid(&out);
+}
+
+/// Runs `frame` and asserts it passes (TC_ACT_OK) byte for byte unchanged.
+fn assert_untouched(datapath: &Datapath, frame: &[u8]) {
+    let (verdict, out) = datapath.run(frame);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, frame);
+}
+
+#[test]
+fn new_tcp_flow_is_dnated_to_the_backend_and_tracked() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    let ids = datapath.add_service(frontend(VIP, proto::TCP), &[backend(BACKEND_1, proto::TCP)]);
+
+    let syn = Frame::new(CLIENT, VIP, SYN);
+    assert_translated(&datapath, syn, syn.between(CLIENT, BACKEND_1));
+
+    datapath.assert_stats(&[(stat::CT_MISS, 1), (stat::NEW_FLOW, 1)]);
+    let conntrack = datapath.conntrack();
+    assert_eq!(conntrack.len(), 2, "{conntrack:?}");
+    let forward = datapath.conntrack_entry(ct_key(CLIENT, VIP, proto::TCP, ct_dir::FORWARD));
+    assert!(forward.created_ns > 0);
+    assert_eq!(
+        forward,
+        CtValue {
+            nat_addr: u32::from_ne_bytes(BACKEND_1.ip().octets()),
+            nat_port: BACKEND_1.port().to_be(),
+            rev_nat_id: REV_NAT_ID,
+            backend_id: ids[0],
+            flags: 0,
+            created_ns: forward.created_ns,
+            last_seen_ns: forward.created_ns,
+            packets: 1,
+            bytes: syn.build().len() as u64,
+        }
+    );
+    let reply = datapath.conntrack_entry(ct_key(BACKEND_1, CLIENT, proto::TCP, ct_dir::REPLY));
+    assert_eq!(
+        reply,
+        CtValue {
+            nat_addr: u32::from_ne_bytes(VIP.ip().octets()),
+            nat_port: VIP.port().to_be(),
+            packets: 0,
+            bytes: 0,
+            ..forward
+        }
+    );
+}
+
+#[test]
+fn backend_reply_gets_the_frontend_as_source() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    datapath.add_service(frontend(VIP, proto::TCP), &[backend(BACKEND_1, proto::TCP)]);
+    let syn = Frame::new(CLIENT, VIP, SYN);
+    assert_translated(&datapath, syn, syn.between(CLIENT, BACKEND_1));
+
+    let syn_ack = Frame::new(BACKEND_1, CLIENT, SYN_ACK);
+    assert_translated(&datapath, syn_ack, syn_ack.between(VIP, CLIENT));
+
+    datapath.assert_stats(&[(stat::CT_MISS, 1), (stat::NEW_FLOW, 1), (stat::REPLY, 1)]);
+    let reply = datapath.conntrack_entry(ct_key(BACKEND_1, CLIENT, proto::TCP, ct_dir::REPLY));
+    assert_eq!(reply.packets, 1);
+    assert_eq!(reply.bytes, syn_ack.build().len() as u64);
+}
+
+#[test]
+fn later_packets_of_a_flow_stay_on_its_backend() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    let backends = [BACKEND_1, BACKEND_2, BACKEND_3];
+    datapath.add_service(
+        frontend(VIP, proto::TCP),
+        &backends.map(|b| backend(b, proto::TCP)),
+    );
+    let (verdict, out) = datapath.run(&Frame::new(CLIENT, VIP, SYN).build());
+    assert_eq!(verdict, TC_ACT_OK);
+    let chosen = backends
+        .into_iter()
+        .find(|b| out[30..34] == b.ip().octets())
+        .expect("DNATed to one of the backends");
+
+    let ack = Frame::new(CLIENT, VIP, ACK);
+    for _ in 0..20 {
+        assert_translated(&datapath, ack, ack.between(CLIENT, chosen));
+    }
+    datapath.assert_stats(&[(stat::CT_MISS, 1), (stat::NEW_FLOW, 1), (stat::CT_HIT, 20)]);
+    let forward = datapath.conntrack_entry(ct_key(CLIENT, VIP, proto::TCP, ct_dir::FORWARD));
+    assert_eq!(forward.packets, 21);
+    assert!(forward.last_seen_ns >= forward.created_ns);
+}
+
+#[test]
+fn fin_marks_the_flow_closing_and_a_new_syn_selects_again() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    datapath.add_service(frontend(VIP, proto::TCP), &[backend(BACKEND_1, proto::TCP)]);
+    let forward_key = ct_key(CLIENT, VIP, proto::TCP, ct_dir::FORWARD);
+    let syn = Frame::new(CLIENT, VIP, SYN);
+    assert_translated(&datapath, syn, syn.between(CLIENT, BACKEND_1));
+
+    let fin = Frame::new(CLIENT, VIP, FIN_ACK);
+    assert_translated(&datapath, fin, fin.between(CLIENT, BACKEND_1));
+    assert_eq!(
+        datapath.conntrack_entry(forward_key).flags,
+        ct_flags::CLOSING
+    );
+
+    // The client reuses its port: a fresh selection replaces the closing entry.
+    assert_translated(&datapath, syn, syn.between(CLIENT, BACKEND_1));
+    let forward = datapath.conntrack_entry(forward_key);
+    assert_eq!((forward.flags, forward.packets), (0, 1));
+    datapath.assert_stats(&[(stat::CT_MISS, 2), (stat::NEW_FLOW, 2), (stat::CT_HIT, 1)]);
+}
+
+#[test]
+fn udp_flow_is_translated_both_ways() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    let dns = addr([198, 19, 0, 53], 53);
+    let dns_backend = addr([198, 18, 1, 53], 5353);
+    datapath.add_service(
+        frontend(dns, proto::UDP),
+        &[backend(dns_backend, proto::UDP)],
+    );
+
+    let query = Frame::new(CLIENT, dns, UDP);
+    assert_translated(&datapath, query, query.between(CLIENT, dns_backend));
+    let answer = Frame::new(dns_backend, CLIENT, UDP);
+    assert_translated(&datapath, answer, answer.between(dns, CLIENT));
+    datapath.assert_stats(&[(stat::CT_MISS, 1), (stat::NEW_FLOW, 1), (stat::REPLY, 1)]);
+}
+
+#[test]
+fn udp_without_checksum_keeps_a_zero_checksum() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    let dns = addr([198, 19, 0, 53], 53);
+    let dns_backend = addr([198, 18, 1, 53], 5353);
+    datapath.add_service(
+        frontend(dns, proto::UDP),
+        &[backend(dns_backend, proto::UDP)],
+    );
+    let no_checksum = Transport::Udp { checksum: false };
+
+    let query = Frame::new(CLIENT, dns, no_checksum);
+    assert_translated(&datapath, query, query.between(CLIENT, dns_backend));
+    let answer = Frame::new(dns_backend, CLIENT, no_checksum);
+    let (verdict, out) = datapath.run(&answer.build());
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, answer.between(dns, CLIENT).build());
+    let udp_checksum = Ethernet2Header::LEN + Ipv4Header::MIN_LEN + 6;
+    assert_eq!(out[udp_checksum..udp_checksum + 2], [0, 0]);
+}
+
+#[test]
+fn packet_to_a_non_service_address_passes_untouched() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    datapath.add_service(frontend(VIP, proto::TCP), &[backend(BACKEND_1, proto::TCP)]);
+    assert_untouched(&datapath, &Frame::new(CLIENT, OTHER, SYN).build());
+    // The frontend's address, but another port, and another protocol.
+    assert_untouched(
+        &datapath,
+        &Frame::new(CLIENT, addr([198, 19, 0, 10], 443), SYN).build(),
+    );
+    assert_untouched(&datapath, &Frame::new(CLIENT, VIP, UDP).build());
+    datapath.assert_stats(&[(stat::PASS, 3)]);
+    assert!(datapath.conntrack().is_empty());
+}
+
+#[test]
+fn service_without_backends_drops() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    datapath.add_service(frontend(VIP, proto::TCP), &[]);
+    let (verdict, _) = datapath.run(&Frame::new(CLIENT, VIP, SYN).build());
+    assert_eq!(verdict, TC_ACT_SHOT);
+    datapath.assert_stats(&[(stat::NO_BACKEND, 1)]);
+    assert!(datapath.conntrack().is_empty());
+}
+
+#[test]
+fn slot_naming_a_missing_backend_drops() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    let vip = frontend(VIP, proto::TCP);
+    datapath.insert_service_entry(
+        vip.with_slot(1),
+        ServiceValue {
+            backend_id: 99,
+            ..ServiceValue::default()
+        },
+    );
+    datapath.insert_service_entry(
+        vip,
+        ServiceValue {
+            count: 1,
+            rev_nat_id: REV_NAT_ID,
+            ..ServiceValue::default()
+        },
+    );
+    let (verdict, _) = datapath.run(&Frame::new(CLIENT, VIP, SYN).build());
+    assert_eq!(verdict, TC_ACT_SHOT);
+    datapath.assert_stats(&[(stat::CT_MISS, 1), (stat::BACKEND_MISSING, 1)]);
+}
+
+#[test]
+fn non_ipv4_and_fragments_pass_untouched() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    datapath.add_service(frontend(VIP, proto::TCP), &[backend(BACKEND_1, proto::TCP)]);
+
+    let arp_request = [
+        &[0xff; 6][..],               // broadcast
+        &[0x02, 0, 0, 0, 0, 0x01],    // source MAC
+        &[0x08, 0x06],                // ARP
+        &[0, 1, 0x08, 0, 6, 4, 0, 1], // Ethernet/IPv4, request
+        &[0x02, 0, 0, 0, 0, 0x01],    // sender MAC
+        &CLIENT.ip().octets(),        // sender IP
+        &[0; 6],                      // target MAC
+        &VIP.ip().octets(),           // target IP
+    ]
+    .concat();
+    assert_untouched(&datapath, &arp_request);
+
+    let mut ipv6 = Vec::new();
+    PacketBuilder::ethernet2([0x02, 0, 0, 0, 0, 0x01], [0x02, 0, 0, 0, 0, 0x02])
+        .ipv6([0xfd; 16], [0xfe; 16], 64)
+        .tcp(40_000, 80, 1_000, 64_240)
+        .syn()
+        .write(&mut ipv6, PAYLOAD)
+        .unwrap();
+    assert_untouched(&datapath, &ipv6);
+
+    let first_fragment = Frame {
+        more_fragments: true,
+        ..Frame::new(CLIENT, VIP, SYN)
+    };
+    assert_untouched(&datapath, &first_fragment.build());
+    let last_fragment = Frame {
+        fragment_offset: 185,
+        ..Frame::new(CLIENT, VIP, SYN)
+    };
+    assert_untouched(&datapath, &last_fragment.build());
+
+    datapath.assert_stats(&[(stat::NOT_HANDLED, 4)]);
+    assert!(datapath.conntrack().is_empty());
+}
+
+#[test]
+fn ipv4_options_are_skipped_to_find_the_ports() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    datapath.add_service(frontend(VIP, proto::TCP), &[backend(BACKEND_1, proto::TCP)]);
+    // IHL 6: Router Alert (RFC 2113), 4 bytes.
+    let syn = Frame {
+        ip_options: &[0x94, 0x04, 0x00, 0x00],
+        ..Frame::new(CLIENT, VIP, SYN)
+    };
+    assert_eq!(syn.build()[Ethernet2Header::LEN], 0x46);
+    assert_translated(&datapath, syn, syn.between(CLIENT, BACKEND_1));
+    let syn_ack = Frame {
+        ip_options: &[0x94, 0x04, 0x00, 0x00],
+        ..Frame::new(BACKEND_1, CLIENT, SYN_ACK)
+    };
+    assert_translated(&datapath, syn_ack, syn_ack.between(VIP, CLIENT));
+    datapath.assert_stats(&[(stat::CT_MISS, 1), (stat::NEW_FLOW, 1), (stat::REPLY, 1)]);
+}
+
+#[test]
+fn new_flows_spread_over_all_backends() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    const FLOWS: u16 = 3_000;
+    let backends = [BACKEND_1, BACKEND_2, BACKEND_3];
+    datapath.add_service(
+        frontend(VIP, proto::TCP),
+        &backends.map(|b| backend(b, proto::TCP)),
+    );
+    let mut per_backend = [0_u32; 3];
+    for port in 10_000..10_000 + FLOWS {
+        let client = addr(CLIENT.ip().octets(), port);
+        let (verdict, out) = datapath.run(&Frame::new(client, VIP, SYN).build());
+        assert_eq!(verdict, TC_ACT_OK);
+        let chosen = backends
+            .iter()
+            .position(|b| out[30..34] == b.ip().octets())
+            .expect("DNATed to one of the backends");
+        assert_eq!(out, Frame::new(client, backends[chosen], SYN).build());
+        per_backend[chosen] += 1;
+    }
+    // Expected 1000 each, standard deviation ~26: these bounds only catch a broken spread.
+    assert!(
+        per_backend.iter().all(|n| (800..=1_200).contains(n)),
+        "{per_backend:?}"
+    );
+    datapath.assert_stats(&[
+        (stat::CT_MISS, FLOWS.into()),
+        (stat::NEW_FLOW, FLOWS.into()),
+    ]);
+}
