@@ -133,6 +133,10 @@ pub mod ct_flags {
     /// A FIN or RST was seen: the flow is ending; a new SYN on the same tuple re-selects,
     /// and the daemon's garbage collector reaps it after a short grace period.
     pub const CLOSING: u16 = 1 << 0;
+    /// The frontend is one of the node's own addresses (a NodePort). After reverse NAT the
+    /// reply's source is local, and the kernel drops forwarded packets with a local source
+    /// as martians; so the program routes these replies itself (FIB lookup + redirect).
+    pub const LOCAL_FRONTEND: u16 = 1 << 1;
 }
 
 /// Value of the CONNTRACK map.
@@ -178,8 +182,10 @@ pub mod stat {
     pub const NOT_HANDLED: u32 = 8;
     /// Rewriting the packet failed (helper error); the packet was dropped.
     pub const REWRITE_FAILED: u32 = 9;
+    /// A reply from a NodePort flow found no route in the FIB and was left to the kernel.
+    pub const FIB_MISS: u32 = 10;
     /// Number of counters (size of the STATS array).
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
 
     /// Stable names, indexed like the constants above (used by logs, metrics and the CLI).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -193,6 +199,7 @@ pub mod stat {
         "pass",
         "not_handled",
         "rewrite_failed",
+        "fib_miss",
     ];
 }
 

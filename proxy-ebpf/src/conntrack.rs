@@ -8,7 +8,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{bindings::BPF_ANY, macros::map, maps::LruHashMap};
-use proxy_common::{Backend, CtKey, CtValue, ct_dir, ct_flags, default_max_entries};
+use proxy_common::{Backend, CtKey, CtValue, ct_dir, ct_flags, default_max_entries, service_flags};
 
 use crate::{lookup::Frontend, parse::Packet};
 
@@ -31,6 +31,13 @@ impl Flow {
         // SAFETY: `entry` comes from a successful map lookup and map values stay valid
         // for the whole program run.
         unsafe { ((*self.entry).nat_addr, (*self.entry).nat_port) }
+    }
+
+    /// The reply must be routed by the program (see `ct_flags::LOCAL_FRONTEND`).
+    #[inline(always)]
+    pub fn routes_reply(&self) -> bool {
+        // SAFETY: as in `nat_target`.
+        unsafe { (*self.entry).flags & ct_flags::LOCAL_FRONTEND != 0 }
     }
 
     #[inline(always)]
@@ -128,9 +135,15 @@ pub fn create(
         dir: ct_dir::REPLY,
         _pad: 0,
     };
+    let reply_flags = if frontend.header.flags & service_flags::NODE_PORT != 0 {
+        ct_flags::LOCAL_FRONTEND
+    } else {
+        0
+    };
     let reply = CtValue {
         nat_addr: packet.dst_addr,
         nat_port: packet.dst_port,
+        flags: reply_flags,
         packets: 0,
         bytes: 0,
         ..forward

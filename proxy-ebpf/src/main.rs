@@ -15,6 +15,7 @@ mod csum;
 mod lookup;
 mod nat;
 mod parse;
+mod route;
 mod select;
 mod stats;
 
@@ -48,7 +49,11 @@ pub fn epx_ingress(ctx: TcContext) -> i32 {
     if let Some(flow) = conntrack::reply_flow(&packet) {
         flow.record(&packet, ctx.len(), now_ns);
         let (addr, port) = flow.nat_target();
-        return verdict(nat::to_frontend(&ctx, &packet, addr, port), stat::REPLY);
+        let verdict = verdict(nat::to_frontend(&ctx, &packet, addr, port), stat::REPLY);
+        if verdict == ACCEPT && flow.routes_reply() {
+            return route::redirect_reply(&ctx, &packet, addr, port);
+        }
+        return verdict;
     }
     if let Some(flow) = conntrack::forward_flow(&packet) {
         // A SYN on a closing flow is the client reusing the port for a new connection:
