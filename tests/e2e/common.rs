@@ -1,0 +1,46 @@
+//! Shared set-up of the daemon tests: pod-1..pod-3 are the Services' endpoints and pod-4
+//! is the caller. The caller is never a backend: a pod reaching itself through a Service
+//! needs hairpin SNAT, which these tests do not cover.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::time::Duration;
+
+use anyhow::Result;
+use proxy_lab::{Daemon, Lab, Netns, Pod, Service, addr};
+
+/// Service ports of the test Services (the pods listen on the lab's echo ports).
+pub const SERVICE_TCP_PORT: u16 = 80;
+pub const SERVICE_UDP_PORT: u16 = 53;
+/// Generous: the first sync loads and attaches the eBPF programs.
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+pub const BACKEND_NAMES: [&str; 3] = ["pod-1", "pod-2", "pod-3"];
+
+/// A lab with three backends and a caller pod.
+pub fn lab() -> Result<Lab> {
+    Lab::builder().pods(4).build()
+}
+
+pub fn backends(lab: &Lab) -> &[Pod] {
+    &lab.pods()[..3]
+}
+
+pub fn caller(lab: &Lab) -> &Netns {
+    &lab.pod(4).ns
+}
+
+/// ClusterIP Service `echo` at [`addr::CLUSTER_IP`]: TCP 80 and UDP 53 to the echo ports.
+pub fn echo_service() -> Service {
+    Service::cluster_ip("echo", addr::CLUSTER_IP)
+        .tcp(SERVICE_TCP_PORT, addr::ECHO_TCP_PORT)
+        .udp(SERVICE_UDP_PORT, addr::ECHO_UDP_PORT)
+}
+
+/// Starts the daemon with `echo` over the three backends and waits for its first sync.
+pub fn daemon_with_echo(lab: &Lab) -> Result<Daemon<'_>> {
+    let daemon = lab
+        .daemon()
+        .manifest(echo_service().manifest(backends(lab)))
+        .start()?;
+    daemon.wait_synced(SYNC_TIMEOUT)?;
+    Ok(daemon)
+}

@@ -1,0 +1,37 @@
+//! The lab's addresses (the table in the crate docs). `deploy/examples/` uses the same ones.
+
+use std::net::Ipv4Addr;
+
+/// The node's external address (`eth0` in the node namespace); NodePorts answer here.
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// Prefix length of the external link between node and client.
+pub const EXTERNAL_PREFIX_LEN: u8 = 24;
+/// The outside client (`eth0` in the client namespace).
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// The pods' gateway: the node side of every pod veth carries it as a /32.
+pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+/// Highest pod number: pod addresses are 198.18.1.(10+i).
+pub const MAX_PODS: usize = 200;
+
+/// Address of pod `i` (numbered from 1): 198.18.1.(10+i).
+pub fn pod_ip(i: usize) -> Ipv4Addr {
+    assert!(
+        (1..=MAX_PODS).contains(&i),
+        "pods are numbered 1..={MAX_PODS}, got {i}"
+    );
+    Ipv4Addr::new(198, 18, 1, 10 + i as u8)
+}
+
+/// The example ClusterIP Service's VIP (service VIPs come from 198.19.0.0/16).
+pub const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+/// The example NodePort Service's cluster IP.
+pub const NODE_PORT_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 11);
+/// The example NodePort Service's TCP node port.
+pub const NODE_PORT_TCP: u16 = 30080;
+/// The example NodePort Service's UDP node port.
+pub const NODE_PORT_UDP: u16 = 30053;
+
+/// Default port of every pod's TCP echo server.
+pub const ECHO_TCP_PORT: u16 = 8080;
+/// Default port of every pod's UDP echo server.
+pub const ECHO_UDP_PORT: u16 = 5353;

@@ -1,0 +1,127 @@
+//! Client helpers: requests to the echo servers from any lab namespace, with timeouts.
+//!
+//! Only socket creation has to happen inside the namespace ([`Netns::run`]); reads and
+//! writes then work from the caller's thread.
+
+use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::netns::Netns;
+
+/// Connect and read timeout of the helpers that do not take one.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One answer from an echo server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// The name of the pod that answered.
+    pub body: String,
+    /// Where the answer came from. For UDP this is the reply datagram's real source, so it
+    /// shows whether reverse NAT restored the service address. For TCP it is the address
+    /// the socket is connected to: a reply from any other source would not have completed
+    /// the handshake, so a successful request already proves the reverse translation.
+    pub peer: SocketAddr,
+}
+
+/// A TCP connection to an echo server, for many request/response rounds.
+#[derive(Debug)]
+pub struct TcpSession {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl TcpSession {
+    /// One round: sends a line and returns the reply line (the serving pod's name).
+    pub fn request(&mut self) -> Result<String> {
+        self.writer
+            .write_all(b"ping\n")
+            .context("sending request")?;
+        let mut line = String::new();
+        let read = self.reader.read_line(&mut line).context("reading reply")?;
+        if read == 0 {
+            bail!("connection closed by peer");
+        }
+        Ok(line.trim_end().to_owned())
+    }
+
+    /// The address this session is connected to.
+    pub fn peer(&self) -> Result<SocketAddr> {
+        Ok(self.writer.peer_addr()?)
+    }
+}
+
+impl Netns {
+    /// Opens a TCP connection from this namespace. Returns the raw I/O error so tests can
+    /// tell a dropped connection ([`ErrorKind::TimedOut`]) from a refused one.
+    pub fn tcp_connect(
+        &self,
+        addr: Ipv4Addr,
+        port: u16,
+        timeout: Duration,
+    ) -> std::io::Result<TcpSession> {
+        let target = SocketAddr::V4(SocketAddrV4::new(addr, port));
+        let stream = self
+            .run(|| TcpStream::connect_timeout(&target, timeout))
+            .map_err(std::io::Error::other)??;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        stream.set_nodelay(true)?;
+        Ok(TcpSession {
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+        })
+    }
+
+    /// [`Netns::tcp_connect`] with [`REQUEST_TIMEOUT`].
+    pub fn tcp_session(&self, addr: Ipv4Addr, port: u16) -> Result<TcpSession> {
+        self.tcp_connect(addr, port, REQUEST_TIMEOUT)
+            .with_context(|| format!("TCP connect from {} to {addr}:{port}", self.name()))
+    }
+
+    /// A new TCP connection with one request/response round.
+    pub fn tcp_request(&self, addr: Ipv4Addr, port: u16) -> Result<Reply> {
+        let mut session = self.tcp_session(addr, port)?;
+        let body = session
+            .request()
+            .with_context(|| format!("TCP request from {} to {addr}:{port}", self.name()))?;
+        Ok(Reply {
+            body,
+            peer: session.peer()?,
+        })
+    }
+
+    /// A datagram from a new socket (so a new flow) and its answer, with [`REQUEST_TIMEOUT`].
+    pub fn udp_request(&self, addr: Ipv4Addr, port: u16) -> Result<Reply> {
+        self.udp_request_within(addr, port, REQUEST_TIMEOUT)
+            .with_context(|| format!("UDP request from {} to {addr}:{port}", self.name()))
+    }
+
+    /// Like [`Netns::udp_request`] with a chosen timeout; the raw error tells a lost
+    /// answer ([`ErrorKind::WouldBlock`] or [`ErrorKind::TimedOut`]) from others.
+    pub fn udp_request_within(
+        &self,
+        addr: Ipv4Addr,
+        port: u16,
+        timeout: Duration,
+    ) -> std::io::Result<Reply> {
+        let socket = self
+            .run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))
+            .map_err(std::io::Error::other)??;
+        socket.set_read_timeout(Some(timeout))?;
+        socket.send_to(b"ping", (addr, port))?;
+        let mut buffer = [0u8; 512];
+        let (length, peer) = socket.recv_from(&mut buffer)?;
+        Ok(Reply {
+            body: String::from_utf8_lossy(&buffer[..length]).into_owned(),
+            peer,
+        })
+    }
+}
+
+/// True for the errors a socket reports when nothing answered in time.
+pub fn is_timeout(error: &std::io::Error) -> bool {
+    matches!(error.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock)
+}

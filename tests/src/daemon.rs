@@ -1,0 +1,415 @@
+//! The real `ebpf-proxy daemon`, run inside a lab's node namespace with a private bpffs.
+//!
+//! It is spawned with `setns` in `pre_exec` rather than `ip netns exec`, which remounts
+//! /sys and would hide bpffs from the daemon. Its stdout and stderr are collected into a
+//! log that tests can wait on (`sync complete`) and that is printed when the handle drops,
+//! so a failing test shows what the daemon said (libtest captures it otherwise).
+
+use std::ffi::CString;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use crate::lab::{Lab, NODE_NAME};
+use crate::manifest::Manifest;
+use crate::netns::enter;
+use crate::scratch::{ScratchDir, unique_prefix};
+
+/// The line the daemon logs after every successful sync of the maps.
+const SYNC_MARKER: &str = "sync complete";
+/// Subdirectories of the daemon's scratch directory: what the daemon reads, and where
+/// files are written before being renamed into it.
+const MANIFESTS_DIR: &str = "manifests";
+const STAGING_DIR: &str = "staging";
+/// How long a SIGTERM may take before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Where the daemon binary is: `$EBPF_PROXY_BIN`, else `ebpf-proxy` in the cargo target
+/// profile directory that holds the running executable (tests live one level down, in
+/// `deps/`). A missing binary is an error that says how to build it.
+pub fn daemon_binary() -> Result<PathBuf> {
+    let path = match std::env::var_os("EBPF_PROXY_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => {
+            let exe = std::env::current_exe().context("locating the running executable")?;
+            let mut dir = exe.parent().context("executable has no directory")?;
+            if dir.ends_with("deps") {
+                dir = dir.parent().context("deps/ has no parent")?;
+            }
+            dir.join("ebpf-proxy")
+        }
+    };
+    if !path.is_file() {
+        bail!(
+            "ebpf-proxy binary not found at {}: build it with `cargo build -p proxy-userspace` \
+             or point EBPF_PROXY_BIN at it",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Configures and starts a [`Daemon`] for a lab; see [`Lab::daemon`].
+#[derive(Debug)]
+pub struct DaemonBuilder<'lab> {
+    lab: &'lab Lab,
+    manifests: Vec<Manifest>,
+    extra_args: Vec<String>,
+    echo_log_on_drop: bool,
+}
+
+impl<'lab> DaemonBuilder<'lab> {
+    pub(crate) fn new(lab: &'lab Lab) -> Self {
+        Self {
+            lab,
+            manifests: Vec::new(),
+            extra_args: Vec::new(),
+            echo_log_on_drop: true,
+        }
+    }
+
+    /// A manifest present in the directory before the daemon starts.
+    pub fn manifest(mut self, manifest: Manifest) -> Self {
+        self.manifests.push(manifest);
+        self
+    }
+
+    /// Extra command-line arguments after the lab's own (`--devices`, …).
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.extra_args.push(arg.into());
+        self
+    }
+
+    /// Whether dropping the handle prints the daemon's log (default: yes, for tests).
+    pub fn echo_log_on_drop(mut self, echo: bool) -> Self {
+        self.echo_log_on_drop = echo;
+        self
+    }
+
+    /// Writes the manifests and spawns `ebpf-proxy daemon` in the node namespace. The
+    /// daemon is tied to the calling thread: it gets SIGTERM if that thread ends, so start
+    /// and drop it on the same thread.
+    pub fn start(self) -> Result<Daemon<'lab>> {
+        let binary = daemon_binary()?;
+        let scratch = ScratchDir::create(&format!("{}-daemon", unique_prefix()))?;
+        std::fs::create_dir(scratch.path().join(MANIFESTS_DIR))?;
+        std::fs::create_dir(scratch.path().join(STAGING_DIR))?;
+        let bpffs = BpffsMount::mount(scratch.path().join("bpffs"))?;
+        let bpffs_root = bpffs.path.join("ebpf-proxy");
+        std::fs::create_dir(&bpffs_root).context("creating the bpffs root")?;
+
+        let mut daemon = Daemon {
+            lab: self.lab,
+            child: Mutex::new(None),
+            log: Arc::default(),
+            readers: Vec::new(),
+            echo_log_on_drop: self.echo_log_on_drop,
+            bpffs,
+            scratch,
+        };
+        for manifest in &self.manifests {
+            daemon.apply(manifest)?;
+        }
+
+        let mut command = Command::new(&binary);
+        command
+            .arg("daemon")
+            .arg("--manifests")
+            .arg(daemon.manifests_dir())
+            .args(["--node-name", NODE_NAME])
+            .arg("--bpffs-root")
+            .arg(&bpffs_root)
+            .args(&self.extra_args)
+            .env("NO_COLOR", "1")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let node_namespace = self.lab.node().open()?;
+        // SAFETY: the closure runs between fork and exec and only makes two syscalls on
+        // values prepared before the fork (no allocation, no locks).
+        unsafe {
+            command.pre_exec(move || {
+                enter(&node_namespace)?;
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("spawning {}", binary.display()))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        *daemon.child.get_mut().expect("child lock") = Some(child);
+        daemon
+            .readers
+            .push(collect_lines(stdout, daemon.log.clone()));
+        daemon
+            .readers
+            .push(collect_lines(stderr, daemon.log.clone()));
+        Ok(daemon)
+    }
+}
+
+/// A running daemon. Dropping it stops the daemon (SIGTERM, then SIGKILL after 5 s),
+/// unmounts its bpffs and removes its directories. Borrows the lab, so it always goes
+/// before the lab's namespaces do.
+#[derive(Debug)]
+pub struct Daemon<'lab> {
+    lab: &'lab Lab,
+    /// In a mutex only so `wait_synced(&self)` can report the exit status.
+    child: Mutex<Option<Child>>,
+    log: Arc<Log>,
+    readers: Vec<JoinHandle<()>>,
+    echo_log_on_drop: bool,
+    // Drop order: unmount before the scratch directory that holds the mount point goes.
+    bpffs: BpffsMount,
+    scratch: ScratchDir,
+}
+
+impl Daemon<'_> {
+    /// Writes (or replaces) a manifest atomically: the daemon never sees half a file.
+    pub fn apply(&self, manifest: &Manifest) -> Result<()> {
+        let staged = self
+            .scratch
+            .path()
+            .join(STAGING_DIR)
+            .join(&manifest.file_name);
+        std::fs::write(&staged, &manifest.yaml)
+            .with_context(|| format!("writing {}", staged.display()))?;
+        std::fs::rename(&staged, self.manifests_dir().join(&manifest.file_name))
+            .with_context(|| format!("installing manifest {}", manifest.file_name))
+    }
+
+    /// Removes a manifest file by name.
+    pub fn delete(&self, file_name: &str) -> Result<()> {
+        std::fs::remove_file(self.manifests_dir().join(file_name))
+            .with_context(|| format!("removing manifest {file_name}"))
+    }
+
+    /// The directory the daemon reads manifests from.
+    pub fn manifests_dir(&self) -> PathBuf {
+        self.scratch.path().join(MANIFESTS_DIR)
+    }
+
+    /// The private bpffs mount this daemon pins under.
+    pub fn bpffs(&self) -> &Path {
+        &self.bpffs.path
+    }
+
+    /// Waits until the daemon has logged its first `sync complete`. Fails early, with the
+    /// log, if the daemon exits or the timeout passes.
+    pub fn wait_synced(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.log.state.lock().expect("log lock");
+        loop {
+            if state.lines.iter().any(|line| line.contains(SYNC_MARKER)) {
+                return Ok(());
+            }
+            if state.open_streams == 0 {
+                drop(state);
+                bail!(
+                    "ebpf-proxy exited before `{SYNC_MARKER}` in lab {}: {}\n{}",
+                    self.lab.id(),
+                    self.exit_status_text(),
+                    self.log()
+                );
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                drop(state);
+                bail!(
+                    "no `{SYNC_MARKER}` from ebpf-proxy within {timeout:?} in lab {}\n{}",
+                    self.lab.id(),
+                    self.log()
+                );
+            }
+            state = self
+                .log
+                .changed
+                .wait_timeout(state, deadline - now)
+                .expect("log lock")
+                .0;
+        }
+    }
+
+    /// Everything the daemon printed so far.
+    pub fn log(&self) -> String {
+        self.log.state.lock().expect("log lock").lines.join("\n")
+    }
+
+    /// The last `sync complete` line, if any (it carries the frontend and backend counts).
+    pub fn last_sync_line(&self) -> Option<String> {
+        let state = self.log.state.lock().expect("log lock");
+        state
+            .lines
+            .iter()
+            .rev()
+            .find(|line| line.contains(SYNC_MARKER))
+            .cloned()
+    }
+
+    /// Stops the daemon with SIGTERM (SIGKILL after 5 s) and returns how it exited.
+    pub fn stop(mut self) -> Result<ExitStatus> {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> Result<ExitStatus> {
+        let mut child = self
+            .child
+            .get_mut()
+            .expect("child lock")
+            .take()
+            .ok_or_else(|| anyhow!("already stopped"))?;
+        if let Some(status) = child.try_wait()? {
+            self.join_readers();
+            return Ok(status);
+        }
+        // SAFETY: signalling our own child, which has not been reaped yet.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + STOP_GRACE;
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                eprintln!("proxy-lab: ebpf-proxy ignored SIGTERM for {STOP_GRACE:?}; killing it");
+                child.kill()?;
+                break child.wait()?;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        self.join_readers();
+        Ok(status)
+    }
+
+    fn join_readers(&mut self) {
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+    }
+
+    /// How the daemon ended, once its output streams have closed.
+    fn exit_status_text(&self) -> String {
+        let mut child = self.child.lock().expect("child lock");
+        let Some(child) = child.as_mut() else {
+            return "stopped".to_owned();
+        };
+        // The streams close when the process exits; give the kernel a moment to reap it.
+        for _ in 0..50 {
+            match child.try_wait() {
+                Ok(Some(status)) => return status.to_string(),
+                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+                Err(error) => return format!("status unknown: {error}"),
+            }
+        }
+        "closed its output but is still running".to_owned()
+    }
+}
+
+impl Drop for Daemon<'_> {
+    fn drop(&mut self) {
+        let running = self.child.get_mut().is_ok_and(|child| child.is_some());
+        let exit = if running {
+            match self.terminate() {
+                Ok(status) => status.to_string(),
+                Err(error) => format!("could not be stopped: {error:#}"),
+            }
+        } else {
+            "stopped".to_owned()
+        };
+        if self.echo_log_on_drop {
+            eprintln!(
+                "---- ebpf-proxy log (lab {}, {exit}) ----\n{}\n---- end of ebpf-proxy log ----",
+                self.lab.id(),
+                self.log()
+            );
+        }
+    }
+}
+
+/// The daemon's output, line by line, and how many of its streams are still open.
+#[derive(Debug, Default)]
+struct Log {
+    state: Mutex<LogState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct LogState {
+    lines: Vec<String>,
+    open_streams: usize,
+}
+
+fn collect_lines(stream: impl Read + Send + 'static, log: Arc<Log>) -> JoinHandle<()> {
+    log.state.lock().expect("log lock").open_streams += 1;
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            log.state.lock().expect("log lock").lines.push(line);
+            log.changed.notify_all();
+        }
+        log.state.lock().expect("log lock").open_streams -= 1;
+        log.changed.notify_all();
+    })
+}
+
+/// A private bpffs instance for one daemon, so its pins never meet another lab's or the
+/// host's /sys/fs/bpf. Detached and its mount point removed on drop.
+#[derive(Debug)]
+struct BpffsMount {
+    path: PathBuf,
+}
+
+impl BpffsMount {
+    fn mount(path: PathBuf) -> Result<Self> {
+        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        let target = CString::new(path.as_os_str().as_bytes())?;
+        // SAFETY: valid NUL-terminated strings; no data argument.
+        let mounted = unsafe {
+            libc::mount(
+                c"bpf".as_ptr(),
+                target.as_ptr(),
+                c"bpf".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if mounted != 0 {
+            let error = std::io::Error::last_os_error();
+            let _ = std::fs::remove_dir(&path);
+            return Err(error).with_context(|| format!("mounting bpffs at {}", path.display()));
+        }
+        Ok(Self { path })
+    }
+}
+
+impl Drop for BpffsMount {
+    fn drop(&mut self) {
+        let Ok(target) = CString::new(self.path.as_os_str().as_bytes()) else {
+            return;
+        };
+        // SAFETY: valid NUL-terminated path.
+        if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
+            eprintln!(
+                "proxy-lab: cannot unmount {}: {}",
+                self.path.display(),
+                std::io::Error::last_os_error()
+            );
+            return;
+        }
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}

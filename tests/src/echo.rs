@@ -1,0 +1,165 @@
+//! The pods' servers: they answer every request with the pod's name, so a test can tell
+//! which backend served it. They run as threads of the test process, inside the pod's
+//! namespace, and stop on drop.
+//!
+//! TCP: one reply line `<pod-name>\n` for every line received, so a single connection can
+//! carry many request/response rounds. UDP: one datagram `<pod-name>` for every datagram.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+
+use crate::netns::{Netns, enter};
+
+/// How often blocked server threads look at the stop flag.
+const STOP_POLL: Duration = Duration::from_millis(100);
+
+/// Echo servers of one lab; stopped and joined on drop.
+#[derive(Debug, Default)]
+pub(crate) struct EchoServers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl EchoServers {
+    /// Starts a TCP server on `port` in `ns` answering `name`; returns once it listens.
+    pub(crate) fn spawn_tcp(&mut self, ns: &Netns, name: &str, port: u16) -> Result<()> {
+        let stop = self.stop.clone();
+        let reply = format!("{name}\n").into_bytes();
+        self.spawn_in(ns, format!("tcp-echo {name}"), move |ready| {
+            let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port));
+            let listener = match listener {
+                Ok(listener) => listener,
+                Err(error) => return ready.send(Err(error)).unwrap_or(()),
+            };
+            let _ = ready.send(Ok(()));
+            serve_tcp(&listener, &reply, &stop);
+        })
+        .with_context(|| format!("TCP echo server of {name} on port {port}"))
+    }
+
+    /// Starts a UDP server on `port` in `ns` answering `name`; returns once it is bound.
+    pub(crate) fn spawn_udp(&mut self, ns: &Netns, name: &str, port: u16) -> Result<()> {
+        let stop = self.stop.clone();
+        let reply = name.as_bytes().to_vec();
+        self.spawn_in(ns, format!("udp-echo {name}"), move |ready| {
+            let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
+                .and_then(|socket| socket.set_read_timeout(Some(STOP_POLL)).map(|()| socket));
+            let socket = match socket {
+                Ok(socket) => socket,
+                Err(error) => return ready.send(Err(error)).unwrap_or(()),
+            };
+            let _ = ready.send(Ok(()));
+            serve_udp(&socket, &reply, &stop);
+        })
+        .with_context(|| format!("UDP echo server of {name} on port {port}"))
+    }
+
+    /// Spawns a long-lived thread inside `ns` and waits for it to report that its socket
+    /// is ready (or why not).
+    fn spawn_in(
+        &mut self,
+        ns: &Netns,
+        thread_name: String,
+        serve: impl FnOnce(mpsc::Sender<std::io::Result<()>>) + Send + 'static,
+    ) -> Result<()> {
+        let namespace = ns.open()?;
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(thread_name)
+            .spawn(move || {
+                if let Err(error) = enter(&namespace) {
+                    let _ = ready_tx.send(Err(error));
+                    return;
+                }
+                drop(namespace);
+                serve(ready_tx);
+            })
+            .context("spawning server thread")?;
+        self.threads.push(thread);
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .map_err(|_| anyhow!("server thread did not start"))?
+            .context("binding")
+    }
+}
+
+impl Drop for EchoServers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn serve_tcp(listener: &TcpListener, reply: &[u8], stop: &Arc<AtomicBool>) {
+    let mut connections: Vec<JoinHandle<()>> = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        if !readable_within(listener, STOP_POLL) {
+            continue;
+        }
+        let Ok((stream, _)) = listener.accept() else {
+            continue;
+        };
+        connections.retain(|connection| !connection.is_finished());
+        let reply = reply.to_vec();
+        let stop = stop.clone();
+        connections.push(std::thread::spawn(move || {
+            answer_lines(stream, &reply, &stop)
+        }));
+    }
+    for connection in connections {
+        let _ = connection.join();
+    }
+}
+
+/// Replies once per newline received until the peer closes, an error occurs, or stop.
+fn answer_lines(mut stream: TcpStream, reply: &[u8], stop: &AtomicBool) {
+    if stream.set_read_timeout(Some(STOP_POLL)).is_err() {
+        return;
+    }
+    let mut buffer = [0u8; 1024];
+    while !stop.load(Ordering::Relaxed) {
+        match stream.read(&mut buffer) {
+            Ok(0) => return,
+            Ok(read) => {
+                for _ in buffer[..read].iter().filter(|&&byte| byte == b'\n') {
+                    if stream.write_all(reply).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(error) if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+fn serve_udp(socket: &UdpSocket, reply: &[u8], stop: &AtomicBool) {
+    let mut buffer = [0u8; 1024];
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok((_, peer)) = socket.recv_from(&mut buffer) {
+            let _ = socket.send_to(reply, peer);
+        }
+    }
+}
+
+/// Waits until `listener` has a connection to accept, at most `timeout`.
+fn readable_within(listener: &TcpListener, timeout: Duration) -> bool {
+    let mut poll_fd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let ready = unsafe { libc::poll(&mut poll_fd, 1, timeout.as_millis() as libc::c_int) };
+    ready > 0
+}

@@ -1,0 +1,225 @@
+//! The lab topology: node, pods and client namespaces, wired as in the crate docs' table.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context, Result, ensure};
+
+use crate::addr;
+use crate::daemon::DaemonBuilder;
+use crate::echo::EchoServers;
+use crate::netns::Netns;
+use crate::scratch::unique_prefix;
+
+/// The Kubernetes node name the daemon runs as and the examples' endpoints name.
+pub const NODE_NAME: &str = "lab-node";
+
+/// A pod: a namespace behind a veth (`eth0` inside, `lxc<i>` on the node), running echo
+/// servers that answer with [`Pod::name`].
+#[derive(Debug)]
+pub struct Pod {
+    /// `pod-<i>`, what its echo servers answer.
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub ns: Netns,
+}
+
+/// Builds a [`Lab`]; see [`Lab::builder`].
+#[derive(Clone, Debug)]
+pub struct LabBuilder {
+    pods: usize,
+    tcp_port: u16,
+    udp_port: u16,
+}
+
+impl LabBuilder {
+    /// Number of pods (default 3), named `pod-1` … `pod-n`.
+    pub fn pods(mut self, count: usize) -> Self {
+        self.pods = count;
+        self
+    }
+
+    /// Port of the pods' TCP echo servers (default [`addr::ECHO_TCP_PORT`]).
+    pub fn tcp_port(mut self, port: u16) -> Self {
+        self.tcp_port = port;
+        self
+    }
+
+    /// Port of the pods' UDP echo servers (default [`addr::ECHO_UDP_PORT`]).
+    pub fn udp_port(mut self, port: u16) -> Self {
+        self.udp_port = port;
+        self
+    }
+
+    /// Creates the namespaces, links, addresses and routes, and starts the echo servers.
+    /// Whatever was created is removed again if a later step fails.
+    pub fn build(self) -> Result<Lab> {
+        ensure!(
+            self.pods <= addr::MAX_PODS,
+            "at most {} pods, asked for {}",
+            addr::MAX_PODS,
+            self.pods
+        );
+        let id = unique_prefix();
+        let node = Netns::create(format!("{id}-node"))?;
+        node.ip(&["link", "set", "lo", "up"])?;
+        node.sysctl("net/ipv4/ip_forward", "1")?;
+
+        let client = Netns::create(format!("{id}-client"))?;
+        wire_client(&node, &client).context("wiring the client namespace")?;
+
+        let mut lab = Lab {
+            servers: EchoServers::default(),
+            pods: Vec::with_capacity(self.pods),
+            client,
+            node,
+            id,
+            tcp_port: self.tcp_port,
+            udp_port: self.udp_port,
+        };
+        for i in 1..=self.pods {
+            let pod = lab
+                .add_pod(i)
+                .with_context(|| format!("creating pod-{i}"))?;
+            lab.servers.spawn_tcp(&pod.ns, &pod.name, self.tcp_port)?;
+            lab.servers.spawn_udp(&pod.ns, &pod.name, self.udp_port)?;
+            lab.pods.push(pod);
+        }
+        Ok(lab)
+    }
+}
+
+/// A node namespace with pods and an outside client. Dropping it stops the echo servers and
+/// deletes every namespace (and with them every veth).
+#[derive(Debug)]
+pub struct Lab {
+    // Drop order matters: servers stop before their namespaces go.
+    servers: EchoServers,
+    pods: Vec<Pod>,
+    client: Netns,
+    node: Netns,
+    id: String,
+    tcp_port: u16,
+    udp_port: u16,
+}
+
+impl Lab {
+    pub fn builder() -> LabBuilder {
+        LabBuilder {
+            pods: 3,
+            tcp_port: addr::ECHO_TCP_PORT,
+            udp_port: addr::ECHO_UDP_PORT,
+        }
+    }
+
+    /// `epx<pid>-<counter>`: the prefix of all this lab's namespace names.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The node namespace, where the daemon runs.
+    pub fn node(&self) -> &Netns {
+        &self.node
+    }
+
+    /// The outside client's namespace.
+    pub fn client(&self) -> &Netns {
+        &self.client
+    }
+
+    /// Pod `i`, numbered from 1 like its name.
+    pub fn pod(&self, i: usize) -> &Pod {
+        assert!(
+            (1..=self.pods.len()).contains(&i),
+            "the lab has pod-1..=pod-{}, asked for pod-{i}",
+            self.pods.len()
+        );
+        &self.pods[i - 1]
+    }
+
+    pub fn pods(&self) -> &[Pod] {
+        &self.pods
+    }
+
+    /// Port of the pods' TCP echo servers.
+    pub fn tcp_port(&self) -> u16 {
+        self.tcp_port
+    }
+
+    /// Port of the pods' UDP echo servers.
+    pub fn udp_port(&self) -> u16 {
+        self.udp_port
+    }
+
+    /// Starts configuring the ebpf-proxy daemon for this lab's node.
+    pub fn daemon(&self) -> DaemonBuilder<'_> {
+        DaemonBuilder::new(self)
+    }
+
+    fn add_pod(&self, i: usize) -> Result<Pod> {
+        let name = format!("pod-{i}");
+        let ns = Netns::create(format!("{}-{name}", self.id))?;
+        let ip = addr::pod_ip(i);
+        let host_side = format!("lxc{i}");
+        let gateway = addr::POD_GATEWAY.to_string();
+        // Both ends are created inside lab namespaces: nothing appears in the root namespace.
+        self.node.ip(&[
+            "link",
+            "add",
+            &host_side,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ])?;
+        self.node
+            .ip(&["addr", "add", &format!("{gateway}/32"), "dev", &host_side])?;
+        self.node.ip(&["link", "set", &host_side, "up"])?;
+        self.node
+            .ip(&["route", "add", &format!("{ip}/32"), "dev", &host_side])?;
+        ns.ip(&["link", "set", "lo", "up"])?;
+        ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["route", "add", &gateway, "dev", "eth0", "scope", "link"])?;
+        ns.ip(&["route", "add", "default", "via", &gateway])?;
+        Ok(Pod { name, ip, ns })
+    }
+}
+
+/// The external link: node `eth0` 198.18.0.1/24 ↔ client `eth0` 198.18.0.2/24.
+fn wire_client(node: &Netns, client: &Netns) -> Result<()> {
+    let prefix = addr::EXTERNAL_PREFIX_LEN;
+    node.ip(&[
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        client.name(),
+    ])?;
+    node.ip(&[
+        "addr",
+        "add",
+        &format!("{}/{prefix}", addr::NODE_IP),
+        "dev",
+        "eth0",
+    ])?;
+    node.ip(&["link", "set", "eth0", "up"])?;
+    client.ip(&["link", "set", "lo", "up"])?;
+    client.ip(&[
+        "addr",
+        "add",
+        &format!("{}/{prefix}", addr::CLIENT_IP),
+        "dev",
+        "eth0",
+    ])?;
+    client.ip(&["link", "set", "eth0", "up"])?;
+    client.ip(&["route", "add", "default", "via", &addr::NODE_IP.to_string()])?;
+    Ok(())
+}
