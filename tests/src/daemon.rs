@@ -31,6 +31,9 @@ const STAGING_DIR: &str = "staging";
 /// How long a SIGTERM may take before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
+/// The daemon's pin directory inside its private bpffs mount.
+const PIN_DIR: &str = "ebpf-proxy";
+
 /// Where the daemon binary is: `$EBPF_PROXY_BIN`, else `ebpf-proxy` in the cargo target
 /// profile directory that holds the running executable (tests live one level down, in
 /// `deps/`). A missing binary is an error that says how to build it.
@@ -102,7 +105,7 @@ impl<'lab> DaemonBuilder<'lab> {
         std::fs::create_dir(scratch.path().join(MANIFESTS_DIR))?;
         std::fs::create_dir(scratch.path().join(STAGING_DIR))?;
         let bpffs = BpffsMount::mount(scratch.path().join("bpffs"))?;
-        let bpffs_root = bpffs.path.join("ebpf-proxy");
+        let bpffs_root = bpffs.path.join(PIN_DIR);
         std::fs::create_dir(&bpffs_root).context("creating the bpffs root")?;
 
         let mut daemon = Daemon {
@@ -207,6 +210,11 @@ impl Daemon<'_> {
     /// The private bpffs mount this daemon pins under.
     pub fn bpffs(&self) -> &Path {
         &self.bpffs.path
+    }
+
+    /// The daemon's `--bpffs-root` (inside [`bpffs`](Self::bpffs)): where the CLI looks.
+    pub fn bpffs_root(&self) -> PathBuf {
+        self.bpffs.path.join(PIN_DIR)
     }
 
     /// Waits until the daemon has logged its first `sync complete`. Fails early, with the

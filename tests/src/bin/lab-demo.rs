@@ -106,11 +106,32 @@ fn demonstrate(lab: &Lab, daemon: &Daemon<'_>) -> Result<()> {
     ];
     print_table(&bursts);
 
-    // Datapath views go here once the CLI has them: `ebpf-proxy stats` and friends, run in
-    // the node namespace against `daemon.bpffs()`, printed under the table above.
+    show_cli_views(daemon)?;
 
     if bursts.iter().any(|burst| burst.answered() == 0) {
         bail!("a burst got no answer at all");
+    }
+    Ok(())
+}
+
+/// What a node admin would see after the bursts: the node-admin CLI on the same pins.
+fn show_cli_views(daemon: &Daemon<'_>) -> Result<()> {
+    let binary = proxy_lab::daemon_binary()?;
+    let root = daemon.bpffs_root();
+    for view in ["services", "stats"] {
+        let output = std::process::Command::new(&binary)
+            .arg(view)
+            .arg("--bpffs-root")
+            .arg(&root)
+            .output()
+            .with_context(|| format!("running `ebpf-proxy {view}`"))?;
+        if !output.status.success() {
+            bail!(
+                "`ebpf-proxy {view}` failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        println!("\n$ ebpf-proxy {view}\n{}", String::from_utf8_lossy(&output.stdout).trim_end());
     }
     Ok(())
 }
