@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 
+use crate::lab::Pod;
 use crate::netns::{Netns, enter};
 
 /// How often blocked server threads look at the stop flag.
@@ -29,6 +30,12 @@ pub(crate) struct EchoServers {
 }
 
 impl EchoServers {
+    /// Starts the TCP and UDP servers of `pod`.
+    pub(crate) fn spawn_pair(&mut self, pod: &Pod, tcp_port: u16, udp_port: u16) -> Result<()> {
+        self.spawn_tcp(&pod.ns, &pod.name, tcp_port)?;
+        self.spawn_udp(&pod.ns, &pod.name, udp_port)
+    }
+
     /// Starts a TCP server on `port` in `ns` answering `name`; returns once it listens.
     pub(crate) fn spawn_tcp(&mut self, ns: &Netns, name: &str, port: u16) -> Result<()> {
         let stop = self.stop.clone();

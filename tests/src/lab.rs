@@ -80,12 +80,20 @@ impl LabBuilder {
             let pod = lab
                 .add_pod(i)
                 .with_context(|| format!("creating pod-{i}"))?;
-            lab.servers.spawn_tcp(&pod.ns, &pod.name, self.tcp_port)?;
-            lab.servers.spawn_udp(&pod.ns, &pod.name, self.udp_port)?;
+            lab.servers.spawn_pair(&pod, self.tcp_port, self.udp_port)?;
             lab.pods.push(pod);
         }
         Ok(lab)
     }
+}
+
+/// A pod created after the lab was built, with its own echo servers. Dropping it stops
+/// them and deletes the pod's namespace, which removes its veth from the node.
+#[derive(Debug)]
+pub struct LatePod {
+    // Held for its Drop, which must run first: servers stop before their namespace goes.
+    _servers: EchoServers,
+    pub pod: Pod,
 }
 
 /// A node namespace with pods and an outside client. Dropping it stops the echo servers and
@@ -148,6 +156,26 @@ impl Lab {
     /// Port of the pods' UDP echo servers.
     pub fn udp_port(&self) -> u16 {
         self.udp_port
+    }
+
+    /// Creates pod `i` (after the built ones) while the lab, and maybe a daemon, runs: how
+    /// a pod appears on a real node. Dropping the returned pod deletes it again.
+    pub fn start_late_pod(&self, i: usize) -> Result<LatePod> {
+        ensure!(
+            i > self.pods.len() && i <= addr::MAX_PODS,
+            "late pod {i} must come after the {} built pods and stay within {}",
+            self.pods.len(),
+            addr::MAX_PODS
+        );
+        let pod = self
+            .add_pod(i)
+            .with_context(|| format!("creating pod-{i}"))?;
+        let mut servers = EchoServers::default();
+        servers.spawn_pair(&pod, self.tcp_port, self.udp_port)?;
+        Ok(LatePod {
+            _servers: servers,
+            pod,
+        })
     }
 
     /// Starts configuring the ebpf-proxy daemon for this lab's node.

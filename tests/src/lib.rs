@@ -57,7 +57,7 @@ mod tally;
 
 pub use client::{REQUEST_TIMEOUT, Reply, TcpSession, is_timeout};
 pub use daemon::{Daemon, DaemonBuilder, daemon_binary};
-pub use lab::{Lab, LabBuilder, NODE_NAME, Pod};
+pub use lab::{Lab, LabBuilder, LatePod, NODE_NAME, Pod};
 pub use manifest::{Manifest, Protocol, Service};
 pub use netns::Netns;
 pub use tally::{CHI_SQUARE_CRITICAL_P001, Tally};
