@@ -18,10 +18,23 @@ pub mod map_names {
     pub const BACKENDS: &str = "BACKENDS";
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const STATS: &str = "STATS";
+    /// Session affinity: each client's backend per frontend (written by the datapath).
+    pub const AFFINITY: &str = "AFFINITY";
+    /// Session affinity: the backends each affinity frontend has now (written by the daemon).
+    pub const AFFINITY_MATCH: &str = "AFFINITY_MATCH";
+    /// Metadata for people, not for packets: which Service port each frontend belongs to.
+    pub const SVC_NAMES: &str = "SVC_NAMES";
+    /// Not pinned: each `ebpf-proxy trace` process gets its own, private to its dry run.
+    pub const TRACE: &str = "TRACE";
 }
 
 /// The one tc program: attached on pod-side veths and on the node's external devices.
 pub const PROGRAM_NAME: &str = "epx_ingress";
+
+/// The same packet path as [`PROGRAM_NAME`] as a dry run: it rewrites the packet it is
+/// given but writes no conntrack entry and no counter, and records its decision in the
+/// TRACE map. Never attached: `ebpf-proxy trace` runs it with BPF_PROG_TEST_RUN.
+pub const TRACE_PROGRAM_NAME: &str = "epx_trace";
 
 /// Key of the SERVICES map: a frontend (`addr:port/proto`) and a slot.
 ///
@@ -30,7 +43,7 @@ pub const PROGRAM_NAME: &str = "epx_ingress";
 /// gives every backend probability 1/n — the same distribution as kube-proxy's chain of
 /// `-m statistic --mode random --probability 1/n, 1/(n-1), …` rules.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct ServiceKey {
     /// IPv4 address, network byte order.
     pub addr: u32,
@@ -61,16 +74,23 @@ impl ServiceKey {
     }
 }
 
-/// Frontend kinds, recorded in [`ServiceValue::flags`] so listings can tell them apart.
+/// Bits of [`ServiceValue::flags`]: the frontend's kind (so listings can tell them apart),
+/// and what it does while empty.
 pub mod service_flags {
     pub const CLUSTER_IP: u16 = 1 << 0;
     pub const NODE_PORT: u16 = 1 << 1;
     pub const EXTERNAL_IP: u16 = 1 << 2;
     pub const LOAD_BALANCER: u16 = 1 << 3;
+    /// The frontend is empty only because its traffic policy is Local and none of the
+    /// Service's endpoints is on this node: new connections are dropped (kube-proxy's
+    /// "has no local endpoints" DROP). An empty frontend without it has no endpoints at
+    /// all and refuses (kube-proxy's REJECT: ICMP port unreachable).
+    pub const NO_LOCAL_ENDPOINTS: u16 = 1 << 4;
 }
 
-/// Value of the SERVICES map. In slot 0 `count`, `rev_nat_id` and `flags` describe the
-/// frontend and `backend_id` is 0; in slot i only `backend_id` is meaningful.
+/// Value of the SERVICES map. In slot 0 `count`, `rev_nat_id`, `flags` and
+/// `affinity_timeout_s` describe the frontend and `backend_id` is 0; in slot i only
+/// `backend_id` is meaningful.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct ServiceValue {
@@ -78,9 +98,13 @@ pub struct ServiceValue {
     /// Identifies the frontend in conntrack entries (for listings and flushes). 32 bits so
     /// clusters with more than 65 535 frontends fit.
     pub rev_nat_id: u32,
-    /// Number of backends (slot 0 only). 0 means the Service has no endpoints.
+    /// Number of backends (slot 0 only). 0 means no endpoint is usable here.
     pub count: u16,
+    /// Bits of [`service_flags`].
     pub flags: u16,
+    /// `sessionAffinity: ClientIP`: a client's new connections keep its backend while they
+    /// come less than this many seconds apart (slot 0 only). 0: no affinity.
+    pub affinity_timeout_s: u32,
 }
 
 /// Value of the BACKENDS map (key: backend id, never 0).
@@ -159,6 +183,37 @@ pub struct CtValue {
     pub bytes: u64,
 }
 
+/// Key of the AFFINITY map: a client of an affinity frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    /// The client's IPv4 address, network byte order.
+    pub client_addr: u32,
+    /// The frontend (its slot-0 [`ServiceValue::rev_nat_id`]).
+    pub rev_nat_id: u32,
+}
+
+/// Value of the AFFINITY map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityValue {
+    /// The backend of the client's latest new connection.
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` of that connection.
+    pub last_used_ns: u64,
+}
+
+/// Key of the AFFINITY_MATCH map (value: a `u8`, always 1): `backend_id` is one of the
+/// backends of the affinity frontend `rev_nat_id`. A remembered backend is reused only
+/// while its entry exists.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityMatchKey {
+    pub rev_nat_id: u32,
+    pub backend_id: u32,
+}
+
 /// Indexes into the per-CPU STATS array.
 pub mod stat {
     /// A new flow was DNATed to a selected backend.
@@ -172,7 +227,9 @@ pub mod stat {
     /// The conntrack entry could not be created (map full or update failed); the packet
     /// was still translated but its flow may not stay on one backend.
     pub const CT_CREATE_FAILED: u32 = 4;
-    /// The frontend has no backends: the packet was dropped.
+    /// The frontend has no backends on this node (traffic policy Local, see
+    /// `service_flags::NO_LOCAL_ENDPOINTS`), or its refusal could not be built (IPv4
+    /// options): the packet was dropped.
     pub const NO_BACKEND: u32 = 5;
     /// A slot named a backend id missing from BACKENDS (a transient during updates).
     pub const BACKEND_MISSING: u32 = 6;
@@ -184,8 +241,13 @@ pub mod stat {
     pub const REWRITE_FAILED: u32 = 9;
     /// A reply from a NodePort flow found no route in the FIB and was left to the kernel.
     pub const FIB_MISS: u32 = 10;
+    /// The frontend has no endpoints at all: the packet was answered with an ICMP port
+    /// unreachable (kube-proxy's REJECT).
+    pub const REJECTED: u32 = 11;
+    /// A new flow went to the client's backend by session affinity instead of a random one.
+    pub const AFFINITY: u32 = 12;
     /// Number of counters (size of the STATS array).
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 13;
 
     /// Stable names, indexed like the constants above (used by logs, metrics and the CLI).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -200,7 +262,126 @@ pub mod stat {
         "not_handled",
         "rewrite_failed",
         "fib_miss",
+        "rejected",
+        "affinity",
     ];
+}
+
+/// Value of the SVC_NAMES map, keyed by a frontend's `rev_nat_id`: the Service port
+/// (`namespace/name:port-name`) the frontend was planned for. bpffs holds no regular
+/// files, so the names live in a pinned map next to the others. The datapath never reads
+/// it; listings and `ebpf-proxy explain` (whose chain names hash these strings) do.
+///
+/// Sized by Kubernetes' validation: namespaces and Service names are DNS labels (at most
+/// 63 bytes), port names IANA service names (at most 15).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceName {
+    pub namespace_len: u8,
+    pub name_len: u8,
+    pub port_name_len: u8,
+    pub _pad: u8,
+    pub namespace: [u8; ServiceName::MAX_NAME_LEN],
+    pub name: [u8; ServiceName::MAX_NAME_LEN],
+    pub port_name: [u8; ServiceName::MAX_PORT_NAME_LEN],
+}
+
+impl ServiceName {
+    pub const MAX_NAME_LEN: usize = 63;
+    pub const MAX_PORT_NAME_LEN: usize = 15;
+
+    /// The name, or `None` when a part is longer than Kubernetes allows.
+    pub fn new(namespace: &str, name: &str, port_name: &str) -> Option<Self> {
+        let mut value = Self {
+            namespace_len: 0,
+            name_len: 0,
+            port_name_len: 0,
+            _pad: 0,
+            namespace: [0; Self::MAX_NAME_LEN],
+            name: [0; Self::MAX_NAME_LEN],
+            port_name: [0; Self::MAX_PORT_NAME_LEN],
+        };
+        value.namespace_len = copy_name(&mut value.namespace, namespace)?;
+        value.name_len = copy_name(&mut value.name, name)?;
+        value.port_name_len = copy_name(&mut value.port_name, port_name)?;
+        Some(value)
+    }
+
+    pub fn namespace(&self) -> &str {
+        stored_name(&self.namespace, self.namespace_len)
+    }
+
+    pub fn name(&self) -> &str {
+        stored_name(&self.name, self.name_len)
+    }
+
+    /// Empty for a Service's single unnamed port.
+    pub fn port_name(&self) -> &str {
+        stored_name(&self.port_name, self.port_name_len)
+    }
+}
+
+/// Copies `text` to the start of `field`; its length, or `None` if it does not fit.
+fn copy_name(field: &mut [u8], text: &str) -> Option<u8> {
+    let bytes = text.as_bytes();
+    field.get_mut(..bytes.len())?.copy_from_slice(bytes);
+    u8::try_from(bytes.len()).ok()
+}
+
+/// The stored text; empty if the map holds bytes no `ServiceName::new` wrote.
+fn stored_name(field: &[u8], len: u8) -> &str {
+    field
+        .get(..usize::from(len))
+        .and_then(|bytes| core::str::from_utf8(bytes).ok())
+        .unwrap_or("")
+}
+
+/// What the conntrack lookup of a dry run found ([`TraceRecord::conntrack`]).
+pub mod trace_ct {
+    /// No entry for the packet's tuple: a new flow (or not a service packet at all).
+    pub const NONE: u8 = 0;
+    /// The client's FORWARD entry: the packet follows its flow's backend.
+    pub const FORWARD: u8 = 1;
+    /// A REPLY entry: the packet is a backend's answer, its source becomes the frontend.
+    pub const REPLY: u8 = 2;
+    /// A FORWARD entry marked closing, and the packet is a SYN: the client reuses the
+    /// port for a new connection, which gets a fresh backend selection.
+    pub const CLOSING_REUSED: u8 = 3;
+}
+
+/// Value of the TRACE map (one per-CPU entry): the decisions of one `epx_trace` run, for
+/// `ebpf-proxy trace`. Copies of the map entries that decided are kept, so the report
+/// shows what the program saw even if the daemon changes the maps a moment later.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TraceRecord {
+    /// 1 in the copy of the CPU that ran the program: per-CPU maps are read per CPU, and
+    /// userspace cannot choose where BPF_PROG_TEST_RUN runs.
+    pub recorded: u8,
+    /// A [`trace_ct`] constant.
+    pub conntrack: u8,
+    /// The [`stat`] counter the live program would have raised last: it names the path
+    /// taken (`new_flow`, `ct_hit`, `reply`, `pass`, `no_backend`, …).
+    pub outcome: u8,
+    /// 1 when the live program would route this reverse-NATed reply itself (FIB lookup and
+    /// redirect, see `ct_flags::LOCAL_FRONTEND`); the dry run stops before routing.
+    pub routes_reply: u8,
+    /// The slot selected for a new flow (1..=count), 0 if none was.
+    pub slot: u16,
+    /// 1 when session affinity gave the new flow the client's previous backend (no slot
+    /// was drawn).
+    pub affinity: u8,
+    pub _pad0: u8,
+    /// The backend the packet was sent to (new flow or FORWARD entry), 0 if none.
+    pub backend_id: u32,
+    /// BACKENDS[backend_id] as read during the selection (zero for conntrack hits).
+    pub backend: Backend,
+    /// The frontend looked up (slot 0), zero when no lookup happened or none matched.
+    pub frontend: ServiceKey,
+    /// SERVICES[frontend], the frontend's header.
+    pub service: ServiceValue,
+    /// The conntrack entry that matched, if [`TraceRecord::conntrack`] is not NONE.
+    pub flow: CtValue,
 }
 
 /// Default map sizes compiled into the object; the daemon can override them at load time.
@@ -208,6 +389,13 @@ pub mod default_max_entries {
     pub const SERVICES: u32 = 262_144;
     pub const BACKENDS: u32 = 131_072;
     pub const CONNTRACK: u32 = 262_144;
+    /// Clients × affinity frontends; LRU, so the least recently seen are forgotten first.
+    pub const AFFINITY: u32 = 65_536;
+    /// One entry per backend of an affinity frontend, so never more than SERVICES holds.
+    pub const AFFINITY_MATCH: u32 = SERVICES;
+    /// One entry per frontend, and every frontend has a SERVICES entry, so SERVICES' size
+    /// always suffices. The map is not preallocated: unused room costs nothing.
+    pub const SVC_NAMES: u32 = SERVICES;
 }
 
 #[cfg(feature = "user")]
@@ -219,6 +407,11 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityValue {}
+    unsafe impl aya::Pod for super::AffinityMatchKey {}
+    unsafe impl aya::Pod for super::ServiceName {}
+    unsafe impl aya::Pod for super::TraceRecord {}
 }
 
 #[cfg(test)]
@@ -229,10 +422,28 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 12);
-        assert_eq!(size_of::<ServiceValue>(), 12);
+        assert_eq!(size_of::<ServiceValue>(), 16);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<CtKey>(), 16);
         assert_eq!(size_of::<CtValue>(), 48);
+        assert_eq!(size_of::<AffinityKey>(), 8);
+        assert_eq!(size_of::<AffinityValue>(), 16);
+        assert_eq!(size_of::<AffinityMatchKey>(), 8);
+        assert_eq!(size_of::<ServiceName>(), 4 + 63 + 63 + 15);
+        assert_eq!(size_of::<TraceRecord>(), 96);
+    }
+
+    #[test]
+    fn service_names_round_trip_and_refuse_what_does_not_fit() {
+        let name = ServiceName::new("kube-system", "kube-dns", "dns-tcp").unwrap();
+        assert_eq!(
+            (name.namespace(), name.name(), name.port_name()),
+            ("kube-system", "kube-dns", "dns-tcp")
+        );
+        let longest = "a".repeat(63);
+        assert!(ServiceName::new(&longest, &longest, "fifteen-chars-x").is_some());
+        assert!(ServiceName::new(&"a".repeat(64), "web", "").is_none());
+        assert!(ServiceName::new("default", "web", "sixteen-chars-xx").is_none());
     }
 
     #[test]

@@ -33,6 +33,13 @@ impl Flow {
         unsafe { ((*self.entry).nat_addr, (*self.entry).nat_port) }
     }
 
+    /// A copy of the entry, for the dry run's record.
+    #[inline(always)]
+    pub fn value(&self) -> CtValue {
+        // SAFETY: as in `nat_target`.
+        unsafe { *self.entry }
+    }
+
     /// The reply must be routed by the program (see `ct_flags::LOCAL_FRONTEND`).
     #[inline(always)]
     pub fn routes_reply(&self) -> bool {

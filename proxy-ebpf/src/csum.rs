@@ -66,3 +66,28 @@ impl L4Checksum {
         ctx.l4_csum_replace(self.offset, from.into(), to.into(), self.flags | size)
     }
 }
+
+/// The ones' complement sum of `bytes` as big-endian 16-bit words (an even count of
+/// bytes), not yet folded: for checksums over bytes the program builds itself.
+#[inline(always)]
+pub fn ones_complement_sum<const N: usize>(bytes: &[u8; N]) -> u32 {
+    let mut sum = 0;
+    let mut index = 0;
+    while index + 1 < N {
+        sum += u32::from(u16::from_be_bytes([bytes[index], bytes[index + 1]]));
+        index += 2;
+    }
+    sum
+}
+
+/// The Internet checksum (RFC 1071) of `bytes` plus an already summed `partial`, in wire
+/// order, ready to store. The checksum field inside `bytes` must be zero.
+#[inline(always)]
+pub fn internet_checksum<const N: usize>(bytes: &[u8; N], partial: u32) -> [u8; 2] {
+    let mut sum = u64::from(ones_complement_sum(bytes)) + u64::from(partial);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    // The loop leaves at most 16 bits.
+    (!(sum as u16)).to_be_bytes()
+}

@@ -41,8 +41,14 @@ pub fn frontend(packet: &Packet) -> Option<Frontend> {
 /// between writing a slot and its backend (or after a slot shrank under us).
 #[inline(always)]
 pub fn backend(frontend: &Frontend, slot: u16) -> Option<(u32, Backend)> {
-    // SAFETY: both values are copied out at once.
+    // SAFETY: the value is copied out at once.
     let backend_id = unsafe { SERVICES.get(frontend.key.with_slot(slot)) }?.backend_id;
-    let backend = *unsafe { BACKENDS.get(backend_id) }?;
-    Some((backend_id, backend))
+    Some((backend_id, backend_by_id(backend_id)?))
+}
+
+/// BACKENDS[`backend_id`], if the backend still exists.
+#[inline(always)]
+pub fn backend_by_id(backend_id: u32) -> Option<Backend> {
+    // SAFETY: the value is copied out at once.
+    Some(*unsafe { BACKENDS.get(backend_id) }?)
 }

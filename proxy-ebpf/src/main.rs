@@ -1,8 +1,11 @@
-//! The tc program `epx_ingress`: Service load balancing for IPv4 TCP/UDP.
+//! The tc programs: Service load balancing for IPv4 TCP/UDP.
 //!
 //! parse → conntrack (reply, then forward) → frontend lookup → backend selection →
 //! conntrack create → DNAT. Anything that matches no flow and no frontend passes
 //! untouched. One module per concern, like Cilium's `bpf/lib/{lb,conntrack,nat,csum}.h`.
+//!
+//! `epx_ingress` is the datapath. `epx_trace` runs the same path as a dry run for
+//! `ebpf-proxy trace` (see [`mode`]); it is never attached.
 #![no_std]
 #![no_main]
 // Atomic adds on shared conntrack counters: the bpf target has no `AtomicU64::fetch_add`
@@ -10,11 +13,15 @@
 #![feature(core_intrinsics)]
 #![expect(internal_features, reason = "core_intrinsics for BPF atomic adds")]
 
+mod affinity;
 mod conntrack;
 mod csum;
 mod lookup;
+mod mode;
+mod names;
 mod nat;
 mod parse;
+mod reject;
 mod route;
 mod select;
 mod stats;
@@ -28,9 +35,14 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use proxy_common::stat;
+use proxy_common::{service_flags, stat, trace_ct};
 
-use crate::parse::Packet;
+use crate::{
+    lookup::Frontend,
+    mode::{DryRun, Live, Mode},
+    parse::Packet,
+    reject::NotRefused,
+};
 
 /// Let the packet continue (translated or untouched).
 const ACCEPT: i32 = TC_ACT_OK;
@@ -39,19 +51,43 @@ const DROP: i32 = TC_ACT_SHOT;
 
 #[classifier]
 pub fn epx_ingress(ctx: TcContext) -> i32 {
-    let Some(packet) = parse::packet(&ctx) else {
-        stats::count(stat::NOT_HANDLED);
+    balance(&ctx, &Live)
+}
+
+#[classifier]
+pub fn epx_trace(ctx: TcContext) -> i32 {
+    match DryRun::start() {
+        Some(dry_run) => balance(&ctx, &dry_run),
+        None => ACCEPT,
+    }
+}
+
+#[inline(always)]
+fn balance<M: Mode>(ctx: &TcContext, mode: &M) -> i32 {
+    let Some(packet) = parse::packet(ctx) else {
+        mode.count(stat::NOT_HANDLED);
         return ACCEPT;
     };
     // SAFETY: the helper has no preconditions.
     let now_ns = unsafe { bpf_ktime_get_ns() };
 
     if let Some(flow) = conntrack::reply_flow(&packet) {
-        flow.record(&packet, ctx.len(), now_ns);
+        mode.flow_found(trace_ct::REPLY, &flow);
+        if !M::DRY_RUN {
+            flow.record(&packet, ctx.len(), now_ns);
+        }
         let (addr, port) = flow.nat_target();
-        let verdict = verdict(nat::to_frontend(&ctx, &packet, addr, port), stat::REPLY);
+        let verdict = verdict(
+            mode,
+            nat::to_frontend(ctx, &packet, addr, port),
+            stat::REPLY,
+        );
         if verdict == ACCEPT && flow.routes_reply() {
-            return route::redirect_reply(&ctx, &packet, addr, port);
+            if M::DRY_RUN {
+                mode.routes_reply();
+                return verdict;
+            }
+            return route::redirect_reply(ctx, &packet, addr, port);
         }
         return verdict;
     }
@@ -59,52 +95,113 @@ pub fn epx_ingress(ctx: TcContext) -> i32 {
         // A SYN on a closing flow is the client reusing the port for a new connection:
         // it gets a fresh backend selection below.
         if !(packet.opens_connection && flow.is_closing()) {
-            flow.record(&packet, ctx.len(), now_ns);
+            mode.flow_found(trace_ct::FORWARD, &flow);
+            if !M::DRY_RUN {
+                flow.record(&packet, ctx.len(), now_ns);
+            }
             let (addr, port) = flow.nat_target();
-            return verdict(nat::to_backend(&ctx, &packet, addr, port), stat::CT_HIT);
+            return verdict(
+                mode,
+                nat::to_backend(ctx, &packet, addr, port),
+                stat::CT_HIT,
+            );
         }
+        mode.flow_found(trace_ct::CLOSING_REUSED, &flow);
     }
-    new_flow(&ctx, &packet, now_ns)
+    new_flow(ctx, mode, &packet, now_ns)
 }
 
-/// A packet without a flow: if it is addressed to a frontend, selects a backend,
-/// records the flow and translates.
+/// A packet without a flow: if it is addressed to a frontend, selects a backend (the
+/// client's previous one under session affinity, else a random one), records the flow and
+/// translates.
 #[inline(always)]
-fn new_flow(ctx: &TcContext, packet: &Packet, now_ns: u64) -> i32 {
+fn new_flow<M: Mode>(ctx: &TcContext, mode: &M, packet: &Packet, now_ns: u64) -> i32 {
     let Some(frontend) = lookup::frontend(packet) else {
-        stats::count(stat::PASS);
+        mode.count(stat::PASS);
         return ACCEPT;
     };
+    mode.frontend_found(&frontend);
     let Some(count) = NonZeroU16::new(frontend.header.count) else {
-        stats::count(stat::NO_BACKEND);
-        return DROP;
+        return without_backends(ctx, mode, packet, &frontend);
     };
-    stats::count(stat::CT_MISS);
-    let slot = select::random_slot(count);
-    let Some((backend_id, backend)) = lookup::backend(&frontend, slot) else {
-        stats::count(stat::BACKEND_MISSING);
-        return DROP;
+    mode.count(stat::CT_MISS);
+    let has_affinity = frontend.header.affinity_timeout_s != 0;
+    let remembered = if has_affinity {
+        affinity::remembered_backend(packet, &frontend, now_ns)
+    } else {
+        None
     };
-    if conntrack::create(packet, ctx.len(), now_ns, &frontend, backend_id, &backend).is_err() {
-        stats::count(stat::CT_CREATE_FAILED);
+    let (backend_id, backend) = match remembered {
+        Some((backend_id, backend)) => {
+            mode.count(stat::AFFINITY);
+            mode.affinity_kept(backend_id, &backend);
+            (backend_id, backend)
+        }
+        None => {
+            let slot = select::random_slot(count);
+            let Some((backend_id, backend)) = lookup::backend(&frontend, slot) else {
+                mode.count(stat::BACKEND_MISSING);
+                return DROP;
+            };
+            mode.backend_selected(slot, backend_id, &backend);
+            (backend_id, backend)
+        }
+    };
+    if !M::DRY_RUN {
+        if has_affinity {
+            affinity::remember(packet, &frontend, backend_id, now_ns);
+        }
+        if conntrack::create(packet, ctx.len(), now_ns, &frontend, backend_id, &backend).is_err() {
+            mode.count(stat::CT_CREATE_FAILED);
+        }
     }
     verdict(
+        mode,
         nat::to_backend(ctx, packet, backend.addr, backend.port),
         stat::NEW_FLOW,
     )
 }
 
+/// A packet for a frontend without backends: dropped when only its traffic policy left
+/// none on this node, otherwise refused at once (kube-proxy's DROP and REJECT).
+#[inline(always)]
+fn without_backends<M: Mode>(
+    ctx: &TcContext,
+    mode: &M,
+    packet: &Packet,
+    frontend: &Frontend,
+) -> i32 {
+    if frontend.header.flags & service_flags::NO_LOCAL_ENDPOINTS != 0 {
+        mode.count(stat::NO_BACKEND);
+        return DROP;
+    }
+    match reject::port_unreachable(ctx, packet) {
+        Ok(verdict) => {
+            mode.count(stat::REJECTED);
+            verdict
+        }
+        Err(NotRefused::IpOptions) => {
+            mode.count(stat::NO_BACKEND);
+            DROP
+        }
+        Err(NotRefused::HelperFailed) => {
+            mode.count(stat::REWRITE_FAILED);
+            DROP
+        }
+    }
+}
+
 /// Counts `translated` and accepts if the rewrite succeeded; counts the failure and
 /// drops otherwise (a half-rewritten packet must not leave).
 #[inline(always)]
-fn verdict(rewrite: Result<(), c_long>, translated: u32) -> i32 {
+fn verdict<M: Mode>(mode: &M, rewrite: Result<(), c_long>, translated: u32) -> i32 {
     match rewrite {
         Ok(()) => {
-            stats::count(translated);
+            mode.count(translated);
             ACCEPT
         }
         Err(_) => {
-            stats::count(stat::REWRITE_FAILED);
+            mode.count(stat::REWRITE_FAILED);
             DROP
         }
     }

@@ -1,16 +1,25 @@
-//! Conntrack garbage collection.
+//! Conntrack garbage collection and cleanup.
 //!
 //! The CONNTRACK map is an LRU, so the kernel evicts the oldest entries when it is full;
 //! this sweep additionally removes flows that have been idle longer than their timeout,
 //! so a closed or abandoned flow does not pin a client's next connection with the same
 //! ports to an old backend. A flow's two entries (forward and reply) expire together,
 //! judged by the later of their last packets.
+//!
+//! UDP flows are also cleared when their backend stops serving their frontend (kube-proxy's
+//! `CleanStaleEntries`): a UDP client that keeps its source port (a DNS resolver) would
+//! otherwise keep sending into a backend that is gone, for as long as it keeps sending.
+//! TCP flows are left alone: a connection to a vanished backend fails on its own, and one to
+//! a terminating backend must keep working.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
 use proxy_common::{CtKey, CtValue, ct_dir, ct_flags, proto};
+
+use crate::plan::{DesiredState, Frontend, Protocol};
 
 /// Idle timeouts, after netfilter's and kube-proxy's defaults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,7 +142,7 @@ pub fn read_all(
 pub fn sweep(
     map: &mut BpfHashMap<MapData, CtKey, CtValue>,
     timeouts: &CtTimeouts,
-) -> Result<usize, MapError> {
+) -> Result<SweepReport, MapError> {
     let entries = read_all(map)?;
     let doomed = expired(&entries, monotonic_now_ns(), timeouts);
     let mut removed = 0;
@@ -142,12 +151,110 @@ pub fn sweep(
             removed += 1;
         }
     }
-    Ok(removed)
+    Ok(SweepReport {
+        removed,
+        remaining: entries.len() - removed,
+    })
+}
+
+/// What one [`sweep`] did; `remaining` doubles as the map's fill level.
+#[derive(Clone, Copy, Debug)]
+pub struct SweepReport {
+    pub removed: usize,
+    pub remaining: usize,
+}
+
+/// The entries (both directions) of UDP flows whose backend address is not among the
+/// serving addresses of their frontend. Frontends without any serving endpoint are left
+/// alone, as kube-proxy does: there is nowhere better to send their flows.
+pub fn stale_udp_flows(entries: &HashMap<CtKey, CtValue>, desired: &DesiredState) -> Vec<CtKey> {
+    entries
+        .iter()
+        .filter(|(key, _)| key.proto == proto::UDP)
+        .filter(|(key, value)| {
+            let (frontend_addr, frontend_port, backend_addr) = match key.dir {
+                ct_dir::FORWARD => (key.dst_addr, key.dst_port, value.nat_addr),
+                _ => (value.nat_addr, value.nat_port, key.src_addr),
+            };
+            let frontend = Frontend {
+                addr: Ipv4Addr::from(frontend_addr.to_ne_bytes()),
+                port: u16::from_be(frontend_port),
+                protocol: Protocol::Udp,
+            };
+            desired.frontends.get(&frontend).is_some_and(|plan| {
+                !plan.serving_addrs.is_empty()
+                    && !plan
+                        .serving_addrs
+                        .contains(&Ipv4Addr::from(backend_addr.to_ne_bytes()))
+            })
+        })
+        .map(|(key, _)| *key)
+        .collect()
+}
+
+/// Runs the UDP cleanup only when it can find something: reading the whole conntrack map
+/// costs two syscalls per entry, and most syncs only add endpoints or touch TCP.
+#[derive(Debug, Default)]
+pub struct UdpCleanup {
+    /// The serving addresses of each UDP frontend when the map was last cleaned.
+    cleaned_against: BTreeMap<Frontend, Vec<Ipv4Addr>>,
+}
+
+impl UdpCleanup {
+    /// Whether a UDP frontend of `desired` may have flows to an address that no longer
+    /// serves it: one lost a serving address, got its first ones, or is new to us (after
+    /// a restart, flows from before are unknown).
+    pub fn needed(&self, desired: &DesiredState) -> bool {
+        desired
+            .frontends
+            .iter()
+            .filter(|(frontend, plan)| {
+                frontend.protocol == Protocol::Udp && !plan.serving_addrs.is_empty()
+            })
+            .any(
+                |(frontend, plan)| match self.cleaned_against.get(frontend) {
+                    // Flows outlive a spell without endpoints (nothing cleans them then).
+                    Some(before) => {
+                        before.is_empty()
+                            || before.iter().any(|addr| !plan.serving_addrs.contains(addr))
+                    }
+                    None => true,
+                },
+            )
+    }
+
+    /// Deletes the stale UDP flows of `desired` if [`needed`](Self::needed); returns how
+    /// many entries went.
+    pub fn run(
+        &mut self,
+        map: &mut BpfHashMap<MapData, CtKey, CtValue>,
+        desired: &DesiredState,
+    ) -> Result<usize, MapError> {
+        if !self.needed(desired) {
+            return Ok(0);
+        }
+        let stale = stale_udp_flows(&read_all(map)?, desired);
+        let removed = stale.iter().filter(|key| map.remove(key).is_ok()).count();
+        self.cleaned_against = desired
+            .frontends
+            .iter()
+            .filter(|(frontend, _)| frontend.protocol == Protocol::Udp)
+            .map(|(frontend, plan)| (*frontend, plan.serving_addrs.clone()))
+            .collect();
+        Ok(removed)
+    }
+
+    /// Makes the next [`run`](Self::run) read the map whatever changed: the periodic
+    /// resync uses it to catch a flow created by a packet that raced a map update.
+    pub fn forget(&mut self) {
+        self.cleaned_against.clear();
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::{BackendAddr, EmptyFrontend, FrontendKind, FrontendPlan, ServicePortName};
 
     const SECOND: u64 = 1_000_000_000;
 
@@ -250,5 +357,183 @@ mod tests {
         let t = CtTimeouts::default();
         assert!(expired(&orphans, 60 * SECOND, &t).is_empty());
         assert_eq!(expired(&orphans, 121 * SECOND, &t).len(), 1);
+    }
+
+    /// A UDP frontend serving from `serving` (last octets of 198.18.1.x).
+    fn udp_frontend(addr: [u8; 4], port: u16, serving: &[u8]) -> (Frontend, FrontendPlan) {
+        let frontend = Frontend {
+            addr: Ipv4Addr::from(addr),
+            port,
+            protocol: Protocol::Udp,
+        };
+        let serving_addrs: Vec<Ipv4Addr> = serving
+            .iter()
+            .map(|octet| Ipv4Addr::new(198, 18, 1, *octet))
+            .collect();
+        let plan = FrontendPlan {
+            service: ServicePortName {
+                namespace: "kube-system".into(),
+                name: "dns".into(),
+                port_name: "dns".into(),
+            },
+            kind: FrontendKind::ClusterIp,
+            backends: serving_addrs
+                .iter()
+                .map(|addr| BackendAddr {
+                    addr: *addr,
+                    port: 5353,
+                })
+                .collect(),
+            when_empty: EmptyFrontend::Reject,
+            session_affinity: None,
+            serving_addrs,
+        };
+        (frontend, plan)
+    }
+
+    fn desired(frontends: &[(Frontend, FrontendPlan)]) -> DesiredState {
+        DesiredState {
+            frontends: frontends.iter().cloned().collect(),
+        }
+    }
+
+    const DNS_VIP: [u8; 4] = [198, 19, 0, 53];
+
+    /// The forward and reply entries of a flow from client port `port` to `frontend`,
+    /// translated to 198.18.1.`backend`:5353.
+    fn translated_flow(
+        protocol: u8,
+        frontend: ([u8; 4], u16),
+        port: u16,
+        backend: u8,
+    ) -> [(CtKey, CtValue); 2] {
+        let client = u32::from_ne_bytes([198, 18, 1, 20]);
+        let (vip, vip_port) = frontend;
+        let backend_addr = u32::from_ne_bytes([198, 18, 1, backend]);
+        let forward = CtKey {
+            src_addr: client,
+            dst_addr: u32::from_ne_bytes(vip),
+            src_port: port.to_be(),
+            dst_port: vip_port.to_be(),
+            proto: protocol,
+            dir: ct_dir::FORWARD,
+            _pad: 0,
+        };
+        let forward_value = CtValue {
+            nat_addr: backend_addr,
+            nat_port: 5353u16.to_be(),
+            ..CtValue::default()
+        };
+        let reply_value = CtValue {
+            nat_addr: forward.dst_addr,
+            nat_port: forward.dst_port,
+            ..CtValue::default()
+        };
+        [
+            (forward, forward_value),
+            (reply_key(&forward, &forward_value), reply_value),
+        ]
+    }
+
+    #[test]
+    fn udp_flows_to_addresses_that_no_longer_serve_are_stale_in_both_directions() {
+        let dns = (DNS_VIP, 53);
+        let other = ([198, 19, 0, 54], 53);
+        let entries: HashMap<CtKey, CtValue> = [
+            translated_flow(proto::UDP, dns, 40_000, 10), // backend left
+            translated_flow(proto::UDP, dns, 40_001, 11), // still serving
+            translated_flow(proto::TCP, dns, 40_002, 10), // TCP: never cleared here
+            translated_flow(proto::UDP, other, 40_003, 10), // frontend without endpoints
+            translated_flow(proto::UDP, ([198, 19, 0, 55], 53), 40_004, 10), // not planned
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let state = desired(&[
+            udp_frontend(DNS_VIP, 53, &[11, 12]),
+            udp_frontend([198, 19, 0, 54], 53, &[]),
+        ]);
+        let mut stale = stale_udp_flows(&entries, &state);
+        stale.sort_by_key(|key| (key.dir, key.src_port));
+        let expected: Vec<CtKey> = translated_flow(proto::UDP, dns, 40_000, 10)
+            .iter()
+            .map(|(key, _)| *key)
+            .collect();
+        assert_eq!(stale, expected);
+    }
+
+    #[test]
+    fn orphaned_reply_of_a_stale_udp_flow_is_found_on_its_own() {
+        let [_, reply] = translated_flow(proto::UDP, (DNS_VIP, 53), 40_000, 10);
+        let entries = HashMap::from([reply]);
+        let state = desired(&[udp_frontend(DNS_VIP, 53, &[11])]);
+        assert_eq!(stale_udp_flows(&entries, &state), [reply.0]);
+    }
+
+    #[test]
+    fn udp_cleanup_reads_the_map_only_when_a_serving_address_may_have_left() {
+        let cleaned = |frontends: &[(Frontend, FrontendPlan)]| UdpCleanup {
+            cleaned_against: desired(frontends)
+                .frontends
+                .into_iter()
+                .map(|(frontend, plan)| (frontend, plan.serving_addrs))
+                .collect(),
+        };
+        let tcp = {
+            let (mut frontend, plan) = udp_frontend([198, 19, 0, 80], 80, &[10]);
+            frontend.protocol = Protocol::Tcp;
+            (frontend, plan)
+        };
+        // (case, cleaned against, now, cleanup needed)
+        let cases = [
+            (
+                "first sync (after a start)",
+                UdpCleanup::default(),
+                vec![udp_frontend(DNS_VIP, 53, &[10])],
+                true,
+            ),
+            (
+                "nothing changed",
+                cleaned(&[udp_frontend(DNS_VIP, 53, &[10, 11])]),
+                vec![udp_frontend(DNS_VIP, 53, &[10, 11])],
+                false,
+            ),
+            (
+                "an address was added",
+                cleaned(&[udp_frontend(DNS_VIP, 53, &[10])]),
+                vec![udp_frontend(DNS_VIP, 53, &[10, 11])],
+                false,
+            ),
+            (
+                "an address left",
+                cleaned(&[udp_frontend(DNS_VIP, 53, &[10, 11])]),
+                vec![udp_frontend(DNS_VIP, 53, &[11])],
+                true,
+            ),
+            (
+                "the last address left: nothing to clean",
+                cleaned(&[udp_frontend(DNS_VIP, 53, &[10])]),
+                vec![udp_frontend(DNS_VIP, 53, &[])],
+                false,
+            ),
+            (
+                "endpoints are back after none",
+                cleaned(&[udp_frontend(DNS_VIP, 53, &[])]),
+                vec![udp_frontend(DNS_VIP, 53, &[12])],
+                true,
+            ),
+            (
+                "only TCP frontends",
+                UdpCleanup::default(),
+                vec![tcp],
+                false,
+            ),
+        ];
+        for (name, cleanup, now, needed) in cases {
+            assert_eq!(cleanup.needed(&desired(&now)), needed, "{name}");
+        }
+        let mut forgetful = cleaned(&[udp_frontend(DNS_VIP, 53, &[10])]);
+        forgetful.forget();
+        assert!(forgetful.needed(&desired(&[udp_frontend(DNS_VIP, 53, &[10])])));
     }
 }

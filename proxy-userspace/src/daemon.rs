@@ -1,42 +1,59 @@
-//! The daemon: keeps the datapath equal to the manifests and the node's interfaces.
+//! The daemon: keeps the datapath equal to the source's Services and the node's interfaces.
 //!
-//! One task, one loop: every input (manifest change, netlink event, timers, signals)
+//! One task, one loop: every input (source change, netlink event, timers, signals)
 //! leads to the same idempotent steps — reconcile devices, plan, apply the diff — so the
-//! order of events never matters and a periodic resync repairs anything missed.
+//! order of events never matters and a periodic resync repairs anything missed. Source
+//! changes are coalesced (kube-proxy's minSyncPeriod): the first one after a sync opens a
+//! short window, and one sync covers everything that arrived in it.
 
 use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use ipnet::Ipv4Net;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::time::Interval;
 use tracing::{debug, error, info, warn};
 
-use crate::conntrack::{self, CtTimeouts};
+use crate::conntrack::{self, CtTimeouts, UdpCleanup};
 use crate::datapath::{Datapath, MapSizes};
+use crate::health::Health;
+use crate::metrics::{MapLabel, Metrics};
 use crate::model::Model;
 use crate::netlink::{self, Device, DevicePolicy, Netlink};
 use crate::plan::{self, NodeFacts};
+use crate::source::kubernetes::{ApiServer, KubernetesSource};
 use crate::source::manifests::ManifestSource;
 use crate::writer::MapWriter;
 
 /// Everything the daemon is told on the command line.
 #[derive(Clone, Debug)]
 pub struct DaemonConfig {
-    pub manifests: PathBuf,
+    pub source: SourceConfig,
     pub node_name: String,
+    /// `--node-zone`: the zone for topology hints while no Node labels are known.
+    pub node_zone: Option<String>,
     pub bpffs_root: PathBuf,
     pub devices: DevicePolicy,
     pub nodeport_cidrs: Vec<Ipv4Net>,
     pub map_sizes: MapSizes,
     pub ct_timeouts: CtTimeouts,
-    /// How often the manifests directory is checked for changes.
-    pub poll_interval: Duration,
+    /// How long after a source change the sync waits for more changes to batch with it.
+    pub min_sync_period: Duration,
     /// How often the maps are re-read and fully re-applied, and the devices re-listed.
     pub resync_interval: Duration,
     /// How often idle conntrack entries are swept.
     pub ct_gc_interval: Duration,
+    /// `/healthz` and `/livez`; `None` disables the server.
+    pub healthz_bind_address: Option<SocketAddr>,
+    /// `/metrics`; `None` disables the server.
+    pub metrics_bind_address: Option<SocketAddr>,
+    /// How long a received change may stay unapplied before the daemon reports unhealthy.
+    pub healthz_timeout: Duration,
 }
 
 struct Daemon {
@@ -44,27 +61,62 @@ struct Daemon {
     datapath: Datapath,
     writer: MapWriter,
     conntrack: aya::maps::HashMap<aya::maps::MapData, proxy_common::CtKey, proxy_common::CtValue>,
+    udp_cleanup: UdpCleanup,
     netlink: Netlink,
-    source: ManifestSource,
+    source: Source,
     model: Model,
+    sync_window: SyncWindow,
     node: NodeFacts,
     attached: BTreeSet<Device>,
     reported_problems: Vec<String>,
+    health: Arc<Health>,
+    metrics: Metrics,
+    /// The model of the last sync, to count what each sync changed.
+    synced_model: Model,
+    /// When the oldest change not yet synced arrived (network programming latency).
+    first_pending_change: Option<SystemTime>,
 }
 
 /// Runs until SIGTERM or SIGINT. The datapath stays pinned and keeps working after exit.
 pub async fn run(config: DaemonConfig) -> Result<()> {
+    // First, so that a bad kubeconfig fails before anything is loaded.
+    let source = Source::start(&config.source, &config.node_name).await?;
     let mut datapath = Datapath::load(&config.bpffs_root, config.map_sizes)?;
     let maps = datapath.take_maps()?;
-    let writer = MapWriter::new(maps.services, maps.backends).context("reading the pinned maps")?;
+    let health = Health::new(config.healthz_timeout);
+    let (metrics, registry) = Metrics::new(Some(maps.stats));
+    for (map, max) in [
+        ("SERVICES", config.map_sizes.services),
+        ("BACKENDS", config.map_sizes.backends),
+        ("CONNTRACK", config.map_sizes.conntrack),
+    ] {
+        metrics
+            .map_max_entries
+            .get_or_create(&MapLabel { map })
+            .set(i64::from(max));
+    }
+    if let Some(address) = config.healthz_bind_address {
+        serve("healthz", address, crate::health::router(health.clone())).await?;
+    }
+    if let Some(address) = config.metrics_bind_address {
+        serve("metrics", address, crate::metrics::router(registry)).await?;
+    }
+    let writer = MapWriter::new(
+        maps.services,
+        maps.backends,
+        maps.affinity_matches,
+        maps.names,
+    )
+        .context("reading the pinned maps")?;
     let netlink = Netlink::connect()?;
-    let source = ManifestSource::new(&config.manifests);
     let node = NodeFacts {
         node_name: config.node_name.clone(),
+        zone: config.node_zone.clone(),
         addresses: Vec::new(),
         nodeport_cidrs: config.nodeport_cidrs.clone(),
     };
     let mut daemon = Daemon {
+        sync_window: SyncWindow::new(config.min_sync_period),
         config,
         datapath,
         writer,
@@ -75,16 +127,19 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         node,
         attached: BTreeSet::new(),
         reported_problems: Vec::new(),
+        udp_cleanup: UdpCleanup::default(),
+        health,
+        metrics,
+        synced_model: Model::default(),
+        first_pending_change: None,
     };
     info!(
         bpffs_root = %daemon.config.bpffs_root.display(),
-        manifests = %daemon.config.manifests.display(),
+        source = %daemon.config.source,
         node = %daemon.config.node_name,
         "datapath loaded"
     );
     daemon.reconcile_devices().await;
-    daemon.reload_manifests();
-    daemon.sync();
     daemon.event_loop().await
 }
 
@@ -92,11 +147,10 @@ impl Daemon {
     async fn event_loop(&mut self) -> Result<()> {
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sigint = signal(SignalKind::interrupt())?;
-        let mut poll = tokio::time::interval(self.config.poll_interval);
         let mut resync = tokio::time::interval(self.config.resync_interval);
         let mut ct_gc = tokio::time::interval(self.config.ct_gc_interval);
-        let mut fingerprint = self.source.fingerprint().ok();
         loop {
+            let sync_due = self.sync_window.due();
             tokio::select! {
                 _ = sigterm.recv() => break,
                 _ = sigint.recv() => break,
@@ -107,24 +161,32 @@ impl Daemon {
                         self.sync();
                     }
                 }
-                _ = poll.tick() => {
-                    let now = self.source.fingerprint().ok();
-                    if now != fingerprint {
-                        fingerprint = now;
-                        self.reload_manifests();
-                        self.sync();
-                    }
+                () = self.source.changed(&mut self.model) => {
+                    let now = SystemTime::now();
+                    self.health.queued_update(now);
+                    self.first_pending_change.get_or_insert(now);
+                    self.sync_window.note_change(tokio::time::Instant::now());
                 }
+                () = until(sync_due) => self.sync(),
                 _ = resync.tick() => {
                     if let Err(error) = self.writer.reread() {
                         warn!(%error, "re-reading the maps for resync failed");
                     }
                     self.reconcile_devices().await;
+                    self.udp_cleanup.forget();
                     self.sync();
                 }
                 _ = ct_gc.tick() => match conntrack::sweep(&mut self.conntrack, &self.config.ct_timeouts) {
-                    Ok(0) => {}
-                    Ok(removed) => debug!(removed, "conntrack: idle flows removed"),
+                    Ok(report) => {
+                        if report.removed > 0 {
+                            debug!(removed = report.removed, "conntrack: idle flows removed");
+                        }
+                        self.metrics.conntrack_gc_removed.inc_by(report.removed as u64);
+                        self.metrics
+                            .map_entries
+                            .get_or_create(&MapLabel { map: "CONNTRACK" })
+                            .set(report.remaining as i64);
+                    }
                     Err(error) => warn!(%error, "conntrack sweep failed"),
                 },
             }
@@ -177,25 +239,12 @@ impl Daemon {
         false
     }
 
-    fn reload_manifests(&mut self) {
-        match self.source.reload() {
-            Ok(reload) => {
-                self.model = reload.model;
-                let problems: Vec<String> =
-                    reload.problems.iter().map(ToString::to_string).collect();
-                for problem in &problems {
-                    warn!(problem = %problem, "manifest skipped");
-                }
-            }
-            Err(error) => error!(
-                dir = %self.config.manifests.display(),
-                %error,
-                "reading the manifests directory failed; keeping the last good state"
-            ),
-        }
-    }
-
     fn sync(&mut self) {
+        self.sync_window.clear();
+        if !self.source.has_synced() {
+            debug!("sync deferred: the source has not listed everything yet");
+            return;
+        }
         let started = Instant::now();
         let planned = plan::plan(&self.model, &self.node);
         if planned.problems != self.reported_problems {
@@ -216,12 +265,314 @@ impl Daemon {
         for failure in &report.failures {
             error!(%failure, "map write failed; retried on the next sync");
         }
+        self.record_sync(&report, started);
+        // After the writes, so no new flow can pick a backend that is being cleared.
+        match self.udp_cleanup.run(&mut self.conntrack, &planned.desired) {
+            Ok(0) => {}
+            Ok(removed) => info!(removed, "conntrack: UDP flows to departed backends cleared"),
+            Err(error) => warn!(%error, "conntrack: clearing stale UDP flows failed"),
+        }
         info!(
             frontends = report.frontends,
             backends = report.backends,
             writes = report.ops,
             elapsed_us = started.elapsed().as_micros() as u64,
             "sync complete"
+        );
+    }
+}
+
+impl Daemon {
+    /// Health and metrics after a sync. A sync with refused writes leaves the update
+    /// pending, so a datapath that stays behind turns the daemon unhealthy.
+    fn record_sync(&mut self, report: &crate::writer::ApplyReport, started: Instant) {
+        let now = SystemTime::now();
+        let changes = self.model.changes_since(&self.synced_model);
+        self.metrics.service_changes.inc_by(changes.services);
+        self.metrics
+            .endpoint_changes
+            .inc_by(changes.endpoint_slices);
+        self.metrics.map_full.inc_by(report.map_full as u64);
+        self.metrics
+            .sync_duration
+            .observe(started.elapsed().as_secs_f64());
+        let (services, backends) = self.writer.fill();
+        for (map, entries) in [("SERVICES", services), ("BACKENDS", backends)] {
+            self.metrics
+                .map_entries
+                .get_or_create(&MapLabel { map })
+                .set(entries as i64);
+        }
+        if report.map_full > 0 || !report.failures.is_empty() {
+            return;
+        }
+        // Programming latency from the EndpointSlice controller's trigger time when the
+        // slices carry one (a cluster), else from when the change reached us.
+        let mut starts: Vec<SystemTime> = changes
+            .trigger_times
+            .into_iter()
+            .map(SystemTime::from)
+            .collect();
+        if starts.is_empty() {
+            starts.extend(self.first_pending_change);
+        }
+        for start in starts {
+            let latency = now.duration_since(start).unwrap_or_default();
+            self.metrics
+                .network_programming
+                .observe(latency.as_secs_f64());
+        }
+        self.first_pending_change = None;
+        self.synced_model = self.model.clone();
+        let since_epoch = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        self.metrics
+            .last_sync_timestamp
+            .set(since_epoch.as_secs_f64());
+        self.health.updated(now);
+    }
+}
+
+/// Binds `address` (failing the start clearly if it can't) and serves `router` on it.
+async fn serve(what: &str, address: SocketAddr, router: axum::Router) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("binding the {what} server to {address}"))?;
+    info!(%address, "{what} server listening");
+    let what = what.to_string();
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, router).await {
+            error!(%error, "{what} server stopped");
+        }
+    });
+    Ok(())
+}
+
+/// Where Services and EndpointSlices come from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// Standalone: a directory of manifests, checked for changes every `poll_interval`.
+    Manifests {
+        dir: PathBuf,
+        poll_interval: Duration,
+    },
+    /// A cluster: the API server, watched.
+    Kubernetes(ApiServer),
+}
+
+impl fmt::Display for SourceConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SourceConfig::Manifests { dir, .. } => write!(f, "manifests {}", dir.display()),
+            SourceConfig::Kubernetes(api_server) => write!(f, "API server ({api_server})"),
+        }
+    }
+}
+
+/// A running source: the event loop waits on it like on any other input.
+enum Source {
+    Manifests(PolledManifests),
+    Kubernetes(KubernetesSource),
+}
+
+impl Source {
+    async fn start(config: &SourceConfig, node_name: &str) -> Result<Self> {
+        Ok(match config {
+            SourceConfig::Manifests { dir, poll_interval } => {
+                Source::Manifests(PolledManifests {
+                    source: ManifestSource::new(dir),
+                    dir: dir.clone(),
+                    // The first tick is immediate: the initial load.
+                    poll: tokio::time::interval(*poll_interval),
+                    fingerprint: None,
+                })
+            }
+            SourceConfig::Kubernetes(api_server) => {
+                let client = api_server.client().await?;
+                Source::Kubernetes(KubernetesSource::new(client, node_name))
+            }
+        })
+    }
+
+    /// Whether the model is complete enough to program. Before that, a sync would delete
+    /// the frontends that a restarted daemon found pinned.
+    fn has_synced(&self) -> bool {
+        match self {
+            Source::Manifests(manifests) => manifests.fingerprint.is_some(),
+            Source::Kubernetes(kubernetes) => kubernetes.has_synced(),
+        }
+    }
+
+    /// Waits until the source changes `model`. Cancel safe.
+    async fn changed(&mut self, model: &mut Model) {
+        match self {
+            Source::Manifests(manifests) => manifests.changed(model).await,
+            Source::Kubernetes(kubernetes) => kubernetes.changed(model).await,
+        }
+    }
+}
+
+/// The manifests directory and the poll that notices its changes.
+struct PolledManifests {
+    source: ManifestSource,
+    dir: PathBuf,
+    poll: Interval,
+    /// The fingerprint of the last reload (`Some(Err)` if the directory was unreadable);
+    /// `None` before the first.
+    fingerprint: Option<std::io::Result<u64>>,
+}
+
+impl PolledManifests {
+    async fn changed(&mut self, model: &mut Model) {
+        loop {
+            self.poll.tick().await;
+            let now = self.source.fingerprint();
+            let unchanged = match (&self.fingerprint, &now) {
+                (Some(Ok(before)), Ok(now)) => before == now,
+                (Some(Err(before)), Err(now)) => before.kind() == now.kind(),
+                _ => false,
+            };
+            if unchanged {
+                continue;
+            }
+            self.fingerprint = Some(now);
+            match self.source.reload() {
+                Ok(reload) => {
+                    *model = reload.model;
+                    for problem in &reload.problems {
+                        warn!(%problem, "manifest skipped");
+                    }
+                }
+                Err(error) => error!(
+                    dir = %self.dir.display(),
+                    %error,
+                    "reading the manifests directory failed; keeping the last good state"
+                ),
+            }
+            return;
+        }
+    }
+}
+
+/// kube-proxy's minSyncPeriod: the first change after a sync makes one due a period later;
+/// changes until then ride along, so a burst costs one sync and none waits longer.
+#[derive(Debug)]
+struct SyncWindow {
+    period: Duration,
+    due: Option<tokio::time::Instant>,
+}
+
+impl SyncWindow {
+    fn new(period: Duration) -> Self {
+        SyncWindow { period, due: None }
+    }
+
+    fn note_change(&mut self, now: tokio::time::Instant) {
+        self.due.get_or_insert(now + self.period);
+    }
+
+    fn due(&self) -> Option<tokio::time::Instant> {
+        self.due
+    }
+
+    /// A sync ran: it covered every change so far.
+    fn clear(&mut self) {
+        self.due = None;
+    }
+}
+
+/// Completes at `deadline`; never without one.
+async fn until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_of_changes_makes_one_sync_due_a_period_after_the_first() {
+        let start = tokio::time::Instant::now();
+        let period = Duration::from_millis(100);
+        let mut window = SyncWindow::new(period);
+        assert_eq!(window.due(), None);
+        for offset_ms in [0, 40, 99] {
+            window.note_change(start + Duration::from_millis(offset_ms));
+        }
+        assert_eq!(window.due(), Some(start + period));
+
+        window.clear();
+        assert_eq!(window.due(), None);
+        let later = start + Duration::from_millis(150);
+        window.note_change(later);
+        assert_eq!(window.due(), Some(later + period));
+    }
+
+    /// A manifests directory removed when the test ends (also on panic).
+    struct ManifestsDir(PathBuf);
+
+    impl Drop for ManifestsDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn service_yaml(name: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: web}}\n\
+             spec: {{clusterIP: 198.18.100.10, ports: [{{port: 80}}]}}\n"
+        )
+    }
+
+    #[tokio::test]
+    async fn the_manifests_source_loads_at_once_then_on_each_change_only() {
+        let dir = ManifestsDir(
+            std::env::temp_dir().join(format!("ebpf-proxy-daemon-source-{}", std::process::id())),
+        );
+        std::fs::create_dir_all(&dir.0).unwrap();
+        std::fs::write(dir.0.join("a.yaml"), service_yaml("a")).unwrap();
+        let config = SourceConfig::Manifests {
+            dir: dir.0.clone(),
+            poll_interval: Duration::from_millis(10),
+        };
+        let mut source = Source::start(&config, "node-a").await.unwrap();
+        let mut model = Model::default();
+        assert!(!source.has_synced());
+
+        let wait = Duration::from_secs(5);
+        tokio::time::timeout(wait, source.changed(&mut model))
+            .await
+            .expect("the first poll loads the directory");
+        assert!(source.has_synced());
+        assert_eq!(model.services().count(), 1);
+
+        // Several polls of an unchanged directory: no change.
+        let quiet = tokio::time::timeout(Duration::from_millis(100), source.changed(&mut model));
+        assert!(quiet.await.is_err(), "a change without a write");
+
+        std::fs::write(dir.0.join("b.yaml"), service_yaml("b")).unwrap();
+        tokio::time::timeout(wait, source.changed(&mut model))
+            .await
+            .expect("the new file is noticed");
+        assert_eq!(model.services().count(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_kubeconfig_fails_the_start() {
+        let config = SourceConfig::Kubernetes(ApiServer::Kubeconfig(PathBuf::from(
+            "/nonexistent/kubeconfig",
+        )));
+        let Err(error) = Source::start(&config, "node-a").await else {
+            panic!("started without a kubeconfig");
+        };
+        let error = format!("{error:#}");
+        assert!(
+            error.contains("reading kubeconfig /nonexistent/kubeconfig"),
+            "{error}"
         );
     }
 }

@@ -6,8 +6,8 @@
 //! already pinned gets the new program swapped in atomically (`bpf_link_update`), with no
 //! moment where packets pass unbalanced.
 //!
-//! Layout of the bpffs root: `SERVICES`, `BACKENDS`, `CONNTRACK`, `STATS` (maps) and
-//! `links/<ifindex>-<ifname>` (tcx ingress links).
+//! Layout of the bpffs root: `SERVICES`, `BACKENDS`, `CONNTRACK`, `STATS`, `AFFINITY`,
+//! `AFFINITY_MATCH`, `SVC_NAMES` (maps) and `links/<ifindex>-<ifname>` (tcx ingress links).
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -21,9 +21,15 @@ use aya::programs::tc::TcAttachOptions;
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
-use proxy_common::{Backend, CtKey, CtValue, PROGRAM_NAME, ServiceKey, ServiceValue, map_names};
+use proxy_common::{
+    AffinityMatchKey, Backend, CtKey, CtValue, PROGRAM_NAME, ServiceKey, ServiceName,
+    ServiceValue, map_names,
+};
 
 use crate::netlink::Device;
+
+/// Where the daemon pins, and the CLI looks, unless told otherwise (`--bpffs-root`).
+pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/ebpf-proxy";
 
 /// Map sizes (entries); the defaults are compiled into the object.
 #[derive(Clone, Copy, Debug)]
@@ -50,6 +56,8 @@ pub struct Maps {
     pub backends: BpfHashMap<MapData, u32, Backend>,
     pub conntrack: BpfHashMap<MapData, CtKey, CtValue>,
     pub stats: PerCpuArray<MapData, u64>,
+    pub names: BpfHashMap<MapData, u32, ServiceName>,
+    pub affinity_matches: BpfHashMap<MapData, AffinityMatchKey, u8>,
 }
 
 /// The loaded programs and their attachments.
@@ -70,6 +78,10 @@ impl Datapath {
             .map_max_entries(map_names::SERVICES, sizes.services)
             .map_max_entries(map_names::BACKENDS, sizes.backends)
             .map_max_entries(map_names::CONNTRACK, sizes.conntrack)
+            // One name per frontend, and frontends are bounded by SERVICES.
+            .map_max_entries(map_names::SVC_NAMES, sizes.services)
+            // One entry per backend of an affinity frontend: bounded by SERVICES too.
+            .map_max_entries(map_names::AFFINITY_MATCH, sizes.services)
             .load(crate::EBPF_OBJECT)
             .with_context(|| {
                 format!(
@@ -96,6 +108,8 @@ impl Datapath {
             backends: take(map_names::BACKENDS)?.try_into()?,
             conntrack: take(map_names::CONNTRACK)?.try_into()?,
             stats: take(map_names::STATS)?.try_into()?,
+            names: take(map_names::SVC_NAMES)?.try_into()?,
+            affinity_matches: take(map_names::AFFINITY_MATCH)?.try_into()?,
         })
     }
 

@@ -2,16 +2,18 @@
 //! Services and EndpointSlices, and the node-admin CLI that reads them.
 //!
 //! Control path, one module a stage:
-//! [`source`] (manifests directory) → [`model`] → [`plan`] (pure) → [`writer`] (diff and
-//! map writes, the only code that touches the maps). [`datapath`] loads, pins and attaches
-//! the kernel programs; [`netlink`] reads node addresses and follows pod interfaces;
-//! [`conntrack`] sweeps idle flows; [`daemon`] wires it all together. [`inspect`] gives
-//! node admins views of the pinned maps.
+//! [`source`] (manifests directory or API server watchers) → [`model`] → [`plan`] (pure) →
+//! [`writer`] (diff and map writes, the only code that touches the maps). [`datapath`] loads,
+//! pins and attaches the kernel programs; [`netlink`] reads node addresses and follows pod
+//! interfaces; [`conntrack`] sweeps idle flows; [`daemon`] wires it all together. [`inspect`]
+//! gives node admins views of the pinned maps.
 
 pub mod conntrack;
 pub mod daemon;
 pub mod datapath;
+pub mod health;
 pub mod inspect;
+pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod plan;

@@ -1,19 +1,19 @@
 //! `ebpf-proxy`: the node daemon and the node-admin CLI.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use ipnet::Ipv4Net;
 use proxy_userspace::conntrack::CtTimeouts;
-use proxy_userspace::daemon::{self, DaemonConfig};
-use proxy_userspace::datapath::MapSizes;
+use proxy_userspace::daemon::{self, DaemonConfig, SourceConfig};
+use proxy_userspace::datapath::{DEFAULT_BPFFS_ROOT, MapSizes};
 use proxy_userspace::inspect;
 use proxy_userspace::netlink::DevicePolicy;
-
-const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/ebpf-proxy";
+use proxy_userspace::source::kubernetes::ApiServer;
 
 /// A kube-proxy replacement whose datapath runs in the kernel as eBPF.
 #[derive(Parser)]
@@ -42,46 +42,32 @@ enum Command {
         #[arg(long, default_value = DEFAULT_BPFFS_ROOT)]
         bpffs_root: PathBuf,
     },
-    /// One row per frontend with its backends, as the datapath holds them.
-    Services(ViewArgs),
-    /// Datapath counters, summed over CPUs.
-    Stats(ViewArgs),
-}
-
-#[derive(clap::Args)]
-struct ViewArgs {
-    #[arg(long, default_value = DEFAULT_BPFFS_ROOT)]
-    bpffs_root: PathBuf,
-    /// Output format.
-    #[arg(short, long, value_enum, default_value_t = Output::Table)]
-    output: Output,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Output {
-    Table,
-    Json,
-}
-
-impl ViewArgs {
-    fn print<T: serde::Serialize>(&self, rows: &T, table: impl FnOnce(&T) -> String) -> Result<()> {
-        match self.output {
-            Output::Table => println!("{}", table(rows)),
-            Output::Json => println!("{}", serde_json::to_string_pretty(rows)?),
-        }
-        Ok(())
-    }
+    /// The node-admin views: services, backends, conntrack, stats, explain, trace.
+    #[command(flatten)]
+    Inspect(inspect::Command),
 }
 
 #[derive(clap::Args)]
 struct DaemonArgs {
     /// Standalone mode: a directory of Kubernetes YAML (v1 Service,
     /// discovery.k8s.io/v1 EndpointSlice), re-read when it changes.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// Watch the API server of this kubeconfig's current context. Without this flag and
+    /// without --manifests, the in-cluster configuration is used (in a pod).
     #[arg(long)]
-    manifests: PathBuf,
+    kubeconfig: Option<PathBuf>,
+    /// After a change from the API server or the manifests, wait this long for more
+    /// changes and sync them together (kube-proxy's --iptables-min-sync-period).
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    min_sync_period: Duration,
     /// This node's name (for traffic policies that prefer local endpoints).
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
+    /// This node's zone (`topology.kubernetes.io/zone`), for topology hints in standalone
+    /// mode; with the API server the Node's own label is used.
+    #[arg(long, env = "NODE_ZONE")]
+    node_zone: Option<String>,
     /// bpffs directory where maps and links are pinned.
     #[arg(long, default_value = DEFAULT_BPFFS_ROOT)]
     bpffs_root: PathBuf,
@@ -119,13 +105,48 @@ struct DaemonArgs {
     /// How often the maps are re-read and fully re-applied, in seconds.
     #[arg(long, default_value_t = 60)]
     resync_seconds: u64,
+    /// `ip:port` of the /healthz and /livez server (kube-proxy's default); empty disables.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_bind_address: String,
+    /// `ip:port` of the Prometheus /metrics server (kube-proxy's default); empty disables.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_bind_address: String,
+    /// Unhealthy when a received change stays unapplied this long (kube-proxy: twice its
+    /// sync period).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    healthz_timeout: Duration,
+}
+
+/// A bind address flag: empty disables the server.
+fn bind_address(flag: &str, value: &str) -> Result<Option<SocketAddr>> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    value
+        .parse()
+        .map(Some)
+        .with_context(|| format!("--{flag} {value:?}: expected ip:port, or empty to disable"))
 }
 
 impl DaemonArgs {
-    fn into_config(self) -> DaemonConfig {
-        DaemonConfig {
-            manifests: self.manifests,
+    /// `in_cluster`: whether the process runs in a pod (`KUBERNETES_SERVICE_HOST` is set).
+    fn into_config(self, in_cluster: bool) -> Result<DaemonConfig> {
+        let source = match (self.manifests, self.kubeconfig) {
+            (Some(dir), _) => SourceConfig::Manifests {
+                dir,
+                poll_interval: Duration::from_millis(self.manifests_poll_ms.max(10)),
+            },
+            (None, Some(kubeconfig)) => SourceConfig::Kubernetes(ApiServer::Kubeconfig(kubeconfig)),
+            (None, None) if in_cluster => SourceConfig::Kubernetes(ApiServer::InCluster),
+            (None, None) => bail!(
+                "no source of Services: pass --manifests DIR (standalone) or --kubeconfig PATH, \
+                 or run in a pod (in-cluster configuration needs KUBERNETES_SERVICE_HOST)"
+            ),
+        };
+        Ok(DaemonConfig {
+            source,
             node_name: self.node_name,
+            node_zone: self.node_zone,
             bpffs_root: self.bpffs_root,
             devices: DevicePolicy {
                 external: self.devices,
@@ -141,10 +162,30 @@ impl DaemonArgs {
                 tcp_established: Duration::from_secs(self.conntrack_tcp_established_seconds),
                 ..CtTimeouts::default()
             },
-            poll_interval: Duration::from_millis(self.manifests_poll_ms.max(10)),
+            min_sync_period: self.min_sync_period,
             resync_interval: Duration::from_secs(self.resync_seconds.max(1)),
             ct_gc_interval: Duration::from_secs(10),
-        }
+            healthz_bind_address: bind_address("healthz-bind-address", &self.healthz_bind_address)?,
+            metrics_bind_address: bind_address("metrics-bind-address", &self.metrics_bind_address)?,
+            healthz_timeout: self.healthz_timeout,
+        })
+    }
+}
+
+/// A duration the way kube-proxy's flags take one: `250ms`, `1s`, `2m`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text:?} has no unit (ms, s or m)"))?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a number"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(number)),
+        "s" => Ok(Duration::from_secs(number)),
+        "m" => Ok(Duration::from_secs(number * 60)),
+        _ => Err(format!("{text:?}: unknown unit {unit:?} (ms, s or m)")),
     }
 }
 
@@ -178,16 +219,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
-        Command::Daemon(args) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("starting the runtime")
-            .and_then(|runtime| runtime.block_on(daemon::run(args.into_config()))),
+        Command::Daemon(args) => args
+            .into_config(std::env::var_os("KUBERNETES_SERVICE_HOST").is_some())
+            .and_then(|config| {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("starting the runtime")?;
+                runtime.block_on(daemon::run(config))
+            }),
         Command::Cleanup { bpffs_root } => cleanup(&bpffs_root),
-        Command::Services(args) => inspect::read_services(&args.bpffs_root)
-            .and_then(|rows| args.print(&rows, |rows| inspect::render_services(rows))),
-        Command::Stats(args) => inspect::read_stats(&args.bpffs_root)
-            .and_then(|rows| args.print(&rows, |rows| inspect::render_stats(rows))),
+        Command::Inspect(command) => command.run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -195,5 +237,65 @@ fn main() -> ExitCode {
             tracing::error!("{error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn daemon_config(args: &[&str], in_cluster: bool) -> Result<DaemonConfig> {
+        let cli = Cli::try_parse_from(
+            ["ebpf-proxy", "daemon", "--node-name", "node-a"]
+                .iter()
+                .chain(args),
+        )?;
+        let Command::Daemon(args) = cli.command else {
+            unreachable!("parsed a daemon command")
+        };
+        args.into_config(in_cluster)
+    }
+
+    #[test]
+    fn the_source_comes_from_the_flags_or_the_pod() {
+        let manifests = daemon_config(&["--manifests", "/m"], true).unwrap();
+        assert!(
+            matches!(manifests.source, SourceConfig::Manifests { dir, .. } if dir.to_str() == Some("/m"))
+        );
+
+        let kubeconfig = daemon_config(&["--kubeconfig", "/k"], true).unwrap();
+        assert!(matches!(
+            kubeconfig.source,
+            SourceConfig::Kubernetes(ApiServer::Kubeconfig(path)) if path.to_str() == Some("/k")
+        ));
+
+        let in_cluster = daemon_config(&[], true).unwrap();
+        assert!(matches!(
+            in_cluster.source,
+            SourceConfig::Kubernetes(ApiServer::InCluster)
+        ));
+
+        let error = daemon_config(&[], false).unwrap_err().to_string();
+        assert!(error.contains("no source of Services"), "{error}");
+        let error = daemon_config(&["--manifests", "/m", "--kubeconfig", "/k"], true)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("cannot be used with"), "{error}");
+    }
+
+    #[test]
+    fn min_sync_period_takes_kube_proxy_durations() {
+        let config = daemon_config(&["--manifests", "/m"], false).unwrap();
+        assert_eq!(config.min_sync_period, Duration::from_millis(100));
+        let config =
+            daemon_config(&["--manifests", "/m", "--min-sync-period", "2s"], false).unwrap();
+        assert_eq!(config.min_sync_period, Duration::from_secs(2));
+
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("100").is_err());
+        assert!(parse_duration("ms").is_err());
+        assert!(parse_duration("1h").is_err());
     }
 }

@@ -1,10 +1,11 @@
 //! Model: the cluster state the planner reads, as plain data.
 //!
-//! Sources (the manifests directory now, a Kubernetes watcher later) feed Services and
+//! Sources (the manifests directory, the Kubernetes watchers) feed Services and
 //! EndpointSlices in with insert/remove/replace; the planner reads them back, slices grouped
 //! by the Service they belong to (their `kubernetes.io/service-name` label), as kube-proxy's
-//! EndpointSliceCache merges them. No policy lives here: which objects matter, and how, is
-//! the planner's business.
+//! EndpointSliceCache merges them. The Kubernetes source also keeps this node's labels here,
+//! as kube-proxy does: they carry the zone for topology-aware routing. No policy lives here:
+//! which objects matter, and how, is the planner's business.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -69,6 +70,8 @@ pub struct Model {
     endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
     /// Service key → keys of the slices labelled with its name (same namespace).
     slices_by_service: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
+    /// The labels of the Node this daemon runs on; empty while no source knows them.
+    node_labels: BTreeMap<String, String>,
 }
 
 impl Model {
@@ -154,6 +157,17 @@ impl Model {
         self.endpoint_slices.iter()
     }
 
+    /// Sets the labels of the Node this daemon runs on (empty: unknown); whether they changed.
+    pub fn set_node_labels(&mut self, labels: BTreeMap<String, String>) -> bool {
+        let changed = self.node_labels != labels;
+        self.node_labels = labels;
+        changed
+    }
+
+    pub fn node_labels(&self) -> &BTreeMap<String, String> {
+        &self.node_labels
+    }
+
     /// The slices that belong to a Service (whether or not the Service exists), ordered by
     /// slice name.
     pub fn endpoint_slices_of<'a>(
@@ -177,6 +191,58 @@ fn service_of_slice(key: &ObjectKey, slice: &EndpointSlice) -> Option<ObjectKey>
         .get(SERVICE_NAME_LABEL)
         .filter(|name| !name.is_empty())?;
     Some(ObjectKey::new(key.namespace.clone(), service_name.clone()))
+}
+
+/// The EndpointSlice annotation the EndpointSlice controller sets to when the change
+/// that the slice reflects happened: the start of kube-proxy's network programming latency.
+pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// What changed between two models, for kube-proxy's change counters and latency metric.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ModelChanges {
+    /// Services added, changed or removed.
+    pub services: u64,
+    /// EndpointSlices added, changed or removed.
+    pub endpoint_slices: u64,
+    /// Trigger times of the added or changed slices that carry one.
+    pub trigger_times: Vec<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Model {
+    /// Counts what differs from `earlier`.
+    pub fn changes_since(&self, earlier: &Model) -> ModelChanges {
+        let mut changes = ModelChanges {
+            services: changed_keys(&earlier.services, &self.services),
+            endpoint_slices: changed_keys(&earlier.endpoint_slices, &self.endpoint_slices),
+            trigger_times: Vec::new(),
+        };
+        for (key, slice) in &self.endpoint_slices {
+            if earlier.endpoint_slices.get(key) == Some(slice) {
+                continue;
+            }
+            let trigger = slice
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|annotations| annotations.get(LAST_CHANGE_TRIGGER_TIME))
+                .and_then(|time| chrono::DateTime::parse_from_rfc3339(time).ok());
+            if let Some(time) = trigger {
+                changes.trigger_times.push(time.with_timezone(&chrono::Utc));
+            }
+        }
+        changes
+    }
+}
+
+fn changed_keys<V: PartialEq>(
+    earlier: &BTreeMap<ObjectKey, V>,
+    now: &BTreeMap<ObjectKey, V>,
+) -> u64 {
+    let added_or_changed = now
+        .iter()
+        .filter(|(key, value)| earlier.get(key) != Some(value));
+    let removed = earlier.keys().filter(|key| !now.contains_key(key));
+    (added_or_changed.count() + removed.count()) as u64
 }
 
 #[cfg(test)]
@@ -309,5 +375,39 @@ mod tests {
             slice_names_of(&model, &ObjectKey::new("web", "new")),
             ["new-a"]
         );
+    }
+
+    #[test]
+    fn changes_count_added_changed_removed_and_read_trigger_times() {
+        let slice = |name: &str, trigger: Option<&str>, port: i32| -> EndpointSlice {
+            let mut object: EndpointSlice = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "default",
+                             "labels": {"kubernetes.io/service-name": "web"}},
+                "addressType": "IPv4",
+                "endpoints": [],
+                "ports": [{"port": port}],
+            }))
+            .unwrap();
+            if let Some(time) = trigger {
+                object.metadata.annotations =
+                    Some([(LAST_CHANGE_TRIGGER_TIME.to_string(), time.to_string())].into());
+            }
+            object
+        };
+        let mut before = Model::default();
+        before.insert_endpoint_slice(slice("a", None, 80)).unwrap();
+        before.insert_endpoint_slice(slice("b", None, 80)).unwrap();
+        let mut after = before.clone();
+        after
+            .insert_endpoint_slice(slice("a", Some("2026-11-22T03:00:00Z"), 81))
+            .unwrap();
+        after.remove_endpoint_slice(&ObjectKey::new("default", "b"));
+        after.insert_endpoint_slice(slice("c", None, 80)).unwrap();
+
+        let changes = after.changes_since(&before);
+        assert_eq!(changes.endpoint_slices, 3, "a changed, b removed, c added");
+        assert_eq!(changes.services, 0);
+        assert_eq!(changes.trigger_times.len(), 1);
+        assert_eq!(after.changes_since(&after), ModelChanges::default());
     }
 }

@@ -7,14 +7,22 @@
 //! label selector), which frontends a Service port gets (`newBaseServiceInfo`), how
 //! EndpointSlices of a Service merge and resolve target ports (`EndpointSliceCache`), and
 //! which endpoints are usable (`CategorizeEndpoints`: ready ones, else serving-and-terminating
-//! ones; traffic policy `Local` keeps only this node's). Topology hints and
-//! trafficDistribution are not implemented yet: every usable endpoint is used.
+//! ones; traffic policy `Local` keeps only this node's; topology hints narrow the Cluster
+//! set), what an empty frontend does (REJECT when the Service has no usable endpoint
+//! anywhere, DROP when only its `Local` policy leaves none here), session affinity, and which
+//! endpoints count as serving for the UDP conntrack cleanup (`conntrack/cleanup.go`).
+//!
+//! Topology follows the current kube-proxy: it reads only the hints in the EndpointSlices.
+//! The `service.kubernetes.io/topology-mode` annotation and `spec.trafficDistribution`
+//! (PreferClose, PreferSameZone, PreferSameNode) are read by the EndpointSlice controller,
+//! which writes `hints.forZones` / `hints.forNodes` accordingly.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
 use std::fmt;
 use std::net::Ipv4Addr;
+use std::time::Duration;
 
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
@@ -27,6 +35,10 @@ use crate::model::{Model, ObjectKey};
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeFacts {
     pub node_name: String,
+    /// This node's zone (its `topology.kubernetes.io/zone` label), for topology hints. Used
+    /// while the model knows no Node labels (the manifests source: `--node-zone`); once it
+    /// does (the Kubernetes source), the Node's own label decides, as in kube-proxy.
+    pub zone: Option<String>,
     /// Every non-loopback IPv4 address of the node (read with rtnetlink).
     pub addresses: Vec<Ipv4Addr>,
     /// `--nodeport-addresses`: when non-empty, NodePorts open only on node addresses inside
@@ -134,9 +146,37 @@ impl fmt::Display for BackendAddr {
 pub struct FrontendPlan {
     pub service: ServicePortName,
     pub kind: FrontendKind,
-    /// Sorted and deduplicated. Empty means the Service has no usable endpoints.
+    /// Sorted and deduplicated. Empty means no endpoint is usable for this frontend.
     pub backends: Vec<BackendAddr>,
+    /// What a new connection gets while `backends` is empty.
+    pub when_empty: EmptyFrontend,
+    /// `sessionAffinity: ClientIP`: how long a client keeps its backend after its last new
+    /// connection. `None`: every new connection is balanced anew.
+    pub session_affinity: Option<Duration>,
+    /// Addresses of the Service port's serving endpoints, whatever the traffic policy and
+    /// topology (sorted, deduplicated): UDP flows to any other address are stale and are
+    /// cleared, as kube-proxy's conntrack cleanup does.
+    pub serving_addrs: Vec<Ipv4Addr>,
 }
+
+/// What a frontend without backends does with new connections (kube-proxy's filter rules).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EmptyFrontend {
+    /// The Service has no usable endpoint anywhere: refuse at once (ICMP port unreachable),
+    /// like kube-proxy's `REJECT` ("has no endpoints").
+    Reject,
+    /// Endpoints exist, but the frontend's traffic policy is `Local` and none is on this
+    /// node: drop, like kube-proxy's `DROP` ("has no local endpoints").
+    Drop,
+}
+
+/// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`: 3 hours.
+pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10_800);
+/// The API's upper bound for `timeoutSeconds`: one day.
+const MAX_AFFINITY_TIMEOUT_SECONDS: i32 = 86_400;
+
+/// The Node label that names the node's zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 /// The whole desired datapath state.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -163,8 +203,15 @@ pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 /// Plans every frontend of every proxied Service. Services are visited in `namespace/name`
 /// order, so when two claim the same frontend the first keeps it, the same on every run.
 pub fn plan(model: &Model, node: &NodeFacts) -> Planned {
+    let node_labels = model.node_labels();
+    let zone = if node_labels.is_empty() {
+        node.zone.as_ref()
+    } else {
+        node_labels.get(ZONE_LABEL)
+    };
     let mut planner = Planner {
         node_name: &node.node_name,
+        zone: zone.map_or("", String::as_str),
         node_port_addresses: node.node_port_addresses(),
         planned: Planned::default(),
     };
@@ -176,6 +223,8 @@ pub fn plan(model: &Model, node: &NodeFacts) -> Planned {
 
 struct Planner<'a> {
     node_name: &'a str,
+    /// Empty when the node has no zone label: then no zone hint matches, as in kube-proxy.
+    zone: &'a str,
     node_port_addresses: Vec<Ipv4Addr>,
     planned: Planned,
 }
@@ -195,6 +244,7 @@ struct ServiceFacts {
     internal_policy_local: bool,
     external_policy_local: bool,
     publish_not_ready_addresses: bool,
+    session_affinity: Option<Duration>,
 }
 
 impl Planner<'_> {
@@ -253,23 +303,34 @@ impl Planner<'_> {
             return;
         };
 
-        let endpoints = endpoints_of_port(slices, &port_name, protocol);
-        let local_node = |local: bool| local.then_some(self.node_name);
-        let cluster_backends = usable_backends(
-            &endpoints,
-            local_node(facts.internal_policy_local),
+        let endpoints = endpoints_of_port(
+            slices,
+            &port_name,
+            protocol,
             facts.publish_not_ready_addresses,
         );
-        let external_backends = usable_backends(
-            &endpoints,
-            local_node(facts.external_policy_local),
-            facts.publish_not_ready_addresses,
-        );
-        let service = ServicePortName {
-            namespace: key.namespace.clone(),
-            name: key.name.clone(),
-            port_name,
+        let categorized = categorize(&endpoints, self.node_name, self.zone);
+        let for_policy = |local: bool| FrontendTemplate {
+            service: ServicePortName {
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
+                port_name: port_name.clone(),
+            },
+            backends: if local {
+                categorized.local.clone()
+            } else {
+                categorized.cluster.clone()
+            },
+            when_empty: if categorized.has_usable_endpoints {
+                EmptyFrontend::Drop
+            } else {
+                EmptyFrontend::Reject
+            },
+            session_affinity: facts.session_affinity,
+            serving_addrs: categorized.serving_addrs.clone(),
         };
+        let internal = for_policy(facts.internal_policy_local);
+        let external = for_policy(facts.external_policy_local);
         let frontend = |addr| Frontend {
             addr,
             port: service_port,
@@ -278,9 +339,8 @@ impl Planner<'_> {
 
         self.planned.claim(
             frontend(facts.cluster_ip),
-            &service,
+            &internal,
             FrontendKind::ClusterIp,
-            &cluster_backends,
         );
         let node_port = port
             .node_port
@@ -294,12 +354,8 @@ impl Planner<'_> {
                             port: node_port,
                             protocol,
                         };
-                        self.planned.claim(
-                            frontend,
-                            &service,
-                            FrontendKind::NodePort,
-                            &external_backends,
-                        );
+                        self.planned
+                            .claim(frontend, &external, FrontendKind::NodePort);
                     }
                 }
                 None => self.planned.problems.push(format!(
@@ -308,39 +364,39 @@ impl Planner<'_> {
             }
         }
         for &addr in &facts.external_ips {
-            self.planned.claim(
-                frontend(addr),
-                &service,
-                FrontendKind::ExternalIp,
-                &external_backends,
-            );
+            self.planned
+                .claim(frontend(addr), &external, FrontendKind::ExternalIp);
         }
         for &addr in &facts.load_balancer_ips {
-            self.planned.claim(
-                frontend(addr),
-                &service,
-                FrontendKind::LoadBalancer,
-                &external_backends,
-            );
+            self.planned
+                .claim(frontend(addr), &external, FrontendKind::LoadBalancer);
         }
     }
 }
 
+/// A [`FrontendPlan`] without its kind: what every frontend of one traffic policy
+/// (internal: the ClusterIP; external: NodePorts, external and load-balancer IPs) shares.
+struct FrontendTemplate {
+    service: ServicePortName,
+    backends: Vec<BackendAddr>,
+    when_empty: EmptyFrontend,
+    session_affinity: Option<Duration>,
+    serving_addrs: Vec<Ipv4Addr>,
+}
+
 impl Planned {
-    /// Gives `frontend` to `service` unless another Service port has it already.
-    fn claim(
-        &mut self,
-        frontend: Frontend,
-        service: &ServicePortName,
-        kind: FrontendKind,
-        backends: &[BackendAddr],
-    ) {
+    /// Gives `frontend` to the template's Service port unless another one has it already.
+    fn claim(&mut self, frontend: Frontend, template: &FrontendTemplate, kind: FrontendKind) {
+        let service = &template.service;
         match self.desired.frontends.entry(frontend) {
             Entry::Vacant(entry) => {
                 entry.insert(FrontendPlan {
                     service: service.clone(),
                     kind,
-                    backends: backends.to_vec(),
+                    backends: template.backends.clone(),
+                    when_empty: template.when_empty,
+                    session_affinity: template.session_affinity,
+                    serving_addrs: template.serving_addrs.clone(),
                 });
             }
             // The same Service port naming an address twice (an externalIP that is also its
@@ -409,7 +465,25 @@ fn service_facts(service: &Service) -> Result<ServiceFacts, NotProxied> {
         internal_policy_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
         external_policy_local: spec.external_traffic_policy.as_deref() == Some("Local"),
         publish_not_ready_addresses: spec.publish_not_ready_addresses == Some(true),
+        session_affinity: session_affinity(&spec),
     })
+}
+
+/// The affinity timeout of `sessionAffinity: ClientIP` (the API's default when unset);
+/// `None` for `None`. A timeout outside the API's 1..=86400 s (only possible in hand-written
+/// manifests, which the manifests source refuses) also falls back to the default.
+fn session_affinity(spec: &ServiceSpec) -> Option<Duration> {
+    if spec.session_affinity.as_deref() != Some("ClientIP") {
+        return None;
+    }
+    let seconds = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|config| config.client_ip.as_ref())
+        .and_then(|client_ip| client_ip.timeout_seconds)
+        .filter(|seconds| (1..=MAX_AFFINITY_TIMEOUT_SECONDS).contains(seconds))
+        .and_then(|seconds| u64::try_from(seconds).ok());
+    Some(seconds.map_or(DEFAULT_AFFINITY_TIMEOUT, Duration::from_secs))
 }
 
 /// The IPv4 addresses among `addresses`, sorted and deduplicated. IPv6 ones belong to the
@@ -458,16 +532,30 @@ struct PortEndpoint<'a> {
     ready: bool,
     serving: bool,
     terminating: bool,
+    /// `hints.forZones`: the zones whose nodes should use this endpoint.
+    zone_hints: Vec<&'a str>,
+    /// `hints.forNodes`: the nodes that should use this endpoint.
+    node_hints: Vec<&'a str>,
+}
+
+impl PortEndpoint<'_> {
+    /// Still serving while shutting down: kube-proxy's fallback when nothing is ready.
+    fn serving_terminating(&self) -> bool {
+        self.serving && self.terminating
+    }
 }
 
 /// The endpoints of the Service port `port_name`/`protocol` across all its slices. Each
 /// slice resolves the target port itself: its port with the same name and protocol. An
 /// unset slice port name counts as "" (what the EndpointSlice controller writes for an
 /// unnamed Service port), so hand-written slices for single-port Services need no name.
+/// `publishNotReadyAddresses` counts every endpoint as ready, which is what the
+/// EndpointSlice controller writes for such Services.
 fn endpoints_of_port<'a>(
     slices: &[&'a EndpointSlice],
     port_name: &str,
     protocol: Protocol,
+    publish_not_ready_addresses: bool,
 ) -> Vec<PortEndpoint<'a>> {
     let mut endpoints = Vec::new();
     for slice in slices {
@@ -486,6 +574,7 @@ fn endpoints_of_port<'a>(
                     continue;
                 };
                 let conditions = endpoint.conditions.clone().unwrap_or_default();
+                let hints = endpoint.hints.as_ref();
                 endpoints.push(PortEndpoint {
                     backend: BackendAddr {
                         addr,
@@ -493,9 +582,21 @@ fn endpoints_of_port<'a>(
                     },
                     node_name: endpoint.node_name.as_deref(),
                     // Unset ready and serving mean true, unset terminating false (API docs).
-                    ready: conditions.ready != Some(false),
+                    ready: conditions.ready != Some(false) || publish_not_ready_addresses,
                     serving: conditions.serving != Some(false),
                     terminating: conditions.terminating == Some(true),
+                    zone_hints: hints
+                        .and_then(|hints| hints.for_zones.as_ref())
+                        .into_iter()
+                        .flatten()
+                        .map(|zone| zone.name.as_str())
+                        .collect(),
+                    node_hints: hints
+                        .and_then(|hints| hints.for_nodes.as_ref())
+                        .into_iter()
+                        .flatten()
+                        .map(|node| node.name.as_str())
+                        .collect(),
                 });
             }
         }
@@ -503,47 +604,130 @@ fn endpoints_of_port<'a>(
     endpoints
 }
 
-/// kube-proxy's `CategorizeEndpoints` without topology: the ready endpoints, or when there
-/// are none the serving-and-terminating ones; with a `local_node`, only endpoints on it
-/// (an empty result makes the datapath drop, as kube-proxy does). `publishNotReadyAddresses`
-/// makes every endpoint usable. Sorted and deduplicated.
-fn usable_backends(
-    endpoints: &[PortEndpoint<'_>],
-    local_node: Option<&str>,
-    publish_not_ready_addresses: bool,
-) -> Vec<BackendAddr> {
-    let eligible: Vec<&PortEndpoint<'_>> = endpoints
+/// A Service port's endpoints sorted for its frontends: kube-proxy's `CategorizeEndpoints`.
+struct Categorized {
+    /// For traffic policy Cluster: the ready endpoints (narrowed by topology hints when they
+    /// apply), else the serving-and-terminating ones.
+    cluster: Vec<BackendAddr>,
+    /// For traffic policy Local: this node's ready endpoints, else its serving-and-terminating
+    /// ones. Topology hints do not apply.
+    local: Vec<BackendAddr>,
+    /// Whether any endpoint anywhere is ready or serving-and-terminating: an empty frontend
+    /// then drops (its policy left nothing here) rather than rejects.
+    has_usable_endpoints: bool,
+    /// See [`FrontendPlan::serving_addrs`].
+    serving_addrs: Vec<Ipv4Addr>,
+}
+
+fn categorize(endpoints: &[PortEndpoint<'_>], node_name: &str, zone: &str) -> Categorized {
+    let topology = Topology::from_hints(endpoints, node_name, zone);
+    let mut cluster = backends_where(endpoints, |endpoint| {
+        endpoint.ready && topology.admits(endpoint, node_name, zone)
+    });
+    // Topology is only used when it leaves a ready endpoint, so an empty set here means
+    // nothing is ready anywhere.
+    if cluster.is_empty() {
+        cluster = backends_where(endpoints, |endpoint| endpoint.serving_terminating());
+    }
+    let is_local = |endpoint: &PortEndpoint<'_>| {
+        !node_name.is_empty() && endpoint.node_name == Some(node_name)
+    };
+    let mut local = backends_where(endpoints, |endpoint| is_local(endpoint) && endpoint.ready);
+    if local.is_empty() {
+        local = backends_where(endpoints, |endpoint| {
+            is_local(endpoint) && endpoint.serving_terminating()
+        });
+    }
+    // Ready endpoints count as serving even when a hand-written slice says otherwise: the
+    // cleanup must never cut flows to a backend that is still in use.
+    let mut serving_addrs: Vec<Ipv4Addr> = endpoints
         .iter()
-        .filter(|endpoint| {
-            local_node.is_none_or(|node| !node.is_empty() && endpoint.node_name == Some(node))
-        })
+        .filter(|endpoint| endpoint.serving || endpoint.ready)
+        .map(|endpoint| endpoint.backend.addr)
         .collect();
-    let select = |usable: fn(&PortEndpoint<'_>) -> bool| -> Vec<BackendAddr> {
-        eligible
+    serving_addrs.sort();
+    serving_addrs.dedup();
+    Categorized {
+        cluster,
+        local,
+        has_usable_endpoints: endpoints
             .iter()
-            .filter(|endpoint| usable(endpoint))
-            .map(|endpoint| endpoint.backend)
-            .collect()
-    };
-    let mut backends = if publish_not_ready_addresses {
-        select(|_| true)
-    } else {
-        let ready = select(|endpoint| endpoint.ready);
-        if ready.is_empty() {
-            select(|endpoint| endpoint.serving && endpoint.terminating)
-        } else {
-            ready
-        }
-    };
+            .any(|endpoint| endpoint.ready || endpoint.serving_terminating()),
+        serving_addrs,
+    }
+}
+
+/// The backends of the endpoints that pass `usable`, sorted and deduplicated.
+fn backends_where(
+    endpoints: &[PortEndpoint<'_>],
+    usable: impl Fn(&PortEndpoint<'_>) -> bool,
+) -> Vec<BackendAddr> {
+    let mut backends: Vec<BackendAddr> = endpoints
+        .iter()
+        .filter(|endpoint| usable(endpoint))
+        .map(|endpoint| endpoint.backend)
+        .collect();
     backends.sort();
     backends.dedup();
     backends
 }
 
+/// kube-proxy's topology modes: which ready endpoints a node's Cluster-policy traffic uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology {
+    /// No hints apply: every ready endpoint.
+    Any,
+    /// `PreferSameZone` (and `PreferClose`): the endpoints hinted for this node's zone.
+    SameZone,
+    /// `PreferSameNode`: the endpoints hinted for this node.
+    SameNode,
+}
+
+impl Topology {
+    /// kube-proxy's `topologyModeFromHints`: node hints win when every ready endpoint has
+    /// one and one names this node; else zone hints, when every ready endpoint has one and
+    /// one names this node's zone; else none. Requiring a hint on every endpoint and a
+    /// match for this node keeps a half-updated or foreign hint set from starving the node.
+    fn from_hints(endpoints: &[PortEndpoint<'_>], node_name: &str, zone: &str) -> Self {
+        let ready: Vec<&PortEndpoint<'_>> =
+            endpoints.iter().filter(|endpoint| endpoint.ready).collect();
+        let all_ready = |has: fn(&PortEndpoint<'_>) -> bool| {
+            !ready.is_empty() && ready.iter().all(|endpoint| has(endpoint))
+        };
+        if all_ready(|endpoint| !endpoint.node_hints.is_empty())
+            && ready
+                .iter()
+                .any(|endpoint| endpoint.node_hints.contains(&node_name))
+        {
+            Topology::SameNode
+        } else if all_ready(|endpoint| !endpoint.zone_hints.is_empty())
+            && ready
+                .iter()
+                .any(|endpoint| endpoint.zone_hints.contains(&zone))
+        {
+            Topology::SameZone
+        } else {
+            Topology::Any
+        }
+    }
+
+    fn admits(self, endpoint: &PortEndpoint<'_>, node_name: &str, zone: &str) -> bool {
+        match self {
+            Topology::Any => true,
+            Topology::SameZone => endpoint.zone_hints.contains(&zone),
+            Topology::SameNode => endpoint.node_hints.contains(&node_name),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus};
-    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
+    use k8s_openapi::api::core::v1::{
+        ClientIPConfig, LoadBalancerIngress, LoadBalancerStatus, SessionAffinityConfig,
+    };
+    use k8s_openapi::api::discovery::v1::{
+        Endpoint, EndpointConditions, EndpointHints, EndpointPort, ForNode, ForZone,
+    };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
     use super::FrontendKind::{ClusterIp, ExternalIp, LoadBalancer, NodePort};
@@ -659,6 +843,37 @@ mod tests {
             self.spec().allocate_load_balancer_node_ports = Some(allocate);
             self
         }
+
+        /// `sessionAffinity: ClientIP`, with `timeoutSeconds` when given.
+        fn client_ip_affinity(mut self, timeout_seconds: Option<i32>) -> Self {
+            self.spec().session_affinity = Some("ClientIP".to_owned());
+            self.spec().session_affinity_config =
+                timeout_seconds.map(|seconds| SessionAffinityConfig {
+                    client_ip: Some(ClientIPConfig {
+                        timeout_seconds: Some(seconds),
+                    }),
+                });
+            self
+        }
+
+        fn session_affinity(mut self, affinity: &str) -> Self {
+            self.spec().session_affinity = Some(affinity.to_owned());
+            self
+        }
+
+        fn annotation(mut self, annotation: &str, value: &str) -> Self {
+            self.0
+                .metadata
+                .annotations
+                .get_or_insert_default()
+                .insert(annotation.to_owned(), value.to_owned());
+            self
+        }
+
+        fn traffic_distribution(mut self, distribution: &str) -> Self {
+            self.spec().traffic_distribution = Some(distribution.to_owned());
+            self
+        }
     }
 
     /// `slice("web/front-1", "front").port(Some("http"), Some(8080), "TCP").endpoint(ep(..))`.
@@ -734,6 +949,34 @@ mod tests {
             self.0.node_name = Some(node_name.to_owned());
             self
         }
+
+        /// `hints.forZones`, as the EndpointSlice controller writes for PreferClose.
+        fn for_zones(mut self, zones: &[&str]) -> Self {
+            let hints = self.0.hints.get_or_insert_with(EndpointHints::default);
+            hints.for_zones = Some(
+                zones
+                    .iter()
+                    .map(|zone| ForZone {
+                        name: zone.to_string(),
+                    })
+                    .collect(),
+            );
+            self
+        }
+
+        /// `hints.forNodes`, as the EndpointSlice controller writes for PreferSameNode.
+        fn for_nodes(mut self, nodes: &[&str]) -> Self {
+            let hints = self.0.hints.get_or_insert_with(EndpointHints::default);
+            hints.for_nodes = Some(
+                nodes
+                    .iter()
+                    .map(|node| ForNode {
+                        name: node.to_string(),
+                    })
+                    .collect(),
+            );
+            self
+        }
     }
 
     const NODE: &str = "node-a";
@@ -741,10 +984,17 @@ mod tests {
     fn node() -> NodeFacts {
         NodeFacts {
             node_name: NODE.to_owned(),
+            zone: Some(ZONE.to_owned()),
             addresses: vec!["198.18.0.1".parse().unwrap()],
             nodeport_cidrs: Vec::new(),
         }
     }
+
+    const ZONE: &str = "zone-a";
+
+    /// How a frontend without backends shows in a case's expected backends.
+    const REJECTS: &str = "(reject)";
+    const DROPS: &str = "(drop)";
 
     /// One row of a table: the model's objects and what the planner must make of them.
     struct Case {
@@ -752,7 +1002,8 @@ mod tests {
         services: Vec<Svc>,
         slices: Vec<Slice>,
         node: NodeFacts,
-        /// (`addr:port/proto`, kind, backends `addr:port`), in frontend order.
+        /// (`addr:port/proto`, kind, backends `addr:port`), in frontend order. A frontend
+        /// without backends shows [`REJECTS`] or [`DROPS`] instead.
         frontends: Vec<(&'static str, FrontendKind, Vec<&'static str>)>,
         problems: Vec<&'static str>,
     }
@@ -784,10 +1035,7 @@ mod tests {
                 .desired
                 .frontends
                 .iter()
-                .map(|(frontend, plan)| {
-                    let backends = plan.backends.iter().map(ToString::to_string).collect();
-                    (frontend.to_string(), plan.kind, backends)
-                })
+                .map(|(frontend, plan)| (frontend.to_string(), plan.kind, rendered(plan)))
                 .collect();
             let expected: Vec<(String, FrontendKind, Vec<String>)> = case
                 .frontends
@@ -803,6 +1051,17 @@ mod tests {
                 "case {:?}: problems",
                 case.name
             );
+        }
+    }
+
+    /// A plan's backends as a case writes them.
+    fn rendered(plan: &FrontendPlan) -> Vec<String> {
+        match plan.when_empty {
+            _ if !plan.backends.is_empty() => {
+                plan.backends.iter().map(ToString::to_string).collect()
+            }
+            EmptyFrontend::Reject => vec![REJECTS.to_owned()],
+            EmptyFrontend::Drop => vec![DROPS.to_owned()],
         }
     }
 
@@ -868,7 +1127,7 @@ mod tests {
             Case {
                 name: "no endpoints: frontend with no backends",
                 services: vec![svc("default/web", "198.19.0.10").port("http", 80, "TCP")],
-                frontends: vec![("198.19.0.10:80/tcp", ClusterIp, vec![])],
+                frontends: vec![("198.19.0.10:80/tcp", ClusterIp, vec![REJECTS])],
                 ..Case::default()
             },
         ]);
@@ -1148,7 +1407,7 @@ mod tests {
                         .port(Some("http"), Some(8080), "UDP")
                         .endpoint(ep("198.18.1.1")),
                 ],
-                frontends: vec![("198.19.0.10:80/tcp", ClusterIp, vec![])],
+                frontends: vec![("198.19.0.10:80/tcp", ClusterIp, vec![REJECTS])],
                 ..Case::default()
             },
             Case {
@@ -1159,7 +1418,7 @@ mod tests {
                         .port(Some("http"), None, "TCP")
                         .endpoint(ep("198.18.1.1")),
                 ],
-                frontends: vec![("198.19.0.10:80/tcp", ClusterIp, vec![])],
+                frontends: vec![("198.19.0.10:80/tcp", ClusterIp, vec![REJECTS])],
                 ..Case::default()
             },
             Case {
@@ -1217,7 +1476,7 @@ mod tests {
                         .port(Some("http"), Some(8080), "TCP")
                         .endpoint(ep("198.18.1.8")),
                 ],
-                frontends: vec![("198.19.0.10:80/tcp", ClusterIp, vec![])],
+                frontends: vec![("198.19.0.10:80/tcp", ClusterIp, vec![REJECTS])],
                 ..Case::default()
             },
         ]);
@@ -1329,8 +1588,8 @@ mod tests {
                     ..node()
                 },
                 frontends: vec![
-                    ("198.18.0.1:30080/tcp", NodePort, vec![]),
-                    ("198.18.9.1:80/tcp", ExternalIp, vec![]),
+                    ("198.18.0.1:30080/tcp", NodePort, vec![DROPS]),
+                    ("198.18.9.1:80/tcp", ExternalIp, vec![DROPS]),
                     ("198.19.0.10:80/tcp", ClusterIp, all.clone()),
                 ],
                 ..Case::default()
@@ -1384,8 +1643,8 @@ mod tests {
                         .external_ips(&["198.19.0.10"]),
                 ],
                 frontends: vec![
-                    ("198.19.0.10:80/tcp", ClusterIp, vec![]),
-                    ("198.19.0.11:80/tcp", ClusterIp, vec![]),
+                    ("198.19.0.10:80/tcp", ClusterIp, vec![REJECTS]),
+                    ("198.19.0.11:80/tcp", ClusterIp, vec![REJECTS]),
                 ],
                 problems: vec![
                     "default/b:http: 198.19.0.10:80/tcp (ExternalIp) is already taken by default/a:http (ClusterIp), skipped",
@@ -1393,5 +1652,323 @@ mod tests {
                 ..Case::default()
             },
         ]);
+    }
+
+    #[test]
+    fn empty_frontends_reject_or_drop() {
+        let web = || {
+            svc("default/web", "198.19.0.10")
+                .node_port("http", 80, 30080)
+                .service_type("NodePort")
+        };
+        let web_slice_of = |endpoints: Vec<Ep>| {
+            vec![endpoints.into_iter().fold(
+                slice("default/web-1", "web").port(Some("http"), Some(8080), "TCP"),
+                Slice::endpoint,
+            )]
+        };
+        let remote = "198.18.1.2:8080";
+        run(vec![
+            Case {
+                name: "no endpoints at all: every frontend rejects",
+                services: vec![web()],
+                frontends: vec![
+                    ("198.18.0.1:30080/tcp", NodePort, vec![REJECTS]),
+                    ("198.19.0.10:80/tcp", ClusterIp, vec![REJECTS]),
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "only not-ready endpoints: nothing usable anywhere, reject",
+                services: vec![web().external_traffic_policy("Local")],
+                slices: web_slice_of(vec![
+                    ep("198.18.1.1").on_node(NODE).not_ready(),
+                    ep("198.18.1.2").conditions(false, false, true),
+                ]),
+                frontends: vec![
+                    ("198.18.0.1:30080/tcp", NodePort, vec![REJECTS]),
+                    ("198.19.0.10:80/tcp", ClusterIp, vec![REJECTS]),
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "internalTrafficPolicy=Local, endpoints elsewhere only: ClusterIP drops",
+                services: vec![web().internal_traffic_policy("Local")],
+                slices: web_slice_of(vec![ep("198.18.1.2").on_node("node-b")]),
+                frontends: vec![
+                    ("198.18.0.1:30080/tcp", NodePort, vec![remote]),
+                    ("198.19.0.10:80/tcp", ClusterIp, vec![DROPS]),
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "externalTrafficPolicy=Local, a remote terminating endpoint: NodePort drops",
+                services: vec![web().external_traffic_policy("Local")],
+                slices: web_slice_of(vec![
+                    ep("198.18.1.2").on_node("node-b").serving_terminating(),
+                ]),
+                frontends: vec![
+                    ("198.18.0.1:30080/tcp", NodePort, vec![DROPS]),
+                    ("198.19.0.10:80/tcp", ClusterIp, vec![remote]),
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "both policies Local, no endpoint on this node: all drop",
+                services: vec![
+                    web()
+                        .internal_traffic_policy("Local")
+                        .external_traffic_policy("Local"),
+                ],
+                slices: web_slice_of(vec![ep("198.18.1.2").on_node("node-b")]),
+                frontends: vec![
+                    ("198.18.0.1:30080/tcp", NodePort, vec![DROPS]),
+                    ("198.19.0.10:80/tcp", ClusterIp, vec![DROPS]),
+                ],
+                ..Case::default()
+            },
+        ]);
+    }
+
+    #[test]
+    fn topology_hints() {
+        let web = || svc("default/web", "198.19.0.10").port("http", 80, "TCP");
+        let web_slice_of = |endpoints: Vec<Ep>| {
+            vec![endpoints.into_iter().fold(
+                slice("default/web-1", "web").port(Some("http"), Some(8080), "TCP"),
+                Slice::endpoint,
+            )]
+        };
+        let zoned = || {
+            web_slice_of(vec![
+                ep("198.18.1.1").for_zones(&[ZONE]),
+                ep("198.18.1.2").for_zones(&["zone-b"]),
+                ep("198.18.1.3").for_zones(&["zone-b", ZONE]),
+            ])
+        };
+        let all = vec!["198.18.1.1:8080", "198.18.1.2:8080", "198.18.1.3:8080"];
+        let case = |name, slices, backends| Case {
+            name,
+            services: vec![web()],
+            slices,
+            frontends: vec![("198.19.0.10:80/tcp", ClusterIp, backends)],
+            ..Case::default()
+        };
+        run(vec![
+            case(
+                "zone hints: the endpoints hinted for this node's zone",
+                zoned(),
+                vec!["198.18.1.1:8080", "198.18.1.3:8080"],
+            ),
+            case(
+                "no endpoint hinted for this zone: hints ignored",
+                web_slice_of(vec![
+                    ep("198.18.1.1").for_zones(&["zone-b"]),
+                    ep("198.18.1.2").for_zones(&["zone-c"]),
+                ]),
+                vec!["198.18.1.1:8080", "198.18.1.2:8080"],
+            ),
+            case(
+                "a ready endpoint without a hint: hints ignored",
+                web_slice_of(vec![ep("198.18.1.1").for_zones(&[ZONE]), ep("198.18.1.2")]),
+                vec!["198.18.1.1:8080", "198.18.1.2:8080"],
+            ),
+            case(
+                "a not-ready endpoint without a hint does not count",
+                web_slice_of(vec![
+                    ep("198.18.1.1").for_zones(&[ZONE]),
+                    ep("198.18.1.2").for_zones(&["zone-b"]),
+                    ep("198.18.1.3").not_ready(),
+                ]),
+                vec!["198.18.1.1:8080"],
+            ),
+            case(
+                "node hints (PreferSameNode): the endpoint hinted for this node",
+                web_slice_of(vec![
+                    ep("198.18.1.1").for_nodes(&[NODE]).for_zones(&[ZONE]),
+                    ep("198.18.1.2").for_nodes(&["node-b"]).for_zones(&[ZONE]),
+                ]),
+                vec!["198.18.1.1:8080"],
+            ),
+            case(
+                "node hints for other nodes only: the zone hints decide",
+                web_slice_of(vec![
+                    ep("198.18.1.1").for_nodes(&["node-b"]).for_zones(&[ZONE]),
+                    ep("198.18.1.2")
+                        .for_nodes(&["node-c"])
+                        .for_zones(&["zone-b"]),
+                ]),
+                vec!["198.18.1.1:8080"],
+            ),
+            case(
+                "nothing ready: the serving-terminating fallback ignores hints",
+                web_slice_of(vec![
+                    ep("198.18.1.1").for_zones(&[ZONE]).serving_terminating(),
+                    ep("198.18.1.2")
+                        .for_zones(&["zone-b"])
+                        .serving_terminating(),
+                ]),
+                vec!["198.18.1.1:8080", "198.18.1.2:8080"],
+            ),
+            Case {
+                name: "a node without a zone label uses every endpoint",
+                node: NodeFacts {
+                    zone: None,
+                    ..node()
+                },
+                ..case("", zoned(), all.clone())
+            },
+            Case {
+                name: "the annotation and trafficDistribution without hints change nothing",
+                services: vec![
+                    web()
+                        .annotation("service.kubernetes.io/topology-mode", "Auto")
+                        .traffic_distribution("PreferClose"),
+                ],
+                ..case(
+                    "",
+                    web_slice_of(vec![ep("198.18.1.1"), ep("198.18.1.2")]),
+                    vec!["198.18.1.1:8080", "198.18.1.2:8080"],
+                )
+            },
+            Case {
+                name: "hints are followed whatever the annotation says (the controller's input)",
+                services: vec![web().annotation("service.kubernetes.io/topology-mode", "Disabled")],
+                ..case("", zoned(), vec!["198.18.1.1:8080", "198.18.1.3:8080"])
+            },
+            Case {
+                name: "Local policy ignores hints; Cluster-policy frontends use them",
+                services: vec![
+                    web()
+                        .node_port("http-np", 81, 30081)
+                        .service_type("NodePort")
+                        .external_traffic_policy("Local"),
+                ],
+                slices: vec![
+                    slice("default/web-1", "web")
+                        .port(Some("http"), Some(8080), "TCP")
+                        .port(Some("http-np"), Some(8081), "TCP")
+                        .endpoint(ep("198.18.1.1").for_zones(&["zone-b"]).on_node(NODE))
+                        .endpoint(ep("198.18.1.2").for_zones(&[ZONE])),
+                ],
+                frontends: vec![
+                    ("198.18.0.1:30081/tcp", NodePort, vec!["198.18.1.1:8081"]),
+                    ("198.19.0.10:80/tcp", ClusterIp, vec!["198.18.1.2:8080"]),
+                    ("198.19.0.10:81/tcp", ClusterIp, vec!["198.18.1.2:8081"]),
+                ],
+                ..Case::default()
+            },
+        ]);
+    }
+
+    #[test]
+    fn the_node_objects_zone_label_wins_over_the_configured_zone() {
+        let mut model = Model::default();
+        model
+            .insert_service(svc("default/web", "198.19.0.10").port("http", 80, "TCP").0)
+            .unwrap();
+        model
+            .insert_endpoint_slice(
+                slice("default/web-1", "web")
+                    .port(Some("http"), Some(8080), "TCP")
+                    .endpoint(ep("198.18.1.1").for_zones(&[ZONE]))
+                    .endpoint(ep("198.18.1.2").for_zones(&["zone-b"]))
+                    .0,
+            )
+            .unwrap();
+        let backends_with = |model: &Model| -> Vec<String> {
+            plan(model, &node())
+                .desired
+                .frontends
+                .values()
+                .next()
+                .unwrap()
+                .backends
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        assert_eq!(backends_with(&model), ["198.18.1.1:8080"]);
+        model.set_node_labels([(ZONE_LABEL.to_owned(), "zone-b".to_owned())].into());
+        assert_eq!(backends_with(&model), ["198.18.1.2:8080"]);
+        // A Node without the label: no zone, so zone hints are ignored.
+        model.set_node_labels([("kubernetes.io/hostname".to_owned(), NODE.to_owned())].into());
+        assert_eq!(
+            backends_with(&model),
+            ["198.18.1.1:8080", "198.18.1.2:8080"]
+        );
+    }
+
+    #[test]
+    fn session_affinity_applies_to_every_frontend_of_the_service() {
+        let web = || {
+            svc("default/web", "198.19.0.10")
+                .node_port("http", 80, 30080)
+                .service_type("NodePort")
+        };
+        let affinity_of = |service: Svc| -> Vec<Option<Duration>> {
+            let mut model = Model::default();
+            model.insert_service(service.0).unwrap();
+            model.insert_endpoint_slice(web_slice().0).unwrap();
+            let planned = plan(&model, &node());
+            planned
+                .desired
+                .frontends
+                .values()
+                .map(|plan| plan.session_affinity)
+                .collect()
+        };
+        let three_hours = Some(DEFAULT_AFFINITY_TIMEOUT);
+        let cases = [
+            ("no affinity", web(), [None, None]),
+            ("None", web().session_affinity("None"), [None, None]),
+            (
+                "ClientIP without a timeout: 10800 s",
+                web().client_ip_affinity(None),
+                [three_hours; 2],
+            ),
+            (
+                "ClientIP with a timeout",
+                web().client_ip_affinity(Some(2)),
+                [Some(Duration::from_secs(2)); 2],
+            ),
+            (
+                "a timeout the API would refuse: the default",
+                web().client_ip_affinity(Some(86_401)),
+                [three_hours; 2],
+            ),
+        ];
+        for (name, service, expected) in cases {
+            assert_eq!(affinity_of(service), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn serving_addresses_ignore_policy_and_topology() {
+        let mut model = Model::default();
+        model
+            .insert_service(
+                svc("default/dns", "198.19.0.53")
+                    .port("dns", 53, "UDP")
+                    .internal_traffic_policy("Local")
+                    .0,
+            )
+            .unwrap();
+        model
+            .insert_endpoint_slice(
+                slice("default/dns-1", "dns")
+                    .port(Some("dns"), Some(5353), "UDP")
+                    .endpoint(ep("198.18.1.1").on_node(NODE).for_zones(&[ZONE]))
+                    .endpoint(ep("198.18.1.2").on_node("node-b").for_zones(&["zone-b"]))
+                    .endpoint(ep("198.18.1.3").serving_terminating())
+                    .endpoint(ep("198.18.1.4").not_ready())
+                    .0,
+            )
+            .unwrap();
+        let planned = plan(&model, &node());
+        let dns = &planned.desired.frontends.values().next().unwrap();
+        assert_eq!(rendered(dns), ["198.18.1.1:5353"]);
+        let serving: Vec<String> = dns.serving_addrs.iter().map(ToString::to_string).collect();
+        assert_eq!(serving, ["198.18.1.1", "198.18.1.2", "198.18.1.3"]);
     }
 }

@@ -3,21 +3,29 @@
 //! consistent.
 //!
 //! Three stages: [`materialize`] (pure: frontends and backends → SERVICES/BACKENDS
-//! entries, with stable ids from an [`IdRegistry`]), [`diff`] (pure: ordered operations),
-//! and [`MapWriter`] (the only code that writes the aya maps).
+//! entries, with stable ids from an [`IdRegistry`], the AFFINITY_MATCH entries of
+//! affinity frontends, and the SVC_NAMES metadata),
+//! [`diff`] (pure: ordered operations), and [`MapWriter`] (the only code that writes the
+//! aya maps).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
-use proxy_common::{Backend, ServiceKey, ServiceValue, service_flags};
+use proxy_common::{
+    AffinityMatchKey, Backend, ServiceKey, ServiceName, ServiceValue, service_flags,
+};
 
-use crate::plan::{DesiredState, FrontendKind};
+use crate::plan::{DesiredState, EmptyFrontend, FrontendKind, FrontendPlan};
 
-/// The contents of the SERVICES and BACKENDS maps.
+/// The contents of the SERVICES, BACKENDS, AFFINITY_MATCH and SVC_NAMES maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapImage {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, Backend>,
+    /// The backends of each frontend with session affinity (AFFINITY_MATCH's keys).
+    pub affinity_matches: BTreeSet<AffinityMatchKey>,
+    /// rev_nat_id → the Service port of that frontend.
+    pub names: BTreeMap<u32, ServiceName>,
 }
 
 /// Gives backends and frontends ids that stay the same across syncs and daemon restarts
@@ -94,21 +102,30 @@ fn next_free(last: &mut u32, in_use: impl Fn(u32) -> bool) -> u32 {
     }
 }
 
-fn kind_flag(kind: FrontendKind) -> u16 {
-    match kind {
+/// The header flags: the frontend's kind, and whether it drops while empty.
+fn header_flags(plan: &FrontendPlan) -> u16 {
+    let kind = match plan.kind {
         FrontendKind::ClusterIp => service_flags::CLUSTER_IP,
         FrontendKind::NodePort => service_flags::NODE_PORT,
         FrontendKind::ExternalIp => service_flags::EXTERNAL_IP,
         FrontendKind::LoadBalancer => service_flags::LOAD_BALANCER,
+    };
+    if plan.backends.is_empty() && plan.when_empty == EmptyFrontend::Drop {
+        kind | service_flags::NO_LOCAL_ENDPOINTS
+    } else {
+        kind
     }
 }
 
 /// Builds the map contents for `desired`. Slots follow the plan's (sorted) backend order.
+/// A Service port whose name exceeds Kubernetes' limits (possible only in hand-written
+/// manifests) is balanced all the same, just listed without a name.
 pub fn materialize(desired: &DesiredState, ids: &mut IdRegistry) -> MapImage {
     let mut image = MapImage::default();
     for (frontend, plan) in &desired.frontends {
         let proto = frontend.protocol.number();
         let header = ServiceKey::new(frontend.addr.octets(), frontend.port, proto, 0);
+        let rev_nat_id = ids.rev_nat_id(header);
         for (index, backend) in plan.backends.iter().enumerate() {
             let backend = Backend::new(backend.addr.octets(), backend.port, proto);
             let backend_id = ids.backend_id(backend);
@@ -121,16 +138,31 @@ pub fn materialize(desired: &DesiredState, ids: &mut IdRegistry) -> MapImage {
                     ..ServiceValue::default()
                 },
             );
+            if plan.session_affinity.is_some() {
+                image.affinity_matches.insert(AffinityMatchKey {
+                    rev_nat_id,
+                    backend_id,
+                });
+            }
         }
         image.services.insert(
             header,
             ServiceValue {
                 backend_id: 0,
-                rev_nat_id: ids.rev_nat_id(header),
+                rev_nat_id,
                 count: u16::try_from(plan.backends.len()).unwrap_or(u16::MAX),
-                flags: kind_flag(plan.kind),
+                flags: header_flags(plan),
+                // The planner keeps timeouts within the API's 1..=86400 s.
+                affinity_timeout_s: plan.session_affinity.map_or(0, |timeout| {
+                    u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX)
+                }),
             },
         );
+        let service = &plan.service;
+        if let Some(name) = ServiceName::new(&service.namespace, &service.name, &service.port_name)
+        {
+            image.names.insert(rev_nat_id, name);
+        }
     }
     ids.retain(&image);
     image
@@ -139,18 +171,28 @@ pub fn materialize(desired: &DesiredState, ids: &mut IdRegistry) -> MapImage {
 /// One map write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MapOp {
+    PutName(u32, ServiceName),
     PutBackend(u32, Backend),
     PutService(ServiceKey, ServiceValue),
+    PutAffinityMatch(AffinityMatchKey),
     DeleteService(ServiceKey),
+    DeleteAffinityMatch(AffinityMatchKey),
     DeleteBackend(u32),
+    DeleteName(u32),
 }
 
 /// The writes that turn `current` into `next`, ordered so that at every step each
 /// frontend's header only counts slots that exist and every slot names a backend that
-/// exists: new backends, then new slots, then headers; then removed headers, slots and
-/// backends.
+/// exists: new backends, then new slots and affinity matches, then headers; then removed
+/// headers, slots, affinity matches and backends. Names come first and go last, so a
+/// listing never shows a live frontend without its name.
 pub fn diff(current: &MapImage, next: &MapImage) -> Vec<MapOp> {
     let mut ops = Vec::new();
+    for (id, name) in &next.names {
+        if current.names.get(id) != Some(name) {
+            ops.push(MapOp::PutName(*id, *name));
+        }
+    }
     for (id, backend) in &next.backends {
         if current.backends.get(id) != Some(backend) {
             ops.push(MapOp::PutBackend(*id, *backend));
@@ -162,6 +204,11 @@ pub fn diff(current: &MapImage, next: &MapImage) -> Vec<MapOp> {
         .filter(|(key, value)| current.services.get(key) != Some(value));
     let (headers, slots): (Vec<_>, Vec<_>) = changed_services.partition(|(key, _)| key.slot == 0);
     ops.extend(slots.into_iter().map(|(k, v)| MapOp::PutService(*k, *v)));
+    ops.extend(
+        next.affinity_matches
+            .difference(&current.affinity_matches)
+            .map(|key| MapOp::PutAffinityMatch(*key)),
+    );
     ops.extend(headers.into_iter().map(|(k, v)| MapOp::PutService(*k, *v)));
 
     let removed_services = current
@@ -172,9 +219,20 @@ pub fn diff(current: &MapImage, next: &MapImage) -> Vec<MapOp> {
         removed_services.partition(|key| key.slot == 0);
     ops.extend(headers.into_iter().map(|key| MapOp::DeleteService(*key)));
     ops.extend(slots.into_iter().map(|key| MapOp::DeleteService(*key)));
+    ops.extend(
+        current
+            .affinity_matches
+            .difference(&next.affinity_matches)
+            .map(|key| MapOp::DeleteAffinityMatch(*key)),
+    );
     for id in current.backends.keys() {
         if !next.backends.contains_key(id) {
             ops.push(MapOp::DeleteBackend(*id));
+        }
+    }
+    for id in current.names.keys() {
+        if !next.names.contains_key(id) {
+            ops.push(MapOp::DeleteName(*id));
         }
     }
     ops
@@ -184,17 +242,29 @@ impl MapImage {
     /// Applies one operation to this in-memory image.
     fn apply(&mut self, op: MapOp) {
         match op {
+            MapOp::PutName(id, name) => {
+                self.names.insert(id, name);
+            }
             MapOp::PutBackend(id, backend) => {
                 self.backends.insert(id, backend);
             }
             MapOp::PutService(key, value) => {
                 self.services.insert(key, value);
             }
+            MapOp::PutAffinityMatch(key) => {
+                self.affinity_matches.insert(key);
+            }
             MapOp::DeleteService(key) => {
                 self.services.remove(&key);
             }
+            MapOp::DeleteAffinityMatch(key) => {
+                self.affinity_matches.remove(&key);
+            }
             MapOp::DeleteBackend(id) => {
                 self.backends.remove(&id);
+            }
+            MapOp::DeleteName(id) => {
+                self.names.remove(&id);
             }
         }
     }
@@ -212,10 +282,14 @@ pub struct ApplyReport {
     pub backends: usize,
 }
 
-/// Owns the SERVICES and BACKENDS maps and a mirror of their contents.
+/// Owns the SERVICES, BACKENDS, AFFINITY_MATCH and SVC_NAMES maps and a mirror of their
+/// contents.
 pub struct MapWriter {
     services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
     backends: BpfHashMap<MapData, u32, Backend>,
+    /// Presence is what counts; the value is always 1.
+    affinity_matches: BpfHashMap<MapData, AffinityMatchKey, u8>,
+    names: BpfHashMap<MapData, u32, ServiceName>,
     current: MapImage,
     ids: IdRegistry,
 }
@@ -226,10 +300,14 @@ impl MapWriter {
     pub fn new(
         services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
         backends: BpfHashMap<MapData, u32, Backend>,
+        affinity_matches: BpfHashMap<MapData, AffinityMatchKey, u8>,
+        names: BpfHashMap<MapData, u32, ServiceName>,
     ) -> Result<Self, MapError> {
         let mut writer = Self {
             services,
             backends,
+            affinity_matches,
+            names,
             current: MapImage::default(),
             ids: IdRegistry::default(),
         };
@@ -250,8 +328,20 @@ impl MapWriter {
             let (id, backend) = entry?;
             image.backends.insert(id, backend);
         }
+        for key in self.affinity_matches.keys() {
+            image.affinity_matches.insert(key?);
+        }
+        for entry in self.names.iter() {
+            let (id, name) = entry?;
+            image.names.insert(id, name);
+        }
         self.current = image;
         Ok(())
+    }
+
+    /// Entries in SERVICES and BACKENDS, as last written.
+    pub fn fill(&self) -> (usize, usize) {
+        (self.current.services.len(), self.current.backends.len())
     }
 
     /// Makes the maps equal to `desired`, writing only the difference.
@@ -276,10 +366,14 @@ impl MapWriter {
 
     fn write(&mut self, op: MapOp) -> Result<(), MapError> {
         match op {
+            MapOp::PutName(id, name) => self.names.insert(id, name, 0),
             MapOp::PutBackend(id, backend) => self.backends.insert(id, backend, 0),
             MapOp::PutService(key, value) => self.services.insert(key, value, 0),
+            MapOp::PutAffinityMatch(key) => self.affinity_matches.insert(key, 1, 0),
             MapOp::DeleteService(key) => ignore_missing(self.services.remove(&key)),
+            MapOp::DeleteAffinityMatch(key) => ignore_missing(self.affinity_matches.remove(&key)),
             MapOp::DeleteBackend(id) => ignore_missing(self.backends.remove(&id)),
+            MapOp::DeleteName(id) => ignore_missing(self.names.remove(&id)),
         }
     }
 }
@@ -304,9 +398,12 @@ fn is_map_full(error: &MapError) -> bool {
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
+    use std::time::Duration;
 
     use super::*;
-    use crate::plan::{BackendAddr, Frontend, FrontendPlan, Protocol, ServicePortName};
+    use crate::plan::{
+        BackendAddr, EmptyFrontend, Frontend, FrontendPlan, Protocol, ServicePortName,
+    };
 
     fn frontend(addr: [u8; 4], port: u16) -> Frontend {
         Frontend {
@@ -327,27 +424,58 @@ mod tests {
     }
 
     fn desired(entries: &[(Frontend, &[u8])]) -> DesiredState {
+        named(
+            entries
+                .iter()
+                .map(|(frontend, octets)| (*frontend, "web", *octets)),
+        )
+    }
+
+    /// Like [`desired`], each frontend for its own Service `default/<name>`.
+    fn named<'a>(entries: impl IntoIterator<Item = (Frontend, &'a str, &'a [u8])>) -> DesiredState {
         let mut state = DesiredState::default();
-        for (frontend, octets) in entries {
+        for (frontend, name, octets) in entries {
             state.frontends.insert(
-                *frontend,
+                frontend,
                 FrontendPlan {
                     service: ServicePortName {
                         namespace: "default".into(),
-                        name: "web".into(),
+                        name: name.into(),
                         port_name: String::new(),
                     },
                     kind: FrontendKind::ClusterIp,
                     backends: backends(octets),
+                    when_empty: EmptyFrontend::Reject,
+                    session_affinity: None,
+                    serving_addrs: Vec::new(),
                 },
             );
         }
         state
     }
 
-    /// Every header counts only existing slots; every slot names an existing backend.
+    /// The same state with session affinity (3 hours) on every frontend.
+    fn with_affinity(mut state: DesiredState) -> DesiredState {
+        for plan in state.frontends.values_mut() {
+            plan.session_affinity = Some(Duration::from_secs(10_800));
+        }
+        state
+    }
+
+    /// Every header counts only existing slots; every slot and affinity match names an
+    /// existing backend; every header's frontend has its name.
     fn assert_consistent(image: &MapImage, step: usize) {
+        for key in &image.affinity_matches {
+            assert!(
+                image.backends.contains_key(&key.backend_id),
+                "step {step}: {key:?} names a missing backend"
+            );
+        }
         for (key, value) in image.services.iter().filter(|(k, _)| k.slot == 0) {
+            assert!(
+                image.names.contains_key(&value.rev_nat_id),
+                "step {step}: {key:?} has no name"
+            );
             for slot in 1..=value.count {
                 let slot_value = image.services.get(&key.with_slot(slot));
                 let slot_value = slot_value
@@ -415,6 +543,21 @@ mod tests {
                 desired(&[(vip, &[10, 11]), (other, &[12])]),
                 desired(&[]),
             ),
+            (
+                "affinity frontend shrinks and grows",
+                with_affinity(desired(&[(vip, &[10, 11])])),
+                with_affinity(desired(&[(vip, &[11, 12])])),
+            ),
+            (
+                "affinity switched on",
+                desired(&[(vip, &[10, 11])]),
+                with_affinity(desired(&[(vip, &[10, 11])])),
+            ),
+            (
+                "affinity frontend removed",
+                with_affinity(desired(&[(vip, &[10]), (other, &[12])])),
+                desired(&[(other, &[12])]),
+            ),
         ];
         for (name, from, to) in cases {
             let ops = transition(from, to);
@@ -480,9 +623,109 @@ mod tests {
     }
 
     #[test]
+    fn names_follow_their_frontends() {
+        let vip = frontend([198, 19, 0, 10], 80);
+        let other = frontend([198, 19, 0, 11], 80);
+        let mut ids = IdRegistry::default();
+        let before = materialize(
+            &named([(vip, "web", &[10][..]), (other, "api", &[11])]),
+            &mut ids,
+        );
+        let name_of = |image: &MapImage, key: ServiceKey| {
+            let id = image.services[&key].rev_nat_id;
+            image.names[&id].name().to_owned()
+        };
+        let vip_key = ServiceKey::new([198, 19, 0, 10], 80, 6, 0);
+        assert_eq!(name_of(&before, vip_key), "web");
+
+        // `api` takes over the VIP (same frontend, same id) and `other` goes away.
+        let after = materialize(&named([(vip, "api", &[11][..])]), &mut ids);
+        assert_eq!(name_of(&after, vip_key), "api");
+        assert_eq!(after.names.len(), 1);
+        let ops = diff(&before, &after);
+        let rev_nat_id = after.services[&vip_key].rev_nat_id;
+        assert!(ops.contains(&MapOp::PutName(rev_nat_id, after.names[&rev_nat_id])));
+        assert!(matches!(ops.last(), Some(MapOp::DeleteName(_))), "{ops:?}");
+    }
+
+    #[test]
+    fn overlong_names_leave_the_frontend_unnamed_but_balanced() {
+        let vip = frontend([198, 19, 0, 10], 80);
+        let long = "x".repeat(64);
+        let image = materialize(
+            &named([(vip, long.as_str(), &[10][..])]),
+            &mut IdRegistry::default(),
+        );
+        assert!(image.names.is_empty());
+        assert_eq!(image.services.len(), 2);
+    }
+
+    #[test]
     fn next_free_skips_zero_and_used_ids_after_wrapping() {
         let mut last = u32::MAX - 1;
         assert_eq!(next_free(&mut last, |_| false), u32::MAX);
         assert_eq!(next_free(&mut last, |id| id == 1 || id == 2), 3);
+    }
+
+    #[test]
+    fn affinity_frontends_record_their_timeout_and_backends() {
+        let vip = frontend([198, 19, 0, 10], 80);
+        let other = frontend([198, 19, 0, 11], 80);
+        let mut ids = IdRegistry::default();
+        let mut state = desired(&[(vip, &[10, 11]), (other, &[12])]);
+        state.frontends.get_mut(&vip).unwrap().session_affinity = Some(Duration::from_secs(2));
+        let image = materialize(&state, &mut ids);
+        let vip_header = image.services[&ServiceKey::new([198, 19, 0, 10], 80, 6, 0)];
+        let other_header = image.services[&ServiceKey::new([198, 19, 0, 11], 80, 6, 0)];
+        assert_eq!(
+            (
+                vip_header.affinity_timeout_s,
+                other_header.affinity_timeout_s
+            ),
+            (2, 0)
+        );
+        let slot_backend =
+            |slot| image.services[&ServiceKey::new([198, 19, 0, 10], 80, 6, slot)].backend_id;
+        let expected: BTreeSet<AffinityMatchKey> = [1, 2]
+            .map(|slot| AffinityMatchKey {
+                rev_nat_id: vip_header.rev_nat_id,
+                backend_id: slot_backend(slot),
+            })
+            .into();
+        assert_eq!(image.affinity_matches, expected);
+
+        // A backend that leaves loses its match after the header stops counting it.
+        state.frontends.get_mut(&vip).unwrap().backends.truncate(1);
+        let next = materialize(&state, &mut ids);
+        let ops = diff(&image, &next);
+        let removed = AffinityMatchKey {
+            rev_nat_id: vip_header.rev_nat_id,
+            backend_id: slot_backend(2),
+        };
+        let position = |wanted: &MapOp| ops.iter().position(|op| op == wanted).unwrap();
+        let header_update = ops
+            .iter()
+            .position(|op| matches!(op, MapOp::PutService(key, _) if key.slot == 0))
+            .unwrap();
+        assert!(
+            header_update < position(&MapOp::DeleteAffinityMatch(removed)),
+            "{ops:?}"
+        );
+    }
+
+    #[test]
+    fn empty_frontends_are_flagged_when_they_drop() {
+        let vip = frontend([198, 19, 0, 10], 80);
+        let flags_with = |backends: &[u8], when_empty| {
+            let mut state = desired(&[(vip, backends)]);
+            state.frontends.get_mut(&vip).unwrap().when_empty = when_empty;
+            let image = materialize(&state, &mut IdRegistry::default());
+            image.services[&ServiceKey::new([198, 19, 0, 10], 80, 6, 0)].flags
+        };
+        let cluster_ip = service_flags::CLUSTER_IP;
+        let dropping = cluster_ip | service_flags::NO_LOCAL_ENDPOINTS;
+        assert_eq!(flags_with(&[], EmptyFrontend::Reject), cluster_ip);
+        assert_eq!(flags_with(&[], EmptyFrontend::Drop), dropping);
+        assert_eq!(flags_with(&[10], EmptyFrontend::Drop), cluster_ip);
     }
 }

@@ -1,5 +1,7 @@
 //! Packet tests of the tc program `epx_ingress` through `BPF_PROG_TEST_RUN`, in the style
 //! of Katran's fixtures: a crafted frame in, the exact verdict and the exact frame out.
+//! The dry-run twin `epx_trace` (behind `ebpf-proxy trace`) is held to the same bytes, and
+//! to leaving every map as it found it.
 //!
 //! Expected frames are built independently (etherparse, full checksums) and compared
 //! whole; the output's checksums are also verified from scratch. Test-run skbs are not
@@ -24,13 +26,14 @@ use aya::{
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
 use etherparse::{
-    EtherType, Ethernet2Header, IpFragOffset, IpNumber, Ipv4Header, Ipv4Options, PacketBuilder,
-    TcpHeader, UdpHeader,
+    EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpDscp, IpFragOffset, IpNumber,
+    Ipv4Header, Ipv4Options, PacketBuilder, TcpHeader, UdpHeader, icmpv4::DestUnreachableHeader,
 };
 use proxy_common::{
-    Backend, CtKey, CtValue, PROGRAM_NAME, ServiceKey, ServiceValue, ct_dir, ct_flags, map_names,
-    proto, stat,
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend, CtKey, CtValue, PROGRAM_NAME,
+    ServiceKey, ServiceValue, ct_dir, ct_flags, map_names, proto, service_flags, stat,
 };
+use proxy_userspace::inspect::trace::{TracePacket, Tracer};
 
 /// Whether this process can load BPF programs. Without root (or without a working `bpf()`
 /// syscall) the tests print why and pass as skipped, except under `CI=true`, where a
@@ -88,6 +91,7 @@ fn bpf_syscall_error() -> Option<std::io::Error> {
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
 
 const CLIENT: SocketAddrV4 = addr([198, 18, 0, 10], 40_000);
 const VIP: SocketAddrV4 = addr([198, 19, 0, 10], 80);
@@ -173,7 +177,7 @@ impl Drop for PrivateBpffs {
 struct Datapath {
     // Declared (and so dropped) before the bpffs it pins into.
     ebpf: Ebpf,
-    _bpffs: PrivateBpffs,
+    bpffs: PrivateBpffs,
     next_backend_id: u32,
 }
 
@@ -198,7 +202,7 @@ impl Datapath {
             .unwrap_or_else(|e| panic!("loading {PROGRAM_NAME}: {e:?}"));
         Some(Self {
             ebpf,
-            _bpffs: bpffs,
+            bpffs,
             next_backend_id: 1,
         })
     }
@@ -206,6 +210,18 @@ impl Datapath {
     /// Installs a frontend with `backends` in slots 1..=n, the way the daemon does
     /// (backends and slots first, then the slot-0 header). Returns the backend ids.
     fn add_service(&mut self, frontend: ServiceKey, backends: &[Backend]) -> Vec<u32> {
+        self.add_service_with(frontend, backends, 0, 0)
+    }
+
+    /// [`Datapath::add_service`] with header `flags` and session affinity (0: none) and,
+    /// with affinity, the AFFINITY_MATCH entries the daemon writes.
+    fn add_service_with(
+        &mut self,
+        frontend: ServiceKey,
+        backends: &[Backend],
+        flags: u16,
+        affinity_timeout_s: u32,
+    ) -> Vec<u32> {
         let mut ids = Vec::new();
         for (slot, backend) in (1..).zip(backends) {
             let id = self.next_backend_id;
@@ -220,15 +236,33 @@ impl Datapath {
             );
             ids.push(id);
         }
+        if affinity_timeout_s != 0 {
+            let mut matches: BpfHashMap<_, AffinityMatchKey, u8> =
+                BpfHashMap::try_from(self.ebpf.map_mut(map_names::AFFINITY_MATCH).unwrap())
+                    .unwrap();
+            for backend_id in &ids {
+                let key = AffinityMatchKey {
+                    rev_nat_id: REV_NAT_ID,
+                    backend_id: *backend_id,
+                };
+                matches.insert(key, 1, 0).unwrap();
+            }
+        }
         self.insert_service_entry(
             frontend,
             ServiceValue {
                 count: backends.len().try_into().unwrap(),
                 rev_nat_id: REV_NAT_ID,
+                flags,
+                affinity_timeout_s,
                 ..ServiceValue::default()
             },
         );
         ids
+    }
+
+    fn affinity_map(&mut self) -> BpfHashMap<&mut aya::maps::MapData, AffinityKey, AffinityValue> {
+        BpfHashMap::try_from(self.ebpf.map_mut(map_names::AFFINITY).unwrap()).unwrap()
     }
 
     fn insert_service_entry(&mut self, key: ServiceKey, value: ServiceValue) {
@@ -284,6 +318,11 @@ impl Datapath {
         let conntrack: BpfHashMap<_, CtKey, CtValue> =
             BpfHashMap::try_from(self.ebpf.map(map_names::CONNTRACK).unwrap()).unwrap();
         conntrack.iter().map(Result::unwrap).collect()
+    }
+
+    /// `epx_trace`, loaded the way `ebpf-proxy trace` loads it: against these pinned maps.
+    fn tracer(&self) -> Tracer {
+        Tracer::load(&self.bpffs.path).unwrap_or_else(|e| panic!("loading epx_trace: {e:?}"))
     }
 
     fn conntrack_entry(&self, key: CtKey) -> CtValue {
@@ -342,6 +381,7 @@ struct Frame {
     ip_options: &'static [u8],
     more_fragments: bool,
     fragment_offset: u16,
+    payload: &'static [u8],
 }
 
 impl Frame {
@@ -353,6 +393,7 @@ impl Frame {
             ip_options: &[],
             more_fragments: false,
             fragment_offset: 0,
+            payload: PAYLOAD,
         }
     }
 
@@ -382,17 +423,22 @@ impl Frame {
                 tcp.ack = ack;
                 tcp.fin = fin;
                 tcp.acknowledgment_number = if ack { 5_000 } else { 0 };
-                ip.set_payload_len(tcp.header_len() + PAYLOAD.len())
+                ip.set_payload_len(tcp.header_len() + self.payload.len())
                     .unwrap();
-                tcp.checksum = tcp.calc_checksum_ipv4(&ip, PAYLOAD).unwrap();
+                tcp.checksum = tcp.calc_checksum_ipv4(&ip, self.payload).unwrap();
                 tcp.to_bytes().to_vec()
             }
             Transport::Udp { checksum } => {
                 ip.protocol = IpNumber::UDP;
-                ip.set_payload_len(UdpHeader::LEN + PAYLOAD.len()).unwrap();
-                let mut udp =
-                    UdpHeader::with_ipv4_checksum(self.src.port(), self.dst.port(), &ip, PAYLOAD)
-                        .unwrap();
+                ip.set_payload_len(UdpHeader::LEN + self.payload.len())
+                    .unwrap();
+                let mut udp = UdpHeader::with_ipv4_checksum(
+                    self.src.port(),
+                    self.dst.port(),
+                    &ip,
+                    self.payload,
+                )
+                .unwrap();
                 if !checksum {
                     udp.checksum = 0;
                 }
@@ -405,7 +451,7 @@ impl Frame {
             destination: [0x02, 0, 0, 0, 0, 0x02],
             ether_type: EtherType::IPV4,
         };
-        [&eth.to_bytes()[..], &ip.to_bytes(), &l4, PAYLOAD].concat()
+        [&eth.to_bytes()[..], &ip.to_bytes(), &l4, self.payload].concat()
     }
 }
 
@@ -452,6 +498,54 @@ fn assert_translated(datapath: &Datapath, input: Frame, expected: Frame) {
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(out, expected.build());
     assert_checksums_valid(&out);
+}
+
+/// The ICMP port unreachable the kernel would send for `refused` (a frame without IPv4
+/// options): from its destination back to its source, with its IPv4 header and first 8
+/// payload bytes, in the kernel's own style (precedence "internetwork control", TTL 64).
+fn port_unreachable_for(refused: &[u8]) -> Vec<u8> {
+    let eth = Ethernet2Header::from_slice(refused).unwrap().0;
+    let (ip, _) = Ipv4Header::from_slice(&refused[Ethernet2Header::LEN..]).unwrap();
+    let quote = &refused[Ethernet2Header::LEN..Ethernet2Header::LEN + Ipv4Header::MIN_LEN + 8];
+    let icmp = Icmpv4Header::with_checksum(
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port),
+        quote,
+    );
+    let mut answer = Ipv4Header::new(
+        (icmp.header_len() + quote.len()) as u16,
+        64,
+        IpNumber::ICMP,
+        ip.destination,
+        ip.source,
+    )
+    .unwrap();
+    answer.dscp = IpDscp::CS6;
+    answer.identification = 0;
+    answer.dont_fragment = false;
+    answer.header_checksum = answer.calc_header_checksum();
+    let eth = Ethernet2Header {
+        source: eth.destination,
+        destination: eth.source,
+        ether_type: EtherType::IPV4,
+    };
+    [
+        &eth.to_bytes()[..],
+        &answer.to_bytes(),
+        &icmp.to_bytes(),
+        quote,
+    ]
+    .concat()
+}
+
+/// Runs `refused` and asserts it was turned, exactly, into its ICMP port unreachable and
+/// redirected back out of its device.
+fn assert_refused(datapath: &Datapath, refused: &[u8]) {
+    let (verdict, out) = datapath.run(refused);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out, port_unreachable_for(refused), "{out:02x?}");
+    let ip = &out[Ethernet2Header::LEN..];
+    assert_eq!(ones_complement_sum(&ip[..Ipv4Header::MIN_LEN]), 0xffff);
+    assert_eq!(ones_complement_sum(&ip[Ipv4Header::MIN_LEN..]), 0xffff);
 }
 
 /// Runs `frame` and asserts it passes (TC_ACT_OK) byte for byte unchanged.
@@ -632,15 +726,183 @@ fn packet_to_a_non_service_address_passes_untouched() {
 }
 
 #[test]
-fn service_without_backends_drops() {
+fn service_without_endpoints_refuses_tcp_with_an_icmp_port_unreachable() {
     let Some(mut datapath) = Datapath::load() else {
         return;
     };
     datapath.add_service(frontend(VIP, proto::TCP), &[]);
+    // 69 bytes: the 70-byte answer grows the packet.
+    let syn = Frame::new(CLIENT, VIP, SYN).build();
+    assert_refused(&datapath, &syn);
+    assert_eq!(
+        port_unreachable_for(&syn)[..],
+        [
+            // Ethernet: back to the sender's MAC.
+            &[0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02, 0x08, 0x00][..],
+            // IPv4: tos 0xc0, length 56, TTL 64, ICMP, 198.19.0.10 → 198.18.0.10.
+            &[0x45, 0xc0, 0x00, 0x38, 0, 0, 0, 0, 0x40, 0x01, 0xed, 0xcb],
+            &[198, 19, 0, 10, 198, 18, 0, 10],
+            // ICMP destination unreachable, port unreachable.
+            &[0x03, 0x03, 0x5c, 0x84, 0, 0, 0, 0],
+            // The refused SYN's IPv4 header and ports, sequence number.
+            &syn[14..42],
+        ]
+        .concat()[..],
+        "the expected answer itself, spelled out"
+    );
+    datapath.assert_stats(&[(stat::REJECTED, 1)]);
+    assert!(datapath.conntrack().is_empty());
+}
+
+#[test]
+fn service_without_endpoints_refuses_udp_of_any_length() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    let dns = addr([198, 19, 0, 53], 53);
+    datapath.add_service(frontend(dns, proto::UDP), &[]);
+    let short = Frame {
+        payload: b"?",
+        ..Frame::new(CLIENT, dns, UDP)
+    };
+    assert_refused(&datapath, &short.build());
+    let long = Frame {
+        payload: &[0x5a; 1200],
+        ..Frame::new(CLIENT, dns, Transport::Udp { checksum: false })
+    };
+    assert_refused(&datapath, &long.build());
+    datapath.assert_stats(&[(stat::REJECTED, 2)]);
+    assert!(datapath.conntrack().is_empty());
+}
+
+#[test]
+fn local_policy_frontend_without_local_endpoints_drops() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    let flags = service_flags::NODE_PORT | service_flags::NO_LOCAL_ENDPOINTS;
+    datapath.add_service_with(frontend(VIP, proto::TCP), &[], flags, 0);
     let (verdict, _) = datapath.run(&Frame::new(CLIENT, VIP, SYN).build());
     assert_eq!(verdict, TC_ACT_SHOT);
     datapath.assert_stats(&[(stat::NO_BACKEND, 1)]);
     assert!(datapath.conntrack().is_empty());
+}
+
+#[test]
+fn refusal_of_a_packet_with_ip_options_is_a_drop() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    datapath.add_service(frontend(VIP, proto::TCP), &[]);
+    let syn = Frame {
+        ip_options: &[0x94, 0x04, 0x00, 0x00],
+        ..Frame::new(CLIENT, VIP, SYN)
+    };
+    let (verdict, _) = datapath.run(&syn.build());
+    assert_eq!(verdict, TC_ACT_SHOT);
+    datapath.assert_stats(&[(stat::NO_BACKEND, 1)]);
+}
+
+/// The backend a SYN from `client` was DNATed to.
+fn chosen_backend(
+    datapath: &Datapath,
+    client: SocketAddrV4,
+    backends: &[SocketAddrV4],
+) -> SocketAddrV4 {
+    let (verdict, out) = datapath.run(&Frame::new(client, VIP, SYN).build());
+    assert_eq!(verdict, TC_ACT_OK);
+    *backends
+        .iter()
+        .find(|b| out[30..34] == b.ip().octets())
+        .expect("DNATed to one of the backends")
+}
+
+const AFFINITY_TIMEOUT_S: u32 = 10;
+const SECOND_NS: u64 = 1_000_000_000;
+
+#[test]
+fn affinity_sends_a_clients_new_connections_to_its_backend() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    let backends = [BACKEND_1, BACKEND_2, BACKEND_3];
+    let ids = datapath.add_service_with(
+        frontend(VIP, proto::TCP),
+        &backends.map(|b| backend(b, proto::TCP)),
+        service_flags::CLUSTER_IP,
+        AFFINITY_TIMEOUT_S,
+    );
+    let first = chosen_backend(&datapath, CLIENT, &backends);
+    for port in 50_000..50_030 {
+        let client = addr(CLIENT.ip().octets(), port);
+        assert_eq!(chosen_backend(&datapath, client, &backends), first);
+    }
+    datapath.assert_stats(&[
+        (stat::CT_MISS, 31),
+        (stat::NEW_FLOW, 31),
+        (stat::AFFINITY, 30),
+    ]);
+    let key = AffinityKey {
+        client_addr: u32::from_ne_bytes(CLIENT.ip().octets()),
+        rev_nat_id: REV_NAT_ID,
+    };
+    let remembered = datapath.affinity_map().get(&key, 0).unwrap();
+    let index = backends.iter().position(|b| *b == first).unwrap();
+    assert_eq!(remembered.backend_id, ids[index]);
+    assert!(remembered.last_used_ns > 0);
+}
+
+#[test]
+fn affinity_ends_after_the_timeout_and_when_the_backend_leaves() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    let backends = [BACKEND_1];
+    let ids = datapath.add_service_with(
+        frontend(VIP, proto::TCP),
+        &backends.map(|b| backend(b, proto::TCP)),
+        service_flags::CLUSTER_IP,
+        AFFINITY_TIMEOUT_S,
+    );
+    // A second backend that is no longer the frontend's (no AFFINITY_MATCH entry).
+    datapath.insert_backend(ids[0] + 1, backend(BACKEND_2, proto::TCP));
+    let key = AffinityKey {
+        client_addr: u32::from_ne_bytes(CLIENT.ip().octets()),
+        rev_nat_id: REV_NAT_ID,
+    };
+    let now = proxy_userspace::conntrack::monotonic_now_ns();
+    let cases = [
+        ("within the timeout", ids[0], now - 5 * SECOND_NS, 1),
+        ("past the timeout", ids[0], now - 11 * SECOND_NS, 0),
+        ("backend left the frontend", ids[0] + 1, now - SECOND_NS, 0),
+    ];
+    let mut affinity_hits = 0;
+    for (flows, (name, backend_id, last_used_ns, kept)) in (1..).zip(cases) {
+        let remembered = AffinityValue {
+            backend_id,
+            _pad: 0,
+            last_used_ns,
+        };
+        datapath.affinity_map().insert(key, remembered, 0).unwrap();
+        let client = addr(CLIENT.ip().octets(), 51_000 + flows as u16);
+        assert_eq!(
+            chosen_backend(&datapath, client, &backends),
+            BACKEND_1,
+            "{name}"
+        );
+        affinity_hits += kept;
+        datapath.assert_stats(&[
+            (stat::CT_MISS, flows),
+            (stat::NEW_FLOW, flows),
+            (stat::AFFINITY, affinity_hits),
+        ]);
+        let refreshed = datapath.affinity_map().get(&key, 0).unwrap();
+        assert_eq!(
+            refreshed.backend_id, ids[0],
+            "{name}: the choice is remembered"
+        );
+        assert!(refreshed.last_used_ns >= now, "{name}: and its time");
+    }
 }
 
 #[test]
@@ -766,4 +1028,220 @@ fn new_flows_spread_over_all_backends() {
         (stat::CT_MISS, FLOWS.into()),
         (stat::NEW_FLOW, FLOWS.into()),
     ]);
+}
+
+/// A packet as `ebpf-proxy trace` builds it (TCP: a SYN).
+fn trace_packet(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> TracePacket {
+    let endpoint = |a: SocketAddrV4| proxy_userspace::inspect::Endpoint {
+        address: *a.ip(),
+        port: a.port(),
+    };
+    TracePacket {
+        protocol: proto,
+        source: endpoint(src),
+        destination: endpoint(dst),
+    }
+}
+
+#[test]
+fn trace_rewrites_like_ingress_and_leaves_the_maps_alone() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    let ids = datapath.add_service(frontend(VIP, proto::TCP), &[backend(BACKEND_1, proto::TCP)]);
+    let mut tracer = datapath.tracer();
+    let packet = trace_packet(CLIENT, VIP, proto::TCP);
+
+    // Many runs, so they land on several CPUs: each finds its own per-CPU record.
+    for _ in 0..20 {
+        let report = tracer.run(&packet).unwrap();
+        assert_eq!(
+            (report.verdict.as_str(), report.path),
+            ("accept", "new_flow")
+        );
+        assert!(report.conntrack.is_none());
+        let backend = report.backend.expect("a backend was selected");
+        assert_eq!(
+            (backend.id, backend.address, backend.port),
+            (ids[0], *BACKEND_1.ip(), 8080)
+        );
+        assert_eq!(report.selection.map(|s| (s.slot, s.of)), Some((1, 1)));
+        let output = report.output.expect("the rewritten packet");
+        assert_eq!(output.destination.address, *BACKEND_1.ip());
+    }
+    datapath.assert_stats(&[]);
+    assert!(datapath.conntrack().is_empty());
+
+    // Byte for byte what epx_ingress makes of the same frame.
+    let frame = packet.frame();
+    let traced = tracer.run_frame(&frame).unwrap();
+    let live = datapath.run(&frame);
+    assert_eq!(traced, live);
+    assert_eq!(live.0, TC_ACT_OK);
+    assert_checksums_valid(&live.1);
+}
+
+#[test]
+fn trace_follows_a_tracked_flow_and_its_replies() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    let backends = [BACKEND_1, BACKEND_2, BACKEND_3];
+    datapath.add_service(
+        frontend(VIP, proto::UDP),
+        &backends.map(|b| backend(b, proto::UDP)),
+    );
+    let query = Frame::new(CLIENT, VIP, UDP);
+    let (_, out) = datapath.run(&query.build());
+    let chosen = backends
+        .into_iter()
+        .find(|b| out[30..34] == b.ip().octets())
+        .expect("DNATed to one of the backends");
+    let conntrack_before = datapath.conntrack();
+    let stats_before = datapath.stats();
+    let mut tracer = datapath.tracer();
+
+    let forward = tracer.run(&trace_packet(CLIENT, VIP, proto::UDP)).unwrap();
+    assert_eq!(forward.path, "ct_hit");
+    let flow = forward.conntrack.expect("the forward entry decided");
+    assert_eq!(
+        (flow.direction, flow.nat.address),
+        ("forward", *chosen.ip())
+    );
+    assert_eq!(forward.backend.map(|b| b.address), Some(*chosen.ip()));
+    assert!(forward.frontend.is_none(), "no SERVICES lookup on a hit");
+
+    let reply = tracer
+        .run(&trace_packet(chosen, CLIENT, proto::UDP))
+        .unwrap();
+    assert_eq!(reply.path, "reply");
+    assert_eq!(reply.conntrack.map(|c| c.direction), Some("reply"));
+    let output = reply.output.expect("the rewritten reply");
+    assert_eq!(
+        (output.source.address, output.source.port),
+        (*VIP.ip(), VIP.port())
+    );
+
+    assert_eq!(
+        datapath.conntrack(),
+        conntrack_before,
+        "packet counts untouched"
+    );
+    assert_eq!(datapath.stats(), stats_before);
+}
+
+#[test]
+fn trace_reports_drops_and_passes() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    datapath.add_service(frontend(VIP, proto::TCP), &[]);
+    let local_only = addr([198, 19, 0, 11], 80);
+    let flags = service_flags::NODE_PORT | service_flags::NO_LOCAL_ENDPOINTS;
+    datapath.add_service_with(frontend(local_only, proto::TCP), &[], flags, 0);
+    let mut tracer = datapath.tracer();
+
+    let refused = tracer.run(&trace_packet(CLIENT, VIP, proto::TCP)).unwrap();
+    assert_eq!(
+        (refused.verdict.as_str(), refused.path),
+        ("redirect", "rejected")
+    );
+    assert_eq!(refused.frontend.map(|f| f.backend_count), Some(0));
+    let dropped = tracer
+        .run(&trace_packet(CLIENT, local_only, proto::TCP))
+        .unwrap();
+    assert_eq!(
+        (dropped.verdict.as_str(), dropped.path),
+        ("drop", "no_backend")
+    );
+
+    let passed = tracer
+        .run(&trace_packet(CLIENT, OTHER, proto::TCP))
+        .unwrap();
+    assert_eq!((passed.verdict.as_str(), passed.path), ("accept", "pass"));
+    assert!(passed.frontend.is_none() && passed.backend.is_none());
+    datapath.assert_stats(&[]);
+}
+
+#[test]
+fn trace_of_a_node_port_reply_stops_before_routing_it() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    let node_port = frontend(VIP, proto::TCP);
+    datapath.add_service(node_port, &[backend(BACKEND_1, proto::TCP)]);
+    datapath.insert_service_entry(
+        node_port,
+        ServiceValue {
+            count: 1,
+            rev_nat_id: REV_NAT_ID,
+            flags: proxy_common::service_flags::NODE_PORT,
+            ..ServiceValue::default()
+        },
+    );
+    let syn = Frame::new(CLIENT, VIP, SYN);
+    assert_translated(&datapath, syn, syn.between(CLIENT, BACKEND_1));
+    let stats_before = datapath.stats();
+
+    let report = datapath
+        .tracer()
+        .run(&trace_packet(BACKEND_1, CLIENT, proto::TCP))
+        .unwrap();
+    assert_eq!((report.verdict.as_str(), report.path), ("accept", "reply"));
+    assert!(
+        report.routes_reply,
+        "the live program would route this reply itself"
+    );
+    let output = report.output.expect("the rewritten reply");
+    assert_eq!(
+        (output.source.address, output.source.port),
+        (*VIP.ip(), VIP.port())
+    );
+    assert_eq!(datapath.stats(), stats_before);
+}
+
+#[test]
+fn trace_shows_a_backend_kept_by_affinity_and_leaves_it_alone() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    let backends = [BACKEND_1, BACKEND_2, BACKEND_3];
+    datapath.add_service_with(
+        frontend(VIP, proto::TCP),
+        &backends.map(|b| backend(b, proto::TCP)),
+        service_flags::CLUSTER_IP,
+        AFFINITY_TIMEOUT_S,
+    );
+    let first = chosen_backend(&datapath, CLIENT, &backends);
+    let key = AffinityKey {
+        client_addr: u32::from_ne_bytes(CLIENT.ip().octets()),
+        rev_nat_id: REV_NAT_ID,
+    };
+    let remembered = datapath.affinity_map().get(&key, 0).unwrap();
+    let stats_before = datapath.stats();
+    let mut tracer = datapath.tracer();
+
+    let report = tracer
+        .run(&trace_packet(
+            addr(CLIENT.ip().octets(), 50_001),
+            VIP,
+            proto::TCP,
+        ))
+        .unwrap();
+    assert_eq!(
+        (report.verdict.as_str(), report.path),
+        ("accept", "new_flow")
+    );
+    assert!(report.selection.is_none(), "no slot was drawn");
+    assert_eq!(report.backend.map(|b| b.address), Some(*first.ip()));
+    assert!(
+        report
+            .decided_by
+            .iter()
+            .any(|line| line.starts_with("AFFINITY[")),
+        "{:?}",
+        report.decided_by
+    );
+    assert_eq!(datapath.affinity_map().get(&key, 0).unwrap(), remembered);
+    assert_eq!(datapath.stats(), stats_before);
 }

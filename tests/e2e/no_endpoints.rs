@@ -1,29 +1,77 @@
-//! A Service without endpoints drops its traffic (the connection attempt times out rather
-//! than being refused or routed), while another Service keeps working.
+//! A Service without endpoints refuses at once, as kube-proxy's REJECT rule does: a TCP
+//! connect fails with "connection refused" and a connected UDP socket gets the ICMP port
+//! unreachable, both well under 100 ms (a drop would leave the client waiting for its
+//! timeout). From a pod to the ClusterIP and from outside to the NodePort; another Service
+//! keeps working.
 
 mod common;
 
+use std::io::ErrorKind;
 use std::net::Ipv4Addr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::{Result, ensure};
+use anyhow::{Result, bail, ensure};
 use common::{
     BACKEND_NAMES, SERVICE_TCP_PORT, SERVICE_UDP_PORT, SYNC_TIMEOUT, backends, caller, echo_service,
 };
-use proxy_lab::{Service, addr, is_timeout, require_lab};
+use proxy_lab::{Netns, Service, addr, require_lab};
 
-/// VIP of the Service without endpoints.
+/// VIP and node ports of the Service without endpoints.
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 12);
-/// Long enough that a dropped SYN (first retransmit after 1 s) is clearly dropped.
-const DROP_WAIT: Duration = Duration::from_millis(1500);
+const EMPTY_NODE_PORT_TCP: u16 = 30081;
+const EMPTY_NODE_PORT_UDP: u16 = 30054;
+const REFUSAL_LIMIT: Duration = Duration::from_millis(100);
+/// What the client would wait for if the packet were dropped instead.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Asserts that a TCP connect from `from` to `addr:port` is refused within the limit.
+fn assert_tcp_refused(from: &Netns, addr: Ipv4Addr, port: u16) -> Result<Duration> {
+    let started = Instant::now();
+    let result = from.tcp_connect(addr, port, CLIENT_TIMEOUT);
+    let elapsed = started.elapsed();
+    match result {
+        Ok(_) => bail!("TCP to {addr}:{port} connected"),
+        Err(error) => ensure!(
+            error.kind() == ErrorKind::ConnectionRefused,
+            "TCP to {addr}:{port} was not refused but failed after {elapsed:?}: {error}"
+        ),
+    }
+    ensure!(
+        elapsed < REFUSAL_LIMIT,
+        "TCP to {addr}:{port} was refused only after {elapsed:?}"
+    );
+    println!("TCP {} → {addr}:{port} refused in {elapsed:?}", from.name());
+    Ok(elapsed)
+}
+
+/// Asserts that a datagram from `from` to `addr:port` is refused within the limit.
+fn assert_udp_refused(from: &Netns, addr: Ipv4Addr, port: u16) -> Result<Duration> {
+    let flow = from.udp_flow(addr, port, CLIENT_TIMEOUT)?;
+    let started = Instant::now();
+    let result = flow.request();
+    let elapsed = started.elapsed();
+    match result {
+        Ok(answer) => bail!("UDP to {addr}:{port} was answered by {answer}"),
+        Err(error) => ensure!(
+            error.kind() == ErrorKind::ConnectionRefused,
+            "UDP to {addr}:{port} was not refused but failed after {elapsed:?}: {error}"
+        ),
+    }
+    ensure!(
+        elapsed < REFUSAL_LIMIT,
+        "UDP to {addr}:{port} was refused only after {elapsed:?}"
+    );
+    println!("UDP {} → {addr}:{port} refused in {elapsed:?}", from.name());
+    Ok(elapsed)
+}
 
 #[test]
-fn service_without_endpoints_drops_while_another_works() -> Result<()> {
+fn service_without_endpoints_refuses_at_once_while_another_works() -> Result<()> {
     require_lab!();
     let lab = common::lab()?;
-    let empty = Service::cluster_ip("empty", EMPTY_VIP)
-        .tcp(SERVICE_TCP_PORT, addr::ECHO_TCP_PORT)
-        .udp(SERVICE_UDP_PORT, addr::ECHO_UDP_PORT);
+    let empty = Service::node_port("empty", EMPTY_VIP)
+        .tcp_node_port(SERVICE_TCP_PORT, addr::ECHO_TCP_PORT, EMPTY_NODE_PORT_TCP)
+        .udp_node_port(SERVICE_UDP_PORT, addr::ECHO_UDP_PORT, EMPTY_NODE_PORT_UDP);
     let daemon = lab
         .daemon()
         .manifest(echo_service().manifest(backends(&lab)))
@@ -31,24 +79,10 @@ fn service_without_endpoints_drops_while_another_works() -> Result<()> {
         .start()?;
     daemon.wait_synced(SYNC_TIMEOUT)?;
 
-    let tcp = caller(&lab).tcp_connect(EMPTY_VIP, SERVICE_TCP_PORT, DROP_WAIT);
-    match tcp {
-        Ok(_) => anyhow::bail!("TCP to a Service without endpoints connected"),
-        Err(error) => ensure!(
-            is_timeout(&error),
-            "TCP was not dropped but failed: {error}"
-        ),
-    }
-    // An unconnected UDP socket hears no ICMP errors, so for UDP only "no answer" is
-    // checked; the TCP check above is the one that tells a drop from an unreachable route.
-    let udp = caller(&lab).udp_request_within(EMPTY_VIP, SERVICE_UDP_PORT, DROP_WAIT);
-    match udp {
-        Ok(reply) => anyhow::bail!("UDP to a Service without endpoints answered: {reply:?}"),
-        Err(error) => ensure!(
-            is_timeout(&error),
-            "UDP was not dropped but failed: {error}"
-        ),
-    }
+    assert_tcp_refused(caller(&lab), EMPTY_VIP, SERVICE_TCP_PORT)?;
+    assert_udp_refused(caller(&lab), EMPTY_VIP, SERVICE_UDP_PORT)?;
+    assert_tcp_refused(lab.client(), addr::NODE_IP, EMPTY_NODE_PORT_TCP)?;
+    assert_udp_refused(lab.client(), addr::NODE_IP, EMPTY_NODE_PORT_UDP)?;
 
     let working = caller(&lab).tcp_request(addr::CLUSTER_IP, SERVICE_TCP_PORT)?;
     ensure!(

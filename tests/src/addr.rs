@@ -31,6 +31,13 @@ pub const NODE_PORT_TCP: u16 = 30080;
 /// The example NodePort Service's UDP node port.
 pub const NODE_PORT_UDP: u16 = 30053;
 
+/// An external IP (`spec.externalIPs`) of the lab's Services: routed to the node by the
+/// client's default route, nowhere configured as an address.
+pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 9, 1);
+/// A load balancer's ingress IP (`status.loadBalancer.ingress`), reached like
+/// [`EXTERNAL_IP`]: the "load balancer" is the client's route via the node.
+pub const LOAD_BALANCER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 8, 1);
+
 /// Default port of every pod's TCP echo server.
 pub const ECHO_TCP_PORT: u16 = 8080;
 /// Default port of every pod's UDP echo server.

@@ -26,6 +26,24 @@ pub struct Reply {
     pub peer: SocketAddr,
 }
 
+/// A connected UDP socket: one flow (a fixed source port, like a DNS resolver's) for many
+/// datagrams. Being connected, it hears ICMP errors: a refused datagram makes the next
+/// receive fail with [`ErrorKind::ConnectionRefused`].
+#[derive(Debug)]
+pub struct UdpFlow {
+    socket: UdpSocket,
+}
+
+impl UdpFlow {
+    /// One round: sends a datagram and returns the answer (the serving pod's name).
+    pub fn request(&self) -> std::io::Result<String> {
+        self.socket.send(b"ping")?;
+        let mut buffer = [0u8; 512];
+        let length = self.socket.recv(&mut buffer)?;
+        Ok(String::from_utf8_lossy(&buffer[..length]).into_owned())
+    }
+}
+
 /// A TCP connection to an echo server, for many request/response rounds.
 #[derive(Debug)]
 pub struct TcpSession {
@@ -118,6 +136,21 @@ impl Netns {
             body: String::from_utf8_lossy(&buffer[..length]).into_owned(),
             peer,
         })
+    }
+
+    /// A UDP socket in this namespace connected to `addr:port`, receiving with `timeout`.
+    pub fn udp_flow(
+        &self,
+        addr: Ipv4Addr,
+        port: u16,
+        timeout: Duration,
+    ) -> std::io::Result<UdpFlow> {
+        let socket = self
+            .run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))
+            .map_err(std::io::Error::other)??;
+        socket.set_read_timeout(Some(timeout))?;
+        socket.connect((addr, port))?;
+        Ok(UdpFlow { socket })
     }
 }
 

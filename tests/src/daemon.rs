@@ -212,6 +212,15 @@ impl Daemon<'_> {
         &self.bpffs.path
     }
 
+    /// The daemon's process id until it is stopped, for reading its `/proc` entries.
+    pub fn pid(&self) -> Option<u32> {
+        self.child
+            .lock()
+            .expect("child lock")
+            .as_ref()
+            .map(Child::id)
+    }
+
     /// The daemon's `--bpffs-root` (inside [`bpffs`](Self::bpffs)): where the CLI looks.
     pub fn bpffs_root(&self) -> PathBuf {
         self.bpffs.path.join(PIN_DIR)

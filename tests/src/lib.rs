@@ -16,6 +16,7 @@
 //! | pod i (i = 1, 2, …) | `pod-i` | `eth0` | 198.18.1.(10+i)/32, default via 198.18.1.1 ([`addr::pod_ip`]) |
 //! | service VIPs | — | — | 198.19.0.0/16 ([`addr::CLUSTER_IP`] = 198.19.0.10, [`addr::NODE_PORT_SERVICE_IP`] = 198.19.0.11) |
 //! | NodePorts | `node` | `eth0` | 198.18.0.1:[`addr::NODE_PORT_TCP`] (30080), :[`addr::NODE_PORT_UDP`] (30053) |
+//! | external IP, load-balancer IP | — | — | [`addr::EXTERNAL_IP`] = 198.18.9.1, [`addr::LOAD_BALANCER_IP`] = 198.18.8.1, via the client's default route |
 //!
 //! The node routes each pod's /32 to its `lxc<i>` and forwards (ip_forward=1 inside the
 //! node namespace only). Every pod runs a TCP echo server on [`addr::ECHO_TCP_PORT`] (8080)
@@ -55,10 +56,10 @@ mod netns;
 mod scratch;
 mod tally;
 
-pub use client::{REQUEST_TIMEOUT, Reply, TcpSession, is_timeout};
+pub use client::{REQUEST_TIMEOUT, Reply, TcpSession, UdpFlow, is_timeout};
 pub use daemon::{Daemon, DaemonBuilder, daemon_binary};
 pub use lab::{Lab, LabBuilder, LatePod, NODE_NAME, Pod};
-pub use manifest::{Manifest, Protocol, Service};
+pub use manifest::{Endpoint, Manifest, Protocol, Service};
 pub use netns::Netns;
 pub use tally::{CHI_SQUARE_CRITICAL_P001, Tally};
 

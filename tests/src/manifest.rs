@@ -1,6 +1,8 @@
 //! Ordinary Kubernetes YAML for the daemon's manifests directory: a v1 Service and the
 //! discovery.k8s.io/v1 EndpointSlice (labelled `kubernetes.io/service-name`) that the
-//! EndpointSlice controller would have written for it.
+//! EndpointSlice controller would have written for it. Options the lab's default Services
+//! do not use (affinity, traffic policies, external and load-balancer IPs, endpoints on
+//! other nodes or terminating) add their YAML only when set.
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
@@ -45,13 +47,80 @@ impl ServicePort {
     }
 }
 
+/// `spec.type` of a Service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ServiceType {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+}
+
 /// A Service in namespace `default`, built up port by port.
 #[derive(Clone, Debug)]
 pub struct Service {
     name: String,
     cluster_ip: Ipv4Addr,
-    node_port_type: bool,
+    service_type: ServiceType,
     ports: Vec<ServicePort>,
+    /// `sessionAffinity: ClientIP` with this `timeoutSeconds`.
+    affinity_timeout_seconds: Option<u32>,
+    internal_traffic_policy_local: bool,
+    external_traffic_policy_local: bool,
+    external_ips: Vec<Ipv4Addr>,
+    /// `status.loadBalancer.ingress[].ip`.
+    load_balancer_ips: Vec<Ipv4Addr>,
+}
+
+/// One endpoint of a Service's EndpointSlice: a pod, the node it runs on and its
+/// conditions. [`Endpoint::of`] is what the controller writes for a ready pod on the lab's
+/// node.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pod_name: String,
+    ip: Ipv4Addr,
+    node_name: String,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    /// `hints.forZones`, as the EndpointSlice controller writes them for PreferClose.
+    zone_hint: Option<String>,
+}
+
+impl Endpoint {
+    /// `pod` ready, on the lab's node ([`NODE_NAME`]).
+    pub fn of(pod: &Pod) -> Self {
+        Self {
+            pod_name: pod.name.clone(),
+            ip: pod.ip,
+            node_name: NODE_NAME.to_owned(),
+            ready: true,
+            serving: true,
+            terminating: false,
+            zone_hint: None,
+        }
+    }
+
+    /// Hinted for `zone` (`hints.forZones`): nodes of that zone prefer it.
+    pub fn for_zone(mut self, zone: &str) -> Self {
+        self.zone_hint = Some(zone.to_owned());
+        self
+    }
+
+    /// On another node of the cluster: traffic policy `Local` leaves it out. (The pod
+    /// still lives in the lab, so the other policies reach it.)
+    pub fn on_node(mut self, node_name: &str) -> Self {
+        self.node_name = node_name.to_owned();
+        self
+    }
+
+    /// Shutting down but still serving (ready false, serving true, terminating true), as
+    /// during a pod's grace period.
+    pub fn terminating(mut self) -> Self {
+        self.ready = false;
+        self.serving = true;
+        self.terminating = true;
+        self
+    }
 }
 
 /// One file for the daemon's manifests directory.
@@ -67,8 +136,13 @@ impl Service {
         Self {
             name: name.to_owned(),
             cluster_ip,
-            node_port_type: false,
+            service_type: ServiceType::ClusterIp,
             ports: Vec::new(),
+            affinity_timeout_seconds: None,
+            internal_traffic_policy_local: false,
+            external_traffic_policy_local: false,
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
         }
     }
 
@@ -76,9 +150,44 @@ impl Service {
     /// [`Service::udp_node_port`].
     pub fn node_port(name: &str, cluster_ip: Ipv4Addr) -> Self {
         Self {
-            node_port_type: true,
+            service_type: ServiceType::NodePort,
             ..Self::cluster_ip(name, cluster_ip)
         }
+    }
+
+    /// A `type: LoadBalancer` Service whose load balancer has given it `ingress_ip`
+    /// (`status.loadBalancer.ingress`). Its ports get node ports only where given.
+    pub fn load_balancer(name: &str, cluster_ip: Ipv4Addr, ingress_ip: Ipv4Addr) -> Self {
+        Self {
+            service_type: ServiceType::LoadBalancer,
+            load_balancer_ips: vec![ingress_ip],
+            ..Self::cluster_ip(name, cluster_ip)
+        }
+    }
+
+    /// Adds `spec.externalIPs` entry `ip`.
+    pub fn external_ip(mut self, ip: Ipv4Addr) -> Self {
+        self.external_ips.push(ip);
+        self
+    }
+
+    /// `sessionAffinity: ClientIP` with `timeoutSeconds`.
+    pub fn client_ip_affinity(mut self, timeout_seconds: u32) -> Self {
+        self.affinity_timeout_seconds = Some(timeout_seconds);
+        self
+    }
+
+    /// `internalTrafficPolicy: Local`: ClusterIP traffic only to this node's endpoints.
+    pub fn internal_traffic_policy_local(mut self) -> Self {
+        self.internal_traffic_policy_local = true;
+        self
+    }
+
+    /// `externalTrafficPolicy: Local`: NodePort, external and load-balancer IP traffic only
+    /// to this node's endpoints.
+    pub fn external_traffic_policy_local(mut self) -> Self {
+        self.external_traffic_policy_local = true;
+        self
     }
 
     pub fn name(&self) -> &str {
@@ -119,15 +228,12 @@ impl Service {
     /// EndpointSlice without endpoints, as for a Service whose selector matches no pod),
     /// in one multi-document file `<name>.yaml`.
     pub fn manifest<'a>(&self, backends: impl IntoIterator<Item = &'a Pod>) -> Manifest {
-        let endpoints: Vec<(&str, Ipv4Addr)> = backends
-            .into_iter()
-            .map(|pod| (pod.name.as_str(), pod.ip))
-            .collect();
-        self.manifest_for(&endpoints)
+        let endpoints: Vec<Endpoint> = backends.into_iter().map(Endpoint::of).collect();
+        self.manifest_with(&endpoints)
     }
 
-    /// [`Service::manifest`] for endpoints given as (pod name, address).
-    fn manifest_for(&self, endpoints: &[(&str, Ipv4Addr)]) -> Manifest {
+    /// [`Service::manifest`] with each endpoint's node and conditions spelled out.
+    pub fn manifest_with(&self, endpoints: &[Endpoint]) -> Manifest {
         let mut yaml = self.service_yaml();
         yaml.push_str("---\n");
         yaml.push_str(&self.endpoint_slice_yaml(endpoints));
@@ -138,18 +244,38 @@ impl Service {
     }
 
     fn service_yaml(&self) -> String {
-        let kind = if self.node_port_type {
-            "NodePort"
-        } else {
-            "ClusterIP"
+        let kind = match self.service_type {
+            ServiceType::ClusterIp => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
         };
         let mut yaml = format!(
             "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n\
              spec:\n  type: {kind}\n  clusterIP: {ip}\n  clusterIPs:\n    - {ip}\n\
-             \x20 selector:\n    app: {name}\n  ports:\n",
+             \x20 selector:\n    app: {name}\n",
             name = self.name,
             ip = self.cluster_ip,
         );
+        if let Some(seconds) = self.affinity_timeout_seconds {
+            let _ = write!(
+                yaml,
+                "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n\
+                 \x20     timeoutSeconds: {seconds}\n"
+            );
+        }
+        if self.internal_traffic_policy_local {
+            yaml.push_str("  internalTrafficPolicy: Local\n");
+        }
+        if self.external_traffic_policy_local {
+            yaml.push_str("  externalTrafficPolicy: Local\n");
+        }
+        if !self.external_ips.is_empty() {
+            yaml.push_str("  externalIPs:\n");
+            for ip in &self.external_ips {
+                let _ = writeln!(yaml, "    - {ip}");
+            }
+        }
+        yaml.push_str("  ports:\n");
         for port in &self.ports {
             let _ = write!(
                 yaml,
@@ -163,10 +289,16 @@ impl Service {
                 let _ = writeln!(yaml, "      nodePort: {node_port}");
             }
         }
+        if !self.load_balancer_ips.is_empty() {
+            yaml.push_str("status:\n  loadBalancer:\n    ingress:\n");
+            for ip in &self.load_balancer_ips {
+                let _ = writeln!(yaml, "      - ip: {ip}");
+            }
+        }
         yaml
     }
 
-    fn endpoint_slice_yaml(&self, endpoints: &[(&str, Ipv4Addr)]) -> String {
+    fn endpoint_slice_yaml(&self, endpoints: &[Endpoint]) -> String {
         let mut yaml = format!(
             "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n\
              \x20 name: {name}-lab\n  namespace: default\n  labels:\n\
@@ -189,13 +321,23 @@ impl Service {
             return yaml;
         }
         yaml.push_str("endpoints:\n");
-        for (pod, ip) in endpoints {
+        for endpoint in endpoints {
             let _ = write!(
                 yaml,
-                "  - addresses:\n      - {ip}\n    conditions:\n      ready: true\n\
-                 \x20     serving: true\n      terminating: false\n    nodeName: {NODE_NAME}\n\
-                 \x20   targetRef:\n      kind: Pod\n      namespace: default\n      name: {pod}\n",
+                "  - addresses:\n      - {ip}\n    conditions:\n      ready: {ready}\n\
+                 \x20     serving: {serving}\n      terminating: {terminating}\n\
+                 \x20   nodeName: {node}\n    targetRef:\n      kind: Pod\n\
+                 \x20     namespace: default\n      name: {pod}\n",
+                ip = endpoint.ip,
+                ready = endpoint.ready,
+                serving = endpoint.serving,
+                terminating = endpoint.terminating,
+                node = endpoint.node_name,
+                pod = endpoint.pod_name,
             );
+            if let Some(zone) = &endpoint.zone_hint {
+                let _ = writeln!(yaml, "    hints:\n      forZones:\n        - name: {zone}");
+            }
         }
         yaml
     }
@@ -214,11 +356,19 @@ mod tests {
     }
 
     fn render(service: &Service, backends: &[(String, Ipv4Addr)]) -> String {
-        let endpoints: Vec<(&str, Ipv4Addr)> = backends
+        let endpoints: Vec<Endpoint> = backends
             .iter()
-            .map(|(name, ip)| (name.as_str(), *ip))
+            .map(|(name, ip)| Endpoint {
+                pod_name: name.clone(),
+                ip: *ip,
+                node_name: NODE_NAME.to_owned(),
+                ready: true,
+                serving: true,
+                terminating: false,
+                zone_hint: None,
+            })
             .collect();
-        service.manifest_for(&endpoints).yaml
+        service.manifest_with(&endpoints).yaml
     }
 
     /// An example file without its comment lines.
@@ -260,6 +410,58 @@ mod tests {
         assert!(yaml.ends_with("endpoints: []\n"), "{yaml}");
         assert!(
             yaml.contains("kubernetes.io/service-name: empty\n"),
+            "{yaml}"
+        );
+    }
+
+    #[test]
+    fn options_render_as_the_api_spells_them() {
+        let service = Service::load_balancer("lb", addr::CLUSTER_IP, addr::LOAD_BALANCER_IP)
+            .tcp(80, addr::ECHO_TCP_PORT)
+            .external_ip(addr::EXTERNAL_IP)
+            .client_ip_affinity(2)
+            .internal_traffic_policy_local()
+            .external_traffic_policy_local();
+        let yaml = render(&service, &[]);
+        for expected in [
+            "  type: LoadBalancer\n",
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      \
+             timeoutSeconds: 2\n",
+            "  internalTrafficPolicy: Local\n  externalTrafficPolicy: Local\n",
+            "  externalIPs:\n    - 198.18.9.1\n",
+            "status:\n  loadBalancer:\n    ingress:\n      - ip: 198.18.8.1\n---\n",
+        ] {
+            assert!(yaml.contains(expected), "{expected:?} missing from\n{yaml}");
+        }
+    }
+
+    #[test]
+    fn endpoints_carry_their_node_and_conditions() {
+        let endpoint = Endpoint {
+            pod_name: "pod-1".to_owned(),
+            ip: addr::pod_ip(1),
+            node_name: NODE_NAME.to_owned(),
+            ready: true,
+            serving: true,
+            terminating: false,
+            zone_hint: None,
+        };
+        let service = Service::cluster_ip("echo", addr::CLUSTER_IP).tcp(80, 8080);
+        let yaml = service
+            .manifest_with(&[endpoint
+                .on_node("other-node")
+                .terminating()
+                .for_zone("zone-b")])
+            .yaml;
+        assert!(
+            yaml.contains(
+                "    conditions:\n      ready: false\n      serving: true\n      \
+                 terminating: true\n    nodeName: other-node\n"
+            ),
+            "{yaml}"
+        );
+        assert!(
+            yaml.ends_with("    hints:\n      forZones:\n        - name: zone-b\n"),
             "{yaml}"
         );
     }

@@ -496,6 +496,24 @@ fn validate_service(service: &Service) -> Result<(), String> {
             spec.internal_traffic_policy.as_deref(),
             &policies,
         );
+        reasons.one_of(
+            "spec.sessionAffinity",
+            spec.session_affinity.as_deref(),
+            &["None", "ClientIP"],
+        );
+        let affinity_timeout = spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|config| config.client_ip.as_ref())
+            .and_then(|client_ip| client_ip.timeout_seconds);
+        if let Some(seconds) = affinity_timeout {
+            reasons.check((1..=86_400).contains(&seconds), || {
+                format!(
+                    "spec.sessionAffinityConfig.clientIP.timeoutSeconds {seconds} is out of \
+                     range (1-86400)"
+                )
+            });
+        }
         if let Some(cluster_ip) = spec.cluster_ip.as_deref()
             && !matches!(cluster_ip, "" | "None")
         {
@@ -829,6 +847,11 @@ items:
                 .replace("  labels:\n    kubernetes.io/service-name: x\n", ""),
             slice_yaml("v6-in-v4", "good", "fd00::1"),
             "just a string\n".to_owned(),
+            service_yaml("sticky-forever", "198.19.0.15").replace(
+                "spec:\n",
+                "spec:\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: \
+                 {clientIP: {timeoutSeconds: 0}}\n",
+            ),
         ];
         dir.write("all.yaml", &documents.join("---\n"));
 
@@ -851,6 +874,8 @@ items:
                 "all.yaml: EndpointSlice web/v6-in-v4: endpoints[0].addresses: \"fd00::1\" is not \
                  an IPv4 address",
                 "all.yaml: document 10: not a Kubernetes object: kind is missing",
+                "all.yaml: Service web/sticky-forever: spec.sessionAffinityConfig.clientIP.\
+                 timeoutSeconds 0 is out of range (1-86400)",
             ]
         );
     }

@@ -1,3 +1,4 @@
-//! Sources of Services and EndpointSlices.
+//! Sources of Services and EndpointSlices: a directory of manifests, or the API server.
 
+pub mod kubernetes;
 pub mod manifests;

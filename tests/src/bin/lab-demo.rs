@@ -131,7 +131,10 @@ fn show_cli_views(daemon: &Daemon<'_>) -> Result<()> {
                 String::from_utf8_lossy(&output.stderr)
             );
         }
-        println!("\n$ ebpf-proxy {view}\n{}", String::from_utf8_lossy(&output.stdout).trim_end());
+        println!(
+            "\n$ ebpf-proxy {view}\n{}",
+            String::from_utf8_lossy(&output.stdout).trim_end()
+        );
     }
     Ok(())
 }

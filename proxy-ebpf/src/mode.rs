@@ -1,0 +1,127 @@
+//! The two ways to run the packet path: live (`epx_ingress`) and as a dry run
+//! (`epx_trace`).
+//!
+//! One generic packet path serves both, so a trace can never disagree with the program
+//! it explains. The live mode counts into STATS and writes conntrack entries; the dry run
+//! writes neither (the packet path checks [`Mode::DRY_RUN`] before every conntrack write)
+//! and instead records what it decided in the TRACE map. Monomorphization removes every
+//! trace hook from `epx_ingress`.
+
+use aya_ebpf::{macros::map, maps::PerCpuArray};
+use proxy_common::{Backend, TraceRecord, trace_ct};
+
+use crate::{conntrack::Flow, lookup::Frontend, stats};
+
+/// Per-CPU so the dry run needs no atomics; not pinned: every process that loads
+/// `epx_trace` has its own.
+#[map]
+static TRACE: PerCpuArray<TraceRecord> = PerCpuArray::with_max_entries(1, 0);
+
+/// What the packet path reports to.
+pub trait Mode {
+    /// True when shared state (conntrack entries, their counters, STATS) must stay as is.
+    const DRY_RUN: bool;
+    /// The path reached the outcome named by a `proxy_common::stat` counter.
+    fn count(&self, counter: u32);
+    /// A conntrack entry decided the packet (`kind`: a `trace_ct` constant).
+    fn flow_found(&self, _kind: u8, _flow: &Flow) {}
+    /// The packet is addressed to `frontend`.
+    fn frontend_found(&self, _frontend: &Frontend) {}
+    /// A new flow was given the backend in `slot`.
+    fn backend_selected(&self, _slot: u16, _backend_id: u32, _backend: &Backend) {}
+    /// A new flow was given the client's previous backend (session affinity).
+    fn affinity_kept(&self, _backend_id: u32, _backend: &Backend) {}
+    /// The reply would now be routed by the program (FIB lookup and redirect).
+    fn routes_reply(&self) {}
+}
+
+/// `epx_ingress`: counts, and the path writes conntrack entries.
+pub struct Live;
+
+impl Mode for Live {
+    const DRY_RUN: bool = false;
+
+    #[inline(always)]
+    fn count(&self, counter: u32) {
+        stats::count(counter);
+    }
+}
+
+/// `epx_trace`: records the decisions in this CPU's TRACE entry.
+pub struct DryRun {
+    record: *mut TraceRecord,
+}
+
+impl DryRun {
+    /// Clears this CPU's record and marks it as the one this run writes.
+    #[inline(always)]
+    pub fn start() -> Option<Self> {
+        let record = TRACE.get_ptr_mut(0)?;
+        // SAFETY: the pointer comes from a successful lookup of this CPU's slot, which
+        // only this CPU writes, with preemption disabled while the program runs.
+        unsafe {
+            *record = TraceRecord {
+                recorded: 1,
+                ..TraceRecord::default()
+            };
+        }
+        Some(Self { record })
+    }
+
+    /// This run's record. Each borrow ends within the hook that takes it, so two never
+    /// overlap.
+    #[inline(always)]
+    #[expect(clippy::mut_from_ref, reason = "a map value, not data owned by self")]
+    fn record(&self) -> &mut TraceRecord {
+        // SAFETY: as in `start`: this CPU's slot, written only by this run.
+        unsafe { &mut *self.record }
+    }
+}
+
+impl Mode for DryRun {
+    const DRY_RUN: bool = true;
+
+    #[inline(always)]
+    fn count(&self, counter: u32) {
+        // Counters are indexes below `stat::COUNT`, far below 256.
+        self.record().outcome = counter as u8;
+    }
+
+    #[inline(always)]
+    fn flow_found(&self, kind: u8, flow: &Flow) {
+        let record = self.record();
+        record.conntrack = kind;
+        record.flow = flow.value();
+        if kind == trace_ct::FORWARD {
+            record.backend_id = record.flow.backend_id;
+        }
+    }
+
+    #[inline(always)]
+    fn frontend_found(&self, frontend: &Frontend) {
+        let record = self.record();
+        record.frontend = frontend.key;
+        record.service = frontend.header;
+    }
+
+    #[inline(always)]
+    fn backend_selected(&self, slot: u16, backend_id: u32, backend: &Backend) {
+        let record = self.record();
+        record.slot = slot;
+        record.backend_id = backend_id;
+        record.backend = *backend;
+    }
+
+    #[inline(always)]
+    fn affinity_kept(&self, backend_id: u32, backend: &Backend) {
+        let record = self.record();
+        record.affinity = 1;
+        record.backend_id = backend_id;
+        record.backend = *backend;
+    }
+
+    #[inline(always)]
+    fn routes_reply(&self) {
+        self.record().routes_reply = 1;
+    }
+}

@@ -1,0 +1,127 @@
+//! `ebpf-proxy backends`: one row per backend, with the frontends that use it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use serde::Serialize;
+
+use super::{Endpoint, frontend_label, new_table, protocol_name, service_of};
+use crate::writer::MapImage;
+
+/// One backend. JSON schema: every field, always present.
+#[derive(Debug, Serialize)]
+pub struct BackendView {
+    pub id: u32,
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub protocol: &'static str,
+    /// `active`: a frontend slot names it; `unused`: none does (the daemon deletes it
+    /// right after the slots that named it).
+    pub state: &'static str,
+    /// The Service ports (`namespace/name:port-name`) of those frontends, sorted.
+    pub services: Vec<String>,
+    /// Those frontends, as `addr:port/proto`, sorted.
+    pub frontends: Vec<String>,
+}
+
+pub fn view(image: &MapImage) -> Vec<BackendView> {
+    let mut users: BTreeMap<u32, (BTreeSet<String>, BTreeSet<String>)> = BTreeMap::new();
+    for (key, value) in image.services.iter().filter(|(key, _)| key.slot != 0) {
+        let header = image.services.get(&key.with_slot(0));
+        let (services, frontends) = users.entry(value.backend_id).or_default();
+        frontends.insert(frontend_label(key));
+        if let Some(service) = header.and_then(|header| service_of(image, header.rev_nat_id)) {
+            services.insert(service);
+        }
+    }
+    image
+        .backends
+        .iter()
+        .map(|(id, backend)| {
+            let endpoint = Endpoint::from_wire(backend.addr, backend.port);
+            let (services, frontends) = users.remove(id).unwrap_or_default();
+            BackendView {
+                id: *id,
+                address: endpoint.address,
+                port: endpoint.port,
+                protocol: protocol_name(backend.proto),
+                state: if frontends.is_empty() {
+                    "unused"
+                } else {
+                    "active"
+                },
+                services: services.into_iter().collect(),
+                frontends: frontends.into_iter().collect(),
+            }
+        })
+        .collect()
+}
+
+pub fn render(backends: &[BackendView]) -> String {
+    let mut table = new_table(["ID", "BACKEND", "STATE", "SERVICES", "FRONTENDS"]);
+    for backend in backends {
+        let endpoint = Endpoint {
+            address: backend.address,
+            port: backend.port,
+        };
+        table.add_row([
+            backend.id.to_string(),
+            format!("{endpoint}/{}", backend.protocol),
+            backend.state.to_owned(),
+            backend.services.join(" "),
+            backend.frontends.join(" "),
+        ]);
+    }
+    table.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use proxy_common::{Backend, proto};
+
+    use super::*;
+    use crate::inspect::test_support::{Port, image};
+    use crate::plan::{FrontendKind, Protocol};
+
+    #[test]
+    fn backends_name_every_frontend_and_service_using_them() {
+        let shared = ([198, 18, 1, 11], 8080);
+        let mut image = image(&[
+            Port {
+                service: ("default", "web", "http"),
+                kind: FrontendKind::ClusterIp,
+                frontend: ([198, 19, 0, 10], 80, Protocol::Tcp),
+                backends: &[shared],
+            },
+            Port {
+                service: ("default", "web", "http"),
+                kind: FrontendKind::NodePort,
+                frontend: ([198, 18, 0, 1], 30080, Protocol::Tcp),
+                backends: &[shared, ([198, 18, 1, 12], 8080)],
+            },
+        ]);
+        image
+            .backends
+            .insert(99, Backend::new([198, 18, 1, 13], 8080, proto::TCP));
+
+        let views = view(&image);
+        assert_eq!(views.len(), 3);
+        let shared = views
+            .iter()
+            .find(|b| b.address == Ipv4Addr::new(198, 18, 1, 11));
+        let shared = shared.unwrap();
+        assert_eq!(shared.state, "active");
+        assert_eq!(shared.services, ["default/web:http"]);
+        assert_eq!(
+            shared.frontends,
+            ["198.18.0.1:30080/tcp", "198.19.0.10:80/tcp"]
+        );
+        let orphan = views.iter().find(|b| b.id == 99).unwrap();
+        assert_eq!((orphan.state, orphan.services.len()), ("unused", 0));
+
+        let json = serde_json::to_value(&views).unwrap();
+        assert_eq!(json[2]["id"], 99);
+        assert_eq!(json[2]["protocol"], "tcp");
+        assert!(render(&views).contains("198.18.1.13:8080/tcp"));
+    }
+}

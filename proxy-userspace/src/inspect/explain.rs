@@ -1,0 +1,672 @@
+//! `ebpf-proxy explain`: the datapath's Services written as the iptables rules kube-proxy
+//! (iptables mode) installs for the same Services, so admins can read them like on any
+//! kube-proxy node and diff the two.
+//!
+//! Chain names are hashed exactly as kube-proxy's `pkg/proxy/iptables/proxier.go` does
+//! (`portProtoHash`, `servicePortEndpointChainName`), probabilities are formatted like its
+//! `computeProbability`, rules carry its comments, endpoints are in its order (sorted as
+//! strings). The rules say what the datapath does, so where ebpf-proxy behaves differently
+//! the text differs too, and a diff shows exactly that: no masquerade rules (ebpf-proxy
+//! does no SNAT). Frontends without endpoints REJECT and those whose Local policy leaves
+//! none on this node DROP, as in kube-proxy (the datapath does both). NodePorts are
+//! open only on the node addresses the maps hold, which kube-proxy writes as one
+//! `-d <address> -j KUBE-NODEPORTS` rule each (its `--nodeport-addresses` form).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use data_encoding::BASE32;
+use proxy_common::{ServiceKey, ServiceValue, service_flags};
+use sha2::{Digest, Sha256};
+
+use super::{
+    Endpoint, PinArgs, frontend_label, print, protocol_name, read_image, service_port_name,
+};
+use crate::writer::MapImage;
+
+#[derive(Args)]
+pub struct ExplainArgs {
+    #[command(flatten)]
+    pins: PinArgs,
+    /// `kube-proxy`: the text kube-proxy feeds to iptables-restore. `iptables-save`: the
+    /// same rules as `iptables-save` prints them on a kube-proxy node, to diff against.
+    #[arg(long, value_enum, default_value_t = Form::KubeProxy)]
+    form: Form,
+}
+
+impl ExplainArgs {
+    pub fn run(self) -> Result<()> {
+        let image = read_image(&self.pins.bpffs_root)?;
+        print(render(&image, self.form).trim_end())
+    }
+}
+
+/// How rules are spelled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Form {
+    /// Argument order and values as kube-proxy writes them (`-d 10.0.0.1`,
+    /// `--probability 0.3333333333`).
+    KubeProxy,
+    /// As the kernel hands them back to `iptables-save` (`-d 10.0.0.1/32`, matches in
+    /// canonical order, `--probability 0.33333333349`, REJECT's default option).
+    IptablesSave,
+}
+
+const KUBE_SERVICES: &str = "KUBE-SERVICES";
+const KUBE_EXTERNAL_SERVICES: &str = "KUBE-EXTERNAL-SERVICES";
+const KUBE_NODEPORTS: &str = "KUBE-NODEPORTS";
+
+/// `KUBE-SVC-`/`KUBE-SVL-`/`KUBE-EXT-` + kube-proxy's `portProtoHash`: base32 of
+/// sha256(`namespace/name:port` + lowercase protocol), first 16 characters.
+pub fn service_chain(prefix: &str, service_port: &str, protocol: &str) -> String {
+    format!("{prefix}{}", hash16(&format!("{service_port}{protocol}")))
+}
+
+/// `KUBE-SEP-` + kube-proxy's `servicePortEndpointChainName` hash, which appends the
+/// endpoint (`ip:port`) to the service port and protocol.
+pub fn endpoint_chain(service_port: &str, protocol: &str, endpoint: &Endpoint) -> String {
+    format!(
+        "KUBE-SEP-{}",
+        hash16(&format!("{service_port}{protocol}{endpoint}"))
+    )
+}
+
+fn hash16(input: &str) -> String {
+    let mut encoded = BASE32.encode(&Sha256::digest(input.as_bytes()));
+    encoded.truncate(16);
+    encoded
+}
+
+/// kube-proxy's `computeProbability`: `fmt.Sprintf("%0.10f", 1.0/float64(n))`.
+fn probability(n: usize) -> String {
+    format!("{:.10}", 1.0 / n as f64)
+}
+
+/// What the kernel keeps of that probability (xt_statistic stores it as a fraction of
+/// 2^31) as `iptables-save` prints it: `%.11f`.
+fn saved_probability(kube_proxy: &str) -> String {
+    const SCALE: f64 = 2_147_483_648.0;
+    let stored = (kube_proxy.parse::<f64>().unwrap_or(0.0) * SCALE).round();
+    format!("{:.11}", stored / SCALE)
+}
+
+/// One Service port, gathered from its frontends.
+#[derive(Default)]
+struct ServicePort {
+    cluster_ip: Option<(Endpoint, Vec<Endpoint>)>,
+    /// ExternalIP and LoadBalancer frontends, with their backends and rule comments.
+    external: Vec<(Endpoint, Vec<Endpoint>, &'static str)>,
+    /// NodePort frontends: the node address and its backends, by port.
+    node_ports: BTreeMap<u16, Vec<Endpoint>>,
+    /// A frontend is empty only because its Local policy leaves no endpoint here: the
+    /// Service has endpoints elsewhere (`service_flags::NO_LOCAL_ENDPOINTS`).
+    has_remote_endpoints: bool,
+}
+
+impl ServicePort {
+    /// The endpoints of internal traffic (kube-proxy's cluster policy chain).
+    fn cluster_endpoints(&self) -> &[Endpoint] {
+        self.cluster_ip
+            .as_ref()
+            .map(|(_, endpoints)| endpoints.as_slice())
+            .or_else(|| self.external_endpoints())
+            .unwrap_or(&[])
+    }
+
+    /// The endpoints of external traffic, if the port has external frontends (they all
+    /// share one plan, so the first speaks for all).
+    fn external_endpoints(&self) -> Option<&[Endpoint]> {
+        self.external
+            .first()
+            .map(|(_, endpoints, _)| endpoints.as_slice())
+            .or_else(|| self.node_ports.values().next().map(Vec::as_slice))
+    }
+}
+
+/// One rule, in parts, so both spellings come from one description.
+#[derive(Default)]
+struct Rule {
+    chain: String,
+    comment: Option<String>,
+    dst_type_local: bool,
+    protocol: Option<&'static str>,
+    destination: Option<Ipv4Addr>,
+    dport: Option<u16>,
+    probability: Option<String>,
+    target: String,
+    to_destination: Option<Endpoint>,
+}
+
+impl Rule {
+    fn new(chain: &str, target: &str) -> Self {
+        Self {
+            chain: chain.to_owned(),
+            target: target.to_owned(),
+            ..Self::default()
+        }
+    }
+
+    fn render(&self, form: Form) -> String {
+        let mut line = format!("-A {}", self.chain);
+        match form {
+            // kube-proxy: comment first, then matches in the order its proxier appends them.
+            Form::KubeProxy => {
+                if let Some(comment) = &self.comment {
+                    // kube-proxy quotes the comments it formats with spaces, not the bare
+                    // service port names.
+                    if comment.contains(' ') {
+                        write!(line, " -m comment --comment \"{comment}\"").unwrap();
+                    } else {
+                        write!(line, " -m comment --comment {comment}").unwrap();
+                    }
+                }
+                if self.dst_type_local {
+                    line.push_str(" -m addrtype --dst-type LOCAL");
+                }
+                if let Some(protocol) = self.protocol {
+                    write!(line, " -m {protocol} -p {protocol}").unwrap();
+                }
+                if let Some(destination) = self.destination {
+                    write!(line, " -d {destination}").unwrap();
+                }
+                if let Some(dport) = self.dport {
+                    write!(line, " --dport {dport}").unwrap();
+                }
+                if let Some(probability) = &self.probability {
+                    write!(
+                        line,
+                        " -m statistic --mode random --probability {probability}"
+                    )
+                    .unwrap();
+                }
+                write!(line, " -j {}", self.target).unwrap();
+            }
+            // iptables-save: addresses and protocol first, then matches in insertion
+            // order, each with its own options.
+            Form::IptablesSave => {
+                if let Some(destination) = self.destination {
+                    write!(line, " -d {destination}/32").unwrap();
+                }
+                if let Some(protocol) = self.protocol {
+                    write!(line, " -p {protocol}").unwrap();
+                }
+                if let Some(comment) = &self.comment {
+                    write!(line, " -m comment --comment \"{comment}\"").unwrap();
+                }
+                if self.dst_type_local {
+                    line.push_str(" -m addrtype --dst-type LOCAL");
+                }
+                if let Some(protocol) = self.protocol {
+                    write!(line, " -m {protocol}").unwrap();
+                    if let Some(dport) = self.dport {
+                        write!(line, " --dport {dport}").unwrap();
+                    }
+                }
+                if let Some(probability) = &self.probability {
+                    let saved = saved_probability(probability);
+                    write!(line, " -m statistic --mode random --probability {saved}").unwrap();
+                }
+                write!(line, " -j {}", self.target).unwrap();
+                if self.target == "REJECT" {
+                    line.push_str(" --reject-with icmp-port-unreachable");
+                }
+            }
+        }
+        if let Some(endpoint) = self.to_destination {
+            write!(line, " --to-destination {endpoint}").unwrap();
+        }
+        line
+    }
+}
+
+/// A table being written: chain declarations and rules, in kube-proxy's order.
+#[derive(Default)]
+struct Table {
+    chains: Vec<String>,
+    rules: Vec<Rule>,
+}
+
+impl Table {
+    fn declare(&mut self, chain: String) {
+        if !self.chains.contains(&chain) {
+            self.chains.push(chain);
+        }
+    }
+
+    fn render(&self, name: &str, form: Form, out: &mut String) {
+        writeln!(out, "*{name}").unwrap();
+        for chain in &self.chains {
+            writeln!(out, ":{chain} - [0:0]").unwrap();
+        }
+        let mut rules: Vec<&Rule> = self.rules.iter().collect();
+        if form == Form::IptablesSave {
+            // iptables-save lists the rules chain by chain.
+            let position = |rule: &Rule| self.chains.iter().position(|c| *c == rule.chain);
+            rules.sort_by_key(|rule| position(rule));
+        }
+        for rule in rules {
+            writeln!(out, "{}", rule.render(form)).unwrap();
+        }
+        writeln!(out, "COMMIT").unwrap();
+    }
+}
+
+/// The iptables-restore text for everything in `image`. Pure, so golden tests need no
+/// kernel.
+pub fn render(image: &MapImage, form: Form) -> String {
+    let mut out = String::from(
+        "# ebpf-proxy explain: the Services in the datapath's maps as the iptables rules\n\
+         # kube-proxy (iptables mode) would install for them. Left out because ebpf-proxy\n\
+         # does not do it: masquerading (KUBE-MARK-MASQ, KUBE-POSTROUTING).\n",
+    );
+    let mut ports: BTreeMap<(String, &'static str), ServicePort> = BTreeMap::new();
+    let mut node_addresses = BTreeSet::new();
+    for (key, header) in image.services.iter().filter(|(key, _)| key.slot == 0) {
+        let Some(name) = image.names.get(&header.rev_nat_id) else {
+            writeln!(
+                out,
+                "# {}: no Service name in SVC_NAMES, left out",
+                frontend_label(key)
+            )
+            .unwrap();
+            continue;
+        };
+        let port = ports
+            .entry((service_port_name(name), protocol_name(key.proto)))
+            .or_default();
+        let frontend = Endpoint::from_wire(key.addr, key.port);
+        let endpoints = endpoints(image, key, header);
+        port.has_remote_endpoints |= header.flags & service_flags::NO_LOCAL_ENDPOINTS != 0;
+        if header.flags & service_flags::NODE_PORT != 0 {
+            node_addresses.insert(frontend.address);
+            port.node_ports.insert(frontend.port, endpoints);
+        } else if header.flags & service_flags::LOAD_BALANCER != 0 {
+            port.external.push((frontend, endpoints, "loadbalancer IP"));
+        } else if header.flags & service_flags::EXTERNAL_IP != 0 {
+            port.external.push((frontend, endpoints, "external IP"));
+        } else {
+            port.cluster_ip = Some((frontend, endpoints));
+        }
+    }
+
+    let mut filter = Table::default();
+    filter.declare(KUBE_SERVICES.into());
+    filter.declare(KUBE_EXTERNAL_SERVICES.into());
+    let mut nat = Table::default();
+    nat.declare(KUBE_SERVICES.into());
+    nat.declare(KUBE_NODEPORTS.into());
+    for ((name, protocol), port) in &ports {
+        write_service_port(name, protocol, port, &mut filter, &mut nat);
+    }
+    for address in node_addresses {
+        nat.rules.push(Rule {
+            comment: Some(
+                "kubernetes service nodeports; NOTE: this must be the last rule in this chain"
+                    .into(),
+            ),
+            destination: Some(address),
+            ..Rule::new(KUBE_SERVICES, KUBE_NODEPORTS)
+        });
+    }
+    filter.render("filter", form, &mut out);
+    nat.render("nat", form, &mut out);
+    out
+}
+
+/// The frontend's backends, sorted like kube-proxy sorts endpoints (as `ip:port` text).
+fn endpoints(image: &MapImage, key: &ServiceKey, header: &ServiceValue) -> Vec<Endpoint> {
+    let mut endpoints: Vec<Endpoint> = (1..=header.count)
+        .filter_map(|slot| image.services.get(&key.with_slot(slot)))
+        .filter_map(|slot| image.backends.get(&slot.backend_id))
+        .map(|backend| Endpoint::from_wire(backend.addr, backend.port))
+        .collect();
+    endpoints.sort_by_key(ToString::to_string);
+    endpoints
+}
+
+/// kube-proxy's per-service-port part of `syncProxyRules`, for the frontends we have.
+fn write_service_port(
+    name: &str,
+    protocol: &'static str,
+    port: &ServicePort,
+    filter: &mut Table,
+    nat: &mut Table,
+) {
+    let cluster_chain = service_chain("KUBE-SVC-", name, protocol);
+    let local_chain = service_chain("KUBE-SVL-", name, protocol);
+    let external_chain = service_chain("KUBE-EXT-", name, protocol);
+    let cluster_endpoints = port.cluster_endpoints();
+    let external_endpoints = port.external_endpoints();
+    let has_endpoints = !cluster_endpoints.is_empty()
+        || external_endpoints.is_some_and(|e| !e.is_empty())
+        || port.has_remote_endpoints;
+    let (no_endpoints, empty_target) = if has_endpoints {
+        (format!("{name} has no local endpoints"), "DROP")
+    } else {
+        (format!("{name} has no endpoints"), "REJECT")
+    };
+    // External traffic goes to its own (local-policy) chain when its endpoints differ.
+    let external_policy_chain = match external_endpoints {
+        Some(endpoints) if !endpoints.is_empty() && endpoints != cluster_endpoints => {
+            Some(&local_chain)
+        }
+        Some(endpoints) if !endpoints.is_empty() => Some(&cluster_chain),
+        _ => None,
+    };
+
+    if let Some((frontend, endpoints)) = &port.cluster_ip {
+        let (table, chain, target, comment) = if endpoints.is_empty() {
+            (
+                &mut *filter,
+                KUBE_SERVICES,
+                empty_target,
+                no_endpoints.clone(),
+            )
+        } else {
+            (
+                &mut *nat,
+                KUBE_SERVICES,
+                cluster_chain.as_str(),
+                format!("{name} cluster IP"),
+            )
+        };
+        table.rules.push(Rule {
+            comment: Some(comment),
+            protocol: Some(protocol),
+            destination: Some(frontend.address),
+            dport: Some(frontend.port),
+            ..Rule::new(chain, target)
+        });
+    }
+    for (frontend, _, kind) in &port.external {
+        let rule = |chain: &str, target: &str, comment: String| Rule {
+            comment: Some(comment),
+            protocol: Some(protocol),
+            destination: Some(frontend.address),
+            dport: Some(frontend.port),
+            ..Rule::new(chain, target)
+        };
+        if has_endpoints {
+            nat.rules.push(rule(
+                KUBE_SERVICES,
+                &external_chain,
+                format!("{name} {kind}"),
+            ));
+        }
+        if external_policy_chain.is_none() {
+            filter.rules.push(rule(
+                KUBE_EXTERNAL_SERVICES,
+                empty_target,
+                no_endpoints.clone(),
+            ));
+        }
+    }
+    for node_port in port.node_ports.keys() {
+        if has_endpoints {
+            nat.rules.push(Rule {
+                comment: Some(name.to_owned()),
+                protocol: Some(protocol),
+                dport: Some(*node_port),
+                ..Rule::new(KUBE_NODEPORTS, &external_chain)
+            });
+        }
+        if external_policy_chain.is_none() {
+            filter.rules.push(Rule {
+                comment: Some(no_endpoints.clone()),
+                dst_type_local: true,
+                protocol: Some(protocol),
+                dport: Some(*node_port),
+                ..Rule::new(KUBE_EXTERNAL_SERVICES, empty_target)
+            });
+        }
+    }
+
+    if has_endpoints && external_endpoints.is_some() {
+        nat.declare(external_chain.clone());
+        if let Some(policy_chain) = external_policy_chain {
+            nat.rules.push(Rule::new(&external_chain, policy_chain));
+        }
+    }
+    if !cluster_endpoints.is_empty() {
+        write_policy_chain(name, protocol, &cluster_chain, cluster_endpoints, nat);
+    }
+    if external_policy_chain == Some(&local_chain) {
+        let endpoints = external_endpoints.unwrap_or_default();
+        write_policy_chain(name, protocol, &local_chain, endpoints, nat);
+    }
+    // One chain per endpoint reachable by either policy, in endpoint order.
+    let reachable: BTreeMap<String, &Endpoint> = cluster_endpoints
+        .iter()
+        .chain(external_endpoints.unwrap_or_default())
+        .map(|endpoint| (endpoint.to_string(), endpoint))
+        .collect();
+    for endpoint in reachable.into_values() {
+        let chain = endpoint_chain(name, protocol, endpoint);
+        nat.declare(chain.clone());
+        nat.rules.push(Rule {
+            comment: Some(name.to_owned()),
+            protocol: Some(protocol),
+            to_destination: Some(*endpoint),
+            ..Rule::new(&chain, "DNAT")
+        });
+    }
+}
+
+/// kube-proxy's `writeServiceToEndpointRules`: endpoint i of n is taken with probability
+/// 1/(n-i), the last one always: every endpoint gets 1/n, like the datapath's random slot.
+fn write_policy_chain(
+    name: &str,
+    protocol: &'static str,
+    chain: &str,
+    endpoints: &[Endpoint],
+    nat: &mut Table,
+) {
+    nat.declare(chain.to_owned());
+    let count = endpoints.len();
+    for (index, endpoint) in endpoints.iter().enumerate() {
+        nat.rules.push(Rule {
+            comment: Some(format!("{name} -> {endpoint}")),
+            probability: (index + 1 < count).then(|| probability(count - index)),
+            ..Rule::new(chain, &endpoint_chain(name, protocol, endpoint))
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inspect::test_support::{Port, image};
+    use crate::plan::{FrontendKind, Protocol};
+
+    fn endpoint(text: &str) -> Endpoint {
+        let (address, port) = text.split_once(':').unwrap();
+        Endpoint {
+            address: address.parse().unwrap(),
+            port: port.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn chain_names_hash_like_kube_proxy() {
+        // The issue's vectors, and a Service from a real node's iptables-save.
+        let svc = |name, protocol| service_chain("KUBE-SVC-", name, protocol);
+        assert_eq!(
+            svc("default/kubernetes:https", "tcp"),
+            "KUBE-SVC-NPX46M4PTMTKRN6Y"
+        );
+        assert_eq!(
+            svc("kube-system/kube-dns:dns", "udp"),
+            "KUBE-SVC-TCOU7JCQXEZGVUNU"
+        );
+        assert_eq!(
+            svc("default/nginx:80-80", "tcp"),
+            "KUBE-SVC-OVTWZ4GROBJZO4C5"
+        );
+        assert_eq!(
+            service_chain("KUBE-EXT-", "default/nginx:80-80", "tcp"),
+            "KUBE-EXT-OVTWZ4GROBJZO4C5"
+        );
+        let sep = |text| endpoint_chain("default/nginx:80-80", "tcp", &endpoint(text));
+        assert_eq!(sep("10.42.0.199:80"), "KUBE-SEP-ZGUCVTBPJNCW75NN");
+        assert_eq!(sep("10.42.0.200:80"), "KUBE-SEP-UIOQG3KKGTPDCR56");
+    }
+
+    #[test]
+    fn probabilities_are_formatted_like_kube_proxy_and_read_back_like_the_kernel() {
+        let cases = [
+            (2, "0.5000000000", "0.50000000000"),
+            (3, "0.3333333333", "0.33333333349"),
+            (4, "0.2500000000", "0.25000000000"),
+            (5, "0.2000000000", "0.20000000019"),
+            (7, "0.1428571429", "0.14285714272"),
+        ];
+        for (n, written, saved) in cases {
+            assert_eq!(probability(n), written, "1/{n}");
+            assert_eq!(saved_probability(written), saved, "1/{n} saved");
+        }
+    }
+
+    /// The golden tests' Services: two single-port ClusterIPs (the issue's hash vectors),
+    /// a NodePort Service with three endpoints, and one without endpoints.
+    fn golden_image() -> MapImage {
+        image(&[
+            Port {
+                service: ("default", "kubernetes", "https"),
+                kind: FrontendKind::ClusterIp,
+                frontend: ([198, 19, 0, 1], 443, Protocol::Tcp),
+                backends: &[([198, 18, 0, 1], 6443)],
+            },
+            Port {
+                service: ("kube-system", "kube-dns", "dns"),
+                kind: FrontendKind::ClusterIp,
+                frontend: ([198, 19, 0, 10], 53, Protocol::Udp),
+                // As text, .10 sorts before .9: kube-proxy's endpoint order.
+                backends: &[([198, 18, 1, 9], 53), ([198, 18, 1, 10], 53)],
+            },
+            Port {
+                service: ("default", "web", "http"),
+                kind: FrontendKind::ClusterIp,
+                frontend: ([198, 19, 0, 20], 80, Protocol::Tcp),
+                backends: &[
+                    ([198, 18, 1, 11], 8080),
+                    ([198, 18, 1, 12], 8080),
+                    ([198, 18, 1, 13], 8080),
+                ],
+            },
+            Port {
+                service: ("default", "web", "http"),
+                kind: FrontendKind::NodePort,
+                frontend: ([198, 18, 0, 1], 30080, Protocol::Tcp),
+                backends: &[
+                    ([198, 18, 1, 11], 8080),
+                    ([198, 18, 1, 12], 8080),
+                    ([198, 18, 1, 13], 8080),
+                ],
+            },
+            Port {
+                service: ("default", "empty", ""),
+                kind: FrontendKind::ClusterIp,
+                frontend: ([198, 19, 0, 30], 80, Protocol::Tcp),
+                backends: &[],
+            },
+            Port {
+                service: ("default", "empty", ""),
+                kind: FrontendKind::NodePort,
+                frontend: ([198, 18, 0, 1], 30090, Protocol::Tcp),
+                backends: &[],
+            },
+        ])
+    }
+
+    #[test]
+    fn an_empty_local_policy_frontend_drops_where_one_without_endpoints_rejects() {
+        let mut image = image(&[Port {
+            service: ("default", "local", ""),
+            kind: FrontendKind::NodePort,
+            frontend: ([198, 18, 0, 1], 30091, Protocol::Tcp),
+            backends: &[],
+        }]);
+        for header in image.services.values_mut() {
+            header.flags |= service_flags::NO_LOCAL_ENDPOINTS;
+        }
+        let text = render(&image, Form::KubeProxy);
+        assert!(
+            text.contains(
+                "-A KUBE-EXTERNAL-SERVICES -m comment --comment \"default/local has no local \
+                 endpoints\" -m addrtype --dst-type LOCAL -m tcp -p tcp --dport 30091 -j DROP\n"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn renders_the_golden_text_in_both_forms() {
+        let image = golden_image();
+        let cases = [
+            (
+                Form::KubeProxy,
+                include_str!("testdata/explain-kube-proxy.txt"),
+            ),
+            (
+                Form::IptablesSave,
+                include_str!("testdata/explain-iptables-save.txt"),
+            ),
+        ];
+        for (form, golden) in cases {
+            let text = render(&image, form);
+            assert!(
+                text == golden,
+                "{form:?} differs from its golden file; got:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn external_traffic_with_other_endpoints_gets_a_local_policy_chain() {
+        // externalTrafficPolicy: Local: the NodePort has only this node's endpoint.
+        let image = image(&[
+            Port {
+                service: ("default", "web", "http"),
+                kind: FrontendKind::ClusterIp,
+                frontend: ([198, 19, 0, 20], 80, Protocol::Tcp),
+                backends: &[([198, 18, 1, 11], 8080), ([198, 18, 1, 12], 8080)],
+            },
+            Port {
+                service: ("default", "web", "http"),
+                kind: FrontendKind::NodePort,
+                frontend: ([198, 18, 0, 1], 30080, Protocol::Tcp),
+                backends: &[([198, 18, 1, 12], 8080)],
+            },
+        ]);
+        let text = render(&image, Form::KubeProxy);
+        let local = service_chain("KUBE-SVL-", "default/web:http", "tcp");
+        let external = service_chain("KUBE-EXT-", "default/web:http", "tcp");
+        assert!(
+            text.contains(&format!("-A {external} -j {local}\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "-A {local} -m comment --comment \"default/web:http -> 198.18.1.12:8080\" -j KUBE-SEP-"
+            )),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("-j DNAT").count(),
+            2,
+            "one chain per endpoint: {text}"
+        );
+    }
+
+    #[test]
+    fn frontends_without_a_name_are_listed_as_left_out() {
+        let mut image = golden_image();
+        image.names.clear();
+        let text = render(&image, Form::KubeProxy);
+        assert!(text.contains("# 198.19.0.1:443/tcp: no Service name in SVC_NAMES, left out"));
+        assert!(!text.contains("KUBE-SVC-"), "{text}");
+    }
+}

@@ -1,0 +1,342 @@
+//! The node-admin CLI: views of the kernel state read from the pinned maps (no daemon
+//! needed), `explain` (that state as the iptables rules kube-proxy would write) and
+//! `trace` (a dry run of the packet path against the live maps).
+//!
+//! Every view is plain data first, built by a pure function of what the maps hold
+//! ([`MapImage`], conntrack entries), so `-o json` has a stable schema (documented in the
+//! README) and tests need no kernel; then it is rendered as an aligned table. One module
+//! per view.
+
+mod backends;
+mod conntrack;
+pub mod explain;
+mod services;
+mod stats;
+pub mod trace;
+
+use std::fmt;
+use std::io::{IsTerminal, Write};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError};
+use clap::{Args, Subcommand, ValueEnum};
+use comfy_table::{Table, presets::NOTHING};
+use proxy_common::{ServiceKey, ServiceName, map_names, proto, service_flags};
+use serde::Serialize;
+
+use crate::datapath::DEFAULT_BPFFS_ROOT;
+use crate::writer::MapImage;
+
+pub use backends::BackendView;
+pub use conntrack::FlowView;
+pub use services::{FrontendView, SlotView};
+pub use stats::StatsView;
+
+/// The CLI's read-only subcommands (and `conntrack flush`), flattened into `ebpf-proxy`'s.
+#[derive(Subcommand)]
+pub enum Command {
+    /// One row per frontend (VIP or node address : port / proto): type, Service, backends.
+    Services(ServicesArgs),
+    /// One row per backend: id, address, state and the Services using it.
+    Backends(ListArgs),
+    /// Live flows: client → frontend → backend, age, packets and bytes.
+    Conntrack(conntrack::ConntrackArgs),
+    /// Datapath counters summed over CPUs, and how full the maps are.
+    Stats(ListArgs),
+    /// The datapath's Services as the iptables-save text kube-proxy would write for them.
+    Explain(explain::ExplainArgs),
+    /// Runs a packet through the program as a dry run: verdict, backend, rewritten headers
+    /// and the map entries that decided. Needs root (it loads a program).
+    Trace(trace::TraceArgs),
+}
+
+impl Command {
+    pub fn run(self) -> Result<()> {
+        match self {
+            Command::Services(args) => args.list.show(
+                |root| Ok(services::view(&read_image(root)?)),
+                |rows| services::render(rows, args.wide),
+            ),
+            Command::Backends(args) => args.show(
+                |root| Ok(backends::view(&read_image(root)?)),
+                |rows| backends::render(rows),
+            ),
+            Command::Conntrack(args) => args.run(),
+            Command::Stats(args) => args.show(stats::read, stats::render),
+            Command::Explain(args) => args.run(),
+            Command::Trace(args) => args.run(),
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct ServicesArgs {
+    #[command(flatten)]
+    list: ListArgs,
+    /// Also list every backend with its slot and state.
+    #[arg(long)]
+    wide: bool,
+}
+
+/// What every listing takes: where the pins are, the output format, and `--watch`.
+#[derive(Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pins: PinArgs,
+    /// Output format: an aligned table, or JSON (one document; with --watch, one compact
+    /// document per line and refresh).
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// Refresh every SECONDS (default 2) until interrupted (Ctrl-C).
+    #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+    watch: Option<f64>,
+    /// With --watch: stop after this many refreshes.
+    #[arg(long, value_name = "N", requires = "watch")]
+    watch_count: Option<u64>,
+}
+
+#[derive(Args)]
+pub struct PinArgs {
+    /// The daemon's bpffs directory (its --bpffs-root).
+    #[arg(long, default_value = DEFAULT_BPFFS_ROOT)]
+    pub bpffs_root: PathBuf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+impl ListArgs {
+    /// Reads with `read` and prints with `table` (or as JSON), once or every --watch
+    /// interval.
+    fn show<T: Serialize>(
+        &self,
+        read: impl Fn(&Path) -> Result<T>,
+        table: impl Fn(&T) -> String,
+    ) -> Result<()> {
+        let root = &self.pins.bpffs_root;
+        let Some(seconds) = self.watch else {
+            let view = read(root)?;
+            return print(&match self.output {
+                Output::Table => table(&view),
+                Output::Json => serde_json::to_string_pretty(&view)?,
+            });
+        };
+        let interval = Duration::try_from_secs_f64(seconds)
+            .ok()
+            .filter(|interval| !interval.is_zero())
+            .ok_or_else(|| anyhow!("--watch takes a positive number of seconds"))?;
+        let clear_screen = std::io::stdout().is_terminal();
+        let mut refreshes = 0;
+        loop {
+            let view = read(root)?;
+            let text = match self.output {
+                Output::Json => serde_json::to_string(&view)?,
+                Output::Table if clear_screen => format!(
+                    "\x1b[H\x1b[2J(every {seconds}s, Ctrl-C to stop)\n{}",
+                    table(&view)
+                ),
+                Output::Table if refreshes > 0 => format!("\n{}", table(&view)),
+                Output::Table => table(&view),
+            };
+            print(&text)?;
+            refreshes += 1;
+            if self.watch_count.is_some_and(|count| refreshes >= count) {
+                return Ok(());
+            }
+            std::thread::sleep(interval);
+        }
+    }
+}
+
+/// Prints a line to stdout; a reader that went away (`| head`) ends the output quietly.
+fn print(text: &str) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{text}").and_then(|()| stdout.flush()) {
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+/// Opens a pinned map, with a hint when the pins are not there.
+fn open_pinned(root: &Path, name: &str) -> Result<MapData> {
+    let path: PathBuf = root.join(name);
+    if !path.exists() {
+        return Err(anyhow!(
+            "no pinned map at {}: is the daemon running? (looked in {}; set --bpffs-root)",
+            path.display(),
+            root.display()
+        ));
+    }
+    MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
+}
+
+/// Opens a pinned map as the typed map `M`.
+fn open_typed<M: TryFrom<Map, Error = MapError>>(root: &Path, name: &str) -> Result<M> {
+    let map = Map::from_map_data(open_pinned(root, name)?)?;
+    M::try_from(map).with_context(|| format!("{name} under {}", root.display()))
+}
+
+/// Reads SERVICES, BACKENDS and SVC_NAMES.
+pub fn read_image(root: &Path) -> Result<MapImage> {
+    let services: BpfHashMap<MapData, _, _> = open_typed(root, map_names::SERVICES)?;
+    let backends: BpfHashMap<MapData, _, _> = open_typed(root, map_names::BACKENDS)?;
+    let names: BpfHashMap<MapData, _, _> = open_typed(root, map_names::SVC_NAMES)?;
+    Ok(MapImage {
+        services: read_entries(&services)?,
+        backends: read_entries(&backends)?,
+        // No view shows which backends affinity may reuse: the slots say the same.
+        affinity_matches: Default::default(),
+        names: read_entries(&names)?,
+    })
+}
+
+/// All entries of a hash map, skipping those deleted while it was being listed.
+fn read_entries<K: aya::Pod + Ord, V: aya::Pod>(
+    map: &BpfHashMap<MapData, K, V>,
+) -> Result<std::collections::BTreeMap<K, V>> {
+    let mut entries = std::collections::BTreeMap::new();
+    for entry in map.iter() {
+        match entry {
+            Ok((key, value)) => {
+                entries.insert(key, value);
+            }
+            Err(MapError::KeyNotFound) => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(entries)
+}
+
+/// An IPv4 address and port, in host order. JSON: `{"address": "…", "port": n}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Endpoint {
+    pub address: Ipv4Addr,
+    pub port: u16,
+}
+
+impl Endpoint {
+    /// From the wire-order address and port the maps store.
+    pub fn from_wire(addr: u32, port: u16) -> Self {
+        Self {
+            address: Ipv4Addr::from(addr.to_ne_bytes()),
+            port: u16::from_be(port),
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.address, self.port)
+    }
+}
+
+/// `addr:port/proto`, the way every view names a frontend.
+fn frontend_label(key: &ServiceKey) -> String {
+    format!(
+        "{}/{}",
+        Endpoint::from_wire(key.addr, key.port),
+        protocol_name(key.proto)
+    )
+}
+
+fn protocol_name(protocol: u8) -> &'static str {
+    match protocol {
+        proto::TCP => "tcp",
+        proto::UDP => "udp",
+        _ => "?",
+    }
+}
+
+/// The frontend kind recorded in a header's flags, named like the Service field.
+fn kind_name(flags: u16) -> &'static str {
+    if flags & service_flags::NODE_PORT != 0 {
+        "NodePort"
+    } else if flags & service_flags::LOAD_BALANCER != 0 {
+        "LoadBalancer"
+    } else if flags & service_flags::EXTERNAL_IP != 0 {
+        "ExternalIP"
+    } else {
+        "ClusterIP"
+    }
+}
+
+/// `namespace/name:port-name`, or `namespace/name` for an unnamed port: kube-proxy's
+/// `ServicePortName.String()`, which its comments and chain hashes use.
+pub fn service_port_name(name: &ServiceName) -> String {
+    match name.port_name() {
+        "" => format!("{}/{}", name.namespace(), name.name()),
+        port => format!("{}/{}:{port}", name.namespace(), name.name()),
+    }
+}
+
+/// The Service port of the frontend with this rev_nat_id, if the daemon named it.
+fn service_of(image: &MapImage, rev_nat_id: u32) -> Option<String> {
+    image.names.get(&rev_nat_id).map(service_port_name)
+}
+
+fn new_table<const N: usize>(header: [&str; N]) -> Table {
+    let mut table = Table::new();
+    table.load_preset(NOTHING).set_header(header);
+    table
+}
+
+#[cfg(test)]
+mod test_support {
+    //! A small cluster state built through the real planner output types and the writer's
+    //! `materialize`, so views are tested on exactly what the daemon would write.
+    use std::net::Ipv4Addr;
+
+    use crate::plan::{
+        BackendAddr, DesiredState, EmptyFrontend, Frontend, FrontendKind, FrontendPlan, Protocol,
+        ServicePortName,
+    };
+    use crate::writer::{IdRegistry, MapImage, materialize};
+
+    pub struct Port<'a> {
+        pub service: (&'a str, &'a str, &'a str),
+        pub kind: FrontendKind,
+        pub frontend: ([u8; 4], u16, Protocol),
+        pub backends: &'a [([u8; 4], u16)],
+    }
+
+    pub fn image(ports: &[Port<'_>]) -> MapImage {
+        let mut desired = DesiredState::default();
+        for port in ports {
+            let (addr, number, protocol) = port.frontend;
+            let (namespace, name, port_name) = port.service;
+            desired.frontends.insert(
+                Frontend {
+                    addr: Ipv4Addr::from(addr),
+                    port: number,
+                    protocol,
+                },
+                FrontendPlan {
+                    service: ServicePortName {
+                        namespace: namespace.into(),
+                        name: name.into(),
+                        port_name: port_name.into(),
+                    },
+                    kind: port.kind,
+                    backends: port
+                        .backends
+                        .iter()
+                        .map(|(addr, port)| BackendAddr {
+                            addr: Ipv4Addr::from(*addr),
+                            port: *port,
+                        })
+                        .collect(),
+                    when_empty: EmptyFrontend::Reject,
+                    session_affinity: None,
+                    serving_addrs: Vec::new(),
+                },
+            );
+        }
+        materialize(&desired, &mut IdRegistry::default())
+    }
+}

@@ -1,0 +1,93 @@
+//! `ebpf-proxy stats`: the datapath counters summed over CPUs, and map fill levels.
+
+use std::path::Path;
+
+use anyhow::Result;
+use aya::Pod;
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray};
+use proxy_common::{
+    Backend, CtKey, CtValue, ServiceKey, ServiceName, ServiceValue, map_names, stat,
+};
+use serde::Serialize;
+
+use super::{new_table, open_pinned};
+
+/// JSON schema: `counters` in `proxy_common::stat` order, then `maps`.
+#[derive(Debug, Serialize)]
+pub struct StatsView {
+    pub counters: Vec<Counter>,
+    pub maps: Vec<MapFill>,
+}
+
+/// A datapath counter summed over CPUs; `name` is one of `proxy_common::stat::NAMES`.
+#[derive(Debug, Serialize)]
+pub struct Counter {
+    pub name: &'static str,
+    pub value: u64,
+}
+
+/// How full a hash map is. A full CONNTRACK evicts its least recently used flows; a full
+/// SERVICES or BACKENDS refuses the daemon's writes.
+#[derive(Debug, Serialize)]
+pub struct MapFill {
+    pub name: &'static str,
+    pub entries: u64,
+    pub max_entries: u32,
+}
+
+pub fn read(root: &Path) -> Result<StatsView> {
+    let stats: PerCpuArray<MapData, u64> =
+        Map::from_map_data(open_pinned(root, map_names::STATS)?)?.try_into()?;
+    let mut counters = Vec::new();
+    for (index, name) in (0..).zip(stat::NAMES) {
+        let per_cpu = stats.get(&index, 0)?;
+        counters.push(Counter {
+            name,
+            value: per_cpu.iter().sum(),
+        });
+    }
+    let maps = vec![
+        fill::<ServiceKey, ServiceValue>(root, map_names::SERVICES)?,
+        fill::<u32, Backend>(root, map_names::BACKENDS)?,
+        fill::<CtKey, CtValue>(root, map_names::CONNTRACK)?,
+        fill::<u32, ServiceName>(root, map_names::SVC_NAMES)?,
+    ];
+    Ok(StatsView { counters, maps })
+}
+
+/// Counts a hash map's keys (the kernel hands them out one by one; there is no cheaper
+/// count). A key deleted while we stand on it makes the kernel restart from the first
+/// key, so under heavy churn the count is capped at the map's size.
+fn fill<K: Pod, V: Pod>(root: &Path, name: &'static str) -> Result<MapFill> {
+    let data = open_pinned(root, name)?;
+    let max_entries = data.info()?.max_entries();
+    let map: BpfHashMap<MapData, K, V> = Map::from_map_data(data)?.try_into()?;
+    let mut entries = 0;
+    for key in map.keys().take(max_entries as usize) {
+        key?;
+        entries += 1;
+    }
+    Ok(MapFill {
+        name,
+        entries,
+        max_entries,
+    })
+}
+
+pub fn render(view: &StatsView) -> String {
+    let mut counters = new_table(["COUNTER", "VALUE"]);
+    for counter in &view.counters {
+        counters.add_row([counter.name.to_owned(), counter.value.to_string()]);
+    }
+    let mut maps = new_table(["MAP", "ENTRIES", "MAX", "FILL"]);
+    for map in &view.maps {
+        let fill = 100.0 * map.entries as f64 / f64::from(map.max_entries.max(1));
+        maps.add_row([
+            map.name.to_owned(),
+            map.entries.to_string(),
+            map.max_entries.to_string(),
+            format!("{fill:.1}%"),
+        ]);
+    }
+    format!("{counters}\n\n{maps}")
+}

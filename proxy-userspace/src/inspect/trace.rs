@@ -1,0 +1,743 @@
+//! `ebpf-proxy trace SRC DST:PORT/PROTO`: where does this packet go, and why?
+//!
+//! The packet is built here and run through `epx_trace` with BPF_PROG_TEST_RUN. That
+//! program is the datapath's own packet path in dry-run mode (proxy-ebpf's `mode`), loaded
+//! from the embedded object against the daemon's pinned maps: it reads the live SERVICES,
+//! BACKENDS and CONNTRACK entries, rewrites the packet exactly as `epx_ingress` would, but
+//! writes no conntrack entry and no counter. It leaves its decisions in its own TRACE map,
+//! which this module turns into the report.
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::str::FromStr;
+
+use anyhow::{Context, Result, anyhow, bail};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
+use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
+use aya::{Ebpf, EbpfLoader};
+use clap::Args;
+use proxy_common::{
+    ServiceKey, ServiceName, TRACE_PROGRAM_NAME, TraceRecord, map_names, proto, stat, trace_ct,
+};
+use serde::Serialize;
+
+use super::conntrack::EndpointPattern;
+use super::{
+    Endpoint, Output, PinArgs, frontend_label, kind_name, open_pinned, print, protocol_name,
+};
+
+/// The source port when SRC has none: any fixed port works; give the port of a live flow
+/// to see that flow's conntrack entry decide.
+const DEFAULT_SOURCE_PORT: u16 = 40000;
+
+#[derive(Args)]
+pub struct TraceArgs {
+    /// The packet's source, `address[:port]` (port 40000 if omitted).
+    source: EndpointPattern,
+    /// Its destination, `address:port[/tcp|/udp]` (tcp if omitted). TCP packets are SYNs.
+    destination: Destination,
+    #[command(flatten)]
+    pins: PinArgs,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+impl TraceArgs {
+    pub fn run(self) -> Result<()> {
+        let packet = TracePacket {
+            protocol: self.destination.protocol,
+            source: Endpoint {
+                address: self.source.address,
+                port: self.source.port.unwrap_or(DEFAULT_SOURCE_PORT),
+            },
+            destination: self.destination.endpoint,
+        };
+        let report = Tracer::load(&self.pins.bpffs_root)?.run(&packet)?;
+        print(&match self.output {
+            Output::Table => render(&report),
+            Output::Json => serde_json::to_string_pretty(&report)?,
+        })
+    }
+}
+
+/// `address:port[/proto]`.
+#[derive(Clone, Copy, Debug)]
+struct Destination {
+    endpoint: Endpoint,
+    protocol: u8,
+}
+
+impl FromStr for Destination {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (endpoint, protocol) = text.split_once('/').unwrap_or((text, "tcp"));
+        let protocol = match protocol {
+            "tcp" => proto::TCP,
+            "udp" => proto::UDP,
+            other => return Err(format!("{other:?}: the protocol is tcp or udp")),
+        };
+        let pattern: EndpointPattern = endpoint.parse()?;
+        let port = pattern
+            .port
+            .ok_or_else(|| format!("{text:?}: the destination needs a port"))?;
+        Ok(Self {
+            endpoint: Endpoint {
+                address: pattern.address,
+                port,
+            },
+            protocol,
+        })
+    }
+}
+
+/// The packet to trace: a TCP SYN (a new connection's first packet) or a UDP datagram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TracePacket {
+    pub protocol: u8,
+    pub source: Endpoint,
+    pub destination: Endpoint,
+}
+
+const ETHERNET_LEN: usize = 14;
+const IPV4_LEN: usize = 20;
+const TCP_LEN: usize = 20;
+const UDP_LEN: usize = 8;
+const TCP_SYN: u8 = 0x02;
+
+impl TracePacket {
+    /// Ethernet + IPv4 + TCP/UDP with valid checksums (test-run skbs are not
+    /// CHECKSUM_PARTIAL, so the checksum helpers update real sums).
+    pub fn frame(&self) -> Vec<u8> {
+        let l4_len = if self.protocol == proto::TCP {
+            TCP_LEN
+        } else {
+            UDP_LEN
+        };
+        let mut frame = Vec::with_capacity(ETHERNET_LEN + IPV4_LEN + l4_len);
+        frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01, 0x08, 0x00]);
+        let total_len = (IPV4_LEN + l4_len) as u16;
+        let mut ip = [0u8; IPV4_LEN];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&total_len.to_be_bytes());
+        ip[6] = 0x40; // don't fragment
+        ip[8] = 64;
+        ip[9] = self.protocol;
+        ip[12..16].copy_from_slice(&self.source.address.octets());
+        ip[16..20].copy_from_slice(&self.destination.address.octets());
+        let ip_checksum = checksum(&[&ip]);
+        ip[10..12].copy_from_slice(&ip_checksum.to_be_bytes());
+        frame.extend_from_slice(&ip);
+
+        let mut l4 = vec![0u8; l4_len];
+        l4[0..2].copy_from_slice(&self.source.port.to_be_bytes());
+        l4[2..4].copy_from_slice(&self.destination.port.to_be_bytes());
+        let checksum_offset = if self.protocol == proto::TCP {
+            l4[4..8].copy_from_slice(&1u32.to_be_bytes()); // sequence number
+            l4[12] = (TCP_LEN as u8 / 4) << 4;
+            l4[13] = TCP_SYN;
+            l4[14..16].copy_from_slice(&64240u16.to_be_bytes()); // window
+            16
+        } else {
+            l4[4..6].copy_from_slice(&(UDP_LEN as u16).to_be_bytes());
+            6
+        };
+        let pseudo_header = [
+            &ip[12..20],
+            &[0, self.protocol],
+            &(l4_len as u16).to_be_bytes(),
+        ]
+        .concat();
+        let l4_checksum = checksum(&[&pseudo_header, &l4]);
+        l4[checksum_offset..checksum_offset + 2].copy_from_slice(&l4_checksum.to_be_bytes());
+        frame.extend_from_slice(&l4);
+        frame
+    }
+
+    /// Reads the addresses and ports back from a frame the program returned.
+    fn parse(frame: &[u8], protocol: u8) -> Option<Self> {
+        let ip = frame.get(ETHERNET_LEN..)?;
+        let l4 = ip.get(usize::from(ip.first()? & 0x0f) * 4..)?;
+        let address = |at: usize| -> Option<Ipv4Addr> {
+            Some(Ipv4Addr::from(
+                <[u8; 4]>::try_from(ip.get(at..at + 4)?).ok()?,
+            ))
+        };
+        let port = |at: usize| Some(u16::from_be_bytes([*l4.get(at)?, *l4.get(at + 1)?]));
+        Some(Self {
+            protocol,
+            source: Endpoint {
+                address: address(12)?,
+                port: port(0)?,
+            },
+            destination: Endpoint {
+                address: address(16)?,
+                port: port(2)?,
+            },
+        })
+    }
+}
+
+/// The Internet checksum over the concatenated parts (each of even length but the last).
+fn checksum(parts: &[&[u8]]) -> u16 {
+    let bytes: Vec<u8> = parts.concat();
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// `epx_trace`, loaded against the pinned maps of a bpffs root.
+pub struct Tracer {
+    ebpf: Ebpf,
+}
+
+impl Tracer {
+    /// Loads `epx_trace` from the embedded object, reusing the maps pinned under `root`
+    /// (it never creates pins: missing ones are an error). Needs root (or CAP_BPF).
+    pub fn load(root: &Path) -> Result<Self> {
+        for name in [
+            map_names::SERVICES,
+            map_names::BACKENDS,
+            map_names::CONNTRACK,
+            map_names::STATS,
+            map_names::SVC_NAMES,
+        ] {
+            open_pinned(root, name)?;
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(root)
+            .load(crate::EBPF_OBJECT)
+            .with_context(|| {
+                format!(
+                    "loading the eBPF object against the pins in {}",
+                    root.display()
+                )
+            })?;
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(TRACE_PROGRAM_NAME)
+            .ok_or_else(|| anyhow!("program {TRACE_PROGRAM_NAME} missing from the eBPF object"))?
+            .try_into()?;
+        program
+            .load()
+            .with_context(|| format!("loading {TRACE_PROGRAM_NAME} (needs root or CAP_BPF)"))?;
+        Ok(Self { ebpf })
+    }
+
+    /// Runs `packet` through the dry run and explains the outcome.
+    pub fn run(&mut self, packet: &TracePacket) -> Result<TraceReport> {
+        let frame = packet.frame();
+        let (return_code, output) = self.run_frame(&frame)?;
+        let record = self.record()?;
+        let name_of = |rev_nat_id: u32| -> Result<Option<String>> {
+            let names: BpfHashMap<&MapData, u32, ServiceName> = self
+                .ebpf
+                .map(map_names::SVC_NAMES)
+                .context("SVC_NAMES missing from the object")?
+                .try_into()?;
+            Ok(names
+                .get(&rev_nat_id, 0)
+                .ok()
+                .as_ref()
+                .map(super::service_port_name))
+        };
+        let frontend_name = if record.frontend == ServiceKey::default() {
+            None
+        } else {
+            name_of(record.service.rev_nat_id)?
+        };
+        let flow_name = if record.conntrack == trace_ct::NONE {
+            None
+        } else {
+            name_of(record.flow.rev_nat_id)?
+        };
+        Ok(report(
+            packet,
+            return_code,
+            TracePacket::parse(&output, packet.protocol),
+            &record,
+            frontend_name,
+            flow_name,
+        ))
+    }
+
+    /// Runs a raw frame through `epx_trace`: its return value and the frame it leaves.
+    pub fn run_frame(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        self.clear_record()?;
+        let program: &SchedClassifier = self
+            .ebpf
+            .program(TRACE_PROGRAM_NAME)
+            .context("epx_trace not loaded")?
+            .try_into()?;
+        let mut output = vec![0; frame.len() + 256];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut output),
+                ..TestRunOptions::default()
+            })
+            .context("BPF_PROG_TEST_RUN of epx_trace")?;
+        output.truncate(result.data_size_out as usize);
+        Ok((result.return_value, output))
+    }
+
+    fn trace_map(&mut self) -> Result<PerCpuArray<&mut MapData, TraceRecord>> {
+        let map = self
+            .ebpf
+            .map_mut(map_names::TRACE)
+            .context("TRACE missing from the object")?;
+        Ok(map.try_into()?)
+    }
+
+    /// Zeroes every CPU's record, so the run's CPU is the only one marked `recorded`.
+    fn clear_record(&mut self) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, error)| error)?;
+        let zeroes = PerCpuValues::try_from(vec![TraceRecord::default(); cpus])?;
+        self.trace_map()?.set(0, zeroes, 0)?;
+        Ok(())
+    }
+
+    fn record(&mut self) -> Result<TraceRecord> {
+        let records = self.trace_map()?.get(&0, 0)?;
+        let recorded: Vec<&TraceRecord> = records.iter().filter(|r| r.recorded == 1).collect();
+        match recorded.as_slice() {
+            [record] => Ok(**record),
+            [] => bail!("{TRACE_PROGRAM_NAME} left no record (did the program run?)"),
+            _ => bail!("{TRACE_PROGRAM_NAME} left more than one record"),
+        }
+    }
+}
+
+/// What `trace` found. JSON schema: every field always present; objects that did not take
+/// part in the decision are null.
+#[derive(Debug, Serialize)]
+pub struct TraceReport {
+    pub packet: PacketView,
+    /// `accept` (TC_ACT_OK) or `drop` (TC_ACT_SHOT); other tc actions as `tc-action-<n>`.
+    pub verdict: String,
+    /// The program's return value.
+    pub return_code: u32,
+    /// The path taken, named like its STATS counter: `new_flow`, `ct_hit`, `reply`,
+    /// `pass`, `no_backend`, `backend_missing`, `not_handled` or `rewrite_failed`.
+    pub path: &'static str,
+    /// The same, in words.
+    pub explanation: &'static str,
+    pub conntrack: Option<FlowMatch>,
+    pub frontend: Option<FrontendMatch>,
+    /// The slot chosen at random for a new flow (a new connection would pick again).
+    pub selection: Option<Selection>,
+    pub backend: Option<BackendMatch>,
+    /// The packet as it leaves the program.
+    pub output: Option<PacketView>,
+    /// A NodePort reply the live program would route itself (FIB lookup and redirect).
+    pub routes_reply: bool,
+    /// The map entries that decided, in the order the program read them.
+    pub decided_by: Vec<String>,
+}
+
+#[derive(Debug, PartialEq, Eq, Serialize)]
+pub struct PacketView {
+    pub protocol: &'static str,
+    pub source: Endpoint,
+    pub destination: Endpoint,
+}
+
+impl From<&TracePacket> for PacketView {
+    fn from(packet: &TracePacket) -> Self {
+        Self {
+            protocol: protocol_name(packet.protocol),
+            source: packet.source,
+            destination: packet.destination,
+        }
+    }
+}
+
+/// The conntrack entry that decided.
+#[derive(Debug, Serialize)]
+pub struct FlowMatch {
+    /// `forward` (the client's flow), `reply` (a backend answering), or
+    /// `closing-reused` (a SYN on a closing flow: selected anew).
+    pub direction: &'static str,
+    pub rev_nat_id: u32,
+    pub service: Option<String>,
+    pub backend_id: u32,
+    /// Where the entry rewrites to: the backend (forward) or the frontend (reply).
+    pub nat: Endpoint,
+    pub closing: bool,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// The SERVICES header that matched.
+#[derive(Debug, Serialize)]
+pub struct FrontendMatch {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub protocol: &'static str,
+    pub kind: &'static str,
+    pub service: Option<String>,
+    pub rev_nat_id: u32,
+    pub backend_count: u16,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Selection {
+    pub slot: u16,
+    pub of: u16,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendMatch {
+    pub id: u32,
+    pub address: Ipv4Addr,
+    pub port: u16,
+}
+
+fn explanation(path: u32) -> &'static str {
+    match path {
+        stat::NEW_FLOW => "a new flow: a backend was selected, the destination rewritten",
+        stat::CT_HIT => "a tracked flow: the destination is rewritten to its backend",
+        stat::REPLY => "a tracked flow's reply: the source is rewritten back to the frontend",
+        stat::PASS => "no tracked flow and no frontend: passes untouched",
+        stat::NO_BACKEND => {
+            "no endpoint of the frontend is on this node (traffic policy Local): dropped"
+        }
+        stat::REJECTED => {
+            "the frontend has no endpoints: refused, answered with an ICMP port unreachable \
+             sent back out of the device (kube-proxy's REJECT)"
+        }
+        stat::BACKEND_MISSING => {
+            "the selected slot names no backend (the daemon is mid-update): dropped"
+        }
+        stat::NOT_HANDLED => "not IPv4 TCP/UDP, or a fragment: passes untouched",
+        _ => "rewriting the packet failed: dropped",
+    }
+}
+
+fn verdict(return_code: u32) -> String {
+    match return_code {
+        0 => "accept".into(),
+        2 => "drop".into(),
+        7 => "redirect".into(),
+        other => format!("tc-action-{other}"),
+    }
+}
+
+/// The report for one run: pure, from the packet, the program's verdict and output, and
+/// its record.
+fn report(
+    packet: &TracePacket,
+    return_code: u32,
+    output: Option<TracePacket>,
+    record: &TraceRecord,
+    frontend_name: Option<String>,
+    flow_name: Option<String>,
+) -> TraceReport {
+    let mut decided_by = Vec::new();
+    let conntrack = (record.conntrack != trace_ct::NONE).then(|| {
+        let flow = &record.flow;
+        let (direction, entry) = match record.conntrack {
+            trace_ct::REPLY => ("reply", "reply"),
+            trace_ct::FORWARD => ("forward", "forward"),
+            _ => ("closing-reused", "forward"),
+        };
+        let nat = Endpoint::from_wire(flow.nat_addr, flow.nat_port);
+        let outcome = match record.conntrack {
+            trace_ct::REPLY => format!("source becomes the frontend {nat}"),
+            trace_ct::FORWARD => format!("backend {} ({nat})", flow.backend_id),
+            _ => format!(
+                "backend {} ({nat}), closing, and the packet is a SYN: selected anew",
+                flow.backend_id
+            ),
+        };
+        // The packet's own tuple is the key, in either direction.
+        decided_by.push(format!(
+            "CONNTRACK[{} {} → {} {entry}] = {outcome}",
+            protocol_name(packet.protocol),
+            packet.source,
+            packet.destination,
+        ));
+        FlowMatch {
+            direction,
+            rev_nat_id: flow.rev_nat_id,
+            service: flow_name,
+            backend_id: flow.backend_id,
+            nat,
+            closing: flow.flags & proxy_common::ct_flags::CLOSING != 0,
+            packets: flow.packets,
+            bytes: flow.bytes,
+        }
+    });
+    let frontend = (record.frontend != ServiceKey::default()).then(|| {
+        let key = &record.frontend;
+        let header = &record.service;
+        let endpoint = Endpoint::from_wire(key.addr, key.port);
+        decided_by.push(format!(
+            "SERVICES[{} slot 0] = {} {}, count {}, rev_nat_id {}",
+            frontend_label(key),
+            kind_name(header.flags),
+            frontend_name.as_deref().unwrap_or("(unnamed)"),
+            header.count,
+            header.rev_nat_id
+        ));
+        FrontendMatch {
+            address: endpoint.address,
+            port: endpoint.port,
+            protocol: protocol_name(key.proto),
+            kind: kind_name(header.flags),
+            service: frontend_name,
+            rev_nat_id: header.rev_nat_id,
+            backend_count: header.count,
+        }
+    });
+    let selection = (record.slot != 0).then(|| {
+        decided_by.push(format!(
+            "SERVICES[{} slot {}] = backend {} (slot chosen at random from 1..={})",
+            frontend_label(&record.frontend),
+            record.slot,
+            record.backend_id,
+            record.service.count
+        ));
+        Selection {
+            slot: record.slot,
+            of: record.service.count,
+        }
+    });
+    let backend = if selection.is_some() || record.affinity != 0 {
+        let endpoint = Endpoint::from_wire(record.backend.addr, record.backend.port);
+        if record.affinity != 0 {
+            decided_by.push(format!(
+                "AFFINITY[{} rev_nat_id {}] = backend {} (session affinity: the client's \
+                 backend, still one of the frontend's)",
+                packet.source.address, record.service.rev_nat_id, record.backend_id
+            ));
+        }
+        decided_by.push(format!("BACKENDS[{}] = {endpoint}", record.backend_id));
+        Some(BackendMatch {
+            id: record.backend_id,
+            address: endpoint.address,
+            port: endpoint.port,
+        })
+    } else if record.conntrack == trace_ct::FORWARD {
+        let endpoint = Endpoint::from_wire(record.flow.nat_addr, record.flow.nat_port);
+        Some(BackendMatch {
+            id: record.backend_id,
+            address: endpoint.address,
+            port: endpoint.port,
+        })
+    } else {
+        None
+    };
+    if decided_by.is_empty() {
+        decided_by.push(match u32::from(record.outcome) {
+            stat::NOT_HANDLED => "no map: the parser let the packet through".to_owned(),
+            _ => format!(
+                "no CONNTRACK entry for the tuple, no SERVICES entry for {}/{}",
+                packet.destination,
+                protocol_name(packet.protocol)
+            ),
+        });
+    }
+    let path = u32::from(record.outcome);
+    TraceReport {
+        packet: packet.into(),
+        verdict: verdict(return_code),
+        return_code,
+        path: stat::NAMES
+            .get(usize::from(record.outcome))
+            .copied()
+            .unwrap_or("?"),
+        explanation: explanation(path),
+        conntrack,
+        frontend,
+        selection,
+        backend,
+        output: output.as_ref().map(PacketView::from),
+        routes_reply: record.routes_reply != 0,
+        decided_by,
+    }
+}
+
+pub fn render(report: &TraceReport) -> String {
+    let packet =
+        |view: &PacketView| format!("{} {} → {}", view.protocol, view.source, view.destination);
+    let syn = if report.packet.protocol == "tcp" {
+        " (SYN)"
+    } else {
+        ""
+    };
+    let mut out = String::new();
+    writeln!(out, "packet      {}{syn}", packet(&report.packet)).unwrap();
+    writeln!(out, "verdict     {}", report.verdict).unwrap();
+    writeln!(out, "path        {} ({})", report.path, report.explanation).unwrap();
+    for (index, entry) in report.decided_by.iter().enumerate() {
+        let label = if index == 0 { "decided by" } else { "" };
+        writeln!(out, "{label:<11} {entry}").unwrap();
+    }
+    if let Some(backend) = &report.backend {
+        let endpoint = Endpoint {
+            address: backend.address,
+            port: backend.port,
+        };
+        writeln!(out, "backend     {endpoint} (id {})", backend.id).unwrap();
+    }
+    if let Some(output) = &report.output {
+        let label = if *output == report.packet {
+            "unchanged"
+        } else {
+            "rewritten"
+        };
+        writeln!(out, "{label:<11} {}", packet(output)).unwrap();
+    }
+    if report.routes_reply {
+        writeln!(
+            out,
+            "then        routed by the program itself (FIB lookup and redirect: NodePort reply)"
+        )
+        .unwrap();
+    }
+    out.push_str("dry run     nothing was written: no conntrack entry, no counter");
+    if report
+        .selection
+        .as_ref()
+        .is_some_and(|selection| selection.of > 1)
+    {
+        out.push_str("\n            (the slot is random: another run may pick another backend)");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use proxy_common::{Backend, ServiceValue, service_flags};
+
+    use super::*;
+
+    fn endpoint(address: [u8; 4], port: u16) -> Endpoint {
+        Endpoint {
+            address: Ipv4Addr::from(address),
+            port,
+        }
+    }
+
+    #[test]
+    fn frames_carry_valid_checksums_and_parse_back() {
+        for protocol in [proto::TCP, proto::UDP] {
+            let packet = TracePacket {
+                protocol,
+                source: endpoint([198, 18, 1, 14], 40000),
+                destination: endpoint([198, 19, 0, 10], 80),
+            };
+            let frame = packet.frame();
+            let ip = &frame[ETHERNET_LEN..ETHERNET_LEN + IPV4_LEN];
+            assert_eq!(checksum(&[ip]), 0, "IPv4 header checksum");
+            let l4 = &frame[ETHERNET_LEN + IPV4_LEN..];
+            let pseudo = [
+                &ip[12..20],
+                &[0, protocol],
+                &(l4.len() as u16).to_be_bytes(),
+            ]
+            .concat();
+            assert_eq!(checksum(&[&pseudo, l4]), 0, "L4 checksum");
+            assert_eq!(TracePacket::parse(&frame, protocol), Some(packet));
+        }
+    }
+
+    #[test]
+    fn destinations_parse_with_a_default_protocol() {
+        let udp: Destination = "198.19.0.10:53/udp".parse().unwrap();
+        assert_eq!(
+            (udp.endpoint, udp.protocol),
+            (endpoint([198, 19, 0, 10], 53), proto::UDP)
+        );
+        let tcp: Destination = "198.19.0.10:80".parse().unwrap();
+        assert_eq!(tcp.protocol, proto::TCP);
+        assert!("198.19.0.10/tcp".parse::<Destination>().is_err());
+        assert!("198.19.0.10:80/sctp".parse::<Destination>().is_err());
+    }
+
+    #[test]
+    fn a_new_flow_report_names_every_entry_that_decided() {
+        let packet = TracePacket {
+            protocol: proto::TCP,
+            source: endpoint([198, 18, 1, 14], 40000),
+            destination: endpoint([198, 19, 0, 10], 80),
+        };
+        let record = TraceRecord {
+            recorded: 1,
+            outcome: stat::NEW_FLOW as u8,
+            slot: 2,
+            backend_id: 5,
+            backend: Backend::new([198, 18, 1, 12], 8080, proto::TCP),
+            frontend: ServiceKey::new([198, 19, 0, 10], 80, proto::TCP, 0),
+            service: ServiceValue {
+                backend_id: 0,
+                rev_nat_id: 1,
+                count: 3,
+                flags: service_flags::CLUSTER_IP,
+                affinity_timeout_s: 0,
+            },
+            ..TraceRecord::default()
+        };
+        let output = TracePacket {
+            destination: endpoint([198, 18, 1, 12], 8080),
+            ..packet
+        };
+        let report = report(
+            &packet,
+            0,
+            Some(output),
+            &record,
+            Some("default/echo:tcp-80".into()),
+            None,
+        );
+        assert_eq!(
+            (report.verdict.as_str(), report.path),
+            ("accept", "new_flow")
+        );
+        assert_eq!(
+            report.decided_by,
+            [
+                "SERVICES[198.19.0.10:80/tcp slot 0] = ClusterIP default/echo:tcp-80, count 3, rev_nat_id 1",
+                "SERVICES[198.19.0.10:80/tcp slot 2] = backend 5 (slot chosen at random from 1..=3)",
+                "BACKENDS[5] = 198.18.1.12:8080",
+            ]
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["backend"]["address"], "198.18.1.12");
+        assert_eq!(json["selection"]["of"], 3);
+        assert_eq!(json["conntrack"], serde_json::Value::Null);
+        assert_eq!(json["output"]["destination"]["port"], 8080);
+        let text = render(&report);
+        assert!(
+            text.contains("rewritten   tcp 198.18.1.14:40000 → 198.18.1.12:8080"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_passing_packet_says_what_was_missing() {
+        let packet = TracePacket {
+            protocol: proto::UDP,
+            source: endpoint([198, 18, 1, 14], 40000),
+            destination: endpoint([198, 18, 5, 5], 53),
+        };
+        let record = TraceRecord {
+            recorded: 1,
+            outcome: stat::PASS as u8,
+            ..TraceRecord::default()
+        };
+        let report = report(&packet, 0, Some(packet), &record, None, None);
+        assert_eq!(report.path, "pass");
+        assert!(report.frontend.is_none() && report.backend.is_none());
+        assert_eq!(
+            report.decided_by,
+            ["no CONNTRACK entry for the tuple, no SERVICES entry for 198.18.5.5:53/udp"]
+        );
+    }
+}

@@ -1,0 +1,327 @@
+//! Kubernetes source: Services, EndpointSlices and this node's Node, followed on the API
+//! server with kube-runtime watchers (what client-go calls reflectors).
+//!
+//! Each watcher lists, then watches from the list's resourceVersion. A watch that ends or
+//! breaks resumes from the last resourceVersion seen, which bookmarks keep fresh while
+//! nothing we select changes; a 410 Gone (the version was compacted away) restarts with a
+//! relist, after which the listed objects replace the old ones in the model. Errors back off
+//! exponentially (kube-runtime's client-go-like default, 0.8 s up to 30 s).
+//!
+//! Like kube-proxy, Services and EndpointSlices are selected with
+//! `!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless`: objects another
+//! proxy owns and headless Services never reach this node. The Node is selected by
+//! `metadata.name`.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use futures::stream::{BoxStream, SelectAll};
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, ResourceExt};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::core::{Expression, Selector};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event, watcher};
+use kube::{Client, Resource};
+use serde::de::DeserializeOwned;
+use tracing::{debug, info, warn};
+
+use crate::model::{Model, ModelError, ObjectKey};
+use crate::plan::{HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL};
+
+/// How to reach the API server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiServer {
+    /// From inside a pod: `KUBERNETES_SERVICE_HOST`/`_PORT` and the ServiceAccount's token.
+    InCluster,
+    /// The current context of a kubeconfig file.
+    Kubeconfig(PathBuf),
+}
+
+impl ApiServer {
+    pub async fn client(&self) -> Result<Client> {
+        let config = match self {
+            ApiServer::InCluster => {
+                kube::Config::incluster().context("loading the in-cluster configuration")?
+            }
+            ApiServer::Kubeconfig(path) => {
+                let kubeconfig = Kubeconfig::read_from(path)
+                    .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+                kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                    .await
+                    .with_context(|| format!("using kubeconfig {}", path.display()))?
+            }
+        };
+        Client::try_from(config).context("building the Kubernetes client")
+    }
+}
+
+impl std::fmt::Display for ApiServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApiServer::InCluster => f.write_str("in-cluster"),
+            ApiServer::Kubeconfig(path) => write!(f, "kubeconfig {}", path.display()),
+        }
+    }
+}
+
+/// kube-proxy's informer selector: not owned by another proxy, not headless.
+pub fn proxied_objects_selector() -> Selector {
+    [SERVICE_PROXY_NAME_LABEL, HEADLESS_LABEL]
+        .into_iter()
+        .map(|label| Expression::DoesNotExist(label.to_owned()))
+        .collect()
+}
+
+/// The watchers of one API server, merged into one stream of model changes.
+pub struct KubernetesSource {
+    events: SelectAll<BoxStream<'static, Observed>>,
+    services: Reflector<Service>,
+    endpoint_slices: Reflector<EndpointSlice>,
+    node: Reflector<Node>,
+}
+
+/// One watcher's output, tagged with its kind so the three can share a stream (boxed: the
+/// kinds differ in size by kilobytes).
+enum Observed {
+    Service(Box<watcher::Result<Event<Service>>>),
+    EndpointSlice(Box<watcher::Result<Event<EndpointSlice>>>),
+    Node(Box<watcher::Result<Event<Node>>>),
+}
+
+impl KubernetesSource {
+    /// Starts nothing yet: the watchers run as [`changed`](Self::changed) polls them.
+    pub fn new(client: Client, node_name: &str) -> Self {
+        let proxied = from_watch_cache().labels_from(&proxied_objects_selector());
+        let this_node = from_watch_cache().fields(&format!("metadata.name={node_name}"));
+        let events = futures::stream::select_all([
+            watch(Api::all(client.clone()), proxied.clone())
+                .map(|event| Observed::Service(Box::new(event)))
+                .boxed(),
+            watch(Api::all(client.clone()), proxied)
+                .map(|event| Observed::EndpointSlice(Box::new(event)))
+                .boxed(),
+            watch(Api::all(client), this_node)
+                .map(|event| Observed::Node(Box::new(event)))
+                .boxed(),
+        ]);
+        KubernetesSource {
+            events,
+            services: Reflector::default(),
+            endpoint_slices: Reflector::default(),
+            node: Reflector::default(),
+        }
+    }
+
+    /// Whether every watcher has completed its first list. Until then the model is partial,
+    /// and programming it would delete the frontends a restarted daemon left pinned.
+    pub fn has_synced(&self) -> bool {
+        self.services.listed && self.endpoint_slices.listed && self.node.listed
+    }
+
+    /// Waits until a watch event changes `model`, and applies it. Cancel safe: every event
+    /// is applied as soon as it arrives, so dropping the future loses nothing.
+    pub async fn changed(&mut self, model: &mut Model) {
+        loop {
+            let was_synced = self.has_synced();
+            let Some(observed) = self.events.next().await else {
+                // kube-runtime watchers retry forever; never expected, but never spin.
+                return std::future::pending().await;
+            };
+            let changed = match observed {
+                Observed::Service(event) => self.services.handle(*event, model),
+                Observed::EndpointSlice(event) => self.endpoint_slices.handle(*event, model),
+                Observed::Node(event) => self.node.handle(*event, model),
+            };
+            if !was_synced && self.has_synced() {
+                info!(
+                    services = model.services().count(),
+                    endpoint_slices = model.endpoint_slices().count(),
+                    node_labels = model.node_labels().len(),
+                    "initial lists complete"
+                );
+            }
+            if changed {
+                return;
+            }
+        }
+    }
+}
+
+/// Lists served from the API server's watch cache (resourceVersion=0), as client-go's
+/// informers do: every node lists at start, and quorum reads from each would all go to etcd.
+/// The cache serves such a list whole; kube-rs would drop resourceVersion=0 from a paged
+/// list, so there is no page size.
+fn from_watch_cache() -> watcher::Config {
+    watcher::Config {
+        page_size: None,
+        ..watcher::Config::default()
+    }
+    .any_semantic()
+}
+
+/// A watcher with backoff on errors that also relists on an HTTP 410 at watch start.
+///
+/// The API server reports an expired resourceVersion as a 410 ERROR event on an open watch,
+/// which kube-runtime answers with a relist; some servers and proxies answer the watch
+/// request itself with HTTP 410, which kube-runtime would retry with the same expired
+/// version forever. Restarting the watcher there makes it relist, as client-go does.
+fn watch<K>(api: Api<K>, config: watcher::Config) -> impl Stream<Item = watcher::Result<Event<K>>>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    let start = move || watcher(api.clone(), config.clone()).boxed();
+    futures::stream::unfold((start(), start), |(mut inner, start)| async move {
+        let item = inner.next().await?;
+        if let Err(watcher::Error::WatchStartFailed(kube::Error::Api(status))) = &item
+            && status.code == 410
+        {
+            inner = start();
+        }
+        Some((item, (inner, start)))
+    })
+    .default_backoff()
+}
+
+/// How one watched kind enters the model.
+trait Watched: Resource<DynamicType = ()> + Clone + Debug + Send + 'static {
+    /// Adds or replaces the object; whether the model changed. A refused object may still
+    /// have removed its previous version.
+    fn apply(self, model: &mut Model) -> Result<bool, ModelError>;
+    /// Removes the object; whether the model changed.
+    fn delete(&self, model: &mut Model) -> bool;
+    /// Replaces every object of this kind after a (re)list; the objects refused.
+    fn replace(objects: Vec<Self>, model: &mut Model) -> Vec<ModelError>;
+}
+
+impl Watched for Service {
+    fn apply(self, model: &mut Model) -> Result<bool, ModelError> {
+        model.insert_service(self).map(|_| true)
+    }
+
+    fn delete(&self, model: &mut Model) -> bool {
+        ObjectKey::from_metadata(&self.metadata)
+            .and_then(|key| model.remove_service(&key))
+            .is_some()
+    }
+
+    fn replace(objects: Vec<Self>, model: &mut Model) -> Vec<ModelError> {
+        model.replace_services(objects)
+    }
+}
+
+impl Watched for EndpointSlice {
+    fn apply(self, model: &mut Model) -> Result<bool, ModelError> {
+        let inserted = model.insert_endpoint_slice(self);
+        // A slice that lost its service-name label no longer belongs to any Service.
+        if let Err(ModelError::MissingServiceNameLabel { slice }) = &inserted {
+            model.remove_endpoint_slice(slice);
+        }
+        inserted.map(|_| true)
+    }
+
+    fn delete(&self, model: &mut Model) -> bool {
+        ObjectKey::from_metadata(&self.metadata)
+            .and_then(|key| model.remove_endpoint_slice(&key))
+            .is_some()
+    }
+
+    fn replace(objects: Vec<Self>, model: &mut Model) -> Vec<ModelError> {
+        model.replace_endpoint_slices(objects)
+    }
+}
+
+/// Only the Node's labels (its zone) enter the model: its frequent status updates then
+/// leave the model as it was, and cause no sync.
+impl Watched for Node {
+    fn apply(self, model: &mut Model) -> Result<bool, ModelError> {
+        Ok(model.set_node_labels(self.metadata.labels.unwrap_or_default()))
+    }
+
+    fn delete(&self, model: &mut Model) -> bool {
+        model.set_node_labels(BTreeMap::new())
+    }
+
+    fn replace(objects: Vec<Self>, model: &mut Model) -> Vec<ModelError> {
+        // The field selector matches at most one Node.
+        let Some(node) = objects.into_iter().next() else {
+            warn!("no Node named like --node-name; its labels stay unknown until it appears");
+            model.set_node_labels(BTreeMap::new());
+            return Vec::new();
+        };
+        model.set_node_labels(node.metadata.labels.unwrap_or_default());
+        Vec::new()
+    }
+}
+
+/// Applies one watcher's events to the model, buffering a (re)list until it is complete so
+/// that the model never holds half a list.
+struct Reflector<K> {
+    /// The objects of the list in progress, if one is.
+    relisting: Option<Vec<K>>,
+    /// Whether a list has completed once.
+    listed: bool,
+}
+
+impl<K> Default for Reflector<K> {
+    fn default() -> Self {
+        Reflector {
+            relisting: None,
+            listed: false,
+        }
+    }
+}
+
+impl<K: Watched> Reflector<K> {
+    /// Whether the model changed.
+    fn handle(&mut self, event: watcher::Result<Event<K>>, model: &mut Model) -> bool {
+        let kind = K::kind(&());
+        let event = match event {
+            Ok(event) => event,
+            Err(error) => {
+                warn!(%kind, %error, "watch failed; retrying with backoff");
+                return false;
+            }
+        };
+        match event {
+            Event::Init => {
+                debug!(%kind, "listing");
+                self.relisting = Some(Vec::new());
+                false
+            }
+            Event::InitApply(object) => {
+                self.relisting.get_or_insert_default().push(object);
+                false
+            }
+            Event::InitDone => {
+                let objects = self.relisting.take().unwrap_or_default();
+                let count = objects.len();
+                for problem in K::replace(objects, model) {
+                    warn!(%kind, %problem, "object skipped");
+                }
+                if self.listed {
+                    info!(%kind, count, "relisted");
+                } else {
+                    debug!(%kind, count, "listed");
+                }
+                self.listed = true;
+                true
+            }
+            Event::Apply(object) => {
+                debug!(%kind, name = %object.name_any(), "applied");
+                object.apply(model).unwrap_or_else(|problem| {
+                    warn!(%kind, %problem, "object skipped");
+                    true
+                })
+            }
+            Event::Delete(object) => {
+                debug!(%kind, name = %object.name_any(), "deleted");
+                object.delete(model)
+            }
+        }
+    }
+}
