@@ -107,7 +107,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         maps.affinity_matches,
         maps.names,
     )
-        .context("reading the pinned maps")?;
+    .context("reading the pinned maps")?;
     let netlink = Netlink::connect()?;
     let node = NodeFacts {
         node_name: config.node_name.clone(),

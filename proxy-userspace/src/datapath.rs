@@ -22,8 +22,8 @@ use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::{
-    AffinityMatchKey, Backend, CtKey, CtValue, PROGRAM_NAME, ServiceKey, ServiceName,
-    ServiceValue, map_names,
+    AffinityMatchKey, Backend, CtKey, CtValue, PROGRAM_NAME, ServiceKey, ServiceName, ServiceValue,
+    map_names,
 };
 
 use crate::netlink::Device;
