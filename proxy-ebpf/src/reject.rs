@@ -6,6 +6,11 @@
 //! arrived on (`bpf_redirect`): Ethernet addresses swapped, a new IPv4 header from the
 //! frontend to the client, ICMP type 3 code 3, then the original IPv4 header and the first
 //! 8 bytes of its payload (RFC 792), by which the client's kernel finds the socket to fail.
+//!
+//! Not yet handled: a packet whose L4 checksum a device was still to complete
+//! (CHECKSUM_PARTIAL: a sender on this host, through a veth or virtio) keeps that state.
+//! A veth peer takes the answer as verified, which is the pod case; a device that would
+//! complete the checksum on the way out would write into the quoted bytes.
 
 use aya_ebpf::{
     bindings::BPF_F_RECOMPUTE_CSUM,

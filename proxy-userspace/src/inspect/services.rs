@@ -2,7 +2,7 @@
 
 use std::net::Ipv4Addr;
 
-use proxy_common::ServiceKey;
+use proxy_common::{ServiceKey, service_flags};
 use serde::Serialize;
 
 use super::{Endpoint, kind_name, new_table, protocol_name, service_of};
@@ -20,8 +20,12 @@ pub struct FrontendView {
     pub service: Option<String>,
     /// The frontend's id in conntrack entries.
     pub rev_nat_id: u32,
-    /// In slot order; empty when the Service has no endpoints (packets are dropped).
+    /// In slot order; empty when no endpoint is usable here (see `when_empty`).
     pub backends: Vec<SlotView>,
+    /// What new connections meet while `backends` is empty: `reject` (the Service has no
+    /// endpoints: ICMP port unreachable) or `drop` (its Local traffic policy leaves none on
+    /// this node).
+    pub when_empty: &'static str,
 }
 
 /// One backend slot of a frontend.
@@ -55,6 +59,11 @@ pub fn view(image: &MapImage) -> Vec<FrontendView> {
                 backends: (1..=header.count)
                     .map(|slot| slot_view(image, key, slot))
                     .collect(),
+                when_empty: if header.flags & service_flags::NO_LOCAL_ENDPOINTS != 0 {
+                    "drop"
+                } else {
+                    "reject"
+                },
             }
         })
         .collect()
@@ -94,7 +103,10 @@ pub fn render(frontends: &[FrontendView], wide: bool) -> String {
         let label = format!("{endpoint}/{}", frontend.protocol);
         let service = frontend.service.clone().unwrap_or_else(|| "-".into());
         let backends = if frontend.backends.is_empty() {
-            "0 (no endpoints: dropped)".to_owned()
+            match frontend.when_empty {
+                "drop" => "0 (no local endpoints: dropped)".to_owned(),
+                _ => "0 (no endpoints: refused)".to_owned(),
+            }
         } else if wide {
             frontend
                 .backends
@@ -172,7 +184,8 @@ mod tests {
 
         let table = render(&views, false);
         assert!(table.contains("198.19.0.10:80/tcp"), "{table}");
-        assert!(table.contains("0 (no endpoints: dropped)"), "{table}");
+        assert!(table.contains("0 (no endpoints: refused)"), "{table}");
+        assert_eq!(json[0]["when_empty"], "reject");
         let wide = render(&views, true);
         assert!(wide.contains("1: 198.18.1.11:8080 (id"), "{wide}");
         assert!(wide.contains("2: ? (id"), "{wide}");

@@ -6,7 +6,8 @@ use anyhow::Result;
 use aya::Pod;
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray};
 use proxy_common::{
-    Backend, CtKey, CtValue, ServiceKey, ServiceName, ServiceValue, map_names, stat,
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend, CtKey, CtValue, ServiceKey, ServiceName,
+    ServiceValue, map_names, stat,
 };
 use serde::Serialize;
 
@@ -50,6 +51,8 @@ pub fn read(root: &Path) -> Result<StatsView> {
         fill::<ServiceKey, ServiceValue>(root, map_names::SERVICES)?,
         fill::<u32, Backend>(root, map_names::BACKENDS)?,
         fill::<CtKey, CtValue>(root, map_names::CONNTRACK)?,
+        fill::<AffinityKey, AffinityValue>(root, map_names::AFFINITY)?,
+        fill::<AffinityMatchKey, u8>(root, map_names::AFFINITY_MATCH)?,
         fill::<u32, ServiceName>(root, map_names::SVC_NAMES)?,
     ];
     Ok(StatsView { counters, maps })

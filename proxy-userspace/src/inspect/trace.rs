@@ -206,6 +206,8 @@ impl Tracer {
             map_names::BACKENDS,
             map_names::CONNTRACK,
             map_names::STATS,
+            map_names::AFFINITY,
+            map_names::AFFINITY_MATCH,
             map_names::SVC_NAMES,
         ] {
             open_pinned(root, name)?;
