@@ -77,7 +77,7 @@ pub fn expired(
         });
         let flags = value.flags | reply.map_or(0, |r| r.flags);
         let replied = reply.is_some_and(|r| r.packets > 0);
-        if idle_for(now_ns, last_seen) > timeout(key.proto, flags, replied, timeouts) {
+        if idle_for(now_ns, last_seen) > idle_timeout(key.proto, flags, replied, timeouts) {
             doomed.push(*key);
             if reply.is_some() {
                 doomed.push(reply_key);
@@ -88,7 +88,7 @@ pub fn expired(
     for (key, value) in entries.iter().filter(|(k, _)| k.dir == ct_dir::REPLY) {
         if !paired_replies.contains(key)
             && idle_for(now_ns, value.last_seen_ns)
-                > timeout(key.proto, value.flags, true, timeouts)
+                > idle_timeout(key.proto, value.flags, true, timeouts)
         {
             doomed.push(*key);
         }
@@ -100,7 +100,8 @@ fn idle_for(now_ns: u64, last_seen_ns: u64) -> Duration {
     Duration::from_nanos(now_ns.saturating_sub(last_seen_ns))
 }
 
-fn timeout(protocol: u8, flags: u16, replied: bool, timeouts: &CtTimeouts) -> Duration {
+/// How long a flow may stay idle: the rule the sweep applies, shared with the CLI's expiry.
+pub fn idle_timeout(protocol: u8, flags: u16, replied: bool, timeouts: &CtTimeouts) -> Duration {
     match protocol {
         proto::TCP if flags & ct_flags::CLOSING != 0 => timeouts.tcp_closing,
         proto::TCP => timeouts.tcp_established,

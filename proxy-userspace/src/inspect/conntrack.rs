@@ -17,7 +17,7 @@ use super::{
     Endpoint, ListArgs, Output, PinArgs, new_table, open_typed, print, protocol_name, read_entries,
     service_port_name,
 };
-use crate::conntrack::{monotonic_now_ns, read_all, reply_key};
+use crate::conntrack::{CtTimeouts, idle_timeout, monotonic_now_ns, read_all, reply_key};
 
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -28,6 +28,26 @@ pub struct ConntrackArgs {
     filter: FlowFilter,
     #[command(flatten)]
     list: ListArgs,
+    #[command(flatten)]
+    timeouts: TimeoutArgs,
+}
+
+/// The daemon's timeouts are flags, not kernel state: pass the same value here when the
+/// daemon runs with a non-default one, so expiries are right.
+#[derive(Args, Clone, Copy, Debug)]
+struct TimeoutArgs {
+    /// The daemon's --conntrack-tcp-established-seconds.
+    #[arg(long, default_value_t = CtTimeouts::default().tcp_established.as_secs())]
+    conntrack_tcp_established_seconds: u64,
+}
+
+impl TimeoutArgs {
+    fn timeouts(self) -> CtTimeouts {
+        CtTimeouts {
+            tcp_established: Duration::from_secs(self.conntrack_tcp_established_seconds),
+            ..CtTimeouts::default()
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -89,8 +109,9 @@ impl ConntrackArgs {
         if let Some(ConntrackCommand::Flush(flush)) = self.flush {
             return flush.run();
         }
+        let timeouts = self.timeouts.timeouts();
         self.list.show(
-            |root| Ok(self.filter.select(read_flows(root)?.0)),
+            |root| Ok(self.filter.select(read_flows(root, &timeouts)?.0)),
             |flows| render(flows),
         )
     }
@@ -103,7 +124,7 @@ impl FlushArgs {
             bail!("conntrack flush needs a filter (--service, --backend, --client) or --all");
         }
         let root = &self.pins.bpffs_root;
-        let (flows, mut map) = read_flows(root)?;
+        let (flows, mut map) = read_flows(root, &CtTimeouts::default())?;
         let mut report = FlushReport::default();
         for flow in filter.select(flows) {
             report.flows += 1;
@@ -132,11 +153,19 @@ struct FlushReport {
 }
 
 /// The flows in CONNTRACK, and the map (for flushes).
-fn read_flows(root: &Path) -> Result<(Vec<FlowView>, BpfHashMap<MapData, CtKey, CtValue>)> {
+fn read_flows(
+    root: &Path,
+    timeouts: &CtTimeouts,
+) -> Result<(Vec<FlowView>, BpfHashMap<MapData, CtKey, CtValue>)> {
     let conntrack: BpfHashMap<MapData, CtKey, CtValue> = open_typed(root, map_names::CONNTRACK)?;
     let names: BpfHashMap<MapData, u32, ServiceName> = open_typed(root, map_names::SVC_NAMES)?;
     let entries = read_all(&conntrack)?;
-    let flows = flows(&entries, &read_entries(&names)?, monotonic_now_ns());
+    let flows = flows(
+        &entries,
+        &read_entries(&names)?,
+        monotonic_now_ns(),
+        timeouts,
+    );
     Ok((flows, conntrack))
 }
 
@@ -159,6 +188,9 @@ pub struct FlowView {
     pub age_seconds: u64,
     /// Since its latest packet in either direction.
     pub idle_seconds: u64,
+    /// Until the daemon's garbage collector removes it if it stays idle (its idle
+    /// timeout for the protocol and state, minus the idle time).
+    pub expires_in_seconds: u64,
     pub packets_to_backend: u64,
     pub bytes_to_backend: u64,
     pub packets_from_backend: u64,
@@ -176,6 +208,7 @@ pub fn flows(
     entries: &HashMap<CtKey, CtValue>,
     names: &BTreeMap<u32, ServiceName>,
     now_ns: u64,
+    timeouts: &CtTimeouts,
 ) -> Vec<FlowView> {
     let mut flows = Vec::new();
     let mut paired_replies = Vec::new();
@@ -190,11 +223,11 @@ pub fn flows(
             value,
             reply,
         };
-        flows.push(entries.view(names, now_ns));
+        flows.push(entries.view(names, now_ns, timeouts));
     }
     for (key, value) in entries.iter().filter(|(key, _)| key.dir == ct_dir::REPLY) {
         if !paired_replies.contains(key) {
-            flows.push(FlowEntries::ReplyOnly { key: *key, value }.view(names, now_ns));
+            flows.push(FlowEntries::ReplyOnly { key: *key, value }.view(names, now_ns, timeouts));
         }
     }
     flows.sort_by_key(|flow| (flow.client, flow.frontend, flow.protocol));
@@ -216,7 +249,12 @@ enum FlowEntries<'a> {
 }
 
 impl FlowEntries<'_> {
-    fn view(&self, names: &BTreeMap<u32, ServiceName>, now_ns: u64) -> FlowView {
+    fn view(
+        &self,
+        names: &BTreeMap<u32, ServiceName>,
+        now_ns: u64,
+        timeouts: &CtTimeouts,
+    ) -> FlowView {
         let endpoint = Endpoint::from_wire;
         let (key, value, forward, reply, keys) = match *self {
             FlowEntries::Forward { key, value, reply } => match reply {
@@ -245,6 +283,9 @@ impl FlowEntries<'_> {
         let created_ns = present().map(|v| v.created_ns).min().unwrap_or(0);
         let last_seen_ns = present().map(|v| v.last_seen_ns).max().unwrap_or(0);
         let closing = present().any(|v| v.flags & ct_flags::CLOSING != 0);
+        let flags = present().fold(0, |flags, v| flags | v.flags);
+        let replied = reply.is_some_and(|v| v.packets > 0);
+        let timeout = idle_timeout(key.proto, flags, replied, timeouts).as_secs();
         let seconds = |ns: u64| Duration::from_nanos(now_ns.saturating_sub(ns)).as_secs();
         FlowView {
             protocol: protocol_name(key.proto),
@@ -257,6 +298,7 @@ impl FlowEntries<'_> {
             state: if closing { "closing" } else { "open" },
             age_seconds: seconds(created_ns),
             idle_seconds: seconds(last_seen_ns),
+            expires_in_seconds: timeout.saturating_sub(seconds(last_seen_ns)),
             packets_to_backend: forward.map_or(0, |v| v.packets),
             bytes_to_backend: forward.map_or(0, |v| v.bytes),
             packets_from_backend: reply.map_or(0, |v| v.packets),
@@ -354,6 +396,7 @@ pub fn render(flows: &[FlowView]) -> String {
         "STATE",
         "AGE",
         "IDLE",
+        "EXPIRES",
         "PACKETS →/←",
         "BYTES →/←",
     ]);
@@ -367,6 +410,7 @@ pub fn render(flows: &[FlowView]) -> String {
             flow.state.to_owned(),
             duration(flow.age_seconds),
             duration(flow.idle_seconds),
+            duration(flow.expires_in_seconds),
             format!("{}/{}", flow.packets_to_backend, flow.packets_from_backend),
             format!("{}/{}", flow.bytes_to_backend, flow.bytes_from_backend),
         ]);
@@ -462,7 +506,7 @@ mod tests {
         ]);
         let _ = np_forward;
 
-        let flows = flows(&entries, &names, 150 * SECOND);
+        let flows = flows(&entries, &names, 150 * SECOND, &CtTimeouts::default());
         assert_eq!(flows.len(), 2);
         let web = &flows[1];
         assert_eq!(
@@ -471,6 +515,8 @@ mod tests {
         );
         assert_eq!(web.service.as_deref(), Some("default/web:http"));
         assert_eq!((web.age_seconds, web.idle_seconds), (50, 10));
+        // An open TCP flow expires after 24 h of idleness.
+        assert_eq!(web.expires_in_seconds, 86_400 - 10);
         assert_eq!((web.packets_to_backend, web.packets_from_backend), (3, 2));
         assert_eq!(web.entries, ["forward", "reply"]);
         let orphan = &flows[0];
