@@ -62,9 +62,9 @@ impl Cargo {
         command
     }
 
-    /// Builds one binary of a package and returns its path, as cargo reports it (so any
-    /// target directory works).
-    pub fn build_binary(&self, package: &str, binary: &str) -> Result<PathBuf> {
+    /// Builds one binary of a package with `profile` and returns its path, as cargo
+    /// reports it (so any target directory works).
+    pub fn build_binary(&self, package: &str, binary: &str, profile: Profile) -> Result<PathBuf> {
         let mut build = self.command(&[
             "build",
             "--package",
@@ -73,7 +73,13 @@ impl Cargo {
             binary,
             "--message-format=json-render-diagnostics",
         ]);
-        println!("\n==> cargo build --package {package} --bin {binary}");
+        build.args(profile.flags());
+        let flags: String = profile
+            .flags()
+            .iter()
+            .map(|flag| format!(" {flag}"))
+            .collect();
+        println!("\n==> cargo build --package {package} --bin {binary}{flags}");
         let output = build
             .stderr(Stdio::inherit())
             .output()
@@ -84,6 +90,23 @@ impl Cargo {
         let messages = String::from_utf8_lossy(&output.stdout);
         executable_in(&messages, binary)
             .with_context(|| format!("cargo reported no executable named {binary}"))
+    }
+}
+
+/// A cargo build profile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Profile {
+    Debug,
+    Release,
+}
+
+impl Profile {
+    /// The cargo flags that select it.
+    fn flags(self) -> &'static [&'static str] {
+        match self {
+            Profile::Debug => &[],
+            Profile::Release => &["--release"],
+        }
     }
 }
 

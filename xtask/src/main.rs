@@ -1,6 +1,6 @@
-//! `cargo xtask setup | test | demo`: orchestration only — installing the toolchain pieces
-//! the eBPF build needs, running the checks CI runs, and starting the lab demo. The logic
-//! being tested lives in the workspace crates.
+//! `cargo xtask setup | test | demo | bench`: orchestration only — installing the toolchain
+//! pieces the eBPF build needs, running the checks CI runs, starting the lab demo, and
+//! running the benchmarks. The logic being tested lives in the workspace crates.
 
 mod command;
 mod setup;
@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use command::{Cargo, run_step};
+use command::{Cargo, Profile, run_step};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "ebpf-proxy development tasks")]
@@ -23,12 +23,22 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what is missing (nightly rust-src, LLVM 22, bpf-linker, iproute2,
-    /// iptables) and mount bpffs. Idempotent; needs root.
+    /// iptables, nftables, a font for the benchmark chart) and mount bpffs. Idempotent;
+    /// needs root.
     Setup,
-    /// setup, then fmt, clippy, build the daemon and run every test with it.
+    /// setup, then fmt, clippy, build the daemon, run every test with it, and a quick
+    /// benchmark run as a smoke check.
     Test,
     /// setup, build, and run the lab demo: the example Services under a burst of traffic.
     Demo,
+    /// setup, build in release mode, and run the benchmarks against kube-proxy-shaped
+    /// iptables and nftables rules; writes docs/benchmarks.md and docs/benchmarks.png.
+    Bench {
+        /// Small sizes and short runs (a minute or two): proves the harness works, the
+        /// figures mean nothing. Writes under the target directory, not docs/.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -37,6 +47,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(),
         Task::Test => test(),
         Task::Demo => demo(),
+        Task::Bench { quick } => bench(quick),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -72,20 +83,52 @@ fn test() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
-    let daemon = cargo.build_binary("proxy-userspace", "ebpf-proxy")?;
+    let daemon = cargo.build_binary("proxy-userspace", "ebpf-proxy", Profile::Debug)?;
     let mut tests = cargo.command(&["test", "--workspace", "--exclude", "proxy-ebpf"]);
     tests.env("EBPF_PROXY_BIN", &daemon);
     run_step(tests)?;
-    println!("\nxtask test: fmt, clippy, build and tests all passed");
+    // The benchmarks' smoke check, no timing assertions. Debug builds: they reuse what the
+    // tests built, and the figures of a quick run mean nothing anyway.
+    run_bench(&cargo, Profile::Debug, true)?;
+    println!("\nxtask test: fmt, clippy, build, tests and the benchmarks' smoke run all passed");
     Ok(())
 }
 
 fn demo() -> Result<()> {
     setup::run()?;
     let cargo = Cargo::new(workspace_root());
-    let daemon = cargo.build_binary("proxy-userspace", "ebpf-proxy")?;
-    let demo = cargo.build_binary("proxy-lab", "lab-demo")?;
+    let daemon = cargo.build_binary("proxy-userspace", "ebpf-proxy", Profile::Debug)?;
+    let demo = cargo.build_binary("proxy-lab", "lab-demo", Profile::Debug)?;
     let mut run = std::process::Command::new(demo);
     run.env("EBPF_PROXY_BIN", daemon);
+    run_step(run)
+}
+
+fn bench(quick: bool) -> Result<()> {
+    setup::run()?;
+    run_bench(&Cargo::new(workspace_root()), Profile::Release, quick)
+}
+
+/// Builds the daemon and the benchmarks with `profile` and runs them. A full run writes
+/// docs/; a quick one writes next to the binary, so it never overwrites the published
+/// figures.
+fn run_bench(cargo: &Cargo, profile: Profile, quick: bool) -> Result<()> {
+    let daemon = cargo.build_binary("proxy-userspace", "ebpf-proxy", profile)?;
+    let bench = cargo.build_binary("proxy-bench", "proxy-bench", profile)?;
+    let out_dir = if quick {
+        bench
+            .parent()
+            .expect("an executable lives in a directory")
+            .join("bench-quick")
+    } else {
+        workspace_root().join("docs")
+    };
+    let mut run = std::process::Command::new(bench);
+    run.arg("--out-dir")
+        .arg(out_dir)
+        .env("EBPF_PROXY_BIN", daemon);
+    if quick {
+        run.arg("--quick");
+    }
     run_step(run)
 }

@@ -8,9 +8,16 @@ use anyhow::{Result, bail};
 
 use crate::command::{output_of, run_step};
 
-/// Debian packages: LLVM 22 for bpf-linker, iproute2 for the lab, iptables for the
-/// kube-proxy-shaped baseline.
-const DEBIAN_PACKAGES: [&str; 4] = ["llvm-22-dev", "libpolly-22-dev", "iproute2", "iptables"];
+/// Debian packages: LLVM 22 for bpf-linker, iproute2 for the lab, iptables and nftables
+/// for the kube-proxy-shaped baselines, and the font the benchmark chart's text is drawn in.
+const DEBIAN_PACKAGES: [&str; 6] = [
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "iproute2",
+    "iptables",
+    "nftables",
+    "fonts-dejavu-core",
+];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPFFS: &str = "/sys/fs/bpf";
 

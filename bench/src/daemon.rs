@@ -1,0 +1,53 @@
+//! The real ebpf-proxy daemon in a lab's node namespace, started with the bench's
+//! manifests and trusted only once it reports every frontend programmed.
+
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use proxy_lab::{Daemon, Lab, Manifest};
+
+use crate::cluster::Cluster;
+
+/// Generous: at 10 000 Services the first sync parses megabytes of YAML.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The file the bench's Services go to in the daemon's manifests directory.
+pub fn cluster_manifest(cluster: &Cluster) -> Manifest {
+    Manifest {
+        file_name: "bench.yaml".to_owned(),
+        yaml: cluster.manifest_yaml(),
+    }
+}
+
+/// Starts the daemon with `manifests` and `args` and waits until a sync reports
+/// `frontends` frontends.
+pub fn start<'lab>(
+    lab: &'lab Lab,
+    manifests: Vec<Manifest>,
+    args: &[&str],
+    frontends: usize,
+) -> Result<Daemon<'lab>> {
+    let mut builder = lab.daemon().echo_log_on_drop(false);
+    for manifest in manifests {
+        builder = builder.manifest(manifest);
+    }
+    for arg in args {
+        builder = builder.arg(*arg);
+    }
+    let daemon = builder.start()?;
+    daemon.wait_synced(SYNC_TIMEOUT)?;
+    let expected = format!("frontends={frontends} ");
+    match daemon.last_sync_line() {
+        Some(line) if line.contains(&expected) => Ok(daemon),
+        line => bail!(
+            "the daemon's first sync did not program {frontends} frontends: {line:?}\n{}",
+            tail(&daemon.log(), 20)
+        ),
+    }
+}
+
+/// The last `lines` lines of `text`.
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

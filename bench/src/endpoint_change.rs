@@ -1,0 +1,163 @@
+//! Measurement 3, part two: one endpoint change through the real daemon, confirmed by
+//! traffic: a probe Service with one endpoint, among background Services, is switched
+//! between two pods by rewriting its manifest; the clock runs from the rename that
+//! publishes the file until the pinned maps name the new pod, and until a new connection
+//! from the client namespace is answered by it.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use proxy_common::{Backend, ServiceKey, ServiceValue, map_names, proto};
+use proxy_lab::{Lab, Service};
+
+use crate::cluster::{Cluster, Endpoints};
+use crate::daemon;
+use crate::stats::percentile_of_sorted;
+
+/// Outside the background Services' VIPs (198.19.0.0 onward, one per Service).
+const PROBE_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 250, 1);
+const PROBE_PORT: u16 = 80;
+/// A change not visible in traffic by then fails the benchmark.
+const GIVE_UP: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The daemon's flags for this measurement: it checks the manifests every 10 ms (its
+/// minimum) and syncs as soon as it sees a change (no batching window).
+pub const DAEMON_FLAGS: [&str; 4] = ["--manifests-poll-ms", "10", "--min-sync-period", "0ms"];
+
+#[derive(Clone, Debug)]
+pub struct ChangeSettings {
+    pub background_services: usize,
+    pub changes: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct ChangeResult {
+    pub background_services: usize,
+    pub changes: usize,
+    /// Milliseconds from the manifest change to the maps naming the new endpoint.
+    pub to_maps_p50_ms: f64,
+    pub to_maps_p99_ms: f64,
+    /// Milliseconds from the manifest change to a connection served by the new endpoint.
+    pub to_traffic_p50_ms: f64,
+    pub to_traffic_p99_ms: f64,
+}
+
+pub fn measure(settings: &ChangeSettings) -> Result<ChangeResult> {
+    let lab = Lab::builder().pods(2).build()?;
+    let pods: Vec<Ipv4Addr> = lab.pods().iter().map(|pod| pod.ip).collect();
+    let background = Cluster::new(
+        settings.background_services,
+        Endpoints::Shared {
+            pods,
+            port: lab.tcp_port(),
+        },
+    )?;
+    let probe = Service::cluster_ip("probe", PROBE_VIP).tcp(PROBE_PORT, lab.tcp_port());
+    let daemon = daemon::start(
+        &lab,
+        vec![
+            daemon::cluster_manifest(&background),
+            probe.manifest(&lab.pods()[..1]),
+        ],
+        &DAEMON_FLAGS,
+        settings.background_services + 1,
+    )?;
+    let maps = PinnedMaps::open(&daemon.bpffs_root())?;
+
+    let mut to_maps = Vec::with_capacity(settings.changes);
+    let mut to_traffic = Vec::with_capacity(settings.changes);
+    lab.client().run(|| -> Result<()> {
+        for change in 0..settings.changes {
+            // Alternates pod-2, pod-1, …: every change moves the probe to the other pod.
+            let target = lab.pod(2 - change % 2);
+            daemon.apply(&probe.manifest([target]))?;
+            let changed = Instant::now();
+            let mut in_maps = None;
+            loop {
+                if changed.elapsed() > GIVE_UP {
+                    bail!(
+                        "{} still not serving the probe {GIVE_UP:?} after change {change}",
+                        target.name
+                    );
+                }
+                if in_maps.is_none() && maps.probe_backend()? == Some(target.ip) {
+                    in_maps = Some(changed.elapsed());
+                }
+                if served_by().ok().as_deref() == Some(target.name.as_str()) {
+                    let served = changed.elapsed();
+                    to_maps.push(in_maps.unwrap_or(served).as_secs_f64() * 1e3);
+                    to_traffic.push(served.as_secs_f64() * 1e3);
+                    break;
+                }
+            }
+        }
+        Ok(())
+    })??;
+    to_maps.sort_by(f64::total_cmp);
+    to_traffic.sort_by(f64::total_cmp);
+    let percentile = |sorted: &[f64], p| percentile_of_sorted(sorted, p).context("no changes");
+    Ok(ChangeResult {
+        background_services: settings.background_services,
+        changes: settings.changes,
+        to_maps_p50_ms: percentile(&to_maps, 50.0)?,
+        to_maps_p99_ms: percentile(&to_maps, 99.0)?,
+        to_traffic_p50_ms: percentile(&to_traffic, 50.0)?,
+        to_traffic_p99_ms: percentile(&to_traffic, 99.0)?,
+    })
+}
+
+/// The name of the pod that answers a new connection to the probe.
+fn served_by() -> Result<String> {
+    let target = SocketAddr::V4(SocketAddrV4::new(PROBE_VIP, PROBE_PORT));
+    let mut stream = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT)?;
+    stream.set_read_timeout(Some(CONNECT_TIMEOUT))?;
+    stream.write_all(b"ping\n")?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    Ok(line.trim_end().to_owned())
+}
+
+/// The daemon's SERVICES and BACKENDS maps, opened from their pins.
+struct PinnedMaps {
+    services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
+    backends: BpfHashMap<MapData, u32, Backend>,
+}
+
+impl PinnedMaps {
+    fn open(root: &Path) -> Result<Self> {
+        let open = |name: &str| -> Result<Map> {
+            let pin = root.join(name);
+            let data = MapData::from_pin(&pin)
+                .with_context(|| format!("opening the pinned map {}", pin.display()))?;
+            Ok(Map::from_map_data(data)?)
+        };
+        Ok(Self {
+            services: open(map_names::SERVICES)?.try_into()?,
+            backends: open(map_names::BACKENDS)?.try_into()?,
+        })
+    }
+
+    /// The probe's backend address when it has exactly one.
+    fn probe_backend(&self) -> Result<Option<Ipv4Addr>> {
+        let header = ServiceKey::new(PROBE_VIP.octets(), PROBE_PORT, proto::TCP, 0);
+        let has_one = self
+            .services
+            .get(&header, 0)
+            .is_ok_and(|value| value.count == 1);
+        if !has_one {
+            return Ok(None);
+        }
+        let Ok(slot) = self.services.get(&header.with_slot(1), 0) else {
+            return Ok(None);
+        };
+        Ok(self
+            .backends
+            .get(&slot.backend_id, 0)
+            .ok()
+            .map(|backend| Ipv4Addr::from(backend.addr.to_ne_bytes())))
+    }
+}

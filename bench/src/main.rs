@@ -1,0 +1,294 @@
+//! `proxy-bench`: ebpf-proxy side by side with kube-proxy's iptables and nftables rules —
+//! per-packet cost in the kernel, connections end to end in the netns lab, programming
+//! time, one endpoint change, and the daemon's memory. Prints one table per measurement
+//! and writes `benchmarks.md` and `benchmarks.png` to the output directory.
+//!
+//! Run it through `cargo xtask bench [--quick]` (release build, as root). All traffic and
+//! all netfilter rules stay in network namespaces the lab creates; maps are pinned in
+//! private bpffs mounts; everything is removed afterwards, also when a step fails.
+
+mod bpffs;
+mod chart;
+mod cluster;
+mod connections;
+mod daemon;
+mod endpoint_change;
+mod kube_rules;
+mod load;
+mod machine;
+mod memory;
+mod netfilter;
+mod packet;
+mod programming;
+mod report;
+mod stats;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, ValueEnum};
+use proxy_lab::Lab;
+
+use connections::ConnectionSettings;
+use endpoint_change::ChangeSettings;
+use load::LoadSettings;
+use memory::MemorySettings;
+use packet::PacketSettings;
+use programming::ProgrammingSettings;
+use report::{DocumentContext, Results, Table};
+
+#[derive(Parser)]
+#[command(about = "Benchmarks ebpf-proxy against kube-proxy-shaped iptables and nftables rules")]
+struct Cli {
+    /// CI's smoke check: small sizes, short runs; proves the harness works, the figures
+    /// mean nothing.
+    #[arg(long)]
+    quick: bool,
+    /// Where benchmarks.md and benchmarks.png go.
+    #[arg(long, default_value = "docs")]
+    out_dir: PathBuf,
+    /// Run only these measurements (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Section>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Section {
+    Packet,
+    Connections,
+    Programming,
+    Change,
+    Memory,
+}
+
+/// The sizes, counts and durations of every measurement.
+struct Settings {
+    packet: PacketSettings,
+    connections: ConnectionSettings,
+    programming: ProgrammingSettings,
+    change: ChangeSettings,
+    memory: MemorySettings,
+}
+
+impl Settings {
+    fn full() -> Self {
+        Self {
+            packet: PacketSettings {
+                sizes: vec![1, 1_000, 10_000, 100_000],
+                runs: 7,
+                repeat: 1_000_000,
+                single_runs: 5_000,
+            },
+            connections: ConnectionSettings {
+                sizes: vec![1, 1_000, 10_000],
+                pods: 10,
+                load: LoadSettings {
+                    threads: 4,
+                    duration: Duration::from_secs(2),
+                    max_connections: 100_000,
+                    timeout: Duration::from_secs(1),
+                },
+                runs: 5,
+                warmup: 300,
+                rules_timeout: Duration::from_secs(180),
+            },
+            programming: ProgrammingSettings {
+                sizes: vec![1_000, 10_000, 50_000],
+                runs: 3,
+                budget: Duration::from_secs(40),
+                timeout: Duration::from_secs(90),
+                changes: 100,
+            },
+            change: ChangeSettings {
+                background_services: 1_000,
+                changes: 50,
+            },
+            memory: MemorySettings {
+                services: 10_000,
+                endpoints_per_service: 10,
+            },
+        }
+    }
+
+    fn quick() -> Self {
+        Self {
+            packet: PacketSettings {
+                sizes: vec![1, 1_000],
+                runs: 2,
+                repeat: 20_000,
+                single_runs: 300,
+            },
+            connections: ConnectionSettings {
+                sizes: vec![1, 100],
+                pods: 3,
+                load: LoadSettings {
+                    threads: 2,
+                    duration: Duration::from_millis(300),
+                    max_connections: 5_000,
+                    timeout: Duration::from_secs(1),
+                },
+                runs: 1,
+                warmup: 20,
+                rules_timeout: Duration::from_secs(60),
+            },
+            programming: ProgrammingSettings {
+                sizes: vec![100, 1_000],
+                runs: 1,
+                budget: Duration::from_secs(10),
+                timeout: Duration::from_secs(30),
+                changes: 10,
+            },
+            change: ChangeSettings {
+                background_services: 10,
+                changes: 4,
+            },
+            memory: MemorySettings {
+                services: 100,
+                endpoints_per_service: 10,
+            },
+        }
+    }
+
+    /// One line per measurement, for the docs.
+    fn describe(&self) -> Vec<String> {
+        let Self {
+            packet,
+            connections,
+            programming,
+            change,
+            memory,
+        } = self;
+        vec![
+            format!(
+                "per packet: {:?} Services × 10 endpoints; {} runs of `repeat` {} and of {} \
+                 single runs each",
+                packet.sizes, packet.runs, packet.repeat, packet.single_runs
+            ),
+            format!(
+                "connections: {:?} Services, {} pods; {} runs of {:?} with {} client threads \
+                 (at most {} connections a run, {:?} timeouts) after {} warm-up connections",
+                connections.sizes,
+                connections.pods,
+                connections.runs,
+                connections.load.duration,
+                connections.load.threads,
+                connections.load.max_connections,
+                connections.load.timeout,
+                connections.warmup
+            ),
+            format!(
+                "programming: {:?} Services × 10 endpoints; up to {} runs per tool and size \
+                 (no new run after {:?} spent), a load stopped after {:?}; {} endpoint changes \
+                 per size",
+                programming.sizes,
+                programming.runs,
+                programming.budget,
+                programming.timeout,
+                programming.changes
+            ),
+            format!(
+                "endpoint change through the daemon: {} changes among {} background Services",
+                change.changes, change.background_services
+            ),
+            format!(
+                "memory: {} Services × {} endpoints",
+                memory.services, memory.endpoints_per_service
+            ),
+        ]
+    }
+}
+
+fn main() -> ExitCode {
+    match run(&Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("proxy-bench failed: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    if let Some(reason) = proxy_lab::lab_unavailable_reason() {
+        bail!("the benchmarks need root and network namespaces: {reason}");
+    }
+    let started = Instant::now();
+    let settings = if cli.quick {
+        Settings::quick()
+    } else {
+        Settings::full()
+    };
+    let wants = |section| cli.only.is_empty() || cli.only.contains(&section);
+    let mut results = Results::default();
+
+    if wants(Section::Packet) {
+        heading("1. Per-packet cost in the kernel (ns per packet)");
+        // BPF_PROG_TEST_RUN sends nothing anywhere; running it in a lab namespace keeps
+        // even its test skbs off the host's own network stack.
+        let lab = Lab::builder().pods(0).build()?;
+        results.packet = lab.node().run(|| packet::measure(&settings.packet))??;
+        show(&report::packet_table(&results.packet));
+    }
+    if wants(Section::Connections) {
+        heading("2. New TCP connections through a ClusterIP, end to end");
+        results.connections = connections::measure(&settings.connections)?;
+        show(&report::connections_table(&results.connections));
+    }
+    if wants(Section::Programming) {
+        heading("3. Programming from scratch (seconds)");
+        results.programming = programming::measure(&settings.programming)?;
+        show(&report::programming_table(&results.programming));
+        heading("3. One endpoint change, event to maps, in process");
+        show(&report::change_in_process_table(&results.programming));
+    }
+    if wants(Section::Change) {
+        heading("3. One endpoint change through the daemon, confirmed by traffic");
+        let change = endpoint_change::measure(&settings.change)?;
+        show(&report::change_daemon_table(&change));
+        results.change = Some(change);
+    }
+    if wants(Section::Memory) {
+        heading("4. Daemon memory");
+        let memory = memory::measure(&settings.memory)?;
+        show(&report::memory_table(&memory));
+        results.memory = Some(memory);
+    }
+    heading("Targets");
+    show(&report::targets_table(&results));
+
+    std::fs::create_dir_all(&cli.out_dir)
+        .with_context(|| format!("creating {}", cli.out_dir.display()))?;
+    let chart_file = "benchmarks.png";
+    chart::draw(
+        &cli.out_dir.join(chart_file),
+        &results.packet,
+        &results.connections,
+    )?;
+    let context = DocumentContext {
+        machine: machine::describe(),
+        settings: settings.describe(),
+        elapsed: started.elapsed(),
+        quick: cli.quick,
+        chart_file: chart_file.to_owned(),
+    };
+    let doc_path = cli.out_dir.join("benchmarks.md");
+    std::fs::write(&doc_path, report::document(&results, &context))
+        .with_context(|| format!("writing {}", doc_path.display()))?;
+    println!(
+        "\nwrote {} and {} ({:.1} min)",
+        doc_path.display(),
+        cli.out_dir.join(chart_file).display(),
+        started.elapsed().as_secs_f64() / 60.0
+    );
+    Ok(())
+}
+
+fn heading(title: &str) {
+    println!("\n== {title}\n");
+}
+
+fn show(table: &Table) {
+    println!("{}", table.markdown());
+}

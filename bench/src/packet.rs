@@ -1,0 +1,464 @@
+//! Measurement 1, per-packet cost in the kernel: the real `epx_ingress` program run by
+//! BPF_PROG_TEST_RUN on crafted frames, its maps filled by the real planner and map writer.
+//!
+//! `repeat` reruns the program on the same skb, and a rewritten packet stays rewritten, so
+//! each path is measured in the way that keeps every iteration on that path:
+//! - pass-through (a packet to no Service): rerunning changes nothing → `repeat`.
+//! - established (conntrack hit, then DNAT): the bench adds a mirror conntrack entry for
+//!   the translated tuple that DNATs back to the VIP, so every iteration is again a
+//!   conntrack hit with a full rewrite → `repeat`.
+//! - new flow (conntrack miss → lookup → select → create → DNAT): every run is a packet
+//!   of a fresh 5-tuple, one run per call; to a random Service (cold map entries, as new
+//!   connections across many Services meet them), and always to the same Service (hot
+//!   Service entries: what is left is the algorithm and the conntrack side). A single
+//!   run's duration includes the kernel's clock reads around it; that floor (single-run
+//!   pass-through minus repeated pass-through) is subtracted. The same method applied to the
+//!   established packet checks it against the `repeat` figure.
+//! - new flow without the conntrack create: the same fresh packets through `epx_trace`,
+//!   the dry run of the same packet path, which writes no conntrack entry and no counter
+//!   (it records its decisions in a per-CPU map instead); the difference to a new flow is
+//!   about what creating the flow's two conntrack entries costs.
+//!
+//! Every figure is checked against the program's own counters: a run that did not take
+//! the path it measures fails the benchmark instead of reporting a wrong number.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use anyhow::{Context, Result, bail, ensure};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
+use aya::{Ebpf, EbpfLoader};
+use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use proxy_common::{
+    CtKey, CtValue, PROGRAM_NAME, TRACE_PROGRAM_NAME, TraceRecord, ct_dir, default_max_entries,
+    map_names, proto, stat,
+};
+use proxy_userspace::plan;
+use proxy_userspace::writer::MapWriter;
+
+use crate::bpffs::PrivateBpffs;
+use crate::cluster::{BenchService, Cluster, Endpoints, lab_node};
+use crate::stats::{Rng, Summary, median};
+
+const TC_ACT_OK: u32 = 0;
+const ENDPOINTS_PER_SERVICE: usize = 10;
+/// The established flow's client, and the pass-through packet's source.
+const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 250, 1), 40_000);
+/// A destination that is no Service (no endpoint uses port 9 either).
+const NOT_A_SERVICE: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 255, 254), 9);
+/// New flows come from 198.18.240.0 onward, 50 000 source ports per address.
+const FIRST_NEW_FLOW_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 240, 0);
+const PORTS_PER_CLIENT: usize = 50_000;
+
+#[derive(Clone, Debug)]
+pub struct PacketSettings {
+    /// Numbers of Services (× 10 endpoints) to measure at.
+    pub sizes: Vec<usize>,
+    pub runs: usize,
+    /// Iterations of one `repeat` run.
+    pub repeat: u32,
+    /// Single runs (one call each) per run, for new flows and the timer floor.
+    pub single_runs: usize,
+}
+
+/// Nanoseconds per packet at one number of Services, over the runs.
+#[derive(Clone, Debug)]
+pub struct PacketCosts {
+    pub services: usize,
+    /// New flows to random Services.
+    pub new_flow: Summary,
+    /// New flows, always to the same Service.
+    pub new_flow_one_service: Summary,
+    /// New flows to random Services through the dry run, which creates no conntrack
+    /// entries.
+    pub new_flow_without_create: Summary,
+    pub established: Summary,
+    pub pass_through: Summary,
+    /// The established packet measured like new flows; close to `established` when the
+    /// floor correction is sound.
+    pub established_single: Summary,
+    pub timer_floor: Summary,
+}
+
+pub fn measure(settings: &PacketSettings) -> Result<Vec<PacketCosts>> {
+    settings
+        .sizes
+        .iter()
+        .map(|&services| {
+            measure_at(services, settings)
+                .with_context(|| format!("per-packet cost at {services} Services"))
+        })
+        .collect()
+}
+
+fn measure_at(services: usize, settings: &PacketSettings) -> Result<PacketCosts> {
+    let cluster = Cluster::new(
+        services,
+        Endpoints::Distinct {
+            per_service: ENDPOINTS_PER_SERVICE,
+        },
+    )?;
+    let started = std::time::Instant::now();
+    let planned = plan::plan(&cluster.model()?, &lab_node());
+    let mut datapath = LoadedProgram::load(services)?;
+    let report = datapath.writer.apply(&planned.desired);
+    ensure!(
+        report.map_full == 0 && report.failures.is_empty(),
+        "filling the maps failed: {} refused as full, failures {:?}",
+        report.map_full,
+        report.failures
+    );
+    eprintln!(
+        "  {services} Services: {} frontends, {} backends written in {:.1} s",
+        report.frontends,
+        report.backends,
+        started.elapsed().as_secs_f64()
+    );
+
+    let established = datapath.open_established_flow(&cluster.service(services / 2))?;
+    let pass = tcp_frame(CLIENT, NOT_A_SERVICE, Flags::Syn)?;
+    let one_service = cluster.service(0);
+    let mut rng = Rng::new(services as u64);
+    let mut next_flow = 0usize;
+    let mut figures = Figures::default();
+    for _ in 0..settings.runs {
+        let pass_repeated = datapath.repeated(&pass, settings.repeat, stat::PASS)?;
+        let established_repeated =
+            datapath.repeated(&established, settings.repeat, stat::CT_HIT)?;
+        let pass_single =
+            datapath.single_runs(settings.single_runs, stat::PASS, || Ok(pass.clone()))?;
+        let established_single =
+            datapath.single_runs(settings.single_runs, stat::CT_HIT, || {
+                Ok(established.clone())
+            })?;
+        let mut new_flow_frame = |service: &BenchService| {
+            let client = new_flow_client(next_flow);
+            next_flow += 1;
+            tcp_frame(
+                client,
+                SocketAddrV4::new(service.vip, service.port),
+                Flags::Syn,
+            )
+        };
+        let mut to_random_service = || new_flow_frame(&cluster.service(rng.below(services)));
+        let new_flow =
+            datapath.single_runs(settings.single_runs, stat::NEW_FLOW, &mut to_random_service)?;
+        let dry_run = datapath.dry_runs(settings.single_runs, &mut to_random_service)?;
+        let new_flow_one_service =
+            datapath.single_runs(settings.single_runs, stat::NEW_FLOW, || {
+                new_flow_frame(&one_service)
+            })?;
+        let floor = pass_single - pass_repeated;
+        figures.pass_through.push(pass_repeated);
+        figures.established.push(established_repeated);
+        figures.established_single.push(established_single - floor);
+        figures.new_flow.push(new_flow - floor);
+        figures
+            .new_flow_one_service
+            .push(new_flow_one_service - floor);
+        figures.new_flow_without_create.push(dry_run - floor);
+        figures.timer_floor.push(floor);
+    }
+    let summary = |values: &[f64]| Summary::of(values).context("no runs");
+    Ok(PacketCosts {
+        services,
+        new_flow: summary(&figures.new_flow)?,
+        new_flow_one_service: summary(&figures.new_flow_one_service)?,
+        new_flow_without_create: summary(&figures.new_flow_without_create)?,
+        established: summary(&figures.established)?,
+        pass_through: summary(&figures.pass_through)?,
+        established_single: summary(&figures.established_single)?,
+        timer_floor: summary(&figures.timer_floor)?,
+    })
+}
+
+/// Per-run figures, in nanoseconds.
+#[derive(Default)]
+struct Figures {
+    new_flow: Vec<f64>,
+    new_flow_one_service: Vec<f64>,
+    new_flow_without_create: Vec<f64>,
+    established: Vec<f64>,
+    pass_through: Vec<f64>,
+    established_single: Vec<f64>,
+    timer_floor: Vec<f64>,
+}
+
+/// The source of the `index`-th new flow: a tuple no earlier run used.
+fn new_flow_client(index: usize) -> SocketAddrV4 {
+    let address = u32::from(FIRST_NEW_FLOW_CLIENT) + (index / PORTS_PER_CLIENT) as u32;
+    let port = 10_000 + (index % PORTS_PER_CLIENT) as u16;
+    SocketAddrV4::new(Ipv4Addr::from(address), port)
+}
+
+/// The object loaded with maps sized for `services`, pinned in a private bpffs.
+struct LoadedProgram {
+    // Dropped in declaration order: maps and program before the bpffs that pins them.
+    writer: MapWriter,
+    conntrack: BpfHashMap<MapData, CtKey, CtValue>,
+    stats: PerCpuArray<MapData, u64>,
+    trace: PerCpuArray<MapData, TraceRecord>,
+    ebpf: Ebpf,
+    _bpffs: PrivateBpffs,
+}
+
+impl LoadedProgram {
+    fn load(services: usize) -> Result<Self> {
+        let bpffs = PrivateBpffs::mount()?;
+        let frontends = u32::try_from(services)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(bpffs.path())
+            .map_max_entries(
+                map_names::SERVICES,
+                default_max_entries::SERVICES.max(frontends * 11 + 1024),
+            )
+            .map_max_entries(
+                map_names::BACKENDS,
+                default_max_entries::BACKENDS.max(frontends * 10 + 1024),
+            )
+            .map_max_entries(
+                map_names::SVC_NAMES,
+                default_max_entries::SVC_NAMES.max(frontends + 1024),
+            )
+            .map_max_entries(
+                map_names::AFFINITY_MATCH,
+                default_max_entries::SERVICES.max(frontends * 11 + 1024),
+            )
+            .load(proxy_userspace::EBPF_OBJECT)
+            .context("loading the eBPF object")?;
+        for name in [PROGRAM_NAME, TRACE_PROGRAM_NAME] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .with_context(|| format!("the object has no program {name}"))?
+                .try_into()?;
+            program.load().with_context(|| format!("loading {name}"))?;
+        }
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .with_context(|| format!("the object has no map {name}"))
+        };
+        let services_map = take(map_names::SERVICES)?.try_into()?;
+        let backends_map = take(map_names::BACKENDS)?.try_into()?;
+        let names_map = take(map_names::SVC_NAMES)?.try_into()?;
+        let affinity_matches = take(map_names::AFFINITY_MATCH)?.try_into()?;
+        let conntrack = take(map_names::CONNTRACK)?.try_into()?;
+        let stats = take(map_names::STATS)?.try_into()?;
+        let trace = take(map_names::TRACE)?.try_into()?;
+        Ok(Self {
+            writer: MapWriter::new(services_map, backends_map, affinity_matches, names_map)?,
+            conntrack,
+            stats,
+            trace,
+            ebpf,
+            _bpffs: bpffs,
+        })
+    }
+
+    fn program(&self) -> Result<&SchedClassifier> {
+        self.program_named(PROGRAM_NAME)
+    }
+
+    fn program_named(&self, name: &str) -> Result<&SchedClassifier> {
+        Ok(self
+            .ebpf
+            .program(name)
+            .with_context(|| format!("the object has no program {name}"))?
+            .try_into()?)
+    }
+
+    /// A datapath counter, summed over the CPUs.
+    fn counter(&self, index: u32) -> Result<u64> {
+        Ok(self.stats.get(&index, 0)?.iter().sum())
+    }
+
+    /// Runs `frame` `repeat` times in one call; nanoseconds per run (the kernel's own
+    /// average). Fails unless every run counted `counter`.
+    fn repeated(&self, frame: &[u8], repeat: u32, counter: u32) -> Result<f64> {
+        let before = self.counter(counter)?;
+        let result = self.program()?.test_run(TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..TestRunOptions::default()
+        })?;
+        ensure!(
+            result.return_value == TC_ACT_OK,
+            "verdict {}",
+            result.return_value
+        );
+        self.expect_counted(counter, before, u64::from(repeat))?;
+        Ok(result.duration.as_nanos() as f64)
+    }
+
+    /// Runs `count` frames from `next_frame`, one call each; the median nanoseconds of a
+    /// call as the kernel timed it. Fails unless every run counted `counter`.
+    fn single_runs(
+        &self,
+        count: usize,
+        counter: u32,
+        next_frame: impl FnMut() -> Result<Vec<u8>>,
+    ) -> Result<f64> {
+        let before = self.counter(counter)?;
+        let nanoseconds = self.median_single_run(self.program()?, count, next_frame)?;
+        self.expect_counted(counter, before, count as u64)?;
+        Ok(nanoseconds)
+    }
+
+    /// Like [`Self::single_runs`] of new flows, through the dry run; checks that the
+    /// last run on each CPU took the new-flow path.
+    fn dry_runs(&self, count: usize, next_frame: impl FnMut() -> Result<Vec<u8>>) -> Result<f64> {
+        let nanoseconds =
+            self.median_single_run(self.program_named(TRACE_PROGRAM_NAME)?, count, next_frame)?;
+        for record in self.trace.get(&0, 0)?.iter() {
+            if record.recorded == 1 && u32::from(record.outcome) != stat::NEW_FLOW {
+                bail!(
+                    "the dry run ended in {} instead of new_flow",
+                    stat::NAMES.get(usize::from(record.outcome)).unwrap_or(&"?")
+                );
+            }
+        }
+        Ok(nanoseconds)
+    }
+
+    /// Runs `count` frames through `program`, one call each: the median nanoseconds of a
+    /// call as the kernel timed it.
+    fn median_single_run(
+        &self,
+        program: &SchedClassifier,
+        count: usize,
+        mut next_frame: impl FnMut() -> Result<Vec<u8>>,
+    ) -> Result<f64> {
+        let mut durations = Vec::with_capacity(count);
+        for _ in 0..count {
+            let frame = next_frame()?;
+            let result = program.test_run(TestRunOptions {
+                data_in: Some(&frame),
+                ..TestRunOptions::default()
+            })?;
+            ensure!(
+                result.return_value == TC_ACT_OK,
+                "verdict {}",
+                result.return_value
+            );
+            durations.push(result.duration.as_nanos() as f64);
+        }
+        median(&durations).context("no single runs")
+    }
+
+    fn expect_counted(&self, counter: u32, before: u64, runs: u64) -> Result<()> {
+        let counted = self.counter(counter)? - before;
+        if counted != runs {
+            bail!(
+                "{runs} runs but {counted} counted as {}: the packet took another path",
+                stat::NAMES[counter as usize]
+            );
+        }
+        Ok(())
+    }
+
+    /// Opens a flow from [`CLIENT`] to `service` and makes its next packets conntrack
+    /// hits at every iteration of a `repeat` run: the program DNATs the packet to the
+    /// backend it chose, and a mirror entry for that translated tuple DNATs it back to
+    /// the VIP. Returns the flow's ACK frame.
+    fn open_established_flow(&mut self, service: &BenchService) -> Result<Vec<u8>> {
+        let vip = SocketAddrV4::new(service.vip, service.port);
+        let syn = tcp_frame(CLIENT, vip, Flags::Syn)?;
+        let mut out = vec![0; syn.len() + 256];
+        let before = self.counter(stat::NEW_FLOW)?;
+        let result = self.program()?.test_run(TestRunOptions {
+            data_in: Some(&syn),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })?;
+        ensure!(
+            result.return_value == TC_ACT_OK,
+            "verdict {}",
+            result.return_value
+        );
+        self.expect_counted(stat::NEW_FLOW, before, 1)?;
+        out.truncate(result.data_size_out as usize);
+        let backend = destination(&out)?;
+        ensure!(
+            service.endpoints.contains(backend.ip()),
+            "the SYN to {vip} went to {backend}, which is none of its endpoints"
+        );
+        let forward = self.conntrack.get(&ct_key(CLIENT, vip), 0)?;
+        let back_to_vip = CtValue {
+            nat_addr: u32::from_ne_bytes(vip.ip().octets()),
+            nat_port: vip.port().to_be(),
+            ..forward
+        };
+        self.conntrack
+            .insert(ct_key(CLIENT, backend), back_to_vip, 0)?;
+        tcp_frame(CLIENT, vip, Flags::Ack)
+    }
+}
+
+/// The FORWARD conntrack key of a packet from `src` to `dst`.
+fn ct_key(src: SocketAddrV4, dst: SocketAddrV4) -> CtKey {
+    CtKey {
+        src_addr: u32::from_ne_bytes(src.ip().octets()),
+        dst_addr: u32::from_ne_bytes(dst.ip().octets()),
+        src_port: src.port().to_be(),
+        dst_port: dst.port().to_be(),
+        proto: proto::TCP,
+        dir: ct_dir::FORWARD,
+        _pad: 0,
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Flags {
+    Syn,
+    Ack,
+}
+
+/// An Ethernet/IPv4/TCP frame without payload, checksums complete.
+fn tcp_frame(src: SocketAddrV4, dst: SocketAddrV4, flags: Flags) -> Result<Vec<u8>> {
+    let builder = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(src.ip().octets(), dst.ip().octets(), 64)
+        .tcp(src.port(), dst.port(), 1, 64_240);
+    let builder = match flags {
+        Flags::Syn => builder.syn(),
+        Flags::Ack => builder.ack(1),
+    };
+    let mut frame = Vec::with_capacity(builder.size(0));
+    builder.write(&mut frame, &[])?;
+    Ok(frame)
+}
+
+/// Where a frame is addressed to.
+fn destination(frame: &[u8]) -> Result<SocketAddrV4> {
+    let packet = SlicedPacket::from_ethernet(frame)?;
+    let (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Tcp(tcp))) = (packet.net, packet.transport)
+    else {
+        bail!("the program's output is not IPv4/TCP");
+    };
+    Ok(SocketAddrV4::new(
+        ip.header().destination_addr(),
+        tcp.destination_port(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_flows_never_share_a_tuple() {
+        let clients: std::collections::HashSet<SocketAddrV4> =
+            (0..200_000).map(new_flow_client).collect();
+        assert_eq!(clients.len(), 200_000);
+        assert!(
+            clients
+                .iter()
+                .all(|client| client.ip().octets()[..2] == [198, 18])
+        );
+    }
+
+    #[test]
+    fn frames_carry_their_addresses() {
+        let dst = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 1), 80);
+        let frame = tcp_frame(CLIENT, dst, Flags::Syn).unwrap();
+        assert_eq!(destination(&frame).unwrap(), dst);
+    }
+}

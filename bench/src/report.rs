@@ -1,0 +1,521 @@
+//! Tables (printed as each measurement ends, and collected into docs/benchmarks.md) and
+//! the verdict on each target. Targets are reported, never asserted.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::connections::{ConnectionResult, Variant};
+use crate::endpoint_change::{ChangeResult, DAEMON_FLAGS};
+use crate::memory::MemoryResult;
+use crate::packet::PacketCosts;
+use crate::programming::{ProgrammingResult, Timing};
+use crate::stats::Summary;
+
+/// Everything measured in one run; a section left out with `--only` stays empty.
+#[derive(Debug, Default)]
+pub struct Results {
+    pub packet: Vec<PacketCosts>,
+    pub connections: Vec<ConnectionResult>,
+    pub programming: Vec<ProgrammingResult>,
+    pub change: Option<ChangeResult>,
+    pub memory: Option<MemoryResult>,
+}
+
+/// A markdown table: readable in a terminal, rendered in the docs.
+pub struct Table {
+    pub header: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn new(header: &[&str]) -> Self {
+        Self {
+            header: header.iter().map(|cell| (*cell).to_owned()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut text = format!("| {} |\n", self.header.join(" | "));
+        let _ = writeln!(text, "|{}", "---|".repeat(self.header.len()));
+        for row in &self.rows {
+            let _ = writeln!(text, "| {} |", row.join(" | "));
+        }
+        text
+    }
+}
+
+fn ratio(value: f64) -> String {
+    format!("{value:.2}×")
+}
+
+pub fn packet_table(costs: &[PacketCosts]) -> Table {
+    let mut table = Table::new(&[
+        "Services",
+        "new flow, random Service (ns)",
+        "new flow, one Service (ns)",
+        "new flow without conntrack create, random Service (ns)",
+        "established (ns)",
+        "pass-through (ns)",
+        "new flow ÷ smallest N: random Service",
+        "one Service",
+        "established ÷ smallest N",
+        "check: established, single-run method (ns)",
+        "timer floor subtracted (ns)",
+    ]);
+    let Some(first) = costs.first() else {
+        return table;
+    };
+    for cost in costs {
+        table.rows.push(vec![
+            cost.services.to_string(),
+            cost.new_flow.display(0),
+            cost.new_flow_one_service.display(0),
+            cost.new_flow_without_create.display(0),
+            cost.established.display(0),
+            cost.pass_through.display(0),
+            ratio(cost.new_flow.median / first.new_flow.median),
+            ratio(cost.new_flow_one_service.median / first.new_flow_one_service.median),
+            ratio(cost.established.median / first.established.median),
+            cost.established_single.display(0),
+            cost.timer_floor.display(0),
+        ]);
+    }
+    table
+}
+
+/// The direct variant's result at the same number of Services.
+fn direct_at(results: &[ConnectionResult], services: usize) -> Option<&ConnectionResult> {
+    at(results, Variant::Direct, services)
+}
+
+fn at(
+    results: &[ConnectionResult],
+    variant: Variant,
+    services: usize,
+) -> Option<&ConnectionResult> {
+    results
+        .iter()
+        .find(|result| result.variant == variant && result.services == services)
+}
+
+pub fn connections_table(results: &[ConnectionResult]) -> Table {
+    let mut table = Table::new(&[
+        "Services",
+        "path",
+        "new connections/s",
+        "p50 connect (µs)",
+        "p99 connect (µs)",
+        "rate ÷ direct",
+        "ebpf-proxy's rate ÷ this",
+        "failed",
+    ]);
+    for result in results {
+        let direct = direct_at(results, result.services);
+        let ours = at(results, Variant::EbpfProxy, result.services);
+        let cell = |other: Option<&ConnectionResult>, f: fn(f64, f64) -> f64| {
+            other.map_or_else(String::new, |other| {
+                ratio(f(result.rate.median, other.rate.median))
+            })
+        };
+        table.rows.push(vec![
+            result.services.to_string(),
+            result.variant.label().to_owned(),
+            result.rate.display(0),
+            result.p50_us.display(0),
+            result.p99_us.display(0),
+            cell(direct, |this, direct| this / direct),
+            cell(ours, |this, ours| ours / this),
+            format!("{} of {}", result.failed, result.failed + result.completed),
+        ]);
+    }
+    table
+}
+
+/// How many times longer `timing` took than ours (a lower bound when it was stopped).
+fn times_ours(timing: &Timing, ours: &Summary) -> String {
+    match timing {
+        Timing::Seconds(seconds) => format!("{:.0}×", seconds.median / ours.median),
+        Timing::StoppedAfter(after) => format!("> {:.0}×", after.as_secs_f64() / ours.median),
+    }
+}
+
+pub fn programming_table(results: &[ProgrammingResult]) -> Table {
+    let mut table = Table::new(&[
+        "Services (× 10 endpoints)",
+        "ebpf-proxy: plan + map writes (s)",
+        "iptables-restore (s)",
+        "nft -f (s)",
+        "iptables ÷ ebpf-proxy",
+        "nft ÷ ebpf-proxy",
+    ]);
+    for result in results {
+        table.rows.push(vec![
+            result.services.to_string(),
+            result.ours.display(3),
+            result.iptables.to_string(),
+            result.nftables.to_string(),
+            times_ours(&result.iptables, &result.ours),
+            times_ours(&result.nftables, &result.ours),
+        ]);
+    }
+    table
+}
+
+pub fn change_in_process_table(results: &[ProgrammingResult]) -> Table {
+    let mut table = Table::new(&["Services", "p50 (ms)", "p99 (ms)"]);
+    for result in results {
+        table.rows.push(vec![
+            result.services.to_string(),
+            format!("{:.2}", result.change_p50_ms),
+            format!("{:.2}", result.change_p99_ms),
+        ]);
+    }
+    table
+}
+
+pub fn change_daemon_table(result: &ChangeResult) -> Table {
+    let mut table = Table::new(&[
+        "background Services",
+        "changes",
+        "to the maps p50 (ms)",
+        "to the maps p99 (ms)",
+        "to traffic p50 (ms)",
+        "to traffic p99 (ms)",
+    ]);
+    table.rows.push(vec![
+        result.background_services.to_string(),
+        result.changes.to_string(),
+        format!("{:.1}", result.to_maps_p50_ms),
+        format!("{:.1}", result.to_maps_p99_ms),
+        format!("{:.1}", result.to_traffic_p50_ms),
+        format!("{:.1}", result.to_traffic_p99_ms),
+    ]);
+    table
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1}", kib as f64 / 1024.0)
+}
+
+pub fn memory_table(result: &MemoryResult) -> Table {
+    let mut table = Table::new(&[
+        "Services",
+        "endpoints",
+        "daemon RSS (MiB)",
+        "peak RSS (MiB)",
+        "kernel: the maps' memlock (MiB)",
+    ]);
+    table.rows.push(vec![
+        result.services.to_string(),
+        result.endpoints.to_string(),
+        mib(result.rss_kib),
+        mib(result.peak_rss_kib),
+        mib(result.kernel_maps_kib),
+    ]);
+    table
+}
+
+/// One target: what was asked, what was measured, whether it holds.
+struct Verdict {
+    target: String,
+    measured: String,
+    met: bool,
+}
+
+fn verdicts(results: &Results) -> Vec<Verdict> {
+    let mut verdicts = Vec::new();
+    if let (Some(first), Some(last)) = (results.packet.first(), results.packet.last()) {
+        let worst =
+            |cost: fn(&PacketCosts) -> f64| results.packet.iter().map(cost).fold(0.0, f64::max);
+        let new_flow = worst(|cost| cost.new_flow.median);
+        let established = worst(|cost| cost.established.median);
+        verdicts.push(Verdict {
+            target: "per-packet new flow ≤ 300 ns (random Service, worst N)".into(),
+            measured: format!("{new_flow:.0} ns"),
+            met: new_flow <= 300.0,
+        });
+        verdicts.push(Verdict {
+            target: "per-packet established ≤ 120 ns (worst N)".into(),
+            measured: format!("{established:.0} ns"),
+            met: established <= 120.0,
+        });
+        for (path, cost) in [
+            (
+                "new flow, one Service",
+                last.new_flow_one_service.median / first.new_flow_one_service.median,
+            ),
+            (
+                "new flow, random Service",
+                last.new_flow.median / first.new_flow.median,
+            ),
+            (
+                "established",
+                last.established.median / first.established.median,
+            ),
+        ] {
+            verdicts.push(Verdict {
+                target: format!(
+                    "flat in N: {path} at {} ÷ at {} ≤ 1.15",
+                    last.services, first.services
+                ),
+                measured: ratio(cost),
+                met: cost <= 1.15,
+            });
+        }
+    }
+    if let Some(largest) = results
+        .connections
+        .iter()
+        .map(|result| result.services)
+        .max()
+    {
+        let rate = |variant| at(&results.connections, variant, largest).map(|r| r.rate.median);
+        if let (Some(ours), Some(direct)) = (rate(Variant::EbpfProxy), rate(Variant::Direct)) {
+            verdicts.push(Verdict {
+                target: format!("connection rate at {largest} Services ≥ 0.9× direct"),
+                measured: ratio(ours / direct),
+                met: ours >= 0.9 * direct,
+            });
+        }
+        if let (Some(ours), Some(iptables)) = (rate(Variant::EbpfProxy), rate(Variant::Iptables)) {
+            verdicts.push(Verdict {
+                target: format!("connection rate at {largest} Services ≥ 3× iptables"),
+                measured: ratio(ours / iptables),
+                met: ours >= 3.0 * iptables,
+            });
+        }
+    }
+    if let Some(result) = results
+        .programming
+        .iter()
+        .find(|result| result.services == 10_000)
+        .or(results.programming.last())
+    {
+        verdicts.push(Verdict {
+            target: format!("{} Services programmed in ≤ 1 s", result.services),
+            measured: format!("{:.3} s", result.ours.median),
+            met: result.ours.median <= 1.0,
+        });
+        let (measured, met) = match result.iptables {
+            Timing::Seconds(seconds) => {
+                let speedup = seconds.median / result.ours.median;
+                (format!("{speedup:.0}×"), speedup >= 20.0)
+            }
+            Timing::StoppedAfter(after) => {
+                let speedup = after.as_secs_f64() / result.ours.median;
+                (format!("> {speedup:.0}×"), speedup >= 20.0)
+            }
+        };
+        verdicts.push(Verdict {
+            target: format!(
+                "{} Services ≥ 20× faster than iptables-restore",
+                result.services
+            ),
+            measured,
+            met,
+        });
+    }
+    if let Some(change) = &results.change {
+        verdicts.push(Verdict {
+            target: format!(
+                "one endpoint change ≤ 10 ms p99 (daemon, manifest → traffic, {} Services)",
+                change.background_services + 1
+            ),
+            measured: format!("{:.1} ms", change.to_traffic_p99_ms),
+            met: change.to_traffic_p99_ms <= 10.0,
+        });
+    }
+    if let Some(memory) = &results.memory {
+        verdicts.push(Verdict {
+            target: format!(
+                "daemon RSS ≤ 64 MiB at {} Services / {} endpoints",
+                memory.services, memory.endpoints
+            ),
+            measured: format!("{} MiB", mib(memory.rss_kib)),
+            met: memory.rss_kib <= 64 * 1024,
+        });
+    }
+    verdicts
+}
+
+pub fn targets_table(results: &Results) -> Table {
+    let mut table = Table::new(&["target", "measured", ""]);
+    for verdict in verdicts(results) {
+        let mark = if verdict.met { "met" } else { "**not met**" };
+        table
+            .rows
+            .push(vec![verdict.target, verdict.measured, mark.to_owned()]);
+    }
+    table
+}
+
+/// What docs/benchmarks.md says besides the tables.
+pub struct DocumentContext {
+    pub machine: Vec<(String, String)>,
+    pub settings: Vec<String>,
+    pub elapsed: Duration,
+    pub quick: bool,
+    pub chart_file: String,
+}
+
+pub fn document(results: &Results, context: &DocumentContext) -> String {
+    let mut doc = String::from(
+        "# Benchmarks\n\n\
+         ebpf-proxy side by side with the rules kube-proxy would install for the same Services \
+         (iptables mode and nftables mode), measured on one machine in one run of \
+         `cargo xtask bench` (as root; it builds in release mode, creates its own network \
+         namespaces and bpffs mounts and removes them again). Every figure is the median of \
+         repeated runs, with the range of the runs in parentheses. The targets are what we \
+         steer by; they are reported here, not asserted.\n\n",
+    );
+    if context.quick {
+        doc.push_str(
+            "**This is a `--quick` run (CI's smoke check): sizes and run counts are too small \
+             for the figures to mean anything.**\n\n",
+        );
+    }
+    let _ = writeln!(
+        doc,
+        "The run took {:.1} minutes.\n\n## Machine\n",
+        context.elapsed.as_secs_f64() / 60.0
+    );
+    for (what, value) in &context.machine {
+        let _ = writeln!(doc, "- {what}: {value}");
+    }
+    doc.push_str("\n## Settings\n\n");
+    for line in &context.settings {
+        let _ = writeln!(doc, "- {line}");
+    }
+    let _ = write!(
+        doc,
+        "\n## Where we stand\n\n{}\n![Cost against the number of Services]({})\n",
+        targets_table(results).markdown(),
+        context.chart_file
+    );
+    if !results.packet.is_empty() {
+        let _ = write!(
+            doc,
+            "\n## 1. Per-packet cost in the kernel\n\n\
+             The real `epx_ingress` program, loaded from the object the daemon embeds, run by \
+             `BPF_PROG_TEST_RUN` on crafted 54-byte TCP frames; its maps filled by the real map \
+             writer with N Services × 10 distinct endpoints (map sizes raised to fit). \
+             Nanoseconds per packet as the kernel times them.\n\n\
+             - **pass-through**: a packet to no Service (conntrack miss, frontend miss), \
+               `repeat` iterations in one call.\n\
+             - **established**: a conntrack hit and a full DNAT rewrite. `repeat` reruns the \
+               program on the same skb, which the first iteration already rewrote to the \
+               backend; so the bench adds a mirror conntrack entry for the translated tuple \
+               that DNATs back to the VIP, and every iteration is again a conntrack hit with a \
+               full rewrite.\n\
+             - **new flow**: conntrack miss → frontend lookup → backend selection → \
+               conntrack create (two entries) → DNAT. Every run is a packet of a fresh 5-tuple, \
+               one run per call (a repeated packet would find its own flow): to a *random \
+               Service*, so its map entries are mostly not in the caches, as for new \
+               connections spread over many Services; and to *one Service* every time, whose \
+               entries stay hot, which leaves the algorithm and the conntrack side. A single \
+               run's duration includes the kernel's clock reads around the program; that \
+               *timer floor* (single-run pass-through minus repeated pass-through) is \
+               subtracted. Applied to the established packet, the same single-run method gives \
+               the *check* column, which should agree with the repeated figure.\n\
+             - **new flow without conntrack create**: the same fresh packets through \
+               `epx_trace`, the dry run of the very same packet path, which writes no conntrack \
+               entry and no counter (it copies its decisions into a 96-byte per-CPU record \
+               instead). The difference to *new flow* is about what creating the flow's two \
+               conntrack entries costs.\n\
+             - Every run's path is verified with the program's own counters (each iteration \
+               must count `pass`, `ct_hit` or `new_flow`).\n\n\
+             Reading it: the *one Service* column is the packet path itself; the gap to the \
+             *random Service* column is memory latency, cache and TLB misses on map entries \
+             that new connections spread over many Services do not find cached, and it grows \
+             with the size of the maps. Established and pass-through packets here reuse one \
+             hot tuple.\n\n{}",
+            packet_table(&results.packet).markdown()
+        );
+    }
+    if !results.connections.is_empty() {
+        let _ = write!(
+            doc,
+            "\n## 2. End to end in the netns lab\n\n\
+             New TCP connections from the lab's client namespace through the node namespace \
+             to 10 pods: to a ClusterIP handled by the real daemon (ebpf-proxy), by \
+             kube-proxy-shaped iptables rules (`iptables-restore`), by kube-proxy-shaped \
+             nftables rules (`nft -f`), and straight to the pod IPs with no proxy (the floor). \
+             Every variant gets a fresh lab. Each connection goes to a random Service (so the \
+             iptables walk averages half of KUBE-SERVICES), sends one line, reads the pod's \
+             reply and ends with a reset. Connect latency is the time `connect()` took; \
+             p50/p99 are per run, summarized over the runs. Client, kernel path, pods and \
+             daemon share the machine's cores, so per-connection userspace work (the echo \
+             servers start a thread per connection) dominates the rate, and whatever CPU the \
+             daemon spends meanwhile (its periodic conntrack sweep reads the whole CONNTRACK \
+             map) shows up in ebpf-proxy's rate.\n\n{}",
+            connections_table(&results.connections).markdown()
+        );
+    }
+    if !results.programming.is_empty() {
+        let _ = write!(
+            doc,
+            "\n## 3. Programming\n\n\
+             From scratch, N Services × 10 distinct endpoints. ebpf-proxy: the planner over the \
+             Services and EndpointSlices plus the map writer into freshly loaded maps (what the \
+             daemon's first sync does, without parsing manifests). iptables and nftables: \
+             loading kube-proxy's rules with `iptables-restore` and `nft -f` into a fresh \
+             namespace (generating the text is not timed). A load that runs past the time \
+             limit is stopped; its cell gives a lower bound.\n\n{}\n\
+             ### One endpoint change\n\n\
+             In process: an EndpointSlice event (one endpoint of a random Service replaced), \
+             then what the daemon's sync does — plan everything, write the difference into the \
+             maps. Planning and diffing every Service on every change makes this grow with \
+             N.\n\n{}",
+            programming_table(&results.programming).markdown(),
+            change_in_process_table(&results.programming).markdown()
+        );
+    }
+    if let Some(change) = &results.change {
+        let _ = write!(
+            doc,
+            "\nThrough the real daemon, confirmed by traffic: a probe Service with one \
+             endpoint, among the background Services, is switched between two pods by \
+             rewriting its manifest (atomic rename). The clock runs from the rename until the \
+             pinned maps name the new pod, and until a new connection from the client namespace \
+             is answered by it. The daemon runs with `{}`: it polls the manifests directory \
+             every 10 ms and syncs at once; on a change it re-reads every manifest before it \
+             plans.\n\n{}",
+            DAEMON_FLAGS.join(" "),
+            change_daemon_table(change).markdown()
+        );
+    }
+    if let Some(memory) = &results.memory {
+        let _ = write!(
+            doc,
+            "\n## 4. Memory\n\n\
+             The daemon's VmRSS (/proc/<pid>/status) two seconds after its first sync of N \
+             Services with distinct endpoints from one manifests file, its peak (VmHWM, reached \
+             while parsing), and for completeness the kernel memory of the maps it holds \
+             (`memlock` in /proc/<pid>/fdinfo, at the default map sizes), which RSS does not \
+             count.\n\n{}",
+            memory_table(memory).markdown()
+        );
+    }
+    doc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_render_as_markdown() {
+        let mut table = Table::new(&["a", "b"]);
+        table.rows.push(vec!["1".into(), "2".into()]);
+        assert_eq!(table.markdown(), "| a | b |\n|---|---|\n| 1 | 2 |\n");
+    }
+
+    #[test]
+    fn stopped_loads_give_lower_bounds() {
+        let ours = Summary::of(&[0.5]).unwrap();
+        let stopped = Timing::StoppedAfter(Duration::from_secs(90));
+        assert_eq!(stopped.to_string(), "> 90 (stopped)");
+        assert_eq!(times_ours(&stopped, &ours), "> 180×");
+    }
+}
