@@ -7,7 +7,6 @@
 //! all netfilter rules stay in network namespaces the lab creates; maps are pinned in
 //! private bpffs mounts; everything is removed afterwards, also when a step fails.
 
-mod bpffs;
 mod chart;
 mod cluster;
 mod connections;

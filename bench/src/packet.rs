@@ -36,9 +36,9 @@ use proxy_common::{
 use proxy_userspace::plan;
 use proxy_userspace::writer::MapWriter;
 
-use crate::bpffs::PrivateBpffs;
 use crate::cluster::{BenchService, Cluster, Endpoints, lab_node};
 use crate::stats::{Rng, Summary, median};
+use proxy_lab::PrivateBpffs;
 
 const TC_ACT_OK: u32 = 0;
 const ENDPOINTS_PER_SERVICE: usize = 10;
@@ -204,7 +204,7 @@ struct LoadedProgram {
 
 impl LoadedProgram {
     fn load(services: usize) -> Result<Self> {
-        let bpffs = PrivateBpffs::mount()?;
+        let bpffs = PrivateBpffs::mount("bench")?;
         let frontends = u32::try_from(services)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(bpffs.path())

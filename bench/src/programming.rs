@@ -17,10 +17,10 @@ use proxy_userspace::model::Model;
 use proxy_userspace::plan::{self, NodeFacts};
 use proxy_userspace::writer::MapWriter;
 
-use crate::bpffs::PrivateBpffs;
 use crate::cluster::{Cluster, Endpoints, endpoint_slice, lab_node, spare_address};
 use crate::netfilter::{self, Loaded, Netfilter};
 use crate::stats::{Rng, Summary, percentile_of_sorted};
+use proxy_lab::PrivateBpffs;
 
 const ENDPOINTS_PER_SERVICE: usize = 10;
 
@@ -147,7 +147,7 @@ struct OurDatapath {
 
 impl OurDatapath {
     fn load(services: usize) -> Result<Self> {
-        let bpffs = PrivateBpffs::mount()?;
+        let bpffs = PrivateBpffs::mount("bench")?;
         let frontends = u32::try_from(services)?;
         let sizes = MapSizes {
             services: default_max_entries::SERVICES.max(frontends * 11 + 1024),

@@ -13,11 +13,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    ffi::CString,
     net::SocketAddrV4,
-    os::unix::ffi::OsStrExt as _,
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
 };
 
 use aya::{
@@ -33,6 +29,7 @@ use proxy_common::{
     AffinityKey, AffinityMatchKey, AffinityValue, Backend, CtKey, CtValue, PROGRAM_NAME,
     ServiceKey, ServiceValue, ct_dir, ct_flags, map_names, proto, service_flags, stat,
 };
+use proxy_lab::PrivateBpffs;
 use proxy_userspace::inspect::trace::{TracePacket, Tracer};
 
 /// Whether this process can load BPF programs. Without root (or without a working `bpf()`
@@ -126,53 +123,6 @@ fn ct_key(src: SocketAddrV4, dst: SocketAddrV4, proto: u8, dir: u8) -> CtKey {
     }
 }
 
-/// A bpffs instance mounted on a fresh directory; unmounted and removed on drop.
-struct PrivateBpffs {
-    path: PathBuf,
-}
-
-impl PrivateBpffs {
-    fn mount() -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "epx-testrun-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("creating {path:?}: {e}"));
-        let bpffs = Self { path };
-        let target = CString::new(bpffs.path.as_os_str().as_bytes()).unwrap();
-        // SAFETY: all arguments are NUL-terminated strings that outlive the call.
-        let rc = unsafe {
-            libc::mount(
-                c"bpf".as_ptr(),
-                target.as_ptr(),
-                c"bpf".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        if rc != 0 {
-            panic!(
-                "mount -t bpf bpf {:?}: {}",
-                bpffs.path,
-                std::io::Error::last_os_error()
-            );
-        }
-        bpffs
-    }
-}
-
-impl Drop for PrivateBpffs {
-    fn drop(&mut self) {
-        if let Ok(target) = CString::new(self.path.as_os_str().as_bytes()) {
-            // SAFETY: `target` is a NUL-terminated path. Failing (not mounted) is harmless.
-            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-        }
-        let _ = std::fs::remove_dir(&self.path);
-    }
-}
-
 /// The loaded program and its maps, pinned in a private bpffs.
 struct Datapath {
     // Declared (and so dropped) before the bpffs it pins into.
@@ -187,9 +137,9 @@ impl Datapath {
         if !bpf_available() {
             return None;
         }
-        let bpffs = PrivateBpffs::mount();
+        let bpffs = PrivateBpffs::mount("testrun").expect("mounting a private bpffs");
         let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&bpffs.path)
+            .default_map_pin_directory(bpffs.path())
             .load(proxy_userspace::EBPF_OBJECT)
             .unwrap_or_else(|e| panic!("loading the eBPF object: {e:?}"));
         let program: &mut SchedClassifier = ebpf
@@ -322,7 +272,7 @@ impl Datapath {
 
     /// `epx_trace`, loaded the way `ebpf-proxy trace` loads it: against these pinned maps.
     fn tracer(&self) -> Tracer {
-        Tracer::load(&self.bpffs.path).unwrap_or_else(|e| panic!("loading epx_trace: {e:?}"))
+        Tracer::load(self.bpffs.path()).unwrap_or_else(|e| panic!("loading epx_trace: {e:?}"))
     }
 
     fn conntrack_entry(&self, key: CtKey) -> CtValue {

@@ -47,6 +47,7 @@
 //! ```
 
 pub mod addr;
+mod bpffs;
 mod client;
 mod daemon;
 mod echo;
@@ -56,6 +57,7 @@ mod netns;
 mod scratch;
 mod tally;
 
+pub use bpffs::PrivateBpffs;
 pub use client::{REQUEST_TIMEOUT, Reply, TcpSession, UdpFlow, is_timeout};
 pub use daemon::{Daemon, DaemonBuilder, daemon_binary};
 pub use lab::{Lab, LabBuilder, LatePod, NODE_NAME, Pod};
