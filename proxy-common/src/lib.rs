@@ -24,6 +24,8 @@ pub mod map_names {
     pub const AFFINITY_MATCH: &str = "AFFINITY_MATCH";
     /// Metadata for people, not for packets: which Service port each frontend belongs to.
     pub const SVC_NAMES: &str = "SVC_NAMES";
+    /// `loadBalancerSourceRanges`: the client prefixes each restricted frontend admits.
+    pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     /// Not pinned: each `ebpf-proxy trace` process gets its own, private to its dry run.
     pub const TRACE: &str = "TRACE";
 }
@@ -86,6 +88,9 @@ pub mod service_flags {
     /// "has no local endpoints" DROP). An empty frontend without it has no endpoints at
     /// all and refuses (kube-proxy's REJECT: ICMP port unreachable).
     pub const NO_LOCAL_ENDPOINTS: u16 = 1 << 4;
+    /// A load-balancer frontend with `loadBalancerSourceRanges`: new connections from
+    /// clients outside its SOURCE_RANGES prefixes are dropped (kube-proxy's KUBE-FW chain).
+    pub const SOURCE_RANGES: u16 = 1 << 5;
 }
 
 /// Value of the SERVICES map. In slot 0 `count`, `rev_nat_id`, `flags` and
@@ -160,7 +165,15 @@ pub mod ct_flags {
     /// The frontend is one of the node's own addresses (a NodePort). After reverse NAT the
     /// reply's source is local, and the kernel drops forwarded packets with a local source
     /// as martians; so the program routes these replies itself (FIB lookup + redirect).
+    /// Set on REPLY entries, and on the FORWARD entry of a hairpin flow, whose packets
+    /// towards the backend get the node address as source too.
     pub const LOCAL_FRONTEND: u16 = 1 << 1;
+    /// Hairpin: the client is its own backend (a pod reaching itself through a Service).
+    /// Unchanged, its packets would come back to it with its own address as source, which
+    /// its kernel drops as a martian; so the source is rewritten to the frontend address
+    /// (kube-proxy masquerades these), and the REPLY entry is keyed by that address:
+    /// backend → frontend address : client port.
+    pub const HAIRPIN: u16 = 1 << 2;
 }
 
 /// Value of the CONNTRACK map.
@@ -214,6 +227,24 @@ pub struct AffinityMatchKey {
     pub backend_id: u32,
 }
 
+/// The data of a SOURCE_RANGES key (an LPM trie; the value is a `u8`, always 1): the
+/// frontend, then a client prefix. Keys match their first `32 + prefix length` bits, so a
+/// lookup with the client's full address finds an entry exactly when one of the frontend's
+/// prefixes contains it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRange {
+    /// The frontend's id. Always matched whole, so its byte order does not matter.
+    pub rev_nat_id: u32,
+    /// The client address or prefix, network byte order.
+    pub addr: u32,
+}
+
+impl SourceRange {
+    /// Bits of the key before the address: the whole `rev_nat_id`.
+    pub const FRONTEND_BITS: u32 = 32;
+}
+
 /// Indexes into the per-CPU STATS array.
 pub mod stat {
     /// A new flow was DNATed to a selected backend.
@@ -239,15 +270,19 @@ pub mod stat {
     pub const NOT_HANDLED: u32 = 8;
     /// Rewriting the packet failed (helper error); the packet was dropped.
     pub const REWRITE_FAILED: u32 = 9;
-    /// A reply from a NodePort flow found no route in the FIB and was left to the kernel.
+    /// A packet whose source became a node address (a NodePort reply, or a hairpin through
+    /// a NodePort) found no route in the FIB and was left to the kernel.
     pub const FIB_MISS: u32 = 10;
     /// The frontend has no endpoints at all: the packet was answered with an ICMP port
     /// unreachable (kube-proxy's REJECT).
     pub const REJECTED: u32 = 11;
     /// A new flow went to the client's backend by session affinity instead of a random one.
     pub const AFFINITY: u32 = 12;
+    /// A new connection to a frontend with `loadBalancerSourceRanges` came from outside
+    /// them and was dropped.
+    pub const SOURCE_RANGE_DENIED: u32 = 13;
     /// Number of counters (size of the STATS array).
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
 
     /// Stable names, indexed like the constants above (used by logs, metrics and the CLI).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -264,6 +299,7 @@ pub mod stat {
         "fib_miss",
         "rejected",
         "affinity",
+        "source_range_denied",
     ];
 }
 
@@ -396,6 +432,8 @@ pub mod default_max_entries {
     /// One entry per frontend, and every frontend has a SERVICES entry, so SERVICES' size
     /// always suffices. The map is not preallocated: unused room costs nothing.
     pub const SVC_NAMES: u32 = SERVICES;
+    /// Prefixes over all restricted frontends; not preallocated (an LPM trie never is).
+    pub const SOURCE_RANGES: u32 = 65_536;
 }
 
 #[cfg(feature = "user")]
@@ -410,6 +448,7 @@ mod pod {
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityValue {}
     unsafe impl aya::Pod for super::AffinityMatchKey {}
+    unsafe impl aya::Pod for super::SourceRange {}
     unsafe impl aya::Pod for super::ServiceName {}
     unsafe impl aya::Pod for super::TraceRecord {}
 }

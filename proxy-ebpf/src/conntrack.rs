@@ -40,11 +40,19 @@ impl Flow {
         unsafe { *self.entry }
     }
 
-    /// The reply must be routed by the program (see `ct_flags::LOCAL_FRONTEND`).
+    /// The entry's packets leave with a node address as source and must be routed by the
+    /// program (see `ct_flags::LOCAL_FRONTEND`).
     #[inline(always)]
-    pub fn routes_reply(&self) -> bool {
+    pub fn routes_itself(&self) -> bool {
         // SAFETY: as in `nat_target`.
         unsafe { (*self.entry).flags & ct_flags::LOCAL_FRONTEND != 0 }
+    }
+
+    /// The client is its own backend (see `ct_flags::HAIRPIN`).
+    #[inline(always)]
+    pub fn is_hairpin(&self) -> bool {
+        // SAFETY: as in `nat_target`.
+        unsafe { (*self.entry).flags & ct_flags::HAIRPIN != 0 }
     }
 
     #[inline(always)]
@@ -112,7 +120,8 @@ pub struct CreateFailed;
 
 /// Records a new flow of `packet` to `frontend`, translated to `backend`: the FORWARD
 /// entry (this packet, already accounted) and the REPLY entry the backend's answers hit.
-/// Existing entries for the same tuples (a reused port) are replaced.
+/// Existing entries for the same tuples (a reused port) are replaced. A client that is its
+/// own backend gets hairpin entries (see `ct_flags::HAIRPIN`).
 #[inline(always)]
 pub fn create(
     packet: &Packet,
@@ -122,12 +131,25 @@ pub fn create(
     backend_id: u32,
     backend: &Backend,
 ) -> Result<(), CreateFailed> {
+    let hairpin = is_hairpin(packet, backend);
+    let hairpin_flag = if hairpin { ct_flags::HAIRPIN } else { 0 };
+    let local_frontend = if frontend.header.flags & service_flags::NODE_PORT != 0 {
+        ct_flags::LOCAL_FRONTEND
+    } else {
+        0
+    };
+    // Towards the backend, only a hairpin flow's source becomes the node address.
+    let forward_flags = if hairpin {
+        hairpin_flag | local_frontend
+    } else {
+        0
+    };
     let forward = CtValue {
         nat_addr: backend.addr,
         nat_port: backend.port,
         rev_nat_id: frontend.header.rev_nat_id,
         backend_id,
-        flags: 0,
+        flags: forward_flags,
         created_ns: now_ns,
         last_seen_ns: now_ns,
         packets: 1,
@@ -135,22 +157,22 @@ pub fn create(
     };
     let reply_key = CtKey {
         src_addr: backend.addr,
-        dst_addr: packet.src_addr,
+        // Hairpin replies are addressed to the frontend address the source became.
+        dst_addr: if hairpin {
+            packet.dst_addr
+        } else {
+            packet.src_addr
+        },
         src_port: backend.port,
         dst_port: packet.src_port,
         proto: packet.proto,
         dir: ct_dir::REPLY,
         _pad: 0,
     };
-    let reply_flags = if frontend.header.flags & service_flags::NODE_PORT != 0 {
-        ct_flags::LOCAL_FRONTEND
-    } else {
-        0
-    };
     let reply = CtValue {
         nat_addr: packet.dst_addr,
         nat_port: packet.dst_port,
-        flags: reply_flags,
+        flags: local_frontend | hairpin_flag,
         packets: 0,
         bytes: 0,
         ..forward
@@ -159,4 +181,10 @@ pub fn create(
         CONNTRACK.insert(packet_key(packet, ct_dir::FORWARD), forward, BPF_ANY.into());
     let reply_written = CONNTRACK.insert(reply_key, reply, BPF_ANY.into());
     forward_written.and(reply_written).map_err(|_| CreateFailed)
+}
+
+/// The client is the backend chosen for it: a pod reaching itself through a Service.
+#[inline(always)]
+pub fn is_hairpin(packet: &Packet, backend: &Backend) -> bool {
+    backend.addr == packet.src_addr
 }

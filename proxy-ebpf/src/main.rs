@@ -24,6 +24,7 @@ mod parse;
 mod reject;
 mod route;
 mod select;
+mod source_ranges;
 mod stats;
 
 use core::num::NonZeroU16;
@@ -77,19 +78,30 @@ fn balance<M: Mode>(ctx: &TcContext, mode: &M) -> i32 {
             flow.record(&packet, ctx.len(), now_ns);
         }
         let (addr, port) = flow.nat_target();
-        let verdict = verdict(
-            mode,
-            nat::to_frontend(ctx, &packet, addr, port),
-            stat::REPLY,
-        );
-        if verdict == ACCEPT && flow.routes_reply() {
-            if M::DRY_RUN {
-                mode.routes_reply();
-                return verdict;
+        let hairpin = flow.is_hairpin();
+        let rewrite = nat::to_frontend(ctx, &packet, addr, port).and_then(|()| {
+            if hairpin {
+                nat::hairpin_destination(ctx, &packet)
+            } else {
+                Ok(())
             }
-            return route::redirect_reply(ctx, &packet, addr, port);
-        }
-        return verdict;
+        });
+        // A hairpin reply goes back to the backend itself, now its client.
+        let client = if hairpin {
+            packet.src_addr
+        } else {
+            packet.dst_addr
+        };
+        let verdict = verdict(mode, rewrite, stat::REPLY);
+        return send_on(
+            ctx,
+            mode,
+            &packet,
+            verdict,
+            flow.routes_itself(),
+            (addr, port),
+            client,
+        );
     }
     if let Some(flow) = conntrack::forward_flow(&packet) {
         // A SYN on a closing flow is the client reusing the port for a new connection:
@@ -100,10 +112,20 @@ fn balance<M: Mode>(ctx: &TcContext, mode: &M) -> i32 {
                 flow.record(&packet, ctx.len(), now_ns);
             }
             let (addr, port) = flow.nat_target();
-            return verdict(
+            let verdict = verdict(
                 mode,
-                nat::to_backend(ctx, &packet, addr, port),
+                to_backend(ctx, &packet, addr, port, flow.is_hairpin()),
                 stat::CT_HIT,
+            );
+            let source = (packet.dst_addr, packet.src_port);
+            return send_on(
+                ctx,
+                mode,
+                &packet,
+                verdict,
+                flow.routes_itself(),
+                source,
+                addr,
             );
         }
         mode.flow_found(trace_ct::CLOSING_REUSED, &flow);
@@ -121,6 +143,12 @@ fn new_flow<M: Mode>(ctx: &TcContext, mode: &M, packet: &Packet, now_ns: u64) ->
         return ACCEPT;
     };
     mode.frontend_found(&frontend);
+    if frontend.header.flags & service_flags::SOURCE_RANGES != 0
+        && !source_ranges::admits(packet, &frontend)
+    {
+        mode.count(stat::SOURCE_RANGE_DENIED);
+        return DROP;
+    }
     let Some(count) = NonZeroU16::new(frontend.header.count) else {
         return without_backends(ctx, mode, packet, &frontend);
     };
@@ -155,11 +183,65 @@ fn new_flow<M: Mode>(ctx: &TcContext, mode: &M, packet: &Packet, now_ns: u64) ->
             mode.count(stat::CT_CREATE_FAILED);
         }
     }
-    verdict(
+    let hairpin = conntrack::is_hairpin(packet, &backend);
+    let verdict = verdict(
         mode,
-        nat::to_backend(ctx, packet, backend.addr, backend.port),
+        to_backend(ctx, packet, backend.addr, backend.port, hairpin),
         stat::NEW_FLOW,
+    );
+    // Hairpin through a NodePort: the source became the node's own address.
+    let routes_itself = hairpin && frontend.header.flags & service_flags::NODE_PORT != 0;
+    let source = (packet.dst_addr, packet.src_port);
+    send_on(
+        ctx,
+        mode,
+        packet,
+        verdict,
+        routes_itself,
+        source,
+        backend.addr,
     )
+}
+
+/// Lets an accepted, translated packet (now `source` → `destination`) go on. When its
+/// source became one of the node's own addresses (`routes_itself`: a NodePort reply, or a
+/// hairpin through a NodePort) the kernel would drop it as a martian, so the program
+/// routes it itself.
+#[inline(always)]
+fn send_on<M: Mode>(
+    ctx: &TcContext,
+    mode: &M,
+    packet: &Packet,
+    verdict: i32,
+    routes_itself: bool,
+    source: (u32, u16),
+    destination: u32,
+) -> i32 {
+    if verdict != ACCEPT || !routes_itself {
+        return verdict;
+    }
+    if M::DRY_RUN {
+        mode.routes_reply();
+        return verdict;
+    }
+    let (src_addr, src_port) = source;
+    route::redirect(ctx, packet, src_addr, src_port, destination)
+}
+
+/// DNAT to the backend, and for a hairpin flow also the source to the frontend address.
+#[inline(always)]
+fn to_backend(
+    ctx: &TcContext,
+    packet: &Packet,
+    addr: u32,
+    port: u16,
+    hairpin: bool,
+) -> Result<(), c_long> {
+    nat::to_backend(ctx, packet, addr, port)?;
+    if hairpin {
+        nat::hairpin_source(ctx, packet)?;
+    }
+    Ok(())
 }
 
 /// A packet for a frontend without backends: dropped when only its traffic policy left

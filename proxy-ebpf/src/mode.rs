@@ -31,7 +31,8 @@ pub trait Mode {
     fn backend_selected(&self, _slot: u16, _backend_id: u32, _backend: &Backend) {}
     /// A new flow was given the client's previous backend (session affinity).
     fn affinity_kept(&self, _backend_id: u32, _backend: &Backend) {}
-    /// The reply would now be routed by the program (FIB lookup and redirect).
+    /// The packet would now be routed by the program (FIB lookup and redirect): a NodePort
+    /// reply, or a hairpin packet through a NodePort.
     fn routes_reply(&self) {}
 }
 

@@ -56,6 +56,37 @@ pub fn to_frontend(ctx: &TcContext, packet: &Packet, addr: u32, port: u16) -> Re
     )
 }
 
+/// Hairpin, towards the backend: the source becomes the frontend address the packet was
+/// sent to (`ct_flags::HAIRPIN`), so the client, which is the backend, does not get its
+/// own address as source. Run after [`to_backend`]: `packet` still holds the original
+/// addresses.
+#[inline(always)]
+pub fn hairpin_source(ctx: &TcContext, packet: &Packet) -> Result<(), c_long> {
+    let csum = L4Checksum::of(packet);
+    rewrite_addr(
+        ctx,
+        &csum,
+        L3_OFFSET + IPV4_SRC_OFFSET,
+        packet.src_addr,
+        packet.dst_addr,
+    )
+}
+
+/// Hairpin, the reply: the destination (the frontend address the client's source became)
+/// goes back to the client, which is the replying backend itself. Run after
+/// [`to_frontend`].
+#[inline(always)]
+pub fn hairpin_destination(ctx: &TcContext, packet: &Packet) -> Result<(), c_long> {
+    let csum = L4Checksum::of(packet);
+    rewrite_addr(
+        ctx,
+        &csum,
+        L3_OFFSET + IPV4_DST_OFFSET,
+        packet.dst_addr,
+        packet.src_addr,
+    )
+}
+
 /// Stores `to` over the address `from` at `offset` and fixes the checksums.
 #[inline(always)]
 fn rewrite_addr(

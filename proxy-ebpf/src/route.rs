@@ -1,6 +1,7 @@
-//! Routing of replies whose source became one of the node's own addresses.
+//! Routing of packets whose source became one of the node's own addresses.
 //!
-//! After reverse NAT a NodePort reply leaves with the node address as its source. The
+//! After reverse NAT a NodePort reply leaves with the node address as its source, and so
+//! do both directions of a hairpin flow through a NodePort. The
 //! kernel's forwarding path drops such packets as martians (a forwarded packet must not
 //! claim a local source), so the program does the forwarding step itself: a FIB lookup
 //! for the client, a TTL decrement as the router would do, and a redirect to the egress
@@ -26,11 +27,17 @@ const AF_INET: u8 = 2;
 const IPV4_TTL_OFFSET: usize = 8;
 const IPV4_CSUM_OFFSET: usize = 10;
 
-/// Forwards the already reverse-NATed reply (now `src_addr:src_port` → client) towards
-/// the client. Falls back to the kernel (TC_ACT_OK) when the FIB has no answer or the TTL
+/// Forwards the already translated packet (now `src_addr:src_port` → `dst_addr`) towards
+/// `dst_addr`. Falls back to the kernel (TC_ACT_OK) when the FIB has no answer or the TTL
 /// is exhausted (the kernel then sends the ICMP error).
 #[inline(always)]
-pub fn redirect_reply(ctx: &TcContext, packet: &Packet, src_addr: u32, src_port: u16) -> i32 {
+pub fn redirect(
+    ctx: &TcContext,
+    packet: &Packet,
+    src_addr: u32,
+    src_port: u16,
+    dst_addr: u32,
+) -> i32 {
     // SAFETY: an all-zero bpf_fib_lookup is a valid request skeleton.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
@@ -40,7 +47,7 @@ pub fn redirect_reply(ctx: &TcContext, packet: &Packet, src_addr: u32, src_port:
     // SAFETY: `skb` is the program's context pointer.
     params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
     params.__bindgen_anon_3.ipv4_src = src_addr;
-    params.__bindgen_anon_4.ipv4_dst = packet.dst_addr;
+    params.__bindgen_anon_4.ipv4_dst = dst_addr;
     // SAFETY: params is a valid, writable bpf_fib_lookup of the size passed.
     let found = unsafe {
         fib_lookup(

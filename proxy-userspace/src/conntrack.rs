@@ -45,11 +45,17 @@ impl Default for CtTimeouts {
     }
 }
 
-/// The reply entry that belongs to a forward entry.
+/// The reply entry that belongs to a forward entry: addressed to the client, or for a
+/// hairpin flow to the frontend address its source became (`ct_flags::HAIRPIN`).
 pub fn reply_key(forward: &CtKey, value: &CtValue) -> CtKey {
+    let hairpin = value.flags & ct_flags::HAIRPIN != 0;
     CtKey {
         src_addr: value.nat_addr,
-        dst_addr: forward.src_addr,
+        dst_addr: if hairpin {
+            forward.dst_addr
+        } else {
+            forward.src_addr
+        },
         src_port: value.nat_port,
         dst_port: forward.src_port,
         proto: forward.proto,
@@ -278,6 +284,22 @@ mod tests {
         (key, value)
     }
 
+    #[test]
+    fn reply_key_of_a_hairpin_flow_is_addressed_to_the_frontend() {
+        let (key, mut value) = flow(proto::TCP, 40000);
+        assert_eq!(reply_key(&key, &value).dst_addr, key.src_addr);
+        value.flags = ct_flags::HAIRPIN;
+        let reply = reply_key(&key, &value);
+        assert_eq!(
+            (reply.src_addr, reply.src_port),
+            (value.nat_addr, value.nat_port)
+        );
+        assert_eq!(
+            (reply.dst_addr, reply.dst_port),
+            (key.dst_addr, key.src_port)
+        );
+    }
+
     /// Forward and reply entries of one flow, last seen at the given seconds.
     fn pair(
         protocol: u8,
@@ -388,6 +410,7 @@ mod tests {
             when_empty: EmptyFrontend::Reject,
             session_affinity: None,
             serving_addrs,
+            source_ranges: Vec::new(),
         };
         (frontend, plan)
     }

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -26,6 +26,7 @@ use crate::metrics::{MapLabel, Metrics};
 use crate::model::Model;
 use crate::netlink::{self, Device, DevicePolicy, Netlink};
 use crate::plan::{self, NodeFacts};
+use crate::service_health::ServiceHealthServers;
 use crate::source::kubernetes::{ApiServer, KubernetesSource};
 use crate::source::manifests::ManifestSource;
 use crate::writer::MapWriter;
@@ -70,6 +71,8 @@ struct Daemon {
     attached: BTreeSet<Device>,
     reported_problems: Vec<String>,
     health: Arc<Health>,
+    /// The healthCheckNodePort servers of Services with externalTrafficPolicy Local.
+    service_health: ServiceHealthServers,
     metrics: Metrics,
     /// The model of the last sync, to count what each sync changed.
     synced_model: Model,
@@ -107,6 +110,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         maps.affinity_matches,
         maps.names,
     )
+    .and_then(|writer| writer.with_source_ranges(maps.source_ranges))
     .context("reading the pinned maps")?;
     let netlink = Netlink::connect()?;
     let node = NodeFacts {
@@ -128,6 +132,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         attached: BTreeSet::new(),
         reported_problems: Vec::new(),
         udp_cleanup: UdpCleanup::default(),
+        service_health: ServiceHealthServers::new(health.clone()),
         health,
         metrics,
         synced_model: Model::default(),
@@ -266,6 +271,8 @@ impl Daemon {
             error!(%failure, "map write failed; retried on the next sync");
         }
         self.record_sync(&report, started);
+        let addresses = self.health_check_addresses();
+        self.service_health.sync(&planned.health_checks, &addresses);
         // After the writes, so no new flow can pick a backend that is being cleared.
         match self.udp_cleanup.run(&mut self.conntrack, &planned.desired) {
             Ok(0) => {}
@@ -283,6 +290,16 @@ impl Daemon {
 }
 
 impl Daemon {
+    /// Where healthCheckNodePorts listen: like kube-proxy, every address unless
+    /// `--nodeport-addresses` narrows them to the node's addresses in those CIDRs.
+    fn health_check_addresses(&self) -> Vec<Ipv4Addr> {
+        if self.node.nodeport_cidrs.is_empty() {
+            vec![Ipv4Addr::UNSPECIFIED]
+        } else {
+            self.node.node_port_addresses()
+        }
+    }
+
     /// Health and metrics after a sync. A sync with refused writes leaves the update
     /// pending, so a datapath that stays behind turns the daemon unhealthy.
     fn record_sync(&mut self, report: &crate::writer::ApplyReport, started: Instant) {

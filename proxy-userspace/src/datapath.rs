@@ -7,7 +7,7 @@
 //! moment where packets pass unbalanced.
 //!
 //! Layout of the bpffs root: `SERVICES`, `BACKENDS`, `CONNTRACK`, `STATS`, `AFFINITY`,
-//! `AFFINITY_MATCH`, `SVC_NAMES` (maps) and `links/<ifindex>-<ifname>` (tcx ingress links).
+//! `AFFINITY_MATCH`, `SVC_NAMES`, `SOURCE_RANGES` (maps) and `links/<ifindex>-<ifname>` (tcx ingress links).
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -15,7 +15,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow};
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::maps::{HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::TcAttachOptions;
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
@@ -23,7 +23,7 @@ use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::{
     AffinityMatchKey, Backend, CtKey, CtValue, PROGRAM_NAME, ServiceKey, ServiceName, ServiceValue,
-    map_names,
+    SourceRange, map_names,
 };
 
 use crate::netlink::Device;
@@ -58,6 +58,7 @@ pub struct Maps {
     pub stats: PerCpuArray<MapData, u64>,
     pub names: BpfHashMap<MapData, u32, ServiceName>,
     pub affinity_matches: BpfHashMap<MapData, AffinityMatchKey, u8>,
+    pub source_ranges: LpmTrie<MapData, SourceRange, u8>,
 }
 
 /// The loaded programs and their attachments.
@@ -110,6 +111,7 @@ impl Datapath {
             stats: take(map_names::STATS)?.try_into()?,
             names: take(map_names::SVC_NAMES)?.try_into()?,
             affinity_matches: take(map_names::AFFINITY_MATCH)?.try_into()?,
+            source_ranges: take(map_names::SOURCE_RANGES)?.try_into()?,
         })
     }
 

@@ -5,7 +5,8 @@
 //! [`source`] (manifests directory or API server watchers) → [`model`] → [`plan`] (pure) →
 //! [`writer`] (diff and map writes, the only code that touches the maps). [`datapath`] loads,
 //! pins and attaches the kernel programs; [`netlink`] reads node addresses and follows pod
-//! interfaces; [`conntrack`] sweeps idle flows; [`daemon`] wires it all together. [`inspect`]
+//! interfaces; [`health`] and [`service_health`] answer probes (the proxy's and each
+//! externalTrafficPolicy=Local Service's healthCheckNodePort); [`conntrack`] sweeps idle flows; [`daemon`] wires it all together. [`inspect`]
 //! gives node admins views of the pinned maps.
 
 pub mod conntrack;
@@ -17,6 +18,7 @@ pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod plan;
+pub mod service_health;
 pub mod source;
 pub mod writer;
 

@@ -18,8 +18,8 @@
 //! which writes `hints.forZones` / `hints.forNodes` accordingly.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -157,6 +157,9 @@ pub struct FrontendPlan {
     /// topology (sorted, deduplicated): UDP flows to any other address are stale and are
     /// cleared, as kube-proxy's conntrack cleanup does.
     pub serving_addrs: Vec<Ipv4Addr>,
+    /// `loadBalancerSourceRanges` (IPv4 ones, sorted): on a load-balancer frontend, new
+    /// connections from other clients are dropped. Empty: no restriction.
+    pub source_ranges: Vec<Ipv4Net>,
 }
 
 /// What a frontend without backends does with new connections (kube-proxy's filter rules).
@@ -188,9 +191,22 @@ pub struct DesiredState {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Planned {
     pub desired: DesiredState,
+    /// The health-check servers to run: one per Service with `externalTrafficPolicy: Local`
+    /// and a `healthCheckNodePort` (kube-proxy's `ServiceHealthServer`).
+    pub health_checks: BTreeMap<ObjectKey, ServiceHealthCheck>,
     /// One sentence each, ordered by Service, e.g.
     /// `default/foo port sctp-port: SCTP is not supported, skipped`.
     pub problems: Vec<String>,
+}
+
+/// What a Service's `healthCheckNodePort` tells a load balancer about this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceHealthCheck {
+    pub node_port: u16,
+    /// Distinct addresses of this node's ready endpoints over all the Service's ports
+    /// (kube-proxy's `LocalReadyEndpoints`): terminating ones do not count, so a node whose
+    /// pods are shutting down drains before they go.
+    pub local_endpoints: usize,
 }
 
 /// Services (and their EndpointSlices) with this label belong to another proxy; kube-proxy's
@@ -243,6 +259,10 @@ struct ServiceFacts {
     load_balancer_ips: Vec<Ipv4Addr>,
     internal_policy_local: bool,
     external_policy_local: bool,
+    /// `healthCheckNodePort`, when set and in range.
+    health_check_node_port: Option<u16>,
+    /// `loadBalancerSourceRanges`, the valid IPv4 ones.
+    source_ranges: Vec<Ipv4Net>,
     publish_not_ready_addresses: bool,
     session_affinity: Option<Duration>,
 }
@@ -267,18 +287,30 @@ impl Planner<'_> {
         };
         let slices: Vec<&EndpointSlice> = slices.filter(|slice| is_proxied_slice(slice)).collect();
         let ports = service.spec.as_ref().and_then(|spec| spec.ports.as_ref());
+        let mut local_ready = BTreeSet::new();
         for port in ports.into_iter().flatten() {
-            self.add_service_port(key, &facts, port, &slices);
+            local_ready.extend(self.add_service_port(key, &facts, port, &slices));
+        }
+        if facts.external_policy_local
+            && let Some(node_port) = facts.health_check_node_port
+        {
+            let check = ServiceHealthCheck {
+                node_port,
+                local_endpoints: local_ready.len(),
+            };
+            self.planned.health_checks.insert(key.clone(), check);
         }
     }
 
+    /// Plans the frontends of one Service port; returns the addresses of its ready
+    /// endpoints on this node (for the health check).
     fn add_service_port(
         &mut self,
         key: &ObjectKey,
         facts: &ServiceFacts,
         port: &ServicePort,
         slices: &[&EndpointSlice],
-    ) {
+    ) -> Vec<Ipv4Addr> {
         let port_name = port.name.clone().unwrap_or_default();
         let port_label = if port_name.is_empty() {
             port.port.to_string()
@@ -292,7 +324,7 @@ impl Planner<'_> {
                 self.planned
                     .problems
                     .push(format!("{context}: {reason}, skipped"));
-                return;
+                return Vec::new();
             }
         };
         let Some(service_port) = port_number(port.port) else {
@@ -300,7 +332,7 @@ impl Planner<'_> {
                 "{context}: port {} is out of range, skipped",
                 port.port
             ));
-            return;
+            return Vec::new();
         };
 
         let endpoints = endpoints_of_port(
@@ -310,6 +342,11 @@ impl Planner<'_> {
             facts.publish_not_ready_addresses,
         );
         let categorized = categorize(&endpoints, self.node_name, self.zone);
+        let local_ready = endpoints
+            .iter()
+            .filter(|endpoint| endpoint.ready && is_on_node(endpoint, self.node_name))
+            .map(|endpoint| endpoint.backend.addr)
+            .collect();
         let for_policy = |local: bool| FrontendTemplate {
             service: ServicePortName {
                 namespace: key.namespace.clone(),
@@ -328,6 +365,7 @@ impl Planner<'_> {
             },
             session_affinity: facts.session_affinity,
             serving_addrs: categorized.serving_addrs.clone(),
+            source_ranges: facts.source_ranges.clone(),
         };
         let internal = for_policy(facts.internal_policy_local);
         let external = for_policy(facts.external_policy_local);
@@ -371,6 +409,7 @@ impl Planner<'_> {
             self.planned
                 .claim(frontend(addr), &external, FrontendKind::LoadBalancer);
         }
+        local_ready
     }
 }
 
@@ -382,6 +421,7 @@ struct FrontendTemplate {
     when_empty: EmptyFrontend,
     session_affinity: Option<Duration>,
     serving_addrs: Vec<Ipv4Addr>,
+    source_ranges: Vec<Ipv4Net>,
 }
 
 impl Planned {
@@ -397,6 +437,12 @@ impl Planned {
                     when_empty: template.when_empty,
                     session_affinity: template.session_affinity,
                     serving_addrs: template.serving_addrs.clone(),
+                    // Only load-balancer IPs are restricted, as in kube-proxy.
+                    source_ranges: if kind == FrontendKind::LoadBalancer {
+                        template.source_ranges.clone()
+                    } else {
+                        Vec::new()
+                    },
                 });
             }
             // The same Service port naming an address twice (an externalIP that is also its
@@ -464,6 +510,8 @@ fn service_facts(service: &Service) -> Result<ServiceFacts, NotProxied> {
         load_balancer_ips: ipv4_addresses(load_balancer_ips),
         internal_policy_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
         external_policy_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+        health_check_node_port: spec.health_check_node_port.and_then(port_number),
+        source_ranges: ipv4_networks(spec.load_balancer_source_ranges.iter().flatten()),
         publish_not_ready_addresses: spec.publish_not_ready_addresses == Some(true),
         session_affinity: session_affinity(&spec),
     })
@@ -519,6 +567,19 @@ fn service_protocol(protocol: Option<&str>) -> Result<Protocol, String> {
         "SCTP" => Err("SCTP is not supported".to_owned()),
         other => Err(format!("protocol {other:?} is invalid")),
     }
+}
+
+/// The valid IPv4 CIDRs among `ranges`, sorted and deduplicated. Like kube-proxy, other
+/// families and unparsable entries are left out, so a list without any IPv4 range
+/// restricts nothing.
+fn ipv4_networks<'a>(ranges: impl Iterator<Item = &'a String>) -> Vec<Ipv4Net> {
+    let mut networks: Vec<Ipv4Net> = ranges
+        .filter_map(|range| range.trim().parse::<Ipv4Net>().ok())
+        .map(|network| network.trunc())
+        .collect();
+    networks.sort();
+    networks.dedup();
+    networks
 }
 
 fn port_number(port: i32) -> Option<u16> {
@@ -629,9 +690,7 @@ fn categorize(endpoints: &[PortEndpoint<'_>], node_name: &str, zone: &str) -> Ca
     if cluster.is_empty() {
         cluster = backends_where(endpoints, |endpoint| endpoint.serving_terminating());
     }
-    let is_local = |endpoint: &PortEndpoint<'_>| {
-        !node_name.is_empty() && endpoint.node_name == Some(node_name)
-    };
+    let is_local = |endpoint: &PortEndpoint<'_>| is_on_node(endpoint, node_name);
     let mut local = backends_where(endpoints, |endpoint| is_local(endpoint) && endpoint.ready);
     if local.is_empty() {
         local = backends_where(endpoints, |endpoint| {
@@ -655,6 +714,11 @@ fn categorize(endpoints: &[PortEndpoint<'_>], node_name: &str, zone: &str) -> Ca
             .any(|endpoint| endpoint.ready || endpoint.serving_terminating()),
         serving_addrs,
     }
+}
+
+/// Whether the endpoint runs on this node (never, while the node's name is unknown).
+fn is_on_node(endpoint: &PortEndpoint<'_>, node_name: &str) -> bool {
+    !node_name.is_empty() && endpoint.node_name == Some(node_name)
 }
 
 /// The backends of the endpoints that pass `usable`, sorted and deduplicated.
@@ -836,6 +900,17 @@ mod tests {
 
         fn publish_not_ready_addresses(mut self) -> Self {
             self.spec().publish_not_ready_addresses = Some(true);
+            self
+        }
+
+        fn load_balancer_source_ranges(mut self, ranges: &[&str]) -> Self {
+            self.spec().load_balancer_source_ranges =
+                Some(ranges.iter().map(ToString::to_string).collect());
+            self
+        }
+
+        fn health_check_node_port(mut self, port: i32) -> Self {
+            self.spec().health_check_node_port = Some(port);
             self
         }
 
@@ -1970,5 +2045,106 @@ mod tests {
         assert_eq!(rendered(dns), ["198.18.1.1:5353"]);
         let serving: Vec<String> = dns.serving_addrs.iter().map(ToString::to_string).collect();
         assert_eq!(serving, ["198.18.1.1", "198.18.1.2", "198.18.1.3"]);
+    }
+
+    #[test]
+    fn health_checks_count_distinct_local_ready_addresses() {
+        // Two ports, so 198.18.1.1 appears twice and counts once, as in kube-proxy.
+        let lb = || {
+            svc("default/lb", "198.19.0.20")
+                .node_port("http", 80, 30080)
+                .node_port("https", 443, 30443)
+                .service_type("LoadBalancer")
+        };
+        let slices = vec![
+            slice("default/lb-1", "lb")
+                .port(Some("http"), Some(8080), "TCP")
+                .port(Some("https"), Some(8443), "TCP")
+                .endpoint(ep("198.18.1.1").on_node(NODE))
+                .endpoint(ep("198.18.1.2").on_node(NODE).serving_terminating())
+                .endpoint(ep("198.18.1.3").on_node(NODE).not_ready())
+                .endpoint(ep("198.18.1.4").on_node("node-b")),
+        ];
+        // (node port, local endpoints)
+        type Expected = Option<(u16, usize)>;
+        let cases: [(&str, Svc, Expected); 5] = [
+            (
+                "Local with a port: ready local addresses, terminating and not-ready ones left out",
+                lb().external_traffic_policy("Local")
+                    .health_check_node_port(32000),
+                Some((32000, 1)),
+            ),
+            (
+                "Cluster policy: no health check",
+                lb().health_check_node_port(32000),
+                None,
+            ),
+            (
+                "Local without a port: none",
+                lb().external_traffic_policy("Local"),
+                None,
+            ),
+            (
+                "port out of range: none",
+                lb().external_traffic_policy("Local")
+                    .health_check_node_port(70000),
+                None,
+            ),
+            (
+                "publishNotReadyAddresses makes every local endpoint ready",
+                lb().external_traffic_policy("Local")
+                    .health_check_node_port(32000)
+                    .publish_not_ready_addresses(),
+                Some((32000, 3)),
+            ),
+        ];
+        for (name, service, expected) in cases {
+            let mut model = Model::default();
+            model.insert_service(service.0).unwrap();
+            for slice in &slices {
+                model.insert_endpoint_slice(slice.0.clone()).unwrap();
+            }
+            let planned = plan(&model, &node());
+            let check = planned
+                .health_checks
+                .get(&ObjectKey::new("default", "lb"))
+                .map(|check| (check.node_port, check.local_endpoints));
+            assert_eq!(check, expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn source_ranges_restrict_load_balancer_ips_only() {
+        let mut model = Model::default();
+        model
+            .insert_service(
+                svc("default/web", "198.19.0.10")
+                    .node_port("http", 80, 30080)
+                    .service_type("LoadBalancer")
+                    .ingress(Some("198.18.8.1"), None)
+                    .load_balancer_source_ranges(&[
+                        "198.18.0.0/24",
+                        " 10.1.2.3/8 ",
+                        "fd00::/8",
+                        "not-a-cidr",
+                        "198.18.0.0/24",
+                    ])
+                    .0,
+            )
+            .unwrap();
+        model.insert_endpoint_slice(web_slice().0).unwrap();
+        let planned = plan(&model, &node());
+        for (frontend, plan) in &planned.desired.frontends {
+            let ranges: Vec<String> = plan.source_ranges.iter().map(ToString::to_string).collect();
+            let expected: &[&str] = if plan.kind == FrontendKind::LoadBalancer {
+                // Trimmed, truncated to the network, sorted, deduplicated; IPv6 and junk
+                // left out as kube-proxy does.
+                &["10.0.0.0/8", "198.18.0.0/24"]
+            } else {
+                &[]
+            };
+            assert_eq!(ranges, expected, "{frontend}");
+        }
+        assert_eq!(planned.desired.frontends.len(), 3);
     }
 }

@@ -4,15 +4,16 @@
 //!
 //! Three stages: [`materialize`] (pure: frontends and backends → SERVICES/BACKENDS
 //! entries, with stable ids from an [`IdRegistry`], the AFFINITY_MATCH entries of
-//! affinity frontends, and the SVC_NAMES metadata),
+//! affinity frontends, the SOURCE_RANGES prefixes of restricted load-balancer frontends,
+//! and the SVC_NAMES metadata),
 //! [`diff`] (pure: ordered operations), and [`MapWriter`] (the only code that writes the
 //! aya maps).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
+use aya::maps::{HashMap as BpfHashMap, LpmTrie, MapData, MapError, lpm_trie::Key};
 use proxy_common::{
-    AffinityMatchKey, Backend, ServiceKey, ServiceName, ServiceValue, service_flags,
+    AffinityMatchKey, Backend, ServiceKey, ServiceName, ServiceValue, SourceRange, service_flags,
 };
 
 use crate::plan::{DesiredState, EmptyFrontend, FrontendKind, FrontendPlan};
@@ -26,6 +27,31 @@ pub struct MapImage {
     pub affinity_matches: BTreeSet<AffinityMatchKey>,
     /// rev_nat_id → the Service port of that frontend.
     pub names: BTreeMap<u32, ServiceName>,
+    /// The client prefixes of each restricted frontend (SOURCE_RANGES' keys).
+    pub source_ranges: BTreeSet<SourceRangeEntry>,
+}
+
+/// One SOURCE_RANGES key: a frontend's prefix of `prefix_len` bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SourceRangeEntry {
+    pub range: SourceRange,
+    pub prefix_len: u8,
+}
+
+impl SourceRangeEntry {
+    fn key(&self) -> Key<SourceRange> {
+        Key::new(
+            SourceRange::FRONTEND_BITS + u32::from(self.prefix_len),
+            self.range,
+        )
+    }
+
+    fn from_key(key: &Key<SourceRange>) -> Self {
+        Self {
+            range: key.data(),
+            prefix_len: key.prefix_len().saturating_sub(SourceRange::FRONTEND_BITS) as u8,
+        }
+    }
 }
 
 /// Gives backends and frontends ids that stay the same across syncs and daemon restarts
@@ -102,7 +128,8 @@ fn next_free(last: &mut u32, in_use: impl Fn(u32) -> bool) -> u32 {
     }
 }
 
-/// The header flags: the frontend's kind, and whether it drops while empty.
+/// The header flags: the frontend's kind, whether it drops while empty, and whether its
+/// clients are restricted to source ranges.
 fn header_flags(plan: &FrontendPlan) -> u16 {
     let kind = match plan.kind {
         FrontendKind::ClusterIp => service_flags::CLUSTER_IP,
@@ -110,11 +137,14 @@ fn header_flags(plan: &FrontendPlan) -> u16 {
         FrontendKind::ExternalIp => service_flags::EXTERNAL_IP,
         FrontendKind::LoadBalancer => service_flags::LOAD_BALANCER,
     };
+    let mut flags = kind;
     if plan.backends.is_empty() && plan.when_empty == EmptyFrontend::Drop {
-        kind | service_flags::NO_LOCAL_ENDPOINTS
-    } else {
-        kind
+        flags |= service_flags::NO_LOCAL_ENDPOINTS;
     }
+    if !plan.source_ranges.is_empty() {
+        flags |= service_flags::SOURCE_RANGES;
+    }
+    flags
 }
 
 /// Builds the map contents for `desired`. Slots follow the plan's (sorted) backend order.
@@ -144,6 +174,15 @@ pub fn materialize(desired: &DesiredState, ids: &mut IdRegistry) -> MapImage {
                     backend_id,
                 });
             }
+        }
+        for network in &plan.source_ranges {
+            image.source_ranges.insert(SourceRangeEntry {
+                range: SourceRange {
+                    rev_nat_id,
+                    addr: u32::from_ne_bytes(network.network().octets()),
+                },
+                prefix_len: network.prefix_len(),
+            });
         }
         image.services.insert(
             header,
@@ -175,16 +214,19 @@ pub enum MapOp {
     PutBackend(u32, Backend),
     PutService(ServiceKey, ServiceValue),
     PutAffinityMatch(AffinityMatchKey),
+    PutSourceRange(SourceRangeEntry),
     DeleteService(ServiceKey),
     DeleteAffinityMatch(AffinityMatchKey),
+    DeleteSourceRange(SourceRangeEntry),
     DeleteBackend(u32),
     DeleteName(u32),
 }
 
 /// The writes that turn `current` into `next`, ordered so that at every step each
 /// frontend's header only counts slots that exist and every slot names a backend that
-/// exists: new backends, then new slots and affinity matches, then headers; then removed
-/// headers, slots, affinity matches and backends. Names come first and go last, so a
+/// exists: new backends, then new slots, affinity matches and source ranges, then headers;
+/// then removed headers, slots, affinity matches, source ranges and backends. So a header
+/// flagged `SOURCE_RANGES` never lacks its ranges, which would drop every client. Names come first and go last, so a
 /// listing never shows a live frontend without its name.
 pub fn diff(current: &MapImage, next: &MapImage) -> Vec<MapOp> {
     let mut ops = Vec::new();
@@ -209,6 +251,11 @@ pub fn diff(current: &MapImage, next: &MapImage) -> Vec<MapOp> {
             .difference(&current.affinity_matches)
             .map(|key| MapOp::PutAffinityMatch(*key)),
     );
+    ops.extend(
+        next.source_ranges
+            .difference(&current.source_ranges)
+            .map(|entry| MapOp::PutSourceRange(*entry)),
+    );
     ops.extend(headers.into_iter().map(|(k, v)| MapOp::PutService(*k, *v)));
 
     let removed_services = current
@@ -224,6 +271,12 @@ pub fn diff(current: &MapImage, next: &MapImage) -> Vec<MapOp> {
             .affinity_matches
             .difference(&next.affinity_matches)
             .map(|key| MapOp::DeleteAffinityMatch(*key)),
+    );
+    ops.extend(
+        current
+            .source_ranges
+            .difference(&next.source_ranges)
+            .map(|entry| MapOp::DeleteSourceRange(*entry)),
     );
     for id in current.backends.keys() {
         if !next.backends.contains_key(id) {
@@ -260,6 +313,12 @@ impl MapImage {
             MapOp::DeleteAffinityMatch(key) => {
                 self.affinity_matches.remove(&key);
             }
+            MapOp::PutSourceRange(entry) => {
+                self.source_ranges.insert(entry);
+            }
+            MapOp::DeleteSourceRange(entry) => {
+                self.source_ranges.remove(&entry);
+            }
             MapOp::DeleteBackend(id) => {
                 self.backends.remove(&id);
             }
@@ -290,6 +349,9 @@ pub struct MapWriter {
     /// Presence is what counts; the value is always 1.
     affinity_matches: BpfHashMap<MapData, AffinityMatchKey, u8>,
     names: BpfHashMap<MapData, u32, ServiceName>,
+    /// Optional, so callers that never restrict sources (the benchmarks) need not open it;
+    /// without it, a plan with source ranges reports failed writes.
+    source_ranges: Option<LpmTrie<MapData, SourceRange, u8>>,
     current: MapImage,
     ids: IdRegistry,
 }
@@ -308,12 +370,23 @@ impl MapWriter {
             backends,
             affinity_matches,
             names,
+            source_ranges: None,
             current: MapImage::default(),
             ids: IdRegistry::default(),
         };
         writer.reread()?;
         writer.ids = IdRegistry::from_image(&writer.current);
         Ok(writer)
+    }
+
+    /// Also writes SOURCE_RANGES (`loadBalancerSourceRanges`), learning what it holds.
+    pub fn with_source_ranges(
+        mut self,
+        source_ranges: LpmTrie<MapData, SourceRange, u8>,
+    ) -> Result<Self, MapError> {
+        self.source_ranges = Some(source_ranges);
+        self.reread()?;
+        Ok(self)
     }
 
     /// Reads the maps again, so the next [`apply`](Self::apply) repairs anything that was
@@ -334,6 +407,11 @@ impl MapWriter {
         for entry in self.names.iter() {
             let (id, name) = entry?;
             image.names.insert(id, name);
+        }
+        for key in self.source_ranges.iter().flat_map(LpmTrie::keys) {
+            image
+                .source_ranges
+                .insert(SourceRangeEntry::from_key(&key?));
         }
         self.current = image;
         Ok(())
@@ -374,7 +452,19 @@ impl MapWriter {
             MapOp::DeleteAffinityMatch(key) => ignore_missing(self.affinity_matches.remove(&key)),
             MapOp::DeleteBackend(id) => ignore_missing(self.backends.remove(&id)),
             MapOp::DeleteName(id) => ignore_missing(self.names.remove(&id)),
+            MapOp::PutSourceRange(entry) => self.source_ranges()?.insert(&entry.key(), 1, 0),
+            MapOp::DeleteSourceRange(entry) => {
+                ignore_missing(self.source_ranges()?.remove(&entry.key()))
+            }
         }
+    }
+
+    fn source_ranges(&mut self) -> Result<&mut LpmTrie<MapData, SourceRange, u8>, MapError> {
+        self.source_ranges.as_mut().ok_or_else(|| {
+            MapError::IoError(std::io::Error::other(
+                "the writer was not given the SOURCE_RANGES map",
+            ))
+        })
     }
 }
 
@@ -448,6 +538,7 @@ mod tests {
                     when_empty: EmptyFrontend::Reject,
                     session_affinity: None,
                     serving_addrs: Vec::new(),
+                    source_ranges: Vec::new(),
                 },
             );
         }
@@ -727,5 +818,39 @@ mod tests {
         assert_eq!(flags_with(&[], EmptyFrontend::Reject), cluster_ip);
         assert_eq!(flags_with(&[], EmptyFrontend::Drop), dropping);
         assert_eq!(flags_with(&[10], EmptyFrontend::Drop), cluster_ip);
+    }
+
+    #[test]
+    fn source_ranges_come_before_their_flag_and_go_after_it() {
+        let lb = frontend([198, 18, 8, 1], 80);
+        let mut state = desired(&[(lb, &[1])]);
+        let mut ids = IdRegistry::default();
+        let open = materialize(&state, &mut ids);
+        let plan = state.frontends.get_mut(&lb).unwrap();
+        plan.kind = FrontendKind::LoadBalancer;
+        plan.source_ranges = vec!["198.18.0.0/24".parse().unwrap()];
+        let restricted = materialize(&state, &mut ids);
+
+        let header = restricted.services[&ServiceKey::new([198, 18, 8, 1], 80, 6, 0)];
+        assert_ne!(header.flags & service_flags::SOURCE_RANGES, 0);
+        let entry = SourceRangeEntry {
+            range: SourceRange {
+                rev_nat_id: header.rev_nat_id,
+                addr: u32::from_ne_bytes([198, 18, 0, 0]),
+            },
+            prefix_len: 24,
+        };
+        assert_eq!(restricted.source_ranges, BTreeSet::from([entry]));
+        assert_eq!(entry.key().prefix_len(), 32 + 24);
+
+        let is_header = |op: &MapOp| matches!(op, MapOp::PutService(key, _) if key.slot == 0);
+        let ops = diff(&open, &restricted);
+        assert_eq!(ops.len(), 2, "{ops:?}");
+        assert_eq!(ops[0], MapOp::PutSourceRange(entry));
+        assert!(is_header(&ops[1]), "{ops:?}");
+        let ops = diff(&restricted, &open);
+        assert_eq!(ops.len(), 2, "{ops:?}");
+        assert!(is_header(&ops[0]), "{ops:?}");
+        assert_eq!(ops[1], MapOp::DeleteSourceRange(entry));
     }
 }

@@ -18,7 +18,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, PerCpuArray},
+    maps::{HashMap as BpfHashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
 use etherparse::{
@@ -27,7 +27,7 @@ use etherparse::{
 };
 use proxy_common::{
     AffinityKey, AffinityMatchKey, AffinityValue, Backend, CtKey, CtValue, PROGRAM_NAME,
-    ServiceKey, ServiceValue, ct_dir, ct_flags, map_names, proto, service_flags, stat,
+    ServiceKey, ServiceValue, SourceRange, ct_dir, ct_flags, map_names, proto, service_flags, stat,
 };
 use proxy_lab::PrivateBpffs;
 use proxy_userspace::inspect::trace::{TracePacket, Tracer};
@@ -209,6 +209,19 @@ impl Datapath {
             },
         );
         ids
+    }
+
+    /// Admits clients in `network/prefix_len` to the frontend [`REV_NAT_ID`]
+    /// (loadBalancerSourceRanges), as the daemon writes it.
+    fn allow_sources(&mut self, network: [u8; 4], prefix_len: u32) {
+        let mut ranges: LpmTrie<_, SourceRange, u8> =
+            LpmTrie::try_from(self.ebpf.map_mut(map_names::SOURCE_RANGES).unwrap()).unwrap();
+        let range = SourceRange {
+            rev_nat_id: REV_NAT_ID,
+            addr: u32::from_ne_bytes(network),
+        };
+        let key = Key::new(SourceRange::FRONTEND_BITS + prefix_len, range);
+        ranges.insert(&key, 1, 0).unwrap();
     }
 
     fn affinity_map(&mut self) -> BpfHashMap<&mut aya::maps::MapData, AffinityKey, AffinityValue> {
@@ -566,6 +579,54 @@ fn backend_reply_gets_the_frontend_as_source() {
 }
 
 #[test]
+fn hairpin_flow_gets_the_frontend_as_source_both_ways() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    datapath.add_service(frontend(VIP, proto::TCP), &[backend(BACKEND_1, proto::TCP)]);
+    // BACKEND_1 is its own client: its source becomes the VIP, keeping its port.
+    let client = addr(BACKEND_1.ip().octets(), 40_000);
+    let masqueraded = addr(VIP.ip().octets(), client.port());
+
+    let syn = Frame::new(client, VIP, SYN);
+    assert_translated(&datapath, syn, syn.between(masqueraded, BACKEND_1));
+    let ack = Frame::new(client, VIP, ACK);
+    assert_translated(&datapath, ack, ack.between(masqueraded, BACKEND_1));
+    let syn_ack = Frame::new(BACKEND_1, masqueraded, SYN_ACK);
+    assert_translated(&datapath, syn_ack, syn_ack.between(VIP, client));
+
+    datapath.assert_stats(&[
+        (stat::CT_MISS, 1),
+        (stat::NEW_FLOW, 1),
+        (stat::CT_HIT, 1),
+        (stat::REPLY, 1),
+    ]);
+    let forward = datapath.conntrack_entry(ct_key(client, VIP, proto::TCP, ct_dir::FORWARD));
+    assert_eq!(forward.flags, ct_flags::HAIRPIN);
+    let reply = datapath.conntrack_entry(ct_key(BACKEND_1, masqueraded, proto::TCP, ct_dir::REPLY));
+    assert_eq!(reply.flags, ct_flags::HAIRPIN);
+    assert_eq!(reply.packets, 1);
+    assert_eq!(datapath.conntrack().len(), 2);
+}
+
+#[test]
+fn hairpin_udp_is_translated_both_ways() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    let dns = addr(VIP.ip().octets(), 53);
+    let server = addr(BACKEND_1.ip().octets(), 5353);
+    datapath.add_service(frontend(dns, proto::UDP), &[backend(server, proto::UDP)]);
+    let client = addr(server.ip().octets(), 40_000);
+    let masqueraded = addr(dns.ip().octets(), client.port());
+
+    let query = Frame::new(client, dns, UDP);
+    assert_translated(&datapath, query, query.between(masqueraded, server));
+    let answer = Frame::new(server, masqueraded, UDP);
+    assert_translated(&datapath, answer, answer.between(dns, client));
+}
+
+#[test]
 fn later_packets_of_a_flow_stay_on_its_backend() {
     let Some(mut datapath) = Datapath::load() else {
         return;
@@ -751,6 +812,45 @@ fn refusal_of_a_packet_with_ip_options_is_a_drop() {
     let (verdict, _) = datapath.run(&syn.build());
     assert_eq!(verdict, TC_ACT_SHOT);
     datapath.assert_stats(&[(stat::NO_BACKEND, 1)]);
+}
+
+#[test]
+fn source_ranges_admit_clients_inside_and_drop_the_others() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    let load_balancer = addr([198, 18, 8, 1], 80);
+    datapath.add_service_with(
+        frontend(load_balancer, proto::TCP),
+        &[backend(BACKEND_1, proto::TCP)],
+        service_flags::LOAD_BALANCER | service_flags::SOURCE_RANGES,
+        0,
+    );
+    datapath.allow_sources([198, 18, 0, 0], 24);
+    datapath.allow_sources([203, 0, 113, 7], 32);
+
+    let inside = Frame::new(CLIENT, load_balancer, SYN);
+    assert_translated(&datapath, inside, inside.between(CLIENT, BACKEND_1));
+    let single = addr([203, 0, 113, 7], 40_000);
+    let exact = Frame::new(single, load_balancer, SYN);
+    assert_translated(&datapath, exact, exact.between(single, BACKEND_1));
+    for outside in [
+        addr([198, 18, 1, 10], 40_000),
+        addr([203, 0, 113, 8], 40_000),
+    ] {
+        let (verdict, _) = datapath.run(&Frame::new(outside, load_balancer, SYN).build());
+        assert_eq!(verdict, TC_ACT_SHOT, "{outside}");
+    }
+    datapath.assert_stats(&[
+        (stat::CT_MISS, 2),
+        (stat::NEW_FLOW, 2),
+        (stat::SOURCE_RANGE_DENIED, 2),
+    ]);
+    assert_eq!(
+        datapath.conntrack().len(),
+        4,
+        "only the admitted flows are tracked"
+    );
 }
 
 /// The backend a SYN from `client` was DNATed to.

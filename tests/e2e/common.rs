@@ -1,6 +1,5 @@
 //! Shared set-up of the daemon tests: pod-1..pod-3 are the Services' endpoints and pod-4
-//! is the caller. The caller is never a backend: a pod reaching itself through a Service
-//! needs hairpin SNAT, which these tests do not cover.
+//! is the caller. The caller is never a backend (hairpin has its own test, `hairpin`).
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::time::Duration;

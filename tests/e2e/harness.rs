@@ -4,7 +4,7 @@
 use std::net::{SocketAddr, SocketAddrV4};
 
 use anyhow::{Result, ensure};
-use proxy_lab::{Lab, addr, require_lab};
+use proxy_lab::{Cluster, Lab, addr, require_lab};
 
 #[test]
 fn pods_reach_each_other_directly() -> Result<()> {
@@ -155,5 +155,42 @@ fn a_panicking_test_still_removes_its_lab() -> Result<()> {
         "{} survived the panic",
         node_path.display()
     );
+    Ok(())
+}
+
+#[test]
+fn cluster_pods_reach_each_other_across_nodes_unchanged() -> Result<()> {
+    require_lab!();
+    let cluster = Cluster::builder().pods_per_node(&[1, 1, 1]).build()?;
+    let pods: Vec<_> = (1..=3).map(|k| cluster.node(k).pod(1)).collect();
+    for from in &pods {
+        for to in &pods {
+            let tcp = from.ns.tcp_request(to.ip, addr::ECHO_TCP_PORT)?;
+            ensure!(tcp.body == to.name, "{} → {}: {tcp:?}", from.name, to.name);
+            let udp = from.ns.udp_request(to.ip, addr::ECHO_UDP_PORT)?;
+            ensure!(udp.body == to.name, "{} → {}: {udp:?}", from.name, to.name);
+            // The peer reporter sees the pod's own address: host-gw routing, no NAT.
+            let seen = from.ns.tcp_request(to.ip, addr::PEER_REPORT_PORT)?.body;
+            ensure!(seen == from.ip.to_string(), "{} seen as {seen}", from.name);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn dropping_the_cluster_removes_its_namespaces() -> Result<()> {
+    require_lab!();
+    let cluster = Cluster::builder().build()?;
+    let prefix = format!("{}-", cluster.id());
+    let ours = || -> Result<Vec<String>> {
+        Ok(std::fs::read_dir("/run/netns")?
+            .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+            .filter(|name| name.starts_with(&prefix))
+            .collect())
+    };
+    // fabric, client, two nodes, two pods each.
+    ensure!(ours()?.len() == 8, "namespaces: {:?}", ours()?);
+    drop(cluster);
+    ensure!(ours()?.is_empty(), "namespaces left behind: {:?}", ours()?);
     Ok(())
 }

@@ -42,3 +42,50 @@ pub const LOAD_BALANCER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 8, 1);
 pub const ECHO_TCP_PORT: u16 = 8080;
 /// Default port of every pod's UDP echo server.
 pub const ECHO_UDP_PORT: u16 = 5353;
+
+// The multi-node lab ([`crate::Cluster`]): its own namespaces, its own addresses, none of
+// them shared with the single-node lab's above.
+
+/// The fabric: one L2 segment (a bridge in its own namespace) joining nodes and client.
+pub const FABRIC_PREFIX_LEN: u8 = 24;
+/// Highest node number of the multi-node lab.
+pub const MAX_CLUSTER_NODES: usize = 3;
+/// Highest pod number per node of the multi-node lab.
+pub const MAX_PODS_PER_NODE: usize = 100;
+/// The outside client on the fabric.
+pub const FABRIC_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 16, 100);
+/// Port of the multi-node lab's peer reporters: every pod answers each line with the
+/// source address its connection arrived from.
+pub const PEER_REPORT_PORT: u16 = 8081;
+
+/// Node `k` (numbered from 1) on the fabric: 198.18.16.k.
+pub fn fabric_node_ip(k: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 16, node_octet(k))
+}
+
+/// Node `k`'s pod CIDR, 198.18.(16+k).0/24; its first address is the pods' gateway.
+pub fn node_pod_cidr(k: usize) -> (Ipv4Addr, u8) {
+    (Ipv4Addr::new(198, 18, 16 + node_octet(k), 0), 24)
+}
+
+/// The pods' gateway on node `k`: 198.18.(16+k).1, on every pod veth of that node.
+pub fn node_pod_gateway(k: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 16 + node_octet(k), 1)
+}
+
+/// Pod `i` of node `k` (both from 1): 198.18.(16+k).(10+i).
+pub fn node_pod_ip(k: usize, i: usize) -> Ipv4Addr {
+    assert!(
+        (1..=MAX_PODS_PER_NODE).contains(&i),
+        "pods are numbered 1..={MAX_PODS_PER_NODE} per node, got {i}"
+    );
+    Ipv4Addr::new(198, 18, 16 + node_octet(k), 10 + i as u8)
+}
+
+fn node_octet(k: usize) -> u8 {
+    assert!(
+        (1..=MAX_CLUSTER_NODES).contains(&k),
+        "nodes are numbered 1..={MAX_CLUSTER_NODES}, got {k}"
+    );
+    k as u8
+}

@@ -3,7 +3,7 @@
 //! Only socket creation has to happen inside the namespace ([`Netns::run`]); reads and
 //! writes then work from the caller's thread.
 
-use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
 use std::time::Duration;
 
@@ -136,6 +136,29 @@ impl Netns {
             body: String::from_utf8_lossy(&buffer[..length]).into_owned(),
             peer,
         })
+    }
+
+    /// One HTTP/1.0 `GET path` to `addr:port` from this namespace: (status code, body).
+    pub fn http_get(&self, addr: Ipv4Addr, port: u16, path: &str) -> Result<(u16, String)> {
+        let mut session = self.tcp_session(addr, port)?;
+        write!(
+            session.writer,
+            "GET {path} HTTP/1.0\r\nHost: {addr}:{port}\r\n\r\n"
+        )?;
+        let mut response = String::new();
+        session
+            .reader
+            .read_to_string(&mut response)
+            .with_context(|| format!("HTTP GET {addr}:{port}{path}"))?;
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .with_context(|| format!("no end of the HTTP header in {response:?}"))?;
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .with_context(|| format!("no status code in {head:?}"))?;
+        Ok((code, body.to_owned()))
     }
 
     /// A UDP socket in this namespace connected to `addr:port`, receiving with `timeout`.

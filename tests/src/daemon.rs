@@ -5,9 +5,7 @@
 //! log that tests can wait on (`sync complete`) and that is printed when the handle drops,
 //! so a failing test shows what the daemon said (libtest captures it otherwise).
 
-use std::ffi::CString;
 use std::io::{BufRead, BufReader, Read};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -17,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
-use crate::lab::{Lab, NODE_NAME};
+use crate::bpffs::PrivateBpffs;
 use crate::manifest::Manifest;
-use crate::netns::enter;
+use crate::netns::{Netns, enter};
 use crate::scratch::{ScratchDir, unique_prefix};
 
 /// The line the daemon logs after every successful sync of the maps.
@@ -59,19 +57,23 @@ pub fn daemon_binary() -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Configures and starts a [`Daemon`] for a lab; see [`Lab::daemon`].
+/// Configures and starts a [`Daemon`] for one node of a lab; see [`crate::Lab::daemon`]
+/// and [`crate::Cluster::daemon`].
 #[derive(Debug)]
 pub struct DaemonBuilder<'lab> {
-    lab: &'lab Lab,
+    node: &'lab Netns,
+    node_name: String,
     manifests: Vec<Manifest>,
     extra_args: Vec<String>,
     echo_log_on_drop: bool,
 }
 
 impl<'lab> DaemonBuilder<'lab> {
-    pub(crate) fn new(lab: &'lab Lab) -> Self {
+    /// A daemon in the `node` namespace that runs as Kubernetes node `node_name`.
+    pub(crate) fn new(node: &'lab Netns, node_name: &str) -> Self {
         Self {
-            lab,
+            node,
+            node_name: node_name.to_owned(),
             manifests: Vec::new(),
             extra_args: Vec::new(),
             echo_log_on_drop: true,
@@ -104,12 +106,12 @@ impl<'lab> DaemonBuilder<'lab> {
         let scratch = ScratchDir::create(&format!("{}-daemon", unique_prefix()))?;
         std::fs::create_dir(scratch.path().join(MANIFESTS_DIR))?;
         std::fs::create_dir(scratch.path().join(STAGING_DIR))?;
-        let bpffs = BpffsMount::mount(scratch.path().join("bpffs"))?;
-        let bpffs_root = bpffs.path.join(PIN_DIR);
+        let bpffs = PrivateBpffs::mount_at(scratch.path().join("bpffs"))?;
+        let bpffs_root = bpffs.path().join(PIN_DIR);
         std::fs::create_dir(&bpffs_root).context("creating the bpffs root")?;
 
         let mut daemon = Daemon {
-            lab: self.lab,
+            node: self.node,
             child: Mutex::new(None),
             log: Arc::default(),
             readers: Vec::new(),
@@ -126,7 +128,7 @@ impl<'lab> DaemonBuilder<'lab> {
             .arg("daemon")
             .arg("--manifests")
             .arg(daemon.manifests_dir())
-            .args(["--node-name", NODE_NAME])
+            .args(["--node-name", &self.node_name])
             .arg("--bpffs-root")
             .arg(&bpffs_root)
             .args(&self.extra_args)
@@ -138,7 +140,7 @@ impl<'lab> DaemonBuilder<'lab> {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let node_namespace = self.lab.node().open()?;
+        let node_namespace = self.node.open()?;
         // SAFETY: the closure runs between fork and exec and only makes two syscalls on
         // values prepared before the fork (no allocation, no locks).
         unsafe {
@@ -167,18 +169,18 @@ impl<'lab> DaemonBuilder<'lab> {
 }
 
 /// A running daemon. Dropping it stops the daemon (SIGTERM, then SIGKILL after 5 s),
-/// unmounts its bpffs and removes its directories. Borrows the lab, so it always goes
-/// before the lab's namespaces do.
+/// unmounts its bpffs and removes its directories. Borrows its node's namespace, so it
+/// always goes before the lab's namespaces do.
 #[derive(Debug)]
 pub struct Daemon<'lab> {
-    lab: &'lab Lab,
+    node: &'lab Netns,
     /// In a mutex only so `wait_synced(&self)` can report the exit status.
     child: Mutex<Option<Child>>,
     log: Arc<Log>,
     readers: Vec<JoinHandle<()>>,
     echo_log_on_drop: bool,
     // Drop order: unmount before the scratch directory that holds the mount point goes.
-    bpffs: BpffsMount,
+    bpffs: PrivateBpffs,
     scratch: ScratchDir,
 }
 
@@ -209,7 +211,7 @@ impl Daemon<'_> {
 
     /// The private bpffs mount this daemon pins under.
     pub fn bpffs(&self) -> &Path {
-        &self.bpffs.path
+        self.bpffs.path()
     }
 
     /// The daemon's process id until it is stopped, for reading its `/proc` entries.
@@ -223,7 +225,7 @@ impl Daemon<'_> {
 
     /// The daemon's `--bpffs-root` (inside [`bpffs`](Self::bpffs)): where the CLI looks.
     pub fn bpffs_root(&self) -> PathBuf {
-        self.bpffs.path.join(PIN_DIR)
+        self.bpffs.path().join(PIN_DIR)
     }
 
     /// Waits until the daemon has logged its first `sync complete`. Fails early, with the
@@ -238,8 +240,8 @@ impl Daemon<'_> {
             if state.open_streams == 0 {
                 drop(state);
                 bail!(
-                    "ebpf-proxy exited before `{SYNC_MARKER}` in lab {}: {}\n{}",
-                    self.lab.id(),
+                    "ebpf-proxy exited before `{SYNC_MARKER}` in netns {}: {}\n{}",
+                    self.node.name(),
                     self.exit_status_text(),
                     self.log()
                 );
@@ -248,8 +250,8 @@ impl Daemon<'_> {
             if now >= deadline {
                 drop(state);
                 bail!(
-                    "no `{SYNC_MARKER}` from ebpf-proxy within {timeout:?} in lab {}\n{}",
-                    self.lab.id(),
+                    "no `{SYNC_MARKER}` from ebpf-proxy within {timeout:?} in netns {}\n{}",
+                    self.node.name(),
                     self.log()
                 );
             }
@@ -349,8 +351,8 @@ impl Drop for Daemon<'_> {
         };
         if self.echo_log_on_drop {
             eprintln!(
-                "---- ebpf-proxy log (lab {}, {exit}) ----\n{}\n---- end of ebpf-proxy log ----",
-                self.lab.id(),
+                "---- ebpf-proxy log (netns {}, {exit}) ----\n{}\n---- end of ebpf-proxy log ----",
+                self.node.name(),
                 self.log()
             );
         }
@@ -381,52 +383,4 @@ fn collect_lines(stream: impl Read + Send + 'static, log: Arc<Log>) -> JoinHandl
         log.state.lock().expect("log lock").open_streams -= 1;
         log.changed.notify_all();
     })
-}
-
-/// A private bpffs instance for one daemon, so its pins never meet another lab's or the
-/// host's /sys/fs/bpf. Detached and its mount point removed on drop.
-#[derive(Debug)]
-struct BpffsMount {
-    path: PathBuf,
-}
-
-impl BpffsMount {
-    fn mount(path: PathBuf) -> Result<Self> {
-        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
-        let target = CString::new(path.as_os_str().as_bytes())?;
-        // SAFETY: valid NUL-terminated strings; no data argument.
-        let mounted = unsafe {
-            libc::mount(
-                c"bpf".as_ptr(),
-                target.as_ptr(),
-                c"bpf".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        if mounted != 0 {
-            let error = std::io::Error::last_os_error();
-            let _ = std::fs::remove_dir(&path);
-            return Err(error).with_context(|| format!("mounting bpffs at {}", path.display()));
-        }
-        Ok(Self { path })
-    }
-}
-
-impl Drop for BpffsMount {
-    fn drop(&mut self) {
-        let Ok(target) = CString::new(self.path.as_os_str().as_bytes()) else {
-            return;
-        };
-        // SAFETY: valid NUL-terminated path.
-        if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
-            eprintln!(
-                "proxy-lab: cannot unmount {}: {}",
-                self.path.display(),
-                std::io::Error::last_os_error()
-            );
-            return;
-        }
-        let _ = std::fs::remove_dir(&self.path);
-    }
 }

@@ -4,9 +4,11 @@
 //!
 //! TCP: one reply line `<pod-name>\n` for every line received, so a single connection can
 //! carry many request/response rounds. UDP: one datagram `<pod-name>` for every datagram.
+//! The peer reporter (multi-node lab) answers every line with the source address it sees,
+//! so a test can tell whether the client's address was kept or rewritten.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,9 +40,31 @@ impl EchoServers {
 
     /// Starts a TCP server on `port` in `ns` answering `name`; returns once it listens.
     pub(crate) fn spawn_tcp(&mut self, ns: &Netns, name: &str, port: u16) -> Result<()> {
-        let stop = self.stop.clone();
         let reply = format!("{name}\n").into_bytes();
-        self.spawn_in(ns, format!("tcp-echo {name}"), move |ready| {
+        self.spawn_tcp_answering(ns, format!("tcp-echo {name}"), port, move |_| reply.clone())
+            .with_context(|| format!("TCP echo server of {name} on port {port}"))
+    }
+
+    /// Starts a TCP server on `port` in `ns` answering each line with the connection's
+    /// source address as it arrived (`198.18.16.100\n`); returns once it listens.
+    pub(crate) fn spawn_tcp_peer_reporter(&mut self, ns: &Netns, port: u16) -> Result<()> {
+        let thread_name = format!("tcp-peer {}", ns.name());
+        self.spawn_tcp_answering(ns, thread_name, port, |peer| {
+            format!("{}\n", peer.ip()).into_bytes()
+        })
+        .with_context(|| format!("TCP peer reporter in {} on port {port}", ns.name()))
+    }
+
+    /// A TCP server whose reply to every line of a connection is `reply(source address)`.
+    fn spawn_tcp_answering(
+        &mut self,
+        ns: &Netns,
+        thread_name: String,
+        port: u16,
+        reply: impl Fn(&SocketAddr) -> Vec<u8> + Send + 'static,
+    ) -> Result<()> {
+        let stop = self.stop.clone();
+        self.spawn_in(ns, thread_name, move |ready| {
             let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port));
             let listener = match listener {
                 Ok(listener) => listener,
@@ -49,7 +73,6 @@ impl EchoServers {
             let _ = ready.send(Ok(()));
             serve_tcp(&listener, &reply, &stop);
         })
-        .with_context(|| format!("TCP echo server of {name} on port {port}"))
     }
 
     /// Starts a UDP server on `port` in `ns` answering `name`; returns once it is bound.
@@ -107,17 +130,21 @@ impl Drop for EchoServers {
     }
 }
 
-fn serve_tcp(listener: &TcpListener, reply: &[u8], stop: &Arc<AtomicBool>) {
+fn serve_tcp(
+    listener: &TcpListener,
+    reply: &impl Fn(&SocketAddr) -> Vec<u8>,
+    stop: &Arc<AtomicBool>,
+) {
     let mut connections: Vec<JoinHandle<()>> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         if !readable_within(listener, STOP_POLL) {
             continue;
         }
-        let Ok((stream, _)) = listener.accept() else {
+        let Ok((stream, peer)) = listener.accept() else {
             continue;
         };
         connections.retain(|connection| !connection.is_finished());
-        let reply = reply.to_vec();
+        let reply = reply(&peer);
         let stop = stop.clone();
         connections.push(std::thread::spawn(move || {
             answer_lines(stream, &reply, &stop)

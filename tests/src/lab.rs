@@ -180,40 +180,51 @@ impl Lab {
 
     /// Starts configuring the ebpf-proxy daemon for this lab's node.
     pub fn daemon(&self) -> DaemonBuilder<'_> {
-        DaemonBuilder::new(self)
+        DaemonBuilder::new(&self.node, NODE_NAME)
     }
 
     fn add_pod(&self, i: usize) -> Result<Pod> {
         let name = format!("pod-{i}");
         let ns = Netns::create(format!("{}-{name}", self.id))?;
         let ip = addr::pod_ip(i);
-        let host_side = format!("lxc{i}");
-        let gateway = addr::POD_GATEWAY.to_string();
-        // Both ends are created inside lab namespaces: nothing appears in the root namespace.
-        self.node.ip(&[
-            "link",
-            "add",
-            &host_side,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns.name(),
-        ])?;
-        self.node
-            .ip(&["addr", "add", &format!("{gateway}/32"), "dev", &host_side])?;
-        self.node.ip(&["link", "set", &host_side, "up"])?;
-        self.node
-            .ip(&["route", "add", &format!("{ip}/32"), "dev", &host_side])?;
-        ns.ip(&["link", "set", "lo", "up"])?;
-        ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
-        ns.ip(&["link", "set", "eth0", "up"])?;
-        ns.ip(&["route", "add", &gateway, "dev", "eth0", "scope", "link"])?;
-        ns.ip(&["route", "add", "default", "via", &gateway])?;
+        wire_pod(&self.node, &ns, &format!("lxc{i}"), ip, addr::POD_GATEWAY)?;
         Ok(Pod { name, ip, ns })
     }
+}
+
+/// Connects pod namespace `pod` to `node` by a veth (`eth0` in the pod, `host_side` on the
+/// node): the pod gets `ip`/32 and a default route via `gateway`, the node the gateway as a
+/// /32 on `host_side` and a /32 route to the pod.
+pub(crate) fn wire_pod(
+    node: &Netns,
+    pod: &Netns,
+    host_side: &str,
+    ip: Ipv4Addr,
+    gateway: Ipv4Addr,
+) -> Result<()> {
+    let gateway = gateway.to_string();
+    // Both ends are created inside lab namespaces: nothing appears in the root namespace.
+    node.ip(&[
+        "link",
+        "add",
+        host_side,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        pod.name(),
+    ])?;
+    node.ip(&["addr", "add", &format!("{gateway}/32"), "dev", host_side])?;
+    node.ip(&["link", "set", host_side, "up"])?;
+    node.ip(&["route", "add", &format!("{ip}/32"), "dev", host_side])?;
+    pod.ip(&["link", "set", "lo", "up"])?;
+    pod.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+    pod.ip(&["link", "set", "eth0", "up"])?;
+    pod.ip(&["route", "add", &gateway, "dev", "eth0", "scope", "link"])?;
+    pod.ip(&["route", "add", "default", "via", &gateway])?;
+    Ok(())
 }
 
 /// The external link: node `eth0` 198.18.0.1/24 ↔ client `eth0` 198.18.0.2/24.

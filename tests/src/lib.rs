@@ -23,6 +23,21 @@
 //! and a UDP one on [`addr::ECHO_UDP_PORT`] (5353); both ports are configurable per lab.
 //! `deploy/examples/` uses exactly these addresses.
 //!
+//! The multi-node lab ([`Cluster`]) has its own namespaces and addresses, disjoint from the
+//! table above: nodes and an outside client on one L2 fabric (a bridge in a namespace of
+//! its own), each node with a pod CIDR routed host-gw style via its fabric address.
+//!
+//! | what | namespace | interface | address |
+//! |---|---|---|---|
+//! | fabric bridge | `fabric` | `fabric0`, ports `node<k>`, `client` | none |
+//! | node k (k = 1..=3), Kubernetes name `lab-node-<k>` | `node-<k>` | `eth0` | 198.18.16.k/24 ([`addr::fabric_node_ip`]); routes to the other nodes' pod CIDRs via their 198.18.16.j |
+//! | outside client | `client` | `eth0` | 198.18.16.100/24 ([`addr::FABRIC_CLIENT_IP`]), no default route |
+//! | node k's pod CIDR and pods' gateway | `node-<k>` | `lxc<i>` | 198.18.(16+k).0/24, gateway 198.18.(16+k).1/32 ([`addr::node_pod_gateway`]) |
+//! | pod i of node k | `n<k>-pod-<i>` | `eth0` | 198.18.(16+k).(10+i)/32 ([`addr::node_pod_ip`]) |
+//!
+//! Its pods run the echo servers and a peer reporter on [`addr::PEER_REPORT_PORT`] (8081)
+//! that answers with the source address it sees. Service VIPs are 198.19.0.0/16 as above.
+//!
 //! # Safety of the host
 //!
 //! Namespaces are named `epx<pid>-<counter>-<role>`, so labs run in parallel; veth pairs are
@@ -49,6 +64,7 @@
 pub mod addr;
 mod bpffs;
 mod client;
+mod cluster;
 mod daemon;
 mod echo;
 mod lab;
@@ -59,6 +75,7 @@ mod tally;
 
 pub use bpffs::PrivateBpffs;
 pub use client::{REQUEST_TIMEOUT, Reply, TcpSession, UdpFlow, is_timeout};
+pub use cluster::{Cluster, ClusterBuilder, ClusterNode};
 pub use daemon::{Daemon, DaemonBuilder, daemon_binary};
 pub use lab::{Lab, LabBuilder, LatePod, NODE_NAME, Pod};
 pub use manifest::{Endpoint, Manifest, Protocol, Service};

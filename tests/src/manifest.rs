@@ -66,6 +66,10 @@ pub struct Service {
     affinity_timeout_seconds: Option<u32>,
     internal_traffic_policy_local: bool,
     external_traffic_policy_local: bool,
+    /// `healthCheckNodePort` (with externalTrafficPolicy Local).
+    health_check_node_port: Option<u16>,
+    /// `loadBalancerSourceRanges`, as written.
+    source_ranges: Vec<String>,
     external_ips: Vec<Ipv4Addr>,
     /// `status.loadBalancer.ingress[].ip`.
     load_balancer_ips: Vec<Ipv4Addr>,
@@ -141,6 +145,8 @@ impl Service {
             affinity_timeout_seconds: None,
             internal_traffic_policy_local: false,
             external_traffic_policy_local: false,
+            health_check_node_port: None,
+            source_ranges: Vec::new(),
             external_ips: Vec::new(),
             load_balancer_ips: Vec::new(),
         }
@@ -187,6 +193,19 @@ impl Service {
     /// to this node's endpoints.
     pub fn external_traffic_policy_local(mut self) -> Self {
         self.external_traffic_policy_local = true;
+        self
+    }
+
+    /// `loadBalancerSourceRanges`: only clients in these CIDRs reach the load-balancer IPs.
+    pub fn load_balancer_source_ranges(mut self, cidrs: &[&str]) -> Self {
+        self.source_ranges = cidrs.iter().map(ToString::to_string).collect();
+        self
+    }
+
+    /// `healthCheckNodePort: port`, what the API allocates for a LoadBalancer Service with
+    /// externalTrafficPolicy Local.
+    pub fn health_check_node_port(mut self, port: u16) -> Self {
+        self.health_check_node_port = Some(port);
         self
     }
 
@@ -268,6 +287,15 @@ impl Service {
         }
         if self.external_traffic_policy_local {
             yaml.push_str("  externalTrafficPolicy: Local\n");
+        }
+        if let Some(port) = self.health_check_node_port {
+            let _ = writeln!(yaml, "  healthCheckNodePort: {port}");
+        }
+        if !self.source_ranges.is_empty() {
+            yaml.push_str("  loadBalancerSourceRanges:\n");
+            for cidr in &self.source_ranges {
+                let _ = writeln!(yaml, "    - {cidr}");
+            }
         }
         if !self.external_ips.is_empty() {
             yaml.push_str("  externalIPs:\n");

@@ -193,6 +193,8 @@ pub fn read_image(root: &Path) -> Result<MapImage> {
         // No view shows which backends affinity may reuse: the slots say the same.
         affinity_matches: Default::default(),
         names: read_entries(&names)?,
+        // The views show a frontend's restriction by its header flag.
+        source_ranges: Default::default(),
     })
 }
 
@@ -334,6 +336,7 @@ mod test_support {
                     when_empty: EmptyFrontend::Reject,
                     session_affinity: None,
                     serving_addrs: Vec::new(),
+                    source_ranges: Vec::new(),
                 },
             );
         }

@@ -209,6 +209,7 @@ impl Tracer {
             map_names::AFFINITY,
             map_names::AFFINITY_MATCH,
             map_names::SVC_NAMES,
+            map_names::SOURCE_RANGES,
         ] {
             open_pinned(root, name)?;
         }
@@ -417,6 +418,9 @@ fn explanation(path: u32) -> &'static str {
             "the selected slot names no backend (the daemon is mid-update): dropped"
         }
         stat::NOT_HANDLED => "not IPv4 TCP/UDP, or a fragment: passes untouched",
+        stat::SOURCE_RANGE_DENIED => {
+            "the client is outside the frontend's loadBalancerSourceRanges: dropped"
+        }
         _ => "rewriting the packet failed: dropped",
     }
 }
