@@ -74,8 +74,9 @@ struct Daemon {
     /// The healthCheckNodePort servers of Services with externalTrafficPolicy Local.
     service_health: ServiceHealthServers,
     metrics: Metrics,
-    /// The model of the last sync, to count what each sync changed.
-    synced_model: Model,
+    /// EndpointSlice trigger times of changes not yet programmed (network programming
+    /// latency is observed once the datapath reflects them).
+    pending_trigger_times: Vec<chrono::DateTime<chrono::Utc>>,
     /// When the oldest change not yet synced arrived (network programming latency).
     first_pending_change: Option<SystemTime>,
 }
@@ -135,7 +136,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         service_health: ServiceHealthServers::new(health.clone()),
         health,
         metrics,
-        synced_model: Model::default(),
+        pending_trigger_times: Vec::new(),
         first_pending_change: None,
     };
     info!(
@@ -304,7 +305,8 @@ impl Daemon {
     /// pending, so a datapath that stays behind turns the daemon unhealthy.
     fn record_sync(&mut self, report: &crate::writer::ApplyReport, started: Instant) {
         let now = SystemTime::now();
-        let changes = self.model.changes_since(&self.synced_model);
+        let changes = self.model.take_changes();
+        self.pending_trigger_times.extend(changes.trigger_times);
         self.metrics.service_changes.inc_by(changes.services);
         self.metrics
             .endpoint_changes
@@ -325,9 +327,9 @@ impl Daemon {
         }
         // Programming latency from the EndpointSlice controller's trigger time when the
         // slices carry one (a cluster), else from when the change reached us.
-        let mut starts: Vec<SystemTime> = changes
-            .trigger_times
-            .into_iter()
+        let mut starts: Vec<SystemTime> = self
+            .pending_trigger_times
+            .drain(..)
             .map(SystemTime::from)
             .collect();
         if starts.is_empty() {
@@ -340,7 +342,6 @@ impl Daemon {
                 .observe(latency.as_secs_f64());
         }
         self.first_pending_change = None;
-        self.synced_model = self.model.clone();
         let since_epoch = now
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default();
@@ -456,7 +457,7 @@ impl PolledManifests {
             self.fingerprint = Some(now);
             match self.source.reload() {
                 Ok(reload) => {
-                    *model = reload.model;
+                    model.replace_with(reload.model);
                     for problem in &reload.problems {
                         warn!(%problem, "manifest skipped");
                     }

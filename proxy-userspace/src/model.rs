@@ -72,17 +72,28 @@ pub struct Model {
     slices_by_service: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
     /// The labels of the Node this daemon runs on; empty while no source knows them.
     node_labels: BTreeMap<String, String>,
+    /// What the mutations changed since the last [`take_changes`](Self::take_changes):
+    /// counted here, where old and new are both at hand, so nobody keeps a copy to diff.
+    changes: ModelChanges,
 }
 
 impl Model {
     /// Adds or replaces a Service; returns the one it replaced.
     pub fn insert_service(&mut self, service: Service) -> Result<Option<Service>, ModelError> {
         let key = ObjectKey::from_metadata(&service.metadata).ok_or(ModelError::MissingName)?;
-        Ok(self.services.insert(key, service))
+        let replaced = self.services.insert(key.clone(), service);
+        if replaced.as_ref() != self.services.get(&key) {
+            self.changes.services += 1;
+        }
+        Ok(replaced)
     }
 
     pub fn remove_service(&mut self, key: &ObjectKey) -> Option<Service> {
-        self.services.remove(key)
+        let removed = self.services.remove(key);
+        if removed.is_some() {
+            self.changes.services += 1;
+        }
+        removed
     }
 
     /// Replaces all Services (a watcher's relist). Objects that can't enter are skipped and
@@ -91,11 +102,14 @@ impl Model {
         &mut self,
         services: impl IntoIterator<Item = Service>,
     ) -> Vec<ModelError> {
-        self.services.clear();
-        services
+        let before = std::mem::take(&mut self.services);
+        let counted = self.changes.services;
+        let errors = services
             .into_iter()
             .filter_map(|service| self.insert_service(service).err())
-            .collect()
+            .collect();
+        self.changes.services = counted + changed_keys(&before, &self.services);
+        errors
     }
 
     /// Adds or replaces an EndpointSlice; returns the one it replaced. A slice must name its
@@ -107,7 +121,11 @@ impl Model {
         let key = ObjectKey::from_metadata(&slice.metadata).ok_or(ModelError::MissingName)?;
         let service = service_of_slice(&key, &slice)
             .ok_or_else(|| ModelError::MissingServiceNameLabel { slice: key.clone() })?;
-        let replaced = self.remove_endpoint_slice(&key);
+        let replaced = self.unlink_endpoint_slice(&key);
+        if replaced.as_ref() != Some(&slice) {
+            self.changes.endpoint_slices += 1;
+            self.changes.trigger_times.extend(trigger_time(&slice));
+        }
         self.slices_by_service
             .entry(service)
             .or_default()
@@ -117,6 +135,15 @@ impl Model {
     }
 
     pub fn remove_endpoint_slice(&mut self, key: &ObjectKey) -> Option<EndpointSlice> {
+        let removed = self.unlink_endpoint_slice(key);
+        if removed.is_some() {
+            self.changes.endpoint_slices += 1;
+        }
+        removed
+    }
+
+    /// Takes a slice out of both indexes without counting a change.
+    fn unlink_endpoint_slice(&mut self, key: &ObjectKey) -> Option<EndpointSlice> {
         let slice = self.endpoint_slices.remove(key)?;
         if let Some(service) = service_of_slice(key, &slice)
             && let Some(slices) = self.slices_by_service.get_mut(&service)
@@ -135,12 +162,24 @@ impl Model {
         &mut self,
         slices: impl IntoIterator<Item = EndpointSlice>,
     ) -> Vec<ModelError> {
-        self.endpoint_slices.clear();
+        let before = std::mem::take(&mut self.endpoint_slices);
         self.slices_by_service.clear();
-        slices
+        // Against an emptied index every insert looks new: count against `before` instead.
+        let counted = std::mem::take(&mut self.changes);
+        let errors = slices
             .into_iter()
             .filter_map(|slice| self.insert_endpoint_slice(slice).err())
-            .collect()
+            .collect();
+        let mut changes = counted;
+        changes.endpoint_slices += changed_keys(&before, &self.endpoint_slices);
+        changes.trigger_times.extend(
+            self.endpoint_slices
+                .iter()
+                .filter(|(key, slice)| before.get(*key) != Some(*slice))
+                .filter_map(|(_, slice)| trigger_time(slice)),
+        );
+        self.changes = changes;
+        errors
     }
 
     /// All Services, ordered by `namespace/name`.
@@ -198,7 +237,7 @@ fn service_of_slice(key: &ObjectKey, slice: &EndpointSlice) -> Option<ObjectKey>
 pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 /// What changed between two models, for kube-proxy's change counters and latency metric.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ModelChanges {
     /// Services added, changed or removed.
     pub services: u64,
@@ -209,8 +248,24 @@ pub struct ModelChanges {
 }
 
 impl Model {
+    /// What the mutations changed since the last call.
+    pub fn take_changes(&mut self) -> ModelChanges {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// Becomes `next` (a freshly read model), recording what that changes.
+    pub fn replace_with(&mut self, next: Model) {
+        let mut changes = std::mem::take(&mut self.changes);
+        let difference = next.changes_since(self);
+        changes.services += difference.services;
+        changes.endpoint_slices += difference.endpoint_slices;
+        changes.trigger_times.extend(difference.trigger_times);
+        *self = next;
+        self.changes = changes;
+    }
+
     /// Counts what differs from `earlier`.
-    pub fn changes_since(&self, earlier: &Model) -> ModelChanges {
+    fn changes_since(&self, earlier: &Model) -> ModelChanges {
         let mut changes = ModelChanges {
             services: changed_keys(&earlier.services, &self.services),
             endpoint_slices: changed_keys(&earlier.endpoint_slices, &self.endpoint_slices),
@@ -220,18 +275,21 @@ impl Model {
             if earlier.endpoint_slices.get(key) == Some(slice) {
                 continue;
             }
-            let trigger = slice
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|annotations| annotations.get(LAST_CHANGE_TRIGGER_TIME))
-                .and_then(|time| chrono::DateTime::parse_from_rfc3339(time).ok());
-            if let Some(time) = trigger {
-                changes.trigger_times.push(time.with_timezone(&chrono::Utc));
-            }
+            changes.trigger_times.extend(trigger_time(slice));
         }
         changes
     }
+}
+
+/// The slice's [`LAST_CHANGE_TRIGGER_TIME`], if it has a valid one.
+fn trigger_time(slice: &EndpointSlice) -> Option<chrono::DateTime<chrono::Utc>> {
+    let time = slice
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(LAST_CHANGE_TRIGGER_TIME)?;
+    let time = chrono::DateTime::parse_from_rfc3339(time).ok()?;
+    Some(time.with_timezone(&chrono::Utc))
 }
 
 fn changed_keys<V: PartialEq>(
@@ -404,10 +462,32 @@ mod tests {
         after.remove_endpoint_slice(&ObjectKey::new("default", "b"));
         after.insert_endpoint_slice(slice("c", None, 80)).unwrap();
 
-        let changes = after.changes_since(&before);
+        // Counted by the mutations themselves…
+        before.take_changes();
+        let changes = after.take_changes();
+        assert_eq!(
+            changes.endpoint_slices, 5,
+            "a, b and c inserted, then a changed, b removed, c added"
+        );
+        assert_eq!(changes.trigger_times.len(), 1);
+        assert_eq!(after.take_changes(), ModelChanges::default(), "taken");
+
+        // …by a relist, against what was there before (unchanged slices don't count)…
+        let mut relisted = before.clone();
+        relisted.replace_endpoint_slices([
+            slice("a", Some("2026-11-22T03:00:00Z"), 81),
+            slice("b", None, 80),
+        ]);
+        let changes = relisted.take_changes();
+        assert_eq!(changes.endpoint_slices, 1, "only a changed");
+        assert_eq!(changes.trigger_times.len(), 1);
+
+        // …and by replacing a whole model (a manifests reload).
+        let mut reloaded = before.clone();
+        reloaded.replace_with(after.clone());
+        let changes = reloaded.take_changes();
         assert_eq!(changes.endpoint_slices, 3, "a changed, b removed, c added");
         assert_eq!(changes.services, 0);
         assert_eq!(changes.trigger_times.len(), 1);
-        assert_eq!(after.changes_since(&after), ModelChanges::default());
     }
 }
