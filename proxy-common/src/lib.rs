@@ -174,6 +174,13 @@ pub mod ct_flags {
     /// (kube-proxy masquerades these), and the REPLY entry is keyed by that address:
     /// backend → frontend address : client port.
     pub const HAIRPIN: u16 = 1 << 2;
+    /// SNAT: the flow came in on an external device for a backend reached through that same
+    /// device (a backend on another node), so its source was rewritten to the node address
+    /// the route to the backend uses, with a port from the SNAT range (kube-proxy's
+    /// MASQUERADE), and the backend's replies come back through this node. FORWARD:
+    /// `snat_addr:snat_port` is that new source. REPLY (keyed backend → node address : SNAT
+    /// port): `snat_addr:snat_port` is the client to restore as destination.
+    pub const SNAT: u16 = 1 << 3;
 }
 
 /// Value of the CONNTRACK map.
@@ -194,6 +201,11 @@ pub struct CtValue {
     pub last_seen_ns: u64,
     pub packets: u64,
     pub bytes: u64,
+    /// Only with `ct_flags::SNAT`: FORWARD, the source the flow's packets get (node address
+    /// and SNAT port); REPLY, the client to restore as destination. Network byte order.
+    pub snat_addr: u32,
+    pub snat_port: u16,
+    pub _pad: u16,
 }
 
 /// Key of the AFFINITY map: a client of an affinity frontend.
@@ -281,8 +293,11 @@ pub mod stat {
     /// A new connection to a frontend with `loadBalancerSourceRanges` came from outside
     /// them and was dropped.
     pub const SOURCE_RANGE_DENIED: u32 = 13;
+    /// A new flow to a backend on another node needed SNAT and found no free port in the
+    /// SNAT range for its backend after a few random tries: the packet was dropped.
+    pub const SNAT_FAILED: u32 = 14;
     /// Number of counters (size of the STATS array).
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
 
     /// Stable names, indexed like the constants above (used by logs, metrics and the CLI).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -300,6 +315,7 @@ pub mod stat {
         "rejected",
         "affinity",
         "source_range_denied",
+        "snat_failed",
     ];
 }
 
@@ -421,6 +437,14 @@ pub struct TraceRecord {
 }
 
 /// Default map sizes compiled into the object; the daemon can override them at load time.
+/// The default SNAT source-port range (inclusive), host order: above the NodePort range
+/// (30000-32767) and above Linux's default `ip_local_port_range` (32768-60999), so an SNAT
+/// port never meets a NodePort nor a socket of the node's own. `--snat-port-range` changes it.
+pub const SNAT_PORT_RANGE: (u16, u16) = (61000, 65535);
+/// Names of the program's load-time globals holding the SNAT range (u16, host order).
+pub const SNAT_PORT_MIN_GLOBAL: &str = "SNAT_PORT_MIN";
+pub const SNAT_PORT_MAX_GLOBAL: &str = "SNAT_PORT_MAX";
+
 pub mod default_max_entries {
     pub const SERVICES: u32 = 262_144;
     pub const BACKENDS: u32 = 131_072;

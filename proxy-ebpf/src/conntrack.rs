@@ -7,10 +7,14 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use aya_ebpf::{bindings::BPF_ANY, macros::map, maps::LruHashMap};
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    macros::map,
+    maps::LruHashMap,
+};
 use proxy_common::{Backend, CtKey, CtValue, ct_dir, ct_flags, default_max_entries, service_flags};
 
-use crate::{lookup::Frontend, parse::Packet};
+use crate::{lookup::Frontend, parse::Packet, snat};
 
 /// Named like `proxy_common::map_names::CONNTRACK`; pinned so the daemon can list and
 /// garbage-collect it. LRU: when full, the least recently used flows are evicted
@@ -53,6 +57,17 @@ impl Flow {
     pub fn is_hairpin(&self) -> bool {
         // SAFETY: as in `nat_target`.
         unsafe { (*self.entry).flags & ct_flags::HAIRPIN != 0 }
+    }
+
+    /// The flow is SNATed (see `ct_flags::SNAT`): FORWARD, the new source; REPLY, the
+    /// client to restore as destination.
+    #[inline(always)]
+    pub fn snat(&self) -> Option<(u32, u16)> {
+        // SAFETY: as in `nat_target`.
+        unsafe {
+            ((*self.entry).flags & ct_flags::SNAT != 0)
+                .then(|| ((*self.entry).snat_addr, (*self.entry).snat_port))
+        }
     }
 
     #[inline(always)]
@@ -115,13 +130,23 @@ fn packet_key(packet: &Packet, dir: u8) -> CtKey {
     }
 }
 
-/// The entries were not (both) written: the map update failed.
-pub struct CreateFailed;
+/// What [`create`] wrote.
+pub struct Created {
+    /// The SNAT source (node address, port; wire order) the flow got, if it needed SNAT.
+    pub snat: Option<(u32, u16)>,
+    /// Both entries were written (else a map update failed: `stat::CT_CREATE_FAILED`).
+    pub complete: bool,
+}
+
+/// A flow needing SNAT found no free port in the range: `stat::SNAT_FAILED`.
+pub struct NoSnatPort;
 
 /// Records a new flow of `packet` to `frontend`, translated to `backend`: the FORWARD
 /// entry (this packet, already accounted) and the REPLY entry the backend's answers hit.
 /// Existing entries for the same tuples (a reused port) are replaced. A client that is its
-/// own backend gets hairpin entries (see `ct_flags::HAIRPIN`).
+/// own backend gets hairpin entries (see `ct_flags::HAIRPIN`). With `snat_addr` (a backend
+/// on another node) the flow gets a port of the SNAT range: random tries, each claiming the
+/// REPLY tuple backend → `snat_addr`:port with BPF_NOEXIST, so no two flows share one.
 #[inline(always)]
 pub fn create(
     packet: &Packet,
@@ -130,7 +155,8 @@ pub fn create(
     frontend: &Frontend,
     backend_id: u32,
     backend: &Backend,
-) -> Result<(), CreateFailed> {
+    snat_addr: Option<u32>,
+) -> Result<Created, NoSnatPort> {
     let hairpin = is_hairpin(packet, backend);
     let hairpin_flag = if hairpin { ct_flags::HAIRPIN } else { 0 };
     let local_frontend = if frontend.header.flags & service_flags::NODE_PORT != 0 {
@@ -144,7 +170,7 @@ pub fn create(
     } else {
         0
     };
-    let forward = CtValue {
+    let mut forward = CtValue {
         nat_addr: backend.addr,
         nat_port: backend.port,
         rev_nat_id: frontend.header.rev_nat_id,
@@ -154,8 +180,11 @@ pub fn create(
         last_seen_ns: now_ns,
         packets: 1,
         bytes: u64::from(len),
+        snat_addr: 0,
+        snat_port: 0,
+        _pad: 0,
     };
-    let reply_key = CtKey {
+    let mut reply_key = CtKey {
         src_addr: backend.addr,
         // Hairpin replies are addressed to the frontend address the source became.
         dst_addr: if hairpin {
@@ -169,7 +198,7 @@ pub fn create(
         dir: ct_dir::REPLY,
         _pad: 0,
     };
-    let reply = CtValue {
+    let mut reply = CtValue {
         nat_addr: packet.dst_addr,
         nat_port: packet.dst_port,
         flags: local_frontend | hairpin_flag,
@@ -177,10 +206,42 @@ pub fn create(
         bytes: 0,
         ..forward
     };
-    let forward_written =
-        CONNTRACK.insert(packet_key(packet, ct_dir::FORWARD), forward, BPF_ANY.into());
-    let reply_written = CONNTRACK.insert(reply_key, reply, BPF_ANY.into());
-    forward_written.and(reply_written).map_err(|_| CreateFailed)
+    let mut snat = None;
+    let reply_written = if let Some(snat_addr) = snat_addr {
+        // Both directions leave with a node address as source: the program routes them.
+        forward.flags = ct_flags::SNAT | ct_flags::LOCAL_FRONTEND;
+        reply.flags = ct_flags::SNAT | ct_flags::LOCAL_FRONTEND;
+        reply.snat_addr = packet.src_addr;
+        reply.snat_port = packet.src_port;
+        reply_key.dst_addr = snat_addr;
+        let start = snat::random_start();
+        for attempt in 0..snat::PORT_TRIES {
+            let port = snat::port(start, attempt);
+            reply_key.dst_port = port;
+            if CONNTRACK
+                .insert(reply_key, reply, BPF_NOEXIST.into())
+                .is_ok()
+            {
+                snat = Some((snat_addr, port));
+                break;
+            }
+        }
+        let Some((_, port)) = snat else {
+            return Err(NoSnatPort);
+        };
+        forward.snat_addr = snat_addr;
+        forward.snat_port = port;
+        true
+    } else {
+        CONNTRACK.insert(reply_key, reply, BPF_ANY.into()).is_ok()
+    };
+    let forward_written = CONNTRACK
+        .insert(packet_key(packet, ct_dir::FORWARD), forward, BPF_ANY.into())
+        .is_ok();
+    Ok(Created {
+        snat,
+        complete: forward_written && reply_written,
+    })
 }
 
 /// The client is the backend chosen for it: a pod reaching itself through a Service.

@@ -24,6 +24,7 @@ mod parse;
 mod reject;
 mod route;
 mod select;
+mod snat;
 mod source_ranges;
 mod stats;
 
@@ -79,18 +80,22 @@ fn balance<M: Mode>(ctx: &TcContext, mode: &M) -> i32 {
         }
         let (addr, port) = flow.nat_target();
         let hairpin = flow.is_hairpin();
+        let snat = flow.snat();
         let rewrite = nat::to_frontend(ctx, &packet, addr, port).and_then(|()| {
             if hairpin {
                 nat::hairpin_destination(ctx, &packet)
+            } else if let Some((client_addr, client_port)) = snat {
+                nat::snat_destination(ctx, &packet, client_addr, client_port)
             } else {
                 Ok(())
             }
         });
-        // A hairpin reply goes back to the backend itself, now its client.
-        let client = if hairpin {
-            packet.src_addr
-        } else {
-            packet.dst_addr
+        // A hairpin reply goes back to the backend itself, now its client; an SNAT reply
+        // to the client the REPLY entry remembers.
+        let client = match snat {
+            Some((client_addr, _)) => client_addr,
+            None if hairpin => packet.src_addr,
+            None => packet.dst_addr,
         };
         let verdict = verdict(mode, rewrite, stat::REPLY);
         return send_on(
@@ -112,12 +117,13 @@ fn balance<M: Mode>(ctx: &TcContext, mode: &M) -> i32 {
                 flow.record(&packet, ctx.len(), now_ns);
             }
             let (addr, port) = flow.nat_target();
+            let snat = flow.snat();
             let verdict = verdict(
                 mode,
-                to_backend(ctx, &packet, addr, port, flow.is_hairpin()),
+                to_backend(ctx, &packet, addr, port, flow.is_hairpin(), snat),
                 stat::CT_HIT,
             );
-            let source = (packet.dst_addr, packet.src_port);
+            let source = snat.unwrap_or((packet.dst_addr, packet.src_port));
             return send_on(
                 ctx,
                 mode,
@@ -175,23 +181,50 @@ fn new_flow<M: Mode>(ctx: &TcContext, mode: &M, packet: &Packet, now_ns: u64) ->
             (backend_id, backend)
         }
     };
-    if !M::DRY_RUN {
+    let hairpin = conntrack::is_hairpin(packet, &backend);
+    // Outside traffic (not to a ClusterIP) for a backend on another node: SNAT.
+    let snat_addr = if !hairpin && frontend.header.flags & service_flags::CLUSTER_IP == 0 {
+        snat::source_for(ctx, packet, &backend)
+    } else {
+        None
+    };
+    let snat = if M::DRY_RUN {
+        // Nothing is claimed in a dry run: a port of the range is shown.
+        snat_addr.map(|addr| (addr, snat::port(snat::random_start(), 0)))
+    } else {
         if has_affinity {
             affinity::remember(packet, &frontend, backend_id, now_ns);
         }
-        if conntrack::create(packet, ctx.len(), now_ns, &frontend, backend_id, &backend).is_err() {
-            mode.count(stat::CT_CREATE_FAILED);
+        match conntrack::create(
+            packet,
+            ctx.len(),
+            now_ns,
+            &frontend,
+            backend_id,
+            &backend,
+            snat_addr,
+        ) {
+            Ok(created) => {
+                if !created.complete {
+                    mode.count(stat::CT_CREATE_FAILED);
+                }
+                created.snat
+            }
+            Err(conntrack::NoSnatPort) => {
+                mode.count(stat::SNAT_FAILED);
+                return DROP;
+            }
         }
-    }
-    let hairpin = conntrack::is_hairpin(packet, &backend);
+    };
     let verdict = verdict(
         mode,
-        to_backend(ctx, packet, backend.addr, backend.port, hairpin),
+        to_backend(ctx, packet, backend.addr, backend.port, hairpin, snat),
         stat::NEW_FLOW,
     );
-    // Hairpin through a NodePort: the source became the node's own address.
-    let routes_itself = hairpin && frontend.header.flags & service_flags::NODE_PORT != 0;
-    let source = (packet.dst_addr, packet.src_port);
+    // Hairpin through a NodePort, or SNAT: the source became the node's own address.
+    let routes_itself =
+        snat.is_some() || (hairpin && frontend.header.flags & service_flags::NODE_PORT != 0);
+    let source = snat.unwrap_or((packet.dst_addr, packet.src_port));
     send_on(
         ctx,
         mode,
@@ -228,7 +261,8 @@ fn send_on<M: Mode>(
     route::redirect(ctx, packet, src_addr, src_port, destination)
 }
 
-/// DNAT to the backend, and for a hairpin flow also the source to the frontend address.
+/// DNAT to the backend, and for a hairpin flow also the source to the frontend address,
+/// for an SNAT flow the source to `snat` (node address, port).
 #[inline(always)]
 fn to_backend(
     ctx: &TcContext,
@@ -236,10 +270,14 @@ fn to_backend(
     addr: u32,
     port: u16,
     hairpin: bool,
+    snat: Option<(u32, u16)>,
 ) -> Result<(), c_long> {
     nat::to_backend(ctx, packet, addr, port)?;
     if hairpin {
         nat::hairpin_source(ctx, packet)?;
+    }
+    if let Some((snat_addr, snat_port)) = snat {
+        nat::snat_source(ctx, packet, snat_addr, snat_port)?;
     }
     Ok(())
 }

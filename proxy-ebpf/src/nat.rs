@@ -87,6 +87,25 @@ pub fn hairpin_destination(ctx: &TcContext, packet: &Packet) -> Result<(), c_lon
     )
 }
 
+/// SNAT, towards the backend: the source becomes `addr:port` (node address, SNAT port;
+/// wire order). Run after [`to_backend`].
+#[inline(always)]
+pub fn snat_source(ctx: &TcContext, packet: &Packet, addr: u32, port: u16) -> Result<(), c_long> {
+    to_frontend(ctx, packet, addr, port)
+}
+
+/// SNAT, the reply: the destination (node address, SNAT port) goes back to the client
+/// `addr:port` (wire order). Run after [`to_frontend`].
+#[inline(always)]
+pub fn snat_destination(
+    ctx: &TcContext,
+    packet: &Packet,
+    addr: u32,
+    port: u16,
+) -> Result<(), c_long> {
+    to_backend(ctx, packet, addr, port)
+}
+
 /// Stores `to` over the address `from` at `offset` and fixes the checksums.
 #[inline(always)]
 fn rewrite_addr(

@@ -46,18 +46,26 @@ impl Default for CtTimeouts {
 }
 
 /// The reply entry that belongs to a forward entry: addressed to the client, or for a
-/// hairpin flow to the frontend address its source became (`ct_flags::HAIRPIN`).
+/// hairpin flow to the frontend address its source became (`ct_flags::HAIRPIN`), or for an
+/// SNAT flow to the node address and SNAT port its source became (`ct_flags::SNAT`).
 pub fn reply_key(forward: &CtKey, value: &CtValue) -> CtKey {
     let hairpin = value.flags & ct_flags::HAIRPIN != 0;
+    let snat = value.flags & ct_flags::SNAT != 0;
     CtKey {
         src_addr: value.nat_addr,
-        dst_addr: if hairpin {
+        dst_addr: if snat {
+            value.snat_addr
+        } else if hairpin {
             forward.dst_addr
         } else {
             forward.src_addr
         },
         src_port: value.nat_port,
-        dst_port: forward.src_port,
+        dst_port: if snat {
+            value.snat_port
+        } else {
+            forward.src_port
+        },
         proto: forward.proto,
         dir: ct_dir::REPLY,
         _pad: 0,
@@ -297,6 +305,23 @@ mod tests {
         assert_eq!(
             (reply.dst_addr, reply.dst_port),
             (key.dst_addr, key.src_port)
+        );
+    }
+
+    #[test]
+    fn reply_key_of_an_snat_flow_is_addressed_to_the_node_address_and_port() {
+        let (key, mut value) = flow(proto::TCP, 40000);
+        value.flags = ct_flags::SNAT | ct_flags::LOCAL_FRONTEND;
+        value.snat_addr = u32::from_ne_bytes([198, 18, 0, 1]);
+        value.snat_port = 61000u16.to_be();
+        let reply = reply_key(&key, &value);
+        assert_eq!(
+            (reply.src_addr, reply.src_port),
+            (value.nat_addr, value.nat_port)
+        );
+        assert_eq!(
+            (reply.dst_addr, reply.dst_port),
+            (value.snat_addr, value.snat_port)
         );
     }
 

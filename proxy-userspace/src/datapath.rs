@@ -22,8 +22,8 @@ use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::{
-    AffinityMatchKey, Backend, CtKey, CtValue, PROGRAM_NAME, ServiceKey, ServiceName, ServiceValue,
-    SourceRange, map_names,
+    AffinityMatchKey, Backend, CtKey, CtValue, PROGRAM_NAME, SNAT_PORT_MAX_GLOBAL,
+    SNAT_PORT_MIN_GLOBAL, ServiceKey, ServiceName, ServiceValue, SourceRange, map_names,
 };
 
 use crate::netlink::Device;
@@ -31,12 +31,57 @@ use crate::netlink::Device;
 /// Where the daemon pins, and the CLI looks, unless told otherwise (`--bpffs-root`).
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/ebpf-proxy";
 
-/// Map sizes (entries); the defaults are compiled into the object.
+/// Map sizes (entries) and the SNAT port range: the load-time settings of the object,
+/// whose defaults are compiled into it.
 #[derive(Clone, Copy, Debug)]
 pub struct MapSizes {
     pub services: u32,
     pub backends: u32,
     pub conntrack: u32,
+    /// Source ports (inclusive, host order) for SNAT to backends on other nodes.
+    pub snat_ports: SnatPortRange,
+}
+
+/// An inclusive port range, `min <= max` (`--snat-port-range MIN-MAX`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnatPortRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl Default for SnatPortRange {
+    fn default() -> Self {
+        let (min, max) = proxy_common::SNAT_PORT_RANGE;
+        Self { min, max }
+    }
+}
+
+impl std::fmt::Display for SnatPortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.min, self.max)
+    }
+}
+
+impl std::str::FromStr for SnatPortRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (min, max) = s
+            .split_once('-')
+            .ok_or_else(|| format!("{s:?} is not a port range MIN-MAX"))?;
+        let parse = |port: &str| {
+            port.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|&port| port != 0)
+                .ok_or_else(|| format!("{port:?} is not a port (1-65535)"))
+        };
+        let (min, max) = (parse(min)?, parse(max)?);
+        if min > max {
+            return Err(format!("{s:?}: the first port is above the last"));
+        }
+        Ok(Self { min, max })
+    }
 }
 
 impl Default for MapSizes {
@@ -46,6 +91,7 @@ impl Default for MapSizes {
             services: max::SERVICES,
             backends: max::BACKENDS,
             conntrack: max::CONNTRACK,
+            snat_ports: SnatPortRange::default(),
         }
     }
 }
@@ -83,6 +129,8 @@ impl Datapath {
             .map_max_entries(map_names::SVC_NAMES, sizes.services)
             // One entry per backend of an affinity frontend: bounded by SERVICES too.
             .map_max_entries(map_names::AFFINITY_MATCH, sizes.services)
+            .override_global(SNAT_PORT_MIN_GLOBAL, &sizes.snat_ports.min, true)
+            .override_global(SNAT_PORT_MAX_GLOBAL, &sizes.snat_ports.max, true)
             .load(crate::EBPF_OBJECT)
             .with_context(|| {
                 format!(
@@ -218,4 +266,24 @@ fn nix_statfs(path: &Path) -> Result<i64> {
     }
     #[allow(clippy::unnecessary_cast)]
     Ok(stat.f_type as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SnatPortRange;
+
+    #[test]
+    fn snat_port_ranges_parse_and_reject_what_is_not_one() {
+        assert_eq!(
+            "32768-60999".parse(),
+            Ok(SnatPortRange {
+                min: 32768,
+                max: 60999
+            })
+        );
+        assert_eq!(SnatPortRange::default().to_string(), "61000-65535");
+        for bad in ["61000", "0-10", "10-5", "1-70000", "a-b"] {
+            assert!(bad.parse::<SnatPortRange>().is_err(), "{bad}");
+        }
+    }
 }

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use ipnet::Ipv4Net;
 use proxy_userspace::conntrack::CtTimeouts;
 use proxy_userspace::daemon::{self, DaemonConfig, SourceConfig};
-use proxy_userspace::datapath::{DEFAULT_BPFFS_ROOT, MapSizes};
+use proxy_userspace::datapath::{DEFAULT_BPFFS_ROOT, MapSizes, SnatPortRange};
 use proxy_userspace::inspect;
 use proxy_userspace::netlink::DevicePolicy;
 use proxy_userspace::source::kubernetes::ApiServer;
@@ -95,6 +95,10 @@ struct DaemonArgs {
     /// CONNTRACK map size (two entries per flow; the oldest are evicted when full).
     #[arg(long, default_value_t = MapSizes::default().conntrack)]
     max_conntrack: u32,
+    /// Source ports (MIN-MAX) for SNAT of outside traffic to backends on other nodes. The
+    /// default lies above the NodePort range and Linux's default ip_local_port_range.
+    #[arg(long, default_value_t = SnatPortRange::default())]
+    snat_port_range: SnatPortRange,
     /// Idle timeout of established TCP flows, in seconds (kube-proxy's
     /// --conntrack-tcp-timeout-established).
     #[arg(long, default_value_t = CtTimeouts::default().tcp_established.as_secs())]
@@ -157,6 +161,7 @@ impl DaemonArgs {
                 services: self.max_services,
                 backends: self.max_backends,
                 conntrack: self.max_conntrack,
+                snat_ports: self.snat_port_range,
             },
             ct_timeouts: CtTimeouts {
                 tcp_established: Duration::from_secs(self.conntrack_tcp_established_seconds),

@@ -27,7 +27,8 @@ use etherparse::{
 };
 use proxy_common::{
     AffinityKey, AffinityMatchKey, AffinityValue, Backend, CtKey, CtValue, PROGRAM_NAME,
-    ServiceKey, ServiceValue, SourceRange, ct_dir, ct_flags, map_names, proto, service_flags, stat,
+    SNAT_PORT_MAX_GLOBAL, SNAT_PORT_MIN_GLOBAL, ServiceKey, ServiceValue, SourceRange, ct_dir,
+    ct_flags, map_names, proto, service_flags, stat,
 };
 use proxy_lab::PrivateBpffs;
 use proxy_userspace::inspect::trace::{TracePacket, Tracer};
@@ -98,6 +99,8 @@ const BACKEND_3: SocketAddrV4 = addr([198, 18, 1, 12], 8080);
 /// A destination that is no frontend.
 const OTHER: SocketAddrV4 = addr([198, 18, 5, 5], 80);
 const REV_NAT_ID: u32 = 7;
+/// The SNAT range the tests load: two ports, so a third flow to one backend finds none.
+const SNAT_PORTS: (u16, u16) = (61_000, 61_001);
 
 const fn addr(ip: [u8; 4], port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(std::net::Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]), port)
@@ -140,6 +143,8 @@ impl Datapath {
         let bpffs = PrivateBpffs::mount("testrun").expect("mounting a private bpffs");
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(bpffs.path())
+            .override_global(SNAT_PORT_MIN_GLOBAL, &SNAT_PORTS.0, true)
+            .override_global(SNAT_PORT_MAX_GLOBAL, &SNAT_PORTS.1, true)
             .load(proxy_userspace::EBPF_OBJECT)
             .unwrap_or_else(|e| panic!("loading the eBPF object: {e:?}"));
         let program: &mut SchedClassifier = ebpf
@@ -345,6 +350,7 @@ struct Frame {
     more_fragments: bool,
     fragment_offset: u16,
     payload: &'static [u8],
+    ttl: u8,
 }
 
 impl Frame {
@@ -357,6 +363,15 @@ impl Frame {
             more_fragments: false,
             fragment_offset: 0,
             payload: PAYLOAD,
+            ttl: 64,
+        }
+    }
+
+    /// The frame after one routing hop (TTL decremented), as the program forwards it.
+    fn routed(self) -> Self {
+        Self {
+            ttl: self.ttl - 1,
+            ..self
         }
     }
 
@@ -368,7 +383,7 @@ impl Frame {
     fn build(&self) -> Vec<u8> {
         let mut ip = Ipv4Header::new(
             0,
-            64,
+            self.ttl,
             IpNumber::TCP,
             self.src.ip().octets(),
             self.dst.ip().octets(),
@@ -545,6 +560,9 @@ fn new_tcp_flow_is_dnated_to_the_backend_and_tracked() {
             last_seen_ns: forward.created_ns,
             packets: 1,
             bytes: syn.build().len() as u64,
+            snat_addr: 0,
+            snat_port: 0,
+            _pad: 0,
         }
     );
     let reply = datapath.conntrack_entry(ct_key(BACKEND_1, CLIENT, proto::TCP, ct_dir::REPLY));
@@ -576,6 +594,171 @@ fn backend_reply_gets_the_frontend_as_source() {
     let reply = datapath.conntrack_entry(ct_key(BACKEND_1, CLIENT, proto::TCP, ct_dir::REPLY));
     assert_eq!(reply.packets, 1);
     assert_eq!(reply.bytes, syn_ack.build().len() as u64);
+}
+
+/// Runs `test` on a thread in a fresh network namespace where this node holds `NODE` and
+/// reaches the backends and clients through `lo`, the device test runs see packets arrive
+/// on: so backends look like pods of another node, reached through the arrival device.
+fn on_a_node_with_remote_backends(test: impl FnOnce() + Send) {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: affects only this thread, which ends with the test.
+                assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+                for args in [
+                    &["link", "set", "lo", "up"][..],
+                    &["addr", "add", "198.18.0.1/32", "dev", "lo"],
+                    &[
+                        "route",
+                        "add",
+                        "198.18.0.0/16",
+                        "dev",
+                        "lo",
+                        "src",
+                        "198.18.0.1",
+                    ],
+                ] {
+                    let status = std::process::Command::new("ip")
+                        .args(args)
+                        .status()
+                        .unwrap();
+                    assert!(status.success(), "ip {args:?}");
+                }
+                // /proc/sys/net shows the namespace of the thread that opens it.
+                std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
+                test();
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    });
+}
+
+/// A NodePort of the node address set up by [`on_a_node_with_remote_backends`].
+const NODE_PORT: SocketAddrV4 = addr([198, 18, 0, 1], 30_080);
+
+/// Runs `frame` and asserts the program forwarded it itself (FIB + redirect), as `expected`
+/// one hop later, byte for byte.
+fn assert_routed(datapath: &Datapath, frame: Frame, expected: Frame) {
+    let (verdict, out) = datapath.run(&frame.build());
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out, expected.routed().build(), "{out:02x?}");
+}
+
+#[test]
+fn remote_backend_gets_the_node_address_and_an_snat_port_and_replies_are_reversed() {
+    if !bpf_available() {
+        return;
+    }
+    on_a_node_with_remote_backends(|| {
+        let mut datapath = Datapath::load().unwrap();
+        let flags = service_flags::NODE_PORT;
+        datapath.add_service_with(
+            frontend(NODE_PORT, proto::TCP),
+            &[backend(BACKEND_1, proto::TCP)],
+            flags,
+            0,
+        );
+        let syn = Frame::new(CLIENT, NODE_PORT, SYN);
+        let (verdict, out) = datapath.run(&syn.build());
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let port = u16::from_be_bytes([out[34], out[35]]);
+        assert!((SNAT_PORTS.0..=SNAT_PORTS.1).contains(&port), "{port}");
+        let snat = addr([198, 18, 0, 1], port);
+        assert_eq!(
+            out,
+            syn.between(snat, BACKEND_1).routed().build(),
+            "{out:02x?}"
+        );
+
+        let ack = Frame::new(CLIENT, NODE_PORT, ACK);
+        assert_routed(&datapath, ack, ack.between(snat, BACKEND_1));
+        let syn_ack = Frame::new(BACKEND_1, snat, SYN_ACK);
+        assert_routed(&datapath, syn_ack, syn_ack.between(NODE_PORT, CLIENT));
+
+        datapath.assert_stats(&[
+            (stat::CT_MISS, 1),
+            (stat::NEW_FLOW, 1),
+            (stat::CT_HIT, 1),
+            (stat::REPLY, 1),
+        ]);
+        let forward =
+            datapath.conntrack_entry(ct_key(CLIENT, NODE_PORT, proto::TCP, ct_dir::FORWARD));
+        assert_eq!(forward.flags, ct_flags::SNAT | ct_flags::LOCAL_FRONTEND);
+        assert_eq!(
+            (forward.snat_addr, forward.snat_port),
+            (u32::from_ne_bytes([198, 18, 0, 1]), port.to_be())
+        );
+        let reply = datapath.conntrack_entry(ct_key(BACKEND_1, snat, proto::TCP, ct_dir::REPLY));
+        assert_eq!(reply.flags, ct_flags::SNAT | ct_flags::LOCAL_FRONTEND);
+        assert_eq!(
+            (reply.snat_addr, reply.snat_port),
+            (
+                u32::from_ne_bytes(CLIENT.ip().octets()),
+                CLIENT.port().to_be()
+            )
+        );
+        assert_eq!(reply.packets, 1);
+        assert_eq!(datapath.conntrack().len(), 2);
+    });
+}
+
+#[test]
+fn snat_udp_is_translated_both_ways() {
+    if !bpf_available() {
+        return;
+    }
+    on_a_node_with_remote_backends(|| {
+        let mut datapath = Datapath::load().unwrap();
+        let server = addr(BACKEND_1.ip().octets(), 5353);
+        datapath.add_service_with(
+            frontend(NODE_PORT, proto::UDP),
+            &[backend(server, proto::UDP)],
+            service_flags::NODE_PORT,
+            0,
+        );
+        let query = Frame::new(CLIENT, NODE_PORT, UDP);
+        let (verdict, out) = datapath.run(&query.build());
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let snat = addr([198, 18, 0, 1], u16::from_be_bytes([out[34], out[35]]));
+        assert_eq!(out, query.between(snat, server).routed().build());
+        let answer = Frame::new(server, snat, UDP);
+        assert_routed(&datapath, answer, answer.between(NODE_PORT, CLIENT));
+    });
+}
+
+#[test]
+fn snat_ports_are_never_shared_and_running_out_drops() {
+    if !bpf_available() {
+        return;
+    }
+    on_a_node_with_remote_backends(|| {
+        let mut datapath = Datapath::load().unwrap();
+        datapath.add_service_with(
+            frontend(NODE_PORT, proto::TCP),
+            &[backend(BACKEND_1, proto::TCP)],
+            service_flags::NODE_PORT,
+            0,
+        );
+        // Two ports in the range: two clients get one each (the tries walk on from a
+        // random port, so both are tried), the third finds none.
+        let mut ports = Vec::new();
+        for client_port in [40_001, 40_002] {
+            let client = addr(CLIENT.ip().octets(), client_port);
+            let (verdict, out) = datapath.run(&Frame::new(client, NODE_PORT, SYN).build());
+            assert_eq!(verdict, TC_ACT_REDIRECT);
+            ports.push(u16::from_be_bytes([out[34], out[35]]));
+        }
+        ports.sort_unstable();
+        assert_eq!(ports, [SNAT_PORTS.0, SNAT_PORTS.1]);
+        let third = addr(CLIENT.ip().octets(), 40_003);
+        let (verdict, _) = datapath.run(&Frame::new(third, NODE_PORT, SYN).build());
+        assert_eq!(verdict, TC_ACT_SHOT);
+        datapath.assert_stats(&[
+            (stat::CT_MISS, 3),
+            (stat::NEW_FLOW, 2),
+            (stat::SNAT_FAILED, 1),
+        ]);
+    });
 }
 
 #[test]

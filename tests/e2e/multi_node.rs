@@ -3,6 +3,9 @@
 //!
 //! - ClusterIP from a pod on node 1 to backends only on node 2: node 1 DNATs, the packet
 //!   crosses the fabric, and the reply is reverse-NATed on node 1's fabric device.
+//! - externalTrafficPolicy=Cluster, NodePort on node 1 with the backends only on node 2:
+//!   node 1 SNATs to its own address and a port of the SNAT range, so the backends see node
+//!   1 as the client and answer through it; 200 connections held open at once all work.
 //! - externalTrafficPolicy=Local: the node with the endpoint serves NodePort traffic and the
 //!   backend sees the client's own address; the node without one drops. Its
 //!   healthCheckNodePort answers 200 on the node with endpoints, 503 on the other.
@@ -86,6 +89,43 @@ fn cluster_ip_from_a_pod_reaches_backends_on_another_node() -> Result<()> {
         reply.peer
     );
     ensure!(remote.contains(&reply.body), "UDP served by {reply:?}");
+    Ok(())
+}
+
+/// Connections held open at once through node 1's NodePort in the SNAT test.
+const SNAT_CONNECTIONS: usize = 200;
+
+#[test]
+fn node_port_to_backends_on_another_node_is_snated_to_the_node_address() -> Result<()> {
+    require_lab!();
+    let cluster = cluster()?;
+    let service = Service::node_port("echo-nodeport", addr::NODE_PORT_SERVICE_IP).tcp_node_port(
+        SERVICE_TCP_PORT,
+        addr::PEER_REPORT_PORT,
+        addr::NODE_PORT_TCP,
+    );
+    let _daemons = daemons(&cluster, &service, &endpoints_on(cluster.node(2)))?;
+    let client = cluster.client();
+    let node_1 = cluster.node(1).ip;
+
+    // All open at once: flows sharing an SNAT tuple would break one another.
+    let mut sessions = (0..SNAT_CONNECTIONS)
+        .map(|_| client.tcp_session(node_1, addr::NODE_PORT_TCP))
+        .collect::<Result<Vec<_>>>()?;
+    for round in 0..2 {
+        for (i, session) in sessions.iter_mut().enumerate() {
+            let seen: Ipv4Addr = session.request()?.parse()?;
+            ensure!(
+                seen == node_1,
+                "connection {i} (round {round}): the backend saw {seen}, not node 1's address"
+            );
+            let peer = session.peer()?;
+            ensure!(
+                peer == SocketAddr::V4(SocketAddrV4::new(node_1, addr::NODE_PORT_TCP)),
+                "connection {i} answered by {peer}"
+            );
+        }
+    }
     Ok(())
 }
 

@@ -1,0 +1,91 @@
+//! SNAT for outside traffic to a backend on another node (kube-proxy's MASQUERADE for
+//! `externalTrafficPolicy: Cluster`): the source becomes the node address the route to the
+//! backend uses, with a port from the SNAT range, so the backend's replies come back
+//! through this node, where the REPLY entry (see `ct_flags::SNAT`) reverses both NATs.
+
+use core::{mem::size_of, num::NonZeroU32, ptr};
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, bpf_fib_lookup,
+    },
+    cty::c_void,
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32},
+    programs::TcContext,
+};
+use proxy_common::{Backend, SNAT_PORT_RANGE};
+
+use crate::parse::Packet;
+
+const AF_INET: u8 = 2;
+/// Ports tried per new flow before giving up (`stat::SNAT_FAILED`): consecutive ones from
+/// a random start (wrapping within the range).
+pub const PORT_TRIES: u32 = 8;
+
+/// The SNAT range (inclusive, host order), set at load time (`--snat-port-range`).
+#[unsafe(no_mangle)]
+static SNAT_PORT_MIN: u16 = SNAT_PORT_RANGE.0;
+#[unsafe(no_mangle)]
+static SNAT_PORT_MAX: u16 = SNAT_PORT_RANGE.1;
+
+/// The node address to use as the new source when `packet` (which came in on this device)
+/// goes to `backend` through the same device: a backend on another node. `None` when the
+/// backend is reached another way (a pod of this node) or the FIB has no route.
+#[inline(always)]
+pub fn source_for(ctx: &TcContext, packet: &Packet, backend: &Backend) -> Option<u32> {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid request skeleton.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = packet.proto;
+    params.dport = backend.port;
+    // SAFETY: `skb` is the program's context pointer.
+    let ingress = unsafe { (*ctx.skb.skb).ifindex };
+    params.ifindex = ingress;
+    params.__bindgen_anon_4.ipv4_dst = backend.addr;
+    // A forwarding lookup, as for the packet itself (from its arrival device), with the
+    // source address the node would use on the way out (BPF_FIB_LOOKUP_SRC).
+    // SAFETY: params is a valid, writable bpf_fib_lookup of the size passed.
+    let found = unsafe {
+        fib_lookup(
+            ctx.skb.skb as *mut c_void,
+            &mut params,
+            size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_SRC,
+        )
+    };
+    if found != i64::from(BPF_FIB_LKUP_RET_SUCCESS) && found != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH)
+    {
+        return None;
+    }
+    if params.ifindex != ingress {
+        return None;
+    }
+    // SAFETY: the lookup filled in the IPv4 source (BPF_FIB_LOOKUP_SRC).
+    let source = unsafe { params.__bindgen_anon_3.ipv4_src };
+    (source != 0).then_some(source)
+}
+
+/// A random offset into the SNAT range, for [`port`].
+#[inline(always)]
+pub fn random_start() -> u32 {
+    // SAFETY: the helper has no preconditions.
+    unsafe { bpf_get_prandom_u32() }
+}
+
+/// The port `start + attempt` of the SNAT range (wrapping within it), wire order.
+#[inline(always)]
+pub fn port(start: u32, attempt: u32) -> u16 {
+    // SAFETY: the globals are plain integers, patched only at load time.
+    let (min, max) = unsafe {
+        (
+            ptr::read_volatile(&raw const SNAT_PORT_MIN),
+            ptr::read_volatile(&raw const SNAT_PORT_MAX),
+        )
+    };
+    let (min, max) = (u32::from(min), u32::from(max));
+    // A non-zero divisor keeps the remainder free of a panic branch (see `select`).
+    let size = NonZeroU32::new(max.wrapping_sub(min).wrapping_add(1)).unwrap_or(NonZeroU32::MIN);
+    // With `min <= max` (checked when set) the result is at most `max` <= u16::MAX.
+    let port = min.wrapping_add(start.wrapping_add(attempt) % size);
+    (port as u16).to_be()
+}
