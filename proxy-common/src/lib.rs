@@ -488,7 +488,7 @@ mod tests {
         assert_eq!(size_of::<ServiceValue>(), 16);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<CtKey>(), 16);
-        assert_eq!(size_of::<CtValue>(), 48);
+        assert_eq!(size_of::<CtValue>(), 56);
         assert_eq!(size_of::<AffinityKey>(), 8);
         assert_eq!(size_of::<AffinityValue>(), 16);
         assert_eq!(size_of::<AffinityMatchKey>(), 8);
