@@ -2,9 +2,9 @@
 //! is the caller. The caller is never a backend (hairpin has its own test, `hairpin`).
 #![allow(dead_code)] // each test binary uses its own subset
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use proxy_lab::{Daemon, Lab, Netns, Pod, Service, addr};
 
 /// Service ports of the test Services (the pods listen on the lab's echo ports).
@@ -42,4 +42,43 @@ pub fn daemon_with_echo(lab: &Lab) -> Result<Daemon<'_>> {
         .start()?;
     daemon.wait_synced(SYNC_TIMEOUT)?;
     Ok(daemon)
+}
+
+/// With two of three backends left, a backend that still got new connections would go
+/// unseen this many times in a row with probability (2/3)^30 ≈ 5e-6.
+pub const CLEAN_STREAK: usize = 30;
+/// How long [`until_avoided`] keeps trying.
+pub const GIVE_UP: Duration = Duration::from_secs(10);
+
+/// The pod that answers a new connection from the caller to the `echo` ClusterIP.
+pub fn served_by(lab: &Lab) -> Result<String> {
+    Ok(caller(lab)
+        .tcp_request(addr::CLUSTER_IP, SERVICE_TCP_PORT)?
+        .body)
+}
+
+/// Opens new connections until [`CLEAN_STREAK`] in a row avoid `avoided`, running
+/// `after_each` after every one (e.g. to check an open session); fails after [`GIVE_UP`].
+/// Returns when `avoided` last served a new connection, counted from `since`.
+pub fn until_avoided(
+    lab: &Lab,
+    avoided: &str,
+    since: Instant,
+    mut after_each: impl FnMut() -> Result<()>,
+) -> Result<Option<Duration>> {
+    let mut last_seen = None;
+    let mut streak = 0;
+    while streak < CLEAN_STREAK {
+        if since.elapsed() > GIVE_UP {
+            bail!("{avoided} still gets new connections {GIVE_UP:?} after the change");
+        }
+        if served_by(lab)? == avoided {
+            last_seen = Some(since.elapsed());
+            streak = 0;
+        } else {
+            streak += 1;
+        }
+        after_each()?;
+    }
+    Ok(last_seen)
 }

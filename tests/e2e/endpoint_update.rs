@@ -7,21 +7,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
-use common::{SERVICE_TCP_PORT, backends, caller, daemon_with_echo, echo_service};
-use proxy_lab::{Lab, addr, require_lab};
+use common::{backends, daemon_with_echo, echo_service, served_by, until_avoided};
+use proxy_lab::require_lab;
 
 const PROPAGATION_LIMIT: Duration = Duration::from_secs(2);
-/// With two of three backends left, the removed one would go unseen this many times in a
-/// row with probability (2/3)^30 ≈ 5e-6.
-const CLEAN_STREAK: usize = 30;
 const CHECK_CONNECTIONS: usize = 60;
-const GIVE_UP: Duration = Duration::from_secs(10);
-
-fn served_by(lab: &Lab) -> Result<String> {
-    Ok(caller(lab)
-        .tcp_request(addr::CLUSTER_IP, SERVICE_TCP_PORT)?
-        .body)
-}
 
 #[test]
 fn removed_endpoint_stops_and_added_endpoint_starts_getting_new_connections() -> Result<()> {
@@ -31,20 +21,7 @@ fn removed_endpoint_stops_and_added_endpoint_starts_getting_new_connections() ->
     let removed = &lab.pod(3).name;
 
     daemon.apply(&echo_service().manifest(&backends(&lab)[..2]))?;
-    let changed = Instant::now();
-    let mut last_seen = None;
-    let mut streak = 0;
-    while streak < CLEAN_STREAK {
-        if changed.elapsed() > GIVE_UP {
-            bail!("{removed} still gets new connections {GIVE_UP:?} after its removal");
-        }
-        if served_by(&lab)? == *removed {
-            last_seen = Some(changed.elapsed());
-            streak = 0;
-        } else {
-            streak += 1;
-        }
-    }
+    let last_seen = until_avoided(&lab, removed, Instant::now(), || Ok(()))?;
     println!("{removed} last served a new connection at {last_seen:?} after its removal");
     ensure!(
         last_seen.is_none_or(|seen| seen <= PROPAGATION_LIMIT),

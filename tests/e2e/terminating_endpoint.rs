@@ -5,22 +5,14 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Result, bail, ensure};
-use common::{BACKEND_NAMES, SERVICE_TCP_PORT, backends, caller, daemon_with_echo, echo_service};
-use proxy_lab::{Endpoint, Lab, Pod, addr, require_lab};
-
-/// With two of three backends left, the terminating one would go unseen this many times in
-/// a row with probability (2/3)^30 ≈ 5e-6 if it still got new connections.
-const CLEAN_STREAK: usize = 30;
-const GIVE_UP: Duration = Duration::from_secs(10);
-
-fn served_by(lab: &Lab) -> Result<String> {
-    Ok(caller(lab)
-        .tcp_request(addr::CLUSTER_IP, SERVICE_TCP_PORT)?
-        .body)
-}
+use common::{
+    BACKEND_NAMES, GIVE_UP, SERVICE_TCP_PORT, backends, caller, daemon_with_echo, echo_service,
+    served_by, until_avoided,
+};
+use proxy_lab::{Endpoint, Pod, addr, require_lab};
 
 #[test]
 fn terminating_endpoint_keeps_its_connection_but_gets_no_new_ones() -> Result<()> {
@@ -49,22 +41,14 @@ fn terminating_endpoint_keeps_its_connection_but_gets_no_new_ones() -> Result<()
     // New connections stop reaching it once the daemon has synced; the open one keeps
     // answering from it all along.
     let changed = Instant::now();
-    let mut streak = 0;
-    while streak < CLEAN_STREAK {
-        if changed.elapsed() > GIVE_UP {
-            bail!("{terminating_name} still gets new connections {GIVE_UP:?} after terminating");
-        }
-        streak = if served_by(&lab)? == terminating_name {
-            0
-        } else {
-            streak + 1
-        };
+    until_avoided(&lab, &terminating_name, changed, || {
         let answer = session.request()?;
         ensure!(
             answer == terminating_name,
             "the open connection moved from {terminating_name} to {answer}"
         );
-    }
+        Ok(())
+    })?;
     println!(
         "{terminating_name} got no new connection after {:?}; its open one kept working",
         changed.elapsed()
