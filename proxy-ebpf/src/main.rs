@@ -81,11 +81,11 @@ fn balance<M: Mode>(ctx: &TcContext, mode: &M) -> i32 {
         let (addr, port) = flow.nat_target();
         let hairpin = flow.is_hairpin();
         let snat = flow.snat();
-        let rewrite = nat::to_frontend(ctx, &packet, addr, port).and_then(|()| {
+        let rewrite = nat::rewrite_source(ctx, &packet, addr, port).and_then(|()| {
             if hairpin {
                 nat::hairpin_destination(ctx, &packet)
             } else if let Some((client_addr, client_port)) = snat {
-                nat::snat_destination(ctx, &packet, client_addr, client_port)
+                nat::rewrite_destination(ctx, &packet, client_addr, client_port)
             } else {
                 Ok(())
             }
@@ -272,12 +272,12 @@ fn to_backend(
     hairpin: bool,
     snat: Option<(u32, u16)>,
 ) -> Result<(), c_long> {
-    nat::to_backend(ctx, packet, addr, port)?;
+    nat::rewrite_destination(ctx, packet, addr, port)?;
     if hairpin {
         nat::hairpin_source(ctx, packet)?;
     }
     if let Some((snat_addr, snat_port)) = snat {
-        nat::snat_source(ctx, packet, snat_addr, snat_port)?;
+        nat::rewrite_source(ctx, packet, snat_addr, snat_port)?;
     }
     Ok(())
 }

@@ -15,9 +15,14 @@ const L4_SRC_PORT_OFFSET: usize = 0;
 const L4_DST_PORT_OFFSET: usize = 2;
 
 /// Rewrites the destination to `addr:port` (wire order): client → frontend becomes
-/// client → backend.
+/// client → backend (DNAT), and a SNATed reply's node address:port becomes the client.
 #[inline(always)]
-pub fn to_backend(ctx: &TcContext, packet: &Packet, addr: u32, port: u16) -> Result<(), c_long> {
+pub fn rewrite_destination(
+    ctx: &TcContext,
+    packet: &Packet,
+    addr: u32,
+    port: u16,
+) -> Result<(), c_long> {
     let csum = L4Checksum::of(packet);
     rewrite_addr(
         ctx,
@@ -36,9 +41,15 @@ pub fn to_backend(ctx: &TcContext, packet: &Packet, addr: u32, port: u16) -> Res
 }
 
 /// Rewrites the source to `addr:port` (wire order): backend → client becomes
-/// frontend → client, so the client sees the address it connected to.
+/// frontend → client, so the client sees the address it connected to; and a SNATed
+/// flow's client becomes the node address:port.
 #[inline(always)]
-pub fn to_frontend(ctx: &TcContext, packet: &Packet, addr: u32, port: u16) -> Result<(), c_long> {
+pub fn rewrite_source(
+    ctx: &TcContext,
+    packet: &Packet,
+    addr: u32,
+    port: u16,
+) -> Result<(), c_long> {
     let csum = L4Checksum::of(packet);
     rewrite_addr(
         ctx,
@@ -58,7 +69,7 @@ pub fn to_frontend(ctx: &TcContext, packet: &Packet, addr: u32, port: u16) -> Re
 
 /// Hairpin, towards the backend: the source becomes the frontend address the packet was
 /// sent to (`ct_flags::HAIRPIN`), so the client, which is the backend, does not get its
-/// own address as source. Run after [`to_backend`]: `packet` still holds the original
+/// own address as source. Run after [`rewrite_destination`]: `packet` still holds the original
 /// addresses.
 #[inline(always)]
 pub fn hairpin_source(ctx: &TcContext, packet: &Packet) -> Result<(), c_long> {
@@ -74,7 +85,7 @@ pub fn hairpin_source(ctx: &TcContext, packet: &Packet) -> Result<(), c_long> {
 
 /// Hairpin, the reply: the destination (the frontend address the client's source became)
 /// goes back to the client, which is the replying backend itself. Run after
-/// [`to_frontend`].
+/// [`rewrite_source`].
 #[inline(always)]
 pub fn hairpin_destination(ctx: &TcContext, packet: &Packet) -> Result<(), c_long> {
     let csum = L4Checksum::of(packet);
@@ -85,25 +96,6 @@ pub fn hairpin_destination(ctx: &TcContext, packet: &Packet) -> Result<(), c_lon
         packet.dst_addr,
         packet.src_addr,
     )
-}
-
-/// SNAT, towards the backend: the source becomes `addr:port` (node address, SNAT port;
-/// wire order). Run after [`to_backend`].
-#[inline(always)]
-pub fn snat_source(ctx: &TcContext, packet: &Packet, addr: u32, port: u16) -> Result<(), c_long> {
-    to_frontend(ctx, packet, addr, port)
-}
-
-/// SNAT, the reply: the destination (node address, SNAT port) goes back to the client
-/// `addr:port` (wire order). Run after [`to_frontend`].
-#[inline(always)]
-pub fn snat_destination(
-    ctx: &TcContext,
-    packet: &Packet,
-    addr: u32,
-    port: u16,
-) -> Result<(), c_long> {
-    to_backend(ctx, packet, addr, port)
 }
 
 /// Stores `to` over the address `from` at `offset` and fixes the checksums.
