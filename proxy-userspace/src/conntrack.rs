@@ -12,7 +12,7 @@
 //! TCP flows are left alone: a connection to a vanished backend fails on its own, and one to
 //! a terminating backend must keep working.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
@@ -72,50 +72,94 @@ pub fn reply_key(forward: &CtKey, value: &CtValue) -> CtKey {
     }
 }
 
-/// The keys of idle flows, given the entries and the current CLOCK_MONOTONIC time.
+/// One flow's conntrack entries: its FORWARD entry with the REPLY entry that belongs to
+/// it, or a lone REPLY entry whose FORWARD entry the LRU evicted.
+pub struct FlowEntries<'a> {
+    pub forward: Option<(CtKey, &'a CtValue)>,
+    pub reply: Option<(CtKey, &'a CtValue)>,
+}
+
+impl<'a> FlowEntries<'a> {
+    /// The entries present (one or two).
+    pub fn present(&self) -> impl Iterator<Item = (CtKey, &'a CtValue)> + use<'a> {
+        self.forward.into_iter().chain(self.reply)
+    }
+
+    /// The flow's protocol (the same in both entries).
+    pub fn protocol(&self) -> u8 {
+        self.present().next().map_or(0, |(key, _)| key.proto)
+    }
+}
+
+/// Pairs the entries into flows, in one pass over the forward entries and one over the
+/// replies (a map of hundreds of thousands of entries is swept every few seconds).
+pub fn pair_flows(entries: &HashMap<CtKey, CtValue>) -> Vec<FlowEntries<'_>> {
+    let mut paired = HashSet::new();
+    let mut flows = Vec::new();
+    for (key, value) in entries.iter().filter(|(k, _)| k.dir == ct_dir::FORWARD) {
+        let reply = entries
+            .get_key_value(&reply_key(key, value))
+            .map(|(reply_key, reply)| (*reply_key, reply));
+        if let Some((reply_key, _)) = reply {
+            paired.insert(reply_key);
+        }
+        flows.push(FlowEntries {
+            forward: Some((*key, value)),
+            reply,
+        });
+    }
+    for (key, value) in entries.iter().filter(|(k, _)| k.dir == ct_dir::REPLY) {
+        if !paired.contains(key) {
+            flows.push(FlowEntries {
+                forward: None,
+                reply: Some((*key, value)),
+            });
+        }
+    }
+    flows
+}
+
+/// How long `flow` may stay idle: judged by its later direction and all its flags. A lone
+/// reply counts as replied.
+pub fn flow_timeout(flow: &FlowEntries, timeouts: &CtTimeouts) -> Duration {
+    let flags = flow
+        .present()
+        .fold(0, |flags, (_, value)| flags | value.flags);
+    let replied = match (flow.forward, flow.reply) {
+        (Some(_), reply) => reply.is_some_and(|(_, reply)| reply.packets > 0),
+        (None, _) => true,
+    };
+    idle_timeout(flow.protocol(), flags, replied, timeouts)
+}
+
+/// CLOCK_MONOTONIC time of the flow's latest packet in either direction.
+pub fn flow_last_seen_ns(flow: &FlowEntries) -> u64 {
+    flow.present()
+        .map(|(_, value)| value.last_seen_ns)
+        .max()
+        .unwrap_or(0)
+}
+
+/// The keys of idle flows (both entries of each), given the entries and the current
+/// CLOCK_MONOTONIC time.
 pub fn expired(
     entries: &HashMap<CtKey, CtValue>,
     now_ns: u64,
     timeouts: &CtTimeouts,
 ) -> Vec<CtKey> {
-    let mut doomed = Vec::new();
-    let mut paired_replies = Vec::new();
-    for (key, value) in entries.iter().filter(|(k, _)| k.dir == ct_dir::FORWARD) {
-        let reply_key = reply_key(key, value);
-        let reply = entries.get(&reply_key);
-        if reply.is_some() {
-            paired_replies.push(reply_key);
-        }
-        let last_seen = reply.map_or(value.last_seen_ns, |r| {
-            r.last_seen_ns.max(value.last_seen_ns)
-        });
-        let flags = value.flags | reply.map_or(0, |r| r.flags);
-        let replied = reply.is_some_and(|r| r.packets > 0);
-        if idle_for(now_ns, last_seen) > idle_timeout(key.proto, flags, replied, timeouts) {
-            doomed.push(*key);
-            if reply.is_some() {
-                doomed.push(reply_key);
-            }
-        }
-    }
-    // Replies whose forward entry was evicted by the LRU age on their own.
-    for (key, value) in entries.iter().filter(|(k, _)| k.dir == ct_dir::REPLY) {
-        if !paired_replies.contains(key)
-            && idle_for(now_ns, value.last_seen_ns)
-                > idle_timeout(key.proto, value.flags, true, timeouts)
-        {
-            doomed.push(*key);
-        }
-    }
-    doomed
+    pair_flows(entries)
+        .iter()
+        .filter(|flow| idle_for(now_ns, flow_last_seen_ns(flow)) > flow_timeout(flow, timeouts))
+        .flat_map(|flow| flow.present().map(|(key, _)| key))
+        .collect()
 }
 
 fn idle_for(now_ns: u64, last_seen_ns: u64) -> Duration {
     Duration::from_nanos(now_ns.saturating_sub(last_seen_ns))
 }
 
-/// How long a flow may stay idle: the rule the sweep applies, shared with the CLI's expiry.
-pub fn idle_timeout(protocol: u8, flags: u16, replied: bool, timeouts: &CtTimeouts) -> Duration {
+/// How long a flow may stay idle, by protocol and state.
+fn idle_timeout(protocol: u8, flags: u16, replied: bool, timeouts: &CtTimeouts) -> Duration {
     match protocol {
         proto::TCP if flags & ct_flags::CLOSING != 0 => timeouts.tcp_closing,
         proto::TCP => timeouts.tcp_established,

@@ -17,7 +17,10 @@ use super::{
     Endpoint, ListArgs, Output, PinArgs, new_table, open_typed, print, protocol_name, read_entries,
     service_port_name,
 };
-use crate::conntrack::{CtTimeouts, idle_timeout, monotonic_now_ns, read_all, reply_key};
+use crate::conntrack::{
+    CtTimeouts, FlowEntries, flow_last_seen_ns, flow_timeout, monotonic_now_ns, pair_flows,
+    read_all,
+};
 
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -202,116 +205,79 @@ pub struct FlowView {
     keys: Vec<CtKey>,
 }
 
-/// Pairs each FORWARD entry with its REPLY entry into flows; replies whose forward entry
-/// is gone become flows of their own. Sorted by client, then frontend.
+/// One view per flow (see [`pair_flows`]), sorted by client, then frontend.
 pub fn flows(
     entries: &HashMap<CtKey, CtValue>,
     names: &BTreeMap<u32, ServiceName>,
     now_ns: u64,
     timeouts: &CtTimeouts,
 ) -> Vec<FlowView> {
-    let mut flows = Vec::new();
-    let mut paired_replies = Vec::new();
-    for (key, value) in entries.iter().filter(|(key, _)| key.dir == ct_dir::FORWARD) {
-        let reply_key = reply_key(key, value);
-        let reply = entries.get(&reply_key).map(|reply| (reply_key, reply));
-        if reply.is_some() {
-            paired_replies.push(reply_key);
-        }
-        let entries = FlowEntries::Forward {
-            key: *key,
-            value,
-            reply,
-        };
-        flows.push(entries.view(names, now_ns, timeouts));
-    }
-    for (key, value) in entries.iter().filter(|(key, _)| key.dir == ct_dir::REPLY) {
-        if !paired_replies.contains(key) {
-            flows.push(FlowEntries::ReplyOnly { key: *key, value }.view(names, now_ns, timeouts));
-        }
-    }
+    let mut flows: Vec<FlowView> = pair_flows(entries)
+        .iter()
+        .map(|flow| view(flow, names, now_ns, timeouts))
+        .collect();
     flows.sort_by_key(|flow| (flow.client, flow.frontend, flow.protocol));
     flows
 }
 
-/// The entries of one flow: its FORWARD entry and, if present, its REPLY entry; or a
-/// REPLY entry whose FORWARD entry the LRU evicted.
-enum FlowEntries<'a> {
-    Forward {
-        key: CtKey,
-        value: &'a CtValue,
-        reply: Option<(CtKey, &'a CtValue)>,
-    },
-    ReplyOnly {
-        key: CtKey,
-        value: &'a CtValue,
-    },
-}
-
-impl FlowEntries<'_> {
-    fn view(
-        &self,
-        names: &BTreeMap<u32, ServiceName>,
-        now_ns: u64,
-        timeouts: &CtTimeouts,
-    ) -> FlowView {
-        let endpoint = Endpoint::from_wire;
-        let (key, value, forward, reply, keys) = match *self {
-            FlowEntries::Forward { key, value, reply } => match reply {
-                Some((reply_key, reply)) => {
-                    (key, value, Some(value), Some(reply), vec![key, reply_key])
-                }
-                None => (key, value, Some(value), None, vec![key]),
-            },
-            FlowEntries::ReplyOnly { key, value } => (key, value, None, Some(value), vec![key]),
-        };
-        // Keyed client → frontend (forward) or backend → client (reply).
-        let (client, frontend, backend) = if key.dir == ct_dir::FORWARD {
-            (
-                endpoint(key.src_addr, key.src_port),
-                endpoint(key.dst_addr, key.dst_port),
-                endpoint(value.nat_addr, value.nat_port),
-            )
-        } else {
-            (
-                endpoint(key.dst_addr, key.dst_port),
-                endpoint(value.nat_addr, value.nat_port),
-                endpoint(key.src_addr, key.src_port),
-            )
-        };
-        let present = || forward.into_iter().chain(reply);
-        let created_ns = present().map(|v| v.created_ns).min().unwrap_or(0);
-        let last_seen_ns = present().map(|v| v.last_seen_ns).max().unwrap_or(0);
-        let closing = present().any(|v| v.flags & ct_flags::CLOSING != 0);
-        let flags = present().fold(0, |flags, v| flags | v.flags);
-        let replied = reply.is_some_and(|v| v.packets > 0);
-        let timeout = idle_timeout(key.proto, flags, replied, timeouts).as_secs();
-        let seconds = |ns: u64| Duration::from_nanos(now_ns.saturating_sub(ns)).as_secs();
-        FlowView {
-            protocol: protocol_name(key.proto),
-            client,
-            frontend,
-            backend,
-            service: names.get(&value.rev_nat_id).map(service_port_name),
-            rev_nat_id: value.rev_nat_id,
-            backend_id: value.backend_id,
-            state: if closing { "closing" } else { "open" },
-            age_seconds: seconds(created_ns),
-            idle_seconds: seconds(last_seen_ns),
-            expires_in_seconds: timeout.saturating_sub(seconds(last_seen_ns)),
-            packets_to_backend: forward.map_or(0, |v| v.packets),
-            bytes_to_backend: forward.map_or(0, |v| v.bytes),
-            packets_from_backend: reply.map_or(0, |v| v.packets),
-            bytes_from_backend: reply.map_or(0, |v| v.bytes),
-            entries: keys
-                .iter()
-                .map(|key| match key.dir {
-                    ct_dir::FORWARD => "forward",
-                    _ => "reply",
-                })
-                .collect(),
-            keys,
-        }
+fn view(
+    flow: &FlowEntries,
+    names: &BTreeMap<u32, ServiceName>,
+    now_ns: u64,
+    timeouts: &CtTimeouts,
+) -> FlowView {
+    let endpoint = Endpoint::from_wire;
+    let (key, value) = flow
+        .present()
+        .next()
+        .expect("a flow has at least one entry");
+    let forward = flow.forward.map(|(_, value)| value);
+    let reply = flow.reply.map(|(_, value)| value);
+    // Keyed client → frontend (forward) or backend → client (reply).
+    let (client, frontend, backend) = if key.dir == ct_dir::FORWARD {
+        (
+            endpoint(key.src_addr, key.src_port),
+            endpoint(key.dst_addr, key.dst_port),
+            endpoint(value.nat_addr, value.nat_port),
+        )
+    } else {
+        (
+            endpoint(key.dst_addr, key.dst_port),
+            endpoint(value.nat_addr, value.nat_port),
+            endpoint(key.src_addr, key.src_port),
+        )
+    };
+    let created_ns = flow.present().map(|(_, v)| v.created_ns).min().unwrap_or(0);
+    let closing = flow
+        .present()
+        .any(|(_, v)| v.flags & ct_flags::CLOSING != 0);
+    let seconds = |ns: u64| Duration::from_nanos(now_ns.saturating_sub(ns)).as_secs();
+    let idle = seconds(flow_last_seen_ns(flow));
+    let keys: Vec<CtKey> = flow.present().map(|(key, _)| key).collect();
+    FlowView {
+        protocol: protocol_name(key.proto),
+        client,
+        frontend,
+        backend,
+        service: names.get(&value.rev_nat_id).map(service_port_name),
+        rev_nat_id: value.rev_nat_id,
+        backend_id: value.backend_id,
+        state: if closing { "closing" } else { "open" },
+        age_seconds: seconds(created_ns),
+        idle_seconds: idle,
+        expires_in_seconds: flow_timeout(flow, timeouts).as_secs().saturating_sub(idle),
+        packets_to_backend: forward.map_or(0, |v| v.packets),
+        bytes_to_backend: forward.map_or(0, |v| v.bytes),
+        packets_from_backend: reply.map_or(0, |v| v.packets),
+        bytes_from_backend: reply.map_or(0, |v| v.bytes),
+        entries: keys
+            .iter()
+            .map(|key| match key.dir {
+                ct_dir::FORWARD => "forward",
+                _ => "reply",
+            })
+            .collect(),
+        keys,
     }
 }
 
@@ -431,6 +397,8 @@ fn duration(seconds: u64) -> String {
 #[cfg(test)]
 mod tests {
     use proxy_common::proto;
+
+    use crate::conntrack::reply_key;
 
     use super::*;
 
