@@ -1,22 +1,16 @@
-//! Writer: turns the planner's [`DesiredState`] into map entries, diffs them against what
-//! the maps hold, and applies the difference in an order that keeps every packet
-//! consistent.
-//!
-//! Three stages: [`materialize`] (pure: frontends and backends → SERVICES/BACKENDS
-//! entries, with stable ids from an [`IdRegistry`], the AFFINITY_MATCH entries of
-//! affinity frontends, the SOURCE_RANGES prefixes of restricted load-balancer frontends,
-//! and the SVC_NAMES metadata),
-//! [`diff`] (pure: ordered operations), and [`MapWriter`] (the only code that writes the
-//! aya maps).
+//! The map contents as data: [`MapImage`] (what SERVICES, BACKENDS, AFFINITY_MATCH,
+//! SOURCE_RANGES and SVC_NAMES hold), the one place that turns a frontend's plan into its
+//! entries ([`frontend_entries`], with stable ids from an [`IdRegistry`]), and [`diff`], the
+//! one ordering rule that keeps every packet consistent while entries change.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use aya::maps::{HashMap as BpfHashMap, LpmTrie, MapData, MapError, lpm_trie::Key};
+use aya::maps::lpm_trie::Key;
 use proxy_common::{
     AffinityMatchKey, Backend, ServiceKey, ServiceName, ServiceValue, SourceRange, service_flags,
 };
 
-use crate::plan::{DesiredState, EmptyFrontend, FrontendKind, FrontendPlan};
+use crate::plan::{DesiredState, EmptyFrontend, Frontend, FrontendKind, FrontendPlan};
 
 /// The contents of the SERVICES, BACKENDS, AFFINITY_MATCH and SVC_NAMES maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -39,14 +33,14 @@ pub struct SourceRangeEntry {
 }
 
 impl SourceRangeEntry {
-    fn key(&self) -> Key<SourceRange> {
+    pub fn key(&self) -> Key<SourceRange> {
         Key::new(
             SourceRange::FRONTEND_BITS + u32::from(self.prefix_len),
             self.range,
         )
     }
 
-    fn from_key(key: &Key<SourceRange>) -> Self {
+    pub fn from_key(key: &Key<SourceRange>) -> Self {
         Self {
             range: key.data(),
             prefix_len: key.prefix_len().saturating_sub(SourceRange::FRONTEND_BITS) as u8,
@@ -103,6 +97,16 @@ impl IdRegistry {
         id
     }
 
+    /// Forgets a frontend's id (it left the maps).
+    pub fn release_frontend(&mut self, header: ServiceKey) {
+        self.frontends.remove(&header);
+    }
+
+    /// Forgets a backend's id (no slot names it any more).
+    pub fn release_backend(&mut self, backend: &Backend) {
+        self.backends.remove(backend);
+    }
+
     /// Forgets the ids of everything that is no longer in `image`.
     fn retain(&mut self, image: &MapImage) {
         self.backends
@@ -147,64 +151,147 @@ fn header_flags(plan: &FrontendPlan) -> u16 {
     flags
 }
 
-/// Builds the map contents for `desired`. Slots follow the plan's (sorted) backend order.
-/// A Service port whose name exceeds Kubernetes' limits (possible only in hand-written
-/// manifests) is balanced all the same, just listed without a name.
+/// The key of a frontend's header (slot 0).
+pub fn header_key(frontend: &Frontend) -> ServiceKey {
+    ServiceKey::new(
+        frontend.addr.octets(),
+        frontend.port,
+        frontend.protocol.number(),
+        0,
+    )
+}
+
+/// Builds the map contents for `desired`, forgetting the ids of everything else.
 pub fn materialize(desired: &DesiredState, ids: &mut IdRegistry) -> MapImage {
     let mut image = MapImage::default();
     for (frontend, plan) in &desired.frontends {
-        let proto = frontend.protocol.number();
-        let header = ServiceKey::new(frontend.addr.octets(), frontend.port, proto, 0);
-        let rev_nat_id = ids.rev_nat_id(header);
-        for (index, backend) in plan.backends.iter().enumerate() {
-            let backend = Backend::new(backend.addr.octets(), backend.port, proto);
-            let backend_id = ids.backend_id(backend);
-            image.backends.insert(backend_id, backend);
-            let slot = u16::try_from(index + 1).expect("more than 65535 backends for one frontend");
-            image.services.insert(
-                header.with_slot(slot),
-                ServiceValue {
-                    backend_id,
-                    ..ServiceValue::default()
-                },
-            );
-            if plan.session_affinity.is_some() {
-                image.affinity_matches.insert(AffinityMatchKey {
-                    rev_nat_id,
-                    backend_id,
-                });
-            }
-        }
-        for network in &plan.source_ranges {
-            image.source_ranges.insert(SourceRangeEntry {
-                range: SourceRange {
-                    rev_nat_id,
-                    addr: u32::from_ne_bytes(network.network().octets()),
-                },
-                prefix_len: network.prefix_len(),
-            });
-        }
-        image.services.insert(
-            header,
-            ServiceValue {
-                backend_id: 0,
-                rev_nat_id,
-                count: u16::try_from(plan.backends.len()).unwrap_or(u16::MAX),
-                flags: header_flags(plan),
-                // The planner keeps timeouts within the API's 1..=86400 s.
-                affinity_timeout_s: plan.session_affinity.map_or(0, |timeout| {
-                    u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX)
-                }),
-            },
-        );
-        let service = &plan.service;
-        if let Some(name) = ServiceName::new(&service.namespace, &service.name, &service.port_name)
-        {
-            image.names.insert(rev_nat_id, name);
-        }
+        frontend_entries(frontend, plan, ids, &mut image);
     }
     ids.retain(&image);
     image
+}
+
+/// Adds one frontend's entries to `image`: its header, one slot per backend (in the plan's
+/// sorted order) and those backends, the AFFINITY_MATCH entries of an affinity frontend,
+/// the SOURCE_RANGES prefixes of a restricted one, and its SVC_NAMES name. The one place
+/// that knows how a plan becomes map entries. A Service port whose name exceeds
+/// Kubernetes' limits (possible only in hand-written manifests) is balanced all the same,
+/// just listed without a name.
+pub fn frontend_entries(
+    frontend: &Frontend,
+    plan: &FrontendPlan,
+    ids: &mut IdRegistry,
+    image: &mut MapImage,
+) {
+    let proto = frontend.protocol.number();
+    let header = header_key(frontend);
+    let rev_nat_id = ids.rev_nat_id(header);
+    for (index, backend) in plan.backends.iter().enumerate() {
+        let backend = Backend::new(backend.addr.octets(), backend.port, proto);
+        let backend_id = ids.backend_id(backend);
+        image.backends.insert(backend_id, backend);
+        let slot = u16::try_from(index + 1).expect("more than 65535 backends for one frontend");
+        image.services.insert(
+            header.with_slot(slot),
+            ServiceValue {
+                backend_id,
+                ..ServiceValue::default()
+            },
+        );
+        if plan.session_affinity.is_some() {
+            image.affinity_matches.insert(AffinityMatchKey {
+                rev_nat_id,
+                backend_id,
+            });
+        }
+    }
+    for network in &plan.source_ranges {
+        image.source_ranges.insert(SourceRangeEntry {
+            range: SourceRange {
+                rev_nat_id,
+                addr: u32::from_ne_bytes(network.network().octets()),
+            },
+            prefix_len: network.prefix_len(),
+        });
+    }
+    image.services.insert(
+        header,
+        ServiceValue {
+            backend_id: 0,
+            rev_nat_id,
+            count: u16::try_from(plan.backends.len()).unwrap_or(u16::MAX),
+            flags: header_flags(plan),
+            // The planner keeps timeouts within the API's 1..=86400 s.
+            affinity_timeout_s: plan.session_affinity.map_or(0, |timeout| {
+                u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX)
+            }),
+        },
+    );
+    let service = &plan.service;
+    if let Some(name) = ServiceName::new(&service.namespace, &service.name, &service.port_name) {
+        image.names.insert(rev_nat_id, name);
+    }
+}
+
+impl MapImage {
+    /// The entries this image holds for one frontend (header, slots, affinity matches,
+    /// source ranges, name), without its backends, which frontends share.
+    pub fn frontend_part(&self, frontend: &Frontend) -> MapImage {
+        let header = header_key(frontend);
+        let mut part = MapImage::default();
+        let last = ServiceKey {
+            slot: u16::MAX,
+            _pad1: u16::MAX,
+            ..header
+        };
+        part.services.extend(self.services.range(header..=last));
+        let Some(rev_nat_id) = part.services.get(&header).map(|value| value.rev_nat_id) else {
+            return part;
+        };
+        let matches = AffinityMatchKey {
+            rev_nat_id,
+            backend_id: 0,
+        }..=AffinityMatchKey {
+            rev_nat_id,
+            backend_id: u32::MAX,
+        };
+        part.affinity_matches
+            .extend(self.affinity_matches.range(matches));
+        let ranges = SourceRangeEntry {
+            range: SourceRange {
+                rev_nat_id,
+                addr: 0,
+            },
+            prefix_len: 0,
+        }..=SourceRangeEntry {
+            range: SourceRange {
+                rev_nat_id,
+                addr: u32::MAX,
+            },
+            prefix_len: u8::MAX,
+        };
+        part.source_ranges.extend(self.source_ranges.range(ranges));
+        part.names
+            .extend(self.names.get(&rev_nat_id).map(|name| (rev_nat_id, *name)));
+        part
+    }
+
+    /// The backend ids named by this image's slots.
+    pub fn slot_backends(&self) -> impl Iterator<Item = u32> + '_ {
+        self.services
+            .iter()
+            .filter(|(key, _)| key.slot != 0)
+            .map(|(_, value)| value.backend_id)
+    }
+
+    /// Adds `other`'s entries.
+    pub fn extend(&mut self, other: MapImage) {
+        self.services.extend(other.services);
+        self.backends.extend(other.backends);
+        self.affinity_matches.extend(other.affinity_matches);
+        self.names.extend(other.names);
+        self.source_ranges.extend(other.source_ranges);
+    }
 }
 
 /// One map write.
@@ -293,7 +380,7 @@ pub fn diff(current: &MapImage, next: &MapImage) -> Vec<MapOp> {
 
 impl MapImage {
     /// Applies one operation to this in-memory image.
-    fn apply(&mut self, op: MapOp) {
+    pub fn apply(&mut self, op: MapOp) {
         match op {
             MapOp::PutName(id, name) => {
                 self.names.insert(id, name);
@@ -329,164 +416,8 @@ impl MapImage {
     }
 }
 
-/// What one [`MapWriter::apply`] did.
-#[derive(Debug, Default)]
-pub struct ApplyReport {
-    pub ops: usize,
-    /// Writes refused because a map was full; retried on the next sync.
-    pub map_full: usize,
-    /// Other failed writes, with the reason; retried on the next sync.
-    pub failures: Vec<String>,
-    pub frontends: usize,
-    pub backends: usize,
-}
-
-/// Owns the SERVICES, BACKENDS, AFFINITY_MATCH and SVC_NAMES maps and a mirror of their
-/// contents.
-pub struct MapWriter {
-    services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
-    backends: BpfHashMap<MapData, u32, Backend>,
-    /// Presence is what counts; the value is always 1.
-    affinity_matches: BpfHashMap<MapData, AffinityMatchKey, u8>,
-    names: BpfHashMap<MapData, u32, ServiceName>,
-    /// Optional, so callers that never restrict sources (the benchmarks) need not open it;
-    /// without it, a plan with source ranges reports failed writes.
-    source_ranges: Option<LpmTrie<MapData, SourceRange, u8>>,
-    current: MapImage,
-    ids: IdRegistry,
-}
-
-impl MapWriter {
-    /// Takes the maps and learns what they already hold (they may be pinned from a
-    /// previous run of the daemon).
-    pub fn new(
-        services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
-        backends: BpfHashMap<MapData, u32, Backend>,
-        affinity_matches: BpfHashMap<MapData, AffinityMatchKey, u8>,
-        names: BpfHashMap<MapData, u32, ServiceName>,
-    ) -> Result<Self, MapError> {
-        let mut writer = Self {
-            services,
-            backends,
-            affinity_matches,
-            names,
-            source_ranges: None,
-            current: MapImage::default(),
-            ids: IdRegistry::default(),
-        };
-        writer.reread()?;
-        writer.ids = IdRegistry::from_image(&writer.current);
-        Ok(writer)
-    }
-
-    /// Also writes SOURCE_RANGES (`loadBalancerSourceRanges`), learning what it holds.
-    pub fn with_source_ranges(
-        mut self,
-        source_ranges: LpmTrie<MapData, SourceRange, u8>,
-    ) -> Result<Self, MapError> {
-        self.source_ranges = Some(source_ranges);
-        self.reread()?;
-        Ok(self)
-    }
-
-    /// Reads the maps again, so the next [`apply`](Self::apply) repairs anything that was
-    /// changed behind our back.
-    pub fn reread(&mut self) -> Result<(), MapError> {
-        let mut image = MapImage::default();
-        for entry in self.services.iter() {
-            let (key, value) = entry?;
-            image.services.insert(key, value);
-        }
-        for entry in self.backends.iter() {
-            let (id, backend) = entry?;
-            image.backends.insert(id, backend);
-        }
-        for key in self.affinity_matches.keys() {
-            image.affinity_matches.insert(key?);
-        }
-        for entry in self.names.iter() {
-            let (id, name) = entry?;
-            image.names.insert(id, name);
-        }
-        for key in self.source_ranges.iter().flat_map(LpmTrie::keys) {
-            image
-                .source_ranges
-                .insert(SourceRangeEntry::from_key(&key?));
-        }
-        self.current = image;
-        Ok(())
-    }
-
-    /// Entries in SERVICES and BACKENDS, as last written.
-    pub fn fill(&self) -> (usize, usize) {
-        (self.current.services.len(), self.current.backends.len())
-    }
-
-    /// Makes the maps equal to `desired`, writing only the difference.
-    pub fn apply(&mut self, desired: &DesiredState) -> ApplyReport {
-        let next = materialize(desired, &mut self.ids);
-        let ops = diff(&self.current, &next);
-        let mut report = ApplyReport {
-            ops: ops.len(),
-            frontends: desired.frontends.len(),
-            backends: next.backends.len(),
-            ..ApplyReport::default()
-        };
-        for op in ops {
-            match self.write(op) {
-                Ok(()) => self.current.apply(op),
-                Err(error) if is_map_full(&error) => report.map_full += 1,
-                Err(error) => report.failures.push(format!("{op:?}: {error}")),
-            }
-        }
-        report
-    }
-
-    fn write(&mut self, op: MapOp) -> Result<(), MapError> {
-        match op {
-            MapOp::PutName(id, name) => self.names.insert(id, name, 0),
-            MapOp::PutBackend(id, backend) => self.backends.insert(id, backend, 0),
-            MapOp::PutService(key, value) => self.services.insert(key, value, 0),
-            MapOp::PutAffinityMatch(key) => self.affinity_matches.insert(key, 1, 0),
-            MapOp::DeleteService(key) => ignore_missing(self.services.remove(&key)),
-            MapOp::DeleteAffinityMatch(key) => ignore_missing(self.affinity_matches.remove(&key)),
-            MapOp::DeleteBackend(id) => ignore_missing(self.backends.remove(&id)),
-            MapOp::DeleteName(id) => ignore_missing(self.names.remove(&id)),
-            MapOp::PutSourceRange(entry) => self.source_ranges()?.insert(&entry.key(), 1, 0),
-            MapOp::DeleteSourceRange(entry) => {
-                ignore_missing(self.source_ranges()?.remove(&entry.key()))
-            }
-        }
-    }
-
-    fn source_ranges(&mut self) -> Result<&mut LpmTrie<MapData, SourceRange, u8>, MapError> {
-        self.source_ranges.as_mut().ok_or_else(|| {
-            MapError::IoError(std::io::Error::other(
-                "the writer was not given the SOURCE_RANGES map",
-            ))
-        })
-    }
-}
-
-fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
-    match result {
-        Err(MapError::KeyNotFound) => Ok(()),
-        Err(MapError::SyscallError(error))
-            if error.io_error.raw_os_error() == Some(libc::ENOENT) =>
-        {
-            Ok(())
-        }
-        other => other,
-    }
-}
-
-/// A hash map that is full refuses new keys with E2BIG.
-fn is_map_full(error: &MapError) -> bool {
-    matches!(error, MapError::SyscallError(error) if error.io_error.raw_os_error() == Some(libc::E2BIG))
-}
-
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::net::Ipv4Addr;
     use std::time::Duration;
 
@@ -555,7 +486,7 @@ mod tests {
 
     /// Every header counts only existing slots; every slot and affinity match names an
     /// existing backend; every header's frontend has its name.
-    fn assert_consistent(image: &MapImage, step: usize) {
+    pub(in crate::writer) fn assert_consistent(image: &MapImage, step: usize) {
         for key in &image.affinity_matches {
             assert!(
                 image.backends.contains_key(&key.backend_id),
