@@ -269,7 +269,8 @@ impl Daemon {
         let started = Instant::now();
         let changes = self.model.take_changes();
         self.report_rejected(&changes.rejected);
-        let full = self.need_full_sync || self.planner.set_node(&self.node, &self.model);
+        let node_changed = self.planner.set_node(&self.node, &self.model);
+        let full = self.need_full_sync || node_changed;
         let delta = if full {
             let all = self.model.services().map(|(key, _)| key.clone());
             self.planner.update(&self.model, all)
