@@ -231,10 +231,17 @@ impl Daemon<'_> {
     /// Waits until the daemon has logged its first `sync complete`. Fails early, with the
     /// log, if the daemon exits or the timeout passes.
     pub fn wait_synced(&self, timeout: Duration) -> Result<()> {
+        self.wait_for_sync_line("", timeout)
+    }
+
+    /// Waits until the daemon logs a `sync complete` line that contains `text` (e.g.
+    /// `frontends=0 `). Fails early, with the log, if the daemon exits or the timeout passes.
+    pub fn wait_for_sync_line(&self, text: &str, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         let mut state = self.log.state.lock().expect("log lock");
         loop {
-            if state.lines.iter().any(|line| line.contains(SYNC_MARKER)) {
+            let synced = |line: &String| line.contains(SYNC_MARKER) && line.contains(text);
+            if state.lines.iter().any(synced) {
                 return Ok(());
             }
             if state.open_streams == 0 {
@@ -250,7 +257,8 @@ impl Daemon<'_> {
             if now >= deadline {
                 drop(state);
                 bail!(
-                    "no `{SYNC_MARKER}` from ebpf-proxy within {timeout:?} in netns {}\n{}",
+                    "no `{SYNC_MARKER}` with {text:?} from ebpf-proxy within {timeout:?} in \
+                     netns {}\n{}",
                     self.node.name(),
                     self.log()
                 );
