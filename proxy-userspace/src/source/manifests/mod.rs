@@ -60,6 +60,9 @@ struct FileState {
     hash: Option<ContentHash>,
     /// The objects it defines, as last read (or kept from before).
     objects: BTreeSet<ObjectId>,
+    /// Why it could not be used the last time it was read: the same failure is reported
+    /// once, not on every look.
+    failure: Option<String>,
 }
 
 /// What the metadata says of a file's contents: any write changes one of these (a write
@@ -189,7 +192,9 @@ impl ManifestSource {
             } => {
                 let state = self.files.get_mut(path).expect("just added");
                 state.hash = hash.or(state.hash);
-                if reason == "empty" && previous.is_empty() {
+                let repeated = state.failure.as_ref() == Some(&message);
+                state.failure = Some(message.clone());
+                if repeated || (reason == "empty" && previous.is_empty()) {
                     state.objects = previous;
                     return;
                 }
@@ -203,7 +208,9 @@ impl ManifestSource {
                 return;
             }
             FileRead::Parsed { hash, documents } => {
-                self.file_mut(path).hash = Some(hash);
+                let state = self.file_mut(path);
+                state.hash = Some(hash);
+                state.failure = None;
                 documents
             }
         };
