@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use proxy_common::{Backend, ServiceKey, ServiceValue, map_names, proto};
-use proxy_lab::{Lab, Service};
+use proxy_lab::{Daemon, Lab, Service};
 
 use crate::cluster::{Cluster, Endpoints};
 use crate::daemon;
@@ -61,33 +61,59 @@ pub fn measure(settings: &ChangeSettings) -> Result<Vec<ChangeResult>> {
         .collect()
 }
 
+/// A lab with two pods, and the daemon serving `background_services` Services (in a file
+/// of their own) and the probe Service on pod-1, programmed.
+pub struct ProbeSetup {
+    pub lab: Lab,
+    pub probe: Service,
+}
+
+impl ProbeSetup {
+    pub fn new() -> Result<Self> {
+        let lab = Lab::builder().pods(2).build()?;
+        let probe = Service::cluster_ip("probe", PROBE_VIP).tcp(PROBE_PORT, lab.tcp_port());
+        Ok(ProbeSetup { lab, probe })
+    }
+
+    /// Starts the daemon with `args` (after [`DAEMON_FLAGS`] and map sizes that fit
+    /// `extra_services` more Services) and opens its maps.
+    pub fn start(
+        &self,
+        background_services: usize,
+        extra_services: usize,
+    ) -> Result<(Daemon<'_>, PinnedMaps)> {
+        let lab = &self.lab;
+        let background = Cluster::new(
+            background_services,
+            Endpoints::Shared {
+                pods: lab.pods().iter().map(|pod| pod.ip).collect(),
+                port: lab.tcp_port(),
+            },
+        )?;
+        let sizes = daemon::map_size_flags(background_services + 1 + extra_services, 2);
+        let args: Vec<&str> = DAEMON_FLAGS
+            .iter()
+            .copied()
+            .chain(sizes.iter().map(String::as_str))
+            .collect();
+        let daemon = daemon::start(
+            lab,
+            vec![
+                daemon::cluster_manifest(&background),
+                self.probe.manifest(&lab.pods()[..1]),
+            ],
+            &args,
+            background_services + 1,
+        )?;
+        let maps = PinnedMaps::open(&daemon.bpffs_root())?;
+        Ok((daemon, maps))
+    }
+}
+
 fn measure_at(background_services: usize, changes: usize) -> Result<ChangeResult> {
-    let lab = Lab::builder().pods(2).build()?;
-    let pods: Vec<Ipv4Addr> = lab.pods().iter().map(|pod| pod.ip).collect();
-    let background = Cluster::new(
-        background_services,
-        Endpoints::Shared {
-            pods,
-            port: lab.tcp_port(),
-        },
-    )?;
-    let probe = Service::cluster_ip("probe", PROBE_VIP).tcp(PROBE_PORT, lab.tcp_port());
-    let sizes = daemon::map_size_flags(background_services + 1, 2);
-    let args: Vec<&str> = DAEMON_FLAGS
-        .iter()
-        .copied()
-        .chain(sizes.iter().map(String::as_str))
-        .collect();
-    let daemon = daemon::start(
-        &lab,
-        vec![
-            daemon::cluster_manifest(&background),
-            probe.manifest(&lab.pods()[..1]),
-        ],
-        &args,
-        background_services + 1,
-    )?;
-    let maps = PinnedMaps::open(&daemon.bpffs_root())?;
+    let setup = ProbeSetup::new()?;
+    let (daemon, maps) = setup.start(background_services, 0)?;
+    let (lab, probe) = (&setup.lab, &setup.probe);
 
     let mut to_maps = Vec::with_capacity(changes);
     let mut to_traffic = Vec::with_capacity(changes);

@@ -9,11 +9,9 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use proxy_lab::{Lab, Manifest, Service};
+use proxy_lab::Manifest;
 
-use crate::cluster::{Cluster, Endpoints};
-use crate::daemon;
-use crate::endpoint_change::{PROBE_PORT, PROBE_VIP, PinnedMaps};
+use crate::endpoint_change::ProbeSetup;
 
 const GIVE_UP: Duration = Duration::from_secs(10);
 /// Churning Services present at once, and the names they rotate through.
@@ -37,30 +35,9 @@ pub struct SoakResult {
 }
 
 pub fn measure(settings: &SoakSettings) -> Result<SoakResult> {
-    let lab = Lab::builder().pods(2).build()?;
-    let background = Cluster::new(
-        settings.background_services,
-        Endpoints::Shared {
-            pods: lab.pods().iter().map(|pod| pod.ip).collect(),
-            port: lab.tcp_port(),
-        },
-    )?;
-    let probe = Service::cluster_ip("probe", PROBE_VIP).tcp(PROBE_PORT, lab.tcp_port());
-    let sizes = daemon::map_size_flags(settings.background_services + CHURN_PRESENT + 1, 2);
-    let args: Vec<&str> = ["--min-sync-period", "0ms"]
-        .into_iter()
-        .chain(sizes.iter().map(String::as_str))
-        .collect();
-    let daemon = daemon::start(
-        &lab,
-        vec![
-            daemon::cluster_manifest(&background),
-            probe.manifest(&lab.pods()[..1]),
-        ],
-        &args,
-        settings.background_services + 1,
-    )?;
-    let maps = PinnedMaps::open(&daemon.bpffs_root())?;
+    let setup = ProbeSetup::new()?;
+    let (daemon, maps) = setup.start(settings.background_services, CHURN_PRESENT)?;
+    let (lab, probe) = (&setup.lab, &setup.probe);
     let pid = daemon.pid().context("the daemon is not running")?;
     let mut samples = vec![(0, rss_kib(pid)?)];
     for change in 1..=settings.changes {

@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
-use common::{SYNC_TIMEOUT, backends, echo_service, served_by, until_avoided};
+use common::{backends, daemon_with_echo_and, echo_service, served_by, until_avoided};
 use proxy_lab::{Manifest, require_lab};
 
 const PROPAGATION_LIMIT: Duration = Duration::from_secs(2);
@@ -24,13 +24,7 @@ fn manifest(file_name: &str, yaml: String) -> Manifest {
 fn hostile_files_are_refused_and_do_not_hold_up_other_changes() -> Result<()> {
     require_lab!();
     let lab = common::lab()?;
-    let daemon = lab
-        .daemon()
-        .manifest(echo_service().manifest(backends(&lab)))
-        .arg("--manifests-max-file-bytes")
-        .arg("1048576")
-        .start()?;
-    daemon.wait_synced(SYNC_TIMEOUT)?;
+    let daemon = daemon_with_echo_and(&lab, &["--manifests-max-file-bytes", "1048576"])?;
 
     let deep = format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: deep}}\nspec: {}{}\n",

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use common::{SYNC_TIMEOUT, backends, echo_service};
+use common::{SYNC_TIMEOUT, backends, daemon_with_echo_and};
 use proxy_lab::{Manifest, require_lab};
 
 const CHANGES: usize = 300;
@@ -55,13 +55,7 @@ fn rss_kib(pid: u32) -> Result<u64> {
 fn rss_stays_flat_under_a_stream_of_changes() -> Result<()> {
     require_lab!();
     let lab = common::lab()?;
-    let daemon = lab
-        .daemon()
-        .manifest(echo_service().manifest(backends(&lab)))
-        .arg("--min-sync-period")
-        .arg("0ms")
-        .start()?;
-    daemon.wait_synced(SYNC_TIMEOUT)?;
+    let daemon = daemon_with_echo_and(&lab, &["--min-sync-period", "0ms"])?;
     let pid = daemon.pid().context("the daemon is not running")?;
     let pods: Vec<std::net::Ipv4Addr> = backends(&lab).iter().map(|pod| pod.ip).collect();
     let mut warm = 0;

@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
-use common::{SYNC_TIMEOUT, backends, echo_service};
+use common::daemon_with_echo_and;
 use proxy_lab::{Manifest, require_lab};
 
 /// One more Service per rewrite, so every sync shows how far the maps got.
@@ -45,13 +45,7 @@ fn synced_frontend_counts(log: &str) -> Vec<usize> {
 fn a_stream_of_changes_faster_than_the_sync_period_keeps_the_maps_catching_up() -> Result<()> {
     require_lab!();
     let lab = common::lab()?;
-    let daemon = lab
-        .daemon()
-        .manifest(echo_service().manifest(backends(&lab)))
-        .arg("--min-sync-period")
-        .arg("300ms")
-        .start()?;
-    daemon.wait_synced(SYNC_TIMEOUT)?;
+    let daemon = daemon_with_echo_and(&lab, &["--min-sync-period", "300ms"])?;
     let before = synced_frontend_counts(&daemon.log()).len();
 
     // 3 s of rewrites, one every 5 ms (bounded in count and time).
