@@ -1000,6 +1000,25 @@ items:
     }
 
     #[test]
+    fn a_large_file_parsed_in_parts_reads_like_a_small_one() {
+        let dir = TempDir::new("large");
+        let mut documents: Vec<String> = (0..12_000)
+            .map(|i| service_yaml(&format!("s{i}"), &format!("198.19.{}.{}", i / 250, i % 250)))
+            .collect();
+        documents[5000] = "just a string\n".to_owned();
+        let text = documents.join("---\n");
+        assert!(text.len() as u64 > parse::PARALLEL_FROM_BYTES);
+        dir.write("large.yaml", &text);
+        let reload = load(&dir);
+        assert_eq!(reload.model.services().count(), 11_999);
+        assert_eq!(
+            reload.problems,
+            ["large.yaml: document 5001: not a Kubernetes object: kind is missing"]
+        );
+        assert_eq!(cluster_ip(&reload.model, "web/s11999"), "198.19.47.249");
+    }
+
+    #[test]
     fn unreadable_directory_is_an_error() {
         let dir = TempDir::new("missing");
         let mut source = ManifestSource::new(dir.0.join("absent"), ParseLimits::default());

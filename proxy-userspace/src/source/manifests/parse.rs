@@ -181,7 +181,7 @@ pub(super) fn read_file(
             message: "is empty".to_owned(),
         };
     }
-    match parse_file(file, limits) {
+    match parse_file(file, limits, size) {
         Ok(documents) => FileRead::Parsed { hash, documents },
         Err((reason, message)) => FileRead::Failed {
             hash: Some(hash),
@@ -207,10 +207,12 @@ fn content_hash(file: &Path, limit: u64) -> io::Result<ContentHash> {
 }
 
 /// The documents of a file. Err (reason label, message) when the file as a whole can't be
-/// parsed: then none of its new contents is used.
+/// parsed: then none of its new contents is used. A large file is cut at its document
+/// markers and its parts parsed side by side, one thread a core.
 fn parse_file(
     file: &Path,
     limits: &ParseLimits,
+    size: u64,
 ) -> Result<Vec<(String, Decoded)>, (&'static str, String)> {
     let language = if file
         .extension()
@@ -220,37 +222,135 @@ fn parse_file(
     } else {
         "YAML"
     };
-    let opened =
-        File::open(file).map_err(|error| ("unreadable", format!("can't be read: {error}")))?;
+    let failed =
+        |error: &serde_saphyr::Error| (error_reason(error), format!("invalid {language}: {error}"));
+    let unreadable = |error: io::Error| ("unreadable", format!("can't be read: {error}"));
+    let opened = File::open(file).map_err(unreadable)?;
     let mut reader = BufReader::with_capacity(
         64 * 1024,
         opened.take(limits.max_file_bytes.saturating_add(1)),
     );
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut text = String::new();
+    let parts = if size >= PARALLEL_FROM_BYTES && cores > 1 {
+        match reader.read_to_string(&mut text) {
+            Ok(_) => split_documents(&text, cores),
+            // Not UTF-8: the parser says where.
+            Err(_) => Vec::new(),
+        }
+    } else {
+        Vec::new()
+    };
+    let parsed: Vec<Result<Vec<Located>, serde_saphyr::Error>> = if parts.len() > 1 {
+        std::thread::scope(|scope| {
+            let threads: Vec<_> = parts
+                .iter()
+                .map(|part| scope.spawn(|| parse_documents(&mut part.as_bytes(), limits)))
+                .collect();
+            threads
+                .into_iter()
+                .map(|thread| thread.join().expect("a parser thread panicked"))
+                .collect()
+        })
+    } else if parts.len() == 1 {
+        vec![parse_documents(&mut parts[0].as_bytes(), limits)]
+    } else {
+        let reopened = File::open(file).map_err(unreadable)?;
+        let mut reader = BufReader::with_capacity(
+            64 * 1024,
+            reopened.take(limits.max_file_bytes.saturating_add(1)),
+        );
+        vec![parse_documents(&mut reader, limits)]
+    };
+    let mut decoded = Vec::new();
+    let mut documents_before = 0;
+    for part in parsed {
+        let part = part.map_err(|error| failed(&error))?;
+        let mut documents_here = 0;
+        for located in part {
+            documents_here = documents_here.max(located.document + 1);
+            let document = documents_before + located.document + 1;
+            let location = match located.item {
+                None => format!("document {document}"),
+                Some(item) => format!("document {document} item {}", item + 1),
+            };
+            decoded.push((location, located.decoded));
+        }
+        documents_before += documents_here;
+    }
+    Ok(decoded)
+}
+
+/// Files at least this large are parsed in parts, side by side.
+pub(super) const PARALLEL_FROM_BYTES: u64 = 1 << 20;
+
+/// A decoded object and where it was: its document (and its item, in a List), counted from
+/// 0 within the part parsed.
+struct Located {
+    document: usize,
+    item: Option<usize>,
+    decoded: Decoded,
+}
+
+/// The documents read from `reader`.
+fn parse_documents(
+    reader: &mut impl Read,
+    limits: &ParseLimits,
+) -> Result<Vec<Located>, serde_saphyr::Error> {
     let mut names = Interner::default();
     let mut decoded = Vec::new();
-    for (index, document) in
-        serde_saphyr::read_with_options::<_, Document>(&mut reader, options(limits)).enumerate()
+    for (document, parsed) in
+        serde_saphyr::read_with_options::<_, Document>(reader, options(limits)).enumerate()
     {
-        let location = format!("document {}", index + 1);
-        match document {
-            Ok(Document::Object(object)) => {
-                decoded.push((location, decode_object(object, &mut names)));
-            }
-            Ok(Document::List(items)) => {
+        match parsed? {
+            Document::Object(object) => decoded.push(Located {
+                document,
+                item: None,
+                decoded: decode_object(object, &mut names),
+            }),
+            Document::List(items) => {
                 for (item, object) in items.into_iter().enumerate() {
-                    let location = format!("{location} item {}", item + 1);
-                    decoded.push((location, decode_object(object, &mut names)));
+                    decoded.push(Located {
+                        document,
+                        item: Some(item),
+                        decoded: decode_object(object, &mut names),
+                    });
                 }
             }
-            Ok(Document::InvalidList(reason)) => {
-                decoded.push((location, Decoded::Invalid { id: None, reason }));
-            }
-            Err(error) => {
-                return Err((error_reason(&error), format!("invalid {language}: {error}")));
-            }
+            Document::InvalidList(reason) => decoded.push(Located {
+                document,
+                item: None,
+                decoded: Decoded::Invalid { id: None, reason },
+            }),
         }
     }
     Ok(decoded)
+}
+
+/// `text` cut into about `parts` pieces at document markers (`---` at the start of a line:
+/// YAML forbids that line inside any scalar, so it always starts a document). Whole when
+/// it has directives (`%YAML`, which belong to the document after them) or few markers.
+fn split_documents(text: &str, parts: usize) -> Vec<&str> {
+    let is_marker = |line: &str| {
+        line.strip_prefix("---")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\r', '\n']))
+    };
+    if text.lines().any(|line| line.starts_with('%')) {
+        return vec![text];
+    }
+    let target = text.len() / parts.max(1) + 1;
+    let mut pieces = Vec::new();
+    let mut start = 0;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        if offset - start >= target && is_marker(line) {
+            pieces.push(&text[start..offset]);
+            start = offset;
+        }
+        offset += line.len();
+    }
+    pieces.push(&text[start..]);
+    pieces
 }
 
 fn options(limits: &ParseLimits) -> serde_saphyr::Options {
@@ -527,4 +627,24 @@ fn deserialize<T: DeserializeOwned>(document: Value) -> Result<T, String> {
             format!("{path}: {}", error.inner())
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_are_split_at_document_markers_only() {
+        let text = "a: 1\n---\nb: |\n  ---x\n  text\n--- # c\nc: 3\n---\nd: 4\n";
+        let parts = split_documents(text, 3);
+        assert_eq!(parts.concat(), text, "nothing lost or doubled");
+        assert!(parts.len() > 1);
+        for part in &parts[1..] {
+            assert!(part.starts_with("---"), "{part:?}");
+        }
+        assert_eq!(
+            split_documents("%YAML 1.2\n---\na: 1\n---\nb: 2\n", 2).len(),
+            1
+        );
+    }
 }
