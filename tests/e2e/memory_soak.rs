@@ -6,7 +6,7 @@
 mod common;
 
 use std::fmt::Write as _;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use common::{SYNC_TIMEOUT, backends, daemon_with_echo_and};
@@ -59,23 +59,20 @@ fn rss_stays_flat_under_a_stream_of_changes() -> Result<()> {
     let pid = daemon.pid().context("the daemon is not running")?;
     let pods: Vec<std::net::Ipv4Addr> = backends(&lab).iter().map(|pod| pod.ip).collect();
     let mut warm = 0;
-    for change in 1..=CHANGES {
-        daemon.apply(&churn(change, &pods))?;
-        // The echo Service's 2 frontends and the ten churning ones, each change applied.
-        let marker = format!("frontends=12 ");
-        let syncs = daemon
-            .log()
-            .lines()
-            .filter(|line| line.contains(&marker))
-            .count();
-        daemon.wait_for_sync_line(&marker, SYNC_TIMEOUT)?;
-        while daemon
-            .log()
-            .lines()
-            .filter(|line| line.contains(&marker))
+    // The echo Service's 2 frontends and the ten churning ones.
+    let synced = |daemon: &proxy_lab::Daemon| {
+        let log = daemon.log();
+        log.lines()
+            .filter(|line| line.contains("frontends=12 "))
             .count()
-            == syncs
-        {
+    };
+    for change in 1..=CHANGES {
+        let before = synced(&daemon);
+        daemon.apply(&churn(change, &pods))?;
+        // Each change applied before the next one (bounded).
+        let deadline = Instant::now() + SYNC_TIMEOUT;
+        while synced(&daemon) == before {
+            ensure!(Instant::now() < deadline, "change {change} was not synced");
             std::thread::sleep(Duration::from_millis(1));
         }
         if change == WARM_AFTER {
