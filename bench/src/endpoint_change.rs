@@ -18,9 +18,10 @@ use crate::cluster::{Cluster, Endpoints};
 use crate::daemon;
 use crate::stats::percentile_of_sorted;
 
-/// Outside the background Services' VIPs (198.19.0.0 onward, one per Service).
+/// Outside the background Services' frontends: their VIPs cover 198.19.0.0/16 past 65 536
+/// Services, on ports 80 and up.
 pub const PROBE_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 250, 1);
-pub const PROBE_PORT: u16 = 80;
+pub const PROBE_PORT: u16 = 79;
 /// A change not visible in traffic by then fails the benchmark.
 const GIVE_UP: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
