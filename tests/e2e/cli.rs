@@ -7,13 +7,16 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use anyhow::{Context, Result, bail, ensure};
 use common::{SERVICE_TCP_PORT, SYNC_TIMEOUT, backends, caller, echo_service};
-use proxy_lab::{Daemon, Lab, Manifest, NODE_NAME, Service, addr, daemon_binary, require_lab};
+use proxy_lab::{
+    Daemon, Lab, Manifest, NODE_NAME, Netns, Service, addr, daemon_binary, require_lab,
+};
 use serde_json::Value;
 
 /// The single-backend Service of the trace test, and its only endpoint (pod-2).
@@ -432,5 +435,94 @@ fn missing_pins_ask_whether_the_daemon_runs() -> Result<()> {
             "{view}: {stderr}"
         );
     }
+    Ok(())
+}
+
+/// Runs `program args` inside `ns` (`nsenter --net`), with `stdin` as its input; its stdout.
+fn in_netns(ns: &Netns, program: &str, args: &[&str], stdin: &str) -> Result<String> {
+    use std::io::Write as _;
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net={}", ns.path().display()))
+        .arg(program)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {program} in netns {}", ns.name()))?;
+    child
+        .stdin
+        .take()
+        .context("piped stdin")?
+        .write_all(stdin.as_bytes())?;
+    let output = child.wait_with_output()?;
+    ensure!(
+        output.status.success(),
+        "{program} {} failed ({}): {}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?)
+}
+
+/// The KUBE chains of iptables-save-style text: per table, each chain's rules in order.
+fn kube_rules(text: &str) -> BTreeMap<(String, String), Vec<String>> {
+    let mut rules: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    let mut table = String::new();
+    for line in text.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            table = name.to_owned();
+        } else if let Some(chain) = line.strip_prefix(':') {
+            let chain = chain.split(' ').next().unwrap_or_default();
+            if chain.starts_with("KUBE-") {
+                rules.entry((table.clone(), chain.to_owned())).or_default();
+            }
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            let chain = rule.split(' ').next().unwrap_or_default();
+            rules
+                .entry((table.clone(), chain.to_owned()))
+                .or_default()
+                .push(line.to_owned());
+        }
+    }
+    rules
+}
+
+/// `explain` is text that `iptables-restore` takes, and `explain --form iptables-save` is
+/// what `iptables-save` prints back for it, chain by chain and rule by rule: session
+/// affinity (`recent` lists), a NodePort, and a Service without endpoints, loaded into
+/// the lab client's namespace (where nothing jumps to the KUBE chains).
+#[test]
+fn explain_round_trips_through_iptables() -> Result<()> {
+    require_lab!();
+    let lab = common::lab()?;
+    let sticky = Service::node_port("sticky", Ipv4Addr::new(198, 19, 0, 13))
+        .tcp_node_port(SERVICE_TCP_PORT, addr::ECHO_TCP_PORT, 30081)
+        .client_ip_affinity(600);
+    let empty = Service::cluster_ip("empty", Ipv4Addr::new(198, 19, 0, 14))
+        .tcp(SERVICE_TCP_PORT, addr::ECHO_TCP_PORT);
+    let daemon = started(
+        &lab,
+        vec![
+            sticky.manifest(backends(&lab)),
+            empty.manifest([]),
+            echo_service().manifest(backends(&lab)),
+        ],
+    )?;
+    let restore_input = cli_ok(&daemon, &["explain"])?;
+    ensure!(
+        restore_input.contains("--rcheck --seconds 600 --reap"),
+        "{restore_input}"
+    );
+    let saved_form = cli_ok(&daemon, &["explain", "--form", "iptables-save"])?;
+
+    in_netns(lab.client(), "iptables-restore", &[], &restore_input)?;
+    let saved = in_netns(lab.client(), "iptables-save", &[], "")?;
+    let (expected, got) = (kube_rules(&saved_form), kube_rules(&saved));
+    ensure!(
+        expected == got,
+        "explain --form iptables-save:\n{saved_form}\niptables-save:\n{saved}"
+    );
     Ok(())
 }
