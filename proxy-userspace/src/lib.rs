@@ -17,6 +17,7 @@ pub mod inspect;
 pub mod metrics;
 pub mod model;
 pub mod netlink;
+pub mod node_port_addresses;
 pub mod plan;
 pub mod service_health;
 pub mod source;

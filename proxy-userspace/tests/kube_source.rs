@@ -682,6 +682,65 @@ async fn the_node_watch_keeps_this_nodes_labels_only() {
     assert_eq!(deleted.changes, relabelled.changes + 1);
 }
 
+/// What the daemon reads from its Node besides the labels: the primary IPv4 address
+/// (InternalIP before ExternalIP) and whether it is being deleted — the cluster
+/// autoscaler's taint or a deletion timestamp, kept from the deleted object when it goes.
+#[tokio::test]
+async fn the_node_watch_follows_the_primary_address_and_deletion() {
+    let server = FakeApiServer::start().await;
+    let with_addresses = |mut node: Value| {
+        node["status"]["addresses"] = json!([
+            { "type": "Hostname", "address": NODE_NAME },
+            { "type": "ExternalIP", "address": "203.0.113.7" },
+            { "type": "InternalIP", "address": "2001:db8::1" },
+            { "type": "InternalIP", "address": "198.18.0.1" },
+        ]);
+        node
+    };
+    seed(&server);
+    server.edit(|cluster| cluster.apply(Kind::Node, with_addresses(node(NODE_NAME, "zone-a"))));
+    let mut source = RunningSource::start(&server).await;
+    let node_ip = "198.18.0.1".parse().ok();
+    let synced = source
+        .wait_for("the Node's primary address", |s| {
+            s.synced && s.model.node_state().primary_ipv4 == node_ip
+        })
+        .await;
+    assert!(!synced.model.node_state().being_deleted);
+
+    let mut tainted = with_addresses(node(NODE_NAME, "zone-a"));
+    tainted["spec"]["taints"] = json!([
+        { "key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule" },
+        { "key": "ToBeDeletedByClusterAutoscaler", "value": "1700000000", "effect": "NoSchedule" },
+    ]);
+    server.edit(|cluster| cluster.apply(Kind::Node, tainted));
+    source
+        .wait_for("the autoscaler's taint", |s| {
+            s.model.node_state().being_deleted
+        })
+        .await;
+
+    server.edit(|cluster| cluster.apply(Kind::Node, with_addresses(node(NODE_NAME, "zone-a"))));
+    source
+        .wait_for("the taint removed", |s| !s.model.node_state().being_deleted)
+        .await;
+
+    let mut deleting = with_addresses(node(NODE_NAME, "zone-a"));
+    deleting["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+    server.edit(|cluster| cluster.apply(Kind::Node, deleting));
+    let marked = source
+        .wait_for("the deletion timestamp", |s| {
+            s.model.node_state().being_deleted
+        })
+        .await;
+
+    server.edit(|cluster| cluster.delete(Kind::Node, NODE_NAME));
+    let deleted = source
+        .wait_for("the Node's deletion", |s| s.model.node_labels().is_empty())
+        .await;
+    assert_eq!(deleted.model.node_state(), marked.model.node_state());
+}
+
 /// The model counts as synced only once every kind has listed: a Node list refused for
 /// lack of RBAC keeps the source unsynced, and is retried with backoff until it works.
 #[tokio::test]

@@ -512,9 +512,9 @@ fn write_service_port(
     }
 }
 
-/// kube-proxy's `writeServiceToEndpointRules`: with session affinity (`affinity_timeout_s`
-/// > 0), first one rule per endpoint that sends a client back to the endpoint whose
-/// `recent` list saw it within the timeout; then endpoint i of n is taken with probability
+/// kube-proxy's `writeServiceToEndpointRules`: with session affinity (a non-zero
+/// `affinity_timeout_s`), first one rule per endpoint that sends a client back to the
+/// endpoint whose `recent` list saw it within the timeout; then endpoint i of n is taken with probability
 /// 1/(n-i), the last one always: every endpoint gets 1/n, like the datapath's random slot.
 fn write_policy_chain(
     name: &str,

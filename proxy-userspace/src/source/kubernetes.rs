@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -30,7 +31,8 @@ use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
 use tracing::{debug, info, warn};
 
-use crate::model::{Model, ModelError, ObjectKey};
+use crate::health::TO_BE_DELETED_TAINT;
+use crate::model::{Model, ModelError, NodeState, ObjectKey};
 use crate::plan::{HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL};
 
 /// How to reach the API server.
@@ -235,26 +237,60 @@ impl Watched for EndpointSlice {
     }
 }
 
-/// Only the Node's labels (its zone) enter the model: its frequent status updates then
+/// Of the Node, only what the daemon reads enters the model: its labels (the zone), its
+/// primary IPv4 address and whether it is being deleted. Its frequent status updates then
 /// leave the model as it was, and cause no sync.
 impl Watched for Node {
     fn apply(self, model: &mut Model) -> Result<bool, ModelError> {
-        Ok(model.set_node_labels(self.metadata.labels.unwrap_or_default()))
+        let state = node_state(&self);
+        let labels_changed = model.set_node_labels(self.metadata.labels.unwrap_or_default());
+        Ok(model.set_node_state(state) | labels_changed)
     }
 
+    /// The labels (the zone) are unknown from now on; the state stays the deleted object's,
+    /// as kube-proxy's node handlers sync the final object of a deletion.
     fn delete(&self, model: &mut Model) -> bool {
-        model.set_node_labels(BTreeMap::new())
+        let state_changed = model.set_node_state(node_state(self));
+        model.set_node_labels(BTreeMap::new()) | state_changed
     }
 
     fn replace(objects: Vec<Self>, model: &mut Model) -> Vec<ModelError> {
         // The field selector matches at most one Node.
         let Some(node) = objects.into_iter().next() else {
             warn!("no Node named like --node-name; its labels stay unknown until it appears");
+            // Gone while unwatched: like a deletion seen late, the last state stays.
             model.set_node_labels(BTreeMap::new());
             return Vec::new();
         };
-        model.set_node_labels(node.metadata.labels.unwrap_or_default());
-        Vec::new()
+        node.apply(model).err().into_iter().collect()
+    }
+}
+
+/// What kube-proxy reads from its Node besides the labels: the node IP
+/// (`GetNodeHostIPs`: InternalIPs first, then ExternalIPs) and its eligibility for
+/// `/healthz` (`SyncNode`: no deletion timestamp, no `ToBeDeletedByClusterAutoscaler` taint).
+fn node_state(node: &Node) -> NodeState {
+    let addresses = node
+        .status
+        .as_ref()
+        .and_then(|status| status.addresses.as_deref())
+        .unwrap_or_default();
+    let primary_ipv4 = ["InternalIP", "ExternalIP"].into_iter().find_map(|kind| {
+        addresses
+            .iter()
+            .filter(|address| address.type_ == kind)
+            .find_map(|address| address.address.parse::<Ipv4Addr>().ok())
+    });
+    let tainted = node
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.taints.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .any(|taint| taint.key == TO_BE_DELETED_TAINT);
+    NodeState {
+        primary_ipv4,
+        being_deleted: node.metadata.deletion_timestamp.is_some() || tainted,
     }
 }
 
