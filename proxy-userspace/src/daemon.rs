@@ -183,9 +183,14 @@ impl Daemon {
                 }
                 () = self.source.changed(&mut self.model) => {
                     self.follow_node_state();
-                    let now = SystemTime::now();
-                    self.health.queued_update(now);
-                    self.first_pending_change.get_or_insert(now);
+                    // kube-proxy queues updates only once its informers have synced: a
+                    // proxy still listing (or whose API server is down at start) is healthy
+                    // while the datapath it inherited keeps serving.
+                    if self.source.has_synced() {
+                        let now = SystemTime::now();
+                        self.health.queued_update(now);
+                        self.first_pending_change.get_or_insert(now);
+                    }
                     self.sync_window.note_change(tokio::time::Instant::now());
                 }
                 () = until(sync_due) => self.sync(),
