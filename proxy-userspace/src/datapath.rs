@@ -27,6 +27,7 @@ use proxy_common::{
 };
 
 use crate::netlink::Device;
+use crate::pin_root::PinRoot;
 
 /// Where the daemon pins, and the CLI looks, unless told otherwise (`--bpffs-root`).
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/ebpf-proxy";
@@ -111,12 +112,15 @@ pub struct Maps {
 pub struct Datapath {
     ebpf: Ebpf,
     links_dir: PathBuf,
+    /// This daemon's claim on the pins, held while it runs.
+    _pin_root: PinRoot,
 }
 
 impl Datapath {
-    /// Loads the embedded object, reusing (or creating) the maps pinned under `root`.
+    /// Loads the embedded object, reusing (or creating) the maps pinned under `root`, once
+    /// `root` is on a bpffs and this daemon's alone (see [`PinRoot`]).
     pub fn load(root: &Path, sizes: MapSizes) -> Result<Self> {
-        ensure_bpffs(root)?;
+        let pin_root = PinRoot::prepare(root)?;
         let links_dir = root.join("links");
         fs::create_dir_all(&links_dir)
             .with_context(|| format!("creating {}", links_dir.display()))?;
@@ -142,7 +146,11 @@ impl Datapath {
         program(&mut ebpf)?
             .load()
             .context("loading the tc program into the kernel")?;
-        Ok(Self { ebpf, links_dir })
+        Ok(Self {
+            ebpf,
+            links_dir,
+            _pin_root: pin_root,
+        })
     }
 
     /// Takes the maps out of the object. Call once.
@@ -237,35 +245,6 @@ fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
         .program_mut(PROGRAM_NAME)
         .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing from the eBPF object"))?;
     Ok(program.try_into()?)
-}
-
-/// The pins must live on a bpffs; say so clearly instead of failing on the first pin.
-fn ensure_bpffs(root: &Path) -> Result<()> {
-    fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
-    let stat = nix_statfs(root)?;
-    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-    if stat != BPF_FS_MAGIC {
-        return Err(anyhow!(
-            "{} is not on a bpf filesystem: mount one with `mount -t bpf bpf /sys/fs/bpf` \
-             (or pass --bpffs-root on a bpffs)",
-            root.display()
-        ));
-    }
-    Ok(())
-}
-
-fn nix_statfs(path: &Path) -> Result<i64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c_path is a valid NUL-terminated string and stat a writable statfs.
-    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error())
-            .with_context(|| format!("statfs {}", path.display()));
-    }
-    #[allow(clippy::unnecessary_cast)]
-    Ok(stat.f_type as i64)
 }
 
 #[cfg(test)]

@@ -209,6 +209,8 @@ fn init_logging(format: LogFormat) {
 }
 
 fn cleanup(root: &std::path::Path) -> Result<()> {
+    // Unpinning the links of a running daemon would detach its datapath under it.
+    proxy_userspace::pin_root::ensure_unused(root)?;
     match std::fs::remove_dir_all(root) {
         Ok(()) => {
             eprintln!("removed {} (maps and links unpinned)", root.display());

@@ -66,6 +66,8 @@ pub struct DaemonBuilder<'lab> {
     manifests: Vec<Manifest>,
     /// The API server to watch instead of a manifests directory.
     api_server: Option<String>,
+    /// Whether the lab mounts the daemon's bpffs (else the daemon must).
+    mount_bpffs: bool,
     extra_args: Vec<String>,
     echo_log_on_drop: bool,
 }
@@ -78,6 +80,7 @@ impl<'lab> DaemonBuilder<'lab> {
             node_name: node_name.to_owned(),
             manifests: Vec::new(),
             api_server: None,
+            mount_bpffs: true,
             extra_args: Vec::new(),
             echo_log_on_drop: true,
         }
@@ -93,6 +96,13 @@ impl<'lab> DaemonBuilder<'lab> {
     /// node's namespace) through a kubeconfig, instead of the manifests directory.
     pub fn api_server(mut self, url: &str) -> Self {
         self.api_server = Some(url.to_owned());
+        self
+    }
+
+    /// No bpffs under the pin root: its parent is a plain empty directory, as on a node
+    /// where bpffs was never mounted, so the daemon has to mount one (unmounted on drop).
+    pub fn without_bpffs(mut self) -> Self {
+        self.mount_bpffs = false;
         self
     }
 
@@ -116,9 +126,14 @@ impl<'lab> DaemonBuilder<'lab> {
         let scratch = ScratchDir::create(&format!("{}-daemon", unique_prefix()))?;
         std::fs::create_dir(scratch.path().join(MANIFESTS_DIR))?;
         std::fs::create_dir(scratch.path().join(STAGING_DIR))?;
-        let bpffs = PrivateBpffs::mount_at(scratch.path().join("bpffs"))?;
-        let bpffs_root = bpffs.path().join(PIN_DIR);
-        std::fs::create_dir(&bpffs_root).context("creating the bpffs root")?;
+        let bpffs_root = scratch.path().join("bpffs").join(PIN_DIR);
+        let bpffs = if self.mount_bpffs {
+            let bpffs = PrivateBpffs::mount_at(scratch.path().join("bpffs"))?;
+            std::fs::create_dir(&bpffs_root).context("creating the bpffs root")?;
+            bpffs
+        } else {
+            PrivateBpffs::expect_at(scratch.path().join("bpffs"))?
+        };
 
         let mut daemon = Daemon {
             node: self.node,
@@ -235,6 +250,12 @@ impl Daemon<'_> {
     /// The private bpffs mount this daemon pins under.
     pub fn bpffs(&self) -> &Path {
         self.bpffs.path()
+    }
+
+    /// Whether a bpffs is mounted at [`bpffs`](Self::bpffs) (after
+    /// [`DaemonBuilder::without_bpffs`]: whether the daemon mounted one).
+    pub fn bpffs_mounted(&self) -> bool {
+        self.bpffs.is_mounted()
     }
 
     /// The daemon's process id until it is stopped, for reading its `/proc` entries.
