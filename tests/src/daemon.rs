@@ -68,6 +68,8 @@ pub struct DaemonBuilder<'lab> {
     api_server: Option<String>,
     /// Whether the lab mounts the daemon's bpffs (else the daemon must).
     mount_bpffs: bool,
+    /// Run as root with only these capabilities (`setpriv`), if given.
+    capabilities: Option<Vec<String>>,
     extra_args: Vec<String>,
     echo_log_on_drop: bool,
 }
@@ -81,6 +83,7 @@ impl<'lab> DaemonBuilder<'lab> {
             manifests: Vec::new(),
             api_server: None,
             mount_bpffs: true,
+            capabilities: None,
             extra_args: Vec::new(),
             echo_log_on_drop: true,
         }
@@ -103,6 +106,15 @@ impl<'lab> DaemonBuilder<'lab> {
     /// where bpffs was never mounted, so the daemon has to mount one (unmounted on drop).
     pub fn without_bpffs(mut self) -> Self {
         self.mount_bpffs = false;
+        self
+    }
+
+    /// Runs the daemon the way a container runtime starts a container that drops every
+    /// capability and adds back `capabilities` (names as in a securityContext: `BPF`,
+    /// `NET_ADMIN`, …): still uid 0, but with exactly those, and no new privileges
+    /// (`allowPrivilegeEscalation: false`), through `setpriv`.
+    pub fn capabilities(mut self, capabilities: &[&str]) -> Self {
+        self.capabilities = Some(capabilities.iter().map(|c| c.to_lowercase()).collect());
         self
     }
 
@@ -148,7 +160,21 @@ impl<'lab> DaemonBuilder<'lab> {
             daemon.apply(manifest)?;
         }
 
-        let mut command = Command::new(&binary);
+        let mut command = match &self.capabilities {
+            Some(capabilities) => {
+                let bounding: String = capabilities
+                    .iter()
+                    .map(|capability| format!(",+{capability}"))
+                    .collect();
+                let mut setpriv = Command::new("setpriv");
+                setpriv
+                    .arg(format!("--bounding-set=-all{bounding}"))
+                    .args(["--inh-caps=-all", "--no-new-privs", "--"])
+                    .arg(&binary);
+                setpriv
+            }
+            None => Command::new(&binary),
+        };
         command.arg("daemon");
         match &self.api_server {
             Some(url) => {
