@@ -995,6 +995,13 @@ fn refusals(datapath: &Datapath, clients: &[SocketAddrV4]) -> (u64, u64, std::ti
     (answered, dropped, started.elapsed())
 }
 
+/// 60 SYNs from one client, each from another port.
+fn one_client_flood() -> Vec<SocketAddrV4> {
+    (0..60)
+        .map(|port| addr([198, 18, 0, 10], 40_000 + port))
+        .collect()
+}
+
 /// The kernel's per-peer limit (`icmp_ratelimit`, 1 s): one client gets a burst of 6
 /// refusals, then one per second (the test allows one more per second it took); the rest
 /// are dropped and counted. Another client still gets its own burst.
@@ -1004,9 +1011,7 @@ fn refusals_to_one_client_stop_after_a_burst_of_six() {
         return;
     };
     datapath.add_service(frontend(VIP, proto::TCP), &[]);
-    let flood: Vec<SocketAddrV4> = (0..60)
-        .map(|port| addr([198, 18, 0, 10], 40_000 + port))
-        .collect();
+    let flood = one_client_flood();
     let (answered, dropped, took) = refusals(&datapath, &flood);
     let refills = took.as_secs() + 1;
     assert!(
@@ -1061,9 +1066,7 @@ fn an_icmp_ratemask_without_unreachable_lifts_the_limits() {
         return;
     };
     datapath.add_service(frontend(VIP, proto::TCP), &[]);
-    let flood: Vec<SocketAddrV4> = (0..60)
-        .map(|port| addr([198, 18, 0, 10], 40_000 + port))
-        .collect();
+    let flood = one_client_flood();
     let (answered, dropped, _) = refusals(&datapath, &flood);
     assert_eq!((answered, dropped), (60, 0));
     datapath.assert_stats(&[(stat::REJECTED, 60)]);
