@@ -295,10 +295,14 @@ fn without_backends<M: Mode>(
         mode.count(stat::NO_BACKEND);
         return DROP;
     }
-    match reject::port_unreachable(ctx, packet) {
+    match reject::port_unreachable(ctx, packet, !M::DRY_RUN) {
         Ok(verdict) => {
             mode.count(stat::REJECTED);
             verdict
+        }
+        Err(NotRefused::RateLimited) => {
+            mode.count(stat::REJECT_RATE_LIMITED);
+            DROP
         }
         Err(NotRefused::IpOptions) => {
             mode.count(stat::NO_BACKEND);

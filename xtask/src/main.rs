@@ -1,6 +1,6 @@
-//! `cargo xtask setup | test | demo | bench`: orchestration only — installing the toolchain
-//! pieces the eBPF build needs, running the checks CI runs, starting the lab demo, and
-//! running the benchmarks. The logic being tested lives in the workspace crates.
+//! `cargo xtask setup | test | demo | bench | soak`: orchestration only — installing the
+//! toolchain pieces the eBPF build needs, running the checks CI runs, starting the lab demo,
+//! running the benchmarks, and the long variants of the reliability tests. The logic being tested lives in the workspace crates.
 
 mod command;
 mod setup;
@@ -43,6 +43,15 @@ enum Task {
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
+    /// setup, build, and run the long variant of the API-outage lab test: each outage
+    /// phase (down, stalled, 500, 503, garbage, blackhole) lasts minutes instead of
+    /// seconds. Prints the figures (outage length, requests through the datapath, time to
+    /// catch up).
+    Soak {
+        /// Seconds per outage phase (six phases).
+        #[arg(long, default_value_t = 120)]
+        phase_seconds: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -52,6 +61,7 @@ fn main() -> ExitCode {
         Task::Test => test(),
         Task::Demo => demo(),
         Task::Bench { quick, only } => bench(quick, &only),
+        Task::Soak { phase_seconds } => soak(phase_seconds),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -106,6 +116,24 @@ fn demo() -> Result<()> {
     let mut run = std::process::Command::new(demo);
     run.env("EBPF_PROXY_BIN", daemon);
     run_step(run)
+}
+
+fn soak(phase_seconds: u64) -> Result<()> {
+    setup::run()?;
+    let cargo = Cargo::new(workspace_root());
+    let daemon = cargo.build_binary("proxy-userspace", "ebpf-proxy", Profile::Debug)?;
+    let mut test = cargo.command(&[
+        "test",
+        "--package",
+        "proxy-lab",
+        "--test",
+        "api_outage",
+        "--",
+        "--nocapture",
+    ]);
+    test.env("EBPF_PROXY_BIN", &daemon)
+        .env("EBPF_PROXY_OUTAGE_PHASE_SECONDS", phase_seconds.to_string());
+    run_step(test)
 }
 
 fn bench(quick: bool, only: &[String]) -> Result<()> {

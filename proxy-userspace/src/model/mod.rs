@@ -9,13 +9,15 @@
 //! mutation that changes a record marks its Service dirty, so the planner re-plans only
 //! those; one that leaves the record equal (a new resourceVersion, a status the planner
 //! ignores) marks nothing. The Kubernetes source also keeps this node's labels here, as
-//! kube-proxy does: they carry the zone for topology-aware routing.
+//! kube-proxy does: they carry the zone for topology-aware routing; and its primary
+//! address and whether it is being deleted ([`NodeState`]).
 
 mod endpoint_slice;
 pub(crate) mod service;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Service;
@@ -165,6 +167,19 @@ impl ModelError {
     }
 }
 
+/// What the daemon reads from the Node it runs on, besides its labels (the Kubernetes
+/// source only: the default while no Node is known).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeState {
+    /// The Node's primary IPv4 address: its first InternalIP, else ExternalIP, of that
+    /// family (kube-proxy's node IP, which `--nodeport-addresses primary` stands for).
+    pub primary_ipv4: Option<Ipv4Addr>,
+    /// The Node has a deletion timestamp or the cluster autoscaler's
+    /// `ToBeDeletedByClusterAutoscaler` taint: kube-proxy's `/healthz` answers 503 so that
+    /// load balancers drain the node first.
+    pub being_deleted: bool,
+}
+
 /// Shares the node and zone names that thousands of endpoints repeat.
 #[derive(Clone, Debug, Default)]
 pub struct Interner(HashSet<Arc<str>>);
@@ -190,6 +205,8 @@ pub struct Model {
     slices_by_service: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
     /// The labels of the Node this daemon runs on; empty while no source knows them.
     node_labels: BTreeMap<String, String>,
+    /// The rest of what the daemon reads from its Node object.
+    node_state: NodeState,
     names: Interner,
     /// What the mutations changed since the last [`take_changes`](Self::take_changes):
     /// recorded where old and new are both at hand, so nobody keeps a copy to diff.
@@ -201,6 +218,7 @@ impl PartialEq for Model {
         self.services == other.services
             && self.endpoint_slices == other.endpoint_slices
             && self.node_labels == other.node_labels
+            && self.node_state == other.node_state
     }
 }
 
@@ -409,6 +427,18 @@ impl Model {
 
     pub fn node_labels(&self) -> &BTreeMap<String, String> {
         &self.node_labels
+    }
+
+    /// Sets what the Node object says besides its labels; whether that changed.
+    pub fn set_node_state(&mut self, state: NodeState) -> bool {
+        let changed = self.node_state != state;
+        self.node_state = state;
+        self.changes.revision += u64::from(changed);
+        changed
+    }
+
+    pub fn node_state(&self) -> &NodeState {
+        &self.node_state
     }
 
     /// The slices that belong to a Service (whether or not the Service exists), ordered by

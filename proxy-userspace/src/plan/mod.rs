@@ -48,17 +48,43 @@ pub struct NodeFacts {
     /// while the model knows no Node labels (the manifests source: `--node-zone`); once it
     /// does (the Kubernetes source), the Node's own label decides, as in kube-proxy.
     pub zone: Option<String>,
-    /// Every non-loopback IPv4 address of the node (read with rtnetlink).
+    /// Every IPv4 address of the node, loopback included (read with rtnetlink).
     pub addresses: Vec<Ipv4Addr>,
-    /// `--nodeport-addresses`: when non-empty, NodePorts open only on node addresses inside
-    /// one of these CIDRs (kube-proxy's flag of the same name).
+    /// The IPv4 CIDRs of `--nodeport-addresses` (kube-proxy's flag of the same name, its
+    /// `primary` keyword resolved): when non-empty, NodePorts open only on node addresses
+    /// inside one of them.
     pub nodeport_cidrs: Vec<Ipv4Net>,
 }
 
 impl NodeFacts {
-    /// The addresses NodePorts open on: all node addresses, or those inside
-    /// `nodeport_cidrs` when it is set. Sorted, without duplicates.
+    /// The addresses NodePorts open on in the datapath: the node's addresses, or those
+    /// inside `nodeport_cidrs` when it is set, never loopback ones (the program sees no
+    /// loopback traffic). Sorted, without duplicates.
     pub fn node_port_addresses(&self) -> Vec<Ipv4Addr> {
+        self.addresses_in_nodeport_cidrs()
+            .into_iter()
+            .filter(|addr| !addr.is_loopback())
+            .collect()
+    }
+
+    /// Where healthCheckNodePorts listen, as kube-proxy's service health server: every
+    /// address (`0.0.0.0`) unless `nodeport_cidrs` narrows them (and does not contain
+    /// `0.0.0.0/0`), then the node's addresses inside them, loopback included. Empty when
+    /// no node address is inside them.
+    pub fn health_check_addresses(&self) -> Vec<Ipv4Addr> {
+        let match_all = self.nodeport_cidrs.is_empty()
+            || self
+                .nodeport_cidrs
+                .iter()
+                .any(|cidr| cidr.prefix_len() == 0);
+        if match_all {
+            vec![Ipv4Addr::UNSPECIFIED]
+        } else {
+            self.addresses_in_nodeport_cidrs()
+        }
+    }
+
+    fn addresses_in_nodeport_cidrs(&self) -> Vec<Ipv4Addr> {
         let mut addresses: Vec<Ipv4Addr> = self
             .addresses
             .iter()

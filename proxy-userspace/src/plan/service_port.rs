@@ -306,11 +306,52 @@ mod tests {
         ]);
     }
 
+    /// kube-proxy's service health server listens on `0.0.0.0` unless
+    /// `--nodeport-addresses` narrows it, then on the node addresses inside the CIDRs,
+    /// loopback included (`newServiceHealthServer`, `GetNodeIPs`).
+    #[test]
+    fn health_checks_listen_where_kube_proxy_does() {
+        let ip = |text: &str| -> Ipv4Addr { text.parse().unwrap() };
+        let node = |cidrs: &[&str]| NodeFacts {
+            addresses: vec![ip("198.18.0.1"), ip("127.0.0.1"), ip("198.18.5.1")],
+            nodeport_cidrs: cidrs.iter().map(|cidr| cidr.parse().unwrap()).collect(),
+            ..NodeFacts::default()
+        };
+        // (CIDRs, health-check addresses, NodePort addresses)
+        let cases: [(&[&str], Vec<Ipv4Addr>, Vec<Ipv4Addr>); 5] = [
+            (
+                &[],
+                vec![Ipv4Addr::UNSPECIFIED],
+                vec![ip("198.18.0.1"), ip("198.18.5.1")],
+            ),
+            (&["127.0.0.0/8"], vec![ip("127.0.0.1")], vec![]),
+            (
+                &["198.18.0.0/24", "127.0.0.0/8"],
+                vec![ip("127.0.0.1"), ip("198.18.0.1")],
+                vec![ip("198.18.0.1")],
+            ),
+            (
+                &["0.0.0.0/0"],
+                vec![Ipv4Addr::UNSPECIFIED],
+                vec![ip("198.18.0.1"), ip("198.18.5.1")],
+            ),
+            (&["203.0.113.0/24"], vec![], vec![]),
+        ];
+        for (cidrs, health_checks, node_ports) in cases {
+            let node = node(cidrs);
+            assert_eq!(node.health_check_addresses(), health_checks, "{cidrs:?}");
+            assert_eq!(node.node_port_addresses(), node_ports, "{cidrs:?}");
+        }
+    }
+
     #[test]
     fn node_port_frontends() {
+        // Loopback addresses never become NodePort frontends: the program sees no
+        // loopback traffic.
         let two_addresses = NodeFacts {
             addresses: vec![
                 "198.18.0.2".parse().unwrap(),
+                "127.0.0.1".parse().unwrap(),
                 "198.18.0.1".parse().unwrap(),
                 "198.18.0.1".parse().unwrap(),
             ],
