@@ -23,6 +23,7 @@
 mod parse;
 mod validate;
 mod watch;
+mod yaml;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, Metadata};
