@@ -352,7 +352,7 @@ impl Daemon {
             "sync complete"
         );
         if full || delta.services_planned > RETURN_MEMORY_AFTER {
-            return_freed_memory();
+            crate::allocator::return_freed_memory();
         }
     }
 
@@ -375,13 +375,6 @@ impl Daemon {
 
 /// A sync that planned more Services than this hands freed memory back to the system.
 const RETURN_MEMORY_AFTER: usize = 1_000;
-
-/// Returns freed heap pages to the system. After a big load (a large file parsed, a relist)
-/// the allocator keeps the freed memory in its arenas, where RSS still counts it.
-fn return_freed_memory() {
-    // SAFETY: malloc_trim only walks the allocator's own free lists.
-    unsafe { libc::malloc_trim(0) };
-}
 
 impl Daemon {
     /// What the Node object says beyond its labels: whether it is being deleted (kube-proxy's

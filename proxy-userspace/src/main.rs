@@ -248,6 +248,7 @@ fn main() -> ExitCode {
         Command::Daemon(args) => args
             .into_config(std::env::var_os("KUBERNETES_SERVICE_HOST").is_some())
             .and_then(|config| {
+                proxy_userspace::allocator::configure();
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
