@@ -33,15 +33,16 @@ pub use service::{
 /// The namespace of an object whose `metadata.namespace` is absent.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
-/// `namespace/name` of a namespaced object.
+/// `namespace/name` of a namespaced object. Its copies (the model's indexes, the planner's,
+/// the sources' bookkeeping) share the strings.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectKey {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl ObjectKey {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+    pub fn new(namespace: impl Into<Arc<str>>, name: impl Into<Arc<str>>) -> Self {
         ObjectKey {
             namespace: namespace.into(),
             name: name.into(),
@@ -201,8 +202,9 @@ impl Interner {
 pub struct Model {
     services: BTreeMap<ObjectKey, ServiceRecord>,
     endpoint_slices: BTreeMap<ObjectKey, SliceRecord>,
-    /// Service key → keys of the slices labelled with its name (same namespace).
-    slices_by_service: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
+    /// Service key → keys of the slices labelled with its name (same namespace), sorted: a
+    /// Service has few, and a vector costs one allocation where a set costs a node.
+    slices_by_service: HashMap<ObjectKey, Vec<ObjectKey>>,
     /// The labels of the Node this daemon runs on; empty while no source knows them.
     node_labels: BTreeMap<String, String>,
     /// The rest of what the daemon reads from its Node object.
@@ -317,10 +319,13 @@ impl Model {
         self.unlink_endpoint_slice(&key);
         self.changes.slice_changed(&record.service);
         self.changes.trigger_times.extend(trigger_time);
-        self.slices_by_service
+        let slices = self
+            .slices_by_service
             .entry(record.service.clone())
-            .or_default()
-            .insert(key.clone());
+            .or_default();
+        if let Err(position) = slices.binary_search(&key) {
+            slices.insert(position, key.clone());
+        }
         self.endpoint_slices.insert(key, record);
         true
     }
@@ -340,7 +345,9 @@ impl Model {
     fn unlink_endpoint_slice(&mut self, key: &ObjectKey) -> Option<SliceRecord> {
         let slice = self.endpoint_slices.remove(key)?;
         if let Some(slices) = self.slices_by_service.get_mut(&slice.service) {
-            slices.remove(key);
+            if let Ok(position) = slices.binary_search(key) {
+                slices.remove(position);
+            }
             if slices.is_empty() {
                 self.slices_by_service.remove(&slice.service);
             }
@@ -573,7 +580,7 @@ mod tests {
         let mut names: Vec<String> = model
             .endpoint_slices()
             .filter(|(_, slice)| slice.service == *service)
-            .map(|(key, _)| key.name.clone())
+            .map(|(key, _)| key.name.to_string())
             .collect();
         names.sort();
         let indexed = model.endpoint_slices_of(service).count();

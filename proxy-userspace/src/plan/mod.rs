@@ -30,6 +30,7 @@ mod testing;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
@@ -123,13 +124,14 @@ pub enum FrontendKind {
     LoadBalancer,
 }
 
-/// `namespace/name:portname`: the identity kube-proxy hashes into chain names.
+/// `namespace/name:portname`: the identity kube-proxy hashes into chain names. Shares its
+/// strings with the model's records.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServicePortName {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
     /// The Service port's name; empty for an unnamed single port.
-    pub port_name: String,
+    pub port_name: Arc<str>,
 }
 
 impl fmt::Display for ServicePortName {

@@ -462,7 +462,7 @@ pub(super) mod tests {
                     service: ServicePortName {
                         namespace: "default".into(),
                         name: name.into(),
-                        port_name: String::new(),
+                        port_name: "".into(),
                     },
                     kind: FrontendKind::ClusterIp,
                     backends: backends(octets),
