@@ -224,8 +224,9 @@ pub struct SweepReport {
 }
 
 /// The entries (both directions) of UDP flows whose backend address is not among the
-/// serving addresses of their frontend. Frontends without any serving endpoint are left
-/// alone, as kube-proxy does: there is nowhere better to send their flows.
+/// serving addresses of their frontend — all of them when none serves, as kube-proxy's
+/// `CleanStaleEntries` clears them: the client's next datagram is then refused at once
+/// instead of going on into a backend that stopped serving.
 pub fn stale_udp_flows(entries: &HashMap<CtKey, CtValue>, desired: &DesiredState) -> Vec<CtKey> {
     entries
         .iter()
@@ -241,10 +242,9 @@ pub fn stale_udp_flows(entries: &HashMap<CtKey, CtValue>, desired: &DesiredState
                 protocol: Protocol::Udp,
             };
             desired.frontends.get(&frontend).is_some_and(|plan| {
-                !plan.serving_addrs.is_empty()
-                    && !plan
-                        .serving_addrs
-                        .contains(&Ipv4Addr::from(backend_addr.to_ne_bytes()))
+                !plan
+                    .serving_addrs
+                    .contains(&Ipv4Addr::from(backend_addr.to_ne_bytes()))
             })
         })
         .map(|(key, _)| *key)
@@ -261,22 +261,16 @@ pub struct UdpCleanup {
 
 impl UdpCleanup {
     /// Whether a UDP frontend of `desired` may have flows to an address that no longer
-    /// serves it: one lost a serving address, got its first ones, or is new to us (after
-    /// a restart, flows from before are unknown).
+    /// serves it: one lost a serving address (its last one included), or is new to us
+    /// (after a restart, flows from before are unknown).
     pub fn needed(&self, desired: &DesiredState) -> bool {
         desired
             .frontends
             .iter()
-            .filter(|(frontend, plan)| {
-                frontend.protocol == Protocol::Udp && !plan.serving_addrs.is_empty()
-            })
+            .filter(|(frontend, _)| frontend.protocol == Protocol::Udp)
             .any(
                 |(frontend, plan)| match self.cleaned_against.get(frontend) {
-                    // Flows outlive a spell without endpoints (nothing cleans them then).
-                    Some(before) => {
-                        before.is_empty()
-                            || before.iter().any(|addr| !plan.serving_addrs.contains(addr))
-                    }
+                    Some(before) => before.iter().any(|addr| !plan.serving_addrs.contains(addr)),
                     None => true,
                 },
             )
@@ -536,7 +530,7 @@ mod tests {
             translated_flow(proto::UDP, dns, 40_000, 10), // backend left
             translated_flow(proto::UDP, dns, 40_001, 11), // still serving
             translated_flow(proto::TCP, dns, 40_002, 10), // TCP: never cleared here
-            translated_flow(proto::UDP, other, 40_003, 10), // frontend without endpoints
+            translated_flow(proto::UDP, other, 40_003, 10), // no endpoint serves any more
             translated_flow(proto::UDP, ([198, 19, 0, 55], 53), 40_004, 10), // not planned
         ]
         .into_iter()
@@ -546,12 +540,18 @@ mod tests {
             udp_frontend(DNS_VIP, 53, &[11, 12]),
             udp_frontend([198, 19, 0, 54], 53, &[]),
         ]);
+        let order = |key: &CtKey| (key.dir, key.src_port, key.dst_port);
         let mut stale = stale_udp_flows(&entries, &state);
-        stale.sort_by_key(|key| (key.dir, key.src_port));
-        let expected: Vec<CtKey> = translated_flow(proto::UDP, dns, 40_000, 10)
-            .iter()
-            .map(|(key, _)| *key)
-            .collect();
+        stale.sort_by_key(order);
+        let mut expected: Vec<CtKey> = [
+            translated_flow(proto::UDP, dns, 40_000, 10),
+            translated_flow(proto::UDP, other, 40_003, 10),
+        ]
+        .iter()
+        .flatten()
+        .map(|(key, _)| *key)
+        .collect();
+        expected.sort_by_key(order);
         assert_eq!(stale, expected);
     }
 
@@ -604,16 +604,16 @@ mod tests {
                 true,
             ),
             (
-                "the last address left: nothing to clean",
+                "the last address left: its flows go, as kube-proxy clears them",
                 cleaned(&[udp_frontend(DNS_VIP, 53, &[10])]),
                 vec![udp_frontend(DNS_VIP, 53, &[])],
-                false,
+                true,
             ),
             (
-                "endpoints are back after none",
+                "endpoints are back after none (their flows went then)",
                 cleaned(&[udp_frontend(DNS_VIP, 53, &[])]),
                 vec![udp_frontend(DNS_VIP, 53, &[12])],
-                true,
+                false,
             ),
             (
                 "only TCP frontends",

@@ -169,8 +169,11 @@ pub struct FrontendPlan {
     /// topology (sorted, deduplicated): UDP flows to any other address are stale and are
     /// cleared, as kube-proxy's conntrack cleanup does.
     pub serving_addrs: Vec<Ipv4Addr>,
-    /// `loadBalancerSourceRanges` (IPv4 ones, sorted): on a load-balancer frontend, new
-    /// connections from other clients are dropped. Empty: no restriction.
+    /// The sources a load-balancer frontend admits (sorted): its Service's IPv4
+    /// `loadBalancerSourceRanges`, plus each of its load-balancer IPs when a range holds
+    /// the node's address (kube-proxy's `allowFromNode`); new connections from other
+    /// clients are dropped. Empty: no restriction (other kinds, no ranges, or a Service
+    /// without endpoints, which refuses everyone).
     pub source_ranges: Vec<Ipv4Net>,
 }
 
