@@ -9,6 +9,9 @@
 //! mappings, which go back to the system when freed; after a sync that changed much,
 //! [`return_freed_memory`] hands back the free pages inside the heap as well.
 
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash};
+
 /// Buffers from this size up get a mapping of their own (glibc's default start, fixed).
 const MMAP_THRESHOLD: i32 = 128 * 1024;
 
@@ -31,5 +34,18 @@ pub fn return_freed_memory() {
     // SAFETY: malloc_trim only walks the allocator's own free lists.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// Tables at most this large keep their buckets: a resize costs more than they hold.
+const SMALL_TABLE: usize = 1024;
+
+/// Gives a hash table's unused buckets back once most of its entries have gone (a large
+/// file removed, a relist that dropped thousands of objects): hash tables never shrink on
+/// their own, so at 100 000 Services the empty tables of the model, planner and writer
+/// held tens of megabytes. O(1) when there is nothing to do.
+pub fn shrink_sparse<K: Eq + Hash, V, S: BuildHasher>(table: &mut HashMap<K, V, S>) {
+    if table.capacity() > SMALL_TABLE && table.len() * 4 < table.capacity() {
+        table.shrink_to_fit();
     }
 }

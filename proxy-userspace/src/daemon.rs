@@ -352,6 +352,8 @@ impl Daemon {
             "sync complete"
         );
         if full || delta.services_planned > RETURN_MEMORY_AFTER {
+            // After the delta is gone: it holds the plans of every frontend it touched.
+            drop(delta);
             crate::allocator::return_freed_memory();
         }
     }

@@ -470,6 +470,7 @@ impl Model {
 
     /// What the mutations changed since the last call.
     pub fn take_changes(&mut self) -> ModelChanges {
+        crate::allocator::shrink_sparse(&mut self.slices_by_service);
         let revision = self.changes.revision;
         let changes = std::mem::take(&mut self.changes);
         self.changes.revision = revision;

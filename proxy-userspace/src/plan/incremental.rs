@@ -184,6 +184,8 @@ impl Planner {
                 (old != new).then_some(FrontendChange { frontend, old, new })
             })
             .collect();
+        crate::allocator::shrink_sparse(&mut self.services);
+        self.claims.shrink_sparse();
         delta
     }
 

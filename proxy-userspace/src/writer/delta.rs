@@ -106,6 +106,12 @@ impl MapMirror {
         self.current.apply(op);
     }
 
+    /// Gives unused buckets back after most entries went.
+    pub fn shrink_sparse(&mut self) {
+        crate::allocator::shrink_sparse(&mut self.backend_refs);
+        self.ids.shrink_sparse();
+    }
+
     fn count_backend_refs(&mut self) {
         self.backend_refs.clear();
         for id in self.current.slot_backends() {

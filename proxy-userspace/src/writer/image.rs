@@ -107,6 +107,12 @@ impl IdRegistry {
         self.backends.remove(backend);
     }
 
+    /// Gives unused buckets back after most ids were released.
+    pub fn shrink_sparse(&mut self) {
+        crate::allocator::shrink_sparse(&mut self.backends);
+        crate::allocator::shrink_sparse(&mut self.frontends);
+    }
+
     /// Forgets the ids of everything that is no longer in `image`.
     fn retain(&mut self, image: &MapImage) {
         self.backends

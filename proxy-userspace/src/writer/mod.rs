@@ -143,6 +143,7 @@ impl MapWriter {
                 Err(error) => report.failures.push(format!("{op:?}: {error}")),
             }
         }
+        self.mirror.shrink_sparse();
         report
     }
 
