@@ -107,6 +107,7 @@ impl Settings {
             },
             change: ChangeSettings {
                 background_services: vec![10_000, 100_000],
+                api_background_services: vec![1_000, 10_000],
                 changes: 100,
             },
             memory: MemorySettings {
@@ -152,6 +153,7 @@ impl Settings {
             },
             change: ChangeSettings {
                 background_services: vec![10],
+                api_background_services: vec![10],
                 changes: 4,
             },
             memory: MemorySettings {
@@ -206,8 +208,9 @@ impl Settings {
                 programming.changes
             ),
             format!(
-                "endpoint change through the daemon: {} changes among {:?} background Services",
-                change.changes, change.background_services
+                "endpoint change through the daemon: {} changes among {:?} background Services \
+                 (manifests) and {:?} (test API server)",
+                change.changes, change.background_services, change.api_background_services
             ),
             format!(
                 "memory: {:?} Services × {} endpoints",

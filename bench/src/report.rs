@@ -536,12 +536,16 @@ pub fn document(results: &Results, context: &DocumentContext) -> String {
         let _ = write!(
             doc,
             "\nThrough the real daemon, confirmed by traffic: a probe Service with one \
-             endpoint, among the background Services (in a file of their own), is switched \
-             between two pods by rewriting its manifest (atomic rename). The clock runs from the \
-             rename until the pinned maps name the new pod, and until a new connection from the \
-             client namespace is answered by it. The daemon runs with `{}`: it learns of the \
-             change from inotify, reads and parses only the probe's file off its event loop, \
-             re-plans the probe alone and writes its frontend.\n\n{}",
+             endpoint, among the background Services, is switched between two pods. Source \
+             `manifest`: the background Services sit in a file of their own and the probe's \
+             manifest is rewritten (atomic rename); the daemon learns of it from inotify and \
+             reads and parses only that file, off its event loop. Source `API`: the daemon \
+             lists and watches the test API server (in the node's namespace, the real kube-rs \
+             client over HTTP), and the probe's EndpointSlice is updated there, which the \
+             daemon's watcher receives as a MODIFIED event. The clock runs from the rename (the \
+             server's update) until the pinned maps name the new pod, and until a new \
+             connection from the client namespace is answered by it. The daemon runs with \
+             `{}`, re-plans the probe alone and writes its frontend.\n\n{}",
             DAEMON_FLAGS.join(" "),
             change_daemon_table(&results.change).markdown()
         );
