@@ -63,9 +63,18 @@ impl ObjectKey {
     }
 }
 
+/// A name as long as Kubernetes allows is shown whole; a longer one (only a hostile or
+/// broken object has one, and it is refused) is cut, so a megabyte name can't flood the log.
 impl fmt::Display for ObjectKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
+        const LONGEST: usize = 253;
+        let part = |f: &mut fmt::Formatter<'_>, text: &str| match text.char_indices().nth(LONGEST) {
+            Some((end, _)) => write!(f, "{}…({} bytes)", &text[..end], text.len()),
+            None => f.write_str(text),
+        };
+        part(f, &self.namespace)?;
+        f.write_str("/")?;
+        part(f, &self.name)
     }
 }
 

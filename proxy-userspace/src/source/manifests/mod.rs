@@ -22,7 +22,6 @@
 
 mod definitions;
 mod parse;
-mod validate;
 mod watch;
 mod yaml;
 
@@ -183,11 +182,12 @@ impl ManifestSource {
         state.stat = file.stat;
         let shared_path = state.path.clone();
         let previous = std::mem::take(&mut state.objects);
-        let mut problem = |object: Option<String>, reason: &'static str, message: String| {
-            let object = object
-                .map(|object| format!("{object}: "))
-                .unwrap_or_default();
-            let kind = ProblemKind::File;
+        // An object's problem counts as its kind's, the file's own as the file's.
+        let mut problem = |object: Option<(ProblemKind, String)>, reason, message: String| {
+            let (kind, object) = match object {
+                Some((kind, object)) => (kind, format!("{object}: ")),
+                None => (ProblemKind::File, String::new()),
+            };
             model.reject(Problem::new(
                 kind,
                 reason,
@@ -237,7 +237,7 @@ impl ManifestSource {
                 Decoded::Skipped => {}
                 Decoded::Object(id, _) if fresh.contains_key(&id) || kept.contains(&id) => {
                     problems.push((
-                        Some(id.to_string()),
+                        Some((id.kind.problem_kind(), id.to_string())),
                         "duplicate",
                         "defined twice in this file; keeping the first".to_owned(),
                     ));
@@ -252,7 +252,10 @@ impl ManifestSource {
                         reason.push_str("; keeping its last good version");
                         kept.insert(id.clone());
                     }
-                    let object = id.map_or(location, |id| id.to_string());
+                    let object = match id {
+                        Some(id) => (id.kind.problem_kind(), id.to_string()),
+                        None => (ProblemKind::File, location),
+                    };
                     problems.push((Some(object), "invalid", reason));
                 }
             }

@@ -20,11 +20,11 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 use tracing::debug;
 
-use super::validate::{validate_endpoint_slice, validate_service};
 use super::yaml::{DocumentSink, NodeDeserializer, Tree, TreeLimits, YamlError, read_documents};
 use crate::model::{
-    DEFAULT_NAMESPACE, Interner, ObjectKey, ServiceRecord, SliceRecord, trigger_time,
+    DEFAULT_NAMESPACE, Interner, ObjectKey, ProblemKind, ServiceRecord, SliceRecord, trigger_time,
 };
+use crate::source::validate::{validate_endpoint_slice, validate_service};
 
 /// How much one file may ask of the parser (`--manifests-max-file-bytes`,
 /// `--manifests-max-depth`, `--manifests-max-alias-expansion`).
@@ -63,6 +63,14 @@ impl Kind {
             "Service" => Some(Kind::Service),
             "EndpointSlice" => Some(Kind::EndpointSlice),
             _ => None,
+        }
+    }
+
+    /// What a problem with an object of this kind counts as.
+    pub fn problem_kind(self) -> ProblemKind {
+        match self {
+            Kind::Service => ProblemKind::Service,
+            Kind::EndpointSlice => ProblemKind::EndpointSlice,
         }
     }
 
