@@ -602,3 +602,83 @@ fn unreadable_directory_is_an_error() {
     let mut source = ManifestSource::new(dir.0.join("absent"), ParseLimits::default());
     assert!(source.load(&mut Model::default()).is_err());
 }
+
+/// Issue 14: every hostile object kind and file of the lab's catalogue, side by side with
+/// a good Service: each refused or skipped with its kind, reason and name, the rest
+/// taken in, the good Service planned as if they were not there.
+#[test]
+fn hostile_objects_and_files_are_refused_with_their_reasons_while_others_load() {
+    use proxy_lab::hostile::{self, Reported};
+
+    let dir = TempDir::new("hostile-catalogue");
+    let limits = ParseLimits {
+        max_file_bytes: 4 * 1024 * 1024,
+        ..ParseLimits::default()
+    };
+    let cases = hostile::hostile_objects();
+    for case in &cases {
+        dir.write(&format!("{}.json", case.name), &hostile::as_list(case));
+    }
+    let files = hostile::hostile_files(limits.max_file_bytes as usize);
+    for file in &files {
+        fs::write(dir.0.join(file.file_name), &file.contents).unwrap();
+    }
+    let (repeated_name, repeated) = hostile::repeated_key_document();
+    dir.write(
+        "repeated-key.yaml",
+        &format!(
+            "{repeated}---\n{}",
+            service_yaml("beside-repeated", "198.19.0.41")
+        ),
+    );
+    dir.write("good.yaml", &service_yaml("good", "198.19.0.40"));
+
+    let mut source = ManifestSource::new(&dir.0, limits);
+    let mut model = Model::default();
+    source.load(&mut model).unwrap();
+    let node = crate::plan::NodeFacts::default();
+    let planned = crate::plan::plan(&model, &node);
+    let reported: Vec<Reported> = (model.take_changes().rejected.iter())
+        .chain(&planned.problems)
+        .map(|problem| Reported {
+            kind: problem.kind.as_str().to_owned(),
+            reason: problem.reason.to_owned(),
+            message: problem.message.clone(),
+        })
+        .collect();
+    let present = |object: &serde_json::Value| {
+        let key = ObjectKey::new(
+            object["metadata"]["namespace"].as_str().unwrap(),
+            object["metadata"]["name"].as_str().unwrap(),
+        );
+        match object["kind"].as_str() {
+            Some("Service") => model.service(&key).is_some(),
+            _ => model.endpoint_slice(&key).is_some(),
+        }
+    };
+    hostile::check_outcomes(&cases, &reported, present).unwrap();
+
+    for file in &files {
+        let refused = reported.iter().any(|problem| {
+            problem.kind == "file"
+                && problem.reason == file.reason
+                && problem.message.contains(file.file_name)
+        });
+        assert!(
+            refused,
+            "{} not refused as {}: {reported:?}",
+            file.file_name, file.reason
+        );
+    }
+    let repeated_refused = reported.iter().any(|problem| {
+        problem.reason == "invalid"
+            && problem.message.contains("repeated-key.yaml")
+            && problem.message.contains("twice")
+    });
+    assert!(repeated_refused, "{repeated_name}: {reported:?}");
+    assert_eq!(cluster_ip(&model, "web/beside-repeated"), "198.19.0.41");
+    assert_eq!(cluster_ip(&model, "web/good"), "198.19.0.40");
+    let good = (planned.desired.frontends.keys())
+        .any(|frontend| frontend.to_string() == "198.19.0.40:80/tcp");
+    assert!(good, "{:?}", planned.desired.frontends.keys());
+}
