@@ -179,7 +179,10 @@ pub fn hostile_objects() -> Vec<HostileObject> {
         case(
             "sctp-port",
             vec![service("sctp-port", "198.19.200.11", |s| {
-                s["spec"]["ports"][0]["protocol"] = json!("SCTP");
+                s["spec"]["ports"] = json!([
+                    { "name": "http", "port": 80, "protocol": "TCP" },
+                    { "name": "sctp", "port": 81, "protocol": "SCTP" },
+                ]);
             })],
             Skipped("Service", "unsupported_protocol"),
         ),
