@@ -85,12 +85,22 @@ impl ProbeSetup {
         Ok(ProbeSetup { lab, probe })
     }
 
-    /// Starts the daemon with `args` (after [`DAEMON_FLAGS`] and map sizes that fit
-    /// `extra_services` more Services) and opens its maps.
+    /// Starts the daemon with [`DAEMON_FLAGS`] and map sizes that fit `extra_services` more
+    /// Services, and opens its maps.
     pub fn start(
         &self,
         background_services: usize,
         extra_services: usize,
+    ) -> Result<(Daemon<'_>, PinnedMaps)> {
+        self.start_with(background_services, extra_services, &[])
+    }
+
+    /// [`start`](Self::start) with more command-line arguments.
+    pub fn start_with(
+        &self,
+        background_services: usize,
+        extra_services: usize,
+        extra_args: &[&str],
     ) -> Result<(Daemon<'_>, PinnedMaps)> {
         let lab = &self.lab;
         let background = Cluster::new(
@@ -101,10 +111,9 @@ impl ProbeSetup {
             },
         )?;
         let sizes = daemon::map_size_flags(background_services + 1 + extra_services, 2);
-        let args: Vec<&str> = DAEMON_FLAGS
-            .iter()
-            .copied()
+        let args: Vec<&str> = (DAEMON_FLAGS.iter().copied())
             .chain(sizes.iter().map(String::as_str))
+            .chain(extra_args.iter().copied())
             .collect();
         let daemon = daemon::start(
             lab,
@@ -182,9 +191,9 @@ fn node_object() -> serde_json::Value {
 }
 
 /// Milliseconds from each change to the maps and to traffic, sorted.
-struct Timings {
-    to_maps: Vec<f64>,
-    to_traffic: Vec<f64>,
+pub struct Timings {
+    pub to_maps: Vec<f64>,
+    pub to_traffic: Vec<f64>,
 }
 
 impl Timings {
@@ -204,7 +213,7 @@ impl Timings {
 
 /// Moves the probe between the two pods `changes` times through `change` (which makes the
 /// given pod its only endpoint), timing each until the maps and then traffic follow.
-fn time_changes(
+pub fn time_changes(
     setup: &ProbeSetup,
     maps: &PinnedMaps,
     changes: usize,

@@ -12,6 +12,7 @@ mod cluster;
 mod connections;
 mod daemon;
 mod endpoint_change;
+mod hostile;
 mod kube_rules;
 mod load;
 mod machine;
@@ -33,6 +34,7 @@ use proxy_lab::Lab;
 
 use connections::ConnectionSettings;
 use endpoint_change::ChangeSettings;
+use hostile::HostileSettings;
 use load::LoadSettings;
 use memory::MemorySettings;
 use packet::PacketSettings;
@@ -63,6 +65,7 @@ enum Section {
     Change,
     Memory,
     Soak,
+    Hostile,
 }
 
 /// The sizes, counts and durations of every measurement.
@@ -73,6 +76,7 @@ struct Settings {
     change: ChangeSettings,
     memory: MemorySettings,
     soak: SoakSettings,
+    hostile: HostileSettings,
 }
 
 impl Settings {
@@ -118,6 +122,10 @@ impl Settings {
                 background_services: 10_000,
                 changes: 1_000,
                 sample_every: 100,
+            },
+            hostile: HostileSettings {
+                changes: 20,
+                large_manifest: true,
             },
         }
     }
@@ -165,6 +173,10 @@ impl Settings {
                 changes: 40,
                 sample_every: 10,
             },
+            hostile: HostileSettings {
+                changes: 2,
+                large_manifest: false,
+            },
         }
     }
 
@@ -177,6 +189,7 @@ impl Settings {
             change,
             memory,
             soak,
+            hostile,
         } = self;
         vec![
             format!(
@@ -219,6 +232,15 @@ impl Settings {
             format!(
                 "soak: {} changes among {} background Services, RSS every {}",
                 soak.changes, soak.background_services, soak.sample_every
+            ),
+            format!(
+                "hostile input: {} unrelated changes with each input present{}",
+                hostile.changes,
+                if hostile.large_manifest {
+                    ", the 50 MB manifest included"
+                } else {
+                    ""
+                }
             ),
         ]
     }
@@ -282,6 +304,11 @@ fn run(cli: &Cli) -> Result<()> {
         let soak = soak::measure(&settings.soak)?;
         show(&report::soak_table(&soak));
         results.soak = Some(soak);
+    }
+    if wants(Section::Hostile) {
+        heading("4. Hostile input: an unrelated change, and memory");
+        results.hostile = hostile::measure(&settings.hostile)?;
+        show(&report::hostile_table(&results.hostile));
     }
     heading("Targets");
     show(&report::targets_table(&results));
