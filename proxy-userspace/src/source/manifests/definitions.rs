@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::parse::{Kind, ManifestObject, ObjectId};
+use super::decode::{Kind, ManifestObject, ObjectId};
 use crate::model::{Model, Problem, ProblemKind};
 
 /// The files that define each object, and the versions the model does not hold.

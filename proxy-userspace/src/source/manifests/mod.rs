@@ -20,6 +20,7 @@
 //! stays until the file is fixed or deleted. An object defined in two files keeps the first
 //! file's version (by name); the other takes over when the first goes.
 
+mod decode;
 mod definitions;
 mod parse;
 mod watch;
@@ -33,9 +34,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use decode::{Decoded, ManifestObject, ObjectId};
 use definitions::Definitions;
 pub use parse::ParseLimits;
-use parse::{ContentHash, Decoded, FileRead, ManifestObject, ObjectId, read_file};
+use parse::{ContentHash, FileRead, read_file};
 pub use watch::ManifestWatcher;
 
 use crate::model::{Model, Problem, ProblemKind};
