@@ -12,6 +12,7 @@
 //! gives node admins views of the pinned maps.
 
 pub mod allocator;
+pub mod bpf_batch;
 pub mod conntrack;
 pub mod daemon;
 pub mod datapath;

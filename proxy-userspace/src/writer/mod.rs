@@ -9,12 +9,14 @@
 mod delta;
 mod image;
 
-use aya::maps::{HashMap as BpfHashMap, LpmTrie, MapData, MapError};
+use aya::Pod;
+use aya::maps::{HashMap as BpfHashMap, IterableMap, LpmTrie, MapData, MapError};
 use proxy_common::{AffinityMatchKey, Backend, ServiceKey, ServiceName, ServiceValue, SourceRange};
 
 pub use delta::MapMirror;
-pub use image::{IdRegistry, MapImage, MapOp, SourceRangeEntry, diff, materialize};
+pub use image::{IdRegistry, MapImage, MapOp, MapWrites, SourceRangeEntry, diff, materialize};
 
+use crate::bpf_batch;
 use crate::plan::{DesiredState, FrontendChange};
 
 /// What one [`MapWriter::apply`] or [`MapWriter::apply_delta`] did.
@@ -121,56 +123,167 @@ impl MapWriter {
     /// Makes the maps equal to `desired`, writing only the difference to what they hold (a
     /// full sync: start-up, resync, a change of the node).
     pub fn apply(&mut self, desired: &DesiredState) -> ApplyReport {
-        let ops = self.mirror.full(desired);
-        self.write_all(ops)
+        let writes = self.mirror.full(desired);
+        self.write_all(writes)
     }
 
     /// Writes the changed frontends only (a partial sync).
     pub fn apply_delta(&mut self, changes: &[FrontendChange]) -> ApplyReport {
-        let ops = self.mirror.delta(changes);
-        self.write_all(ops)
+        let writes = self.mirror.delta(changes);
+        self.write_all(writes)
     }
 
-    fn write_all(&mut self, ops: Vec<MapOp>) -> ApplyReport {
+    /// Writes phase by phase, each phase of a hash map as one batch (the kernel applies a
+    /// batch's elements in order, as single writes would be); SOURCE_RANGES, an LPM trie
+    /// of a few entries per restricted frontend, one entry at a time.
+    fn write_all(&mut self, writes: MapWrites) -> ApplyReport {
         let mut report = ApplyReport {
-            ops: ops.len(),
+            ops: writes.len(),
             ..ApplyReport::default()
         };
-        for op in ops {
-            match self.write(op) {
-                Ok(()) => self.mirror.applied(op),
-                Err(error) if is_map_full(&error) => report.map_full += 1,
-                Err(error) => report.failures.push(format!("{op:?}: {error}")),
-            }
+        let mut phase = Phase {
+            mirror: &mut self.mirror,
+            report: &mut report,
+        };
+        phase.put(self.names.map(), &writes.put_names, |(id, name)| {
+            MapOp::PutName(id, name)
+        });
+        phase.put(
+            self.backends.map(),
+            &writes.put_backends,
+            |(id, backend)| MapOp::PutBackend(id, backend),
+        );
+        phase.put(self.services.map(), &writes.put_slots, |(key, value)| {
+            MapOp::PutService(key, value)
+        });
+        let matches: Vec<(AffinityMatchKey, u8)> = (writes.put_affinity_matches.iter())
+            .map(|key| (*key, 1))
+            .collect();
+        phase.put(self.affinity_matches.map(), &matches, |(key, _)| {
+            MapOp::PutAffinityMatch(key)
+        });
+        for entry in &writes.put_source_ranges {
+            let written = match self.source_ranges.as_mut() {
+                Some(ranges) => ranges.insert(&entry.key(), 1, 0),
+                None => Err(no_source_ranges()),
+            };
+            phase.single(MapOp::PutSourceRange(*entry), written);
         }
+        phase.put(self.services.map(), &writes.put_headers, |(key, value)| {
+            MapOp::PutService(key, value)
+        });
+        phase.delete(
+            self.services.map(),
+            &writes.delete_headers,
+            MapOp::DeleteService,
+        );
+        phase.delete(
+            self.services.map(),
+            &writes.delete_slots,
+            MapOp::DeleteService,
+        );
+        phase.delete(
+            self.affinity_matches.map(),
+            &writes.delete_affinity_matches,
+            MapOp::DeleteAffinityMatch,
+        );
+        for entry in &writes.delete_source_ranges {
+            let removed = match self.source_ranges.as_mut() {
+                Some(ranges) => ignore_missing(ranges.remove(&entry.key())),
+                None => Err(no_source_ranges()),
+            };
+            phase.single(MapOp::DeleteSourceRange(*entry), removed);
+        }
+        phase.delete(
+            self.backends.map(),
+            &writes.delete_backends,
+            MapOp::DeleteBackend,
+        );
+        phase.delete(self.names.map(), &writes.delete_names, MapOp::DeleteName);
         self.mirror.shrink_sparse();
         report
     }
+}
 
-    fn write(&mut self, op: MapOp) -> Result<(), MapError> {
-        match op {
-            MapOp::PutName(id, name) => self.names.insert(id, name, 0),
-            MapOp::PutBackend(id, backend) => self.backends.insert(id, backend, 0),
-            MapOp::PutService(key, value) => self.services.insert(key, value, 0),
-            MapOp::PutAffinityMatch(key) => self.affinity_matches.insert(key, 1, 0),
-            MapOp::DeleteService(key) => ignore_missing(self.services.remove(&key)),
-            MapOp::DeleteAffinityMatch(key) => ignore_missing(self.affinity_matches.remove(&key)),
-            MapOp::DeleteBackend(id) => ignore_missing(self.backends.remove(&id)),
-            MapOp::DeleteName(id) => ignore_missing(self.names.remove(&id)),
-            MapOp::PutSourceRange(entry) => self.source_ranges()?.insert(&entry.key(), 1, 0),
-            MapOp::DeleteSourceRange(entry) => {
-                ignore_missing(self.source_ranges()?.remove(&entry.key()))
-            }
+/// Applies phases and records the outcome of each write: those that succeeded in the
+/// mirror, the others in the report (retried by the next, full, sync).
+struct Phase<'w> {
+    mirror: &'w mut MapMirror,
+    report: &'w mut ApplyReport,
+}
+
+impl Phase<'_> {
+    /// Writes `entries` as batches: when one fails, what came before it counts as written,
+    /// it is reported, and the rest goes on in another batch.
+    fn put<K: Pod, V: Pod>(
+        &mut self,
+        map: &MapData,
+        entries: &[(K, V)],
+        op: impl Fn((K, V)) -> MapOp,
+    ) {
+        let (keys, values): (Vec<K>, Vec<V>) = entries.iter().copied().unzip();
+        let mut start = 0;
+        while start < keys.len() {
+            let outcome = bpf_batch::update(map, &keys[start..], &values[start..]);
+            start = self.record(&entries[start..], outcome, start, &op, false);
         }
     }
 
-    fn source_ranges(&mut self) -> Result<&mut LpmTrie<MapData, SourceRange, u8>, MapError> {
-        self.source_ranges.as_mut().ok_or_else(|| {
-            MapError::IoError(std::io::Error::other(
-                "the writer was not given the SOURCE_RANGES map",
-            ))
-        })
+    /// Deletes `keys` as batches; one that is gone already counts as deleted.
+    fn delete<K: Pod>(&mut self, map: &MapData, keys: &[K], op: impl Fn(K) -> MapOp) {
+        let mut start = 0;
+        while start < keys.len() {
+            let outcome = bpf_batch::delete(map, &keys[start..]);
+            start = self.record(&keys[start..], outcome, start, &op, true);
+        }
     }
+
+    /// Records a batch of `elements` (from index `start` of its phase); returns where the
+    /// phase goes on.
+    fn record<E: Copy>(
+        &mut self,
+        elements: &[E],
+        outcome: Result<(), bpf_batch::Stopped>,
+        start: usize,
+        op: impl Fn(E) -> MapOp,
+        deleting: bool,
+    ) -> usize {
+        let (applied, error) = match outcome {
+            Ok(()) => (elements.len(), None),
+            Err(stopped) => (stopped.applied, Some(stopped.error)),
+        };
+        for element in &elements[..applied] {
+            self.mirror.applied(op(*element));
+        }
+        let Some(error) = error else {
+            return start + applied;
+        };
+        let failed = op(elements[applied]);
+        let gone = deleting && error.raw_os_error() == Some(libc::ENOENT);
+        if gone {
+            self.mirror.applied(failed);
+        } else if error.raw_os_error() == Some(libc::E2BIG) {
+            self.report.map_full += 1;
+        } else {
+            self.report.failures.push(format!("{failed:?}: {error}"));
+        }
+        start + applied + 1
+    }
+
+    /// Records one single write.
+    fn single(&mut self, op: MapOp, result: Result<(), MapError>) {
+        match result {
+            Ok(()) => self.mirror.applied(op),
+            Err(error) if is_map_full(&error) => self.report.map_full += 1,
+            Err(error) => self.report.failures.push(format!("{op:?}: {error}")),
+        }
+    }
+}
+
+fn no_source_ranges() -> MapError {
+    MapError::IoError(std::io::Error::other(
+        "the writer was not given the SOURCE_RANGES map",
+    ))
 }
 
 fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
