@@ -292,8 +292,7 @@ impl Daemon {
         let node_changed = self.planner.set_node(&self.node, &self.model);
         let full = self.need_full_sync || node_changed;
         let delta = if full {
-            let all = self.model.services().map(|(key, _)| key.clone());
-            self.planner.update(&self.model, all)
+            self.planner.update_all(&self.model)
         } else {
             self.planner
                 .update(&self.model, changes.dirty_services.iter().cloned())

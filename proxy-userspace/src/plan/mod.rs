@@ -25,7 +25,7 @@ mod endpoints;
 mod incremental;
 mod service_port;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -224,7 +224,7 @@ pub struct Planned {
 /// same on every run and after any sequence of changes.
 pub fn plan(model: &Model, node: &NodeFacts) -> Planned {
     let mut planner = Planner::new(node, model);
-    planner.update(model, model.services().map(|(key, _)| key.clone()));
+    planner.update_all(model);
     Planned {
         desired: planner.desired().clone(),
         health_checks: planner.health_checks().clone(),

@@ -8,6 +8,8 @@
 
 mod delta;
 mod image;
+#[cfg(test)]
+mod property;
 
 use aya::Pod;
 use aya::maps::{HashMap as BpfHashMap, IterableMap, LpmTrie, MapData, MapError};
