@@ -6,8 +6,10 @@
 //! already pinned gets the new program swapped in atomically (`bpf_link_update`), with no
 //! moment where packets pass unbalanced.
 //!
-//! Layout of the bpffs root: `SERVICES`, `BACKENDS`, `CONNTRACK`, `STATS`, `AFFINITY`,
-//! `AFFINITY_MATCH`, `SVC_NAMES`, `SOURCE_RANGES` (maps) and `links/<ifindex>-<ifname>` (tcx ingress links).
+//! Layout of the bpffs root: `SERVICES`, `BACKENDS`, `BACKEND_IDS`, `CONNTRACK`,
+//! `CONNTRACK_PENDING`, `CT_TIMEOUTS`, `STATS`, `AFFINITY`, `MEMBERSHIP`,
+//! `MEMBERSHIP_EPOCH`, `SVC_NAMES`, `SOURCE_RANGES` (maps) and `links/<ifindex>-<ifname>`
+//! (tcx ingress links).
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -15,18 +17,20 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow};
-use aya::maps::{HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::TcAttachOptions;
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::{
-    AffinityMatchKey, Backend, CtKey, CtValue, PROGRAM_NAME, SNAT_PORT_MAX_GLOBAL,
-    SNAT_PORT_MIN_GLOBAL, ServiceKey, ServiceName, ServiceValue, SourceRange, map_names,
+    Backend, CtTimeouts, MembershipKey, PROGRAM_NAME, SNAT_PORT_MAX_GLOBAL, SNAT_PORT_MIN_GLOBAL,
+    ServiceKey, ServiceName, ServiceValue, SourceRange, map_names,
 };
 
+use crate::conntrack::ConntrackSizes;
 use crate::netlink::Device;
+use crate::writer::FlowMaps;
 
 /// Where the daemon pins, and the CLI looks, unless told otherwise (`--bpffs-root`).
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/ebpf-proxy";
@@ -37,7 +41,7 @@ pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/ebpf-proxy";
 pub struct MapSizes {
     pub services: u32,
     pub backends: u32,
-    pub conntrack: u32,
+    pub conntrack: ConntrackSizes,
     /// Source ports (inclusive, host order) for SNAT to backends on other nodes.
     pub snat_ports: SnatPortRange,
 }
@@ -90,7 +94,7 @@ impl Default for MapSizes {
         Self {
             services: max::SERVICES,
             backends: max::BACKENDS,
-            conntrack: max::CONNTRACK,
+            conntrack: ConntrackSizes::default(),
             snat_ports: SnatPortRange::default(),
         }
     }
@@ -100,11 +104,11 @@ impl Default for MapSizes {
 pub struct Maps {
     pub services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
     pub backends: BpfHashMap<MapData, u32, Backend>,
-    pub conntrack: BpfHashMap<MapData, CtKey, CtValue>,
     pub stats: PerCpuArray<MapData, u64>,
     pub names: BpfHashMap<MapData, u32, ServiceName>,
-    pub affinity_matches: BpfHashMap<MapData, AffinityMatchKey, u8>,
+    pub membership: BpfHashMap<MapData, MembershipKey, u8>,
     pub source_ranges: LpmTrie<MapData, SourceRange, u8>,
+    pub flow_maps: FlowMaps,
 }
 
 /// The loaded programs and their attachments.
@@ -114,8 +118,9 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Loads the embedded object, reusing (or creating) the maps pinned under `root`.
-    pub fn load(root: &Path, sizes: MapSizes) -> Result<Self> {
+    /// Loads the embedded object, reusing (or creating) the maps pinned under `root`, and
+    /// sets the conntrack timeouts (before anything is attached).
+    pub fn load(root: &Path, sizes: MapSizes, timeouts: CtTimeouts) -> Result<Self> {
         ensure_bpffs(root)?;
         let links_dir = root.join("links");
         fs::create_dir_all(&links_dir)
@@ -124,11 +129,14 @@ impl Datapath {
             .default_map_pin_directory(root)
             .map_max_entries(map_names::SERVICES, sizes.services)
             .map_max_entries(map_names::BACKENDS, sizes.backends)
-            .map_max_entries(map_names::CONNTRACK, sizes.conntrack)
+            .map_max_entries(map_names::CONNTRACK, sizes.conntrack.assured)
+            .map_max_entries(map_names::CONNTRACK_PENDING, sizes.conntrack.pending)
             // One name per frontend, and frontends are bounded by SERVICES.
             .map_max_entries(map_names::SVC_NAMES, sizes.services)
-            // One entry per backend of an affinity frontend: bounded by SERVICES too.
-            .map_max_entries(map_names::AFFINITY_MATCH, sizes.services)
+            // One entry per endpoint address of a frontend, and one per frontend: bounded
+            // by SERVICES too.
+            .map_max_entries(map_names::MEMBERSHIP, sizes.services)
+            .map_max_entries(map_names::BACKEND_IDS, sizes.backends)
             .override_global(SNAT_PORT_MIN_GLOBAL, &sizes.snat_ports.min, true)
             .override_global(SNAT_PORT_MAX_GLOBAL, &sizes.snat_ports.max, true)
             .load(crate::EBPF_OBJECT)
@@ -142,6 +150,7 @@ impl Datapath {
         program(&mut ebpf)?
             .load()
             .context("loading the tc program into the kernel")?;
+        set_timeouts(&mut ebpf, timeouts)?;
         Ok(Self { ebpf, links_dir })
     }
 
@@ -155,11 +164,14 @@ impl Datapath {
         Ok(Maps {
             services: take(map_names::SERVICES)?.try_into()?,
             backends: take(map_names::BACKENDS)?.try_into()?,
-            conntrack: take(map_names::CONNTRACK)?.try_into()?,
             stats: take(map_names::STATS)?.try_into()?,
             names: take(map_names::SVC_NAMES)?.try_into()?,
-            affinity_matches: take(map_names::AFFINITY_MATCH)?.try_into()?,
+            membership: take(map_names::MEMBERSHIP)?.try_into()?,
             source_ranges: take(map_names::SOURCE_RANGES)?.try_into()?,
+            flow_maps: FlowMaps {
+                backend_ids: take(map_names::BACKEND_IDS)?.try_into()?,
+                membership_epoch: take(map_names::MEMBERSHIP_EPOCH)?.try_into()?,
+            },
         })
     }
 
@@ -230,6 +242,20 @@ impl Datapath {
 /// name a different pin, since the old link died with the old device.
 fn link_pin_name(device: &Device) -> String {
     format!("{}-{}", device.index, device.name)
+}
+
+/// Writes the conntrack timeouts into the (pinned) CT_TIMEOUTS map of a loaded object.
+pub fn set_timeouts(ebpf: &mut Ebpf, timeouts: CtTimeouts) -> Result<()> {
+    let map = ebpf.map_mut(map_names::CT_TIMEOUTS).ok_or_else(|| {
+        anyhow!(
+            "map {} missing from the eBPF object",
+            map_names::CT_TIMEOUTS
+        )
+    })?;
+    let mut array: Array<&mut MapData, CtTimeouts> = map.try_into()?;
+    array
+        .set(0, timeouts, 0)
+        .context("writing the conntrack timeouts")
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {

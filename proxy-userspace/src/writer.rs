@@ -3,28 +3,29 @@
 //! consistent.
 //!
 //! Three stages: [`materialize`] (pure: frontends and backends → SERVICES/BACKENDS
-//! entries, with stable ids from an [`IdRegistry`], the AFFINITY_MATCH entries of
-//! affinity frontends, the SOURCE_RANGES prefixes of restricted load-balancer frontends,
-//! and the SVC_NAMES metadata),
+//! entries, with stable ids from an [`IdRegistry`], the MEMBERSHIP entries of every
+//! frontend, the SOURCE_RANGES prefixes of restricted load-balancer frontends, and the
+//! SVC_NAMES metadata),
 //! [`diff`] (pure: ordered operations), and [`MapWriter`] (the only code that writes the
 //! aya maps).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use aya::maps::{HashMap as BpfHashMap, LpmTrie, MapData, MapError, lpm_trie::Key};
+use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, MapError, lpm_trie::Key};
 use proxy_common::{
-    AffinityMatchKey, Backend, ServiceKey, ServiceName, ServiceValue, SourceRange, service_flags,
+    Backend, MembershipKey, ServiceKey, ServiceName, ServiceValue, SourceRange, membership,
+    service_flags,
 };
 
 use crate::plan::{DesiredState, EmptyFrontend, FrontendKind, FrontendPlan};
 
-/// The contents of the SERVICES, BACKENDS, AFFINITY_MATCH and SVC_NAMES maps.
+/// The contents of the SERVICES, BACKENDS, MEMBERSHIP and SVC_NAMES maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapImage {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, Backend>,
-    /// The backends of each frontend with session affinity (AFFINITY_MATCH's keys).
-    pub affinity_matches: BTreeSet<AffinityMatchKey>,
+    /// Each frontend's endpoint addresses and its own entry (`proxy_common::membership`).
+    pub membership: BTreeMap<MembershipKey, u8>,
     /// rev_nat_id → the Service port of that frontend.
     pub names: BTreeMap<u32, ServiceName>,
     /// The client prefixes of each restricted frontend (SOURCE_RANGES' keys).
@@ -168,13 +169,15 @@ pub fn materialize(desired: &DesiredState, ids: &mut IdRegistry) -> MapImage {
                     ..ServiceValue::default()
                 },
             );
-            if plan.session_affinity.is_some() {
-                image.affinity_matches.insert(AffinityMatchKey {
+            *image
+                .membership
+                .entry(MembershipKey {
                     rev_nat_id,
-                    backend_id,
-                });
-            }
+                    addr: backend.addr,
+                })
+                .or_default() |= membership::SELECTABLE;
         }
+        insert_serving(&mut image.membership, rev_nat_id, plan);
         for network in &plan.source_ranges {
             image.source_ranges.insert(SourceRangeEntry {
                 range: SourceRange {
@@ -207,16 +210,41 @@ pub fn materialize(desired: &DesiredState, ids: &mut IdRegistry) -> MapImage {
     image
 }
 
+/// The MEMBERSHIP entries a frontend's plan adds besides its slots' addresses: its serving
+/// endpoints (which keep their flows), and its own entry.
+fn insert_serving(
+    membership: &mut BTreeMap<MembershipKey, u8>,
+    rev_nat_id: u32,
+    plan: &FrontendPlan,
+) {
+    for addr in &plan.serving_addrs {
+        let key = MembershipKey {
+            rev_nat_id,
+            addr: u32::from_ne_bytes(addr.octets()),
+        };
+        *membership.entry(key).or_default() |= membership::SERVING;
+    }
+    let serving = if plan.serving_addrs.is_empty() {
+        0
+    } else {
+        membership::SERVING
+    };
+    membership.insert(
+        MembershipKey::frontend(rev_nat_id),
+        membership::FRONTEND | serving,
+    );
+}
+
 /// One map write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MapOp {
     PutName(u32, ServiceName),
     PutBackend(u32, Backend),
     PutService(ServiceKey, ServiceValue),
-    PutAffinityMatch(AffinityMatchKey),
+    PutMembership(MembershipKey, u8),
     PutSourceRange(SourceRangeEntry),
     DeleteService(ServiceKey),
-    DeleteAffinityMatch(AffinityMatchKey),
+    DeleteMembership(MembershipKey),
     DeleteSourceRange(SourceRangeEntry),
     DeleteBackend(u32),
     DeleteName(u32),
@@ -224,10 +252,12 @@ pub enum MapOp {
 
 /// The writes that turn `current` into `next`, ordered so that at every step each
 /// frontend's header only counts slots that exist and every slot names a backend that
-/// exists: new backends, then new slots, affinity matches and source ranges, then headers;
-/// then removed headers, slots, affinity matches, source ranges and backends. So a header
-/// flagged `SOURCE_RANGES` never lacks its ranges, which would drop every client. Names come first and go last, so a
-/// listing never shows a live frontend without its name.
+/// exists and is a member of the frontend: new backends, grown membership, then new slots
+/// and source ranges, then headers; then removed headers, slots, shrunk membership,
+/// source ranges and backends. So a header flagged `SOURCE_RANGES` never lacks its ranges, which would
+/// drop every client, and a flow to a new backend never looks as if its backend had left.
+/// Names come first and go last, so a listing never shows a live frontend without its
+/// name.
 pub fn diff(current: &MapImage, next: &MapImage) -> Vec<MapOp> {
     let mut ops = Vec::new();
     for (id, name) in &next.names {
@@ -240,17 +270,22 @@ pub fn diff(current: &MapImage, next: &MapImage) -> Vec<MapOp> {
             ops.push(MapOp::PutBackend(*id, *backend));
         }
     }
+    // Membership that grows goes first, membership that shrinks with the removals.
+    let (grown, shrunk): (Vec<_>, Vec<_>) = next
+        .membership
+        .iter()
+        .filter(|(key, bits)| current.membership.get(key) != Some(bits))
+        .partition(|(key, bits)| {
+            let before = current.membership.get(key).copied().unwrap_or(0);
+            before & !**bits == 0
+        });
+    ops.extend(grown.into_iter().map(|(k, b)| MapOp::PutMembership(*k, *b)));
     let changed_services = next
         .services
         .iter()
         .filter(|(key, value)| current.services.get(key) != Some(value));
     let (headers, slots): (Vec<_>, Vec<_>) = changed_services.partition(|(key, _)| key.slot == 0);
     ops.extend(slots.into_iter().map(|(k, v)| MapOp::PutService(*k, *v)));
-    ops.extend(
-        next.affinity_matches
-            .difference(&current.affinity_matches)
-            .map(|key| MapOp::PutAffinityMatch(*key)),
-    );
     ops.extend(
         next.source_ranges
             .difference(&current.source_ranges)
@@ -267,10 +302,16 @@ pub fn diff(current: &MapImage, next: &MapImage) -> Vec<MapOp> {
     ops.extend(headers.into_iter().map(|key| MapOp::DeleteService(*key)));
     ops.extend(slots.into_iter().map(|key| MapOp::DeleteService(*key)));
     ops.extend(
+        shrunk
+            .into_iter()
+            .map(|(k, b)| MapOp::PutMembership(*k, *b)),
+    );
+    ops.extend(
         current
-            .affinity_matches
-            .difference(&next.affinity_matches)
-            .map(|key| MapOp::DeleteAffinityMatch(*key)),
+            .membership
+            .keys()
+            .filter(|key| !next.membership.contains_key(key))
+            .map(|key| MapOp::DeleteMembership(*key)),
     );
     ops.extend(
         current
@@ -304,14 +345,14 @@ impl MapImage {
             MapOp::PutService(key, value) => {
                 self.services.insert(key, value);
             }
-            MapOp::PutAffinityMatch(key) => {
-                self.affinity_matches.insert(key);
+            MapOp::PutMembership(key, bits) => {
+                self.membership.insert(key, bits);
             }
             MapOp::DeleteService(key) => {
                 self.services.remove(&key);
             }
-            MapOp::DeleteAffinityMatch(key) => {
-                self.affinity_matches.remove(&key);
+            MapOp::DeleteMembership(key) => {
+                self.membership.remove(&key);
             }
             MapOp::PutSourceRange(entry) => {
                 self.source_ranges.insert(entry);
@@ -341,19 +382,28 @@ pub struct ApplyReport {
     pub backends: usize,
 }
 
-/// Owns the SERVICES, BACKENDS, AFFINITY_MATCH and SVC_NAMES maps and a mirror of their
-/// contents.
+/// Owns the SERVICES, BACKENDS, MEMBERSHIP and SVC_NAMES maps (and BACKEND_IDS,
+/// MEMBERSHIP_EPOCH, SOURCE_RANGES) and a mirror of their contents.
 pub struct MapWriter {
     services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
     backends: BpfHashMap<MapData, u32, Backend>,
-    /// Presence is what counts; the value is always 1.
-    affinity_matches: BpfHashMap<MapData, AffinityMatchKey, u8>,
+    membership: BpfHashMap<MapData, MembershipKey, u8>,
     names: BpfHashMap<MapData, u32, ServiceName>,
     /// Optional, so callers that never restrict sources (the benchmarks) need not open it;
     /// without it, a plan with source ranges reports failed writes.
     source_ranges: Option<LpmTrie<MapData, SourceRange, u8>>,
+    /// BACKENDS inverted, written with it, and the epoch raised after MEMBERSHIP changed
+    /// (see [`MapWriter::with_flow_maps`]).
+    flow_maps: Option<FlowMaps>,
     current: MapImage,
     ids: IdRegistry,
+}
+
+/// The maps the datapath's conntrack reads besides the Services: which (address, port)
+/// pairs are backends, and whether MEMBERSHIP changed since a flow last checked it.
+pub struct FlowMaps {
+    pub backend_ids: BpfHashMap<MapData, Backend, u32>,
+    pub membership_epoch: Array<MapData, u32>,
 }
 
 impl MapWriter {
@@ -362,15 +412,16 @@ impl MapWriter {
     pub fn new(
         services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
         backends: BpfHashMap<MapData, u32, Backend>,
-        affinity_matches: BpfHashMap<MapData, AffinityMatchKey, u8>,
+        membership: BpfHashMap<MapData, MembershipKey, u8>,
         names: BpfHashMap<MapData, u32, ServiceName>,
     ) -> Result<Self, MapError> {
         let mut writer = Self {
             services,
             backends,
-            affinity_matches,
+            membership,
             names,
             source_ranges: None,
+            flow_maps: None,
             current: MapImage::default(),
             ids: IdRegistry::default(),
         };
@@ -389,6 +440,15 @@ impl MapWriter {
         Ok(self)
     }
 
+    /// Also writes BACKEND_IDS with BACKENDS and raises MEMBERSHIP_EPOCH after changing
+    /// MEMBERSHIP: what the datapath needs to track direct flows to backends and to move
+    /// flows off backends that left.
+    pub fn with_flow_maps(mut self, flow_maps: FlowMaps) -> Result<Self, MapError> {
+        self.flow_maps = Some(flow_maps);
+        self.reread()?;
+        Ok(self)
+    }
+
     /// Reads the maps again, so the next [`apply`](Self::apply) repairs anything that was
     /// changed behind our back.
     pub fn reread(&mut self) -> Result<(), MapError> {
@@ -401,8 +461,9 @@ impl MapWriter {
             let (id, backend) = entry?;
             image.backends.insert(id, backend);
         }
-        for key in self.affinity_matches.keys() {
-            image.affinity_matches.insert(key?);
+        for entry in self.membership.iter() {
+            let (key, bits) = entry?;
+            image.membership.insert(key, bits);
         }
         for entry in self.names.iter() {
             let (id, name) = entry?;
@@ -412,6 +473,9 @@ impl MapWriter {
             image
                 .source_ranges
                 .insert(SourceRangeEntry::from_key(&key?));
+        }
+        if let Some(flow_maps) = &mut self.flow_maps {
+            repair_backend_ids(flow_maps, &mut image)?;
         }
         self.current = image;
         Ok(())
@@ -432,25 +496,64 @@ impl MapWriter {
             backends: next.backends.len(),
             ..ApplyReport::default()
         };
+        let mut membership_changed = false;
         for op in ops {
             match self.write(op) {
-                Ok(()) => self.current.apply(op),
+                Ok(()) => {
+                    membership_changed |=
+                        matches!(op, MapOp::PutMembership(..) | MapOp::DeleteMembership(_));
+                    self.current.apply(op);
+                }
                 Err(error) if is_map_full(&error) => report.map_full += 1,
                 Err(error) => report.failures.push(format!("{op:?}: {error}")),
             }
         }
+        // After the writes: a flow that reads the new epoch finds the new membership.
+        if membership_changed && let Err(error) = self.raise_membership_epoch() {
+            report
+                .failures
+                .push(format!("raising MEMBERSHIP_EPOCH: {error}"));
+        }
         report
+    }
+
+    fn raise_membership_epoch(&mut self) -> Result<(), MapError> {
+        let epoch = &mut self.flow_maps()?.membership_epoch;
+        let next = epoch.get(&0, 0)?.wrapping_add(1);
+        epoch.set(0, next, 0)
+    }
+
+    fn flow_maps(&mut self) -> Result<&mut FlowMaps, MapError> {
+        self.flow_maps.as_mut().ok_or_else(|| {
+            MapError::IoError(std::io::Error::other(
+                "the writer was not given BACKEND_IDS and MEMBERSHIP_EPOCH",
+            ))
+        })
     }
 
     fn write(&mut self, op: MapOp) -> Result<(), MapError> {
         match op {
             MapOp::PutName(id, name) => self.names.insert(id, name, 0),
-            MapOp::PutBackend(id, backend) => self.backends.insert(id, backend, 0),
+            MapOp::PutBackend(id, backend) => {
+                let replaced = self.current.backends.get(&id).copied();
+                let backend_ids = &mut self.flow_maps()?.backend_ids;
+                if let Some(old) = replaced.filter(|old| *old != backend) {
+                    ignore_missing(backend_ids.remove(&old))?;
+                }
+                backend_ids.insert(backend, id, 0)?;
+                self.backends.insert(id, backend, 0)
+            }
             MapOp::PutService(key, value) => self.services.insert(key, value, 0),
-            MapOp::PutAffinityMatch(key) => self.affinity_matches.insert(key, 1, 0),
+            MapOp::PutMembership(key, bits) => self.membership.insert(key, bits, 0),
             MapOp::DeleteService(key) => ignore_missing(self.services.remove(&key)),
-            MapOp::DeleteAffinityMatch(key) => ignore_missing(self.affinity_matches.remove(&key)),
-            MapOp::DeleteBackend(id) => ignore_missing(self.backends.remove(&id)),
+            MapOp::DeleteMembership(key) => ignore_missing(self.membership.remove(&key)),
+            MapOp::DeleteBackend(id) => {
+                ignore_missing(self.backends.remove(&id))?;
+                match self.current.backends.get(&id).copied() {
+                    Some(backend) => ignore_missing(self.flow_maps()?.backend_ids.remove(&backend)),
+                    None => Ok(()),
+                }
+            }
             MapOp::DeleteName(id) => ignore_missing(self.names.remove(&id)),
             MapOp::PutSourceRange(entry) => self.source_ranges()?.insert(&entry.key(), 1, 0),
             MapOp::DeleteSourceRange(entry) => {
@@ -466,6 +569,26 @@ impl MapWriter {
             ))
         })
     }
+}
+
+/// Makes BACKEND_IDS agree with BACKENDS after a re-read: removes what BACKENDS does not
+/// name, and drops from the mirror every backend whose reverse entry is missing or wrong,
+/// so the next apply writes it (and its reverse entry) again.
+fn repair_backend_ids(flow_maps: &mut FlowMaps, image: &mut MapImage) -> Result<(), MapError> {
+    let mut held = HashMap::new();
+    for entry in flow_maps.backend_ids.iter() {
+        let (backend, id) = entry?;
+        held.insert(backend, id);
+    }
+    for (backend, id) in &held {
+        if image.backends.get(id) != Some(backend) {
+            ignore_missing(flow_maps.backend_ids.remove(backend))?;
+        }
+    }
+    image
+        .backends
+        .retain(|id, backend| held.get(backend) == Some(id));
+    Ok(())
 }
 
 fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
@@ -553,15 +676,9 @@ mod tests {
         state
     }
 
-    /// Every header counts only existing slots; every slot and affinity match names an
-    /// existing backend; every header's frontend has its name.
+    /// Every header counts only existing slots; every slot names an existing backend whose
+    /// address is a selectable member of the frontend; every header's frontend has its name.
     fn assert_consistent(image: &MapImage, step: usize) {
-        for key in &image.affinity_matches {
-            assert!(
-                image.backends.contains_key(&key.backend_id),
-                "step {step}: {key:?} names a missing backend"
-            );
-        }
         for (key, value) in image.services.iter().filter(|(k, _)| k.slot == 0) {
             assert!(
                 image.names.contains_key(&value.rev_nat_id),
@@ -571,9 +688,18 @@ mod tests {
                 let slot_value = image.services.get(&key.with_slot(slot));
                 let slot_value = slot_value
                     .unwrap_or_else(|| panic!("step {step}: {key:?} counts missing slot {slot}"));
+                let backend = image.backends.get(&slot_value.backend_id);
+                let backend = backend.unwrap_or_else(|| {
+                    panic!("step {step}: slot {slot} of {key:?} names a missing backend")
+                });
+                let member = MembershipKey {
+                    rev_nat_id: value.rev_nat_id,
+                    addr: backend.addr,
+                };
                 assert!(
-                    image.backends.contains_key(&slot_value.backend_id),
-                    "step {step}: slot {slot} of {key:?} names a missing backend"
+                    image.membership.get(&member).copied().unwrap_or(0) & membership::SELECTABLE
+                        != 0,
+                    "step {step}: slot {slot} of {key:?} is no selectable member"
                 );
             }
         }
@@ -759,13 +885,12 @@ mod tests {
     }
 
     #[test]
-    fn affinity_frontends_record_their_timeout_and_backends() {
+    fn affinity_frontends_record_their_timeout() {
         let vip = frontend([198, 19, 0, 10], 80);
         let other = frontend([198, 19, 0, 11], 80);
-        let mut ids = IdRegistry::default();
         let mut state = desired(&[(vip, &[10, 11]), (other, &[12])]);
         state.frontends.get_mut(&vip).unwrap().session_affinity = Some(Duration::from_secs(2));
-        let image = materialize(&state, &mut ids);
+        let image = materialize(&state, &mut IdRegistry::default());
         let vip_header = image.services[&ServiceKey::new([198, 19, 0, 10], 80, 6, 0)];
         let other_header = image.services[&ServiceKey::new([198, 19, 0, 11], 80, 6, 0)];
         assert_eq!(
@@ -775,31 +900,51 @@ mod tests {
             ),
             (2, 0)
         );
-        let slot_backend =
-            |slot| image.services[&ServiceKey::new([198, 19, 0, 10], 80, 6, slot)].backend_id;
-        let expected: BTreeSet<AffinityMatchKey> = [1, 2]
-            .map(|slot| AffinityMatchKey {
-                rev_nat_id: vip_header.rev_nat_id,
-                backend_id: slot_backend(slot),
-            })
-            .into();
-        assert_eq!(image.affinity_matches, expected);
+    }
 
-        // A backend that leaves loses its match after the header stops counting it.
-        state.frontends.get_mut(&vip).unwrap().backends.truncate(1);
+    #[test]
+    fn every_frontend_records_its_selectable_and_serving_addresses() {
+        let vip = frontend([198, 19, 0, 10], 80);
+        let empty = frontend([198, 19, 0, 11], 80);
+        let mut ids = IdRegistry::default();
+        let mut state = desired(&[(vip, &[10, 11]), (empty, &[])]);
+        // pod .12 is terminating but serving: it keeps its flows, takes no new ones.
+        state.frontends.get_mut(&vip).unwrap().serving_addrs = [10, 11, 12]
+            .map(|octet| Ipv4Addr::new(198, 18, 1, octet))
+            .into();
+        let image = materialize(&state, &mut ids);
+        let rev_nat_id = |key: [u8; 4]| image.services[&ServiceKey::new(key, 80, 6, 0)].rev_nat_id;
+        let (vip_id, empty_id) = (rev_nat_id([198, 19, 0, 10]), rev_nat_id([198, 19, 0, 11]));
+        let member = |rev_nat_id, octet| MembershipKey {
+            rev_nat_id,
+            addr: u32::from_ne_bytes([198, 18, 1, octet]),
+        };
+        let both = membership::SELECTABLE | membership::SERVING;
+        let expected = BTreeMap::from([
+            (member(vip_id, 10), both),
+            (member(vip_id, 11), both),
+            (member(vip_id, 12), membership::SERVING),
+            (
+                MembershipKey::frontend(vip_id),
+                membership::FRONTEND | membership::SERVING,
+            ),
+            (MembershipKey::frontend(empty_id), membership::FRONTEND),
+        ]);
+        assert_eq!(image.membership, expected);
+
+        // A backend that leaves loses its entry after the header stops counting it.
+        let plan = state.frontends.get_mut(&vip).unwrap();
+        plan.backends.truncate(1);
+        plan.serving_addrs.truncate(1);
         let next = materialize(&state, &mut ids);
         let ops = diff(&image, &next);
-        let removed = AffinityMatchKey {
-            rev_nat_id: vip_header.rev_nat_id,
-            backend_id: slot_backend(2),
-        };
         let position = |wanted: &MapOp| ops.iter().position(|op| op == wanted).unwrap();
         let header_update = ops
             .iter()
             .position(|op| matches!(op, MapOp::PutService(key, _) if key.slot == 0))
             .unwrap();
         assert!(
-            header_update < position(&MapOp::DeleteAffinityMatch(removed)),
+            header_update < position(&MapOp::DeleteMembership(member(vip_id, 11))),
             "{ops:?}"
         );
     }

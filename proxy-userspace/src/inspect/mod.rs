@@ -164,7 +164,7 @@ fn print(text: &str) -> Result<()> {
 }
 
 /// Opens a pinned map, with a hint when the pins are not there.
-fn open_pinned(root: &Path, name: &str) -> Result<MapData> {
+pub(crate) fn open_pinned(root: &Path, name: &str) -> Result<MapData> {
     let path: PathBuf = root.join(name);
     if !path.exists() {
         return Err(anyhow!(
@@ -190,8 +190,8 @@ pub fn read_image(root: &Path) -> Result<MapImage> {
     Ok(MapImage {
         services: read_entries(&services)?,
         backends: read_entries(&backends)?,
-        // No view shows which backends affinity may reuse: the slots say the same.
-        affinity_matches: Default::default(),
+        // No view shows the endpoint addresses per frontend: the slots say the same.
+        membership: Default::default(),
         names: read_entries(&names)?,
         // The views show a frontend's restriction by its header flag.
         source_ranges: Default::default(),
