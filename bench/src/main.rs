@@ -13,7 +13,6 @@ mod connections;
 mod daemon;
 mod endpoint_change;
 mod kube_rules;
-mod load;
 mod machine;
 mod memory;
 mod netfilter;
@@ -32,10 +31,10 @@ use proxy_lab::Lab;
 
 use connections::ConnectionSettings;
 use endpoint_change::ChangeSettings;
-use load::LoadSettings;
 use memory::MemorySettings;
 use packet::PacketSettings;
 use programming::ProgrammingSettings;
+use proxy_lab::load::LoadSettings;
 use report::{DocumentContext, Results, Table};
 
 #[derive(Parser)]
@@ -88,6 +87,7 @@ impl Settings {
                     duration: Duration::from_secs(2),
                     max_connections: 100_000,
                     timeout: Duration::from_secs(1),
+                    hold: Duration::ZERO,
                 },
                 runs: 5,
                 warmup: 300,
@@ -127,6 +127,7 @@ impl Settings {
                     duration: Duration::from_millis(300),
                     max_connections: 5_000,
                     timeout: Duration::from_secs(1),
+                    hold: Duration::ZERO,
                 },
                 runs: 1,
                 warmup: 20,

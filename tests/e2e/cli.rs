@@ -9,51 +9,18 @@ mod common;
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Command;
 
-use anyhow::{Context, Result, bail, ensure};
-use common::{SERVICE_TCP_PORT, SYNC_TIMEOUT, backends, caller, echo_service};
+use anyhow::{Context, Result, ensure};
+use common::{
+    SERVICE_TCP_PORT, SYNC_TIMEOUT, backends, caller, cli, cli_json, cli_ok, echo_service, flows_of,
+};
 use proxy_lab::{Daemon, Lab, Manifest, NODE_NAME, Service, addr, daemon_binary, require_lab};
 use serde_json::Value;
 
 /// The single-backend Service of the trace test, and its only endpoint (pod-2).
 const SOLO_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 12);
 const SOLO_BACKEND: usize = 2;
-
-/// Runs `ebpf-proxy ARGS --bpffs-root <the daemon's>`.
-fn cli(daemon: &Daemon, args: &[&str]) -> Result<Output> {
-    let root = daemon.bpffs().join("ebpf-proxy");
-    let output = Command::new(daemon_binary()?)
-        .args(args)
-        .arg("--bpffs-root")
-        .arg(&root)
-        .env("NO_COLOR", "1")
-        .output()
-        .with_context(|| format!("running ebpf-proxy {}", args.join(" ")))?;
-    Ok(output)
-}
-
-/// Runs the CLI and returns its stdout; a failure carries its stderr.
-fn cli_ok(daemon: &Daemon, args: &[&str]) -> Result<String> {
-    let output = cli(daemon, args)?;
-    let stdout = String::from_utf8(output.stdout)?;
-    if !output.status.success() {
-        bail!(
-            "ebpf-proxy {} failed ({}): {}{stdout}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(stdout)
-}
-
-fn cli_json(daemon: &Daemon, args: &[&str]) -> Result<Value> {
-    let mut args = args.to_vec();
-    args.extend(["-o", "json"]);
-    let stdout = cli_ok(daemon, &args)?;
-    serde_json::from_str(&stdout).with_context(|| format!("parsing {stdout}"))
-}
 
 fn started<'lab>(lab: &'lab Lab, manifests: Vec<Manifest>) -> Result<Daemon<'lab>> {
     let mut builder = lab.daemon();
@@ -63,17 +30,6 @@ fn started<'lab>(lab: &'lab Lab, manifests: Vec<Manifest>) -> Result<Daemon<'lab
     let daemon = builder.start()?;
     daemon.wait_synced(SYNC_TIMEOUT)?;
     Ok(daemon)
-}
-
-/// The flows of a client, as `conntrack -o json --client` lists them.
-fn flows_of(daemon: &Daemon, client: Ipv4Addr, extra: &[&str]) -> Result<Vec<Value>> {
-    let client = client.to_string();
-    let mut args = vec!["conntrack", "--client", client.as_str()];
-    args.extend(extra);
-    match cli_json(daemon, &args)? {
-        Value::Array(flows) => Ok(flows),
-        other => bail!("conntrack JSON is not an array: {other}"),
-    }
 }
 
 #[test]
