@@ -290,18 +290,22 @@ pub mod stat {
     /// A new flow to a backend on another node needed SNAT and found no free port in the
     /// SNAT range for its backend after a few random tries: the packet was dropped.
     pub const SNAT_FAILED: u32 = 14;
+    /// A refusal (see [`REJECTED`]) was due, but the kernel's ICMP rate limits (see
+    /// [`RefusalLimits`](crate::RefusalLimits)) had no room for it: the packet was dropped
+    /// without an answer, as kube-proxy's REJECT does then.
+    pub const REJECT_RATE_LIMITED: u32 = 15;
     /// A packet of a flow straight to a backend (through no Service), tracked so that no
     /// Service flow is created over its reply tuple: passed untouched, or with its source
     /// port remapped when it clashed with a live Service flow.
-    pub const DIRECT: u32 = 15;
+    pub const DIRECT: u32 = 16;
     /// A new flow's reply tuple belonged to another live flow: its source port was
     /// replaced with one of the SNAT range (netfilter's clash remap).
-    pub const REMAPPED: u32 = 16;
+    pub const REMAPPED: u32 = 17;
     /// A tracked flow's backend stopped serving its frontend (a UDP flow, or a SYN not yet
     /// answered): the packet went to a newly selected backend.
-    pub const BACKEND_LEFT: u32 = 17;
+    pub const BACKEND_LEFT: u32 = 18;
     /// Number of counters (size of the STATS array).
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 19;
 
     /// Stable names, indexed like the constants above (used by logs, metrics and the CLI).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -320,6 +324,7 @@ pub mod stat {
         "affinity",
         "source_range_denied",
         "snat_failed",
+        "reject_rate_limited",
         "direct",
         "remapped",
         "backend_left",
@@ -464,6 +469,43 @@ pub const SNAT_PORT_RANGE: (u16, u16) = (61000, 65535);
 pub const SNAT_PORT_MIN_GLOBAL: &str = "SNAT_PORT_MIN";
 pub const SNAT_PORT_MAX_GLOBAL: &str = "SNAT_PORT_MAX";
 
+/// How refusals (the ICMP port unreachable of a frontend without endpoints) are rate
+/// limited: like the kernel's own ICMP errors, which is what kube-proxy's REJECT sends, with
+/// the node's settings (`net.ipv4.icmp_ratelimit`, `icmp_ratemask`, `icmp_msgs_per_sec`,
+/// `icmp_msgs_burst`), read by the daemon when it loads the program. Per client, a token
+/// bucket of [`RefusalLimits::CLIENT_BURST`] refusals refilled one per `client_interval_ns`
+/// (the kernel's per-peer limit); node-wide, `per_second` refusals with bursts of `burst`
+/// (its global limit).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RefusalLimits {
+    /// `icmp_ratelimit`, in nanoseconds; 0 lifts the per-client limit.
+    pub client_interval_ns: u64,
+    /// `icmp_msgs_per_sec`.
+    pub per_second: u32,
+    /// `icmp_msgs_burst`.
+    pub burst: u32,
+    /// 0 when `icmp_ratemask` leaves "destination unreachable" out: then no limit applies.
+    pub limited: u32,
+    pub _pad: u32,
+}
+
+impl RefusalLimits {
+    /// The kernel's `XRLIM_BURST_FACTOR`: a client's bucket holds this many refusals.
+    pub const CLIENT_BURST: u64 = 6;
+    /// The kernel's defaults (1000 ms, 1000/s, 50, a ratemask with type 3).
+    pub const KERNEL_DEFAULTS: Self = Self {
+        client_interval_ns: 1_000_000_000,
+        per_second: 1000,
+        burst: 50,
+        limited: 1,
+        _pad: 0,
+    };
+}
+
+/// Name of the program's load-time global holding the [`RefusalLimits`].
+pub const REFUSAL_LIMITS_GLOBAL: &str = "REFUSAL_LIMITS";
+
 pub mod default_max_entries {
     pub const SERVICES: u32 = 262_144;
     pub const BACKENDS: u32 = 131_072;
@@ -501,6 +543,7 @@ mod pod {
     unsafe impl aya::Pod for super::SourceRange {}
     unsafe impl aya::Pod for super::ServiceName {}
     unsafe impl aya::Pod for super::TraceRecord {}
+    unsafe impl aya::Pod for super::RefusalLimits {}
 }
 
 #[cfg(test)]
@@ -519,6 +562,7 @@ mod tests {
         assert_eq!(size_of::<AffinityValue>(), 16);
         assert_eq!(size_of::<MembershipKey>(), 8);
         assert_eq!(size_of::<CtTimeouts>(), 32);
+        assert_eq!(size_of::<RefusalLimits>(), 24);
         assert_eq!(size_of::<ServiceName>(), 4 + 63 + 63 + 15);
         assert_eq!(size_of::<TraceRecord>(), 112);
     }

@@ -44,8 +44,9 @@ pub trait Context {
     /// returns the program's verdict.
     fn redirect_neigh(&self, ifindex: u32) -> i32;
     /// Turns the packet into an ICMP port unreachable to its sender and sends it back out
-    /// of its device (kube-proxy's REJECT); returns the verdict.
-    fn refuse(&self, packet: &Packet) -> Result<i32, NotRefused>;
+    /// of its device (kube-proxy's REJECT), if the ICMP rate limits allow (`charge`: counts
+    /// against them; false for a dry run); returns the verdict.
+    fn refuse(&self, packet: &Packet, charge: bool) -> Result<i32, NotRefused>;
 }
 
 impl Context for TcContext {
@@ -112,7 +113,7 @@ impl Context for TcContext {
     }
 
     #[inline(always)]
-    fn refuse(&self, packet: &Packet) -> Result<i32, NotRefused> {
-        reject::port_unreachable(self, packet)
+    fn refuse(&self, packet: &Packet, charge: bool) -> Result<i32, NotRefused> {
+        reject::port_unreachable(self, packet, charge)
     }
 }

@@ -303,10 +303,14 @@ fn without_backends<C: Context, M: Mode>(
         mode.count(stat::NO_BACKEND);
         return DROP;
     }
-    match ctx.refuse(packet) {
+    match ctx.refuse(packet, !M::DRY_RUN) {
         Ok(verdict) => {
             mode.count(stat::REJECTED);
             verdict
+        }
+        Err(NotRefused::RateLimited) => {
+            mode.count(stat::REJECT_RATE_LIMITED);
+            DROP
         }
         Err(NotRefused::IpOptions) => {
             mode.count(stat::NO_BACKEND);

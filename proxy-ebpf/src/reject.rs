@@ -7,18 +7,35 @@
 //! frontend to the client, ICMP type 3 code 3, then the original IPv4 header and the first
 //! 8 bytes of its payload (RFC 792), by which the client's kernel finds the socket to fail.
 //!
+//! Refusals are rate limited as the kernel limits the ICMP errors it sends, kube-proxy's
+//! REJECT among them, so that the node cannot be used to reflect a flood of spoofed packets
+//! at a victim: per client, a bucket of 6 refusals refilled one per `icmp_ratelimit`
+//! (`inet_peer_xrlim_allow`); node-wide, `icmp_msgs_per_sec` with bursts of
+//! `icmp_msgs_burst`, refilled at most every 20 ms and charged a random 0-2 per refusal
+//! (`icmp_global_allow`, `icmp_global_consume`) — all with the node's settings, which the
+//! daemon reads when it loads the program ([`RefusalLimits`]). A refusal without room is a
+//! drop, counted in `reject_rate_limited`.
+//!
 //! Not yet handled: a packet whose L4 checksum a device was still to complete
 //! (CHECKSUM_PARTIAL: a sender on this host, through a veth or virtio) keeps that state.
 //! A veth peer takes the answer as verified, which is the pod case; a device that would
 //! complete the checksum on the way out would write into the quoted bytes.
 
+use core::{
+    intrinsics::{AtomicOrdering, atomic_xadd},
+    ptr,
+};
+
 use aya_ebpf::{
     bindings::BPF_F_RECOMPUTE_CSUM,
     cty::c_long,
-    helpers::{bpf_redirect, bpf_skb_change_tail},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_tail},
+    macros::map,
+    maps::{Array, LruHashMap},
     programs::TcContext,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use proxy_common::RefusalLimits;
 
 use crate::{
     csum,
@@ -46,8 +63,47 @@ struct PortUnreachable {
     quote: [u8; Ipv4Hdr::LEN + QUOTED_PAYLOAD_LEN],
 }
 
+/// The node's ICMP rate limits, set at load time (the daemon reads the sysctls).
+#[unsafe(no_mangle)]
+static REFUSAL_LIMITS: RefusalLimits = RefusalLimits::KERNEL_DEFAULTS;
+
+/// The node-wide budget (`icmp_global_credit`, `icmp_global_stamp`): one entry that every
+/// CPU shares. Not pinned: a restarted daemon starts with a full budget, like a booted
+/// kernel.
+#[map]
+static REFUSAL_BUDGET: Array<NodeBudget> = Array::with_max_entries(1, 0);
+
+/// Each client's bucket (the kernel's inet_peer `rate_tokens`, `rate_last`). LRU: past
+/// this many clients refused within their refill time (6 s by default), the least recent
+/// are forgotten and start with a full bucket again; the node-wide limit still holds.
+#[map]
+static REFUSED_CLIENTS: LruHashMap<u32, ClientBucket> = LruHashMap::with_max_entries(16_384, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct NodeBudget {
+    /// Refusals that may go out now; goes negative under a race, as the kernel's does.
+    credit: i64,
+    /// When the credit was last refilled (`bpf_ktime_get_ns`).
+    refilled_ns: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ClientBucket {
+    /// Refusal time accumulated, in nanoseconds: one refusal costs the interval.
+    tokens_ns: u64,
+    last_ns: u64,
+}
+
+const NANOS_PER_SECOND: u64 = 1_000_000_000;
+/// The kernel refills its node-wide budget at most every HZ/50.
+const REFILL_MIN_NS: u64 = NANOS_PER_SECOND / 50;
+
 /// Why no answer was sent; the caller drops the packet.
 pub enum NotRefused {
+    /// The ICMP rate limits have no room for it now (`stat::REJECT_RATE_LIMITED`).
+    RateLimited,
     /// IPv4 options: the quote would not fit the fixed answer (such packets are rare
     /// enough that dropping them costs nothing).
     IpOptions,
@@ -62,11 +118,15 @@ impl From<c_long> for NotRefused {
 }
 
 /// Turns `packet` into an ICMP port unreachable to its sender and redirects it back out
-/// of its ingress device; returns the verdict (TC_ACT_REDIRECT).
+/// of its ingress device; returns the verdict (TC_ACT_REDIRECT). `charge` subjects it to
+/// the rate limits (false for a dry run, which must leave them as they are).
 #[inline(always)]
-pub fn port_unreachable(ctx: &TcContext, packet: &Packet) -> Result<i32, NotRefused> {
+pub fn port_unreachable(ctx: &TcContext, packet: &Packet, charge: bool) -> Result<i32, NotRefused> {
     if packet.l4_offset != L3_OFFSET + Ipv4Hdr::LEN {
         return Err(NotRefused::IpOptions);
+    }
+    if charge && !refusal_allowed(packet.src_addr) {
+        return Err(NotRefused::RateLimited);
     }
     let eth: [u8; EthHdr::LEN] = ctx.load(0)?;
     let mut answer = PortUnreachable {
@@ -129,4 +189,95 @@ pub fn port_unreachable(ctx: &TcContext, packet: &Packet) -> Result<i32, NotRefu
     // SAFETY: plain helper call; flags 0 redirects to the device's egress.
     let verdict = unsafe { bpf_redirect(ingress, 0) };
     Ok(verdict as i32)
+}
+
+/// Whether a refusal to `client` may go out now, as `icmp_send` decides for its own errors:
+/// the node-wide budget first, then the client's bucket, and only a refusal that goes out
+/// is charged to the node-wide budget.
+#[inline(always)]
+fn refusal_allowed(client: u32) -> bool {
+    // SAFETY: a load-time constant; volatile so the compiler keeps the loader's value.
+    let limits = unsafe { ptr::read_volatile(&raw const REFUSAL_LIMITS) };
+    if limits.limited == 0 {
+        return true;
+    }
+    // SAFETY: the helper has no preconditions.
+    let now_ns = unsafe { bpf_ktime_get_ns() };
+    let Some(budget) = REFUSAL_BUDGET.get_ptr_mut(0) else {
+        return true;
+    };
+    if !node_allows(budget, &limits, now_ns) || !client_allows(client, &limits, now_ns) {
+        return false;
+    }
+    // The kernel charges a random 0, 1 or 2 (1 on average), so that the budget tells an
+    // off-path prober nothing exact (CVE-2020-25705).
+    // SAFETY: the helper has no preconditions.
+    let charge = i64::from(unsafe { bpf_get_prandom_u32() } % 3);
+    if charge != 0 {
+        // SAFETY: `budget` points into the array's only entry, which lives as long as the
+        // map; CPUs race on it, hence the atomic add.
+        unsafe {
+            atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(&raw mut (*budget).credit, -charge)
+        };
+    }
+    true
+}
+
+/// `icmp_global_allow`: room while the credit is positive; else, if 20 ms have passed, a
+/// refill of `per_second` × elapsed (elapsed counted up to 1 s), capped at `burst`.
+#[inline(always)]
+fn node_allows(budget: *mut NodeBudget, limits: &RefusalLimits, now_ns: u64) -> bool {
+    // SAFETY: `budget` points into the array's only entry. Racing CPUs may both refill
+    // (the kernel's cmpxchg lets one); the excess is at most one refill per CPU.
+    unsafe {
+        let credit = ptr::read_volatile(&raw const (*budget).credit);
+        if credit > 0 {
+            return true;
+        }
+        let elapsed = now_ns
+            .saturating_sub((*budget).refilled_ns)
+            .min(NANOS_PER_SECOND);
+        if elapsed < REFILL_MIN_NS {
+            return false;
+        }
+        let refill = u64::from(limits.per_second) * elapsed / NANOS_PER_SECOND;
+        if refill == 0 {
+            return false;
+        }
+        (*budget).refilled_ns = now_ns;
+        (*budget).credit = (credit + refill as i64).min(i64::from(limits.burst));
+    }
+    true
+}
+
+/// `inet_peer_xrlim_allow`: the client's bucket gains the time since its last refusal,
+/// up to [`RefusalLimits::CLIENT_BURST`] intervals, and a refusal takes one interval. A
+/// client seen for the first time starts full, as the kernel's new peer does.
+#[inline(always)]
+fn client_allows(client: u32, limits: &RefusalLimits, now_ns: u64) -> bool {
+    let interval = limits.client_interval_ns;
+    if interval == 0 {
+        return true;
+    }
+    let full = RefusalLimits::CLIENT_BURST * interval;
+    let Some(bucket) = REFUSED_CLIENTS.get_ptr_mut(&client) else {
+        let bucket = ClientBucket {
+            tokens_ns: full - interval,
+            last_ns: now_ns,
+        };
+        // A full map evicts its least recent client; should the insert still fail, the
+        // kernel without a peer entry lets the error out too.
+        let _ = REFUSED_CLIENTS.insert(&client, &bucket, 0);
+        return true;
+    };
+    // SAFETY: the pointer comes from a successful lookup; racing CPUs may lose one
+    // another's update, as the kernel's unlocked peer update may.
+    unsafe {
+        let gained = now_ns.saturating_sub((*bucket).last_ns);
+        let tokens = (*bucket).tokens_ns.saturating_add(gained).min(full);
+        (*bucket).last_ns = now_ns;
+        let allowed = tokens >= interval;
+        (*bucket).tokens_ns = if allowed { tokens - interval } else { tokens };
+        allowed
+    }
 }

@@ -8,13 +8,12 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
-use ipnet::Ipv4Net;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::Interval;
 use tracing::{debug, error, info, warn};
@@ -27,6 +26,7 @@ use crate::health::Health;
 use crate::metrics::{MapLabel, Metrics};
 use crate::model::Model;
 use crate::netlink::{self, Device, DevicePolicy, Netlink};
+use crate::node_port_addresses::NodePortAddresses;
 use crate::plan::{self, NodeFacts};
 use crate::service_health::ServiceHealthServers;
 use crate::source::kubernetes::{ApiServer, KubernetesSource};
@@ -42,7 +42,7 @@ pub struct DaemonConfig {
     pub node_zone: Option<String>,
     pub bpffs_root: PathBuf,
     pub devices: DevicePolicy,
-    pub nodeport_cidrs: Vec<Ipv4Net>,
+    pub nodeport_addresses: NodePortAddresses,
     pub map_sizes: MapSizes,
     /// Conntrack idle timeouts per state.
     pub ct_timeouts: CtTimeouts,
@@ -120,11 +120,25 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         metrics.clone(),
     )?;
     let netlink = Netlink::connect()?;
+    if !config.nodeport_addresses.ipv6_cidrs().is_empty() {
+        info!(
+            cidrs = ?config.nodeport_addresses.ipv6_cidrs(),
+            "--nodeport-addresses: IPv6 CIDRs accepted and kept for IPv6 NodePorts, which are \
+             not proxied yet; IPv4 NodePorts follow the IPv4 CIDRs only"
+        );
+    }
+    if config.nodeport_addresses == NodePortAddresses::Primary {
+        info!(
+            source = %config.source,
+            "--nodeport-addresses primary: NodePorts open on every node address until the \
+             Node object names a primary IPv4 address (never in standalone mode)"
+        );
+    }
     let node = NodeFacts {
         node_name: config.node_name.clone(),
         zone: config.node_zone.clone(),
         addresses: Vec::new(),
-        nodeport_cidrs: config.nodeport_cidrs.clone(),
+        nodeport_cidrs: config.nodeport_addresses.ipv4_cidrs(None),
     };
     let mut daemon = Daemon {
         sync_window: SyncWindow::new(config.min_sync_period),
@@ -172,9 +186,15 @@ impl Daemon {
                     }
                 }
                 () = self.source.changed(&mut self.model) => {
-                    let now = SystemTime::now();
-                    self.health.queued_update(now);
-                    self.first_pending_change.get_or_insert(now);
+                    self.follow_node_state();
+                    // kube-proxy queues updates only once its informers have synced: a
+                    // proxy still listing (or whose API server is down at start) is healthy
+                    // while the datapath it inherited keeps serving.
+                    if self.source.has_synced() {
+                        let now = SystemTime::now();
+                        self.health.queued_update(now);
+                        self.first_pending_change.get_or_insert(now);
+                    }
                     self.sync_window.note_change(tokio::time::Instant::now());
                 }
                 () = until(sync_due) => self.sync(),
@@ -262,7 +282,7 @@ impl Daemon {
             error!(%failure, "map write failed; retried on the next sync");
         }
         self.record_sync(&report, started);
-        let addresses = self.health_check_addresses();
+        let addresses = self.node.health_check_addresses();
         self.service_health.sync(&planned.health_checks, &addresses);
         info!(
             frontends = report.frontends,
@@ -275,13 +295,36 @@ impl Daemon {
 }
 
 impl Daemon {
-    /// Where healthCheckNodePorts listen: like kube-proxy, every address unless
-    /// `--nodeport-addresses` narrows them to the node's addresses in those CIDRs.
-    fn health_check_addresses(&self) -> Vec<Ipv4Addr> {
-        if self.node.nodeport_cidrs.is_empty() {
-            vec![Ipv4Addr::UNSPECIFIED]
-        } else {
-            self.node.node_port_addresses()
+    /// What the Node object says beyond its labels: whether it is being deleted (kube-proxy's
+    /// node eligibility, `/healthz` only) and its primary address (`--nodeport-addresses
+    /// primary`). Logged when either changes.
+    fn follow_node_state(&mut self) {
+        let state = self.model.node_state();
+        let eligible = !state.being_deleted;
+        if self.health.set_node_eligible(eligible) {
+            if eligible {
+                info!("the Node is no longer being deleted: /healthz follows the proxy again");
+            } else {
+                warn!(
+                    "the Node is being deleted (deletion timestamp or ToBeDeletedByClusterAutoscaler \
+                     taint): /healthz answers 503 so load balancers drain this node"
+                );
+            }
+        }
+        let cidrs = self
+            .config
+            .nodeport_addresses
+            .ipv4_cidrs(state.primary_ipv4);
+        if cidrs != self.node.nodeport_cidrs {
+            if cidrs.is_empty() {
+                info!(
+                    flag = %self.config.nodeport_addresses,
+                    "the Node's primary IPv4 address is unknown: NodePorts open on every node address"
+                );
+            } else {
+                info!(cidrs = ?cidrs, flag = %self.config.nodeport_addresses, "NodePorts open on the node addresses in these CIDRs");
+            }
+            self.node.nodeport_cidrs = cidrs;
         }
     }
 

@@ -24,12 +24,15 @@ use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::{
-    Backend, CtTimeouts, MembershipKey, PROGRAM_NAME, SNAT_PORT_MAX_GLOBAL, SNAT_PORT_MIN_GLOBAL,
-    ServiceKey, ServiceName, ServiceValue, SourceRange, map_names,
+    Backend, CtTimeouts, MembershipKey, PROGRAM_NAME, REFUSAL_LIMITS_GLOBAL, RefusalLimits,
+    SNAT_PORT_MAX_GLOBAL, SNAT_PORT_MIN_GLOBAL, ServiceKey, ServiceName, ServiceValue, SourceRange,
+    map_names,
 };
+use tracing::{info, warn};
 
 use crate::conntrack::ConntrackSizes;
 use crate::netlink::Device;
+use crate::pin_root::PinRoot;
 use crate::writer::FlowMaps;
 
 /// Where the daemon pins, and the CLI looks, unless told otherwise (`--bpffs-root`).
@@ -115,13 +118,32 @@ pub struct Maps {
 pub struct Datapath {
     ebpf: Ebpf,
     links_dir: PathBuf,
+    /// This daemon's claim on the pins, held while it runs.
+    _pin_root: PinRoot,
 }
 
 impl Datapath {
-    /// Loads the embedded object, reusing (or creating) the maps pinned under `root`, and
-    /// sets the conntrack timeouts (before anything is attached).
+    /// Loads the embedded object, reusing (or creating) the maps pinned under `root`, once
+    /// `root` is on a bpffs and this daemon's alone (see [`PinRoot`]), and sets the
+    /// conntrack timeouts (before anything is attached).
     pub fn load(root: &Path, sizes: MapSizes, timeouts: CtTimeouts) -> Result<Self> {
-        ensure_bpffs(root)?;
+        let pin_root = PinRoot::prepare(root)?;
+        let refusal_limits = refusal_limits(|name| {
+            let path = format!("/proc/sys/net/ipv4/{name}");
+            fs::read_to_string(&path)
+                .inspect_err(
+                    |error| warn!(%path, %error, "cannot read; the kernel's default applies"),
+                )
+                .ok()
+        });
+        info!(
+            per_client_interval_ms = refusal_limits.client_interval_ns / 1_000_000,
+            per_client_burst = RefusalLimits::CLIENT_BURST,
+            node_per_second = refusal_limits.per_second,
+            node_burst = refusal_limits.burst,
+            limited = refusal_limits.limited != 0,
+            "refusals are rate limited like the node's ICMP errors (net.ipv4.icmp_*)"
+        );
         let links_dir = root.join("links");
         fs::create_dir_all(&links_dir)
             .with_context(|| format!("creating {}", links_dir.display()))?;
@@ -139,6 +161,7 @@ impl Datapath {
             .map_max_entries(map_names::BACKEND_IDS, sizes.backends)
             .override_global(SNAT_PORT_MIN_GLOBAL, &sizes.snat_ports.min, true)
             .override_global(SNAT_PORT_MAX_GLOBAL, &sizes.snat_ports.max, true)
+            .override_global(REFUSAL_LIMITS_GLOBAL, &refusal_limits, true)
             .load(crate::EBPF_OBJECT)
             .with_context(|| {
                 format!(
@@ -151,7 +174,11 @@ impl Datapath {
             .load()
             .context("loading the tc program into the kernel")?;
         set_timeouts(&mut ebpf, timeouts)?;
-        Ok(Self { ebpf, links_dir })
+        Ok(Self {
+            ebpf,
+            links_dir,
+            _pin_root: pin_root,
+        })
     }
 
     /// Takes the maps out of the object. Call once.
@@ -238,6 +265,32 @@ impl Datapath {
     }
 }
 
+/// The node's ICMP rate limits from its sysctls (`read` gives a file of
+/// /proc/sys/net/ipv4), which the kernel would apply to kube-proxy's REJECT; a value that
+/// cannot be read or parsed keeps the kernel's default.
+fn refusal_limits(read: impl Fn(&str) -> Option<String>) -> RefusalLimits {
+    let value = |name: &str| -> Option<u64> {
+        let value: i64 = read(name)?.trim().parse().ok()?;
+        Some(value.max(0) as u64)
+    };
+    let defaults = RefusalLimits::KERNEL_DEFAULTS;
+    /// Destination unreachable, the type of a port unreachable, in `icmp_ratemask`.
+    const DEST_UNREACH_BIT: u64 = 1 << 3;
+    RefusalLimits {
+        client_interval_ns: value("icmp_ratelimit").map_or(defaults.client_interval_ns, |ms| {
+            ms.saturating_mul(1_000_000)
+        }),
+        per_second: value("icmp_msgs_per_sec")
+            .map_or(defaults.per_second, |v| v.min(u64::from(u32::MAX)) as u32),
+        burst: value("icmp_msgs_burst")
+            .map_or(defaults.burst, |v| v.min(u64::from(u32::MAX)) as u32),
+        limited: value("icmp_ratemask").map_or(defaults.limited, |mask| {
+            u32::from(mask & DEST_UNREACH_BIT != 0)
+        }),
+        _pad: 0,
+    }
+}
+
 /// The pin name of a device's link: the index makes a re-created device with the same
 /// name a different pin, since the old link died with the old device.
 fn link_pin_name(device: &Device) -> String {
@@ -265,38 +318,45 @@ fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
     Ok(program.try_into()?)
 }
 
-/// The pins must live on a bpffs; say so clearly instead of failing on the first pin.
-fn ensure_bpffs(root: &Path) -> Result<()> {
-    fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
-    let stat = nix_statfs(root)?;
-    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-    if stat != BPF_FS_MAGIC {
-        return Err(anyhow!(
-            "{} is not on a bpf filesystem: mount one with `mount -t bpf bpf /sys/fs/bpf` \
-             (or pass --bpffs-root on a bpffs)",
-            root.display()
-        ));
-    }
-    Ok(())
-}
-
-fn nix_statfs(path: &Path) -> Result<i64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c_path is a valid NUL-terminated string and stat a writable statfs.
-    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error())
-            .with_context(|| format!("statfs {}", path.display()));
-    }
-    #[allow(clippy::unnecessary_cast)]
-    Ok(stat.f_type as i64)
-}
-
 #[cfg(test)]
 mod tests {
-    use super::SnatPortRange;
+    use super::{RefusalLimits, SnatPortRange, refusal_limits};
+
+    #[test]
+    fn refusal_limits_follow_the_nodes_icmp_sysctls() {
+        fn node(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+            move |name| {
+                pairs
+                    .iter()
+                    .find(|(key, _)| *key == name)
+                    .map(|(_, value)| format!("{value}\n"))
+            }
+        }
+        let defaults = [
+            ("icmp_ratelimit", "1000"),
+            ("icmp_msgs_per_sec", "1000"),
+            ("icmp_msgs_burst", "50"),
+            ("icmp_ratemask", "6168"),
+        ];
+        assert_eq!(
+            refusal_limits(node(&defaults)),
+            RefusalLimits::KERNEL_DEFAULTS
+        );
+        let tuned = refusal_limits(node(&[
+            ("icmp_ratelimit", "250"),
+            ("icmp_msgs_per_sec", "20"),
+            ("icmp_msgs_burst", "5"),
+            // Time exceeded and parameter problem only: port unreachable is not limited.
+            ("icmp_ratemask", "6144"),
+        ]));
+        assert_eq!(tuned.client_interval_ns, 250_000_000);
+        assert_eq!((tuned.per_second, tuned.burst, tuned.limited), (20, 5, 0));
+        // Unreadable or garbled: the kernel's defaults.
+        assert_eq!(
+            refusal_limits(node(&[("icmp_ratelimit", "x")])),
+            RefusalLimits::KERNEL_DEFAULTS
+        );
+    }
 
     #[test]
     fn snat_port_ranges_parse_and_reject_what_is_not_one() {

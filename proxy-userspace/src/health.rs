@@ -70,8 +70,12 @@ impl Health {
         inner.last_updated = Some(now);
     }
 
-    pub fn set_node_eligible(&self, eligible: bool) {
-        self.lock().node_eligible = eligible;
+    /// kube-proxy's node eligibility (`/healthz` only); whether it changed.
+    pub fn set_node_eligible(&self, eligible: bool) -> bool {
+        let mut inner = self.lock();
+        let changed = inner.node_eligible != eligible;
+        inner.node_eligible = eligible;
+        changed
     }
 
     /// The proxy's own health (for `/livez`), and node eligibility (added for `/healthz`).
@@ -212,7 +216,9 @@ mod tests {
             ),
             (
                 "node being deleted: healthz only",
-                &[|h| h.set_node_eligible(false)],
+                &[|h| {
+                    h.set_node_eligible(false);
+                }],
                 0,
                 StatusCode::SERVICE_UNAVAILABLE,
                 StatusCode::OK,

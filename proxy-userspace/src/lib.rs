@@ -17,6 +17,8 @@ pub mod inspect;
 pub mod metrics;
 pub mod model;
 pub mod netlink;
+pub mod node_port_addresses;
+pub mod pin_root;
 pub mod plan;
 pub mod service_health;
 pub mod source;

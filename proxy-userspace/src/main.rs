@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use ipnet::Ipv4Net;
 use proxy_common::CtTimeouts;
 use proxy_userspace::conntrack::{self, ConntrackSizes};
 use proxy_userspace::daemon::{self, DaemonConfig, SourceConfig};
 use proxy_userspace::datapath::{DEFAULT_BPFFS_ROOT, MapSizes, SnatPortRange};
 use proxy_userspace::inspect;
 use proxy_userspace::netlink::DevicePolicy;
+use proxy_userspace::node_port_addresses::NodePortAddresses;
 use proxy_userspace::source::kubernetes::ApiServer;
 
 /// A kube-proxy replacement whose datapath runs in the kernel as eBPF.
@@ -83,10 +83,11 @@ struct DaemonArgs {
         default_value = "lxc*,veth*,cali*,gke*,eni*,azv*,cilium_*"
     )]
     pod_devices: Vec<glob::Pattern>,
-    /// Only open NodePorts on node addresses inside these CIDRs [default: all node
-    /// addresses except loopback].
+    /// Only open NodePorts (and healthCheckNodePorts) on node addresses inside these CIDRs
+    /// of either family, or `primary`: the Node's primary address (kube-proxy's flag)
+    /// [default: every node address; NodePorts never on loopback ones].
     #[arg(long, value_delimiter = ',')]
-    nodeport_addresses: Vec<Ipv4Net>,
+    nodeport_addresses: Vec<String>,
     /// SERVICES map size (one entry per frontend and one per frontend backend).
     #[arg(long, default_value_t = MapSizes::default().services)]
     max_services: u32,
@@ -213,7 +214,8 @@ impl DaemonArgs {
                 external: self.devices,
                 pod_patterns: self.pod_devices,
             },
-            nodeport_cidrs: self.nodeport_addresses,
+            nodeport_addresses: NodePortAddresses::parse(&self.nodeport_addresses)
+                .map_err(|problem| anyhow::anyhow!("--nodeport-addresses: {problem}"))?,
             map_sizes: MapSizes {
                 services: self.max_services,
                 backends: self.max_backends,
@@ -276,6 +278,8 @@ fn init_logging(format: LogFormat) {
 }
 
 fn cleanup(root: &std::path::Path) -> Result<()> {
+    // Unpinning the links of a running daemon would detach its datapath under it.
+    proxy_userspace::pin_root::ensure_unused(root)?;
     match std::fs::remove_dir_all(root) {
         Ok(()) => {
             eprintln!("removed {} (maps and links unpinned)", root.display());
@@ -355,6 +359,47 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("cannot be used with"), "{error}");
+    }
+
+    #[test]
+    fn nodeport_addresses_take_both_families_or_primary() {
+        let both = daemon_config(
+            &[
+                "--manifests",
+                "/m",
+                "--nodeport-addresses",
+                "198.18.0.0/24,2001:db8::/64",
+            ],
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            both.nodeport_addresses.ipv4_cidrs(None),
+            ["198.18.0.0/24".parse::<ipnet::Ipv4Net>().unwrap()]
+        );
+        assert_eq!(both.nodeport_addresses.ipv6_cidrs().len(), 1);
+
+        let primary = daemon_config(
+            &["--manifests", "/m", "--nodeport-addresses", "primary"],
+            false,
+        );
+        assert_eq!(
+            primary.unwrap().nodeport_addresses,
+            NodePortAddresses::Primary
+        );
+
+        let error = daemon_config(
+            &[
+                "--manifests",
+                "/m",
+                "--nodeport-addresses",
+                "primary,198.18.0.0/24",
+            ],
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.starts_with("--nodeport-addresses: "), "{error}");
     }
 
     #[test]

@@ -4,11 +4,13 @@
 //! EndpointSlices in with insert/remove/replace; the planner reads them back, slices grouped
 //! by the Service they belong to (their `kubernetes.io/service-name` label), as kube-proxy's
 //! EndpointSliceCache merges them. The Kubernetes source also keeps this node's labels here,
-//! as kube-proxy does: they carry the zone for topology-aware routing. No policy lives here:
+//! as kube-proxy does: they carry the zone for topology-aware routing; and its primary
+//! address and whether it is being deleted ([`NodeState`]). No policy lives here:
 //! which objects matter, and how, is the planner's business.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::net::Ipv4Addr;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -63,6 +65,19 @@ pub enum ModelError {
     MissingServiceNameLabel { slice: ObjectKey },
 }
 
+/// What the daemon reads from the Node it runs on, besides its labels (the Kubernetes
+/// source only: the default while no Node is known).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeState {
+    /// The Node's primary IPv4 address: its first InternalIP, else ExternalIP, of that
+    /// family (kube-proxy's node IP, which `--nodeport-addresses primary` stands for).
+    pub primary_ipv4: Option<Ipv4Addr>,
+    /// The Node has a deletion timestamp or the cluster autoscaler's
+    /// `ToBeDeletedByClusterAutoscaler` taint: kube-proxy's `/healthz` answers 503 so that
+    /// load balancers drain the node first.
+    pub being_deleted: bool,
+}
+
 /// Services and EndpointSlices keyed by `namespace/name`, slices also indexed by Service.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Model {
@@ -72,6 +87,8 @@ pub struct Model {
     slices_by_service: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
     /// The labels of the Node this daemon runs on; empty while no source knows them.
     node_labels: BTreeMap<String, String>,
+    /// The rest of what the daemon reads from its Node object.
+    node_state: NodeState,
     /// What the mutations changed since the last [`take_changes`](Self::take_changes):
     /// counted here, where old and new are both at hand, so nobody keeps a copy to diff.
     changes: ModelChanges,
@@ -205,6 +222,17 @@ impl Model {
 
     pub fn node_labels(&self) -> &BTreeMap<String, String> {
         &self.node_labels
+    }
+
+    /// Sets what the Node object says besides its labels; whether that changed.
+    pub fn set_node_state(&mut self, state: NodeState) -> bool {
+        let changed = self.node_state != state;
+        self.node_state = state;
+        changed
+    }
+
+    pub fn node_state(&self) -> &NodeState {
+        &self.node_state
     }
 
     /// The slices that belong to a Service (whether or not the Service exists), ordered by

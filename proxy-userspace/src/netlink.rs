@@ -87,14 +87,12 @@ fn is_external(interface: &Interface, policy: &DevicePolicy) -> bool {
     }
 }
 
-/// The node's addresses for NodePorts: every IPv4 address except loopback, like
-/// kube-proxy's default (`--nodeport-addresses` then narrows them in the planner).
+/// The node's IPv4 addresses, loopback included, as kube-proxy lists them for
+/// `--nodeport-addresses` (the planner decides which serve NodePorts and health checks).
 pub fn node_addresses(interfaces: &[Interface]) -> Vec<Ipv4Addr> {
     let mut addresses: Vec<Ipv4Addr> = interfaces
         .iter()
-        .filter(|interface| !interface.loopback)
         .flat_map(|interface| interface.ipv4.iter().copied())
-        .filter(|addr| !addr.is_loopback())
         .collect();
     addresses.sort();
     addresses.dedup();
@@ -239,13 +237,19 @@ mod tests {
     }
 
     #[test]
-    fn node_addresses_skip_loopback_and_dedupe() {
+    fn node_addresses_include_loopback_and_are_deduplicated() {
         let mut interfaces = node();
         interfaces.push(interface(8, "lxc1", &[[198, 18, 1, 1]]));
         let addresses = node_addresses(&interfaces);
         assert_eq!(
             addresses,
-            [[198, 18, 0, 1], [198, 18, 1, 1], [198, 18, 9, 1]].map(Ipv4Addr::from)
+            [
+                [127, 0, 0, 1],
+                [198, 18, 0, 1],
+                [198, 18, 1, 1],
+                [198, 18, 9, 1]
+            ]
+            .map(Ipv4Addr::from)
         );
     }
 }

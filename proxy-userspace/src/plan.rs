@@ -39,17 +39,43 @@ pub struct NodeFacts {
     /// while the model knows no Node labels (the manifests source: `--node-zone`); once it
     /// does (the Kubernetes source), the Node's own label decides, as in kube-proxy.
     pub zone: Option<String>,
-    /// Every non-loopback IPv4 address of the node (read with rtnetlink).
+    /// Every IPv4 address of the node, loopback included (read with rtnetlink).
     pub addresses: Vec<Ipv4Addr>,
-    /// `--nodeport-addresses`: when non-empty, NodePorts open only on node addresses inside
-    /// one of these CIDRs (kube-proxy's flag of the same name).
+    /// The IPv4 CIDRs of `--nodeport-addresses` (kube-proxy's flag of the same name, its
+    /// `primary` keyword resolved): when non-empty, NodePorts open only on node addresses
+    /// inside one of them.
     pub nodeport_cidrs: Vec<Ipv4Net>,
 }
 
 impl NodeFacts {
-    /// The addresses NodePorts open on: all node addresses, or those inside
-    /// `nodeport_cidrs` when it is set. Sorted, without duplicates.
+    /// The addresses NodePorts open on in the datapath: the node's addresses, or those
+    /// inside `nodeport_cidrs` when it is set, never loopback ones (the program sees no
+    /// loopback traffic). Sorted, without duplicates.
     pub fn node_port_addresses(&self) -> Vec<Ipv4Addr> {
+        self.addresses_in_nodeport_cidrs()
+            .into_iter()
+            .filter(|addr| !addr.is_loopback())
+            .collect()
+    }
+
+    /// Where healthCheckNodePorts listen, as kube-proxy's service health server: every
+    /// address (`0.0.0.0`) unless `nodeport_cidrs` narrows them (and does not contain
+    /// `0.0.0.0/0`), then the node's addresses inside them, loopback included. Empty when
+    /// no node address is inside them.
+    pub fn health_check_addresses(&self) -> Vec<Ipv4Addr> {
+        let match_all = self.nodeport_cidrs.is_empty()
+            || self
+                .nodeport_cidrs
+                .iter()
+                .any(|cidr| cidr.prefix_len() == 0);
+        if match_all {
+            vec![Ipv4Addr::UNSPECIFIED]
+        } else {
+            self.addresses_in_nodeport_cidrs()
+        }
+    }
+
+    fn addresses_in_nodeport_cidrs(&self) -> Vec<Ipv4Addr> {
         let mut addresses: Vec<Ipv4Addr> = self
             .addresses
             .iter()
@@ -1208,11 +1234,52 @@ mod tests {
         ]);
     }
 
+    /// kube-proxy's service health server listens on `0.0.0.0` unless
+    /// `--nodeport-addresses` narrows it, then on the node addresses inside the CIDRs,
+    /// loopback included (`newServiceHealthServer`, `GetNodeIPs`).
+    #[test]
+    fn health_checks_listen_where_kube_proxy_does() {
+        let ip = |text: &str| -> Ipv4Addr { text.parse().unwrap() };
+        let node = |cidrs: &[&str]| NodeFacts {
+            addresses: vec![ip("198.18.0.1"), ip("127.0.0.1"), ip("198.18.5.1")],
+            nodeport_cidrs: cidrs.iter().map(|cidr| cidr.parse().unwrap()).collect(),
+            ..NodeFacts::default()
+        };
+        // (CIDRs, health-check addresses, NodePort addresses)
+        let cases: [(&[&str], Vec<Ipv4Addr>, Vec<Ipv4Addr>); 5] = [
+            (
+                &[],
+                vec![Ipv4Addr::UNSPECIFIED],
+                vec![ip("198.18.0.1"), ip("198.18.5.1")],
+            ),
+            (&["127.0.0.0/8"], vec![ip("127.0.0.1")], vec![]),
+            (
+                &["198.18.0.0/24", "127.0.0.0/8"],
+                vec![ip("127.0.0.1"), ip("198.18.0.1")],
+                vec![ip("198.18.0.1")],
+            ),
+            (
+                &["0.0.0.0/0"],
+                vec![Ipv4Addr::UNSPECIFIED],
+                vec![ip("198.18.0.1"), ip("198.18.5.1")],
+            ),
+            (&["203.0.113.0/24"], vec![], vec![]),
+        ];
+        for (cidrs, health_checks, node_ports) in cases {
+            let node = node(cidrs);
+            assert_eq!(node.health_check_addresses(), health_checks, "{cidrs:?}");
+            assert_eq!(node.node_port_addresses(), node_ports, "{cidrs:?}");
+        }
+    }
+
     #[test]
     fn node_port_frontends() {
+        // Loopback addresses never become NodePort frontends: the program sees no
+        // loopback traffic.
         let two_addresses = NodeFacts {
             addresses: vec![
                 "198.18.0.2".parse().unwrap(),
+                "127.0.0.1".parse().unwrap(),
                 "198.18.0.1".parse().unwrap(),
                 "198.18.0.1".parse().unwrap(),
             ],

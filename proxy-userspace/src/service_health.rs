@@ -56,9 +56,10 @@ impl ServiceHealthServers {
     }
 
     /// Opens, updates and closes servers to match `checks`, listening on `addresses`
-    /// (kube-proxy's `--nodeport-addresses`; `0.0.0.0` when unrestricted). Must run inside
-    /// the tokio runtime. A port that cannot be bound is logged and tried again on the next
-    /// sync, as kube-proxy does.
+    /// (the node's addresses in kube-proxy's `--nodeport-addresses`, loopback included;
+    /// `0.0.0.0` when unrestricted; none when no address matches, which is logged once).
+    /// Must run inside the tokio runtime. A port that cannot be bound is logged and tried
+    /// again on the next sync, as kube-proxy does.
     pub fn sync(
         &mut self,
         checks: &BTreeMap<ObjectKey, ServiceHealthCheck>,
@@ -82,7 +83,16 @@ impl ServiceHealthServers {
             }
             match self.open(service, check, addresses) {
                 Ok(server) => {
-                    info!(%service, port = check.node_port, "health check listening");
+                    if addresses.is_empty() {
+                        warn!(
+                            %service,
+                            port = check.node_port,
+                            "health check not served: no node address is inside \
+                             --nodeport-addresses"
+                        );
+                    } else {
+                        info!(%service, port = check.node_port, addresses = ?addresses, "health check listening");
+                    }
                     self.servers.insert(service.clone(), server);
                 }
                 Err(error) => {
@@ -240,5 +250,53 @@ mod tests {
         assert_eq!(shared.load(Ordering::Relaxed), 0);
         servers.sync(&BTreeMap::new(), &loopback);
         assert!(servers.servers.is_empty());
+    }
+
+    /// A free port on loopback, for a server the test talks to.
+    fn free_port() -> u16 {
+        let probe = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        probe.local_addr().unwrap().port()
+    }
+
+    /// One HTTP/1.0 GET to `127.0.0.1:port` (blocking, off the runtime's thread): the
+    /// status code, or the connect error.
+    async fn probe(port: u16) -> std::io::Result<u16> {
+        tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let mut stream = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))?;
+            stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            let code = response.split_whitespace().nth(1).unwrap_or_default();
+            Ok(code.parse().unwrap_or_default())
+        })
+        .await
+        .expect("the probe thread")
+    }
+
+    /// `--nodeport-addresses 127.0.0.0/8`: the node's loopback address is where the check
+    /// listens, and it answers there; with no matching address nothing listens.
+    #[tokio::test]
+    async fn a_loopback_address_is_served_and_no_address_serves_nothing() {
+        let service = ObjectKey::new("web", "lb");
+        let health = Health::new(std::time::Duration::from_secs(60));
+        let mut servers = ServiceHealthServers::new(health);
+        let port = free_port();
+        let checks = BTreeMap::from([(
+            service.clone(),
+            ServiceHealthCheck {
+                node_port: port,
+                local_endpoints: 1,
+            },
+        )]);
+        servers.sync(&checks, &[Ipv4Addr::LOCALHOST]);
+        assert_eq!(probe(port).await.unwrap(), 200);
+
+        servers.sync(&checks, &[]);
+        assert!(servers.servers[&service].tasks.is_empty());
+        // The listener closes with its aborted task; give the runtime a turn to drop it.
+        tokio::task::yield_now().await;
+        let refused = probe(port).await.unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
     }
 }

@@ -6,16 +6,15 @@
 //! The source runs on its own task and publishes the model after every change it reports;
 //! every wait is bounded by [`TIMEOUT`].
 
-mod fake_apiserver;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use fake_apiserver::{Close, FakeApiServer, GoneResponse, Kind, Request};
+use proxy_lab::fake_apiserver::{self, Close, FakeApiServer, GoneResponse, Kind, Outage, Request};
+use proxy_lab::kubeconfig_for;
 use proxy_userspace::model::Model;
 use proxy_userspace::plan::{self, NodeFacts};
-use proxy_userspace::source::kubernetes::{ApiServer, KubernetesSource};
+use proxy_userspace::source::kubernetes::{API_READ_TIMEOUT, ApiServer, KubernetesSource};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -202,11 +201,18 @@ impl Drop for RunningSource {
 impl RunningSource {
     /// Connects the way `ebpf-proxy daemon --kubeconfig` does (the file is read once).
     async fn start(server: &FakeApiServer) -> Self {
+        Self::start_with(server, |_| {}).await
+    }
+
+    /// [`start`](Self::start), with the client's configuration adjusted first.
+    async fn start_with(server: &FakeApiServer, adjust: impl FnOnce(&mut kube::Config)) -> Self {
         let kubeconfig = TempFile::new("kubeconfig", &kubeconfig_for(server.url()));
-        let client = ApiServer::Kubeconfig(kubeconfig.0.clone())
-            .client()
+        let mut config = ApiServer::Kubeconfig(kubeconfig.0.clone())
+            .config()
             .await
-            .expect("a client from the kubeconfig");
+            .expect("a client configuration from the kubeconfig");
+        adjust(&mut config);
+        let client = kube::Client::try_from(config).expect("a client");
         let mut source = KubernetesSource::new(client, NODE_NAME);
         let (publish, snapshots) = watch::channel(Snapshot::default());
         let task = tokio::spawn(async move {
@@ -239,27 +245,6 @@ impl RunningSource {
     async fn synced(&mut self) -> Snapshot {
         self.wait_for("sync", |snapshot| snapshot.synced).await
     }
-}
-
-fn kubeconfig_for(url: &str) -> String {
-    format!(
-        "apiVersion: v1
-kind: Config
-clusters:
-- name: test
-  cluster:
-    server: {url}
-users:
-- name: test
-  user: {{}}
-contexts:
-- name: test
-  context:
-    cluster: test
-    user: test
-current-context: test
-"
-    )
 }
 
 /// A file under the system temp dir, removed on drop.
@@ -682,6 +667,65 @@ async fn the_node_watch_keeps_this_nodes_labels_only() {
     assert_eq!(deleted.changes, relabelled.changes + 1);
 }
 
+/// What the daemon reads from its Node besides the labels: the primary IPv4 address
+/// (InternalIP before ExternalIP) and whether it is being deleted — the cluster
+/// autoscaler's taint or a deletion timestamp, kept from the deleted object when it goes.
+#[tokio::test]
+async fn the_node_watch_follows_the_primary_address_and_deletion() {
+    let server = FakeApiServer::start().await;
+    let with_addresses = |mut node: Value| {
+        node["status"]["addresses"] = json!([
+            { "type": "Hostname", "address": NODE_NAME },
+            { "type": "ExternalIP", "address": "203.0.113.7" },
+            { "type": "InternalIP", "address": "2001:db8::1" },
+            { "type": "InternalIP", "address": "198.18.0.1" },
+        ]);
+        node
+    };
+    seed(&server);
+    server.edit(|cluster| cluster.apply(Kind::Node, with_addresses(node(NODE_NAME, "zone-a"))));
+    let mut source = RunningSource::start(&server).await;
+    let node_ip = "198.18.0.1".parse().ok();
+    let synced = source
+        .wait_for("the Node's primary address", |s| {
+            s.synced && s.model.node_state().primary_ipv4 == node_ip
+        })
+        .await;
+    assert!(!synced.model.node_state().being_deleted);
+
+    let mut tainted = with_addresses(node(NODE_NAME, "zone-a"));
+    tainted["spec"]["taints"] = json!([
+        { "key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule" },
+        { "key": "ToBeDeletedByClusterAutoscaler", "value": "1700000000", "effect": "NoSchedule" },
+    ]);
+    server.edit(|cluster| cluster.apply(Kind::Node, tainted));
+    source
+        .wait_for("the autoscaler's taint", |s| {
+            s.model.node_state().being_deleted
+        })
+        .await;
+
+    server.edit(|cluster| cluster.apply(Kind::Node, with_addresses(node(NODE_NAME, "zone-a"))));
+    source
+        .wait_for("the taint removed", |s| !s.model.node_state().being_deleted)
+        .await;
+
+    let mut deleting = with_addresses(node(NODE_NAME, "zone-a"));
+    deleting["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+    server.edit(|cluster| cluster.apply(Kind::Node, deleting));
+    let marked = source
+        .wait_for("the deletion timestamp", |s| {
+            s.model.node_state().being_deleted
+        })
+        .await;
+
+    server.edit(|cluster| cluster.delete(Kind::Node, NODE_NAME));
+    let deleted = source
+        .wait_for("the Node's deletion", |s| s.model.node_labels().is_empty())
+        .await;
+    assert_eq!(deleted.model.node_state(), marked.model.node_state());
+}
+
 /// The model counts as synced only once every kind has listed: a Node list refused for
 /// lack of RBAC keeps the source unsynced, and is retried with backoff until it works.
 #[tokio::test]
@@ -707,4 +751,144 @@ async fn the_source_is_synced_only_when_every_kind_has_listed() {
     let synced = source.synced().await;
     assert_eq!(synced.zone(), Some("zone-a"));
     assert_eq!(synced.frontends().len(), 1);
+}
+
+/// Every way the API server can fail — gone (connections refused, old ones broken, and
+/// the history compacted meanwhile, so the return is a 410 and a relist), stalled (requests
+/// and watch events held back), answering 500 or 503, answering garbage — keeps the model
+/// at its last good state while it lasts, and loses nothing: once the server is back, the
+/// model holds exactly what changed meanwhile.
+#[tokio::test]
+async fn outages_keep_the_last_good_state_and_lose_nothing() {
+    let server = FakeApiServer::start().await;
+    seed(&server);
+    let mut source = RunningSource::start(&server).await;
+    source.synced().await;
+    let outages = [
+        Outage::Down,
+        Outage::Stalled,
+        Outage::Failing(500),
+        Outage::Failing(503),
+        Outage::Garbage,
+    ];
+    for (round, outage) in outages.into_iter().enumerate() {
+        all_watching(&server).await;
+        let before = source.snapshots.borrow().clone();
+        let requests_before = server.requests().len();
+        server.outage(outage);
+        // What changes while the server is out: a new endpoint replaces an old one, a
+        // Service appears and the previous round's goes.
+        let endpoint = format!("198.18.2.{round}");
+        let added = format!("round-{round}");
+        let added_ip = format!("198.18.100.{}", 50 + round);
+        server.edit(|cluster| {
+            cluster.apply(
+                Kind::EndpointSlice,
+                slice("frontend-a", "frontend", &[(&endpoint, true)]),
+            );
+            cluster.apply(Kind::Service, service(&added, &added_ip, &[80]));
+            if round > 0 {
+                cluster.delete(Kind::Service, &format!("web/round-{}", round - 1));
+            }
+            if outage == Outage::Down {
+                cluster.compact();
+            }
+        });
+        if matches!(outage, Outage::Down | Outage::Stalled) {
+            // Refused connections never reach the server, and during a stall nobody asks
+            // (the open watches just go quiet): give the watchers time to try.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        } else {
+            // Every watcher met the outage at least once.
+            server_until(&server, &format!("requests during {outage:?}"), |server| {
+                Kind::ALL.into_iter().all(|kind| {
+                    server.requests()[requests_before..]
+                        .iter()
+                        .any(|request| request.kind == kind && request.outage == Some(outage))
+                })
+            })
+            .await;
+        }
+        let during = source.snapshots.borrow().clone();
+        assert_eq!(during.frontends(), before.frontends(), "{outage:?}");
+
+        server.restore();
+        let expected = frontends(&[
+            (
+                "198.18.100.10:80/tcp",
+                &["198.18.1.2:8080", &format!("{endpoint}:8080")],
+            ),
+            (&format!("{added_ip}:80/tcp"), &[]),
+        ]);
+        let caught_up = source
+            .wait_for(&format!("the changes made during {outage:?}"), |s| {
+                s.frontends() == expected
+            })
+            .await;
+        assert_eq!(
+            caught_up.service_names(),
+            ["web/frontend", &format!("web/{added}")]
+        );
+        if outage == Outage::Down {
+            // The history was compacted while the server was gone: every watcher relists.
+            server_until(&server, "every watcher relisting", |server| {
+                let relists = server.requests()[requests_before..]
+                    .iter()
+                    .filter(|request| !request.watch)
+                    .map(|request| request.kind)
+                    .collect::<BTreeSet<_>>();
+                relists == Kind::ALL.into()
+            })
+            .await;
+        }
+    }
+}
+
+/// A partition during which the server restarted: the requests and watches that were
+/// open never hear from it again, and no reset reaches the client until it sends. Only
+/// the client's read timeout ends them ([`API_READ_TIMEOUT`], shortened here); the source
+/// then asks again and catches up.
+#[tokio::test]
+async fn silent_dead_connections_end_with_the_read_timeout() {
+    let server = FakeApiServer::start().await;
+    seed(&server);
+    let kubeconfig = TempFile::new("kubeconfig", &kubeconfig_for(server.url()));
+    let config = ApiServer::Kubeconfig(kubeconfig.0.clone())
+        .config()
+        .await
+        .unwrap();
+    assert_eq!(config.read_timeout, Some(API_READ_TIMEOUT));
+    assert!(config.reset_reader_on_write);
+
+    let mut source = RunningSource::start_with(&server, |config| {
+        config.read_timeout = Some(Duration::from_secs(2));
+    })
+    .await;
+    source.synced().await;
+    all_watching(&server).await;
+    server.outage(Outage::Blackhole);
+    server.edit(|cluster| {
+        cluster.apply(
+            Kind::EndpointSlice,
+            slice("frontend-c", "frontend", &[("198.18.1.3", true)]),
+        )
+    });
+    // Watches time out and ask again, into the blackhole.
+    let requests_before = server.requests().len();
+    server_until(&server, "a request into the blackhole", |server| {
+        server.requests()[requests_before..]
+            .iter()
+            .any(|request| request.outage == Some(Outage::Blackhole))
+    })
+    .await;
+    server.restore();
+    let expected = frontends(&[(
+        "198.18.100.10:80/tcp",
+        &["198.18.1.1:8080", "198.18.1.2:8080", "198.18.1.3:8080"],
+    )]);
+    source
+        .wait_for("the change made during the blackhole", |s| {
+            s.frontends() == expected
+        })
+        .await;
 }

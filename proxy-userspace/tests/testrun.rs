@@ -16,8 +16,8 @@ mod datapath;
 use datapath::*;
 use etherparse::{Ethernet2Header, Ipv4Header, PacketBuilder};
 use proxy_common::{
-    AffinityKey, AffinityValue, CtTimeouts, CtValue, ServiceValue, ct_flags, ct_state, map_names,
-    proto, service_flags, stat,
+    AffinityKey, AffinityValue, CtTimeouts, CtValue, RefusalLimits, ServiceValue, ct_flags,
+    ct_state, map_names, proto, service_flags, stat,
 };
 use proxy_userspace::inspect::trace::TracePacket;
 
@@ -410,6 +410,103 @@ fn service_without_endpoints_refuses_udp_of_any_length() {
     assert_refused(&datapath, &long.build());
     datapath.assert_stats(&[(stat::REJECTED, 2)]);
     assert!(datapath.conntrack().is_empty());
+}
+
+/// Sends one SYN to `VIP` (a frontend without endpoints) from each of `clients` in turn;
+/// returns how many were refused (answered) and how many dropped, checking that nothing
+/// else happened, and how long the loop took.
+fn refusals(datapath: &Datapath, clients: &[SocketAddrV4]) -> (u64, u64, std::time::Duration) {
+    let started = std::time::Instant::now();
+    let (mut answered, mut dropped) = (0, 0);
+    for client in clients {
+        let syn = Frame::new(*client, VIP, SYN).build();
+        match datapath.run(&syn) {
+            (TC_ACT_REDIRECT, out) => {
+                assert_eq!(out, port_unreachable_for(&syn));
+                answered += 1;
+            }
+            (TC_ACT_SHOT, _) => dropped += 1,
+            (verdict, _) => panic!("verdict {verdict} for a refusal"),
+        }
+    }
+    (answered, dropped, started.elapsed())
+}
+
+/// 60 SYNs from one client, each from another port.
+fn one_client_flood() -> Vec<SocketAddrV4> {
+    (0..60)
+        .map(|port| addr([198, 18, 0, 10], 40_000 + port))
+        .collect()
+}
+
+/// The kernel's per-peer limit (`icmp_ratelimit`, 1 s): one client gets a burst of 6
+/// refusals, then one per second (the test allows one more per second it took); the rest
+/// are dropped and counted. Another client still gets its own burst.
+#[test]
+fn refusals_to_one_client_stop_after_a_burst_of_six() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    datapath.add_service(frontend(VIP, proto::TCP), &[]);
+    let flood = one_client_flood();
+    let (answered, dropped, took) = refusals(&datapath, &flood);
+    let refills = took.as_secs() + 1;
+    assert!(
+        (6..=6 + refills).contains(&answered),
+        "{answered} refusals to one client in {took:?}"
+    );
+    let (other, _, _) = refusals(&datapath, &[addr([198, 18, 0, 11], 40_000)]);
+    assert_eq!(other, 1, "another client has its own bucket");
+    datapath.assert_stats(&[
+        (stat::REJECTED, answered + other),
+        (stat::REJECT_RATE_LIMITED, dropped),
+    ]);
+}
+
+/// The kernel's node-wide limit (`icmp_msgs_per_sec`, `icmp_msgs_burst`): many clients,
+/// one refusal each, share a budget of `burst`, charged a random 0-2 per refusal (1 on
+/// average), so about 20 of 300 get an answer: at least 10 (every charge 2), at most 60
+/// (60 charges summing below 20 has a probability far under 1e-20) plus what 1000/s
+/// refills while the loop runs (a refill comes after 20 ms at the earliest).
+#[test]
+fn refusals_node_wide_stop_at_the_burst() {
+    let Some(mut datapath) = Datapath::load_with(RefusalLimits {
+        burst: 20,
+        ..RefusalLimits::KERNEL_DEFAULTS
+    }) else {
+        return;
+    };
+    datapath.add_service(frontend(VIP, proto::TCP), &[]);
+    let clients: Vec<SocketAddrV4> = (0..300u16)
+        .map(|i| addr([198, 18, 2 + (i / 200) as u8, (i % 200) as u8 + 1], 40_000))
+        .collect();
+    let (answered, dropped, took) = refusals(&datapath, &clients);
+    let refills = (took.as_secs_f64() * 1000.0).ceil() as u64;
+    assert!(
+        (10..=60 + refills).contains(&answered),
+        "{answered} of 300 clients refused in {took:?}"
+    );
+    datapath.assert_stats(&[
+        (stat::REJECTED, answered),
+        (stat::REJECT_RATE_LIMITED, dropped),
+    ]);
+}
+
+/// An `icmp_ratemask` without "destination unreachable" leaves the kernel's port
+/// unreachables unlimited, and so ours.
+#[test]
+fn an_icmp_ratemask_without_unreachable_lifts_the_limits() {
+    let Some(mut datapath) = Datapath::load_with(RefusalLimits {
+        limited: 0,
+        ..RefusalLimits::KERNEL_DEFAULTS
+    }) else {
+        return;
+    };
+    datapath.add_service(frontend(VIP, proto::TCP), &[]);
+    let flood = one_client_flood();
+    let (answered, dropped, _) = refusals(&datapath, &flood);
+    assert_eq!((answered, dropped), (60, 0));
+    datapath.assert_stats(&[(stat::REJECTED, 60)]);
 }
 
 #[test]

@@ -7,15 +7,16 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Context, Result, ensure};
-use common::{
-    SERVICE_TCP_PORT, SYNC_TIMEOUT, backends, caller, cli, cli_json, cli_ok, echo_service, flows_of,
+use common::{SERVICE_TCP_PORT, SYNC_TIMEOUT, backends, caller, cli_json, echo_service, flows_of};
+use proxy_lab::{
+    Daemon, Lab, Manifest, NODE_NAME, Netns, Service, addr, daemon_binary, require_lab,
 };
-use proxy_lab::{Daemon, Lab, Manifest, NODE_NAME, Service, addr, daemon_binary, require_lab};
 use serde_json::Value;
 
 /// The single-backend Service of the trace test, and its only endpoint (pod-2).
@@ -88,29 +89,26 @@ fn listings_describe_the_daemons_services_as_json_and_tables() -> Result<()> {
     ensure!(services_map["entries"] == 8, "{services_map:#}");
     ensure!(services_map["max_entries"] == 262_144, "{services_map:#}");
 
-    let table = cli_ok(&daemon, &["services", "--wide"])?;
+    let table = daemon.cli(&["services", "--wide"])?;
     println!("{table}");
     ensure!(table.contains("FRONTEND"), "{table}");
     ensure!(
         table.contains("198.19.0.10:80/tcp") && table.contains("default/echo:tcp-80"),
         "{table}"
     );
-    let table = cli_ok(&daemon, &["stats"])?;
+    let table = daemon.cli(&["stats"])?;
     ensure!(table.contains("CONNTRACK"), "{table}");
 
     // --watch refreshes, bounded here by --watch-count: one JSON document per line.
-    let watched = cli_ok(
-        &daemon,
-        &[
-            "backends",
-            "-o",
-            "json",
-            "--watch",
-            "0.2",
-            "--watch-count",
-            "3",
-        ],
-    )?;
+    let watched = daemon.cli(&[
+        "backends",
+        "-o",
+        "json",
+        "--watch",
+        "0.2",
+        "--watch-count",
+        "3",
+    ])?;
     let documents: Vec<&str> = watched.lines().collect();
     ensure!(documents.len() == 3, "{watched}");
     for document in documents {
@@ -188,7 +186,7 @@ fn conntrack_shows_a_real_clients_flow_and_trace_and_flush_agree() -> Result<()>
         flow["packets_to_backend"]
     );
 
-    let refused = cli(&daemon, &["conntrack", "flush"])?;
+    let refused = daemon.cli_output(&["conntrack", "flush"])?;
     ensure!(
         !refused.status.success(),
         "flush without a filter must be refused"
@@ -257,7 +255,7 @@ fn trace_agrees_with_real_traffic_for_a_single_backend_service() -> Result<()> {
         flows_after.len() == flows_before.len(),
         "the dry run created a flow: {flows_after:#?}"
     );
-    let table = cli_ok(&daemon, &["trace", &source, &destination])?;
+    let table = daemon.cli(&["trace", &source, &destination])?;
     println!("{table}");
     ensure!(
         table.contains(&format!("backend     {}:", reached.ip)),
@@ -352,7 +350,7 @@ fn explain_writes_what_kube_proxy_would() -> Result<()> {
     require_lab!();
     let lab = common::lab()?;
     let daemon = started(&lab, cluster_services(&lab))?;
-    let text = cli_ok(&daemon, &["explain"])?;
+    let text = daemon.cli(&["explain"])?;
     let rules: String = text
         .lines()
         .filter(|line| !line.starts_with('#'))
@@ -360,7 +358,7 @@ fn explain_writes_what_kube_proxy_would() -> Result<()> {
         .collect();
     ensure!(rules == EXPLAIN_GOLDEN, "got:\n{rules}");
 
-    let saved = cli_ok(&daemon, &["explain", "--form", "iptables-save"])?;
+    let saved = daemon.cli(&["explain", "--form", "iptables-save"])?;
     ensure!(
         saved.contains(
             "-A KUBE-SERVICES -d 198.19.0.53/32 -p udp -m comment --comment \
@@ -388,5 +386,94 @@ fn missing_pins_ask_whether_the_daemon_runs() -> Result<()> {
             "{view}: {stderr}"
         );
     }
+    Ok(())
+}
+
+/// Runs `program args` inside `ns` (`nsenter --net`), with `stdin` as its input; its stdout.
+fn in_netns(ns: &Netns, program: &str, args: &[&str], stdin: &str) -> Result<String> {
+    use std::io::Write as _;
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net={}", ns.path().display()))
+        .arg(program)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {program} in netns {}", ns.name()))?;
+    child
+        .stdin
+        .take()
+        .context("piped stdin")?
+        .write_all(stdin.as_bytes())?;
+    let output = child.wait_with_output()?;
+    ensure!(
+        output.status.success(),
+        "{program} {} failed ({}): {}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?)
+}
+
+/// The KUBE chains of iptables-save-style text: per table, each chain's rules in order.
+fn kube_rules(text: &str) -> BTreeMap<(String, String), Vec<String>> {
+    let mut rules: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    let mut table = String::new();
+    for line in text.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            table = name.to_owned();
+        } else if let Some(chain) = line.strip_prefix(':') {
+            let chain = chain.split(' ').next().unwrap_or_default();
+            if chain.starts_with("KUBE-") {
+                rules.entry((table.clone(), chain.to_owned())).or_default();
+            }
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            let chain = rule.split(' ').next().unwrap_or_default();
+            rules
+                .entry((table.clone(), chain.to_owned()))
+                .or_default()
+                .push(line.to_owned());
+        }
+    }
+    rules
+}
+
+/// `explain` is text that `iptables-restore` takes, and `explain --form iptables-save` is
+/// what `iptables-save` prints back for it, chain by chain and rule by rule: session
+/// affinity (`recent` lists), a NodePort, and a Service without endpoints, loaded into
+/// the lab client's namespace (where nothing jumps to the KUBE chains).
+#[test]
+fn explain_round_trips_through_iptables() -> Result<()> {
+    require_lab!();
+    let lab = common::lab()?;
+    let sticky = Service::node_port("sticky", Ipv4Addr::new(198, 19, 0, 13))
+        .tcp_node_port(SERVICE_TCP_PORT, addr::ECHO_TCP_PORT, 30081)
+        .client_ip_affinity(600);
+    let empty = Service::cluster_ip("empty", Ipv4Addr::new(198, 19, 0, 14))
+        .tcp(SERVICE_TCP_PORT, addr::ECHO_TCP_PORT);
+    let daemon = started(
+        &lab,
+        vec![
+            sticky.manifest(backends(&lab)),
+            empty.manifest([]),
+            echo_service().manifest(backends(&lab)),
+        ],
+    )?;
+    let restore_input = daemon.cli(&["explain"])?;
+    ensure!(
+        restore_input.contains("--rcheck --seconds 600 --reap"),
+        "{restore_input}"
+    );
+    let saved_form = daemon.cli(&["explain", "--form", "iptables-save"])?;
+
+    in_netns(lab.client(), "iptables-restore", &[], &restore_input)?;
+    let saved = in_netns(lab.client(), "iptables-save", &[], "")?;
+    let (expected, got) = (kube_rules(&saved_form), kube_rules(&saved));
+    ensure!(
+        expected == got,
+        "explain --form iptables-save:\n{saved_form}\niptables-save:\n{saved}"
+    );
     Ok(())
 }

@@ -3,11 +3,10 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::net::Ipv4Addr;
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use proxy_lab::{Daemon, Lab, Netns, Pod, Service, addr, daemon_binary};
+use proxy_lab::{Daemon, Lab, Netns, Pod, Service, addr};
 use serde_json::Value;
 
 /// Service ports of the test Services (the pods listen on the lab's echo ports).
@@ -86,38 +85,11 @@ pub fn until_avoided(
     Ok(last_seen)
 }
 
-/// Runs `ebpf-proxy ARGS --bpffs-root <the daemon's>`.
-pub fn cli(daemon: &Daemon, args: &[&str]) -> Result<Output> {
-    let root = daemon.bpffs().join("ebpf-proxy");
-    let output = Command::new(daemon_binary()?)
-        .args(args)
-        .arg("--bpffs-root")
-        .arg(&root)
-        .env("NO_COLOR", "1")
-        .output()
-        .with_context(|| format!("running ebpf-proxy {}", args.join(" ")))?;
-    Ok(output)
-}
-
-/// Runs the CLI and returns its stdout; a failure carries its stderr.
-pub fn cli_ok(daemon: &Daemon, args: &[&str]) -> Result<String> {
-    let output = cli(daemon, args)?;
-    let stdout = String::from_utf8(output.stdout)?;
-    if !output.status.success() {
-        bail!(
-            "ebpf-proxy {} failed ({}): {}{stdout}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(stdout)
-}
-
+/// Runs the CLI with `-o json` and parses what it printed.
 pub fn cli_json(daemon: &Daemon, args: &[&str]) -> Result<Value> {
     let mut args = args.to_vec();
     args.extend(["-o", "json"]);
-    let stdout = cli_ok(daemon, &args)?;
+    let stdout = daemon.cli(&args)?;
     serde_json::from_str(&stdout).with_context(|| format!("parsing {stdout}"))
 }
 

@@ -22,6 +22,7 @@ use proxy_lab::{Daemon, Lab, Pod, Rng, Service, addr, require_lab, udp_exchange}
 /// pod-1..=pod-6 serve, pod-7 asks.
 const SERVERS: usize = 6;
 const CALLER: usize = 7;
+/// Changes in the test; `cargo xtask soak` makes 300 (`EBPF_PROXY_ENDPOINT_CHANGES`).
 const CHANGES: usize = 30;
 /// Each set has this many of the servers.
 const SET_SIZE: usize = 3;
@@ -147,6 +148,10 @@ fn udp_queries_during_endpoint_churn_are_all_answered_and_never_by_a_removed_pod
         .start()?;
     daemon.wait_synced(SYNC_TIMEOUT)?;
     open_flows(&lab, OLDER_FLOWS)?;
+    let changes = std::env::var("EBPF_PROXY_ENDPOINT_CHANGES")
+        .ok()
+        .and_then(|changes| changes.parse().ok())
+        .unwrap_or(CHANGES);
     let started = Instant::now();
     // Each set of endpoints: when it was asked for (its manifest written), when the test saw
     // it in the maps, which pods. The datapath holds it from some moment in between.
@@ -155,7 +160,7 @@ fn udp_queries_during_endpoint_churn_are_all_answered_and_never_by_a_removed_pod
     let queries = std::thread::scope(|scope| -> Result<Vec<Query>> {
         let clients = scope.spawn(|| ask_until(&lab, &stop));
         let churn = (|| -> Result<()> {
-            for _ in 0..CHANGES {
+            for _ in 0..changes {
                 std::thread::sleep(Duration::from_millis(100 + pauses.below(400) as u64));
                 let set = pick();
                 let expected: BTreeSet<String> = set.iter().map(|pod| pod.name.clone()).collect();
@@ -202,7 +207,7 @@ fn udp_queries_during_endpoint_churn_are_all_answered_and_never_by_a_removed_pod
         })
         .collect();
     println!(
-        "{} queries over {CHANGES} changes: {lost} lost, {} answered by a removed pod",
+        "{} queries over {changes} changes: {lost} lost, {} answered by a removed pod",
         queries.len(),
         by_removed.len()
     );

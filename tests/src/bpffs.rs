@@ -48,6 +48,25 @@ impl PrivateBpffs {
         Ok(Self { path })
     }
 
+    /// An empty directory at `path` (which must not exist yet) where someone else — the
+    /// daemon under test — is to mount a bpffs. Dropping it unmounts whatever is mounted
+    /// there and removes the directory.
+    pub fn expect_at(path: PathBuf) -> Result<Self> {
+        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self { path })
+    }
+
+    /// Whether a bpffs is mounted right here (not merely somewhere above).
+    pub fn is_mounted(&self) -> bool {
+        let target = self.path.to_string_lossy();
+        std::fs::read_to_string("/proc/self/mounts").is_ok_and(|mounts| {
+            mounts.lines().any(|line| {
+                let fields: Vec<&str> = line.split(' ').collect();
+                fields.get(1) == Some(&&*target) && fields.get(2) == Some(&"bpf")
+            })
+        })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -59,7 +78,10 @@ impl Drop for PrivateBpffs {
             return;
         };
         // SAFETY: a NUL-terminated path. MNT_DETACH: pins still open elsewhere go when closed.
-        if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
+        // EINVAL: nothing is mounted here (an `expect_at` directory nobody mounted on).
+        if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0
+            && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL)
+        {
             eprintln!(
                 "proxy-lab: cannot unmount {}: {}",
                 self.path.display(),

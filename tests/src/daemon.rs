@@ -13,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 
 use crate::bpffs::PrivateBpffs;
 use crate::manifest::Manifest;
@@ -64,6 +64,12 @@ pub struct DaemonBuilder<'lab> {
     node: &'lab Netns,
     node_name: String,
     manifests: Vec<Manifest>,
+    /// The API server to watch instead of a manifests directory.
+    api_server: Option<String>,
+    /// Whether the lab mounts the daemon's bpffs (else the daemon must).
+    mount_bpffs: bool,
+    /// Run as root with only these capabilities (`setpriv`), if given.
+    capabilities: Option<Vec<String>>,
     extra_args: Vec<String>,
     echo_log_on_drop: bool,
 }
@@ -75,6 +81,9 @@ impl<'lab> DaemonBuilder<'lab> {
             node,
             node_name: node_name.to_owned(),
             manifests: Vec::new(),
+            api_server: None,
+            mount_bpffs: true,
+            capabilities: None,
             extra_args: Vec::new(),
             echo_log_on_drop: true,
         }
@@ -83,6 +92,29 @@ impl<'lab> DaemonBuilder<'lab> {
     /// A manifest present in the directory before the daemon starts.
     pub fn manifest(mut self, manifest: Manifest) -> Self {
         self.manifests.push(manifest);
+        self
+    }
+
+    /// Watch the API server at `url` (a [`FakeApiServer`](crate::fake_apiserver) in the
+    /// node's namespace) through a kubeconfig, instead of the manifests directory.
+    pub fn api_server(mut self, url: &str) -> Self {
+        self.api_server = Some(url.to_owned());
+        self
+    }
+
+    /// No bpffs under the pin root: its parent is a plain empty directory, as on a node
+    /// where bpffs was never mounted, so the daemon has to mount one (unmounted on drop).
+    pub fn without_bpffs(mut self) -> Self {
+        self.mount_bpffs = false;
+        self
+    }
+
+    /// Runs the daemon the way a container runtime starts a container that drops every
+    /// capability and adds back `capabilities` (names as in a securityContext: `BPF`,
+    /// `NET_ADMIN`, …): still uid 0, but with exactly those, and no new privileges
+    /// (`allowPrivilegeEscalation: false`), through `setpriv`.
+    pub fn capabilities(mut self, capabilities: &[&str]) -> Self {
+        self.capabilities = Some(capabilities.iter().map(|c| c.to_lowercase()).collect());
         self
     }
 
@@ -112,9 +144,14 @@ impl<'lab> DaemonBuilder<'lab> {
         let scratch = ScratchDir::create(&format!("{}-daemon", unique_prefix()))?;
         std::fs::create_dir(scratch.path().join(MANIFESTS_DIR))?;
         std::fs::create_dir(scratch.path().join(STAGING_DIR))?;
-        let bpffs = PrivateBpffs::mount_at(scratch.path().join("bpffs"))?;
-        let bpffs_root = bpffs.path().join(PIN_DIR);
-        std::fs::create_dir(&bpffs_root).context("creating the bpffs root")?;
+        let bpffs_root = scratch.path().join("bpffs").join(PIN_DIR);
+        let bpffs = if self.mount_bpffs {
+            let bpffs = PrivateBpffs::mount_at(scratch.path().join("bpffs"))?;
+            std::fs::create_dir(&bpffs_root).context("creating the bpffs root")?;
+            bpffs
+        } else {
+            PrivateBpffs::expect_at(scratch.path().join("bpffs"))?
+        };
 
         let mut daemon = Daemon {
             node: self.node,
@@ -129,11 +166,38 @@ impl<'lab> DaemonBuilder<'lab> {
             daemon.apply(manifest)?;
         }
 
-        let mut command = Command::new(&binary);
+        let mut command = match &self.capabilities {
+            Some(capabilities) => {
+                let bounding: String = capabilities
+                    .iter()
+                    .map(|capability| format!(",+{capability}"))
+                    .collect();
+                let mut setpriv = Command::new("setpriv");
+                setpriv
+                    .arg(format!("--bounding-set=-all{bounding}"))
+                    .args(["--inh-caps=-all", "--no-new-privs", "--"])
+                    .arg(&binary);
+                setpriv
+            }
+            None => Command::new(&binary),
+        };
+        command.arg("daemon");
+        match &self.api_server {
+            Some(url) => {
+                ensure!(
+                    self.manifests.is_empty(),
+                    "a daemon watching an API server reads no manifests"
+                );
+                let kubeconfig = daemon.scratch.path().join("kubeconfig");
+                std::fs::write(&kubeconfig, kubeconfig_for(url))
+                    .with_context(|| format!("writing {}", kubeconfig.display()))?;
+                command.arg("--kubeconfig").arg(kubeconfig);
+            }
+            None => {
+                command.arg("--manifests").arg(daemon.manifests_dir());
+            }
+        }
         command
-            .arg("daemon")
-            .arg("--manifests")
-            .arg(daemon.manifests_dir())
             .args(["--node-name", &self.node_name])
             .arg("--bpffs-root")
             .arg(&bpffs_root)
@@ -220,6 +284,12 @@ impl Daemon<'_> {
         self.bpffs.path()
     }
 
+    /// Whether a bpffs is mounted at [`bpffs`](Self::bpffs) (after
+    /// [`DaemonBuilder::without_bpffs`]: whether the daemon mounted one).
+    pub fn bpffs_mounted(&self) -> bool {
+        self.bpffs.is_mounted()
+    }
+
     /// The daemon's process id until it is stopped, for reading its `/proc` entries.
     pub fn pid(&self) -> Option<u32> {
         self.child
@@ -232,6 +302,34 @@ impl Daemon<'_> {
     /// The daemon's `--bpffs-root` (inside [`bpffs`](Self::bpffs)): where the CLI looks.
     pub fn bpffs_root(&self) -> PathBuf {
         self.bpffs.path().join(PIN_DIR)
+    }
+
+    /// Runs the node-admin CLI, `ebpf-proxy ARGS --bpffs-root <this daemon's>`, in the
+    /// test's own namespace (it reads the pins; `trace` runs a program with
+    /// BPF_PROG_TEST_RUN, which sends nothing anywhere).
+    pub fn cli_output(&self, args: &[&str]) -> Result<std::process::Output> {
+        Command::new(daemon_binary()?)
+            .args(args)
+            .arg("--bpffs-root")
+            .arg(self.bpffs_root())
+            .env("NO_COLOR", "1")
+            .output()
+            .with_context(|| format!("running ebpf-proxy {}", args.join(" ")))
+    }
+
+    /// [`cli_output`](Self::cli_output)'s stdout; a failure carries its stderr.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let output = self.cli_output(args)?;
+        let stdout = String::from_utf8(output.stdout)?;
+        if !output.status.success() {
+            bail!(
+                "ebpf-proxy {} failed ({}): {}{stdout}",
+                args.join(" "),
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(stdout)
     }
 
     /// Waits until the daemon has logged its first `sync complete`. Fails early, with the
@@ -385,6 +483,16 @@ impl Drop for Daemon<'_> {
             );
         }
     }
+}
+
+/// A kubeconfig whose current context is `url`, without credentials (the test server
+/// asks for none).
+pub fn kubeconfig_for(url: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: {url}\n\
+         users:\n- name: lab\n  user: {{}}\ncontexts:\n- name: lab\n  context:\n    \
+         cluster: lab\n    user: lab\ncurrent-context: lab\n"
+    )
 }
 
 /// The daemon's output, line by line, and how many of its streams are still open.

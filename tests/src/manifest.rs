@@ -134,6 +134,18 @@ pub struct Manifest {
     pub yaml: String,
 }
 
+impl Manifest {
+    /// Its objects as the API server serves them (JSON), for the test API server.
+    pub fn objects(&self) -> Vec<serde_json::Value> {
+        serde_norway::Deserializer::from_str(&self.yaml)
+            .map(|document| {
+                serde::Deserialize::deserialize(document)
+                    .unwrap_or_else(|error| panic!("{}: {error}", self.file_name))
+            })
+            .collect()
+    }
+}
+
 impl Service {
     /// A `type: ClusterIP` Service.
     pub fn cluster_ip(name: &str, cluster_ip: Ipv4Addr) -> Self {
@@ -461,6 +473,20 @@ mod tests {
         ] {
             assert!(yaml.contains(expected), "{expected:?} missing from\n{yaml}");
         }
+    }
+
+    #[test]
+    fn manifests_read_back_as_api_objects() {
+        let echo = Service::cluster_ip("echo", addr::CLUSTER_IP).tcp(80, addr::ECHO_TCP_PORT);
+        let objects = Manifest {
+            file_name: "echo.yaml".to_owned(),
+            yaml: render(&echo, &lab_backends()),
+        }
+        .objects();
+        let kinds: Vec<&str> = objects.iter().filter_map(|o| o["kind"].as_str()).collect();
+        assert_eq!(kinds, ["Service", "EndpointSlice"]);
+        assert_eq!(objects[0]["spec"]["ports"][0]["port"], 80);
+        assert_eq!(objects[1]["endpoints"][2]["addresses"][0], "198.18.1.13");
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! `cargo xtask setup | test | demo | bench`: orchestration only — installing the toolchain
-//! pieces the eBPF build needs, running the checks CI runs, starting the lab demo, and
-//! running the benchmarks. The logic being tested lives in the workspace crates.
+//! `cargo xtask setup | test | demo | bench | soak`: orchestration only — installing the
+//! toolchain pieces the eBPF build needs, running the checks CI runs, starting the lab demo,
+//! running the benchmarks, and the long variants of the reliability tests. The logic being tested lives in the workspace crates.
 
 mod command;
 mod setup;
@@ -39,6 +39,21 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// setup, build, and run the long variants of lab tests: the API outage (each phase —
+    /// down, stalled, 500, 503, garbage, blackhole — minutes instead of seconds), TCP
+    /// connections across resyncs and conntrack sweeps, and UDP queries during endpoint
+    /// churn. Prints their figures.
+    Soak {
+        /// Seconds per outage phase (six phases).
+        #[arg(long, default_value_t = 120)]
+        phase_seconds: u64,
+        /// Seconds of connections across resyncs and conntrack sweeps (`conntrack_churn`).
+        #[arg(long, default_value_t = 600)]
+        churn_seconds: u64,
+        /// Endpoint changes under UDP queries (`endpoint_churn`).
+        #[arg(long, default_value_t = 300)]
+        endpoint_changes: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -48,6 +63,11 @@ fn main() -> ExitCode {
         Task::Test => test(),
         Task::Demo => demo(),
         Task::Bench { quick } => bench(quick),
+        Task::Soak {
+            phase_seconds,
+            churn_seconds,
+            endpoint_changes,
+        } => soak(phase_seconds, churn_seconds, endpoint_changes),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -102,6 +122,39 @@ fn demo() -> Result<()> {
     let mut run = std::process::Command::new(demo);
     run.env("EBPF_PROXY_BIN", daemon);
     run_step(run)
+}
+
+fn soak(phase_seconds: u64, churn_seconds: u64, endpoint_changes: u64) -> Result<()> {
+    setup::run()?;
+    let cargo = Cargo::new(workspace_root());
+    let daemon = cargo.build_binary("proxy-userspace", "ebpf-proxy", Profile::Debug)?;
+    for (test, variable, value) in [
+        (
+            "api_outage",
+            "EBPF_PROXY_OUTAGE_PHASE_SECONDS",
+            phase_seconds,
+        ),
+        ("conntrack_churn", "EBPF_PROXY_CHURN_SECONDS", churn_seconds),
+        (
+            "endpoint_churn",
+            "EBPF_PROXY_ENDPOINT_CHANGES",
+            endpoint_changes,
+        ),
+    ] {
+        let mut run = cargo.command(&[
+            "test",
+            "--package",
+            "proxy-lab",
+            "--test",
+            test,
+            "--",
+            "--nocapture",
+        ]);
+        run.env("EBPF_PROXY_BIN", &daemon)
+            .env(variable, value.to_string());
+        run_step(run)?;
+    }
+    Ok(())
 }
 
 fn bench(quick: bool) -> Result<()> {

@@ -8,7 +8,9 @@
 //! strings). The rules say what the datapath does, so where ebpf-proxy behaves differently
 //! the text differs too, and a diff shows exactly that: no masquerade rules (ebpf-proxy
 //! does no SNAT). Frontends without endpoints REJECT and those whose Local policy leaves
-//! none on this node DROP, as in kube-proxy (the datapath does both). NodePorts are
+//! none on this node DROP, as in kube-proxy (the datapath does both). Session affinity is
+//! kube-proxy's `recent` lists: an `--rcheck` rule per endpoint before the random choice,
+//! a `--set` in each endpoint chain. NodePorts are
 //! open only on the node addresses the maps hold, which kube-proxy writes as one
 //! `-d <address> -j KUBE-NODEPORTS` rule each (its `--nodeport-addresses` form).
 
@@ -104,6 +106,10 @@ struct ServicePort {
     /// A frontend is empty only because its Local policy leaves no endpoint here: the
     /// Service has endpoints elsewhere (`service_flags::NO_LOCAL_ENDPOINTS`).
     has_remote_endpoints: bool,
+    /// `sessionAffinity: ClientIP`: its timeout in seconds (kube-proxy's
+    /// `StickyMaxAgeSeconds`); 0 without affinity. Every frontend of a Service port carries
+    /// the same.
+    affinity_timeout_s: u32,
 }
 
 impl ServicePort {
@@ -126,12 +132,43 @@ impl ServicePort {
     }
 }
 
+/// kube-proxy's session affinity in iptables: one `recent` list per endpoint chain, named
+/// after it, keyed by the client's address.
+enum Recent {
+    /// `--rcheck --seconds N --reap`: the client was sent to this endpoint less than N
+    /// seconds ago (and entries older than that are dropped).
+    Check { list: String, seconds: u32 },
+    /// `--set`: remember the client for this endpoint.
+    Set { list: String },
+}
+
+impl Recent {
+    fn render(&self, form: Form) -> String {
+        match (self, form) {
+            (Recent::Check { list, seconds }, Form::KubeProxy) => {
+                format!(" -m recent --name {list} --rcheck --seconds {seconds} --reap")
+            }
+            (Recent::Set { list }, Form::KubeProxy) => format!(" -m recent --name {list} --set"),
+            // libxt_recent prints the command first and adds its defaults (a full mask, the
+            // source address).
+            (Recent::Check { list, seconds }, Form::IptablesSave) => format!(
+                " -m recent --rcheck --seconds {seconds} --reap --name {list} \
+                 --mask 255.255.255.255 --rsource"
+            ),
+            (Recent::Set { list }, Form::IptablesSave) => {
+                format!(" -m recent --set --name {list} --mask 255.255.255.255 --rsource")
+            }
+        }
+    }
+}
+
 /// One rule, in parts, so both spellings come from one description.
 #[derive(Default)]
 struct Rule {
     chain: String,
     comment: Option<String>,
     dst_type_local: bool,
+    recent: Option<Recent>,
     protocol: Option<&'static str>,
     destination: Option<Ipv4Addr>,
     dport: Option<u16>,
@@ -166,6 +203,9 @@ impl Rule {
                 if self.dst_type_local {
                     line.push_str(" -m addrtype --dst-type LOCAL");
                 }
+                if let Some(recent) = &self.recent {
+                    line.push_str(&recent.render(form));
+                }
                 if let Some(protocol) = self.protocol {
                     write!(line, " -m {protocol} -p {protocol}").unwrap();
                 }
@@ -198,6 +238,9 @@ impl Rule {
                 }
                 if self.dst_type_local {
                     line.push_str(" -m addrtype --dst-type LOCAL");
+                }
+                if let Some(recent) = &self.recent {
+                    line.push_str(&recent.render(form));
                 }
                 if let Some(protocol) = self.protocol {
                     write!(line, " -m {protocol}").unwrap();
@@ -280,6 +323,7 @@ pub fn render(image: &MapImage, form: Form) -> String {
         let frontend = Endpoint::from_wire(key.addr, key.port);
         let endpoints = endpoints(image, key, header);
         port.has_remote_endpoints |= header.flags & service_flags::NO_LOCAL_ENDPOINTS != 0;
+        port.affinity_timeout_s = port.affinity_timeout_s.max(header.affinity_timeout_s);
         if header.flags & service_flags::NODE_PORT != 0 {
             node_addresses.insert(frontend.address);
             port.node_ports.insert(frontend.port, endpoints);
@@ -430,12 +474,20 @@ fn write_service_port(
             nat.rules.push(Rule::new(&external_chain, policy_chain));
         }
     }
+    let affinity = port.affinity_timeout_s;
     if !cluster_endpoints.is_empty() {
-        write_policy_chain(name, protocol, &cluster_chain, cluster_endpoints, nat);
+        write_policy_chain(
+            name,
+            protocol,
+            &cluster_chain,
+            cluster_endpoints,
+            affinity,
+            nat,
+        );
     }
     if external_policy_chain == Some(&local_chain) {
         let endpoints = external_endpoints.unwrap_or_default();
-        write_policy_chain(name, protocol, &local_chain, endpoints, nat);
+        write_policy_chain(name, protocol, &local_chain, endpoints, affinity, nat);
     }
     // One chain per endpoint reachable by either policy, in endpoint order.
     let reachable: BTreeMap<String, &Endpoint> = cluster_endpoints
@@ -448,6 +500,11 @@ fn write_service_port(
         nat.declare(chain.clone());
         nat.rules.push(Rule {
             comment: Some(name.to_owned()),
+            // Remember the client for this endpoint (kube-proxy's "update client-affinity
+            // lists").
+            recent: (affinity > 0).then(|| Recent::Set {
+                list: chain.clone(),
+            }),
             protocol: Some(protocol),
             to_destination: Some(*endpoint),
             ..Rule::new(&chain, "DNAT")
@@ -455,16 +512,32 @@ fn write_service_port(
     }
 }
 
-/// kube-proxy's `writeServiceToEndpointRules`: endpoint i of n is taken with probability
+/// kube-proxy's `writeServiceToEndpointRules`: with session affinity (a non-zero
+/// `affinity_timeout_s`), first one rule per endpoint that sends a client back to the
+/// endpoint whose `recent` list saw it within the timeout; then endpoint i of n is taken with probability
 /// 1/(n-i), the last one always: every endpoint gets 1/n, like the datapath's random slot.
 fn write_policy_chain(
     name: &str,
     protocol: &'static str,
     chain: &str,
     endpoints: &[Endpoint],
+    affinity_timeout_s: u32,
     nat: &mut Table,
 ) {
     nat.declare(chain.to_owned());
+    if affinity_timeout_s > 0 {
+        for endpoint in endpoints {
+            let endpoint_chain = endpoint_chain(name, protocol, endpoint);
+            nat.rules.push(Rule {
+                comment: Some(format!("{name} -> {endpoint}")),
+                recent: Some(Recent::Check {
+                    list: endpoint_chain.clone(),
+                    seconds: affinity_timeout_s,
+                }),
+                ..Rule::new(chain, &endpoint_chain)
+            });
+        }
+    }
     let count = endpoints.len();
     for (index, endpoint) in endpoints.iter().enumerate() {
         nat.rules.push(Rule {
@@ -659,6 +732,79 @@ mod tests {
             2,
             "one chain per endpoint: {text}"
         );
+    }
+
+    /// kube-proxy's session affinity: one `recent` check per endpoint before the random
+    /// choice, in the cluster and the local policy chain alike, and a `--set` in each
+    /// endpoint chain (`writeServiceToEndpointRules` and the endpoint chains of
+    /// `syncProxyRules`); `iptables-save` spells them as libxt_recent saves them.
+    #[test]
+    fn session_affinity_adds_kube_proxys_recent_rules() {
+        let mut image = image(&[
+            Port {
+                service: ("default", "sticky", "http"),
+                kind: FrontendKind::ClusterIp,
+                frontend: ([198, 19, 0, 40], 80, Protocol::Tcp),
+                backends: &[([198, 18, 1, 11], 8080), ([198, 18, 1, 12], 8080)],
+            },
+            // externalTrafficPolicy: Local, one local endpoint: a KUBE-SVL chain.
+            Port {
+                service: ("default", "sticky", "http"),
+                kind: FrontendKind::NodePort,
+                frontend: ([198, 18, 0, 1], 30040, Protocol::Tcp),
+                backends: &[([198, 18, 1, 12], 8080)],
+            },
+        ]);
+        for header in image.services.values_mut() {
+            header.affinity_timeout_s = 600;
+        }
+        let svc = service_chain("KUBE-SVC-", "default/sticky:http", "tcp");
+        let svl = service_chain("KUBE-SVL-", "default/sticky:http", "tcp");
+        let sep = |address| endpoint_chain("default/sticky:http", "tcp", &endpoint(address));
+        let (sep_11, sep_12) = (sep("198.18.1.11:8080"), sep("198.18.1.12:8080"));
+        let comment = |address| format!("\"default/sticky:http -> {address}\"");
+        let (to_11, to_12) = (comment("198.18.1.11:8080"), comment("198.18.1.12:8080"));
+
+        let text = render(&image, Form::KubeProxy);
+        let expected = [
+            format!(
+                "-A {svc} -m comment --comment {to_11} -m recent --name {sep_11} --rcheck \
+                 --seconds 600 --reap -j {sep_11}\n\
+                 -A {svc} -m comment --comment {to_12} -m recent --name {sep_12} --rcheck \
+                 --seconds 600 --reap -j {sep_12}\n\
+                 -A {svc} -m comment --comment {to_11} -m statistic --mode random \
+                 --probability 0.5000000000 -j {sep_11}\n\
+                 -A {svc} -m comment --comment {to_12} -j {sep_12}\n"
+            ),
+            format!(
+                "-A {svl} -m comment --comment {to_12} -m recent --name {sep_12} --rcheck \
+                 --seconds 600 --reap -j {sep_12}\n\
+                 -A {svl} -m comment --comment {to_12} -j {sep_12}\n"
+            ),
+            format!(
+                "-A {sep_11} -m comment --comment default/sticky:http -m recent --name {sep_11} \
+                 --set -m tcp -p tcp -j DNAT --to-destination 198.18.1.11:8080\n"
+            ),
+        ];
+        for rules in expected {
+            assert!(text.contains(&rules), "lacks\n{rules}in\n{text}");
+        }
+
+        let saved = render(&image, Form::IptablesSave);
+        let expected = [
+            format!(
+                "-A {svc} -m comment --comment {to_11} -m recent --rcheck --seconds 600 --reap \
+                 --name {sep_11} --mask 255.255.255.255 --rsource -j {sep_11}\n"
+            ),
+            format!(
+                "-A {sep_12} -p tcp -m comment --comment \"default/sticky:http\" -m recent --set \
+                 --name {sep_12} --mask 255.255.255.255 --rsource -m tcp -j DNAT \
+                 --to-destination 198.18.1.12:8080\n"
+            ),
+        ];
+        for rules in expected {
+            assert!(saved.contains(&rules), "lacks\n{rules}in\n{saved}");
+        }
     }
 
     #[test]

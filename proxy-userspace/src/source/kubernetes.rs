@@ -4,8 +4,10 @@
 //! Each watcher lists, then watches from the list's resourceVersion. A watch that ends or
 //! breaks resumes from the last resourceVersion seen, which bookmarks keep fresh while
 //! nothing we select changes; a 410 Gone (the version was compacted away) restarts with a
-//! relist, after which the listed objects replace the old ones in the model. Errors back off
-//! exponentially (kube-runtime's client-go-like default, 0.8 s up to 30 s).
+//! relist (at once: the server is answering again), after which the listed objects replace
+//! the old ones in the model. Errors back off exponentially (kube-runtime's client-go-like
+//! default, 0.8 s up to 30 s, jittered up to twice that); a response silent for
+//! [`API_READ_TIMEOUT`] counts as an error.
 //!
 //! Like kube-proxy, Services and EndpointSlices are selected with
 //! `!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless`: objects another
@@ -14,7 +16,9 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use futures::stream::{BoxStream, SelectAll};
@@ -30,7 +34,8 @@ use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
 use tracing::{debug, info, warn};
 
-use crate::model::{Model, ModelError, ObjectKey};
+use crate::health::TO_BE_DELETED_TAINT;
+use crate::model::{Model, ModelError, NodeState, ObjectKey};
 use crate::plan::{HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL};
 
 /// How to reach the API server.
@@ -42,9 +47,23 @@ pub enum ApiServer {
     Kubeconfig(PathBuf),
 }
 
+/// How long a response may send nothing before the request fails and is retried. kube-rs
+/// sets no limit, so a list whose connection died silently (a partition during which the
+/// server restarted: no reset reaches us until we send) would wait forever, and the daemon
+/// would never catch up. Above kube-apiserver's 60 s limit on a list and its roughly
+/// once-a-minute bookmarks on a quiet watch, so a healthy server never meets it; a watch
+/// that does is resumed from its resourceVersion, without a relist.
+pub const API_READ_TIMEOUT: Duration = Duration::from_secs(120);
+
 impl ApiServer {
     pub async fn client(&self) -> Result<Client> {
-        let config = match self {
+        Client::try_from(self.config().await?).context("building the Kubernetes client")
+    }
+
+    /// The client configuration: this server's, with [`API_READ_TIMEOUT`] counted from
+    /// each request sent.
+    pub async fn config(&self) -> Result<kube::Config> {
+        let mut config = match self {
             ApiServer::InCluster => {
                 kube::Config::incluster().context("loading the in-cluster configuration")?
             }
@@ -56,7 +75,9 @@ impl ApiServer {
                     .with_context(|| format!("using kubeconfig {}", path.display()))?
             }
         };
-        Client::try_from(config).context("building the Kubernetes client")
+        config.read_timeout = Some(API_READ_TIMEOUT);
+        config.reset_reader_on_write = true;
+        Ok(config)
     }
 }
 
@@ -164,25 +185,49 @@ fn from_watch_cache() -> watcher::Config {
     .any_semantic()
 }
 
-/// A watcher with backoff on errors that also relists on an HTTP 410 at watch start.
+/// How often a watcher may relist at once after a 410 Gone instead of backing off first.
+/// A server that expires versions faster than this (or a proxy that answers 410 to
+/// everything) gets the backoff, so relists never hammer it.
+const PROMPT_RELIST_INTERVAL: Duration = Duration::from_secs(30);
+
+/// A watcher with backoff on errors that relists at once on a 410 Gone.
 ///
 /// The API server reports an expired resourceVersion as a 410 ERROR event on an open watch,
 /// which kube-runtime answers with a relist; some servers and proxies answer the watch
 /// request itself with HTTP 410, which kube-runtime would retry with the same expired
 /// version forever. Restarting the watcher there makes it relist, as client-go does.
+///
+/// A 410 is typically what a watcher meets when the server returns after an outage that
+/// outlasted its history; the server is answering again, so the relist follows at once
+/// (at most once per [`PROMPT_RELIST_INTERVAL`]) rather than after one more backoff step,
+/// which after minutes of outage is up to a minute (30 s, jittered up to twice that).
 fn watch<K>(api: Api<K>, config: watcher::Config) -> impl Stream<Item = watcher::Result<Event<K>>>
 where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
 {
     let start = move || watcher(api.clone(), config.clone()).boxed();
-    futures::stream::unfold((start(), start), |(mut inner, start)| async move {
-        let item = inner.next().await?;
-        if let Err(watcher::Error::WatchStartFailed(kube::Error::Api(status))) = &item
-            && status.code == 410
-        {
-            inner = start();
+    let state = (start(), start, None::<Instant>);
+    futures::stream::unfold(state, |(mut inner, start, mut prompt_relist)| async move {
+        loop {
+            let item = inner.next().await?;
+            let gone_at_start = matches!(
+                &item,
+                Err(watcher::Error::WatchStartFailed(kube::Error::Api(status))) if status.code == 410
+            );
+            let gone = gone_at_start
+                || matches!(&item, Err(watcher::Error::WatchError(status)) if status.code == 410);
+            if gone_at_start {
+                inner = start();
+            }
+            let prompt = gone
+                && prompt_relist.is_none_or(|last| last.elapsed() >= PROMPT_RELIST_INTERVAL);
+            if prompt {
+                info!(kind = %K::kind(&()), "resourceVersion expired (410 Gone): relisting now");
+                prompt_relist = Some(Instant::now());
+                continue;
+            }
+            return Some((item, (inner, start, prompt_relist)));
         }
-        Some((item, (inner, start)))
     })
     .default_backoff()
 }
@@ -235,26 +280,60 @@ impl Watched for EndpointSlice {
     }
 }
 
-/// Only the Node's labels (its zone) enter the model: its frequent status updates then
+/// Of the Node, only what the daemon reads enters the model: its labels (the zone), its
+/// primary IPv4 address and whether it is being deleted. Its frequent status updates then
 /// leave the model as it was, and cause no sync.
 impl Watched for Node {
     fn apply(self, model: &mut Model) -> Result<bool, ModelError> {
-        Ok(model.set_node_labels(self.metadata.labels.unwrap_or_default()))
+        let state = node_state(&self);
+        let labels_changed = model.set_node_labels(self.metadata.labels.unwrap_or_default());
+        Ok(model.set_node_state(state) | labels_changed)
     }
 
+    /// The labels (the zone) are unknown from now on; the state stays the deleted object's,
+    /// as kube-proxy's node handlers sync the final object of a deletion.
     fn delete(&self, model: &mut Model) -> bool {
-        model.set_node_labels(BTreeMap::new())
+        let state_changed = model.set_node_state(node_state(self));
+        model.set_node_labels(BTreeMap::new()) | state_changed
     }
 
     fn replace(objects: Vec<Self>, model: &mut Model) -> Vec<ModelError> {
         // The field selector matches at most one Node.
         let Some(node) = objects.into_iter().next() else {
             warn!("no Node named like --node-name; its labels stay unknown until it appears");
+            // Gone while unwatched: like a deletion seen late, the last state stays.
             model.set_node_labels(BTreeMap::new());
             return Vec::new();
         };
-        model.set_node_labels(node.metadata.labels.unwrap_or_default());
-        Vec::new()
+        node.apply(model).err().into_iter().collect()
+    }
+}
+
+/// What kube-proxy reads from its Node besides the labels: the node IP
+/// (`GetNodeHostIPs`: InternalIPs first, then ExternalIPs) and its eligibility for
+/// `/healthz` (`SyncNode`: no deletion timestamp, no `ToBeDeletedByClusterAutoscaler` taint).
+fn node_state(node: &Node) -> NodeState {
+    let addresses = node
+        .status
+        .as_ref()
+        .and_then(|status| status.addresses.as_deref())
+        .unwrap_or_default();
+    let primary_ipv4 = ["InternalIP", "ExternalIP"].into_iter().find_map(|kind| {
+        addresses
+            .iter()
+            .filter(|address| address.type_ == kind)
+            .find_map(|address| address.address.parse::<Ipv4Addr>().ok())
+    });
+    let tainted = node
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.taints.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .any(|taint| taint.key == TO_BE_DELETED_TAINT);
+    NodeState {
+        primary_ipv4,
+        being_deleted: node.metadata.deletion_timestamp.is_some() || tainted,
     }
 }
 

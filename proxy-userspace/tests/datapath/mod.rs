@@ -17,8 +17,8 @@ use etherparse::{
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtTimeouts, CtValue, MembershipKey, PROGRAM_NAME,
-    SNAT_PORT_MAX_GLOBAL, SNAT_PORT_MIN_GLOBAL, ServiceKey, ServiceValue, SourceRange, Tuple,
-    map_names, membership, proto, stat,
+    REFUSAL_LIMITS_GLOBAL, RefusalLimits, SNAT_PORT_MAX_GLOBAL, SNAT_PORT_MIN_GLOBAL, ServiceKey,
+    ServiceValue, SourceRange, Tuple, map_names, membership, proto, stat,
 };
 use proxy_lab::PrivateBpffs;
 use proxy_userspace::inspect::trace::{TracePacket, Tracer};
@@ -130,19 +130,25 @@ pub struct Datapath {
 impl Datapath {
     /// Loads the object, or returns `None` when the test must be skipped.
     pub fn load() -> Option<Self> {
-        Self::load_with(|loader| loader)
+        Self::load_with(RefusalLimits::KERNEL_DEFAULTS)
+    }
+
+    /// [`Datapath::load`] with the given rate limits on refusals.
+    pub fn load_with(refusal_limits: RefusalLimits) -> Option<Self> {
+        Self::load_configured(refusal_limits, |loader| loader)
     }
 
     /// [`Datapath::load`] with CONNTRACK and CONNTRACK_PENDING of the given sizes.
     pub fn load_with_conntrack(assured: u32, pending: u32) -> Option<Self> {
-        Self::load_with(|loader| {
+        Self::load_configured(RefusalLimits::KERNEL_DEFAULTS, |loader| {
             loader
                 .map_max_entries(map_names::CONNTRACK, assured)
                 .map_max_entries(map_names::CONNTRACK_PENDING, pending)
         })
     }
 
-    fn load_with(
+    fn load_configured(
+        refusal_limits: RefusalLimits,
         configure: impl for<'a, 'b> FnOnce(&'a mut EbpfLoader<'b>) -> &'a mut EbpfLoader<'b>,
     ) -> Option<Self> {
         if !bpf_available() {
@@ -155,6 +161,7 @@ impl Datapath {
             .default_map_pin_directory(bpffs.path())
             .override_global(SNAT_PORT_MIN_GLOBAL, &SNAT_PORTS.0, true)
             .override_global(SNAT_PORT_MAX_GLOBAL, &SNAT_PORTS.1, true)
+            .override_global(REFUSAL_LIMITS_GLOBAL, &refusal_limits, true)
             .load(proxy_userspace::EBPF_OBJECT)
             .unwrap_or_else(|e| panic!("loading the eBPF object: {e:?}"));
         let program: &mut SchedClassifier = ebpf

@@ -1,16 +1,21 @@
 //! A test API server: the part of kube-apiserver's list/watch protocol that watchers use,
-//! over plain HTTP on 127.0.0.1, for Services, EndpointSlices and Nodes (cluster-wide).
+//! over plain HTTP, for Services, EndpointSlices and Nodes (cluster-wide). It serves on
+//! 127.0.0.1 of the calling namespace, or of a lab node's ([`FakeApiServer::start_in`]), so
+//! the real daemon there can watch it.
 //!
 //! Like the real one it counts one resourceVersion for everything (etcd's revision), serves
 //! lists at the current version, replays the history after a watch's resourceVersion,
 //! turns objects entering or leaving a watch's selector into ADDED / DELETED as the watch
 //! cache does, sends BOOKMARKs only to watches that asked for them, and answers a watch
 //! from a compacted resourceVersion with 410 Gone. Tests change objects, end or expire
-//! watches and compact the history through it, and read back every request it received.
+//! watches and compact the history through it, put it through [`Outage`]s (down, stalled,
+//! failing, answering garbage), and read back every request it received.
 
+mod gate;
 mod selector;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -22,9 +27,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::manifest::Manifest;
+use crate::netns::Netns;
+use gate::{Binding, GatedListener, Power};
 use selector::Filter;
 
 /// The kinds the daemon watches.
@@ -65,6 +73,15 @@ impl Kind {
     fn namespaced(self) -> bool {
         self != Kind::Node
     }
+
+    /// The kind an object names in its `kind` field.
+    fn of(object: &Value) -> Self {
+        let name = object["kind"].as_str().unwrap_or_default();
+        Kind::ALL
+            .into_iter()
+            .find(|kind| kind.name() == name)
+            .unwrap_or_else(|| panic!("the test server holds no {name:?}"))
+    }
 }
 
 /// How a watch from a compacted resourceVersion is refused.
@@ -86,12 +103,37 @@ pub enum Close {
     Abort,
 }
 
+/// How the server fails, until [`FakeApiServer::restore`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outage {
+    /// The server is gone: nothing listens (connects are refused), and every connection
+    /// made before breaks at its next read or write.
+    Down,
+    /// Connections are accepted but requests are not answered, and open watches deliver
+    /// nothing (a network partition, or a server stuck on its storage). On restore the
+    /// waiting requests are answered and the watches deliver what they held back.
+    Stalled,
+    /// Every request gets this HTTP status with a `Status` body (500: a broken server, 503:
+    /// one shedding load). Open watches break.
+    Failing(u16),
+    /// Every request gets 200 with a body that is not JSON (a misconfigured proxy in
+    /// front of the server); open watches get a line of it, then break.
+    Garbage,
+    /// Like `Stalled`, but what is held is lost: after restore, the requests that waited
+    /// are never answered and the watches that were open never deliver again, their
+    /// connections left open and silent — a partition during which the server restarted.
+    /// Only a timeout of the client's ends them.
+    Blackhole,
+}
+
 /// One request the server received.
 #[derive(Clone, Debug)]
 pub struct Request {
     pub kind: Kind,
     pub watch: bool,
     pub query: BTreeMap<String, String>,
+    /// The outage in force when the request arrived.
+    pub outage: Option<Outage>,
 }
 
 impl Request {
@@ -104,6 +146,9 @@ impl Request {
 pub struct FakeApiServer {
     url: String,
     cluster: Arc<Mutex<Cluster>>,
+    power: Arc<Power>,
+    /// Whether requests and open watches are held back (stalled, blackholed).
+    hold: watch::Sender<Hold>,
     serving: JoinHandle<()>,
 }
 
@@ -113,23 +158,85 @@ impl Drop for FakeApiServer {
     }
 }
 
+/// What every request handler shares.
+#[derive(Clone)]
+struct Shared {
+    cluster: Arc<Mutex<Cluster>>,
+    hold: watch::Receiver<Hold>,
+}
+
+/// Whether requests and watch lines are held back, and which of the held ones are lost.
+#[derive(Clone, Copy, Debug, Default)]
+struct Hold {
+    held: bool,
+    /// Counts the holds; what is held during hold `n` is lost if `n <= lost_through`.
+    epoch: u64,
+    lost_through: u64,
+}
+
+impl Hold {
+    /// The outage `ended` is over: what it held goes on, or, after a blackhole, is lost.
+    fn end(&mut self, ended: Option<Outage>) {
+        if ended == Some(Outage::Blackhole) {
+            self.lost_through = self.epoch;
+        }
+        self.held = false;
+    }
+}
+
+/// Waits while the server holds things back. Something held during a hold that turned out
+/// a blackhole waits forever (until the client gives up on it).
+async fn released(hold: &mut watch::Receiver<Hold>) {
+    let held_in = {
+        let now = *hold.borrow_and_update();
+        now.held.then_some(now.epoch)
+    };
+    let Ok(after) = hold.wait_for(|hold| !hold.held).await.map(|hold| *hold) else {
+        return std::future::pending().await;
+    };
+    if held_in.is_some_and(|epoch| epoch <= after.lost_through) {
+        std::future::pending::<()>().await;
+    }
+}
+
 impl FakeApiServer {
+    /// Serves on 127.0.0.1 (a free port) of the calling thread's namespace. Must be called
+    /// inside a tokio runtime, which runs the server.
     pub async fn start() -> Self {
+        Self::serve(Binding {
+            address: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            netns: None,
+        })
+    }
+
+    /// Serves on 127.0.0.1 (a free port) of `ns`, where a daemon of that namespace reaches
+    /// it. Must be called inside a tokio runtime, which runs the server.
+    pub fn start_in(ns: &Netns) -> Self {
+        Self::serve(Binding {
+            address: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            netns: Some(ns.path()),
+        })
+    }
+
+    fn serve(binding: Binding) -> Self {
         let cluster = Arc::new(Mutex::new(Cluster::default()));
+        let hold = watch::Sender::new(Hold::default());
+        let power = Power::new();
         let mut router = Router::new();
         for kind in Kind::ALL {
             let handler =
-                move |State(cluster): State<Arc<Mutex<Cluster>>>,
-                      Query(query): Query<BTreeMap<String, String>>| async move {
-                    serve(kind, &cluster, query)
+                move |State(shared): State<Shared>,
+                      Query(query): Query<BTreeMap<String, String>>| {
+                    handle(kind, shared, query)
                 };
             router = router.route(kind.path(), get(handler));
         }
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("binding the test API server");
-        let url = format!("http://{}", listener.local_addr().expect("local address"));
-        let router = router.with_state(cluster.clone());
+        let listener = GatedListener::bind(binding, &power).expect("binding the test API server");
+        let url = format!("http://{}", listener.address());
+        let router = router.with_state(Shared {
+            cluster: cluster.clone(),
+            hold: hold.subscribe(),
+        });
         let serving = tokio::spawn(async move {
             axum::serve(listener, router)
                 .await
@@ -138,6 +245,8 @@ impl FakeApiServer {
         FakeApiServer {
             url,
             cluster,
+            power,
+            hold,
             serving,
         }
     }
@@ -211,6 +320,41 @@ impl FakeApiServer {
         }
     }
 
+    /// Starts an outage, or changes the one in force (requests held by a stall are then
+    /// answered the new way). Objects can still be changed meanwhile: watchers learn of
+    /// the changes after [`restore`](Self::restore).
+    pub fn outage(&self, outage: Outage) {
+        let mut cluster = self.lock();
+        let ended = cluster.outage.replace(outage);
+        match outage {
+            Outage::Down | Outage::Failing(_) => break_watches(&mut cluster, None),
+            Outage::Stalled => {}
+            Outage::Garbage => break_watches(&mut cluster, Some(GARBAGE)),
+            Outage::Blackhole => {
+                // Kept, never written to and never closed: their clients hear nothing more.
+                let watches = std::mem::take(&mut cluster.watches);
+                cluster.silenced.extend(watches);
+            }
+        }
+        self.power.set_up(outage != Outage::Down);
+        let holds = matches!(outage, Outage::Stalled | Outage::Blackhole);
+        self.hold.send_modify(|hold| {
+            hold.end(ended);
+            if holds {
+                hold.epoch += 1;
+                hold.held = true;
+            }
+        });
+    }
+
+    /// Ends the outage: the server listens and answers again, and what a stall held back
+    /// is delivered.
+    pub fn restore(&self) {
+        let ended = self.lock().outage.take();
+        self.power.set_up(true);
+        self.hold.send_modify(|hold| hold.end(ended));
+    }
+
     /// Every request received so far, in order.
     pub fn requests(&self) -> Vec<Request> {
         self.lock().requests.clone()
@@ -255,6 +399,9 @@ pub struct Cluster {
     gone_response: GoneResponse,
     watches: Vec<OpenWatch>,
     forbidden: BTreeSet<Kind>,
+    outage: Option<Outage>,
+    /// Watches cut off by a blackhole: open, silent.
+    silenced: Vec<OpenWatch>,
     requests: Vec<Request>,
 }
 
@@ -287,6 +434,24 @@ impl Cluster {
         let before = self.objects.insert((kind, key), object.clone());
         self.record(kind, before, Some(object));
         self.revision
+    }
+
+    /// Creates or replaces the objects of a lab manifest (a Service and its
+    /// EndpointSlice); returns the resourceVersion of the last.
+    pub fn apply_manifest(&mut self, manifest: &Manifest) -> u64 {
+        let mut revision = self.revision;
+        for object in manifest.objects() {
+            revision = self.apply(Kind::of(&object), object);
+        }
+        revision
+    }
+
+    /// Deletes the objects of a lab manifest.
+    pub fn delete_manifest(&mut self, manifest: &Manifest) {
+        for object in manifest.objects() {
+            let kind = Kind::of(&object);
+            self.delete(kind, &object_key(kind, &object));
+        }
     }
 
     /// Deletes an object (`namespace/name`, or the name of a Node); returns the
@@ -395,11 +560,60 @@ fn status(code: StatusCode, reason: &str, message: &str) -> Value {
     })
 }
 
-fn serve(kind: Kind, cluster: &Mutex<Cluster>, query: BTreeMap<String, String>) -> Response {
-    let mut cluster = cluster.lock().unwrap_or_else(PoisonError::into_inner);
+/// What a broken proxy might answer instead of JSON.
+const GARBAGE: &str = "<html><body>502 Bad Gateway \u{fffd}\u{0}{\"kind\":</body></html>\n";
+
+/// Ends every open watch, after a last `line` if one is given.
+fn break_watches(cluster: &mut Cluster, line: Option<&str>) {
+    for watch in cluster.watches.drain(..) {
+        if let Some(line) = line {
+            let _ = watch.frames.send(Frame::Line(line.to_owned()));
+        }
+        let _ = watch.frames.send(Frame::Abort);
+    }
+}
+
+/// Records the request, holds it while the server is stalled, then answers it.
+async fn handle(kind: Kind, shared: Shared, query: BTreeMap<String, String>) -> Response {
     let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
-    let request = Request { kind, watch, query };
-    cluster.requests.push(request.clone());
+    let request = {
+        let mut cluster = shared
+            .cluster
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let request = Request {
+            kind,
+            watch,
+            query,
+            outage: cluster.outage,
+        };
+        cluster.requests.push(request.clone());
+        request
+    };
+    let mut hold = shared.hold.clone();
+    released(&mut hold).await;
+    let mut cluster = shared
+        .cluster
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    serve(&mut cluster, request, shared.hold.clone())
+}
+
+fn serve(cluster: &mut Cluster, request: Request, hold: watch::Receiver<Hold>) -> Response {
+    let kind = request.kind;
+    match cluster.outage {
+        Some(Outage::Failing(code)) => {
+            let code = StatusCode::from_u16(code).expect("a valid HTTP status");
+            let reason = code.canonical_reason().unwrap_or("Failure");
+            return json_response(code, &status(code, reason, "the test server is failing"));
+        }
+        Some(Outage::Garbage) => {
+            return ([(header::CONTENT_TYPE, "application/json")], GARBAGE).into_response();
+        }
+        // A request of a connection the gate has not cut yet.
+        Some(Outage::Down) => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
+        Some(Outage::Stalled | Outage::Blackhole) | None => {}
+    }
     if cluster.forbidden.contains(&kind) {
         let message = format!("{} is forbidden", kind.path());
         return json_response(
@@ -411,10 +625,10 @@ fn serve(kind: Kind, cluster: &Mutex<Cluster>, query: BTreeMap<String, String>) 
         request.param("labelSelector"),
         request.param("fieldSelector"),
     );
-    if watch {
-        start_watch(&mut cluster, kind, filter, &request)
+    if request.watch {
+        start_watch(cluster, kind, filter, &request, hold)
     } else {
-        list(&cluster, kind, &filter)
+        list(cluster, kind, &filter)
     }
 }
 
@@ -440,7 +654,13 @@ fn list(cluster: &Cluster, kind: Kind, filter: &Filter) -> Response {
 }
 
 /// A watch: the history after its resourceVersion, then changes as they happen.
-fn start_watch(cluster: &mut Cluster, kind: Kind, filter: Filter, request: &Request) -> Response {
+fn start_watch(
+    cluster: &mut Cluster,
+    kind: Kind,
+    filter: Filter,
+    request: &Request,
+    hold: watch::Receiver<Hold>,
+) -> Response {
     let (frames, lines) = mpsc::unbounded_channel();
     let watch = OpenWatch {
         kind,
@@ -459,7 +679,7 @@ fn start_watch(cluster: &mut Cluster, kind: Kind, filter: Filter, request: &Requ
             GoneResponse::ErrorEvent => {
                 let _ = watch.frames.send(Frame::Line(watch_line("ERROR", gone)));
                 // The response ends after the error: `watch` is dropped here.
-                streaming_response(lines)
+                streaming_response(lines, hold)
             }
         };
     }
@@ -473,17 +693,23 @@ fn start_watch(cluster: &mut Cluster, kind: Kind, filter: Filter, request: &Requ
         }
     }
     cluster.watches.push(watch);
-    streaming_response(lines)
+    streaming_response(lines, hold)
 }
 
-/// A chunked response of watch lines; an `Abort` frame breaks the connection.
-fn streaming_response(lines: mpsc::UnboundedReceiver<Frame>) -> Response {
-    let chunks = futures::stream::unfold(lines, |mut lines| async move {
-        let chunk = match lines.recv().await? {
+/// A chunked response of watch lines; an `Abort` frame breaks the connection. While the
+/// server holds things back nothing is sent: the lines wait in the channel.
+fn streaming_response(
+    lines: mpsc::UnboundedReceiver<Frame>,
+    hold: watch::Receiver<Hold>,
+) -> Response {
+    let chunks = futures::stream::unfold((lines, hold), |(mut lines, mut hold)| async move {
+        let frame = lines.recv().await?;
+        released(&mut hold).await;
+        let chunk = match frame {
             Frame::Line(line) => Ok(Bytes::from(line)),
             Frame::Abort => Err(std::io::Error::other("connection aborted by the test")),
         };
-        Some((chunk, lines))
+        Some((chunk, (lines, hold)))
     })
     .boxed();
     (

@@ -1,0 +1,191 @@
+//! `--nodeport-addresses`, as kube-proxy reads it (`cmd/kube-proxy/app/server.go`,
+//! `pkg/proxy/util/nodeport_addresses.go`).
+//!
+//! The flag takes CIDRs of both families, or the single keyword `primary`. Each family gets
+//! only its own CIDRs, and a family without any opens NodePorts on every address of that
+//! family — so `--nodeport-addresses 2001:db8::/64` leaves IPv4 unrestricted. `primary`
+//! stands for the Node's primary address of each family (`/32`, `/128`): its first
+//! InternalIP, else ExternalIP, of that family; while that is unknown (no Node object, as in
+//! standalone mode, or no such address) the family is unrestricted, as in kube-proxy.
+//!
+//! IPv4 is what the datapath proxies today; IPv6 CIDRs are parsed, kept and reported, for
+//! the IPv6 datapath to use.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+/// kube-proxy's keyword for the Node's primary addresses.
+pub const PRIMARY: &str = "primary";
+
+/// The parsed flag.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    /// CIDRs, split by family; both empty (the flag unset) means every node address.
+    Cidrs {
+        ipv4: Vec<Ipv4Net>,
+        ipv6: Vec<Ipv6Net>,
+    },
+    /// `primary`: the Node's primary address of each family.
+    Primary,
+    /// Unset: every node address.
+    #[default]
+    All,
+}
+
+impl NodePortAddresses {
+    /// Parses the flag's values with kube-proxy's validation: `primary` alone, or CIDRs.
+    pub fn parse<S: AsRef<str>>(values: &[S]) -> Result<Self, String> {
+        let values: Vec<&str> = values.iter().map(|value| value.as_ref().trim()).collect();
+        match values.as_slice() {
+            [] => return Ok(NodePortAddresses::All),
+            [PRIMARY] => return Ok(NodePortAddresses::Primary),
+            _ => {}
+        }
+        let (mut ipv4, mut ipv6) = (Vec::new(), Vec::new());
+        for value in values {
+            if value == PRIMARY {
+                return Err(format!("{PRIMARY:?} cannot be combined with CIDRs"));
+            }
+            match value.parse::<IpNet>() {
+                Ok(IpNet::V4(cidr)) => ipv4.push(cidr),
+                Ok(IpNet::V6(cidr)) => ipv6.push(cidr),
+                Err(_) => {
+                    return Err(format!(
+                        "{value:?} is not a CIDR (like 198.18.0.0/24 or 2001:db8::/64) nor \
+                         {PRIMARY:?}"
+                    ));
+                }
+            }
+        }
+        Ok(NodePortAddresses::Cidrs { ipv4, ipv6 })
+    }
+
+    /// The IPv4 CIDRs NodePorts open on, given the Node's primary IPv4 address if known.
+    /// Empty: every IPv4 address of the node.
+    pub fn ipv4_cidrs(&self, primary_ipv4: Option<Ipv4Addr>) -> Vec<Ipv4Net> {
+        match self {
+            NodePortAddresses::Cidrs { ipv4, .. } => ipv4.clone(),
+            NodePortAddresses::Primary => primary_ipv4
+                .filter(|address| !address.is_loopback())
+                .map(Ipv4Net::from)
+                .into_iter()
+                .collect(),
+            NodePortAddresses::All => Vec::new(),
+        }
+    }
+
+    /// The IPv6 CIDRs given, kept for the IPv6 datapath (not proxied yet).
+    pub fn ipv6_cidrs(&self) -> &[Ipv6Net] {
+        match self {
+            NodePortAddresses::Cidrs { ipv6, .. } => ipv6,
+            NodePortAddresses::Primary | NodePortAddresses::All => &[],
+        }
+    }
+}
+
+impl fmt::Display for NodePortAddresses {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NodePortAddresses::Cidrs { ipv4, ipv6 } => {
+                let cidrs: Vec<String> = ipv4
+                    .iter()
+                    .map(ToString::to_string)
+                    .chain(ipv6.iter().map(ToString::to_string))
+                    .collect();
+                f.write_str(&cidrs.join(","))
+            }
+            NodePortAddresses::Primary => f.write_str(PRIMARY),
+            NodePortAddresses::All => f.write_str("(all node addresses)"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v4(text: &str) -> Ipv4Net {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn the_flag_parses_like_kube_proxys_validation() {
+        // (values, parsed or the start of the error)
+        let ok: [(&[&str], NodePortAddresses); 5] = [
+            (&[], NodePortAddresses::All),
+            (&["primary"], NodePortAddresses::Primary),
+            (
+                &["198.18.0.0/24", "2001:db8::/64", "127.0.0.0/8"],
+                NodePortAddresses::Cidrs {
+                    ipv4: vec![v4("198.18.0.0/24"), v4("127.0.0.0/8")],
+                    ipv6: vec!["2001:db8::/64".parse().unwrap()],
+                },
+            ),
+            (
+                &["::/0"],
+                NodePortAddresses::Cidrs {
+                    ipv4: vec![],
+                    ipv6: vec!["::/0".parse().unwrap()],
+                },
+            ),
+            (
+                &["0.0.0.0/0"],
+                NodePortAddresses::Cidrs {
+                    ipv4: vec![v4("0.0.0.0/0")],
+                    ipv6: vec![],
+                },
+            ),
+        ];
+        for (values, expected) in ok {
+            assert_eq!(NodePortAddresses::parse(values), Ok(expected), "{values:?}");
+        }
+        let bad: [(&[&str], &str); 4] = [
+            (
+                &["primary", "198.18.0.0/24"],
+                "\"primary\" cannot be combined",
+            ),
+            (
+                &["198.18.0.0/24", "primary"],
+                "\"primary\" cannot be combined",
+            ),
+            (&["198.18.0.1"], "\"198.18.0.1\" is not a CIDR"),
+            (&["foo"], "\"foo\" is not a CIDR"),
+        ];
+        for (values, error) in bad {
+            let got = NodePortAddresses::parse(values).unwrap_err();
+            assert!(got.starts_with(error), "{values:?}: {got}");
+        }
+    }
+
+    /// Each family keeps only its own CIDRs; a family without any is unrestricted, even
+    /// when the other family has some (`NewNodePortAddresses`).
+    #[test]
+    fn ipv4_gets_its_own_cidrs_or_none() {
+        let cases = [
+            ("198.18.0.0/24,2001:db8::/64", vec![v4("198.18.0.0/24")]),
+            ("2001:db8::/64", vec![]),
+            ("", vec![]),
+        ];
+        for (flag, expected) in cases {
+            let values: Vec<&str> = flag.split(',').filter(|v| !v.is_empty()).collect();
+            let parsed = NodePortAddresses::parse(&values).unwrap();
+            assert_eq!(parsed.ipv4_cidrs(None), expected, "{flag}");
+        }
+        let both = NodePortAddresses::parse(&["198.18.0.0/24", "2001:db8::/64"]).unwrap();
+        assert_eq!(both.ipv6_cidrs(), ["2001:db8::/64".parse().unwrap()]);
+    }
+
+    /// `primary` is the Node's address as a /32 while it is known and not loopback
+    /// (kube-proxy skips a loopback node IP), else every address.
+    #[test]
+    fn primary_is_the_nodes_address_while_known() {
+        let primary = NodePortAddresses::Primary;
+        let node_ip = Ipv4Addr::new(198, 18, 0, 1);
+        assert_eq!(primary.ipv4_cidrs(Some(node_ip)), [v4("198.18.0.1/32")]);
+        assert_eq!(primary.ipv4_cidrs(None), []);
+        assert_eq!(primary.ipv4_cidrs(Some(Ipv4Addr::LOCALHOST)), []);
+        assert!(primary.ipv6_cidrs().is_empty());
+    }
+}
