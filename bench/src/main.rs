@@ -10,6 +10,7 @@
 mod chart;
 mod cluster;
 mod connections;
+mod conntrack_gc;
 mod daemon;
 mod endpoint_change;
 mod kube_rules;
@@ -30,6 +31,7 @@ use clap::{Parser, ValueEnum};
 use proxy_lab::Lab;
 
 use connections::ConnectionSettings;
+use conntrack_gc::GcSettings;
 use endpoint_change::ChangeSettings;
 use memory::MemorySettings;
 use packet::PacketSettings;
@@ -64,6 +66,7 @@ enum Section {
 /// The sizes, counts and durations of every measurement.
 struct Settings {
     packet: PacketSettings,
+    gc: GcSettings,
     connections: ConnectionSettings,
     programming: ProgrammingSettings,
     change: ChangeSettings,
@@ -78,6 +81,10 @@ impl Settings {
                 runs: 7,
                 repeat: 1_000_000,
                 single_runs: 5_000,
+            },
+            gc: GcSettings {
+                sizes: vec![1 << 18, 1 << 20],
+                runs: 3,
             },
             connections: ConnectionSettings {
                 sizes: vec![1, 1_000, 10_000],
@@ -119,6 +126,10 @@ impl Settings {
                 repeat: 20_000,
                 single_runs: 300,
             },
+            gc: GcSettings {
+                sizes: vec![1 << 14],
+                runs: 1,
+            },
             connections: ConnectionSettings {
                 sizes: vec![1, 100],
                 pods: 3,
@@ -155,6 +166,7 @@ impl Settings {
     fn describe(&self) -> Vec<String> {
         let Self {
             packet,
+            gc,
             connections,
             programming,
             change,
@@ -165,6 +177,11 @@ impl Settings {
                 "per packet: {:?} Services × 10 endpoints; {} runs of `repeat` {} and of {} \
                  single runs each",
                 packet.sizes, packet.runs, packet.repeat, packet.single_runs
+            ),
+            format!(
+                "conntrack garbage collection: CONNTRACK of {:?} entries, full, half of the \
+                 flows over; {} runs each",
+                gc.sizes, gc.runs
             ),
             format!(
                 "connections: {:?} Services, {} pods; {} runs of {:?} with {} client threads \
@@ -230,6 +247,9 @@ fn run(cli: &Cli) -> Result<()> {
         let lab = Lab::builder().pods(0).build()?;
         results.packet = lab.node().run(|| packet::measure(&settings.packet))??;
         show(&report::packet_table(&results.packet));
+        heading("1. Conntrack garbage collection (one sweep)");
+        results.gc = lab.node().run(|| conntrack_gc::measure(&settings.gc))??;
+        show(&report::gc_table(&results.gc));
     }
     if wants(Section::Connections) {
         heading("2. New TCP connections through a ClusterIP, end to end");
