@@ -1,13 +1,14 @@
-//! The conntrack garbage collector's cost: one sweep of a full CONNTRACK, half of whose
-//! flows are over, by the daemon's own collector (batched reads, the in-kernel reaper), next
-//! to reading the same map entry by entry (two system calls per entry), which is what the
-//! previous sweep did before it could even start deleting.
+//! The conntrack garbage collector's cost: one sweep of a nine-tenths full CONNTRACK, half
+//! of whose flows are over, by the daemon's own collector (batched reads, the in-kernel
+//! reaper); a second sweep with nothing left to remove (the read alone); and, for
+//! comparison, the previous sweep's method on the same map: every entry read with two system
+//! calls, then each finished one deleted with one.
 
 use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
 use aya::EbpfLoader;
-use aya::maps::HashMap as BpfHashMap;
+use aya::maps::{HashMap as BpfHashMap, MapData};
 use proxy_common::{CtKey, CtTimeouts, CtValue, Translation, map_names, proto, service_flags};
 use proxy_lab::PrivateBpffs;
 use proxy_userspace::conntrack::gc::Reaper;
@@ -30,8 +31,10 @@ pub struct GcCost {
     pub finished: usize,
     /// One sweep of both maps, in milliseconds.
     pub sweep_ms: Summary,
-    /// Reading every entry one by one (the previous sweep's first step), in milliseconds.
-    pub read_one_by_one_ms: Summary,
+    /// The next sweep, which finds nothing to remove, in milliseconds.
+    pub quiet_sweep_ms: Summary,
+    /// The previous sweep's method, in milliseconds.
+    pub one_by_one_ms: Summary,
 }
 
 pub fn measure(settings: &GcSettings) -> Result<Vec<GcCost>> {
@@ -58,55 +61,73 @@ fn measure_at(size: u32, runs: usize) -> Result<GcCost> {
         .map_mut(map_names::CONNTRACK)
         .context("no CONNTRACK")?
         .try_into()?;
-    let flows = size / 2;
-    let mut sweeps = Vec::new();
-    let mut reads = Vec::new();
+    // Nine tenths full: an LRU map starts evicting a little before it is completely full.
+    let flows = size / 20 * 9;
+    // Both entries of every other flow.
+    let expected = 2 * flows.div_ceil(2) as usize;
+    let (mut sweeps, mut quiet_sweeps, mut one_by_one) = (Vec::new(), Vec::new(), Vec::new());
     let mut finished = 0;
     for _ in 0..runs {
-        // Every flow's two entries; every other flow over. Refilled each run: the sweep
-        // removed the finished ones.
-        let now = monotonic_now_ns();
-        for flow in 0..flows {
-            let translation = flow_to(flow);
-            let expires = if flow % 2 == 0 {
-                1
-            } else {
-                now + 3_600_000_000_000
-            };
-            conntrack.insert(
-                translation.forward_key(),
-                translation.forward_entry(0, expires),
-                0,
-            )?;
-            conntrack.insert(
-                translation.reply_key(),
-                translation.reply_entry(0, expires),
-                0,
-            )?;
-        }
+        fill(&mut conntrack, flows)?;
         let started = Instant::now();
-        let mut read = 0;
+        let now = monotonic_now_ns();
+        let mut doomed = Vec::new();
         for entry in conntrack.iter() {
-            entry?;
-            read += 1;
+            let (key, value) = entry?;
+            if value.expires_ns < now {
+                doomed.push(key);
+            }
         }
-        reads.push(started.elapsed().as_secs_f64() * 1e3);
-        ensure!(read == 2 * flows as usize, "{read} entries read");
+        for key in &doomed {
+            conntrack.remove(key)?;
+        }
+        one_by_one.push(started.elapsed().as_secs_f64() * 1e3);
+        ensure!(doomed.len() == expected, "{} entries deleted", doomed.len());
+
+        fill(&mut conntrack, flows)?;
         let report = reaper.sweep()?;
         sweeps.push(report.elapsed.as_secs_f64() * 1e3);
         finished = report.reaped();
         ensure!(
-            finished == flows as usize,
-            "{finished} entries reaped, not {flows}"
+            finished == expected,
+            "{finished} entries reaped, not {expected}"
         );
+        let quiet = reaper.sweep()?;
+        ensure!(
+            quiet.reaped() == 0,
+            "a second sweep reaped {}",
+            quiet.reaped()
+        );
+        quiet_sweeps.push(quiet.elapsed.as_secs_f64() * 1e3);
     }
     let summary = |values: &[f64]| Summary::of(values).context("no runs");
     Ok(GcCost {
         entries: 2 * flows as usize,
         finished,
         sweep_ms: summary(&sweeps)?,
-        read_one_by_one_ms: summary(&reads)?,
+        quiet_sweep_ms: summary(&quiet_sweeps)?,
+        one_by_one_ms: summary(&one_by_one)?,
     })
+}
+
+/// Puts `flows` flows' two entries into `conntrack`, every other flow over.
+fn fill(conntrack: &mut BpfHashMap<&mut MapData, CtKey, CtValue>, flows: u32) -> Result<()> {
+    let alive_until = monotonic_now_ns() + 3_600_000_000_000;
+    for flow in 0..flows {
+        let translation = flow_to(flow);
+        let expires = if flow % 2 == 0 { 1 } else { alive_until };
+        conntrack.insert(
+            translation.forward_key(),
+            translation.forward_entry(0, expires),
+            0,
+        )?;
+        conntrack.insert(
+            translation.reply_key(),
+            translation.reply_entry(0, expires),
+            0,
+        )?;
+    }
+    Ok(())
 }
 
 /// The `index`-th flow: a client of 198.18.0.0/16 through a ClusterIP.
