@@ -146,6 +146,18 @@ fn conntrack_shows_a_real_clients_flow_and_trace_and_flush_agree() -> Result<()>
     ensure!(flow["backend"]["port"] == addr::ECHO_TCP_PORT, "{flow:#}");
     ensure!(flow["service"] == "default/echo:tcp-80", "{flow:#}");
     ensure!(flow["state"] == "open", "{flow:#}");
+    // A request answered: the handshake completed, the flow is assured, and lives 24 h.
+    ensure!(flow["flow_state"] == "established", "{flow:#}");
+    ensure!(flow["assured"] == true, "{flow:#}");
+    ensure!(flow["kind"] == "service", "{flow:#}");
+    ensure!(
+        flow["backend_sees"]["address"] == client.to_string(),
+        "{flow:#}"
+    );
+    ensure!(
+        flow["expires_in_seconds"].as_u64() > Some(86_000),
+        "{flow:#}"
+    );
     ensure!(
         flow["entries"] == serde_json::json!(["forward", "reply"]),
         "{flow:#}"
