@@ -253,7 +253,7 @@ fn write_endpoint_slice_yaml(yaml: &mut String, service: &BenchService, endpoint
 #[cfg(test)]
 mod tests {
     use proxy_userspace::plan::plan;
-    use proxy_userspace::source::manifests::ManifestSource;
+    use proxy_userspace::source::manifests::{ManifestSource, ParseLimits};
 
     use super::*;
 
@@ -300,10 +300,13 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("epx-bench-yaml-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("bench.yaml"), cluster.manifest_yaml()).unwrap();
-        let reload = ManifestSource::new(&dir).reload().unwrap();
+        let mut model = Model::default();
+        let loaded = ManifestSource::new(&dir, ParseLimits::default()).load(&mut model);
         std::fs::remove_dir_all(&dir).unwrap();
-        assert!(reload.problems.is_empty(), "{:?}", reload.problems);
-        assert_eq!(plan(&reload.model, &node), from_objects);
+        loaded.unwrap();
+        let rejected = model.take_changes().rejected;
+        assert!(rejected.is_empty(), "{rejected:?}");
+        assert_eq!(plan(&model, &node), from_objects);
     }
 
     #[test]

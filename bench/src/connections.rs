@@ -3,17 +3,20 @@
 //! kube-proxy-shaped iptables and nftables rules for the same Services, and straight to the
 //! pods with no proxy as the floor.
 //!
-//! Every variant gets a fresh lab, so no state (conntrack, rules) leaks between them, and
-//! the same load settings and target sequences. Services are all served by the lab's
-//! pods; kube-proxy still writes one endpoint chain per Service and pod, and every
+//! Every variant gets a lab of its own, so no state (conntrack, rules) leaks between them,
+//! and the same load settings and target sequences. The four labs stand side by side and
+//! the variants take turns run by run, so a noisy spell of the machine hits them all
+//! alike rather than posing as a difference between them. Services are all served by the
+//! lab's pods; kube-proxy still writes one endpoint chain per Service and pod, and every
 //! connection goes to a random Service, so the iptables walk is on average half of
-//! KUBE-SERVICES long.
+//! KUBE-SERVICES long. For ebpf-proxy, the daemon's CPU time during each measured run is
+//! reported too.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use proxy_lab::Lab;
+use proxy_lab::{Daemon, Lab};
 
 use crate::cluster::{Cluster, Endpoints};
 use crate::daemon;
@@ -78,32 +81,119 @@ pub struct ConnectionResult {
     pub p99_us: Summary,
     pub completed: usize,
     pub failed: usize,
+    /// ebpf-proxy only: the daemon's CPU seconds (user + system) during each measured run.
+    pub daemon_cpu_seconds: Option<Summary>,
 }
 
 pub fn measure(settings: &ConnectionSettings) -> Result<Vec<ConnectionResult>> {
     let mut results = Vec::new();
     for &services in &settings.sizes {
-        for variant in VARIANTS {
-            let result = measure_one(variant, services, settings).with_context(|| {
-                format!("connections via {} at {services} Services", variant.label())
-            })?;
+        let at_size = measure_size(services, settings)
+            .with_context(|| format!("connections at {services} Services"))?;
+        for result in &at_size {
             eprintln!(
                 "  {services} Services, {}: {:.0} connections/s",
-                variant.label(),
+                result.variant.label(),
                 result.rate.median
             );
-            results.push(result);
         }
+        results.extend(at_size);
     }
     Ok(results)
 }
 
-fn measure_one(
+/// One variant, ready to take load.
+struct Prepared<'lab> {
     variant: Variant,
+    lab: &'lab Lab,
+    daemon: Option<Daemon<'lab>>,
+    targets: Vec<SocketAddrV4>,
+}
+
+/// What the runs of one variant measured.
+#[derive(Default)]
+struct Samples {
+    rates: Vec<f64>,
+    p50s: Vec<f64>,
+    p99s: Vec<f64>,
+    cpu_seconds: Vec<f64>,
+    completed: usize,
+    failed: usize,
+}
+
+fn measure_size(services: usize, settings: &ConnectionSettings) -> Result<Vec<ConnectionResult>> {
+    let labs = VARIANTS
+        .iter()
+        .map(|_| Lab::builder().pods(settings.pods).build())
+        .collect::<Result<Vec<Lab>>>()?;
+    let prepared = VARIANTS
+        .iter()
+        .zip(&labs)
+        .map(|(&variant, lab)| {
+            prepare(variant, lab, services, settings)
+                .with_context(|| format!("preparing {}", variant.label()))
+        })
+        .collect::<Result<Vec<Prepared>>>()?;
+    let mut samples: Vec<Samples> = prepared.iter().map(|_| Samples::default()).collect();
+    for run in 0..settings.runs {
+        for (variant, samples) in prepared.iter().zip(&mut samples) {
+            let cpu_before = variant
+                .daemon
+                .as_ref()
+                .map(daemon_cpu_seconds)
+                .transpose()?;
+            let report = load::generate(
+                variant.lab.client(),
+                &variant.targets,
+                &settings.load,
+                run as u64,
+            )?;
+            if let (Some(before), Some(daemon)) = (cpu_before, &variant.daemon) {
+                samples
+                    .cpu_seconds
+                    .push(daemon_cpu_seconds(daemon)? - before);
+            }
+            samples.completed += report.completed;
+            samples.failed += report.failed;
+            samples.rates.push(report.connections_per_second());
+            let mut latencies: Vec<f64> = report
+                .connect_latencies
+                .iter()
+                .map(|latency| latency.as_secs_f64() * 1e6)
+                .collect();
+            latencies.sort_by(f64::total_cmp);
+            let percentile =
+                |p| percentile_of_sorted(&latencies, p).context("no connection completed");
+            samples.p50s.push(percentile(50.0)?);
+            samples.p99s.push(percentile(99.0)?);
+        }
+    }
+    let summary = |values: &[f64]| Summary::of(values).context("no runs");
+    prepared
+        .iter()
+        .zip(samples)
+        .map(|(variant, samples)| {
+            Ok(ConnectionResult {
+                variant: variant.variant,
+                services,
+                rate: summary(&samples.rates)?,
+                p50_us: summary(&samples.p50s)?,
+                p99_us: summary(&samples.p99s)?,
+                completed: samples.completed,
+                failed: samples.failed,
+                daemon_cpu_seconds: Summary::of(&samples.cpu_seconds),
+            })
+        })
+        .collect()
+}
+
+/// Starts the daemon or loads the rules of `variant` in `lab`, and warms it up.
+fn prepare<'lab>(
+    variant: Variant,
+    lab: &'lab Lab,
     services: usize,
     settings: &ConnectionSettings,
-) -> Result<ConnectionResult> {
-    let lab = Lab::builder().pods(settings.pods).build()?;
+) -> Result<Prepared<'lab>> {
     let pods: Vec<Ipv4Addr> = lab.pods().iter().map(|pod| pod.ip).collect();
     let cluster = Cluster::new(
         services,
@@ -112,14 +202,17 @@ fn measure_one(
             port: lab.tcp_port(),
         },
     )?;
-    // Declared after the lab: stopped before its namespaces go.
-    let _daemon = match variant {
-        Variant::EbpfProxy => Some(daemon::start(
-            &lab,
-            vec![daemon::cluster_manifest(&cluster)],
-            &[],
-            services,
-        )?),
+    let daemon = match variant {
+        Variant::EbpfProxy => {
+            let sizes = daemon::map_size_flags(services, pods.len());
+            let args: Vec<&str> = sizes.iter().map(String::as_str).collect();
+            Some(daemon::start(
+                lab,
+                vec![daemon::cluster_manifest(&cluster)],
+                &args,
+                services,
+            )?)
+        }
         _ => None,
     };
     if let Some(mode) = variant.netfilter() {
@@ -140,7 +233,6 @@ fn measure_one(
             .map(|service| SocketAddrV4::new(service.vip, service.port))
             .collect(),
     };
-
     let warmup = LoadSettings {
         max_connections: settings.warmup,
         duration: Duration::from_secs(60),
@@ -153,33 +245,33 @@ fn measure_one(
         report.failed,
         report.failed + report.completed
     );
-
-    let mut rates = Vec::new();
-    let mut p50s = Vec::new();
-    let mut p99s = Vec::new();
-    let (mut completed, mut failed) = (0, 0);
-    for run in 0..settings.runs {
-        let report = load::generate(lab.client(), &targets, &settings.load, run as u64)?;
-        completed += report.completed;
-        failed += report.failed;
-        rates.push(report.connections_per_second());
-        let mut latencies: Vec<f64> = report
-            .connect_latencies
-            .iter()
-            .map(|latency| latency.as_secs_f64() * 1e6)
-            .collect();
-        latencies.sort_by(f64::total_cmp);
-        p50s.push(percentile_of_sorted(&latencies, 50.0).context("no connection completed")?);
-        p99s.push(percentile_of_sorted(&latencies, 99.0).context("no connection completed")?);
-    }
-    let summary = |values: &[f64]| Summary::of(values).context("no runs");
-    Ok(ConnectionResult {
+    Ok(Prepared {
         variant,
-        services,
-        rate: summary(&rates)?,
-        p50_us: summary(&p50s)?,
-        p99_us: summary(&p99s)?,
-        completed,
-        failed,
+        lab,
+        daemon,
+        targets,
     })
+}
+
+/// The daemon's CPU time so far (user + system), from /proc/<pid>/stat.
+fn daemon_cpu_seconds(daemon: &Daemon) -> Result<f64> {
+    let pid = daemon.pid().context("the daemon is not running")?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The fields after the command name (which may hold spaces) start after its ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("unreadable /proc/<pid>/stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    // utime and stime: fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks: u64 = fields
+        .get(11..13)
+        .context("short /proc/<pid>/stat")?
+        .iter()
+        .map(|field| field.parse::<u64>())
+        .sum::<Result<u64, _>>()?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Ok(ticks as f64 / per_second.max(1) as f64)
 }

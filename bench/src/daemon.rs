@@ -9,7 +9,7 @@ use proxy_lab::{Daemon, Lab, Manifest};
 use crate::cluster::Cluster;
 
 /// Generous: at 10 000 Services the first sync parses megabytes of YAML.
-const SYNC_TIMEOUT: Duration = Duration::from_secs(300);
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The file the bench's Services go to in the daemon's manifests directory.
 pub fn cluster_manifest(cluster: &Cluster) -> Manifest {
@@ -44,6 +44,20 @@ pub fn start<'lab>(
             tail(&daemon.log(), 20)
         ),
     }
+}
+
+/// `--max-services` and `--max-backends` for `services` Services of one port with
+/// `endpoints` endpoints each (never below the defaults).
+pub fn map_size_flags(services: usize, endpoints: usize) -> [String; 4] {
+    let defaults = proxy_userspace::datapath::MapSizes::default();
+    let services_entries = (services * (endpoints + 1) + 1024).max(defaults.services as usize);
+    let backends = (services * endpoints + 1024).max(defaults.backends as usize);
+    [
+        "--max-services".to_owned(),
+        services_entries.to_string(),
+        "--max-backends".to_owned(),
+        backends.to_string(),
+    ]
 }
 
 /// The last `lines` lines of `text`.

@@ -1,8 +1,8 @@
 //! Measurement 3, part two: one endpoint change through the real daemon, confirmed by
-//! traffic: a probe Service with one endpoint, among background Services, is switched
-//! between two pods by rewriting its manifest; the clock runs from the rename that
-//! publishes the file until the pinned maps name the new pod, and until a new connection
-//! from the client namespace is answered by it.
+//! traffic: a probe Service with one endpoint, among background Services (in a file of
+//! their own), is switched between two pods by rewriting its manifest; the clock runs from
+//! the rename that publishes the file until the pinned maps name the new pod, and until a
+//! new connection from the client namespace is answered by it.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
@@ -12,31 +12,36 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use proxy_common::{Backend, ServiceKey, ServiceValue, map_names, proto};
-use proxy_lab::{Lab, Service};
+use proxy_lab::{Daemon, Lab, Service};
 
 use crate::cluster::{Cluster, Endpoints};
 use crate::daemon;
 use crate::stats::percentile_of_sorted;
 
-/// Outside the background Services' VIPs (198.19.0.0 onward, one per Service).
-const PROBE_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 250, 1);
-const PROBE_PORT: u16 = 80;
+/// Outside the background Services' frontends: their VIPs cover 198.19.0.0/16 past 65 536
+/// Services, on ports 80 and up.
+pub const PROBE_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 250, 1);
+pub const PROBE_PORT: u16 = 79;
 /// A change not visible in traffic by then fails the benchmark.
 const GIVE_UP: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// The daemon's flags for this measurement: it checks the manifests every 10 ms (its
-/// minimum) and syncs as soon as it sees a change (no batching window).
-pub const DAEMON_FLAGS: [&str; 4] = ["--manifests-poll-ms", "10", "--min-sync-period", "0ms"];
+/// The daemon's flags for this measurement: it syncs as soon as it sees a change, however
+/// soon after the previous one (the default keeps syncs 100 ms apart). It learns of the
+/// change from inotify.
+pub const DAEMON_FLAGS: [&str; 2] = ["--min-sync-period", "0ms"];
 
 #[derive(Clone, Debug)]
 pub struct ChangeSettings {
-    pub background_services: usize,
+    /// The numbers of background Services measured.
+    pub background_services: Vec<usize>,
     pub changes: usize,
 }
 
 #[derive(Clone, Debug)]
 pub struct ChangeResult {
     pub background_services: usize,
+    /// Where the change came from: `manifest`, or `API` (an EndpointSlice watch event).
+    pub source: &'static str,
     pub changes: usize,
     /// Milliseconds from the manifest change to the maps naming the new endpoint.
     pub to_maps_p50_ms: f64,
@@ -46,32 +51,75 @@ pub struct ChangeResult {
     pub to_traffic_p99_ms: f64,
 }
 
-pub fn measure(settings: &ChangeSettings) -> Result<ChangeResult> {
-    let lab = Lab::builder().pods(2).build()?;
-    let pods: Vec<Ipv4Addr> = lab.pods().iter().map(|pod| pod.ip).collect();
-    let background = Cluster::new(
-        settings.background_services,
-        Endpoints::Shared {
-            pods,
-            port: lab.tcp_port(),
-        },
-    )?;
-    let probe = Service::cluster_ip("probe", PROBE_VIP).tcp(PROBE_PORT, lab.tcp_port());
-    let daemon = daemon::start(
-        &lab,
-        vec![
-            daemon::cluster_manifest(&background),
-            probe.manifest(&lab.pods()[..1]),
-        ],
-        &DAEMON_FLAGS,
-        settings.background_services + 1,
-    )?;
-    let maps = PinnedMaps::open(&daemon.bpffs_root())?;
+pub fn measure(settings: &ChangeSettings) -> Result<Vec<ChangeResult>> {
+    settings
+        .background_services
+        .iter()
+        .map(|&background| {
+            measure_at(background, settings.changes)
+                .with_context(|| format!("endpoint changes among {background} Services"))
+        })
+        .collect()
+}
 
-    let mut to_maps = Vec::with_capacity(settings.changes);
-    let mut to_traffic = Vec::with_capacity(settings.changes);
+/// A lab with two pods, and the daemon serving `background_services` Services (in a file
+/// of their own) and the probe Service on pod-1, programmed.
+pub struct ProbeSetup {
+    pub lab: Lab,
+    pub probe: Service,
+}
+
+impl ProbeSetup {
+    pub fn new() -> Result<Self> {
+        let lab = Lab::builder().pods(2).build()?;
+        let probe = Service::cluster_ip("probe", PROBE_VIP).tcp(PROBE_PORT, lab.tcp_port());
+        Ok(ProbeSetup { lab, probe })
+    }
+
+    /// Starts the daemon with `args` (after [`DAEMON_FLAGS`] and map sizes that fit
+    /// `extra_services` more Services) and opens its maps.
+    pub fn start(
+        &self,
+        background_services: usize,
+        extra_services: usize,
+    ) -> Result<(Daemon<'_>, PinnedMaps)> {
+        let lab = &self.lab;
+        let background = Cluster::new(
+            background_services,
+            Endpoints::Shared {
+                pods: lab.pods().iter().map(|pod| pod.ip).collect(),
+                port: lab.tcp_port(),
+            },
+        )?;
+        let sizes = daemon::map_size_flags(background_services + 1 + extra_services, 2);
+        let args: Vec<&str> = DAEMON_FLAGS
+            .iter()
+            .copied()
+            .chain(sizes.iter().map(String::as_str))
+            .collect();
+        let daemon = daemon::start(
+            lab,
+            vec![
+                daemon::cluster_manifest(&background),
+                self.probe.manifest(&lab.pods()[..1]),
+            ],
+            &args,
+            background_services + 1,
+        )?;
+        let maps = PinnedMaps::open(&daemon.bpffs_root())?;
+        Ok((daemon, maps))
+    }
+}
+
+fn measure_at(background_services: usize, changes: usize) -> Result<ChangeResult> {
+    let setup = ProbeSetup::new()?;
+    let (daemon, maps) = setup.start(background_services, 0)?;
+    let (lab, probe) = (&setup.lab, &setup.probe);
+
+    let mut to_maps = Vec::with_capacity(changes);
+    let mut to_traffic = Vec::with_capacity(changes);
     lab.client().run(|| -> Result<()> {
-        for change in 0..settings.changes {
+        for change in 0..changes {
             // Alternates pod-2, pod-1, …: every change moves the probe to the other pod.
             let target = lab.pod(2 - change % 2);
             daemon.apply(&probe.manifest([target]))?;
@@ -101,8 +149,9 @@ pub fn measure(settings: &ChangeSettings) -> Result<ChangeResult> {
     to_traffic.sort_by(f64::total_cmp);
     let percentile = |sorted: &[f64], p| percentile_of_sorted(sorted, p).context("no changes");
     Ok(ChangeResult {
-        background_services: settings.background_services,
-        changes: settings.changes,
+        background_services,
+        source: "manifest",
+        changes,
         to_maps_p50_ms: percentile(&to_maps, 50.0)?,
         to_maps_p99_ms: percentile(&to_maps, 99.0)?,
         to_traffic_p50_ms: percentile(&to_traffic, 50.0)?,
@@ -122,13 +171,13 @@ fn served_by() -> Result<String> {
 }
 
 /// The daemon's SERVICES and BACKENDS maps, opened from their pins.
-struct PinnedMaps {
+pub struct PinnedMaps {
     services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
     backends: BpfHashMap<MapData, u32, Backend>,
 }
 
 impl PinnedMaps {
-    fn open(root: &Path) -> Result<Self> {
+    pub fn open(root: &Path) -> Result<Self> {
         let open = |name: &str| -> Result<Map> {
             let pin = root.join(name);
             let data = MapData::from_pin(&pin)
@@ -142,7 +191,7 @@ impl PinnedMaps {
     }
 
     /// The probe's backend address when it has exactly one.
-    fn probe_backend(&self) -> Result<Option<Ipv4Addr>> {
+    pub fn probe_backend(&self) -> Result<Option<Ipv4Addr>> {
         let header = ServiceKey::new(PROBE_VIP.octets(), PROBE_PORT, proto::TCP, 0);
         let has_one = self
             .services

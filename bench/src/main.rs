@@ -20,6 +20,7 @@ mod netfilter;
 mod packet;
 mod programming;
 mod report;
+mod soak;
 mod stats;
 
 use std::path::PathBuf;
@@ -38,6 +39,7 @@ use packet::PacketSettings;
 use programming::ProgrammingSettings;
 use proxy_lab::load::LoadSettings;
 use report::{DocumentContext, Results, Table};
+use soak::SoakSettings;
 
 #[derive(Parser)]
 #[command(about = "Benchmarks ebpf-proxy against kube-proxy-shaped iptables and nftables rules")]
@@ -57,10 +59,13 @@ struct Cli {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Section {
     Packet,
+    /// Conntrack garbage collection.
+    Gc,
     Connections,
     Programming,
     Change,
     Memory,
+    Soak,
 }
 
 /// The sizes, counts and durations of every measurement.
@@ -71,6 +76,7 @@ struct Settings {
     programming: ProgrammingSettings,
     change: ChangeSettings,
     memory: MemorySettings,
+    soak: SoakSettings,
 }
 
 impl Settings {
@@ -101,19 +107,25 @@ impl Settings {
                 rules_timeout: Duration::from_secs(180),
             },
             programming: ProgrammingSettings {
-                sizes: vec![1_000, 10_000, 50_000],
+                sizes: vec![1_000, 10_000, 100_000],
                 runs: 3,
                 budget: Duration::from_secs(40),
                 timeout: Duration::from_secs(90),
-                changes: 100,
+                changes: 200,
+                netfilter_max_services: 10_000,
             },
             change: ChangeSettings {
-                background_services: 1_000,
-                changes: 50,
+                background_services: vec![10_000, 100_000],
+                changes: 100,
             },
             memory: MemorySettings {
-                services: 10_000,
+                services: vec![10_000, 100_000],
                 endpoints_per_service: 10,
+            },
+            soak: SoakSettings {
+                background_services: 10_000,
+                changes: 1_000,
+                sample_every: 100,
             },
         }
     }
@@ -150,14 +162,20 @@ impl Settings {
                 budget: Duration::from_secs(10),
                 timeout: Duration::from_secs(30),
                 changes: 10,
+                netfilter_max_services: 1_000,
             },
             change: ChangeSettings {
-                background_services: 10,
+                background_services: vec![10],
                 changes: 4,
             },
             memory: MemorySettings {
-                services: 100,
+                services: vec![100],
                 endpoints_per_service: 10,
+            },
+            soak: SoakSettings {
+                background_services: 10,
+                changes: 40,
+                sample_every: 10,
             },
         }
     }
@@ -171,6 +189,7 @@ impl Settings {
             programming,
             change,
             memory,
+            soak,
         } = self;
         vec![
             format!(
@@ -197,21 +216,26 @@ impl Settings {
             ),
             format!(
                 "programming: {:?} Services × 10 endpoints; up to {} runs per tool and size \
-                 (no new run after {:?} spent), a load stopped after {:?}; {} endpoint changes \
-                 per size",
+                 (no new run after {:?} spent), a load stopped after {:?}, iptables and \
+                 nftables up to {} Services; {} endpoint changes per size",
                 programming.sizes,
                 programming.runs,
                 programming.budget,
                 programming.timeout,
+                programming.netfilter_max_services,
                 programming.changes
             ),
             format!(
-                "endpoint change through the daemon: {} changes among {} background Services",
+                "endpoint change through the daemon: {} changes among {:?} background Services",
                 change.changes, change.background_services
             ),
             format!(
-                "memory: {} Services × {} endpoints",
+                "memory: {:?} Services × {} endpoints",
                 memory.services, memory.endpoints_per_service
+            ),
+            format!(
+                "soak: {} changes among {} background Services, RSS every {}",
+                soak.changes, soak.background_services, soak.sample_every
             ),
         ]
     }
@@ -247,7 +271,10 @@ fn run(cli: &Cli) -> Result<()> {
         let lab = Lab::builder().pods(0).build()?;
         results.packet = lab.node().run(|| packet::measure(&settings.packet))??;
         show(&report::packet_table(&results.packet));
+    }
+    if wants(Section::Gc) {
         heading("1. Conntrack garbage collection (one sweep)");
+        let lab = Lab::builder().pods(0).build()?;
         results.gc = lab.node().run(|| conntrack_gc::measure(&settings.gc))??;
         show(&report::gc_table(&results.gc));
     }
@@ -265,15 +292,19 @@ fn run(cli: &Cli) -> Result<()> {
     }
     if wants(Section::Change) {
         heading("3. One endpoint change through the daemon, confirmed by traffic");
-        let change = endpoint_change::measure(&settings.change)?;
-        show(&report::change_daemon_table(&change));
-        results.change = Some(change);
+        results.change = endpoint_change::measure(&settings.change)?;
+        show(&report::change_daemon_table(&results.change));
     }
     if wants(Section::Memory) {
         heading("4. Daemon memory");
-        let memory = memory::measure(&settings.memory)?;
-        show(&report::memory_table(&memory));
-        results.memory = Some(memory);
+        results.memory = memory::measure(&settings.memory)?;
+        show(&report::memory_table(&results.memory));
+    }
+    if wants(Section::Soak) {
+        heading("4. Daemon memory under a stream of changes");
+        let soak = soak::measure(&settings.soak)?;
+        show(&report::soak_table(&soak));
+        results.soak = Some(soak);
     }
     heading("Targets");
     show(&report::targets_table(&results));

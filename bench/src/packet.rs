@@ -129,8 +129,8 @@ fn measure_at(services: usize, settings: &PacketSettings) -> Result<PacketCosts>
     );
     eprintln!(
         "  {services} Services: {} frontends, {} backends written in {:.1} s",
-        report.frontends,
-        report.backends,
+        planned.desired.frontends.len(),
+        datapath.writer.fill().1,
         started.elapsed().as_secs_f64()
     );
 

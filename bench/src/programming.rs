@@ -1,9 +1,10 @@
 //! Measurement 3, programming: how long N Services × 10 endpoints take to program from
-//! scratch — ebpf-proxy's planner and map writer into freshly loaded maps, against
-//! `iptables-restore` and `nft -f` of kube-proxy's rules into a fresh namespace — and how
-//! long one endpoint change takes from the event to updated maps (in process: the daemon's
-//! sync step, a full plan and a diff; [`crate::endpoint_change`] adds the manifests source
-//! and confirms by traffic).
+//! scratch — ebpf-proxy parsing their manifests, planning and writing freshly loaded maps,
+//! against `iptables-restore` and `nft -f` of kube-proxy's rules into a fresh namespace —
+//! and how long one endpoint change takes from the event to updated maps in process (the
+//! daemon's partial sync: the model marks the Service dirty, the planner re-plans it, the
+//! writer writes its frontend; [`crate::endpoint_change`] adds the manifests source and
+//! confirms by traffic).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -14,8 +15,9 @@ use proxy_common::{CtTimeouts, default_max_entries};
 use proxy_lab::Lab;
 use proxy_userspace::datapath::{Datapath, MapSizes};
 use proxy_userspace::model::Model;
-use proxy_userspace::plan::{self, NodeFacts};
-use proxy_userspace::writer::MapWriter;
+use proxy_userspace::plan::{NodeFacts, Planner};
+use proxy_userspace::source::manifests::{ManifestSource, ParseLimits};
+use proxy_userspace::writer::{ApplyReport, MapWriter};
 
 use crate::cluster::{Cluster, Endpoints, endpoint_slice, lab_node, spare_address};
 use crate::netfilter::{self, Loaded, Netfilter};
@@ -34,6 +36,9 @@ pub struct ProgrammingSettings {
     pub timeout: Duration,
     /// Endpoint changes timed at each size.
     pub changes: usize,
+    /// iptables and nftables are loaded up to this many Services (beyond, a load runs for
+    /// minutes and is stopped anyway).
+    pub netfilter_max_services: usize,
 }
 
 /// Seconds to program from scratch, or how long a load ran before it was stopped.
@@ -41,6 +46,7 @@ pub struct ProgrammingSettings {
 pub enum Timing {
     Seconds(Summary),
     StoppedAfter(Duration),
+    NotMeasured,
 }
 
 impl fmt::Display for Timing {
@@ -48,6 +54,7 @@ impl fmt::Display for Timing {
         match self {
             Timing::Seconds(seconds) => f.write_str(&seconds.display(3)),
             Timing::StoppedAfter(after) => write!(f, "> {:.0} (stopped)", after.as_secs_f64()),
+            Timing::NotMeasured => f.write_str("not measured"),
         }
     }
 }
@@ -55,6 +62,9 @@ impl fmt::Display for Timing {
 #[derive(Clone, Debug)]
 pub struct ProgrammingResult {
     pub services: usize,
+    /// Parsing the manifests, planning and writing the maps.
+    pub ours_with_parsing: Summary,
+    /// Planning and writing only.
     pub ours: Summary,
     pub iptables: Timing,
     pub nftables: Timing,
@@ -81,22 +91,51 @@ fn measure_at(services: usize, settings: &ProgrammingSettings) -> Result<Program
             per_service: ENDPOINTS_PER_SERVICE,
         },
     )?;
-    let mut model = cluster.model()?;
     let node = lab_node();
+    let manifests = ManifestsDir::write(&cluster)?;
 
-    let mut ours_seconds = Vec::new();
-    let mut datapath = None;
-    for _ in 0..settings.runs {
+    let mut with_parsing = Vec::new();
+    let mut plan_and_write = Vec::new();
+    let mut last = None;
+    let mut spent = Duration::ZERO;
+    while with_parsing.len() < settings.runs && (with_parsing.is_empty() || spent < settings.budget)
+    {
+        // Dropped first: a run's maps and model go before the next run loads its own.
+        drop(last.take());
         let mut fresh = OurDatapath::load(services)?;
-        ours_seconds.push(fresh.sync(&model, &node)?.as_secs_f64());
-        datapath = Some(fresh);
+        let started = Instant::now();
+        let mut model = Model::default();
+        ManifestSource::new(&manifests.0, ParseLimits::default()).load(&mut model)?;
+        let rejected = model.take_changes().rejected;
+        ensure!(rejected.is_empty(), "manifests refused: {rejected:?}");
+        let parsed = started.elapsed();
+        let planner = fresh.full_sync(&model, &node)?;
+        let elapsed = started.elapsed();
+        spent += elapsed;
+        with_parsing.push(elapsed.as_secs_f64());
+        plan_and_write.push((elapsed - parsed).as_secs_f64());
+        last = Some((fresh, model, planner));
     }
-    let ours = Summary::of(&ours_seconds).context("no runs")?;
-    eprintln!("  {services} Services: ebpf-proxy {:.3} s", ours.median);
-    let mut datapath = datapath.context("no runs")?;
-    let changes = endpoint_changes(&mut datapath, &mut model, &node, &cluster, settings.changes)?;
+    let ours_with_parsing = Summary::of(&with_parsing).context("no runs")?;
+    let ours = Summary::of(&plan_and_write).context("no runs")?;
+    eprintln!(
+        "  {services} Services: ebpf-proxy {:.3} s ({:.3} s without parsing)",
+        ours_with_parsing.median, ours.median
+    );
+    let (mut datapath, mut model, mut planner) = last.context("no runs")?;
+    let changes = endpoint_changes(
+        &mut datapath,
+        &mut model,
+        &mut planner,
+        &cluster,
+        settings.changes,
+    )?;
+    drop((datapath, model, planner));
 
     let netfilter_timing = |mode: Netfilter| -> Result<Timing> {
+        if services > settings.netfilter_max_services {
+            return Ok(Timing::NotMeasured);
+        }
         let rules = mode.rules(&cluster);
         let timing = timed_runs(settings, || {
             let lab = Lab::builder().pods(0).build()?;
@@ -109,12 +148,36 @@ fn measure_at(services: usize, settings: &ProgrammingSettings) -> Result<Program
     let nftables = netfilter_timing(Netfilter::Nftables)?;
     Ok(ProgrammingResult {
         services,
+        ours_with_parsing,
         ours,
         iptables,
         nftables,
         change_p50_ms: percentile_of_sorted(&changes, 50.0).context("no changes")?,
         change_p99_ms: percentile_of_sorted(&changes, 99.0).context("no changes")?,
     })
+}
+
+/// The cluster's manifests in a directory of their own, removed on drop.
+struct ManifestsDir(PathBuf);
+
+impl ManifestsDir {
+    fn write(cluster: &Cluster) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!(
+            "epx-bench-programming-{}-{}",
+            std::process::id(),
+            cluster.services
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let dir = ManifestsDir(dir);
+        std::fs::write(dir.0.join("bench.yaml"), cluster.manifest_yaml())?;
+        Ok(dir)
+    }
+}
+
+impl Drop for ManifestsDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Repeats `run` up to `settings.runs` times while the runs so far stay within the
@@ -165,29 +228,37 @@ impl OurDatapath {
         })
     }
 
-    /// What the daemon does on every sync: plan everything, write the difference.
-    fn sync(&mut self, model: &Model, node: &NodeFacts) -> Result<Duration> {
-        let started = Instant::now();
-        let planned = plan::plan(model, node);
-        let report = self.writer.apply(&planned.desired);
-        let elapsed = started.elapsed();
+    /// The daemon's first sync: every Service planned, the maps written.
+    fn full_sync(&mut self, model: &Model, node: &NodeFacts) -> Result<Planner> {
+        let mut planner = Planner::new(node, model);
+        let delta = planner.update(model, model.services().map(|(key, _)| key.clone()));
+        let report = self.writer.apply(planner.desired());
         ensure!(
-            planned.problems.is_empty() && report.map_full == 0 && report.failures.is_empty(),
-            "programming failed: problems {:?}, {} writes refused as full, failures {:?}",
-            planned.problems,
-            report.map_full,
-            report.failures
+            delta.new_problems.is_empty(),
+            "programming found problems: {:?}",
+            delta.new_problems
         );
-        Ok(elapsed)
+        succeeded(&report)?;
+        Ok(planner)
     }
 }
 
-/// Times `count` endpoint changes, each from the EndpointSlice event to the maps
-/// written; milliseconds, sorted.
+fn succeeded(report: &ApplyReport) -> Result<()> {
+    ensure!(
+        report.complete(),
+        "programming failed: {} writes refused as full, failures {:?}",
+        report.map_full,
+        report.failures
+    );
+    Ok(())
+}
+
+/// Times `count` endpoint changes, each from the EndpointSlice event to the maps written
+/// (the daemon's partial sync); milliseconds, sorted.
 fn endpoint_changes(
     datapath: &mut OurDatapath,
     model: &mut Model,
-    node: &NodeFacts,
+    planner: &mut Planner,
     cluster: &Cluster,
     count: usize,
 ) -> Result<Vec<f64>> {
@@ -200,8 +271,16 @@ fn endpoint_changes(
         let slice = endpoint_slice(&service, &endpoints);
         let started = Instant::now();
         model.insert_endpoint_slice(slice)?;
-        datapath.sync(model, node)?;
+        let changes = model.take_changes();
+        let delta = planner.update(model, changes.dirty_services);
+        let report = datapath.writer.apply_delta(&delta.frontends);
         milliseconds.push(started.elapsed().as_secs_f64() * 1e3);
+        succeeded(&report)?;
+        ensure!(
+            delta.frontends.len() == 1,
+            "one endpoint change touched {} frontends",
+            delta.frontends.len()
+        );
     }
     milliseconds.sort_by(f64::total_cmp);
     Ok(milliseconds)

@@ -10,6 +10,7 @@ use crate::endpoint_change::{ChangeResult, DAEMON_FLAGS};
 use crate::memory::MemoryResult;
 use crate::packet::PacketCosts;
 use crate::programming::{ProgrammingResult, Timing};
+use crate::soak::SoakResult;
 use crate::stats::Summary;
 
 /// Everything measured in one run; a section left out with `--only` stays empty.
@@ -19,8 +20,9 @@ pub struct Results {
     pub gc: Vec<GcCost>,
     pub connections: Vec<ConnectionResult>,
     pub programming: Vec<ProgrammingResult>,
-    pub change: Option<ChangeResult>,
-    pub memory: Option<MemoryResult>,
+    pub change: Vec<ChangeResult>,
+    pub memory: Vec<MemoryResult>,
+    pub soak: Option<SoakResult>,
 }
 
 /// A markdown table: readable in a terminal, rendered in the docs.
@@ -141,6 +143,7 @@ pub fn connections_table(results: &[ConnectionResult]) -> Table {
         "rate ÷ direct",
         "ebpf-proxy's rate ÷ this",
         "failed",
+        "daemon CPU per run (s)",
     ]);
     for result in results {
         let direct = direct_at(results, result.services);
@@ -159,6 +162,9 @@ pub fn connections_table(results: &[ConnectionResult]) -> Table {
             cell(direct, |this, direct| this / direct),
             cell(ours, |this, ours| ours / this),
             format!("{} of {}", result.failed, result.failed + result.completed),
+            result
+                .daemon_cpu_seconds
+                .map_or_else(String::new, |seconds| seconds.display(3)),
         ]);
     }
     table
@@ -169,26 +175,29 @@ fn times_ours(timing: &Timing, ours: &Summary) -> String {
     match timing {
         Timing::Seconds(seconds) => format!("{:.0}×", seconds.median / ours.median),
         Timing::StoppedAfter(after) => format!("> {:.0}×", after.as_secs_f64() / ours.median),
+        Timing::NotMeasured => String::new(),
     }
 }
 
 pub fn programming_table(results: &[ProgrammingResult]) -> Table {
     let mut table = Table::new(&[
         "Services (× 10 endpoints)",
+        "ebpf-proxy: parse + plan + map writes (s)",
         "ebpf-proxy: plan + map writes (s)",
         "iptables-restore (s)",
         "nft -f (s)",
-        "iptables ÷ ebpf-proxy",
-        "nft ÷ ebpf-proxy",
+        "iptables ÷ ebpf-proxy (with parsing)",
+        "nft ÷ ebpf-proxy (with parsing)",
     ]);
     for result in results {
         table.rows.push(vec![
             result.services.to_string(),
+            result.ours_with_parsing.display(3),
             result.ours.display(3),
             result.iptables.to_string(),
             result.nftables.to_string(),
-            times_ours(&result.iptables, &result.ours),
-            times_ours(&result.nftables, &result.ours),
+            times_ours(&result.iptables, &result.ours_with_parsing),
+            times_ours(&result.nftables, &result.ours_with_parsing),
         ]);
     }
     table
@@ -206,23 +215,27 @@ pub fn change_in_process_table(results: &[ProgrammingResult]) -> Table {
     table
 }
 
-pub fn change_daemon_table(result: &ChangeResult) -> Table {
+pub fn change_daemon_table(results: &[ChangeResult]) -> Table {
     let mut table = Table::new(&[
         "background Services",
+        "source",
         "changes",
         "to the maps p50 (ms)",
         "to the maps p99 (ms)",
         "to traffic p50 (ms)",
         "to traffic p99 (ms)",
     ]);
-    table.rows.push(vec![
-        result.background_services.to_string(),
-        result.changes.to_string(),
-        format!("{:.1}", result.to_maps_p50_ms),
-        format!("{:.1}", result.to_maps_p99_ms),
-        format!("{:.1}", result.to_traffic_p50_ms),
-        format!("{:.1}", result.to_traffic_p99_ms),
-    ]);
+    for result in results {
+        table.rows.push(vec![
+            result.background_services.to_string(),
+            result.source.to_owned(),
+            result.changes.to_string(),
+            format!("{:.1}", result.to_maps_p50_ms),
+            format!("{:.1}", result.to_maps_p99_ms),
+            format!("{:.1}", result.to_traffic_p50_ms),
+            format!("{:.1}", result.to_traffic_p99_ms),
+        ]);
+    }
     table
 }
 
@@ -230,21 +243,33 @@ fn mib(kib: u64) -> String {
     format!("{:.1}", kib as f64 / 1024.0)
 }
 
-pub fn memory_table(result: &MemoryResult) -> Table {
+pub fn memory_table(results: &[MemoryResult]) -> Table {
     let mut table = Table::new(&[
         "Services",
         "endpoints",
-        "daemon RSS (MiB)",
-        "peak RSS (MiB)",
+        "daemon RSS after the first sync (MiB)",
+        "peak RSS during the first load (MiB)",
+        "RSS after the file is removed (MiB)",
         "kernel: the maps' memlock (MiB)",
     ]);
-    table.rows.push(vec![
-        result.services.to_string(),
-        result.endpoints.to_string(),
-        mib(result.rss_kib),
-        mib(result.peak_rss_kib),
-        mib(result.kernel_maps_kib),
-    ]);
+    for result in results {
+        table.rows.push(vec![
+            result.services.to_string(),
+            result.endpoints.to_string(),
+            mib(result.rss_kib),
+            mib(result.peak_rss_kib),
+            mib(result.rss_after_removal_kib),
+            mib(result.kernel_maps_kib),
+        ]);
+    }
+    table
+}
+
+pub fn soak_table(result: &SoakResult) -> Table {
+    let mut table = Table::new(&["changes", "daemon RSS (MiB)"]);
+    for (changes, rss_kib) in &result.samples {
+        table.rows.push(vec![changes.to_string(), mib(*rss_kib)]);
+    }
     table
 }
 
@@ -335,54 +360,84 @@ fn verdicts(results: &Results) -> Vec<Verdict> {
             });
         }
     }
-    if let Some(result) = results
-        .programming
-        .iter()
-        .find(|result| result.services == 10_000)
-        .or(results.programming.last())
-    {
+    for result in &results.programming {
+        // Issue 9's targets: 10k × 10 in 0.5 s, 100k × 10 in 5 s, parsing included.
+        let budget = 0.5 * result.services as f64 / 10_000.0;
+        if result.services >= 10_000 {
+            verdicts.push(Verdict {
+                target: format!(
+                    "{} Services × 10 programmed from scratch, parsing included, in ≤ {budget} s",
+                    result.services
+                ),
+                measured: format!("{:.3} s", result.ours_with_parsing.median),
+                met: result.ours_with_parsing.median <= budget,
+            });
+        }
+        if let Timing::Seconds(seconds) = result.iptables
+            && result.services >= 10_000
+        {
+            let speedup = seconds.median / result.ours_with_parsing.median;
+            verdicts.push(Verdict {
+                target: format!(
+                    "{} Services ≥ 20× faster than iptables-restore (parsing included)",
+                    result.services
+                ),
+                measured: format!("{speedup:.0}×"),
+                met: speedup >= 20.0,
+            });
+        }
+    }
+    if let (Some(first), Some(last)) = (results.programming.first(), results.programming.last()) {
         verdicts.push(Verdict {
-            target: format!("{} Services programmed in ≤ 1 s", result.services),
-            measured: format!("{:.3} s", result.ours.median),
-            met: result.ours.median <= 1.0,
+            target: format!(
+                "one changed Service applied in process ≤ 1 ms p99 at {} Services (flat in N: {:.2} ms at {})",
+                last.services, first.change_p99_ms, first.services
+            ),
+            measured: format!("{:.2} ms", last.change_p99_ms),
+            met: last.change_p99_ms <= 1.0,
         });
-        let (measured, met) = match result.iptables {
-            Timing::Seconds(seconds) => {
-                let speedup = seconds.median / result.ours.median;
-                (format!("{speedup:.0}×"), speedup >= 20.0)
-            }
-            Timing::StoppedAfter(after) => {
-                let speedup = after.as_secs_f64() / result.ours.median;
-                (format!("> {speedup:.0}×"), speedup >= 20.0)
-            }
+    }
+    for change in &results.change {
+        // Issue 9: 10 ms p99 at 10k background Services, 20 ms at 100k.
+        let target_ms = if change.background_services > 10_000 {
+            20.0
+        } else {
+            10.0
         };
         verdicts.push(Verdict {
             target: format!(
-                "{} Services ≥ 20× faster than iptables-restore",
-                result.services
-            ),
-            measured,
-            met,
-        });
-    }
-    if let Some(change) = &results.change {
-        verdicts.push(Verdict {
-            target: format!(
-                "one endpoint change ≤ 10 ms p99 (daemon, manifest → traffic, {} Services)",
-                change.background_services + 1
+                "one endpoint change ≤ {target_ms} ms p99 (daemon, {} → traffic, {} background Services)",
+                change.source, change.background_services
             ),
             measured: format!("{:.1} ms", change.to_traffic_p99_ms),
-            met: change.to_traffic_p99_ms <= 10.0,
+            met: change.to_traffic_p99_ms <= target_ms,
         });
     }
-    if let Some(memory) = &results.memory {
+    if let Some(memory) = results.memory.first() {
         verdicts.push(Verdict {
             target: format!(
-                "daemon RSS ≤ 64 MiB at {} Services / {} endpoints",
+                "daemon RSS after the first sync ≤ 64 MiB at {} Services / {} endpoints",
                 memory.services, memory.endpoints
             ),
-            measured: format!("{} MiB", mib(memory.rss_kib)),
+            measured: format!(
+                "{} MiB (peak {})",
+                mib(memory.rss_kib),
+                mib(memory.peak_rss_kib)
+            ),
             met: memory.rss_kib <= 64 * 1024,
+        });
+    }
+    if let Some(soak) = &results.soak
+        && let (Some(warm), Some(last)) = (soak.samples.get(1), soak.samples.last())
+    {
+        let growth = last.1 as f64 / warm.1 as f64;
+        verdicts.push(Verdict {
+            target: format!(
+                "RSS flat under changes: after {} changes ≤ 1.05× after {}",
+                last.0, warm.0
+            ),
+            measured: ratio(growth),
+            met: growth <= 1.05,
         });
     }
     verdicts
@@ -510,7 +565,10 @@ pub fn document(results: &Results, context: &DocumentContext) -> String {
              to 10 pods: to a ClusterIP handled by the real daemon (ebpf-proxy), by \
              kube-proxy-shaped iptables rules (`iptables-restore`), by kube-proxy-shaped \
              nftables rules (`nft -f`), and straight to the pod IPs with no proxy (the floor). \
-             Every variant gets a fresh lab. Each connection goes to a random Service (so the \
+             Every variant gets a lab of its own; the four stand side by side and take turns run \
+             by run, so a noisy spell of the shared machine hits them alike. The last column is \
+             the daemon's CPU time (user + system) during each measured run. Each connection \
+             goes to a random Service (so the \
              iptables walk averages half of KUBE-SERVICES), sends one line, reads the pod's \
              reply and ends with a reset. Connect latency is the time `connect()` took; \
              p50/p99 are per run, summarized over the runs. Client, kernel path, pods and \
@@ -525,45 +583,60 @@ pub fn document(results: &Results, context: &DocumentContext) -> String {
         let _ = write!(
             doc,
             "\n## 3. Programming\n\n\
-             From scratch, N Services × 10 distinct endpoints. ebpf-proxy: the planner over the \
-             Services and EndpointSlices plus the map writer into freshly loaded maps (what the \
-             daemon's first sync does, without parsing manifests). iptables and nftables: \
-             loading kube-proxy's rules with `iptables-restore` and `nft -f` into a fresh \
-             namespace (generating the text is not timed). A load that runs past the time \
-             limit is stopped; its cell gives a lower bound.\n\n{}\n\
+             From scratch, N Services × 10 distinct endpoints. ebpf-proxy: its manifests source \
+             parses one file of N Services and their EndpointSlices (YAML, as `kubectl get -o \
+             yaml` would write them), then the planner plans every Service and the map writer \
+             fills freshly loaded maps: the daemon's first sync (the second column leaves the \
+             parsing out). iptables and nftables: loading kube-proxy's rules with \
+             `iptables-restore` and `nft -f` into a fresh namespace (generating the text is not \
+             timed; they parse it). A load that runs past the time limit is stopped; its cell \
+             gives a lower bound.\n\n{}\n\
              ### One endpoint change\n\n\
              In process: an EndpointSlice event (one endpoint of a random Service replaced), \
-             then what the daemon's sync does — plan everything, write the difference into the \
-             maps. Planning and diffing every Service on every change makes this grow with \
-             N.\n\n{}",
+             then what the daemon's partial sync does: the model marks that Service dirty, the \
+             planner re-plans it alone and hands the writer the frontend whose plan changed, \
+             which writes that frontend's entries and its one new backend. Nothing grows with \
+             N but the maps' own lookups.\n\n{}",
             programming_table(&results.programming).markdown(),
             change_in_process_table(&results.programming).markdown()
         );
     }
-    if let Some(change) = &results.change {
+    if !results.change.is_empty() {
         let _ = write!(
             doc,
             "\nThrough the real daemon, confirmed by traffic: a probe Service with one \
-             endpoint, among the background Services, is switched between two pods by \
-             rewriting its manifest (atomic rename). The clock runs from the rename until the \
-             pinned maps name the new pod, and until a new connection from the client namespace \
-             is answered by it. The daemon runs with `{}`: it polls the manifests directory \
-             every 10 ms and syncs at once; on a change it re-reads every manifest before it \
-             plans.\n\n{}",
+             endpoint, among the background Services (in a file of their own), is switched \
+             between two pods by rewriting its manifest (atomic rename). The clock runs from the \
+             rename until the pinned maps name the new pod, and until a new connection from the \
+             client namespace is answered by it. The daemon runs with `{}`: it learns of the \
+             change from inotify, reads and parses only the probe's file off its event loop, \
+             re-plans the probe alone and writes its frontend.\n\n{}",
             DAEMON_FLAGS.join(" "),
-            change_daemon_table(change).markdown()
+            change_daemon_table(&results.change).markdown()
         );
     }
-    if let Some(memory) = &results.memory {
+    if !results.memory.is_empty() {
         let _ = write!(
             doc,
             "\n## 4. Memory\n\n\
              The daemon's VmRSS (/proc/<pid>/status) two seconds after its first sync of N \
-             Services with distinct endpoints from one manifests file, its peak (VmHWM, reached \
-             while parsing), and for completeness the kernel memory of the maps it holds \
-             (`memlock` in /proc/<pid>/fdinfo, at the default map sizes), which RSS does not \
-             count.\n\n{}",
-            memory_table(memory).markdown()
+             Services with distinct endpoints from one manifests file, its peak (VmHWM) during \
+             that first load, its VmRSS once the file is removed again (the memory comes back), \
+             and for completeness the kernel memory of the maps it holds (`memlock` in \
+             /proc/<pid>/fdinfo, map sizes raised to fit), which RSS does not count.\n\n{}",
+            memory_table(&results.memory).markdown()
+        );
+    }
+    if let Some(soak) = &results.soak {
+        let _ = write!(
+            doc,
+            "\nUnder a stream of changes: {} changes among {} background Services, each \
+             rewriting a probe Service and a file of ten churning Services (200 names come and \
+             go), the daemon's VmRSS every {} changes once the change is in the maps.\n\n{}",
+            soak.changes,
+            soak.background_services,
+            soak.sample_every,
+            soak_table(soak).markdown()
         );
     }
     doc

@@ -1,10 +1,16 @@
 //! The daemon: keeps the datapath equal to the source's Services and the node's interfaces.
 //!
-//! One task, one loop: every input (source change, netlink event, timers, signals)
-//! leads to the same idempotent steps — reconcile devices, plan, apply the diff — so the
-//! order of events never matters and a periodic resync repairs anything missed. Source
-//! changes are coalesced (kube-proxy's minSyncPeriod): the first one after a sync opens a
-//! short window, and one sync covers everything that arrived in it.
+//! One task, one loop: every input (source change, netlink event, timers, signals) leads to
+//! the same idempotent steps, so the order of events never matters. A change travels
+//! sources → model (records; the Services it touched marked dirty) → planner (re-plans the
+//! dirty Services only; emits the frontends whose plan changed) → writer (writes those
+//! frontends, backends reference-counted). A full sync — every Service planned, the maps
+//! re-read and their whole difference written — runs at start-up, at the periodic resync
+//! (repairs drift), when the node's addresses or labels change, and after a write failed:
+//! kube-proxy's `needFullSync`. Syncs follow kube-proxy's `BoundedFrequencyRunner`: at once
+//! after a quiet spell, never more often than `--min-sync-period`, and under a steady
+//! stream of changes still at least once every period; the loop looks at the sync first,
+//! so no stream of events can hold it off.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -15,7 +21,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::time::Interval;
 use tracing::{debug, error, info, warn};
 
 use proxy_common::CtTimeouts;
@@ -24,14 +29,14 @@ use crate::conntrack::gc::{Collector, Reaper};
 use crate::datapath::{Datapath, MapSizes};
 use crate::health::Health;
 use crate::metrics::{MapLabel, Metrics};
-use crate::model::Model;
+use crate::model::{Model, ModelChanges, Problem};
 use crate::netlink::{self, Device, DevicePolicy, Netlink};
 use crate::node_port_addresses::NodePortAddresses;
-use crate::plan::{self, NodeFacts};
+use crate::plan::{NodeFacts, Planner};
 use crate::service_health::ServiceHealthServers;
 use crate::source::kubernetes::{ApiServer, KubernetesSource};
-use crate::source::manifests::ManifestSource;
-use crate::writer::MapWriter;
+use crate::source::manifests::{ManifestWatcher, ParseLimits};
+use crate::writer::{ApplyReport, MapWriter};
 
 /// Everything the daemon is told on the command line.
 #[derive(Clone, Debug)]
@@ -70,10 +75,14 @@ struct Daemon {
     netlink: Netlink,
     source: Source,
     model: Model,
-    sync_window: SyncWindow,
+    planner: Planner,
+    /// The next sync plans every Service and writes the maps' whole difference.
+    need_full_sync: bool,
+    /// The next sync re-reads the maps first (the periodic resync: repairs drift).
+    need_reread: bool,
+    runner: SyncRunner,
     node: NodeFacts,
     attached: BTreeSet<Device>,
-    reported_problems: Vec<String>,
     health: Arc<Health>,
     /// The healthCheckNodePort servers of Services with externalTrafficPolicy Local.
     service_health: ServiceHealthServers,
@@ -141,7 +150,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         nodeport_cidrs: config.nodeport_addresses.ipv4_cidrs(None),
     };
     let mut daemon = Daemon {
-        sync_window: SyncWindow::new(config.min_sync_period),
+        runner: SyncRunner::new(config.min_sync_period),
         config,
         datapath,
         writer,
@@ -149,9 +158,11 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         netlink,
         source,
         model: Model::default(),
+        planner: Planner::default(),
+        need_full_sync: true,
+        need_reread: false,
         node,
         attached: BTreeSet::new(),
-        reported_problems: Vec::new(),
         service_health: ServiceHealthServers::new(health.clone()),
         health,
         metrics,
@@ -173,16 +184,22 @@ impl Daemon {
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut resync = tokio::time::interval(self.config.resync_interval);
+        // The first tick is immediate; start-up syncs once the source has listed everything.
+        resync.tick().await;
         loop {
-            let sync_due = self.sync_window.due();
+            let sync_due = self.runner.due();
             tokio::select! {
+                // First: a due sync runs before any further event is taken in.
+                biased;
+                () = until(sync_due) => self.sync(),
                 _ = sigterm.recv() => break,
                 _ = sigint.recv() => break,
                 Some(()) = self.netlink.events.recv() => {
                     // A burst of events (a pod starting) needs one reconcile, not one each.
                     while self.netlink.events.try_recv().is_ok() {}
                     if self.reconcile_devices().await {
-                        self.sync();
+                        self.need_full_sync = true;
+                        self.runner.request(tokio::time::Instant::now());
                     }
                 }
                 () = self.source.changed(&mut self.model) => {
@@ -195,15 +212,13 @@ impl Daemon {
                         self.health.queued_update(now);
                         self.first_pending_change.get_or_insert(now);
                     }
-                    self.sync_window.note_change(tokio::time::Instant::now());
+                    self.runner.request(tokio::time::Instant::now());
                 }
-                () = until(sync_due) => self.sync(),
                 _ = resync.tick() => {
-                    if let Err(error) = self.writer.reread() {
-                        warn!(%error, "re-reading the maps for resync failed");
-                    }
                     self.reconcile_devices().await;
-                    self.sync();
+                    self.need_full_sync = true;
+                    self.need_reread = true;
+                    self.runner.request(tokio::time::Instant::now());
                 }
             }
         }
@@ -256,20 +271,34 @@ impl Daemon {
     }
 
     fn sync(&mut self) {
-        self.sync_window.clear();
+        self.runner.ran(tokio::time::Instant::now());
         if !self.source.has_synced() {
             debug!("sync deferred: the source has not listed everything yet");
             return;
         }
         let started = Instant::now();
-        let planned = plan::plan(&self.model, &self.node);
-        if planned.problems != self.reported_problems {
-            for problem in &planned.problems {
-                warn!(problem = %problem, "service not fully programmed");
-            }
-            self.reported_problems = planned.problems.clone();
+        let changes = self.model.take_changes();
+        self.report_rejected(&changes.rejected);
+        let node_changed = self.planner.set_node(&self.node, &self.model);
+        let full = self.need_full_sync || node_changed;
+        let delta = if full {
+            let all = self.model.services().map(|(key, _)| key.clone());
+            self.planner.update(&self.model, all)
+        } else {
+            self.planner
+                .update(&self.model, changes.dirty_services.iter().cloned())
+        };
+        self.report_problems(&delta.new_problems);
+        if self.need_reread
+            && let Err(error) = self.writer.reread()
+        {
+            warn!(%error, "re-reading the maps for resync failed");
         }
-        let report = self.writer.apply(&planned.desired);
+        let report = if full {
+            self.writer.apply(self.planner.desired())
+        } else {
+            self.writer.apply_delta(&delta.frontends)
+        };
         if report.map_full > 0 {
             error!(
                 refused = report.map_full,
@@ -281,17 +310,53 @@ impl Daemon {
         for failure in &report.failures {
             error!(%failure, "map write failed; retried on the next sync");
         }
-        self.record_sync(&report, started);
+        // A refused write is retried by a full sync: the next one writes what is missing.
+        self.need_full_sync = !report.complete();
+        self.need_reread = false;
+        self.record_sync(&report, changes, started);
         let addresses = self.node.health_check_addresses();
-        self.service_health.sync(&planned.health_checks, &addresses);
+        self.service_health
+            .sync(self.planner.health_checks(), &addresses);
+        let (_, backends) = self.writer.fill();
         info!(
-            frontends = report.frontends,
-            backends = report.backends,
+            frontends = self.planner.desired().frontends.len(),
+            backends,
             writes = report.ops,
+            changed = delta.frontends.len(),
+            full,
             elapsed_us = started.elapsed().as_micros() as u64,
             "sync complete"
         );
+        if full || delta.services_planned > RETURN_MEMORY_AFTER {
+            return_freed_memory();
+        }
     }
+
+    /// Logs and counts the objects the source refused.
+    fn report_rejected(&self, rejected: &[Problem]) {
+        for problem in rejected {
+            warn!(kind = problem.kind.as_str(), reason = problem.reason, problem = %problem, "skipped");
+            self.metrics.count_rejected(problem);
+        }
+    }
+
+    /// Logs and counts the problems the planner found that were not there before.
+    fn report_problems(&self, problems: &[Problem]) {
+        for problem in problems {
+            warn!(reason = problem.reason, problem = %problem, "service not fully programmed");
+            self.metrics.count_rejected(problem);
+        }
+    }
+}
+
+/// A sync that planned more Services than this hands freed memory back to the system.
+const RETURN_MEMORY_AFTER: usize = 1_000;
+
+/// Returns freed heap pages to the system. After a big load (a large file parsed, a relist)
+/// the allocator keeps the freed memory in its arenas, where RSS still counts it.
+fn return_freed_memory() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe { libc::malloc_trim(0) };
 }
 
 impl Daemon {
@@ -330,9 +395,8 @@ impl Daemon {
 
     /// Health and metrics after a sync. A sync with refused writes leaves the update
     /// pending, so a datapath that stays behind turns the daemon unhealthy.
-    fn record_sync(&mut self, report: &crate::writer::ApplyReport, started: Instant) {
+    fn record_sync(&mut self, report: &ApplyReport, changes: ModelChanges, started: Instant) {
         let now = SystemTime::now();
-        let changes = self.model.take_changes();
         self.pending_trigger_times.extend(changes.trigger_times);
         self.metrics.service_changes.inc_by(changes.services);
         self.metrics
@@ -349,7 +413,7 @@ impl Daemon {
                 .get_or_create(&MapLabel { map })
                 .set(entries as i64);
         }
-        if report.map_full > 0 || !report.failures.is_empty() {
+        if !report.complete() {
             return;
         }
         // Programming latency from the EndpointSlice controller's trigger time when the
@@ -397,10 +461,12 @@ async fn serve(what: &str, address: SocketAddr, router: axum::Router) -> Result<
 /// Where Services and EndpointSlices come from.
 #[derive(Clone, Debug)]
 pub enum SourceConfig {
-    /// Standalone: a directory of manifests, checked for changes every `poll_interval`.
+    /// Standalone: a directory of manifests, followed with inotify and checked every
+    /// `poll_interval`.
     Manifests {
         dir: PathBuf,
         poll_interval: Duration,
+        limits: ParseLimits,
     },
     /// A cluster: the API server, watched.
     Kubernetes(ApiServer),
@@ -417,22 +483,22 @@ impl fmt::Display for SourceConfig {
 
 /// A running source: the event loop waits on it like on any other input.
 enum Source {
-    Manifests(PolledManifests),
+    Manifests(Box<ManifestWatcher>),
     Kubernetes(KubernetesSource),
 }
 
 impl Source {
     async fn start(config: &SourceConfig, node_name: &str) -> Result<Self> {
         Ok(match config {
-            SourceConfig::Manifests { dir, poll_interval } => {
-                Source::Manifests(PolledManifests {
-                    source: ManifestSource::new(dir),
-                    dir: dir.clone(),
-                    // The first tick is immediate: the initial load.
-                    poll: tokio::time::interval(*poll_interval),
-                    fingerprint: None,
-                })
-            }
+            SourceConfig::Manifests {
+                dir,
+                poll_interval,
+                limits,
+            } => Source::Manifests(Box::new(ManifestWatcher::new(
+                dir.clone(),
+                *limits,
+                *poll_interval,
+            ))),
             SourceConfig::Kubernetes(api_server) => {
                 let client = api_server.client().await?;
                 Source::Kubernetes(KubernetesSource::new(client, node_name))
@@ -444,7 +510,7 @@ impl Source {
     /// the frontends that a restarted daemon found pinned.
     fn has_synced(&self) -> bool {
         match self {
-            Source::Manifests(manifests) => manifests.fingerprint.is_some(),
+            Source::Manifests(manifests) => manifests.has_synced(),
             Source::Kubernetes(kubernetes) => kubernetes.has_synced(),
         }
     }
@@ -458,71 +524,41 @@ impl Source {
     }
 }
 
-/// The manifests directory and the poll that notices its changes.
-struct PolledManifests {
-    source: ManifestSource,
-    dir: PathBuf,
-    poll: Interval,
-    /// The fingerprint of the last reload (`Some(Err)` if the directory was unreadable);
-    /// `None` before the first.
-    fingerprint: Option<std::io::Result<u64>>,
-}
-
-impl PolledManifests {
-    async fn changed(&mut self, model: &mut Model) {
-        loop {
-            self.poll.tick().await;
-            let now = self.source.fingerprint();
-            let unchanged = match (&self.fingerprint, &now) {
-                (Some(Ok(before)), Ok(now)) => before == now,
-                (Some(Err(before)), Err(now)) => before.kind() == now.kind(),
-                _ => false,
-            };
-            if unchanged {
-                continue;
-            }
-            self.fingerprint = Some(now);
-            match self.source.reload() {
-                Ok(reload) => {
-                    model.replace_with(reload.model);
-                    for problem in &reload.problems {
-                        warn!(%problem, "manifest skipped");
-                    }
-                }
-                Err(error) => error!(
-                    dir = %self.dir.display(),
-                    %error,
-                    "reading the manifests directory failed; keeping the last good state"
-                ),
-            }
-            return;
-        }
-    }
-}
-
-/// kube-proxy's minSyncPeriod: the first change after a sync makes one due a period later;
-/// changes until then ride along, so a burst costs one sync and none waits longer.
+/// kube-proxy's `BoundedFrequencyRunner`: a requested sync runs at once when the last one
+/// is at least `min_interval` old, else when it gets that old. Requests until then ride
+/// along, so a burst costs one sync, syncs never come closer than `min_interval`, and a
+/// steady stream of changes still gets one every `min_interval`: a request never pushes a
+/// due sync back.
 #[derive(Debug)]
-struct SyncWindow {
-    period: Duration,
+struct SyncRunner {
+    min_interval: Duration,
+    last_run: Option<tokio::time::Instant>,
     due: Option<tokio::time::Instant>,
 }
 
-impl SyncWindow {
-    fn new(period: Duration) -> Self {
-        SyncWindow { period, due: None }
+impl SyncRunner {
+    fn new(min_interval: Duration) -> Self {
+        SyncRunner {
+            min_interval,
+            last_run: None,
+            due: None,
+        }
     }
 
-    fn note_change(&mut self, now: tokio::time::Instant) {
-        self.due.get_or_insert(now + self.period);
+    fn request(&mut self, now: tokio::time::Instant) {
+        let earliest = self
+            .last_run
+            .map_or(now, |last| (last + self.min_interval).max(now));
+        self.due.get_or_insert(earliest);
     }
 
     fn due(&self) -> Option<tokio::time::Instant> {
         self.due
     }
 
-    /// A sync ran: it covered every change so far.
-    fn clear(&mut self) {
+    /// A sync ran: it covered every request so far.
+    fn ran(&mut self, now: tokio::time::Instant) {
+        self.last_run = Some(now);
         self.due = None;
     }
 }
@@ -540,21 +576,63 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_burst_of_changes_makes_one_sync_due_a_period_after_the_first() {
+    fn a_sync_runs_at_once_after_a_quiet_spell_and_bursts_ride_along() {
         let start = tokio::time::Instant::now();
         let period = Duration::from_millis(100);
-        let mut window = SyncWindow::new(period);
-        assert_eq!(window.due(), None);
-        for offset_ms in [0, 40, 99] {
-            window.note_change(start + Duration::from_millis(offset_ms));
-        }
-        assert_eq!(window.due(), Some(start + period));
+        let mut runner = SyncRunner::new(period);
+        assert_eq!(runner.due(), None);
+        runner.request(start);
+        assert_eq!(runner.due(), Some(start), "the first change syncs at once");
+        runner.ran(start);
 
-        window.clear();
-        assert_eq!(window.due(), None);
-        let later = start + Duration::from_millis(150);
-        window.note_change(later);
-        assert_eq!(window.due(), Some(later + period));
+        // Changes within the period after a sync wait for it to pass, all in one sync.
+        for offset_ms in [10, 40, 99] {
+            runner.request(start + Duration::from_millis(offset_ms));
+        }
+        assert_eq!(runner.due(), Some(start + period));
+        runner.ran(start + period);
+        assert_eq!(runner.due(), None);
+
+        // After a quiet spell: at once again.
+        let later = start + Duration::from_millis(500);
+        runner.request(later);
+        assert_eq!(runner.due(), Some(later));
+    }
+
+    /// kube-proxy's guarantee (issue: a change every 0.4 s held off every sync for 19 s):
+    /// changes streaming faster than syncs take never hold a sync off; the gap between two
+    /// syncs stays within the period plus one sync and one event.
+    #[test]
+    fn a_steady_stream_of_changes_still_syncs_every_period() {
+        let start = tokio::time::Instant::now();
+        let period = Duration::from_millis(100);
+        let change_every = Duration::from_millis(7);
+        let sync_takes = Duration::from_millis(30);
+        let mut runner = SyncRunner::new(period);
+        let mut now = start;
+        let mut syncs = Vec::new();
+        // The daemon's loop, on a virtual clock: a due sync first, else the next change.
+        while now < start + Duration::from_secs(5) {
+            match runner.due() {
+                Some(due) if due <= now => {
+                    runner.ran(now);
+                    syncs.push(now);
+                    now += sync_takes;
+                }
+                _ => {
+                    now += change_every;
+                    runner.request(now);
+                }
+            }
+        }
+        let gaps: Vec<Duration> = syncs.windows(2).map(|pair| pair[1] - pair[0]).collect();
+        let longest = gaps.iter().max().copied().unwrap_or_default();
+        assert!(
+            longest <= period + sync_takes + change_every,
+            "a sync waited {longest:?} ({} syncs)",
+            syncs.len()
+        );
+        assert!(syncs.len() >= 40, "{} syncs in 5 s", syncs.len());
     }
 
     /// A manifests directory removed when the test ends (also on panic).
@@ -583,6 +661,7 @@ mod tests {
         let config = SourceConfig::Manifests {
             dir: dir.0.clone(),
             poll_interval: Duration::from_millis(10),
+            limits: ParseLimits::default(),
         };
         let mut source = Source::start(&config, "node-a").await.unwrap();
         let mut model = Model::default();

@@ -1,9 +1,11 @@
 //! ebpf-proxy userspace: the daemon that keeps the eBPF maps equal to the cluster's
 //! Services and EndpointSlices, and the node-admin CLI that reads them.
 //!
-//! Control path, one module a stage:
-//! [`source`] (manifests directory or API server watchers) → [`model`] → [`plan`] (pure) →
-//! [`writer`] (diff and map writes, the only code that touches the maps). [`datapath`] loads,
+//! Control path, one module a stage, each change carried as far as it reaches:
+//! [`source`] (manifests directory or API server watchers: per-object changes) → [`model`]
+//! (compact records; marks the touched Services dirty) → [`plan`] (pure; re-plans the dirty
+//! Services, emits the frontends whose plan changed) → [`writer`] (writes those frontends,
+//! backends reference-counted; the only code that touches the maps). [`datapath`] loads,
 //! pins and attaches the kernel programs; [`netlink`] reads node addresses and follows pod
 //! interfaces; [`health`] and [`service_health`] answer probes (the proxy's and each
 //! externalTrafficPolicy=Local Service's healthCheckNodePort); [`conntrack`] sweeps idle flows; [`daemon`] wires it all together. [`inspect`]

@@ -15,6 +15,7 @@ use proxy_userspace::inspect;
 use proxy_userspace::netlink::DevicePolicy;
 use proxy_userspace::node_port_addresses::NodePortAddresses;
 use proxy_userspace::source::kubernetes::ApiServer;
+use proxy_userspace::source::manifests::ParseLimits;
 
 /// A kube-proxy replacement whose datapath runs in the kernel as eBPF.
 #[derive(Parser)]
@@ -128,9 +129,20 @@ struct DaemonArgs {
     /// find (1 s to 5 min).
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     conntrack_gc_interval: Duration,
-    /// How often the manifests directory is checked for changes, in milliseconds.
+    /// How often the manifests directory is checked for changes, in milliseconds (inotify
+    /// reports most changes at once; the poll catches the rest).
     #[arg(long, default_value_t = 250)]
     manifests_poll_ms: u64,
+    /// A manifest file larger than this is refused unread (bytes).
+    #[arg(long, default_value_t = ParseLimits::default().max_file_bytes)]
+    manifests_max_file_bytes: u64,
+    /// The deepest nesting of mappings and sequences a manifest document may have.
+    #[arg(long, default_value_t = ParseLimits::default().max_depth)]
+    manifests_max_depth: usize,
+    /// How many parser events YAML aliases (`*name`) may replay in one document: what an
+    /// anchor may expand to.
+    #[arg(long, default_value_t = ParseLimits::default().max_alias_expansion)]
+    manifests_max_alias_expansion: usize,
     /// How often the maps are re-read and fully re-applied, in seconds.
     #[arg(long, default_value_t = 60)]
     resync_seconds: u64,
@@ -197,6 +209,11 @@ impl DaemonArgs {
             (Some(dir), _) => SourceConfig::Manifests {
                 dir,
                 poll_interval: Duration::from_millis(self.manifests_poll_ms.max(10)),
+                limits: ParseLimits {
+                    max_file_bytes: self.manifests_max_file_bytes,
+                    max_depth: self.manifests_max_depth,
+                    max_alias_expansion: self.manifests_max_alias_expansion,
+                },
             },
             (None, Some(kubeconfig)) => SourceConfig::Kubernetes(ApiServer::Kubeconfig(kubeconfig)),
             (None, None) if in_cluster => SourceConfig::Kubernetes(ApiServer::InCluster),

@@ -26,6 +26,13 @@ pub struct MapLabel {
     pub map: &'static str,
 }
 
+/// `ebpf_proxy_objects_rejected_total`'s labels: what was skipped, and why.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectedLabel {
+    pub kind: &'static str,
+    pub reason: &'static str,
+}
+
 /// The daemon's handles to its metrics; cheap to clone, all clones share values.
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -46,6 +53,8 @@ pub struct Metrics {
     pub conntrack_gc_duration: Histogram,
     /// The sweep interval chosen after the latest sweep.
     pub conntrack_gc_interval: Gauge<f64, AtomicU64>,
+    /// Objects and fields skipped (invalid, unsupported, in conflict, over a limit).
+    pub objects_rejected: Family<RejectedLabel, Counter>,
 }
 
 impl Metrics {
@@ -72,6 +81,7 @@ impl Metrics {
             // 100 µs … ~13 s.
             conntrack_gc_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             conntrack_gc_interval: Gauge::default(),
+            objects_rejected: Family::default(),
         };
         let mut registry = Registry::default();
         registry.register(
@@ -129,10 +139,26 @@ impl Metrics {
             "The garbage collector's current interval between sweeps",
             metrics.conntrack_gc_interval.clone(),
         );
+        registry.register(
+            "ebpf_proxy_objects_rejected",
+            "Objects and fields skipped, each logged with its name and reason",
+            metrics.objects_rejected.clone(),
+        );
         if let Some(stats) = stats {
             registry.register_collector(Box::new(DatapathCounters { stats }));
         }
         (metrics, Arc::new(registry))
+    }
+}
+
+impl Metrics {
+    /// Counts one skipped object or field.
+    pub fn count_rejected(&self, problem: &crate::model::Problem) {
+        let label = RejectedLabel {
+            kind: problem.kind.as_str(),
+            reason: problem.reason,
+        };
+        self.objects_rejected.get_or_create(&label).inc();
     }
 }
 
@@ -205,6 +231,11 @@ mod tests {
     fn exposition_uses_kube_proxy_names() {
         let (metrics, registry) = Metrics::new(None);
         metrics.endpoint_changes.inc_by(3);
+        metrics.count_rejected(&crate::model::Problem::new(
+            crate::model::ProblemKind::Service,
+            "frontend_conflict",
+            "default/b:http: 198.19.0.10:80/tcp (ClusterIp) is already taken".to_owned(),
+        ));
         metrics.sync_duration.observe(0.002);
         metrics
             .map_max_entries
@@ -219,6 +250,7 @@ mod tests {
             "kubeproxy_network_programming_duration_seconds_count 0",
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
             "ebpf_proxy_map_max_entries{map=\"SERVICES\"} 1024",
+            "ebpf_proxy_objects_rejected_total{kind=\"Service\",reason=\"frontend_conflict\"} 1",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
         }

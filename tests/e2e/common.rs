@@ -38,10 +38,18 @@ pub fn echo_service() -> Service {
 
 /// Starts the daemon with `echo` over the three backends and waits for its first sync.
 pub fn daemon_with_echo(lab: &Lab) -> Result<Daemon<'_>> {
-    let daemon = lab
+    daemon_with_echo_and(lab, &[])
+}
+
+/// [`daemon_with_echo`] with extra command-line arguments.
+pub fn daemon_with_echo_and<'lab>(lab: &'lab Lab, args: &[&str]) -> Result<Daemon<'lab>> {
+    let mut builder = lab
         .daemon()
-        .manifest(echo_service().manifest(backends(lab)))
-        .start()?;
+        .manifest(echo_service().manifest(backends(lab)));
+    for arg in args {
+        builder = builder.arg(*arg);
+    }
+    let daemon = builder.start()?;
     daemon.wait_synced(SYNC_TIMEOUT)?;
     Ok(daemon)
 }

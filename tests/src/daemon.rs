@@ -352,15 +352,22 @@ impl Daemon<'_> {
     /// [`Daemon::syncs`] returned: the sync after a change). Fails early, with the log, if
     /// the daemon exits or the timeout passes.
     pub fn wait_for_syncs(&self, count: usize, timeout: Duration) -> Result<()> {
+        self.wait_for_matching_syncs(count, "", timeout)
+    }
+
+    /// Waits until the daemon logs a `sync complete` line that contains `text` (e.g.
+    /// `frontends=0 `). Fails early, with the log, if the daemon exits or the timeout passes.
+    pub fn wait_for_sync_line(&self, text: &str, timeout: Duration) -> Result<()> {
+        self.wait_for_matching_syncs(1, text, timeout)
+    }
+
+    /// Waits until the daemon has logged `count` `sync complete` lines that contain `text`.
+    fn wait_for_matching_syncs(&self, count: usize, text: &str, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         let mut state = self.log.state.lock().expect("log lock");
         loop {
-            let syncs = state
-                .lines
-                .iter()
-                .filter(|line| line.contains(SYNC_MARKER))
-                .count();
-            if syncs >= count {
+            let synced = |line: &&String| line.contains(SYNC_MARKER) && line.contains(text);
+            if state.lines.iter().filter(synced).count() >= count {
                 return Ok(());
             }
             if state.open_streams == 0 {
@@ -376,7 +383,8 @@ impl Daemon<'_> {
             if now >= deadline {
                 drop(state);
                 bail!(
-                    "no `{SYNC_MARKER}` #{count} from ebpf-proxy within {timeout:?} in netns {}\n{}",
+                    "no `{SYNC_MARKER}` #{count} with {text:?} from ebpf-proxy within \
+                     {timeout:?} in netns {}\n{}",
                     self.node.name(),
                     self.log()
                 );

@@ -38,6 +38,10 @@ enum Task {
         /// figures mean nothing. Writes under the target directory, not docs/.
         #[arg(long)]
         quick: bool,
+        /// Run only these sections (packet, gc, connections, programming, change, memory,
+        /// soak); a partial run writes under the target directory, not docs/.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// setup, build, and run the long variants of lab tests: the API outage (each phase —
     /// down, stalled, 500, 503, garbage, blackhole — minutes instead of seconds), TCP
@@ -62,7 +66,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(),
         Task::Test => test(),
         Task::Demo => demo(),
-        Task::Bench { quick } => bench(quick),
+        Task::Bench { quick, only } => bench(quick, &only),
         Task::Soak {
             phase_seconds,
             churn_seconds,
@@ -109,7 +113,7 @@ fn test() -> Result<()> {
     run_step(tests)?;
     // The benchmarks' smoke check, no timing assertions. Debug builds: they reuse what the
     // tests built, and the figures of a quick run mean nothing anyway.
-    run_bench(&cargo, Profile::Debug, true)?;
+    run_bench(&cargo, Profile::Debug, true, &[])?;
     println!("\nxtask test: fmt, clippy, build, tests and the benchmarks' smoke run all passed");
     Ok(())
 }
@@ -157,22 +161,27 @@ fn soak(phase_seconds: u64, churn_seconds: u64, endpoint_changes: u64) -> Result
     Ok(())
 }
 
-fn bench(quick: bool) -> Result<()> {
+fn bench(quick: bool, only: &[String]) -> Result<()> {
     setup::run()?;
-    run_bench(&Cargo::new(workspace_root()), Profile::Release, quick)
+    run_bench(&Cargo::new(workspace_root()), Profile::Release, quick, only)
 }
 
 /// Builds the daemon and the benchmarks with `profile` and runs them. A full run writes
-/// docs/; a quick one writes next to the binary, so it never overwrites the published
-/// figures.
-fn run_bench(cargo: &Cargo, profile: Profile, quick: bool) -> Result<()> {
+/// docs/; a quick or partial one writes next to the binary, so it never overwrites the
+/// published figures.
+fn run_bench(cargo: &Cargo, profile: Profile, quick: bool, only: &[String]) -> Result<()> {
     let daemon = cargo.build_binary("proxy-userspace", "ebpf-proxy", profile)?;
     let bench = cargo.build_binary("proxy-bench", "proxy-bench", profile)?;
-    let out_dir = if quick {
+    let beside_binary = |name| {
         bench
             .parent()
             .expect("an executable lives in a directory")
-            .join("bench-quick")
+            .join(name)
+    };
+    let out_dir = if quick {
+        beside_binary("bench-quick")
+    } else if !only.is_empty() {
+        beside_binary("bench-partial")
     } else {
         workspace_root().join("docs")
     };
@@ -182,6 +191,9 @@ fn run_bench(cargo: &Cargo, profile: Profile, quick: bool) -> Result<()> {
         .env("EBPF_PROXY_BIN", daemon);
     if quick {
         run.arg("--quick");
+    }
+    if !only.is_empty() {
+        run.arg("--only").arg(only.join(","));
     }
     run_step(run)
 }

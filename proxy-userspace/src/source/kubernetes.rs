@@ -35,7 +35,9 @@ use serde::de::DeserializeOwned;
 use tracing::{debug, info, warn};
 
 use crate::health::TO_BE_DELETED_TAINT;
-use crate::model::{Model, ModelError, NodeState, ObjectKey};
+use crate::model::{
+    Model, ModelError, NodeState, ObjectKey, ProblemKind, ServiceRecord, SliceEntry,
+};
 use crate::plan::{HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL};
 
 /// How to reach the API server.
@@ -234,49 +236,77 @@ where
 
 /// How one watched kind enters the model.
 trait Watched: Resource<DynamicType = ()> + Clone + Debug + Send + 'static {
+    /// What a relist buffers until it is complete: the interpreted object, never the
+    /// whole API object.
+    type Entry;
+    /// Interprets the object (kube-proxy's change trackers do it as the event arrives).
+    fn entry(self, model: &mut Model) -> Result<Self::Entry, ModelError>;
     /// Adds or replaces the object; whether the model changed. A refused object may still
     /// have removed its previous version.
     fn apply(self, model: &mut Model) -> Result<bool, ModelError>;
     /// Removes the object; whether the model changed.
     fn delete(&self, model: &mut Model) -> bool;
-    /// Replaces every object of this kind after a (re)list; the objects refused.
-    fn replace(objects: Vec<Self>, model: &mut Model) -> Vec<ModelError>;
+    /// Replaces every object of this kind after a (re)list.
+    fn replace(entries: Vec<Self::Entry>, model: &mut Model);
+    /// What a refusal counts as.
+    const PROBLEM_KIND: ProblemKind;
 }
 
 impl Watched for Service {
+    type Entry = (ObjectKey, ServiceRecord);
+    const PROBLEM_KIND: ProblemKind = ProblemKind::Service;
+
+    fn entry(self, _model: &mut Model) -> Result<Self::Entry, ModelError> {
+        let key = ObjectKey::from_metadata(&self.metadata).ok_or(ModelError::MissingName)?;
+        let record = ServiceRecord::from_service(&key, &self);
+        Ok((key, record))
+    }
+
     fn apply(self, model: &mut Model) -> Result<bool, ModelError> {
-        model.insert_service(self).map(|_| true)
+        let (key, record) = self.entry(model)?;
+        Ok(model.upsert_service(key, record))
     }
 
     fn delete(&self, model: &mut Model) -> bool {
-        ObjectKey::from_metadata(&self.metadata)
-            .and_then(|key| model.remove_service(&key))
-            .is_some()
+        ObjectKey::from_metadata(&self.metadata).is_some_and(|key| model.remove_service(&key))
     }
 
-    fn replace(objects: Vec<Self>, model: &mut Model) -> Vec<ModelError> {
-        model.replace_services(objects)
+    fn replace(entries: Vec<Self::Entry>, model: &mut Model) {
+        model.replace_service_records(entries);
     }
 }
 
 impl Watched for EndpointSlice {
+    type Entry = SliceEntry;
+    const PROBLEM_KIND: ProblemKind = ProblemKind::EndpointSlice;
+
+    fn entry(self, model: &mut Model) -> Result<Self::Entry, ModelError> {
+        model.slice_record(&self)
+    }
+
     fn apply(self, model: &mut Model) -> Result<bool, ModelError> {
-        let inserted = model.insert_endpoint_slice(self);
-        // A slice that lost its service-name label no longer belongs to any Service.
-        if let Err(ModelError::MissingServiceNameLabel { slice }) = &inserted {
-            model.remove_endpoint_slice(slice);
+        // A slice that lost its service-name label no longer belongs to any Service: the
+        // model removes it and refuses it.
+        match model.slice_record(&self) {
+            Ok((key, record, trigger_time)) => {
+                Ok(model.upsert_endpoint_slice(key, record, trigger_time))
+            }
+            Err(error) => {
+                if let ModelError::MissingServiceNameLabel { slice } = &error {
+                    model.remove_endpoint_slice(slice);
+                }
+                Err(error)
+            }
         }
-        inserted.map(|_| true)
     }
 
     fn delete(&self, model: &mut Model) -> bool {
         ObjectKey::from_metadata(&self.metadata)
-            .and_then(|key| model.remove_endpoint_slice(&key))
-            .is_some()
+            .is_some_and(|key| model.remove_endpoint_slice(&key))
     }
 
-    fn replace(objects: Vec<Self>, model: &mut Model) -> Vec<ModelError> {
-        model.replace_endpoint_slices(objects)
+    fn replace(entries: Vec<Self::Entry>, model: &mut Model) {
+        model.replace_endpoint_slice_records(entries);
     }
 }
 
@@ -284,6 +314,14 @@ impl Watched for EndpointSlice {
 /// primary IPv4 address and whether it is being deleted. Its frequent status updates then
 /// leave the model as it was, and cause no sync.
 impl Watched for Node {
+    type Entry = Node;
+    const PROBLEM_KIND: ProblemKind = ProblemKind::File;
+
+    /// One small object: kept whole until its list completes.
+    fn entry(self, _model: &mut Model) -> Result<Self::Entry, ModelError> {
+        Ok(self)
+    }
+
     fn apply(self, model: &mut Model) -> Result<bool, ModelError> {
         let state = node_state(&self);
         let labels_changed = model.set_node_labels(self.metadata.labels.unwrap_or_default());
@@ -297,15 +335,15 @@ impl Watched for Node {
         model.set_node_labels(BTreeMap::new()) | state_changed
     }
 
-    fn replace(objects: Vec<Self>, model: &mut Model) -> Vec<ModelError> {
+    fn replace(entries: Vec<Self::Entry>, model: &mut Model) {
         // The field selector matches at most one Node.
-        let Some(node) = objects.into_iter().next() else {
+        let Some(node) = entries.into_iter().next() else {
             warn!("no Node named like --node-name; its labels stay unknown until it appears");
             // Gone while unwatched: like a deletion seen late, the last state stays.
             model.set_node_labels(BTreeMap::new());
-            return Vec::new();
+            return;
         };
-        node.apply(model).err().into_iter().collect()
+        let _ = node.apply(model);
     }
 }
 
@@ -339,14 +377,14 @@ fn node_state(node: &Node) -> NodeState {
 
 /// Applies one watcher's events to the model, buffering a (re)list until it is complete so
 /// that the model never holds half a list.
-struct Reflector<K> {
-    /// The objects of the list in progress, if one is.
-    relisting: Option<Vec<K>>,
+struct Reflector<K: Watched> {
+    /// The interpreted objects of the list in progress, if one is.
+    relisting: Option<Vec<K::Entry>>,
     /// Whether a list has completed once.
     listed: bool,
 }
 
-impl<K> Default for Reflector<K> {
+impl<K: Watched> Default for Reflector<K> {
     fn default() -> Self {
         Reflector {
             relisting: None,
@@ -373,15 +411,16 @@ impl<K: Watched> Reflector<K> {
                 false
             }
             Event::InitApply(object) => {
-                self.relisting.get_or_insert_default().push(object);
+                match object.entry(model) {
+                    Ok(entry) => self.relisting.get_or_insert_default().push(entry),
+                    Err(error) => model.reject(error.problem(K::PROBLEM_KIND)),
+                }
                 false
             }
             Event::InitDone => {
-                let objects = self.relisting.take().unwrap_or_default();
-                let count = objects.len();
-                for problem in K::replace(objects, model) {
-                    warn!(%kind, %problem, "object skipped");
-                }
+                let entries = self.relisting.take().unwrap_or_default();
+                let count = entries.len();
+                K::replace(entries, model);
                 if self.listed {
                     info!(%kind, count, "relisted");
                 } else {
@@ -392,8 +431,8 @@ impl<K: Watched> Reflector<K> {
             }
             Event::Apply(object) => {
                 debug!(%kind, name = %object.name_any(), "applied");
-                object.apply(model).unwrap_or_else(|problem| {
-                    warn!(%kind, %problem, "object skipped");
+                object.apply(model).unwrap_or_else(|error| {
+                    model.reject(error.problem(K::PROBLEM_KIND));
                     true
                 })
             }

@@ -1,23 +1,17 @@
-//! Writer: turns the planner's [`DesiredState`] into map entries, diffs them against what
-//! the maps hold, and applies the difference in an order that keeps every packet
-//! consistent.
-//!
-//! Three stages: [`materialize`] (pure: frontends and backends → SERVICES/BACKENDS
-//! entries, with stable ids from an [`IdRegistry`], the MEMBERSHIP entries of every
-//! frontend, the SOURCE_RANGES prefixes of restricted load-balancer frontends, and the
-//! SVC_NAMES metadata),
-//! [`diff`] (pure: ordered operations), and [`MapWriter`] (the only code that writes the
-//! aya maps).
+//! The map contents as data: [`MapImage`] (what SERVICES, BACKENDS, MEMBERSHIP,
+//! SOURCE_RANGES and SVC_NAMES hold), the one place that turns a frontend's plan into its
+//! entries ([`frontend_entries`], with stable ids from an [`IdRegistry`]), and [`diff`], the
+//! one ordering rule that keeps every packet consistent while entries change.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, MapError, lpm_trie::Key};
+use aya::maps::lpm_trie::Key;
 use proxy_common::{
     Backend, MembershipKey, ServiceKey, ServiceName, ServiceValue, SourceRange, membership,
     service_flags,
 };
 
-use crate::plan::{DesiredState, EmptyFrontend, FrontendKind, FrontendPlan};
+use crate::plan::{DesiredState, EmptyFrontend, Frontend, FrontendKind, FrontendPlan};
 
 /// The contents of the SERVICES, BACKENDS, MEMBERSHIP and SVC_NAMES maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -40,14 +34,14 @@ pub struct SourceRangeEntry {
 }
 
 impl SourceRangeEntry {
-    fn key(&self) -> Key<SourceRange> {
+    pub fn key(&self) -> Key<SourceRange> {
         Key::new(
             SourceRange::FRONTEND_BITS + u32::from(self.prefix_len),
             self.range,
         )
     }
 
-    fn from_key(key: &Key<SourceRange>) -> Self {
+    pub fn from_key(key: &Key<SourceRange>) -> Self {
         Self {
             range: key.data(),
             prefix_len: key.prefix_len().saturating_sub(SourceRange::FRONTEND_BITS) as u8,
@@ -104,6 +98,16 @@ impl IdRegistry {
         id
     }
 
+    /// Forgets a frontend's id (it left the maps).
+    pub fn release_frontend(&mut self, header: ServiceKey) {
+        self.frontends.remove(&header);
+    }
+
+    /// Forgets a backend's id (no slot names it any more).
+    pub fn release_backend(&mut self, backend: &Backend) {
+        self.backends.remove(backend);
+    }
+
     /// Forgets the ids of everything that is no longer in `image`.
     fn retain(&mut self, image: &MapImage) {
         self.backends
@@ -148,66 +152,87 @@ fn header_flags(plan: &FrontendPlan) -> u16 {
     flags
 }
 
-/// Builds the map contents for `desired`. Slots follow the plan's (sorted) backend order.
-/// A Service port whose name exceeds Kubernetes' limits (possible only in hand-written
-/// manifests) is balanced all the same, just listed without a name.
+/// The key of a frontend's header (slot 0).
+pub fn header_key(frontend: &Frontend) -> ServiceKey {
+    ServiceKey::new(
+        frontend.addr.octets(),
+        frontend.port,
+        frontend.protocol.number(),
+        0,
+    )
+}
+
+/// Builds the map contents for `desired`, forgetting the ids of everything else.
 pub fn materialize(desired: &DesiredState, ids: &mut IdRegistry) -> MapImage {
     let mut image = MapImage::default();
     for (frontend, plan) in &desired.frontends {
-        let proto = frontend.protocol.number();
-        let header = ServiceKey::new(frontend.addr.octets(), frontend.port, proto, 0);
-        let rev_nat_id = ids.rev_nat_id(header);
-        for (index, backend) in plan.backends.iter().enumerate() {
-            let backend = Backend::new(backend.addr.octets(), backend.port, proto);
-            let backend_id = ids.backend_id(backend);
-            image.backends.insert(backend_id, backend);
-            let slot = u16::try_from(index + 1).expect("more than 65535 backends for one frontend");
-            image.services.insert(
-                header.with_slot(slot),
-                ServiceValue {
-                    backend_id,
-                    ..ServiceValue::default()
-                },
-            );
-            *image
-                .membership
-                .entry(MembershipKey {
-                    rev_nat_id,
-                    addr: backend.addr,
-                })
-                .or_default() |= membership::SELECTABLE;
-        }
-        insert_serving(&mut image.membership, rev_nat_id, plan);
-        for network in &plan.source_ranges {
-            image.source_ranges.insert(SourceRangeEntry {
-                range: SourceRange {
-                    rev_nat_id,
-                    addr: u32::from_ne_bytes(network.network().octets()),
-                },
-                prefix_len: network.prefix_len(),
-            });
-        }
-        image.services.insert(
-            header,
-            ServiceValue {
-                backend_id: 0,
-                rev_nat_id,
-                count: u16::try_from(plan.backends.len()).unwrap_or(u16::MAX),
-                flags: header_flags(plan),
-                // The planner keeps timeouts within the API's 1..=86400 s.
-                affinity_timeout_s: plan.session_affinity.map_or(0, |timeout| {
-                    u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX)
-                }),
-            },
-        );
-        let service = &plan.service;
-        if let Some(name) = ServiceName::new(&service.namespace, &service.name, &service.port_name)
-        {
-            image.names.insert(rev_nat_id, name);
-        }
+        frontend_entries(frontend, plan, ids, &mut image);
     }
     ids.retain(&image);
     image
+}
+
+/// Adds one frontend's entries to `image`: its header, one slot per backend (in the plan's
+/// sorted order) and those backends, its MEMBERSHIP entries, the SOURCE_RANGES prefixes of a restricted one, and its SVC_NAMES name. The one place
+/// that knows how a plan becomes map entries. A Service port whose name exceeds
+/// Kubernetes' limits (possible only in hand-written manifests) is balanced all the same,
+/// just listed without a name.
+pub fn frontend_entries(
+    frontend: &Frontend,
+    plan: &FrontendPlan,
+    ids: &mut IdRegistry,
+    image: &mut MapImage,
+) {
+    let proto = frontend.protocol.number();
+    let header = header_key(frontend);
+    let rev_nat_id = ids.rev_nat_id(header);
+    for (index, backend) in plan.backends.iter().enumerate() {
+        let backend = Backend::new(backend.addr.octets(), backend.port, proto);
+        let backend_id = ids.backend_id(backend);
+        image.backends.insert(backend_id, backend);
+        let slot = u16::try_from(index + 1).expect("more than 65535 backends for one frontend");
+        image.services.insert(
+            header.with_slot(slot),
+            ServiceValue {
+                backend_id,
+                ..ServiceValue::default()
+            },
+        );
+        *image
+            .membership
+            .entry(MembershipKey {
+                rev_nat_id,
+                addr: backend.addr,
+            })
+            .or_default() |= membership::SELECTABLE;
+    }
+    insert_serving(&mut image.membership, rev_nat_id, plan);
+    for network in &plan.source_ranges {
+        image.source_ranges.insert(SourceRangeEntry {
+            range: SourceRange {
+                rev_nat_id,
+                addr: u32::from_ne_bytes(network.network().octets()),
+            },
+            prefix_len: network.prefix_len(),
+        });
+    }
+    image.services.insert(
+        header,
+        ServiceValue {
+            backend_id: 0,
+            rev_nat_id,
+            count: u16::try_from(plan.backends.len()).unwrap_or(u16::MAX),
+            flags: header_flags(plan),
+            // The planner keeps timeouts within the API's 1..=86400 s.
+            affinity_timeout_s: plan.session_affinity.map_or(0, |timeout| {
+                u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX)
+            }),
+        },
+    );
+    let service = &plan.service;
+    if let Some(name) = ServiceName::new(&service.namespace, &service.name, &service.port_name) {
+        image.names.insert(rev_nat_id, name);
+    }
 }
 
 /// The MEMBERSHIP entries a frontend's plan adds besides its slots' addresses: its serving
@@ -235,6 +260,63 @@ fn insert_serving(
     );
 }
 
+impl MapImage {
+    /// The entries this image holds for one frontend (header, slots, membership,
+    /// source ranges, name), without its backends, which frontends share.
+    pub fn frontend_part(&self, frontend: &Frontend) -> MapImage {
+        let header = header_key(frontend);
+        let mut part = MapImage::default();
+        let last = ServiceKey {
+            slot: u16::MAX,
+            _pad1: u16::MAX,
+            ..header
+        };
+        part.services.extend(self.services.range(header..=last));
+        let Some(rev_nat_id) = part.services.get(&header).map(|value| value.rev_nat_id) else {
+            return part;
+        };
+        let members = MembershipKey::frontend(rev_nat_id)..=MembershipKey {
+            rev_nat_id,
+            addr: u32::MAX,
+        };
+        part.membership.extend(self.membership.range(members));
+        let ranges = SourceRangeEntry {
+            range: SourceRange {
+                rev_nat_id,
+                addr: 0,
+            },
+            prefix_len: 0,
+        }..=SourceRangeEntry {
+            range: SourceRange {
+                rev_nat_id,
+                addr: u32::MAX,
+            },
+            prefix_len: u8::MAX,
+        };
+        part.source_ranges.extend(self.source_ranges.range(ranges));
+        part.names
+            .extend(self.names.get(&rev_nat_id).map(|name| (rev_nat_id, *name)));
+        part
+    }
+
+    /// The backend ids named by this image's slots.
+    pub fn slot_backends(&self) -> impl Iterator<Item = u32> + '_ {
+        self.services
+            .iter()
+            .filter(|(key, _)| key.slot != 0)
+            .map(|(_, value)| value.backend_id)
+    }
+
+    /// Adds `other`'s entries.
+    pub fn extend(&mut self, other: MapImage) {
+        self.services.extend(other.services);
+        self.backends.extend(other.backends);
+        self.membership.extend(other.membership);
+        self.names.extend(other.names);
+        self.source_ranges.extend(other.source_ranges);
+    }
+}
+
 /// One map write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MapOp {
@@ -254,10 +336,10 @@ pub enum MapOp {
 /// frontend's header only counts slots that exist and every slot names a backend that
 /// exists and is a member of the frontend: new backends, grown membership, then new slots
 /// and source ranges, then headers; then removed headers, slots, shrunk membership,
-/// source ranges and backends. So a header flagged `SOURCE_RANGES` never lacks its ranges, which would
-/// drop every client, and a flow to a new backend never looks as if its backend had left.
-/// Names come first and go last, so a listing never shows a live frontend without its
-/// name.
+/// source ranges and backends. So a header flagged `SOURCE_RANGES` never lacks its
+/// ranges, which would drop every client, and a flow to a new backend never looks as if
+/// its backend had left. Names come first and go last, so a listing never shows a live
+/// frontend without its name.
 pub fn diff(current: &MapImage, next: &MapImage) -> Vec<MapOp> {
     let mut ops = Vec::new();
     for (id, name) in &next.names {
@@ -334,7 +416,7 @@ pub fn diff(current: &MapImage, next: &MapImage) -> Vec<MapOp> {
 
 impl MapImage {
     /// Applies one operation to this in-memory image.
-    fn apply(&mut self, op: MapOp) {
+    pub fn apply(&mut self, op: MapOp) {
         match op {
             MapOp::PutName(id, name) => {
                 self.names.insert(id, name);
@@ -370,246 +452,8 @@ impl MapImage {
     }
 }
 
-/// What one [`MapWriter::apply`] did.
-#[derive(Debug, Default)]
-pub struct ApplyReport {
-    pub ops: usize,
-    /// Writes refused because a map was full; retried on the next sync.
-    pub map_full: usize,
-    /// Other failed writes, with the reason; retried on the next sync.
-    pub failures: Vec<String>,
-    pub frontends: usize,
-    pub backends: usize,
-}
-
-/// Owns the SERVICES, BACKENDS, MEMBERSHIP and SVC_NAMES maps (and BACKEND_IDS,
-/// MEMBERSHIP_EPOCH, SOURCE_RANGES) and a mirror of their contents.
-pub struct MapWriter {
-    services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
-    backends: BpfHashMap<MapData, u32, Backend>,
-    membership: BpfHashMap<MapData, MembershipKey, u8>,
-    names: BpfHashMap<MapData, u32, ServiceName>,
-    /// Optional, so callers that never restrict sources (the benchmarks) need not open it;
-    /// without it, a plan with source ranges reports failed writes.
-    source_ranges: Option<LpmTrie<MapData, SourceRange, u8>>,
-    /// BACKENDS inverted, written with it, and the epoch raised after MEMBERSHIP changed
-    /// (see [`MapWriter::with_flow_maps`]).
-    flow_maps: Option<FlowMaps>,
-    current: MapImage,
-    ids: IdRegistry,
-}
-
-/// The maps the datapath's conntrack reads besides the Services: which (address, port)
-/// pairs are backends, and whether MEMBERSHIP changed since a flow last checked it.
-pub struct FlowMaps {
-    pub backend_ids: BpfHashMap<MapData, Backend, u32>,
-    pub membership_epoch: Array<MapData, u32>,
-}
-
-impl MapWriter {
-    /// Takes the maps and learns what they already hold (they may be pinned from a
-    /// previous run of the daemon).
-    pub fn new(
-        services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
-        backends: BpfHashMap<MapData, u32, Backend>,
-        membership: BpfHashMap<MapData, MembershipKey, u8>,
-        names: BpfHashMap<MapData, u32, ServiceName>,
-    ) -> Result<Self, MapError> {
-        let mut writer = Self {
-            services,
-            backends,
-            membership,
-            names,
-            source_ranges: None,
-            flow_maps: None,
-            current: MapImage::default(),
-            ids: IdRegistry::default(),
-        };
-        writer.reread()?;
-        writer.ids = IdRegistry::from_image(&writer.current);
-        Ok(writer)
-    }
-
-    /// Also writes SOURCE_RANGES (`loadBalancerSourceRanges`), learning what it holds.
-    pub fn with_source_ranges(
-        mut self,
-        source_ranges: LpmTrie<MapData, SourceRange, u8>,
-    ) -> Result<Self, MapError> {
-        self.source_ranges = Some(source_ranges);
-        self.reread()?;
-        Ok(self)
-    }
-
-    /// Also writes BACKEND_IDS with BACKENDS and raises MEMBERSHIP_EPOCH after changing
-    /// MEMBERSHIP: what the datapath needs to track direct flows to backends and to move
-    /// flows off backends that left.
-    pub fn with_flow_maps(mut self, flow_maps: FlowMaps) -> Result<Self, MapError> {
-        self.flow_maps = Some(flow_maps);
-        self.reread()?;
-        Ok(self)
-    }
-
-    /// Reads the maps again, so the next [`apply`](Self::apply) repairs anything that was
-    /// changed behind our back.
-    pub fn reread(&mut self) -> Result<(), MapError> {
-        let mut image = MapImage::default();
-        for entry in self.services.iter() {
-            let (key, value) = entry?;
-            image.services.insert(key, value);
-        }
-        for entry in self.backends.iter() {
-            let (id, backend) = entry?;
-            image.backends.insert(id, backend);
-        }
-        for entry in self.membership.iter() {
-            let (key, bits) = entry?;
-            image.membership.insert(key, bits);
-        }
-        for entry in self.names.iter() {
-            let (id, name) = entry?;
-            image.names.insert(id, name);
-        }
-        for key in self.source_ranges.iter().flat_map(LpmTrie::keys) {
-            image
-                .source_ranges
-                .insert(SourceRangeEntry::from_key(&key?));
-        }
-        if let Some(flow_maps) = &mut self.flow_maps {
-            repair_backend_ids(flow_maps, &mut image)?;
-        }
-        self.current = image;
-        Ok(())
-    }
-
-    /// Entries in SERVICES and BACKENDS, as last written.
-    pub fn fill(&self) -> (usize, usize) {
-        (self.current.services.len(), self.current.backends.len())
-    }
-
-    /// Makes the maps equal to `desired`, writing only the difference.
-    pub fn apply(&mut self, desired: &DesiredState) -> ApplyReport {
-        let next = materialize(desired, &mut self.ids);
-        let ops = diff(&self.current, &next);
-        let mut report = ApplyReport {
-            ops: ops.len(),
-            frontends: desired.frontends.len(),
-            backends: next.backends.len(),
-            ..ApplyReport::default()
-        };
-        let mut membership_changed = false;
-        for op in ops {
-            match self.write(op) {
-                Ok(()) => {
-                    membership_changed |=
-                        matches!(op, MapOp::PutMembership(..) | MapOp::DeleteMembership(_));
-                    self.current.apply(op);
-                }
-                Err(error) if is_map_full(&error) => report.map_full += 1,
-                Err(error) => report.failures.push(format!("{op:?}: {error}")),
-            }
-        }
-        // After the writes: a flow that reads the new epoch finds the new membership.
-        if membership_changed && let Err(error) = self.raise_membership_epoch() {
-            report
-                .failures
-                .push(format!("raising MEMBERSHIP_EPOCH: {error}"));
-        }
-        report
-    }
-
-    fn raise_membership_epoch(&mut self) -> Result<(), MapError> {
-        let epoch = &mut self.flow_maps()?.membership_epoch;
-        let next = epoch.get(&0, 0)?.wrapping_add(1);
-        epoch.set(0, next, 0)
-    }
-
-    fn flow_maps(&mut self) -> Result<&mut FlowMaps, MapError> {
-        self.flow_maps.as_mut().ok_or_else(|| {
-            MapError::IoError(std::io::Error::other(
-                "the writer was not given BACKEND_IDS and MEMBERSHIP_EPOCH",
-            ))
-        })
-    }
-
-    fn write(&mut self, op: MapOp) -> Result<(), MapError> {
-        match op {
-            MapOp::PutName(id, name) => self.names.insert(id, name, 0),
-            MapOp::PutBackend(id, backend) => {
-                let replaced = self.current.backends.get(&id).copied();
-                let backend_ids = &mut self.flow_maps()?.backend_ids;
-                if let Some(old) = replaced.filter(|old| *old != backend) {
-                    ignore_missing(backend_ids.remove(&old))?;
-                }
-                backend_ids.insert(backend, id, 0)?;
-                self.backends.insert(id, backend, 0)
-            }
-            MapOp::PutService(key, value) => self.services.insert(key, value, 0),
-            MapOp::PutMembership(key, bits) => self.membership.insert(key, bits, 0),
-            MapOp::DeleteService(key) => ignore_missing(self.services.remove(&key)),
-            MapOp::DeleteMembership(key) => ignore_missing(self.membership.remove(&key)),
-            MapOp::DeleteBackend(id) => {
-                ignore_missing(self.backends.remove(&id))?;
-                match self.current.backends.get(&id).copied() {
-                    Some(backend) => ignore_missing(self.flow_maps()?.backend_ids.remove(&backend)),
-                    None => Ok(()),
-                }
-            }
-            MapOp::DeleteName(id) => ignore_missing(self.names.remove(&id)),
-            MapOp::PutSourceRange(entry) => self.source_ranges()?.insert(&entry.key(), 1, 0),
-            MapOp::DeleteSourceRange(entry) => {
-                ignore_missing(self.source_ranges()?.remove(&entry.key()))
-            }
-        }
-    }
-
-    fn source_ranges(&mut self) -> Result<&mut LpmTrie<MapData, SourceRange, u8>, MapError> {
-        self.source_ranges.as_mut().ok_or_else(|| {
-            MapError::IoError(std::io::Error::other(
-                "the writer was not given the SOURCE_RANGES map",
-            ))
-        })
-    }
-}
-
-/// Makes BACKEND_IDS agree with BACKENDS after a re-read: removes what BACKENDS does not
-/// name, and drops from the mirror every backend whose reverse entry is missing or wrong,
-/// so the next apply writes it (and its reverse entry) again.
-fn repair_backend_ids(flow_maps: &mut FlowMaps, image: &mut MapImage) -> Result<(), MapError> {
-    let mut held = HashMap::new();
-    for entry in flow_maps.backend_ids.iter() {
-        let (backend, id) = entry?;
-        held.insert(backend, id);
-    }
-    for (backend, id) in &held {
-        if image.backends.get(id) != Some(backend) {
-            ignore_missing(flow_maps.backend_ids.remove(backend))?;
-        }
-    }
-    image
-        .backends
-        .retain(|id, backend| held.get(backend) == Some(id));
-    Ok(())
-}
-
-fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
-    match result {
-        Err(MapError::KeyNotFound) => Ok(()),
-        Err(MapError::SyscallError(error))
-            if error.io_error.raw_os_error() == Some(libc::ENOENT) =>
-        {
-            Ok(())
-        }
-        other => other,
-    }
-}
-
-/// A hash map that is full refuses new keys with E2BIG.
-fn is_map_full(error: &MapError) -> bool {
-    matches!(error, MapError::SyscallError(error) if error.io_error.raw_os_error() == Some(libc::E2BIG))
-}
-
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::net::Ipv4Addr;
     use std::time::Duration;
 
@@ -678,7 +522,7 @@ mod tests {
 
     /// Every header counts only existing slots; every slot names an existing backend whose
     /// address is a selectable member of the frontend; every header's frontend has its name.
-    fn assert_consistent(image: &MapImage, step: usize) {
+    pub(in crate::writer) fn assert_consistent(image: &MapImage, step: usize) {
         for (key, value) in image.services.iter().filter(|(k, _)| k.slot == 0) {
             assert!(
                 image.names.contains_key(&value.rev_nat_id),

@@ -1,0 +1,153 @@
+//! An EndpointSlice as the planner reads it: the ports and, per endpoint, the address,
+//! node, conditions and hints (kube-proxy's `EndpointSliceCache` keeps the same), with node
+//! and zone names shared between endpoints. About 40 bytes an endpoint instead of the API
+//! object's kilobyte.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use super::service::{
+    HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL, has_label, parse_ipv4, port_number,
+};
+use super::{Interner, ObjectKey, Protocol};
+
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// What the planner needs of one EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceRecord {
+    /// The Service it belongs to: its namespace and its service-name label.
+    pub service: ObjectKey,
+    /// Ports and endpoints; empty when the slice is not proxied (IPv6 or FQDN, or labelled
+    /// for another proxy or as headless), which is all the planner needs to know of it.
+    pub ports: Vec<SlicePort>,
+    pub endpoints: Vec<EndpointRecord>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlicePort {
+    /// Unset counts as "" (what the EndpointSlice controller writes for an unnamed port).
+    pub name: Box<str>,
+    /// `None` for a protocol that is not proxied: it never matches a Service port.
+    pub protocol: Option<Protocol>,
+    /// `None` when unset or out of range: no backends.
+    pub port: Option<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointRecord {
+    /// The first address (kube-proxy uses it; the others are its aliases).
+    pub addr: std::net::Ipv4Addr,
+    pub node_name: Option<Arc<str>>,
+    /// Unset ready and serving mean true, unset terminating false (API docs).
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    /// `None` when the endpoint has no hints (most do not).
+    pub hints: Option<Box<Hints>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hints {
+    /// `hints.forZones`: the zones whose nodes should use this endpoint.
+    pub for_zones: Vec<Arc<str>>,
+    /// `hints.forNodes`: the nodes that should use this endpoint.
+    pub for_nodes: Vec<Arc<str>>,
+}
+
+impl EndpointRecord {
+    pub fn zone_hints(&self) -> &[Arc<str>] {
+        self.hints.as_ref().map_or(&[], |hints| &hints.for_zones)
+    }
+
+    pub fn node_hints(&self) -> &[Arc<str>] {
+        self.hints.as_ref().map_or(&[], |hints| &hints.for_nodes)
+    }
+}
+
+impl SliceRecord {
+    /// Interprets a slice; `None` when it names no Service (no service-name label). Names
+    /// of nodes and zones are shared through `names`.
+    pub fn from_slice(
+        key: &ObjectKey,
+        slice: &EndpointSlice,
+        names: &mut Interner,
+    ) -> Option<Self> {
+        let labels = slice.metadata.labels.as_ref();
+        let service_name = labels?
+            .get(SERVICE_NAME_LABEL)
+            .filter(|name| !name.is_empty())?;
+        let service = ObjectKey::new(key.namespace.clone(), service_name.clone());
+        let proxied = slice.address_type == "IPv4"
+            && !has_label(labels, SERVICE_PROXY_NAME_LABEL)
+            && !has_label(labels, HEADLESS_LABEL);
+        if !proxied {
+            return Some(SliceRecord {
+                service,
+                ports: Vec::new(),
+                endpoints: Vec::new(),
+            });
+        }
+        let ports = slice
+            .ports
+            .iter()
+            .flatten()
+            .map(|port| SlicePort {
+                name: port.name.clone().unwrap_or_default().into_boxed_str(),
+                protocol: super::service::service_protocol(port.protocol.as_deref()).ok(),
+                port: port.port.and_then(port_number),
+            })
+            .collect();
+        let endpoints = slice
+            .endpoints
+            .iter()
+            .flatten()
+            .filter_map(|endpoint| {
+                let addr = endpoint
+                    .addresses
+                    .first()
+                    .and_then(|addr| parse_ipv4(addr))?;
+                let conditions = endpoint.conditions.as_ref();
+                let hints = endpoint.hints.as_ref().map(|hints| Hints {
+                    for_zones: (hints.for_zones.iter().flatten())
+                        .map(|zone| names.intern(&zone.name))
+                        .collect(),
+                    for_nodes: (hints.for_nodes.iter().flatten())
+                        .map(|node| names.intern(&node.name))
+                        .collect(),
+                });
+                Some(EndpointRecord {
+                    addr,
+                    node_name: endpoint.node_name.as_deref().map(|name| names.intern(name)),
+                    ready: conditions.and_then(|c| c.ready) != Some(false),
+                    serving: conditions.and_then(|c| c.serving) != Some(false),
+                    terminating: conditions.and_then(|c| c.terminating) == Some(true),
+                    hints: hints
+                        .filter(|hints| !hints.for_zones.is_empty() || !hints.for_nodes.is_empty())
+                        .map(Box::new),
+                })
+            })
+            .collect();
+        Some(SliceRecord {
+            service,
+            ports,
+            endpoints,
+        })
+    }
+
+    /// Re-interns the names of a record built with another interner (a parser thread's).
+    pub(super) fn share_names(&mut self, names: &mut Interner) {
+        for endpoint in &mut self.endpoints {
+            if let Some(node) = &mut endpoint.node_name {
+                *node = names.intern(node);
+            }
+            if let Some(hints) = &mut endpoint.hints {
+                for name in hints.for_zones.iter_mut().chain(&mut hints.for_nodes) {
+                    *name = names.intern(name);
+                }
+            }
+        }
+    }
+}

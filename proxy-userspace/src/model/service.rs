@@ -1,0 +1,248 @@
+//! A Service as the planner reads it: kube-proxy's `ServicePort` info, interpreted once
+//! when the object arrives (`newBaseServiceInfo`, `ShouldSkipService`, the informers' label
+//! selector, `GetClusterIPByFamily`), so the model keeps a few hundred bytes per Service
+//! instead of the whole API object, and a change that leaves the record equal (a new
+//! resourceVersion, an annotation) plans nothing.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::{Service, ServiceSpec};
+
+use super::{Problem, ProblemKind, Protocol};
+
+/// Services (and their EndpointSlices) with this label belong to another proxy; kube-proxy's
+/// informers filter them out.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+
+/// Set on headless Services' EndpointSlices; kube-proxy's informers filter it out.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
+/// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`: 3 hours.
+pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10_800);
+/// The API's upper bound for `timeoutSeconds`: one day.
+const MAX_AFFINITY_TIMEOUT_SECONDS: i32 = 86_400;
+
+/// What the planner needs of one Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServiceRecord {
+    Proxied(Box<ProxiedService>),
+    /// Not proxied, as expected (headless, ExternalName, another proxy's, IPv6 only).
+    Ignored(String),
+    /// Not proxied, and worth telling the operator.
+    Problem(Problem),
+}
+
+/// What a proxied Service's ports share, and the ports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxiedService {
+    pub cluster_ip: Ipv4Addr,
+    pub exposes_node_ports: bool,
+    /// IPv4 externalIPs, sorted and deduplicated.
+    pub external_ips: Vec<Ipv4Addr>,
+    /// IPv4 load-balancer ingress IPs in VIP mode, sorted and deduplicated.
+    pub load_balancer_ips: Vec<Ipv4Addr>,
+    pub internal_policy_local: bool,
+    pub external_policy_local: bool,
+    /// `healthCheckNodePort`, when set and in range.
+    pub health_check_node_port: Option<u16>,
+    /// `loadBalancerSourceRanges`, the valid IPv4 ones, truncated, sorted, deduplicated.
+    pub source_ranges: Vec<Ipv4Net>,
+    pub publish_not_ready_addresses: bool,
+    pub session_affinity: Option<Duration>,
+    pub ports: Vec<PortRecord>,
+    /// Fields that were set but are not programmed, one sentence each (logged and counted).
+    pub skipped_fields: Vec<Problem>,
+}
+
+/// One entry of `spec.ports`, as written: the planner reports what it can't program.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortRecord {
+    /// Empty for an unnamed single port.
+    pub name: Box<str>,
+    pub port: i32,
+    /// The reason when the protocol can't be proxied (SCTP, or not a protocol at all).
+    pub protocol: Result<Protocol, Box<str>>,
+    pub node_port: Option<i32>,
+}
+
+impl ServiceRecord {
+    /// Interprets a Service; `key` names it in problems.
+    pub fn from_service(key: &super::ObjectKey, service: &Service) -> Self {
+        match proxied_service(key, service) {
+            Ok(proxied) => ServiceRecord::Proxied(Box::new(proxied)),
+            Err(NotProxied::Ignored(reason)) => ServiceRecord::Ignored(reason),
+            Err(NotProxied::Problem(problem)) => ServiceRecord::Problem(problem),
+        }
+    }
+}
+
+enum NotProxied {
+    Ignored(String),
+    Problem(Problem),
+}
+
+fn proxied_service(
+    key: &super::ObjectKey,
+    service: &Service,
+) -> Result<ProxiedService, NotProxied> {
+    for label in [SERVICE_PROXY_NAME_LABEL, HEADLESS_LABEL] {
+        if has_label(service.metadata.labels.as_ref(), label) {
+            return Err(NotProxied::Ignored(format!("labelled {label}")));
+        }
+    }
+    let spec: Cow<ServiceSpec> = service.spec.as_ref().map(Cow::Borrowed).unwrap_or_default();
+    let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if service_type == "ExternalName" {
+        return Err(NotProxied::Ignored("type ExternalName".to_owned()));
+    }
+    let cluster_ip = spec.cluster_ip.as_deref().unwrap_or_default();
+    if cluster_ip == "None" {
+        return Err(NotProxied::Ignored("headless".to_owned()));
+    }
+    if cluster_ip.is_empty() {
+        return Err(NotProxied::Problem(Problem::new(
+            ProblemKind::Service,
+            "no_cluster_ip",
+            format!("{key}: no clusterIP set, skipped (kube-proxy skips such Services too)"),
+        )));
+    }
+    // clusterIPs lists one address per family; clusterIP alone is the old form.
+    let cluster_ips: Vec<&str> = match spec.cluster_ips.as_deref() {
+        Some(cluster_ips) if !cluster_ips.is_empty() => {
+            cluster_ips.iter().map(String::as_str).collect()
+        }
+        _ => vec![cluster_ip],
+    };
+    let mut ipv4_cluster_ips = cluster_ips.iter().filter_map(|addr| parse_ipv4(addr));
+    let cluster_ip = ipv4_cluster_ips
+        .next()
+        .ok_or_else(|| NotProxied::Ignored("no IPv4 clusterIP".to_owned()))?;
+    let mut skipped_fields = Vec::new();
+    let extra: Vec<String> = ipv4_cluster_ips.map(|addr| addr.to_string()).collect();
+    if !extra.is_empty() {
+        skipped_fields.push(Problem::new(
+            ProblemKind::Service,
+            "skipped_field",
+            format!(
+                "{key}: spec.clusterIPs holds more than one IPv4 address; {cluster_ip} is \
+                 programmed, {} skipped (the API allows one per family)",
+                extra.join(", ")
+            ),
+        ));
+    }
+    let load_balancer_ips = service
+        .status
+        .as_ref()
+        .and_then(|status| status.load_balancer.as_ref())
+        .and_then(|load_balancer| load_balancer.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        // Ingress in "Proxy" mode is reached through the load balancer, not by its IP.
+        .filter(|ingress| ingress.ip_mode.as_deref().is_none_or(|mode| mode == "VIP"))
+        .filter_map(|ingress| ingress.ip.as_deref());
+    let ranges = spec.load_balancer_source_ranges.iter().flatten();
+    let source_ranges = ipv4_networks(ranges.clone());
+    let invalid_ranges: Vec<&str> = ranges
+        .map(|range| range.trim())
+        .filter(|range| range.parse::<ipnet::IpNet>().is_err())
+        .collect();
+    if !invalid_ranges.is_empty() {
+        skipped_fields.push(Problem::new(
+            ProblemKind::Service,
+            "skipped_field",
+            format!(
+                "{key}: spec.loadBalancerSourceRanges: {invalid_ranges:?} are not CIDRs, skipped"
+            ),
+        ));
+    }
+    let ports = spec
+        .ports
+        .iter()
+        .flatten()
+        .map(|port| PortRecord {
+            name: port.name.clone().unwrap_or_default().into_boxed_str(),
+            port: port.port,
+            protocol: service_protocol(port.protocol.as_deref()).map_err(String::into_boxed_str),
+            node_port: port.node_port,
+        })
+        .collect();
+    Ok(ProxiedService {
+        cluster_ip,
+        exposes_node_ports: matches!(service_type, "NodePort" | "LoadBalancer"),
+        external_ips: ipv4_addresses(spec.external_ips.iter().flatten().map(String::as_str)),
+        load_balancer_ips: ipv4_addresses(load_balancer_ips),
+        internal_policy_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        external_policy_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+        health_check_node_port: spec.health_check_node_port.and_then(port_number),
+        source_ranges,
+        publish_not_ready_addresses: spec.publish_not_ready_addresses == Some(true),
+        session_affinity: session_affinity(&spec),
+        ports,
+        skipped_fields,
+    })
+}
+
+/// The affinity timeout of `sessionAffinity: ClientIP` (the API's default when unset);
+/// `None` for `None`. A timeout outside the API's 1..=86400 s (only possible in hand-written
+/// manifests, which the manifests source refuses) also falls back to the default.
+fn session_affinity(spec: &ServiceSpec) -> Option<Duration> {
+    if spec.session_affinity.as_deref() != Some("ClientIP") {
+        return None;
+    }
+    let seconds = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|config| config.client_ip.as_ref())
+        .and_then(|client_ip| client_ip.timeout_seconds)
+        .filter(|seconds| (1..=MAX_AFFINITY_TIMEOUT_SECONDS).contains(seconds))
+        .and_then(|seconds| u64::try_from(seconds).ok());
+    Some(seconds.map_or(DEFAULT_AFFINITY_TIMEOUT, Duration::from_secs))
+}
+
+/// The IPv4 addresses among `addresses`, sorted and deduplicated. IPv6 ones belong to the
+/// other family (not proxied yet); unparsable ones never get past the sources' validation.
+fn ipv4_addresses<'a>(addresses: impl Iterator<Item = &'a str>) -> Vec<Ipv4Addr> {
+    let mut ipv4: Vec<Ipv4Addr> = addresses.filter_map(parse_ipv4).collect();
+    ipv4.sort();
+    ipv4.dedup();
+    ipv4
+}
+
+pub(crate) fn parse_ipv4(addr: &str) -> Option<Ipv4Addr> {
+    addr.parse().ok()
+}
+
+pub(crate) fn has_label(labels: Option<&BTreeMap<String, String>>, label: &str) -> bool {
+    labels.is_some_and(|labels| labels.contains_key(label))
+}
+
+/// A Service port's protocol (TCP when unset, as the API defaults it).
+pub(crate) fn service_protocol(protocol: Option<&str>) -> Result<Protocol, String> {
+    match protocol.unwrap_or("TCP") {
+        "TCP" => Ok(Protocol::Tcp),
+        "UDP" => Ok(Protocol::Udp),
+        "SCTP" => Err("SCTP is not supported".to_owned()),
+        other => Err(format!("protocol {other:?} is invalid")),
+    }
+}
+
+/// The valid IPv4 CIDRs among `ranges`, sorted and deduplicated. Like kube-proxy, other
+/// families and unparsable entries are left out, so a list without any IPv4 range
+/// restricts nothing.
+fn ipv4_networks<'a>(ranges: impl Iterator<Item = &'a String>) -> Vec<Ipv4Net> {
+    let mut networks: Vec<Ipv4Net> = ranges
+        .filter_map(|range| range.trim().parse::<Ipv4Net>().ok())
+        .map(|network| network.trunc())
+        .collect();
+    networks.sort();
+    networks.dedup();
+    networks
+}
+
+pub(crate) fn port_number(port: i32) -> Option<u16> {
+    u16::try_from(port).ok().filter(|&port| port != 0)
+}

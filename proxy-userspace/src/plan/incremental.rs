@@ -1,0 +1,234 @@
+//! The planner's state between syncs, so a change re-plans only the Services it touched
+//! (kube-proxy's partial sync): each Service's claimed frontends and problems, the index of
+//! contested frontends, and the desired state, which [`Planner::update`] keeps equal to what
+//! planning everything from scratch would give, and whose changed frontends it returns.
+//!
+//! A full plan is the same code run over every Service of a fresh planner; the daemon does
+//! that at start-up, at the periodic resync and when the node's facts change (addresses,
+//! labels, zone: they touch every Service), as kube-proxy's `needFullSync`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use super::claims::{Claim, Claims};
+use super::endpoints::NodeIdentity;
+use super::service_port::{NodeContext, plan_service};
+use super::{DesiredState, Frontend, FrontendPlan, NodeFacts, ServiceHealthCheck, ZONE_LABEL};
+use crate::model::{Model, ObjectKey, Problem};
+
+/// Desired state kept up to date one Service at a time.
+#[derive(Clone, Debug, Default)]
+pub struct Planner {
+    node: NodeContext,
+    services: HashMap<ObjectKey, ServiceState>,
+    claims: Claims,
+    desired: DesiredState,
+    health_checks: BTreeMap<ObjectKey, ServiceHealthCheck>,
+}
+
+/// What the planner remembers of one Service.
+#[derive(Clone, Debug, Default)]
+struct ServiceState {
+    /// The frontends it claims (owned or lost), in claim order.
+    frontends: Vec<Frontend>,
+    /// Its own problems (ports it can't program, fields skipped).
+    problems: Vec<Problem>,
+    /// Every problem last reported for it (its own and its lost claims).
+    reported: Vec<Problem>,
+}
+
+/// What one [`Planner::update`] changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PlanDelta {
+    /// The frontends whose plan changed, in frontend order.
+    pub frontends: Vec<FrontendChange>,
+    /// Problems that were not there before this update, in Service order.
+    pub new_problems: Vec<Problem>,
+    /// Whether any Service's health check appeared, changed or went.
+    pub health_checks_changed: bool,
+    /// How many Services were planned (the dirty ones, and claimants that took a
+    /// frontend over).
+    pub services_planned: usize,
+}
+
+/// One frontend's plan before and after an update (`None`: not programmed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendChange {
+    pub frontend: Frontend,
+    pub old: Option<FrontendPlan>,
+    pub new: Option<FrontendPlan>,
+}
+
+impl Planner {
+    /// An empty planner for this node (its zone from the model's Node labels when a source
+    /// knows them, else from the configuration).
+    pub fn new(node: &NodeFacts, model: &Model) -> Self {
+        Planner {
+            node: node_context(node, model),
+            ..Planner::default()
+        }
+    }
+
+    /// Takes the node's facts (its addresses, name, zone from the model's Node labels);
+    /// whether they changed: then every Service must be planned anew (a full sync).
+    pub fn set_node(&mut self, node: &NodeFacts, model: &Model) -> bool {
+        let context = node_context(node, model);
+        let changed = self.node != context;
+        self.node = context;
+        changed
+    }
+
+    /// What the maps should hold.
+    pub fn desired(&self) -> &DesiredState {
+        &self.desired
+    }
+
+    pub fn health_checks(&self) -> &BTreeMap<ObjectKey, ServiceHealthCheck> {
+        &self.health_checks
+    }
+
+    /// Every current problem, ordered by Service: its own, then the frontends it lost.
+    pub fn problems(&self) -> Vec<Problem> {
+        let keys: BTreeSet<&ObjectKey> = self.services.keys().collect();
+        keys.into_iter()
+            .flat_map(|key| self.problems_of(key))
+            .collect()
+    }
+
+    /// Re-plans the `dirty` Services (present in the model or not) and returns what
+    /// changed. A Service that takes a frontend over from one that let it go is re-planned
+    /// too, so the desired state always equals a plan from scratch.
+    pub fn update(
+        &mut self,
+        model: &Model,
+        dirty: impl IntoIterator<Item = ObjectKey>,
+    ) -> PlanDelta {
+        let mut queue: BTreeSet<ObjectKey> = dirty.into_iter().collect();
+        let mut delta = PlanDelta::default();
+        // The plan each touched frontend had before this update.
+        let mut before: BTreeMap<Frontend, Option<FrontendPlan>> = BTreeMap::new();
+        let mut affected: BTreeSet<ObjectKey> = BTreeSet::new();
+        while let Some(key) = queue.pop_first() {
+            delta.services_planned += 1;
+            let record = model.service(&key);
+            let plan = plan_service(&key, record, model.endpoint_slices_of(&key), &self.node);
+            affected.insert(key.clone());
+            let old = self.services.remove(&key).unwrap_or_default();
+            let claimed: Vec<Frontend> = plan.frontends.iter().map(|(f, _)| *f).collect();
+
+            for &frontend in old.frontends.iter().filter(|f| !claimed.contains(f)) {
+                let owned = self
+                    .claims
+                    .owner(&frontend)
+                    .is_some_and(|owner| owner.is_by(&key));
+                self.claims.remove(frontend, &key);
+                affected.extend(self.claims.of(&frontend).iter().map(Claim::service));
+                if owned {
+                    self.set_desired(frontend, None, &mut before);
+                    if let Some(next) = self.claims.owner(&frontend) {
+                        queue.insert(next.service());
+                    }
+                }
+            }
+            for (frontend, frontend_plan) in plan.frontends {
+                let claim = Claim {
+                    port: frontend_plan.service.clone(),
+                    kind: frontend_plan.kind,
+                };
+                if self.claims.upsert(frontend, claim) {
+                    affected.extend(self.claims.of(&frontend).iter().map(Claim::service));
+                }
+                let owned = self
+                    .claims
+                    .owner(&frontend)
+                    .is_some_and(|owner| owner.is_by(&key));
+                if owned {
+                    self.set_desired(frontend, Some(frontend_plan), &mut before);
+                }
+            }
+
+            let health_check = plan.health_check;
+            if self.health_checks.get(&key) != health_check.as_ref() {
+                delta.health_checks_changed = true;
+                match health_check {
+                    Some(check) => self.health_checks.insert(key.clone(), check),
+                    None => self.health_checks.remove(&key),
+                };
+            }
+            if record.is_some() {
+                let state = ServiceState {
+                    frontends: claimed,
+                    problems: plan.problems,
+                    reported: old.reported,
+                };
+                self.services.insert(key, state);
+            }
+        }
+
+        for key in &affected {
+            let problems = self.problems_of(key);
+            let Some(state) = self.services.get_mut(key) else {
+                continue;
+            };
+            delta.new_problems.extend(
+                problems
+                    .iter()
+                    .filter(|problem| !state.reported.contains(problem))
+                    .cloned(),
+            );
+            state.reported = problems;
+        }
+        delta.frontends = before
+            .into_iter()
+            .filter_map(|(frontend, old)| {
+                let new = self.desired.frontends.get(&frontend).cloned();
+                (old != new).then_some(FrontendChange { frontend, old, new })
+            })
+            .collect();
+        delta
+    }
+
+    /// Sets a frontend's desired plan, remembering the one it had first in this update.
+    fn set_desired(
+        &mut self,
+        frontend: Frontend,
+        plan: Option<FrontendPlan>,
+        before: &mut BTreeMap<Frontend, Option<FrontendPlan>>,
+    ) {
+        let current = self.desired.frontends.get(&frontend);
+        if current == plan.as_ref() {
+            return;
+        }
+        before.entry(frontend).or_insert_with(|| current.cloned());
+        match plan {
+            Some(plan) => self.desired.frontends.insert(frontend, plan),
+            None => self.desired.frontends.remove(&frontend),
+        };
+    }
+
+    /// A Service's current problems: its own, then the frontends it lost to others.
+    fn problems_of(&self, key: &ObjectKey) -> Vec<Problem> {
+        let Some(state) = self.services.get(key) else {
+            return Vec::new();
+        };
+        let lost =
+            (state.frontends.iter()).filter_map(|&frontend| self.claims.lost_by(frontend, key));
+        state.problems.iter().cloned().chain(lost).collect()
+    }
+}
+
+/// The facts of the node that planning reads.
+fn node_context(node: &NodeFacts, model: &Model) -> NodeContext {
+    let node_labels = model.node_labels();
+    let zone = if node_labels.is_empty() {
+        node.zone.as_ref()
+    } else {
+        node_labels.get(ZONE_LABEL)
+    };
+    NodeContext {
+        identity: NodeIdentity {
+            node_name: node.node_name.clone(),
+            zone: zone.cloned().unwrap_or_default(),
+        },
+        node_port_addresses: node.node_port_addresses(),
+    }
+}

@@ -1,0 +1,228 @@
+//! Plan: pure functions from the model and the node's facts to the desired datapath
+//! contents, expressed in Kubernetes terms (frontends and their backends). The map writer
+//! turns this into map entries; nothing here touches the kernel.
+//!
+//! The rules are kube-proxy's, so a cluster behaves the same with either proxy, one file a
+//! concept as in kube-proxy: which frontends a Service port gets ([`service_port`]:
+//! `newBaseServiceInfo`, session affinity, source ranges, the health check), how a Service
+//! port's endpoints merge across slices and which are usable ([`endpoints`]:
+//! `EndpointSliceCache`, `CategorizeEndpoints`, topology hints, what an empty frontend does,
+//! which endpoints count as serving for the UDP conntrack cleanup), who owns a frontend two
+//! Services claim ([`claims`]: the first by `namespace/name`), and how a change reaches the
+//! maps ([`incremental`]: only the Services the model marked dirty are re-planned, and the
+//! frontends whose plan changed come out as a delta).
+//!
+//! Which Services are proxied at all, and what a Service or a slice says, is decided once
+//! when it enters the model (`crate::model`).
+//!
+//! Topology follows the current kube-proxy: it reads only the hints in the EndpointSlices.
+//! The `service.kubernetes.io/topology-mode` annotation and `spec.trafficDistribution`
+//! (PreferClose, PreferSameZone, PreferSameNode) are read by the EndpointSlice controller,
+//! which writes `hints.forZones` / `hints.forNodes` accordingly.
+
+mod claims;
+mod endpoints;
+mod incremental;
+mod service_port;
+#[cfg(test)]
+mod testing;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+
+pub use crate::model::{
+    DEFAULT_AFFINITY_TIMEOUT, HEADLESS_LABEL, Problem, Protocol, SERVICE_PROXY_NAME_LABEL,
+};
+use crate::model::{Model, ObjectKey};
+pub use incremental::{FrontendChange, PlanDelta, Planner};
+
+/// What the planner needs to know about the node it runs on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeFacts {
+    pub node_name: String,
+    /// This node's zone (its `topology.kubernetes.io/zone` label), for topology hints. Used
+    /// while the model knows no Node labels (the manifests source: `--node-zone`); once it
+    /// does (the Kubernetes source), the Node's own label decides, as in kube-proxy.
+    pub zone: Option<String>,
+    /// Every IPv4 address of the node, loopback included (read with rtnetlink).
+    pub addresses: Vec<Ipv4Addr>,
+    /// The IPv4 CIDRs of `--nodeport-addresses` (kube-proxy's flag of the same name, its
+    /// `primary` keyword resolved): when non-empty, NodePorts open only on node addresses
+    /// inside one of them.
+    pub nodeport_cidrs: Vec<Ipv4Net>,
+}
+
+impl NodeFacts {
+    /// The addresses NodePorts open on in the datapath: the node's addresses, or those
+    /// inside `nodeport_cidrs` when it is set, never loopback ones (the program sees no
+    /// loopback traffic). Sorted, without duplicates.
+    pub fn node_port_addresses(&self) -> Vec<Ipv4Addr> {
+        self.addresses_in_nodeport_cidrs()
+            .into_iter()
+            .filter(|addr| !addr.is_loopback())
+            .collect()
+    }
+
+    /// Where healthCheckNodePorts listen, as kube-proxy's service health server: every
+    /// address (`0.0.0.0`) unless `nodeport_cidrs` narrows them (and does not contain
+    /// `0.0.0.0/0`), then the node's addresses inside them, loopback included. Empty when
+    /// no node address is inside them.
+    pub fn health_check_addresses(&self) -> Vec<Ipv4Addr> {
+        let match_all = self.nodeport_cidrs.is_empty()
+            || self
+                .nodeport_cidrs
+                .iter()
+                .any(|cidr| cidr.prefix_len() == 0);
+        if match_all {
+            vec![Ipv4Addr::UNSPECIFIED]
+        } else {
+            self.addresses_in_nodeport_cidrs()
+        }
+    }
+
+    fn addresses_in_nodeport_cidrs(&self) -> Vec<Ipv4Addr> {
+        let mut addresses: Vec<Ipv4Addr> = self
+            .addresses
+            .iter()
+            .copied()
+            .filter(|addr| {
+                self.nodeport_cidrs.is_empty()
+                    || self.nodeport_cidrs.iter().any(|cidr| cidr.contains(addr))
+            })
+            .collect();
+        addresses.sort();
+        addresses.dedup();
+        addresses
+    }
+}
+
+/// An address the datapath answers for: `addr:port/proto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.addr, self.port, self.protocol.as_str())
+    }
+}
+
+/// How a frontend is reached (kube-proxy's KUBE-SERVICES vs KUBE-NODEPORTS, …).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FrontendKind {
+    ClusterIp,
+    NodePort,
+    ExternalIp,
+    LoadBalancer,
+}
+
+/// `namespace/name:portname`: the identity kube-proxy hashes into chain names.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServicePortName {
+    pub namespace: String,
+    pub name: String,
+    /// The Service port's name; empty for an unnamed single port.
+    pub port_name: String,
+}
+
+impl fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}:{}", self.namespace, self.name, self.port_name)
+    }
+}
+
+/// A backend: an endpoint address and the resolved target port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendAddr {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.addr, self.port)
+    }
+}
+
+/// What one frontend should do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendPlan {
+    pub service: ServicePortName,
+    pub kind: FrontendKind,
+    /// Sorted and deduplicated. Empty means no endpoint is usable for this frontend.
+    pub backends: Vec<BackendAddr>,
+    /// What a new connection gets while `backends` is empty.
+    pub when_empty: EmptyFrontend,
+    /// `sessionAffinity: ClientIP`: how long a client keeps its backend after its last new
+    /// connection. `None`: every new connection is balanced anew.
+    pub session_affinity: Option<Duration>,
+    /// Addresses of the Service port's serving endpoints, whatever the traffic policy and
+    /// topology (sorted, deduplicated): UDP flows to any other address are stale and are
+    /// cleared, as kube-proxy's conntrack cleanup does.
+    pub serving_addrs: Vec<Ipv4Addr>,
+    /// `loadBalancerSourceRanges` (IPv4 ones, sorted): on a load-balancer frontend, new
+    /// connections from other clients are dropped. Empty: no restriction.
+    pub source_ranges: Vec<Ipv4Net>,
+}
+
+/// What a frontend without backends does with new connections (kube-proxy's filter rules).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EmptyFrontend {
+    /// The Service has no usable endpoint anywhere: refuse at once (ICMP port unreachable),
+    /// like kube-proxy's `REJECT` ("has no endpoints").
+    Reject,
+    /// Endpoints exist, but the frontend's traffic policy is `Local` and none is on this
+    /// node: drop, like kube-proxy's `DROP` ("has no local endpoints").
+    Drop,
+}
+
+/// The Node label that names the node's zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// The whole desired datapath state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    pub frontends: BTreeMap<Frontend, FrontendPlan>,
+}
+
+/// What a Service's `healthCheckNodePort` tells a load balancer about this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceHealthCheck {
+    pub node_port: u16,
+    /// Distinct addresses of this node's ready endpoints over all the Service's ports
+    /// (kube-proxy's `LocalReadyEndpoints`): terminating ones do not count, so a node whose
+    /// pods are shutting down drains before they go.
+    pub local_endpoints: usize,
+}
+
+/// The planner's output from scratch: what the datapath should do, and what it can't be
+/// asked to do.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Planned {
+    pub desired: DesiredState,
+    /// The health-check servers to run: one per Service with `externalTrafficPolicy: Local`
+    /// and a `healthCheckNodePort` (kube-proxy's `ServiceHealthServer`).
+    pub health_checks: BTreeMap<ObjectKey, ServiceHealthCheck>,
+    /// Ordered by Service, e.g. `default/foo port sctp-port: SCTP is not supported, skipped`.
+    pub problems: Vec<Problem>,
+}
+
+/// Plans every frontend of every proxied Service from scratch: what a full sync programs.
+/// When two Services claim the same frontend the first by `namespace/name` keeps it, the
+/// same on every run and after any sequence of changes.
+pub fn plan(model: &Model, node: &NodeFacts) -> Planned {
+    let mut planner = Planner::new(node, model);
+    planner.update(model, model.services().map(|(key, _)| key.clone()));
+    Planned {
+        desired: planner.desired().clone(),
+        health_checks: planner.health_checks().clone(),
+        problems: planner.problems(),
+    }
+}

@@ -1,0 +1,739 @@
+//! One Service's frontends: for each Service port, its ClusterIP, a NodePort on each node
+//! address, its external and load-balancer IPs (kube-proxy's `newBaseServiceInfo`), each
+//! with the backends of its traffic policy, what it does while empty, session affinity and
+//! source ranges; and the Service's health check. A Service is planned on its own: which
+//! Service keeps a frontend that two claim is decided in [`super::claims`].
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use tracing::debug;
+
+use super::claims::conflict;
+use super::endpoints::{NodeIdentity, categorize, endpoints_of_port};
+use super::{
+    BackendAddr, EmptyFrontend, Frontend, FrontendKind, FrontendPlan, ServiceHealthCheck,
+    ServicePortName,
+};
+use crate::model::service::port_number;
+use crate::model::{
+    ObjectKey, PortRecord, Problem, ProblemKind, ProxiedService, ServiceRecord, SliceRecord,
+};
+
+/// What planning needs to know about the node, beyond a Service's own objects.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct NodeContext {
+    pub identity: NodeIdentity,
+    /// Where NodePorts open (see [`super::NodeFacts::node_port_addresses`]).
+    pub node_port_addresses: Vec<Ipv4Addr>,
+}
+
+/// One Service's plan, before other Services' claims are considered.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct ServicePlan {
+    /// Its frontends in claim order, each once: when two of its ports name the same
+    /// frontend, the first keeps it.
+    pub frontends: Vec<(Frontend, FrontendPlan)>,
+    pub health_check: Option<ServiceHealthCheck>,
+    pub problems: Vec<Problem>,
+}
+
+/// Plans one Service from its record and its slices (a Service without a record plans
+/// nothing: its slices wait for it).
+pub(super) fn plan_service<'a>(
+    key: &ObjectKey,
+    record: Option<&ServiceRecord>,
+    slices: impl Iterator<Item = &'a SliceRecord>,
+    node: &NodeContext,
+) -> ServicePlan {
+    let mut plan = ServicePlan::default();
+    let service = match record {
+        None => return plan,
+        Some(ServiceRecord::Proxied(service)) => service,
+        Some(ServiceRecord::Ignored(reason)) => {
+            debug!(service = %key, %reason, "service not proxied");
+            return plan;
+        }
+        Some(ServiceRecord::Problem(problem)) => {
+            plan.problems.push(problem.clone());
+            return plan;
+        }
+    };
+    plan.problems.extend(service.skipped_fields.iter().cloned());
+    let slices: Vec<&SliceRecord> = slices.collect();
+    let mut local_ready = BTreeSet::new();
+    for port in &service.ports {
+        local_ready.extend(plan.add_service_port(key, service, port, &slices, node));
+    }
+    if service.external_policy_local
+        && let Some(node_port) = service.health_check_node_port
+    {
+        plan.health_check = Some(ServiceHealthCheck {
+            node_port,
+            local_endpoints: local_ready.len(),
+        });
+    }
+    plan
+}
+
+impl ServicePlan {
+    /// Plans the frontends of one Service port; returns the addresses of its ready
+    /// endpoints on this node (for the health check).
+    fn add_service_port(
+        &mut self,
+        key: &ObjectKey,
+        service: &ProxiedService,
+        port: &PortRecord,
+        slices: &[&SliceRecord],
+        node: &NodeContext,
+    ) -> Vec<Ipv4Addr> {
+        let port_label = if port.name.is_empty() {
+            port.port.to_string()
+        } else {
+            port.name.to_string()
+        };
+        let context = format!("{key} port {port_label}");
+        let protocol = match &port.protocol {
+            Ok(protocol) => *protocol,
+            Err(reason) => {
+                self.problem(
+                    "unsupported_protocol",
+                    format!("{context}: {reason}, skipped"),
+                );
+                return Vec::new();
+            }
+        };
+        let Some(service_port) = port_number(port.port) else {
+            self.problem(
+                "out_of_range",
+                format!("{context}: port {} is out of range, skipped", port.port),
+            );
+            return Vec::new();
+        };
+
+        let endpoints = endpoints_of_port(
+            slices,
+            &port.name,
+            protocol,
+            service.publish_not_ready_addresses,
+        );
+        let categorized = categorize(&endpoints, &node.identity);
+        let local_ready = endpoints
+            .iter()
+            .filter(|endpoint| endpoint.ready && endpoint.is_on(&node.identity.node_name))
+            .map(|endpoint| endpoint.backend.addr)
+            .collect();
+        let for_policy = |local: bool| FrontendTemplate {
+            service: ServicePortName {
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
+                port_name: port.name.to_string(),
+            },
+            backends: if local {
+                categorized.local.clone()
+            } else {
+                categorized.cluster.clone()
+            },
+            when_empty: if categorized.has_usable_endpoints {
+                EmptyFrontend::Drop
+            } else {
+                EmptyFrontend::Reject
+            },
+            session_affinity: service.session_affinity,
+            serving_addrs: categorized.serving_addrs.clone(),
+            source_ranges: service.source_ranges.clone(),
+        };
+        let internal = for_policy(service.internal_policy_local);
+        let external = for_policy(service.external_policy_local);
+        let frontend = |addr| Frontend {
+            addr,
+            port: service_port,
+            protocol,
+        };
+
+        self.claim(
+            frontend(service.cluster_ip),
+            &internal,
+            FrontendKind::ClusterIp,
+        );
+        let node_port = port
+            .node_port
+            .filter(|&node_port| node_port != 0 && service.exposes_node_ports);
+        if let Some(node_port) = node_port {
+            match port_number(node_port) {
+                Some(node_port) => {
+                    for &addr in &node.node_port_addresses {
+                        let frontend = Frontend {
+                            addr,
+                            port: node_port,
+                            protocol,
+                        };
+                        self.claim(frontend, &external, FrontendKind::NodePort);
+                    }
+                }
+                None => self.problem(
+                    "out_of_range",
+                    format!("{context}: nodePort {node_port} is out of range, NodePort skipped"),
+                ),
+            }
+        }
+        for &addr in &service.external_ips {
+            self.claim(frontend(addr), &external, FrontendKind::ExternalIp);
+        }
+        for &addr in &service.load_balancer_ips {
+            self.claim(frontend(addr), &external, FrontendKind::LoadBalancer);
+        }
+        local_ready
+    }
+
+    fn problem(&mut self, reason: &'static str, message: String) {
+        self.problems
+            .push(Problem::new(ProblemKind::Service, reason, message));
+    }
+
+    /// Takes `frontend` for the template's Service port unless another port of this
+    /// Service has it already.
+    fn claim(&mut self, frontend: Frontend, template: &FrontendTemplate, kind: FrontendKind) {
+        let service = &template.service;
+        match self.frontends.iter().find(|(taken, _)| *taken == frontend) {
+            None => self.frontends.push((
+                frontend,
+                FrontendPlan {
+                    service: service.clone(),
+                    kind,
+                    backends: template.backends.clone(),
+                    when_empty: template.when_empty,
+                    session_affinity: template.session_affinity,
+                    serving_addrs: template.serving_addrs.clone(),
+                    // Only load-balancer IPs are restricted, as in kube-proxy.
+                    source_ranges: if kind == FrontendKind::LoadBalancer {
+                        template.source_ranges.clone()
+                    } else {
+                        Vec::new()
+                    },
+                },
+            )),
+            // The same Service port naming an address twice (an externalIP that is also its
+            // load balancer's) is redundant, not a conflict.
+            Some((_, owner)) if owner.service == *service => {}
+            Some((_, owner)) => {
+                let problem = conflict(service, frontend, kind, &owner.service, owner.kind);
+                self.problems.push(problem);
+            }
+        }
+    }
+}
+
+/// A [`FrontendPlan`] without its kind: what every frontend of one traffic policy
+/// (internal: the ClusterIP; external: NodePorts, external and load-balancer IPs) shares.
+struct FrontendTemplate {
+    service: ServicePortName,
+    backends: Vec<BackendAddr>,
+    when_empty: EmptyFrontend,
+    session_affinity: Option<Duration>,
+    serving_addrs: Vec<Ipv4Addr>,
+    source_ranges: Vec<Ipv4Net>,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use k8s_openapi::api::core::v1::ServicePort;
+
+    use super::super::FrontendKind::{ClusterIp, ExternalIp, LoadBalancer, NodePort};
+    use super::super::testing::*;
+    use super::super::*;
+    use crate::model::Model;
+
+    #[test]
+    fn cluster_ip_frontends() {
+        run(vec![
+            Case {
+                name: "one port",
+                services: vec![svc("default/web", "198.19.0.10").port("http", 80, "TCP")],
+                slices: vec![web_slice()],
+                frontends: vec![("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec())],
+                ..Case::default()
+            },
+            Case {
+                name: "two ports, one frontend each",
+                services: vec![
+                    svc("default/web", "198.19.0.10")
+                        .port("http", 80, "TCP")
+                        .port("https", 443, "TCP"),
+                ],
+                slices: vec![web_slice().port(Some("https"), Some(8443), "TCP")],
+                frontends: vec![
+                    ("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec()),
+                    (
+                        "198.19.0.10:443/tcp",
+                        ClusterIp,
+                        vec!["198.18.1.1:8443", "198.18.1.2:8443"],
+                    ),
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "dual stack: the IPv4 entry of clusterIPs",
+                services: vec![
+                    svc("default/web", "fd00::10")
+                        .cluster_ips(&["fd00::10", "198.19.0.10"])
+                        .port("http", 80, "TCP"),
+                ],
+                slices: vec![web_slice()],
+                frontends: vec![("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec())],
+                ..Case::default()
+            },
+            Case {
+                name: "IPv6 only: not proxied, not a problem",
+                services: vec![
+                    svc("default/web", "fd00::10")
+                        .node_port("http", 80, 30080)
+                        .service_type("NodePort"),
+                ],
+                slices: vec![web_slice()],
+                ..Case::default()
+            },
+            Case {
+                name: "no endpoints: frontend with no backends",
+                services: vec![svc("default/web", "198.19.0.10").port("http", 80, "TCP")],
+                frontends: vec![("198.19.0.10:80/tcp", ClusterIp, vec![REJECTS])],
+                ..Case::default()
+            },
+        ]);
+    }
+
+    /// kube-proxy's service health server listens on `0.0.0.0` unless
+    /// `--nodeport-addresses` narrows it, then on the node addresses inside the CIDRs,
+    /// loopback included (`newServiceHealthServer`, `GetNodeIPs`).
+    #[test]
+    fn health_checks_listen_where_kube_proxy_does() {
+        let ip = |text: &str| -> Ipv4Addr { text.parse().unwrap() };
+        let node = |cidrs: &[&str]| NodeFacts {
+            addresses: vec![ip("198.18.0.1"), ip("127.0.0.1"), ip("198.18.5.1")],
+            nodeport_cidrs: cidrs.iter().map(|cidr| cidr.parse().unwrap()).collect(),
+            ..NodeFacts::default()
+        };
+        // (CIDRs, health-check addresses, NodePort addresses)
+        let cases: [(&[&str], Vec<Ipv4Addr>, Vec<Ipv4Addr>); 5] = [
+            (
+                &[],
+                vec![Ipv4Addr::UNSPECIFIED],
+                vec![ip("198.18.0.1"), ip("198.18.5.1")],
+            ),
+            (&["127.0.0.0/8"], vec![ip("127.0.0.1")], vec![]),
+            (
+                &["198.18.0.0/24", "127.0.0.0/8"],
+                vec![ip("127.0.0.1"), ip("198.18.0.1")],
+                vec![ip("198.18.0.1")],
+            ),
+            (
+                &["0.0.0.0/0"],
+                vec![Ipv4Addr::UNSPECIFIED],
+                vec![ip("198.18.0.1"), ip("198.18.5.1")],
+            ),
+            (&["203.0.113.0/24"], vec![], vec![]),
+        ];
+        for (cidrs, health_checks, node_ports) in cases {
+            let node = node(cidrs);
+            assert_eq!(node.health_check_addresses(), health_checks, "{cidrs:?}");
+            assert_eq!(node.node_port_addresses(), node_ports, "{cidrs:?}");
+        }
+    }
+
+    #[test]
+    fn node_port_frontends() {
+        // Loopback addresses never become NodePort frontends: the program sees no
+        // loopback traffic.
+        let two_addresses = NodeFacts {
+            addresses: vec![
+                "198.18.0.2".parse().unwrap(),
+                "127.0.0.1".parse().unwrap(),
+                "198.18.0.1".parse().unwrap(),
+                "198.18.0.1".parse().unwrap(),
+            ],
+            ..node()
+        };
+        run(vec![
+            Case {
+                name: "NodePort on every node address",
+                services: vec![
+                    svc("default/web", "198.19.0.10")
+                        .node_port("http", 80, 30080)
+                        .service_type("NodePort"),
+                ],
+                slices: vec![web_slice()],
+                node: two_addresses.clone(),
+                frontends: vec![
+                    ("198.18.0.1:30080/tcp", NodePort, WEB_BACKENDS.to_vec()),
+                    ("198.18.0.2:30080/tcp", NodePort, WEB_BACKENDS.to_vec()),
+                    ("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec()),
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "nodeport_cidrs restricts the addresses",
+                services: vec![
+                    svc("default/web", "198.19.0.10")
+                        .node_port("http", 80, 30080)
+                        .service_type("NodePort"),
+                ],
+                slices: vec![web_slice()],
+                node: NodeFacts {
+                    nodeport_cidrs: vec!["198.18.0.2/32".parse().unwrap()],
+                    ..two_addresses
+                },
+                frontends: vec![
+                    ("198.18.0.2:30080/tcp", NodePort, WEB_BACKENDS.to_vec()),
+                    ("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec()),
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "LoadBalancer opens its nodePort too",
+                services: vec![
+                    svc("default/web", "198.19.0.10")
+                        .node_port("http", 80, 30080)
+                        .service_type("LoadBalancer"),
+                ],
+                slices: vec![web_slice()],
+                frontends: vec![
+                    ("198.18.0.1:30080/tcp", NodePort, WEB_BACKENDS.to_vec()),
+                    ("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec()),
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "LoadBalancer with allocateLoadBalancerNodePorts=false has none",
+                services: vec![
+                    svc("default/web", "198.19.0.10")
+                        .port("http", 80, "TCP")
+                        .service_type("LoadBalancer")
+                        .allocate_load_balancer_node_ports(false),
+                ],
+                slices: vec![web_slice()],
+                frontends: vec![("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec())],
+                ..Case::default()
+            },
+            Case {
+                name: "type ClusterIP ignores a nodePort",
+                services: vec![svc("default/web", "198.19.0.10").node_port("http", 80, 30080)],
+                slices: vec![web_slice()],
+                frontends: vec![("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec())],
+                ..Case::default()
+            },
+            Case {
+                name: "nodePort out of range",
+                services: vec![
+                    svc("default/web", "198.19.0.10")
+                        .node_port("http", 80, 70000)
+                        .service_type("NodePort"),
+                ],
+                slices: vec![web_slice()],
+                frontends: vec![("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec())],
+                problems: vec![
+                    "default/web port http: nodePort 70000 is out of range, NodePort skipped",
+                ],
+                ..Case::default()
+            },
+        ]);
+    }
+
+    #[test]
+    fn external_ip_frontends() {
+        run(vec![Case {
+            name: "IPv4 externalIPs, IPv6 ones skipped",
+            services: vec![
+                svc("default/web", "198.19.0.10")
+                    .port("http", 80, "TCP")
+                    .external_ips(&["198.18.9.2", "fd00::9", "198.18.9.1"]),
+            ],
+            slices: vec![web_slice()],
+            frontends: vec![
+                ("198.18.9.1:80/tcp", ExternalIp, WEB_BACKENDS.to_vec()),
+                ("198.18.9.2:80/tcp", ExternalIp, WEB_BACKENDS.to_vec()),
+                ("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec()),
+            ],
+            ..Case::default()
+        }]);
+    }
+
+    #[test]
+    fn load_balancer_frontends() {
+        let load_balancer = || {
+            svc("default/web", "198.19.0.10")
+                .port("http", 80, "TCP")
+                .service_type("LoadBalancer")
+                .allocate_load_balancer_node_ports(false)
+        };
+        run(vec![
+            Case {
+                name: "ingress IPs in VIP mode (unset means VIP)",
+                services: vec![
+                    load_balancer()
+                        .ingress(Some("198.18.8.1"), None)
+                        .ingress(Some("198.18.8.2"), Some("VIP")),
+                ],
+                slices: vec![web_slice()],
+                frontends: vec![
+                    ("198.18.8.1:80/tcp", LoadBalancer, WEB_BACKENDS.to_vec()),
+                    ("198.18.8.2:80/tcp", LoadBalancer, WEB_BACKENDS.to_vec()),
+                    ("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec()),
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "hostname-only, Proxy-mode and IPv6 ingress are skipped",
+                services: vec![
+                    load_balancer()
+                        .ingress(None, None)
+                        .ingress(Some("198.18.8.1"), Some("Proxy"))
+                        .ingress(Some("fd00::8"), None),
+                ],
+                slices: vec![web_slice()],
+                frontends: vec![("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec())],
+                ..Case::default()
+            },
+            Case {
+                name: "an externalIP equal to the ingress IP is one frontend, no conflict",
+                services: vec![
+                    load_balancer()
+                        .ingress(Some("198.18.8.1"), None)
+                        .external_ips(&["198.18.8.1"]),
+                ],
+                slices: vec![web_slice()],
+                frontends: vec![
+                    ("198.18.8.1:80/tcp", ExternalIp, WEB_BACKENDS.to_vec()),
+                    ("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec()),
+                ],
+                ..Case::default()
+            },
+        ]);
+    }
+
+    #[test]
+    fn protocols() {
+        run(vec![
+            Case {
+                name: "UDP, and TCP when unset",
+                services: vec![{
+                    let mut dns = svc("kube-system/dns", "198.19.0.53").port("dns", 53, "UDP");
+                    dns.spec().ports.get_or_insert_default().push(ServicePort {
+                        name: Some("dns-tcp".to_owned()),
+                        port: 53,
+                        ..ServicePort::default()
+                    });
+                    dns
+                }],
+                slices: vec![
+                    slice("kube-system/dns-1", "dns")
+                        .port(Some("dns"), Some(5353), "UDP")
+                        .port(Some("dns-tcp"), Some(5353), "TCP")
+                        .endpoint(ep("198.18.2.1")),
+                ],
+                frontends: vec![
+                    ("198.19.0.53:53/tcp", ClusterIp, vec!["198.18.2.1:5353"]),
+                    ("198.19.0.53:53/udp", ClusterIp, vec!["198.18.2.1:5353"]),
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "SCTP port skipped and reported, the others kept",
+                services: vec![
+                    svc("default/web", "198.19.0.10")
+                        .port("http", 80, "TCP")
+                        .port("sctp-port", 9999, "SCTP"),
+                ],
+                slices: vec![web_slice()],
+                frontends: vec![("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec())],
+                problems: vec!["default/web port sctp-port: SCTP is not supported, skipped"],
+                ..Case::default()
+            },
+            Case {
+                name: "unknown protocol reported",
+                services: vec![svc("default/web", "198.19.0.10").port("", 80, "HTTP")],
+                problems: vec!["default/web port 80: protocol \"HTTP\" is invalid, skipped"],
+                ..Case::default()
+            },
+        ]);
+    }
+
+    #[test]
+    fn ignored_services() {
+        let ignored = |name: &'static str, service: Svc| Case {
+            name,
+            services: vec![service],
+            slices: vec![web_slice()],
+            ..Case::default()
+        };
+        let web = || svc("default/web", "198.19.0.10").port("http", 80, "TCP");
+        run(vec![
+            ignored(
+                "headless",
+                svc("default/web", "None").port("http", 80, "TCP"),
+            ),
+            ignored("ExternalName", web().service_type("ExternalName")),
+            ignored(
+                "another proxy's",
+                web().label(SERVICE_PROXY_NAME_LABEL, "other-proxy"),
+            ),
+            ignored("headless label", web().label(HEADLESS_LABEL, "")),
+            Case {
+                name: "no clusterIP: skipped and reported",
+                services: vec![svc("default/web", "").port("http", 80, "TCP")],
+                problems: vec![
+                    "default/web: no clusterIP set, skipped (kube-proxy skips such Services too)",
+                ],
+                ..Case::default()
+            },
+        ]);
+    }
+
+    #[test]
+    fn session_affinity_applies_to_every_frontend_of_the_service() {
+        let web = || {
+            svc("default/web", "198.19.0.10")
+                .node_port("http", 80, 30080)
+                .service_type("NodePort")
+        };
+        let affinity_of = |service: Svc| -> Vec<Option<Duration>> {
+            let mut model = Model::default();
+            model.insert_service(service.0).unwrap();
+            model.insert_endpoint_slice(web_slice().0).unwrap();
+            let planned = plan(&model, &node());
+            planned
+                .desired
+                .frontends
+                .values()
+                .map(|plan| plan.session_affinity)
+                .collect()
+        };
+        let three_hours = Some(DEFAULT_AFFINITY_TIMEOUT);
+        let cases = [
+            ("no affinity", web(), [None, None]),
+            ("None", web().session_affinity("None"), [None, None]),
+            (
+                "ClientIP without a timeout: 10800 s",
+                web().client_ip_affinity(None),
+                [three_hours; 2],
+            ),
+            (
+                "ClientIP with a timeout",
+                web().client_ip_affinity(Some(2)),
+                [Some(Duration::from_secs(2)); 2],
+            ),
+            (
+                "a timeout the API would refuse: the default",
+                web().client_ip_affinity(Some(86_401)),
+                [three_hours; 2],
+            ),
+        ];
+        for (name, service, expected) in cases {
+            assert_eq!(affinity_of(service), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn source_ranges_restrict_load_balancer_ips_only() {
+        let mut model = Model::default();
+        model
+            .insert_service(
+                svc("default/web", "198.19.0.10")
+                    .node_port("http", 80, 30080)
+                    .service_type("LoadBalancer")
+                    .ingress(Some("198.18.8.1"), None)
+                    .load_balancer_source_ranges(&[
+                        "198.18.0.0/24",
+                        " 10.1.2.3/8 ",
+                        "fd00::/8",
+                        "not-a-cidr",
+                        "198.18.0.0/24",
+                    ])
+                    .0,
+            )
+            .unwrap();
+        model.insert_endpoint_slice(web_slice().0).unwrap();
+        let planned = plan(&model, &node());
+        for (frontend, plan) in &planned.desired.frontends {
+            let ranges: Vec<String> = plan.source_ranges.iter().map(ToString::to_string).collect();
+            let expected: &[&str] = if plan.kind == FrontendKind::LoadBalancer {
+                // Trimmed, truncated to the network, sorted, deduplicated; IPv6 and junk
+                // left out as kube-proxy does.
+                &["10.0.0.0/8", "198.18.0.0/24"]
+            } else {
+                &[]
+            };
+            assert_eq!(ranges, expected, "{frontend}");
+        }
+        assert_eq!(planned.desired.frontends.len(), 3);
+    }
+
+    #[test]
+    fn health_checks_count_distinct_local_ready_addresses() {
+        // Two ports, so 198.18.1.1 appears twice and counts once, as in kube-proxy.
+        let lb = || {
+            svc("default/lb", "198.19.0.20")
+                .node_port("http", 80, 30080)
+                .node_port("https", 443, 30443)
+                .service_type("LoadBalancer")
+        };
+        let slices = vec![
+            slice("default/lb-1", "lb")
+                .port(Some("http"), Some(8080), "TCP")
+                .port(Some("https"), Some(8443), "TCP")
+                .endpoint(ep("198.18.1.1").on_node(NODE))
+                .endpoint(ep("198.18.1.2").on_node(NODE).serving_terminating())
+                .endpoint(ep("198.18.1.3").on_node(NODE).not_ready())
+                .endpoint(ep("198.18.1.4").on_node("node-b")),
+        ];
+        // (node port, local endpoints)
+        type Expected = Option<(u16, usize)>;
+        let cases: [(&str, Svc, Expected); 5] = [
+            (
+                "Local with a port: ready local addresses, terminating and not-ready ones left out",
+                lb().external_traffic_policy("Local")
+                    .health_check_node_port(32000),
+                Some((32000, 1)),
+            ),
+            (
+                "Cluster policy: no health check",
+                lb().health_check_node_port(32000),
+                None,
+            ),
+            (
+                "Local without a port: none",
+                lb().external_traffic_policy("Local"),
+                None,
+            ),
+            (
+                "port out of range: none",
+                lb().external_traffic_policy("Local")
+                    .health_check_node_port(70000),
+                None,
+            ),
+            (
+                "publishNotReadyAddresses makes every local endpoint ready",
+                lb().external_traffic_policy("Local")
+                    .health_check_node_port(32000)
+                    .publish_not_ready_addresses(),
+                Some((32000, 3)),
+            ),
+        ];
+        for (name, service, expected) in cases {
+            let mut model = Model::default();
+            model.insert_service(service.0).unwrap();
+            for slice in &slices {
+                model.insert_endpoint_slice(slice.0.clone()).unwrap();
+            }
+            let planned = plan(&model, &node());
+            let check = planned
+                .health_checks
+                .get(&ObjectKey::new("default", "lb"))
+                .map(|check| (check.node_port, check.local_endpoints));
+            assert_eq!(check, expected, "{name}");
+        }
+    }
+}
