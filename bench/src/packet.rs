@@ -40,8 +40,8 @@ use proxy_common::{
     CtKey, CtTimeouts, CtValue, PROGRAM_NAME, TRACE_PROGRAM_NAME, TraceRecord, Tuple,
     default_max_entries, map_names, proto, stat,
 };
-use proxy_userspace::plan;
 use proxy_userspace::writer::{FlowMaps, MapWriter};
+use proxy_userspace::{datapath, plan};
 
 use crate::cluster::{BenchService, Cluster, Endpoints, lab_node};
 use crate::stats::{Rng, Summary, median};
@@ -403,20 +403,10 @@ impl LoadedProgram {
     /// Runs one frame through the program; its verdict must be TC_ACT_OK and `counter`
     /// must count it. Returns the frame it leaves.
     fn once(&self, frame: &[u8], counter: u32) -> Result<Vec<u8>> {
-        let mut out = vec![0; frame.len() + 256];
         let before = self.counter(counter)?;
-        let result = self.program()?.test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..TestRunOptions::default()
-        })?;
-        ensure!(
-            result.return_value == TC_ACT_OK,
-            "verdict {}",
-            result.return_value
-        );
+        let (verdict, out) = datapath::run_frame(self.program()?, frame)?;
+        ensure!(verdict == TC_ACT_OK, "verdict {verdict}");
         self.expect_counted(counter, before, 1)?;
-        out.truncate(result.data_size_out as usize);
         Ok(out)
     }
 

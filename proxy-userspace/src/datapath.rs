@@ -20,7 +20,7 @@ use anyhow::{Context, Result, anyhow};
 use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::TcAttachOptions;
-use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions};
 use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::{
@@ -309,6 +309,23 @@ pub fn set_timeouts(ebpf: &mut Ebpf, timeouts: CtTimeouts) -> Result<()> {
     array
         .set(0, timeouts, 0)
         .context("writing the conntrack timeouts")
+}
+
+/// Runs `frame` through a loaded tc program with BPF_PROG_TEST_RUN (it goes nowhere): the
+/// program's return value and the frame it leaves. The dry run, the tests and the
+/// benchmark's checks run packets this way.
+pub fn run_frame(program: &SchedClassifier, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+    // Room for what the program may add (an ICMP error grows the frame).
+    let mut output = vec![0; frame.len() + 256];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut output),
+            ..TestRunOptions::default()
+        })
+        .context("BPF_PROG_TEST_RUN")?;
+    output.truncate(result.data_size_out as usize);
+    Ok((result.return_value, output))
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {

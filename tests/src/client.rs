@@ -5,10 +5,10 @@
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use socket2::{Domain, SockRef, Socket, Type};
 
 use crate::netns::Netns;
 
@@ -74,98 +74,20 @@ impl TcpSession {
     /// Closing will send a reset instead of a FIN (SO_LINGER 0): no TIME_WAIT on this
     /// side, so the same source port can connect to the same destination again at once.
     pub fn reset_on_close(&self) -> std::io::Result<()> {
-        let linger = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        set_option(self.writer.as_raw_fd(), libc::SO_LINGER, &linger)
-    }
-}
-
-/// Sets a SOL_SOCKET option.
-fn set_option<T>(fd: RawFd, option: libc::c_int, value: &T) -> std::io::Result<()> {
-    // SAFETY: a valid socket and an option value of the size passed, alive for the call.
-    let result = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            option,
-            (value as *const T).cast(),
-            size_of::<T>() as libc::socklen_t,
-        )
-    };
-    if result == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
+        SockRef::from(&self.writer).set_linger(Some(Duration::ZERO))
     }
 }
 
 /// A socket of `kind` bound to `local_port` on every address, with SO_REUSEADDR (other
-/// sockets may share the port, as `socat …,sourceport=` or `dig -b` do) and send and
-/// receive timeouts (for TCP, the send timeout bounds `connect`).
-fn bound_socket(kind: libc::c_int, local_port: u16, timeout: Duration) -> std::io::Result<OwnedFd> {
-    // SAFETY: plain syscall; the descriptor is owned from here on.
-    let fd = unsafe { libc::socket(libc::AF_INET, kind | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by the kernel and is owned by nothing else.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    set_option(fd, libc::SO_REUSEADDR, &1 as &libc::c_int)?;
-    let timeval = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
-    };
-    set_option(fd, libc::SO_SNDTIMEO, &timeval)?;
-    set_option(fd, libc::SO_RCVTIMEO, &timeval)?;
-    let address = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: local_port.to_be(),
-        sin_addr: libc::in_addr { s_addr: 0 },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: a valid socket and a sockaddr_in of the size passed.
-    let bound = unsafe {
-        libc::bind(
-            fd,
-            (&raw const address).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    if bound != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+/// sockets may share the port, as `socat …,sourceport=` or `dig -b` do) and a receive
+/// timeout.
+fn bound_socket(kind: Type, local_port: u16, timeout: Duration) -> std::io::Result<Socket> {
+    let socket = Socket::new(Domain::IPV4, kind, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.set_write_timeout(Some(timeout))?;
+    socket.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, local_port).into())?;
     Ok(socket)
-}
-
-/// Connects a bound TCP socket to `target`.
-fn connect(socket: &OwnedFd, target: SocketAddrV4) -> std::io::Result<()> {
-    let address = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: target.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(target.ip().octets()),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: a valid socket and a sockaddr_in of the size passed.
-    let connected = unsafe {
-        libc::connect(
-            socket.as_raw_fd(),
-            (&raw const address).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    if connected == 0 {
-        return Ok(());
-    }
-    let error = std::io::Error::last_os_error();
-    // A connect interrupted by SO_SNDTIMEO reports EINPROGRESS: it timed out.
-    Err(match error.raw_os_error() {
-        Some(libc::EINPROGRESS) => ErrorKind::TimedOut.into(),
-        _ => error,
-    })
 }
 
 impl Netns {
@@ -269,9 +191,9 @@ impl Netns {
         timeout: Duration,
     ) -> std::io::Result<TcpSession> {
         let socket = self
-            .run(|| bound_socket(libc::SOCK_STREAM, local_port, timeout))
+            .run(|| bound_socket(Type::STREAM, local_port, timeout))
             .map_err(std::io::Error::other)??;
-        connect(&socket, SocketAddrV4::new(addr, port))?;
+        socket.connect_timeout(&SocketAddrV4::new(addr, port).into(), timeout)?;
         let stream = TcpStream::from(socket);
         stream.set_nodelay(true)?;
         Ok(TcpSession {
@@ -288,7 +210,7 @@ impl Netns {
         timeout: Duration,
     ) -> std::io::Result<UdpSocket> {
         let socket = self
-            .run(|| bound_socket(libc::SOCK_DGRAM, local_port, timeout))
+            .run(|| bound_socket(Type::DGRAM, local_port, timeout))
             .map_err(std::io::Error::other)??;
         Ok(UdpSocket::from(socket))
     }

@@ -18,10 +18,10 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
+use aya::Ebpf;
 use aya::maps::{Map, MapData};
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
-use aya::{Ebpf, EbpfLoader};
 use proxy_common::{
     CtKey, CtValue, EXPIRES_REMOVING, REAP_BATCH, REAP_PROGRAM_NAME, ReapRequest, map_names,
     trace_table,
@@ -44,25 +44,8 @@ pub struct Reaper {
 impl Reaper {
     /// Loads the reaper from the embedded object, reusing the maps pinned under `root`.
     pub fn load(root: &Path) -> Result<Self> {
-        for name in [map_names::CONNTRACK, map_names::CONNTRACK_PENDING] {
-            crate::inspect::open_pinned(root, name)?;
-        }
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(root)
-            .load(crate::EBPF_OBJECT)
-            .with_context(|| {
-                format!(
-                    "loading the eBPF object against the pins in {}",
-                    root.display()
-                )
-            })?;
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(REAP_PROGRAM_NAME)
-            .ok_or_else(|| anyhow!("program {REAP_PROGRAM_NAME} missing from the eBPF object"))?
-            .try_into()?;
-        program
-            .load()
-            .with_context(|| format!("loading {REAP_PROGRAM_NAME}"))?;
+        let pins = [map_names::CONNTRACK, map_names::CONNTRACK_PENDING];
+        let mut ebpf = crate::inspect::load_beside_pins(root, &pins, REAP_PROGRAM_NAME)?;
         let mut take = |name: &str| -> Result<MapData> {
             match ebpf.take_map(name) {
                 Some(Map::LruHashMap(data)) => Ok(data),

@@ -12,10 +12,10 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::str::FromStr;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
+use aya::Ebpf;
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
-use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
-use aya::{Ebpf, EbpfLoader};
+use aya::programs::SchedClassifier;
 use clap::Args;
 use proxy_common::{
     FlowState, ServiceKey, ServiceName, TRACE_PROGRAM_NAME, TraceRecord, ct_flags, ct_state,
@@ -25,7 +25,7 @@ use serde::Serialize;
 
 use super::conntrack::EndpointPattern;
 use super::{
-    Endpoint, Output, PinArgs, frontend_label, kind_name, open_pinned, print, protocol_name,
+    Endpoint, Output, PinArgs, frontend_label, kind_name, load_beside_pins, print, protocol_name,
 };
 
 /// The source port when SRC has none: any fixed port works; give the port of a live flow
@@ -239,7 +239,7 @@ impl Tracer {
     /// Loads `epx_trace` from the embedded object, reusing the maps pinned under `root`
     /// (it never creates pins: missing ones are an error). Needs root (or CAP_BPF).
     pub fn load(root: &Path) -> Result<Self> {
-        for name in [
+        let pins = [
             map_names::SERVICES,
             map_names::BACKENDS,
             map_names::BACKEND_IDS,
@@ -252,25 +252,8 @@ impl Tracer {
             map_names::MEMBERSHIP_EPOCH,
             map_names::SVC_NAMES,
             map_names::SOURCE_RANGES,
-        ] {
-            open_pinned(root, name)?;
-        }
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(root)
-            .load(crate::EBPF_OBJECT)
-            .with_context(|| {
-                format!(
-                    "loading the eBPF object against the pins in {}",
-                    root.display()
-                )
-            })?;
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(TRACE_PROGRAM_NAME)
-            .ok_or_else(|| anyhow!("program {TRACE_PROGRAM_NAME} missing from the eBPF object"))?
-            .try_into()?;
-        program
-            .load()
-            .with_context(|| format!("loading {TRACE_PROGRAM_NAME} (needs root or CAP_BPF)"))?;
+        ];
+        let ebpf = load_beside_pins(root, &pins, TRACE_PROGRAM_NAME)?;
         Ok(Self { ebpf })
     }
 
@@ -319,16 +302,7 @@ impl Tracer {
             .program(TRACE_PROGRAM_NAME)
             .context("epx_trace not loaded")?
             .try_into()?;
-        let mut output = vec![0; frame.len() + 256];
-        let result = program
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut output),
-                ..TestRunOptions::default()
-            })
-            .context("BPF_PROG_TEST_RUN of epx_trace")?;
-        output.truncate(result.data_size_out as usize);
-        Ok((result.return_value, output))
+        crate::datapath::run_frame(program, frame).context("running epx_trace")
     }
 
     fn trace_map(&mut self) -> Result<PerCpuArray<&mut MapData, TraceRecord>> {

@@ -9,7 +9,7 @@ pub use std::net::SocketAddrV4;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
-    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+    programs::SchedClassifier,
 };
 use etherparse::{
     EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpDscp, IpFragOffset, IpNumber,
@@ -324,16 +324,7 @@ impl Datapath {
     pub fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
         let program: &SchedClassifier =
             self.ebpf.program(PROGRAM_NAME).unwrap().try_into().unwrap();
-        let mut out = vec![0; frame.len() + 256];
-        let result = program
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..TestRunOptions::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        proxy_userspace::datapath::run_frame(program, frame).unwrap()
     }
 
     /// Every counter, summed over the CPUs, by name.
