@@ -198,24 +198,13 @@ pub struct AffinityValue {
 }
 
 /// Key of the MEMBERSHIP map (value: bits of [`membership`]): `addr` is an endpoint
-/// address of the frontend `rev_nat_id`. The entry with `addr` 0 stands for the frontend
-/// itself: `FRONTEND`, and `SERVING` while it has any serving endpoint.
+/// address of the frontend `rev_nat_id`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MembershipKey {
     pub rev_nat_id: u32,
     /// IPv4 address, network byte order.
     pub addr: u32,
-}
-
-impl MembershipKey {
-    /// The entry that stands for the frontend itself.
-    pub const fn frontend(rev_nat_id: u32) -> Self {
-        Self {
-            rev_nat_id,
-            addr: 0,
-        }
-    }
 }
 
 /// Bits of a MEMBERSHIP value.
@@ -225,12 +214,9 @@ pub mod membership {
     pub const SELECTABLE: u8 = 1 << 0;
     /// The endpoint is serving (ready, or terminating but serving): its UDP flows and
     /// unanswered TCP connections stay on it (kube-proxy clears only flows to endpoints
-    /// that stopped serving). A flow to an address without it is given a new backend if
-    /// the frontend has serving endpoints left.
+    /// that stopped serving). A flow to an address without it is given a new backend, or
+    /// refused when the frontend has none left (or is gone).
     pub const SERVING: u8 = 1 << 1;
-    /// On the frontend's own entry (`MembershipKey::frontend`): the frontend exists (the
-    /// flows of a frontend that is gone end); with `SERVING`, it has serving endpoints.
-    pub const FRONTEND: u8 = 1 << 2;
 }
 
 /// The data of a SOURCE_RANGES key (an LPM trie; the value is a `u8`, always 1): the

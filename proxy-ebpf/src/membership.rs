@@ -39,11 +39,10 @@ pub fn epoch() -> u32 {
 }
 
 /// Whether a flow of the frontend `rev_nat_id` to `addr` may stay where it is: the address
-/// still serves the frontend, or nothing serves it any more (there is nowhere better to
-/// go, and kube-proxy leaves such flows alone). A frontend that is gone ends its flows.
+/// still serves the frontend. A flow that may not is decided again as a new one: another
+/// backend, or — the last serving endpoint gone, or the frontend — refused, as after
+/// kube-proxy's `CleanStaleEntries`.
 #[inline(always)]
 pub fn may_stay(rev_nat_id: u32, addr: u32) -> bool {
-    let frontend = of(rev_nat_id, MembershipKey::frontend(rev_nat_id).addr);
-    frontend & membership::FRONTEND != 0
-        && (frontend & membership::SERVING == 0 || of(rev_nat_id, addr) & membership::SERVING != 0)
+    of(rev_nat_id, addr) & membership::SERVING != 0
 }

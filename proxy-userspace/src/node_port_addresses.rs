@@ -16,6 +16,8 @@ use std::net::Ipv4Addr;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
+use crate::model::address::parse_cidr_sloppy;
+
 /// kube-proxy's keyword for the Node's primary addresses.
 pub const PRIMARY: &str = "primary";
 
@@ -48,10 +50,10 @@ impl NodePortAddresses {
             if value == PRIMARY {
                 return Err(format!("{PRIMARY:?} cannot be combined with CIDRs"));
             }
-            match value.parse::<IpNet>() {
-                Ok(IpNet::V4(cidr)) => ipv4.push(cidr),
-                Ok(IpNet::V6(cidr)) => ipv6.push(cidr),
-                Err(_) => {
+            match parse_cidr_sloppy(value) {
+                Some(IpNet::V4(cidr)) => ipv4.push(cidr),
+                Some(IpNet::V6(cidr)) => ipv6.push(cidr),
+                None => {
                     return Err(format!(
                         "{value:?} is not a CIDR (like 198.18.0.0/24 or 2001:db8::/64) nor \
                          {PRIMARY:?}"
@@ -113,7 +115,7 @@ mod tests {
     #[test]
     fn the_flag_parses_like_kube_proxys_validation() {
         // (values, parsed or the start of the error)
-        let ok: [(&[&str], NodePortAddresses); 5] = [
+        let ok: [(&[&str], NodePortAddresses); 6] = [
             (&[], NodePortAddresses::All),
             (&["primary"], NodePortAddresses::Primary),
             (
@@ -134,6 +136,14 @@ mod tests {
                 &["0.0.0.0/0"],
                 NodePortAddresses::Cidrs {
                     ipv4: vec![v4("0.0.0.0/0")],
+                    ipv6: vec![],
+                },
+            ),
+            // Read as kube-proxy reads them (ParseCIDRSloppy): leading zeros are decimal.
+            (
+                &["198.018.000.001/024"],
+                NodePortAddresses::Cidrs {
+                    ipv4: vec![v4("198.18.0.0/24")],
                     ipv6: vec![],
                 },
             ),

@@ -419,11 +419,8 @@ fn remove_from_dns(
 ) {
     let service = if protocol == proto::UDP { DNS } else { VIP };
     datapath.add_service(frontend(service, protocol), &[backend(staying, protocol)]);
-    let key = MembershipKey {
-        rev_nat_id: REV_NAT_ID,
-        addr: u32::from_ne_bytes(left.ip().octets()),
-    };
-    datapath.set_membership(key, if serving { membership::SERVING } else { 0 });
+    let bits = if serving { membership::SERVING } else { 0 };
+    datapath.set_membership(member(left), bits);
     datapath.raise_membership_epoch();
 }
 
@@ -499,9 +496,45 @@ fn udp_flows_of_a_frontend_that_is_gone_end() {
     let query = Frame::new(CLIENT, DNS, UDP);
     assert_translated(&datapath, query, query.between(CLIENT, SERVER_1));
     datapath.remove_service_entry(dns);
-    datapath.set_membership(MembershipKey::frontend(REV_NAT_ID), 0);
+    datapath.set_membership(member(SERVER_1), 0);
     datapath.raise_membership_epoch();
     assert_untouched(&datapath, &query.build());
+}
+
+#[test]
+fn udp_flows_end_when_the_last_serving_endpoint_leaves() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    let dns = frontend(DNS, proto::UDP);
+    datapath.add_service(dns, &[backend(SERVER_1, proto::UDP)]);
+    let query = Frame::new(CLIENT, DNS, UDP);
+    assert_translated(&datapath, query, query.between(CLIENT, SERVER_1));
+    // The daemon's write: the frontend without endpoints, its last member gone.
+    datapath.add_service(dns, &[]);
+    datapath.set_membership(member(SERVER_1), 0);
+    datapath.raise_membership_epoch();
+
+    // The answer already on its way keeps its translation…
+    let late = Frame::new(SERVER_1, CLIENT, UDP);
+    assert_translated(&datapath, late, late.between(DNS, CLIENT));
+    // … and the client's next query is refused, as after kube-proxy's CleanStaleEntries.
+    assert_refused(&datapath, &query.build());
+    datapath.assert_stats(&[
+        (stat::CT_MISS, 1),
+        (stat::NEW_FLOW, 1),
+        (stat::REPLY, 1),
+        (stat::BACKEND_LEFT, 1),
+        (stat::REJECTED, 1),
+    ]);
+}
+
+/// The MEMBERSHIP key of `endpoint` in the test frontend.
+fn member(endpoint: SocketAddrV4) -> MembershipKey {
+    MembershipKey {
+        rev_nat_id: REV_NAT_ID,
+        addr: u32::from_ne_bytes(endpoint.ip().octets()),
+    }
 }
 
 #[test]

@@ -668,7 +668,7 @@ async fn the_node_watch_keeps_this_nodes_labels_only() {
 }
 
 /// What the daemon reads from its Node besides the labels: the primary IPv4 address
-/// (InternalIP before ExternalIP) and whether it is being deleted — the cluster
+/// (InternalIP before ExternalIP, leading zeros allowed) and whether it is being deleted — the cluster
 /// autoscaler's taint or a deletion timestamp, kept from the deleted object when it goes.
 #[tokio::test]
 async fn the_node_watch_follows_the_primary_address_and_deletion() {
@@ -678,7 +678,8 @@ async fn the_node_watch_follows_the_primary_address_and_deletion() {
             { "type": "Hostname", "address": NODE_NAME },
             { "type": "ExternalIP", "address": "203.0.113.7" },
             { "type": "InternalIP", "address": "2001:db8::1" },
-            { "type": "InternalIP", "address": "198.18.0.1" },
+            // Leading zeros, read as kube-proxy reads them (decimal): 198.18.0.1.
+            { "type": "InternalIP", "address": "198.018.000.001" },
         ]);
         node
     };

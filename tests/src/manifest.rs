@@ -183,6 +183,13 @@ impl Service {
         }
     }
 
+    /// Adds another `status.loadBalancer.ingress` IP (a LoadBalancer Service's first one
+    /// is given to [`Service::load_balancer`]).
+    pub fn ingress_ip(mut self, ip: Ipv4Addr) -> Self {
+        self.load_balancer_ips.push(ip);
+        self
+    }
+
     /// Adds `spec.externalIPs` entry `ip`.
     pub fn external_ip(mut self, ip: Ipv4Addr) -> Self {
         self.external_ips.push(ip);

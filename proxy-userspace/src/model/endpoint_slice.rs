@@ -7,9 +7,8 @@ use std::sync::Arc;
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use super::service::{
-    HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL, has_label, parse_ipv4, port_number,
-};
+use super::address::parse_ipv4_sloppy;
+use super::service::{HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL, has_label, port_number};
 use super::{Interner, ObjectKey, Protocol};
 
 /// The label that ties an EndpointSlice to its Service.
@@ -108,7 +107,7 @@ impl SliceRecord {
                 let addr = endpoint
                     .addresses
                     .first()
-                    .and_then(|addr| parse_ipv4(addr))?;
+                    .and_then(|addr| parse_ipv4_sloppy(addr))?;
                 let conditions = endpoint.conditions.as_ref();
                 let hints = endpoint.hints.as_ref().map(|hints| Hints {
                     for_zones: (hints.for_zones.iter().flatten())

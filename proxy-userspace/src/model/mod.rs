@@ -12,6 +12,7 @@
 //! kube-proxy does: they carry the zone for topology-aware routing; and its primary
 //! address and whether it is being deleted ([`NodeState`]).
 
+pub mod address;
 mod endpoint_slice;
 pub(crate) mod service;
 

@@ -3,15 +3,20 @@
 //! selector, `GetClusterIPByFamily`), so the model keeps a few hundred bytes per Service
 //! instead of the whole API object, and a change that leaves the record equal (a new
 //! resourceVersion, an annotation) plans nothing.
+//!
+//! `publishNotReadyAddresses` is not read, as kube-proxy does not read it: the EndpointSlice
+//! controller already writes such a Service's endpoints as ready, so an endpoint a slice
+//! calls not ready gets no traffic.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 
+use super::address::{parse_cidr_sloppy, parse_ipv4_sloppy};
 use super::{Problem, ProblemKind, Protocol};
 
 /// Services (and their EndpointSlices) with this label belong to another proxy; kube-proxy's
@@ -46,12 +51,14 @@ pub struct ProxiedService {
     /// IPv4 load-balancer ingress IPs in VIP mode, sorted and deduplicated.
     pub load_balancer_ips: Vec<Ipv4Addr>,
     pub internal_policy_local: bool,
+    /// `externalTrafficPolicy: Local` on a Service reachable from outside (NodePort,
+    /// LoadBalancer, or with externalIPs); false for others, as in kube-proxy.
     pub external_policy_local: bool,
-    /// `healthCheckNodePort`, when set and in range.
+    /// `healthCheckNodePort`, when set and in range, on a LoadBalancer Service with
+    /// `externalTrafficPolicy: Local` (kube-proxy's `NeedsHealthCheck`).
     pub health_check_node_port: Option<u16>,
     /// `loadBalancerSourceRanges`, the valid IPv4 ones, truncated, sorted, deduplicated.
     pub source_ranges: Vec<Ipv4Net>,
-    pub publish_not_ready_addresses: bool,
     pub session_affinity: Option<Duration>,
     pub ports: Vec<PortRecord>,
     /// Fields that were set but are not programmed, one sentence each (logged and counted).
@@ -117,7 +124,9 @@ fn proxied_service(
         }
         _ => vec![cluster_ip],
     };
-    let mut ipv4_cluster_ips = cluster_ips.iter().filter_map(|addr| parse_ipv4(addr));
+    let mut ipv4_cluster_ips = cluster_ips
+        .iter()
+        .filter_map(|addr| parse_ipv4_sloppy(addr));
     let cluster_ip = ipv4_cluster_ips
         .next()
         .ok_or_else(|| NotProxied::Ignored("no IPv4 clusterIP".to_owned()))?;
@@ -148,7 +157,7 @@ fn proxied_service(
     let source_ranges = ipv4_networks(ranges.clone());
     let invalid_ranges: Vec<&str> = ranges
         .map(|range| range.trim())
-        .filter(|range| range.parse::<ipnet::IpNet>().is_err())
+        .filter(|range| !range.is_empty() && parse_cidr_sloppy(range).is_none())
         .collect();
     if !invalid_ranges.is_empty() {
         skipped_fields.push(Problem::new(
@@ -170,16 +179,29 @@ fn proxied_service(
             node_port: port.node_port,
         })
         .collect();
+    let exposes_node_ports = matches!(service_type, "NodePort" | "LoadBalancer");
+    // kube-proxy's `ExternalPolicyLocal`: the policy only counts for a Service that is
+    // reachable from outside at all; and only a LoadBalancer gets a health check
+    // (`NeedsHealthCheck`), whatever a hand-written manifest sets.
+    let external_policy_local = (exposes_node_ports
+        || spec
+            .external_ips
+            .as_ref()
+            .is_some_and(|ips| !ips.is_empty()))
+        && spec.external_traffic_policy.as_deref() == Some("Local");
+    let health_check_node_port = spec
+        .health_check_node_port
+        .and_then(port_number)
+        .filter(|_| service_type == "LoadBalancer" && external_policy_local);
     Ok(ProxiedService {
         cluster_ip,
-        exposes_node_ports: matches!(service_type, "NodePort" | "LoadBalancer"),
+        exposes_node_ports,
         external_ips: ipv4_addresses(spec.external_ips.iter().flatten().map(String::as_str)),
         load_balancer_ips: ipv4_addresses(load_balancer_ips),
         internal_policy_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
-        external_policy_local: spec.external_traffic_policy.as_deref() == Some("Local"),
-        health_check_node_port: spec.health_check_node_port.and_then(port_number),
+        external_policy_local,
+        health_check_node_port,
         source_ranges,
-        publish_not_ready_addresses: spec.publish_not_ready_addresses == Some(true),
         session_affinity: session_affinity(&spec),
         ports,
         skipped_fields,
@@ -206,14 +228,10 @@ fn session_affinity(spec: &ServiceSpec) -> Option<Duration> {
 /// The IPv4 addresses among `addresses`, sorted and deduplicated. IPv6 ones belong to the
 /// other family (not proxied yet); unparsable ones never get past the sources' validation.
 fn ipv4_addresses<'a>(addresses: impl Iterator<Item = &'a str>) -> Vec<Ipv4Addr> {
-    let mut ipv4: Vec<Ipv4Addr> = addresses.filter_map(parse_ipv4).collect();
+    let mut ipv4: Vec<Ipv4Addr> = addresses.filter_map(parse_ipv4_sloppy).collect();
     ipv4.sort();
     ipv4.dedup();
     ipv4
-}
-
-pub(crate) fn parse_ipv4(addr: &str) -> Option<Ipv4Addr> {
-    addr.parse().ok()
 }
 
 pub(crate) fn has_label(labels: Option<&BTreeMap<String, String>>, label: &str) -> bool {
@@ -230,13 +248,15 @@ pub(crate) fn service_protocol(protocol: Option<&str>) -> Result<Protocol, Strin
     }
 }
 
-/// The valid IPv4 CIDRs among `ranges`, sorted and deduplicated. Like kube-proxy, other
-/// families and unparsable entries are left out, so a list without any IPv4 range
-/// restricts nothing.
+/// The valid IPv4 CIDRs among `ranges` (trimmed, read sloppily, truncated to their
+/// network), sorted and deduplicated. Like kube-proxy, other families and unparsable
+/// entries are left out, so a list without any IPv4 range restricts nothing.
 fn ipv4_networks<'a>(ranges: impl Iterator<Item = &'a String>) -> Vec<Ipv4Net> {
     let mut networks: Vec<Ipv4Net> = ranges
-        .filter_map(|range| range.trim().parse::<Ipv4Net>().ok())
-        .map(|network| network.trunc())
+        .filter_map(|range| match parse_cidr_sloppy(range.trim())? {
+            IpNet::V4(network) => Some(network),
+            IpNet::V6(_) => None,
+        })
         .collect();
     networks.sort();
     networks.dedup();

@@ -3,6 +3,8 @@
 //! traffic policy (`CategorizeEndpoints`: ready ones, else serving-and-terminating ones;
 //! `Local` keeps this node's; topology hints narrow the Cluster set).
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::net::Ipv4Addr;
 
 use super::BackendAddr;
@@ -20,11 +22,13 @@ pub(super) struct NodeIdentity {
 pub(super) struct PortEndpoint<'a> {
     pub backend: BackendAddr,
     pub record: &'a EndpointRecord,
-    /// `publishNotReadyAddresses` counts every endpoint as ready.
-    pub ready: bool,
 }
 
 impl PortEndpoint<'_> {
+    fn ready(&self) -> bool {
+        self.record.ready
+    }
+
     /// Still serving while shutting down: kube-proxy's fallback when nothing is ready.
     fn serving_terminating(&self) -> bool {
         self.record.serving && self.record.terminating
@@ -47,39 +51,76 @@ impl PortEndpoint<'_> {
     }
 }
 
-/// The endpoints of the Service port `port_name`/`protocol` across all its slices. Each
-/// slice resolves the target port itself: its port with the same name and protocol. An
-/// unset slice port name counts as "" (what the EndpointSlice controller writes for an
-/// unnamed Service port), so hand-written slices for single-port Services need no name.
-/// `publishNotReadyAddresses` counts every endpoint as ready, which is what the
-/// EndpointSlice controller writes for such Services.
+/// The endpoints of the slice port `port_name`/`protocol` across all the Service's slices
+/// (`None`: a protocol we don't proxy), one per address:port. Each slice resolves the
+/// target port itself: its port with the same name and protocol. An unset slice port name
+/// counts as "" (what the EndpointSlice controller writes for an unnamed Service port), so
+/// hand-written slices for single-port Services need no name.
+///
+/// An address:port listed twice (an endpoint moving between slices, or a pod's address
+/// reused while the old pod is still terminating) is kept once, as kube-proxy keeps it: a
+/// later copy replaces an earlier one unless it is terminating, so a running pod wins over
+/// a terminating one. (kube-proxy visits slices in no fixed order; here they come by name.)
+/// `publishNotReadyAddresses` is not read: the EndpointSlice controller already writes such
+/// Services' endpoints as ready, and kube-proxy does not read it either.
 pub(super) fn endpoints_of_port<'a>(
     slices: &[&'a SliceRecord],
     port_name: &str,
-    protocol: Protocol,
-    publish_not_ready_addresses: bool,
+    protocol: Option<Protocol>,
 ) -> Vec<PortEndpoint<'a>> {
-    let mut endpoints = Vec::new();
+    let mut endpoints: Vec<PortEndpoint<'a>> = Vec::new();
+    let mut index: HashMap<BackendAddr, usize> = HashMap::new();
     for slice in slices {
         let target_ports = slice
             .ports
             .iter()
-            .filter(|port| *port.name == *port_name && port.protocol == Some(protocol))
+            .filter(|port| *port.name == *port_name && port.protocol == protocol)
             .filter_map(|port| port.port);
         for target_port in target_ports {
             for record in &slice.endpoints {
-                endpoints.push(PortEndpoint {
-                    backend: BackendAddr {
-                        addr: record.addr,
-                        port: target_port,
-                    },
-                    record,
-                    ready: record.ready || publish_not_ready_addresses,
-                });
+                let backend = BackendAddr {
+                    addr: record.addr,
+                    port: target_port,
+                };
+                match index.entry(backend) {
+                    Entry::Vacant(entry) => {
+                        entry.insert(endpoints.len());
+                        endpoints.push(PortEndpoint { backend, record });
+                    }
+                    Entry::Occupied(entry) if !record.terminating => {
+                        endpoints[*entry.get()].record = record;
+                    }
+                    Entry::Occupied(_) => {}
+                }
             }
         }
     }
     endpoints
+}
+
+/// Distinct addresses of this node's ready endpoints over every port of the Service's
+/// slices (kube-proxy's `LocalReadyEndpoints`, which counts whatever its endpoints map
+/// holds for the Service, ports the Service does not list included): what a
+/// healthCheckNodePort reports. Terminating endpoints do not count, so a node whose pods
+/// are shutting down fails the probe first.
+pub(super) fn local_ready_addresses(slices: &[&SliceRecord], node_name: &str) -> usize {
+    let mut ports: Vec<(&str, Option<Protocol>)> = slices
+        .iter()
+        .flat_map(|slice| &slice.ports)
+        .filter(|port| port.port.is_some())
+        .map(|port| (&*port.name, port.protocol))
+        .collect();
+    ports.sort();
+    ports.dedup();
+    let mut addresses: Vec<Ipv4Addr> = ports
+        .into_iter()
+        .flat_map(|(name, protocol)| endpoints_of_port(slices, name, protocol))
+        .filter(|endpoint| endpoint.ready() && endpoint.is_on(node_name))
+        .map(|endpoint| endpoint.backend.addr)
+        .collect();
+    addresses.sort();
+    addresses.dedup();
+    addresses.len()
 }
 
 /// A Service port's endpoints sorted for its frontends: kube-proxy's `CategorizeEndpoints`.
@@ -100,7 +141,7 @@ pub(super) struct Categorized {
 pub(super) fn categorize(endpoints: &[PortEndpoint<'_>], node: &NodeIdentity) -> Categorized {
     let topology = Topology::from_hints(endpoints, node);
     let mut cluster = backends_where(endpoints, |endpoint| {
-        endpoint.ready && topology.admits(endpoint, node)
+        endpoint.ready() && topology.admits(endpoint, node)
     });
     // Topology is only used when it leaves a ready endpoint, so an empty set here means
     // nothing is ready anywhere.
@@ -108,7 +149,7 @@ pub(super) fn categorize(endpoints: &[PortEndpoint<'_>], node: &NodeIdentity) ->
         cluster = backends_where(endpoints, |endpoint| endpoint.serving_terminating());
     }
     let is_local = |endpoint: &PortEndpoint<'_>| endpoint.is_on(&node.node_name);
-    let mut local = backends_where(endpoints, |endpoint| is_local(endpoint) && endpoint.ready);
+    let mut local = backends_where(endpoints, |endpoint| is_local(endpoint) && endpoint.ready());
     if local.is_empty() {
         local = backends_where(endpoints, |endpoint| {
             is_local(endpoint) && endpoint.serving_terminating()
@@ -118,7 +159,7 @@ pub(super) fn categorize(endpoints: &[PortEndpoint<'_>], node: &NodeIdentity) ->
     // cleanup must never cut flows to a backend that is still in use.
     let mut serving_addrs: Vec<Ipv4Addr> = endpoints
         .iter()
-        .filter(|endpoint| endpoint.record.serving || endpoint.ready)
+        .filter(|endpoint| endpoint.record.serving || endpoint.ready())
         .map(|endpoint| endpoint.backend.addr)
         .collect();
     serving_addrs.sort();
@@ -128,7 +169,7 @@ pub(super) fn categorize(endpoints: &[PortEndpoint<'_>], node: &NodeIdentity) ->
         local,
         has_usable_endpoints: endpoints
             .iter()
-            .any(|endpoint| endpoint.ready || endpoint.serving_terminating()),
+            .any(|endpoint| endpoint.ready() || endpoint.serving_terminating()),
         serving_addrs,
     }
 }
@@ -165,8 +206,10 @@ impl Topology {
     /// one names this node's zone; else none. Requiring a hint on every endpoint and a
     /// match for this node keeps a half-updated or foreign hint set from starving the node.
     fn from_hints(endpoints: &[PortEndpoint<'_>], node: &NodeIdentity) -> Self {
-        let ready: Vec<&PortEndpoint<'_>> =
-            endpoints.iter().filter(|endpoint| endpoint.ready).collect();
+        let ready: Vec<&PortEndpoint<'_>> = endpoints
+            .iter()
+            .filter(|endpoint| endpoint.ready())
+            .collect();
         let all_ready = |has: fn(&EndpointRecord) -> bool| {
             !ready.is_empty() && ready.iter().all(|endpoint| has(endpoint.record))
         };
@@ -198,7 +241,7 @@ impl Topology {
 
 #[cfg(test)]
 mod tests {
-    use super::super::FrontendKind::{ClusterIp, ExternalIp, NodePort};
+    use super::super::FrontendKind::{ClusterIp, ExternalIp, LoadBalancer, NodePort};
     use super::super::testing::*;
     use super::super::*;
     use crate::model::Model;
@@ -284,6 +327,66 @@ mod tests {
                 )],
                 ..Case::default()
             },
+            // kube-proxy keeps one endpoint per address:port; a later copy replaces an
+            // earlier one unless it is terminating (slices come here in name order;
+            // kube-proxy's order is a Go map's, so with two running copies it is open).
+            Case {
+                name: "an address in two slices: the running copy wins over the terminating one",
+                services: vec![web()],
+                slices: vec![
+                    slice("default/web-a", "web")
+                        .port(Some("http"), Some(8080), "TCP")
+                        .endpoint(ep("198.18.1.1").serving_terminating()),
+                    slice("default/web-b", "web")
+                        .port(Some("http"), Some(8080), "TCP")
+                        .endpoint(ep("198.18.1.1").not_ready()),
+                ],
+                frontends: vec![("198.19.0.10:80/tcp", ClusterIp, vec![REJECTS])],
+                ..Case::default()
+            },
+            Case {
+                name: "an address in two slices: a terminating copy never replaces a running one",
+                services: vec![web()],
+                slices: vec![
+                    slice("default/web-a", "web")
+                        .port(Some("http"), Some(8080), "TCP")
+                        .endpoint(ep("198.18.1.1"))
+                        .endpoint(ep("198.18.1.2").serving_terminating()),
+                    slice("default/web-b", "web")
+                        .port(Some("http"), Some(8080), "TCP")
+                        .endpoint(ep("198.18.1.1").serving_terminating()),
+                ],
+                frontends: vec![("198.19.0.10:80/tcp", ClusterIp, vec!["198.18.1.1:8080"])],
+                ..Case::default()
+            },
+            Case {
+                name: "an address in two slices, both running: the later slice's copy",
+                services: vec![web()],
+                slices: vec![
+                    slice("default/web-a", "web")
+                        .port(Some("http"), Some(8080), "TCP")
+                        .endpoint(ep("198.18.1.1"))
+                        .endpoint(ep("198.18.1.2").not_ready()),
+                    slice("default/web-b", "web")
+                        .port(Some("http"), Some(8080), "TCP")
+                        .endpoint(ep("198.18.1.1").not_ready())
+                        .endpoint(ep("198.18.1.2")),
+                ],
+                frontends: vec![("198.19.0.10:80/tcp", ClusterIp, vec!["198.18.1.2:8080"])],
+                ..Case::default()
+            },
+            Case {
+                name: "the same address on another target port is another endpoint",
+                services: vec![web()],
+                slices: vec![
+                    web_slice(),
+                    slice("default/web-b", "web")
+                        .port(Some("http"), Some(8081), "TCP")
+                        .endpoint(ep("198.18.1.1").not_ready()),
+                ],
+                frontends: vec![("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec())],
+                ..Case::default()
+            },
             Case {
                 name: "IPv6 and FQDN slices, other Services' and ignored slices don't count",
                 services: vec![web()],
@@ -351,11 +454,21 @@ mod tests {
                 vec!["198.18.1.1:8080"],
             ),
             case(
-                "publishNotReadyAddresses: all usable",
+                "publishNotReadyAddresses is not read (the controller marks such endpoints \
+                 ready): a not-ready endpoint stays unusable",
                 web().publish_not_ready_addresses(),
                 vec![
                     ep("198.18.1.1").not_ready(),
                     ep("198.18.1.2").conditions(false, false, true),
+                ],
+                vec![REJECTS],
+            ),
+            case(
+                "publishNotReadyAddresses with the controller's ready endpoints",
+                web().publish_not_ready_addresses(),
+                vec![
+                    ep("198.18.1.1").conditions(true, true, false),
+                    ep("198.18.1.2"),
                 ],
                 WEB_BACKENDS.to_vec(),
             ),
@@ -415,6 +528,39 @@ mod tests {
                 frontends: vec![
                     ("198.18.0.1:30080/tcp", NodePort, vec![DROPS]),
                     ("198.18.9.1:80/tcp", ExternalIp, vec![DROPS]),
+                    ("198.19.0.10:80/tcp", ClusterIp, all.clone()),
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "externalIPs of a ClusterIP Service follow externalTrafficPolicy=Local",
+                services: vec![
+                    svc("default/web", "198.19.0.10")
+                        .port("http", 80, "TCP")
+                        .external_ips(&["198.18.9.1"])
+                        .external_traffic_policy("Local"),
+                ],
+                slices: slices(),
+                frontends: vec![
+                    ("198.18.9.1:80/tcp", ExternalIp, local.clone()),
+                    ("198.19.0.10:80/tcp", ClusterIp, all.clone()),
+                ],
+                ..Case::default()
+            },
+            Case {
+                // kube-proxy's ExternalPolicyLocal: only NodePort and LoadBalancer Services
+                // and those with externalIPs have an external policy; a leftover ingress
+                // status on a ClusterIP Service gets the Cluster endpoints.
+                name: "a ClusterIP Service's load-balancer status ignores externalTrafficPolicy",
+                services: vec![
+                    svc("default/web", "198.19.0.10")
+                        .port("http", 80, "TCP")
+                        .ingress(Some("198.18.8.1"), None)
+                        .external_traffic_policy("Local"),
+                ],
+                slices: slices(),
+                frontends: vec![
+                    ("198.18.8.1:80/tcp", LoadBalancer, all.clone()),
                     ("198.19.0.10:80/tcp", ClusterIp, all.clone()),
                 ],
                 ..Case::default()
@@ -619,6 +765,18 @@ mod tests {
                 name: "hints are followed whatever the annotation says (the controller's input)",
                 services: vec![web().annotation("service.kubernetes.io/topology-mode", "Disabled")],
                 ..case("", zoned(), vec!["198.18.1.1:8080", "198.18.1.3:8080"])
+            },
+            Case {
+                name: "internalTrafficPolicy=Local ignores hints: this node's endpoints",
+                services: vec![web().internal_traffic_policy("Local")],
+                slices: vec![
+                    slice("default/web-1", "web")
+                        .port(Some("http"), Some(8080), "TCP")
+                        .endpoint(ep("198.18.1.1").for_zones(&["zone-b"]).on_node(NODE))
+                        .endpoint(ep("198.18.1.2").for_zones(&[ZONE]).on_node("node-b")),
+                ],
+                frontends: vec![("198.19.0.10:80/tcp", ClusterIp, vec!["198.18.1.1:8080"])],
+                ..Case::default()
             },
             Case {
                 name: "Local policy ignores hints; Cluster-policy frontends use them",

@@ -230,5 +230,9 @@ fn node_context(node: &NodeFacts, model: &Model) -> NodeContext {
             zone: zone.cloned().unwrap_or_default(),
         },
         node_port_addresses: node.node_port_addresses(),
+        source_range_node_ips: match model.node_state().primary_ipv4 {
+            Some(primary) => vec![primary],
+            None => node.addresses.clone(),
+        },
     }
 }

@@ -168,8 +168,11 @@ pub struct FrontendPlan {
     /// datapath moves UDP flows and unanswered TCP connections to any other address onto a
     /// serving endpoint (kube-proxy's conntrack cleanup clears such flows).
     pub serving_addrs: Vec<Ipv4Addr>,
-    /// `loadBalancerSourceRanges` (IPv4 ones, sorted): on a load-balancer frontend, new
-    /// connections from other clients are dropped. Empty: no restriction.
+    /// The sources a load-balancer frontend admits (sorted): its Service's IPv4
+    /// `loadBalancerSourceRanges`, plus each of its load-balancer IPs when a range holds
+    /// the node's address (kube-proxy's `allowFromNode`); new connections from other
+    /// clients are dropped. Empty: no restriction (other kinds, no ranges, or a Service
+    /// without endpoints, which refuses everyone).
     pub source_ranges: Vec<Ipv4Net>,
 }
 

@@ -4,7 +4,6 @@
 //! source ranges; and the Service's health check. A Service is planned on its own: which
 //! Service keeps a frontend that two claim is decided in [`super::claims`].
 
-use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
@@ -12,7 +11,7 @@ use ipnet::Ipv4Net;
 use tracing::debug;
 
 use super::claims::conflict;
-use super::endpoints::{NodeIdentity, categorize, endpoints_of_port};
+use super::endpoints::{NodeIdentity, categorize, endpoints_of_port, local_ready_addresses};
 use super::{
     BackendAddr, EmptyFrontend, Frontend, FrontendKind, FrontendPlan, ServiceHealthCheck,
     ServicePortName,
@@ -28,6 +27,9 @@ pub(super) struct NodeContext {
     pub identity: NodeIdentity,
     /// Where NodePorts open (see [`super::NodeFacts::node_port_addresses`]).
     pub node_port_addresses: Vec<Ipv4Addr>,
+    /// The node's address as kube-proxy's source-range rule sees it (its `nodeIP`): the
+    /// Node's primary IPv4 address when known, else each of the node's addresses.
+    pub source_range_node_ips: Vec<Ipv4Addr>,
 }
 
 /// One Service's plan, before other Services' claims are considered.
@@ -63,32 +65,53 @@ pub(super) fn plan_service<'a>(
     };
     plan.problems.extend(service.skipped_fields.iter().cloned());
     let slices: Vec<&SliceRecord> = slices.collect();
-    let mut local_ready = BTreeSet::new();
+    let source_ranges = admitted_sources(service, &node.source_range_node_ips);
     for port in &service.ports {
-        local_ready.extend(plan.add_service_port(key, service, port, &slices, node));
+        plan.add_service_port(key, service, port, &slices, &source_ranges, node);
     }
-    if service.external_policy_local
-        && let Some(node_port) = service.health_check_node_port
-    {
+    if let Some(node_port) = service.health_check_node_port {
         plan.health_check = Some(ServiceHealthCheck {
             node_port,
-            local_endpoints: local_ready.len(),
+            local_endpoints: local_ready_addresses(&slices, &node.identity.node_name),
         });
     }
     plan
 }
 
+/// The sources a load-balancer IP of the Service admits: its `loadBalancerSourceRanges`
+/// and, when one of them holds the node's address, each of its load-balancer IPs too —
+/// kube-proxy's KUBE-FW rule for VIP-style load balancers whose IP is configured on the
+/// nodes, where a node's request to the IP loops back with the IP as its source
+/// (`allowFromNode`). A load-balancer IP a range already holds is not added again (one
+/// entry fewer in the datapath's trie, the same answers). Empty: no restriction.
+fn admitted_sources(service: &ProxiedService, node_ips: &[Ipv4Addr]) -> Vec<Ipv4Net> {
+    let ranges = &service.source_ranges;
+    let allow_from_node = ranges
+        .iter()
+        .any(|range| node_ips.iter().any(|ip| range.contains(ip)));
+    if !allow_from_node {
+        return ranges.clone();
+    }
+    let uncovered = (service.load_balancer_ips.iter())
+        .filter(|ip| !ranges.iter().any(|range| range.contains(*ip)))
+        .map(|&ip| Ipv4Net::from(ip));
+    let mut admitted: Vec<Ipv4Net> = ranges.iter().copied().chain(uncovered).collect();
+    admitted.sort();
+    admitted
+}
+
 impl ServicePlan {
-    /// Plans the frontends of one Service port; returns the addresses of its ready
-    /// endpoints on this node (for the health check).
+    /// Plans the frontends of one Service port; `source_ranges` are the sources its
+    /// load-balancer IPs admit.
     fn add_service_port(
         &mut self,
         key: &ObjectKey,
         service: &ProxiedService,
         port: &PortRecord,
         slices: &[&SliceRecord],
+        source_ranges: &[Ipv4Net],
         node: &NodeContext,
-    ) -> Vec<Ipv4Addr> {
+    ) {
         let port_label = if port.name.is_empty() {
             port.port.to_string()
         } else {
@@ -102,7 +125,7 @@ impl ServicePlan {
                     "unsupported_protocol",
                     format!("{context}: {reason}, skipped"),
                 );
-                return Vec::new();
+                return;
             }
         };
         let Some(service_port) = port_number(port.port) else {
@@ -110,21 +133,19 @@ impl ServicePlan {
                 "out_of_range",
                 format!("{context}: port {} is out of range, skipped", port.port),
             );
-            return Vec::new();
+            return;
         };
 
-        let endpoints = endpoints_of_port(
-            slices,
-            &port.name,
-            protocol,
-            service.publish_not_ready_addresses,
-        );
+        let endpoints = endpoints_of_port(slices, &port.name, Some(protocol));
         let categorized = categorize(&endpoints, &node.identity);
-        let local_ready = endpoints
-            .iter()
-            .filter(|endpoint| endpoint.ready && endpoint.is_on(&node.identity.node_name))
-            .map(|endpoint| endpoint.backend.addr)
-            .collect();
+        // Without endpoints anywhere every frontend refuses, load-balancer IPs included:
+        // kube-proxy's REJECT comes before its source-range firewall, which it only sets
+        // up for a Service with endpoints.
+        let source_ranges = if categorized.has_usable_endpoints {
+            source_ranges.to_vec()
+        } else {
+            Vec::new()
+        };
         let for_policy = |local: bool| FrontendTemplate {
             service: ServicePortName {
                 namespace: key.namespace.clone(),
@@ -143,7 +164,7 @@ impl ServicePlan {
             },
             session_affinity: service.session_affinity,
             serving_addrs: categorized.serving_addrs.clone(),
-            source_ranges: service.source_ranges.clone(),
+            source_ranges: source_ranges.clone(),
         };
         let internal = for_policy(service.internal_policy_local);
         let external = for_policy(service.external_policy_local);
@@ -185,7 +206,6 @@ impl ServicePlan {
         for &addr in &service.load_balancer_ips {
             self.claim(frontend(addr), &external, FrontendKind::LoadBalancer);
         }
-        local_ready
     }
 
     fn problem(&mut self, reason: &'static str, message: String) {
@@ -246,7 +266,7 @@ mod tests {
     use super::super::FrontendKind::{ClusterIp, ExternalIp, LoadBalancer, NodePort};
     use super::super::testing::*;
     use super::super::*;
-    use crate::model::Model;
+    use crate::model::{Model, NodeState};
 
     #[test]
     fn cluster_ip_frontends() {
@@ -304,6 +324,48 @@ mod tests {
                 ..Case::default()
             },
         ]);
+    }
+
+    /// Addresses and CIDRs written with leading zeros are read as kube-proxy reads them
+    /// (`ParseIPSloppy`: decimal), everywhere a Service or slice holds one.
+    #[test]
+    fn addresses_with_leading_zeros_are_decimal() {
+        let web = svc("default/web", "198.019.000.010")
+            .cluster_ips(&["198.019.000.010"])
+            .port("http", 80, "TCP")
+            .service_type("LoadBalancer")
+            .external_ips(&["198.018.009.001"])
+            .ingress(Some("198.18.008.001"), None)
+            .load_balancer_source_ranges(&["203.0.113.000/025"]);
+        let slices = vec![
+            slice("default/web-1", "web")
+                .port(Some("http"), Some(8080), "TCP")
+                .endpoint(ep("198.018.001.001"))
+                .endpoint(ep("::ffff:198.18.1.2")),
+        ];
+        run(vec![Case {
+            name: "leading zeros",
+            services: vec![web.clone()],
+            slices: slices.clone(),
+            frontends: vec![
+                ("198.18.8.1:80/tcp", LoadBalancer, WEB_BACKENDS.to_vec()),
+                ("198.18.9.1:80/tcp", ExternalIp, WEB_BACKENDS.to_vec()),
+                ("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec()),
+            ],
+            ..Case::default()
+        }]);
+        let mut model = Model::default();
+        model.insert_service(web.0).unwrap();
+        for slice in slices {
+            model.insert_endpoint_slice(slice.0).unwrap();
+        }
+        let planned = plan(&model, &node());
+        let load_balancer = planned.desired.frontends.values().next().unwrap();
+        assert_eq!(load_balancer.kind, FrontendKind::LoadBalancer);
+        assert_eq!(
+            load_balancer.source_ranges,
+            ["203.0.113.0/25".parse::<Ipv4Net>().unwrap()]
+        );
     }
 
     /// kube-proxy's service health server listens on `0.0.0.0` unless
@@ -636,39 +698,135 @@ mod tests {
         }
     }
 
+    /// kube-proxy's KUBE-FW chain: a load-balancer IP admits the ranges (trimmed, read
+    /// sloppily, truncated, IPv6 and junk left out), and, when a range holds the node's
+    /// address (its primary one when the Node names it), every load-balancer IP of the
+    /// Service as a source too; NodePorts and externalIPs stay open; a Service without
+    /// endpoints refuses everyone.
     #[test]
-    fn source_ranges_restrict_load_balancer_ips_only() {
-        let mut model = Model::default();
-        model
-            .insert_service(
-                svc("default/web", "198.19.0.10")
-                    .node_port("http", 80, 30080)
-                    .service_type("LoadBalancer")
-                    .ingress(Some("198.18.8.1"), None)
-                    .load_balancer_source_ranges(&[
-                        "198.18.0.0/24",
-                        " 10.1.2.3/8 ",
-                        "fd00::/8",
-                        "not-a-cidr",
-                        "198.18.0.0/24",
-                    ])
-                    .0,
-            )
-            .unwrap();
-        model.insert_endpoint_slice(web_slice().0).unwrap();
-        let planned = plan(&model, &node());
-        for (frontend, plan) in &planned.desired.frontends {
-            let ranges: Vec<String> = plan.source_ranges.iter().map(ToString::to_string).collect();
-            let expected: &[&str] = if plan.kind == FrontendKind::LoadBalancer {
-                // Trimmed, truncated to the network, sorted, deduplicated; IPv6 and junk
-                // left out as kube-proxy does.
-                &["10.0.0.0/8", "198.18.0.0/24"]
-            } else {
-                &[]
-            };
-            assert_eq!(ranges, expected, "{frontend}");
+    fn source_ranges_admit_the_ranges_and_the_load_balancer_ips_for_the_node() {
+        let web = |ranges: &[&str]| {
+            svc("default/web", "198.19.0.10")
+                .node_port("http", 80, 30080)
+                .service_type("LoadBalancer")
+                .external_ips(&["198.18.9.1"])
+                .ingress(Some("198.18.8.1"), None)
+                .ingress(Some("198.18.8.2"), None)
+                .load_balancer_source_ranges(ranges)
+        };
+        let two_addresses = NodeFacts {
+            addresses: vec![
+                "198.18.0.1".parse().unwrap(),
+                "203.0.113.1".parse().unwrap(),
+            ],
+            ..node()
+        };
+        let primary = |addr: &str| NodeState {
+            primary_ipv4: Some(addr.parse().unwrap()),
+            ..NodeState::default()
+        };
+        // (case, Service, node, the Node's state, endpoints, admitted sources of each
+        // load-balancer IP)
+        type Row = (
+            &'static str,
+            Svc,
+            NodeFacts,
+            NodeState,
+            bool,
+            Vec<&'static str>,
+        );
+        let cases: Vec<Row> = vec![
+            (
+                "a range without the node's address: the ranges alone",
+                web(&[
+                    " 10.1.2.3/8 ",
+                    "203.0.113.000/025",
+                    "fd00::/8",
+                    "not-a-cidr",
+                    "",
+                ]),
+                node(),
+                NodeState::default(),
+                true,
+                vec!["10.0.0.0/8", "203.0.113.0/25"],
+            ),
+            (
+                "a range with the node's address: the load-balancer IPs too",
+                web(&["198.18.0.0/24", "203.0.113.0/25"]),
+                node(),
+                NodeState::default(),
+                true,
+                vec![
+                    "198.18.0.0/24",
+                    "198.18.8.1/32",
+                    "198.18.8.2/32",
+                    "203.0.113.0/25",
+                ],
+            ),
+            (
+                "without a Node object any node address counts",
+                web(&["203.0.113.0/25"]),
+                two_addresses.clone(),
+                NodeState::default(),
+                true,
+                vec!["198.18.8.1/32", "198.18.8.2/32", "203.0.113.0/25"],
+            ),
+            (
+                "the Node's primary address is the node's address once known",
+                web(&["203.0.113.0/25"]),
+                two_addresses.clone(),
+                primary("198.18.0.1"),
+                true,
+                vec!["203.0.113.0/25"],
+            ),
+            (
+                "a load-balancer IP inside a range is not listed twice",
+                web(&["198.18.0.0/16"]),
+                node(),
+                NodeState::default(),
+                true,
+                vec!["198.18.0.0/16"],
+            ),
+            (
+                "only IPv6 ranges: no restriction",
+                web(&["fd00::/8"]),
+                node(),
+                NodeState::default(),
+                true,
+                vec![],
+            ),
+            (
+                "no endpoints: no restriction, everyone is refused",
+                web(&["203.0.113.0/25"]),
+                node(),
+                NodeState::default(),
+                false,
+                vec![],
+            ),
+        ];
+        for (name, service, node, state, endpoints, expected) in cases {
+            let mut model = Model::default();
+            model.insert_service(service.0).unwrap();
+            if endpoints {
+                model.insert_endpoint_slice(web_slice().0).unwrap();
+            }
+            model.set_node_state(state);
+            let planned = plan(&model, &node);
+            let load_balancers = (planned.desired.frontends.values())
+                .filter(|plan| plan.kind == FrontendKind::LoadBalancer)
+                .count();
+            assert_eq!(load_balancers, 2, "{name}");
+            for (frontend, plan) in &planned.desired.frontends {
+                let admitted: Vec<String> =
+                    plan.source_ranges.iter().map(ToString::to_string).collect();
+                let expected: &[&str] = if plan.kind == FrontendKind::LoadBalancer {
+                    &expected
+                } else {
+                    &[]
+                };
+                assert_eq!(admitted, expected, "{name}: {frontend}");
+            }
         }
-        assert_eq!(planned.desired.frontends.len(), 3);
     }
 
     #[test]
@@ -680,53 +838,97 @@ mod tests {
                 .node_port("https", 443, 30443)
                 .service_type("LoadBalancer")
         };
-        let slices = vec![
+        let local = || {
+            lb().external_traffic_policy("Local")
+                .health_check_node_port(32000)
+        };
+        let base = || {
             slice("default/lb-1", "lb")
                 .port(Some("http"), Some(8080), "TCP")
                 .port(Some("https"), Some(8443), "TCP")
                 .endpoint(ep("198.18.1.1").on_node(NODE))
                 .endpoint(ep("198.18.1.2").on_node(NODE).serving_terminating())
                 .endpoint(ep("198.18.1.3").on_node(NODE).not_ready())
-                .endpoint(ep("198.18.1.4").on_node("node-b")),
-        ];
-        // (node port, local endpoints)
-        type Expected = Option<(u16, usize)>;
-        let cases: [(&str, Svc, Expected); 5] = [
+                .endpoint(ep("198.18.1.4").on_node("node-b"))
+        };
+        // (case, Service, slices, (node port, local endpoints))
+        type Row = (&'static str, Svc, Vec<Slice>, Option<(u16, usize)>);
+        let cases: Vec<Row> = vec![
             (
                 "Local with a port: ready local addresses, terminating and not-ready ones left out",
-                lb().external_traffic_policy("Local")
-                    .health_check_node_port(32000),
+                local(),
+                vec![base()],
                 Some((32000, 1)),
             ),
             (
                 "Cluster policy: no health check",
                 lb().health_check_node_port(32000),
+                vec![base()],
                 None,
             ),
             (
                 "Local without a port: none",
                 lb().external_traffic_policy("Local"),
+                vec![base()],
                 None,
             ),
             (
                 "port out of range: none",
                 lb().external_traffic_policy("Local")
                     .health_check_node_port(70000),
+                vec![base()],
                 None,
             ),
             (
-                "publishNotReadyAddresses makes every local endpoint ready",
-                lb().external_traffic_policy("Local")
-                    .health_check_node_port(32000)
-                    .publish_not_ready_addresses(),
-                Some((32000, 3)),
+                "a NodePort Service has none, whatever it sets (only LoadBalancers do)",
+                local().service_type("NodePort"),
+                vec![base()],
+                None,
+            ),
+            (
+                "no local endpoint: served, with 0",
+                local(),
+                vec![
+                    slice("default/lb-1", "lb")
+                        .port(Some("http"), Some(8080), "TCP")
+                        .endpoint(ep("198.18.1.4").on_node("node-b")),
+                ],
+                Some((32000, 0)),
+            ),
+            (
+                "publishNotReadyAddresses is not read: not-ready endpoints stay out",
+                local().publish_not_ready_addresses(),
+                vec![base()],
+                Some((32000, 1)),
+            ),
+            (
+                "slice ports the Service does not list count too (kube-proxy's endpoints map)",
+                local(),
+                vec![
+                    base(),
+                    slice("default/lb-2", "lb")
+                        .port(Some("metrics"), Some(9090), "TCP")
+                        .endpoint(ep("198.18.1.5").on_node(NODE)),
+                ],
+                Some((32000, 2)),
+            ),
+            (
+                "an address in two slices: the running copy wins over the terminating one",
+                local(),
+                vec![
+                    base().endpoint(ep("198.18.1.6").on_node(NODE)),
+                    slice("default/lb-2", "lb")
+                        .port(Some("http"), Some(8080), "TCP")
+                        .endpoint(ep("198.18.1.6").on_node(NODE).serving_terminating()),
+                ],
+                Some((32000, 2)),
             ),
         ];
-        for (name, service, expected) in cases {
+        for (name, service, slices, expected) in cases {
             let mut model = Model::default();
             model.insert_service(service.0).unwrap();
-            for slice in &slices {
-                model.insert_endpoint_slice(slice.0.clone()).unwrap();
+            for slice in slices {
+                model.insert_endpoint_slice(slice.0).unwrap();
             }
             let planned = plan(&model, &node());
             let check = planned

@@ -32,6 +32,7 @@ pub fn add_label(metadata: &mut ObjectMeta, label: &str, value: &str) {
 }
 
 /// `svc("web/front", "198.19.0.10").port("http", 80, "TCP")`, as the YAML would say.
+#[derive(Clone)]
 pub struct Svc(pub Service);
 
 pub fn svc(key: &str, cluster_ip: &str) -> Svc {
@@ -169,6 +170,7 @@ impl Svc {
 }
 
 /// `slice("web/front-1", "front").port(Some("http"), Some(8080), "TCP").endpoint(ep(..))`.
+#[derive(Clone)]
 pub struct Slice(pub EndpointSlice);
 
 pub fn slice(key: &str, service_name: &str) -> Slice {

@@ -16,7 +16,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -35,6 +34,7 @@ use serde::de::DeserializeOwned;
 use tracing::{debug, info, warn};
 
 use crate::health::TO_BE_DELETED_TAINT;
+use crate::model::address::parse_ipv4_sloppy;
 use crate::model::{
     Model, ModelError, NodeState, ObjectKey, ProblemKind, ServiceRecord, SliceEntry,
 };
@@ -360,7 +360,7 @@ fn node_state(node: &Node) -> NodeState {
         addresses
             .iter()
             .filter(|address| address.type_ == kind)
-            .find_map(|address| address.address.parse::<Ipv4Addr>().ok())
+            .find_map(|address| parse_ipv4_sloppy(&address.address))
     });
     let tainted = node
         .spec

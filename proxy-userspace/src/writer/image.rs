@@ -18,7 +18,7 @@ use crate::plan::{DesiredState, EmptyFrontend, Frontend, FrontendKind, FrontendP
 pub struct MapImage {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, Backend>,
-    /// Each frontend's endpoint addresses and its own entry (`proxy_common::membership`).
+    /// Each frontend's endpoint addresses: selectable, serving (`proxy_common::membership`).
     pub membership: BTreeMap<MembershipKey, u8>,
     /// rev_nat_id → the Service port of that frontend.
     pub names: BTreeMap<u32, ServiceName>,
@@ -235,8 +235,7 @@ pub fn frontend_entries(
     }
 }
 
-/// The MEMBERSHIP entries a frontend's plan adds besides its slots' addresses: its serving
-/// endpoints (which keep their flows), and its own entry.
+/// Marks a frontend's serving endpoints in MEMBERSHIP: their flows stay on them.
 fn insert_serving(
     membership: &mut BTreeMap<MembershipKey, u8>,
     rev_nat_id: u32,
@@ -249,15 +248,6 @@ fn insert_serving(
         };
         *membership.entry(key).or_default() |= membership::SERVING;
     }
-    let serving = if plan.serving_addrs.is_empty() {
-        0
-    } else {
-        membership::SERVING
-    };
-    membership.insert(
-        MembershipKey::frontend(rev_nat_id),
-        membership::FRONTEND | serving,
-    );
 }
 
 impl MapImage {
@@ -275,7 +265,10 @@ impl MapImage {
         let Some(rev_nat_id) = part.services.get(&header).map(|value| value.rev_nat_id) else {
             return part;
         };
-        let members = MembershipKey::frontend(rev_nat_id)..=MembershipKey {
+        let members = MembershipKey {
+            rev_nat_id,
+            addr: 0,
+        }..=MembershipKey {
             rev_nat_id,
             addr: u32::MAX,
         };
@@ -758,7 +751,7 @@ pub(super) mod tests {
             .into();
         let image = materialize(&state, &mut ids);
         let rev_nat_id = |key: [u8; 4]| image.services[&ServiceKey::new(key, 80, 6, 0)].rev_nat_id;
-        let (vip_id, empty_id) = (rev_nat_id([198, 19, 0, 10]), rev_nat_id([198, 19, 0, 11]));
+        let vip_id = rev_nat_id([198, 19, 0, 10]);
         let member = |rev_nat_id, octet| MembershipKey {
             rev_nat_id,
             addr: u32::from_ne_bytes([198, 18, 1, octet]),
@@ -768,11 +761,6 @@ pub(super) mod tests {
             (member(vip_id, 10), both),
             (member(vip_id, 11), both),
             (member(vip_id, 12), membership::SERVING),
-            (
-                MembershipKey::frontend(vip_id),
-                membership::FRONTEND | membership::SERVING,
-            ),
-            (MembershipKey::frontend(empty_id), membership::FRONTEND),
         ]);
         assert_eq!(image.membership, expected);
 

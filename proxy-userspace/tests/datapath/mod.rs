@@ -209,15 +209,6 @@ impl Datapath {
             );
             ids.push(id);
         }
-        let serving = if backends.is_empty() {
-            0
-        } else {
-            membership::SERVING
-        };
-        self.set_membership(
-            MembershipKey::frontend(REV_NAT_ID),
-            membership::FRONTEND | serving,
-        );
         for backend in backends {
             self.set_membership(
                 MembershipKey {

@@ -1,12 +1,13 @@
 //! What the API server would refuse and the planner relies on: a hand-written manifest
 //! gets the checks an API server would have made before a watcher ever saw the object.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::model::SERVICE_NAME_LABEL;
+use crate::model::address::parse_ip_sloppy;
 
 /// Reasons collected while validating one object; Err joins them.
 #[derive(Default)]
@@ -23,8 +24,10 @@ impl Reasons {
         }
     }
 
+    /// An address as the API server reads it (leading zeros allowed, see
+    /// [`parse_ip_sloppy`]).
     fn ip(&mut self, field: &str, addr: &str) {
-        self.check(addr.parse::<IpAddr>().is_ok(), || {
+        self.check(parse_ip_sloppy(addr).is_some(), || {
             format!("{field} {addr:?} is not an IP address")
         });
     }
@@ -163,9 +166,11 @@ pub(super) fn validate_endpoint_slice(slice: &EndpointSlice) -> Result<(), Strin
             format!("{field} is empty")
         });
         for addr in &endpoint.addresses {
+            // The API server's rule: the address read sloppily is of the slice's family
+            // (an IPv4-mapped IPv6 address counts as IPv4).
             let valid = match address_type {
-                "IPv4" => addr.parse::<Ipv4Addr>().is_ok(),
-                "IPv6" => addr.parse::<Ipv6Addr>().is_ok(),
+                "IPv4" => matches!(parse_ip_sloppy(addr), Some(IpAddr::V4(_))),
+                "IPv6" => matches!(parse_ip_sloppy(addr), Some(IpAddr::V6(_))),
                 _ => true,
             };
             reasons.check(valid, || {
@@ -181,4 +186,79 @@ pub(super) fn validate_endpoint_slice(slice: &EndpointSlice) -> Result<(), Strin
         reasons.protocol(&format!("{field}.protocol"), port.protocol.as_deref());
     }
     reasons.into_result()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// Addresses are read as the API server reads them (`ParseIPSloppy`): leading zeros
+    /// are decimal, so such objects pass (they were valid until Kubernetes 1.33 and still
+    /// exist); what is no address at all, or of the slice's other family, does not.
+    #[test]
+    fn addresses_with_leading_zeros_pass_as_the_api_server_lets_them() {
+        let service = |cluster_ip: &str, external_ip: &str, ingress_ip: &str| -> Service {
+            serde_json::from_value(json!({
+                "metadata": {"name": "web", "namespace": "default"},
+                "spec": {
+                    "clusterIP": cluster_ip, "clusterIPs": [cluster_ip],
+                    "externalIPs": [external_ip],
+                    "ports": [{"port": 80}],
+                },
+                "status": {"loadBalancer": {"ingress": [{"ip": ingress_ip}]}},
+            }))
+            .unwrap()
+        };
+        let services = [
+            (
+                service("172.30.0.041", "198.018.9.001", "198.18.008.1"),
+                Ok(()),
+            ),
+            (
+                service("172.30.0.41", "::ffff:198.18.9.1", "fd00::8"),
+                Ok(()),
+            ),
+            (
+                service("172.30.0.256", "198.18.9.1", "198.18.8.1"),
+                Err("spec.clusterIP \"172.30.0.256\" is not an IP address; \
+                     spec.clusterIPs[0] \"172.30.0.256\" is not an IP address"),
+            ),
+            (
+                service("172.30.0.41", "198.18.9", "lb.example"),
+                Err("spec.externalIPs[0] \"198.18.9\" is not an IP address; \
+                     status.loadBalancer.ingress[0].ip \"lb.example\" is not an IP address"),
+            ),
+        ];
+        for (service, expected) in services {
+            let spec = service.spec.as_ref().unwrap();
+            let name = format!("{:?}", spec.cluster_ip);
+            let expected = expected.map_err(str::to_owned);
+            assert_eq!(validate_service(&service), expected, "{name}");
+        }
+
+        let slice = |address_type: &str, address: &str| -> EndpointSlice {
+            serde_json::from_value(json!({
+                "metadata": {"name": "web-1", "namespace": "default",
+                             "labels": {SERVICE_NAME_LABEL: "web"}},
+                "addressType": address_type,
+                "endpoints": [{"addresses": [address]}],
+            }))
+            .unwrap()
+        };
+        let slices = [
+            (slice("IPv4", "10.180.00.001"), true),
+            (slice("IPv4", "::ffff:10.180.0.1"), true),
+            (slice("IPv4", "10.180.0.1000"), false),
+            (slice("IPv6", "fd00::1"), true),
+            (slice("IPv6", "::ffff:10.180.0.1"), false),
+            (slice("IPv6", "10.180.0.1"), false),
+        ];
+        for (slice, valid) in slices {
+            let endpoint = &slice.endpoints.as_ref().unwrap()[0];
+            let name = format!("{} {:?}", slice.address_type, endpoint.addresses[0]);
+            assert_eq!(validate_endpoint_slice(&slice).is_ok(), valid, "{name}");
+        }
+    }
 }
