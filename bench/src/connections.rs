@@ -20,9 +20,9 @@ use proxy_lab::{Daemon, Lab};
 
 use crate::cluster::{Cluster, Endpoints};
 use crate::daemon;
-use crate::load::{self, LoadSettings};
 use crate::netfilter::{self, Loaded, Netfilter};
 use crate::stats::{Summary, percentile_of_sorted};
+use proxy_lab::load::{self, LoadSettings};
 
 /// How a connection reaches a pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -10,11 +10,11 @@
 mod chart;
 mod cluster;
 mod connections;
+mod conntrack_gc;
 mod daemon;
 mod endpoint_change;
 mod hostile;
 mod kube_rules;
-mod load;
 mod machine;
 mod memory;
 mod netfilter;
@@ -33,12 +33,13 @@ use clap::{Parser, ValueEnum};
 use proxy_lab::Lab;
 
 use connections::ConnectionSettings;
+use conntrack_gc::GcSettings;
 use endpoint_change::ChangeSettings;
 use hostile::HostileSettings;
-use load::LoadSettings;
 use memory::MemorySettings;
 use packet::PacketSettings;
 use programming::ProgrammingSettings;
+use proxy_lab::load::LoadSettings;
 use report::{DocumentContext, Results, Table};
 use soak::SoakSettings;
 
@@ -60,6 +61,8 @@ struct Cli {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Section {
     Packet,
+    /// Conntrack garbage collection.
+    Gc,
     Connections,
     Programming,
     Change,
@@ -71,6 +74,7 @@ enum Section {
 /// The sizes, counts and durations of every measurement.
 struct Settings {
     packet: PacketSettings,
+    gc: GcSettings,
     connections: ConnectionSettings,
     programming: ProgrammingSettings,
     change: ChangeSettings,
@@ -88,6 +92,10 @@ impl Settings {
                 repeat: 1_000_000,
                 single_runs: 5_000,
             },
+            gc: GcSettings {
+                sizes: vec![1 << 18, 1 << 20],
+                runs: 3,
+            },
             connections: ConnectionSettings {
                 sizes: vec![1, 1_000, 10_000],
                 pods: 10,
@@ -96,6 +104,7 @@ impl Settings {
                     duration: Duration::from_secs(2),
                     max_connections: 100_000,
                     timeout: Duration::from_secs(1),
+                    hold: Duration::ZERO,
                 },
                 runs: 5,
                 warmup: 300,
@@ -138,6 +147,10 @@ impl Settings {
                 repeat: 20_000,
                 single_runs: 300,
             },
+            gc: GcSettings {
+                sizes: vec![1 << 14],
+                runs: 1,
+            },
             connections: ConnectionSettings {
                 sizes: vec![1, 100],
                 pods: 3,
@@ -146,6 +159,7 @@ impl Settings {
                     duration: Duration::from_millis(300),
                     max_connections: 5_000,
                     timeout: Duration::from_secs(1),
+                    hold: Duration::ZERO,
                 },
                 runs: 1,
                 warmup: 20,
@@ -184,6 +198,7 @@ impl Settings {
     fn describe(&self) -> Vec<String> {
         let Self {
             packet,
+            gc,
             connections,
             programming,
             change,
@@ -196,6 +211,11 @@ impl Settings {
                 "per packet: {:?} Services × 10 endpoints; {} runs of `repeat` {} and of {} \
                  single runs each",
                 packet.sizes, packet.runs, packet.repeat, packet.single_runs
+            ),
+            format!(
+                "conntrack garbage collection: CONNTRACK of {:?} entries, full, half of the \
+                 flows over; {} runs each",
+                gc.sizes, gc.runs
             ),
             format!(
                 "connections: {:?} Services, {} pods; {} runs of {:?} with {} client threads \
@@ -276,6 +296,12 @@ fn run(cli: &Cli) -> Result<()> {
         let lab = Lab::builder().pods(0).build()?;
         results.packet = lab.node().run(|| packet::measure(&settings.packet))??;
         show(&report::packet_table(&results.packet));
+    }
+    if wants(Section::Gc) {
+        heading("1. Conntrack garbage collection (one sweep)");
+        let lab = Lab::builder().pods(0).build()?;
+        results.gc = lab.node().run(|| conntrack_gc::measure(&settings.gc))??;
+        show(&report::gc_table(&results.gc));
     }
     if wants(Section::Connections) {
         heading("2. New TCP connections through a ClusterIP, end to end");

@@ -3,10 +3,16 @@
 //!
 //! `repeat` reruns the program on the same skb, and a rewritten packet stays rewritten, so
 //! each path is measured in the way that keeps every iteration on that path:
-//! - pass-through (a packet to no Service): rerunning changes nothing → `repeat`.
-//! - established (conntrack hit, then DNAT): the bench adds a mirror conntrack entry for
-//!   the translated tuple that DNATs back to the VIP, so every iteration is again a
-//!   conntrack hit with a full rewrite → `repeat`.
+//! - pass-through (a packet to no Service and no backend): rerunning changes nothing →
+//!   `repeat`. Three kinds: a TCP SYN (conntrack miss, frontend miss, backend-index miss:
+//!   the clash check), a TCP SYN-ACK and a UDP datagram (which may also be a pending flow's
+//!   first answer: one more lookup, in CONNTRACK_PENDING).
+//! - established (an assured flow's conntrack hit, then DNAT): the flow completes its
+//!   handshake first, then the bench adds a mirror conntrack entry for the translated tuple
+//!   that DNATs back to the VIP, so every iteration is again a conntrack hit with a full
+//!   rewrite → `repeat`.
+//! - direct (an assured flow straight to a backend, tracked for clashes): one conntrack
+//!   hit, nothing rewritten → `repeat`.
 //! - new flow (conntrack miss → lookup → select → create → DNAT): every run is a packet
 //!   of a fresh 5-tuple, one run per call; to a random Service (cold map entries, as new
 //!   connections across many Services meet them), and always to the same Service (hot
@@ -17,7 +23,8 @@
 //! - new flow without the conntrack create: the same fresh packets through `epx_trace`,
 //!   the dry run of the same packet path, which writes no conntrack entry and no counter
 //!   (it records its decisions in a per-CPU map instead); the difference to a new flow is
-//!   about what creating the flow's two conntrack entries costs.
+//!   about what creating the flow's two conntrack entries (and claiming its reply tuple)
+//!   costs.
 //!
 //! Every figure is checked against the program's own counters: a run that did not take
 //! the path it measures fails the benchmark instead of reporting a wrong number.
@@ -30,11 +37,11 @@ use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
 use aya::{Ebpf, EbpfLoader};
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use proxy_common::{
-    CtKey, CtValue, PROGRAM_NAME, TRACE_PROGRAM_NAME, TraceRecord, ct_dir, default_max_entries,
-    map_names, proto, stat,
+    CtKey, CtTimeouts, CtValue, PROGRAM_NAME, TRACE_PROGRAM_NAME, TraceRecord, Tuple,
+    default_max_entries, map_names, proto, stat,
 };
-use proxy_userspace::plan;
-use proxy_userspace::writer::MapWriter;
+use proxy_userspace::writer::{FlowMaps, MapWriter};
+use proxy_userspace::{datapath, plan};
 
 use crate::cluster::{BenchService, Cluster, Endpoints, lab_node};
 use crate::stats::{Rng, Summary, median};
@@ -46,6 +53,11 @@ const ENDPOINTS_PER_SERVICE: usize = 10;
 const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 250, 1), 40_000);
 /// A destination that is no Service (no endpoint uses port 9 either).
 const NOT_A_SERVICE: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 255, 254), 9);
+/// The client of the direct flow to a backend.
+const DIRECT_CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 250, 2), 40_000);
+/// CONNTRACK_PENDING holds every new flow of a run (two entries each) without evicting, so
+/// new flows are measured on a map with room, as in the earlier figures.
+const PENDING_ENTRIES: u32 = 1 << 18;
 /// New flows come from 198.18.240.0 onward, 50 000 source ports per address.
 const FIRST_NEW_FLOW_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 240, 0);
 const PORTS_PER_CLIENT: usize = 50_000;
@@ -73,7 +85,14 @@ pub struct PacketCosts {
     /// entries.
     pub new_flow_without_create: Summary,
     pub established: Summary,
+    /// A TCP SYN to no Service and no backend.
     pub pass_through: Summary,
+    /// A TCP SYN-ACK to no Service: also looked up in CONNTRACK_PENDING.
+    pub pass_through_answer: Summary,
+    /// A UDP datagram to no Service: also looked up in CONNTRACK_PENDING.
+    pub pass_through_udp: Summary,
+    /// An assured direct flow to a backend: one conntrack hit, nothing rewritten.
+    pub direct: Summary,
     /// The established packet measured like new flows; close to `established` when the
     /// floor correction is sound.
     pub established_single: Summary,
@@ -116,13 +135,19 @@ fn measure_at(services: usize, settings: &PacketSettings) -> Result<PacketCosts>
     );
 
     let established = datapath.open_established_flow(&cluster.service(services / 2))?;
+    let direct = datapath.open_direct_flow(&cluster.service(services / 3))?;
     let pass = tcp_frame(CLIENT, NOT_A_SERVICE, Flags::Syn)?;
+    let pass_answer = tcp_frame(CLIENT, NOT_A_SERVICE, Flags::SynAck)?;
+    let pass_udp = udp_frame(CLIENT, NOT_A_SERVICE)?;
     let one_service = cluster.service(0);
     let mut rng = Rng::new(services as u64);
     let mut next_flow = 0usize;
     let mut figures = Figures::default();
     for _ in 0..settings.runs {
         let pass_repeated = datapath.repeated(&pass, settings.repeat, stat::PASS)?;
+        let pass_answer_repeated = datapath.repeated(&pass_answer, settings.repeat, stat::PASS)?;
+        let pass_udp_repeated = datapath.repeated(&pass_udp, settings.repeat, stat::PASS)?;
+        let direct_repeated = datapath.repeated(&direct, settings.repeat, stat::DIRECT)?;
         let established_repeated =
             datapath.repeated(&established, settings.repeat, stat::CT_HIT)?;
         let pass_single =
@@ -150,6 +175,9 @@ fn measure_at(services: usize, settings: &PacketSettings) -> Result<PacketCosts>
             })?;
         let floor = pass_single - pass_repeated;
         figures.pass_through.push(pass_repeated);
+        figures.pass_through_answer.push(pass_answer_repeated);
+        figures.pass_through_udp.push(pass_udp_repeated);
+        figures.direct.push(direct_repeated);
         figures.established.push(established_repeated);
         figures.established_single.push(established_single - floor);
         figures.new_flow.push(new_flow - floor);
@@ -167,6 +195,9 @@ fn measure_at(services: usize, settings: &PacketSettings) -> Result<PacketCosts>
         new_flow_without_create: summary(&figures.new_flow_without_create)?,
         established: summary(&figures.established)?,
         pass_through: summary(&figures.pass_through)?,
+        pass_through_answer: summary(&figures.pass_through_answer)?,
+        pass_through_udp: summary(&figures.pass_through_udp)?,
+        direct: summary(&figures.direct)?,
         established_single: summary(&figures.established_single)?,
         timer_floor: summary(&figures.timer_floor)?,
     })
@@ -180,6 +211,9 @@ struct Figures {
     new_flow_without_create: Vec<f64>,
     established: Vec<f64>,
     pass_through: Vec<f64>,
+    pass_through_answer: Vec<f64>,
+    pass_through_udp: Vec<f64>,
+    direct: Vec<f64>,
     established_single: Vec<f64>,
     timer_floor: Vec<f64>,
 }
@@ -221,11 +255,17 @@ impl LoadedProgram {
                 default_max_entries::SVC_NAMES.max(frontends + 1024),
             )
             .map_max_entries(
-                map_names::AFFINITY_MATCH,
-                default_max_entries::SERVICES.max(frontends * 11 + 1024),
+                map_names::MEMBERSHIP,
+                default_max_entries::SERVICES.max(frontends * 12 + 1024),
             )
+            .map_max_entries(
+                map_names::BACKEND_IDS,
+                default_max_entries::BACKENDS.max(frontends * 10 + 1024),
+            )
+            .map_max_entries(map_names::CONNTRACK_PENDING, PENDING_ENTRIES)
             .load(proxy_userspace::EBPF_OBJECT)
             .context("loading the eBPF object")?;
+        proxy_userspace::datapath::set_timeouts(&mut ebpf, CtTimeouts::DEFAULT)?;
         for name in [PROGRAM_NAME, TRACE_PROGRAM_NAME] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -240,12 +280,17 @@ impl LoadedProgram {
         let services_map = take(map_names::SERVICES)?.try_into()?;
         let backends_map = take(map_names::BACKENDS)?.try_into()?;
         let names_map = take(map_names::SVC_NAMES)?.try_into()?;
-        let affinity_matches = take(map_names::AFFINITY_MATCH)?.try_into()?;
+        let membership = take(map_names::MEMBERSHIP)?.try_into()?;
+        let flow_maps = FlowMaps {
+            backend_ids: take(map_names::BACKEND_IDS)?.try_into()?,
+            membership_epoch: take(map_names::MEMBERSHIP_EPOCH)?.try_into()?,
+        };
         let conntrack = take(map_names::CONNTRACK)?.try_into()?;
         let stats = take(map_names::STATS)?.try_into()?;
         let trace = take(map_names::TRACE)?.try_into()?;
         Ok(Self {
-            writer: MapWriter::new(services_map, backends_map, affinity_matches, names_map)?,
+            writer: MapWriter::new(services_map, backends_map, membership, names_map)?
+                .with_flow_maps(flow_maps)?,
             conntrack,
             stats,
             trace,
@@ -355,60 +400,85 @@ impl LoadedProgram {
         Ok(())
     }
 
-    /// Opens a flow from [`CLIENT`] to `service` and makes its next packets conntrack
-    /// hits at every iteration of a `repeat` run: the program DNATs the packet to the
-    /// backend it chose, and a mirror entry for that translated tuple DNATs it back to
-    /// the VIP. Returns the flow's ACK frame.
+    /// Runs one frame through the program; its verdict must be TC_ACT_OK and `counter`
+    /// must count it. Returns the frame it leaves.
+    fn once(&self, frame: &[u8], counter: u32) -> Result<Vec<u8>> {
+        let before = self.counter(counter)?;
+        let (verdict, out) = datapath::run_frame(self.program()?, frame)?;
+        ensure!(verdict == TC_ACT_OK, "verdict {verdict}");
+        self.expect_counted(counter, before, 1)?;
+        Ok(out)
+    }
+
+    /// Opens a flow from [`CLIENT`] to `service` through its handshake (SYN, the backend's
+    /// SYN-ACK, the client's ACK: now assured, in CONNTRACK) and makes its next packets
+    /// conntrack hits at every iteration of a `repeat` run: the program DNATs the packet
+    /// to the backend it chose, and a mirror entry for that translated tuple DNATs it back
+    /// to the VIP. Returns the flow's ACK frame.
     fn open_established_flow(&mut self, service: &BenchService) -> Result<Vec<u8>> {
         let vip = SocketAddrV4::new(service.vip, service.port);
-        let syn = tcp_frame(CLIENT, vip, Flags::Syn)?;
-        let mut out = vec![0; syn.len() + 256];
-        let before = self.counter(stat::NEW_FLOW)?;
-        let result = self.program()?.test_run(TestRunOptions {
-            data_in: Some(&syn),
-            data_out: Some(&mut out),
-            ..TestRunOptions::default()
-        })?;
-        ensure!(
-            result.return_value == TC_ACT_OK,
-            "verdict {}",
-            result.return_value
-        );
-        self.expect_counted(stat::NEW_FLOW, before, 1)?;
-        out.truncate(result.data_size_out as usize);
+        let out = self.once(&tcp_frame(CLIENT, vip, Flags::Syn)?, stat::NEW_FLOW)?;
         let backend = destination(&out)?;
         ensure!(
             service.endpoints.contains(backend.ip()),
             "the SYN to {vip} went to {backend}, which is none of its endpoints"
         );
-        let forward = self.conntrack.get(&ct_key(CLIENT, vip), 0)?;
+        self.once(&tcp_frame(backend, CLIENT, Flags::SynAck)?, stat::REPLY)?;
+        let ack = tcp_frame(CLIENT, vip, Flags::Ack)?;
+        self.once(&ack, stat::CT_HIT)?;
+        let forward = self
+            .conntrack
+            .get(&ct_key(CLIENT, vip), 0)
+            .context("the flow is not assured after its handshake")?;
         let back_to_vip = CtValue {
-            nat_addr: u32::from_ne_bytes(vip.ip().octets()),
-            nat_port: vip.port().to_be(),
+            to: tuple(CLIENT, vip),
             ..forward
         };
         self.conntrack
             .insert(ct_key(CLIENT, backend), back_to_vip, 0)?;
-        tcp_frame(CLIENT, vip, Flags::Ack)
+        Ok(ack)
+    }
+
+    /// Opens a flow from [`DIRECT_CLIENT`] straight to a backend of `service` through its
+    /// handshake (assured, in CONNTRACK). Returns its ACK frame, which the program passes
+    /// untouched.
+    fn open_direct_flow(&mut self, service: &BenchService) -> Result<Vec<u8>> {
+        let backend = SocketAddrV4::new(service.endpoints[0], service.target_port);
+        self.once(
+            &tcp_frame(DIRECT_CLIENT, backend, Flags::Syn)?,
+            stat::DIRECT,
+        )?;
+        self.once(
+            &tcp_frame(backend, DIRECT_CLIENT, Flags::SynAck)?,
+            stat::DIRECT,
+        )?;
+        let ack = tcp_frame(DIRECT_CLIENT, backend, Flags::Ack)?;
+        self.once(&ack, stat::DIRECT)?;
+        self.conntrack
+            .get(&ct_key(DIRECT_CLIENT, backend), 0)
+            .context("the direct flow is not assured after its handshake")?;
+        Ok(ack)
     }
 }
 
-/// The FORWARD conntrack key of a packet from `src` to `dst`.
-fn ct_key(src: SocketAddrV4, dst: SocketAddrV4) -> CtKey {
-    CtKey {
+fn tuple(src: SocketAddrV4, dst: SocketAddrV4) -> Tuple {
+    Tuple {
         src_addr: u32::from_ne_bytes(src.ip().octets()),
         dst_addr: u32::from_ne_bytes(dst.ip().octets()),
         src_port: src.port().to_be(),
         dst_port: dst.port().to_be(),
-        proto: proto::TCP,
-        dir: ct_dir::FORWARD,
-        _pad: 0,
     }
+}
+
+/// The conntrack key of a TCP packet from `src` to `dst`.
+fn ct_key(src: SocketAddrV4, dst: SocketAddrV4) -> CtKey {
+    CtKey::new(tuple(src, dst), proto::TCP)
 }
 
 #[derive(Clone, Copy)]
 enum Flags {
     Syn,
+    SynAck,
     Ack,
 }
 
@@ -419,10 +489,21 @@ fn tcp_frame(src: SocketAddrV4, dst: SocketAddrV4, flags: Flags) -> Result<Vec<u
         .tcp(src.port(), dst.port(), 1, 64_240);
     let builder = match flags {
         Flags::Syn => builder.syn(),
+        Flags::SynAck => builder.syn().ack(1),
         Flags::Ack => builder.ack(1),
     };
     let mut frame = Vec::with_capacity(builder.size(0));
     builder.write(&mut frame, &[])?;
+    Ok(frame)
+}
+
+/// An Ethernet/IPv4/UDP frame with 8 bytes of payload, checksums complete.
+fn udp_frame(src: SocketAddrV4, dst: SocketAddrV4) -> Result<Vec<u8>> {
+    let builder = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(src.ip().octets(), dst.ip().octets(), 64)
+        .udp(src.port(), dst.port());
+    let mut frame = Vec::with_capacity(builder.size(8));
+    builder.write(&mut frame, &[0; 8])?;
     Ok(frame)
 }
 

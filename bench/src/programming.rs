@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use proxy_common::default_max_entries;
+use proxy_common::{CtTimeouts, default_max_entries};
 use proxy_lab::Lab;
 use proxy_userspace::datapath::{Datapath, MapSizes};
 use proxy_userspace::model::Model;
@@ -218,15 +218,11 @@ impl OurDatapath {
             ..MapSizes::default()
         };
         let root: PathBuf = bpffs.path().join("ebpf-proxy");
-        let mut datapath = Datapath::load(&root, sizes)?;
+        let mut datapath = Datapath::load(&root, sizes, CtTimeouts::DEFAULT)?;
         let maps = datapath.take_maps()?;
         Ok(Self {
-            writer: MapWriter::new(
-                maps.services,
-                maps.backends,
-                maps.affinity_matches,
-                maps.names,
-            )?,
+            writer: MapWriter::new(maps.services, maps.backends, maps.membership, maps.names)?
+                .with_flow_maps(maps.flow_maps)?,
             _datapath: datapath,
             _bpffs: bpffs,
         })

@@ -52,29 +52,8 @@ pub fn percentile_of_sorted(sorted: &[f64], p: f64) -> Option<f64> {
     sorted.get(rank.clamp(1, sorted.len().max(1)) - 1).copied()
 }
 
-/// xorshift64*: a small, seedable generator, so every variant of a measurement gets the
-/// same sequence of targets.
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        // Zero is xorshift's one fixed point.
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// A number in `0..bound` (`bound` > 0).
-    pub fn below(&mut self, bound: usize) -> usize {
-        (self.next_u64() % bound as u64) as usize
-    }
-}
+/// The seedable generator the lab's load generator uses too.
+pub use proxy_lab::Rng;
 
 #[cfg(test)]
 mod tests {
@@ -97,16 +76,5 @@ mod tests {
         assert_eq!(percentile_of_sorted(&sorted, 100.0), Some(100.0));
         assert_eq!(percentile_of_sorted(&[7.0], 99.0), Some(7.0));
         assert_eq!(percentile_of_sorted(&[], 50.0), None);
-    }
-
-    #[test]
-    fn the_generator_repeats_for_a_seed_and_stays_in_bounds() {
-        let draw = |seed| {
-            let mut rng = Rng::new(seed);
-            (0..100).map(|_| rng.below(7)).collect::<Vec<_>>()
-        };
-        assert_eq!(draw(1), draw(1));
-        assert_ne!(draw(1), draw(2));
-        assert!(draw(0).iter().all(|value| *value < 7));
     }
 }

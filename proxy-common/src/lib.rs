@@ -6,6 +6,13 @@
 //! take host-order values and do the conversion once, in userspace.
 #![no_std]
 
+mod conntrack;
+
+pub use conntrack::{
+    CtKey, CtTimeouts, CtValue, EXPIRES_REMOVING, Endpoint, FlowState, Translation, Tuple,
+    UDP_STREAM_AFTER_S, ct_flags, ct_seconds, ct_state, flow_expired, next_state, tcp_flags,
+};
+
 /// IP protocol numbers the datapath balances.
 pub mod proto {
     pub const TCP: u8 = 6;
@@ -16,12 +23,25 @@ pub mod proto {
 pub mod map_names {
     pub const SERVICES: &str = "SERVICES";
     pub const BACKENDS: &str = "BACKENDS";
+    /// Assured flows (netfilter's term: answered, and TCP past the handshake).
     pub const CONNTRACK: &str = "CONNTRACK";
+    /// Flows not yet assured, and the direct flows to backends being tracked: a flood of
+    /// unanswered packets churns only this map.
+    pub const CONNTRACK_PENDING: &str = "CONNTRACK_PENDING";
     pub const STATS: &str = "STATS";
     /// Session affinity: each client's backend per frontend (written by the datapath).
     pub const AFFINITY: &str = "AFFINITY";
-    /// Session affinity: the backends each affinity frontend has now (written by the daemon).
-    pub const AFFINITY_MATCH: &str = "AFFINITY_MATCH";
+    /// Which endpoint addresses each frontend has now, and whether they take new
+    /// connections or only keep their flows (written by the daemon for every frontend).
+    pub const MEMBERSHIP: &str = "MEMBERSHIP";
+    /// One counter, raised by the daemon after it changed MEMBERSHIP: a flow re-checks its
+    /// backend's membership only when it changed since the flow's last check.
+    pub const MEMBERSHIP_EPOCH: &str = "MEMBERSHIP_EPOCH";
+    /// The conntrack idle timeouts (one `CtTimeouts`), written by the daemon from its flags.
+    pub const CT_TIMEOUTS: &str = "CT_TIMEOUTS";
+    /// Every backend (address, port, protocol) → its id: the datapath tracks direct flows
+    /// to backends, which could clash with Service flows.
+    pub const BACKEND_IDS: &str = "BACKEND_IDS";
     /// Metadata for people, not for packets: which Service port each frontend belongs to.
     pub const SVC_NAMES: &str = "SVC_NAMES";
     /// `loadBalancerSourceRanges`: the client prefixes each restricted frontend admits.
@@ -32,6 +52,26 @@ pub mod map_names {
 
 /// The one tc program: attached on pod-side veths and on the node's external devices.
 pub const PROGRAM_NAME: &str = "epx_ingress";
+
+/// The conntrack reaper: removes the entries it is given whose flows are over (see
+/// [`ReapRequest`]). Never attached: the daemon's garbage collector runs it with
+/// BPF_PROG_TEST_RUN, so the check and the removal happen in the kernel, under the
+/// datapath's own removal protocol.
+pub const REAP_PROGRAM_NAME: &str = "epx_ct_reap";
+
+/// Keys per run of [`REAP_PROGRAM_NAME`] (a test run's input must fit a page).
+pub const REAP_BATCH: usize = 128;
+
+/// The input of [`REAP_PROGRAM_NAME`]: this header, then `count` [`CtKey`]s. The program
+/// returns how many of the entries it removed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ReapRequest {
+    /// Which map: [`trace_table::ASSURED`] (CONNTRACK) or [`trace_table::PENDING`].
+    pub table: u32,
+    pub count: u32,
+    pub _pad: [u32; 2],
+}
 
 /// The same packet path as [`PROGRAM_NAME`] as a dry run: it rewrites the packet it is
 /// given but writes no conntrack entry and no counter, and records its decision in the
@@ -136,78 +176,6 @@ impl Backend {
     }
 }
 
-/// Direction of a conntrack entry.
-pub mod ct_dir {
-    /// Keyed by the client's original tuple (client → frontend); the value holds the backend.
-    pub const FORWARD: u8 = 0;
-    /// Keyed by the backend's reply tuple (backend → client); the value holds the frontend.
-    pub const REPLY: u8 = 1;
-}
-
-/// Key of the CONNTRACK map: the packet's 5-tuple as seen on the wire, plus a direction.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct CtKey {
-    pub src_addr: u32,
-    pub dst_addr: u32,
-    pub src_port: u16,
-    pub dst_port: u16,
-    pub proto: u8,
-    pub dir: u8,
-    pub _pad: u16,
-}
-
-/// Conntrack entry flags.
-pub mod ct_flags {
-    /// A FIN or RST was seen: the flow is ending; a new SYN on the same tuple re-selects,
-    /// and the daemon's garbage collector reaps it after a short grace period.
-    pub const CLOSING: u16 = 1 << 0;
-    /// The frontend is one of the node's own addresses (a NodePort). After reverse NAT the
-    /// reply's source is local, and the kernel drops forwarded packets with a local source
-    /// as martians; so the program routes these replies itself (FIB lookup + redirect).
-    /// Set on REPLY entries, and on the FORWARD entry of a hairpin flow, whose packets
-    /// towards the backend get the node address as source too.
-    pub const LOCAL_FRONTEND: u16 = 1 << 1;
-    /// Hairpin: the client is its own backend (a pod reaching itself through a Service).
-    /// Unchanged, its packets would come back to it with its own address as source, which
-    /// its kernel drops as a martian; so the source is rewritten to the frontend address
-    /// (kube-proxy masquerades these), and the REPLY entry is keyed by that address:
-    /// backend → frontend address : client port.
-    pub const HAIRPIN: u16 = 1 << 2;
-    /// SNAT: the flow came in on an external device for a backend reached through that same
-    /// device (a backend on another node), so its source was rewritten to the node address
-    /// the route to the backend uses, with a port from the SNAT range (kube-proxy's
-    /// MASQUERADE), and the backend's replies come back through this node. FORWARD:
-    /// `snat_addr:snat_port` is that new source. REPLY (keyed backend → node address : SNAT
-    /// port): `snat_addr:snat_port` is the client to restore as destination.
-    pub const SNAT: u16 = 1 << 3;
-}
-
-/// Value of the CONNTRACK map.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct CtValue {
-    /// FORWARD: the backend address to DNAT to. REPLY: the frontend address to restore.
-    pub nat_addr: u32,
-    pub rev_nat_id: u32,
-    pub backend_id: u32,
-    /// FORWARD: the backend port. REPLY: the frontend port. Network byte order.
-    pub nat_port: u16,
-    /// Bits of [`ct_flags`].
-    pub flags: u16,
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when the flow was created.
-    pub created_ns: u64,
-    /// `bpf_ktime_get_ns` of the latest packet in this direction.
-    pub last_seen_ns: u64,
-    pub packets: u64,
-    pub bytes: u64,
-    /// Only with `ct_flags::SNAT`: FORWARD, the source the flow's packets get (node address
-    /// and SNAT port); REPLY, the client to restore as destination. Network byte order.
-    pub snat_addr: u32,
-    pub snat_port: u16,
-    pub _pad: u16,
-}
-
 /// Key of the AFFINITY map: a client of an affinity frontend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -229,14 +197,26 @@ pub struct AffinityValue {
     pub last_used_ns: u64,
 }
 
-/// Key of the AFFINITY_MATCH map (value: a `u8`, always 1): `backend_id` is one of the
-/// backends of the affinity frontend `rev_nat_id`. A remembered backend is reused only
-/// while its entry exists.
+/// Key of the MEMBERSHIP map (value: bits of [`membership`]): `addr` is an endpoint
+/// address of the frontend `rev_nat_id`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AffinityMatchKey {
+pub struct MembershipKey {
     pub rev_nat_id: u32,
-    pub backend_id: u32,
+    /// IPv4 address, network byte order.
+    pub addr: u32,
+}
+
+/// Bits of a MEMBERSHIP value.
+pub mod membership {
+    /// New connections may go to the address (it fills a slot): session affinity reuses a
+    /// remembered backend only while it has this bit.
+    pub const SELECTABLE: u8 = 1 << 0;
+    /// The endpoint is serving (ready, or terminating but serving): its UDP flows and
+    /// unanswered TCP connections stay on it (kube-proxy clears only flows to endpoints
+    /// that stopped serving). A flow to an address without it is given a new backend, or
+    /// refused when the frontend has none left (or is gone).
+    pub const SERVING: u8 = 1 << 1;
 }
 
 /// The data of a SOURCE_RANGES key (an LPM trie; the value is a `u8`, always 1): the
@@ -300,8 +280,18 @@ pub mod stat {
     /// [`RefusalLimits`](crate::RefusalLimits)) had no room for it: the packet was dropped
     /// without an answer, as kube-proxy's REJECT does then.
     pub const REJECT_RATE_LIMITED: u32 = 15;
+    /// A packet of a flow straight to a backend (through no Service), tracked so that no
+    /// Service flow is created over its reply tuple: passed untouched, or with its source
+    /// port remapped when it clashed with a live Service flow.
+    pub const DIRECT: u32 = 16;
+    /// A new flow's reply tuple belonged to another live flow: its source port was
+    /// replaced with one of the SNAT range (netfilter's clash remap).
+    pub const REMAPPED: u32 = 17;
+    /// A tracked flow's backend stopped serving its frontend (a UDP flow, or a SYN not yet
+    /// answered): the packet went to a newly selected backend.
+    pub const BACKEND_LEFT: u32 = 18;
     /// Number of counters (size of the STATS array).
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 19;
 
     /// Stable names, indexed like the constants above (used by logs, metrics and the CLI).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -321,6 +311,9 @@ pub mod stat {
         "source_range_denied",
         "snat_failed",
         "reject_rate_limited",
+        "direct",
+        "remapped",
+        "backend_left",
     ];
 }
 
@@ -404,6 +397,17 @@ pub mod trace_ct {
     /// A FORWARD entry marked closing, and the packet is a SYN: the client reuses the
     /// port for a new connection, which gets a fresh backend selection.
     pub const CLOSING_REUSED: u8 = 3;
+    /// A FORWARD entry whose backend no longer serves the frontend, for a packet that may
+    /// move (UDP, or a SYN not yet answered): a fresh backend selection.
+    pub const BACKEND_LEFT: u8 = 4;
+}
+
+/// Which conntrack map held the entry of a trace ([`TraceRecord::table`]).
+pub mod trace_table {
+    /// CONNTRACK: an assured flow.
+    pub const ASSURED: u8 = 0;
+    /// CONNTRACK_PENDING: a flow not yet assured, or a direct flow being tracked.
+    pub const PENDING: u8 = 1;
 }
 
 /// Value of the TRACE map (one per-CPU entry): the decisions of one `epx_trace` run, for
@@ -421,14 +425,15 @@ pub struct TraceRecord {
     /// taken (`new_flow`, `ct_hit`, `reply`, `pass`, `no_backend`, …).
     pub outcome: u8,
     /// 1 when the live program would route this reverse-NATed reply itself (FIB lookup and
-    /// redirect, see `ct_flags::LOCAL_FRONTEND`); the dry run stops before routing.
+    /// redirect, see `ct_flags::ROUTES_ITSELF`); the dry run stops before routing.
     pub routes_reply: u8,
     /// The slot selected for a new flow (1..=count), 0 if none was.
     pub slot: u16,
     /// 1 when session affinity gave the new flow the client's previous backend (no slot
     /// was drawn).
     pub affinity: u8,
-    pub _pad0: u8,
+    /// A [`trace_table`] constant: where the conntrack entry was found.
+    pub table: u8,
     /// The backend the packet was sent to (new flow or FORWARD entry), 0 if none.
     pub backend_id: u32,
     /// BACKENDS[backend_id] as read during the selection (zero for conntrack hits).
@@ -490,11 +495,16 @@ pub const REFUSAL_LIMITS_GLOBAL: &str = "REFUSAL_LIMITS";
 pub mod default_max_entries {
     pub const SERVICES: u32 = 262_144;
     pub const BACKENDS: u32 = 131_072;
+    /// The daemon sizes both conntrack maps from the machine's memory (`--conntrack-memory-ratio`).
     pub const CONNTRACK: u32 = 262_144;
+    pub const CONNTRACK_PENDING: u32 = 65_536;
     /// Clients × affinity frontends; LRU, so the least recently seen are forgotten first.
     pub const AFFINITY: u32 = 65_536;
-    /// One entry per backend of an affinity frontend, so never more than SERVICES holds.
-    pub const AFFINITY_MATCH: u32 = SERVICES;
+    /// One entry per endpoint address of each frontend (plus one per frontend), so never
+    /// more than SERVICES holds.
+    pub const MEMBERSHIP: u32 = SERVICES;
+    /// One entry per backend.
+    pub const BACKEND_IDS: u32 = BACKENDS;
     /// One entry per frontend, and every frontend has a SERVICES entry, so SERVICES' size
     /// always suffices. The map is not preallocated: unused room costs nothing.
     pub const SVC_NAMES: u32 = SERVICES;
@@ -513,7 +523,9 @@ mod pod {
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityValue {}
-    unsafe impl aya::Pod for super::AffinityMatchKey {}
+    unsafe impl aya::Pod for super::MembershipKey {}
+    unsafe impl aya::Pod for super::CtTimeouts {}
+    unsafe impl aya::Pod for super::ReapRequest {}
     unsafe impl aya::Pod for super::SourceRange {}
     unsafe impl aya::Pod for super::ServiceName {}
     unsafe impl aya::Pod for super::TraceRecord {}
@@ -531,13 +543,14 @@ mod tests {
         assert_eq!(size_of::<ServiceValue>(), 16);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<CtKey>(), 16);
-        assert_eq!(size_of::<CtValue>(), 56);
+        assert_eq!(size_of::<CtValue>(), 64);
         assert_eq!(size_of::<AffinityKey>(), 8);
         assert_eq!(size_of::<AffinityValue>(), 16);
-        assert_eq!(size_of::<AffinityMatchKey>(), 8);
+        assert_eq!(size_of::<MembershipKey>(), 8);
+        assert_eq!(size_of::<CtTimeouts>(), 32);
         assert_eq!(size_of::<RefusalLimits>(), 24);
         assert_eq!(size_of::<ServiceName>(), 4 + 63 + 63 + 15);
-        assert_eq!(size_of::<TraceRecord>(), 104);
+        assert_eq!(size_of::<TraceRecord>(), 112);
     }
 
     #[test]

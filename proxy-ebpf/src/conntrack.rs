@@ -1,251 +1,504 @@
-//! Connection tracking: keeps a flow on the backend chosen for its first packet and
-//! remembers the frontend to restore on the backend's replies.
+//! Connection tracking: keeps a flow on the backend chosen for its first packet, restores
+//! the frontend on the backend's replies, and makes sure no two flows ever share a reply
+//! tuple (see `proxy_common::conntrack` for the entry layout and the shared rules).
 //!
-//! Each translated flow has two entries in CONNTRACK: FORWARD, keyed by the client's
-//! tuple (client → frontend), holding the backend; and REPLY, keyed by the backend's
-//! reply tuple (backend → client), holding the frontend.
+//! Two maps. CONNTRACK holds assured flows (TCP past the handshake, UDP streams): one
+//! lookup finds either entry of such a flow. CONNTRACK_PENDING holds everything not yet
+//! assured, and the direct flows to backends this node tracks: a flood of SYNs nobody
+//! completes churns only this map, never the established flows. A flow moves over when it
+//! becomes assured.
+//!
+//! Removal protocol: an entry is removed only by whoever first swaps its expiry for
+//! `EXPIRES_REMOVING` (compare-and-exchange from the expiry it saw); new entries are only
+//! inserted where no key exists. So a removal (by the datapath or the garbage collector)
+//! can never hit a flow that was created on the same key after the decision: that race cost
+//! the rare failed connection of issue 18.
 
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
+use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_or, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
+    bindings::BPF_NOEXIST,
+    helpers::bpf_ktime_get_coarse_ns,
     macros::map,
-    maps::LruHashMap,
+    maps::{Array, LruHashMap},
 };
-use proxy_common::{Backend, CtKey, CtValue, ct_dir, ct_flags, default_max_entries, service_flags};
+use proxy_common::{
+    CtKey, CtTimeouts, CtValue, EXPIRES_REMOVING, Translation, Tuple, ct_flags, ct_state,
+    default_max_entries, flow_expired, next_state, proto, trace_ct,
+};
 
-use crate::{lookup::Frontend, parse::Packet, snat};
+use crate::{membership, mode::Mode, parse::Packet, snat};
 
-/// Named like `proxy_common::map_names::CONNTRACK`; pinned so the daemon can list and
-/// garbage-collect it. LRU: when full, the least recently used flows are evicted
-/// instead of new flows failing.
+/// Named like `proxy_common::map_names::CONNTRACK`; pinned so the daemon can collect its
+/// garbage and the CLI list it. LRU: when full, the least recently used flows go.
 #[map]
 static CONNTRACK: LruHashMap<CtKey, CtValue> =
     LruHashMap::pinned(default_max_entries::CONNTRACK, 0);
 
-/// A conntrack entry found for the packet; it lives in the map, so updates are shared.
-pub struct Flow {
-    entry: *mut CtValue,
+/// Named like `proxy_common::map_names::CONNTRACK_PENDING`.
+#[map]
+static CONNTRACK_PENDING: LruHashMap<CtKey, CtValue> =
+    LruHashMap::pinned(default_max_entries::CONNTRACK_PENDING, 0);
+
+/// Named like `proxy_common::map_names::CT_TIMEOUTS`: the idle timeouts, which the daemon
+/// writes from its flags before it attaches the program. Pinned, so the CLI shows expiries
+/// by the same values; an array read, which the verifier inlines.
+#[map]
+static CT_TIMEOUTS: Array<CtTimeouts> = Array::pinned(1, 0);
+
+/// Now: CLOCK_MONOTONIC from the coarse clock (precision beyond a tick buys nothing here,
+/// and it is the cheaper read).
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: the helper has no preconditions.
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
-impl Flow {
-    /// Where to rewrite to: the backend (FORWARD) or the frontend (REPLY).
+/// When a flow in `state` whose latest packet is now goes idle past its timeout.
+#[inline(always)]
+fn expiry(proto: u8, state: u64, now_ns: u64) -> u64 {
+    match CT_TIMEOUTS.get(0) {
+        Some(timeouts) => timeouts.expiry_ns(proto, state, now_ns),
+        None => now_ns,
+    }
+}
+
+/// The current time of an operation: the clock, and the same in conntrack seconds.
+#[derive(Clone, Copy)]
+pub struct Now {
+    pub ns: u64,
+    pub seconds: u32,
+}
+
+impl Now {
     #[inline(always)]
-    pub fn nat_target(&self) -> (u32, u16) {
-        // SAFETY: `entry` comes from a successful map lookup and map values stay valid
-        // for the whole program run.
-        unsafe { ((*self.entry).nat_addr, (*self.entry).nat_port) }
+    pub fn read() -> Self {
+        let ns = now_ns();
+        Self {
+            ns,
+            seconds: proxy_common::ct_seconds(ns),
+        }
+    }
+}
+
+/// One of the two maps.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    Assured,
+    Pending,
+}
+
+impl Table {
+    #[inline(always)]
+    pub fn get(self, key: &CtKey) -> Option<Entry> {
+        let ptr = match self {
+            Table::Assured => CONNTRACK.get_ptr_mut(key),
+            Table::Pending => CONNTRACK_PENDING.get_ptr_mut(key),
+        }?;
+        Some(Entry { ptr, table: self })
     }
 
-    /// A copy of the entry, for the dry run's record.
+    #[inline(always)]
+    fn insert_new(self, key: &CtKey, value: &CtValue) -> bool {
+        let flags = BPF_NOEXIST.into();
+        match self {
+            Table::Assured => CONNTRACK.insert(key, value, flags),
+            Table::Pending => CONNTRACK_PENDING.insert(key, value, flags),
+        }
+        .is_ok()
+    }
+
+    #[inline(always)]
+    fn remove(self, key: &CtKey) {
+        let _ = match self {
+            Table::Assured => CONNTRACK.remove(key),
+            Table::Pending => CONNTRACK_PENDING.remove(key),
+        };
+    }
+}
+
+/// An entry found in a table; it lives in the map, so updates are shared.
+pub struct Entry {
+    ptr: *mut CtValue,
+    pub table: Table,
+}
+
+impl Entry {
+    /// A copy of the entry.
     #[inline(always)]
     pub fn value(&self) -> CtValue {
-        // SAFETY: as in `nat_target`.
-        unsafe { *self.entry }
+        // SAFETY: `ptr` comes from a successful lookup; map values stay valid for the
+        // whole program run.
+        unsafe { *self.ptr }
     }
 
-    /// The entry's packets leave with a node address as source and must be routed by the
-    /// program (see `ct_flags::LOCAL_FRONTEND`).
+    /// Removes the entry at `key` if it still has the expiry `seen` (see the removal
+    /// protocol above); false when another packet refreshed it or someone else is
+    /// removing it.
     #[inline(always)]
-    pub fn routes_itself(&self) -> bool {
-        // SAFETY: as in `nat_target`.
-        unsafe { (*self.entry).flags & ct_flags::LOCAL_FRONTEND != 0 }
+    fn retire(&self, key: &CtKey, seen: u64) -> bool {
+        if seen == EXPIRES_REMOVING {
+            return false;
+        }
+        // SAFETY: as in `value`; an aligned u64 of the entry.
+        let (_, swapped) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+                &raw mut (*self.ptr).expires_ns,
+                seen,
+                EXPIRES_REMOVING,
+            )
+        };
+        if swapped {
+            self.table.remove(key);
+        }
+        swapped
     }
 
-    /// The client is its own backend (see `ct_flags::HAIRPIN`).
+    /// Sets the expiry to `expires` unless the entry is being removed.
     #[inline(always)]
-    pub fn is_hairpin(&self) -> bool {
-        // SAFETY: as in `nat_target`.
-        unsafe { (*self.entry).flags & ct_flags::HAIRPIN != 0 }
-    }
-
-    /// The flow is SNATed (see `ct_flags::SNAT`): FORWARD, the new source; REPLY, the
-    /// client to restore as destination.
-    #[inline(always)]
-    pub fn snat(&self) -> Option<(u32, u16)> {
-        // SAFETY: as in `nat_target`.
-        unsafe {
-            ((*self.entry).flags & ct_flags::SNAT != 0)
-                .then(|| ((*self.entry).snat_addr, (*self.entry).snat_port))
+    fn refresh(&self, seen: u64, expires: u64) {
+        if seen != expires && seen != EXPIRES_REMOVING {
+            // SAFETY: as in `retire`. A failure means a concurrent refresh or removal.
+            unsafe {
+                atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+                    &raw mut (*self.ptr).expires_ns,
+                    seen,
+                    expires,
+                );
+            }
         }
     }
 
     #[inline(always)]
-    pub fn is_closing(&self) -> bool {
-        // SAFETY: as in `nat_target`.
-        unsafe { (*self.entry).flags & ct_flags::CLOSING != 0 }
+    fn add_state(&self, bits: u64) {
+        // SAFETY: as in `retire`.
+        unsafe {
+            atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*self.ptr).state, bits)
+        };
     }
 
-    /// Accounts one packet of `len` bytes at `now_ns`; a FIN or RST marks the flow closing.
     #[inline(always)]
-    pub fn record(&self, packet: &Packet, len: u32, now_ns: u64) {
-        // SAFETY: as in `nat_target`. The counters are shared between CPUs, hence the
-        // atomic adds; `last_seen_ns` and `flags` are plain stores because any racing
-        // writer stores an equivalent value.
+    fn account(&self, len: u32) {
+        // SAFETY: as in `retire`; counters are shared between CPUs, hence atomic adds.
         unsafe {
-            let entry = self.entry;
-            (*entry).last_seen_ns = now_ns;
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*entry).packets, 1);
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*self.ptr).packets, 1);
             atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
-                &raw mut (*entry).bytes,
+                &raw mut (*self.ptr).bytes,
                 u64::from(len),
             );
-            if packet.closes_connection {
-                (*entry).flags |= ct_flags::CLOSING;
-            }
         }
     }
-}
 
-/// The REPLY entry for the packet: it is a backend answering a translated flow.
-#[inline(always)]
-pub fn reply_flow(packet: &Packet) -> Option<Flow> {
-    lookup(packet, ct_dir::REPLY)
-}
-
-/// The FORWARD entry for the packet: it belongs to a flow that was already translated.
-#[inline(always)]
-pub fn forward_flow(packet: &Packet) -> Option<Flow> {
-    lookup(packet, ct_dir::FORWARD)
-}
-
-#[inline(always)]
-fn lookup(packet: &Packet, dir: u8) -> Option<Flow> {
-    CONNTRACK
-        .get_ptr_mut(packet_key(packet, dir))
-        .map(|entry| Flow { entry })
-}
-
-/// The key for the packet's own tuple as seen on the wire.
-#[inline(always)]
-fn packet_key(packet: &Packet, dir: u8) -> CtKey {
-    CtKey {
-        src_addr: packet.src_addr,
-        dst_addr: packet.dst_addr,
-        src_port: packet.src_port,
-        dst_port: packet.dst_port,
-        proto: packet.proto,
-        dir,
-        _pad: 0,
+    #[inline(always)]
+    fn set_epoch(&self, epoch: u32) {
+        // SAFETY: as in `retire`; any racing writer stores an equal or newer epoch.
+        unsafe { (*self.ptr).epoch = epoch };
     }
 }
 
-/// What [`create`] wrote.
-pub struct Created {
-    /// The SNAT source (node address, port; wire order) the flow got, if it needed SNAT.
-    pub snat: Option<(u32, u16)>,
-    /// Both entries were written (else a map update failed: `stat::CT_CREATE_FAILED`).
-    pub complete: bool,
+/// What a found entry means for the packet.
+pub enum Followed {
+    /// Rewrite the packet to the entry's tuple.
+    Hit(Hit),
+    /// The client opens a new connection on the tuple of a closing one, or its flow's
+    /// backend left: the old entry is gone, select a backend again.
+    Reselect,
+    /// The flow is over or being removed: as if there were no entry.
+    Gone,
 }
 
-/// A flow needing SNAT found no free port in the range: `stat::SNAT_FAILED`.
-pub struct NoSnatPort;
+/// A conntrack hit: what to do with the packet.
+pub struct Hit {
+    pub to: Tuple,
+    pub flags: u8,
+}
 
-/// Records a new flow of `packet` to `frontend`, translated to `backend`: the FORWARD
-/// entry (this packet, already accounted) and the REPLY entry the backend's answers hit.
-/// Existing entries for the same tuples (a reused port) are replaced. A client that is its
-/// own backend gets hairpin entries (see `ct_flags::HAIRPIN`). With `snat_addr` (a backend
-/// on another node) the flow gets a port of the SNAT range: random tries, each claiming the
-/// REPLY tuple backend → `snat_addr`:port with BPF_NOEXIST, so no two flows share one.
+/// The partner of the entry `value` at `key`, if it is still its flow's.
 #[inline(always)]
-pub fn create(
+fn partner(table: Table, key: &CtKey, value: &CtValue) -> Option<(CtKey, Entry)> {
+    let partner_key = CtKey::partner(value, key.proto);
+    let entry = table.get(&partner_key)?;
+    key.is_mutual(&entry.value())
+        .then_some((partner_key, entry))
+}
+
+/// Whether the flow of the entry `value` at `key` is over (both its entries idle past
+/// their timeouts).
+#[inline(always)]
+fn expired(table: Table, key: &CtKey, value: &CtValue, now_ns: u64) -> bool {
+    if !value.entry_expired(now_ns) {
+        return false;
+    }
+    let partner = partner(table, key, value).map(|(_, entry)| entry.value());
+    flow_expired(key, value, partner.as_ref(), now_ns)
+}
+
+/// Decides what `entry`, found for `packet` at `key`, does with it; in live mode, also
+/// accounts the packet, advances the flow's state, refreshes its expiry and moves it to
+/// CONNTRACK once assured.
+#[inline(always)]
+pub fn follow<M: Mode>(
+    entry: Entry,
+    key: &CtKey,
     packet: &Packet,
     len: u32,
-    now_ns: u64,
-    frontend: &Frontend,
-    backend_id: u32,
-    backend: &Backend,
-    snat_addr: Option<u32>,
-) -> Result<Created, NoSnatPort> {
-    let hairpin = is_hairpin(packet, backend);
-    let hairpin_flag = if hairpin { ct_flags::HAIRPIN } else { 0 };
-    let local_frontend = if frontend.header.flags & service_flags::NODE_PORT != 0 {
-        ct_flags::LOCAL_FRONTEND
-    } else {
-        0
-    };
-    // Towards the backend, only a hairpin flow's source becomes the node address.
-    let forward_flags = if hairpin {
-        hairpin_flag | local_frontend
-    } else {
-        0
-    };
-    let mut forward = CtValue {
-        nat_addr: backend.addr,
-        nat_port: backend.port,
-        rev_nat_id: frontend.header.rev_nat_id,
-        backend_id,
-        flags: forward_flags,
-        created_ns: now_ns,
-        last_seen_ns: now_ns,
-        packets: 1,
-        bytes: u64::from(len),
-        snat_addr: 0,
-        snat_port: 0,
-        _pad: 0,
-    };
-    let mut reply_key = CtKey {
-        src_addr: backend.addr,
-        // Hairpin replies are addressed to the frontend address the source became.
-        dst_addr: if hairpin {
-            packet.dst_addr
+    now: Now,
+    mode: &M,
+) -> Followed {
+    let value = entry.value();
+    if value.expires_ns == EXPIRES_REMOVING || expired(entry.table, key, &value, now.ns) {
+        return Followed::Gone;
+    }
+    let from_backend = value.is_reply();
+    if !from_backend {
+        let reselect = if packet.opens_connection() && value.state & ct_state::CLOSING != 0 {
+            Some(trace_ct::CLOSING_REUSED)
+        } else if backend_left(&entry, &value, packet, mode) {
+            Some(trace_ct::BACKEND_LEFT)
         } else {
-            packet.src_addr
-        },
-        src_port: backend.port,
-        dst_port: packet.src_port,
-        proto: packet.proto,
-        dir: ct_dir::REPLY,
-        _pad: 0,
-    };
-    let mut reply = CtValue {
-        nat_addr: packet.dst_addr,
-        nat_port: packet.dst_port,
-        flags: local_frontend | hairpin_flag,
-        packets: 0,
-        bytes: 0,
-        ..forward
-    };
-    let mut snat = None;
-    let reply_written = if let Some(snat_addr) = snat_addr {
-        // Both directions leave with a node address as source: the program routes them.
-        forward.flags = ct_flags::SNAT | ct_flags::LOCAL_FRONTEND;
-        reply.flags = ct_flags::SNAT | ct_flags::LOCAL_FRONTEND;
-        reply.snat_addr = packet.src_addr;
-        reply.snat_port = packet.src_port;
-        reply_key.dst_addr = snat_addr;
-        let start = snat::random_start();
-        for attempt in 0..snat::PORT_TRIES {
-            let port = snat::port(start, attempt);
-            reply_key.dst_port = port;
-            if CONNTRACK
-                .insert(reply_key, reply, BPF_NOEXIST.into())
-                .is_ok()
-            {
-                snat = Some((snat_addr, port));
-                break;
-            }
-        }
-        let Some((_, port)) = snat else {
-            return Err(NoSnatPort);
+            None
         };
-        forward.snat_addr = snat_addr;
-        forward.snat_port = port;
-        true
+        if let Some(kind) = reselect {
+            mode.flow_found(kind, entry.table, &value);
+            // If the entry cannot be removed, a concurrent packet is replacing it: the
+            // new flow's creation then finds that flow.
+            if !M::DRY_RUN {
+                entry.retire(key, value.expires_ns);
+            }
+            return Followed::Reselect;
+        }
+    }
+    let kind = if from_backend {
+        trace_ct::REPLY
     } else {
-        CONNTRACK.insert(reply_key, reply, BPF_ANY.into()).is_ok()
+        trace_ct::FORWARD
     };
-    let forward_written = CONNTRACK
-        .insert(packet_key(packet, ct_dir::FORWARD), forward, BPF_ANY.into())
-        .is_ok();
-    Ok(Created {
-        snat,
-        complete: forward_written && reply_written,
+    mode.flow_found(kind, entry.table, &value);
+    if !M::DRY_RUN {
+        advance(&entry, key, &value, packet, len, now);
+    }
+    Followed::Hit(Hit {
+        to: value.to,
+        flags: value.flags,
     })
 }
 
-/// The client is the backend chosen for it: a pod reaching itself through a Service.
+/// Whether the Service flow `value` must leave its backend: the packet may still move (a
+/// UDP datagram, or a SYN the backend never answered) and the backend stopped serving the
+/// frontend since the flow last looked. Established TCP connections keep their backend.
 #[inline(always)]
-pub fn is_hairpin(packet: &Packet, backend: &Backend) -> bool {
-    backend.addr == packet.src_addr
+fn backend_left<M: Mode>(entry: &Entry, value: &CtValue, packet: &Packet, mode: &M) -> bool {
+    let may_move = packet.proto == proto::UDP
+        || (packet.opens_connection() && value.state & ct_state::ASSURED == 0);
+    if !may_move || value.flags & ct_flags::DIRECT != 0 {
+        return false;
+    }
+    let epoch = membership::epoch();
+    if value.epoch == epoch {
+        return false;
+    }
+    let stays = membership::may_stay(value.rev_nat_id, value.to.dst_addr);
+    if stays && !M::DRY_RUN {
+        entry.set_epoch(epoch);
+    }
+    if !stays {
+        mode.count(proxy_common::stat::BACKEND_LEFT);
+    }
+    !stays
+}
+
+/// Accounts the packet and applies its effect on the flow's state and expiry.
+#[inline(always)]
+fn advance(entry: &Entry, key: &CtKey, value: &CtValue, packet: &Packet, len: u32, now: Now) {
+    entry.account(len);
+    let state = next_state(
+        key.proto,
+        value.state,
+        value.is_reply(),
+        packet.tcp_flags,
+        now.seconds,
+        value.created,
+    );
+    let expires = expiry(key.proto, state, now.ns);
+    let new_bits = state & !value.state;
+    let partner = if new_bits != 0 {
+        partner(entry.table, key, value)
+    } else {
+        None
+    };
+    if new_bits != 0 {
+        entry.add_state(new_bits);
+        // A state change shortens or lengthens the whole flow's life, not one direction's.
+        if let Some((_, partner)) = &partner {
+            partner.add_state(new_bits);
+            partner.refresh(partner.value().expires_ns, expires);
+        }
+    }
+    entry.refresh(value.expires_ns, expires);
+    if entry.table == Table::Pending && state & ct_state::ASSURED != 0 {
+        promote(entry, key, partner);
+    }
+}
+
+/// Moves an assured flow from CONNTRACK_PENDING to CONNTRACK: copies first, so every
+/// packet finds the flow in one map or the other throughout.
+#[inline(always)]
+fn promote(entry: &Entry, key: &CtKey, partner: Option<(CtKey, Entry)>) {
+    if move_to_assured(key, &entry.value()) {
+        Table::Pending.remove(key);
+    }
+    if let Some((partner_key, partner)) = partner
+        && move_to_assured(&partner_key, &partner.value())
+    {
+        Table::Pending.remove(&partner_key);
+    }
+}
+
+/// Inserts `value` at `key` in CONNTRACK. An entry already there is over: a live one
+/// would have matched the flow's packets before its pending entry did.
+#[inline(always)]
+fn move_to_assured(key: &CtKey, value: &CtValue) -> bool {
+    if let Some(existing) = Table::Assured.get(key)
+        && !existing.retire(key, existing.value().expires_ns)
+    {
+        return false;
+    }
+    Table::Assured.insert_new(key, value)
+}
+
+/// Why a new flow could not be created.
+pub enum NotCreated {
+    /// Its reply tuple was taken and no port of the SNAT range was free for it.
+    NoPort,
+    /// An entry on its tuples is being removed or replaced concurrently.
+    Busy,
+}
+
+/// The outcome of claiming a key for a new flow.
+enum Claim {
+    Done,
+    /// A live flow of another client holds it.
+    Taken,
+    Busy,
+}
+
+/// Claims `key` for a new flow whose client key is `owner` (in either map): replaces an
+/// entry of the same client or of a flow that is over (see [`make_room`]); refuses when a
+/// live flow of another client holds it.
+#[inline(always)]
+fn claim(key: &CtKey, owner: &CtKey, value: &CtValue, now_ns: u64) -> Claim {
+    if let Some(existing) = Table::Assured.get(key) {
+        match make_room(Table::Assured, existing, key, owner, now_ns) {
+            Claim::Done => {}
+            refused => return refused,
+        }
+    }
+    // Usually the key is free and the insert is all it takes.
+    if Table::Pending.insert_new(key, value) {
+        return Claim::Done;
+    }
+    let Some(existing) = Table::Pending.get(key) else {
+        // Removed meanwhile: one more try.
+        return if Table::Pending.insert_new(key, value) {
+            Claim::Done
+        } else {
+            Claim::Busy
+        };
+    };
+    match make_room(Table::Pending, existing, key, owner, now_ns) {
+        Claim::Done if Table::Pending.insert_new(key, value) => Claim::Done,
+        Claim::Done => Claim::Busy,
+        refused => refused,
+    }
+}
+
+/// Removes `existing` (at `key` in `table`) for a new flow whose client key is `owner`, if
+/// it is the same client's earlier flow or a flow that is over (idle past its timeout, or
+/// closed by FINs or a reset); refuses when it is a live flow of another client.
+#[inline(always)]
+fn make_room(table: Table, existing: Entry, key: &CtKey, owner: &CtKey, now_ns: u64) -> Claim {
+    let seen = existing.value();
+    let own = *key == *owner || CtKey::partner(&seen, key.proto) == *owner;
+    if !own && !seen.is_closed() && !expired(table, key, &seen, now_ns) {
+        return Claim::Taken;
+    }
+    if existing.retire(key, seen.expires_ns) {
+        Claim::Done
+    } else {
+        Claim::Busy
+    }
+}
+
+/// Records the new flow `translation` (its first packet: `packet`, `len` bytes) in
+/// CONNTRACK_PENDING. The reply tuple is claimed first: if a live flow of another client
+/// holds it (a direct flow to the same backend port, or a Service flow of another
+/// frontend), the peer's port is remapped into the SNAT range, as netfilter remaps a
+/// clashing tuple; SNAT flows take a port of the range in any case.
+#[inline(always)]
+pub fn create(
+    translation: &mut Translation,
+    packet: &Packet,
+    len: u32,
+    now: Now,
+) -> Result<(), NotCreated> {
+    let owner = translation.forward_key();
+    let state = next_state(
+        translation.proto,
+        0,
+        false,
+        packet.tcp_flags,
+        now.seconds,
+        now.seconds,
+    );
+    let expires = expiry(translation.proto, state, now.ns);
+    let mut remap = translation.needs_port();
+    let mut start = None;
+    let mut claimed = false;
+    for attempt in 0..=snat::PORT_TRIES {
+        if remap {
+            if attempt == snat::PORT_TRIES {
+                break;
+            }
+            let start = *start.get_or_insert_with(snat::random_start);
+            translation.remap(snat::port(start, attempt));
+        }
+        let mut reply = translation.reply_entry(now.seconds, expires);
+        reply.state = state;
+        match claim(&translation.reply_key(), &owner, &reply, now.ns) {
+            Claim::Done => {
+                claimed = true;
+                break;
+            }
+            Claim::Taken => remap = true,
+            Claim::Busy => return Err(NotCreated::Busy),
+        }
+    }
+    if !claimed {
+        return Err(NotCreated::NoPort);
+    }
+    let mut forward = translation.forward_entry(now.seconds, expires);
+    forward.state = state;
+    forward.packets = 1;
+    forward.bytes = u64::from(len);
+    // The packet found no usable entry on its own tuple: usually there is none, and an
+    // insert is all it takes; else the entry left there (over, or being replaced) goes.
+    if Table::Pending.insert_new(&owner, &forward) {
+        return Ok(());
+    }
+    match claim(&owner, &owner, &forward, now.ns) {
+        Claim::Done => Ok(()),
+        Claim::Taken | Claim::Busy => Err(NotCreated::Busy),
+    }
+}
+
+/// Removes the entry at `key` if its flow is over; whether it did.
+#[inline(always)]
+pub fn reap(table: Table, key: &CtKey, now_ns: u64) -> bool {
+    let Some(entry) = table.get(key) else {
+        return false;
+    };
+    let value = entry.value();
+    value.expires_ns != EXPIRES_REMOVING
+        && expired(table, key, &value, now_ns)
+        && entry.retire(key, value.expires_ns)
 }

@@ -1,71 +1,8 @@
-//! Incremental checksum fixes after a rewrite, through the kernel helpers.
+//! Checksum arithmetic (RFC 1071, RFC 1624), done by the program itself: a rewrite adds
+//! one difference per checksum instead of calling a helper per changed field.
 //!
-//! The helpers handle every `ip_summed` state: for CHECKSUM_PARTIAL skbs (local sockets
-//! over veth) they adjust only the pseudo-header seed the device or stack completes
-//! later; for CHECKSUM_COMPLETE they keep `skb->csum` in step. Recomputing a full
-//! checksum by hand would break the former.
-
-use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    cty::c_long,
-    programs::TcContext,
-};
-use proxy_common::proto;
-
-use crate::parse::{L3_OFFSET, Packet};
-
-/// Offset of the checksum within the IPv4 header.
-const IPV4_CSUM_OFFSET: usize = 10;
-/// Offset of the checksum within the TCP header.
-const TCP_CSUM_OFFSET: usize = 16;
-/// Offset of the checksum within the UDP header.
-const UDP_CSUM_OFFSET: usize = 6;
-
-/// The packet's L4 checksum field and how the helpers must treat it.
-pub struct L4Checksum {
-    offset: usize,
-    /// UDP: `BPF_F_MARK_MANGLED_0` leaves an absent (zero) checksum zero and writes a
-    /// computed zero as 0xffff, as RFC 768 requires.
-    flags: u64,
-}
-
-impl L4Checksum {
-    #[inline(always)]
-    pub fn of(packet: &Packet) -> Self {
-        if packet.proto == proto::UDP {
-            Self {
-                offset: packet.l4_offset + UDP_CSUM_OFFSET,
-                flags: BPF_F_MARK_MANGLED_0.into(),
-            }
-        } else {
-            Self {
-                offset: packet.l4_offset + TCP_CSUM_OFFSET,
-                flags: 0,
-            }
-        }
-    }
-
-    /// Fixes the IPv4 header checksum and the L4 checksum (whose pseudo-header includes
-    /// the addresses) after an IPv4 address changed `from` → `to` (wire order).
-    #[inline(always)]
-    pub fn address_changed(&self, ctx: &TcContext, from: u32, to: u32) -> Result<(), c_long> {
-        let size = size_of::<u32>() as u64;
-        ctx.l3_csum_replace(L3_OFFSET + IPV4_CSUM_OFFSET, from.into(), to.into(), size)?;
-        ctx.l4_csum_replace(
-            self.offset,
-            from.into(),
-            to.into(),
-            u64::from(BPF_F_PSEUDO_HDR) | self.flags | size,
-        )
-    }
-
-    /// Fixes the L4 checksum after a port changed `from` → `to` (wire order).
-    #[inline(always)]
-    pub fn port_changed(&self, ctx: &TcContext, from: u16, to: u16) -> Result<(), c_long> {
-        let size = size_of::<u16>() as u64;
-        ctx.l4_csum_replace(self.offset, from.into(), to.into(), self.flags | size)
-    }
-}
+//! Values are 16- and 32-bit words exactly as loaded from the packet; ones' complement
+//! sums commute with byte swapping, so no conversion to host order is needed.
 
 /// The ones' complement sum of `bytes` as big-endian 16-bit words (an even count of
 /// bytes), not yet folded: for checksums over bytes the program builds itself.
@@ -90,4 +27,32 @@ pub fn internet_checksum<const N: usize>(bytes: &[u8; N], partial: u32) -> [u8; 
     }
     // The loop leaves at most 16 bits.
     (!(sum as u16)).to_be_bytes()
+}
+
+/// Ones' complement addition of two 32-bit partial sums (end-around carry).
+#[inline(always)]
+pub fn add(a: u32, b: u32) -> u32 {
+    let (sum, carry) = a.overflowing_add(b);
+    sum.wrapping_add(u32::from(carry))
+}
+
+/// What replacing the 32-bit field `from` with `to` adds to a checksum's sum.
+#[inline(always)]
+pub fn diff32(from: u32, to: u32) -> u32 {
+    add(!from, to)
+}
+
+/// What replacing the 16-bit field `from` with `to` adds to a checksum's sum.
+#[inline(always)]
+pub fn diff16(from: u16, to: u16) -> u32 {
+    add(u32::from(!from), u32::from(to))
+}
+
+/// A checksum field after fields under it changed by `diff` (RFC 1624, eqn. 3:
+/// HC' = ~(~HC + ~m + m')).
+#[inline(always)]
+pub fn updated(check: u16, diff: u32) -> u16 {
+    let sum = add(u32::from(!check), diff);
+    let folded = (sum & 0xffff) + (sum >> 16);
+    !(((folded & 0xffff) + (folded >> 16)) as u16)
 }

@@ -1,26 +1,32 @@
 //! The tc programs: Service load balancing for IPv4 TCP/UDP.
 //!
-//! parse → conntrack (reply, then forward) → frontend lookup → backend selection →
-//! conntrack create → DNAT. Anything that matches no flow and no frontend passes
-//! untouched. One module per concern, like Cilium's `bpf/lib/{lb,conntrack,nat,csum}.h`.
+//! parse → conntrack (one lookup, either direction) → frontend lookup → backend selection
+//! → conntrack create → NAT. A packet to no frontend is checked for being the answer of a
+//! flow not yet assured, or part of a direct flow to a backend (tracked so that Service
+//! flows never clash with it); anything else passes untouched. One module per concern,
+//! like Cilium's `bpf/lib/{lb,conntrack,nat,csum}.h`.
 //!
 //! `epx_ingress` is the datapath. `epx_trace` runs the same path as a dry run for
-//! `ebpf-proxy trace` (see [`mode`]); it is never attached.
+//! `ebpf-proxy trace` (see [`mode`]); `epx_ct_reap` removes finished flows for the
+//! daemon's garbage collector. Neither of those two is ever attached.
 #![no_std]
 #![no_main]
-// Atomic adds on shared conntrack counters: the bpf target has no `AtomicU64::fetch_add`
-// (no compare-and-swap), but LLVM lowers the intrinsic to the BPF atomic add.
+// Atomic operations on shared conntrack entries: the bpf target has no `AtomicU64`
+// methods, but LLVM lowers the intrinsics to BPF atomic instructions.
 #![feature(core_intrinsics)]
-#![expect(internal_features, reason = "core_intrinsics for BPF atomic adds")]
+#![expect(internal_features, reason = "core_intrinsics for BPF atomics")]
 
 mod affinity;
 mod conntrack;
+mod context;
 mod csum;
-mod lookup;
+mod lb;
+mod membership;
 mod mode;
 mod names;
 mod nat;
 mod parse;
+mod reap;
 mod reject;
 mod route;
 mod select;
@@ -33,14 +39,15 @@ use core::num::NonZeroU16;
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     cty::c_long,
-    helpers::bpf_ktime_get_ns,
     macros::classifier,
     programs::TcContext,
 };
-use proxy_common::{service_flags, stat, trace_ct};
+use proxy_common::{Translation, Tuple, ct_flags, service_flags, stat};
 
 use crate::{
-    lookup::Frontend,
+    conntrack::{Followed, Hit, NotCreated, Now, Table},
+    context::Context,
+    lb::{Frontend, LbKey, Selection},
     mode::{DryRun, Live, Mode},
     parse::Packet,
     reject::NotRefused,
@@ -64,229 +71,230 @@ pub fn epx_trace(ctx: TcContext) -> i32 {
     }
 }
 
+#[classifier]
+pub fn epx_ct_reap(ctx: TcContext) -> i32 {
+    reap::batch(&ctx) as i32
+}
+
 #[inline(always)]
-fn balance<M: Mode>(ctx: &TcContext, mode: &M) -> i32 {
+fn balance<C: Context, M: Mode>(ctx: &C, mode: &M) -> i32 {
     let Some(packet) = parse::packet(ctx) else {
         mode.count(stat::NOT_HANDLED);
         return ACCEPT;
     };
-    // SAFETY: the helper has no preconditions.
-    let now_ns = unsafe { bpf_ktime_get_ns() };
-
-    if let Some(flow) = conntrack::reply_flow(&packet) {
-        mode.flow_found(trace_ct::REPLY, &flow);
-        if !M::DRY_RUN {
-            flow.record(&packet, ctx.len(), now_ns);
-        }
-        let (addr, port) = flow.nat_target();
-        let hairpin = flow.is_hairpin();
-        let snat = flow.snat();
-        let rewrite = nat::rewrite_source(ctx, &packet, addr, port).and_then(|()| {
-            if hairpin {
-                nat::hairpin_destination(ctx, &packet)
-            } else if let Some((client_addr, client_port)) = snat {
-                nat::rewrite_destination(ctx, &packet, client_addr, client_port)
-            } else {
-                Ok(())
-            }
-        });
-        // A hairpin reply goes back to the backend itself, now its client; an SNAT reply
-        // to the client the REPLY entry remembers.
-        let client = match snat {
-            Some((client_addr, _)) => client_addr,
-            None if hairpin => packet.src_addr,
-            None => packet.dst_addr,
-        };
-        let verdict = verdict(mode, rewrite, stat::REPLY);
-        return send_on(
-            ctx,
-            mode,
-            &packet,
-            verdict,
-            flow.routes_itself(),
-            (addr, port),
-            client,
-        );
+    let now = Now::read();
+    let key = packet.key();
+    let len = ctx.len();
+    // An assured flow, in either direction: one lookup.
+    if let Some(entry) = Table::Assured.get(&key)
+        && let Followed::Hit(hit) = conntrack::follow(entry, &key, &packet, len, now, mode)
+    {
+        return apply(ctx, mode, &packet, &hit);
     }
-    if let Some(flow) = conntrack::forward_flow(&packet) {
-        // A SYN on a closing flow is the client reusing the port for a new connection:
-        // it gets a fresh backend selection below.
-        if !(packet.opens_connection && flow.is_closing()) {
-            mode.flow_found(trace_ct::FORWARD, &flow);
-            if !M::DRY_RUN {
-                flow.record(&packet, ctx.len(), now_ns);
-            }
-            let (addr, port) = flow.nat_target();
-            let snat = flow.snat();
-            let verdict = verdict(
-                mode,
-                to_backend(ctx, &packet, addr, port, flow.is_hairpin(), snat),
-                stat::CT_HIT,
-            );
-            let source = snat.unwrap_or((packet.dst_addr, packet.src_port));
-            return send_on(
-                ctx,
-                mode,
-                &packet,
-                verdict,
-                flow.routes_itself(),
-                source,
-                addr,
-            );
+    let destination = LbKey::destination(&packet);
+    if let Some(frontend) = lb::frontend(&destination) {
+        // A flow of this frontend not yet assured (a retransmitted SYN, the handshake's
+        // last ACK, a UDP flow before it became a stream), or a new one.
+        if let Some(entry) = Table::Pending.get(&key)
+            && let Followed::Hit(hit) = conntrack::follow(entry, &key, &packet, len, now, mode)
+        {
+            return apply(ctx, mode, &packet, &hit);
         }
-        mode.flow_found(trace_ct::CLOSING_REUSED, &flow);
+        return new_flow(ctx, mode, &packet, &frontend, now);
     }
-    new_flow(ctx, mode, &packet, now_ns)
+    // To no frontend: the first answer of a pending flow, a packet of a direct flow to a
+    // backend, or nothing of ours.
+    let answer = packet.may_answer();
+    if answer
+        && let Some(entry) = Table::Pending.get(&key)
+        && let Followed::Hit(hit) = conntrack::follow(entry, &key, &packet, len, now, mode)
+    {
+        return apply(ctx, mode, &packet, &hit);
+    }
+    if lb::is_backend(&destination) {
+        if !answer
+            && let Some(entry) = Table::Pending.get(&key)
+            && let Followed::Hit(hit) = conntrack::follow(entry, &key, &packet, len, now, mode)
+        {
+            return apply(ctx, mode, &packet, &hit);
+        }
+        return direct_flow(ctx, mode, &packet, now);
+    }
+    mode.count(stat::PASS);
+    ACCEPT
 }
 
-/// A packet without a flow: if it is addressed to a frontend, selects a backend (the
-/// client's previous one under session affinity, else a random one), records the flow and
-/// translates.
+/// A conntrack hit: rewrites the packet to the entry's tuple.
 #[inline(always)]
-fn new_flow<M: Mode>(ctx: &TcContext, mode: &M, packet: &Packet, now_ns: u64) -> i32 {
-    let Some(frontend) = lookup::frontend(packet) else {
-        mode.count(stat::PASS);
-        return ACCEPT;
-    };
-    mode.frontend_found(&frontend);
-    if frontend.header.flags & service_flags::SOURCE_RANGES != 0
-        && !source_ranges::admits(packet, &frontend)
-    {
-        mode.count(stat::SOURCE_RANGE_DENIED);
-        return DROP;
-    }
-    let Some(count) = NonZeroU16::new(frontend.header.count) else {
-        return without_backends(ctx, mode, packet, &frontend);
-    };
-    mode.count(stat::CT_MISS);
-    let has_affinity = frontend.header.affinity_timeout_s != 0;
-    let remembered = if has_affinity {
-        affinity::remembered_backend(packet, &frontend, now_ns)
+fn apply<C: Context, M: Mode>(ctx: &C, mode: &M, packet: &Packet, hit: &Hit) -> i32 {
+    let counter = if hit.flags & ct_flags::DIRECT != 0 {
+        stat::DIRECT
+    } else if hit.flags & ct_flags::REPLY != 0 {
+        stat::REPLY
     } else {
-        None
+        stat::CT_HIT
     };
-    let (backend_id, backend) = match remembered {
-        Some((backend_id, backend)) => {
-            mode.count(stat::AFFINITY);
-            mode.affinity_kept(backend_id, &backend);
-            (backend_id, backend)
-        }
-        None => {
-            let slot = select::random_slot(count);
-            let Some((backend_id, backend)) = lookup::backend(&frontend, slot) else {
-                mode.count(stat::BACKEND_MISSING);
-                return DROP;
-            };
-            mode.backend_selected(slot, backend_id, &backend);
-            (backend_id, backend)
-        }
-    };
-    let hairpin = conntrack::is_hairpin(packet, &backend);
-    // Outside traffic (not to a ClusterIP) for a backend on another node: SNAT.
-    let snat_addr = if !hairpin && frontend.header.flags & service_flags::CLUSTER_IP == 0 {
-        snat::source_for(ctx, packet, &backend)
-    } else {
-        None
-    };
-    let snat = if M::DRY_RUN {
-        // Nothing is claimed in a dry run: a port of the range is shown.
-        snat_addr.map(|addr| (addr, snat::port(snat::random_start(), 0)))
-    } else {
-        if has_affinity {
-            affinity::remember(packet, &frontend, backend_id, now_ns);
-        }
-        match conntrack::create(
-            packet,
-            ctx.len(),
-            now_ns,
-            &frontend,
-            backend_id,
-            &backend,
-            snat_addr,
-        ) {
-            Ok(created) => {
-                if !created.complete {
-                    mode.count(stat::CT_CREATE_FAILED);
-                }
-                created.snat
-            }
-            Err(conntrack::NoSnatPort) => {
-                mode.count(stat::SNAT_FAILED);
-                return DROP;
-            }
-        }
-    };
-    let verdict = verdict(
-        mode,
-        to_backend(ctx, packet, backend.addr, backend.port, hairpin, snat),
-        stat::NEW_FLOW,
-    );
-    // Hairpin through a NodePort, or SNAT: the source became the node's own address.
-    let routes_itself =
-        snat.is_some() || (hairpin && frontend.header.flags & service_flags::NODE_PORT != 0);
-    let source = snat.unwrap_or((packet.dst_addr, packet.src_port));
+    let verdict = verdict(mode, nat::rewrite(ctx, packet, &hit.to), counter);
     send_on(
         ctx,
         mode,
         packet,
         verdict,
-        routes_itself,
-        source,
-        backend.addr,
+        hit.flags & ct_flags::ROUTES_ITSELF != 0,
+        &hit.to,
     )
 }
 
-/// Lets an accepted, translated packet (now `source` → `destination`) go on. When its
-/// source became one of the node's own addresses (`routes_itself`: a NodePort reply, or a
-/// hairpin through a NodePort) the kernel would drop it as a martian, so the program
-/// routes it itself.
+/// A packet to a frontend without a flow: selects a backend (the client's previous one
+/// under session affinity, else a random one), records the flow and translates.
 #[inline(always)]
-fn send_on<M: Mode>(
-    ctx: &TcContext,
+fn new_flow<C: Context, M: Mode>(
+    ctx: &C,
+    mode: &M,
+    packet: &Packet,
+    frontend: &Frontend,
+    now: Now,
+) -> i32 {
+    mode.frontend_found(frontend);
+    let flags = frontend.header.flags;
+    if flags & service_flags::SOURCE_RANGES != 0
+        && !source_ranges::admits(packet.src_addr, frontend)
+    {
+        mode.count(stat::SOURCE_RANGE_DENIED);
+        return DROP;
+    }
+    let Some(count) = NonZeroU16::new(frontend.header.count) else {
+        return without_backends(ctx, mode, packet, frontend);
+    };
+    mode.count(stat::CT_MISS);
+    let (backend_id, backend) = match lb::select_backend(frontend, count, packet.src_addr, now.ns) {
+        Selection::Affinity { id, backend } => {
+            mode.count(stat::AFFINITY);
+            mode.affinity_kept(id, &backend);
+            (id, backend)
+        }
+        Selection::Slot { slot, id, backend } => {
+            mode.backend_selected(slot, id, &backend);
+            (id, backend)
+        }
+        Selection::Missing => {
+            mode.count(stat::BACKEND_MISSING);
+            return DROP;
+        }
+    };
+    let snat_source = if Translation::may_snat(flags, packet.src_addr, backend.addr) {
+        snat::source_for(ctx, &backend)
+    } else {
+        None
+    };
+    let mut translation = Translation::service(
+        packet.proto,
+        (packet.src_addr, packet.src_port),
+        (packet.dst_addr, packet.dst_port),
+        flags,
+        frontend.header.rev_nat_id,
+        (backend.addr, backend.port),
+        backend_id,
+        snat_source,
+    );
+    if M::DRY_RUN {
+        // Nothing is claimed in a dry run: a port of the range is shown.
+        if translation.needs_port() {
+            translation.set_peer_port(snat::port(snat::random_start(), 0));
+        }
+    } else {
+        if frontend.header.affinity_timeout_s != 0 {
+            affinity::remember(packet.src_addr, frontend, backend_id, now.ns);
+        }
+        if let Err(refused) = create(mode, &mut translation, packet, ctx.len(), now) {
+            return refused;
+        }
+    }
+    let to = translation.reply.reversed();
+    let verdict = verdict(mode, nat::rewrite(ctx, packet, &to), stat::NEW_FLOW);
+    send_on(
+        ctx,
+        mode,
+        packet,
+        verdict,
+        translation.forward_routes_itself,
+        &to,
+    )
+}
+
+/// A packet straight to a backend that belongs to no tracked flow: starts tracking the
+/// direct flow, so no Service flow is created over its reply tuple. If a live Service flow
+/// holds that tuple already, the direct flow's source port is remapped instead.
+#[inline(always)]
+fn direct_flow<C: Context, M: Mode>(ctx: &C, mode: &M, packet: &Packet, now: Now) -> i32 {
+    let mut translation = Translation::direct(
+        packet.proto,
+        (packet.src_addr, packet.src_port),
+        (packet.dst_addr, packet.dst_port),
+    );
+    if !M::DRY_RUN
+        && let Err(refused) = create(mode, &mut translation, packet, ctx.len(), now)
+    {
+        return refused;
+    }
+    let to = translation.reply.reversed();
+    verdict(mode, nat::rewrite(ctx, packet, &to), stat::DIRECT)
+}
+
+/// Records a new flow; on failure, the verdict for its packet (counted).
+#[inline(always)]
+fn create<M: Mode>(
+    mode: &M,
+    translation: &mut Translation,
+    packet: &Packet,
+    len: u32,
+    now: Now,
+) -> Result<(), i32> {
+    match conntrack::create(translation, packet, len, now) {
+        Ok(()) => {
+            if translation.kind & ct_flags::REMAPPED != 0 {
+                mode.count(stat::REMAPPED);
+            }
+            Ok(())
+        }
+        Err(NotCreated::NoPort) => {
+            mode.count(stat::SNAT_FAILED);
+            Err(DROP)
+        }
+        Err(NotCreated::Busy) => {
+            mode.count(stat::CT_CREATE_FAILED);
+            Err(DROP)
+        }
+    }
+}
+
+/// Lets an accepted, translated packet (now `to`) go on. When its source became one of
+/// the node's own addresses (`routes_itself`) the kernel would drop it as a martian, so
+/// the program routes it itself.
+#[inline(always)]
+fn send_on<C: Context, M: Mode>(
+    ctx: &C,
     mode: &M,
     packet: &Packet,
     verdict: i32,
     routes_itself: bool,
-    source: (u32, u16),
-    destination: u32,
+    to: &Tuple,
 ) -> i32 {
     if verdict != ACCEPT || !routes_itself {
         return verdict;
     }
     if M::DRY_RUN {
-        mode.routes_reply();
+        mode.routes_itself();
         return verdict;
     }
-    let (src_addr, src_port) = source;
-    route::redirect(ctx, packet, src_addr, src_port, destination)
-}
-
-/// DNAT to the backend, and for a hairpin flow also the source to the frontend address,
-/// for an SNAT flow the source to `snat` (node address, port).
-#[inline(always)]
-fn to_backend(
-    ctx: &TcContext,
-    packet: &Packet,
-    addr: u32,
-    port: u16,
-    hairpin: bool,
-    snat: Option<(u32, u16)>,
-) -> Result<(), c_long> {
-    nat::rewrite_destination(ctx, packet, addr, port)?;
-    if hairpin {
-        nat::hairpin_source(ctx, packet)?;
-    }
-    if let Some((snat_addr, snat_port)) = snat {
-        nat::rewrite_source(ctx, packet, snat_addr, snat_port)?;
-    }
-    Ok(())
+    route::redirect(ctx, packet.proto, to)
 }
 
 /// A packet for a frontend without backends: dropped when only its traffic policy left
 /// none on this node, otherwise refused at once (kube-proxy's DROP and REJECT).
 #[inline(always)]
-fn without_backends<M: Mode>(
-    ctx: &TcContext,
+fn without_backends<C: Context, M: Mode>(
+    ctx: &C,
     mode: &M,
     packet: &Packet,
     frontend: &Frontend,
@@ -295,7 +303,7 @@ fn without_backends<M: Mode>(
         mode.count(stat::NO_BACKEND);
         return DROP;
     }
-    match reject::port_unreachable(ctx, packet, !M::DRY_RUN) {
+    match ctx.refuse(packet, !M::DRY_RUN) {
         Ok(verdict) => {
             mode.count(stat::REJECTED);
             verdict

@@ -8,9 +8,9 @@
 //! trace hook from `epx_ingress`.
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
-use proxy_common::{Backend, TraceRecord, trace_ct};
+use proxy_common::{Backend, CtValue, TraceRecord, trace_ct, trace_table};
 
-use crate::{conntrack::Flow, lookup::Frontend, stats};
+use crate::{conntrack::Table, lb::Frontend, stats};
 
 /// Per-CPU so the dry run needs no atomics; not pinned: every process that loads
 /// `epx_trace` has its own.
@@ -23,17 +23,17 @@ pub trait Mode {
     const DRY_RUN: bool;
     /// The path reached the outcome named by a `proxy_common::stat` counter.
     fn count(&self, counter: u32);
-    /// A conntrack entry decided the packet (`kind`: a `trace_ct` constant).
-    fn flow_found(&self, _kind: u8, _flow: &Flow) {}
+    /// A conntrack entry of `table` decided the packet (`kind`: a `trace_ct` constant).
+    fn flow_found(&self, _kind: u8, _table: Table, _flow: &CtValue) {}
     /// The packet is addressed to `frontend`.
     fn frontend_found(&self, _frontend: &Frontend) {}
     /// A new flow was given the backend in `slot`.
     fn backend_selected(&self, _slot: u16, _backend_id: u32, _backend: &Backend) {}
     /// A new flow was given the client's previous backend (session affinity).
     fn affinity_kept(&self, _backend_id: u32, _backend: &Backend) {}
-    /// The packet would now be routed by the program (FIB lookup and redirect): a NodePort
-    /// reply, or a hairpin packet through a NodePort.
-    fn routes_reply(&self) {}
+    /// The packet would now be routed by the program (FIB lookup and redirect): its source
+    /// became a node address (see `ct_flags::ROUTES_ITSELF`).
+    fn routes_itself(&self) {}
 }
 
 /// `epx_ingress`: counts, and the path writes conntrack entries.
@@ -89,12 +89,16 @@ impl Mode for DryRun {
     }
 
     #[inline(always)]
-    fn flow_found(&self, kind: u8, flow: &Flow) {
+    fn flow_found(&self, kind: u8, table: Table, flow: &CtValue) {
         let record = self.record();
         record.conntrack = kind;
-        record.flow = flow.value();
+        record.table = match table {
+            Table::Assured => trace_table::ASSURED,
+            Table::Pending => trace_table::PENDING,
+        };
+        record.flow = *flow;
         if kind == trace_ct::FORWARD {
-            record.backend_id = record.flow.backend_id;
+            record.backend_id = flow.backend_id;
         }
     }
 
@@ -122,7 +126,7 @@ impl Mode for DryRun {
     }
 
     #[inline(always)]
-    fn routes_reply(&self) {
+    fn routes_itself(&self) {
         self.record().routes_reply = 1;
     }
 }

@@ -1,26 +1,31 @@
 //! Ethernet → IPv4 → TCP/UDP parsing into the few fields the balancer needs.
 //!
-//! Headers are copied out with `bpf_skb_load_bytes` (`TcContext::load`) rather than read
-//! through direct packet pointers: the helper bounds-checks every read against the skb,
-//! also reaches headers outside the linear area (GRO'd packets on external devices)
-//! without a `bpf_skb_pull_data`, and the copies stay valid after the NAT helpers
-//! invalidate packet pointers.
+//! Headers are read in place (direct packet access), which costs a few instructions where
+//! a `bpf_skb_load_bytes` call per header costs a helper call each. When the headers are
+//! not all in the skb's linear part (a GRO'd packet on an external device), they are
+//! pulled in first (`Context::pull`), so nothing the old helper-based reads handled is
+//! lost.
 
-use aya_ebpf::programs::TcContext;
-use network_types::{
-    eth::{EthHdr, EtherType},
-    ip::Ipv4Hdr,
-    tcp::TcpHdr,
-    udp::UdpHdr,
-};
-use proxy_common::proto;
+use network_types::eth::EthHdr;
+use proxy_common::{CtKey, Tuple, proto, tcp_flags};
+
+use crate::context::Context;
 
 /// The IPv4 header follows an untagged Ethernet header (tc sees VLAN tags already
 /// stripped into skb metadata).
 pub const L3_OFFSET: usize = EthHdr::LEN;
 
-/// IPv4 "more fragments" flag within the 3-bit flags field.
-const IP_MORE_FRAGMENTS: u8 = 0b001;
+const ETHERTYPE_IPV4: [u8; 2] = [0x08, 0x00];
+const IPV4_MIN_LEN: usize = 20;
+/// Bytes of the TCP header the path reads: up to and including its flags.
+const TCP_READ_LEN: usize = 14;
+/// The UDP header.
+const UDP_READ_LEN: usize = 8;
+/// The most the headers can span: Ethernet, IPv4 with 40 bytes of options, TCP flags.
+const MAX_HEADERS_LEN: u32 = (L3_OFFSET + 60 + TCP_READ_LEN) as u32;
+/// IPv4 "more fragments" flag and fragment offset, in bytes 6 and 7 of the header.
+const IP_MORE_FRAGMENTS: u8 = 0x20;
+const IP_FRAGMENT_OFFSET_HIGH: u8 = 0x1f;
 
 /// An IPv4 TCP or UDP packet's tuple and offsets. Addresses and ports are in wire byte
 /// order, as in the map keys.
@@ -32,54 +37,131 @@ pub struct Packet {
     pub dst_addr: u32,
     pub src_port: u16,
     pub dst_port: u16,
-    /// TCP SYN without ACK: a client opening a connection.
-    pub opens_connection: bool,
-    /// TCP FIN or RST: the connection is ending.
-    pub closes_connection: bool,
+    /// TCP: the header's flag byte (`proxy_common::tcp_flags`); UDP: 0.
+    pub tcp_flags: u8,
+}
+
+impl Packet {
+    pub fn tuple(&self) -> Tuple {
+        Tuple {
+            src_addr: self.src_addr,
+            dst_addr: self.dst_addr,
+            src_port: self.src_port,
+            dst_port: self.dst_port,
+        }
+    }
+
+    /// The conntrack key of the packet's own tuple.
+    pub fn key(&self) -> CtKey {
+        CtKey::new(self.tuple(), self.proto)
+    }
+
+    /// A TCP SYN without ACK: a client opening a connection.
+    pub fn opens_connection(&self) -> bool {
+        self.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
+    }
+
+    /// A packet that can be the first answer to a flow: any UDP datagram, a TCP SYN-ACK
+    /// or reset.
+    pub fn may_answer(&self) -> bool {
+        let syn_ack = tcp_flags::SYN | tcp_flags::ACK;
+        self.proto == proto::UDP
+            || self.tcp_flags & syn_ack == syn_ack
+            || self.tcp_flags & tcp_flags::RST != 0
+    }
+}
+
+enum Parsed {
+    Packet(Packet),
+    /// Not IPv4 TCP/UDP, a fragment, or truncated.
+    NotHandled,
+    /// The headers reach beyond the skb's linear part.
+    NotLinear,
 }
 
 /// Parses the packet, or returns `None` for anything the balancer does not translate:
 /// non-IPv4, protocols other than TCP/UDP, IP fragments (only the first one carries
 /// ports) and truncated headers.
 #[inline(always)]
-pub fn packet(ctx: &TcContext) -> Option<Packet> {
-    let eth: EthHdr = ctx.load(0).ok()?;
-    if eth.ether_type != EtherType::Ipv4 as u16 {
+pub fn packet<C: Context>(ctx: &C) -> Option<Packet> {
+    match parse(ctx) {
+        Parsed::Packet(packet) => Some(packet),
+        Parsed::NotHandled => None,
+        Parsed::NotLinear => {
+            ctx.pull(ctx.len().min(MAX_HEADERS_LEN)).ok()?;
+            match parse(ctx) {
+                Parsed::Packet(packet) => Some(packet),
+                _ => None,
+            }
+        }
+    }
+}
+
+/// A pointer to `len` bytes at `offset`, if they lie within the linear data.
+#[inline(always)]
+pub fn at<C: Context>(ctx: &C, offset: usize, len: usize) -> Option<usize> {
+    let start = ctx.data();
+    if start + offset + len > ctx.data_end() {
         return None;
     }
-    let ip: Ipv4Hdr = ctx.load(L3_OFFSET).ok()?;
-    let header_len = usize::from(ip.ihl());
-    if ip.version() != 4 || header_len < Ipv4Hdr::LEN {
-        return None;
+    Some(start + offset)
+}
+
+#[inline(always)]
+fn parse<C: Context>(ctx: &C) -> Parsed {
+    let missing = |needed: usize| {
+        if (ctx.len() as usize) < needed {
+            Parsed::NotHandled
+        } else {
+            Parsed::NotLinear
+        }
+    };
+    let Some(eth) = at(ctx, 0, L3_OFFSET + IPV4_MIN_LEN) else {
+        return missing(L3_OFFSET + IPV4_MIN_LEN);
+    };
+    // SAFETY (all reads below): each lies within a range `at` checked against data_end.
+    let ether_type = unsafe { *((eth + 12) as *const [u8; 2]) };
+    if ether_type != ETHERTYPE_IPV4 {
+        return Parsed::NotHandled;
     }
-    if ip.frag_flags() & IP_MORE_FRAGMENTS != 0 || ip.frag_offset() != 0 {
-        return None;
+    let ip = eth + L3_OFFSET;
+    let version_ihl = unsafe { *(ip as *const u8) };
+    let header_len = usize::from(version_ihl & 0x0f) * 4;
+    if version_ihl >> 4 != 4 || header_len < IPV4_MIN_LEN {
+        return Parsed::NotHandled;
     }
+    let [fragment_high, fragment_low] = unsafe { *((ip + 6) as *const [u8; 2]) };
+    if fragment_high & (IP_MORE_FRAGMENTS | IP_FRAGMENT_OFFSET_HIGH) != 0 || fragment_low != 0 {
+        return Parsed::NotHandled;
+    }
+    let proto = unsafe { *((ip + 9) as *const u8) };
+    let src_addr = u32::from_ne_bytes(unsafe { *((ip + 12) as *const [u8; 4]) });
+    let dst_addr = u32::from_ne_bytes(unsafe { *((ip + 16) as *const [u8; 4]) });
     let l4_offset = L3_OFFSET + header_len;
-    let (src_port, dst_port, opens_connection, closes_connection) = match ip.proto {
+    // Constant lengths per protocol: the verifier proves accesses against a constant
+    // distance from a checked pointer.
+    let (ports, tcp_flags) = match proto {
         proto::TCP => {
-            let tcp: TcpHdr = ctx.load(l4_offset).ok()?;
-            (
-                tcp.source,
-                tcp.dest,
-                tcp.syn() != 0 && tcp.ack() == 0,
-                tcp.fin() != 0 || tcp.rst() != 0,
-            )
+            let Some(tcp) = at(ctx, l4_offset, TCP_READ_LEN) else {
+                return missing(l4_offset + TCP_READ_LEN);
+            };
+            unsafe { (*(tcp as *const [u8; 4]), *((tcp + 13) as *const u8)) }
         }
         proto::UDP => {
-            let udp: UdpHdr = ctx.load(l4_offset).ok()?;
-            (udp.src, udp.dst, false, false)
+            let Some(udp) = at(ctx, l4_offset, UDP_READ_LEN) else {
+                return missing(l4_offset + UDP_READ_LEN);
+            };
+            unsafe { (*(udp as *const [u8; 4]), 0) }
         }
-        _ => return None,
+        _ => return Parsed::NotHandled,
     };
-    Some(Packet {
+    Parsed::Packet(Packet {
         l4_offset,
-        proto: ip.proto,
-        src_addr: u32::from_ne_bytes(ip.src_addr),
-        dst_addr: u32::from_ne_bytes(ip.dst_addr),
-        src_port: u16::from_ne_bytes(src_port),
-        dst_port: u16::from_ne_bytes(dst_port),
-        opens_connection,
-        closes_connection,
+        proto,
+        src_addr,
+        dst_addr,
+        src_port: u16::from_ne_bytes([ports[0], ports[1]]),
+        dst_port: u16::from_ne_bytes([ports[2], ports[3]]),
+        tcp_flags,
     })
 }

@@ -9,17 +9,15 @@ use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, bpf_fib_lookup,
     },
-    cty::c_void,
     helpers::{bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32},
-    programs::TcContext,
 };
 use proxy_common::{Backend, SNAT_PORT_RANGE};
 
-use crate::parse::Packet;
+use crate::context::Context;
 
 const AF_INET: u8 = 2;
 /// Ports tried per new flow before giving up (`stat::SNAT_FAILED`): consecutive ones from
-/// a random start (wrapping within the range).
+/// a random start (wrapping within the range). Clash remaps draw from the same range.
 pub const PORT_TRIES: u32 = 8;
 
 /// The SNAT range (inclusive, host order), set at load time (`--snat-port-range`).
@@ -28,18 +26,17 @@ static SNAT_PORT_MIN: u16 = SNAT_PORT_RANGE.0;
 #[unsafe(no_mangle)]
 static SNAT_PORT_MAX: u16 = SNAT_PORT_RANGE.1;
 
-/// The node address to use as the new source when `packet` (which came in on this device)
+/// The node address to use as the new source when a packet that came in on this device
 /// goes to `backend` through the same device: a backend on another node. `None` when the
 /// backend is reached another way (a pod of this node) or the FIB has no route.
 #[inline(always)]
-pub fn source_for(ctx: &TcContext, packet: &Packet, backend: &Backend) -> Option<u32> {
+pub fn source_for<C: Context>(ctx: &C, backend: &Backend) -> Option<u32> {
     // SAFETY: an all-zero bpf_fib_lookup is a valid request skeleton.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
-    params.l4_protocol = packet.proto;
+    params.l4_protocol = backend.proto;
     params.dport = backend.port;
-    // SAFETY: `skb` is the program's context pointer.
-    let ingress = unsafe { (*ctx.skb.skb).ifindex };
+    let ingress = ctx.ifindex();
     params.ifindex = ingress;
     params.__bindgen_anon_4.ipv4_dst = backend.addr;
     // A forwarding lookup, as for the packet itself (from its arrival device), with the
@@ -47,7 +44,7 @@ pub fn source_for(ctx: &TcContext, packet: &Packet, backend: &Backend) -> Option
     // SAFETY: params is a valid, writable bpf_fib_lookup of the size passed.
     let found = unsafe {
         fib_lookup(
-            ctx.skb.skb as *mut c_void,
+            ctx.raw(),
             &mut params,
             size_of::<bpf_fib_lookup>() as i32,
             BPF_FIB_LOOKUP_SRC,

@@ -7,21 +7,21 @@ use aya_ebpf::{
 };
 use proxy_common::{SourceRange, default_max_entries};
 
-use crate::{lookup::Frontend, parse::Packet};
+use crate::lb::Frontend;
 
 /// Named like `proxy_common::map_names::SOURCE_RANGES`; written by the daemon.
 #[map]
 static SOURCE_RANGES: LpmTrie<SourceRange, u8> =
     LpmTrie::pinned(default_max_entries::SOURCE_RANGES, 0);
 
-/// Whether one of `frontend`'s source ranges contains the packet's source.
+/// Whether one of `frontend`'s source ranges contains `client_addr`.
 #[inline(always)]
-pub fn admits(packet: &Packet, frontend: &Frontend) -> bool {
+pub fn admits(client_addr: u32, frontend: &Frontend) -> bool {
     let key = Key::new(
         SourceRange::FRONTEND_BITS + 32,
         SourceRange {
             rev_nat_id: frontend.header.rev_nat_id,
-            addr: packet.src_addr,
+            addr: client_addr,
         },
     );
     SOURCE_RANGES.get(&key).is_some()

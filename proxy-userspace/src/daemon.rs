@@ -23,14 +23,16 @@ use anyhow::{Context, Result};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, error, info, warn};
 
-use crate::conntrack::{self, CtTimeouts, UdpCleanup};
+use proxy_common::CtTimeouts;
+
+use crate::conntrack::gc::{Collector, Reaper};
 use crate::datapath::{Datapath, MapSizes};
 use crate::health::Health;
 use crate::metrics::{MapLabel, Metrics};
 use crate::model::{Model, ModelChanges, Problem};
 use crate::netlink::{self, Device, DevicePolicy, Netlink};
 use crate::node_port_addresses::NodePortAddresses;
-use crate::plan::{NodeFacts, Planner, Protocol};
+use crate::plan::{NodeFacts, Planner};
 use crate::service_health::ServiceHealthServers;
 use crate::source::kubernetes::{ApiServer, KubernetesSource};
 use crate::source::manifests::{ManifestWatcher, ParseLimits};
@@ -47,13 +49,15 @@ pub struct DaemonConfig {
     pub devices: DevicePolicy,
     pub nodeport_addresses: NodePortAddresses,
     pub map_sizes: MapSizes,
+    /// Conntrack idle timeouts per state.
     pub ct_timeouts: CtTimeouts,
     /// How long after a source change the sync waits for more changes to batch with it.
     pub min_sync_period: Duration,
     /// How often the maps are re-read and fully re-applied, and the devices re-listed.
     pub resync_interval: Duration,
-    /// How often idle conntrack entries are swept.
-    pub ct_gc_interval: Duration,
+    /// How often finished conntrack flows are swept; `None`: an interval that adapts to
+    /// how much the sweeps find.
+    pub ct_gc_interval: Option<Duration>,
     /// `/healthz` and `/livez`; `None` disables the server.
     pub healthz_bind_address: Option<SocketAddr>,
     /// `/metrics`; `None` disables the server.
@@ -66,8 +70,8 @@ struct Daemon {
     config: DaemonConfig,
     datapath: Datapath,
     writer: MapWriter,
-    conntrack: aya::maps::HashMap<aya::maps::MapData, proxy_common::CtKey, proxy_common::CtValue>,
-    udp_cleanup: UdpCleanup,
+    /// The conntrack garbage collector's thread, stopped when the daemon ends.
+    _conntrack_gc: Collector,
     netlink: Netlink,
     source: Source,
     model: Model,
@@ -94,14 +98,15 @@ struct Daemon {
 pub async fn run(config: DaemonConfig) -> Result<()> {
     // First, so that a bad kubeconfig fails before anything is loaded.
     let source = Source::start(&config.source, &config.node_name).await?;
-    let mut datapath = Datapath::load(&config.bpffs_root, config.map_sizes)?;
+    let mut datapath = Datapath::load(&config.bpffs_root, config.map_sizes, config.ct_timeouts)?;
     let maps = datapath.take_maps()?;
     let health = Health::new(config.healthz_timeout);
     let (metrics, registry) = Metrics::new(Some(maps.stats));
     for (map, max) in [
         ("SERVICES", config.map_sizes.services),
         ("BACKENDS", config.map_sizes.backends),
-        ("CONNTRACK", config.map_sizes.conntrack),
+        ("CONNTRACK", config.map_sizes.conntrack.assured),
+        ("CONNTRACK_PENDING", config.map_sizes.conntrack.pending),
     ] {
         metrics
             .map_max_entries
@@ -114,14 +119,15 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
     if let Some(address) = config.metrics_bind_address {
         serve("metrics", address, crate::metrics::router(registry)).await?;
     }
-    let writer = MapWriter::new(
-        maps.services,
-        maps.backends,
-        maps.affinity_matches,
-        maps.names,
-    )
-    .and_then(|writer| writer.with_source_ranges(maps.source_ranges))
-    .context("reading the pinned maps")?;
+    let writer = MapWriter::new(maps.services, maps.backends, maps.membership, maps.names)
+        .and_then(|writer| writer.with_source_ranges(maps.source_ranges))
+        .and_then(|writer| writer.with_flow_maps(maps.flow_maps))
+        .context("reading the pinned maps")?;
+    let conntrack_gc = Collector::spawn(
+        Reaper::load(&config.bpffs_root)?,
+        config.ct_gc_interval,
+        metrics.clone(),
+    )?;
     let netlink = Netlink::connect()?;
     if !config.nodeport_addresses.ipv6_cidrs().is_empty() {
         info!(
@@ -148,7 +154,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         config,
         datapath,
         writer,
-        conntrack: maps.conntrack,
+        _conntrack_gc: conntrack_gc,
         netlink,
         source,
         model: Model::default(),
@@ -157,7 +163,6 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         need_reread: false,
         node,
         attached: BTreeSet::new(),
-        udp_cleanup: UdpCleanup::default(),
         service_health: ServiceHealthServers::new(health.clone()),
         health,
         metrics,
@@ -181,7 +186,6 @@ impl Daemon {
         let mut resync = tokio::time::interval(self.config.resync_interval);
         // The first tick is immediate; start-up syncs once the source has listed everything.
         resync.tick().await;
-        let mut ct_gc = tokio::time::interval(self.config.ct_gc_interval);
         loop {
             let sync_due = self.runner.due();
             tokio::select! {
@@ -212,24 +216,10 @@ impl Daemon {
                 }
                 _ = resync.tick() => {
                     self.reconcile_devices().await;
-                    self.udp_cleanup.forget();
                     self.need_full_sync = true;
                     self.need_reread = true;
                     self.runner.request(tokio::time::Instant::now());
                 }
-                _ = ct_gc.tick() => match conntrack::sweep(&mut self.conntrack, &self.config.ct_timeouts) {
-                    Ok(report) => {
-                        if report.removed > 0 {
-                            debug!(removed = report.removed, "conntrack: idle flows removed");
-                        }
-                        self.metrics.conntrack_gc_removed.inc_by(report.removed as u64);
-                        self.metrics
-                            .map_entries
-                            .get_or_create(&MapLabel { map: "CONNTRACK" })
-                            .set(report.remaining as i64);
-                    }
-                    Err(error) => warn!(%error, "conntrack sweep failed"),
-                },
             }
         }
         info!("shutting down; the datapath stays pinned and keeps forwarding");
@@ -326,20 +316,6 @@ impl Daemon {
         let addresses = self.node.health_check_addresses();
         self.service_health
             .sync(self.planner.health_checks(), &addresses);
-        // After the writes, so no new flow can pick a backend that is being cleared. Only
-        // a changed UDP frontend can leave flows behind (or a resync, which forgets).
-        let udp_changed =
-            (delta.frontends.iter()).any(|change| change.frontend.protocol == Protocol::Udp);
-        if full || udp_changed {
-            match self
-                .udp_cleanup
-                .run(&mut self.conntrack, self.planner.desired())
-            {
-                Ok(0) => {}
-                Ok(removed) => info!(removed, "conntrack: UDP flows to departed backends cleared"),
-                Err(error) => warn!(%error, "conntrack: clearing stale UDP flows failed"),
-            }
-        }
         let (_, backends) = self.writer.fill();
         info!(
             frontends = self.planner.desired().frontends.len(),

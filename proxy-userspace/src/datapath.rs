@@ -6,8 +6,10 @@
 //! already pinned gets the new program swapped in atomically (`bpf_link_update`), with no
 //! moment where packets pass unbalanced.
 //!
-//! Layout of the bpffs root: `SERVICES`, `BACKENDS`, `CONNTRACK`, `STATS`, `AFFINITY`,
-//! `AFFINITY_MATCH`, `SVC_NAMES`, `SOURCE_RANGES` (maps) and `links/<ifindex>-<ifname>` (tcx ingress links).
+//! Layout of the bpffs root: `SERVICES`, `BACKENDS`, `BACKEND_IDS`, `CONNTRACK`,
+//! `CONNTRACK_PENDING`, `CT_TIMEOUTS`, `STATS`, `AFFINITY`, `MEMBERSHIP`,
+//! `MEMBERSHIP_EPOCH`, `SVC_NAMES`, `SOURCE_RANGES` (maps) and `links/<ifindex>-<ifname>`
+//! (tcx ingress links).
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -15,21 +17,23 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow};
-use aya::maps::{HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::TcAttachOptions;
-use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions};
 use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::{
-    AffinityMatchKey, Backend, CtKey, CtValue, PROGRAM_NAME, REFUSAL_LIMITS_GLOBAL, RefusalLimits,
+    Backend, CtTimeouts, MembershipKey, PROGRAM_NAME, REFUSAL_LIMITS_GLOBAL, RefusalLimits,
     SNAT_PORT_MAX_GLOBAL, SNAT_PORT_MIN_GLOBAL, ServiceKey, ServiceName, ServiceValue, SourceRange,
     map_names,
 };
 use tracing::{info, warn};
 
+use crate::conntrack::ConntrackSizes;
 use crate::netlink::Device;
 use crate::pin_root::PinRoot;
+use crate::writer::FlowMaps;
 
 /// Where the daemon pins, and the CLI looks, unless told otherwise (`--bpffs-root`).
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/ebpf-proxy";
@@ -40,7 +44,7 @@ pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/ebpf-proxy";
 pub struct MapSizes {
     pub services: u32,
     pub backends: u32,
-    pub conntrack: u32,
+    pub conntrack: ConntrackSizes,
     /// Source ports (inclusive, host order) for SNAT to backends on other nodes.
     pub snat_ports: SnatPortRange,
 }
@@ -93,7 +97,7 @@ impl Default for MapSizes {
         Self {
             services: max::SERVICES,
             backends: max::BACKENDS,
-            conntrack: max::CONNTRACK,
+            conntrack: ConntrackSizes::default(),
             snat_ports: SnatPortRange::default(),
         }
     }
@@ -103,11 +107,11 @@ impl Default for MapSizes {
 pub struct Maps {
     pub services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
     pub backends: BpfHashMap<MapData, u32, Backend>,
-    pub conntrack: BpfHashMap<MapData, CtKey, CtValue>,
     pub stats: PerCpuArray<MapData, u64>,
     pub names: BpfHashMap<MapData, u32, ServiceName>,
-    pub affinity_matches: BpfHashMap<MapData, AffinityMatchKey, u8>,
+    pub membership: BpfHashMap<MapData, MembershipKey, u8>,
     pub source_ranges: LpmTrie<MapData, SourceRange, u8>,
+    pub flow_maps: FlowMaps,
 }
 
 /// The loaded programs and their attachments.
@@ -120,8 +124,9 @@ pub struct Datapath {
 
 impl Datapath {
     /// Loads the embedded object, reusing (or creating) the maps pinned under `root`, once
-    /// `root` is on a bpffs and this daemon's alone (see [`PinRoot`]).
-    pub fn load(root: &Path, sizes: MapSizes) -> Result<Self> {
+    /// `root` is on a bpffs and this daemon's alone (see [`PinRoot`]), and sets the
+    /// conntrack timeouts (before anything is attached).
+    pub fn load(root: &Path, sizes: MapSizes, timeouts: CtTimeouts) -> Result<Self> {
         let pin_root = PinRoot::prepare(root)?;
         let refusal_limits = refusal_limits(|name| {
             let path = format!("/proc/sys/net/ipv4/{name}");
@@ -146,11 +151,14 @@ impl Datapath {
             .default_map_pin_directory(root)
             .map_max_entries(map_names::SERVICES, sizes.services)
             .map_max_entries(map_names::BACKENDS, sizes.backends)
-            .map_max_entries(map_names::CONNTRACK, sizes.conntrack)
+            .map_max_entries(map_names::CONNTRACK, sizes.conntrack.assured)
+            .map_max_entries(map_names::CONNTRACK_PENDING, sizes.conntrack.pending)
             // One name per frontend, and frontends are bounded by SERVICES.
             .map_max_entries(map_names::SVC_NAMES, sizes.services)
-            // One entry per backend of an affinity frontend: bounded by SERVICES too.
-            .map_max_entries(map_names::AFFINITY_MATCH, sizes.services)
+            // One entry per endpoint address of a frontend, and one per frontend: bounded
+            // by SERVICES too.
+            .map_max_entries(map_names::MEMBERSHIP, sizes.services)
+            .map_max_entries(map_names::BACKEND_IDS, sizes.backends)
             .override_global(SNAT_PORT_MIN_GLOBAL, &sizes.snat_ports.min, true)
             .override_global(SNAT_PORT_MAX_GLOBAL, &sizes.snat_ports.max, true)
             .override_global(REFUSAL_LIMITS_GLOBAL, &refusal_limits, true)
@@ -165,6 +173,7 @@ impl Datapath {
         program(&mut ebpf)?
             .load()
             .context("loading the tc program into the kernel")?;
+        set_timeouts(&mut ebpf, timeouts)?;
         Ok(Self {
             ebpf,
             links_dir,
@@ -182,11 +191,14 @@ impl Datapath {
         Ok(Maps {
             services: take(map_names::SERVICES)?.try_into()?,
             backends: take(map_names::BACKENDS)?.try_into()?,
-            conntrack: take(map_names::CONNTRACK)?.try_into()?,
             stats: take(map_names::STATS)?.try_into()?,
             names: take(map_names::SVC_NAMES)?.try_into()?,
-            affinity_matches: take(map_names::AFFINITY_MATCH)?.try_into()?,
+            membership: take(map_names::MEMBERSHIP)?.try_into()?,
             source_ranges: take(map_names::SOURCE_RANGES)?.try_into()?,
+            flow_maps: FlowMaps {
+                backend_ids: take(map_names::BACKEND_IDS)?.try_into()?,
+                membership_epoch: take(map_names::MEMBERSHIP_EPOCH)?.try_into()?,
+            },
         })
     }
 
@@ -283,6 +295,37 @@ fn refusal_limits(read: impl Fn(&str) -> Option<String>) -> RefusalLimits {
 /// name a different pin, since the old link died with the old device.
 fn link_pin_name(device: &Device) -> String {
     format!("{}-{}", device.index, device.name)
+}
+
+/// Writes the conntrack timeouts into the (pinned) CT_TIMEOUTS map of a loaded object.
+pub fn set_timeouts(ebpf: &mut Ebpf, timeouts: CtTimeouts) -> Result<()> {
+    let map = ebpf.map_mut(map_names::CT_TIMEOUTS).ok_or_else(|| {
+        anyhow!(
+            "map {} missing from the eBPF object",
+            map_names::CT_TIMEOUTS
+        )
+    })?;
+    let mut array: Array<&mut MapData, CtTimeouts> = map.try_into()?;
+    array
+        .set(0, timeouts, 0)
+        .context("writing the conntrack timeouts")
+}
+
+/// Runs `frame` through a loaded tc program with BPF_PROG_TEST_RUN (it goes nowhere): the
+/// program's return value and the frame it leaves. The dry run, the tests and the
+/// benchmark's checks run packets this way.
+pub fn run_frame(program: &SchedClassifier, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+    // Room for what the program may add (an ICMP error grows the frame).
+    let mut output = vec![0; frame.len() + 256];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut output),
+            ..TestRunOptions::default()
+        })
+        .context("BPF_PROG_TEST_RUN")?;
+    output.truncate(result.data_size_out as usize);
+    Ok((result.return_value, output))
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use proxy_userspace::conntrack::CtTimeouts;
+use proxy_common::CtTimeouts;
+use proxy_userspace::conntrack::{self, ConntrackSizes};
 use proxy_userspace::daemon::{self, DaemonConfig, SourceConfig};
 use proxy_userspace::datapath::{DEFAULT_BPFFS_ROOT, MapSizes, SnatPortRange};
 use proxy_userspace::inspect;
@@ -36,7 +37,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node daemon: load the datapath and keep it equal to the Services.
-    Daemon(DaemonArgs),
+    Daemon(Box<DaemonArgs>),
     /// Remove everything the daemon pinned (maps and links): the datapath stops.
     /// Like `kube-proxy --cleanup`.
     Cleanup {
@@ -94,17 +95,40 @@ struct DaemonArgs {
     /// BACKENDS map size.
     #[arg(long, default_value_t = MapSizes::default().backends)]
     max_backends: u32,
-    /// CONNTRACK map size (two entries per flow; the oldest are evicted when full).
-    #[arg(long, default_value_t = MapSizes::default().conntrack)]
-    max_conntrack: u32,
+    /// CONNTRACK map size: assured flows, two entries each, the least recently used evicted
+    /// when full; CONNTRACK_PENDING (flows not yet assured) gets a quarter of it [default:
+    /// from the machine's memory, see --conntrack-memory-ratio].
+    #[arg(long)]
+    max_conntrack: Option<u32>,
+    /// The share of the machine's memory the conntrack maps take when --max-conntrack is
+    /// not given (Cilium's --bpf-map-dynamic-size-ratio).
+    #[arg(long, default_value_t = conntrack::DEFAULT_MEMORY_RATIO)]
+    conntrack_memory_ratio: f64,
     /// Source ports (MIN-MAX) for SNAT of outside traffic to backends on other nodes. The
     /// default lies above the NodePort range and Linux's default ip_local_port_range.
     #[arg(long, default_value_t = SnatPortRange::default())]
     snat_port_range: SnatPortRange,
-    /// Idle timeout of established TCP flows, in seconds (kube-proxy's
-    /// --conntrack-tcp-timeout-established).
-    #[arg(long, default_value_t = CtTimeouts::default().tcp_established.as_secs())]
-    conntrack_tcp_established_seconds: u64,
+    /// Idle timeout of established TCP connections (kube-proxy's flag).
+    #[arg(long, default_value = "24h0m0s", value_parser = parse_duration)]
+    conntrack_tcp_timeout_established: Duration,
+    /// Idle timeout of TCP connections one side closed (FIN sent), kube-proxy's flag.
+    #[arg(long, default_value = "1h0m0s", value_parser = parse_duration)]
+    conntrack_tcp_timeout_close_wait: Duration,
+    /// Idle timeout of a TCP connection whose SYN was never answered (netfilter's
+    /// nf_conntrack_tcp_timeout_syn_sent): the client's next SYN selects a backend again.
+    #[arg(long, default_value = "2m0s", value_parser = parse_duration)]
+    conntrack_tcp_timeout_syn_sent: Duration,
+    /// Idle timeout of UDP flows that are not streams (kube-proxy's flag; netfilter's
+    /// default).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    conntrack_udp_timeout: Duration,
+    /// Idle timeout of UDP streams (kube-proxy's flag; netfilter's default).
+    #[arg(long, default_value = "2m0s", value_parser = parse_duration)]
+    conntrack_udp_timeout_stream: Duration,
+    /// Interval of the conntrack garbage collector; 0s: one that adapts to what the sweeps
+    /// find (1 s to 5 min).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    conntrack_gc_interval: Duration,
     /// How often the manifests directory is checked for changes, in milliseconds (inotify
     /// reports most changes at once; the poll catches the rest).
     #[arg(long, default_value_t = 250)]
@@ -148,6 +172,39 @@ fn bind_address(flag: &str, value: &str) -> Result<Option<SocketAddr>> {
 impl DaemonArgs {
     /// `in_cluster`: whether the process runs in a pod (`KUBERNETES_SERVICE_HOST` is set).
     fn into_config(self, in_cluster: bool) -> Result<DaemonConfig> {
+        let conntrack = match self.max_conntrack {
+            Some(max) => ConntrackSizes::with_assured(max),
+            None => ConntrackSizes::from_memory(
+                conntrack::total_memory().context("reading the machine's memory size")?,
+                self.conntrack_memory_ratio,
+            ),
+        };
+        let seconds = |flag: &str, duration: Duration| -> Result<u32> {
+            let seconds = u32::try_from(duration.as_secs()).ok().filter(|&s| s > 0);
+            seconds.with_context(|| {
+                format!("--{flag} {duration:?}: expected at least one second and at most 136 years")
+            })
+        };
+        let ct_timeouts = CtTimeouts {
+            tcp_syn_sent: seconds(
+                "conntrack-tcp-timeout-syn-sent",
+                self.conntrack_tcp_timeout_syn_sent,
+            )?,
+            tcp_established: seconds(
+                "conntrack-tcp-timeout-established",
+                self.conntrack_tcp_timeout_established,
+            )?,
+            tcp_close_wait: seconds(
+                "conntrack-tcp-timeout-close-wait",
+                self.conntrack_tcp_timeout_close_wait,
+            )?,
+            udp: seconds("conntrack-udp-timeout", self.conntrack_udp_timeout)?,
+            udp_stream: seconds(
+                "conntrack-udp-timeout-stream",
+                self.conntrack_udp_timeout_stream,
+            )?,
+            ..CtTimeouts::DEFAULT
+        };
         let source = match (self.manifests, self.kubeconfig) {
             (Some(dir), _) => SourceConfig::Manifests {
                 dir,
@@ -179,16 +236,14 @@ impl DaemonArgs {
             map_sizes: MapSizes {
                 services: self.max_services,
                 backends: self.max_backends,
-                conntrack: self.max_conntrack,
+                conntrack,
                 snat_ports: self.snat_port_range,
             },
-            ct_timeouts: CtTimeouts {
-                tcp_established: Duration::from_secs(self.conntrack_tcp_established_seconds),
-                ..CtTimeouts::default()
-            },
+            ct_timeouts,
             min_sync_period: self.min_sync_period,
             resync_interval: Duration::from_secs(self.resync_seconds.max(1)),
-            ct_gc_interval: Duration::from_secs(10),
+            ct_gc_interval: (!self.conntrack_gc_interval.is_zero())
+                .then_some(self.conntrack_gc_interval),
             healthz_bind_address: bind_address("healthz-bind-address", &self.healthz_bind_address)?,
             metrics_bind_address: bind_address("metrics-bind-address", &self.metrics_bind_address)?,
             healthz_timeout: self.healthz_timeout,
@@ -196,21 +251,35 @@ impl DaemonArgs {
     }
 }
 
-/// A duration the way kube-proxy's flags take one: `250ms`, `1s`, `2m`.
+/// A duration the way kube-proxy's flags take one (Go's `time.ParseDuration`): numbers
+/// with units, `250ms`, `1s`, `2m`, `24h0m0s`.
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("{text:?} has no unit (ms, s or m)"))?;
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} does not start with a number"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(number)),
-        "s" => Ok(Duration::from_secs(number)),
-        "m" => Ok(Duration::from_secs(number * 60)),
-        _ => Err(format!("{text:?}: unknown unit {unit:?} (ms, s or m)")),
+    if text.is_empty() {
+        return Err("an empty duration".into());
     }
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(|| format!("{text:?} has no unit (ms, s, m or h)"))?;
+        let number: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("{text:?}: expected a number before each unit"))?;
+        let unit_len = rest[digits..]
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len() - digits);
+        let part = match &rest[digits..digits + unit_len] {
+            "ms" => Duration::from_millis(number),
+            "s" => Duration::from_secs(number),
+            "m" => Duration::from_secs(number * 60),
+            "h" => Duration::from_secs(number * 3600),
+            unit => return Err(format!("{text:?}: unknown unit {unit:?} (ms, s, m or h)")),
+        };
+        total += part;
+        rest = &rest[digits + unit_len..];
+    }
+    Ok(total)
 }
 
 fn init_logging(format: LogFormat) {
@@ -245,7 +314,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
-        Command::Daemon(args) => args
+        Command::Daemon(args) => (*args)
             .into_config(std::env::var_os("KUBERNETES_SERVICE_HOST").is_some())
             .and_then(|config| {
                 proxy_userspace::allocator::configure();
@@ -280,7 +349,7 @@ mod tests {
         let Command::Daemon(args) = cli.command else {
             unreachable!("parsed a daemon command")
         };
-        args.into_config(in_cluster)
+        (*args).into_config(in_cluster)
     }
 
     #[test]
@@ -362,8 +431,56 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("24h0m0s"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5_400)));
         assert!(parse_duration("100").is_err());
         assert!(parse_duration("ms").is_err());
-        assert!(parse_duration("1h").is_err());
+        assert!(parse_duration("1d").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn conntrack_flags_are_kube_proxys_and_sizes_come_from_memory() {
+        let config = daemon_config(&["--manifests", "/m"], false).unwrap();
+        assert_eq!(config.ct_timeouts, CtTimeouts::DEFAULT);
+        assert_eq!(config.ct_gc_interval, None);
+        assert!(config.map_sizes.conntrack.assured >= 1 << 17);
+        let config = daemon_config(
+            &[
+                "--manifests",
+                "/m",
+                "--conntrack-tcp-timeout-established",
+                "2h",
+                "--conntrack-tcp-timeout-close-wait",
+                "60s",
+                "--conntrack-udp-timeout-stream",
+                "3m",
+                "--max-conntrack",
+                "65536",
+                "--conntrack-gc-interval",
+                "5s",
+            ],
+            false,
+        )
+        .unwrap();
+        let t = config.ct_timeouts;
+        assert_eq!(
+            (t.tcp_established, t.tcp_close_wait, t.udp_stream),
+            (7200, 60, 180)
+        );
+        assert_eq!(
+            config.map_sizes.conntrack,
+            ConntrackSizes::with_assured(65536)
+        );
+        assert_eq!(config.ct_gc_interval, Some(Duration::from_secs(5)));
+        let error = daemon_config(
+            &["--manifests", "/m", "--conntrack-udp-timeout", "0s"],
+            false,
+        )
+        .unwrap_err();
+        assert!(
+            format!("{error:#}").contains("at least one second"),
+            "{error:#}"
+        );
     }
 }

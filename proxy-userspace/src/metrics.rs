@@ -49,6 +49,10 @@ pub struct Metrics {
     /// Writes refused because a map was full.
     pub map_full: Counter,
     pub conntrack_gc_removed: Counter,
+    /// How long each conntrack sweep took.
+    pub conntrack_gc_duration: Histogram,
+    /// The sweep interval chosen after the latest sweep.
+    pub conntrack_gc_interval: Gauge<f64, AtomicU64>,
     /// Objects and fields skipped (invalid, unsupported, in conflict, over a limit).
     pub objects_rejected: Family<RejectedLabel, Counter>,
 }
@@ -74,6 +78,9 @@ impl Metrics {
             map_max_entries: Family::default(),
             map_full: Counter::default(),
             conntrack_gc_removed: Counter::default(),
+            // 100 µs … ~13 s.
+            conntrack_gc_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            conntrack_gc_interval: Gauge::default(),
             objects_rejected: Family::default(),
         };
         let mut registry = Registry::default();
@@ -104,7 +111,7 @@ impl Metrics {
         );
         registry.register(
             "ebpf_proxy_map_entries",
-            "Entries in each eBPF map (CONNTRACK: as of the last garbage collection)",
+            "Entries in each eBPF map (the conntrack maps: as of the last garbage collection)",
             metrics.map_entries.clone(),
         );
         registry.register(
@@ -119,8 +126,18 @@ impl Metrics {
         );
         registry.register(
             "ebpf_proxy_conntrack_gc_removed_entries",
-            "Idle conntrack entries removed by the garbage collector",
+            "Conntrack entries of finished flows removed by the garbage collector",
             metrics.conntrack_gc_removed.clone(),
+        );
+        registry.register(
+            "ebpf_proxy_conntrack_gc_duration_seconds",
+            "How long a sweep of both conntrack maps took",
+            metrics.conntrack_gc_duration.clone(),
+        );
+        registry.register(
+            "ebpf_proxy_conntrack_gc_interval_seconds",
+            "The garbage collector's current interval between sweeps",
+            metrics.conntrack_gc_interval.clone(),
         );
         registry.register(
             "ebpf_proxy_objects_rejected",

@@ -7,537 +7,19 @@
 //! whole; the output's checksums are also verified from scratch. Test-run skbs are not
 //! CHECKSUM_PARTIAL, so every input frame carries fully valid checksums.
 //!
-//! Each test loads its own copy of the object. Its maps are pinned by name, so aya needs a
+//! Each test loads its own copy of the object (see `datapath`). Its maps are pinned by name, so aya needs a
 //! bpffs directory: every test mounts a private bpffs instance and unmounts it on drop
 //! (also on panic), which frees the maps.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::SocketAddrV4,
-};
+mod datapath;
 
-use aya::{
-    Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
-    programs::{SchedClassifier, TestRun as _, TestRunOptions},
-};
-use etherparse::{
-    EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpDscp, IpFragOffset, IpNumber,
-    Ipv4Header, Ipv4Options, PacketBuilder, TcpHeader, UdpHeader, icmpv4::DestUnreachableHeader,
-};
+use datapath::*;
+use etherparse::{Ethernet2Header, Ipv4Header, PacketBuilder};
 use proxy_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Backend, CtKey, CtValue, PROGRAM_NAME,
-    REFUSAL_LIMITS_GLOBAL, RefusalLimits, SNAT_PORT_MAX_GLOBAL, SNAT_PORT_MIN_GLOBAL, ServiceKey,
-    ServiceValue, SourceRange, ct_dir, ct_flags, map_names, proto, service_flags, stat,
+    AffinityKey, AffinityValue, CtTimeouts, CtValue, RefusalLimits, ServiceValue, ct_flags,
+    ct_state, map_names, proto, service_flags, stat,
 };
-use proxy_lab::PrivateBpffs;
-use proxy_userspace::inspect::trace::{TracePacket, Tracer};
-
-/// Whether this process can load BPF programs. Without root (or without a working `bpf()`
-/// syscall) the tests print why and pass as skipped, except under `CI=true`, where a
-/// silently skipped datapath test would hide a broken runner: there they fail.
-fn bpf_available() -> bool {
-    let reason = if unsafe { libc::geteuid() } != 0 {
-        Some("needs root".to_owned())
-    } else {
-        bpf_syscall_error().map(|error| format!("bpf() is unavailable: {error}"))
-    };
-    let Some(reason) = reason else {
-        return true;
-    };
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("BPF test-run tests cannot run under CI=true: {reason}");
-    }
-    println!("skipped: {reason}");
-    false
-}
-
-/// Creates (and closes) a one-entry array map: the smallest proof that `bpf()` works.
-fn bpf_syscall_error() -> Option<std::io::Error> {
-    /// The leading `union bpf_attr` fields of BPF_MAP_CREATE.
-    #[repr(C)]
-    struct MapCreateAttr {
-        map_type: u32,
-        key_size: u32,
-        value_size: u32,
-        max_entries: u32,
-    }
-    const BPF_MAP_CREATE: libc::c_long = 0;
-    const BPF_MAP_TYPE_ARRAY: u32 = 2;
-    let attr = MapCreateAttr {
-        map_type: BPF_MAP_TYPE_ARRAY,
-        key_size: 4,
-        value_size: 4,
-        max_entries: 1,
-    };
-    // SAFETY: `attr` outlives the call and its size is passed along.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_CREATE,
-            &raw const attr,
-            size_of::<MapCreateAttr>(),
-        )
-    };
-    if fd < 0 {
-        return Some(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by the kernel and is closed once.
-    unsafe { libc::close(fd as libc::c_int) };
-    None
-}
-
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
-
-const CLIENT: SocketAddrV4 = addr([198, 18, 0, 10], 40_000);
-const VIP: SocketAddrV4 = addr([198, 19, 0, 10], 80);
-const BACKEND_1: SocketAddrV4 = addr([198, 18, 1, 10], 8080);
-const BACKEND_2: SocketAddrV4 = addr([198, 18, 1, 11], 8080);
-const BACKEND_3: SocketAddrV4 = addr([198, 18, 1, 12], 8080);
-/// A destination that is no frontend.
-const OTHER: SocketAddrV4 = addr([198, 18, 5, 5], 80);
-const REV_NAT_ID: u32 = 7;
-/// The SNAT range the tests load: two ports, so a third flow to one backend finds none.
-const SNAT_PORTS: (u16, u16) = (61_000, 61_001);
-
-const fn addr(ip: [u8; 4], port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(std::net::Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]), port)
-}
-
-fn frontend(addr: SocketAddrV4, proto: u8) -> ServiceKey {
-    ServiceKey::new(addr.ip().octets(), addr.port(), proto, 0)
-}
-
-fn backend(addr: SocketAddrV4, proto: u8) -> Backend {
-    Backend::new(addr.ip().octets(), addr.port(), proto)
-}
-
-fn ct_key(src: SocketAddrV4, dst: SocketAddrV4, proto: u8, dir: u8) -> CtKey {
-    CtKey {
-        src_addr: u32::from_ne_bytes(src.ip().octets()),
-        dst_addr: u32::from_ne_bytes(dst.ip().octets()),
-        src_port: src.port().to_be(),
-        dst_port: dst.port().to_be(),
-        proto,
-        dir,
-        _pad: 0,
-    }
-}
-
-/// The loaded program and its maps, pinned in a private bpffs.
-struct Datapath {
-    // Declared (and so dropped) before the bpffs it pins into.
-    ebpf: Ebpf,
-    bpffs: PrivateBpffs,
-    next_backend_id: u32,
-}
-
-impl Datapath {
-    /// Loads the object, or returns `None` when the test must be skipped.
-    fn load() -> Option<Self> {
-        Self::load_with(RefusalLimits::KERNEL_DEFAULTS)
-    }
-
-    /// [`Datapath::load`] with the given rate limits on refusals.
-    fn load_with(refusal_limits: RefusalLimits) -> Option<Self> {
-        if !bpf_available() {
-            return None;
-        }
-        let bpffs = PrivateBpffs::mount("testrun").expect("mounting a private bpffs");
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(bpffs.path())
-            .override_global(SNAT_PORT_MIN_GLOBAL, &SNAT_PORTS.0, true)
-            .override_global(SNAT_PORT_MAX_GLOBAL, &SNAT_PORTS.1, true)
-            .override_global(REFUSAL_LIMITS_GLOBAL, &refusal_limits, true)
-            .load(proxy_userspace::EBPF_OBJECT)
-            .unwrap_or_else(|e| panic!("loading the eBPF object: {e:?}"));
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(PROGRAM_NAME)
-            .expect("program in object")
-            .try_into()
-            .expect("a tc classifier");
-        program
-            .load()
-            .unwrap_or_else(|e| panic!("loading {PROGRAM_NAME}: {e:?}"));
-        Some(Self {
-            ebpf,
-            bpffs,
-            next_backend_id: 1,
-        })
-    }
-
-    /// Installs a frontend with `backends` in slots 1..=n, the way the daemon does
-    /// (backends and slots first, then the slot-0 header). Returns the backend ids.
-    fn add_service(&mut self, frontend: ServiceKey, backends: &[Backend]) -> Vec<u32> {
-        self.add_service_with(frontend, backends, 0, 0)
-    }
-
-    /// [`Datapath::add_service`] with header `flags` and session affinity (0: none) and,
-    /// with affinity, the AFFINITY_MATCH entries the daemon writes.
-    fn add_service_with(
-        &mut self,
-        frontend: ServiceKey,
-        backends: &[Backend],
-        flags: u16,
-        affinity_timeout_s: u32,
-    ) -> Vec<u32> {
-        let mut ids = Vec::new();
-        for (slot, backend) in (1..).zip(backends) {
-            let id = self.next_backend_id;
-            self.next_backend_id += 1;
-            self.insert_backend(id, *backend);
-            self.insert_service_entry(
-                frontend.with_slot(slot),
-                ServiceValue {
-                    backend_id: id,
-                    ..ServiceValue::default()
-                },
-            );
-            ids.push(id);
-        }
-        if affinity_timeout_s != 0 {
-            let mut matches: BpfHashMap<_, AffinityMatchKey, u8> =
-                BpfHashMap::try_from(self.ebpf.map_mut(map_names::AFFINITY_MATCH).unwrap())
-                    .unwrap();
-            for backend_id in &ids {
-                let key = AffinityMatchKey {
-                    rev_nat_id: REV_NAT_ID,
-                    backend_id: *backend_id,
-                };
-                matches.insert(key, 1, 0).unwrap();
-            }
-        }
-        self.insert_service_entry(
-            frontend,
-            ServiceValue {
-                count: backends.len().try_into().unwrap(),
-                rev_nat_id: REV_NAT_ID,
-                flags,
-                affinity_timeout_s,
-                ..ServiceValue::default()
-            },
-        );
-        ids
-    }
-
-    /// Admits clients in `network/prefix_len` to the frontend [`REV_NAT_ID`]
-    /// (loadBalancerSourceRanges), as the daemon writes it.
-    fn allow_sources(&mut self, network: [u8; 4], prefix_len: u32) {
-        let mut ranges: LpmTrie<_, SourceRange, u8> =
-            LpmTrie::try_from(self.ebpf.map_mut(map_names::SOURCE_RANGES).unwrap()).unwrap();
-        let range = SourceRange {
-            rev_nat_id: REV_NAT_ID,
-            addr: u32::from_ne_bytes(network),
-        };
-        let key = Key::new(SourceRange::FRONTEND_BITS + prefix_len, range);
-        ranges.insert(&key, 1, 0).unwrap();
-    }
-
-    fn affinity_map(&mut self) -> BpfHashMap<&mut aya::maps::MapData, AffinityKey, AffinityValue> {
-        BpfHashMap::try_from(self.ebpf.map_mut(map_names::AFFINITY).unwrap()).unwrap()
-    }
-
-    fn insert_service_entry(&mut self, key: ServiceKey, value: ServiceValue) {
-        let mut services: BpfHashMap<_, ServiceKey, ServiceValue> =
-            BpfHashMap::try_from(self.ebpf.map_mut(map_names::SERVICES).unwrap()).unwrap();
-        services.insert(key, value, 0).unwrap();
-    }
-
-    fn insert_backend(&mut self, id: u32, backend: Backend) {
-        let mut backends: BpfHashMap<_, u32, Backend> =
-            BpfHashMap::try_from(self.ebpf.map_mut(map_names::BACKENDS).unwrap()).unwrap();
-        backends.insert(id, backend, 0).unwrap();
-    }
-
-    /// Runs the program on `frame`: its verdict and the frame it leaves.
-    fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let program: &SchedClassifier =
-            self.ebpf.program(PROGRAM_NAME).unwrap().try_into().unwrap();
-        let mut out = vec![0; frame.len() + 256];
-        let result = program
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..TestRunOptions::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
-    }
-
-    /// Every counter, summed over the CPUs, by name.
-    fn stats(&self) -> BTreeMap<&'static str, u64> {
-        let stats: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.ebpf.map(map_names::STATS).unwrap()).unwrap();
-        (0..stat::COUNT)
-            .map(|index| {
-                let total = stats.get(&index, 0).unwrap().iter().sum();
-                (stat::NAMES[index as usize], total)
-            })
-            .collect()
-    }
-
-    /// Asserts the counters equal `expected`, all others being zero.
-    fn assert_stats(&self, expected: &[(u32, u64)]) {
-        let mut want: BTreeMap<_, _> = stat::NAMES.iter().map(|name| (*name, 0)).collect();
-        for (index, count) in expected {
-            want.insert(stat::NAMES[*index as usize], *count);
-        }
-        assert_eq!(self.stats(), want);
-    }
-
-    fn conntrack(&self) -> HashMap<CtKey, CtValue> {
-        let conntrack: BpfHashMap<_, CtKey, CtValue> =
-            BpfHashMap::try_from(self.ebpf.map(map_names::CONNTRACK).unwrap()).unwrap();
-        conntrack.iter().map(Result::unwrap).collect()
-    }
-
-    /// `epx_trace`, loaded the way `ebpf-proxy trace` loads it: against these pinned maps.
-    fn tracer(&self) -> Tracer {
-        Tracer::load(self.bpffs.path()).unwrap_or_else(|e| panic!("loading epx_trace: {e:?}"))
-    }
-
-    fn conntrack_entry(&self, key: CtKey) -> CtValue {
-        *self
-            .conntrack()
-            .get(&key)
-            .unwrap_or_else(|| panic!("no conntrack entry {key:?}"))
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Transport {
-    Tcp {
-        syn: bool,
-        ack: bool,
-        fin: bool,
-    },
-    /// `checksum: false` sends the RFC 768 "no checksum" zero.
-    Udp {
-        checksum: bool,
-    },
-}
-
-const SYN: Transport = Transport::Tcp {
-    syn: true,
-    ack: false,
-    fin: false,
-};
-const SYN_ACK: Transport = Transport::Tcp {
-    syn: true,
-    ack: true,
-    fin: false,
-};
-const ACK: Transport = Transport::Tcp {
-    syn: false,
-    ack: true,
-    fin: false,
-};
-const FIN_ACK: Transport = Transport::Tcp {
-    syn: false,
-    ack: true,
-    fin: true,
-};
-const UDP: Transport = Transport::Udp { checksum: true };
-
-/// An odd length, so checksums cover a padded last byte.
-const PAYLOAD: &[u8] = b"hello, backend!";
-
-/// A description of an Ethernet/IPv4/TCP-or-UDP frame; `build` gives its bytes with full,
-/// valid checksums.
-#[derive(Clone, Copy)]
-struct Frame {
-    src: SocketAddrV4,
-    dst: SocketAddrV4,
-    transport: Transport,
-    ip_options: &'static [u8],
-    more_fragments: bool,
-    fragment_offset: u16,
-    payload: &'static [u8],
-    ttl: u8,
-}
-
-impl Frame {
-    fn new(src: SocketAddrV4, dst: SocketAddrV4, transport: Transport) -> Self {
-        Self {
-            src,
-            dst,
-            transport,
-            ip_options: &[],
-            more_fragments: false,
-            fragment_offset: 0,
-            payload: PAYLOAD,
-            ttl: 64,
-        }
-    }
-
-    /// The frame after one routing hop (TTL decremented), as the program forwards it.
-    fn routed(self) -> Self {
-        Self {
-            ttl: self.ttl - 1,
-            ..self
-        }
-    }
-
-    /// The same frame between other endpoints: what a translation should produce.
-    fn between(self, src: SocketAddrV4, dst: SocketAddrV4) -> Self {
-        Self { src, dst, ..self }
-    }
-
-    fn build(&self) -> Vec<u8> {
-        let mut ip = Ipv4Header::new(
-            0,
-            self.ttl,
-            IpNumber::TCP,
-            self.src.ip().octets(),
-            self.dst.ip().octets(),
-        )
-        .unwrap();
-        ip.identification = 0x4242;
-        ip.dont_fragment = !self.more_fragments && self.fragment_offset == 0;
-        ip.more_fragments = self.more_fragments;
-        ip.fragment_offset = IpFragOffset::try_new(self.fragment_offset).unwrap();
-        ip.options = Ipv4Options::try_from(self.ip_options).unwrap();
-        let l4 = match self.transport {
-            Transport::Tcp { syn, ack, fin } => {
-                let mut tcp = TcpHeader::new(self.src.port(), self.dst.port(), 1_000, 64_240);
-                tcp.syn = syn;
-                tcp.ack = ack;
-                tcp.fin = fin;
-                tcp.acknowledgment_number = if ack { 5_000 } else { 0 };
-                ip.set_payload_len(tcp.header_len() + self.payload.len())
-                    .unwrap();
-                tcp.checksum = tcp.calc_checksum_ipv4(&ip, self.payload).unwrap();
-                tcp.to_bytes().to_vec()
-            }
-            Transport::Udp { checksum } => {
-                ip.protocol = IpNumber::UDP;
-                ip.set_payload_len(UdpHeader::LEN + self.payload.len())
-                    .unwrap();
-                let mut udp = UdpHeader::with_ipv4_checksum(
-                    self.src.port(),
-                    self.dst.port(),
-                    &ip,
-                    self.payload,
-                )
-                .unwrap();
-                if !checksum {
-                    udp.checksum = 0;
-                }
-                udp.to_bytes().to_vec()
-            }
-        };
-        ip.header_checksum = ip.calc_header_checksum();
-        let eth = Ethernet2Header {
-            source: [0x02, 0, 0, 0, 0, 0x01],
-            destination: [0x02, 0, 0, 0, 0, 0x02],
-            ether_type: EtherType::IPV4,
-        };
-        [&eth.to_bytes()[..], &ip.to_bytes(), &l4, self.payload].concat()
-    }
-}
-
-/// Asserts, computing from scratch, that the IPv4 header checksum and the TCP/UDP
-/// checksum (over the pseudo-header) of `frame` are valid. A zero UDP checksum is valid.
-fn assert_checksums_valid(frame: &[u8]) {
-    let ip = &frame[Ethernet2Header::LEN..];
-    let header_len = usize::from(ip[0] & 0x0f) * 4;
-    assert_eq!(
-        ones_complement_sum(&ip[..header_len]),
-        0xffff,
-        "IPv4 header checksum of {frame:02x?}"
-    );
-    let total_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-    let segment = &ip[header_len..total_len];
-    let protocol = ip[9];
-    if protocol == proto::UDP && segment[6..8] == [0, 0] {
-        return;
-    }
-    let segment_len = u16::try_from(segment.len()).unwrap().to_be_bytes();
-    let pseudo_header = [&ip[12..20], &[0, protocol], &segment_len[..]].concat();
-    assert_eq!(
-        ones_complement_sum(&[&pseudo_header[..], segment].concat()),
-        0xffff,
-        "L4 checksum of {frame:02x?}"
-    );
-}
-
-fn ones_complement_sum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
-
-/// Runs `input` and asserts the verdict is TC_ACT_OK and the output is exactly `expected`
-/// with valid checksums.
-fn assert_translated(datapath: &Datapath, input: Frame, expected: Frame) {
-    let (verdict, out) = datapath.run(&input.build());
-    assert_eq!(verdict, TC_ACT_OK);
-    assert_eq!(out, expected.build());
-    assert_checksums_valid(&out);
-}
-
-/// The ICMP port unreachable the kernel would send for `refused` (a frame without IPv4
-/// options): from its destination back to its source, with its IPv4 header and first 8
-/// payload bytes, in the kernel's own style (precedence "internetwork control", TTL 64).
-fn port_unreachable_for(refused: &[u8]) -> Vec<u8> {
-    let eth = Ethernet2Header::from_slice(refused).unwrap().0;
-    let (ip, _) = Ipv4Header::from_slice(&refused[Ethernet2Header::LEN..]).unwrap();
-    let quote = &refused[Ethernet2Header::LEN..Ethernet2Header::LEN + Ipv4Header::MIN_LEN + 8];
-    let icmp = Icmpv4Header::with_checksum(
-        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port),
-        quote,
-    );
-    let mut answer = Ipv4Header::new(
-        (icmp.header_len() + quote.len()) as u16,
-        64,
-        IpNumber::ICMP,
-        ip.destination,
-        ip.source,
-    )
-    .unwrap();
-    answer.dscp = IpDscp::CS6;
-    answer.identification = 0;
-    answer.dont_fragment = false;
-    answer.header_checksum = answer.calc_header_checksum();
-    let eth = Ethernet2Header {
-        source: eth.destination,
-        destination: eth.source,
-        ether_type: EtherType::IPV4,
-    };
-    [
-        &eth.to_bytes()[..],
-        &answer.to_bytes(),
-        &icmp.to_bytes(),
-        quote,
-    ]
-    .concat()
-}
-
-/// Runs `refused` and asserts it was turned, exactly, into its ICMP port unreachable and
-/// redirected back out of its device.
-fn assert_refused(datapath: &Datapath, refused: &[u8]) {
-    let (verdict, out) = datapath.run(refused);
-    assert_eq!(verdict, TC_ACT_REDIRECT);
-    assert_eq!(out, port_unreachable_for(refused), "{out:02x?}");
-    let ip = &out[Ethernet2Header::LEN..];
-    assert_eq!(ones_complement_sum(&ip[..Ipv4Header::MIN_LEN]), 0xffff);
-    assert_eq!(ones_complement_sum(&ip[Ipv4Header::MIN_LEN..]), 0xffff);
-}
-
-/// Runs `frame` and asserts it passes (TC_ACT_OK) byte for byte unchanged.
-fn assert_untouched(datapath: &Datapath, frame: &[u8]) {
-    let (verdict, out) = datapath.run(frame);
-    assert_eq!(verdict, TC_ACT_OK);
-    assert_eq!(out, frame);
-}
+use proxy_userspace::inspect::trace::TracePacket;
 
 #[test]
 fn new_tcp_flow_is_dnated_to_the_backend_and_tracked() {
@@ -550,33 +32,40 @@ fn new_tcp_flow_is_dnated_to_the_backend_and_tracked() {
     assert_translated(&datapath, syn, syn.between(CLIENT, BACKEND_1));
 
     datapath.assert_stats(&[(stat::CT_MISS, 1), (stat::NEW_FLOW, 1)]);
-    let conntrack = datapath.conntrack();
-    assert_eq!(conntrack.len(), 2, "{conntrack:?}");
-    let forward = datapath.conntrack_entry(ct_key(CLIENT, VIP, proto::TCP, ct_dir::FORWARD));
-    assert!(forward.created_ns > 0);
+    let conntrack = datapath.conntrack_map(map_names::CONNTRACK_PENDING);
+    assert_eq!(
+        conntrack.len(),
+        2,
+        "an unanswered flow waits in CONNTRACK_PENDING: {conntrack:?}"
+    );
+    let forward = datapath.conntrack_entry(ct_key(CLIENT, VIP, proto::TCP));
+    assert!(forward.created > 0);
+    // SYN_SENT: 120 s from the SYN on.
+    let syn_sent = u64::from(CtTimeouts::DEFAULT.tcp_syn_sent) * SECOND_NS;
+    let now = proxy_userspace::conntrack::monotonic_now_ns();
+    assert!((now + syn_sent - 2 * SECOND_NS..=now + syn_sent).contains(&forward.expires_ns));
     assert_eq!(
         forward,
         CtValue {
-            nat_addr: u32::from_ne_bytes(BACKEND_1.ip().octets()),
-            nat_port: BACKEND_1.port().to_be(),
+            to: tuple(CLIENT, BACKEND_1),
             rev_nat_id: REV_NAT_ID,
             backend_id: ids[0],
             flags: 0,
-            created_ns: forward.created_ns,
-            last_seen_ns: forward.created_ns,
+            _pad: [0; 3],
+            created: forward.created,
+            epoch: 0,
+            state: 0,
+            expires_ns: forward.expires_ns,
             packets: 1,
             bytes: syn.build().len() as u64,
-            snat_addr: 0,
-            snat_port: 0,
-            _pad: 0,
         }
     );
-    let reply = datapath.conntrack_entry(ct_key(BACKEND_1, CLIENT, proto::TCP, ct_dir::REPLY));
+    let reply = datapath.conntrack_entry(ct_key(BACKEND_1, CLIENT, proto::TCP));
     assert_eq!(
         reply,
         CtValue {
-            nat_addr: u32::from_ne_bytes(VIP.ip().octets()),
-            nat_port: VIP.port().to_be(),
+            to: tuple(VIP, CLIENT),
+            flags: ct_flags::REPLY,
             packets: 0,
             bytes: 0,
             ..forward
@@ -597,57 +86,9 @@ fn backend_reply_gets_the_frontend_as_source() {
     assert_translated(&datapath, syn_ack, syn_ack.between(VIP, CLIENT));
 
     datapath.assert_stats(&[(stat::CT_MISS, 1), (stat::NEW_FLOW, 1), (stat::REPLY, 1)]);
-    let reply = datapath.conntrack_entry(ct_key(BACKEND_1, CLIENT, proto::TCP, ct_dir::REPLY));
+    let reply = datapath.conntrack_entry(ct_key(BACKEND_1, CLIENT, proto::TCP));
     assert_eq!(reply.packets, 1);
     assert_eq!(reply.bytes, syn_ack.build().len() as u64);
-}
-
-/// Runs `test` on a thread in a fresh network namespace where this node holds `NODE` and
-/// reaches the backends and clients through `lo`, the device test runs see packets arrive
-/// on: so backends look like pods of another node, reached through the arrival device.
-fn on_a_node_with_remote_backends(test: impl FnOnce() + Send) {
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                // SAFETY: affects only this thread, which ends with the test.
-                assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
-                for args in [
-                    &["link", "set", "lo", "up"][..],
-                    &["addr", "add", "198.18.0.1/32", "dev", "lo"],
-                    &[
-                        "route",
-                        "add",
-                        "198.18.0.0/16",
-                        "dev",
-                        "lo",
-                        "src",
-                        "198.18.0.1",
-                    ],
-                ] {
-                    let status = std::process::Command::new("ip")
-                        .args(args)
-                        .status()
-                        .unwrap();
-                    assert!(status.success(), "ip {args:?}");
-                }
-                // /proc/sys/net shows the namespace of the thread that opens it.
-                std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
-                test();
-            })
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-    });
-}
-
-/// A NodePort of the node address set up by [`on_a_node_with_remote_backends`].
-const NODE_PORT: SocketAddrV4 = addr([198, 18, 0, 1], 30_080);
-
-/// Runs `frame` and asserts the program forwarded it itself (FIB + redirect), as `expected`
-/// one hop later, byte for byte.
-fn assert_routed(datapath: &Datapath, frame: Frame, expected: Frame) {
-    let (verdict, out) = datapath.run(&frame.build());
-    assert_eq!(verdict, TC_ACT_REDIRECT);
-    assert_eq!(out, expected.routed().build(), "{out:02x?}");
 }
 
 #[test]
@@ -687,22 +128,15 @@ fn remote_backend_gets_the_node_address_and_an_snat_port_and_replies_are_reverse
             (stat::CT_HIT, 1),
             (stat::REPLY, 1),
         ]);
-        let forward =
-            datapath.conntrack_entry(ct_key(CLIENT, NODE_PORT, proto::TCP, ct_dir::FORWARD));
-        assert_eq!(forward.flags, ct_flags::SNAT | ct_flags::LOCAL_FRONTEND);
+        let forward = datapath.conntrack_entry(ct_key(CLIENT, NODE_PORT, proto::TCP));
+        assert_eq!(forward.flags, ct_flags::SNAT | ct_flags::ROUTES_ITSELF);
+        assert_eq!(forward.to, tuple(snat, BACKEND_1));
+        let reply = datapath.conntrack_entry(ct_key(BACKEND_1, snat, proto::TCP));
         assert_eq!(
-            (forward.snat_addr, forward.snat_port),
-            (u32::from_ne_bytes([198, 18, 0, 1]), port.to_be())
+            reply.flags,
+            ct_flags::SNAT | ct_flags::REPLY | ct_flags::ROUTES_ITSELF
         );
-        let reply = datapath.conntrack_entry(ct_key(BACKEND_1, snat, proto::TCP, ct_dir::REPLY));
-        assert_eq!(reply.flags, ct_flags::SNAT | ct_flags::LOCAL_FRONTEND);
-        assert_eq!(
-            (reply.snat_addr, reply.snat_port),
-            (
-                u32::from_ne_bytes(CLIENT.ip().octets()),
-                CLIENT.port().to_be()
-            )
-        );
+        assert_eq!(reply.to, tuple(NODE_PORT, CLIENT));
         assert_eq!(reply.packets, 1);
         assert_eq!(datapath.conntrack().len(), 2);
     });
@@ -790,10 +224,10 @@ fn hairpin_flow_gets_the_frontend_as_source_both_ways() {
         (stat::CT_HIT, 1),
         (stat::REPLY, 1),
     ]);
-    let forward = datapath.conntrack_entry(ct_key(client, VIP, proto::TCP, ct_dir::FORWARD));
+    let forward = datapath.conntrack_entry(ct_key(client, VIP, proto::TCP));
     assert_eq!(forward.flags, ct_flags::HAIRPIN);
-    let reply = datapath.conntrack_entry(ct_key(BACKEND_1, masqueraded, proto::TCP, ct_dir::REPLY));
-    assert_eq!(reply.flags, ct_flags::HAIRPIN);
+    let reply = datapath.conntrack_entry(ct_key(BACKEND_1, masqueraded, proto::TCP));
+    assert_eq!(reply.flags, ct_flags::HAIRPIN | ct_flags::REPLY);
     assert_eq!(reply.packets, 1);
     assert_eq!(datapath.conntrack().len(), 2);
 }
@@ -837,9 +271,12 @@ fn later_packets_of_a_flow_stay_on_its_backend() {
         assert_translated(&datapath, ack, ack.between(CLIENT, chosen));
     }
     datapath.assert_stats(&[(stat::CT_MISS, 1), (stat::NEW_FLOW, 1), (stat::CT_HIT, 20)]);
-    let forward = datapath.conntrack_entry(ct_key(CLIENT, VIP, proto::TCP, ct_dir::FORWARD));
+    let forward = datapath.conntrack_entry(ct_key(CLIENT, VIP, proto::TCP));
     assert_eq!(forward.packets, 21);
-    assert!(forward.last_seen_ns >= forward.created_ns);
+    assert_eq!(
+        forward.state, 0,
+        "the backend never answered: still SYN_SENT"
+    );
 }
 
 #[test]
@@ -848,21 +285,21 @@ fn fin_marks_the_flow_closing_and_a_new_syn_selects_again() {
         return;
     };
     datapath.add_service(frontend(VIP, proto::TCP), &[backend(BACKEND_1, proto::TCP)]);
-    let forward_key = ct_key(CLIENT, VIP, proto::TCP, ct_dir::FORWARD);
+    let forward_key = ct_key(CLIENT, VIP, proto::TCP);
     let syn = Frame::new(CLIENT, VIP, SYN);
     assert_translated(&datapath, syn, syn.between(CLIENT, BACKEND_1));
 
     let fin = Frame::new(CLIENT, VIP, FIN_ACK);
     assert_translated(&datapath, fin, fin.between(CLIENT, BACKEND_1));
     assert_eq!(
-        datapath.conntrack_entry(forward_key).flags,
-        ct_flags::CLOSING
+        datapath.conntrack_entry(forward_key).state,
+        ct_state::FIN_CLIENT
     );
 
     // The client reuses its port: a fresh selection replaces the closing entry.
     assert_translated(&datapath, syn, syn.between(CLIENT, BACKEND_1));
     let forward = datapath.conntrack_entry(forward_key);
-    assert_eq!((forward.flags, forward.packets), (0, 1));
+    assert_eq!((forward.state, forward.packets), (0, 1));
     datapath.assert_stats(&[(stat::CT_MISS, 2), (stat::NEW_FLOW, 2), (stat::CT_HIT, 1)]);
 }
 
@@ -1139,23 +576,6 @@ fn source_ranges_admit_clients_inside_and_drop_the_others() {
     );
 }
 
-/// The backend a SYN from `client` was DNATed to.
-fn chosen_backend(
-    datapath: &Datapath,
-    client: SocketAddrV4,
-    backends: &[SocketAddrV4],
-) -> SocketAddrV4 {
-    let (verdict, out) = datapath.run(&Frame::new(client, VIP, SYN).build());
-    assert_eq!(verdict, TC_ACT_OK);
-    *backends
-        .iter()
-        .find(|b| out[30..34] == b.ip().octets())
-        .expect("DNATed to one of the backends")
-}
-
-const AFFINITY_TIMEOUT_S: u32 = 10;
-const SECOND_NS: u64 = 1_000_000_000;
-
 #[test]
 fn affinity_sends_a_clients_new_connections_to_its_backend() {
     let Some(mut datapath) = Datapath::load() else {
@@ -1366,19 +786,6 @@ fn new_flows_spread_over_all_backends() {
     ]);
 }
 
-/// A packet as `ebpf-proxy trace` builds it (TCP: a SYN).
-fn trace_packet(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> TracePacket {
-    let endpoint = |a: SocketAddrV4| proxy_userspace::inspect::Endpoint {
-        address: *a.ip(),
-        port: a.port(),
-    };
-    TracePacket {
-        protocol: proto,
-        source: endpoint(src),
-        destination: endpoint(dst),
-    }
-}
-
 #[test]
 fn trace_rewrites_like_ingress_and_leaves_the_maps_alone() {
     let Some(mut datapath) = Datapath::load() else {
@@ -1519,10 +926,12 @@ fn trace_of_a_node_port_reply_stops_before_routing_it() {
     assert_translated(&datapath, syn, syn.between(CLIENT, BACKEND_1));
     let stats_before = datapath.stats();
 
-    let report = datapath
-        .tracer()
-        .run(&trace_packet(BACKEND_1, CLIENT, proto::TCP))
-        .unwrap();
+    // A backend's first answer (`trace --tcp-flags syn,ack`): a SYN alone is never one.
+    let syn_ack = TracePacket {
+        tcp_flags: proxy_common::tcp_flags::SYN | proxy_common::tcp_flags::ACK,
+        ..trace_packet(BACKEND_1, CLIENT, proto::TCP)
+    };
+    let report = datapath.tracer().run(&syn_ack).unwrap();
     assert_eq!((report.verdict.as_str(), report.path), ("accept", "reply"));
     assert!(
         report.routes_reply,

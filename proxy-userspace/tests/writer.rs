@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use proxy_common::{Backend, ServiceKey, ServiceValue};
+use proxy_common::{Backend, CtTimeouts, ServiceKey, ServiceValue};
 use proxy_lab::{PrivateBpffs, require_lab};
 use proxy_userspace::datapath::{Datapath, MapSizes};
 use proxy_userspace::plan::{
@@ -87,7 +87,7 @@ fn batched_writes_fill_the_maps_and_a_full_map_is_counted_and_recorded_truly() -
         backends: BACKENDS,
         ..MapSizes::default()
     };
-    let mut datapath = Datapath::load(&root, sizes)?;
+    let mut datapath = Datapath::load(&root, sizes, CtTimeouts::DEFAULT)?;
     let maps = datapath.take_maps()?;
     let open = |name: &str| -> Result<aya::maps::Map> {
         Ok(aya::maps::Map::from_map_data(MapData::from_pin(
@@ -96,12 +96,8 @@ fn batched_writes_fill_the_maps_and_a_full_map_is_counted_and_recorded_truly() -
     };
     let services: BpfHashMap<MapData, ServiceKey, ServiceValue> = open("SERVICES")?.try_into()?;
     let mut backends: BpfHashMap<MapData, u32, Backend> = open("BACKENDS")?.try_into()?;
-    let mut writer = MapWriter::new(
-        maps.services,
-        maps.backends,
-        maps.affinity_matches,
-        maps.names,
-    )?;
+    let mut writer = MapWriter::new(maps.services, maps.backends, maps.membership, maps.names)?
+        .with_flow_maps(maps.flow_maps)?;
 
     // Two frontends of two backends: 6 SERVICES entries, 4 backends, in a few batches.
     let report = writer.apply(&desired(2, 2));

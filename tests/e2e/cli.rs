@@ -12,8 +12,8 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Command;
 
-use anyhow::{Context, Result, bail, ensure};
-use common::{SERVICE_TCP_PORT, SYNC_TIMEOUT, backends, caller, echo_service};
+use anyhow::{Context, Result, ensure};
+use common::{SERVICE_TCP_PORT, SYNC_TIMEOUT, backends, caller, cli_json, echo_service, flows_of};
 use proxy_lab::{
     Daemon, Lab, Manifest, NODE_NAME, Netns, Service, addr, daemon_binary, require_lab,
 };
@@ -23,13 +23,6 @@ use serde_json::Value;
 const SOLO_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 12);
 const SOLO_BACKEND: usize = 2;
 
-fn cli_json(daemon: &Daemon, args: &[&str]) -> Result<Value> {
-    let mut args = args.to_vec();
-    args.extend(["-o", "json"]);
-    let stdout = daemon.cli(&args)?;
-    serde_json::from_str(&stdout).with_context(|| format!("parsing {stdout}"))
-}
-
 fn started<'lab>(lab: &'lab Lab, manifests: Vec<Manifest>) -> Result<Daemon<'lab>> {
     let mut builder = lab.daemon();
     for manifest in manifests {
@@ -38,17 +31,6 @@ fn started<'lab>(lab: &'lab Lab, manifests: Vec<Manifest>) -> Result<Daemon<'lab
     let daemon = builder.start()?;
     daemon.wait_synced(SYNC_TIMEOUT)?;
     Ok(daemon)
-}
-
-/// The flows of a client, as `conntrack -o json --client` lists them.
-fn flows_of(daemon: &Daemon, client: Ipv4Addr, extra: &[&str]) -> Result<Vec<Value>> {
-    let client = client.to_string();
-    let mut args = vec!["conntrack", "--client", client.as_str()];
-    args.extend(extra);
-    match cli_json(daemon, &args)? {
-        Value::Array(flows) => Ok(flows),
-        other => bail!("conntrack JSON is not an array: {other}"),
-    }
 }
 
 #[test]
@@ -164,6 +146,18 @@ fn conntrack_shows_a_real_clients_flow_and_trace_and_flush_agree() -> Result<()>
     ensure!(flow["backend"]["port"] == addr::ECHO_TCP_PORT, "{flow:#}");
     ensure!(flow["service"] == "default/echo:tcp-80", "{flow:#}");
     ensure!(flow["state"] == "open", "{flow:#}");
+    // A request answered: the handshake completed, the flow is assured, and lives 24 h.
+    ensure!(flow["flow_state"] == "established", "{flow:#}");
+    ensure!(flow["assured"] == true, "{flow:#}");
+    ensure!(flow["kind"] == "service", "{flow:#}");
+    ensure!(
+        flow["backend_sees"]["address"] == client.to_string(),
+        "{flow:#}"
+    );
+    ensure!(
+        flow["expires_in_seconds"].as_u64() > Some(86_000),
+        "{flow:#}"
+    );
     ensure!(
         flow["entries"] == serde_json::json!(["forward", "reply"]),
         "{flow:#}"

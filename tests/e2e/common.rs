@@ -2,10 +2,12 @@
 //! is the caller. The caller is never a backend (hairpin has its own test, `hairpin`).
 #![allow(dead_code)] // each test binary uses its own subset
 
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use proxy_lab::{Daemon, Lab, Netns, Pod, Service, addr};
+use serde_json::Value;
 
 /// Service ports of the test Services (the pods listen on the lab's echo ports).
 pub const SERVICE_TCP_PORT: u16 = 80;
@@ -89,4 +91,23 @@ pub fn until_avoided(
         after_each()?;
     }
     Ok(last_seen)
+}
+
+/// Runs the CLI with `-o json` and parses what it printed.
+pub fn cli_json(daemon: &Daemon, args: &[&str]) -> Result<Value> {
+    let mut args = args.to_vec();
+    args.extend(["-o", "json"]);
+    let stdout = daemon.cli(&args)?;
+    serde_json::from_str(&stdout).with_context(|| format!("parsing {stdout}"))
+}
+
+/// The flows of a client, as `conntrack -o json --client` lists them.
+pub fn flows_of(daemon: &Daemon, client: Ipv4Addr, extra: &[&str]) -> Result<Vec<Value>> {
+    let client = client.to_string();
+    let mut args = vec!["conntrack", "--client", client.as_str()];
+    args.extend(extra);
+    match cli_json(daemon, &args)? {
+        Value::Array(flows) => Ok(flows),
+        other => bail!("conntrack JSON is not an array: {other}"),
+    }
 }

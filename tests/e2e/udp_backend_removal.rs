@@ -1,9 +1,10 @@
-//! When a UDP backend leaves a Service, its flows are cleared, so a client that keeps its
-//! source port (as DNS resolvers do) reaches a live backend with its next datagrams instead
-//! of sending into the old one for as long as it keeps talking (kube-proxy's conntrack
-//! cleanup). The removed pod keeps running in the lab, so without the cleanup the flow
-//! would visibly stay on it. When the last backend goes, the flow is cleared too, as
-//! kube-proxy's `CleanStaleEntries` clears it: the next datagram is refused.
+//! When a UDP backend leaves a Service, a client that keeps its source port (as DNS
+//! resolvers do) reaches a live backend with its next datagrams instead of sending into the
+//! old one for as long as it keeps talking (what kube-proxy's conntrack cleanup is for):
+//! the datapath checks on the conntrack hit that the flow's backend still serves. The
+//! removed pod keeps running in the lab, so without the check the flow would visibly stay
+//! on it. When the last backend goes, the flow ends too, as kube-proxy's
+//! `CleanStaleEntries` clears it: the next datagram is refused.
 
 mod common;
 

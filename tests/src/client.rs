@@ -8,6 +8,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use socket2::{Domain, SockRef, Socket, Type};
 
 use crate::netns::Netns;
 
@@ -69,6 +70,24 @@ impl TcpSession {
     pub fn peer(&self) -> Result<SocketAddr> {
         Ok(self.writer.peer_addr()?)
     }
+
+    /// Closing will send a reset instead of a FIN (SO_LINGER 0): no TIME_WAIT on this
+    /// side, so the same source port can connect to the same destination again at once.
+    pub fn reset_on_close(&self) -> std::io::Result<()> {
+        SockRef::from(&self.writer).set_linger(Some(Duration::ZERO))
+    }
+}
+
+/// A socket of `kind` bound to `local_port` on every address, with SO_REUSEADDR (other
+/// sockets may share the port, as `socat …,sourceport=` or `dig -b` do) and a receive
+/// timeout.
+fn bound_socket(kind: Type, local_port: u16, timeout: Duration) -> std::io::Result<Socket> {
+    let socket = Socket::new(Domain::IPV4, kind, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.set_write_timeout(Some(timeout))?;
+    socket.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, local_port).into())?;
+    Ok(socket)
 }
 
 impl Netns {
@@ -161,6 +180,41 @@ impl Netns {
         Ok((code, body.to_owned()))
     }
 
+    /// A TCP connection from this namespace's `local_port` to `addr:port`, as
+    /// `socat - TCP:addr:port,sourceport=local_port` makes one: another socket may hold the
+    /// same port at the same time (SO_REUSEADDR).
+    pub fn tcp_connect_from(
+        &self,
+        local_port: u16,
+        addr: Ipv4Addr,
+        port: u16,
+        timeout: Duration,
+    ) -> std::io::Result<TcpSession> {
+        let socket = self
+            .run(|| bound_socket(Type::STREAM, local_port, timeout))
+            .map_err(std::io::Error::other)??;
+        socket.connect_timeout(&SocketAddrV4::new(addr, port).into(), timeout)?;
+        let stream = TcpStream::from(socket);
+        stream.set_nodelay(true)?;
+        Ok(TcpSession {
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+        })
+    }
+
+    /// An unconnected UDP socket on this namespace's `local_port` (SO_REUSEADDR), as
+    /// `dig -b address#local_port` uses one, receiving with `timeout`.
+    pub fn udp_socket_from(
+        &self,
+        local_port: u16,
+        timeout: Duration,
+    ) -> std::io::Result<UdpSocket> {
+        let socket = self
+            .run(|| bound_socket(Type::DGRAM, local_port, timeout))
+            .map_err(std::io::Error::other)??;
+        Ok(UdpSocket::from(socket))
+    }
+
     /// A UDP socket in this namespace connected to `addr:port`, receiving with `timeout`.
     pub fn udp_flow(
         &self,
@@ -180,4 +234,15 @@ impl Netns {
 /// True for the errors a socket reports when nothing answered in time.
 pub fn is_timeout(error: &std::io::Error) -> bool {
     matches!(error.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock)
+}
+
+/// One query on an unconnected UDP socket: sends to `addr:port`, waits for the answer.
+pub fn udp_exchange(socket: &UdpSocket, addr: Ipv4Addr, port: u16) -> std::io::Result<Reply> {
+    socket.send_to(b"ping", (addr, port))?;
+    let mut buffer = [0u8; 512];
+    let (length, peer) = socket.recv_from(&mut buffer)?;
+    Ok(Reply {
+        body: String::from_utf8_lossy(&buffer[..length]).into_owned(),
+        peer,
+    })
 }

@@ -124,6 +124,12 @@ impl<'lab> DaemonBuilder<'lab> {
         self
     }
 
+    /// Several extra command-line arguments.
+    pub fn args<'a>(mut self, args: impl IntoIterator<Item = &'a str>) -> Self {
+        self.extra_args.extend(args.into_iter().map(str::to_owned));
+        self
+    }
+
     /// Whether dropping the handle prints the daemon's log (default: yes, for tests).
     pub fn echo_log_on_drop(mut self, echo: bool) -> Self {
         self.echo_log_on_drop = echo;
@@ -339,17 +345,39 @@ impl Daemon<'_> {
     /// Waits until the daemon has logged its first `sync complete`. Fails early, with the
     /// log, if the daemon exits or the timeout passes.
     pub fn wait_synced(&self, timeout: Duration) -> Result<()> {
-        self.wait_for_sync_line("", timeout)
+        self.wait_for_syncs(1, timeout)
+    }
+
+    /// How many `sync complete` lines the daemon has logged.
+    pub fn syncs(&self) -> usize {
+        let state = self.log.state.lock().expect("log lock");
+        state
+            .lines
+            .iter()
+            .filter(|line| line.contains(SYNC_MARKER))
+            .count()
+    }
+
+    /// Waits until the daemon has logged `count` `sync complete` lines (so one more than
+    /// [`Daemon::syncs`] returned: the sync after a change). Fails early, with the log, if
+    /// the daemon exits or the timeout passes.
+    pub fn wait_for_syncs(&self, count: usize, timeout: Duration) -> Result<()> {
+        self.wait_for_matching_syncs(count, "", timeout)
     }
 
     /// Waits until the daemon logs a `sync complete` line that contains `text` (e.g.
     /// `frontends=0 `). Fails early, with the log, if the daemon exits or the timeout passes.
     pub fn wait_for_sync_line(&self, text: &str, timeout: Duration) -> Result<()> {
+        self.wait_for_matching_syncs(1, text, timeout)
+    }
+
+    /// Waits until the daemon has logged `count` `sync complete` lines that contain `text`.
+    fn wait_for_matching_syncs(&self, count: usize, text: &str, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         let mut state = self.log.state.lock().expect("log lock");
         loop {
-            let synced = |line: &String| line.contains(SYNC_MARKER) && line.contains(text);
-            if state.lines.iter().any(synced) {
+            let synced = |line: &&String| line.contains(SYNC_MARKER) && line.contains(text);
+            if state.lines.iter().filter(synced).count() >= count {
                 return Ok(());
             }
             if state.open_streams == 0 {
@@ -365,8 +393,8 @@ impl Daemon<'_> {
             if now >= deadline {
                 drop(state);
                 bail!(
-                    "no `{SYNC_MARKER}` with {text:?} from ebpf-proxy within {timeout:?} in \
-                     netns {}\n{}",
+                    "no `{SYNC_MARKER}` #{count} with {text:?} from ebpf-proxy within \
+                     {timeout:?} in netns {}\n{}",
                     self.node.name(),
                     self.log()
                 );

@@ -70,18 +70,21 @@ mod echo;
 pub mod fake_apiserver;
 pub mod hostile;
 mod lab;
+pub mod load;
 mod manifest;
 mod netns;
+mod rng;
 mod scratch;
 mod tally;
 
 pub use bpffs::PrivateBpffs;
-pub use client::{REQUEST_TIMEOUT, Reply, TcpSession, UdpFlow, is_timeout};
+pub use client::{REQUEST_TIMEOUT, Reply, TcpSession, UdpFlow, is_timeout, udp_exchange};
 pub use cluster::{Cluster, ClusterBuilder, ClusterNode};
 pub use daemon::{Daemon, DaemonBuilder, daemon_binary, kubeconfig_for};
 pub use lab::{Lab, LabBuilder, LatePod, NODE_NAME, Pod};
 pub use manifest::{Endpoint, Manifest, Protocol, Service};
 pub use netns::Netns;
+pub use rng::Rng;
 pub use tally::{CHI_SQUARE_CRITICAL_P001, Tally};
 
 /// Why the lab cannot run here, if it cannot: it needs root, network namespaces and `ip`.

@@ -38,19 +38,25 @@ enum Task {
         /// figures mean nothing. Writes under the target directory, not docs/.
         #[arg(long)]
         quick: bool,
-        /// Run only these sections (packet, connections, programming, change, memory,
+        /// Run only these sections (packet, gc, connections, programming, change, memory,
         /// soak, hostile); a partial run writes under the target directory, not docs/.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
-    /// setup, build, and run the long variant of the API-outage lab test: each outage
-    /// phase (down, stalled, 500, 503, garbage, blackhole) lasts minutes instead of
-    /// seconds. Prints the figures (outage length, requests through the datapath, time to
-    /// catch up).
+    /// setup, build, and run the long variants of lab tests: the API outage (each phase —
+    /// down, stalled, 500, 503, garbage, blackhole — minutes instead of seconds), TCP
+    /// connections across resyncs and conntrack sweeps, and UDP queries during endpoint
+    /// churn. Prints their figures.
     Soak {
         /// Seconds per outage phase (six phases).
         #[arg(long, default_value_t = 120)]
         phase_seconds: u64,
+        /// Seconds of connections across resyncs and conntrack sweeps (`conntrack_churn`).
+        #[arg(long, default_value_t = 600)]
+        churn_seconds: u64,
+        /// Endpoint changes under UDP queries (`endpoint_churn`).
+        #[arg(long, default_value_t = 300)]
+        endpoint_changes: u64,
     },
 }
 
@@ -61,7 +67,11 @@ fn main() -> ExitCode {
         Task::Test => test(),
         Task::Demo => demo(),
         Task::Bench { quick, only } => bench(quick, &only),
-        Task::Soak { phase_seconds } => soak(phase_seconds),
+        Task::Soak {
+            phase_seconds,
+            churn_seconds,
+            endpoint_changes,
+        } => soak(phase_seconds, churn_seconds, endpoint_changes),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -118,22 +128,37 @@ fn demo() -> Result<()> {
     run_step(run)
 }
 
-fn soak(phase_seconds: u64) -> Result<()> {
+fn soak(phase_seconds: u64, churn_seconds: u64, endpoint_changes: u64) -> Result<()> {
     setup::run()?;
     let cargo = Cargo::new(workspace_root());
     let daemon = cargo.build_binary("proxy-userspace", "ebpf-proxy", Profile::Debug)?;
-    let mut test = cargo.command(&[
-        "test",
-        "--package",
-        "proxy-lab",
-        "--test",
-        "api_outage",
-        "--",
-        "--nocapture",
-    ]);
-    test.env("EBPF_PROXY_BIN", &daemon)
-        .env("EBPF_PROXY_OUTAGE_PHASE_SECONDS", phase_seconds.to_string());
-    run_step(test)
+    for (test, variable, value) in [
+        (
+            "api_outage",
+            "EBPF_PROXY_OUTAGE_PHASE_SECONDS",
+            phase_seconds,
+        ),
+        ("conntrack_churn", "EBPF_PROXY_CHURN_SECONDS", churn_seconds),
+        (
+            "endpoint_churn",
+            "EBPF_PROXY_ENDPOINT_CHANGES",
+            endpoint_changes,
+        ),
+    ] {
+        let mut run = cargo.command(&[
+            "test",
+            "--package",
+            "proxy-lab",
+            "--test",
+            test,
+            "--",
+            "--nocapture",
+        ]);
+        run.env("EBPF_PROXY_BIN", &daemon)
+            .env(variable, value.to_string());
+        run_step(run)?;
+    }
+    Ok(())
 }
 
 fn bench(quick: bool, only: &[String]) -> Result<()> {

@@ -1,26 +1,24 @@
-//! `ebpf-proxy conntrack`: live flows (client → frontend → backend), and
-//! `conntrack flush`, which deletes the flows matching the same filters.
+//! `ebpf-proxy conntrack`: live flows (client → frontend → backend) of both conntrack
+//! maps with their state, and `conntrack flush`, which deletes the flows matching the same
+//! filters.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use aya::maps::{HashMap as BpfHashMap, MapData};
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
 use clap::{Args, Subcommand};
-use proxy_common::{CtKey, CtValue, ServiceName, ct_dir, ct_flags, map_names};
+use proxy_common::{CtKey, CtTimeouts, CtValue, ServiceName, ct_flags, ct_seconds, map_names};
 use serde::Serialize;
 
 use super::{
-    Endpoint, ListArgs, Output, PinArgs, new_table, open_typed, print, protocol_name, read_entries,
-    service_port_name,
+    Endpoint, ListArgs, Output, PinArgs, new_table, open_pinned, open_typed, print, protocol_name,
+    read_entries, service_port_name,
 };
-use crate::conntrack::{
-    CtTimeouts, FlowEntries, flow_last_seen_ns, flow_timeout, monotonic_now_ns, pair_flows,
-    read_all,
-};
+use crate::conntrack::{CtEntry, CtTable, FlowEntries, monotonic_now_ns, pair_flows, read_all};
 
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -31,26 +29,6 @@ pub struct ConntrackArgs {
     filter: FlowFilter,
     #[command(flatten)]
     list: ListArgs,
-    #[command(flatten)]
-    timeouts: TimeoutArgs,
-}
-
-/// The daemon's timeouts are flags, not kernel state: pass the same value here when the
-/// daemon runs with a non-default one, so expiries are right.
-#[derive(Args, Clone, Copy, Debug)]
-struct TimeoutArgs {
-    /// The daemon's --conntrack-tcp-established-seconds.
-    #[arg(long, default_value_t = CtTimeouts::default().tcp_established.as_secs())]
-    conntrack_tcp_established_seconds: u64,
-}
-
-impl TimeoutArgs {
-    fn timeouts(self) -> CtTimeouts {
-        CtTimeouts {
-            tcp_established: Duration::from_secs(self.conntrack_tcp_established_seconds),
-            ..CtTimeouts::default()
-        }
-    }
 }
 
 #[derive(Subcommand)]
@@ -112,9 +90,8 @@ impl ConntrackArgs {
         if let Some(ConntrackCommand::Flush(flush)) = self.flush {
             return flush.run();
         }
-        let timeouts = self.timeouts.timeouts();
         self.list.show(
-            |root| Ok(self.filter.select(read_flows(root, &timeouts)?.0)),
+            |root| Ok(self.filter.select(read_flows(root)?.0)),
             |flows| render(flows),
         )
     }
@@ -127,13 +104,13 @@ impl FlushArgs {
             bail!("conntrack flush needs a filter (--service, --backend, --client) or --all");
         }
         let root = &self.pins.bpffs_root;
-        let (flows, mut map) = read_flows(root, &CtTimeouts::default())?;
+        let (flows, mut maps) = read_flows(root)?;
         let mut report = FlushReport::default();
         for flow in filter.select(flows) {
             report.flows += 1;
-            for key in &flow.keys {
+            for (table, key) in &flow.keys {
                 // Already gone (expired or evicted meanwhile) counts as flushed.
-                if map.remove(key).is_ok() {
+                if maps.remove(*table, key)? {
                     report.entries += 1;
                 }
             }
@@ -155,21 +132,63 @@ struct FlushReport {
     entries: u64,
 }
 
-/// The flows in CONNTRACK, and the map (for flushes).
-fn read_flows(
-    root: &Path,
-    timeouts: &CtTimeouts,
-) -> Result<(Vec<FlowView>, BpfHashMap<MapData, CtKey, CtValue>)> {
-    let conntrack: BpfHashMap<MapData, CtKey, CtValue> = open_typed(root, map_names::CONNTRACK)?;
+/// The pinned conntrack maps and timeouts.
+struct ConntrackMaps {
+    assured: Map,
+    pending: Map,
+    timeouts: CtTimeouts,
+}
+
+impl ConntrackMaps {
+    fn open(root: &Path) -> Result<Self> {
+        let timeouts: Array<MapData, CtTimeouts> = open_typed(root, map_names::CT_TIMEOUTS)?;
+        Ok(Self {
+            assured: Map::from_map_data(open_pinned(root, map_names::CONNTRACK)?)?,
+            pending: Map::from_map_data(open_pinned(root, map_names::CONNTRACK_PENDING)?)?,
+            timeouts: timeouts.get(&0, 0)?,
+        })
+    }
+
+    fn map(&mut self, table: CtTable) -> &mut Map {
+        match table {
+            CtTable::Assured => &mut self.assured,
+            CtTable::Pending => &mut self.pending,
+        }
+    }
+
+    fn entries(&mut self) -> Result<Vec<CtEntry>> {
+        fn data(map: &Map) -> Result<&MapData> {
+            match map {
+                Map::LruHashMap(data) => Ok(data),
+                _ => Err(anyhow::anyhow!("a conntrack map is not an LRU hash map")),
+            }
+        }
+        let (assured, pending) = (data(&self.assured)?, data(&self.pending)?);
+        Ok(read_all(&[
+            (CtTable::Assured, assured),
+            (CtTable::Pending, pending),
+        ])?)
+    }
+
+    /// Removes one entry; false if it was gone already.
+    fn remove(&mut self, table: CtTable, key: &CtKey) -> Result<bool> {
+        let mut map: BpfHashMap<&mut MapData, CtKey, CtValue> = self.map(table).try_into()?;
+        Ok(map.remove(key).is_ok())
+    }
+}
+
+/// The flows in both conntrack maps, and the maps (for flushes).
+fn read_flows(root: &Path) -> Result<(Vec<FlowView>, ConntrackMaps)> {
+    let mut maps = ConntrackMaps::open(root)?;
     let names: BpfHashMap<MapData, u32, ServiceName> = open_typed(root, map_names::SVC_NAMES)?;
-    let entries = read_all(&conntrack)?;
+    let entries = maps.entries()?;
     let flows = flows(
         &entries,
         &read_entries(&names)?,
         monotonic_now_ns(),
-        timeouts,
+        &maps.timeouts,
     );
-    Ok((flows, conntrack))
+    Ok((flows, maps))
 }
 
 /// One connection as the datapath tracks it. JSON schema: every field, always present
@@ -178,21 +197,35 @@ fn read_flows(
 pub struct FlowView {
     pub protocol: &'static str,
     pub client: Endpoint,
-    /// The address the client connected to (a VIP or a node address).
+    /// The address the client connected to (a VIP or a node address; the backend itself
+    /// for a direct flow).
     pub frontend: Endpoint,
     pub backend: Endpoint,
+    /// Who the backend sees as its client: the client, or the frontend address (hairpin),
+    /// a node address and SNAT port, the client with a remapped port.
+    pub backend_sees: Endpoint,
     /// `namespace/name:port-name` of the frontend, null if unknown.
     pub service: Option<String>,
     pub rev_nat_id: u32,
     pub backend_id: u32,
+    /// `service`, or `direct`: a flow straight to a backend, tracked so that no Service
+    /// flow is created over its reply tuple.
+    pub kind: &'static str,
     /// `open`, or `closing` once a FIN or RST was seen.
     pub state: &'static str,
+    /// The connection's state: TCP `syn_sent`, `syn_recv`, `established`, `close_wait`,
+    /// `time_wait`, `close`; UDP `unreplied`, `replied`, `stream`.
+    pub flow_state: &'static str,
+    /// In CONNTRACK (answered, and TCP past its handshake), not CONNTRACK_PENDING.
+    pub assured: bool,
+    /// How the flow is translated besides DNAT: `hairpin`, `snat`, `remapped`.
+    pub translation: Vec<&'static str>,
     /// Since the flow's first packet.
     pub age_seconds: u64,
     /// Since its latest packet in either direction.
     pub idle_seconds: u64,
-    /// Until the daemon's garbage collector removes it if it stays idle (its idle
-    /// timeout for the protocol and state, minus the idle time).
+    /// Until the flow is over if it stays idle (the timeout of its state from its latest
+    /// packet); the garbage collector removes it some time after.
     pub expires_in_seconds: u64,
     pub packets_to_backend: u64,
     pub bytes_to_backend: u64,
@@ -202,12 +235,12 @@ pub struct FlowView {
     /// `reply` (keyed backend → client). The LRU may evict one before the other.
     pub entries: Vec<&'static str>,
     #[serde(skip)]
-    keys: Vec<CtKey>,
+    keys: Vec<(CtTable, CtKey)>,
 }
 
 /// One view per flow (see [`pair_flows`]), sorted by client, then frontend.
 pub fn flows(
-    entries: &HashMap<CtKey, CtValue>,
+    entries: &[CtEntry],
     names: &BTreeMap<u32, ServiceName>,
     now_ns: u64,
     timeouts: &CtTimeouts,
@@ -227,54 +260,80 @@ fn view(
     timeouts: &CtTimeouts,
 ) -> FlowView {
     let endpoint = Endpoint::from_wire;
-    let (key, value) = flow
+    let first = flow
         .present()
         .next()
         .expect("a flow has at least one entry");
-    let forward = flow.forward.map(|(_, value)| value);
-    let reply = flow.reply.map(|(_, value)| value);
-    // Keyed client → frontend (forward) or backend → client (reply).
-    let (client, frontend, backend) = if key.dir == ct_dir::FORWARD {
+    let (key, value) = (&first.key.tuple, &first.value);
+    // The client's entry is keyed client → frontend and rewrites to peer → backend; the
+    // backend's is keyed backend → peer and rewrites to frontend → client.
+    let (client, frontend, backend, peer) = if value.is_reply() {
         (
+            endpoint(value.to.dst_addr, value.to.dst_port),
+            endpoint(value.to.src_addr, value.to.src_port),
             endpoint(key.src_addr, key.src_port),
             endpoint(key.dst_addr, key.dst_port),
-            endpoint(value.nat_addr, value.nat_port),
         )
     } else {
         (
-            endpoint(key.dst_addr, key.dst_port),
-            endpoint(value.nat_addr, value.nat_port),
             endpoint(key.src_addr, key.src_port),
+            endpoint(key.dst_addr, key.dst_port),
+            endpoint(value.to.dst_addr, value.to.dst_port),
+            endpoint(value.to.src_addr, value.to.src_port),
         )
     };
-    let created_ns = flow.present().map(|(_, v)| v.created_ns).min().unwrap_or(0);
-    let closing = flow
-        .present()
-        .any(|(_, v)| v.flags & ct_flags::CLOSING != 0);
-    let seconds = |ns: u64| Duration::from_nanos(now_ns.saturating_sub(ns)).as_secs();
-    let idle = seconds(flow_last_seen_ns(flow));
-    let keys: Vec<CtKey> = flow.present().map(|(key, _)| key).collect();
+    let created = flow.present().map(|e| e.value.created).min().unwrap_or(0);
+    let state = flow.state();
+    let expires_ns = flow.expires_ns();
+    let timeout_ns = u64::from(timeouts.of(first.key.proto, state)) * 1_000_000_000;
+    let last_packet_ns = expires_ns.saturating_sub(timeout_ns);
+    let seconds = |ns: u64| Duration::from_nanos(ns).as_secs();
+    let forward = flow.forward.map(|e| &e.value);
+    let reply = flow.reply.map(|e| &e.value);
+    let flags = flow.flags();
+    let translation = [
+        (ct_flags::HAIRPIN, "hairpin"),
+        (ct_flags::SNAT, "snat"),
+        (ct_flags::REMAPPED, "remapped"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| flags & bit != 0)
+    .map(|(_, name)| name)
+    .collect();
+    let keys: Vec<(CtTable, CtKey)> = flow.present().map(|e| (e.table, e.key)).collect();
     FlowView {
-        protocol: protocol_name(key.proto),
+        protocol: protocol_name(first.key.proto),
         client,
         frontend,
         backend,
+        backend_sees: peer,
         service: names.get(&value.rev_nat_id).map(service_port_name),
         rev_nat_id: value.rev_nat_id,
         backend_id: value.backend_id,
-        state: if closing { "closing" } else { "open" },
-        age_seconds: seconds(created_ns),
-        idle_seconds: idle,
-        expires_in_seconds: flow_timeout(flow, timeouts).as_secs().saturating_sub(idle),
+        kind: if flags & ct_flags::DIRECT != 0 {
+            "direct"
+        } else {
+            "service"
+        },
+        state: if flow.is_closing() { "closing" } else { "open" },
+        flow_state: flow.flow_state().name(),
+        assured: flow.is_assured(),
+        translation,
+        age_seconds: u64::from(ct_seconds(now_ns).saturating_sub(created)),
+        idle_seconds: seconds(now_ns.saturating_sub(last_packet_ns)),
+        expires_in_seconds: seconds(expires_ns.saturating_sub(now_ns)),
         packets_to_backend: forward.map_or(0, |v| v.packets),
         bytes_to_backend: forward.map_or(0, |v| v.bytes),
         packets_from_backend: reply.map_or(0, |v| v.packets),
         bytes_from_backend: reply.map_or(0, |v| v.bytes),
         entries: keys
             .iter()
-            .map(|key| match key.dir {
-                ct_dir::FORWARD => "forward",
-                _ => "reply",
+            .map(|(_, key)| {
+                if flow.forward.is_some_and(|e| e.key == *key) {
+                    "forward"
+                } else {
+                    "reply"
+                }
             })
             .collect(),
         keys,
@@ -372,8 +431,11 @@ pub fn render(flows: &[FlowView]) -> String {
             flow.client.to_string(),
             flow.frontend.to_string(),
             flow.backend.to_string(),
-            flow.service.clone().unwrap_or_else(|| "-".into()),
-            flow.state.to_owned(),
+            match flow.kind {
+                "direct" => "(direct)".to_owned(),
+                _ => flow.service.clone().unwrap_or_else(|| "-".into()),
+            },
+            flow.flow_state.to_owned(),
             duration(flow.age_seconds),
             duration(flow.idle_seconds),
             duration(flow.expires_in_seconds),
@@ -396,9 +458,7 @@ fn duration(seconds: u64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use proxy_common::proto;
-
-    use crate::conntrack::reply_key;
+    use proxy_common::{Translation, ct_state, proto, service_flags};
 
     use super::*;
 
@@ -411,48 +471,45 @@ mod tests {
         }
     }
 
-    /// A flow's two entries as the datapath writes them.
+    /// An established flow's two entries as the datapath writes them: created at 100 s,
+    /// the client's last packet at 130 s, the backend's at 140 s.
     fn flow(
         client: Endpoint,
         frontend: Endpoint,
         backend: Endpoint,
         rev_nat_id: u32,
-    ) -> [(CtKey, CtValue); 2] {
+    ) -> [CtEntry; 2] {
         let wire = |e: Endpoint| (u32::from_ne_bytes(e.address.octets()), e.port.to_be());
-        let (client_addr, client_port) = wire(client);
-        let (frontend_addr, frontend_port) = wire(frontend);
-        let (backend_addr, backend_port) = wire(backend);
-        let forward_key = CtKey {
-            src_addr: client_addr,
-            dst_addr: frontend_addr,
-            src_port: client_port,
-            dst_port: frontend_port,
-            proto: proto::TCP,
-            dir: ct_dir::FORWARD,
-            _pad: 0,
-        };
-        let forward = CtValue {
-            nat_addr: backend_addr,
-            nat_port: backend_port,
+        let translation = Translation::service(
+            proto::TCP,
+            wire(client),
+            wire(frontend),
+            service_flags::CLUSTER_IP,
             rev_nat_id,
-            backend_id: 7,
-            created_ns: 100 * SECOND,
-            last_seen_ns: 130 * SECOND,
-            packets: 3,
-            bytes: 180,
-            ..CtValue::default()
-        };
-        let reply = CtValue {
-            nat_addr: frontend_addr,
-            nat_port: frontend_port,
-            last_seen_ns: 140 * SECOND,
-            packets: 2,
-            bytes: 120,
-            ..forward
-        };
+            wire(backend),
+            7,
+            None,
+        );
+        let timeouts = CtTimeouts::DEFAULT;
+        let state = ct_state::REPLIED | ct_state::ASSURED;
+        let created = ct_seconds(100 * SECOND);
+        let mut forward =
+            translation.forward_entry(created, timeouts.expiry_ns(proto::TCP, state, 130 * SECOND));
+        (forward.state, forward.packets, forward.bytes) = (state, 3, 180);
+        let mut reply =
+            translation.reply_entry(created, timeouts.expiry_ns(proto::TCP, state, 140 * SECOND));
+        (reply.state, reply.packets, reply.bytes) = (state, 2, 120);
         [
-            (forward_key, forward),
-            (reply_key(&forward_key, &forward), reply),
+            CtEntry {
+                table: CtTable::Assured,
+                key: translation.forward_key(),
+                value: forward,
+            },
+            CtEntry {
+                table: CtTable::Assured,
+                key: translation.reply_key(),
+                value: reply,
+            },
         ]
     }
 
@@ -467,14 +524,14 @@ mod tests {
         let [web_forward, web_reply] = flow(caller, vip, pod_1, 1);
         let [np_forward, np_reply] = flow(outside, node_port, pod_2, 2);
         // The LRU evicted this flow's forward entry.
-        let entries = HashMap::from([web_forward, web_reply, np_reply]);
+        let entries = [web_forward, web_reply, np_reply];
         let names = BTreeMap::from([
             (1, ServiceName::new("default", "web", "http").unwrap()),
             (2, ServiceName::new("default", "web-np", "").unwrap()),
         ]);
         let _ = np_forward;
 
-        let flows = flows(&entries, &names, 150 * SECOND, &CtTimeouts::default());
+        let flows = flows(&entries, &names, 150 * SECOND, &CtTimeouts::DEFAULT);
         assert_eq!(flows.len(), 2);
         let web = &flows[1];
         assert_eq!(
@@ -487,6 +544,12 @@ mod tests {
         assert_eq!(web.expires_in_seconds, 86_400 - 10);
         assert_eq!((web.packets_to_backend, web.packets_from_backend), (3, 2));
         assert_eq!(web.entries, ["forward", "reply"]);
+        assert_eq!(
+            (web.flow_state, web.assured, web.kind),
+            ("established", true, "service")
+        );
+        assert_eq!(web.backend_sees, caller);
+        assert!(web.translation.is_empty());
         let orphan = &flows[0];
         assert_eq!(
             (orphan.client, orphan.frontend, orphan.backend),

@@ -22,6 +22,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError};
+use aya::programs::SchedClassifier;
+use aya::{Ebpf, EbpfLoader};
 use clap::{Args, Subcommand, ValueEnum};
 use comfy_table::{Table, presets::NOTHING};
 use proxy_common::{ServiceKey, ServiceName, map_names, proto, service_flags};
@@ -164,7 +166,7 @@ fn print(text: &str) -> Result<()> {
 }
 
 /// Opens a pinned map, with a hint when the pins are not there.
-fn open_pinned(root: &Path, name: &str) -> Result<MapData> {
+pub(crate) fn open_pinned(root: &Path, name: &str) -> Result<MapData> {
     let path: PathBuf = root.join(name);
     if !path.exists() {
         return Err(anyhow!(
@@ -174,6 +176,33 @@ fn open_pinned(root: &Path, name: &str) -> Result<MapData> {
         ));
     }
     MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
+}
+
+/// Loads the embedded object against the maps pinned under `root` and loads `program`
+/// from it: the side programs (dry run, conntrack reaper) that share the datapath's maps.
+/// The maps in `pins` must be pinned already (so a missing pin is an error, not a new
+/// empty map).
+pub(crate) fn load_beside_pins(root: &Path, pins: &[&str], program: &str) -> Result<Ebpf> {
+    for name in pins {
+        open_pinned(root, name)?;
+    }
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(root)
+        .load(crate::EBPF_OBJECT)
+        .with_context(|| {
+            format!(
+                "loading the eBPF object against the pins in {}",
+                root.display()
+            )
+        })?;
+    let classifier: &mut SchedClassifier = ebpf
+        .program_mut(program)
+        .ok_or_else(|| anyhow!("program {program} missing from the eBPF object"))?
+        .try_into()?;
+    classifier
+        .load()
+        .with_context(|| format!("loading {program} (needs root or CAP_BPF)"))?;
+    Ok(ebpf)
 }
 
 /// Opens a pinned map as the typed map `M`.
@@ -190,8 +219,8 @@ pub fn read_image(root: &Path) -> Result<MapImage> {
     Ok(MapImage {
         services: read_entries(&services)?,
         backends: read_entries(&backends)?,
-        // No view shows which backends affinity may reuse: the slots say the same.
-        affinity_matches: Default::default(),
+        // No view shows the endpoint addresses per frontend: the slots say the same.
+        membership: Default::default(),
         names: read_entries(&names)?,
         // The views show a frontend's restriction by its header flag.
         source_ranges: Default::default(),

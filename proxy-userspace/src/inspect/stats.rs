@@ -4,11 +4,12 @@ use std::path::Path;
 
 use anyhow::Result;
 use aya::Pod;
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Map, MapData, PerCpuArray};
 use proxy_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Backend, CtKey, CtValue, ServiceKey, ServiceName,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, MembershipKey, ServiceKey, ServiceName,
     ServiceValue, map_names, stat,
 };
+
 use serde::Serialize;
 
 use super::{new_table, open_pinned};
@@ -50,26 +51,25 @@ pub fn read(root: &Path) -> Result<StatsView> {
     let maps = vec![
         fill::<ServiceKey, ServiceValue>(root, map_names::SERVICES)?,
         fill::<u32, Backend>(root, map_names::BACKENDS)?,
+        fill::<Backend, u32>(root, map_names::BACKEND_IDS)?,
         fill::<CtKey, CtValue>(root, map_names::CONNTRACK)?,
+        fill::<CtKey, CtValue>(root, map_names::CONNTRACK_PENDING)?,
         fill::<AffinityKey, AffinityValue>(root, map_names::AFFINITY)?,
-        fill::<AffinityMatchKey, u8>(root, map_names::AFFINITY_MATCH)?,
+        fill::<MembershipKey, u8>(root, map_names::MEMBERSHIP)?,
         fill::<u32, ServiceName>(root, map_names::SVC_NAMES)?,
     ];
     Ok(StatsView { counters, maps })
 }
 
-/// Counts a hash map's keys (the kernel hands them out one by one; there is no cheaper
-/// count). A key deleted while we stand on it makes the kernel restart from the first
-/// key, so under heavy churn the count is capped at the map's size.
+/// Counts a hash map's entries, read in batches (the kernel keeps no count).
 fn fill<K: Pod, V: Pod>(root: &Path, name: &'static str) -> Result<MapFill> {
     let data = open_pinned(root, name)?;
     let max_entries = data.info()?.max_entries();
-    let map: BpfHashMap<MapData, K, V> = Map::from_map_data(data)?.try_into()?;
     let mut entries = 0;
-    for key in map.keys().take(max_entries as usize) {
-        key?;
+    crate::bpf_batch::for_each_entry(&data, 4096, |_: &K, _: &V| {
         entries += 1;
-    }
+        Ok(())
+    })?;
     Ok(MapFill {
         name,
         entries,

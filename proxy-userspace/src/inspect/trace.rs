@@ -12,19 +12,20 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::str::FromStr;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
+use aya::Ebpf;
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
-use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
-use aya::{Ebpf, EbpfLoader};
+use aya::programs::SchedClassifier;
 use clap::Args;
 use proxy_common::{
-    ServiceKey, ServiceName, TRACE_PROGRAM_NAME, TraceRecord, map_names, proto, stat, trace_ct,
+    FlowState, ServiceKey, ServiceName, TRACE_PROGRAM_NAME, TraceRecord, ct_flags, ct_state,
+    map_names, proto, stat, tcp_flags, trace_ct, trace_table,
 };
 use serde::Serialize;
 
 use super::conntrack::EndpointPattern;
 use super::{
-    Endpoint, Output, PinArgs, frontend_label, kind_name, open_pinned, print, protocol_name,
+    Endpoint, Output, PinArgs, frontend_label, kind_name, load_beside_pins, print, protocol_name,
 };
 
 /// The source port when SRC has none: any fixed port works; give the port of a live flow
@@ -35,8 +36,12 @@ const DEFAULT_SOURCE_PORT: u16 = 40000;
 pub struct TraceArgs {
     /// The packet's source, `address[:port]` (port 40000 if omitted).
     source: EndpointPattern,
-    /// Its destination, `address:port[/tcp|/udp]` (tcp if omitted). TCP packets are SYNs.
+    /// Its destination, `address:port[/tcp|/udp]` (tcp if omitted).
     destination: Destination,
+    /// TCP flags of the packet, comma-separated: `syn`, `ack`, `fin`, `rst` (default: a
+    /// SYN, a new connection's first packet; `syn,ack` traces a backend's first answer).
+    #[arg(long, value_delimiter = ',', default_value = "syn", value_parser = parse_tcp_flag)]
+    tcp_flags: Vec<u8>,
     #[command(flatten)]
     pins: PinArgs,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
@@ -52,6 +57,7 @@ impl TraceArgs {
                 port: self.source.port.unwrap_or(DEFAULT_SOURCE_PORT),
             },
             destination: self.destination.endpoint,
+            tcp_flags: self.tcp_flags.iter().fold(0, |flags, flag| flags | flag),
         };
         let report = Tracer::load(&self.pins.bpffs_root)?.run(&packet)?;
         print(&match self.output {
@@ -92,19 +98,45 @@ impl FromStr for Destination {
     }
 }
 
-/// The packet to trace: a TCP SYN (a new connection's first packet) or a UDP datagram.
+/// One TCP flag by name.
+fn parse_tcp_flag(name: &str) -> Result<u8, String> {
+    match name {
+        "syn" => Ok(tcp_flags::SYN),
+        "ack" => Ok(tcp_flags::ACK),
+        "fin" => Ok(tcp_flags::FIN),
+        "rst" => Ok(tcp_flags::RST),
+        other => Err(format!(
+            "{other:?}: the TCP flags are syn, ack, fin and rst"
+        )),
+    }
+}
+
+/// The packet to trace: a TCP segment or a UDP datagram.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TracePacket {
     pub protocol: u8,
     pub source: Endpoint,
     pub destination: Endpoint,
+    /// TCP only: the flag bits (`proxy_common::tcp_flags`).
+    pub tcp_flags: u8,
+}
+
+impl TracePacket {
+    /// A new connection's first packet: a TCP SYN, or a UDP datagram.
+    pub fn opening(protocol: u8, source: Endpoint, destination: Endpoint) -> Self {
+        Self {
+            protocol,
+            source,
+            destination,
+            tcp_flags: tcp_flags::SYN,
+        }
+    }
 }
 
 const ETHERNET_LEN: usize = 14;
 const IPV4_LEN: usize = 20;
 const TCP_LEN: usize = 20;
 const UDP_LEN: usize = 8;
-const TCP_SYN: u8 = 0x02;
 
 impl TracePacket {
     /// Ethernet + IPv4 + TCP/UDP with valid checksums (test-run skbs are not
@@ -136,7 +168,7 @@ impl TracePacket {
         let checksum_offset = if self.protocol == proto::TCP {
             l4[4..8].copy_from_slice(&1u32.to_be_bytes()); // sequence number
             l4[12] = (TCP_LEN as u8 / 4) << 4;
-            l4[13] = TCP_SYN;
+            l4[13] = self.tcp_flags;
             l4[14..16].copy_from_slice(&64240u16.to_be_bytes()); // window
             16
         } else {
@@ -165,8 +197,14 @@ impl TracePacket {
             ))
         };
         let port = |at: usize| Some(u16::from_be_bytes([*l4.get(at)?, *l4.get(at + 1)?]));
+        let tcp_flags = if protocol == proto::TCP {
+            *l4.get(13)?
+        } else {
+            0
+        };
         Some(Self {
             protocol,
+            tcp_flags,
             source: Endpoint {
                 address: address(12)?,
                 port: port(0)?,
@@ -201,34 +239,21 @@ impl Tracer {
     /// Loads `epx_trace` from the embedded object, reusing the maps pinned under `root`
     /// (it never creates pins: missing ones are an error). Needs root (or CAP_BPF).
     pub fn load(root: &Path) -> Result<Self> {
-        for name in [
+        let pins = [
             map_names::SERVICES,
             map_names::BACKENDS,
+            map_names::BACKEND_IDS,
             map_names::CONNTRACK,
+            map_names::CONNTRACK_PENDING,
+            map_names::CT_TIMEOUTS,
             map_names::STATS,
             map_names::AFFINITY,
-            map_names::AFFINITY_MATCH,
+            map_names::MEMBERSHIP,
+            map_names::MEMBERSHIP_EPOCH,
             map_names::SVC_NAMES,
             map_names::SOURCE_RANGES,
-        ] {
-            open_pinned(root, name)?;
-        }
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(root)
-            .load(crate::EBPF_OBJECT)
-            .with_context(|| {
-                format!(
-                    "loading the eBPF object against the pins in {}",
-                    root.display()
-                )
-            })?;
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(TRACE_PROGRAM_NAME)
-            .ok_or_else(|| anyhow!("program {TRACE_PROGRAM_NAME} missing from the eBPF object"))?
-            .try_into()?;
-        program
-            .load()
-            .with_context(|| format!("loading {TRACE_PROGRAM_NAME} (needs root or CAP_BPF)"))?;
+        ];
+        let ebpf = load_beside_pins(root, &pins, TRACE_PROGRAM_NAME)?;
         Ok(Self { ebpf })
     }
 
@@ -277,16 +302,7 @@ impl Tracer {
             .program(TRACE_PROGRAM_NAME)
             .context("epx_trace not loaded")?
             .try_into()?;
-        let mut output = vec![0; frame.len() + 256];
-        let result = program
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut output),
-                ..TestRunOptions::default()
-            })
-            .context("BPF_PROG_TEST_RUN of epx_trace")?;
-        output.truncate(result.data_size_out as usize);
-        Ok((result.return_value, output))
+        crate::datapath::run_frame(program, frame).context("running epx_trace")
     }
 
     fn trace_map(&mut self) -> Result<PerCpuArray<&mut MapData, TraceRecord>> {
@@ -348,6 +364,8 @@ pub struct PacketView {
     pub protocol: &'static str,
     pub source: Endpoint,
     pub destination: Endpoint,
+    /// TCP: the flags by name (`SYN`, `SYN-ACK`, `ACK`, `FIN-ACK`, …); null otherwise.
+    pub tcp_flags: Option<String>,
 }
 
 impl From<&TracePacket> for PacketView {
@@ -356,21 +374,50 @@ impl From<&TracePacket> for PacketView {
             protocol: protocol_name(packet.protocol),
             source: packet.source,
             destination: packet.destination,
+            tcp_flags: (packet.protocol == proto::TCP).then(|| flag_names(packet.tcp_flags)),
         }
+    }
+}
+
+/// `SYN-ACK`, `FIN-ACK`, `RST`, …; `none` without flags.
+fn flag_names(flags: u8) -> String {
+    let names: Vec<&str> = [
+        (tcp_flags::SYN, "SYN"),
+        (tcp_flags::FIN, "FIN"),
+        (tcp_flags::RST, "RST"),
+        (tcp_flags::ACK, "ACK"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| flags & bit != 0)
+    .map(|(_, name)| name)
+    .collect();
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join("-")
     }
 }
 
 /// The conntrack entry that decided.
 #[derive(Debug, Serialize)]
 pub struct FlowMatch {
-    /// `forward` (the client's flow), `reply` (a backend answering), or
-    /// `closing-reused` (a SYN on a closing flow: selected anew).
+    /// `forward` (the client's flow), `reply` (a backend answering), `closing-reused` (a
+    /// SYN on a closing flow: selected anew) or `backend-left` (its backend no longer
+    /// serves the frontend and the packet may move: selected anew).
     pub direction: &'static str,
+    /// `assured` (CONNTRACK) or `pending` (CONNTRACK_PENDING).
+    pub table: &'static str,
+    /// `service`, or `direct` (a flow straight to a backend).
+    pub kind: &'static str,
+    /// The flow's state (see `conntrack`'s `flow_state`).
+    pub flow_state: &'static str,
     pub rev_nat_id: u32,
     pub service: Option<String>,
     pub backend_id: u32,
     /// Where the entry rewrites to: the backend (forward) or the frontend (reply).
     pub nat: Endpoint,
+    /// The whole tuple the entry rewrites the packet to.
+    pub rewrites_to: PacketView,
     pub closing: bool,
     pub packets: u64,
     pub bytes: u64,
@@ -418,6 +465,10 @@ fn explanation(path: u32) -> &'static str {
             "the selected slot names no backend (the daemon is mid-update): dropped"
         }
         stat::NOT_HANDLED => "not IPv4 TCP/UDP, or a fragment: passes untouched",
+        stat::DIRECT => {
+            "a flow straight to a backend, through no Service: passes untouched (tracked so \
+             that no Service flow takes its reply tuple; its port is remapped if one already did)"
+        }
         stat::SOURCE_RANGE_DENIED => {
             "the client is outside the frontend's loadBalancerSourceRanges: dropped"
         }
@@ -447,34 +498,61 @@ fn report(
     let mut decided_by = Vec::new();
     let conntrack = (record.conntrack != trace_ct::NONE).then(|| {
         let flow = &record.flow;
-        let (direction, entry) = match record.conntrack {
-            trace_ct::REPLY => ("reply", "reply"),
-            trace_ct::FORWARD => ("forward", "forward"),
-            _ => ("closing-reused", "forward"),
+        let direction = match record.conntrack {
+            trace_ct::REPLY => "reply",
+            trace_ct::FORWARD => "forward",
+            trace_ct::BACKEND_LEFT => "backend-left",
+            _ => "closing-reused",
         };
-        let nat = Endpoint::from_wire(flow.nat_addr, flow.nat_port);
+        let entry = if flow.is_reply() { "reply" } else { "forward" };
+        let nat = if flow.is_reply() {
+            Endpoint::from_wire(flow.to.src_addr, flow.to.src_port)
+        } else {
+            Endpoint::from_wire(flow.to.dst_addr, flow.to.dst_port)
+        };
+        let direct = flow.flags & ct_flags::DIRECT != 0;
         let outcome = match record.conntrack {
+            _ if direct => "a direct flow to a backend: nothing to translate".to_owned(),
             trace_ct::REPLY => format!("source becomes the frontend {nat}"),
             trace_ct::FORWARD => format!("backend {} ({nat})", flow.backend_id),
+            trace_ct::BACKEND_LEFT => format!(
+                "backend {} ({nat}) no longer serves the frontend: selected anew",
+                flow.backend_id
+            ),
             _ => format!(
                 "backend {} ({nat}), closing, and the packet is a SYN: selected anew",
                 flow.backend_id
             ),
         };
+        let (table, map) = if record.table == trace_table::ASSURED {
+            ("assured", map_names::CONNTRACK)
+        } else {
+            ("pending", map_names::CONNTRACK_PENDING)
+        };
+        let flow_state = FlowState::of(packet.protocol, flow.state).name();
         // The packet's own tuple is the key, in either direction.
         decided_by.push(format!(
-            "CONNTRACK[{} {} → {} {entry}] = {outcome}",
+            "{map}[{} {} → {} {entry}, {flow_state}] = {outcome}",
             protocol_name(packet.protocol),
             packet.source,
             packet.destination,
         ));
         FlowMatch {
             direction,
+            table,
+            kind: if direct { "direct" } else { "service" },
+            flow_state,
             rev_nat_id: flow.rev_nat_id,
             service: flow_name,
             backend_id: flow.backend_id,
             nat,
-            closing: flow.flags & proxy_common::ct_flags::CLOSING != 0,
+            rewrites_to: PacketView {
+                protocol: protocol_name(packet.protocol),
+                source: Endpoint::from_wire(flow.to.src_addr, flow.to.src_port),
+                destination: Endpoint::from_wire(flow.to.dst_addr, flow.to.dst_port),
+                tcp_flags: None,
+            },
+            closing: flow.state & ct_state::CLOSING != 0,
             packets: flow.packets,
             bytes: flow.bytes,
         }
@@ -529,8 +607,8 @@ fn report(
             address: endpoint.address,
             port: endpoint.port,
         })
-    } else if record.conntrack == trace_ct::FORWARD {
-        let endpoint = Endpoint::from_wire(record.flow.nat_addr, record.flow.nat_port);
+    } else if record.conntrack == trace_ct::FORWARD && record.flow.flags & ct_flags::DIRECT == 0 {
+        let endpoint = Endpoint::from_wire(record.flow.to.dst_addr, record.flow.to.dst_port);
         Some(BackendMatch {
             id: record.backend_id,
             address: endpoint.address,
@@ -572,10 +650,9 @@ fn report(
 pub fn render(report: &TraceReport) -> String {
     let packet =
         |view: &PacketView| format!("{} {} → {}", view.protocol, view.source, view.destination);
-    let syn = if report.packet.protocol == "tcp" {
-        " (SYN)"
-    } else {
-        ""
+    let syn = match &report.packet.tcp_flags {
+        Some(flags) => format!(" ({flags})"),
+        None => String::new(),
     };
     let mut out = String::new();
     writeln!(out, "packet      {}{syn}", packet(&report.packet)).unwrap();
@@ -603,7 +680,8 @@ pub fn render(report: &TraceReport) -> String {
     if report.routes_reply {
         writeln!(
             out,
-            "then        routed by the program itself (FIB lookup and redirect: NodePort reply)"
+            "then        routed by the program itself (FIB lookup and redirect: its source \
+             became a node address)"
         )
         .unwrap();
     }
@@ -638,6 +716,11 @@ mod tests {
                 protocol,
                 source: endpoint([198, 18, 1, 14], 40000),
                 destination: endpoint([198, 19, 0, 10], 80),
+                tcp_flags: if protocol == proto::TCP {
+                    tcp_flags::SYN | tcp_flags::ACK
+                } else {
+                    0
+                },
             };
             let frame = packet.frame();
             let ip = &frame[ETHERNET_LEN..ETHERNET_LEN + IPV4_LEN];
@@ -669,11 +752,11 @@ mod tests {
 
     #[test]
     fn a_new_flow_report_names_every_entry_that_decided() {
-        let packet = TracePacket {
-            protocol: proto::TCP,
-            source: endpoint([198, 18, 1, 14], 40000),
-            destination: endpoint([198, 19, 0, 10], 80),
-        };
+        let packet = TracePacket::opening(
+            proto::TCP,
+            endpoint([198, 18, 1, 14], 40000),
+            endpoint([198, 19, 0, 10], 80),
+        );
         let record = TraceRecord {
             recorded: 1,
             outcome: stat::NEW_FLOW as u8,
@@ -729,9 +812,12 @@ mod tests {
     #[test]
     fn a_passing_packet_says_what_was_missing() {
         let packet = TracePacket {
-            protocol: proto::UDP,
-            source: endpoint([198, 18, 1, 14], 40000),
-            destination: endpoint([198, 18, 5, 5], 53),
+            tcp_flags: 0,
+            ..TracePacket::opening(
+                proto::UDP,
+                endpoint([198, 18, 1, 14], 40000),
+                endpoint([198, 18, 5, 5], 53),
+            )
         };
         let record = TraceRecord {
             recorded: 1,

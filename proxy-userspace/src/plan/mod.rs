@@ -166,8 +166,9 @@ pub struct FrontendPlan {
     /// connection. `None`: every new connection is balanced anew.
     pub session_affinity: Option<Duration>,
     /// Addresses of the Service port's serving endpoints, whatever the traffic policy and
-    /// topology (sorted, deduplicated): UDP flows to any other address are stale and are
-    /// cleared, as kube-proxy's conntrack cleanup does.
+    /// topology (sorted, deduplicated): the writer marks them in MEMBERSHIP, and the
+    /// datapath moves UDP flows and unanswered TCP connections to any other address onto a
+    /// serving endpoint (kube-proxy's conntrack cleanup clears such flows).
     pub serving_addrs: Vec<Ipv4Addr>,
     /// The sources a load-balancer frontend admits (sorted): its Service's IPv4
     /// `loadBalancerSourceRanges`, plus each of its load-balancer IPs when a range holds

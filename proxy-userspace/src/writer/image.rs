@@ -1,4 +1,4 @@
-//! The map contents as data: [`MapImage`] (what SERVICES, BACKENDS, AFFINITY_MATCH,
+//! The map contents as data: [`MapImage`] (what SERVICES, BACKENDS, MEMBERSHIP,
 //! SOURCE_RANGES and SVC_NAMES hold), the one place that turns a frontend's plan into its
 //! entries ([`frontend_entries`], with stable ids from an [`IdRegistry`]), and [`diff`], the
 //! one ordering rule that keeps every packet consistent while entries change.
@@ -7,18 +7,19 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use aya::maps::lpm_trie::Key;
 use proxy_common::{
-    AffinityMatchKey, Backend, ServiceKey, ServiceName, ServiceValue, SourceRange, service_flags,
+    Backend, MembershipKey, ServiceKey, ServiceName, ServiceValue, SourceRange, membership,
+    service_flags,
 };
 
 use crate::plan::{DesiredState, EmptyFrontend, Frontend, FrontendKind, FrontendPlan};
 
-/// The contents of the SERVICES, BACKENDS, AFFINITY_MATCH and SVC_NAMES maps.
+/// The contents of the SERVICES, BACKENDS, MEMBERSHIP and SVC_NAMES maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapImage {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, Backend>,
-    /// The backends of each frontend with session affinity (AFFINITY_MATCH's keys).
-    pub affinity_matches: BTreeSet<AffinityMatchKey>,
+    /// Each frontend's endpoint addresses: selectable, serving (`proxy_common::membership`).
+    pub membership: BTreeMap<MembershipKey, u8>,
     /// rev_nat_id → the Service port of that frontend.
     pub names: BTreeMap<u32, ServiceName>,
     /// The client prefixes of each restricted frontend (SOURCE_RANGES' keys).
@@ -178,8 +179,7 @@ pub fn materialize(desired: &DesiredState, ids: &mut IdRegistry) -> MapImage {
 }
 
 /// Adds one frontend's entries to `image`: its header, one slot per backend (in the plan's
-/// sorted order) and those backends, the AFFINITY_MATCH entries of an affinity frontend,
-/// the SOURCE_RANGES prefixes of a restricted one, and its SVC_NAMES name. The one place
+/// sorted order) and those backends, its MEMBERSHIP entries, the SOURCE_RANGES prefixes of a restricted one, and its SVC_NAMES name. The one place
 /// that knows how a plan becomes map entries. A Service port whose name exceeds
 /// Kubernetes' limits (possible only in hand-written manifests) is balanced all the same,
 /// just listed without a name.
@@ -204,13 +204,15 @@ pub fn frontend_entries(
                 ..ServiceValue::default()
             },
         );
-        if plan.session_affinity.is_some() {
-            image.affinity_matches.insert(AffinityMatchKey {
+        *image
+            .membership
+            .entry(MembershipKey {
                 rev_nat_id,
-                backend_id,
-            });
-        }
+                addr: backend.addr,
+            })
+            .or_default() |= membership::SELECTABLE;
     }
+    insert_serving(&mut image.membership, rev_nat_id, plan);
     for network in &plan.source_ranges {
         image.source_ranges.insert(SourceRangeEntry {
             range: SourceRange {
@@ -239,8 +241,23 @@ pub fn frontend_entries(
     }
 }
 
+/// Marks a frontend's serving endpoints in MEMBERSHIP: their flows stay on them.
+fn insert_serving(
+    membership: &mut BTreeMap<MembershipKey, u8>,
+    rev_nat_id: u32,
+    plan: &FrontendPlan,
+) {
+    for addr in &plan.serving_addrs {
+        let key = MembershipKey {
+            rev_nat_id,
+            addr: u32::from_ne_bytes(addr.octets()),
+        };
+        *membership.entry(key).or_default() |= membership::SERVING;
+    }
+}
+
 impl MapImage {
-    /// The entries this image holds for one frontend (header, slots, affinity matches,
+    /// The entries this image holds for one frontend (header, slots, membership,
     /// source ranges, name), without its backends, which frontends share.
     pub fn frontend_part(&self, frontend: &Frontend) -> MapImage {
         let header = header_key(frontend);
@@ -254,15 +271,14 @@ impl MapImage {
         let Some(rev_nat_id) = part.services.get(&header).map(|value| value.rev_nat_id) else {
             return part;
         };
-        let matches = AffinityMatchKey {
+        let members = MembershipKey {
             rev_nat_id,
-            backend_id: 0,
-        }..=AffinityMatchKey {
+            addr: 0,
+        }..=MembershipKey {
             rev_nat_id,
-            backend_id: u32::MAX,
+            addr: u32::MAX,
         };
-        part.affinity_matches
-            .extend(self.affinity_matches.range(matches));
+        part.membership.extend(self.membership.range(members));
         let ranges = SourceRangeEntry {
             range: SourceRange {
                 rev_nat_id,
@@ -294,7 +310,7 @@ impl MapImage {
     pub fn extend(&mut self, other: MapImage) {
         self.services.extend(other.services);
         self.backends.extend(other.backends);
-        self.affinity_matches.extend(other.affinity_matches);
+        self.membership.extend(other.membership);
         self.names.extend(other.names);
         self.source_ranges.extend(other.source_ranges);
     }
@@ -306,10 +322,10 @@ pub enum MapOp {
     PutName(u32, ServiceName),
     PutBackend(u32, Backend),
     PutService(ServiceKey, ServiceValue),
-    PutAffinityMatch(AffinityMatchKey),
+    PutMembership(MembershipKey, u8),
     PutSourceRange(SourceRangeEntry),
     DeleteService(ServiceKey),
-    DeleteAffinityMatch(AffinityMatchKey),
+    DeleteMembership(MembershipKey),
     DeleteSourceRange(SourceRangeEntry),
     DeleteBackend(u32),
     DeleteName(u32),
@@ -323,13 +339,16 @@ pub enum MapOp {
 pub struct MapWrites {
     pub put_names: Vec<(u32, ServiceName)>,
     pub put_backends: Vec<(u32, Backend)>,
+    /// Membership entries that gain bits (or appear).
+    pub grow_membership: Vec<(MembershipKey, u8)>,
     pub put_slots: Vec<(ServiceKey, ServiceValue)>,
-    pub put_affinity_matches: Vec<AffinityMatchKey>,
     pub put_source_ranges: Vec<SourceRangeEntry>,
     pub put_headers: Vec<(ServiceKey, ServiceValue)>,
     pub delete_headers: Vec<ServiceKey>,
     pub delete_slots: Vec<ServiceKey>,
-    pub delete_affinity_matches: Vec<AffinityMatchKey>,
+    /// Membership entries that lose bits.
+    pub shrink_membership: Vec<(MembershipKey, u8)>,
+    pub delete_membership: Vec<MembershipKey>,
     pub delete_source_ranges: Vec<SourceRangeEntry>,
     pub delete_backends: Vec<u32>,
     pub delete_names: Vec<u32>,
@@ -340,13 +359,14 @@ impl MapWrites {
     pub fn len(&self) -> usize {
         self.put_names.len()
             + self.put_backends.len()
+            + self.grow_membership.len()
             + self.put_slots.len()
-            + self.put_affinity_matches.len()
             + self.put_source_ranges.len()
             + self.put_headers.len()
             + self.delete_headers.len()
             + self.delete_slots.len()
-            + self.delete_affinity_matches.len()
+            + self.shrink_membership.len()
+            + self.delete_membership.len()
             + self.delete_source_ranges.len()
             + self.delete_backends.len()
             + self.delete_names.len()
@@ -361,16 +381,15 @@ impl MapWrites {
         let puts = (self.put_names.iter())
             .map(|(id, name)| MapOp::PutName(*id, *name))
             .chain((self.put_backends.iter()).map(|(id, backend)| MapOp::PutBackend(*id, *backend)))
+            .chain(put_membership(&self.grow_membership))
             .chain((self.put_slots.iter()).map(|(key, value)| MapOp::PutService(*key, *value)))
-            .chain((self.put_affinity_matches.iter()).map(|key| MapOp::PutAffinityMatch(*key)))
             .chain((self.put_source_ranges.iter()).map(|entry| MapOp::PutSourceRange(*entry)))
             .chain((self.put_headers.iter()).map(|(key, value)| MapOp::PutService(*key, *value)));
         let deletes = (self.delete_headers.iter())
             .chain(&self.delete_slots)
             .map(|key| MapOp::DeleteService(*key))
-            .chain(
-                (self.delete_affinity_matches.iter()).map(|key| MapOp::DeleteAffinityMatch(*key)),
-            )
+            .chain(put_membership(&self.shrink_membership))
+            .chain((self.delete_membership.iter()).map(|key| MapOp::DeleteMembership(*key)))
             .chain((self.delete_source_ranges.iter()).map(|entry| MapOp::DeleteSourceRange(*entry)))
             .chain((self.delete_backends.iter()).map(|id| MapOp::DeleteBackend(*id)))
             .chain((self.delete_names.iter()).map(|id| MapOp::DeleteName(*id)));
@@ -378,12 +397,18 @@ impl MapWrites {
     }
 }
 
+fn put_membership(entries: &[(MembershipKey, u8)]) -> impl Iterator<Item = MapOp> + '_ {
+    (entries.iter()).map(|(key, bits)| MapOp::PutMembership(*key, *bits))
+}
+
 /// The writes that turn `current` into `next`, ordered so that at every step each
 /// frontend's header only counts slots that exist and every slot names a backend that
-/// exists: new backends, then new slots, affinity matches and source ranges, then headers;
-/// then removed headers, slots, affinity matches, source ranges and backends. So a header
-/// flagged `SOURCE_RANGES` never lacks its ranges, which would drop every client. Names
-/// come first and go last, so a listing never shows a live frontend without its name.
+/// exists and is a member of the frontend: new backends, grown membership, then new slots
+/// and source ranges, then headers; then removed headers, slots, shrunk membership,
+/// source ranges and backends. So a header flagged `SOURCE_RANGES` never lacks its
+/// ranges, which would drop every client, and a flow to a new backend never looks as if
+/// its backend had left. Names come first and go last, so a listing never shows a live
+/// frontend without its name.
 pub fn diff(current: &MapImage, next: &MapImage) -> MapWrites {
     let mut writes = MapWrites::default();
     for (id, name) in &next.names {
@@ -396,14 +421,19 @@ pub fn diff(current: &MapImage, next: &MapImage) -> MapWrites {
             writes.put_backends.push((*id, *backend));
         }
     }
+    // Membership that grows goes first, membership that shrinks with the removals.
+    let changed_membership = (next.membership.iter())
+        .filter(|(key, bits)| current.membership.get(key) != Some(bits))
+        .map(|(key, bits)| (*key, *bits));
+    (writes.grow_membership, writes.shrink_membership) =
+        changed_membership.partition(|(key, bits)| {
+            let before = current.membership.get(key).copied().unwrap_or(0);
+            before & !*bits == 0
+        });
     let changed_services = (next.services.iter())
         .filter(|(key, value)| current.services.get(key) != Some(value))
         .map(|(key, value)| (*key, *value));
     (writes.put_headers, writes.put_slots) = changed_services.partition(|(key, _)| key.slot == 0);
-    writes.put_affinity_matches = (next.affinity_matches)
-        .difference(&current.affinity_matches)
-        .copied()
-        .collect();
     writes.put_source_ranges = (next.source_ranges)
         .difference(&current.source_ranges)
         .copied()
@@ -413,8 +443,8 @@ pub fn diff(current: &MapImage, next: &MapImage) -> MapWrites {
         .filter(|key| !next.services.contains_key(key))
         .copied();
     (writes.delete_headers, writes.delete_slots) = removed_services.partition(|key| key.slot == 0);
-    writes.delete_affinity_matches = (current.affinity_matches)
-        .difference(&next.affinity_matches)
+    writes.delete_membership = (current.membership.keys())
+        .filter(|key| !next.membership.contains_key(key))
         .copied()
         .collect();
     writes.delete_source_ranges = (current.source_ranges)
@@ -445,14 +475,14 @@ impl MapImage {
             MapOp::PutService(key, value) => {
                 self.services.insert(key, value);
             }
-            MapOp::PutAffinityMatch(key) => {
-                self.affinity_matches.insert(key);
+            MapOp::PutMembership(key, bits) => {
+                self.membership.insert(key, bits);
             }
             MapOp::DeleteService(key) => {
                 self.services.remove(&key);
             }
-            MapOp::DeleteAffinityMatch(key) => {
-                self.affinity_matches.remove(&key);
+            MapOp::DeleteMembership(key) => {
+                self.membership.remove(&key);
             }
             MapOp::PutSourceRange(entry) => {
                 self.source_ranges.insert(entry);
@@ -538,15 +568,9 @@ pub(super) mod tests {
         state
     }
 
-    /// Every header counts only existing slots; every slot and affinity match names an
-    /// existing backend; every header's frontend has its name.
+    /// Every header counts only existing slots; every slot names an existing backend whose
+    /// address is a selectable member of the frontend; every header's frontend has its name.
     pub(in crate::writer) fn assert_consistent(image: &MapImage, step: usize) {
-        for key in &image.affinity_matches {
-            assert!(
-                image.backends.contains_key(&key.backend_id),
-                "step {step}: {key:?} names a missing backend"
-            );
-        }
         for (key, value) in image.services.iter().filter(|(k, _)| k.slot == 0) {
             assert!(
                 image.names.contains_key(&value.rev_nat_id),
@@ -556,9 +580,18 @@ pub(super) mod tests {
                 let slot_value = image.services.get(&key.with_slot(slot));
                 let slot_value = slot_value
                     .unwrap_or_else(|| panic!("step {step}: {key:?} counts missing slot {slot}"));
+                let backend = image.backends.get(&slot_value.backend_id);
+                let backend = backend.unwrap_or_else(|| {
+                    panic!("step {step}: slot {slot} of {key:?} names a missing backend")
+                });
+                let member = MembershipKey {
+                    rev_nat_id: value.rev_nat_id,
+                    addr: backend.addr,
+                };
                 assert!(
-                    image.backends.contains_key(&slot_value.backend_id),
-                    "step {step}: slot {slot} of {key:?} names a missing backend"
+                    image.membership.get(&member).copied().unwrap_or(0) & membership::SELECTABLE
+                        != 0,
+                    "step {step}: slot {slot} of {key:?} is no selectable member"
                 );
             }
         }
@@ -744,13 +777,12 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn affinity_frontends_record_their_timeout_and_backends() {
+    fn affinity_frontends_record_their_timeout() {
         let vip = frontend([198, 19, 0, 10], 80);
         let other = frontend([198, 19, 0, 11], 80);
-        let mut ids = IdRegistry::default();
         let mut state = desired(&[(vip, &[10, 11]), (other, &[12])]);
         state.frontends.get_mut(&vip).unwrap().session_affinity = Some(Duration::from_secs(2));
-        let image = materialize(&state, &mut ids);
+        let image = materialize(&state, &mut IdRegistry::default());
         let vip_header = image.services[&ServiceKey::new([198, 19, 0, 10], 80, 6, 0)];
         let other_header = image.services[&ServiceKey::new([198, 19, 0, 11], 80, 6, 0)];
         assert_eq!(
@@ -760,31 +792,46 @@ pub(super) mod tests {
             ),
             (2, 0)
         );
-        let slot_backend =
-            |slot| image.services[&ServiceKey::new([198, 19, 0, 10], 80, 6, slot)].backend_id;
-        let expected: BTreeSet<AffinityMatchKey> = [1, 2]
-            .map(|slot| AffinityMatchKey {
-                rev_nat_id: vip_header.rev_nat_id,
-                backend_id: slot_backend(slot),
-            })
-            .into();
-        assert_eq!(image.affinity_matches, expected);
+    }
 
-        // A backend that leaves loses its match after the header stops counting it.
-        state.frontends.get_mut(&vip).unwrap().backends.truncate(1);
+    #[test]
+    fn every_frontend_records_its_selectable_and_serving_addresses() {
+        let vip = frontend([198, 19, 0, 10], 80);
+        let empty = frontend([198, 19, 0, 11], 80);
+        let mut ids = IdRegistry::default();
+        let mut state = desired(&[(vip, &[10, 11]), (empty, &[])]);
+        // pod .12 is terminating but serving: it keeps its flows, takes no new ones.
+        state.frontends.get_mut(&vip).unwrap().serving_addrs = [10, 11, 12]
+            .map(|octet| Ipv4Addr::new(198, 18, 1, octet))
+            .into();
+        let image = materialize(&state, &mut ids);
+        let rev_nat_id = |key: [u8; 4]| image.services[&ServiceKey::new(key, 80, 6, 0)].rev_nat_id;
+        let vip_id = rev_nat_id([198, 19, 0, 10]);
+        let member = |rev_nat_id, octet| MembershipKey {
+            rev_nat_id,
+            addr: u32::from_ne_bytes([198, 18, 1, octet]),
+        };
+        let both = membership::SELECTABLE | membership::SERVING;
+        let expected = BTreeMap::from([
+            (member(vip_id, 10), both),
+            (member(vip_id, 11), both),
+            (member(vip_id, 12), membership::SERVING),
+        ]);
+        assert_eq!(image.membership, expected);
+
+        // A backend that leaves loses its entry after the header stops counting it.
+        let plan = state.frontends.get_mut(&vip).unwrap();
+        plan.backends.truncate(1);
+        plan.serving_addrs.truncate(1);
         let next = materialize(&state, &mut ids);
         let ops: Vec<MapOp> = diff(&image, &next).ops().collect();
-        let removed = AffinityMatchKey {
-            rev_nat_id: vip_header.rev_nat_id,
-            backend_id: slot_backend(2),
-        };
         let position = |wanted: &MapOp| ops.iter().position(|op| op == wanted).unwrap();
         let header_update = ops
             .iter()
             .position(|op| matches!(op, MapOp::PutService(key, _) if key.slot == 0))
             .unwrap();
         assert!(
-            header_update < position(&MapOp::DeleteAffinityMatch(removed)),
+            header_update < position(&MapOp::DeleteMembership(member(vip_id, 11))),
             "{ops:?}"
         );
     }

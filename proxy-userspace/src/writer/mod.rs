@@ -11,9 +11,11 @@ mod image;
 #[cfg(test)]
 mod property;
 
+use std::collections::HashMap;
+
 use aya::Pod;
-use aya::maps::{HashMap as BpfHashMap, IterableMap, LpmTrie, MapData, MapError};
-use proxy_common::{AffinityMatchKey, Backend, ServiceKey, ServiceName, ServiceValue, SourceRange};
+use aya::maps::{Array, HashMap as BpfHashMap, IterableMap, LpmTrie, MapData, MapError};
+use proxy_common::{Backend, MembershipKey, ServiceKey, ServiceName, ServiceValue, SourceRange};
 
 pub use delta::MapMirror;
 pub use image::{IdRegistry, MapImage, MapOp, MapWrites, SourceRangeEntry, diff, materialize};
@@ -38,18 +40,27 @@ impl ApplyReport {
     }
 }
 
-/// Owns the SERVICES, BACKENDS, AFFINITY_MATCH and SVC_NAMES maps and a mirror of their
-/// contents.
+/// Owns the SERVICES, BACKENDS, MEMBERSHIP and SVC_NAMES maps (and BACKEND_IDS,
+/// MEMBERSHIP_EPOCH, SOURCE_RANGES) and a mirror of their contents.
 pub struct MapWriter {
     services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
     backends: BpfHashMap<MapData, u32, Backend>,
-    /// Presence is what counts; the value is always 1.
-    affinity_matches: BpfHashMap<MapData, AffinityMatchKey, u8>,
+    membership: BpfHashMap<MapData, MembershipKey, u8>,
     names: BpfHashMap<MapData, u32, ServiceName>,
     /// Optional, so callers that never restrict sources (the benchmarks) need not open it;
     /// without it, a plan with source ranges reports failed writes.
     source_ranges: Option<LpmTrie<MapData, SourceRange, u8>>,
+    /// BACKENDS inverted, written with it, and the epoch raised after MEMBERSHIP changed
+    /// (see [`MapWriter::with_flow_maps`]).
+    flow_maps: Option<FlowMaps>,
     mirror: MapMirror,
+}
+
+/// The maps the datapath's conntrack reads besides the Services: which (address, port)
+/// pairs are backends, and whether MEMBERSHIP changed since a flow last checked it.
+pub struct FlowMaps {
+    pub backend_ids: BpfHashMap<MapData, Backend, u32>,
+    pub membership_epoch: Array<MapData, u32>,
 }
 
 impl MapWriter {
@@ -58,15 +69,16 @@ impl MapWriter {
     pub fn new(
         services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
         backends: BpfHashMap<MapData, u32, Backend>,
-        affinity_matches: BpfHashMap<MapData, AffinityMatchKey, u8>,
+        membership: BpfHashMap<MapData, MembershipKey, u8>,
         names: BpfHashMap<MapData, u32, ServiceName>,
     ) -> Result<Self, MapError> {
         let mut writer = Self {
             services,
             backends,
-            affinity_matches,
+            membership,
             names,
             source_ranges: None,
+            flow_maps: None,
             mirror: MapMirror::default(),
         };
         writer.mirror = MapMirror::new(writer.read()?);
@@ -83,6 +95,15 @@ impl MapWriter {
         Ok(self)
     }
 
+    /// Also writes BACKEND_IDS with BACKENDS and raises MEMBERSHIP_EPOCH after changing
+    /// MEMBERSHIP: what the datapath needs to track direct flows to backends and to move
+    /// flows off backends that left.
+    pub fn with_flow_maps(mut self, flow_maps: FlowMaps) -> Result<Self, MapError> {
+        self.flow_maps = Some(flow_maps);
+        self.reread()?;
+        Ok(self)
+    }
+
     /// Reads the maps again, so the next [`apply`](Self::apply) repairs anything that was
     /// changed behind our back.
     pub fn reread(&mut self) -> Result<(), MapError> {
@@ -91,7 +112,7 @@ impl MapWriter {
         Ok(())
     }
 
-    fn read(&self) -> Result<MapImage, MapError> {
+    fn read(&mut self) -> Result<MapImage, MapError> {
         let mut image = MapImage::default();
         for entry in self.services.iter() {
             let (key, value) = entry?;
@@ -101,8 +122,9 @@ impl MapWriter {
             let (id, backend) = entry?;
             image.backends.insert(id, backend);
         }
-        for key in self.affinity_matches.keys() {
-            image.affinity_matches.insert(key?);
+        for entry in self.membership.iter() {
+            let (key, bits) = entry?;
+            image.membership.insert(key, bits);
         }
         for entry in self.names.iter() {
             let (id, name) = entry?;
@@ -112,6 +134,9 @@ impl MapWriter {
             image
                 .source_ranges
                 .insert(SourceRangeEntry::from_key(&key?));
+        }
+        if let Some(flow_maps) = &mut self.flow_maps {
+            repair_backend_ids(flow_maps, &mut image)?;
         }
         Ok(image)
     }
@@ -135,76 +160,100 @@ impl MapWriter {
         self.write_all(writes)
     }
 
-    /// Writes phase by phase, each phase of a hash map as one batch (the kernel applies a
-    /// batch's elements in order, as single writes would be); SOURCE_RANGES, an LPM trie
-    /// of a few entries per restricted frontend, one entry at a time.
+    /// Writes phase by phase, each phase of a hash map as one batch per map (the kernel
+    /// applies a batch's elements in order, as single writes would be); SOURCE_RANGES, an
+    /// LPM trie of a few entries per restricted frontend, one entry at a time. BACKEND_IDS
+    /// goes with BACKENDS (its reverse entry first, last out), and MEMBERSHIP_EPOCH is
+    /// raised once MEMBERSHIP changed.
     fn write_all(&mut self, writes: MapWrites) -> ApplyReport {
         let mut report = ApplyReport {
             ops: writes.len(),
             ..ApplyReport::default()
         };
+        let MapWriter {
+            services,
+            backends,
+            membership,
+            names,
+            source_ranges,
+            flow_maps,
+            mirror,
+        } = self;
         let mut phase = Phase {
-            mirror: &mut self.mirror,
+            mirror,
             report: &mut report,
+            membership_changed: false,
         };
-        phase.put(self.names.map(), &writes.put_names, |(id, name)| {
+        phase.put(names.map(), &writes.put_names, |(id, name)| {
             MapOp::PutName(id, name)
         });
-        phase.put(
-            self.backends.map(),
-            &writes.put_backends,
-            |(id, backend)| MapOp::PutBackend(id, backend),
-        );
-        phase.put(self.services.map(), &writes.put_slots, |(key, value)| {
+        phase.put_backends(backends.map(), flow_maps.as_ref(), &writes.put_backends);
+        phase.put(membership.map(), &writes.grow_membership, |(key, bits)| {
+            MapOp::PutMembership(key, bits)
+        });
+        phase.put(services.map(), &writes.put_slots, |(key, value)| {
             MapOp::PutService(key, value)
         });
-        let matches: Vec<(AffinityMatchKey, u8)> = (writes.put_affinity_matches.iter())
-            .map(|key| (*key, 1))
-            .collect();
-        phase.put(self.affinity_matches.map(), &matches, |(key, _)| {
-            MapOp::PutAffinityMatch(key)
-        });
         for entry in &writes.put_source_ranges {
-            let written = match self.source_ranges.as_mut() {
+            let written = match source_ranges.as_mut() {
                 Some(ranges) => ranges.insert(&entry.key(), 1, 0),
                 None => Err(no_source_ranges()),
             };
             phase.single(MapOp::PutSourceRange(*entry), written);
         }
-        phase.put(self.services.map(), &writes.put_headers, |(key, value)| {
+        phase.put(services.map(), &writes.put_headers, |(key, value)| {
             MapOp::PutService(key, value)
         });
-        phase.delete(
-            self.services.map(),
-            &writes.delete_headers,
-            MapOp::DeleteService,
+        phase.delete(services.map(), &writes.delete_headers, MapOp::DeleteService);
+        phase.delete(services.map(), &writes.delete_slots, MapOp::DeleteService);
+        phase.put(
+            membership.map(),
+            &writes.shrink_membership,
+            |(key, bits)| MapOp::PutMembership(key, bits),
         );
         phase.delete(
-            self.services.map(),
-            &writes.delete_slots,
-            MapOp::DeleteService,
-        );
-        phase.delete(
-            self.affinity_matches.map(),
-            &writes.delete_affinity_matches,
-            MapOp::DeleteAffinityMatch,
+            membership.map(),
+            &writes.delete_membership,
+            MapOp::DeleteMembership,
         );
         for entry in &writes.delete_source_ranges {
-            let removed = match self.source_ranges.as_mut() {
+            let removed = match source_ranges.as_mut() {
                 Some(ranges) => ignore_missing(ranges.remove(&entry.key())),
                 None => Err(no_source_ranges()),
             };
             phase.single(MapOp::DeleteSourceRange(*entry), removed);
         }
-        phase.delete(
-            self.backends.map(),
-            &writes.delete_backends,
-            MapOp::DeleteBackend,
-        );
-        phase.delete(self.names.map(), &writes.delete_names, MapOp::DeleteName);
+        phase.delete_backends(backends.map(), flow_maps.as_ref(), &writes.delete_backends);
+        phase.delete(names.map(), &writes.delete_names, MapOp::DeleteName);
+        // After the writes: a flow that reads the new epoch finds the new membership.
+        if phase.membership_changed
+            && let Err(error) = raise_membership_epoch(flow_maps.as_mut())
+        {
+            report
+                .failures
+                .push(format!("raising MEMBERSHIP_EPOCH: {error}"));
+        }
         self.mirror.shrink_sparse();
         report
     }
+}
+
+fn raise_membership_epoch(flow_maps: Option<&mut FlowMaps>) -> Result<(), MapError> {
+    let epoch = &mut flow_maps.ok_or_else(no_flow_maps)?.membership_epoch;
+    let next = epoch.get(&0, 0)?.wrapping_add(1);
+    epoch.set(0, next, 0)
+}
+
+fn no_flow_maps() -> MapError {
+    MapError::IoError(std::io::Error::other(
+        "the writer was not given BACKEND_IDS and MEMBERSHIP_EPOCH",
+    ))
+}
+
+fn no_source_ranges() -> MapError {
+    MapError::IoError(std::io::Error::other(
+        "the writer was not given the SOURCE_RANGES map",
+    ))
 }
 
 /// Applies phases and records the outcome of each write: those that succeeded in the
@@ -212,11 +261,11 @@ impl MapWriter {
 struct Phase<'w> {
     mirror: &'w mut MapMirror,
     report: &'w mut ApplyReport,
+    /// Whether a MEMBERSHIP write succeeded.
+    membership_changed: bool,
 }
 
 impl Phase<'_> {
-    /// Writes `entries` as batches: when one fails, what came before it counts as written,
-    /// it is reported, and the rest goes on in another batch.
     fn put<K: Pod, V: Pod>(
         &mut self,
         map: &MapData,
@@ -224,68 +273,176 @@ impl Phase<'_> {
         op: impl Fn((K, V)) -> MapOp,
     ) {
         let (keys, values): (Vec<K>, Vec<V>) = entries.iter().copied().unzip();
-        let mut start = 0;
-        while start < keys.len() {
-            let outcome = bpf_batch::update(map, &keys[start..], &values[start..]);
-            start = self.record(&entries[start..], outcome, start, &op, false);
-        }
+        let results = update_each(map, &keys, &values);
+        self.record(entries.iter().map(|entry| op(*entry)), results);
     }
 
-    /// Deletes `keys` as batches; one that is gone already counts as deleted.
     fn delete<K: Pod>(&mut self, map: &MapData, keys: &[K], op: impl Fn(K) -> MapOp) {
-        let mut start = 0;
-        while start < keys.len() {
-            let outcome = bpf_batch::delete(map, &keys[start..]);
-            start = self.record(&keys[start..], outcome, start, &op, true);
-        }
+        let results = delete_each(map, keys);
+        self.record(keys.iter().map(|key| op(*key)), results);
     }
 
-    /// Records a batch of `elements` (from index `start` of its phase); returns where the
-    /// phase goes on.
-    fn record<E: Copy>(
+    /// BACKENDS with their BACKEND_IDS entries: a reverse entry that an id's new backend
+    /// replaces goes first, then the reverse entries, then the backends; a backend counts
+    /// as written when all of its writes succeeded.
+    fn put_backends(
         &mut self,
-        elements: &[E],
-        outcome: Result<(), bpf_batch::Stopped>,
-        start: usize,
-        op: impl Fn(E) -> MapOp,
-        deleting: bool,
-    ) -> usize {
-        let (applied, error) = match outcome {
-            Ok(()) => (elements.len(), None),
-            Err(stopped) => (stopped.applied, Some(stopped.error)),
+        map: &MapData,
+        flow_maps: Option<&FlowMaps>,
+        entries: &[(u32, Backend)],
+    ) {
+        let Some(flow_maps) = flow_maps else {
+            let results = entries
+                .iter()
+                .map(|_| Err(std::io::Error::other(no_flow_maps().to_string())));
+            self.record(
+                entries
+                    .iter()
+                    .map(|(id, backend)| MapOp::PutBackend(*id, *backend)),
+                results.collect(),
+            );
+            return;
         };
-        for element in &elements[..applied] {
-            self.mirror.applied(op(*element));
+        let reverse = flow_maps.backend_ids.map();
+        let mut results: Vec<std::io::Result<()>> = entries.iter().map(|_| Ok(())).collect();
+        let replaced: Vec<(usize, Backend)> = (entries.iter().enumerate())
+            .filter_map(|(index, (id, backend))| {
+                let old = self.mirror.image().backends.get(id)?;
+                (old != backend).then_some((index, *old))
+            })
+            .collect();
+        let old_keys: Vec<Backend> = replaced.iter().map(|(_, old)| *old).collect();
+        for ((index, _), result) in replaced.iter().zip(delete_each(reverse, &old_keys)) {
+            results[*index] = result;
         }
-        let Some(error) = error else {
-            return start + applied;
+        let pending = |results: &[std::io::Result<()>]| -> Vec<usize> {
+            (0..entries.len())
+                .filter(|&index| results[index].is_ok())
+                .collect()
         };
-        let failed = op(elements[applied]);
-        let gone = deleting && error.raw_os_error() == Some(libc::ENOENT);
-        if gone {
-            self.mirror.applied(failed);
-        } else if error.raw_os_error() == Some(libc::E2BIG) {
-            self.report.map_full += 1;
-        } else {
-            self.report.failures.push(format!("{failed:?}: {error}"));
+        let still = pending(&results);
+        let keys: Vec<Backend> = still.iter().map(|&index| entries[index].1).collect();
+        let ids: Vec<u32> = still.iter().map(|&index| entries[index].0).collect();
+        for (index, result) in still.iter().zip(update_each(reverse, &keys, &ids)) {
+            results[*index] = result;
         }
-        start + applied + 1
+        let still = pending(&results);
+        let ids: Vec<u32> = still.iter().map(|&index| entries[index].0).collect();
+        let values: Vec<Backend> = still.iter().map(|&index| entries[index].1).collect();
+        for (index, result) in still.iter().zip(update_each(map, &ids, &values)) {
+            results[*index] = result;
+        }
+        self.record(
+            entries
+                .iter()
+                .map(|(id, backend)| MapOp::PutBackend(*id, *backend)),
+            results,
+        );
+    }
+
+    /// BACKENDS entries, then their BACKEND_IDS entries.
+    fn delete_backends(&mut self, map: &MapData, flow_maps: Option<&FlowMaps>, ids: &[u32]) {
+        let mut results = delete_each(map, ids);
+        if let Some(flow_maps) = flow_maps {
+            let reverse: Vec<(usize, Backend)> = (ids.iter().enumerate())
+                .filter(|(index, _)| results[*index].is_ok())
+                .filter_map(|(index, id)| Some((index, *self.mirror.image().backends.get(id)?)))
+                .collect();
+            let keys: Vec<Backend> = reverse.iter().map(|(_, backend)| *backend).collect();
+            let reverse_results = delete_each(flow_maps.backend_ids.map(), &keys);
+            for ((index, _), result) in reverse.iter().zip(reverse_results) {
+                results[*index] = result;
+            }
+        }
+        self.record(ids.iter().map(|id| MapOp::DeleteBackend(*id)), results);
+    }
+
+    /// Records the outcome of each write, in order.
+    fn record(&mut self, ops: impl Iterator<Item = MapOp>, results: Vec<std::io::Result<()>>) {
+        for (op, result) in ops.zip(results) {
+            match result {
+                Ok(()) => self.applied(op),
+                Err(error) if error.raw_os_error() == Some(libc::E2BIG) => {
+                    self.report.map_full += 1;
+                }
+                Err(error) => self.report.failures.push(format!("{op:?}: {error}")),
+            }
+        }
     }
 
     /// Records one single write.
     fn single(&mut self, op: MapOp, result: Result<(), MapError>) {
         match result {
-            Ok(()) => self.mirror.applied(op),
+            Ok(()) => self.applied(op),
             Err(error) if is_map_full(&error) => self.report.map_full += 1,
             Err(error) => self.report.failures.push(format!("{op:?}: {error}")),
         }
     }
+
+    fn applied(&mut self, op: MapOp) {
+        self.membership_changed |=
+            matches!(op, MapOp::PutMembership(..) | MapOp::DeleteMembership(_));
+        self.mirror.applied(op);
+    }
 }
 
-fn no_source_ranges() -> MapError {
-    MapError::IoError(std::io::Error::other(
-        "the writer was not given the SOURCE_RANGES map",
-    ))
+/// Writes `keys[i]` → `values[i]` as batches, each resuming after an element that failed;
+/// the outcome of each element.
+fn update_each<K: Pod, V: Pod>(
+    map: &MapData,
+    keys: &[K],
+    values: &[V],
+) -> Vec<std::io::Result<()>> {
+    let mut results = Vec::with_capacity(keys.len());
+    while results.len() < keys.len() {
+        let start = results.len();
+        match bpf_batch::update(map, &keys[start..], &values[start..]) {
+            Ok(()) => results.resize_with(keys.len(), || Ok(())),
+            Err(stopped) => {
+                results.resize_with(start + stopped.applied, || Ok(()));
+                results.push(Err(stopped.error));
+            }
+        }
+    }
+    results
+}
+
+/// Deletes `keys` as batches, each resuming after an element that failed; a key that is
+/// gone already counts as deleted. The outcome of each element.
+fn delete_each<K: Pod>(map: &MapData, keys: &[K]) -> Vec<std::io::Result<()>> {
+    let mut results = Vec::with_capacity(keys.len());
+    while results.len() < keys.len() {
+        let start = results.len();
+        match bpf_batch::delete(map, &keys[start..]) {
+            Ok(()) => results.resize_with(keys.len(), || Ok(())),
+            Err(stopped) => {
+                results.resize_with(start + stopped.applied, || Ok(()));
+                let gone = stopped.error.raw_os_error() == Some(libc::ENOENT);
+                results.push(if gone { Ok(()) } else { Err(stopped.error) });
+            }
+        }
+    }
+    results
+}
+
+/// Makes BACKEND_IDS agree with BACKENDS after a re-read: removes what BACKENDS does not
+/// name, and drops from the mirror every backend whose reverse entry is missing or wrong,
+/// so the next apply writes it (and its reverse entry) again.
+fn repair_backend_ids(flow_maps: &mut FlowMaps, image: &mut MapImage) -> Result<(), MapError> {
+    let mut held = HashMap::new();
+    for entry in flow_maps.backend_ids.iter() {
+        let (backend, id) = entry?;
+        held.insert(backend, id);
+    }
+    for (backend, id) in &held {
+        if image.backends.get(id) != Some(backend) {
+            ignore_missing(flow_maps.backend_ids.remove(backend))?;
+        }
+    }
+    image
+        .backends
+        .retain(|id, backend| held.get(backend) == Some(id));
+    Ok(())
 }
 
 fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {

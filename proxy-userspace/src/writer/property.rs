@@ -3,7 +3,9 @@
 //! the node's addresses changed — the maps written incrementally (the daemon's partial
 //! syncs, full syncs where the daemon does them) hold exactly what a full sync from scratch
 //! would write, and every single write on the way, in the order the batches apply them,
-//! leaves the maps consistent.
+//! leaves the maps consistent. Ids differ between the two (they are handed out in
+//! another order), so the maps are compared by what they say: per frontend its header,
+//! its backends slot by slot, its members, its name.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -101,7 +103,7 @@ fn change(rng: &mut Rng, model: &mut Model, node: &mut NodeFacts) {
 }
 
 /// What an image says, without the ids it happens to use: per frontend header, its flags,
-/// timeout, backends slot by slot, affinity matches, source ranges and name; and the
+/// count and timeout, backends slot by slot, members (address, bits) and name; and the
 /// backends BACKENDS holds.
 type Canonical = (
     BTreeMap<
@@ -111,7 +113,7 @@ type Canonical = (
             u16,
             u32,
             Vec<Endpoint>,
-            BTreeSet<Endpoint>,
+            BTreeSet<(u32, u8)>,
             Option<ServiceName>,
         ),
     >,
@@ -132,9 +134,9 @@ fn canonical(image: &MapImage) -> Canonical {
         let slots: Vec<Endpoint> = (1..=header.count)
             .map(|slot| backend(&image.services[&key.with_slot(slot)].backend_id))
             .collect();
-        let matches: BTreeSet<Endpoint> = (image.affinity_matches.iter())
-            .filter(|matched| matched.rev_nat_id == header.rev_nat_id)
-            .map(|matched| backend(&matched.backend_id))
+        let members: BTreeSet<(u32, u8)> = (image.membership.iter())
+            .filter(|(member, _)| member.rev_nat_id == header.rev_nat_id)
+            .map(|(member, bits)| (member.addr, *bits))
             .collect();
         let name = image.names.get(&header.rev_nat_id).copied();
         frontends.insert(
@@ -144,7 +146,7 @@ fn canonical(image: &MapImage) -> Canonical {
                 header.count,
                 header.affinity_timeout_s,
                 slots,
-                matches,
+                members,
                 name,
             ),
         );

@@ -1,7 +1,9 @@
-//! The load generator: threads in the lab's client namespace open new TCP connections to
-//! random targets, one request and reply each, as fast as they complete, bounded by a
-//! duration and a count. Connections end with a reset (SO_LINGER 0), so no TIME_WAIT
-//! state piles up and ports can be reused at once, for every variant alike.
+//! The load generator: threads in a lab namespace open new TCP connections to random
+//! targets, one request and reply each (optionally held open a while first), as fast as
+//! they complete, bounded by a duration and a count. Connections end with a reset
+//! (SO_LINGER 0), so no TIME_WAIT state piles up and ports can be reused at once, for
+//! every variant alike. The benchmarks measure rates with it; the tests demand that none
+//! fail while the daemon resyncs and collects conntrack garbage.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, SocketAddrV4, TcpStream};
@@ -10,9 +12,9 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use proxy_lab::Netns;
 
-use crate::stats::Rng;
+use crate::Netns;
+use crate::rng::Rng;
 
 #[derive(Clone, Debug)]
 pub struct LoadSettings {
@@ -22,6 +24,8 @@ pub struct LoadSettings {
     pub max_connections: usize,
     /// Connect and read timeout of one connection.
     pub timeout: Duration,
+    /// How long each connection stays open before its request (0: not at all).
+    pub hold: Duration,
 }
 
 /// What one run of the generator saw.
@@ -32,6 +36,8 @@ pub struct LoadReport {
     pub elapsed: Duration,
     /// Time from `connect` to an established connection, one per completed connection.
     pub connect_latencies: Vec<Duration>,
+    /// Each failed connection: when (since the start) and why.
+    pub failures: Vec<(Duration, String)>,
 }
 
 impl LoadReport {
@@ -66,12 +72,17 @@ pub fn generate(
                             && report.completed + report.failed < per_thread
                         {
                             let target = targets[rng.below(targets.len())];
-                            match connection(target, settings.timeout) {
+                            match connection(target, settings.timeout, settings.hold) {
                                 Ok(latency) => {
                                     report.completed += 1;
                                     report.connect_latencies.push(latency);
                                 }
-                                Err(_) => report.failed += 1,
+                                Err(error) => {
+                                    report.failed += 1;
+                                    report
+                                        .failures
+                                        .push((started.elapsed(), format!("{target}: {error}")));
+                                }
                             }
                         }
                         report.elapsed = started.elapsed();
@@ -97,15 +108,24 @@ pub fn generate(
         total.failed += report.failed;
         total.elapsed = total.elapsed.max(report.elapsed);
         total.connect_latencies.extend(report.connect_latencies);
+        total.failures.extend(report.failures);
     }
+    total.failures.sort_by_key(|(when, _)| *when);
     Ok(total)
 }
 
 /// One connection with one request and its reply; returns how long `connect` took.
-fn connection(target: SocketAddrV4, timeout: Duration) -> std::io::Result<Duration> {
+fn connection(
+    target: SocketAddrV4,
+    timeout: Duration,
+    hold: Duration,
+) -> std::io::Result<Duration> {
     let begin = Instant::now();
     let stream = TcpStream::connect_timeout(&SocketAddr::V4(target), timeout)?;
     let connected = begin.elapsed();
+    if !hold.is_zero() {
+        std::thread::sleep(hold);
+    }
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(timeout))?;
     (&stream).write_all(b"ping\n")?;
@@ -133,5 +153,26 @@ fn reset_on_close(stream: &TcpStream) {
             (&raw const linger).cast(),
             size_of::<libc::linger>() as libc::socklen_t,
         );
+    }
+}
+
+/// The daemon's flags for the churn scenario: a full resync and a conntrack sweep every
+/// second.
+pub const CHURN_DAEMON_ARGS: [&str; 4] = ["--resync-seconds", "1", "--conntrack-gc-interval", "1s"];
+
+/// The client's `ip_local_port_range` for the churn scenario: at the rate
+/// [`churn_settings`] reaches, a port comes back after about the closing timeout (10 s), so
+/// flows are swept and their ports reused around the same time.
+pub const CHURN_PORT_RANGE: &str = "40000 55000";
+
+/// The churn scenario's load (without a duration): many threads holding their connections
+/// open 30 ms each, so some connection is always alive when the sweep runs.
+pub fn churn_settings() -> LoadSettings {
+    LoadSettings {
+        threads: 32,
+        duration: Duration::ZERO,
+        max_connections: usize::MAX,
+        timeout: Duration::from_secs(1),
+        hold: Duration::from_millis(30),
     }
 }

@@ -1,0 +1,673 @@
+//! What the BPF_PROG_TEST_RUN tests share: the loaded object with its maps in a private
+//! bpffs ([`Datapath`]), frames built independently with full checksums ([`Frame`]), and
+//! the assertions that compare whole frames.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::collections::{BTreeMap, HashMap};
+pub use std::net::SocketAddrV4;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    programs::SchedClassifier,
+};
+use etherparse::{
+    EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpDscp, IpFragOffset, IpNumber,
+    Ipv4Header, Ipv4Options, TcpHeader, UdpHeader, icmpv4::DestUnreachableHeader,
+};
+use proxy_common::{
+    AffinityKey, AffinityValue, Backend, CtKey, CtTimeouts, CtValue, MembershipKey, PROGRAM_NAME,
+    REFUSAL_LIMITS_GLOBAL, RefusalLimits, SNAT_PORT_MAX_GLOBAL, SNAT_PORT_MIN_GLOBAL, ServiceKey,
+    ServiceValue, SourceRange, Tuple, map_names, membership, proto, stat,
+};
+use proxy_lab::PrivateBpffs;
+use proxy_userspace::inspect::trace::{TracePacket, Tracer};
+
+/// Whether this process can load BPF programs. Without root (or without a working `bpf()`
+/// syscall) the tests print why and pass as skipped, except under `CI=true`, where a
+/// silently skipped datapath test would hide a broken runner: there they fail.
+pub fn bpf_available() -> bool {
+    let reason = if unsafe { libc::geteuid() } != 0 {
+        Some("needs root".to_owned())
+    } else {
+        bpf_syscall_error().map(|error| format!("bpf() is unavailable: {error}"))
+    };
+    let Some(reason) = reason else {
+        return true;
+    };
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("BPF test-run tests cannot run under CI=true: {reason}");
+    }
+    println!("skipped: {reason}");
+    false
+}
+
+/// Creates (and closes) a one-entry array map: the smallest proof that `bpf()` works.
+pub fn bpf_syscall_error() -> Option<std::io::Error> {
+    /// The leading `union bpf_attr` fields of BPF_MAP_CREATE.
+    #[repr(C)]
+    struct MapCreateAttr {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+    }
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    let attr = MapCreateAttr {
+        map_type: BPF_MAP_TYPE_ARRAY,
+        key_size: 4,
+        value_size: 4,
+        max_entries: 1,
+    };
+    // SAFETY: `attr` outlives the call and its size is passed along.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &raw const attr,
+            size_of::<MapCreateAttr>(),
+        )
+    };
+    if fd < 0 {
+        return Some(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by the kernel and is closed once.
+    unsafe { libc::close(fd as libc::c_int) };
+    None
+}
+
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
+
+pub const CLIENT: SocketAddrV4 = addr([198, 18, 0, 10], 40_000);
+pub const VIP: SocketAddrV4 = addr([198, 19, 0, 10], 80);
+pub const BACKEND_1: SocketAddrV4 = addr([198, 18, 1, 10], 8080);
+pub const BACKEND_2: SocketAddrV4 = addr([198, 18, 1, 11], 8080);
+pub const BACKEND_3: SocketAddrV4 = addr([198, 18, 1, 12], 8080);
+/// A destination that is no frontend.
+pub const OTHER: SocketAddrV4 = addr([198, 18, 5, 5], 80);
+pub const REV_NAT_ID: u32 = 7;
+/// The SNAT range the tests load: two ports, so a third flow to one backend finds none.
+pub const SNAT_PORTS: (u16, u16) = (61_000, 61_001);
+
+pub const fn addr(ip: [u8; 4], port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(std::net::Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]), port)
+}
+
+pub fn frontend(addr: SocketAddrV4, proto: u8) -> ServiceKey {
+    ServiceKey::new(addr.ip().octets(), addr.port(), proto, 0)
+}
+
+pub fn backend(addr: SocketAddrV4, proto: u8) -> Backend {
+    Backend::new(addr.ip().octets(), addr.port(), proto)
+}
+
+/// A tuple as the maps store it (wire order).
+pub fn tuple(src: SocketAddrV4, dst: SocketAddrV4) -> Tuple {
+    Tuple {
+        src_addr: u32::from_ne_bytes(src.ip().octets()),
+        dst_addr: u32::from_ne_bytes(dst.ip().octets()),
+        src_port: src.port().to_be(),
+        dst_port: dst.port().to_be(),
+    }
+}
+
+/// The conntrack key of a packet from `src` to `dst`.
+pub fn ct_key(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> CtKey {
+    CtKey::new(tuple(src, dst), proto)
+}
+
+/// The loaded program and its maps, pinned in a private bpffs.
+pub struct Datapath {
+    // Declared (and so dropped) before the bpffs it pins into.
+    ebpf: Ebpf,
+    bpffs: PrivateBpffs,
+    next_backend_id: u32,
+}
+
+impl Datapath {
+    /// Loads the object, or returns `None` when the test must be skipped.
+    pub fn load() -> Option<Self> {
+        Self::load_with(RefusalLimits::KERNEL_DEFAULTS)
+    }
+
+    /// [`Datapath::load`] with the given rate limits on refusals.
+    pub fn load_with(refusal_limits: RefusalLimits) -> Option<Self> {
+        Self::load_configured(refusal_limits, |loader| loader)
+    }
+
+    /// [`Datapath::load`] with CONNTRACK and CONNTRACK_PENDING of the given sizes.
+    pub fn load_with_conntrack(assured: u32, pending: u32) -> Option<Self> {
+        Self::load_configured(RefusalLimits::KERNEL_DEFAULTS, |loader| {
+            loader
+                .map_max_entries(map_names::CONNTRACK, assured)
+                .map_max_entries(map_names::CONNTRACK_PENDING, pending)
+        })
+    }
+
+    fn load_configured(
+        refusal_limits: RefusalLimits,
+        configure: impl for<'a, 'b> FnOnce(&'a mut EbpfLoader<'b>) -> &'a mut EbpfLoader<'b>,
+    ) -> Option<Self> {
+        if !bpf_available() {
+            return None;
+        }
+        let bpffs = PrivateBpffs::mount("testrun").expect("mounting a private bpffs");
+        let mut loader = EbpfLoader::new();
+        configure(&mut loader);
+        let mut ebpf = loader
+            .default_map_pin_directory(bpffs.path())
+            .override_global(SNAT_PORT_MIN_GLOBAL, &SNAT_PORTS.0, true)
+            .override_global(SNAT_PORT_MAX_GLOBAL, &SNAT_PORTS.1, true)
+            .override_global(REFUSAL_LIMITS_GLOBAL, &refusal_limits, true)
+            .load(proxy_userspace::EBPF_OBJECT)
+            .unwrap_or_else(|e| panic!("loading the eBPF object: {e:?}"));
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(PROGRAM_NAME)
+            .expect("program in object")
+            .try_into()
+            .expect("a tc classifier");
+        program
+            .load()
+            .unwrap_or_else(|e| panic!("loading {PROGRAM_NAME}: {e:?}"));
+        proxy_userspace::datapath::set_timeouts(&mut ebpf, CtTimeouts::DEFAULT).unwrap();
+        Some(Self {
+            ebpf,
+            bpffs,
+            next_backend_id: 1,
+        })
+    }
+
+    /// Installs a frontend with `backends` in slots 1..=n, the way the daemon does
+    /// (backends and slots first, then the slot-0 header). Returns the backend ids.
+    pub fn add_service(&mut self, frontend: ServiceKey, backends: &[Backend]) -> Vec<u32> {
+        self.add_service_with(frontend, backends, 0, 0)
+    }
+
+    /// [`Datapath::add_service`] with header `flags` and session affinity (0: none), and
+    /// the MEMBERSHIP and BACKEND_IDS entries the daemon writes.
+    pub fn add_service_with(
+        &mut self,
+        frontend: ServiceKey,
+        backends: &[Backend],
+        flags: u16,
+        affinity_timeout_s: u32,
+    ) -> Vec<u32> {
+        let mut ids = Vec::new();
+        for (slot, backend) in (1..).zip(backends) {
+            let id = self.next_backend_id;
+            self.next_backend_id += 1;
+            self.insert_backend(id, *backend);
+            self.insert_service_entry(
+                frontend.with_slot(slot),
+                ServiceValue {
+                    backend_id: id,
+                    ..ServiceValue::default()
+                },
+            );
+            ids.push(id);
+        }
+        for backend in backends {
+            self.set_membership(
+                MembershipKey {
+                    rev_nat_id: REV_NAT_ID,
+                    addr: backend.addr,
+                },
+                membership::SELECTABLE | membership::SERVING,
+            );
+        }
+        self.insert_service_entry(
+            frontend,
+            ServiceValue {
+                count: backends.len().try_into().unwrap(),
+                rev_nat_id: REV_NAT_ID,
+                flags,
+                affinity_timeout_s,
+                ..ServiceValue::default()
+            },
+        );
+        ids
+    }
+
+    /// Admits clients in `network/prefix_len` to the frontend [`REV_NAT_ID`]
+    /// (loadBalancerSourceRanges), as the daemon writes it.
+    pub fn allow_sources(&mut self, network: [u8; 4], prefix_len: u32) {
+        let mut ranges: LpmTrie<_, SourceRange, u8> =
+            LpmTrie::try_from(self.ebpf.map_mut(map_names::SOURCE_RANGES).unwrap()).unwrap();
+        let range = SourceRange {
+            rev_nat_id: REV_NAT_ID,
+            addr: u32::from_ne_bytes(network),
+        };
+        let key = Key::new(SourceRange::FRONTEND_BITS + prefix_len, range);
+        ranges.insert(&key, 1, 0).unwrap();
+    }
+
+    pub fn affinity_map(
+        &mut self,
+    ) -> BpfHashMap<&mut aya::maps::MapData, AffinityKey, AffinityValue> {
+        BpfHashMap::try_from(self.ebpf.map_mut(map_names::AFFINITY).unwrap()).unwrap()
+    }
+
+    pub fn insert_service_entry(&mut self, key: ServiceKey, value: ServiceValue) {
+        let mut services: BpfHashMap<_, ServiceKey, ServiceValue> =
+            BpfHashMap::try_from(self.ebpf.map_mut(map_names::SERVICES).unwrap()).unwrap();
+        services.insert(key, value, 0).unwrap();
+    }
+
+    pub fn remove_service_entry(&mut self, key: ServiceKey) {
+        let mut services: BpfHashMap<_, ServiceKey, ServiceValue> =
+            BpfHashMap::try_from(self.ebpf.map_mut(map_names::SERVICES).unwrap()).unwrap();
+        services.remove(&key).unwrap();
+    }
+
+    pub fn insert_backend(&mut self, id: u32, backend: Backend) {
+        let mut backends: BpfHashMap<_, u32, Backend> =
+            BpfHashMap::try_from(self.ebpf.map_mut(map_names::BACKENDS).unwrap()).unwrap();
+        backends.insert(id, backend, 0).unwrap();
+        let mut backend_ids: BpfHashMap<_, Backend, u32> =
+            BpfHashMap::try_from(self.ebpf.map_mut(map_names::BACKEND_IDS).unwrap()).unwrap();
+        backend_ids.insert(backend, id, 0).unwrap();
+    }
+
+    /// Sets (`bits` != 0) or removes a MEMBERSHIP entry, as the daemon's writer does.
+    pub fn set_membership(&mut self, key: MembershipKey, bits: u8) {
+        let mut members: BpfHashMap<_, MembershipKey, u8> =
+            BpfHashMap::try_from(self.ebpf.map_mut(map_names::MEMBERSHIP).unwrap()).unwrap();
+        if bits == 0 {
+            members.remove(&key).unwrap();
+        } else {
+            members.insert(key, bits, 0).unwrap();
+        }
+    }
+
+    /// Where the maps are pinned (what the daemon calls its bpffs root).
+    pub fn pins(&self) -> &std::path::Path {
+        self.bpffs.path()
+    }
+
+    /// Moves the entry at `key` (in either conntrack map) past its expiry, as if its
+    /// timeout had passed since its latest packet.
+    pub fn expire(&mut self, key: CtKey) {
+        for name in [map_names::CONNTRACK, map_names::CONNTRACK_PENDING] {
+            let mut map: BpfHashMap<_, CtKey, CtValue> =
+                BpfHashMap::try_from(self.ebpf.map_mut(name).unwrap()).unwrap();
+            if let Ok(mut value) = map.get(&key, 0) {
+                value.expires_ns = 1;
+                map.insert(key, value, 0).unwrap();
+                return;
+            }
+        }
+        panic!("no conntrack entry {key:?} to expire");
+    }
+
+    /// Raises MEMBERSHIP_EPOCH, as the daemon does after it changed MEMBERSHIP.
+    pub fn raise_membership_epoch(&mut self) {
+        let mut epoch: aya::maps::Array<_, u32> =
+            aya::maps::Array::try_from(self.ebpf.map_mut(map_names::MEMBERSHIP_EPOCH).unwrap())
+                .unwrap();
+        let next = epoch.get(&0, 0).unwrap() + 1;
+        epoch.set(0, next, 0).unwrap();
+    }
+
+    /// Runs the program on `frame`: its verdict and the frame it leaves.
+    pub fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let program: &SchedClassifier =
+            self.ebpf.program(PROGRAM_NAME).unwrap().try_into().unwrap();
+        proxy_userspace::datapath::run_frame(program, frame).unwrap()
+    }
+
+    /// Every counter, summed over the CPUs, by name.
+    pub fn stats(&self) -> BTreeMap<&'static str, u64> {
+        let stats: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map(map_names::STATS).unwrap()).unwrap();
+        (0..stat::COUNT)
+            .map(|index| {
+                let total = stats.get(&index, 0).unwrap().iter().sum();
+                (stat::NAMES[index as usize], total)
+            })
+            .collect()
+    }
+
+    /// Asserts the counters equal `expected`, all others being zero.
+    pub fn assert_stats(&self, expected: &[(u32, u64)]) {
+        let mut want: BTreeMap<_, _> = stat::NAMES.iter().map(|name| (*name, 0)).collect();
+        for (index, count) in expected {
+            want.insert(stat::NAMES[*index as usize], *count);
+        }
+        assert_eq!(self.stats(), want);
+    }
+
+    /// Every conntrack entry, of both maps.
+    pub fn conntrack(&self) -> HashMap<CtKey, CtValue> {
+        let mut entries = self.conntrack_map(map_names::CONNTRACK);
+        entries.extend(self.conntrack_map(map_names::CONNTRACK_PENDING));
+        entries
+    }
+
+    /// The entries of one conntrack map (`map_names::CONNTRACK` or `CONNTRACK_PENDING`).
+    pub fn conntrack_map(&self, name: &str) -> HashMap<CtKey, CtValue> {
+        let conntrack: BpfHashMap<_, CtKey, CtValue> =
+            BpfHashMap::try_from(self.ebpf.map(name).unwrap()).unwrap();
+        conntrack.iter().map(Result::unwrap).collect()
+    }
+
+    /// `epx_trace`, loaded the way `ebpf-proxy trace` loads it: against these pinned maps.
+    pub fn tracer(&self) -> Tracer {
+        Tracer::load(self.bpffs.path()).unwrap_or_else(|e| panic!("loading epx_trace: {e:?}"))
+    }
+
+    pub fn conntrack_entry(&self, key: CtKey) -> CtValue {
+        *self
+            .conntrack()
+            .get(&key)
+            .unwrap_or_else(|| panic!("no conntrack entry {key:?}"))
+    }
+}
+
+#[derive(Clone, Copy)]
+pub enum Transport {
+    Tcp {
+        syn: bool,
+        ack: bool,
+        fin: bool,
+    },
+    /// `checksum: false` sends the RFC 768 "no checksum" zero.
+    Udp {
+        checksum: bool,
+    },
+}
+
+pub const SYN: Transport = Transport::Tcp {
+    syn: true,
+    ack: false,
+    fin: false,
+};
+pub const SYN_ACK: Transport = Transport::Tcp {
+    syn: true,
+    ack: true,
+    fin: false,
+};
+pub const ACK: Transport = Transport::Tcp {
+    syn: false,
+    ack: true,
+    fin: false,
+};
+pub const FIN_ACK: Transport = Transport::Tcp {
+    syn: false,
+    ack: true,
+    fin: true,
+};
+pub const UDP: Transport = Transport::Udp { checksum: true };
+
+/// An odd length, so checksums cover a padded last byte.
+pub const PAYLOAD: &[u8] = b"hello, backend!";
+
+/// A description of an Ethernet/IPv4/TCP-or-UDP frame; `build` gives its bytes with full,
+/// valid checksums.
+#[derive(Clone, Copy)]
+pub struct Frame {
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+    pub transport: Transport,
+    pub ip_options: &'static [u8],
+    pub more_fragments: bool,
+    pub fragment_offset: u16,
+    pub payload: &'static [u8],
+    pub ttl: u8,
+}
+
+impl Frame {
+    pub fn new(src: SocketAddrV4, dst: SocketAddrV4, transport: Transport) -> Self {
+        Self {
+            src,
+            dst,
+            transport,
+            ip_options: &[],
+            more_fragments: false,
+            fragment_offset: 0,
+            payload: PAYLOAD,
+            ttl: 64,
+        }
+    }
+
+    /// The frame after one routing hop (TTL decremented), as the program forwards it.
+    pub fn routed(self) -> Self {
+        Self {
+            ttl: self.ttl - 1,
+            ..self
+        }
+    }
+
+    /// The same frame between other endpoints: what a translation should produce.
+    pub fn between(self, src: SocketAddrV4, dst: SocketAddrV4) -> Self {
+        Self { src, dst, ..self }
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        let mut ip = Ipv4Header::new(
+            0,
+            self.ttl,
+            IpNumber::TCP,
+            self.src.ip().octets(),
+            self.dst.ip().octets(),
+        )
+        .unwrap();
+        ip.identification = 0x4242;
+        ip.dont_fragment = !self.more_fragments && self.fragment_offset == 0;
+        ip.more_fragments = self.more_fragments;
+        ip.fragment_offset = IpFragOffset::try_new(self.fragment_offset).unwrap();
+        ip.options = Ipv4Options::try_from(self.ip_options).unwrap();
+        let l4 = match self.transport {
+            Transport::Tcp { syn, ack, fin } => {
+                let mut tcp = TcpHeader::new(self.src.port(), self.dst.port(), 1_000, 64_240);
+                tcp.syn = syn;
+                tcp.ack = ack;
+                tcp.fin = fin;
+                tcp.acknowledgment_number = if ack { 5_000 } else { 0 };
+                ip.set_payload_len(tcp.header_len() + self.payload.len())
+                    .unwrap();
+                tcp.checksum = tcp.calc_checksum_ipv4(&ip, self.payload).unwrap();
+                tcp.to_bytes().to_vec()
+            }
+            Transport::Udp { checksum } => {
+                ip.protocol = IpNumber::UDP;
+                ip.set_payload_len(UdpHeader::LEN + self.payload.len())
+                    .unwrap();
+                let mut udp = UdpHeader::with_ipv4_checksum(
+                    self.src.port(),
+                    self.dst.port(),
+                    &ip,
+                    self.payload,
+                )
+                .unwrap();
+                if !checksum {
+                    udp.checksum = 0;
+                }
+                udp.to_bytes().to_vec()
+            }
+        };
+        ip.header_checksum = ip.calc_header_checksum();
+        let eth = Ethernet2Header {
+            source: [0x02, 0, 0, 0, 0, 0x01],
+            destination: [0x02, 0, 0, 0, 0, 0x02],
+            ether_type: EtherType::IPV4,
+        };
+        [&eth.to_bytes()[..], &ip.to_bytes(), &l4, self.payload].concat()
+    }
+}
+
+/// Asserts, computing from scratch, that the IPv4 header checksum and the TCP/UDP
+/// checksum (over the pseudo-header) of `frame` are valid. A zero UDP checksum is valid.
+pub fn assert_checksums_valid(frame: &[u8]) {
+    let ip = &frame[Ethernet2Header::LEN..];
+    let header_len = usize::from(ip[0] & 0x0f) * 4;
+    assert_eq!(
+        ones_complement_sum(&ip[..header_len]),
+        0xffff,
+        "IPv4 header checksum of {frame:02x?}"
+    );
+    let total_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let segment = &ip[header_len..total_len];
+    let protocol = ip[9];
+    if protocol == proto::UDP && segment[6..8] == [0, 0] {
+        return;
+    }
+    let segment_len = u16::try_from(segment.len()).unwrap().to_be_bytes();
+    let pseudo_header = [&ip[12..20], &[0, protocol], &segment_len[..]].concat();
+    assert_eq!(
+        ones_complement_sum(&[&pseudo_header[..], segment].concat()),
+        0xffff,
+        "L4 checksum of {frame:02x?}"
+    );
+}
+
+pub fn ones_complement_sum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// Runs `input` and asserts the verdict is TC_ACT_OK and the output is exactly `expected`
+/// with valid checksums.
+pub fn assert_translated(datapath: &Datapath, input: Frame, expected: Frame) {
+    let (verdict, out) = datapath.run(&input.build());
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, expected.build());
+    assert_checksums_valid(&out);
+}
+
+/// The ICMP port unreachable the kernel would send for `refused` (a frame without IPv4
+/// options): from its destination back to its source, with its IPv4 header and first 8
+/// payload bytes, in the kernel's own style (precedence "internetwork control", TTL 64).
+pub fn port_unreachable_for(refused: &[u8]) -> Vec<u8> {
+    let eth = Ethernet2Header::from_slice(refused).unwrap().0;
+    let (ip, _) = Ipv4Header::from_slice(&refused[Ethernet2Header::LEN..]).unwrap();
+    let quote = &refused[Ethernet2Header::LEN..Ethernet2Header::LEN + Ipv4Header::MIN_LEN + 8];
+    let icmp = Icmpv4Header::with_checksum(
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port),
+        quote,
+    );
+    let mut answer = Ipv4Header::new(
+        (icmp.header_len() + quote.len()) as u16,
+        64,
+        IpNumber::ICMP,
+        ip.destination,
+        ip.source,
+    )
+    .unwrap();
+    answer.dscp = IpDscp::CS6;
+    answer.identification = 0;
+    answer.dont_fragment = false;
+    answer.header_checksum = answer.calc_header_checksum();
+    let eth = Ethernet2Header {
+        source: eth.destination,
+        destination: eth.source,
+        ether_type: EtherType::IPV4,
+    };
+    [
+        &eth.to_bytes()[..],
+        &answer.to_bytes(),
+        &icmp.to_bytes(),
+        quote,
+    ]
+    .concat()
+}
+
+/// Runs `refused` and asserts it was turned, exactly, into its ICMP port unreachable and
+/// redirected back out of its device.
+pub fn assert_refused(datapath: &Datapath, refused: &[u8]) {
+    let (verdict, out) = datapath.run(refused);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out, port_unreachable_for(refused), "{out:02x?}");
+    let ip = &out[Ethernet2Header::LEN..];
+    assert_eq!(ones_complement_sum(&ip[..Ipv4Header::MIN_LEN]), 0xffff);
+    assert_eq!(ones_complement_sum(&ip[Ipv4Header::MIN_LEN..]), 0xffff);
+}
+
+/// Runs `frame` and asserts it passes (TC_ACT_OK) byte for byte unchanged.
+pub fn assert_untouched(datapath: &Datapath, frame: &[u8]) {
+    let (verdict, out) = datapath.run(frame);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, frame);
+}
+
+/// Runs `test` on a thread in a fresh network namespace where this node holds `NODE` and
+/// reaches the backends and clients through `lo`, the device test runs see packets arrive
+/// on: so backends look like pods of another node, reached through the arrival device.
+pub fn on_a_node_with_remote_backends(test: impl FnOnce() + Send) {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: affects only this thread, which ends with the test.
+                assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+                for args in [
+                    &["link", "set", "lo", "up"][..],
+                    &["addr", "add", "198.18.0.1/32", "dev", "lo"],
+                    &[
+                        "route",
+                        "add",
+                        "198.18.0.0/16",
+                        "dev",
+                        "lo",
+                        "src",
+                        "198.18.0.1",
+                    ],
+                ] {
+                    let status = std::process::Command::new("ip")
+                        .args(args)
+                        .status()
+                        .unwrap();
+                    assert!(status.success(), "ip {args:?}");
+                }
+                // /proc/sys/net shows the namespace of the thread that opens it.
+                std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
+                test();
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    });
+}
+
+/// A NodePort of the node address set up by [`on_a_node_with_remote_backends`].
+pub const NODE_PORT: SocketAddrV4 = addr([198, 18, 0, 1], 30_080);
+
+/// Runs `frame` and asserts the program forwarded it itself (FIB + redirect), as `expected`
+/// one hop later, byte for byte.
+pub fn assert_routed(datapath: &Datapath, frame: Frame, expected: Frame) {
+    let (verdict, out) = datapath.run(&frame.build());
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out, expected.routed().build(), "{out:02x?}");
+}
+
+/// The backend a SYN from `client` was DNATed to.
+pub fn chosen_backend(
+    datapath: &Datapath,
+    client: SocketAddrV4,
+    backends: &[SocketAddrV4],
+) -> SocketAddrV4 {
+    let (verdict, out) = datapath.run(&Frame::new(client, VIP, SYN).build());
+    assert_eq!(verdict, TC_ACT_OK);
+    *backends
+        .iter()
+        .find(|b| out[30..34] == b.ip().octets())
+        .expect("DNATed to one of the backends")
+}
+
+pub const AFFINITY_TIMEOUT_S: u32 = 10;
+pub const SECOND_NS: u64 = 1_000_000_000;
+
+/// A packet as `ebpf-proxy trace` builds it by default (TCP: a SYN).
+pub fn trace_packet(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> TracePacket {
+    let endpoint = |a: SocketAddrV4| proxy_userspace::inspect::Endpoint {
+        address: *a.ip(),
+        port: a.port(),
+    };
+    TracePacket::opening(proto, endpoint(src), endpoint(dst))
+}
