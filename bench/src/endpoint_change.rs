@@ -103,18 +103,9 @@ impl ProbeSetup {
         extra_args: &[&str],
     ) -> Result<(Daemon<'_>, PinnedMaps)> {
         let lab = &self.lab;
-        let background = Cluster::new(
-            background_services,
-            Endpoints::Shared {
-                pods: lab.pods().iter().map(|pod| pod.ip).collect(),
-                port: lab.tcp_port(),
-            },
-        )?;
-        let sizes = daemon::map_size_flags(background_services + 1 + extra_services, 2);
-        let args: Vec<&str> = (DAEMON_FLAGS.iter().copied())
-            .chain(sizes.iter().map(String::as_str))
-            .chain(extra_args.iter().copied())
-            .collect();
+        let background = self.background(background_services)?;
+        let args = daemon_args(background_services + 1 + extra_services, extra_args);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let daemon = daemon::start(
             lab,
             daemon::Source::Manifests(vec![
@@ -127,6 +118,26 @@ impl ProbeSetup {
         let maps = PinnedMaps::open(&daemon.bpffs_root())?;
         Ok((daemon, maps))
     }
+
+    /// `services` background Services, all served by the lab's pods.
+    fn background(&self, services: usize) -> Result<Cluster> {
+        Cluster::new(
+            services,
+            Endpoints::Shared {
+                pods: self.lab.pods().iter().map(|pod| pod.ip).collect(),
+                port: self.lab.tcp_port(),
+            },
+        )
+    }
+}
+
+/// [`DAEMON_FLAGS`], map sizes that fit `services` Services of two endpoints, then `extra`.
+fn daemon_args(services: usize, extra: &[&str]) -> Vec<String> {
+    (DAEMON_FLAGS.iter().copied())
+        .chain(extra.iter().copied())
+        .map(str::to_owned)
+        .chain(daemon::map_size_flags(services, 2))
+        .collect()
 }
 
 fn measure_manifests(background_services: usize, changes: usize) -> Result<ChangeResult> {
@@ -144,13 +155,7 @@ fn measure_api(background_services: usize, changes: usize) -> Result<ChangeResul
     let setup = ProbeSetup::new()?;
     let lab = &setup.lab;
     let api = ApiServerInNetns::start(lab.node())?;
-    let background = Cluster::new(
-        background_services,
-        Endpoints::Shared {
-            pods: lab.pods().iter().map(|pod| pod.ip).collect(),
-            port: lab.tcp_port(),
-        },
-    )?;
+    let background = setup.background(background_services)?;
     api.edit(|cluster| {
         cluster.apply(Kind::Node, node_object());
         for object in background.api_objects() {
@@ -163,10 +168,8 @@ fn measure_api(background_services: usize, changes: usize) -> Result<ChangeResul
         }
         cluster.apply_manifest(&setup.probe.manifest(&lab.pods()[..1]));
     });
-    let sizes = daemon::map_size_flags(background_services + 1, 2);
-    let args: Vec<&str> = (DAEMON_FLAGS.iter().copied())
-        .chain(sizes.iter().map(String::as_str))
-        .collect();
+    let args = daemon_args(background_services + 1, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let source = daemon::Source::ApiServer(api.url());
     let _daemon = daemon::start(lab, source, &args, background_services + 1)?;
     let maps = PinnedMaps::open(&_daemon.bpffs_root())?;
