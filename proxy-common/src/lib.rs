@@ -46,12 +46,29 @@ pub mod map_names {
     pub const SVC_NAMES: &str = "SVC_NAMES";
     /// `loadBalancerSourceRanges`: the client prefixes each restricted frontend admits.
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
+    /// The devices the XDP program runs on natively (a device map): a packet the XDP
+    /// program routes out of one of them is redirected there (written by the daemon).
+    pub const XDP_EGRESS: &str = "XDP_EGRESS";
     /// Not pinned: each `ebpf-proxy trace` process gets its own, private to its dry run.
     pub const TRACE: &str = "TRACE";
 }
 
 /// The one tc program: attached on pod-side veths and on the node's external devices.
 pub const PROGRAM_NAME: &str = "epx_ingress";
+
+/// The XDP program (`--xdp`): the same packet path, on the external devices only, ahead of
+/// the tc program there. What it decides it marks in the packet's XDP metadata
+/// ([`XDP_DECIDED`]), so the tc program lets that packet pass untouched.
+pub const XDP_PROGRAM_NAME: &str = "epx_xdp";
+
+/// [`XDP_PROGRAM_NAME`] as a dry run, as [`TRACE_PROGRAM_NAME`] is to [`PROGRAM_NAME`].
+pub const XDP_TRACE_PROGRAM_NAME: &str = "epx_xdp_trace";
+
+/// The 4 bytes of XDP metadata (in front of the frame) by which the XDP program tells the
+/// tc program behind it that it decided the packet — translated it or found nothing to do —
+/// so tc must not look at it again. Anything else there (no metadata, or zero: the XDP
+/// program left the packet to tc) and tc runs its packet path as usual.
+pub const XDP_DECIDED: u32 = 0x4550_5801;
 
 /// The conntrack reaper: removes the entries it is given whose flows are over (see
 /// [`ReapRequest`]). Never attached: the daemon's garbage collector runs it with
@@ -290,8 +307,23 @@ pub mod stat {
     /// A tracked flow's backend stopped serving its frontend (a UDP flow, or a SYN not yet
     /// answered): the packet went to a newly selected backend.
     pub const BACKEND_LEFT: u32 = 18;
+    /// XDP verdicts (the XDP program on the external devices, `--xdp`). XDP_PASS of a
+    /// packet the XDP program decided (translated, or nothing to do): the stack takes it on
+    /// and the tc program lets it through untouched.
+    pub const XDP_PASS: u32 = 19;
+    /// XDP_TX: the XDP program sent the packet back out of the device it came in on
+    /// (outside traffic to a backend on another node, and its replies).
+    pub const XDP_TX: u32 = 20;
+    /// XDP_REDIRECT: sent out of another device running the XDP program natively.
+    pub const XDP_REDIRECT: u32 = 21;
+    /// XDP_DROP: dropped by the XDP program (its reasons are counted like tc's).
+    pub const XDP_DROP: u32 = 22;
+    /// XDP_PASS untouched, left to the tc program: what only tc does (a refusal, a packet
+    /// whose next hop has no neighbour entry yet or lies behind a device without native
+    /// XDP, one that is not IPv4 TCP/UDP). tc counts the path it takes.
+    pub const XDP_TO_TC: u32 = 23;
     /// Number of counters (size of the STATS array).
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 24;
 
     /// Stable names, indexed like the constants above (used by logs, metrics and the CLI).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -314,6 +346,11 @@ pub mod stat {
         "direct",
         "remapped",
         "backend_left",
+        "xdp_pass",
+        "xdp_tx",
+        "xdp_redirect",
+        "xdp_drop",
+        "xdp_to_tc",
     ];
 }
 
@@ -444,6 +481,32 @@ pub struct TraceRecord {
     pub service: ServiceValue,
     /// The conntrack entry that matched, if [`TraceRecord::conntrack`] is not NONE.
     pub flow: CtValue,
+    /// A [`to_tc`] constant: why the XDP program left the packet to the tc program (XDP
+    /// dry runs only).
+    pub to_tc: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Why the XDP program left a packet, untouched, to the tc program behind it
+/// ([`TraceRecord::to_tc`], and the XDP_TO_TC counter).
+pub mod to_tc {
+    /// It did not: XDP decided (or the run was not XDP's).
+    pub const NO: u8 = 0;
+    /// Not IPv4 TCP/UDP, or a fragment: tc's parser decides.
+    pub const NOT_HANDLED: u8 = 1;
+    /// A refusal (ICMP port unreachable of a frontend without endpoints): tc builds it.
+    pub const REFUSAL: u8 = 2;
+    /// The next hop's MAC address is not known yet (no neighbour entry): tc's
+    /// `bpf_redirect_neigh` resolves it.
+    pub const NO_NEIGHBOUR: u8 = 3;
+    /// The packet leaves by another device, which runs no native XDP program: tc
+    /// redirects it.
+    pub const OTHER_DEVICE: u8 = 4;
+    /// No route, or the TTL would expire: the kernel answers what it must.
+    pub const NO_ROUTE: u8 = 5;
+    /// The driver keeps no XDP metadata, so the XDP program cannot tell tc what it
+    /// decided and decides nothing.
+    pub const NO_METADATA: u8 = 6;
 }
 
 /// Default map sizes compiled into the object; the daemon can override them at load time.
@@ -510,6 +573,8 @@ pub mod default_max_entries {
     pub const SVC_NAMES: u32 = SERVICES;
     /// Prefixes over all restricted frontends; not preallocated (an LPM trie never is).
     pub const SOURCE_RANGES: u32 = 65_536;
+    /// External devices with native XDP.
+    pub const XDP_EGRESS: u32 = 256;
 }
 
 #[cfg(feature = "user")]
@@ -550,7 +615,7 @@ mod tests {
         assert_eq!(size_of::<CtTimeouts>(), 32);
         assert_eq!(size_of::<RefusalLimits>(), 24);
         assert_eq!(size_of::<ServiceName>(), 4 + 63 + 63 + 15);
-        assert_eq!(size_of::<TraceRecord>(), 112);
+        assert_eq!(size_of::<TraceRecord>(), 120);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The tc programs: Service load balancing for IPv4 TCP/UDP.
+//! The tc and XDP programs: Service load balancing for IPv4 TCP/UDP.
 //!
 //! parse → conntrack (one lookup, either direction) → frontend lookup → backend selection
 //! → conntrack create → NAT. A packet to no frontend is checked for being the answer of a
@@ -6,9 +6,11 @@
 //! flows never clash with it); anything else passes untouched. One module per concern,
 //! like Cilium's `bpf/lib/{lb,conntrack,nat,csum}.h`.
 //!
-//! `epx_ingress` is the datapath. `epx_trace` runs the same path as a dry run for
-//! `ebpf-proxy trace` (see [`mode`]); `epx_ct_reap` removes finished flows for the
-//! daemon's garbage collector. Neither of those two is ever attached.
+//! `epx_ingress` is the datapath at tc ingress of every device; `epx_xdp` runs the same
+//! path at XDP on the external devices, in front of it (see [`xdp`]). `epx_trace` and
+//! `epx_xdp_trace` run them as dry runs for `ebpf-proxy trace` (see [`mode`]);
+//! `epx_ct_reap` removes finished flows for the daemon's garbage collector. Those three are
+//! never attached.
 #![no_std]
 #![no_main]
 // Atomic operations on shared conntrack entries: the bpf target has no `AtomicU64`
@@ -33,41 +35,55 @@ mod select;
 mod snat;
 mod source_ranges;
 mod stats;
+mod verdict;
+mod xdp;
 
 use core::num::NonZeroU16;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    cty::c_long,
-    macros::classifier,
-    programs::TcContext,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
-use proxy_common::{Translation, Tuple, ct_flags, service_flags, stat};
+use proxy_common::{CtKey, Translation, Tuple, ct_flags, service_flags, stat, to_tc};
 
 use crate::{
-    conntrack::{Followed, Hit, NotCreated, Now, Table},
+    conntrack::{Entry, Followed, NotCreated, Now, Table},
     context::Context,
     lb::{Frontend, LbKey, Selection},
     mode::{DryRun, Live, Mode},
     parse::Packet,
     reject::NotRefused,
+    route::Hop,
+    verdict::Verdict,
 };
-
-/// Let the packet continue (translated or untouched).
-const ACCEPT: i32 = TC_ACT_OK;
-/// Drop the packet.
-const DROP: i32 = TC_ACT_SHOT;
 
 #[classifier]
 pub fn epx_ingress(ctx: TcContext) -> i32 {
-    balance(&ctx, &Live)
+    if xdp::decided(&ctx) {
+        return TC_ACT_OK;
+    }
+    tc_action(balance(&ctx, &Live))
 }
 
 #[classifier]
 pub fn epx_trace(ctx: TcContext) -> i32 {
     match DryRun::start() {
-        Some(dry_run) => balance(&ctx, &dry_run),
-        None => ACCEPT,
+        Some(dry_run) => tc_action(balance(&ctx, &dry_run)),
+        None => TC_ACT_OK,
+    }
+}
+
+#[xdp]
+pub fn epx_xdp(ctx: XdpContext) -> u32 {
+    xdp::run(&ctx, &Live, || balance(&ctx, &Live))
+}
+
+#[xdp]
+pub fn epx_xdp_trace(ctx: XdpContext) -> u32 {
+    match DryRun::start() {
+        Some(dry_run) => xdp::run(&ctx, &dry_run, || balance(&ctx, &dry_run)),
+        None => aya_ebpf::bindings::xdp_action::XDP_PASS,
     }
 }
 
@@ -76,29 +92,41 @@ pub fn epx_ct_reap(ctx: TcContext) -> i32 {
     reap::batch(&ctx) as i32
 }
 
+/// The tc action for a verdict (tc never leaves a packet to itself).
 #[inline(always)]
-fn balance<C: Context, M: Mode>(ctx: &C, mode: &M) -> i32 {
+fn tc_action(verdict: Verdict) -> i32 {
+    match verdict {
+        Verdict::Accept | Verdict::ToTc(_) => TC_ACT_OK,
+        Verdict::Drop => TC_ACT_SHOT,
+        Verdict::Sent(action) => action,
+    }
+}
+
+#[inline(always)]
+fn balance<C: Context, M: Mode>(ctx: &C, mode: &M) -> Verdict {
     let Some(packet) = parse::packet(ctx) else {
+        if C::IS_XDP {
+            return Verdict::ToTc(to_tc::NOT_HANDLED);
+        }
         mode.count(stat::NOT_HANDLED);
-        return ACCEPT;
+        return Verdict::Accept;
     };
     let now = Now::read();
     let key = packet.key();
-    let len = ctx.len();
     // An assured flow, in either direction: one lookup.
     if let Some(entry) = Table::Assured.get(&key)
-        && let Followed::Hit(hit) = conntrack::follow(entry, &key, &packet, len, now, mode)
+        && let Some(verdict) = tracked(ctx, mode, entry, &key, &packet, now)
     {
-        return apply(ctx, mode, &packet, &hit);
+        return verdict;
     }
     let destination = LbKey::destination(&packet);
     if let Some(frontend) = lb::frontend(&destination) {
         // A flow of this frontend not yet assured (a retransmitted SYN, the handshake's
         // last ACK, a UDP flow before it became a stream), or a new one.
         if let Some(entry) = Table::Pending.get(&key)
-            && let Followed::Hit(hit) = conntrack::follow(entry, &key, &packet, len, now, mode)
+            && let Some(verdict) = tracked(ctx, mode, entry, &key, &packet, now)
         {
-            return apply(ctx, mode, &packet, &hit);
+            return verdict;
         }
         return new_flow(ctx, mode, &packet, &frontend, now);
     }
@@ -107,26 +135,45 @@ fn balance<C: Context, M: Mode>(ctx: &C, mode: &M) -> i32 {
     let answer = packet.may_answer();
     if answer
         && let Some(entry) = Table::Pending.get(&key)
-        && let Followed::Hit(hit) = conntrack::follow(entry, &key, &packet, len, now, mode)
+        && let Some(verdict) = tracked(ctx, mode, entry, &key, &packet, now)
     {
-        return apply(ctx, mode, &packet, &hit);
+        return verdict;
     }
     if lb::is_backend(&destination) {
         if !answer
             && let Some(entry) = Table::Pending.get(&key)
-            && let Followed::Hit(hit) = conntrack::follow(entry, &key, &packet, len, now, mode)
+            && let Some(verdict) = tracked(ctx, mode, entry, &key, &packet, now)
         {
-            return apply(ctx, mode, &packet, &hit);
+            return verdict;
         }
         return direct_flow(ctx, mode, &packet, now);
     }
     mode.count(stat::PASS);
-    ACCEPT
+    Verdict::Accept
 }
 
-/// A conntrack hit: rewrites the packet to the entry's tuple.
+/// A packet whose tuple has a conntrack `entry`: rewritten to the entry's tuple, unless the
+/// flow is over or must select again (`None`: go on as without the entry).
 #[inline(always)]
-fn apply<C: Context, M: Mode>(ctx: &C, mode: &M, packet: &Packet, hit: &Hit) -> i32 {
+fn tracked<C: Context, M: Mode>(
+    ctx: &C,
+    mode: &M,
+    entry: Entry,
+    key: &CtKey,
+    packet: &Packet,
+    now: Now,
+) -> Option<Verdict> {
+    // The entry's tuple and flags never change while it lives: where the packet will go is
+    // known before the flow accounts it (XDP may still leave it to tc untouched).
+    let seen = entry.value();
+    let routes_itself = seen.flags & ct_flags::ROUTES_ITSELF != 0;
+    let hop = match hop(ctx, mode, packet, routes_itself, &seen.to) {
+        Ok(hop) => hop,
+        Err(verdict) => return Some(verdict),
+    };
+    let Followed::Hit(hit) = conntrack::follow(entry, key, packet, ctx.len(), now, mode) else {
+        return None;
+    };
     let counter = if hit.flags & ct_flags::DIRECT != 0 {
         stat::DIRECT
     } else if hit.flags & ct_flags::REPLY != 0 {
@@ -134,15 +181,15 @@ fn apply<C: Context, M: Mode>(ctx: &C, mode: &M, packet: &Packet, hit: &Hit) -> 
     } else {
         stat::CT_HIT
     };
-    let verdict = verdict(mode, nat::rewrite(ctx, packet, &hit.to), counter);
-    send_on(
+    Some(translate(
         ctx,
         mode,
         packet,
-        verdict,
-        hit.flags & ct_flags::ROUTES_ITSELF != 0,
         &hit.to,
-    )
+        counter,
+        routes_itself,
+        hop,
+    ))
 }
 
 /// A packet to a frontend without a flow: selects a backend (the client's previous one
@@ -154,32 +201,25 @@ fn new_flow<C: Context, M: Mode>(
     packet: &Packet,
     frontend: &Frontend,
     now: Now,
-) -> i32 {
+) -> Verdict {
     mode.frontend_found(frontend);
     let flags = frontend.header.flags;
     if flags & service_flags::SOURCE_RANGES != 0
         && !source_ranges::admits(packet.src_addr, frontend)
     {
         mode.count(stat::SOURCE_RANGE_DENIED);
-        return DROP;
+        return Verdict::Drop;
     }
     let Some(count) = NonZeroU16::new(frontend.header.count) else {
         return without_backends(ctx, mode, packet, frontend);
     };
-    mode.count(stat::CT_MISS);
-    let (backend_id, backend) = match lb::select_backend(frontend, count, packet.src_addr, now.ns) {
-        Selection::Affinity { id, backend } => {
-            mode.count(stat::AFFINITY);
-            mode.affinity_kept(id, &backend);
-            (id, backend)
-        }
-        Selection::Slot { slot, id, backend } => {
-            mode.backend_selected(slot, id, &backend);
-            (id, backend)
-        }
+    let selection = lb::select_backend(frontend, count, packet.src_addr, now.ns);
+    let (backend_id, backend) = match selection {
+        Selection::Affinity { id, backend } | Selection::Slot { id, backend, .. } => (id, backend),
         Selection::Missing => {
+            mode.count(stat::CT_MISS);
             mode.count(stat::BACKEND_MISSING);
-            return DROP;
+            return Verdict::Drop;
         }
     };
     let snat_source = if Translation::may_snat(flags, packet.src_addr, backend.addr) {
@@ -197,6 +237,27 @@ fn new_flow<C: Context, M: Mode>(
         backend_id,
         snat_source,
     );
+    // The route before anything is recorded, so XDP can still leave the packet to tc. An
+    // SNAT port claimed below changes only the source port, which routes do not look at.
+    let hop = match hop(
+        ctx,
+        mode,
+        packet,
+        translation.forward_routes_itself,
+        &translation.reply.reversed(),
+    ) {
+        Ok(hop) => hop,
+        Err(verdict) => return verdict,
+    };
+    mode.count(stat::CT_MISS);
+    match selection {
+        Selection::Affinity { id, backend } => {
+            mode.count(stat::AFFINITY);
+            mode.affinity_kept(id, &backend);
+        }
+        Selection::Slot { slot, id, backend } => mode.backend_selected(slot, id, &backend),
+        Selection::Missing => {}
+    }
     if M::DRY_RUN {
         // Nothing is claimed in a dry run: a port of the range is shown.
         if translation.needs_port() {
@@ -211,22 +272,15 @@ fn new_flow<C: Context, M: Mode>(
         }
     }
     let to = translation.reply.reversed();
-    let verdict = verdict(mode, nat::rewrite(ctx, packet, &to), stat::NEW_FLOW);
-    send_on(
-        ctx,
-        mode,
-        packet,
-        verdict,
-        translation.forward_routes_itself,
-        &to,
-    )
+    let routes_itself = translation.forward_routes_itself;
+    translate(ctx, mode, packet, &to, stat::NEW_FLOW, routes_itself, hop)
 }
 
 /// A packet straight to a backend that belongs to no tracked flow: starts tracking the
 /// direct flow, so no Service flow is created over its reply tuple. If a live Service flow
 /// holds that tuple already, the direct flow's source port is remapped instead.
 #[inline(always)]
-fn direct_flow<C: Context, M: Mode>(ctx: &C, mode: &M, packet: &Packet, now: Now) -> i32 {
+fn direct_flow<C: Context, M: Mode>(ctx: &C, mode: &M, packet: &Packet, now: Now) -> Verdict {
     let mut translation = Translation::direct(
         packet.proto,
         (packet.src_addr, packet.src_port),
@@ -238,7 +292,7 @@ fn direct_flow<C: Context, M: Mode>(ctx: &C, mode: &M, packet: &Packet, now: Now
         return refused;
     }
     let to = translation.reply.reversed();
-    verdict(mode, nat::rewrite(ctx, packet, &to), stat::DIRECT)
+    translate(ctx, mode, packet, &to, stat::DIRECT, false, None)
 }
 
 /// Records a new flow; on failure, the verdict for its packet (counted).
@@ -249,7 +303,7 @@ fn create<M: Mode>(
     packet: &Packet,
     len: u32,
     now: Now,
-) -> Result<(), i32> {
+) -> Result<(), Verdict> {
     match conntrack::create(translation, packet, len, now) {
         Ok(()) => {
             if translation.kind & ct_flags::REMAPPED != 0 {
@@ -259,35 +313,60 @@ fn create<M: Mode>(
         }
         Err(NotCreated::NoPort) => {
             mode.count(stat::SNAT_FAILED);
-            Err(DROP)
+            Err(Verdict::Drop)
         }
         Err(NotCreated::Busy) => {
             mode.count(stat::CT_CREATE_FAILED);
-            Err(DROP)
+            Err(Verdict::Drop)
         }
     }
 }
 
-/// Lets an accepted, translated packet (now `to`) go on. When its source became one of
-/// the node's own addresses (`routes_itself`) the kernel would drop it as a martian, so
-/// the program routes it itself.
+/// Where a packet that will leave as `to` goes when its source becomes one of the node's
+/// own addresses (`routes_itself`): the kernel would drop it as a martian, so the program
+/// routes it itself (see [`route`]). `Ok(None)`: the kernel routes it.
 #[inline(always)]
-fn send_on<C: Context, M: Mode>(
+fn hop<C: Context, M: Mode>(
     ctx: &C,
     mode: &M,
     packet: &Packet,
-    verdict: i32,
     routes_itself: bool,
     to: &Tuple,
-) -> i32 {
-    if verdict != ACCEPT || !routes_itself {
-        return verdict;
+) -> Result<Option<Hop>, Verdict> {
+    if !routes_itself {
+        return Ok(None);
     }
+    route::hop_for(ctx, mode, packet.proto, to)
+}
+
+/// Rewrites the packet to `to`, counts `translated`, and sends it to `hop` if the program
+/// routes it (`routes_itself`, and the route was found); a failed rewrite is counted and
+/// dropped (a half-rewritten packet must not leave).
+#[inline(always)]
+fn translate<C: Context, M: Mode>(
+    ctx: &C,
+    mode: &M,
+    packet: &Packet,
+    to: &Tuple,
+    translated: u32,
+    routes_itself: bool,
+    hop: Option<Hop>,
+) -> Verdict {
+    if nat::rewrite(ctx, packet, to).is_err() {
+        mode.count(stat::REWRITE_FAILED);
+        return Verdict::Drop;
+    }
+    mode.count(translated);
     if M::DRY_RUN {
-        mode.routes_itself();
-        return verdict;
+        if routes_itself {
+            mode.routes_itself();
+        }
+        return Verdict::Accept;
     }
-    route::redirect(ctx, packet.proto, to)
+    match hop {
+        Some(hop) => route::forward(ctx, &hop),
+        None => Verdict::Accept,
+    }
 }
 
 /// A packet for a frontend without backends: dropped when only its traffic policy left
@@ -298,43 +377,28 @@ fn without_backends<C: Context, M: Mode>(
     mode: &M,
     packet: &Packet,
     frontend: &Frontend,
-) -> i32 {
+) -> Verdict {
     if frontend.header.flags & service_flags::NO_LOCAL_ENDPOINTS != 0 {
         mode.count(stat::NO_BACKEND);
-        return DROP;
+        return Verdict::Drop;
     }
     match ctx.refuse(packet, !M::DRY_RUN) {
+        Ok(Verdict::ToTc(reason)) => Verdict::ToTc(reason),
         Ok(verdict) => {
             mode.count(stat::REJECTED);
             verdict
         }
         Err(NotRefused::RateLimited) => {
             mode.count(stat::REJECT_RATE_LIMITED);
-            DROP
+            Verdict::Drop
         }
         Err(NotRefused::IpOptions) => {
             mode.count(stat::NO_BACKEND);
-            DROP
+            Verdict::Drop
         }
         Err(NotRefused::HelperFailed) => {
             mode.count(stat::REWRITE_FAILED);
-            DROP
-        }
-    }
-}
-
-/// Counts `translated` and accepts if the rewrite succeeded; counts the failure and
-/// drops otherwise (a half-rewritten packet must not leave).
-#[inline(always)]
-fn verdict<M: Mode>(mode: &M, rewrite: Result<(), c_long>, translated: u32) -> i32 {
-    match rewrite {
-        Ok(()) => {
-            mode.count(translated);
-            ACCEPT
-        }
-        Err(_) => {
-            mode.count(stat::REWRITE_FAILED);
-            DROP
+            Verdict::Drop
         }
     }
 }

@@ -1,5 +1,5 @@
-//! The two ways to run the packet path: live (`epx_ingress`) and as a dry run
-//! (`epx_trace`).
+//! The two ways to run the packet path: live (`epx_ingress`, `epx_xdp`) and as a dry run
+//! (`epx_trace`, `epx_xdp_trace`).
 //!
 //! One generic packet path serves both, so a trace can never disagree with the program
 //! it explains. The live mode counts into STATS and writes conntrack entries; the dry run
@@ -34,6 +34,10 @@ pub trait Mode {
     /// The packet would now be routed by the program (FIB lookup and redirect): its source
     /// became a node address (see `ct_flags::ROUTES_ITSELF`).
     fn routes_itself(&self) {}
+    /// The XDP program left the packet to tc (`reason`: a `proxy_common::to_tc` constant).
+    fn left_to_tc(&self, _reason: u8) {}
+    /// The XDP program's verdict, as its STATS counter (`stat::XDP_*`).
+    fn xdp_verdict(&self, _counter: u32) {}
 }
 
 /// `epx_ingress`: counts, and the path writes conntrack entries.
@@ -44,6 +48,11 @@ impl Mode for Live {
 
     #[inline(always)]
     fn count(&self, counter: u32) {
+        stats::count(counter);
+    }
+
+    #[inline(always)]
+    fn xdp_verdict(&self, counter: u32) {
         stats::count(counter);
     }
 }
@@ -128,5 +137,10 @@ impl Mode for DryRun {
     #[inline(always)]
     fn routes_itself(&self) {
         self.record().routes_reply = 1;
+    }
+
+    #[inline(always)]
+    fn left_to_tc(&self, reason: u8) {
+        self.record().to_tc = reason;
     }
 }

@@ -4,22 +4,28 @@
 //! do both directions of an SNAT flow and of a hairpin flow through a NodePort. The
 //! kernel's forwarding path drops such packets as martians (a forwarded packet must not
 //! claim a local source), so the program does the forwarding step itself: a FIB lookup
-//! for the destination, a TTL decrement as the router would do, and a redirect to the
-//! egress device with the kernel resolving the next hop's MAC.
+//! for the destination, a TTL decrement as the router would do, and the packet handed to
+//! the egress device by the context (tc: `bpf_redirect_neigh`, the kernel resolving the
+//! next hop's MAC; XDP: the MACs from the FIB written in place, then XDP_TX or a redirect).
+//!
+//! The next hop is found before the packet is rewritten (and before a new flow is
+//! recorded), so a hook that cannot send the packet itself — XDP without the next hop's
+//! MAC, or towards a device without native XDP — leaves it untouched to tc.
 
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_fib_lookup},
+    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
     helpers::bpf_fib_lookup as fib_lookup,
 };
-use proxy_common::{Tuple, stat};
+use proxy_common::{Tuple, stat, to_tc};
 
 use crate::{
     context::Context,
     csum,
+    mode::Mode,
     parse::{self, L3_OFFSET},
-    stats,
+    verdict::Verdict,
 };
 
 const AF_INET: u8 = 2;
@@ -27,11 +33,27 @@ const AF_INET: u8 = 2;
 const IPV4_TTL_OFFSET: usize = 8;
 const IPV4_CSUM_OFFSET: usize = 10;
 
-/// Forwards the already translated packet (now `to`) towards its destination. Falls back
-/// to the kernel (TC_ACT_OK) when the FIB has no answer or the TTL is exhausted (the kernel
-/// then sends the ICMP error).
+/// Where a packet leaves: the egress device and, when the neighbour table knows it, the
+/// Ethernet addresses to use.
+pub struct Hop {
+    pub ifindex: u32,
+    /// The FIB answered with the next hop's MAC (`dmac`) and the device's own (`smac`).
+    pub neighbour_known: bool,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+/// How the packet (to become `to`) leaves, if the program routes it itself: `Ok(Some)` the
+/// context sends it to that hop; `Ok(None)` the kernel takes it (tc, when the FIB has no
+/// route or the TTL is exhausted: the kernel then sends the ICMP error); `Err` the XDP
+/// program leaves it to tc.
 #[inline(always)]
-pub fn redirect<C: Context>(ctx: &C, proto: u8, to: &Tuple) -> i32 {
+pub fn hop_for<C: Context, M: Mode>(
+    ctx: &C,
+    mode: &M,
+    proto: u8,
+    to: &Tuple,
+) -> Result<Option<Hop>, Verdict> {
     // SAFETY: an all-zero bpf_fib_lookup is a valid request skeleton.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
@@ -50,15 +72,51 @@ pub fn redirect<C: Context>(ctx: &C, proto: u8, to: &Tuple) -> i32 {
             0,
         )
     };
-    if found != i64::from(BPF_FIB_LKUP_RET_SUCCESS) && found != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH)
-    {
-        stats::count(stat::FIB_MISS);
-        return TC_ACT_OK as i32;
+    let neighbour_known = found == i64::from(BPF_FIB_LKUP_RET_SUCCESS);
+    let reason = if !neighbour_known && found != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+        if !C::IS_XDP {
+            mode.count(stat::FIB_MISS);
+        }
+        to_tc::NO_ROUTE
+    } else if !ttl_allows_a_hop(ctx) {
+        to_tc::NO_ROUTE
+    } else {
+        let hop = Hop {
+            ifindex: params.ifindex,
+            neighbour_known,
+            smac: params.smac,
+            dmac: params.dmac,
+        };
+        match ctx.can_send(&hop) {
+            Ok(()) => return Ok(Some(hop)),
+            Err(reason) => reason,
+        }
+    };
+    if C::IS_XDP {
+        Err(Verdict::ToTc(reason))
+    } else {
+        Ok(None)
     }
+}
+
+/// Sends the translated packet to `hop` ([`hop_for`] found it): one hop, so the TTL
+/// goes down by one.
+#[inline(always)]
+pub fn forward<C: Context>(ctx: &C, hop: &Hop) -> Verdict {
     if !decrement_ttl(ctx) {
-        return TC_ACT_OK as i32;
+        return Verdict::Accept;
     }
-    ctx.redirect_neigh(params.ifindex)
+    ctx.send(hop)
+}
+
+/// Whether the TTL leaves room for one more hop.
+#[inline(always)]
+fn ttl_allows_a_hop<C: Context>(ctx: &C) -> bool {
+    match parse::at(ctx, L3_OFFSET + IPV4_TTL_OFFSET, 1) {
+        // SAFETY: the byte was checked against data_end just above.
+        Some(ttl) => (unsafe { *(ttl as *const u8) }) > 1,
+        None => false,
+    }
 }
 
 /// Decrements the TTL and fixes the header checksum; false when it would reach zero.

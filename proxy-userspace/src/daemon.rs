@@ -12,7 +12,7 @@
 //! stream of changes still at least once every period; the loop looks at the sync first,
 //! so no stream of events can hold it off.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,13 +30,14 @@ use crate::datapath::{Datapath, MapSizes};
 use crate::health::Health;
 use crate::metrics::{MapLabel, Metrics};
 use crate::model::{Model, ModelChanges, Problem};
-use crate::netlink::{self, Device, DevicePolicy, Netlink};
+use crate::netlink::{self, Device, DevicePolicy, DeviceRole, Netlink};
 use crate::node_port_addresses::NodePortAddresses;
 use crate::plan::{NodeFacts, Planner};
 use crate::service_health::ServiceHealthServers;
 use crate::source::kubernetes::{ApiServer, KubernetesSource};
 use crate::source::manifests::{ManifestWatcher, ParseLimits};
 use crate::writer::{ApplyReport, MapWriter};
+use crate::xdp::{Attached, XdpMode};
 
 /// Everything the daemon is told on the command line.
 #[derive(Clone, Debug)]
@@ -47,6 +48,8 @@ pub struct DaemonConfig {
     pub node_zone: Option<String>,
     pub bpffs_root: PathBuf,
     pub devices: DevicePolicy,
+    /// `--xdp`: the XDP program on the external devices.
+    pub xdp: XdpMode,
     pub nodeport_addresses: NodePortAddresses,
     pub map_sizes: MapSizes,
     /// Conntrack idle timeouts per state.
@@ -83,6 +86,8 @@ struct Daemon {
     runner: SyncRunner,
     node: NodeFacts,
     attached: BTreeSet<Device>,
+    /// The external devices the XDP program is attached to, and how.
+    xdp_attached: BTreeMap<Device, Attached>,
     health: Arc<Health>,
     /// The healthCheckNodePort servers of Services with externalTrafficPolicy Local.
     service_health: ServiceHealthServers,
@@ -100,6 +105,9 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
     let source = Source::start(&config.source, &config.node_name).await?;
     let mut datapath = Datapath::load(&config.bpffs_root, config.map_sizes, config.ct_timeouts)?;
     let maps = datapath.take_maps()?;
+    if config.xdp != XdpMode::Off {
+        datapath.load_xdp()?;
+    }
     let health = Health::new(config.healthz_timeout);
     let (metrics, registry) = Metrics::new(Some(maps.stats));
     for (map, max) in [
@@ -163,6 +171,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         need_reread: false,
         node,
         attached: BTreeSet::new(),
+        xdp_attached: BTreeMap::new(),
         service_health: ServiceHealthServers::new(health.clone()),
         health,
         metrics,
@@ -252,8 +261,14 @@ impl Daemon {
             }
         }
         self.attached.retain(|device| devices.contains(device));
+        self.reconcile_xdp(&devices);
         let current: Vec<Device> = self.attached.iter().cloned().collect();
-        match self.datapath.release_stale_links(&current) {
+        let xdp: Vec<(Device, Attached)> = self
+            .xdp_attached
+            .iter()
+            .map(|(device, attached)| (device.clone(), *attached))
+            .collect();
+        match self.datapath.release_stale_links(&current, &xdp) {
             Ok(released) => {
                 for pin in released {
                     info!(%pin, "released the link of a vanished device");
@@ -268,6 +283,41 @@ impl Daemon {
             return true;
         }
         false
+    }
+
+    /// Attaches the XDP program to the external devices that have the tc program and no XDP
+    /// program yet, forgets vanished ones, and keeps XDP_EGRESS equal to the native ones.
+    fn reconcile_xdp(&mut self, devices: &BTreeSet<Device>) {
+        self.xdp_attached
+            .retain(|device, _| devices.contains(device));
+        let external = self.attached.iter().filter(|device| {
+            device.role == DeviceRole::External && self.config.xdp != XdpMode::Off
+        });
+        for device in external.cloned().collect::<Vec<_>>() {
+            if self.xdp_attached.contains_key(&device) {
+                continue;
+            }
+            match self.datapath.attach_xdp(&device, self.config.xdp) {
+                Ok(Some(attached)) => {
+                    info!(device = %device.name, ifindex = device.index, mode = %attached, "XDP attached");
+                    self.xdp_attached.insert(device, attached);
+                }
+                Ok(None) => {}
+                // Retried on the next event or resync; tc serves the device meanwhile.
+                Err(error) => {
+                    warn!(device = %device.name, error = format!("{error:#}"), "XDP attach failed")
+                }
+            }
+        }
+        let native: Vec<u32> = self
+            .xdp_attached
+            .iter()
+            .filter(|(_, attached)| **attached == Attached::Native)
+            .map(|(device, _)| device.index)
+            .collect();
+        if let Err(error) = self.datapath.set_xdp_egress(&native) {
+            warn!(error = format!("{error:#}"), "writing XDP_EGRESS failed");
+        }
     }
 
     fn sync(&mut self) {

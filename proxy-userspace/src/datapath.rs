@@ -8,8 +8,9 @@
 //!
 //! Layout of the bpffs root: `SERVICES`, `BACKENDS`, `BACKEND_IDS`, `CONNTRACK`,
 //! `CONNTRACK_PENDING`, `CT_TIMEOUTS`, `STATS`, `AFFINITY`, `MEMBERSHIP`,
-//! `MEMBERSHIP_EPOCH`, `SVC_NAMES`, `SOURCE_RANGES` (maps) and `links/<ifindex>-<ifname>`
-//! (tcx ingress links).
+//! `MEMBERSHIP_EPOCH`, `SVC_NAMES`, `SOURCE_RANGES`, `XDP_EGRESS` (maps),
+//! `links/<ifindex>-<ifname>` (tcx ingress links) and `links/xdp-<mode>-<ifindex>-<ifname>`
+//! (XDP links of the external devices, see [`crate::xdp`]).
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -17,16 +18,16 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow};
-use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, xdp::DevMapHash};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::TcAttachOptions;
-use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions};
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, Xdp};
 use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::{
     Backend, CtTimeouts, MembershipKey, PROGRAM_NAME, REFUSAL_LIMITS_GLOBAL, RefusalLimits,
     SNAT_PORT_MAX_GLOBAL, SNAT_PORT_MIN_GLOBAL, ServiceKey, ServiceName, ServiceValue, SourceRange,
-    map_names,
+    XDP_PROGRAM_NAME, map_names,
 };
 use tracing::{info, warn};
 
@@ -34,6 +35,7 @@ use crate::conntrack::ConntrackSizes;
 use crate::netlink::Device;
 use crate::pin_root::PinRoot;
 use crate::writer::FlowMaps;
+use crate::xdp::{self, Attached, XdpMode};
 
 /// Where the daemon pins, and the CLI looks, unless told otherwise (`--bpffs-root`).
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/ebpf-proxy";
@@ -181,6 +183,30 @@ impl Datapath {
         })
     }
 
+    /// Loads the XDP program (`--xdp` other than `off`), which shares the tc program's maps.
+    pub fn load_xdp(&mut self) -> Result<()> {
+        xdp_program(&mut self.ebpf)?
+            .load()
+            .context("loading the XDP program into the kernel")
+    }
+
+    /// Attaches the XDP program to the external `device` as `mode` asks (with `off`, removes
+    /// an XDP link a previous daemon left there); how it is attached now.
+    pub fn attach_xdp(&mut self, device: &Device, mode: XdpMode) -> Result<Option<Attached>> {
+        let links_dir = self.links_dir.clone();
+        xdp::attach(xdp_program(&mut self.ebpf)?, &links_dir, device, mode)
+    }
+
+    /// Makes XDP_EGRESS name exactly the devices in `native` (ifindexes).
+    pub fn set_xdp_egress(&mut self, native: &[u32]) -> Result<()> {
+        let map = self
+            .ebpf
+            .map_mut(map_names::XDP_EGRESS)
+            .ok_or_else(|| anyhow!("map {} missing from the eBPF object", map_names::XDP_EGRESS))?;
+        let mut egress: DevMapHash<&mut MapData> = map.try_into()?;
+        xdp::set_egress(&mut egress, native)
+    }
+
     /// Takes the maps out of the object. Call once.
     pub fn take_maps(&mut self) -> Result<Maps> {
         let mut take = |name: &str| {
@@ -245,9 +271,18 @@ impl Datapath {
     }
 
     /// Removes the pins of links whose device is gone (or renamed, or re-created with a
-    /// new index), which releases those links. Returns the names of the released pins.
-    pub fn release_stale_links(&self, devices: &[Device]) -> Result<Vec<String>> {
-        let keep: BTreeSet<PathBuf> = devices.iter().map(|d| self.link_pin(d)).collect();
+    /// new index), and of XDP links not in `xdp` (a device without XDP now, or in another
+    /// mode), which releases those links. Returns the names of the released pins.
+    pub fn release_stale_links(
+        &self,
+        devices: &[Device],
+        xdp: &[(Device, Attached)],
+    ) -> Result<Vec<String>> {
+        let mut keep: BTreeSet<PathBuf> = devices.iter().map(|d| self.link_pin(d)).collect();
+        keep.extend(xdp::link_pins(
+            &self.links_dir,
+            xdp.iter().map(|(device, attached)| (device, *attached)),
+        ));
         let mut released = Vec::new();
         for entry in fs::read_dir(&self.links_dir)? {
             let path = entry?.path();
@@ -326,6 +361,13 @@ pub fn run_frame(program: &SchedClassifier, frame: &[u8]) -> Result<(u32, Vec<u8
         .context("BPF_PROG_TEST_RUN")?;
     output.truncate(result.data_size_out as usize);
     Ok((result.return_value, output))
+}
+
+fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
+    let program = ebpf
+        .program_mut(XDP_PROGRAM_NAME)
+        .ok_or_else(|| anyhow!("program {XDP_PROGRAM_NAME} missing from the eBPF object"))?;
+    Ok(program.try_into()?)
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {

@@ -27,6 +27,7 @@ pub mod plan;
 pub mod service_health;
 pub mod source;
 pub mod writer;
+pub mod xdp;
 
 /// The kernel programs, built from proxy-ebpf by build.rs.
 pub const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));

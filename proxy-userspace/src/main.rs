@@ -16,6 +16,7 @@ use proxy_userspace::netlink::DevicePolicy;
 use proxy_userspace::node_port_addresses::NodePortAddresses;
 use proxy_userspace::source::kubernetes::ApiServer;
 use proxy_userspace::source::manifests::ParseLimits;
+use proxy_userspace::xdp::XdpMode;
 
 /// A kube-proxy replacement whose datapath runs in the kernel as eBPF.
 #[derive(Parser)]
@@ -77,6 +78,11 @@ struct DaemonArgs {
     /// interfaces holding the node's addresses, except loopback and pod devices].
     #[arg(long, value_delimiter = ',')]
     devices: Option<Vec<String>>,
+    /// The XDP program on the external devices: `native` (in the driver; generic where the
+    /// driver has none), `generic`, or `off` (tc only). It handles outside traffic to
+    /// NodePorts, externalIPs and load-balancer IPs ahead of tc and leaves tc the rest.
+    #[arg(long, value_enum, default_value_t = XdpMode::Native)]
+    xdp: XdpMode,
     /// Glob patterns naming the host side of pod veths; attached as they appear.
     #[arg(
         long,
@@ -231,6 +237,7 @@ impl DaemonArgs {
                 external: self.devices,
                 pod_patterns: self.pod_devices,
             },
+            xdp: self.xdp,
             nodeport_addresses: NodePortAddresses::parse(&self.nodeport_addresses)
                 .map_err(|problem| anyhow::anyhow!("--nodeport-addresses: {problem}"))?,
             map_sizes: MapSizes {

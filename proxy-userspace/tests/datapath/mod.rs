@@ -9,7 +9,7 @@ pub use std::net::SocketAddrV4;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
-    programs::SchedClassifier,
+    programs::{SchedClassifier, Xdp},
 };
 use etherparse::{
     EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpDscp, IpFragOffset, IpNumber,
@@ -18,10 +18,11 @@ use etherparse::{
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtTimeouts, CtValue, MembershipKey, PROGRAM_NAME,
     REFUSAL_LIMITS_GLOBAL, RefusalLimits, SNAT_PORT_MAX_GLOBAL, SNAT_PORT_MIN_GLOBAL, ServiceKey,
-    ServiceValue, SourceRange, Tuple, map_names, membership, proto, stat,
+    ServiceValue, SourceRange, Tuple, XDP_PROGRAM_NAME, map_names, membership, proto, stat,
 };
 use proxy_lab::PrivateBpffs;
 use proxy_userspace::inspect::trace::{TracePacket, Tracer};
+use proxy_userspace::xdp::XdpRun;
 
 /// Whether this process can load BPF programs. Without root (or without a working `bpf()`
 /// syscall) the tests print why and pass as skipped, except under `CI=true`, where a
@@ -172,6 +173,13 @@ impl Datapath {
         program
             .load()
             .unwrap_or_else(|e| panic!("loading {PROGRAM_NAME}: {e:?}"));
+        let xdp: &mut Xdp = ebpf
+            .program_mut(XDP_PROGRAM_NAME)
+            .expect("XDP program in object")
+            .try_into()
+            .expect("an XDP program");
+        xdp.load()
+            .unwrap_or_else(|e| panic!("loading {XDP_PROGRAM_NAME}: {e:?}"));
         proxy_userspace::datapath::set_timeouts(&mut ebpf, CtTimeouts::DEFAULT).unwrap();
         Some(Self {
             ebpf,
@@ -318,6 +326,23 @@ impl Datapath {
         proxy_userspace::datapath::run_frame(program, frame).unwrap()
     }
 
+    /// Runs the XDP program on `frame` as if it arrived on `ingress_ifindex` (0: loopback,
+    /// where tc test runs see packets arrive).
+    pub fn run_xdp_on(&self, frame: &[u8], ingress_ifindex: u32) -> XdpRun {
+        let program: &Xdp = self
+            .ebpf
+            .program(XDP_PROGRAM_NAME)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        proxy_userspace::xdp::run_frame(program, frame, ingress_ifindex).unwrap()
+    }
+
+    /// [`Datapath::run_xdp_on`] loopback.
+    pub fn run_xdp(&self, frame: &[u8]) -> XdpRun {
+        self.run_xdp_on(frame, 0)
+    }
+
     /// Every counter, summed over the CPUs, by name.
     pub fn stats(&self) -> BTreeMap<&'static str, u64> {
         let stats: PerCpuArray<_, u64> =
@@ -416,6 +441,8 @@ pub struct Frame {
     pub fragment_offset: u16,
     pub payload: &'static [u8],
     pub ttl: u8,
+    /// Ethernet source and destination.
+    pub macs: ([u8; 6], [u8; 6]),
 }
 
 impl Frame {
@@ -429,6 +456,15 @@ impl Frame {
             fragment_offset: 0,
             payload: PAYLOAD,
             ttl: 64,
+            macs: ([0x02, 0, 0, 0, 0, 0x01], [0x02, 0, 0, 0, 0, 0x02]),
+        }
+    }
+
+    /// The same frame between other Ethernet addresses (`source`, `destination`).
+    pub fn macs(self, source: [u8; 6], destination: [u8; 6]) -> Self {
+        Self {
+            macs: (source, destination),
+            ..self
         }
     }
 
@@ -490,8 +526,8 @@ impl Frame {
         };
         ip.header_checksum = ip.calc_header_checksum();
         let eth = Ethernet2Header {
-            source: [0x02, 0, 0, 0, 0, 0x01],
-            destination: [0x02, 0, 0, 0, 0, 0x02],
+            source: self.macs.0,
+            destination: self.macs.1,
             ether_type: EtherType::IPV4,
         };
         [&eth.to_bytes()[..], &ip.to_bytes(), &l4, self.payload].concat()
@@ -629,6 +665,93 @@ pub fn on_a_node_with_remote_backends(test: impl FnOnce() + Send) {
                 // /proc/sys/net shows the namespace of the thread that opens it.
                 std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
                 test();
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    });
+}
+
+/// The node's side of the wire [`on_a_node_with_a_wire`] sets up: its MAC.
+pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0a, 0x01];
+/// The MACs the node's neighbour table knows for [`BACKEND_1`]'s and [`CLIENT`]'s address.
+pub const BACKEND_1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0b, 0x01];
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0c, 0x01];
+
+/// Runs `test` (given the wire's ifindex) on a thread in a fresh network namespace where
+/// this node holds `NODE` on `wire0`, one end of a veth, and reaches backends and clients
+/// through it (198.18.0.0/16), its neighbour table knowing the MACs of [`BACKEND_1`] and
+/// [`CLIENT`] but not of the other backends: the external device of a node whose backends
+/// sit on other nodes, as XDP sees it.
+pub fn on_a_node_with_a_wire(test: impl FnOnce(u32) + Send) {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: affects only this thread, which ends with the test.
+                assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+                let mac = |mac: [u8; 6]| {
+                    mac.iter()
+                        .map(|byte| format!("{byte:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":")
+                };
+                let backend = BACKEND_1.ip().to_string();
+                let client = CLIENT.ip().to_string();
+                let (node_mac, backend_mac, client_mac) =
+                    (mac(NODE_MAC), mac(BACKEND_1_MAC), mac(CLIENT_MAC));
+                for args in [
+                    &["link", "set", "lo", "up"][..],
+                    &[
+                        "link", "add", "wire0", "address", &node_mac, "type", "veth", "peer",
+                        "name", "wire1",
+                    ],
+                    &["link", "set", "wire0", "up"],
+                    &["link", "set", "wire1", "up"],
+                    &["addr", "add", "198.18.0.1/32", "dev", "wire0"],
+                    &[
+                        "route",
+                        "add",
+                        "198.18.0.0/16",
+                        "dev",
+                        "wire0",
+                        "src",
+                        "198.18.0.1",
+                    ],
+                    &[
+                        "neigh",
+                        "add",
+                        &backend,
+                        "lladdr",
+                        &backend_mac,
+                        "dev",
+                        "wire0",
+                        "nud",
+                        "permanent",
+                    ],
+                    &[
+                        "neigh",
+                        "add",
+                        &client,
+                        "lladdr",
+                        &client_mac,
+                        "dev",
+                        "wire0",
+                        "nud",
+                        "permanent",
+                    ],
+                ] {
+                    let status = std::process::Command::new("ip")
+                        .args(args)
+                        .status()
+                        .unwrap();
+                    assert!(status.success(), "ip {args:?}");
+                }
+                // /proc/sys/net shows the namespace of the thread that opens it.
+                std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
+                let name = std::ffi::CString::new("wire0").unwrap();
+                // SAFETY: a valid C string; the lookup happens in this thread's namespace.
+                let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+                assert_ne!(ifindex, 0, "wire0's index");
+                test(ifindex);
             })
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
