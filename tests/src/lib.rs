@@ -76,6 +76,7 @@ mod netns;
 mod rng;
 mod scratch;
 mod tally;
+mod xdp_pass;
 
 pub use bpffs::PrivateBpffs;
 pub use client::{REQUEST_TIMEOUT, Reply, TcpSession, UdpFlow, is_timeout, udp_exchange};

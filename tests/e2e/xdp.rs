@@ -1,0 +1,134 @@
+//! The XDP program on the external devices (`--xdp`), with real traffic: outside clients'
+//! NodePort flows are decided by XDP, and the tc program behind it never translates them a
+//! second time; across nodes, SNAT flows go back out of the node with XDP_TX both ways.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use anyhow::{Context, Result, ensure};
+use common::{BACKEND_NAMES, SERVICE_TCP_PORT, SERVICE_UDP_PORT, SYNC_TIMEOUT, backends, cli_json};
+use proxy_lab::{Cluster, Daemon, Endpoint, Service, addr, require_lab};
+
+const CONNECTIONS: u64 = 20;
+
+/// The datapath counters by name.
+fn counters(daemon: &Daemon) -> Result<BTreeMap<String, u64>> {
+    let stats = cli_json(daemon, &["stats"])?;
+    stats["counters"]
+        .as_array()
+        .context("counters")?
+        .iter()
+        .map(|counter| {
+            let name = counter["name"].as_str().context("name")?.to_owned();
+            Ok((name, counter["value"].as_u64().context("value")?))
+        })
+        .collect()
+}
+
+fn node_port_service() -> Service {
+    Service::node_port("echo-nodeport", addr::NODE_PORT_SERVICE_IP)
+        .tcp_node_port(SERVICE_TCP_PORT, addr::ECHO_TCP_PORT, addr::NODE_PORT_TCP)
+        .udp_node_port(SERVICE_UDP_PORT, addr::ECHO_UDP_PORT, addr::NODE_PORT_UDP)
+}
+
+#[test]
+fn node_port_flows_are_decided_by_xdp_and_never_translated_again_by_tc() -> Result<()> {
+    require_lab!();
+    for mode in ["native", "generic"] {
+        let lab = common::lab()?;
+        let daemon = lab
+            .daemon()
+            .manifest(node_port_service().manifest(backends(&lab)))
+            .args(["--xdp", mode])
+            .start()?;
+        daemon.wait_synced(SYNC_TIMEOUT)?;
+        let attached = format!("XDP attached device=eth0 ifindex=2 mode={mode}");
+        ensure!(
+            daemon.log().contains(&attached),
+            "{mode}: no `{attached}` logged"
+        );
+        for _ in 0..CONNECTIONS {
+            let tcp = lab
+                .client()
+                .tcp_request(addr::NODE_IP, addr::NODE_PORT_TCP)?;
+            let udp = lab
+                .client()
+                .udp_request(addr::NODE_IP, addr::NODE_PORT_UDP)?;
+            for reply in [tcp, udp] {
+                ensure!(
+                    BACKEND_NAMES.contains(&reply.body.as_str()),
+                    "{mode}: answered by {reply:?}"
+                );
+            }
+        }
+        let counters = counters(&daemon)?;
+        // Every flow's packets were translated once: had tc looked at a packet XDP had
+        // translated, it would have met a packet to a backend address (a `direct` flow).
+        ensure!(
+            counters["direct"] == 0,
+            "{mode}: tc saw translated packets: {counters:?}"
+        );
+        // UDP clients may reuse a port (a flow already known): at least the TCP ones.
+        ensure!(
+            (CONNECTIONS..=2 * CONNECTIONS).contains(&counters["new_flow"]),
+            "{mode}: {counters:?}"
+        );
+        // Each connection's SYN, handshake ACK, request and FIN, and each datagram, came
+        // through XDP (the answers come back through the pods' devices: tc).
+        ensure!(
+            counters["xdp_pass"] >= 5 * CONNECTIONS,
+            "{mode}: XDP decided too little: {counters:?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn snat_flows_to_another_node_go_back_out_with_xdp_tx_both_ways() -> Result<()> {
+    require_lab!();
+    let cluster = Cluster::builder().pods_per_node(&[1, 2]).build()?;
+    let service = Service::node_port("echo-nodeport", addr::NODE_PORT_SERVICE_IP).tcp_node_port(
+        SERVICE_TCP_PORT,
+        addr::PEER_REPORT_PORT,
+        addr::NODE_PORT_TCP,
+    );
+    let node_2 = cluster.node(2);
+    let endpoints: Vec<Endpoint> = node_2
+        .pods()
+        .iter()
+        .map(|pod| Endpoint::of(pod).on_node(&node_2.name))
+        .collect();
+    let daemons = (1..=2)
+        .map(|k| {
+            cluster
+                .daemon(k)
+                .manifest(service.manifest_with(&endpoints))
+                .args(["--xdp", "native"])
+                .start()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for daemon in &daemons {
+        daemon.wait_synced(SYNC_TIMEOUT)?;
+    }
+    let node_1 = cluster.node(1).ip;
+    for _ in 0..CONNECTIONS {
+        let reply = cluster.client().tcp_request(node_1, addr::NODE_PORT_TCP)?;
+        let seen: Ipv4Addr = reply.body.parse()?;
+        ensure!(
+            seen == node_1,
+            "the backend saw {seen}, not node 1's address"
+        );
+    }
+    let counters = counters(&daemons[0])?;
+    ensure!(counters["new_flow"] == CONNECTIONS, "{counters:?}");
+    // Both directions of every connection (handshake, request, answer, FINs) went back
+    // out of node 1's device from XDP; only a packet whose next hop the node did not
+    // know yet (the first) went through tc, which resolved it.
+    ensure!(
+        counters["xdp_tx"] >= 6 * CONNECTIONS,
+        "XDP sent too little itself: {counters:?}"
+    );
+    Ok(())
+}
