@@ -484,7 +484,10 @@ pub struct TraceRecord {
     /// A [`to_tc`] constant: why the XDP program left the packet to the tc program (XDP
     /// dry runs only).
     pub to_tc: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
+    /// With [`TraceRecord::routes_reply`]: the device the FIB sends the packet out of (0 if
+    /// it found no route).
+    pub egress_ifindex: u32,
 }
 
 /// Why the XDP program left a packet, untouched, to the tc program behind it

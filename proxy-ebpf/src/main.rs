@@ -292,7 +292,7 @@ fn direct_flow<C: Context, M: Mode>(ctx: &C, mode: &M, packet: &Packet, now: Now
         return refused;
     }
     let to = translation.reply.reversed();
-    translate(ctx, mode, packet, &to, stat::DIRECT, false, None)
+    translate(ctx, mode, packet, &to, stat::DIRECT, false, Hop::KERNEL)
 }
 
 /// Records a new flow; on failure, the verdict for its packet (counted).
@@ -324,7 +324,7 @@ fn create<M: Mode>(
 
 /// Where a packet that will leave as `to` goes when its source becomes one of the node's
 /// own addresses (`routes_itself`): the kernel would drop it as a martian, so the program
-/// routes it itself (see [`route`]). `Ok(None)`: the kernel routes it.
+/// routes it itself (see [`route`]). [`Hop::KERNEL`]: the kernel routes it.
 #[inline(always)]
 fn hop<C: Context, M: Mode>(
     ctx: &C,
@@ -332,16 +332,16 @@ fn hop<C: Context, M: Mode>(
     packet: &Packet,
     routes_itself: bool,
     to: &Tuple,
-) -> Result<Option<Hop>, Verdict> {
+) -> Result<Hop, Verdict> {
     if !routes_itself {
-        return Ok(None);
+        return Ok(Hop::KERNEL);
     }
     route::hop_for(ctx, mode, packet.proto, to)
 }
 
-/// Rewrites the packet to `to`, counts `translated`, and sends it to `hop` if the program
-/// routes it (`routes_itself`, and the route was found); a failed rewrite is counted and
-/// dropped (a half-rewritten packet must not leave).
+/// Rewrites the packet to `to`, counts `translated`, and sends it to `hop` unless that is
+/// [`Hop::KERNEL`]; a failed rewrite is counted and dropped (a half-rewritten packet must
+/// not leave). `routes_itself`: the packet's source became a node address (for the trace).
 #[inline(always)]
 fn translate<C: Context, M: Mode>(
     ctx: &C,
@@ -350,7 +350,7 @@ fn translate<C: Context, M: Mode>(
     to: &Tuple,
     translated: u32,
     routes_itself: bool,
-    hop: Option<Hop>,
+    hop: Hop,
 ) -> Verdict {
     if nat::rewrite(ctx, packet, to).is_err() {
         mode.count(stat::REWRITE_FAILED);
@@ -359,13 +359,14 @@ fn translate<C: Context, M: Mode>(
     mode.count(translated);
     if M::DRY_RUN {
         if routes_itself {
-            mode.routes_itself();
+            mode.routes_itself(hop.ifindex);
         }
         return Verdict::Accept;
     }
-    match hop {
-        Some(hop) => route::forward(ctx, &hop),
-        None => Verdict::Accept,
+    if hop.routed_here() {
+        route::forward(ctx, &hop)
+    } else {
+        Verdict::Accept
     }
 }
 

@@ -31,9 +31,10 @@ pub trait Mode {
     fn backend_selected(&self, _slot: u16, _backend_id: u32, _backend: &Backend) {}
     /// A new flow was given the client's previous backend (session affinity).
     fn affinity_kept(&self, _backend_id: u32, _backend: &Backend) {}
-    /// The packet would now be routed by the program (FIB lookup and redirect): its source
-    /// became a node address (see `ct_flags::ROUTES_ITSELF`).
-    fn routes_itself(&self) {}
+    /// The packet would now be routed by the program (FIB lookup and redirect) out of
+    /// `egress_ifindex` (0: the FIB found no route): its source became a node address (see
+    /// `ct_flags::ROUTES_ITSELF`).
+    fn routes_itself(&self, _egress_ifindex: u32) {}
     /// The XDP program left the packet to tc (`reason`: a `proxy_common::to_tc` constant).
     fn left_to_tc(&self, _reason: u8) {}
     /// The XDP program's verdict, as its STATS counter (`stat::XDP_*`).
@@ -135,8 +136,10 @@ impl Mode for DryRun {
     }
 
     #[inline(always)]
-    fn routes_itself(&self) {
-        self.record().routes_reply = 1;
+    fn routes_itself(&self, egress_ifindex: u32) {
+        let record = self.record();
+        record.routes_reply = 1;
+        record.egress_ifindex = egress_ifindex;
     }
 
     #[inline(always)]

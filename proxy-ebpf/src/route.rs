@@ -34,8 +34,12 @@ const IPV4_TTL_OFFSET: usize = 8;
 const IPV4_CSUM_OFFSET: usize = 10;
 
 /// Where a packet leaves: the egress device and, when the neighbour table knows it, the
-/// Ethernet addresses to use.
+/// Ethernet addresses to use. Every field is always written (no `Option` around it): the
+/// verifier refuses to read a register that was never set, which an `Option`'s absent
+/// payload may compile to.
+#[derive(Clone, Copy)]
 pub struct Hop {
+    /// 0: the program does not route the packet; the kernel does.
     pub ifindex: u32,
     /// The FIB answered with the next hop's MAC (`dmac`) and the device's own (`smac`).
     pub neighbour_known: bool,
@@ -43,17 +47,32 @@ pub struct Hop {
     pub dmac: [u8; 6],
 }
 
-/// How the packet (to become `to`) leaves, if the program routes it itself: `Ok(Some)` the
-/// context sends it to that hop; `Ok(None)` the kernel takes it (tc, when the FIB has no
-/// route or the TTL is exhausted: the kernel then sends the ICMP error); `Err` the XDP
-/// program leaves it to tc.
+impl Hop {
+    /// The kernel routes the packet.
+    pub const KERNEL: Self = Self {
+        ifindex: 0,
+        neighbour_known: false,
+        smac: [0; 6],
+        dmac: [0; 6],
+    };
+
+    /// Whether the program sends the packet itself.
+    pub fn routed_here(&self) -> bool {
+        self.ifindex != 0
+    }
+}
+
+/// How the packet (to become `to`) leaves when the program routes it itself: `Ok` the hop
+/// the context sends it to, or [`Hop::KERNEL`] (tc, when the FIB has no route or the TTL
+/// is exhausted: the kernel then sends the ICMP error); `Err` the XDP program leaves it to
+/// tc.
 #[inline(always)]
 pub fn hop_for<C: Context, M: Mode>(
     ctx: &C,
     mode: &M,
     proto: u8,
     to: &Tuple,
-) -> Result<Option<Hop>, Verdict> {
+) -> Result<Hop, Verdict> {
     // SAFETY: an all-zero bpf_fib_lookup is a valid request skeleton.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
@@ -88,14 +107,14 @@ pub fn hop_for<C: Context, M: Mode>(
             dmac: params.dmac,
         };
         match ctx.can_send(&hop) {
-            Ok(()) => return Ok(Some(hop)),
+            Ok(()) => return Ok(hop),
             Err(reason) => reason,
         }
     };
     if C::IS_XDP {
         Err(Verdict::ToTc(reason))
     } else {
-        Ok(None)
+        Ok(Hop::KERNEL)
     }
 }
 

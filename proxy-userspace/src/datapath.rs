@@ -350,12 +350,29 @@ pub fn set_timeouts(ebpf: &mut Ebpf, timeouts: CtTimeouts) -> Result<()> {
 /// program's return value and the frame it leaves. The dry run, the tests and the
 /// benchmark's checks run packets this way.
 pub fn run_frame(program: &SchedClassifier, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+    run_frame_on(program, frame, 0)
+}
+
+/// [`run_frame`] as if the frame arrived on `ifindex` (0: the test run's loopback), which
+/// the program's FIB lookups start from.
+pub fn run_frame_on(
+    program: &SchedClassifier,
+    frame: &[u8],
+    ifindex: u32,
+) -> Result<(u32, Vec<u8>)> {
     // Room for what the program may add (an ICMP error grows the frame).
     let mut output = vec![0; frame.len() + 256];
+    // `struct __sk_buff` up to `ifindex` (the kernel takes a prefix, the rest zero):
+    // `ingress_ifindex` and `ifindex` are its 10th and 11th words.
+    let mut context = [0u32; 11];
+    context[9] = ifindex;
+    context[10] = ifindex;
+    let context: Vec<u8> = context.iter().flat_map(|word| word.to_ne_bytes()).collect();
     let result = program
         .test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut output),
+            ctx_in: (ifindex != 0).then_some(&context[..]),
             ..TestRunOptions::default()
         })
         .context("BPF_PROG_TEST_RUN")?;

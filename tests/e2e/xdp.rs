@@ -1,6 +1,7 @@
 //! The XDP program on the external devices (`--xdp`), with real traffic: outside clients'
 //! NodePort flows are decided by XDP, and the tc program behind it never translates them a
-//! second time; across nodes, SNAT flows go back out of the node with XDP_TX both ways.
+//! second time; across nodes, SNAT flows go back out of the node with XDP_TX both ways;
+//! `trace` shows which hook decided.
 
 mod common;
 
@@ -12,6 +13,8 @@ use common::{BACKEND_NAMES, SERVICE_TCP_PORT, SERVICE_UDP_PORT, SYNC_TIMEOUT, ba
 use proxy_lab::{Cluster, Daemon, Endpoint, Service, addr, require_lab};
 
 const CONNECTIONS: u64 = 20;
+/// A NodePort Service without endpoints.
+const EMPTY_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 14);
 
 /// The datapath counters by name.
 fn counters(daemon: &Daemon) -> Result<BTreeMap<String, u64>> {
@@ -86,6 +89,62 @@ fn node_port_flows_are_decided_by_xdp_and_never_translated_again_by_tc() -> Resu
 }
 
 #[test]
+fn trace_shows_which_hook_decided() -> Result<()> {
+    require_lab!();
+    let lab = common::lab()?;
+    let empty = Service::node_port("empty", EMPTY_SERVICE_IP).tcp_node_port(
+        SERVICE_TCP_PORT,
+        addr::ECHO_TCP_PORT,
+        addr::NODE_PORT_TCP + 1,
+    );
+    let daemon = lab
+        .daemon()
+        .manifest(node_port_service().manifest(backends(&lab)))
+        .manifest(empty.manifest_with(&[]))
+        .args(["--xdp", "native"])
+        .start()?;
+    daemon.wait_synced(SYNC_TIMEOUT)?;
+    let client = addr::CLIENT_IP.to_string();
+    let node_port = format!("{}:{}/tcp", addr::NODE_IP, addr::NODE_PORT_TCP);
+    let trace = cli_json(&daemon, &["trace", &client, &node_port])?;
+    ensure!(
+        (
+            trace["hook"].as_str(),
+            trace["device"].as_str(),
+            trace["path"].as_str()
+        ) == (Some("xdp"), Some("eth0"), Some("new_flow")),
+        "{trace:#}"
+    );
+    ensure!(trace["xdp"]["action"] == "pass", "{trace:#}");
+    let text = daemon.cli(&["trace", &client, &node_port])?;
+    ensure!(
+        text.contains("hook        XDP decided: into the stack, tc lets it through"),
+        "{text}"
+    );
+    // tc alone, asked for: the same decision.
+    let tc = cli_json(&daemon, &["trace", &client, &node_port, "--hook", "tc"])?;
+    ensure!(
+        (tc["hook"].as_str(), tc["path"].as_str()) == (Some("tc"), Some("new_flow")),
+        "{tc:#}"
+    );
+    // A refusal is tc's: XDP leaves the packet to it.
+    let refused = format!("{}:{}/tcp", addr::NODE_IP, addr::NODE_PORT_TCP + 1);
+    let trace = cli_json(&daemon, &["trace", &client, &refused])?;
+    ensure!(
+        (trace["hook"].as_str(), trace["path"].as_str()) == (Some("tc"), Some("rejected")),
+        "{trace:#}"
+    );
+    ensure!(
+        (
+            trace["xdp"]["action"].as_str(),
+            trace["xdp"]["left_to_tc"].as_str()
+        ) == (Some("to-tc"), Some("refusal")),
+        "{trace:#}"
+    );
+    Ok(())
+}
+
+#[test]
 fn snat_flows_to_another_node_go_back_out_with_xdp_tx_both_ways() -> Result<()> {
     require_lab!();
     let cluster = Cluster::builder().pods_per_node(&[1, 2]).build()?;
@@ -129,6 +188,18 @@ fn snat_flows_to_another_node_go_back_out_with_xdp_tx_both_ways() -> Result<()> 
     ensure!(
         counters["xdp_tx"] >= 6 * CONNECTIONS,
         "XDP sent too little itself: {counters:?}"
+    );
+    // Its neighbour known now, a new connection's SYN is sent back out by XDP.
+    let client = addr::FABRIC_CLIENT_IP.to_string();
+    let node_port = format!("{node_1}:{}/tcp", addr::NODE_PORT_TCP);
+    let trace = cli_json(&daemons[0], &["trace", &client, &node_port])?;
+    ensure!(
+        (trace["hook"].as_str(), trace["xdp"]["action"].as_str()) == (Some("xdp"), Some("tx")),
+        "{trace:#}"
+    );
+    ensure!(
+        trace["output"]["source"]["address"] == node_1.to_string(),
+        "SNAT: {trace:#}"
     );
     Ok(())
 }

@@ -315,14 +315,20 @@ impl Daemon<'_> {
     }
 
     /// Runs the node-admin CLI, `ebpf-proxy ARGS --bpffs-root <this daemon's>`, in the
-    /// test's own namespace (it reads the pins; `trace` runs a program with
-    /// BPF_PROG_TEST_RUN, which sends nothing anywhere).
+    /// node's namespace, as an admin on the node would (it reads the pins; `trace` runs
+    /// programs with BPF_PROG_TEST_RUN, which send nothing anywhere, as arriving on the
+    /// node's devices).
     pub fn cli_output(&self, args: &[&str]) -> Result<std::process::Output> {
-        Command::new(daemon_binary()?)
+        let node_namespace = self.node.open()?;
+        let mut command = Command::new(daemon_binary()?);
+        command
             .args(args)
             .arg("--bpffs-root")
             .arg(self.bpffs_root())
-            .env("NO_COLOR", "1")
+            .env("NO_COLOR", "1");
+        // SAFETY: setns is a plain syscall on a descriptor opened before the fork.
+        unsafe { command.pre_exec(move || enter(&node_namespace)) };
+        command
             .output()
             .with_context(|| format!("running ebpf-proxy {}", args.join(" ")))
     }

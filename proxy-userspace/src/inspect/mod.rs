@@ -13,6 +13,7 @@ pub mod explain;
 mod services;
 mod stats;
 pub mod trace;
+pub mod trace_hooks;
 
 use std::fmt;
 use std::io::{IsTerminal, Write};
@@ -22,7 +23,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError};
-use aya::programs::SchedClassifier;
+use aya::programs::{Program, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use clap::{Args, Subcommand, ValueEnum};
 use comfy_table::{Table, presets::NOTHING};
@@ -178,11 +179,11 @@ pub(crate) fn open_pinned(root: &Path, name: &str) -> Result<MapData> {
     MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
 }
 
-/// Loads the embedded object against the maps pinned under `root` and loads `program`
-/// from it: the side programs (dry run, conntrack reaper) that share the datapath's maps.
-/// The maps in `pins` must be pinned already (so a missing pin is an error, not a new
-/// empty map).
-pub(crate) fn load_beside_pins(root: &Path, pins: &[&str], program: &str) -> Result<Ebpf> {
+/// Loads the embedded object against the maps pinned under `root` and loads `programs`
+/// from it (tc classifiers or XDP programs): the side programs (dry runs, conntrack reaper)
+/// that share the datapath's maps. The maps in `pins` must be pinned already (so a missing
+/// pin is an error, not a new empty map).
+pub(crate) fn load_beside_pins(root: &Path, pins: &[&str], programs: &[&str]) -> Result<Ebpf> {
     for name in pins {
         open_pinned(root, name)?;
     }
@@ -195,13 +196,16 @@ pub(crate) fn load_beside_pins(root: &Path, pins: &[&str], program: &str) -> Res
                 root.display()
             )
         })?;
-    let classifier: &mut SchedClassifier = ebpf
-        .program_mut(program)
-        .ok_or_else(|| anyhow!("program {program} missing from the eBPF object"))?
-        .try_into()?;
-    classifier
-        .load()
-        .with_context(|| format!("loading {program} (needs root or CAP_BPF)"))?;
+    for &name in programs {
+        let program = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
+        let loaded = match program {
+            Program::Xdp(xdp) => xdp.load(),
+            other => <&mut SchedClassifier>::try_from(other)?.load(),
+        };
+        loaded.with_context(|| format!("loading {name} (needs root or CAP_BPF)"))?;
+    }
     Ok(ebpf)
 }
 

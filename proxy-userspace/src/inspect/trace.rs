@@ -5,7 +5,9 @@
 //! from the embedded object against the daemon's pinned maps: it reads the live SERVICES,
 //! BACKENDS and CONNTRACK entries, rewrites the packet exactly as `epx_ingress` would, but
 //! writes no conntrack entry and no counter. It leaves its decisions in its own TRACE map,
-//! which this module turns into the report.
+//! which this module turns into the report. On a node whose external devices run the XDP
+//! program, the packet meets its dry run `epx_xdp_trace` first, as arriving on such a
+//! device, and `epx_trace` only if XDP leaves it to tc (see [`super::trace_hooks`]).
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
@@ -18,12 +20,13 @@ use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
 use aya::programs::SchedClassifier;
 use clap::Args;
 use proxy_common::{
-    FlowState, ServiceKey, ServiceName, TRACE_PROGRAM_NAME, TraceRecord, ct_flags, ct_state,
-    map_names, proto, stat, tcp_flags, trace_ct, trace_table,
+    FlowState, ServiceKey, ServiceName, TRACE_PROGRAM_NAME, TraceRecord, XDP_TRACE_PROGRAM_NAME,
+    ct_flags, ct_state, map_names, proto, stat, tcp_flags, trace_ct, trace_table,
 };
 use serde::Serialize;
 
 use super::conntrack::EndpointPattern;
+use super::trace_hooks::{self, Arrival, Hook, XdpView};
 use super::{
     Endpoint, Output, PinArgs, frontend_label, kind_name, load_beside_pins, print, protocol_name,
 };
@@ -42,6 +45,15 @@ pub struct TraceArgs {
     /// SYN, a new connection's first packet; `syn,ack` traces a backend's first answer).
     #[arg(long, value_delimiter = ',', default_value = "syn", value_parser = parse_tcp_flag)]
     tcp_flags: Vec<u8>,
+    /// Which programs the packet goes through: `auto` (XDP first where the arrival device
+    /// runs it, then tc if XDP leaves the packet to it), `xdp` or `tc`.
+    #[arg(long, value_enum, default_value_t = Hook::Auto)]
+    hook: Hook,
+    /// The device the packet arrives on (routes and SNAT start from it) [default: the
+    /// first external device running the XDP program, else none]. Run trace in the node's
+    /// network namespace.
+    #[arg(long)]
+    device: Option<String>,
     #[command(flatten)]
     pins: PinArgs,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
@@ -59,7 +71,9 @@ impl TraceArgs {
             destination: self.destination.endpoint,
             tcp_flags: self.tcp_flags.iter().fold(0, |flags, flag| flags | flag),
         };
-        let report = Tracer::load(&self.pins.bpffs_root)?.run(&packet)?;
+        let arrival = trace_hooks::arrival(&self.pins.bpffs_root, self.device.as_deref())?;
+        let report =
+            Tracer::load(&self.pins.bpffs_root)?.run_hooks(&packet, self.hook, arrival.as_ref())?;
         print(&match self.output {
             Output::Table => render(&report),
             Output::Json => serde_json::to_string_pretty(&report)?,
@@ -230,13 +244,13 @@ fn checksum(parts: &[&[u8]]) -> u16 {
     !(sum as u16)
 }
 
-/// `epx_trace`, loaded against the pinned maps of a bpffs root.
+/// `epx_trace` and `epx_xdp_trace`, loaded against the pinned maps of a bpffs root.
 pub struct Tracer {
     ebpf: Ebpf,
 }
 
 impl Tracer {
-    /// Loads `epx_trace` from the embedded object, reusing the maps pinned under `root`
+    /// Loads the dry runs from the embedded object, reusing the maps pinned under `root`
     /// (it never creates pins: missing ones are an error). Needs root (or CAP_BPF).
     pub fn load(root: &Path) -> Result<Self> {
         let pins = [
@@ -253,15 +267,64 @@ impl Tracer {
             map_names::SVC_NAMES,
             map_names::SOURCE_RANGES,
         ];
-        let ebpf = load_beside_pins(root, &pins, TRACE_PROGRAM_NAME)?;
+        let ebpf = load_beside_pins(root, &pins, &[TRACE_PROGRAM_NAME, XDP_TRACE_PROGRAM_NAME])?;
         Ok(Self { ebpf })
     }
 
-    /// Runs `packet` through the dry run and explains the outcome.
+    /// Runs `packet` through tc's dry run (arriving on the test run's loopback) and
+    /// explains the outcome.
     pub fn run(&mut self, packet: &TracePacket) -> Result<TraceReport> {
+        self.run_hooks(packet, Hook::Tc, None)
+    }
+
+    /// Runs `packet` through the dry runs `hook` asks for, as arriving on `arrival`, and
+    /// explains the outcome of the one that decided.
+    pub fn run_hooks(
+        &mut self,
+        packet: &TracePacket,
+        hook: Hook,
+        arrival: Option<&Arrival>,
+    ) -> Result<TraceReport> {
+        let ifindex = arrival.map_or(0, |arrival| arrival.ifindex);
+        let through_xdp = match hook {
+            Hook::Auto => arrival.is_some_and(|arrival| arrival.xdp.is_some()),
+            Hook::Xdp => true,
+            Hook::Tc => false,
+        };
         let frame = packet.frame();
-        let (return_code, output) = self.run_frame(&frame)?;
+        let mut xdp = None;
+        if through_xdp {
+            self.clear_record()?;
+            let run = crate::xdp::run_frame(self.xdp_program()?, &frame, ifindex)
+                .context("running epx_xdp_trace")?;
+            let record = self.record()?;
+            let view = XdpView::of(&run, &record, ifindex);
+            if !view.left_to_tc() || hook == Hook::Xdp {
+                let verdict = view.verdict();
+                let mut report = self.explain(packet, run.action, &run.frame, &record)?;
+                report.verdict = verdict.to_owned();
+                return Ok(report.via_xdp(view, arrival));
+            }
+            xdp = Some(view);
+        }
+        let (return_code, output) = self.run_frame_on(&frame, ifindex)?;
         let record = self.record()?;
+        let report = self.explain(packet, return_code, &output, &record)?;
+        Ok(match xdp {
+            Some(view) => report.via_xdp(view, arrival),
+            None => report.on(arrival),
+        })
+    }
+
+    /// The report of a run that left `output` and `record`.
+    fn explain(
+        &mut self,
+        packet: &TracePacket,
+        return_code: u32,
+        output: &[u8],
+        record: &TraceRecord,
+    ) -> Result<TraceReport> {
+        let record = *record;
         let name_of = |rev_nat_id: u32| -> Result<Option<String>> {
             let names: BpfHashMap<&MapData, u32, ServiceName> = self
                 .ebpf
@@ -287,7 +350,7 @@ impl Tracer {
         Ok(report(
             packet,
             return_code,
-            TracePacket::parse(&output, packet.protocol),
+            TracePacket::parse(output, packet.protocol),
             &record,
             frontend_name,
             flow_name,
@@ -296,13 +359,26 @@ impl Tracer {
 
     /// Runs a raw frame through `epx_trace`: its return value and the frame it leaves.
     pub fn run_frame(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        self.run_frame_on(frame, 0)
+    }
+
+    /// [`Tracer::run_frame`] as arriving on `ifindex` (0: loopback).
+    fn run_frame_on(&mut self, frame: &[u8], ifindex: u32) -> Result<(u32, Vec<u8>)> {
         self.clear_record()?;
         let program: &SchedClassifier = self
             .ebpf
             .program(TRACE_PROGRAM_NAME)
             .context("epx_trace not loaded")?
             .try_into()?;
-        crate::datapath::run_frame(program, frame).context("running epx_trace")
+        crate::datapath::run_frame_on(program, frame, ifindex).context("running epx_trace")
+    }
+
+    fn xdp_program(&self) -> Result<&aya::programs::Xdp> {
+        Ok(self
+            .ebpf
+            .program(XDP_TRACE_PROGRAM_NAME)
+            .context("epx_xdp_trace not loaded")?
+            .try_into()?)
     }
 
     fn trace_map(&mut self) -> Result<PerCpuArray<&mut MapData, TraceRecord>> {
@@ -357,6 +433,30 @@ pub struct TraceReport {
     pub routes_reply: bool,
     /// The map entries that decided, in the order the program read them.
     pub decided_by: Vec<String>,
+    /// The program that decided: `xdp` or `tc`.
+    pub hook: &'static str,
+    /// The device the packet was traced as arriving on; null: the test run's loopback.
+    pub device: Option<String>,
+    /// What the XDP program did, when the packet went through it (null otherwise).
+    pub xdp: Option<XdpView>,
+}
+
+impl TraceReport {
+    /// The report of the tc run of a packet arriving on `arrival`.
+    fn on(mut self, arrival: Option<&Arrival>) -> Self {
+        self.device = arrival.map(|arrival| arrival.name.clone());
+        self
+    }
+
+    /// The report of a packet that went through XDP (`view`) on `arrival`: XDP's run if it
+    /// decided, else tc's after it.
+    fn via_xdp(mut self, view: XdpView, arrival: Option<&Arrival>) -> Self {
+        if !view.left_to_tc() {
+            self.hook = "xdp";
+        }
+        self.xdp = Some(view);
+        self.on(arrival)
+    }
 }
 
 #[derive(Debug, PartialEq, Eq, Serialize)]
@@ -644,6 +744,9 @@ fn report(
         output: output.as_ref().map(PacketView::from),
         routes_reply: record.routes_reply != 0,
         decided_by,
+        hook: "tc",
+        device: None,
+        xdp: None,
     }
 }
 
@@ -657,6 +760,11 @@ pub fn render(report: &TraceReport) -> String {
     let mut out = String::new();
     writeln!(out, "packet      {}{syn}", packet(&report.packet)).unwrap();
     writeln!(out, "verdict     {}", report.verdict).unwrap();
+    let device = report.device.as_deref().unwrap_or("lo");
+    match &report.xdp {
+        Some(xdp) => writeln!(out, "hook        {}", xdp.describe(device)).unwrap(),
+        None => writeln!(out, "hook        tc (arriving on {device})").unwrap(),
+    }
     writeln!(out, "path        {} ({})", report.path, report.explanation).unwrap();
     for (index, entry) in report.decided_by.iter().enumerate() {
         let label = if index == 0 { "decided by" } else { "" };
