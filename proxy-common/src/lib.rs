@@ -7,6 +7,7 @@
 #![no_std]
 
 mod conntrack;
+pub mod maglev;
 
 pub use conntrack::{
     CtKey, CtTimeouts, CtValue, EXPIRES_REMOVING, Endpoint, FlowState, Translation, Tuple,

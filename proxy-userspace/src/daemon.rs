@@ -32,7 +32,7 @@ use crate::metrics::{MapLabel, Metrics};
 use crate::model::{Model, ModelChanges, Problem};
 use crate::netlink::{self, Device, DevicePolicy, DeviceRole, Netlink};
 use crate::node_port_addresses::NodePortAddresses;
-use crate::plan::{NodeFacts, Planner};
+use crate::plan::{NodeFacts, Planner, SelectionDefaults};
 use crate::service_health::ServiceHealthServers;
 use crate::source::kubernetes::{ApiServer, KubernetesSource};
 use crate::source::manifests::{ManifestWatcher, ParseLimits};
@@ -50,6 +50,9 @@ pub struct DaemonConfig {
     pub devices: DevicePolicy,
     /// `--xdp`: the XDP program on the external devices.
     pub xdp: XdpMode,
+    /// `--lb-algorithm`, `--maglev-table-size`: how external frontends choose backends
+    /// unless their Service's annotations say otherwise.
+    pub selection: SelectionDefaults,
     pub nodeport_addresses: NodePortAddresses,
     pub map_sizes: MapSizes,
     /// Conntrack idle timeouts per state.
@@ -156,6 +159,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         zone: config.node_zone.clone(),
         addresses: Vec::new(),
         nodeport_cidrs: config.nodeport_addresses.ipv4_cidrs(None),
+        selection: config.selection,
     };
     let mut daemon = Daemon {
         runner: SyncRunner::new(config.min_sync_period),

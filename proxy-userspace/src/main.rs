@@ -8,10 +8,12 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use proxy_common::CtTimeouts;
+use proxy_common::maglev::DEFAULT_TABLE_SIZE;
 use proxy_userspace::conntrack::{self, ConntrackSizes};
 use proxy_userspace::daemon::{self, DaemonConfig, SourceConfig};
 use proxy_userspace::datapath::{DEFAULT_BPFFS_ROOT, MapSizes, SnatPortRange};
 use proxy_userspace::inspect;
+use proxy_userspace::model::selection::{Algorithm, SelectionDefaults, parse_table_size};
 use proxy_userspace::netlink::DevicePolicy;
 use proxy_userspace::node_port_addresses::NodePortAddresses;
 use proxy_userspace::source::kubernetes::ApiServer;
@@ -83,6 +85,16 @@ struct DaemonArgs {
     /// NodePorts, externalIPs and load-balancer IPs ahead of tc and leaves tc the rest.
     #[arg(long, value_enum, default_value_t = XdpMode::Native)]
     xdp: XdpMode,
+    /// How NodePorts, externalIPs and load-balancer IPs choose a new connection's backend:
+    /// `random` (kube-proxy's) or `maglev` (consistent hashing: every node picks the same
+    /// backend for a client's flow); a Service's `ebpf-proxy.io/lb-algorithm` annotation
+    /// overrides it. ClusterIPs always choose at random.
+    #[arg(long, default_value = "random")]
+    lb_algorithm: Algorithm,
+    /// Positions in each Maglev table (a prime; about 100 per backend keeps the shares
+    /// within 1 %); a Service's `ebpf-proxy.io/maglev-table-size` annotation overrides it.
+    #[arg(long, default_value_t = DEFAULT_TABLE_SIZE, value_parser = parse_table_size)]
+    maglev_table_size: u32,
     /// Glob patterns naming the host side of pod veths; attached as they appear.
     #[arg(
         long,
@@ -238,6 +250,10 @@ impl DaemonArgs {
                 pod_patterns: self.pod_devices,
             },
             xdp: self.xdp,
+            selection: SelectionDefaults {
+                algorithm: self.lb_algorithm,
+                table_size: self.maglev_table_size,
+            },
             nodeport_addresses: NodePortAddresses::parse(&self.nodeport_addresses)
                 .map_err(|problem| anyhow::anyhow!("--nodeport-addresses: {problem}"))?,
             map_sizes: MapSizes {

@@ -370,6 +370,7 @@ mod test_support {
                     session_affinity: None,
                     serving_addrs: Vec::new(),
                     source_ranges: Vec::new(),
+                    selection: crate::plan::Selection::Random,
                 },
             );
         }

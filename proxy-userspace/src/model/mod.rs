@@ -16,6 +16,7 @@ pub mod address;
 mod changes;
 mod endpoint_slice;
 mod problem;
+pub mod selection;
 pub(crate) mod service;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};

@@ -2,7 +2,7 @@
 //! when the object arrives (`newBaseServiceInfo`, `ShouldSkipService`, the informers' label
 //! selector, `GetClusterIPByFamily`), so the model keeps a few hundred bytes per Service
 //! instead of the whole API object, and a change that leaves the record equal (a new
-//! resourceVersion, an annotation) plans nothing.
+//! resourceVersion, an annotation other than ours) plans nothing.
 //!
 //! `publishNotReadyAddresses` is not read, as kube-proxy does not read it: the EndpointSlice
 //! controller already writes such a Service's endpoints as ready, so an endpoint a slice
@@ -18,6 +18,7 @@ use ipnet::{IpNet, Ipv4Net};
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 
 use super::address::{parse_cidr_sloppy, parse_ipv4_sloppy};
+use super::selection::SelectionRequest;
 use super::{Problem, ProblemKind, Protocol};
 
 /// Services (and their EndpointSlices) with this label belong to another proxy; kube-proxy's
@@ -61,6 +62,8 @@ pub struct ProxiedService {
     /// `loadBalancerSourceRanges`, the valid IPv4 ones, truncated, sorted, deduplicated.
     pub source_ranges: Vec<Ipv4Net>,
     pub session_affinity: Option<Duration>,
+    /// How its external frontends choose backends, as far as its annotations say.
+    pub selection: SelectionRequest,
     pub ports: Vec<PortRecord>,
     /// Fields that were set but are not programmed, one sentence each (logged and counted).
     pub skipped_fields: Vec<Problem>,
@@ -194,6 +197,12 @@ fn proxied_service(
         .health_check_node_port
         .and_then(port_number)
         .filter(|_| service_type == "LoadBalancer" && external_policy_local);
+    let annotations = service.metadata.annotations.as_ref();
+    let selection = SelectionRequest::from_annotations(
+        key,
+        |name| annotations?.get(name).cloned(),
+        &mut skipped_fields,
+    );
     Ok(ProxiedService {
         cluster_ip,
         exposes_node_ports,
@@ -204,6 +213,7 @@ fn proxied_service(
         health_check_node_port,
         source_ranges,
         session_affinity: session_affinity(&spec),
+        selection,
         ports,
         skipped_fields,
     })

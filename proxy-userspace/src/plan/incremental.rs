@@ -245,6 +245,7 @@ fn node_context(node: &NodeFacts, model: &Model) -> NodeContext {
             Some(primary) => vec![primary],
             None => node.addresses.clone(),
         },
+        selection: node.selection,
     }
 }
 

@@ -23,6 +23,7 @@
 mod claims;
 mod endpoints;
 mod incremental;
+pub mod maglev;
 mod service_port;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -35,6 +36,7 @@ use std::time::Duration;
 
 use ipnet::Ipv4Net;
 
+pub use crate::model::selection::{Algorithm, Selection, SelectionDefaults};
 pub use crate::model::{
     DEFAULT_AFFINITY_TIMEOUT, HEADLESS_LABEL, Problem, Protocol, SERVICE_PROXY_NAME_LABEL,
 };
@@ -55,6 +57,9 @@ pub struct NodeFacts {
     /// `primary` keyword resolved): when non-empty, NodePorts open only on node addresses
     /// inside one of them.
     pub nodeport_cidrs: Vec<Ipv4Net>,
+    /// How external frontends choose backends unless their Service's annotations say
+    /// otherwise (`--lb-algorithm`, `--maglev-table-size`).
+    pub selection: SelectionDefaults,
 }
 
 impl NodeFacts {
@@ -176,6 +181,11 @@ pub struct FrontendPlan {
     /// clients are dropped. Empty: no restriction (other kinds, no ranges, or a Service
     /// without endpoints, which refuses everyone).
     pub source_ranges: Vec<Ipv4Net>,
+    /// How a new connection's backend is chosen (after session affinity). External
+    /// frontends follow their Service's annotations or the node's flags; a ClusterIP's
+    /// traffic starts on the node that balances it, so it always chooses at random, as
+    /// kube-proxy does.
+    pub selection: Selection,
 }
 
 /// What a frontend without backends does with new connections (kube-proxy's filter rules).

@@ -13,8 +13,8 @@ use tracing::debug;
 use super::claims::conflict;
 use super::endpoints::{NodeIdentity, categorize, endpoints_of_port, local_ready_addresses};
 use super::{
-    BackendAddr, EmptyFrontend, Frontend, FrontendKind, FrontendPlan, ServiceHealthCheck,
-    ServicePortName,
+    BackendAddr, EmptyFrontend, Frontend, FrontendKind, FrontendPlan, Selection, SelectionDefaults,
+    ServiceHealthCheck, ServicePortName,
 };
 use crate::model::service::port_number;
 use crate::model::{
@@ -30,6 +30,8 @@ pub(super) struct NodeContext {
     /// The node's address as kube-proxy's source-range rule sees it (its `nodeIP`): the
     /// Node's primary IPv4 address when known, else each of the node's addresses.
     pub source_range_node_ips: Vec<Ipv4Addr>,
+    /// The node's `--lb-algorithm` and `--maglev-table-size`.
+    pub selection: SelectionDefaults,
 }
 
 /// One Service's plan, before other Services' claims are considered.
@@ -146,7 +148,7 @@ impl ServicePlan {
         } else {
             Vec::new()
         };
-        let for_policy = |local: bool| FrontendTemplate {
+        let for_policy = |local: bool, selection: Selection| FrontendTemplate {
             service: ServicePortName {
                 namespace: key.namespace.clone(),
                 name: key.name.clone(),
@@ -165,9 +167,13 @@ impl ServicePlan {
             session_affinity: service.session_affinity,
             serving_addrs: categorized.serving_addrs.clone(),
             source_ranges: source_ranges.clone(),
+            selection,
         };
-        let internal = for_policy(service.internal_policy_local);
-        let external = for_policy(service.external_policy_local);
+        let internal = for_policy(service.internal_policy_local, Selection::Random);
+        let external = for_policy(
+            service.external_policy_local,
+            service.selection.resolve(node.selection),
+        );
         let frontend = |addr| Frontend {
             addr,
             port: service_port,
@@ -233,6 +239,7 @@ impl ServicePlan {
                     } else {
                         Vec::new()
                     },
+                    selection: template.selection,
                 },
             )),
             // The same Service port naming an address twice (an externalIP that is also its
@@ -255,6 +262,7 @@ struct FrontendTemplate {
     session_affinity: Option<Duration>,
     serving_addrs: Vec<Ipv4Addr>,
     source_ranges: Vec<Ipv4Net>,
+    selection: Selection,
 }
 
 #[cfg(test)]
@@ -695,6 +703,88 @@ mod tests {
         ];
         for (name, service, expected) in cases {
             assert_eq!(affinity_of(service), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn external_frontends_choose_as_annotated_or_as_the_node_says_and_cluster_ips_at_random() {
+        use crate::model::selection::{ALGORITHM_ANNOTATION, TABLE_SIZE_ANNOTATION};
+        let web = || {
+            svc("default/web", "198.19.0.10")
+                .node_port("http", 80, 30080)
+                .service_type("NodePort")
+                .external_ips(&["198.18.9.1"])
+        };
+        let maglev_node = NodeFacts {
+            selection: SelectionDefaults {
+                algorithm: crate::plan::Algorithm::Maglev,
+                table_size: 4093,
+            },
+            ..node()
+        };
+        let selections = |service: Svc, node: &NodeFacts| -> Vec<(FrontendKind, Selection)> {
+            let mut model = Model::default();
+            model.insert_service(service.0).unwrap();
+            model.insert_endpoint_slice(web_slice().0).unwrap();
+            let planned = plan(&model, node);
+            planned
+                .desired
+                .frontends
+                .values()
+                .map(|plan| (plan.kind, plan.selection))
+                .collect()
+        };
+        let maglev = |table_size| Selection::Maglev { table_size };
+        let expect = |external: Selection| {
+            vec![
+                (FrontendKind::NodePort, external),
+                (FrontendKind::ExternalIp, external),
+                (FrontendKind::ClusterIp, Selection::Random),
+            ]
+        };
+        let cases = [
+            (
+                "kube-proxy's default",
+                web(),
+                node(),
+                expect(Selection::Random),
+            ),
+            (
+                "the node's flag",
+                web(),
+                maglev_node.clone(),
+                expect(maglev(4093)),
+            ),
+            (
+                "the annotation",
+                web().annotation(ALGORITHM_ANNOTATION, "maglev"),
+                node(),
+                expect(maglev(proxy_common::maglev::DEFAULT_TABLE_SIZE)),
+            ),
+            (
+                "the annotation with a size",
+                web()
+                    .annotation(ALGORITHM_ANNOTATION, "maglev")
+                    .annotation(TABLE_SIZE_ANNOTATION, "1021"),
+                node(),
+                expect(maglev(1021)),
+            ),
+            (
+                "the annotation against the flag",
+                web().annotation(ALGORITHM_ANNOTATION, "random"),
+                maglev_node.clone(),
+                expect(Selection::Random),
+            ),
+            (
+                "an invalid annotation: the flag",
+                web().annotation(ALGORITHM_ANNOTATION, "weighted"),
+                maglev_node,
+                expect(maglev(4093)),
+            ),
+        ];
+        // In frontend order: the node address, the externalIP, the ClusterIP.
+        for (name, service, node, expected) in cases {
+            assert_eq!(selections(service, &node), expected, "{name}");
         }
     }
 

@@ -554,6 +554,7 @@ pub(super) mod tests {
                     session_affinity: None,
                     serving_addrs: Vec::new(),
                     source_ranges: Vec::new(),
+                    selection: crate::plan::Selection::Random,
                 },
             );
         }
