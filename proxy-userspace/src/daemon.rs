@@ -34,6 +34,7 @@ use crate::netlink::{self, Device, DevicePolicy, Netlink};
 use crate::node_port_addresses::NodePortAddresses;
 use crate::plan::{NodeFacts, Planner};
 use crate::service_health::ServiceHealthServers;
+use crate::socket_lb::{self, SocketLbMode};
 use crate::source::kubernetes::{ApiServer, KubernetesSource};
 use crate::source::manifests::{ManifestWatcher, ParseLimits};
 use crate::writer::{ApplyReport, MapWriter};
@@ -64,6 +65,10 @@ pub struct DaemonConfig {
     pub metrics_bind_address: Option<SocketAddr>,
     /// How long a received change may stay unapplied before the daemon reports unhealthy.
     pub healthz_timeout: Duration,
+    /// Which sockets are balanced at `connect()` (`--socket-lb`).
+    pub socket_lb: SocketLbMode,
+    /// The cgroup the socket programs attach to; `None`: the unified hierarchy's root.
+    pub cgroup_root: Option<PathBuf>,
 }
 
 struct Daemon {
@@ -98,8 +103,14 @@ struct Daemon {
 pub async fn run(config: DaemonConfig) -> Result<()> {
     // First, so that a bad kubeconfig fails before anything is loaded.
     let source = Source::start(&config.source, &config.node_name).await?;
-    let mut datapath = Datapath::load(&config.bpffs_root, config.map_sizes, config.ct_timeouts)?;
+    let mut datapath = Datapath::load(
+        &config.bpffs_root,
+        config.map_sizes,
+        config.ct_timeouts,
+        config.socket_lb,
+    )?;
     let maps = datapath.take_maps()?;
+    attach_sockets(&mut datapath, &config)?;
     let health = Health::new(config.healthz_timeout);
     let (metrics, registry) = Metrics::new(Some(maps.stats));
     for (map, max) in [
@@ -441,6 +452,29 @@ impl Daemon {
             .set(since_epoch.as_secs_f64());
         self.health.updated(now);
     }
+}
+
+/// Attaches the socket programs (`--socket-lb`) to `--cgroup-root`, or releases them.
+fn attach_sockets(datapath: &mut Datapath, config: &DaemonConfig) -> Result<()> {
+    let cgroup = match (&config.cgroup_root, config.socket_lb) {
+        (_, SocketLbMode::Off) => PathBuf::new(),
+        (Some(cgroup), _) => cgroup.clone(),
+        (None, _) => socket_lb::unified_root()?,
+    };
+    datapath
+        .attach_sockets(config.socket_lb, &cgroup)
+        .with_context(|| {
+            format!(
+                "--socket-lb {}: attaching the socket programs to cgroup {} (--socket-lb off \
+                 runs without them)",
+                config.socket_lb,
+                cgroup.display()
+            )
+        })?;
+    if config.socket_lb != SocketLbMode::Off {
+        info!(mode = %config.socket_lb, cgroup = %cgroup.display(), "socket load balancing attached");
+    }
+    Ok(())
 }
 
 /// Binds `address` (failing the start clearly if it can't) and serves `router` on it.

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 
 use crate::bpffs::PrivateBpffs;
+use crate::cgroup::Cgroup;
 use crate::manifest::Manifest;
 use crate::netns::{Netns, enter};
 use crate::scratch::{ScratchDir, unique_prefix};
@@ -160,6 +161,7 @@ impl<'lab> DaemonBuilder<'lab> {
             readers: Vec::new(),
             echo_log_on_drop: self.echo_log_on_drop,
             bpffs,
+            cgroup: Cgroup::create("daemon")?,
             scratch,
         };
         for manifest in &self.manifests {
@@ -201,6 +203,9 @@ impl<'lab> DaemonBuilder<'lab> {
             .args(["--node-name", &self.node_name])
             .arg("--bpffs-root")
             .arg(&bpffs_root)
+            // Never the machine's root cgroup: the lab's own (see `Daemon::cgroup`).
+            .arg("--cgroup-root")
+            .arg(daemon.cgroup.path())
             .args(&self.extra_args)
             .env("NO_COLOR", "1")
             .env(
@@ -249,8 +254,10 @@ pub struct Daemon<'lab> {
     log: Arc<Log>,
     readers: Vec<JoinHandle<()>>,
     echo_log_on_drop: bool,
-    // Drop order: unmount before the scratch directory that holds the mount point goes.
+    // Drop order: unmount before the scratch directory that holds the mount point goes;
+    // the cgroup goes once the links pinned there are released with the bpffs.
     bpffs: PrivateBpffs,
+    cgroup: Cgroup,
     scratch: ScratchDir,
 }
 
@@ -297,6 +304,12 @@ impl Daemon<'_> {
             .expect("child lock")
             .as_ref()
             .map(Child::id)
+    }
+
+    /// The daemon's `--cgroup-root`, a private cgroup: its socket programs see the sockets
+    /// made there ([`Netns::place_in`]).
+    pub fn cgroup(&self) -> &Cgroup {
+        &self.cgroup
     }
 
     /// The daemon's `--bpffs-root` (inside [`bpffs`](Self::bpffs)): where the CLI looks.
