@@ -5,6 +5,7 @@
 //! log that tests can wait on (`sync complete`) and that is printed when the handle drops,
 //! so a failing test shows what the daemon said (libtest captures it otherwise).
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -163,27 +164,30 @@ impl<'lab> DaemonBuilder<'lab> {
             bpffs,
             cgroup: Cgroup::create("daemon")?,
             scratch,
+            argv: Vec::new(),
         };
         for manifest in &self.manifests {
             daemon.apply(manifest)?;
         }
 
-        let mut command = match &self.capabilities {
+        let mut argv: Vec<OsString> = match &self.capabilities {
             Some(capabilities) => {
                 let bounding: String = capabilities
                     .iter()
                     .map(|capability| format!(",+{capability}"))
                     .collect();
-                let mut setpriv = Command::new("setpriv");
-                setpriv
-                    .arg(format!("--bounding-set=-all{bounding}"))
-                    .args(["--inh-caps=-all", "--no-new-privs", "--"])
-                    .arg(&binary);
-                setpriv
+                vec![
+                    "setpriv".into(),
+                    format!("--bounding-set=-all{bounding}").into(),
+                    "--inh-caps=-all".into(),
+                    "--no-new-privs".into(),
+                    "--".into(),
+                    binary.clone().into(),
+                ]
             }
-            None => Command::new(&binary),
+            None => vec![binary.clone().into()],
         };
-        command.arg("daemon");
+        argv.push("daemon".into());
         match &self.api_server {
             Some(url) => {
                 ensure!(
@@ -193,20 +197,55 @@ impl<'lab> DaemonBuilder<'lab> {
                 let kubeconfig = daemon.scratch.path().join("kubeconfig");
                 std::fs::write(&kubeconfig, kubeconfig_for(url))
                     .with_context(|| format!("writing {}", kubeconfig.display()))?;
-                command.arg("--kubeconfig").arg(kubeconfig);
+                argv.extend(["--kubeconfig".into(), kubeconfig.into()]);
             }
             None => {
-                command.arg("--manifests").arg(daemon.manifests_dir());
+                argv.extend(["--manifests".into(), daemon.manifests_dir().into()]);
             }
         }
-        command
-            .args(["--node-name", &self.node_name])
-            .arg("--bpffs-root")
-            .arg(&bpffs_root)
+        argv.extend([
+            "--node-name".into(),
+            self.node_name.into(),
+            "--bpffs-root".into(),
+            bpffs_root.into(),
             // Never the machine's root cgroup: the lab's own (see `Daemon::cgroup`).
-            .arg("--cgroup-root")
-            .arg(daemon.cgroup.path())
-            .args(&self.extra_args)
+            "--cgroup-root".into(),
+            daemon.cgroup.path().into(),
+        ]);
+        argv.extend(self.extra_args.into_iter().map(OsString::from));
+        daemon.argv = argv;
+        daemon.spawn()?;
+        Ok(daemon)
+    }
+}
+
+/// A running daemon. Dropping it stops the daemon (SIGTERM, then SIGKILL after 5 s),
+/// unmounts its bpffs and removes its directories. Borrows its node's namespace, so it
+/// always goes before the lab's namespaces do.
+#[derive(Debug)]
+pub struct Daemon<'lab> {
+    node: &'lab Netns,
+    /// In a mutex only so `wait_synced(&self)` can report the exit status.
+    child: Mutex<Option<Child>>,
+    log: Arc<Log>,
+    readers: Vec<JoinHandle<()>>,
+    echo_log_on_drop: bool,
+    // Drop order: unmount before the scratch directory that holds the mount point goes;
+    // the cgroup goes once the links pinned there are released with the bpffs.
+    bpffs: PrivateBpffs,
+    cgroup: Cgroup,
+    scratch: ScratchDir,
+    /// The command line, for [`Daemon::restart`].
+    argv: Vec<OsString>,
+}
+
+impl Daemon<'_> {
+    /// Spawns `argv` in the node namespace, its output collected into the log.
+    fn spawn(&mut self) -> Result<()> {
+        let (program, args) = self.argv.split_first().context("no command line")?;
+        let mut command = Command::new(program);
+        command
+            .args(args)
             .env("NO_COLOR", "1")
             .env(
                 "RUST_LOG",
@@ -229,39 +268,33 @@ impl<'lab> DaemonBuilder<'lab> {
         }
         let mut child = command
             .spawn()
-            .with_context(|| format!("spawning {}", binary.display()))?;
+            .with_context(|| format!("spawning {}", program.to_string_lossy()))?;
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
-        *daemon.child.get_mut().expect("child lock") = Some(child);
-        daemon
-            .readers
-            .push(collect_lines(stdout, daemon.log.clone()));
-        daemon
-            .readers
-            .push(collect_lines(stderr, daemon.log.clone()));
-        Ok(daemon)
+        *self.child.get_mut().expect("child lock") = Some(child);
+        self.readers.push(collect_lines(stdout, self.log.clone()));
+        self.readers.push(collect_lines(stderr, self.log.clone()));
+        Ok(())
     }
-}
 
-/// A running daemon. Dropping it stops the daemon (SIGTERM, then SIGKILL after 5 s),
-/// unmounts its bpffs and removes its directories. Borrows its node's namespace, so it
-/// always goes before the lab's namespaces do.
-#[derive(Debug)]
-pub struct Daemon<'lab> {
-    node: &'lab Netns,
-    /// In a mutex only so `wait_synced(&self)` can report the exit status.
-    child: Mutex<Option<Child>>,
-    log: Arc<Log>,
-    readers: Vec<JoinHandle<()>>,
-    echo_log_on_drop: bool,
-    // Drop order: unmount before the scratch directory that holds the mount point goes;
-    // the cgroup goes once the links pinned there are released with the bpffs.
-    bpffs: PrivateBpffs,
-    cgroup: Cgroup,
-    scratch: ScratchDir,
-}
+    /// Stops the daemon (SIGTERM) and starts it again with the same command line, pins and
+    /// cgroup: how a node upgrades or restarts it. Its log goes on; wait for the next sync
+    /// with [`Daemon::wait_for_syncs`] (one more than [`Daemon::syncs`] before).
+    pub fn restart(&mut self) -> Result<()> {
+        let status = self.terminate()?;
+        ensure!(
+            status.success(),
+            "the daemon exited with {status} when stopped"
+        );
+        self.spawn()
+    }
 
-impl Daemon<'_> {
+    /// Stops the daemon (SIGTERM) but keeps its pins, bpffs and cgroup until the handle
+    /// drops: what `cleanup` finds on a node whose daemon was stopped.
+    pub fn stop_in_place(&mut self) -> Result<ExitStatus> {
+        self.terminate()
+    }
+
     /// Writes (or replaces) a manifest atomically: the daemon never sees half a file.
     pub fn apply(&self, manifest: &Manifest) -> Result<()> {
         let staged = self
