@@ -109,6 +109,61 @@ fn a_host_network_client_reaches_a_cluster_ip_over_tcp_and_udp() -> Result<()> {
         SERVICE_UDP_PORT,
     )?;
 
+    // The CLI lists an open connection's socket: the node's, this process, the Service and
+    // the backend it really talks to.
+    let mut session = node.tcp_session(addr::CLUSTER_IP, SERVICE_TCP_PORT)?;
+    let serving = session.request()?;
+    let serving_ip = lab
+        .pods()
+        .iter()
+        .find(|pod| pod.name == serving)
+        .context("an unknown backend")?
+        .ip;
+    let sockets = cli_json(&daemon, &["sockets", "--service", "198.19.0.10:80"])?;
+    let row = sockets
+        .as_array()
+        .context("sockets is not an array")?
+        .iter()
+        .find(|row| row["backend"]["address"] == serving_ip.to_string())
+        .with_context(|| format!("no socket to {serving_ip} in {sockets}"))?;
+    ensure!(
+        row["host"] == true && row["call"] == "connect" && row["protocol"] == "tcp",
+        "{row}"
+    );
+    ensure!(
+        row["pid"] == std::process::id() && row["frontend"]["port"] == 80,
+        "{row}"
+    );
+    ensure!(row["service"] == "default/echo:tcp-80", "{row}");
+    drop(session);
+
+    // trace --connect explains a connect() the same way, as a dry run.
+    let cgroup = daemon.cgroup().path().to_string_lossy().into_owned();
+    let trace: Value = serde_json::from_str(&daemon.cli_in_node(&[
+        "trace",
+        "--connect",
+        "198.19.0.10:80/tcp",
+        "--cgroup-root",
+        &cgroup,
+        "-o",
+        "json",
+    ])?)?;
+    ensure!(trace["outcome"] == "translated", "{trace}");
+    ensure!(
+        trace["frontend"]["service"] == "default/echo:tcp-80",
+        "{trace}"
+    );
+    let backend = trace["connects_to"]["address"]
+        .as_str()
+        .context("no backend")?;
+    ensure!(
+        backends(&lab)
+            .iter()
+            .any(|pod| pod.ip.to_string() == backend),
+        "{trace}"
+    );
+    ensure!(trace["socket_lb_attached"] == true, "{trace}");
+
     // All of it at the socket: the counters say so, the tc program translated nothing.
     let stats = cli_json(&daemon, &["stats"])?;
     let counters = counters(&stats)?;

@@ -363,6 +363,31 @@ impl Daemon<'_> {
             .with_context(|| format!("running ebpf-proxy {}", args.join(" ")))
     }
 
+    /// Runs the CLI like [`cli_output`](Self::cli_output) but in the node's namespace
+    /// (`nsenter --net`), as a node admin does: `trace --connect` traces a process of the
+    /// node (and sends nothing).
+    pub fn cli_in_node(&self, args: &[&str]) -> Result<String> {
+        let output = Command::new("nsenter")
+            .arg(format!("--net={}", self.node.path().display()))
+            .arg(daemon_binary()?)
+            .args(args)
+            .arg("--bpffs-root")
+            .arg(self.bpffs_root())
+            .env("NO_COLOR", "1")
+            .output()
+            .with_context(|| format!("running ebpf-proxy {} in the node", args.join(" ")))?;
+        let stdout = String::from_utf8(output.stdout)?;
+        if !output.status.success() {
+            bail!(
+                "ebpf-proxy {} failed ({}): {}{stdout}",
+                args.join(" "),
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(stdout)
+    }
+
     /// [`cli_output`](Self::cli_output)'s stdout; a failure carries its stderr.
     pub fn cli(&self, args: &[&str]) -> Result<String> {
         let output = self.cli_output(args)?;

@@ -11,8 +11,10 @@ mod backends;
 mod conntrack;
 pub mod explain;
 mod services;
+mod sockets;
 mod stats;
 pub mod trace;
+mod trace_connect;
 
 use std::fmt;
 use std::io::{IsTerminal, Write};
@@ -35,6 +37,7 @@ use crate::writer::MapImage;
 pub use backends::BackendView;
 pub use conntrack::FlowView;
 pub use services::{FrontendView, SlotView};
+pub use sockets::SocketView;
 pub use stats::StatsView;
 
 /// The CLI's read-only subcommands (and `conntrack flush`), flattened into `ebpf-proxy`'s.
@@ -46,6 +49,9 @@ pub enum Command {
     Backends(ListArgs),
     /// Live flows: client → frontend → backend, age, packets and bytes.
     Conntrack(conntrack::ConntrackArgs),
+    /// Connections translated at the socket (--socket-lb): cookie, process, Service,
+    /// backend.
+    Sockets(sockets::SocketsArgs),
     /// Datapath counters summed over CPUs, and how full the maps are.
     Stats(ListArgs),
     /// The datapath's Services as the iptables-save text kube-proxy would write for them.
@@ -67,6 +73,7 @@ impl Command {
                 |rows| backends::render(rows),
             ),
             Command::Conntrack(args) => args.run(),
+            Command::Sockets(args) => args.run(),
             Command::Stats(args) => args.show(stats::read, stats::render),
             Command::Explain(args) => args.run(),
             Command::Trace(args) => args.run(),
