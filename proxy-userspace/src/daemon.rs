@@ -34,6 +34,7 @@ use crate::netlink::{self, Device, DevicePolicy, Netlink};
 use crate::node_port_addresses::NodePortAddresses;
 use crate::plan::{NodeFacts, Planner};
 use crate::service_health::ServiceHealthServers;
+use crate::socket_lb::terminate::Terminator;
 use crate::socket_lb::{self, SocketLbMode};
 use crate::source::kubernetes::{ApiServer, KubernetesSource};
 use crate::source::manifests::{ManifestWatcher, ParseLimits};
@@ -97,6 +98,8 @@ struct Daemon {
     pending_trigger_times: Vec<chrono::DateTime<chrono::Utc>>,
     /// When the oldest change not yet synced arrived (network programming latency).
     first_pending_change: Option<SystemTime>,
+    /// Closes the node's connected UDP sockets whose backend left (with `--socket-lb`).
+    socket_terminator: Option<Terminator>,
 }
 
 /// Runs until SIGTERM or SIGINT. The datapath stays pinned and keeps working after exit.
@@ -140,6 +143,10 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         metrics.clone(),
     )?;
     let netlink = Netlink::connect()?;
+    let socket_terminator = match config.socket_lb {
+        SocketLbMode::Off => None,
+        SocketLbMode::Host | SocketLbMode::All => Some(Terminator::open(&config.bpffs_root)?),
+    };
     if !config.nodeport_addresses.ipv6_cidrs().is_empty() {
         info!(
             cidrs = ?config.nodeport_addresses.ipv6_cidrs(),
@@ -179,6 +186,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         metrics,
         pending_trigger_times: Vec::new(),
         first_pending_change: None,
+        socket_terminator,
     };
     info!(
         bpffs_root = %daemon.config.bpffs_root.display(),
@@ -323,6 +331,9 @@ impl Daemon {
         }
         // A refused write is retried by a full sync: the next one writes what is missing.
         self.need_full_sync = !report.complete();
+        if full || !delta.frontends.is_empty() {
+            self.close_stale_sockets();
+        }
         self.need_reread = false;
         self.record_sync(&report, changes, started);
         let addresses = self.node.health_check_addresses();
@@ -340,6 +351,25 @@ impl Daemon {
         );
         if full || delta.services_planned > RETURN_MEMORY_AFTER {
             return_freed_memory();
+        }
+    }
+
+    /// Closes the node's connected UDP sockets whose backend no longer serves (see
+    /// [`Terminator`]).
+    fn close_stale_sockets(&mut self) {
+        let Some(terminator) = &mut self.socket_terminator else {
+            return;
+        };
+        match terminator.run() {
+            Ok(0) => {}
+            Ok(closed) => info!(
+                closed,
+                "closed connected UDP sockets of the node whose backend left (ECONNABORTED)"
+            ),
+            Err(error) => warn!(
+                error = format!("{error:#}"),
+                "closing connected UDP sockets whose backend left failed"
+            ),
         }
     }
 

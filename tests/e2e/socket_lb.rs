@@ -471,3 +471,66 @@ fn with_socket_lb_host_a_pods_connections_stay_with_tc() -> Result<()> {
     ensure!(counters("new_flow")? >= 10);
     Ok(())
 }
+
+#[test]
+fn udp_sockets_of_the_node_leave_a_removed_backend() -> Result<()> {
+    require_lab!();
+    let lab = common::lab()?;
+    let daemon = daemon_with_echo(&lab)?;
+    let node = lab.node();
+    let _placed = node.place_in(daemon.cgroup());
+    let connected = node.udp_flow(
+        addr::CLUSTER_IP,
+        SERVICE_UDP_PORT,
+        proxy_lab::REQUEST_TIMEOUT,
+    )?;
+    let connected_backend = connected.request()?;
+    let unconnected = node.udp_socket_from(0, proxy_lab::REQUEST_TIMEOUT)?;
+    let unconnected_backend = udp_exchange(&unconnected, addr::CLUSTER_IP, SERVICE_UDP_PORT)?.body;
+
+    // Both backends leave (one, if they are the same pod); another stays.
+    let remaining: Vec<_> = backends(&lab)
+        .iter()
+        .filter(|pod| pod.name != connected_backend && pod.name != unconnected_backend)
+        .collect();
+    let syncs = daemon.syncs();
+    daemon.apply(&echo_service().manifest(remaining.iter().copied()))?;
+    daemon.wait_for_syncs(syncs + 1, SYNC_TIMEOUT)?;
+
+    // The unconnected socket's flow moves at its next datagram, answered from the
+    // ClusterIP by a backend that stayed.
+    let reply = udp_exchange(&unconnected, addr::CLUSTER_IP, SERVICE_UDP_PORT)?;
+    ensure!(reply.peer == vip(SERVICE_UDP_PORT), "{reply:?}");
+    ensure!(
+        remaining.iter().any(|pod| pod.name == reply.body),
+        "the flow stayed on {} (remaining: {:?})",
+        reply.body,
+        remaining.iter().map(|pod| &pod.name).collect::<Vec<_>>()
+    );
+    // The connected socket, which no program sees again, was aborted and disconnected:
+    // its owner's next send fails (EDESTADDRREQ), a receive with ECONNABORTED.
+    let error = connected
+        .request()
+        .err()
+        .context("a connected socket still talks to a removed backend")?;
+    ensure!(
+        matches!(
+            error.raw_os_error(),
+            Some(libc::EDESTADDRREQ | libc::ECONNABORTED)
+        ),
+        "connected socket after its backend left: {error}"
+    );
+    ensure!(
+        daemon.log().contains("closed connected UDP sockets"),
+        "not logged"
+    );
+    // A new one reaches a backend that stayed.
+    let fresh = node.udp_flow(
+        addr::CLUSTER_IP,
+        SERVICE_UDP_PORT,
+        proxy_lab::REQUEST_TIMEOUT,
+    )?;
+    let body = fresh.request()?;
+    ensure!(remaining.iter().any(|pod| pod.name == body), "{body}");
+    Ok(())
+}

@@ -7,6 +7,10 @@
 //! program into each pinned link atomically (`BPF_LINK_UPDATE`), so no `connect()` goes
 //! untranslated in between. A pinned link to another cgroup (`--cgroup-root` changed) is
 //! released and a new one made; `--socket-lb off` releases them all.
+//!
+//! [`terminate`] closes the node's connected UDP sockets whose backend left.
+
+pub mod terminate;
 
 use std::fmt;
 use std::fs;
