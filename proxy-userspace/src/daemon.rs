@@ -486,10 +486,11 @@ impl Daemon {
 
 /// Attaches the socket programs (`--socket-lb`) to `--cgroup-root`, or releases them.
 fn attach_sockets(datapath: &mut Datapath, config: &DaemonConfig) -> Result<()> {
-    let cgroup = match (&config.cgroup_root, config.socket_lb) {
-        (_, SocketLbMode::Off) => PathBuf::new(),
-        (Some(cgroup), _) => cgroup.clone(),
-        (None, _) => socket_lb::unified_root()?,
+    let cgroup = match config.socket_lb {
+        SocketLbMode::Off => PathBuf::new(),
+        SocketLbMode::Host | SocketLbMode::All => {
+            socket_lb::cgroup_root(config.cgroup_root.as_deref())?
+        }
     };
     datapath
         .attach_sockets(config.socket_lb, &cgroup)

@@ -69,10 +69,7 @@ pub fn trace(
         .load()
         .with_context(|| format!("loading {PROGRAM} (needs root)"))?;
     clear_record(&mut ebpf)?;
-    let parent = match cgroup_root {
-        Some(path) => path.to_owned(),
-        None => socket_lb::unified_root()?,
-    };
+    let parent = socket_lb::cgroup_root(cgroup_root)?;
     let errno = {
         let cgroup = TraceCgroup::enter(&parent)?;
         let program: &mut CgroupSockAddr = ebpf

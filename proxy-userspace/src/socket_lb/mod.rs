@@ -79,6 +79,42 @@ pub fn unified_root() -> Result<PathBuf> {
     })
 }
 
+/// The cgroup the socket programs attach to: `flag` (`--cgroup-root`), or the unified
+/// hierarchy's root where it is mounted. A `flag` naming the cgroup mount of a hybrid host
+/// (`/sys/fs/cgroup`, a tmpfs holding the v1 controllers and `unified`) means its
+/// `unified` directory, so one `--cgroup-root` (the DaemonSet's mount of the host's
+/// `/sys/fs/cgroup`) fits both kinds of host. Anything else that is no cgroup v2 directory
+/// is refused: attached there, the programs would see no socket.
+pub fn cgroup_root(flag: Option<&Path>) -> Result<PathBuf> {
+    let Some(path) = flag else {
+        return unified_root();
+    };
+    if is_cgroup2(path)? {
+        return Ok(path.to_owned());
+    }
+    let unified = path.join("unified");
+    if is_cgroup2(&unified).unwrap_or(false) {
+        return Ok(unified);
+    }
+    bail!(
+        "--cgroup-root {}: not a cgroup v2 directory, nor holding one at unified/ (a hybrid \
+         host's); give the cgroup2 mount of the host (or a cgroup below it)",
+        path.display()
+    )
+}
+
+/// Whether `path` is a directory of a cgroup v2 file system.
+fn is_cgroup2(path: &Path) -> Result<bool> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: a zeroed statfs is valid; statfs writes into it.
+    let mut stat = unsafe { std::mem::zeroed::<libc::statfs>() };
+    // SAFETY: `c_path` is a NUL-terminated path that outlives the call.
+    if unsafe { libc::statfs(c_path.as_ptr(), &raw mut stat) } != 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("{}", path.display()));
+    }
+    Ok(stat.f_type == libc::CGROUP2_SUPER_MAGIC)
+}
+
 /// The first cgroup2 mount point in a mountinfo text (octal escapes decoded).
 fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
     mountinfo.lines().find_map(|line| {
@@ -320,6 +356,24 @@ mod tests {
         );
         let v1_only = "32 30 0:28 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
         assert_eq!(cgroup2_mount(v1_only), None);
+    }
+
+    #[test]
+    fn a_cgroup_root_must_be_a_cgroup_v2_directory() {
+        let error = cgroup_root(Some(&std::env::temp_dir())).expect_err("a tmpfs directory");
+        assert!(
+            format!("{error:#}").contains("not a cgroup v2 directory"),
+            "{error:#}"
+        );
+        // On a machine with cgroup v2 (this one is hybrid: /sys/fs/cgroup/unified).
+        if let Ok(root) = unified_root() {
+            assert_eq!(cgroup_root(Some(&root)).unwrap(), root);
+            if root.ends_with("unified")
+                && let Some(hybrid) = root.parent()
+            {
+                assert_eq!(cgroup_root(Some(hybrid)).unwrap(), root);
+            }
+        }
     }
 
     #[test]
