@@ -224,7 +224,7 @@ fn prepare<'lab>(
             args.extend(["--socket-lb", socket_lb]);
             Some(daemon::start(
                 lab,
-                vec![daemon::cluster_manifest(&cluster)],
+                daemon::Source::Manifests(vec![daemon::cluster_manifest(&cluster)]),
                 &args,
                 services,
             )?)
