@@ -32,9 +32,14 @@ use proxy_common::{
     MembershipKey, SockKey, SockValue, map_names, membership, proto, sock_flags, sock_kind,
 };
 
+use crate::bpf_batch;
+
+/// Entries read per system call while walking SOCK_XLATE.
+const WALK_CHUNK: usize = 4096;
+
 /// The pinned maps the terminator reads.
 pub struct Terminator {
-    xlate: BpfHashMap<MapData, SockKey, SockValue>,
+    xlate: MapData,
     membership: BpfHashMap<MapData, MembershipKey, u8>,
 }
 
@@ -44,7 +49,7 @@ impl Terminator {
             MapData::from_pin(root.join(name)).with_context(|| format!("opening pinned {name}"))
         };
         Ok(Self {
-            xlate: aya::maps::Map::LruHashMap(open(map_names::SOCK_XLATE)?).try_into()?,
+            xlate: open(map_names::SOCK_XLATE)?,
             membership: aya::maps::Map::HashMap(open(map_names::MEMBERSHIP)?).try_into()?,
         })
     }
@@ -52,8 +57,21 @@ impl Terminator {
     /// Destroys the node's connected UDP sockets whose backend left their frontend;
     /// returns how many were destroyed.
     pub fn run(&mut self) -> Result<usize> {
-        let entries: Vec<(SockKey, SockValue)> = self.xlate.iter().filter_map(Result::ok).collect();
-        let stale = stale(&entries, |rev_nat_id, addr| {
+        // Batched: the walk costs a system call per few thousand sockets, and keeps only
+        // the kind that can be stale.
+        let mut closable = Vec::new();
+        bpf_batch::for_each_entry(
+            &self.xlate,
+            WALK_CHUNK,
+            |key: &SockKey, value: &SockValue| {
+                if is_closable(key, value) {
+                    closable.push((*key, *value));
+                }
+                Ok(())
+            },
+        )
+        .context("reading SOCK_XLATE")?;
+        let stale = stale(&closable, |rev_nat_id, addr| {
             self.membership
                 .get(&MembershipKey { rev_nat_id, addr }, 0)
                 .is_ok_and(|bits| bits & membership::SERVING != 0)
@@ -64,27 +82,31 @@ impl Terminator {
         let destroyed = destroy(&stale)?;
         for key in stale.keys() {
             // The socket's release removes it too; whichever comes first.
-            let _ = self.xlate.remove(key);
+            let _ = bpf_batch::delete(&self.xlate, std::slice::from_ref(key));
         }
         Ok(destroyed)
     }
 }
 
-/// The reverse entries of connected UDP sockets of the node whose backend (`key.addr`) no
-/// longer serves their frontend, by socket cookie.
+/// A reverse entry of a connected UDP socket of the node: the only kind that no program
+/// sees again (TCP keeps its backend, an unconnected socket's flow moves at its next
+/// `sendmsg()`, a pod's UDP is the tc path's).
+fn is_closable(key: &SockKey, value: &SockValue) -> bool {
+    key.kind == sock_kind::REVERSE
+        && key.proto == proto::UDP
+        && value.flags & sock_flags::CONNECTED != 0
+        && value.flags & sock_flags::HOST != 0
+}
+
+/// The closable entries (see [`is_closable`]) whose backend (`key.addr`) no longer serves
+/// their frontend, by socket cookie.
 fn stale(
     entries: &[(SockKey, SockValue)],
     serving: impl Fn(u32, u32) -> bool,
 ) -> BTreeMap<SockKey, u64> {
     entries
         .iter()
-        .filter(|(key, value)| {
-            key.kind == sock_kind::REVERSE
-                && key.proto == proto::UDP
-                && value.flags & sock_flags::CONNECTED != 0
-                && value.flags & sock_flags::HOST != 0
-                && !serving(value.rev_nat_id, key.addr)
-        })
+        .filter(|(key, value)| is_closable(key, value) && !serving(value.rev_nat_id, key.addr))
         .map(|(key, _)| (*key, key.cookie))
         .collect()
 }
