@@ -166,6 +166,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         zone: config.node_zone.clone(),
         addresses: Vec::new(),
         nodeport_cidrs: config.nodeport_addresses.ipv4_cidrs(None),
+        loopback_node_ports: config.socket_lb != SocketLbMode::Off,
     };
     let mut daemon = Daemon {
         runner: SyncRunner::new(config.min_sync_period),

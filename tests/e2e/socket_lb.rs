@@ -16,7 +16,7 @@ use common::{
     BACKEND_NAMES, SERVICE_TCP_PORT, SERVICE_UDP_PORT, SYNC_TIMEOUT, backends, cli_json,
     daemon_with_echo, daemon_with_echo_and, echo_service,
 };
-use proxy_lab::{Netns, Service, Tally, addr, require_lab, udp_exchange};
+use proxy_lab::{Endpoint, Netns, Service, Tally, addr, require_lab, udp_exchange};
 use serde_json::Value;
 
 const REQUESTS: usize = 300;
@@ -203,9 +203,15 @@ fn the_node_reaches_its_node_ports_external_ips_and_load_balancer_ips() -> Resul
     daemon.wait_synced(SYNC_TIMEOUT)?;
     let node = lab.node();
     let _placed = node.place_in(daemon.cgroup());
-    // kube-proxy's OUTPUT chain: the node's own traffic to every kind of frontend.
+    // kube-proxy's OUTPUT chain: the node's own traffic to every kind of frontend, and
+    // localhost:NodePort as its iptables mode opens it.
     let frontends = [
         (addr::NODE_IP, addr::NODE_PORT_TCP, addr::NODE_PORT_UDP),
+        (
+            Ipv4Addr::LOCALHOST,
+            addr::NODE_PORT_TCP,
+            addr::NODE_PORT_UDP,
+        ),
         (addr::EXTERNAL_IP, SERVICE_TCP_PORT, SERVICE_UDP_PORT),
         (addr::LOAD_BALANCER_IP, SERVICE_TCP_PORT, SERVICE_UDP_PORT),
         (addr::CLUSTER_IP, SERVICE_TCP_PORT, SERVICE_UDP_PORT),
@@ -226,6 +232,57 @@ fn the_node_reaches_its_node_ports_external_ips_and_load_balancer_ips() -> Resul
             );
         }
     }
+    Ok(())
+}
+
+/// internalTrafficPolicy Local holds for the node's own connections too: only this node's
+/// endpoint; without one, the connect() fails at once (the tc path drops, kube-proxy's
+/// DROP: a socket is told instead of waiting for its timeout).
+#[test]
+fn internal_traffic_policy_local_keeps_the_nodes_connections_on_this_node() -> Result<()> {
+    require_lab!();
+    let lab = common::lab()?;
+    let endpoints = |pod_1_local: bool| -> Vec<Endpoint> {
+        backends(&lab)
+            .iter()
+            .enumerate()
+            .map(|(index, pod)| match index {
+                0 if pod_1_local => Endpoint::of(pod),
+                _ => Endpoint::of(pod).on_node("other-node"),
+            })
+            .collect()
+    };
+    let local = echo_service().internal_traffic_policy_local();
+    let daemon = lab
+        .daemon()
+        .manifest(local.manifest_with(&endpoints(true)))
+        .start()?;
+    daemon.wait_synced(SYNC_TIMEOUT)?;
+    let node = lab.node();
+    let _placed = node.place_in(daemon.cgroup());
+    // Three backends: 30 connections all on one by chance has probability 3 · (1/3)^30.
+    for _ in 0..30 {
+        let reply = node.tcp_request(addr::CLUSTER_IP, SERVICE_TCP_PORT)?;
+        ensure!(reply.body == "pod-1", "reached {}", reply.body);
+        let reply = node.udp_request(addr::CLUSTER_IP, SERVICE_UDP_PORT)?;
+        ensure!(reply.body == "pod-1", "reached {}", reply.body);
+    }
+
+    let syncs = daemon.syncs();
+    daemon.apply(&local.manifest_with(&endpoints(false)))?;
+    daemon.wait_for_syncs(syncs + 1, SYNC_TIMEOUT)?;
+    let started = Instant::now();
+    let error = node
+        .tcp_connect(addr::CLUSTER_IP, SERVICE_TCP_PORT, Duration::from_secs(5))
+        .err()
+        .context("connected without a local endpoint")?;
+    ensure!(
+        error.raw_os_error() == Some(libc::EHOSTUNREACH),
+        "TCP without a local endpoint: {error}"
+    );
+    ensure!(started.elapsed() < REFUSAL_WITHIN);
+    let stats = cli_json(&daemon, &["stats"])?;
+    ensure!(counters(&stats)?("sock_unreachable")? >= 1, "{stats}");
     Ok(())
 }
 

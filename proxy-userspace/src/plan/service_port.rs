@@ -408,8 +408,8 @@ mod tests {
 
     #[test]
     fn node_port_frontends() {
-        // Loopback addresses never become NodePort frontends: the program sees no
-        // loopback traffic.
+        // Loopback addresses become NodePort frontends only for the socket programs
+        // (`localhost:NodePort`): the tc program sees no loopback traffic.
         let two_addresses = NodeFacts {
             addresses: vec![
                 "198.18.0.2".parse().unwrap(),
@@ -446,9 +446,49 @@ mod tests {
                 slices: vec![web_slice()],
                 node: NodeFacts {
                     nodeport_cidrs: vec!["198.18.0.2/32".parse().unwrap()],
+                    ..two_addresses.clone()
+                },
+                frontends: vec![
+                    ("198.18.0.2:30080/tcp", NodePort, WEB_BACKENDS.to_vec()),
+                    ("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec()),
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "with socket LB, localhost:NodePort too",
+                services: vec![
+                    svc("default/web", "198.19.0.10")
+                        .node_port("http", 80, 30080)
+                        .service_type("NodePort"),
+                ],
+                slices: vec![web_slice()],
+                node: NodeFacts {
+                    loopback_node_ports: true,
+                    ..two_addresses.clone()
+                },
+                frontends: vec![
+                    ("127.0.0.1:30080/tcp", NodePort, WEB_BACKENDS.to_vec()),
+                    ("198.18.0.1:30080/tcp", NodePort, WEB_BACKENDS.to_vec()),
+                    ("198.18.0.2:30080/tcp", NodePort, WEB_BACKENDS.to_vec()),
+                    ("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec()),
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "with socket LB, localhost:NodePort only inside nodeport_cidrs",
+                services: vec![
+                    svc("default/web", "198.19.0.10")
+                        .node_port("http", 80, 30080)
+                        .service_type("NodePort"),
+                ],
+                slices: vec![web_slice()],
+                node: NodeFacts {
+                    loopback_node_ports: true,
+                    nodeport_cidrs: vec!["198.18.0.0/24".parse().unwrap()],
                     ..two_addresses
                 },
                 frontends: vec![
+                    ("198.18.0.1:30080/tcp", NodePort, WEB_BACKENDS.to_vec()),
                     ("198.18.0.2:30080/tcp", NodePort, WEB_BACKENDS.to_vec()),
                     ("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec()),
                 ],
