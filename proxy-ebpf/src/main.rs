@@ -52,7 +52,7 @@ use proxy_common::{Translation, Tuple, ct_flags, service_flags, stat};
 use crate::{
     conntrack::{Followed, Hit, NotCreated, Now, Table},
     context::Context,
-    lb::{Client, Frontend, LbKey, Selection},
+    lb::{Client, Frontend, LbKey},
     mode::{DryRun, Live, Mode},
     parse::Packet,
     reject::NotRefused,
@@ -211,20 +211,10 @@ fn new_flow<C: Context, M: Mode>(
     };
     mode.count(stat::CT_MISS);
     let client = Client::Address(packet.src_addr);
-    let (backend_id, backend) = match lb::select_backend(frontend, count, client, now.ns) {
-        Selection::Affinity { id, backend } => {
-            mode.count(stat::AFFINITY);
-            mode.affinity_kept(id, &backend);
-            (id, backend)
-        }
-        Selection::Slot { slot, id, backend } => {
-            mode.backend_selected(slot, id, &backend);
-            (id, backend)
-        }
-        Selection::Missing => {
-            mode.count(stat::BACKEND_MISSING);
-            return DROP;
-        }
+    let Some((backend_id, backend)) =
+        mode.chosen(lb::select_backend(frontend, count, client, now.ns))
+    else {
+        return DROP;
     };
     let snat_source = if Translation::may_snat(flags, packet.src_addr, backend.addr) {
         snat::source_for(ctx, &backend)

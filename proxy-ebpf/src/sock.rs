@@ -35,7 +35,7 @@ use proxy_common::{
 
 use crate::{
     affinity, conntrack,
-    lb::{self, Client, Frontend, LbKey, Selection},
+    lb::{self, Client, Frontend, LbKey},
     membership,
     mode::Mode,
     source_ranges,
@@ -228,20 +228,11 @@ pub fn forward<M: Mode>(sock: &Sock, mode: &M, call: Call) -> Verdict {
         };
     };
     let client = Client::Netns(netns);
-    let (backend_id, backend) = match lb::select_backend(&frontend, count, client, now_ns) {
-        Selection::Affinity { id, backend } => {
-            mode.count(stat::AFFINITY);
-            mode.affinity_kept(id, &backend);
-            (id, backend)
-        }
-        Selection::Slot { slot, id, backend } => {
-            mode.backend_selected(slot, id, &backend);
-            (id, backend)
-        }
-        Selection::Missing => {
-            mode.count(stat::BACKEND_MISSING);
-            return Verdict::Refused(EHOSTUNREACH);
-        }
+    // A drawn slot without a backend (the daemon between two writes): unreachable now.
+    let Some((backend_id, backend)) =
+        mode.chosen(lb::select_backend(&frontend, count, client, now_ns))
+    else {
+        return Verdict::Refused(EHOSTUNREACH);
     };
     if !M::DRY_RUN {
         if frontend.header.affinity_timeout_s != 0 {

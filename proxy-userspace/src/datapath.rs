@@ -266,7 +266,7 @@ impl Datapath {
     pub fn attach_sockets(&mut self, mode: SocketLbMode, cgroup: &Path) -> Result<()> {
         match mode {
             SocketLbMode::Off => {
-                for pin in socket_lb::detach(&self.socket_links_dir)? {
+                for pin in unpin_links(&self.socket_links_dir, |_| false)? {
                     info!(%pin, "--socket-lb off: released the socket link");
                 }
                 Ok(())
@@ -281,21 +281,33 @@ impl Datapath {
     /// new index), which releases those links. Returns the names of the released pins.
     pub fn release_stale_links(&self, devices: &[Device]) -> Result<Vec<String>> {
         let keep: BTreeSet<PathBuf> = devices.iter().map(|d| self.link_pin(d)).collect();
-        let mut released = Vec::new();
-        for entry in fs::read_dir(&self.links_dir)? {
-            let path = entry?.path();
-            if !keep.contains(&path) {
-                fs::remove_file(&path)?;
-                released.push(
-                    path.file_name()
-                        .unwrap_or_default()
-                        .to_string_lossy()
-                        .into(),
-                );
-            }
-        }
-        Ok(released)
+        unpin_links(&self.links_dir, |pin| keep.contains(pin))
     }
+}
+
+/// Removes the link pins in `dir` that `keep` does not want, which releases their links
+/// (a missing `dir` holds none). Returns the names of the pins removed.
+fn unpin_links(dir: &Path, keep: impl Fn(&Path) -> bool) -> Result<Vec<String>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(error).with_context(|| format!("reading {}", dir.display())),
+    };
+    let mut released = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        if keep(&path) {
+            continue;
+        }
+        fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        released.push(
+            path.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into(),
+        );
+    }
+    Ok(released)
 }
 
 /// The node's ICMP rate limits from its sysctls (`read` gives a file of

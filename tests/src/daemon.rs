@@ -386,31 +386,12 @@ impl Daemon<'_> {
             .env("NO_COLOR", "1")
             .output()
             .with_context(|| format!("running ebpf-proxy {} in the node", args.join(" ")))?;
-        let stdout = String::from_utf8(output.stdout)?;
-        if !output.status.success() {
-            bail!(
-                "ebpf-proxy {} failed ({}): {}{stdout}",
-                args.join(" "),
-                output.status,
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        Ok(stdout)
+        stdout_of(args, output)
     }
 
     /// [`cli_output`](Self::cli_output)'s stdout; a failure carries its stderr.
     pub fn cli(&self, args: &[&str]) -> Result<String> {
-        let output = self.cli_output(args)?;
-        let stdout = String::from_utf8(output.stdout)?;
-        if !output.status.success() {
-            bail!(
-                "ebpf-proxy {} failed ({}): {}{stdout}",
-                args.join(" "),
-                output.status,
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        Ok(stdout)
+        stdout_of(args, self.cli_output(args)?)
     }
 
     /// Waits until the daemon has logged its first `sync complete`. Fails early, with the
@@ -608,4 +589,18 @@ fn collect_lines(stream: impl Read + Send + 'static, log: Arc<Log>) -> JoinHandl
         log.state.lock().expect("log lock").open_streams -= 1;
         log.changed.notify_all();
     })
+}
+
+/// The stdout of a CLI run with `args`; a failed run is an error that carries its stderr.
+fn stdout_of(args: &[&str], output: std::process::Output) -> Result<String> {
+    let stdout = String::from_utf8(output.stdout)?;
+    if !output.status.success() {
+        bail!(
+            "ebpf-proxy {} failed ({}): {}{stdout}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(stdout)
 }

@@ -190,18 +190,7 @@ pub(crate) fn open_pinned(root: &Path, name: &str) -> Result<MapData> {
 /// The maps in `pins` must be pinned already (so a missing pin is an error, not a new
 /// empty map).
 pub(crate) fn load_beside_pins(root: &Path, pins: &[&str], program: &str) -> Result<Ebpf> {
-    for name in pins {
-        open_pinned(root, name)?;
-    }
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(root)
-        .load(crate::EBPF_OBJECT)
-        .with_context(|| {
-            format!(
-                "loading the eBPF object against the pins in {}",
-                root.display()
-            )
-        })?;
+    let mut ebpf = object_beside_pins(root, pins, &mut EbpfLoader::new())?;
     let classifier: &mut SchedClassifier = ebpf
         .program_mut(program)
         .ok_or_else(|| anyhow!("program {program} missing from the eBPF object"))?
@@ -210,6 +199,27 @@ pub(crate) fn load_beside_pins(root: &Path, pins: &[&str], program: &str) -> Res
         .load()
         .with_context(|| format!("loading {program} (needs root or CAP_BPF)"))?;
     Ok(ebpf)
+}
+
+/// Loads the embedded object with `loader` (its globals set) against the maps pinned under
+/// `root`; the maps in `pins` must be pinned already.
+pub(crate) fn object_beside_pins(
+    root: &Path,
+    pins: &[&str],
+    loader: &mut EbpfLoader,
+) -> Result<Ebpf> {
+    for name in pins {
+        open_pinned(root, name)?;
+    }
+    loader
+        .default_map_pin_directory(root)
+        .load(crate::EBPF_OBJECT)
+        .with_context(|| {
+            format!(
+                "loading the eBPF object against the pins in {}",
+                root.display()
+            )
+        })
 }
 
 /// Opens a pinned map as the typed map `M`.

@@ -730,17 +730,7 @@ pub fn render(report: &TraceReport) -> String {
     writeln!(out, "packet      {}{syn}", packet(&report.packet)).unwrap();
     writeln!(out, "verdict     {}", report.verdict).unwrap();
     writeln!(out, "path        {} ({})", report.path, report.explanation).unwrap();
-    for (index, entry) in report.decided_by.iter().enumerate() {
-        let label = if index == 0 { "decided by" } else { "" };
-        writeln!(out, "{label:<11} {entry}").unwrap();
-    }
-    if let Some(backend) = &report.backend {
-        let endpoint = Endpoint {
-            address: backend.address,
-            port: backend.port,
-        };
-        writeln!(out, "backend     {endpoint} (id {})", backend.id).unwrap();
-    }
+    write_decision(&mut out, &report.decided_by, report.backend.as_ref());
     if let Some(output) = &report.output {
         let label = if *output == report.packet {
             "unchanged"
@@ -766,6 +756,26 @@ pub fn render(report: &TraceReport) -> String {
         out.push_str("\n            (the slot is random: another run may pick another backend)");
     }
     out
+}
+
+/// The `decided by` lines (the map entries read) and the chosen backend, as `trace` and
+/// `trace --connect` print them.
+pub(super) fn write_decision(
+    out: &mut String,
+    decided_by: &[String],
+    backend: Option<&BackendMatch>,
+) {
+    for (index, entry) in decided_by.iter().enumerate() {
+        let label = if index == 0 { "decided by" } else { "" };
+        writeln!(out, "{label:<11} {entry}").unwrap();
+    }
+    if let Some(backend) = backend {
+        let endpoint = Endpoint {
+            address: backend.address,
+            port: backend.port,
+        };
+        writeln!(out, "backend     {endpoint} (id {})", backend.id).unwrap();
+    }
 }
 
 #[cfg(test)]

@@ -26,9 +26,9 @@ use socket2::{Domain, Socket, Type};
 
 use super::trace::{
     BackendMatch, Decision, Destination, FrontendMatch, Selection, clear_record, decision, record,
-    service_name,
+    service_name, write_decision,
 };
-use super::{Endpoint, open_pinned, protocol_name};
+use super::{Endpoint, object_beside_pins, protocol_name};
 use crate::socket_lb;
 
 const PROGRAM: &str = sock_programs::CONNECT4_TRACE;
@@ -39,28 +39,20 @@ pub fn trace(
     destination: Destination,
     cgroup_root: Option<&Path>,
 ) -> Result<ConnectReport> {
-    for name in [
-        map_names::SERVICES,
-        map_names::BACKENDS,
-        map_names::SOCK_AFFINITY,
-        map_names::MEMBERSHIP,
-        map_names::SOURCE_RANGES,
-        map_names::SVC_NAMES,
-    ] {
-        open_pinned(root, name)?;
-    }
     // This process's namespace counts as the node's: the trace shows a process of the node.
     let host_netns = socket_lb::own_netns_cookie()?;
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(root)
-        .override_global(sock_globals::HOST_NETNS, &host_netns, true)
-        .load(crate::EBPF_OBJECT)
-        .with_context(|| {
-            format!(
-                "loading the eBPF object against the pins in {}",
-                root.display()
-            )
-        })?;
+    let mut ebpf = object_beside_pins(
+        root,
+        &[
+            map_names::SERVICES,
+            map_names::BACKENDS,
+            map_names::SOCK_AFFINITY,
+            map_names::MEMBERSHIP,
+            map_names::SOURCE_RANGES,
+            map_names::SVC_NAMES,
+        ],
+        EbpfLoader::new().override_global(sock_globals::HOST_NETNS, &host_netns, true),
+    )?;
     let program: &mut CgroupSockAddr = ebpf
         .program_mut(PROGRAM)
         .ok_or_else(|| anyhow!("program {PROGRAM} missing from the eBPF object"))?
@@ -310,17 +302,7 @@ pub fn render(report: &ConnectReport) -> String {
         report.outcome, report.explanation
     )
     .unwrap();
-    for (index, entry) in report.decided_by.iter().enumerate() {
-        let label = if index == 0 { "decided by" } else { "" };
-        writeln!(out, "{label:<11} {entry}").unwrap();
-    }
-    if let Some(backend) = &report.backend {
-        let endpoint = Endpoint {
-            address: backend.address,
-            port: backend.port,
-        };
-        writeln!(out, "backend     {endpoint} (id {})", backend.id).unwrap();
-    }
+    write_decision(&mut out, &report.decided_by, report.backend.as_ref());
     if let Some(target) = &report.connects_to {
         writeln!(out, "connects to {target}").unwrap();
     }

@@ -213,29 +213,6 @@ pub fn attach(ebpf: &mut Ebpf, cgroup: &Path, links_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Removes the socket programs' link pins, which detaches them. Returns the pins removed.
-pub fn detach(links_dir: &Path) -> Result<Vec<String>> {
-    let mut released = Vec::new();
-    let entries = match fs::read_dir(links_dir) {
-        Ok(entries) => entries,
-        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(released),
-        Err(error) => {
-            return Err(error).with_context(|| format!("reading {}", links_dir.display()));
-        }
-    };
-    for entry in entries {
-        let path = entry?.path();
-        fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
-        released.push(
-            path.file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into(),
-        );
-    }
-    Ok(released)
-}
-
 fn load(program: &mut Program) -> Result<()> {
     match program {
         Program::CgroupSockAddr(program) => program.load()?,
