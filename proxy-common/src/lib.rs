@@ -8,10 +8,15 @@
 
 mod conntrack;
 pub mod maglev;
+mod sock;
 
 pub use conntrack::{
     CtKey, CtTimeouts, CtValue, EXPIRES_REMOVING, Endpoint, FlowState, Translation, Tuple,
     UDP_STREAM_AFTER_S, ct_flags, ct_seconds, ct_state, flow_expired, next_state, tcp_flags,
+};
+pub use sock::{
+    ECONNREFUSED, EHOSTUNREACH, SockKey, SockValue, TRACE_ERRNO, sock_flags, sock_globals,
+    sock_kind, sock_programs,
 };
 
 /// IP protocol numbers the datapath balances.
@@ -52,6 +57,11 @@ pub mod map_names {
     pub const XDP_EGRESS: &str = "XDP_EGRESS";
     /// Not pinned: each `ebpf-proxy trace` process gets its own, private to its dry run.
     pub const TRACE: &str = "TRACE";
+    /// Socket-level translations, per socket cookie (see [`SockKey`](crate::SockKey)).
+    pub const SOCK_XLATE: &str = "SOCK_XLATE";
+    /// Session affinity of sockets: each network namespace's backend per frontend (a
+    /// socket's source address is not known at `connect()`; its namespace stands for it).
+    pub const SOCK_AFFINITY: &str = "SOCK_AFFINITY";
 }
 
 /// The one tc program: attached on pod-side veths and on the node's external devices.
@@ -204,7 +214,19 @@ pub struct AffinityKey {
     pub rev_nat_id: u32,
 }
 
-/// Value of the AFFINITY map.
+/// Key of the SOCK_AFFINITY map: a network namespace (a pod, or the node itself) as the
+/// client of an affinity frontend, for connections translated at the socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockAffinityKey {
+    /// `bpf_get_netns_cookie` of the socket.
+    pub netns_cookie: u64,
+    /// The frontend (its slot-0 [`ServiceValue::rev_nat_id`]).
+    pub rev_nat_id: u32,
+    pub _pad: u32,
+}
+
+/// Value of the AFFINITY and SOCK_AFFINITY maps.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct AffinityValue {
@@ -308,23 +330,37 @@ pub mod stat {
     /// A tracked flow's backend stopped serving its frontend (a UDP flow, or a SYN not yet
     /// answered): the packet went to a newly selected backend.
     pub const BACKEND_LEFT: u32 = 18;
+    /// A `connect()` to a frontend was given a backend at the socket (no packet is
+    /// translated for it).
+    pub const SOCK_CONNECT: u32 = 19;
+    /// A datagram of an unconnected UDP socket to a frontend was sent to its flow's
+    /// backend at the socket.
+    pub const SOCK_SENDMSG: u32 = 20;
+    /// `recvmsg()` or `getpeername()` showed the frontend in place of the backend.
+    pub const SOCK_REVERSE: u32 = 21;
+    /// A `connect()` or `sendmsg()` to a frontend without endpoints failed with
+    /// ECONNREFUSED (kube-proxy's REJECT).
+    pub const SOCK_REFUSED: u32 = 22;
+    /// A `connect()` or `sendmsg()` to a frontend that drops (no local endpoint under a
+    /// Local policy, a client outside the source ranges) failed with EHOSTUNREACH.
+    pub const SOCK_UNREACHABLE: u32 = 23;
     /// XDP verdicts (the XDP program on the external devices, `--xdp`). XDP_PASS of a
     /// packet the XDP program decided (translated, or nothing to do): the stack takes it on
     /// and the tc program lets it through untouched.
-    pub const XDP_PASS: u32 = 19;
+    pub const XDP_PASS: u32 = 24;
     /// XDP_TX: the XDP program sent the packet back out of the device it came in on
     /// (outside traffic to a backend on another node, and its replies).
-    pub const XDP_TX: u32 = 20;
+    pub const XDP_TX: u32 = 25;
     /// XDP_REDIRECT: sent out of another device running the XDP program natively.
-    pub const XDP_REDIRECT: u32 = 21;
+    pub const XDP_REDIRECT: u32 = 26;
     /// XDP_DROP: dropped by the XDP program (its reasons are counted like tc's).
-    pub const XDP_DROP: u32 = 22;
+    pub const XDP_DROP: u32 = 27;
     /// XDP_PASS untouched, left to the tc program: what only tc does (a refusal, a packet
     /// whose next hop has no neighbour entry yet or lies behind a device without native
     /// XDP, one that is not IPv4 TCP/UDP). tc counts the path it takes.
-    pub const XDP_TO_TC: u32 = 23;
+    pub const XDP_TO_TC: u32 = 28;
     /// Number of counters (size of the STATS array).
-    pub const COUNT: u32 = 24;
+    pub const COUNT: u32 = 29;
 
     /// Stable names, indexed like the constants above (used by logs, metrics and the CLI).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -347,6 +383,11 @@ pub mod stat {
         "direct",
         "remapped",
         "backend_left",
+        "sock_connect",
+        "sock_sendmsg",
+        "sock_reverse",
+        "sock_refused",
+        "sock_unreachable",
         "xdp_pass",
         "xdp_tx",
         "xdp_redirect",
@@ -577,6 +618,10 @@ pub mod default_max_entries {
     pub const SVC_NAMES: u32 = SERVICES;
     /// Prefixes over all restricted frontends; not preallocated (an LPM trie never is).
     pub const SOURCE_RANGES: u32 = 65_536;
+    /// One entry per socket connected to a frontend, two per unconnected UDP flow; LRU.
+    pub const SOCK_XLATE: u32 = 131_072;
+    /// Network namespaces × affinity frontends; LRU.
+    pub const SOCK_AFFINITY: u32 = 16_384;
     /// External devices with native XDP.
     pub const XDP_EGRESS: u32 = 256;
 }
@@ -599,6 +644,9 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceName {}
     unsafe impl aya::Pod for super::TraceRecord {}
     unsafe impl aya::Pod for super::RefusalLimits {}
+    unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::SockValue {}
+    unsafe impl aya::Pod for super::SockAffinityKey {}
 }
 
 #[cfg(test)]
@@ -615,6 +663,7 @@ mod tests {
         assert_eq!(size_of::<CtValue>(), 64);
         assert_eq!(size_of::<AffinityKey>(), 8);
         assert_eq!(size_of::<AffinityValue>(), 16);
+        assert_eq!(size_of::<SockAffinityKey>(), 16);
         assert_eq!(size_of::<MembershipKey>(), 8);
         assert_eq!(size_of::<CtTimeouts>(), 32);
         assert_eq!(size_of::<RefusalLimits>(), 24);

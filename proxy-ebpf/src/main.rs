@@ -11,6 +11,10 @@
 //! `epx_xdp_trace` run them as dry runs for `ebpf-proxy trace` (see [`mode`]);
 //! `epx_ct_reap` removes finished flows for the daemon's garbage collector. Those three are
 //! never attached.
+//!
+//! The cgroup programs (`epx_connect4`, `epx_sendmsg4`, `epx_recvmsg4`,
+//! `epx_getpeername4`, `epx_sock_release`) balance at the socket instead, with the same
+//! lookups (see [`sock`]); `epx_connect4_trace` is `connect4`'s dry run.
 #![no_std]
 #![no_main]
 // Atomic operations on shared conntrack entries: the bpf target has no `AtomicU64`
@@ -33,6 +37,7 @@ mod reject;
 mod route;
 mod select;
 mod snat;
+mod sock;
 mod source_ranges;
 mod stats;
 mod verdict;
@@ -42,19 +47,20 @@ use core::num::NonZeroU16;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock, cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, SockContext, TcContext, XdpContext},
 };
 use proxy_common::{CtKey, Translation, Tuple, ct_flags, service_flags, stat, to_tc};
 
 use crate::{
     conntrack::{Entry, Followed, NotCreated, Now, Table},
     context::Context,
-    lb::{Frontend, LbKey, Selection},
+    lb::{Client, Frontend, LbKey, Selection},
     mode::{DryRun, Live, Mode},
     parse::Packet,
     reject::NotRefused,
     route::Hop,
+    sock::{Call, Sock},
     verdict::Verdict,
 };
 
@@ -90,6 +96,43 @@ pub fn epx_xdp_trace(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn epx_ct_reap(ctx: TcContext) -> i32 {
     reap::batch(&ctx) as i32
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn epx_connect4(ctx: SockAddrContext) -> i32 {
+    sock::finish(sock::forward(&Sock::new(&ctx), &Live, Call::Connect))
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn epx_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::finish(sock::forward(&Sock::new(&ctx), &Live, Call::SendMsg))
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn epx_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&Sock::new(&ctx), &Live);
+    sock::PROCEED
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn epx_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&Sock::new(&ctx), &Live);
+    sock::PROCEED
+}
+
+#[cgroup_sock(sock_release)]
+pub fn epx_sock_release(ctx: SockContext) -> i32 {
+    sock::release(&ctx);
+    sock::PROCEED
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn epx_connect4_trace(ctx: SockAddrContext) -> i32 {
+    let sock = Sock::new(&ctx);
+    if let Some(dry_run) = DryRun::start() {
+        sock::forward(&sock, &dry_run, Call::Connect);
+    }
+    sock::abandon(&sock, proxy_common::TRACE_ERRNO)
 }
 
 /// The tc action for a verdict (tc never leaves a packet to itself).
@@ -213,12 +256,13 @@ fn new_flow<C: Context, M: Mode>(
     let Some(count) = NonZeroU16::new(frontend.header.count) else {
         return without_backends(ctx, mode, packet, frontend);
     };
-    let selection = lb::select_backend(frontend, count, packet.src_addr, now.ns);
+    let client = Client::Address(packet.src_addr);
+    let selection = lb::select_backend(frontend, count, client, now.ns);
     let (backend_id, backend) = match selection {
         Selection::Affinity { id, backend } | Selection::Slot { id, backend, .. } => (id, backend),
         Selection::Missing => {
             mode.count(stat::CT_MISS);
-            mode.count(stat::BACKEND_MISSING);
+            mode.chosen(selection);
             return Verdict::Drop;
         }
     };
@@ -250,14 +294,7 @@ fn new_flow<C: Context, M: Mode>(
         Err(verdict) => return verdict,
     };
     mode.count(stat::CT_MISS);
-    match selection {
-        Selection::Affinity { id, backend } => {
-            mode.count(stat::AFFINITY);
-            mode.affinity_kept(id, &backend);
-        }
-        Selection::Slot { slot, id, backend } => mode.backend_selected(slot, id, &backend),
-        Selection::Missing => {}
-    }
+    mode.chosen(selection);
     if M::DRY_RUN {
         // Nothing is claimed in a dry run: a port of the range is shown.
         if translation.needs_port() {
@@ -265,7 +302,7 @@ fn new_flow<C: Context, M: Mode>(
         }
     } else {
         if frontend.header.affinity_timeout_s != 0 {
-            affinity::remember(packet.src_addr, frontend, backend_id, now.ns);
+            affinity::remember(client, frontend, backend_id, now.ns);
         }
         if let Err(refused) = create(mode, &mut translation, packet, ctx.len(), now) {
             return refused;
