@@ -175,10 +175,22 @@ fn metadata(name: String, labels: Option<BTreeMap<String, String>>) -> ObjectMet
 }
 
 fn kubernetes_service(service: &BenchService) -> Service {
+    kubernetes_service_with(service, None)
+}
+
+/// The Service object; with `node_port`, of type NodePort and open on that port.
+pub fn kubernetes_service_with(service: &BenchService, node_port: Option<u16>) -> Service {
     Service {
         metadata: metadata(service.name.clone(), None),
         spec: Some(ServiceSpec {
-            type_: Some("ClusterIP".to_owned()),
+            type_: Some(
+                if node_port.is_some() {
+                    "NodePort"
+                } else {
+                    "ClusterIP"
+                }
+                .to_owned(),
+            ),
             cluster_ip: Some(service.vip.to_string()),
             cluster_ips: Some(vec![service.vip.to_string()]),
             ports: Some(vec![ServicePort {
@@ -186,6 +198,7 @@ fn kubernetes_service(service: &BenchService) -> Service {
                 protocol: Some("TCP".to_owned()),
                 port: i32::from(service.port),
                 target_port: Some(IntOrString::Int(i32::from(service.target_port))),
+                node_port: node_port.map(i32::from),
                 ..ServicePort::default()
             }]),
             ..ServiceSpec::default()

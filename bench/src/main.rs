@@ -75,6 +75,18 @@ enum Section {
     Xdp,
 }
 
+/// The lab's load per run: `threads` clients for `duration`, at most `max_connections`,
+/// 1 s timeouts, nothing held open.
+fn lab_load(threads: usize, duration: Duration, max_connections: usize) -> LoadSettings {
+    LoadSettings {
+        threads,
+        duration,
+        max_connections,
+        timeout: Duration::from_secs(1),
+        hold: Duration::ZERO,
+    }
+}
+
 /// The sizes, counts and durations of every measurement.
 struct Settings {
     packet: PacketSettings,
@@ -104,13 +116,7 @@ impl Settings {
             connections: ConnectionSettings {
                 sizes: vec![1, 1_000, 10_000],
                 pods: 10,
-                load: LoadSettings {
-                    threads: 4,
-                    duration: Duration::from_secs(2),
-                    max_connections: 100_000,
-                    timeout: Duration::from_secs(1),
-                    hold: Duration::ZERO,
-                },
+                load: lab_load(4, Duration::from_secs(2), 100_000),
                 runs: 5,
                 warmup: 300,
                 rules_timeout: Duration::from_secs(180),
@@ -146,13 +152,7 @@ impl Settings {
                 single_runs: 3_000,
                 repeat: 1_000_000,
                 pods: 4,
-                load: LoadSettings {
-                    threads: 4,
-                    duration: Duration::from_secs(2),
-                    max_connections: 100_000,
-                    timeout: Duration::from_secs(1),
-                    hold: Duration::ZERO,
-                },
+                load: lab_load(4, Duration::from_secs(2), 100_000),
                 request_runs: 5,
                 warmup: 300,
                 rules_timeout: Duration::from_secs(60),
@@ -175,13 +175,7 @@ impl Settings {
             connections: ConnectionSettings {
                 sizes: vec![1, 100],
                 pods: 3,
-                load: LoadSettings {
-                    threads: 2,
-                    duration: Duration::from_millis(300),
-                    max_connections: 5_000,
-                    timeout: Duration::from_secs(1),
-                    hold: Duration::ZERO,
-                },
+                load: lab_load(2, Duration::from_millis(300), 5_000),
                 runs: 1,
                 warmup: 20,
                 rules_timeout: Duration::from_secs(60),
@@ -217,13 +211,7 @@ impl Settings {
                 single_runs: 200,
                 repeat: 20_000,
                 pods: 2,
-                load: LoadSettings {
-                    threads: 2,
-                    duration: Duration::from_millis(300),
-                    max_connections: 5_000,
-                    timeout: Duration::from_secs(1),
-                    hold: Duration::ZERO,
-                },
+                load: lab_load(2, Duration::from_millis(300), 5_000),
                 request_runs: 1,
                 warmup: 20,
                 rules_timeout: Duration::from_secs(60),

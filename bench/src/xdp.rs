@@ -32,10 +32,6 @@ use anyhow::{Context, Result, bail, ensure};
 use aya::maps::{MapData, PerCpuArray};
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
 use aya::{Ebpf, EbpfLoader};
-use etherparse::PacketBuilder;
-use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use proxy_common::{
     CtTimeouts, PROGRAM_NAME, SNAT_PORT_MAX_GLOBAL, SNAT_PORT_MIN_GLOBAL, XDP_PROGRAM_NAME,
     map_names, stat,
@@ -46,9 +42,11 @@ use proxy_userspace::model::Model;
 use proxy_userspace::plan::{self, NodeFacts};
 use proxy_userspace::writer::{FlowMaps, MapWriter};
 
-use crate::cluster::{self, BenchService, Endpoints, NAMESPACE, PORT_NAME};
+use crate::cluster::{self, BenchService, Endpoints};
+use crate::connections::LoadSamples;
 use crate::netfilter::{self, Loaded, Netfilter};
-use crate::stats::{Summary, median, percentile_of_sorted};
+use crate::packet::{Flags, destination, source, tcp_frame_between};
+use crate::stats::{Summary, median};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_REDIRECT: u32 = 7;
@@ -216,31 +214,6 @@ fn node_port_service(
     (service, node_port)
 }
 
-fn kubernetes_node_port((service, node_port): &(BenchService, u16)) -> Service {
-    Service {
-        metadata: ObjectMeta {
-            name: Some(service.name.clone()),
-            namespace: Some(NAMESPACE.to_owned()),
-            ..ObjectMeta::default()
-        },
-        spec: Some(ServiceSpec {
-            type_: Some("NodePort".to_owned()),
-            cluster_ip: Some(service.vip.to_string()),
-            cluster_ips: Some(vec![service.vip.to_string()]),
-            ports: Some(vec![ServicePort {
-                name: Some(PORT_NAME.to_owned()),
-                protocol: Some("TCP".to_owned()),
-                port: i32::from(service.port),
-                target_port: Some(IntOrString::Int(i32::from(service.target_port))),
-                node_port: Some(i32::from(*node_port)),
-                ..ServicePort::default()
-            }]),
-            ..ServiceSpec::default()
-        }),
-        ..Service::default()
-    }
-}
-
 /// The packet kinds measured, in the table's order.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -333,7 +306,10 @@ impl Loaded2 {
         ];
         let mut model = Model::default();
         for service in &services {
-            model.insert_service(kubernetes_node_port(service))?;
+            model.insert_service(cluster::kubernetes_service_with(
+                &service.0,
+                Some(service.1),
+            ))?;
             model
                 .insert_endpoint_slice(cluster::endpoint_slice(&service.0, &service.0.endpoints))?;
         }
@@ -379,32 +355,39 @@ impl Loaded2 {
     /// frame it left, and the kernel's time for it. `repeat` > 1 only for the floor.
     fn run(&self, xdp: bool, frame: &[u8], repeat: u32) -> Result<(u32, Vec<u8>, f64)> {
         let mut output = vec![0; frame.len() + 64];
-        let (context, program): (Vec<u8>, &dyn RunOnce) = if xdp {
+        let context: Vec<u32> = if xdp {
             // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
             // egress_ifindex.
-            let words = [0, frame.len() as u32, 0, self.ifindex, 0, 0];
-            let xdp: &Xdp = self
-                .ebpf
-                .program(XDP_PROGRAM_NAME)
-                .context("XDP")?
-                .try_into()?;
-            (words.iter().flat_map(|w| w.to_ne_bytes()).collect(), xdp)
+            vec![0, frame.len() as u32, 0, self.ifindex, 0, 0]
         } else {
-            // struct __sk_buff up to ifindex: ingress_ifindex and ifindex.
-            let mut words = [0u32; 11];
+            // struct __sk_buff up to ifindex: ingress_ifindex and ifindex are its last two.
+            let mut words = vec![0; 11];
             words[9] = self.ifindex;
             words[10] = self.ifindex;
-            let tc: &SchedClassifier = self.ebpf.program(PROGRAM_NAME).context("tc")?.try_into()?;
-            (words.iter().flat_map(|w| w.to_ne_bytes()).collect(), tc)
+            words
         };
-        let (code, size, nanoseconds) = program.once(TestRunOptions {
+        let context: Vec<u8> = context.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let options = TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut output),
             ctx_in: Some(&context),
             repeat,
             ..TestRunOptions::default()
-        })?;
-        output.truncate(size);
+        };
+        let result = if xdp {
+            let program: &Xdp = self
+                .ebpf
+                .program(XDP_PROGRAM_NAME)
+                .context("XDP")?
+                .try_into()?;
+            program.test_run(options)?
+        } else {
+            let program: &SchedClassifier =
+                self.ebpf.program(PROGRAM_NAME).context("tc")?.try_into()?;
+            program.test_run(options)?
+        };
+        let (code, nanoseconds) = (result.return_value, result.duration.as_nanos() as f64);
+        output.truncate(result.data_size_out as usize);
         // XDP's output starts with its 4 bytes of metadata.
         if xdp && output.len() >= frame.len() + 4 {
             output.drain(..output.len() - frame.len());
@@ -447,73 +430,9 @@ impl Loaded2 {
     }
 }
 
-/// What a program under test can do: one BPF_PROG_TEST_RUN call.
-trait RunOnce {
-    /// The return code, the output's size and the kernel's nanoseconds per run.
-    fn once(&self, options: TestRunOptions) -> Result<(u32, usize, f64)>;
-}
-
-impl RunOnce for Xdp {
-    fn once(&self, options: TestRunOptions) -> Result<(u32, usize, f64)> {
-        let result = self.test_run(options)?;
-        Ok((
-            result.return_value,
-            result.data_size_out as usize,
-            result.duration.as_nanos() as f64,
-        ))
-    }
-}
-
-impl RunOnce for SchedClassifier {
-    fn once(&self, options: TestRunOptions) -> Result<(u32, usize, f64)> {
-        let result = self.test_run(options)?;
-        Ok((
-            result.return_value,
-            result.data_size_out as usize,
-            result.duration.as_nanos() as f64,
-        ))
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Flags {
-    Syn,
-    SynAck,
-    Ack,
-}
-
 /// An Ethernet/IPv4/TCP frame on the wire to the node, checksums complete.
 fn frame(src: SocketAddrV4, dst: SocketAddrV4, flags: Flags) -> Result<Vec<u8>> {
-    let builder = PacketBuilder::ethernet2(mac_of(*src.ip()), NODE_MAC)
-        .ipv4(src.ip().octets(), dst.ip().octets(), 64)
-        .tcp(src.port(), dst.port(), 1, 64_240);
-    let builder = match flags {
-        Flags::Syn => builder.syn(),
-        Flags::SynAck => builder.syn().ack(1),
-        Flags::Ack => builder.ack(1),
-    };
-    let mut frame = Vec::with_capacity(builder.size(0));
-    builder.write(&mut frame, &[])?;
-    Ok(frame)
-}
-
-/// The source of a frame (after translation).
-fn source(frame: &[u8]) -> Result<SocketAddrV4> {
-    let ip = frame.get(14..34).context("short frame")?;
-    let tcp = frame.get(34..38).context("short frame")?;
-    Ok(SocketAddrV4::new(
-        Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
-        u16::from_be_bytes([tcp[0], tcp[1]]),
-    ))
-}
-
-fn destination(frame: &[u8]) -> Result<SocketAddrV4> {
-    let ip = frame.get(14..34).context("short frame")?;
-    let tcp = frame.get(34..38).context("short frame")?;
-    Ok(SocketAddrV4::new(
-        Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
-        u16::from_be_bytes([tcp[2], tcp[3]]),
-    ))
+    tcp_frame_between((mac_of(*src.ip()), NODE_MAC), src, dst, flags)
 }
 
 fn per_packet(settings: &XdpSettings) -> Result<Vec<XdpPacketCost>> {
@@ -783,15 +702,7 @@ fn take_turns(
     ready: &[Ready],
     settings: &XdpSettings,
 ) -> Result<Vec<XdpRequests>> {
-    #[derive(Default)]
-    struct Samples {
-        rates: Vec<f64>,
-        p50s: Vec<f64>,
-        p99s: Vec<f64>,
-        completed: usize,
-        failed: usize,
-    }
-    let mut samples: Vec<Samples> = ready.iter().map(|_| Samples::default()).collect();
+    let mut samples: Vec<LoadSamples> = ready.iter().map(|_| LoadSamples::default()).collect();
     for run in 0..settings.request_runs {
         for (variant, samples) in ready.iter().zip(&mut samples) {
             let report = load::generate(
@@ -800,19 +711,7 @@ fn take_turns(
                 &settings.load,
                 run as u64,
             )?;
-            samples.completed += report.completed;
-            samples.failed += report.failed;
-            samples.rates.push(report.connections_per_second());
-            let mut latencies: Vec<f64> = report
-                .connect_latencies
-                .iter()
-                .map(|latency| latency.as_secs_f64() * 1e6)
-                .collect();
-            latencies.sort_by(f64::total_cmp);
-            let percentile =
-                |p| percentile_of_sorted(&latencies, p).context("no connection completed");
-            samples.p50s.push(percentile(50.0)?);
-            samples.p99s.push(percentile(99.0)?);
+            samples.record(&report)?;
         }
     }
     let summary = |values: &[f64]| Summary::of(values).context("no runs");

@@ -139,13 +139,7 @@ fn a_remote_backend_gets_snat_and_both_directions_go_back_out_with_xdp_tx() {
         return;
     }
     on_a_node_with_a_wire(|wire| {
-        let mut datapath = Datapath::load().unwrap();
-        datapath.add_service_with(
-            frontend(NODE_PORT, proto::TCP),
-            &[backend(BACKEND_1, proto::TCP)],
-            service_flags::NODE_PORT,
-            0,
-        );
+        let datapath = node_port_to(BACKEND_1);
         let syn = Frame::new(CLIENT, NODE_PORT, SYN).macs(CLIENT_MAC, NODE_MAC);
         let run = datapath.run_xdp_on(&syn.build(), wire);
         assert_eq!(run.action, XDP_TX, "{run:02x?}");
@@ -192,17 +186,27 @@ fn without_the_next_hops_mac_xdp_records_nothing_and_tc_sends_the_packet() {
         return;
     }
     on_a_node_with_a_wire(|wire| {
-        let mut datapath = Datapath::load().unwrap();
         // BACKEND_2's MAC is not in the neighbour table.
-        datapath.add_service_with(
-            frontend(NODE_PORT, proto::TCP),
-            &[backend(BACKEND_2, proto::TCP)],
-            service_flags::NODE_PORT,
-            0,
-        );
+        let datapath = node_port_to(BACKEND_2);
         let syn = Frame::new(CLIENT, NODE_PORT, SYN).build();
         assert_left_to_tc(&datapath.run_xdp_on(&syn, wire), &syn);
         assert!(datapath.conntrack().is_empty(), "nothing recorded");
         datapath.assert_stats(&[(stat::XDP_TO_TC, 1)]);
+        // tc then translates it and hands it to bpf_redirect_neigh, which resolves the MAC.
+        let (verdict, out) = datapath.run_on(&syn, wire);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(&out[30..34], &BACKEND_2.ip().octets(), "DNATed: {out:02x?}");
     });
+}
+
+/// The datapath with a NodePort of the wire's node address served by `server` alone.
+fn node_port_to(server: SocketAddrV4) -> Datapath {
+    let mut datapath = Datapath::load().unwrap();
+    datapath.add_service_with(
+        frontend(NODE_PORT, proto::TCP),
+        &[backend(server, proto::TCP)],
+        service_flags::NODE_PORT,
+        0,
+    );
+    datapath
 }

@@ -321,9 +321,14 @@ impl Datapath {
 
     /// Runs the program on `frame`: its verdict and the frame it leaves.
     pub fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.run_on(frame, 0)
+    }
+
+    /// [`Datapath::run`] as arriving on `ifindex` (0: loopback).
+    pub fn run_on(&self, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
         let program: &SchedClassifier =
             self.ebpf.program(PROGRAM_NAME).unwrap().try_into().unwrap();
-        proxy_userspace::datapath::run_frame(program, frame).unwrap()
+        proxy_userspace::datapath::run_frame_on(program, frame, ifindex).unwrap()
     }
 
     /// Runs the XDP program on `frame` as if it arrived on `ingress_ifindex` (0: loopback,
@@ -638,37 +643,38 @@ pub fn assert_untouched(datapath: &Datapath, frame: &[u8]) {
 /// reaches the backends and clients through `lo`, the device test runs see packets arrive
 /// on: so backends look like pods of another node, reached through the arrival device.
 pub fn on_a_node_with_remote_backends(test: impl FnOnce() + Send) {
+    in_a_fresh_namespace(
+        &[
+            "link set lo up",
+            "addr add 198.18.0.1/32 dev lo",
+            "route add 198.18.0.0/16 dev lo src 198.18.0.1",
+        ],
+        test,
+    );
+}
+
+/// Runs `test` on a thread in a fresh network namespace with forwarding on, after the
+/// `ip` commands `setup` (each one line of arguments).
+fn in_a_fresh_namespace<T: Send>(setup: &[&str], test: impl FnOnce() -> T + Send) -> T {
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
                 // SAFETY: affects only this thread, which ends with the test.
                 assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
-                for args in [
-                    &["link", "set", "lo", "up"][..],
-                    &["addr", "add", "198.18.0.1/32", "dev", "lo"],
-                    &[
-                        "route",
-                        "add",
-                        "198.18.0.0/16",
-                        "dev",
-                        "lo",
-                        "src",
-                        "198.18.0.1",
-                    ],
-                ] {
+                for line in setup {
                     let status = std::process::Command::new("ip")
-                        .args(args)
+                        .args(line.split_whitespace())
                         .status()
                         .unwrap();
-                    assert!(status.success(), "ip {args:?}");
+                    assert!(status.success(), "ip {line}");
                 }
                 // /proc/sys/net shows the namespace of the thread that opens it.
                 std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
-                test();
+                test()
             })
             .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-    });
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
 
 /// The node's side of the wire [`on_a_node_with_a_wire`] sets up: its MAC.
@@ -683,78 +689,35 @@ pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0c, 0x01];
 /// [`CLIENT`] but not of the other backends: the external device of a node whose backends
 /// sit on other nodes, as XDP sees it.
 pub fn on_a_node_with_a_wire(test: impl FnOnce(u32) + Send) {
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                // SAFETY: affects only this thread, which ends with the test.
-                assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
-                let mac = |mac: [u8; 6]| {
-                    mac.iter()
-                        .map(|byte| format!("{byte:02x}"))
-                        .collect::<Vec<_>>()
-                        .join(":")
-                };
-                let backend = BACKEND_1.ip().to_string();
-                let client = CLIENT.ip().to_string();
-                let (node_mac, backend_mac, client_mac) =
-                    (mac(NODE_MAC), mac(BACKEND_1_MAC), mac(CLIENT_MAC));
-                for args in [
-                    &["link", "set", "lo", "up"][..],
-                    &[
-                        "link", "add", "wire0", "address", &node_mac, "type", "veth", "peer",
-                        "name", "wire1",
-                    ],
-                    &["link", "set", "wire0", "up"],
-                    &["link", "set", "wire1", "up"],
-                    &["addr", "add", "198.18.0.1/32", "dev", "wire0"],
-                    &[
-                        "route",
-                        "add",
-                        "198.18.0.0/16",
-                        "dev",
-                        "wire0",
-                        "src",
-                        "198.18.0.1",
-                    ],
-                    &[
-                        "neigh",
-                        "add",
-                        &backend,
-                        "lladdr",
-                        &backend_mac,
-                        "dev",
-                        "wire0",
-                        "nud",
-                        "permanent",
-                    ],
-                    &[
-                        "neigh",
-                        "add",
-                        &client,
-                        "lladdr",
-                        &client_mac,
-                        "dev",
-                        "wire0",
-                        "nud",
-                        "permanent",
-                    ],
-                ] {
-                    let status = std::process::Command::new("ip")
-                        .args(args)
-                        .status()
-                        .unwrap();
-                    assert!(status.success(), "ip {args:?}");
-                }
-                // /proc/sys/net shows the namespace of the thread that opens it.
-                std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
-                let name = std::ffi::CString::new("wire0").unwrap();
-                // SAFETY: a valid C string; the lookup happens in this thread's namespace.
-                let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-                assert_ne!(ifindex, 0, "wire0's index");
-                test(ifindex);
-            })
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    let mac = |mac: [u8; 6]| mac.map(|byte| format!("{byte:02x}")).join(":");
+    let setup = [
+        "link set lo up".to_owned(),
+        format!(
+            "link add wire0 address {} type veth peer name wire1",
+            mac(NODE_MAC)
+        ),
+        "link set wire0 up".to_owned(),
+        "link set wire1 up".to_owned(),
+        "addr add 198.18.0.1/32 dev wire0".to_owned(),
+        "route add 198.18.0.0/16 dev wire0 src 198.18.0.1".to_owned(),
+        format!(
+            "neigh add {} lladdr {} dev wire0 nud permanent",
+            BACKEND_1.ip(),
+            mac(BACKEND_1_MAC)
+        ),
+        format!(
+            "neigh add {} lladdr {} dev wire0 nud permanent",
+            CLIENT.ip(),
+            mac(CLIENT_MAC)
+        ),
+    ];
+    let setup: Vec<&str> = setup.iter().map(String::as_str).collect();
+    in_a_fresh_namespace(&setup, || {
+        let name = std::ffi::CString::new("wire0").unwrap();
+        // SAFETY: a valid C string; the lookup happens in this thread's namespace.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert_ne!(ifindex, 0, "wire0's index");
+        test(ifindex);
     });
 }
 
