@@ -88,6 +88,64 @@ fn node_port_flows_are_decided_by_xdp_and_never_translated_again_by_tc() -> Resu
     Ok(())
 }
 
+/// The XDP link pins under the daemon's pin root, by name.
+fn xdp_pins(daemon: &Daemon) -> Result<Vec<String>> {
+    let mut pins: Vec<String> = std::fs::read_dir(daemon.bpffs_root().join("links"))?
+        .map(|entry| Ok(entry?.file_name().to_string_lossy().into_owned()))
+        .filter(|name: &Result<String>| name.as_ref().map_or(true, |name| name.starts_with("xdp-")))
+        .collect::<Result<_>>()?;
+    pins.sort();
+    Ok(pins)
+}
+
+#[test]
+fn a_restarted_daemon_keeps_swaps_or_releases_the_xdp_link_as_its_mode_says() -> Result<()> {
+    require_lab!();
+    let lab = common::lab()?;
+    let mut daemon = lab
+        .daemon()
+        .manifest(node_port_service().manifest(backends(&lab)))
+        .args(["--xdp", "native"])
+        .start()?;
+    daemon.wait_synced(SYNC_TIMEOUT)?;
+    // (mode, the pins then, what `ip link` shows on the node's device)
+    let steps = [
+        ("native", vec!["xdp-native-2-eth0"], Some("xdp")),
+        ("native", vec!["xdp-native-2-eth0"], Some("xdp")),
+        ("generic", vec!["xdp-generic-2-eth0"], Some("xdpgeneric")),
+        ("off", vec![], None),
+    ];
+    for (step, (mode, pins, shown)) in steps.into_iter().enumerate() {
+        if step > 0 {
+            let syncs = daemon.syncs();
+            daemon.set_arg("--xdp", mode);
+            daemon.restart()?;
+            daemon.wait_for_syncs(syncs + 1, SYNC_TIMEOUT)?;
+        }
+        ensure!(
+            xdp_pins(&daemon)? == pins,
+            "--xdp {mode}: pins {:?}",
+            xdp_pins(&daemon)?
+        );
+        let link = lab.node().ip_output(&["link", "show", "dev", "eth0"])?;
+        let attached = ["xdpgeneric", "xdp"].into_iter().find(|kind| {
+            link.contains(&format!(" {kind} ")) || link.contains(&format!(" {kind}/"))
+        });
+        ensure!(
+            attached == shown,
+            "--xdp {mode}: eth0 shows {attached:?}: {link}"
+        );
+        let reply = lab
+            .client()
+            .tcp_request(addr::NODE_IP, addr::NODE_PORT_TCP)?;
+        ensure!(
+            BACKEND_NAMES.contains(&reply.body.as_str()),
+            "--xdp {mode}: answered by {reply:?}"
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn trace_shows_which_hook_decided() -> Result<()> {
     require_lab!();

@@ -289,6 +289,15 @@ impl Daemon<'_> {
         self.spawn()
     }
 
+    /// Sets `flag`'s value on the command line of the next [`Daemon::restart`] (replacing
+    /// the one given, or adding it).
+    pub fn set_arg(&mut self, flag: &str, value: &str) {
+        match self.argv.iter().position(|arg| arg == flag) {
+            Some(at) if at + 1 < self.argv.len() => self.argv[at + 1] = value.into(),
+            _ => self.argv.extend([flag.into(), value.into()]),
+        }
+    }
+
     /// Stops the daemon (SIGTERM) but keeps its pins, bpffs and cgroup until the handle
     /// drops: what `cleanup` finds on a node whose daemon was stopped.
     pub fn stop_in_place(&mut self) -> Result<ExitStatus> {
@@ -363,7 +372,7 @@ impl Daemon<'_> {
     /// Runs the node-admin CLI, `ebpf-proxy ARGS --bpffs-root <this daemon's>`, in the
     /// node's namespace, as an admin on the node would (it reads the pins; `trace` runs
     /// programs with BPF_PROG_TEST_RUN, which send nothing anywhere, as arriving on the
-    /// node's devices).
+    /// node's devices; `trace --connect` traces a process of the node).
     pub fn cli_output(&self, args: &[&str]) -> Result<std::process::Output> {
         let node_namespace = self.node.open()?;
         let mut command = Command::new(daemon_binary()?);
@@ -377,22 +386,6 @@ impl Daemon<'_> {
         command
             .output()
             .with_context(|| format!("running ebpf-proxy {}", args.join(" ")))
-    }
-
-    /// Runs the CLI like [`cli_output`](Self::cli_output) but in the node's namespace
-    /// (`nsenter --net`), as a node admin does: `trace --connect` traces a process of the
-    /// node (and sends nothing).
-    pub fn cli_in_node(&self, args: &[&str]) -> Result<String> {
-        let output = Command::new("nsenter")
-            .arg(format!("--net={}", self.node.path().display()))
-            .arg(daemon_binary()?)
-            .args(args)
-            .arg("--bpffs-root")
-            .arg(self.bpffs_root())
-            .env("NO_COLOR", "1")
-            .output()
-            .with_context(|| format!("running ebpf-proxy {} in the node", args.join(" ")))?;
-        stdout_of(args, output)
     }
 
     /// [`cli_output`](Self::cli_output)'s stdout; a failure carries its stderr.

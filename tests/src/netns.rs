@@ -70,6 +70,13 @@ impl Netns {
         run_ip(&full)
     }
 
+    /// Runs `ip -n <this namespace> <args>` and returns what it printed.
+    pub fn ip_output(&self, args: &[&str]) -> Result<String> {
+        let mut full = vec!["-n", &self.name];
+        full.extend_from_slice(args);
+        ip_stdout(&full)
+    }
+
     /// Runs `f` on a new thread inside this namespace and returns its result. Sockets that
     /// `f` creates stay in this namespace and may be used from any thread afterwards.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
@@ -167,6 +174,10 @@ pub(crate) fn probe_unshare() -> std::io::Result<()> {
 }
 
 fn run_ip(args: &[&str]) -> Result<()> {
+    ip_stdout(args).map(drop)
+}
+
+fn ip_stdout(args: &[&str]) -> Result<String> {
     let output = Command::new("ip")
         .args(args)
         .output()
@@ -178,5 +189,5 @@ fn run_ip(args: &[&str]) -> Result<()> {
             String::from_utf8_lossy(&output.stderr).trim()
         );
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
