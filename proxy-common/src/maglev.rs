@@ -5,29 +5,32 @@
 //! (an outside load balancer may move it), and when a backend leaves only the flows it
 //! had move.
 
-/// The default table size (`--maglev-table-size`): a prime, so every backend's
-/// permutation visits every position; about 100 positions per backend up to 160 backends,
-/// which keeps each backend's share within about 1 % of the others (the paper's advice).
-pub const DEFAULT_TABLE_SIZE: u32 = 16_381;
-/// The smallest and largest table sizes accepted. Positions are u16 in the tables the
-/// datapath reads (an index into the frontend's backends), so a table never holds more
-/// backends than 65 535.
-pub const MIN_TABLE_SIZE: u32 = 251;
-pub const MAX_TABLE_SIZE: u32 = 131_071;
+/// The table sizes a frontend may use: primes, so every backend's permutation visits every
+/// position (Cilium's list). A header names its table's size by its index in this list.
+pub const TABLE_SIZES: [u32; 10] = [
+    251, 509, 1_021, 2_039, 4_093, 8_191, 16_381, 32_749, 65_521, 131_071,
+];
 
-/// Whether `size` can be a Maglev table's size: a prime within the accepted bounds.
+/// The default table size (`--maglev-table-size`): about 100 positions per backend up to
+/// 160 backends, which keeps each backend's share within about 1 % of the others (the
+/// paper's advice).
+pub const DEFAULT_TABLE_SIZE: u32 = 16_381;
+
+/// Whether `size` can be a Maglev table's size: one of [`TABLE_SIZES`].
 pub const fn valid_table_size(size: u32) -> bool {
-    if size < MIN_TABLE_SIZE || size > MAX_TABLE_SIZE {
-        return false;
-    }
-    let mut divisor = 2;
-    while divisor * divisor <= size {
-        if size.is_multiple_of(divisor) {
-            return false;
+    size_index(size).is_some()
+}
+
+/// The index of `size` in [`TABLE_SIZES`].
+pub const fn size_index(size: u32) -> Option<usize> {
+    let mut index = 0;
+    while index < TABLE_SIZES.len() {
+        if TABLE_SIZES[index] == size {
+            return Some(index);
         }
-        divisor += 1;
+        index += 1;
     }
-    true
+    None
 }
 
 /// SplitMix64's finalizer: a fixed, well-spread 64-bit mix (the same on every node and
@@ -66,11 +69,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn table_sizes_are_primes_within_bounds() {
-        for size in [251, 509, 1021, 4093, 16_381, 65_521, 131_071] {
+    fn table_sizes_are_the_listed_primes() {
+        for size in TABLE_SIZES {
+            let mut divisor = 2;
+            while divisor * divisor <= size {
+                assert!(size % divisor != 0, "{size} is no prime");
+                divisor += 1;
+            }
             assert!(valid_table_size(size), "{size}");
         }
-        for size in [0, 1, 250, 16_383, 65_536, 131_072, 262_139] {
+        assert!(valid_table_size(DEFAULT_TABLE_SIZE));
+        for size in [0, 1, 250, 16_383, 65_536, 131_072, 262_139, 1_031] {
             assert!(!valid_table_size(size), "{size}");
         }
     }

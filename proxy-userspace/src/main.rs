@@ -93,8 +93,9 @@ struct DaemonArgs {
     /// overrides it. ClusterIPs always choose at random.
     #[arg(long, default_value = "random")]
     lb_algorithm: Algorithm,
-    /// Positions in each Maglev table (a prime; about 100 per backend keeps the shares
-    /// within 1 %); a Service's `ebpf-proxy.io/maglev-table-size` annotation overrides it.
+    /// Positions in each Maglev table, one of the primes 251, 509, 1021, 2039, 4093, 8191,
+    /// 16381, 32749, 65521, 131071 (about 100 per backend keeps the shares within 1 %); a
+    /// Service's `ebpf-proxy.io/maglev-table-size` annotation overrides it.
     #[arg(long, default_value_t = DEFAULT_TABLE_SIZE, value_parser = parse_table_size)]
     maglev_table_size: u32,
     /// Glob patterns naming the host side of pod veths; attached as they appear.
