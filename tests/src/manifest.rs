@@ -73,6 +73,8 @@ pub struct Service {
     external_ips: Vec<Ipv4Addr>,
     /// `status.loadBalancer.ingress[].ip`.
     load_balancer_ips: Vec<Ipv4Addr>,
+    /// `metadata.annotations`, as written.
+    annotations: Vec<(String, String)>,
 }
 
 /// One endpoint of a Service's EndpointSlice: a pod, the node it runs on and its
@@ -161,6 +163,7 @@ impl Service {
             source_ranges: Vec::new(),
             external_ips: Vec::new(),
             load_balancer_ips: Vec::new(),
+            annotations: Vec::new(),
         }
     }
 
@@ -193,6 +196,12 @@ impl Service {
     /// Adds `spec.externalIPs` entry `ip`.
     pub fn external_ip(mut self, ip: Ipv4Addr) -> Self {
         self.external_ips.push(ip);
+        self
+    }
+
+    /// The annotation `key: value` (quoted in the YAML).
+    pub fn annotation(mut self, key: &str, value: &str) -> Self {
+        self.annotations.push((key.to_owned(), value.to_owned()));
         self
     }
 
@@ -288,8 +297,18 @@ impl Service {
             ServiceType::LoadBalancer => "LoadBalancer",
         };
         let mut yaml = format!(
-            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n\
-             spec:\n  type: {kind}\n  clusterIP: {ip}\n  clusterIPs:\n    - {ip}\n\
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n",
+            name = self.name,
+        );
+        if !self.annotations.is_empty() {
+            yaml.push_str("  annotations:\n");
+            for (key, value) in &self.annotations {
+                let _ = writeln!(yaml, "    {key}: {value:?}");
+            }
+        }
+        let _ = write!(
+            yaml,
+            "spec:\n  type: {kind}\n  clusterIP: {ip}\n  clusterIPs:\n    - {ip}\n\
              \x20 selector:\n    app: {name}\n",
             name = self.name,
             ip = self.cluster_ip,
