@@ -154,7 +154,7 @@ pub struct ServiceValue {
 
 /// Value of the BACKENDS map (key: backend id, never 0).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Backend {
     /// IPv4 address, network byte order.
     pub addr: u32,

@@ -25,7 +25,7 @@ mod endpoints;
 mod incremental;
 mod service_port;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -106,6 +106,12 @@ impl MapMirror {
         self.current.apply(op);
     }
 
+    /// Backend id → how many slots name it, as followed write by write.
+    #[cfg(test)]
+    pub fn backend_refs(&self) -> &HashMap<u32, u32> {
+        &self.backend_refs
+    }
+
     fn count_backend_refs(&mut self) {
         self.backend_refs.clear();
         for id in self.current.slot_backends() {

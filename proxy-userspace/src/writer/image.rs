@@ -514,20 +514,31 @@ pub(super) mod tests {
     }
 
     /// Every header counts only existing slots; every slot names an existing backend whose
-    /// address is a selectable member of the frontend; every header's frontend has its name.
-    pub(in crate::writer) fn assert_consistent(image: &MapImage, step: usize) {
+    /// address is a selectable member of the frontend; every header's frontend has its
+    /// name; a header flagged `SOURCE_RANGES` has its ranges. `at` names the step.
+    pub(in crate::writer) fn assert_consistent(image: &MapImage, step: usize, at: &str) {
         for (key, value) in image.services.iter().filter(|(k, _)| k.slot == 0) {
             assert!(
                 image.names.contains_key(&value.rev_nat_id),
-                "step {step}: {key:?} has no name"
+                "{at}, write {step}: {key:?} has no name"
             );
+            if value.flags & service_flags::SOURCE_RANGES != 0 {
+                assert!(
+                    image
+                        .source_ranges
+                        .iter()
+                        .any(|entry| entry.range.rev_nat_id == value.rev_nat_id),
+                    "{at}, write {step}: {key:?} is restricted to no source range"
+                );
+            }
             for slot in 1..=value.count {
                 let slot_value = image.services.get(&key.with_slot(slot));
-                let slot_value = slot_value
-                    .unwrap_or_else(|| panic!("step {step}: {key:?} counts missing slot {slot}"));
+                let slot_value = slot_value.unwrap_or_else(|| {
+                    panic!("{at}, write {step}: {key:?} counts missing slot {slot}")
+                });
                 let backend = image.backends.get(&slot_value.backend_id);
                 let backend = backend.unwrap_or_else(|| {
-                    panic!("step {step}: slot {slot} of {key:?} names a missing backend")
+                    panic!("{at}, write {step}: slot {slot} of {key:?} names a missing backend")
                 });
                 let member = MembershipKey {
                     rev_nat_id: value.rev_nat_id,
@@ -536,7 +547,7 @@ pub(super) mod tests {
                 assert!(
                     image.membership.get(&member).copied().unwrap_or(0) & membership::SELECTABLE
                         != 0,
-                    "step {step}: slot {slot} of {key:?} is no selectable member"
+                    "{at}, write {step}: slot {slot} of {key:?} is no selectable member"
                 );
             }
         }
@@ -551,7 +562,7 @@ pub(super) mod tests {
         let ops = diff(&image, &next);
         for (step, op) in ops.iter().enumerate() {
             image.apply(*op);
-            assert_consistent(&image, step);
+            assert_consistent(&image, step, "transition");
         }
         assert_eq!(image, next);
         ops.len()

@@ -8,6 +8,8 @@
 
 mod delta;
 mod image;
+#[cfg(test)]
+mod sync_property;
 
 use std::collections::HashMap;
 
