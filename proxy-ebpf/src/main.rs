@@ -20,6 +20,7 @@ mod affinity;
 mod conntrack;
 mod context;
 mod csum;
+mod devices;
 mod lb;
 mod membership;
 mod mode;
@@ -42,7 +43,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use proxy_common::{Translation, Tuple, ct_flags, service_flags, stat};
+use proxy_common::{BackendSet, Translation, Tuple, ct_flags, service_flags, stat};
 
 use crate::{
     conntrack::{Followed, Hit, NotCreated, Now, Table},
@@ -146,7 +147,8 @@ fn apply<C: Context, M: Mode>(ctx: &C, mode: &M, packet: &Packet, hit: &Hit) -> 
 }
 
 /// A packet to a frontend without a flow: selects a backend (the client's previous one
-/// under session affinity, else a random one), records the flow and translates.
+/// under session affinity, else a random one) among the set its origin reaches, records
+/// the flow and translates.
 #[inline(always)]
 fn new_flow<C: Context, M: Mode>(
     ctx: &C,
@@ -163,25 +165,32 @@ fn new_flow<C: Context, M: Mode>(
         mode.count(stat::SOURCE_RANGE_DENIED);
         return DROP;
     }
-    let Some(count) = NonZeroU16::new(frontend.header.count) else {
-        return without_backends(ctx, mode, packet, frontend);
+    let set = lb::backends_for(frontend, || {
+        let origin = devices::origin_of(ctx.ifindex());
+        mode.origin_found(origin);
+        origin
+    });
+    mode.set_chosen(&set);
+    let Some(count) = NonZeroU16::new(set.count) else {
+        return without_backends(ctx, mode, packet, &set);
     };
     mode.count(stat::CT_MISS);
-    let (backend_id, backend) = match lb::select_backend(frontend, count, packet.src_addr, now.ns) {
-        Selection::Affinity { id, backend } => {
-            mode.count(stat::AFFINITY);
-            mode.affinity_kept(id, &backend);
-            (id, backend)
-        }
-        Selection::Slot { slot, id, backend } => {
-            mode.backend_selected(slot, id, &backend);
-            (id, backend)
-        }
-        Selection::Missing => {
-            mode.count(stat::BACKEND_MISSING);
-            return DROP;
-        }
-    };
+    let (backend_id, backend) =
+        match lb::select_backend(frontend, &set, count, packet.src_addr, now.ns) {
+            Selection::Affinity { id, backend } => {
+                mode.count(stat::AFFINITY);
+                mode.affinity_kept(id, &backend);
+                (id, backend)
+            }
+            Selection::Slot { slot, id, backend } => {
+                mode.backend_selected(slot, id, &backend);
+                (id, backend)
+            }
+            Selection::Missing => {
+                mode.count(stat::BACKEND_MISSING);
+                return DROP;
+            }
+        };
     let snat_source = if Translation::may_snat(flags, packet.src_addr, backend.addr) {
         snat::source_for(ctx, &backend)
     } else {
@@ -204,7 +213,7 @@ fn new_flow<C: Context, M: Mode>(
         }
     } else {
         if frontend.header.affinity_timeout_s != 0 {
-            affinity::remember(packet.src_addr, frontend, backend_id, now.ns);
+            affinity::remember(packet.src_addr, frontend, backend_id, &backend, now.ns);
         }
         if let Err(refused) = create(mode, &mut translation, packet, ctx.len(), now) {
             return refused;
@@ -290,16 +299,17 @@ fn send_on<C: Context, M: Mode>(
     route::redirect(ctx, packet.proto, to)
 }
 
-/// A packet for a frontend without backends: dropped when only its traffic policy left
-/// none on this node, otherwise refused at once (kube-proxy's DROP and REJECT).
+/// A packet for a frontend whose set of backends is empty: dropped when only its traffic
+/// policy left none on this node, otherwise refused at once (kube-proxy's DROP and
+/// REJECT).
 #[inline(always)]
 fn without_backends<C: Context, M: Mode>(
     ctx: &C,
     mode: &M,
     packet: &Packet,
-    frontend: &Frontend,
+    set: &BackendSet,
 ) -> i32 {
-    if frontend.header.flags & service_flags::NO_LOCAL_ENDPOINTS != 0 {
+    if set.drops_when_empty {
         mode.count(stat::NO_BACKEND);
         return DROP;
     }

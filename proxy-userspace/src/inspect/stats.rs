@@ -6,8 +6,8 @@ use anyhow::Result;
 use aya::Pod;
 use aya::maps::{Map, MapData, PerCpuArray};
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, MembershipKey, ServiceKey, ServiceName,
-    ServiceValue, map_names, stat,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, FrontendKey, FrontendValue, MembershipKey,
+    ServiceName, map_names, stat,
 };
 
 use crate::conntrack::batch;
@@ -29,8 +29,10 @@ pub struct Counter {
     pub value: u64,
 }
 
-/// How full a hash map is. A full CONNTRACK evicts its least recently used flows; a full
-/// SERVICES or BACKENDS refuses the daemon's writes.
+/// How full a map is. A full CONNTRACK, CONNTRACK_PENDING or AFFINITY (LRU maps) forgets
+/// its least recently used entries; a full SERVICES, BACKEND_SLOTS, BACKEND_IDS or
+/// MEMBERSHIP refuses the daemon's writes, and the frontends they were for stay as they
+/// were. BACKEND_SLOTS: the slots frontends' headers name.
 #[derive(Debug, Serialize)]
 pub struct MapFill {
     pub name: &'static str,
@@ -50,8 +52,8 @@ pub fn read(root: &Path) -> Result<StatsView> {
         });
     }
     let maps = vec![
-        fill::<ServiceKey, ServiceValue>(root, map_names::SERVICES)?,
-        fill::<u32, Backend>(root, map_names::BACKENDS)?,
+        fill::<FrontendKey, FrontendValue>(root, map_names::SERVICES)?,
+        slots_fill(root)?,
         fill::<Backend, u32>(root, map_names::BACKEND_IDS)?,
         fill::<CtKey, CtValue>(root, map_names::CONNTRACK)?,
         fill::<CtKey, CtValue>(root, map_names::CONNTRACK_PENDING)?,
@@ -65,16 +67,30 @@ pub fn read(root: &Path) -> Result<StatsView> {
 /// Counts a hash map's entries, read in batches (the kernel keeps no count).
 fn fill<K: Pod, V: Pod>(root: &Path, name: &'static str) -> Result<MapFill> {
     let data = open_pinned(root, name)?;
-    let max_entries = data.info()?.max_entries();
-    let mut entries = 0;
-    batch::for_each_entry(&data, 4096, |_: &K, _: &V| {
-        entries += 1;
-        Ok(())
-    })?;
     Ok(MapFill {
         name,
+        entries: batch::count_entries::<K, V>(&data)?,
+        max_entries: data.info()?.max_entries(),
+    })
+}
+
+/// BACKEND_SLOTS' fill: the slots the frontends' headers name.
+fn slots_fill(root: &Path) -> Result<MapFill> {
+    let services = open_pinned(root, map_names::SERVICES)?;
+    let mut entries = 0;
+    batch::for_each_entry(
+        &services,
+        4096,
+        |_: &FrontendKey, header: &FrontendValue| {
+            entries += u64::from(header.slots());
+            Ok(())
+        },
+    )?;
+    let slots = open_pinned(root, map_names::BACKEND_SLOTS)?;
+    Ok(MapFill {
+        name: map_names::BACKEND_SLOTS,
         entries,
-        max_entries,
+        max_entries: slots.info()?.max_entries(),
     })
 }
 

@@ -1,261 +1,293 @@
 //! Writer: turns the planner's desired state into map entries and writes them in an order
 //! that keeps every packet consistent.
 //!
-//! [`image`] is pure (frontends and backends → entries, the ordered difference between two
-//! images), [`delta`] follows what the maps hold so a change writes only the frontends it
-//! touched, with reference-counted backends; [`MapWriter`] is the only code that writes the
-//! aya maps.
+//! [`image`] is pure (frontends and backends → entries, where new slices go, the ordered
+//! difference between two images), [`slots`] keeps track of BACKEND_SLOTS (free, live and
+//! quarantined slices), [`delta`] follows what the maps hold so a change writes only the
+//! frontends it touched, with reference-counted backends, and writes a batch through any
+//! writer; [`MapWriter`] is the only code that writes the kernel's maps.
 
 mod delta;
+mod ids;
 mod image;
+mod slots;
 #[cfg(test)]
 mod sync_property;
+#[cfg(test)]
+mod tests;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
+use std::io;
+use std::time::Duration;
 
-use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, MapError};
-use proxy_common::{Backend, MembershipKey, ServiceKey, ServiceName, ServiceValue, SourceRange};
+use aya::maps::{Array, HashMap as BpfHashMap, IterableMap, LpmTrie, MapData, MapError};
+use proxy_common::{
+    Backend, FrontendKey, FrontendValue, MembershipKey, ServiceName, Slot, SourceRange,
+};
+use tracing::warn;
 
-pub use delta::MapMirror;
-pub use image::{IdRegistry, MapImage, MapOp, SourceRangeEntry, diff, materialize};
+pub use delta::{ApplyReport, Batch, MapMirror, Sync, WriteError};
+pub use ids::IdRegistry;
+pub use image::{
+    DesiredImage, FrontendEntry, MapImage, MapOp, SourceRangeEntry, frontend_key, materialize,
+    slice_of,
+};
 
+use crate::conntrack::batch;
 use crate::plan::{DesiredState, FrontendChange};
 
-/// What one [`MapWriter::apply`] or [`MapWriter::apply_delta`] did.
-#[derive(Debug, Default)]
-pub struct ApplyReport {
-    pub ops: usize,
-    /// Writes refused because a map was full; retried by the next (full) sync.
-    pub map_full: usize,
-    /// Other failed writes, with the reason; retried on the next sync.
-    pub failures: Vec<String>,
+/// The maps the writer owns, as pinned by the datapath.
+pub struct WriterMaps {
+    pub services: BpfHashMap<MapData, FrontendKey, FrontendValue>,
+    pub slots: Array<MapData, Slot>,
+    pub backend_ids: BpfHashMap<MapData, Backend, u32>,
+    pub membership: BpfHashMap<MapData, MembershipKey, u8>,
+    /// Raised after MEMBERSHIP changed: flows re-check their backend.
+    pub membership_epoch: Array<MapData, u32>,
+    pub names: BpfHashMap<MapData, u32, ServiceName>,
+    pub source_ranges: LpmTrie<MapData, SourceRange, u8>,
 }
 
-impl ApplyReport {
-    /// Whether every write succeeded.
-    pub fn complete(&self) -> bool {
-        self.map_full == 0 && self.failures.is_empty()
+impl WriterMaps {
+    /// Takes the writer's maps out of the loaded object.
+    pub fn take(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
+        use proxy_common::map_names;
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow::anyhow!("map {name} missing from the eBPF object"))
+        };
+        Ok(Self {
+            services: take(map_names::SERVICES)?.try_into()?,
+            slots: take(map_names::BACKEND_SLOTS)?.try_into()?,
+            backend_ids: take(map_names::BACKEND_IDS)?.try_into()?,
+            membership: take(map_names::MEMBERSHIP)?.try_into()?,
+            membership_epoch: take(map_names::MEMBERSHIP_EPOCH)?.try_into()?,
+            names: take(map_names::SVC_NAMES)?.try_into()?,
+            source_ranges: take(map_names::SOURCE_RANGES)?.try_into()?,
+        })
     }
 }
 
-/// Owns the SERVICES, BACKENDS, MEMBERSHIP and SVC_NAMES maps (and BACKEND_IDS,
-/// MEMBERSHIP_EPOCH, SOURCE_RANGES) and a mirror of their contents.
+/// Writes the maps, following what they hold in a [`MapMirror`].
 pub struct MapWriter {
-    services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
-    backends: BpfHashMap<MapData, u32, Backend>,
-    membership: BpfHashMap<MapData, MembershipKey, u8>,
-    names: BpfHashMap<MapData, u32, ServiceName>,
-    /// Optional, so callers that never restrict sources (the benchmarks) need not open it;
-    /// without it, a plan with source ranges reports failed writes.
-    source_ranges: Option<LpmTrie<MapData, SourceRange, u8>>,
-    /// BACKENDS inverted, written with it, and the epoch raised after MEMBERSHIP changed
-    /// (see [`MapWriter::with_flow_maps`]).
-    flow_maps: Option<FlowMaps>,
+    maps: WriterMaps,
     mirror: MapMirror,
+    /// Each map's capacity, read once (a reused pin keeps the size it was created with).
+    capacities: BTreeMap<&'static str, u32>,
 }
 
-/// The maps the datapath's conntrack reads besides the Services: which (address, port)
-/// pairs are backends, and whether MEMBERSHIP changed since a flow last checked it.
-pub struct FlowMaps {
-    pub backend_ids: BpfHashMap<MapData, Backend, u32>,
-    pub membership_epoch: Array<MapData, u32>,
+/// How full one map is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapFill {
+    pub map: &'static str,
+    pub entries: u64,
+    pub max_entries: u32,
 }
 
 impl MapWriter {
     /// Takes the maps and learns what they already hold (they may be pinned from a
     /// previous run of the daemon).
-    pub fn new(
-        services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
-        backends: BpfHashMap<MapData, u32, Backend>,
-        membership: BpfHashMap<MapData, MembershipKey, u8>,
-        names: BpfHashMap<MapData, u32, ServiceName>,
-    ) -> Result<Self, MapError> {
-        let mut writer = Self {
-            services,
-            backends,
-            membership,
-            names,
-            source_ranges: None,
-            flow_maps: None,
-            mirror: MapMirror::default(),
-        };
-        writer.mirror = MapMirror::new(writer.read()?);
-        Ok(writer)
+    pub fn new(maps: WriterMaps) -> Result<Self, MapError> {
+        use proxy_common::map_names;
+        let capacity = maps.slots.len();
+        let image = read(&maps)?;
+        let mut capacities = BTreeMap::new();
+        for (name, map) in [
+            (map_names::SERVICES, maps.services.map()),
+            (map_names::BACKEND_IDS, maps.backend_ids.map()),
+            (map_names::MEMBERSHIP, maps.membership.map()),
+            (map_names::SVC_NAMES, maps.names.map()),
+            (map_names::SOURCE_RANGES, maps.source_ranges.map()),
+        ] {
+            capacities.insert(name, map.info()?.max_entries());
+        }
+        capacities.insert(map_names::BACKEND_SLOTS, capacity);
+        Ok(Self {
+            maps,
+            mirror: MapMirror::new(image, capacity),
+            capacities,
+        })
     }
 
-    /// Also writes SOURCE_RANGES (`loadBalancerSourceRanges`), learning what it holds.
-    pub fn with_source_ranges(
-        mut self,
-        source_ranges: LpmTrie<MapData, SourceRange, u8>,
-    ) -> Result<Self, MapError> {
-        self.source_ranges = Some(source_ranges);
-        self.reread()?;
-        Ok(self)
-    }
-
-    /// Also writes BACKEND_IDS with BACKENDS and raises MEMBERSHIP_EPOCH after changing
-    /// MEMBERSHIP: what the datapath needs to track direct flows to backends and to move
-    /// flows off backends that left.
-    pub fn with_flow_maps(mut self, flow_maps: FlowMaps) -> Result<Self, MapError> {
-        self.flow_maps = Some(flow_maps);
-        self.reread()?;
-        Ok(self)
+    /// How full the maps the writer owns are, as last written (BACKEND_SLOTS: the slots
+    /// headers name).
+    pub fn fill(&self) -> Vec<MapFill> {
+        use proxy_common::map_names;
+        let image = self.mirror.image();
+        let named_slots: u64 = image
+            .services
+            .values()
+            .map(|header| u64::from(header.slots()))
+            .sum();
+        [
+            (map_names::SERVICES, image.services.len() as u64),
+            (map_names::BACKEND_SLOTS, named_slots),
+            (map_names::BACKEND_IDS, image.backends.len() as u64),
+            (map_names::MEMBERSHIP, image.membership.len() as u64),
+            (map_names::SVC_NAMES, image.names.len() as u64),
+            (map_names::SOURCE_RANGES, image.source_ranges.len() as u64),
+        ]
+        .into_iter()
+        .map(|(map, entries)| MapFill {
+            map,
+            entries,
+            max_entries: self.capacities.get(map).copied().unwrap_or(0),
+        })
+        .collect()
     }
 
     /// Reads the maps again, so the next [`apply`](Self::apply) repairs anything that was
     /// changed behind our back.
     pub fn reread(&mut self) -> Result<(), MapError> {
-        let image = self.read()?;
+        let image = read(&self.maps)?;
         self.mirror.reset(image);
         Ok(())
     }
 
-    fn read(&mut self) -> Result<MapImage, MapError> {
-        let mut image = MapImage::default();
-        for entry in self.services.iter() {
-            let (key, value) = entry?;
-            image.services.insert(key, value);
-        }
-        for entry in self.backends.iter() {
-            let (id, backend) = entry?;
-            image.backends.insert(id, backend);
-        }
-        for entry in self.membership.iter() {
-            let (key, bits) = entry?;
-            image.membership.insert(key, bits);
-        }
-        for entry in self.names.iter() {
-            let (id, name) = entry?;
-            image.names.insert(id, name);
-        }
-        for key in self.source_ranges.iter().flat_map(LpmTrie::keys) {
-            image
-                .source_ranges
-                .insert(SourceRangeEntry::from_key(&key?));
-        }
-        if let Some(flow_maps) = &mut self.flow_maps {
-            repair_backend_ids(flow_maps, &mut image)?;
-        }
-        Ok(image)
+    /// What the maps hold, as last written.
+    pub fn image(&self) -> &MapImage {
+        self.mirror.image()
     }
 
-    /// Entries in SERVICES and BACKENDS, as last written.
-    pub fn fill(&self) -> (usize, usize) {
-        let image = self.mirror.image();
-        (image.services.len(), image.backends.len())
+    /// BACKEND_SLOTS: slots in use (named, or freed too recently to reuse), and capacity.
+    pub fn slots_used(&self) -> (u32, u32) {
+        self.mirror.slots_used()
     }
 
     /// Makes the maps equal to `desired`, writing only the difference to what they hold (a
     /// full sync: start-up, resync, a change of the node).
     pub fn apply(&mut self, desired: &DesiredState) -> ApplyReport {
-        let ops = self.mirror.full(desired);
-        self.write_all(ops)
+        self.sync(Sync::Full(desired))
     }
 
     /// Writes the changed frontends only (a partial sync).
     pub fn apply_delta(&mut self, changes: &[FrontendChange]) -> ApplyReport {
-        let ops = self.mirror.delta(changes);
-        self.write_all(ops)
+        self.sync(Sync::Delta(changes))
     }
 
-    fn write_all(&mut self, ops: Vec<MapOp>) -> ApplyReport {
-        let mut report = ApplyReport {
-            ops: ops.len(),
-            ..ApplyReport::default()
-        };
+    fn sync(&mut self, sync: Sync<'_>) -> ApplyReport {
+        let maps = &mut self.maps;
         let mut membership_changed = false;
-        for op in ops {
-            match self.write(op) {
-                Ok(()) => {
-                    membership_changed |=
-                        matches!(op, MapOp::PutMembership(..) | MapOp::DeleteMembership(_));
-                    self.mirror.applied(op);
-                }
-                Err(error) if is_map_full(&error) => report.map_full += 1,
-                Err(error) => report.failures.push(format!("{op:?}: {error}")),
-            }
-        }
+        let mut report = self.mirror.sync(sync, |op| {
+            let result = write(maps, op);
+            membership_changed |= result.is_ok()
+                && matches!(op, MapOp::PutMembership(..) | MapOp::DeleteMembership(_));
+            result
+        });
         // After the writes: a flow that reads the new epoch finds the new membership.
-        if membership_changed && let Err(error) = self.raise_membership_epoch() {
+        if membership_changed && let Err(error) = raise_membership_epoch(&mut self.maps) {
             report
                 .failures
                 .push(format!("raising MEMBERSHIP_EPOCH: {error}"));
         }
         report
     }
-
-    fn raise_membership_epoch(&mut self) -> Result<(), MapError> {
-        let epoch = &mut self.flow_maps()?.membership_epoch;
-        let next = epoch.get(&0, 0)?.wrapping_add(1);
-        epoch.set(0, next, 0)
-    }
-
-    fn flow_maps(&mut self) -> Result<&mut FlowMaps, MapError> {
-        self.flow_maps.as_mut().ok_or_else(|| {
-            MapError::IoError(std::io::Error::other(
-                "the writer was not given BACKEND_IDS and MEMBERSHIP_EPOCH",
-            ))
-        })
-    }
-
-    fn write(&mut self, op: MapOp) -> Result<(), MapError> {
-        match op {
-            MapOp::PutName(id, name) => self.names.insert(id, name, 0),
-            MapOp::PutBackend(id, backend) => {
-                let replaced = self.mirror.image().backends.get(&id).copied();
-                let backend_ids = &mut self.flow_maps()?.backend_ids;
-                if let Some(old) = replaced.filter(|old| *old != backend) {
-                    ignore_missing(backend_ids.remove(&old))?;
-                }
-                backend_ids.insert(backend, id, 0)?;
-                self.backends.insert(id, backend, 0)
-            }
-            MapOp::PutService(key, value) => self.services.insert(key, value, 0),
-            MapOp::PutMembership(key, bits) => self.membership.insert(key, bits, 0),
-            MapOp::DeleteService(key) => ignore_missing(self.services.remove(&key)),
-            MapOp::DeleteMembership(key) => ignore_missing(self.membership.remove(&key)),
-            MapOp::DeleteBackend(id) => {
-                ignore_missing(self.backends.remove(&id))?;
-                match self.mirror.image().backends.get(&id).copied() {
-                    Some(backend) => ignore_missing(self.flow_maps()?.backend_ids.remove(&backend)),
-                    None => Ok(()),
-                }
-            }
-            MapOp::DeleteName(id) => ignore_missing(self.names.remove(&id)),
-            MapOp::PutSourceRange(entry) => self.source_ranges()?.insert(&entry.key(), 1, 0),
-            MapOp::DeleteSourceRange(entry) => {
-                ignore_missing(self.source_ranges()?.remove(&entry.key()))
-            }
-        }
-    }
-
-    fn source_ranges(&mut self) -> Result<&mut LpmTrie<MapData, SourceRange, u8>, MapError> {
-        self.source_ranges.as_mut().ok_or_else(|| {
-            MapError::IoError(std::io::Error::other(
-                "the writer was not given the SOURCE_RANGES map",
-            ))
-        })
-    }
 }
 
-/// Makes BACKEND_IDS agree with BACKENDS after a re-read: removes what BACKENDS does not
-/// name, and drops from the mirror every backend whose reverse entry is missing or wrong,
-/// so the next apply writes it (and its reverse entry) again.
-fn repair_backend_ids(flow_maps: &mut FlowMaps, image: &mut MapImage) -> Result<(), MapError> {
-    let mut held = HashMap::new();
-    for entry in flow_maps.backend_ids.iter() {
+/// Reads what the maps hold: every header, the slots they name, the backends, membership,
+/// names and source ranges. BACKEND_IDS entries no slot names, or that disagree with the
+/// slots, are left out, so the next full sync writes them again.
+fn read(maps: &WriterMaps) -> Result<MapImage, MapError> {
+    let mut image = MapImage::default();
+    for entry in maps.services.iter() {
+        let (key, header) = entry?;
+        image.services.insert(key, header);
+    }
+    image.slots = read_slots(maps.slots.map(), &image.services).map_err(MapError::IoError)?;
+    for entry in maps.backend_ids.iter() {
         let (backend, id) = entry?;
-        held.insert(backend, id);
+        image.backends.insert(id, backend);
     }
-    for (backend, id) in &held {
-        if image.backends.get(id) != Some(backend) {
-            ignore_missing(flow_maps.backend_ids.remove(backend))?;
+    for entry in maps.membership.iter() {
+        let (key, bits) = entry?;
+        image.membership.insert(key, bits);
+    }
+    for entry in maps.names.iter() {
+        let (id, name) = entry?;
+        image.names.insert(id, name);
+    }
+    for key in maps.source_ranges.keys() {
+        image
+            .source_ranges
+            .insert(SourceRangeEntry::from_key(&key?));
+    }
+    Ok(image)
+}
+
+/// The slots of BACKEND_SLOTS (`map`) that `headers` name, read in batches.
+pub fn read_slots(
+    map: &MapData,
+    headers: &BTreeMap<FrontendKey, FrontendValue>,
+) -> io::Result<BTreeMap<u32, Slot>> {
+    let named: Vec<std::ops::Range<u32>> = headers
+        .values()
+        .map(|header| slice_of(header).range())
+        .filter(|range| !range.is_empty())
+        .collect();
+    let mut slots = BTreeMap::new();
+    if named.is_empty() {
+        return Ok(slots);
+    }
+    batch::for_each_entry(map, 4096, |index: &u32, slot: &Slot| {
+        if named.iter().any(|range| range.contains(index)) {
+            slots.insert(*index, *slot);
         }
+        Ok(())
+    })?;
+    Ok(slots)
+}
+
+/// One write to the kernel's maps.
+fn write(maps: &mut WriterMaps, op: &MapOp) -> Result<(), WriteError> {
+    let result = match *op {
+        MapOp::PutName(id, name) => maps.names.insert(id, name, 0),
+        MapOp::PutBackend(id, backend) => maps.backend_ids.insert(backend, id, 0),
+        MapOp::PutSlot(index, slot) => maps.slots.set(index, slot, 0),
+        MapOp::PutService(key, value) => maps.services.insert(key, value, 0),
+        MapOp::PutMembership(key, bits) => maps.membership.insert(key, bits, 0),
+        MapOp::PutSourceRange(entry) => maps.source_ranges.insert(&entry.key(), 1, 0),
+        MapOp::DeleteService(key) => ignore_missing(maps.services.remove(&key)),
+        MapOp::DeleteMembership(key) => ignore_missing(maps.membership.remove(&key)),
+        MapOp::DeleteBackend(_, backend) => ignore_missing(maps.backend_ids.remove(&backend)),
+        MapOp::DeleteName(id) => ignore_missing(maps.names.remove(&id)),
+        MapOp::DeleteSourceRange(entry) => ignore_missing(maps.source_ranges.remove(&entry.key())),
+        MapOp::Barrier => {
+            grace_period();
+            Ok(())
+        }
+    };
+    result.map_err(|error| {
+        if is_map_full(&error) {
+            WriteError::Full
+        } else {
+            WriteError::Failed(error.to_string())
+        }
+    })
+}
+
+fn raise_membership_epoch(maps: &mut WriterMaps) -> Result<(), MapError> {
+    let epoch = &mut maps.membership_epoch;
+    let next = epoch.get(&0, 0)?.wrapping_add(1);
+    epoch.set(0, next, 0)
+}
+
+/// Waits for an RCU grace period: every program run that started before has finished, so
+/// no packet still reads a header replaced before. `membarrier(MEMBARRIER_CMD_GLOBAL)` is
+/// exactly that (the kernel calls `synchronize_rcu`; a few milliseconds). Where it is not
+/// available (nohz_full kernels, a seccomp filter) a pause far longer than any program
+/// run stands in.
+fn grace_period() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    const FALLBACK: Duration = Duration::from_millis(100);
+    // SAFETY: membarrier takes no pointers.
+    let result = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if result != 0 {
+        warn!(
+            error = %io::Error::last_os_error(),
+            "membarrier(MEMBARRIER_CMD_GLOBAL) failed; pausing 100 ms instead of an RCU grace period"
+        );
+        std::thread::sleep(FALLBACK);
     }
-    image
-        .backends
-        .retain(|id, backend| held.get(backend) == Some(id));
-    Ok(())
 }
 
 fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {

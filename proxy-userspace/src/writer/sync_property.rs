@@ -16,10 +16,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use proxy_common::{Backend, ServiceKey, service_flags};
+use proxy_common::{Backend, FrontendKey, service_flags};
 
-use super::image::tests::assert_consistent;
-use super::{MapImage, MapMirror, MapOp};
+use super::tests::{FakeMaps, sync_into};
+use super::{MapImage, MapMirror, Sync};
 use crate::inspect::{Endpoint, service_port_name};
 use crate::model::{Model, ObjectKey};
 use crate::plan::testing::{Slice, Svc, ep, slice, svc};
@@ -220,6 +220,11 @@ fn change(rng: &mut Rng, model: &mut Model, node: &mut NodeFacts) {
     }
 }
 
+/// Slots in BACKEND_SLOTS: the generated states name at most 67, so slices are reused
+/// after barriers and now and then evacuated. (With 70, one change finds no room: a
+/// frontend's new slice needs room while its old one is still live.)
+const SLOTS: u32 = 76;
+
 /// The daemon's state between syncs, with the maps kept in memory.
 struct Node {
     model: Model,
@@ -227,7 +232,7 @@ struct Node {
     planner: Planner,
     mirror: MapMirror,
     /// What the maps hold, written op by op.
-    maps: MapImage,
+    maps: FakeMaps,
 }
 
 impl Node {
@@ -243,8 +248,8 @@ impl Node {
             planner: Planner::new(&node, &model),
             model,
             node,
-            mirror: MapMirror::default(),
-            maps: MapImage::default(),
+            mirror: MapMirror::new(MapImage::default(), SLOTS),
+            maps: FakeMaps::default(),
         }
     }
 
@@ -254,15 +259,17 @@ impl Node {
     fn sync(&mut self, at: &str) -> bool {
         let changes = self.model.take_changes();
         let full = self.planner.set_node(&self.node, &self.model);
-        let ops = if full {
+        let report = if full {
             let all: Vec<ObjectKey> = self.model.services().map(|(key, _)| key.clone()).collect();
             self.planner.update(&self.model, all);
-            self.mirror.full(self.planner.desired())
+            let desired = self.planner.desired();
+            sync_into(&mut self.mirror, &mut self.maps, Sync::Full(desired), at)
         } else {
             let delta = self.planner.update(&self.model, changes.dirty_services);
-            self.mirror.delta(&delta.frontends)
+            let changes = Sync::Delta(&delta.frontends);
+            sync_into(&mut self.mirror, &mut self.maps, changes, at)
         };
-        write(&mut self.maps, &mut self.mirror, ops, at);
+        assert!(report.complete(), "{at}: {report:?}");
         full
     }
 
@@ -273,33 +280,25 @@ impl Node {
             &from_scratch.desired,
             "{at}: the incremental plan differs from a plan from scratch"
         );
-        assert_eq!(&self.maps, self.mirror.image(), "{at}: the mirror drifted");
-        let mut fresh_mirror = MapMirror::default();
-        let mut fresh = MapImage::default();
-        let ops = fresh_mirror.full(&from_scratch.desired);
-        write(
-            &mut fresh,
-            &mut fresh_mirror,
-            ops,
-            &format!("{at} (from scratch)"),
+        let maps = &self.maps.image;
+        assert_eq!(
+            maps.desired(),
+            self.mirror.image().desired(),
+            "{at}: the mirror drifted"
         );
-        assert_same(&canonical(&self.maps), &canonical(&fresh), at);
+        let mut fresh_mirror = MapMirror::new(MapImage::default(), SLOTS);
+        let mut fresh = FakeMaps::default();
+        let from_scratch_at = format!("{at} (from scratch)");
+        let desired = Sync::Full(&from_scratch.desired);
+        sync_into(&mut fresh_mirror, &mut fresh, desired, &from_scratch_at);
+        assert_same(&canonical(maps), &canonical(&fresh.image), at);
         let mut again = self.mirror.clone();
         assert_eq!(
-            again.full(self.planner.desired()),
+            again.full(self.planner.desired()).ops,
             Vec::new(),
             "{at}: a full sync would still write"
         );
-        check_backend_refs(&self.maps, &self.mirror, at);
-    }
-}
-
-/// Applies `ops` one at a time, checking consistency after each.
-fn write(maps: &mut MapImage, mirror: &mut MapMirror, ops: Vec<MapOp>, at: &str) {
-    for (index, op) in ops.into_iter().enumerate() {
-        maps.apply(op);
-        mirror.applied(op);
-        assert_consistent(maps, index, at);
+        check_backend_refs(maps, &self.mirror, at);
     }
 }
 
@@ -322,14 +321,13 @@ fn check_backend_refs(maps: &MapImage, mirror: &MapMirror, at: &str) {
 /// The maps' contents as sorted lines of text, ids replaced by what they name (ids depend
 /// on history), so a difference reads as the lines only one side has.
 fn canonical(maps: &MapImage) -> BTreeSet<String> {
-    let label = |key: &ServiceKey| {
+    let label = |key: &FrontendKey| {
         let endpoint = Endpoint::from_wire(key.addr, key.port);
         format!("{endpoint}/{}", key.proto)
     };
     let frontends: BTreeMap<u32, String> = maps
         .services
         .iter()
-        .filter(|(key, _)| key.slot == 0)
         .map(|(key, header)| (header.rev_nat_id, label(key)))
         .collect();
     let backend = |backend: &Backend| {
@@ -338,17 +336,33 @@ fn canonical(maps: &MapImage) -> BTreeSet<String> {
     };
     let address = |addr: u32| Ipv4Addr::from(addr.to_ne_bytes());
     let mut lines = BTreeSet::new();
-    for (key, header) in maps.services.iter().filter(|(key, _)| key.slot == 0) {
-        let slots: Vec<String> = (1..=header.count)
-            .map(|slot| backend(&maps.backends[&maps.services[&key.with_slot(slot)].backend_id]))
+    let mut service_ports: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
+    for (key, entry) in &maps.desired().frontends {
+        let header = entry.header;
+        let slots: Vec<String> = entry
+            .slots
+            .iter()
+            .map(|slot| backend(&slot.backend))
             .collect();
         lines.insert(format!(
-            "frontend {} flags {:#x} affinity {} slots {slots:?}",
+            "frontend {} flags {:#x} affinity {} counts {}+{} slots {slots:?}",
             label(key),
             header.flags,
-            header.affinity_timeout_s
+            header.affinity_timeout_s,
+            header.count,
+            header.cluster_count,
         ));
+        service_ports
+            .entry(header.service_port_id)
+            .or_default()
+            .insert(label(key));
     }
+    // Which frontends share a Service port (and so their clients' affinity).
+    lines.extend(
+        service_ports
+            .into_values()
+            .map(|frontends| format!("service port {frontends:?}")),
+    );
     lines.extend(
         maps.backends
             .values()
@@ -397,12 +411,15 @@ struct Coverage {
     refusing: usize,
     restricted: usize,
     shared_backends: usize,
+    cluster_sets: usize,
+    barriers: usize,
+    relocations: usize,
 }
 
 impl Coverage {
     fn count(&mut self, node: &Node) {
-        let headers = node.maps.services.iter().filter(|(key, _)| key.slot == 0);
-        for (_, header) in headers {
+        for header in node.maps.image.services.values() {
+            self.cluster_sets += usize::from(header.flags & service_flags::CLUSTER_SET != 0);
             self.affinity += usize::from(header.affinity_timeout_s != 0);
             self.dropping += usize::from(header.flags & service_flags::NO_LOCAL_ENDPOINTS != 0);
             self.refusing += usize::from(
@@ -427,6 +444,7 @@ impl Coverage {
 #[test]
 fn incremental_syncs_equal_a_full_sync_after_every_step() {
     let mut coverage = Coverage::default();
+    let (mut barriers, mut relocations) = (0, 0);
     for seed in 0..SEEDS {
         let mut rng = Rng(seed);
         let mut node = Node::new();
@@ -442,7 +460,11 @@ fn incremental_syncs_equal_a_full_sync_after_every_step() {
             node.check(&at);
             coverage.count(&node);
         }
+        barriers += node.maps.barriers;
+        relocations += node.maps.relocations;
     }
+    coverage.barriers = barriers;
+    coverage.relocations = relocations;
     // The generator reaches every case often (thousands of frontend-steps each).
     let Coverage {
         full_syncs,
@@ -453,6 +475,9 @@ fn incremental_syncs_equal_a_full_sync_after_every_step() {
         refusing,
         restricted,
         shared_backends,
+        cluster_sets,
+        barriers,
+        relocations,
     } = coverage;
     for (case, seen) in [
         ("full syncs", full_syncs),
@@ -463,7 +488,14 @@ fn incremental_syncs_equal_a_full_sync_after_every_step() {
         ("refusing", refusing),
         ("restricted", restricted),
         ("shared backends", shared_backends),
+        ("Cluster sets for pods", cluster_sets),
     ] {
         assert!(seen >= 100, "{case}: seen {seen} times only ({coverage:?})");
+    }
+    for (case, seen) in [
+        ("barriers before reusing slots", barriers),
+        ("slices moved out of a window (evacuations)", relocations),
+    ] {
+        assert!(seen > 0, "{case}: never seen ({coverage:?})");
     }
 }
