@@ -191,7 +191,7 @@ fn new_flow<C: Context, M: Mode>(
                 return DROP;
             }
         };
-    let snat_source = if Translation::may_snat(flags, packet.src_addr, backend.addr) {
+    let snat_source = if Translation::may_snat(flags, &set, packet.src_addr, backend.addr) {
         snat::source_for(ctx, &backend)
     } else {
         None

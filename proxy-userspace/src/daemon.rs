@@ -84,6 +84,8 @@ struct Daemon {
     need_full_sync: bool,
     /// The next sync re-reads the maps first (the periodic resync: repairs drift).
     need_reread: bool,
+    /// The last sync left writes undone (a full map, a failed write): the maps lag behind.
+    writes_pending: bool,
     runner: SyncRunner,
     node: NodeFacts,
     attached: BTreeSet<Device>,
@@ -162,6 +164,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         planner: Planner::default(),
         need_full_sync: true,
         need_reread: false,
+        writes_pending: false,
         node,
         attached: BTreeSet::new(),
         service_health: ServiceHealthServers::new(health.clone()),
@@ -301,6 +304,10 @@ impl Daemon {
             self.writer.apply_delta(&delta.frontends)
         };
         self.report_refused(&report);
+        if self.writes_pending && report.complete() {
+            info!("every frontend is written again: the maps had room for what was refused");
+        }
+        self.writes_pending = !report.complete();
         // A refused write is retried by a full sync: the next one writes what is missing.
         self.need_full_sync = !report.complete();
         self.need_reread = false;

@@ -157,6 +157,13 @@ impl Datapath {
         })
     }
 
+    /// [`Datapath::load`] with an AFFINITY map of `entries` entries.
+    pub fn load_with_affinity(entries: u32) -> Option<Self> {
+        Self::load_configured(RefusalLimits::KERNEL_DEFAULTS, |loader| {
+            loader.map_max_entries(map_names::AFFINITY, entries)
+        })
+    }
+
     fn load_configured(
         refusal_limits: RefusalLimits,
         configure: impl for<'a, 'b> FnOnce(&'a mut EbpfLoader<'b>) -> &'a mut EbpfLoader<'b>,
@@ -207,7 +214,14 @@ impl Datapath {
         flags: u16,
         affinity_timeout_s: u32,
     ) -> Vec<u32> {
-        self.add_service_sets(frontend, backends, None, flags, affinity_timeout_s)
+        self.add_frontend(
+            frontend,
+            REV_NAT_ID,
+            backends,
+            None,
+            flags,
+            affinity_timeout_s,
+        )
     }
 
     /// An external frontend of an externalTrafficPolicy Local Service: its own (`local`)
@@ -222,12 +236,24 @@ impl Datapath {
         affinity_timeout_s: u32,
     ) -> Vec<u32> {
         let flags = flags | service_flags::CLUSTER_SET;
-        self.add_service_sets(frontend, local, Some(cluster), flags, affinity_timeout_s)
+        let cluster = Some(cluster);
+        self.add_frontend(
+            frontend,
+            REV_NAT_ID,
+            local,
+            cluster,
+            flags,
+            affinity_timeout_s,
+        )
     }
 
-    fn add_service_sets(
+    /// Installs frontend `rev_nat_id` of the tests' Service port ([`SERVICE_PORT_ID`]): its
+    /// own backends, then (with `service_flags::CLUSTER_SET` in `flags`) the Cluster set
+    /// its pods use. Returns the backend ids in slot order.
+    pub fn add_frontend(
         &mut self,
         frontend: FrontendKey,
+        rev_nat_id: u32,
         own: &[Backend],
         cluster: Option<&[Backend]>,
         flags: u16,
@@ -252,7 +278,7 @@ impl Datapath {
                 );
                 self.next_slot += 1;
                 let key = MembershipKey {
-                    rev_nat_id: REV_NAT_ID,
+                    rev_nat_id,
                     addr: backend.addr,
                 };
                 let bits = self.membership(key) | bit | membership::SERVING;
@@ -264,7 +290,7 @@ impl Datapath {
         self.insert_service_entry(
             frontend,
             FrontendValue {
-                rev_nat_id: REV_NAT_ID,
+                rev_nat_id,
                 service_port_id: SERVICE_PORT_ID,
                 base,
                 count: count(own),
@@ -747,7 +773,18 @@ pub fn chosen_backend(
     client: SocketAddrV4,
     backends: &[SocketAddrV4],
 ) -> SocketAddrV4 {
-    let (verdict, out) = datapath.run(&Frame::new(client, VIP, SYN).build());
+    chosen_backend_of(datapath, client, VIP, backends)
+}
+
+/// The backend (one of `backends`) a new TCP connection from `client` to `frontend` was
+/// DNATed to; the program must leave the packet to the kernel (no SNAT, no refusal).
+pub fn chosen_backend_of(
+    datapath: &Datapath,
+    client: SocketAddrV4,
+    frontend: SocketAddrV4,
+    backends: &[SocketAddrV4],
+) -> SocketAddrV4 {
+    let (verdict, out) = datapath.run(&Frame::new(client, frontend, SYN).build());
     assert_eq!(verdict, TC_ACT_OK);
     *backends
         .iter()
