@@ -393,7 +393,7 @@ mod test_support {
             );
         }
         let mut mirror = MapMirror::new(MapImage::default(), 1024);
-        let report = mirror.sync(Sync::Full(&desired), |_| Ok(()));
+        let report = mirror.sync(Sync::Full(&desired), &mut crate::writer::AcceptingMaps);
         assert!(report.complete(), "{report:?}");
         mirror.image().clone()
     }

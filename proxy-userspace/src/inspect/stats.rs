@@ -10,8 +10,9 @@ use proxy_common::{
     ServiceName, map_names, stat,
 };
 
-use crate::conntrack::batch;
 use serde::Serialize;
+
+use crate::bpf_batch;
 
 use super::{new_table, open_pinned};
 
@@ -69,7 +70,7 @@ fn fill<K: Pod, V: Pod>(root: &Path, name: &'static str) -> Result<MapFill> {
     let data = open_pinned(root, name)?;
     Ok(MapFill {
         name,
-        entries: batch::count_entries::<K, V>(&data)?,
+        entries: bpf_batch::count_entries::<K, V>(&data)?,
         max_entries: data.info()?.max_entries(),
     })
 }
@@ -78,7 +79,7 @@ fn fill<K: Pod, V: Pod>(root: &Path, name: &'static str) -> Result<MapFill> {
 fn slots_fill(root: &Path) -> Result<MapFill> {
     let services = open_pinned(root, map_names::SERVICES)?;
     let mut entries = 0;
-    batch::for_each_entry(
+    bpf_batch::for_each_entry(
         &services,
         4096,
         |_: &FrontendKey, header: &FrontendValue| {

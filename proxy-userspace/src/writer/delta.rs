@@ -12,12 +12,14 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use proxy_common::{FrontendKey, FrontendValue, map_names};
+use proxy_common::{
+    Backend, FrontendKey, FrontendValue, MembershipKey, ServiceName, Slot, map_names,
+};
 
 use super::ids::IdRegistry;
 use super::image::{
-    DesiredImage, MapImage, MapOp, Scope, diff, frontend_entries, frontend_key, materialize, place,
-    slice_of,
+    DesiredImage, MapImage, MapOp, MapWrites, Scope, SourceRangeEntry, diff, frontend_entries,
+    frontend_key, materialize, place, slice_of,
 };
 use super::slots::{Slice, SlotAllocator};
 use crate::plan::{DesiredState, FrontendChange};
@@ -32,6 +34,104 @@ pub enum WriteError {
     /// The map is full (E2BIG): retried by the next (full) sync.
     Full,
     Failed(String),
+}
+
+/// One phase of a sync's writes: entries of one map, independent of each other (see
+/// [`MapWrites`]), written as one batch.
+#[derive(Clone, Copy, Debug)]
+pub enum Phase<'a> {
+    PutNames(&'a [(u32, ServiceName)]),
+    PutBackends(&'a [(u32, Backend)]),
+    PutMembership(&'a [(MembershipKey, u8)]),
+    /// An RCU grace period (see [`MapOp::Barrier`]).
+    Barrier,
+    PutSlots(&'a [(u32, Slot)]),
+    PutSourceRanges(&'a [SourceRangeEntry]),
+    PutHeaders(&'a [(FrontendKey, FrontendValue)]),
+    DeleteHeaders(&'a [FrontendKey]),
+    DeleteMembership(&'a [MembershipKey]),
+    DeleteSourceRanges(&'a [SourceRangeEntry]),
+    DeleteBackends(&'a [(u32, Backend)]),
+    DeleteNames(&'a [u32]),
+}
+
+impl<'a> Phase<'a> {
+    /// The phase's writes one at a time, in order.
+    pub fn ops(self) -> Box<dyn Iterator<Item = MapOp> + 'a> {
+        match self {
+            Phase::PutNames(entries) => {
+                Box::new(entries.iter().map(|(id, name)| MapOp::PutName(*id, *name)))
+            }
+            Phase::PutBackends(entries) => Box::new(
+                entries
+                    .iter()
+                    .map(|(id, backend)| MapOp::PutBackend(*id, *backend)),
+            ),
+            Phase::PutMembership(entries) => Box::new(
+                entries
+                    .iter()
+                    .map(|(key, bits)| MapOp::PutMembership(*key, *bits)),
+            ),
+            Phase::Barrier => Box::new(std::iter::once(MapOp::Barrier)),
+            Phase::PutSlots(entries) => Box::new(
+                entries
+                    .iter()
+                    .map(|(index, slot)| MapOp::PutSlot(*index, *slot)),
+            ),
+            Phase::PutSourceRanges(entries) => {
+                Box::new(entries.iter().map(|entry| MapOp::PutSourceRange(*entry)))
+            }
+            Phase::PutHeaders(entries) => Box::new(
+                entries
+                    .iter()
+                    .map(|(key, header)| MapOp::PutService(*key, *header)),
+            ),
+            Phase::DeleteHeaders(keys) => {
+                Box::new(keys.iter().map(|key| MapOp::DeleteService(*key)))
+            }
+            Phase::DeleteMembership(keys) => {
+                Box::new(keys.iter().map(|key| MapOp::DeleteMembership(*key)))
+            }
+            Phase::DeleteSourceRanges(entries) => {
+                Box::new(entries.iter().map(|entry| MapOp::DeleteSourceRange(*entry)))
+            }
+            Phase::DeleteBackends(entries) => Box::new(
+                entries
+                    .iter()
+                    .map(|(id, backend)| MapOp::DeleteBackend(*id, *backend)),
+            ),
+            Phase::DeleteNames(ids) => Box::new(ids.iter().map(|id| MapOp::DeleteName(*id))),
+        }
+    }
+}
+
+/// Where a sync's writes go: the kernel's maps, or the tests' maps in memory.
+pub trait MapSink {
+    /// Writes `phase`'s entries in order (a key already gone counts as deleted): the
+    /// outcome of each, one per entry (a barrier: one).
+    fn write(&mut self, phase: Phase<'_>) -> Vec<Result<(), WriteError>>;
+}
+
+/// Maps that take every write, for tests that want only what the mirror follows.
+#[cfg(test)]
+pub struct AcceptingMaps;
+
+#[cfg(test)]
+impl MapSink for AcceptingMaps {
+    fn write(&mut self, phase: Phase<'_>) -> Vec<Result<(), WriteError>> {
+        phase.ops().map(|_| Ok(())).collect()
+    }
+}
+
+/// Splits `entries` into those `keep` accepts and how many it left out.
+fn split<T: Copy>(entries: &[T], keep: impl Fn(&T) -> bool) -> (Vec<T>, usize) {
+    let kept: Vec<T> = entries
+        .iter()
+        .copied()
+        .filter(|entry| keep(entry))
+        .collect();
+    let left = entries.len() - kept.len();
+    (kept, left)
 }
 
 /// What one sync wrote, and what it could not.
@@ -82,11 +182,18 @@ pub enum Sync<'a> {
 /// The writes of one pass, and the frontends they leave as they are.
 #[derive(Debug, Default)]
 pub struct Batch {
-    pub ops: Vec<MapOp>,
+    pub writes: MapWrites,
     /// Frontends with no room for their slice.
     pub unplaced: usize,
     /// Frontends waiting for an evacuation this batch does (placed by the next pass).
     pub deferred: usize,
+}
+
+impl Batch {
+    /// The writes one at a time, in order.
+    pub fn ops(&self) -> Vec<MapOp> {
+        self.writes.ops().collect()
+    }
 }
 
 /// The maps' contents as last written, and the ids, slices and backend counts that go
@@ -135,14 +242,10 @@ impl MapMirror {
         }
     }
 
-    /// Plans and writes `sync` through `write`, in passes (bounded): a frontend waiting for
-    /// an evacuation, or one that found no room while this pass freed slices (they are
+    /// Plans and writes `sync` into `maps`, in passes (bounded): a frontend waiting for an
+    /// evacuation, or one that found no room while this pass freed slices (they are
     /// reusable after a barrier), is placed by the next.
-    pub fn sync(
-        &mut self,
-        sync: Sync<'_>,
-        mut write: impl FnMut(&MapOp) -> Result<(), WriteError>,
-    ) -> ApplyReport {
+    pub fn sync(&mut self, sync: Sync<'_>, maps: &mut impl MapSink) -> ApplyReport {
         let mut report = ApplyReport::default();
         for pass in 1..=MAX_PASSES {
             let batch = match sync {
@@ -150,7 +253,7 @@ impl MapMirror {
                 Sync::Delta(changes) => self.delta(changes),
             };
             let left = batch.unplaced + batch.deferred;
-            report.add(self.write(batch, &mut write));
+            report.add(self.write(batch, maps));
             let room_coming = self.slots.has_quarantine();
             if left == 0 || !room_coming || pass == MAX_PASSES {
                 if left > 0 {
@@ -168,7 +271,7 @@ impl MapMirror {
         self.forget_unused_ids(&next);
         let placement = place(&self.current, &mut next, Scope::Full, &mut self.slots);
         Batch {
-            ops: diff(&self.current, &next, &placement),
+            writes: diff(&self.current, &next, &placement),
             unplaced: placement.unplaced.len(),
             deferred: placement.deferred.len(),
         }
@@ -213,7 +316,7 @@ impl MapMirror {
             }
         }
         Batch {
-            ops: diff(&old, &new, &placement),
+            writes: diff(&old, &new, &placement),
             unplaced: placement.unplaced.len(),
             deferred: placement.deferred.len(),
         }
@@ -233,68 +336,104 @@ impl MapMirror {
         );
     }
 
-    /// Writes a batch through `write`, op by op, following what succeeded. A header is
-    /// written only once everything it names is in the maps; removals that a held-back
-    /// header still needs are held back with it.
-    pub fn write(
-        &mut self,
-        batch: Batch,
-        write: &mut impl FnMut(&MapOp) -> Result<(), WriteError>,
-    ) -> ApplyReport {
+    /// Writes a batch into `maps` phase by phase, each phase one batch, following what
+    /// succeeded. A header is written only once everything it names is in the maps;
+    /// removals that a held-back header still needs are held back with it.
+    pub fn write(&mut self, batch: Batch, maps: &mut impl MapSink) -> ApplyReport {
+        let writes = batch.writes;
         let mut report = ApplyReport {
-            ops: batch.ops.len(),
+            ops: writes.len(),
             ..ApplyReport::default()
         };
+        self.write_phase(maps, Phase::PutNames(&writes.put_names), &mut report);
+        self.write_phase(maps, Phase::PutBackends(&writes.put_backends), &mut report);
+        self.write_phase(
+            maps,
+            Phase::PutMembership(&writes.grow_membership),
+            &mut report,
+        );
+        if writes.needs_barrier() {
+            self.write_phase(maps, Phase::Barrier, &mut report);
+        }
+        self.write_phase(maps, Phase::PutSlots(&writes.put_slots), &mut report);
+        let ranges = &writes.put_source_ranges;
+        self.write_phase(maps, Phase::PutSourceRanges(ranges), &mut report);
         // Frontends (rev_nat_id) whose header stays as it was.
         let mut held: BTreeSet<u32> = BTreeSet::new();
-        for op in batch.ops {
-            if self.holds_back(&op, &held) {
-                report.held_back += 1;
-                if let MapOp::PutService(_, header) = op {
-                    held.insert(header.rev_nat_id);
-                }
-                continue;
-            }
-            match write(&op) {
-                Ok(()) => self.applied(op),
-                Err(error) => {
-                    if let MapOp::PutService(_, header) = op {
-                        held.insert(header.rev_nat_id);
-                    }
-                    match error {
-                        WriteError::Full => {
-                            let map = op.map().unwrap_or("?");
-                            *report.map_full.entry(map).or_default() += 1;
-                        }
-                        WriteError::Failed(reason) => {
-                            report.failures.push(format!("{op:?}: {reason}"))
-                        }
-                    }
-                }
+        let (ready, waiting): (Vec<_>, Vec<_>) = (writes.put_headers.iter().copied())
+            .partition(|(key, header)| self.current.missing_for(key, header).is_none());
+        report.held_back += waiting.len();
+        held.extend(waiting.iter().map(|(_, header)| header.rev_nat_id));
+        let results = maps.write(Phase::PutHeaders(&ready));
+        for ((_, header), result) in ready.iter().zip(&results) {
+            if result.is_err() {
+                held.insert(header.rev_nat_id);
             }
         }
+        self.record(Phase::PutHeaders(&ready), results, &mut report);
+        self.write_phase(
+            maps,
+            Phase::DeleteHeaders(&writes.delete_headers),
+            &mut report,
+        );
+        // What a held-back header still names stays.
+        let (shrink, kept) = split(&writes.shrink_membership, |(key, _)| {
+            !held.contains(&key.rev_nat_id)
+        });
+        let (delete_members, kept_members) = split(&writes.delete_membership, |key| {
+            !held.contains(&key.rev_nat_id)
+        });
+        let (delete_ranges, kept_ranges) = split(&writes.delete_source_ranges, |entry| {
+            !held.contains(&entry.range.rev_nat_id)
+        });
+        let (delete_backends, kept_backends) = split(&writes.delete_backends, |(id, _)| {
+            self.backend_refs.get(id).is_none_or(|count| *count == 0)
+        });
+        report.held_back += kept + kept_members + kept_ranges + kept_backends;
+        self.write_phase(maps, Phase::PutMembership(&shrink), &mut report);
+        self.write_phase(maps, Phase::DeleteMembership(&delete_members), &mut report);
+        self.write_phase(maps, Phase::DeleteSourceRanges(&delete_ranges), &mut report);
+        self.write_phase(maps, Phase::DeleteBackends(&delete_backends), &mut report);
+        self.write_phase(maps, Phase::DeleteNames(&writes.delete_names), &mut report);
         for slice in self.slots.settle() {
             self.forget_slots(slice);
         }
+        self.shrink_sparse();
         report
     }
 
-    /// Whether `op` must wait: a header naming what the maps lack, or a removal that a
-    /// live header, or one held back in this batch (`held`), still needs.
-    fn holds_back(&self, op: &MapOp, held: &BTreeSet<u32>) -> bool {
-        match op {
-            MapOp::PutService(key, header) => self.current.missing_for(key, header).is_some(),
-            MapOp::DeleteBackend(id, _) => {
-                self.backend_refs.get(id).is_some_and(|count| *count > 0)
+    /// Writes one phase into `maps` and records the outcome.
+    fn write_phase(&mut self, maps: &mut impl MapSink, phase: Phase<'_>, report: &mut ApplyReport) {
+        let results = maps.write(phase);
+        self.record(phase, results, report);
+    }
+
+    /// Records the outcome of each write of `phase`, in order: those that succeeded in the
+    /// mirror, the others in the report (retried by the next, full, sync).
+    fn record(
+        &mut self,
+        phase: Phase<'_>,
+        results: Vec<Result<(), WriteError>>,
+        report: &mut ApplyReport,
+    ) {
+        for (op, result) in phase.ops().zip(results) {
+            match result {
+                Ok(()) => self.applied(op),
+                Err(WriteError::Full) => {
+                    let map = op.map().unwrap_or("?");
+                    *report.map_full.entry(map).or_default() += 1;
+                }
+                Err(WriteError::Failed(reason)) => {
+                    report.failures.push(format!("{op:?}: {reason}"));
+                }
             }
-            MapOp::PutMembership(key, bits) => {
-                let before = self.current.membership.get(key).copied().unwrap_or(0);
-                before & !bits != 0 && held.contains(&key.rev_nat_id)
-            }
-            MapOp::DeleteMembership(key) => held.contains(&key.rev_nat_id),
-            MapOp::DeleteSourceRange(entry) => held.contains(&entry.range.rev_nat_id),
-            _ => false,
         }
+    }
+
+    /// Gives unused buckets back after most entries went.
+    fn shrink_sparse(&mut self) {
+        crate::allocator::shrink_sparse(&mut self.backend_refs);
+        self.ids.shrink_sparse();
     }
 
     /// Records a write that succeeded.

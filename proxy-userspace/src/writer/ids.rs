@@ -38,9 +38,9 @@ impl IdRegistry {
             ids.last_service_port_id = ids.last_service_port_id.max(header.service_port_id);
             if let Some(name) = image.names.get(&header.rev_nat_id) {
                 let port = ServicePortName {
-                    namespace: name.namespace().to_owned(),
-                    name: name.name().to_owned(),
-                    port_name: name.port_name().to_owned(),
+                    namespace: name.namespace().into(),
+                    name: name.name().into(),
+                    port_name: name.port_name().into(),
                 };
                 ids.service_ports
                     .insert((port, key.proto), header.service_port_id);
@@ -92,6 +92,13 @@ impl IdRegistry {
     /// Forgets a backend's id (no slot names it any more).
     pub fn release_backend(&mut self, backend: &Backend) {
         self.backends.remove(backend);
+    }
+
+    /// Gives unused buckets back after most ids were released.
+    pub fn shrink_sparse(&mut self) {
+        crate::allocator::shrink_sparse(&mut self.backends);
+        crate::allocator::shrink_sparse(&mut self.frontends);
+        crate::allocator::shrink_sparse(&mut self.service_ports);
     }
 
     /// Forgets the ids of everything that is no longer named: backends not in `backends`,

@@ -614,6 +614,86 @@ pub fn place(
     placement
 }
 
+/// The writes that turn one image into another, phase by phase in the one order that keeps
+/// every packet consistent (see [`diff`]). The writes of one phase are independent of each
+/// other — any order of them is as safe as another — so each phase goes to the kernel as
+/// one batch, whose elements the kernel applies in order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapWrites {
+    pub put_names: Vec<(u32, ServiceName)>,
+    pub put_backends: Vec<(u32, Backend)>,
+    /// Membership entries that gain bits (or appear), keeping the bits they lose.
+    pub grow_membership: Vec<(MembershipKey, u8)>,
+    /// A grace period must pass before the slots are written: they reuse slots headers
+    /// named until lately.
+    pub barrier: bool,
+    pub put_slots: Vec<(u32, Slot)>,
+    pub put_source_ranges: Vec<SourceRangeEntry>,
+    /// New and changed headers, and headers moved out of a window being evacuated.
+    pub put_headers: Vec<(FrontendKey, FrontendValue)>,
+    pub delete_headers: Vec<FrontendKey>,
+    /// Membership entries that lose bits.
+    pub shrink_membership: Vec<(MembershipKey, u8)>,
+    pub delete_membership: Vec<MembershipKey>,
+    pub delete_source_ranges: Vec<SourceRangeEntry>,
+    pub delete_backends: Vec<(u32, Backend)>,
+    pub delete_names: Vec<u32>,
+}
+
+impl MapWrites {
+    /// How many single writes these are (a barrier is no write).
+    pub fn len(&self) -> usize {
+        self.put_names.len()
+            + self.put_backends.len()
+            + self.grow_membership.len()
+            + self.put_slots.len()
+            + self.put_source_ranges.len()
+            + self.put_headers.len()
+            + self.delete_headers.len()
+            + self.shrink_membership.len()
+            + self.delete_membership.len()
+            + self.delete_source_ranges.len()
+            + self.delete_backends.len()
+            + self.delete_names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether a barrier goes before the slots.
+    pub fn needs_barrier(&self) -> bool {
+        self.barrier && !self.put_slots.is_empty()
+    }
+
+    /// Every write, one at a time, in order: what the kernel does with the batches.
+    pub fn ops(&self) -> impl Iterator<Item = MapOp> + '_ {
+        let puts = (self.put_names.iter())
+            .map(|(id, name)| MapOp::PutName(*id, *name))
+            .chain((self.put_backends.iter()).map(|(id, backend)| MapOp::PutBackend(*id, *backend)))
+            .chain(put_membership(&self.grow_membership))
+            .chain(self.needs_barrier().then_some(MapOp::Barrier))
+            .chain((self.put_slots.iter()).map(|(index, slot)| MapOp::PutSlot(*index, *slot)))
+            .chain((self.put_source_ranges.iter()).map(|entry| MapOp::PutSourceRange(*entry)))
+            .chain((self.put_headers.iter()).map(|(key, header)| MapOp::PutService(*key, *header)));
+        let deletes = (self.delete_headers.iter())
+            .map(|key| MapOp::DeleteService(*key))
+            .chain(put_membership(&self.shrink_membership))
+            .chain((self.delete_membership.iter()).map(|key| MapOp::DeleteMembership(*key)))
+            .chain((self.delete_source_ranges.iter()).map(|entry| MapOp::DeleteSourceRange(*entry)))
+            .chain(
+                (self.delete_backends.iter())
+                    .map(|(id, backend)| MapOp::DeleteBackend(*id, *backend)),
+            )
+            .chain((self.delete_names.iter()).map(|id| MapOp::DeleteName(*id)));
+        puts.chain(deletes)
+    }
+}
+
+fn put_membership(entries: &[(MembershipKey, u8)]) -> impl Iterator<Item = MapOp> + '_ {
+    (entries.iter()).map(|(key, bits)| MapOp::PutMembership(*key, *bits))
+}
+
 /// The writes that turn `current` into `next` (its slices placed by `placement`), ordered
 /// so that at every step each header names only slots that are written, each naming a
 /// backend BACKEND_IDS holds that is a member of the frontend's set in MEMBERSHIP (see
@@ -623,48 +703,42 @@ pub fn place(
 /// its ranges, which would drop every client, a flow to a new backend never looks as if
 /// its backend had left, and no slice is written while a packet may read it. Names come
 /// first and go last, so a listing never shows a live frontend without its name.
-pub fn diff(current: &MapImage, next: &DesiredImage, placement: &Placement) -> Vec<MapOp> {
-    let mut ops = Vec::new();
-    for (id, name) in &next.names {
-        if current.names.get(id) != Some(name) {
-            ops.push(MapOp::PutName(*id, *name));
-        }
-    }
-    for (id, backend) in &next.backends {
-        if current.backends.get(id) != Some(backend) {
-            ops.push(MapOp::PutBackend(*id, *backend));
-        }
-    }
+pub fn diff(current: &MapImage, next: &DesiredImage, placement: &Placement) -> MapWrites {
+    let mut writes = MapWrites {
+        barrier: placement.barrier,
+        ..MapWrites::default()
+    };
+    writes.put_names = (next.names.iter())
+        .filter(|(id, name)| current.names.get(id) != Some(name))
+        .map(|(id, name)| (*id, *name))
+        .collect();
+    writes.put_backends = (next.backends.iter())
+        .filter(|(id, backend)| current.backends.get(id) != Some(backend))
+        .map(|(id, backend)| (*id, *backend))
+        .collect();
     // Membership grows first (a changed entry gains its new bits, keeping the old ones)
     // and shrinks with the removals (it loses the bits it no longer has).
-    let mut shrunk = Vec::new();
     for (key, bits) in &next.membership {
         let before = current.membership.get(key).copied().unwrap_or(0);
         if *bits & !before != 0 {
-            ops.push(MapOp::PutMembership(*key, before | *bits));
+            writes.grow_membership.push((*key, before | *bits));
         }
         if before & !*bits != 0 {
-            shrunk.push(MapOp::PutMembership(*key, *bits));
+            writes.shrink_membership.push((*key, *bits));
         }
     }
-    if placement.barrier && !placement.writes.is_empty() {
-        ops.push(MapOp::Barrier);
-    }
     for (base, slots) in &placement.writes {
-        ops.extend(
-            (*base..)
-                .zip(slots)
-                .map(|(index, slot)| MapOp::PutSlot(index, *slot)),
-        );
+        writes
+            .put_slots
+            .extend((*base..).zip(slots.iter().copied()));
     }
-    ops.extend(
-        next.source_ranges
-            .difference(&current.source_ranges)
-            .map(|entry| MapOp::PutSourceRange(*entry)),
-    );
+    writes.put_source_ranges = (next.source_ranges)
+        .difference(&current.source_ranges)
+        .copied()
+        .collect();
     for (key, moved) in &placement.moved {
         if !next.frontends.contains_key(key) {
-            ops.push(MapOp::PutService(*key, *moved));
+            writes.put_headers.push((*key, *moved));
         }
     }
     for (key, entry) in &next.frontends {
@@ -673,39 +747,28 @@ pub fn diff(current: &MapImage, next: &DesiredImage, placement: &Placement) -> V
             ..entry.header
         };
         if current.services.get(key) != Some(&header) {
-            ops.push(MapOp::PutService(*key, header));
+            writes.put_headers.push((*key, header));
         }
     }
-    ops.extend(
-        current
-            .services
-            .keys()
-            .filter(|key| !next.frontends.contains_key(key))
-            .map(|key| MapOp::DeleteService(*key)),
-    );
-    ops.extend(shrunk);
-    ops.extend(
-        current
-            .membership
-            .keys()
-            .filter(|key| !next.membership.contains_key(key))
-            .map(|key| MapOp::DeleteMembership(*key)),
-    );
-    ops.extend(
-        current
-            .source_ranges
-            .difference(&next.source_ranges)
-            .map(|entry| MapOp::DeleteSourceRange(*entry)),
-    );
-    for (id, backend) in &current.backends {
-        if !next.backends.contains_key(id) {
-            ops.push(MapOp::DeleteBackend(*id, *backend));
-        }
-    }
-    for id in current.names.keys() {
-        if !next.names.contains_key(id) {
-            ops.push(MapOp::DeleteName(*id));
-        }
-    }
-    ops
+    writes.delete_headers = (current.services.keys())
+        .filter(|key| !next.frontends.contains_key(key))
+        .copied()
+        .collect();
+    writes.delete_membership = (current.membership.keys())
+        .filter(|key| !next.membership.contains_key(key))
+        .copied()
+        .collect();
+    writes.delete_source_ranges = (current.source_ranges)
+        .difference(&next.source_ranges)
+        .copied()
+        .collect();
+    writes.delete_backends = (current.backends.iter())
+        .filter(|(id, _)| !next.backends.contains_key(id))
+        .map(|(id, backend)| (*id, *backend))
+        .collect();
+    writes.delete_names = (current.names.keys())
+        .filter(|id| !next.names.contains_key(id))
+        .copied()
+        .collect();
+    writes
 }

@@ -20,20 +20,23 @@ use std::collections::BTreeMap;
 use std::io;
 use std::time::Duration;
 
+use aya::Pod;
 use aya::maps::{Array, HashMap as BpfHashMap, IterableMap, LpmTrie, MapData, MapError};
 use proxy_common::{
     Backend, FrontendKey, FrontendValue, MembershipKey, ServiceName, Slot, SourceRange,
 };
 use tracing::warn;
 
-pub use delta::{ApplyReport, Batch, MapMirror, Sync, WriteError};
+#[cfg(test)]
+pub use delta::AcceptingMaps;
+pub use delta::{ApplyReport, Batch, MapMirror, MapSink, Phase, Sync, WriteError};
 pub use ids::IdRegistry;
 pub use image::{
-    DesiredImage, FrontendEntry, MapImage, MapOp, SourceRangeEntry, frontend_key, materialize,
-    slice_of,
+    DesiredImage, FrontendEntry, MapImage, MapOp, MapWrites, SourceRangeEntry, frontend_key,
+    materialize, slice_of,
 };
 
-use crate::conntrack::batch;
+use crate::bpf_batch;
 use crate::plan::{DesiredState, FrontendChange};
 
 /// The maps the writer owns, as pinned by the datapath.
@@ -166,22 +169,131 @@ impl MapWriter {
     }
 
     fn sync(&mut self, sync: Sync<'_>) -> ApplyReport {
-        let maps = &mut self.maps;
-        let mut membership_changed = false;
-        let mut report = self.mirror.sync(sync, |op| {
-            let result = write(maps, op);
-            membership_changed |= result.is_ok()
-                && matches!(op, MapOp::PutMembership(..) | MapOp::DeleteMembership(_));
-            result
-        });
+        let mut kernel = KernelMaps {
+            maps: &mut self.maps,
+            membership_changed: false,
+        };
+        let mut report = self.mirror.sync(sync, &mut kernel);
         // After the writes: a flow that reads the new epoch finds the new membership.
-        if membership_changed && let Err(error) = raise_membership_epoch(&mut self.maps) {
+        if kernel.membership_changed
+            && let Err(error) = raise_membership_epoch(&mut self.maps)
+        {
             report
                 .failures
                 .push(format!("raising MEMBERSHIP_EPOCH: {error}"));
         }
         report
     }
+}
+
+/// The kernel's maps as the mirror writes them: each phase of a hash map or the slot array
+/// as one batch (BPF_MAP_UPDATE_BATCH / BPF_MAP_DELETE_BATCH, applied element by element
+/// in order, as single writes were); SOURCE_RANGES, an LPM trie of a few entries per
+/// restricted frontend, one entry at a time.
+struct KernelMaps<'a> {
+    maps: &'a mut WriterMaps,
+    /// Whether a MEMBERSHIP write succeeded (MEMBERSHIP_EPOCH is raised after the sync).
+    membership_changed: bool,
+}
+
+impl MapSink for KernelMaps<'_> {
+    fn write(&mut self, phase: Phase<'_>) -> Vec<Result<(), WriteError>> {
+        let maps = &mut *self.maps;
+        let results = match phase {
+            Phase::PutNames(entries) => put(maps.names.map(), entries),
+            Phase::PutBackends(entries) => {
+                // BACKEND_IDS is keyed by the backend.
+                let (ids, backends): (Vec<u32>, Vec<Backend>) = entries.iter().copied().unzip();
+                update_each(maps.backend_ids.map(), &backends, &ids)
+            }
+            Phase::PutMembership(entries) => put(maps.membership.map(), entries),
+            Phase::Barrier => {
+                grace_period();
+                vec![Ok(())]
+            }
+            Phase::PutSlots(entries) => put(maps.slots.map(), entries),
+            Phase::PutSourceRanges(entries) => (entries.iter())
+                .map(|entry| maps.source_ranges.insert(&entry.key(), 1, 0))
+                .map(io_result)
+                .collect(),
+            Phase::PutHeaders(entries) => put(maps.services.map(), entries),
+            Phase::DeleteHeaders(keys) => delete_each(maps.services.map(), keys),
+            Phase::DeleteMembership(keys) => delete_each(maps.membership.map(), keys),
+            Phase::DeleteSourceRanges(entries) => (entries.iter())
+                .map(|entry| ignore_missing(maps.source_ranges.remove(&entry.key())))
+                .map(io_result)
+                .collect(),
+            Phase::DeleteBackends(entries) => {
+                let backends: Vec<Backend> = entries.iter().map(|(_, backend)| *backend).collect();
+                delete_each(maps.backend_ids.map(), &backends)
+            }
+            Phase::DeleteNames(ids) => delete_each(maps.names.map(), ids),
+        };
+        if matches!(phase, Phase::PutMembership(_) | Phase::DeleteMembership(_)) {
+            self.membership_changed |= results.iter().any(Result::is_ok);
+        }
+        results
+            .into_iter()
+            .map(|result| {
+                result.map_err(|error| {
+                    if error.raw_os_error() == Some(libc::E2BIG) {
+                        // A full hash map refuses new keys with E2BIG.
+                        WriteError::Full
+                    } else {
+                        WriteError::Failed(error.to_string())
+                    }
+                })
+            })
+            .collect()
+    }
+}
+
+fn put<K: Pod, V: Pod>(map: &MapData, entries: &[(K, V)]) -> Vec<io::Result<()>> {
+    let (keys, values): (Vec<K>, Vec<V>) = entries.iter().copied().unzip();
+    update_each(map, &keys, &values)
+}
+
+/// Writes `keys[i]` → `values[i]` as batches, each resuming after an element that failed;
+/// the outcome of each element.
+fn update_each<K: Pod, V: Pod>(map: &MapData, keys: &[K], values: &[V]) -> Vec<io::Result<()>> {
+    let mut results = Vec::with_capacity(keys.len());
+    while results.len() < keys.len() {
+        let start = results.len();
+        match bpf_batch::update(map, &keys[start..], &values[start..]) {
+            Ok(()) => results.resize_with(keys.len(), || Ok(())),
+            Err(stopped) => {
+                results.resize_with(start + stopped.applied, || Ok(()));
+                results.push(Err(stopped.error));
+            }
+        }
+    }
+    results
+}
+
+/// Deletes `keys` as batches, each resuming after an element that failed; a key that is
+/// gone already counts as deleted. The outcome of each element.
+fn delete_each<K: Pod>(map: &MapData, keys: &[K]) -> Vec<io::Result<()>> {
+    let mut results = Vec::with_capacity(keys.len());
+    while results.len() < keys.len() {
+        let start = results.len();
+        match bpf_batch::delete(map, &keys[start..]) {
+            Ok(()) => results.resize_with(keys.len(), || Ok(())),
+            Err(stopped) => {
+                results.resize_with(start + stopped.applied, || Ok(()));
+                let gone = stopped.error.raw_os_error() == Some(libc::ENOENT);
+                results.push(if gone { Ok(()) } else { Err(stopped.error) });
+            }
+        }
+    }
+    results
+}
+
+/// A single write's outcome as a batch element's.
+fn io_result(result: Result<(), MapError>) -> io::Result<()> {
+    result.map_err(|error| match error {
+        MapError::SyscallError(error) => error.io_error,
+        other => io::Error::other(other.to_string()),
+    })
 }
 
 /// Reads what the maps hold: every header, the slots they name, the backends, membership,
@@ -228,41 +340,13 @@ pub fn read_slots(
     if named.is_empty() {
         return Ok(slots);
     }
-    batch::for_each_entry(map, 4096, |index: &u32, slot: &Slot| {
+    bpf_batch::for_each_entry(map, 4096, |index: &u32, slot: &Slot| {
         if named.iter().any(|range| range.contains(index)) {
             slots.insert(*index, *slot);
         }
         Ok(())
     })?;
     Ok(slots)
-}
-
-/// One write to the kernel's maps.
-fn write(maps: &mut WriterMaps, op: &MapOp) -> Result<(), WriteError> {
-    let result = match *op {
-        MapOp::PutName(id, name) => maps.names.insert(id, name, 0),
-        MapOp::PutBackend(id, backend) => maps.backend_ids.insert(backend, id, 0),
-        MapOp::PutSlot(index, slot) => maps.slots.set(index, slot, 0),
-        MapOp::PutService(key, value) => maps.services.insert(key, value, 0),
-        MapOp::PutMembership(key, bits) => maps.membership.insert(key, bits, 0),
-        MapOp::PutSourceRange(entry) => maps.source_ranges.insert(&entry.key(), 1, 0),
-        MapOp::DeleteService(key) => ignore_missing(maps.services.remove(&key)),
-        MapOp::DeleteMembership(key) => ignore_missing(maps.membership.remove(&key)),
-        MapOp::DeleteBackend(_, backend) => ignore_missing(maps.backend_ids.remove(&backend)),
-        MapOp::DeleteName(id) => ignore_missing(maps.names.remove(&id)),
-        MapOp::DeleteSourceRange(entry) => ignore_missing(maps.source_ranges.remove(&entry.key())),
-        MapOp::Barrier => {
-            grace_period();
-            Ok(())
-        }
-    };
-    result.map_err(|error| {
-        if is_map_full(&error) {
-            WriteError::Full
-        } else {
-            WriteError::Failed(error.to_string())
-        }
-    })
 }
 
 fn raise_membership_epoch(maps: &mut WriterMaps) -> Result<(), MapError> {
@@ -300,9 +384,4 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
         }
         other => other,
     }
-}
-
-/// A hash map that is full refuses new keys with E2BIG.
-fn is_map_full(error: &MapError) -> bool {
-    matches!(error, MapError::SyscallError(error) if error.io_error.raw_os_error() == Some(libc::E2BIG))
 }

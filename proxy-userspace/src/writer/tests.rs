@@ -26,13 +26,31 @@ pub(super) struct FakeMaps {
     pub barriers: usize,
     /// Headers switched to a new slice with the same contents (an evacuation).
     pub relocations: usize,
+    /// Where the writes come from, for failure messages.
+    pub at: String,
+    /// Writes so far.
+    pub written: usize,
+}
+
+impl MapSink for FakeMaps {
+    /// A batch is its elements in order: each is written and checked as a single write.
+    fn write(&mut self, phase: Phase<'_>) -> Vec<Result<(), WriteError>> {
+        phase
+            .ops()
+            .map(|op| {
+                self.written += 1;
+                let at = format!("{}, write {}", self.at, self.written);
+                self.write_one(&op, &at)
+            })
+            .collect()
+    }
 }
 
 impl FakeMaps {
     /// Writes `op` as the kernel would, refusing it when its map is at its limit, and
     /// checks it: a slot is never written while a packet may read it, and after the write
     /// every header is complete.
-    pub fn write(&mut self, op: &MapOp, at: &str) -> Result<(), WriteError> {
+    pub fn write_one(&mut self, op: &MapOp, at: &str) -> Result<(), WriteError> {
         if let MapOp::PutSlot(index, _) = op {
             assert!(
                 !self.readable.contains(index),
@@ -112,11 +130,9 @@ pub(super) fn sync_into(
     sync: Sync<'_>,
     at: &str,
 ) -> ApplyReport {
-    let mut written = 0;
-    mirror.sync(sync, |op| {
-        written += 1;
-        maps.write(op, &format!("{at}, write {written}"))
-    })
+    maps.at = at.to_owned();
+    maps.written = 0;
+    mirror.sync(sync, maps)
 }
 
 fn frontend(addr: [u8; 4], port: u16) -> Frontend {
@@ -146,7 +162,7 @@ fn plan(name: &str, octets: &[u8]) -> FrontendPlan {
         service: ServicePortName {
             namespace: "default".into(),
             name: name.into(),
-            port_name: String::new(),
+            port_name: "".into(),
         },
         kind: FrontendKind::ClusterIp,
         backends: backends(octets),
@@ -198,7 +214,7 @@ fn transition(from: &DesiredState, to: &DesiredState) -> usize {
     let report = sync_into(&mut mirror, &mut maps, Sync::Full(to), "transition");
     assert!(report.complete(), "{report:?}");
     assert_eq!(maps.image.desired(), mirror.image().desired());
-    assert_eq!(mirror.full(to).ops, Vec::new(), "nothing left to write");
+    assert_eq!(mirror.full(to).ops(), Vec::new(), "nothing left to write");
     report.ops
 }
 
@@ -268,7 +284,7 @@ fn transitions_stay_consistent_at_every_step() {
 fn unchanged_state_writes_nothing() {
     let state = desired(&[(frontend([198, 19, 0, 10], 80), &[10, 11, 12])]);
     let (mut mirror, _) = written(&state, 16);
-    assert_eq!(mirror.full(&state).ops, Vec::new());
+    assert_eq!(mirror.full(&state).ops(), Vec::new());
 }
 
 #[test]
@@ -299,7 +315,7 @@ fn shared_backend_is_written_once_and_kept_while_used() {
     let b = frontend([198, 19, 0, 11], 80);
     let (mut mirror, maps) = written(&desired(&[(a, &[10]), (b, &[10])]), 16);
     assert_eq!(maps.image.backends.len(), 1);
-    let ops = mirror.full(&desired(&[(b, &[10])])).ops;
+    let ops = mirror.full(&desired(&[(b, &[10])])).ops();
     assert!(!ops.iter().any(|op| matches!(op, MapOp::DeleteBackend(..))));
 }
 
@@ -325,7 +341,11 @@ fn ids_are_stable_across_syncs_and_restarts() {
     );
 
     let mut restarted = MapMirror::new(maps.image.clone(), 16);
-    assert_eq!(restarted.full(&state).ops, Vec::new(), "nothing to rewrite");
+    assert_eq!(
+        restarted.full(&state).ops(),
+        Vec::new(),
+        "nothing to rewrite"
+    );
 }
 
 #[test]
@@ -358,7 +378,7 @@ fn frontends_of_a_service_port_share_its_affinity_id() {
     );
     assert_ne!(port_id([198, 19, 0, 10], 80), port_id([198, 19, 0, 11], 80));
     let mut restarted = MapMirror::new(maps.image.clone(), 16);
-    assert_eq!(restarted.full(&state).ops, Vec::new(), "ids learned back");
+    assert_eq!(restarted.full(&state).ops(), Vec::new(), "ids learned back");
 }
 
 #[test]
@@ -407,7 +427,7 @@ fn names_follow_their_frontends() {
 
     // `api` takes over the VIP (same frontend, same id) and `other` goes away.
     let state = named([(vip, "api", &[11][..])]);
-    let ops = mirror.full(&state).ops;
+    let ops = mirror.full(&state).ops();
     let rev_nat_id = maps.image.services[&vip_key].rev_nat_id;
     assert!(
         ops.iter()
@@ -426,7 +446,7 @@ fn overlong_names_leave_the_frontend_unnamed_but_balanced() {
     let long = "x".repeat(64);
     let state = named([(frontend([198, 19, 0, 10], 80), long.as_str(), &[10][..])]);
     let mut mirror = MapMirror::new(MapImage::default(), 16);
-    let report = mirror.sync(Sync::Full(&state), |_| Ok(()));
+    let report = mirror.sync(Sync::Full(&state), &mut AcceptingMaps);
     assert!(report.complete());
     assert!(mirror.image().names.is_empty());
     assert_eq!(mirror.image().services.len(), 1);
@@ -473,7 +493,7 @@ fn every_frontend_records_its_selectable_and_serving_addresses() {
     let plan = state.frontends.get_mut(&vip).unwrap();
     plan.backends.truncate(1);
     plan.serving_addrs.truncate(1);
-    let ops = mirror.full(&state).ops;
+    let ops = mirror.full(&state).ops();
     let position = |wanted: &MapOp| ops.iter().position(|op| op == wanted).unwrap();
     let header_update = ops
         .iter()
@@ -513,7 +533,7 @@ fn source_ranges_come_before_their_flag_and_go_after_it() {
     plan.source_ranges = vec!["198.18.0.0/24".parse().unwrap()];
 
     let (mut mirror, mut maps) = written(&open, 16);
-    let ops = mirror.full(&restricted).ops;
+    let ops = mirror.full(&restricted).ops();
     let is_header = |op: &MapOp| matches!(op, MapOp::PutService(..));
     let header = maps.image.services[&key([198, 18, 8, 1], 80)];
     let entry = SourceRangeEntry {
@@ -532,7 +552,7 @@ fn source_ranges_come_before_their_flag_and_go_after_it() {
     let header = maps.image.services[&key([198, 18, 8, 1], 80)];
     assert_ne!(header.flags & service_flags::SOURCE_RANGES, 0);
 
-    let ops = mirror.full(&open).ops;
+    let ops = mirror.full(&open).ops();
     assert_eq!(ops.len(), 2, "{ops:?}");
     assert!(is_header(&ops[0]), "{ops:?}");
     assert_eq!(ops[1], MapOp::DeleteSourceRange(entry));
