@@ -20,6 +20,7 @@ const EXTERNAL_REV_NAT_ID: u32 = REV_NAT_ID + 1;
 /// New connections per check: all to one of three backends by chance with probability
 /// 3 · (1/3)^30.
 const CONNECTIONS: u16 = 30;
+const ALL: [SocketAddrV4; 3] = [BACKEND_1, BACKEND_2, BACKEND_3];
 
 fn tcp(backends: &[SocketAddrV4]) -> Vec<proxy_common::Backend> {
     backends.iter().map(|b| backend(*b, proto::TCP)).collect()
@@ -50,23 +51,22 @@ fn outside_clients_get_the_local_endpoints_and_pods_the_cluster_set() {
     let Some(mut datapath) = Datapath::load() else {
         return;
     };
-    let all = [BACKEND_1, BACKEND_2, BACKEND_3];
     datapath.add_local_policy_service(
         frontend(VIP, proto::TCP),
         &tcp(&[BACKEND_1]),
-        &tcp(&all),
+        &tcp(&ALL),
         service_flags::EXTERNAL_IP,
         0,
     );
 
     // A device the daemon did not name, then an external one: outside, the local set.
-    assert_eq!(reached(&datapath, VIP, &all), BTreeSet::from([BACKEND_1]));
+    assert_eq!(reached(&datapath, VIP, &ALL), BTreeSet::from([BACKEND_1]));
     datapath.run_on_device(device_kind::EXTERNAL);
-    assert_eq!(reached(&datapath, VIP, &all), BTreeSet::from([BACKEND_1]));
+    assert_eq!(reached(&datapath, VIP, &ALL), BTreeSet::from([BACKEND_1]));
 
     // A pod's device: the Cluster set, every backend.
     datapath.run_on_device(device_kind::POD);
-    assert_eq!(reached(&datapath, VIP, &all), BTreeSet::from(all));
+    assert_eq!(reached(&datapath, VIP, &ALL), BTreeSet::from(ALL));
     let flows = u64::from(CONNECTIONS) * 3;
     datapath.assert_stats(&[(stat::CT_MISS, flows), (stat::NEW_FLOW, flows)]);
 }
@@ -136,81 +136,74 @@ fn pods_reach_remote_cluster_endpoints_with_their_own_address() {
     });
 }
 
-#[test]
-fn affinity_is_shared_by_the_frontends_of_a_service_port() {
-    let Some(mut datapath) = Datapath::load() else {
-        return;
-    };
-    let all = [BACKEND_1, BACKEND_2, BACKEND_3];
+/// A Service port with session affinity: its ClusterIP ([`VIP`]) over every backend, and
+/// an external IP over `external` — with externalTrafficPolicy Local (`local`), `external`
+/// is its local set and every backend its Cluster set.
+fn affinity_service_port(external: &[SocketAddrV4], local: bool) -> Option<Datapath> {
+    let mut datapath = Datapath::load()?;
     datapath.add_service_with(
         frontend(VIP, proto::TCP),
-        &tcp(&all),
+        &tcp(&ALL),
         service_flags::CLUSTER_IP,
         AFFINITY_TIMEOUT_S,
     );
+    let cluster = tcp(&ALL);
+    let (cluster, flag) = if local {
+        (Some(&cluster[..]), service_flags::CLUSTER_SET)
+    } else {
+        (None, 0)
+    };
     datapath.add_frontend(
         frontend(EXTERNAL_IP, proto::TCP),
         EXTERNAL_REV_NAT_ID,
-        &tcp(&all),
-        None,
-        service_flags::EXTERNAL_IP,
+        &tcp(external),
+        cluster,
+        service_flags::EXTERNAL_IP | flag,
         AFFINITY_TIMEOUT_S,
     );
-    let first = chosen_backend_of(&datapath, fresh_client(), VIP, &all);
-    assert_eq!(
-        reached(&datapath, EXTERNAL_IP, &all),
-        BTreeSet::from([first])
-    );
-    assert_eq!(reached(&datapath, VIP, &all), BTreeSet::from([first]));
+    Some(datapath)
+}
+
+/// The backend AFFINITY remembers for [`CLIENT`].
+fn remembered(datapath: &mut Datapath) -> proxy_common::Backend {
+    let key = Datapath::affinity_key(CLIENT);
+    datapath.affinity_map().get(&key, 0).unwrap().backend
+}
+
+#[test]
+fn affinity_is_shared_by_the_frontends_of_a_service_port() {
+    let Some(mut datapath) = affinity_service_port(&ALL, false) else {
+        return;
+    };
+    let first = chosen_backend_of(&datapath, fresh_client(), VIP, &ALL);
+    let only_first = BTreeSet::from([first]);
+    assert_eq!(reached(&datapath, EXTERNAL_IP, &ALL), only_first);
+    assert_eq!(reached(&datapath, VIP, &ALL), only_first);
     let flows = 1 + 2 * u64::from(CONNECTIONS);
     datapath.assert_stats(&[
         (stat::CT_MISS, flows),
         (stat::NEW_FLOW, flows),
         (stat::AFFINITY, flows - 1),
     ]);
-    let remembered = datapath
-        .affinity_map()
-        .get(&Datapath::affinity_key(CLIENT), 0)
-        .unwrap();
-    assert_eq!(remembered.backend, backend(first, proto::TCP));
-    assert_eq!(
-        datapath.affinity_map().keys().count(),
-        1,
-        "one entry per client and port"
-    );
+    assert_eq!(remembered(&mut datapath), backend(first, proto::TCP));
+    let entries = datapath.affinity_map().keys().count();
+    assert_eq!(entries, 1, "one entry per client and port");
 }
 
 #[test]
 fn a_remembered_backend_outside_the_set_a_connection_chooses_from_is_not_reused() {
-    let Some(mut datapath) = Datapath::load() else {
+    // BACKEND_1 is the external IP's local endpoint.
+    let Some(mut datapath) = affinity_service_port(&[BACKEND_1], true) else {
         return;
     };
-    let all = [BACKEND_1, BACKEND_2, BACKEND_3];
-    // The Service port's ClusterIP (every endpoint) and an external IP with
-    // externalTrafficPolicy Local (BACKEND_1 local).
-    datapath.add_service_with(
-        frontend(VIP, proto::TCP),
-        &tcp(&all),
-        service_flags::CLUSTER_IP,
-        AFFINITY_TIMEOUT_S,
-    );
-    datapath.add_frontend(
-        frontend(EXTERNAL_IP, proto::TCP),
-        EXTERNAL_REV_NAT_ID,
-        &tcp(&[BACKEND_1]),
-        Some(&tcp(&all)),
-        service_flags::EXTERNAL_IP | service_flags::CLUSTER_SET,
-        AFFINITY_TIMEOUT_S,
-    );
     // The client's ClusterIP connections stick to a backend other than the local one.
     let mut remote = None;
-    for port in 0..CONNECTIONS * 2 {
-        let client = addr(CLIENT.ip().octets(), 42_000 + port);
+    for _ in 0..CONNECTIONS {
         datapath
             .affinity_map()
             .remove(&Datapath::affinity_key(CLIENT))
             .ok();
-        let chosen = chosen_backend_of(&datapath, client, VIP, &all);
+        let chosen = chosen_backend_of(&datapath, fresh_client(), VIP, &ALL);
         if chosen != BACKEND_1 {
             remote = Some(chosen);
             break;
@@ -221,7 +214,7 @@ fn a_remembered_backend_outside_the_set_a_connection_chooses_from_is_not_reused(
     // Reaching the external IP as a pod: the Cluster set holds it, affinity keeps it.
     datapath.run_on_device(device_kind::POD);
     assert_eq!(
-        reached(&datapath, EXTERNAL_IP, &all),
+        reached(&datapath, EXTERNAL_IP, &ALL),
         BTreeSet::from([remote])
     );
 
@@ -229,14 +222,10 @@ fn a_remembered_backend_outside_the_set_a_connection_chooses_from_is_not_reused(
     // the local backend becomes the one remembered.
     datapath.run_on_device(device_kind::EXTERNAL);
     assert_eq!(
-        reached(&datapath, EXTERNAL_IP, &all),
+        reached(&datapath, EXTERNAL_IP, &ALL),
         BTreeSet::from([BACKEND_1])
     );
-    let remembered = datapath
-        .affinity_map()
-        .get(&Datapath::affinity_key(CLIENT), 0)
-        .unwrap();
-    assert_eq!(remembered.backend, backend(BACKEND_1, proto::TCP));
+    assert_eq!(remembered(&mut datapath), backend(BACKEND_1, proto::TCP));
 }
 
 #[test]
@@ -245,10 +234,9 @@ fn a_full_affinity_map_forgets_clients_and_never_misroutes() {
     let Some(mut datapath) = Datapath::load_with_affinity(ENTRIES) else {
         return;
     };
-    let all = [BACKEND_1, BACKEND_2, BACKEND_3];
     datapath.add_service_with(
         frontend(VIP, proto::TCP),
-        &tcp(&all),
+        &tcp(&ALL),
         service_flags::CLUSTER_IP,
         AFFINITY_TIMEOUT_S,
     );
@@ -263,7 +251,7 @@ fn a_full_affinity_map_forgets_clients_and_never_misroutes() {
                 .get(&Datapath::affinity_key(*client), 0)
                 .ok();
             let port = addr(client.ip().octets(), 40_000 + round);
-            let chosen = chosen_backend_of(&datapath, port, VIP, &all);
+            let chosen = chosen_backend_of(&datapath, port, VIP, &ALL);
             if let Some(remembered) = remembered {
                 // Still remembered: kept (the LRU may forget it only after this choice).
                 assert_eq!(backend(chosen, proto::TCP), remembered.backend, "{client}");
