@@ -154,7 +154,7 @@ pub struct CtValue {
     pub to: Tuple,
     /// The frontend (SERVICES' `rev_nat_id`); 0 for a direct flow.
     pub rev_nat_id: u32,
-    /// The backend chosen (BACKENDS' key); 0 for a direct flow.
+    /// The backend chosen (its BACKEND_IDS id); 0 for a direct flow.
     pub backend_id: u32,
     /// Bits of [`ct_flags`].
     pub flags: u8,

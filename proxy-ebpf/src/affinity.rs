@@ -3,17 +3,24 @@
 //! each other — kube-proxy's `-m recent --rcheck --seconds T --reap` before the random
 //! choice and `--set` on every new connection.
 //!
-//! AFFINITY remembers {client, Service port} → {backend, last new connection}: one memory
-//! per Service port, which its ClusterIP, NodePorts, external and load-balancer IPs share,
-//! as kube-proxy's `recent` lists are per Service port and endpoint. A remembered backend
-//! is reused only if MEMBERSHIP says it is in the set the connection chooses from (the
-//! chain being walked, in kube-proxy's terms): one that left (removed, terminating,
-//! outside the traffic policy) is not, and the connection is balanced anew.
+//! AFFINITY remembers {client address, Service port} → {backend, last new connection};
+//! SOCK_AFFINITY the same for connections translated at the socket, whose client is a
+//! network namespace (see [`Client`]). One memory per Service port, which its ClusterIP,
+//! NodePorts, external and load-balancer IPs share, as kube-proxy's `recent` lists are per
+//! Service port and endpoint. A remembered backend is reused only if MEMBERSHIP says it is
+//! in the set the connection chooses from (the chain being walked, in kube-proxy's terms):
+//! one that left (removed, terminating, outside the traffic policy) is not, and the
+//! connection is balanced anew.
 
 use aya_ebpf::{macros::map, maps::LruHashMap};
-use proxy_common::{AffinityKey, AffinityValue, Backend, BackendSet, default_max_entries};
+use proxy_common::{
+    AffinityKey, AffinityValue, Backend, BackendSet, SockAffinityKey, default_max_entries,
+};
 
-use crate::{lb::Frontend, membership};
+use crate::{
+    lb::{Client, Frontend},
+    membership,
+};
 
 const NANOS_PER_SECOND: u64 = 1_000_000_000;
 
@@ -23,17 +30,25 @@ const NANOS_PER_SECOND: u64 = 1_000_000_000;
 static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::pinned(default_max_entries::AFFINITY, 0);
 
-/// The backend `client_addr` used last on `frontend`'s Service port, if that was within
-/// the timeout and the backend is in `set`.
+/// Named like `proxy_common::map_names::SOCK_AFFINITY`: as AFFINITY, for sockets.
+#[map]
+static SOCK_AFFINITY: LruHashMap<SockAffinityKey, AffinityValue> =
+    LruHashMap::pinned(default_max_entries::SOCK_AFFINITY, 0);
+
+/// The backend `client` used last on `frontend`'s Service port, if that was within the
+/// timeout and the backend is in `set`.
 #[inline(always)]
 pub fn remembered_backend(
-    client_addr: u32,
+    client: Client,
     frontend: &Frontend,
     set: &BackendSet,
     now_ns: u64,
 ) -> Option<(u32, Backend)> {
     // SAFETY: the value is copied out at once.
-    let remembered = *unsafe { AFFINITY.get(key(client_addr, frontend)) }?;
+    let remembered = *match client {
+        Client::Address(addr) => unsafe { AFFINITY.get(key(addr, frontend)) },
+        Client::Netns(cookie) => unsafe { SOCK_AFFINITY.get(sock_key(cookie, frontend)) },
+    }?;
     let timeout_ns = u64::from(frontend.header.affinity_timeout_s) * NANOS_PER_SECOND;
     if now_ns.saturating_sub(remembered.last_used_ns) > timeout_ns {
         return None;
@@ -46,7 +61,7 @@ pub fn remembered_backend(
 /// `backend` now. A failed update only costs the next connection its affinity.
 #[inline(always)]
 pub fn remember(
-    client_addr: u32,
+    client: Client,
     frontend: &Frontend,
     backend_id: u32,
     backend: &Backend,
@@ -58,7 +73,10 @@ pub fn remember(
         _pad: 0,
         last_used_ns: now_ns,
     };
-    let _ = AFFINITY.insert(key(client_addr, frontend), value, 0);
+    let _ = match client {
+        Client::Address(addr) => AFFINITY.insert(key(addr, frontend), value, 0),
+        Client::Netns(cookie) => SOCK_AFFINITY.insert(sock_key(cookie, frontend), value, 0),
+    };
 }
 
 #[inline(always)]
@@ -66,5 +84,14 @@ fn key(client_addr: u32, frontend: &Frontend) -> AffinityKey {
     AffinityKey {
         client_addr,
         service_port_id: frontend.header.service_port_id,
+    }
+}
+
+#[inline(always)]
+fn sock_key(netns_cookie: u64, frontend: &Frontend) -> SockAffinityKey {
+    SockAffinityKey {
+        netns_cookie,
+        service_port_id: frontend.header.service_port_id,
+        _pad: 0,
     }
 }

@@ -211,6 +211,8 @@ struct Rule {
     comment: Option<String>,
     /// `-i <interface>`: kube-proxy's local-traffic detector (`InterfaceNamePrefix`).
     in_interface: Option<String>,
+    /// `-m addrtype --src-type LOCAL`: traffic of the node itself.
+    src_type_local: bool,
     dst_type_local: bool,
     recent: Option<Recent>,
     protocol: Option<&'static str>,
@@ -246,6 +248,9 @@ impl Rule {
                 }
                 if let Some(interface) = &self.in_interface {
                     write!(line, " -i {interface}").unwrap();
+                }
+                if self.src_type_local {
+                    line.push_str(" -m addrtype --src-type LOCAL");
                 }
                 if self.dst_type_local {
                     line.push_str(" -m addrtype --dst-type LOCAL");
@@ -285,6 +290,9 @@ impl Rule {
                 }
                 if let Some(comment) = &self.comment {
                     write!(line, " -m comment --comment \"{comment}\"").unwrap();
+                }
+                if self.src_type_local {
+                    line.push_str(" -m addrtype --src-type LOCAL");
                 }
                 if self.dst_type_local {
                     line.push_str(" -m addrtype --dst-type LOCAL");
@@ -527,9 +535,10 @@ fn write_service_port(
 
     if has_endpoints && external_endpoints.is_some() {
         nat.declare(external_chain.clone());
-        // Pods reach a Local-policy frontend's Cluster endpoints, short-circuiting the
-        // policy (and its DROP) as kube-proxy's local-traffic detector does. Traffic from
-        // the node itself (kube-proxy's "LOCAL traffic" rules) is not translated here.
+        // Pods and the node itself reach a Local-policy frontend's Cluster endpoints,
+        // short-circuiting the policy (and its DROP) as kube-proxy's local-traffic detector
+        // and its "route LOCAL traffic" rule do (the node's, at the socket: --socket-lb).
+        // Its masquerade of the node's traffic is left out, like every masquerade rule.
         if port.pod_cluster_endpoints.is_some() && !cluster_endpoints.is_empty() {
             for interface in pod_interfaces {
                 nat.rules.push(Rule {
@@ -538,6 +547,11 @@ fn write_service_port(
                     ..Rule::new(&external_chain, &cluster_chain)
                 });
             }
+            nat.rules.push(Rule {
+                comment: Some(format!("route LOCAL traffic for {name} external destinations")),
+                src_type_local: true,
+                ..Rule::new(&external_chain, &cluster_chain)
+            });
         }
         if let Some(policy_chain) = external_policy_chain {
             nat.rules.push(Rule::new(&external_chain, policy_chain));
@@ -910,7 +924,9 @@ mod tests {
         let text = render(&with_local, &pods, Form::KubeProxy);
         let rules = format!(
             "-A {ext} -m comment --comment \"pod traffic for default/web:http external \
-             destinations\" -i lxc+ -j {svc}\n-A {ext} -j {svl}\n"
+             destinations\" -i lxc+ -j {svc}\n-A {ext} -m comment --comment \"route LOCAL \
+             traffic for default/web:http external destinations\" -m addrtype --src-type \
+             LOCAL -j {svc}\n-A {ext} -j {svl}\n"
         );
         assert!(text.contains(&rules), "lacks\n{rules}in\n{text}");
         let saved = render(&with_local, &pods, Form::IptablesSave);

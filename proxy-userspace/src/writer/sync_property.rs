@@ -246,6 +246,7 @@ impl Node {
             zone: Some(ZONES[0].to_owned()),
             addresses: vec!["198.18.0.1".parse().expect("address")],
             nodeport_cidrs: Vec::new(),
+            loopback_node_ports: false,
         };
         Node {
             planner: Planner::new(&node, &model),
