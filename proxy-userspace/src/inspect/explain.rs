@@ -548,7 +548,9 @@ fn write_service_port(
                 });
             }
             nat.rules.push(Rule {
-                comment: Some(format!("route LOCAL traffic for {name} external destinations")),
+                comment: Some(format!(
+                    "route LOCAL traffic for {name} external destinations"
+                )),
                 src_type_local: true,
                 ..Rule::new(&external_chain, &cluster_chain)
             });
