@@ -40,7 +40,7 @@ use proxy_lab::load::{self, LoadSettings};
 use proxy_lab::{Cluster, Daemon, Endpoint, Lab, Netns, PrivateBpffs, addr};
 use proxy_userspace::model::Model;
 use proxy_userspace::plan::{self, NodeFacts};
-use proxy_userspace::writer::{FlowMaps, MapWriter};
+use proxy_userspace::writer::{MapWriter, WriterMaps};
 
 use crate::cluster::{self, BenchService, Endpoints};
 use crate::connections::LoadSamples;
@@ -318,26 +318,16 @@ impl Loaded2 {
             ..cluster::lab_node()
         };
         let planned = plan::plan(&model, &node);
-        let mut take = |name: &str| {
-            ebpf.take_map(name)
-                .with_context(|| format!("the object has no map {name}"))
-        };
-        let mut writer = MapWriter::new(
-            take(map_names::SERVICES)?.try_into()?,
-            take(map_names::BACKENDS)?.try_into()?,
-            take(map_names::MEMBERSHIP)?.try_into()?,
-            take(map_names::SVC_NAMES)?.try_into()?,
-        )?
-        .with_flow_maps(FlowMaps {
-            backend_ids: take(map_names::BACKEND_IDS)?.try_into()?,
-            membership_epoch: take(map_names::MEMBERSHIP_EPOCH)?.try_into()?,
-        })?;
+        let mut writer = MapWriter::new(WriterMaps::take(&mut ebpf)?)?;
         let report = writer.apply(&planned.desired);
         ensure!(
-            report.map_full == 0 && report.failures.is_empty(),
+            report.map_full.is_empty() && report.failures.is_empty(),
             "filling the maps failed: {report:?}"
         );
-        let stats = take(map_names::STATS)?.try_into()?;
+        let stats = ebpf
+            .take_map(map_names::STATS)
+            .context("the object has no map STATS")?
+            .try_into()?;
         Ok(Self {
             stats,
             _writer: writer,

@@ -6,7 +6,7 @@
 mod datapath;
 
 use datapath::*;
-use proxy_common::{ServiceValue, ct_flags, proto, service_flags, stat};
+use proxy_common::{ct_flags, proto, service_flags, stat};
 use proxy_userspace::xdp::{XDP_DROP, XDP_PASS, XDP_TX, XdpRun};
 
 /// Runs `frame` through XDP (arriving on `ifindex`) and asserts it was sent back out of
@@ -120,14 +120,8 @@ fn a_local_policy_frontend_without_local_endpoints_drops_in_xdp() {
     let Some(mut datapath) = Datapath::load() else {
         return;
     };
-    datapath.insert_service_entry(
-        frontend(VIP, proto::TCP),
-        ServiceValue {
-            rev_nat_id: REV_NAT_ID,
-            flags: service_flags::NODE_PORT | service_flags::NO_LOCAL_ENDPOINTS,
-            ..ServiceValue::default()
-        },
-    );
+    let flags = service_flags::NODE_PORT | service_flags::NO_LOCAL_ENDPOINTS;
+    datapath.add_service_with(frontend(VIP, proto::TCP), &[], flags, 0);
     let run = datapath.run_xdp(&Frame::new(CLIENT, VIP, SYN).build());
     assert_eq!(run.action, XDP_DROP);
     datapath.assert_stats(&[(stat::NO_BACKEND, 1), (stat::XDP_DROP, 1)]);

@@ -148,29 +148,33 @@ impl ServicePlan {
         } else {
             Vec::new()
         };
-        let for_policy = |local: bool, selection: Selection| FrontendTemplate {
-            service: ServicePortName {
-                namespace: key.namespace.clone(),
-                name: key.name.clone(),
-                port_name: port.name.clone(),
-            },
-            backends: if local {
-                categorized.local.clone()
-            } else {
-                categorized.cluster.clone()
-            },
-            when_empty: if categorized.has_usable_endpoints {
-                EmptyFrontend::Drop
-            } else {
-                EmptyFrontend::Reject
-            },
-            session_affinity: service.session_affinity,
-            serving_addrs: categorized.serving_addrs.clone(),
-            source_ranges: source_ranges.clone(),
-            selection,
-        };
-        let internal = for_policy(service.internal_policy_local, Selection::Random);
+        let for_policy =
+            |local: bool, cluster_for_pods: bool, selection: Selection| FrontendTemplate {
+                service: ServicePortName {
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
+                    port_name: port.name.clone(),
+                },
+                backends: if local {
+                    categorized.local.clone()
+                } else {
+                    categorized.cluster.clone()
+                },
+                cluster_backends: cluster_for_pods.then(|| categorized.cluster.clone()),
+                when_empty: if categorized.has_usable_endpoints {
+                    EmptyFrontend::Drop
+                } else {
+                    EmptyFrontend::Reject
+                },
+                session_affinity: service.session_affinity,
+                serving_addrs: categorized.serving_addrs.clone(),
+                source_ranges: source_ranges.clone(),
+                selection,
+            };
+        let internal = for_policy(service.internal_policy_local, false, Selection::Random);
+        // Pods reach an externalTrafficPolicy Local frontend's Cluster endpoints.
         let external = for_policy(
+            service.external_policy_local,
             service.external_policy_local,
             service.selection.resolve(node.selection),
         );
@@ -230,6 +234,7 @@ impl ServicePlan {
                     service: service.clone(),
                     kind,
                     backends: template.backends.clone(),
+                    cluster_backends: template.cluster_backends.clone(),
                     when_empty: template.when_empty,
                     session_affinity: template.session_affinity,
                     serving_addrs: template.serving_addrs.clone(),
@@ -258,6 +263,7 @@ impl ServicePlan {
 struct FrontendTemplate {
     service: ServicePortName,
     backends: Vec<BackendAddr>,
+    cluster_backends: Option<Vec<BackendAddr>>,
     when_empty: EmptyFrontend,
     session_affinity: Option<Duration>,
     serving_addrs: Vec<Ipv4Addr>,
