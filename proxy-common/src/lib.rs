@@ -58,6 +58,8 @@ pub mod map_names {
     pub const SVC_NAMES: &str = "SVC_NAMES";
     /// `loadBalancerSourceRanges`: the client prefixes each restricted frontend admits.
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
+    /// Maglev lookup tables, in chunks, per slice of BACKEND_SLOTS (written by the daemon).
+    pub const MAGLEV: &str = "MAGLEV";
     /// The devices the XDP program runs on natively (a device map): a packet the XDP
     /// program routes out of one of them is redirected there (written by the daemon).
     pub const XDP_EGRESS: &str = "XDP_EGRESS";
@@ -185,7 +187,10 @@ pub struct FrontendValue {
     pub cluster_count: u16,
     /// Bits of [`service_flags`].
     pub flags: u16,
-    pub _pad: u16,
+    /// How a new connection chooses among the own set: 0 at random; `i + 1`: by the Maglev
+    /// table of [`maglev::TABLE_SIZES`]`[i]` positions that MAGLEV holds for this slice
+    /// (keyed by `base` and this value, see [`maglev::MaglevKey`]).
+    pub maglev: u16,
     /// `sessionAffinity: ClientIP`: a client's new connections keep its backend while they
     /// come less than this many seconds apart. 0: no affinity.
     pub affinity_timeout_s: u32,
@@ -646,7 +651,8 @@ pub struct TraceRecord {
     /// A [`to_tc`] constant: why the XDP program left the packet to the tc program (XDP
     /// dry runs only).
     pub to_tc: u8,
-    pub _pad: u8,
+    /// 1 when the frontend's Maglev table gave the slot (else it was drawn at random).
+    pub maglev: u8,
     /// The backend as read during the selection (its slot, or the affinity entry); zero
     /// for conntrack hits.
     pub backend: Backend,
@@ -761,6 +767,9 @@ pub mod default_max_entries {
     pub const SOCK_AFFINITY: u32 = 16_384;
     /// External devices with native XDP.
     pub const XDP_EGRESS: u32 = 256;
+    /// Maglev chunks: 1024 tables of the default size (`--max-maglev-tables`); not
+    /// preallocated, so only the tables that exist take memory.
+    pub const MAGLEV: u32 = 1024 * crate::maglev::chunks(crate::maglev::DEFAULT_TABLE_SIZE);
 }
 
 #[cfg(feature = "user")]
@@ -769,6 +778,8 @@ mod pod {
     // fields, so every bit pattern is valid and there are no implicit holes.
     unsafe impl aya::Pod for super::FrontendKey {}
     unsafe impl aya::Pod for super::FrontendValue {}
+    unsafe impl aya::Pod for super::maglev::MaglevKey {}
+    unsafe impl aya::Pod for super::maglev::MaglevChunk {}
     unsafe impl aya::Pod for super::Slot {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::CtKey {}

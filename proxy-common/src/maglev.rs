@@ -33,6 +33,69 @@ pub const fn size_index(size: u32) -> Option<usize> {
     None
 }
 
+/// [`TABLE_SIZES`] by header value (index + 1), 0 where a value names no table; 16
+/// entries so the datapath's lookup is masked into bounds (the verifier cannot follow a
+/// range check the compiler moved to another register).
+const SIZE_BY_HEADER: [u32; 16] = {
+    let mut sizes = [0; 16];
+    let mut index = 0;
+    while index < TABLE_SIZES.len() {
+        sizes[index + 1] = TABLE_SIZES[index];
+        index += 1;
+    }
+    sizes
+};
+
+/// The size of table `maglev` (a header's [`crate::FrontendValue::maglev`]: the index in
+/// [`TABLE_SIZES`] plus one); `None` for 0 (random) or a value that names no size. The
+/// value is read modulo 16 (the daemon writes 0 to 10): a range check before the lookup
+/// would let the compiler drop the mask, and the verifier then rejects the lookup.
+#[inline(always)]
+pub const fn table_size(maglev: u16) -> Option<u32> {
+    match SIZE_BY_HEADER[maglev as usize & (SIZE_BY_HEADER.len() - 1)] {
+        0 => None,
+        size => Some(size),
+    }
+}
+
+/// The header value naming a table of `size` positions (one of [`TABLE_SIZES`]).
+pub const fn header_value(size: u32) -> Option<u16> {
+    match size_index(size) {
+        Some(index) => Some(index as u16 + 1),
+        None => None,
+    }
+}
+
+/// Positions per MAGLEV entry.
+pub const CHUNK_POSITIONS: usize = 32;
+
+/// How many MAGLEV entries a table of `size` positions takes.
+pub const fn chunks(size: u32) -> u32 {
+    size.div_ceil(CHUNK_POSITIONS as u32)
+}
+
+/// Key of the MAGLEV map: one chunk of the table of the slice at `base` of BACKEND_SLOTS,
+/// of the size `maglev` names. A new backend set is a new slice (the daemon never rewrites
+/// a slice a header names), and a new size a new key, so a table a header names is never
+/// rewritten either: the daemon writes the new one, then switches the header.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct MaglevKey {
+    pub base: u32,
+    /// [`crate::FrontendValue::maglev`].
+    pub maglev: u16,
+    pub _pad: u16,
+    pub chunk: u32,
+}
+
+/// Value of the MAGLEV map: [`CHUNK_POSITIONS`] positions of a table, each the index of a
+/// backend in its frontend's own set (its slot minus `base`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MaglevChunk {
+    pub positions: [u16; CHUNK_POSITIONS],
+}
+
 /// SplitMix64's finalizer: a fixed, well-spread 64-bit mix (the same on every node and
 /// every version, which the tables' agreement across nodes relies on).
 pub const fn mix64(value: u64) -> u64 {
@@ -82,6 +145,22 @@ mod tests {
         for size in [0, 1, 250, 16_383, 65_536, 131_072, 262_139, 1_031] {
             assert!(!valid_table_size(size), "{size}");
         }
+    }
+
+    #[test]
+    fn headers_name_table_sizes_by_index() {
+        assert_eq!(table_size(0), None);
+        for size in TABLE_SIZES {
+            assert_eq!(table_size(header_value(size).unwrap()), Some(size));
+        }
+        for beyond in [TABLE_SIZES.len() as u16 + 1, 15, 16, 0xfff0] {
+            assert_eq!(table_size(beyond), None, "{beyond}");
+        }
+        assert_eq!(header_value(16_383), None);
+        assert_eq!(chunks(DEFAULT_TABLE_SIZE), 512);
+        assert_eq!(chunks(251), 8);
+        assert_eq!(size_of::<MaglevKey>(), 12);
+        assert_eq!(size_of::<MaglevChunk>(), 64);
     }
 
     #[test]

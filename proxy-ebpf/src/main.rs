@@ -28,6 +28,7 @@ mod context;
 mod csum;
 mod devices;
 mod lb;
+mod maglev;
 mod membership;
 mod mode;
 mod names;
@@ -265,7 +266,12 @@ fn new_flow<C: Context, M: Mode>(
         return without_backends(ctx, mode, packet, &set);
     };
     let client = Client::Address(packet.src_addr);
-    let selection = lb::select_backend(frontend, &set, count, client, now.ns);
+    let flow = maglev::Flow {
+        addr: packet.src_addr,
+        port: packet.src_port,
+        proto: packet.proto,
+    };
+    let selection = lb::select_backend(frontend, &set, count, client, Some(flow), now.ns);
     let (backend_id, backend) = match selection {
         Selection::Affinity { id, backend } | Selection::Slot { id, backend, .. } => (id, backend),
         Selection::Missing => {

@@ -38,7 +38,7 @@ pub trait Mode {
     /// The new connection chooses among `set`.
     fn set_chosen(&self, _set: &BackendSet) {}
     /// A new flow was given the backend in `slot` (1-based) of its set.
-    fn backend_selected(&self, _slot: u16, _backend_id: u32, _backend: &Backend) {}
+    fn backend_selected(&self, _slot: u16, _backend_id: u32, _backend: &Backend, _maglev: bool) {}
     /// A new flow was given the client's previous backend (session affinity).
     fn affinity_kept(&self, _backend_id: u32, _backend: &Backend) {}
     /// The packet would now be routed by the program (FIB lookup and redirect) out of
@@ -60,8 +60,13 @@ pub trait Mode {
                 self.affinity_kept(id, &backend);
                 Some((id, backend))
             }
-            Selection::Slot { slot, id, backend } => {
-                self.backend_selected(slot, id, &backend);
+            Selection::Slot {
+                slot,
+                id,
+                backend,
+                maglev,
+            } => {
+                self.backend_selected(slot, id, &backend, maglev);
                 Some((id, backend))
             }
             Selection::Missing => {
@@ -164,9 +169,10 @@ impl Mode for DryRun {
     }
 
     #[inline(always)]
-    fn backend_selected(&self, slot: u16, backend_id: u32, backend: &Backend) {
+    fn backend_selected(&self, slot: u16, backend_id: u32, backend: &Backend, maglev: bool) {
         let record = self.record();
         record.slot = slot;
+        record.maglev = u8::from(maglev);
         record.backend_id = backend_id;
         record.backend = *backend;
     }

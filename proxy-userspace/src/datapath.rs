@@ -32,6 +32,8 @@ use proxy_common::{
 };
 use tracing::{info, warn};
 
+use proxy_common::maglev::DEFAULT_TABLE_SIZE;
+
 use crate::conntrack::ConntrackSizes;
 use crate::netlink::{Device, DeviceRole};
 use crate::pin_root::PinRoot;
@@ -52,6 +54,8 @@ pub struct MapSizes {
     pub backend_slots: u32,
     /// Distinct backends (BACKEND_IDS).
     pub backends: u32,
+    /// Maglev tables of the default size (MAGLEV holds this many tables' chunks).
+    pub maglev_tables: u32,
     pub conntrack: ConntrackSizes,
     /// Source ports (inclusive, host order) for SNAT to backends on other nodes.
     pub snat_ports: SnatPortRange,
@@ -106,6 +110,7 @@ impl Default for MapSizes {
             services: max::SERVICES,
             backend_slots: max::BACKEND_SLOTS,
             backends: max::BACKENDS,
+            maglev_tables: max::MAGLEV / proxy_common::maglev::chunks(DEFAULT_TABLE_SIZE),
             conntrack: ConntrackSizes::default(),
             snat_ports: SnatPortRange::default(),
         }
@@ -179,6 +184,12 @@ impl Datapath {
                 sizes.backend_slots.saturating_add(sizes.services),
             )
             .map_max_entries(map_names::BACKEND_IDS, sizes.backends)
+            .map_max_entries(
+                map_names::MAGLEV,
+                sizes
+                    .maglev_tables
+                    .saturating_mul(proxy_common::maglev::chunks(DEFAULT_TABLE_SIZE)),
+            )
             .override_global(SNAT_PORT_MIN_GLOBAL, &sizes.snat_ports.min, true)
             .override_global(SNAT_PORT_MAX_GLOBAL, &sizes.snat_ports.max, true)
             .override_global(REFUSAL_LIMITS_GLOBAL, &refusal_limits, true)

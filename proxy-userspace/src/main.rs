@@ -122,6 +122,11 @@ struct DaemonArgs {
     /// BACKEND_IDS size: distinct backends (address, port, protocol).
     #[arg(long, default_value_t = MapSizes::default().backends)]
     max_backends: u32,
+    /// MAGLEV size, in Maglev tables of the default 16381 positions (64 KiB of kernel
+    /// memory each, taken only while it exists): one per external frontend of a Maglev
+    /// Service; a table of another size counts in proportion.
+    #[arg(long, default_value_t = MapSizes::default().maglev_tables)]
+    max_maglev_tables: u32,
     /// CONNTRACK map size: assured flows, two entries each, the least recently used evicted
     /// when full; CONNTRACK_PENDING (flows not yet assured) gets a quarter of it [default:
     /// from the machine's memory, see --conntrack-memory-ratio].
@@ -280,6 +285,7 @@ impl DaemonArgs {
                 services: self.max_services,
                 backend_slots: self.max_backend_slots,
                 backends: self.max_backends,
+                maglev_tables: self.max_maglev_tables,
                 conntrack,
                 snat_ports: self.snat_port_range,
             },

@@ -252,6 +252,8 @@ pub fn read_image(root: &Path) -> Result<MapImage> {
         names: read_entries(&names)?,
         // The views show a frontend's restriction by its header flag.
         source_ranges: Default::default(),
+        // And its Maglev table by the header's size.
+        maglev: Default::default(),
     })
 }
 
