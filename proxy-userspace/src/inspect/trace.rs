@@ -21,8 +21,8 @@ use aya::programs::SchedClassifier;
 use clap::Args;
 use proxy_common::{
     BackendSet, FlowState, FrontendKey, Origin, ServiceName, TRACE_PROGRAM_NAME, TraceRecord,
-    XDP_TRACE_PROGRAM_NAME, ct_flags, ct_state, map_names, proto, stat, tcp_flags, trace_ct,
-    trace_origin, trace_table,
+    XDP_TRACE_PROGRAM_NAME, ct_flags, ct_state, maglev, map_names, proto, stat, tcp_flags,
+    trace_ct, trace_origin, trace_table,
 };
 use serde::Serialize;
 
@@ -466,7 +466,8 @@ pub struct TraceReport {
     /// externalTrafficPolicy Local frontend): `pod` (a pod device) or `outside`; null when
     /// it did not matter.
     pub origin: Option<&'static str>,
-    /// The slot chosen at random for a new flow (a new connection would pick again).
+    /// The slot chosen for a new flow: at random (a new connection would pick again) or by
+    /// the frontend's Maglev table.
     pub selection: Option<Selection>,
     pub backend: Option<BackendMatch>,
     /// The packet as it leaves the program.
@@ -590,6 +591,9 @@ pub struct Selection {
     /// `frontend` (its own backends) or `cluster` (the Cluster set of an
     /// externalTrafficPolicy Local frontend, for pods).
     pub set: &'static str,
+    /// `random`, or `maglev`: the frontend's Maglev table gave the slot for the client's
+    /// address, port and protocol (every node and every run gives the same).
+    pub chosen_by: &'static str,
 }
 
 #[derive(Debug, Serialize)]
@@ -702,8 +706,15 @@ pub(super) fn decision(
     let selection = (record.slot != 0).then(|| {
         let index = set.first + u32::from(record.slot) - 1;
         let endpoint = Endpoint::from_wire(record.backend.addr, record.backend.port);
+        let chosen = match maglev::table_size(header.maglev).filter(|_| record.maglev != 0) {
+            Some(size) => format!(
+                "given by the frontend's Maglev table of {size} positions for the client's \
+                 address, port and protocol"
+            ),
+            None => "chosen at random".to_owned(),
+        };
         decided_by.push(format!(
-            "BACKEND_SLOTS[{index}] = backend {}, {endpoint} (slot {} of {}, chosen at random)",
+            "BACKEND_SLOTS[{index}] = backend {}, {endpoint} (slot {} of {}, {chosen})",
             record.backend_id, record.slot, set.count
         ));
         Selection {
@@ -711,6 +722,11 @@ pub(super) fn decision(
             of: set.count,
             index,
             set: if set.cluster { "cluster" } else { "frontend" },
+            chosen_by: if record.maglev != 0 {
+                "maglev"
+            } else {
+                "random"
+            },
         }
     });
     let backend = (selection.is_some() || record.affinity != 0).then(|| {
@@ -919,7 +935,7 @@ pub fn render(report: &TraceReport) -> String {
     if report
         .selection
         .as_ref()
-        .is_some_and(|selection| selection.of > 1)
+        .is_some_and(|selection| selection.of > 1 && selection.chosen_by == "random")
     {
         out.push_str("\n            (the slot is random: another run may pick another backend)");
     }
@@ -1052,6 +1068,7 @@ mod tests {
         assert_eq!(json["selection"]["of"], 3);
         assert_eq!(json["selection"]["index"], 13);
         assert_eq!(json["selection"]["set"], "frontend");
+        assert_eq!(json["selection"]["chosen_by"], "random");
         assert_eq!(json["origin"], serde_json::Value::Null);
         assert_eq!(json["conntrack"], serde_json::Value::Null);
         assert_eq!(json["output"]["destination"]["port"], 8080);
@@ -1060,6 +1077,43 @@ mod tests {
             text.contains("rewritten   tcp 198.18.1.14:40000 → 198.18.1.12:8080"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_maglev_choice_names_the_table_and_is_not_called_random() {
+        let packet = TracePacket::opening(
+            proto::TCP,
+            endpoint([203, 0, 113, 7], 40000),
+            endpoint([198, 18, 0, 1], 30080),
+        );
+        let record = TraceRecord {
+            recorded: 1,
+            outcome: stat::NEW_FLOW as u8,
+            slot: 3,
+            maglev: 1,
+            backend_id: 7,
+            backend: Backend::new([198, 18, 2, 12], 8080, proto::TCP),
+            frontend: FrontendKey::new([198, 18, 0, 1], 30080, proto::TCP),
+            service: FrontendValue {
+                rev_nat_id: 2,
+                base: 20,
+                count: 4,
+                flags: service_flags::NODE_PORT,
+                maglev: maglev::header_value(maglev::DEFAULT_TABLE_SIZE).unwrap(),
+                ..FrontendValue::default()
+            },
+            ..TraceRecord::default()
+        };
+        let report = report(&packet, 0, Some(packet), &record, None, None);
+        assert_eq!(
+            report.decided_by[1],
+            "BACKEND_SLOTS[22] = backend 7, 198.18.2.12:8080 (slot 3 of 4, given by the \
+             frontend's Maglev table of 16381 positions for the client's address, port and \
+             protocol)"
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["selection"]["chosen_by"], "maglev");
+        assert!(!render(&report).contains("random"), "{}", render(&report));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use etherparse::{
     EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpDscp, IpFragOffset, IpNumber,
     Ipv4Header, Ipv4Options, TcpHeader, UdpHeader, icmpv4::DestUnreachableHeader,
 };
+use proxy_common::maglev::{self, MaglevChunk, MaglevKey};
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtTimeouts, CtValue, FrontendKey, FrontendValue,
     MembershipKey, PROGRAM_NAME, REFUSAL_LIMITS_GLOBAL, RefusalLimits, SNAT_PORT_MAX_GLOBAL,
@@ -322,6 +323,27 @@ impl Datapath {
         self.next_backend_id += 1;
         self.insert_backend(id, backend);
         id
+    }
+
+    /// Gives frontend `key` (installed by [`Datapath::add_frontend`]) a Maglev table of
+    /// `size` positions over its own set, as the daemon writes it: the table's MAGLEV
+    /// chunks, then the header that names it.
+    pub fn use_maglev(&mut self, key: FrontendKey, size: u32) {
+        let header = FrontendValue {
+            maglev: maglev::header_value(size).expect("a Maglev table size"),
+            ..self.service_entry(key)
+        };
+        let slots: aya::maps::Array<_, Slot> =
+            aya::maps::Array::try_from(self.ebpf.map(map_names::BACKEND_SLOTS).unwrap()).unwrap();
+        let own: Vec<Slot> = (header.base..header.base + u32::from(header.count))
+            .map(|index| slots.get(&index, 0).unwrap())
+            .collect();
+        let mut tables: BpfHashMap<_, MaglevKey, MaglevChunk> =
+            BpfHashMap::try_from(self.ebpf.map_mut(map_names::MAGLEV).unwrap()).unwrap();
+        for (chunk_key, chunk) in proxy_userspace::writer::maglev_table(&header, &own) {
+            tables.insert(chunk_key, chunk, 0).unwrap();
+        }
+        self.insert_service_entry(key, header);
     }
 
     /// Writes BACKEND_SLOTS[`index`].
