@@ -34,7 +34,7 @@ pub use delta::{ApplyReport, Batch, MapMirror, MapSink, Phase, Sync, WriteError}
 pub use ids::IdRegistry;
 pub use image::{
     DesiredImage, FrontendEntry, MapImage, MapOp, MapWrites, SourceRangeEntry, frontend_key,
-    maglev_table, materialize, slice_of,
+    maglev_keys, maglev_table, materialize, slice_of,
 };
 
 use crate::bpf_batch;
