@@ -29,7 +29,10 @@ use aya::programs::{Program, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use clap::{Args, Subcommand, ValueEnum};
 use comfy_table::{Table, presets::NOTHING};
-use proxy_common::{Backend, FrontendKey, ServiceName, map_names, proto, service_flags};
+use proxy_common::maglev::{MaglevChunk, MaglevKey};
+use proxy_common::{
+    Backend, FrontendKey, FrontendValue, ServiceName, map_names, proto, service_flags,
+};
 use serde::Serialize;
 
 use crate::datapath::DEFAULT_BPFFS_ROOT;
@@ -240,6 +243,7 @@ pub fn read_image(root: &Path) -> Result<MapImage> {
     let services = read_entries(&services)?;
     let slots = read_slots(&open_pinned(root, map_names::BACKEND_SLOTS)?, &services)
         .with_context(|| format!("reading {}", map_names::BACKEND_SLOTS))?;
+    let maglev = read_maglev_keys(root, &services)?;
     Ok(MapImage {
         services,
         slots,
@@ -252,9 +256,30 @@ pub fn read_image(root: &Path) -> Result<MapImage> {
         names: read_entries(&names)?,
         // The views show a frontend's restriction by its header flag.
         source_ranges: Default::default(),
-        // And its Maglev table by the header's size.
-        maglev: Default::default(),
+        maglev,
     })
+}
+
+/// The MAGLEV keys, read only when a header names a table.
+fn read_maglev_keys(
+    root: &Path,
+    services: &std::collections::BTreeMap<FrontendKey, FrontendValue>,
+) -> Result<std::collections::BTreeSet<MaglevKey>> {
+    if services.values().all(|header| header.maglev == 0) {
+        return Ok(Default::default());
+    }
+    let tables: BpfHashMap<MapData, MaglevKey, MaglevChunk> = open_typed(root, map_names::MAGLEV)?;
+    let mut keys = std::collections::BTreeSet::new();
+    for key in tables.keys() {
+        match key {
+            Ok(key) => {
+                keys.insert(key);
+            }
+            Err(MapError::KeyNotFound) => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(keys)
 }
 
 /// All entries of a hash map, skipping those deleted while it was being listed.
