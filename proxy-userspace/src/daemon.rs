@@ -422,6 +422,14 @@ impl Daemon {
                     sizes.backend_slots.saturating_add(sizes.services),
                     "--max-backend-slots",
                 ),
+                map_names::MAGLEV => (
+                    sizes
+                        .maglev_tables
+                        .saturating_mul(proxy_common::maglev::chunks(
+                            proxy_common::maglev::DEFAULT_TABLE_SIZE,
+                        )),
+                    "--max-maglev-tables",
+                ),
                 _ => (0, "its size"),
             };
             error!(

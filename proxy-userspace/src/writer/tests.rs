@@ -111,6 +111,7 @@ impl FakeMaps {
             MapOp::PutMembership(key, _) => {
                 !image.membership.contains_key(key) && image.membership.len() >= limit
             }
+            MapOp::PutMaglev(key, _) => !image.maglev.contains(key) && image.maglev.len() >= limit,
             _ => false,
         }
     }
@@ -372,6 +373,37 @@ fn maglev_tables_follow_their_slices_and_go_when_nothing_names_them() {
     let state = desired(&[(vip, &[10, 12])]);
     sync_into(&mut mirror, &mut maps, Sync::Full(&state), "random");
     assert!(maps.maglev.is_empty() && mirror.image().maglev.is_empty());
+}
+
+#[test]
+fn a_full_maglev_map_leaves_the_frontend_on_its_whole_old_table() {
+    let vip = frontend([198, 19, 0, 10], 80);
+    let vip_key = key([198, 19, 0, 10], 80);
+    let (mut mirror, mut maps) = written(&with_maglev(desired(&[(vip, &[10, 11, 12])]), 251), 16);
+    let before = maps.image.services[&vip_key];
+    // Room for one table of 251 positions (8 chunks): the new one does not fit beside it.
+    maps.limits.insert(
+        map_names::MAGLEV,
+        proxy_common::maglev::chunks(251) as usize,
+    );
+    let state = with_maglev(desired(&[(vip, &[10, 12])]), 251);
+    let report = sync_into(&mut mirror, &mut maps, Sync::Full(&state), "full");
+    assert!(report.map_full[map_names::MAGLEV] >= 1, "{report:?}");
+    assert_eq!(
+        maps.image.services[&vip_key], before,
+        "still on its old slice and table"
+    );
+
+    // Room returns: the next full sync switches it, and the old table goes.
+    maps.limits.clear();
+    let report = sync_into(&mut mirror, &mut maps, Sync::Full(&state), "room again");
+    assert!(report.complete(), "{report:?}");
+    let after = maps.image.services[&vip_key];
+    assert_eq!(after.count, 2);
+    assert_eq!(
+        maps.maglev.keys().copied().collect::<Vec<_>>(),
+        super::image::maglev_keys(&after).collect::<Vec<_>>()
+    );
 }
 
 #[test]
