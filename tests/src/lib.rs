@@ -63,6 +63,7 @@
 
 pub mod addr;
 mod bpffs;
+pub mod churn;
 mod client;
 mod cluster;
 mod daemon;

@@ -45,8 +45,9 @@ enum Task {
     },
     /// setup, build, and run the long variants of lab tests: the API outage (each phase —
     /// down, stalled, 500, 503, garbage, blackhole — minutes instead of seconds), TCP
-    /// connections across resyncs and conntrack sweeps, and UDP queries during endpoint
-    /// churn. Prints their figures.
+    /// connections across resyncs and conntrack sweeps, and TCP connections and UDP queries
+    /// during endpoint churn (from manifests and through the test API server). Prints
+    /// their figures.
     Soak {
         /// Seconds per outage phase (six phases).
         #[arg(long, default_value_t = 120)]
@@ -54,8 +55,9 @@ enum Task {
         /// Seconds of connections across resyncs and conntrack sweeps (`conntrack_churn`).
         #[arg(long, default_value_t = 600)]
         churn_seconds: u64,
-        /// Endpoint changes under UDP queries (`endpoint_churn`).
-        #[arg(long, default_value_t = 300)]
+        /// Endpoint changes per source under TCP connections and UDP queries
+        /// (`endpoint_churn`).
+        #[arg(long, default_value_t = 10_000)]
         endpoint_changes: u64,
     },
 }
