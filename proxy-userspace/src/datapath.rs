@@ -202,6 +202,17 @@ impl Datapath {
         })
     }
 
+    /// Runs `frame` through the loaded program with BPF_PROG_TEST_RUN (see [`run_frame`]),
+    /// attached or not: the fuzzer drives the very program the daemon loads this way.
+    pub fn test_run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        let program: &SchedClassifier = self
+            .ebpf
+            .program(PROGRAM_NAME)
+            .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing from the eBPF object"))?
+            .try_into()?;
+        run_frame(program, frame)
+    }
+
     fn link_pin(&self, device: &Device) -> PathBuf {
         self.links_dir.join(link_pin_name(device))
     }
