@@ -120,8 +120,9 @@ struct FuzzService {
 /// The Services, one per state a frontend can be in: backends to spread over, none at all
 /// (refused), only terminating ones, session affinity, NodePorts with backends on this
 /// and other nodes (SNAT), externalTrafficPolicy Local with or without a local endpoint
-/// (dropped), a load balancer with source ranges and an external IP. Each has target
-/// ports of its own, so a backend reached through the wrong frontend shows.
+/// (dropped), a load balancer with source ranges and an external IP; a pod that is also a
+/// client is a backend of several (hairpin, through a ClusterIP and a NodePort). Each has
+/// target ports of its own, so a backend reached through the wrong frontend shows.
 fn services() -> Vec<FuzzService> {
     let ip = |octets: [u8; 4]| Ipv4Addr::from(octets);
     let vip = |last| Ipv4Addr::new(198, 19, 0, last);
@@ -176,8 +177,9 @@ fn services() -> Vec<FuzzService> {
                 (remote_pod(11), false),
                 (remote_pod(12), false),
                 (local_pod(12), true),
+                (local_pod(10), true),
             ],
-            sizes: 0..=3,
+            sizes: 0..=4,
             terminating: false,
         },
         FuzzService {
