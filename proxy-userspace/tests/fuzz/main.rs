@@ -110,7 +110,7 @@ fn every_program_keeps_its_properties_under_generated_packets() -> Result<()> {
 struct Summary {
     packets: u64,
     elapsed: Duration,
-    /// Per generated kind, per program: outcomes.
+    /// What `epx_ingress` did, per kind of generated packet.
     outcomes: BTreeMap<(&'static str, Outcome), u64>,
     reap_requests: u64,
     reaped: u64,
