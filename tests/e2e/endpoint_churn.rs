@@ -2,10 +2,11 @@
 //! Service scaled between 1 and 10 backends and its pods replaced, change after change,
 //! while clients open TCP connections and send UDP queries continuously (a new socket
 //! each; the queries from a few recurring ports, as a resolver's, with 16 000 older flows
-//! in conntrack). Every connection and query is answered, and none by a pod the maps no
-//! longer held when it was opened. The harness is `proxy_lab::churn`; the two tests differ
-//! only in how a set of endpoints reaches the daemon: a rewritten manifest, or an
-//! EndpointSlice update through the test API server to the daemon's kube-rs watcher.
+//! in conntrack). Every connection and query is answered, and none by a pod that had left
+//! the maps before it was opened (and came back in no set asked for before it ended). The
+//! harness is `proxy_lab::churn`; the two tests differ only in how a set of endpoints
+//! reaches the daemon: a rewritten manifest, or an EndpointSlice update through the test
+//! API server to the daemon's kube-rs watcher.
 //!
 //! `EBPF_PROXY_ENDPOINT_CHANGES` sets the number of changes per source (default 1 000);
 //! `cargo xtask soak` makes 10 000.

@@ -7,7 +7,8 @@
 //! server), the harness makes the changes, sees each set arrive in the maps (the CLI's
 //! `services -o json`) and holds every connection against that timeline ([`Timeline`]):
 //! - none fails, because the Service has a ready backend at every moment;
-//! - none is served by a pod the maps no longer held when it was opened.
+//! - none is served by a pod that had left the maps before it was opened and was in no
+//!   set asked for before it ended (its packets leave at some moment in between).
 //!
 //! UDP queries come from a few recurring source ports, as a resolver's do, so the conntrack
 //! entry a port left behind names the pod its previous query went to, and tens of
