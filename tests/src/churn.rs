@@ -5,7 +5,8 @@
 //! One harness for every change source: the caller says how a set of endpoints reaches
 //! the daemon (a rewritten manifest, an EndpointSlice update through the test API
 //! server), the harness makes the changes, sees each set arrive in the maps (the CLI's
-//! `services -o json`) and holds every connection against that timeline ([`Timeline`]):
+//! `services -o json`, and the daemon's `sync complete` after it) and holds every
+//! connection against that timeline ([`Timeline`]):
 //! - none fails, because the Service has a ready backend at every moment;
 //! - none is served by a pod that had left the maps before it was opened and was in no
 //!   set asked for before it ended (its packets leave at some moment in between).
@@ -272,7 +273,8 @@ pub struct ProtocolCounts {
 pub struct ChurnReport {
     pub changes: usize,
     pub elapsed: Duration,
-    /// The slowest set's time from its write to the maps, as the CLI saw it.
+    /// The slowest set's time from its write to the maps (its sync complete, its slots in
+    /// the CLI's view).
     pub slowest_change: Duration,
     pub tcp: ProtocolCounts,
     pub udp: ProtocolCounts,
@@ -305,7 +307,7 @@ impl fmt::Display for ChurnReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} endpoint changes in {:.1} s (slowest reached the maps after {} ms): ",
+            "{} endpoint changes in {:.1} s (slowest programmed after {} ms): ",
             self.changes,
             self.elapsed.as_secs_f64(),
             self.slowest_change.as_millis()
@@ -379,7 +381,7 @@ impl<'lab> Churn<'lab> {
             numbers.iter().map(|&number| lab.pod(number)).collect()
         };
         let first = names(&pods_of(sets.current()));
-        until_serving(daemon, lab, &first, settings.settle_timeout)?;
+        until_programmed(daemon, lab, &first, 0, settings.settle_timeout)?;
         let caller = &lab.pod(settings.caller()).ns;
         open_older_flows(caller, settings)?;
         let started = Instant::now();
@@ -392,9 +394,10 @@ impl<'lab> Churn<'lab> {
                 for _ in 0..settings.changes {
                     let pods = pods_of(sets.advance());
                     let expected = names(&pods);
+                    let synced = daemon.syncs();
                     let asked = Instant::now();
                     apply(&pods)?;
-                    until_serving(daemon, lab, &expected, settings.settle_timeout)?;
+                    until_programmed(daemon, lab, &expected, synced, settings.settle_timeout)?;
                     let seen = Instant::now();
                     slowest_change = slowest_change.max(seen - asked);
                     timeline.push(asked, seen, expected);
@@ -546,17 +549,22 @@ fn names(pods: &[&Pod]) -> BTreeSet<String> {
 }
 
 /// Waits until both frontends of the churned Service (TCP and UDP) hold exactly `expected`
-/// as backends, as the daemon's `services -o json` lists them.
-fn until_serving(
+/// as backends, as the daemon's `services -o json` lists them, and the daemon has completed
+/// a sync since it had completed `synced`: the slots are written before the membership
+/// that moves flows off a removed pod and the epoch that makes the datapath look, so a
+/// change is programmed when its sync is complete, not when its slots show.
+fn until_programmed(
     daemon: &Daemon,
     lab: &Lab,
     expected: &BTreeSet<String>,
+    synced: usize,
     timeout: Duration,
 ) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         let serving = serving(daemon, lab)?;
-        if serving.iter().all(|pods| pods == expected) && serving.len() == 2 {
+        let held = serving.iter().all(|pods| pods == expected) && serving.len() == 2;
+        if held && daemon.syncs() > synced {
             return Ok(());
         }
         ensure!(
