@@ -9,6 +9,10 @@
 //! `epx_ingress` is the datapath. `epx_trace` runs the same path as a dry run for
 //! `ebpf-proxy trace` (see [`mode`]); `epx_ct_reap` removes finished flows for the
 //! daemon's garbage collector. Neither of those two is ever attached.
+//!
+//! The cgroup programs (`epx_connect4`, `epx_sendmsg4`, `epx_recvmsg4`,
+//! `epx_getpeername4`, `epx_sock_release`) balance at the socket instead, with the same
+//! lookups (see [`sock`]); `epx_connect4_trace` is `connect4`'s dry run.
 #![no_std]
 #![no_main]
 // Atomic operations on shared conntrack entries: the bpf target has no `AtomicU64`
@@ -31,6 +35,7 @@ mod reject;
 mod route;
 mod select;
 mod snat;
+mod sock;
 mod source_ranges;
 mod stats;
 
@@ -39,18 +44,19 @@ use core::num::NonZeroU16;
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     cty::c_long,
-    macros::classifier,
-    programs::TcContext,
+    macros::{cgroup_sock, cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, SockContext, TcContext},
 };
 use proxy_common::{Translation, Tuple, ct_flags, service_flags, stat};
 
 use crate::{
     conntrack::{Followed, Hit, NotCreated, Now, Table},
     context::Context,
-    lb::{Frontend, LbKey, Selection},
+    lb::{Client, Frontend, LbKey},
     mode::{DryRun, Live, Mode},
     parse::Packet,
     reject::NotRefused,
+    sock::{Call, Sock},
 };
 
 /// Let the packet continue (translated or untouched).
@@ -74,6 +80,43 @@ pub fn epx_trace(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn epx_ct_reap(ctx: TcContext) -> i32 {
     reap::batch(&ctx) as i32
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn epx_connect4(ctx: SockAddrContext) -> i32 {
+    sock::finish(sock::forward(&Sock::new(&ctx), &Live, Call::Connect))
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn epx_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::finish(sock::forward(&Sock::new(&ctx), &Live, Call::SendMsg))
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn epx_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&Sock::new(&ctx), &Live);
+    sock::PROCEED
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn epx_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&Sock::new(&ctx), &Live);
+    sock::PROCEED
+}
+
+#[cgroup_sock(sock_release)]
+pub fn epx_sock_release(ctx: SockContext) -> i32 {
+    sock::release(&ctx);
+    sock::PROCEED
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn epx_connect4_trace(ctx: SockAddrContext) -> i32 {
+    let sock = Sock::new(&ctx);
+    if let Some(dry_run) = DryRun::start() {
+        sock::forward(&sock, &dry_run, Call::Connect);
+    }
+    sock::abandon(&sock, proxy_common::TRACE_ERRNO)
 }
 
 #[inline(always)]
@@ -167,20 +210,11 @@ fn new_flow<C: Context, M: Mode>(
         return without_backends(ctx, mode, packet, frontend);
     };
     mode.count(stat::CT_MISS);
-    let (backend_id, backend) = match lb::select_backend(frontend, count, packet.src_addr, now.ns) {
-        Selection::Affinity { id, backend } => {
-            mode.count(stat::AFFINITY);
-            mode.affinity_kept(id, &backend);
-            (id, backend)
-        }
-        Selection::Slot { slot, id, backend } => {
-            mode.backend_selected(slot, id, &backend);
-            (id, backend)
-        }
-        Selection::Missing => {
-            mode.count(stat::BACKEND_MISSING);
-            return DROP;
-        }
+    let client = Client::Address(packet.src_addr);
+    let Some((backend_id, backend)) =
+        mode.chosen(lb::select_backend(frontend, count, client, now.ns))
+    else {
+        return DROP;
     };
     let snat_source = if Translation::may_snat(flags, packet.src_addr, backend.addr) {
         snat::source_for(ctx, &backend)
@@ -204,7 +238,7 @@ fn new_flow<C: Context, M: Mode>(
         }
     } else {
         if frontend.header.affinity_timeout_s != 0 {
-            affinity::remember(packet.src_addr, frontend, backend_id, now.ns);
+            affinity::remember(client, frontend, backend_id, now.ns);
         }
         if let Err(refused) = create(mode, &mut translation, packet, ctx.len(), now) {
             return refused;

@@ -8,9 +8,13 @@
 //! trace hook from `epx_ingress`.
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
-use proxy_common::{Backend, CtValue, TraceRecord, trace_ct, trace_table};
+use proxy_common::{Backend, CtValue, TraceRecord, stat, trace_ct, trace_table};
 
-use crate::{conntrack::Table, lb::Frontend, stats};
+use crate::{
+    conntrack::Table,
+    lb::{Frontend, Selection},
+    stats,
+};
 
 /// Per-CPU so the dry run needs no atomics; not pinned: every process that loads
 /// `epx_trace` has its own.
@@ -34,6 +38,27 @@ pub trait Mode {
     /// The packet would now be routed by the program (FIB lookup and redirect): its source
     /// became a node address (see `ct_flags::ROUTES_ITSELF`).
     fn routes_itself(&self) {}
+
+    /// The backend `selection` gave a new flow (or socket), counted and recorded as chosen;
+    /// `None` when the drawn slot names no backend (counted as `backend_missing`).
+    #[inline(always)]
+    fn chosen(&self, selection: Selection) -> Option<(u32, Backend)> {
+        match selection {
+            Selection::Affinity { id, backend } => {
+                self.count(stat::AFFINITY);
+                self.affinity_kept(id, &backend);
+                Some((id, backend))
+            }
+            Selection::Slot { slot, id, backend } => {
+                self.backend_selected(slot, id, &backend);
+                Some((id, backend))
+            }
+            Selection::Missing => {
+                self.count(stat::BACKEND_MISSING);
+                None
+            }
+        }
+    }
 }
 
 /// `epx_ingress`: counts, and the path writes conntrack entries.

@@ -22,6 +22,7 @@ use proxy_userspace::datapath::{Datapath, MapSizes, SnatPortRange};
 use proxy_userspace::inspect::trace::Tracer;
 use proxy_userspace::model::Model;
 use proxy_userspace::plan::{self, DesiredState, EmptyFrontend, NodeFacts};
+use proxy_userspace::socket_lb::SocketLbMode;
 use proxy_userspace::writer::MapWriter;
 
 use crate::datapath::wire::End;
@@ -390,7 +391,8 @@ impl FuzzedNode {
             snat_ports: SNAT_PORTS,
             ..MapSizes::default()
         };
-        let mut datapath = Datapath::load(&root, sizes, TIMEOUTS)?;
+        // The socket programs are cgroup hooks, which BPF_PROG_TEST_RUN cannot run.
+        let mut datapath = Datapath::load(&root, sizes, TIMEOUTS, SocketLbMode::Off)?;
         let maps = datapath.take_maps()?;
         let writer = MapWriter::new(maps.services, maps.backends, maps.membership, maps.names)
             .and_then(|writer| writer.with_source_ranges(maps.source_ranges))
