@@ -24,6 +24,7 @@ mod affinity;
 mod conntrack;
 mod context;
 mod csum;
+mod devices;
 mod lb;
 mod membership;
 mod mode;
@@ -47,7 +48,7 @@ use aya_ebpf::{
     macros::{cgroup_sock, cgroup_sock_addr, classifier},
     programs::{SockAddrContext, SockContext, TcContext},
 };
-use proxy_common::{Translation, Tuple, ct_flags, service_flags, stat};
+use proxy_common::{BackendSet, Translation, Tuple, ct_flags, service_flags, stat};
 
 use crate::{
     conntrack::{Followed, Hit, NotCreated, Now, Table},
@@ -189,7 +190,8 @@ fn apply<C: Context, M: Mode>(ctx: &C, mode: &M, packet: &Packet, hit: &Hit) -> 
 }
 
 /// A packet to a frontend without a flow: selects a backend (the client's previous one
-/// under session affinity, else a random one), records the flow and translates.
+/// under session affinity, else a random one) among the set its origin reaches, records
+/// the flow and translates.
 #[inline(always)]
 fn new_flow<C: Context, M: Mode>(
     ctx: &C,
@@ -206,17 +208,23 @@ fn new_flow<C: Context, M: Mode>(
         mode.count(stat::SOURCE_RANGE_DENIED);
         return DROP;
     }
-    let Some(count) = NonZeroU16::new(frontend.header.count) else {
-        return without_backends(ctx, mode, packet, frontend);
+    let set = lb::backends_for(frontend, || {
+        let origin = devices::origin_of(ctx.ifindex());
+        mode.origin_found(origin);
+        origin
+    });
+    mode.set_chosen(&set);
+    let Some(count) = NonZeroU16::new(set.count) else {
+        return without_backends(ctx, mode, packet, &set);
     };
     mode.count(stat::CT_MISS);
     let client = Client::Address(packet.src_addr);
     let Some((backend_id, backend)) =
-        mode.chosen(lb::select_backend(frontend, count, client, now.ns))
+        mode.chosen(lb::select_backend(frontend, &set, count, client, now.ns))
     else {
         return DROP;
     };
-    let snat_source = if Translation::may_snat(flags, packet.src_addr, backend.addr) {
+    let snat_source = if Translation::may_snat(flags, &set, packet.src_addr, backend.addr) {
         snat::source_for(ctx, &backend)
     } else {
         None
@@ -238,7 +246,7 @@ fn new_flow<C: Context, M: Mode>(
         }
     } else {
         if frontend.header.affinity_timeout_s != 0 {
-            affinity::remember(client, frontend, backend_id, now.ns);
+            affinity::remember(client, frontend, backend_id, &backend, now.ns);
         }
         if let Err(refused) = create(mode, &mut translation, packet, ctx.len(), now) {
             return refused;
@@ -324,16 +332,17 @@ fn send_on<C: Context, M: Mode>(
     route::redirect(ctx, packet.proto, to)
 }
 
-/// A packet for a frontend without backends: dropped when only its traffic policy left
-/// none on this node, otherwise refused at once (kube-proxy's DROP and REJECT).
+/// A packet for a frontend whose set of backends is empty: dropped when only its traffic
+/// policy left none on this node, otherwise refused at once (kube-proxy's DROP and
+/// REJECT).
 #[inline(always)]
 fn without_backends<C: Context, M: Mode>(
     ctx: &C,
     mode: &M,
     packet: &Packet,
-    frontend: &Frontend,
+    set: &BackendSet,
 ) -> i32 {
-    if frontend.header.flags & service_flags::NO_LOCAL_ENDPOINTS != 0 {
+    if set.drops_when_empty {
         mode.count(stat::NO_BACKEND);
         return DROP;
     }

@@ -394,10 +394,7 @@ impl FuzzedNode {
         // The socket programs are cgroup hooks, which BPF_PROG_TEST_RUN cannot run.
         let mut datapath = Datapath::load(&root, sizes, TIMEOUTS, SocketLbMode::Off)?;
         let maps = datapath.take_maps()?;
-        let writer = MapWriter::new(maps.services, maps.backends, maps.membership, maps.names)
-            .and_then(|writer| writer.with_source_ranges(maps.source_ranges))
-            .and_then(|writer| writer.with_flow_maps(maps.flow_maps))
-            .context("opening the map writer")?;
+        let writer = MapWriter::new(maps.writer).context("opening the map writer")?;
         let conntrack = |name: &str| -> Result<BpfHashMap<MapData, CtKey, CtValue>> {
             let data = MapData::from_pin(root.join(name))?;
             Ok(BpfHashMap::try_from(Map::LruHashMap(data))?)
