@@ -688,6 +688,9 @@ pub mod to_tc {
     /// The driver keeps no XDP metadata, so the XDP program cannot tell tc what it
     /// decided and decides nothing.
     pub const NO_METADATA: u8 = 6;
+    /// The packet's flow must choose its backend again (a SYN on the tuple of a closing
+    /// connection, or its backend left): tc retires the entry and selects.
+    pub const RESELECT: u8 = 7;
 }
 
 /// Default map sizes compiled into the object; the daemon can override them at load time.

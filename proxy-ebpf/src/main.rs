@@ -216,8 +216,13 @@ fn tracked<C: Context, M: Mode>(
         Ok(hop) => hop,
         Err(verdict) => return Some(verdict),
     };
-    let Followed::Hit(hit) = conntrack::follow(entry, key, packet, ctx.len(), now, mode) else {
-        return None;
+    // XDP leaves a flow that must select again to tc: retiring its entry and then leaving
+    // the new flow to tc (a refusal, an unknown neighbour) would not leave tc the packet
+    // untouched with nothing recorded.
+    let hit = match conntrack::follow(entry, key, packet, ctx.len(), now, mode, !C::IS_XDP) {
+        Followed::Hit(hit) => hit,
+        Followed::ReselectElsewhere => return Some(Verdict::ToTc(to_tc::RESELECT)),
+        Followed::Reselect | Followed::Gone => return None,
     };
     let counter = if hit.flags & ct_flags::DIRECT != 0 {
         stat::DIRECT

@@ -257,6 +257,23 @@ impl Datapath {
         })
     }
 
+    /// Runs `frame` through the loaded program with BPF_PROG_TEST_RUN (see [`run_frame`]),
+    /// attached or not: the fuzzer drives the very program the daemon loads this way.
+    pub fn test_run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        let program: &SchedClassifier = self
+            .ebpf
+            .program(PROGRAM_NAME)
+            .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing from the eBPF object"))?
+            .try_into()?;
+        run_frame(program, frame)
+    }
+
+    /// Runs `frame` through the XDP program (loaded by [`Datapath::load_xdp`]) as arriving
+    /// on the test run's loopback, as [`Datapath::test_run`] runs the tc program.
+    pub fn test_run_xdp(&mut self, frame: &[u8]) -> Result<crate::xdp::XdpRun> {
+        crate::xdp::run_frame(xdp_program(&mut self.ebpf)?, frame, 0)
+    }
+
     /// DEVICES, which names the kind of every device the program is attached to.
     fn devices(&mut self) -> Result<BpfHashMap<&mut MapData, u32, u8>> {
         let map = self

@@ -6,7 +6,7 @@
 mod datapath;
 
 use datapath::*;
-use proxy_common::{ct_flags, proto, service_flags, stat};
+use proxy_common::{ct_flags, ct_state, proto, service_flags, stat};
 use proxy_userspace::xdp::{XDP_DROP, XDP_PASS, XDP_TX, XdpRun};
 
 /// Runs `frame` through XDP (arriving on `ifindex`) and asserts it was sent back out of
@@ -113,6 +113,42 @@ fn refusals_and_what_xdp_does_not_parse_are_left_to_tc() {
     // tc then refuses, as without XDP.
     assert_refused(&datapath, &syn);
     assert!(datapath.conntrack().is_empty());
+}
+
+#[test]
+fn a_flow_that_must_select_again_is_left_to_tc_with_its_entry() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    datapath.add_service(frontend(VIP, proto::TCP), &[backend(BACKEND_1, proto::TCP)]);
+    let key = ct_key(CLIENT, VIP, proto::TCP);
+    let syn = Frame::new(CLIENT, VIP, SYN);
+    let fin = Frame::new(CLIENT, VIP, FIN_ACK);
+    for frame in [syn, fin] {
+        let run = datapath.run_xdp(&frame.build());
+        assert_eq!((run.action, run.decided), (XDP_PASS, true));
+        assert_eq!(run.frame, frame.between(CLIENT, BACKEND_1).build());
+    }
+    let closing = datapath.conntrack_entry(key);
+    assert_eq!(closing.state, ct_state::FIN_CLIENT);
+
+    // The client reuses its port: XDP would have to retire the closing entry before it
+    // selects again, so it leaves the SYN to tc whole, the entry as it was.
+    let again = syn.build();
+    assert_left_to_tc(&datapath.run_xdp(&again), &again);
+    let kept = datapath.conntrack_entry(key);
+    assert_eq!((kept.state, kept.packets), (closing.state, closing.packets));
+    // tc retires it and selects, as without XDP.
+    assert_translated(&datapath, syn, syn.between(CLIENT, BACKEND_1));
+    let fresh = datapath.conntrack_entry(key);
+    assert_eq!((fresh.state, fresh.packets), (0, 1));
+    datapath.assert_stats(&[
+        (stat::XDP_PASS, 2),
+        (stat::XDP_TO_TC, 1),
+        (stat::CT_MISS, 2),
+        (stat::NEW_FLOW, 2),
+        (stat::CT_HIT, 1),
+    ]);
 }
 
 #[test]

@@ -294,6 +294,7 @@ impl Tracer {
             map_names::SVC_NAMES,
             map_names::SOURCE_RANGES,
             map_names::DEVICES,
+            map_names::MAGLEV,
         ];
         let ebpf = load_beside_pins(root, &pins, &[TRACE_PROGRAM_NAME, XDP_TRACE_PROGRAM_NAME])?;
         Ok(Self { ebpf })
@@ -377,6 +378,12 @@ impl Tracer {
     /// Runs a raw frame through `epx_trace`: its return value and the frame it leaves.
     pub fn run_frame(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
         self.run_frame_on(frame, 0)
+    }
+
+    /// Runs a raw frame through `epx_xdp_trace` (arriving on the test run's loopback).
+    pub fn run_xdp_frame(&mut self, frame: &[u8]) -> Result<crate::xdp::XdpRun> {
+        self.clear_record()?;
+        crate::xdp::run_frame(self.xdp_program()?, frame, 0).context("running epx_xdp_trace")
     }
 
     /// [`Tracer::run_frame`] as arriving on `ifindex` (0: loopback).

@@ -98,7 +98,7 @@ pub struct XdpView {
     /// untouched to tc).
     pub action: &'static str,
     /// Why XDP left the packet to tc (`not-handled`, `refusal`, `no-neighbour`,
-    /// `other-device`, `no-route`, `no-metadata`); null when it decided.
+    /// `other-device`, `no-route`, `reselect`, `no-metadata`); null when it decided.
     pub left_to_tc: Option<&'static str>,
 }
 
@@ -113,6 +113,7 @@ impl XdpView {
             to_tc::NO_NEIGHBOUR => Some("no-neighbour"),
             to_tc::OTHER_DEVICE => Some("other-device"),
             to_tc::NO_ROUTE => Some("no-route"),
+            to_tc::RESELECT => Some("reselect"),
             _ => Some("no-metadata"),
         };
         let action = match run.action {
@@ -162,6 +163,7 @@ fn why(reason: &str) -> &'static str {
         "no-neighbour" => "the next hop's MAC is not known yet; tc resolves it",
         "other-device" => "it leaves by a device without native XDP",
         "no-route" => "no route, or its TTL runs out",
+        "reselect" => "its flow must choose a backend again; tc retires the entry",
         _ => "the driver keeps no XDP metadata",
     }
 }
