@@ -121,7 +121,8 @@ struct FuzzService {
 /// The Services, one per state a frontend can be in: backends to spread over, none at all
 /// (refused), only terminating ones, session affinity, NodePorts with backends on this
 /// and other nodes (SNAT), externalTrafficPolicy Local with or without a local endpoint
-/// (dropped), a load balancer with source ranges and an external IP; a pod that is also a
+/// (dropped), both of these choosing by Maglev (a small table and the default one), a
+/// load balancer with source ranges and an external IP; a pod that is also a
 /// client is a backend of several (hairpin, through a ClusterIP and a NodePort). Each has
 /// target ports of its own, so a backend reached through the wrong frontend shows.
 fn services() -> Vec<FuzzService> {
@@ -173,7 +174,9 @@ fn services() -> Vec<FuzzService> {
         FuzzService {
             service: Service::node_port("nodeport", vip(14))
                 .tcp_node_port(80, 8084, 30_080)
-                .udp_node_port(53, 5354, 30_053),
+                .udp_node_port(53, 5354, 30_053)
+                .annotation("ebpf-proxy.io/lb-algorithm", "maglev")
+                .annotation("ebpf-proxy.io/maglev-table-size", "251"),
             pool: vec![
                 (remote_pod(11), false),
                 (remote_pod(12), false),
@@ -187,7 +190,8 @@ fn services() -> Vec<FuzzService> {
             service: Service::node_port("local", vip(15))
                 .tcp_node_port(80, 8085, 30_081)
                 .udp_node_port(53, 5355, 30_054)
-                .external_traffic_policy_local(),
+                .external_traffic_policy_local()
+                .annotation("ebpf-proxy.io/lb-algorithm", "maglev"),
             pool: vec![(remote_pod(13), false), (local_pod(15), true)],
             sizes: 1..=2,
             terminating: false,
