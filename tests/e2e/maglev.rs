@@ -17,7 +17,7 @@ mod common;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use common::{SYNC_TIMEOUT, flows_of};
+use common::flows_of;
 use proxy_lab::{Cluster, Daemon, Endpoint, Service, addr, require_lab};
 
 /// Client ports tried: with five backends, random choices would agree on all of them with
@@ -51,27 +51,9 @@ fn entry_daemons<'lab>(
     xdp: &str,
 ) -> Result<Vec<Daemon<'lab>>> {
     let endpoints: Vec<Endpoint> = (1..=3)
-        .flat_map(|k| {
-            let node = cluster.node(k);
-            node.pods()
-                .iter()
-                .map(|pod| Endpoint::of(pod).on_node(&node.name))
-                .collect::<Vec<_>>()
-        })
+        .flat_map(|k| common::endpoints_on(cluster.node(k)))
         .collect();
-    let daemons = (1..=2)
-        .map(|k| {
-            cluster
-                .daemon(k)
-                .manifest(service.manifest_with(&endpoints))
-                .args(["--xdp", xdp])
-                .start()
-        })
-        .collect::<Result<Vec<_>>>()?;
-    for daemon in &daemons {
-        daemon.wait_synced(SYNC_TIMEOUT)?;
-    }
-    Ok(daemons)
+    common::daemons_on_nodes_1_and_2(cluster, service, &endpoints, xdp)
 }
 
 /// Routes the client's traffic to the load-balancer IP through node `k`.

@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result, ensure};
 use common::{BACKEND_NAMES, SERVICE_TCP_PORT, SERVICE_UDP_PORT, SYNC_TIMEOUT, backends, cli_json};
-use proxy_lab::{Cluster, Daemon, Endpoint, Service, addr, require_lab};
+use proxy_lab::{Cluster, Daemon, Service, addr, require_lab};
 
 const CONNECTIONS: u64 = 20;
 /// A NodePort Service without endpoints.
@@ -211,24 +211,8 @@ fn snat_flows_to_another_node_go_back_out_with_xdp_tx_both_ways() -> Result<()> 
         addr::PEER_REPORT_PORT,
         addr::NODE_PORT_TCP,
     );
-    let node_2 = cluster.node(2);
-    let endpoints: Vec<Endpoint> = node_2
-        .pods()
-        .iter()
-        .map(|pod| Endpoint::of(pod).on_node(&node_2.name))
-        .collect();
-    let daemons = (1..=2)
-        .map(|k| {
-            cluster
-                .daemon(k)
-                .manifest(service.manifest_with(&endpoints))
-                .args(["--xdp", "native"])
-                .start()
-        })
-        .collect::<Result<Vec<_>>>()?;
-    for daemon in &daemons {
-        daemon.wait_synced(SYNC_TIMEOUT)?;
-    }
+    let endpoints = common::endpoints_on(cluster.node(2));
+    let daemons = common::daemons_on_nodes_1_and_2(&cluster, &service, &endpoints, "native")?;
     let node_1 = cluster.node(1).ip;
     for _ in 0..CONNECTIONS {
         let reply = cluster.client().tcp_request(node_1, addr::NODE_PORT_TCP)?;

@@ -1023,6 +1023,25 @@ mod tests {
         assert!("198.19.0.10:80/sctp".parse::<Destination>().is_err());
     }
 
+    /// The record of a new flow to `frontend` (header `service`) given `(slot, backend id,
+    /// backend)`.
+    fn new_flow_record(
+        (slot, backend_id, backend): (u16, u32, Backend),
+        frontend: FrontendKey,
+        service: FrontendValue,
+    ) -> TraceRecord {
+        TraceRecord {
+            recorded: 1,
+            outcome: stat::NEW_FLOW as u8,
+            slot,
+            backend_id,
+            backend,
+            frontend,
+            service,
+            ..TraceRecord::default()
+        }
+    }
+
     #[test]
     fn a_new_flow_report_names_every_entry_that_decided() {
         let packet = TracePacket::opening(
@@ -1030,22 +1049,17 @@ mod tests {
             endpoint([198, 18, 1, 14], 40000),
             endpoint([198, 19, 0, 10], 80),
         );
-        let record = TraceRecord {
-            recorded: 1,
-            outcome: stat::NEW_FLOW as u8,
-            slot: 2,
-            backend_id: 5,
-            backend: Backend::new([198, 18, 1, 12], 8080, proto::TCP),
-            frontend: FrontendKey::new([198, 19, 0, 10], 80, proto::TCP),
-            service: FrontendValue {
+        let record = new_flow_record(
+            (2, 5, Backend::new([198, 18, 1, 12], 8080, proto::TCP)),
+            FrontendKey::new([198, 19, 0, 10], 80, proto::TCP),
+            FrontendValue {
                 rev_nat_id: 1,
                 base: 12,
                 count: 3,
                 flags: service_flags::CLUSTER_IP,
                 ..FrontendValue::default()
             },
-            ..TraceRecord::default()
-        };
+        );
         let output = TracePacket {
             destination: endpoint([198, 18, 1, 12], 8080),
             ..packet
@@ -1094,22 +1108,19 @@ mod tests {
             endpoint([198, 18, 0, 1], 30080),
         );
         let record = TraceRecord {
-            recorded: 1,
-            outcome: stat::NEW_FLOW as u8,
-            slot: 3,
             maglev: 1,
-            backend_id: 7,
-            backend: Backend::new([198, 18, 2, 12], 8080, proto::TCP),
-            frontend: FrontendKey::new([198, 18, 0, 1], 30080, proto::TCP),
-            service: FrontendValue {
-                rev_nat_id: 2,
-                base: 20,
-                count: 4,
-                flags: service_flags::NODE_PORT,
-                maglev: maglev::header_value(maglev::DEFAULT_TABLE_SIZE).unwrap(),
-                ..FrontendValue::default()
-            },
-            ..TraceRecord::default()
+            ..new_flow_record(
+                (3, 7, Backend::new([198, 18, 2, 12], 8080, proto::TCP)),
+                FrontendKey::new([198, 18, 0, 1], 30080, proto::TCP),
+                FrontendValue {
+                    rev_nat_id: 2,
+                    base: 20,
+                    count: 4,
+                    flags: service_flags::NODE_PORT,
+                    maglev: maglev::header_value(maglev::DEFAULT_TABLE_SIZE).unwrap(),
+                    ..FrontendValue::default()
+                },
+            )
         };
         let report = report(&packet, 0, Some(packet), &record, None, None);
         assert_eq!(
