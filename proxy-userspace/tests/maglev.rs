@@ -2,13 +2,15 @@
 //! a client's new flow to the backend its table gives the client's address, port and
 //! protocol. Two loaded objects stand for two nodes: their slices lie elsewhere in
 //! BACKEND_SLOTS, yet they agree on every flow, in tc and in XDP; a backend leaving moves
-//! its own flows and few others; session affinity still comes first; a header whose table
-//! is missing chooses at random rather than dropping.
+//! its own flows and few others; session affinity still comes first; an
+//! externalTrafficPolicy Local frontend's table covers its local endpoints only, while pods
+//! reach its Cluster set at random; a header whose table is missing chooses at random
+//! rather than dropping.
 
 mod datapath;
 
 use datapath::*;
-use proxy_common::{maglev::DEFAULT_TABLE_SIZE, proto, service_flags};
+use proxy_common::{device_kind, maglev::DEFAULT_TABLE_SIZE, proto, service_flags};
 use proxy_userspace::xdp::XDP_PASS;
 
 const BACKEND_4: SocketAddrV4 = addr([198, 18, 1, 13], 8080);
@@ -26,6 +28,13 @@ fn client(n: u16) -> SocketAddrV4 {
 /// A node with the NodePort frontend over `backends` and a Maglev table of `size`;
 /// `others` frontends installed before it, so its slice starts elsewhere in BACKEND_SLOTS.
 fn node(backends: &[SocketAddrV4], size: u32, others: u16) -> Option<Datapath> {
+    let mut datapath = with_other_frontends(others)?;
+    install(&mut datapath, backends, size, 0);
+    Some(datapath)
+}
+
+/// A loaded datapath with `others` frontends of other Services (one backend each).
+fn with_other_frontends(others: u16) -> Option<Datapath> {
     let mut datapath = Datapath::load()?;
     for other in 0..others {
         let key = frontend(addr([198, 19, 9, 1], 1_000 + other), proto::TCP);
@@ -38,11 +47,20 @@ fn node(backends: &[SocketAddrV4], size: u32, others: u16) -> Option<Datapath> {
             0,
         );
     }
-    install(&mut datapath, backends, size, 0);
     Some(datapath)
 }
 
 fn install(datapath: &mut Datapath, backends: &[SocketAddrV4], size: u32, affinity_s: u32) {
+    let key = install_random(datapath, backends, affinity_s);
+    datapath.use_maglev(key, size);
+}
+
+/// The NodePort frontend over `backends`, choosing at random: its key.
+fn install_random(
+    datapath: &mut Datapath,
+    backends: &[SocketAddrV4],
+    affinity_s: u32,
+) -> proxy_common::FrontendKey {
     let key = frontend(NODE_PORT, proto::TCP);
     let backends: Vec<_> = backends.iter().map(|b| backend(*b, proto::TCP)).collect();
     datapath.add_frontend(
@@ -53,7 +71,7 @@ fn install(datapath: &mut Datapath, backends: &[SocketAddrV4], size: u32, affini
         service_flags::NODE_PORT,
         affinity_s,
     );
-    datapath.use_maglev(key, size);
+    key
 }
 
 /// The backend the tc program DNATs a new connection of `client` to.
@@ -160,6 +178,74 @@ fn session_affinity_comes_before_the_table() {
     );
 }
 
+/// A node whose NodePort has externalTrafficPolicy Local: `local` its own endpoints (the
+/// table's), every backend its Cluster set; `others` frontends installed first.
+fn local_policy_node(local: &[SocketAddrV4], others: u16) -> Option<Datapath> {
+    let mut datapath = with_other_frontends(others)?;
+    let key = frontend(NODE_PORT, proto::TCP);
+    let tcp = |backends: &[SocketAddrV4]| -> Vec<_> {
+        backends.iter().map(|b| backend(*b, proto::TCP)).collect()
+    };
+    datapath.add_local_policy_service(
+        key,
+        &tcp(local),
+        &tcp(&BACKENDS),
+        service_flags::NODE_PORT,
+        0,
+    );
+    datapath.use_maglev(key, SMALL_TABLE);
+    Some(datapath)
+}
+
+#[test]
+fn a_local_policy_table_covers_the_local_endpoints_and_pods_choose_in_the_cluster_set() {
+    let local = [BACKEND_2, BACKEND_4];
+    let (Some(mut node_1), Some(node_2)) =
+        (local_policy_node(&local, 0), local_policy_node(&local, 2))
+    else {
+        return;
+    };
+    // Outside clients: only the local endpoints, each flow where the other node with the
+    // same local endpoints sends it (the table does not depend on the Cluster set).
+    let mut used = std::collections::BTreeSet::new();
+    for n in 0..48 {
+        let chosen = through_tc(&node_1, client(n));
+        assert!(local.contains(&chosen), "{chosen} is not local");
+        assert_eq!(
+            through_xdp(&node_2, client(n)),
+            chosen,
+            "client {}",
+            client(n)
+        );
+        used.insert(chosen);
+    }
+    assert_eq!(used.len(), local.len(), "both local endpoints get flows");
+    // A client without a flow yet, as trace sees it.
+    let report = node_1
+        .tracer()
+        .run(&trace_packet(client(99), NODE_PORT, proto::TCP))
+        .unwrap();
+    let selection = report.selection.expect("a new flow selects");
+    assert_eq!((selection.set, selection.chosen_by), ("frontend", "maglev"));
+
+    // This node's pods: the Cluster set, at random (kube-proxy's rule for pods reaching an
+    // external destination; no table covers that set).
+    node_1.run_on_device(device_kind::POD);
+    let reached: std::collections::BTreeSet<_> = (0..48)
+        .map(|n| through_tc(&node_1, client(100 + n)))
+        .collect();
+    assert!(
+        reached.iter().any(|backend| !local.contains(backend)),
+        "pods reach the Cluster set: {reached:?}"
+    );
+    let report = node_1
+        .tracer()
+        .run(&trace_packet(client(199), NODE_PORT, proto::TCP))
+        .unwrap();
+    let selection = report.selection.expect("a new flow selects");
+    assert_eq!((selection.set, selection.chosen_by), ("cluster", "random"));
+}
+
 #[test]
 fn trace_names_the_table_and_shows_the_backend_a_real_packet_gets() {
     let Some(datapath) = node(&BACKENDS, DEFAULT_TABLE_SIZE, 0) else {
@@ -187,16 +273,7 @@ fn a_header_whose_table_is_missing_chooses_at_random() {
     let Some(mut datapath) = Datapath::load() else {
         return;
     };
-    let key = frontend(NODE_PORT, proto::TCP);
-    let backends: Vec<_> = BACKENDS.iter().map(|b| backend(*b, proto::TCP)).collect();
-    datapath.add_frontend(
-        key,
-        REV_NAT_ID,
-        &backends,
-        None,
-        service_flags::NODE_PORT,
-        0,
-    );
+    let key = install_random(&mut datapath, &BACKENDS, 0);
     // A header naming a table of the smallest size, whose chunks were never written (as
     // for a packet that read the header just before the daemon moved it on).
     let header = proxy_common::FrontendValue {
