@@ -7,7 +7,11 @@
 #![no_std]
 
 mod conntrack;
+mod fragment;
 
+pub use fragment::{
+    FRAGMENT_TIMEOUT_NS, FragmentKey, FragmentValue, MIN_CHECKED_MTU, fragment_verdict, icmp,
+};
 pub use conntrack::{
     CtKey, CtTimeouts, CtValue, EXPIRES_REMOVING, Endpoint, FlowState, Translation, Tuple,
     UDP_STREAM_AFTER_S, ct_flags, ct_seconds, ct_state, flow_expired, next_state, tcp_flags,
@@ -42,6 +46,9 @@ pub mod map_names {
     /// Every backend (address, port, protocol) → its id: the datapath tracks direct flows
     /// to backends, which could clash with Service flows.
     pub const BACKEND_IDS: &str = "BACKEND_IDS";
+    /// IPv4 datagrams whose first fragment passed: what was done to it, so the later
+    /// fragments (which carry no ports) follow (LRU).
+    pub const FRAGMENTS: &str = "FRAGMENTS";
     /// Metadata for people, not for packets: which Service port each frontend belongs to.
     pub const SVC_NAMES: &str = "SVC_NAMES";
     /// `loadBalancerSourceRanges`: the client prefixes each restricted frontend admits.
@@ -258,7 +265,8 @@ pub mod stat {
     pub const BACKEND_MISSING: u32 = 6;
     /// The packet matched no frontend and no flow and passed untouched.
     pub const PASS: u32 = 7;
-    /// Not IPv4 TCP/UDP, or an IP fragment: passed untouched.
+    /// Not IPv4 TCP/UDP (nor a fragment of such a datagram, nor an ICMP error), or
+    /// truncated: passed untouched.
     pub const NOT_HANDLED: u32 = 8;
     /// Rewriting the packet failed (helper error); the packet was dropped.
     pub const REWRITE_FAILED: u32 = 9;
@@ -290,8 +298,31 @@ pub mod stat {
     /// A tracked flow's backend stopped serving its frontend (a UDP flow, or a SYN not yet
     /// answered): the packet went to a newly selected backend.
     pub const BACKEND_LEFT: u32 = 18;
+    /// A later fragment of a TCP/UDP datagram (no ports of its own) was treated as its
+    /// first fragment was: translated the same way, passed or dropped (see
+    /// [`FragmentValue`](crate::FragmentValue)).
+    pub const FRAGMENT: u32 = 19;
+    /// A later fragment whose first fragment this node has not seen (it came later, went
+    /// elsewhere, or its record expired or was evicted): passed untouched.
+    pub const FRAGMENT_UNMATCHED: u32 = 20;
+    /// An ICMP error (destination unreachable, time exceeded, parameter problem) about a
+    /// tracked flow was translated as its flow is: outer addresses, the quoted packet and
+    /// the checksums.
+    pub const ICMP_ERROR: u32 = 21;
+    /// A translated packet was too big for the device it would leave by: answered with an
+    /// ICMP "fragmentation needed" to its sender, about the packet as the sender sent it,
+    /// as the kernel's forwarding path answers (the packet was dropped).
+    pub const FRAG_NEEDED: u32 = 22;
+    /// A translated packet's TTL ran out here: answered with an ICMP "time exceeded" to its
+    /// sender (rate limited like the kernel's), or dropped silently if it was a later
+    /// fragment (the kernel sends no error for those either).
+    pub const TTL_EXCEEDED: u32 = 23;
+    /// A later fragment too big for the device the program routes it to: it cannot be
+    /// fragmented there and no ICMP error may be sent for it, so it was dropped (its first
+    /// fragment got "fragmentation needed").
+    pub const TOO_BIG: u32 = 24;
     /// Number of counters (size of the STATS array).
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 25;
 
     /// Stable names, indexed like the constants above (used by logs, metrics and the CLI).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -314,6 +345,12 @@ pub mod stat {
         "direct",
         "remapped",
         "backend_left",
+        "fragment",
+        "fragment_unmatched",
+        "icmp_error",
+        "frag_needed",
+        "ttl_exceeded",
+        "too_big",
     ];
 }
 
@@ -444,6 +481,40 @@ pub struct TraceRecord {
     pub service: ServiceValue,
     /// The conntrack entry that matched, if [`TraceRecord::conntrack`] is not NONE.
     pub flow: CtValue,
+    /// A first fragment: the record its later fragments would find (the dry run writes
+    /// none). A later fragment: the record it found, if [`TraceRecord::fragment_found`].
+    pub fragment_record: FragmentValue,
+    /// A [`trace_fragment`] constant.
+    pub fragment: u8,
+    /// 1 when a later fragment found its datagram's record.
+    pub fragment_found: u8,
+    /// An ICMP error being translated: its type and code (type 0: none).
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    /// A [`trace_answer`] constant: an ICMP error the program sent instead of the packet.
+    pub answered: u8,
+    pub _pad: u8,
+    /// The egress MTU named in a "fragmentation needed" answer.
+    pub mtu: u16,
+}
+
+/// Which part of a fragmented datagram a trace saw ([`TraceRecord::fragment`]).
+pub mod trace_fragment {
+    /// Not a fragment.
+    pub const NONE: u8 = 0;
+    /// The first fragment: it carries the ports and decides for the others.
+    pub const FIRST: u8 = 1;
+    /// A later fragment: no ports, it follows the first.
+    pub const LATER: u8 = 2;
+}
+
+/// The ICMP error the program answered a packet with ([`TraceRecord::answered`]).
+pub mod trace_answer {
+    pub const NONE: u8 = 0;
+    /// "Fragmentation needed": too big for its egress device.
+    pub const FRAG_NEEDED: u8 = 1;
+    /// "Time exceeded": its TTL ran out here.
+    pub const TIME_EXCEEDED: u8 = 2;
 }
 
 /// Default map sizes compiled into the object; the daemon can override them at load time.
@@ -471,21 +542,25 @@ pub struct RefusalLimits {
     pub per_second: u32,
     /// `icmp_msgs_burst`.
     pub burst: u32,
-    /// 0 when `icmp_ratemask` leaves "destination unreachable" out: then no limit applies.
+    /// 0 when `icmp_ratemask` leaves "destination unreachable" out: then no limit applies
+    /// to refusals.
     pub limited: u32,
-    pub _pad: u32,
+    /// The same for "time exceeded" (the answer to a translated packet whose TTL ran out).
+    /// "Fragmentation needed" is never limited, as in the kernel ("don't limit PMTU
+    /// discovery").
+    pub time_exceeded_limited: u32,
 }
 
 impl RefusalLimits {
     /// The kernel's `XRLIM_BURST_FACTOR`: a client's bucket holds this many refusals.
     pub const CLIENT_BURST: u64 = 6;
-    /// The kernel's defaults (1000 ms, 1000/s, 50, a ratemask with type 3).
+    /// The kernel's defaults (1000 ms, 1000/s, 50, a ratemask with types 3 and 11).
     pub const KERNEL_DEFAULTS: Self = Self {
         client_interval_ns: 1_000_000_000,
         per_second: 1000,
         burst: 50,
         limited: 1,
-        _pad: 0,
+        time_exceeded_limited: 1,
     };
 }
 
@@ -510,6 +585,9 @@ pub mod default_max_entries {
     pub const SVC_NAMES: u32 = SERVICES;
     /// Prefixes over all restricted frontends; not preallocated (an LPM trie never is).
     pub const SOURCE_RANGES: u32 = 65_536;
+    /// Fragmented datagrams in flight whose first fragment passed (Cilium's
+    /// `bpf-fragments-map-max` default); LRU, about 100 bytes each.
+    pub const FRAGMENTS: u32 = 8_192;
 }
 
 #[cfg(feature = "user")]
@@ -530,6 +608,8 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceName {}
     unsafe impl aya::Pod for super::TraceRecord {}
     unsafe impl aya::Pod for super::RefusalLimits {}
+    unsafe impl aya::Pod for super::FragmentKey {}
+    unsafe impl aya::Pod for super::FragmentValue {}
 }
 
 #[cfg(test)]
@@ -550,7 +630,9 @@ mod tests {
         assert_eq!(size_of::<CtTimeouts>(), 32);
         assert_eq!(size_of::<RefusalLimits>(), 24);
         assert_eq!(size_of::<ServiceName>(), 4 + 63 + 63 + 15);
-        assert_eq!(size_of::<TraceRecord>(), 112);
+        assert_eq!(size_of::<TraceRecord>(), 144);
+        assert_eq!(size_of::<FragmentKey>(), 12);
+        assert_eq!(size_of::<FragmentValue>(), 24);
     }
 
     #[test]

@@ -276,6 +276,8 @@ fn refusal_limits(read: impl Fn(&str) -> Option<String>) -> RefusalLimits {
     let defaults = RefusalLimits::KERNEL_DEFAULTS;
     /// Destination unreachable, the type of a port unreachable, in `icmp_ratemask`.
     const DEST_UNREACH_BIT: u64 = 1 << 3;
+    /// Time exceeded, in `icmp_ratemask`.
+    const TIME_EXCEEDED_BIT: u64 = 1 << 11;
     RefusalLimits {
         client_interval_ns: value("icmp_ratelimit").map_or(defaults.client_interval_ns, |ms| {
             ms.saturating_mul(1_000_000)
@@ -287,7 +289,10 @@ fn refusal_limits(read: impl Fn(&str) -> Option<String>) -> RefusalLimits {
         limited: value("icmp_ratemask").map_or(defaults.limited, |mask| {
             u32::from(mask & DEST_UNREACH_BIT != 0)
         }),
-        _pad: 0,
+        time_exceeded_limited: value("icmp_ratemask")
+            .map_or(defaults.time_exceeded_limited, |mask| {
+                u32::from(mask & TIME_EXCEEDED_BIT != 0)
+            }),
     }
 }
 
@@ -368,6 +373,7 @@ mod tests {
         ]));
         assert_eq!(tuned.client_interval_ns, 250_000_000);
         assert_eq!((tuned.per_second, tuned.burst, tuned.limited), (20, 5, 0));
+        assert_eq!(tuned.time_exceeded_limited, 1);
         // Unreadable or garbled: the kernel's defaults.
         assert_eq!(
             refusal_limits(node(&[("icmp_ratelimit", "x")])),

@@ -602,13 +602,31 @@ pub fn assert_untouched(datapath: &Datapath, frame: &[u8]) {
 /// reaches the backends and clients through `lo`, the device test runs see packets arrive
 /// on: so backends look like pods of another node, reached through the arrival device.
 pub fn on_a_node_with_remote_backends(test: impl FnOnce() + Send) {
+    on_a_node(&[], test);
+}
+
+/// [`on_a_node_with_remote_backends`], but the backends (198.18.1.0/24) sit behind a
+/// veth of their own, as pods of this node do.
+pub fn on_a_node_with_local_backends(test: impl FnOnce() + Send) {
+    on_a_node(
+        &[
+            &["link", "add", "pods", "type", "veth", "peer", "name", "pods-peer"],
+            &["link", "set", "pods", "up"],
+            &["link", "set", "pods-peer", "up"],
+            &["route", "add", "198.18.1.0/24", "dev", "pods"],
+        ],
+        test,
+    );
+}
+
+fn on_a_node(more: &[&[&str]], test: impl FnOnce() + Send) {
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
                 // SAFETY: affects only this thread, which ends with the test.
                 assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
-                for args in [
-                    &["link", "set", "lo", "up"][..],
+                let node: [&[&str]; 3] = [
+                    &["link", "set", "lo", "up"],
                     &["addr", "add", "198.18.0.1/32", "dev", "lo"],
                     &[
                         "route",
@@ -619,9 +637,10 @@ pub fn on_a_node_with_remote_backends(test: impl FnOnce() + Send) {
                         "src",
                         "198.18.0.1",
                     ],
-                ] {
+                ];
+                for args in node.iter().chain(more) {
                     let status = std::process::Command::new("ip")
-                        .args(args)
+                        .args(*args)
                         .status()
                         .unwrap();
                     assert!(status.success(), "ip {args:?}");
