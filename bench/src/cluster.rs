@@ -123,6 +123,18 @@ impl Cluster {
         Ok(model)
     }
 
+    /// Every Service and EndpointSlice as the API server stores them (JSON, with kind and
+    /// apiVersion), for the test API server.
+    pub fn api_objects(&self) -> impl Iterator<Item = serde_json::Value> + '_ {
+        self.iter().flat_map(|service| {
+            let objects = [
+                serde_json::to_value(kubernetes_service(&service)),
+                serde_json::to_value(endpoint_slice(&service, &service.endpoints)),
+            ];
+            objects.map(|object| object.expect("k8s-openapi objects serialize"))
+        })
+    }
+
     /// Every Service and EndpointSlice as one multi-document YAML file for the daemon's
     /// manifests directory.
     pub fn manifest_yaml(&self) -> String {

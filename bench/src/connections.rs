@@ -208,7 +208,7 @@ fn prepare<'lab>(
             let args: Vec<&str> = sizes.iter().map(String::as_str).collect();
             Some(daemon::start(
                 lab,
-                vec![daemon::cluster_manifest(&cluster)],
+                daemon::Source::Manifests(vec![daemon::cluster_manifest(&cluster)]),
                 &args,
                 services,
             )?)

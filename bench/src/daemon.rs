@@ -19,17 +19,29 @@ pub fn cluster_manifest(cluster: &Cluster) -> Manifest {
     }
 }
 
-/// Starts the daemon with `manifests` and `args` and waits until a sync reports
-/// `frontends` frontends.
+/// Where the daemon under measurement reads its Services.
+pub enum Source<'s> {
+    Manifests(Vec<Manifest>),
+    /// The test API server at this URL (in the lab node's namespace).
+    ApiServer(&'s str),
+}
+
+/// Starts the daemon on `source` with `args` and waits until a sync reports `frontends`
+/// frontends.
 pub fn start<'lab>(
     lab: &'lab Lab,
-    manifests: Vec<Manifest>,
+    source: Source,
     args: &[&str],
     frontends: usize,
 ) -> Result<Daemon<'lab>> {
     let mut builder = lab.daemon().echo_log_on_drop(false);
-    for manifest in manifests {
-        builder = builder.manifest(manifest);
+    match source {
+        Source::Manifests(manifests) => {
+            for manifest in manifests {
+                builder = builder.manifest(manifest);
+            }
+        }
+        Source::ApiServer(url) => builder = builder.api_server(url),
     }
     for arg in args {
         builder = builder.arg(*arg);

@@ -1,8 +1,12 @@
 //! Measurement 3, part two: one endpoint change through the real daemon, confirmed by
-//! traffic: a probe Service with one endpoint, among background Services (in a file of
-//! their own), is switched between two pods by rewriting its manifest; the clock runs from
-//! the rename that publishes the file until the pinned maps name the new pod, and until a
-//! new connection from the client namespace is answered by it.
+//! traffic: a probe Service with one endpoint, among background Services, is switched
+//! between two pods; the clock runs from the change until the pinned maps name the new
+//! pod, and until a new connection from the client namespace is answered by it. The
+//! change comes from either source: a rewritten manifest (the background Services in a
+//! file of their own; the clock starts at the rename that publishes the probe's file), or
+//! the test API server (the daemon lists and watches it as it would a cluster's; the clock
+//! starts when the server takes the probe's new EndpointSlice, which its watchers then
+//! see as a MODIFIED event).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
@@ -12,7 +16,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use proxy_common::{Backend, ServiceKey, ServiceValue, map_names, proto};
-use proxy_lab::{Daemon, Lab, Service};
+use proxy_lab::fake_apiserver::{ApiServerInNetns, Kind};
+use proxy_lab::{Daemon, Lab, NODE_NAME, Pod, Service, addr};
+use serde_json::json;
 
 use crate::cluster::{Cluster, Endpoints};
 use crate::daemon;
@@ -32,8 +38,10 @@ pub const DAEMON_FLAGS: [&str; 2] = ["--min-sync-period", "0ms"];
 
 #[derive(Clone, Debug)]
 pub struct ChangeSettings {
-    /// The numbers of background Services measured.
+    /// The numbers of background Services measured with the manifests source.
     pub background_services: Vec<usize>,
+    /// The numbers of background Services measured through the test API server.
+    pub api_background_services: Vec<usize>,
     pub changes: usize,
 }
 
@@ -52,14 +60,15 @@ pub struct ChangeResult {
 }
 
 pub fn measure(settings: &ChangeSettings) -> Result<Vec<ChangeResult>> {
-    settings
-        .background_services
-        .iter()
-        .map(|&background| {
-            measure_at(background, settings.changes)
-                .with_context(|| format!("endpoint changes among {background} Services"))
-        })
-        .collect()
+    let manifests = (settings.background_services.iter()).map(|&background| {
+        measure_manifests(background, settings.changes)
+            .with_context(|| format!("manifest changes among {background} Services"))
+    });
+    let api = (settings.api_background_services.iter()).map(|&background| {
+        measure_api(background, settings.changes)
+            .with_context(|| format!("API changes among {background} Services"))
+    });
+    manifests.chain(api).collect()
 }
 
 /// A lab with two pods, and the daemon serving `background_services` Services (in a file
@@ -76,59 +85,159 @@ impl ProbeSetup {
         Ok(ProbeSetup { lab, probe })
     }
 
-    /// Starts the daemon with `args` (after [`DAEMON_FLAGS`] and map sizes that fit
-    /// `extra_services` more Services) and opens its maps.
+    /// Starts the daemon with [`DAEMON_FLAGS`] and map sizes that fit `extra_services` more
+    /// Services, and opens its maps.
     pub fn start(
         &self,
         background_services: usize,
         extra_services: usize,
     ) -> Result<(Daemon<'_>, PinnedMaps)> {
+        self.start_with(background_services, extra_services, &[])
+    }
+
+    /// [`start`](Self::start) with more command-line arguments.
+    pub fn start_with(
+        &self,
+        background_services: usize,
+        extra_services: usize,
+        extra_args: &[&str],
+    ) -> Result<(Daemon<'_>, PinnedMaps)> {
         let lab = &self.lab;
-        let background = Cluster::new(
-            background_services,
-            Endpoints::Shared {
-                pods: lab.pods().iter().map(|pod| pod.ip).collect(),
-                port: lab.tcp_port(),
-            },
-        )?;
-        let sizes = daemon::map_size_flags(background_services + 1 + extra_services, 2);
-        let args: Vec<&str> = DAEMON_FLAGS
-            .iter()
-            .copied()
-            .chain(sizes.iter().map(String::as_str))
-            .collect();
+        let background = self.background(background_services)?;
+        let args = daemon_args(background_services + 1 + extra_services, extra_args);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let daemon = daemon::start(
             lab,
-            vec![
+            daemon::Source::Manifests(vec![
                 daemon::cluster_manifest(&background),
                 self.probe.manifest(&lab.pods()[..1]),
-            ],
+            ]),
             &args,
             background_services + 1,
         )?;
         let maps = PinnedMaps::open(&daemon.bpffs_root())?;
         Ok((daemon, maps))
     }
+
+    /// `services` background Services, all served by the lab's pods.
+    fn background(&self, services: usize) -> Result<Cluster> {
+        Cluster::new(
+            services,
+            Endpoints::Shared {
+                pods: self.lab.pods().iter().map(|pod| pod.ip).collect(),
+                port: self.lab.tcp_port(),
+            },
+        )
+    }
 }
 
-fn measure_at(background_services: usize, changes: usize) -> Result<ChangeResult> {
+/// [`DAEMON_FLAGS`], map sizes that fit `services` Services of two endpoints, then `extra`.
+fn daemon_args(services: usize, extra: &[&str]) -> Vec<String> {
+    (DAEMON_FLAGS.iter().copied())
+        .chain(extra.iter().copied())
+        .map(str::to_owned)
+        .chain(daemon::map_size_flags(services, 2))
+        .collect()
+}
+
+fn measure_manifests(background_services: usize, changes: usize) -> Result<ChangeResult> {
     let setup = ProbeSetup::new()?;
     let (daemon, maps) = setup.start(background_services, 0)?;
-    let (lab, probe) = (&setup.lab, &setup.probe);
+    let timings = time_changes(&setup, &maps, changes, |target| {
+        daemon.apply(&setup.probe.manifest([target]))
+    })?;
+    timings.result(background_services, "manifest")
+}
 
-    let mut to_maps = Vec::with_capacity(changes);
-    let mut to_traffic = Vec::with_capacity(changes);
+/// The same probe through the test API server, in the lab node's namespace: the daemon
+/// lists everything, then each change is one EndpointSlice update on the server.
+fn measure_api(background_services: usize, changes: usize) -> Result<ChangeResult> {
+    let setup = ProbeSetup::new()?;
+    let lab = &setup.lab;
+    let api = ApiServerInNetns::start(lab.node())?;
+    let background = setup.background(background_services)?;
+    api.edit(|cluster| {
+        cluster.apply(Kind::Node, node_object());
+        for object in background.api_objects() {
+            let kind = if object["kind"] == "Service" {
+                Kind::Service
+            } else {
+                Kind::EndpointSlice
+            };
+            cluster.apply(kind, object);
+        }
+        cluster.apply_manifest(&setup.probe.manifest(&lab.pods()[..1]));
+    });
+    let args = daemon_args(background_services + 1, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let source = daemon::Source::ApiServer(api.url());
+    let _daemon = daemon::start(lab, source, &args, background_services + 1)?;
+    let maps = PinnedMaps::open(&_daemon.bpffs_root())?;
+    let timings = time_changes(&setup, &maps, changes, |target| {
+        let slice = (setup.probe.manifest([target]).objects().into_iter())
+            .find(|object| object["kind"] == "EndpointSlice")
+            .context("the probe's manifest has its EndpointSlice")?;
+        api.edit(|cluster| cluster.apply(Kind::EndpointSlice, slice));
+        Ok(())
+    })?;
+    timings.result(background_services, "API")
+}
+
+/// This node's Node object, as the daemon watches it.
+fn node_object() -> serde_json::Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": { "name": NODE_NAME, "labels": { "kubernetes.io/hostname": NODE_NAME } },
+        "status": { "addresses": [{ "type": "InternalIP", "address": addr::NODE_IP.to_string() }] },
+    })
+}
+
+/// Milliseconds from each change to the maps and to traffic, sorted.
+pub struct Timings {
+    pub to_maps: Vec<f64>,
+    pub to_traffic: Vec<f64>,
+}
+
+impl Timings {
+    fn result(self, background_services: usize, source: &'static str) -> Result<ChangeResult> {
+        let percentile = |sorted: &[f64], p| percentile_of_sorted(sorted, p).context("no changes");
+        Ok(ChangeResult {
+            background_services,
+            source,
+            changes: self.to_maps.len(),
+            to_maps_p50_ms: percentile(&self.to_maps, 50.0)?,
+            to_maps_p99_ms: percentile(&self.to_maps, 99.0)?,
+            to_traffic_p50_ms: percentile(&self.to_traffic, 50.0)?,
+            to_traffic_p99_ms: percentile(&self.to_traffic, 99.0)?,
+        })
+    }
+}
+
+/// Moves the probe between the two pods `changes` times through `change` (which makes the
+/// given pod its only endpoint), timing each until the maps and then traffic follow.
+pub fn time_changes(
+    setup: &ProbeSetup,
+    maps: &PinnedMaps,
+    changes: usize,
+    change: impl Fn(&Pod) -> Result<()> + Sync,
+) -> Result<Timings> {
+    let lab = &setup.lab;
+    let mut timings = Timings {
+        to_maps: Vec::with_capacity(changes),
+        to_traffic: Vec::with_capacity(changes),
+    };
     lab.client().run(|| -> Result<()> {
-        for change in 0..changes {
+        for index in 0..changes {
             // Alternates pod-2, pod-1, …: every change moves the probe to the other pod.
-            let target = lab.pod(2 - change % 2);
-            daemon.apply(&probe.manifest([target]))?;
+            let target = lab.pod(2 - index % 2);
+            change(target)?;
             let changed = Instant::now();
             let mut in_maps = None;
             loop {
                 if changed.elapsed() > GIVE_UP {
                     bail!(
-                        "{} still not serving the probe {GIVE_UP:?} after change {change}",
+                        "{} still not serving the probe {GIVE_UP:?} after change {index}",
                         target.name
                     );
                 }
@@ -137,26 +246,19 @@ fn measure_at(background_services: usize, changes: usize) -> Result<ChangeResult
                 }
                 if served_by().ok().as_deref() == Some(target.name.as_str()) {
                     let served = changed.elapsed();
-                    to_maps.push(in_maps.unwrap_or(served).as_secs_f64() * 1e3);
-                    to_traffic.push(served.as_secs_f64() * 1e3);
+                    timings
+                        .to_maps
+                        .push(in_maps.unwrap_or(served).as_secs_f64() * 1e3);
+                    timings.to_traffic.push(served.as_secs_f64() * 1e3);
                     break;
                 }
             }
         }
         Ok(())
     })??;
-    to_maps.sort_by(f64::total_cmp);
-    to_traffic.sort_by(f64::total_cmp);
-    let percentile = |sorted: &[f64], p| percentile_of_sorted(sorted, p).context("no changes");
-    Ok(ChangeResult {
-        background_services,
-        source: "manifest",
-        changes,
-        to_maps_p50_ms: percentile(&to_maps, 50.0)?,
-        to_maps_p99_ms: percentile(&to_maps, 99.0)?,
-        to_traffic_p50_ms: percentile(&to_traffic, 50.0)?,
-        to_traffic_p99_ms: percentile(&to_traffic, 99.0)?,
-    })
+    timings.to_maps.sort_by(f64::total_cmp);
+    timings.to_traffic.sort_by(f64::total_cmp);
+    Ok(timings)
 }
 
 /// The name of the pod that answers a new connection to the probe.

@@ -13,6 +13,7 @@ mod connections;
 mod conntrack_gc;
 mod daemon;
 mod endpoint_change;
+mod hostile;
 mod kube_rules;
 mod machine;
 mod memory;
@@ -34,6 +35,7 @@ use proxy_lab::Lab;
 use connections::ConnectionSettings;
 use conntrack_gc::GcSettings;
 use endpoint_change::ChangeSettings;
+use hostile::HostileSettings;
 use memory::MemorySettings;
 use packet::PacketSettings;
 use programming::ProgrammingSettings;
@@ -66,6 +68,7 @@ enum Section {
     Change,
     Memory,
     Soak,
+    Hostile,
 }
 
 /// The sizes, counts and durations of every measurement.
@@ -77,6 +80,7 @@ struct Settings {
     change: ChangeSettings,
     memory: MemorySettings,
     soak: SoakSettings,
+    hostile: HostileSettings,
 }
 
 impl Settings {
@@ -116,6 +120,7 @@ impl Settings {
             },
             change: ChangeSettings {
                 background_services: vec![10_000, 100_000],
+                api_background_services: vec![1_000, 10_000],
                 changes: 100,
             },
             memory: MemorySettings {
@@ -126,6 +131,10 @@ impl Settings {
                 background_services: 10_000,
                 changes: 1_000,
                 sample_every: 100,
+            },
+            hostile: HostileSettings {
+                changes: 20,
+                large_manifest: true,
             },
         }
     }
@@ -166,6 +175,7 @@ impl Settings {
             },
             change: ChangeSettings {
                 background_services: vec![10],
+                api_background_services: vec![10],
                 changes: 4,
             },
             memory: MemorySettings {
@@ -176,6 +186,10 @@ impl Settings {
                 background_services: 10,
                 changes: 40,
                 sample_every: 10,
+            },
+            hostile: HostileSettings {
+                changes: 2,
+                large_manifest: false,
             },
         }
     }
@@ -190,6 +204,7 @@ impl Settings {
             change,
             memory,
             soak,
+            hostile,
         } = self;
         vec![
             format!(
@@ -226,8 +241,9 @@ impl Settings {
                 programming.changes
             ),
             format!(
-                "endpoint change through the daemon: {} changes among {:?} background Services",
-                change.changes, change.background_services
+                "endpoint change through the daemon: {} changes among {:?} background Services \
+                 (manifests) and {:?} (test API server)",
+                change.changes, change.background_services, change.api_background_services
             ),
             format!(
                 "memory: {:?} Services × {} endpoints",
@@ -236,6 +252,15 @@ impl Settings {
             format!(
                 "soak: {} changes among {} background Services, RSS every {}",
                 soak.changes, soak.background_services, soak.sample_every
+            ),
+            format!(
+                "hostile input: {} unrelated changes with each input present{}",
+                hostile.changes,
+                if hostile.large_manifest {
+                    ", the 50 MB manifest included"
+                } else {
+                    ""
+                }
             ),
         ]
     }
@@ -305,6 +330,11 @@ fn run(cli: &Cli) -> Result<()> {
         let soak = soak::measure(&settings.soak)?;
         show(&report::soak_table(&soak));
         results.soak = Some(soak);
+    }
+    if wants(Section::Hostile) {
+        heading("4. Hostile input: an unrelated change, and memory");
+        results.hostile = hostile::measure(&settings.hostile)?;
+        show(&report::hostile_table(&results.hostile));
     }
     heading("Targets");
     show(&report::targets_table(&results));

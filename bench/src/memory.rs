@@ -57,7 +57,12 @@ fn measure_at(services: usize, endpoints_per_service: usize) -> Result<MemoryRes
     let args: Vec<&str> = sizes.iter().map(String::as_str).collect();
     let manifest = daemon::cluster_manifest(&cluster);
     let file_name = manifest.file_name.clone();
-    let daemon = daemon::start(&lab, vec![manifest], &args, services)?;
+    let daemon = daemon::start(
+        &lab,
+        daemon::Source::Manifests(vec![manifest]),
+        &args,
+        services,
+    )?;
     let synced = daemon.last_sync_line().unwrap_or_default();
     if !synced.contains(&format!("backends={endpoints} ")) {
         bail!("the daemon did not program {endpoints} backends: {synced}");

@@ -231,7 +231,7 @@ impl OurDatapath {
     /// The daemon's first sync: every Service planned, the maps written.
     fn full_sync(&mut self, model: &Model, node: &NodeFacts) -> Result<Planner> {
         let mut planner = Planner::new(node, model);
-        let delta = planner.update(model, model.services().map(|(key, _)| key.clone()));
+        let delta = planner.update_all(model);
         let report = self.writer.apply(planner.desired());
         ensure!(
             delta.new_problems.is_empty(),

@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::connections::{ConnectionResult, Variant};
 use crate::conntrack_gc::GcCost;
 use crate::endpoint_change::{ChangeResult, DAEMON_FLAGS};
+use crate::hostile::HostileResult;
 use crate::memory::MemoryResult;
 use crate::packet::PacketCosts;
 use crate::programming::{ProgrammingResult, Timing};
@@ -23,6 +24,7 @@ pub struct Results {
     pub change: Vec<ChangeResult>,
     pub memory: Vec<MemoryResult>,
     pub soak: Option<SoakResult>,
+    pub hostile: Vec<HostileResult>,
 }
 
 /// A markdown table: readable in a terminal, rendered in the docs.
@@ -239,6 +241,37 @@ pub fn change_daemon_table(results: &[ChangeResult]) -> Table {
     table
 }
 
+pub fn hostile_table(results: &[HostileResult]) -> Table {
+    let mut table = Table::new(&[
+        "input",
+        "size",
+        "taken as",
+        "unrelated changes",
+        "to traffic p50 (ms)",
+        "to traffic, slowest (ms)",
+        "peak RSS (MiB)",
+        "RSS after (MiB)",
+    ]);
+    for result in results {
+        let size = match result.bytes {
+            0 => "-".to_owned(),
+            bytes if bytes >= 1 << 20 => format!("{:.1} MB", bytes as f64 / 1e6),
+            bytes => format!("{:.0} KB", bytes as f64 / 1e3),
+        };
+        table.rows.push(vec![
+            result.input.clone(),
+            size,
+            result.outcome.clone(),
+            result.changes.to_string(),
+            format!("{:.1}", result.change_p50_ms),
+            format!("{:.1}", result.change_max_ms),
+            mib(result.peak_rss_kib),
+            mib(result.rss_after_kib),
+        ]);
+    }
+    table
+}
+
 fn mib(kib: u64) -> String {
     format!("{:.1}", kib as f64 / 1024.0)
 }
@@ -440,6 +473,17 @@ fn verdicts(results: &Results) -> Vec<Verdict> {
             met: growth <= 1.05,
         });
     }
+    // Issue 17: with a refused hostile file present, an unrelated change as fast as ever.
+    let refused = (results.hostile.iter())
+        .filter(|result| !matches!(result.outcome.as_str(), "-" | "loaded"));
+    if let Some(slowest) = refused.max_by(|a, b| a.change_max_ms.total_cmp(&b.change_max_ms)) {
+        verdicts.push(Verdict {
+            target: "an unrelated change with any refused hostile file present ≤ 10 ms (slowest)"
+                .to_owned(),
+            measured: format!("{:.1} ms ({})", slowest.change_max_ms, slowest.input),
+            met: slowest.change_max_ms <= 10.0,
+        });
+    }
     verdicts
 }
 
@@ -605,12 +649,16 @@ pub fn document(results: &Results, context: &DocumentContext) -> String {
         let _ = write!(
             doc,
             "\nThrough the real daemon, confirmed by traffic: a probe Service with one \
-             endpoint, among the background Services (in a file of their own), is switched \
-             between two pods by rewriting its manifest (atomic rename). The clock runs from the \
-             rename until the pinned maps name the new pod, and until a new connection from the \
-             client namespace is answered by it. The daemon runs with `{}`: it learns of the \
-             change from inotify, reads and parses only the probe's file off its event loop, \
-             re-plans the probe alone and writes its frontend.\n\n{}",
+             endpoint, among the background Services, is switched between two pods. Source \
+             `manifest`: the background Services sit in a file of their own and the probe's \
+             manifest is rewritten (atomic rename); the daemon learns of it from inotify and \
+             reads and parses only that file, off its event loop. Source `API`: the daemon \
+             lists and watches the test API server (in the node's namespace, the real kube-rs \
+             client over HTTP), and the probe's EndpointSlice is updated there, which the \
+             daemon's watcher receives as a MODIFIED event. The clock runs from the rename (the \
+             server's update) until the pinned maps name the new pod, and until a new \
+             connection from the client namespace is answered by it. The daemon runs with \
+             `{}`, re-plans the probe alone and writes its frontend.\n\n{}",
             DAEMON_FLAGS.join(" "),
             change_daemon_table(&results.change).markdown()
         );
@@ -637,6 +685,19 @@ pub fn document(results: &Results, context: &DocumentContext) -> String {
             soak.background_services,
             soak.sample_every,
             soak_table(soak).markdown()
+        );
+    }
+    if !results.hostile.is_empty() {
+        let _ = write!(
+            doc,
+            "\nHostile input (issue 17): a fresh daemon (only the probe Service) per input; \
+             the input is written into its manifests directory, and at once the probe's \
+             endpoint is moved, change after change, each timed to traffic as above; then \
+             the daemon's peak (VmHWM) and current RSS. Refused files cost what reading them \
+             up to the limit costs, off the event loop; the 50 MB manifest is valid and \
+             programmed, so the changes right after it wait for that sync (30 000 Services' \
+             entries written).\n\n{}",
+            hostile_table(&results.hostile).markdown()
         );
     }
     doc

@@ -282,8 +282,7 @@ impl Daemon {
         let node_changed = self.planner.set_node(&self.node, &self.model);
         let full = self.need_full_sync || node_changed;
         let delta = if full {
-            let all = self.model.services().map(|(key, _)| key.clone());
-            self.planner.update(&self.model, all)
+            self.planner.update_all(&self.model)
         } else {
             self.planner
                 .update(&self.model, changes.dirty_services.iter().cloned())
@@ -328,7 +327,9 @@ impl Daemon {
             "sync complete"
         );
         if full || delta.services_planned > RETURN_MEMORY_AFTER {
-            return_freed_memory();
+            // After the delta is gone: it holds the plans of every frontend it touched.
+            drop(delta);
+            crate::allocator::return_freed_memory();
         }
     }
 
@@ -351,13 +352,6 @@ impl Daemon {
 
 /// A sync that planned more Services than this hands freed memory back to the system.
 const RETURN_MEMORY_AFTER: usize = 1_000;
-
-/// Returns freed heap pages to the system. After a big load (a large file parsed, a relist)
-/// the allocator keeps the freed memory in its arenas, where RSS still counts it.
-fn return_freed_memory() {
-    // SAFETY: malloc_trim only walks the allocator's own free lists.
-    unsafe { libc::malloc_trim(0) };
-}
 
 impl Daemon {
     /// What the Node object says beyond its labels: whether it is being deleted (kube-proxy's

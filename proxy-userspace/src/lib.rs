@@ -8,9 +8,11 @@
 //! backends reference-counted; the only code that touches the maps). [`datapath`] loads,
 //! pins and attaches the kernel programs; [`netlink`] reads node addresses and follows pod
 //! interfaces; [`health`] and [`service_health`] answer probes (the proxy's and each
-//! externalTrafficPolicy=Local Service's healthCheckNodePort); [`conntrack`] sweeps idle flows; [`daemon`] wires it all together. [`inspect`]
+//! externalTrafficPolicy=Local Service's healthCheckNodePort); [`conntrack`] sweeps idle flows; [`daemon`] wires it all together ([`allocator`] keeps its memory dense). [`inspect`]
 //! gives node admins views of the pinned maps.
 
+pub mod allocator;
+pub mod bpf_batch;
 pub mod conntrack;
 pub mod daemon;
 pub mod datapath;

@@ -139,8 +139,8 @@ struct DaemonArgs {
     /// The deepest nesting of mappings and sequences a manifest document may have.
     #[arg(long, default_value_t = ParseLimits::default().max_depth)]
     manifests_max_depth: usize,
-    /// How many parser events YAML aliases (`*name`) may replay in one document: what an
-    /// anchor may expand to.
+    /// How many nodes YAML aliases (`*name`) may stand for in one document, all uses
+    /// together: what anchors may expand to.
     #[arg(long, default_value_t = ParseLimits::default().max_alias_expansion)]
     manifests_max_alias_expansion: usize,
     /// How often the maps are re-read and fully re-applied, in seconds.
@@ -317,6 +317,7 @@ fn main() -> ExitCode {
         Command::Daemon(args) => (*args)
             .into_config(std::env::var_os("KUBERNETES_SERVICE_HOST").is_some())
             .and_then(|config| {
+                proxy_userspace::allocator::configure();
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()

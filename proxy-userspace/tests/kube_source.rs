@@ -893,3 +893,100 @@ async fn silent_dead_connections_end_with_the_read_timeout() {
         })
         .await;
 }
+
+/// What the source refused so far and the planner reports, for the hostile catalogue.
+fn reported(snapshot: &Snapshot) -> Vec<proxy_lab::hostile::Reported> {
+    let node = NodeFacts {
+        node_name: NODE_NAME.to_owned(),
+        ..NodeFacts::default()
+    };
+    let mut model = snapshot.model.clone();
+    let planned = plan::plan(&model, &node);
+    (model.take_changes().rejected.iter())
+        .chain(&planned.problems)
+        .map(|problem| proxy_lab::hostile::Reported {
+            kind: problem.kind.as_str().to_owned(),
+            reason: problem.reason.to_owned(),
+            message: problem.message.clone(),
+        })
+        .collect()
+}
+
+/// Issue 14: the hostile catalogue through the API server (which a real one would have
+/// refused mostly; a broken or impostor one would not): each object refused or skipped
+/// exactly as the manifests source does, with its kind, reason and name, and the good
+/// Service planned as if they were not there. A good slice that turns invalid by a watch
+/// event keeps its last good version, also across a relist.
+#[tokio::test]
+async fn hostile_objects_are_refused_as_in_manifests_and_the_last_good_versions_stay() {
+    use proxy_lab::hostile;
+
+    let server = FakeApiServer::start().await;
+    seed(&server);
+    let cases = hostile::hostile_objects();
+    server.edit(|cluster| {
+        for object in cases.iter().flat_map(|case| case.objects.iter()) {
+            let kind = if object["kind"] == "Service" {
+                Kind::Service
+            } else {
+                Kind::EndpointSlice
+            };
+            cluster.apply(kind, object.clone());
+        }
+    });
+    let mut source = RunningSource::start(&server).await;
+    let synced = source.synced().await;
+    let present = |object: &Value| {
+        let key = format!(
+            "{}/{}",
+            object["metadata"]["namespace"].as_str().unwrap(),
+            object["metadata"]["name"].as_str().unwrap()
+        );
+        if object["kind"] == "Service" {
+            synced.service_names().contains(&key)
+        } else {
+            synced.slice_names().contains(&key)
+        }
+    };
+    hostile::check_outcomes(&cases, &reported(&synced), present).unwrap();
+    let good = frontends(&[(
+        "198.18.100.10:80/tcp",
+        &["198.18.1.1:8080", "198.18.1.2:8080"],
+    )]);
+    let planned = synced.frontends();
+    assert_eq!(
+        planned["198.18.100.10:80/tcp"],
+        good["198.18.100.10:80/tcp"]
+    );
+
+    // A good slice turns invalid: refused, its last good version stays.
+    server.edit(|cluster| {
+        cluster.apply(
+            Kind::EndpointSlice,
+            slice("frontend-b", "frontend", &[("198.18.1.999", true)]),
+        )
+    });
+    let refusals = |snapshot: &Snapshot| {
+        (reported(snapshot).iter())
+            .filter(|problem| {
+                problem.message.contains("web/frontend-b")
+                    && problem.message.contains("keeping its last good version")
+            })
+            .count()
+    };
+    let after = (source.wait_for("the refusal", |snapshot| refusals(snapshot) == 1)).await;
+    assert_eq!(
+        after.frontends()["198.18.100.10:80/tcp"],
+        good["198.18.100.10:80/tcp"]
+    );
+
+    // A relist (history compacted) meets it again, and keeps the last good version too.
+    server.expire_watches(|_| {});
+    let after_relist = (source.wait_for("the relist", |snapshot| refusals(snapshot) == 2)).await;
+    assert_eq!(
+        after_relist.frontends()["198.18.100.10:80/tcp"],
+        good["198.18.100.10:80/tcp"],
+        "{}",
+        after_relist.summary()
+    );
+}

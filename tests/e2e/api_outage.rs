@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use common::{SERVICE_TCP_PORT, SERVICE_UDP_PORT, SYNC_TIMEOUT, caller, echo_service};
-use proxy_lab::fake_apiserver::{FakeApiServer, Kind, Outage};
+use proxy_lab::fake_apiserver::{ApiServerInNetns, FakeApiServer, Kind, Outage};
 use proxy_lab::{Daemon, Endpoint, Lab, NODE_NAME, Netns, Service, addr, require_lab};
 use serde_json::{Value, json};
 
@@ -78,42 +78,18 @@ fn node(tainted: bool) -> Value {
     node
 }
 
-/// The runtime that runs the test API server, which listens in the lab node's namespace.
-struct ApiServer {
-    server: FakeApiServer,
-    // Dropped after the server, whose task it runs.
-    _runtime: tokio::runtime::Runtime,
-}
-
-impl ApiServer {
-    fn start(lab: &Lab) -> Result<Self> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
-        let server = {
-            let _context = runtime.enter();
-            FakeApiServer::start_in(lab.node())
-        };
-        Ok(ApiServer {
-            server,
-            _runtime: runtime,
-        })
-    }
-}
-
 /// A lab, the API server with `echo` (pod-1, pod-2), `doomed` (pod-3) and the Node, and
 /// the daemon watching it, synced.
-fn start(lab: &Lab) -> Result<(ApiServer, Daemon<'_>)> {
-    let api = ApiServer::start(lab)?;
-    api.server.edit(|cluster| {
+fn start(lab: &Lab) -> Result<(ApiServerInNetns, Daemon<'_>)> {
+    let api = ApiServerInNetns::start(lab.node())?;
+    api.edit(|cluster| {
         cluster.apply(Kind::Node, node(false));
         cluster.apply_manifest(&echo_service().manifest(&lab.pods()[..2]));
         cluster.apply_manifest(&doomed().manifest([lab.pod(3)]));
     });
     let daemon = lab
         .daemon()
-        .api_server(api.server.url())
+        .api_server(api.url())
         .arg(HEALTHZ_TIMEOUT)
         .start()?;
     daemon.wait_synced(SYNC_TIMEOUT)?;
@@ -188,7 +164,7 @@ fn outages_keep_the_datapath_and_the_daemon_catches_up_with_everything() -> Resu
     require_lab!();
     let lab = common::lab()?;
     let (api, daemon) = start(&lab)?;
-    let server = &api.server;
+    let server: &FakeApiServer = &api;
     last_good_state_serves(&lab)?;
 
     let pod = |i: usize| lab.pod(i).ip;
@@ -320,8 +296,7 @@ fn healthz_is_503_while_the_node_is_being_deleted() -> Result<()> {
     let lab = common::lab()?;
     let (api, _daemon) = start(&lab)?;
     for tainted in [true, false] {
-        api.server
-            .edit(|cluster| cluster.apply(Kind::Node, node(tainted)));
+        api.edit(|cluster| cluster.apply(Kind::Node, node(tainted)));
         let deadline = Instant::now() + SYNC_TIMEOUT;
         let expected = if tainted { 503 } else { 200 };
         loop {

@@ -268,6 +268,16 @@ impl Daemon<'_> {
             .with_context(|| format!("installing manifest {}", manifest.file_name))
     }
 
+    /// Writes (or replaces) a file of any contents atomically, as [`apply`](Self::apply)
+    /// does: for files that are not text (a manifest that is not UTF-8).
+    pub fn apply_bytes(&self, file_name: &str, contents: &[u8]) -> Result<()> {
+        let staged = self.scratch.path().join(STAGING_DIR).join(file_name);
+        std::fs::write(&staged, contents)
+            .with_context(|| format!("writing {}", staged.display()))?;
+        std::fs::rename(&staged, self.manifests_dir().join(file_name))
+            .with_context(|| format!("installing {file_name}"))
+    }
+
     /// Removes a manifest file by name.
     pub fn delete(&self, file_name: &str) -> Result<()> {
         std::fs::remove_file(self.manifests_dir().join(file_name))

@@ -68,6 +68,7 @@ mod cluster;
 mod daemon;
 mod echo;
 pub mod fake_apiserver;
+pub mod hostile;
 mod lab;
 pub mod load;
 mod manifest;

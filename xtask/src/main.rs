@@ -39,7 +39,7 @@ enum Task {
         #[arg(long)]
         quick: bool,
         /// Run only these sections (packet, gc, connections, programming, change, memory,
-        /// soak); a partial run writes under the target directory, not docs/.
+        /// soak, hostile); a partial run writes under the target directory, not docs/.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },

@@ -28,7 +28,7 @@ use proxy_common::{
 };
 use tracing::{debug, warn};
 
-use super::{CtTable, batch, monotonic_now_ns};
+use super::{CtTable, monotonic_now_ns};
 use crate::metrics::{MapLabel, Metrics};
 
 /// Entries read per system call.
@@ -89,7 +89,7 @@ impl Reaper {
         let mut entries = 0;
         let mut reaped = 0;
         let mut candidates = Vec::with_capacity(REAP_BATCH);
-        batch::for_each_entry(map, SCAN_CHUNK, |key: &CtKey, value: &CtValue| {
+        crate::bpf_batch::for_each_entry(map, SCAN_CHUNK, |key: &CtKey, value: &CtValue| {
             entries += 1;
             // The reaper applies the whole rule (both entries of the flow); this only
             // spares it the entries that are certainly alive.

@@ -1,11 +1,10 @@
 //! Conntrack from userspace: the flows of both conntrack maps paired for listings and
-//! flushes, map sizes from the machine's memory, batched reads ([`batch`]) and the garbage
+//! flushes, map sizes from the machine's memory, batched reads ([`crate::bpf_batch`]) and the garbage
 //! collector ([`gc`]).
 //!
 //! Which entries belong together, when a flow is over and what state it is in are decided
 //! by `proxy_common`'s conntrack rules, the very code the datapath runs.
 
-pub mod batch;
 pub mod gc;
 
 use std::collections::HashMap;
@@ -149,7 +148,7 @@ pub fn read_all(maps: &[(CtTable, &MapData)]) -> std::io::Result<Vec<CtEntry>> {
     let mut entries: Vec<CtEntry> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for (table, map) in maps {
-        batch::for_each_entry(map, 4096, |key: &CtKey, value: &CtValue| {
+        crate::bpf_batch::for_each_entry(map, 4096, |key: &CtKey, value: &CtValue| {
             if seen.insert(*key) {
                 entries.push(CtEntry {
                     table: *table,

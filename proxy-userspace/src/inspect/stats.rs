@@ -10,7 +10,6 @@ use proxy_common::{
     ServiceValue, map_names, stat,
 };
 
-use crate::conntrack::batch;
 use serde::Serialize;
 
 use super::{new_table, open_pinned};
@@ -67,7 +66,7 @@ fn fill<K: Pod, V: Pod>(root: &Path, name: &'static str) -> Result<MapFill> {
     let data = open_pinned(root, name)?;
     let max_entries = data.info()?.max_entries();
     let mut entries = 0;
-    batch::for_each_entry(&data, 4096, |_: &K, _: &V| {
+    crate::bpf_batch::for_each_entry(&data, 4096, |_: &K, _: &V| {
         entries += 1;
         Ok(())
     })?;

@@ -99,36 +99,34 @@ impl SliceRecord {
                 port: port.port.and_then(port_number),
             })
             .collect();
-        let endpoints = slice
-            .endpoints
-            .iter()
-            .flatten()
-            .filter_map(|endpoint| {
-                let addr = endpoint
-                    .addresses
-                    .first()
-                    .and_then(|addr| parse_ipv4_sloppy(addr))?;
-                let conditions = endpoint.conditions.as_ref();
-                let hints = endpoint.hints.as_ref().map(|hints| Hints {
-                    for_zones: (hints.for_zones.iter().flatten())
-                        .map(|zone| names.intern(&zone.name))
-                        .collect(),
-                    for_nodes: (hints.for_nodes.iter().flatten())
-                        .map(|node| names.intern(&node.name))
-                        .collect(),
-                });
-                Some(EndpointRecord {
-                    addr,
-                    node_name: endpoint.node_name.as_deref().map(|name| names.intern(name)),
-                    ready: conditions.and_then(|c| c.ready) != Some(false),
-                    serving: conditions.and_then(|c| c.serving) != Some(false),
-                    terminating: conditions.and_then(|c| c.terminating) == Some(true),
-                    hints: hints
-                        .filter(|hints| !hints.for_zones.is_empty() || !hints.for_nodes.is_empty())
-                        .map(Box::new),
-                })
+        let all = slice.endpoints.as_deref().unwrap_or_default();
+        // Sized for all: collecting a filtered iterator would double its way up to twice that.
+        let mut endpoints = Vec::with_capacity(all.len());
+        endpoints.extend(all.iter().filter_map(|endpoint| {
+            let addr = endpoint
+                .addresses
+                .first()
+                .and_then(|addr| parse_ipv4_sloppy(addr))?;
+            let conditions = endpoint.conditions.as_ref();
+            let hints = endpoint.hints.as_ref().map(|hints| Hints {
+                for_zones: (hints.for_zones.iter().flatten())
+                    .map(|zone| names.intern(&zone.name))
+                    .collect(),
+                for_nodes: (hints.for_nodes.iter().flatten())
+                    .map(|node| names.intern(&node.name))
+                    .collect(),
+            });
+            Some(EndpointRecord {
+                addr,
+                node_name: endpoint.node_name.as_deref().map(|name| names.intern(name)),
+                ready: conditions.and_then(|c| c.ready) != Some(false),
+                serving: conditions.and_then(|c| c.serving) != Some(false),
+                terminating: conditions.and_then(|c| c.terminating) == Some(true),
+                hints: hints
+                    .filter(|hints| !hints.for_zones.is_empty() || !hints.for_nodes.is_empty())
+                    .map(Box::new),
             })
-            .collect();
+        }));
         Some(SliceRecord {
             service,
             ports,

@@ -13,7 +13,9 @@
 //! address and whether it is being deleted ([`NodeState`]).
 
 pub mod address;
+mod changes;
 mod endpoint_slice;
+mod problem;
 pub(crate) mod service;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -25,7 +27,9 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
+pub use changes::{LAST_CHANGE_TRIGGER_TIME, ModelChanges, trigger_time};
 pub use endpoint_slice::{EndpointRecord, Hints, SERVICE_NAME_LABEL, SlicePort, SliceRecord};
+pub use problem::{ModelError, Problem, ProblemKind};
 pub use service::{
     DEFAULT_AFFINITY_TIMEOUT, HEADLESS_LABEL, PortRecord, ProxiedService, SERVICE_PROXY_NAME_LABEL,
     ServiceRecord,
@@ -34,15 +38,16 @@ pub use service::{
 /// The namespace of an object whose `metadata.namespace` is absent.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
-/// `namespace/name` of a namespaced object.
+/// `namespace/name` of a namespaced object. Its copies (the model's indexes, the planner's,
+/// the sources' bookkeeping) share the strings.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectKey {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl ObjectKey {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+    pub fn new(namespace: impl Into<Arc<str>>, name: impl Into<Arc<str>>) -> Self {
         ObjectKey {
             namespace: namespace.into(),
             name: name.into(),
@@ -62,9 +67,18 @@ impl ObjectKey {
     }
 }
 
+/// A name as long as Kubernetes allows is shown whole; a longer one (only a hostile or
+/// broken object has one, and it is refused) is cut, so a megabyte name can't flood the log.
 impl fmt::Display for ObjectKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
+        const LONGEST: usize = 253;
+        let part = |f: &mut fmt::Formatter<'_>, text: &str| match text.char_indices().nth(LONGEST) {
+            Some((end, _)) => write!(f, "{}…({} bytes)", &text[..end], text.len()),
+            None => f.write_str(text),
+        };
+        part(f, &self.namespace)?;
+        f.write_str("/")?;
+        part(f, &self.name)
     }
 }
 
@@ -90,81 +104,6 @@ impl Protocol {
             Protocol::Tcp => "tcp",
             Protocol::Udp => "udp",
         }
-    }
-}
-
-/// What kind of input a [`Problem`] is about (the `kind` label of
-/// `ebpf_proxy_objects_rejected_total`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ProblemKind {
-    Service,
-    EndpointSlice,
-    /// A whole manifest file (unreadable, too large, not YAML, over a parsing limit).
-    File,
-}
-
-impl ProblemKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProblemKind::Service => "Service",
-            ProblemKind::EndpointSlice => "EndpointSlice",
-            ProblemKind::File => "file",
-        }
-    }
-}
-
-/// Something in the input that is not programmed as written: an object or field skipped,
-/// with the sentence that names it and why. Every one is logged and counted
-/// (`ebpf_proxy_objects_rejected_total{kind,reason}`); nothing is dropped silently.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Problem {
-    pub kind: ProblemKind,
-    /// A short snake_case cause, the metric's `reason` label (`invalid`, `frontend_conflict`…).
-    pub reason: &'static str,
-    /// One sentence naming the object, e.g. `default/foo port sctp-port: SCTP is not
-    /// supported, skipped`.
-    pub message: String,
-}
-
-impl Problem {
-    pub fn new(kind: ProblemKind, reason: &'static str, message: String) -> Self {
-        Problem {
-            kind,
-            reason,
-            message,
-        }
-    }
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl PartialEq<&str> for Problem {
-    fn eq(&self, other: &&str) -> bool {
-        self.message == *other
-    }
-}
-
-/// Why an object can't enter the model.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum ModelError {
-    #[error("metadata.name is missing")]
-    MissingName,
-    #[error("EndpointSlice {slice} has no {SERVICE_NAME_LABEL} label")]
-    MissingServiceNameLabel { slice: ObjectKey },
-}
-
-impl ModelError {
-    /// The same refusal as a [`Problem`], for logging and counting.
-    pub fn problem(&self, kind: ProblemKind) -> Problem {
-        let reason = match self {
-            ModelError::MissingName => "missing_name",
-            ModelError::MissingServiceNameLabel { .. } => "missing_service_name",
-        };
-        Problem::new(kind, reason, self.to_string())
     }
 }
 
@@ -202,8 +141,9 @@ impl Interner {
 pub struct Model {
     services: BTreeMap<ObjectKey, ServiceRecord>,
     endpoint_slices: BTreeMap<ObjectKey, SliceRecord>,
-    /// Service key → keys of the slices labelled with its name (same namespace).
-    slices_by_service: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
+    /// Service key → keys of the slices labelled with its name (same namespace), sorted: a
+    /// Service has few, and a vector costs one allocation where a set costs a node.
+    slices_by_service: HashMap<ObjectKey, Vec<ObjectKey>>,
     /// The labels of the Node this daemon runs on; empty while no source knows them.
     node_labels: BTreeMap<String, String>,
     /// The rest of what the daemon reads from its Node object.
@@ -318,10 +258,13 @@ impl Model {
         self.unlink_endpoint_slice(&key);
         self.changes.slice_changed(&record.service);
         self.changes.trigger_times.extend(trigger_time);
-        self.slices_by_service
+        let slices = self
+            .slices_by_service
             .entry(record.service.clone())
-            .or_default()
-            .insert(key.clone());
+            .or_default();
+        if let Err(position) = slices.binary_search(&key) {
+            slices.insert(position, key.clone());
+        }
         self.endpoint_slices.insert(key, record);
         true
     }
@@ -341,7 +284,9 @@ impl Model {
     fn unlink_endpoint_slice(&mut self, key: &ObjectKey) -> Option<SliceRecord> {
         let slice = self.endpoint_slices.remove(key)?;
         if let Some(slices) = self.slices_by_service.get_mut(&slice.service) {
-            slices.remove(key);
+            if let Ok(position) = slices.binary_search(key) {
+                slices.remove(position);
+            }
             if slices.is_empty() {
                 self.slices_by_service.remove(&slice.service);
             }
@@ -463,6 +408,7 @@ impl Model {
 
     /// What the mutations changed since the last call.
     pub fn take_changes(&mut self) -> ModelChanges {
+        crate::allocator::shrink_sparse(&mut self.slices_by_service);
         let revision = self.changes.revision;
         let changes = std::mem::take(&mut self.changes);
         self.changes.revision = revision;
@@ -476,66 +422,6 @@ pub type SliceEntry = (
     SliceRecord,
     Option<chrono::DateTime<chrono::Utc>>,
 );
-
-/// The EndpointSlice annotation the EndpointSlice controller sets to when the change
-/// that the slice reflects happened: the start of kube-proxy's network programming latency.
-pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
-
-/// What changed since the planner last looked: which Services to re-plan, and the counts
-/// and times of kube-proxy's change metrics.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ModelChanges {
-    /// Services added, changed or removed.
-    pub services: u64,
-    /// EndpointSlices added, changed or removed.
-    pub endpoint_slices: u64,
-    /// Trigger times of the added or changed slices that carry one.
-    pub trigger_times: Vec<chrono::DateTime<chrono::Utc>>,
-    /// The Services whose record or slices changed (existing or not): only they are
-    /// re-planned.
-    pub dirty_services: BTreeSet<ObjectKey>,
-    /// The node's labels changed: its zone may have, which touches every Service.
-    pub node_labels: bool,
-    /// Objects the sources refused since the last call.
-    pub rejected: Vec<Problem>,
-    /// Counts changes for [`Model::revision`]; kept across [`Model::take_changes`].
-    revision: u64,
-}
-
-impl ModelChanges {
-    /// Whether nothing changed.
-    pub fn is_empty(&self) -> bool {
-        self.services == 0
-            && self.endpoint_slices == 0
-            && self.trigger_times.is_empty()
-            && self.dirty_services.is_empty()
-            && !self.node_labels
-            && self.rejected.is_empty()
-    }
-
-    fn service_changed(&mut self, key: &ObjectKey) {
-        self.revision += 1;
-        self.services += 1;
-        self.dirty_services.insert(key.clone());
-    }
-
-    fn slice_changed(&mut self, service: &ObjectKey) {
-        self.revision += 1;
-        self.endpoint_slices += 1;
-        self.dirty_services.insert(service.clone());
-    }
-}
-
-/// The slice's [`LAST_CHANGE_TRIGGER_TIME`], if it has a valid one.
-pub fn trigger_time(slice: &EndpointSlice) -> Option<chrono::DateTime<chrono::Utc>> {
-    let time = slice
-        .metadata
-        .annotations
-        .as_ref()?
-        .get(LAST_CHANGE_TRIGGER_TIME)?;
-    let time = chrono::DateTime::parse_from_rfc3339(time).ok()?;
-    Some(time.with_timezone(&chrono::Utc))
-}
 
 #[cfg(test)]
 mod tests {
@@ -574,7 +460,7 @@ mod tests {
         let mut names: Vec<String> = model
             .endpoint_slices()
             .filter(|(_, slice)| slice.service == *service)
-            .map(|(key, _)| key.name.clone())
+            .map(|(key, _)| key.name.to_string())
             .collect();
         names.sort();
         let indexed = model.endpoint_slices_of(service).count();

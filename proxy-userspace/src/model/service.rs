@@ -11,6 +11,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::{IpNet, Ipv4Net};
@@ -69,7 +70,7 @@ pub struct ProxiedService {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortRecord {
     /// Empty for an unnamed single port.
-    pub name: Box<str>,
+    pub name: Arc<str>,
     pub port: i32,
     /// The reason when the protocol can't be proxied (SCTP, or not a protocol at all).
     pub protocol: Result<Protocol, Box<str>>,
@@ -173,7 +174,7 @@ fn proxied_service(
         .iter()
         .flatten()
         .map(|port| PortRecord {
-            name: port.name.clone().unwrap_or_default().into_boxed_str(),
+            name: Arc::from(port.name.as_deref().unwrap_or_default()),
             port: port.port,
             protocol: service_protocol(port.protocol.as_deref()).map_err(String::into_boxed_str),
             node_port: port.node_port,

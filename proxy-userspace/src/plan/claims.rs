@@ -69,6 +69,11 @@ impl Claims {
         removed
     }
 
+    /// Gives unused buckets back after most claims went.
+    pub fn shrink_sparse(&mut self) {
+        crate::allocator::shrink_sparse(&mut self.by_frontend);
+    }
+
     /// The claim that keeps the frontend.
     pub fn owner(&self, frontend: &Frontend) -> Option<&Claim> {
         self.by_frontend.get(frontend)?.first()

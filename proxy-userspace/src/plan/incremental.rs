@@ -94,6 +94,15 @@ impl Planner {
             .collect()
     }
 
+    /// Re-plans every Service: each one in the model, and each one this planner still has
+    /// frontends or problems for — a Service removed since the last update lets them go
+    /// (a full sync that planned only the model's Services would leave them programmed).
+    pub fn update_all(&mut self, model: &Model) -> PlanDelta {
+        let known: Vec<ObjectKey> = self.services.keys().cloned().collect();
+        let all = model.services().map(|(key, _)| key.clone());
+        self.update(model, all.chain(known))
+    }
+
     /// Re-plans the `dirty` Services (present in the model or not) and returns what
     /// changed. A Service that takes a frontend over from one that let it go is re-planned
     /// too, so the desired state always equals a plan from scratch.
@@ -184,6 +193,8 @@ impl Planner {
                 (old != new).then_some(FrontendChange { frontend, old, new })
             })
             .collect();
+        crate::allocator::shrink_sparse(&mut self.services);
+        self.claims.shrink_sparse();
         delta
     }
 
@@ -234,5 +245,36 @@ fn node_context(node: &NodeFacts, model: &Model) -> NodeContext {
             Some(primary) => vec![primary],
             None => node.addresses.clone(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::testing::svc;
+
+    /// Found by the writer's property test: a Service removed in the same sync as a node
+    /// change (or a resync) must not stay programmed because the full update planned only
+    /// the model's Services.
+    #[test]
+    fn a_full_update_lets_the_frontends_of_removed_services_go() {
+        let node = NodeFacts::default();
+        let mut model = Model::default();
+        model
+            .insert_service(svc("web/a", "198.19.0.1").port("http", 80, "TCP").0)
+            .unwrap();
+        let mut planner = Planner::new(&node, &model);
+        planner.update_all(&model);
+        assert_eq!(planner.desired().frontends.len(), 1);
+
+        model.remove_service(&ObjectKey::new("web", "a"));
+        let delta = planner.update_all(&model);
+        assert!(planner.desired().frontends.is_empty());
+        assert_eq!(
+            delta.frontends.len(),
+            1,
+            "the removed frontend is in the delta"
+        );
+        assert!(delta.frontends[0].new.is_none());
     }
 }

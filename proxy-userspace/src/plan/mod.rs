@@ -25,11 +25,12 @@ mod endpoints;
 mod incremental;
 mod service_port;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
@@ -123,13 +124,14 @@ pub enum FrontendKind {
     LoadBalancer,
 }
 
-/// `namespace/name:portname`: the identity kube-proxy hashes into chain names.
+/// `namespace/name:portname`: the identity kube-proxy hashes into chain names. Shares its
+/// strings with the model's records.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServicePortName {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
     /// The Service port's name; empty for an unnamed single port.
-    pub port_name: String,
+    pub port_name: Arc<str>,
 }
 
 impl fmt::Display for ServicePortName {
@@ -223,7 +225,7 @@ pub struct Planned {
 /// same on every run and after any sequence of changes.
 pub fn plan(model: &Model, node: &NodeFacts) -> Planned {
     let mut planner = Planner::new(node, model);
-    planner.update(model, model.services().map(|(key, _)| key.clone()));
+    planner.update_all(model);
     Planned {
         desired: planner.desired().clone(),
         health_checks: planner.health_checks().clone(),

@@ -150,7 +150,7 @@ impl ServicePlan {
             service: ServicePortName {
                 namespace: key.namespace.clone(),
                 name: key.name.clone(),
-                port_name: port.name.to_string(),
+                port_name: port.name.clone(),
             },
             backends: if local {
                 categorized.local.clone()

@@ -36,9 +36,10 @@ use tracing::{debug, info, warn};
 use crate::health::TO_BE_DELETED_TAINT;
 use crate::model::address::parse_ipv4_sloppy;
 use crate::model::{
-    Model, ModelError, NodeState, ObjectKey, ProblemKind, ServiceRecord, SliceEntry,
+    Model, ModelError, NodeState, ObjectKey, Problem, ProblemKind, ServiceRecord, SliceEntry,
 };
 use crate::plan::{HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL};
+use crate::source::validate::{validate_endpoint_slice, validate_service};
 
 /// How to reach the API server.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -234,16 +235,50 @@ where
     .default_backoff()
 }
 
+/// An object the source refuses: why, and which, when it has a name (its last good version
+/// then stays, as kube-proxy's caches keep theirs).
+struct Refused {
+    key: Option<ObjectKey>,
+    problem: Problem,
+}
+
+impl Refused {
+    fn unnamed(error: ModelError, kind: ProblemKind) -> Self {
+        Refused {
+            key: None,
+            problem: error.problem(kind),
+        }
+    }
+
+    /// `key` failed validation for `reason`; `kept` says whether a last good version stays.
+    fn invalid(key: ObjectKey, reason: String, kind: ProblemKind, kept: bool) -> Self {
+        let keeping = if kept {
+            "; keeping its last good version"
+        } else {
+            ""
+        };
+        let problem = Problem::new(kind, "invalid", format!("{key}: {reason}{keeping}"));
+        Refused {
+            key: Some(key),
+            problem,
+        }
+    }
+}
+
 /// How one watched kind enters the model.
 trait Watched: Resource<DynamicType = ()> + Clone + Debug + Send + 'static {
     /// What a relist buffers until it is complete: the interpreted object, never the
     /// whole API object.
     type Entry;
-    /// Interprets the object (kube-proxy's change trackers do it as the event arrives).
-    fn entry(self, model: &mut Model) -> Result<Self::Entry, ModelError>;
-    /// Adds or replaces the object; whether the model changed. A refused object may still
-    /// have removed its previous version.
-    fn apply(self, model: &mut Model) -> Result<bool, ModelError>;
+    /// Checks and interprets the object (kube-proxy's change trackers do it as the event
+    /// arrives). The API server has checked it already; it is checked again, the same way
+    /// as a manifest, so that a broken or hostile object never reaches the planner.
+    fn entry(self, model: &mut Model) -> Result<Self::Entry, Refused>;
+    /// The model's entry for `key`: the last good version of a refused object, which a
+    /// relist keeps.
+    fn kept(key: &ObjectKey, model: &Model) -> Option<Self::Entry>;
+    /// Adds or replaces the object's entry; whether the model changed.
+    fn insert(entry: Self::Entry, model: &mut Model) -> bool;
     /// Removes the object; whether the model changed.
     fn delete(&self, model: &mut Model) -> bool;
     /// Replaces every object of this kind after a (re)list.
@@ -256,15 +291,24 @@ impl Watched for Service {
     type Entry = (ObjectKey, ServiceRecord);
     const PROBLEM_KIND: ProblemKind = ProblemKind::Service;
 
-    fn entry(self, _model: &mut Model) -> Result<Self::Entry, ModelError> {
-        let key = ObjectKey::from_metadata(&self.metadata).ok_or(ModelError::MissingName)?;
+    fn entry(self, model: &mut Model) -> Result<Self::Entry, Refused> {
+        let key = ObjectKey::from_metadata(&self.metadata)
+            .ok_or_else(|| Refused::unnamed(ModelError::MissingName, Self::PROBLEM_KIND))?;
+        if let Err(reason) = validate_service(&self) {
+            let kept = model.service(&key).is_some();
+            return Err(Refused::invalid(key, reason, Self::PROBLEM_KIND, kept));
+        }
         let record = ServiceRecord::from_service(&key, &self);
         Ok((key, record))
     }
 
-    fn apply(self, model: &mut Model) -> Result<bool, ModelError> {
-        let (key, record) = self.entry(model)?;
-        Ok(model.upsert_service(key, record))
+    fn kept(key: &ObjectKey, model: &Model) -> Option<Self::Entry> {
+        let record = model.service(key)?;
+        Some((key.clone(), record.clone()))
+    }
+
+    fn insert((key, record): Self::Entry, model: &mut Model) -> bool {
+        model.upsert_service(key, record)
     }
 
     fn delete(&self, model: &mut Model) -> bool {
@@ -280,24 +324,28 @@ impl Watched for EndpointSlice {
     type Entry = SliceEntry;
     const PROBLEM_KIND: ProblemKind = ProblemKind::EndpointSlice;
 
-    fn entry(self, model: &mut Model) -> Result<Self::Entry, ModelError> {
-        model.slice_record(&self)
+    /// A slice without its service-name label (or a broken one) is refused like any
+    /// invalid object: kube-proxy's EndpointSliceCache ignores such an update too, and the
+    /// slice's last good version stays until it is fixed or deleted.
+    fn entry(self, model: &mut Model) -> Result<Self::Entry, Refused> {
+        let key = ObjectKey::from_metadata(&self.metadata)
+            .ok_or_else(|| Refused::unnamed(ModelError::MissingName, Self::PROBLEM_KIND))?;
+        if let Err(reason) = validate_endpoint_slice(&self) {
+            let kept = model.endpoint_slice(&key).is_some();
+            return Err(Refused::invalid(key, reason, Self::PROBLEM_KIND, kept));
+        }
+        model
+            .slice_record(&self)
+            .map_err(|error| Refused::unnamed(error, Self::PROBLEM_KIND))
     }
 
-    fn apply(self, model: &mut Model) -> Result<bool, ModelError> {
-        // A slice that lost its service-name label no longer belongs to any Service: the
-        // model removes it and refuses it.
-        match model.slice_record(&self) {
-            Ok((key, record, trigger_time)) => {
-                Ok(model.upsert_endpoint_slice(key, record, trigger_time))
-            }
-            Err(error) => {
-                if let ModelError::MissingServiceNameLabel { slice } = &error {
-                    model.remove_endpoint_slice(slice);
-                }
-                Err(error)
-            }
-        }
+    fn kept(key: &ObjectKey, model: &Model) -> Option<Self::Entry> {
+        let record = model.endpoint_slice(key)?;
+        Some((key.clone(), record.clone(), None))
+    }
+
+    fn insert((key, record, trigger_time): Self::Entry, model: &mut Model) -> bool {
+        model.upsert_endpoint_slice(key, record, trigger_time)
     }
 
     fn delete(&self, model: &mut Model) -> bool {
@@ -318,14 +366,18 @@ impl Watched for Node {
     const PROBLEM_KIND: ProblemKind = ProblemKind::File;
 
     /// One small object: kept whole until its list completes.
-    fn entry(self, _model: &mut Model) -> Result<Self::Entry, ModelError> {
+    fn entry(self, _model: &mut Model) -> Result<Self::Entry, Refused> {
         Ok(self)
     }
 
-    fn apply(self, model: &mut Model) -> Result<bool, ModelError> {
-        let state = node_state(&self);
-        let labels_changed = model.set_node_labels(self.metadata.labels.unwrap_or_default());
-        Ok(model.set_node_state(state) | labels_changed)
+    fn kept(_key: &ObjectKey, _model: &Model) -> Option<Self::Entry> {
+        None
+    }
+
+    fn insert(node: Self::Entry, model: &mut Model) -> bool {
+        let state = node_state(&node);
+        let labels_changed = model.set_node_labels(node.metadata.labels.unwrap_or_default());
+        model.set_node_state(state) | labels_changed
     }
 
     /// The labels (the zone) are unknown from now on; the state stays the deleted object's,
@@ -343,7 +395,7 @@ impl Watched for Node {
             model.set_node_labels(BTreeMap::new());
             return;
         };
-        let _ = node.apply(model);
+        Self::insert(node, model);
     }
 }
 
@@ -411,10 +463,14 @@ impl<K: Watched> Reflector<K> {
                 false
             }
             Event::InitApply(object) => {
-                match object.entry(model) {
-                    Ok(entry) => self.relisting.get_or_insert_default().push(entry),
-                    Err(error) => model.reject(error.problem(K::PROBLEM_KIND)),
-                }
+                let entry = match object.entry(model) {
+                    Ok(entry) => Some(entry),
+                    Err(refused) => {
+                        model.reject(refused.problem);
+                        (refused.key.as_ref()).and_then(|key| K::kept(key, model))
+                    }
+                };
+                self.relisting.get_or_insert_default().extend(entry);
                 false
             }
             Event::InitDone => {
@@ -431,10 +487,13 @@ impl<K: Watched> Reflector<K> {
             }
             Event::Apply(object) => {
                 debug!(%kind, name = %object.name_any(), "applied");
-                object.apply(model).unwrap_or_else(|error| {
-                    model.reject(error.problem(K::PROBLEM_KIND));
-                    true
-                })
+                match object.entry(model) {
+                    Ok(entry) => K::insert(entry, model),
+                    Err(refused) => {
+                        model.reject(refused.problem);
+                        true
+                    }
+                }
             }
             Event::Delete(object) => {
                 debug!(%kind, name = %object.name_any(), "deleted");

@@ -2,3 +2,4 @@
 
 pub mod kubernetes;
 pub mod manifests;
+pub mod validate;

@@ -10,7 +10,9 @@
 
 use std::collections::HashMap;
 
-use super::image::{IdRegistry, MapImage, MapOp, diff, frontend_entries, header_key, materialize};
+use super::image::{
+    IdRegistry, MapImage, MapOp, MapWrites, diff, frontend_entries, header_key, materialize,
+};
 use crate::plan::{DesiredState, FrontendChange};
 
 /// The maps' contents as last written, and the ids and backend counts that go with them.
@@ -48,14 +50,14 @@ impl MapMirror {
     }
 
     /// The writes that make the maps hold exactly `desired` (a full sync).
-    pub fn full(&mut self, desired: &DesiredState) -> Vec<MapOp> {
+    pub fn full(&mut self, desired: &DesiredState) -> MapWrites {
         let next = materialize(desired, &mut self.ids);
         diff(&self.current, &next)
     }
 
     /// The writes for the changed frontends only: their entries, new backends before the
     /// slots that name them, unused backends after the last slot that named them went.
-    pub fn delta(&mut self, changes: &[FrontendChange]) -> Vec<MapOp> {
+    pub fn delta(&mut self, changes: &[FrontendChange]) -> MapWrites {
         let mut old = MapImage::default();
         let mut new = MapImage::default();
         for change in changes {
@@ -104,6 +106,12 @@ impl MapMirror {
             _ => {}
         }
         self.current.apply(op);
+    }
+
+    /// Gives unused buckets back after most entries went.
+    pub fn shrink_sparse(&mut self) {
+        crate::allocator::shrink_sparse(&mut self.backend_refs);
+        self.ids.shrink_sparse();
     }
 
     fn count_backend_refs(&mut self) {

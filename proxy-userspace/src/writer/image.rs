@@ -108,6 +108,12 @@ impl IdRegistry {
         self.backends.remove(backend);
     }
 
+    /// Gives unused buckets back after most ids were released.
+    pub fn shrink_sparse(&mut self) {
+        crate::allocator::shrink_sparse(&mut self.backends);
+        crate::allocator::shrink_sparse(&mut self.frontends);
+    }
+
     /// Forgets the ids of everything that is no longer in `image`.
     fn retain(&mut self, image: &MapImage) {
         self.backends
@@ -325,6 +331,76 @@ pub enum MapOp {
     DeleteName(u32),
 }
 
+/// The writes that turn one image into another, phase by phase in the one order that
+/// keeps every packet consistent (see [`diff`]). The writes of one phase are independent
+/// of each other — any order of them is as safe as another — so each phase goes to the
+/// kernel as one batch.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapWrites {
+    pub put_names: Vec<(u32, ServiceName)>,
+    pub put_backends: Vec<(u32, Backend)>,
+    /// Membership entries that gain bits (or appear).
+    pub grow_membership: Vec<(MembershipKey, u8)>,
+    pub put_slots: Vec<(ServiceKey, ServiceValue)>,
+    pub put_source_ranges: Vec<SourceRangeEntry>,
+    pub put_headers: Vec<(ServiceKey, ServiceValue)>,
+    pub delete_headers: Vec<ServiceKey>,
+    pub delete_slots: Vec<ServiceKey>,
+    /// Membership entries that lose bits.
+    pub shrink_membership: Vec<(MembershipKey, u8)>,
+    pub delete_membership: Vec<MembershipKey>,
+    pub delete_source_ranges: Vec<SourceRangeEntry>,
+    pub delete_backends: Vec<u32>,
+    pub delete_names: Vec<u32>,
+}
+
+impl MapWrites {
+    /// How many single writes these are.
+    pub fn len(&self) -> usize {
+        self.put_names.len()
+            + self.put_backends.len()
+            + self.grow_membership.len()
+            + self.put_slots.len()
+            + self.put_source_ranges.len()
+            + self.put_headers.len()
+            + self.delete_headers.len()
+            + self.delete_slots.len()
+            + self.shrink_membership.len()
+            + self.delete_membership.len()
+            + self.delete_source_ranges.len()
+            + self.delete_backends.len()
+            + self.delete_names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every write, one at a time, in order: what the kernel does with the batches.
+    pub fn ops(&self) -> impl Iterator<Item = MapOp> + '_ {
+        let puts = (self.put_names.iter())
+            .map(|(id, name)| MapOp::PutName(*id, *name))
+            .chain((self.put_backends.iter()).map(|(id, backend)| MapOp::PutBackend(*id, *backend)))
+            .chain(put_membership(&self.grow_membership))
+            .chain((self.put_slots.iter()).map(|(key, value)| MapOp::PutService(*key, *value)))
+            .chain((self.put_source_ranges.iter()).map(|entry| MapOp::PutSourceRange(*entry)))
+            .chain((self.put_headers.iter()).map(|(key, value)| MapOp::PutService(*key, *value)));
+        let deletes = (self.delete_headers.iter())
+            .chain(&self.delete_slots)
+            .map(|key| MapOp::DeleteService(*key))
+            .chain(put_membership(&self.shrink_membership))
+            .chain((self.delete_membership.iter()).map(|key| MapOp::DeleteMembership(*key)))
+            .chain((self.delete_source_ranges.iter()).map(|entry| MapOp::DeleteSourceRange(*entry)))
+            .chain((self.delete_backends.iter()).map(|id| MapOp::DeleteBackend(*id)))
+            .chain((self.delete_names.iter()).map(|id| MapOp::DeleteName(*id)));
+        puts.chain(deletes)
+    }
+}
+
+fn put_membership(entries: &[(MembershipKey, u8)]) -> impl Iterator<Item = MapOp> + '_ {
+    (entries.iter()).map(|(key, bits)| MapOp::PutMembership(*key, *bits))
+}
+
 /// The writes that turn `current` into `next`, ordered so that at every step each
 /// frontend's header only counts slots that exist and every slot names a backend that
 /// exists and is a member of the frontend: new backends, grown membership, then new slots
@@ -333,78 +409,57 @@ pub enum MapOp {
 /// ranges, which would drop every client, and a flow to a new backend never looks as if
 /// its backend had left. Names come first and go last, so a listing never shows a live
 /// frontend without its name.
-pub fn diff(current: &MapImage, next: &MapImage) -> Vec<MapOp> {
-    let mut ops = Vec::new();
+pub fn diff(current: &MapImage, next: &MapImage) -> MapWrites {
+    let mut writes = MapWrites::default();
     for (id, name) in &next.names {
         if current.names.get(id) != Some(name) {
-            ops.push(MapOp::PutName(*id, *name));
+            writes.put_names.push((*id, *name));
         }
     }
     for (id, backend) in &next.backends {
         if current.backends.get(id) != Some(backend) {
-            ops.push(MapOp::PutBackend(*id, *backend));
+            writes.put_backends.push((*id, *backend));
         }
     }
     // Membership that grows goes first, membership that shrinks with the removals.
-    let (grown, shrunk): (Vec<_>, Vec<_>) = next
-        .membership
-        .iter()
+    let changed_membership = (next.membership.iter())
         .filter(|(key, bits)| current.membership.get(key) != Some(bits))
-        .partition(|(key, bits)| {
+        .map(|(key, bits)| (*key, *bits));
+    (writes.grow_membership, writes.shrink_membership) =
+        changed_membership.partition(|(key, bits)| {
             let before = current.membership.get(key).copied().unwrap_or(0);
-            before & !**bits == 0
+            before & !*bits == 0
         });
-    ops.extend(grown.into_iter().map(|(k, b)| MapOp::PutMembership(*k, *b)));
-    let changed_services = next
-        .services
-        .iter()
-        .filter(|(key, value)| current.services.get(key) != Some(value));
-    let (headers, slots): (Vec<_>, Vec<_>) = changed_services.partition(|(key, _)| key.slot == 0);
-    ops.extend(slots.into_iter().map(|(k, v)| MapOp::PutService(*k, *v)));
-    ops.extend(
-        next.source_ranges
-            .difference(&current.source_ranges)
-            .map(|entry| MapOp::PutSourceRange(*entry)),
-    );
-    ops.extend(headers.into_iter().map(|(k, v)| MapOp::PutService(*k, *v)));
+    let changed_services = (next.services.iter())
+        .filter(|(key, value)| current.services.get(key) != Some(value))
+        .map(|(key, value)| (*key, *value));
+    (writes.put_headers, writes.put_slots) = changed_services.partition(|(key, _)| key.slot == 0);
+    writes.put_source_ranges = (next.source_ranges)
+        .difference(&current.source_ranges)
+        .copied()
+        .collect();
 
-    let removed_services = current
-        .services
-        .keys()
-        .filter(|key| !next.services.contains_key(key));
-    let (headers, slots): (Vec<&ServiceKey>, Vec<&ServiceKey>) =
-        removed_services.partition(|key| key.slot == 0);
-    ops.extend(headers.into_iter().map(|key| MapOp::DeleteService(*key)));
-    ops.extend(slots.into_iter().map(|key| MapOp::DeleteService(*key)));
-    ops.extend(
-        shrunk
-            .into_iter()
-            .map(|(k, b)| MapOp::PutMembership(*k, *b)),
-    );
-    ops.extend(
-        current
-            .membership
-            .keys()
-            .filter(|key| !next.membership.contains_key(key))
-            .map(|key| MapOp::DeleteMembership(*key)),
-    );
-    ops.extend(
-        current
-            .source_ranges
-            .difference(&next.source_ranges)
-            .map(|entry| MapOp::DeleteSourceRange(*entry)),
-    );
-    for id in current.backends.keys() {
-        if !next.backends.contains_key(id) {
-            ops.push(MapOp::DeleteBackend(*id));
-        }
-    }
-    for id in current.names.keys() {
-        if !next.names.contains_key(id) {
-            ops.push(MapOp::DeleteName(*id));
-        }
-    }
-    ops
+    let removed_services = (current.services.keys())
+        .filter(|key| !next.services.contains_key(key))
+        .copied();
+    (writes.delete_headers, writes.delete_slots) = removed_services.partition(|key| key.slot == 0);
+    writes.delete_membership = (current.membership.keys())
+        .filter(|key| !next.membership.contains_key(key))
+        .copied()
+        .collect();
+    writes.delete_source_ranges = (current.source_ranges)
+        .difference(&next.source_ranges)
+        .copied()
+        .collect();
+    writes.delete_backends = (current.backends.keys())
+        .filter(|id| !next.backends.contains_key(id))
+        .copied()
+        .collect();
+    writes.delete_names = (current.names.keys())
+        .filter(|id| !next.names.contains_key(id))
+        .copied()
+        .collect();
+    writes
 }
 
 impl MapImage {
@@ -491,7 +546,7 @@ pub(super) mod tests {
                     service: ServicePortName {
                         namespace: "default".into(),
                         name: name.into(),
-                        port_name: String::new(),
+                        port_name: "".into(),
                     },
                     kind: FrontendKind::ClusterIp,
                     backends: backends(octets),
@@ -548,7 +603,7 @@ pub(super) mod tests {
         let mut ids = IdRegistry::default();
         let mut image = materialize(from, &mut ids);
         let next = materialize(to, &mut ids);
-        let ops = diff(&image, &next);
+        let ops: Vec<MapOp> = diff(&image, &next).ops().collect();
         for (step, op) in ops.iter().enumerate() {
             image.apply(*op);
             assert_consistent(&image, step);
@@ -633,7 +688,7 @@ pub(super) mod tests {
         let both = materialize(&desired(&[(a, &[10]), (b, &[10])]), &mut ids);
         assert_eq!(both.backends.len(), 1);
         let one = materialize(&desired(&[(b, &[10])]), &mut ids);
-        let ops = diff(&both, &one);
+        let ops: Vec<MapOp> = diff(&both, &one).ops().collect();
         assert!(!ops.iter().any(|op| matches!(op, MapOp::DeleteBackend(_))));
     }
 
@@ -696,7 +751,7 @@ pub(super) mod tests {
         let after = materialize(&named([(vip, "api", &[11][..])]), &mut ids);
         assert_eq!(name_of(&after, vip_key), "api");
         assert_eq!(after.names.len(), 1);
-        let ops = diff(&before, &after);
+        let ops: Vec<MapOp> = diff(&before, &after).ops().collect();
         let rev_nat_id = after.services[&vip_key].rev_nat_id;
         assert!(ops.contains(&MapOp::PutName(rev_nat_id, after.names[&rev_nat_id])));
         assert!(matches!(ops.last(), Some(MapOp::DeleteName(_))), "{ops:?}");
@@ -769,7 +824,7 @@ pub(super) mod tests {
         plan.backends.truncate(1);
         plan.serving_addrs.truncate(1);
         let next = materialize(&state, &mut ids);
-        let ops = diff(&image, &next);
+        let ops: Vec<MapOp> = diff(&image, &next).ops().collect();
         let position = |wanted: &MapOp| ops.iter().position(|op| op == wanted).unwrap();
         let header_update = ops
             .iter()
@@ -821,11 +876,11 @@ pub(super) mod tests {
         assert_eq!(entry.key().prefix_len(), 32 + 24);
 
         let is_header = |op: &MapOp| matches!(op, MapOp::PutService(key, _) if key.slot == 0);
-        let ops = diff(&open, &restricted);
+        let ops: Vec<MapOp> = diff(&open, &restricted).ops().collect();
         assert_eq!(ops.len(), 2, "{ops:?}");
         assert_eq!(ops[0], MapOp::PutSourceRange(entry));
         assert!(is_header(&ops[1]), "{ops:?}");
-        let ops = diff(&restricted, &open);
+        let ops: Vec<MapOp> = diff(&restricted, &open).ops().collect();
         assert_eq!(ops.len(), 2, "{ops:?}");
         assert!(is_header(&ops[0]), "{ops:?}");
         assert_eq!(ops[1], MapOp::DeleteSourceRange(entry));

@@ -8,15 +8,19 @@
 
 mod delta;
 mod image;
+#[cfg(test)]
+mod property;
 
 use std::collections::HashMap;
 
-use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, MapError};
+use aya::Pod;
+use aya::maps::{Array, HashMap as BpfHashMap, IterableMap, LpmTrie, MapData, MapError};
 use proxy_common::{Backend, MembershipKey, ServiceKey, ServiceName, ServiceValue, SourceRange};
 
 pub use delta::MapMirror;
-pub use image::{IdRegistry, MapImage, MapOp, SourceRangeEntry, diff, materialize};
+pub use image::{IdRegistry, MapImage, MapOp, MapWrites, SourceRangeEntry, diff, materialize};
 
+use crate::bpf_batch;
 use crate::plan::{DesiredState, FrontendChange};
 
 /// What one [`MapWriter::apply`] or [`MapWriter::apply_delta`] did.
@@ -146,94 +150,279 @@ impl MapWriter {
     /// Makes the maps equal to `desired`, writing only the difference to what they hold (a
     /// full sync: start-up, resync, a change of the node).
     pub fn apply(&mut self, desired: &DesiredState) -> ApplyReport {
-        let ops = self.mirror.full(desired);
-        self.write_all(ops)
+        let writes = self.mirror.full(desired);
+        self.write_all(writes)
     }
 
     /// Writes the changed frontends only (a partial sync).
     pub fn apply_delta(&mut self, changes: &[FrontendChange]) -> ApplyReport {
-        let ops = self.mirror.delta(changes);
-        self.write_all(ops)
+        let writes = self.mirror.delta(changes);
+        self.write_all(writes)
     }
 
-    fn write_all(&mut self, ops: Vec<MapOp>) -> ApplyReport {
+    /// Writes phase by phase, each phase of a hash map as one batch per map (the kernel
+    /// applies a batch's elements in order, as single writes would be); SOURCE_RANGES, an
+    /// LPM trie of a few entries per restricted frontend, one entry at a time. BACKEND_IDS
+    /// goes with BACKENDS (its reverse entry first, last out), and MEMBERSHIP_EPOCH is
+    /// raised once MEMBERSHIP changed.
+    fn write_all(&mut self, writes: MapWrites) -> ApplyReport {
         let mut report = ApplyReport {
-            ops: ops.len(),
+            ops: writes.len(),
             ..ApplyReport::default()
         };
-        let mut membership_changed = false;
-        for op in ops {
-            match self.write(op) {
-                Ok(()) => {
-                    membership_changed |=
-                        matches!(op, MapOp::PutMembership(..) | MapOp::DeleteMembership(_));
-                    self.mirror.applied(op);
-                }
-                Err(error) if is_map_full(&error) => report.map_full += 1,
-                Err(error) => report.failures.push(format!("{op:?}: {error}")),
-            }
+        let MapWriter {
+            services,
+            backends,
+            membership,
+            names,
+            source_ranges,
+            flow_maps,
+            mirror,
+        } = self;
+        let mut phase = Phase {
+            mirror,
+            report: &mut report,
+            membership_changed: false,
+        };
+        phase.put(names.map(), &writes.put_names, |(id, name)| {
+            MapOp::PutName(id, name)
+        });
+        phase.put_backends(backends.map(), flow_maps.as_ref(), &writes.put_backends);
+        phase.put(membership.map(), &writes.grow_membership, |(key, bits)| {
+            MapOp::PutMembership(key, bits)
+        });
+        phase.put(services.map(), &writes.put_slots, |(key, value)| {
+            MapOp::PutService(key, value)
+        });
+        for entry in &writes.put_source_ranges {
+            let written = match source_ranges.as_mut() {
+                Some(ranges) => ranges.insert(&entry.key(), 1, 0),
+                None => Err(no_source_ranges()),
+            };
+            phase.single(MapOp::PutSourceRange(*entry), written);
         }
+        phase.put(services.map(), &writes.put_headers, |(key, value)| {
+            MapOp::PutService(key, value)
+        });
+        phase.delete(services.map(), &writes.delete_headers, MapOp::DeleteService);
+        phase.delete(services.map(), &writes.delete_slots, MapOp::DeleteService);
+        phase.put(
+            membership.map(),
+            &writes.shrink_membership,
+            |(key, bits)| MapOp::PutMembership(key, bits),
+        );
+        phase.delete(
+            membership.map(),
+            &writes.delete_membership,
+            MapOp::DeleteMembership,
+        );
+        for entry in &writes.delete_source_ranges {
+            let removed = match source_ranges.as_mut() {
+                Some(ranges) => ignore_missing(ranges.remove(&entry.key())),
+                None => Err(no_source_ranges()),
+            };
+            phase.single(MapOp::DeleteSourceRange(*entry), removed);
+        }
+        phase.delete_backends(backends.map(), flow_maps.as_ref(), &writes.delete_backends);
+        phase.delete(names.map(), &writes.delete_names, MapOp::DeleteName);
         // After the writes: a flow that reads the new epoch finds the new membership.
-        if membership_changed && let Err(error) = self.raise_membership_epoch() {
+        if phase.membership_changed
+            && let Err(error) = raise_membership_epoch(flow_maps.as_mut())
+        {
             report
                 .failures
                 .push(format!("raising MEMBERSHIP_EPOCH: {error}"));
         }
+        self.mirror.shrink_sparse();
         report
     }
+}
 
-    fn raise_membership_epoch(&mut self) -> Result<(), MapError> {
-        let epoch = &mut self.flow_maps()?.membership_epoch;
-        let next = epoch.get(&0, 0)?.wrapping_add(1);
-        epoch.set(0, next, 0)
+fn raise_membership_epoch(flow_maps: Option<&mut FlowMaps>) -> Result<(), MapError> {
+    let epoch = &mut flow_maps.ok_or_else(no_flow_maps)?.membership_epoch;
+    let next = epoch.get(&0, 0)?.wrapping_add(1);
+    epoch.set(0, next, 0)
+}
+
+fn no_flow_maps() -> MapError {
+    MapError::IoError(std::io::Error::other(
+        "the writer was not given BACKEND_IDS and MEMBERSHIP_EPOCH",
+    ))
+}
+
+fn no_source_ranges() -> MapError {
+    MapError::IoError(std::io::Error::other(
+        "the writer was not given the SOURCE_RANGES map",
+    ))
+}
+
+/// Applies phases and records the outcome of each write: those that succeeded in the
+/// mirror, the others in the report (retried by the next, full, sync).
+struct Phase<'w> {
+    mirror: &'w mut MapMirror,
+    report: &'w mut ApplyReport,
+    /// Whether a MEMBERSHIP write succeeded.
+    membership_changed: bool,
+}
+
+impl Phase<'_> {
+    fn put<K: Pod, V: Pod>(
+        &mut self,
+        map: &MapData,
+        entries: &[(K, V)],
+        op: impl Fn((K, V)) -> MapOp,
+    ) {
+        let (keys, values): (Vec<K>, Vec<V>) = entries.iter().copied().unzip();
+        let results = update_each(map, &keys, &values);
+        self.record(entries.iter().map(|entry| op(*entry)), results);
     }
 
-    fn flow_maps(&mut self) -> Result<&mut FlowMaps, MapError> {
-        self.flow_maps.as_mut().ok_or_else(|| {
-            MapError::IoError(std::io::Error::other(
-                "the writer was not given BACKEND_IDS and MEMBERSHIP_EPOCH",
-            ))
-        })
+    fn delete<K: Pod>(&mut self, map: &MapData, keys: &[K], op: impl Fn(K) -> MapOp) {
+        let results = delete_each(map, keys);
+        self.record(keys.iter().map(|key| op(*key)), results);
     }
 
-    fn write(&mut self, op: MapOp) -> Result<(), MapError> {
-        match op {
-            MapOp::PutName(id, name) => self.names.insert(id, name, 0),
-            MapOp::PutBackend(id, backend) => {
-                let replaced = self.mirror.image().backends.get(&id).copied();
-                let backend_ids = &mut self.flow_maps()?.backend_ids;
-                if let Some(old) = replaced.filter(|old| *old != backend) {
-                    ignore_missing(backend_ids.remove(&old))?;
-                }
-                backend_ids.insert(backend, id, 0)?;
-                self.backends.insert(id, backend, 0)
+    /// BACKENDS with their BACKEND_IDS entries: a reverse entry that an id's new backend
+    /// replaces goes first, then the reverse entries, then the backends; a backend counts
+    /// as written when all of its writes succeeded.
+    fn put_backends(
+        &mut self,
+        map: &MapData,
+        flow_maps: Option<&FlowMaps>,
+        entries: &[(u32, Backend)],
+    ) {
+        let Some(flow_maps) = flow_maps else {
+            let results = entries
+                .iter()
+                .map(|_| Err(std::io::Error::other(no_flow_maps().to_string())));
+            self.record(
+                entries
+                    .iter()
+                    .map(|(id, backend)| MapOp::PutBackend(*id, *backend)),
+                results.collect(),
+            );
+            return;
+        };
+        let reverse = flow_maps.backend_ids.map();
+        let mut results: Vec<std::io::Result<()>> = entries.iter().map(|_| Ok(())).collect();
+        let replaced: Vec<(usize, Backend)> = (entries.iter().enumerate())
+            .filter_map(|(index, (id, backend))| {
+                let old = self.mirror.image().backends.get(id)?;
+                (old != backend).then_some((index, *old))
+            })
+            .collect();
+        let old_keys: Vec<Backend> = replaced.iter().map(|(_, old)| *old).collect();
+        for ((index, _), result) in replaced.iter().zip(delete_each(reverse, &old_keys)) {
+            results[*index] = result;
+        }
+        let pending = |results: &[std::io::Result<()>]| -> Vec<usize> {
+            (0..entries.len())
+                .filter(|&index| results[index].is_ok())
+                .collect()
+        };
+        let still = pending(&results);
+        let keys: Vec<Backend> = still.iter().map(|&index| entries[index].1).collect();
+        let ids: Vec<u32> = still.iter().map(|&index| entries[index].0).collect();
+        for (index, result) in still.iter().zip(update_each(reverse, &keys, &ids)) {
+            results[*index] = result;
+        }
+        let still = pending(&results);
+        let ids: Vec<u32> = still.iter().map(|&index| entries[index].0).collect();
+        let values: Vec<Backend> = still.iter().map(|&index| entries[index].1).collect();
+        for (index, result) in still.iter().zip(update_each(map, &ids, &values)) {
+            results[*index] = result;
+        }
+        self.record(
+            entries
+                .iter()
+                .map(|(id, backend)| MapOp::PutBackend(*id, *backend)),
+            results,
+        );
+    }
+
+    /// BACKENDS entries, then their BACKEND_IDS entries.
+    fn delete_backends(&mut self, map: &MapData, flow_maps: Option<&FlowMaps>, ids: &[u32]) {
+        let mut results = delete_each(map, ids);
+        if let Some(flow_maps) = flow_maps {
+            let reverse: Vec<(usize, Backend)> = (ids.iter().enumerate())
+                .filter(|(index, _)| results[*index].is_ok())
+                .filter_map(|(index, id)| Some((index, *self.mirror.image().backends.get(id)?)))
+                .collect();
+            let keys: Vec<Backend> = reverse.iter().map(|(_, backend)| *backend).collect();
+            let reverse_results = delete_each(flow_maps.backend_ids.map(), &keys);
+            for ((index, _), result) in reverse.iter().zip(reverse_results) {
+                results[*index] = result;
             }
-            MapOp::PutService(key, value) => self.services.insert(key, value, 0),
-            MapOp::PutMembership(key, bits) => self.membership.insert(key, bits, 0),
-            MapOp::DeleteService(key) => ignore_missing(self.services.remove(&key)),
-            MapOp::DeleteMembership(key) => ignore_missing(self.membership.remove(&key)),
-            MapOp::DeleteBackend(id) => {
-                ignore_missing(self.backends.remove(&id))?;
-                match self.mirror.image().backends.get(&id).copied() {
-                    Some(backend) => ignore_missing(self.flow_maps()?.backend_ids.remove(&backend)),
-                    None => Ok(()),
+        }
+        self.record(ids.iter().map(|id| MapOp::DeleteBackend(*id)), results);
+    }
+
+    /// Records the outcome of each write, in order.
+    fn record(&mut self, ops: impl Iterator<Item = MapOp>, results: Vec<std::io::Result<()>>) {
+        for (op, result) in ops.zip(results) {
+            match result {
+                Ok(()) => self.applied(op),
+                Err(error) if error.raw_os_error() == Some(libc::E2BIG) => {
+                    self.report.map_full += 1;
                 }
-            }
-            MapOp::DeleteName(id) => ignore_missing(self.names.remove(&id)),
-            MapOp::PutSourceRange(entry) => self.source_ranges()?.insert(&entry.key(), 1, 0),
-            MapOp::DeleteSourceRange(entry) => {
-                ignore_missing(self.source_ranges()?.remove(&entry.key()))
+                Err(error) => self.report.failures.push(format!("{op:?}: {error}")),
             }
         }
     }
 
-    fn source_ranges(&mut self) -> Result<&mut LpmTrie<MapData, SourceRange, u8>, MapError> {
-        self.source_ranges.as_mut().ok_or_else(|| {
-            MapError::IoError(std::io::Error::other(
-                "the writer was not given the SOURCE_RANGES map",
-            ))
-        })
+    /// Records one single write.
+    fn single(&mut self, op: MapOp, result: Result<(), MapError>) {
+        match result {
+            Ok(()) => self.applied(op),
+            Err(error) if is_map_full(&error) => self.report.map_full += 1,
+            Err(error) => self.report.failures.push(format!("{op:?}: {error}")),
+        }
     }
+
+    fn applied(&mut self, op: MapOp) {
+        self.membership_changed |=
+            matches!(op, MapOp::PutMembership(..) | MapOp::DeleteMembership(_));
+        self.mirror.applied(op);
+    }
+}
+
+/// Writes `keys[i]` → `values[i]` as batches, each resuming after an element that failed;
+/// the outcome of each element.
+fn update_each<K: Pod, V: Pod>(
+    map: &MapData,
+    keys: &[K],
+    values: &[V],
+) -> Vec<std::io::Result<()>> {
+    let mut results = Vec::with_capacity(keys.len());
+    while results.len() < keys.len() {
+        let start = results.len();
+        match bpf_batch::update(map, &keys[start..], &values[start..]) {
+            Ok(()) => results.resize_with(keys.len(), || Ok(())),
+            Err(stopped) => {
+                results.resize_with(start + stopped.applied, || Ok(()));
+                results.push(Err(stopped.error));
+            }
+        }
+    }
+    results
+}
+
+/// Deletes `keys` as batches, each resuming after an element that failed; a key that is
+/// gone already counts as deleted. The outcome of each element.
+fn delete_each<K: Pod>(map: &MapData, keys: &[K]) -> Vec<std::io::Result<()>> {
+    let mut results = Vec::with_capacity(keys.len());
+    while results.len() < keys.len() {
+        let start = results.len();
+        match bpf_batch::delete(map, &keys[start..]) {
+            Ok(()) => results.resize_with(keys.len(), || Ok(())),
+            Err(stopped) => {
+                results.resize_with(start + stopped.applied, || Ok(()));
+                let gone = stopped.error.raw_os_error() == Some(libc::ENOENT);
+                results.push(if gone { Ok(()) } else { Err(stopped.error) });
+            }
+        }
+    }
+    results
 }
 
 /// Makes BACKEND_IDS agree with BACKENDS after a re-read: removes what BACKENDS does not

@@ -387,6 +387,41 @@ impl FakeApiServer {
     }
 }
 
+/// A test API server in a lab namespace together with the runtime that runs it, for callers
+/// without a runtime of their own (lab tests, the benchmarks). Dereferences to the server;
+/// both stop when it is dropped.
+pub struct ApiServerInNetns {
+    server: FakeApiServer,
+    // Dropped after the server, whose task it runs.
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl ApiServerInNetns {
+    /// Serves on 127.0.0.1 of `ns` (see [`FakeApiServer::start_in`]).
+    pub fn start(ns: &Netns) -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let server = {
+            let _context = runtime.enter();
+            FakeApiServer::start_in(ns)
+        };
+        Ok(ApiServerInNetns {
+            server,
+            _runtime: runtime,
+        })
+    }
+}
+
+impl std::ops::Deref for ApiServerInNetns {
+    type Target = FakeApiServer;
+
+    fn deref(&self) -> &FakeApiServer {
+        &self.server
+    }
+}
+
 /// The stored objects, their history and the open watches.
 #[derive(Default)]
 pub struct Cluster {

@@ -15,7 +15,7 @@ use futures::stream::BoxStream;
 use inotify::{Inotify, WatchMask};
 use tokio::task::JoinSet;
 use tokio::time::Interval;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{FileReadResult, FileToRead, ManifestSource, ParseLimits};
 use crate::model::Model;
@@ -156,6 +156,7 @@ impl ManifestWatcher {
             self.in_flight.insert(file.path.clone());
             let limits = *self.source.limits();
             self.reads.spawn_blocking(move || {
+                yield_to_the_event_loop();
                 let read = ManifestSource::read(&limits, &file);
                 (file, read)
             });
@@ -170,6 +171,23 @@ impl ManifestWatcher {
             self.newly_loaded = true;
             info!(dir = %self.source.dir().display(), "manifests loaded");
         }
+    }
+}
+
+/// How much less a thread that parses manifests counts for the scheduler than the event
+/// loop (nice 10: a tenth of its weight). On a node of two cores a 50 MB manifest keeps
+/// both busy for seconds; syncs must not wait for it.
+const PARSER_NICE: libc::c_int = 10;
+
+/// Lowers the calling thread's priority to [`PARSER_NICE`] (the threads it starts to parse
+/// in parts inherit it). Only manifest reads run on the blocking pool, so the pool's
+/// threads all keep it.
+fn yield_to_the_event_loop() {
+    // SAFETY: setpriority on the calling thread (who = 0; Linux's nice is per thread) only
+    // changes its scheduling weight. Raising nice needs no privilege.
+    let failed = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, PARSER_NICE) } != 0;
+    if failed {
+        debug!(error = %std::io::Error::last_os_error(), "could not lower the parser's priority");
     }
 }
 
@@ -199,4 +217,53 @@ fn watch(dir: &std::path::Path) -> std::io::Result<BoxStream<'static, std::io::R
     Ok(stream
         .map(|event| event.map(|event| event.name.unwrap_or_default()))
         .boxed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The nice value of each thread of this process (field 19 of its stat).
+    fn thread_nices() -> Vec<i32> {
+        let tasks = std::fs::read_dir("/proc/self/task").unwrap();
+        tasks
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("stat")).ok())
+            .filter_map(|stat| {
+                // The command name may hold spaces: fields count from after its ')'.
+                let after_name = &stat[stat.rfind(')')? + 2..];
+                after_name.split_whitespace().nth(16)?.parse().ok()
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn manifests_are_parsed_at_a_lower_priority_than_the_event_loop() {
+        let dir =
+            std::env::temp_dir().join(format!("ebpf-proxy-watch-nice-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("a.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 198.19.0.1}\n",
+        )
+        .unwrap();
+        let mut watcher = ManifestWatcher::new(
+            dir.clone(),
+            ParseLimits::default(),
+            Duration::from_millis(10),
+        );
+        let mut model = Model::default();
+        let loaded =
+            tokio::time::timeout(Duration::from_secs(5), watcher.changed(&mut model)).await;
+        let nices = thread_nices();
+        std::fs::remove_dir_all(&dir).unwrap();
+        loaded.expect("the directory is loaded");
+        assert_eq!(model.services().count(), 1);
+        assert!(
+            nices.contains(&PARSER_NICE),
+            "no parser thread at nice {PARSER_NICE}: {nices:?}"
+        );
+        // SAFETY: getpriority only reads the calling thread's nice value.
+        let own = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+        assert_eq!(own, 0, "the event loop's thread keeps its priority");
+    }
 }

@@ -1,13 +1,28 @@
-//! What the API server would refuse and the planner relies on: a hand-written manifest
-//! gets the checks an API server would have made before a watcher ever saw the object.
+//! What the API server would refuse and the planner relies on, checked for both sources:
+//! a hand-written manifest gets the checks an API server would have made before a watcher
+//! ever saw the object, and an object from the API server (or from something posing as
+//! one) is checked again rather than trusted — a hostile or broken object is refused with
+//! its reasons and never reaches the planner. Names, ports, protocols, addresses and the
+//! sizes the API server allows (an EndpointSlice holds at most 1000 endpoints).
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::model::SERVICE_NAME_LABEL;
 use crate::model::address::parse_ip_sloppy;
+
+/// The API server's limits on an EndpointSlice (`maxEndpoints`, `maxPorts`,
+/// `maxAddresses`).
+const MAX_SLICE_ENDPOINTS: usize = 1000;
+const MAX_SLICE_PORTS: usize = 100;
+const MAX_ENDPOINT_ADDRESSES: usize = 100;
+
+/// At most this many reasons are spelled out; a slice of 10 000 bad addresses is one line.
+const MAX_REASONS: usize = 10;
 
 /// Reasons collected while validating one object; Err joins them.
 #[derive(Default)]
@@ -28,7 +43,7 @@ impl Reasons {
     /// [`parse_ip_sloppy`]).
     fn ip(&mut self, field: &str, addr: &str) {
         self.check(parse_ip_sloppy(addr).is_some(), || {
-            format!("{field} {addr:?} is not an IP address")
+            format!("{field} {} is not an IP address", shortened(addr))
         });
     }
 
@@ -46,25 +61,112 @@ impl Reasons {
         if let Some(value) = value {
             self.check(allowed.contains(&value), || {
                 format!(
-                    "{field} {value:?} is invalid; expected one of {}",
+                    "{field} {} is invalid; expected one of {}",
+                    shortened(value),
                     allowed.join(", ")
                 )
             });
         }
     }
 
+    /// A name as the API server requires it (`rule` says which kind of name).
+    fn name(&mut self, field: &str, value: &str, rule: NameRule) {
+        self.check(rule.admits(value), || {
+            format!(
+                "{field} {} is not a valid {}",
+                shortened(value),
+                rule.describe()
+            )
+        });
+    }
+
+    fn metadata(&mut self, metadata: &ObjectMeta, name_rule: NameRule) {
+        if let Some(name) = metadata.name.as_deref() {
+            self.name("metadata.name", name, name_rule);
+        }
+        if let Some(namespace) = metadata.namespace.as_deref().filter(|ns| !ns.is_empty()) {
+            self.name("metadata.namespace", namespace, NameRule::Label);
+        }
+    }
+
     fn into_result(self) -> Result<(), String> {
-        if self.0.is_empty() {
-            Ok(())
-        } else {
-            Err(self.0.join("; "))
+        match self.0.len() {
+            0 => Ok(()),
+            count if count > MAX_REASONS => Err(format!(
+                "{}; and {} more",
+                self.0[..MAX_REASONS].join("; "),
+                count - MAX_REASONS
+            )),
+            _ => Err(self.0.join("; ")),
         }
     }
 }
 
+/// The API server's rules for names.
+#[derive(Clone, Copy)]
+enum NameRule {
+    /// DNS-1123 label: namespaces.
+    Label,
+    /// DNS-1035 label (a DNS label starting with a letter): Service names.
+    ServiceName,
+    /// DNS-1123 subdomain: EndpointSlice names.
+    Subdomain,
+    /// A label value: at most 63 characters, alphanumerics with `-`, `_`, `.` inside.
+    LabelValue,
+}
+
+impl NameRule {
+    fn admits(self, value: &str) -> bool {
+        let label = |part: &str| {
+            let bytes = part.as_bytes();
+            (1..=63).contains(&bytes.len())
+                && bytes[0].is_ascii_alphanumeric()
+                && bytes[bytes.len() - 1].is_ascii_alphanumeric()
+                && bytes
+                    .iter()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        };
+        match self {
+            NameRule::Label => label(value),
+            NameRule::ServiceName => label(value) && value.as_bytes()[0].is_ascii_lowercase(),
+            NameRule::Subdomain => value.len() <= 253 && value.split('.').all(label),
+            NameRule::LabelValue => {
+                let bytes = value.as_bytes();
+                bytes.len() <= 63
+                    && (bytes.is_empty()
+                        || (bytes[0].is_ascii_alphanumeric()
+                            && bytes[bytes.len() - 1].is_ascii_alphanumeric()
+                            && (bytes.iter())
+                                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(b))))
+            }
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            NameRule::Label => "DNS label (at most 63 lowercase alphanumerics or '-')",
+            NameRule::ServiceName => {
+                "Service name (a DNS label of at most 63 characters starting with a letter)"
+            }
+            NameRule::Subdomain => "DNS subdomain (at most 253 characters)",
+            NameRule::LabelValue => "label value (at most 63 characters)",
+        }
+    }
+}
+
+/// A value for a message: a hostile one can be megabytes long.
+fn shortened(value: &str) -> String {
+    const SHOWN: usize = 64;
+    match value.char_indices().nth(SHOWN) {
+        Some((end, _)) => format!("{:?}… ({} bytes)", &value[..end], value.len()),
+        None => format!("{value:?}"),
+    }
+}
+
 /// What the API server would refuse and the planner relies on.
-pub(super) fn validate_service(service: &Service) -> Result<(), String> {
+pub fn validate_service(service: &Service) -> Result<(), String> {
     let mut reasons = Reasons::default();
+    reasons.metadata(&service.metadata, NameRule::ServiceName);
     if let Some(spec) = &service.spec {
         reasons.one_of(
             "spec.type",
@@ -114,6 +216,7 @@ pub(super) fn validate_service(service: &Service) -> Result<(), String> {
             reasons.ip(&format!("spec.externalIPs[{index}]"), external_ip);
         }
         let mut port_names = Vec::new();
+        let mut port_numbers = HashSet::new();
         for (index, port) in spec.ports.iter().flatten().enumerate() {
             let field = format!("spec.ports[{index}]");
             // k8s-openapi reads a missing port as 0.
@@ -128,9 +231,13 @@ pub(super) fn validate_service(service: &Service) -> Result<(), String> {
             }
             let name = port.name.as_deref().unwrap_or_default();
             reasons.check(!port_names.contains(&name), || {
-                format!("{field}.name {name:?} is used by another port")
+                format!("{field}.name {} is used by another port", shortened(name))
             });
             port_names.push(name);
+            let protocol = port.protocol.as_deref().unwrap_or("TCP");
+            reasons.check(port_numbers.insert((port.port, protocol)), || {
+                format!("{field}: port {} {protocol} is given twice", port.port)
+            });
         }
     }
     let ingress = service
@@ -147,23 +254,48 @@ pub(super) fn validate_service(service: &Service) -> Result<(), String> {
 }
 
 /// What the API server would refuse and the model and planner rely on.
-pub(super) fn validate_endpoint_slice(slice: &EndpointSlice) -> Result<(), String> {
+pub fn validate_endpoint_slice(slice: &EndpointSlice) -> Result<(), String> {
     let mut reasons = Reasons::default();
+    reasons.metadata(&slice.metadata, NameRule::Subdomain);
     let service_name = slice
         .metadata
         .labels
         .as_ref()
         .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
         .filter(|name| !name.is_empty());
-    reasons.check(service_name.is_some(), || {
-        format!("label {SERVICE_NAME_LABEL} is missing (it names the slice's Service)")
-    });
+    match service_name {
+        Some(name) => reasons.name(
+            &format!("label {SERVICE_NAME_LABEL}"),
+            name,
+            NameRule::LabelValue,
+        ),
+        None => reasons.add(format!(
+            "label {SERVICE_NAME_LABEL} is missing (it names the slice's Service)"
+        )),
+    }
     let address_type = slice.address_type.as_str();
     reasons.one_of("addressType", Some(address_type), &["IPv4", "IPv6", "FQDN"]);
-    for (index, endpoint) in slice.endpoints.iter().flatten().enumerate() {
+    let endpoints = slice.endpoints.as_deref().unwrap_or_default();
+    reasons.check(endpoints.len() <= MAX_SLICE_ENDPOINTS, || {
+        format!(
+            "endpoints: {} of them, more than the {MAX_SLICE_ENDPOINTS} an EndpointSlice may hold",
+            endpoints.len()
+        )
+    });
+    let ports = slice.ports.as_deref().unwrap_or_default();
+    reasons.check(ports.len() <= MAX_SLICE_PORTS, || {
+        format!(
+            "ports: {} of them, more than the {MAX_SLICE_PORTS} an EndpointSlice may hold",
+            ports.len()
+        )
+    });
+    for (index, endpoint) in endpoints.iter().enumerate() {
         let field = format!("endpoints[{index}].addresses");
         reasons.check(!endpoint.addresses.is_empty(), || {
             format!("{field} is empty")
+        });
+        reasons.check(endpoint.addresses.len() <= MAX_ENDPOINT_ADDRESSES, || {
+            format!("{field}: more than {MAX_ENDPOINT_ADDRESSES} addresses")
         });
         for addr in &endpoint.addresses {
             // The API server's rule: the address read sloppily is of the slice's family
@@ -174,11 +306,14 @@ pub(super) fn validate_endpoint_slice(slice: &EndpointSlice) -> Result<(), Strin
                 _ => true,
             };
             reasons.check(valid, || {
-                format!("{field}: {addr:?} is not an {address_type} address")
+                format!(
+                    "{field}: {} is not an {address_type} address",
+                    shortened(addr)
+                )
             });
         }
     }
-    for (index, port) in slice.ports.iter().flatten().enumerate() {
+    for (index, port) in ports.iter().enumerate() {
         let field = format!("ports[{index}]");
         if let Some(port) = port.port {
             reasons.port(&format!("{field}.port"), port);
