@@ -45,6 +45,8 @@ pub struct MapSizes {
     pub services: u32,
     pub backends: u32,
     pub conntrack: ConntrackSizes,
+    /// FRAGMENTS: fragmented datagrams in flight whose later fragments follow the first.
+    pub fragments: u32,
     /// Source ports (inclusive, host order) for SNAT to backends on other nodes.
     pub snat_ports: SnatPortRange,
 }
@@ -98,6 +100,7 @@ impl Default for MapSizes {
             services: max::SERVICES,
             backends: max::BACKENDS,
             conntrack: ConntrackSizes::default(),
+            fragments: max::FRAGMENTS,
             snat_ports: SnatPortRange::default(),
         }
     }
@@ -159,6 +162,7 @@ impl Datapath {
             // by SERVICES too.
             .map_max_entries(map_names::MEMBERSHIP, sizes.services)
             .map_max_entries(map_names::BACKEND_IDS, sizes.backends)
+            .map_max_entries(map_names::FRAGMENTS, sizes.fragments)
             .override_global(SNAT_PORT_MIN_GLOBAL, &sizes.snat_ports.min, true)
             .override_global(SNAT_PORT_MAX_GLOBAL, &sizes.snat_ports.max, true)
             .override_global(REFUSAL_LIMITS_GLOBAL, &refusal_limits, true)

@@ -983,3 +983,19 @@ fn trace_shows_a_backend_kept_by_affinity_and_leaves_it_alone() {
     assert_eq!(datapath.affinity_map().get(&key, 0).unwrap(), remembered);
     assert_eq!(datapath.stats(), stats_before);
 }
+
+#[test]
+fn the_datapath_verifies_with_room_to_spare() {
+    let Some(datapath) = Datapath::load() else {
+        return;
+    };
+    // The kernel's verifier walks at most 1,000,000 instructions per program; a program
+    // near that limit fails to load after the next small change. This one's share is a
+    // budget for everyone changing the packet path.
+    let verified = datapath.verified_instructions();
+    assert!(
+        verified < 750_000,
+        "epx_ingress took the verifier {verified} instructions of its 1,000,000: split the \
+         packet path further (subprograms where paths meet, see main.rs) before adding to it"
+    );
+}

@@ -16,9 +16,10 @@ use etherparse::{
     Ipv4Header, Ipv4Options, TcpHeader, UdpHeader, icmpv4::DestUnreachableHeader,
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtTimeouts, CtValue, MembershipKey, PROGRAM_NAME,
-    REFUSAL_LIMITS_GLOBAL, RefusalLimits, SNAT_PORT_MAX_GLOBAL, SNAT_PORT_MIN_GLOBAL, ServiceKey,
-    ServiceValue, SourceRange, Tuple, map_names, membership, proto, stat,
+    AffinityKey, AffinityValue, Backend, CtKey, CtTimeouts, CtValue, FragmentKey, FragmentValue,
+    MembershipKey, PROGRAM_NAME, REFUSAL_LIMITS_GLOBAL, RefusalLimits, SNAT_PORT_MAX_GLOBAL,
+    SNAT_PORT_MIN_GLOBAL, ServiceKey, ServiceValue, SourceRange, Tuple, map_names, membership,
+    proto, stat,
 };
 use proxy_lab::PrivateBpffs;
 use proxy_userspace::inspect::trace::{TracePacket, Tracer};
@@ -311,6 +312,17 @@ impl Datapath {
         epoch.set(0, next, 0).unwrap();
     }
 
+    /// How many instructions the verifier walked to load the program.
+    pub fn verified_instructions(&self) -> u32 {
+        let program: &SchedClassifier =
+            self.ebpf.program(PROGRAM_NAME).unwrap().try_into().unwrap();
+        program
+            .info()
+            .unwrap()
+            .verified_instruction_count()
+            .expect("the kernel reports verified instructions (5.16 and later)")
+    }
+
     /// Runs the program on `frame`: its verdict and the frame it leaves.
     pub fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
         let program: &SchedClassifier =
@@ -351,6 +363,13 @@ impl Datapath {
         let conntrack: BpfHashMap<_, CtKey, CtValue> =
             BpfHashMap::try_from(self.ebpf.map(name).unwrap()).unwrap();
         conntrack.iter().map(Result::unwrap).collect()
+    }
+
+    /// Every FRAGMENTS entry: the datagrams whose first fragment passed.
+    pub fn fragments(&self) -> HashMap<FragmentKey, FragmentValue> {
+        let map: BpfHashMap<_, FragmentKey, FragmentValue> =
+            BpfHashMap::try_from(self.ebpf.map(map_names::FRAGMENTS).unwrap()).unwrap();
+        map.iter().map(Result::unwrap).collect()
     }
 
     /// `epx_trace`, loaded the way `ebpf-proxy trace` loads it: against these pinned maps.
@@ -547,18 +566,28 @@ pub fn assert_translated(datapath: &Datapath, input: Frame, expected: Frame) {
 /// options): from its destination back to its source, with its IPv4 header and first 8
 /// payload bytes, in the kernel's own style (precedence "internetwork control", TTL 64).
 pub fn port_unreachable_for(refused: &[u8]) -> Vec<u8> {
-    let eth = Ethernet2Header::from_slice(refused).unwrap().0;
     let (ip, _) = Ipv4Header::from_slice(&refused[Ethernet2Header::LEN..]).unwrap();
-    let quote = &refused[Ethernet2Header::LEN..Ethernet2Header::LEN + Ipv4Header::MIN_LEN + 8];
-    let icmp = Icmpv4Header::with_checksum(
+    icmp_answer_for(
+        refused,
+        ip.destination,
         Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port),
-        quote,
-    );
+    )
+}
+
+/// The ICMP error `icmp` the kernel would send from `from` about `packet` (a frame without
+/// IPv4 options) back out of the device it came in on: to its source, quoting its IPv4
+/// header and first 8 payload bytes, in the kernel's own style (precedence "internetwork
+/// control", TTL 64, no identification, fragments allowed).
+pub fn icmp_answer_for(packet: &[u8], from: [u8; 4], icmp: Icmpv4Type) -> Vec<u8> {
+    let eth = Ethernet2Header::from_slice(packet).unwrap().0;
+    let (ip, _) = Ipv4Header::from_slice(&packet[Ethernet2Header::LEN..]).unwrap();
+    let quote = &packet[Ethernet2Header::LEN..Ethernet2Header::LEN + Ipv4Header::MIN_LEN + 8];
+    let icmp = Icmpv4Header::with_checksum(icmp, quote);
     let mut answer = Ipv4Header::new(
         (icmp.header_len() + quote.len()) as u16,
         64,
         IpNumber::ICMP,
-        ip.destination,
+        from,
         ip.source,
     )
     .unwrap();
@@ -608,18 +637,28 @@ pub fn on_a_node_with_remote_backends(test: impl FnOnce() + Send) {
 /// [`on_a_node_with_remote_backends`], but the backends (198.18.1.0/24) sit behind a
 /// veth of their own, as pods of this node do.
 pub fn on_a_node_with_local_backends(test: impl FnOnce() + Send) {
-    on_a_node(
-        &[
-            &["link", "add", "pods", "type", "veth", "peer", "name", "pods-peer"],
-            &["link", "set", "pods", "up"],
-            &["link", "set", "pods-peer", "up"],
-            &["route", "add", "198.18.1.0/24", "dev", "pods"],
-        ],
-        test,
-    );
+    on_a_node(&LOCAL_BACKENDS, test);
 }
 
-fn on_a_node(more: &[&[&str]], test: impl FnOnce() + Send) {
+/// The `ip` commands that put the backends behind a veth of their own.
+pub const LOCAL_BACKENDS: [&[&str]; 4] = [
+    &[
+        "link",
+        "add",
+        "pods",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "pods-peer",
+    ],
+    &["link", "set", "pods", "up"],
+    &["link", "set", "pods-peer", "up"],
+    &["route", "add", "198.18.1.0/24", "dev", "pods"],
+];
+
+/// [`on_a_node_with_remote_backends`], then the `ip` commands `more`.
+pub fn on_a_node(more: &[&[&str]], test: impl FnOnce() + Send) {
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
