@@ -110,7 +110,11 @@ mod tests {
 
     #[test]
     fn errors_are_the_types_that_quote_a_packet() {
-        for error in [icmp::DEST_UNREACH, icmp::TIME_EXCEEDED, icmp::PARAMETER_PROBLEM] {
+        for error in [
+            icmp::DEST_UNREACH,
+            icmp::TIME_EXCEEDED,
+            icmp::PARAMETER_PROBLEM,
+        ] {
             assert!(icmp::is_error(error));
         }
         // Echo request and reply, redirect: not errors the datapath translates.

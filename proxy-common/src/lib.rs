@@ -9,12 +9,12 @@
 mod conntrack;
 mod fragment;
 
-pub use fragment::{
-    FRAGMENT_TIMEOUT_NS, FragmentKey, FragmentValue, MIN_CHECKED_MTU, fragment_verdict, icmp,
-};
 pub use conntrack::{
     CtKey, CtTimeouts, CtValue, EXPIRES_REMOVING, Endpoint, FlowState, Translation, Tuple,
     UDP_STREAM_AFTER_S, ct_flags, ct_seconds, ct_state, flow_expired, next_state, tcp_flags,
+};
+pub use fragment::{
+    FRAGMENT_TIMEOUT_NS, FragmentKey, FragmentValue, MIN_CHECKED_MTU, fragment_verdict, icmp,
 };
 
 /// IP protocol numbers the datapath balances.

@@ -88,10 +88,7 @@ impl Answer {
             ),
         };
         let [mtu_high, mtu_low] = mtu.to_be_bytes();
-        (
-            [icmp_type, code, 0, 0, 0, 0, mtu_high, mtu_low],
-            limited,
-        )
+        ([icmp_type, code, 0, 0, 0, 0, mtu_high, mtu_low], limited)
     }
 
     /// The answer's source address.
@@ -252,8 +249,7 @@ pub fn send(
     answer.icmp[3] = icmp_csum_low;
 
     // SAFETY: `skb` is the program's context; the helper trims or zero-extends the packet.
-    let resized =
-        unsafe { bpf_skb_change_tail(ctx.skb.skb, size_of::<IcmpAnswer>() as u32, 0) };
+    let resized = unsafe { bpf_skb_change_tail(ctx.skb.skb, size_of::<IcmpAnswer>() as u32, 0) };
     if resized != 0 {
         return Err(NotAnswered::HelperFailed);
     }
@@ -280,7 +276,11 @@ pub fn send(
 
 /// Copies the packet's bytes at `offset` into `into` (scratch memory).
 #[inline(always)]
-fn load<const N: usize>(ctx: &TcContext, offset: usize, into: &mut [u8; N]) -> Result<(), NotAnswered> {
+fn load<const N: usize>(
+    ctx: &TcContext,
+    offset: usize,
+    into: &mut [u8; N],
+) -> Result<(), NotAnswered> {
     // SAFETY: `skb` is the program's context; `into` holds N writable bytes.
     let loaded = unsafe {
         bpf_skb_load_bytes(

@@ -225,8 +225,7 @@ pub struct Hit {
 fn partner(table: Table, key: &CtKey, value: &CtValue) -> Option<(CtKey, Entry)> {
     let partner_key = CtKey::partner(value, key.proto);
     let entry = table.get(&partner_key)?;
-    key.is_mutual(entry.value())
-        .then_some((partner_key, entry))
+    key.is_mutual(entry.value()).then_some((partner_key, entry))
 }
 
 /// Whether the flow of the entry `value` at `key` is over (both its entries idle past

@@ -80,14 +80,24 @@ pub fn check<C: Context, M: Mode>(
     };
     // The kernel checks the TTL first.
     if ttl_exhausted {
-        return answer(ctx, mode, packet, routes_itself, stat::TTL_EXCEEDED, |source| {
-            Answer::TimeExceeded { source }
-        });
+        return answer(
+            ctx,
+            mode,
+            packet,
+            routes_itself,
+            stat::TTL_EXCEEDED,
+            |source| Answer::TimeExceeded { source },
+        );
     }
     if let Some(mtu) = too_big {
-        return answer(ctx, mode, packet, routes_itself, stat::FRAG_NEEDED, |source| {
-            Answer::FragNeeded { mtu, source }
-        });
+        return answer(
+            ctx,
+            mode,
+            packet,
+            routes_itself,
+            stat::FRAG_NEEDED,
+            |source| Answer::FragNeeded { mtu, source },
+        );
     }
     Checked::Go(if routes_itself {
         Egress::Routed { ifindex }

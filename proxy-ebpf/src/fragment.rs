@@ -18,8 +18,7 @@
 
 use aya_ebpf::{macros::map, maps::LruHashMap};
 use proxy_common::{
-    FragmentKey, FragmentValue, MIN_CHECKED_MTU, Tuple, default_max_entries, fragment_verdict,
-    stat,
+    FragmentKey, FragmentValue, MIN_CHECKED_MTU, Tuple, default_max_entries, fragment_verdict, stat,
 };
 
 use crate::{

@@ -237,12 +237,7 @@ fn rewrite<C: Context>(
     let quote_ip = parse::at(ctx, error.quote_ip, IPV4_MIN_LEN)?;
     let quote_l4 = parse::at(ctx, error.quote_l4, 8)?;
     let from = &error.quote;
-    let addresses = nat::address_diff(
-        from.src_addr,
-        from.dst_addr,
-        quote.src_addr,
-        quote.dst_addr,
-    );
+    let addresses = nat::address_diff(from.src_addr, from.dst_addr, quote.src_addr, quote.dst_addr);
     let mut ports = 0;
     if from.src_port != quote.src_port {
         ports = csum::diff16(from.src_port, quote.src_port);
@@ -270,7 +265,12 @@ fn rewrite<C: Context>(
             outer_ip,
             outer.src_addr,
             outer.dst_addr,
-            nat::address_diff(error.outer_src, error.outer_dst, outer.src_addr, outer.dst_addr),
+            nat::address_diff(
+                error.outer_src,
+                error.outer_dst,
+                outer.src_addr,
+                outer.dst_addr,
+            ),
         );
         let quote_check = (quote_ip + IPV4_CSUM_OFFSET) as *const [u8; 2];
         let quote_check_before = u16::from_ne_bytes(*quote_check);

@@ -178,7 +178,14 @@ fn service_path<C: Context, M: Mode>(ctx: &C, mode: &M, packet: &Packet) -> i32 
     let now = Now::read();
     let mut decision = decide(ctx, mode, packet, &now);
     if decision.action == Action::Create {
-        decision = create(mode, &mut decision.flow, packet, ctx.len(), &now, decision.counter);
+        decision = create(
+            mode,
+            &mut decision.flow,
+            packet,
+            ctx.len(),
+            &now,
+            decision.counter,
+        );
     }
     let (verdict, fate) = match decision.action {
         Action::Translate => translate(ctx, mode, packet, &decision),

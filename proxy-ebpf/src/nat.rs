@@ -65,7 +65,12 @@ pub unsafe fn set_addresses(ip: usize, src: u32, dst: u32, diff: u32) {
 /// fixes the header checksum: all a later fragment needs (its datagram's L4 checksum sits
 /// in the first fragment).
 #[inline(always)]
-pub fn rewrite_addresses<C: Context>(ctx: &C, src: u32, dst: u32, to: &Tuple) -> Result<(), c_long> {
+pub fn rewrite_addresses<C: Context>(
+    ctx: &C,
+    src: u32,
+    dst: u32,
+    to: &Tuple,
+) -> Result<(), c_long> {
     if src == to.src_addr && dst == to.dst_addr {
         return Ok(());
     }

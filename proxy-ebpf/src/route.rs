@@ -53,14 +53,7 @@ fn fib<C: Context, T>(
     };
     fill(params);
     // SAFETY: params is a valid, writable bpf_fib_lookup of the size passed.
-    let found = unsafe {
-        fib_lookup(
-            ctx.raw(),
-            params,
-            size_of::<bpf_fib_lookup>() as i32,
-            flags,
-        )
-    };
+    let found = unsafe { fib_lookup(ctx.raw(), params, size_of::<bpf_fib_lookup>() as i32, flags) };
     Some(read(found, params))
 }
 /// Offsets within the IPv4 header.
