@@ -929,13 +929,24 @@ fn describe(view: &PacketView) -> String {
         notes.push(format!("{part} fragment, id {}", view.ip_id));
     }
     notes.push(format!("{} bytes, TTL {}", view.length, view.ttl));
-    let packet = format!(
-        "{} {} → {} ({})",
-        view.protocol,
-        view.source,
-        view.destination,
-        notes.join(", ")
-    );
+    // A later fragment carries no ports: only its addresses are its own.
+    let packet = if view.fragment == Some("later") {
+        format!(
+            "{} {} → {} ({})",
+            view.protocol,
+            view.source.address,
+            view.destination.address,
+            notes.join(", ")
+        )
+    } else {
+        format!(
+            "{} {} → {} ({})",
+            view.protocol,
+            view.source,
+            view.destination,
+            notes.join(", ")
+        )
+    };
     match &view.icmp_error {
         None => packet,
         Some(error) => {
