@@ -1070,4 +1070,148 @@ mod tests {
             ["no CONNTRACK entry for the tuple, no SERVICES entry for 198.18.5.5:53/udp"]
         );
     }
+
+    fn wire(address: [u8; 4]) -> u32 {
+        u32::from_ne_bytes(address)
+    }
+
+    #[test]
+    fn a_later_fragment_shows_its_datagrams_record_and_no_ports() {
+        let packet = TracePacket {
+            fragment: Fragment::Later,
+            ip_id: 4660,
+            ..TracePacket::opening(
+                proto::UDP,
+                endpoint([198, 18, 1, 14], 35676),
+                endpoint([198, 19, 0, 10], 53),
+            )
+        };
+        let record = TraceRecord {
+            recorded: 1,
+            outcome: stat::FRAGMENT as u8,
+            fragment: trace_fragment::LATER,
+            fragment_found: 1,
+            fragment_record: proxy_common::FragmentValue {
+                to: proxy_common::Tuple {
+                    src_addr: wire([198, 18, 1, 14]),
+                    dst_addr: wire([198, 18, 1, 11]),
+                    src_port: 0,
+                    dst_port: 0,
+                },
+                ..Default::default()
+            },
+            ..TraceRecord::default()
+        };
+        let output = TracePacket {
+            destination: endpoint([198, 18, 1, 11], 53),
+            ..packet
+        };
+        let report = report(&packet, 0, &output.frame(), &record, None, None);
+        assert_eq!(report.path, "fragment");
+        assert_eq!(
+            report.decided_by,
+            [
+                "FRAGMENTS[udp 198.18.1.14 → 198.19.0.10 id 4660] = forward as 198.18.1.14 → \
+              198.18.1.11"
+            ]
+        );
+        let text = render(&report);
+        for line in [
+            "packet      udp 198.18.1.14 → 198.19.0.10 (later fragment, id 4660, 28 bytes, TTL 64)",
+            "rewritten   udp 198.18.1.14 → 198.18.1.11 (later fragment, id 4660, 28 bytes, TTL 64)",
+        ] {
+            assert!(text.contains(line), "{line:?} not in\n{text}");
+        }
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["fragment"]["record"]["verdict"], "forward");
+        assert_eq!(json["output"]["fragment"], "later");
+    }
+
+    #[test]
+    fn an_icmp_error_shows_the_flow_of_its_quote_and_the_answer_of_a_check_its_reason() {
+        let about = TracePacket::opening(
+            proto::UDP,
+            endpoint([198, 18, 1, 14], 35676),
+            endpoint([198, 18, 1, 11], 5999),
+        );
+        let error = TracePacket {
+            icmp_error: Some(IcmpError {
+                kind: IcmpKind::PortUnreachable,
+                from: None,
+            }),
+            ..about
+        };
+        let record = TraceRecord {
+            recorded: 1,
+            outcome: stat::ICMP_ERROR as u8,
+            conntrack: trace_ct::REPLY,
+            table: trace_table::PENDING,
+            flow: proxy_common::CtValue {
+                to: proxy_common::Tuple {
+                    src_addr: wire([198, 19, 0, 10]),
+                    dst_addr: wire([198, 18, 1, 14]),
+                    src_port: 54u16.to_be(),
+                    dst_port: 35676u16.to_be(),
+                },
+                flags: ct_flags::REPLY,
+                ..Default::default()
+            },
+            ..TraceRecord::default()
+        };
+        let translated = TracePacket {
+            destination: endpoint([198, 19, 0, 10], 54),
+            icmp_error: Some(IcmpError {
+                kind: IcmpKind::PortUnreachable,
+                from: Some(Ipv4Addr::new(198, 19, 0, 10)),
+            }),
+            ..about
+        };
+        let translated_report = report(&error, 0, &translated.frame(), &record, None, None);
+        assert_eq!(translated_report.path, "icmp_error");
+        assert!(
+            translated_report.decided_by[1]
+                .starts_with("CONNTRACK_PENDING[udp 198.18.1.11:5999 → 198.18.1.14:35676 reply"),
+            "{:?}",
+            translated_report.decided_by
+        );
+        let text = render(&translated_report);
+        assert!(
+            text.contains(
+                "rewritten   icmp port-unreachable from 198.19.0.10 about udp \
+                 198.18.1.14:35676 → 198.19.0.10:54 (28 bytes, TTL 64)"
+            ),
+            "{text}"
+        );
+
+        // A packet the MTU check answered: the answer in its place, and why.
+        let big = TracePacket {
+            length: 1500,
+            ..about
+        };
+        let record = TraceRecord {
+            recorded: 1,
+            outcome: stat::FRAG_NEEDED as u8,
+            answered: trace_answer::FRAG_NEEDED,
+            mtu: 1000,
+            ..TraceRecord::default()
+        };
+        let answer = TracePacket {
+            icmp_error: Some(IcmpError {
+                kind: IcmpKind::FragNeeded { mtu: 1000 },
+                from: Some(Ipv4Addr::new(198, 18, 1, 1)),
+            }),
+            ..big
+        };
+        let report = report(&big, 2, &answer.frame(), &record, None, None);
+        assert!(report.output.is_none());
+        let text = render(&report);
+        assert!(
+            text.contains(
+                "answered    icmp frag-needed (MTU 1000) 198.18.1.1 → 198.18.1.14, quoting \
+                 the packet as it came"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("MTU 1000 < 1500 bytes"), "{text}");
+    }
 }
