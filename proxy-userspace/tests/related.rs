@@ -94,6 +94,20 @@ fn assert_fragments(
         .collect()
 }
 
+/// Sends `datagram` as its fragments; asserts each is translated, exactly, into the
+/// matching fragment of `expected`, and the reassembled output's checksums; returns how
+/// many fragments there were.
+fn assert_datagram_translated(datapath: &Datapath, datagram: Frame, expected: Frame) -> usize {
+    let out = assert_fragments(
+        datapath,
+        &fragments(&datagram.build()),
+        TC_ACT_OK,
+        &fragments(&expected.build()),
+    );
+    assert_checksums_valid(&reassembled(&out));
+    out.len()
+}
+
 /// An ICMP error `icmp` from `from` to `to` quoting `packet`'s IPv4 header and first 8
 /// payload bytes, as a host or router sends it (TTL 64, identification 0).
 fn icmp_error(from: [u8; 4], to: [u8; 4], icmp: Icmpv4Type, packet: &[u8]) -> Vec<u8> {
@@ -161,10 +175,6 @@ fn assert_icmp_checksums_valid(frame: &[u8]) {
     );
 }
 
-fn run(datapath: &Datapath, frame: &[u8]) -> (u32, Vec<u8>) {
-    datapath.run(frame)
-}
-
 #[test]
 fn fragments_of_a_cluster_ip_datagram_follow_their_first_fragment_both_ways() {
     let Some(mut datapath) = Datapath::load() else {
@@ -179,28 +189,16 @@ fn fragments_of_a_cluster_ip_datagram_follow_their_first_fragment_both_ways() {
         payload: payload(4000 - IPV4 - 8),
         ..Frame::new(CLIENT, dns, UDP)
     };
-    let out = assert_fragments(
-        &datapath,
-        &fragments(&query.build()),
-        TC_ACT_OK,
-        &fragments(&query.between(CLIENT, server).build()),
-    );
-    assert_eq!(out.len(), 3);
-    assert_checksums_valid(&reassembled(&out));
+    let sent = assert_datagram_translated(&datapath, query, query.between(CLIENT, server));
+    assert_eq!(sent, 3, "fragments");
 
     // A 30,000-byte answer, fragmented by the backend: the client gets it from the Service.
     let answer = Frame {
         payload: payload(30_000 - IPV4 - 8),
         ..Frame::new(server, CLIENT, UDP)
     };
-    let out = assert_fragments(
-        &datapath,
-        &fragments(&answer.build()),
-        TC_ACT_OK,
-        &fragments(&answer.between(dns, CLIENT).build()),
-    );
-    assert_eq!(out.len(), 21);
-    assert_checksums_valid(&reassembled(&out));
+    let sent = assert_datagram_translated(&datapath, answer, answer.between(dns, CLIENT));
+    assert_eq!(sent, 21, "fragments");
 
     datapath.assert_stats(&[
         (stat::CT_MISS, 1),
@@ -261,7 +259,7 @@ fn the_rest_of_a_refused_datagram_is_dropped() {
     };
     let sent = fragments(&query.build());
     assert_refused(&datapath, &sent[0]);
-    let (verdict, _) = run(&datapath, &sent[1]);
+    let (verdict, _) = datapath.run(&sent[1]);
     assert_eq!(verdict, TC_ACT_SHOT);
     datapath.assert_stats(&[(stat::REJECTED, 1), (stat::FRAGMENT, 1)]);
 }
@@ -285,7 +283,7 @@ fn fragments_through_snat_are_routed_by_the_program_both_ways() {
             ..Frame::new(CLIENT, NODE_PORT, UDP)
         };
         let sent = fragments(&query.build());
-        let (verdict, out) = run(&datapath, &sent[0]);
+        let (verdict, out) = datapath.run(&sent[0]);
         assert_eq!(verdict, TC_ACT_REDIRECT);
         let snat = addr(NODE, u16::from_be_bytes([out[34], out[35]]));
         let expected = fragments(&query.between(snat, server).routed().build());
@@ -333,7 +331,7 @@ fn a_backends_port_unreachable_reaches_the_client_from_the_service() {
         port_unreachable(),
         &query.build(),
     );
-    let (verdict, out) = run(&datapath, &error);
+    let (verdict, out) = datapath.run(&error);
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(out, want, "{out:02x?}");
     assert_icmp_checksums_valid(&out);
@@ -372,7 +370,7 @@ fn a_routers_error_about_a_tcp_segment_to_a_remote_backend_reaches_the_client() 
         frag_needed(1000),
         &syn.between(CLIENT, VIP).build(),
     );
-    let (verdict, out) = run(&datapath, &error);
+    let (verdict, out) = datapath.run(&error);
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(out, want, "{out:02x?}");
     assert_icmp_checksums_valid(&out);
@@ -415,7 +413,7 @@ fn a_routers_frag_needed_about_a_node_port_reply_reaches_the_backend() {
             frag_needed(1000),
             &reply.routed().build(),
         );
-        let (verdict, out) = run(&datapath, &error);
+        let (verdict, out) = datapath.run(&error);
         assert_eq!(verdict, TC_ACT_OK, "the kernel forwards it to the pod");
         assert_eq!(out, want, "{out:02x?}");
         assert_icmp_checksums_valid(&out);
@@ -470,7 +468,7 @@ fn a_reply_too_big_for_the_hop_to_the_client_draws_frag_needed_to_the_backend() 
             };
             // As the kernel's forwarding would answer: from the node's address toward the
             // backend, about the segment as the backend sent it, naming the route's MTU.
-            let (verdict, out) = run(&datapath, &reply.build());
+            let (verdict, out) = datapath.run(&reply.build());
             assert_eq!(verdict, TC_ACT_REDIRECT);
             assert_eq!(
                 out,
@@ -520,7 +518,7 @@ fn a_node_port_reply_the_program_routes_draws_frag_needed_even_without_df() {
             let mut unfragmentable = answer.build();
             unfragmentable[ETHERNET + 6] = 0; // "don't fragment" cleared
             set_ip_checksum(&mut unfragmentable[ETHERNET..]);
-            let (verdict, out) = run(&datapath, &unfragmentable);
+            let (verdict, out) = datapath.run(&unfragmentable);
             assert_eq!(verdict, TC_ACT_REDIRECT);
             assert_eq!(
                 out,
@@ -547,7 +545,7 @@ fn a_translated_packet_whose_ttl_runs_out_draws_time_exceeded() {
             ttl: 1,
             ..Frame::new(CLIENT, VIP, UDP)
         };
-        let (verdict, out) = run(&datapath, &query.build());
+        let (verdict, out) = datapath.run(&query.build());
         assert_eq!(verdict, TC_ACT_REDIRECT);
         assert_eq!(
             out,
@@ -575,7 +573,7 @@ fn trace_explains_a_later_fragment_and_an_icmp_error() {
         payload: payload(2000),
         ..Frame::new(CLIENT, VIP, UDP)
     };
-    assert_eq!(run(&datapath, &fragments(&query.build())[0]).0, TC_ACT_OK);
+    assert_eq!(datapath.run(&fragments(&query.build())[0]).0, TC_ACT_OK);
     let stats = datapath.stats();
     let fragments_recorded = datapath.fragments();
 

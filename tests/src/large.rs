@@ -68,11 +68,7 @@ impl Netns {
         answer_len: usize,
         timeout: Duration,
     ) -> std::io::Result<Reply> {
-        let socket = self
-            .run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))
-            .map_err(std::io::Error::other)??;
-        socket.set_read_timeout(Some(timeout))?;
-        socket.connect((addr, port))?;
+        let socket = self.udp_flow(addr, port, timeout)?.socket;
         let mut query = format!("size={answer_len};").into_bytes();
         query.resize(query_len.max(query.len()), 0);
         socket.send(&query)?;

@@ -968,7 +968,7 @@ mod tests {
 
     use super::*;
 
-    fn endpoint(address: [u8; 4], port: u16) -> Endpoint {
+    pub(super) fn endpoint(address: [u8; 4], port: u16) -> Endpoint {
         Endpoint {
             address: Ipv4Addr::from(address),
             port,

@@ -359,14 +359,8 @@ pub(super) fn checksum(parts: &[&[u8]]) -> u16 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::endpoint;
     use super::*;
-
-    fn endpoint(address: [u8; 4], port: u16) -> Endpoint {
-        Endpoint {
-            address: Ipv4Addr::from(address),
-            port,
-        }
-    }
 
     fn packet(protocol: u8) -> TracePacket {
         TracePacket {
