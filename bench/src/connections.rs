@@ -1,10 +1,11 @@
 //! Measurement 2, end to end in the netns lab: new TCP connections per second and connect
-//! latency from the client namespace through a ClusterIP, for ebpf-proxy (the real daemon),
+//! latency from a pod through a ClusterIP, for ebpf-proxy (the real daemon) translating at
+//! the socket (`--socket-lb all`: once, at `connect()`) or per packet (tc only),
 //! kube-proxy-shaped iptables and nftables rules for the same Services, and straight to the
-//! pods with no proxy as the floor.
+//! pods with no proxy as the floor. The calling pod is no backend.
 //!
 //! Every variant gets a lab of its own, so no state (conntrack, rules) leaks between them,
-//! and the same load settings and target sequences. The four labs stand side by side and
+//! and the same load settings and target sequences. The five labs stand side by side and
 //! the variants take turns run by run, so a noisy spell of the machine hits them all
 //! alike rather than posing as a difference between them. Services are all served by the
 //! lab's pods; kube-proxy still writes one endpoint chain per Service and pod, and every
@@ -16,7 +17,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use proxy_lab::{Daemon, Lab};
+use proxy_lab::{Daemon, Lab, Netns, Placement};
 
 use crate::cluster::{Cluster, Endpoints};
 use crate::daemon;
@@ -28,14 +29,18 @@ use proxy_lab::load::{self, LoadSettings};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Variant {
     Direct,
-    EbpfProxy,
+    /// The daemon with `--socket-lb all`: the caller's `connect()` is translated.
+    EbpfProxySocketLb,
+    /// The daemon translating packets (tc) only.
+    EbpfProxyTc,
     Iptables,
     Nftables,
 }
 
-pub const VARIANTS: [Variant; 4] = [
+pub const VARIANTS: [Variant; 5] = [
     Variant::Direct,
-    Variant::EbpfProxy,
+    Variant::EbpfProxySocketLb,
+    Variant::EbpfProxyTc,
     Variant::Iptables,
     Variant::Nftables,
 ];
@@ -44,7 +49,8 @@ impl Variant {
     pub fn label(self) -> &'static str {
         match self {
             Variant::Direct => "direct (no proxy)",
-            Variant::EbpfProxy => "ebpf-proxy",
+            Variant::EbpfProxySocketLb => "ebpf-proxy, socket LB (--socket-lb all)",
+            Variant::EbpfProxyTc => "ebpf-proxy, tc only",
             Variant::Iptables => "iptables (kube-proxy shape)",
             Variant::Nftables => "nftables (kube-proxy shape)",
         }
@@ -55,7 +61,16 @@ impl Variant {
         match self {
             Variant::Iptables => Some(Netfilter::Iptables),
             Variant::Nftables => Some(Netfilter::Nftables),
-            Variant::Direct | Variant::EbpfProxy => None,
+            Variant::Direct | Variant::EbpfProxySocketLb | Variant::EbpfProxyTc => None,
+        }
+    }
+
+    /// The daemon's `--socket-lb`, for the daemon's variants.
+    fn socket_lb(self) -> Option<&'static str> {
+        match self {
+            Variant::EbpfProxySocketLb => Some("all"),
+            Variant::EbpfProxyTc => Some("off"),
+            Variant::Direct | Variant::Iptables | Variant::Nftables => None,
         }
     }
 }
@@ -105,7 +120,9 @@ pub fn measure(settings: &ConnectionSettings) -> Result<Vec<ConnectionResult>> {
 /// One variant, ready to take load.
 struct Prepared<'lab> {
     variant: Variant,
-    lab: &'lab Lab,
+    caller: &'lab Netns,
+    /// With socket LB: the caller's sockets are made in the daemon's cgroup.
+    _placement: Option<Placement<'lab>>,
     daemon: Option<Daemon<'lab>>,
     targets: Vec<SocketAddrV4>,
 }
@@ -122,9 +139,10 @@ struct Samples {
 }
 
 fn measure_size(services: usize, settings: &ConnectionSettings) -> Result<Vec<ConnectionResult>> {
+    // The last pod calls; the others serve.
     let labs = VARIANTS
         .iter()
-        .map(|_| Lab::builder().pods(settings.pods).build())
+        .map(|_| Lab::builder().pods(settings.pods + 1).build())
         .collect::<Result<Vec<Lab>>>()?;
     let prepared = VARIANTS
         .iter()
@@ -142,12 +160,8 @@ fn measure_size(services: usize, settings: &ConnectionSettings) -> Result<Vec<Co
                 .as_ref()
                 .map(daemon_cpu_seconds)
                 .transpose()?;
-            let report = load::generate(
-                variant.lab.client(),
-                &variant.targets,
-                &settings.load,
-                run as u64,
-            )?;
+            let report =
+                load::generate(variant.caller, &variant.targets, &settings.load, run as u64)?;
             if let (Some(before), Some(daemon)) = (cpu_before, &variant.daemon) {
                 samples
                     .cpu_seconds
@@ -194,7 +208,8 @@ fn prepare<'lab>(
     services: usize,
     settings: &ConnectionSettings,
 ) -> Result<Prepared<'lab>> {
-    let pods: Vec<Ipv4Addr> = lab.pods().iter().map(|pod| pod.ip).collect();
+    let (caller, serving) = lab.pods().split_last().context("a lab without pods")?;
+    let pods: Vec<Ipv4Addr> = serving.iter().map(|pod| pod.ip).collect();
     let cluster = Cluster::new(
         services,
         Endpoints::Shared {
@@ -202,10 +217,11 @@ fn prepare<'lab>(
             port: lab.tcp_port(),
         },
     )?;
-    let daemon = match variant {
-        Variant::EbpfProxy => {
+    let daemon = match variant.socket_lb() {
+        Some(socket_lb) => {
             let sizes = daemon::map_size_flags(services, pods.len());
-            let args: Vec<&str> = sizes.iter().map(String::as_str).collect();
+            let mut args: Vec<&str> = sizes.iter().map(String::as_str).collect();
+            args.extend(["--socket-lb", socket_lb]);
             Some(daemon::start(
                 lab,
                 daemon::Source::Manifests(vec![daemon::cluster_manifest(&cluster)]),
@@ -213,6 +229,10 @@ fn prepare<'lab>(
                 services,
             )?)
         }
+        None => None,
+    };
+    let placement = match (&daemon, variant) {
+        (Some(daemon), Variant::EbpfProxySocketLb) => Some(caller.ns.place_in(daemon.cgroup())),
         _ => None,
     };
     if let Some(mode) = variant.netfilter() {
@@ -238,19 +258,54 @@ fn prepare<'lab>(
         duration: Duration::from_secs(60),
         ..settings.load.clone()
     };
-    let report = load::generate(lab.client(), &targets, &warmup, u64::MAX)?;
+    let report = load::generate(&caller.ns, &targets, &warmup, u64::MAX)?;
     ensure!(
         report.failed == 0 && report.completed > 0,
         "warm-up: {} of {} connections failed",
         report.failed,
         report.failed + report.completed
     );
+    if let Some(daemon) = &daemon {
+        ensure_translated_where_expected(variant, daemon, report.completed)?;
+    }
     Ok(Prepared {
         variant,
-        lab,
+        caller: &caller.ns,
+        _placement: placement,
         daemon,
         targets,
     })
+}
+
+/// The warm-up went the way the variant says: with socket LB every connection was
+/// translated at `connect()`, without it none was.
+fn ensure_translated_where_expected(
+    variant: Variant,
+    daemon: &Daemon,
+    warmup: usize,
+) -> Result<()> {
+    let stats = daemon.cli(&["stats", "-o", "json"])?;
+    let stats: serde_json::Value = serde_json::from_str(&stats)?;
+    let translated = stats["counters"]
+        .as_array()
+        .and_then(|counters| {
+            counters
+                .iter()
+                .find(|counter| counter["name"] == "sock_connect")
+        })
+        .and_then(|counter| counter["value"].as_u64())
+        .context("no sock_connect counter")?;
+    match variant {
+        Variant::EbpfProxySocketLb => ensure!(
+            translated >= warmup as u64,
+            "socket LB translated {translated} of {warmup} warm-up connections"
+        ),
+        _ => ensure!(
+            translated == 0,
+            "tc only, yet {translated} connections translated at the socket"
+        ),
+    }
+    Ok(())
 }
 
 /// The daemon's CPU time so far (user + system), from /proc/<pid>/stat.

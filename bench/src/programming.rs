@@ -218,7 +218,12 @@ impl OurDatapath {
             ..MapSizes::default()
         };
         let root: PathBuf = bpffs.path().join("ebpf-proxy");
-        let mut datapath = Datapath::load(&root, sizes, CtTimeouts::DEFAULT)?;
+        let mut datapath = Datapath::load(
+            &root,
+            sizes,
+            CtTimeouts::DEFAULT,
+            proxy_userspace::socket_lb::SocketLbMode::Off,
+        )?;
         let maps = datapath.take_maps()?;
         Ok(Self {
             writer: MapWriter::new(maps.services, maps.backends, maps.membership, maps.names)?

@@ -8,6 +8,7 @@
 
 mod conntrack;
 mod fragment;
+mod sock;
 
 pub use conntrack::{
     CtKey, CtTimeouts, CtValue, EXPIRES_REMOVING, Endpoint, FlowState, Translation, Tuple,
@@ -15,6 +16,10 @@ pub use conntrack::{
 };
 pub use fragment::{
     FRAGMENT_TIMEOUT_NS, FragmentKey, FragmentValue, MIN_CHECKED_MTU, fragment_verdict, icmp,
+};
+pub use sock::{
+    ECONNREFUSED, EHOSTUNREACH, SockKey, SockValue, TRACE_ERRNO, sock_flags, sock_globals,
+    sock_kind, sock_programs,
 };
 
 /// IP protocol numbers the datapath balances.
@@ -55,6 +60,11 @@ pub mod map_names {
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     /// Not pinned: each `ebpf-proxy trace` process gets its own, private to its dry run.
     pub const TRACE: &str = "TRACE";
+    /// Socket-level translations, per socket cookie (see [`SockKey`](crate::SockKey)).
+    pub const SOCK_XLATE: &str = "SOCK_XLATE";
+    /// Session affinity of sockets: each network namespace's backend per frontend (a
+    /// socket's source address is not known at `connect()`; its namespace stands for it).
+    pub const SOCK_AFFINITY: &str = "SOCK_AFFINITY";
 }
 
 /// The one tc program: attached on pod-side veths and on the node's external devices.
@@ -193,7 +203,19 @@ pub struct AffinityKey {
     pub rev_nat_id: u32,
 }
 
-/// Value of the AFFINITY map.
+/// Key of the SOCK_AFFINITY map: a network namespace (a pod, or the node itself) as the
+/// client of an affinity frontend, for connections translated at the socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockAffinityKey {
+    /// `bpf_get_netns_cookie` of the socket.
+    pub netns_cookie: u64,
+    /// The frontend (its slot-0 [`ServiceValue::rev_nat_id`]).
+    pub rev_nat_id: u32,
+    pub _pad: u32,
+}
+
+/// Value of the AFFINITY and SOCK_AFFINITY maps.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct AffinityValue {
@@ -298,31 +320,45 @@ pub mod stat {
     /// A tracked flow's backend stopped serving its frontend (a UDP flow, or a SYN not yet
     /// answered): the packet went to a newly selected backend.
     pub const BACKEND_LEFT: u32 = 18;
+    /// A `connect()` to a frontend was given a backend at the socket (no packet is
+    /// translated for it).
+    pub const SOCK_CONNECT: u32 = 19;
+    /// A datagram of an unconnected UDP socket to a frontend was sent to its flow's
+    /// backend at the socket.
+    pub const SOCK_SENDMSG: u32 = 20;
+    /// `recvmsg()` or `getpeername()` showed the frontend in place of the backend.
+    pub const SOCK_REVERSE: u32 = 21;
+    /// A `connect()` or `sendmsg()` to a frontend without endpoints failed with
+    /// ECONNREFUSED (kube-proxy's REJECT).
+    pub const SOCK_REFUSED: u32 = 22;
+    /// A `connect()` or `sendmsg()` to a frontend that drops (no local endpoint under a
+    /// Local policy, a client outside the source ranges) failed with EHOSTUNREACH.
+    pub const SOCK_UNREACHABLE: u32 = 23;
     /// A later fragment of a TCP/UDP datagram (no ports of its own) was treated as its
     /// first fragment was: translated the same way, passed or dropped (see
     /// [`FragmentValue`](crate::FragmentValue)).
-    pub const FRAGMENT: u32 = 19;
+    pub const FRAGMENT: u32 = 24;
     /// A later fragment whose first fragment this node has not seen (it came later, went
     /// elsewhere, or its record expired or was evicted): passed untouched.
-    pub const FRAGMENT_UNMATCHED: u32 = 20;
+    pub const FRAGMENT_UNMATCHED: u32 = 25;
     /// An ICMP error (destination unreachable, time exceeded, parameter problem) about a
     /// tracked flow was translated as its flow is: outer addresses, the quoted packet and
     /// the checksums.
-    pub const ICMP_ERROR: u32 = 21;
+    pub const ICMP_ERROR: u32 = 26;
     /// A translated packet was too big for the device it would leave by: answered with an
     /// ICMP "fragmentation needed" to its sender, about the packet as the sender sent it,
     /// as the kernel's forwarding path answers (the packet was dropped).
-    pub const FRAG_NEEDED: u32 = 22;
+    pub const FRAG_NEEDED: u32 = 27;
     /// A translated packet's TTL ran out here: answered with an ICMP "time exceeded" to its
     /// sender (rate limited like the kernel's), or dropped silently if it was a later
     /// fragment (the kernel sends no error for those either).
-    pub const TTL_EXCEEDED: u32 = 23;
+    pub const TTL_EXCEEDED: u32 = 28;
     /// A later fragment too big for the device the program routes it to: it cannot be
     /// fragmented there and no ICMP error may be sent for it, so it was dropped (its first
     /// fragment got "fragmentation needed").
-    pub const TOO_BIG: u32 = 24;
+    pub const TOO_BIG: u32 = 29;
     /// Number of counters (size of the STATS array).
-    pub const COUNT: u32 = 25;
+    pub const COUNT: u32 = 30;
 
     /// Stable names, indexed like the constants above (used by logs, metrics and the CLI).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -345,6 +381,11 @@ pub mod stat {
         "direct",
         "remapped",
         "backend_left",
+        "sock_connect",
+        "sock_sendmsg",
+        "sock_reverse",
+        "sock_refused",
+        "sock_unreachable",
         "fragment",
         "fragment_unmatched",
         "icmp_error",
@@ -585,6 +626,10 @@ pub mod default_max_entries {
     pub const SVC_NAMES: u32 = SERVICES;
     /// Prefixes over all restricted frontends; not preallocated (an LPM trie never is).
     pub const SOURCE_RANGES: u32 = 65_536;
+    /// One entry per socket connected to a frontend, two per unconnected UDP flow; LRU.
+    pub const SOCK_XLATE: u32 = 131_072;
+    /// Network namespaces × affinity frontends; LRU.
+    pub const SOCK_AFFINITY: u32 = 16_384;
     /// Fragmented datagrams in flight whose first fragment passed (Cilium's
     /// `bpf-fragments-map-max` default); LRU, about 100 bytes each.
     pub const FRAGMENTS: u32 = 8_192;
@@ -608,6 +653,9 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceName {}
     unsafe impl aya::Pod for super::TraceRecord {}
     unsafe impl aya::Pod for super::RefusalLimits {}
+    unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::SockValue {}
+    unsafe impl aya::Pod for super::SockAffinityKey {}
     unsafe impl aya::Pod for super::FragmentKey {}
     unsafe impl aya::Pod for super::FragmentValue {}
 }
@@ -626,6 +674,7 @@ mod tests {
         assert_eq!(size_of::<CtValue>(), 64);
         assert_eq!(size_of::<AffinityKey>(), 8);
         assert_eq!(size_of::<AffinityValue>(), 16);
+        assert_eq!(size_of::<SockAffinityKey>(), 16);
         assert_eq!(size_of::<MembershipKey>(), 8);
         assert_eq!(size_of::<CtTimeouts>(), 32);
         assert_eq!(size_of::<RefusalLimits>(), 24);

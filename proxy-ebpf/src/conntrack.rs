@@ -67,6 +67,13 @@ fn expiry(proto: u8, state: u64, now_ns: u64) -> u64 {
     }
 }
 
+/// How long a UDP flow that is not a stream lives idle (`--conntrack-udp-timeout`), in
+/// ns: the socket programs keep an unconnected UDP socket's flow that long too.
+#[inline(always)]
+pub fn udp_timeout_ns() -> u64 {
+    expiry(proto::UDP, 0, 0)
+}
+
 /// The current time of an operation: the clock, and the same in conntrack seconds.
 #[derive(Clone, Copy)]
 pub struct Now {

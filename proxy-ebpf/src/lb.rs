@@ -1,7 +1,6 @@
 //! Load balancing, keyed by a load-balancer key — (address, port, protocol) and the
 //! client — rather than by a packet, so any hook can call it (Cilium's `lb4_lookup_service`
-//! / `lb4_select_backend_id`): the tc program today, a cgroup `connect4` hook or an XDP
-//! program later.
+//! / `lb4_select_backend_id`): the tc program and the cgroup socket programs (`sock`).
 
 use core::num::NonZeroU16;
 
@@ -42,6 +41,16 @@ impl LbKey {
             proto: packet.proto,
         }
     }
+}
+
+/// Who opens a connection, as session affinity tells clients apart.
+#[derive(Clone, Copy)]
+pub enum Client {
+    /// A packet's source address (the tc path).
+    Address(u32),
+    /// A socket's network namespace cookie (the socket path, where the source address is
+    /// not chosen yet at `connect()`: the namespace — a pod, or the node — stands for it).
+    Netns(u64),
 }
 
 /// A frontend: its key and its slot-0 header.
@@ -96,17 +105,17 @@ pub enum Selection {
     Missing,
 }
 
-/// Chooses the backend of a new flow of `client_addr` to `frontend` (which has `count`
+/// Chooses the backend of a new flow of `client` to `frontend` (which has `count`
 /// backends): the client's previous one under session affinity, else a random one.
 #[inline(always)]
 pub fn select_backend(
     frontend: &Frontend,
     count: NonZeroU16,
-    client_addr: u32,
+    client: Client,
     now_ns: u64,
 ) -> Selection {
     if frontend.header.affinity_timeout_s != 0
-        && let Some((id, backend)) = affinity::remembered_backend(client_addr, frontend, now_ns)
+        && let Some((id, backend)) = affinity::remembered_backend(client, frontend, now_ns)
     {
         return Selection::Affinity { id, backend };
     }

@@ -11,6 +11,10 @@
 //! `epx_ingress` is the datapath. `epx_trace` runs the same path as a dry run for
 //! `ebpf-proxy trace` (see [`mode`]); `epx_ct_reap` removes finished flows for the
 //! daemon's garbage collector. Neither of those two is ever attached.
+//!
+//! The cgroup programs (`epx_connect4`, `epx_sendmsg4`, `epx_recvmsg4`,
+//! `epx_getpeername4`, `epx_sock_release`) balance at the socket instead, with the same
+//! lookups (see [`sock`]); `epx_connect4_trace` is `connect4`'s dry run.
 #![no_std]
 #![no_main]
 // Atomic operations on shared conntrack entries: the bpf target has no `AtomicU64`
@@ -36,6 +40,7 @@ mod reap;
 mod route;
 mod select;
 mod snat;
+mod sock;
 mod source_ranges;
 mod stats;
 
@@ -43,8 +48,8 @@ use core::num::NonZeroU16;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    macros::classifier,
-    programs::TcContext,
+    macros::{cgroup_sock, cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, SockContext, TcContext},
 };
 use proxy_common::{Translation, Tuple, ct_flags, service_flags, stat};
 
@@ -54,9 +59,10 @@ use crate::{
     context::Context,
     forwarding::{Checked, Egress},
     fragment::Fate,
-    lb::{Frontend, LbKey, Selection},
+    lb::{Client, Frontend, LbKey},
     mode::{DryRun, Live, Mode},
     parse::{Packet, Parsed},
+    sock::{Call, Sock},
 };
 
 /// Let the packet continue (translated or untouched).
@@ -82,6 +88,43 @@ pub fn epx_ct_reap(ctx: TcContext) -> i32 {
     reap::batch(&ctx) as i32
 }
 
+#[cgroup_sock_addr(connect4)]
+pub fn epx_connect4(ctx: SockAddrContext) -> i32 {
+    sock::finish(sock::forward(&Sock::new(&ctx), &Live, Call::Connect))
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn epx_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::finish(sock::forward(&Sock::new(&ctx), &Live, Call::SendMsg))
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn epx_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&Sock::new(&ctx), &Live);
+    sock::PROCEED
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn epx_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&Sock::new(&ctx), &Live);
+    sock::PROCEED
+}
+
+#[cgroup_sock(sock_release)]
+pub fn epx_sock_release(ctx: SockContext) -> i32 {
+    sock::release(&ctx);
+    sock::PROCEED
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn epx_connect4_trace(ctx: SockAddrContext) -> i32 {
+    let sock = Sock::new(&ctx);
+    if let Some(dry_run) = DryRun::start() {
+        sock::forward(&sock, &dry_run, Call::Connect);
+    }
+    sock::abandon(&sock, proxy_common::TRACE_ERRNO)
+}
+
 #[inline(always)]
 fn balance<C: Context, M: Mode>(ctx: &C, mode: &M) -> i32 {
     match parse::packet(ctx) {
@@ -102,8 +145,8 @@ fn balance<C: Context, M: Mode>(ctx: &C, mode: &M) -> i32 {
 #[derive(Clone, Copy)]
 struct Decision {
     action: Action,
-    /// [`Action::Translate`] and [`Action::Drop`]: the counter that names what happened;
-    /// [`Action::Create`]: the one the packet counts in once the flow is recorded.
+    /// [`Action::Translate`]: the counter that names what happened; [`Action::Create`]:
+    /// the one the packet counts in once the flow is recorded.
     counter: u32,
     /// [`Action::Translate`]: the tuple to rewrite the packet to.
     to: Tuple,
@@ -122,6 +165,7 @@ enum Action {
     Create,
     /// Refuse it with an ICMP port unreachable (a frontend without endpoints).
     Refuse,
+    /// Drop it (counted where that was decided).
     Drop,
     /// Nothing of ours: it passes untouched.
     Pass,
@@ -144,14 +188,6 @@ impl Decision {
             counter,
             flow,
             ..Self::only(Action::Create)
-        }
-    }
-
-    #[inline(always)]
-    fn drop(counter: u32) -> Self {
-        Self {
-            counter,
-            ..Self::only(Action::Drop)
         }
     }
 
@@ -190,10 +226,8 @@ fn service_path<C: Context, M: Mode>(ctx: &C, mode: &M, packet: &Packet) -> i32 
     let (verdict, fate) = match decision.action {
         Action::Translate => translate(ctx, mode, packet, &decision),
         Action::Refuse => refuse(ctx, mode, packet),
-        Action::Drop | Action::Create => {
-            mode.count(decision.counter);
-            (DROP, Fate::dropped())
-        }
+        // `create` leaves no Create behind.
+        Action::Drop | Action::Create => (DROP, Fate::dropped()),
         Action::Pass => {
             mode.count(stat::PASS);
             (ACCEPT, Fate::forward(packet.tuple(), false))
@@ -280,28 +314,25 @@ fn new_flow<C: Context, M: Mode>(
     if flags & service_flags::SOURCE_RANGES != 0
         && !source_ranges::admits(packet.src_addr, frontend)
     {
-        return Decision::drop(stat::SOURCE_RANGE_DENIED);
+        mode.count(stat::SOURCE_RANGE_DENIED);
+        return Decision::only(Action::Drop);
     }
     let Some(count) = NonZeroU16::new(frontend.header.count) else {
         // Dropped when only its traffic policy left none on this node, otherwise refused
         // at once (kube-proxy's DROP and REJECT).
         if flags & service_flags::NO_LOCAL_ENDPOINTS != 0 {
-            return Decision::drop(stat::NO_BACKEND);
+            mode.count(stat::NO_BACKEND);
+            return Decision::only(Action::Drop);
         }
         return Decision::only(Action::Refuse);
     };
     mode.count(stat::CT_MISS);
-    let (backend_id, backend) = match lb::select_backend(frontend, count, packet.src_addr, now.ns) {
-        Selection::Affinity { id, backend } => {
-            mode.count(stat::AFFINITY);
-            mode.affinity_kept(id, &backend);
-            (id, backend)
-        }
-        Selection::Slot { slot, id, backend } => {
-            mode.backend_selected(slot, id, &backend);
-            (id, backend)
-        }
-        Selection::Missing => return Decision::drop(stat::BACKEND_MISSING),
+    let client = Client::Address(packet.src_addr);
+    let Some((backend_id, backend)) =
+        mode.chosen(lb::select_backend(frontend, count, client, now.ns))
+    else {
+        // Counted by `chosen`.
+        return Decision::only(Action::Drop);
     };
     let snat_source = if Translation::may_snat(flags, packet.src_addr, backend.addr) {
         snat::source_for(ctx, &backend)
@@ -324,7 +355,7 @@ fn new_flow<C: Context, M: Mode>(
             flow.set_peer_port(snat::port(snat::random_start(), 0));
         }
     } else if frontend.header.affinity_timeout_s != 0 {
-        affinity::remember(packet.src_addr, frontend, backend_id, now.ns);
+        affinity::remember(client, frontend, backend_id, now.ns);
     }
     Decision::create(flow, stat::NEW_FLOW)
 }
@@ -342,10 +373,11 @@ fn create<M: Mode>(
 ) -> Decision {
     if !M::DRY_RUN {
         if let Err(not_created) = conntrack::create(flow, packet, len, now) {
-            return Decision::drop(match not_created {
+            mode.count(match not_created {
                 NotCreated::NoPort => stat::SNAT_FAILED,
                 NotCreated::Busy => stat::CT_CREATE_FAILED,
             });
+            return Decision::only(Action::Drop);
         }
         if flow.kind & ct_flags::REMAPPED != 0 {
             mode.count(stat::REMAPPED);

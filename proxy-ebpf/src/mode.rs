@@ -9,11 +9,15 @@
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 use proxy_common::{
-    Backend, CtValue, FragmentValue, TraceRecord, trace_answer, trace_ct, trace_fragment,
+    Backend, CtValue, FragmentValue, TraceRecord, stat, trace_answer, trace_ct, trace_fragment,
     trace_table,
 };
 
-use crate::{conntrack::Table, lb::Frontend, stats};
+use crate::{
+    conntrack::Table,
+    lb::{Frontend, Selection},
+    stats,
+};
 
 /// Per-CPU so the dry run needs no atomics; not pinned: every process that loads
 /// `epx_trace` has its own.
@@ -47,6 +51,27 @@ pub trait Mode {
     /// Instead of the packet, an ICMP error (a `trace_answer` constant) goes back to its
     /// sender; `mtu` for "fragmentation needed".
     fn answered(&self, _answer: u8, _mtu: u16) {}
+
+    /// The backend `selection` gave a new flow (or socket), counted and recorded as chosen;
+    /// `None` when the drawn slot names no backend (counted as `backend_missing`).
+    #[inline(always)]
+    fn chosen(&self, selection: Selection) -> Option<(u32, Backend)> {
+        match selection {
+            Selection::Affinity { id, backend } => {
+                self.count(stat::AFFINITY);
+                self.affinity_kept(id, &backend);
+                Some((id, backend))
+            }
+            Selection::Slot { slot, id, backend } => {
+                self.backend_selected(slot, id, &backend);
+                Some((id, backend))
+            }
+            Selection::Missing => {
+                self.count(stat::BACKEND_MISSING);
+                None
+            }
+        }
+    }
 }
 
 /// `epx_ingress`: counts, and the path writes conntrack entries.

@@ -34,6 +34,8 @@ use crate::netlink::{self, Device, DevicePolicy, Netlink};
 use crate::node_port_addresses::NodePortAddresses;
 use crate::plan::{NodeFacts, Planner};
 use crate::service_health::ServiceHealthServers;
+use crate::socket_lb::terminate::Terminator;
+use crate::socket_lb::{self, SocketLbMode};
 use crate::source::kubernetes::{ApiServer, KubernetesSource};
 use crate::source::manifests::{ManifestWatcher, ParseLimits};
 use crate::writer::{ApplyReport, MapWriter};
@@ -64,6 +66,10 @@ pub struct DaemonConfig {
     pub metrics_bind_address: Option<SocketAddr>,
     /// How long a received change may stay unapplied before the daemon reports unhealthy.
     pub healthz_timeout: Duration,
+    /// Which sockets are balanced at `connect()` (`--socket-lb`).
+    pub socket_lb: SocketLbMode,
+    /// The cgroup the socket programs attach to; `None`: the unified hierarchy's root.
+    pub cgroup_root: Option<PathBuf>,
 }
 
 struct Daemon {
@@ -92,14 +98,22 @@ struct Daemon {
     pending_trigger_times: Vec<chrono::DateTime<chrono::Utc>>,
     /// When the oldest change not yet synced arrived (network programming latency).
     first_pending_change: Option<SystemTime>,
+    /// Closes the node's connected UDP sockets whose backend left (with `--socket-lb`).
+    socket_terminator: Option<Terminator>,
 }
 
 /// Runs until SIGTERM or SIGINT. The datapath stays pinned and keeps working after exit.
 pub async fn run(config: DaemonConfig) -> Result<()> {
     // First, so that a bad kubeconfig fails before anything is loaded.
     let source = Source::start(&config.source, &config.node_name).await?;
-    let mut datapath = Datapath::load(&config.bpffs_root, config.map_sizes, config.ct_timeouts)?;
+    let mut datapath = Datapath::load(
+        &config.bpffs_root,
+        config.map_sizes,
+        config.ct_timeouts,
+        config.socket_lb,
+    )?;
     let maps = datapath.take_maps()?;
+    attach_sockets(&mut datapath, &config)?;
     let health = Health::new(config.healthz_timeout);
     let (metrics, registry) = Metrics::new(Some(maps.stats));
     for (map, max) in [
@@ -130,6 +144,10 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         metrics.clone(),
     )?;
     let netlink = Netlink::connect()?;
+    let socket_terminator = match config.socket_lb {
+        SocketLbMode::Off => None,
+        SocketLbMode::Host | SocketLbMode::All => Some(Terminator::open(&config.bpffs_root)?),
+    };
     if !config.nodeport_addresses.ipv6_cidrs().is_empty() {
         info!(
             cidrs = ?config.nodeport_addresses.ipv6_cidrs(),
@@ -149,6 +167,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         zone: config.node_zone.clone(),
         addresses: Vec::new(),
         nodeport_cidrs: config.nodeport_addresses.ipv4_cidrs(None),
+        loopback_node_ports: config.socket_lb != SocketLbMode::Off,
     };
     let mut daemon = Daemon {
         runner: SyncRunner::new(config.min_sync_period),
@@ -169,6 +188,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         metrics,
         pending_trigger_times: Vec::new(),
         first_pending_change: None,
+        socket_terminator,
     };
     info!(
         bpffs_root = %daemon.config.bpffs_root.display(),
@@ -312,6 +332,9 @@ impl Daemon {
         }
         // A refused write is retried by a full sync: the next one writes what is missing.
         self.need_full_sync = !report.complete();
+        if full || !delta.frontends.is_empty() {
+            self.close_stale_sockets();
+        }
         self.need_reread = false;
         self.record_sync(&report, changes, started);
         let addresses = self.node.health_check_addresses();
@@ -331,6 +354,25 @@ impl Daemon {
             // After the delta is gone: it holds the plans of every frontend it touched.
             drop(delta);
             crate::allocator::return_freed_memory();
+        }
+    }
+
+    /// Closes the node's connected UDP sockets whose backend no longer serves (see
+    /// [`Terminator`]).
+    fn close_stale_sockets(&mut self) {
+        let Some(terminator) = &mut self.socket_terminator else {
+            return;
+        };
+        match terminator.run() {
+            Ok(0) => {}
+            Ok(closed) => info!(
+                closed,
+                "closed connected UDP sockets of the node whose backend left (ECONNABORTED)"
+            ),
+            Err(error) => warn!(
+                error = format!("{error:#}"),
+                "closing connected UDP sockets whose backend left failed"
+            ),
         }
     }
 
@@ -436,6 +478,30 @@ impl Daemon {
             .set(since_epoch.as_secs_f64());
         self.health.updated(now);
     }
+}
+
+/// Attaches the socket programs (`--socket-lb`) to `--cgroup-root`, or releases them.
+fn attach_sockets(datapath: &mut Datapath, config: &DaemonConfig) -> Result<()> {
+    let cgroup = match config.socket_lb {
+        SocketLbMode::Off => PathBuf::new(),
+        SocketLbMode::Host | SocketLbMode::All => {
+            socket_lb::cgroup_root(config.cgroup_root.as_deref())?
+        }
+    };
+    datapath
+        .attach_sockets(config.socket_lb, &cgroup)
+        .with_context(|| {
+            format!(
+                "--socket-lb {}: attaching the socket programs to cgroup {} (--socket-lb off \
+                 runs without them)",
+                config.socket_lb,
+                cgroup.display()
+            )
+        })?;
+    if config.socket_lb != SocketLbMode::Off {
+        info!(mode = %config.socket_lb, cgroup = %cgroup.display(), "socket load balancing attached");
+    }
+    Ok(())
 }
 
 /// Binds `address` (failing the start clearly if it can't) and serves `router` on it.

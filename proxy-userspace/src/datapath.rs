@@ -8,8 +8,9 @@
 //!
 //! Layout of the bpffs root: `SERVICES`, `BACKENDS`, `BACKEND_IDS`, `CONNTRACK`,
 //! `CONNTRACK_PENDING`, `CT_TIMEOUTS`, `STATS`, `AFFINITY`, `MEMBERSHIP`,
-//! `MEMBERSHIP_EPOCH`, `SVC_NAMES`, `SOURCE_RANGES` (maps) and `links/<ifindex>-<ifname>`
-//! (tcx ingress links).
+//! `MEMBERSHIP_EPOCH`, `SVC_NAMES`, `SOURCE_RANGES`, `SOCK_XLATE`, `SOCK_AFFINITY` (maps),
+//! `links/<ifindex>-<ifname>` (tcx ingress links) and `sock-links/<program>` (the socket
+//! programs' cgroup links, see [`socket_lb`](crate::socket_lb)).
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -26,13 +27,14 @@ use aya::{Ebpf, EbpfLoader};
 use proxy_common::{
     Backend, CtTimeouts, MembershipKey, PROGRAM_NAME, REFUSAL_LIMITS_GLOBAL, RefusalLimits,
     SNAT_PORT_MAX_GLOBAL, SNAT_PORT_MIN_GLOBAL, ServiceKey, ServiceName, ServiceValue, SourceRange,
-    map_names,
+    map_names, sock_globals,
 };
 use tracing::{info, warn};
 
 use crate::conntrack::ConntrackSizes;
 use crate::netlink::Device;
 use crate::pin_root::PinRoot;
+use crate::socket_lb::{self, SocketLbMode};
 use crate::writer::FlowMaps;
 
 /// Where the daemon pins, and the CLI looks, unless told otherwise (`--bpffs-root`).
@@ -121,6 +123,7 @@ pub struct Maps {
 pub struct Datapath {
     ebpf: Ebpf,
     links_dir: PathBuf,
+    socket_links_dir: PathBuf,
     /// This daemon's claim on the pins, held while it runs.
     _pin_root: PinRoot,
 }
@@ -128,9 +131,20 @@ pub struct Datapath {
 impl Datapath {
     /// Loads the embedded object, reusing (or creating) the maps pinned under `root`, once
     /// `root` is on a bpffs and this daemon's alone (see [`PinRoot`]), and sets the
-    /// conntrack timeouts (before anything is attached).
-    pub fn load(root: &Path, sizes: MapSizes, timeouts: CtTimeouts) -> Result<Self> {
+    /// conntrack timeouts (before anything is attached). `socket_lb` tells the socket
+    /// programs which sockets are theirs (this process's network namespace is the node's).
+    pub fn load(
+        root: &Path,
+        sizes: MapSizes,
+        timeouts: CtTimeouts,
+        socket_lb: SocketLbMode,
+    ) -> Result<Self> {
         let pin_root = PinRoot::prepare(root)?;
+        let host_netns = match socket_lb {
+            SocketLbMode::Off => 0,
+            SocketLbMode::Host | SocketLbMode::All => socket_lb::own_netns_cookie()?,
+        };
+        let all_sockets = u8::from(socket_lb == SocketLbMode::All);
         let refusal_limits = refusal_limits(|name| {
             let path = format!("/proc/sys/net/ipv4/{name}");
             fs::read_to_string(&path)
@@ -166,6 +180,8 @@ impl Datapath {
             .override_global(SNAT_PORT_MIN_GLOBAL, &sizes.snat_ports.min, true)
             .override_global(SNAT_PORT_MAX_GLOBAL, &sizes.snat_ports.max, true)
             .override_global(REFUSAL_LIMITS_GLOBAL, &refusal_limits, true)
+            .override_global(sock_globals::HOST_NETNS, &host_netns, true)
+            .override_global(sock_globals::ALL, &all_sockets, true)
             .load(crate::EBPF_OBJECT)
             .with_context(|| {
                 format!(
@@ -181,6 +197,7 @@ impl Datapath {
         Ok(Self {
             ebpf,
             links_dir,
+            socket_links_dir: socket_lb::links_dir(root),
             _pin_root: pin_root,
         })
     }
@@ -248,25 +265,53 @@ impl Datapath {
         Ok(())
     }
 
+    /// Attaches the socket programs to `cgroup` (swapping them into links a previous daemon
+    /// pinned there), or with [`SocketLbMode::Off`] releases any such links.
+    pub fn attach_sockets(&mut self, mode: SocketLbMode, cgroup: &Path) -> Result<()> {
+        match mode {
+            SocketLbMode::Off => {
+                for pin in unpin_links(&self.socket_links_dir, |_| false)? {
+                    info!(%pin, "--socket-lb off: released the socket link");
+                }
+                Ok(())
+            }
+            SocketLbMode::Host | SocketLbMode::All => {
+                socket_lb::attach(&mut self.ebpf, cgroup, &self.socket_links_dir)
+            }
+        }
+    }
+
     /// Removes the pins of links whose device is gone (or renamed, or re-created with a
     /// new index), which releases those links. Returns the names of the released pins.
     pub fn release_stale_links(&self, devices: &[Device]) -> Result<Vec<String>> {
         let keep: BTreeSet<PathBuf> = devices.iter().map(|d| self.link_pin(d)).collect();
-        let mut released = Vec::new();
-        for entry in fs::read_dir(&self.links_dir)? {
-            let path = entry?.path();
-            if !keep.contains(&path) {
-                fs::remove_file(&path)?;
-                released.push(
-                    path.file_name()
-                        .unwrap_or_default()
-                        .to_string_lossy()
-                        .into(),
-                );
-            }
-        }
-        Ok(released)
+        unpin_links(&self.links_dir, |pin| keep.contains(pin))
     }
+}
+
+/// Removes the link pins in `dir` that `keep` does not want, which releases their links
+/// (a missing `dir` holds none). Returns the names of the pins removed.
+fn unpin_links(dir: &Path, keep: impl Fn(&Path) -> bool) -> Result<Vec<String>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(error).with_context(|| format!("reading {}", dir.display())),
+    };
+    let mut released = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        if keep(&path) {
+            continue;
+        }
+        fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        released.push(
+            path.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into(),
+        );
+    }
+    Ok(released)
 }
 
 /// The node's ICMP rate limits from its sysctls (`read` gives a file of

@@ -7,8 +7,10 @@
 //! Services, emits the frontends whose plan changed) → [`writer`] (writes those frontends,
 //! backends reference-counted; the only code that touches the maps). [`datapath`] loads,
 //! pins and attaches the kernel programs; [`netlink`] reads node addresses and follows pod
-//! interfaces; [`health`] and [`service_health`] answer probes (the proxy's and each
-//! externalTrafficPolicy=Local Service's healthCheckNodePort); [`conntrack`] sweeps idle flows; [`daemon`] wires it all together ([`allocator`] keeps its memory dense). [`inspect`]
+//! interfaces; [`socket_lb`] attaches the socket programs to the cgroup hierarchy;
+//! [`health`] and [`service_health`] answer probes (the proxy's and each
+//! externalTrafficPolicy=Local Service's healthCheckNodePort); [`conntrack`] sweeps idle
+//! flows; [`daemon`] wires it all together ([`allocator`] keeps its memory dense). [`inspect`]
 //! gives node admins views of the pinned maps.
 
 pub mod allocator;
@@ -25,6 +27,7 @@ pub mod node_port_addresses;
 pub mod pin_root;
 pub mod plan;
 pub mod service_health;
+pub mod socket_lb;
 pub mod source;
 pub mod writer;
 

@@ -14,6 +14,7 @@ use proxy_userspace::datapath::{DEFAULT_BPFFS_ROOT, MapSizes, SnatPortRange};
 use proxy_userspace::inspect;
 use proxy_userspace::netlink::DevicePolicy;
 use proxy_userspace::node_port_addresses::NodePortAddresses;
+use proxy_userspace::socket_lb::SocketLbMode;
 use proxy_userspace::source::kubernetes::ApiServer;
 use proxy_userspace::source::manifests::ParseLimits;
 
@@ -160,6 +161,17 @@ struct DaemonArgs {
     /// sync period).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     healthz_timeout: Duration,
+    /// Balance at the socket (cgroup connect/sendmsg hooks): `host`, the node's own
+    /// processes (which no tc program sees); `all`, pods' TCP connections too (translated
+    /// once at connect() instead of per packet); `off`.
+    #[arg(long, value_enum, default_value_t = SocketLbMode::Host)]
+    socket_lb: SocketLbMode,
+    /// The cgroup v2 directory the socket programs attach to; they see the sockets of its
+    /// processes and those of every cgroup below [default: the root of the unified
+    /// hierarchy, where it is mounted: /sys/fs/cgroup, /sys/fs/cgroup/unified on hybrid
+    /// hosts].
+    #[arg(long)]
+    cgroup_root: Option<PathBuf>,
 }
 
 /// A bind address flag: empty disables the server.
@@ -252,6 +264,8 @@ impl DaemonArgs {
             healthz_bind_address: bind_address("healthz-bind-address", &self.healthz_bind_address)?,
             metrics_bind_address: bind_address("metrics-bind-address", &self.metrics_bind_address)?,
             healthz_timeout: self.healthz_timeout,
+            socket_lb: self.socket_lb,
+            cgroup_root: self.cgroup_root,
         })
     }
 }

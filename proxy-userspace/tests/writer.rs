@@ -17,6 +17,7 @@ use proxy_userspace::plan::{
     BackendAddr, DesiredState, EmptyFrontend, Frontend, FrontendKind, FrontendPlan, Protocol,
     ServicePortName,
 };
+use proxy_userspace::socket_lb::SocketLbMode;
 use proxy_userspace::writer::MapWriter;
 
 /// SERVICES holds 12 entries (headers and slots), BACKENDS 6.
@@ -87,7 +88,7 @@ fn batched_writes_fill_the_maps_and_a_full_map_is_counted_and_recorded_truly() -
         backends: BACKENDS,
         ..MapSizes::default()
     };
-    let mut datapath = Datapath::load(&root, sizes, CtTimeouts::DEFAULT)?;
+    let mut datapath = Datapath::load(&root, sizes, CtTimeouts::DEFAULT, SocketLbMode::Off)?;
     let maps = datapath.take_maps()?;
     let open = |name: &str| -> Result<aya::maps::Map> {
         Ok(aya::maps::Map::from_map_data(MapData::from_pin(

@@ -97,6 +97,13 @@ fn the_daemon_works_with_only_the_daemonsets_capabilities() -> Result<()> {
         .node()
         .http_get(Ipv4Addr::LOCALHOST, 10256, "/healthz")?;
     ensure!(code == 200, "/healthz {code}: {body}");
+    // The socket programs (--socket-lb host) are attached too: the node's own process
+    // reaches the ClusterIP.
+    {
+        let _placed = lab.node().place_in(daemon.cgroup());
+        let reply = lab.node().tcp_request(addr::CLUSTER_IP, SERVICE_TCP_PORT)?;
+        ensure!(reply.peer.ip() == addr::CLUSTER_IP, "{reply:?}");
+    }
     // A pod that appears later is attached too (rtnetlink events, a tcx attach).
     let late = lab.start_late_pod(5)?;
     let deadline = std::time::Instant::now() + SYNC_TIMEOUT;

@@ -59,6 +59,8 @@ fn a_second_daemon_on_the_same_pins_is_refused_and_the_first_keeps_serving() -> 
         .arg("--bpffs-root")
         .arg(first.bpffs_root())
         .args(["--healthz-bind-address=", "--metrics-bind-address="])
+        // Refused before it attaches anything; never the machine's root cgroup regardless.
+        .arg("--socket-lb=off")
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -5,6 +5,7 @@
 //! log that tests can wait on (`sync complete`) and that is printed when the handle drops,
 //! so a failing test shows what the daemon said (libtest captures it otherwise).
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 
 use crate::bpffs::PrivateBpffs;
+use crate::cgroup::Cgroup;
 use crate::manifest::Manifest;
 use crate::netns::{Netns, enter};
 use crate::scratch::{ScratchDir, unique_prefix};
@@ -160,28 +162,32 @@ impl<'lab> DaemonBuilder<'lab> {
             readers: Vec::new(),
             echo_log_on_drop: self.echo_log_on_drop,
             bpffs,
+            cgroup: Cgroup::create("daemon")?,
             scratch,
+            argv: Vec::new(),
         };
         for manifest in &self.manifests {
             daemon.apply(manifest)?;
         }
 
-        let mut command = match &self.capabilities {
+        let mut argv: Vec<OsString> = match &self.capabilities {
             Some(capabilities) => {
                 let bounding: String = capabilities
                     .iter()
                     .map(|capability| format!(",+{capability}"))
                     .collect();
-                let mut setpriv = Command::new("setpriv");
-                setpriv
-                    .arg(format!("--bounding-set=-all{bounding}"))
-                    .args(["--inh-caps=-all", "--no-new-privs", "--"])
-                    .arg(&binary);
-                setpriv
+                vec![
+                    "setpriv".into(),
+                    format!("--bounding-set=-all{bounding}").into(),
+                    "--inh-caps=-all".into(),
+                    "--no-new-privs".into(),
+                    "--".into(),
+                    binary.clone().into(),
+                ]
             }
-            None => Command::new(&binary),
+            None => vec![binary.clone().into()],
         };
-        command.arg("daemon");
+        argv.push("daemon".into());
         match &self.api_server {
             Some(url) => {
                 ensure!(
@@ -191,17 +197,55 @@ impl<'lab> DaemonBuilder<'lab> {
                 let kubeconfig = daemon.scratch.path().join("kubeconfig");
                 std::fs::write(&kubeconfig, kubeconfig_for(url))
                     .with_context(|| format!("writing {}", kubeconfig.display()))?;
-                command.arg("--kubeconfig").arg(kubeconfig);
+                argv.extend(["--kubeconfig".into(), kubeconfig.into()]);
             }
             None => {
-                command.arg("--manifests").arg(daemon.manifests_dir());
+                argv.extend(["--manifests".into(), daemon.manifests_dir().into()]);
             }
         }
+        argv.extend([
+            "--node-name".into(),
+            self.node_name.into(),
+            "--bpffs-root".into(),
+            bpffs_root.into(),
+            // Never the machine's root cgroup: the lab's own (see `Daemon::cgroup`).
+            "--cgroup-root".into(),
+            daemon.cgroup.path().into(),
+        ]);
+        argv.extend(self.extra_args.into_iter().map(OsString::from));
+        daemon.argv = argv;
+        daemon.spawn()?;
+        Ok(daemon)
+    }
+}
+
+/// A running daemon. Dropping it stops the daemon (SIGTERM, then SIGKILL after 5 s),
+/// unmounts its bpffs and removes its directories. Borrows its node's namespace, so it
+/// always goes before the lab's namespaces do.
+#[derive(Debug)]
+pub struct Daemon<'lab> {
+    node: &'lab Netns,
+    /// In a mutex only so `wait_synced(&self)` can report the exit status.
+    child: Mutex<Option<Child>>,
+    log: Arc<Log>,
+    readers: Vec<JoinHandle<()>>,
+    echo_log_on_drop: bool,
+    // Drop order: unmount before the scratch directory that holds the mount point goes;
+    // the cgroup goes once the links pinned there are released with the bpffs.
+    bpffs: PrivateBpffs,
+    cgroup: Cgroup,
+    scratch: ScratchDir,
+    /// The command line, for [`Daemon::restart`].
+    argv: Vec<OsString>,
+}
+
+impl Daemon<'_> {
+    /// Spawns `argv` in the node namespace, its output collected into the log.
+    fn spawn(&mut self) -> Result<()> {
+        let (program, args) = self.argv.split_first().context("no command line")?;
+        let mut command = Command::new(program);
         command
-            .args(["--node-name", &self.node_name])
-            .arg("--bpffs-root")
-            .arg(&bpffs_root)
-            .args(&self.extra_args)
+            .args(args)
             .env("NO_COLOR", "1")
             .env(
                 "RUST_LOG",
@@ -224,37 +268,33 @@ impl<'lab> DaemonBuilder<'lab> {
         }
         let mut child = command
             .spawn()
-            .with_context(|| format!("spawning {}", binary.display()))?;
+            .with_context(|| format!("spawning {}", program.to_string_lossy()))?;
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
-        *daemon.child.get_mut().expect("child lock") = Some(child);
-        daemon
-            .readers
-            .push(collect_lines(stdout, daemon.log.clone()));
-        daemon
-            .readers
-            .push(collect_lines(stderr, daemon.log.clone()));
-        Ok(daemon)
+        *self.child.get_mut().expect("child lock") = Some(child);
+        self.readers.push(collect_lines(stdout, self.log.clone()));
+        self.readers.push(collect_lines(stderr, self.log.clone()));
+        Ok(())
     }
-}
 
-/// A running daemon. Dropping it stops the daemon (SIGTERM, then SIGKILL after 5 s),
-/// unmounts its bpffs and removes its directories. Borrows its node's namespace, so it
-/// always goes before the lab's namespaces do.
-#[derive(Debug)]
-pub struct Daemon<'lab> {
-    node: &'lab Netns,
-    /// In a mutex only so `wait_synced(&self)` can report the exit status.
-    child: Mutex<Option<Child>>,
-    log: Arc<Log>,
-    readers: Vec<JoinHandle<()>>,
-    echo_log_on_drop: bool,
-    // Drop order: unmount before the scratch directory that holds the mount point goes.
-    bpffs: PrivateBpffs,
-    scratch: ScratchDir,
-}
+    /// Stops the daemon (SIGTERM) and starts it again with the same command line, pins and
+    /// cgroup: how a node upgrades or restarts it. Its log goes on; wait for the next sync
+    /// with [`Daemon::wait_for_syncs`] (one more than [`Daemon::syncs`] before).
+    pub fn restart(&mut self) -> Result<()> {
+        let status = self.terminate()?;
+        ensure!(
+            status.success(),
+            "the daemon exited with {status} when stopped"
+        );
+        self.spawn()
+    }
 
-impl Daemon<'_> {
+    /// Stops the daemon (SIGTERM) but keeps its pins, bpffs and cgroup until the handle
+    /// drops: what `cleanup` finds on a node whose daemon was stopped.
+    pub fn stop_in_place(&mut self) -> Result<ExitStatus> {
+        self.terminate()
+    }
+
     /// Writes (or replaces) a manifest atomically: the daemon never sees half a file.
     pub fn apply(&self, manifest: &Manifest) -> Result<()> {
         let staged = self
@@ -309,6 +349,12 @@ impl Daemon<'_> {
             .map(Child::id)
     }
 
+    /// The daemon's `--cgroup-root`, a private cgroup: its socket programs see the sockets
+    /// made there ([`Netns::place_in`]).
+    pub fn cgroup(&self) -> &Cgroup {
+        &self.cgroup
+    }
+
     /// The daemon's `--bpffs-root` (inside [`bpffs`](Self::bpffs)): where the CLI looks.
     pub fn bpffs_root(&self) -> PathBuf {
         self.bpffs.path().join(PIN_DIR)
@@ -327,19 +373,25 @@ impl Daemon<'_> {
             .with_context(|| format!("running ebpf-proxy {}", args.join(" ")))
     }
 
+    /// Runs the CLI like [`cli_output`](Self::cli_output) but in the node's namespace
+    /// (`nsenter --net`), as a node admin does: `trace --connect` traces a process of the
+    /// node (and sends nothing).
+    pub fn cli_in_node(&self, args: &[&str]) -> Result<String> {
+        let output = Command::new("nsenter")
+            .arg(format!("--net={}", self.node.path().display()))
+            .arg(daemon_binary()?)
+            .args(args)
+            .arg("--bpffs-root")
+            .arg(self.bpffs_root())
+            .env("NO_COLOR", "1")
+            .output()
+            .with_context(|| format!("running ebpf-proxy {} in the node", args.join(" ")))?;
+        stdout_of(args, output)
+    }
+
     /// [`cli_output`](Self::cli_output)'s stdout; a failure carries its stderr.
     pub fn cli(&self, args: &[&str]) -> Result<String> {
-        let output = self.cli_output(args)?;
-        let stdout = String::from_utf8(output.stdout)?;
-        if !output.status.success() {
-            bail!(
-                "ebpf-proxy {} failed ({}): {}{stdout}",
-                args.join(" "),
-                output.status,
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        Ok(stdout)
+        stdout_of(args, self.cli_output(args)?)
     }
 
     /// Waits until the daemon has logged its first `sync complete`. Fails early, with the
@@ -537,4 +589,18 @@ fn collect_lines(stream: impl Read + Send + 'static, log: Arc<Log>) -> JoinHandl
         log.state.lock().expect("log lock").open_streams -= 1;
         log.changed.notify_all();
     })
+}
+
+/// The stdout of a CLI run with `args`; a failed run is an error that carries its stderr.
+fn stdout_of(args: &[&str], output: std::process::Output) -> Result<String> {
+    let stdout = String::from_utf8(output.stdout)?;
+    if !output.status.success() {
+        bail!(
+            "ebpf-proxy {} failed ({}): {}{stdout}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(stdout)
 }

@@ -63,6 +63,7 @@
 
 pub mod addr;
 mod bpffs;
+mod cgroup;
 mod client;
 mod cluster;
 mod daemon;
@@ -79,13 +80,14 @@ mod scratch;
 mod tally;
 
 pub use bpffs::PrivateBpffs;
+pub use cgroup::Cgroup;
 pub use client::{REQUEST_TIMEOUT, Reply, TcpSession, UdpFlow, is_timeout, udp_exchange};
 pub use cluster::{Cluster, ClusterBuilder, ClusterNode};
 pub use daemon::{Daemon, DaemonBuilder, daemon_binary, kubeconfig_for};
 pub use lab::{Lab, LabBuilder, LatePod, NODE_NAME, Pod};
 pub use large::{LargeServers, Received};
 pub use manifest::{Endpoint, Manifest, Protocol, Service};
-pub use netns::Netns;
+pub use netns::{Netns, Placement};
 pub use rng::Rng;
 pub use tally::{CHI_SQUARE_CRITICAL_P001, Tally};
 

@@ -9,19 +9,48 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
+
+use crate::cgroup::Cgroup;
 
 /// A network namespace created by the lab (`ip netns add`), deleted on drop.
 #[derive(Debug)]
 pub struct Netns {
     name: String,
+    /// The cgroup that [`Netns::run`] threads join (see [`Netns::place_in`]).
+    cgroup: Mutex<Option<PathBuf>>,
+}
+
+/// While it lives, threads of [`Netns::run`] in its namespace join its cgroup.
+#[derive(Debug)]
+pub struct Placement<'a> {
+    netns: &'a Netns,
+}
+
+impl Drop for Placement<'_> {
+    fn drop(&mut self) {
+        *self.netns.cgroup.lock().expect("cgroup lock") = None;
+    }
 }
 
 impl Netns {
     pub(crate) fn create(name: String) -> Result<Self> {
         run_ip(&["netns", "add", &name])?;
-        Ok(Self { name })
+        Ok(Self {
+            name,
+            cgroup: Mutex::new(None),
+        })
+    }
+
+    /// From now until the returned placement drops, the threads that make sockets in this
+    /// namespace ([`Netns::run`], so every client helper) do it from inside `cgroup`: the
+    /// daemon's socket programs, attached there, see those sockets — as they see a process
+    /// of the node (or a pod) on a real machine.
+    pub fn place_in(&self, cgroup: &Cgroup) -> Placement<'_> {
+        *self.cgroup.lock().expect("cgroup lock") = Some(cgroup.path().to_owned());
+        Placement { netns: self }
     }
 
     pub fn name(&self) -> &str {
@@ -44,9 +73,14 @@ impl Netns {
     /// `f` creates stay in this namespace and may be used from any thread afterwards.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
         let namespace = self.open()?;
+        let cgroup = self.cgroup.lock().expect("cgroup lock").clone();
         std::thread::scope(|scope| {
             let worker = scope.spawn(|| -> Result<T> {
                 enter(&namespace).with_context(|| format!("entering netns {}", self.name))?;
+                if let Some(cgroup) = &cgroup {
+                    Cgroup::enter_thread(cgroup)
+                        .with_context(|| format!("joining cgroup {}", cgroup.display()))?;
+                }
                 Ok(f())
             });
             worker

@@ -348,7 +348,7 @@ pub(super) struct EndpointPattern {
 }
 
 impl EndpointPattern {
-    fn matches(&self, endpoint: &Endpoint) -> bool {
+    pub(super) fn matches(&self, endpoint: &Endpoint) -> bool {
         self.address == endpoint.address && self.port.is_none_or(|port| port == endpoint.port)
     }
 }
@@ -375,7 +375,7 @@ impl FromStr for EndpointPattern {
 
 /// `namespace/name[:port-name]` or a frontend `address[:port]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum ServicePattern {
+pub(super) enum ServicePattern {
     Name(String),
     Frontend(EndpointPattern),
 }
@@ -398,15 +398,20 @@ impl FromStr for ServicePattern {
 
 impl ServicePattern {
     fn matches(&self, flow: &FlowView) -> bool {
+        self.matches_parts(flow.service.as_deref(), &flow.frontend)
+    }
+
+    /// Whether a Service port name (`namespace/name:port-name`) or its frontend matches.
+    pub(super) fn matches_parts(&self, service: Option<&str>, frontend: &Endpoint) -> bool {
         match self {
             // `ns/web` matches every port of the Service, `ns/web:http` only that one.
-            Self::Name(name) => flow.service.as_deref().is_some_and(|service| {
+            Self::Name(name) => service.is_some_and(|service| {
                 service == name
                     || service
                         .strip_prefix(name.as_str())
                         .is_some_and(|rest| rest.starts_with(':'))
             }),
-            Self::Frontend(frontend) => frontend.matches(&flow.frontend),
+            Self::Frontend(frontend_pattern) => frontend_pattern.matches(frontend),
         }
     }
 }
@@ -447,7 +452,7 @@ pub fn render(flows: &[FlowView]) -> String {
 }
 
 /// `42s`, `3m07s`, `5h02m`, `2d03h`.
-fn duration(seconds: u64) -> String {
+pub(super) fn duration(seconds: u64) -> String {
     match seconds {
         0..60 => format!("{seconds}s"),
         60..3600 => format!("{}m{:02}s", seconds / 60, seconds % 60),

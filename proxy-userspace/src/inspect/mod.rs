@@ -11,8 +11,10 @@ mod backends;
 mod conntrack;
 pub mod explain;
 mod services;
+mod sockets;
 mod stats;
 pub mod trace;
+mod trace_connect;
 
 use std::fmt;
 use std::io::{IsTerminal, Write};
@@ -35,6 +37,7 @@ use crate::writer::MapImage;
 pub use backends::BackendView;
 pub use conntrack::FlowView;
 pub use services::{FrontendView, SlotView};
+pub use sockets::SocketView;
 pub use stats::StatsView;
 
 /// The CLI's read-only subcommands (and `conntrack flush`), flattened into `ebpf-proxy`'s.
@@ -46,6 +49,9 @@ pub enum Command {
     Backends(ListArgs),
     /// Live flows: client → frontend → backend, age, packets and bytes.
     Conntrack(conntrack::ConntrackArgs),
+    /// Connections translated at the socket (--socket-lb): cookie, process, Service,
+    /// backend.
+    Sockets(sockets::SocketsArgs),
     /// Datapath counters summed over CPUs, and how full the maps are.
     Stats(ListArgs),
     /// The datapath's Services as the iptables-save text kube-proxy would write for them.
@@ -67,6 +73,7 @@ impl Command {
                 |rows| backends::render(rows),
             ),
             Command::Conntrack(args) => args.run(),
+            Command::Sockets(args) => args.run(),
             Command::Stats(args) => args.show(stats::read, stats::render),
             Command::Explain(args) => args.run(),
             Command::Trace(args) => args.run(),
@@ -183,18 +190,7 @@ pub(crate) fn open_pinned(root: &Path, name: &str) -> Result<MapData> {
 /// The maps in `pins` must be pinned already (so a missing pin is an error, not a new
 /// empty map).
 pub(crate) fn load_beside_pins(root: &Path, pins: &[&str], program: &str) -> Result<Ebpf> {
-    for name in pins {
-        open_pinned(root, name)?;
-    }
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(root)
-        .load(crate::EBPF_OBJECT)
-        .with_context(|| {
-            format!(
-                "loading the eBPF object against the pins in {}",
-                root.display()
-            )
-        })?;
+    let mut ebpf = object_beside_pins(root, pins, &mut EbpfLoader::new())?;
     let classifier: &mut SchedClassifier = ebpf
         .program_mut(program)
         .ok_or_else(|| anyhow!("program {program} missing from the eBPF object"))?
@@ -203,6 +199,27 @@ pub(crate) fn load_beside_pins(root: &Path, pins: &[&str], program: &str) -> Res
         .load()
         .with_context(|| format!("loading {program} (needs root or CAP_BPF)"))?;
     Ok(ebpf)
+}
+
+/// Loads the embedded object with `loader` (its globals set) against the maps pinned under
+/// `root`; the maps in `pins` must be pinned already.
+pub(crate) fn object_beside_pins(
+    root: &Path,
+    pins: &[&str],
+    loader: &mut EbpfLoader,
+) -> Result<Ebpf> {
+    for name in pins {
+        open_pinned(root, name)?;
+    }
+    loader
+        .default_map_pin_directory(root)
+        .load(crate::EBPF_OBJECT)
+        .with_context(|| {
+            format!(
+                "loading the eBPF object against the pins in {}",
+                root.display()
+            )
+        })
 }
 
 /// Opens a pinned map as the typed map `M`.

@@ -7,7 +7,7 @@ use aya::Pod;
 use aya::maps::{Map, MapData, PerCpuArray};
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragmentKey, FragmentValue, MembershipKey,
-    ServiceKey, ServiceName, ServiceValue, map_names, stat,
+    ServiceKey, ServiceName, ServiceValue, SockAffinityKey, SockKey, SockValue, map_names, stat,
 };
 
 use serde::Serialize;
@@ -58,6 +58,8 @@ pub fn read(root: &Path) -> Result<StatsView> {
         fill::<AffinityKey, AffinityValue>(root, map_names::AFFINITY)?,
         fill::<MembershipKey, u8>(root, map_names::MEMBERSHIP)?,
         fill::<u32, ServiceName>(root, map_names::SVC_NAMES)?,
+        fill::<SockKey, SockValue>(root, map_names::SOCK_XLATE)?,
+        fill::<SockAffinityKey, AffinityValue>(root, map_names::SOCK_AFFINITY)?,
     ];
     Ok(StatsView { counters, maps })
 }

@@ -40,9 +40,21 @@ const DEFAULT_SOURCE_PORT: u16 = 40000;
 #[derive(Args)]
 pub struct TraceArgs {
     /// The packet's source, `address[:port]` (port 40000 if omitted).
-    source: EndpointPattern,
+    #[arg(required_unless_present = "connect")]
+    source: Option<EndpointPattern>,
     /// Its destination, `address:port[/tcp|/udp]` (tcp if omitted).
-    destination: Destination,
+    #[arg(required_unless_present = "connect")]
+    destination: Option<Destination>,
+    /// Instead of a packet, a `connect()` of a process of this node to
+    /// `address:port[/tcp|/udp]`: what the socket programs (--socket-lb) decide for it.
+    /// Runs `connect4`'s dry run from a cgroup made for the trace; the traced connect()
+    /// itself is refused, nothing is sent.
+    #[arg(long, value_name = "ADDRESS:PORT[/PROTO]", conflicts_with_all = ["source", "destination"])]
+    connect: Option<Destination>,
+    /// With --connect: the cgroup v2 directory under which the trace's cgroup is made (the
+    /// daemon's --cgroup-root) [default: the unified hierarchy's root].
+    #[arg(long, requires = "connect")]
+    cgroup_root: Option<std::path::PathBuf>,
     /// TCP flags of the packet, comma-separated: `syn`, `ack`, `fin`, `rst` (default: a
     /// SYN, a new connection's first packet; `syn,ack` traces a backend's first answer).
     #[arg(long, value_delimiter = ',', default_value = "syn", value_parser = parse_tcp_flag)]
@@ -81,13 +93,27 @@ pub struct TraceArgs {
 
 impl TraceArgs {
     pub fn run(self) -> Result<()> {
+        if let Some(destination) = self.connect {
+            let report = super::trace_connect::trace(
+                &self.pins.bpffs_root,
+                destination,
+                self.cgroup_root.as_deref(),
+            )?;
+            return print(&match self.output {
+                Output::Table => super::trace_connect::render(&report),
+                Output::Json => serde_json::to_string_pretty(&report)?,
+            });
+        }
+        let (Some(source), Some(destination)) = (self.source, self.destination) else {
+            bail!("trace takes SOURCE and DESTINATION, or --connect DESTINATION");
+        };
         let opening = TracePacket::opening(
-            self.destination.protocol,
+            destination.protocol,
             Endpoint {
-                address: self.source.address,
-                port: self.source.port.unwrap_or(DEFAULT_SOURCE_PORT),
+                address: source.address,
+                port: source.port.unwrap_or(DEFAULT_SOURCE_PORT),
             },
-            self.destination.endpoint,
+            destination.endpoint,
         );
         let packet = TracePacket {
             tcp_flags: self.tcp_flags.iter().fold(0, |flags, flag| flags | flag),
@@ -111,9 +137,9 @@ impl TraceArgs {
 
 /// `address:port[/proto]`.
 #[derive(Clone, Copy, Debug)]
-struct Destination {
-    endpoint: Endpoint,
-    protocol: u8,
+pub(super) struct Destination {
+    pub endpoint: Endpoint,
+    pub protocol: u8,
 }
 
 impl FromStr for Destination {
@@ -186,18 +212,7 @@ impl Tracer {
         let frame = packet.frame();
         let (return_code, output) = self.run_frame(&frame)?;
         let record = self.record()?;
-        let name_of = |rev_nat_id: u32| -> Result<Option<String>> {
-            let names: BpfHashMap<&MapData, u32, ServiceName> = self
-                .ebpf
-                .map(map_names::SVC_NAMES)
-                .context("SVC_NAMES missing from the object")?
-                .try_into()?;
-            Ok(names
-                .get(&rev_nat_id, 0)
-                .ok()
-                .as_ref()
-                .map(super::service_port_name))
-        };
+        let name_of = |rev_nat_id: u32| service_name(&self.ebpf, rev_nat_id);
         let frontend_name = if record.frontend == ServiceKey::default() {
             None
         } else {
@@ -229,31 +244,52 @@ impl Tracer {
         crate::datapath::run_frame(program, frame).context("running epx_trace")
     }
 
-    fn trace_map(&mut self) -> Result<PerCpuArray<&mut MapData, TraceRecord>> {
-        let map = self
-            .ebpf
-            .map_mut(map_names::TRACE)
-            .context("TRACE missing from the object")?;
-        Ok(map.try_into()?)
-    }
-
-    /// Zeroes every CPU's record, so the run's CPU is the only one marked `recorded`.
     fn clear_record(&mut self) -> Result<()> {
-        let cpus = aya::util::nr_cpus().map_err(|(_, error)| error)?;
-        let zeroes = PerCpuValues::try_from(vec![TraceRecord::default(); cpus])?;
-        self.trace_map()?.set(0, zeroes, 0)?;
-        Ok(())
+        clear_record(&mut self.ebpf)
     }
 
     fn record(&mut self) -> Result<TraceRecord> {
-        let records = self.trace_map()?.get(&0, 0)?;
-        let recorded: Vec<&TraceRecord> = records.iter().filter(|r| r.recorded == 1).collect();
-        match recorded.as_slice() {
-            [record] => Ok(**record),
-            [] => bail!("{TRACE_PROGRAM_NAME} left no record (did the program run?)"),
-            _ => bail!("{TRACE_PROGRAM_NAME} left more than one record"),
-        }
+        record(&mut self.ebpf, TRACE_PROGRAM_NAME)
     }
+}
+
+fn trace_map(ebpf: &mut Ebpf) -> Result<PerCpuArray<&mut MapData, TraceRecord>> {
+    let map = ebpf
+        .map_mut(map_names::TRACE)
+        .context("TRACE missing from the object")?;
+    Ok(map.try_into()?)
+}
+
+/// Zeroes every CPU's TRACE record, so the run's CPU is the only one marked `recorded`.
+pub(super) fn clear_record(ebpf: &mut Ebpf) -> Result<()> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, error)| error)?;
+    let zeroes = PerCpuValues::try_from(vec![TraceRecord::default(); cpus])?;
+    trace_map(ebpf)?.set(0, zeroes, 0)?;
+    Ok(())
+}
+
+/// The TRACE record the dry run `program` left.
+pub(super) fn record(ebpf: &mut Ebpf, program: &str) -> Result<TraceRecord> {
+    let records = trace_map(ebpf)?.get(&0, 0)?;
+    let recorded: Vec<&TraceRecord> = records.iter().filter(|r| r.recorded == 1).collect();
+    match recorded.as_slice() {
+        [record] => Ok(**record),
+        [] => bail!("{program} left no record (did the program run?)"),
+        _ => bail!("{program} left more than one record"),
+    }
+}
+
+/// The Service port named for `rev_nat_id` in SVC_NAMES of a loaded object.
+pub(super) fn service_name(ebpf: &Ebpf, rev_nat_id: u32) -> Result<Option<String>> {
+    let names: BpfHashMap<&MapData, u32, ServiceName> = ebpf
+        .map(map_names::SVC_NAMES)
+        .context("SVC_NAMES missing from the object")?
+        .try_into()?;
+    Ok(names
+        .get(&rev_nat_id, 0)
+        .ok()
+        .as_ref()
+        .map(super::service_port_name))
 }
 
 /// What `trace` found. JSON schema: every field always present; objects that did not take
@@ -485,6 +521,9 @@ pub struct TupleView {
     pub protocol: &'static str,
     pub source: Endpoint,
     pub destination: Endpoint,
+    /// Always null: a rewrite keeps the packet's flags (the field stays, so the schema
+    /// only ever grows).
+    pub tcp_flags: Option<String>,
 }
 
 /// The SERVICES header that matched.
@@ -593,6 +632,81 @@ fn verdict(return_code: u32) -> String {
     }
 }
 
+/// What a new connection's lookups decided: the frontend, the slot or the client's
+/// remembered backend, and the backend.
+pub(super) struct Decision {
+    pub frontend: Option<FrontendMatch>,
+    pub selection: Option<Selection>,
+    pub backend: Option<BackendMatch>,
+}
+
+/// The frontend, selection and backend of a dry run's `record` (`affinity_key` names the
+/// affinity entry that kept a backend), with the map entries they came from appended to
+/// `decided_by`.
+pub(super) fn decision(
+    record: &TraceRecord,
+    frontend_name: Option<String>,
+    affinity_key: &str,
+    decided_by: &mut Vec<String>,
+) -> Decision {
+    let frontend = (record.frontend != ServiceKey::default()).then(|| {
+        let key = &record.frontend;
+        let header = &record.service;
+        let endpoint = Endpoint::from_wire(key.addr, key.port);
+        decided_by.push(format!(
+            "SERVICES[{} slot 0] = {} {}, count {}, rev_nat_id {}",
+            frontend_label(key),
+            kind_name(header.flags),
+            frontend_name.as_deref().unwrap_or("(unnamed)"),
+            header.count,
+            header.rev_nat_id
+        ));
+        FrontendMatch {
+            address: endpoint.address,
+            port: endpoint.port,
+            protocol: protocol_name(key.proto),
+            kind: kind_name(header.flags),
+            service: frontend_name,
+            rev_nat_id: header.rev_nat_id,
+            backend_count: header.count,
+        }
+    });
+    let selection = (record.slot != 0).then(|| {
+        decided_by.push(format!(
+            "SERVICES[{} slot {}] = backend {} (slot chosen at random from 1..={})",
+            frontend_label(&record.frontend),
+            record.slot,
+            record.backend_id,
+            record.service.count
+        ));
+        Selection {
+            slot: record.slot,
+            of: record.service.count,
+        }
+    });
+    let backend = (selection.is_some() || record.affinity != 0).then(|| {
+        let endpoint = Endpoint::from_wire(record.backend.addr, record.backend.port);
+        if record.affinity != 0 {
+            decided_by.push(format!(
+                "{affinity_key} = backend {} (session affinity: the client's backend, still \
+                 one of the frontend's)",
+                record.backend_id
+            ));
+        }
+        decided_by.push(format!("BACKENDS[{}] = {endpoint}", record.backend_id));
+        BackendMatch {
+            id: record.backend_id,
+            address: endpoint.address,
+            port: endpoint.port,
+        }
+    });
+    Decision {
+        frontend,
+        selection,
+        backend,
+    }
+}
+
 /// The report for one run: pure, from the packet, the program's verdict and output, and
 /// its record.
 fn report(
@@ -672,62 +786,24 @@ fn report(
                 protocol: protocol_name(packet.protocol),
                 source: Endpoint::from_wire(flow.to.src_addr, flow.to.src_port),
                 destination: Endpoint::from_wire(flow.to.dst_addr, flow.to.dst_port),
+                tcp_flags: None,
             },
             closing: flow.state & ct_state::CLOSING != 0,
             packets: flow.packets,
             bytes: flow.bytes,
         }
     });
-    let frontend = (record.frontend != ServiceKey::default()).then(|| {
-        let key = &record.frontend;
-        let header = &record.service;
-        let endpoint = Endpoint::from_wire(key.addr, key.port);
-        decided_by.push(format!(
-            "SERVICES[{} slot 0] = {} {}, count {}, rev_nat_id {}",
-            frontend_label(key),
-            kind_name(header.flags),
-            frontend_name.as_deref().unwrap_or("(unnamed)"),
-            header.count,
-            header.rev_nat_id
-        ));
-        FrontendMatch {
-            address: endpoint.address,
-            port: endpoint.port,
-            protocol: protocol_name(key.proto),
-            kind: kind_name(header.flags),
-            service: frontend_name,
-            rev_nat_id: header.rev_nat_id,
-            backend_count: header.count,
-        }
-    });
-    let selection = (record.slot != 0).then(|| {
-        decided_by.push(format!(
-            "SERVICES[{} slot {}] = backend {} (slot chosen at random from 1..={})",
-            frontend_label(&record.frontend),
-            record.slot,
-            record.backend_id,
-            record.service.count
-        ));
-        Selection {
-            slot: record.slot,
-            of: record.service.count,
-        }
-    });
-    let backend = if selection.is_some() || record.affinity != 0 {
-        let endpoint = Endpoint::from_wire(record.backend.addr, record.backend.port);
-        if record.affinity != 0 {
-            decided_by.push(format!(
-                "AFFINITY[{} rev_nat_id {}] = backend {} (session affinity: the client's \
-                 backend, still one of the frontend's)",
-                packet.source.address, record.service.rev_nat_id, record.backend_id
-            ));
-        }
-        decided_by.push(format!("BACKENDS[{}] = {endpoint}", record.backend_id));
-        Some(BackendMatch {
-            id: record.backend_id,
-            address: endpoint.address,
-            port: endpoint.port,
-        })
+    let affinity_key = format!(
+        "AFFINITY[{} rev_nat_id {}]",
+        packet.source.address, record.service.rev_nat_id
+    );
+    let Decision {
+        frontend,
+        selection,
+        backend,
+    } = decision(record, frontend_name, &affinity_key, &mut decided_by);
+    let backend = if backend.is_some() {
+        backend
     } else if record.conntrack == trace_ct::FORWARD && record.flow.flags & ct_flags::DIRECT == 0 {
         let endpoint = Endpoint::from_wire(record.flow.to.dst_addr, record.flow.to.dst_port);
         Some(BackendMatch {
@@ -868,17 +944,7 @@ pub fn render(report: &TraceReport) -> String {
     writeln!(out, "packet      {}", describe(&report.packet)).unwrap();
     writeln!(out, "verdict     {}", report.verdict).unwrap();
     writeln!(out, "path        {} ({})", report.path, report.explanation).unwrap();
-    for (index, entry) in report.decided_by.iter().enumerate() {
-        let label = if index == 0 { "decided by" } else { "" };
-        writeln!(out, "{label:<11} {entry}").unwrap();
-    }
-    if let Some(backend) = &report.backend {
-        let endpoint = Endpoint {
-            address: backend.address,
-            port: backend.port,
-        };
-        writeln!(out, "backend     {endpoint} (id {})", backend.id).unwrap();
-    }
+    write_decision(&mut out, &report.decided_by, report.backend.as_ref());
     if let Some(output) = &report.output {
         let label = if *output == report.packet {
             "unchanged"
@@ -959,6 +1025,26 @@ fn describe(view: &PacketView) -> String {
                 error.kind, error.from
             )
         }
+    }
+}
+
+/// The `decided by` lines (the map entries read) and the chosen backend, as `trace` and
+/// `trace --connect` print them.
+pub(super) fn write_decision(
+    out: &mut String,
+    decided_by: &[String],
+    backend: Option<&BackendMatch>,
+) {
+    for (index, entry) in decided_by.iter().enumerate() {
+        let label = if index == 0 { "decided by" } else { "" };
+        writeln!(out, "{label:<11} {entry}").unwrap();
+    }
+    if let Some(backend) = backend {
+        let endpoint = Endpoint {
+            address: backend.address,
+            port: backend.port,
+        };
+        writeln!(out, "backend     {endpoint} (id {})", backend.id).unwrap();
     }
 }
 

@@ -55,16 +55,21 @@ pub struct NodeFacts {
     /// `primary` keyword resolved): when non-empty, NodePorts open only on node addresses
     /// inside one of them.
     pub nodeport_cidrs: Vec<Ipv4Net>,
+    /// Whether NodePorts open on the node's loopback addresses too (`localhost:NodePort`,
+    /// as kube-proxy's iptables mode opens them): only the socket programs serve those,
+    /// since no packet to a loopback address ever passes a tc program — so only with
+    /// `--socket-lb`.
+    pub loopback_node_ports: bool,
 }
 
 impl NodeFacts {
     /// The addresses NodePorts open on in the datapath: the node's addresses, or those
-    /// inside `nodeport_cidrs` when it is set, never loopback ones (the program sees no
-    /// loopback traffic). Sorted, without duplicates.
+    /// inside `nodeport_cidrs` when it is set; loopback ones only with
+    /// `loopback_node_ports`. Sorted, without duplicates.
     pub fn node_port_addresses(&self) -> Vec<Ipv4Addr> {
         self.addresses_in_nodeport_cidrs()
             .into_iter()
-            .filter(|addr| !addr.is_loopback())
+            .filter(|addr| self.loopback_node_ports || !addr.is_loopback())
             .collect()
     }
 

@@ -408,8 +408,8 @@ mod tests {
 
     #[test]
     fn node_port_frontends() {
-        // Loopback addresses never become NodePort frontends: the program sees no
-        // loopback traffic.
+        // Loopback addresses become NodePort frontends only for the socket programs
+        // (`localhost:NodePort`): the tc program sees no loopback traffic.
         let two_addresses = NodeFacts {
             addresses: vec![
                 "198.18.0.2".parse().unwrap(),
@@ -419,41 +419,61 @@ mod tests {
             ],
             ..node()
         };
-        run(vec![
+        // A NodePort Service on `node`: its `node_ports`, and its ClusterIP.
+        let web_on = |name: &'static str, node: NodeFacts, node_ports: &[&'static str]| {
+            let mut frontends: Vec<_> = node_ports
+                .iter()
+                .map(|frontend| (*frontend, NodePort, WEB_BACKENDS.to_vec()))
+                .collect();
+            frontends.push(("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec()));
             Case {
-                name: "NodePort on every node address",
+                name,
                 services: vec![
                     svc("default/web", "198.19.0.10")
                         .node_port("http", 80, 30080)
                         .service_type("NodePort"),
                 ],
                 slices: vec![web_slice()],
-                node: two_addresses.clone(),
-                frontends: vec![
-                    ("198.18.0.1:30080/tcp", NodePort, WEB_BACKENDS.to_vec()),
-                    ("198.18.0.2:30080/tcp", NodePort, WEB_BACKENDS.to_vec()),
-                    ("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec()),
-                ],
+                node,
+                frontends,
                 ..Case::default()
-            },
-            Case {
-                name: "nodeport_cidrs restricts the addresses",
-                services: vec![
-                    svc("default/web", "198.19.0.10")
-                        .node_port("http", 80, 30080)
-                        .service_type("NodePort"),
-                ],
-                slices: vec![web_slice()],
-                node: NodeFacts {
+            }
+        };
+        let with_socket_lb = NodeFacts {
+            loopback_node_ports: true,
+            ..two_addresses.clone()
+        };
+        run(vec![
+            web_on(
+                "NodePort on every node address",
+                two_addresses.clone(),
+                &["198.18.0.1:30080/tcp", "198.18.0.2:30080/tcp"],
+            ),
+            web_on(
+                "nodeport_cidrs restricts the addresses",
+                NodeFacts {
                     nodeport_cidrs: vec!["198.18.0.2/32".parse().unwrap()],
                     ..two_addresses
                 },
-                frontends: vec![
-                    ("198.18.0.2:30080/tcp", NodePort, WEB_BACKENDS.to_vec()),
-                    ("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec()),
+                &["198.18.0.2:30080/tcp"],
+            ),
+            web_on(
+                "with socket LB, localhost:NodePort too",
+                with_socket_lb.clone(),
+                &[
+                    "127.0.0.1:30080/tcp",
+                    "198.18.0.1:30080/tcp",
+                    "198.18.0.2:30080/tcp",
                 ],
-                ..Case::default()
-            },
+            ),
+            web_on(
+                "with socket LB, localhost:NodePort only inside nodeport_cidrs",
+                NodeFacts {
+                    nodeport_cidrs: vec!["198.18.0.0/24".parse().unwrap()],
+                    ..with_socket_lb
+                },
+                &["198.18.0.1:30080/tcp", "198.18.0.2:30080/tcp"],
+            ),
             Case {
                 name: "LoadBalancer opens its nodePort too",
                 services: vec![

@@ -281,6 +281,7 @@ pub fn node() -> NodeFacts {
         zone: Some(ZONE.to_owned()),
         addresses: vec!["198.18.0.1".parse().unwrap()],
         nodeport_cidrs: Vec::new(),
+        loopback_node_ports: false,
     }
 }
 
