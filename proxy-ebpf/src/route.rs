@@ -56,6 +56,7 @@ fn fib<C: Context, T>(
     let found = unsafe { fib_lookup(ctx.raw(), params, size_of::<bpf_fib_lookup>() as i32, flags) };
     Some(read(found, params))
 }
+
 /// Offsets within the IPv4 header.
 const IPV4_TTL_OFFSET: usize = 8;
 const IPV4_CSUM_OFFSET: usize = 10;
@@ -75,7 +76,8 @@ pub enum Route {
 
 /// A forwarding lookup for a packet of `proto` that now is `to`, as if it arrived on the
 /// packet's device. `l3_len`: the IPv4 length of the largest packet it leaves as (a GSO
-/// segment); 0 leaves the MTU unchecked.
+/// segment), checked against the route's MTU as the kernel's forwarding does; with 0 the
+/// kernel checks the skb itself against the egress device's MTU instead.
 #[inline(always)]
 pub fn lookup<C: Context>(ctx: &C, proto: u8, to: &Tuple, l3_len: u16) -> Route {
     let ingress = ctx.ifindex();
