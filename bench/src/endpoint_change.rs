@@ -14,8 +14,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use proxy_common::{Backend, ServiceKey, ServiceValue, map_names, proto};
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
+use proxy_common::{FrontendKey, FrontendValue, Slot, map_names, proto};
 use proxy_lab::fake_apiserver::{ApiServerInNetns, Kind};
 use proxy_lab::{Daemon, Lab, NODE_NAME, Pod, Service, addr};
 use serde_json::json;
@@ -272,10 +272,10 @@ fn served_by() -> Result<String> {
     Ok(line.trim_end().to_owned())
 }
 
-/// The daemon's SERVICES and BACKENDS maps, opened from their pins.
+/// The daemon's SERVICES and BACKEND_SLOTS maps, opened from their pins.
 pub struct PinnedMaps {
-    services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
-    backends: BpfHashMap<MapData, u32, Backend>,
+    services: BpfHashMap<MapData, FrontendKey, FrontendValue>,
+    slots: Array<MapData, Slot>,
 }
 
 impl PinnedMaps {
@@ -288,27 +288,23 @@ impl PinnedMaps {
         };
         Ok(Self {
             services: open(map_names::SERVICES)?.try_into()?,
-            backends: open(map_names::BACKENDS)?.try_into()?,
+            slots: open(map_names::BACKEND_SLOTS)?.try_into()?,
         })
     }
 
     /// The probe's backend address when it has exactly one.
     pub fn probe_backend(&self) -> Result<Option<Ipv4Addr>> {
-        let header = ServiceKey::new(PROBE_VIP.octets(), PROBE_PORT, proto::TCP, 0);
-        let has_one = self
-            .services
-            .get(&header, 0)
-            .is_ok_and(|value| value.count == 1);
-        if !has_one {
-            return Ok(None);
-        }
-        let Ok(slot) = self.services.get(&header.with_slot(1), 0) else {
+        let key = FrontendKey::new(PROBE_VIP.octets(), PROBE_PORT, proto::TCP);
+        let Ok(header) = self.services.get(&key, 0) else {
             return Ok(None);
         };
+        if header.count != 1 {
+            return Ok(None);
+        }
         Ok(self
-            .backends
-            .get(&slot.backend_id, 0)
+            .slots
+            .get(&header.base, 0)
             .ok()
-            .map(|backend| Ipv4Addr::from(backend.addr.to_ne_bytes())))
+            .map(|slot| Ipv4Addr::from(slot.backend.addr.to_ne_bytes())))
     }
 }

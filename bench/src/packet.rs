@@ -40,7 +40,7 @@ use proxy_common::{
     CtKey, CtTimeouts, CtValue, PROGRAM_NAME, TRACE_PROGRAM_NAME, TraceRecord, Tuple,
     default_max_entries, map_names, proto, stat,
 };
-use proxy_userspace::writer::{FlowMaps, MapWriter};
+use proxy_userspace::writer::{MapWriter, WriterMaps};
 use proxy_userspace::{datapath, plan};
 
 use crate::cluster::{BenchService, Cluster, Endpoints, lab_node};
@@ -121,16 +121,11 @@ fn measure_at(services: usize, settings: &PacketSettings) -> Result<PacketCosts>
     let planned = plan::plan(&cluster.model()?, &lab_node());
     let mut datapath = LoadedProgram::load(services)?;
     let report = datapath.writer.apply(&planned.desired);
-    ensure!(
-        report.map_full == 0 && report.failures.is_empty(),
-        "filling the maps failed: {} refused as full, failures {:?}",
-        report.map_full,
-        report.failures
-    );
+    ensure!(report.complete(), "filling the maps failed: {report:?}");
     eprintln!(
         "  {services} Services: {} frontends, {} backends written in {:.1} s",
         planned.desired.frontends.len(),
-        datapath.writer.fill().1,
+        datapath.writer.image().backends.len(),
         started.elapsed().as_secs_f64()
     );
 
@@ -244,11 +239,11 @@ impl LoadedProgram {
             .default_map_pin_directory(bpffs.path())
             .map_max_entries(
                 map_names::SERVICES,
-                default_max_entries::SERVICES.max(frontends * 11 + 1024),
+                default_max_entries::SERVICES.max(frontends + 1024),
             )
             .map_max_entries(
-                map_names::BACKENDS,
-                default_max_entries::BACKENDS.max(frontends * 10 + 1024),
+                map_names::BACKEND_SLOTS,
+                default_max_entries::BACKEND_SLOTS.max(frontends * 12 + 1024),
             )
             .map_max_entries(
                 map_names::SVC_NAMES,
@@ -273,24 +268,16 @@ impl LoadedProgram {
                 .try_into()?;
             program.load().with_context(|| format!("loading {name}"))?;
         }
+        let writer_maps = WriterMaps::take(&mut ebpf)?;
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .with_context(|| format!("the object has no map {name}"))
-        };
-        let services_map = take(map_names::SERVICES)?.try_into()?;
-        let backends_map = take(map_names::BACKENDS)?.try_into()?;
-        let names_map = take(map_names::SVC_NAMES)?.try_into()?;
-        let membership = take(map_names::MEMBERSHIP)?.try_into()?;
-        let flow_maps = FlowMaps {
-            backend_ids: take(map_names::BACKEND_IDS)?.try_into()?,
-            membership_epoch: take(map_names::MEMBERSHIP_EPOCH)?.try_into()?,
         };
         let conntrack = take(map_names::CONNTRACK)?.try_into()?;
         let stats = take(map_names::STATS)?.try_into()?;
         let trace = take(map_names::TRACE)?.try_into()?;
         Ok(Self {
-            writer: MapWriter::new(services_map, backends_map, membership, names_map)?
-                .with_flow_maps(flow_maps)?,
+            writer: MapWriter::new(writer_maps)?,
             conntrack,
             stats,
             trace,

@@ -213,7 +213,8 @@ impl OurDatapath {
         let bpffs = PrivateBpffs::mount("bench")?;
         let frontends = u32::try_from(services)?;
         let sizes = MapSizes {
-            services: default_max_entries::SERVICES.max(frontends * 11 + 1024),
+            services: default_max_entries::SERVICES.max(frontends + 1024),
+            backend_slots: default_max_entries::BACKEND_SLOTS.max(frontends * 12 + 1024),
             backends: default_max_entries::BACKENDS.max(frontends * 10 + 1024),
             ..MapSizes::default()
         };
@@ -226,8 +227,7 @@ impl OurDatapath {
         )?;
         let maps = datapath.take_maps()?;
         Ok(Self {
-            writer: MapWriter::new(maps.services, maps.backends, maps.membership, maps.names)?
-                .with_flow_maps(maps.flow_maps)?,
+            writer: MapWriter::new(maps.writer)?,
             _datapath: datapath,
             _bpffs: bpffs,
         })
@@ -249,12 +249,7 @@ impl OurDatapath {
 }
 
 fn succeeded(report: &ApplyReport) -> Result<()> {
-    ensure!(
-        report.complete(),
-        "programming failed: {} writes refused as full, failures {:?}",
-        report.map_full,
-        report.failures
-    );
+    ensure!(report.complete(), "programming failed: {report:?}");
     Ok(())
 }
 

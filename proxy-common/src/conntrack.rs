@@ -154,7 +154,7 @@ pub struct CtValue {
     pub to: Tuple,
     /// The frontend (SERVICES' `rev_nat_id`); 0 for a direct flow.
     pub rev_nat_id: u32,
-    /// The backend chosen (BACKENDS' key); 0 for a direct flow.
+    /// The backend chosen (its BACKEND_IDS id); 0 for a direct flow.
     pub backend_id: u32,
     /// Bits of [`ct_flags`].
     pub flags: u8,
@@ -376,11 +376,21 @@ pub struct Translation {
 pub type Endpoint = (u32, u16);
 
 impl Translation {
-    /// Whether a new flow of this frontend to `backend` may need SNAT, so the datapath
-    /// asks the FIB whether the backend is on another node: outside traffic (not to a
-    /// ClusterIP) that is not hairpin.
-    pub const fn may_snat(frontend_flags: u16, client_addr: u32, backend_addr: u32) -> bool {
-        frontend_flags & service_flags::CLUSTER_IP == 0 && client_addr != backend_addr
+    /// Whether a new flow of this frontend to `backend`, chosen from `set`, may need SNAT,
+    /// so the datapath asks the FIB whether the backend is on another node: outside
+    /// traffic (not to a ClusterIP) that is not hairpin. Pods taking an
+    /// externalTrafficPolicy Local frontend's Cluster set keep their address, as
+    /// kube-proxy's "pod traffic for … external destinations" rule jumps to KUBE-SVC
+    /// without marking it for masquerade.
+    pub const fn may_snat(
+        frontend_flags: u16,
+        set: &crate::BackendSet,
+        client_addr: u32,
+        backend_addr: u32,
+    ) -> bool {
+        frontend_flags & service_flags::CLUSTER_IP == 0
+            && !set.cluster
+            && client_addr != backend_addr
     }
 
     /// A flow from `client` to a frontend sent to `backend`. `snat_source`: the node
@@ -591,20 +601,27 @@ mod tests {
             snat.reply_entry(0, 0).flags,
             ct_flags::SNAT | ct_flags::REPLY | ct_flags::ROUTES_ITSELF
         );
-        assert!(!Translation::may_snat(
-            service_flags::CLUSTER_IP,
-            CLIENT.0,
-            BACKEND.0
-        ));
-        assert!(!Translation::may_snat(
-            service_flags::NODE_PORT,
-            BACKEND.0,
-            BACKEND.0
-        ));
-        assert!(Translation::may_snat(
-            service_flags::LOAD_BALANCER,
-            CLIENT.0,
-            BACKEND.0
+        let own = crate::BackendSet {
+            first: 0,
+            count: 1,
+            cluster: false,
+            drops_when_empty: false,
+        };
+        let pods_cluster_set = crate::BackendSet {
+            cluster: true,
+            ..own
+        };
+        let may_snat = |flags, set, client| Translation::may_snat(flags, set, client, BACKEND.0);
+        assert!(!may_snat(service_flags::CLUSTER_IP, &own, CLIENT.0));
+        assert!(
+            !may_snat(service_flags::NODE_PORT, &own, BACKEND.0),
+            "hairpin"
+        );
+        assert!(may_snat(service_flags::LOAD_BALANCER, &own, CLIENT.0));
+        assert!(!may_snat(
+            service_flags::NODE_PORT | service_flags::CLUSTER_SET,
+            &pods_cluster_set,
+            CLIENT.0
         ));
     }
 

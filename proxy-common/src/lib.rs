@@ -30,15 +30,17 @@ pub mod proto {
 
 /// Names under which the maps are pinned (in the daemon's bpffs root) and looked up.
 pub mod map_names {
+    /// Frontend → its header (kind, ids, and where its backends sit in BACKEND_SLOTS).
     pub const SERVICES: &str = "SERVICES";
-    pub const BACKENDS: &str = "BACKENDS";
+    /// One array of backend slots; each frontend owns a contiguous slice of it.
+    pub const BACKEND_SLOTS: &str = "BACKEND_SLOTS";
     /// Assured flows (netfilter's term: answered, and TCP past the handshake).
     pub const CONNTRACK: &str = "CONNTRACK";
     /// Flows not yet assured, and the direct flows to backends being tracked: a flood of
     /// unanswered packets churns only this map.
     pub const CONNTRACK_PENDING: &str = "CONNTRACK_PENDING";
     pub const STATS: &str = "STATS";
-    /// Session affinity: each client's backend per frontend (written by the datapath).
+    /// Session affinity: each client's backend per Service port (written by the datapath).
     pub const AFFINITY: &str = "AFFINITY";
     /// Which endpoint addresses each frontend has now, and whether they take new
     /// connections or only keep their flows (written by the daemon for every frontend).
@@ -49,8 +51,12 @@ pub mod map_names {
     /// The conntrack idle timeouts (one `CtTimeouts`), written by the daemon from its flags.
     pub const CT_TIMEOUTS: &str = "CT_TIMEOUTS";
     /// Every backend (address, port, protocol) → its id: the datapath tracks direct flows
-    /// to backends, which could clash with Service flows.
+    /// to backends, which could clash with Service flows; the daemon and the CLI read the
+    /// ids from it.
     pub const BACKEND_IDS: &str = "BACKEND_IDS";
+    /// The devices the program is attached to → their kind (`device_kind`): whether a new
+    /// connection comes from a pod of this node or from outside (written by the daemon).
+    pub const DEVICES: &str = "DEVICES";
     /// IPv4 datagrams whose first fragment passed: what was done to it, so the later
     /// fragments (which carry no ports) follow (LRU).
     pub const FRAGMENTS: &str = "FRAGMENTS";
@@ -95,46 +101,32 @@ pub struct ReapRequest {
 /// TRACE map. Never attached: `ebpf-proxy trace` runs it with BPF_PROG_TEST_RUN.
 pub const TRACE_PROGRAM_NAME: &str = "epx_trace";
 
-/// Key of the SERVICES map: a frontend (`addr:port/proto`) and a slot.
-///
-/// Slot 0 holds the frontend's header ([`ServiceValue::count`] backends); slots
-/// `1..=count` each name one backend. A new flow picks slot `random % count + 1`, which
-/// gives every backend probability 1/n — the same distribution as kube-proxy's chain of
-/// `-m statistic --mode random --probability 1/n, 1/(n-1), …` rules.
+/// Key of the SERVICES map: a frontend, `addr:port/proto`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct ServiceKey {
+pub struct FrontendKey {
     /// IPv4 address, network byte order.
     pub addr: u32,
     /// Port, network byte order.
     pub port: u16,
     pub proto: u8,
-    pub _pad0: u8,
-    pub slot: u16,
-    pub _pad1: u16,
+    pub _pad: u8,
 }
 
-impl ServiceKey {
+impl FrontendKey {
     /// Builds a key from host-order values.
-    pub const fn new(addr: [u8; 4], port: u16, proto: u8, slot: u16) -> Self {
+    pub const fn new(addr: [u8; 4], port: u16, proto: u8) -> Self {
         Self {
             addr: u32::from_ne_bytes(addr),
             port: port.to_be(),
             proto,
-            _pad0: 0,
-            slot,
-            _pad1: 0,
+            _pad: 0,
         }
-    }
-
-    /// The same frontend at another slot.
-    pub const fn with_slot(self, slot: u16) -> Self {
-        Self { slot, ..self }
     }
 }
 
-/// Bits of [`ServiceValue::flags`]: the frontend's kind (so listings can tell them apart),
-/// and what it does while empty.
+/// Bits of [`FrontendValue::flags`]: the frontend's kind (so listings can tell them
+/// apart), what it does while empty, and which clients it restricts or treats apart.
 pub mod service_flags {
     pub const CLUSTER_IP: u16 = 1 << 0;
     pub const NODE_PORT: u16 = 1 << 1;
@@ -148,30 +140,140 @@ pub mod service_flags {
     /// A load-balancer frontend with `loadBalancerSourceRanges`: new connections from
     /// clients outside its SOURCE_RANGES prefixes are dropped (kube-proxy's KUBE-FW chain).
     pub const SOURCE_RANGES: u16 = 1 << 5;
+    /// An external frontend (NodePort, externalIP, load-balancer IP) of an
+    /// `externalTrafficPolicy: Local` Service: its header also names the Service port's
+    /// Cluster endpoints ([`FrontendValue::cluster_count`] slots after its own), which new
+    /// connections from pods of this node (and from the node itself) use instead of the
+    /// local ones, without SNAT — kube-proxy's KUBE-EXT chain sends such traffic to
+    /// KUBE-SVC, never to the "no local endpoints" DROP.
+    pub const CLUSTER_SET: u16 = 1 << 6;
 }
 
-/// Value of the SERVICES map. In slot 0 `count`, `rev_nat_id`, `flags` and
-/// `affinity_timeout_s` describe the frontend and `backend_id` is 0; in slot i only
-/// `backend_id` is meaningful.
+/// Value of the SERVICES map: a frontend's header. Its backends sit contiguously in
+/// BACKEND_SLOTS: `count` from `base` on (the frontend's own set, its traffic policy's),
+/// then, with `service_flags::CLUSTER_SET`, `cluster_count` more (the Service port's
+/// Cluster set, for pod traffic). A new flow picks slot `random % count` of its set, which
+/// gives every backend probability 1/n — the same distribution as kube-proxy's chain of
+/// `-m statistic --mode random --probability 1/n, 1/(n-1), …` rules. The daemon never
+/// rewrites a slice a header names: it writes a new one and then switches the header.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct ServiceValue {
-    pub backend_id: u32,
+pub struct FrontendValue {
     /// Identifies the frontend in conntrack entries (for listings and flushes). 32 bits so
     /// clusters with more than 65 535 frontends fit.
     pub rev_nat_id: u32,
-    /// Number of backends (slot 0 only). 0 means no endpoint is usable here.
+    /// The Service port the frontend belongs to: its ClusterIP, NodePorts, external and
+    /// load-balancer IPs share it, and with it their session affinity (kube-proxy keeps
+    /// one `recent` list per Service port and endpoint).
+    pub service_port_id: u32,
+    /// The index of the frontend's first slot in BACKEND_SLOTS (0 when it has none).
+    pub base: u32,
+    /// Number of backends of the frontend's own set. 0 means no endpoint is usable here.
     pub count: u16,
+    /// With `service_flags::CLUSTER_SET`: the number of Cluster backends after them.
+    pub cluster_count: u16,
     /// Bits of [`service_flags`].
     pub flags: u16,
+    pub _pad: u16,
     /// `sessionAffinity: ClientIP`: a client's new connections keep its backend while they
-    /// come less than this many seconds apart (slot 0 only). 0: no affinity.
+    /// come less than this many seconds apart. 0: no affinity.
     pub affinity_timeout_s: u32,
 }
 
-/// Value of the BACKENDS map (key: backend id, never 0).
+/// Where a new connection comes from, as far as the choice of backends goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Arrived on an external device (or a device the daemon did not name).
+    Outside,
+    /// Arrived on a pod's device: a pod of this node.
+    Pod,
+    /// A process of the node itself (a socket hook; kube-proxy masquerades it).
+    Node,
+}
+
+/// Values of the DEVICES map: the kind of device the program is attached to.
+pub mod device_kind {
+    /// A device outside traffic arrives on (`--devices`).
+    pub const EXTERNAL: u8 = 1;
+    /// The host side of a pod's veth (`--pod-devices`).
+    pub const POD: u8 = 2;
+}
+
+/// The backends a new connection chooses among: `count` slots from `first` on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendSet {
+    pub first: u32,
+    pub count: u16,
+    /// The Service port's Cluster set of an externalTrafficPolicy Local frontend (see
+    /// `service_flags::CLUSTER_SET`), not the frontend's own.
+    pub cluster: bool,
+    /// While empty, new connections are dropped rather than refused (see
+    /// `service_flags::NO_LOCAL_ENDPOINTS`).
+    pub drops_when_empty: bool,
+}
+
+impl BackendSet {
+    /// The MEMBERSHIP bit that says an address belongs to this set (session affinity
+    /// reuses a remembered backend only if it does).
+    pub const fn membership_bit(&self) -> u8 {
+        if self.cluster {
+            membership::CLUSTER_SELECTABLE
+        } else {
+            membership::SELECTABLE
+        }
+    }
+}
+
+impl FrontendValue {
+    /// Which backends a new connection from `origin` chooses among: the frontend's own,
+    /// except that pods and the node reach an externalTrafficPolicy Local frontend's
+    /// Cluster set (kube-proxy's "pod traffic for … external destinations" and "route
+    /// LOCAL traffic" rules jump to KUBE-SVC).
+    pub const fn backends_for(&self, origin: Origin) -> BackendSet {
+        let from_inside = matches!(origin, Origin::Pod | Origin::Node);
+        if from_inside && self.flags & service_flags::CLUSTER_SET != 0 {
+            BackendSet {
+                first: self.base.wrapping_add(self.count as u32),
+                count: self.cluster_count,
+                cluster: true,
+                drops_when_empty: false,
+            }
+        } else {
+            BackendSet {
+                first: self.base,
+                count: self.count,
+                cluster: false,
+                drops_when_empty: self.flags & service_flags::NO_LOCAL_ENDPOINTS != 0,
+            }
+        }
+    }
+
+    /// How many slots the frontend's slice spans (both sets).
+    pub const fn slots(&self) -> u32 {
+        let cluster = if self.flags & service_flags::CLUSTER_SET != 0 {
+            self.cluster_count as u32
+        } else {
+            0
+        };
+        self.count as u32 + cluster
+    }
+}
+
+/// Value of the BACKEND_SLOTS array: one backend of a frontend, inline, so a selection
+/// reads one slot and nothing else.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Slot {
+    pub backend: Backend,
+    /// The backend's id (BACKEND_IDS), recorded in conntrack entries.
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+
+/// A backend (address, port, protocol): the key of BACKEND_IDS (value: its id, never 0),
+/// and what a slot holds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Backend {
     /// IPv4 address, network byte order.
     pub addr: u32,
@@ -193,25 +295,28 @@ impl Backend {
     }
 }
 
-/// Key of the AFFINITY map: a client of an affinity frontend.
+/// Key of the AFFINITY map: a client of a Service port with session affinity. Keyed by
+/// the client's address only, as kube-proxy's `recent` lists are, and shared by all the
+/// port's frontends.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AffinityKey {
     /// The client's IPv4 address, network byte order.
     pub client_addr: u32,
-    /// The frontend (its slot-0 [`ServiceValue::rev_nat_id`]).
-    pub rev_nat_id: u32,
+    /// [`FrontendValue::service_port_id`].
+    pub service_port_id: u32,
 }
 
 /// Key of the SOCK_AFFINITY map: a network namespace (a pod, or the node itself) as the
-/// client of an affinity frontend, for connections translated at the socket.
+/// client of a Service port with session affinity, for connections translated at the
+/// socket.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SockAffinityKey {
     /// `bpf_get_netns_cookie` of the socket.
     pub netns_cookie: u64,
-    /// The frontend (its slot-0 [`ServiceValue::rev_nat_id`]).
-    pub rev_nat_id: u32,
+    /// [`FrontendValue::service_port_id`].
+    pub service_port_id: u32,
     pub _pad: u32,
 }
 
@@ -219,7 +324,9 @@ pub struct SockAffinityKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct AffinityValue {
-    /// The backend of the client's latest new connection.
+    /// The backend of the client's latest new connection (inline, so reusing it needs no
+    /// other map than MEMBERSHIP).
+    pub backend: Backend,
     pub backend_id: u32,
     pub _pad: u32,
     /// `bpf_ktime_get_ns` of that connection.
@@ -238,14 +345,18 @@ pub struct MembershipKey {
 
 /// Bits of a MEMBERSHIP value.
 pub mod membership {
-    /// New connections may go to the address (it fills a slot): session affinity reuses a
-    /// remembered backend only while it has this bit.
+    /// New connections to the frontend may go to the address (it fills a slot of the
+    /// frontend's own set): session affinity reuses a remembered backend only while it has
+    /// this bit (or [`CLUSTER_SELECTABLE`], for the Cluster set).
     pub const SELECTABLE: u8 = 1 << 0;
     /// The endpoint is serving (ready, or terminating but serving): its UDP flows and
     /// unanswered TCP connections stay on it (kube-proxy clears only flows to endpoints
     /// that stopped serving). A flow to an address without it is given a new backend, or
     /// refused when the frontend has none left (or is gone).
     pub const SERVING: u8 = 1 << 1;
+    /// The address fills a slot of the frontend's Cluster set (`service_flags::CLUSTER_SET`:
+    /// what pods reaching an externalTrafficPolicy Local frontend use).
+    pub const CLUSTER_SELECTABLE: u8 = 1 << 2;
 }
 
 /// The data of a SOURCE_RANGES key (an LPM trie; the value is a `u8`, always 1): the
@@ -283,7 +394,8 @@ pub mod stat {
     /// `service_flags::NO_LOCAL_ENDPOINTS`), or its refusal could not be built (IPv4
     /// options): the packet was dropped.
     pub const NO_BACKEND: u32 = 5;
-    /// A slot named a backend id missing from BACKENDS (a transient during updates).
+    /// The drawn slot lies outside BACKEND_SLOTS or was never written (a header the
+    /// daemon did not write): dropped, never sent to 0.0.0.0.
     pub const BACKEND_MISSING: u32 = 6;
     /// The packet matched no frontend and no flow and passed untouched.
     pub const PASS: u32 = 7;
@@ -488,6 +600,16 @@ pub mod trace_table {
     pub const PENDING: u8 = 1;
 }
 
+/// What the dry run learned of a new connection's origin ([`TraceRecord::origin`]).
+pub mod trace_origin {
+    /// Not looked up: the frontend has one backend set for everyone.
+    pub const NOT_READ: u8 = 0;
+    /// From outside (an external device, or one the daemon did not name).
+    pub const OUTSIDE: u8 = 1;
+    /// From a pod of this node (a pod device).
+    pub const POD: u8 = 2;
+}
+
 /// Value of the TRACE map (one per-CPU entry): the decisions of one `epx_trace` run, for
 /// `ebpf-proxy trace`. Copies of the map entries that decided are kept, so the report
 /// shows what the program saw even if the daemon changes the maps a moment later.
@@ -505,7 +627,8 @@ pub struct TraceRecord {
     /// 1 when the live program would route this reverse-NATed reply itself (FIB lookup and
     /// redirect, see `ct_flags::ROUTES_ITSELF`); the dry run stops before routing.
     pub routes_reply: u8,
-    /// The slot selected for a new flow (1..=count), 0 if none was.
+    /// The slot selected for a new flow, 1-based within its set (1..=count), 0 if none
+    /// was.
     pub slot: u16,
     /// 1 when session affinity gave the new flow the client's previous backend (no slot
     /// was drawn).
@@ -514,12 +637,19 @@ pub struct TraceRecord {
     pub table: u8,
     /// The backend the packet was sent to (new flow or FORWARD entry), 0 if none.
     pub backend_id: u32,
-    /// BACKENDS[backend_id] as read during the selection (zero for conntrack hits).
+    /// A [`trace_origin`] constant: where the new connection came from, if that mattered.
+    pub origin: u8,
+    /// 1 when the new connection chose among the Service port's Cluster set (see
+    /// `service_flags::CLUSTER_SET`).
+    pub cluster_set: u8,
+    pub _pad: u16,
+    /// The backend as read during the selection (its slot, or the affinity entry); zero
+    /// for conntrack hits.
     pub backend: Backend,
-    /// The frontend looked up (slot 0), zero when no lookup happened or none matched.
-    pub frontend: ServiceKey,
+    /// The frontend looked up, zero when no lookup happened or none matched.
+    pub frontend: FrontendKey,
     /// SERVICES[frontend], the frontend's header.
-    pub service: ServiceValue,
+    pub service: FrontendValue,
     /// The conntrack entry that matched, if [`TraceRecord::conntrack`] is not NONE.
     pub flow: CtValue,
     /// A first fragment: the record its later fragments would find (the dry run writes
@@ -534,7 +664,7 @@ pub struct TraceRecord {
     pub icmp_code: u8,
     /// A [`trace_answer`] constant: an ICMP error the program sent instead of the packet.
     pub answered: u8,
-    pub _pad: u8,
+    pub _pad1: u8,
     /// The egress MTU named in a "fragmentation needed" answer.
     pub mtu: u16,
 }
@@ -609,21 +739,28 @@ impl RefusalLimits {
 pub const REFUSAL_LIMITS_GLOBAL: &str = "REFUSAL_LIMITS";
 
 pub mod default_max_entries {
-    pub const SERVICES: u32 = 262_144;
+    /// Frontends.
+    pub const SERVICES: u32 = 65_536;
+    /// Backend slots over all frontends (16 bytes each, 4 MiB), with room for the slices
+    /// the daemon writes before it frees the ones they replace.
+    pub const BACKEND_SLOTS: u32 = 262_144;
+    /// Distinct backends (address, port, protocol).
     pub const BACKENDS: u32 = 131_072;
     /// The daemon sizes both conntrack maps from the machine's memory (`--conntrack-memory-ratio`).
     pub const CONNTRACK: u32 = 262_144;
     pub const CONNTRACK_PENDING: u32 = 65_536;
-    /// Clients × affinity frontends; LRU, so the least recently seen are forgotten first.
+    /// Clients × Service ports with affinity; LRU, so the least recently seen are
+    /// forgotten first.
     pub const AFFINITY: u32 = 65_536;
-    /// One entry per endpoint address of each frontend (plus one per frontend), so never
-    /// more than SERVICES holds.
-    pub const MEMBERSHIP: u32 = SERVICES;
+    /// One entry per endpoint address of each frontend: about one per slot.
+    pub const MEMBERSHIP: u32 = BACKEND_SLOTS;
     /// One entry per backend.
     pub const BACKEND_IDS: u32 = BACKENDS;
     /// One entry per frontend, and every frontend has a SERVICES entry, so SERVICES' size
     /// always suffices. The map is not preallocated: unused room costs nothing.
     pub const SVC_NAMES: u32 = SERVICES;
+    /// Devices the program is attached to (external ones and pod veths).
+    pub const DEVICES: u32 = 16_384;
     /// Prefixes over all restricted frontends; not preallocated (an LPM trie never is).
     pub const SOURCE_RANGES: u32 = 65_536;
     /// One entry per socket connected to a frontend, two per unconnected UDP flow; LRU.
@@ -639,8 +776,9 @@ pub mod default_max_entries {
 mod pod {
     // SAFETY: each type is #[repr(C)], Copy, made only of integers with explicit padding
     // fields, so every bit pattern is valid and there are no implicit holes.
-    unsafe impl aya::Pod for super::ServiceKey {}
-    unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::FrontendKey {}
+    unsafe impl aya::Pod for super::FrontendValue {}
+    unsafe impl aya::Pod for super::Slot {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}
@@ -667,19 +805,20 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<ServiceKey>(), 12);
-        assert_eq!(size_of::<ServiceValue>(), 16);
+        assert_eq!(size_of::<FrontendKey>(), 8);
+        assert_eq!(size_of::<FrontendValue>(), 24);
+        assert_eq!(size_of::<Slot>(), 16);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<CtKey>(), 16);
         assert_eq!(size_of::<CtValue>(), 64);
         assert_eq!(size_of::<AffinityKey>(), 8);
-        assert_eq!(size_of::<AffinityValue>(), 16);
+        assert_eq!(size_of::<AffinityValue>(), 24);
         assert_eq!(size_of::<SockAffinityKey>(), 16);
         assert_eq!(size_of::<MembershipKey>(), 8);
         assert_eq!(size_of::<CtTimeouts>(), 32);
         assert_eq!(size_of::<RefusalLimits>(), 24);
         assert_eq!(size_of::<ServiceName>(), 4 + 63 + 63 + 15);
-        assert_eq!(size_of::<TraceRecord>(), 144);
+        assert_eq!(size_of::<TraceRecord>(), 152);
         assert_eq!(size_of::<FragmentKey>(), 12);
         assert_eq!(size_of::<FragmentValue>(), 24);
     }
@@ -699,11 +838,57 @@ mod tests {
 
     #[test]
     fn constructors_store_wire_order() {
-        let key = ServiceKey::new([198, 19, 0, 10], 80, proto::TCP, 0);
+        let key = FrontendKey::new([198, 19, 0, 10], 80, proto::TCP);
         assert_eq!(key.addr.to_ne_bytes(), [198, 19, 0, 10]);
         assert_eq!(key.port.to_ne_bytes(), [0, 80]);
         let backend = Backend::new([198, 18, 1, 10], 8080, proto::UDP);
         assert_eq!(backend.port.to_ne_bytes(), 8080u16.to_be_bytes());
+    }
+
+    #[test]
+    fn pods_and_the_node_reach_the_cluster_set_of_a_local_policy_frontend() {
+        let local_policy = FrontendValue {
+            base: 100,
+            count: 1,
+            cluster_count: 3,
+            flags: service_flags::NODE_PORT | service_flags::CLUSTER_SET,
+            ..FrontendValue::default()
+        };
+        let own = BackendSet {
+            first: 100,
+            count: 1,
+            cluster: false,
+            drops_when_empty: false,
+        };
+        let cluster = BackendSet {
+            first: 101,
+            count: 3,
+            cluster: true,
+            drops_when_empty: false,
+        };
+        assert_eq!(local_policy.backends_for(Origin::Outside), own);
+        assert_eq!(local_policy.backends_for(Origin::Pod), cluster);
+        assert_eq!(local_policy.backends_for(Origin::Node), cluster);
+        assert_eq!(local_policy.slots(), 4);
+        assert_eq!(cluster.membership_bit(), membership::CLUSTER_SELECTABLE);
+
+        // No local endpoint: outside clients meet the DROP, pods still the Cluster set.
+        let none_here = FrontendValue {
+            count: 0,
+            flags: local_policy.flags | service_flags::NO_LOCAL_ENDPOINTS,
+            ..local_policy
+        };
+        assert!(none_here.backends_for(Origin::Outside).drops_when_empty);
+        assert_eq!(none_here.backends_for(Origin::Pod).count, 3);
+
+        // Everyone else: one set.
+        let cluster_policy = FrontendValue {
+            flags: service_flags::NODE_PORT,
+            cluster_count: 0,
+            ..local_policy
+        };
+        assert_eq!(cluster_policy.backends_for(Origin::Pod), own);
+        assert_eq!(cluster_policy.slots(), 1);
     }
 
     #[test]

@@ -53,7 +53,7 @@ pub struct SockValue {
     /// Bits of [`sock_flags`].
     pub flags: u8,
     pub _pad: u8,
-    /// The frontend (its slot-0 `rev_nat_id`).
+    /// The frontend (its header's `rev_nat_id`).
     pub rev_nat_id: u32,
     pub backend_id: u32,
     /// The process (thread group) that made the translation.

@@ -1,25 +1,25 @@
-//! Session affinity (`sessionAffinity: ClientIP`): a client's new connections to a frontend
-//! go to the backend of its previous one as long as they come within the frontend's timeout
-//! of each other — kube-proxy's `-m recent --rcheck --seconds T --reap` before the random
+//! Session affinity (`sessionAffinity: ClientIP`): a client's new connections to a Service
+//! port go to the backend of its previous one as long as they come within the timeout of
+//! each other — kube-proxy's `-m recent --rcheck --seconds T --reap` before the random
 //! choice and `--set` on every new connection.
 //!
-//! AFFINITY remembers {client address, frontend} → {backend, last new connection};
+//! AFFINITY remembers {client address, Service port} → {backend, last new connection};
 //! SOCK_AFFINITY the same for connections translated at the socket, whose client is a
-//! network namespace (see [`Client`]). A remembered
-//! backend is reused only while MEMBERSHIP says it takes new connections for the frontend:
+//! network namespace (see [`Client`]). One memory per Service port, which its ClusterIP,
+//! NodePorts, external and load-balancer IPs share, as kube-proxy's `recent` lists are per
+//! Service port and endpoint. A remembered backend is reused only if MEMBERSHIP says it is
+//! in the set the connection chooses from (the chain being walked, in kube-proxy's terms):
 //! one that left (removed, terminating, outside the traffic policy) is not, and the
-//! connection is balanced anew, as in kube-proxy, whose per-endpoint rules go with the
-//! endpoint.
+//! connection is balanced anew.
 
 use aya_ebpf::{macros::map, maps::LruHashMap};
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, SockAffinityKey, default_max_entries, membership,
+    AffinityKey, AffinityValue, Backend, BackendSet, SockAffinityKey, default_max_entries,
 };
 
 use crate::{
-    lb,
     lb::{Client, Frontend},
-    membership as members,
+    membership,
 };
 
 const NANOS_PER_SECOND: u64 = 1_000_000_000;
@@ -35,12 +35,13 @@ static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 static SOCK_AFFINITY: LruHashMap<SockAffinityKey, AffinityValue> =
     LruHashMap::pinned(default_max_entries::SOCK_AFFINITY, 0);
 
-/// The backend `client` used last on `frontend`, if that was within the timeout and the
-/// backend still takes the frontend's new connections.
+/// The backend `client` used last on `frontend`'s Service port, if that was within the
+/// timeout and the backend is in `set`.
 #[inline(always)]
 pub fn remembered_backend(
     client: Client,
     frontend: &Frontend,
+    set: &BackendSet,
     now_ns: u64,
 ) -> Option<(u32, Backend)> {
     // SAFETY: the value is copied out at once.
@@ -52,16 +53,22 @@ pub fn remembered_backend(
     if now_ns.saturating_sub(remembered.last_used_ns) > timeout_ns {
         return None;
     }
-    let backend = lb::backend_by_id(remembered.backend_id)?;
-    let bits = members::of(frontend.header.rev_nat_id, backend.addr);
-    (bits & membership::SELECTABLE != 0).then_some((remembered.backend_id, backend))
+    let bits = membership::of(frontend.header.rev_nat_id, remembered.backend.addr);
+    (bits & set.membership_bit() != 0).then_some((remembered.backend_id, remembered.backend))
 }
 
-/// Records that the client's new connection to `frontend` went to `backend_id` now. A
-/// failed update only costs the next connection its affinity.
+/// Records that the client's new connection to `frontend`'s Service port went to
+/// `backend` now. A failed update only costs the next connection its affinity.
 #[inline(always)]
-pub fn remember(client: Client, frontend: &Frontend, backend_id: u32, now_ns: u64) {
+pub fn remember(
+    client: Client,
+    frontend: &Frontend,
+    backend_id: u32,
+    backend: &Backend,
+    now_ns: u64,
+) {
     let value = AffinityValue {
+        backend: *backend,
         backend_id,
         _pad: 0,
         last_used_ns: now_ns,
@@ -76,7 +83,7 @@ pub fn remember(client: Client, frontend: &Frontend, backend_id: u32, now_ns: u6
 fn key(client_addr: u32, frontend: &Frontend) -> AffinityKey {
     AffinityKey {
         client_addr,
-        rev_nat_id: frontend.header.rev_nat_id,
+        service_port_id: frontend.header.service_port_id,
     }
 }
 
@@ -84,7 +91,7 @@ fn key(client_addr: u32, frontend: &Frontend) -> AffinityKey {
 fn sock_key(netns_cookie: u64, frontend: &Frontend) -> SockAffinityKey {
     SockAffinityKey {
         netns_cookie,
-        rev_nat_id: frontend.header.rev_nat_id,
+        service_port_id: frontend.header.service_port_id,
         _pad: 0,
     }
 }

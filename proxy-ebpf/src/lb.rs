@@ -1,25 +1,36 @@
-//! Load balancing, keyed by a load-balancer key — (address, port, protocol) and the
-//! client — rather than by a packet, so any hook can call it (Cilium's `lb4_lookup_service`
-//! / `lb4_select_backend_id`): the tc program and the cgroup socket programs (`sock`).
+//! Load balancing, keyed by a load-balancer key — (address, port, protocol), the client,
+//! and where the connection comes from — rather than by a packet, so any hook can call it
+//! (Cilium's `lb4_lookup_service` / `lb4_select_backend_id`): the tc program and the
+//! cgroup socket programs (`sock`).
+//!
+//! The layout is flat: one hash lookup finds the frontend's header, and its backends sit
+//! contiguously in one array, address and port inline (Katran's `reals`/`ch_rings`, in one
+//! step), so a selection reads one more cache line and no more hash buckets.
 
 use core::num::NonZeroU16;
 
-use aya_ebpf::{macros::map, maps::HashMap};
-use proxy_common::{Backend, ServiceKey, ServiceValue, default_max_entries};
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap},
+};
+use proxy_common::{
+    Backend, BackendSet, FrontendKey, FrontendValue, Origin, Slot, default_max_entries,
+};
 
 use crate::{affinity, parse::Packet, select};
 
 /// Named like `proxy_common::map_names::SERVICES`; pinned so the daemon fills this map.
 #[map]
-static SERVICES: HashMap<ServiceKey, ServiceValue> =
+static SERVICES: HashMap<FrontendKey, FrontendValue> =
     HashMap::pinned(default_max_entries::SERVICES, 0);
 
-/// Named like `proxy_common::map_names::BACKENDS`; pinned so the daemon fills this map.
+/// Named like `proxy_common::map_names::BACKEND_SLOTS`; each frontend owns the slice its
+/// header names. An array lookup, which the verifier inlines.
 #[map]
-static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(default_max_entries::BACKENDS, 0);
+static BACKEND_SLOTS: Array<Slot> = Array::pinned(default_max_entries::BACKEND_SLOTS, 0);
 
-/// Named like `proxy_common::map_names::BACKEND_IDS`: BACKENDS inverted, written by the
-/// daemon with it.
+/// Named like `proxy_common::map_names::BACKEND_IDS`: every backend, written by the daemon
+/// before the slots that name it.
 #[map]
 static BACKEND_IDS: HashMap<Backend, u32> = HashMap::pinned(default_max_entries::BACKEND_IDS, 0);
 
@@ -53,22 +64,20 @@ pub enum Client {
     Netns(u64),
 }
 
-/// A frontend: its key and its slot-0 header.
+/// A frontend: its key and its header.
 pub struct Frontend {
-    pub key: ServiceKey,
-    pub header: ServiceValue,
+    pub key: FrontendKey,
+    pub header: FrontendValue,
 }
 
 /// The frontend at `key`, if it is one.
 #[inline(always)]
 pub fn frontend(key: &LbKey) -> Option<Frontend> {
-    let key = ServiceKey {
+    let key = FrontendKey {
         addr: key.addr,
         port: key.port,
         proto: key.proto,
-        _pad0: 0,
-        slot: 0,
-        _pad1: 0,
+        _pad: 0,
     };
     // SAFETY: the value is copied out at once and no reference is kept (a concurrent
     // delete lets the kernel reuse the element).
@@ -90,53 +99,57 @@ pub fn is_backend(key: &LbKey) -> bool {
     unsafe { BACKEND_IDS.get(backend) }.is_some()
 }
 
+/// The backends a new connection to `frontend` chooses among. `origin` is asked only when
+/// it matters (an externalTrafficPolicy Local frontend, whose pods reach the Cluster set),
+/// so the other frontends never pay for finding out.
+#[inline(always)]
+pub fn backends_for(frontend: &Frontend, origin: impl FnOnce() -> Origin) -> BackendSet {
+    let origin = if frontend.header.flags & proxy_common::service_flags::CLUSTER_SET != 0 {
+        origin()
+    } else {
+        Origin::Outside
+    };
+    frontend.header.backends_for(origin)
+}
+
 /// How a new flow's backend was chosen.
 pub enum Selection {
-    /// The client's previous backend (session affinity).
+    /// The client's previous backend of the Service port (session affinity).
     Affinity { id: u32, backend: Backend },
-    /// A random slot of `1..=count`.
+    /// A random slot of the set: `slot` in `1..=count`.
     Slot {
         slot: u16,
         id: u32,
         backend: Backend,
     },
-    /// The drawn slot names no backend: the daemon is between writing a slot and its
-    /// backend, or the frontend shrank under us.
+    /// The drawn slot lies outside BACKEND_SLOTS or was never written (a header the
+    /// daemon did not write: it names only written slots): dropped, never sent to 0.0.0.0.
     Missing,
 }
 
-/// Chooses the backend of a new flow of `client` to `frontend` (which has `count`
-/// backends): the client's previous one under session affinity, else a random one.
+/// Chooses the backend of a new flow of `client` to `frontend` among `set` (which has
+/// `count` backends): the client's previous one under session affinity, if it is in the
+/// set, else a random one.
 #[inline(always)]
 pub fn select_backend(
     frontend: &Frontend,
+    set: &BackendSet,
     count: NonZeroU16,
     client: Client,
     now_ns: u64,
 ) -> Selection {
     if frontend.header.affinity_timeout_s != 0
-        && let Some((id, backend)) = affinity::remembered_backend(client, frontend, now_ns)
+        && let Some((id, backend)) = affinity::remembered_backend(client, frontend, set, now_ns)
     {
         return Selection::Affinity { id, backend };
     }
-    let slot = select::random_slot(count);
-    match backend(frontend, slot) {
-        Some((id, backend)) => Selection::Slot { slot, id, backend },
-        None => Selection::Missing,
+    let index = select::random_index(count);
+    match BACKEND_SLOTS.get(set.first.wrapping_add(u32::from(index))) {
+        Some(slot) if slot.backend_id != 0 => Selection::Slot {
+            slot: index + 1,
+            id: slot.backend_id,
+            backend: slot.backend,
+        },
+        _ => Selection::Missing,
     }
-}
-
-/// The backend in `slot` of `frontend` as `(id, backend)`.
-#[inline(always)]
-fn backend(frontend: &Frontend, slot: u16) -> Option<(u32, Backend)> {
-    // SAFETY: the value is copied out at once.
-    let backend_id = unsafe { SERVICES.get(frontend.key.with_slot(slot)) }?.backend_id;
-    Some((backend_id, backend_by_id(backend_id)?))
-}
-
-/// BACKENDS[`backend_id`], if the backend still exists.
-#[inline(always)]
-pub fn backend_by_id(backend_id: u32) -> Option<Backend> {
-    // SAFETY: the value is copied out at once.
-    Some(*unsafe { BACKENDS.get(backend_id) }?)
 }

@@ -27,6 +27,7 @@ mod answer;
 mod conntrack;
 mod context;
 mod csum;
+mod devices;
 mod forwarding;
 mod fragment;
 mod icmp_error;
@@ -300,7 +301,8 @@ fn tracked(hit: &Hit) -> Decision {
 }
 
 /// A packet to a frontend without a flow: selects a backend (the client's previous one
-/// under session affinity, else a random one) for the new flow.
+/// under session affinity, else a random one) among the set its origin reaches, for the
+/// new flow.
 #[inline(always)]
 fn new_flow<C: Context, M: Mode>(
     ctx: &C,
@@ -317,10 +319,16 @@ fn new_flow<C: Context, M: Mode>(
         mode.count(stat::SOURCE_RANGE_DENIED);
         return Decision::only(Action::Drop);
     }
-    let Some(count) = NonZeroU16::new(frontend.header.count) else {
+    let set = lb::backends_for(frontend, || {
+        let origin = devices::origin_of(ctx.ifindex());
+        mode.origin_found(origin);
+        origin
+    });
+    mode.set_chosen(&set);
+    let Some(count) = NonZeroU16::new(set.count) else {
         // Dropped when only its traffic policy left none on this node, otherwise refused
         // at once (kube-proxy's DROP and REJECT).
-        if flags & service_flags::NO_LOCAL_ENDPOINTS != 0 {
+        if set.drops_when_empty {
             mode.count(stat::NO_BACKEND);
             return Decision::only(Action::Drop);
         }
@@ -329,12 +337,12 @@ fn new_flow<C: Context, M: Mode>(
     mode.count(stat::CT_MISS);
     let client = Client::Address(packet.src_addr);
     let Some((backend_id, backend)) =
-        mode.chosen(lb::select_backend(frontend, count, client, now.ns))
+        mode.chosen(lb::select_backend(frontend, &set, count, client, now.ns))
     else {
         // Counted by `chosen`.
         return Decision::only(Action::Drop);
     };
-    let snat_source = if Translation::may_snat(flags, packet.src_addr, backend.addr) {
+    let snat_source = if Translation::may_snat(flags, &set, packet.src_addr, backend.addr) {
         snat::source_for(ctx, &backend)
     } else {
         None
@@ -355,7 +363,7 @@ fn new_flow<C: Context, M: Mode>(
             flow.set_peer_port(snat::port(snat::random_start(), 0));
         }
     } else if frontend.header.affinity_timeout_s != 0 {
-        affinity::remember(client, frontend, backend_id, now.ns);
+        affinity::remember(client, frontend, backend_id, &backend, now.ns);
     }
     Decision::create(flow, stat::NEW_FLOW)
 }

@@ -9,8 +9,8 @@
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 use proxy_common::{
-    Backend, CtValue, FragmentValue, TraceRecord, stat, trace_answer, trace_ct, trace_fragment,
-    trace_table,
+    Backend, BackendSet, CtValue, FragmentValue, Origin, TraceRecord, stat, trace_answer, trace_ct,
+    trace_fragment, trace_origin, trace_table,
 };
 
 use crate::{
@@ -34,7 +34,11 @@ pub trait Mode {
     fn flow_found(&self, _kind: u8, _table: Table, _flow: &CtValue) {}
     /// The packet is addressed to `frontend`.
     fn frontend_found(&self, _frontend: &Frontend) {}
-    /// A new flow was given the backend in `slot`.
+    /// Where the new connection comes from was looked up (it decides the backend set).
+    fn origin_found(&self, _origin: Origin) {}
+    /// The new connection chooses among `set`.
+    fn set_chosen(&self, _set: &BackendSet) {}
+    /// A new flow was given the backend in `slot` (1-based) of its set.
     fn backend_selected(&self, _slot: u16, _backend_id: u32, _backend: &Backend) {}
     /// A new flow was given the client's previous backend (session affinity).
     fn affinity_kept(&self, _backend_id: u32, _backend: &Backend) {}
@@ -53,7 +57,7 @@ pub trait Mode {
     fn answered(&self, _answer: u8, _mtu: u16) {}
 
     /// The backend `selection` gave a new flow (or socket), counted and recorded as chosen;
-    /// `None` when the drawn slot names no backend (counted as `backend_missing`).
+    /// `None` when the drawn slot holds no backend (counted as `backend_missing`).
     #[inline(always)]
     fn chosen(&self, selection: Selection) -> Option<(u32, Backend)> {
         match selection {
@@ -145,6 +149,19 @@ impl Mode for DryRun {
         let record = self.record();
         record.frontend = frontend.key;
         record.service = frontend.header;
+    }
+
+    #[inline(always)]
+    fn origin_found(&self, origin: Origin) {
+        self.record().origin = match origin {
+            Origin::Pod => trace_origin::POD,
+            Origin::Outside | Origin::Node => trace_origin::OUTSIDE,
+        };
+    }
+
+    #[inline(always)]
+    fn set_chosen(&self, set: &BackendSet) {
+        self.record().cluster_set = u8::from(set.cluster);
     }
 
     #[inline(always)]

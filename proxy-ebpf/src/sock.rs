@@ -29,8 +29,8 @@ use aya_ebpf::{
 };
 use core::{num::NonZeroU16, ptr};
 use proxy_common::{
-    ECONNREFUSED, EHOSTUNREACH, SockKey, SockValue, default_max_entries, proto, service_flags,
-    sock_flags, sock_kind, stat,
+    ECONNREFUSED, EHOSTUNREACH, Origin, SockKey, SockValue, default_max_entries, proto,
+    service_flags, sock_flags, sock_kind, stat,
 };
 
 use crate::{
@@ -218,8 +218,12 @@ pub fn forward<M: Mode>(sock: &Sock, mode: &M, call: Call) -> Verdict {
         mode.count(stat::SOCK_SENDMSG);
         return Verdict::Translated;
     }
-    let Some(count) = NonZeroU16::new(frontend.header.count) else {
-        return if flags & service_flags::NO_LOCAL_ENDPOINTS != 0 {
+    // The node and pods reach an externalTrafficPolicy Local frontend's Cluster set
+    // (kube-proxy's "route LOCAL traffic" and "pod traffic" rules jump to KUBE-SVC).
+    let set = lb::backends_for(&frontend, || if host { Origin::Node } else { Origin::Pod });
+    mode.set_chosen(&set);
+    let Some(count) = NonZeroU16::new(set.count) else {
+        return if set.drops_when_empty {
             mode.count(stat::SOCK_UNREACHABLE);
             Verdict::Refused(EHOSTUNREACH)
         } else {
@@ -228,15 +232,15 @@ pub fn forward<M: Mode>(sock: &Sock, mode: &M, call: Call) -> Verdict {
         };
     };
     let client = Client::Netns(netns);
-    // A drawn slot without a backend (the daemon between two writes): unreachable now.
+    // A drawn slot without a backend (a header the daemon did not write): unreachable.
     let Some((backend_id, backend)) =
-        mode.chosen(lb::select_backend(&frontend, count, client, now_ns))
+        mode.chosen(lb::select_backend(&frontend, &set, count, client, now_ns))
     else {
         return Verdict::Refused(EHOSTUNREACH);
     };
     if !M::DRY_RUN {
         if frontend.header.affinity_timeout_s != 0 {
-            affinity::remember(client, &frontend, backend_id, now_ns);
+            affinity::remember(client, &frontend, backend_id, &backend, now_ns);
         }
         let entry = SockValue {
             addr,

@@ -100,6 +100,16 @@ fn write<K: Pod>(
     })
 }
 
+/// How many entries `map` (a hash map of `K` → `V`) holds: the kernel keeps no count.
+pub fn count_entries<K: Pod, V: Pod>(map: &MapData) -> io::Result<u64> {
+    let mut entries = 0;
+    for_each_entry(map, 4096, |_: &K, _: &V| {
+        entries += 1;
+        Ok(())
+    })?;
+    Ok(entries)
+}
+
 /// Calls `each` with every entry of `map` (a hash map of `K` → `V`), `chunk` at a time.
 /// Entries added or removed during the walk may or may not be seen, as with any walk of a
 /// live map; removing entries `each` was given is safe.

@@ -23,8 +23,10 @@ use anyhow::{Context, Result};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, error, info, warn};
 
-use proxy_common::CtTimeouts;
+use aya::maps::MapData;
+use proxy_common::{AffinityKey, AffinityValue, CtTimeouts, map_names};
 
+use crate::bpf_batch::count_entries;
 use crate::conntrack::gc::{Collector, Reaper};
 use crate::datapath::{Datapath, MapSizes};
 use crate::health::Health;
@@ -76,6 +78,8 @@ struct Daemon {
     config: DaemonConfig,
     datapath: Datapath,
     writer: MapWriter,
+    /// AFFINITY, read for its fill at full syncs (the datapath writes it).
+    affinity: MapData,
     /// The conntrack garbage collector's thread, stopped when the daemon ends.
     _conntrack_gc: Collector,
     netlink: Netlink,
@@ -86,6 +90,8 @@ struct Daemon {
     need_full_sync: bool,
     /// The next sync re-reads the maps first (the periodic resync: repairs drift).
     need_reread: bool,
+    /// The last sync left writes undone (a full map, a failed write): the maps lag behind.
+    writes_pending: bool,
     runner: SyncRunner,
     node: NodeFacts,
     attached: BTreeSet<Device>,
@@ -117,8 +123,6 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
     let health = Health::new(config.healthz_timeout);
     let (metrics, registry) = Metrics::new(Some(maps.stats));
     for (map, max) in [
-        ("SERVICES", config.map_sizes.services),
-        ("BACKENDS", config.map_sizes.backends),
         ("CONNTRACK", config.map_sizes.conntrack.assured),
         ("CONNTRACK_PENDING", config.map_sizes.conntrack.pending),
         ("FRAGMENTS", config.map_sizes.fragments),
@@ -134,10 +138,8 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
     if let Some(address) = config.metrics_bind_address {
         serve("metrics", address, crate::metrics::router(registry)).await?;
     }
-    let writer = MapWriter::new(maps.services, maps.backends, maps.membership, maps.names)
-        .and_then(|writer| writer.with_source_ranges(maps.source_ranges))
-        .and_then(|writer| writer.with_flow_maps(maps.flow_maps))
-        .context("reading the pinned maps")?;
+    let writer = MapWriter::new(maps.writer).context("reading the pinned maps")?;
+    let affinity = maps.affinity;
     let conntrack_gc = Collector::spawn(
         Reaper::load(&config.bpffs_root)?,
         config.ct_gc_interval,
@@ -174,6 +176,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         config,
         datapath,
         writer,
+        affinity,
         _conntrack_gc: conntrack_gc,
         netlink,
         source,
@@ -181,6 +184,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         planner: Planner::default(),
         need_full_sync: true,
         need_reread: false,
+        writes_pending: false,
         node,
         attached: BTreeSet::new(),
         service_health: ServiceHealthServers::new(health.clone()),
@@ -319,32 +323,26 @@ impl Daemon {
         } else {
             self.writer.apply_delta(&delta.frontends)
         };
-        if report.map_full > 0 {
-            error!(
-                refused = report.map_full,
-                services_max = self.config.map_sizes.services,
-                backends_max = self.config.map_sizes.backends,
-                "map full: writes refused, some frontends are incomplete (raise --max-services / --max-backends)"
-            );
+        self.report_refused(&report);
+        if self.writes_pending && report.complete() {
+            info!("every frontend is written again: the maps had room for what was refused");
         }
-        for failure in &report.failures {
-            error!(%failure, "map write failed; retried on the next sync");
-        }
+        self.writes_pending = !report.complete();
         // A refused write is retried by a full sync: the next one writes what is missing.
         self.need_full_sync = !report.complete();
         if full || !delta.frontends.is_empty() {
             self.close_stale_sockets();
         }
         self.need_reread = false;
-        self.record_sync(&report, changes, started);
+        self.record_sync(&report, changes, started, full);
         let addresses = self.node.health_check_addresses();
         self.service_health
             .sync(self.planner.health_checks(), &addresses);
-        let (_, backends) = self.writer.fill();
         info!(
             frontends = self.planner.desired().frontends.len(),
-            backends,
+            backends = self.writer.image().backends.len(),
             writes = report.ops,
+            all_written = report.complete(),
             changed = delta.frontends.len(),
             full,
             elapsed_us = started.elapsed().as_micros() as u64,
@@ -354,6 +352,64 @@ impl Daemon {
             // After the delta is gone: it holds the plans of every frontend it touched.
             drop(delta);
             crate::allocator::return_freed_memory();
+        }
+    }
+
+    /// Logs what a sync could not write: each full map, with the flag that sizes it, and
+    /// the frontends left as they were. The next sync is a full one and writes it all
+    /// once there is room.
+    fn report_refused(&self, report: &ApplyReport) {
+        let sizes = &self.config.map_sizes;
+        for (map, refused) in &report.map_full {
+            let (max, flag) = match *map {
+                map_names::SERVICES => (sizes.services, "--max-services"),
+                map_names::BACKEND_SLOTS => (sizes.backend_slots, "--max-backend-slots"),
+                map_names::BACKEND_IDS => (sizes.backends, "--max-backends"),
+                map_names::MEMBERSHIP => (
+                    sizes.backend_slots.saturating_add(sizes.services),
+                    "--max-backend-slots",
+                ),
+                _ => (0, "its size"),
+            };
+            error!(
+                map = *map,
+                refused = *refused,
+                max,
+                "map full: writes refused, the frontends they belong to stay as they were \
+                 (new ones are not served) until there is room (raise {flag})"
+            );
+        }
+        if report.held_back > 0 {
+            warn!(
+                held_back = report.held_back,
+                "writes held back: a frontend is switched only once all it names is in the maps"
+            );
+        }
+        for failure in &report.failures {
+            error!(%failure, "map write failed; retried on the next sync");
+        }
+    }
+
+    /// AFFINITY's fill (an LRU: when full, the least recently seen clients lose their
+    /// affinity).
+    fn record_affinity_fill(&self) {
+        let label = MapLabel {
+            map: map_names::AFFINITY,
+        };
+        match count_entries::<AffinityKey, AffinityValue>(&self.affinity) {
+            Ok(entries) => {
+                self.metrics
+                    .map_entries
+                    .get_or_create(&label)
+                    .set(entries as i64);
+            }
+            Err(error) => warn!(%error, "counting AFFINITY's entries failed"),
+        }
+        if let Ok(info) = self.affinity.info() {
+            self.metrics
+                .map_max_entries
+                .get_or_create(&label)
+                .set(i64::from(info.max_entries()));
         }
     }
 
@@ -432,23 +488,41 @@ impl Daemon {
 
     /// Health and metrics after a sync. A sync with refused writes leaves the update
     /// pending, so a datapath that stays behind turns the daemon unhealthy.
-    fn record_sync(&mut self, report: &ApplyReport, changes: ModelChanges, started: Instant) {
+    fn record_sync(
+        &mut self,
+        report: &ApplyReport,
+        changes: ModelChanges,
+        started: Instant,
+        full: bool,
+    ) {
         let now = SystemTime::now();
         self.pending_trigger_times.extend(changes.trigger_times);
         self.metrics.service_changes.inc_by(changes.services);
         self.metrics
             .endpoint_changes
             .inc_by(changes.endpoint_slices);
-        self.metrics.map_full.inc_by(report.map_full as u64);
+        for (map, refused) in &report.map_full {
+            self.metrics
+                .map_full
+                .get_or_create(&MapLabel { map })
+                .inc_by(*refused as u64);
+        }
         self.metrics
             .sync_duration
             .observe(started.elapsed().as_secs_f64());
-        let (services, backends) = self.writer.fill();
-        for (map, entries) in [("SERVICES", services), ("BACKENDS", backends)] {
+        for fill in self.writer.fill() {
+            let label = MapLabel { map: fill.map };
             self.metrics
                 .map_entries
-                .get_or_create(&MapLabel { map })
-                .set(entries as i64);
+                .get_or_create(&label)
+                .set(fill.entries as i64);
+            self.metrics
+                .map_max_entries
+                .get_or_create(&label)
+                .set(i64::from(fill.max_entries));
+        }
+        if full {
+            self.record_affinity_fill();
         }
         if !report.complete() {
             return;

@@ -6,11 +6,12 @@
 //! already pinned gets the new program swapped in atomically (`bpf_link_update`), with no
 //! moment where packets pass unbalanced.
 //!
-//! Layout of the bpffs root: `SERVICES`, `BACKENDS`, `BACKEND_IDS`, `CONNTRACK`,
+//! Layout of the bpffs root: `SERVICES`, `BACKEND_SLOTS`, `BACKEND_IDS`, `CONNTRACK`,
 //! `CONNTRACK_PENDING`, `CT_TIMEOUTS`, `STATS`, `AFFINITY`, `MEMBERSHIP`,
-//! `MEMBERSHIP_EPOCH`, `SVC_NAMES`, `SOURCE_RANGES`, `SOCK_XLATE`, `SOCK_AFFINITY` (maps),
-//! `links/<ifindex>-<ifname>` (tcx ingress links) and `sock-links/<program>` (the socket
-//! programs' cgroup links, see [`socket_lb`](crate::socket_lb)).
+//! `MEMBERSHIP_EPOCH`, `SVC_NAMES`, `SOURCE_RANGES`, `DEVICES`, `SOCK_XLATE`,
+//! `SOCK_AFFINITY` (maps), `links/<ifindex>-<ifname>` (tcx ingress links) and
+//! `sock-links/<program>` (the socket programs' cgroup links, see
+//! [`socket_lb`](crate::socket_lb)).
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -18,24 +19,23 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow};
-use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::TcAttachOptions;
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions};
 use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::{
-    Backend, CtTimeouts, MembershipKey, PROGRAM_NAME, REFUSAL_LIMITS_GLOBAL, RefusalLimits,
-    SNAT_PORT_MAX_GLOBAL, SNAT_PORT_MIN_GLOBAL, ServiceKey, ServiceName, ServiceValue, SourceRange,
-    map_names, sock_globals,
+    CtTimeouts, PROGRAM_NAME, REFUSAL_LIMITS_GLOBAL, RefusalLimits, SNAT_PORT_MAX_GLOBAL,
+    SNAT_PORT_MIN_GLOBAL, device_kind, map_names, sock_globals,
 };
 use tracing::{info, warn};
 
 use crate::conntrack::ConntrackSizes;
-use crate::netlink::Device;
+use crate::netlink::{Device, DeviceRole};
 use crate::pin_root::PinRoot;
 use crate::socket_lb::{self, SocketLbMode};
-use crate::writer::FlowMaps;
+use crate::writer::WriterMaps;
 
 /// Where the daemon pins, and the CLI looks, unless told otherwise (`--bpffs-root`).
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/ebpf-proxy";
@@ -44,7 +44,11 @@ pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/ebpf-proxy";
 /// whose defaults are compiled into it.
 #[derive(Clone, Copy, Debug)]
 pub struct MapSizes {
+    /// Frontends (SERVICES).
     pub services: u32,
+    /// Backend slots over all frontends (BACKEND_SLOTS).
+    pub backend_slots: u32,
+    /// Distinct backends (BACKEND_IDS).
     pub backends: u32,
     pub conntrack: ConntrackSizes,
     /// FRAGMENTS: fragmented datagrams in flight whose later fragments follow the first.
@@ -100,6 +104,7 @@ impl Default for MapSizes {
         use proxy_common::default_max_entries as max;
         Self {
             services: max::SERVICES,
+            backend_slots: max::BACKEND_SLOTS,
             backends: max::BACKENDS,
             conntrack: ConntrackSizes::default(),
             fragments: max::FRAGMENTS,
@@ -110,13 +115,10 @@ impl Default for MapSizes {
 
 /// The maps, taken out of the loaded object for their single owners.
 pub struct Maps {
-    pub services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
-    pub backends: BpfHashMap<MapData, u32, Backend>,
+    pub writer: WriterMaps,
     pub stats: PerCpuArray<MapData, u64>,
-    pub names: BpfHashMap<MapData, u32, ServiceName>,
-    pub membership: BpfHashMap<MapData, MembershipKey, u8>,
-    pub source_ranges: LpmTrie<MapData, SourceRange, u8>,
-    pub flow_maps: FlowMaps,
+    /// Read for its fill only (the datapath writes it).
+    pub affinity: MapData,
 }
 
 /// The loaded programs and their attachments.
@@ -167,14 +169,16 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(root)
             .map_max_entries(map_names::SERVICES, sizes.services)
-            .map_max_entries(map_names::BACKENDS, sizes.backends)
+            .map_max_entries(map_names::BACKEND_SLOTS, sizes.backend_slots)
             .map_max_entries(map_names::CONNTRACK, sizes.conntrack.assured)
             .map_max_entries(map_names::CONNTRACK_PENDING, sizes.conntrack.pending)
             // One name per frontend, and frontends are bounded by SERVICES.
             .map_max_entries(map_names::SVC_NAMES, sizes.services)
-            // One entry per endpoint address of a frontend, and one per frontend: bounded
-            // by SERVICES too.
-            .map_max_entries(map_names::MEMBERSHIP, sizes.services)
+            // About one entry per slot (an endpoint address of a frontend).
+            .map_max_entries(
+                map_names::MEMBERSHIP,
+                sizes.backend_slots.saturating_add(sizes.services),
+            )
             .map_max_entries(map_names::BACKEND_IDS, sizes.backends)
             .map_max_entries(map_names::FRAGMENTS, sizes.fragments)
             .override_global(SNAT_PORT_MIN_GLOBAL, &sizes.snat_ports.min, true)
@@ -204,23 +208,41 @@ impl Datapath {
 
     /// Takes the maps out of the object. Call once.
     pub fn take_maps(&mut self) -> Result<Maps> {
+        let writer = WriterMaps::take(&mut self.ebpf)?;
         let mut take = |name: &str| {
             self.ebpf
                 .take_map(name)
                 .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
         };
         Ok(Maps {
-            services: take(map_names::SERVICES)?.try_into()?,
-            backends: take(map_names::BACKENDS)?.try_into()?,
+            writer,
             stats: take(map_names::STATS)?.try_into()?,
-            names: take(map_names::SVC_NAMES)?.try_into()?,
-            membership: take(map_names::MEMBERSHIP)?.try_into()?,
-            source_ranges: take(map_names::SOURCE_RANGES)?.try_into()?,
-            flow_maps: FlowMaps {
-                backend_ids: take(map_names::BACKEND_IDS)?.try_into()?,
-                membership_epoch: take(map_names::MEMBERSHIP_EPOCH)?.try_into()?,
+            affinity: match take(map_names::AFFINITY)? {
+                aya::maps::Map::LruHashMap(data) => data,
+                _ => return Err(anyhow!("{} is no LRU hash map", map_names::AFFINITY)),
             },
         })
+    }
+
+    /// DEVICES, which names the kind of every device the program is attached to.
+    fn devices(&mut self) -> Result<BpfHashMap<&mut MapData, u32, u8>> {
+        let map = self
+            .ebpf
+            .map_mut(map_names::DEVICES)
+            .ok_or_else(|| anyhow!("map {} missing from the eBPF object", map_names::DEVICES))?;
+        Ok(map.try_into()?)
+    }
+
+    /// Records the kind of `device` in DEVICES before the program runs on it: pods' new
+    /// connections to an externalTrafficPolicy Local frontend use its Cluster set.
+    fn name_device(&mut self, device: &Device) -> Result<()> {
+        let kind = match device.role {
+            DeviceRole::Pod => device_kind::POD,
+            DeviceRole::External => device_kind::EXTERNAL,
+        };
+        self.devices()?
+            .insert(device.index, kind, 0)
+            .with_context(|| format!("naming {} in DEVICES", device.name))
     }
 
     fn link_pin(&self, device: &Device) -> PathBuf {
@@ -230,6 +252,7 @@ impl Datapath {
     /// Attaches the program at tcx ingress of `device` and pins the link. An existing
     /// pinned link (from a previous daemon) gets the new program atomically instead.
     pub fn attach(&mut self, device: &Device) -> Result<()> {
+        self.name_device(device)?;
         let pin = self.link_pin(device);
         let program = program(&mut self.ebpf)?;
         let link_id = match PinnedLink::from_pin(&pin) {
@@ -283,7 +306,18 @@ impl Datapath {
 
     /// Removes the pins of links whose device is gone (or renamed, or re-created with a
     /// new index), which releases those links. Returns the names of the released pins.
-    pub fn release_stale_links(&self, devices: &[Device]) -> Result<Vec<String>> {
+    /// DEVICES forgets them too.
+    pub fn release_stale_links(&mut self, devices: &[Device]) -> Result<Vec<String>> {
+        let indexes: BTreeSet<u32> = devices.iter().map(|device| device.index).collect();
+        let mut named = self.devices()?;
+        let gone: Vec<u32> = named
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|index| !indexes.contains(index))
+            .collect();
+        for index in gone {
+            let _ = named.remove(&index);
+        }
         let keep: BTreeSet<PathBuf> = devices.iter().map(|d| self.link_pin(d)).collect();
         unpin_links(&self.links_dir, |pin| keep.contains(pin))
     }

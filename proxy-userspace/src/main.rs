@@ -90,10 +90,16 @@ struct DaemonArgs {
     /// [default: every node address; NodePorts never on loopback ones].
     #[arg(long, value_delimiter = ',')]
     nodeport_addresses: Vec<String>,
-    /// SERVICES map size (one entry per frontend and one per frontend backend).
+    /// SERVICES map size: frontends (each ClusterIP, NodePort per node address, external
+    /// and load-balancer IP of each Service port).
     #[arg(long, default_value_t = MapSizes::default().services)]
     max_services: u32,
-    /// BACKENDS map size.
+    /// BACKEND_SLOTS size: the backends of all frontends together (each frontend's in a
+    /// contiguous slice; keep room for the slices changes write before they free the old
+    /// ones). MEMBERSHIP gets this plus --max-services.
+    #[arg(long, default_value_t = MapSizes::default().backend_slots)]
+    max_backend_slots: u32,
+    /// BACKEND_IDS size: distinct backends (address, port, protocol).
     #[arg(long, default_value_t = MapSizes::default().backends)]
     max_backends: u32,
     /// CONNTRACK map size: assured flows, two entries each, the least recently used evicted
@@ -251,6 +257,7 @@ impl DaemonArgs {
                 .map_err(|problem| anyhow::anyhow!("--nodeport-addresses: {problem}"))?,
             map_sizes: MapSizes {
                 services: self.max_services,
+                backend_slots: self.max_backend_slots,
                 backends: self.max_backends,
                 conntrack,
                 fragments: self.max_fragments,

@@ -46,8 +46,8 @@ pub struct Metrics {
     pub last_sync_timestamp: Gauge<f64, AtomicU64>,
     pub map_entries: Family<MapLabel, Gauge>,
     pub map_max_entries: Family<MapLabel, Gauge>,
-    /// Writes refused because a map was full.
-    pub map_full: Counter,
+    /// Writes refused because a map was full, by map.
+    pub map_full: Family<MapLabel, Counter>,
     pub conntrack_gc_removed: Counter,
     /// How long each conntrack sweep took.
     pub conntrack_gc_duration: Histogram,
@@ -76,7 +76,7 @@ impl Metrics {
             last_sync_timestamp: Gauge::default(),
             map_entries: Family::default(),
             map_max_entries: Family::default(),
-            map_full: Counter::default(),
+            map_full: Family::default(),
             conntrack_gc_removed: Counter::default(),
             // 100 µs … ~13 s.
             conntrack_gc_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
@@ -121,7 +121,8 @@ impl Metrics {
         );
         registry.register(
             "ebpf_proxy_map_full_writes",
-            "Map writes refused because the map was full",
+            "Map writes refused because the map was full (BACKEND_SLOTS: frontends whose \
+             backends found no room)",
             metrics.map_full.clone(),
         );
         registry.register(

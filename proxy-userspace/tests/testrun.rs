@@ -16,8 +16,8 @@ mod datapath;
 use datapath::*;
 use etherparse::{Ethernet2Header, Ipv4Header, PacketBuilder};
 use proxy_common::{
-    AffinityKey, AffinityValue, CtTimeouts, CtValue, RefusalLimits, ServiceValue, ct_flags,
-    ct_state, map_names, proto, service_flags, stat,
+    AffinityValue, CtTimeouts, CtValue, FrontendValue, RefusalLimits, ct_flags, ct_state,
+    map_names, proto, service_flags, stat,
 };
 use proxy_userspace::inspect::trace::TracePacket;
 
@@ -598,10 +598,7 @@ fn affinity_sends_a_clients_new_connections_to_its_backend() {
         (stat::NEW_FLOW, 31),
         (stat::AFFINITY, 30),
     ]);
-    let key = AffinityKey {
-        client_addr: u32::from_ne_bytes(CLIENT.ip().octets()),
-        rev_nat_id: REV_NAT_ID,
-    };
+    let key = Datapath::affinity_key(CLIENT);
     let remembered = datapath.affinity_map().get(&key, 0).unwrap();
     let index = backends.iter().position(|b| *b == first).unwrap();
     assert_eq!(remembered.backend_id, ids[index]);
@@ -620,21 +617,27 @@ fn affinity_ends_after_the_timeout_and_when_the_backend_leaves() {
         service_flags::CLUSTER_IP,
         AFFINITY_TIMEOUT_S,
     );
-    // A second backend that is no longer the frontend's (no AFFINITY_MATCH entry).
-    datapath.insert_backend(ids[0] + 1, backend(BACKEND_2, proto::TCP));
-    let key = AffinityKey {
-        client_addr: u32::from_ne_bytes(CLIENT.ip().octets()),
-        rev_nat_id: REV_NAT_ID,
-    };
+    // A second backend that is no longer the frontend's (no MEMBERSHIP entry).
+    let gone = backend(BACKEND_2, proto::TCP);
+    datapath.insert_backend(ids[0] + 1, gone);
+    let key = Datapath::affinity_key(CLIENT);
     let now = proxy_userspace::conntrack::monotonic_now_ns();
+    let kept = backend(BACKEND_1, proto::TCP);
     let cases = [
-        ("within the timeout", ids[0], now - 5 * SECOND_NS, 1),
-        ("past the timeout", ids[0], now - 11 * SECOND_NS, 0),
-        ("backend left the frontend", ids[0] + 1, now - SECOND_NS, 0),
+        ("within the timeout", ids[0], kept, now - 5 * SECOND_NS, 1),
+        ("past the timeout", ids[0], kept, now - 11 * SECOND_NS, 0),
+        (
+            "backend left the frontend",
+            ids[0] + 1,
+            gone,
+            now - SECOND_NS,
+            0,
+        ),
     ];
     let mut affinity_hits = 0;
-    for (flows, (name, backend_id, last_used_ns, kept)) in (1..).zip(cases) {
+    for (flows, (name, backend_id, backend, last_used_ns, kept)) in (1..).zip(cases) {
         let remembered = AffinityValue {
+            backend,
             backend_id,
             _pad: 0,
             last_used_ns,
@@ -662,29 +665,43 @@ fn affinity_ends_after_the_timeout_and_when_the_backend_leaves() {
 }
 
 #[test]
-fn slot_naming_a_missing_backend_drops() {
+fn a_header_naming_slots_beyond_the_array_drops() {
     let Some(mut datapath) = Datapath::load() else {
         return;
     };
-    let vip = frontend(VIP, proto::TCP);
     datapath.insert_service_entry(
-        vip.with_slot(1),
-        ServiceValue {
-            backend_id: 99,
-            ..ServiceValue::default()
-        },
-    );
-    datapath.insert_service_entry(
-        vip,
-        ServiceValue {
-            count: 1,
+        frontend(VIP, proto::TCP),
+        FrontendValue {
             rev_nat_id: REV_NAT_ID,
-            ..ServiceValue::default()
+            base: proxy_common::default_max_entries::BACKEND_SLOTS,
+            count: 1,
+            ..FrontendValue::default()
         },
     );
     let (verdict, _) = datapath.run(&Frame::new(CLIENT, VIP, SYN).build());
     assert_eq!(verdict, TC_ACT_SHOT);
     datapath.assert_stats(&[(stat::CT_MISS, 1), (stat::BACKEND_MISSING, 1)]);
+}
+
+#[test]
+fn a_slot_never_written_drops_rather_than_sending_to_nowhere() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    // The array's zeroes: no backend id, address 0.0.0.0.
+    datapath.insert_service_entry(
+        frontend(VIP, proto::TCP),
+        FrontendValue {
+            rev_nat_id: REV_NAT_ID,
+            base: FIRST_SLOT + 100,
+            count: 1,
+            ..FrontendValue::default()
+        },
+    );
+    let (verdict, _) = datapath.run(&Frame::new(CLIENT, VIP, SYN).build());
+    assert_eq!(verdict, TC_ACT_SHOT);
+    datapath.assert_stats(&[(stat::CT_MISS, 1), (stat::BACKEND_MISSING, 1)]);
+    assert!(datapath.conntrack().is_empty());
 }
 
 #[test]
@@ -905,13 +922,12 @@ fn trace_of_a_node_port_reply_stops_before_routing_it() {
         };
         let node_port = frontend(VIP, proto::TCP);
         datapath.add_service(node_port, &[backend(BACKEND_1, proto::TCP)]);
+        let header = datapath.service_entry(node_port);
         datapath.insert_service_entry(
             node_port,
-            ServiceValue {
-                count: 1,
-                rev_nat_id: REV_NAT_ID,
+            FrontendValue {
                 flags: proxy_common::service_flags::NODE_PORT,
-                ..ServiceValue::default()
+                ..header
             },
         );
         let syn = Frame::new(CLIENT, VIP, SYN);
@@ -951,10 +967,7 @@ fn trace_shows_a_backend_kept_by_affinity_and_leaves_it_alone() {
         AFFINITY_TIMEOUT_S,
     );
     let first = chosen_backend(&datapath, CLIENT, &backends);
-    let key = AffinityKey {
-        client_addr: u32::from_ne_bytes(CLIENT.ip().octets()),
-        rev_nat_id: REV_NAT_ID,
-    };
+    let key = Datapath::affinity_key(CLIENT);
     let remembered = datapath.affinity_map().get(&key, 0).unwrap();
     let stats_before = datapath.stats();
     let mut tracer = datapath.tracer();

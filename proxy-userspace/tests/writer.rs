@@ -1,16 +1,17 @@
 //! The map writer against real kernel maps (small ones, in a private bpffs): batched
 //! writes fill them exactly as planned; when a map fills up mid-batch, the entries before
-//! the full one are written, the full one is counted, the rest go on, and the writer's
-//! record of the maps stays true to what they hold; entries that vanished behind the
-//! writer's back count as deleted.
+//! the full one are written, the full one is counted, the rest go on, no header is
+//! switched before all it names is written, and the writer's record of the maps stays
+//! true to what they hold; entries that vanished behind the writer's back count as
+//! deleted.
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
-use aya::maps::{HashMap as BpfHashMap, MapData};
-use proxy_common::{Backend, CtTimeouts, ServiceKey, ServiceValue};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData};
+use proxy_common::{Backend, CtTimeouts, FrontendKey, FrontendValue, Slot, map_names};
 use proxy_lab::{PrivateBpffs, require_lab};
 use proxy_userspace::datapath::{Datapath, MapSizes};
 use proxy_userspace::plan::{
@@ -20,8 +21,9 @@ use proxy_userspace::plan::{
 use proxy_userspace::socket_lb::SocketLbMode;
 use proxy_userspace::writer::MapWriter;
 
-/// SERVICES holds 12 entries (headers and slots), BACKENDS 6.
-const SERVICES: u32 = 12;
+/// SERVICES holds 4 frontends, BACKEND_SLOTS 16 slots, BACKEND_IDS 6 backends.
+const SERVICES: u32 = 4;
+const SLOTS: u32 = 16;
 const BACKENDS: u32 = 6;
 
 /// `frontends` ClusterIPs 198.19.0.1.. with `backends` distinct backends each.
@@ -41,6 +43,7 @@ fn desired(frontends: u8, backends: u8) -> DesiredState {
                     port: 8080,
                 })
                 .collect(),
+            cluster_backends: None,
             when_empty: EmptyFrontend::Reject,
             session_affinity: Some(Duration::from_secs(60)),
             serving_addrs: Vec::new(),
@@ -56,26 +59,35 @@ fn desired(frontends: u8, backends: u8) -> DesiredState {
     state
 }
 
-/// What SERVICES and BACKENDS hold: (entries, entries), and whether every header counts
-/// only slots that exist and every slot names a backend that exists.
-fn contents(
-    services: &BpfHashMap<MapData, ServiceKey, ServiceValue>,
-    backends: &BpfHashMap<MapData, u32, Backend>,
-) -> (usize, usize, bool) {
-    let services: Vec<(ServiceKey, ServiceValue)> = services.iter().map(Result::unwrap).collect();
-    let backend_ids: Vec<u32> = backends.keys().map(Result::unwrap).collect();
-    let consistent = services
-        .iter()
-        .filter(|(key, _)| key.slot == 0)
-        .all(|(key, header)| {
-            (1..=header.count).all(|slot| {
-                services
-                    .iter()
-                    .find(|(other, _)| *other == key.with_slot(slot))
-                    .is_some_and(|(_, value)| backend_ids.contains(&value.backend_id))
+/// The maps the writer fills, opened again from their pins.
+struct Pinned {
+    services: BpfHashMap<MapData, FrontendKey, FrontendValue>,
+    slots: Array<MapData, Slot>,
+    backend_ids: BpfHashMap<MapData, Backend, u32>,
+}
+
+impl Pinned {
+    /// (headers, backends) held, and whether every header names only written slots of
+    /// backends BACKEND_IDS holds under the slot's id.
+    fn contents(&self) -> (usize, usize, bool) {
+        let headers: Vec<FrontendValue> =
+            self.services.iter().map(|entry| entry.unwrap().1).collect();
+        let backends = self.backend_ids.keys().count();
+        let consistent = headers.iter().all(|header| {
+            (header.base..header.base + header.slots()).all(|index| {
+                let slot = self.slots.get(&index, 0).unwrap();
+                slot.backend_id != 0
+                    && self.backend_ids.get(&slot.backend, 0).ok() == Some(slot.backend_id)
             })
         });
-    (services.len(), backend_ids.len(), consistent)
+        (headers.len(), backends, consistent)
+    }
+}
+
+/// The entries the writer believes `map` holds.
+fn believed(writer: &MapWriter, map: &str) -> u64 {
+    let fill = writer.fill().into_iter().find(|fill| fill.map == map);
+    fill.expect("a map the writer owns").entries
 }
 
 #[test]
@@ -85,6 +97,7 @@ fn batched_writes_fill_the_maps_and_a_full_map_is_counted_and_recorded_truly() -
     let root: PathBuf = bpffs.path().join("ebpf-proxy");
     let sizes = MapSizes {
         services: SERVICES,
+        backend_slots: SLOTS,
         backends: BACKENDS,
         ..MapSizes::default()
     };
@@ -95,46 +108,53 @@ fn batched_writes_fill_the_maps_and_a_full_map_is_counted_and_recorded_truly() -
             root.join(name),
         )?)?)
     };
-    let services: BpfHashMap<MapData, ServiceKey, ServiceValue> = open("SERVICES")?.try_into()?;
-    let mut backends: BpfHashMap<MapData, u32, Backend> = open("BACKENDS")?.try_into()?;
-    let mut writer = MapWriter::new(maps.services, maps.backends, maps.membership, maps.names)?
-        .with_flow_maps(maps.flow_maps)?;
+    let mut pinned = Pinned {
+        services: open(map_names::SERVICES)?.try_into()?,
+        slots: open(map_names::BACKEND_SLOTS)?.try_into()?,
+        backend_ids: open(map_names::BACKEND_IDS)?.try_into()?,
+    };
+    let mut writer = MapWriter::new(maps.writer)?;
 
-    // Two frontends of two backends: 6 SERVICES entries, 4 backends, in a few batches.
+    // Two frontends of two backends, in a few batches.
     let report = writer.apply(&desired(2, 2));
     assert!(report.complete(), "{report:?}");
     assert_eq!(
         report.ops,
-        6 + 4 + 4 + 2,
-        "slots, headers, backends, matches, names"
+        2 + 4 + 4 + 4 + 2,
+        "names, backends, members, slots, headers"
     );
-    assert_eq!(contents(&services, &backends), (6, 4, true));
-    assert_eq!(writer.fill(), (6, 4));
+    assert_eq!(pinned.contents(), (2, 4, true));
+    assert_eq!(believed(&writer, map_names::SERVICES), 2);
+    assert_eq!(believed(&writer, map_names::BACKEND_SLOTS), 4);
+    assert_eq!(believed(&writer, map_names::BACKEND_IDS), 4);
 
-    // Four frontends of three backends: 16 entries and 12 backends don't fit. The writes
-    // that fit land, the others are counted as refused, and the writer's record agrees
-    // with the maps entry for entry.
+    // Four frontends of three backends: 12 backends don't fit in 6. The writes that fit
+    // land, the others are counted as refused, no header is switched before all it names
+    // is there, and the writer's record agrees with the maps.
     let report = writer.apply(&desired(4, 3));
-    assert!(report.map_full > 0, "{report:?}");
-    assert!(report.failures.is_empty(), "{report:?}");
-    let (services_held, backends_held, _) = contents(&services, &backends);
-    assert_eq!(
-        (services_held, backends_held),
-        (SERVICES as usize, BACKENDS as usize)
+    assert!(report.refused_as_full() > 0, "{report:?}");
+    assert!(
+        report.map_full.contains_key(map_names::BACKEND_IDS),
+        "{report:?}"
     );
-    assert_eq!(writer.fill(), (services_held, backends_held));
+    assert!(report.failures.is_empty(), "{report:?}");
+    let (headers, backends, consistent) = pinned.contents();
+    assert!(consistent, "a header names what the maps lack");
+    assert_eq!(backends, BACKENDS as usize);
+    assert_eq!(believed(&writer, map_names::SERVICES), headers as u64);
+    assert_eq!(believed(&writer, map_names::BACKEND_IDS), backends as u64);
 
     // Back to what fits: the maps hold exactly that again, consistent.
     let report = writer.apply(&desired(2, 2));
     assert!(report.complete(), "{report:?}");
-    assert_eq!(contents(&services, &backends), (6, 4, true));
+    assert_eq!(pinned.contents(), (2, 4, true));
 
     // A backend deleted behind the writer's back: deleting it again counts as done.
-    let gone = backends.keys().next().expect("a backend")?;
-    backends.remove(&gone)?;
+    let gone = pinned.backend_ids.keys().next().expect("a backend")?;
+    pinned.backend_ids.remove(&gone)?;
     let report = writer.apply(&desired(0, 0));
     assert!(report.complete(), "{report:?}");
-    assert_eq!(contents(&services, &backends), (0, 0, true));
-    assert_eq!(writer.fill(), (0, 0));
+    assert_eq!(pinned.contents(), (0, 0, true));
+    assert_eq!(believed(&writer, map_names::BACKEND_IDS), 0);
     Ok(())
 }

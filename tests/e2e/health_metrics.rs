@@ -64,7 +64,8 @@ fn healthz_livez_and_metrics_answer_like_kube_proxy() -> Result<()> {
         "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
         "ebpf_proxy_datapath_packets_total{counter=\"new_flow\"} 5",
         "ebpf_proxy_map_max_entries{map=\"CONNTRACK\"}",
-        "ebpf_proxy_map_entries{map=\"SERVICES\"} 8",
+        "ebpf_proxy_map_entries{map=\"SERVICES\"} 2",
+        "ebpf_proxy_map_entries{map=\"BACKEND_SLOTS\"} 6",
     ] {
         ensure!(
             metrics.contains(expected),
@@ -78,11 +79,11 @@ fn healthz_livez_and_metrics_answer_like_kube_proxy() -> Result<()> {
 fn healthz_turns_unhealthy_when_updates_cannot_be_applied() -> Result<()> {
     require_lab!();
     let lab = Lab::builder().pods(3).build()?;
-    // Two frontends with three backends need 8 SERVICES entries; 4 fit.
+    // Two frontends need two SERVICES entries; one fits.
     let daemon = lab
         .daemon()
         .manifest(echo_service().manifest(backends(&lab)))
-        .arg("--max-services=4")
+        .arg("--max-services=1")
         .arg("--healthz-timeout=1s")
         .start()?;
     daemon.wait_synced(SYNC_TIMEOUT)?;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail, ensure};
 use common::{BACKEND_NAMES, SERVICE_TCP_PORT, SERVICE_UDP_PORT, SYNC_TIMEOUT, backends, caller};
-use proxy_lab::{Daemon, Lab, addr, require_lab};
+use proxy_lab::{Daemon, Lab, Service, addr, require_lab};
 
 const CONNECTIONS: usize = 30;
 /// The short timeout of the expiry test, and how long the client stays quiet to outlast it.
@@ -59,6 +59,39 @@ fn a_client_keeps_its_backend_across_new_connections() -> Result<()> {
             "served by {served}"
         );
     }
+    Ok(())
+}
+
+/// kube-proxy's ClusterIP and NodePort rules jump to one KUBE-SVC chain with one `recent`
+/// list per endpoint: a client's backend is the same through either.
+#[test]
+fn the_frontends_of_a_service_port_share_a_clients_backend() -> Result<()> {
+    require_lab!();
+    let lab = common::lab()?;
+    let service = Service::node_port("echo-nodeport", addr::NODE_PORT_SERVICE_IP)
+        .tcp_node_port(SERVICE_TCP_PORT, addr::ECHO_TCP_PORT, addr::NODE_PORT_TCP)
+        .client_ip_affinity(10_800);
+    let daemon = lab
+        .daemon()
+        .manifest(service.manifest(backends(&lab)))
+        .start()?;
+    daemon.wait_synced(SYNC_TIMEOUT)?;
+    let frontends = [
+        (addr::NODE_PORT_SERVICE_IP, SERVICE_TCP_PORT),
+        (addr::NODE_IP, addr::NODE_PORT_TCP),
+    ];
+    let served: BTreeSet<String> = (0..CONNECTIONS)
+        .map(|index| {
+            let (address, port) = frontends[index % frontends.len()];
+            caller(&lab)
+                .tcp_request(address, port)
+                .map(|reply| reply.body)
+        })
+        .collect::<Result<_>>()?;
+    ensure!(
+        served.len() == 1,
+        "through the ClusterIP and the NodePort the client reached {served:?}"
+    );
     Ok(())
 }
 

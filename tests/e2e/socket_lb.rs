@@ -286,6 +286,40 @@ fn internal_traffic_policy_local_keeps_the_nodes_connections_on_this_node() -> R
     Ok(())
 }
 
+/// externalTrafficPolicy Local does not bind the node itself: kube-proxy's "route LOCAL
+/// traffic" rule sends its connections to a Local NodePort to the Service port's Cluster
+/// endpoints, local or not — so with none on this node the node is still served.
+#[test]
+fn the_node_reaches_a_local_policy_node_port_through_every_endpoint() -> Result<()> {
+    require_lab!();
+    let lab = common::lab()?;
+    let service = Service::node_port("echo-nodeport", addr::NODE_PORT_SERVICE_IP)
+        .tcp_node_port(SERVICE_TCP_PORT, addr::ECHO_TCP_PORT, addr::NODE_PORT_TCP)
+        .external_traffic_policy_local();
+    // No endpoint on this node.
+    let elsewhere: Vec<Endpoint> = backends(&lab)
+        .iter()
+        .map(|pod| Endpoint::of(pod).on_node("other-node"))
+        .collect();
+    let daemon = lab
+        .daemon()
+        .manifest(service.manifest_with(&elsewhere))
+        .start()?;
+    daemon.wait_synced(SYNC_TIMEOUT)?;
+    let node = lab.node();
+    let _placed = node.place_in(daemon.cgroup());
+    // Three backends: 30 connections miss one by chance with probability 3 · (2/3)^30.
+    let mut reached = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        let reply = node.tcp_request(addr::NODE_IP, addr::NODE_PORT_TCP)?;
+        reached.insert(reply.body);
+    }
+    let all: std::collections::BTreeSet<String> =
+        BACKEND_NAMES.iter().map(ToString::to_string).collect();
+    ensure!(reached == all, "the node reached {reached:?}");
+    Ok(())
+}
+
 #[test]
 fn an_unconnected_udp_socket_keeps_its_backend_like_a_flow() -> Result<()> {
     require_lab!();

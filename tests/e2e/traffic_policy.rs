@@ -3,6 +3,10 @@
 //! policy of the same Service still spreads over all. With no local endpoint the Local
 //! frontends drop (time out, not refused), as kube-proxy does.
 //!
+//! Pods of this node are the exception (kube-proxy's "pod traffic for … external
+//! destinations" rule): their connections to an externalTrafficPolicy Local NodePort use
+//! every endpoint, local or not.
+//!
 //! In the EndpointSlice pod-1 runs on this node and pod-2, pod-3 on another one (their pods
 //! still live in the lab, so Cluster-policy traffic reaches them).
 
@@ -139,6 +143,37 @@ fn external_traffic_policy_local_without_local_endpoints_drops() -> Result<()> {
     ensure!(
         BACKEND_NAMES.contains(&reply.body.as_str()),
         "ClusterIP answered by {reply:?}"
+    );
+    Ok(())
+}
+
+/// The backends that served `CONNECTIONS` new connections from pod-4 to the NodePort.
+fn served_to_a_pod_through_the_node_port(lab: &Lab) -> Result<BTreeSet<String>> {
+    (0..CONNECTIONS)
+        .map(|_| {
+            caller(lab)
+                .tcp_request(addr::NODE_IP, addr::NODE_PORT_TCP)
+                .map(|reply| reply.body)
+        })
+        .collect()
+}
+
+#[test]
+fn pods_reach_a_local_policy_node_port_through_every_endpoint() -> Result<()> {
+    require_lab!();
+    let lab = common::lab()?;
+    let service = echo_node_port().external_traffic_policy_local();
+    let daemon = start(&lab, &service, true)?;
+    let served = served_to_a_pod_through_the_node_port(&lab)?;
+    ensure!(served == all_backends(), "a pod was served by {served:?}");
+
+    // No local endpoint: outside clients are dropped (see above), pods still served.
+    daemon.apply(&service.manifest_with(&endpoints(&lab, false)))?;
+    daemon.wait_for_syncs(2, SYNC_TIMEOUT)?;
+    let served = served_to_a_pod_through_the_node_port(&lab)?;
+    ensure!(
+        served == all_backends(),
+        "without a local endpoint a pod was served by {served:?}"
     );
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use serde::Serialize;
 
 use super::{Endpoint, frontend_label, new_table, protocol_name, service_of};
-use crate::writer::MapImage;
+use crate::writer::{MapImage, slice_of};
 
 /// One backend. JSON schema: every field, always present.
 #[derive(Debug, Serialize)]
@@ -26,12 +26,14 @@ pub struct BackendView {
 
 pub fn view(image: &MapImage) -> Vec<BackendView> {
     let mut users: BTreeMap<u32, (BTreeSet<String>, BTreeSet<String>)> = BTreeMap::new();
-    for (key, value) in image.services.iter().filter(|(key, _)| key.slot != 0) {
-        let header = image.services.get(&key.with_slot(0));
-        let (services, frontends) = users.entry(value.backend_id).or_default();
-        frontends.insert(frontend_label(key));
-        if let Some(service) = header.and_then(|header| service_of(image, header.rev_nat_id)) {
-            services.insert(service);
+    for (key, header) in &image.services {
+        let slots = slice_of(header)
+            .range()
+            .filter_map(|index| image.slots.get(&index));
+        for slot in slots {
+            let (services, frontends) = users.entry(slot.backend_id).or_default();
+            frontends.insert(frontend_label(key));
+            services.extend(service_of(image, header.rev_nat_id));
         }
     }
     image

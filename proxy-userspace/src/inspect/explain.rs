@@ -21,7 +21,7 @@ use std::net::Ipv4Addr;
 use anyhow::Result;
 use clap::{Args, ValueEnum};
 use data_encoding::BASE32;
-use proxy_common::{ServiceKey, ServiceValue, service_flags};
+use proxy_common::{BackendSet, Origin, device_kind, map_names, service_flags};
 use sha2::{Digest, Sha256};
 
 use super::{
@@ -41,9 +41,41 @@ pub struct ExplainArgs {
 
 impl ExplainArgs {
     pub fn run(self) -> Result<()> {
-        let image = read_image(&self.pins.bpffs_root)?;
-        print(render(&image, self.form).trim_end())
+        let root = &self.pins.bpffs_root;
+        let image = read_image(root)?;
+        let pods = pod_interfaces(root)?;
+        print(render(&image, &pods, self.form).trim_end())
     }
+}
+
+/// The pod devices the datapath is attached to (DEVICES), as kube-proxy's local-traffic
+/// detector in `InterfaceNamePrefix` mode names them: `lxc12` → `lxc+`. Sorted, each once.
+fn pod_interfaces(root: &std::path::Path) -> Result<Vec<String>> {
+    let devices: aya::maps::HashMap<aya::maps::MapData, u32, u8> =
+        super::open_typed(root, map_names::DEVICES)?;
+    let mut prefixes: Vec<String> = devices
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, kind)| *kind == device_kind::POD)
+        .filter_map(|(index, _)| interface_name(index))
+        .map(|name| format!("{}+", name.trim_end_matches(|c: char| c.is_ascii_digit())))
+        .collect();
+    prefixes.sort();
+    prefixes.dedup();
+    Ok(prefixes)
+}
+
+/// The name of interface `index` in this network namespace, if it exists.
+fn interface_name(index: u32) -> Option<String> {
+    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `name` has room for IF_NAMESIZE bytes, as the call requires.
+    let found = unsafe { libc::if_indextoname(index, name.as_mut_ptr()) };
+    if found.is_null() {
+        return None;
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
 }
 
 /// How rules are spelled.
@@ -99,6 +131,10 @@ fn saved_probability(kube_proxy: &str) -> String {
 #[derive(Default)]
 struct ServicePort {
     cluster_ip: Option<(Endpoint, Vec<Endpoint>)>,
+    /// `externalTrafficPolicy: Local`: the Cluster endpoints its external frontends send
+    /// pods' traffic to (`service_flags::CLUSTER_SET`), which is what kube-proxy's
+    /// KUBE-SVC chain holds.
+    pod_cluster_endpoints: Option<Vec<Endpoint>>,
     /// ExternalIP and LoadBalancer frontends, with their backends and rule comments.
     external: Vec<(Endpoint, Vec<Endpoint>, &'static str)>,
     /// NodePort frontends: the node address and its backends, by port.
@@ -113,11 +149,17 @@ struct ServicePort {
 }
 
 impl ServicePort {
-    /// The endpoints of internal traffic (kube-proxy's cluster policy chain).
+    /// The endpoints of kube-proxy's cluster policy chain: the Cluster set pods reach an
+    /// externalTrafficPolicy Local frontend with, else those of the ClusterIP, else those
+    /// of the external frontends.
     fn cluster_endpoints(&self) -> &[Endpoint] {
-        self.cluster_ip
-            .as_ref()
-            .map(|(_, endpoints)| endpoints.as_slice())
+        self.pod_cluster_endpoints
+            .as_deref()
+            .or_else(|| {
+                self.cluster_ip
+                    .as_ref()
+                    .map(|(_, endpoints)| endpoints.as_slice())
+            })
             .or_else(|| self.external_endpoints())
             .unwrap_or(&[])
     }
@@ -167,6 +209,10 @@ impl Recent {
 struct Rule {
     chain: String,
     comment: Option<String>,
+    /// `-i <interface>`: kube-proxy's local-traffic detector (`InterfaceNamePrefix`).
+    in_interface: Option<String>,
+    /// `-m addrtype --src-type LOCAL`: traffic of the node itself.
+    src_type_local: bool,
     dst_type_local: bool,
     recent: Option<Recent>,
     protocol: Option<&'static str>,
@@ -200,6 +246,12 @@ impl Rule {
                         write!(line, " -m comment --comment {comment}").unwrap();
                     }
                 }
+                if let Some(interface) = &self.in_interface {
+                    write!(line, " -i {interface}").unwrap();
+                }
+                if self.src_type_local {
+                    line.push_str(" -m addrtype --src-type LOCAL");
+                }
                 if self.dst_type_local {
                     line.push_str(" -m addrtype --dst-type LOCAL");
                 }
@@ -230,11 +282,17 @@ impl Rule {
                 if let Some(destination) = self.destination {
                     write!(line, " -d {destination}/32").unwrap();
                 }
+                if let Some(interface) = &self.in_interface {
+                    write!(line, " -i {interface}").unwrap();
+                }
                 if let Some(protocol) = self.protocol {
                     write!(line, " -p {protocol}").unwrap();
                 }
                 if let Some(comment) = &self.comment {
                     write!(line, " -m comment --comment \"{comment}\"").unwrap();
+                }
+                if self.src_type_local {
+                    line.push_str(" -m addrtype --src-type LOCAL");
                 }
                 if self.dst_type_local {
                     line.push_str(" -m addrtype --dst-type LOCAL");
@@ -297,9 +355,10 @@ impl Table {
     }
 }
 
-/// The iptables-restore text for everything in `image`. Pure, so golden tests need no
-/// kernel.
-pub fn render(image: &MapImage, form: Form) -> String {
+/// The iptables-restore text for everything in `image`; `pod_interfaces` are the pod
+/// devices as kube-proxy's local-traffic detector names them (`lxc+`). Pure, so golden
+/// tests need no kernel.
+pub fn render(image: &MapImage, pod_interfaces: &[String], form: Form) -> String {
     let mut out = String::from(
         "# ebpf-proxy explain: the Services in the datapath's maps as the iptables rules\n\
          # kube-proxy (iptables mode) would install for them. Left out because ebpf-proxy\n\
@@ -307,7 +366,7 @@ pub fn render(image: &MapImage, form: Form) -> String {
     );
     let mut ports: BTreeMap<(String, &'static str), ServicePort> = BTreeMap::new();
     let mut node_addresses = BTreeSet::new();
-    for (key, header) in image.services.iter().filter(|(key, _)| key.slot == 0) {
+    for (key, header) in &image.services {
         let Some(name) = image.names.get(&header.rev_nat_id) else {
             writeln!(
                 out,
@@ -321,7 +380,11 @@ pub fn render(image: &MapImage, form: Form) -> String {
             .entry((service_port_name(name), protocol_name(key.proto)))
             .or_default();
         let frontend = Endpoint::from_wire(key.addr, key.port);
-        let endpoints = endpoints(image, key, header);
+        let endpoints = endpoints(image, &header.backends_for(Origin::Outside));
+        let pods = header.backends_for(Origin::Pod);
+        if pods.cluster {
+            port.pod_cluster_endpoints = Some(self::endpoints(image, &pods));
+        }
         port.has_remote_endpoints |= header.flags & service_flags::NO_LOCAL_ENDPOINTS != 0;
         port.affinity_timeout_s = port.affinity_timeout_s.max(header.affinity_timeout_s);
         if header.flags & service_flags::NODE_PORT != 0 {
@@ -343,7 +406,7 @@ pub fn render(image: &MapImage, form: Form) -> String {
     nat.declare(KUBE_SERVICES.into());
     nat.declare(KUBE_NODEPORTS.into());
     for ((name, protocol), port) in &ports {
-        write_service_port(name, protocol, port, &mut filter, &mut nat);
+        write_service_port(name, protocol, port, pod_interfaces, &mut filter, &mut nat);
     }
     for address in node_addresses {
         nat.rules.push(Rule {
@@ -360,12 +423,12 @@ pub fn render(image: &MapImage, form: Form) -> String {
     out
 }
 
-/// The frontend's backends, sorted like kube-proxy sorts endpoints (as `ip:port` text).
-fn endpoints(image: &MapImage, key: &ServiceKey, header: &ServiceValue) -> Vec<Endpoint> {
-    let mut endpoints: Vec<Endpoint> = (1..=header.count)
-        .filter_map(|slot| image.services.get(&key.with_slot(slot)))
-        .filter_map(|slot| image.backends.get(&slot.backend_id))
-        .map(|backend| Endpoint::from_wire(backend.addr, backend.port))
+/// A set of a frontend's backends, sorted like kube-proxy sorts endpoints (as `ip:port`
+/// text).
+fn endpoints(image: &MapImage, set: &BackendSet) -> Vec<Endpoint> {
+    let mut endpoints: Vec<Endpoint> = (set.first..set.first + u32::from(set.count))
+        .filter_map(|index| image.slots.get(&index))
+        .map(|slot| Endpoint::from_wire(slot.backend.addr, slot.backend.port))
         .collect();
     endpoints.sort_by_key(ToString::to_string);
     endpoints
@@ -376,6 +439,7 @@ fn write_service_port(
     name: &str,
     protocol: &'static str,
     port: &ServicePort,
+    pod_interfaces: &[String],
     filter: &mut Table,
     nat: &mut Table,
 ) {
@@ -392,11 +456,12 @@ fn write_service_port(
     } else {
         (format!("{name} has no endpoints"), "REJECT")
     };
-    // External traffic goes to its own (local-policy) chain when its endpoints differ.
+    // externalTrafficPolicy Local (known by its Cluster set for pods, or by endpoints
+    // that differ from the Cluster ones): external traffic goes to the local chain.
+    let external_local = port.pod_cluster_endpoints.is_some()
+        || external_endpoints.is_some_and(|endpoints| endpoints != cluster_endpoints);
     let external_policy_chain = match external_endpoints {
-        Some(endpoints) if !endpoints.is_empty() && endpoints != cluster_endpoints => {
-            Some(&local_chain)
-        }
+        Some(endpoints) if !endpoints.is_empty() && external_local => Some(&local_chain),
         Some(endpoints) if !endpoints.is_empty() => Some(&cluster_chain),
         _ => None,
     };
@@ -470,6 +535,26 @@ fn write_service_port(
 
     if has_endpoints && external_endpoints.is_some() {
         nat.declare(external_chain.clone());
+        // Pods and the node itself reach a Local-policy frontend's Cluster endpoints,
+        // short-circuiting the policy (and its DROP) as kube-proxy's local-traffic detector
+        // and its "route LOCAL traffic" rule do (the node's, at the socket: --socket-lb).
+        // Its masquerade of the node's traffic is left out, like every masquerade rule.
+        if port.pod_cluster_endpoints.is_some() && !cluster_endpoints.is_empty() {
+            for interface in pod_interfaces {
+                nat.rules.push(Rule {
+                    comment: Some(format!("pod traffic for {name} external destinations")),
+                    in_interface: Some(interface.clone()),
+                    ..Rule::new(&external_chain, &cluster_chain)
+                });
+            }
+            nat.rules.push(Rule {
+                comment: Some(format!(
+                    "route LOCAL traffic for {name} external destinations"
+                )),
+                src_type_local: true,
+                ..Rule::new(&external_chain, &cluster_chain)
+            });
+        }
         if let Some(policy_chain) = external_policy_chain {
             nat.rules.push(Rule::new(&external_chain, policy_chain));
         }
@@ -551,7 +636,7 @@ fn write_policy_chain(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inspect::test_support::{Port, image};
+    use crate::inspect::test_support::{Port, image, image_with_cluster_sets};
     use crate::plan::{FrontendKind, Protocol};
 
     fn endpoint(text: &str) -> Endpoint {
@@ -665,7 +750,7 @@ mod tests {
         for header in image.services.values_mut() {
             header.flags |= service_flags::NO_LOCAL_ENDPOINTS;
         }
-        let text = render(&image, Form::KubeProxy);
+        let text = render(&image, &[], Form::KubeProxy);
         assert!(
             text.contains(
                 "-A KUBE-EXTERNAL-SERVICES -m comment --comment \"default/local has no local \
@@ -689,7 +774,7 @@ mod tests {
             ),
         ];
         for (form, golden) in cases {
-            let text = render(&image, form);
+            let text = render(&image, &[], form);
             assert!(
                 text == golden,
                 "{form:?} differs from its golden file; got:\n{text}"
@@ -714,7 +799,7 @@ mod tests {
                 backends: &[([198, 18, 1, 12], 8080)],
             },
         ]);
-        let text = render(&image, Form::KubeProxy);
+        let text = render(&image, &[], Form::KubeProxy);
         let local = service_chain("KUBE-SVL-", "default/web:http", "tcp");
         let external = service_chain("KUBE-EXT-", "default/web:http", "tcp");
         assert!(
@@ -765,7 +850,7 @@ mod tests {
         let comment = |address| format!("\"default/sticky:http -> {address}\"");
         let (to_11, to_12) = (comment("198.18.1.11:8080"), comment("198.18.1.12:8080"));
 
-        let text = render(&image, Form::KubeProxy);
+        let text = render(&image, &[], Form::KubeProxy);
         let expected = [
             format!(
                 "-A {svc} -m comment --comment {to_11} -m recent --name {sep_11} --rcheck \
@@ -790,7 +875,7 @@ mod tests {
             assert!(text.contains(&rules), "lacks\n{rules}in\n{text}");
         }
 
-        let saved = render(&image, Form::IptablesSave);
+        let saved = render(&image, &[], Form::IptablesSave);
         let expected = [
             format!(
                 "-A {svc} -m comment --comment {to_11} -m recent --rcheck --seconds 600 --reap \
@@ -807,11 +892,78 @@ mod tests {
         }
     }
 
+    /// kube-proxy's KUBE-EXT chain of an externalTrafficPolicy Local Service
+    /// (`TestExternalTrafficPolicyLocal`, `TestInternalExternalMasquerade`): pod traffic
+    /// (its local-traffic detector) jumps to KUBE-SVC, the rest to KUBE-SVL; with no local
+    /// endpoint the filter DROP catches what the EXT chain did not short-circuit.
+    #[test]
+    fn pods_reach_a_local_policy_frontends_cluster_endpoints() {
+        let cluster: &[([u8; 4], u16)] = &[([198, 18, 1, 11], 8080), ([198, 18, 1, 12], 8080)];
+        let node_port = ([198, 18, 0, 1], 30080, Protocol::Tcp);
+        let ports = |local: &'static [([u8; 4], u16)]| {
+            vec![
+                Port {
+                    service: ("default", "web", "http"),
+                    kind: FrontendKind::ClusterIp,
+                    frontend: ([198, 19, 0, 20], 80, Protocol::Tcp),
+                    backends: cluster,
+                },
+                Port {
+                    service: ("default", "web", "http"),
+                    kind: FrontendKind::NodePort,
+                    frontend: node_port,
+                    backends: local,
+                },
+            ]
+        };
+        let svc = service_chain("KUBE-SVC-", "default/web:http", "tcp");
+        let svl = service_chain("KUBE-SVL-", "default/web:http", "tcp");
+        let ext = service_chain("KUBE-EXT-", "default/web:http", "tcp");
+        let pods = ["lxc+".to_owned()];
+
+        let with_local =
+            image_with_cluster_sets(&ports(&[([198, 18, 1, 12], 8080)]), &[(node_port, cluster)]);
+        let text = render(&with_local, &pods, Form::KubeProxy);
+        let rules = format!(
+            "-A {ext} -m comment --comment \"pod traffic for default/web:http external \
+             destinations\" -i lxc+ -j {svc}\n-A {ext} -m comment --comment \"route LOCAL \
+             traffic for default/web:http external destinations\" -m addrtype --src-type \
+             LOCAL -j {svc}\n-A {ext} -j {svl}\n"
+        );
+        assert!(text.contains(&rules), "lacks\n{rules}in\n{text}");
+        let saved = render(&with_local, &pods, Form::IptablesSave);
+        let rule = format!(
+            "-A {ext} -i lxc+ -m comment --comment \"pod traffic for default/web:http \
+             external destinations\" -j {svc}\n"
+        );
+        assert!(saved.contains(&rule), "lacks\n{rule}in\n{saved}");
+
+        let mut without_local = image_with_cluster_sets(&ports(&[]), &[(node_port, cluster)]);
+        for header in without_local.services.values_mut() {
+            if header.flags & service_flags::NODE_PORT != 0 {
+                header.flags |= service_flags::NO_LOCAL_ENDPOINTS;
+            }
+        }
+        let text = render(&without_local, &pods, Form::KubeProxy);
+        assert!(
+            text.contains(&format!("-i lxc+ -j {svc}\n")),
+            "pods still short-circuit: {text}"
+        );
+        assert!(!text.contains(&format!("-A {ext} -j")), "{text}");
+        assert!(
+            text.contains(
+                "--comment \"default/web:http has no local endpoints\" -m addrtype \
+                           --dst-type LOCAL -m tcp -p tcp --dport 30080 -j DROP"
+            ),
+            "{text}"
+        );
+    }
+
     #[test]
     fn frontends_without_a_name_are_listed_as_left_out() {
         let mut image = golden_image();
         image.names.clear();
-        let text = render(&image, Form::KubeProxy);
+        let text = render(&image, &[], Form::KubeProxy);
         assert!(text.contains("# 198.19.0.1:443/tcp: no Service name in SVC_NAMES, left out"));
         assert!(!text.contains("KUBE-SVC-"), "{text}");
     }

@@ -28,11 +28,11 @@ use aya::programs::SchedClassifier;
 use aya::{Ebpf, EbpfLoader};
 use clap::{Args, Subcommand, ValueEnum};
 use comfy_table::{Table, presets::NOTHING};
-use proxy_common::{ServiceKey, ServiceName, map_names, proto, service_flags};
+use proxy_common::{Backend, FrontendKey, ServiceName, map_names, proto, service_flags};
 use serde::Serialize;
 
 use crate::datapath::DEFAULT_BPFFS_ROOT;
-use crate::writer::MapImage;
+use crate::writer::{MapImage, read_slots};
 
 pub use backends::BackendView;
 pub use conntrack::FlowView;
@@ -228,14 +228,21 @@ fn open_typed<M: TryFrom<Map, Error = MapError>>(root: &Path, name: &str) -> Res
     M::try_from(map).with_context(|| format!("{name} under {}", root.display()))
 }
 
-/// Reads SERVICES, BACKENDS and SVC_NAMES.
+/// Reads SERVICES, the BACKEND_SLOTS they name, BACKEND_IDS and SVC_NAMES.
 pub fn read_image(root: &Path) -> Result<MapImage> {
     let services: BpfHashMap<MapData, _, _> = open_typed(root, map_names::SERVICES)?;
-    let backends: BpfHashMap<MapData, _, _> = open_typed(root, map_names::BACKENDS)?;
+    let backend_ids: BpfHashMap<MapData, Backend, u32> = open_typed(root, map_names::BACKEND_IDS)?;
     let names: BpfHashMap<MapData, _, _> = open_typed(root, map_names::SVC_NAMES)?;
+    let services = read_entries(&services)?;
+    let slots = read_slots(&open_pinned(root, map_names::BACKEND_SLOTS)?, &services)
+        .with_context(|| format!("reading {}", map_names::BACKEND_SLOTS))?;
     Ok(MapImage {
-        services: read_entries(&services)?,
-        backends: read_entries(&backends)?,
+        services,
+        slots,
+        backends: read_entries(&backend_ids)?
+            .into_iter()
+            .map(|(backend, id)| (id, backend))
+            .collect(),
         // No view shows the endpoint addresses per frontend: the slots say the same.
         membership: Default::default(),
         names: read_entries(&names)?,
@@ -285,7 +292,7 @@ impl fmt::Display for Endpoint {
 }
 
 /// `addr:port/proto`, the way every view names a frontend.
-fn frontend_label(key: &ServiceKey) -> String {
+fn frontend_label(key: &FrontendKey) -> String {
     format!(
         "{}/{}",
         Endpoint::from_wire(key.addr, key.port),
@@ -344,7 +351,7 @@ mod test_support {
         BackendAddr, DesiredState, EmptyFrontend, Frontend, FrontendKind, FrontendPlan, Protocol,
         ServicePortName,
     };
-    use crate::writer::{IdRegistry, MapImage, materialize};
+    use crate::writer::{MapImage, MapMirror, Sync};
 
     pub struct Port<'a> {
         pub service: (&'a str, &'a str, &'a str),
@@ -354,10 +361,32 @@ mod test_support {
     }
 
     pub fn image(ports: &[Port<'_>]) -> MapImage {
+        image_with_cluster_sets(ports, &[])
+    }
+
+    /// [`image`], where the frontends listed in `cluster_sets` are external frontends of
+    /// an externalTrafficPolicy Local Service whose pods reach these Cluster endpoints.
+    #[allow(clippy::type_complexity)]
+    pub fn image_with_cluster_sets(
+        ports: &[Port<'_>],
+        cluster_sets: &[(([u8; 4], u16, Protocol), &[([u8; 4], u16)])],
+    ) -> MapImage {
+        let backends = |list: &[([u8; 4], u16)]| -> Vec<BackendAddr> {
+            list.iter()
+                .map(|(addr, port)| BackendAddr {
+                    addr: Ipv4Addr::from(*addr),
+                    port: *port,
+                })
+                .collect()
+        };
         let mut desired = DesiredState::default();
         for port in ports {
             let (addr, number, protocol) = port.frontend;
             let (namespace, name, port_name) = port.service;
+            let cluster_backends = cluster_sets
+                .iter()
+                .find(|(frontend, _)| *frontend == port.frontend)
+                .map(|(_, cluster)| backends(cluster));
             desired.frontends.insert(
                 Frontend {
                     addr: Ipv4Addr::from(addr),
@@ -371,14 +400,8 @@ mod test_support {
                         port_name: port_name.into(),
                     },
                     kind: port.kind,
-                    backends: port
-                        .backends
-                        .iter()
-                        .map(|(addr, port)| BackendAddr {
-                            addr: Ipv4Addr::from(*addr),
-                            port: *port,
-                        })
-                        .collect(),
+                    backends: backends(port.backends),
+                    cluster_backends,
                     when_empty: EmptyFrontend::Reject,
                     session_affinity: None,
                     serving_addrs: Vec::new(),
@@ -386,6 +409,9 @@ mod test_support {
                 },
             );
         }
-        materialize(&desired, &mut IdRegistry::default())
+        let mut mirror = MapMirror::new(MapImage::default(), 1024);
+        let report = mirror.sync(Sync::Full(&desired), &mut crate::writer::AcceptingMaps);
+        assert!(report.complete(), "{report:?}");
+        mirror.image().clone()
     }
 }

@@ -2,7 +2,7 @@
 
 use std::net::Ipv4Addr;
 
-use proxy_common::{ServiceKey, service_flags};
+use proxy_common::{BackendSet, Origin};
 use serde::Serialize;
 
 use super::{Endpoint, kind_name, new_table, protocol_name, service_of};
@@ -22,6 +22,11 @@ pub struct FrontendView {
     pub rev_nat_id: u32,
     /// In slot order; empty when no endpoint is usable here (see `when_empty`).
     pub backends: Vec<SlotView>,
+    /// An external frontend of an `externalTrafficPolicy: Local` Service: the Service
+    /// port's Cluster endpoints, which new connections from this node's pods use instead
+    /// of `backends` (kube-proxy's "pod traffic for external destinations"). Null for
+    /// every other frontend.
+    pub pod_backends: Option<Vec<SlotView>>,
     /// What new connections meet while `backends` is empty: `reject` (the Service has no
     /// endpoints: ICMP port unreachable) or `drop` (its Local traffic policy leaves none on
     /// this node).
@@ -31,14 +36,17 @@ pub struct FrontendView {
 /// One backend slot of a frontend.
 #[derive(Debug, Serialize)]
 pub struct SlotView {
+    /// 1-based within its set.
     pub slot: u16,
+    /// Where it sits in BACKEND_SLOTS.
+    pub index: u32,
     /// Null if the slot itself is missing (a transient while the daemon writes).
     pub id: Option<u32>,
     /// Null with `port` when the backend is missing.
     pub address: Option<Ipv4Addr>,
     pub port: Option<u16>,
-    /// `active`: new flows may pick it; `missing`: the slot or its backend is absent, so a
-    /// flow that picks it is dropped (counted as `backend_missing`).
+    /// `active`: new flows may pick it; `missing`: the slot could not be read (the daemon
+    /// rewrote the frontend while it was being listed).
     pub state: &'static str,
 }
 
@@ -46,9 +54,10 @@ pub fn view(image: &MapImage) -> Vec<FrontendView> {
     image
         .services
         .iter()
-        .filter(|(key, _)| key.slot == 0)
         .map(|(key, header)| {
             let endpoint = Endpoint::from_wire(key.addr, key.port);
+            let own = header.backends_for(Origin::Outside);
+            let pods = header.backends_for(Origin::Pod);
             FrontendView {
                 address: endpoint.address,
                 port: endpoint.port,
@@ -56,10 +65,9 @@ pub fn view(image: &MapImage) -> Vec<FrontendView> {
                 kind: kind_name(header.flags),
                 service: service_of(image, header.rev_nat_id),
                 rev_nat_id: header.rev_nat_id,
-                backends: (1..=header.count)
-                    .map(|slot| slot_view(image, key, slot))
-                    .collect(),
-                when_empty: if header.flags & service_flags::NO_LOCAL_ENDPOINTS != 0 {
+                backends: slot_views(image, &own),
+                pod_backends: pods.cluster.then(|| slot_views(image, &pods)),
+                when_empty: if own.drops_when_empty {
                     "drop"
                 } else {
                     "reject"
@@ -69,24 +77,23 @@ pub fn view(image: &MapImage) -> Vec<FrontendView> {
         .collect()
 }
 
-fn slot_view(image: &MapImage, frontend: &ServiceKey, slot: u16) -> SlotView {
-    let id = image
-        .services
-        .get(&frontend.with_slot(slot))
-        .map(|value| value.backend_id);
-    let backend = id.and_then(|id| image.backends.get(&id));
-    let endpoint = backend.map(|backend| Endpoint::from_wire(backend.addr, backend.port));
-    SlotView {
-        slot,
-        id,
-        address: endpoint.map(|endpoint| endpoint.address),
-        port: endpoint.map(|endpoint| endpoint.port),
-        state: if endpoint.is_some() {
-            "active"
-        } else {
-            "missing"
-        },
-    }
+fn slot_views(image: &MapImage, set: &BackendSet) -> Vec<SlotView> {
+    (0..set.count)
+        .map(|position| {
+            let index = set.first + u32::from(position);
+            let slot = image.slots.get(&index);
+            let endpoint =
+                slot.map(|slot| Endpoint::from_wire(slot.backend.addr, slot.backend.port));
+            SlotView {
+                slot: position + 1,
+                index,
+                id: slot.map(|slot| slot.backend_id),
+                address: endpoint.map(|endpoint| endpoint.address),
+                port: endpoint.map(|endpoint| endpoint.port),
+                state: if slot.is_some() { "active" } else { "missing" },
+            }
+        })
+        .collect()
 }
 
 pub fn render(frontends: &[FrontendView], wide: bool) -> String {
@@ -117,6 +124,14 @@ pub fn render(frontends: &[FrontendView], wide: bool) -> String {
         } else {
             frontend.backends.len().to_string()
         };
+        let backends = match &frontend.pod_backends {
+            Some(pods) if wide => {
+                let lines: Vec<String> = pods.iter().map(slot_line).collect();
+                format!("{backends}\npods (Cluster set):\n{}", lines.join("\n"))
+            }
+            Some(pods) => format!("{backends} (pods: {})", pods.len()),
+            None => backends,
+        };
         let kind = frontend.kind.to_owned();
         if wide {
             table.add_row([
@@ -145,6 +160,8 @@ fn slot_line(slot: &SlotView) -> String {
 
 #[cfg(test)]
 mod tests {
+    use proxy_common::FrontendKey;
+
     use super::*;
     use crate::inspect::test_support::{Port, image};
     use crate::plan::{FrontendKind, Protocol};
@@ -165,9 +182,9 @@ mod tests {
                 backends: &[],
             },
         ]);
-        // A backend the daemon has not written yet.
-        let gone = image.services[&ServiceKey::new([198, 19, 0, 10], 80, 6, 2)].backend_id;
-        image.backends.remove(&gone);
+        // A slot that could not be read.
+        let web = image.services[&FrontendKey::new([198, 19, 0, 10], 80, 6)];
+        image.slots.remove(&(web.base + 1));
 
         let views = view(&image);
         let json = serde_json::to_value(&views).unwrap();
@@ -179,6 +196,8 @@ mod tests {
         assert_eq!(json[1]["protocol"], "tcp");
         assert_eq!(json[1]["backends"][0]["address"], "198.18.1.11");
         assert_eq!(json[1]["backends"][0]["state"], "active");
+        assert_eq!(json[1]["backends"][0]["index"], web.base);
+        assert_eq!(json[1]["pod_backends"], serde_json::Value::Null);
         assert_eq!(json[1]["backends"][1]["state"], "missing");
         assert_eq!(json[1]["backends"][1]["address"], serde_json::Value::Null);
 
@@ -189,5 +208,30 @@ mod tests {
         let wide = render(&views, true);
         assert!(wide.contains("1: 198.18.1.11:8080 (id"), "{wide}");
         assert!(wide.contains("2: ? (id"), "{wide}");
+    }
+
+    #[test]
+    fn local_policy_frontends_list_the_cluster_set_pods_use() {
+        let image = image(&[Port {
+            service: ("default", "web", "http"),
+            kind: FrontendKind::NodePort,
+            frontend: ([198, 18, 0, 1], 30080, Protocol::Tcp),
+            backends: &[([198, 18, 1, 11], 8080)],
+        }]);
+        let mut image = image;
+        let key = FrontendKey::new([198, 18, 0, 1], 30080, 6);
+        // As the writer lays it out: the local set, then the Cluster set.
+        let header = image.services.get_mut(&key).unwrap();
+        header.flags |= proxy_common::service_flags::CLUSTER_SET;
+        header.cluster_count = 1;
+        let base = header.base;
+        let local = image.slots[&base];
+        image.slots.insert(base + 1, local);
+        let json = serde_json::to_value(view(&image)).unwrap();
+        assert_eq!(json[0]["pod_backends"][0]["address"], "198.18.1.11");
+        assert_eq!(json[0]["pod_backends"][0]["index"], base + 1);
+        let views = view(&image);
+        assert!(render(&views, false).contains("1 (pods: 1)"));
+        assert!(render(&views, true).contains("pods (Cluster set):"));
     }
 }

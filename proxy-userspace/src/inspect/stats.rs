@@ -6,11 +6,14 @@ use anyhow::Result;
 use aya::Pod;
 use aya::maps::{Map, MapData, PerCpuArray};
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragmentKey, FragmentValue, MembershipKey,
-    ServiceKey, ServiceName, ServiceValue, SockAffinityKey, SockKey, SockValue, map_names, stat,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragmentKey, FragmentValue, FrontendKey,
+    FrontendValue, MembershipKey, ServiceName, SockAffinityKey, SockKey, SockValue, map_names,
+    stat,
 };
 
 use serde::Serialize;
+
+use crate::bpf_batch;
 
 use super::{new_table, open_pinned};
 
@@ -28,8 +31,10 @@ pub struct Counter {
     pub value: u64,
 }
 
-/// How full a hash map is. A full CONNTRACK evicts its least recently used flows; a full
-/// SERVICES or BACKENDS refuses the daemon's writes.
+/// How full a map is. A full CONNTRACK, CONNTRACK_PENDING or AFFINITY (LRU maps) forgets
+/// its least recently used entries; a full SERVICES, BACKEND_SLOTS, BACKEND_IDS or
+/// MEMBERSHIP refuses the daemon's writes, and the frontends they were for stay as they
+/// were. BACKEND_SLOTS: the slots frontends' headers name.
 #[derive(Debug, Serialize)]
 pub struct MapFill {
     pub name: &'static str,
@@ -49,8 +54,8 @@ pub fn read(root: &Path) -> Result<StatsView> {
         });
     }
     let maps = vec![
-        fill::<ServiceKey, ServiceValue>(root, map_names::SERVICES)?,
-        fill::<u32, Backend>(root, map_names::BACKENDS)?,
+        fill::<FrontendKey, FrontendValue>(root, map_names::SERVICES)?,
+        slots_fill(root)?,
         fill::<Backend, u32>(root, map_names::BACKEND_IDS)?,
         fill::<CtKey, CtValue>(root, map_names::CONNTRACK)?,
         fill::<CtKey, CtValue>(root, map_names::CONNTRACK_PENDING)?,
@@ -67,16 +72,30 @@ pub fn read(root: &Path) -> Result<StatsView> {
 /// Counts a hash map's entries, read in batches (the kernel keeps no count).
 fn fill<K: Pod, V: Pod>(root: &Path, name: &'static str) -> Result<MapFill> {
     let data = open_pinned(root, name)?;
-    let max_entries = data.info()?.max_entries();
-    let mut entries = 0;
-    crate::bpf_batch::for_each_entry(&data, 4096, |_: &K, _: &V| {
-        entries += 1;
-        Ok(())
-    })?;
     Ok(MapFill {
         name,
+        entries: bpf_batch::count_entries::<K, V>(&data)?,
+        max_entries: data.info()?.max_entries(),
+    })
+}
+
+/// BACKEND_SLOTS' fill: the slots the frontends' headers name.
+fn slots_fill(root: &Path) -> Result<MapFill> {
+    let services = open_pinned(root, map_names::SERVICES)?;
+    let mut entries = 0;
+    bpf_batch::for_each_entry(
+        &services,
+        4096,
+        |_: &FrontendKey, header: &FrontendValue| {
+            entries += u64::from(header.slots());
+            Ok(())
+        },
+    )?;
+    let slots = open_pinned(root, map_names::BACKEND_SLOTS)?;
+    Ok(MapFill {
+        name: map_names::BACKEND_SLOTS,
         entries,
-        max_entries,
+        max_entries: slots.info()?.max_entries(),
     })
 }
 

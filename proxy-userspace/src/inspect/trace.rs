@@ -3,7 +3,7 @@
 //! The packet is built here and run through `epx_trace` with BPF_PROG_TEST_RUN. That
 //! program is the datapath's own packet path in dry-run mode (proxy-ebpf's `mode`), loaded
 //! from the embedded object against the daemon's pinned maps: it reads the live SERVICES,
-//! BACKENDS and CONNTRACK entries, rewrites the packet exactly as `epx_ingress` would, but
+//! BACKEND_SLOTS and CONNTRACK entries, rewrites the packet exactly as `epx_ingress` would, but
 //! writes no conntrack entry and no counter. It leaves its decisions in its own TRACE map,
 //! which this module turns into the report.
 
@@ -18,9 +18,9 @@ use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
 use aya::programs::SchedClassifier;
 use clap::Args;
 use proxy_common::{
-    FlowState, ServiceKey, ServiceName, TRACE_PROGRAM_NAME, TraceRecord, ct_flags, ct_state,
-    fragment_verdict, icmp, map_names, proto, stat, tcp_flags, trace_answer, trace_ct,
-    trace_fragment, trace_table,
+    BackendSet, FlowState, FrontendKey, Origin, ServiceName, TRACE_PROGRAM_NAME, TraceRecord,
+    ct_flags, ct_state, fragment_verdict, icmp, map_names, proto, stat, tcp_flags, trace_answer,
+    trace_ct, trace_fragment, trace_origin, trace_table,
 };
 use serde::Serialize;
 
@@ -190,7 +190,7 @@ impl Tracer {
     pub fn load(root: &Path) -> Result<Self> {
         let pins = [
             map_names::SERVICES,
-            map_names::BACKENDS,
+            map_names::BACKEND_SLOTS,
             map_names::BACKEND_IDS,
             map_names::CONNTRACK,
             map_names::CONNTRACK_PENDING,
@@ -202,6 +202,7 @@ impl Tracer {
             map_names::MEMBERSHIP_EPOCH,
             map_names::SVC_NAMES,
             map_names::SOURCE_RANGES,
+            map_names::DEVICES,
         ];
         let ebpf = load_beside_pins(root, &pins, TRACE_PROGRAM_NAME)?;
         Ok(Self { ebpf })
@@ -213,7 +214,7 @@ impl Tracer {
         let (return_code, output) = self.run_frame(&frame)?;
         let record = self.record()?;
         let name_of = |rev_nat_id: u32| service_name(&self.ebpf, rev_nat_id);
-        let frontend_name = if record.frontend == ServiceKey::default() {
+        let frontend_name = if record.frontend == FrontendKey::default() {
             None
         } else {
             name_of(record.service.rev_nat_id)?
@@ -309,6 +310,10 @@ pub struct TraceReport {
     pub explanation: &'static str,
     pub conntrack: Option<FlowMatch>,
     pub frontend: Option<FrontendMatch>,
+    /// Where the new connection came from, when that chose the backends (an
+    /// externalTrafficPolicy Local frontend): `pod` (a pod device) or `outside`; null when
+    /// it did not matter.
+    pub origin: Option<&'static str>,
     /// The slot chosen at random for a new flow (a new connection would pick again).
     pub selection: Option<Selection>,
     pub backend: Option<BackendMatch>,
@@ -536,12 +541,21 @@ pub struct FrontendMatch {
     pub service: Option<String>,
     pub rev_nat_id: u32,
     pub backend_count: u16,
+    /// An externalTrafficPolicy Local frontend: the size of the Cluster set its pods use
+    /// (null for other frontends).
+    pub pod_backend_count: Option<u16>,
 }
 
 #[derive(Debug, Serialize)]
 pub struct Selection {
+    /// 1-based within the set.
     pub slot: u16,
     pub of: u16,
+    /// Where the slot sits in BACKEND_SLOTS.
+    pub index: u32,
+    /// `frontend` (its own backends) or `cluster` (the Cluster set of an
+    /// externalTrafficPolicy Local frontend, for pods).
+    pub set: &'static str,
 }
 
 #[derive(Debug, Serialize)]
@@ -649,18 +663,24 @@ pub(super) fn decision(
     affinity_key: &str,
     decided_by: &mut Vec<String>,
 ) -> Decision {
-    let frontend = (record.frontend != ServiceKey::default()).then(|| {
+    let header = &record.service;
+    let frontend = (record.frontend != FrontendKey::default()).then(|| {
         let key = &record.frontend;
-        let header = &record.service;
         let endpoint = Endpoint::from_wire(key.addr, key.port);
-        decided_by.push(format!(
-            "SERVICES[{} slot 0] = {} {}, count {}, rev_nat_id {}",
+        let own = header.backends_for(Origin::Outside);
+        let pods = header.backends_for(Origin::Pod);
+        let mut line = format!(
+            "SERVICES[{}] = {} {}, rev_nat_id {}, {}",
             frontend_label(key),
             kind_name(header.flags),
             frontend_name.as_deref().unwrap_or("(unnamed)"),
-            header.count,
-            header.rev_nat_id
-        ));
+            header.rev_nat_id,
+            slice_text(&own),
+        );
+        if pods.cluster {
+            write!(line, ", pods and the node: {}", slice_text(&pods)).unwrap();
+        }
+        decided_by.push(line);
         FrontendMatch {
             address: endpoint.address,
             port: endpoint.port,
@@ -669,31 +689,54 @@ pub(super) fn decision(
             service: frontend_name,
             rev_nat_id: header.rev_nat_id,
             backend_count: header.count,
+            pod_backend_count: pods.cluster.then_some(pods.count),
         }
     });
+    match record.origin {
+        trace_origin::POD => decided_by.push(
+            "DEVICES[arrival device] = a pod's: its new connections use the Service port's \
+             Cluster endpoints (kube-proxy's \"pod traffic for external destinations\")"
+                .to_owned(),
+        ),
+        trace_origin::OUTSIDE => decided_by.push(
+            "DEVICES[arrival device] = not a pod's: the frontend's own (Local) endpoints"
+                .to_owned(),
+        ),
+        _ => {}
+    }
+    let set = header.backends_for(if record.cluster_set != 0 {
+        Origin::Pod
+    } else {
+        Origin::Outside
+    });
     let selection = (record.slot != 0).then(|| {
+        let index = set.first + u32::from(record.slot) - 1;
+        let endpoint = Endpoint::from_wire(record.backend.addr, record.backend.port);
         decided_by.push(format!(
-            "SERVICES[{} slot {}] = backend {} (slot chosen at random from 1..={})",
-            frontend_label(&record.frontend),
-            record.slot,
-            record.backend_id,
-            record.service.count
+            "BACKEND_SLOTS[{index}] = backend {}, {endpoint} (slot {} of {}, chosen at random)",
+            record.backend_id, record.slot, set.count
         ));
         Selection {
             slot: record.slot,
-            of: record.service.count,
+            of: set.count,
+            index,
+            set: if set.cluster { "cluster" } else { "frontend" },
         }
     });
     let backend = (selection.is_some() || record.affinity != 0).then(|| {
         let endpoint = Endpoint::from_wire(record.backend.addr, record.backend.port);
         if record.affinity != 0 {
+            let set_name = if set.cluster {
+                "Cluster set's"
+            } else {
+                "frontend's"
+            };
             decided_by.push(format!(
-                "{affinity_key} = backend {} (session affinity: the client's backend, still \
-                 one of the frontend's)",
+                "{affinity_key} = backend {}, {endpoint} (session affinity: the client's \
+                 backend on this Service port, still one of the {set_name})",
                 record.backend_id
             ));
         }
-        decided_by.push(format!("BACKENDS[{}] = {endpoint}", record.backend_id));
         BackendMatch {
             id: record.backend_id,
             address: endpoint.address,
@@ -704,6 +747,16 @@ pub(super) fn decision(
         frontend,
         selection,
         backend,
+    }
+}
+
+/// `3 backends at BACKEND_SLOTS[12..15]`, `no backends`.
+fn slice_text(set: &BackendSet) -> String {
+    let end = set.first + u32::from(set.count);
+    match set.count {
+        0 => "no backends".to_owned(),
+        1 => format!("1 backend at BACKEND_SLOTS[{}..{end}]", set.first),
+        n => format!("{n} backends at BACKEND_SLOTS[{}..{end}]", set.first),
     }
 }
 
@@ -794,9 +847,14 @@ fn report(
         }
     });
     let affinity_key = format!(
-        "AFFINITY[{} rev_nat_id {}]",
-        packet.source.address, record.service.rev_nat_id
+        "AFFINITY[{} service port {}]",
+        packet.source.address, record.service.service_port_id
     );
+    let origin = match record.origin {
+        trace_origin::POD => Some("pod"),
+        trace_origin::OUTSIDE => Some("outside"),
+        _ => None,
+    };
     let Decision {
         frontend,
         selection,
@@ -858,6 +916,7 @@ fn report(
         explanation: explanation(path),
         conntrack,
         frontend,
+        origin,
         selection,
         backend,
         fragment,
@@ -1050,7 +1109,7 @@ pub(super) fn write_decision(
 
 #[cfg(test)]
 mod tests {
-    use proxy_common::{Backend, ServiceValue, service_flags};
+    use proxy_common::{Backend, FrontendValue, service_flags};
 
     use super::*;
 
@@ -1087,13 +1146,13 @@ mod tests {
             slot: 2,
             backend_id: 5,
             backend: Backend::new([198, 18, 1, 12], 8080, proto::TCP),
-            frontend: ServiceKey::new([198, 19, 0, 10], 80, proto::TCP, 0),
-            service: ServiceValue {
-                backend_id: 0,
+            frontend: FrontendKey::new([198, 19, 0, 10], 80, proto::TCP),
+            service: FrontendValue {
                 rev_nat_id: 1,
+                base: 12,
                 count: 3,
                 flags: service_flags::CLUSTER_IP,
-                affinity_timeout_s: 0,
+                ..FrontendValue::default()
             },
             ..TraceRecord::default()
         };
@@ -1116,14 +1175,17 @@ mod tests {
         assert_eq!(
             report.decided_by,
             [
-                "SERVICES[198.19.0.10:80/tcp slot 0] = ClusterIP default/echo:tcp-80, count 3, rev_nat_id 1",
-                "SERVICES[198.19.0.10:80/tcp slot 2] = backend 5 (slot chosen at random from 1..=3)",
-                "BACKENDS[5] = 198.18.1.12:8080",
+                "SERVICES[198.19.0.10:80/tcp] = ClusterIP default/echo:tcp-80, rev_nat_id 1, \
+                 3 backends at BACKEND_SLOTS[12..15]",
+                "BACKEND_SLOTS[13] = backend 5, 198.18.1.12:8080 (slot 2 of 3, chosen at random)",
             ]
         );
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["backend"]["address"], "198.18.1.12");
         assert_eq!(json["selection"]["of"], 3);
+        assert_eq!(json["selection"]["index"], 13);
+        assert_eq!(json["selection"]["set"], "frontend");
+        assert_eq!(json["origin"], serde_json::Value::Null);
         assert_eq!(json["conntrack"], serde_json::Value::Null);
         assert_eq!(json["output"]["destination"]["port"], 8080);
         let text = render(&report);

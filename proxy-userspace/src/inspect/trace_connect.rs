@@ -45,7 +45,7 @@ pub fn trace(
         root,
         &[
             map_names::SERVICES,
-            map_names::BACKENDS,
+            map_names::BACKEND_SLOTS,
             map_names::SOCK_AFFINITY,
             map_names::MEMBERSHIP,
             map_names::SOURCE_RANGES,
@@ -89,8 +89,8 @@ pub fn trace(
     let frontend_name = service_name(&ebpf, record.service.rev_nat_id)?;
     let mut decided_by = Vec::new();
     let affinity_key = format!(
-        "SOCK_AFFINITY[netns {host_netns} rev_nat_id {}]",
-        record.service.rev_nat_id
+        "SOCK_AFFINITY[netns {host_netns} service port {}]",
+        record.service.service_port_id
     );
     let Decision {
         frontend,

@@ -165,6 +165,12 @@ pub struct FrontendPlan {
     pub kind: FrontendKind,
     /// Sorted and deduplicated. Empty means no endpoint is usable for this frontend.
     pub backends: Vec<BackendAddr>,
+    /// An external frontend (NodePort, externalIP, load-balancer IP) of a Service with
+    /// `externalTrafficPolicy: Local`: the Service port's Cluster endpoints (sorted), which
+    /// new connections from pods of this node use instead of `backends`, as kube-proxy's
+    /// KUBE-EXT chain sends pod traffic to KUBE-SVC ("pod traffic for … external
+    /// destinations"), unmasqueraded. `None` for every other frontend: one set for all.
+    pub cluster_backends: Option<Vec<BackendAddr>>,
     /// What a new connection gets while `backends` is empty.
     pub when_empty: EmptyFrontend,
     /// `sessionAffinity: ClientIP`: how long a client keeps its backend after its last new

@@ -146,7 +146,7 @@ impl ServicePlan {
         } else {
             Vec::new()
         };
-        let for_policy = |local: bool| FrontendTemplate {
+        let for_policy = |local: bool, cluster_for_pods: bool| FrontendTemplate {
             service: ServicePortName {
                 namespace: key.namespace.clone(),
                 name: key.name.clone(),
@@ -157,6 +157,7 @@ impl ServicePlan {
             } else {
                 categorized.cluster.clone()
             },
+            cluster_backends: cluster_for_pods.then(|| categorized.cluster.clone()),
             when_empty: if categorized.has_usable_endpoints {
                 EmptyFrontend::Drop
             } else {
@@ -166,8 +167,9 @@ impl ServicePlan {
             serving_addrs: categorized.serving_addrs.clone(),
             source_ranges: source_ranges.clone(),
         };
-        let internal = for_policy(service.internal_policy_local);
-        let external = for_policy(service.external_policy_local);
+        let internal = for_policy(service.internal_policy_local, false);
+        // Pods reach an externalTrafficPolicy Local frontend's Cluster endpoints.
+        let external = for_policy(service.external_policy_local, service.external_policy_local);
         let frontend = |addr| Frontend {
             addr,
             port: service_port,
@@ -224,6 +226,7 @@ impl ServicePlan {
                     service: service.clone(),
                     kind,
                     backends: template.backends.clone(),
+                    cluster_backends: template.cluster_backends.clone(),
                     when_empty: template.when_empty,
                     session_affinity: template.session_affinity,
                     serving_addrs: template.serving_addrs.clone(),
@@ -251,6 +254,7 @@ impl ServicePlan {
 struct FrontendTemplate {
     service: ServicePortName,
     backends: Vec<BackendAddr>,
+    cluster_backends: Option<Vec<BackendAddr>>,
     when_empty: EmptyFrontend,
     session_affinity: Option<Duration>,
     serving_addrs: Vec<Ipv4Addr>,

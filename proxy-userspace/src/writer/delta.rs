@@ -1,39 +1,223 @@
 //! What the maps hold, followed write by write, so a change costs only its frontends: the
-//! mirror image, the ids, and how many slots name each backend (a backend is written when
-//! its first slot appears and deleted after its last one goes, as Cilium's reconciler
-//! reference-counts backends).
+//! mirror image, the ids, where the slices lie in BACKEND_SLOTS, and how many slots name
+//! each backend (a backend is written when its first slot appears and deleted after its
+//! last one goes, as Cilium's reconciler reference-counts backends).
 //!
 //! A delta writes the changed frontends' entries with the same [`diff`] as a full sync, run
 //! over just those frontends and the backends whose count reaches or leaves zero: the same
 //! never-half-written order per frontend, and for backends shared with untouched frontends
-//! no write at all.
+//! no write at all. [`MapMirror::sync`] plans and writes a batch through any writer — the
+//! kernel maps, or the tests' maps in memory — and holds back what would leave a packet
+//! with half a frontend when a write was refused.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use super::image::{
-    IdRegistry, MapImage, MapOp, MapWrites, diff, frontend_entries, header_key, materialize,
+use proxy_common::{
+    Backend, FrontendKey, FrontendValue, MembershipKey, ServiceName, Slot, map_names,
 };
+
+use super::ids::IdRegistry;
+use super::image::{
+    DesiredImage, MapImage, MapOp, MapWrites, Scope, SourceRangeEntry, diff, frontend_entries,
+    frontend_key, materialize, place, slice_of,
+};
+use super::slots::{Slice, SlotAllocator};
 use crate::plan::{DesiredState, FrontendChange};
 
-/// The maps' contents as last written, and the ids and backend counts that go with them.
-#[derive(Clone, Debug, Default)]
+/// Passes of one sync: a frontend waiting for room (an evacuation, or slices this pass
+/// freed) is placed by the next.
+const MAX_PASSES: usize = 4;
+
+/// Why a write failed.
+#[derive(Debug)]
+pub enum WriteError {
+    /// The map is full (E2BIG): retried by the next (full) sync.
+    Full,
+    Failed(String),
+}
+
+/// One phase of a sync's writes: entries of one map, independent of each other (see
+/// [`MapWrites`]), written as one batch.
+#[derive(Clone, Copy, Debug)]
+pub enum Phase<'a> {
+    PutNames(&'a [(u32, ServiceName)]),
+    PutBackends(&'a [(u32, Backend)]),
+    PutMembership(&'a [(MembershipKey, u8)]),
+    /// An RCU grace period (see [`MapOp::Barrier`]).
+    Barrier,
+    PutSlots(&'a [(u32, Slot)]),
+    PutSourceRanges(&'a [SourceRangeEntry]),
+    PutHeaders(&'a [(FrontendKey, FrontendValue)]),
+    DeleteHeaders(&'a [FrontendKey]),
+    DeleteMembership(&'a [MembershipKey]),
+    DeleteSourceRanges(&'a [SourceRangeEntry]),
+    DeleteBackends(&'a [(u32, Backend)]),
+    DeleteNames(&'a [u32]),
+}
+
+impl<'a> Phase<'a> {
+    /// The phase's writes one at a time, in order.
+    pub fn ops(self) -> Box<dyn Iterator<Item = MapOp> + 'a> {
+        match self {
+            Phase::PutNames(entries) => {
+                Box::new(entries.iter().map(|(id, name)| MapOp::PutName(*id, *name)))
+            }
+            Phase::PutBackends(entries) => Box::new(
+                entries
+                    .iter()
+                    .map(|(id, backend)| MapOp::PutBackend(*id, *backend)),
+            ),
+            Phase::PutMembership(entries) => Box::new(
+                entries
+                    .iter()
+                    .map(|(key, bits)| MapOp::PutMembership(*key, *bits)),
+            ),
+            Phase::Barrier => Box::new(std::iter::once(MapOp::Barrier)),
+            Phase::PutSlots(entries) => Box::new(
+                entries
+                    .iter()
+                    .map(|(index, slot)| MapOp::PutSlot(*index, *slot)),
+            ),
+            Phase::PutSourceRanges(entries) => {
+                Box::new(entries.iter().map(|entry| MapOp::PutSourceRange(*entry)))
+            }
+            Phase::PutHeaders(entries) => Box::new(
+                entries
+                    .iter()
+                    .map(|(key, header)| MapOp::PutService(*key, *header)),
+            ),
+            Phase::DeleteHeaders(keys) => {
+                Box::new(keys.iter().map(|key| MapOp::DeleteService(*key)))
+            }
+            Phase::DeleteMembership(keys) => {
+                Box::new(keys.iter().map(|key| MapOp::DeleteMembership(*key)))
+            }
+            Phase::DeleteSourceRanges(entries) => {
+                Box::new(entries.iter().map(|entry| MapOp::DeleteSourceRange(*entry)))
+            }
+            Phase::DeleteBackends(entries) => Box::new(
+                entries
+                    .iter()
+                    .map(|(id, backend)| MapOp::DeleteBackend(*id, *backend)),
+            ),
+            Phase::DeleteNames(ids) => Box::new(ids.iter().map(|id| MapOp::DeleteName(*id))),
+        }
+    }
+}
+
+/// Where a sync's writes go: the kernel's maps, or the tests' maps in memory.
+pub trait MapSink {
+    /// Writes `phase`'s entries in order (a key already gone counts as deleted): the
+    /// outcome of each, one per entry (a barrier: one).
+    fn write(&mut self, phase: Phase<'_>) -> Vec<Result<(), WriteError>>;
+}
+
+/// Maps that take every write, for tests that want only what the mirror follows.
+#[cfg(test)]
+pub struct AcceptingMaps;
+
+#[cfg(test)]
+impl MapSink for AcceptingMaps {
+    fn write(&mut self, phase: Phase<'_>) -> Vec<Result<(), WriteError>> {
+        phase.ops().map(|_| Ok(())).collect()
+    }
+}
+
+/// Splits `entries` into those `keep` accepts and how many it left out.
+fn split<T: Copy>(entries: &[T], keep: impl Fn(&T) -> bool) -> (Vec<T>, usize) {
+    let kept: Vec<T> = entries
+        .iter()
+        .copied()
+        .filter(|entry| keep(entry))
+        .collect();
+    let left = entries.len() - kept.len();
+    (kept, left)
+}
+
+/// What one sync wrote, and what it could not.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub ops: usize,
+    /// Writes refused because a map was full, by map (BACKEND_SLOTS: frontends whose
+    /// slice found no room); retried by the next (full) sync.
+    pub map_full: BTreeMap<&'static str, usize>,
+    /// Writes held back because something they depend on was refused: headers naming a
+    /// slot, backend, membership or source range that is not in the maps, and removals a
+    /// held-back header still needs. The frontend stays as it was.
+    pub held_back: usize,
+    /// Other failed writes, with the reason; retried on the next sync.
+    pub failures: Vec<String>,
+}
+
+impl ApplyReport {
+    /// Whether every write succeeded.
+    pub fn complete(&self) -> bool {
+        self.map_full.is_empty() && self.held_back == 0 && self.failures.is_empty()
+    }
+
+    /// Writes refused as full, over all maps.
+    pub fn refused_as_full(&self) -> usize {
+        self.map_full.values().sum()
+    }
+
+    fn add(&mut self, other: ApplyReport) {
+        self.ops += other.ops;
+        for (map, count) in other.map_full {
+            *self.map_full.entry(map).or_default() += count;
+        }
+        self.held_back += other.held_back;
+        self.failures.extend(other.failures);
+    }
+}
+
+/// Which frontends a sync writes.
+#[derive(Clone, Copy, Debug)]
+pub enum Sync<'a> {
+    /// All of them: the maps become exactly this state.
+    Full(&'a DesiredState),
+    /// The changed ones only.
+    Delta(&'a [FrontendChange]),
+}
+
+/// The writes of one pass, and the frontends they leave as they are.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub writes: MapWrites,
+    /// Frontends with no room for their slice.
+    pub unplaced: usize,
+    /// Frontends waiting for an evacuation this batch does (placed by the next pass).
+    pub deferred: usize,
+}
+
+impl Batch {
+    /// The writes one at a time, in order.
+    pub fn ops(&self) -> Vec<MapOp> {
+        self.writes.ops().collect()
+    }
+}
+
+/// The maps' contents as last written, and the ids, slices and backend counts that go
+/// with them.
+#[derive(Clone, Debug)]
 pub struct MapMirror {
     current: MapImage,
     ids: IdRegistry,
-    /// Backend id → how many slots name it.
+    slots: SlotAllocator,
+    /// Backend id → how many slots of live headers name it.
     backend_refs: HashMap<u32, u32>,
 }
 
 impl MapMirror {
     /// Follows maps that hold `current` (read from the pins: ids stay stable across
-    /// restarts).
-    pub fn new(current: MapImage) -> Self {
+    /// restarts), with `slot_capacity` slots in BACKEND_SLOTS.
+    pub fn new(current: MapImage, slot_capacity: u32) -> Self {
         let mut mirror = MapMirror {
             ids: IdRegistry::from_image(&current),
-            current,
+            current: MapImage::default(),
+            slots: SlotAllocator::new(slot_capacity),
             backend_refs: HashMap::new(),
         };
-        mirror.count_backend_refs();
+        mirror.reset(current);
         mirror
     }
 
@@ -42,31 +226,77 @@ impl MapMirror {
         &self.current
     }
 
+    /// BACKEND_SLOTS: slots in use (named, being written, or quarantined), and capacity.
+    pub fn slots_used(&self) -> (u32, u32) {
+        (self.slots.used(), self.slots.capacity())
+    }
+
     /// Forgets what was written and takes `current` as the truth (re-read from the maps),
-    /// keeping the ids it knows.
+    /// keeping the ids it knows and the quarantine of BACKEND_SLOTS.
     pub fn reset(&mut self, current: MapImage) {
+        self.slots.rebuild(current.services.values().map(slice_of));
         self.current = current;
-        self.count_backend_refs();
+        self.backend_refs.clear();
+        for id in self.current.slot_backends() {
+            *self.backend_refs.entry(id).or_default() += 1;
+        }
+    }
+
+    /// Plans and writes `sync` into `maps`, in passes (bounded): a frontend waiting for an
+    /// evacuation, or one that found no room while this pass freed slices (they are
+    /// reusable after a barrier), is placed by the next.
+    pub fn sync(&mut self, sync: Sync<'_>, maps: &mut impl MapSink) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        for pass in 1..=MAX_PASSES {
+            let batch = match sync {
+                Sync::Full(desired) => self.full(desired),
+                Sync::Delta(changes) => self.delta(changes),
+            };
+            let left = batch.unplaced + batch.deferred;
+            report.add(self.write(batch, maps));
+            let room_coming = self.slots.has_quarantine();
+            if left == 0 || !room_coming || pass == MAX_PASSES {
+                if left > 0 {
+                    *report.map_full.entry(map_names::BACKEND_SLOTS).or_default() += left;
+                }
+                break;
+            }
+        }
+        report
     }
 
     /// The writes that make the maps hold exactly `desired` (a full sync).
-    pub fn full(&mut self, desired: &DesiredState) -> MapWrites {
-        let next = materialize(desired, &mut self.ids);
-        diff(&self.current, &next)
+    pub fn full(&mut self, desired: &DesiredState) -> Batch {
+        let mut next = materialize(desired, &mut self.ids);
+        self.forget_unused_ids(&next);
+        let placement = place(&self.current, &mut next, Scope::Full, &mut self.slots);
+        Batch {
+            writes: diff(&self.current, &next, &placement),
+            unplaced: placement.unplaced.len(),
+            deferred: placement.deferred.len(),
+        }
     }
 
     /// The writes for the changed frontends only: their entries, new backends before the
     /// slots that name them, unused backends after the last slot that named them went.
-    pub fn delta(&mut self, changes: &[FrontendChange]) -> MapWrites {
+    pub fn delta(&mut self, changes: &[FrontendChange]) -> Batch {
         let mut old = MapImage::default();
-        let mut new = MapImage::default();
+        let mut new = DesiredImage::default();
+        let mut keys = BTreeSet::new();
         for change in changes {
-            old.extend(self.current.frontend_part(&change.frontend));
-            match &change.new {
-                Some(plan) => frontend_entries(&change.frontend, plan, &mut self.ids, &mut new),
-                None => self.ids.release_frontend(header_key(&change.frontend)),
+            let key = frontend_key(&change.frontend);
+            keys.insert(key);
+            old.extend(self.current.frontend_part(&key));
+            if let Some(plan) = &change.new {
+                frontend_entries(&change.frontend, plan, &mut self.ids, &mut new);
             }
         }
+        let placement = place(
+            &self.current,
+            &mut new,
+            Scope::Frontends(&keys),
+            &mut self.slots,
+        );
         let mut refs: HashMap<u32, i64> = HashMap::new();
         for id in old.slot_backends() {
             *refs.entry(id).or_default() -= 1;
@@ -83,50 +313,198 @@ impl MapMirror {
                 && let Some(backend) = self.current.backends.get(&id)
             {
                 old.backends.insert(id, *backend);
-                self.ids.release_backend(backend);
             }
         }
-        diff(&old, &new)
+        Batch {
+            writes: diff(&old, &new, &placement),
+            unplaced: placement.unplaced.len(),
+            deferred: placement.deferred.len(),
+        }
     }
 
-    /// Records a write that succeeded.
-    pub fn applied(&mut self, op: MapOp) {
-        match op {
-            MapOp::PutService(key, value) if key.slot != 0 => {
-                if let Some(previous) = self.current.services.get(&key) {
-                    release(&mut self.backend_refs, previous.backend_id);
-                }
-                *self.backend_refs.entry(value.backend_id).or_default() += 1;
-            }
-            MapOp::DeleteService(key) if key.slot != 0 => {
-                if let Some(previous) = self.current.services.get(&key) {
-                    release(&mut self.backend_refs, previous.backend_id);
-                }
-            }
-            _ => {}
+    /// Forgets the ids of what neither `next` nor the maps name any more.
+    fn forget_unused_ids(&mut self, next: &DesiredImage) {
+        let current = &self.current;
+        let service_ports: BTreeSet<u32> = (next.frontends.values().map(|entry| &entry.header))
+            .chain(current.services.values())
+            .map(|header| header.service_port_id)
+            .collect();
+        self.ids.retain(
+            |id| next.backends.contains_key(&id) || current.backends.contains_key(&id),
+            |key| next.frontends.contains_key(key) || current.services.contains_key(key),
+            |id| service_ports.contains(&id),
+        );
+    }
+
+    /// Writes a batch into `maps` phase by phase, each phase one batch, following what
+    /// succeeded. A header is written only once everything it names is in the maps;
+    /// removals that a held-back header still needs are held back with it.
+    pub fn write(&mut self, batch: Batch, maps: &mut impl MapSink) -> ApplyReport {
+        let writes = batch.writes;
+        let mut report = ApplyReport {
+            ops: writes.len(),
+            ..ApplyReport::default()
+        };
+        self.write_phase(maps, Phase::PutNames(&writes.put_names), &mut report);
+        self.write_phase(maps, Phase::PutBackends(&writes.put_backends), &mut report);
+        self.write_phase(
+            maps,
+            Phase::PutMembership(&writes.grow_membership),
+            &mut report,
+        );
+        if writes.needs_barrier() {
+            self.write_phase(maps, Phase::Barrier, &mut report);
         }
-        self.current.apply(op);
+        self.write_phase(maps, Phase::PutSlots(&writes.put_slots), &mut report);
+        let ranges = &writes.put_source_ranges;
+        self.write_phase(maps, Phase::PutSourceRanges(ranges), &mut report);
+        // Frontends (rev_nat_id) whose header stays as it was.
+        let mut held: BTreeSet<u32> = BTreeSet::new();
+        let (ready, waiting): (Vec<_>, Vec<_>) = (writes.put_headers.iter().copied())
+            .partition(|(key, header)| self.current.missing_for(key, header).is_none());
+        report.held_back += waiting.len();
+        held.extend(waiting.iter().map(|(_, header)| header.rev_nat_id));
+        let results = maps.write(Phase::PutHeaders(&ready));
+        for ((_, header), result) in ready.iter().zip(&results) {
+            if result.is_err() {
+                held.insert(header.rev_nat_id);
+            }
+        }
+        self.record(Phase::PutHeaders(&ready), results, &mut report);
+        self.write_phase(
+            maps,
+            Phase::DeleteHeaders(&writes.delete_headers),
+            &mut report,
+        );
+        // What a held-back header still names stays.
+        let (shrink, kept) = split(&writes.shrink_membership, |(key, _)| {
+            !held.contains(&key.rev_nat_id)
+        });
+        let (delete_members, kept_members) = split(&writes.delete_membership, |key| {
+            !held.contains(&key.rev_nat_id)
+        });
+        let (delete_ranges, kept_ranges) = split(&writes.delete_source_ranges, |entry| {
+            !held.contains(&entry.range.rev_nat_id)
+        });
+        let (delete_backends, kept_backends) = split(&writes.delete_backends, |(id, _)| {
+            self.backend_refs.get(id).is_none_or(|count| *count == 0)
+        });
+        report.held_back += kept + kept_members + kept_ranges + kept_backends;
+        self.write_phase(maps, Phase::PutMembership(&shrink), &mut report);
+        self.write_phase(maps, Phase::DeleteMembership(&delete_members), &mut report);
+        self.write_phase(maps, Phase::DeleteSourceRanges(&delete_ranges), &mut report);
+        self.write_phase(maps, Phase::DeleteBackends(&delete_backends), &mut report);
+        self.write_phase(maps, Phase::DeleteNames(&writes.delete_names), &mut report);
+        for slice in self.slots.settle() {
+            self.forget_slots(slice);
+        }
+        self.shrink_sparse();
+        report
+    }
+
+    /// Writes one phase into `maps` and records the outcome.
+    fn write_phase(&mut self, maps: &mut impl MapSink, phase: Phase<'_>, report: &mut ApplyReport) {
+        let results = maps.write(phase);
+        self.record(phase, results, report);
+    }
+
+    /// Records the outcome of each write of `phase`, in order: those that succeeded in the
+    /// mirror, the others in the report (retried by the next, full, sync).
+    fn record(
+        &mut self,
+        phase: Phase<'_>,
+        results: Vec<Result<(), WriteError>>,
+        report: &mut ApplyReport,
+    ) {
+        for (op, result) in phase.ops().zip(results) {
+            match result {
+                Ok(()) => self.applied(op),
+                Err(WriteError::Full) => {
+                    let map = op.map().unwrap_or("?");
+                    *report.map_full.entry(map).or_default() += 1;
+                }
+                Err(WriteError::Failed(reason)) => {
+                    report.failures.push(format!("{op:?}: {reason}"));
+                }
+            }
+        }
     }
 
     /// Gives unused buckets back after most entries went.
-    pub fn shrink_sparse(&mut self) {
+    fn shrink_sparse(&mut self) {
         crate::allocator::shrink_sparse(&mut self.backend_refs);
         self.ids.shrink_sparse();
     }
 
-    fn count_backend_refs(&mut self) {
-        self.backend_refs.clear();
-        for id in self.current.slot_backends() {
-            *self.backend_refs.entry(id).or_default() += 1;
+    /// Records a write that succeeded.
+    fn applied(&mut self, op: MapOp) {
+        match op {
+            MapOp::PutService(key, header) => {
+                let old = self.current.services.insert(key, header);
+                self.switch_slices(old.as_ref(), Some(&header));
+            }
+            MapOp::DeleteService(key) => {
+                let old = self.current.services.remove(&key);
+                self.switch_slices(old.as_ref(), None);
+                self.ids.release_frontend(key);
+            }
+            MapOp::DeleteBackend(id, backend) => {
+                self.current.backends.remove(&id);
+                self.ids.release_backend(&backend);
+            }
+            MapOp::Barrier => self.slots.barrier_done(),
+            op => self.current.apply(&op),
         }
     }
-}
 
-fn release(refs: &mut HashMap<u32, u32>, id: u32) {
-    if let Some(count) = refs.get_mut(&id) {
-        *count -= 1;
-        if *count == 0 {
-            refs.remove(&id);
+    /// A header stopped naming `old`'s slice and names `new`'s: the backends' counts move
+    /// with the slots, the old slice goes to quarantine.
+    fn switch_slices(&mut self, old: Option<&FrontendValue>, new: Option<&FrontendValue>) {
+        let old = old.map(slice_of).filter(|slice| slice.len > 0);
+        let new = new.map(slice_of).filter(|slice| slice.len > 0);
+        if old == new {
+            return;
         }
+        if let Some(slice) = new {
+            self.slots.named(slice);
+            for index in slice.range() {
+                if let Some(slot) = self.current.slots.get(&index) {
+                    *self.backend_refs.entry(slot.backend_id).or_default() += 1;
+                }
+            }
+        }
+        if let Some(slice) = old {
+            for index in slice.range() {
+                if let Some(slot) = self.current.slots.get(&index)
+                    && let Some(count) = self.backend_refs.get_mut(&slot.backend_id)
+                {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.backend_refs.remove(&slot.backend_id);
+                    }
+                }
+            }
+            self.forget_slots(slice);
+            self.slots.released(slice);
+        }
+    }
+
+    /// Drops a slice no header names from the mirror (the array keeps its bytes, which
+    /// nothing reads).
+    fn forget_slots(&mut self, slice: Slice) {
+        for index in slice.range() {
+            self.current.slots.remove(&index);
+        }
+    }
+
+    /// Backend id → how many slots of live headers name it, as followed write by write.
+    #[cfg(test)]
+    pub fn backend_refs(&self) -> &HashMap<u32, u32> {
+        &self.backend_refs
+    }
+
+    /// The header of `key` as the mirror knows it.
+    pub fn header(&self, key: &FrontendKey) -> Option<&FrontendValue> {
+        self.current.services.get(key)
     }
 }

@@ -1,22 +1,30 @@
-//! The map contents as data: [`MapImage`] (what SERVICES, BACKENDS, MEMBERSHIP,
-//! SOURCE_RANGES and SVC_NAMES hold), the one place that turns a frontend's plan into its
-//! entries ([`frontend_entries`], with stable ids from an [`IdRegistry`]), and [`diff`], the
-//! one ordering rule that keeps every packet consistent while entries change.
+//! The map contents as data: [`MapImage`] (what SERVICES, BACKEND_SLOTS, BACKEND_IDS,
+//! MEMBERSHIP, SOURCE_RANGES and SVC_NAMES hold), [`DesiredImage`] (what they should hold,
+//! each frontend's slots listed with its header, not yet placed), the one place that turns
+//! a frontend's plan into its entries ([`frontend_entries`], with stable ids from an
+//! [`IdRegistry`]), [`place`] (where new slices go in BACKEND_SLOTS) and [`diff`], the one
+//! ordering rule that keeps every packet consistent while entries change.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::lpm_trie::Key;
 use proxy_common::{
-    Backend, MembershipKey, ServiceKey, ServiceName, ServiceValue, SourceRange, membership,
+    Backend, FrontendKey, FrontendValue, MembershipKey, ServiceName, Slot, SourceRange, membership,
     service_flags,
 };
 
-use crate::plan::{DesiredState, EmptyFrontend, Frontend, FrontendKind, FrontendPlan};
+use super::ids::IdRegistry;
+use super::slots::{Slice, SlotAllocator};
+use crate::plan::{BackendAddr, DesiredState, EmptyFrontend, Frontend, FrontendKind, FrontendPlan};
 
-/// The contents of the SERVICES, BACKENDS, MEMBERSHIP and SVC_NAMES maps.
+/// The contents of the maps the writer owns.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapImage {
-    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    /// SERVICES: each frontend's header.
+    pub services: BTreeMap<FrontendKey, FrontendValue>,
+    /// BACKEND_SLOTS: the slots headers name, and the slices written for headers to come.
+    pub slots: BTreeMap<u32, Slot>,
+    /// BACKEND_IDS, inverted: id → backend.
     pub backends: BTreeMap<u32, Backend>,
     /// Each frontend's endpoint addresses: selectable, serving (`proxy_common::membership`).
     pub membership: BTreeMap<MembershipKey, u8>,
@@ -24,6 +32,24 @@ pub struct MapImage {
     pub names: BTreeMap<u32, ServiceName>,
     /// The client prefixes of each restricted frontend (SOURCE_RANGES' keys).
     pub source_ranges: BTreeSet<SourceRangeEntry>,
+}
+
+/// What the maps should hold: like [`MapImage`], but each frontend's slots are listed with
+/// its header (whose `base` means nothing yet) rather than placed in BACKEND_SLOTS.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredImage {
+    pub frontends: BTreeMap<FrontendKey, FrontendEntry>,
+    pub backends: BTreeMap<u32, Backend>,
+    pub membership: BTreeMap<MembershipKey, u8>,
+    pub names: BTreeMap<u32, ServiceName>,
+    pub source_ranges: BTreeSet<SourceRangeEntry>,
+}
+
+/// A frontend's header and its slots in order: its own set, then its Cluster set.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FrontendEntry {
+    pub header: FrontendValue,
+    pub slots: Vec<Slot>,
 }
 
 /// One SOURCE_RANGES key: a frontend's prefix of `prefix_len` bits.
@@ -49,98 +75,8 @@ impl SourceRangeEntry {
     }
 }
 
-/// Gives backends and frontends ids that stay the same across syncs and daemon restarts
-/// (it is seeded from the pinned maps), so conntrack entries keep naming the right ones.
-/// Ids grow monotonically and are not reused soon after release, so a listing never
-/// attributes an old flow to a new backend.
-#[derive(Clone, Debug, Default)]
-pub struct IdRegistry {
-    backends: HashMap<Backend, u32>,
-    frontends: HashMap<ServiceKey, u32>,
-    last_backend_id: u32,
-    last_rev_nat_id: u32,
-}
-
-impl IdRegistry {
-    /// Learns the ids already in the maps.
-    pub fn from_image(image: &MapImage) -> Self {
-        let mut ids = Self::default();
-        for (id, backend) in &image.backends {
-            ids.backends.insert(*backend, *id);
-            ids.last_backend_id = ids.last_backend_id.max(*id);
-        }
-        for (key, value) in image.services.iter().filter(|(key, _)| key.slot == 0) {
-            ids.frontends.insert(*key, value.rev_nat_id);
-            ids.last_rev_nat_id = ids.last_rev_nat_id.max(value.rev_nat_id);
-        }
-        ids
-    }
-
-    fn backend_id(&mut self, backend: Backend) -> u32 {
-        if let Some(id) = self.backends.get(&backend) {
-            return *id;
-        }
-        let id = next_free(&mut self.last_backend_id, |id| {
-            self.backends.values().any(|used| *used == id)
-        });
-        self.backends.insert(backend, id);
-        id
-    }
-
-    fn rev_nat_id(&mut self, frontend: ServiceKey) -> u32 {
-        if let Some(id) = self.frontends.get(&frontend) {
-            return *id;
-        }
-        let id = next_free(&mut self.last_rev_nat_id, |id| {
-            self.frontends.values().any(|used| *used == id)
-        });
-        self.frontends.insert(frontend, id);
-        id
-    }
-
-    /// Forgets a frontend's id (it left the maps).
-    pub fn release_frontend(&mut self, header: ServiceKey) {
-        self.frontends.remove(&header);
-    }
-
-    /// Forgets a backend's id (no slot names it any more).
-    pub fn release_backend(&mut self, backend: &Backend) {
-        self.backends.remove(backend);
-    }
-
-    /// Gives unused buckets back after most ids were released.
-    pub fn shrink_sparse(&mut self) {
-        crate::allocator::shrink_sparse(&mut self.backends);
-        crate::allocator::shrink_sparse(&mut self.frontends);
-    }
-
-    /// Forgets the ids of everything that is no longer in `image`.
-    fn retain(&mut self, image: &MapImage) {
-        self.backends
-            .retain(|_, id| image.backends.contains_key(id));
-        self.frontends
-            .retain(|key, _| image.services.contains_key(&key.with_slot(0)));
-    }
-}
-
-/// The id after `last` that is not 0 and not in use. The in-use check only runs after the
-/// 32-bit counter wraps, which in practice never happens.
-fn next_free(last: &mut u32, in_use: impl Fn(u32) -> bool) -> u32 {
-    let mut wrapped = false;
-    loop {
-        *last = last.wrapping_add(1);
-        if *last == 0 {
-            *last = 1;
-            wrapped = true;
-        }
-        if !wrapped || !in_use(*last) {
-            return *last;
-        }
-    }
-}
-
-/// The header flags: the frontend's kind, whether it drops while empty, and whether its
-/// clients are restricted to source ranges.
+/// The header flags: the frontend's kind, whether it drops while empty, whether its
+/// clients are restricted to source ranges, and whether pods use a Cluster set.
 fn header_flags(plan: &FrontendPlan) -> u16 {
     let kind = match plan.kind {
         FrontendKind::ClusterIp => service_flags::CLUSTER_IP,
@@ -155,64 +91,85 @@ fn header_flags(plan: &FrontendPlan) -> u16 {
     if !plan.source_ranges.is_empty() {
         flags |= service_flags::SOURCE_RANGES;
     }
+    if plan.cluster_backends.is_some() {
+        flags |= service_flags::CLUSTER_SET;
+    }
     flags
 }
 
-/// The key of a frontend's header (slot 0).
-pub fn header_key(frontend: &Frontend) -> ServiceKey {
-    ServiceKey::new(
+/// The SERVICES key of a frontend.
+pub fn frontend_key(frontend: &Frontend) -> FrontendKey {
+    FrontendKey::new(
         frontend.addr.octets(),
         frontend.port,
         frontend.protocol.number(),
-        0,
     )
 }
 
-/// Builds the map contents for `desired`, forgetting the ids of everything else.
-pub fn materialize(desired: &DesiredState, ids: &mut IdRegistry) -> MapImage {
-    let mut image = MapImage::default();
+/// The map contents for `desired`, forgetting the ids of everything else.
+pub fn materialize(desired: &DesiredState, ids: &mut IdRegistry) -> DesiredImage {
+    let mut image = DesiredImage::default();
     for (frontend, plan) in &desired.frontends {
         frontend_entries(frontend, plan, ids, &mut image);
     }
-    ids.retain(&image);
+    let service_ports: BTreeSet<u32> = (image.frontends.values())
+        .map(|entry| entry.header.service_port_id)
+        .collect();
+    ids.retain(
+        |id| image.backends.contains_key(&id),
+        |key| image.frontends.contains_key(key),
+        |id| service_ports.contains(&id),
+    );
     image
 }
 
-/// Adds one frontend's entries to `image`: its header, one slot per backend (in the plan's
-/// sorted order) and those backends, its MEMBERSHIP entries, the SOURCE_RANGES prefixes of a restricted one, and its SVC_NAMES name. The one place
-/// that knows how a plan becomes map entries. A Service port whose name exceeds
-/// Kubernetes' limits (possible only in hand-written manifests) is balanced all the same,
-/// just listed without a name.
+/// Adds one frontend's entries to `image`: its header, its slots (its own set, then the
+/// Cluster set pods use, each in the plan's sorted order) and their backends, its
+/// MEMBERSHIP entries, the SOURCE_RANGES prefixes of a restricted one, and its SVC_NAMES
+/// name. The one place that knows how a plan becomes map entries. A Service port whose
+/// name exceeds Kubernetes' limits (possible only in hand-written manifests) is balanced
+/// all the same, just listed without a name.
 pub fn frontend_entries(
     frontend: &Frontend,
     plan: &FrontendPlan,
     ids: &mut IdRegistry,
-    image: &mut MapImage,
+    image: &mut DesiredImage,
 ) {
     let proto = frontend.protocol.number();
-    let header = header_key(frontend);
-    let rev_nat_id = ids.rev_nat_id(header);
-    for (index, backend) in plan.backends.iter().enumerate() {
-        let backend = Backend::new(backend.addr.octets(), backend.port, proto);
-        let backend_id = ids.backend_id(backend);
-        image.backends.insert(backend_id, backend);
-        let slot = u16::try_from(index + 1).expect("more than 65535 backends for one frontend");
-        image.services.insert(
-            header.with_slot(slot),
-            ServiceValue {
+    let key = frontend_key(frontend);
+    let rev_nat_id = ids.rev_nat_id(key);
+    let mut slots = Vec::new();
+    let sets = [
+        (&plan.backends[..], membership::SELECTABLE),
+        (
+            plan.cluster_backends.as_deref().unwrap_or_default(),
+            membership::CLUSTER_SELECTABLE,
+        ),
+    ];
+    for (backends, bit) in sets {
+        for backend in backends {
+            let backend = Backend::new(backend.addr.octets(), backend.port, proto);
+            let backend_id = ids.backend_id(backend);
+            image.backends.insert(backend_id, backend);
+            slots.push(Slot {
+                backend,
                 backend_id,
-                ..ServiceValue::default()
-            },
-        );
-        *image
-            .membership
-            .entry(MembershipKey {
+                _pad: 0,
+            });
+            let member = MembershipKey {
                 rev_nat_id,
                 addr: backend.addr,
-            })
-            .or_default() |= membership::SELECTABLE;
+            };
+            *image.membership.entry(member).or_default() |= bit;
+        }
     }
-    insert_serving(&mut image.membership, rev_nat_id, plan);
+    for addr in &plan.serving_addrs {
+        let member = MembershipKey {
+            rev_nat_id,
+            addr: u32::from_ne_bytes(addr.octets()),
+        };
+        *image.membership.entry(member).or_default() |= membership::SERVING;
+    }
     for network in &plan.source_ranges {
         image.source_ranges.insert(SourceRangeEntry {
             range: SourceRange {
@@ -222,97 +179,281 @@ pub fn frontend_entries(
             prefix_len: network.prefix_len(),
         });
     }
-    image.services.insert(
-        header,
-        ServiceValue {
-            backend_id: 0,
-            rev_nat_id,
-            count: u16::try_from(plan.backends.len()).unwrap_or(u16::MAX),
-            flags: header_flags(plan),
-            // The planner keeps timeouts within the API's 1..=86400 s.
-            affinity_timeout_s: plan.session_affinity.map_or(0, |timeout| {
-                u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX)
-            }),
-        },
-    );
+    let count = |backends: &[BackendAddr]| u16::try_from(backends.len()).unwrap_or(u16::MAX);
+    let header = FrontendValue {
+        rev_nat_id,
+        service_port_id: ids.service_port_id(&plan.service, proto),
+        base: 0,
+        count: count(&plan.backends),
+        cluster_count: plan.cluster_backends.as_deref().map_or(0, count),
+        flags: header_flags(plan),
+        _pad: 0,
+        // The planner keeps timeouts within the API's 1..=86400 s.
+        affinity_timeout_s: plan.session_affinity.map_or(0, |timeout| {
+            u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX)
+        }),
+    };
+    image.frontends.insert(key, FrontendEntry { header, slots });
     let service = &plan.service;
     if let Some(name) = ServiceName::new(&service.namespace, &service.name, &service.port_name) {
         image.names.insert(rev_nat_id, name);
     }
 }
 
-/// Marks a frontend's serving endpoints in MEMBERSHIP: their flows stay on them.
-fn insert_serving(
-    membership: &mut BTreeMap<MembershipKey, u8>,
-    rev_nat_id: u32,
-    plan: &FrontendPlan,
-) {
-    for addr in &plan.serving_addrs {
-        let key = MembershipKey {
-            rev_nat_id,
-            addr: u32::from_ne_bytes(addr.octets()),
-        };
-        *membership.entry(key).or_default() |= membership::SERVING;
+/// The slice a header names.
+pub fn slice_of(header: &FrontendValue) -> Slice {
+    Slice {
+        base: header.base,
+        len: header.slots(),
     }
 }
 
 impl MapImage {
-    /// The entries this image holds for one frontend (header, slots, membership,
-    /// source ranges, name), without its backends, which frontends share.
-    pub fn frontend_part(&self, frontend: &Frontend) -> MapImage {
-        let header = header_key(frontend);
+    /// The slots `header` names, in order; `None` if one is missing.
+    pub fn slots_of(&self, header: &FrontendValue) -> Option<Vec<Slot>> {
+        slice_of(header)
+            .range()
+            .map(|index| self.slots.get(&index).copied())
+            .collect()
+    }
+
+    /// What a packet would find wrong if `header` were the header of `key` now: a slot it
+    /// names missing, a slot naming a backend BACKEND_IDS does not hold, a backend that is
+    /// no member of its set in MEMBERSHIP, a restriction without source ranges. `None`:
+    /// the header can be written. The writer writes no header before this holds, and the
+    /// tests check it after every write.
+    pub fn missing_for(&self, key: &FrontendKey, header: &FrontendValue) -> Option<String> {
+        for (position, index) in slice_of(header).range().enumerate() {
+            let Some(slot) = self.slots.get(&index) else {
+                return Some(format!("{key:?}: slot {index} is not written"));
+            };
+            if self.backends.get(&slot.backend_id) != Some(&slot.backend) {
+                return Some(format!(
+                    "{key:?}: slot {index} names backend {} that BACKEND_IDS lacks",
+                    slot.backend_id
+                ));
+            }
+            let bit = if position < usize::from(header.count) {
+                membership::SELECTABLE
+            } else {
+                membership::CLUSTER_SELECTABLE
+            };
+            let member = MembershipKey {
+                rev_nat_id: header.rev_nat_id,
+                addr: slot.backend.addr,
+            };
+            if self.membership.get(&member).copied().unwrap_or(0) & bit == 0 {
+                return Some(format!(
+                    "{key:?}: the backend of slot {index} is no member of its set"
+                ));
+            }
+        }
+        let restricted = header.flags & service_flags::SOURCE_RANGES != 0;
+        if restricted && !self.has_source_ranges(header.rev_nat_id) {
+            return Some(format!("{key:?}: restricted to source ranges it lacks"));
+        }
+        None
+    }
+
+    fn has_source_ranges(&self, rev_nat_id: u32) -> bool {
+        self.source_ranges
+            .range(range_bounds(rev_nat_id))
+            .next()
+            .is_some()
+    }
+
+    /// The entries this image holds for one frontend (header, slots, membership, source
+    /// ranges, name), without its backends, which frontends share.
+    pub fn frontend_part(&self, key: &FrontendKey) -> MapImage {
         let mut part = MapImage::default();
-        let last = ServiceKey {
-            slot: u16::MAX,
-            _pad1: u16::MAX,
-            ..header
-        };
-        part.services.extend(self.services.range(header..=last));
-        let Some(rev_nat_id) = part.services.get(&header).map(|value| value.rev_nat_id) else {
+        let Some(header) = self.services.get(key) else {
             return part;
         };
-        let members = MembershipKey {
-            rev_nat_id,
-            addr: 0,
-        }..=MembershipKey {
-            rev_nat_id,
-            addr: u32::MAX,
-        };
-        part.membership.extend(self.membership.range(members));
-        let ranges = SourceRangeEntry {
-            range: SourceRange {
-                rev_nat_id,
-                addr: 0,
-            },
-            prefix_len: 0,
-        }..=SourceRangeEntry {
-            range: SourceRange {
-                rev_nat_id,
-                addr: u32::MAX,
-            },
-            prefix_len: u8::MAX,
-        };
-        part.source_ranges.extend(self.source_ranges.range(ranges));
+        part.services.insert(*key, *header);
+        for index in slice_of(header).range() {
+            if let Some(slot) = self.slots.get(&index) {
+                part.slots.insert(index, *slot);
+            }
+        }
+        let rev_nat_id = header.rev_nat_id;
+        part.membership
+            .extend(self.membership.range(member_bounds(rev_nat_id)));
+        part.source_ranges
+            .extend(self.source_ranges.range(range_bounds(rev_nat_id)));
         part.names
             .extend(self.names.get(&rev_nat_id).map(|name| (rev_nat_id, *name)));
         part
     }
 
-    /// The backend ids named by this image's slots.
+    /// One frontend as desired: what it holds now, backends included.
+    fn desired_part(&self, key: &FrontendKey) -> DesiredImage {
+        let part = self.frontend_part(key);
+        let mut desired = DesiredImage {
+            membership: part.membership,
+            names: part.names,
+            source_ranges: part.source_ranges,
+            ..DesiredImage::default()
+        };
+        if let Some(header) = part.services.get(key) {
+            let slots = self.slots_of(header).unwrap_or_default();
+            for slot in &slots {
+                desired.backends.insert(slot.backend_id, slot.backend);
+            }
+            desired.frontends.insert(
+                *key,
+                FrontendEntry {
+                    header: *header,
+                    slots,
+                },
+            );
+        }
+        desired
+    }
+
+    /// The whole image in desired form (slices read through their headers): what
+    /// listings and comparisons want.
+    pub fn desired(&self) -> DesiredImage {
+        let mut desired = DesiredImage {
+            backends: self.backends.clone(),
+            membership: self.membership.clone(),
+            names: self.names.clone(),
+            source_ranges: self.source_ranges.clone(),
+            ..DesiredImage::default()
+        };
+        for (key, header) in &self.services {
+            let slots = self.slots_of(header).unwrap_or_default();
+            desired.frontends.insert(
+                *key,
+                FrontendEntry {
+                    header: *header,
+                    slots,
+                },
+            );
+        }
+        desired
+    }
+
+    /// The backend ids named by the slots of every header, once per slot.
     pub fn slot_backends(&self) -> impl Iterator<Item = u32> + '_ {
         self.services
-            .iter()
-            .filter(|(key, _)| key.slot != 0)
-            .map(|(_, value)| value.backend_id)
+            .values()
+            .flat_map(|header| slice_of(header).range())
+            .filter_map(|index| self.slots.get(&index))
+            .map(|slot| slot.backend_id)
     }
 
     /// Adds `other`'s entries.
     pub fn extend(&mut self, other: MapImage) {
         self.services.extend(other.services);
+        self.slots.extend(other.slots);
         self.backends.extend(other.backends);
         self.membership.extend(other.membership);
         self.names.extend(other.names);
         self.source_ranges.extend(other.source_ranges);
+    }
+
+    /// Applies one operation to this in-memory image.
+    pub fn apply(&mut self, op: &MapOp) {
+        match op {
+            MapOp::PutName(id, name) => {
+                self.names.insert(*id, *name);
+            }
+            MapOp::PutBackend(id, backend) => {
+                self.backends.insert(*id, *backend);
+            }
+            MapOp::PutSlot(index, slot) => {
+                self.slots.insert(*index, *slot);
+            }
+            MapOp::PutService(key, value) => {
+                self.services.insert(*key, *value);
+            }
+            MapOp::PutMembership(key, bits) => {
+                self.membership.insert(*key, *bits);
+            }
+            MapOp::PutSourceRange(entry) => {
+                self.source_ranges.insert(*entry);
+            }
+            MapOp::DeleteService(key) => {
+                self.services.remove(key);
+            }
+            MapOp::DeleteMembership(key) => {
+                self.membership.remove(key);
+            }
+            MapOp::DeleteSourceRange(entry) => {
+                self.source_ranges.remove(entry);
+            }
+            MapOp::DeleteBackend(id, _) => {
+                self.backends.remove(id);
+            }
+            MapOp::DeleteName(id) => {
+                self.names.remove(id);
+            }
+            MapOp::Barrier => {}
+        }
+    }
+}
+
+impl DesiredImage {
+    /// The backend ids named by the slots, once per slot.
+    pub fn slot_backends(&self) -> impl Iterator<Item = u32> + '_ {
+        self.frontends
+            .values()
+            .flat_map(|entry| &entry.slots)
+            .map(|slot| slot.backend_id)
+    }
+
+    /// Adds `other`'s entries.
+    pub fn extend(&mut self, other: DesiredImage) {
+        self.frontends.extend(other.frontends);
+        self.backends.extend(other.backends);
+        self.membership.extend(other.membership);
+        self.names.extend(other.names);
+        self.source_ranges.extend(other.source_ranges);
+    }
+
+    /// Removes one frontend's entries (not the backends, which frontends share).
+    fn remove_frontend(&mut self, key: &FrontendKey) {
+        let Some(entry) = self.frontends.remove(key) else {
+            return;
+        };
+        let rev_nat_id = entry.header.rev_nat_id;
+        self.membership
+            .retain(|member, _| member.rev_nat_id != rev_nat_id);
+        self.source_ranges
+            .retain(|range| range.range.rev_nat_id != rev_nat_id);
+        self.names.remove(&rev_nat_id);
+    }
+
+    /// Keeps only the backends some slot names.
+    fn retain_named_backends(&mut self) {
+        let named: BTreeSet<u32> = self.slot_backends().collect();
+        self.backends.retain(|id, _| named.contains(id));
+    }
+}
+
+fn member_bounds(rev_nat_id: u32) -> std::ops::RangeInclusive<MembershipKey> {
+    MembershipKey {
+        rev_nat_id,
+        addr: 0,
+    }..=MembershipKey {
+        rev_nat_id,
+        addr: u32::MAX,
+    }
+}
+
+fn range_bounds(rev_nat_id: u32) -> std::ops::RangeInclusive<SourceRangeEntry> {
+    SourceRangeEntry {
+        range: SourceRange {
+            rev_nat_id,
+            addr: 0,
+        },
+        prefix_len: 0,
+    }..=SourceRangeEntry {
+        range: SourceRange {
+            rev_nat_id,
+            addr: u32::MAX,
+        },
+        prefix_len: u8::MAX,
     }
 }
 
@@ -321,41 +462,186 @@ impl MapImage {
 pub enum MapOp {
     PutName(u32, ServiceName),
     PutBackend(u32, Backend),
-    PutService(ServiceKey, ServiceValue),
+    /// BACKEND_SLOTS[index] (never a slot a header names, or named since the last barrier).
+    PutSlot(u32, Slot),
+    PutService(FrontendKey, FrontendValue),
     PutMembership(MembershipKey, u8),
     PutSourceRange(SourceRangeEntry),
-    DeleteService(ServiceKey),
+    DeleteService(FrontendKey),
     DeleteMembership(MembershipKey),
     DeleteSourceRange(SourceRangeEntry),
-    DeleteBackend(u32),
+    /// The backend's id and the backend (BACKEND_IDS is keyed by the backend).
+    DeleteBackend(u32, Backend),
     DeleteName(u32),
+    /// Waits until no program run that started before can still be going (an RCU grace
+    /// period): the slices headers stopped naming may be written again.
+    Barrier,
 }
 
-/// The writes that turn one image into another, phase by phase in the one order that
-/// keeps every packet consistent (see [`diff`]). The writes of one phase are independent
-/// of each other — any order of them is as safe as another — so each phase goes to the
-/// kernel as one batch.
+impl MapOp {
+    /// The map the operation writes (`None` for a barrier).
+    pub fn map(&self) -> Option<&'static str> {
+        use proxy_common::map_names;
+        Some(match self {
+            MapOp::PutName(..) | MapOp::DeleteName(_) => map_names::SVC_NAMES,
+            MapOp::PutBackend(..) | MapOp::DeleteBackend(..) => map_names::BACKEND_IDS,
+            MapOp::PutSlot(..) => map_names::BACKEND_SLOTS,
+            MapOp::PutService(..) | MapOp::DeleteService(_) => map_names::SERVICES,
+            MapOp::PutMembership(..) | MapOp::DeleteMembership(_) => map_names::MEMBERSHIP,
+            MapOp::PutSourceRange(_) | MapOp::DeleteSourceRange(_) => map_names::SOURCE_RANGES,
+            MapOp::Barrier => return None,
+        })
+    }
+}
+
+/// Where the slices of a batch go.
+#[derive(Clone, Debug, Default)]
+pub struct Placement {
+    /// The base of each frontend of the desired image.
+    bases: BTreeMap<FrontendKey, u32>,
+    /// Slices to write: base → slots (new slices and the copies of moved ones).
+    writes: BTreeMap<u32, Vec<Slot>>,
+    /// Frontends moved out of a window being evacuated, with their new header (their
+    /// contents unchanged).
+    moved: BTreeMap<FrontendKey, FrontendValue>,
+    /// A barrier must pass before the slices are written (they reuse quarantined slots).
+    barrier: bool,
+    /// Frontends left as they are: no room for their slice.
+    pub unplaced: Vec<FrontendKey>,
+    /// Frontends left as they are for now: room is being made (an evacuation), they are
+    /// placed by the next pass.
+    pub deferred: Vec<FrontendKey>,
+}
+
+/// Which frontends a batch is about.
+#[derive(Clone, Copy, Debug)]
+pub enum Scope<'a> {
+    /// All: a frontend missing from the desired image is deleted.
+    Full,
+    /// These (a delta): the others stay as they are.
+    Frontends(&'a BTreeSet<FrontendKey>),
+}
+
+/// Decides where the slices of `next` go: a frontend whose slots are unchanged keeps its
+/// slice; another gets a new one from `slots`. A frontend for which there is no room, or
+/// not yet (see [`Placement::deferred`]), is set back in `next` to what `current` holds
+/// for it, so the batch leaves it as it is. `current` is everything the maps hold; `scope`
+/// says which frontends `next` speaks for.
+pub fn place(
+    current: &MapImage,
+    next: &mut DesiredImage,
+    scope: Scope<'_>,
+    slots: &mut SlotAllocator,
+) -> Placement {
+    let mut placement = Placement::default();
+    // Live slices that may move: those of frontends the batch leaves as they are. The
+    // others are live until their headers switch or go.
+    let untouched = |key: &FrontendKey, header: &FrontendValue| match next.frontends.get(key) {
+        Some(entry) => current.slots_of(header).as_ref() == Some(&entry.slots),
+        None => matches!(scope, Scope::Frontends(keys) if !keys.contains(key)),
+    };
+    let mut movable: BTreeMap<Slice, FrontendKey> = BTreeMap::new();
+    let mut fixed: Vec<Slice> = Vec::new();
+    for (key, header) in &current.services {
+        if untouched(key, header) {
+            movable.insert(slice_of(header), *key);
+        } else {
+            fixed.push(slice_of(header));
+        }
+    }
+    let keys: Vec<FrontendKey> = next.frontends.keys().copied().collect();
+    for key in keys {
+        let entry = &next.frontends[&key];
+        if let Some(header) = current.services.get(&key)
+            && current.slots_of(header).as_ref() == Some(&entry.slots)
+        {
+            let base = placement
+                .moved
+                .get(&key)
+                .map_or(header.base, |moved| moved.base);
+            placement.bases.insert(key, base);
+            continue;
+        }
+        let wanted = entry.slots.len() as u32;
+        if wanted == 0 {
+            placement.bases.insert(key, 0);
+            continue;
+        }
+        if let Some(reservation) = slots.reserve(wanted) {
+            placement.bases.insert(key, reservation.slice.base);
+            placement
+                .writes
+                .insert(reservation.slice.base, entry.slots.clone());
+            continue;
+        }
+        let candidates: Vec<Slice> = movable.keys().copied().collect();
+        let Some(moves) = slots.evacuation(wanted, &candidates, &fixed) else {
+            placement.unplaced.push(key);
+            continue;
+        };
+        for (old, new) in moves {
+            let Some(moved_key) = movable.remove(&old) else {
+                continue;
+            };
+            // Its old slice stays live until its header switches.
+            fixed.push(old);
+            let header = current.services[&moved_key];
+            let contents = current.slots_of(&header).unwrap_or_default();
+            placement.writes.insert(new.base, contents);
+            let moved = FrontendValue {
+                base: new.base,
+                ..header
+            };
+            placement.moved.insert(moved_key, moved);
+            if next.frontends.contains_key(&moved_key) {
+                placement.bases.insert(moved_key, new.base);
+            }
+        }
+        placement.deferred.push(key);
+    }
+    for key in placement.unplaced.iter().chain(&placement.deferred) {
+        next.remove_frontend(key);
+        next.extend(current.desired_part(key));
+        match current.services.get(key) {
+            Some(header) => placement.bases.insert(*key, header.base),
+            None => placement.bases.remove(key),
+        };
+    }
+    if !placement.unplaced.is_empty() || !placement.deferred.is_empty() {
+        next.retain_named_backends();
+    }
+    placement.barrier = slots.barrier_pending();
+    placement
+}
+
+/// The writes that turn one image into another, phase by phase in the one order that keeps
+/// every packet consistent (see [`diff`]). The writes of one phase are independent of each
+/// other — any order of them is as safe as another — so each phase goes to the kernel as
+/// one batch, whose elements the kernel applies in order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapWrites {
     pub put_names: Vec<(u32, ServiceName)>,
     pub put_backends: Vec<(u32, Backend)>,
-    /// Membership entries that gain bits (or appear).
+    /// Membership entries that gain bits (or appear), keeping the bits they lose.
     pub grow_membership: Vec<(MembershipKey, u8)>,
-    pub put_slots: Vec<(ServiceKey, ServiceValue)>,
+    /// A grace period must pass before the slots are written: they reuse slots headers
+    /// named until lately.
+    pub barrier: bool,
+    pub put_slots: Vec<(u32, Slot)>,
     pub put_source_ranges: Vec<SourceRangeEntry>,
-    pub put_headers: Vec<(ServiceKey, ServiceValue)>,
-    pub delete_headers: Vec<ServiceKey>,
-    pub delete_slots: Vec<ServiceKey>,
+    /// New and changed headers, and headers moved out of a window being evacuated.
+    pub put_headers: Vec<(FrontendKey, FrontendValue)>,
+    pub delete_headers: Vec<FrontendKey>,
     /// Membership entries that lose bits.
     pub shrink_membership: Vec<(MembershipKey, u8)>,
     pub delete_membership: Vec<MembershipKey>,
     pub delete_source_ranges: Vec<SourceRangeEntry>,
-    pub delete_backends: Vec<u32>,
+    pub delete_backends: Vec<(u32, Backend)>,
     pub delete_names: Vec<u32>,
 }
 
 impl MapWrites {
-    /// How many single writes these are.
+    /// How many single writes these are (a barrier is no write).
     pub fn len(&self) -> usize {
         self.put_names.len()
             + self.put_backends.len()
@@ -364,7 +650,6 @@ impl MapWrites {
             + self.put_source_ranges.len()
             + self.put_headers.len()
             + self.delete_headers.len()
-            + self.delete_slots.len()
             + self.shrink_membership.len()
             + self.delete_membership.len()
             + self.delete_source_ranges.len()
@@ -376,22 +661,30 @@ impl MapWrites {
         self.len() == 0
     }
 
+    /// Whether a barrier goes before the slots.
+    pub fn needs_barrier(&self) -> bool {
+        self.barrier && !self.put_slots.is_empty()
+    }
+
     /// Every write, one at a time, in order: what the kernel does with the batches.
     pub fn ops(&self) -> impl Iterator<Item = MapOp> + '_ {
         let puts = (self.put_names.iter())
             .map(|(id, name)| MapOp::PutName(*id, *name))
             .chain((self.put_backends.iter()).map(|(id, backend)| MapOp::PutBackend(*id, *backend)))
             .chain(put_membership(&self.grow_membership))
-            .chain((self.put_slots.iter()).map(|(key, value)| MapOp::PutService(*key, *value)))
+            .chain(self.needs_barrier().then_some(MapOp::Barrier))
+            .chain((self.put_slots.iter()).map(|(index, slot)| MapOp::PutSlot(*index, *slot)))
             .chain((self.put_source_ranges.iter()).map(|entry| MapOp::PutSourceRange(*entry)))
-            .chain((self.put_headers.iter()).map(|(key, value)| MapOp::PutService(*key, *value)));
+            .chain((self.put_headers.iter()).map(|(key, header)| MapOp::PutService(*key, *header)));
         let deletes = (self.delete_headers.iter())
-            .chain(&self.delete_slots)
             .map(|key| MapOp::DeleteService(*key))
             .chain(put_membership(&self.shrink_membership))
             .chain((self.delete_membership.iter()).map(|key| MapOp::DeleteMembership(*key)))
             .chain((self.delete_source_ranges.iter()).map(|entry| MapOp::DeleteSourceRange(*entry)))
-            .chain((self.delete_backends.iter()).map(|id| MapOp::DeleteBackend(*id)))
+            .chain(
+                (self.delete_backends.iter())
+                    .map(|(id, backend)| MapOp::DeleteBackend(*id, *backend)),
+            )
             .chain((self.delete_names.iter()).map(|id| MapOp::DeleteName(*id)));
         puts.chain(deletes)
     }
@@ -401,48 +694,66 @@ fn put_membership(entries: &[(MembershipKey, u8)]) -> impl Iterator<Item = MapOp
     (entries.iter()).map(|(key, bits)| MapOp::PutMembership(*key, *bits))
 }
 
-/// The writes that turn `current` into `next`, ordered so that at every step each
-/// frontend's header only counts slots that exist and every slot names a backend that
-/// exists and is a member of the frontend: new backends, grown membership, then new slots
-/// and source ranges, then headers; then removed headers, slots, shrunk membership,
-/// source ranges and backends. So a header flagged `SOURCE_RANGES` never lacks its
-/// ranges, which would drop every client, and a flow to a new backend never looks as if
-/// its backend had left. Names come first and go last, so a listing never shows a live
-/// frontend without its name.
-pub fn diff(current: &MapImage, next: &MapImage) -> MapWrites {
-    let mut writes = MapWrites::default();
-    for (id, name) in &next.names {
-        if current.names.get(id) != Some(name) {
-            writes.put_names.push((*id, *name));
+/// The writes that turn `current` into `next` (its slices placed by `placement`), ordered
+/// so that at every step each header names only slots that are written, each naming a
+/// backend BACKEND_IDS holds that is a member of the frontend's set in MEMBERSHIP (see
+/// [`MapImage::missing_for`]): new backends, grown membership, a barrier when slots are
+/// reused, new slices, new source ranges, then headers; then removed headers, shrunk
+/// membership, source ranges and backends. So a header flagged `SOURCE_RANGES` never lacks
+/// its ranges, which would drop every client, a flow to a new backend never looks as if
+/// its backend had left, and no slice is written while a packet may read it. Names come
+/// first and go last, so a listing never shows a live frontend without its name.
+pub fn diff(current: &MapImage, next: &DesiredImage, placement: &Placement) -> MapWrites {
+    let mut writes = MapWrites {
+        barrier: placement.barrier,
+        ..MapWrites::default()
+    };
+    writes.put_names = (next.names.iter())
+        .filter(|(id, name)| current.names.get(id) != Some(name))
+        .map(|(id, name)| (*id, *name))
+        .collect();
+    writes.put_backends = (next.backends.iter())
+        .filter(|(id, backend)| current.backends.get(id) != Some(backend))
+        .map(|(id, backend)| (*id, *backend))
+        .collect();
+    // Membership grows first (a changed entry gains its new bits, keeping the old ones)
+    // and shrinks with the removals (it loses the bits it no longer has).
+    for (key, bits) in &next.membership {
+        let before = current.membership.get(key).copied().unwrap_or(0);
+        if *bits & !before != 0 {
+            writes.grow_membership.push((*key, before | *bits));
+        }
+        if before & !*bits != 0 {
+            writes.shrink_membership.push((*key, *bits));
         }
     }
-    for (id, backend) in &next.backends {
-        if current.backends.get(id) != Some(backend) {
-            writes.put_backends.push((*id, *backend));
-        }
+    for (base, slots) in &placement.writes {
+        writes
+            .put_slots
+            .extend((*base..).zip(slots.iter().copied()));
     }
-    // Membership that grows goes first, membership that shrinks with the removals.
-    let changed_membership = (next.membership.iter())
-        .filter(|(key, bits)| current.membership.get(key) != Some(bits))
-        .map(|(key, bits)| (*key, *bits));
-    (writes.grow_membership, writes.shrink_membership) =
-        changed_membership.partition(|(key, bits)| {
-            let before = current.membership.get(key).copied().unwrap_or(0);
-            before & !*bits == 0
-        });
-    let changed_services = (next.services.iter())
-        .filter(|(key, value)| current.services.get(key) != Some(value))
-        .map(|(key, value)| (*key, *value));
-    (writes.put_headers, writes.put_slots) = changed_services.partition(|(key, _)| key.slot == 0);
     writes.put_source_ranges = (next.source_ranges)
         .difference(&current.source_ranges)
         .copied()
         .collect();
-
-    let removed_services = (current.services.keys())
-        .filter(|key| !next.services.contains_key(key))
-        .copied();
-    (writes.delete_headers, writes.delete_slots) = removed_services.partition(|key| key.slot == 0);
+    for (key, moved) in &placement.moved {
+        if !next.frontends.contains_key(key) {
+            writes.put_headers.push((*key, *moved));
+        }
+    }
+    for (key, entry) in &next.frontends {
+        let header = FrontendValue {
+            base: placement.bases.get(key).copied().unwrap_or(0),
+            ..entry.header
+        };
+        if current.services.get(key) != Some(&header) {
+            writes.put_headers.push((*key, header));
+        }
+    }
+    writes.delete_headers = (current.services.keys())
+        .filter(|key| !next.frontends.contains_key(key))
+        .copied()
+        .collect();
     writes.delete_membership = (current.membership.keys())
         .filter(|key| !next.membership.contains_key(key))
         .copied()
@@ -451,438 +762,13 @@ pub fn diff(current: &MapImage, next: &MapImage) -> MapWrites {
         .difference(&next.source_ranges)
         .copied()
         .collect();
-    writes.delete_backends = (current.backends.keys())
-        .filter(|id| !next.backends.contains_key(id))
-        .copied()
+    writes.delete_backends = (current.backends.iter())
+        .filter(|(id, _)| !next.backends.contains_key(id))
+        .map(|(id, backend)| (*id, *backend))
         .collect();
     writes.delete_names = (current.names.keys())
         .filter(|id| !next.names.contains_key(id))
         .copied()
         .collect();
     writes
-}
-
-impl MapImage {
-    /// Applies one operation to this in-memory image.
-    pub fn apply(&mut self, op: MapOp) {
-        match op {
-            MapOp::PutName(id, name) => {
-                self.names.insert(id, name);
-            }
-            MapOp::PutBackend(id, backend) => {
-                self.backends.insert(id, backend);
-            }
-            MapOp::PutService(key, value) => {
-                self.services.insert(key, value);
-            }
-            MapOp::PutMembership(key, bits) => {
-                self.membership.insert(key, bits);
-            }
-            MapOp::DeleteService(key) => {
-                self.services.remove(&key);
-            }
-            MapOp::DeleteMembership(key) => {
-                self.membership.remove(&key);
-            }
-            MapOp::PutSourceRange(entry) => {
-                self.source_ranges.insert(entry);
-            }
-            MapOp::DeleteSourceRange(entry) => {
-                self.source_ranges.remove(&entry);
-            }
-            MapOp::DeleteBackend(id) => {
-                self.backends.remove(&id);
-            }
-            MapOp::DeleteName(id) => {
-                self.names.remove(&id);
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-pub(super) mod tests {
-    use std::net::Ipv4Addr;
-    use std::time::Duration;
-
-    use super::*;
-    use crate::plan::{
-        BackendAddr, EmptyFrontend, Frontend, FrontendPlan, Protocol, ServicePortName,
-    };
-
-    fn frontend(addr: [u8; 4], port: u16) -> Frontend {
-        Frontend {
-            addr: Ipv4Addr::from(addr),
-            port,
-            protocol: Protocol::Tcp,
-        }
-    }
-
-    fn backends(last_octets: &[u8]) -> Vec<BackendAddr> {
-        last_octets
-            .iter()
-            .map(|octet| BackendAddr {
-                addr: Ipv4Addr::new(198, 18, 1, *octet),
-                port: 8080,
-            })
-            .collect()
-    }
-
-    fn desired(entries: &[(Frontend, &[u8])]) -> DesiredState {
-        named(
-            entries
-                .iter()
-                .map(|(frontend, octets)| (*frontend, "web", *octets)),
-        )
-    }
-
-    /// Like [`desired`], each frontend for its own Service `default/<name>`.
-    fn named<'a>(entries: impl IntoIterator<Item = (Frontend, &'a str, &'a [u8])>) -> DesiredState {
-        let mut state = DesiredState::default();
-        for (frontend, name, octets) in entries {
-            state.frontends.insert(
-                frontend,
-                FrontendPlan {
-                    service: ServicePortName {
-                        namespace: "default".into(),
-                        name: name.into(),
-                        port_name: "".into(),
-                    },
-                    kind: FrontendKind::ClusterIp,
-                    backends: backends(octets),
-                    when_empty: EmptyFrontend::Reject,
-                    session_affinity: None,
-                    serving_addrs: Vec::new(),
-                    source_ranges: Vec::new(),
-                },
-            );
-        }
-        state
-    }
-
-    /// The same state with session affinity (3 hours) on every frontend.
-    fn with_affinity(mut state: DesiredState) -> DesiredState {
-        for plan in state.frontends.values_mut() {
-            plan.session_affinity = Some(Duration::from_secs(10_800));
-        }
-        state
-    }
-
-    /// Every header counts only existing slots; every slot names an existing backend whose
-    /// address is a selectable member of the frontend; every header's frontend has its name.
-    pub(in crate::writer) fn assert_consistent(image: &MapImage, step: usize) {
-        for (key, value) in image.services.iter().filter(|(k, _)| k.slot == 0) {
-            assert!(
-                image.names.contains_key(&value.rev_nat_id),
-                "step {step}: {key:?} has no name"
-            );
-            for slot in 1..=value.count {
-                let slot_value = image.services.get(&key.with_slot(slot));
-                let slot_value = slot_value
-                    .unwrap_or_else(|| panic!("step {step}: {key:?} counts missing slot {slot}"));
-                let backend = image.backends.get(&slot_value.backend_id);
-                let backend = backend.unwrap_or_else(|| {
-                    panic!("step {step}: slot {slot} of {key:?} names a missing backend")
-                });
-                let member = MembershipKey {
-                    rev_nat_id: value.rev_nat_id,
-                    addr: backend.addr,
-                };
-                assert!(
-                    image.membership.get(&member).copied().unwrap_or(0) & membership::SELECTABLE
-                        != 0,
-                    "step {step}: slot {slot} of {key:?} is no selectable member"
-                );
-            }
-        }
-    }
-
-    /// Applies the diff from `from` to `to` one op at a time, checking consistency at
-    /// every step, and returns the number of ops.
-    fn transition(from: &DesiredState, to: &DesiredState) -> usize {
-        let mut ids = IdRegistry::default();
-        let mut image = materialize(from, &mut ids);
-        let next = materialize(to, &mut ids);
-        let ops: Vec<MapOp> = diff(&image, &next).ops().collect();
-        for (step, op) in ops.iter().enumerate() {
-            image.apply(*op);
-            assert_consistent(&image, step);
-        }
-        assert_eq!(image, next);
-        ops.len()
-    }
-
-    #[test]
-    fn transitions_stay_consistent_at_every_step() {
-        let vip = frontend([198, 19, 0, 10], 80);
-        let other = frontend([198, 19, 0, 11], 53);
-        let cases: &[(&str, DesiredState, DesiredState)] = &[
-            (
-                "add first frontend",
-                desired(&[]),
-                desired(&[(vip, &[10, 11, 12])]),
-            ),
-            (
-                "grow",
-                desired(&[(vip, &[10])]),
-                desired(&[(vip, &[10, 11, 12])]),
-            ),
-            (
-                "shrink",
-                desired(&[(vip, &[10, 11, 12])]),
-                desired(&[(vip, &[12])]),
-            ),
-            (
-                "replace all",
-                desired(&[(vip, &[10, 11])]),
-                desired(&[(vip, &[20, 21])]),
-            ),
-            (
-                "to no endpoints",
-                desired(&[(vip, &[10, 11])]),
-                desired(&[(vip, &[])]),
-            ),
-            (
-                "remove frontend",
-                desired(&[(vip, &[10]), (other, &[10])]),
-                desired(&[(other, &[10])]),
-            ),
-            (
-                "remove everything",
-                desired(&[(vip, &[10, 11]), (other, &[12])]),
-                desired(&[]),
-            ),
-            (
-                "affinity frontend shrinks and grows",
-                with_affinity(desired(&[(vip, &[10, 11])])),
-                with_affinity(desired(&[(vip, &[11, 12])])),
-            ),
-            (
-                "affinity switched on",
-                desired(&[(vip, &[10, 11])]),
-                with_affinity(desired(&[(vip, &[10, 11])])),
-            ),
-            (
-                "affinity frontend removed",
-                with_affinity(desired(&[(vip, &[10]), (other, &[12])])),
-                desired(&[(other, &[12])]),
-            ),
-        ];
-        for (name, from, to) in cases {
-            let ops = transition(from, to);
-            assert!(ops > 0, "{name}: expected writes");
-        }
-    }
-
-    #[test]
-    fn unchanged_state_writes_nothing() {
-        let state = desired(&[(frontend([198, 19, 0, 10], 80), &[10, 11, 12])]);
-        assert_eq!(transition(&state, &state), 0);
-    }
-
-    #[test]
-    fn shared_backend_is_written_once_and_kept_while_used() {
-        let a = frontend([198, 19, 0, 10], 80);
-        let b = frontend([198, 19, 0, 11], 80);
-        let mut ids = IdRegistry::default();
-        let both = materialize(&desired(&[(a, &[10]), (b, &[10])]), &mut ids);
-        assert_eq!(both.backends.len(), 1);
-        let one = materialize(&desired(&[(b, &[10])]), &mut ids);
-        let ops: Vec<MapOp> = diff(&both, &one).ops().collect();
-        assert!(!ops.iter().any(|op| matches!(op, MapOp::DeleteBackend(_))));
-    }
-
-    #[test]
-    fn ids_are_stable_across_syncs_and_restarts() {
-        let vip = frontend([198, 19, 0, 10], 80);
-        let mut ids = IdRegistry::default();
-        let first = materialize(&desired(&[(vip, &[10, 11])]), &mut ids);
-        let second = materialize(&desired(&[(vip, &[11, 12])]), &mut ids);
-        let id_of = |image: &MapImage, octet: u8| {
-            image
-                .backends
-                .iter()
-                .find(|(_, b)| b.addr.to_ne_bytes()[3] == octet)
-                .map(|(id, _)| *id)
-        };
-        assert_eq!(id_of(&first, 11), id_of(&second, 11));
-        assert_ne!(
-            id_of(&first, 10),
-            id_of(&second, 12),
-            "released id reused at once"
-        );
-
-        let mut restarted = IdRegistry::from_image(&second);
-        let after_restart = materialize(&desired(&[(vip, &[11, 12])]), &mut restarted);
-        assert_eq!(after_restart, second);
-    }
-
-    #[test]
-    fn header_records_count_kind_and_rev_nat_id() {
-        let vip = frontend([198, 19, 0, 10], 80);
-        let image = materialize(
-            &desired(&[(vip, &[10, 11, 12])]),
-            &mut IdRegistry::default(),
-        );
-        let header = image.services[&ServiceKey::new([198, 19, 0, 10], 80, 6, 0)];
-        assert_eq!(header.count, 3);
-        assert_eq!(header.flags, service_flags::CLUSTER_IP);
-        assert_ne!(header.rev_nat_id, 0);
-        assert_eq!(image.services.len(), 4);
-    }
-
-    #[test]
-    fn names_follow_their_frontends() {
-        let vip = frontend([198, 19, 0, 10], 80);
-        let other = frontend([198, 19, 0, 11], 80);
-        let mut ids = IdRegistry::default();
-        let before = materialize(
-            &named([(vip, "web", &[10][..]), (other, "api", &[11])]),
-            &mut ids,
-        );
-        let name_of = |image: &MapImage, key: ServiceKey| {
-            let id = image.services[&key].rev_nat_id;
-            image.names[&id].name().to_owned()
-        };
-        let vip_key = ServiceKey::new([198, 19, 0, 10], 80, 6, 0);
-        assert_eq!(name_of(&before, vip_key), "web");
-
-        // `api` takes over the VIP (same frontend, same id) and `other` goes away.
-        let after = materialize(&named([(vip, "api", &[11][..])]), &mut ids);
-        assert_eq!(name_of(&after, vip_key), "api");
-        assert_eq!(after.names.len(), 1);
-        let ops: Vec<MapOp> = diff(&before, &after).ops().collect();
-        let rev_nat_id = after.services[&vip_key].rev_nat_id;
-        assert!(ops.contains(&MapOp::PutName(rev_nat_id, after.names[&rev_nat_id])));
-        assert!(matches!(ops.last(), Some(MapOp::DeleteName(_))), "{ops:?}");
-    }
-
-    #[test]
-    fn overlong_names_leave_the_frontend_unnamed_but_balanced() {
-        let vip = frontend([198, 19, 0, 10], 80);
-        let long = "x".repeat(64);
-        let image = materialize(
-            &named([(vip, long.as_str(), &[10][..])]),
-            &mut IdRegistry::default(),
-        );
-        assert!(image.names.is_empty());
-        assert_eq!(image.services.len(), 2);
-    }
-
-    #[test]
-    fn next_free_skips_zero_and_used_ids_after_wrapping() {
-        let mut last = u32::MAX - 1;
-        assert_eq!(next_free(&mut last, |_| false), u32::MAX);
-        assert_eq!(next_free(&mut last, |id| id == 1 || id == 2), 3);
-    }
-
-    #[test]
-    fn affinity_frontends_record_their_timeout() {
-        let vip = frontend([198, 19, 0, 10], 80);
-        let other = frontend([198, 19, 0, 11], 80);
-        let mut state = desired(&[(vip, &[10, 11]), (other, &[12])]);
-        state.frontends.get_mut(&vip).unwrap().session_affinity = Some(Duration::from_secs(2));
-        let image = materialize(&state, &mut IdRegistry::default());
-        let vip_header = image.services[&ServiceKey::new([198, 19, 0, 10], 80, 6, 0)];
-        let other_header = image.services[&ServiceKey::new([198, 19, 0, 11], 80, 6, 0)];
-        assert_eq!(
-            (
-                vip_header.affinity_timeout_s,
-                other_header.affinity_timeout_s
-            ),
-            (2, 0)
-        );
-    }
-
-    #[test]
-    fn every_frontend_records_its_selectable_and_serving_addresses() {
-        let vip = frontend([198, 19, 0, 10], 80);
-        let empty = frontend([198, 19, 0, 11], 80);
-        let mut ids = IdRegistry::default();
-        let mut state = desired(&[(vip, &[10, 11]), (empty, &[])]);
-        // pod .12 is terminating but serving: it keeps its flows, takes no new ones.
-        state.frontends.get_mut(&vip).unwrap().serving_addrs = [10, 11, 12]
-            .map(|octet| Ipv4Addr::new(198, 18, 1, octet))
-            .into();
-        let image = materialize(&state, &mut ids);
-        let rev_nat_id = |key: [u8; 4]| image.services[&ServiceKey::new(key, 80, 6, 0)].rev_nat_id;
-        let vip_id = rev_nat_id([198, 19, 0, 10]);
-        let member = |rev_nat_id, octet| MembershipKey {
-            rev_nat_id,
-            addr: u32::from_ne_bytes([198, 18, 1, octet]),
-        };
-        let both = membership::SELECTABLE | membership::SERVING;
-        let expected = BTreeMap::from([
-            (member(vip_id, 10), both),
-            (member(vip_id, 11), both),
-            (member(vip_id, 12), membership::SERVING),
-        ]);
-        assert_eq!(image.membership, expected);
-
-        // A backend that leaves loses its entry after the header stops counting it.
-        let plan = state.frontends.get_mut(&vip).unwrap();
-        plan.backends.truncate(1);
-        plan.serving_addrs.truncate(1);
-        let next = materialize(&state, &mut ids);
-        let ops: Vec<MapOp> = diff(&image, &next).ops().collect();
-        let position = |wanted: &MapOp| ops.iter().position(|op| op == wanted).unwrap();
-        let header_update = ops
-            .iter()
-            .position(|op| matches!(op, MapOp::PutService(key, _) if key.slot == 0))
-            .unwrap();
-        assert!(
-            header_update < position(&MapOp::DeleteMembership(member(vip_id, 11))),
-            "{ops:?}"
-        );
-    }
-
-    #[test]
-    fn empty_frontends_are_flagged_when_they_drop() {
-        let vip = frontend([198, 19, 0, 10], 80);
-        let flags_with = |backends: &[u8], when_empty| {
-            let mut state = desired(&[(vip, backends)]);
-            state.frontends.get_mut(&vip).unwrap().when_empty = when_empty;
-            let image = materialize(&state, &mut IdRegistry::default());
-            image.services[&ServiceKey::new([198, 19, 0, 10], 80, 6, 0)].flags
-        };
-        let cluster_ip = service_flags::CLUSTER_IP;
-        let dropping = cluster_ip | service_flags::NO_LOCAL_ENDPOINTS;
-        assert_eq!(flags_with(&[], EmptyFrontend::Reject), cluster_ip);
-        assert_eq!(flags_with(&[], EmptyFrontend::Drop), dropping);
-        assert_eq!(flags_with(&[10], EmptyFrontend::Drop), cluster_ip);
-    }
-
-    #[test]
-    fn source_ranges_come_before_their_flag_and_go_after_it() {
-        let lb = frontend([198, 18, 8, 1], 80);
-        let mut state = desired(&[(lb, &[1])]);
-        let mut ids = IdRegistry::default();
-        let open = materialize(&state, &mut ids);
-        let plan = state.frontends.get_mut(&lb).unwrap();
-        plan.kind = FrontendKind::LoadBalancer;
-        plan.source_ranges = vec!["198.18.0.0/24".parse().unwrap()];
-        let restricted = materialize(&state, &mut ids);
-
-        let header = restricted.services[&ServiceKey::new([198, 18, 8, 1], 80, 6, 0)];
-        assert_ne!(header.flags & service_flags::SOURCE_RANGES, 0);
-        let entry = SourceRangeEntry {
-            range: SourceRange {
-                rev_nat_id: header.rev_nat_id,
-                addr: u32::from_ne_bytes([198, 18, 0, 0]),
-            },
-            prefix_len: 24,
-        };
-        assert_eq!(restricted.source_ranges, BTreeSet::from([entry]));
-        assert_eq!(entry.key().prefix_len(), 32 + 24);
-
-        let is_header = |op: &MapOp| matches!(op, MapOp::PutService(key, _) if key.slot == 0);
-        let ops: Vec<MapOp> = diff(&open, &restricted).ops().collect();
-        assert_eq!(ops.len(), 2, "{ops:?}");
-        assert_eq!(ops[0], MapOp::PutSourceRange(entry));
-        assert!(is_header(&ops[1]), "{ops:?}");
-        let ops: Vec<MapOp> = diff(&restricted, &open).ops().collect();
-        assert_eq!(ops.len(), 2, "{ops:?}");
-        assert!(is_header(&ops[0]), "{ops:?}");
-        assert_eq!(ops[1], MapOp::DeleteSourceRange(entry));
-    }
 }

@@ -1,398 +1,261 @@
 //! Writer: turns the planner's desired state into map entries and writes them in an order
 //! that keeps every packet consistent.
 //!
-//! [`image`] is pure (frontends and backends → entries, the ordered difference between two
-//! images), [`delta`] follows what the maps hold so a change writes only the frontends it
-//! touched, with reference-counted backends; [`MapWriter`] is the only code that writes the
-//! aya maps.
+//! [`image`] is pure (frontends and backends → entries, where new slices go, the ordered
+//! difference between two images), [`slots`] keeps track of BACKEND_SLOTS (free, live and
+//! quarantined slices), [`delta`] follows what the maps hold so a change writes only the
+//! frontends it touched, with reference-counted backends, and writes a batch through any
+//! writer; [`MapWriter`] is the only code that writes the kernel's maps.
 
 mod delta;
+mod ids;
 mod image;
+mod slots;
 #[cfg(test)]
-mod property;
+mod sync_property;
+#[cfg(test)]
+mod tests;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
+use std::io;
+use std::time::Duration;
 
 use aya::Pod;
 use aya::maps::{Array, HashMap as BpfHashMap, IterableMap, LpmTrie, MapData, MapError};
-use proxy_common::{Backend, MembershipKey, ServiceKey, ServiceName, ServiceValue, SourceRange};
+use proxy_common::{
+    Backend, FrontendKey, FrontendValue, MembershipKey, ServiceName, Slot, SourceRange,
+};
+use tracing::warn;
 
-pub use delta::MapMirror;
-pub use image::{IdRegistry, MapImage, MapOp, MapWrites, SourceRangeEntry, diff, materialize};
+#[cfg(test)]
+pub use delta::AcceptingMaps;
+pub use delta::{ApplyReport, Batch, MapMirror, MapSink, Phase, Sync, WriteError};
+pub use ids::IdRegistry;
+pub use image::{
+    DesiredImage, FrontendEntry, MapImage, MapOp, MapWrites, SourceRangeEntry, frontend_key,
+    materialize, slice_of,
+};
 
 use crate::bpf_batch;
 use crate::plan::{DesiredState, FrontendChange};
 
-/// What one [`MapWriter::apply`] or [`MapWriter::apply_delta`] did.
-#[derive(Debug, Default)]
-pub struct ApplyReport {
-    pub ops: usize,
-    /// Writes refused because a map was full; retried by the next (full) sync.
-    pub map_full: usize,
-    /// Other failed writes, with the reason; retried on the next sync.
-    pub failures: Vec<String>,
+/// The maps the writer owns, as pinned by the datapath.
+pub struct WriterMaps {
+    pub services: BpfHashMap<MapData, FrontendKey, FrontendValue>,
+    pub slots: Array<MapData, Slot>,
+    pub backend_ids: BpfHashMap<MapData, Backend, u32>,
+    pub membership: BpfHashMap<MapData, MembershipKey, u8>,
+    /// Raised after MEMBERSHIP changed: flows re-check their backend.
+    pub membership_epoch: Array<MapData, u32>,
+    pub names: BpfHashMap<MapData, u32, ServiceName>,
+    pub source_ranges: LpmTrie<MapData, SourceRange, u8>,
 }
 
-impl ApplyReport {
-    /// Whether every write succeeded.
-    pub fn complete(&self) -> bool {
-        self.map_full == 0 && self.failures.is_empty()
+impl WriterMaps {
+    /// Takes the writer's maps out of the loaded object.
+    pub fn take(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
+        use proxy_common::map_names;
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow::anyhow!("map {name} missing from the eBPF object"))
+        };
+        Ok(Self {
+            services: take(map_names::SERVICES)?.try_into()?,
+            slots: take(map_names::BACKEND_SLOTS)?.try_into()?,
+            backend_ids: take(map_names::BACKEND_IDS)?.try_into()?,
+            membership: take(map_names::MEMBERSHIP)?.try_into()?,
+            membership_epoch: take(map_names::MEMBERSHIP_EPOCH)?.try_into()?,
+            names: take(map_names::SVC_NAMES)?.try_into()?,
+            source_ranges: take(map_names::SOURCE_RANGES)?.try_into()?,
+        })
     }
 }
 
-/// Owns the SERVICES, BACKENDS, MEMBERSHIP and SVC_NAMES maps (and BACKEND_IDS,
-/// MEMBERSHIP_EPOCH, SOURCE_RANGES) and a mirror of their contents.
+/// Writes the maps, following what they hold in a [`MapMirror`].
 pub struct MapWriter {
-    services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
-    backends: BpfHashMap<MapData, u32, Backend>,
-    membership: BpfHashMap<MapData, MembershipKey, u8>,
-    names: BpfHashMap<MapData, u32, ServiceName>,
-    /// Optional, so callers that never restrict sources (the benchmarks) need not open it;
-    /// without it, a plan with source ranges reports failed writes.
-    source_ranges: Option<LpmTrie<MapData, SourceRange, u8>>,
-    /// BACKENDS inverted, written with it, and the epoch raised after MEMBERSHIP changed
-    /// (see [`MapWriter::with_flow_maps`]).
-    flow_maps: Option<FlowMaps>,
+    maps: WriterMaps,
     mirror: MapMirror,
+    /// Each map's capacity, read once (a reused pin keeps the size it was created with).
+    capacities: BTreeMap<&'static str, u32>,
 }
 
-/// The maps the datapath's conntrack reads besides the Services: which (address, port)
-/// pairs are backends, and whether MEMBERSHIP changed since a flow last checked it.
-pub struct FlowMaps {
-    pub backend_ids: BpfHashMap<MapData, Backend, u32>,
-    pub membership_epoch: Array<MapData, u32>,
+/// How full one map is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapFill {
+    pub map: &'static str,
+    pub entries: u64,
+    pub max_entries: u32,
 }
 
 impl MapWriter {
     /// Takes the maps and learns what they already hold (they may be pinned from a
     /// previous run of the daemon).
-    pub fn new(
-        services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
-        backends: BpfHashMap<MapData, u32, Backend>,
-        membership: BpfHashMap<MapData, MembershipKey, u8>,
-        names: BpfHashMap<MapData, u32, ServiceName>,
-    ) -> Result<Self, MapError> {
-        let mut writer = Self {
-            services,
-            backends,
-            membership,
-            names,
-            source_ranges: None,
-            flow_maps: None,
-            mirror: MapMirror::default(),
-        };
-        writer.mirror = MapMirror::new(writer.read()?);
-        Ok(writer)
+    pub fn new(maps: WriterMaps) -> Result<Self, MapError> {
+        use proxy_common::map_names;
+        let capacity = maps.slots.len();
+        let image = read(&maps)?;
+        let mut capacities = BTreeMap::new();
+        for (name, map) in [
+            (map_names::SERVICES, maps.services.map()),
+            (map_names::BACKEND_IDS, maps.backend_ids.map()),
+            (map_names::MEMBERSHIP, maps.membership.map()),
+            (map_names::SVC_NAMES, maps.names.map()),
+            (map_names::SOURCE_RANGES, maps.source_ranges.map()),
+        ] {
+            capacities.insert(name, map.info()?.max_entries());
+        }
+        capacities.insert(map_names::BACKEND_SLOTS, capacity);
+        Ok(Self {
+            maps,
+            mirror: MapMirror::new(image, capacity),
+            capacities,
+        })
     }
 
-    /// Also writes SOURCE_RANGES (`loadBalancerSourceRanges`), learning what it holds.
-    pub fn with_source_ranges(
-        mut self,
-        source_ranges: LpmTrie<MapData, SourceRange, u8>,
-    ) -> Result<Self, MapError> {
-        self.source_ranges = Some(source_ranges);
-        self.reread()?;
-        Ok(self)
-    }
-
-    /// Also writes BACKEND_IDS with BACKENDS and raises MEMBERSHIP_EPOCH after changing
-    /// MEMBERSHIP: what the datapath needs to track direct flows to backends and to move
-    /// flows off backends that left.
-    pub fn with_flow_maps(mut self, flow_maps: FlowMaps) -> Result<Self, MapError> {
-        self.flow_maps = Some(flow_maps);
-        self.reread()?;
-        Ok(self)
+    /// How full the maps the writer owns are, as last written (BACKEND_SLOTS: the slots
+    /// headers name).
+    pub fn fill(&self) -> Vec<MapFill> {
+        use proxy_common::map_names;
+        let image = self.mirror.image();
+        let named_slots: u64 = image
+            .services
+            .values()
+            .map(|header| u64::from(header.slots()))
+            .sum();
+        [
+            (map_names::SERVICES, image.services.len() as u64),
+            (map_names::BACKEND_SLOTS, named_slots),
+            (map_names::BACKEND_IDS, image.backends.len() as u64),
+            (map_names::MEMBERSHIP, image.membership.len() as u64),
+            (map_names::SVC_NAMES, image.names.len() as u64),
+            (map_names::SOURCE_RANGES, image.source_ranges.len() as u64),
+        ]
+        .into_iter()
+        .map(|(map, entries)| MapFill {
+            map,
+            entries,
+            max_entries: self.capacities.get(map).copied().unwrap_or(0),
+        })
+        .collect()
     }
 
     /// Reads the maps again, so the next [`apply`](Self::apply) repairs anything that was
     /// changed behind our back.
     pub fn reread(&mut self) -> Result<(), MapError> {
-        let image = self.read()?;
+        let image = read(&self.maps)?;
         self.mirror.reset(image);
         Ok(())
     }
 
-    fn read(&mut self) -> Result<MapImage, MapError> {
-        let mut image = MapImage::default();
-        for entry in self.services.iter() {
-            let (key, value) = entry?;
-            image.services.insert(key, value);
-        }
-        for entry in self.backends.iter() {
-            let (id, backend) = entry?;
-            image.backends.insert(id, backend);
-        }
-        for entry in self.membership.iter() {
-            let (key, bits) = entry?;
-            image.membership.insert(key, bits);
-        }
-        for entry in self.names.iter() {
-            let (id, name) = entry?;
-            image.names.insert(id, name);
-        }
-        for key in self.source_ranges.iter().flat_map(LpmTrie::keys) {
-            image
-                .source_ranges
-                .insert(SourceRangeEntry::from_key(&key?));
-        }
-        if let Some(flow_maps) = &mut self.flow_maps {
-            repair_backend_ids(flow_maps, &mut image)?;
-        }
-        Ok(image)
+    /// What the maps hold, as last written.
+    pub fn image(&self) -> &MapImage {
+        self.mirror.image()
     }
 
-    /// Entries in SERVICES and BACKENDS, as last written.
-    pub fn fill(&self) -> (usize, usize) {
-        let image = self.mirror.image();
-        (image.services.len(), image.backends.len())
+    /// BACKEND_SLOTS: slots in use (named, or freed too recently to reuse), and capacity.
+    pub fn slots_used(&self) -> (u32, u32) {
+        self.mirror.slots_used()
     }
 
     /// Makes the maps equal to `desired`, writing only the difference to what they hold (a
     /// full sync: start-up, resync, a change of the node).
     pub fn apply(&mut self, desired: &DesiredState) -> ApplyReport {
-        let writes = self.mirror.full(desired);
-        self.write_all(writes)
+        self.sync(Sync::Full(desired))
     }
 
     /// Writes the changed frontends only (a partial sync).
     pub fn apply_delta(&mut self, changes: &[FrontendChange]) -> ApplyReport {
-        let writes = self.mirror.delta(changes);
-        self.write_all(writes)
+        self.sync(Sync::Delta(changes))
     }
 
-    /// Writes phase by phase, each phase of a hash map as one batch per map (the kernel
-    /// applies a batch's elements in order, as single writes would be); SOURCE_RANGES, an
-    /// LPM trie of a few entries per restricted frontend, one entry at a time. BACKEND_IDS
-    /// goes with BACKENDS (its reverse entry first, last out), and MEMBERSHIP_EPOCH is
-    /// raised once MEMBERSHIP changed.
-    fn write_all(&mut self, writes: MapWrites) -> ApplyReport {
-        let mut report = ApplyReport {
-            ops: writes.len(),
-            ..ApplyReport::default()
-        };
-        let MapWriter {
-            services,
-            backends,
-            membership,
-            names,
-            source_ranges,
-            flow_maps,
-            mirror,
-        } = self;
-        let mut phase = Phase {
-            mirror,
-            report: &mut report,
+    fn sync(&mut self, sync: Sync<'_>) -> ApplyReport {
+        let mut kernel = KernelMaps {
+            maps: &mut self.maps,
             membership_changed: false,
         };
-        phase.put(names.map(), &writes.put_names, |(id, name)| {
-            MapOp::PutName(id, name)
-        });
-        phase.put_backends(backends.map(), flow_maps.as_ref(), &writes.put_backends);
-        phase.put(membership.map(), &writes.grow_membership, |(key, bits)| {
-            MapOp::PutMembership(key, bits)
-        });
-        phase.put(services.map(), &writes.put_slots, |(key, value)| {
-            MapOp::PutService(key, value)
-        });
-        for entry in &writes.put_source_ranges {
-            let written = match source_ranges.as_mut() {
-                Some(ranges) => ranges.insert(&entry.key(), 1, 0),
-                None => Err(no_source_ranges()),
-            };
-            phase.single(MapOp::PutSourceRange(*entry), written);
-        }
-        phase.put(services.map(), &writes.put_headers, |(key, value)| {
-            MapOp::PutService(key, value)
-        });
-        phase.delete(services.map(), &writes.delete_headers, MapOp::DeleteService);
-        phase.delete(services.map(), &writes.delete_slots, MapOp::DeleteService);
-        phase.put(
-            membership.map(),
-            &writes.shrink_membership,
-            |(key, bits)| MapOp::PutMembership(key, bits),
-        );
-        phase.delete(
-            membership.map(),
-            &writes.delete_membership,
-            MapOp::DeleteMembership,
-        );
-        for entry in &writes.delete_source_ranges {
-            let removed = match source_ranges.as_mut() {
-                Some(ranges) => ignore_missing(ranges.remove(&entry.key())),
-                None => Err(no_source_ranges()),
-            };
-            phase.single(MapOp::DeleteSourceRange(*entry), removed);
-        }
-        phase.delete_backends(backends.map(), flow_maps.as_ref(), &writes.delete_backends);
-        phase.delete(names.map(), &writes.delete_names, MapOp::DeleteName);
+        let mut report = self.mirror.sync(sync, &mut kernel);
         // After the writes: a flow that reads the new epoch finds the new membership.
-        if phase.membership_changed
-            && let Err(error) = raise_membership_epoch(flow_maps.as_mut())
+        if kernel.membership_changed
+            && let Err(error) = raise_membership_epoch(&mut self.maps)
         {
             report
                 .failures
                 .push(format!("raising MEMBERSHIP_EPOCH: {error}"));
         }
-        self.mirror.shrink_sparse();
         report
     }
 }
 
-fn raise_membership_epoch(flow_maps: Option<&mut FlowMaps>) -> Result<(), MapError> {
-    let epoch = &mut flow_maps.ok_or_else(no_flow_maps)?.membership_epoch;
-    let next = epoch.get(&0, 0)?.wrapping_add(1);
-    epoch.set(0, next, 0)
-}
-
-fn no_flow_maps() -> MapError {
-    MapError::IoError(std::io::Error::other(
-        "the writer was not given BACKEND_IDS and MEMBERSHIP_EPOCH",
-    ))
-}
-
-fn no_source_ranges() -> MapError {
-    MapError::IoError(std::io::Error::other(
-        "the writer was not given the SOURCE_RANGES map",
-    ))
-}
-
-/// Applies phases and records the outcome of each write: those that succeeded in the
-/// mirror, the others in the report (retried by the next, full, sync).
-struct Phase<'w> {
-    mirror: &'w mut MapMirror,
-    report: &'w mut ApplyReport,
-    /// Whether a MEMBERSHIP write succeeded.
+/// The kernel's maps as the mirror writes them: each phase of a hash map or the slot array
+/// as one batch (BPF_MAP_UPDATE_BATCH / BPF_MAP_DELETE_BATCH, applied element by element
+/// in order, as single writes were); SOURCE_RANGES, an LPM trie of a few entries per
+/// restricted frontend, one entry at a time.
+struct KernelMaps<'a> {
+    maps: &'a mut WriterMaps,
+    /// Whether a MEMBERSHIP write succeeded (MEMBERSHIP_EPOCH is raised after the sync).
     membership_changed: bool,
 }
 
-impl Phase<'_> {
-    fn put<K: Pod, V: Pod>(
-        &mut self,
-        map: &MapData,
-        entries: &[(K, V)],
-        op: impl Fn((K, V)) -> MapOp,
-    ) {
-        let (keys, values): (Vec<K>, Vec<V>) = entries.iter().copied().unzip();
-        let results = update_each(map, &keys, &values);
-        self.record(entries.iter().map(|entry| op(*entry)), results);
-    }
-
-    fn delete<K: Pod>(&mut self, map: &MapData, keys: &[K], op: impl Fn(K) -> MapOp) {
-        let results = delete_each(map, keys);
-        self.record(keys.iter().map(|key| op(*key)), results);
-    }
-
-    /// BACKENDS with their BACKEND_IDS entries: a reverse entry that an id's new backend
-    /// replaces goes first, then the reverse entries, then the backends; a backend counts
-    /// as written when all of its writes succeeded.
-    fn put_backends(
-        &mut self,
-        map: &MapData,
-        flow_maps: Option<&FlowMaps>,
-        entries: &[(u32, Backend)],
-    ) {
-        let Some(flow_maps) = flow_maps else {
-            let results = entries
-                .iter()
-                .map(|_| Err(std::io::Error::other(no_flow_maps().to_string())));
-            self.record(
-                entries
-                    .iter()
-                    .map(|(id, backend)| MapOp::PutBackend(*id, *backend)),
-                results.collect(),
-            );
-            return;
+impl MapSink for KernelMaps<'_> {
+    fn write(&mut self, phase: Phase<'_>) -> Vec<Result<(), WriteError>> {
+        let maps = &mut *self.maps;
+        let results = match phase {
+            Phase::PutNames(entries) => put(maps.names.map(), entries),
+            Phase::PutBackends(entries) => {
+                // BACKEND_IDS is keyed by the backend.
+                let (ids, backends): (Vec<u32>, Vec<Backend>) = entries.iter().copied().unzip();
+                update_each(maps.backend_ids.map(), &backends, &ids)
+            }
+            Phase::PutMembership(entries) => put(maps.membership.map(), entries),
+            Phase::Barrier => {
+                grace_period();
+                vec![Ok(())]
+            }
+            Phase::PutSlots(entries) => put(maps.slots.map(), entries),
+            Phase::PutSourceRanges(entries) => (entries.iter())
+                .map(|entry| maps.source_ranges.insert(&entry.key(), 1, 0))
+                .map(io_result)
+                .collect(),
+            Phase::PutHeaders(entries) => put(maps.services.map(), entries),
+            Phase::DeleteHeaders(keys) => delete_each(maps.services.map(), keys),
+            Phase::DeleteMembership(keys) => delete_each(maps.membership.map(), keys),
+            Phase::DeleteSourceRanges(entries) => (entries.iter())
+                .map(|entry| ignore_missing(maps.source_ranges.remove(&entry.key())))
+                .map(io_result)
+                .collect(),
+            Phase::DeleteBackends(entries) => {
+                let backends: Vec<Backend> = entries.iter().map(|(_, backend)| *backend).collect();
+                delete_each(maps.backend_ids.map(), &backends)
+            }
+            Phase::DeleteNames(ids) => delete_each(maps.names.map(), ids),
         };
-        let reverse = flow_maps.backend_ids.map();
-        let mut results: Vec<std::io::Result<()>> = entries.iter().map(|_| Ok(())).collect();
-        let replaced: Vec<(usize, Backend)> = (entries.iter().enumerate())
-            .filter_map(|(index, (id, backend))| {
-                let old = self.mirror.image().backends.get(id)?;
-                (old != backend).then_some((index, *old))
+        if matches!(phase, Phase::PutMembership(_) | Phase::DeleteMembership(_)) {
+            self.membership_changed |= results.iter().any(Result::is_ok);
+        }
+        results
+            .into_iter()
+            .map(|result| {
+                result.map_err(|error| {
+                    if error.raw_os_error() == Some(libc::E2BIG) {
+                        // A full hash map refuses new keys with E2BIG.
+                        WriteError::Full
+                    } else {
+                        WriteError::Failed(error.to_string())
+                    }
+                })
             })
-            .collect();
-        let old_keys: Vec<Backend> = replaced.iter().map(|(_, old)| *old).collect();
-        for ((index, _), result) in replaced.iter().zip(delete_each(reverse, &old_keys)) {
-            results[*index] = result;
-        }
-        let pending = |results: &[std::io::Result<()>]| -> Vec<usize> {
-            (0..entries.len())
-                .filter(|&index| results[index].is_ok())
-                .collect()
-        };
-        let still = pending(&results);
-        let keys: Vec<Backend> = still.iter().map(|&index| entries[index].1).collect();
-        let ids: Vec<u32> = still.iter().map(|&index| entries[index].0).collect();
-        for (index, result) in still.iter().zip(update_each(reverse, &keys, &ids)) {
-            results[*index] = result;
-        }
-        let still = pending(&results);
-        let ids: Vec<u32> = still.iter().map(|&index| entries[index].0).collect();
-        let values: Vec<Backend> = still.iter().map(|&index| entries[index].1).collect();
-        for (index, result) in still.iter().zip(update_each(map, &ids, &values)) {
-            results[*index] = result;
-        }
-        self.record(
-            entries
-                .iter()
-                .map(|(id, backend)| MapOp::PutBackend(*id, *backend)),
-            results,
-        );
+            .collect()
     }
+}
 
-    /// BACKENDS entries, then their BACKEND_IDS entries.
-    fn delete_backends(&mut self, map: &MapData, flow_maps: Option<&FlowMaps>, ids: &[u32]) {
-        let mut results = delete_each(map, ids);
-        if let Some(flow_maps) = flow_maps {
-            let reverse: Vec<(usize, Backend)> = (ids.iter().enumerate())
-                .filter(|(index, _)| results[*index].is_ok())
-                .filter_map(|(index, id)| Some((index, *self.mirror.image().backends.get(id)?)))
-                .collect();
-            let keys: Vec<Backend> = reverse.iter().map(|(_, backend)| *backend).collect();
-            let reverse_results = delete_each(flow_maps.backend_ids.map(), &keys);
-            for ((index, _), result) in reverse.iter().zip(reverse_results) {
-                results[*index] = result;
-            }
-        }
-        self.record(ids.iter().map(|id| MapOp::DeleteBackend(*id)), results);
-    }
-
-    /// Records the outcome of each write, in order.
-    fn record(&mut self, ops: impl Iterator<Item = MapOp>, results: Vec<std::io::Result<()>>) {
-        for (op, result) in ops.zip(results) {
-            match result {
-                Ok(()) => self.applied(op),
-                Err(error) if error.raw_os_error() == Some(libc::E2BIG) => {
-                    self.report.map_full += 1;
-                }
-                Err(error) => self.report.failures.push(format!("{op:?}: {error}")),
-            }
-        }
-    }
-
-    /// Records one single write.
-    fn single(&mut self, op: MapOp, result: Result<(), MapError>) {
-        match result {
-            Ok(()) => self.applied(op),
-            Err(error) if is_map_full(&error) => self.report.map_full += 1,
-            Err(error) => self.report.failures.push(format!("{op:?}: {error}")),
-        }
-    }
-
-    fn applied(&mut self, op: MapOp) {
-        self.membership_changed |=
-            matches!(op, MapOp::PutMembership(..) | MapOp::DeleteMembership(_));
-        self.mirror.applied(op);
-    }
+fn put<K: Pod, V: Pod>(map: &MapData, entries: &[(K, V)]) -> Vec<io::Result<()>> {
+    let (keys, values): (Vec<K>, Vec<V>) = entries.iter().copied().unzip();
+    update_each(map, &keys, &values)
 }
 
 /// Writes `keys[i]` → `values[i]` as batches, each resuming after an element that failed;
 /// the outcome of each element.
-fn update_each<K: Pod, V: Pod>(
-    map: &MapData,
-    keys: &[K],
-    values: &[V],
-) -> Vec<std::io::Result<()>> {
+fn update_each<K: Pod, V: Pod>(map: &MapData, keys: &[K], values: &[V]) -> Vec<io::Result<()>> {
     let mut results = Vec::with_capacity(keys.len());
     while results.len() < keys.len() {
         let start = results.len();
@@ -409,7 +272,7 @@ fn update_each<K: Pod, V: Pod>(
 
 /// Deletes `keys` as batches, each resuming after an element that failed; a key that is
 /// gone already counts as deleted. The outcome of each element.
-fn delete_each<K: Pod>(map: &MapData, keys: &[K]) -> Vec<std::io::Result<()>> {
+fn delete_each<K: Pod>(map: &MapData, keys: &[K]) -> Vec<io::Result<()>> {
     let mut results = Vec::with_capacity(keys.len());
     while results.len() < keys.len() {
         let start = results.len();
@@ -425,24 +288,90 @@ fn delete_each<K: Pod>(map: &MapData, keys: &[K]) -> Vec<std::io::Result<()>> {
     results
 }
 
-/// Makes BACKEND_IDS agree with BACKENDS after a re-read: removes what BACKENDS does not
-/// name, and drops from the mirror every backend whose reverse entry is missing or wrong,
-/// so the next apply writes it (and its reverse entry) again.
-fn repair_backend_ids(flow_maps: &mut FlowMaps, image: &mut MapImage) -> Result<(), MapError> {
-    let mut held = HashMap::new();
-    for entry in flow_maps.backend_ids.iter() {
+/// A single write's outcome as a batch element's.
+fn io_result(result: Result<(), MapError>) -> io::Result<()> {
+    result.map_err(|error| match error {
+        MapError::SyscallError(error) => error.io_error,
+        other => io::Error::other(other.to_string()),
+    })
+}
+
+/// Reads what the maps hold: every header, the slots they name, the backends, membership,
+/// names and source ranges. BACKEND_IDS entries no slot names, or that disagree with the
+/// slots, are left out, so the next full sync writes them again.
+fn read(maps: &WriterMaps) -> Result<MapImage, MapError> {
+    let mut image = MapImage::default();
+    for entry in maps.services.iter() {
+        let (key, header) = entry?;
+        image.services.insert(key, header);
+    }
+    image.slots = read_slots(maps.slots.map(), &image.services).map_err(MapError::IoError)?;
+    for entry in maps.backend_ids.iter() {
         let (backend, id) = entry?;
-        held.insert(backend, id);
+        image.backends.insert(id, backend);
     }
-    for (backend, id) in &held {
-        if image.backends.get(id) != Some(backend) {
-            ignore_missing(flow_maps.backend_ids.remove(backend))?;
+    for entry in maps.membership.iter() {
+        let (key, bits) = entry?;
+        image.membership.insert(key, bits);
+    }
+    for entry in maps.names.iter() {
+        let (id, name) = entry?;
+        image.names.insert(id, name);
+    }
+    for key in maps.source_ranges.keys() {
+        image
+            .source_ranges
+            .insert(SourceRangeEntry::from_key(&key?));
+    }
+    Ok(image)
+}
+
+/// The slots of BACKEND_SLOTS (`map`) that `headers` name, read in batches.
+pub fn read_slots(
+    map: &MapData,
+    headers: &BTreeMap<FrontendKey, FrontendValue>,
+) -> io::Result<BTreeMap<u32, Slot>> {
+    let named: Vec<std::ops::Range<u32>> = headers
+        .values()
+        .map(|header| slice_of(header).range())
+        .filter(|range| !range.is_empty())
+        .collect();
+    let mut slots = BTreeMap::new();
+    if named.is_empty() {
+        return Ok(slots);
+    }
+    bpf_batch::for_each_entry(map, 4096, |index: &u32, slot: &Slot| {
+        if named.iter().any(|range| range.contains(index)) {
+            slots.insert(*index, *slot);
         }
+        Ok(())
+    })?;
+    Ok(slots)
+}
+
+fn raise_membership_epoch(maps: &mut WriterMaps) -> Result<(), MapError> {
+    let epoch = &mut maps.membership_epoch;
+    let next = epoch.get(&0, 0)?.wrapping_add(1);
+    epoch.set(0, next, 0)
+}
+
+/// Waits for an RCU grace period: every program run that started before has finished, so
+/// no packet still reads a header replaced before. `membarrier(MEMBARRIER_CMD_GLOBAL)` is
+/// exactly that (the kernel calls `synchronize_rcu`; a few milliseconds). Where it is not
+/// available (nohz_full kernels, a seccomp filter) a pause far longer than any program
+/// run stands in.
+fn grace_period() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    const FALLBACK: Duration = Duration::from_millis(100);
+    // SAFETY: membarrier takes no pointers.
+    let result = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if result != 0 {
+        warn!(
+            error = %io::Error::last_os_error(),
+            "membarrier(MEMBARRIER_CMD_GLOBAL) failed; pausing 100 ms instead of an RCU grace period"
+        );
+        std::thread::sleep(FALLBACK);
     }
-    image
-        .backends
-        .retain(|id, backend| held.get(backend) == Some(id));
-    Ok(())
 }
 
 fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
@@ -455,9 +384,4 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
         }
         other => other,
     }
-}
-
-/// A hash map that is full refuses new keys with E2BIG.
-fn is_map_full(error: &MapError) -> bool {
-    matches!(error, MapError::SyscallError(error) if error.io_error.raw_os_error() == Some(libc::E2BIG))
 }

@@ -17,9 +17,9 @@ use etherparse::{
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtTimeouts, CtValue, FragmentKey, FragmentValue,
-    MembershipKey, PROGRAM_NAME, REFUSAL_LIMITS_GLOBAL, RefusalLimits, SNAT_PORT_MAX_GLOBAL,
-    SNAT_PORT_MIN_GLOBAL, ServiceKey, ServiceValue, SourceRange, Tuple, map_names, membership,
-    proto, stat,
+    FrontendKey, FrontendValue, MembershipKey, PROGRAM_NAME, REFUSAL_LIMITS_GLOBAL, RefusalLimits,
+    SNAT_PORT_MAX_GLOBAL, SNAT_PORT_MIN_GLOBAL, Slot, SourceRange, Tuple, map_names, membership,
+    proto, service_flags, stat,
 };
 use proxy_lab::PrivateBpffs;
 use proxy_userspace::inspect::trace::{TracePacket, Tracer};
@@ -90,6 +90,13 @@ pub const BACKEND_3: SocketAddrV4 = addr([198, 18, 1, 12], 8080);
 /// A destination that is no frontend.
 pub const OTHER: SocketAddrV4 = addr([198, 18, 5, 5], 80);
 pub const REV_NAT_ID: u32 = 7;
+/// The Service port of every frontend the tests install (they share session affinity).
+pub const SERVICE_PORT_ID: u32 = 3;
+/// Where the tests' first slice starts in BACKEND_SLOTS (not 0, so an index that forgot
+/// the base shows).
+pub const FIRST_SLOT: u32 = 5;
+/// The device BPF_PROG_TEST_RUN runs a frame on: the namespace's loopback.
+pub const TEST_RUN_IFINDEX: u32 = 1;
 /// The SNAT range the tests load: two ports, so a third flow to one backend finds none.
 pub const SNAT_PORTS: (u16, u16) = (61_000, 61_001);
 
@@ -97,8 +104,8 @@ pub const fn addr(ip: [u8; 4], port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(std::net::Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]), port)
 }
 
-pub fn frontend(addr: SocketAddrV4, proto: u8) -> ServiceKey {
-    ServiceKey::new(addr.ip().octets(), addr.port(), proto, 0)
+pub fn frontend(addr: SocketAddrV4, proto: u8) -> FrontendKey {
+    FrontendKey::new(addr.ip().octets(), addr.port(), proto)
 }
 
 pub fn backend(addr: SocketAddrV4, proto: u8) -> Backend {
@@ -126,6 +133,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     bpffs: PrivateBpffs,
     next_backend_id: u32,
+    /// Where the next slice goes in BACKEND_SLOTS (slices are never reused here).
+    next_slot: u32,
 }
 
 impl Datapath {
@@ -145,6 +154,13 @@ impl Datapath {
             loader
                 .map_max_entries(map_names::CONNTRACK, assured)
                 .map_max_entries(map_names::CONNTRACK_PENDING, pending)
+        })
+    }
+
+    /// [`Datapath::load`] with an AFFINITY map of `entries` entries.
+    pub fn load_with_affinity(entries: u32) -> Option<Self> {
+        Self::load_configured(RefusalLimits::KERNEL_DEFAULTS, |loader| {
+            loader.map_max_entries(map_names::AFFINITY, entries)
         })
     }
 
@@ -178,12 +194,14 @@ impl Datapath {
             ebpf,
             bpffs,
             next_backend_id: 1,
+            next_slot: FIRST_SLOT,
         })
     }
 
-    /// Installs a frontend with `backends` in slots 1..=n, the way the daemon does
-    /// (backends and slots first, then the slot-0 header). Returns the backend ids.
-    pub fn add_service(&mut self, frontend: ServiceKey, backends: &[Backend]) -> Vec<u32> {
+    /// Installs a frontend with `backends` in a slice of BACKEND_SLOTS, the way the daemon
+    /// does (backends, membership and the slice first, then the header). Returns the
+    /// backend ids.
+    pub fn add_service(&mut self, frontend: FrontendKey, backends: &[Backend]) -> Vec<u32> {
         self.add_service_with(frontend, backends, 0, 0)
     }
 
@@ -191,45 +209,119 @@ impl Datapath {
     /// the MEMBERSHIP and BACKEND_IDS entries the daemon writes.
     pub fn add_service_with(
         &mut self,
-        frontend: ServiceKey,
+        frontend: FrontendKey,
         backends: &[Backend],
         flags: u16,
         affinity_timeout_s: u32,
     ) -> Vec<u32> {
+        self.add_frontend(
+            frontend,
+            REV_NAT_ID,
+            backends,
+            None,
+            flags,
+            affinity_timeout_s,
+        )
+    }
+
+    /// An external frontend of an externalTrafficPolicy Local Service: its own (`local`)
+    /// backends, then the Service port's Cluster set (`cluster`) that pods use. Returns
+    /// the ids of the local backends, then of the Cluster ones.
+    pub fn add_local_policy_service(
+        &mut self,
+        frontend: FrontendKey,
+        local: &[Backend],
+        cluster: &[Backend],
+        flags: u16,
+        affinity_timeout_s: u32,
+    ) -> Vec<u32> {
+        let flags = flags | service_flags::CLUSTER_SET;
+        let cluster = Some(cluster);
+        self.add_frontend(
+            frontend,
+            REV_NAT_ID,
+            local,
+            cluster,
+            flags,
+            affinity_timeout_s,
+        )
+    }
+
+    /// Installs frontend `rev_nat_id` of the tests' Service port ([`SERVICE_PORT_ID`]): its
+    /// own backends, then (with `service_flags::CLUSTER_SET` in `flags`) the Cluster set
+    /// its pods use. Returns the backend ids in slot order.
+    pub fn add_frontend(
+        &mut self,
+        frontend: FrontendKey,
+        rev_nat_id: u32,
+        own: &[Backend],
+        cluster: Option<&[Backend]>,
+        flags: u16,
+        affinity_timeout_s: u32,
+    ) -> Vec<u32> {
+        let base = self.next_slot;
         let mut ids = Vec::new();
-        for (slot, backend) in (1..).zip(backends) {
-            let id = self.next_backend_id;
-            self.next_backend_id += 1;
-            self.insert_backend(id, *backend);
-            self.insert_service_entry(
-                frontend.with_slot(slot),
-                ServiceValue {
-                    backend_id: id,
-                    ..ServiceValue::default()
-                },
-            );
-            ids.push(id);
-        }
-        for backend in backends {
-            self.set_membership(
-                MembershipKey {
-                    rev_nat_id: REV_NAT_ID,
+        let sets = [
+            (own, membership::SELECTABLE),
+            (cluster.unwrap_or_default(), membership::CLUSTER_SELECTABLE),
+        ];
+        for (backends, bit) in sets {
+            for backend in backends {
+                let id = self.backend_id(*backend);
+                self.put_slot(
+                    self.next_slot,
+                    Slot {
+                        backend: *backend,
+                        backend_id: id,
+                        _pad: 0,
+                    },
+                );
+                self.next_slot += 1;
+                let key = MembershipKey {
+                    rev_nat_id,
                     addr: backend.addr,
-                },
-                membership::SELECTABLE | membership::SERVING,
-            );
+                };
+                let bits = self.membership(key) | bit | membership::SERVING;
+                self.set_membership(key, bits);
+                ids.push(id);
+            }
         }
+        let count = |backends: &[Backend]| u16::try_from(backends.len()).unwrap();
         self.insert_service_entry(
             frontend,
-            ServiceValue {
-                count: backends.len().try_into().unwrap(),
-                rev_nat_id: REV_NAT_ID,
+            FrontendValue {
+                rev_nat_id,
+                service_port_id: SERVICE_PORT_ID,
+                base,
+                count: count(own),
+                cluster_count: cluster.map_or(0, count),
                 flags,
                 affinity_timeout_s,
-                ..ServiceValue::default()
+                ..FrontendValue::default()
             },
         );
         ids
+    }
+
+    /// The id of `backend`, written to BACKEND_IDS the first time it is asked for.
+    fn backend_id(&mut self, backend: Backend) -> u32 {
+        let backend_ids: BpfHashMap<_, Backend, u32> =
+            BpfHashMap::try_from(self.ebpf.map(map_names::BACKEND_IDS).unwrap()).unwrap();
+        if let Ok(id) = backend_ids.get(&backend, 0) {
+            return id;
+        }
+        let id = self.next_backend_id;
+        self.next_backend_id += 1;
+        self.insert_backend(id, backend);
+        id
+    }
+
+    /// Writes BACKEND_SLOTS[`index`].
+    pub fn put_slot(&mut self, index: u32, slot: Slot) {
+        let mut slots: aya::maps::Array<_, Slot> =
+            aya::maps::Array::try_from(self.ebpf.map_mut(map_names::BACKEND_SLOTS).unwrap())
+                .unwrap();
+        slots.set(index, slot, 0).unwrap();
     }
 
     /// Admits clients in `network/prefix_len` to the frontend [`REV_NAT_ID`]
@@ -251,25 +343,53 @@ impl Datapath {
         BpfHashMap::try_from(self.ebpf.map_mut(map_names::AFFINITY).unwrap()).unwrap()
     }
 
-    pub fn insert_service_entry(&mut self, key: ServiceKey, value: ServiceValue) {
-        let mut services: BpfHashMap<_, ServiceKey, ServiceValue> =
+    /// The AFFINITY key of `client` on the tests' Service port.
+    pub fn affinity_key(client: SocketAddrV4) -> AffinityKey {
+        AffinityKey {
+            client_addr: u32::from_ne_bytes(client.ip().octets()),
+            service_port_id: SERVICE_PORT_ID,
+        }
+    }
+
+    /// Names the device frames are test-run on ([`TEST_RUN_IFINDEX`]) in DEVICES as
+    /// `kind` (`proxy_common::device_kind`), as the daemon names the devices it attaches to.
+    pub fn run_on_device(&mut self, kind: u8) {
+        let mut devices: BpfHashMap<_, u32, u8> =
+            BpfHashMap::try_from(self.ebpf.map_mut(map_names::DEVICES).unwrap()).unwrap();
+        devices.insert(TEST_RUN_IFINDEX, kind, 0).unwrap();
+    }
+
+    pub fn insert_service_entry(&mut self, key: FrontendKey, value: FrontendValue) {
+        let mut services: BpfHashMap<_, FrontendKey, FrontendValue> =
             BpfHashMap::try_from(self.ebpf.map_mut(map_names::SERVICES).unwrap()).unwrap();
         services.insert(key, value, 0).unwrap();
     }
 
-    pub fn remove_service_entry(&mut self, key: ServiceKey) {
-        let mut services: BpfHashMap<_, ServiceKey, ServiceValue> =
+    /// The header of `key`.
+    pub fn service_entry(&self, key: FrontendKey) -> FrontendValue {
+        let services: BpfHashMap<_, FrontendKey, FrontendValue> =
+            BpfHashMap::try_from(self.ebpf.map(map_names::SERVICES).unwrap()).unwrap();
+        services.get(&key, 0).unwrap()
+    }
+
+    pub fn remove_service_entry(&mut self, key: FrontendKey) {
+        let mut services: BpfHashMap<_, FrontendKey, FrontendValue> =
             BpfHashMap::try_from(self.ebpf.map_mut(map_names::SERVICES).unwrap()).unwrap();
         services.remove(&key).unwrap();
     }
 
+    /// Writes BACKEND_IDS[`backend`] = `id`.
     pub fn insert_backend(&mut self, id: u32, backend: Backend) {
-        let mut backends: BpfHashMap<_, u32, Backend> =
-            BpfHashMap::try_from(self.ebpf.map_mut(map_names::BACKENDS).unwrap()).unwrap();
-        backends.insert(id, backend, 0).unwrap();
         let mut backend_ids: BpfHashMap<_, Backend, u32> =
             BpfHashMap::try_from(self.ebpf.map_mut(map_names::BACKEND_IDS).unwrap()).unwrap();
         backend_ids.insert(backend, id, 0).unwrap();
+    }
+
+    /// MEMBERSHIP[`key`], 0 when absent.
+    pub fn membership(&self, key: MembershipKey) -> u8 {
+        let members: BpfHashMap<_, MembershipKey, u8> =
+            BpfHashMap::try_from(self.ebpf.map(map_names::MEMBERSHIP).unwrap()).unwrap();
+        members.get(&key, 0).unwrap_or(0)
     }
 
     /// Sets (`bits` != 0) or removes a MEMBERSHIP entry, as the daemon's writer does.
@@ -710,7 +830,18 @@ pub fn chosen_backend(
     client: SocketAddrV4,
     backends: &[SocketAddrV4],
 ) -> SocketAddrV4 {
-    let (verdict, out) = datapath.run(&Frame::new(client, VIP, SYN).build());
+    chosen_backend_of(datapath, client, VIP, backends)
+}
+
+/// The backend (one of `backends`) a new TCP connection from `client` to `frontend` was
+/// DNATed to; the program must leave the packet to the kernel (no SNAT, no refusal).
+pub fn chosen_backend_of(
+    datapath: &Datapath,
+    client: SocketAddrV4,
+    frontend: SocketAddrV4,
+    backends: &[SocketAddrV4],
+) -> SocketAddrV4 {
+    let (verdict, out) = datapath.run(&Frame::new(client, frontend, SYN).build());
     assert_eq!(verdict, TC_ACT_OK);
     *backends
         .iter()
