@@ -53,12 +53,7 @@ pub fn measure(settings: &PacketSettings) -> Result<RelatedCosts> {
     let planned = plan::plan(&cluster.model()?, &lab_node());
     let mut datapath = LoadedProgram::load(1)?;
     let report = datapath.writer.apply(&planned.desired);
-    anyhow::ensure!(
-        report.map_full == 0 && report.failures.is_empty(),
-        "filling the maps failed: {} refused as full, failures {:?}",
-        report.map_full,
-        report.failures
-    );
+    anyhow::ensure!(report.complete(), "filling the maps failed: {report:?}");
     let service = cluster.service(0);
     let vip = SocketAddrV4::new(service.vip, service.port);
 
