@@ -446,9 +446,10 @@ pub mod stat {
     /// A `connect()` or `sendmsg()` to a frontend that drops (no local endpoint under a
     /// Local policy, a client outside the source ranges) failed with EHOSTUNREACH.
     pub const SOCK_UNREACHABLE: u32 = 23;
-    /// A later fragment of a TCP/UDP datagram (no ports of its own) was treated as its
-    /// first fragment was: translated the same way, passed or dropped (see
-    /// [`FragmentValue`](crate::FragmentValue)).
+    /// A later fragment of a TCP/UDP datagram (no ports of its own) went the way its first
+    /// fragment went: translated the same way, or passed (see
+    /// [`FragmentValue`](crate::FragmentValue); dropped ones count as
+    /// [`FRAGMENT_DROPPED`]).
     pub const FRAGMENT: u32 = 24;
     /// A later fragment whose first fragment this node has not seen (it came later, went
     /// elsewhere, or its record expired or was evicted): passed untouched.
@@ -462,15 +463,19 @@ pub mod stat {
     /// as the kernel's forwarding path answers (the packet was dropped).
     pub const FRAG_NEEDED: u32 = 27;
     /// A translated packet's TTL ran out here: answered with an ICMP "time exceeded" to its
-    /// sender (rate limited like the kernel's), or dropped silently if it was a later
-    /// fragment (the kernel sends no error for those either).
+    /// sender (rate limited like the kernel's).
     pub const TTL_EXCEEDED: u32 = 28;
-    /// A later fragment too big for the device the program routes it to: it cannot be
-    /// fragmented there and no ICMP error may be sent for it, so it was dropped (its first
-    /// fragment got "fragmentation needed").
-    pub const TOO_BIG: u32 = 29;
+    /// A packet the program routes itself could not go and no ICMP error may be sent about
+    /// it (a later fragment, an ICMP error): too big for the device (a fragment cannot be
+    /// fragmented there; its first fragment got "fragmentation needed"), or its TTL ran
+    /// out. Dropped silently, as the kernel drops such packets.
+    pub const NOT_FORWARDABLE: u32 = 29;
+    /// A later fragment of a datagram whose first fragment was dropped or answered with an
+    /// ICMP error in its place: dropped too, as the kernel drops a datagram it could not
+    /// deliver whole.
+    pub const FRAGMENT_DROPPED: u32 = 30;
     /// Number of counters (size of the STATS array).
-    pub const COUNT: u32 = 30;
+    pub const COUNT: u32 = 31;
 
     /// Stable names, indexed like the constants above (used by logs, metrics and the CLI).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -503,7 +508,8 @@ pub mod stat {
         "icmp_error",
         "frag_needed",
         "ttl_exceeded",
-        "too_big",
+        "not_forwardable",
+        "fragment_dropped",
     ];
 }
 

@@ -71,7 +71,8 @@ pub fn check<C: Context, M: Mode>(
     }
     let route = route::lookup(ctx, packet.proto, to, if check_mtu { length } else { 0 });
     let (ifindex, too_big) = match route {
-        // Delivered here: neither TTL nor MTU applies.
+        // Delivered here: neither TTL nor MTU applies; the program has nothing to route.
+        Route::Local if routes_itself => return Checked::Go(Egress::NoRoute),
         Route::Local => return Checked::Go(Egress::Kernel),
         Route::None if routes_itself => return Checked::Go(Egress::NoRoute),
         Route::None => return Checked::Go(Egress::Kernel),
@@ -80,24 +81,14 @@ pub fn check<C: Context, M: Mode>(
     };
     // The kernel checks the TTL first.
     if ttl_exhausted {
-        return answer(
-            ctx,
-            mode,
-            packet,
-            routes_itself,
-            stat::TTL_EXCEEDED,
-            |source| Answer::TimeExceeded { source },
-        );
+        return answer(ctx, mode, packet, stat::TTL_EXCEEDED, |source| {
+            Answer::TimeExceeded { source }
+        });
     }
     if let Some(mtu) = too_big {
-        return answer(
-            ctx,
-            mode,
-            packet,
-            routes_itself,
-            stat::FRAG_NEEDED,
-            |source| Answer::FragNeeded { mtu, source },
-        );
+        return answer(ctx, mode, packet, stat::FRAG_NEEDED, |source| {
+            Answer::FragNeeded { mtu, source }
+        });
     }
     Checked::Go(if routes_itself {
         Egress::Routed { ifindex }
@@ -125,7 +116,6 @@ fn answer<C: Context, M: Mode>(
     ctx: &C,
     mode: &M,
     packet: &Packet,
-    routes_itself: bool,
     counter: u32,
     make: impl FnOnce(u32) -> Answer,
 ) -> Checked {
@@ -149,12 +139,8 @@ fn answer<C: Context, M: Mode>(
             Checked::Answered(DROP)
         }
         // The fixed-size answer cannot quote IPv4 options (rare enough): the kernel gets
-        // such a packet, translated, and answers it itself, with the quote's addresses
-        // spoilt; one the program routes is dropped (the kernel would drop it as a martian).
-        Err(NotAnswered::IpOptions) if routes_itself => {
-            mode.count(counter);
-            Checked::Answered(DROP)
-        }
+        // such a packet, translated, and answers it itself with the quote's addresses
+        // spoilt, or drops it as a martian if its source became a node address.
         Err(NotAnswered::IpOptions) => Checked::Go(Egress::Kernel),
         Err(NotAnswered::HelperFailed) => {
             mode.count(stat::REWRITE_FAILED);

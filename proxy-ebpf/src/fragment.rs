@@ -115,7 +115,7 @@ pub fn follow<C: Context, M: Mode>(ctx: &C, mode: &M, fragment: &LaterFragment) 
         return ACCEPT;
     };
     if record.verdict == fragment_verdict::DROP {
-        mode.count(stat::FRAGMENT);
+        mode.count(stat::FRAGMENT_DROPPED);
         return DROP;
     }
     let mut egress = None;
@@ -131,7 +131,7 @@ pub fn follow<C: Context, M: Mode>(ctx: &C, mode: &M, fragment: &LaterFragment) 
         match route::lookup(ctx, datagram.proto, &record.to, length) {
             Route::Via { ifindex } => egress = Some(ifindex),
             Route::TooBig { .. } => {
-                mode.count(stat::TOO_BIG);
+                mode.count(stat::NOT_FORWARDABLE);
                 return DROP;
             }
             Route::Local | Route::None => mode.count(stat::FIB_MISS),
@@ -141,17 +141,21 @@ pub fn follow<C: Context, M: Mode>(ctx: &C, mode: &M, fragment: &LaterFragment) 
         mode.count(stat::REWRITE_FAILED);
         return DROP;
     }
-    mode.count(stat::FRAGMENT);
-    let Some(ifindex) = egress else {
-        return ACCEPT;
+    let verdict = match egress {
+        None => ACCEPT,
+        Some(_) if M::DRY_RUN => {
+            mode.routes_itself();
+            ACCEPT
+        }
+        Some(ifindex) => match route::send(ctx, ifindex) {
+            Some(verdict) => verdict,
+            None => {
+                // The TTL ran out here: the kernel drops a later fragment silently too.
+                mode.count(stat::NOT_FORWARDABLE);
+                return DROP;
+            }
+        },
     };
-    if M::DRY_RUN {
-        mode.routes_itself();
-        return ACCEPT;
-    }
-    route::send(ctx, ifindex).unwrap_or_else(|| {
-        // The TTL ran out here: the kernel drops a later fragment silently too.
-        mode.count(stat::TTL_EXCEEDED);
-        DROP
-    })
+    mode.count(stat::FRAGMENT);
+    verdict
 }

@@ -136,21 +136,31 @@ pub fn translate<C: Context, M: Mode>(ctx: &C, mode: &M, l4_offset: usize) -> i3
         mode.count(stat::REWRITE_FAILED);
         return crate::DROP;
     }
-    mode.count(stat::ICMP_ERROR);
     if flow.flags & ct_flags::ROUTES_ITSELF == 0 {
+        mode.count(stat::ICMP_ERROR);
         return ACCEPT;
     }
     if M::DRY_RUN {
         mode.routes_itself();
+        mode.count(stat::ICMP_ERROR);
         return ACCEPT;
     }
-    match route::lookup(ctx, icmp::PROTOCOL, &outer, 0) {
-        Route::Via { ifindex } => route::send(ctx, ifindex).unwrap_or(crate::DROP),
+    let verdict = match route::lookup(ctx, icmp::PROTOCOL, &outer, 0) {
+        Route::Via { ifindex } => match route::send(ctx, ifindex) {
+            Some(verdict) => verdict,
+            None => {
+                // Its TTL ran out here: no error is sent about an error.
+                mode.count(stat::NOT_FORWARDABLE);
+                return crate::DROP;
+            }
+        },
         _ => {
             mode.count(stat::FIB_MISS);
             ACCEPT
         }
-    }
+    };
+    mode.count(stat::ICMP_ERROR);
+    verdict
 }
 
 /// Reads the error at `l4_offset` and the packet it quotes.

@@ -421,8 +421,6 @@ fn translate<C: Context, M: Mode>(
         mode.count(stat::REWRITE_FAILED);
         return (DROP, Fate::dropped());
     }
-    mode.count(decision.counter);
-    let fate = Fate::forward(*to, routes_itself);
     let verdict = match egress {
         Egress::Kernel => ACCEPT,
         Egress::NoRoute => {
@@ -433,10 +431,18 @@ fn translate<C: Context, M: Mode>(
             mode.routes_itself();
             ACCEPT
         }
-        // The TTL was checked before the translation.
-        Egress::Routed { ifindex } => route::send(ctx, ifindex).unwrap_or(DROP),
+        Egress::Routed { ifindex } => match route::send(ctx, ifindex) {
+            Some(verdict) => verdict,
+            // The TTL was checked before the translation: only a packet the check could
+            // not answer gets here.
+            None => {
+                mode.count(stat::NOT_FORWARDABLE);
+                return (DROP, Fate::dropped());
+            }
+        },
     };
-    (verdict, fate)
+    mode.count(decision.counter);
+    (verdict, Fate::forward(*to, routes_itself))
 }
 
 /// Refuses `packet` with an ICMP port unreachable, sent back out of its device, if the

@@ -224,6 +224,17 @@ impl Datapath {
         })
     }
 
+    /// Runs `frame` through the loaded program with BPF_PROG_TEST_RUN (see [`run_frame`]),
+    /// attached or not: the fuzzer drives the very program the daemon loads this way.
+    pub fn test_run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        let program: &SchedClassifier = self
+            .ebpf
+            .program(PROGRAM_NAME)
+            .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing from the eBPF object"))?
+            .try_into()?;
+        run_frame(program, frame)
+    }
+
     /// DEVICES, which names the kind of every device the program is attached to.
     fn devices(&mut self) -> Result<BpfHashMap<&mut MapData, u32, u8>> {
         let map = self

@@ -64,6 +64,7 @@
 pub mod addr;
 mod bpffs;
 mod cgroup;
+pub mod churn;
 mod client;
 mod cluster;
 mod daemon;

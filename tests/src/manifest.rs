@@ -17,6 +17,14 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
+
     fn kubernetes_name(self) -> &'static str {
         match self {
             Protocol::Tcp => "TCP",
@@ -93,9 +101,15 @@ pub struct Endpoint {
 impl Endpoint {
     /// `pod` ready, on the lab's node ([`NODE_NAME`]).
     pub fn of(pod: &Pod) -> Self {
+        Self::at(&pod.name, pod.ip)
+    }
+
+    /// A ready pod named `pod_name` at `ip` on the lab's node, which need not exist (the
+    /// TestRun fuzzer's Services point at addresses only).
+    pub fn at(pod_name: &str, ip: Ipv4Addr) -> Self {
         Self {
-            pod_name: pod.name.clone(),
-            ip: pod.ip,
+            pod_name: pod_name.to_owned(),
+            ip,
             node_name: NODE_NAME.to_owned(),
             ready: true,
             serving: true,
@@ -230,6 +244,16 @@ impl Service {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// `spec.clusterIP`.
+    pub fn address(&self) -> Ipv4Addr {
+        self.cluster_ip
+    }
+
+    /// Each port: protocol, port, the pods' target port and the node port, if any.
+    pub fn ports(&self) -> impl Iterator<Item = (Protocol, u16, u16, Option<u16>)> + '_ {
+        (self.ports.iter()).map(|port| (port.protocol, port.port, port.target_port, port.node_port))
     }
 
     /// Adds a TCP port `port` → pods' `target_port`.

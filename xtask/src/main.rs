@@ -1,6 +1,7 @@
-//! `cargo xtask setup | test | demo | bench | soak`: orchestration only — installing the
-//! toolchain pieces the eBPF build needs, running the checks CI runs, starting the lab demo,
-//! running the benchmarks, and the long variants of the reliability tests. The logic being tested lives in the workspace crates.
+//! `cargo xtask setup | test | demo | bench | soak | fuzz`: orchestration only — installing
+//! the toolchain pieces the eBPF build needs, running the checks CI runs, starting the lab
+//! demo, running the benchmarks, and the long variants of the reliability tests and the
+//! packet fuzzer. The logic being tested lives in the workspace crates.
 
 mod command;
 mod setup;
@@ -46,8 +47,9 @@ enum Task {
     },
     /// setup, build, and run the long variants of lab tests: the API outage (each phase —
     /// down, stalled, 500, 503, garbage, blackhole — minutes instead of seconds), TCP
-    /// connections across resyncs and conntrack sweeps, and UDP queries during endpoint
-    /// churn. Prints their figures.
+    /// connections across resyncs and conntrack sweeps, and TCP connections and UDP queries
+    /// during endpoint churn (from manifests and through the test API server). Prints
+    /// their figures.
     Soak {
         /// Seconds per outage phase (six phases).
         #[arg(long, default_value_t = 120)]
@@ -55,9 +57,23 @@ enum Task {
         /// Seconds of connections across resyncs and conntrack sweeps (`conntrack_churn`).
         #[arg(long, default_value_t = 600)]
         churn_seconds: u64,
-        /// Endpoint changes under UDP queries (`endpoint_churn`).
-        #[arg(long, default_value_t = 300)]
+        /// Endpoint changes per source under TCP connections and UDP queries
+        /// (`endpoint_churn`).
+        #[arg(long, default_value_t = 10_000)]
         endpoint_changes: u64,
+    },
+    /// setup, then the packet fuzzer in a release build: every program BPF_PROG_TEST_RUN
+    /// can run (`epx_ingress`, `epx_trace`, `epx_ct_reap`) against generated packets,
+    /// each checked against the properties in proxy-userspace/tests/fuzz/. Prints the rate;
+    /// a failure prints the seed, the packet in hex and the command that replays the run.
+    Fuzz {
+        /// Packets to generate (each goes through the datapath and its dry run, and a
+        /// request through the reaper).
+        #[arg(long, default_value_t = 1_000_000)]
+        packets: u64,
+        /// The generator's seed; a new one each run if not given.
+        #[arg(long)]
+        seed: Option<u64>,
     },
 }
 
@@ -73,6 +89,7 @@ fn main() -> ExitCode {
             churn_seconds,
             endpoint_changes,
         } => soak(phase_seconds, churn_seconds, endpoint_changes),
+        Task::Fuzz { packets, seed } => fuzz(packets, seed),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -160,6 +177,29 @@ fn soak(phase_seconds: u64, churn_seconds: u64, endpoint_changes: u64) -> Result
         run_step(run)?;
     }
     Ok(())
+}
+
+fn fuzz(packets: u64, seed: Option<u64>) -> Result<()> {
+    setup::run()?;
+    let seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |since| since.as_nanos() as u64)
+    });
+    println!("\nfuzzing {packets} packets with seed {seed}");
+    let mut run = Cargo::new(workspace_root()).command(&[
+        "test",
+        "--release",
+        "--package",
+        "proxy-userspace",
+        "--test",
+        "fuzz",
+        "--",
+        "--nocapture",
+    ]);
+    run.env("EBPF_PROXY_FUZZ_PACKETS", packets.to_string())
+        .env("EBPF_PROXY_FUZZ_SEED", seed.to_string());
+    run_step(run)
 }
 
 fn bench(quick: bool, only: &[String]) -> Result<()> {

@@ -132,18 +132,23 @@ impl Reaper {
         for key in &keys[..request.count as usize] {
             input.extend_from_slice(as_bytes(key));
         }
-        let program: &SchedClassifier = self
-            .ebpf
-            .program(REAP_PROGRAM_NAME)
-            .context("epx_ct_reap not loaded")?
-            .try_into()?;
-        let result = program
+        let result = self
+            .program()?
             .test_run(TestRunOptions {
                 data_in: Some(&input),
                 ..TestRunOptions::default()
             })
             .context("BPF_PROG_TEST_RUN of epx_ct_reap")?;
         Ok(result.return_value as usize)
+    }
+
+    /// `epx_ct_reap` itself, for callers that build their own input (the fuzzer).
+    pub fn program(&self) -> Result<&SchedClassifier> {
+        Ok(self
+            .ebpf
+            .program(REAP_PROGRAM_NAME)
+            .context("epx_ct_reap not loaded")?
+            .try_into()?)
     }
 }
 

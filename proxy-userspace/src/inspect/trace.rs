@@ -609,8 +609,8 @@ fn explanation(path: u32) -> &'static str {
             "the flow's backend no longer serves the frontend: a backend is selected anew"
         }
         stat::FRAGMENT => {
-            "a later fragment (no ports of its own): treated as its datagram's first \
-             fragment was, by the FRAGMENTS record"
+            "a later fragment (no ports of its own): it goes the way its datagram's first \
+             fragment went, by the FRAGMENTS record"
         }
         stat::FRAGMENT_UNMATCHED => {
             "a later fragment whose first fragment this node has not seen (not yet, not \
@@ -629,9 +629,14 @@ fn explanation(path: u32) -> &'static str {
             "its TTL runs out here: answered with ICMP \"time exceeded\" to its sender, \
              and dropped"
         }
-        stat::TOO_BIG => {
-            "a later fragment too big for the device the program routes it to: dropped \
-             (its first fragment drew \"fragmentation needed\")"
+        stat::NOT_FORWARDABLE => {
+            "the program routes it itself, but it cannot go (too big for the device, or its \
+             TTL runs out) and no ICMP error may be sent about it (a later fragment, an ICMP \
+             error): dropped, as the kernel drops it"
+        }
+        stat::FRAGMENT_DROPPED => {
+            "a later fragment of a datagram whose first fragment was dropped or answered in \
+             its place: dropped too"
         }
         _ => "rewriting the packet failed: dropped",
     }

@@ -1,7 +1,10 @@
 //! What the BPF_PROG_TEST_RUN tests share: the loaded object with its maps in a private
 //! bpffs ([`Datapath`]), frames built independently with full checksums ([`Frame`]), and
-//! the assertions that compare whole frames.
+//! the assertions that compare whole frames. [`wire`] reads, builds and checksums frames
+//! byte by byte, for frames no header library would build (the fuzzer's).
 #![allow(dead_code)] // each test binary uses its own subset
+
+pub mod wire;
 
 use std::collections::{BTreeMap, HashMap};
 pub use std::net::SocketAddrV4;
@@ -12,17 +15,18 @@ use aya::{
     programs::SchedClassifier,
 };
 use etherparse::{
-    EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpDscp, IpFragOffset, IpNumber,
-    Ipv4Header, Ipv4Options, TcpHeader, UdpHeader, icmpv4::DestUnreachableHeader,
+    EtherType, Ethernet2Header, IpFragOffset, IpNumber, Ipv4Header, Ipv4Options, TcpHeader,
+    UdpHeader,
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtTimeouts, CtValue, FragmentKey, FragmentValue,
     FrontendKey, FrontendValue, MembershipKey, PROGRAM_NAME, REFUSAL_LIMITS_GLOBAL, RefusalLimits,
     SNAT_PORT_MAX_GLOBAL, SNAT_PORT_MIN_GLOBAL, Slot, SourceRange, Tuple, map_names, membership,
-    proto, service_flags, stat,
+    service_flags, stat,
 };
 use proxy_lab::PrivateBpffs;
 use proxy_userspace::inspect::trace::{TracePacket, Tracer};
+pub use wire::{icmp_answer_for, ones_complement_sum, port_unreachable_for};
 
 /// Whether this process can load BPF programs. Without root (or without a working `bpf()`
 /// syscall) the tests print why and pass as skipped, except under `CI=true`, where a
@@ -640,37 +644,19 @@ impl Frame {
 /// Asserts, computing from scratch, that the IPv4 header checksum and the TCP/UDP
 /// checksum (over the pseudo-header) of `frame` are valid. A zero UDP checksum is valid.
 pub fn assert_checksums_valid(frame: &[u8]) {
-    let ip = &frame[Ethernet2Header::LEN..];
-    let header_len = usize::from(ip[0] & 0x0f) * 4;
+    let wire::Shape::Transport(packet) = wire::shape(frame) else {
+        panic!("not an IPv4 TCP or UDP frame: {frame:02x?}");
+    };
     assert_eq!(
-        ones_complement_sum(&ip[..header_len]),
-        0xffff,
+        wire::ip_checksum_valid(frame, &packet.ip),
+        Some(true),
         "IPv4 header checksum of {frame:02x?}"
     );
-    let total_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-    let segment = &ip[header_len..total_len];
-    let protocol = ip[9];
-    if protocol == proto::UDP && segment[6..8] == [0, 0] {
-        return;
-    }
-    let segment_len = u16::try_from(segment.len()).unwrap().to_be_bytes();
-    let pseudo_header = [&ip[12..20], &[0, protocol], &segment_len[..]].concat();
     assert_eq!(
-        ones_complement_sum(&[&pseudo_header[..], segment].concat()),
-        0xffff,
+        wire::l4_checksum_valid(frame, &packet),
+        Some(true),
         "L4 checksum of {frame:02x?}"
     );
-}
-
-pub fn ones_complement_sum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
 }
 
 /// Runs `input` and asserts the verdict is TC_ACT_OK and the output is exactly `expected`
@@ -680,53 +666,6 @@ pub fn assert_translated(datapath: &Datapath, input: Frame, expected: Frame) {
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(out, expected.build());
     assert_checksums_valid(&out);
-}
-
-/// The ICMP port unreachable the kernel would send for `refused` (a frame without IPv4
-/// options): from its destination back to its source, with its IPv4 header and first 8
-/// payload bytes, in the kernel's own style (precedence "internetwork control", TTL 64).
-pub fn port_unreachable_for(refused: &[u8]) -> Vec<u8> {
-    let (ip, _) = Ipv4Header::from_slice(&refused[Ethernet2Header::LEN..]).unwrap();
-    icmp_answer_for(
-        refused,
-        ip.destination,
-        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port),
-    )
-}
-
-/// The ICMP error `icmp` the kernel would send from `from` about `packet` (a frame without
-/// IPv4 options) back out of the device it came in on: to its source, quoting its IPv4
-/// header and first 8 payload bytes, in the kernel's own style (precedence "internetwork
-/// control", TTL 64, no identification, fragments allowed).
-pub fn icmp_answer_for(packet: &[u8], from: [u8; 4], icmp: Icmpv4Type) -> Vec<u8> {
-    let eth = Ethernet2Header::from_slice(packet).unwrap().0;
-    let (ip, _) = Ipv4Header::from_slice(&packet[Ethernet2Header::LEN..]).unwrap();
-    let quote = &packet[Ethernet2Header::LEN..Ethernet2Header::LEN + Ipv4Header::MIN_LEN + 8];
-    let icmp = Icmpv4Header::with_checksum(icmp, quote);
-    let mut answer = Ipv4Header::new(
-        (icmp.header_len() + quote.len()) as u16,
-        64,
-        IpNumber::ICMP,
-        from,
-        ip.source,
-    )
-    .unwrap();
-    answer.dscp = IpDscp::CS6;
-    answer.identification = 0;
-    answer.dont_fragment = false;
-    answer.header_checksum = answer.calc_header_checksum();
-    let eth = Ethernet2Header {
-        source: eth.destination,
-        destination: eth.source,
-        ether_type: EtherType::IPV4,
-    };
-    [
-        &eth.to_bytes()[..],
-        &answer.to_bytes(),
-        &icmp.to_bytes(),
-        quote,
-    ]
-    .concat()
 }
 
 /// Runs `refused` and asserts it was turned, exactly, into its ICMP port unreachable and
@@ -779,38 +718,55 @@ pub const LOCAL_BACKENDS: [&[&str]; 4] = [
 
 /// [`on_a_node_with_remote_backends`], then the `ip` commands `more`.
 pub fn on_a_node(more: &[&[&str]], test: impl FnOnce() + Send) {
+    let node: [&[&str]; 3] = [
+        &["link", "set", "lo", "up"],
+        &["addr", "add", "198.18.0.1/32", "dev", "lo"],
+        &[
+            "route",
+            "add",
+            "198.18.0.0/16",
+            "dev",
+            "lo",
+            "src",
+            "198.18.0.1",
+        ],
+    ];
+    in_a_namespace(
+        &[&node[..], more].concat(),
+        &[("net/ipv4/ip_forward", "1")],
+        test,
+    );
+}
+
+/// Runs `test` on a thread in a network namespace of its own, set up with `ip` commands
+/// and sysctls (paths under /proc/sys/), which the thread's namespace shows. The namespace
+/// goes when the thread ends.
+pub fn in_a_namespace<T: Send>(
+    ip_commands: &[&[&str]],
+    sysctls: &[(&str, &str)],
+    test: impl FnOnce() -> T + Send,
+) -> T {
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
                 // SAFETY: affects only this thread, which ends with the test.
                 assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
-                let node: [&[&str]; 3] = [
-                    &["link", "set", "lo", "up"],
-                    &["addr", "add", "198.18.0.1/32", "dev", "lo"],
-                    &[
-                        "route",
-                        "add",
-                        "198.18.0.0/16",
-                        "dev",
-                        "lo",
-                        "src",
-                        "198.18.0.1",
-                    ],
-                ];
-                for args in node.iter().chain(more) {
+                for args in ip_commands {
                     let status = std::process::Command::new("ip")
                         .args(*args)
                         .status()
                         .unwrap();
                     assert!(status.success(), "ip {args:?}");
                 }
-                // /proc/sys/net shows the namespace of the thread that opens it.
-                std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
-                test();
+                for (key, value) in sysctls {
+                    // /proc/sys/net shows the namespace of the thread that opens it.
+                    std::fs::write(format!("/proc/sys/{key}"), value).unwrap();
+                }
+                test()
             })
             .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-    });
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
 
 /// A NodePort of the node address set up by [`on_a_node_with_remote_backends`].
