@@ -6,6 +6,7 @@
 
 mod datapath;
 
+use datapath::wire::icmp_answer_for;
 use datapath::*;
 use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
 use proxy_common::{proto, service_flags, stat};

@@ -26,7 +26,7 @@ use proxy_common::{
 };
 use proxy_lab::PrivateBpffs;
 use proxy_userspace::inspect::trace::{TracePacket, Tracer};
-pub use wire::{icmp_answer_for, ones_complement_sum, port_unreachable_for};
+pub use wire::{ones_complement_sum, port_unreachable_for};
 
 /// Whether this process can load BPF programs. Without root (or without a working `bpf()`
 /// syscall) the tests print why and pass as skipped, except under `CI=true`, where a
