@@ -40,6 +40,8 @@ use crate::{
 
 const ICMP_HEADER_LEN: usize = 8;
 const IPV4_MIN_LEN: usize = 20;
+/// What an error quotes of the packet's TCP/UDP header (RFC 792): its first 8 bytes.
+const QUOTED_L4_LEN: usize = 8;
 /// The most an error's headers span: Ethernet, IPv4 with options, the ICMP header, the
 /// quoted IPv4 header with options, and the quoted TCP header up to its checksum.
 const MAX_ERROR_HEADERS: u32 = (L3_OFFSET + 60 + ICMP_HEADER_LEN + 60 + 18) as u32;
@@ -205,9 +207,10 @@ fn read<C: Context>(ctx: &C, l4_offset: usize) -> Read {
         )
     };
     let quote_l4 = quote_ip + header_len;
-    let Some(ports) = parse::at(ctx, quote_l4, 4) else {
-        // Fewer than the 8 bytes RFC 792 requires, or not linear yet.
-        return if (ctx.len() as usize) < quote_l4 + 4 {
+    // The 8 bytes RFC 792 requires: the rewrite writes the UDP checksum there. A shorter
+    // quote names no flow for certain; it passes untouched, as netfilter leaves it.
+    let Some(ports) = parse::at(ctx, quote_l4, QUOTED_L4_LEN) else {
+        return if (ctx.len() as usize) < quote_l4 + QUOTED_L4_LEN {
             Read::Other
         } else {
             Read::NotLinear
@@ -245,7 +248,7 @@ fn rewrite<C: Context>(
     let outer_ip = parse::at(ctx, L3_OFFSET, IPV4_MIN_LEN)?;
     let icmp_header = parse::at(ctx, l4_offset, ICMP_HEADER_LEN)?;
     let quote_ip = parse::at(ctx, error.quote_ip, IPV4_MIN_LEN)?;
-    let quote_l4 = parse::at(ctx, error.quote_l4, 8)?;
+    let quote_l4 = parse::at(ctx, error.quote_l4, QUOTED_L4_LEN)?;
     let from = &error.quote;
     let addresses = nat::address_diff(from.src_addr, from.dst_addr, quote.src_addr, quote.dst_addr);
     let mut ports = 0;
