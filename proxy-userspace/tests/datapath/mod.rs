@@ -699,8 +699,8 @@ pub fn on_a_node_with_local_backends(test: impl FnOnce() + Send) {
     on_a_node(&LOCAL_BACKENDS, test);
 }
 
-/// The `ip` commands that put the backends behind a veth of their own.
-pub const LOCAL_BACKENDS: [&[&str]; 4] = [
+/// The `ip` commands that make the veth `pods` (its peer `pods-peer`), up.
+pub const POD_VETH: [&[&str]; 3] = [
     &[
         "link",
         "add",
@@ -713,6 +713,13 @@ pub const LOCAL_BACKENDS: [&[&str]; 4] = [
     ],
     &["link", "set", "pods", "up"],
     &["link", "set", "pods-peer", "up"],
+];
+
+/// The `ip` commands that put the backends behind a veth of their own.
+pub const LOCAL_BACKENDS: [&[&str]; 4] = [
+    POD_VETH[0],
+    POD_VETH[1],
+    POD_VETH[2],
     &["route", "add", "198.18.1.0/24", "dev", "pods"],
 ];
 

@@ -25,6 +25,7 @@ use proxy_userspace::plan::{self, DesiredState, EmptyFrontend, NodeFacts};
 use proxy_userspace::socket_lb::SocketLbMode;
 use proxy_userspace::writer::MapWriter;
 
+use crate::datapath::POD_VETH;
 use crate::datapath::wire::End;
 
 pub const NODE: [u8; 4] = [198, 18, 0, 1];
@@ -63,18 +64,9 @@ const TIMEOUTS: CtTimeouts = CtTimeouts {
 pub const NETWORK: [&[&str]; 7] = [
     &["link", "set", "lo", "up"],
     &["addr", "add", "198.18.0.1/32", "dev", "lo"],
-    &[
-        "link",
-        "add",
-        "pods",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "pods-peer",
-    ],
-    &["link", "set", "pods", "up"],
-    &["link", "set", "pods-peer", "up"],
+    POD_VETH[0],
+    POD_VETH[1],
+    POD_VETH[2],
     &[
         "route",
         "add",
