@@ -13,9 +13,9 @@ use core::ptr;
 use proxy_common::to_tc;
 
 use crate::{
+    answer::{self, Answer, NotAnswered},
     csum,
     parse::{self, Packet},
-    reject::{self, NotRefused},
     route::Hop,
     verdict::Verdict,
     xdp,
@@ -36,6 +36,8 @@ pub trait Context {
     fn pull(&self, len: u32) -> Result<(), c_long>;
     /// Length of the packet in bytes.
     fn len(&self) -> u32;
+    /// The payload bytes of each segment a GSO packet leaves as; 0 for a plain packet.
+    fn gso_size(&self) -> u32;
     /// The device the packet arrived on.
     fn ifindex(&self) -> u32;
     /// The raw context, for helpers that take any program's context (FIB lookups).
@@ -57,10 +59,11 @@ pub trait Context {
     /// Sends the (translated, TTL-decremented) packet to `hop`, which [`Self::can_send`]
     /// accepted.
     fn send(&self, hop: &Hop) -> Verdict;
-    /// Turns the packet into an ICMP port unreachable to its sender and sends it back out
-    /// of its device (kube-proxy's REJECT), if the ICMP rate limits allow (`charge`: counts
-    /// against them; false for a dry run).
-    fn refuse(&self, packet: &Packet, charge: bool) -> Result<Verdict, NotRefused>;
+    /// Turns the packet into the ICMP error `answer` to its sender and sends it back out of
+    /// its device (kube-proxy's REJECT; the kernel's forwarding errors), if the ICMP rate
+    /// limits allow (`charge`: counts against them; false for a dry run).
+    fn answer(&self, packet: &Packet, answer: Answer, charge: bool)
+    -> Result<Verdict, NotAnswered>;
 }
 
 impl Context for TcContext {
@@ -84,6 +87,12 @@ impl Context for TcContext {
     #[inline(always)]
     fn len(&self) -> u32 {
         TcContext::len(self)
+    }
+
+    #[inline(always)]
+    fn gso_size(&self) -> u32 {
+        // SAFETY: `skb` is the program's context pointer.
+        unsafe { (*self.skb.skb).gso_size }
     }
 
     #[inline(always)]
@@ -135,8 +144,13 @@ impl Context for TcContext {
     }
 
     #[inline(always)]
-    fn refuse(&self, packet: &Packet, charge: bool) -> Result<Verdict, NotRefused> {
-        reject::port_unreachable(self, packet, charge).map(Verdict::Sent)
+    fn answer(
+        &self,
+        packet: &Packet,
+        answer: Answer,
+        charge: bool,
+    ) -> Result<Verdict, NotAnswered> {
+        answer::send(self, packet, &answer, charge).map(Verdict::Sent)
     }
 }
 
@@ -163,6 +177,12 @@ impl Context for XdpContext {
     #[inline(always)]
     fn len(&self) -> u32 {
         (XdpContext::data_end(self) - XdpContext::data(self)) as u32
+    }
+
+    /// A frame is one packet as it came off the wire: never a GSO super-packet.
+    #[inline(always)]
+    fn gso_size(&self) -> u32 {
+        0
     }
 
     #[inline(always)]
@@ -233,9 +253,14 @@ impl Context for XdpContext {
         }
     }
 
-    /// Refusals are rare and rate limited: tc builds them.
+    /// ICMP errors are rare and rate limited: tc builds them.
     #[inline(always)]
-    fn refuse(&self, _packet: &Packet, _charge: bool) -> Result<Verdict, NotRefused> {
-        Ok(Verdict::ToTc(to_tc::REFUSAL))
+    fn answer(
+        &self,
+        _packet: &Packet,
+        _answer: Answer,
+        _charge: bool,
+    ) -> Result<Verdict, NotAnswered> {
+        Ok(Verdict::ToTc(to_tc::ANSWER))
     }
 }

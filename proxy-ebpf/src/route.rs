@@ -1,4 +1,5 @@
-//! Routing of packets whose source became one of the node's own addresses.
+//! FIB lookups: routing of packets whose source became one of the node's own addresses,
+//! the egress MTU of translated packets, and the node's address toward a host.
 //!
 //! After reverse NAT a NodePort reply leaves with the node address as its source, and so
 //! do both directions of an SNAT flow and of a hairpin flow through a NodePort. The
@@ -7,6 +8,8 @@
 //! for the destination, a TTL decrement as the router would do, and the packet handed to
 //! the egress device by the context (tc: `bpf_redirect_neigh`, the kernel resolving the
 //! next hop's MAC; XDP: the MACs from the FIB written in place, then XDP_TX or a redirect).
+//! The same lookup, given the packet's length, tells whether it fits the egress device's
+//! MTU (see `forwarding`).
 //!
 //! The next hop is found before the packet is rewritten (and before a new flow is
 //! recorded), so a hook that cannot send the packet itself — XDP without the next hop's
@@ -15,28 +18,60 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, bpf_fib_lookup,
+    },
     helpers::bpf_fib_lookup as fib_lookup,
+    macros::map,
+    maps::PerCpuArray,
 };
-use proxy_common::{Tuple, stat, to_tc};
+use proxy_common::Tuple;
 
 use crate::{
     context::Context,
     csum,
-    mode::Mode,
     parse::{self, L3_OFFSET},
     verdict::Verdict,
 };
 
 const AF_INET: u8 = 2;
+
+/// This CPU's lookup parameters: 64 bytes the packet path's stack has no room for. Each
+/// lookup fills them anew; not pinned.
+#[map]
+static FIB_PARAMS: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
+
+/// Runs a FIB lookup: `fill` sets the request in zeroed parameters, `read` takes what it
+/// needs from the result (return code and parameters).
+#[inline(always)]
+fn fib<C: Context, T>(
+    ctx: &C,
+    flags: u32,
+    fill: impl FnOnce(&mut bpf_fib_lookup),
+    read: impl FnOnce(i64, &bpf_fib_lookup) -> T,
+) -> Option<T> {
+    let params = FIB_PARAMS.get_ptr_mut(0)?;
+    // SAFETY: this CPU's entry, used only within this call (no preemption while the
+    // program runs); an all-zero bpf_fib_lookup is a valid request skeleton.
+    let params = unsafe {
+        params.write_bytes(0, 1);
+        &mut *params
+    };
+    fill(params);
+    // SAFETY: params is a valid, writable bpf_fib_lookup of the size passed.
+    let found = unsafe { fib_lookup(ctx.raw(), params, size_of::<bpf_fib_lookup>() as i32, flags) };
+    Some(read(found, params))
+}
+
 /// Offsets within the IPv4 header.
 const IPV4_TTL_OFFSET: usize = 8;
 const IPV4_CSUM_OFFSET: usize = 10;
 
-/// Where a packet leaves: the egress device and, when the neighbour table knows it, the
-/// Ethernet addresses to use. Every field is always written (no `Option` around it): the
-/// verifier refuses to read a register that was never set, which an `Option`'s absent
-/// payload may compile to.
+/// Where a packet leaves when the program routes it: the egress device and, when the
+/// neighbour table knows it, the Ethernet addresses to use. Every field is always written
+/// (no `Option` around it): the verifier refuses to read a register that was never set,
+/// which an `Option`'s absent payload may compile to.
 #[derive(Clone, Copy)]
 pub struct Hop {
     /// 0: the program does not route the packet; the kernel does.
@@ -62,80 +97,99 @@ impl Hop {
     }
 }
 
-/// How the packet (to become `to`) leaves when the program routes it itself: `Ok` the hop
-/// the context sends it to, or [`Hop::KERNEL`] (tc, when the FIB has no route or the TTL
-/// is exhausted: the kernel then sends the ICMP error); `Err` the XDP program leaves it to
-/// tc.
-#[inline(always)]
-pub fn hop_for<C: Context, M: Mode>(
-    ctx: &C,
-    mode: &M,
-    proto: u8,
-    to: &Tuple,
-) -> Result<Hop, Verdict> {
-    // SAFETY: an all-zero bpf_fib_lookup is a valid request skeleton.
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
-    params.l4_protocol = proto;
-    params.sport = to.src_port;
-    params.dport = to.dst_port;
-    params.ifindex = ctx.ifindex();
-    params.__bindgen_anon_3.ipv4_src = to.src_addr;
-    params.__bindgen_anon_4.ipv4_dst = to.dst_addr;
-    // SAFETY: params is a valid, writable bpf_fib_lookup of the size passed.
-    let found = unsafe {
-        fib_lookup(
-            ctx.raw(),
-            &mut params,
-            size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    };
-    let neighbour_known = found == i64::from(BPF_FIB_LKUP_RET_SUCCESS);
-    let reason = if !neighbour_known && found != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
-        if !C::IS_XDP {
-            mode.count(stat::FIB_MISS);
-        }
-        to_tc::NO_ROUTE
-    } else if !ttl_allows_a_hop(ctx) {
-        to_tc::NO_ROUTE
-    } else {
-        let hop = Hop {
-            ifindex: params.ifindex,
-            neighbour_known,
-            smac: params.smac,
-            dmac: params.dmac,
-        };
-        match ctx.can_send(&hop) {
-            Ok(()) => return Ok(hop),
-            Err(reason) => reason,
-        }
-    };
-    if C::IS_XDP {
-        Err(Verdict::ToTc(reason))
-    } else {
-        Ok(Hop::KERNEL)
-    }
+/// Where a packet of the tuple `to` goes, as the kernel's forwarding step would decide.
+#[derive(Clone, Copy)]
+pub enum Route {
+    /// Out of this hop's device.
+    Via(Hop),
+    /// Larger than the route's MTU (which it names).
+    TooBig { mtu: u16 },
+    /// To this node: delivered, not forwarded.
+    Local,
+    /// No route (unreachable, blackhole, forwarding disabled on the arrival device, …).
+    None,
 }
 
-/// Sends the translated packet to `hop` ([`hop_for`] found it): one hop, so the TTL
-/// goes down by one.
+/// A forwarding lookup for a packet of `proto` that now is `to`, as if it arrived on the
+/// packet's device. `l3_len`: the IPv4 length of the largest packet it leaves as (a GSO
+/// segment), checked against the route's MTU as the kernel's forwarding does; with 0 the
+/// kernel checks the skb itself against the egress device's MTU instead.
 #[inline(always)]
-pub fn forward<C: Context>(ctx: &C, hop: &Hop) -> Verdict {
+pub fn lookup<C: Context>(ctx: &C, proto: u8, to: &Tuple, l3_len: u16) -> Route {
+    let ingress = ctx.ifindex();
+    let route = fib(
+        ctx,
+        0,
+        |params| {
+            params.family = AF_INET;
+            params.l4_protocol = proto;
+            params.sport = to.src_port;
+            params.dport = to.dst_port;
+            params.ifindex = ingress;
+            params.__bindgen_anon_1.tot_len = l3_len;
+            params.__bindgen_anon_3.ipv4_src = to.src_addr;
+            params.__bindgen_anon_4.ipv4_dst = to.dst_addr;
+        },
+        |found, params| {
+            let neighbour_known = found == i64::from(BPF_FIB_LKUP_RET_SUCCESS);
+            if neighbour_known || found == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+                Route::Via(Hop {
+                    ifindex: params.ifindex,
+                    neighbour_known,
+                    smac: params.smac,
+                    dmac: params.dmac,
+                })
+            } else if found == i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+                // SAFETY: the kernel stores the route's MTU in the union when it says so.
+                Route::TooBig {
+                    mtu: unsafe { params.__bindgen_anon_1.mtu_result },
+                }
+            } else if found == i64::from(BPF_FIB_LKUP_RET_NOT_FWDED) {
+                Route::Local
+            } else {
+                Route::None
+            }
+        },
+    );
+    route.unwrap_or(Route::None)
+}
+
+/// Forwards the already translated packet to `hop` (found by [`lookup`], accepted by the
+/// context's `can_send`): the TTL decremented as a router does. `None` when the TTL is
+/// exhausted (the caller drops; the error, where one is due, was sent before the packet
+/// was translated).
+#[inline(always)]
+pub fn send<C: Context>(ctx: &C, hop: &Hop) -> Option<Verdict> {
     if !decrement_ttl(ctx) {
-        return Verdict::Accept;
+        return None;
     }
-    ctx.send(hop)
+    Some(ctx.send(hop))
 }
 
-/// Whether the TTL leaves room for one more hop.
+/// The node address a packet toward `addr` leaves with (`BPF_FIB_LOOKUP_SRC`, a
+/// forwarding lookup from the arrival device), and the device it leaves by.
 #[inline(always)]
-fn ttl_allows_a_hop<C: Context>(ctx: &C) -> bool {
-    match parse::at(ctx, L3_OFFSET + IPV4_TTL_OFFSET, 1) {
-        // SAFETY: the byte was checked against data_end just above.
-        Some(ttl) => (unsafe { *(ttl as *const u8) }) > 1,
-        None => false,
-    }
+pub fn source_toward<C: Context>(ctx: &C, proto: u8, addr: u32, port: u16) -> Option<(u32, u32)> {
+    let ingress = ctx.ifindex();
+    fib(
+        ctx,
+        BPF_FIB_LOOKUP_SRC,
+        |params| {
+            params.family = AF_INET;
+            params.l4_protocol = proto;
+            params.dport = port;
+            params.ifindex = ingress;
+            params.__bindgen_anon_4.ipv4_dst = addr;
+        },
+        |found, params| {
+            let routed = found == i64::from(BPF_FIB_LKUP_RET_SUCCESS)
+                || found == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH);
+            // SAFETY: the lookup filled in the IPv4 source (BPF_FIB_LOOKUP_SRC).
+            let source = unsafe { params.__bindgen_anon_3.ipv4_src };
+            (routed && source != 0).then_some((source, params.ifindex))
+        },
+    )
+    .flatten()
 }
 
 /// Decrements the TTL and fixes the header checksum; false when it would reach zero.

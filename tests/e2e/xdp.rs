@@ -196,7 +196,7 @@ fn trace_shows_which_hook_decided() -> Result<()> {
         (
             trace["xdp"]["action"].as_str(),
             trace["xdp"]["left_to_tc"].as_str()
-        ) == (Some("to-tc"), Some("refusal")),
+        ) == (Some("to-tc"), Some("answer")),
         "{trace:#}"
     );
     Ok(())

@@ -97,8 +97,9 @@ pub struct XdpView {
     /// `redirect` (out of another device running XDP natively), `drop`, or `to-tc` (left
     /// untouched to tc).
     pub action: &'static str,
-    /// Why XDP left the packet to tc (`not-handled`, `refusal`, `no-neighbour`,
-    /// `other-device`, `no-route`, `reselect`, `no-metadata`); null when it decided.
+    /// Why XDP left the packet to tc (`not-handled`, `answer`, `no-neighbour`,
+    /// `other-device`, `no-route`, `reselect`, `fragment`, `icmp`, `no-metadata`); null
+    /// when it decided.
     pub left_to_tc: Option<&'static str>,
 }
 
@@ -109,11 +110,13 @@ impl XdpView {
         let left_to_tc = match record.to_tc {
             to_tc::NO => None,
             to_tc::NOT_HANDLED => Some("not-handled"),
-            to_tc::REFUSAL => Some("refusal"),
+            to_tc::ANSWER => Some("answer"),
             to_tc::NO_NEIGHBOUR => Some("no-neighbour"),
             to_tc::OTHER_DEVICE => Some("other-device"),
             to_tc::NO_ROUTE => Some("no-route"),
             to_tc::RESELECT => Some("reselect"),
+            to_tc::FRAGMENT => Some("fragment"),
+            to_tc::ICMP => Some("icmp"),
             _ => Some("no-metadata"),
         };
         let action = match run.action {
@@ -158,12 +161,14 @@ impl XdpView {
 
 fn why(reason: &str) -> &'static str {
     match reason {
-        "not-handled" => "not IPv4 TCP/UDP, or a fragment",
-        "refusal" => "a refusal, which tc builds",
+        "not-handled" => "not IPv4 TCP/UDP",
+        "answer" => "an ICMP error goes back in its place, which tc builds",
         "no-neighbour" => "the next hop's MAC is not known yet; tc resolves it",
         "other-device" => "it leaves by a device without native XDP",
-        "no-route" => "no route, or its TTL runs out",
+        "no-route" => "no route; tc hands it to the kernel",
         "reselect" => "its flow must choose a backend again; tc retires the entry",
+        "fragment" => "an IP fragment; tc takes the whole datagram",
+        "icmp" => "an ICMP message; tc translates errors about tracked flows",
         _ => "the driver keeps no XDP metadata",
     }
 }
@@ -209,11 +214,11 @@ mod tests {
         let plain = TraceRecord::default();
         assert_eq!(XdpView::of(&run(XDP_PASS, true), &plain, 2).action, "pass");
         let left = TraceRecord {
-            to_tc: to_tc::REFUSAL,
+            to_tc: to_tc::ANSWER,
             ..TraceRecord::default()
         };
         let view = XdpView::of(&run(XDP_PASS, false), &left, 2);
-        assert_eq!((view.action, view.left_to_tc), ("to-tc", Some("refusal")));
+        assert_eq!((view.action, view.left_to_tc), ("to-tc", Some("answer")));
         assert!(view.left_to_tc());
         assert_eq!(
             XdpView::of(&run(XDP_DROP, false), &plain, 2).verdict(),

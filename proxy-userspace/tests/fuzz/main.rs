@@ -88,7 +88,9 @@ const STEPS: [u32; 5] = [
     stat::BACKEND_LEFT,
 ];
 /// The counters that end a path with TC_ACT_SHOT.
-const DROPS: [u32; 7] = [
+const DROPS: [u32; 9] = [
+    stat::NOT_FORWARDABLE,
+    stat::FRAGMENT_DROPPED,
     stat::CT_CREATE_FAILED,
     stat::NO_BACKEND,
     stat::BACKEND_MISSING,
@@ -301,6 +303,9 @@ impl Fuzzer {
         let key = flow_key(frame, packet.datagram);
         let flows = |node: &FuzzedNode| key.map(|key| node.flows(&key)).unwrap_or_default();
         let before = flows(node);
+        let datagram = check::datagram_of(frame);
+        let record = |node: &FuzzedNode| datagram.and_then(|key| node.fragment_record(&key));
+        let record_before = record(node);
         let ran = |program| {
             move |error: anyhow::Error| {
                 Failure::of(
@@ -321,12 +326,20 @@ impl Fuzzer {
             after: before,
             reply: Flows::default(),
             datagram: packet.datagram,
+            record_before,
+            record_after: record_before,
         };
         check::check(&run, &node.frontends)
             .map_err(|problem| failed("epx_trace", verdict, &output, problem))?;
         let unchanged = flows(node);
         if unchanged != before {
             let problem = format!("the dry run changed conntrack: {before:?} → {unchanged:?}");
+            return Err(failed("epx_trace", verdict, &output, problem));
+        }
+        let unchanged = record(node);
+        if unchanged != record_before {
+            let problem =
+                format!("the dry run changed FRAGMENTS: {record_before:?} → {unchanged:?}");
             return Err(failed("epx_trace", verdict, &output, problem));
         }
 
@@ -346,12 +359,17 @@ impl Fuzzer {
                 check::check(&dry, &node.frontends)
                     .map_err(|problem| failed("epx_xdp_trace", verdict, &output, problem))?;
             }
-            let unchanged = flows(node);
-            if unchanged != before {
-                let problem = format!("the dry run changed conntrack: {before:?} → {unchanged:?}");
+            let unchanged = (flows(node), record(node));
+            if unchanged != (before, record_before) {
+                let problem = format!(
+                    "the dry run changed conntrack or FRAGMENTS: {before:?}, {record_before:?} \
+                     → {unchanged:?}"
+                );
                 return Err(failed("epx_xdp_trace", xdp.action, frame, problem));
             }
         }
+        // IP fragments and ICMP take tc's paths of their own: XDP leaves them all to tc.
+        let only_tc = matches!(wire::shape(frame), Shape::Fragment(_) | Shape::Icmp(_));
         let mut program = "epx_ingress";
         let (verdict, output) = if through_xdp {
             self.summary.xdp += 1;
@@ -359,16 +377,23 @@ impl Fuzzer {
             match xdp_as_tc(frame, xdp.action, xdp.decided, xdp.frame)
                 .map_err(|problem| failed("epx_xdp", xdp.action, &[], problem))?
             {
+                Some(_) if only_tc => {
+                    let problem = "decided a fragment or an ICMP message".to_owned();
+                    return Err(failed("epx_xdp", xdp.action, frame, problem));
+                }
                 Some(decided) => {
                     program = "epx_xdp";
                     self.xdp_drops += u64::from(decided.0 == TC_ACT_SHOT);
                     decided
                 }
                 None => {
-                    let after = flows(node);
-                    if after != before {
+                    // A tracked flow's packet XDP may have accounted before it found it
+                    // must leave the packet to tc (see `translations`).
+                    let after = (translations(&flows(node)), record(node));
+                    if after != (translations(&before), record_before) {
                         let problem = format!(
-                            "left a packet to tc but changed conntrack: {before:?} → {after:?}"
+                            "left a packet to tc but changed conntrack or FRAGMENTS: \
+                             {before:?}, {record_before:?} → {after:?}"
                         );
                         return Err(failed("epx_xdp", XDP_PASS, frame, problem));
                     }
@@ -383,6 +408,7 @@ impl Fuzzer {
         run.verdict = verdict;
         run.output = &output;
         run.after = flows(node);
+        run.record_after = record(node);
         if let Shape::Transport(out) = wire::shape(&output) {
             run.reply = node.flows(&CtKey::new(tuple(out.dst, out.src), out.proto()));
         }
@@ -446,6 +472,18 @@ impl Fuzzer {
         self.summary.reaped += u64::from(reaped);
         Ok(())
     }
+}
+
+/// What a key's conntrack entries translate to, without their accounting (packets, bytes,
+/// state, expiry, membership epoch, and which map holds them): what XDP must leave as it was when it leaves
+/// a packet to tc. A packet of a tracked flow is accounted when its entry is followed,
+/// before the forwarding checks find where it goes; one XDP then leaves to tc (its next
+/// hop's MAC unknown, another device, an ICMP error due) tc accounts again.
+fn translations(flows: &Flows) -> Vec<(proxy_common::Tuple, u32, u32, u8)> {
+    flows
+        .values()
+        .map(|value| (value.to, value.rev_nat_id, value.backend_id, value.flags))
+        .collect()
 }
 
 /// An `epx_xdp` run as the tc verdict and frame the checks take (`None`: left to tc, which
