@@ -8,6 +8,7 @@
 
 mod conntrack;
 mod fragment;
+pub mod sctp;
 mod sock;
 
 pub use conntrack::{
@@ -22,10 +23,34 @@ pub use sock::{
     sock_kind, sock_programs,
 };
 
-/// IP protocol numbers the datapath balances.
+/// IP protocol numbers the datapath balances: the one list the parser, ICMP errors, the
+/// socket hooks, the planner and the CLI go by.
 pub mod proto {
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
+    /// Balanced like TCP: its chunks drive the same conntrack states ([`crate::sctp`]).
+    pub const SCTP: u8 = 132;
+
+    /// Whether the tc datapath translates packets of `proto`.
+    pub const fn is_balanced(proto: u8) -> bool {
+        matches!(proto, TCP | UDP | SCTP)
+    }
+
+    /// Whether conntrack follows a handshake and a close for `proto` (TCP's flags, SCTP's
+    /// chunks read as them), rather than UDP's replies and streams.
+    pub const fn is_connection(proto: u8) -> bool {
+        matches!(proto, TCP | SCTP)
+    }
+
+    /// Lowercase name, as kube-proxy's chain hashes and iptables' `-p` spell it.
+    pub const fn name(proto: u8) -> &'static str {
+        match proto {
+            TCP => "tcp",
+            UDP => "udp",
+            SCTP => "sctp",
+            _ => "?",
+        }
+    }
 }
 
 /// Names under which the maps are pinned (in the daemon's bpffs root) and looked up.
