@@ -683,14 +683,25 @@ mod tests {
         const DATA: u8 = 0;
         const COOKIE_ECHO: u8 = 10;
         let sctp = |state, from_backend, first_chunk| {
-            next_state(proto::SCTP, state, from_backend, tcp_flags_of(first_chunk), 10, 10)
+            next_state(
+                proto::SCTP,
+                state,
+                from_backend,
+                tcp_flags_of(first_chunk),
+                10,
+                10,
+            )
         };
         let of = |state| FlowState::of(proto::SCTP, state);
         let init = sctp(0, false, chunk::INIT);
         assert_eq!(of(init), FlowState::SynSent);
         let init_ack = sctp(init, true, chunk::INIT_ACK);
         assert_eq!(of(init_ack), FlowState::SynRecv);
-        assert_eq!(sctp(init_ack, false, chunk::INIT), init_ack, "a retransmitted INIT");
+        assert_eq!(
+            sctp(init_ack, false, chunk::INIT),
+            init_ack,
+            "a retransmitted INIT"
+        );
         let established = sctp(init_ack, false, COOKIE_ECHO);
         assert_eq!(of(established), FlowState::Established);
         assert_eq!(sctp(established, true, DATA), established);

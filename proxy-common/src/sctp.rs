@@ -117,7 +117,12 @@ fn x_to_bytes(len: u16) -> u32 {
 /// checksum; a field of zero is left zero by the caller (a checksum the device is still to
 /// compute, see `nat.rs`).
 #[inline(always)]
-pub fn checksum_after_port_change(checksum: [u8; 4], from: [u8; 4], to: [u8; 4], len: u16) -> [u8; 4] {
+pub fn checksum_after_port_change(
+    checksum: [u8; 4],
+    from: [u8; 4],
+    to: [u8; 4],
+    len: u16,
+) -> [u8; 4] {
     let changed = u32::from_le_bytes(from) ^ u32::from_le_bytes(to);
     (u32::from_le_bytes(checksum) ^ multiply(changed, x_to_bytes(len))).to_le_bytes()
 }
@@ -163,15 +168,25 @@ mod tests {
 
     #[test]
     fn a_port_change_updates_the_checksum_as_a_full_recomputation_does() {
-        let ports = [[0x9c, 0x40, 0x00, 0x50], [0x1f, 0x90, 0x1f, 0x90], [0xff, 0xff, 0, 0]];
-        let rewrites = [[0x9c, 0x40, 0x1f, 0x90], [0xee, 0x48, 0x00, 0x50], [0, 0, 0xff, 0xff]];
+        let ports = [
+            [0x9c, 0x40, 0x00, 0x50],
+            [0x1f, 0x90, 0x1f, 0x90],
+            [0xff, 0xff, 0, 0],
+        ];
+        let rewrites = [
+            [0x9c, 0x40, 0x1f, 0x90],
+            [0xee, 0x48, 0x00, 0x50],
+            [0, 0, 0xff, 0xff],
+        ];
         // Every length class: the smallest packet, one per table byte, past 256 and a
         // typical MTU's.
         for len in [12, 13, 16, 17, 255, 256, 257, 511, 1000, 1480, 1999] {
             for (seed, (&from, &to)) in ports.iter().zip(&rewrites).enumerate() {
                 let before = packet(len, from, seed as u8);
                 let after = packet(len, to, seed as u8);
-                let stored = before[CHECKSUM_OFFSET..CHECKSUM_OFFSET + 4].try_into().unwrap();
+                let stored = before[CHECKSUM_OFFSET..CHECKSUM_OFFSET + 4]
+                    .try_into()
+                    .unwrap();
                 assert_eq!(
                     checksum_after_port_change(stored, from, to, len as u16),
                     after[CHECKSUM_OFFSET..CHECKSUM_OFFSET + 4],
@@ -189,16 +204,25 @@ mod tests {
             assert_eq!(x_to_bytes(len), power, "x^(8·{len})");
             power = multiply(power, x_8);
         }
-        assert_eq!(x_to_bytes(u16::MAX), (0..u16::MAX).fold(ONE, |p, _| multiply(p, x_8)));
+        assert_eq!(
+            x_to_bytes(u16::MAX),
+            (0..u16::MAX).fold(ONE, |p, _| multiply(p, x_8))
+        );
     }
 
     #[test]
     fn chunks_read_as_tcp_flags() {
         assert_eq!(tcp_flags_of(chunk::INIT), tcp_flags::SYN);
-        assert_eq!(tcp_flags_of(chunk::INIT_ACK), tcp_flags::SYN | tcp_flags::ACK);
+        assert_eq!(
+            tcp_flags_of(chunk::INIT_ACK),
+            tcp_flags::SYN | tcp_flags::ACK
+        );
         assert_eq!(tcp_flags_of(chunk::ABORT), tcp_flags::RST);
         assert_eq!(tcp_flags_of(chunk::SHUTDOWN_COMPLETE), tcp_flags::RST);
-        assert_eq!(tcp_flags_of(chunk::SHUTDOWN), tcp_flags::FIN | tcp_flags::ACK);
+        assert_eq!(
+            tcp_flags_of(chunk::SHUTDOWN),
+            tcp_flags::FIN | tcp_flags::ACK
+        );
         assert_eq!(tcp_flags_of(0), tcp_flags::ACK, "DATA");
         assert_eq!(tcp_flags_of(10), tcp_flags::ACK, "COOKIE ECHO");
     }

@@ -301,11 +301,7 @@ fn frontend_label(key: &FrontendKey) -> String {
 }
 
 fn protocol_name(protocol: u8) -> &'static str {
-    match protocol {
-        proto::TCP => "tcp",
-        proto::UDP => "udp",
-        _ => "?",
-    }
+    proto::name(protocol)
 }
 
 /// The frontend kind recorded in a header's flags, named like the Service field.

@@ -42,7 +42,7 @@ pub struct TraceArgs {
     /// The packet's source, `address[:port]` (port 40000 if omitted).
     #[arg(required_unless_present = "connect")]
     source: Option<EndpointPattern>,
-    /// Its destination, `address:port[/tcp|/udp]` (tcp if omitted).
+    /// Its destination, `address:port[/tcp|/udp|/sctp]` (tcp if omitted).
     #[arg(required_unless_present = "connect")]
     destination: Option<Destination>,
     /// Instead of a packet, a `connect()` of a process of this node to
@@ -57,6 +57,8 @@ pub struct TraceArgs {
     cgroup_root: Option<std::path::PathBuf>,
     /// TCP flags of the packet, comma-separated: `syn`, `ack`, `fin`, `rst` (default: a
     /// SYN, a new connection's first packet; `syn,ack` traces a backend's first answer).
+    /// For SCTP they choose the packet's chunk: `syn` INIT, `syn,ack` INIT ACK, `fin`
+    /// SHUTDOWN, `rst` ABORT, `ack` DATA.
     #[arg(long, value_delimiter = ',', default_value = "syn", value_parser = parse_tcp_flag)]
     tcp_flags: Vec<u8>,
     /// The packet's IPv4 length in bytes, its payload zero-filled (default: the headers
@@ -150,7 +152,8 @@ impl FromStr for Destination {
         let protocol = match protocol {
             "tcp" => proto::TCP,
             "udp" => proto::UDP,
-            other => return Err(format!("{other:?}: the protocol is tcp or udp")),
+            "sctp" => proto::SCTP,
+            other => return Err(format!("{other:?}: the protocol is tcp, udp or sctp")),
         };
         let pattern: EndpointPattern = endpoint.parse()?;
         let port = pattern
@@ -1135,7 +1138,9 @@ mod tests {
         let tcp: Destination = "198.19.0.10:80".parse().unwrap();
         assert_eq!(tcp.protocol, proto::TCP);
         assert!("198.19.0.10/tcp".parse::<Destination>().is_err());
-        assert!("198.19.0.10:80/sctp".parse::<Destination>().is_err());
+        let sctp: Destination = "198.19.0.10:3868/sctp".parse().unwrap();
+        assert_eq!(sctp.protocol, proto::SCTP);
+        assert!("198.19.0.10:80/quic".parse::<Destination>().is_err());
     }
 
     #[test]

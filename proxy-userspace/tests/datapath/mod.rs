@@ -15,8 +15,7 @@ use aya::{
     programs::SchedClassifier,
 };
 use etherparse::{
-    EtherType, Ethernet2Header, IpFragOffset, IpNumber, Ipv4Header, Ipv4Options, TcpHeader,
-    UdpHeader,
+    Ethernet2Header, IpFragOffset, IpNumber, Ipv4Header, Ipv4Options, TcpHeader, UdpHeader,
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtTimeouts, CtValue, FragmentKey, FragmentValue,
@@ -520,6 +519,12 @@ pub enum Transport {
     Udp {
         checksum: bool,
     },
+    /// One chunk of `chunk` carrying the payload; `checksum: false` leaves the CRC32c
+    /// field zero, as a socket does when the device computes it.
+    Sctp {
+        chunk: u8,
+        checksum: bool,
+    },
 }
 
 pub const SYN: Transport = Transport::Tcp {
@@ -543,11 +548,27 @@ pub const FIN_ACK: Transport = Transport::Tcp {
     fin: true,
 };
 pub const UDP: Transport = Transport::Udp { checksum: true };
+pub const SCTP_INIT: Transport = Transport::Sctp {
+    chunk: proxy_common::sctp::chunk::INIT,
+    checksum: true,
+};
+pub const SCTP_INIT_ACK: Transport = Transport::Sctp {
+    chunk: proxy_common::sctp::chunk::INIT_ACK,
+    checksum: true,
+};
+/// A DATA chunk.
+pub const SCTP_DATA: Transport = Transport::Sctp {
+    chunk: 0,
+    checksum: true,
+};
 
 /// An odd length, so checksums cover a padded last byte.
 pub const PAYLOAD: &[u8] = b"hello, backend!";
 
-/// A description of an Ethernet/IPv4/TCP-or-UDP frame; `build` gives its bytes with full,
+/// The Ethernet header of every built frame.
+const ETHERNET: [u8; 14] = [0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01, 0x08, 0x00];
+
+/// A description of an Ethernet/IPv4/TCP, UDP or SCTP frame; `build` gives its bytes with full,
 /// valid checksums.
 #[derive(Clone, Copy)]
 pub struct Frame {
@@ -630,14 +651,22 @@ impl Frame {
                 }
                 udp.to_bytes().to_vec()
             }
+            Transport::Sctp { chunk, checksum } => {
+                let sctp = wire::sctp_packet(
+                    self.src.port(),
+                    self.dst.port(),
+                    chunk,
+                    self.payload,
+                    checksum,
+                );
+                ip.protocol = IpNumber::SCTP;
+                ip.set_payload_len(sctp.len()).unwrap();
+                ip.header_checksum = ip.calc_header_checksum();
+                return [&ETHERNET[..], &ip.to_bytes(), &sctp].concat();
+            }
         };
         ip.header_checksum = ip.calc_header_checksum();
-        let eth = Ethernet2Header {
-            source: [0x02, 0, 0, 0, 0, 0x01],
-            destination: [0x02, 0, 0, 0, 0, 0x02],
-            ether_type: EtherType::IPV4,
-        };
-        [&eth.to_bytes()[..], &ip.to_bytes(), &l4, self.payload].concat()
+        [&ETHERNET[..], &ip.to_bytes(), &l4, self.payload].concat()
     }
 }
 
