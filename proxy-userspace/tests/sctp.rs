@@ -288,3 +288,41 @@ fn trace_rewrites_an_sctp_packet_as_ingress_does() {
     assert_eq!(live.0, TC_ACT_OK);
     assert_crc_valid(&live.1);
 }
+
+#[test]
+fn an_icmp_error_about_an_association_reaches_the_client_with_its_quote_translated() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    datapath.add_service(
+        frontend(VIP, proto::SCTP),
+        &[backend(BACKEND_1, proto::SCTP)],
+    );
+    let init = Frame::new(CLIENT, VIP, SCTP_INIT);
+    assert_translated(&datapath, init, init.between(CLIENT, BACKEND_1));
+    let received = init.between(CLIENT, BACKEND_1).build();
+    let error = |from: SocketAddrV4, about: &[u8], quote_len: usize| {
+        let ip = wire::Ipv4Spec::new(from.ip().octets(), CLIENT.ip().octets(), 1);
+        let quote = &about[wire::ETH_LEN..wire::ETH_LEN + quote_len];
+        wire::frame(&ip, &wire::icmp(3, 3, [0; 4], quote))
+    };
+    // RFC 792's 8 bytes (the ports and verification tag), and the whole packet, whose
+    // quoted CRC32c is kept valid as netfilter keeps it.
+    let whole = received.len() - wire::ETH_LEN;
+    for quote_len in [wire::IPV4_MIN_LEN + 8, whole] {
+        let (verdict, out) = datapath.run(&error(BACKEND_1, &received, quote_len));
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(
+            out,
+            error(VIP, &init.build(), quote_len),
+            "a quote of {quote_len} bytes: {}",
+            wire::hex(&out)
+        );
+        assert_eq!(
+            wire::ones_complement_sum(&out[wire::ETH_LEN + 20..]),
+            0xffff
+        );
+    }
+    let quote = &error(VIP, &init.build(), whole)[wire::ETH_LEN + 28..];
+    assert_eq!(wire::sctp_checksum_valid(&quote[20..]), Some(true));
+}

@@ -687,7 +687,7 @@ mod tests {
 
     use super::*;
     use crate::cluster::{FrontendState, Frontends};
-    use crate::datapath::wire::{Ipv4Spec, frame, segment};
+    use crate::datapath::wire::{Ipv4Spec, frame, sctp_packet, segment};
 
     const CLIENT: End = End::new([198, 18, 0, 10], 40_000);
     const VIP: End = End::new([198, 19, 0, 10], 80);
@@ -706,11 +706,18 @@ mod tests {
             when_empty: EmptyFrontend::Reject,
             source_ranges: Vec::new(),
         };
-        frontends.frontends.insert((VIP, proto::UDP), state);
+        for protocol in [proto::UDP, proto::SCTP] {
+            frontends.frontends.insert((VIP, protocol), state.clone());
+            frontends
+                .backends
+                .extend(backends.iter().map(|backend| (*backend, protocol)));
+        }
         frontends
-            .backends
-            .extend(backends.iter().map(|backend| (*backend, proto::UDP)));
-        frontends
+    }
+
+    fn sctp(src: End, dst: End, checksum: bool) -> Vec<u8> {
+        let ip = Ipv4Spec::new(src.addr, dst.addr, proto::SCTP);
+        frame(&ip, &sctp_packet(src.port, dst.port, 1, b"init", checksum))
     }
 
     fn flows(to: Option<(End, End)>) -> Flows {
@@ -764,6 +771,28 @@ mod tests {
             (super::check(&run(&input, 1, &good, recorded), &frontends)).is_err(),
             "unexpected verdict"
         );
+    }
+
+    #[test]
+    fn an_sctp_rewrite_must_keep_its_crc32c_valid_and_a_zero_one_zero() {
+        let frontends = frontends(&[BACKEND]);
+        let recorded = || flows(Some((CLIENT, BACKEND)));
+        let check = |input: &[u8], output: &[u8]| {
+            check(&run(input, TC_ACT_OK, output, recorded()), &frontends)
+        };
+        let input = sctp(CLIENT, VIP, true);
+        let good = sctp(CLIENT, BACKEND, true);
+        assert_eq!(check(&input, &good), Ok(Outcome::Translated));
+        let crc = ETH_LEN + IPV4_MIN_LEN + 8;
+        let mut stale = good.clone();
+        stale[crc..crc + 4].copy_from_slice(&input[crc..crc + 4]);
+        assert!(check(&input, &stale).is_err(), "CRC not updated");
+        let offloaded = sctp(CLIENT, VIP, false);
+        assert_eq!(
+            check(&offloaded, &sctp(CLIENT, BACKEND, false)),
+            Ok(Outcome::Translated)
+        );
+        assert!(check(&offloaded, &good).is_err(), "a zero CRC filled in");
     }
 
     #[test]

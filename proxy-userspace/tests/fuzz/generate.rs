@@ -689,5 +689,27 @@ mod tests {
             (ETH_LEN..=60).all(|len| truncated.contains(&len)),
             "not truncated at every header length: {truncated:?}"
         );
+        // SCTP to frontends, answered, in fragments and quoted by errors, with every
+        // chunk that moves an association.
+        let is_sctp =
+            |generated: &Generated| generated.frame.get(ETH_LEN + 9) == Some(&proto::SCTP);
+        for kind in ["to a frontend", "backend to client", "first fragment"] {
+            let count = (first.iter())
+                .filter(|generated| generated.kind == kind && is_sctp(generated))
+                .count();
+            assert!(count > 50, "too few SCTP packets {kind}: {count}");
+        }
+        let chunks: BTreeSet<u8> = (first.iter())
+            .filter(|generated| generated.kind == "to a frontend" && is_sctp(generated))
+            .filter_map(|generated| generated.frame.get(ETH_LEN + 20 + 12).copied())
+            .collect();
+        for chunk in [0, 1, 2, 6, 7, 8, 10, 14] {
+            assert!(chunks.contains(&chunk), "chunk {chunk} never generated");
+        }
+        let quoting_sctp = (first.iter()).filter(|generated| {
+            generated.kind == "ICMP port unreachable"
+                && generated.frame.get(ETH_LEN + 20 + 8 + 9) == Some(&proto::SCTP)
+        });
+        assert!(quoting_sctp.count() > 10, "too few errors about SCTP");
     }
 }
