@@ -115,7 +115,7 @@ impl Packet {
     }
 
     /// A packet that can be the first answer to a flow: any UDP datagram, a TCP SYN-ACK
-    /// or reset.
+    /// or reset (SCTP: an INIT ACK, ABORT or SHUTDOWN COMPLETE).
     pub fn may_answer(&self) -> bool {
         let syn_ack = tcp_flags::SYN | tcp_flags::ACK;
         self.proto == proto::UDP
@@ -126,9 +126,9 @@ impl Packet {
 
 /// What the packet path does with a packet.
 pub enum Parsed {
-    /// A TCP/UDP packet (a whole datagram, or the first fragment of one).
+    /// A TCP/UDP/SCTP packet (a whole datagram, or the first fragment of one).
     Packet(Packet),
-    /// A later fragment of a TCP/UDP datagram.
+    /// A later fragment of a TCP/UDP/SCTP datagram.
     LaterFragment(LaterFragment),
     /// An ICMP message (not fragmented), its header at `l4_offset`.
     Icmp { l4_offset: usize },

@@ -15,6 +15,17 @@ fn crc_of(frame: &[u8]) -> [u8; 4] {
     frame[at..at + 4].try_into().unwrap()
 }
 
+/// The datapath with one SCTP Service, VIP:80 → BACKEND_1:8080: every translation
+/// changes a port.
+fn with_one_service() -> Option<Datapath> {
+    let mut datapath = Datapath::load()?;
+    datapath.add_service(
+        frontend(VIP, proto::SCTP),
+        &[backend(BACKEND_1, proto::SCTP)],
+    );
+    Some(datapath)
+}
+
 fn assert_crc_valid(frame: &[u8]) {
     assert_eq!(
         wire::sctp_checksum_valid(&frame[14 + 20..]),
@@ -102,13 +113,9 @@ fn an_address_only_rewrite_leaves_the_crc_as_it_was() {
 
 #[test]
 fn a_long_packet_gets_the_crc_a_full_recomputation_gives() {
-    let Some(mut datapath) = Datapath::load() else {
+    let Some(datapath) = with_one_service() else {
         return;
     };
-    datapath.add_service(
-        frontend(VIP, proto::SCTP),
-        &[backend(BACKEND_1, proto::SCTP)],
-    );
     // Lengths across both bytes of the program's length tables, up to a 1500-byte MTU.
     static VALUE: [u8; 1452] = {
         let mut value = [0u8; 1452];
@@ -137,13 +144,9 @@ fn a_long_packet_gets_the_crc_a_full_recomputation_gives() {
 
 #[test]
 fn a_crc_left_to_the_device_stays_zero() {
-    let Some(mut datapath) = Datapath::load() else {
+    let Some(datapath) = with_one_service() else {
         return;
     };
-    datapath.add_service(
-        frontend(VIP, proto::SCTP),
-        &[backend(BACKEND_1, proto::SCTP)],
-    );
     // A pod's SCTP socket behind a veth (SCTP CRC offload) sends the field zero; the
     // kernel or the NIC computes it over the packet as it leaves, rewritten ports included.
     let offloaded = Transport::Sctp {
@@ -194,13 +197,9 @@ fn a_node_port_to_another_node_is_snated_with_valid_crcs_both_ways() {
 
 #[test]
 fn a_backend_reaching_its_own_service_is_hairpinned() {
-    let Some(mut datapath) = Datapath::load() else {
+    let Some(datapath) = with_one_service() else {
         return;
     };
-    datapath.add_service(
-        frontend(VIP, proto::SCTP),
-        &[backend(BACKEND_1, proto::SCTP)],
-    );
     let client = addr(BACKEND_1.ip().octets(), 40_000);
     let masqueraded = addr(VIP.ip().octets(), client.port());
     let init = Frame::new(client, VIP, SCTP_INIT);
@@ -235,13 +234,9 @@ fn other_protocols_frontends_leave_sctp_alone() {
 
 #[test]
 fn abort_ends_the_association_and_a_new_init_selects_again() {
-    let Some(mut datapath) = Datapath::load() else {
+    let Some(datapath) = with_one_service() else {
         return;
     };
-    datapath.add_service(
-        frontend(VIP, proto::SCTP),
-        &[backend(BACKEND_1, proto::SCTP)],
-    );
     let init = Frame::new(CLIENT, VIP, SCTP_INIT);
     assert_translated(&datapath, init, init.between(CLIENT, BACKEND_1));
     let abort = Frame::new(
@@ -262,19 +257,19 @@ fn abort_ends_the_association_and_a_new_init_selects_again() {
 
 #[test]
 fn trace_rewrites_an_sctp_packet_as_ingress_does() {
-    let Some(mut datapath) = Datapath::load() else {
+    let Some(datapath) = with_one_service() else {
         return;
     };
-    datapath.add_service(
-        frontend(VIP, proto::SCTP),
-        &[backend(BACKEND_1, proto::SCTP)],
-    );
     let mut tracer = datapath.tracer();
     let packet = trace_packet(CLIENT, VIP, proto::SCTP);
     let report = tracer.run(&packet).unwrap();
     assert_eq!(
         (report.verdict.as_str(), report.path),
         ("accept", "new_flow")
+    );
+    assert_eq!(
+        (report.packet.protocol, report.packet.sctp_chunk),
+        ("sctp", Some("INIT"))
     );
     let output = report.output.expect("the rewritten packet");
     assert_eq!(
@@ -291,13 +286,9 @@ fn trace_rewrites_an_sctp_packet_as_ingress_does() {
 
 #[test]
 fn an_icmp_error_about_an_association_reaches_the_client_with_its_quote_translated() {
-    let Some(mut datapath) = Datapath::load() else {
+    let Some(datapath) = with_one_service() else {
         return;
     };
-    datapath.add_service(
-        frontend(VIP, proto::SCTP),
-        &[backend(BACKEND_1, proto::SCTP)],
-    );
     let init = Frame::new(CLIENT, VIP, SCTP_INIT);
     assert_translated(&datapath, init, init.between(CLIENT, BACKEND_1));
     let received = init.between(CLIENT, BACKEND_1).build();

@@ -341,6 +341,8 @@ pub struct PacketView {
     pub destination: Endpoint,
     /// TCP: the flags by name (`SYN`, `SYN-ACK`, `ACK`, `FIN-ACK`, …); null otherwise.
     pub tcp_flags: Option<String>,
+    /// SCTP: its chunk (`INIT`, `INIT ACK`, `DATA`, `SHUTDOWN`, `ABORT`); null otherwise.
+    pub sctp_chunk: Option<&'static str>,
     /// The IPv4 length in bytes.
     pub length: u16,
     pub ttl: u8,
@@ -370,6 +372,8 @@ impl From<&TracePacket> for PacketView {
             source: packet.source,
             destination: packet.destination,
             tcp_flags: (packet.protocol == proto::TCP).then(|| flag_names(packet.tcp_flags)),
+            sctp_chunk: (packet.protocol == proto::SCTP)
+                .then(|| packet::sctp_chunk_name(packet::sctp_chunk(packet.tcp_flags))),
             length: packet.length,
             ttl: packet.ttl,
             fragment: match packet.fragment {
@@ -1057,6 +1061,9 @@ fn describe(view: &PacketView) -> String {
     let mut notes = Vec::new();
     if let Some(flags) = &view.tcp_flags {
         notes.push(flags.clone());
+    }
+    if let Some(chunk) = view.sctp_chunk {
+        notes.push(chunk.to_owned());
     }
     if let Some(part) = view.fragment {
         notes.push(format!("{part} fragment, id {}", view.ip_id));

@@ -360,6 +360,17 @@ pub fn sctp_chunk(flags: u8) -> u8 {
     }
 }
 
+/// The name of an SCTP chunk type `trace` builds.
+pub fn sctp_chunk_name(chunk: u8) -> &'static str {
+    match chunk {
+        sctp::chunk::INIT => "INIT",
+        sctp::chunk::INIT_ACK => "INIT ACK",
+        sctp::chunk::ABORT => "ABORT",
+        sctp::chunk::SHUTDOWN => "SHUTDOWN",
+        _ => "DATA",
+    }
+}
+
 fn ipv4_header(
     total_len: u16,
     id: u16,
