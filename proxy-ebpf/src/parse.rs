@@ -256,13 +256,18 @@ fn parse<C: Context>(ctx: &C) -> Read {
             unsafe {
                 (
                     *(sctp as *const [u8; 4]),
-                    sctp::tcp_flags_of(*((sctp + sctp::COMMON_HEADER_LEN) as *const u8)),
+                    sctp::TCP_FLAGS_OF_CHUNK
+                        [usize::from(*((sctp + sctp::COMMON_HEADER_LEN) as *const u8))],
                     sctp::COMMON_HEADER_LEN as u8,
                 )
             }
         }
         _ => return Read::Done(Parsed::NotHandled),
     };
+    // The protocol read again from the packet: after the match the verifier would know it
+    // as a constant per arm and walk the rest of the path once per protocol.
+    // SAFETY: within the IPv4 header checked above.
+    let proto = unsafe { core::ptr::read_volatile((ip + 9) as *const u8) };
     Read::Done(Parsed::Packet(Packet {
         l4_offset,
         proto,
