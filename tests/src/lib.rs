@@ -75,6 +75,7 @@ mod lab;
 pub mod load;
 mod manifest;
 mod netns;
+mod previous_release;
 mod rng;
 mod scratch;
 mod tally;
@@ -87,6 +88,7 @@ pub use daemon::{Daemon, DaemonBuilder, daemon_binary, kubeconfig_for};
 pub use lab::{Lab, LabBuilder, LatePod, NODE_NAME, Pod};
 pub use manifest::{Endpoint, Manifest, Protocol, Service};
 pub use netns::{Netns, Placement};
+pub use previous_release::{PREVIOUS_RELEASE, previous_release_binary};
 pub use rng::Rng;
 pub use tally::{CHI_SQUARE_CRITICAL_P001, Tally};
 
