@@ -281,8 +281,7 @@ impl Daemon {
         self.datapath.finish_upgrade()?;
         info!(
             devices = self.attached.len(),
-            swapped_us,
-            "upgrade complete: this release's program runs on every attached device"
+            swapped_us, "upgrade complete: this release's program runs on every attached device"
         );
         Ok(())
     }

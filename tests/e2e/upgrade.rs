@@ -147,7 +147,10 @@ fn an_upgrade_from_the_previous_release_keeps_established_flows() -> Result<()> 
         probes.failed.len(),
         window.as_secs_f64()
     );
-    ensure!(probes.attempted > 0, "no connection was attempted during the upgrade");
+    ensure!(
+        probes.attempted > 0,
+        "no connection was attempted during the upgrade"
+    );
     ensure!(
         probes.failed.is_empty(),
         "{} of {} new connections failed during the upgrade: {:?}",

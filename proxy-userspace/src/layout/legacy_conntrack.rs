@@ -219,8 +219,8 @@ pub fn migrate(previous: &Path, root: &Path, timeouts: &CtTimeouts) -> Result<Mi
     if !old_path.exists() {
         return Ok(Migrated::default());
     }
-    let old = MapData::from_pin(&old_path)
-        .with_context(|| format!("opening {}", old_path.display()))?;
+    let old =
+        MapData::from_pin(&old_path).with_context(|| format!("opening {}", old_path.display()))?;
     let info = old.info()?;
     let layout = (
         info.map_type()?,
@@ -250,7 +250,8 @@ pub fn migrate(previous: &Path, root: &Path, timeouts: &CtTimeouts) -> Result<Mi
         BpfHashMap::try_from(Map::HashMap(open(map_names::SERVICES)?))?;
     let backend_ids: BpfHashMap<MapData, Backend, u32> =
         BpfHashMap::try_from(Map::HashMap(open(map_names::BACKEND_IDS)?))?;
-    let epochs: Array<MapData, u32> = Array::try_from(Map::Array(open(map_names::MEMBERSHIP_EPOCH)?))?;
+    let epochs: Array<MapData, u32> =
+        Array::try_from(Map::Array(open(map_names::MEMBERSHIP_EPOCH)?))?;
     let mut assured: BpfHashMap<MapData, CtKey, CtValue> =
         BpfHashMap::try_from(Map::LruHashMap(open(map_names::CONNTRACK)?))?;
     let mut pending: BpfHashMap<MapData, CtKey, CtValue> =
@@ -280,7 +281,9 @@ pub fn migrate(previous: &Path, root: &Path, timeouts: &CtTimeouts) -> Result<Mi
             _pad: 0,
         };
         let ids = NewIds {
-            rev_nat_id: services.get(&frontend, 0).map_or(0, |value| value.rev_nat_id),
+            rev_nat_id: services
+                .get(&frontend, 0)
+                .map_or(0, |value| value.rev_nat_id),
             backend_id: backend_ids.get(&backend, 0).unwrap_or(0),
         };
         if ids.rev_nat_id == 0 || ids.backend_id == 0 {
@@ -385,13 +388,27 @@ mod tests {
         let key = forward_key(CLIENT);
         let (forward, reply) = entries(0, None);
         assert_eq!(reply_key(&key, &forward).dst_addr, CLIENT.0);
-        let flow = convert(&key, &forward, &reply, IDS, 4, &CtTimeouts::DEFAULT, 200 * S)
-            .expect("alive");
+        let flow = convert(
+            &key,
+            &forward,
+            &reply,
+            IDS,
+            4,
+            &CtTimeouts::DEFAULT,
+            200 * S,
+        )
+        .expect("alive");
         assert!(flow.assured);
         let (fkey, fvalue) = flow.forward;
-        assert_eq!((fkey.tuple.src_addr, fkey.tuple.dst_addr), (CLIENT.0, VIP.0));
+        assert_eq!(
+            (fkey.tuple.src_addr, fkey.tuple.dst_addr),
+            (CLIENT.0, VIP.0)
+        );
         assert_eq!((fvalue.to.dst_addr, fvalue.to.dst_port), BACKEND);
-        assert_eq!((fvalue.rev_nat_id, fvalue.backend_id, fvalue.epoch), (70, 30, 4));
+        assert_eq!(
+            (fvalue.rev_nat_id, fvalue.backend_id, fvalue.epoch),
+            (70, 30, 4)
+        );
         assert_eq!((fvalue.packets, fvalue.bytes), (10, 1_000));
         let (rkey, rvalue) = flow.reply;
         assert_eq!(rkey, CtKey::partner(&fvalue, proto::TCP));
@@ -410,11 +427,26 @@ mod tests {
         let key = forward_key(CLIENT);
         let (forward, reply) = entries(SNAT | LOCAL_FRONTEND, Some(snat_source));
         assert_eq!(
-            (reply_key(&key, &forward).dst_addr, reply_key(&key, &forward).dst_port),
+            (
+                reply_key(&key, &forward).dst_addr,
+                reply_key(&key, &forward).dst_port
+            ),
             snat_source
         );
-        let flow = convert(&key, &forward, &reply, IDS, 0, &CtTimeouts::DEFAULT, 200 * S).unwrap();
-        assert_eq!((flow.reply.0.tuple.dst_addr, flow.reply.0.tuple.dst_port), snat_source);
+        let flow = convert(
+            &key,
+            &forward,
+            &reply,
+            IDS,
+            0,
+            &CtTimeouts::DEFAULT,
+            200 * S,
+        )
+        .unwrap();
+        assert_eq!(
+            (flow.reply.0.tuple.dst_addr, flow.reply.0.tuple.dst_port),
+            snat_source
+        );
         assert_eq!(
             flow.forward.1.flags,
             ct_flags::SNAT | ct_flags::ROUTES_ITSELF
@@ -428,7 +460,16 @@ mod tests {
         let key = forward_key((BACKEND.0, 40_001u16.to_be()));
         let (forward, reply) = entries(HAIRPIN, None);
         assert_eq!(reply_key(&key, &forward).dst_addr, VIP.0);
-        let flow = convert(&key, &forward, &reply, IDS, 0, &CtTimeouts::DEFAULT, 200 * S).unwrap();
+        let flow = convert(
+            &key,
+            &forward,
+            &reply,
+            IDS,
+            0,
+            &CtTimeouts::DEFAULT,
+            200 * S,
+        )
+        .unwrap();
         assert_eq!(flow.reply.0.tuple.dst_addr, VIP.0);
         assert_eq!(flow.forward.1.flags, ct_flags::HAIRPIN);
     }
@@ -438,16 +479,42 @@ mod tests {
         let key = forward_key(CLIENT);
         let (forward, mut reply) = entries(0, None);
         reply.packets = 0;
-        let unanswered =
-            convert(&key, &forward, &reply, IDS, 0, &CtTimeouts::DEFAULT, 151 * S).unwrap();
+        let unanswered = convert(
+            &key,
+            &forward,
+            &reply,
+            IDS,
+            0,
+            &CtTimeouts::DEFAULT,
+            151 * S,
+        )
+        .unwrap();
         assert!(!unanswered.assured);
         assert_eq!(unanswered.forward.1.state, 0);
         assert!(
-            convert(&key, &forward, &reply, IDS, 0, &CtTimeouts::DEFAULT, 400 * S).is_none(),
+            convert(
+                &key,
+                &forward,
+                &reply,
+                IDS,
+                0,
+                &CtTimeouts::DEFAULT,
+                400 * S
+            )
+            .is_none(),
             "an unanswered SYN expires after 120 s"
         );
         let (forward, reply) = entries(CLOSING, None);
-        let closing = convert(&key, &forward, &reply, IDS, 0, &CtTimeouts::DEFAULT, 200 * S).unwrap();
+        let closing = convert(
+            &key,
+            &forward,
+            &reply,
+            IDS,
+            0,
+            &CtTimeouts::DEFAULT,
+            200 * S,
+        )
+        .unwrap();
         assert_ne!(closing.forward.1.state & ct_state::CLOSING, 0);
     }
 }

@@ -284,7 +284,10 @@ pub fn check(root: &Path, name: &str) -> Result<()> {
         .find(|map| map.name == name)
         .map(|map| map.version);
     let recorded = read_record(root)?;
-    let found = recorded.as_ref().and_then(|record| record.get(name)).copied();
+    let found = recorded
+        .as_ref()
+        .and_then(|record| record.get(name))
+        .copied();
     match (expected, found) {
         (Some(expected), Some(found)) if expected == found => Ok(()),
         (_, None) if recorded.is_none() => bail!(
@@ -450,7 +453,10 @@ mod tests {
         record.insert(map_names::CONNTRACK.into(), 0);
         let actions = plan(&pins(&["CONNTRACK", "SERVICES", "LAYOUT"]), Some(&record)).unwrap();
         assert_eq!(actions["SERVICES"], Action::Reuse);
-        assert!(matches!(actions["CONNTRACK"], Action::Replace { from: 0, .. }));
+        assert!(matches!(
+            actions["CONNTRACK"],
+            Action::Replace { from: 0, .. }
+        ));
     }
 
     #[test]
