@@ -272,7 +272,6 @@ impl Daemon {
         self.held_for_upgrade = false;
         let started = Instant::now();
         attach_sockets(&mut self.datapath, &self.config)?;
-        self.attached.clear();
         if self.reconcile_devices().await {
             self.need_full_sync = true;
             self.runner.request(tokio::time::Instant::now());

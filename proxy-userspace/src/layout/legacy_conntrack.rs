@@ -367,7 +367,7 @@ mod tests {
         let reply = LegacyValue {
             nat_addr: VIP.0,
             nat_port: VIP.1,
-            flags: flags | LOCAL_FRONTEND * u16::from(snat.is_some()),
+            flags,
             last_seen_ns: 160 * S,
             packets: 9,
             bytes: 900,

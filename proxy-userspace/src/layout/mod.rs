@@ -240,14 +240,12 @@ pub fn set_aside(root: &Path) -> Result<Option<Upgrade>> {
              daemon's first sync, then its program is swapped in and they are removed"
         );
     }
-    match pin_names(&previous) {
-        Ok(names) if !names.is_empty() => Ok(Some(Upgrade { previous })),
-        Ok(_) => {
-            let _ = fs::remove_dir(&previous);
-            Ok(None)
-        }
-        Err(_) => Ok(None),
+    if pin_names(&previous)?.is_empty() {
+        // Nothing waits (an empty directory is all an earlier run may have left).
+        let _ = fs::remove_dir(&previous);
+        return Ok(None);
     }
+    Ok(Some(Upgrade { previous }))
 }
 
 /// Records this daemon's layout of every map in LAYOUT (pinned by the loader), dropping
