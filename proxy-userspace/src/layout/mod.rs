@@ -38,7 +38,7 @@ pub enum Carries {
     /// layout exists ([`legacy_conntrack`]).
     Flows,
     /// The datapath's own state that is not converted (counters, session affinities,
-    /// socket translations): re-created empty.
+    /// socket translations, fragments in flight): re-created empty.
     Runtime,
 }
 
@@ -75,6 +75,7 @@ pub const PINNED_MAPS: &[PinnedMap] = &[
     pinned(map_names::AFFINITY, 1, Carries::Runtime),
     pinned(map_names::SOCK_AFFINITY, 1, Carries::Runtime),
     pinned(map_names::SOCK_XLATE, 1, Carries::Runtime),
+    pinned(map_names::FRAGMENTS, 1, Carries::Runtime),
     pinned(map_names::STATS, 1, Carries::Runtime),
 ];
 
