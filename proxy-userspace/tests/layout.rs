@@ -1,5 +1,6 @@
-//! The layout record against real pins (a private bpffs): a restart reuses every map, and
-//! pins recorded by a newer release are refused with nothing touched. The upgrade from
+//! The layout record against real pins (a private bpffs): every map has the sizes its
+//! layout version says, a restart reuses every map, and pins recorded by a newer release
+//! are refused with nothing touched. The upgrade from
 //! the previous release, with traffic, is the lab's `upgrade` test.
 
 use std::path::{Path, PathBuf};
@@ -9,7 +10,7 @@ use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use proxy_common::{CtTimeouts, LayoutName, layout_name, map_names};
 use proxy_lab::{PrivateBpffs, require_lab};
 use proxy_userspace::datapath::{Datapath, MapSizes};
-use proxy_userspace::layout::{PINNED_MAPS, PREVIOUS_DIR};
+use proxy_userspace::layout::{PINNED_MAPS, PREVIOUS_DIR, pinned_sizes};
 use proxy_userspace::socket_lb::SocketLbMode;
 
 fn load(root: &Path) -> Result<Datapath> {
@@ -37,9 +38,18 @@ fn a_restart_reuses_the_maps_and_a_newer_layout_is_refused_untouched() -> Result
     let root: PathBuf = bpffs.path().join("ebpf-proxy");
     let first = load(&root)?;
     assert!(!first.upgrading(), "fresh pins");
+    let mut changed = Vec::new();
     for map in PINNED_MAPS {
-        assert!(root.join(map.name).exists(), "{} not pinned", map.name);
+        let sizes = pinned_sizes(&root.join(map.name))?;
+        if sizes != (map.key_size, map.value_size) {
+            changed.push(format!("{} is {sizes:?}", map.name));
+        }
     }
+    assert!(
+        changed.is_empty(),
+        "maps whose layout changed: {changed:?}; raise their versions in PINNED_MAPS and \
+         write their new (key, value) sizes there"
+    );
     drop(first);
     let conntrack_id = |root: &Path| -> Result<u32> {
         Ok(MapData::from_pin(root.join(map_names::CONNTRACK))?

@@ -382,22 +382,32 @@ mod tests {
         rev_nat_id: 70,
         backend_id: 30,
     };
+    const EPOCH: u32 = 4;
+
+    /// [`convert`] with the new ids, at `now_s` seconds.
+    fn at(
+        key: &LegacyKey,
+        forward: &LegacyValue,
+        reply: &LegacyValue,
+        now_s: u64,
+    ) -> Option<Converted> {
+        convert(
+            key,
+            forward,
+            reply,
+            IDS,
+            EPOCH,
+            &CtTimeouts::DEFAULT,
+            now_s * S,
+        )
+    }
 
     #[test]
     fn an_established_flow_keeps_its_backend_under_the_new_ids() {
         let key = forward_key(CLIENT);
         let (forward, reply) = entries(0, None);
         assert_eq!(reply_key(&key, &forward).dst_addr, CLIENT.0);
-        let flow = convert(
-            &key,
-            &forward,
-            &reply,
-            IDS,
-            4,
-            &CtTimeouts::DEFAULT,
-            200 * S,
-        )
-        .expect("alive");
+        let flow = at(&key, &forward, &reply, 200).expect("alive");
         assert!(flow.assured);
         let (fkey, fvalue) = flow.forward;
         assert_eq!(
@@ -433,16 +443,7 @@ mod tests {
             ),
             snat_source
         );
-        let flow = convert(
-            &key,
-            &forward,
-            &reply,
-            IDS,
-            0,
-            &CtTimeouts::DEFAULT,
-            200 * S,
-        )
-        .unwrap();
+        let flow = at(&key, &forward, &reply, 200).unwrap();
         assert_eq!(
             (flow.reply.0.tuple.dst_addr, flow.reply.0.tuple.dst_port),
             snat_source
@@ -460,16 +461,7 @@ mod tests {
         let key = forward_key((BACKEND.0, 40_001u16.to_be()));
         let (forward, reply) = entries(HAIRPIN, None);
         assert_eq!(reply_key(&key, &forward).dst_addr, VIP.0);
-        let flow = convert(
-            &key,
-            &forward,
-            &reply,
-            IDS,
-            0,
-            &CtTimeouts::DEFAULT,
-            200 * S,
-        )
-        .unwrap();
+        let flow = at(&key, &forward, &reply, 200).unwrap();
         assert_eq!(flow.reply.0.tuple.dst_addr, VIP.0);
         assert_eq!(flow.forward.1.flags, ct_flags::HAIRPIN);
     }
@@ -479,42 +471,15 @@ mod tests {
         let key = forward_key(CLIENT);
         let (forward, mut reply) = entries(0, None);
         reply.packets = 0;
-        let unanswered = convert(
-            &key,
-            &forward,
-            &reply,
-            IDS,
-            0,
-            &CtTimeouts::DEFAULT,
-            151 * S,
-        )
-        .unwrap();
+        let unanswered = at(&key, &forward, &reply, 151).unwrap();
         assert!(!unanswered.assured);
         assert_eq!(unanswered.forward.1.state, 0);
         assert!(
-            convert(
-                &key,
-                &forward,
-                &reply,
-                IDS,
-                0,
-                &CtTimeouts::DEFAULT,
-                400 * S
-            )
-            .is_none(),
+            at(&key, &forward, &reply, 400).is_none(),
             "an unanswered SYN expires after 120 s"
         );
         let (forward, reply) = entries(CLOSING, None);
-        let closing = convert(
-            &key,
-            &forward,
-            &reply,
-            IDS,
-            0,
-            &CtTimeouts::DEFAULT,
-            200 * S,
-        )
-        .unwrap();
+        let closing = at(&key, &forward, &reply, 200).unwrap();
         assert_ne!(closing.forward.1.state & ct_state::CLOSING, 0);
     }
 }

@@ -42,42 +42,63 @@ pub enum Carries {
     Runtime,
 }
 
-/// A map the daemon pins, and the version of its layout.
+/// A map the daemon pins, the version of its layout, and its key and value sizes in that
+/// version (bytes).
 #[derive(Clone, Copy, Debug)]
 pub struct PinnedMap {
     pub name: &'static str,
     pub version: u32,
     pub carries: Carries,
+    pub key_size: u32,
+    pub value_size: u32,
 }
 
-const fn pinned(name: &'static str, version: u32, carries: Carries) -> PinnedMap {
+const fn pinned(
+    name: &'static str,
+    version: u32,
+    carries: Carries,
+    (key_size, value_size): (u32, u32),
+) -> PinnedMap {
     PinnedMap {
         name,
         version,
         carries,
+        key_size,
+        value_size,
     }
 }
 
-/// Every map the daemon pins, with the version of its layout: raise a map's version with
-/// any change to its type, key, value or the meaning of their bits. A new map is one line.
+/// Every map the daemon pins, with the version of its layout and its (key, value) sizes:
+/// raise a map's version with any change to its type, key, value or the meaning of their
+/// bits. The sizes are written out, not computed, so a struct that grows fails the
+/// `layout` test until its version is raised too; a pin recorded at a version but of other
+/// sizes is refused. A new map is one line.
 pub const PINNED_MAPS: &[PinnedMap] = &[
-    pinned(map_names::SERVICES, 1, Carries::Programmed),
-    pinned(map_names::BACKEND_SLOTS, 1, Carries::Programmed),
-    pinned(map_names::BACKEND_IDS, 1, Carries::Programmed),
-    pinned(map_names::MEMBERSHIP, 1, Carries::Programmed),
-    pinned(map_names::MEMBERSHIP_EPOCH, 1, Carries::Programmed),
-    pinned(map_names::SVC_NAMES, 1, Carries::Programmed),
-    pinned(map_names::SOURCE_RANGES, 1, Carries::Programmed),
-    pinned(map_names::DEVICES, 1, Carries::Programmed),
-    pinned(map_names::CT_TIMEOUTS, 1, Carries::Programmed),
-    pinned(map_names::CONNTRACK, 1, Carries::Flows),
-    pinned(map_names::CONNTRACK_PENDING, 1, Carries::Flows),
-    pinned(map_names::AFFINITY, 1, Carries::Runtime),
-    pinned(map_names::SOCK_AFFINITY, 1, Carries::Runtime),
-    pinned(map_names::SOCK_XLATE, 1, Carries::Runtime),
-    pinned(map_names::FRAGMENTS, 1, Carries::Runtime),
-    pinned(map_names::STATS, 1, Carries::Runtime),
+    pinned(map_names::SERVICES, 1, Carries::Programmed, (8, 24)),
+    pinned(map_names::BACKEND_SLOTS, 1, Carries::Programmed, (4, 16)),
+    pinned(map_names::BACKEND_IDS, 1, Carries::Programmed, (8, 4)),
+    pinned(map_names::MEMBERSHIP, 1, Carries::Programmed, (8, 1)),
+    pinned(map_names::MEMBERSHIP_EPOCH, 1, Carries::Programmed, (4, 4)),
+    pinned(map_names::SVC_NAMES, 1, Carries::Programmed, (4, 145)),
+    pinned(map_names::SOURCE_RANGES, 1, Carries::Programmed, (12, 1)),
+    pinned(map_names::DEVICES, 1, Carries::Programmed, (4, 1)),
+    pinned(map_names::CT_TIMEOUTS, 1, Carries::Programmed, (4, 32)),
+    pinned(map_names::CONNTRACK, 1, Carries::Flows, (16, 64)),
+    pinned(map_names::CONNTRACK_PENDING, 1, Carries::Flows, (16, 64)),
+    pinned(map_names::AFFINITY, 1, Carries::Runtime, (8, 24)),
+    pinned(map_names::SOCK_AFFINITY, 1, Carries::Runtime, (16, 24)),
+    pinned(map_names::SOCK_XLATE, 1, Carries::Runtime, (16, 40)),
+    pinned(map_names::FRAGMENTS, 1, Carries::Runtime, (12, 24)),
+    pinned(map_names::STATS, 1, Carries::Runtime, (4, 8)),
 ];
+
+/// The (key, value) sizes of the map pinned at `path`.
+pub fn pinned_sizes(path: &Path) -> Result<(u32, u32)> {
+    let info = MapData::from_pin(path)
+        .with_context(|| format!("opening {}", path.display()))?
+        .info()?;
+    Ok((info.key_size(), info.value_size()))
+}
 
 /// Maps that earlier releases pinned and this one no longer has: removed with the rest of
 /// `previous/` once the new program runs.
@@ -198,6 +219,19 @@ pub fn set_aside(root: &Path) -> Result<Option<Upgrade>> {
             })
             .collect()
     };
+    for (name, action) in &actions {
+        let map = PINNED_MAPS.iter().find(|map| map.name == name);
+        if let (Action::Reuse, Some(map)) = (action, map) {
+            let found = pinned_sizes(&root.join(name))?;
+            if found != (map.key_size, map.value_size) {
+                bail!(
+                    "{name} is recorded at layout version {}, but its key and value sizes                      {found:?} are not that layout's {:?}: a build that changed the layout                      without raising its version pinned it; nothing was changed. Remove the                      pins with `ebpf-proxy cleanup` (which ends the established flows through                      the proxy on this node)",
+                    map.version,
+                    (map.key_size, map.value_size)
+                );
+            }
+        }
+    }
     let reused = names(|action| *action == Action::Reuse);
     if !reused.is_empty() {
         info!(maps = ?reused, "reusing the pinned maps (same layout)");
