@@ -213,11 +213,12 @@ pub struct Migrated {
 /// Converts the layout-0 CONNTRACK pinned in `previous` into the CONNTRACK and
 /// CONNTRACK_PENDING pinned in `root`, whose SERVICES and BACKEND_IDS the new daemon has
 /// filled. Flows already in the new maps are left alone (`BPF_NOEXIST`), so a second pass
-/// after the swap only adds what the old program created meanwhile.
-pub fn migrate(previous: &Path, root: &Path, timeouts: &CtTimeouts) -> Result<Migrated> {
+/// after the swap only adds what the old program created meanwhile. `None` when
+/// `previous` holds no CONNTRACK (its layout did not change).
+pub fn migrate(previous: &Path, root: &Path, timeouts: &CtTimeouts) -> Result<Option<Migrated>> {
     let old_path = previous.join(map_names::CONNTRACK);
     if !old_path.exists() {
-        return Ok(Migrated::default());
+        return Ok(None);
     }
     let old =
         MapData::from_pin(&old_path).with_context(|| format!("opening {}", old_path.display()))?;
@@ -322,7 +323,7 @@ pub fn migrate(previous: &Path, root: &Path, timeouts: &CtTimeouts) -> Result<Mi
             migrated.pending += 1;
         }
     }
-    Ok(migrated)
+    Ok(Some(migrated))
 }
 
 #[cfg(test)]

@@ -394,9 +394,10 @@ fn pin_names(dir: &Path) -> Result<Vec<String>> {
 }
 
 /// Logs what the conversion of conntrack did, or that the flows were lost.
-pub fn report_migration(result: &Result<legacy_conntrack::Migrated>, pass: &str) {
+pub fn report_migration(result: &Result<Option<legacy_conntrack::Migrated>>, pass: &str) {
     match result {
-        Ok(migrated) => info!(
+        Ok(None) => {}
+        Ok(Some(migrated)) => info!(
             pass,
             flows = migrated.flows,
             assured = migrated.assured,
