@@ -55,6 +55,11 @@ pub mod proto {
 
 /// Names under which the maps are pinned (in the daemon's bpffs root) and looked up.
 pub mod map_names {
+    /// The layout record: each pinned map's name ([`super::LayoutName`]) → the version of
+    /// its layout, written by the daemon, so a daemon of another version recognises pins
+    /// whose layout differs from its own instead of misreading them. Its own layout never
+    /// changes.
+    pub const LAYOUT: &str = "LAYOUT";
     /// Frontend → its header (kind, ids, and where its backends sit in BACKEND_SLOTS).
     pub const SERVICES: &str = "SERVICES";
     /// One array of backend slots; each frontend owns a contiguous slice of it.
@@ -96,6 +101,16 @@ pub mod map_names {
     /// Session affinity of sockets: each network namespace's backend per frontend (a
     /// socket's source address is not known at `connect()`; its namespace stands for it).
     pub const SOCK_AFFINITY: &str = "SOCK_AFFINITY";
+}
+
+/// Key of the LAYOUT map: a map's pin name, NUL-padded.
+pub type LayoutName = [u8; 32];
+
+/// The LAYOUT map's key for `name` (`None` if it does not fit).
+pub fn layout_name(name: &str) -> Option<LayoutName> {
+    let mut key = [0; 32];
+    key.get_mut(..name.len())?.copy_from_slice(name.as_bytes());
+    Some(key)
 }
 
 /// The one tc program: attached on pod-side veths and on the node's external devices.

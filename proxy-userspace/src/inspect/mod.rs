@@ -172,7 +172,7 @@ fn print(text: &str) -> Result<()> {
     }
 }
 
-/// Opens a pinned map, with a hint when the pins are not there.
+/// Opens a pinned map of this release's layout, with a hint when the pins are not there.
 pub(crate) fn open_pinned(root: &Path, name: &str) -> Result<MapData> {
     let path: PathBuf = root.join(name);
     if !path.exists() {
@@ -182,6 +182,8 @@ pub(crate) fn open_pinned(root: &Path, name: &str) -> Result<MapData> {
             root.display()
         ));
     }
+    // Never misread a map another release pinned with another layout.
+    crate::layout::check(root, name)?;
     MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
 }
 

@@ -193,6 +193,8 @@ impl Datapath {
             .load()
             .unwrap_or_else(|e| panic!("loading {PROGRAM_NAME}: {e:?}"));
         proxy_userspace::datapath::set_timeouts(&mut ebpf, CtTimeouts::DEFAULT).unwrap();
+        // The CLI and the reaper read only pins of a recorded layout.
+        proxy_userspace::layout::record(bpffs.path()).unwrap();
         Some(Self {
             ebpf,
             bpffs,
