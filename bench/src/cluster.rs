@@ -21,6 +21,8 @@ use proxy_userspace::plan::NodeFacts;
 
 pub const NAMESPACE: &str = "bench";
 pub const PORT_NAME: &str = "http";
+/// The SCTP port of [`Cluster::model_with_sctp`].
+pub const SCTP_PORT_NAME: &str = "sig";
 /// Addresses handed out to distinct endpoints before the target port moves on.
 const DISTINCT_ADDRESSES: u32 = 50_000;
 const FIRST_ENDPOINT: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 0);
@@ -119,6 +121,32 @@ impl Cluster {
         for service in self.iter() {
             model.insert_service(kubernetes_service(&service))?;
             model.insert_endpoint_slice(endpoint_slice(&service, &service.endpoints))?;
+        }
+        Ok(model)
+    }
+
+    /// [`Self::model`], each Service also serving its port over SCTP (port name
+    /// [`SCTP_PORT_NAME`], the same numbers): for the SCTP rows of the per-packet figures.
+    pub fn model_with_sctp(&self) -> Result<Model> {
+        let mut model = Model::default();
+        for service in self.iter() {
+            let mut kube = kubernetes_service(&service);
+            let ports = (kube.spec.as_mut()).and_then(|spec| spec.ports.as_mut());
+            let ports = ports.expect("a Service port");
+            ports.push(ServicePort {
+                name: Some(SCTP_PORT_NAME.to_owned()),
+                protocol: Some("SCTP".to_owned()),
+                ..ports[0].clone()
+            });
+            let mut slice = endpoint_slice(&service, &service.endpoints);
+            let ports = slice.ports.as_mut().expect("an endpoint port");
+            ports.push(EndpointPort {
+                name: Some(SCTP_PORT_NAME.to_owned()),
+                protocol: Some("SCTP".to_owned()),
+                ..ports[0].clone()
+            });
+            model.insert_service(kube)?;
+            model.insert_endpoint_slice(slice)?;
         }
         Ok(model)
     }

@@ -9,6 +9,7 @@
 mod conntrack;
 mod fragment;
 pub mod maglev;
+pub mod sctp;
 mod sock;
 
 pub use conntrack::{
@@ -23,14 +24,43 @@ pub use sock::{
     sock_kind, sock_programs,
 };
 
-/// IP protocol numbers the datapath balances.
+/// IP protocol numbers the datapath balances: the one list the parser, ICMP errors, the
+/// socket hooks, the planner and the CLI go by.
 pub mod proto {
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
+    /// Balanced like TCP: its chunks drive the same conntrack states ([`crate::sctp`]).
+    pub const SCTP: u8 = 132;
+
+    /// Whether the tc datapath translates packets of `proto`.
+    pub const fn is_balanced(proto: u8) -> bool {
+        matches!(proto, TCP | UDP | SCTP)
+    }
+
+    /// Whether conntrack follows a handshake and a close for `proto` (TCP's flags, SCTP's
+    /// chunks read as them), rather than UDP's replies and streams.
+    pub const fn is_connection(proto: u8) -> bool {
+        matches!(proto, TCP | SCTP)
+    }
+
+    /// Lowercase name, as kube-proxy's chain hashes and iptables' `-p` spell it.
+    pub const fn name(proto: u8) -> &'static str {
+        match proto {
+            TCP => "tcp",
+            UDP => "udp",
+            SCTP => "sctp",
+            _ => "?",
+        }
+    }
 }
 
 /// Names under which the maps are pinned (in the daemon's bpffs root) and looked up.
 pub mod map_names {
+    /// The layout record: each pinned map's name ([`super::LayoutName`]) → the version of
+    /// its layout, written by the daemon, so a daemon of another version recognises pins
+    /// whose layout differs from its own instead of misreading them. Its own layout never
+    /// changes.
+    pub const LAYOUT: &str = "LAYOUT";
     /// Frontend → its header (kind, ids, and where its backends sit in BACKEND_SLOTS).
     pub const SERVICES: &str = "SERVICES";
     /// One array of backend slots; each frontend owns a contiguous slice of it.
@@ -77,6 +107,16 @@ pub mod map_names {
     /// Session affinity of sockets: each network namespace's backend per frontend (a
     /// socket's source address is not known at `connect()`; its namespace stands for it).
     pub const SOCK_AFFINITY: &str = "SOCK_AFFINITY";
+}
+
+/// Key of the LAYOUT map: a map's pin name, NUL-padded.
+pub type LayoutName = [u8; 32];
+
+/// The LAYOUT map's key for `name` (`None` if it does not fit).
+pub fn layout_name(name: &str) -> Option<LayoutName> {
+    let mut key = [0; 32];
+    key.get_mut(..name.len())?.copy_from_slice(name.as_bytes());
+    Some(key)
 }
 
 /// The one tc program: attached on pod-side veths and on the node's external devices.
@@ -510,7 +550,7 @@ pub mod stat {
     pub const XDP_DROP: u32 = 34;
     /// XDP_PASS untouched, left to the tc program: what only tc does (an ICMP error to
     /// send back, IP fragments, ICMP messages, a packet whose next hop has no neighbour
-    /// entry yet or lies behind a device without native XDP, one that is not IPv4 TCP/UDP;
+    /// entry yet or lies behind a device without native XDP, one that is not IPv4 TCP/UDP/SCTP;
     /// see [`to_tc`](crate::to_tc)). tc counts the path it takes.
     pub const XDP_TO_TC: u32 = 35;
     /// Number of counters (size of the STATS array).
@@ -751,7 +791,7 @@ pub mod trace_answer {
 pub mod to_tc {
     /// It did not: XDP decided (or the run was not XDP's).
     pub const NO: u8 = 0;
-    /// Not IPv4 TCP/UDP (nor a fragment or an ICMP message): tc's parser decides.
+    /// Not IPv4 TCP/UDP/SCTP (nor a fragment or an ICMP message): tc's parser decides.
     pub const NOT_HANDLED: u8 = 1;
     /// An ICMP error goes back in the packet's place: a refusal (port unreachable of a
     /// frontend without endpoints) or a forwarding check's answer (fragmentation needed,

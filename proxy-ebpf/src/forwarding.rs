@@ -113,13 +113,21 @@ pub fn check<C: Context, M: Mode>(
     }
 }
 
+/// `gso_size` of a GSO packet segmented along its fragments (SCTP's).
+const GSO_BY_FRAGS: u32 = 0xffff;
+
 /// The IPv4 length of the largest packet `packet` leaves as: itself, or for a GSO packet
-/// (a TCP or UDP super-packet the kernel segments on the way out) one segment.
+/// (a TCP or UDP super-packet the kernel segments on the way out) one segment. SCTP's GSO
+/// packets are segmented by their fragments (`GSO_BY_FRAGS`), each built by SCTP to the
+/// path MTU: 0, nothing to check.
 #[inline(always)]
 fn segment_len<C: Context>(ctx: &C, packet: &Packet) -> u16 {
     let segment = ctx.gso_size();
     if segment == 0 {
         return packet.ip.total_len;
+    }
+    if segment == GSO_BY_FRAGS {
+        return 0;
     }
     let headers = (packet.l4_offset - L3_OFFSET) as u32 + u32::from(packet.ip.l4_header_len);
     (headers + segment).min(u32::from(u16::MAX)) as u16

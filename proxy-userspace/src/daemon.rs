@@ -103,6 +103,9 @@ struct Daemon {
     attached: BTreeSet<Device>,
     /// The external devices the XDP program is attached to, and how.
     xdp_attached: BTreeMap<Device, Attached>,
+    /// Attaching waits for the first sync: the pins were of another layout, and the
+    /// previous release's program serves from them until then (see [`crate::layout`]).
+    held_for_upgrade: bool,
     health: Arc<Health>,
     /// The healthCheckNodePort servers of Services with externalTrafficPolicy Local.
     service_health: ServiceHealthServers,
@@ -130,7 +133,12 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
     if config.xdp != XdpMode::Off {
         datapath.load_xdp()?;
     }
-    attach_sockets(&mut datapath, &config)?;
+    // Across a change of the maps' layout, the old program keeps serving from the old
+    // maps until the first sync has filled the new ones.
+    let held_for_upgrade = datapath.upgrading();
+    if !held_for_upgrade {
+        attach_sockets(&mut datapath, &config)?;
+    }
     let health = Health::new(config.healthz_timeout);
     let (metrics, registry) = Metrics::new(Some(maps.stats));
     for (map, max) in [
@@ -200,6 +208,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         node,
         attached: BTreeSet::new(),
         xdp_attached: BTreeMap::new(),
+        held_for_upgrade,
         service_health: ServiceHealthServers::new(health.clone()),
         health,
         metrics,
@@ -229,7 +238,12 @@ impl Daemon {
             tokio::select! {
                 // First: a due sync runs before any further event is taken in.
                 biased;
-                () = until(sync_due) => self.sync(),
+                () = until(sync_due) => {
+                    self.sync();
+                    if self.held_for_upgrade && self.source.has_synced() {
+                        self.complete_upgrade().await?;
+                    }
+                }
                 _ = sigterm.recv() => break,
                 _ = sigint.recv() => break,
                 Some(()) = self.netlink.events.recv() => {
@@ -264,6 +278,27 @@ impl Daemon {
         Ok(())
     }
 
+    /// The first sync after an upgrade across a change of the maps' layout has filled the
+    /// new maps: converts the previous conntrack, swaps the new programs into the pinned
+    /// links, converts what the old program created meanwhile, and removes the old pins.
+    async fn complete_upgrade(&mut self) -> Result<()> {
+        self.datapath.convert_flows("before the swap");
+        self.held_for_upgrade = false;
+        let started = Instant::now();
+        attach_sockets(&mut self.datapath, &self.config)?;
+        if self.reconcile_devices().await {
+            self.need_full_sync = true;
+            self.runner.request(tokio::time::Instant::now());
+        }
+        let swapped_us = started.elapsed().as_micros() as u64;
+        self.datapath.finish_upgrade()?;
+        info!(
+            devices = self.attached.len(),
+            swapped_us, "upgrade complete: this release's program runs on every attached device"
+        );
+        Ok(())
+    }
+
     /// Attaches to new devices, forgets vanished ones, refreshes node addresses. Returns
     /// whether the node addresses changed (then NodePort frontends must be re-planned).
     async fn reconcile_devices(&mut self) -> bool {
@@ -277,7 +312,12 @@ impl Daemon {
         let devices: BTreeSet<Device> = netlink::select_devices(&interfaces, &self.config.devices)
             .into_iter()
             .collect();
-        for device in devices.difference(&self.attached.clone()) {
+        let attachable = if self.held_for_upgrade {
+            BTreeSet::new()
+        } else {
+            devices.clone()
+        };
+        for device in attachable.difference(&self.attached.clone()) {
             match self.datapath.attach(device) {
                 Ok(()) => {
                     info!(device = %device.name, ifindex = device.index, role = ?device.role, "attached");
@@ -292,12 +332,18 @@ impl Daemon {
         self.attached.retain(|device| devices.contains(device));
         self.reconcile_xdp(&devices);
         let current: Vec<Device> = self.attached.iter().cloned().collect();
-        let xdp: Vec<(Device, Attached)> = self
-            .xdp_attached
-            .iter()
-            .map(|(device, attached)| (device.clone(), *attached))
-            .collect();
-        match self.datapath.release_stale_links(&current, &xdp) {
+        // While held, the pinned links are the previous release's, which keep serving.
+        let release = if self.held_for_upgrade {
+            Ok(Vec::new())
+        } else {
+            let xdp: Vec<(Device, Attached)> = self
+                .xdp_attached
+                .iter()
+                .map(|(device, attached)| (device.clone(), *attached))
+                .collect();
+            self.datapath.release_stale_links(&current, &xdp)
+        };
+        match release {
             Ok(released) => {
                 for pin in released {
                     info!(%pin, "released the link of a vanished device");

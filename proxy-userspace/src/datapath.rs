@@ -6,7 +6,11 @@
 //! already pinned gets the new program swapped in atomically (`bpf_link_update`), with no
 //! moment where packets pass unbalanced.
 //!
-//! Layout of the bpffs root: `SERVICES`, `BACKEND_SLOTS`, `BACKEND_IDS`, `CONNTRACK`,
+//! Pins of another layout (an upgrade across a change of the maps) are set aside and
+//! replaced, their conntrack converted, before the new program is swapped in (see
+//! [`layout`](crate::layout)).
+//!
+//! Layout of the bpffs root: `LAYOUT`, `SERVICES`, `BACKEND_SLOTS`, `BACKEND_IDS`, `CONNTRACK`,
 //! `CONNTRACK_PENDING`, `CT_TIMEOUTS`, `STATS`, `AFFINITY`, `MEMBERSHIP`,
 //! `MEMBERSHIP_EPOCH`, `SVC_NAMES`, `SOURCE_RANGES`, `DEVICES`, `SOCK_XLATE`,
 //! `SOCK_AFFINITY`, `XDP_EGRESS` (maps), `links/<ifindex>-<ifname>` (tcx ingress links),
@@ -35,6 +39,7 @@ use tracing::{info, warn};
 use proxy_common::maglev::DEFAULT_TABLE_SIZE;
 
 use crate::conntrack::ConntrackSizes;
+use crate::layout::{self, Upgrade, legacy_conntrack};
 use crate::netlink::{Device, DeviceRole};
 use crate::pin_root::PinRoot;
 use crate::socket_lb::{self, SocketLbMode};
@@ -131,8 +136,12 @@ pub struct Maps {
 /// The loaded programs and their attachments.
 pub struct Datapath {
     ebpf: Ebpf,
+    root: PathBuf,
     links_dir: PathBuf,
     socket_links_dir: PathBuf,
+    timeouts: CtTimeouts,
+    /// The pins of another layout, until the new program is swapped in.
+    upgrade: Option<Upgrade>,
     /// This daemon's claim on the pins, held while it runs.
     _pin_root: PinRoot,
 }
@@ -149,6 +158,7 @@ impl Datapath {
         socket_lb: SocketLbMode,
     ) -> Result<Self> {
         let pin_root = PinRoot::prepare(root)?;
+        let upgrade = layout::set_aside(root)?;
         let host_netns = match socket_lb {
             SocketLbMode::Off => 0,
             SocketLbMode::Host | SocketLbMode::All => socket_lb::own_netns_cookie()?,
@@ -211,10 +221,14 @@ impl Datapath {
             .load()
             .context("loading the tc program into the kernel")?;
         set_timeouts(&mut ebpf, timeouts)?;
+        layout::record(root)?;
         Ok(Self {
             ebpf,
+            root: root.to_path_buf(),
             links_dir,
             socket_links_dir: socket_lb::links_dir(root),
+            timeouts,
+            upgrade,
             _pin_root: pin_root,
         })
     }
@@ -241,6 +255,33 @@ impl Datapath {
             .ok_or_else(|| anyhow!("map {} missing from the eBPF object", map_names::XDP_EGRESS))?;
         let mut egress: DevMapHash<&mut MapData> = map.try_into()?;
         xdp::set_egress(&mut egress, native)
+    }
+
+    /// Whether pins of another layout wait for this daemon's program to be swapped in:
+    /// then attach only after the first sync has filled the new maps, between
+    /// [`Self::convert_flows`] and [`Self::finish_upgrade`].
+    pub fn upgrading(&self) -> bool {
+        self.upgrade.is_some()
+    }
+
+    /// Converts the flows of the previous conntrack into the new maps (those already
+    /// there are left alone), and logs what it did.
+    pub fn convert_flows(&self, pass: &str) {
+        if let Some(upgrade) = &self.upgrade {
+            let result = legacy_conntrack::migrate(upgrade.previous(), &self.root, &self.timeouts);
+            layout::report_migration(&result, pass);
+        }
+    }
+
+    /// After the swap: converts the flows the old program created meanwhile, then removes
+    /// the pins of the previous layout.
+    pub fn finish_upgrade(&mut self) -> Result<()> {
+        self.convert_flows("after the swap");
+        if let Some(upgrade) = self.upgrade.take() {
+            let removed = upgrade.finish()?;
+            info!(maps = ?removed, "removed the pins of the previous layout");
+        }
+        Ok(())
     }
 
     /// Takes the maps out of the object. Call once.

@@ -20,6 +20,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod health;
 pub mod inspect;
+pub mod layout;
 pub mod metrics;
 pub mod model;
 pub mod netlink;

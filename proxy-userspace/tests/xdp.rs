@@ -211,6 +211,58 @@ fn a_remote_backend_gets_snat_and_both_directions_go_back_out_with_xdp_tx() {
 }
 
 #[test]
+fn sctp_is_decided_in_xdp_as_tcp_is_with_its_crc_updated_for_the_port_change() {
+    if !bpf_available() {
+        return;
+    }
+    on_a_node_with_a_wire(|wire| {
+        let mut datapath = Datapath::load().unwrap();
+        // To a local backend: DNAT (port 80 → 8080), marked for the stack. Expected frames
+        // carry a CRC32c computed from scratch.
+        datapath.add_service(
+            frontend(VIP, proto::SCTP),
+            &[backend(BACKEND_1, proto::SCTP)],
+        );
+        let init = Frame::new(CLIENT, VIP, SCTP_INIT);
+        let run = datapath.run_xdp(&init.build());
+        assert!(run.action == XDP_PASS && run.decided, "{run:02x?}");
+        assert_eq!(run.frame, init.between(CLIENT, BACKEND_1).build());
+
+        // To another node: SNAT, sent back out of the wire both ways.
+        datapath.add_service_with(
+            frontend(NODE_PORT, proto::SCTP),
+            &[backend(BACKEND_1, proto::SCTP)],
+            service_flags::NODE_PORT,
+            0,
+        );
+        let init = Frame::new(CLIENT, NODE_PORT, SCTP_INIT).macs(CLIENT_MAC, NODE_MAC);
+        let run = datapath.run_xdp_on(&init.build(), wire);
+        assert_eq!(run.action, XDP_TX, "{run:02x?}");
+        let snat = addr(
+            [198, 18, 0, 1],
+            u16::from_be_bytes([run.frame[34], run.frame[35]]),
+        );
+        let forwarded = init.between(snat, BACKEND_1).macs(NODE_MAC, BACKEND_1_MAC);
+        assert_eq!(run.frame, forwarded.routed().build());
+        let init_ack = Frame::new(BACKEND_1, snat, SCTP_INIT_ACK).macs(BACKEND_1_MAC, NODE_MAC);
+        let answered = init_ack
+            .between(NODE_PORT, CLIENT)
+            .macs(NODE_MAC, CLIENT_MAC)
+            .routed();
+        let run = datapath.run_xdp_on(&init_ack.build(), wire);
+        assert_eq!(run.action, XDP_TX, "{run:02x?}");
+        assert_eq!(run.frame, answered.build());
+        datapath.assert_stats(&[
+            (stat::CT_MISS, 2),
+            (stat::NEW_FLOW, 2),
+            (stat::REPLY, 1),
+            (stat::XDP_PASS, 1),
+            (stat::XDP_TX, 2),
+        ]);
+    });
+}
+
+#[test]
 fn without_the_next_hops_mac_xdp_records_nothing_and_tc_sends_the_packet() {
     if !bpf_available() {
         return;

@@ -14,6 +14,7 @@ use crate::lab::{NODE_NAME, Pod};
 pub enum Protocol {
     Tcp,
     Udp,
+    Sctp,
 }
 
 impl Protocol {
@@ -22,6 +23,7 @@ impl Protocol {
         match self {
             Protocol::Tcp => 6,
             Protocol::Udp => 17,
+            Protocol::Sctp => 132,
         }
     }
 
@@ -29,6 +31,7 @@ impl Protocol {
         match self {
             Protocol::Tcp => "TCP",
             Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
         }
     }
 
@@ -36,6 +39,7 @@ impl Protocol {
         match self {
             Protocol::Tcp => "tcp",
             Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
         }
     }
 }
@@ -273,6 +277,16 @@ impl Service {
     /// Adds a UDP port `port` → pods' `target_port`.
     pub fn udp(self, port: u16, target_port: u16) -> Self {
         self.port(Protocol::Udp, port, target_port, None)
+    }
+
+    /// Adds an SCTP port `port` → pods' `target_port`.
+    pub fn sctp(self, port: u16, target_port: u16) -> Self {
+        self.port(Protocol::Sctp, port, target_port, None)
+    }
+
+    /// Adds an SCTP port that is also open on every node address at `node_port`.
+    pub fn sctp_node_port(self, port: u16, target_port: u16, node_port: u16) -> Self {
+        self.port(Protocol::Sctp, port, target_port, Some(node_port))
     }
 
     /// Adds a TCP port that is also open on every node address at `node_port`.

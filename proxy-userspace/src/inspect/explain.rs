@@ -777,6 +777,31 @@ mod tests {
     }
 
     #[test]
+    fn an_sctp_service_port_gets_sctp_matches_and_its_own_chain_names() {
+        let image = image(&[Port {
+            service: ("default", "diameter", "sig"),
+            kind: FrontendKind::ClusterIp,
+            frontend: ([198, 19, 0, 40], 3868, Protocol::Sctp),
+            backends: &[([198, 18, 1, 11], 3869)],
+        }]);
+        let text = render(&image, &[], Form::KubeProxy);
+        let svc = service_chain("KUBE-SVC-", "default/diameter:sig", "sctp");
+        assert_ne!(
+            svc,
+            service_chain("KUBE-SVC-", "default/diameter:sig", "tcp")
+        );
+        for rule in [
+            format!(
+                "-A KUBE-SERVICES -m comment --comment \"default/diameter:sig cluster IP\" \
+                 -m sctp -p sctp -d 198.19.0.40 --dport 3868 -j {svc}\n"
+            ),
+            "-m sctp -p sctp -j DNAT --to-destination 198.18.1.11:3869\n".to_owned(),
+        ] {
+            assert!(text.contains(&rule), "{rule} missing from:\n{text}");
+        }
+    }
+
+    #[test]
     fn renders_the_golden_text_in_both_forms() {
         let image = golden_image();
         let cases = [

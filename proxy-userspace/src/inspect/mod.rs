@@ -176,7 +176,7 @@ fn print(text: &str) -> Result<()> {
     }
 }
 
-/// Opens a pinned map, with a hint when the pins are not there.
+/// Opens a pinned map of this release's layout, with a hint when the pins are not there.
 pub(crate) fn open_pinned(root: &Path, name: &str) -> Result<MapData> {
     let path: PathBuf = root.join(name);
     if !path.exists() {
@@ -186,6 +186,8 @@ pub(crate) fn open_pinned(root: &Path, name: &str) -> Result<MapData> {
             root.display()
         ));
     }
+    // Never misread a map another release pinned with another layout.
+    crate::layout::check(root, name)?;
     MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
 }
 
@@ -332,11 +334,7 @@ fn frontend_label(key: &FrontendKey) -> String {
 }
 
 fn protocol_name(protocol: u8) -> &'static str {
-    match protocol {
-        proto::TCP => "tcp",
-        proto::UDP => "udp",
-        _ => "?",
-    }
+    proto::name(protocol)
 }
 
 /// The frontend kind recorded in a header's flags, named like the Service field.

@@ -208,6 +208,12 @@ mod tests {
                 frontend: ([198, 18, 0, 1], 30053, Protocol::Udp),
                 backends: &[],
             },
+            Port {
+                service: ("default", "diameter", "sig"),
+                kind: FrontendKind::ClusterIp,
+                frontend: ([198, 19, 0, 11], 3868, Protocol::Sctp),
+                backends: &[([198, 18, 1, 13], 3869)],
+            },
         ]);
         // A slot that could not be read.
         let web = image.services[&FrontendKey::new([198, 19, 0, 10], 80, 6)];
@@ -228,8 +234,12 @@ mod tests {
         assert_eq!(json[1]["backends"][1]["state"], "missing");
         assert_eq!(json[1]["backends"][1]["address"], serde_json::Value::Null);
 
+        assert_eq!(json[2]["protocol"], "sctp");
+        assert_eq!(json[2]["backends"][0]["port"], 3869);
+
         let table = render(&views, false);
         assert!(table.contains("198.19.0.10:80/tcp"), "{table}");
+        assert!(table.contains("198.19.0.11:3868/sctp"), "{table}");
         assert!(table.contains("0 (no endpoints: refused)"), "{table}");
         assert_eq!(json[0]["when_empty"], "reject");
         assert_eq!(json[1]["algorithm"], "random");

@@ -45,7 +45,7 @@ pub struct TraceArgs {
     /// The packet's source, `address[:port]` (port 40000 if omitted).
     #[arg(required_unless_present = "connect")]
     source: Option<EndpointPattern>,
-    /// Its destination, `address:port[/tcp|/udp]` (tcp if omitted).
+    /// Its destination, `address:port[/tcp|/udp|/sctp]` (tcp if omitted).
     #[arg(required_unless_present = "connect")]
     destination: Option<Destination>,
     /// Instead of a packet, a `connect()` of a process of this node to
@@ -60,6 +60,8 @@ pub struct TraceArgs {
     cgroup_root: Option<std::path::PathBuf>,
     /// TCP flags of the packet, comma-separated: `syn`, `ack`, `fin`, `rst` (default: a
     /// SYN, a new connection's first packet; `syn,ack` traces a backend's first answer).
+    /// For SCTP they choose the packet's chunk: `syn` INIT, `syn,ack` INIT ACK, `fin`
+    /// SHUTDOWN, `rst` ABORT, `ack` DATA.
     #[arg(long, value_delimiter = ',', default_value = "syn", value_parser = parse_tcp_flag)]
     tcp_flags: Vec<u8>,
     /// Which programs the packet goes through: `auto` (XDP first where the arrival device
@@ -164,7 +166,8 @@ impl FromStr for Destination {
         let protocol = match protocol {
             "tcp" => proto::TCP,
             "udp" => proto::UDP,
-            other => return Err(format!("{other:?}: the protocol is tcp or udp")),
+            "sctp" => proto::SCTP,
+            other => return Err(format!("{other:?}: the protocol is tcp, udp or sctp")),
         };
         let pattern: EndpointPattern = endpoint.parse()?;
         let port = pattern
@@ -446,6 +449,8 @@ pub struct PacketView {
     pub destination: Endpoint,
     /// TCP: the flags by name (`SYN`, `SYN-ACK`, `ACK`, `FIN-ACK`, …); null otherwise.
     pub tcp_flags: Option<String>,
+    /// SCTP: its chunk (`INIT`, `INIT ACK`, `DATA`, `SHUTDOWN`, `ABORT`); null otherwise.
+    pub sctp_chunk: Option<&'static str>,
     /// The IPv4 length in bytes.
     pub length: u16,
     pub ttl: u8,
@@ -475,6 +480,8 @@ impl From<&TracePacket> for PacketView {
             source: packet.source,
             destination: packet.destination,
             tcp_flags: (packet.protocol == proto::TCP).then(|| flag_names(packet.tcp_flags)),
+            sctp_chunk: (packet.protocol == proto::SCTP)
+                .then(|| packet::sctp_chunk_name(packet::sctp_chunk(packet.tcp_flags))),
             length: packet.length,
             ttl: packet.ttl,
             fragment: match packet.fragment {
@@ -1186,6 +1193,9 @@ fn describe(view: &PacketView) -> String {
     if let Some(flags) = &view.tcp_flags {
         notes.push(flags.clone());
     }
+    if let Some(chunk) = view.sctp_chunk {
+        notes.push(chunk.to_owned());
+    }
     if let Some(part) = view.fragment {
         notes.push(format!("{part} fragment, id {}", view.ip_id));
     }
@@ -1266,7 +1276,9 @@ mod tests {
         let tcp: Destination = "198.19.0.10:80".parse().unwrap();
         assert_eq!(tcp.protocol, proto::TCP);
         assert!("198.19.0.10/tcp".parse::<Destination>().is_err());
-        assert!("198.19.0.10:80/sctp".parse::<Destination>().is_err());
+        let sctp: Destination = "198.19.0.10:3868/sctp".parse().unwrap();
+        assert_eq!(sctp.protocol, proto::SCTP);
+        assert!("198.19.0.10:80/quic".parse::<Destination>().is_err());
     }
 
     /// The record of a new flow to `frontend` (header `service`) given `(slot, backend id,

@@ -161,7 +161,7 @@ impl XdpView {
 
 fn why(reason: &str) -> &'static str {
     match reason {
-        "not-handled" => "not IPv4 TCP/UDP",
+        "not-handled" => "not IPv4 TCP/UDP/SCTP",
         "answer" => "an ICMP error goes back in its place, which tc builds",
         "no-neighbour" => "the next hop's MAC is not known yet; tc resolves it",
         "other-device" => "it leaves by a device without native XDP",

@@ -75,7 +75,7 @@ pub struct PortRecord {
     /// Empty for an unnamed single port.
     pub name: Arc<str>,
     pub port: i32,
-    /// The reason when the protocol can't be proxied (SCTP, or not a protocol at all).
+    /// The reason when the protocol can't be proxied (not a protocol at all).
     pub protocol: Result<Protocol, Box<str>>,
     pub node_port: Option<i32>,
 }
@@ -254,7 +254,7 @@ pub(crate) fn service_protocol(protocol: Option<&str>) -> Result<Protocol, Strin
     match protocol.unwrap_or("TCP") {
         "TCP" => Ok(Protocol::Tcp),
         "UDP" => Ok(Protocol::Udp),
-        "SCTP" => Err("SCTP is not supported".to_owned()),
+        "SCTP" => Ok(Protocol::Sctp),
         other => Err(format!("protocol {other:?} is invalid")),
     }
 }

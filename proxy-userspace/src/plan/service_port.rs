@@ -637,15 +637,49 @@ mod tests {
                 ..Case::default()
             },
             Case {
-                name: "SCTP port skipped and reported, the others kept",
-                services: vec![
-                    svc("default/web", "198.19.0.10")
+                name: "SCTP served as TCP and UDP are, on every kind of frontend",
+                services: vec![{
+                    let mut web = svc("default/web", "198.19.0.10")
                         .port("http", 80, "TCP")
-                        .port("sctp-port", 9999, "SCTP"),
+                        .port("sig", 3868, "SCTP")
+                        .service_type("LoadBalancer")
+                        .external_ips(&["198.18.9.1"])
+                        .ingress(Some("198.18.8.1"), None);
+                    let ports = web.spec().ports.as_mut().expect("ports");
+                    ports.last_mut().expect("sig").node_port = Some(30868);
+                    web
+                }],
+                slices: vec![
+                    web_slice()
+                        .port(Some("sig"), Some(3869), "SCTP")
+                        // Same name, other protocol: not the SCTP port's endpoint.
+                        .port(Some("sig"), Some(9999), "TCP"),
                 ],
-                slices: vec![web_slice()],
-                frontends: vec![("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec())],
-                problems: vec!["default/web port sctp-port: SCTP is not supported, skipped"],
+                frontends: vec![
+                    (
+                        "198.18.0.1:30868/sctp",
+                        NodePort,
+                        vec!["198.18.1.1:3869", "198.18.1.2:3869"],
+                    ),
+                    ("198.18.8.1:80/tcp", LoadBalancer, WEB_BACKENDS.to_vec()),
+                    (
+                        "198.18.8.1:3868/sctp",
+                        LoadBalancer,
+                        vec!["198.18.1.1:3869", "198.18.1.2:3869"],
+                    ),
+                    ("198.18.9.1:80/tcp", ExternalIp, WEB_BACKENDS.to_vec()),
+                    (
+                        "198.18.9.1:3868/sctp",
+                        ExternalIp,
+                        vec!["198.18.1.1:3869", "198.18.1.2:3869"],
+                    ),
+                    ("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec()),
+                    (
+                        "198.19.0.10:3868/sctp",
+                        ClusterIp,
+                        vec!["198.18.1.1:3869", "198.18.1.2:3869"],
+                    ),
+                ],
                 ..Case::default()
             },
             Case {

@@ -203,6 +203,8 @@ impl Datapath {
         xdp.load()
             .unwrap_or_else(|e| panic!("loading {XDP_PROGRAM_NAME}: {e:?}"));
         proxy_userspace::datapath::set_timeouts(&mut ebpf, CtTimeouts::DEFAULT).unwrap();
+        // The CLI and the reaper read only pins of a recorded layout.
+        proxy_userspace::layout::record(bpffs.path()).unwrap();
         Some(Self {
             ebpf,
             bpffs,
@@ -466,11 +468,11 @@ impl Datapath {
         epoch.set(0, next, 0).unwrap();
     }
 
-    /// How many instructions the verifier walked to load the program.
-    pub fn verified_instructions(&self) -> u32 {
-        let program: &SchedClassifier =
-            self.ebpf.program(PROGRAM_NAME).unwrap().try_into().unwrap();
-        program
+    /// How many instructions the verifier walked to load the program `name`.
+    pub fn verified_instructions(&self, name: &str) -> u32 {
+        self.ebpf
+            .program(name)
+            .unwrap()
             .info()
             .unwrap()
             .verified_instruction_count()
@@ -572,6 +574,12 @@ pub enum Transport {
     Udp {
         checksum: bool,
     },
+    /// One chunk of `chunk` carrying the payload; `checksum: false` leaves the CRC32c
+    /// field zero, as a socket does when the device computes it.
+    Sctp {
+        chunk: u8,
+        checksum: bool,
+    },
 }
 
 pub const SYN: Transport = Transport::Tcp {
@@ -595,11 +603,24 @@ pub const FIN_ACK: Transport = Transport::Tcp {
     fin: true,
 };
 pub const UDP: Transport = Transport::Udp { checksum: true };
+pub const SCTP_INIT: Transport = Transport::Sctp {
+    chunk: proxy_common::sctp::chunk::INIT,
+    checksum: true,
+};
+pub const SCTP_INIT_ACK: Transport = Transport::Sctp {
+    chunk: proxy_common::sctp::chunk::INIT_ACK,
+    checksum: true,
+};
+/// A DATA chunk.
+pub const SCTP_DATA: Transport = Transport::Sctp {
+    chunk: 0,
+    checksum: true,
+};
 
 /// An odd length, so checksums cover a padded last byte.
 pub const PAYLOAD: &[u8] = b"hello, backend!";
 
-/// A description of an Ethernet/IPv4/TCP-or-UDP frame; `build` gives its bytes with full,
+/// A description of an Ethernet/IPv4/TCP, UDP or SCTP frame; `build` gives its bytes with full,
 /// valid checksums.
 #[derive(Clone, Copy)]
 pub struct Frame {
@@ -652,6 +673,12 @@ impl Frame {
     }
 
     pub fn build(&self) -> Vec<u8> {
+        let eth = Ethernet2Header {
+            source: self.macs.0,
+            destination: self.macs.1,
+            ether_type: EtherType::IPV4,
+        }
+        .to_bytes();
         let mut ip = Ipv4Header::new(
             0,
             self.ttl,
@@ -693,14 +720,22 @@ impl Frame {
                 }
                 udp.to_bytes().to_vec()
             }
+            Transport::Sctp { chunk, checksum } => {
+                let sctp = wire::sctp_packet(
+                    self.src.port(),
+                    self.dst.port(),
+                    chunk,
+                    self.payload,
+                    checksum,
+                );
+                ip.protocol = IpNumber::SCTP;
+                ip.set_payload_len(sctp.len()).unwrap();
+                ip.header_checksum = ip.calc_header_checksum();
+                return [&eth[..], &ip.to_bytes(), &sctp].concat();
+            }
         };
         ip.header_checksum = ip.calc_header_checksum();
-        let eth = Ethernet2Header {
-            source: self.macs.0,
-            destination: self.macs.1,
-            ether_type: EtherType::IPV4,
-        };
-        [&eth.to_bytes()[..], &ip.to_bytes(), &l4, self.payload].concat()
+        [&eth[..], &ip.to_bytes(), &l4, self.payload].concat()
     }
 }
 

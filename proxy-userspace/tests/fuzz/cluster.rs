@@ -110,7 +110,8 @@ struct FuzzService {
     terminating: bool,
 }
 
-/// The Services, one per state a frontend can be in: backends to spread over, none at all
+/// The Services, one per state a frontend can be in (SCTP ports beside TCP and UDP on a
+/// ClusterIP with backends, one without, and a NodePort): backends to spread over, none at all
 /// (refused), only terminating ones, session affinity, NodePorts with backends on this
 /// and other nodes (SNAT), externalTrafficPolicy Local with or without a local endpoint
 /// (dropped), both of these choosing by Maglev (a small table and the default one), a
@@ -124,7 +125,8 @@ fn services() -> Vec<FuzzService> {
         FuzzService {
             service: Service::cluster_ip("spread", vip(10))
                 .tcp(80, 8080)
-                .udp(53, 5353),
+                .udp(53, 5353)
+                .sctp(3868, 3870),
             pool: vec![
                 (local_pod(10), true),
                 (local_pod(11), true),
@@ -137,7 +139,8 @@ fn services() -> Vec<FuzzService> {
         FuzzService {
             service: Service::cluster_ip("empty", vip(11))
                 .tcp(80, 8081)
-                .udp(53, 5351),
+                .udp(53, 5351)
+                .sctp(3868, 3871),
             pool: Vec::new(),
             sizes: 0..=0,
             terminating: false,
@@ -167,6 +170,7 @@ fn services() -> Vec<FuzzService> {
             service: Service::node_port("nodeport", vip(14))
                 .tcp_node_port(80, 8084, 30_080)
                 .udp_node_port(53, 5354, 30_053)
+                .sctp_node_port(3868, 3874, 30_868)
                 .annotation("ebpf-proxy.io/lb-algorithm", "maglev")
                 .annotation("ebpf-proxy.io/maglev-table-size", "251"),
             pool: vec![
