@@ -141,20 +141,10 @@ pub fn follow<C: Context, M: Mode>(ctx: &C, mode: &M, fragment: &LaterFragment) 
         mode.count(stat::REWRITE_FAILED);
         return Verdict::Drop;
     }
-    let verdict = if !hop.routed_here() {
-        Verdict::Accept
-    } else if M::DRY_RUN {
-        mode.routes_itself(hop.ifindex);
-        Verdict::Accept
-    } else {
-        match route::send(ctx, &hop) {
-            Some(verdict) => verdict,
-            None => {
-                // The TTL ran out here: the kernel drops a later fragment silently too.
-                mode.count(stat::NOT_FORWARDABLE);
-                return Verdict::Drop;
-            }
-        }
+    let Some(verdict) = route::send(ctx, mode, &hop) else {
+        // The TTL ran out here: the kernel drops a later fragment silently too.
+        mode.count(stat::NOT_FORWARDABLE);
+        return Verdict::Drop;
     };
     mode.count(stat::FRAGMENT);
     verdict

@@ -34,7 +34,7 @@ use crate::{
     mode::Mode,
     nat::{self, TCP_CSUM_OFFSET, UDP_CSUM_OFFSET},
     parse::{self, L3_OFFSET},
-    route::{self, Route},
+    route::{self, Hop, Route},
     verdict::Verdict,
 };
 
@@ -147,23 +147,17 @@ pub fn translate<C: Context, M: Mode>(ctx: &C, mode: &M, l4_offset: usize) -> Ve
         mode.count(stat::ICMP_ERROR);
         return Verdict::Accept;
     }
-    let verdict = match route::lookup(ctx, icmp::PROTOCOL, &outer, 0) {
-        Route::Via(hop) if M::DRY_RUN => {
-            mode.routes_itself(hop.ifindex);
-            Verdict::Accept
-        }
-        Route::Via(hop) => match route::send(ctx, &hop) {
-            Some(verdict) => verdict,
-            None => {
-                // Its TTL ran out here: no error is sent about an error.
-                mode.count(stat::NOT_FORWARDABLE);
-                return Verdict::Drop;
-            }
-        },
+    let hop = match route::lookup(ctx, icmp::PROTOCOL, &outer, 0) {
+        Route::Via(hop) => hop,
         _ => {
             mode.count(stat::FIB_MISS);
-            Verdict::Accept
+            Hop::KERNEL
         }
+    };
+    let Some(verdict) = route::send(ctx, mode, &hop) else {
+        // Its TTL ran out here: no error is sent about an error.
+        mode.count(stat::NOT_FORWARDABLE);
+        return Verdict::Drop;
     };
     mode.count(stat::ICMP_ERROR);
     verdict

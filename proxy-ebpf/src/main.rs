@@ -584,21 +584,11 @@ fn translate<C: Context, M: Mode>(
         mode.count(stat::REWRITE_FAILED);
         return (Verdict::Drop, Fate::dropped());
     }
-    let verdict = if !hop.routed_here() {
-        Verdict::Accept
-    } else if M::DRY_RUN {
-        mode.routes_itself(hop.ifindex);
-        Verdict::Accept
-    } else {
-        match route::send(ctx, hop) {
-            Some(verdict) => verdict,
-            // The TTL was checked before the translation: only a packet the check could
-            // not answer gets here.
-            None => {
-                mode.count(stat::NOT_FORWARDABLE);
-                return (Verdict::Drop, Fate::dropped());
-            }
-        }
+    // The TTL was checked before the translation: only a packet the check could not
+    // answer runs out of it here.
+    let Some(verdict) = route::send(ctx, mode, hop) else {
+        mode.count(stat::NOT_FORWARDABLE);
+        return (Verdict::Drop, Fate::dropped());
     };
     mode.count(decision.counter);
     (verdict, Fate::forward(*to, decision.routes_itself))

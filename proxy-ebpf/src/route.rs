@@ -31,6 +31,7 @@ use proxy_common::Tuple;
 use crate::{
     context::Context,
     csum,
+    mode::Mode,
     parse::{self, L3_OFFSET},
     verdict::Verdict,
 };
@@ -154,12 +155,20 @@ pub fn lookup<C: Context>(ctx: &C, proto: u8, to: &Tuple, l3_len: u16) -> Route 
     route.unwrap_or(Route::None)
 }
 
-/// Forwards the already translated packet to `hop` (found by [`lookup`], accepted by the
-/// context's `can_send`): the TTL decremented as a router does. `None` when the TTL is
-/// exhausted (the caller drops; the error, where one is due, was sent before the packet
-/// was translated).
+/// Sends the already translated packet on: to the kernel when `hop` is [`Hop::KERNEL`],
+/// else out of `hop` (found by [`lookup`], accepted by the context's `can_send`) with the
+/// TTL decremented as a router does; a dry run only records where. `None` when the TTL is
+/// exhausted: the caller drops the packet (the error, where one is due, was sent before
+/// the packet was translated).
 #[inline(always)]
-pub fn send<C: Context>(ctx: &C, hop: &Hop) -> Option<Verdict> {
+pub fn send<C: Context, M: Mode>(ctx: &C, mode: &M, hop: &Hop) -> Option<Verdict> {
+    if !hop.routed_here() {
+        return Some(Verdict::Accept);
+    }
+    if M::DRY_RUN {
+        mode.routes_itself(hop.ifindex);
+        return Some(Verdict::Accept);
+    }
     if !decrement_ttl(ctx) {
         return None;
     }

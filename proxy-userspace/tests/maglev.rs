@@ -90,6 +90,27 @@ fn through_xdp(datapath: &Datapath, client: SocketAddrV4) -> SocketAddrV4 {
         .expect("DNATed to one of the backends")
 }
 
+/// The backends clients `n` in `clients` reach through `node_1`'s tc program, each the
+/// same one through `node_2`'s XDP program.
+fn agreed_backends(
+    node_1: &Datapath,
+    node_2: &Datapath,
+    clients: std::ops::Range<u16>,
+) -> std::collections::BTreeSet<SocketAddrV4> {
+    clients
+        .map(|n| {
+            let chosen = through_tc(node_1, client(n));
+            assert_eq!(
+                through_xdp(node_2, client(n)),
+                chosen,
+                "client {}",
+                client(n)
+            );
+            chosen
+        })
+        .collect()
+}
+
 #[test]
 fn every_node_sends_a_clients_flow_to_the_same_backend_in_tc_and_in_xdp() {
     let (Some(node_1), Some(node_2)) = (
@@ -98,17 +119,7 @@ fn every_node_sends_a_clients_flow_to_the_same_backend_in_tc_and_in_xdp() {
     ) else {
         return;
     };
-    let mut used = std::collections::BTreeSet::new();
-    for n in 0..96 {
-        let chosen = through_tc(&node_1, client(n));
-        assert_eq!(
-            through_xdp(&node_2, client(n)),
-            chosen,
-            "client {}",
-            client(n)
-        );
-        used.insert(chosen);
-    }
+    let used = agreed_backends(&node_1, &node_2, 0..96);
     assert_eq!(
         used.len(),
         BACKENDS.len(),
@@ -207,18 +218,11 @@ fn a_local_policy_table_covers_the_local_endpoints_and_pods_choose_in_the_cluste
     };
     // Outside clients: only the local endpoints, each flow where the other node with the
     // same local endpoints sends it (the table does not depend on the Cluster set).
-    let mut used = std::collections::BTreeSet::new();
-    for n in 0..48 {
-        let chosen = through_tc(&node_1, client(n));
-        assert!(local.contains(&chosen), "{chosen} is not local");
-        assert_eq!(
-            through_xdp(&node_2, client(n)),
-            chosen,
-            "client {}",
-            client(n)
-        );
-        used.insert(chosen);
-    }
+    let used = agreed_backends(&node_1, &node_2, 0..48);
+    assert!(
+        used.iter().all(|chosen| local.contains(chosen)),
+        "only local endpoints: {used:?}"
+    );
     assert_eq!(used.len(), local.len(), "both local endpoints get flows");
     // A client without a flow yet, as trace sees it.
     let report = node_1

@@ -184,6 +184,15 @@ fn assert_icmp_checksums_valid(frame: &[u8]) {
     );
 }
 
+/// Asserts tc passes the ICMP error `error` on as `want`, byte for byte, with valid
+/// checksums.
+fn assert_error_translated(datapath: &Datapath, error: &[u8], want: &[u8]) {
+    let (verdict, out) = datapath.run(error);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, want, "{out:02x?}");
+    assert_icmp_checksums_valid(&out);
+}
+
 #[test]
 fn fragments_of_a_cluster_ip_datagram_follow_their_first_fragment_both_ways() {
     let Some(mut datapath) = Datapath::load() else {
@@ -346,10 +355,7 @@ fn a_backends_port_unreachable_reaches_the_client_from_the_service() {
         port_unreachable(),
         &query.build(),
     );
-    let (verdict, out) = datapath.run(&error);
-    assert_eq!(verdict, TC_ACT_OK);
-    assert_eq!(out, want, "{out:02x?}");
-    assert_icmp_checksums_valid(&out);
+    assert_error_translated(&datapath, &error, &want);
     datapath.assert_stats(&[
         (stat::CT_MISS, 1),
         (stat::NEW_FLOW, 1),
@@ -385,10 +391,7 @@ fn a_routers_error_about_a_tcp_segment_to_a_remote_backend_reaches_the_client() 
         frag_needed(1000),
         &syn.between(CLIENT, VIP).build(),
     );
-    let (verdict, out) = datapath.run(&error);
-    assert_eq!(verdict, TC_ACT_OK);
-    assert_eq!(out, want, "{out:02x?}");
-    assert_icmp_checksums_valid(&out);
+    assert_error_translated(&datapath, &error, &want);
 }
 
 #[test]
@@ -684,10 +687,7 @@ fn xdp_leaves_fragments_and_icmp_errors_to_tc_which_translates_them() {
         port_unreachable(),
         &answer.build(),
     );
-    let (verdict, out) = datapath.run(&error);
-    assert_eq!(verdict, TC_ACT_OK);
-    assert_eq!(out, want, "{out:02x?}");
-    assert_icmp_checksums_valid(&out);
+    assert_error_translated(&datapath, &error, &want);
 
     datapath.assert_stats(&[
         (stat::CT_MISS, 1),
