@@ -404,10 +404,15 @@ impl MapMirror {
         self.write_phase(maps, Phase::DeleteMembership(&delete_members), &mut report);
         self.write_phase(maps, Phase::DeleteSourceRanges(&delete_ranges), &mut report);
         self.write_phase(maps, Phase::DeleteBackends(&delete_backends), &mut report);
-        // A table a held-back (or moved) header still names stays.
-        let named: BTreeSet<MaglevKey> = (self.current.services.values())
-            .flat_map(super::image::maglev_keys)
-            .collect();
+        // A table a held-back (or moved) header still names stays. (Looked for only when
+        // tables go: a change of a frontend without one costs no walk over every header.)
+        let named: BTreeSet<MaglevKey> = if writes.delete_maglev.is_empty() {
+            BTreeSet::new()
+        } else {
+            (self.current.services.values())
+                .flat_map(super::image::maglev_keys)
+                .collect()
+        };
         let (delete_tables, kept_tables) = split(&writes.delete_maglev, |key| !named.contains(key));
         report.held_back += kept_tables;
         self.write_phase(maps, Phase::DeleteMaglev(&delete_tables), &mut report);

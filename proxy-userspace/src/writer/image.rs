@@ -601,21 +601,11 @@ pub fn place(
     slots: &mut SlotAllocator,
 ) -> Placement {
     let mut placement = Placement::default();
-    // Live slices that may move: those of frontends the batch leaves as they are. The
-    // others are live until their headers switch or go.
-    let untouched = |key: &FrontendKey, header: &FrontendValue| match next.frontends.get(key) {
-        Some(entry) => current.slots_of(header).as_ref() == Some(&entry.slots),
-        None => matches!(scope, Scope::Frontends(keys) if !keys.contains(key)),
-    };
-    let mut movable: BTreeMap<Slice, FrontendKey> = BTreeMap::new();
-    let mut fixed: Vec<Slice> = Vec::new();
-    for (key, header) in &current.services {
-        if untouched(key, header) {
-            movable.insert(slice_of(header), *key);
-        } else {
-            fixed.push(slice_of(header));
-        }
-    }
+    // The live slices, looked at only once a slice finds no room (a walk over every
+    // header: a change must not cost what the maps hold).
+    let mut live: Option<LiveSlices> = None;
+    // The smallest slice no evacuation could make room for: larger ones need not try.
+    let mut no_room_from = u32::MAX;
     let keys: Vec<FrontendKey> = next.frontends.keys().copied().collect();
     for key in keys {
         let entry = &next.frontends[&key];
@@ -641,8 +631,15 @@ pub fn place(
                 .insert(reservation.slice.base, entry.slots.clone());
             continue;
         }
+        if wanted >= no_room_from {
+            placement.unplaced.push(key);
+            continue;
+        }
+        let LiveSlices { movable, fixed } =
+            live.get_or_insert_with(|| LiveSlices::of(current, next, scope));
         let candidates: Vec<Slice> = movable.keys().copied().collect();
-        let Some(moves) = slots.evacuation(wanted, &candidates, &fixed) else {
+        let Some(moves) = slots.evacuation(wanted, &candidates, fixed) else {
+            no_room_from = wanted;
             placement.unplaced.push(key);
             continue;
         };
@@ -682,6 +679,35 @@ pub fn place(
     }
     placement.barrier = slots.barrier_pending();
     placement
+}
+
+/// The live slices of BACKEND_SLOTS, for an evacuation.
+struct LiveSlices {
+    /// Slices that may move: those of frontends the batch leaves as they are.
+    movable: BTreeMap<Slice, FrontendKey>,
+    /// The others: live until their headers switch or go.
+    fixed: Vec<Slice>,
+}
+
+impl LiveSlices {
+    fn of(current: &MapImage, next: &DesiredImage, scope: Scope<'_>) -> Self {
+        let untouched = |key: &FrontendKey, header: &FrontendValue| match next.frontends.get(key) {
+            Some(entry) => current.slots_of(header).as_ref() == Some(&entry.slots),
+            None => matches!(scope, Scope::Frontends(keys) if !keys.contains(key)),
+        };
+        let mut live = LiveSlices {
+            movable: BTreeMap::new(),
+            fixed: Vec::new(),
+        };
+        for (key, header) in &current.services {
+            if untouched(key, header) {
+                live.movable.insert(slice_of(header), *key);
+            } else {
+                live.fixed.push(slice_of(header));
+            }
+        }
+        live
+    }
 }
 
 /// The writes that turn one image into another, phase by phase in the one order that keeps
