@@ -10,7 +10,7 @@
 //! kernel maps, or the tests' maps in memory — and holds back what would leave a packet
 //! with half a frontend when a write was refused.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use proxy_common::maglev::{MaglevChunk, MaglevKey};
 use proxy_common::{
@@ -333,11 +333,27 @@ impl MapMirror {
 
     /// Forgets the ids of what neither `next` nor the maps name any more.
     fn forget_unused_ids(&mut self, next: &DesiredImage) {
-        let current = &self.current;
-        let service_ports: BTreeSet<u32> = (next.frontends.values().map(|entry| &entry.header))
-            .chain(current.services.values())
-            .map(|header| header.service_port_id)
+        let mut service_ports: HashSet<u32> = (next.frontends.values())
+            .map(|entry| entry.header.service_port_id)
             .collect();
+        // Every id `next` names comes from the registry: when the registry holds no more
+        // ids than that, none is unused (a first sync, a resync that changed nothing) and
+        // the walk over a million backends is saved.
+        let named = (
+            next.backends.len(),
+            next.frontends.len(),
+            service_ports.len(),
+        );
+        if self.ids.counts() == named {
+            return;
+        }
+        let current = &self.current;
+        service_ports.extend(
+            current
+                .services
+                .values()
+                .map(|header| header.service_port_id),
+        );
         self.ids.retain(
             |id| next.backends.contains_key(&id) || current.backends.contains_key(&id),
             |key| next.frontends.contains_key(key) || current.services.contains_key(key),
