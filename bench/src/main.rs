@@ -20,6 +20,7 @@ mod memory;
 mod netfilter;
 mod packet;
 mod programming;
+mod related;
 mod report;
 mod soak;
 mod stats;
@@ -61,6 +62,8 @@ struct Cli {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Section {
     Packet,
+    /// The packets around a flow: later fragments, ICMP errors, full-size segments.
+    Related,
     /// Conntrack garbage collection.
     Gc,
     Connections,
@@ -209,8 +212,14 @@ impl Settings {
         vec![
             format!(
                 "per packet: {:?} Services × 10 endpoints; {} runs of `repeat` {} and of {} \
-                 single runs each",
-                packet.sizes, packet.runs, packet.repeat, packet.single_runs
+                 single runs each; the packets around a flow at 1 Service, {} runs of \
+                 `repeat` {}",
+                packet.sizes,
+                packet.runs,
+                packet.repeat,
+                packet.single_runs,
+                packet.runs,
+                packet.repeat
             ),
             format!(
                 "conntrack garbage collection: CONNTRACK of {:?} entries, full, half of the \
@@ -296,6 +305,13 @@ fn run(cli: &Cli) -> Result<()> {
         let lab = Lab::builder().pods(0).build()?;
         results.packet = lab.node().run(|| packet::measure(&settings.packet))??;
         show(&report::packet_table(&results.packet));
+    }
+    if wants(Section::Related) {
+        heading("1. Per-packet cost of the packets around a flow (ns per packet)");
+        let lab = Lab::builder().pods(0).build()?;
+        let related = lab.node().run(|| related::measure(&settings.packet))??;
+        show(&report::related_table(&related));
+        results.related = Some(related);
     }
     if wants(Section::Gc) {
         heading("1. Conntrack garbage collection (one sweep)");

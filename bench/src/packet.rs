@@ -50,7 +50,7 @@ use proxy_lab::PrivateBpffs;
 const TC_ACT_OK: u32 = 0;
 const ENDPOINTS_PER_SERVICE: usize = 10;
 /// The established flow's client, and the pass-through packet's source.
-const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 250, 1), 40_000);
+pub(crate) const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 250, 1), 40_000);
 /// A destination that is no Service (no endpoint uses port 9 either).
 const NOT_A_SERVICE: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 255, 254), 9);
 /// The client of the direct flow to a backend.
@@ -221,18 +221,18 @@ fn new_flow_client(index: usize) -> SocketAddrV4 {
 }
 
 /// The object loaded with maps sized for `services`, pinned in a private bpffs.
-struct LoadedProgram {
+pub(crate) struct LoadedProgram {
     // Dropped in declaration order: maps and program before the bpffs that pins them.
-    writer: MapWriter,
-    conntrack: BpfHashMap<MapData, CtKey, CtValue>,
+    pub(crate) writer: MapWriter,
+    pub(crate) conntrack: BpfHashMap<MapData, CtKey, CtValue>,
     stats: PerCpuArray<MapData, u64>,
     trace: PerCpuArray<MapData, TraceRecord>,
-    ebpf: Ebpf,
+    pub(crate) ebpf: Ebpf,
     _bpffs: PrivateBpffs,
 }
 
 impl LoadedProgram {
-    fn load(services: usize) -> Result<Self> {
+    pub(crate) fn load(services: usize) -> Result<Self> {
         let bpffs = PrivateBpffs::mount("bench")?;
         let frontends = u32::try_from(services)?;
         let mut ebpf = EbpfLoader::new()
@@ -305,7 +305,7 @@ impl LoadedProgram {
 
     /// Runs `frame` `repeat` times in one call; nanoseconds per run (the kernel's own
     /// average). Fails unless every run counted `counter`.
-    fn repeated(&self, frame: &[u8], repeat: u32, counter: u32) -> Result<f64> {
+    pub(crate) fn repeated(&self, frame: &[u8], repeat: u32, counter: u32) -> Result<f64> {
         let before = self.counter(counter)?;
         let result = self.program()?.test_run(TestRunOptions {
             data_in: Some(frame),
@@ -389,7 +389,7 @@ impl LoadedProgram {
 
     /// Runs one frame through the program; its verdict must be TC_ACT_OK and `counter`
     /// must count it. Returns the frame it leaves.
-    fn once(&self, frame: &[u8], counter: u32) -> Result<Vec<u8>> {
+    pub(crate) fn once(&self, frame: &[u8], counter: u32) -> Result<Vec<u8>> {
         let before = self.counter(counter)?;
         let (verdict, out) = datapath::run_frame(self.program()?, frame)?;
         ensure!(verdict == TC_ACT_OK, "verdict {verdict}");
@@ -402,7 +402,7 @@ impl LoadedProgram {
     /// conntrack hits at every iteration of a `repeat` run: the program DNATs the packet
     /// to the backend it chose, and a mirror entry for that translated tuple DNATs it back
     /// to the VIP. Returns the flow's ACK frame.
-    fn open_established_flow(&mut self, service: &BenchService) -> Result<Vec<u8>> {
+    pub(crate) fn open_established_flow(&mut self, service: &BenchService) -> Result<Vec<u8>> {
         let vip = SocketAddrV4::new(service.vip, service.port);
         let out = self.once(&tcp_frame(CLIENT, vip, Flags::Syn)?, stat::NEW_FLOW)?;
         let backend = destination(&out)?;
@@ -448,7 +448,7 @@ impl LoadedProgram {
     }
 }
 
-fn tuple(src: SocketAddrV4, dst: SocketAddrV4) -> Tuple {
+pub(crate) fn tuple(src: SocketAddrV4, dst: SocketAddrV4) -> Tuple {
     Tuple {
         src_addr: u32::from_ne_bytes(src.ip().octets()),
         dst_addr: u32::from_ne_bytes(dst.ip().octets()),
@@ -495,7 +495,7 @@ fn udp_frame(src: SocketAddrV4, dst: SocketAddrV4) -> Result<Vec<u8>> {
 }
 
 /// Where a frame is addressed to.
-fn destination(frame: &[u8]) -> Result<SocketAddrV4> {
+pub(crate) fn destination(frame: &[u8]) -> Result<SocketAddrV4> {
     let packet = SlicedPacket::from_ethernet(frame)?;
     let (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Tcp(tcp))) = (packet.net, packet.transport)
     else {

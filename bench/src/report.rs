@@ -11,6 +11,7 @@ use crate::hostile::HostileResult;
 use crate::memory::MemoryResult;
 use crate::packet::PacketCosts;
 use crate::programming::{ProgrammingResult, Timing};
+use crate::related::RelatedCosts;
 use crate::soak::SoakResult;
 use crate::stats::Summary;
 
@@ -18,6 +19,7 @@ use crate::stats::Summary;
 #[derive(Debug, Default)]
 pub struct Results {
     pub packet: Vec<PacketCosts>,
+    pub related: Option<RelatedCosts>,
     pub gc: Vec<GcCost>,
     pub connections: Vec<ConnectionResult>,
     pub programming: Vec<ProgrammingResult>,
@@ -93,6 +95,29 @@ pub fn packet_table(costs: &[PacketCosts]) -> Table {
             cost.timer_floor.display(0),
         ]);
     }
+    table
+}
+
+pub fn related_table(costs: &RelatedCosts) -> Table {
+    let mut table = Table::new(&[
+        "established, 54 bytes (ns)",
+        "established, 1,500 bytes: MTU check (ns)",
+        "later fragment, 1,500 bytes (ns)",
+        "ICMP error about the flow (ns)",
+        "MTU check ÷ 54 bytes",
+        "later fragment ÷ established",
+        "ICMP error ÷ established",
+    ]);
+    let base = costs.established.median;
+    table.rows.push(vec![
+        costs.established.display(0),
+        costs.established_full_size.display(0),
+        costs.later_fragment.display(0),
+        costs.icmp_error.display(0),
+        ratio(costs.established_full_size.median / base),
+        ratio(costs.later_fragment.median / base),
+        ratio(costs.icmp_error.median / base),
+    ]);
     table
 }
 
@@ -618,6 +643,28 @@ pub fn document(results: &Results, context: &DocumentContext) -> String {
              with two system calls, then each finished one deleted with one.\n\n{}",
             packet_table(&results.packet).markdown(),
             gc_table(&results.gc).markdown()
+        );
+    }
+    if let Some(related) = &results.related {
+        let _ = write!(
+            doc,
+            "\n### The packets around a flow\n\n\
+             The same harness, one established TCP flow (client → VIP → backend, assured), \
+             `repeat` iterations per call, each counted on its path; every packet repeats \
+             in place by the mirror method above (a mirror entry translates it back).\n\n\
+             - **established, 54 bytes**: the packet of the table above, for reference.\n\
+             - **established, 1,500 bytes**: a full-size segment with \"don't fragment\": \
+               before the rewrite, the egress MTU check asks the FIB (`bpf_fib_lookup` with \
+               the length) whether it fits the device it will leave by; packets of at most \
+               552 bytes skip it.\n\
+             - **later fragment**: a 1,500-byte fragment after the first of one of the \
+               flow's datagrams: a FRAGMENTS lookup, then the IPv4 addresses and header \
+               checksum rewritten (its datagram's L4 checksum sits in the first fragment).\n\
+             - **ICMP error**: a router's \"fragmentation needed\" about one of the flow's \
+               segments (the Path-MTU case): the conntrack lookup by the quoted packet, then \
+               the outer addresses, the quoted header and ports, and four checksums \
+               rewritten.\n\n{}",
+            related_table(related).markdown()
         );
     }
     if !results.connections.is_empty() {

@@ -354,7 +354,7 @@ impl Default for CtTimeouts {
 
 /// The translation of one flow, decided for its first packet: the one record both of its
 /// conntrack entries are derived from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Translation {
     pub proto: u8,
     /// What the client sends: client → frontend (a direct flow: client → backend).

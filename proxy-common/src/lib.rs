@@ -7,11 +7,15 @@
 #![no_std]
 
 mod conntrack;
+mod fragment;
 mod sock;
 
 pub use conntrack::{
     CtKey, CtTimeouts, CtValue, EXPIRES_REMOVING, Endpoint, FlowState, Translation, Tuple,
     UDP_STREAM_AFTER_S, ct_flags, ct_seconds, ct_state, flow_expired, next_state, tcp_flags,
+};
+pub use fragment::{
+    FRAGMENT_TIMEOUT_NS, FragmentKey, FragmentValue, MIN_CHECKED_MTU, fragment_verdict, icmp,
 };
 pub use sock::{
     ECONNREFUSED, EHOSTUNREACH, SockKey, SockValue, TRACE_ERRNO, sock_flags, sock_globals,
@@ -53,6 +57,9 @@ pub mod map_names {
     /// The devices the program is attached to → their kind (`device_kind`): whether a new
     /// connection comes from a pod of this node or from outside (written by the daemon).
     pub const DEVICES: &str = "DEVICES";
+    /// IPv4 datagrams whose first fragment passed: what was done to it, so the later
+    /// fragments (which carry no ports) follow (LRU).
+    pub const FRAGMENTS: &str = "FRAGMENTS";
     /// Metadata for people, not for packets: which Service port each frontend belongs to.
     pub const SVC_NAMES: &str = "SVC_NAMES";
     /// `loadBalancerSourceRanges`: the client prefixes each restricted frontend admits.
@@ -392,7 +399,8 @@ pub mod stat {
     pub const BACKEND_MISSING: u32 = 6;
     /// The packet matched no frontend and no flow and passed untouched.
     pub const PASS: u32 = 7;
-    /// Not IPv4 TCP/UDP, or an IP fragment: passed untouched.
+    /// Not IPv4 TCP/UDP (nor a fragment of such a datagram, nor an ICMP error), or
+    /// truncated: passed untouched.
     pub const NOT_HANDLED: u32 = 8;
     /// Rewriting the packet failed (helper error); the packet was dropped.
     pub const REWRITE_FAILED: u32 = 9;
@@ -438,8 +446,36 @@ pub mod stat {
     /// A `connect()` or `sendmsg()` to a frontend that drops (no local endpoint under a
     /// Local policy, a client outside the source ranges) failed with EHOSTUNREACH.
     pub const SOCK_UNREACHABLE: u32 = 23;
+    /// A later fragment of a TCP/UDP datagram (no ports of its own) went the way its first
+    /// fragment went: translated the same way, or passed (see
+    /// [`FragmentValue`](crate::FragmentValue); dropped ones count as
+    /// [`FRAGMENT_DROPPED`]).
+    pub const FRAGMENT: u32 = 24;
+    /// A later fragment whose first fragment this node has not seen (it came later, went
+    /// elsewhere, or its record expired or was evicted): passed untouched.
+    pub const FRAGMENT_UNMATCHED: u32 = 25;
+    /// An ICMP error (destination unreachable, time exceeded, parameter problem) about a
+    /// tracked flow was translated as its flow is: outer addresses, the quoted packet and
+    /// the checksums.
+    pub const ICMP_ERROR: u32 = 26;
+    /// A translated packet was too big for the device it would leave by: answered with an
+    /// ICMP "fragmentation needed" to its sender, about the packet as the sender sent it,
+    /// as the kernel's forwarding path answers (the packet was dropped).
+    pub const FRAG_NEEDED: u32 = 27;
+    /// A translated packet's TTL ran out here: answered with an ICMP "time exceeded" to its
+    /// sender (rate limited like the kernel's).
+    pub const TTL_EXCEEDED: u32 = 28;
+    /// A packet the program routes itself could not go and no ICMP error may be sent about
+    /// it (a later fragment, an ICMP error): too big for the device (a fragment cannot be
+    /// fragmented there; its first fragment got "fragmentation needed"), or its TTL ran
+    /// out. Dropped silently, as the kernel drops such packets.
+    pub const NOT_FORWARDABLE: u32 = 29;
+    /// A later fragment of a datagram whose first fragment was dropped or answered with an
+    /// ICMP error in its place: dropped too, as the kernel drops a datagram it could not
+    /// deliver whole.
+    pub const FRAGMENT_DROPPED: u32 = 30;
     /// Number of counters (size of the STATS array).
-    pub const COUNT: u32 = 24;
+    pub const COUNT: u32 = 31;
 
     /// Stable names, indexed like the constants above (used by logs, metrics and the CLI).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -467,6 +503,13 @@ pub mod stat {
         "sock_reverse",
         "sock_refused",
         "sock_unreachable",
+        "fragment",
+        "fragment_unmatched",
+        "icmp_error",
+        "frag_needed",
+        "ttl_exceeded",
+        "not_forwardable",
+        "fragment_dropped",
     ];
 }
 
@@ -615,6 +658,40 @@ pub struct TraceRecord {
     pub service: FrontendValue,
     /// The conntrack entry that matched, if [`TraceRecord::conntrack`] is not NONE.
     pub flow: CtValue,
+    /// A first fragment: the record its later fragments would find (the dry run writes
+    /// none). A later fragment: the record it found, if [`TraceRecord::fragment_found`].
+    pub fragment_record: FragmentValue,
+    /// A [`trace_fragment`] constant.
+    pub fragment: u8,
+    /// 1 when a later fragment found its datagram's record.
+    pub fragment_found: u8,
+    /// An ICMP error being translated: its type and code (type 0: none).
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    /// A [`trace_answer`] constant: an ICMP error the program sent instead of the packet.
+    pub answered: u8,
+    pub _pad1: u8,
+    /// The egress MTU named in a "fragmentation needed" answer.
+    pub mtu: u16,
+}
+
+/// Which part of a fragmented datagram a trace saw ([`TraceRecord::fragment`]).
+pub mod trace_fragment {
+    /// Not a fragment.
+    pub const NONE: u8 = 0;
+    /// The first fragment: it carries the ports and decides for the others.
+    pub const FIRST: u8 = 1;
+    /// A later fragment: no ports, it follows the first.
+    pub const LATER: u8 = 2;
+}
+
+/// The ICMP error the program answered a packet with ([`TraceRecord::answered`]).
+pub mod trace_answer {
+    pub const NONE: u8 = 0;
+    /// "Fragmentation needed": too big for its egress device.
+    pub const FRAG_NEEDED: u8 = 1;
+    /// "Time exceeded": its TTL ran out here.
+    pub const TIME_EXCEEDED: u8 = 2;
 }
 
 /// Default map sizes compiled into the object; the daemon can override them at load time.
@@ -642,21 +719,25 @@ pub struct RefusalLimits {
     pub per_second: u32,
     /// `icmp_msgs_burst`.
     pub burst: u32,
-    /// 0 when `icmp_ratemask` leaves "destination unreachable" out: then no limit applies.
+    /// 0 when `icmp_ratemask` leaves "destination unreachable" out: then no limit applies
+    /// to refusals.
     pub limited: u32,
-    pub _pad: u32,
+    /// The same for "time exceeded" (the answer to a translated packet whose TTL ran out).
+    /// "Fragmentation needed" is never limited, as in the kernel ("don't limit PMTU
+    /// discovery").
+    pub time_exceeded_limited: u32,
 }
 
 impl RefusalLimits {
     /// The kernel's `XRLIM_BURST_FACTOR`: a client's bucket holds this many refusals.
     pub const CLIENT_BURST: u64 = 6;
-    /// The kernel's defaults (1000 ms, 1000/s, 50, a ratemask with type 3).
+    /// The kernel's defaults (1000 ms, 1000/s, 50, a ratemask with types 3 and 11).
     pub const KERNEL_DEFAULTS: Self = Self {
         client_interval_ns: 1_000_000_000,
         per_second: 1000,
         burst: 50,
         limited: 1,
-        _pad: 0,
+        time_exceeded_limited: 1,
     };
 }
 
@@ -692,6 +773,9 @@ pub mod default_max_entries {
     pub const SOCK_XLATE: u32 = 131_072;
     /// Network namespaces × affinity frontends; LRU.
     pub const SOCK_AFFINITY: u32 = 16_384;
+    /// Fragmented datagrams in flight whose first fragment passed (Cilium's
+    /// `bpf-fragments-map-max` default); LRU, about 100 bytes each.
+    pub const FRAGMENTS: u32 = 8_192;
 }
 
 #[cfg(feature = "user")]
@@ -716,6 +800,8 @@ mod pod {
     unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::SockValue {}
     unsafe impl aya::Pod for super::SockAffinityKey {}
+    unsafe impl aya::Pod for super::FragmentKey {}
+    unsafe impl aya::Pod for super::FragmentValue {}
 }
 
 #[cfg(test)]
@@ -738,7 +824,9 @@ mod tests {
         assert_eq!(size_of::<CtTimeouts>(), 32);
         assert_eq!(size_of::<RefusalLimits>(), 24);
         assert_eq!(size_of::<ServiceName>(), 4 + 63 + 63 + 15);
-        assert_eq!(size_of::<TraceRecord>(), 120);
+        assert_eq!(size_of::<TraceRecord>(), 152);
+        assert_eq!(size_of::<FragmentKey>(), 12);
+        assert_eq!(size_of::<FragmentValue>(), 24);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::bpf_ktime_get_coarse_ns,
     macros::map,
-    maps::{Array, LruHashMap},
+    maps::{Array, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
     CtKey, CtTimeouts, CtValue, EXPIRES_REMOVING, Translation, Tuple, ct_flags, ct_state,
@@ -45,6 +45,10 @@ static CONNTRACK_PENDING: LruHashMap<CtKey, CtValue> =
 /// by the same values; an array read, which the verifier inlines.
 #[map]
 static CT_TIMEOUTS: Array<CtTimeouts> = Array::pinned(1, 0);
+
+/// This CPU's new entry under construction ([`create`]); not pinned.
+#[map]
+static NEW_ENTRY: PerCpuArray<CtValue> = PerCpuArray::with_max_entries(1, 0);
 
 /// Now: CLOCK_MONOTONIC from the coarse clock (precision beyond a tick buys nothing here,
 /// and it is the cheaper read).
@@ -131,12 +135,15 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// A copy of the entry.
+    /// The entry, read in place: copies would cost 64 bytes of stack each. Fields other
+    /// packets change (expiry, state, epoch, counters) may change between two reads; code
+    /// that decides on the expiry reads it once (the removal protocol swaps from the
+    /// expiry it saw).
     #[inline(always)]
-    pub fn value(&self) -> CtValue {
+    pub fn value(&self) -> &CtValue {
         // SAFETY: `ptr` comes from a successful lookup; map values stay valid for the
         // whole program run.
-        unsafe { *self.ptr }
+        unsafe { &*self.ptr }
     }
 
     /// Removes the entry at `key` if it still has the expiry `seen` (see the removal
@@ -225,8 +232,7 @@ pub struct Hit {
 fn partner(table: Table, key: &CtKey, value: &CtValue) -> Option<(CtKey, Entry)> {
     let partner_key = CtKey::partner(value, key.proto);
     let entry = table.get(&partner_key)?;
-    key.is_mutual(&entry.value())
-        .then_some((partner_key, entry))
+    key.is_mutual(entry.value()).then_some((partner_key, entry))
 }
 
 /// Whether the flow of the entry `value` at `key` is over (both its entries idle past
@@ -236,8 +242,13 @@ fn expired(table: Table, key: &CtKey, value: &CtValue, now_ns: u64) -> bool {
     if !value.entry_expired(now_ns) {
         return false;
     }
-    let partner = partner(table, key, value).map(|(_, entry)| entry.value());
-    flow_expired(key, value, partner.as_ref(), now_ns)
+    let partner = partner(table, key, value);
+    flow_expired(
+        key,
+        value,
+        partner.as_ref().map(|(_, entry)| entry.value()),
+        now_ns,
+    )
 }
 
 /// Decides what `entry`, found for `packet` at `key`, does with it; in live mode, also
@@ -253,24 +264,25 @@ pub fn follow<M: Mode>(
     mode: &M,
 ) -> Followed {
     let value = entry.value();
-    if value.expires_ns == EXPIRES_REMOVING || expired(entry.table, key, &value, now.ns) {
+    let seen = value.expires_ns;
+    if seen == EXPIRES_REMOVING || expired(entry.table, key, value, now.ns) {
         return Followed::Gone;
     }
     let from_backend = value.is_reply();
     if !from_backend {
         let reselect = if packet.opens_connection() && value.state & ct_state::CLOSING != 0 {
             Some(trace_ct::CLOSING_REUSED)
-        } else if backend_left(&entry, &value, packet, mode) {
+        } else if backend_left(&entry, value, packet, mode) {
             Some(trace_ct::BACKEND_LEFT)
         } else {
             None
         };
         if let Some(kind) = reselect {
-            mode.flow_found(kind, entry.table, &value);
+            mode.flow_found(kind, entry.table, value);
             // If the entry cannot be removed, a concurrent packet is replacing it: the
             // new flow's creation then finds that flow.
             if !M::DRY_RUN {
-                entry.retire(key, value.expires_ns);
+                entry.retire(key, seen);
             }
             return Followed::Reselect;
         }
@@ -280,9 +292,9 @@ pub fn follow<M: Mode>(
     } else {
         trace_ct::FORWARD
     };
-    mode.flow_found(kind, entry.table, &value);
+    mode.flow_found(kind, entry.table, value);
     if !M::DRY_RUN {
-        advance(&entry, key, &value, packet, len, now);
+        advance(&entry, key, seen, packet, len, now);
     }
     Followed::Hit(Hit {
         to: value.to,
@@ -314,9 +326,11 @@ fn backend_left<M: Mode>(entry: &Entry, value: &CtValue, packet: &Packet, mode: 
     !stays
 }
 
-/// Accounts the packet and applies its effect on the flow's state and expiry.
+/// Accounts the packet and applies its effect on the flow's state and expiry (`seen`: the
+/// expiry the packet's decision was made on).
 #[inline(always)]
-fn advance(entry: &Entry, key: &CtKey, value: &CtValue, packet: &Packet, len: u32, now: Now) {
+fn advance(entry: &Entry, key: &CtKey, seen: u64, packet: &Packet, len: u32, now: Now) {
+    let value = entry.value();
     entry.account(len);
     let state = next_state(
         key.proto,
@@ -341,7 +355,7 @@ fn advance(entry: &Entry, key: &CtKey, value: &CtValue, packet: &Packet, len: u3
             partner.refresh(partner.value().expires_ns, expires);
         }
     }
-    entry.refresh(value.expires_ns, expires);
+    entry.refresh(seen, expires);
     if entry.table == Table::Pending && state & ct_state::ASSURED != 0 {
         promote(entry, key, partner);
     }
@@ -351,11 +365,11 @@ fn advance(entry: &Entry, key: &CtKey, value: &CtValue, packet: &Packet, len: u3
 /// packet finds the flow in one map or the other throughout.
 #[inline(always)]
 fn promote(entry: &Entry, key: &CtKey, partner: Option<(CtKey, Entry)>) {
-    if move_to_assured(key, &entry.value()) {
+    if move_to_assured(key, entry.value()) {
         Table::Pending.remove(key);
     }
     if let Some((partner_key, partner)) = partner
-        && move_to_assured(&partner_key, &partner.value())
+        && move_to_assured(&partner_key, partner.value())
     {
         Table::Pending.remove(&partner_key);
     }
@@ -395,7 +409,7 @@ enum Claim {
 #[inline(always)]
 fn claim(key: &CtKey, owner: &CtKey, value: &CtValue, now_ns: u64) -> Claim {
     if let Some(existing) = Table::Assured.get(key) {
-        match make_room(Table::Assured, existing, key, owner, now_ns) {
+        match make_room(&existing, key, owner, now_ns) {
             Claim::Done => {}
             refused => return refused,
         }
@@ -412,24 +426,28 @@ fn claim(key: &CtKey, owner: &CtKey, value: &CtValue, now_ns: u64) -> Claim {
             Claim::Busy
         };
     };
-    match make_room(Table::Pending, existing, key, owner, now_ns) {
+    match make_room(&existing, key, owner, now_ns) {
         Claim::Done if Table::Pending.insert_new(key, value) => Claim::Done,
         Claim::Done => Claim::Busy,
         refused => refused,
     }
 }
 
-/// Removes `existing` (at `key` in `table`) for a new flow whose client key is `owner`, if
-/// it is the same client's earlier flow or a flow that is over (idle past its timeout, or
-/// closed by FINs or a reset); refuses when it is a live flow of another client.
-#[inline(always)]
-fn make_room(table: Table, existing: Entry, key: &CtKey, owner: &CtKey, now_ns: u64) -> Claim {
-    let seen = existing.value();
-    let own = *key == *owner || CtKey::partner(&seen, key.proto) == *owner;
-    if !own && !seen.is_closed() && !expired(table, key, &seen, now_ns) {
+/// Removes `existing` (at `key`) for a new flow whose client key is `owner`, if it is the
+/// same client's earlier flow or a flow that is over (idle past its timeout, or closed by
+/// FINs or a reset); refuses when it is a live flow of another client. A BPF subprogram:
+/// the paths through it meet again at its return, so the verifier walks what follows a
+/// claim once per outcome (else once per path, for each of a new flow's port tries).
+#[inline(never)]
+fn make_room(existing: &Entry, key: &CtKey, owner: &CtKey, now_ns: u64) -> Claim {
+    let table = existing.table;
+    let value = existing.value();
+    let seen = value.expires_ns;
+    let own = *key == *owner || CtKey::partner(value, key.proto) == *owner;
+    if !own && !value.is_closed() && !expired(table, key, value, now_ns) {
         return Claim::Taken;
     }
-    if existing.retire(key, seen.expires_ns) {
+    if existing.retire(key, seen) {
         Claim::Done
     } else {
         Claim::Busy
@@ -440,14 +458,16 @@ fn make_room(table: Table, existing: Entry, key: &CtKey, owner: &CtKey, now_ns: 
 /// CONNTRACK_PENDING. The reply tuple is claimed first: if a live flow of another client
 /// holds it (a direct flow to the same backend port, or a Service flow of another
 /// frontend), the peer's port is remapped into the SNAT range, as netfilter remaps a
-/// clashing tuple; SNAT flows take a port of the range in any case.
-#[inline(always)]
+/// clashing tuple; SNAT flows take a port of the range in any case. A BPF subprogram,
+/// called from one place: the verifier walks its claims once per kind of new flow.
+#[inline(never)]
 pub fn create(
     translation: &mut Translation,
     packet: &Packet,
     len: u32,
-    now: Now,
+    now: &Now,
 ) -> Result<(), NotCreated> {
+    let now = *now;
     let owner = translation.forward_key();
     let state = next_state(
         translation.proto,
@@ -458,6 +478,12 @@ pub fn create(
         now.seconds,
     );
     let expires = expiry(translation.proto, state, now.ns);
+    // The entries are built in this CPU's scratch entry, the reply entry and then the
+    // forward entry: on the stack they would take 128 bytes of the packet path's 512.
+    let entry = NEW_ENTRY.get_ptr_mut(0).ok_or(NotCreated::Busy)?;
+    // SAFETY: this CPU's scratch entry, used only within this call (no preemption while
+    // the program runs).
+    let entry = unsafe { &mut *entry };
     let mut remap = translation.needs_port();
     let mut start = None;
     let mut claimed = false;
@@ -469,9 +495,9 @@ pub fn create(
             let start = *start.get_or_insert_with(snat::random_start);
             translation.remap(snat::port(start, attempt));
         }
-        let mut reply = translation.reply_entry(now.seconds, expires);
-        reply.state = state;
-        match claim(&translation.reply_key(), &owner, &reply, now.ns) {
+        *entry = translation.reply_entry(now.seconds, expires);
+        entry.state = state;
+        match claim(&translation.reply_key(), &owner, entry, now.ns) {
             Claim::Done => {
                 claimed = true;
                 break;
@@ -483,16 +509,16 @@ pub fn create(
     if !claimed {
         return Err(NotCreated::NoPort);
     }
-    let mut forward = translation.forward_entry(now.seconds, expires);
-    forward.state = state;
-    forward.packets = 1;
-    forward.bytes = u64::from(len);
+    *entry = translation.forward_entry(now.seconds, expires);
+    entry.state = state;
+    entry.packets = 1;
+    entry.bytes = u64::from(len);
     // The packet found no usable entry on its own tuple: usually there is none, and an
     // insert is all it takes; else the entry left there (over, or being replaced) goes.
-    if Table::Pending.insert_new(&owner, &forward) {
+    if Table::Pending.insert_new(&owner, entry) {
         return Ok(());
     }
-    match claim(&owner, &owner, &forward, now.ns) {
+    match claim(&owner, &owner, entry, now.ns) {
         Claim::Done => Ok(()),
         Claim::Taken | Claim::Busy => Err(NotCreated::Busy),
     }
@@ -505,7 +531,22 @@ pub fn reap(table: Table, key: &CtKey, now_ns: u64) -> bool {
         return false;
     };
     let value = entry.value();
-    value.expires_ns != EXPIRES_REMOVING
-        && expired(table, key, &value, now_ns)
-        && entry.retire(key, value.expires_ns)
+    let seen = value.expires_ns;
+    seen != EXPIRES_REMOVING && expired(table, key, value, now_ns) && entry.retire(key, seen)
+}
+
+/// The live entry at `key`, for a packet related to its flow (an ICMP error about one of
+/// its packets): looked up in both maps, nothing updated — an error neither refreshes nor
+/// advances a flow, as in netfilter.
+#[inline(always)]
+pub fn related(key: &CtKey, now_ns: u64) -> Option<Entry> {
+    let entry = match Table::Assured.get(key) {
+        Some(entry) => entry,
+        None => Table::Pending.get(key)?,
+    };
+    let value = entry.value();
+    if value.expires_ns == EXPIRES_REMOVING || expired(entry.table, key, value, now_ns) {
+        return None;
+    }
+    Some(entry)
 }

@@ -12,8 +12,8 @@ use aya_ebpf::{
 use core::ptr;
 
 use crate::{
+    answer::{self, Answer, NotAnswered},
     parse::Packet,
-    reject::{self, NotRefused},
 };
 
 pub trait Context {
@@ -25,6 +25,8 @@ pub trait Context {
     fn pull(&self, len: u32) -> Result<(), c_long>;
     /// Length of the packet in bytes.
     fn len(&self) -> u32;
+    /// The payload bytes of each segment a GSO packet leaves as; 0 for a plain packet.
+    fn gso_size(&self) -> u32;
     /// The device the packet arrived on.
     fn ifindex(&self) -> u32;
     /// The raw context, for helpers that take any program's context (FIB lookups).
@@ -43,10 +45,11 @@ pub trait Context {
     /// Sends the packet out of `ifindex`, the kernel resolving the next hop's MAC;
     /// returns the program's verdict.
     fn redirect_neigh(&self, ifindex: u32) -> i32;
-    /// Turns the packet into an ICMP port unreachable to its sender and sends it back out
-    /// of its device (kube-proxy's REJECT), if the ICMP rate limits allow (`charge`: counts
-    /// against them; false for a dry run); returns the verdict.
-    fn refuse(&self, packet: &Packet, charge: bool) -> Result<i32, NotRefused>;
+    /// Turns the packet into the ICMP error `answer` to its sender and sends it back out of
+    /// its device (kube-proxy's REJECT; the kernel's forwarding errors), if the ICMP rate
+    /// limits allow (`charge`: counts against them; false for a dry run); returns the
+    /// verdict.
+    fn answer(&self, packet: &Packet, answer: Answer, charge: bool) -> Result<i32, NotAnswered>;
 }
 
 impl Context for TcContext {
@@ -68,6 +71,12 @@ impl Context for TcContext {
     #[inline(always)]
     fn len(&self) -> u32 {
         TcContext::len(self)
+    }
+
+    #[inline(always)]
+    fn gso_size(&self) -> u32 {
+        // SAFETY: `skb` is the program's context pointer.
+        unsafe { (*self.skb.skb).gso_size }
     }
 
     #[inline(always)]
@@ -113,7 +122,7 @@ impl Context for TcContext {
     }
 
     #[inline(always)]
-    fn refuse(&self, packet: &Packet, charge: bool) -> Result<i32, NotRefused> {
-        reject::port_unreachable(self, packet, charge)
+    fn answer(&self, packet: &Packet, answer: Answer, charge: bool) -> Result<i32, NotAnswered> {
+        answer::send(self, packet, &answer, charge)
     }
 }

@@ -9,7 +9,8 @@
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 use proxy_common::{
-    Backend, BackendSet, CtValue, Origin, TraceRecord, stat, trace_ct, trace_origin, trace_table,
+    Backend, BackendSet, CtValue, FragmentValue, Origin, TraceRecord, stat, trace_answer, trace_ct,
+    trace_fragment, trace_origin, trace_table,
 };
 
 use crate::{
@@ -44,6 +45,16 @@ pub trait Mode {
     /// The packet would now be routed by the program (FIB lookup and redirect): its source
     /// became a node address (see `ct_flags::ROUTES_ITSELF`).
     fn routes_itself(&self) {}
+    /// A first fragment: its later fragments are to be treated as `record` says (the live
+    /// mode writes it to FRAGMENTS).
+    fn first_fragment(&self, _record: &FragmentValue) {}
+    /// A later fragment found its datagram's `record`, or none.
+    fn later_fragment(&self, _record: Option<&FragmentValue>) {}
+    /// An ICMP error of `icmp_type` and `code`, about a tracked flow, is being translated.
+    fn icmp_error(&self, _icmp_type: u8, _code: u8) {}
+    /// Instead of the packet, an ICMP error (a `trace_answer` constant) goes back to its
+    /// sender; `mtu` for "fragmentation needed".
+    fn answered(&self, _answer: u8, _mtu: u16) {}
 
     /// The backend `selection` gave a new flow (or socket), counted and recorded as chosen;
     /// `None` when the drawn slot holds no backend (counted as `backend_missing`).
@@ -172,5 +183,38 @@ impl Mode for DryRun {
     #[inline(always)]
     fn routes_itself(&self) {
         self.record().routes_reply = 1;
+    }
+
+    #[inline(always)]
+    fn first_fragment(&self, record: &FragmentValue) {
+        let trace = self.record();
+        trace.fragment = trace_fragment::FIRST;
+        trace.fragment_record = *record;
+    }
+
+    #[inline(always)]
+    fn later_fragment(&self, record: Option<&FragmentValue>) {
+        let trace = self.record();
+        trace.fragment = trace_fragment::LATER;
+        if let Some(record) = record {
+            trace.fragment_found = 1;
+            trace.fragment_record = *record;
+        }
+    }
+
+    #[inline(always)]
+    fn icmp_error(&self, icmp_type: u8, code: u8) {
+        let trace = self.record();
+        trace.icmp_type = icmp_type;
+        trace.icmp_code = code;
+    }
+
+    #[inline(always)]
+    fn answered(&self, answer: u8, mtu: u16) {
+        let trace = self.record();
+        trace.answered = answer;
+        if answer == trace_answer::FRAG_NEEDED {
+            trace.mtu = mtu;
+        }
     }
 }

@@ -2,6 +2,9 @@
 //! source rewrites of hairpin, SNAT and remapped flows — all one operation: the packet's
 //! tuple becomes the tuple its conntrack entry (or new flow) names.
 //!
+//! Later fragments get the address rewrite alone ([`rewrite_addresses`]), and ICMP errors
+//! about a flow the same operations on their outer and quoted headers (`icmp_error`).
+//!
 //! The new addresses and ports are written in place, the IPv4 header checksum is fixed by
 //! the program, and the TCP/UDP checksum gets one difference for the addresses (which it
 //! covers through its pseudo-header) and one for the ports, through the context
@@ -21,10 +24,62 @@ const IPV4_CSUM_OFFSET: usize = 10;
 const IPV4_SRC_OFFSET: usize = 12;
 const IPV4_LEN: usize = 20;
 /// Offsets of the checksum within the TCP and UDP headers.
-const TCP_CSUM_OFFSET: usize = 16;
-const UDP_CSUM_OFFSET: usize = 6;
+pub const TCP_CSUM_OFFSET: usize = 16;
+pub const UDP_CSUM_OFFSET: usize = 6;
 /// A helper failed or the headers were not where the parse found them.
 const NOT_WRITABLE: c_long = -1;
+
+/// What replacing the addresses (`src`, `dst`) with (`to_src`, `to_dst`) adds to a
+/// checksum over them (the IPv4 header's, or an L4 pseudo-header's).
+#[inline(always)]
+pub fn address_diff(src: u32, dst: u32, to_src: u32, to_dst: u32) -> u32 {
+    let mut diff = 0;
+    if src != to_src {
+        diff = csum::diff32(src, to_src);
+    }
+    if dst != to_dst {
+        diff = csum::add(diff, csum::diff32(dst, to_dst));
+    }
+    diff
+}
+
+/// Writes the addresses of the IPv4 header at `ip` and updates its checksum by `diff`
+/// (their [`address_diff`]).
+///
+/// # Safety
+/// `ip` points to at least 20 writable bytes of packet data, checked against data_end.
+#[inline(always)]
+pub unsafe fn set_addresses(ip: usize, src: u32, dst: u32, diff: u32) {
+    let mut addresses = [0u8; 8];
+    addresses[..4].copy_from_slice(&src.to_ne_bytes());
+    addresses[4..].copy_from_slice(&dst.to_ne_bytes());
+    // SAFETY: within the 20 bytes the caller vouches for.
+    unsafe {
+        *((ip + IPV4_SRC_OFFSET) as *mut [u8; 8]) = addresses;
+        let check = (ip + IPV4_CSUM_OFFSET) as *mut [u8; 2];
+        *check = csum::updated(u16::from_ne_bytes(*check), diff).to_ne_bytes();
+    }
+}
+
+/// Rewrites the IPv4 addresses of the packet's header from (`src`, `dst`) to `to`'s and
+/// fixes the header checksum: all a later fragment needs (its datagram's L4 checksum sits
+/// in the first fragment).
+#[inline(always)]
+pub fn rewrite_addresses<C: Context>(
+    ctx: &C,
+    src: u32,
+    dst: u32,
+    to: &Tuple,
+) -> Result<(), c_long> {
+    if src == to.src_addr && dst == to.dst_addr {
+        return Ok(());
+    }
+    let ip = parse::at(ctx, L3_OFFSET, IPV4_LEN).ok_or(NOT_WRITABLE)?;
+    let diff = address_diff(src, dst, to.src_addr, to.dst_addr);
+    // SAFETY: the range was checked against data_end just above.
+    unsafe { set_addresses(ip, to.src_addr, to.dst_addr, diff) };
+    Ok(())
+}
 
 /// Rewrites `packet`'s addresses and ports to `to` and fixes its checksums.
 #[inline(always)]
@@ -33,13 +88,7 @@ pub fn rewrite<C: Context>(ctx: &C, packet: &Packet, to: &Tuple) -> Result<(), c
     if from == *to {
         return Ok(());
     }
-    let mut address_diff = 0;
-    if from.src_addr != to.src_addr {
-        address_diff = csum::diff32(from.src_addr, to.src_addr);
-    }
-    if from.dst_addr != to.dst_addr {
-        address_diff = csum::add(address_diff, csum::diff32(from.dst_addr, to.dst_addr));
-    }
+    let addresses = address_diff(from.src_addr, from.dst_addr, to.src_addr, to.dst_addr);
     let mut port_diff = 0;
     if from.src_port != to.src_port {
         port_diff = csum::diff16(from.src_port, to.src_port);
@@ -57,13 +106,7 @@ pub fn rewrite<C: Context>(ctx: &C, packet: &Packet, to: &Tuple) -> Result<(), c
     // write packet data (the verifier unclones the skb first).
     unsafe {
         if addresses_changed {
-            let mut addresses = [0u8; 8];
-            addresses[..4].copy_from_slice(&to.src_addr.to_ne_bytes());
-            addresses[4..].copy_from_slice(&to.dst_addr.to_ne_bytes());
-            *((ip + IPV4_SRC_OFFSET) as *mut [u8; 8]) = addresses;
-            let check = (ip + IPV4_CSUM_OFFSET) as *mut [u8; 2];
-            let updated = csum::updated(u16::from_ne_bytes(*check), address_diff);
-            *check = updated.to_ne_bytes();
+            set_addresses(ip, to.src_addr, to.dst_addr, addresses);
         }
         if ports_changed {
             let mut ports = [0u8; 4];
@@ -80,7 +123,7 @@ pub fn rewrite<C: Context>(ctx: &C, packet: &Packet, to: &Tuple) -> Result<(), c
             TCP_CSUM_OFFSET
         };
     if addresses_changed {
-        ctx.add_to_l4_checksum(l4_csum, address_diff, true, udp)?;
+        ctx.add_to_l4_checksum(l4_csum, addresses, true, udp)?;
     }
     if ports_changed {
         ctx.add_to_l4_checksum(l4_csum, port_diff, false, udp)?;

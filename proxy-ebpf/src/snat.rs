@@ -3,19 +3,13 @@
 //! backend uses, with a port from the SNAT range, so the backend's replies come back
 //! through this node, where the REPLY entry (see `ct_flags::SNAT`) reverses both NATs.
 
-use core::{mem::size_of, num::NonZeroU32, ptr};
+use core::{num::NonZeroU32, ptr};
 
-use aya_ebpf::{
-    bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, bpf_fib_lookup,
-    },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32},
-};
+use aya_ebpf::helpers::bpf_get_prandom_u32;
 use proxy_common::{Backend, SNAT_PORT_RANGE};
 
-use crate::context::Context;
+use crate::{context::Context, route};
 
-const AF_INET: u8 = 2;
 /// Ports tried per new flow before giving up (`stat::SNAT_FAILED`): consecutive ones from
 /// a random start (wrapping within the range). Clash remaps draw from the same range.
 pub const PORT_TRIES: u32 = 8;
@@ -31,35 +25,10 @@ static SNAT_PORT_MAX: u16 = SNAT_PORT_RANGE.1;
 /// backend is reached another way (a pod of this node) or the FIB has no route.
 #[inline(always)]
 pub fn source_for<C: Context>(ctx: &C, backend: &Backend) -> Option<u32> {
-    // SAFETY: an all-zero bpf_fib_lookup is a valid request skeleton.
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
-    params.l4_protocol = backend.proto;
-    params.dport = backend.port;
-    let ingress = ctx.ifindex();
-    params.ifindex = ingress;
-    params.__bindgen_anon_4.ipv4_dst = backend.addr;
     // A forwarding lookup, as for the packet itself (from its arrival device), with the
-    // source address the node would use on the way out (BPF_FIB_LOOKUP_SRC).
-    // SAFETY: params is a valid, writable bpf_fib_lookup of the size passed.
-    let found = unsafe {
-        fib_lookup(
-            ctx.raw(),
-            &mut params,
-            size_of::<bpf_fib_lookup>() as i32,
-            BPF_FIB_LOOKUP_SRC,
-        )
-    };
-    if found != i64::from(BPF_FIB_LKUP_RET_SUCCESS) && found != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH)
-    {
-        return None;
-    }
-    if params.ifindex != ingress {
-        return None;
-    }
-    // SAFETY: the lookup filled in the IPv4 source (BPF_FIB_LOOKUP_SRC).
-    let source = unsafe { params.__bindgen_anon_3.ipv4_src };
-    (source != 0).then_some(source)
+    // source address the node would use on the way out.
+    let (source, egress) = route::source_toward(ctx, backend.proto, backend.addr, backend.port)?;
+    (egress == ctx.ifindex()).then_some(source)
 }
 
 /// A random offset into the SNAT range, for [`port`].

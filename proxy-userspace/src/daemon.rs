@@ -128,6 +128,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
     for (map, max) in [
         ("CONNTRACK", config.map_sizes.conntrack.assured),
         ("CONNTRACK_PENDING", config.map_sizes.conntrack.pending),
+        ("FRAGMENTS", config.map_sizes.fragments),
     ] {
         metrics
             .map_max_entries

@@ -51,6 +51,8 @@ pub struct MapSizes {
     /// Distinct backends (BACKEND_IDS).
     pub backends: u32,
     pub conntrack: ConntrackSizes,
+    /// FRAGMENTS: fragmented datagrams in flight whose later fragments follow the first.
+    pub fragments: u32,
     /// Source ports (inclusive, host order) for SNAT to backends on other nodes.
     pub snat_ports: SnatPortRange,
 }
@@ -105,6 +107,7 @@ impl Default for MapSizes {
             backend_slots: max::BACKEND_SLOTS,
             backends: max::BACKENDS,
             conntrack: ConntrackSizes::default(),
+            fragments: max::FRAGMENTS,
             snat_ports: SnatPortRange::default(),
         }
     }
@@ -177,6 +180,7 @@ impl Datapath {
                 sizes.backend_slots.saturating_add(sizes.services),
             )
             .map_max_entries(map_names::BACKEND_IDS, sizes.backends)
+            .map_max_entries(map_names::FRAGMENTS, sizes.fragments)
             .override_global(SNAT_PORT_MIN_GLOBAL, &sizes.snat_ports.min, true)
             .override_global(SNAT_PORT_MAX_GLOBAL, &sizes.snat_ports.max, true)
             .override_global(REFUSAL_LIMITS_GLOBAL, &refusal_limits, true)
@@ -366,6 +370,8 @@ fn refusal_limits(read: impl Fn(&str) -> Option<String>) -> RefusalLimits {
     let defaults = RefusalLimits::KERNEL_DEFAULTS;
     /// Destination unreachable, the type of a port unreachable, in `icmp_ratemask`.
     const DEST_UNREACH_BIT: u64 = 1 << 3;
+    /// Time exceeded, in `icmp_ratemask`.
+    const TIME_EXCEEDED_BIT: u64 = 1 << 11;
     RefusalLimits {
         client_interval_ns: value("icmp_ratelimit").map_or(defaults.client_interval_ns, |ms| {
             ms.saturating_mul(1_000_000)
@@ -377,7 +383,10 @@ fn refusal_limits(read: impl Fn(&str) -> Option<String>) -> RefusalLimits {
         limited: value("icmp_ratemask").map_or(defaults.limited, |mask| {
             u32::from(mask & DEST_UNREACH_BIT != 0)
         }),
-        _pad: 0,
+        time_exceeded_limited: value("icmp_ratemask")
+            .map_or(defaults.time_exceeded_limited, |mask| {
+                u32::from(mask & TIME_EXCEEDED_BIT != 0)
+            }),
     }
 }
 
@@ -458,6 +467,7 @@ mod tests {
         ]));
         assert_eq!(tuned.client_interval_ns, 250_000_000);
         assert_eq!((tuned.per_second, tuned.burst, tuned.limited), (20, 5, 0));
+        assert_eq!(tuned.time_exceeded_limited, 1);
         // Unreadable or garbled: the kernel's defaults.
         assert_eq!(
             refusal_limits(node(&[("icmp_ratelimit", "x")])),

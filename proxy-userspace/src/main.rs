@@ -107,6 +107,10 @@ struct DaemonArgs {
     /// from the machine's memory, see --conntrack-memory-ratio].
     #[arg(long)]
     max_conntrack: Option<u32>,
+    /// FRAGMENTS map size: fragmented datagrams in flight whose first fragment passed, so
+    /// their later fragments follow it (LRU; Cilium's --bpf-fragments-map-max).
+    #[arg(long, default_value_t = MapSizes::default().fragments, value_parser = clap::value_parser!(u32).range(1..))]
+    max_fragments: u32,
     /// The share of the machine's memory the conntrack maps take when --max-conntrack is
     /// not given (Cilium's --bpf-map-dynamic-size-ratio).
     #[arg(long, default_value_t = conntrack::DEFAULT_MEMORY_RATIO)]
@@ -256,6 +260,7 @@ impl DaemonArgs {
                 backend_slots: self.max_backend_slots,
                 backends: self.max_backends,
                 conntrack,
+                fragments: self.max_fragments,
                 snat_ports: self.snat_port_range,
             },
             ct_timeouts,

@@ -32,7 +32,7 @@ pub struct Reply {
 /// receive fail with [`ErrorKind::ConnectionRefused`].
 #[derive(Debug)]
 pub struct UdpFlow {
-    socket: UdpSocket,
+    pub(crate) socket: UdpSocket,
 }
 
 impl UdpFlow {

@@ -22,7 +22,7 @@ use crate::lab::Pod;
 use crate::netns::{Netns, enter};
 
 /// How often blocked server threads look at the stop flag.
-const STOP_POLL: Duration = Duration::from_millis(100);
+pub(crate) const STOP_POLL: Duration = Duration::from_millis(100);
 
 /// Echo servers of one lab; stopped and joined on drop.
 #[derive(Debug, Default)]
@@ -92,9 +92,14 @@ impl EchoServers {
         .with_context(|| format!("UDP echo server of {name} on port {port}"))
     }
 
+    /// The flag the servers' threads stop at.
+    pub(crate) fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
     /// Spawns a long-lived thread inside `ns` and waits for it to report that its socket
     /// is ready (or why not).
-    fn spawn_in(
+    pub(crate) fn spawn_in(
         &mut self,
         ns: &Netns,
         thread_name: String,

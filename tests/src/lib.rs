@@ -72,6 +72,7 @@ mod echo;
 pub mod fake_apiserver;
 pub mod hostile;
 mod lab;
+mod large;
 pub mod load;
 mod manifest;
 mod netns;
@@ -85,6 +86,7 @@ pub use client::{REQUEST_TIMEOUT, Reply, TcpSession, UdpFlow, is_timeout, udp_ex
 pub use cluster::{Cluster, ClusterBuilder, ClusterNode};
 pub use daemon::{Daemon, DaemonBuilder, daemon_binary, kubeconfig_for};
 pub use lab::{Lab, LabBuilder, LatePod, NODE_NAME, Pod};
+pub use large::{LargeServers, Received};
 pub use manifest::{Endpoint, Manifest, Protocol, Service};
 pub use netns::{Netns, Placement};
 pub use rng::Rng;

@@ -39,8 +39,9 @@ enum Task {
         /// figures mean nothing. Writes under the target directory, not docs/.
         #[arg(long)]
         quick: bool,
-        /// Run only these sections (packet, gc, connections, programming, change, memory,
-        /// soak, hostile); a partial run writes under the target directory, not docs/.
+        /// Run only these sections (packet, related, gc, connections, programming, change,
+        /// memory, soak, hostile); a partial run writes under the target directory, not
+        /// docs/.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },

@@ -6,8 +6,9 @@ use anyhow::Result;
 use aya::Pod;
 use aya::maps::{Map, MapData, PerCpuArray};
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, FrontendKey, FrontendValue, MembershipKey,
-    ServiceName, SockAffinityKey, SockKey, SockValue, map_names, stat,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragmentKey, FragmentValue, FrontendKey,
+    FrontendValue, MembershipKey, ServiceName, SockAffinityKey, SockKey, SockValue, map_names,
+    stat,
 };
 
 use serde::Serialize;
@@ -58,6 +59,7 @@ pub fn read(root: &Path) -> Result<StatsView> {
         fill::<Backend, u32>(root, map_names::BACKEND_IDS)?,
         fill::<CtKey, CtValue>(root, map_names::CONNTRACK)?,
         fill::<CtKey, CtValue>(root, map_names::CONNTRACK_PENDING)?,
+        fill::<FragmentKey, FragmentValue>(root, map_names::FRAGMENTS)?,
         fill::<AffinityKey, AffinityValue>(root, map_names::AFFINITY)?,
         fill::<MembershipKey, u8>(root, map_names::MEMBERSHIP)?,
         fill::<u32, ServiceName>(root, map_names::SVC_NAMES)?,

@@ -19,9 +19,14 @@ use aya::programs::SchedClassifier;
 use clap::Args;
 use proxy_common::{
     BackendSet, FlowState, FrontendKey, Origin, ServiceName, TRACE_PROGRAM_NAME, TraceRecord,
-    ct_flags, ct_state, map_names, proto, stat, tcp_flags, trace_ct, trace_origin, trace_table,
+    ct_flags, ct_state, fragment_verdict, icmp, map_names, proto, stat, tcp_flags, trace_answer,
+    trace_ct, trace_fragment, trace_origin, trace_table,
 };
 use serde::Serialize;
+
+mod packet;
+
+pub use packet::{Fragment, IcmpError, IcmpKind, TracePacket};
 
 use super::conntrack::EndpointPattern;
 use super::{
@@ -54,6 +59,32 @@ pub struct TraceArgs {
     /// SYN, a new connection's first packet; `syn,ack` traces a backend's first answer).
     #[arg(long, value_delimiter = ',', default_value = "syn", value_parser = parse_tcp_flag)]
     tcp_flags: Vec<u8>,
+    /// The packet's IPv4 length in bytes, its payload zero-filled (default: the headers
+    /// alone). A long one shows the egress MTU check: "fragmentation needed".
+    #[arg(long)]
+    length: Option<u16>,
+    /// The packet's TTL; 1 shows the TTL check: "time exceeded".
+    #[arg(long, default_value_t = 64)]
+    ttl: u8,
+    /// Trace one fragment of the datagram: `first` (it carries the ports and decides for
+    /// the datagram) or `later` (no ports: it follows its first fragment's FRAGMENTS
+    /// record, which only the live program writes). Default: a whole datagram with "don't
+    /// fragment", as Linux sends TCP.
+    #[arg(long, value_enum, default_value_t = Fragment::Whole)]
+    fragment: Fragment,
+    /// The IPv4 identification, which with the addresses and protocol names a fragment's
+    /// datagram.
+    #[arg(long, default_value_t = 1)]
+    ip_id: u16,
+    /// Trace the ICMP error the packet drew instead of the packet itself:
+    /// `port-unreachable`, `host-unreachable`, `net-unreachable`, `frag-needed[=MTU]`
+    /// (1400 if omitted) or `time-exceeded`, sent to the packet's source and quoting it.
+    #[arg(long)]
+    icmp_error: Option<IcmpKind>,
+    /// The ICMP error's sender (default: the packet's destination; a router's address for
+    /// "fragmentation needed" or "time exceeded" on the way).
+    #[arg(long, requires = "icmp_error")]
+    icmp_from: Option<Ipv4Addr>,
     #[command(flatten)]
     pins: PinArgs,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
@@ -76,14 +107,25 @@ impl TraceArgs {
         let (Some(source), Some(destination)) = (self.source, self.destination) else {
             bail!("trace takes SOURCE and DESTINATION, or --connect DESTINATION");
         };
-        let packet = TracePacket {
-            protocol: destination.protocol,
-            source: Endpoint {
+        let opening = TracePacket::opening(
+            destination.protocol,
+            Endpoint {
                 address: source.address,
                 port: source.port.unwrap_or(DEFAULT_SOURCE_PORT),
             },
-            destination: destination.endpoint,
+            destination.endpoint,
+        );
+        let packet = TracePacket {
             tcp_flags: self.tcp_flags.iter().fold(0, |flags, flag| flags | flag),
+            length: self.length.unwrap_or(opening.length),
+            ttl: self.ttl,
+            fragment: self.fragment,
+            ip_id: self.ip_id,
+            icmp_error: self.icmp_error.map(|kind| IcmpError {
+                kind,
+                from: self.icmp_from,
+            }),
+            ..opening
         };
         let report = Tracer::load(&self.pins.bpffs_root)?.run(&packet)?;
         print(&match self.output {
@@ -137,125 +179,6 @@ fn parse_tcp_flag(name: &str) -> Result<u8, String> {
     }
 }
 
-/// The packet to trace: a TCP segment or a UDP datagram.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TracePacket {
-    pub protocol: u8,
-    pub source: Endpoint,
-    pub destination: Endpoint,
-    /// TCP only: the flag bits (`proxy_common::tcp_flags`).
-    pub tcp_flags: u8,
-}
-
-impl TracePacket {
-    /// A new connection's first packet: a TCP SYN, or a UDP datagram.
-    pub fn opening(protocol: u8, source: Endpoint, destination: Endpoint) -> Self {
-        Self {
-            protocol,
-            source,
-            destination,
-            tcp_flags: tcp_flags::SYN,
-        }
-    }
-}
-
-const ETHERNET_LEN: usize = 14;
-const IPV4_LEN: usize = 20;
-const TCP_LEN: usize = 20;
-const UDP_LEN: usize = 8;
-
-impl TracePacket {
-    /// Ethernet + IPv4 + TCP/UDP with valid checksums (test-run skbs are not
-    /// CHECKSUM_PARTIAL, so the checksum helpers update real sums).
-    pub fn frame(&self) -> Vec<u8> {
-        let l4_len = if self.protocol == proto::TCP {
-            TCP_LEN
-        } else {
-            UDP_LEN
-        };
-        let mut frame = Vec::with_capacity(ETHERNET_LEN + IPV4_LEN + l4_len);
-        frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01, 0x08, 0x00]);
-        let total_len = (IPV4_LEN + l4_len) as u16;
-        let mut ip = [0u8; IPV4_LEN];
-        ip[0] = 0x45;
-        ip[2..4].copy_from_slice(&total_len.to_be_bytes());
-        ip[6] = 0x40; // don't fragment
-        ip[8] = 64;
-        ip[9] = self.protocol;
-        ip[12..16].copy_from_slice(&self.source.address.octets());
-        ip[16..20].copy_from_slice(&self.destination.address.octets());
-        let ip_checksum = checksum(&[&ip]);
-        ip[10..12].copy_from_slice(&ip_checksum.to_be_bytes());
-        frame.extend_from_slice(&ip);
-
-        let mut l4 = vec![0u8; l4_len];
-        l4[0..2].copy_from_slice(&self.source.port.to_be_bytes());
-        l4[2..4].copy_from_slice(&self.destination.port.to_be_bytes());
-        let checksum_offset = if self.protocol == proto::TCP {
-            l4[4..8].copy_from_slice(&1u32.to_be_bytes()); // sequence number
-            l4[12] = (TCP_LEN as u8 / 4) << 4;
-            l4[13] = self.tcp_flags;
-            l4[14..16].copy_from_slice(&64240u16.to_be_bytes()); // window
-            16
-        } else {
-            l4[4..6].copy_from_slice(&(UDP_LEN as u16).to_be_bytes());
-            6
-        };
-        let pseudo_header = [
-            &ip[12..20],
-            &[0, self.protocol],
-            &(l4_len as u16).to_be_bytes(),
-        ]
-        .concat();
-        let l4_checksum = checksum(&[&pseudo_header, &l4]);
-        l4[checksum_offset..checksum_offset + 2].copy_from_slice(&l4_checksum.to_be_bytes());
-        frame.extend_from_slice(&l4);
-        frame
-    }
-
-    /// Reads the addresses and ports back from a frame the program returned.
-    fn parse(frame: &[u8], protocol: u8) -> Option<Self> {
-        let ip = frame.get(ETHERNET_LEN..)?;
-        let l4 = ip.get(usize::from(ip.first()? & 0x0f) * 4..)?;
-        let address = |at: usize| -> Option<Ipv4Addr> {
-            Some(Ipv4Addr::from(
-                <[u8; 4]>::try_from(ip.get(at..at + 4)?).ok()?,
-            ))
-        };
-        let port = |at: usize| Some(u16::from_be_bytes([*l4.get(at)?, *l4.get(at + 1)?]));
-        let tcp_flags = if protocol == proto::TCP {
-            *l4.get(13)?
-        } else {
-            0
-        };
-        Some(Self {
-            protocol,
-            tcp_flags,
-            source: Endpoint {
-                address: address(12)?,
-                port: port(0)?,
-            },
-            destination: Endpoint {
-                address: address(16)?,
-                port: port(2)?,
-            },
-        })
-    }
-}
-
-/// The Internet checksum over the concatenated parts (each of even length but the last).
-fn checksum(parts: &[&[u8]]) -> u16 {
-    let bytes: Vec<u8> = parts.concat();
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 /// `epx_trace`, loaded against the pinned maps of a bpffs root.
 pub struct Tracer {
     ebpf: Ebpf,
@@ -271,6 +194,7 @@ impl Tracer {
             map_names::BACKEND_IDS,
             map_names::CONNTRACK,
             map_names::CONNTRACK_PENDING,
+            map_names::FRAGMENTS,
             map_names::CT_TIMEOUTS,
             map_names::STATS,
             map_names::AFFINITY,
@@ -303,7 +227,7 @@ impl Tracer {
         Ok(report(
             packet,
             return_code,
-            TracePacket::parse(&output, packet.protocol),
+            &output,
             &record,
             frontend_name,
             flow_name,
@@ -374,12 +298,13 @@ pub(super) fn service_name(ebpf: &Ebpf, rev_nat_id: u32) -> Result<Option<String
 #[derive(Debug, Serialize)]
 pub struct TraceReport {
     pub packet: PacketView,
-    /// `accept` (TC_ACT_OK) or `drop` (TC_ACT_SHOT); other tc actions as `tc-action-<n>`.
+    /// `accept` (TC_ACT_OK), `drop` (TC_ACT_SHOT) or `redirect` (TC_ACT_REDIRECT); other
+    /// tc actions as `tc-action-<n>`.
     pub verdict: String,
     /// The program's return value.
     pub return_code: u32,
-    /// The path taken, named like its STATS counter: `new_flow`, `ct_hit`, `reply`,
-    /// `pass`, `no_backend`, `backend_missing`, `not_handled` or `rewrite_failed`.
+    /// The path taken, named like its STATS counter (`new_flow`, `ct_hit`, `reply`,
+    /// `pass`, `fragment`, `icmp_error`, `frag_needed`, …; see `stats`).
     pub path: &'static str,
     /// The same, in words.
     pub explanation: &'static str,
@@ -392,9 +317,15 @@ pub struct TraceReport {
     /// The slot chosen at random for a new flow (a new connection would pick again).
     pub selection: Option<Selection>,
     pub backend: Option<BackendMatch>,
+    /// A fragment: its datagram and the FRAGMENTS record that decides for it.
+    pub fragment: Option<FragmentMatch>,
     /// The packet as it leaves the program.
     pub output: Option<PacketView>,
-    /// A NodePort reply the live program would route itself (FIB lookup and redirect).
+    /// The ICMP error the program sent back in the packet's place (a refusal, or the
+    /// forwarding checks' "fragmentation needed" or "time exceeded").
+    pub answer: Option<AnswerView>,
+    /// A packet the live program would route itself (FIB lookup and redirect: its source
+    /// became a node address).
     pub routes_reply: bool,
     /// The map entries that decided, in the order the program read them.
     pub decided_by: Vec<String>,
@@ -407,6 +338,26 @@ pub struct PacketView {
     pub destination: Endpoint,
     /// TCP: the flags by name (`SYN`, `SYN-ACK`, `ACK`, `FIN-ACK`, …); null otherwise.
     pub tcp_flags: Option<String>,
+    /// The IPv4 length in bytes.
+    pub length: u16,
+    pub ttl: u8,
+    /// `first` or `later` for a fragment (a later one carries no ports: they are its
+    /// datagram's); null for a whole datagram.
+    pub fragment: Option<&'static str>,
+    pub ip_id: u16,
+    /// An ICMP error about the packet described by the fields above (which it quotes).
+    pub icmp_error: Option<IcmpErrorView>,
+}
+
+/// An ICMP error about a packet.
+#[derive(Debug, PartialEq, Eq, Serialize)]
+pub struct IcmpErrorView {
+    /// `port-unreachable`, `frag-needed`, `time-exceeded`, …
+    pub kind: &'static str,
+    /// "Fragmentation needed": the MTU it names.
+    pub mtu: Option<u16>,
+    /// The error's sender: it goes to the quoted packet's source.
+    pub from: Ipv4Addr,
 }
 
 impl From<&TracePacket> for PacketView {
@@ -416,8 +367,113 @@ impl From<&TracePacket> for PacketView {
             source: packet.source,
             destination: packet.destination,
             tcp_flags: (packet.protocol == proto::TCP).then(|| flag_names(packet.tcp_flags)),
+            length: packet.length,
+            ttl: packet.ttl,
+            fragment: match packet.fragment {
+                Fragment::Whole => None,
+                Fragment::First => Some("first"),
+                Fragment::Later => Some("later"),
+            },
+            ip_id: packet.ip_id,
+            icmp_error: packet.icmp_error.map(|error| {
+                let (kind, mtu) = icmp_kind_name(error.kind);
+                IcmpErrorView {
+                    kind,
+                    mtu,
+                    from: error.from.unwrap_or(packet.destination.address),
+                }
+            }),
         }
     }
+}
+
+/// A kind of ICMP error by name, and the MTU of "fragmentation needed".
+fn icmp_kind_name(kind: IcmpKind) -> (&'static str, Option<u16>) {
+    match kind {
+        IcmpKind::NetUnreachable => ("net-unreachable", None),
+        IcmpKind::HostUnreachable => ("host-unreachable", None),
+        IcmpKind::PortUnreachable => ("port-unreachable", None),
+        IcmpKind::FragNeeded { mtu } => ("frag-needed", Some(mtu)),
+        IcmpKind::TimeExceeded => ("time-exceeded", None),
+    }
+}
+
+/// An ICMP error by type and code, as `--icmp-error` names it.
+fn icmp_kind_of(icmp_type: u8, code: u8, mtu: u16) -> Option<IcmpKind> {
+    Some(match (icmp_type, code) {
+        (icmp::DEST_UNREACH, icmp::NET_UNREACH) => IcmpKind::NetUnreachable,
+        (icmp::DEST_UNREACH, icmp::HOST_UNREACH) => IcmpKind::HostUnreachable,
+        (icmp::DEST_UNREACH, icmp::PORT_UNREACH) => IcmpKind::PortUnreachable,
+        (icmp::DEST_UNREACH, icmp::FRAG_NEEDED) => IcmpKind::FragNeeded { mtu },
+        (icmp::TIME_EXCEEDED, icmp::TTL_EXCEEDED) => IcmpKind::TimeExceeded,
+        _ => return None,
+    })
+}
+
+/// The ICMP error the program answered the packet with, read from the frame it left.
+#[derive(Debug, Serialize)]
+pub struct AnswerView {
+    /// `port-unreachable` (a refusal), `frag-needed` or `time-exceeded`; `type-T-code-C`
+    /// for anything else.
+    pub kind: String,
+    /// "Fragmentation needed": the next hop's MTU, which the sender lowers its path MTU to.
+    pub mtu: Option<u16>,
+    pub from: Ipv4Addr,
+    pub to: Ipv4Addr,
+}
+
+impl AnswerView {
+    /// Reads an ICMP error (Ethernet, IPv4 without options, ICMP) from `frame`.
+    fn parse(frame: &[u8]) -> Option<Self> {
+        let ip = frame.get(14..)?;
+        if ip.get(9) != Some(&icmp::PROTOCOL) || ip.first()? & 0x0f != 5 {
+            return None;
+        }
+        let address = |at: usize| -> Option<Ipv4Addr> {
+            Some(Ipv4Addr::from(
+                <[u8; 4]>::try_from(ip.get(at..at + 4)?).ok()?,
+            ))
+        };
+        let message = ip.get(20..28)?;
+        let mtu = u16::from_be_bytes([message[6], message[7]]);
+        let (kind, mtu) = match icmp_kind_of(message[0], message[1], mtu) {
+            Some(kind) => {
+                let (name, mtu) = icmp_kind_name(kind);
+                (name.to_owned(), mtu)
+            }
+            None => (format!("type-{}-code-{}", message[0], message[1]), None),
+        };
+        Some(Self {
+            kind,
+            mtu,
+            from: address(12)?,
+            to: address(16)?,
+        })
+    }
+}
+
+/// A fragment's datagram and what decides for it.
+#[derive(Debug, Serialize)]
+pub struct FragmentMatch {
+    /// `first` or `later`.
+    pub part: &'static str,
+    /// The FRAGMENTS key: source and destination address, protocol, IP identification.
+    pub source: Ipv4Addr,
+    pub destination: Ipv4Addr,
+    pub ip_id: u16,
+    /// `first`: what the live program would record for the later fragments; `later`:
+    /// the record found (null when none: the fragment passes untouched).
+    pub record: Option<FragmentRecord>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FragmentRecord {
+    /// `forward` (rewritten to the addresses below, or left as they are) or `drop`.
+    pub verdict: &'static str,
+    pub source: Ipv4Addr,
+    pub destination: Ipv4Addr,
+    /// The live program routes the fragments itself (their source is a node address).
+    pub routes_itself: bool,
 }
 
 /// `SYN-ACK`, `FIN-ACK`, `RST`, …; `none` without flags.
@@ -458,10 +514,21 @@ pub struct FlowMatch {
     /// Where the entry rewrites to: the backend (forward) or the frontend (reply).
     pub nat: Endpoint,
     /// The whole tuple the entry rewrites the packet to.
-    pub rewrites_to: PacketView,
+    pub rewrites_to: TupleView,
     pub closing: bool,
     pub packets: u64,
     pub bytes: u64,
+}
+
+/// Addresses and ports.
+#[derive(Debug, Serialize)]
+pub struct TupleView {
+    pub protocol: &'static str,
+    pub source: Endpoint,
+    pub destination: Endpoint,
+    /// Always null: a rewrite keeps the packet's flags (the field stays, so the schema
+    /// only ever grows).
+    pub tcp_flags: Option<String>,
 }
 
 /// The SERVICES header that matched.
@@ -503,6 +570,8 @@ fn explanation(path: u32) -> &'static str {
         stat::NEW_FLOW => "a new flow: a backend was selected, the destination rewritten",
         stat::CT_HIT => "a tracked flow: the destination is rewritten to its backend",
         stat::REPLY => "a tracked flow's reply: the source is rewritten back to the frontend",
+        stat::CT_MISS | stat::AFFINITY => "a new flow: a backend was selected",
+        stat::CT_CREATE_FAILED => "the new flow could not be recorded: dropped",
         stat::PASS => "no tracked flow and no frontend: passes untouched",
         stat::NO_BACKEND => {
             "no endpoint of the frontend is on this node (traffic policy Local): dropped"
@@ -511,16 +580,63 @@ fn explanation(path: u32) -> &'static str {
             "the frontend has no endpoints: refused, answered with an ICMP port unreachable \
              sent back out of the device (kube-proxy's REJECT)"
         }
+        stat::REJECT_RATE_LIMITED => {
+            "an ICMP error was due, but the node's ICMP rate limits had no room: dropped"
+        }
         stat::BACKEND_MISSING => {
             "the selected slot names no backend (the daemon is mid-update): dropped"
         }
-        stat::NOT_HANDLED => "not IPv4 TCP/UDP, or a fragment: passes untouched",
+        stat::NOT_HANDLED => {
+            "not IPv4 TCP/UDP (nor a fragment of such a datagram, nor an ICMP error): passes \
+             untouched"
+        }
+        stat::FIB_MISS => {
+            "translated, but the FIB has no route for the packet the program would route \
+             itself: left to the kernel"
+        }
         stat::DIRECT => {
             "a flow straight to a backend, through no Service: passes untouched (tracked so \
              that no Service flow takes its reply tuple; its port is remapped if one already did)"
         }
         stat::SOURCE_RANGE_DENIED => {
             "the client is outside the frontend's loadBalancerSourceRanges: dropped"
+        }
+        stat::SNAT_FAILED => "no SNAT port was free for the new flow: dropped",
+        stat::REMAPPED => {
+            "a new flow whose reply tuple another live flow holds: its source port is remapped"
+        }
+        stat::BACKEND_LEFT => {
+            "the flow's backend no longer serves the frontend: a backend is selected anew"
+        }
+        stat::FRAGMENT => {
+            "a later fragment (no ports of its own): it goes the way its datagram's first \
+             fragment went, by the FRAGMENTS record"
+        }
+        stat::FRAGMENT_UNMATCHED => {
+            "a later fragment whose first fragment this node has not seen (not yet, not \
+             here, or its record expired): passes untouched"
+        }
+        stat::ICMP_ERROR => {
+            "an ICMP error about a tracked flow's packet: translated as the flow is (outer \
+             addresses, the quoted packet, all checksums)"
+        }
+        stat::FRAG_NEEDED => {
+            "too big for the device it would leave by: answered with ICMP \
+             \"fragmentation needed\" to its sender, about the packet as sent (the kernel's \
+             forwarding check), and dropped"
+        }
+        stat::TTL_EXCEEDED => {
+            "its TTL runs out here: answered with ICMP \"time exceeded\" to its sender, \
+             and dropped"
+        }
+        stat::NOT_FORWARDABLE => {
+            "the program routes it itself, but it cannot go (too big for the device, or its \
+             TTL runs out) and no ICMP error may be sent about it (a later fragment, an ICMP \
+             error): dropped, as the kernel drops it"
+        }
+        stat::FRAGMENT_DROPPED => {
+            "a later fragment of a datagram whose first fragment was dropped or answered in \
+             its place: dropped too"
         }
         _ => "rewriting the packet failed: dropped",
     }
@@ -654,12 +770,22 @@ fn slice_text(set: &BackendSet) -> String {
 fn report(
     packet: &TracePacket,
     return_code: u32,
-    output: Option<TracePacket>,
+    output: &[u8],
     record: &TraceRecord,
     frontend_name: Option<String>,
     flow_name: Option<String>,
 ) -> TraceReport {
     let mut decided_by = Vec::new();
+    if let Some(error) = &packet.icmp_error {
+        let (kind, _) = icmp_kind_name(error.kind);
+        decided_by.push(format!(
+            "ICMP {kind} about {} {} → {}: the quoted packet's flow decides (its entry for \
+             the error's direction is keyed by the quote reversed)",
+            protocol_name(packet.protocol),
+            packet.source,
+            packet.destination
+        ));
+    }
     let conntrack = (record.conntrack != trace_ct::NONE).then(|| {
         let flow = &record.flow;
         let direction = match record.conntrack {
@@ -694,12 +820,16 @@ fn report(
             ("pending", map_names::CONNTRACK_PENDING)
         };
         let flow_state = FlowState::of(packet.protocol, flow.state).name();
-        // The packet's own tuple is the key, in either direction.
+        // The packet's own tuple is the key, in either direction; an ICMP error's, the
+        // quoted packet's reversed.
+        let (from, to) = if packet.icmp_error.is_some() {
+            (packet.destination, packet.source)
+        } else {
+            (packet.source, packet.destination)
+        };
         decided_by.push(format!(
-            "{map}[{} {} → {} {entry}, {flow_state}] = {outcome}",
+            "{map}[{} {from} → {to} {entry}, {flow_state}] = {outcome}",
             protocol_name(packet.protocol),
-            packet.source,
-            packet.destination,
         ));
         FlowMatch {
             direction,
@@ -710,7 +840,7 @@ fn report(
             service: flow_name,
             backend_id: flow.backend_id,
             nat,
-            rewrites_to: PacketView {
+            rewrites_to: TupleView {
                 protocol: protocol_name(packet.protocol),
                 source: Endpoint::from_wire(flow.to.src_addr, flow.to.src_port),
                 destination: Endpoint::from_wire(flow.to.dst_addr, flow.to.dst_port),
@@ -747,6 +877,28 @@ fn report(
     } else {
         None
     };
+    let fragment = fragment_match(packet, record, &mut decided_by);
+    let answer = if packet.icmp_error.is_none() {
+        AnswerView::parse(output)
+    } else {
+        None
+    };
+    if let Some(answer) = &answer {
+        match record.answered {
+            trace_answer::FRAG_NEEDED => decided_by.push(format!(
+                "FIB: the route for the translated packet leaves by a device of MTU {} < \
+                 {} bytes, and the packet may not be fragmented here: answered from {}",
+                record.mtu,
+                packet.frame().len() - 14,
+                answer.from
+            )),
+            trace_answer::TIME_EXCEEDED => decided_by.push(format!(
+                "TTL {}: it would run out at this hop: answered from {}",
+                packet.ttl, answer.from
+            )),
+            _ => {}
+        }
+    }
     if decided_by.is_empty() {
         decided_by.push(match u32::from(record.outcome) {
             stat::NOT_HANDLED => "no map: the parser let the packet through".to_owned(),
@@ -772,21 +924,88 @@ fn report(
         origin,
         selection,
         backend,
-        output: output.as_ref().map(PacketView::from),
+        fragment,
+        output: match answer {
+            Some(_) => None,
+            None => TracePacket::parse_as(output, packet)
+                .as_ref()
+                .map(PacketView::from),
+        },
+        answer,
         routes_reply: record.routes_reply != 0,
         decided_by,
     }
 }
 
-pub fn render(report: &TraceReport) -> String {
-    let packet =
-        |view: &PacketView| format!("{} {} → {}", view.protocol, view.source, view.destination);
-    let syn = match &report.packet.tcp_flags {
-        Some(flags) => format!(" ({flags})"),
-        None => String::new(),
+/// A fragment's datagram and its FRAGMENTS record, with the line that explains it.
+fn fragment_match(
+    packet: &TracePacket,
+    record: &TraceRecord,
+    decided_by: &mut Vec<String>,
+) -> Option<FragmentMatch> {
+    let part = match record.fragment {
+        trace_fragment::FIRST => "first",
+        trace_fragment::LATER => "later",
+        _ => return None,
     };
+    let key = format!(
+        "FRAGMENTS[{} {} → {} id {}]",
+        protocol_name(packet.protocol),
+        packet.source.address,
+        packet.destination.address,
+        packet.ip_id
+    );
+    let found = record.fragment == trace_fragment::FIRST || record.fragment_found != 0;
+    let fragment_record = found.then(|| {
+        let value = &record.fragment_record;
+        FragmentRecord {
+            verdict: if value.verdict == fragment_verdict::DROP {
+                "drop"
+            } else {
+                "forward"
+            },
+            source: Endpoint::from_wire(value.to.src_addr, 0).address,
+            destination: Endpoint::from_wire(value.to.dst_addr, 0).address,
+            routes_itself: value.routes_itself != 0,
+        }
+    });
+    let said = match &fragment_record {
+        None => "none: its first fragment has not passed here (or came later, or its \
+                 record expired or was evicted)"
+            .to_owned(),
+        Some(value) if value.verdict == "drop" => {
+            "drop (its first fragment was dropped or answered with an ICMP error)".to_owned()
+        }
+        Some(value) => format!(
+            "forward as {} → {}{}",
+            value.source,
+            value.destination,
+            if value.routes_itself {
+                ", routed by the program"
+            } else {
+                ""
+            }
+        ),
+    };
+    decided_by.push(match part {
+        "first" => format!(
+            "{key} ← {said} (what the live program records for the later fragments; the \
+             dry run writes nothing)"
+        ),
+        _ => format!("{key} = {said}"),
+    });
+    Some(FragmentMatch {
+        part,
+        source: packet.source.address,
+        destination: packet.destination.address,
+        ip_id: packet.ip_id,
+        record: fragment_record,
+    })
+}
+
+pub fn render(report: &TraceReport) -> String {
     let mut out = String::new();
-    writeln!(out, "packet      {}{syn}", packet(&report.packet)).unwrap();
+    writeln!(out, "packet      {}", describe(&report.packet)).unwrap();
     writeln!(out, "verdict     {}", report.verdict).unwrap();
     writeln!(out, "path        {} ({})", report.path, report.explanation).unwrap();
     write_decision(&mut out, &report.decided_by, report.backend.as_ref());
@@ -796,7 +1015,19 @@ pub fn render(report: &TraceReport) -> String {
         } else {
             "rewritten"
         };
-        writeln!(out, "{label:<11} {}", packet(output)).unwrap();
+        writeln!(out, "{label:<11} {}", describe(output)).unwrap();
+    }
+    if let Some(answer) = &report.answer {
+        let mtu = answer
+            .mtu
+            .map(|mtu| format!(" (MTU {mtu})"))
+            .unwrap_or_default();
+        writeln!(
+            out,
+            "answered    icmp {}{mtu} {} → {}, quoting the packet as it came",
+            answer.kind, answer.from, answer.to
+        )
+        .unwrap();
     }
     if report.routes_reply {
         writeln!(
@@ -815,6 +1046,50 @@ pub fn render(report: &TraceReport) -> String {
         out.push_str("\n            (the slot is random: another run may pick another backend)");
     }
     out
+}
+
+/// One line for a packet: `udp 198.18.0.10:40000 → 198.19.0.10:53 (first fragment, id 7,
+/// 1500 bytes)`, or for an ICMP error `icmp port-unreachable from 198.18.1.10 about udp …`.
+fn describe(view: &PacketView) -> String {
+    let mut notes = Vec::new();
+    if let Some(flags) = &view.tcp_flags {
+        notes.push(flags.clone());
+    }
+    if let Some(part) = view.fragment {
+        notes.push(format!("{part} fragment, id {}", view.ip_id));
+    }
+    notes.push(format!("{} bytes, TTL {}", view.length, view.ttl));
+    // A later fragment carries no ports: only its addresses are its own.
+    let packet = if view.fragment == Some("later") {
+        format!(
+            "{} {} → {} ({})",
+            view.protocol,
+            view.source.address,
+            view.destination.address,
+            notes.join(", ")
+        )
+    } else {
+        format!(
+            "{} {} → {} ({})",
+            view.protocol,
+            view.source,
+            view.destination,
+            notes.join(", ")
+        )
+    };
+    match &view.icmp_error {
+        None => packet,
+        Some(error) => {
+            let mtu = error
+                .mtu
+                .map(|mtu| format!(" (MTU {mtu})"))
+                .unwrap_or_default();
+            format!(
+                "icmp {}{mtu} from {} about {packet}",
+                error.kind, error.from
+            )
+        }
+    }
 }
 
 /// The `decided by` lines (the map entries read) and the chosen backend, as `trace` and
@@ -843,38 +1118,10 @@ mod tests {
 
     use super::*;
 
-    fn endpoint(address: [u8; 4], port: u16) -> Endpoint {
+    pub(super) fn endpoint(address: [u8; 4], port: u16) -> Endpoint {
         Endpoint {
             address: Ipv4Addr::from(address),
             port,
-        }
-    }
-
-    #[test]
-    fn frames_carry_valid_checksums_and_parse_back() {
-        for protocol in [proto::TCP, proto::UDP] {
-            let packet = TracePacket {
-                protocol,
-                source: endpoint([198, 18, 1, 14], 40000),
-                destination: endpoint([198, 19, 0, 10], 80),
-                tcp_flags: if protocol == proto::TCP {
-                    tcp_flags::SYN | tcp_flags::ACK
-                } else {
-                    0
-                },
-            };
-            let frame = packet.frame();
-            let ip = &frame[ETHERNET_LEN..ETHERNET_LEN + IPV4_LEN];
-            assert_eq!(checksum(&[ip]), 0, "IPv4 header checksum");
-            let l4 = &frame[ETHERNET_LEN + IPV4_LEN..];
-            let pseudo = [
-                &ip[12..20],
-                &[0, protocol],
-                &(l4.len() as u16).to_be_bytes(),
-            ]
-            .concat();
-            assert_eq!(checksum(&[&pseudo, l4]), 0, "L4 checksum");
-            assert_eq!(TracePacket::parse(&frame, protocol), Some(packet));
         }
     }
 
@@ -921,7 +1168,7 @@ mod tests {
         let report = report(
             &packet,
             0,
-            Some(output),
+            &output.frame(),
             &record,
             Some("default/echo:tcp-80".into()),
             None,
@@ -968,12 +1215,156 @@ mod tests {
             outcome: stat::PASS as u8,
             ..TraceRecord::default()
         };
-        let report = report(&packet, 0, Some(packet), &record, None, None);
+        let report = report(&packet, 0, &packet.frame(), &record, None, None);
         assert_eq!(report.path, "pass");
         assert!(report.frontend.is_none() && report.backend.is_none());
         assert_eq!(
             report.decided_by,
             ["no CONNTRACK entry for the tuple, no SERVICES entry for 198.18.5.5:53/udp"]
         );
+    }
+
+    fn wire(address: [u8; 4]) -> u32 {
+        u32::from_ne_bytes(address)
+    }
+
+    #[test]
+    fn a_later_fragment_shows_its_datagrams_record_and_no_ports() {
+        let packet = TracePacket {
+            fragment: Fragment::Later,
+            ip_id: 4660,
+            ..TracePacket::opening(
+                proto::UDP,
+                endpoint([198, 18, 1, 14], 35676),
+                endpoint([198, 19, 0, 10], 53),
+            )
+        };
+        let record = TraceRecord {
+            recorded: 1,
+            outcome: stat::FRAGMENT as u8,
+            fragment: trace_fragment::LATER,
+            fragment_found: 1,
+            fragment_record: proxy_common::FragmentValue {
+                to: proxy_common::Tuple {
+                    src_addr: wire([198, 18, 1, 14]),
+                    dst_addr: wire([198, 18, 1, 11]),
+                    src_port: 0,
+                    dst_port: 0,
+                },
+                ..Default::default()
+            },
+            ..TraceRecord::default()
+        };
+        let output = TracePacket {
+            destination: endpoint([198, 18, 1, 11], 53),
+            ..packet
+        };
+        let report = report(&packet, 0, &output.frame(), &record, None, None);
+        assert_eq!(report.path, "fragment");
+        assert_eq!(
+            report.decided_by,
+            [
+                "FRAGMENTS[udp 198.18.1.14 → 198.19.0.10 id 4660] = forward as 198.18.1.14 → \
+              198.18.1.11"
+            ]
+        );
+        let text = render(&report);
+        for line in [
+            "packet      udp 198.18.1.14 → 198.19.0.10 (later fragment, id 4660, 28 bytes, TTL 64)",
+            "rewritten   udp 198.18.1.14 → 198.18.1.11 (later fragment, id 4660, 28 bytes, TTL 64)",
+        ] {
+            assert!(text.contains(line), "{line:?} not in\n{text}");
+        }
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["fragment"]["record"]["verdict"], "forward");
+        assert_eq!(json["output"]["fragment"], "later");
+    }
+
+    #[test]
+    fn an_icmp_error_shows_the_flow_of_its_quote_and_the_answer_of_a_check_its_reason() {
+        let about = TracePacket::opening(
+            proto::UDP,
+            endpoint([198, 18, 1, 14], 35676),
+            endpoint([198, 18, 1, 11], 5999),
+        );
+        let error = TracePacket {
+            icmp_error: Some(IcmpError {
+                kind: IcmpKind::PortUnreachable,
+                from: None,
+            }),
+            ..about
+        };
+        let record = TraceRecord {
+            recorded: 1,
+            outcome: stat::ICMP_ERROR as u8,
+            conntrack: trace_ct::REPLY,
+            table: trace_table::PENDING,
+            flow: proxy_common::CtValue {
+                to: proxy_common::Tuple {
+                    src_addr: wire([198, 19, 0, 10]),
+                    dst_addr: wire([198, 18, 1, 14]),
+                    src_port: 54u16.to_be(),
+                    dst_port: 35676u16.to_be(),
+                },
+                flags: ct_flags::REPLY,
+                ..Default::default()
+            },
+            ..TraceRecord::default()
+        };
+        let translated = TracePacket {
+            destination: endpoint([198, 19, 0, 10], 54),
+            icmp_error: Some(IcmpError {
+                kind: IcmpKind::PortUnreachable,
+                from: Some(Ipv4Addr::new(198, 19, 0, 10)),
+            }),
+            ..about
+        };
+        let translated_report = report(&error, 0, &translated.frame(), &record, None, None);
+        assert_eq!(translated_report.path, "icmp_error");
+        assert!(
+            translated_report.decided_by[1]
+                .starts_with("CONNTRACK_PENDING[udp 198.18.1.11:5999 → 198.18.1.14:35676 reply"),
+            "{:?}",
+            translated_report.decided_by
+        );
+        let text = render(&translated_report);
+        assert!(
+            text.contains(
+                "rewritten   icmp port-unreachable from 198.19.0.10 about udp \
+                 198.18.1.14:35676 → 198.19.0.10:54 (28 bytes, TTL 64)"
+            ),
+            "{text}"
+        );
+
+        // A packet the MTU check answered: the answer in its place, and why.
+        let big = TracePacket {
+            length: 1500,
+            ..about
+        };
+        let record = TraceRecord {
+            recorded: 1,
+            outcome: stat::FRAG_NEEDED as u8,
+            answered: trace_answer::FRAG_NEEDED,
+            mtu: 1000,
+            ..TraceRecord::default()
+        };
+        let answer = TracePacket {
+            icmp_error: Some(IcmpError {
+                kind: IcmpKind::FragNeeded { mtu: 1000 },
+                from: Some(Ipv4Addr::new(198, 18, 1, 1)),
+            }),
+            ..big
+        };
+        let report = report(&big, 2, &answer.frame(), &record, None, None);
+        assert!(report.output.is_none());
+        let text = render(&report);
+        assert!(
+            text.contains(
+                "answered    icmp frag-needed (MTU 1000) 198.18.1.1 → 198.18.1.14, quoting \
+                 the packet as it came"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("MTU 1000 < 1500 bytes"), "{text}");
     }
 }

@@ -19,9 +19,10 @@ use etherparse::{
     UdpHeader,
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtTimeouts, CtValue, FrontendKey, FrontendValue,
-    MembershipKey, PROGRAM_NAME, REFUSAL_LIMITS_GLOBAL, RefusalLimits, SNAT_PORT_MAX_GLOBAL,
-    SNAT_PORT_MIN_GLOBAL, Slot, SourceRange, Tuple, map_names, membership, service_flags, stat,
+    AffinityKey, AffinityValue, Backend, CtKey, CtTimeouts, CtValue, FragmentKey, FragmentValue,
+    FrontendKey, FrontendValue, MembershipKey, PROGRAM_NAME, REFUSAL_LIMITS_GLOBAL, RefusalLimits,
+    SNAT_PORT_MAX_GLOBAL, SNAT_PORT_MIN_GLOBAL, Slot, SourceRange, Tuple, map_names, membership,
+    service_flags, stat,
 };
 use proxy_lab::PrivateBpffs;
 use proxy_userspace::inspect::trace::{TracePacket, Tracer};
@@ -435,6 +436,17 @@ impl Datapath {
         epoch.set(0, next, 0).unwrap();
     }
 
+    /// How many instructions the verifier walked to load the program.
+    pub fn verified_instructions(&self) -> u32 {
+        let program: &SchedClassifier =
+            self.ebpf.program(PROGRAM_NAME).unwrap().try_into().unwrap();
+        program
+            .info()
+            .unwrap()
+            .verified_instruction_count()
+            .expect("the kernel reports verified instructions (5.16 and later)")
+    }
+
     /// Runs the program on `frame`: its verdict and the frame it leaves.
     pub fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
         let program: &SchedClassifier =
@@ -475,6 +487,13 @@ impl Datapath {
         let conntrack: BpfHashMap<_, CtKey, CtValue> =
             BpfHashMap::try_from(self.ebpf.map(name).unwrap()).unwrap();
         conntrack.iter().map(Result::unwrap).collect()
+    }
+
+    /// Every FRAGMENTS entry: the datagrams whose first fragment passed.
+    pub fn fragments(&self) -> HashMap<FragmentKey, FragmentValue> {
+        let map: BpfHashMap<_, FragmentKey, FragmentValue> =
+            BpfHashMap::try_from(self.ebpf.map(map_names::FRAGMENTS).unwrap()).unwrap();
+        map.iter().map(Result::unwrap).collect()
     }
 
     /// `epx_trace`, loaded the way `ebpf-proxy trace` loads it: against these pinned maps.
@@ -671,20 +690,56 @@ pub fn assert_untouched(datapath: &Datapath, frame: &[u8]) {
 /// reaches the backends and clients through `lo`, the device test runs see packets arrive
 /// on: so backends look like pods of another node, reached through the arrival device.
 pub fn on_a_node_with_remote_backends(test: impl FnOnce() + Send) {
-    in_a_namespace(
+    on_a_node(&[], test);
+}
+
+/// [`on_a_node_with_remote_backends`], but the backends (198.18.1.0/24) sit behind a
+/// veth of their own, as pods of this node do.
+pub fn on_a_node_with_local_backends(test: impl FnOnce() + Send) {
+    on_a_node(&LOCAL_BACKENDS, test);
+}
+
+/// The `ip` commands that make the veth `pods` (its peer `pods-peer`), up.
+pub const POD_VETH: [&[&str]; 3] = [
+    &[
+        "link",
+        "add",
+        "pods",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "pods-peer",
+    ],
+    &["link", "set", "pods", "up"],
+    &["link", "set", "pods-peer", "up"],
+];
+
+/// The `ip` commands that put the backends behind a veth of their own.
+pub const LOCAL_BACKENDS: [&[&str]; 4] = [
+    POD_VETH[0],
+    POD_VETH[1],
+    POD_VETH[2],
+    &["route", "add", "198.18.1.0/24", "dev", "pods"],
+];
+
+/// [`on_a_node_with_remote_backends`], then the `ip` commands `more`.
+pub fn on_a_node(more: &[&[&str]], test: impl FnOnce() + Send) {
+    let node: [&[&str]; 3] = [
+        &["link", "set", "lo", "up"],
+        &["addr", "add", "198.18.0.1/32", "dev", "lo"],
         &[
-            &["link", "set", "lo", "up"],
-            &["addr", "add", "198.18.0.1/32", "dev", "lo"],
-            &[
-                "route",
-                "add",
-                "198.18.0.0/16",
-                "dev",
-                "lo",
-                "src",
-                "198.18.0.1",
-            ],
+            "route",
+            "add",
+            "198.18.0.0/16",
+            "dev",
+            "lo",
+            "src",
+            "198.18.0.1",
         ],
+    ];
+    in_a_namespace(
+        &[&node[..], more].concat(),
         &[("net/ipv4/ip_forward", "1")],
         test,
     );

@@ -352,17 +352,25 @@ pub fn icmp(kind: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
 }
 
 /// The ICMP port unreachable the program answers a refused frame with (kube-proxy's
-/// REJECT, as the kernel would send it): the Ethernet addresses swapped, a 20-byte IPv4
-/// header from the refused packet's destination to its source (precedence "internetwork
-/// control", TTL 64, no identification), ICMP type 3 code 3, then the refused packet's
-/// first 28 bytes of IPv4 as they were. Built from the raw bytes, whatever they hold.
+/// REJECT, as the kernel would send it): from the refused packet's destination, see
+/// [`icmp_answer_for`]. Built from the raw bytes, whatever they hold.
 pub fn port_unreachable_for(refused: &[u8]) -> Vec<u8> {
-    let quote = &refused[ETH_LEN..ETH_LEN + IPV4_MIN_LEN + 8];
+    let from = refused[ETH_LEN + 16..ETH_LEN + 20]
+        .try_into()
+        .expect("4 bytes");
+    icmp_answer_for(refused, from, 3, 3, [0; 4])
+}
+
+/// The ICMP error (`kind`, `code`, the header's last four bytes `rest`: the next-hop MTU of
+/// "fragmentation needed") the kernel would send from `from` about `packet` (a frame
+/// without IPv4 options), back out of the device it came in on: to its source, quoting its
+/// IPv4 header and first 8 payload bytes, in the kernel's own style (precedence
+/// "internetwork control", TTL 64, no identification, fragments allowed).
+pub fn icmp_answer_for(packet: &[u8], from: [u8; 4], kind: u8, code: u8, rest: [u8; 4]) -> Vec<u8> {
+    let quote = &packet[ETH_LEN..ETH_LEN + IPV4_MIN_LEN + 8];
     let mut ip = Ipv4Spec::new(
-        refused[ETH_LEN + 16..ETH_LEN + 20]
-            .try_into()
-            .expect("4 bytes"),
-        refused[ETH_LEN + 12..ETH_LEN + 16]
+        from,
+        packet[ETH_LEN + 12..ETH_LEN + 16]
             .try_into()
             .expect("4 bytes"),
         1,
@@ -370,8 +378,8 @@ pub fn port_unreachable_for(refused: &[u8]) -> Vec<u8> {
     ip.tos = 0xc0;
     ip.identification = 0;
     ip.dont_fragment = false;
-    let message = icmp(3, 3, [0; 4], quote);
-    let mut answer = [&refused[6..12], &refused[0..6], &refused[12..14]].concat();
+    let message = icmp(kind, code, rest, quote);
+    let mut answer = [&packet[6..12], &packet[0..6], &packet[12..14]].concat();
     answer.extend(ip.header(message.len()));
     answer.extend(message);
     answer

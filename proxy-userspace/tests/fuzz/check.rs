@@ -19,14 +19,27 @@
 //!   no endpoints at all → an ICMP port unreachable exactly as the kernel builds one (or a
 //!   drop); a client outside the source ranges → drop; backends → a translation (or a drop
 //!   for lack of a port or entry, never passed untranslated);
-//! - fragments and ICMP are loose, so the properties hold before and after issue 19 (their
-//!   translation): passed untouched, dropped, or translated consistently with the flow of
-//!   their datagram (a fragment: its addresses, and a first fragment's ports, become those
-//!   its datagram's entry names) or of the packet they quote (an ICMP error: the quoted
-//!   tuple becomes the reverse of what its flow's entry names; only errors are ever
-//!   translated), their checksums kept valid.
+//! - a packet the program would translate and forward may instead be answered, as the
+//!   kernel's forwarding checks answer (issue 19): ICMP "time exceeded" when its TTL runs
+//!   out here, "fragmentation needed" naming an MTU below its length, exactly as the
+//!   kernel builds them, from a node address (or, without a route back, the packet's
+//!   destination); never a packet of nothing ours;
+//! - a datagram's first fragment is held to the rules of a packet (its L4 checksum aside:
+//!   it covers bytes the fragment does not carry), and its fate is recorded in FRAGMENTS
+//!   for the rest of the datagram (live program): dropped, refused or answered → the rest
+//!   dropped; translated → the rest to the same addresses, routed the same way;
+//! - a later fragment follows the record of its first fragment as it stood before the run,
+//!   or passes untouched (no record, or one that expired): rewritten only to the addresses
+//!   the record names, routed only when the record says so, dropped only when the record
+//!   says so (or the program routes it and cannot: too big, out of TTL); only addresses,
+//!   the IPv4 checksum (kept valid) and a routed one's TTL change;
+//! - an ICMP error is rewritten only when it quotes a tracked flow, consistently with it
+//!   (the quoted tuple becomes the reverse of what its flow's entry names, the outer
+//!   addresses its ends), and dropped only then; its checksums stay valid: the outer IPv4
+//!   and ICMP ones, the quoted IPv4 header's and, when it quotes the whole packet, the
+//!   quoted TCP/UDP one (a UDP checksum of zero stays zero). Other ICMP passes untouched.
 
-use proxy_common::{CtKey, CtValue, proto};
+use proxy_common::{CtKey, CtValue, FragmentKey, FragmentValue, fragment_verdict, proto};
 use proxy_userspace::plan::EmptyFrontend;
 
 use crate::cluster::{Flows, Frontends, NODE};
@@ -53,6 +66,8 @@ pub enum Outcome {
     Translated,
     Routed,
     Refused,
+    /// Answered with the forwarding checks' ICMP error.
+    Answered,
     Dropped,
 }
 
@@ -70,15 +85,37 @@ pub struct Run<'a> {
     pub reply: Flows,
     /// For a fragment, its datagram's key, as the generator made it.
     pub datagram: Option<CtKey>,
+    /// For a fragment, the FRAGMENTS record of its datagram ([`datagram_of`]) before the
+    /// run, and (live program) after it.
+    pub record_before: Option<FragmentValue>,
+    pub record_after: Option<FragmentValue>,
 }
 
-/// The conntrack key whose entries decide a frame: a packet's own, a fragment's datagram's,
-/// an ICMP error's quoted flow's (the reverse of the quoted tuple: the error travels the
-/// other way).
+/// The FRAGMENTS key of a TCP or UDP fragment, as the program reads it off the wire.
+pub fn datagram_of(frame: &[u8]) -> Option<FragmentKey> {
+    let Shape::Fragment(ip) = wire::shape(frame) else {
+        return None;
+    };
+    matches!(ip.protocol, proto::TCP | proto::UDP).then(|| FragmentKey {
+        src_addr: u32::from_ne_bytes(ip.src),
+        dst_addr: u32::from_ne_bytes(ip.dst),
+        id: u16::from_ne_bytes([frame[ETH_LEN + 4], frame[ETH_LEN + 5]]),
+        proto: ip.protocol,
+        _pad: 0,
+    })
+}
+
+/// The conntrack key whose entries decide a frame: a packet's own (a first fragment's too),
+/// a later fragment's datagram's, an ICMP error's quoted flow's (the reverse of the quoted
+/// tuple: the error travels the other way).
 pub fn flow_key(frame: &[u8], datagram: Option<CtKey>) -> Option<CtKey> {
     match wire::shape(frame) {
         Shape::Transport(packet) => Some(packet.key()),
-        Shape::Fragment(_) => datagram,
+        // A first fragment carries its ports: its own key, whatever made it.
+        Shape::Fragment(ip) => match first_fragment(frame, &ip) {
+            Some(first) if ip.fragment_offset == 0 => Some(first.key()),
+            _ => datagram,
+        },
         Shape::Icmp(ip) => quoted(frame, &ip).map(|quote| reverse(&quote.key())),
         Shape::Foreign => None,
     }
@@ -116,7 +153,7 @@ fn transport(
     let backend = frontends.is_backend(packet.dst, packet.proto());
     let new = run.before.is_empty();
     if run.verdict == TC_ACT_SHOT {
-        if frontend.is_none() && !backend && new && whole {
+        if frontend.is_none() && !backend && new {
             return Err("dropped a packet of no flow, no frontend and no backend".into());
         }
         return Ok(Outcome::Dropped);
@@ -135,6 +172,14 @@ fn transport(
             );
         }
         return Ok(Outcome::Refused);
+    }
+    if run.verdict == TC_ACT_REDIRECT
+        && let Some(answer) = forwarding_answer(run.input, run.output)
+    {
+        if frontend.is_none() && !backend && new {
+            return Err("answered for the forwarding step a packet of nothing ours".into());
+        }
+        return answer.map(|()| Outcome::Answered);
     }
     if let Some(frontend) = frontend.filter(|_| new && whole) {
         if !frontend.admits(packet.src.addr) {
@@ -313,45 +358,141 @@ fn ip_checksum_kept(run: &Run, ip: &Ipv4) -> Result<(), String> {
     Ok(())
 }
 
-/// A fragment: passed untouched, dropped, refused like its unfragmented datagram (a first
-/// fragment) or translated as its datagram's flow is.
+/// A fragment: the first of its datagram like a packet, its fate recorded; a later one as
+/// its datagram's record says.
 fn fragment(run: &Run, frontends: &Frontends, ip: &Ipv4) -> Result<Outcome, String> {
+    let first = first_fragment(run.input, ip).filter(|_| ip.fragment_offset == 0);
+    let Some(first) = first else {
+        return later_fragment(run, ip);
+    };
+    let refused =
+        run.verdict == TC_ACT_REDIRECT && refusal(run.input).as_deref() == Some(run.output);
+    let outcome = if refused {
+        let empty = frontends
+            .get(first.dst, first.proto())
+            .is_some_and(|frontend| frontend.backends.is_empty());
+        if !empty {
+            return Err(
+                "refused the first fragment of a datagram to a frontend with backends".into(),
+            );
+        }
+        Outcome::Refused
+    } else {
+        transport(run, frontends, &first, false)?
+    };
+    if run.program == Program::Live {
+        fate_recorded(run, &first, outcome)?;
+    }
+    Ok(outcome)
+}
+
+/// The record a first fragment left for the rest of its datagram matches what became of
+/// it. One that passed untouched may have been no first fragment to the program (headers
+/// cut short): it records only that the rest passes.
+fn fate_recorded(run: &Run, first: &Transport, outcome: Outcome) -> Result<(), String> {
+    let record = run.record_after;
+    let follows = |to: &Transport, routed: bool| {
+        record.is_some_and(|record| {
+            record.verdict == fragment_verdict::FORWARD
+                && record.to == tuple(to.src, to.dst)
+                && (!routed || record.routes_itself != 0)
+        })
+    };
+    let kept = match outcome {
+        Outcome::Dropped | Outcome::Refused | Outcome::Answered => {
+            record.is_some_and(|record| record.verdict == fragment_verdict::DROP)
+        }
+        Outcome::Translated | Outcome::Routed => {
+            let out = (wire::ipv4(run.output).and_then(|ip| first_fragment(run.output, &ip)))
+                .ok_or("the rewritten first fragment is no longer one")?;
+            follows(&out, outcome == Outcome::Routed)
+        }
+        Outcome::Untouched => record == run.record_before || follows(first, false),
+        Outcome::NotRun => true,
+    };
+    if !kept {
+        return Err(format!(
+            "a first fragment ({outcome:?}) left a record its datagram's rest would not follow \
+             it by: {record:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// A later fragment: as its datagram's record (before the run) says, or untouched.
+fn later_fragment(run: &Run, ip: &Ipv4) -> Result<Outcome, String> {
+    let record = run.record_before;
     if run.verdict == TC_ACT_SHOT {
+        // Dropped with its first fragment, or routed by the program and unable to go.
+        let due = record.is_some_and(|record| {
+            record.verdict == fragment_verdict::DROP || record.routes_itself != 0
+        });
+        if !due {
+            return Err(format!(
+                "dropped a later fragment whose first fragment was neither dropped nor \
+                 routed: {record:?}"
+            ));
+        }
         return Ok(Outcome::Dropped);
     }
     if run.verdict == TC_ACT_OK && run.output == run.input {
         return Ok(Outcome::Untouched);
     }
-    if ip.fragment_offset == 0
-        && let Some(first) = first_fragment(run.input, ip)
-    {
-        if run.verdict == TC_ACT_REDIRECT && refusal(run.input).as_deref() == Some(run.output) {
-            let empty = frontends
-                .get(first.dst, first.proto())
-                .is_some_and(|frontend| frontend.backends.is_empty());
-            return if empty {
-                Ok(Outcome::Refused)
-            } else {
-                Err("refused the first fragment of a datagram to a frontend with backends".into())
-            };
-        }
-        return transport(run, frontends, &first, false);
-    }
     let routed = run.verdict == TC_ACT_REDIRECT;
     only_changed(run, &ip_fields(routed), routed)?;
     ip_checksum_kept(run, ip)?;
     let out = wire::ipv4(run.output).ok_or("the rewritten fragment is no longer IPv4")?;
-    let names = |flow: &CtValue| {
-        let (src, dst) = ends(&flow.to);
-        src.addr == out.src && dst.addr == out.dst
+    let Some(record) = record.filter(|record| record.verdict == fragment_verdict::FORWARD) else {
+        return Err(format!(
+            "rewrote a later fragment no first fragment went ahead of: {record:?}"
+        ));
     };
-    if run.datagram.is_none() || !run.before.values().chain(run.after.values()).any(names) {
-        return Err("rewrote a fragment to addresses no entry of its datagram's flow names".into());
+    let (src, dst) = ends(&record.to);
+    if (out.src, out.dst) != (src.addr, dst.addr) {
+        return Err(format!(
+            "a later fragment went to {:?} → {:?}, not where its first fragment went: {record:?}",
+            out.src, out.dst
+        ));
+    }
+    if routed && record.routes_itself == 0 {
+        return Err("routed a later fragment whose first fragment the kernel forwarded".into());
     }
     Ok(if routed {
         Outcome::Routed
     } else {
         Outcome::Translated
+    })
+}
+
+/// If `output` is an ICMP "time exceeded" or "fragmentation needed" about `input`, exactly
+/// as the kernel's forwarding step builds it from a node address or the packet's
+/// destination: whether it was due (a TTL of 1 or less; an MTU below the packet's length).
+fn forwarding_answer(input: &[u8], output: &[u8]) -> Option<Result<(), String>> {
+    if input.len() < ETH_LEN + IPV4_MIN_LEN + 8 || output.len() < ETH_LEN + IPV4_MIN_LEN + 8 {
+        return None;
+    }
+    let ip = &output[ETH_LEN..];
+    let (kind, code) = (ip[IPV4_MIN_LEN], ip[IPV4_MIN_LEN + 1]);
+    let rest: [u8; 4] = ip[IPV4_MIN_LEN + 4..IPV4_MIN_LEN + 8].try_into().ok()?;
+    let from: [u8; 4] = ip[12..16].try_into().ok()?;
+    if !matches!((kind, code), (11, 0) | (3, 4))
+        || wire::icmp_answer_for(input, from, kind, code, rest) != output
+    {
+        return None;
+    }
+    let destination: [u8; 4] = input[ETH_LEN + 16..ETH_LEN + 20].try_into().ok()?;
+    if from != NODE && from != destination {
+        return Some(Err(format!("answered from {from:?}, no node address")));
+    }
+    let ttl = input[ETH_LEN + 8];
+    let length = usize::from(u16::from_be_bytes([input[ETH_LEN + 2], input[ETH_LEN + 3]]));
+    let mtu = usize::from(u16::from_be_bytes([rest[2], rest[3]]));
+    Some(match kind {
+        11 if ttl > 1 => Err(format!("answered \"time exceeded\" for a TTL of {ttl}")),
+        3 if mtu >= length || mtu < 68 => Err(format!(
+            "answered \"fragmentation needed\" (MTU {mtu}) for {length} bytes"
+        )),
+        _ => Ok(()),
     })
 }
 
@@ -424,6 +565,10 @@ fn is_error(kind: u8) -> bool {
 /// ICMP: passed untouched, dropped, or (an error) translated as the flow it quotes is.
 fn icmp(run: &Run, ip: &Ipv4) -> Result<Outcome, String> {
     if run.verdict == TC_ACT_SHOT {
+        // Routed by the program and unable to go (out of TTL).
+        if run.before.is_empty() {
+            return Err("dropped ICMP that quotes no tracked flow".into());
+        }
         return Ok(Outcome::Dropped);
     }
     if run.verdict == TC_ACT_OK && run.output == run.input {
@@ -441,6 +586,9 @@ fn icmp(run: &Run, ip: &Ipv4) -> Result<Outcome, String> {
         icmp_at + 2..icmp_at + 4,
         inner_at + 10..inner_at + 20,
         inner_l4..inner_l4 + 8,
+        // A quote long enough to hold the whole TCP header: its checksum follows the
+        // ports, as netfilter's `tcp_manip_pkt` updates it then.
+        inner_l4 + 16..inner_l4 + 18,
     ]);
     only_changed(run, &allowed, routed)?;
     ip_checksum_kept(run, ip)?;
@@ -461,6 +609,7 @@ fn icmp(run: &Run, ip: &Ipv4) -> Result<Outcome, String> {
     }
     let outer = wire::ipv4(run.output).ok_or("the rewritten error is no longer IPv4")?;
     let after = quoted(run.output, &outer).ok_or("the rewritten error quotes nothing")?;
+    quoted_checksum_kept(run, inner_at, &before, &after)?;
     let quoted_back = tuple(after.dst, after.src);
     let consistent = |flow: &CtValue| {
         let (to_src, to_dst) = ends(&flow.to);
@@ -484,6 +633,32 @@ fn icmp(run: &Run, ip: &Ipv4) -> Result<Outcome, String> {
     } else {
         Outcome::Translated
     })
+}
+
+/// When an error quotes the whole packet, the quoted TCP/UDP checksum valid before is
+/// valid after, and a UDP checksum of zero (none) stays zero.
+fn quoted_checksum_kept(
+    run: &Run,
+    inner_at: usize,
+    before: &Transport,
+    after: &Transport,
+) -> Result<(), String> {
+    // The quoted packet as a frame of its own: any 14 bytes in front of its IPv4 header.
+    let as_frame = |frame: &[u8]| [&frame[..ETH_LEN], &frame[inner_at..]].concat();
+    let (input, output) = (as_frame(run.input), as_frame(run.output));
+    if before.proto() == proto::UDP {
+        let csum = before.csum_offset();
+        if input.get(csum..csum + 2) == Some(&[0, 0]) && output.get(csum..csum + 2) != Some(&[0, 0])
+        {
+            return Err("a quoted UDP checksum of zero (none) did not stay zero".into());
+        }
+    }
+    if wire::l4_checksum_valid(&input, before) == Some(true)
+        && wire::l4_checksum_valid(&output, after) != Some(true)
+    {
+        return Err("a valid checksum of the quoted TCP/UDP packet became invalid".into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -540,6 +715,8 @@ mod tests {
             after,
             reply: flows(Some((VIP, CLIENT))),
             datagram: None,
+            record_before: None,
+            record_after: None,
         }
     }
 
@@ -627,7 +804,40 @@ mod tests {
         assert_eq!(check(&later, &later, datagram), Ok(Outcome::Untouched));
         assert!(
             check(&later, &moved, datagram).is_err(),
-            "no entry names it"
+            "no first fragment went ahead"
+        );
+        let later_run = |verdict, output: &[u8], record| {
+            let mut run = run(&later, verdict, output, Flows::default());
+            run.record_before = record;
+            super::check(&run, &frontends)
+        };
+        let went = |to: End, verdict| FragmentValue {
+            to: tuple(CLIENT, to),
+            verdict,
+            ..FragmentValue::default()
+        };
+        let to_backend = Some(went(BACKEND, fragment_verdict::FORWARD));
+        assert_eq!(
+            later_run(TC_ACT_OK, &moved, to_backend),
+            Ok(Outcome::Translated)
+        );
+        let elsewhere = Some(went(ELSEWHERE, fragment_verdict::FORWARD));
+        assert!(
+            later_run(TC_ACT_OK, &moved, elsewhere).is_err(),
+            "elsewhere"
+        );
+        let dropped = Some(went(BACKEND, fragment_verdict::DROP));
+        assert!(
+            later_run(TC_ACT_OK, &moved, dropped).is_err(),
+            "first dropped"
+        );
+        assert!(
+            later_run(TC_ACT_SHOT, &moved, to_backend).is_err(),
+            "dropped"
+        );
+        assert_eq!(
+            later_run(TC_ACT_SHOT, &moved, dropped),
+            Ok(Outcome::Dropped)
         );
 
         let ip = Ipv4Spec::new(CLIENT.addr, VIP.addr, 1);
@@ -637,5 +847,13 @@ mod tests {
         wire::fix_ip_checksum(&mut rewritten);
         assert_eq!(check(&echo, &echo, None), Ok(Outcome::Untouched));
         assert!(check(&echo, &rewritten, None).is_err(), "an echo rewritten");
+
+        // An error about a flow the node does not track: neither rewritten nor dropped.
+        let quoted = udp(BACKEND, CLIENT);
+        let ip = Ipv4Spec::new(CLIENT.addr, BACKEND.addr, 1);
+        let error = frame(&ip, &wire::icmp(3, 3, [0; 4], &quoted[ETH_LEN..]));
+        assert_eq!(check(&error, &error, None), Ok(Outcome::Untouched));
+        let dropped = run(&error, TC_ACT_SHOT, &error, Flows::default());
+        assert!(super::check(&dropped, &frontends).is_err(), "dropped");
     }
 }

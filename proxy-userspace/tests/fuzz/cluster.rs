@@ -14,7 +14,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use anyhow::{Context, Result, ensure};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray};
 use ipnet::IpNet;
-use proxy_common::{CtKey, CtTimeouts, CtValue, map_names};
+use proxy_common::{CtKey, CtTimeouts, CtValue, FragmentKey, FragmentValue, map_names};
 use proxy_lab::{Endpoint, NODE_NAME, PrivateBpffs, Rng, Service};
 use proxy_userspace::conntrack::ConntrackSizes;
 use proxy_userspace::conntrack::gc::Reaper;
@@ -25,6 +25,7 @@ use proxy_userspace::plan::{self, DesiredState, EmptyFrontend, NodeFacts};
 use proxy_userspace::socket_lb::SocketLbMode;
 use proxy_userspace::writer::MapWriter;
 
+use crate::datapath::POD_VETH;
 use crate::datapath::wire::End;
 
 pub const NODE: [u8; 4] = [198, 18, 0, 1];
@@ -63,18 +64,9 @@ const TIMEOUTS: CtTimeouts = CtTimeouts {
 pub const NETWORK: [&[&str]; 7] = [
     &["link", "set", "lo", "up"],
     &["addr", "add", "198.18.0.1/32", "dev", "lo"],
-    &[
-        "link",
-        "add",
-        "pods",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "pods-peer",
-    ],
-    &["link", "set", "pods", "up"],
-    &["link", "set", "pods-peer", "up"],
+    POD_VETH[0],
+    POD_VETH[1],
+    POD_VETH[2],
     &[
         "route",
         "add",
@@ -385,6 +377,7 @@ pub struct FuzzedNode {
     pub reaper: Reaper,
     assured: BpfHashMap<MapData, CtKey, CtValue>,
     pending: BpfHashMap<MapData, CtKey, CtValue>,
+    fragments: BpfHashMap<MapData, FragmentKey, FragmentValue>,
     pub stats: PerCpuArray<MapData, u64>,
     pub frontends: Frontends,
     _bpffs: PrivateBpffs,
@@ -408,7 +401,9 @@ impl FuzzedNode {
             let data = MapData::from_pin(root.join(name))?;
             Ok(BpfHashMap::try_from(Map::LruHashMap(data))?)
         };
+        let fragments = MapData::from_pin(root.join(map_names::FRAGMENTS))?;
         Ok(Self {
+            fragments: BpfHashMap::try_from(Map::LruHashMap(fragments))?,
             tracer: Tracer::load(&root)?,
             reaper: Reaper::load(&root)?,
             assured: conntrack(map_names::CONNTRACK)?,
@@ -435,6 +430,11 @@ impl FuzzedNode {
             assured: self.assured.get(key, 0).ok(),
             pending: self.pending.get(key, 0).ok(),
         }
+    }
+
+    /// The FRAGMENTS record of a datagram: what its first fragment's fate was.
+    pub fn fragment_record(&self, datagram: &FragmentKey) -> Option<FragmentValue> {
+        self.fragments.get(datagram, 0).ok()
     }
 
     /// Makes the entry at `key` (and its partner too, if `flow`) idle past its expiry, as

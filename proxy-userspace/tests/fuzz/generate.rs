@@ -493,7 +493,8 @@ impl Generator {
     }
 
     /// The fragments of a datagram (2 to 4), queued: in order, reversed or shuffled, one
-    /// sometimes lost or repeated. Returns the first to go out.
+    /// sometimes lost or repeated, a later one now and then with a TTL of 1. Returns the
+    /// first to go out.
     fn fragments(&mut self) -> Generated {
         let protocol = if self.rng.below(2) == 0 {
             proto::TCP
@@ -522,6 +523,11 @@ impl Generator {
             let mut piece = ip.clone();
             piece.fragment_offset = (offset / 8) as u16;
             piece.more_fragments = end < whole.len();
+            // Now and then a later fragment whose TTL runs out here (it took another path):
+            // no error may be sent about it.
+            if offset > 0 && self.rng.below(8) == 0 {
+                piece.ttl = 1;
+            }
             fragments.push(Generated {
                 frame: frame(&piece, &whole[offset..end]),
                 kind: if offset == 0 {

@@ -70,7 +70,9 @@ const STEPS: [u32; 5] = [
     stat::BACKEND_LEFT,
 ];
 /// The counters that end a path with TC_ACT_SHOT.
-const DROPS: [u32; 7] = [
+const DROPS: [u32; 9] = [
+    stat::NOT_FORWARDABLE,
+    stat::FRAGMENT_DROPPED,
     stat::CT_CREATE_FAILED,
     stat::NO_BACKEND,
     stat::BACKEND_MISSING,
@@ -273,6 +275,9 @@ impl Fuzzer {
         let key = flow_key(frame, packet.datagram);
         let flows = |node: &FuzzedNode| key.map(|key| node.flows(&key)).unwrap_or_default();
         let before = flows(node);
+        let datagram = check::datagram_of(frame);
+        let record = |node: &FuzzedNode| datagram.and_then(|key| node.fragment_record(&key));
+        let record_before = record(node);
         let ran = |program| {
             move |error: anyhow::Error| {
                 Failure::of(
@@ -293,6 +298,8 @@ impl Fuzzer {
             after: before,
             reply: Flows::default(),
             datagram: packet.datagram,
+            record_before,
+            record_after: record_before,
         };
         check::check(&run, &node.frontends)
             .map_err(|problem| failed("epx_trace", verdict, &output, problem))?;
@@ -301,12 +308,19 @@ impl Fuzzer {
             let problem = format!("the dry run changed conntrack: {before:?} → {unchanged:?}");
             return Err(failed("epx_trace", verdict, &output, problem));
         }
+        let unchanged = record(node);
+        if unchanged != record_before {
+            let problem =
+                format!("the dry run changed FRAGMENTS: {record_before:?} → {unchanged:?}");
+            return Err(failed("epx_trace", verdict, &output, problem));
+        }
 
         let (verdict, output) = (node.datapath.test_run(frame)).map_err(ran("epx_ingress"))?;
         run.program = Program::Live;
         run.verdict = verdict;
         run.output = &output;
         run.after = flows(node);
+        run.record_after = record(node);
         if let Shape::Transport(out) = wire::shape(&output) {
             run.reply = node.flows(&CtKey::new(tuple(out.dst, out.src), out.proto()));
         }

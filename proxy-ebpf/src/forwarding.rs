@@ -1,0 +1,150 @@
+//! The kernel's forwarding checks, done before a packet is translated: whether its TTL
+//! runs out here and whether it fits the device it leaves by.
+//!
+//! The kernel answers such a packet with "time exceeded" or "fragmentation needed" to its
+//! source, quoting it. With kube-proxy that works: netfilter translates a reply's source
+//! only after forwarding, and translates the errors of the forwarding step about a DNATed
+//! packet back. Here the program translates before the kernel forwards, so the kernel's
+//! error would go to the translated source (a Service address: nowhere) or quote addresses
+//! the sender never used (its socket ignores it): Path-MTU discovery would black-hole TCP.
+//! So the program asks the FIB first, with the translated addresses, and answers such a
+//! packet itself as the kernel would, about the packet as its sender sent it (`answer`).
+//!
+//! The lookup costs a helper call, so it is made only where an error may be due: a TTL of
+//! 1 or less, a packet with "don't fragment" longer than
+//! [`MIN_CHECKED_MTU`](proxy_common::MIN_CHECKED_MTU) (a GSO packet by its segments), and
+//! every packet the program routes itself, which needs the lookup anyway. A packet without
+//! "don't fragment" that the kernel forwards is fragmented by it, after translation, as
+//! usual. One the program routes itself cannot be (a tc program has no way to fragment,
+//! and the kernel drops it as a martian): it is answered with "fragmentation needed" too,
+//! which senders honour (Linux lowers the path MTU whatever the quoted DF bit says) and
+//! fragment their next datagrams for.
+
+use proxy_common::{MIN_CHECKED_MTU, Tuple, stat, trace_answer};
+
+use crate::{
+    DROP,
+    answer::{Answer, NotAnswered},
+    context::Context,
+    mode::Mode,
+    parse::{L3_OFFSET, Packet, ip_flags},
+    route::{self, Route},
+};
+
+/// How a translated packet leaves.
+#[derive(Clone, Copy)]
+pub enum Egress {
+    /// The kernel forwards (or delivers) it.
+    Kernel,
+    /// The program redirects it out of this device (after its FIB lookup).
+    Routed { ifindex: u32 },
+    /// The program would route it but the FIB has no route: the kernel gets it, as before
+    /// routing existed here (counted as `fib_miss`).
+    NoRoute,
+}
+
+/// The outcome of the checks.
+pub enum Checked {
+    /// Translate and send.
+    Go(Egress),
+    /// An error went back instead (or none could): the packet's verdict.
+    Answered(i32),
+}
+
+/// Checks `packet`, about to be translated to `to`, as the kernel's forwarding step would;
+/// `routes_itself`: the program routes it (its source becomes a node address). A BPF
+/// subprogram: its FIB lookups and the answer get a stack frame of their own.
+#[inline(never)]
+pub fn check<C: Context, M: Mode>(
+    ctx: &C,
+    mode: &M,
+    packet: &Packet,
+    to: &Tuple,
+    routes_itself: bool,
+) -> Checked {
+    let length = segment_len(ctx, packet);
+    let dont_fragment = packet.ip.flags & ip_flags::DONT_FRAGMENT != 0;
+    let check_mtu = length > MIN_CHECKED_MTU && (dont_fragment || routes_itself);
+    let ttl_exhausted = packet.ip.ttl <= 1;
+    if !routes_itself && !check_mtu && !ttl_exhausted {
+        return Checked::Go(Egress::Kernel);
+    }
+    let route = route::lookup(ctx, packet.proto, to, if check_mtu { length } else { 0 });
+    let (ifindex, too_big) = match route {
+        // Delivered here: neither TTL nor MTU applies; the program has nothing to route.
+        Route::Local if routes_itself => return Checked::Go(Egress::NoRoute),
+        Route::Local => return Checked::Go(Egress::Kernel),
+        Route::None if routes_itself => return Checked::Go(Egress::NoRoute),
+        Route::None => return Checked::Go(Egress::Kernel),
+        Route::Via { ifindex } => (ifindex, None),
+        Route::TooBig { mtu } => (0, Some(mtu)),
+    };
+    // The kernel checks the TTL first.
+    if ttl_exhausted {
+        return answer(ctx, mode, packet, stat::TTL_EXCEEDED, |source| {
+            Answer::TimeExceeded { source }
+        });
+    }
+    if let Some(mtu) = too_big {
+        return answer(ctx, mode, packet, stat::FRAG_NEEDED, |source| {
+            Answer::FragNeeded { mtu, source }
+        });
+    }
+    Checked::Go(if routes_itself {
+        Egress::Routed { ifindex }
+    } else {
+        Egress::Kernel
+    })
+}
+
+/// The IPv4 length of the largest packet `packet` leaves as: itself, or for a GSO packet
+/// (a TCP or UDP super-packet the kernel segments on the way out) one segment.
+#[inline(always)]
+fn segment_len<C: Context>(ctx: &C, packet: &Packet) -> u16 {
+    let segment = ctx.gso_size();
+    if segment == 0 {
+        return packet.ip.total_len;
+    }
+    let headers = (packet.l4_offset - L3_OFFSET) as u32 + u32::from(packet.ip.l4_header_len);
+    (headers + segment).min(u32::from(u16::MAX)) as u16
+}
+
+/// Sends the error `make(source)` back to the packet's sender, from the node address the
+/// kernel would use toward it; counts `counter` if it went out.
+#[inline(always)]
+fn answer<C: Context, M: Mode>(
+    ctx: &C,
+    mode: &M,
+    packet: &Packet,
+    counter: u32,
+    make: impl FnOnce(u32) -> Answer,
+) -> Checked {
+    // The kernel's error leaves from the address it would use toward the sender; without
+    // a route back, the frontend's (any address reaches a socket: Linux matches the quote).
+    let source = route::source_toward(ctx, packet.proto, packet.src_addr, packet.src_port)
+        .map_or(packet.dst_addr, |(source, _)| source);
+    let kind = make(source);
+    let (traced, mtu) = match kind {
+        Answer::FragNeeded { mtu, .. } => (trace_answer::FRAG_NEEDED, mtu),
+        _ => (trace_answer::TIME_EXCEEDED, 0),
+    };
+    mode.answered(traced, mtu);
+    match ctx.answer(packet, kind, !M::DRY_RUN) {
+        Ok(verdict) => {
+            mode.count(counter);
+            Checked::Answered(verdict)
+        }
+        Err(NotAnswered::RateLimited) => {
+            mode.count(stat::REJECT_RATE_LIMITED);
+            Checked::Answered(DROP)
+        }
+        // The fixed-size answer cannot quote IPv4 options (rare enough): the kernel gets
+        // such a packet, translated, and answers it itself with the quote's addresses
+        // spoilt, or drops it as a martian if its source became a node address.
+        Err(NotAnswered::IpOptions) => Checked::Go(Egress::Kernel),
+        Err(NotAnswered::HelperFailed) => {
+            mode.count(stat::REWRITE_FAILED);
+            Checked::Answered(DROP)
+        }
+    }
+}

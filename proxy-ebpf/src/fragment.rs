@@ -1,0 +1,161 @@
+//! Fragmented IPv4 datagrams: the first fragment decides, the later ones follow.
+//!
+//! A datagram's first fragment carries its TCP/UDP header and goes through the packet
+//! path like any packet; what happened to it — translated to a tuple (and routed by the
+//! program or not), passed untouched, or dropped — is recorded in FRAGMENTS under the
+//! datagram's identity (see `proxy_common::FragmentKey`). A later fragment, which carries
+//! no ports, looks the record up and is treated the same: its IPv4 addresses rewritten
+//! (the L4 checksum covers the whole datagram and sits in the first fragment, where the
+//! translation fixed it), passed, or dropped.
+//!
+//! A later fragment that arrives before its first one (or whose first one this node never
+//! saw, or whose record expired or was evicted) is passed untouched and counted
+//! (`fragment_unmatched`): a tc program cannot hold it until the first arrives, and
+//! dropping it would break fragmented traffic this node does not translate. Linux sends a
+//! datagram's fragments in order, and a veth or a flow-hashed queue keeps the order (all
+//! fragments of a datagram hash alike, by addresses), so this is rare; the datagram is
+//! then lost, as if a fragment had been lost, and its sender's retry goes through.
+
+use aya_ebpf::{macros::map, maps::LruHashMap};
+use proxy_common::{
+    FragmentKey, FragmentValue, MIN_CHECKED_MTU, Tuple, default_max_entries, fragment_verdict, stat,
+};
+
+use crate::{
+    ACCEPT, DROP,
+    conntrack::now_ns,
+    context::Context,
+    mode::Mode,
+    nat,
+    parse::{LaterFragment, Packet},
+    route::{self, Route},
+};
+
+/// Named like `proxy_common::map_names::FRAGMENTS`; pinned so the CLI shows its fill and
+/// the dry run finds the live program's records. LRU: a datagram's record is needed only
+/// while its fragments pass (microseconds), so the least recently used go first.
+#[map]
+static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> =
+    LruHashMap::pinned(default_max_entries::FRAGMENTS, 0);
+
+/// What became of a packet, which its datagram's later fragments follow. A struct with
+/// every field set, not an enum: LLVM leaves an enum's unused payload undefined, and the
+/// verifier refuses the store of a register that holds anything there.
+#[derive(Clone, Copy)]
+pub struct Fate {
+    /// Where it went (its own tuple when it passed untouched); unset when dropped.
+    to: Tuple,
+    /// A `fragment_verdict` constant.
+    verdict: u8,
+    routes_itself: bool,
+}
+
+impl Fate {
+    /// It left rewritten to `to`, routed by the program if `routes_itself`.
+    #[inline(always)]
+    pub fn forward(to: Tuple, routes_itself: bool) -> Self {
+        Self {
+            to,
+            verdict: fragment_verdict::FORWARD,
+            routes_itself,
+        }
+    }
+
+    /// It was dropped, or answered with an ICMP error in its place.
+    #[inline(always)]
+    pub fn dropped() -> Self {
+        Self {
+            to: Tuple::default(),
+            verdict: fragment_verdict::DROP,
+            routes_itself: false,
+        }
+    }
+}
+
+/// Records `fate` for the later fragments of `packet`'s datagram, if it is a first
+/// fragment. The dry run only reports the record.
+#[inline(always)]
+pub fn remember<M: Mode>(mode: &M, packet: &Packet, fate: &Fate) {
+    if packet.is_first_fragment() {
+        record(mode, packet, fate);
+    }
+}
+
+/// [`remember`] for a first fragment: a BPF subprogram, so the record takes no room in the
+/// packet path's stack frame.
+#[inline(never)]
+fn record<M: Mode>(mode: &M, packet: &Packet, fate: &Fate) {
+    let record = FragmentValue {
+        to: fate.to,
+        verdict: fate.verdict,
+        routes_itself: u8::from(fate.routes_itself),
+        _pad: [0; 2],
+        seen_ns: now_ns(),
+    };
+    if M::DRY_RUN {
+        mode.first_fragment(&record);
+    } else {
+        // A failed insert (no memory) leaves the later fragments unmatched: counted there.
+        let _ = FRAGMENTS.insert(&packet.datagram(), &record, 0);
+    }
+}
+
+/// A later fragment: treated as its datagram's first fragment was. A BPF subprogram (a
+/// stack frame of its own).
+#[inline(never)]
+pub fn follow<C: Context, M: Mode>(ctx: &C, mode: &M, fragment: &LaterFragment) -> i32 {
+    let datagram = &fragment.datagram;
+    // SAFETY: the value is copied out at once (the LRU may recycle the element).
+    let record = unsafe { FRAGMENTS.get(datagram) }
+        .copied()
+        .filter(|record| record.is_fresh(now_ns()));
+    mode.later_fragment(record.as_ref());
+    let Some(record) = record else {
+        mode.count(stat::FRAGMENT_UNMATCHED);
+        return ACCEPT;
+    };
+    if record.verdict == fragment_verdict::DROP {
+        mode.count(stat::FRAGMENT_DROPPED);
+        return DROP;
+    }
+    let mut egress = None;
+    if record.routes_itself != 0 {
+        // Its source is a node address: the kernel would drop it as a martian, so the
+        // program forwards it, and cannot fragment it; nor may an ICMP error be sent
+        // about a later fragment (the kernel sends none).
+        let length = if fragment.total_len > MIN_CHECKED_MTU {
+            fragment.total_len
+        } else {
+            0
+        };
+        match route::lookup(ctx, datagram.proto, &record.to, length) {
+            Route::Via { ifindex } => egress = Some(ifindex),
+            Route::TooBig { .. } => {
+                mode.count(stat::NOT_FORWARDABLE);
+                return DROP;
+            }
+            Route::Local | Route::None => mode.count(stat::FIB_MISS),
+        }
+    }
+    if nat::rewrite_addresses(ctx, datagram.src_addr, datagram.dst_addr, &record.to).is_err() {
+        mode.count(stat::REWRITE_FAILED);
+        return DROP;
+    }
+    let verdict = match egress {
+        None => ACCEPT,
+        Some(_) if M::DRY_RUN => {
+            mode.routes_itself();
+            ACCEPT
+        }
+        Some(ifindex) => match route::send(ctx, ifindex) {
+            Some(verdict) => verdict,
+            None => {
+                // The TTL ran out here: the kernel drops a later fragment silently too.
+                mode.count(stat::NOT_FORWARDABLE);
+                return DROP;
+            }
+        },
+    };
+    mode.count(stat::FRAGMENT);
+    verdict
+}
