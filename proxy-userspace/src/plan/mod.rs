@@ -65,12 +65,17 @@ pub struct NodeFacts {
 
 impl NodeFacts {
     /// The addresses NodePorts open on in the datapath, both families: the node's
-    /// addresses, or, in a family that has `nodeport_cidrs`, those inside them; loopback
-    /// ones only with `loopback_node_ports`. Sorted (IPv4 first), without duplicates.
+    /// addresses, or, in a family that has `nodeport_cidrs`, those inside them; IPv4
+    /// loopback ones only with `loopback_node_ports`, IPv6 loopback never (kube-proxy's
+    /// `localhost:NodePort` is IPv4 only: `route_localnet` has no IPv6 counterpart).
+    /// Sorted (IPv4 first), without duplicates.
     pub fn node_port_addresses(&self) -> Vec<IpAddr> {
         self.addresses_in_nodeport_cidrs()
             .into_iter()
-            .filter(|addr| self.loopback_node_ports || !addr.is_loopback())
+            .filter(|addr| match addr {
+                IpAddr::V4(addr) => self.loopback_node_ports || !addr.is_loopback(),
+                IpAddr::V6(addr) => !addr.is_loopback(),
+            })
             .collect()
     }
 

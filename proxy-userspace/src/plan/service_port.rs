@@ -706,6 +706,21 @@ mod tests {
             assert_eq!(node.health_check_addresses(), ips(health_checks), "{name}");
             assert_eq!(node.node_port_addresses(), ips(node_ports), "{name}");
         }
+        // `localhost:NodePort` (with the socket programs) is IPv4's only, as in kube-proxy.
+        let socket_lb = NodeFacts {
+            loopback_node_ports: true,
+            ..node(&dual, &[])
+        };
+        assert_eq!(
+            socket_lb.node_port_addresses(),
+            ips(&[
+                "127.0.0.1",
+                "198.18.0.1",
+                "198.18.5.1",
+                "2001:db8::1",
+                "2001:db8:5::1"
+            ])
+        );
     }
 
     #[test]
