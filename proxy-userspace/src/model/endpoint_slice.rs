@@ -1,6 +1,6 @@
 //! An EndpointSlice as the planner reads it: the ports and, per endpoint, the address,
 //! node, conditions and hints (kube-proxy's `EndpointSliceCache` keeps the same), with node
-//! and zone names shared between endpoints. About 40 bytes an endpoint instead of the API
+//! and zone names shared between endpoints. About 50 bytes an endpoint instead of the API
 //! object's kilobyte.
 
 use std::sync::Arc;
@@ -153,5 +153,18 @@ impl SliceRecord {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EndpointRecord;
+
+    /// The model keeps one record per endpoint of the cluster: its size is what 100 000
+    /// endpoints cost. An address of either family inline makes it 48 bytes (32 while it
+    /// held IPv4 only).
+    #[test]
+    fn an_endpoint_record_takes_48_bytes() {
+        assert_eq!(std::mem::size_of::<EndpointRecord>(), 48);
     }
 }
