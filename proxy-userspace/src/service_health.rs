@@ -286,13 +286,15 @@ mod tests {
         .expect("the probe thread")
     }
 
-    /// `--nodeport-addresses 127.0.0.0/8`: the node's loopback address is where the check
-    /// listens, and it answers there; with no matching address nothing listens.
-    #[tokio::test]
-    async fn a_loopback_address_is_served_and_no_address_serves_nothing() {
+    /// Servers for one Service `web/lb` with one local endpoint, on a free port.
+    fn one_check_on_a_free_port() -> (
+        ObjectKey,
+        ServiceHealthServers,
+        u16,
+        BTreeMap<ObjectKey, ServiceHealthCheck>,
+    ) {
         let service = ObjectKey::new("web", "lb");
         let health = Health::new(std::time::Duration::from_secs(60));
-        let mut servers = ServiceHealthServers::new(health);
         let port = free_port();
         let checks = BTreeMap::from([(
             service.clone(),
@@ -301,6 +303,14 @@ mod tests {
                 local_endpoints: 1,
             },
         )]);
+        (service, ServiceHealthServers::new(health), port, checks)
+    }
+
+    /// `--nodeport-addresses 127.0.0.0/8`: the node's loopback address is where the check
+    /// listens, and it answers there; with no matching address nothing listens.
+    #[tokio::test]
+    async fn a_loopback_address_is_served_and_no_address_serves_nothing() {
+        let (service, mut servers, port, checks) = one_check_on_a_free_port();
         servers.sync(&checks, &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
         assert_eq!(probe(port).await.unwrap(), 200);
 
@@ -316,17 +326,7 @@ mod tests {
     /// IPv6 only), and each answers.
     #[tokio::test]
     async fn both_families_listen_on_one_port() {
-        let service = ObjectKey::new("web", "lb");
-        let health = Health::new(std::time::Duration::from_secs(60));
-        let mut servers = ServiceHealthServers::new(health);
-        let port = free_port();
-        let checks = BTreeMap::from([(
-            service.clone(),
-            ServiceHealthCheck {
-                node_port: port,
-                local_endpoints: 1,
-            },
-        )]);
+        let (service, mut servers, port, checks) = one_check_on_a_free_port();
         let v4 = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let v6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
         servers.sync(&checks, &[v4, v6]);

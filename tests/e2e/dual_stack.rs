@@ -7,13 +7,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream};
-use std::time::Duration;
+use std::net::{IpAddr, Ipv6Addr};
 
-use anyhow::{Context, Result, ensure};
-use common::{BACKEND_NAMES, SYNC_TIMEOUT, caller};
-use proxy_lab::{Lab, Manifest, NODE_NAME, Netns, addr, require_lab};
+use anyhow::{Result, ensure};
+use common::{BACKEND_NAMES, SYNC_TIMEOUT, caller, health_check};
+use proxy_lab::{Lab, Manifest, NODE_NAME, addr, require_lab};
 
 const NODE_IPV6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 const CLIENT_IPV6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
@@ -92,30 +90,6 @@ fn add_ipv6(lab: &Lab) -> Result<()> {
     Ok(())
 }
 
-/// One HTTP/1.0 GET to `address:port` from `ns`: the status code and `localEndpoints`.
-fn health_check(ns: &Netns, address: IpAddr) -> Result<(u16, u64)> {
-    let target = SocketAddr::new(address, HEALTH_CHECK_NODE_PORT);
-    let response = ns.run(move || -> Result<String> {
-        let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))
-            .with_context(|| format!("connecting to {target}"))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        Ok(response)
-    })??;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("no end of the HTTP header in {response:?}"))?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .with_context(|| format!("no status code in {head:?}"))?;
-    let body: serde_json::Value = serde_json::from_str(body)?;
-    Ok((code, body["localEndpoints"].as_u64().unwrap_or_default()))
-}
-
 #[test]
 fn a_dual_stack_service_serves_ipv4_plans_ipv6_and_answers_health_checks_on_both() -> Result<()> {
     require_lab!();
@@ -134,7 +108,7 @@ fn a_dual_stack_service_serves_ipv4_plans_ipv6_and_answers_health_checks_on_both
 
     // The health check over both families: three local endpoints in each.
     for address in [IpAddr::V4(addr::NODE_IP), IpAddr::V6(NODE_IPV6)] {
-        let (code, local_endpoints) = health_check(lab.client(), address)?;
+        let (code, local_endpoints) = health_check(lab.client(), address, HEALTH_CHECK_NODE_PORT)?;
         ensure!(
             code == 200 && local_endpoints == 3,
             "{address}: {code}, {local_endpoints}"

@@ -397,50 +397,46 @@ mod tests {
         }
     }
 
+    /// The web Service with a ClusterIP of each family, in the order given, over both
+    /// slices: each family's ClusterIP gets its family's backends.
+    fn dual_stack_web(name: &'static str, cluster_ips: [&str; 2], families: [&str; 2]) -> Case {
+        Case {
+            name,
+            services: vec![
+                svc("default/web", cluster_ips[0])
+                    .cluster_ips(&cluster_ips)
+                    .ip_families(&families)
+                    .port("http", 80, "TCP"),
+            ],
+            slices: vec![web_slice(), web6_slice()],
+            frontends: vec![
+                ("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec()),
+                (
+                    "[2001:db8:ff::10]:80/tcp",
+                    ClusterIp,
+                    WEB6_BACKENDS.to_vec(),
+                ),
+            ],
+            ..Case::default()
+        }
+    }
+
     /// kube-proxy runs one proxier per family: each family the Service has a clusterIP of
     /// gets its own frontends, with that family's endpoints only, NodePorts on the node's
     /// addresses of that family, and that family's externalIPs and load-balancer IPs.
     #[test]
     fn each_family_gets_its_own_frontends_and_endpoints() {
         run(vec![
-            Case {
-                name: "dual stack: one ClusterIP per family, each with its family's endpoints",
-                services: vec![
-                    svc("default/web", "198.19.0.10")
-                        .cluster_ips(&["198.19.0.10", "2001:db8:ff::10"])
-                        .ip_families(&["IPv4", "IPv6"])
-                        .port("http", 80, "TCP"),
-                ],
-                slices: vec![web_slice(), web6_slice()],
-                frontends: vec![
-                    ("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec()),
-                    (
-                        "[2001:db8:ff::10]:80/tcp",
-                        ClusterIp,
-                        WEB6_BACKENDS.to_vec(),
-                    ),
-                ],
-                ..Case::default()
-            },
-            Case {
-                name: "IPv6 first in clusterIPs: the same frontends",
-                services: vec![
-                    svc("default/web", "2001:db8:ff::10")
-                        .cluster_ips(&["2001:db8:ff::10", "198.19.0.10"])
-                        .ip_families(&["IPv6", "IPv4"])
-                        .port("http", 80, "TCP"),
-                ],
-                slices: vec![web_slice(), web6_slice()],
-                frontends: vec![
-                    ("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec()),
-                    (
-                        "[2001:db8:ff::10]:80/tcp",
-                        ClusterIp,
-                        WEB6_BACKENDS.to_vec(),
-                    ),
-                ],
-                ..Case::default()
-            },
+            dual_stack_web(
+                "dual stack: one ClusterIP per family, each with its family's endpoints",
+                ["198.19.0.10", "2001:db8:ff::10"],
+                ["IPv4", "IPv6"],
+            ),
+            dual_stack_web(
+                "IPv6 first in clusterIPs: the same frontends",
+                ["2001:db8:ff::10", "198.19.0.10"],
+                ["IPv6", "IPv4"],
+            ),
             Case {
                 name: "dual stack without IPv6 endpoints: the IPv6 frontend rejects",
                 services: vec![
