@@ -42,13 +42,6 @@ impl Family {
             _ => None,
         }
     }
-
-    pub fn api_name(self) -> &'static str {
-        match self {
-            Family::Ipv4 => "IPv4",
-            Family::Ipv6 => "IPv6",
-        }
-    }
 }
 
 /// An address as `ParseIPSloppy` reads it: IPv4 fields in decimal with any leading zeros,

@@ -136,12 +136,6 @@ pub struct Frontend {
     pub protocol: Protocol,
 }
 
-impl Frontend {
-    pub fn family(&self) -> Family {
-        Family::of(self.addr)
-    }
-}
-
 /// `198.19.0.10:80/tcp`, `[2001:db8::10]:80/tcp`.
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
