@@ -21,6 +21,8 @@ use proxy_userspace::plan::NodeFacts;
 
 pub const NAMESPACE: &str = "bench";
 pub const PORT_NAME: &str = "http";
+/// The SCTP port of [`Cluster::model_with_sctp`].
+pub const SCTP_PORT_NAME: &str = "sig";
 /// Addresses handed out to distinct endpoints before the target port moves on.
 const DISTINCT_ADDRESSES: u32 = 50_000;
 const FIRST_ENDPOINT: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 0);
@@ -123,6 +125,32 @@ impl Cluster {
         Ok(model)
     }
 
+    /// [`Self::model`], each Service also serving its port over SCTP (port name
+    /// [`SCTP_PORT_NAME`], the same numbers): for the SCTP rows of the per-packet figures.
+    pub fn model_with_sctp(&self) -> Result<Model> {
+        let mut model = Model::default();
+        for service in self.iter() {
+            let mut kube = kubernetes_service(&service);
+            let ports = (kube.spec.as_mut()).and_then(|spec| spec.ports.as_mut());
+            let ports = ports.expect("a Service port");
+            ports.push(ServicePort {
+                name: Some(SCTP_PORT_NAME.to_owned()),
+                protocol: Some("SCTP".to_owned()),
+                ..ports[0].clone()
+            });
+            let mut slice = endpoint_slice(&service, &service.endpoints);
+            let ports = slice.ports.as_mut().expect("an endpoint port");
+            ports.push(EndpointPort {
+                name: Some(SCTP_PORT_NAME.to_owned()),
+                protocol: Some("SCTP".to_owned()),
+                ..ports[0].clone()
+            });
+            model.insert_service(kube)?;
+            model.insert_endpoint_slice(slice)?;
+        }
+        Ok(model)
+    }
+
     /// Every Service and EndpointSlice as the API server stores them (JSON, with kind and
     /// apiVersion), for the test API server.
     pub fn api_objects(&self) -> impl Iterator<Item = serde_json::Value> + '_ {
@@ -175,10 +203,22 @@ fn metadata(name: String, labels: Option<BTreeMap<String, String>>) -> ObjectMet
 }
 
 fn kubernetes_service(service: &BenchService) -> Service {
+    kubernetes_service_with(service, None)
+}
+
+/// The Service object; with `node_port`, of type NodePort and open on that port.
+pub fn kubernetes_service_with(service: &BenchService, node_port: Option<u16>) -> Service {
     Service {
         metadata: metadata(service.name.clone(), None),
         spec: Some(ServiceSpec {
-            type_: Some("ClusterIP".to_owned()),
+            type_: Some(
+                if node_port.is_some() {
+                    "NodePort"
+                } else {
+                    "ClusterIP"
+                }
+                .to_owned(),
+            ),
             cluster_ip: Some(service.vip.to_string()),
             cluster_ips: Some(vec![service.vip.to_string()]),
             ports: Some(vec![ServicePort {
@@ -186,6 +226,7 @@ fn kubernetes_service(service: &BenchService) -> Service {
                 protocol: Some("TCP".to_owned()),
                 port: i32::from(service.port),
                 target_port: Some(IntOrString::Int(i32::from(service.target_port))),
+                node_port: node_port.map(i32::from),
                 ..ServicePort::default()
             }]),
             ..ServiceSpec::default()

@@ -23,7 +23,7 @@ use crate::cluster::{Cluster, Endpoints};
 use crate::daemon;
 use crate::netfilter::{self, Loaded, Netfilter};
 use crate::stats::{Summary, percentile_of_sorted};
-use proxy_lab::load::{self, LoadSettings};
+use proxy_lab::load::{self, LoadReport, LoadSettings};
 
 /// How a connection reaches a pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,12 +130,38 @@ struct Prepared<'lab> {
 /// What the runs of one variant measured.
 #[derive(Default)]
 struct Samples {
-    rates: Vec<f64>,
-    p50s: Vec<f64>,
-    p99s: Vec<f64>,
+    load: LoadSamples,
     cpu_seconds: Vec<f64>,
-    completed: usize,
-    failed: usize,
+}
+
+/// What the load generator's runs of one variant saw: per run the rate and the connect
+/// latency's p50 and p99 (µs), and the connections over all runs.
+#[derive(Default)]
+pub struct LoadSamples {
+    pub rates: Vec<f64>,
+    pub p50s: Vec<f64>,
+    pub p99s: Vec<f64>,
+    pub completed: usize,
+    pub failed: usize,
+}
+
+impl LoadSamples {
+    /// Adds one run.
+    pub fn record(&mut self, report: &LoadReport) -> Result<()> {
+        self.completed += report.completed;
+        self.failed += report.failed;
+        self.rates.push(report.connections_per_second());
+        let mut latencies: Vec<f64> = report
+            .connect_latencies
+            .iter()
+            .map(|latency| latency.as_secs_f64() * 1e6)
+            .collect();
+        latencies.sort_by(f64::total_cmp);
+        let percentile = |p| percentile_of_sorted(&latencies, p).context("no connection completed");
+        self.p50s.push(percentile(50.0)?);
+        self.p99s.push(percentile(99.0)?);
+        Ok(())
+    }
 }
 
 fn measure_size(services: usize, settings: &ConnectionSettings) -> Result<Vec<ConnectionResult>> {
@@ -167,19 +193,7 @@ fn measure_size(services: usize, settings: &ConnectionSettings) -> Result<Vec<Co
                     .cpu_seconds
                     .push(daemon_cpu_seconds(daemon)? - before);
             }
-            samples.completed += report.completed;
-            samples.failed += report.failed;
-            samples.rates.push(report.connections_per_second());
-            let mut latencies: Vec<f64> = report
-                .connect_latencies
-                .iter()
-                .map(|latency| latency.as_secs_f64() * 1e6)
-                .collect();
-            latencies.sort_by(f64::total_cmp);
-            let percentile =
-                |p| percentile_of_sorted(&latencies, p).context("no connection completed");
-            samples.p50s.push(percentile(50.0)?);
-            samples.p99s.push(percentile(99.0)?);
+            samples.load.record(&report)?;
         }
     }
     let summary = |values: &[f64]| Summary::of(values).context("no runs");
@@ -190,11 +204,11 @@ fn measure_size(services: usize, settings: &ConnectionSettings) -> Result<Vec<Co
             Ok(ConnectionResult {
                 variant: variant.variant,
                 services,
-                rate: summary(&samples.rates)?,
-                p50_us: summary(&samples.p50s)?,
-                p99_us: summary(&samples.p99s)?,
-                completed: samples.completed,
-                failed: samples.failed,
+                rate: summary(&samples.load.rates)?,
+                p50_us: summary(&samples.load.p50s)?,
+                p99_us: summary(&samples.load.p99s)?,
+                completed: samples.load.completed,
+                failed: samples.load.failed,
                 daemon_cpu_seconds: Summary::of(&samples.cpu_seconds),
             })
         })

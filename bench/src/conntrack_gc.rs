@@ -56,6 +56,8 @@ fn measure_at(size: u32, runs: usize) -> Result<GcCost> {
         .load(proxy_userspace::EBPF_OBJECT)
         .context("loading the eBPF object")?;
     proxy_userspace::datapath::set_timeouts(&mut ebpf, CtTimeouts::DEFAULT)?;
+    // The reaper (like the CLI) reads only pins of a recorded layout.
+    proxy_userspace::layout::record(bpffs.path())?;
     let reaper = Reaper::load(bpffs.path())?;
     let mut conntrack: BpfHashMap<_, CtKey, CtValue> = ebpf
         .map_mut(map_names::CONNTRACK)

@@ -40,6 +40,13 @@ fn sorted_endpoints(service: &BenchService) -> Vec<Endpoint> {
 
 /// The nat table kube-proxy's iptables mode restores (`iptables-restore` input).
 pub fn iptables_restore(cluster: &Cluster) -> String {
+    iptables_restore_with_node_port(cluster, None)
+}
+
+/// [`iptables_restore`], the first Service also open on `node_port` of every node address
+/// (externalTrafficPolicy Cluster): KUBE-NODEPORTS jumps to its KUBE-EXT chain, which marks
+/// the connection for masquerade and goes on to the Service's chain.
+pub fn iptables_restore_with_node_port(cluster: &Cluster, node_port: Option<u16>) -> String {
     let mut chains = String::from(
         ":PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
          :POSTROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n\
@@ -55,11 +62,24 @@ pub fn iptables_restore(cluster: &Cluster) -> String {
          -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" \
          -j MASQUERADE --random-fully\n",
     );
-    for service in cluster.iter() {
+    for (index, service) in cluster.iter().enumerate() {
         let name = service.port_name();
         let service_chain = service_chain("KUBE-SVC-", &name, PROTOCOL);
         let (vip, port) = (service.vip, service.port);
         let _ = writeln!(chains, ":{service_chain} - [0:0]");
+        if let Some(node_port) = node_port.filter(|_| index == 0) {
+            let external_chain =
+                proxy_userspace::inspect::explain::service_chain("KUBE-EXT-", &name, PROTOCOL);
+            let _ = writeln!(chains, ":{external_chain} - [0:0]");
+            let _ = writeln!(
+                rules,
+                "-A KUBE-NODEPORTS -m comment --comment {name} -m tcp -p tcp --dport {node_port} \
+                 -j {external_chain}\n\
+                 -A {external_chain} -m comment --comment \"masquerade traffic for {name} \
+                 external destinations\" -j KUBE-MARK-MASQ\n\
+                 -A {external_chain} -j {service_chain}"
+            );
+        }
         let _ = writeln!(
             rules,
             "-A KUBE-SERVICES -m comment --comment \"{name} cluster IP\" -m tcp -p tcp \
@@ -235,6 +255,19 @@ mod tests {
             .count();
         assert_eq!(dnat, 20);
         assert!(lines[lines.len() - 2].ends_with("-j KUBE-NODEPORTS"));
+    }
+
+    #[test]
+    fn a_node_port_masquerades_and_joins_its_service_chain() {
+        let cluster = cluster(2);
+        let text = iptables_restore_with_node_port(&cluster, Some(30_080));
+        let name = cluster.service(0).port_name();
+        let external = service_chain("KUBE-EXT-", &name, "tcp");
+        let service = service_chain("KUBE-SVC-", &name, "tcp");
+        assert!(text.contains(&format!("--dport 30080 -j {external}\n")));
+        assert!(text.contains(&format!("-A {external} -j {service}\n")));
+        assert_eq!(text.matches("-A KUBE-NODEPORTS ").count(), 1);
+        assert!(!iptables_restore(&cluster).contains("KUBE-EXT-"));
     }
 
     #[test]

@@ -24,6 +24,7 @@ mod related;
 mod report;
 mod soak;
 mod stats;
+mod xdp;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,6 +44,7 @@ use programming::ProgrammingSettings;
 use proxy_lab::load::LoadSettings;
 use report::{DocumentContext, Results, Table};
 use soak::SoakSettings;
+use xdp::XdpSettings;
 
 #[derive(Parser)]
 #[command(about = "Benchmarks ebpf-proxy against kube-proxy-shaped iptables and nftables rules")]
@@ -72,6 +74,20 @@ enum Section {
     Memory,
     Soak,
     Hostile,
+    /// NodePort through XDP, tc alone and kube-proxy's iptables.
+    Xdp,
+}
+
+/// The lab's load per run: `threads` clients for `duration`, at most `max_connections`,
+/// 1 s timeouts, nothing held open.
+fn lab_load(threads: usize, duration: Duration, max_connections: usize) -> LoadSettings {
+    LoadSettings {
+        threads,
+        duration,
+        max_connections,
+        timeout: Duration::from_secs(1),
+        hold: Duration::ZERO,
+    }
 }
 
 /// The sizes, counts and durations of every measurement.
@@ -84,6 +100,7 @@ struct Settings {
     memory: MemorySettings,
     soak: SoakSettings,
     hostile: HostileSettings,
+    xdp: XdpSettings,
 }
 
 impl Settings {
@@ -102,13 +119,7 @@ impl Settings {
             connections: ConnectionSettings {
                 sizes: vec![1, 1_000, 10_000],
                 pods: 10,
-                load: LoadSettings {
-                    threads: 4,
-                    duration: Duration::from_secs(2),
-                    max_connections: 100_000,
-                    timeout: Duration::from_secs(1),
-                    hold: Duration::ZERO,
-                },
+                load: lab_load(4, Duration::from_secs(2), 100_000),
                 runs: 5,
                 warmup: 300,
                 rules_timeout: Duration::from_secs(180),
@@ -139,6 +150,16 @@ impl Settings {
                 changes: 20,
                 large_manifest: true,
             },
+            xdp: XdpSettings {
+                runs: 7,
+                single_runs: 3_000,
+                repeat: 1_000_000,
+                pods: 4,
+                load: lab_load(4, Duration::from_secs(2), 100_000),
+                request_runs: 5,
+                warmup: 300,
+                rules_timeout: Duration::from_secs(60),
+            },
         }
     }
 
@@ -157,13 +178,7 @@ impl Settings {
             connections: ConnectionSettings {
                 sizes: vec![1, 100],
                 pods: 3,
-                load: LoadSettings {
-                    threads: 2,
-                    duration: Duration::from_millis(300),
-                    max_connections: 5_000,
-                    timeout: Duration::from_secs(1),
-                    hold: Duration::ZERO,
-                },
+                load: lab_load(2, Duration::from_millis(300), 5_000),
                 runs: 1,
                 warmup: 20,
                 rules_timeout: Duration::from_secs(60),
@@ -194,6 +209,16 @@ impl Settings {
                 changes: 2,
                 large_manifest: false,
             },
+            xdp: XdpSettings {
+                runs: 2,
+                single_runs: 200,
+                repeat: 20_000,
+                pods: 2,
+                load: lab_load(2, Duration::from_millis(300), 5_000),
+                request_runs: 1,
+                warmup: 20,
+                rules_timeout: Duration::from_secs(60),
+            },
         }
     }
 
@@ -208,6 +233,7 @@ impl Settings {
             memory,
             soak,
             hostile,
+            xdp,
         } = self;
         vec![
             format!(
@@ -270,6 +296,18 @@ impl Settings {
                 } else {
                     ""
                 }
+            ),
+            format!(
+                "XDP: per packet {} runs of {} single runs per packet kind and hook; NodePort \
+                 requests through {} pods, {} runs of {:?} with {} client threads after {} \
+                 warm-up connections",
+                xdp.runs,
+                xdp.single_runs,
+                xdp.pods,
+                xdp.request_runs,
+                xdp.load.duration,
+                xdp.load.threads,
+                xdp.warmup
             ),
         ]
     }
@@ -351,6 +389,12 @@ fn run(cli: &Cli) -> Result<()> {
         heading("4. Hostile input: an unrelated change, and memory");
         results.hostile = hostile::measure(&settings.hostile)?;
         show(&report::hostile_table(&results.hostile));
+    }
+    if wants(Section::Xdp) {
+        heading("5. NodePort through XDP, tc and iptables");
+        results.xdp = xdp::measure(&settings.xdp)?;
+        show(&report::xdp_packet_table(&results.xdp.packet));
+        show(&report::xdp_requests_table(&results.xdp.requests));
     }
     heading("Targets");
     show(&report::targets_table(&results));

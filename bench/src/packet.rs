@@ -463,7 +463,7 @@ fn ct_key(src: SocketAddrV4, dst: SocketAddrV4) -> CtKey {
 }
 
 #[derive(Clone, Copy)]
-enum Flags {
+pub(crate) enum Flags {
     Syn,
     SynAck,
     Ack,
@@ -471,7 +471,17 @@ enum Flags {
 
 /// An Ethernet/IPv4/TCP frame without payload, checksums complete.
 fn tcp_frame(src: SocketAddrV4, dst: SocketAddrV4, flags: Flags) -> Result<Vec<u8>> {
-    let builder = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+    tcp_frame_between(([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]), src, dst, flags)
+}
+
+/// [`tcp_frame`] between the Ethernet addresses `macs` (source, destination).
+pub(crate) fn tcp_frame_between(
+    macs: ([u8; 6], [u8; 6]),
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    flags: Flags,
+) -> Result<Vec<u8>> {
+    let builder = PacketBuilder::ethernet2(macs.0, macs.1)
         .ipv4(src.ip().octets(), dst.ip().octets(), 64)
         .tcp(src.port(), dst.port(), 1, 64_240);
     let builder = match flags {
@@ -496,14 +506,24 @@ fn udp_frame(src: SocketAddrV4, dst: SocketAddrV4) -> Result<Vec<u8>> {
 
 /// Where a frame is addressed to.
 pub(crate) fn destination(frame: &[u8]) -> Result<SocketAddrV4> {
+    Ok(endpoints(frame)?.1)
+}
+
+/// Where a frame comes from.
+pub(crate) fn source(frame: &[u8]) -> Result<SocketAddrV4> {
+    Ok(endpoints(frame)?.0)
+}
+
+/// A TCP frame's source and destination.
+fn endpoints(frame: &[u8]) -> Result<(SocketAddrV4, SocketAddrV4)> {
     let packet = SlicedPacket::from_ethernet(frame)?;
     let (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Tcp(tcp))) = (packet.net, packet.transport)
     else {
         bail!("the program's output is not IPv4/TCP");
     };
-    Ok(SocketAddrV4::new(
-        ip.header().destination_addr(),
-        tcp.destination_port(),
+    Ok((
+        SocketAddrV4::new(ip.header().source_addr(), tcp.source_port()),
+        SocketAddrV4::new(ip.header().destination_addr(), tcp.destination_port()),
     ))
 }
 

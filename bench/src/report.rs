@@ -14,6 +14,7 @@ use crate::programming::{ProgrammingResult, Timing};
 use crate::related::RelatedCosts;
 use crate::soak::SoakResult;
 use crate::stats::Summary;
+use crate::xdp::{XdpPacketCost, XdpRequests, XdpResults};
 
 /// Everything measured in one run; a section left out with `--only` stays empty.
 #[derive(Debug, Default)]
@@ -27,6 +28,7 @@ pub struct Results {
     pub memory: Vec<MemoryResult>,
     pub soak: Option<SoakResult>,
     pub hostile: Vec<HostileResult>,
+    pub xdp: XdpResults,
 }
 
 /// A markdown table: readable in a terminal, rendered in the docs.
@@ -104,9 +106,12 @@ pub fn related_table(costs: &RelatedCosts) -> Table {
         "established, 1,500 bytes: MTU check (ns)",
         "later fragment, 1,500 bytes (ns)",
         "ICMP error about the flow (ns)",
+        "SCTP established, 50 bytes: CRC32c updated (ns)",
+        "SCTP established, 1,500 bytes (ns)",
         "MTU check ÷ 54 bytes",
         "later fragment ÷ established",
         "ICMP error ÷ established",
+        "SCTP ÷ TCP established",
     ]);
     let base = costs.established.median;
     table.rows.push(vec![
@@ -114,9 +119,12 @@ pub fn related_table(costs: &RelatedCosts) -> Table {
         costs.established_full_size.display(0),
         costs.later_fragment.display(0),
         costs.icmp_error.display(0),
+        costs.sctp_established.display(0),
+        costs.sctp_established_full_size.display(0),
         ratio(costs.established_full_size.median / base),
         ratio(costs.later_fragment.median / base),
         ratio(costs.icmp_error.median / base),
+        ratio(costs.sctp_established.median / base),
     ]);
     table
 }
@@ -542,6 +550,48 @@ pub fn targets_table(results: &Results) -> Table {
     table
 }
 
+pub fn xdp_packet_table(costs: &[XdpPacketCost]) -> Table {
+    let mut table = Table::new(&["NodePort packet", "tc alone", "XDP", "XDP / tc"]);
+    for cost in costs {
+        table.rows.push(vec![
+            cost.packet.to_owned(),
+            cost.tc.display(0),
+            cost.xdp.display(0),
+            ratio(cost.xdp.median / cost.tc.median),
+        ]);
+    }
+    table
+}
+
+pub fn xdp_requests_table(results: &[XdpRequests]) -> Table {
+    let mut table = Table::new(&[
+        "backends",
+        "variant",
+        "requests/s",
+        "vs tc",
+        "connect p50 µs",
+        "connect p99 µs",
+        "failed",
+    ]);
+    for result in results {
+        let tc = results
+            .iter()
+            .find(|other| other.backends == result.backends && other.variant.contains("(tc)"));
+        table.rows.push(vec![
+            result.backends.to_owned(),
+            result.variant.to_owned(),
+            result.rate.display(0),
+            tc.map_or("—".to_owned(), |tc| {
+                ratio(result.rate.median / tc.rate.median)
+            }),
+            result.p50_us.display(0),
+            result.p99_us.display(0),
+            format!("{} of {}", result.failed, result.failed + result.completed),
+        ]);
+    }
+    table
+}
+
 /// What docs/benchmarks.md says besides the tables.
 pub struct DocumentContext {
     pub machine: Vec<(String, String)>,
@@ -663,7 +713,12 @@ pub fn document(results: &Results, context: &DocumentContext) -> String {
              - **ICMP error**: a router's \"fragmentation needed\" about one of the flow's \
                segments (the Path-MTU case): the conntrack lookup by the quoted packet, then \
                the outer addresses, the quoted header and ports, and four checksums \
-               rewritten.\n\n{}",
+               rewritten.\n\
+             - **SCTP established**: a DATA packet of an association to the same \
+               Service's SCTP port, its ports changed (80 → 8080), so its CRC32c is \
+               updated: two table lookups and two carry-less multiplications whatever the \
+               length (`proxy_common::sctp`), no pass over the payload; the 1,500-byte one \
+               also takes the MTU check.\n\n{}",
             related_table(related).markdown()
         );
     }
@@ -766,6 +821,37 @@ pub fn document(results: &Results, context: &DocumentContext) -> String {
              programmed, so the changes right after it wait for that sync (30 000 Services' \
              entries written).\n\n{}",
             hostile_table(&results.hostile).markdown()
+        );
+    }
+    if !results.xdp.packet.is_empty() {
+        let _ = write!(
+            doc,
+            "\n## 5. NodePort through XDP\n\n\
+             Outside traffic to a NodePort through the XDP program in front of the tc program \
+             (`--xdp native`, `--xdp generic`), through the tc program alone (`--xdp off`), \
+             and through kube-proxy-shaped iptables rules.\n\n\
+             Per packet: `epx_xdp` and `epx_ingress` run by `BPF_PROG_TEST_RUN` on the same \
+             54-byte TCP frames, as arriving on the same device (a veth in a namespace of the \
+             bench's own whose neighbour table knows the next hops, so both route what they \
+             route themselves: tc with `bpf_redirect_neigh`, XDP with the FIB's MAC addresses \
+             and XDP_TX). Maps filled by the real planner and writer with two NodePort \
+             Services of 10 pods: one served on this node (DNAT only), one on other nodes \
+             (DNAT and SNAT, both directions routed by the program). One call per packet (a \
+             new flow a fresh 5-tuple each), the median, the timer floor subtracted; every \
+             call's return code and counter checked. A test run redirects nothing, so this is \
+             the program alone: what XDP saves besides — the skb, the stack's receive path — \
+             shows in the lab.\n\n{}\n\
+             Requests per second through the lab: new TCP connections from the outside client \
+             to the NodePort, one request and answer each, ended with a reset; the variants in \
+             labs of their own, taking turns run by run. *On the node*: the single-node lab, \
+             the pods behind the node's veths (ebpf-proxy's XDP DNATs and hands the packet to \
+             the stack; kube-proxy also masquerades). *On another node*: the multi-node lab, \
+             the client reaching node 1, the pods on node 2 (SNAT both ways; with XDP the \
+             packets never enter node 1's stack). The lab's wires are veths, whose native XDP \
+             works on skbs the sending side already built, so the gains of a NIC driver's XDP \
+             (no skb at all) are only partly visible here.\n\n{}",
+            xdp_packet_table(&results.xdp.packet).markdown(),
+            xdp_requests_table(&results.xdp.requests).markdown()
         );
     }
     doc

@@ -202,7 +202,8 @@ pub fn flow_expired(key: &CtKey, value: &CtValue, partner: Option<&CtValue>, now
         }
 }
 
-/// The flow's state after one more packet (`tcp`: the TCP flag byte, 0 for UDP; `now` and
+/// The flow's state after one more packet (`tcp`: the TCP flag byte, SCTP's first chunk
+/// read as one, 0 for UDP; `now` and
 /// `created` in [`ct_seconds`]).
 pub fn next_state(
     proto: u8,
@@ -216,7 +217,7 @@ pub fn next_state(
     if from_backend {
         next |= ct_state::REPLIED;
     }
-    if proto == proto::TCP {
+    if proto::is_connection(proto) {
         if tcp & tcp_flags::RST != 0 {
             next |= ct_state::RST;
         }
@@ -239,7 +240,10 @@ pub fn next_state(
     next
 }
 
-/// A flow's state by name, as netfilter names TCP states.
+/// A flow's state by name, as netfilter names TCP states. SCTP associations take the TCP
+/// states (their chunks read as TCP flags, `sctp::tcp_flags_of`): INIT is `syn_sent`, INIT
+/// ACK `syn_recv`, COOKIE ECHO makes it `established`, SHUTDOWN and SHUTDOWN ACK close it
+/// like FINs, ABORT and SHUTDOWN COMPLETE like a reset.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlowState {
     /// TCP: the client's first packet, no answer yet.
@@ -264,17 +268,29 @@ pub enum FlowState {
 
 impl FlowState {
     pub fn of(proto: u8, state: u64) -> Self {
-        let fins = state & (ct_state::FIN_CLIENT | ct_state::FIN_BACKEND);
-        match proto {
-            proto::TCP if state & ct_state::RST != 0 => Self::Close,
-            proto::TCP if fins == ct_state::FIN_CLIENT | ct_state::FIN_BACKEND => Self::TimeWait,
-            proto::TCP if fins != 0 => Self::CloseWait,
-            proto::TCP if state & ct_state::ASSURED != 0 => Self::Established,
-            proto::TCP if state & ct_state::REPLIED != 0 => Self::SynRecv,
-            proto::TCP => Self::SynSent,
-            _ if state & ct_state::ASSURED != 0 => Self::Stream,
-            _ if state & ct_state::REPLIED != 0 => Self::Replied,
-            _ => Self::Unreplied,
+        let both_fins = ct_state::FIN_CLIENT | ct_state::FIN_BACKEND;
+        let fins = state & both_fins;
+        if !proto::is_connection(proto) {
+            return if state & ct_state::ASSURED != 0 {
+                Self::Stream
+            } else if state & ct_state::REPLIED != 0 {
+                Self::Replied
+            } else {
+                Self::Unreplied
+            };
+        }
+        if state & ct_state::RST != 0 {
+            Self::Close
+        } else if fins == both_fins {
+            Self::TimeWait
+        } else if fins != 0 {
+            Self::CloseWait
+        } else if state & ct_state::ASSURED != 0 {
+            Self::Established
+        } else if state & ct_state::REPLIED != 0 {
+            Self::SynRecv
+        } else {
+            Self::SynSent
         }
     }
 
@@ -659,6 +675,44 @@ mod tests {
             FlowState::of(proto::TCP, tcp(0, false, ACK)),
             FlowState::SynSent
         );
+    }
+
+    #[test]
+    fn sctp_associations_take_the_tcp_states_from_their_chunks() {
+        use crate::sctp::{chunk, tcp_flags_of};
+        const DATA: u8 = 0;
+        const COOKIE_ECHO: u8 = 10;
+        let sctp = |state, from_backend, first_chunk| {
+            next_state(
+                proto::SCTP,
+                state,
+                from_backend,
+                tcp_flags_of(first_chunk),
+                10,
+                10,
+            )
+        };
+        let of = |state| FlowState::of(proto::SCTP, state);
+        let init = sctp(0, false, chunk::INIT);
+        assert_eq!(of(init), FlowState::SynSent);
+        let init_ack = sctp(init, true, chunk::INIT_ACK);
+        assert_eq!(of(init_ack), FlowState::SynRecv);
+        assert_eq!(
+            sctp(init_ack, false, chunk::INIT),
+            init_ack,
+            "a retransmitted INIT"
+        );
+        let established = sctp(init_ack, false, COOKIE_ECHO);
+        assert_eq!(of(established), FlowState::Established);
+        assert_eq!(sctp(established, true, DATA), established);
+        let shutdown = sctp(established, false, chunk::SHUTDOWN);
+        assert_eq!(of(shutdown), FlowState::CloseWait);
+        let shutdown_ack = sctp(shutdown, true, chunk::SHUTDOWN_ACK);
+        assert_eq!(of(shutdown_ack), FlowState::TimeWait);
+        let complete = sctp(shutdown_ack, false, chunk::SHUTDOWN_COMPLETE);
+        assert_eq!(of(complete), FlowState::Close);
+        assert_eq!(of(sctp(established, true, chunk::ABORT)), FlowState::Close);
+        assert_eq!(CtTimeouts::DEFAULT.of(proto::SCTP, established), 86_400);
     }
 
     #[test]

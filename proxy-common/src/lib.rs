@@ -8,6 +8,8 @@
 
 mod conntrack;
 mod fragment;
+pub mod maglev;
+pub mod sctp;
 mod sock;
 
 pub use conntrack::{
@@ -22,14 +24,43 @@ pub use sock::{
     sock_kind, sock_programs,
 };
 
-/// IP protocol numbers the datapath balances.
+/// IP protocol numbers the datapath balances: the one list the parser, ICMP errors, the
+/// socket hooks, the planner and the CLI go by.
 pub mod proto {
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
+    /// Balanced like TCP: its chunks drive the same conntrack states ([`crate::sctp`]).
+    pub const SCTP: u8 = 132;
+
+    /// Whether the tc datapath translates packets of `proto`.
+    pub const fn is_balanced(proto: u8) -> bool {
+        matches!(proto, TCP | UDP | SCTP)
+    }
+
+    /// Whether conntrack follows a handshake and a close for `proto` (TCP's flags, SCTP's
+    /// chunks read as them), rather than UDP's replies and streams.
+    pub const fn is_connection(proto: u8) -> bool {
+        matches!(proto, TCP | SCTP)
+    }
+
+    /// Lowercase name, as kube-proxy's chain hashes and iptables' `-p` spell it.
+    pub const fn name(proto: u8) -> &'static str {
+        match proto {
+            TCP => "tcp",
+            UDP => "udp",
+            SCTP => "sctp",
+            _ => "?",
+        }
+    }
 }
 
 /// Names under which the maps are pinned (in the daemon's bpffs root) and looked up.
 pub mod map_names {
+    /// The layout record: each pinned map's name ([`super::LayoutName`]) → the version of
+    /// its layout, written by the daemon, so a daemon of another version recognises pins
+    /// whose layout differs from its own instead of misreading them. Its own layout never
+    /// changes.
+    pub const LAYOUT: &str = "LAYOUT";
     /// Frontend → its header (kind, ids, and where its backends sit in BACKEND_SLOTS).
     pub const SERVICES: &str = "SERVICES";
     /// One array of backend slots; each frontend owns a contiguous slice of it.
@@ -64,6 +95,11 @@ pub mod map_names {
     pub const SVC_NAMES: &str = "SVC_NAMES";
     /// `loadBalancerSourceRanges`: the client prefixes each restricted frontend admits.
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
+    /// Maglev lookup tables, in chunks, per slice of BACKEND_SLOTS (written by the daemon).
+    pub const MAGLEV: &str = "MAGLEV";
+    /// The devices the XDP program runs on natively (a device map): a packet the XDP
+    /// program routes out of one of them is redirected there (written by the daemon).
+    pub const XDP_EGRESS: &str = "XDP_EGRESS";
     /// Not pinned: each `ebpf-proxy trace` process gets its own, private to its dry run.
     pub const TRACE: &str = "TRACE";
     /// Socket-level translations, per socket cookie (see [`SockKey`](crate::SockKey)).
@@ -73,8 +109,32 @@ pub mod map_names {
     pub const SOCK_AFFINITY: &str = "SOCK_AFFINITY";
 }
 
+/// Key of the LAYOUT map: a map's pin name, NUL-padded.
+pub type LayoutName = [u8; 32];
+
+/// The LAYOUT map's key for `name` (`None` if it does not fit).
+pub fn layout_name(name: &str) -> Option<LayoutName> {
+    let mut key = [0; 32];
+    key.get_mut(..name.len())?.copy_from_slice(name.as_bytes());
+    Some(key)
+}
+
 /// The one tc program: attached on pod-side veths and on the node's external devices.
 pub const PROGRAM_NAME: &str = "epx_ingress";
+
+/// The XDP program (`--xdp`): the same packet path, on the external devices only, ahead of
+/// the tc program there. What it decides it marks in the packet's XDP metadata
+/// ([`XDP_DECIDED`]), so the tc program lets that packet pass untouched.
+pub const XDP_PROGRAM_NAME: &str = "epx_xdp";
+
+/// [`XDP_PROGRAM_NAME`] as a dry run, as [`TRACE_PROGRAM_NAME`] is to [`PROGRAM_NAME`].
+pub const XDP_TRACE_PROGRAM_NAME: &str = "epx_xdp_trace";
+
+/// The 4 bytes of XDP metadata (in front of the frame) by which the XDP program tells the
+/// tc program behind it that it decided the packet — translated it or found nothing to do —
+/// so tc must not look at it again. Anything else there (no metadata, or zero: the XDP
+/// program left the packet to tc) and tc runs its packet path as usual.
+pub const XDP_DECIDED: u32 = 0x4550_5801;
 
 /// The conntrack reaper: removes the entries it is given whose flows are over (see
 /// [`ReapRequest`]). Never attached: the daemon's garbage collector runs it with
@@ -174,7 +234,10 @@ pub struct FrontendValue {
     pub cluster_count: u16,
     /// Bits of [`service_flags`].
     pub flags: u16,
-    pub _pad: u16,
+    /// How a new connection chooses among the own set: 0 at random; `i + 1`: by the Maglev
+    /// table of [`maglev::TABLE_SIZES`]`[i]` positions that MAGLEV holds for this slice
+    /// (keyed by `base` and this value, see [`maglev::MaglevKey`]).
+    pub maglev: u16,
     /// `sessionAffinity: ClientIP`: a client's new connections keep its backend while they
     /// come less than this many seconds apart. 0: no affinity.
     pub affinity_timeout_s: u32,
@@ -474,8 +537,24 @@ pub mod stat {
     /// ICMP error in its place: dropped too, as the kernel drops a datagram it could not
     /// deliver whole.
     pub const FRAGMENT_DROPPED: u32 = 30;
+    /// XDP verdicts (the XDP program on the external devices, `--xdp`). XDP_PASS of a
+    /// packet the XDP program decided (translated, or nothing to do): the stack takes it on
+    /// and the tc program lets it through untouched.
+    pub const XDP_PASS: u32 = 31;
+    /// XDP_TX: the XDP program sent the packet back out of the device it came in on
+    /// (outside traffic to a backend on another node, and its replies).
+    pub const XDP_TX: u32 = 32;
+    /// XDP_REDIRECT: sent out of another device running the XDP program natively.
+    pub const XDP_REDIRECT: u32 = 33;
+    /// XDP_DROP: dropped by the XDP program (its reasons are counted like tc's).
+    pub const XDP_DROP: u32 = 34;
+    /// XDP_PASS untouched, left to the tc program: what only tc does (an ICMP error to
+    /// send back, IP fragments, ICMP messages, a packet whose next hop has no neighbour
+    /// entry yet or lies behind a device without native XDP, one that is not IPv4 TCP/UDP/SCTP;
+    /// see [`to_tc`](crate::to_tc)). tc counts the path it takes.
+    pub const XDP_TO_TC: u32 = 35;
     /// Number of counters (size of the STATS array).
-    pub const COUNT: u32 = 31;
+    pub const COUNT: u32 = 36;
 
     /// Stable names, indexed like the constants above (used by logs, metrics and the CLI).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -510,6 +589,11 @@ pub mod stat {
         "ttl_exceeded",
         "not_forwardable",
         "fragment_dropped",
+        "xdp_pass",
+        "xdp_tx",
+        "xdp_redirect",
+        "xdp_drop",
+        "xdp_to_tc",
     ];
 }
 
@@ -648,7 +732,11 @@ pub struct TraceRecord {
     /// 1 when the new connection chose among the Service port's Cluster set (see
     /// `service_flags::CLUSTER_SET`).
     pub cluster_set: u8,
-    pub _pad: u16,
+    /// A [`to_tc`] constant: why the XDP program left the packet to the tc program (XDP
+    /// dry runs only).
+    pub to_tc: u8,
+    /// 1 when the frontend's Maglev table gave the slot (else it was drawn at random).
+    pub maglev: u8,
     /// The backend as read during the selection (its slot, or the affinity entry); zero
     /// for conntrack hits.
     pub backend: Backend,
@@ -673,6 +761,10 @@ pub struct TraceRecord {
     pub _pad1: u8,
     /// The egress MTU named in a "fragmentation needed" answer.
     pub mtu: u16,
+    /// With [`TraceRecord::routes_reply`]: the device the FIB sends the packet out of (0 if
+    /// it found no route).
+    pub egress_ifindex: u32,
+    pub _pad_end: u32,
 }
 
 /// Which part of a fragmented datagram a trace saw ([`TraceRecord::fragment`]).
@@ -692,6 +784,38 @@ pub mod trace_answer {
     pub const FRAG_NEEDED: u8 = 1;
     /// "Time exceeded": its TTL ran out here.
     pub const TIME_EXCEEDED: u8 = 2;
+}
+
+/// Why the XDP program left a packet, untouched, to the tc program behind it
+/// ([`TraceRecord::to_tc`], and the XDP_TO_TC counter).
+pub mod to_tc {
+    /// It did not: XDP decided (or the run was not XDP's).
+    pub const NO: u8 = 0;
+    /// Not IPv4 TCP/UDP/SCTP (nor a fragment or an ICMP message): tc's parser decides.
+    pub const NOT_HANDLED: u8 = 1;
+    /// An ICMP error goes back in the packet's place: a refusal (port unreachable of a
+    /// frontend without endpoints) or a forwarding check's answer (fragmentation needed,
+    /// time exceeded). tc builds it, within the ICMP rate limits.
+    pub const ANSWER: u8 = 2;
+    /// The next hop's MAC address is not known yet (no neighbour entry): tc's
+    /// `bpf_redirect_neigh` resolves it.
+    pub const NO_NEIGHBOUR: u8 = 3;
+    /// The packet leaves by another device, which runs no native XDP program: tc
+    /// redirects it.
+    pub const OTHER_DEVICE: u8 = 4;
+    /// No route: tc hands the packet to the kernel (counted as `fib_miss`).
+    pub const NO_ROUTE: u8 = 5;
+    /// The driver keeps no XDP metadata, so the XDP program cannot tell tc what it
+    /// decided and decides nothing.
+    pub const NO_METADATA: u8 = 6;
+    /// The packet's flow must choose its backend again (a SYN on the tuple of a closing
+    /// connection, or its backend left): tc retires the entry and selects.
+    pub const RESELECT: u8 = 7;
+    /// An IP fragment, first or later: tc translates the whole datagram, its first
+    /// fragment's FRAGMENTS record guiding the others, so every fragment goes one way.
+    pub const FRAGMENT: u8 = 8;
+    /// An ICMP message: tc translates an error about a tracked flow as its flow is.
+    pub const ICMP: u8 = 9;
 }
 
 /// Default map sizes compiled into the object; the daemon can override them at load time.
@@ -773,6 +897,11 @@ pub mod default_max_entries {
     pub const SOCK_XLATE: u32 = 131_072;
     /// Network namespaces × affinity frontends; LRU.
     pub const SOCK_AFFINITY: u32 = 16_384;
+    /// External devices with native XDP.
+    pub const XDP_EGRESS: u32 = 256;
+    /// Maglev chunks: 1024 tables of the default size (`--max-maglev-tables`); not
+    /// preallocated, so only the tables that exist take memory.
+    pub const MAGLEV: u32 = 1024 * crate::maglev::chunks(crate::maglev::DEFAULT_TABLE_SIZE);
     /// Fragmented datagrams in flight whose first fragment passed (Cilium's
     /// `bpf-fragments-map-max` default); LRU, about 100 bytes each.
     pub const FRAGMENTS: u32 = 8_192;
@@ -784,6 +913,8 @@ mod pod {
     // fields, so every bit pattern is valid and there are no implicit holes.
     unsafe impl aya::Pod for super::FrontendKey {}
     unsafe impl aya::Pod for super::FrontendValue {}
+    unsafe impl aya::Pod for super::maglev::MaglevKey {}
+    unsafe impl aya::Pod for super::maglev::MaglevChunk {}
     unsafe impl aya::Pod for super::Slot {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::CtKey {}
@@ -824,7 +955,7 @@ mod tests {
         assert_eq!(size_of::<CtTimeouts>(), 32);
         assert_eq!(size_of::<RefusalLimits>(), 24);
         assert_eq!(size_of::<ServiceName>(), 4 + 63 + 63 + 15);
-        assert_eq!(size_of::<TraceRecord>(), 152);
+        assert_eq!(size_of::<TraceRecord>(), 160);
         assert_eq!(size_of::<FragmentKey>(), 12);
         assert_eq!(size_of::<FragmentValue>(), 24);
     }

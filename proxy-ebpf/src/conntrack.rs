@@ -217,6 +217,9 @@ pub enum Followed {
     /// The client opens a new connection on the tuple of a closing one, or its flow's
     /// backend left: the old entry is gone, select a backend again.
     Reselect,
+    /// The same, where the caller may not retire the entry (XDP, which leaves such
+    /// packets to tc untouched): the entry stays as it was.
+    ReselectElsewhere,
     /// The flow is over or being removed: as if there were no entry.
     Gone,
 }
@@ -253,7 +256,8 @@ fn expired(table: Table, key: &CtKey, value: &CtValue, now_ns: u64) -> bool {
 
 /// Decides what `entry`, found for `packet` at `key`, does with it; in live mode, also
 /// accounts the packet, advances the flow's state, refreshes its expiry and moves it to
-/// CONNTRACK once assured.
+/// CONNTRACK once assured. With `may_retire` false, a flow that must select again is left
+/// as it was ([`Followed::ReselectElsewhere`]).
 #[inline(always)]
 pub fn follow<M: Mode>(
     entry: Entry,
@@ -262,6 +266,7 @@ pub fn follow<M: Mode>(
     len: u32,
     now: Now,
     mode: &M,
+    may_retire: bool,
 ) -> Followed {
     let value = entry.value();
     let seen = value.expires_ns;
@@ -278,6 +283,9 @@ pub fn follow<M: Mode>(
             None
         };
         if let Some(kind) = reselect {
+            if !may_retire {
+                return Followed::ReselectElsewhere;
+            }
             mode.flow_found(kind, entry.table, value);
             // If the entry cannot be removed, a concurrent packet is replacing it: the
             // new flow's creation then finds that flow.

@@ -1,22 +1,33 @@
 //! The packet context the packet path works on: a thin layer over the program type's own
 //! context (Cilium's `__ctx_buff`), so parsing, conntrack, NAT and routing are written once
-//! and only what truly differs per hook lives in an implementation. Today the tc hook
-//! (`TcContext`, an skb) implements it; an XDP program would add its own.
+//! and only what truly differs per hook lives in an implementation: the tc hook
+//! (`TcContext`, an skb) and the XDP hook (`XdpContext`, a frame before any skb exists).
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, xdp_action},
     cty::{c_long, c_void},
     helpers::{bpf_l4_csum_replace, bpf_redirect_neigh},
-    programs::TcContext,
+    programs::{TcContext, XdpContext},
 };
 use core::ptr;
+use proxy_common::to_tc;
 
 use crate::{
     answer::{self, Answer, NotAnswered},
-    parse::Packet,
+    csum,
+    parse::{self, Packet},
+    route::Hop,
+    verdict::Verdict,
+    xdp,
 };
 
+/// A helper failed, or the bytes were not where the parse found them.
+const NOT_WRITABLE: c_long = -1;
+
 pub trait Context {
+    /// The XDP hook: what it cannot do itself it leaves, untouched, to the tc program behind
+    /// it ([`Verdict::ToTc`]), so tc-only paths are compiled out of the other hook.
+    const IS_XDP: bool;
     /// Start and end of the directly accessible packet data.
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
@@ -42,17 +53,22 @@ pub trait Context {
         pseudo_header: bool,
         udp: bool,
     ) -> Result<(), c_long>;
-    /// Sends the packet out of `ifindex`, the kernel resolving the next hop's MAC;
-    /// returns the program's verdict.
-    fn redirect_neigh(&self, ifindex: u32) -> i32;
+    /// Whether this hook can send a packet to `hop` itself; else why not (a
+    /// `proxy_common::to_tc` reason).
+    fn can_send(&self, hop: &Hop) -> Result<(), u8>;
+    /// Sends the (translated, TTL-decremented) packet to `hop`, which [`Self::can_send`]
+    /// accepted.
+    fn send(&self, hop: &Hop) -> Verdict;
     /// Turns the packet into the ICMP error `answer` to its sender and sends it back out of
     /// its device (kube-proxy's REJECT; the kernel's forwarding errors), if the ICMP rate
-    /// limits allow (`charge`: counts against them; false for a dry run); returns the
-    /// verdict.
-    fn answer(&self, packet: &Packet, answer: Answer, charge: bool) -> Result<i32, NotAnswered>;
+    /// limits allow (`charge`: counts against them; false for a dry run).
+    fn answer(&self, packet: &Packet, answer: Answer, charge: bool)
+    -> Result<Verdict, NotAnswered>;
 }
 
 impl Context for TcContext {
+    const IS_XDP: bool = false;
+
     #[inline(always)]
     fn data(&self) -> usize {
         TcContext::data(self)
@@ -115,14 +131,136 @@ impl Context for TcContext {
         if result == 0 { Ok(()) } else { Err(result) }
     }
 
+    /// `bpf_redirect_neigh` sends anywhere and resolves a missing neighbour itself.
     #[inline(always)]
-    fn redirect_neigh(&self, ifindex: u32) -> i32 {
-        // SAFETY: no neighbour parameters: the kernel resolves the next hop from the FIB.
-        unsafe { bpf_redirect_neigh(ifindex, ptr::null_mut(), 0, 0) as i32 }
+    fn can_send(&self, _hop: &Hop) -> Result<(), u8> {
+        Ok(())
     }
 
     #[inline(always)]
-    fn answer(&self, packet: &Packet, answer: Answer, charge: bool) -> Result<i32, NotAnswered> {
-        answer::send(self, packet, &answer, charge)
+    fn send(&self, hop: &Hop) -> Verdict {
+        // SAFETY: no neighbour parameters: the kernel resolves the next hop from the FIB.
+        Verdict::Sent(unsafe { bpf_redirect_neigh(hop.ifindex, ptr::null_mut(), 0, 0) } as i32)
+    }
+
+    #[inline(always)]
+    fn answer(
+        &self,
+        packet: &Packet,
+        answer: Answer,
+        charge: bool,
+    ) -> Result<Verdict, NotAnswered> {
+        answer::send(self, packet, &answer, charge).map(Verdict::Sent)
+    }
+}
+
+impl Context for XdpContext {
+    const IS_XDP: bool = true;
+
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+
+    /// An XDP frame is linear (multi-buffer frames only come with jumbo MTUs, whose first
+    /// buffer holds the headers anyway).
+    #[inline(always)]
+    fn pull(&self, _len: u32) -> Result<(), c_long> {
+        Err(NOT_WRITABLE)
+    }
+
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        (XdpContext::data_end(self) - XdpContext::data(self)) as u32
+    }
+
+    /// A frame is one packet as it came off the wire: never a GSO super-packet.
+    #[inline(always)]
+    fn gso_size(&self) -> u32 {
+        0
+    }
+
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        // SAFETY: `ctx` is the program's context pointer.
+        unsafe { (*self.ctx).ingress_ifindex }
+    }
+
+    #[inline(always)]
+    fn raw(&self) -> *mut c_void {
+        self.ctx.cast()
+    }
+
+    /// In place (RFC 1624). A frame from a wire carries complete checksums, so the
+    /// pseudo-header needs no special case; a UDP checksum of zero ("none") stays zero and a
+    /// computed zero is sent as 0xffff (RFC 768).
+    #[inline(always)]
+    fn add_to_l4_checksum(
+        &self,
+        offset: usize,
+        diff: u32,
+        _pseudo_header: bool,
+        udp: bool,
+    ) -> Result<(), c_long> {
+        let field = parse::at(self, offset, 2).ok_or(NOT_WRITABLE)? as *mut [u8; 2];
+        // SAFETY: the two bytes were checked against data_end just above.
+        unsafe {
+            let check = u16::from_ne_bytes(*field);
+            if udp && check == 0 {
+                return Ok(());
+            }
+            let mut updated = csum::updated(check, diff);
+            if udp && updated == 0 {
+                updated = 0xffff;
+            }
+            *field = updated.to_ne_bytes();
+        }
+        Ok(())
+    }
+
+    /// XDP has no neighbour resolution, and a redirect reaches only devices whose driver
+    /// takes XDP frames: those the daemon attached natively (`xdp::XDP_EGRESS`).
+    #[inline(always)]
+    fn can_send(&self, hop: &Hop) -> Result<(), u8> {
+        if !hop.neighbour_known {
+            return Err(to_tc::NO_NEIGHBOUR);
+        }
+        if hop.ifindex != Context::ifindex(self) && !xdp::is_egress(hop.ifindex) {
+            return Err(to_tc::OTHER_DEVICE);
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn send(&self, hop: &Hop) -> Verdict {
+        let Some(eth) = parse::at(self, 0, 12) else {
+            return Verdict::Drop;
+        };
+        // SAFETY: the 12 bytes of the two MAC addresses were checked just above.
+        unsafe {
+            *(eth as *mut [u8; 6]) = hop.dmac;
+            *((eth + 6) as *mut [u8; 6]) = hop.smac;
+        }
+        if hop.ifindex == Context::ifindex(self) {
+            Verdict::Sent(xdp_action::XDP_TX as i32)
+        } else {
+            xdp::redirect(hop.ifindex)
+        }
+    }
+
+    /// ICMP errors are rare and rate limited: tc builds them.
+    #[inline(always)]
+    fn answer(
+        &self,
+        _packet: &Packet,
+        _answer: Answer,
+        _charge: bool,
+    ) -> Result<Verdict, NotAnswered> {
+        Ok(Verdict::ToTc(to_tc::ANSWER))
     }
 }

@@ -20,64 +20,75 @@
 //! which senders honour (Linux lowers the path MTU whatever the quoted DF bit says) and
 //! fragment their next datagrams for.
 
-use proxy_common::{MIN_CHECKED_MTU, Tuple, stat, trace_answer};
+use proxy_common::{MIN_CHECKED_MTU, Tuple, stat, to_tc, trace_answer};
 
 use crate::{
-    DROP,
     answer::{Answer, NotAnswered},
     context::Context,
     mode::Mode,
     parse::{L3_OFFSET, Packet, ip_flags},
-    route::{self, Route},
+    route::{self, Hop, Route},
+    verdict::Verdict,
 };
 
-/// How a translated packet leaves.
-#[derive(Clone, Copy)]
-pub enum Egress {
-    /// The kernel forwards (or delivers) it.
-    Kernel,
-    /// The program redirects it out of this device (after its FIB lookup).
-    Routed { ifindex: u32 },
-    /// The program would route it but the FIB has no route: the kernel gets it, as before
-    /// routing existed here (counted as `fib_miss`).
-    NoRoute,
+/// A packet about to be translated: to the tuple `to`; `routes_itself`: the program
+/// routes it (its source becomes a node address); `hop`: where it goes, which [`check`]
+/// sets. Passed by reference, so that [`check`] stays within the five registers of a BPF
+/// call and returns no more than one register holds (the verifier refuses a subprogram
+/// that hands back a pointer into its caller's stack, as a larger return value compiles to).
+pub struct Translated {
+    pub to: Tuple,
+    pub routes_itself: bool,
+    pub hop: Hop,
 }
 
 /// The outcome of the checks.
 pub enum Checked {
-    /// Translate and send.
-    Go(Egress),
-    /// An error went back instead (or none could): the packet's verdict.
-    Answered(i32),
+    /// Translate it and send it to [`Translated::hop`]; [`Hop::KERNEL`]: the kernel
+    /// forwards (or delivers) it — also one the program would route but the FIB has no
+    /// route for, as before routing existed here (counted as `fib_miss`).
+    Go,
+    /// Not translated: an error went back instead (or none could), or the XDP program
+    /// leaves the packet to tc. The packet's verdict.
+    Answered(Verdict),
 }
 
-/// Checks `packet`, about to be translated to `to`, as the kernel's forwarding step would;
-/// `routes_itself`: the program routes it (its source becomes a node address). A BPF
-/// subprogram: its FIB lookups and the answer get a stack frame of their own.
+/// Checks `packet`, about to be translated as `translated` says, as the kernel's
+/// forwarding step would. Done before
+/// anything is recorded for the packet (a new flow, a tracked flow's accounting), so the
+/// XDP program can still leave it untouched to tc: what XDP cannot send itself (no
+/// neighbour entry yet, another device without native XDP, no route) and the ICMP errors,
+/// which tc builds. A BPF subprogram: its FIB lookups and the answer get a stack frame of
+/// their own.
 #[inline(never)]
 pub fn check<C: Context, M: Mode>(
     ctx: &C,
     mode: &M,
     packet: &Packet,
-    to: &Tuple,
-    routes_itself: bool,
+    translated: &mut Translated,
 ) -> Checked {
+    let (to, routes_itself) = (translated.to, translated.routes_itself);
+    translated.hop = Hop::KERNEL;
     let length = segment_len(ctx, packet);
     let dont_fragment = packet.ip.flags & ip_flags::DONT_FRAGMENT != 0;
     let check_mtu = length > MIN_CHECKED_MTU && (dont_fragment || routes_itself);
     let ttl_exhausted = packet.ip.ttl <= 1;
     if !routes_itself && !check_mtu && !ttl_exhausted {
-        return Checked::Go(Egress::Kernel);
+        return Checked::Go;
     }
-    let route = route::lookup(ctx, packet.proto, to, if check_mtu { length } else { 0 });
-    let (ifindex, too_big) = match route {
+    let route = route::lookup(ctx, packet.proto, &to, if check_mtu { length } else { 0 });
+    let (hop, too_big) = match route {
         // Delivered here: neither TTL nor MTU applies; the program has nothing to route.
-        Route::Local if routes_itself => return Checked::Go(Egress::NoRoute),
-        Route::Local => return Checked::Go(Egress::Kernel),
-        Route::None if routes_itself => return Checked::Go(Egress::NoRoute),
-        Route::None => return Checked::Go(Egress::Kernel),
-        Route::Via { ifindex } => (ifindex, None),
-        Route::TooBig { mtu } => (0, Some(mtu)),
+        Route::Local | Route::None if routes_itself => {
+            if C::IS_XDP {
+                return Checked::Answered(Verdict::ToTc(to_tc::NO_ROUTE));
+            }
+            mode.count(stat::FIB_MISS);
+            return Checked::Go;
+        }
+        Route::Local | Route::None => return Checked::Go,
+        Route::Via(hop) => (hop, None),
+        Route::TooBig { mtu } => (Hop::KERNEL, Some(mtu)),
     };
     // The kernel checks the TTL first.
     if ttl_exhausted {
@@ -90,20 +101,33 @@ pub fn check<C: Context, M: Mode>(
             Answer::FragNeeded { mtu, source }
         });
     }
-    Checked::Go(if routes_itself {
-        Egress::Routed { ifindex }
-    } else {
-        Egress::Kernel
-    })
+    if !routes_itself {
+        return Checked::Go;
+    }
+    match ctx.can_send(&hop) {
+        Ok(()) => {
+            translated.hop = hop;
+            Checked::Go
+        }
+        Err(reason) => Checked::Answered(Verdict::ToTc(reason)),
+    }
 }
 
+/// `gso_size` of a GSO packet segmented along its fragments (SCTP's).
+const GSO_BY_FRAGS: u32 = 0xffff;
+
 /// The IPv4 length of the largest packet `packet` leaves as: itself, or for a GSO packet
-/// (a TCP or UDP super-packet the kernel segments on the way out) one segment.
+/// (a TCP or UDP super-packet the kernel segments on the way out) one segment. SCTP's GSO
+/// packets are segmented by their fragments (`GSO_BY_FRAGS`), each built by SCTP to the
+/// path MTU: 0, nothing to check.
 #[inline(always)]
 fn segment_len<C: Context>(ctx: &C, packet: &Packet) -> u16 {
     let segment = ctx.gso_size();
     if segment == 0 {
         return packet.ip.total_len;
+    }
+    if segment == GSO_BY_FRAGS {
+        return 0;
     }
     let headers = (packet.l4_offset - L3_OFFSET) as u32 + u32::from(packet.ip.l4_header_len);
     (headers + segment).min(u32::from(u16::MAX)) as u16
@@ -119,6 +143,9 @@ fn answer<C: Context, M: Mode>(
     counter: u32,
     make: impl FnOnce(u32) -> Answer,
 ) -> Checked {
+    if C::IS_XDP {
+        return Checked::Answered(Verdict::ToTc(to_tc::ANSWER));
+    }
     // The kernel's error leaves from the address it would use toward the sender; without
     // a route back, the frontend's (any address reaches a socket: Linux matches the quote).
     let source = route::source_toward(ctx, packet.proto, packet.src_addr, packet.src_port)
@@ -136,15 +163,15 @@ fn answer<C: Context, M: Mode>(
         }
         Err(NotAnswered::RateLimited) => {
             mode.count(stat::REJECT_RATE_LIMITED);
-            Checked::Answered(DROP)
+            Checked::Answered(Verdict::Drop)
         }
         // The fixed-size answer cannot quote IPv4 options (rare enough): the kernel gets
         // such a packet, translated, and answers it itself with the quote's addresses
         // spoilt, or drops it as a martian if its source became a node address.
-        Err(NotAnswered::IpOptions) => Checked::Go(Egress::Kernel),
+        Err(NotAnswered::IpOptions) => Checked::Go,
         Err(NotAnswered::HelperFailed) => {
             mode.count(stat::REWRITE_FAILED);
-            Checked::Answered(DROP)
+            Checked::Answered(Verdict::Drop)
         }
     }
 }

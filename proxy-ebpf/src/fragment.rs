@@ -22,13 +22,13 @@ use proxy_common::{
 };
 
 use crate::{
-    ACCEPT, DROP,
     conntrack::now_ns,
     context::Context,
     mode::Mode,
     nat,
     parse::{LaterFragment, Packet},
-    route::{self, Route},
+    route::{self, Hop, Route},
+    verdict::Verdict,
 };
 
 /// Named like `proxy_common::map_names::FRAGMENTS`; pinned so the CLI shows its fill and
@@ -103,7 +103,7 @@ fn record<M: Mode>(mode: &M, packet: &Packet, fate: &Fate) {
 /// A later fragment: treated as its datagram's first fragment was. A BPF subprogram (a
 /// stack frame of its own).
 #[inline(never)]
-pub fn follow<C: Context, M: Mode>(ctx: &C, mode: &M, fragment: &LaterFragment) -> i32 {
+pub fn follow<C: Context, M: Mode>(ctx: &C, mode: &M, fragment: &LaterFragment) -> Verdict {
     let datagram = &fragment.datagram;
     // SAFETY: the value is copied out at once (the LRU may recycle the element).
     let record = unsafe { FRAGMENTS.get(datagram) }
@@ -112,13 +112,13 @@ pub fn follow<C: Context, M: Mode>(ctx: &C, mode: &M, fragment: &LaterFragment) 
     mode.later_fragment(record.as_ref());
     let Some(record) = record else {
         mode.count(stat::FRAGMENT_UNMATCHED);
-        return ACCEPT;
+        return Verdict::Accept;
     };
     if record.verdict == fragment_verdict::DROP {
         mode.count(stat::FRAGMENT_DROPPED);
-        return DROP;
+        return Verdict::Drop;
     }
-    let mut egress = None;
+    let mut hop = Hop::KERNEL;
     if record.routes_itself != 0 {
         // Its source is a node address: the kernel would drop it as a martian, so the
         // program forwards it, and cannot fragment it; nor may an ICMP error be sent
@@ -129,32 +129,22 @@ pub fn follow<C: Context, M: Mode>(ctx: &C, mode: &M, fragment: &LaterFragment) 
             0
         };
         match route::lookup(ctx, datagram.proto, &record.to, length) {
-            Route::Via { ifindex } => egress = Some(ifindex),
+            Route::Via(via) => hop = via,
             Route::TooBig { .. } => {
                 mode.count(stat::NOT_FORWARDABLE);
-                return DROP;
+                return Verdict::Drop;
             }
             Route::Local | Route::None => mode.count(stat::FIB_MISS),
         }
     }
     if nat::rewrite_addresses(ctx, datagram.src_addr, datagram.dst_addr, &record.to).is_err() {
         mode.count(stat::REWRITE_FAILED);
-        return DROP;
+        return Verdict::Drop;
     }
-    let verdict = match egress {
-        None => ACCEPT,
-        Some(_) if M::DRY_RUN => {
-            mode.routes_itself();
-            ACCEPT
-        }
-        Some(ifindex) => match route::send(ctx, ifindex) {
-            Some(verdict) => verdict,
-            None => {
-                // The TTL ran out here: the kernel drops a later fragment silently too.
-                mode.count(stat::NOT_FORWARDABLE);
-                return DROP;
-            }
-        },
+    let Some(verdict) = route::send(ctx, mode, &hop) else {
+        // The TTL ran out here: the kernel drops a later fragment silently too.
+        mode.count(stat::NOT_FORWARDABLE);
+        return Verdict::Drop;
     };
     mode.count(stat::FRAGMENT);
     verdict

@@ -25,17 +25,17 @@
 //! that direction are routed by the program (their source became a node address), so is
 //! the error.
 
-use proxy_common::{CtKey, Tuple, ct_flags, icmp, proto, stat, trace_ct};
+use proxy_common::{CtKey, Tuple, ct_flags, icmp, proto, sctp, stat, trace_ct};
 
 use crate::{
-    ACCEPT,
     conntrack::{self, now_ns},
     context::Context,
     csum,
     mode::Mode,
     nat::{self, TCP_CSUM_OFFSET, UDP_CSUM_OFFSET},
     parse::{self, L3_OFFSET},
-    route::{self, Route},
+    route::{self, Hop, Route},
+    verdict::Verdict,
 };
 
 const ICMP_HEADER_LEN: usize = 8;
@@ -47,11 +47,13 @@ const QUOTED_L4_LEN: usize = 8;
 const MAX_ERROR_HEADERS: u32 = (L3_OFFSET + 60 + ICMP_HEADER_LEN + 60 + 18) as u32;
 /// The quoted IPv4 header's fragment offset field (bytes 6 and 7), without the flags.
 const FRAGMENT_OFFSET_MASK: u16 = 0x1fff;
+/// Its "more fragments" flag.
+const QUOTED_MORE_FRAGMENTS: u16 = 0x2000;
 /// Offset of the checksum within the ICMP and IPv4 headers.
 const ICMP_CSUM_OFFSET: usize = 2;
 const IPV4_CSUM_OFFSET: usize = 10;
 
-/// An ICMP error quoting a TCP/UDP packet.
+/// An ICMP error quoting a TCP, UDP or SCTP packet.
 struct IcmpError {
     icmp_type: u8,
     code: u8,
@@ -65,6 +67,9 @@ struct IcmpError {
     /// The quoted packet's addresses and ports.
     quote: Tuple,
     quote_proto: u8,
+    /// SCTP: the quoted packet's length when the error quotes all of it (its CRC32c can
+    /// then be kept valid), else 0.
+    whole_sctp_len: u16,
 }
 
 enum Read {
@@ -78,23 +83,23 @@ enum Read {
 /// An ICMP message whose header is at `l4_offset`: translated if it is an error about a
 /// tracked flow, else passed untouched. A BPF subprogram (a stack frame of its own).
 #[inline(never)]
-pub fn translate<C: Context, M: Mode>(ctx: &C, mode: &M, l4_offset: usize) -> i32 {
+pub fn translate<C: Context, M: Mode>(ctx: &C, mode: &M, l4_offset: usize) -> Verdict {
     let error = match read(ctx, l4_offset) {
         Read::Error(error) => error,
         Read::Other => {
             mode.count(stat::NOT_HANDLED);
-            return ACCEPT;
+            return Verdict::Accept;
         }
         Read::NotLinear => {
             if ctx.pull(ctx.len().min(MAX_ERROR_HEADERS)).is_err() {
                 mode.count(stat::NOT_HANDLED);
-                return ACCEPT;
+                return Verdict::Accept;
             }
             match read(ctx, l4_offset) {
                 Read::Error(error) => error,
                 _ => {
                     mode.count(stat::NOT_HANDLED);
-                    return ACCEPT;
+                    return Verdict::Accept;
                 }
             }
         }
@@ -105,7 +110,7 @@ pub fn translate<C: Context, M: Mode>(ctx: &C, mode: &M, l4_offset: usize) -> i3
     let found = conntrack::related(&key, now_ns());
     let Some(entry) = found.filter(|_| error.outer_dst == key.tuple.dst_addr) else {
         mode.count(stat::PASS);
-        return ACCEPT;
+        return Verdict::Accept;
     };
     let flow = entry.value();
     let kind = if flow.is_reply() {
@@ -118,7 +123,7 @@ pub fn translate<C: Context, M: Mode>(ctx: &C, mode: &M, l4_offset: usize) -> i3
     if to == key.tuple {
         // A direct flow: nothing is translated.
         mode.count(stat::DIRECT);
-        return ACCEPT;
+        return Verdict::Accept;
     }
     let outer = Tuple {
         src_addr: if to.src_addr != key.tuple.src_addr {
@@ -136,30 +141,23 @@ pub fn translate<C: Context, M: Mode>(ctx: &C, mode: &M, l4_offset: usize) -> i3
     };
     if rewrite(ctx, &error, l4_offset, &outer, &to.reversed()).is_none() {
         mode.count(stat::REWRITE_FAILED);
-        return crate::DROP;
+        return Verdict::Drop;
     }
     if flow.flags & ct_flags::ROUTES_ITSELF == 0 {
         mode.count(stat::ICMP_ERROR);
-        return ACCEPT;
+        return Verdict::Accept;
     }
-    if M::DRY_RUN {
-        mode.routes_itself();
-        mode.count(stat::ICMP_ERROR);
-        return ACCEPT;
-    }
-    let verdict = match route::lookup(ctx, icmp::PROTOCOL, &outer, 0) {
-        Route::Via { ifindex } => match route::send(ctx, ifindex) {
-            Some(verdict) => verdict,
-            None => {
-                // Its TTL ran out here: no error is sent about an error.
-                mode.count(stat::NOT_FORWARDABLE);
-                return crate::DROP;
-            }
-        },
+    let hop = match route::lookup(ctx, icmp::PROTOCOL, &outer, 0) {
+        Route::Via(hop) => hop,
         _ => {
             mode.count(stat::FIB_MISS);
-            ACCEPT
+            Hop::KERNEL
         }
+    };
+    let Some(verdict) = route::send(ctx, mode, &hop) else {
+        // Its TTL ran out here: no error is sent about an error.
+        mode.count(stat::NOT_FORWARDABLE);
+        return Verdict::Drop;
     };
     mode.count(stat::ICMP_ERROR);
     verdict
@@ -189,6 +187,7 @@ fn read<C: Context>(ctx: &C, l4_offset: usize) -> Read {
     let quote_ip = l4_offset + ICMP_HEADER_LEN;
     let quoted = header + ICMP_HEADER_LEN;
     let version_ihl = unsafe { *(quoted as *const u8) };
+    let quote_total_len = u16::from_be_bytes(unsafe { *((quoted + 2) as *const [u8; 2]) });
     let fragment = u16::from_be_bytes(unsafe { *((quoted + 6) as *const [u8; 2]) });
     let quote_proto = unsafe { *((quoted + 9) as *const u8) };
     let header_len = usize::from(version_ihl & 0x0f) * 4;
@@ -196,7 +195,7 @@ fn read<C: Context>(ctx: &C, l4_offset: usize) -> Read {
     if version_ihl >> 4 != 4
         || header_len < IPV4_MIN_LEN
         || fragment & FRAGMENT_OFFSET_MASK != 0
-        || (quote_proto != proto::TCP && quote_proto != proto::UDP)
+        || !proto::is_balanced(quote_proto)
     {
         return Read::Other;
     }
@@ -217,12 +216,21 @@ fn read<C: Context>(ctx: &C, l4_offset: usize) -> Read {
         };
     };
     let ports = unsafe { *(ports as *const [u8; 4]) };
+    let end = L3_OFFSET + usize::from(total_len);
+    let whole = fragment & QUOTED_MORE_FRAGMENTS == 0
+        && quote_ip + usize::from(quote_total_len) == end
+        && quote_l4 + sctp::COMMON_HEADER_LEN <= end;
+    let whole_sctp_len = if quote_proto == proto::SCTP && whole {
+        (end - quote_l4) as u16
+    } else {
+        0
+    };
     Read::Error(IcmpError {
         icmp_type,
         code,
         outer_src,
         outer_dst,
-        end: L3_OFFSET + usize::from(total_len),
+        end,
         quote_ip,
         quote_l4,
         quote: Tuple {
@@ -232,6 +240,7 @@ fn read<C: Context>(ctx: &C, l4_offset: usize) -> Read {
             dst_port: u16::from_ne_bytes([ports[2], ports[3]]),
         },
         quote_proto,
+        whole_sctp_len,
     })
 }
 
@@ -259,15 +268,24 @@ fn rewrite<C: Context>(
         ports = csum::add(ports, csum::diff16(from.dst_port, quote.dst_port));
     }
     // The L4 checksum's position: UDP's lies within the quoted 8 bytes; TCP's only when the
-    // error quotes more (netfilter leaves it alone otherwise).
+    // error quotes more (netfilter leaves it alone otherwise). SCTP's CRC32c covers the
+    // whole quoted packet: kept valid when the error quotes all of it, as netfilter's
+    // `sctp_manip_pkt` recomputes it; a shorter quote's is no CRC of anything.
     let udp = error.quote_proto == proto::UDP;
-    let l4_check_offset = if udp {
-        UDP_CSUM_OFFSET
-    } else {
-        TCP_CSUM_OFFSET
+    let l4_check_offset = match error.quote_proto {
+        proto::UDP => Some(UDP_CSUM_OFFSET),
+        proto::TCP => Some(TCP_CSUM_OFFSET),
+        _ => None,
     };
-    let l4_check = if error.quote_l4 + l4_check_offset + 2 <= error.end {
-        parse::at(ctx, error.quote_l4 + l4_check_offset, 2)
+    let l4_check = match l4_check_offset {
+        Some(offset) if error.quote_l4 + offset + 2 <= error.end => {
+            parse::at(ctx, error.quote_l4 + offset, 2)
+        }
+        _ => None,
+    };
+    let ports_changed = from.src_port != quote.src_port || from.dst_port != quote.dst_port;
+    let sctp_check = if error.whole_sctp_len != 0 && ports_changed {
+        parse::at(ctx, error.quote_l4 + sctp::CHECKSUM_OFFSET, 4)
     } else {
         None
     };
@@ -294,11 +312,26 @@ fn rewrite<C: Context>(
             addresses,
             csum::diff16(quote_check_before, u16::from_ne_bytes(*quote_check)),
         );
-        let mut new_ports = [0u8; 4];
-        new_ports[..2].copy_from_slice(&quote.src_port.to_ne_bytes());
-        new_ports[2..].copy_from_slice(&quote.dst_port.to_ne_bytes());
-        *(quote_l4 as *mut [u8; 4]) = new_ports;
+        *(quote_l4 as *mut [u8; 4]) = nat::port_bytes(quote);
         quote_diff = csum::add(quote_diff, ports);
+        if let Some(sctp_check) = sctp_check {
+            let field = sctp_check as *mut [u8; 4];
+            let before = *field;
+            // Zero: left to the sender's device, as in `nat`.
+            if before != [0; 4] {
+                let after = sctp::checksum_after_port_change(
+                    before,
+                    nat::port_bytes(from),
+                    nat::port_bytes(quote),
+                    error.whole_sctp_len,
+                );
+                *field = after;
+                quote_diff = csum::add(
+                    quote_diff,
+                    csum::diff32(u32::from_ne_bytes(before), u32::from_ne_bytes(after)),
+                );
+            }
+        }
         if let Some(l4_check) = l4_check {
             let field = l4_check as *mut [u8; 2];
             let before = u16::from_ne_bytes(*field);

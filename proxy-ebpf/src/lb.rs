@@ -17,7 +17,12 @@ use proxy_common::{
     Backend, BackendSet, FrontendKey, FrontendValue, Origin, Slot, default_max_entries,
 };
 
-use crate::{affinity, parse::Packet, select};
+use crate::{
+    affinity,
+    maglev::{self, Flow},
+    parse::Packet,
+    select,
+};
 
 /// Named like `proxy_common::map_names::SERVICES`; pinned so the daemon fills this map.
 #[map]
@@ -116,11 +121,13 @@ pub fn backends_for(frontend: &Frontend, origin: impl FnOnce() -> Origin) -> Bac
 pub enum Selection {
     /// The client's previous backend of the Service port (session affinity).
     Affinity { id: u32, backend: Backend },
-    /// A random slot of the set: `slot` in `1..=count`.
+    /// A slot of the set: `slot` in `1..=count`, drawn at random or given by the
+    /// frontend's Maglev table (`maglev`).
     Slot {
         slot: u16,
         id: u32,
         backend: Backend,
+        maglev: bool,
     },
     /// The drawn slot lies outside BACKEND_SLOTS or was never written (a header the
     /// daemon did not write: it names only written slots): dropped, never sent to 0.0.0.0.
@@ -129,13 +136,15 @@ pub enum Selection {
 
 /// Chooses the backend of a new flow of `client` to `frontend` among `set` (which has
 /// `count` backends): the client's previous one under session affinity, if it is in the
-/// set, else a random one.
+/// set; else, for a packet's `flow` to a frontend with a Maglev table (its own set), the
+/// table's; else a random one.
 #[inline(always)]
 pub fn select_backend(
     frontend: &Frontend,
     set: &BackendSet,
     count: NonZeroU16,
     client: Client,
+    flow: Option<Flow>,
     now_ns: u64,
 ) -> Selection {
     if frontend.header.affinity_timeout_s != 0
@@ -143,12 +152,19 @@ pub fn select_backend(
     {
         return Selection::Affinity { id, backend };
     }
-    let index = select::random_index(count);
+    let by_table = match flow {
+        Some(flow) if frontend.header.maglev != 0 && !set.cluster => {
+            maglev::index(&frontend.header, flow).filter(|&index| index < count.get())
+        }
+        _ => None,
+    };
+    let index = by_table.unwrap_or_else(|| select::random_index(count));
     match BACKEND_SLOTS.get(set.first.wrapping_add(u32::from(index))) {
         Some(slot) if slot.backend_id != 0 => Selection::Slot {
             slot: index + 1,
             id: slot.backend_id,
             backend: slot.backend,
+            maglev: by_table.is_some(),
         },
         _ => Selection::Missing,
     }

@@ -1,16 +1,18 @@
-//! The tc programs: Service load balancing for IPv4 TCP/UDP.
+//! The tc and XDP programs: Service load balancing for IPv4 TCP/UDP.
 //!
 //! parse → conntrack (one lookup, either direction) → frontend lookup → backend selection
-//! → conntrack create → forwarding checks → NAT. A packet to no frontend is checked for
+//! → conntrack create → forwarding checks → NAT (XDP: the checks before the create). A packet to no frontend is checked for
 //! being the answer of a flow not yet assured, or part of a direct flow to a backend
 //! (tracked so that Service flows never clash with it); anything else passes untouched.
 //! A later fragment follows its datagram's first fragment (`fragment`), an ICMP error
 //! about a tracked flow is translated as the flow is (`icmp_error`). One module per
 //! concern, like Cilium's `bpf/lib/{lb,conntrack,nat,csum}.h`.
 //!
-//! `epx_ingress` is the datapath. `epx_trace` runs the same path as a dry run for
-//! `ebpf-proxy trace` (see [`mode`]); `epx_ct_reap` removes finished flows for the
-//! daemon's garbage collector. Neither of those two is ever attached.
+//! `epx_ingress` is the datapath at tc ingress of every device; `epx_xdp` runs the same
+//! path at XDP on the external devices, in front of it (see [`xdp`]). `epx_trace` and
+//! `epx_xdp_trace` run them as dry runs for `ebpf-proxy trace` (see [`mode`]);
+//! `epx_ct_reap` removes finished flows for the daemon's garbage collector. Those three are
+//! never attached.
 //!
 //! The cgroup programs (`epx_connect4`, `epx_sendmsg4`, `epx_recvmsg4`,
 //! `epx_getpeername4`, `epx_sock_release`) balance at the socket instead, with the same
@@ -32,6 +34,7 @@ mod forwarding;
 mod fragment;
 mod icmp_error;
 mod lb;
+mod maglev;
 mod membership;
 mod mode;
 mod names;
@@ -44,43 +47,61 @@ mod snat;
 mod sock;
 mod source_ranges;
 mod stats;
+mod verdict;
+mod xdp;
 
 use core::num::NonZeroU16;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    macros::{cgroup_sock, cgroup_sock_addr, classifier},
-    programs::{SockAddrContext, SockContext, TcContext},
+    macros::{cgroup_sock, cgroup_sock_addr, classifier, map, xdp},
+    maps::PerCpuArray,
+    programs::{SockAddrContext, SockContext, TcContext, XdpContext},
 };
-use proxy_common::{Translation, Tuple, ct_flags, service_flags, stat};
+use proxy_common::{
+    CtKey, FrontendKey, FrontendValue, Translation, Tuple, ct_flags, service_flags, stat, to_tc,
+};
 
 use crate::{
     answer::{Answer, NotAnswered},
-    conntrack::{Followed, Hit, NotCreated, Now, Table},
+    conntrack::{Entry, Followed, NotCreated, Now, Table},
     context::Context,
-    forwarding::{Checked, Egress},
+    forwarding::{Checked, Translated},
     fragment::Fate,
     lb::{Client, Frontend, LbKey},
     mode::{DryRun, Live, Mode},
     parse::{Packet, Parsed},
+    route::Hop,
     sock::{Call, Sock},
+    verdict::Verdict,
 };
-
-/// Let the packet continue (translated or untouched).
-const ACCEPT: i32 = TC_ACT_OK;
-/// Drop the packet.
-const DROP: i32 = TC_ACT_SHOT;
 
 #[classifier]
 pub fn epx_ingress(ctx: TcContext) -> i32 {
-    balance(&ctx, &Live)
+    if xdp::decided(&ctx) {
+        return TC_ACT_OK;
+    }
+    tc_action(balance(&ctx, &Live))
 }
 
 #[classifier]
 pub fn epx_trace(ctx: TcContext) -> i32 {
     match DryRun::start() {
-        Some(dry_run) => balance(&ctx, &dry_run),
-        None => ACCEPT,
+        Some(dry_run) => tc_action(balance(&ctx, &dry_run)),
+        None => TC_ACT_OK,
+    }
+}
+
+#[xdp]
+pub fn epx_xdp(ctx: XdpContext) -> u32 {
+    xdp::run(&ctx, &Live, || balance(&ctx, &Live))
+}
+
+#[xdp]
+pub fn epx_xdp_trace(ctx: XdpContext) -> u32 {
+    match DryRun::start() {
+        Some(dry_run) => xdp::run(&ctx, &dry_run, || balance(&ctx, &dry_run)),
+        None => aya_ebpf::bindings::xdp_action::XDP_PASS,
     }
 }
 
@@ -126,15 +147,34 @@ pub fn epx_connect4_trace(ctx: SockAddrContext) -> i32 {
     sock::abandon(&sock, proxy_common::TRACE_ERRNO)
 }
 
+/// The tc action for a verdict (tc never leaves a packet to itself).
 #[inline(always)]
-fn balance<C: Context, M: Mode>(ctx: &C, mode: &M) -> i32 {
+fn tc_action(verdict: Verdict) -> i32 {
+    match verdict {
+        Verdict::Accept | Verdict::ToTc(_) => TC_ACT_OK,
+        Verdict::Drop => TC_ACT_SHOT,
+        Verdict::Sent(action) => action,
+    }
+}
+
+/// The packet path of either hook. The XDP program leaves IP fragments to tc, the first
+/// with the later ones (the first decides for its datagram's rest, so every fragment goes
+/// one way), and ICMP messages (tc translates errors about tracked flows).
+#[inline(always)]
+fn balance<C: Context, M: Mode>(ctx: &C, mode: &M) -> Verdict {
     match parse::packet(ctx) {
+        Parsed::Packet(packet) if C::IS_XDP && packet.is_first_fragment() => {
+            Verdict::ToTc(to_tc::FRAGMENT)
+        }
         Parsed::Packet(packet) => service_path(ctx, mode, &packet),
+        Parsed::LaterFragment(_) if C::IS_XDP => Verdict::ToTc(to_tc::FRAGMENT),
         Parsed::LaterFragment(fragment) => fragment::follow(ctx, mode, &fragment),
+        Parsed::Icmp { .. } if C::IS_XDP => Verdict::ToTc(to_tc::ICMP),
         Parsed::Icmp { l4_offset } => icmp_error::translate(ctx, mode, l4_offset),
+        Parsed::NotHandled if C::IS_XDP => Verdict::ToTc(to_tc::NOT_HANDLED),
         Parsed::NotHandled => {
             mode.count(stat::NOT_HANDLED);
-            ACCEPT
+            Verdict::Accept
         }
     }
 }
@@ -154,9 +194,20 @@ struct Decision {
     /// [`Action::Translate`]: its source becomes a node address, so the program forwards
     /// it (the kernel would drop it as a martian).
     routes_itself: bool,
+    /// [`Action::Translate`], XDP: where the forwarding checks send the translated packet
+    /// ([`Hop::KERNEL`]: the kernel routes it).
+    hop: Hop,
     /// [`Action::Create`]: the new flow.
     flow: Translation,
+    /// [`Action::Done`]: the packet's verdict, as [`Verdict::to_parts`] gives it.
+    verdict: (u8, i32),
 }
+
+/// This CPU's decision for the packet in hand: [`decide`] writes it, [`service_path`]
+/// carries it out. About 100 bytes that the stack, already holding the lookups' frames
+/// beside the packet path's, has no room for. Not pinned.
+#[map]
+static DECISION: PerCpuArray<Decision> = PerCpuArray::with_max_entries(1, 0);
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Action {
@@ -170,6 +221,9 @@ enum Action {
     Drop,
     /// Nothing of ours: it passes untouched.
     Pass,
+    /// Decided before anything was recorded for it: an ICMP error went back in its place
+    /// (the forwarding checks), or the XDP program leaves it to tc.
+    Done,
 }
 
 impl Decision {
@@ -192,6 +246,21 @@ impl Decision {
         }
     }
 
+    /// Ends the decision with `verdict` (see [`Action::Done`]).
+    #[inline(always)]
+    fn finish(&mut self, verdict: Verdict) {
+        self.action = Action::Done;
+        self.verdict = verdict.to_parts();
+    }
+
+    #[inline(always)]
+    fn done(verdict: Verdict) -> Self {
+        Self {
+            verdict: verdict.to_parts(),
+            ..Self::only(Action::Done)
+        }
+    }
+
     #[inline(always)]
     fn only(action: Action) -> Self {
         Self {
@@ -199,78 +268,119 @@ impl Decision {
             counter: stat::PASS,
             to: Tuple::default(),
             routes_itself: false,
+            hop: Hop::KERNEL,
             flow: Translation::default(),
+            verdict: Verdict::Drop.to_parts(),
         }
     }
 }
 
 /// A TCP/UDP packet (or a datagram's first fragment): decided, then carried out. The
-/// decision's many paths meet here, so what follows them — recording a new flow, the
-/// forwarding checks, the rewrite, the fragment record — exists once, and the verifier
+/// decision's many paths meet here, so what follows them — the forwarding checks,
+/// recording a new flow, the rewrite, the fragment record — exists once, and the verifier
 /// walks it once per kind of decision rather than once per path that led to it (a new
 /// flow's record, with its claim of a reply tuple, would otherwise be walked for every
 /// way a packet can miss conntrack).
 #[inline(always)]
-fn service_path<C: Context, M: Mode>(ctx: &C, mode: &M, packet: &Packet) -> i32 {
+fn service_path<C: Context, M: Mode>(ctx: &C, mode: &M, packet: &Packet) -> Verdict {
+    let Some(decision) = DECISION.get_ptr_mut(0) else {
+        // Never: the array has its one entry.
+        return Verdict::Drop;
+    };
+    // SAFETY: this CPU's entry, used only within this run (no preemption while the
+    // program runs); `decide` writes all of it before anything reads it.
+    let decision = unsafe { &mut *decision };
     let now = Now::read();
-    let mut decision = decide(ctx, mode, packet, &now);
-    if decision.action == Action::Create {
-        decision = create(
-            mode,
-            &mut decision.flow,
-            packet,
-            ctx.len(),
-            &now,
-            decision.counter,
-        );
+    if decide(ctx, mode, packet, &now, decision) {
+        if C::IS_XDP {
+            // XDP runs the forwarding checks before a new flow is recorded, so it can still
+            // leave the packet to tc with nothing recorded (an SNAT port claimed later
+            // changes only the source port, which routes do not look at). tc runs them in
+            // `translate`, after: walking the flow's record once per outcome of the checks
+            // would take the verifier past its budget, and tc answers what they find itself.
+            if decision.action == Action::Create {
+                decision.to = decision.flow.reply.reversed();
+                decision.routes_itself = decision.flow.forward_routes_itself;
+            }
+            match checked(ctx, mode, packet, &decision.to, decision.routes_itself) {
+                Ok(hop) => decision.hop = hop,
+                Err(verdict) => decision.finish(verdict),
+            }
+        }
+        if decision.action == Action::Create {
+            create(mode, decision, packet, ctx.len(), &now);
+        }
     }
     let (verdict, fate) = match decision.action {
-        Action::Translate => translate(ctx, mode, packet, &decision),
+        Action::Translate => translate(ctx, mode, packet, decision),
         Action::Refuse => refuse(ctx, mode, packet),
+        Action::Done => (Verdict::from_parts(decision.verdict), Fate::dropped()),
         // `create` leaves no Create behind.
-        Action::Drop | Action::Create => (DROP, Fate::dropped()),
+        Action::Drop | Action::Create => (Verdict::Drop, Fate::dropped()),
         Action::Pass => {
             mode.count(stat::PASS);
-            (ACCEPT, Fate::forward(packet.tuple(), false))
+            (Verdict::Accept, Fate::forward(packet.tuple(), false))
         }
     };
     fragment::remember(mode, packet, &fate);
     verdict
 }
 
-/// Decides what becomes of `packet`: a tracked flow's translation, a new flow, or none.
-/// A BPF subprogram: its lookups take a stack frame of their own, which is gone by the
-/// time the flow is recorded and the packet rewritten (the chain of frames must stay
-/// within 512 bytes).
+/// Writes into `decision` what becomes of `packet`: a tracked flow's translation, a new
+/// flow, or none. A BPF subprogram: its lookups take a stack frame of their own, which is
+/// gone by the time the flow is recorded and the packet rewritten (the chain of frames must
+/// stay within 512 bytes). It writes the decision through a reference and returns whether
+/// it translates (or records a new flow): a struct returned compiles to a pointer into the
+/// caller's stack handed back in R0, and so may a function that returns nothing (R0 left
+/// as it was last used); the verifier refuses both.
 #[inline(never)]
-fn decide<C: Context, M: Mode>(ctx: &C, mode: &M, packet: &Packet, now: &Now) -> Decision {
+fn decide<C: Context, M: Mode>(
+    ctx: &C,
+    mode: &M,
+    packet: &Packet,
+    now: &Now,
+    decision: &mut Decision,
+) -> bool {
+    *decision = decision_for(ctx, mode, packet, now);
+    matches!(decision.action, Action::Translate | Action::Create)
+}
+
+/// What becomes of `packet` (see [`decide`]).
+#[inline(always)]
+fn decision_for<C: Context, M: Mode>(ctx: &C, mode: &M, packet: &Packet, now: &Now) -> Decision {
     let now = *now;
     let key = packet.key();
-    let len = ctx.len();
     // An assured flow, in either direction: one lookup.
     if let Some(entry) = Table::Assured.get(&key)
-        && let Followed::Hit(hit) = conntrack::follow(entry, &key, packet, len, now, mode)
+        && let Some(decision) = tracked(ctx, mode, entry, &key, packet, now)
     {
-        return tracked(&hit);
+        return decision;
     }
     let destination = LbKey::destination(packet);
-    let frontend = lb::frontend(&destination);
+    let found = lb::frontend(&destination);
+    let is_frontend = found.is_some();
+    // Zeros where there is none: an `Option`'s payload left undefined lives across the
+    // lookups below, and LLVM may spill it from a register the verifier holds unset.
+    let frontend = found.unwrap_or(Frontend {
+        key: FrontendKey::default(),
+        header: FrontendValue::default(),
+    });
     // A flow not yet assured: of a frontend (a retransmitted SYN, the handshake's last
     // ACK, a UDP flow before it became a stream), the first answer of one, or a direct
     // flow to a backend. Anything else to no frontend is nothing of ours.
     let mut to_backend = None;
-    let may_be_pending = frontend.is_some() || packet.may_answer() || {
+    let may_be_pending = is_frontend || packet.may_answer() || {
         let is_backend = lb::is_backend(&destination);
         to_backend = Some(is_backend);
         is_backend
     };
     if may_be_pending
         && let Some(entry) = Table::Pending.get(&key)
-        && let Followed::Hit(hit) = conntrack::follow(entry, &key, packet, len, now, mode)
+        && let Some(decision) = tracked(ctx, mode, entry, &key, packet, now)
     {
-        return tracked(&hit);
+        return decision;
     }
-    if let Some(frontend) = frontend {
+    if is_frontend {
         return new_flow(ctx, mode, packet, &frontend, now);
     }
     if to_backend.unwrap_or_else(|| lb::is_backend(&destination)) {
@@ -287,9 +397,27 @@ fn decide<C: Context, M: Mode>(ctx: &C, mode: &M, packet: &Packet, now: &Now) ->
     Decision::only(Action::Pass)
 }
 
-/// A conntrack hit: the packet is rewritten to the entry's tuple.
+/// A packet whose tuple has a conntrack `entry`: rewritten to the entry's tuple, unless the
+/// flow is over or must select again (`None`: go on as without the entry).
 #[inline(always)]
-fn tracked(hit: &Hit) -> Decision {
+fn tracked<C: Context, M: Mode>(
+    ctx: &C,
+    mode: &M,
+    entry: Entry,
+    key: &CtKey,
+    packet: &Packet,
+    now: Now,
+) -> Option<Decision> {
+    // XDP leaves a flow that must select again to tc: retiring its entry and then leaving
+    // the new flow to tc (a refusal, an unknown neighbour) would not leave tc the packet
+    // untouched with nothing recorded.
+    let hit = match conntrack::follow(entry, key, packet, ctx.len(), now, mode, !C::IS_XDP) {
+        Followed::Hit(hit) => hit,
+        Followed::ReselectElsewhere => {
+            return Some(Decision::done(Verdict::ToTc(to_tc::RESELECT)));
+        }
+        Followed::Reselect | Followed::Gone => return None,
+    };
     let counter = if hit.flags & ct_flags::DIRECT != 0 {
         stat::DIRECT
     } else if hit.flags & ct_flags::REPLY != 0 {
@@ -297,12 +425,16 @@ fn tracked(hit: &Hit) -> Decision {
     } else {
         stat::CT_HIT
     };
-    Decision::translate(hit.to, hit.flags & ct_flags::ROUTES_ITSELF != 0, counter)
+    Some(Decision::translate(
+        hit.to,
+        hit.flags & ct_flags::ROUTES_ITSELF != 0,
+        counter,
+    ))
 }
 
 /// A packet to a frontend without a flow: selects a backend (the client's previous one
-/// under session affinity, else a random one) among the set its origin reaches, for the
-/// new flow.
+/// under session affinity, else by the frontend's Maglev table or at random) among the set
+/// its origin reaches, for the new flow.
 #[inline(always)]
 fn new_flow<C: Context, M: Mode>(
     ctx: &C,
@@ -334,12 +466,16 @@ fn new_flow<C: Context, M: Mode>(
         }
         return Decision::only(Action::Refuse);
     };
-    mode.count(stat::CT_MISS);
     let client = Client::Address(packet.src_addr);
-    let Some((backend_id, backend)) =
-        mode.chosen(lb::select_backend(frontend, &set, count, client, now.ns))
-    else {
-        // Counted by `chosen`.
+    let hashed = maglev::Flow {
+        addr: packet.src_addr,
+        port: packet.src_port,
+        proto: packet.proto,
+    };
+    let selection = lb::select_backend(frontend, &set, count, client, Some(hashed), now.ns);
+    let Some((backend_id, backend)) = mode.chosen(selection) else {
+        // Counted by `chosen`; the miss here, a new flow's in `create`.
+        mode.count(stat::CT_MISS);
         return Decision::only(Action::Drop);
     };
     let snat_source = if Translation::may_snat(flags, &set, packet.src_addr, backend.addr) {
@@ -368,93 +504,108 @@ fn new_flow<C: Context, M: Mode>(
     Decision::create(flow, stat::NEW_FLOW)
 }
 
-/// Records the new flow `flow` (nothing in a dry run): the packet is then translated as
-/// its flow says, counted as `counter`, or dropped, counted as why.
+/// The kernel's forwarding checks for `packet`, about to be translated to `to` (see
+/// `forwarding`): `Ok` where it goes, `Err` the verdict in place of the translation (an
+/// ICMP error went back, or XDP leaves the packet to tc). A packet that stays as it is (a
+/// direct flow) gets the kernel's own checks.
 #[inline(always)]
-fn create<M: Mode>(
+fn checked<C: Context, M: Mode>(
+    ctx: &C,
     mode: &M,
-    flow: &mut Translation,
     packet: &Packet,
-    len: u32,
-    now: &Now,
-    counter: u32,
-) -> Decision {
+    to: &Tuple,
+    routes_itself: bool,
+) -> Result<Hop, Verdict> {
+    if !routes_itself && *to == packet.tuple() {
+        return Ok(Hop::KERNEL);
+    }
+    let mut translated = Translated {
+        to: *to,
+        routes_itself,
+        hop: Hop::KERNEL,
+    };
+    match forwarding::check(ctx, mode, packet, &mut translated) {
+        Checked::Go => Ok(translated.hop),
+        Checked::Answered(verdict) => Err(verdict),
+    }
+}
+
+/// Records the new flow of `decision` (nothing in a dry run): the packet is then to be
+/// translated as its flow says, counted as its counter, or dropped, counted as why. A
+/// Service's new flow counts its conntrack miss here, once it is sure to be recorded by
+/// this hook (XDP may leave it to tc before).
+#[inline(always)]
+fn create<M: Mode>(mode: &M, decision: &mut Decision, packet: &Packet, len: u32, now: &Now) {
+    if decision.counter == stat::NEW_FLOW {
+        mode.count(stat::CT_MISS);
+    }
+    let flow = &mut decision.flow;
     if !M::DRY_RUN {
         if let Err(not_created) = conntrack::create(flow, packet, len, now) {
             mode.count(match not_created {
                 NotCreated::NoPort => stat::SNAT_FAILED,
                 NotCreated::Busy => stat::CT_CREATE_FAILED,
             });
-            return Decision::only(Action::Drop);
+            decision.action = Action::Drop;
+            return;
         }
         if flow.kind & ct_flags::REMAPPED != 0 {
             mode.count(stat::REMAPPED);
         }
     }
-    Decision::translate(flow.reply.reversed(), flow.forward_routes_itself, counter)
+    decision.to = flow.reply.reversed();
+    decision.routes_itself = flow.forward_routes_itself;
+    decision.action = Action::Translate;
 }
 
-/// Translates `packet` as `decision` says and lets it go on: first the kernel's
-/// forwarding checks (an error may go back instead, see `forwarding`), then the rewrite,
-/// then, when its source became one of the node's own addresses, the program's own
-/// forwarding step. Returns the verdict and what became of the packet, for the rest of its
-/// datagram.
+/// Translates `packet` as `decision` says and lets it go on: tc's forwarding checks (an
+/// error may go back instead; XDP's ran before), the rewrite, then, when its source became
+/// one of the node's own addresses, the program's own forwarding step. Returns the verdict and what became of the packet, for
+/// the rest of its datagram.
 #[inline(always)]
 fn translate<C: Context, M: Mode>(
     ctx: &C,
     mode: &M,
     packet: &Packet,
     decision: &Decision,
-) -> (i32, Fate) {
+) -> (Verdict, Fate) {
     let to = &decision.to;
-    let routes_itself = decision.routes_itself;
-    let egress = if routes_itself || *to != packet.tuple() {
-        match forwarding::check(ctx, mode, packet, to, routes_itself) {
-            Checked::Go(egress) => egress,
-            Checked::Answered(verdict) => return (verdict, Fate::dropped()),
-        }
+    let hop = if C::IS_XDP {
+        decision.hop
     } else {
-        Egress::Kernel
+        match checked(ctx, mode, packet, to, decision.routes_itself) {
+            Ok(hop) => hop,
+            Err(verdict) => return (verdict, Fate::dropped()),
+        }
     };
+    let hop = &hop;
     if nat::rewrite(ctx, packet, to).is_err() {
         // A half-rewritten packet must not leave.
         mode.count(stat::REWRITE_FAILED);
-        return (DROP, Fate::dropped());
+        return (Verdict::Drop, Fate::dropped());
     }
-    let verdict = match egress {
-        Egress::Kernel => ACCEPT,
-        Egress::NoRoute => {
-            mode.count(stat::FIB_MISS);
-            ACCEPT
-        }
-        Egress::Routed { .. } if M::DRY_RUN => {
-            mode.routes_itself();
-            ACCEPT
-        }
-        Egress::Routed { ifindex } => match route::send(ctx, ifindex) {
-            Some(verdict) => verdict,
-            // The TTL was checked before the translation: only a packet the check could
-            // not answer gets here.
-            None => {
-                mode.count(stat::NOT_FORWARDABLE);
-                return (DROP, Fate::dropped());
-            }
-        },
+    // The TTL was checked before the translation: only a packet the check could not
+    // answer runs out of it here.
+    let Some(verdict) = route::send(ctx, mode, hop) else {
+        mode.count(stat::NOT_FORWARDABLE);
+        return (Verdict::Drop, Fate::dropped());
     };
     mode.count(decision.counter);
-    (verdict, Fate::forward(*to, routes_itself))
+    (verdict, Fate::forward(*to, decision.routes_itself))
 }
 
 /// Refuses `packet` with an ICMP port unreachable, sent back out of its device, if the
-/// ICMP rate limits allow; the rest of a refused datagram goes nowhere either.
+/// ICMP rate limits allow; the rest of a refused datagram goes nowhere either. XDP leaves
+/// it to tc, which builds the answer.
 #[inline(always)]
-fn refuse<C: Context, M: Mode>(ctx: &C, mode: &M, packet: &Packet) -> (i32, Fate) {
+fn refuse<C: Context, M: Mode>(ctx: &C, mode: &M, packet: &Packet) -> (Verdict, Fate) {
     let (verdict, counter) = match ctx.answer(packet, Answer::PortUnreachable, !M::DRY_RUN) {
+        Ok(Verdict::ToTc(reason)) => return (Verdict::ToTc(reason), Fate::dropped()),
         Ok(verdict) => (verdict, stat::REJECTED),
-        Err(NotAnswered::RateLimited) => (DROP, stat::REJECT_RATE_LIMITED),
-        Err(NotAnswered::IpOptions) => (DROP, stat::NO_BACKEND),
+        Err(NotAnswered::RateLimited) => (Verdict::Drop, stat::REJECT_RATE_LIMITED),
+        Err(NotAnswered::IpOptions) => (Verdict::Drop, stat::NO_BACKEND),
         // A half-rewritten packet must not leave.
-        Err(NotAnswered::HelperFailed) => (DROP, stat::REWRITE_FAILED),
+        Err(NotAnswered::HelperFailed) => (Verdict::Drop, stat::REWRITE_FAILED),
     };
     mode.count(counter);
     (verdict, Fate::dropped())

@@ -1,5 +1,5 @@
-//! The two ways to run the packet path: live (`epx_ingress`) and as a dry run
-//! (`epx_trace`).
+//! The two ways to run the packet path: live (`epx_ingress`, `epx_xdp`) and as a dry run
+//! (`epx_trace`, `epx_xdp_trace`).
 //!
 //! One generic packet path serves both, so a trace can never disagree with the program
 //! it explains. The live mode counts into STATS and writes conntrack entries; the dry run
@@ -39,12 +39,16 @@ pub trait Mode {
     /// The new connection chooses among `set`.
     fn set_chosen(&self, _set: &BackendSet) {}
     /// A new flow was given the backend in `slot` (1-based) of its set.
-    fn backend_selected(&self, _slot: u16, _backend_id: u32, _backend: &Backend) {}
+    fn backend_selected(&self, _slot: u16, _backend_id: u32, _backend: &Backend, _maglev: bool) {}
     /// A new flow was given the client's previous backend (session affinity).
     fn affinity_kept(&self, _backend_id: u32, _backend: &Backend) {}
-    /// The packet would now be routed by the program (FIB lookup and redirect): its source
-    /// became a node address (see `ct_flags::ROUTES_ITSELF`).
-    fn routes_itself(&self) {}
+    /// The packet would now be routed by the program (FIB lookup and redirect) out of
+    /// `egress_ifindex`: its source became a node address (see `ct_flags::ROUTES_ITSELF`).
+    fn routes_itself(&self, _egress_ifindex: u32) {}
+    /// The XDP program left the packet to tc (`reason`: a `proxy_common::to_tc` constant).
+    fn left_to_tc(&self, _reason: u8) {}
+    /// The XDP program's verdict, as its STATS counter (`stat::XDP_*`).
+    fn xdp_verdict(&self, _counter: u32) {}
     /// A first fragment: its later fragments are to be treated as `record` says (the live
     /// mode writes it to FRAGMENTS).
     fn first_fragment(&self, _record: &FragmentValue) {}
@@ -66,8 +70,13 @@ pub trait Mode {
                 self.affinity_kept(id, &backend);
                 Some((id, backend))
             }
-            Selection::Slot { slot, id, backend } => {
-                self.backend_selected(slot, id, &backend);
+            Selection::Slot {
+                slot,
+                id,
+                backend,
+                maglev,
+            } => {
+                self.backend_selected(slot, id, &backend, maglev);
                 Some((id, backend))
             }
             Selection::Missing => {
@@ -86,6 +95,11 @@ impl Mode for Live {
 
     #[inline(always)]
     fn count(&self, counter: u32) {
+        stats::count(counter);
+    }
+
+    #[inline(always)]
+    fn xdp_verdict(&self, counter: u32) {
         stats::count(counter);
     }
 }
@@ -165,9 +179,10 @@ impl Mode for DryRun {
     }
 
     #[inline(always)]
-    fn backend_selected(&self, slot: u16, backend_id: u32, backend: &Backend) {
+    fn backend_selected(&self, slot: u16, backend_id: u32, backend: &Backend, maglev: bool) {
         let record = self.record();
         record.slot = slot;
+        record.maglev = u8::from(maglev);
         record.backend_id = backend_id;
         record.backend = *backend;
     }
@@ -181,8 +196,15 @@ impl Mode for DryRun {
     }
 
     #[inline(always)]
-    fn routes_itself(&self) {
-        self.record().routes_reply = 1;
+    fn routes_itself(&self, egress_ifindex: u32) {
+        let record = self.record();
+        record.routes_reply = 1;
+        record.egress_ifindex = egress_ifindex;
+    }
+
+    #[inline(always)]
+    fn left_to_tc(&self, reason: u8) {
+        self.record().to_tc = reason;
     }
 
     #[inline(always)]

@@ -9,9 +9,11 @@
 //! the program, and the TCP/UDP checksum gets one difference for the addresses (which it
 //! covers through its pseudo-header) and one for the ports, through the context
 //! ([`Context::add_to_l4_checksum`]), which knows how the skb's checksum is to be completed.
+//! SCTP's CRC32c covers no addresses; a port change updates it in place
+//! ([`fix_sctp_checksum`]).
 
 use aya_ebpf::cty::c_long;
-use proxy_common::{Tuple, proto};
+use proxy_common::{Tuple, proto, sctp};
 
 use crate::{
     context::Context,
@@ -109,11 +111,14 @@ pub fn rewrite<C: Context>(ctx: &C, packet: &Packet, to: &Tuple) -> Result<(), c
             set_addresses(ip, to.src_addr, to.dst_addr, addresses);
         }
         if ports_changed {
-            let mut ports = [0u8; 4];
-            ports[..2].copy_from_slice(&to.src_port.to_ne_bytes());
-            ports[2..].copy_from_slice(&to.dst_port.to_ne_bytes());
-            *(l4 as *mut [u8; 4]) = ports;
+            *(l4 as *mut [u8; 4]) = port_bytes(to);
         }
+    }
+    if packet.proto == proto::SCTP {
+        if ports_changed {
+            fix_sctp_checksum(ctx, packet, &from, to)?;
+        }
+        return Ok(());
     }
     let udp = packet.proto == proto::UDP;
     let l4_csum = packet.l4_offset
@@ -127,6 +132,52 @@ pub fn rewrite<C: Context>(ctx: &C, packet: &Packet, to: &Tuple) -> Result<(), c
     }
     if ports_changed {
         ctx.add_to_l4_checksum(l4_csum, port_diff, false, udp)?;
+    }
+    Ok(())
+}
+
+/// The ports of `tuple` as the L4 header's first four bytes.
+#[inline(always)]
+pub fn port_bytes(tuple: &Tuple) -> [u8; 4] {
+    let mut ports = [0u8; 4];
+    ports[..2].copy_from_slice(&tuple.src_port.to_ne_bytes());
+    ports[2..].copy_from_slice(&tuple.dst_port.to_ne_bytes());
+    ports
+}
+
+/// Updates the CRC32c of an SCTP packet whose ports changed from `from`'s to `to`'s (the
+/// addresses are not under it). Two cases leave the field alone:
+/// - zero: the sender left the CRC to the device (`CHECKSUM_PARTIAL`; a pod's SCTP
+///   socket behind a veth, which offers SCTP CRC offload, sends it so), and the kernel or
+///   the NIC computes it over the rewritten packet on the way out. A tc program cannot
+///   read `ip_summed`, but the kernel's SCTP writes a zero field when it offloads, and a
+///   computed CRC is zero once in 2^32 packets.
+/// - the first fragment of a datagram: the CRC covers the whole datagram, whose length
+///   the fragment does not tell. SCTP sets DF and splits its own chunks to the path MTU,
+///   so such datagrams are rare; the receiver discards one, as a lost packet.
+#[inline(always)]
+fn fix_sctp_checksum<C: Context>(
+    ctx: &C,
+    packet: &Packet,
+    from: &Tuple,
+    to: &Tuple,
+) -> Result<(), c_long> {
+    let ip_header_len = (packet.l4_offset - L3_OFFSET) as u16;
+    let Some(len) = packet.ip.total_len.checked_sub(ip_header_len) else {
+        return Ok(());
+    };
+    if packet.is_first_fragment() || usize::from(len) < sctp::COMMON_HEADER_LEN {
+        return Ok(());
+    }
+    let header = parse::at(ctx, packet.l4_offset, sctp::COMMON_HEADER_LEN).ok_or(NOT_WRITABLE)?;
+    // SAFETY: within the common header, checked against data_end just above.
+    unsafe {
+        let field = (header + sctp::CHECKSUM_OFFSET) as *mut [u8; 4];
+        let stored = *field;
+        if stored != [0; 4] {
+            *field =
+                sctp::checksum_after_port_change(stored, port_bytes(from), port_bytes(to), len);
+        }
     }
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! Ethernet → IPv4 → TCP/UDP parsing into the few fields the balancer needs; later
+//! Ethernet → IPv4 → TCP/UDP/SCTP parsing into the few fields the balancer needs; later
 //! fragments and ICMP messages are told apart for their own paths.
 //!
 //! Headers are read in place (direct packet access), which costs a few instructions where
@@ -8,7 +8,7 @@
 //! lost.
 
 use network_types::eth::EthHdr;
-use proxy_common::{CtKey, FragmentKey, Tuple, icmp, proto, tcp_flags};
+use proxy_common::{CtKey, FragmentKey, Tuple, icmp, proto, sctp, tcp_flags};
 
 use crate::context::Context;
 
@@ -30,17 +30,18 @@ const IP_DONT_FRAGMENT: u8 = 0x40;
 const IP_MORE_FRAGMENTS: u8 = 0x20;
 const IP_FRAGMENT_OFFSET_HIGH: u8 = 0x1f;
 
-/// An IPv4 TCP or UDP packet's tuple and offsets. Addresses and ports are in wire byte
+/// An IPv4 TCP, UDP or SCTP packet's tuple and offsets. Addresses and ports are in wire byte
 /// order, as in the map keys.
 pub struct Packet {
-    /// Offset of the TCP/UDP header (after IPv4 options, if any).
+    /// Offset of the TCP/UDP/SCTP header (after IPv4 options, if any).
     pub l4_offset: usize,
     pub proto: u8,
     pub src_addr: u32,
     pub dst_addr: u32,
     pub src_port: u16,
     pub dst_port: u16,
-    /// TCP: the header's flag byte (`proxy_common::tcp_flags`); UDP: 0.
+    /// TCP: the header's flag byte (`proxy_common::tcp_flags`); SCTP: its first chunk read
+    /// as one (`sctp::tcp_flags_of`); UDP: 0.
     pub tcp_flags: u8,
     /// What forwarding and fragment tracking need from the IPv4 header.
     pub ip: IpFields,
@@ -56,7 +57,7 @@ pub struct IpFields {
     pub ttl: u8,
     /// Bits of [`ip_flags`].
     pub flags: u8,
-    /// Length of the TCP/UDP header (TCP: its data offset), for the size of a GSO segment.
+    /// Length of the L4 header (TCP: its data offset), for the size of a GSO segment.
     pub l4_header_len: u8,
 }
 
@@ -114,7 +115,7 @@ impl Packet {
     }
 
     /// A packet that can be the first answer to a flow: any UDP datagram, a TCP SYN-ACK
-    /// or reset.
+    /// or reset (SCTP: an INIT ACK, ABORT or SHUTDOWN COMPLETE).
     pub fn may_answer(&self) -> bool {
         let syn_ack = tcp_flags::SYN | tcp_flags::ACK;
         self.proto == proto::UDP
@@ -125,9 +126,9 @@ impl Packet {
 
 /// What the packet path does with a packet.
 pub enum Parsed {
-    /// A TCP/UDP packet (a whole datagram, or the first fragment of one).
+    /// A TCP/UDP/SCTP packet (a whole datagram, or the first fragment of one).
     Packet(Packet),
-    /// A later fragment of a TCP/UDP datagram.
+    /// A later fragment of a TCP/UDP/SCTP datagram.
     LaterFragment(LaterFragment),
     /// An ICMP message (not fragmented), its header at `l4_offset`.
     Icmp { l4_offset: usize },
@@ -199,10 +200,9 @@ fn parse<C: Context>(ctx: &C) -> Read {
     let dst_addr = u32::from_ne_bytes(unsafe { *((ip + 16) as *const [u8; 4]) });
     let l4_offset = L3_OFFSET + header_len;
     let offset_nonzero = fragment_high & IP_FRAGMENT_OFFSET_HIGH != 0 || fragment_low != 0;
-    let tracked = proto == proto::TCP || proto == proto::UDP;
     if offset_nonzero {
-        // No header of its own: only TCP/UDP datagrams have first fragments on record.
-        if !tracked {
+        // No header of its own: only balanced datagrams have first fragments on record.
+        if !proto::is_balanced(proto) {
             return Read::Done(Parsed::NotHandled);
         }
         return Read::Done(Parsed::LaterFragment(LaterFragment {
@@ -249,8 +249,25 @@ fn parse<C: Context>(ctx: &C) -> Read {
             };
             unsafe { (*(udp as *const [u8; 4]), 0, UDP_READ_LEN as u8) }
         }
+        proto::SCTP => {
+            let Some(sctp) = at(ctx, l4_offset, sctp::READ_LEN) else {
+                return missing(l4_offset + sctp::READ_LEN);
+            };
+            unsafe {
+                (
+                    *(sctp as *const [u8; 4]),
+                    sctp::TCP_FLAGS_OF_CHUNK
+                        [usize::from(*((sctp + sctp::COMMON_HEADER_LEN) as *const u8))],
+                    sctp::COMMON_HEADER_LEN as u8,
+                )
+            }
+        }
         _ => return Read::Done(Parsed::NotHandled),
     };
+    // The protocol read again from the packet: after the match the verifier would know it
+    // as a constant per arm and walk the rest of the path once per protocol.
+    // SAFETY: within the IPv4 header checked above.
+    let proto = unsafe { core::ptr::read_volatile((ip + 9) as *const u8) };
     Read::Done(Parsed::Packet(Packet {
         l4_offset,
         proto,

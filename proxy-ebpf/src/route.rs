@@ -5,9 +5,15 @@
 //! do both directions of an SNAT flow and of a hairpin flow through a NodePort. The
 //! kernel's forwarding path drops such packets as martians (a forwarded packet must not
 //! claim a local source), so the program does the forwarding step itself: a FIB lookup
-//! for the destination, a TTL decrement as the router would do, and a redirect to the
-//! egress device with the kernel resolving the next hop's MAC. The same lookup, given the
-//! packet's length, tells whether it fits the egress device's MTU (see `forwarding`).
+//! for the destination, a TTL decrement as the router would do, and the packet handed to
+//! the egress device by the context (tc: `bpf_redirect_neigh`, the kernel resolving the
+//! next hop's MAC; XDP: the MACs from the FIB written in place, then XDP_TX or a redirect).
+//! The same lookup, given the packet's length, tells whether it fits the egress device's
+//! MTU (see `forwarding`).
+//!
+//! The next hop is found before the packet is rewritten (and before a new flow is
+//! recorded), so a hook that cannot send the packet itself — XDP without the next hop's
+//! MAC, or towards a device without native XDP — leaves it untouched to tc.
 
 use core::mem::size_of;
 
@@ -25,7 +31,9 @@ use proxy_common::Tuple;
 use crate::{
     context::Context,
     csum,
+    mode::Mode,
     parse::{self, L3_OFFSET},
+    verdict::Verdict,
 };
 
 const AF_INET: u8 = 2;
@@ -61,11 +69,40 @@ fn fib<C: Context, T>(
 const IPV4_TTL_OFFSET: usize = 8;
 const IPV4_CSUM_OFFSET: usize = 10;
 
+/// Where a packet leaves when the program routes it: the egress device and, when the
+/// neighbour table knows it, the Ethernet addresses to use. Every field is always written
+/// (no `Option` around it): the verifier refuses to read a register that was never set,
+/// which an `Option`'s absent payload may compile to.
+#[derive(Clone, Copy)]
+pub struct Hop {
+    /// 0: the program does not route the packet; the kernel does.
+    pub ifindex: u32,
+    /// The FIB answered with the next hop's MAC (`dmac`) and the device's own (`smac`).
+    pub neighbour_known: bool,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+impl Hop {
+    /// The kernel routes the packet.
+    pub const KERNEL: Self = Self {
+        ifindex: 0,
+        neighbour_known: false,
+        smac: [0; 6],
+        dmac: [0; 6],
+    };
+
+    /// Whether the program sends the packet itself.
+    pub fn routed_here(&self) -> bool {
+        self.ifindex != 0
+    }
+}
+
 /// Where a packet of the tuple `to` goes, as the kernel's forwarding step would decide.
 #[derive(Clone, Copy)]
 pub enum Route {
-    /// Out of this device.
-    Via { ifindex: u32 },
+    /// Out of this hop's device.
+    Via(Hop),
     /// Larger than the route's MTU (which it names).
     TooBig { mtu: u16 },
     /// To this node: delivered, not forwarded.
@@ -95,12 +132,14 @@ pub fn lookup<C: Context>(ctx: &C, proto: u8, to: &Tuple, l3_len: u16) -> Route 
             params.__bindgen_anon_4.ipv4_dst = to.dst_addr;
         },
         |found, params| {
-            if found == i64::from(BPF_FIB_LKUP_RET_SUCCESS)
-                || found == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH)
-            {
-                Route::Via {
+            let neighbour_known = found == i64::from(BPF_FIB_LKUP_RET_SUCCESS);
+            if neighbour_known || found == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+                Route::Via(Hop {
                     ifindex: params.ifindex,
-                }
+                    neighbour_known,
+                    smac: params.smac,
+                    dmac: params.dmac,
+                })
             } else if found == i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) {
                 // SAFETY: the kernel stores the route's MTU in the union when it says so.
                 Route::TooBig {
@@ -116,16 +155,24 @@ pub fn lookup<C: Context>(ctx: &C, proto: u8, to: &Tuple, l3_len: u16) -> Route 
     route.unwrap_or(Route::None)
 }
 
-/// Forwards the already translated packet out of `ifindex` (found by [`lookup`]): the TTL
-/// decremented as a router does, the kernel resolving the next hop's MAC. `None` when the
-/// TTL is exhausted (the caller drops; the error, where one is due, was sent before the
-/// packet was translated).
+/// Sends the already translated packet on: to the kernel when `hop` is [`Hop::KERNEL`],
+/// else out of `hop` (found by [`lookup`], accepted by the context's `can_send`) with the
+/// TTL decremented as a router does; a dry run only records where. `None` when the TTL is
+/// exhausted: the caller drops the packet (the error, where one is due, was sent before
+/// the packet was translated).
 #[inline(always)]
-pub fn send<C: Context>(ctx: &C, ifindex: u32) -> Option<i32> {
+pub fn send<C: Context, M: Mode>(ctx: &C, mode: &M, hop: &Hop) -> Option<Verdict> {
+    if !hop.routed_here() {
+        return Some(Verdict::Accept);
+    }
+    if M::DRY_RUN {
+        mode.routes_itself(hop.ifindex);
+        return Some(Verdict::Accept);
+    }
     if !decrement_ttl(ctx) {
         return None;
     }
-    Some(ctx.redirect_neigh(ifindex))
+    Some(ctx.send(hop))
 }
 
 /// The node address a packet toward `addr` leaves with (`BPF_FIB_LOOKUP_SRC`, a

@@ -233,9 +233,9 @@ pub fn forward<M: Mode>(sock: &Sock, mode: &M, call: Call) -> Verdict {
     };
     let client = Client::Netns(netns);
     // A drawn slot without a backend (a header the daemon did not write): unreachable.
-    let Some((backend_id, backend)) =
-        mode.chosen(lb::select_backend(&frontend, &set, count, client, now_ns))
-    else {
+    let Some((backend_id, backend)) = mode.chosen(lb::select_backend(
+        &frontend, &set, count, client, None, now_ns,
+    )) else {
         return Verdict::Refused(EHOSTUNREACH);
     };
     if !M::DRY_RUN {

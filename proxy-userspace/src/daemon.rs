@@ -12,7 +12,7 @@
 //! stream of changes still at least once every period; the loop looks at the sync first,
 //! so no stream of events can hold it off.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -32,15 +32,16 @@ use crate::datapath::{Datapath, MapSizes};
 use crate::health::Health;
 use crate::metrics::{MapLabel, Metrics};
 use crate::model::{Model, ModelChanges, Problem};
-use crate::netlink::{self, Device, DevicePolicy, Netlink};
+use crate::netlink::{self, Device, DevicePolicy, DeviceRole, Netlink};
 use crate::node_port_addresses::NodePortAddresses;
-use crate::plan::{NodeFacts, Planner};
+use crate::plan::{NodeFacts, Planner, SelectionDefaults};
 use crate::service_health::ServiceHealthServers;
 use crate::socket_lb::terminate::Terminator;
 use crate::socket_lb::{self, SocketLbMode};
 use crate::source::kubernetes::{ApiServer, KubernetesSource};
 use crate::source::manifests::{ManifestWatcher, ParseLimits};
 use crate::writer::{ApplyReport, MapWriter};
+use crate::xdp::{Attached, XdpMode};
 
 /// Everything the daemon is told on the command line.
 #[derive(Clone, Debug)]
@@ -51,6 +52,11 @@ pub struct DaemonConfig {
     pub node_zone: Option<String>,
     pub bpffs_root: PathBuf,
     pub devices: DevicePolicy,
+    /// `--xdp`: the XDP program on the external devices.
+    pub xdp: XdpMode,
+    /// `--lb-algorithm`, `--maglev-table-size`: how external frontends choose backends
+    /// unless their Service's annotations say otherwise.
+    pub selection: SelectionDefaults,
     pub nodeport_addresses: NodePortAddresses,
     pub map_sizes: MapSizes,
     /// Conntrack idle timeouts per state.
@@ -98,6 +104,11 @@ struct Daemon {
     runner: SyncRunner,
     node: NodeFacts,
     attached: BTreeSet<Device>,
+    /// The external devices the XDP program is attached to, and how.
+    xdp_attached: BTreeMap<Device, Attached>,
+    /// Attaching waits for the first sync: the pins were of another layout, and the
+    /// previous release's program serves from them until then (see [`crate::layout`]).
+    held_for_upgrade: bool,
     health: Arc<Health>,
     /// The healthCheckNodePort servers of Services with externalTrafficPolicy Local.
     service_health: ServiceHealthServers,
@@ -122,7 +133,15 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         config.socket_lb,
     )?;
     let maps = datapath.take_maps()?;
-    attach_sockets(&mut datapath, &config)?;
+    if config.xdp != XdpMode::Off {
+        datapath.load_xdp()?;
+    }
+    // Across a change of the maps' layout, the old program keeps serving from the old
+    // maps until the first sync has filled the new ones.
+    let held_for_upgrade = datapath.upgrading();
+    if !held_for_upgrade {
+        attach_sockets(&mut datapath, &config)?;
+    }
     let health = Health::new(config.healthz_timeout);
     let (metrics, registry) = Metrics::new(Some(maps.stats));
     for (map, max) in [
@@ -166,6 +185,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         zone: config.node_zone.clone(),
         addresses: Vec::new(),
         nodeport_cidrs: config.nodeport_addresses.cidrs(None, None),
+        selection: config.selection,
         loopback_node_ports: config.socket_lb != SocketLbMode::Off,
     };
     let mut daemon = Daemon {
@@ -185,6 +205,8 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         ipv6_frontends_planned: 0,
         node,
         attached: BTreeSet::new(),
+        xdp_attached: BTreeMap::new(),
+        held_for_upgrade,
         service_health: ServiceHealthServers::new(health.clone()),
         health,
         metrics,
@@ -214,7 +236,12 @@ impl Daemon {
             tokio::select! {
                 // First: a due sync runs before any further event is taken in.
                 biased;
-                () = until(sync_due) => self.sync(),
+                () = until(sync_due) => {
+                    self.sync();
+                    if self.held_for_upgrade && self.source.has_synced() {
+                        self.complete_upgrade().await?;
+                    }
+                }
                 _ = sigterm.recv() => break,
                 _ = sigint.recv() => break,
                 Some(()) = self.netlink.events.recv() => {
@@ -249,6 +276,27 @@ impl Daemon {
         Ok(())
     }
 
+    /// The first sync after an upgrade across a change of the maps' layout has filled the
+    /// new maps: converts the previous conntrack, swaps the new programs into the pinned
+    /// links, converts what the old program created meanwhile, and removes the old pins.
+    async fn complete_upgrade(&mut self) -> Result<()> {
+        self.datapath.convert_flows("before the swap");
+        self.held_for_upgrade = false;
+        let started = Instant::now();
+        attach_sockets(&mut self.datapath, &self.config)?;
+        if self.reconcile_devices().await {
+            self.need_full_sync = true;
+            self.runner.request(tokio::time::Instant::now());
+        }
+        let swapped_us = started.elapsed().as_micros() as u64;
+        self.datapath.finish_upgrade()?;
+        info!(
+            devices = self.attached.len(),
+            swapped_us, "upgrade complete: this release's program runs on every attached device"
+        );
+        Ok(())
+    }
+
     /// Attaches to new devices, forgets vanished ones, refreshes node addresses. Returns
     /// whether the node addresses changed (then NodePort frontends must be re-planned).
     async fn reconcile_devices(&mut self) -> bool {
@@ -262,7 +310,12 @@ impl Daemon {
         let devices: BTreeSet<Device> = netlink::select_devices(&interfaces, &self.config.devices)
             .into_iter()
             .collect();
-        for device in devices.difference(&self.attached.clone()) {
+        let attachable = if self.held_for_upgrade {
+            BTreeSet::new()
+        } else {
+            devices.clone()
+        };
+        for device in attachable.difference(&self.attached.clone()) {
             match self.datapath.attach(device) {
                 Ok(()) => {
                     info!(device = %device.name, ifindex = device.index, role = ?device.role, "attached");
@@ -275,8 +328,20 @@ impl Daemon {
             }
         }
         self.attached.retain(|device| devices.contains(device));
+        self.reconcile_xdp(&devices);
         let current: Vec<Device> = self.attached.iter().cloned().collect();
-        match self.datapath.release_stale_links(&current) {
+        // While held, the pinned links are the previous release's, which keep serving.
+        let release = if self.held_for_upgrade {
+            Ok(Vec::new())
+        } else {
+            let xdp: Vec<(Device, Attached)> = self
+                .xdp_attached
+                .iter()
+                .map(|(device, attached)| (device.clone(), *attached))
+                .collect();
+            self.datapath.release_stale_links(&current, &xdp)
+        };
+        match release {
             Ok(released) => {
                 for pin in released {
                     info!(%pin, "released the link of a vanished device");
@@ -291,6 +356,41 @@ impl Daemon {
             return true;
         }
         false
+    }
+
+    /// Attaches the XDP program to the external devices that have the tc program and no XDP
+    /// program yet, forgets vanished ones, and keeps XDP_EGRESS equal to the native ones.
+    fn reconcile_xdp(&mut self, devices: &BTreeSet<Device>) {
+        self.xdp_attached
+            .retain(|device, _| devices.contains(device));
+        let external = self.attached.iter().filter(|device| {
+            device.role == DeviceRole::External && self.config.xdp != XdpMode::Off
+        });
+        for device in external.cloned().collect::<Vec<_>>() {
+            if self.xdp_attached.contains_key(&device) {
+                continue;
+            }
+            match self.datapath.attach_xdp(&device, self.config.xdp) {
+                Ok(Some(attached)) => {
+                    info!(device = %device.name, ifindex = device.index, mode = %attached, "XDP attached");
+                    self.xdp_attached.insert(device, attached);
+                }
+                Ok(None) => {}
+                // Retried on the next event or resync; tc serves the device meanwhile.
+                Err(error) => {
+                    warn!(device = %device.name, error = format!("{error:#}"), "XDP attach failed")
+                }
+            }
+        }
+        let native: Vec<u32> = self
+            .xdp_attached
+            .iter()
+            .filter(|(_, attached)| **attached == Attached::Native)
+            .map(|(device, _)| device.index)
+            .collect();
+        if let Err(error) = self.datapath.set_xdp_egress(&native) {
+            warn!(error = format!("{error:#}"), "writing XDP_EGRESS failed");
+        }
     }
 
     fn sync(&mut self) {
@@ -377,6 +477,14 @@ impl Daemon {
                 map_names::MEMBERSHIP => (
                     sizes.backend_slots.saturating_add(sizes.services),
                     "--max-backend-slots",
+                ),
+                map_names::MAGLEV => (
+                    sizes
+                        .maglev_tables
+                        .saturating_mul(proxy_common::maglev::chunks(
+                            proxy_common::maglev::DEFAULT_TABLE_SIZE,
+                        )),
+                    "--max-maglev-tables",
                 ),
                 _ => (0, "its size"),
             };

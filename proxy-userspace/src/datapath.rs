@@ -6,11 +6,16 @@
 //! already pinned gets the new program swapped in atomically (`bpf_link_update`), with no
 //! moment where packets pass unbalanced.
 //!
-//! Layout of the bpffs root: `SERVICES`, `BACKEND_SLOTS`, `BACKEND_IDS`, `CONNTRACK`,
+//! Pins of another layout (an upgrade across a change of the maps) are set aside and
+//! replaced, their conntrack converted, before the new program is swapped in (see
+//! [`layout`](crate::layout)).
+//!
+//! Layout of the bpffs root: `LAYOUT`, `SERVICES`, `BACKEND_SLOTS`, `BACKEND_IDS`, `CONNTRACK`,
 //! `CONNTRACK_PENDING`, `CT_TIMEOUTS`, `STATS`, `AFFINITY`, `MEMBERSHIP`,
 //! `MEMBERSHIP_EPOCH`, `SVC_NAMES`, `SOURCE_RANGES`, `DEVICES`, `SOCK_XLATE`,
-//! `SOCK_AFFINITY` (maps), `links/<ifindex>-<ifname>` (tcx ingress links) and
-//! `sock-links/<program>` (the socket programs' cgroup links, see
+//! `SOCK_AFFINITY`, `XDP_EGRESS` (maps), `links/<ifindex>-<ifname>` (tcx ingress links),
+//! `links/xdp-<mode>-<ifindex>-<ifname>` (XDP links of the external devices, see
+//! [`crate::xdp`]) and `sock-links/<program>` (the socket programs' cgroup links, see
 //! [`socket_lb`](crate::socket_lb)).
 
 use std::collections::BTreeSet;
@@ -19,23 +24,27 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow};
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, xdp::DevMapHash};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::TcAttachOptions;
-use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions};
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, Xdp};
 use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::{
     CtTimeouts, PROGRAM_NAME, REFUSAL_LIMITS_GLOBAL, RefusalLimits, SNAT_PORT_MAX_GLOBAL,
-    SNAT_PORT_MIN_GLOBAL, device_kind, map_names, sock_globals,
+    SNAT_PORT_MIN_GLOBAL, XDP_PROGRAM_NAME, device_kind, map_names, sock_globals,
 };
 use tracing::{info, warn};
 
+use proxy_common::maglev::DEFAULT_TABLE_SIZE;
+
 use crate::conntrack::ConntrackSizes;
+use crate::layout::{self, Upgrade, legacy_conntrack};
 use crate::netlink::{Device, DeviceRole};
 use crate::pin_root::PinRoot;
 use crate::socket_lb::{self, SocketLbMode};
 use crate::writer::WriterMaps;
+use crate::xdp::{self, Attached, XdpMode};
 
 /// Where the daemon pins, and the CLI looks, unless told otherwise (`--bpffs-root`).
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/ebpf-proxy";
@@ -50,6 +59,8 @@ pub struct MapSizes {
     pub backend_slots: u32,
     /// Distinct backends (BACKEND_IDS).
     pub backends: u32,
+    /// Maglev tables of the default size (MAGLEV holds this many tables' chunks).
+    pub maglev_tables: u32,
     pub conntrack: ConntrackSizes,
     /// FRAGMENTS: fragmented datagrams in flight whose later fragments follow the first.
     pub fragments: u32,
@@ -106,6 +117,7 @@ impl Default for MapSizes {
             services: max::SERVICES,
             backend_slots: max::BACKEND_SLOTS,
             backends: max::BACKENDS,
+            maglev_tables: max::MAGLEV / proxy_common::maglev::chunks(DEFAULT_TABLE_SIZE),
             conntrack: ConntrackSizes::default(),
             fragments: max::FRAGMENTS,
             snat_ports: SnatPortRange::default(),
@@ -124,8 +136,12 @@ pub struct Maps {
 /// The loaded programs and their attachments.
 pub struct Datapath {
     ebpf: Ebpf,
+    root: PathBuf,
     links_dir: PathBuf,
     socket_links_dir: PathBuf,
+    timeouts: CtTimeouts,
+    /// The pins of another layout, until the new program is swapped in.
+    upgrade: Option<Upgrade>,
     /// This daemon's claim on the pins, held while it runs.
     _pin_root: PinRoot,
 }
@@ -142,6 +158,7 @@ impl Datapath {
         socket_lb: SocketLbMode,
     ) -> Result<Self> {
         let pin_root = PinRoot::prepare(root)?;
+        let upgrade = layout::set_aside(root)?;
         let host_netns = match socket_lb {
             SocketLbMode::Off => 0,
             SocketLbMode::Host | SocketLbMode::All => socket_lb::own_netns_cookie()?,
@@ -180,6 +197,12 @@ impl Datapath {
                 sizes.backend_slots.saturating_add(sizes.services),
             )
             .map_max_entries(map_names::BACKEND_IDS, sizes.backends)
+            .map_max_entries(
+                map_names::MAGLEV,
+                sizes
+                    .maglev_tables
+                    .saturating_mul(proxy_common::maglev::chunks(DEFAULT_TABLE_SIZE)),
+            )
             .map_max_entries(map_names::FRAGMENTS, sizes.fragments)
             .override_global(SNAT_PORT_MIN_GLOBAL, &sizes.snat_ports.min, true)
             .override_global(SNAT_PORT_MAX_GLOBAL, &sizes.snat_ports.max, true)
@@ -198,12 +221,67 @@ impl Datapath {
             .load()
             .context("loading the tc program into the kernel")?;
         set_timeouts(&mut ebpf, timeouts)?;
+        layout::record(root)?;
         Ok(Self {
             ebpf,
+            root: root.to_path_buf(),
             links_dir,
             socket_links_dir: socket_lb::links_dir(root),
+            timeouts,
+            upgrade,
             _pin_root: pin_root,
         })
+    }
+
+    /// Loads the XDP program (`--xdp` other than `off`), which shares the tc program's maps.
+    pub fn load_xdp(&mut self) -> Result<()> {
+        xdp_program(&mut self.ebpf)?
+            .load()
+            .context("loading the XDP program into the kernel")
+    }
+
+    /// Attaches the XDP program to the external `device` as `mode` asks (with `off`, removes
+    /// an XDP link a previous daemon left there); how it is attached now.
+    pub fn attach_xdp(&mut self, device: &Device, mode: XdpMode) -> Result<Option<Attached>> {
+        let links_dir = self.links_dir.clone();
+        xdp::attach(xdp_program(&mut self.ebpf)?, &links_dir, device, mode)
+    }
+
+    /// Makes XDP_EGRESS name exactly the devices in `native` (ifindexes).
+    pub fn set_xdp_egress(&mut self, native: &[u32]) -> Result<()> {
+        let map = self
+            .ebpf
+            .map_mut(map_names::XDP_EGRESS)
+            .ok_or_else(|| anyhow!("map {} missing from the eBPF object", map_names::XDP_EGRESS))?;
+        let mut egress: DevMapHash<&mut MapData> = map.try_into()?;
+        xdp::set_egress(&mut egress, native)
+    }
+
+    /// Whether pins of another layout wait for this daemon's program to be swapped in:
+    /// then attach only after the first sync has filled the new maps, between
+    /// [`Self::convert_flows`] and [`Self::finish_upgrade`].
+    pub fn upgrading(&self) -> bool {
+        self.upgrade.is_some()
+    }
+
+    /// Converts the flows of the previous conntrack into the new maps (those already
+    /// there are left alone), and logs what it did.
+    pub fn convert_flows(&self, pass: &str) {
+        if let Some(upgrade) = &self.upgrade {
+            let result = legacy_conntrack::migrate(upgrade.previous(), &self.root, &self.timeouts);
+            layout::report_migration(&result, pass);
+        }
+    }
+
+    /// After the swap: converts the flows the old program created meanwhile, then removes
+    /// the pins of the previous layout.
+    pub fn finish_upgrade(&mut self) -> Result<()> {
+        self.convert_flows("after the swap");
+        if let Some(upgrade) = self.upgrade.take() {
+            let removed = upgrade.finish()?;
+            info!(maps = ?removed, "removed the pins of the previous layout");
+        }
+        Ok(())
     }
 
     /// Takes the maps out of the object. Call once.
@@ -233,6 +311,12 @@ impl Datapath {
             .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing from the eBPF object"))?
             .try_into()?;
         run_frame(program, frame)
+    }
+
+    /// Runs `frame` through the XDP program (loaded by [`Datapath::load_xdp`]) as arriving
+    /// on the test run's loopback, as [`Datapath::test_run`] runs the tc program.
+    pub fn test_run_xdp(&mut self, frame: &[u8]) -> Result<crate::xdp::XdpRun> {
+        crate::xdp::run_frame(xdp_program(&mut self.ebpf)?, frame, 0)
     }
 
     /// DEVICES, which names the kind of every device the program is attached to.
@@ -316,9 +400,14 @@ impl Datapath {
     }
 
     /// Removes the pins of links whose device is gone (or renamed, or re-created with a
-    /// new index), which releases those links. Returns the names of the released pins.
-    /// DEVICES forgets them too.
-    pub fn release_stale_links(&mut self, devices: &[Device]) -> Result<Vec<String>> {
+    /// new index), and of XDP links not in `xdp` (a device without XDP now, or in another
+    /// mode), which releases those links. Returns the names of the released pins. DEVICES
+    /// forgets the gone devices too.
+    pub fn release_stale_links(
+        &mut self,
+        devices: &[Device],
+        xdp: &[(Device, Attached)],
+    ) -> Result<Vec<String>> {
         let indexes: BTreeSet<u32> = devices.iter().map(|device| device.index).collect();
         let mut named = self.devices()?;
         let gone: Vec<u32> = named
@@ -329,7 +418,11 @@ impl Datapath {
         for index in gone {
             let _ = named.remove(&index);
         }
-        let keep: BTreeSet<PathBuf> = devices.iter().map(|d| self.link_pin(d)).collect();
+        let mut keep: BTreeSet<PathBuf> = devices.iter().map(|d| self.link_pin(d)).collect();
+        keep.extend(xdp::link_pins(
+            &self.links_dir,
+            xdp.iter().map(|(device, attached)| (device, *attached)),
+        ));
         unpin_links(&self.links_dir, |pin| keep.contains(pin))
     }
 }
@@ -414,17 +507,41 @@ pub fn set_timeouts(ebpf: &mut Ebpf, timeouts: CtTimeouts) -> Result<()> {
 /// program's return value and the frame it leaves. The dry run, the tests and the
 /// benchmark's checks run packets this way.
 pub fn run_frame(program: &SchedClassifier, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+    run_frame_on(program, frame, 0)
+}
+
+/// [`run_frame`] as if the frame arrived on `ifindex` (0: the test run's loopback), which
+/// the program's FIB lookups start from.
+pub fn run_frame_on(
+    program: &SchedClassifier,
+    frame: &[u8],
+    ifindex: u32,
+) -> Result<(u32, Vec<u8>)> {
     // Room for what the program may add (an ICMP error grows the frame).
     let mut output = vec![0; frame.len() + 256];
+    // `struct __sk_buff` up to `ifindex` (the kernel takes a prefix, the rest zero):
+    // `ingress_ifindex` and `ifindex` are its 10th and 11th words.
+    let mut context = [0u32; 11];
+    context[9] = ifindex;
+    context[10] = ifindex;
+    let context: Vec<u8> = context.iter().flat_map(|word| word.to_ne_bytes()).collect();
     let result = program
         .test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut output),
+            ctx_in: (ifindex != 0).then_some(&context[..]),
             ..TestRunOptions::default()
         })
         .context("BPF_PROG_TEST_RUN")?;
     output.truncate(result.data_size_out as usize);
     Ok((result.return_value, output))
+}
+
+fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
+    let program = ebpf
+        .program_mut(XDP_PROGRAM_NAME)
+        .ok_or_else(|| anyhow!("program {XDP_PROGRAM_NAME} missing from the eBPF object"))?;
+    Ok(program.try_into()?)
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {

@@ -20,6 +20,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod health;
 pub mod inspect;
+pub mod layout;
 pub mod metrics;
 pub mod model;
 pub mod netlink;
@@ -30,6 +31,7 @@ pub mod service_health;
 pub mod socket_lb;
 pub mod source;
 pub mod writer;
+pub mod xdp;
 
 /// The kernel programs, built from proxy-ebpf by build.rs.
 pub const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));

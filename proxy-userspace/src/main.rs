@@ -8,15 +8,18 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use proxy_common::CtTimeouts;
+use proxy_common::maglev::DEFAULT_TABLE_SIZE;
 use proxy_userspace::conntrack::{self, ConntrackSizes};
 use proxy_userspace::daemon::{self, DaemonConfig, SourceConfig};
 use proxy_userspace::datapath::{DEFAULT_BPFFS_ROOT, MapSizes, SnatPortRange};
 use proxy_userspace::inspect;
+use proxy_userspace::model::selection::{Algorithm, SelectionDefaults, parse_table_size};
 use proxy_userspace::netlink::DevicePolicy;
 use proxy_userspace::node_port_addresses::NodePortAddresses;
 use proxy_userspace::socket_lb::SocketLbMode;
 use proxy_userspace::source::kubernetes::ApiServer;
 use proxy_userspace::source::manifests::ParseLimits;
+use proxy_userspace::xdp::XdpMode;
 
 /// A kube-proxy replacement whose datapath runs in the kernel as eBPF.
 #[derive(Parser)]
@@ -78,6 +81,23 @@ struct DaemonArgs {
     /// interfaces holding the node's addresses, except loopback and pod devices].
     #[arg(long, value_delimiter = ',')]
     devices: Option<Vec<String>>,
+    /// The XDP program on the external devices: `native` (in the driver; generic where the
+    /// driver has none), `generic`, or `off` (tc only). It handles outside traffic to
+    /// NodePorts, externalIPs and load-balancer IPs ahead of tc and leaves tc the rest.
+    /// Off by default, as measured: on veths it costs more than it saves (see README).
+    #[arg(long, value_enum, default_value_t = XdpMode::Off)]
+    xdp: XdpMode,
+    /// How NodePorts, externalIPs and load-balancer IPs choose a new connection's backend:
+    /// `random` (kube-proxy's) or `maglev` (consistent hashing: every node picks the same
+    /// backend for a client's flow); a Service's `ebpf-proxy.io/lb-algorithm` annotation
+    /// overrides it. ClusterIPs always choose at random.
+    #[arg(long, default_value = "random")]
+    lb_algorithm: Algorithm,
+    /// Positions in each Maglev table, one of the primes 251, 509, 1021, 2039, 4093, 8191,
+    /// 16381, 32749, 65521, 131071 (about 100 per backend keeps the shares within 1 %); a
+    /// Service's `ebpf-proxy.io/maglev-table-size` annotation overrides it.
+    #[arg(long, default_value_t = DEFAULT_TABLE_SIZE, value_parser = parse_table_size)]
+    maglev_table_size: u32,
     /// Glob patterns naming the host side of pod veths; attached as they appear.
     #[arg(
         long,
@@ -102,6 +122,11 @@ struct DaemonArgs {
     /// BACKEND_IDS size: distinct backends (address, port, protocol).
     #[arg(long, default_value_t = MapSizes::default().backends)]
     max_backends: u32,
+    /// MAGLEV size, in Maglev tables of the default 16381 positions (64 KiB of kernel
+    /// memory each, taken only while it exists): one per external frontend of a Maglev
+    /// Service; a table of another size counts in proportion.
+    #[arg(long, default_value_t = MapSizes::default().maglev_tables)]
+    max_maglev_tables: u32,
     /// CONNTRACK map size: assured flows, two entries each, the least recently used evicted
     /// when full; CONNTRACK_PENDING (flows not yet assured) gets a quarter of it [default:
     /// from the machine's memory, see --conntrack-memory-ratio].
@@ -253,12 +278,18 @@ impl DaemonArgs {
                 external: self.devices,
                 pod_patterns: self.pod_devices,
             },
+            xdp: self.xdp,
+            selection: SelectionDefaults {
+                algorithm: self.lb_algorithm,
+                table_size: self.maglev_table_size,
+            },
             nodeport_addresses: NodePortAddresses::parse(&self.nodeport_addresses)
                 .map_err(|problem| anyhow::anyhow!("--nodeport-addresses: {problem}"))?,
             map_sizes: MapSizes {
                 services: self.max_services,
                 backend_slots: self.max_backend_slots,
                 backends: self.max_backends,
+                maglev_tables: self.max_maglev_tables,
                 conntrack,
                 fragments: self.max_fragments,
                 snat_ports: self.snat_port_range,

@@ -1,8 +1,9 @@
 //! The packets around a translated flow, through `BPF_PROG_TEST_RUN`, whole frames in and
 //! out as in `testrun`: IP fragments of its datagrams (later ones follow the first), ICMP
 //! errors about its packets (translated outer and quoted headers, every checksum), and the
-//! forwarding checks' own errors ("fragmentation needed", "time exceeded"). Every expected
-//! frame is built from scratch here, its checksums computed independently.
+//! forwarding checks' own errors ("fragmentation needed", "time exceeded"), and the XDP
+//! program leaving fragments and ICMP errors to tc. Every expected frame is built from
+//! scratch here, its checksums computed independently.
 
 mod datapath;
 
@@ -11,6 +12,7 @@ use datapath::*;
 use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
 use proxy_common::{proto, service_flags, stat};
 use proxy_userspace::inspect::trace::{Fragment, IcmpError, IcmpKind, TracePacket};
+use proxy_userspace::xdp::XDP_PASS;
 
 const ETHERNET: usize = 14;
 const IPV4: usize = 20;
@@ -182,6 +184,15 @@ fn assert_icmp_checksums_valid(frame: &[u8]) {
     );
 }
 
+/// Asserts tc passes the ICMP error `error` on as `want`, byte for byte, with valid
+/// checksums.
+fn assert_error_translated(datapath: &Datapath, error: &[u8], want: &[u8]) {
+    let (verdict, out) = datapath.run(error);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, want, "{out:02x?}");
+    assert_icmp_checksums_valid(&out);
+}
+
 #[test]
 fn fragments_of_a_cluster_ip_datagram_follow_their_first_fragment_both_ways() {
     let Some(mut datapath) = Datapath::load() else {
@@ -344,10 +355,7 @@ fn a_backends_port_unreachable_reaches_the_client_from_the_service() {
         port_unreachable(),
         &query.build(),
     );
-    let (verdict, out) = datapath.run(&error);
-    assert_eq!(verdict, TC_ACT_OK);
-    assert_eq!(out, want, "{out:02x?}");
-    assert_icmp_checksums_valid(&out);
+    assert_error_translated(&datapath, &error, &want);
     datapath.assert_stats(&[
         (stat::CT_MISS, 1),
         (stat::NEW_FLOW, 1),
@@ -383,10 +391,7 @@ fn a_routers_error_about_a_tcp_segment_to_a_remote_backend_reaches_the_client() 
         frag_needed(1000),
         &syn.between(CLIENT, VIP).build(),
     );
-    let (verdict, out) = datapath.run(&error);
-    assert_eq!(verdict, TC_ACT_OK);
-    assert_eq!(out, want, "{out:02x?}");
-    assert_icmp_checksums_valid(&out);
+    assert_error_translated(&datapath, &error, &want);
 }
 
 #[test]
@@ -624,4 +629,74 @@ fn trace_explains_a_later_fragment_and_an_icmp_error() {
     // A dry run writes nothing.
     assert_eq!(datapath.stats(), stats);
     assert_eq!(datapath.fragments(), fragments_recorded);
+}
+
+/// XDP (`epx_xdp`, on an external device) leaves every fragment of a datagram, the first
+/// too, and every ICMP error to tc, untouched and with nothing recorded; tc then
+/// translates them as their flow, which XDP opened.
+#[test]
+fn xdp_leaves_fragments_and_icmp_errors_to_tc_which_translates_them() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    let server = addr(BACKEND_1.ip().octets(), 53);
+    let dns = addr(VIP.ip().octets(), 53);
+    datapath.add_service(frontend(dns, proto::UDP), &[backend(server, proto::UDP)]);
+    let left_to_tc = |frame: &[u8]| {
+        let run = datapath.run_xdp(frame);
+        assert_eq!((run.action, run.decided), (XDP_PASS, false), "left to tc");
+        assert_eq!(run.frame, frame, "untouched");
+    };
+
+    // A small query: XDP opens the flow.
+    let query = Frame::new(CLIENT, dns, UDP);
+    let run = datapath.run_xdp(&query.build());
+    assert_eq!((run.action, run.decided), (XDP_PASS, true));
+    assert_eq!(run.frame, query.between(CLIENT, server).build());
+
+    // A 4,000-byte query of the same socket: XDP leaves all its fragments to tc, which
+    // translates them as the flow.
+    let big = Frame {
+        payload: payload(4000 - IPV4 - 8),
+        ..query
+    };
+    let sent = fragments(&big.build());
+    let flows = datapath.conntrack();
+    for fragment in &sent {
+        left_to_tc(fragment);
+    }
+    assert_eq!(datapath.conntrack(), flows, "XDP recorded nothing");
+    let translated = fragments(&big.between(CLIENT, server).build());
+    assert_fragments(&datapath, &sent, TC_ACT_OK, &translated);
+
+    // The backend answers (through its pod's device: tc); the client's host no longer
+    // listens and answers port unreachable, which arrives on the external device: XDP
+    // leaves it to tc, which sends it on to the backend about the answer as it sent it.
+    let answer = Frame::new(server, CLIENT, UDP);
+    assert_translated(&datapath, answer, answer.between(dns, CLIENT));
+    let error = icmp_error(
+        CLIENT.ip().octets(),
+        dns.ip().octets(),
+        port_unreachable(),
+        &answer.between(dns, CLIENT).build(),
+    );
+    left_to_tc(&error);
+    let want = icmp_error(
+        CLIENT.ip().octets(),
+        server.ip().octets(),
+        port_unreachable(),
+        &answer.build(),
+    );
+    assert_error_translated(&datapath, &error, &want);
+
+    datapath.assert_stats(&[
+        (stat::CT_MISS, 1),
+        (stat::NEW_FLOW, 1),
+        (stat::XDP_PASS, 1),
+        (stat::XDP_TO_TC, 4),
+        (stat::CT_HIT, 1),
+        (stat::FRAGMENT, 2),
+        (stat::REPLY, 1),
+        (stat::ICMP_ERROR, 1),
+    ]);
 }

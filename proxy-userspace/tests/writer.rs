@@ -48,6 +48,7 @@ fn desired(frontends: u8, backends: u8) -> DesiredState {
             session_affinity: Some(Duration::from_secs(60)),
             serving_addrs: Vec::new(),
             source_ranges: Vec::new(),
+            selection: proxy_userspace::plan::Selection::Random,
         };
         let address = Frontend {
             addr: Ipv4Addr::new(198, 19, 0, 1 + frontend).into(),

@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use proxy_lab::{Daemon, Lab, Netns, Pod, Service, addr};
+use proxy_lab::{Cluster, ClusterNode, Daemon, Endpoint, Lab, Netns, Pod, Service, addr};
 use serde_json::Value;
 
 /// Service ports of the test Services (the pods listen on the lab's echo ports).
@@ -117,4 +117,35 @@ pub fn flows_of(daemon: &Daemon, client: Ipv4Addr, extra: &[&str]) -> Result<Vec
         Value::Array(flows) => Ok(flows),
         other => bail!("conntrack JSON is not an array: {other}"),
     }
+}
+
+/// The pods of a cluster node, as endpoints on that node.
+pub fn endpoints_on(node: &ClusterNode) -> Vec<Endpoint> {
+    node.pods()
+        .iter()
+        .map(|pod| Endpoint::of(pod).on_node(&node.name))
+        .collect()
+}
+
+/// One daemon on each of nodes 1 and 2 of `cluster`, each with `service` over `endpoints`
+/// and `--xdp xdp`, synced.
+pub fn daemons_on_nodes_1_and_2<'lab>(
+    cluster: &'lab Cluster,
+    service: &Service,
+    endpoints: &[Endpoint],
+    xdp: &str,
+) -> Result<Vec<Daemon<'lab>>> {
+    let daemons = (1..=2)
+        .map(|k| {
+            cluster
+                .daemon(k)
+                .manifest(service.manifest_with(endpoints))
+                .args(["--xdp", xdp])
+                .start()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for daemon in &daemons {
+        daemon.wait_synced(SYNC_TIMEOUT)?;
+    }
+    Ok(daemons)
 }

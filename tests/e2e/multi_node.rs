@@ -9,6 +9,9 @@
 //! - externalTrafficPolicy=Local: the node with the endpoint serves NodePort traffic and the
 //!   backend sees the client's own address; the node without one drops. Its
 //!   healthCheckNodePort answers 200 on the node with endpoints, 503 on the other.
+//!
+//! The traffic tests run with tc alone and with the XDP program on the nodes' devices
+//! (`--xdp off`, `--xdp native`).
 
 mod common;
 
@@ -17,8 +20,8 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use anyhow::{Result, bail, ensure};
-use common::{SERVICE_TCP_PORT, SERVICE_UDP_PORT, SYNC_TIMEOUT};
-use proxy_lab::{Cluster, ClusterNode, Daemon, Endpoint, Service, addr, is_timeout, require_lab};
+use common::{SERVICE_TCP_PORT, SERVICE_UDP_PORT, daemons_on_nodes_1_and_2, endpoints_on};
+use proxy_lab::{Cluster, Service, addr, is_timeout, require_lab};
 
 /// The Service's `healthCheckNodePort` (the API allocates it from the NodePort range).
 const HEALTH_CHECK_NODE_PORT: u16 = 32000;
@@ -32,42 +35,26 @@ fn cluster() -> Result<Cluster> {
     Cluster::builder().pods_per_node(&[1, 2]).build()
 }
 
-/// Every pod of `node` as a ready endpoint on that node.
-fn endpoints_on(node: &ClusterNode) -> Vec<Endpoint> {
-    node.pods()
-        .iter()
-        .map(|pod| Endpoint::of(pod).on_node(&node.name))
-        .collect()
-}
-
-/// One daemon per node, each with `service` over `endpoints`, synced.
-fn daemons<'lab>(
-    cluster: &'lab Cluster,
-    service: &Service,
-    endpoints: &[Endpoint],
-) -> Result<Vec<Daemon<'lab>>> {
-    let daemons = (1..=2)
-        .map(|k| {
-            cluster
-                .daemon(k)
-                .manifest(service.manifest_with(endpoints))
-                .start()
-        })
-        .collect::<Result<Vec<_>>>()?;
-    for daemon in &daemons {
-        daemon.wait_synced(SYNC_TIMEOUT)?;
-    }
-    Ok(daemons)
-}
+/// The `--xdp` modes the traffic tests run with.
+const XDP_MODES: [&str; 2] = ["off", "native"];
 
 #[test]
 fn cluster_ip_from_a_pod_reaches_backends_on_another_node() -> Result<()> {
     require_lab!();
+    for xdp in XDP_MODES {
+        cluster_ip_reaches_backends_on_another_node(xdp)
+            .map_err(|error| error.context(format!("--xdp {xdp}")))?;
+    }
+    Ok(())
+}
+
+fn cluster_ip_reaches_backends_on_another_node(xdp: &str) -> Result<()> {
     let cluster = cluster()?;
     let service = Service::cluster_ip("echo", addr::CLUSTER_IP)
         .tcp(SERVICE_TCP_PORT, addr::ECHO_TCP_PORT)
         .udp(SERVICE_UDP_PORT, addr::ECHO_UDP_PORT);
-    let _daemons = daemons(&cluster, &service, &endpoints_on(cluster.node(2)))?;
+    let _daemons =
+        daemons_on_nodes_1_and_2(&cluster, &service, &endpoints_on(cluster.node(2)), xdp)?;
     let caller = &cluster.node(1).pod(1).ns;
 
     let mut served = BTreeSet::new();
@@ -98,13 +85,21 @@ const SNAT_CONNECTIONS: usize = 200;
 #[test]
 fn node_port_to_backends_on_another_node_is_snated_to_the_node_address() -> Result<()> {
     require_lab!();
+    for xdp in XDP_MODES {
+        node_port_snat(xdp).map_err(|error| error.context(format!("--xdp {xdp}")))?;
+    }
+    Ok(())
+}
+
+fn node_port_snat(xdp: &str) -> Result<()> {
     let cluster = cluster()?;
     let service = Service::node_port("echo-nodeport", addr::NODE_PORT_SERVICE_IP).tcp_node_port(
         SERVICE_TCP_PORT,
         addr::PEER_REPORT_PORT,
         addr::NODE_PORT_TCP,
     );
-    let _daemons = daemons(&cluster, &service, &endpoints_on(cluster.node(2)))?;
+    let _daemons =
+        daemons_on_nodes_1_and_2(&cluster, &service, &endpoints_on(cluster.node(2)), xdp)?;
     let client = cluster.client();
     let node_1 = cluster.node(1).ip;
 
@@ -133,6 +128,13 @@ fn node_port_to_backends_on_another_node_is_snated_to_the_node_address() -> Resu
 fn external_traffic_policy_local_serves_only_on_the_endpoints_node_and_keeps_the_client_address()
 -> Result<()> {
     require_lab!();
+    for xdp in XDP_MODES {
+        local_policy(xdp).map_err(|error| error.context(format!("--xdp {xdp}")))?;
+    }
+    Ok(())
+}
+
+fn local_policy(xdp: &str) -> Result<()> {
     let cluster = cluster()?;
     let service = Service::node_port("echo-nodeport", addr::NODE_PORT_SERVICE_IP)
         .tcp_node_port(
@@ -141,7 +143,8 @@ fn external_traffic_policy_local_serves_only_on_the_endpoints_node_and_keeps_the
             addr::NODE_PORT_TCP,
         )
         .external_traffic_policy_local();
-    let _daemons = daemons(&cluster, &service, &endpoints_on(cluster.node(2)))?;
+    let _daemons =
+        daemons_on_nodes_1_and_2(&cluster, &service, &endpoints_on(cluster.node(2)), xdp)?;
     let client = cluster.client();
 
     for _ in 0..CONNECTIONS {
@@ -174,7 +177,8 @@ fn health_check_node_port_answers_200_on_the_endpoints_node_and_503_elsewhere() 
     .tcp_node_port(SERVICE_TCP_PORT, addr::ECHO_TCP_PORT, addr::NODE_PORT_TCP)
     .external_traffic_policy_local()
     .health_check_node_port(HEALTH_CHECK_NODE_PORT);
-    let _daemons = daemons(&cluster, &service, &endpoints_on(cluster.node(2)))?;
+    let _daemons =
+        daemons_on_nodes_1_and_2(&cluster, &service, &endpoints_on(cluster.node(2)), "off")?;
 
     // (node, expected status, expected localEndpoints): node 2 runs both endpoints.
     for (k, status, local_endpoints) in [(2, 200, 2), (1, 503, 0)] {

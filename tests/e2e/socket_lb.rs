@@ -139,7 +139,7 @@ fn a_host_network_client_reaches_a_cluster_ip_over_tcp_and_udp() -> Result<()> {
 
     // trace --connect explains a connect() the same way, as a dry run.
     let cgroup = daemon.cgroup().path().to_string_lossy().into_owned();
-    let trace: Value = serde_json::from_str(&daemon.cli_in_node(&[
+    let trace: Value = serde_json::from_str(&daemon.cli(&[
         "trace",
         "--connect",
         "198.19.0.10:80/tcp",

@@ -13,6 +13,7 @@ use crate::echo::EchoServers;
 use crate::lab::{Pod, wire_pod};
 use crate::netns::Netns;
 use crate::scratch::unique_prefix;
+use crate::xdp_pass::XdpPass;
 
 /// The bridge inside the fabric namespace.
 const BRIDGE: &str = "fabric0";
@@ -75,10 +76,11 @@ impl ClusterBuilder {
         fabric.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
         fabric.ip(&["link", "set", BRIDGE, "up"])?;
         let client = Netns::create(format!("{id}-client"))?;
-        attach_to_fabric(&fabric, &client, "client", addr::FABRIC_CLIENT_IP)
+        let client_port = attach_to_fabric(&fabric, &client, "client", addr::FABRIC_CLIENT_IP)
             .context("wiring the client to the fabric")?;
 
         let mut cluster = Cluster {
+            fabric_ports: vec![client_port],
             servers: EchoServers::default(),
             nodes: Vec::with_capacity(node_count),
             client,
@@ -99,6 +101,8 @@ impl ClusterBuilder {
 /// namespace (and with them every veth and the bridge).
 #[derive(Debug)]
 pub struct Cluster {
+    /// The fabric's ends of the wires, ready for an XDP_TX from their member.
+    fabric_ports: Vec<XdpPass>,
     // Drop order matters: servers stop before their namespaces go.
     servers: EchoServers,
     nodes: Vec<ClusterNode>,
@@ -150,7 +154,8 @@ impl Cluster {
         ns.ip(&["link", "set", "lo", "up"])?;
         ns.sysctl("net/ipv4/ip_forward", "1")?;
         let ip = addr::fabric_node_ip(k);
-        attach_to_fabric(&self.fabric, &ns, &format!("node{k}"), ip)?;
+        let port = attach_to_fabric(&self.fabric, &ns, &format!("node{k}"), ip)?;
+        self.fabric_ports.push(port);
         // Host-gw routing: every other node's pod CIDR via that node's fabric address.
         for other in (1..=node_count).filter(|&other| other != k) {
             let (network, prefix) = addr::node_pod_cidr(other);
@@ -202,7 +207,7 @@ impl Cluster {
 
 /// A veth from `member` (`eth0`, `ip`/24) to the fabric bridge (`port` in the fabric
 /// namespace), created inside lab namespaces only.
-fn attach_to_fabric(fabric: &Netns, member: &Netns, port: &str, ip: Ipv4Addr) -> Result<()> {
+fn attach_to_fabric(fabric: &Netns, member: &Netns, port: &str, ip: Ipv4Addr) -> Result<XdpPass> {
     fabric.ip(&[
         "link",
         "add",
@@ -217,6 +222,8 @@ fn attach_to_fabric(fabric: &Netns, member: &Netns, port: &str, ip: Ipv4Addr) ->
     ])?;
     fabric.ip(&["link", "set", port, "master", BRIDGE])?;
     fabric.ip(&["link", "set", port, "up"])?;
+    // The member's packets cross with complete checksums, as on a wire.
+    member.like_a_wire("eth0")?;
     member.ip(&["link", "set", "lo", "up"])?;
     member.ip(&[
         "addr",
@@ -225,5 +232,7 @@ fn attach_to_fabric(fabric: &Netns, member: &Netns, port: &str, ip: Ipv4Addr) ->
         "dev",
         "eth0",
     ])?;
-    member.ip(&["link", "set", "eth0", "up"])
+    member.ip(&["link", "set", "eth0", "up"])?;
+    // The port takes what an XDP program on the member sends back onto the wire.
+    XdpPass::attach(fabric, port)
 }

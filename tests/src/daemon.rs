@@ -74,6 +74,8 @@ pub struct DaemonBuilder<'lab> {
     capabilities: Option<Vec<String>>,
     extra_args: Vec<String>,
     echo_log_on_drop: bool,
+    /// Start this binary of the previous release first (see [`Daemon::upgrade`]).
+    previous_release: Option<PathBuf>,
 }
 
 impl<'lab> DaemonBuilder<'lab> {
@@ -88,7 +90,16 @@ impl<'lab> DaemonBuilder<'lab> {
             capabilities: None,
             extra_args: Vec::new(),
             echo_log_on_drop: true,
+            previous_release: None,
         }
+    }
+
+    /// Starts `binary`, the previous release (see
+    /// [`previous_release_binary`](crate::previous_release_binary)), with the command line
+    /// it knows (it has no `--cgroup-root`); [`Daemon::upgrade`] replaces it with this one.
+    pub fn previous_release(mut self, binary: PathBuf) -> Self {
+        self.previous_release = Some(binary);
+        self
     }
 
     /// A manifest present in the directory before the daemon starts.
@@ -165,6 +176,7 @@ impl<'lab> DaemonBuilder<'lab> {
             cgroup: Cgroup::create("daemon")?,
             scratch,
             argv: Vec::new(),
+            upgrade_argv: None,
         };
         for manifest in &self.manifests {
             daemon.apply(manifest)?;
@@ -213,7 +225,21 @@ impl<'lab> DaemonBuilder<'lab> {
             daemon.cgroup.path().into(),
         ]);
         argv.extend(self.extra_args.into_iter().map(OsString::from));
-        daemon.argv = argv;
+        match self.previous_release {
+            Some(previous) => {
+                let binary_at = argv.iter().position(|arg| *arg == *binary.as_os_str());
+                let mut first = argv.clone();
+                if let Some(at) = binary_at {
+                    first[at] = previous.into();
+                }
+                if let Some(at) = first.iter().position(|arg| arg == "--cgroup-root") {
+                    first.drain(at..at + 2);
+                }
+                daemon.argv = first;
+                daemon.upgrade_argv = Some(argv);
+            }
+            None => daemon.argv = argv,
+        }
         daemon.spawn()?;
         Ok(daemon)
     }
@@ -237,6 +263,8 @@ pub struct Daemon<'lab> {
     scratch: ScratchDir,
     /// The command line, for [`Daemon::restart`].
     argv: Vec<OsString>,
+    /// This release's command line while the previous release runs.
+    upgrade_argv: Option<Vec<OsString>>,
 }
 
 impl Daemon<'_> {
@@ -286,6 +314,32 @@ impl Daemon<'_> {
             status.success(),
             "the daemon exited with {status} when stopped"
         );
+        self.spawn()
+    }
+
+    /// Sets `flag`'s value on the command line of the next [`Daemon::restart`] (replacing
+    /// the one given, or adding it).
+    pub fn set_arg(&mut self, flag: &str, value: &str) {
+        match self.argv.iter().position(|arg| arg == flag) {
+            Some(at) if at + 1 < self.argv.len() => self.argv[at + 1] = value.into(),
+            _ => self.argv.extend([flag.into(), value.into()]),
+        }
+    }
+
+    /// Stops the previous release (SIGTERM) and starts this release's daemon on its pins:
+    /// how a DaemonSet's rolling update replaces it. Wait for the next sync as after
+    /// [`Daemon::restart`].
+    pub fn upgrade(&mut self) -> Result<()> {
+        let argv = self
+            .upgrade_argv
+            .take()
+            .context("not started with DaemonBuilder::previous_release")?;
+        let status = self.terminate()?;
+        ensure!(
+            status.success(),
+            "the previous release exited with {status} when stopped"
+        );
+        self.argv = argv;
         self.spawn()
     }
 
@@ -361,32 +415,22 @@ impl Daemon<'_> {
     }
 
     /// Runs the node-admin CLI, `ebpf-proxy ARGS --bpffs-root <this daemon's>`, in the
-    /// test's own namespace (it reads the pins; `trace` runs a program with
-    /// BPF_PROG_TEST_RUN, which sends nothing anywhere).
+    /// node's namespace, as an admin on the node would (it reads the pins; `trace` runs
+    /// programs with BPF_PROG_TEST_RUN, which send nothing anywhere, as arriving on the
+    /// node's devices; `trace --connect` traces a process of the node).
     pub fn cli_output(&self, args: &[&str]) -> Result<std::process::Output> {
-        Command::new(daemon_binary()?)
+        let node_namespace = self.node.open()?;
+        let mut command = Command::new(daemon_binary()?);
+        command
             .args(args)
             .arg("--bpffs-root")
             .arg(self.bpffs_root())
-            .env("NO_COLOR", "1")
+            .env("NO_COLOR", "1");
+        // SAFETY: setns is a plain syscall on a descriptor opened before the fork.
+        unsafe { command.pre_exec(move || enter(&node_namespace)) };
+        command
             .output()
             .with_context(|| format!("running ebpf-proxy {}", args.join(" ")))
-    }
-
-    /// Runs the CLI like [`cli_output`](Self::cli_output) but in the node's namespace
-    /// (`nsenter --net`), as a node admin does: `trace --connect` traces a process of the
-    /// node (and sends nothing).
-    pub fn cli_in_node(&self, args: &[&str]) -> Result<String> {
-        let output = Command::new("nsenter")
-            .arg(format!("--net={}", self.node.path().display()))
-            .arg(daemon_binary()?)
-            .args(args)
-            .arg("--bpffs-root")
-            .arg(self.bpffs_root())
-            .env("NO_COLOR", "1")
-            .output()
-            .with_context(|| format!("running ebpf-proxy {} in the node", args.join(" ")))?;
-        stdout_of(args, output)
     }
 
     /// [`cli_output`](Self::cli_output)'s stdout; a failure carries its stderr.

@@ -9,6 +9,7 @@ use crate::daemon::DaemonBuilder;
 use crate::echo::EchoServers;
 use crate::netns::Netns;
 use crate::scratch::unique_prefix;
+use crate::xdp_pass::XdpPass;
 
 /// The Kubernetes node name the daemon runs as and the examples' endpoints name.
 pub const NODE_NAME: &str = "lab-node";
@@ -66,8 +67,10 @@ impl LabBuilder {
 
         let client = Netns::create(format!("{id}-client"))?;
         wire_client(&node, &client).context("wiring the client namespace")?;
+        let client_end = XdpPass::attach(&client, "eth0")?;
 
         let mut lab = Lab {
+            _wire_end: client_end,
             servers: EchoServers::default(),
             pods: Vec::with_capacity(self.pods),
             client,
@@ -100,6 +103,8 @@ pub struct LatePod {
 /// deletes every namespace (and with them every veth).
 #[derive(Debug)]
 pub struct Lab {
+    /// The client's end of the external wire, ready for the node's XDP_TX.
+    _wire_end: XdpPass,
     // Drop order matters: servers stop before their namespaces go.
     servers: EchoServers,
     pods: Vec<Pod>,
@@ -259,6 +264,7 @@ fn wire_client(node: &Netns, client: &Netns) -> Result<()> {
         "eth0",
     ])?;
     client.ip(&["link", "set", "eth0", "up"])?;
+    client.like_a_wire("eth0")?;
     client.ip(&["route", "add", "default", "via", &addr::NODE_IP.to_string()])?;
     Ok(())
 }

@@ -76,9 +76,11 @@ mod large;
 pub mod load;
 mod manifest;
 mod netns;
+mod previous_release;
 mod rng;
 mod scratch;
 mod tally;
+mod xdp_pass;
 
 pub use bpffs::PrivateBpffs;
 pub use cgroup::Cgroup;
@@ -89,6 +91,7 @@ pub use lab::{Lab, LabBuilder, LatePod, NODE_NAME, Pod};
 pub use large::{LargeServers, Received};
 pub use manifest::{Endpoint, Manifest, Protocol, Service};
 pub use netns::{Netns, Placement};
+pub use previous_release::{PREVIOUS_RELEASE, previous_release_binary};
 pub use rng::Rng;
 pub use tally::{CHI_SQUARE_CRITICAL_P001, Tally};
 

@@ -14,6 +14,7 @@ use crate::lab::{NODE_NAME, Pod};
 pub enum Protocol {
     Tcp,
     Udp,
+    Sctp,
 }
 
 impl Protocol {
@@ -22,6 +23,7 @@ impl Protocol {
         match self {
             Protocol::Tcp => 6,
             Protocol::Udp => 17,
+            Protocol::Sctp => 132,
         }
     }
 
@@ -29,6 +31,7 @@ impl Protocol {
         match self {
             Protocol::Tcp => "TCP",
             Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
         }
     }
 
@@ -36,6 +39,7 @@ impl Protocol {
         match self {
             Protocol::Tcp => "tcp",
             Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
         }
     }
 }
@@ -81,6 +85,8 @@ pub struct Service {
     external_ips: Vec<Ipv4Addr>,
     /// `status.loadBalancer.ingress[].ip`.
     load_balancer_ips: Vec<Ipv4Addr>,
+    /// `metadata.annotations`, as written.
+    annotations: Vec<(String, String)>,
 }
 
 /// One endpoint of a Service's EndpointSlice: a pod, the node it runs on and its
@@ -175,6 +181,7 @@ impl Service {
             source_ranges: Vec::new(),
             external_ips: Vec::new(),
             load_balancer_ips: Vec::new(),
+            annotations: Vec::new(),
         }
     }
 
@@ -207,6 +214,12 @@ impl Service {
     /// Adds `spec.externalIPs` entry `ip`.
     pub fn external_ip(mut self, ip: Ipv4Addr) -> Self {
         self.external_ips.push(ip);
+        self
+    }
+
+    /// The annotation `key: value` (quoted in the YAML).
+    pub fn annotation(mut self, key: &str, value: &str) -> Self {
+        self.annotations.push((key.to_owned(), value.to_owned()));
         self
     }
 
@@ -266,6 +279,16 @@ impl Service {
         self.port(Protocol::Udp, port, target_port, None)
     }
 
+    /// Adds an SCTP port `port` → pods' `target_port`.
+    pub fn sctp(self, port: u16, target_port: u16) -> Self {
+        self.port(Protocol::Sctp, port, target_port, None)
+    }
+
+    /// Adds an SCTP port that is also open on every node address at `node_port`.
+    pub fn sctp_node_port(self, port: u16, target_port: u16, node_port: u16) -> Self {
+        self.port(Protocol::Sctp, port, target_port, Some(node_port))
+    }
+
     /// Adds a TCP port that is also open on every node address at `node_port`.
     pub fn tcp_node_port(self, port: u16, target_port: u16, node_port: u16) -> Self {
         self.port(Protocol::Tcp, port, target_port, Some(node_port))
@@ -312,8 +335,18 @@ impl Service {
             ServiceType::LoadBalancer => "LoadBalancer",
         };
         let mut yaml = format!(
-            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n\
-             spec:\n  type: {kind}\n  clusterIP: {ip}\n  clusterIPs:\n    - {ip}\n\
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n",
+            name = self.name,
+        );
+        if !self.annotations.is_empty() {
+            yaml.push_str("  annotations:\n");
+            for (key, value) in &self.annotations {
+                let _ = writeln!(yaml, "    {key}: {value:?}");
+            }
+        }
+        let _ = write!(
+            yaml,
+            "spec:\n  type: {kind}\n  clusterIP: {ip}\n  clusterIPs:\n    - {ip}\n\
              \x20 selector:\n    app: {name}\n",
             name = self.name,
             ip = self.cluster_ip,

@@ -7,6 +7,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
@@ -69,6 +70,13 @@ impl Netns {
         run_ip(&full)
     }
 
+    /// Runs `ip -n <this namespace> <args>` and returns what it printed.
+    pub fn ip_output(&self, args: &[&str]) -> Result<String> {
+        let mut full = vec!["-n", &self.name];
+        full.extend_from_slice(args);
+        ip_stdout(&full)
+    }
+
     /// Runs `f` on a new thread inside this namespace and returns its result. Sockets that
     /// `f` creates stay in this namespace and may be used from any thread afterwards.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
@@ -96,6 +104,36 @@ impl Netns {
         let path = Path::new("/proc/sys").join(key);
         self.run(|| std::fs::write(&path, value))?
             .with_context(|| format!("writing {} in netns {}", path.display(), self.name))
+    }
+
+    /// Runs `ethtool <args>` inside this namespace (ethtool has no `-n`; the child enters
+    /// the namespace before it execs).
+    pub fn ethtool(&self, args: &[&str]) -> Result<()> {
+        let namespace = self.open()?;
+        let mut command = Command::new("ethtool");
+        command.args(args);
+        // SAFETY: setns is a plain syscall, safe between fork and exec.
+        unsafe { command.pre_exec(move || enter(&namespace)) };
+        let output = command
+            .output()
+            .context("running `ethtool` (`cargo xtask setup` installs it)")?;
+        if !output.status.success() {
+            bail!(
+                "`ethtool {}` in netns {} failed: {}",
+                args.join(" "),
+                self.name,
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// Makes `device` (a veth in this namespace) send like a NIC onto a wire: it computes
+    /// its checksums itself instead of handing partial ones across (a NIC's transmit
+    /// offload puts complete checksums on the wire; an XDP program at the other end cannot
+    /// tell a partial one from a complete one, and updates it as complete).
+    pub fn like_a_wire(&self, device: &str) -> Result<()> {
+        self.ethtool(&["-K", device, "tx", "off"])
     }
 
     /// An open handle on the namespace, for `setns` in a child process.
@@ -136,6 +174,10 @@ pub(crate) fn probe_unshare() -> std::io::Result<()> {
 }
 
 fn run_ip(args: &[&str]) -> Result<()> {
+    ip_stdout(args).map(drop)
+}
+
+fn ip_stdout(args: &[&str]) -> Result<String> {
     let output = Command::new("ip")
         .args(args)
         .output()
@@ -147,5 +189,5 @@ fn run_ip(args: &[&str]) -> Result<()> {
             String::from_utf8_lossy(&output.stderr).trim()
         );
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }

@@ -8,12 +8,14 @@ use anyhow::{Result, bail};
 
 use crate::command::{output_of, run_step};
 
-/// Debian packages: LLVM 22 for bpf-linker, iproute2 for the lab, iptables and nftables
-/// for the kube-proxy-shaped baselines, and the font the benchmark chart's text is drawn in.
-const DEBIAN_PACKAGES: [&str; 6] = [
+/// Debian packages: LLVM 22 for bpf-linker, iproute2 and ethtool for the lab (its veths
+/// stand for wires: see `Netns::like_a_wire`), iptables and nftables for the
+/// kube-proxy-shaped baselines, and the font the benchmark chart's text is drawn in.
+const DEBIAN_PACKAGES: [&str; 7] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "iproute2",
+    "ethtool",
     "iptables",
     "nftables",
     "fonts-dejavu-core",

@@ -45,7 +45,7 @@ impl Reaper {
     /// Loads the reaper from the embedded object, reusing the maps pinned under `root`.
     pub fn load(root: &Path) -> Result<Self> {
         let pins = [map_names::CONNTRACK, map_names::CONNTRACK_PENDING];
-        let mut ebpf = crate::inspect::load_beside_pins(root, &pins, REAP_PROGRAM_NAME)?;
+        let mut ebpf = crate::inspect::load_beside_pins(root, &pins, &[REAP_PROGRAM_NAME])?;
         let mut take = |name: &str| -> Result<MapData> {
             match ebpf.take_map(name) {
                 Some(Map::LruHashMap(data)) => Ok(data),

@@ -12,7 +12,9 @@
 //! kube-proxy's `recent` lists: an `--rcheck` rule per endpoint before the random choice,
 //! a `--set` in each endpoint chain. NodePorts are
 //! open only on the node addresses the maps hold, which kube-proxy writes as one
-//! `-d <address> -j KUBE-NODEPORTS` rule each (its `--nodeport-addresses` form).
+//! `-d <address> -j KUBE-NODEPORTS` rule each (its `--nodeport-addresses` form). A Service
+//! port whose external frontends choose by Maglev gets a comment saying so: iptables has no
+//! such rule, so its random rules list the endpoints but not the choice.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -21,7 +23,7 @@ use std::net::Ipv4Addr;
 use anyhow::Result;
 use clap::{Args, ValueEnum};
 use data_encoding::BASE32;
-use proxy_common::{BackendSet, Origin, device_kind, map_names, service_flags};
+use proxy_common::{BackendSet, Origin, device_kind, maglev, map_names, service_flags};
 use sha2::{Digest, Sha256};
 
 use super::{
@@ -366,6 +368,7 @@ pub fn render(image: &MapImage, pod_interfaces: &[String], form: Form) -> String
     );
     let mut ports: BTreeMap<(String, &'static str), ServicePort> = BTreeMap::new();
     let mut node_addresses = BTreeSet::new();
+    let mut maglev_ports = BTreeMap::new();
     for (key, header) in &image.services {
         let Some(name) = image.names.get(&header.rev_nat_id) else {
             writeln!(
@@ -376,6 +379,9 @@ pub fn render(image: &MapImage, pod_interfaces: &[String], form: Form) -> String
             .unwrap();
             continue;
         };
+        if let Some(size) = maglev::table_size(header.maglev) {
+            maglev_ports.insert((service_port_name(name), protocol_name(key.proto)), size);
+        }
         let port = ports
             .entry((service_port_name(name), protocol_name(key.proto)))
             .or_default();
@@ -399,6 +405,16 @@ pub fn render(image: &MapImage, pod_interfaces: &[String], form: Form) -> String
         }
     }
 
+    for ((name, protocol), size) in &maglev_ports {
+        writeln!(
+            out,
+            "# {name}/{protocol}: external frontends choose by Maglev (a table of {size} \
+             positions, by the client's address, port and protocol, the same on every node); \
+             iptables has no such rule (IPVS's mh scheduler is the nearest): their random \
+             rules below list the endpoints, not the choice"
+        )
+        .unwrap();
+    }
     let mut filter = Table::default();
     filter.declare(KUBE_SERVICES.into());
     filter.declare(KUBE_EXTERNAL_SERVICES.into());
@@ -761,6 +777,31 @@ mod tests {
     }
 
     #[test]
+    fn an_sctp_service_port_gets_sctp_matches_and_its_own_chain_names() {
+        let image = image(&[Port {
+            service: ("default", "diameter", "sig"),
+            kind: FrontendKind::ClusterIp,
+            frontend: ([198, 19, 0, 40], 3868, Protocol::Sctp),
+            backends: &[([198, 18, 1, 11], 3869)],
+        }]);
+        let text = render(&image, &[], Form::KubeProxy);
+        let svc = service_chain("KUBE-SVC-", "default/diameter:sig", "sctp");
+        assert_ne!(
+            svc,
+            service_chain("KUBE-SVC-", "default/diameter:sig", "tcp")
+        );
+        for rule in [
+            format!(
+                "-A KUBE-SERVICES -m comment --comment \"default/diameter:sig cluster IP\" \
+                 -m sctp -p sctp -d 198.19.0.40 --dport 3868 -j {svc}\n"
+            ),
+            "-m sctp -p sctp -j DNAT --to-destination 198.18.1.11:3869\n".to_owned(),
+        ] {
+            assert!(text.contains(&rule), "{rule} missing from:\n{text}");
+        }
+    }
+
+    #[test]
     fn renders_the_golden_text_in_both_forms() {
         let image = golden_image();
         let cases = [
@@ -966,5 +1007,25 @@ mod tests {
         let text = render(&image, &[], Form::KubeProxy);
         assert!(text.contains("# 198.19.0.1:443/tcp: no Service name in SVC_NAMES, left out"));
         assert!(!text.contains("KUBE-SVC-"), "{text}");
+    }
+
+    #[test]
+    fn maglev_service_ports_say_iptables_has_no_such_choice() {
+        let mut image = golden_image();
+        let node_port = proxy_common::FrontendKey::new([198, 18, 0, 1], 30080, 6);
+        image.services.get_mut(&node_port).unwrap().maglev =
+            maglev::header_value(maglev::DEFAULT_TABLE_SIZE).unwrap();
+        let text = render(&image, &[], Form::KubeProxy);
+        assert!(
+            text.contains(
+                "# default/web:http/tcp: external frontends choose by Maglev (a table of 16381 \
+                 positions"
+            ),
+            "{text}"
+        );
+        // The rules themselves are unchanged.
+        let without = render(&golden_image(), &[], Form::KubeProxy);
+        let rules = |text: &str| text.lines().filter(|l| !l.starts_with('#')).count();
+        assert_eq!(rules(&text), rules(&without));
     }
 }

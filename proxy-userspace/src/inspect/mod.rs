@@ -15,6 +15,7 @@ mod sockets;
 mod stats;
 pub mod trace;
 mod trace_connect;
+pub mod trace_hooks;
 
 use std::fmt;
 use std::io::{IsTerminal, Write};
@@ -24,11 +25,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError};
-use aya::programs::SchedClassifier;
+use aya::programs::{Program, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use clap::{Args, Subcommand, ValueEnum};
 use comfy_table::{Table, presets::NOTHING};
-use proxy_common::{Backend, FrontendKey, ServiceName, map_names, proto, service_flags};
+use proxy_common::maglev::{MaglevChunk, MaglevKey};
+use proxy_common::{
+    Backend, FrontendKey, FrontendValue, ServiceName, map_names, proto, service_flags,
+};
 use serde::Serialize;
 
 use crate::datapath::DEFAULT_BPFFS_ROOT;
@@ -172,7 +176,7 @@ fn print(text: &str) -> Result<()> {
     }
 }
 
-/// Opens a pinned map, with a hint when the pins are not there.
+/// Opens a pinned map of this release's layout, with a hint when the pins are not there.
 pub(crate) fn open_pinned(root: &Path, name: &str) -> Result<MapData> {
     let path: PathBuf = root.join(name);
     if !path.exists() {
@@ -182,22 +186,27 @@ pub(crate) fn open_pinned(root: &Path, name: &str) -> Result<MapData> {
             root.display()
         ));
     }
+    // Never misread a map another release pinned with another layout.
+    crate::layout::check(root, name)?;
     MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
 }
 
-/// Loads the embedded object against the maps pinned under `root` and loads `program`
-/// from it: the side programs (dry run, conntrack reaper) that share the datapath's maps.
-/// The maps in `pins` must be pinned already (so a missing pin is an error, not a new
-/// empty map).
-pub(crate) fn load_beside_pins(root: &Path, pins: &[&str], program: &str) -> Result<Ebpf> {
+/// Loads the embedded object against the maps pinned under `root` and loads `programs`
+/// from it (tc classifiers or XDP programs): the side programs (dry runs, conntrack reaper)
+/// that share the datapath's maps. The maps in `pins` must be pinned already (so a missing
+/// pin is an error, not a new empty map).
+pub(crate) fn load_beside_pins(root: &Path, pins: &[&str], programs: &[&str]) -> Result<Ebpf> {
     let mut ebpf = object_beside_pins(root, pins, &mut EbpfLoader::new())?;
-    let classifier: &mut SchedClassifier = ebpf
-        .program_mut(program)
-        .ok_or_else(|| anyhow!("program {program} missing from the eBPF object"))?
-        .try_into()?;
-    classifier
-        .load()
-        .with_context(|| format!("loading {program} (needs root or CAP_BPF)"))?;
+    for &name in programs {
+        let program = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
+        let loaded = match program {
+            Program::Xdp(xdp) => xdp.load(),
+            other => <&mut SchedClassifier>::try_from(other)?.load(),
+        };
+        loaded.with_context(|| format!("loading {name} (needs root or CAP_BPF)"))?;
+    }
     Ok(ebpf)
 }
 
@@ -236,6 +245,7 @@ pub fn read_image(root: &Path) -> Result<MapImage> {
     let services = read_entries(&services)?;
     let slots = read_slots(&open_pinned(root, map_names::BACKEND_SLOTS)?, &services)
         .with_context(|| format!("reading {}", map_names::BACKEND_SLOTS))?;
+    let maglev = read_maglev_keys(root, &services)?;
     Ok(MapImage {
         services,
         slots,
@@ -248,7 +258,30 @@ pub fn read_image(root: &Path) -> Result<MapImage> {
         names: read_entries(&names)?,
         // The views show a frontend's restriction by its header flag.
         source_ranges: Default::default(),
+        maglev,
     })
+}
+
+/// The MAGLEV keys, read only when a header names a table.
+fn read_maglev_keys(
+    root: &Path,
+    services: &std::collections::BTreeMap<FrontendKey, FrontendValue>,
+) -> Result<std::collections::BTreeSet<MaglevKey>> {
+    if services.values().all(|header| header.maglev == 0) {
+        return Ok(Default::default());
+    }
+    let tables: BpfHashMap<MapData, MaglevKey, MaglevChunk> = open_typed(root, map_names::MAGLEV)?;
+    let mut keys = std::collections::BTreeSet::new();
+    for key in tables.keys() {
+        match key {
+            Ok(key) => {
+                keys.insert(key);
+            }
+            Err(MapError::KeyNotFound) => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(keys)
 }
 
 /// All entries of a hash map, skipping those deleted while it was being listed.
@@ -301,11 +334,7 @@ fn frontend_label(key: &FrontendKey) -> String {
 }
 
 fn protocol_name(protocol: u8) -> &'static str {
-    match protocol {
-        proto::TCP => "tcp",
-        proto::UDP => "udp",
-        _ => "?",
-    }
+    proto::name(protocol)
 }
 
 /// The frontend kind recorded in a header's flags, named like the Service field.
@@ -406,6 +435,7 @@ mod test_support {
                     session_affinity: None,
                     serving_addrs: Vec::new(),
                     source_ranges: Vec::new(),
+                    selection: crate::plan::Selection::Random,
                 },
             );
         }

@@ -2,11 +2,11 @@
 
 use std::net::Ipv4Addr;
 
-use proxy_common::{BackendSet, Origin};
+use proxy_common::{BackendSet, Origin, maglev};
 use serde::Serialize;
 
 use super::{Endpoint, kind_name, new_table, protocol_name, service_of};
-use crate::writer::MapImage;
+use crate::writer::{MapImage, maglev_keys};
 
 /// One frontend. JSON schema: every field, always present (`service` may be null).
 #[derive(Debug, Serialize)]
@@ -31,6 +31,14 @@ pub struct FrontendView {
     /// endpoints: ICMP port unreachable) or `drop` (its Local traffic policy leaves none on
     /// this node).
     pub when_empty: &'static str,
+    /// How new connections choose among `backends`: `random`, or `maglev` (the frontend's
+    /// Maglev table, by the client's address, port and protocol; see the README).
+    pub algorithm: &'static str,
+    /// The Maglev table's size (positions); null for `random`.
+    pub maglev_table_size: Option<u32>,
+    /// Whether every chunk of the Maglev table is in MAGLEV (false only for a moment while
+    /// the daemon writes; the datapath then chooses at random). Null for `random`.
+    pub maglev_table_written: Option<bool>,
 }
 
 /// One backend slot of a frontend.
@@ -58,6 +66,8 @@ pub fn view(image: &MapImage) -> Vec<FrontendView> {
             let endpoint = Endpoint::from_wire(key.addr, key.port);
             let own = header.backends_for(Origin::Outside);
             let pods = header.backends_for(Origin::Pod);
+            let table_size = maglev::table_size(header.maglev);
+            let written = maglev_keys(header).all(|chunk| image.maglev.contains(&chunk));
             FrontendView {
                 address: endpoint.address,
                 port: endpoint.port,
@@ -72,6 +82,13 @@ pub fn view(image: &MapImage) -> Vec<FrontendView> {
                 } else {
                     "reject"
                 },
+                algorithm: if table_size.is_some() {
+                    "maglev"
+                } else {
+                    "random"
+                },
+                maglev_table_size: table_size,
+                maglev_table_written: table_size.map(|_| written),
             }
         })
         .collect()
@@ -98,7 +115,7 @@ fn slot_views(image: &MapImage, set: &BackendSet) -> Vec<SlotView> {
 
 pub fn render(frontends: &[FrontendView], wide: bool) -> String {
     let mut table = if wide {
-        new_table(["FRONTEND", "TYPE", "SERVICE", "ID", "BACKENDS"])
+        new_table(["FRONTEND", "TYPE", "SERVICE", "ID", "SELECTION", "BACKENDS"])
     } else {
         new_table(["FRONTEND", "TYPE", "SERVICE", "BACKENDS"])
     };
@@ -139,6 +156,7 @@ pub fn render(frontends: &[FrontendView], wide: bool) -> String {
                 kind,
                 service,
                 frontend.rev_nat_id.to_string(),
+                selection_text(frontend),
                 backends,
             ]);
         } else {
@@ -146,6 +164,15 @@ pub fn render(frontends: &[FrontendView], wide: bool) -> String {
         }
     }
     table.to_string()
+}
+
+/// `random`, `maglev 16381` or `maglev 16381 (table not written)`.
+fn selection_text(frontend: &FrontendView) -> String {
+    match (frontend.maglev_table_size, frontend.maglev_table_written) {
+        (Some(size), Some(false)) => format!("maglev {size} (table not written)"),
+        (Some(size), _) => format!("maglev {size}"),
+        (None, _) => frontend.algorithm.to_owned(),
+    }
 }
 
 /// `2: 198.18.1.12:8080 (id 5, active)`.
@@ -181,6 +208,12 @@ mod tests {
                 frontend: ([198, 18, 0, 1], 30053, Protocol::Udp),
                 backends: &[],
             },
+            Port {
+                service: ("default", "diameter", "sig"),
+                kind: FrontendKind::ClusterIp,
+                frontend: ([198, 19, 0, 11], 3868, Protocol::Sctp),
+                backends: &[([198, 18, 1, 13], 3869)],
+            },
         ]);
         // A slot that could not be read.
         let web = image.services[&FrontendKey::new([198, 19, 0, 10], 80, 6)];
@@ -201,10 +234,16 @@ mod tests {
         assert_eq!(json[1]["backends"][1]["state"], "missing");
         assert_eq!(json[1]["backends"][1]["address"], serde_json::Value::Null);
 
+        assert_eq!(json[2]["protocol"], "sctp");
+        assert_eq!(json[2]["backends"][0]["port"], 3869);
+
         let table = render(&views, false);
         assert!(table.contains("198.19.0.10:80/tcp"), "{table}");
+        assert!(table.contains("198.19.0.11:3868/sctp"), "{table}");
         assert!(table.contains("0 (no endpoints: refused)"), "{table}");
         assert_eq!(json[0]["when_empty"], "reject");
+        assert_eq!(json[1]["algorithm"], "random");
+        assert_eq!(json[1]["maglev_table_size"], serde_json::Value::Null);
         let wide = render(&views, true);
         assert!(wide.contains("1: 198.18.1.11:8080 (id"), "{wide}");
         assert!(wide.contains("2: ? (id"), "{wide}");
@@ -233,5 +272,31 @@ mod tests {
         let views = view(&image);
         assert!(render(&views, false).contains("1 (pods: 1)"));
         assert!(render(&views, true).contains("pods (Cluster set):"));
+    }
+
+    #[test]
+    fn maglev_frontends_show_their_table() {
+        let mut image = image(&[Port {
+            service: ("default", "web", "http"),
+            kind: FrontendKind::NodePort,
+            frontend: ([198, 18, 0, 1], 30080, Protocol::Tcp),
+            backends: &[([198, 18, 1, 11], 8080)],
+        }]);
+        let key = FrontendKey::new([198, 18, 0, 1], 30080, 6);
+        let header = image.services.get_mut(&key).unwrap();
+        header.maglev = maglev::header_value(251).unwrap();
+        let header = *header;
+        let json = serde_json::to_value(view(&image)).unwrap();
+        assert_eq!(json[0]["algorithm"], "maglev");
+        assert_eq!(json[0]["maglev_table_size"], 251);
+        assert_eq!(json[0]["maglev_table_written"], false);
+        assert!(render(&view(&image), true).contains("maglev 251 (table not written)"));
+        image.maglev.extend(maglev_keys(&header));
+        let wide = render(&view(&image), true);
+        assert!(
+            wide.contains("SELECTION") && wide.contains("maglev 251 "),
+            "{wide}"
+        );
+        assert!(!wide.contains("not written"), "{wide}");
     }
 }

@@ -5,7 +5,9 @@
 //! from the embedded object against the daemon's pinned maps: it reads the live SERVICES,
 //! BACKEND_SLOTS and CONNTRACK entries, rewrites the packet exactly as `epx_ingress` would, but
 //! writes no conntrack entry and no counter. It leaves its decisions in its own TRACE map,
-//! which this module turns into the report.
+//! which this module turns into the report. On a node whose external devices run the XDP
+//! program, the packet meets its dry run `epx_xdp_trace` first, as arriving on such a
+//! device, and `epx_trace` only if XDP leaves it to tc (see [`super::trace_hooks`]).
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
@@ -19,8 +21,8 @@ use aya::programs::SchedClassifier;
 use clap::Args;
 use proxy_common::{
     BackendSet, FlowState, FrontendKey, Origin, ServiceName, TRACE_PROGRAM_NAME, TraceRecord,
-    ct_flags, ct_state, fragment_verdict, icmp, map_names, proto, stat, tcp_flags, trace_answer,
-    trace_ct, trace_fragment, trace_origin, trace_table,
+    XDP_TRACE_PROGRAM_NAME, ct_flags, ct_state, fragment_verdict, icmp, maglev, map_names, proto,
+    stat, tcp_flags, trace_answer, trace_ct, trace_fragment, trace_origin, trace_table,
 };
 use serde::Serialize;
 
@@ -29,6 +31,7 @@ mod packet;
 pub use packet::{Fragment, IcmpError, IcmpKind, TracePacket};
 
 use super::conntrack::EndpointPattern;
+use super::trace_hooks::{self, Arrival, Hook, XdpView};
 use super::{
     Endpoint, Output, PinArgs, frontend_label, kind_name, load_beside_pins, print, protocol_name,
 };
@@ -42,7 +45,7 @@ pub struct TraceArgs {
     /// The packet's source, `address[:port]` (port 40000 if omitted).
     #[arg(required_unless_present = "connect")]
     source: Option<EndpointPattern>,
-    /// Its destination, `address:port[/tcp|/udp]` (tcp if omitted).
+    /// Its destination, `address:port[/tcp|/udp|/sctp]` (tcp if omitted).
     #[arg(required_unless_present = "connect")]
     destination: Option<Destination>,
     /// Instead of a packet, a `connect()` of a process of this node to
@@ -57,8 +60,19 @@ pub struct TraceArgs {
     cgroup_root: Option<std::path::PathBuf>,
     /// TCP flags of the packet, comma-separated: `syn`, `ack`, `fin`, `rst` (default: a
     /// SYN, a new connection's first packet; `syn,ack` traces a backend's first answer).
+    /// For SCTP they choose the packet's chunk: `syn` INIT, `syn,ack` INIT ACK, `fin`
+    /// SHUTDOWN, `rst` ABORT, `ack` DATA.
     #[arg(long, value_delimiter = ',', default_value = "syn", value_parser = parse_tcp_flag)]
     tcp_flags: Vec<u8>,
+    /// Which programs the packet goes through: `auto` (XDP first where the arrival device
+    /// runs it, then tc if XDP leaves the packet to it), `xdp` or `tc`.
+    #[arg(long, value_enum, default_value_t = Hook::Auto)]
+    hook: Hook,
+    /// The device the packet arrives on (routes and SNAT start from it) [default: the
+    /// first external device running the XDP program, else none]. Run trace in the node's
+    /// network namespace.
+    #[arg(long)]
+    device: Option<String>,
     /// The packet's IPv4 length in bytes, its payload zero-filled (default: the headers
     /// alone). A long one shows the egress MTU check: "fragmentation needed".
     #[arg(long)]
@@ -127,7 +141,9 @@ impl TraceArgs {
             }),
             ..opening
         };
-        let report = Tracer::load(&self.pins.bpffs_root)?.run(&packet)?;
+        let arrival = trace_hooks::arrival(&self.pins.bpffs_root, self.device.as_deref())?;
+        let report =
+            Tracer::load(&self.pins.bpffs_root)?.run_hooks(&packet, self.hook, arrival.as_ref())?;
         print(&match self.output {
             Output::Table => render(&report),
             Output::Json => serde_json::to_string_pretty(&report)?,
@@ -150,7 +166,8 @@ impl FromStr for Destination {
         let protocol = match protocol {
             "tcp" => proto::TCP,
             "udp" => proto::UDP,
-            other => return Err(format!("{other:?}: the protocol is tcp or udp")),
+            "sctp" => proto::SCTP,
+            other => return Err(format!("{other:?}: the protocol is tcp, udp or sctp")),
         };
         let pattern: EndpointPattern = endpoint.parse()?;
         let port = pattern
@@ -179,13 +196,13 @@ fn parse_tcp_flag(name: &str) -> Result<u8, String> {
     }
 }
 
-/// `epx_trace`, loaded against the pinned maps of a bpffs root.
+/// `epx_trace` and `epx_xdp_trace`, loaded against the pinned maps of a bpffs root.
 pub struct Tracer {
     ebpf: Ebpf,
 }
 
 impl Tracer {
-    /// Loads `epx_trace` from the embedded object, reusing the maps pinned under `root`
+    /// Loads the dry runs from the embedded object, reusing the maps pinned under `root`
     /// (it never creates pins: missing ones are an error). Needs root (or CAP_BPF).
     pub fn load(root: &Path) -> Result<Self> {
         let pins = [
@@ -203,16 +220,66 @@ impl Tracer {
             map_names::SVC_NAMES,
             map_names::SOURCE_RANGES,
             map_names::DEVICES,
+            map_names::MAGLEV,
         ];
-        let ebpf = load_beside_pins(root, &pins, TRACE_PROGRAM_NAME)?;
+        let ebpf = load_beside_pins(root, &pins, &[TRACE_PROGRAM_NAME, XDP_TRACE_PROGRAM_NAME])?;
         Ok(Self { ebpf })
     }
 
-    /// Runs `packet` through the dry run and explains the outcome.
+    /// Runs `packet` through tc's dry run (arriving on the test run's loopback) and
+    /// explains the outcome.
     pub fn run(&mut self, packet: &TracePacket) -> Result<TraceReport> {
+        self.run_hooks(packet, Hook::Tc, None)
+    }
+
+    /// Runs `packet` through the dry runs `hook` asks for, as arriving on `arrival`, and
+    /// explains the outcome of the one that decided.
+    pub fn run_hooks(
+        &mut self,
+        packet: &TracePacket,
+        hook: Hook,
+        arrival: Option<&Arrival>,
+    ) -> Result<TraceReport> {
+        let ifindex = arrival.map_or(0, |arrival| arrival.ifindex);
+        let through_xdp = match hook {
+            Hook::Auto => arrival.is_some_and(|arrival| arrival.xdp.is_some()),
+            Hook::Xdp => true,
+            Hook::Tc => false,
+        };
         let frame = packet.frame();
-        let (return_code, output) = self.run_frame(&frame)?;
+        let mut xdp = None;
+        if through_xdp {
+            self.clear_record()?;
+            let run = crate::xdp::run_frame(self.xdp_program()?, &frame, ifindex)
+                .context("running epx_xdp_trace")?;
+            let record = self.record()?;
+            let view = XdpView::of(&run, &record, ifindex);
+            if !view.left_to_tc() || hook == Hook::Xdp {
+                let verdict = view.verdict();
+                let mut report = self.explain(packet, run.action, &run.frame, &record)?;
+                report.verdict = verdict.to_owned();
+                return Ok(report.via_xdp(view, arrival));
+            }
+            xdp = Some(view);
+        }
+        let (return_code, output) = self.run_frame_on(&frame, ifindex)?;
         let record = self.record()?;
+        let report = self.explain(packet, return_code, &output, &record)?;
+        Ok(match xdp {
+            Some(view) => report.via_xdp(view, arrival),
+            None => report.on(arrival),
+        })
+    }
+
+    /// The report of a run that left `output` and `record`.
+    fn explain(
+        &mut self,
+        packet: &TracePacket,
+        return_code: u32,
+        output: &[u8],
+        record: &TraceRecord,
+    ) -> Result<TraceReport> {
+        let record = *record;
         let name_of = |rev_nat_id: u32| service_name(&self.ebpf, rev_nat_id);
         let frontend_name = if record.frontend == FrontendKey::default() {
             None
@@ -227,7 +294,7 @@ impl Tracer {
         Ok(report(
             packet,
             return_code,
-            &output,
+            output,
             &record,
             frontend_name,
             flow_name,
@@ -236,13 +303,32 @@ impl Tracer {
 
     /// Runs a raw frame through `epx_trace`: its return value and the frame it leaves.
     pub fn run_frame(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        self.run_frame_on(frame, 0)
+    }
+
+    /// Runs a raw frame through `epx_xdp_trace` (arriving on the test run's loopback).
+    pub fn run_xdp_frame(&mut self, frame: &[u8]) -> Result<crate::xdp::XdpRun> {
+        self.clear_record()?;
+        crate::xdp::run_frame(self.xdp_program()?, frame, 0).context("running epx_xdp_trace")
+    }
+
+    /// [`Tracer::run_frame`] as arriving on `ifindex` (0: loopback).
+    fn run_frame_on(&mut self, frame: &[u8], ifindex: u32) -> Result<(u32, Vec<u8>)> {
         self.clear_record()?;
         let program: &SchedClassifier = self
             .ebpf
             .program(TRACE_PROGRAM_NAME)
             .context("epx_trace not loaded")?
             .try_into()?;
-        crate::datapath::run_frame(program, frame).context("running epx_trace")
+        crate::datapath::run_frame_on(program, frame, ifindex).context("running epx_trace")
+    }
+
+    fn xdp_program(&self) -> Result<&aya::programs::Xdp> {
+        Ok(self
+            .ebpf
+            .program(XDP_TRACE_PROGRAM_NAME)
+            .context("epx_xdp_trace not loaded")?
+            .try_into()?)
     }
 
     fn clear_record(&mut self) -> Result<()> {
@@ -314,7 +400,8 @@ pub struct TraceReport {
     /// externalTrafficPolicy Local frontend): `pod` (a pod device) or `outside`; null when
     /// it did not matter.
     pub origin: Option<&'static str>,
-    /// The slot chosen at random for a new flow (a new connection would pick again).
+    /// The slot chosen for a new flow: at random (a new connection would pick again) or by
+    /// the frontend's Maglev table.
     pub selection: Option<Selection>,
     pub backend: Option<BackendMatch>,
     /// A fragment: its datagram and the FRAGMENTS record that decides for it.
@@ -329,6 +416,30 @@ pub struct TraceReport {
     pub routes_reply: bool,
     /// The map entries that decided, in the order the program read them.
     pub decided_by: Vec<String>,
+    /// The program that decided: `xdp` or `tc`.
+    pub hook: &'static str,
+    /// The device the packet was traced as arriving on; null: the test run's loopback.
+    pub device: Option<String>,
+    /// What the XDP program did, when the packet went through it (null otherwise).
+    pub xdp: Option<XdpView>,
+}
+
+impl TraceReport {
+    /// The report of the tc run of a packet arriving on `arrival`.
+    fn on(mut self, arrival: Option<&Arrival>) -> Self {
+        self.device = arrival.map(|arrival| arrival.name.clone());
+        self
+    }
+
+    /// The report of a packet that went through XDP (`view`) on `arrival`: XDP's run if it
+    /// decided, else tc's after it.
+    fn via_xdp(mut self, view: XdpView, arrival: Option<&Arrival>) -> Self {
+        if !view.left_to_tc() {
+            self.hook = "xdp";
+        }
+        self.xdp = Some(view);
+        self.on(arrival)
+    }
 }
 
 #[derive(Debug, PartialEq, Eq, Serialize)]
@@ -338,6 +449,8 @@ pub struct PacketView {
     pub destination: Endpoint,
     /// TCP: the flags by name (`SYN`, `SYN-ACK`, `ACK`, `FIN-ACK`, …); null otherwise.
     pub tcp_flags: Option<String>,
+    /// SCTP: its chunk (`INIT`, `INIT ACK`, `DATA`, `SHUTDOWN`, `ABORT`); null otherwise.
+    pub sctp_chunk: Option<&'static str>,
     /// The IPv4 length in bytes.
     pub length: u16,
     pub ttl: u8,
@@ -367,6 +480,8 @@ impl From<&TracePacket> for PacketView {
             source: packet.source,
             destination: packet.destination,
             tcp_flags: (packet.protocol == proto::TCP).then(|| flag_names(packet.tcp_flags)),
+            sctp_chunk: (packet.protocol == proto::SCTP)
+                .then(|| packet::sctp_chunk_name(packet::sctp_chunk(packet.tcp_flags))),
             length: packet.length,
             ttl: packet.ttl,
             fragment: match packet.fragment {
@@ -556,6 +671,9 @@ pub struct Selection {
     /// `frontend` (its own backends) or `cluster` (the Cluster set of an
     /// externalTrafficPolicy Local frontend, for pods).
     pub set: &'static str,
+    /// `random`, or `maglev`: the frontend's Maglev table gave the slot for the client's
+    /// address, port and protocol (every node and every run gives the same).
+    pub chosen_by: &'static str,
 }
 
 #[derive(Debug, Serialize)]
@@ -717,8 +835,15 @@ pub(super) fn decision(
     let selection = (record.slot != 0).then(|| {
         let index = set.first + u32::from(record.slot) - 1;
         let endpoint = Endpoint::from_wire(record.backend.addr, record.backend.port);
+        let chosen = match maglev::table_size(header.maglev).filter(|_| record.maglev != 0) {
+            Some(size) => format!(
+                "given by the frontend's Maglev table of {size} positions for the client's \
+                 address, port and protocol"
+            ),
+            None => "chosen at random".to_owned(),
+        };
         decided_by.push(format!(
-            "BACKEND_SLOTS[{index}] = backend {}, {endpoint} (slot {} of {}, chosen at random)",
+            "BACKEND_SLOTS[{index}] = backend {}, {endpoint} (slot {} of {}, {chosen})",
             record.backend_id, record.slot, set.count
         ));
         Selection {
@@ -726,6 +851,11 @@ pub(super) fn decision(
             of: set.count,
             index,
             set: if set.cluster { "cluster" } else { "frontend" },
+            chosen_by: if record.maglev != 0 {
+                "maglev"
+            } else {
+                "random"
+            },
         }
     });
     let backend = (selection.is_some() || record.affinity != 0).then(|| {
@@ -934,6 +1064,9 @@ fn report(
         answer,
         routes_reply: record.routes_reply != 0,
         decided_by,
+        hook: "tc",
+        device: None,
+        xdp: None,
     }
 }
 
@@ -1007,6 +1140,11 @@ pub fn render(report: &TraceReport) -> String {
     let mut out = String::new();
     writeln!(out, "packet      {}", describe(&report.packet)).unwrap();
     writeln!(out, "verdict     {}", report.verdict).unwrap();
+    let device = report.device.as_deref().unwrap_or("lo");
+    match &report.xdp {
+        Some(xdp) => writeln!(out, "hook        {}", xdp.describe(device)).unwrap(),
+        None => writeln!(out, "hook        tc (arriving on {device})").unwrap(),
+    }
     writeln!(out, "path        {} ({})", report.path, report.explanation).unwrap();
     write_decision(&mut out, &report.decided_by, report.backend.as_ref());
     if let Some(output) = &report.output {
@@ -1041,7 +1179,7 @@ pub fn render(report: &TraceReport) -> String {
     if report
         .selection
         .as_ref()
-        .is_some_and(|selection| selection.of > 1)
+        .is_some_and(|selection| selection.of > 1 && selection.chosen_by == "random")
     {
         out.push_str("\n            (the slot is random: another run may pick another backend)");
     }
@@ -1054,6 +1192,9 @@ fn describe(view: &PacketView) -> String {
     let mut notes = Vec::new();
     if let Some(flags) = &view.tcp_flags {
         notes.push(flags.clone());
+    }
+    if let Some(chunk) = view.sctp_chunk {
+        notes.push(chunk.to_owned());
     }
     if let Some(part) = view.fragment {
         notes.push(format!("{part} fragment, id {}", view.ip_id));
@@ -1135,7 +1276,28 @@ mod tests {
         let tcp: Destination = "198.19.0.10:80".parse().unwrap();
         assert_eq!(tcp.protocol, proto::TCP);
         assert!("198.19.0.10/tcp".parse::<Destination>().is_err());
-        assert!("198.19.0.10:80/sctp".parse::<Destination>().is_err());
+        let sctp: Destination = "198.19.0.10:3868/sctp".parse().unwrap();
+        assert_eq!(sctp.protocol, proto::SCTP);
+        assert!("198.19.0.10:80/quic".parse::<Destination>().is_err());
+    }
+
+    /// The record of a new flow to `frontend` (header `service`) given `(slot, backend id,
+    /// backend)`.
+    fn new_flow_record(
+        (slot, backend_id, backend): (u16, u32, Backend),
+        frontend: FrontendKey,
+        service: FrontendValue,
+    ) -> TraceRecord {
+        TraceRecord {
+            recorded: 1,
+            outcome: stat::NEW_FLOW as u8,
+            slot,
+            backend_id,
+            backend,
+            frontend,
+            service,
+            ..TraceRecord::default()
+        }
     }
 
     #[test]
@@ -1145,22 +1307,17 @@ mod tests {
             endpoint([198, 18, 1, 14], 40000),
             endpoint([198, 19, 0, 10], 80),
         );
-        let record = TraceRecord {
-            recorded: 1,
-            outcome: stat::NEW_FLOW as u8,
-            slot: 2,
-            backend_id: 5,
-            backend: Backend::new([198, 18, 1, 12], 8080, proto::TCP),
-            frontend: FrontendKey::new([198, 19, 0, 10], 80, proto::TCP),
-            service: FrontendValue {
+        let record = new_flow_record(
+            (2, 5, Backend::new([198, 18, 1, 12], 8080, proto::TCP)),
+            FrontendKey::new([198, 19, 0, 10], 80, proto::TCP),
+            FrontendValue {
                 rev_nat_id: 1,
                 base: 12,
                 count: 3,
                 flags: service_flags::CLUSTER_IP,
                 ..FrontendValue::default()
             },
-            ..TraceRecord::default()
-        };
+        );
         let output = TracePacket {
             destination: endpoint([198, 18, 1, 12], 8080),
             ..packet
@@ -1190,6 +1347,7 @@ mod tests {
         assert_eq!(json["selection"]["of"], 3);
         assert_eq!(json["selection"]["index"], 13);
         assert_eq!(json["selection"]["set"], "frontend");
+        assert_eq!(json["selection"]["chosen_by"], "random");
         assert_eq!(json["origin"], serde_json::Value::Null);
         assert_eq!(json["conntrack"], serde_json::Value::Null);
         assert_eq!(json["output"]["destination"]["port"], 8080);
@@ -1198,6 +1356,40 @@ mod tests {
             text.contains("rewritten   tcp 198.18.1.14:40000 → 198.18.1.12:8080"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_maglev_choice_names_the_table_and_is_not_called_random() {
+        let packet = TracePacket::opening(
+            proto::TCP,
+            endpoint([203, 0, 113, 7], 40000),
+            endpoint([198, 18, 0, 1], 30080),
+        );
+        let record = TraceRecord {
+            maglev: 1,
+            ..new_flow_record(
+                (3, 7, Backend::new([198, 18, 2, 12], 8080, proto::TCP)),
+                FrontendKey::new([198, 18, 0, 1], 30080, proto::TCP),
+                FrontendValue {
+                    rev_nat_id: 2,
+                    base: 20,
+                    count: 4,
+                    flags: service_flags::NODE_PORT,
+                    maglev: maglev::header_value(maglev::DEFAULT_TABLE_SIZE).unwrap(),
+                    ..FrontendValue::default()
+                },
+            )
+        };
+        let report = report(&packet, 0, &packet.frame(), &record, None, None);
+        assert_eq!(
+            report.decided_by[1],
+            "BACKEND_SLOTS[22] = backend 7, 198.18.2.12:8080 (slot 3 of 4, given by the \
+             frontend's Maglev table of 16381 positions for the client's address, port and \
+             protocol)"
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["selection"]["chosen_by"], "maglev");
+        assert!(!render(&report).contains("random"), "{}", render(&report));
     }
 
     #[test]

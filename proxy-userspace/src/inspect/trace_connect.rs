@@ -17,7 +17,7 @@ use std::io;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use aya::EbpfLoader;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use proxy_common::{TRACE_ERRNO, map_names, proto, sock_globals, sock_programs, stat};
@@ -39,6 +39,11 @@ pub fn trace(
     destination: Destination,
     cgroup_root: Option<&Path>,
 ) -> Result<ConnectReport> {
+    ensure!(
+        destination.protocol != proto::SCTP,
+        "the socket programs translate TCP and UDP only; SCTP is translated by the tc \
+         program: trace SRC DST:PORT/sctp"
+    );
     // This process's namespace counts as the node's: the trace shows a process of the node.
     let host_netns = socket_lb::own_netns_cookie()?;
     let mut ebpf = object_beside_pins(

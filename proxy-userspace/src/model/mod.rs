@@ -16,6 +16,7 @@ pub mod address;
 mod changes;
 mod endpoint_slice;
 mod problem;
+pub mod selection;
 pub(crate) mod service;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -26,6 +27,7 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use proxy_common::proto;
 
 pub use address::Family;
 pub use changes::{LAST_CHANGE_TRIGGER_TIME, ModelChanges, trigger_time};
@@ -88,23 +90,22 @@ impl fmt::Display for ObjectKey {
 pub enum Protocol {
     Tcp,
     Udp,
+    Sctp,
 }
 
 impl Protocol {
     /// The IP protocol number, as stored in the maps.
     pub fn number(self) -> u8 {
         match self {
-            Protocol::Tcp => proxy_common::proto::TCP,
-            Protocol::Udp => proxy_common::proto::UDP,
+            Protocol::Tcp => proto::TCP,
+            Protocol::Udp => proto::UDP,
+            Protocol::Sctp => proto::SCTP,
         }
     }
 
     /// Lowercase name, as kube-proxy uses it in chain hashes.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-        }
+        proto::name(self.number())
     }
 }
 

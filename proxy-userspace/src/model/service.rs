@@ -2,7 +2,7 @@
 //! when the object arrives (`newBaseServiceInfo`, `ShouldSkipService`, the informers' label
 //! selector, `GetClusterIPByFamily`), so the model keeps a few hundred bytes per Service
 //! instead of the whole API object, and a change that leaves the record equal (a new
-//! resourceVersion, an annotation) plans nothing.
+//! resourceVersion, an annotation other than ours) plans nothing.
 //!
 //! `publishNotReadyAddresses` is not read, as kube-proxy does not read it: the EndpointSlice
 //! controller already writes such a Service's endpoints as ready, so an endpoint a slice
@@ -18,6 +18,7 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 
 use super::address::{parse_cidr_sloppy, parse_ip_sloppy};
+use super::selection::SelectionRequest;
 use super::{Family, Problem, ProblemKind, Protocol};
 
 /// Services (and their EndpointSlices) with this label belong to another proxy; kube-proxy's
@@ -66,6 +67,8 @@ pub struct ProxiedService {
     /// load-balancer IPs (`MapCIDRsByIPFamily`).
     pub source_ranges: Vec<IpNet>,
     pub session_affinity: Option<Duration>,
+    /// How its external frontends choose backends, as far as its annotations say.
+    pub selection: SelectionRequest,
     pub ports: Vec<PortRecord>,
     /// Fields that were set but are not programmed, one sentence each (logged and counted).
     pub skipped_fields: Vec<Problem>,
@@ -77,7 +80,7 @@ pub struct PortRecord {
     /// Empty for an unnamed single port.
     pub name: Arc<str>,
     pub port: i32,
-    /// The reason when the protocol can't be proxied (SCTP, or not a protocol at all).
+    /// The reason when the protocol can't be proxied (not a protocol at all).
     pub protocol: Result<Protocol, Box<str>>,
     pub node_port: Option<i32>,
 }
@@ -210,6 +213,12 @@ fn proxied_service(
             ));
         }
     }
+    let annotations = service.metadata.annotations.as_ref();
+    let selection = SelectionRequest::from_annotations(
+        key,
+        |name| annotations?.get(name).cloned(),
+        &mut skipped_fields,
+    );
     Ok(ProxiedService {
         cluster_ips,
         exposes_node_ports,
@@ -220,6 +229,7 @@ fn proxied_service(
         health_check_node_port,
         source_ranges,
         session_affinity: session_affinity(&spec),
+        selection,
         ports,
         skipped_fields,
     })
@@ -299,7 +309,7 @@ pub(crate) fn service_protocol(protocol: Option<&str>) -> Result<Protocol, Strin
     match protocol.unwrap_or("TCP") {
         "TCP" => Ok(Protocol::Tcp),
         "UDP" => Ok(Protocol::Udp),
-        "SCTP" => Err("SCTP is not supported".to_owned()),
+        "SCTP" => Ok(Protocol::Sctp),
         other => Err(format!("protocol {other:?} is invalid")),
     }
 }

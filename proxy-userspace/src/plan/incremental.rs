@@ -243,6 +243,7 @@ fn node_context(node: &NodeFacts, model: &Model) -> NodeContext {
         },
         node_port_addresses: node.node_port_addresses(),
         source_range_node_ips: source_range_node_ips(node, model),
+        selection: node.selection,
     }
 }
 

@@ -23,6 +23,7 @@
 mod claims;
 mod endpoints;
 mod incremental;
+pub mod maglev;
 mod service_port;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -35,6 +36,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+pub use crate::model::selection::{Algorithm, Selection, SelectionDefaults};
 pub use crate::model::{
     DEFAULT_AFFINITY_TIMEOUT, Family, HEADLESS_LABEL, Problem, Protocol, SERVICE_PROXY_NAME_LABEL,
 };
@@ -56,6 +58,9 @@ pub struct NodeFacts {
     /// name, its `primary` keyword resolved). Each family is filtered by its own CIDRs
     /// only: a family without any opens NodePorts on every node address of that family.
     pub nodeport_cidrs: Vec<IpNet>,
+    /// How external frontends choose backends unless their Service's annotations say
+    /// otherwise (`--lb-algorithm`, `--maglev-table-size`).
+    pub selection: SelectionDefaults,
     /// Whether NodePorts open on the node's loopback addresses too (`localhost:NodePort`,
     /// as kube-proxy's iptables mode opens them): only the socket programs serve those,
     /// since no packet to a loopback address ever passes a tc program — so only with
@@ -213,6 +218,11 @@ pub struct FrontendPlan {
     /// clients are dropped. Empty: no restriction (other kinds, no ranges, or a Service
     /// without endpoints, which refuses everyone).
     pub source_ranges: Vec<IpNet>,
+    /// How a new connection's backend is chosen (after session affinity). External
+    /// frontends follow their Service's annotations or the node's flags; a ClusterIP's
+    /// traffic starts on the node that balances it, so it always chooses at random, as
+    /// kube-proxy does.
+    pub selection: Selection,
 }
 
 /// What a frontend without backends does with new connections (kube-proxy's filter rules).

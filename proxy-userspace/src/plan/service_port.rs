@@ -13,8 +13,8 @@ use tracing::debug;
 use super::claims::conflict;
 use super::endpoints::{NodeIdentity, categorize, endpoints_of_port, local_ready_addresses};
 use super::{
-    BackendAddr, EmptyFrontend, Frontend, FrontendKind, FrontendPlan, ServiceHealthCheck,
-    ServicePortName,
+    BackendAddr, EmptyFrontend, Frontend, FrontendKind, FrontendPlan, Selection, SelectionDefaults,
+    ServiceHealthCheck, ServicePortName,
 };
 use crate::model::service::port_number;
 use crate::model::{
@@ -32,6 +32,8 @@ pub(super) struct NodeContext {
     /// `nodeIP`): the Node's primary address of the family when known, else each of the
     /// node's addresses of the family.
     pub source_range_node_ips: Vec<IpAddr>,
+    /// The node's `--lb-algorithm` and `--maglev-table-size`.
+    pub selection: SelectionDefaults,
 }
 
 /// One Service's plan, before other Services' claims are considered.
@@ -222,30 +224,36 @@ impl ServicePlan {
         } else {
             Vec::new()
         };
-        let for_policy = |local: bool, cluster_for_pods: bool| FrontendTemplate {
-            service: ServicePortName {
-                namespace: key.namespace.clone(),
-                name: key.name.clone(),
-                port_name: port.name.clone(),
-            },
-            backends: if local {
-                categorized.local.clone()
-            } else {
-                categorized.cluster.clone()
-            },
-            cluster_backends: cluster_for_pods.then(|| categorized.cluster.clone()),
-            when_empty: if categorized.has_usable_endpoints {
-                EmptyFrontend::Drop
-            } else {
-                EmptyFrontend::Reject
-            },
-            session_affinity: service.session_affinity,
-            serving_addrs: categorized.serving_addrs.clone(),
-            source_ranges: source_ranges.clone(),
-        };
-        let internal = for_policy(service.internal_policy_local, false);
+        let for_policy =
+            |local: bool, cluster_for_pods: bool, selection: Selection| FrontendTemplate {
+                service: ServicePortName {
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
+                    port_name: port.name.clone(),
+                },
+                backends: if local {
+                    categorized.local.clone()
+                } else {
+                    categorized.cluster.clone()
+                },
+                cluster_backends: cluster_for_pods.then(|| categorized.cluster.clone()),
+                when_empty: if categorized.has_usable_endpoints {
+                    EmptyFrontend::Drop
+                } else {
+                    EmptyFrontend::Reject
+                },
+                session_affinity: service.session_affinity,
+                serving_addrs: categorized.serving_addrs.clone(),
+                source_ranges: source_ranges.clone(),
+                selection,
+            };
+        let internal = for_policy(service.internal_policy_local, false, Selection::Random);
         // Pods reach an externalTrafficPolicy Local frontend's Cluster endpoints.
-        let external = for_policy(service.external_policy_local, service.external_policy_local);
+        let external = for_policy(
+            service.external_policy_local,
+            service.external_policy_local,
+            service.selection.resolve(node.selection),
+        );
         let frontend = |addr| Frontend {
             addr,
             port: numbers.port,
@@ -302,6 +310,7 @@ impl ServicePlan {
                     } else {
                         Vec::new()
                     },
+                    selection: template.selection,
                 },
             )),
             // The same Service port naming an address twice (an externalIP that is also its
@@ -325,6 +334,7 @@ struct FrontendTemplate {
     session_affinity: Option<Duration>,
     serving_addrs: Vec<IpAddr>,
     source_ranges: Vec<IpNet>,
+    selection: Selection,
 }
 
 #[cfg(test)]
@@ -946,15 +956,49 @@ mod tests {
                 ..Case::default()
             },
             Case {
-                name: "SCTP port skipped and reported, the others kept",
-                services: vec![
-                    svc("default/web", "198.19.0.10")
+                name: "SCTP served as TCP and UDP are, on every kind of frontend",
+                services: vec![{
+                    let mut web = svc("default/web", "198.19.0.10")
                         .port("http", 80, "TCP")
-                        .port("sctp-port", 9999, "SCTP"),
+                        .port("sig", 3868, "SCTP")
+                        .service_type("LoadBalancer")
+                        .external_ips(&["198.18.9.1"])
+                        .ingress(Some("198.18.8.1"), None);
+                    let ports = web.spec().ports.as_mut().expect("ports");
+                    ports.last_mut().expect("sig").node_port = Some(30868);
+                    web
+                }],
+                slices: vec![
+                    web_slice()
+                        .port(Some("sig"), Some(3869), "SCTP")
+                        // Same name, other protocol: not the SCTP port's endpoint.
+                        .port(Some("sig"), Some(9999), "TCP"),
                 ],
-                slices: vec![web_slice()],
-                frontends: vec![("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec())],
-                problems: vec!["default/web port sctp-port: SCTP is not supported, skipped"],
+                frontends: vec![
+                    (
+                        "198.18.0.1:30868/sctp",
+                        NodePort,
+                        vec!["198.18.1.1:3869", "198.18.1.2:3869"],
+                    ),
+                    ("198.18.8.1:80/tcp", LoadBalancer, WEB_BACKENDS.to_vec()),
+                    (
+                        "198.18.8.1:3868/sctp",
+                        LoadBalancer,
+                        vec!["198.18.1.1:3869", "198.18.1.2:3869"],
+                    ),
+                    ("198.18.9.1:80/tcp", ExternalIp, WEB_BACKENDS.to_vec()),
+                    (
+                        "198.18.9.1:3868/sctp",
+                        ExternalIp,
+                        vec!["198.18.1.1:3869", "198.18.1.2:3869"],
+                    ),
+                    ("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec()),
+                    (
+                        "198.19.0.10:3868/sctp",
+                        ClusterIp,
+                        vec!["198.18.1.1:3869", "198.18.1.2:3869"],
+                    ),
+                ],
                 ..Case::default()
             },
             Case {
@@ -1038,6 +1082,88 @@ mod tests {
         ];
         for (name, service, expected) in cases {
             assert_eq!(affinity_of(service), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn external_frontends_choose_as_annotated_or_as_the_node_says_and_cluster_ips_at_random() {
+        use crate::model::selection::{ALGORITHM_ANNOTATION, TABLE_SIZE_ANNOTATION};
+        let web = || {
+            svc("default/web", "198.19.0.10")
+                .node_port("http", 80, 30080)
+                .service_type("NodePort")
+                .external_ips(&["198.18.9.1"])
+        };
+        let maglev_node = NodeFacts {
+            selection: SelectionDefaults {
+                algorithm: crate::plan::Algorithm::Maglev,
+                table_size: 4093,
+            },
+            ..node()
+        };
+        let selections = |service: Svc, node: &NodeFacts| -> Vec<(FrontendKind, Selection)> {
+            let mut model = Model::default();
+            model.insert_service(service.0).unwrap();
+            model.insert_endpoint_slice(web_slice().0).unwrap();
+            let planned = plan(&model, node);
+            planned
+                .desired
+                .frontends
+                .values()
+                .map(|plan| (plan.kind, plan.selection))
+                .collect()
+        };
+        let maglev = |table_size| Selection::Maglev { table_size };
+        let expect = |external: Selection| {
+            vec![
+                (FrontendKind::NodePort, external),
+                (FrontendKind::ExternalIp, external),
+                (FrontendKind::ClusterIp, Selection::Random),
+            ]
+        };
+        let cases = [
+            (
+                "kube-proxy's default",
+                web(),
+                node(),
+                expect(Selection::Random),
+            ),
+            (
+                "the node's flag",
+                web(),
+                maglev_node.clone(),
+                expect(maglev(4093)),
+            ),
+            (
+                "the annotation",
+                web().annotation(ALGORITHM_ANNOTATION, "maglev"),
+                node(),
+                expect(maglev(proxy_common::maglev::DEFAULT_TABLE_SIZE)),
+            ),
+            (
+                "the annotation with a size",
+                web()
+                    .annotation(ALGORITHM_ANNOTATION, "maglev")
+                    .annotation(TABLE_SIZE_ANNOTATION, "1021"),
+                node(),
+                expect(maglev(1021)),
+            ),
+            (
+                "the annotation against the flag",
+                web().annotation(ALGORITHM_ANNOTATION, "random"),
+                maglev_node.clone(),
+                expect(Selection::Random),
+            ),
+            (
+                "an invalid annotation: the flag",
+                web().annotation(ALGORITHM_ANNOTATION, "weighted"),
+                maglev_node,
+                expect(maglev(4093)),
+            ),
+        ];
+        // In frontend order: the node address, the externalIP, the ClusterIP.
+        for (name, service, node, expected) in cases {
+            assert_eq!(selections(service, &node), expected, "{name}");
         }
     }
 

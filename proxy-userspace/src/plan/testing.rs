@@ -286,6 +286,7 @@ pub fn node() -> NodeFacts {
         zone: Some(ZONE.to_owned()),
         addresses: vec!["198.18.0.1".parse().unwrap()],
         nodeport_cidrs: Vec::new(),
+        selection: Default::default(),
         loopback_node_ports: false,
     }
 }

@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use proxy_common::maglev::{MaglevChunk, MaglevKey};
 use proxy_common::{
     Backend, FrontendKey, FrontendValue, MembershipKey, ServiceName, Slot, map_names,
 };
@@ -46,12 +47,14 @@ pub enum Phase<'a> {
     /// An RCU grace period (see [`MapOp::Barrier`]).
     Barrier,
     PutSlots(&'a [(u32, Slot)]),
+    PutMaglev(&'a [(MaglevKey, MaglevChunk)]),
     PutSourceRanges(&'a [SourceRangeEntry]),
     PutHeaders(&'a [(FrontendKey, FrontendValue)]),
     DeleteHeaders(&'a [FrontendKey]),
     DeleteMembership(&'a [MembershipKey]),
     DeleteSourceRanges(&'a [SourceRangeEntry]),
     DeleteBackends(&'a [(u32, Backend)]),
+    DeleteMaglev(&'a [MaglevKey]),
     DeleteNames(&'a [u32]),
 }
 
@@ -78,6 +81,11 @@ impl<'a> Phase<'a> {
                     .iter()
                     .map(|(index, slot)| MapOp::PutSlot(*index, *slot)),
             ),
+            Phase::PutMaglev(entries) => Box::new(
+                entries
+                    .iter()
+                    .map(|(key, chunk)| MapOp::PutMaglev(*key, *chunk)),
+            ),
             Phase::PutSourceRanges(entries) => {
                 Box::new(entries.iter().map(|entry| MapOp::PutSourceRange(*entry)))
             }
@@ -100,6 +108,7 @@ impl<'a> Phase<'a> {
                     .iter()
                     .map(|(id, backend)| MapOp::DeleteBackend(*id, *backend)),
             ),
+            Phase::DeleteMaglev(keys) => Box::new(keys.iter().map(|key| MapOp::DeleteMaglev(*key))),
             Phase::DeleteNames(ids) => Box::new(ids.iter().map(|id| MapOp::DeleteName(*id))),
         }
     }
@@ -358,6 +367,7 @@ impl MapMirror {
             self.write_phase(maps, Phase::Barrier, &mut report);
         }
         self.write_phase(maps, Phase::PutSlots(&writes.put_slots), &mut report);
+        self.write_phase(maps, Phase::PutMaglev(&writes.put_maglev), &mut report);
         let ranges = &writes.put_source_ranges;
         self.write_phase(maps, Phase::PutSourceRanges(ranges), &mut report);
         // Frontends (rev_nat_id) whose header stays as it was.
@@ -396,6 +406,13 @@ impl MapMirror {
         self.write_phase(maps, Phase::DeleteMembership(&delete_members), &mut report);
         self.write_phase(maps, Phase::DeleteSourceRanges(&delete_ranges), &mut report);
         self.write_phase(maps, Phase::DeleteBackends(&delete_backends), &mut report);
+        // A table a held-back (or moved) header still names stays.
+        let named: BTreeSet<MaglevKey> = (self.current.services.values())
+            .flat_map(super::image::maglev_keys)
+            .collect();
+        let (delete_tables, kept_tables) = split(&writes.delete_maglev, |key| !named.contains(key));
+        report.held_back += kept_tables;
+        self.write_phase(maps, Phase::DeleteMaglev(&delete_tables), &mut report);
         self.write_phase(maps, Phase::DeleteNames(&writes.delete_names), &mut report);
         for slice in self.slots.settle() {
             self.forget_slots(slice);

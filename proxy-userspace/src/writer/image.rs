@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use aya::maps::lpm_trie::Key;
+use proxy_common::maglev::{self, CHUNK_POSITIONS, MaglevChunk, MaglevKey};
 use proxy_common::{
     Backend, FrontendKey, FrontendValue, MembershipKey, ServiceName, Slot, SourceRange, membership,
     service_flags,
@@ -16,7 +17,9 @@ use proxy_common::{
 
 use super::ids::IdRegistry;
 use super::slots::{Slice, SlotAllocator};
-use crate::plan::{BackendAddr, DesiredState, EmptyFrontend, Frontend, FrontendKind, FrontendPlan};
+use crate::plan::{
+    BackendAddr, DesiredState, EmptyFrontend, Frontend, FrontendKind, FrontendPlan, Selection,
+};
 
 /// The contents of the maps the writer owns.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -33,6 +36,9 @@ pub struct MapImage {
     pub names: BTreeMap<u32, ServiceName>,
     /// The client prefixes of each restricted frontend (SOURCE_RANGES' keys).
     pub source_ranges: BTreeSet<SourceRangeEntry>,
+    /// MAGLEV: the chunks the maps hold (their contents follow from the slices they belong
+    /// to, see [`maglev_table`], and are not kept here).
+    pub maglev: BTreeSet<MaglevKey>,
 }
 
 /// What the maps should hold: like [`MapImage`], but each frontend's slots are listed with
@@ -206,6 +212,12 @@ pub fn frontend_entries(
         });
     }
     let count = |backends: &[BackendAddr]| u16::try_from(backends.len()).unwrap_or(u16::MAX);
+    let maglev = match plan.selection {
+        Selection::Maglev { table_size } if !plan.backends.is_empty() => {
+            maglev::header_value(table_size).unwrap_or(0)
+        }
+        _ => 0,
+    };
     let header = FrontendValue {
         rev_nat_id,
         service_port_id: ids.service_port_id(&plan.service, proto),
@@ -213,7 +225,7 @@ pub fn frontend_entries(
         count: count(&plan.backends),
         cluster_count: plan.cluster_backends.as_deref().map_or(0, count),
         flags: header_flags(plan),
-        _pad: 0,
+        maglev,
         // The planner keeps timeouts within the API's 1..=86400 s.
         affinity_timeout_s: plan.session_affinity.map_or(0, |timeout| {
             u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX)
@@ -224,6 +236,43 @@ pub fn frontend_entries(
     if let Some(name) = ServiceName::new(&service.namespace, &service.name, &service.port_name) {
         image.names.insert(rev_nat_id, name);
     }
+}
+
+/// The MAGLEV keys of the table `header` names (none for a random one).
+pub fn maglev_keys(header: &FrontendValue) -> impl Iterator<Item = MaglevKey> + '_ {
+    let chunks = maglev::table_size(header.maglev).map_or(0, maglev::chunks);
+    (0..chunks).map(|chunk| MaglevKey {
+        base: header.base,
+        maglev: header.maglev,
+        _pad: 0,
+        chunk,
+    })
+}
+
+/// The Maglev table of a header whose own set is `own` (its first `count` slots, in the
+/// plan's sorted order, as every node writes them), as MAGLEV entries.
+pub fn maglev_table(header: &FrontendValue, own: &[Slot]) -> Vec<(MaglevKey, MaglevChunk)> {
+    let Some(size) = maglev::table_size(header.maglev) else {
+        return Vec::new();
+    };
+    let backends: Vec<BackendAddr> = own
+        .iter()
+        .map(|slot| BackendAddr {
+            addr: std::net::Ipv4Addr::from(slot.backend.addr.to_ne_bytes()).into(),
+            port: u16::from_be(slot.backend.port),
+        })
+        .collect();
+    let table = crate::plan::maglev::table(&backends, size);
+    maglev_keys(header)
+        .zip(table.chunks(CHUNK_POSITIONS))
+        .map(|(key, positions)| {
+            let mut chunk = MaglevChunk {
+                positions: [0; CHUNK_POSITIONS],
+            };
+            chunk.positions[..positions.len()].copy_from_slice(positions);
+            (key, chunk)
+        })
+        .collect()
 }
 
 /// The slice a header names.
@@ -278,6 +327,9 @@ impl MapImage {
         if restricted && !self.has_source_ranges(header.rev_nat_id) {
             return Some(format!("{key:?}: restricted to source ranges it lacks"));
         }
+        if let Some(chunk) = maglev_keys(header).find(|chunk| !self.maglev.contains(chunk)) {
+            return Some(format!("{key:?}: Maglev chunk {chunk:?} is not written"));
+        }
         None
     }
 
@@ -308,6 +360,8 @@ impl MapImage {
             .extend(self.source_ranges.range(range_bounds(rev_nat_id)));
         part.names
             .extend(self.names.get(&rev_nat_id).map(|name| (rev_nat_id, *name)));
+        part.maglev
+            .extend(maglev_keys(header).filter(|chunk| self.maglev.contains(chunk)));
         part
     }
 
@@ -376,6 +430,7 @@ impl MapImage {
         self.membership.extend(other.membership);
         self.names.extend(other.names);
         self.source_ranges.extend(other.source_ranges);
+        self.maglev.extend(other.maglev);
     }
 
     /// Applies one operation to this in-memory image.
@@ -413,6 +468,12 @@ impl MapImage {
             }
             MapOp::DeleteName(id) => {
                 self.names.remove(id);
+            }
+            MapOp::PutMaglev(key, _) => {
+                self.maglev.insert(*key);
+            }
+            MapOp::DeleteMaglev(key) => {
+                self.maglev.remove(key);
             }
             MapOp::Barrier => {}
         }
@@ -499,6 +560,9 @@ pub enum MapOp {
     /// The backend's id and the backend (BACKEND_IDS is keyed by the backend).
     DeleteBackend(u32, Backend),
     DeleteName(u32),
+    /// A chunk of a slice's Maglev table (never of a table a header names).
+    PutMaglev(MaglevKey, MaglevChunk),
+    DeleteMaglev(MaglevKey),
     /// Waits until no program run that started before can still be going (an RCU grace
     /// period): the slices headers stopped naming may be written again.
     Barrier,
@@ -515,6 +579,7 @@ impl MapOp {
             MapOp::PutService(..) | MapOp::DeleteService(_) => map_names::SERVICES,
             MapOp::PutMembership(..) | MapOp::DeleteMembership(_) => map_names::MEMBERSHIP,
             MapOp::PutSourceRange(_) | MapOp::DeleteSourceRange(_) => map_names::SOURCE_RANGES,
+            MapOp::PutMaglev(..) | MapOp::DeleteMaglev(_) => map_names::MAGLEV,
             MapOp::Barrier => return None,
         })
     }
@@ -530,6 +595,8 @@ pub struct Placement {
     /// Frontends moved out of a window being evacuated, with their new header (their
     /// contents unchanged).
     moved: BTreeMap<FrontendKey, FrontendValue>,
+    /// The Maglev chunks of the slices those frontends leave.
+    left_tables: Vec<MaglevKey>,
     /// A barrier must pass before the slices are written (they reuse quarantined slots).
     barrier: bool,
     /// Frontends left as they are: no room for their slice.
@@ -618,6 +685,9 @@ pub fn place(
                 base: new.base,
                 ..header
             };
+            placement
+                .left_tables
+                .extend(maglev_keys(&header).filter(|chunk| current.maglev.contains(chunk)));
             placement.moved.insert(moved_key, moved);
             if next.frontends.contains_key(&moved_key) {
                 placement.bases.insert(moved_key, new.base);
@@ -654,6 +724,8 @@ pub struct MapWrites {
     /// named until lately.
     pub barrier: bool,
     pub put_slots: Vec<(u32, Slot)>,
+    /// The Maglev tables of new slices (and of sizes new to a slice), with the slots.
+    pub put_maglev: Vec<(MaglevKey, MaglevChunk)>,
     pub put_source_ranges: Vec<SourceRangeEntry>,
     /// New and changed headers, and headers moved out of a window being evacuated.
     pub put_headers: Vec<(FrontendKey, FrontendValue)>,
@@ -663,6 +735,8 @@ pub struct MapWrites {
     pub delete_membership: Vec<MembershipKey>,
     pub delete_source_ranges: Vec<SourceRangeEntry>,
     pub delete_backends: Vec<(u32, Backend)>,
+    /// Maglev chunks no header names any more.
+    pub delete_maglev: Vec<MaglevKey>,
     pub delete_names: Vec<u32>,
 }
 
@@ -673,6 +747,7 @@ impl MapWrites {
             + self.put_backends.len()
             + self.grow_membership.len()
             + self.put_slots.len()
+            + self.put_maglev.len()
             + self.put_source_ranges.len()
             + self.put_headers.len()
             + self.delete_headers.len()
@@ -680,6 +755,7 @@ impl MapWrites {
             + self.delete_membership.len()
             + self.delete_source_ranges.len()
             + self.delete_backends.len()
+            + self.delete_maglev.len()
             + self.delete_names.len()
     }
 
@@ -700,6 +776,7 @@ impl MapWrites {
             .chain(put_membership(&self.grow_membership))
             .chain(self.needs_barrier().then_some(MapOp::Barrier))
             .chain((self.put_slots.iter()).map(|(index, slot)| MapOp::PutSlot(*index, *slot)))
+            .chain((self.put_maglev.iter()).map(|(key, chunk)| MapOp::PutMaglev(*key, *chunk)))
             .chain((self.put_source_ranges.iter()).map(|entry| MapOp::PutSourceRange(*entry)))
             .chain((self.put_headers.iter()).map(|(key, header)| MapOp::PutService(*key, *header)));
         let deletes = (self.delete_headers.iter())
@@ -711,6 +788,7 @@ impl MapWrites {
                 (self.delete_backends.iter())
                     .map(|(id, backend)| MapOp::DeleteBackend(*id, *backend)),
             )
+            .chain((self.delete_maglev.iter()).map(|key| MapOp::DeleteMaglev(*key)))
             .chain((self.delete_names.iter()).map(|id| MapOp::DeleteName(*id)));
         puts.chain(deletes)
     }
@@ -725,10 +803,11 @@ fn put_membership(entries: &[(MembershipKey, u8)]) -> impl Iterator<Item = MapOp
 /// backend BACKEND_IDS holds that is a member of the frontend's set in MEMBERSHIP (see
 /// [`MapImage::missing_for`]): new backends, grown membership, a barrier when slots are
 /// reused, new slices, new source ranges, then headers; then removed headers, shrunk
-/// membership, source ranges and backends. So a header flagged `SOURCE_RANGES` never lacks
-/// its ranges, which would drop every client, a flow to a new backend never looks as if
-/// its backend had left, and no slice is written while a packet may read it. Names come
-/// first and go last, so a listing never shows a live frontend without its name.
+/// membership, source ranges, backends and Maglev tables. So a header flagged
+/// `SOURCE_RANGES` never lacks its ranges, which would drop every client, a flow to a new
+/// backend never looks as if its backend had left, a header never names a Maglev table
+/// not yet written, and no slice is written while a packet may read it. Names come first
+/// and go last, so a listing never shows a live frontend without its name.
 pub fn diff(current: &MapImage, next: &DesiredImage, placement: &Placement) -> MapWrites {
     let mut writes = MapWrites {
         barrier: placement.barrier,
@@ -767,15 +846,44 @@ pub fn diff(current: &MapImage, next: &DesiredImage, placement: &Placement) -> M
             writes.put_headers.push((*key, *moved));
         }
     }
+    // Maglev tables: a header's table is keyed by its slice and size, so a new slice or
+    // size means new keys, written with the slots; a table a header names is never
+    // rewritten. Its contents follow from the slice's own set.
+    let mut named_tables: BTreeSet<MaglevKey> = BTreeSet::new();
+    let mut put_maglev = Vec::new();
+    let mut table_of = |header: &FrontendValue, slots: &[Slot]| {
+        let keys: Vec<MaglevKey> = maglev_keys(header).collect();
+        if keys.iter().any(|chunk| !current.maglev.contains(chunk)) {
+            let own = &slots[..usize::from(header.count).min(slots.len())];
+            put_maglev.extend(maglev_table(header, own));
+        }
+        named_tables.extend(keys);
+    };
+    for (key, moved) in &placement.moved {
+        if !next.frontends.contains_key(key)
+            && let Some(slots) = placement.writes.get(&moved.base)
+        {
+            table_of(moved, slots);
+        }
+    }
     for (key, entry) in &next.frontends {
         let header = FrontendValue {
             base: placement.bases.get(key).copied().unwrap_or(0),
             ..entry.header
         };
+        table_of(&header, &entry.slots);
         if current.services.get(key) != Some(&header) {
             writes.put_headers.push((*key, header));
         }
     }
+    writes.put_maglev = put_maglev;
+    writes.delete_maglev = (current.maglev.iter())
+        .filter(|chunk| !named_tables.contains(chunk))
+        .chain(&placement.left_tables)
+        .copied()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
     writes.delete_headers = (current.services.keys())
         .filter(|key| !next.frontends.contains_key(key))
         .copied()

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use aya::Pod;
 use aya::maps::{Array, HashMap as BpfHashMap, IterableMap, LpmTrie, MapData, MapError};
+use proxy_common::maglev::{MaglevChunk, MaglevKey};
 use proxy_common::{
     Backend, FrontendKey, FrontendValue, MembershipKey, ServiceName, Slot, SourceRange,
 };
@@ -33,7 +34,7 @@ pub use delta::{ApplyReport, Batch, MapMirror, MapSink, Phase, Sync, WriteError}
 pub use ids::IdRegistry;
 pub use image::{
     DesiredImage, FrontendEntry, MapImage, MapOp, MapWrites, SourceRangeEntry, frontend_key,
-    materialize, slice_of,
+    maglev_keys, maglev_table, materialize, slice_of,
 };
 
 use crate::bpf_batch;
@@ -49,6 +50,7 @@ pub struct WriterMaps {
     pub membership_epoch: Array<MapData, u32>,
     pub names: BpfHashMap<MapData, u32, ServiceName>,
     pub source_ranges: LpmTrie<MapData, SourceRange, u8>,
+    pub maglev: BpfHashMap<MapData, MaglevKey, MaglevChunk>,
 }
 
 impl WriterMaps {
@@ -67,6 +69,7 @@ impl WriterMaps {
             membership_epoch: take(map_names::MEMBERSHIP_EPOCH)?.try_into()?,
             names: take(map_names::SVC_NAMES)?.try_into()?,
             source_ranges: take(map_names::SOURCE_RANGES)?.try_into()?,
+            maglev: take(map_names::MAGLEV)?.try_into()?,
         })
     }
 }
@@ -101,6 +104,7 @@ impl MapWriter {
             (map_names::MEMBERSHIP, maps.membership.map()),
             (map_names::SVC_NAMES, maps.names.map()),
             (map_names::SOURCE_RANGES, maps.source_ranges.map()),
+            (map_names::MAGLEV, maps.maglev.map()),
         ] {
             capacities.insert(name, map.info()?.max_entries());
         }
@@ -129,6 +133,7 @@ impl MapWriter {
             (map_names::MEMBERSHIP, image.membership.len() as u64),
             (map_names::SVC_NAMES, image.names.len() as u64),
             (map_names::SOURCE_RANGES, image.source_ranges.len() as u64),
+            (map_names::MAGLEV, image.maglev.len() as u64),
         ]
         .into_iter()
         .map(|(map, entries)| MapFill {
@@ -212,6 +217,7 @@ impl MapSink for KernelMaps<'_> {
                 vec![Ok(())]
             }
             Phase::PutSlots(entries) => put(maps.slots.map(), entries),
+            Phase::PutMaglev(entries) => put(maps.maglev.map(), entries),
             Phase::PutSourceRanges(entries) => (entries.iter())
                 .map(|entry| maps.source_ranges.insert(&entry.key(), 1, 0))
                 .map(io_result)
@@ -227,6 +233,7 @@ impl MapSink for KernelMaps<'_> {
                 let backends: Vec<Backend> = entries.iter().map(|(_, backend)| *backend).collect();
                 delete_each(maps.backend_ids.map(), &backends)
             }
+            Phase::DeleteMaglev(keys) => delete_each(maps.maglev.map(), keys),
             Phase::DeleteNames(ids) => delete_each(maps.names.map(), ids),
         };
         if matches!(phase, Phase::PutMembership(_) | Phase::DeleteMembership(_)) {
@@ -323,6 +330,15 @@ fn read(maps: &WriterMaps) -> Result<MapImage, MapError> {
             .source_ranges
             .insert(SourceRangeEntry::from_key(&key?));
     }
+    bpf_batch::for_each_entry(
+        maps.maglev.map(),
+        4096,
+        |key: &MaglevKey, _: &MaglevChunk| {
+            image.maglev.insert(*key);
+            Ok(())
+        },
+    )
+    .map_err(MapError::IoError)?;
     Ok(image)
 }
 

@@ -1,6 +1,6 @@
 //! The change path's property test: random sequences of changes — Services and
 //! EndpointSlices added, changed and deleted (conflicting frontends, traffic policies,
-//! session affinity and source ranges switched on and off, endpoints on this node and
+//! session affinity, source ranges and Maglev tables switched on and off, endpoints on this node and
 //! others, terminating, hinted) and changes of the node (addresses, zone, primary
 //! address) — each synced as the daemon syncs it (a delta, or a full sync when the node
 //! changed), one to three changes per sync. After every step:
@@ -16,11 +16,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
+use proxy_common::maglev::MaglevKey;
 use proxy_common::{Backend, FrontendKey, service_flags};
 
+use super::image::maglev_table;
 use super::tests::{FakeMaps, sync_into};
 use super::{MapImage, MapMirror, Sync};
 use crate::inspect::{Endpoint, service_port_name};
+use crate::model::selection::{ALGORITHM_ANNOTATION, SelectionDefaults, TABLE_SIZE_ANNOTATION};
 use crate::model::{Model, ObjectKey};
 use crate::plan::testing::{Slice, Svc, ep, slice, svc};
 use crate::plan::{self, NodeFacts, Planner, ZONE_LABEL};
@@ -151,6 +154,15 @@ fn random_service(rng: &mut Rng, (namespace, name): (&str, &str)) -> Svc {
     if rng.chance(40) {
         service = service.client_ip_affinity(rng.pick(&[None, Some(10), Some(60)]));
     }
+    // Drawn from a side stream (the main one's state, which it leaves as it is), so the
+    // sequences of the other cases stay those the seeds were chosen for.
+    let mut side = Rng(rng.0 ^ 0x6d61_676c_6576);
+    if side.chance(30) {
+        service = service.annotation(ALGORITHM_ANNOTATION, "maglev");
+        if side.chance(50) {
+            service = service.annotation(TABLE_SIZE_ANNOTATION, side.pick(&["251", "509"]));
+        }
+    }
     service
 }
 
@@ -277,6 +289,11 @@ impl Node {
             addresses: vec!["198.18.0.1".parse().expect("address")],
             nodeport_cidrs: Vec::new(),
             loopback_node_ports: false,
+            // Small tables keep the test quick; the annotation asks for 509 now and then.
+            selection: SelectionDefaults {
+                table_size: 251,
+                ..SelectionDefaults::default()
+            },
         };
         Node {
             planner: Planner::new(&node, &model),
@@ -345,7 +362,27 @@ impl Node {
             "{at}: a full sync would still write"
         );
         check_backend_refs(maps, &self.mirror, at);
+        check_maglev_tables(&self.maps, at);
     }
+}
+
+/// MAGLEV holds exactly the chunks headers name, each table the one its slice's own set
+/// gives.
+fn check_maglev_tables(maps: &FakeMaps, at: &str) {
+    let mut named = BTreeSet::new();
+    for (key, entry) in &maps.image.desired().frontends {
+        let own = &entry.slots[..usize::from(entry.header.count)];
+        for (chunk, expected) in maglev_table(&entry.header, own) {
+            assert_eq!(
+                maps.maglev.get(&chunk),
+                Some(&expected),
+                "{at}: {key:?} {chunk:?}"
+            );
+            named.insert(chunk);
+        }
+    }
+    let held: BTreeSet<MaglevKey> = maps.maglev.keys().copied().collect();
+    assert_eq!(held, named, "{at}: Maglev chunks held vs named");
 }
 
 fn check_backend_refs(maps: &MapImage, mirror: &MapMirror, at: &str) {
@@ -391,10 +428,11 @@ fn canonical(maps: &MapImage) -> BTreeSet<String> {
             .map(|slot| backend(&slot.backend))
             .collect();
         lines.insert(format!(
-            "frontend {} flags {:#x} affinity {} counts {}+{} slots {slots:?}",
+            "frontend {} flags {:#x} affinity {} maglev {} counts {}+{} slots {slots:?}",
             label(key),
             header.flags,
             header.affinity_timeout_s,
+            header.maglev,
             header.count,
             header.cluster_count,
         ));
@@ -458,6 +496,7 @@ struct Coverage {
     restricted: usize,
     shared_backends: usize,
     cluster_sets: usize,
+    maglev: usize,
     barriers: usize,
     relocations: usize,
     retries: usize,
@@ -468,6 +507,7 @@ impl Coverage {
         for header in node.maps.image.services.values() {
             self.cluster_sets += usize::from(header.flags & service_flags::CLUSTER_SET != 0);
             self.affinity += usize::from(header.affinity_timeout_s != 0);
+            self.maglev += usize::from(header.maglev != 0);
             self.dropping += usize::from(header.flags & service_flags::NO_LOCAL_ENDPOINTS != 0);
             self.refusing += usize::from(
                 header.count == 0 && header.flags & service_flags::NO_LOCAL_ENDPOINTS == 0,
@@ -529,6 +569,7 @@ fn incremental_syncs_equal_a_full_sync_after_every_step() {
         restricted,
         shared_backends,
         cluster_sets,
+        maglev,
         barriers,
         relocations,
         retries,
@@ -543,6 +584,7 @@ fn incremental_syncs_equal_a_full_sync_after_every_step() {
         ("restricted", restricted),
         ("shared backends", shared_backends),
         ("Cluster sets for pods", cluster_sets),
+        ("Maglev tables", maglev),
     ] {
         assert!(seen >= 100, "{case}: seen {seen} times only ({coverage:?})");
     }

@@ -7,12 +7,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
+use proxy_common::maglev::{MaglevChunk, MaglevKey};
 use proxy_common::{FrontendKey, MembershipKey, SourceRange, map_names, membership, service_flags};
 
 use super::*;
 use crate::plan::{
     BackendAddr, DesiredState, EmptyFrontend, Frontend, FrontendChange, FrontendKind, FrontendPlan,
-    Protocol, ServicePortName,
+    Protocol, Selection, ServicePortName,
 };
 
 /// Maps in memory: what the kernel would hold, with limits that refuse writes as full.
@@ -26,6 +27,8 @@ pub(super) struct FakeMaps {
     pub barriers: usize,
     /// Headers switched to a new slice with the same contents (an evacuation).
     pub relocations: usize,
+    /// MAGLEV's contents (the image keeps only its keys).
+    pub maglev: BTreeMap<MaglevKey, MaglevChunk>,
     /// Where the writes come from, for failure messages.
     pub at: String,
     /// Writes so far.
@@ -57,6 +60,11 @@ impl FakeMaps {
                 "{at}: {op:?} writes a slot a packet may be reading"
             );
         }
+        if let MapOp::PutMaglev(chunk, _) = op {
+            let named = (self.image.services.values())
+                .any(|header| super::image::maglev_keys(header).any(|named| named == *chunk));
+            assert!(!named, "{at}: {op:?} rewrites a table a header names");
+        }
         if self.is_full_for(op) {
             return Err(WriteError::Full);
         }
@@ -69,6 +77,12 @@ impl FakeMaps {
         }
         self.image.apply(op);
         match op {
+            MapOp::PutMaglev(key, chunk) => {
+                self.maglev.insert(*key, *chunk);
+            }
+            MapOp::DeleteMaglev(key) => {
+                self.maglev.remove(key);
+            }
             MapOp::PutService(_, header) => self.readable.extend(slice_of(header).range()),
             MapOp::Barrier => {
                 self.barriers += 1;
@@ -97,6 +111,7 @@ impl FakeMaps {
             MapOp::PutMembership(key, _) => {
                 !image.membership.contains_key(key) && image.membership.len() >= limit
             }
+            MapOp::PutMaglev(key, _) => !image.maglev.contains(key) && image.maglev.len() >= limit,
             _ => false,
         }
     }
@@ -171,6 +186,7 @@ fn plan(name: &str, octets: &[u8]) -> FrontendPlan {
         session_affinity: None,
         serving_addrs: Vec::new(),
         source_ranges: Vec::new(),
+        selection: Selection::Random,
     }
 }
 
@@ -195,6 +211,15 @@ fn named<'a>(entries: impl IntoIterator<Item = (Frontend, &'a str, &'a [u8])>) -
 fn with_affinity(mut state: DesiredState) -> DesiredState {
     for plan in state.frontends.values_mut() {
         plan.session_affinity = Some(Duration::from_secs(10_800));
+    }
+    state
+}
+
+/// The same state choosing by Maglev tables of `table_size` positions.
+fn with_maglev(mut state: DesiredState, table_size: u32) -> DesiredState {
+    for plan in state.frontends.values_mut() {
+        plan.kind = FrontendKind::NodePort;
+        plan.selection = Selection::Maglev { table_size };
     }
     state
 }
@@ -273,11 +298,112 @@ fn transitions_stay_consistent_at_every_step() {
             with_affinity(desired(&[(vip, &[10]), (other, &[12])])),
             desired(&[(other, &[12])]),
         ),
+        (
+            "Maglev switched on",
+            desired(&[(vip, &[10, 11])]),
+            with_maglev(desired(&[(vip, &[10, 11])]), 251),
+        ),
+        (
+            "Maglev frontend's backends change",
+            with_maglev(desired(&[(vip, &[10, 11]), (other, &[12])]), 251),
+            with_maglev(desired(&[(vip, &[11, 12]), (other, &[12])]), 251),
+        ),
+        (
+            "Maglev table resized",
+            with_maglev(desired(&[(vip, &[10, 11])]), 251),
+            with_maglev(desired(&[(vip, &[10, 11])]), 509),
+        ),
+        (
+            "Maglev switched off",
+            with_maglev(desired(&[(vip, &[10, 11])]), 251),
+            desired(&[(vip, &[10, 11])]),
+        ),
+        (
+            "Maglev frontend loses its endpoints, then goes",
+            with_maglev(desired(&[(vip, &[10, 11])]), 251),
+            with_maglev(desired(&[(vip, &[])]), 251),
+        ),
+        (
+            "Maglev frontend removed",
+            with_maglev(desired(&[(vip, &[10]), (other, &[12])]), 251),
+            desired(&[(other, &[12])]),
+        ),
     ];
     for (name, from, to) in cases {
         let ops = transition(from, to);
         assert!(ops > 0, "{name}: expected writes");
     }
+}
+
+#[test]
+fn maglev_tables_follow_their_slices_and_go_when_nothing_names_them() {
+    let vip = frontend([198, 19, 0, 10], 80);
+    let vip_key = key([198, 19, 0, 10], 80);
+    let (mut mirror, mut maps) = written(&with_maglev(desired(&[(vip, &[10, 11, 12])]), 251), 16);
+    // The table of the header's slice: the planner's table of its backends, chunk by chunk.
+    let expected =
+        |octets: &[u8]| -> Vec<u16> { crate::plan::maglev::table(&backends(octets), 251) };
+    let table_of = |maps: &FakeMaps| -> Vec<u16> {
+        let header = maps.image.services[&vip_key];
+        let chunks: Vec<MaglevKey> = super::image::maglev_keys(&header).collect();
+        assert_eq!(
+            maps.maglev.keys().copied().collect::<Vec<_>>(),
+            chunks,
+            "exactly the named table's chunks"
+        );
+        let mut positions: Vec<u16> = chunks
+            .iter()
+            .flat_map(|chunk| maps.maglev[chunk].positions)
+            .collect();
+        positions.truncate(251);
+        positions
+    };
+    assert_eq!(table_of(&maps), expected(&[10, 11, 12]));
+    assert_eq!(
+        maps.image.services[&vip_key].maglev, 1,
+        "251 is the first size"
+    );
+
+    // A backend leaves: a new slice, a new table; the old one goes after the header moved.
+    let state = with_maglev(desired(&[(vip, &[10, 12])]), 251);
+    sync_into(&mut mirror, &mut maps, Sync::Full(&state), "backend leaves");
+    assert_eq!(table_of(&maps), expected(&[10, 12]));
+
+    // Back to random: the header switches first, the table goes after.
+    let state = desired(&[(vip, &[10, 12])]);
+    sync_into(&mut mirror, &mut maps, Sync::Full(&state), "random");
+    assert!(maps.maglev.is_empty() && mirror.image().maglev.is_empty());
+}
+
+#[test]
+fn a_full_maglev_map_leaves_the_frontend_on_its_whole_old_table() {
+    let vip = frontend([198, 19, 0, 10], 80);
+    let vip_key = key([198, 19, 0, 10], 80);
+    let (mut mirror, mut maps) = written(&with_maglev(desired(&[(vip, &[10, 11, 12])]), 251), 16);
+    let before = maps.image.services[&vip_key];
+    // Room for one table of 251 positions (8 chunks): the new one does not fit beside it.
+    maps.limits.insert(
+        map_names::MAGLEV,
+        proxy_common::maglev::chunks(251) as usize,
+    );
+    let state = with_maglev(desired(&[(vip, &[10, 12])]), 251);
+    let report = sync_into(&mut mirror, &mut maps, Sync::Full(&state), "full");
+    assert!(report.map_full[map_names::MAGLEV] >= 1, "{report:?}");
+    assert_eq!(
+        maps.image.services[&vip_key], before,
+        "still on its old slice and table"
+    );
+
+    // Room returns: the next full sync switches it, and the old table goes.
+    maps.limits.clear();
+    let report = sync_into(&mut mirror, &mut maps, Sync::Full(&state), "room again");
+    assert!(report.complete(), "{report:?}");
+    let after = maps.image.services[&vip_key];
+    assert_eq!(after.count, 2);
+    assert_eq!(
+        maps.maglev.keys().copied().collect::<Vec<_>>(),
+        super::image::maglev_keys(&after).collect::<Vec<_>>()
+    );
 }
 
 #[test]

@@ -12,20 +12,22 @@ pub use std::net::SocketAddrV4;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
-    programs::SchedClassifier,
+    programs::{SchedClassifier, Xdp},
 };
 use etherparse::{
     EtherType, Ethernet2Header, IpFragOffset, IpNumber, Ipv4Header, Ipv4Options, TcpHeader,
     UdpHeader,
 };
+use proxy_common::maglev::{self, MaglevChunk, MaglevKey};
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtTimeouts, CtValue, FragmentKey, FragmentValue,
     FrontendKey, FrontendValue, MembershipKey, PROGRAM_NAME, REFUSAL_LIMITS_GLOBAL, RefusalLimits,
-    SNAT_PORT_MAX_GLOBAL, SNAT_PORT_MIN_GLOBAL, Slot, SourceRange, Tuple, map_names, membership,
-    service_flags, stat,
+    SNAT_PORT_MAX_GLOBAL, SNAT_PORT_MIN_GLOBAL, Slot, SourceRange, Tuple, XDP_PROGRAM_NAME,
+    map_names, membership, service_flags, stat,
 };
 use proxy_lab::PrivateBpffs;
 use proxy_userspace::inspect::trace::{TracePacket, Tracer};
+use proxy_userspace::xdp::XdpRun;
 pub use wire::{ones_complement_sum, port_unreachable_for};
 
 /// Whether this process can load BPF programs. Without root (or without a working `bpf()`
@@ -193,7 +195,16 @@ impl Datapath {
         program
             .load()
             .unwrap_or_else(|e| panic!("loading {PROGRAM_NAME}: {e:?}"));
+        let xdp: &mut Xdp = ebpf
+            .program_mut(XDP_PROGRAM_NAME)
+            .expect("XDP program in object")
+            .try_into()
+            .expect("an XDP program");
+        xdp.load()
+            .unwrap_or_else(|e| panic!("loading {XDP_PROGRAM_NAME}: {e:?}"));
         proxy_userspace::datapath::set_timeouts(&mut ebpf, CtTimeouts::DEFAULT).unwrap();
+        // The CLI and the reaper read only pins of a recorded layout.
+        proxy_userspace::layout::record(bpffs.path()).unwrap();
         Some(Self {
             ebpf,
             bpffs,
@@ -320,6 +331,27 @@ impl Datapath {
         id
     }
 
+    /// Gives frontend `key` (installed by [`Datapath::add_frontend`]) a Maglev table of
+    /// `size` positions over its own set, as the daemon writes it: the table's MAGLEV
+    /// chunks, then the header that names it.
+    pub fn use_maglev(&mut self, key: FrontendKey, size: u32) {
+        let header = FrontendValue {
+            maglev: maglev::header_value(size).expect("a Maglev table size"),
+            ..self.service_entry(key)
+        };
+        let slots: aya::maps::Array<_, Slot> =
+            aya::maps::Array::try_from(self.ebpf.map(map_names::BACKEND_SLOTS).unwrap()).unwrap();
+        let own: Vec<Slot> = (header.base..header.base + u32::from(header.count))
+            .map(|index| slots.get(&index, 0).unwrap())
+            .collect();
+        let mut tables: BpfHashMap<_, MaglevKey, MaglevChunk> =
+            BpfHashMap::try_from(self.ebpf.map_mut(map_names::MAGLEV).unwrap()).unwrap();
+        for (chunk_key, chunk) in proxy_userspace::writer::maglev_table(&header, &own) {
+            tables.insert(chunk_key, chunk, 0).unwrap();
+        }
+        self.insert_service_entry(key, header);
+    }
+
     /// Writes BACKEND_SLOTS[`index`].
     pub fn put_slot(&mut self, index: u32, slot: Slot) {
         let mut slots: aya::maps::Array<_, Slot> =
@@ -436,11 +468,11 @@ impl Datapath {
         epoch.set(0, next, 0).unwrap();
     }
 
-    /// How many instructions the verifier walked to load the program.
-    pub fn verified_instructions(&self) -> u32 {
-        let program: &SchedClassifier =
-            self.ebpf.program(PROGRAM_NAME).unwrap().try_into().unwrap();
-        program
+    /// How many instructions the verifier walked to load the program `name`.
+    pub fn verified_instructions(&self, name: &str) -> u32 {
+        self.ebpf
+            .program(name)
+            .unwrap()
             .info()
             .unwrap()
             .verified_instruction_count()
@@ -449,9 +481,31 @@ impl Datapath {
 
     /// Runs the program on `frame`: its verdict and the frame it leaves.
     pub fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.run_on(frame, 0)
+    }
+
+    /// [`Datapath::run`] as arriving on `ifindex` (0: loopback).
+    pub fn run_on(&self, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
         let program: &SchedClassifier =
             self.ebpf.program(PROGRAM_NAME).unwrap().try_into().unwrap();
-        proxy_userspace::datapath::run_frame(program, frame).unwrap()
+        proxy_userspace::datapath::run_frame_on(program, frame, ifindex).unwrap()
+    }
+
+    /// Runs the XDP program on `frame` as if it arrived on `ingress_ifindex` (0: loopback,
+    /// where tc test runs see packets arrive).
+    pub fn run_xdp_on(&self, frame: &[u8], ingress_ifindex: u32) -> XdpRun {
+        let program: &Xdp = self
+            .ebpf
+            .program(XDP_PROGRAM_NAME)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        proxy_userspace::xdp::run_frame(program, frame, ingress_ifindex).unwrap()
+    }
+
+    /// [`Datapath::run_xdp_on`] loopback.
+    pub fn run_xdp(&self, frame: &[u8]) -> XdpRun {
+        self.run_xdp_on(frame, 0)
     }
 
     /// Every counter, summed over the CPUs, by name.
@@ -520,6 +574,12 @@ pub enum Transport {
     Udp {
         checksum: bool,
     },
+    /// One chunk of `chunk` carrying the payload; `checksum: false` leaves the CRC32c
+    /// field zero, as a socket does when the device computes it.
+    Sctp {
+        chunk: u8,
+        checksum: bool,
+    },
 }
 
 pub const SYN: Transport = Transport::Tcp {
@@ -543,11 +603,24 @@ pub const FIN_ACK: Transport = Transport::Tcp {
     fin: true,
 };
 pub const UDP: Transport = Transport::Udp { checksum: true };
+pub const SCTP_INIT: Transport = Transport::Sctp {
+    chunk: proxy_common::sctp::chunk::INIT,
+    checksum: true,
+};
+pub const SCTP_INIT_ACK: Transport = Transport::Sctp {
+    chunk: proxy_common::sctp::chunk::INIT_ACK,
+    checksum: true,
+};
+/// A DATA chunk.
+pub const SCTP_DATA: Transport = Transport::Sctp {
+    chunk: 0,
+    checksum: true,
+};
 
 /// An odd length, so checksums cover a padded last byte.
 pub const PAYLOAD: &[u8] = b"hello, backend!";
 
-/// A description of an Ethernet/IPv4/TCP-or-UDP frame; `build` gives its bytes with full,
+/// A description of an Ethernet/IPv4/TCP, UDP or SCTP frame; `build` gives its bytes with full,
 /// valid checksums.
 #[derive(Clone, Copy)]
 pub struct Frame {
@@ -559,6 +632,8 @@ pub struct Frame {
     pub fragment_offset: u16,
     pub payload: &'static [u8],
     pub ttl: u8,
+    /// Ethernet source and destination.
+    pub macs: ([u8; 6], [u8; 6]),
 }
 
 impl Frame {
@@ -572,6 +647,15 @@ impl Frame {
             fragment_offset: 0,
             payload: PAYLOAD,
             ttl: 64,
+            macs: ([0x02, 0, 0, 0, 0, 0x01], [0x02, 0, 0, 0, 0, 0x02]),
+        }
+    }
+
+    /// The same frame between other Ethernet addresses (`source`, `destination`).
+    pub fn macs(self, source: [u8; 6], destination: [u8; 6]) -> Self {
+        Self {
+            macs: (source, destination),
+            ..self
         }
     }
 
@@ -589,6 +673,12 @@ impl Frame {
     }
 
     pub fn build(&self) -> Vec<u8> {
+        let eth = Ethernet2Header {
+            source: self.macs.0,
+            destination: self.macs.1,
+            ether_type: EtherType::IPV4,
+        }
+        .to_bytes();
         let mut ip = Ipv4Header::new(
             0,
             self.ttl,
@@ -630,14 +720,22 @@ impl Frame {
                 }
                 udp.to_bytes().to_vec()
             }
+            Transport::Sctp { chunk, checksum } => {
+                let sctp = wire::sctp_packet(
+                    self.src.port(),
+                    self.dst.port(),
+                    chunk,
+                    self.payload,
+                    checksum,
+                );
+                ip.protocol = IpNumber::SCTP;
+                ip.set_payload_len(sctp.len()).unwrap();
+                ip.header_checksum = ip.calc_header_checksum();
+                return [&eth[..], &ip.to_bytes(), &sctp].concat();
+            }
         };
         ip.header_checksum = ip.calc_header_checksum();
-        let eth = Ethernet2Header {
-            source: [0x02, 0, 0, 0, 0, 0x01],
-            destination: [0x02, 0, 0, 0, 0, 0x02],
-            ether_type: EtherType::IPV4,
-        };
-        [&eth.to_bytes()[..], &ip.to_bytes(), &l4, self.payload].concat()
+        [&eth[..], &ip.to_bytes(), &l4, self.payload].concat()
     }
 }
 
@@ -774,6 +872,54 @@ pub fn in_a_namespace<T: Send>(
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     })
+}
+
+/// The node's side of the wire [`on_a_node_with_a_wire`] sets up: its MAC.
+pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0a, 0x01];
+/// The MACs the node's neighbour table knows for [`BACKEND_1`]'s and [`CLIENT`]'s address.
+pub const BACKEND_1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0b, 0x01];
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0c, 0x01];
+
+/// Runs `test` (given the wire's ifindex) on a thread in a fresh network namespace where
+/// this node holds `NODE` on `wire0`, one end of a veth, and reaches backends and clients
+/// through it (198.18.0.0/16), its neighbour table knowing the MACs of [`BACKEND_1`] and
+/// [`CLIENT`] but not of the other backends: the external device of a node whose backends
+/// sit on other nodes, as XDP sees it.
+pub fn on_a_node_with_a_wire(test: impl FnOnce(u32) + Send) {
+    let mac = |mac: [u8; 6]| mac.map(|byte| format!("{byte:02x}")).join(":");
+    let setup = [
+        "link set lo up".to_owned(),
+        format!(
+            "link add wire0 address {} type veth peer name wire1",
+            mac(NODE_MAC)
+        ),
+        "link set wire0 up".to_owned(),
+        "link set wire1 up".to_owned(),
+        "addr add 198.18.0.1/32 dev wire0".to_owned(),
+        "route add 198.18.0.0/16 dev wire0 src 198.18.0.1".to_owned(),
+        format!(
+            "neigh add {} lladdr {} dev wire0 nud permanent",
+            BACKEND_1.ip(),
+            mac(BACKEND_1_MAC)
+        ),
+        format!(
+            "neigh add {} lladdr {} dev wire0 nud permanent",
+            CLIENT.ip(),
+            mac(CLIENT_MAC)
+        ),
+    ];
+    let setup: Vec<Vec<&str>> = setup
+        .iter()
+        .map(|line| line.split_whitespace().collect())
+        .collect();
+    let setup: Vec<&[&str]> = setup.iter().map(Vec::as_slice).collect();
+    in_a_namespace(&setup, &[("net/ipv4/ip_forward", "1")], || {
+        let name = std::ffi::CString::new("wire0").unwrap();
+        // SAFETY: a valid C string; the lookup happens in this thread's namespace.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert_ne!(ifindex, 0, "wire0's index");
+        test(ifindex);
+    });
 }
 
 /// A NodePort of the node address set up by [`on_a_node_with_remote_backends`].

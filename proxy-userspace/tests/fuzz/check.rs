@@ -5,12 +5,13 @@
 //! - the verdict is one of TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT;
 //! - a frame the program does not handle (another EtherType, a bad IPv4 version or header
 //!   length, another protocol, headers cut short) passes untouched;
-//! - a TCP or UDP packet that matches no flow, no frontend and no backend passes untouched,
+//! - a TCP, UDP or SCTP packet that matches no flow, no frontend and no backend passes untouched,
 //!   and is never dropped;
 //! - a rewrite changes nothing but addresses, ports, checksums and, when the program routes
 //!   the packet itself, the TTL by one; checksums valid before are valid after (IPv4
-//!   header, TCP/UDP over the pseudo-header, computed here from scratch), and a UDP
-//!   checksum of zero ("none") stays zero;
+//!   header, TCP/UDP over the pseudo-header, SCTP's CRC32c over the packet, computed
+//!   here from scratch), and a UDP checksum of zero ("none") or an SCTP CRC of zero (left
+//!   to the device) stays zero;
 //! - a rewrite is the one a conntrack entry at the packet's key names (the live program
 //!   records every translation it makes), or a new flow's: to one of the frontend's
 //!   backends, from the client, the frontend (hairpin) or a node address, with the
@@ -37,9 +38,10 @@
 //!   (the quoted tuple becomes the reverse of what its flow's entry names, the outer
 //!   addresses its ends), and dropped only then; its checksums stay valid: the outer IPv4
 //!   and ICMP ones, the quoted IPv4 header's and, when it quotes the whole packet, the
-//!   quoted TCP/UDP one (a UDP checksum of zero stays zero). Other ICMP passes untouched.
+//!   quoted TCP/UDP/SCTP one (a zero UDP checksum or SCTP CRC stays zero). Other ICMP
+//!   passes untouched.
 
-use proxy_common::{CtKey, CtValue, FragmentKey, FragmentValue, fragment_verdict, proto};
+use proxy_common::{CtKey, CtValue, FragmentKey, FragmentValue, fragment_verdict, proto, sctp};
 use proxy_userspace::plan::EmptyFrontend;
 
 use crate::cluster::{Flows, Frontends, NODE};
@@ -91,12 +93,12 @@ pub struct Run<'a> {
     pub record_after: Option<FragmentValue>,
 }
 
-/// The FRAGMENTS key of a TCP or UDP fragment, as the program reads it off the wire.
+/// The FRAGMENTS key of a TCP, UDP or SCTP fragment, as the program reads it off the wire.
 pub fn datagram_of(frame: &[u8]) -> Option<FragmentKey> {
     let Shape::Fragment(ip) = wire::shape(frame) else {
         return None;
     };
-    matches!(ip.protocol, proto::TCP | proto::UDP).then(|| FragmentKey {
+    proto::is_balanced(ip.protocol).then(|| FragmentKey {
         src_addr: u32::from_ne_bytes(ip.src),
         dst_addr: u32::from_ne_bytes(ip.dst),
         id: u16::from_ne_bytes([frame[ETH_LEN + 4], frame[ETH_LEN + 5]]),
@@ -141,7 +143,7 @@ pub fn check(run: &Run, frontends: &Frontends) -> Result<Outcome, String> {
     }
 }
 
-/// A TCP or UDP packet; `whole`: not a fragment, so its checksum can be checked and a new
+/// A TCP, UDP or SCTP packet; `whole`: not a fragment, so its checksum can be checked and a new
 /// connection must be decided.
 fn transport(
     run: &Run,
@@ -208,7 +210,7 @@ fn transport(
     let out = if whole {
         match wire::shape(run.output) {
             Shape::Transport(out) => out,
-            _ => return Err("the rewritten packet is no longer TCP or UDP".into()),
+            _ => return Err("the rewritten packet is no longer TCP, UDP or SCTP".into()),
         }
     } else {
         (wire::ipv4(run.output).and_then(|ip| first_fragment(run.output, &ip)))
@@ -284,7 +286,7 @@ fn new_flow(
     Ok(())
 }
 
-/// A TCP or UDP packet's rewrite (into `out`) touched only addresses, ports, checksums
+/// A TCP, UDP or SCTP packet's rewrite (into `out`) touched only addresses, ports, checksums
 /// and (routed) the TTL, and kept its checksums valid (the L4 one only when `whole`: a
 /// first fragment's covers bytes it does not carry).
 fn rewritten_bytes(
@@ -295,23 +297,41 @@ fn rewritten_bytes(
     whole: bool,
 ) -> Result<(), String> {
     let l4 = packet.ip.l4_offset();
-    let mut allowed = vec![l4..l4 + 4, packet.csum_offset()..packet.csum_offset() + 2];
+    let csum = packet.csum_offset()..packet.csum_offset() + csum_len(packet.proto());
+    let mut allowed = vec![l4..l4 + 4, csum.clone()];
     allowed.extend(ip_fields(routed));
     only_changed(run, &allowed, routed)?;
     ip_checksum_kept(run, &packet.ip)?;
     if !whole {
         return Ok(());
     }
-    if packet.proto() == proto::UDP {
-        let csum = packet.csum_offset();
-        if run.input.get(csum..csum + 2) == Some(&[0, 0]) && run.output[csum..csum + 2] != [0, 0] {
-            return Err("a UDP checksum of zero (none) did not stay zero".into());
-        }
-    }
+    zero_checksum_kept(run.input, run.output, packet)?;
     if wire::l4_checksum_valid(run.input, packet) == Some(true)
         && wire::l4_checksum_valid(run.output, out) != Some(true)
     {
-        return Err("a valid TCP/UDP checksum became invalid".into());
+        return Err("a valid TCP/UDP/SCTP checksum became invalid".into());
+    }
+    Ok(())
+}
+
+/// The width of the L4 checksum field: SCTP's CRC32c is 4 bytes.
+fn csum_len(protocol: u8) -> usize {
+    if protocol == proto::SCTP { 4 } else { 2 }
+}
+
+/// A UDP checksum of zero ("none") and an SCTP CRC of zero (left to the device) stay zero.
+fn zero_checksum_kept(input: &[u8], output: &[u8], packet: &Transport) -> Result<(), String> {
+    if packet.proto() == proto::TCP {
+        return Ok(());
+    }
+    let csum = packet.csum_offset()..packet.csum_offset() + csum_len(packet.proto());
+    let zero = |frame: &[u8]| {
+        frame
+            .get(csum.clone())
+            .is_some_and(|field| field.iter().all(|&b| b == 0))
+    };
+    if zero(input) && !zero(output) {
+        return Err("a UDP checksum or SCTP CRC of zero did not stay zero".into());
     }
     Ok(())
 }
@@ -505,7 +525,7 @@ fn refusal(frame: &[u8]) -> Option<Vec<u8>> {
 /// A first fragment seen as the packet it starts (its ports are there), if they are.
 fn first_fragment(frame: &[u8], ip: &Ipv4) -> Option<Transport> {
     let l4 = ip.l4_offset();
-    if !matches!(ip.protocol, proto::TCP | proto::UDP) || frame.len() < l4 + 4 {
+    if !proto::is_balanced(ip.protocol) || frame.len() < l4 + 4 {
         return None;
     }
     let port = |at: usize| u16::from_be_bytes([frame[at], frame[at + 1]]);
@@ -513,16 +533,16 @@ fn first_fragment(frame: &[u8], ip: &Ipv4) -> Option<Transport> {
         ip: *ip,
         src: End::new(ip.src, port(l4)),
         dst: End::new(ip.dst, port(l4 + 2)),
-        tcp_flags: if ip.protocol == proto::TCP {
-            frame.get(l4 + 13).copied().unwrap_or(0)
-        } else {
-            0
+        tcp_flags: match ip.protocol {
+            proto::TCP => frame.get(l4 + 13).copied().unwrap_or(0),
+            proto::SCTP => sctp::tcp_flags_of(frame.get(l4 + 12).copied().unwrap_or(0)),
+            _ => 0,
         },
     })
 }
 
 /// The packet an ICMP error quotes: its IPv4 header and the first 8 bytes after it, as
-/// a TCP or UDP packet (ports only).
+/// a TCP, UDP or SCTP packet (ports only).
 fn quoted(frame: &[u8], ip: &Ipv4) -> Option<Transport> {
     let icmp = ip.l4_offset();
     if !is_error(*frame.get(icmp)?) {
@@ -535,7 +555,7 @@ fn quoted(frame: &[u8], ip: &Ipv4) -> Option<Transport> {
         return None;
     }
     let protocol = inner[9];
-    if !matches!(protocol, proto::TCP | proto::UDP) {
+    if !proto::is_balanced(protocol) {
         return None;
     }
     let port = |at: usize| u16::from_be_bytes([inner[at], inner[at + 1]]);
@@ -575,7 +595,7 @@ fn icmp(run: &Run, ip: &Ipv4) -> Result<Outcome, String> {
         return Ok(Outcome::Untouched);
     }
     let Some(before) = quoted(run.input, ip) else {
-        return Err("rewrote ICMP that is no error quoting a TCP or UDP packet".into());
+        return Err("rewrote ICMP that is no error quoting a TCP, UDP or SCTP packet".into());
     };
     let routed = run.verdict == TC_ACT_REDIRECT;
     let icmp_at = ip.l4_offset();
@@ -590,6 +610,10 @@ fn icmp(run: &Run, ip: &Ipv4) -> Result<Outcome, String> {
         // ports, as netfilter's `tcp_manip_pkt` updates it then.
         inner_l4 + 16..inner_l4 + 18,
     ]);
+    if before.proto() == proto::SCTP {
+        // A whole quoted SCTP packet's CRC32c follows its ports (`sctp_manip_pkt`).
+        allowed.push(inner_l4 + 8..inner_l4 + 12);
+    }
     only_changed(run, &allowed, routed)?;
     ip_checksum_kept(run, ip)?;
     let message_valid = |frame: &[u8]| {
@@ -635,8 +659,8 @@ fn icmp(run: &Run, ip: &Ipv4) -> Result<Outcome, String> {
     })
 }
 
-/// When an error quotes the whole packet, the quoted TCP/UDP checksum valid before is
-/// valid after, and a UDP checksum of zero (none) stays zero.
+/// When an error quotes the whole packet, the quoted TCP/UDP/SCTP checksum valid before is
+/// valid after, and a zero UDP checksum or SCTP CRC stays zero.
 fn quoted_checksum_kept(
     run: &Run,
     inner_at: usize,
@@ -646,17 +670,11 @@ fn quoted_checksum_kept(
     // The quoted packet as a frame of its own: any 14 bytes in front of its IPv4 header.
     let as_frame = |frame: &[u8]| [&frame[..ETH_LEN], &frame[inner_at..]].concat();
     let (input, output) = (as_frame(run.input), as_frame(run.output));
-    if before.proto() == proto::UDP {
-        let csum = before.csum_offset();
-        if input.get(csum..csum + 2) == Some(&[0, 0]) && output.get(csum..csum + 2) != Some(&[0, 0])
-        {
-            return Err("a quoted UDP checksum of zero (none) did not stay zero".into());
-        }
-    }
+    zero_checksum_kept(&input, &output, before).map_err(|error| format!("quoted: {error}"))?;
     if wire::l4_checksum_valid(&input, before) == Some(true)
         && wire::l4_checksum_valid(&output, after) != Some(true)
     {
-        return Err("a valid checksum of the quoted TCP/UDP packet became invalid".into());
+        return Err("a valid checksum of the quoted TCP/UDP/SCTP packet became invalid".into());
     }
     Ok(())
 }
@@ -669,7 +687,7 @@ mod tests {
 
     use super::*;
     use crate::cluster::{FrontendState, Frontends};
-    use crate::datapath::wire::{Ipv4Spec, frame, segment};
+    use crate::datapath::wire::{Ipv4Spec, frame, sctp_packet, segment};
 
     const CLIENT: End = End::new([198, 18, 0, 10], 40_000);
     const VIP: End = End::new([198, 19, 0, 10], 80);
@@ -688,11 +706,18 @@ mod tests {
             when_empty: EmptyFrontend::Reject,
             source_ranges: Vec::new(),
         };
-        frontends.frontends.insert((VIP, proto::UDP), state);
+        for protocol in [proto::UDP, proto::SCTP] {
+            frontends.frontends.insert((VIP, protocol), state.clone());
+            frontends
+                .backends
+                .extend(backends.iter().map(|backend| (*backend, protocol)));
+        }
         frontends
-            .backends
-            .extend(backends.iter().map(|backend| (*backend, proto::UDP)));
-        frontends
+    }
+
+    fn sctp(src: End, dst: End, checksum: bool) -> Vec<u8> {
+        let ip = Ipv4Spec::new(src.addr, dst.addr, proto::SCTP);
+        frame(&ip, &sctp_packet(src.port, dst.port, 1, b"init", checksum))
     }
 
     fn flows(to: Option<(End, End)>) -> Flows {
@@ -746,6 +771,28 @@ mod tests {
             (super::check(&run(&input, 1, &good, recorded), &frontends)).is_err(),
             "unexpected verdict"
         );
+    }
+
+    #[test]
+    fn an_sctp_rewrite_must_keep_its_crc32c_valid_and_a_zero_one_zero() {
+        let frontends = frontends(&[BACKEND]);
+        let recorded = || flows(Some((CLIENT, BACKEND)));
+        let check = |input: &[u8], output: &[u8]| {
+            check(&run(input, TC_ACT_OK, output, recorded()), &frontends)
+        };
+        let input = sctp(CLIENT, VIP, true);
+        let good = sctp(CLIENT, BACKEND, true);
+        assert_eq!(check(&input, &good), Ok(Outcome::Translated));
+        let crc = ETH_LEN + IPV4_MIN_LEN + 8;
+        let mut stale = good.clone();
+        stale[crc..crc + 4].copy_from_slice(&input[crc..crc + 4]);
+        assert!(check(&input, &stale).is_err(), "CRC not updated");
+        let offloaded = sctp(CLIENT, VIP, false);
+        assert_eq!(
+            check(&offloaded, &sctp(CLIENT, BACKEND, false)),
+            Ok(Outcome::Translated)
+        );
+        assert!(check(&offloaded, &good).is_err(), "a zero CRC filled in");
     }
 
     #[test]

@@ -110,10 +110,12 @@ struct FuzzService {
     terminating: bool,
 }
 
-/// The Services, one per state a frontend can be in: backends to spread over, none at all
+/// The Services, one per state a frontend can be in (SCTP ports beside TCP and UDP on a
+/// ClusterIP with backends, one without, and a NodePort): backends to spread over, none at all
 /// (refused), only terminating ones, session affinity, NodePorts with backends on this
 /// and other nodes (SNAT), externalTrafficPolicy Local with or without a local endpoint
-/// (dropped), a load balancer with source ranges and an external IP; a pod that is also a
+/// (dropped), both of these choosing by Maglev (a small table and the default one), a
+/// load balancer with source ranges and an external IP; a pod that is also a
 /// client is a backend of several (hairpin, through a ClusterIP and a NodePort). Each has
 /// target ports of its own, so a backend reached through the wrong frontend shows.
 fn services() -> Vec<FuzzService> {
@@ -123,7 +125,8 @@ fn services() -> Vec<FuzzService> {
         FuzzService {
             service: Service::cluster_ip("spread", vip(10))
                 .tcp(80, 8080)
-                .udp(53, 5353),
+                .udp(53, 5353)
+                .sctp(3868, 3870),
             pool: vec![
                 (local_pod(10), true),
                 (local_pod(11), true),
@@ -136,7 +139,8 @@ fn services() -> Vec<FuzzService> {
         FuzzService {
             service: Service::cluster_ip("empty", vip(11))
                 .tcp(80, 8081)
-                .udp(53, 5351),
+                .udp(53, 5351)
+                .sctp(3868, 3871),
             pool: Vec::new(),
             sizes: 0..=0,
             terminating: false,
@@ -165,7 +169,10 @@ fn services() -> Vec<FuzzService> {
         FuzzService {
             service: Service::node_port("nodeport", vip(14))
                 .tcp_node_port(80, 8084, 30_080)
-                .udp_node_port(53, 5354, 30_053),
+                .udp_node_port(53, 5354, 30_053)
+                .sctp_node_port(3868, 3874, 30_868)
+                .annotation("ebpf-proxy.io/lb-algorithm", "maglev")
+                .annotation("ebpf-proxy.io/maglev-table-size", "251"),
             pool: vec![
                 (remote_pod(11), false),
                 (remote_pod(12), false),
@@ -179,7 +186,8 @@ fn services() -> Vec<FuzzService> {
             service: Service::node_port("local", vip(15))
                 .tcp_node_port(80, 8085, 30_081)
                 .udp_node_port(53, 5355, 30_054)
-                .external_traffic_policy_local(),
+                .external_traffic_policy_local()
+                .annotation("ebpf-proxy.io/lb-algorithm", "maglev"),
             pool: vec![(remote_pod(13), false), (local_pod(15), true)],
             sizes: 1..=2,
             terminating: false,
@@ -395,6 +403,7 @@ impl FuzzedNode {
         };
         // The socket programs are cgroup hooks, which BPF_PROG_TEST_RUN cannot run.
         let mut datapath = Datapath::load(&root, sizes, TIMEOUTS, SocketLbMode::Off)?;
+        datapath.load_xdp()?;
         let maps = datapath.take_maps()?;
         let writer = MapWriter::new(maps.writer).context("opening the map writer")?;
         let conntrack = |name: &str| -> Result<BpfHashMap<MapData, CtKey, CtValue>> {

@@ -1,7 +1,7 @@
 //! The packet generator: a seeded sequence of frames, each a pure function of the seed and
 //! the frames before it (fragments of one datagram come in a row), so a seed and a count
 //! reproduce a run's input. It aims at the program's corners rather than at random bytes
-//! alone: well-formed TCP and UDP between the node's clients, frontends, backends and SNAT
+//! alone: well-formed TCP, UDP and SCTP between the node's clients, frontends, backends and SNAT
 //! ports (so flows form, are answered and reused), the same with one to three mutations
 //! (truncated at any length, IPv4 options, bad lengths, header lengths and versions,
 //! fragment bits, other protocols and EtherTypes, VLAN tags, zero ports, bad checksums,
@@ -13,12 +13,12 @@
 
 use std::collections::VecDeque;
 
-use proxy_common::{CtKey, REAP_BATCH, ReapRequest, proto, tcp_flags, trace_table};
+use proxy_common::{CtKey, REAP_BATCH, ReapRequest, proto, sctp, tcp_flags, trace_table};
 use proxy_lab::Rng;
 
 use crate::cluster::Pools;
 use crate::datapath::wire::{
-    ETH_LEN, End, Ipv4Spec, ethernet, fix_ip_checksum, frame, icmp, segment, tuple,
+    ETH_LEN, End, Ipv4Spec, ethernet, fix_ip_checksum, frame, icmp, sctp_packet, segment, tuple,
 };
 
 /// One generated frame.
@@ -118,7 +118,7 @@ impl Generator {
                 key.tuple.dst_addr = self.rng.next_u64() as u32;
                 key.tuple.src_port = self.rng.next_u64() as u16;
                 key.tuple.dst_port = self.rng.next_u64() as u16;
-                key.proto = self.pick(&[proto::TCP, proto::UDP, 1, 0]);
+                key.proto = self.pick(&[proto::TCP, proto::UDP, proto::SCTP, 1, 0]);
                 key
             } else {
                 recent[self.rng.below(recent.len())]
@@ -143,21 +143,53 @@ impl Generator {
         }
     }
 
-    /// A well-formed TCP or UDP frame between the node's kinds of ends.
+    /// A well-formed TCP, UDP or SCTP frame between the node's kinds of ends.
     fn transport(&mut self) -> (Vec<u8>, &'static str) {
-        let protocol = if self.rng.below(100) < 55 {
-            proto::TCP
-        } else {
-            proto::UDP
-        };
+        let protocol = self.protocol();
         let (src, dst, kind) = self.ends(protocol);
         let mut ip = Ipv4Spec::new(src.addr, dst.addr, protocol);
         self.vary_header(&mut ip);
-        let flags = self.tcp_flags();
         let payload = self.payload();
-        let udp_checksum = self.rng.below(10) != 0;
-        let segment = segment(&ip, src.port, dst.port, flags, &payload, udp_checksum);
+        let segment = self.segment(&ip, src, dst, &payload);
         (frame(&ip, &segment), kind)
+    }
+
+    fn protocol(&mut self) -> u8 {
+        match self.rng.below(100) {
+            0..45 => proto::TCP,
+            45..85 => proto::UDP,
+            _ => proto::SCTP,
+        }
+    }
+
+    /// The L4 packet of `ip.protocol`: TCP with chosen flags, UDP or SCTP with a chosen
+    /// chunk, now and then without a checksum (UDP's "none", SCTP's left to the device).
+    fn segment(&mut self, ip: &Ipv4Spec, src: End, dst: End, payload: &[u8]) -> Vec<u8> {
+        let checksum = self.rng.below(10) != 0;
+        if ip.protocol == proto::SCTP {
+            let chunk = self.sctp_chunk();
+            return sctp_packet(src.port, dst.port, chunk, payload, checksum);
+        }
+        let flags = self.tcp_flags();
+        segment(ip, src.port, dst.port, flags, payload, checksum)
+    }
+
+    /// An association's chunks, the ones that change its state most.
+    fn sctp_chunk(&mut self) -> u8 {
+        use sctp::chunk::{ABORT, INIT, INIT_ACK, SHUTDOWN, SHUTDOWN_ACK, SHUTDOWN_COMPLETE};
+        const DATA: u8 = 0;
+        const COOKIE_ECHO: u8 = 10;
+        match self.rng.below(100) {
+            0..30 => INIT,
+            30..45 => INIT_ACK,
+            45..65 => DATA,
+            65..72 => COOKIE_ECHO,
+            72..78 => SHUTDOWN,
+            78..84 => SHUTDOWN_ACK,
+            84..90 => ABORT,
+            90..94 => SHUTDOWN_COMPLETE,
+            _ => self.rng.next_u64() as u8,
+        }
     }
 
     /// Source and destination: mostly what the node meets (clients to frontends, backends
@@ -496,11 +528,7 @@ impl Generator {
     /// sometimes lost or repeated, a later one now and then with a TTL of 1. Returns the
     /// first to go out.
     fn fragments(&mut self) -> Generated {
-        let protocol = if self.rng.below(2) == 0 {
-            proto::TCP
-        } else {
-            proto::UDP
-        };
+        let protocol = self.protocol();
         let (src, dst, _) = self.ends(protocol);
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1).max(1);
@@ -508,8 +536,7 @@ impl Generator {
         ip.identification = id;
         ip.dont_fragment = false;
         let payload = self.some_bytes(40, 560);
-        let flags = self.tcp_flags();
-        let whole = segment(&ip, src.port, dst.port, flags, &payload, true);
+        let whole = self.segment(&ip, src, dst, &payload);
         let pieces = 2 + self.rng.below(3);
         let step = (whole.len() / pieces).max(8) / 8 * 8;
         let mut fragments = Vec::new();
@@ -564,7 +591,7 @@ impl Generator {
     fn random_ipv4(&mut self) -> Generated {
         let mut packet = self.some_bytes(20, 80);
         packet[0] = 0x45;
-        packet[9] = self.pick(&[proto::TCP, proto::UDP, 1]);
+        packet[9] = self.pick(&[proto::TCP, proto::UDP, proto::SCTP, 1]);
         let total = packet.len() as u16;
         if self.rng.below(2) == 0 {
             packet[2..4].copy_from_slice(&total.to_be_bytes());
@@ -662,5 +689,27 @@ mod tests {
             (ETH_LEN..=60).all(|len| truncated.contains(&len)),
             "not truncated at every header length: {truncated:?}"
         );
+        // SCTP to frontends, answered, in fragments and quoted by errors, with every
+        // chunk that moves an association.
+        let is_sctp =
+            |generated: &Generated| generated.frame.get(ETH_LEN + 9) == Some(&proto::SCTP);
+        for kind in ["to a frontend", "backend to client", "first fragment"] {
+            let count = (first.iter())
+                .filter(|generated| generated.kind == kind && is_sctp(generated))
+                .count();
+            assert!(count > 50, "too few SCTP packets {kind}: {count}");
+        }
+        let chunks: BTreeSet<u8> = (first.iter())
+            .filter(|generated| generated.kind == "to a frontend" && is_sctp(generated))
+            .filter_map(|generated| generated.frame.get(ETH_LEN + 20 + 12).copied())
+            .collect();
+        for chunk in [0, 1, 2, 6, 7, 8, 10, 14] {
+            assert!(chunks.contains(&chunk), "chunk {chunk} never generated");
+        }
+        let quoting_sctp = (first.iter()).filter(|generated| {
+            generated.kind == "ICMP port unreachable"
+                && generated.frame.get(ETH_LEN + 20 + 8 + 9) == Some(&proto::SCTP)
+        });
+        assert!(quoting_sctp.count() > 10, "too few errors about SCTP");
     }
 }

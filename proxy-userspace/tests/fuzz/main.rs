@@ -1,6 +1,9 @@
 //! Hostile packets (issue 14, item 2): every program of the object that BPF_PROG_TEST_RUN
-//! can run — `epx_ingress` (the datapath), `epx_trace` (its dry run, behind `ebpf-proxy
-//! trace`) and `epx_ct_reap` (the garbage collector's kernel side) — against a seeded
+//! can run — `epx_ingress` (the datapath), `epx_xdp` (the same path in XDP, in front of it
+//! on external devices: every other packet goes through it first, and on to `epx_ingress`
+//! when it leaves the packet to tc), `epx_trace` and `epx_xdp_trace` (their dry runs,
+//! behind `ebpf-proxy trace`) and `epx_ct_reap` (the garbage collector's kernel side) —
+//! against a seeded
 //! stream of generated frames ([`generate`]), each checked against the properties in
 //! [`check`] and [`reap`]. The node is loaded the daemon's way and its frontends written by
 //! the daemon's planner and map writer ([`cluster`]); every few thousand packets the
@@ -33,9 +36,10 @@ use proxy_common::{CtKey, stat};
 use check::{Outcome, Program, Run, flow_key};
 use cluster::{Cluster, Flows, FuzzedNode};
 use datapath::wire::{self, Shape, hex, tuple};
-use datapath::{TC_ACT_SHOT, bpf_available, in_a_namespace};
+use datapath::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, bpf_available, in_a_namespace};
 use generate::{Generated, Generator};
 use proxy_userspace::datapath::run_frame;
+use proxy_userspace::xdp::{XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX};
 
 /// Packets per run of `cargo xtask test`.
 const PACKETS: u64 = 30_000;
@@ -47,10 +51,13 @@ const RECENT_KEYS: usize = 256;
 
 /// Counters a run does not reach, by design: no writer runs concurrently (a slot naming a
 /// missing backend), the conntrack maps are never busy under one writer, refusals are not
-/// rate limited here, and the socket programs (cgroup hooks, which BPF_PROG_TEST_RUN cannot
-/// run) count their own. A run of at least [`COVERAGE_AFTER`] packets reaches every other
-/// counter, or the generator misses a corner.
-const UNREACHED: [u32; 8] = [
+/// rate limited here, the socket programs (cgroup hooks, which BPF_PROG_TEST_RUN cannot
+/// run) count their own, and XDP sends nothing itself: the node's one device is the test
+/// run's loopback, which has no neighbours, so XDP leaves what it would send back out to tc
+/// (`no-neighbour`; `tests/xdp.rs` checks XDP_TX byte for byte on a veth), and there is no
+/// second device to redirect to. A run of at least [`COVERAGE_AFTER`] packets reaches
+/// every other counter, or the generator misses a corner.
+const UNREACHED: [u32; 10] = [
     stat::BACKEND_MISSING,
     stat::CT_CREATE_FAILED,
     stat::REJECT_RATE_LIMITED,
@@ -59,6 +66,17 @@ const UNREACHED: [u32; 8] = [
     stat::SOCK_REVERSE,
     stat::SOCK_REFUSED,
     stat::SOCK_UNREACHABLE,
+    stat::XDP_TX,
+    stat::XDP_REDIRECT,
+];
+/// The XDP program's verdict counters: one per packet through `epx_xdp`, beside the
+/// counter that ends its path when it decided (none when it left the packet to tc).
+const XDP_VERDICTS: [u32; 5] = [
+    stat::XDP_PASS,
+    stat::XDP_TX,
+    stat::XDP_REDIRECT,
+    stat::XDP_DROP,
+    stat::XDP_TO_TC,
 ];
 const COVERAGE_AFTER: u64 = 20_000;
 /// Counters of steps on a packet's way; every other counter ends it, one per packet.
@@ -122,6 +140,9 @@ struct Summary {
     outcomes: BTreeMap<(&'static str, Outcome), u64>,
     reap_requests: u64,
     reaped: u64,
+    /// Packets through `epx_xdp`, and how many of them it left to `epx_ingress`.
+    xdp: u64,
+    xdp_to_tc: u64,
     counters: BTreeMap<&'static str, u64>,
 }
 
@@ -130,9 +151,12 @@ impl std::fmt::Display for Summary {
         let seconds = self.elapsed.as_secs_f64();
         writeln!(
             f,
-            "{} packets through epx_trace and epx_ingress and {} requests through epx_ct_reap \
-             ({} entries reaped) in {seconds:.1} s: {:.0} packets/s",
+            "{} packets through epx_trace and epx_ingress or epx_xdp ({} through epx_xdp and \
+             epx_xdp_trace, {} of them left to epx_ingress) and {} requests through \
+             epx_ct_reap ({} entries reaped) in {seconds:.1} s: {:.0} packets/s",
             self.packets,
+            self.xdp,
+            self.xdp_to_tc,
             self.reap_requests,
             self.reaped,
             self.packets as f64 / seconds
@@ -160,6 +184,7 @@ fn fuzz(settings: &Settings) -> Result<Summary> {
         summary: Summary::default(),
         runs: 0,
         drops: 0,
+        xdp_drops: 0,
     };
     let mut cluster = Cluster::new(settings.seed);
     fuzzer.node.program(&cluster.next_epoch()?)?;
@@ -186,12 +211,13 @@ fn fuzz(settings: &Settings) -> Result<Summary> {
         mut summary,
         runs,
         drops,
+        xdp_drops,
         ..
     } = fuzzer;
     summary.packets = settings.packets;
     summary.elapsed = started.elapsed();
     summary.counters = counters(&node)?;
-    accounted(&summary, runs, drops)?;
+    accounted(&summary, runs, drops, xdp_drops)?;
     Ok(summary)
 }
 
@@ -202,9 +228,11 @@ struct Fuzzer {
     /// Keys of recent flows, offered to the reaper.
     recent: VecDeque<CtKey>,
     summary: Summary,
-    /// Packets run through `epx_ingress`, and how many it dropped.
+    /// Packets decided by `epx_ingress` or `epx_xdp`, and how many they dropped (counted
+    /// with a reason); how many of those drops were `epx_xdp`'s.
     runs: u64,
     drops: u64,
+    xdp_drops: u64,
 }
 
 /// A violated property: which program, on what, with what result.
@@ -315,7 +343,67 @@ impl Fuzzer {
             return Err(failed("epx_trace", verdict, &output, problem));
         }
 
-        let (verdict, output) = (node.datapath.test_run(frame)).map_err(ran("epx_ingress"))?;
+        // Every other packet arrives on a device running XDP: epx_xdp first, epx_ingress
+        // only for what XDP leaves to it; its dry run too.
+        let through_xdp = self.runs % 2 == 1;
+        if through_xdp {
+            let xdp = (node.tracer.run_xdp_frame(frame)).map_err(ran("epx_xdp_trace"))?;
+            let decided = xdp_as_tc(frame, xdp.action, xdp.decided, xdp.frame)
+                .map_err(|problem| failed("epx_xdp_trace", xdp.action, &[], problem))?;
+            if let Some((verdict, output)) = decided {
+                let dry = Run {
+                    verdict,
+                    output: &output,
+                    ..run
+                };
+                check::check(&dry, &node.frontends)
+                    .map_err(|problem| failed("epx_xdp_trace", verdict, &output, problem))?;
+            }
+            let unchanged = (flows(node), record(node));
+            if unchanged != (before, record_before) {
+                let problem = format!(
+                    "the dry run changed conntrack or FRAGMENTS: {before:?}, {record_before:?} \
+                     → {unchanged:?}"
+                );
+                return Err(failed("epx_xdp_trace", xdp.action, frame, problem));
+            }
+        }
+        // IP fragments and ICMP take tc's paths of their own: XDP leaves them all to tc.
+        let only_tc = matches!(wire::shape(frame), Shape::Fragment(_) | Shape::Icmp(_));
+        let mut program = "epx_ingress";
+        let (verdict, output) = if through_xdp {
+            self.summary.xdp += 1;
+            let xdp = (node.datapath.test_run_xdp(frame)).map_err(ran("epx_xdp"))?;
+            match xdp_as_tc(frame, xdp.action, xdp.decided, xdp.frame)
+                .map_err(|problem| failed("epx_xdp", xdp.action, &[], problem))?
+            {
+                Some(_) if only_tc => {
+                    let problem = "decided a fragment or an ICMP message".to_owned();
+                    return Err(failed("epx_xdp", xdp.action, frame, problem));
+                }
+                Some(decided) => {
+                    program = "epx_xdp";
+                    self.xdp_drops += u64::from(decided.0 == TC_ACT_SHOT);
+                    decided
+                }
+                None => {
+                    // A tracked flow's packet XDP may have accounted before it found it
+                    // must leave the packet to tc (see `translations`).
+                    let after = (translations(&flows(node)), record(node));
+                    if after != (translations(&before), record_before) {
+                        let problem = format!(
+                            "left a packet to tc but changed conntrack or FRAGMENTS: \
+                             {before:?}, {record_before:?} → {after:?}"
+                        );
+                        return Err(failed("epx_xdp", XDP_PASS, frame, problem));
+                    }
+                    self.summary.xdp_to_tc += 1;
+                    (node.datapath.test_run(frame)).map_err(ran("epx_ingress"))?
+                }
+            }
+        } else {
+            (node.datapath.test_run(frame)).map_err(ran("epx_ingress"))?
+        };
         run.program = Program::Live;
         run.verdict = verdict;
         run.output = &output;
@@ -325,7 +413,7 @@ impl Fuzzer {
             run.reply = node.flows(&CtKey::new(tuple(out.dst, out.src), out.proto()));
         }
         let outcome = check::check(&run, &node.frontends)
-            .map_err(|problem| failed("epx_ingress", verdict, &output, problem))?;
+            .map_err(|problem| failed(program, verdict, &output, problem))?;
         self.runs += 1;
         self.drops += u64::from(verdict == TC_ACT_SHOT);
         self.tally(packet.kind, outcome);
@@ -386,6 +474,49 @@ impl Fuzzer {
     }
 }
 
+/// What a key's conntrack entries translate to, without their accounting (packets, bytes,
+/// state, expiry, membership epoch, and which map holds them): what XDP must leave as it was when it leaves
+/// a packet to tc. A packet of a tracked flow is accounted when its entry is followed,
+/// before the forwarding checks find where it goes; one XDP then leaves to tc (its next
+/// hop's MAC unknown, another device, an ICMP error due) tc accounts again.
+fn translations(flows: &Flows) -> Vec<(proxy_common::Tuple, u32, u32, u8)> {
+    flows
+        .values()
+        .map(|value| (value.to, value.rev_nat_id, value.backend_id, value.flags))
+        .collect()
+}
+
+/// An `epx_xdp` run as the tc verdict and frame the checks take (`None`: left to tc, which
+/// it must leave untouched and unmarked): XDP_PASS of a decided packet is tc's
+/// TC_ACT_OK, XDP_DROP its TC_ACT_SHOT, and XDP_TX or XDP_REDIRECT its TC_ACT_REDIRECT — the
+/// packet routed by the program, whose MAC addresses XDP writes itself (from the FIB), so
+/// they are put back before the checks, which allow a routed packet its TTL only.
+fn xdp_as_tc(
+    input: &[u8],
+    action: u32,
+    decided: bool,
+    mut output: Vec<u8>,
+) -> Result<Option<(u32, Vec<u8>)>, String> {
+    Ok(Some(match action {
+        XDP_PASS if !decided => {
+            if output != input {
+                return Err("left a packet to tc, but changed".into());
+            }
+            return Ok(None);
+        }
+        XDP_PASS => (TC_ACT_OK, output),
+        XDP_DROP => (TC_ACT_SHOT, output),
+        XDP_TX | XDP_REDIRECT => {
+            if output.len() < wire::ETH_LEN || input.len() < wire::ETH_LEN {
+                return Err("sent a frame shorter than its Ethernet header".into());
+            }
+            output[..12].copy_from_slice(&input[..12]);
+            (TC_ACT_REDIRECT, output)
+        }
+        other => return Err(format!("unexpected XDP action {other}")),
+    }))
+}
+
 /// Whether BPF_PROG_TEST_RUN runs a tc program on `frame`: it refuses frames shorter than
 /// an Ethernet header, and IPv4 and IPv6 frames without room for their fixed header.
 /// (The program sees such runts on a real device, and passes them: parse.rs checks every
@@ -409,14 +540,26 @@ fn counters(node: &FuzzedNode) -> Result<BTreeMap<&'static str, u64>> {
         .collect()
 }
 
-/// Every packet through `epx_ingress` counted once, every drop with its reason, nothing
-/// counted by the dry run; a long enough run reached every path.
-fn accounted(summary: &Summary, runs: u64, drops: u64) -> Result<()> {
+/// Every packet decided by `epx_ingress` or `epx_xdp` counted once, every drop with its
+/// reason, every packet through `epx_xdp` with its verdict, nothing counted by the dry run;
+/// a long enough run reached every path.
+fn accounted(summary: &Summary, runs: u64, drops: u64, xdp_drops: u64) -> Result<()> {
     let counted = |index: u32| summary.counters[stat::NAMES[index as usize]];
     let ends: u64 = (0..stat::COUNT)
-        .filter(|index| !STEPS.contains(index))
+        .filter(|index| !STEPS.contains(index) && !XDP_VERDICTS.contains(index))
         .map(counted)
         .sum();
+    let xdp_verdicts: u64 = XDP_VERDICTS.iter().copied().map(counted).sum();
+    ensure!(
+        xdp_verdicts == summary.xdp
+            && counted(stat::XDP_TO_TC) == summary.xdp_to_tc
+            && counted(stat::XDP_DROP) == xdp_drops,
+        "{} packets ran through epx_xdp ({} left to tc, {xdp_drops} dropped), its verdicts \
+         counted: {:?}",
+        summary.xdp,
+        summary.xdp_to_tc,
+        summary.counters
+    );
     ensure!(
         ends == runs,
         "{runs} packets ran through epx_ingress (and as many through epx_trace), {ends} were \

@@ -1,14 +1,14 @@
 //! The packet `trace` runs through the dry run: built byte by byte with valid checksums,
 //! and read back from the frame the program leaves.
 //!
-//! Besides a TCP segment or UDP datagram it can be one fragment of a datagram (the first,
+//! Besides a TCP segment, UDP datagram or SCTP packet it can be one fragment of a datagram (the first,
 //! which carries the ports, or a later one, which carries none), a packet of a given
 //! length and TTL (to see the forwarding checks answer), or an ICMP error about the
 //! packet (to see the error translated as its flow is).
 
 use std::net::Ipv4Addr;
 
-use proxy_common::{icmp, proto, tcp_flags};
+use proxy_common::{icmp, proto, sctp, tcp_flags};
 
 use crate::inspect::Endpoint;
 
@@ -16,6 +16,8 @@ const ETHERNET_LEN: usize = 14;
 pub(super) const IPV4_LEN: usize = 20;
 const TCP_LEN: usize = 20;
 const UDP_LEN: usize = 8;
+/// The SCTP common header and one chunk header.
+const SCTP_LEN: usize = sctp::COMMON_HEADER_LEN + 4;
 const ICMP_HEADER_LEN: usize = 8;
 /// The fragment offset of a traced later fragment, in 8-byte units: where the second
 /// fragment of a datagram sent over a 1500-byte MTU starts.
@@ -31,7 +33,8 @@ pub struct TracePacket {
     pub protocol: u8,
     pub source: Endpoint,
     pub destination: Endpoint,
-    /// TCP only: the flag bits (`proxy_common::tcp_flags`).
+    /// TCP: the flag bits (`proxy_common::tcp_flags`); SCTP: the chunk they stand for
+    /// ([`sctp_chunk`]).
     pub tcp_flags: u8,
     /// The IPv4 total length, the payload zero-filled up to it (raised to the headers'
     /// length if shorter).
@@ -135,23 +138,18 @@ impl std::str::FromStr for IcmpKind {
 }
 
 impl TracePacket {
-    /// A new connection's first packet: a TCP SYN, or a UDP datagram.
+    /// A new connection's first packet: a TCP SYN, an SCTP INIT, or a UDP datagram.
     pub fn opening(protocol: u8, source: Endpoint, destination: Endpoint) -> Self {
         Self {
             protocol,
             source,
             destination,
-            tcp_flags: if protocol == proto::TCP {
+            tcp_flags: if proto::is_connection(protocol) {
                 tcp_flags::SYN
             } else {
                 0
             },
-            length: (IPV4_LEN
-                + if protocol == proto::TCP {
-                    TCP_LEN
-                } else {
-                    UDP_LEN
-                }) as u16,
+            length: (IPV4_LEN + l4_header_len(protocol)) as u16,
             ttl: 64,
             fragment: Fragment::Whole,
             ip_id: 1,
@@ -160,10 +158,9 @@ impl TracePacket {
     }
 
     fn l4_len(&self) -> usize {
-        match (self.fragment, self.protocol) {
-            (Fragment::Later, _) => 0,
-            (_, proto::TCP) => TCP_LEN,
-            _ => UDP_LEN,
+        match self.fragment {
+            Fragment::Later => 0,
+            _ => l4_header_len(self.protocol),
         }
     }
 
@@ -202,6 +199,17 @@ impl TracePacket {
             let l4 = &mut payload[..l4_len];
             l4[0..2].copy_from_slice(&self.source.port.to_be_bytes());
             l4[2..4].copy_from_slice(&self.destination.port.to_be_bytes());
+            if self.protocol == proto::SCTP {
+                // Verification tag 1, the chunk, and the CRC32c over the whole packet (a
+                // first fragment's: over what is traced).
+                l4[4..8].copy_from_slice(&1u32.to_be_bytes());
+                l4[12] = sctp_chunk(self.tcp_flags);
+                l4[14..16].copy_from_slice(&4u16.to_be_bytes());
+                let crc = SCTP_CRC.checksum(&payload).to_le_bytes();
+                let field = sctp::CHECKSUM_OFFSET;
+                payload[field..field + 4].copy_from_slice(&crc);
+                return [&ip[..], &payload].concat();
+            }
             let checksum_offset = if self.protocol == proto::TCP {
                 l4[4..8].copy_from_slice(&1u32.to_be_bytes()); // sequence number
                 l4[12] = (TCP_LEN as u8 / 4) << 4;
@@ -321,6 +329,48 @@ impl TracePacket {
     }
 }
 
+/// CRC32c, as SCTP computes it (RFC 9260 appendix A).
+pub(crate) const SCTP_CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+
+/// The L4 header a traced packet carries.
+fn l4_header_len(protocol: u8) -> usize {
+    match protocol {
+        proto::TCP => TCP_LEN,
+        proto::SCTP => SCTP_LEN,
+        _ => UDP_LEN,
+    }
+}
+
+/// The SCTP chunk type `trace --tcp-flags` stands for: the chunk the datapath reads as
+/// those flags (`sctp::tcp_flags_of`).
+pub fn sctp_chunk(flags: u8) -> u8 {
+    const DATA: u8 = 0;
+    if flags & tcp_flags::RST != 0 {
+        sctp::chunk::ABORT
+    } else if flags & tcp_flags::FIN != 0 {
+        sctp::chunk::SHUTDOWN
+    } else if flags & tcp_flags::SYN != 0 {
+        if flags & tcp_flags::ACK != 0 {
+            sctp::chunk::INIT_ACK
+        } else {
+            sctp::chunk::INIT
+        }
+    } else {
+        DATA
+    }
+}
+
+/// The name of an SCTP chunk type `trace` builds.
+pub fn sctp_chunk_name(chunk: u8) -> &'static str {
+    match chunk {
+        sctp::chunk::INIT => "INIT",
+        sctp::chunk::INIT_ACK => "INIT ACK",
+        sctp::chunk::ABORT => "ABORT",
+        sctp::chunk::SHUTDOWN => "SHUTDOWN",
+        _ => "DATA",
+    }
+}
+
 fn ipv4_header(
     total_len: u16,
     id: u16,
@@ -393,6 +443,45 @@ mod tests {
             let packet = packet(protocol);
             let frame = packet.frame();
             assert_valid(&frame[ETHERNET_LEN..], true);
+            assert_eq!(TracePacket::parse_as(&frame, &packet), Some(packet));
+        }
+    }
+
+    #[test]
+    fn an_sctp_packet_carries_its_chunk_and_a_valid_crc32c() {
+        for (flags, chunk) in [
+            (tcp_flags::SYN, sctp::chunk::INIT),
+            (tcp_flags::SYN | tcp_flags::ACK, sctp::chunk::INIT_ACK),
+            (tcp_flags::RST, sctp::chunk::ABORT),
+            (tcp_flags::ACK, 0),
+        ] {
+            let packet = TracePacket {
+                tcp_flags: flags,
+                length: 100,
+                ..packet(proto::SCTP)
+            };
+            let frame = packet.frame();
+            let ip = &frame[ETHERNET_LEN..];
+            assert_eq!(checksum(&[&ip[..IPV4_LEN]]), 0, "IPv4 header checksum");
+            let mut sctp = ip[IPV4_LEN..].to_vec();
+            assert_eq!(sctp.len(), 80);
+            assert_eq!(sctp[12], chunk);
+            assert_eq!(
+                sctp::tcp_flags_of(chunk) & tcp_flags::SYN,
+                flags & tcp_flags::SYN
+            );
+            let field = sctp::CHECKSUM_OFFSET..sctp::CHECKSUM_OFFSET + 4;
+            let stored: [u8; 4] = sctp[field.clone()].try_into().unwrap();
+            sctp[field].fill(0);
+            // CRC-32C's catalogue form, bit by bit (not the crate the frame was built with).
+            let mut crc = !0u32;
+            for byte in &sctp {
+                crc ^= u32::from(*byte);
+                for _ in 0..8 {
+                    crc = (crc >> 1) ^ (0x82f6_3b78 & (crc & 1).wrapping_neg());
+                }
+            }
+            assert_eq!(stored, (!crc).to_le_bytes());
             assert_eq!(TracePacket::parse_as(&frame, &packet), Some(packet));
         }
     }
