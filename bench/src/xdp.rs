@@ -314,7 +314,7 @@ impl Loaded2 {
                 .insert_endpoint_slice(cluster::endpoint_slice(&service.0, &service.0.endpoints))?;
         }
         let node = NodeFacts {
-            addresses: vec![NODE],
+            addresses: vec![NODE.into()],
             ..cluster::lab_node()
         };
         let planned = plan::plan(&model, &node);

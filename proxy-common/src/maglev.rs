@@ -114,6 +114,20 @@ pub const fn flow_hash(client_addr: u32, client_port: u16, proto: u8) -> u32 {
     (mix64(key) >> 32) as u32
 }
 
+/// An IPv6 address as the 32 bits Maglev's hashes take ([`flow_hash`], [`permutation`]):
+/// its halves mixed together, so every bit counts (an IPv4 address is its own 32 bits).
+pub const fn ipv6_digest(octets: [u8; 16]) -> u32 {
+    let mut high = 0u64;
+    let mut low = 0u64;
+    let mut index = 0;
+    while index < 8 {
+        high = (high << 8) | octets[index] as u64;
+        low = (low << 8) | octets[index + 8] as u64;
+        index += 1;
+    }
+    (mix64(mix64(high) ^ low) >> 32) as u32
+}
+
 /// A backend's permutation of the table's positions, `(offset, skip)`: its preference
 /// list is `offset, offset + skip, offset + 2·skip, …` modulo `size`. Derived from the
 /// backend's address and port only (host order), so every node derives the same.

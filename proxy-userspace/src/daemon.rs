@@ -98,6 +98,9 @@ struct Daemon {
     need_reread: bool,
     /// The last sync left writes undone (a full map, a failed write): the maps lag behind.
     writes_pending: bool,
+    /// IPv6 frontends the planner has and the writer does not program (no IPv6 datapath
+    /// yet), as last logged.
+    ipv6_frontends_planned: usize,
     runner: SyncRunner,
     node: NodeFacts,
     attached: BTreeSet<Device>,
@@ -169,25 +172,19 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         SocketLbMode::Off => None,
         SocketLbMode::Host | SocketLbMode::All => Some(Terminator::open(&config.bpffs_root)?),
     };
-    if !config.nodeport_addresses.ipv6_cidrs().is_empty() {
-        info!(
-            cidrs = ?config.nodeport_addresses.ipv6_cidrs(),
-            "--nodeport-addresses: IPv6 CIDRs accepted and kept for IPv6 NodePorts, which are \
-             not proxied yet; IPv4 NodePorts follow the IPv4 CIDRs only"
-        );
-    }
     if config.nodeport_addresses == NodePortAddresses::Primary {
         info!(
             source = %config.source,
-            "--nodeport-addresses primary: NodePorts open on every node address until the \
-             Node object names a primary IPv4 address (never in standalone mode)"
+            "--nodeport-addresses primary: NodePorts of a family open on every node address \
+             of that family until the Node object names a primary address of it (never in \
+             standalone mode)"
         );
     }
     let node = NodeFacts {
         node_name: config.node_name.clone(),
         zone: config.node_zone.clone(),
         addresses: Vec::new(),
-        nodeport_cidrs: config.nodeport_addresses.ipv4_cidrs(None),
+        nodeport_cidrs: config.nodeport_addresses.cidrs(None, None),
         selection: config.selection,
         loopback_node_ports: config.socket_lb != SocketLbMode::Off,
     };
@@ -205,6 +202,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         need_full_sync: true,
         need_reread: false,
         writes_pending: false,
+        ipv6_frontends_planned: 0,
         node,
         attached: BTreeSet::new(),
         xdp_attached: BTreeMap::new(),
@@ -438,8 +436,19 @@ impl Daemon {
         let addresses = self.node.health_check_addresses();
         self.service_health
             .sync(self.planner.health_checks(), &addresses);
+        let desired = self.planner.desired();
+        let ipv6_frontends = desired.ipv6_frontends().count();
+        if ipv6_frontends != self.ipv6_frontends_planned {
+            self.ipv6_frontends_planned = ipv6_frontends;
+            if ipv6_frontends > 0 {
+                warn!(
+                    frontends = ipv6_frontends,
+                    "IPv6 frontends planned but not programmed: the datapath serves IPv4 only"
+                );
+            }
+        }
         info!(
-            frontends = self.planner.desired().frontends.len(),
+            frontends = desired.frontends.len() - ipv6_frontends,
             backends = self.writer.image().backends.len(),
             writes = report.ops,
             all_written = report.complete(),
@@ -577,15 +586,12 @@ impl Daemon {
                 );
             }
         }
-        let cidrs = self
-            .config
-            .nodeport_addresses
-            .ipv4_cidrs(state.primary_ipv4);
+        let cidrs = (self.config.nodeport_addresses).cidrs(state.primary_ipv4, state.primary_ipv6);
         if cidrs != self.node.nodeport_cidrs {
             if cidrs.is_empty() {
                 info!(
                     flag = %self.config.nodeport_addresses,
-                    "the Node's primary IPv4 address is unknown: NodePorts open on every node address"
+                    "the Node's primary addresses are unknown: NodePorts open on every node address"
                 );
             } else {
                 info!(cidrs = ?cidrs, flag = %self.config.nodeport_addresses, "NodePorts open on the node addresses in these CIDRs");

@@ -449,10 +449,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            both.nodeport_addresses.ipv4_cidrs(None),
-            ["198.18.0.0/24".parse::<ipnet::Ipv4Net>().unwrap()]
+            both.nodeport_addresses.cidrs(None, None),
+            ["198.18.0.0/24", "2001:db8::/64"].map(|cidr| cidr.parse::<ipnet::IpNet>().unwrap())
         );
-        assert_eq!(both.nodeport_addresses.ipv6_cidrs().len(), 1);
 
         let primary = daemon_config(
             &["--manifests", "/m", "--nodeport-addresses", "primary"],

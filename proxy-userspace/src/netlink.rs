@@ -5,7 +5,7 @@
 //! fresh dump, and [`select_devices`] decides from the whole picture which interfaces get
 //! the program. That keeps the daemon correct even when events are lost (ENOBUFS).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use anyhow::{Context, Result};
 use futures::TryStreamExt;
@@ -20,14 +20,17 @@ pub struct Interface {
     pub index: u32,
     pub name: String,
     pub loopback: bool,
-    pub ipv4: Vec<Ipv4Addr>,
+    /// Its addresses of both families, IPv6 link-local ones left out (see
+    /// [`is_node_address`]).
+    pub addresses: Vec<IpAddr>,
 }
 
 /// Which interfaces get the program.
 #[derive(Clone, Debug)]
 pub struct DevicePolicy {
-    /// `--devices`: the external devices by name. `None`: every interface holding an IPv4
-    /// address, except loopback and pod interfaces.
+    /// `--devices`: the external devices by name. `None`: every interface holding an
+    /// address of either family (IPv6 link-local aside), except loopback and pod
+    /// interfaces.
     pub external: Option<Vec<String>>,
     /// `--pod-devices`: glob patterns for the host side of pod veths.
     pub pod_patterns: Vec<glob::Pattern>,
@@ -83,26 +86,42 @@ pub fn select_devices(interfaces: &[Interface], policy: &DevicePolicy) -> Vec<De
 fn is_external(interface: &Interface, policy: &DevicePolicy) -> bool {
     match &policy.external {
         Some(names) => names.contains(&interface.name),
-        None => !interface.loopback && !interface.ipv4.is_empty(),
+        None => !interface.loopback && !interface.addresses.is_empty(),
     }
 }
 
-/// The node's IPv4 addresses, loopback included, as kube-proxy lists them for
+/// The node's addresses of both families, loopback included, as kube-proxy lists them for
 /// `--nodeport-addresses` (the planner decides which serve NodePorts and health checks).
-pub fn node_addresses(interfaces: &[Interface]) -> Vec<Ipv4Addr> {
-    let mut addresses: Vec<Ipv4Addr> = interfaces
+/// Sorted, IPv4 first.
+pub fn node_addresses(interfaces: &[Interface]) -> Vec<IpAddr> {
+    let mut addresses: Vec<IpAddr> = interfaces
         .iter()
-        .flat_map(|interface| interface.ipv4.iter().copied())
+        .flat_map(|interface| interface.addresses.iter().copied())
         .collect();
     addresses.sort();
     addresses.dedup();
     addresses
 }
 
+/// Whether an interface address counts as the node's: every address but IPv6 link-local
+/// ones (`fe80::/10`), which every pod veth's host side carries — a NodePort on each would
+/// multiply the frontends by the pods, and a link-local address is no way into the node
+/// from another network anyway.
+fn is_node_address(addr: &IpAddr) -> bool {
+    match addr {
+        IpAddr::V4(_) => true,
+        IpAddr::V6(addr) => !is_link_local(addr),
+    }
+}
+
+fn is_link_local(addr: &Ipv6Addr) -> bool {
+    addr.segments()[0] & 0xffc0 == 0xfe80
+}
+
 /// A netlink connection that both answers dumps and reports link and address changes.
 pub struct Netlink {
     handle: Handle,
-    /// Receives one item per link or IPv4 address event.
+    /// Receives one item per link or address event.
     pub events: UnboundedReceiver<()>,
 }
 
@@ -113,6 +132,7 @@ impl Netlink {
         let (connection, handle, mut messages) = rtnetlink::new_multicast_connection(&[
             MulticastGroup::Link,
             MulticastGroup::Ipv4Ifaddr,
+            MulticastGroup::Ipv6Ifaddr,
         ])
         .context("opening an rtnetlink socket")?;
         tokio::spawn(connection);
@@ -128,7 +148,7 @@ impl Netlink {
         Ok(Self { handle, events })
     }
 
-    /// Dumps all interfaces with their IPv4 addresses.
+    /// Dumps all interfaces with their addresses.
     pub async fn interfaces(&self) -> Result<Vec<Interface>> {
         let mut interfaces = Vec::new();
         let mut links = self.handle.link().get().execute();
@@ -145,7 +165,7 @@ impl Netlink {
                     index: link.header.index,
                     name,
                     loopback: link.header.flags.contains(LinkFlags::Loopback),
-                    ipv4: Vec::new(),
+                    addresses: Vec::new(),
                 });
             }
         }
@@ -158,11 +178,12 @@ impl Netlink {
                 continue;
             };
             for attribute in &address.attributes {
-                if let AddressAttribute::Local(std::net::IpAddr::V4(addr))
-                | AddressAttribute::Address(std::net::IpAddr::V4(addr)) = attribute
-                    && !interface.ipv4.contains(addr)
-                {
-                    interface.ipv4.push(*addr);
+                let (AddressAttribute::Local(addr) | AddressAttribute::Address(addr)) = attribute
+                else {
+                    continue;
+                };
+                if is_node_address(addr) && !interface.addresses.contains(addr) {
+                    interface.addresses.push(*addr);
                 }
             }
         }
@@ -179,7 +200,7 @@ mod tests {
             index,
             name: name.to_string(),
             loopback: name == "lo",
-            ipv4: addrs.iter().map(|a| Ipv4Addr::from(*a)).collect(),
+            addresses: addrs.iter().map(|a| IpAddr::from(*a)).collect(),
         }
     }
 
@@ -249,7 +270,23 @@ mod tests {
                 [198, 18, 1, 1],
                 [198, 18, 9, 1]
             ]
-            .map(Ipv4Addr::from)
+            .map(IpAddr::from)
         );
+    }
+
+    #[test]
+    fn ipv6_addresses_count_link_local_ones_do_not() {
+        let addrs = [
+            "2001:db8::1",
+            "fe80::1",
+            "febf::1",
+            "fec0::1",
+            "::1",
+            "198.18.0.1",
+        ];
+        let kept: Vec<&str> = (addrs.iter().copied())
+            .filter(|addr| is_node_address(&addr.parse().unwrap()))
+            .collect();
+        assert_eq!(kept, ["2001:db8::1", "fec0::1", "::1", "198.18.0.1"]);
     }
 }

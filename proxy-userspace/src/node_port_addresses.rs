@@ -7,12 +7,11 @@
 //! stands for the Node's primary address of each family (`/32`, `/128`): its first
 //! InternalIP, else ExternalIP, of that family; while that is unknown (no Node object, as in
 //! standalone mode, or no such address) the family is unrestricted, as in kube-proxy.
-//!
-//! IPv4 is what the datapath proxies today; IPv6 CIDRs are parsed, kept and reported, for
-//! the IPv6 datapath to use.
+//! The planner applies each family's CIDRs to that family's node addresses
+//! ([`crate::plan::NodeFacts`]).
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
@@ -64,25 +63,27 @@ impl NodePortAddresses {
         Ok(NodePortAddresses::Cidrs { ipv4, ipv6 })
     }
 
-    /// The IPv4 CIDRs NodePorts open on, given the Node's primary IPv4 address if known.
-    /// Empty: every IPv4 address of the node.
-    pub fn ipv4_cidrs(&self, primary_ipv4: Option<Ipv4Addr>) -> Vec<Ipv4Net> {
+    /// The CIDRs NodePorts open on, both families, given the Node's primary addresses if
+    /// known (IPv4 first). A family without any: every address of the node of that family.
+    pub fn cidrs(
+        &self,
+        primary_ipv4: Option<Ipv4Addr>,
+        primary_ipv6: Option<Ipv6Addr>,
+    ) -> Vec<IpNet> {
         match self {
-            NodePortAddresses::Cidrs { ipv4, .. } => ipv4.clone(),
-            NodePortAddresses::Primary => primary_ipv4
-                .filter(|address| !address.is_loopback())
-                .map(Ipv4Net::from)
-                .into_iter()
+            NodePortAddresses::Cidrs { ipv4, ipv6 } => (ipv4.iter().copied().map(IpNet::V4))
+                .chain(ipv6.iter().copied().map(IpNet::V6))
                 .collect(),
+            // kube-proxy skips a loopback node IP.
+            NodePortAddresses::Primary => {
+                [primary_ipv4.map(IpAddr::V4), primary_ipv6.map(IpAddr::V6)]
+                    .into_iter()
+                    .flatten()
+                    .filter(|address| !address.is_loopback())
+                    .map(IpNet::from)
+                    .collect()
+            }
             NodePortAddresses::All => Vec::new(),
-        }
-    }
-
-    /// The IPv6 CIDRs given, kept for the IPv6 datapath (not proxied yet).
-    pub fn ipv6_cidrs(&self) -> &[Ipv6Net] {
-        match self {
-            NodePortAddresses::Cidrs { ipv6, .. } => ipv6,
-            NodePortAddresses::Primary | NodePortAddresses::All => &[],
         }
     }
 }
@@ -169,33 +170,40 @@ mod tests {
         }
     }
 
-    /// Each family keeps only its own CIDRs; a family without any is unrestricted, even
-    /// when the other family has some (`NewNodePortAddresses`).
+    /// Both families' CIDRs are handed on; the planner filters each family with its own
+    /// (`NewNodePortAddresses`; see `plan` for the per-family filtering).
     #[test]
-    fn ipv4_gets_its_own_cidrs_or_none() {
-        let cases = [
-            ("198.18.0.0/24,2001:db8::/64", vec![v4("198.18.0.0/24")]),
-            ("2001:db8::/64", vec![]),
-            ("", vec![]),
-        ];
-        for (flag, expected) in cases {
-            let values: Vec<&str> = flag.split(',').filter(|v| !v.is_empty()).collect();
-            let parsed = NodePortAddresses::parse(&values).unwrap();
-            assert_eq!(parsed.ipv4_cidrs(None), expected, "{flag}");
-        }
-        let both = NodePortAddresses::parse(&["198.18.0.0/24", "2001:db8::/64"]).unwrap();
-        assert_eq!(both.ipv6_cidrs(), ["2001:db8::/64".parse().unwrap()]);
+    fn both_families_are_handed_on() {
+        let net = |text: &str| -> IpNet { text.parse().unwrap() };
+        let both = NodePortAddresses::parse(&["2001:db8::/64", "198.18.0.0/24"]).unwrap();
+        assert_eq!(
+            both.cidrs(None, None),
+            [net("198.18.0.0/24"), net("2001:db8::/64")]
+        );
+        assert_eq!(NodePortAddresses::All.cidrs(None, None), []);
     }
 
-    /// `primary` is the Node's address as a /32 while it is known and not loopback
-    /// (kube-proxy skips a loopback node IP), else every address.
+    /// `primary` is the Node's address of each family as a /32 or /128 while it is known
+    /// and not loopback (kube-proxy skips a loopback node IP), else every address.
     #[test]
     fn primary_is_the_nodes_address_while_known() {
         let primary = NodePortAddresses::Primary;
         let node_ip = Ipv4Addr::new(198, 18, 0, 1);
-        assert_eq!(primary.ipv4_cidrs(Some(node_ip)), [v4("198.18.0.1/32")]);
-        assert_eq!(primary.ipv4_cidrs(None), []);
-        assert_eq!(primary.ipv4_cidrs(Some(Ipv4Addr::LOCALHOST)), []);
-        assert!(primary.ipv6_cidrs().is_empty());
+        let node_ipv6: Ipv6Addr = "2001:db8::1".parse().unwrap();
+        let net = |text: &str| -> IpNet { text.parse().unwrap() };
+        assert_eq!(primary.cidrs(Some(node_ip), None), [net("198.18.0.1/32")]);
+        assert_eq!(
+            primary.cidrs(Some(node_ip), Some(node_ipv6)),
+            [net("198.18.0.1/32"), net("2001:db8::1/128")]
+        );
+        assert_eq!(
+            primary.cidrs(None, Some(node_ipv6)),
+            [net("2001:db8::1/128")]
+        );
+        assert_eq!(primary.cidrs(None, None), []);
+        assert_eq!(
+            primary.cidrs(Some(Ipv4Addr::LOCALHOST), Some(Ipv6Addr::LOCALHOST)),
+            []
+        );
     }
 }

@@ -7,7 +7,7 @@
 //! JSON body kube-proxy writes. One HTTP server per Service, answering on every path.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::SystemTime;
@@ -32,7 +32,7 @@ pub struct ServiceHealthServers {
 #[derive(Debug)]
 struct Server {
     node_port: u16,
-    addresses: Vec<Ipv4Addr>,
+    addresses: Vec<IpAddr>,
     /// Updated by every sync, read by every probe.
     local_endpoints: Arc<AtomicUsize>,
     tasks: Vec<JoinHandle<()>>,
@@ -57,14 +57,11 @@ impl ServiceHealthServers {
 
     /// Opens, updates and closes servers to match `checks`, listening on `addresses`
     /// (the node's addresses in kube-proxy's `--nodeport-addresses`, loopback included;
-    /// `0.0.0.0` when unrestricted; none when no address matches, which is logged once).
+    /// `0.0.0.0` and `::` for a family left unrestricted; none when no address matches,
+    /// which is logged once).
     /// Must run inside the tokio runtime. A port that cannot be bound is logged and tried
     /// again on the next sync, as kube-proxy does.
-    pub fn sync(
-        &mut self,
-        checks: &BTreeMap<ObjectKey, ServiceHealthCheck>,
-        addresses: &[Ipv4Addr],
-    ) {
+    pub fn sync(&mut self, checks: &BTreeMap<ObjectKey, ServiceHealthCheck>, addresses: &[IpAddr]) {
         self.servers.retain(|service, server| {
             let keep = checks.get(service).is_some_and(|check| {
                 check.node_port == server.node_port && server.addresses == addresses
@@ -106,7 +103,7 @@ impl ServiceHealthServers {
         &self,
         service: &ObjectKey,
         check: &ServiceHealthCheck,
-        addresses: &[Ipv4Addr],
+        addresses: &[IpAddr],
     ) -> std::io::Result<Server> {
         let local_endpoints = Arc::new(AtomicUsize::new(check.local_endpoints));
         let router = router(
@@ -139,11 +136,20 @@ impl ServiceHealthServers {
     }
 }
 
-/// A non-blocking listener for tokio, bound synchronously so the sync loop stays sync.
+/// A non-blocking listener for tokio, bound synchronously so the sync loop stays sync. An
+/// IPv6 one is IPv6 only, so `::` and `0.0.0.0` hold the same port side by side (each
+/// family has its own listener, as kube-proxy has one health server per family).
 fn bind(address: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let listener = std::net::TcpListener::bind(address)?;
-    listener.set_nonblocking(true)?;
-    tokio::net::TcpListener::from_std(listener)
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
+    if address.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(socket.into())
 }
 
 /// Answers every path of one Service's health check.
@@ -188,6 +194,8 @@ pub fn response(
 
 #[cfg(test)]
 mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
     use super::*;
 
     #[test]
@@ -228,7 +236,7 @@ mod tests {
         let service = ObjectKey::new("web", "lb");
         let health = Health::new(std::time::Duration::from_secs(60));
         let mut servers = ServiceHealthServers::new(health);
-        let loopback = [Ipv4Addr::LOCALHOST];
+        let loopback = [IpAddr::V4(Ipv4Addr::LOCALHOST)];
         // Port 0: the kernel picks a free one; the test reads it back from the listener.
         let check = |local_endpoints| {
             BTreeMap::from([(
@@ -261,9 +269,13 @@ mod tests {
     /// One HTTP/1.0 GET to `127.0.0.1:port` (blocking, off the runtime's thread): the
     /// status code, or the connect error.
     async fn probe(port: u16) -> std::io::Result<u16> {
+        probe_at(IpAddr::V4(Ipv4Addr::LOCALHOST), port).await
+    }
+
+    async fn probe_at(addr: IpAddr, port: u16) -> std::io::Result<u16> {
         tokio::task::spawn_blocking(move || {
             use std::io::{Read, Write};
-            let mut stream = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))?;
+            let mut stream = std::net::TcpStream::connect((addr, port))?;
             stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
             let mut response = String::new();
             stream.read_to_string(&mut response)?;
@@ -274,13 +286,15 @@ mod tests {
         .expect("the probe thread")
     }
 
-    /// `--nodeport-addresses 127.0.0.0/8`: the node's loopback address is where the check
-    /// listens, and it answers there; with no matching address nothing listens.
-    #[tokio::test]
-    async fn a_loopback_address_is_served_and_no_address_serves_nothing() {
+    /// Servers for one Service `web/lb` with one local endpoint, on a free port.
+    fn one_check_on_a_free_port() -> (
+        ObjectKey,
+        ServiceHealthServers,
+        u16,
+        BTreeMap<ObjectKey, ServiceHealthCheck>,
+    ) {
         let service = ObjectKey::new("web", "lb");
         let health = Health::new(std::time::Duration::from_secs(60));
-        let mut servers = ServiceHealthServers::new(health);
         let port = free_port();
         let checks = BTreeMap::from([(
             service.clone(),
@@ -289,7 +303,15 @@ mod tests {
                 local_endpoints: 1,
             },
         )]);
-        servers.sync(&checks, &[Ipv4Addr::LOCALHOST]);
+        (service, ServiceHealthServers::new(health), port, checks)
+    }
+
+    /// `--nodeport-addresses 127.0.0.0/8`: the node's loopback address is where the check
+    /// listens, and it answers there; with no matching address nothing listens.
+    #[tokio::test]
+    async fn a_loopback_address_is_served_and_no_address_serves_nothing() {
+        let (service, mut servers, port, checks) = one_check_on_a_free_port();
+        servers.sync(&checks, &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
         assert_eq!(probe(port).await.unwrap(), 200);
 
         servers.sync(&checks, &[]);
@@ -298,5 +320,18 @@ mod tests {
         tokio::task::yield_now().await;
         let refused = probe(port).await.unwrap_err();
         assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
+
+    /// Both families at once: an IPv4 and an IPv6 listener share the port (the IPv6 one is
+    /// IPv6 only), and each answers.
+    #[tokio::test]
+    async fn both_families_listen_on_one_port() {
+        let (service, mut servers, port, checks) = one_check_on_a_free_port();
+        let v4 = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let v6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
+        servers.sync(&checks, &[v4, v6]);
+        assert_eq!(servers.servers[&service].tasks.len(), 2);
+        assert_eq!(probe_at(v4, port).await.unwrap(), 200);
+        assert_eq!(probe_at(v6, port).await.unwrap(), 200);
     }
 }

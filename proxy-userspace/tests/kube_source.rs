@@ -667,8 +667,8 @@ async fn the_node_watch_keeps_this_nodes_labels_only() {
     assert_eq!(deleted.changes, relabelled.changes + 1);
 }
 
-/// What the daemon reads from its Node besides the labels: the primary IPv4 address
-/// (InternalIP before ExternalIP, leading zeros allowed) and whether it is being deleted — the cluster
+/// What the daemon reads from its Node besides the labels: the primary address of each
+/// family (InternalIP before ExternalIP, leading zeros allowed) and whether it is being deleted — the cluster
 /// autoscaler's taint or a deletion timestamp, kept from the deleted object when it goes.
 #[tokio::test]
 async fn the_node_watch_follows_the_primary_address_and_deletion() {
@@ -692,6 +692,10 @@ async fn the_node_watch_follows_the_primary_address_and_deletion() {
             s.synced && s.model.node_state().primary_ipv4 == node_ip
         })
         .await;
+    assert_eq!(
+        synced.model.node_state().primary_ipv6,
+        "2001:db8::1".parse().ok()
+    );
     assert!(!synced.model.node_state().being_deleted);
 
     let mut tainted = with_addresses(node(NODE_NAME, "zone-a"));

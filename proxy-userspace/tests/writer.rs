@@ -39,7 +39,7 @@ fn desired(frontends: u8, backends: u8) -> DesiredState {
             kind: FrontendKind::ClusterIp,
             backends: (0..backends)
                 .map(|backend| BackendAddr {
-                    addr: Ipv4Addr::new(198, 18, 1 + frontend, 1 + backend),
+                    addr: Ipv4Addr::new(198, 18, 1 + frontend, 1 + backend).into(),
                     port: 8080,
                 })
                 .collect(),
@@ -51,7 +51,7 @@ fn desired(frontends: u8, backends: u8) -> DesiredState {
             selection: proxy_userspace::plan::Selection::Random,
         };
         let address = Frontend {
-            addr: Ipv4Addr::new(198, 19, 0, 1 + frontend),
+            addr: Ipv4Addr::new(198, 19, 0, 1 + frontend).into(),
             port: 80,
             protocol: Protocol::Tcp,
         };

@@ -2,7 +2,7 @@
 //! is the caller. The caller is never a backend (hairpin has its own test, `hairpin`).
 #![allow(dead_code)] // each test binary uses its own subset
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -52,6 +52,13 @@ pub fn daemon_with_echo_and<'lab>(lab: &'lab Lab, args: &[&str]) -> Result<Daemo
     let daemon = builder.start()?;
     daemon.wait_synced(SYNC_TIMEOUT)?;
     Ok(daemon)
+}
+
+/// A healthCheckNodePort's status code and `localEndpoints`, asked from `ns`.
+pub fn health_check(ns: &Netns, address: impl Into<IpAddr>, port: u16) -> Result<(u16, u64)> {
+    let (code, body) = ns.http_get(address, port, "/")?;
+    let body: Value = serde_json::from_str(&body)?;
+    Ok((code, body["localEndpoints"].as_u64().unwrap_or_default()))
 }
 
 /// With two of three backends left, a backend that still got new connections would go

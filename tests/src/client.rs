@@ -4,7 +4,7 @@
 //! writes then work from the caller's thread.
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -95,11 +95,11 @@ impl Netns {
     /// tell a dropped connection ([`ErrorKind::TimedOut`]) from a refused one.
     pub fn tcp_connect(
         &self,
-        addr: Ipv4Addr,
+        addr: impl Into<IpAddr>,
         port: u16,
         timeout: Duration,
     ) -> std::io::Result<TcpSession> {
-        let target = SocketAddr::V4(SocketAddrV4::new(addr, port));
+        let target = SocketAddr::new(addr.into(), port);
         let stream = self
             .run(|| TcpStream::connect_timeout(&target, timeout))
             .map_err(std::io::Error::other)??;
@@ -113,9 +113,10 @@ impl Netns {
     }
 
     /// [`Netns::tcp_connect`] with [`REQUEST_TIMEOUT`].
-    pub fn tcp_session(&self, addr: Ipv4Addr, port: u16) -> Result<TcpSession> {
-        self.tcp_connect(addr, port, REQUEST_TIMEOUT)
-            .with_context(|| format!("TCP connect from {} to {addr}:{port}", self.name()))
+    pub fn tcp_session(&self, addr: impl Into<IpAddr>, port: u16) -> Result<TcpSession> {
+        let target = SocketAddr::new(addr.into(), port);
+        self.tcp_connect(target.ip(), port, REQUEST_TIMEOUT)
+            .with_context(|| format!("TCP connect from {} to {target}", self.name()))
     }
 
     /// A new TCP connection with one request/response round.
@@ -158,17 +159,23 @@ impl Netns {
     }
 
     /// One HTTP/1.0 `GET path` to `addr:port` from this namespace: (status code, body).
-    pub fn http_get(&self, addr: Ipv4Addr, port: u16, path: &str) -> Result<(u16, String)> {
-        let mut session = self.tcp_session(addr, port)?;
+    pub fn http_get(
+        &self,
+        addr: impl Into<IpAddr>,
+        port: u16,
+        path: &str,
+    ) -> Result<(u16, String)> {
+        let target = SocketAddr::new(addr.into(), port);
+        let mut session = self.tcp_session(target.ip(), port)?;
         write!(
             session.writer,
-            "GET {path} HTTP/1.0\r\nHost: {addr}:{port}\r\n\r\n"
+            "GET {path} HTTP/1.0\r\nHost: {target}\r\n\r\n"
         )?;
         let mut response = String::new();
         session
             .reader
             .read_to_string(&mut response)
-            .with_context(|| format!("HTTP GET {addr}:{port}{path}"))?;
+            .with_context(|| format!("HTTP GET {target}{path}"))?;
         let (head, body) = response
             .split_once("\r\n\r\n")
             .with_context(|| format!("no end of the HTTP header in {response:?}"))?;

@@ -113,7 +113,7 @@ pub fn hostile_objects() -> Vec<HostileObject> {
             vec![service("two-ipv4-cluster-ips", "198.19.200.2", |s| {
                 s["spec"]["clusterIPs"] = json!(["198.19.200.2", "198.19.200.3"]);
             })],
-            Skipped("Service", "skipped_field"),
+            Refused("Service", "invalid"),
         ),
         case(
             "ipv6-cluster-ip-in-ipv4-first",

@@ -403,7 +403,7 @@ mod test_support {
         let backends = |list: &[([u8; 4], u16)]| -> Vec<BackendAddr> {
             list.iter()
                 .map(|(addr, port)| BackendAddr {
-                    addr: Ipv4Addr::from(*addr),
+                    addr: Ipv4Addr::from(*addr).into(),
                     port: *port,
                 })
                 .collect()
@@ -418,7 +418,7 @@ mod test_support {
                 .map(|(_, cluster)| backends(cluster));
             desired.frontends.insert(
                 Frontend {
-                    addr: Ipv4Addr::from(addr),
+                    addr: Ipv4Addr::from(addr).into(),
                     port: number,
                     protocol,
                 },

@@ -12,6 +12,38 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
+/// An address family, as Kubernetes names them (`ipFamilies`, an EndpointSlice's
+/// `addressType`). kube-proxy runs one proxier per family; the planner keeps the families
+/// apart the same way (a frontend gets only backends of its own family).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub fn of(addr: IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(_) => Family::Ipv4,
+            IpAddr::V6(_) => Family::Ipv6,
+        }
+    }
+
+    pub fn of_net(net: &IpNet) -> Self {
+        Family::of(net.addr())
+    }
+
+    /// `IPv4` / `IPv6`, as `ipFamilies` and `addressType` spell them; `None` for anything
+    /// else (`FQDN`).
+    pub fn from_api(name: &str) -> Option<Self> {
+        match name {
+            "IPv4" => Some(Family::Ipv4),
+            "IPv6" => Some(Family::Ipv6),
+            _ => None,
+        }
+    }
+}
+
 /// An address as `ParseIPSloppy` reads it: IPv4 fields in decimal with any leading zeros,
 /// an IPv4-mapped IPv6 address as IPv4. `None` for anything else (no surrounding spaces).
 pub fn parse_ip_sloppy(text: &str) -> Option<IpAddr> {
@@ -23,14 +55,6 @@ pub fn parse_ip_sloppy(text: &str) -> Option<IpAddr> {
         Some(ipv4) => IpAddr::V4(ipv4),
         None => IpAddr::V6(ipv6),
     })
-}
-
-/// The IPv4 address `text` names, sloppily; `None` for IPv6 or junk.
-pub fn parse_ipv4_sloppy(text: &str) -> Option<Ipv4Addr> {
-    match parse_ip_sloppy(text)? {
-        IpAddr::V4(ipv4) => Some(ipv4),
-        IpAddr::V6(_) => None,
-    }
 }
 
 /// A CIDR as `ParseCIDRSloppy` reads it (the address as [`parse_ip_sloppy`] does, the
@@ -121,11 +145,6 @@ mod tests {
             let parsed = parse_ip_sloppy(text).map(|addr| addr.to_string());
             assert_eq!(parsed.as_deref(), expected, "{text:?}");
         }
-        assert_eq!(parse_ipv4_sloppy("fd00::10"), None);
-        assert_eq!(
-            parse_ipv4_sloppy("::ffff:198.18.0.1"),
-            Some(Ipv4Addr::new(198, 18, 0, 1))
-        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ pub(crate) mod service;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Service;
@@ -29,6 +29,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use proxy_common::proto;
 
+pub use address::Family;
 pub use changes::{LAST_CHANGE_TRIGGER_TIME, ModelChanges, trigger_time};
 pub use endpoint_slice::{EndpointRecord, Hints, SERVICE_NAME_LABEL, SlicePort, SliceRecord};
 pub use problem::{ModelError, Problem, ProblemKind};
@@ -115,6 +116,8 @@ pub struct NodeState {
     /// The Node's primary IPv4 address: its first InternalIP, else ExternalIP, of that
     /// family (kube-proxy's node IP, which `--nodeport-addresses primary` stands for).
     pub primary_ipv4: Option<Ipv4Addr>,
+    /// The same for IPv6.
+    pub primary_ipv6: Option<Ipv6Addr>,
     /// The Node has a deletion timestamp or the cluster autoscaler's
     /// `ToBeDeletedByClusterAutoscaler` taint: kube-proxy's `/healthz` answers 503 so that
     /// load balancers drain the node first.

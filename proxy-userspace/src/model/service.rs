@@ -10,16 +10,16 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 
-use super::address::{parse_cidr_sloppy, parse_ipv4_sloppy};
+use super::address::{parse_cidr_sloppy, parse_ip_sloppy};
 use super::selection::SelectionRequest;
-use super::{Problem, ProblemKind, Protocol};
+use super::{Family, Problem, ProblemKind, Protocol};
 
 /// Services (and their EndpointSlices) with this label belong to another proxy; kube-proxy's
 /// informers filter them out.
@@ -37,7 +37,7 @@ const MAX_AFFINITY_TIMEOUT_SECONDS: i32 = 86_400;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ServiceRecord {
     Proxied(Box<ProxiedService>),
-    /// Not proxied, as expected (headless, ExternalName, another proxy's, IPv6 only).
+    /// Not proxied, as expected (headless, ExternalName, another proxy's).
     Ignored(String),
     /// Not proxied, and worth telling the operator.
     Problem(Problem),
@@ -46,12 +46,15 @@ pub enum ServiceRecord {
 /// What a proxied Service's ports share, and the ports.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProxiedService {
-    pub cluster_ip: Ipv4Addr,
+    /// One clusterIP per family the Service has (`GetClusterIPByFamily`), IPv4 first. The
+    /// planner gives each family its own frontends, with that family's endpoints only, as
+    /// kube-proxy runs one proxier per family.
+    pub cluster_ips: Vec<IpAddr>,
     pub exposes_node_ports: bool,
-    /// IPv4 externalIPs, sorted and deduplicated.
-    pub external_ips: Vec<Ipv4Addr>,
-    /// IPv4 load-balancer ingress IPs in VIP mode, sorted and deduplicated.
-    pub load_balancer_ips: Vec<Ipv4Addr>,
+    /// externalIPs of both families, sorted (IPv4 first) and deduplicated.
+    pub external_ips: Vec<IpAddr>,
+    /// Load-balancer ingress IPs in VIP mode, of both families, sorted and deduplicated.
+    pub load_balancer_ips: Vec<IpAddr>,
     pub internal_policy_local: bool,
     /// `externalTrafficPolicy: Local` on a Service reachable from outside (NodePort,
     /// LoadBalancer, or with externalIPs); false for others, as in kube-proxy.
@@ -59,8 +62,10 @@ pub struct ProxiedService {
     /// `healthCheckNodePort`, when set and in range, on a LoadBalancer Service with
     /// `externalTrafficPolicy: Local` (kube-proxy's `NeedsHealthCheck`).
     pub health_check_node_port: Option<u16>,
-    /// `loadBalancerSourceRanges`, the valid IPv4 ones, truncated, sorted, deduplicated.
-    pub source_ranges: Vec<Ipv4Net>,
+    /// `loadBalancerSourceRanges`, the valid ones of both families, truncated, sorted
+    /// (IPv4 first), deduplicated. Each family's ranges restrict only that family's
+    /// load-balancer IPs (`MapCIDRsByIPFamily`).
+    pub source_ranges: Vec<IpNet>,
     pub session_affinity: Option<Duration>,
     /// How its external frontends choose backends, as far as its annotations say.
     pub selection: SelectionRequest,
@@ -121,32 +126,18 @@ fn proxied_service(
             format!("{key}: no clusterIP set, skipped (kube-proxy skips such Services too)"),
         )));
     }
-    // clusterIPs lists one address per family; clusterIP alone is the old form.
-    let cluster_ips: Vec<&str> = match spec.cluster_ips.as_deref() {
-        Some(cluster_ips) if !cluster_ips.is_empty() => {
-            cluster_ips.iter().map(String::as_str).collect()
-        }
-        _ => vec![cluster_ip],
-    };
-    let mut ipv4_cluster_ips = cluster_ips
-        .iter()
-        .filter_map(|addr| parse_ipv4_sloppy(addr));
-    let cluster_ip = ipv4_cluster_ips
-        .next()
-        .ok_or_else(|| NotProxied::Ignored("no IPv4 clusterIP".to_owned()))?;
-    let mut skipped_fields = Vec::new();
-    let extra: Vec<String> = ipv4_cluster_ips.map(|addr| addr.to_string()).collect();
-    if !extra.is_empty() {
-        skipped_fields.push(Problem::new(
+    let cluster_ips = cluster_ips(&spec, cluster_ip);
+    if cluster_ips.is_empty() {
+        return Err(NotProxied::Problem(Problem::new(
             ProblemKind::Service,
-            "skipped_field",
+            "no_cluster_ip",
             format!(
-                "{key}: spec.clusterIPs holds more than one IPv4 address; {cluster_ip} is \
-                 programmed, {} skipped (the API allows one per family)",
-                extra.join(", ")
+                "{key}: no clusterIP of a family in spec.ipFamilies, skipped (kube-proxy \
+                 finds none either)"
             ),
-        ));
+        )));
     }
+    let mut skipped_fields = Vec::new();
     let load_balancer_ips = service
         .status
         .as_ref()
@@ -158,7 +149,7 @@ fn proxied_service(
         .filter(|ingress| ingress.ip_mode.as_deref().is_none_or(|mode| mode == "VIP"))
         .filter_map(|ingress| ingress.ip.as_deref());
     let ranges = spec.load_balancer_source_ranges.iter().flatten();
-    let source_ranges = ipv4_networks(ranges.clone());
+    let source_ranges = networks(ranges.clone());
     let invalid_ranges: Vec<&str> = ranges
         .map(|range| range.trim())
         .filter(|range| !range.is_empty() && parse_cidr_sloppy(range).is_none())
@@ -197,6 +188,31 @@ fn proxied_service(
         .health_check_node_port
         .and_then(port_number)
         .filter(|_| service_type == "LoadBalancer" && external_policy_local);
+    let external_ips = addresses(spec.external_ips.iter().flatten().map(String::as_str));
+    let load_balancer_ips = addresses(load_balancer_ips);
+    let has_family = |addr: &IpAddr| {
+        (cluster_ips.iter()).any(|cluster_ip| Family::of(*cluster_ip) == Family::of(*addr))
+    };
+    for (field, addresses) in [
+        ("spec.externalIPs", &external_ips),
+        ("status.loadBalancer.ingress", &load_balancer_ips),
+    ] {
+        let other: Vec<String> = (addresses.iter())
+            .filter(|addr| !has_family(addr))
+            .map(ToString::to_string)
+            .collect();
+        if !other.is_empty() {
+            skipped_fields.push(Problem::new(
+                ProblemKind::Service,
+                "skipped_field",
+                format!(
+                    "{key}: {field}: {} skipped: the Service has no clusterIP of their family \
+                     (kube-proxy's proxier of that family does not see the Service)",
+                    other.join(", ")
+                ),
+            ));
+        }
+    }
     let annotations = service.metadata.annotations.as_ref();
     let selection = SelectionRequest::from_annotations(
         key,
@@ -204,10 +220,10 @@ fn proxied_service(
         &mut skipped_fields,
     );
     Ok(ProxiedService {
-        cluster_ip,
+        cluster_ips,
         exposes_node_ports,
-        external_ips: ipv4_addresses(spec.external_ips.iter().flatten().map(String::as_str)),
-        load_balancer_ips: ipv4_addresses(load_balancer_ips),
+        external_ips,
+        load_balancer_ips,
         internal_policy_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
         external_policy_local,
         health_check_node_port,
@@ -236,13 +252,52 @@ fn session_affinity(spec: &ServiceSpec) -> Option<Duration> {
     Some(seconds.map_or(DEFAULT_AFFINITY_TIMEOUT, Duration::from_secs))
 }
 
-/// The IPv4 addresses among `addresses`, sorted and deduplicated. IPv6 ones belong to the
-/// other family (not proxied yet); unparsable ones never get past the sources' validation.
-fn ipv4_addresses<'a>(addresses: impl Iterator<Item = &'a str>) -> Vec<Ipv4Addr> {
-    let mut ipv4: Vec<Ipv4Addr> = addresses.filter_map(parse_ipv4_sloppy).collect();
-    ipv4.sort();
-    ipv4.dedup();
-    ipv4
+/// The Service's clusterIP of each family, IPv4 first, as kube-proxy's
+/// `GetClusterIPByFamily` finds them: `clusterIPs[i]` is the address of family
+/// `ipFamilies[i]`; without `ipFamilies` (a Service written before dual-stack, or a
+/// manifest the API server never defaulted) the families of `clusterIPs` — `clusterIP`
+/// alone when that is unset — in their order. The sources' validation already refused a
+/// Service whose lists disagree or name a family twice, as the API server does; an entry
+/// that still does not fit is left out, never guessed.
+fn cluster_ips(spec: &ServiceSpec, cluster_ip: &str) -> Vec<IpAddr> {
+    let listed: Vec<&str> = match spec.cluster_ips.as_deref() {
+        Some(cluster_ips) if !cluster_ips.is_empty() => {
+            cluster_ips.iter().map(String::as_str).collect()
+        }
+        _ => vec![cluster_ip],
+    };
+    let families: Vec<Option<Family>> = match spec.ip_families.as_deref() {
+        Some(families) if !families.is_empty() => families
+            .iter()
+            .map(|family| Family::from_api(family))
+            .collect(),
+        _ => vec![None; listed.len()],
+    };
+    let mut addresses: Vec<IpAddr> = Vec::new();
+    for (text, family) in listed.iter().zip(families) {
+        let Some(addr) = parse_ip_sloppy(text) else {
+            continue;
+        };
+        let fits = family.is_none_or(|family| family == Family::of(addr));
+        if fits
+            && !addresses
+                .iter()
+                .any(|taken| Family::of(*taken) == Family::of(addr))
+        {
+            addresses.push(addr);
+        }
+    }
+    addresses.sort();
+    addresses
+}
+
+/// The addresses among `addresses`, both families, sorted (IPv4 first) and deduplicated;
+/// unparsable ones never get past the sources' validation.
+fn addresses<'a>(addresses: impl Iterator<Item = &'a str>) -> Vec<IpAddr> {
+    let mut parsed: Vec<IpAddr> = addresses.filter_map(parse_ip_sloppy).collect();
+    parsed.sort();
+    parsed.dedup();
+    parsed
 }
 
 pub(crate) fn has_label(labels: Option<&BTreeMap<String, String>>, label: &str) -> bool {
@@ -259,15 +314,12 @@ pub(crate) fn service_protocol(protocol: Option<&str>) -> Result<Protocol, Strin
     }
 }
 
-/// The valid IPv4 CIDRs among `ranges` (trimmed, read sloppily, truncated to their
-/// network), sorted and deduplicated. Like kube-proxy, other families and unparsable
-/// entries are left out, so a list without any IPv4 range restricts nothing.
-fn ipv4_networks<'a>(ranges: impl Iterator<Item = &'a String>) -> Vec<Ipv4Net> {
-    let mut networks: Vec<Ipv4Net> = ranges
-        .filter_map(|range| match parse_cidr_sloppy(range.trim())? {
-            IpNet::V4(network) => Some(network),
-            IpNet::V6(_) => None,
-        })
+/// The valid CIDRs among `ranges` (trimmed, read sloppily, truncated to their network),
+/// both families, sorted (IPv4 first) and deduplicated. Unparsable entries are left out
+/// (and reported), as kube-proxy leaves them out.
+fn networks<'a>(ranges: impl Iterator<Item = &'a String>) -> Vec<IpNet> {
+    let mut networks: Vec<IpNet> = ranges
+        .filter_map(|range| parse_cidr_sloppy(range.trim()))
         .collect();
     networks.sort();
     networks.dedup();

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use super::BackendAddr;
 use crate::model::{EndpointRecord, Protocol, SliceRecord};
@@ -98,8 +98,8 @@ pub(super) fn endpoints_of_port<'a>(
     endpoints
 }
 
-/// Distinct addresses of this node's ready endpoints over every port of the Service's
-/// slices (kube-proxy's `LocalReadyEndpoints`, which counts whatever its endpoints map
+/// Distinct addresses of this node's ready endpoints over every port of `slices` (the
+/// Service's slices of one family; kube-proxy's `LocalReadyEndpoints`, which counts whatever its endpoints map
 /// holds for the Service, ports the Service does not list included): what a
 /// healthCheckNodePort reports. Terminating endpoints do not count, so a node whose pods
 /// are shutting down fails the probe first.
@@ -112,7 +112,7 @@ pub(super) fn local_ready_addresses(slices: &[&SliceRecord], node_name: &str) ->
         .collect();
     ports.sort();
     ports.dedup();
-    let mut addresses: Vec<Ipv4Addr> = ports
+    let mut addresses: Vec<IpAddr> = ports
         .into_iter()
         .flat_map(|(name, protocol)| endpoints_of_port(slices, name, protocol))
         .filter(|endpoint| endpoint.ready() && endpoint.is_on(node_name))
@@ -135,7 +135,7 @@ pub(super) struct Categorized {
     /// then drops (its policy left nothing here) rather than rejects.
     pub has_usable_endpoints: bool,
     /// See [`super::FrontendPlan::serving_addrs`].
-    pub serving_addrs: Vec<Ipv4Addr>,
+    pub serving_addrs: Vec<IpAddr>,
 }
 
 pub(super) fn categorize(endpoints: &[PortEndpoint<'_>], node: &NodeIdentity) -> Categorized {
@@ -157,7 +157,7 @@ pub(super) fn categorize(endpoints: &[PortEndpoint<'_>], node: &NodeIdentity) ->
     }
     // Ready endpoints count as serving even when a hand-written slice says otherwise: the
     // cleanup must never cut flows to a backend that is still in use.
-    let mut serving_addrs: Vec<Ipv4Addr> = endpoints
+    let mut serving_addrs: Vec<IpAddr> = endpoints
         .iter()
         .filter(|endpoint| endpoint.record.serving || endpoint.ready())
         .map(|endpoint| endpoint.backend.addr)

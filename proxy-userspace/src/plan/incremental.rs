@@ -8,12 +8,13 @@
 //! labels, zone: they touch every Service), as kube-proxy's `needFullSync`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
 
 use super::claims::{Claim, Claims};
 use super::endpoints::NodeIdentity;
 use super::service_port::{NodeContext, plan_service};
 use super::{DesiredState, Frontend, FrontendPlan, NodeFacts, ServiceHealthCheck, ZONE_LABEL};
-use crate::model::{Model, ObjectKey, Problem};
+use crate::model::{Family, Model, ObjectKey, Problem};
 
 /// Desired state kept up to date one Service at a time.
 #[derive(Clone, Debug, Default)]
@@ -241,12 +242,28 @@ fn node_context(node: &NodeFacts, model: &Model) -> NodeContext {
             zone: zone.cloned().unwrap_or_default(),
         },
         node_port_addresses: node.node_port_addresses(),
-        source_range_node_ips: match model.node_state().primary_ipv4 {
-            Some(primary) => vec![primary],
-            None => node.addresses.clone(),
-        },
+        source_range_node_ips: source_range_node_ips(node, model),
         selection: node.selection,
     }
+}
+
+/// The node's address of each family as kube-proxy's source-range rule sees it (its
+/// `nodeIP`): the Node's primary address of that family when known, else each of the
+/// node's addresses of that family.
+fn source_range_node_ips(node: &NodeFacts, model: &Model) -> Vec<IpAddr> {
+    let state = model.node_state();
+    let primaries = [
+        (Family::Ipv4, state.primary_ipv4.map(IpAddr::V4)),
+        (Family::Ipv6, state.primary_ipv6.map(IpAddr::V6)),
+    ];
+    let mut ips = Vec::new();
+    for (family, primary) in primaries {
+        match primary {
+            Some(primary) => ips.push(primary),
+            None => ips.extend((node.addresses.iter()).filter(|addr| Family::of(**addr) == family)),
+        }
+    }
+    ips
 }
 
 #[cfg(test)]

@@ -9,7 +9,9 @@
 //! its own positions, plus a few others as the turns shift (the paper measures about 1 %
 //! at 100 positions per backend).
 
-use proxy_common::maglev::permutation;
+use std::net::IpAddr;
+
+use proxy_common::maglev::{ipv6_digest, permutation};
 
 use super::BackendAddr;
 
@@ -27,7 +29,7 @@ pub fn table(backends: &[BackendAddr], size: u32) -> Vec<u16> {
     }
     let permutations: Vec<(u32, u32)> = backends
         .iter()
-        .map(|backend| permutation(u32::from(backend.addr), backend.port, size))
+        .map(|backend| permutation(address_digest(backend.addr), backend.port, size))
         .collect();
     // How far each backend got along its permutation.
     let mut next = vec![0u32; backends.len()];
@@ -52,6 +54,14 @@ pub fn table(backends: &[BackendAddr], size: u32) -> Vec<u16> {
     table
 }
 
+/// A backend address as [`permutation`] takes it (host order for IPv4).
+fn address_digest(addr: IpAddr) -> u32 {
+    match addr {
+        IpAddr::V4(addr) => u32::from(addr),
+        IpAddr::V6(addr) => ipv6_digest(addr.octets()),
+    }
+}
+
 /// The `step`-th position of the permutation `(offset, skip)`.
 fn position(offset: u32, skip: u32, step: u32, size: u32) -> usize {
     ((u64::from(offset) + u64::from(step) * u64::from(skip)) % u64::from(size)) as usize
@@ -68,7 +78,7 @@ mod tests {
     fn backends(count: u8) -> Vec<BackendAddr> {
         (0..count)
             .map(|i| BackendAddr {
-                addr: Ipv4Addr::new(198, 18, 2, 10 + i),
+                addr: Ipv4Addr::new(198, 18, 2, 10 + i).into(),
                 port: 8080,
             })
             .collect()
@@ -146,7 +156,7 @@ mod tests {
     #[test]
     fn each_backends_permutation_visits_every_position() {
         for backend in backends(5) {
-            let (offset, skip) = permutation(u32::from(backend.addr), backend.port, 251);
+            let (offset, skip) = permutation(address_digest(backend.addr), backend.port, 251);
             let mut seen = vec![false; 251];
             for step in 0..251 {
                 seen[position(offset, skip, step, 251)] = true;

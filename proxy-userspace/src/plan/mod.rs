@@ -30,15 +30,15 @@ pub(crate) mod testing;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 pub use crate::model::selection::{Algorithm, Selection, SelectionDefaults};
 pub use crate::model::{
-    DEFAULT_AFFINITY_TIMEOUT, HEADLESS_LABEL, Problem, Protocol, SERVICE_PROXY_NAME_LABEL,
+    DEFAULT_AFFINITY_TIMEOUT, Family, HEADLESS_LABEL, Problem, Protocol, SERVICE_PROXY_NAME_LABEL,
 };
 use crate::model::{Model, ObjectKey};
 pub use incremental::{FrontendChange, PlanDelta, Planner};
@@ -51,12 +51,13 @@ pub struct NodeFacts {
     /// while the model knows no Node labels (the manifests source: `--node-zone`); once it
     /// does (the Kubernetes source), the Node's own label decides, as in kube-proxy.
     pub zone: Option<String>,
-    /// Every IPv4 address of the node, loopback included (read with rtnetlink).
-    pub addresses: Vec<Ipv4Addr>,
-    /// The IPv4 CIDRs of `--nodeport-addresses` (kube-proxy's flag of the same name, its
-    /// `primary` keyword resolved): when non-empty, NodePorts open only on node addresses
-    /// inside one of them.
-    pub nodeport_cidrs: Vec<Ipv4Net>,
+    /// Every address of the node of both families, loopback included, IPv6 link-local
+    /// ones left out (read with rtnetlink).
+    pub addresses: Vec<IpAddr>,
+    /// The CIDRs of `--nodeport-addresses` of both families (kube-proxy's flag of the same
+    /// name, its `primary` keyword resolved). Each family is filtered by its own CIDRs
+    /// only: a family without any opens NodePorts on every node address of that family.
+    pub nodeport_cidrs: Vec<IpNet>,
     /// How external frontends choose backends unless their Service's annotations say
     /// otherwise (`--lb-algorithm`, `--maglev-table-size`).
     pub selection: SelectionDefaults,
@@ -68,41 +69,62 @@ pub struct NodeFacts {
 }
 
 impl NodeFacts {
-    /// The addresses NodePorts open on in the datapath: the node's addresses, or those
-    /// inside `nodeport_cidrs` when it is set; loopback ones only with
-    /// `loopback_node_ports`. Sorted, without duplicates.
-    pub fn node_port_addresses(&self) -> Vec<Ipv4Addr> {
+    /// The addresses NodePorts open on in the datapath, both families: the node's
+    /// addresses, or, in a family that has `nodeport_cidrs`, those inside them; IPv4
+    /// loopback ones only with `loopback_node_ports`, IPv6 loopback never (kube-proxy's
+    /// `localhost:NodePort` is IPv4 only: `route_localnet` has no IPv6 counterpart).
+    /// Sorted (IPv4 first), without duplicates.
+    pub fn node_port_addresses(&self) -> Vec<IpAddr> {
         self.addresses_in_nodeport_cidrs()
             .into_iter()
-            .filter(|addr| self.loopback_node_ports || !addr.is_loopback())
+            .filter(|addr| match addr {
+                IpAddr::V4(addr) => self.loopback_node_ports || !addr.is_loopback(),
+                IpAddr::V6(addr) => !addr.is_loopback(),
+            })
             .collect()
     }
 
-    /// Where healthCheckNodePorts listen, as kube-proxy's service health server: every
-    /// address (`0.0.0.0`) unless `nodeport_cidrs` narrows them (and does not contain
-    /// `0.0.0.0/0`), then the node's addresses inside them, loopback included. Empty when
-    /// no node address is inside them.
-    pub fn health_check_addresses(&self) -> Vec<Ipv4Addr> {
-        let match_all = self.nodeport_cidrs.is_empty()
-            || self
-                .nodeport_cidrs
-                .iter()
-                .any(|cidr| cidr.prefix_len() == 0);
-        if match_all {
-            vec![Ipv4Addr::UNSPECIFIED]
-        } else {
-            self.addresses_in_nodeport_cidrs()
+    /// Where healthCheckNodePorts listen, as kube-proxy's service health server of each
+    /// family: the family's every address (`0.0.0.0`; `::` once the node has an IPv6
+    /// address other than loopback: a dual-stack node) unless its `nodeport_cidrs` narrow them (and do not contain a `/0`), then
+    /// the node's addresses inside them, loopback included. Empty when no node address is
+    /// inside the CIDRs.
+    pub fn health_check_addresses(&self) -> Vec<IpAddr> {
+        let mut addresses = Vec::new();
+        let unspecified = [
+            (Family::Ipv4, IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            (Family::Ipv6, IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+        ];
+        for (family, any) in unspecified {
+            let mut cidrs = self.family_cidrs(family).peekable();
+            let match_all = cidrs.peek().is_none() || cidrs.any(|cidr| cidr.prefix_len() == 0);
+            let served = family == Family::Ipv4
+                || (self.addresses.iter())
+                    .any(|addr| Family::of(*addr) == family && !addr.is_loopback());
+            if match_all && served {
+                addresses.push(any);
+            } else if !match_all {
+                addresses.extend(
+                    (self.addresses_in_nodeport_cidrs().into_iter())
+                        .filter(|addr| Family::of(*addr) == family),
+                );
+            }
         }
+        addresses
     }
 
-    fn addresses_in_nodeport_cidrs(&self) -> Vec<Ipv4Addr> {
-        let mut addresses: Vec<Ipv4Addr> = self
+    fn family_cidrs(&self, family: Family) -> impl Iterator<Item = &IpNet> {
+        (self.nodeport_cidrs.iter()).filter(move |cidr| Family::of_net(cidr) == family)
+    }
+
+    fn addresses_in_nodeport_cidrs(&self) -> Vec<IpAddr> {
+        let mut addresses: Vec<IpAddr> = self
             .addresses
             .iter()
             .copied()
             .filter(|addr| {
-                self.nodeport_cidrs.is_empty()
-                    || self.nodeport_cidrs.iter().any(|cidr| cidr.contains(addr))
+                let mut cidrs = self.family_cidrs(Family::of(*addr)).peekable();
+                cidrs.peek().is_none() || cidrs.any(|cidr| cidr.contains(addr))
             })
             .collect();
         addresses.sort();
@@ -114,14 +136,16 @@ impl NodeFacts {
 /// An address the datapath answers for: `addr:port/proto`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Frontend {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
 }
 
+/// `198.19.0.10:80/tcp`, `[2001:db8::10]:80/tcp`.
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.protocol.as_str())
+        let socket = SocketAddr::new(self.addr, self.port);
+        write!(f, "{socket}/{}", self.protocol.as_str())
     }
 }
 
@@ -153,13 +177,14 @@ impl fmt::Display for ServicePortName {
 /// A backend: an endpoint address and the resolved target port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendAddr {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
 }
 
+/// `198.18.1.1:8080`, `[2001:db8::1]:8080`.
 impl fmt::Display for BackendAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.addr, self.port)
+        SocketAddr::new(self.addr, self.port).fmt(f)
     }
 }
 
@@ -168,7 +193,8 @@ impl fmt::Display for BackendAddr {
 pub struct FrontendPlan {
     pub service: ServicePortName,
     pub kind: FrontendKind,
-    /// Sorted and deduplicated. Empty means no endpoint is usable for this frontend.
+    /// Sorted and deduplicated, of the frontend's family. Empty means no endpoint is
+    /// usable for this frontend.
     pub backends: Vec<BackendAddr>,
     /// An external frontend (NodePort, externalIP, load-balancer IP) of a Service with
     /// `externalTrafficPolicy: Local`: the Service port's Cluster endpoints (sorted), which
@@ -185,13 +211,13 @@ pub struct FrontendPlan {
     /// topology (sorted, deduplicated): the writer marks them in MEMBERSHIP, and the
     /// datapath moves UDP flows and unanswered TCP connections to any other address onto a
     /// serving endpoint (kube-proxy's conntrack cleanup clears such flows).
-    pub serving_addrs: Vec<Ipv4Addr>,
-    /// The sources a load-balancer frontend admits (sorted): its Service's IPv4
-    /// `loadBalancerSourceRanges`, plus each of its load-balancer IPs when a range holds
+    pub serving_addrs: Vec<IpAddr>,
+    /// The sources a load-balancer frontend admits (sorted): its Service's
+    /// `loadBalancerSourceRanges` of the frontend's family, plus each of its load-balancer IPs when a range holds
     /// the node's address (kube-proxy's `allowFromNode`); new connections from other
     /// clients are dropped. Empty: no restriction (other kinds, no ranges, or a Service
     /// without endpoints, which refuses everyone).
-    pub source_ranges: Vec<Ipv4Net>,
+    pub source_ranges: Vec<IpNet>,
     /// How a new connection's backend is chosen (after session affinity). External
     /// frontends follow their Service's annotations or the node's flags; a ClusterIP's
     /// traffic starts on the node that balances it, so it always chooses at random, as
@@ -216,7 +242,20 @@ pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// The whole desired datapath state.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
+    /// Both families; IPv4 frontends sort first.
     pub frontends: BTreeMap<Frontend, FrontendPlan>,
+}
+
+impl DesiredState {
+    /// The IPv6 frontends (after every IPv4 one in the map's order).
+    pub fn ipv6_frontends(&self) -> impl Iterator<Item = (&Frontend, &FrontendPlan)> {
+        let first_ipv6 = Frontend {
+            addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            port: 0,
+            protocol: Protocol::Tcp,
+        };
+        self.frontends.range(first_ipv6..)
+    }
 }
 
 /// What a Service's `healthCheckNodePort` tells a load balancer about this node.

@@ -4,10 +4,10 @@
 //! source ranges; and the Service's health check. A Service is planned on its own: which
 //! Service keeps a frontend that two claim is decided in [`super::claims`].
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use tracing::debug;
 
 use super::claims::conflict;
@@ -18,18 +18,20 @@ use super::{
 };
 use crate::model::service::port_number;
 use crate::model::{
-    ObjectKey, PortRecord, Problem, ProblemKind, ProxiedService, ServiceRecord, SliceRecord,
+    Family, ObjectKey, PortRecord, Problem, ProblemKind, Protocol, ProxiedService, ServiceRecord,
+    SliceRecord,
 };
 
 /// What planning needs to know about the node, beyond a Service's own objects.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(super) struct NodeContext {
     pub identity: NodeIdentity,
-    /// Where NodePorts open (see [`super::NodeFacts::node_port_addresses`]).
-    pub node_port_addresses: Vec<Ipv4Addr>,
-    /// The node's address as kube-proxy's source-range rule sees it (its `nodeIP`): the
-    /// Node's primary IPv4 address when known, else each of the node's addresses.
-    pub source_range_node_ips: Vec<Ipv4Addr>,
+    /// Where NodePorts open, both families (see [`super::NodeFacts::node_port_addresses`]).
+    pub node_port_addresses: Vec<IpAddr>,
+    /// The node's address of each family as kube-proxy's source-range rule sees it (its
+    /// `nodeIP`): the Node's primary address of the family when known, else each of the
+    /// node's addresses of the family.
+    pub source_range_node_ips: Vec<IpAddr>,
     /// The node's `--lb-algorithm` and `--maglev-table-size`.
     pub selection: SelectionDefaults,
 }
@@ -45,7 +47,10 @@ pub(super) struct ServicePlan {
 }
 
 /// Plans one Service from its record and its slices (a Service without a record plans
-/// nothing: its slices wait for it).
+/// nothing: its slices wait for it). Each family the Service has a clusterIP of gets its
+/// own frontends, with the endpoints of that family's slices only, its NodePorts on the
+/// node addresses of that family, its externalIPs and load-balancer IPs of that family, and
+/// that family's source ranges — kube-proxy's one proxier per family.
 pub(super) fn plan_service<'a>(
     key: &ObjectKey,
     record: Option<&ServiceRecord>,
@@ -67,53 +72,93 @@ pub(super) fn plan_service<'a>(
     };
     plan.problems.extend(service.skipped_fields.iter().cloned());
     let slices: Vec<&SliceRecord> = slices.collect();
-    let source_ranges = admitted_sources(service, &node.source_range_node_ips);
+    let families: Vec<FamilyPart> = (service.cluster_ips.iter())
+        .map(|&cluster_ip| {
+            let family = Family::of(cluster_ip);
+            FamilyPart {
+                cluster_ip,
+                slices: (slices.iter().copied())
+                    .filter(|slice| slice.family == Some(family))
+                    .collect(),
+                source_ranges: admitted_sources(service, family, &node.source_range_node_ips),
+            }
+        })
+        .collect();
     for port in &service.ports {
-        plan.add_service_port(key, service, port, &slices, &source_ranges, node);
+        let Some(numbers) = plan.port_numbers(key, service, port) else {
+            continue;
+        };
+        for part in &families {
+            plan.add_service_port(key, service, port, numbers, part, node);
+        }
     }
     if let Some(node_port) = service.health_check_node_port {
+        let local_endpoints = (families.iter())
+            .map(|part| local_ready_addresses(&part.slices, &node.identity.node_name))
+            .max()
+            .unwrap_or_default();
         plan.health_check = Some(ServiceHealthCheck {
             node_port,
-            local_endpoints: local_ready_addresses(&slices, &node.identity.node_name),
+            local_endpoints,
         });
     }
     plan
 }
 
-/// The sources a load-balancer IP of the Service admits: its `loadBalancerSourceRanges`
-/// and, when one of them holds the node's address, each of its load-balancer IPs too —
+/// What a Service's frontends of one family are planned from.
+struct FamilyPart<'a> {
+    cluster_ip: IpAddr,
+    /// The Service's slices of this family.
+    slices: Vec<&'a SliceRecord>,
+    /// The sources its load-balancer IPs of this family admit.
+    source_ranges: Vec<IpNet>,
+}
+
+/// A Service port's numbers, checked once for every family.
+#[derive(Clone, Copy)]
+struct PortNumbers {
+    protocol: Protocol,
+    port: u16,
+    /// The NodePort, when the Service exposes one and it is in range.
+    node_port: Option<u16>,
+}
+
+/// The sources a load-balancer IP of the Service of `family` admits: its
+/// `loadBalancerSourceRanges` of that family (`MapCIDRsByIPFamily`: another family's ranges
+/// restrict nothing here) and, when one of them holds the node's address, each of its
+/// load-balancer IPs of the family too —
 /// kube-proxy's KUBE-FW rule for VIP-style load balancers whose IP is configured on the
 /// nodes, where a node's request to the IP loops back with the IP as its source
 /// (`allowFromNode`). A load-balancer IP a range already holds is not added again (one
 /// entry fewer in the datapath's trie, the same answers). Empty: no restriction.
-fn admitted_sources(service: &ProxiedService, node_ips: &[Ipv4Addr]) -> Vec<Ipv4Net> {
-    let ranges = &service.source_ranges;
+fn admitted_sources(service: &ProxiedService, family: Family, node_ips: &[IpAddr]) -> Vec<IpNet> {
+    let ranges: Vec<IpNet> = (service.source_ranges.iter().copied())
+        .filter(|range| Family::of_net(range) == family)
+        .collect();
     let allow_from_node = ranges
         .iter()
         .any(|range| node_ips.iter().any(|ip| range.contains(ip)));
     if !allow_from_node {
-        return ranges.clone();
+        return ranges;
     }
     let uncovered = (service.load_balancer_ips.iter())
+        .filter(|ip| Family::of(**ip) == family)
         .filter(|ip| !ranges.iter().any(|range| range.contains(*ip)))
-        .map(|&ip| Ipv4Net::from(ip));
-    let mut admitted: Vec<Ipv4Net> = ranges.iter().copied().chain(uncovered).collect();
+        .map(|&ip| IpNet::from(ip));
+    let mut admitted: Vec<IpNet> = ranges.iter().copied().chain(uncovered).collect();
     admitted.sort();
     admitted
 }
 
 impl ServicePlan {
-    /// Plans the frontends of one Service port; `source_ranges` are the sources its
-    /// load-balancer IPs admit.
-    fn add_service_port(
+    /// The protocol, port and NodePort of a Service port; `None` (reported) when it can't
+    /// be programmed at all.
+    fn port_numbers(
         &mut self,
         key: &ObjectKey,
         service: &ProxiedService,
         port: &PortRecord,
-        slices: &[&SliceRecord],
-        source_ranges: &[Ipv4Net],
-        node: &NodeContext,
-    ) {
+    ) -> Option<PortNumbers> {
         let port_label = if port.name.is_empty() {
             port.port.to_string()
         } else {
@@ -127,7 +172,7 @@ impl ServicePlan {
                     "unsupported_protocol",
                     format!("{context}: {reason}, skipped"),
                 );
-                return;
+                return None;
             }
         };
         let Some(service_port) = port_number(port.port) else {
@@ -135,16 +180,47 @@ impl ServicePlan {
                 "out_of_range",
                 format!("{context}: port {} is out of range, skipped", port.port),
             );
-            return;
+            return None;
         };
+        let node_port = port
+            .node_port
+            .filter(|&node_port| node_port != 0 && service.exposes_node_ports);
+        let node_port = node_port.and_then(|node_port| {
+            let number = port_number(node_port);
+            if number.is_none() {
+                self.problem(
+                    "out_of_range",
+                    format!("{context}: nodePort {node_port} is out of range, NodePort skipped"),
+                );
+            }
+            number
+        });
+        Some(PortNumbers {
+            protocol,
+            port: service_port,
+            node_port,
+        })
+    }
 
-        let endpoints = endpoints_of_port(slices, &port.name, Some(protocol));
+    /// Plans the frontends of one Service port in one family.
+    fn add_service_port(
+        &mut self,
+        key: &ObjectKey,
+        service: &ProxiedService,
+        port: &PortRecord,
+        numbers: PortNumbers,
+        part: &FamilyPart<'_>,
+        node: &NodeContext,
+    ) {
+        let family = Family::of(part.cluster_ip);
+        let protocol = numbers.protocol;
+        let endpoints = endpoints_of_port(&part.slices, &port.name, Some(protocol));
         let categorized = categorize(&endpoints, &node.identity);
         // Without endpoints anywhere every frontend refuses, load-balancer IPs included:
         // kube-proxy's REJECT comes before its source-range firewall, which it only sets
         // up for a Service with endpoints.
         let source_ranges = if categorized.has_usable_endpoints {
-            source_ranges.to_vec()
+            part.source_ranges.clone()
         } else {
             Vec::new()
         };
@@ -180,40 +256,30 @@ impl ServicePlan {
         );
         let frontend = |addr| Frontend {
             addr,
-            port: service_port,
+            port: numbers.port,
             protocol,
         };
+        let of_family = |addr: &&IpAddr| Family::of(**addr) == family;
 
         self.claim(
-            frontend(service.cluster_ip),
+            frontend(part.cluster_ip),
             &internal,
             FrontendKind::ClusterIp,
         );
-        let node_port = port
-            .node_port
-            .filter(|&node_port| node_port != 0 && service.exposes_node_ports);
-        if let Some(node_port) = node_port {
-            match port_number(node_port) {
-                Some(node_port) => {
-                    for &addr in &node.node_port_addresses {
-                        let frontend = Frontend {
-                            addr,
-                            port: node_port,
-                            protocol,
-                        };
-                        self.claim(frontend, &external, FrontendKind::NodePort);
-                    }
-                }
-                None => self.problem(
-                    "out_of_range",
-                    format!("{context}: nodePort {node_port} is out of range, NodePort skipped"),
-                ),
+        if let Some(node_port) = numbers.node_port {
+            for &addr in node.node_port_addresses.iter().filter(of_family) {
+                let frontend = Frontend {
+                    addr,
+                    port: node_port,
+                    protocol,
+                };
+                self.claim(frontend, &external, FrontendKind::NodePort);
             }
         }
-        for &addr in &service.external_ips {
+        for &addr in service.external_ips.iter().filter(of_family) {
             self.claim(frontend(addr), &external, FrontendKind::ExternalIp);
         }
-        for &addr in &service.load_balancer_ips {
+        for &addr in service.load_balancer_ips.iter().filter(of_family) {
             self.claim(frontend(addr), &external, FrontendKind::LoadBalancer);
         }
     }
@@ -266,8 +332,8 @@ struct FrontendTemplate {
     cluster_backends: Option<Vec<BackendAddr>>,
     when_empty: EmptyFrontend,
     session_affinity: Option<Duration>,
-    serving_addrs: Vec<Ipv4Addr>,
-    source_ranges: Vec<Ipv4Net>,
+    serving_addrs: Vec<IpAddr>,
+    source_ranges: Vec<IpNet>,
     selection: Selection,
 }
 
@@ -311,33 +377,218 @@ mod tests {
                 ..Case::default()
             },
             Case {
-                name: "dual stack: the IPv4 entry of clusterIPs",
-                services: vec![
-                    svc("default/web", "fd00::10")
-                        .cluster_ips(&["fd00::10", "198.19.0.10"])
-                        .port("http", 80, "TCP"),
-                ],
-                slices: vec![web_slice()],
-                frontends: vec![("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec())],
-                ..Case::default()
-            },
-            Case {
-                name: "IPv6 only: not proxied, not a problem",
-                services: vec![
-                    svc("default/web", "fd00::10")
-                        .node_port("http", 80, 30080)
-                        .service_type("NodePort"),
-                ],
-                slices: vec![web_slice()],
-                ..Case::default()
-            },
-            Case {
                 name: "no endpoints: frontend with no backends",
                 services: vec![svc("default/web", "198.19.0.10").port("http", 80, "TCP")],
                 frontends: vec![("198.19.0.10:80/tcp", ClusterIp, vec![REJECTS])],
                 ..Case::default()
             },
         ]);
+    }
+
+    /// An IPv6 slice of the web Service: `http` → 8080 on two ready pods.
+    fn web6_slice() -> Slice {
+        slice("default/web-6", "web")
+            .address_type("IPv6")
+            .port(Some("http"), Some(8080), "TCP")
+            .endpoint(ep("2001:db8:1::2"))
+            .endpoint(ep("2001:db8:1::1"))
+    }
+
+    const WEB6_BACKENDS: [&str; 2] = ["[2001:db8:1::1]:8080", "[2001:db8:1::2]:8080"];
+
+    fn dual_stack_node() -> NodeFacts {
+        NodeFacts {
+            addresses: vec![
+                "198.18.0.1".parse().unwrap(),
+                "2001:db8::1".parse().unwrap(),
+                "::1".parse().unwrap(),
+            ],
+            ..node()
+        }
+    }
+
+    /// The web Service with a ClusterIP of each family, in the order given, over both
+    /// slices: each family's ClusterIP gets its family's backends.
+    fn dual_stack_web(name: &'static str, cluster_ips: [&str; 2], families: [&str; 2]) -> Case {
+        Case {
+            name,
+            services: vec![
+                svc("default/web", cluster_ips[0])
+                    .cluster_ips(&cluster_ips)
+                    .ip_families(&families)
+                    .port("http", 80, "TCP"),
+            ],
+            slices: vec![web_slice(), web6_slice()],
+            frontends: vec![
+                ("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec()),
+                (
+                    "[2001:db8:ff::10]:80/tcp",
+                    ClusterIp,
+                    WEB6_BACKENDS.to_vec(),
+                ),
+            ],
+            ..Case::default()
+        }
+    }
+
+    /// kube-proxy runs one proxier per family: each family the Service has a clusterIP of
+    /// gets its own frontends, with that family's endpoints only, NodePorts on the node's
+    /// addresses of that family, and that family's externalIPs and load-balancer IPs.
+    #[test]
+    fn each_family_gets_its_own_frontends_and_endpoints() {
+        run(vec![
+            dual_stack_web(
+                "dual stack: one ClusterIP per family, each with its family's endpoints",
+                ["198.19.0.10", "2001:db8:ff::10"],
+                ["IPv4", "IPv6"],
+            ),
+            dual_stack_web(
+                "IPv6 first in clusterIPs: the same frontends",
+                ["2001:db8:ff::10", "198.19.0.10"],
+                ["IPv6", "IPv4"],
+            ),
+            Case {
+                name: "dual stack without IPv6 endpoints: the IPv6 frontend rejects",
+                services: vec![
+                    svc("default/web", "198.19.0.10")
+                        .cluster_ips(&["198.19.0.10", "2001:db8:ff::10"])
+                        .port("http", 80, "TCP"),
+                ],
+                slices: vec![web_slice()],
+                frontends: vec![
+                    ("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec()),
+                    ("[2001:db8:ff::10]:80/tcp", ClusterIp, vec![REJECTS]),
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "IPv6 only: IPv4 endpoints are not its own, NodePorts on IPv6 addresses",
+                services: vec![
+                    svc("default/web", "2001:db8:ff::10")
+                        .node_port("http", 80, 30080)
+                        .service_type("NodePort"),
+                ],
+                slices: vec![web_slice(), web6_slice()],
+                node: dual_stack_node(),
+                frontends: vec![
+                    ("[2001:db8::1]:30080/tcp", NodePort, WEB6_BACKENDS.to_vec()),
+                    (
+                        "[2001:db8:ff::10]:80/tcp",
+                        ClusterIp,
+                        WEB6_BACKENDS.to_vec(),
+                    ),
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "dual stack NodePort, externalIPs and load-balancer IPs per family",
+                services: vec![
+                    svc("default/web", "198.19.0.10")
+                        .cluster_ips(&["198.19.0.10", "2001:db8:ff::10"])
+                        .node_port("http", 80, 30080)
+                        .service_type("LoadBalancer")
+                        .external_ips(&["2001:db8:e::1", "198.18.9.1"])
+                        .ingress(Some("2001:db8:1b::1"), None)
+                        .ingress(Some("198.18.8.1"), None),
+                ],
+                slices: vec![web_slice(), web6_slice()],
+                node: dual_stack_node(),
+                frontends: vec![
+                    ("198.18.0.1:30080/tcp", NodePort, WEB_BACKENDS.to_vec()),
+                    ("198.18.8.1:80/tcp", LoadBalancer, WEB_BACKENDS.to_vec()),
+                    ("198.18.9.1:80/tcp", ExternalIp, WEB_BACKENDS.to_vec()),
+                    ("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec()),
+                    ("[2001:db8::1]:30080/tcp", NodePort, WEB6_BACKENDS.to_vec()),
+                    ("[2001:db8:e::1]:80/tcp", ExternalIp, WEB6_BACKENDS.to_vec()),
+                    (
+                        "[2001:db8:1b::1]:80/tcp",
+                        LoadBalancer,
+                        WEB6_BACKENDS.to_vec(),
+                    ),
+                    (
+                        "[2001:db8:ff::10]:80/tcp",
+                        ClusterIp,
+                        WEB6_BACKENDS.to_vec(),
+                    ),
+                ],
+                ..Case::default()
+            },
+            Case {
+                name: "IPv4 only: IPv6 externalIPs and ingress are skipped and reported",
+                services: vec![
+                    svc("default/web", "198.19.0.10")
+                        .port("http", 80, "TCP")
+                        .service_type("LoadBalancer")
+                        .external_ips(&["2001:db8:e::1"])
+                        .ingress(Some("2001:db8:1b::1"), None),
+                ],
+                slices: vec![web_slice(), web6_slice()],
+                node: dual_stack_node(),
+                frontends: vec![("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec())],
+                problems: vec![
+                    "default/web: spec.externalIPs: 2001:db8:e::1 skipped: the Service has no \
+                     clusterIP of their family (kube-proxy's proxier of that family does not \
+                     see the Service)",
+                    "default/web: status.loadBalancer.ingress: 2001:db8:1b::1 skipped: the \
+                     Service has no clusterIP of their family (kube-proxy's proxier of that \
+                     family does not see the Service)",
+                ],
+            },
+            Case {
+                name: "ipFamilies picks the clusterIPs entry of each family",
+                services: vec![
+                    svc("default/web", "2001:db8:ff::10")
+                        .cluster_ips(&["2001:db8:ff::10"])
+                        .ip_families(&["IPv6"])
+                        .port("http", 80, "TCP"),
+                ],
+                slices: vec![web_slice(), web6_slice()],
+                frontends: vec![(
+                    "[2001:db8:ff::10]:80/tcp",
+                    ClusterIp,
+                    WEB6_BACKENDS.to_vec(),
+                )],
+                ..Case::default()
+            },
+        ]);
+    }
+
+    /// Source ranges are per family (`MapCIDRsByIPFamily`): an IPv6 load-balancer IP is
+    /// restricted by the IPv6 ranges only, and a family without ranges is open.
+    #[test]
+    fn source_ranges_are_per_family() {
+        let node = dual_stack_node();
+        let mut model = Model::default();
+        let web = svc("default/web", "198.19.0.10")
+            .cluster_ips(&["198.19.0.10", "2001:db8:ff::10"])
+            .port("http", 80, "TCP")
+            .service_type("LoadBalancer")
+            .ingress(Some("198.18.8.1"), None)
+            .ingress(Some("2001:db8:1b::1"), None)
+            .load_balancer_source_ranges(&["2001:db8:c::/48", "2001:db8::1/128"]);
+        model.insert_service(web.0).unwrap();
+        model.insert_endpoint_slice(web_slice().0).unwrap();
+        model.insert_endpoint_slice(web6_slice().0).unwrap();
+        let planned = plan(&model, &node);
+        let ranges = |addr: &str| -> Vec<String> {
+            let frontend = Frontend {
+                addr: addr.parse().unwrap(),
+                port: 80,
+                protocol: Protocol::Tcp,
+            };
+            let plan = &planned.desired.frontends[&frontend];
+            plan.source_ranges.iter().map(ToString::to_string).collect()
+        };
+        assert_eq!(
+            ranges("198.18.8.1"),
+            Vec::<String>::new(),
+            "IPv4 stays open"
+        );
+        // The node's IPv6 address is in a range: the load-balancer IP is admitted too.
+        assert_eq!(
+            ranges("2001:db8:1b::1"),
+            ["2001:db8::1/128", "2001:db8:c::/48", "2001:db8:1b::1/128"]
+        );
     }
 
     /// Addresses and CIDRs written with leading zeros are read as kube-proxy reads them
@@ -378,46 +629,104 @@ mod tests {
         assert_eq!(load_balancer.kind, FrontendKind::LoadBalancer);
         assert_eq!(
             load_balancer.source_ranges,
-            ["203.0.113.0/25".parse::<Ipv4Net>().unwrap()]
+            ["203.0.113.0/25".parse::<IpNet>().unwrap()]
         );
     }
 
-    /// kube-proxy's service health server listens on `0.0.0.0` unless
-    /// `--nodeport-addresses` narrows it, then on the node addresses inside the CIDRs,
-    /// loopback included (`newServiceHealthServer`, `GetNodeIPs`).
+    /// kube-proxy's service health server of each family listens on `0.0.0.0` (`::`)
+    /// unless `--nodeport-addresses` narrows that family, then on the node addresses of the
+    /// family inside its CIDRs, loopback included (`newServiceHealthServer`, `GetNodeIPs`);
+    /// NodePorts likewise, each family filtered by its own CIDRs only.
     #[test]
     fn health_checks_listen_where_kube_proxy_does() {
-        let ip = |text: &str| -> Ipv4Addr { text.parse().unwrap() };
-        let node = |cidrs: &[&str]| NodeFacts {
-            addresses: vec![ip("198.18.0.1"), ip("127.0.0.1"), ip("198.18.5.1")],
+        let ips = |texts: &[&str]| -> Vec<IpAddr> {
+            texts.iter().map(|text| text.parse().unwrap()).collect()
+        };
+        let node = |addresses: &[&str], cidrs: &[&str]| NodeFacts {
+            addresses: ips(addresses),
             nodeport_cidrs: cidrs.iter().map(|cidr| cidr.parse().unwrap()).collect(),
             ..NodeFacts::default()
         };
-        // (CIDRs, health-check addresses, NodePort addresses)
-        let cases: [(&[&str], Vec<Ipv4Addr>, Vec<Ipv4Addr>); 5] = [
-            (
-                &[],
-                vec![Ipv4Addr::UNSPECIFIED],
-                vec![ip("198.18.0.1"), ip("198.18.5.1")],
-            ),
-            (&["127.0.0.0/8"], vec![ip("127.0.0.1")], vec![]),
-            (
-                &["198.18.0.0/24", "127.0.0.0/8"],
-                vec![ip("127.0.0.1"), ip("198.18.0.1")],
-                vec![ip("198.18.0.1")],
-            ),
-            (
-                &["0.0.0.0/0"],
-                vec![Ipv4Addr::UNSPECIFIED],
-                vec![ip("198.18.0.1"), ip("198.18.5.1")],
-            ),
-            (&["203.0.113.0/24"], vec![], vec![]),
+        let ipv4 = ["198.18.0.1", "127.0.0.1", "198.18.5.1"];
+        let dual = [
+            "198.18.0.1",
+            "127.0.0.1",
+            "198.18.5.1",
+            "2001:db8::1",
+            "2001:db8:5::1",
+            "::1",
         ];
-        for (cidrs, health_checks, node_ports) in cases {
-            let node = node(cidrs);
-            assert_eq!(node.health_check_addresses(), health_checks, "{cidrs:?}");
-            assert_eq!(node.node_port_addresses(), node_ports, "{cidrs:?}");
+        // (node addresses, CIDRs, health-check addresses, NodePort addresses)
+        type Row<'a> = (&'a [&'a str], &'a [&'a str], &'a [&'a str], &'a [&'a str]);
+        let cases: [Row; 10] = [
+            (&ipv4, &[], &["0.0.0.0"], &["198.18.0.1", "198.18.5.1"]),
+            (&ipv4, &["127.0.0.0/8"], &["127.0.0.1"], &[]),
+            (
+                &ipv4,
+                &["198.18.0.0/24", "127.0.0.0/8"],
+                &["127.0.0.1", "198.18.0.1"],
+                &["198.18.0.1"],
+            ),
+            (
+                &ipv4,
+                &["0.0.0.0/0"],
+                &["0.0.0.0"],
+                &["198.18.0.1", "198.18.5.1"],
+            ),
+            (&ipv4, &["203.0.113.0/24"], &[], &[]),
+            (
+                &dual,
+                &[],
+                &["0.0.0.0", "::"],
+                &["198.18.0.1", "198.18.5.1", "2001:db8::1", "2001:db8:5::1"],
+            ),
+            // An IPv6-only list narrows IPv6 and leaves IPv4 open, and the other way round.
+            (
+                &dual,
+                &["2001:db8::/64"],
+                &["0.0.0.0", "2001:db8::1"],
+                &["198.18.0.1", "198.18.5.1", "2001:db8::1"],
+            ),
+            (
+                &dual,
+                &["198.18.5.0/24"],
+                &["198.18.5.1", "::"],
+                &["198.18.5.1", "2001:db8::1", "2001:db8:5::1"],
+            ),
+            (
+                &dual,
+                &["::/0", "127.0.0.0/8"],
+                &["127.0.0.1", "::"],
+                &["2001:db8::1", "2001:db8:5::1"],
+            ),
+            (
+                &dual,
+                &["::1/128", "198.18.0.1/32"],
+                &["198.18.0.1", "::1"],
+                &["198.18.0.1"],
+            ),
+        ];
+        for (addresses, cidrs, health_checks, node_ports) in cases {
+            let node = node(addresses, cidrs);
+            let name = format!("{addresses:?} {cidrs:?}");
+            assert_eq!(node.health_check_addresses(), ips(health_checks), "{name}");
+            assert_eq!(node.node_port_addresses(), ips(node_ports), "{name}");
         }
+        // `localhost:NodePort` (with the socket programs) is IPv4's only, as in kube-proxy.
+        let socket_lb = NodeFacts {
+            loopback_node_ports: true,
+            ..node(&dual, &[])
+        };
+        assert_eq!(
+            socket_lb.node_port_addresses(),
+            ips(&[
+                "127.0.0.1",
+                "198.18.0.1",
+                "198.18.5.1",
+                "2001:db8::1",
+                "2001:db8:5::1"
+            ])
+        );
     }
 
     #[test]
@@ -541,7 +850,7 @@ mod tests {
     #[test]
     fn external_ip_frontends() {
         run(vec![Case {
-            name: "IPv4 externalIPs, IPv6 ones skipped",
+            name: "IPv4 externalIPs; IPv6 ones skipped on an IPv4 Service, and said",
             services: vec![
                 svc("default/web", "198.19.0.10")
                     .port("http", 80, "TCP")
@@ -552,6 +861,11 @@ mod tests {
                 ("198.18.9.1:80/tcp", ExternalIp, WEB_BACKENDS.to_vec()),
                 ("198.18.9.2:80/tcp", ExternalIp, WEB_BACKENDS.to_vec()),
                 ("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec()),
+            ],
+            problems: vec![
+                "default/web: spec.externalIPs: fd00::9 skipped: the Service has no clusterIP \
+                 of their family (kube-proxy's proxier of that family does not see the \
+                 Service)",
             ],
             ..Case::default()
         }]);
@@ -582,7 +896,7 @@ mod tests {
                 ..Case::default()
             },
             Case {
-                name: "hostname-only, Proxy-mode and IPv6 ingress are skipped",
+                name: "hostname-only, Proxy-mode and IPv6 ingress are skipped (IPv4 Service)",
                 services: vec![
                     load_balancer()
                         .ingress(None, None)
@@ -591,6 +905,11 @@ mod tests {
                 ],
                 slices: vec![web_slice()],
                 frontends: vec![("198.19.0.10:80/tcp", ClusterIp, WEB_BACKENDS.to_vec())],
+                problems: vec![
+                    "default/web: status.loadBalancer.ingress: fd00::8 skipped: the Service has \
+                     no clusterIP of their family (kube-proxy's proxier of that family does not \
+                     see the Service)",
+                ],
                 ..Case::default()
             },
             Case {
@@ -1072,6 +1391,33 @@ mod tests {
                         .endpoint(ep("198.18.1.6").on_node(NODE).serving_terminating()),
                 ],
                 Some((32000, 2)),
+            ),
+            (
+                "dual stack: each family counts its own addresses, the larger count is told \
+                 (one pod is one endpoint, as each of kube-proxy's per-family servers says)",
+                local().cluster_ips(&["198.19.0.20", "2001:db8:ff::20"]),
+                vec![
+                    base(),
+                    slice("default/lb-6", "lb")
+                        .address_type("IPv6")
+                        .port(Some("http"), Some(8080), "TCP")
+                        .endpoint(ep("2001:db8:1::1").on_node(NODE))
+                        .endpoint(ep("2001:db8:1::7").on_node(NODE)),
+                ],
+                Some((32000, 2)),
+            ),
+            (
+                "an IPv4 Service does not count IPv6 endpoints",
+                local(),
+                vec![
+                    base(),
+                    slice("default/lb-6", "lb")
+                        .address_type("IPv6")
+                        .port(Some("http"), Some(8080), "TCP")
+                        .endpoint(ep("2001:db8:1::1").on_node(NODE))
+                        .endpoint(ep("2001:db8:1::7").on_node(NODE)),
+                ],
+                Some((32000, 1)),
             ),
         ];
         for (name, service, slices, expected) in cases {

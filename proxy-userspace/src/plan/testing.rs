@@ -79,6 +79,11 @@ impl Svc {
         self
     }
 
+    pub fn ip_families(mut self, families: &[&str]) -> Self {
+        self.spec().ip_families = Some(families.iter().map(|family| family.to_string()).collect());
+        self
+    }
+
     pub fn external_ips(mut self, external_ips: &[&str]) -> Self {
         self.spec().external_ips = Some(external_ips.iter().map(|ip| ip.to_string()).collect());
         self

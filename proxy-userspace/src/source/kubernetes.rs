@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -34,7 +35,7 @@ use serde::de::DeserializeOwned;
 use tracing::{debug, info, warn};
 
 use crate::health::TO_BE_DELETED_TAINT;
-use crate::model::address::parse_ipv4_sloppy;
+use crate::model::address::parse_ip_sloppy;
 use crate::model::{
     Model, ModelError, NodeState, ObjectKey, Problem, ProblemKind, ServiceRecord, SliceEntry,
 };
@@ -408,11 +409,23 @@ fn node_state(node: &Node) -> NodeState {
         .as_ref()
         .and_then(|status| status.addresses.as_deref())
         .unwrap_or_default();
-    let primary_ipv4 = ["InternalIP", "ExternalIP"].into_iter().find_map(|kind| {
-        addresses
-            .iter()
-            .filter(|address| address.type_ == kind)
-            .find_map(|address| parse_ipv4_sloppy(&address.address))
+    // InternalIPs first, then ExternalIPs: the first of each family is its primary.
+    let ordered: Vec<IpAddr> = ["InternalIP", "ExternalIP"]
+        .into_iter()
+        .flat_map(|kind| {
+            addresses
+                .iter()
+                .filter(move |address| address.type_ == kind)
+        })
+        .filter_map(|address| parse_ip_sloppy(&address.address))
+        .collect();
+    let primary_ipv4 = ordered.iter().find_map(|address| match address {
+        IpAddr::V4(address) => Some(*address),
+        IpAddr::V6(_) => None,
+    });
+    let primary_ipv6 = ordered.iter().find_map(|address| match address {
+        IpAddr::V6(address) => Some(*address),
+        IpAddr::V4(_) => None,
     });
     let tainted = node
         .spec
@@ -423,6 +436,7 @@ fn node_state(node: &Node) -> NodeState {
         .any(|taint| taint.key == TO_BE_DELETED_TAINT);
     NodeState {
         primary_ipv4,
+        primary_ipv6,
         being_deleted: node.metadata.deletion_timestamp.is_some() || tainted,
     }
 }

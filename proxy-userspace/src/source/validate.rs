@@ -8,12 +8,12 @@
 use std::collections::HashSet;
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use crate::model::SERVICE_NAME_LABEL;
 use crate::model::address::parse_ip_sloppy;
+use crate::model::{Family, SERVICE_NAME_LABEL};
 
 /// The API server's limits on an EndpointSlice (`maxEndpoints`, `maxPorts`,
 /// `maxAddresses`).
@@ -45,6 +45,73 @@ impl Reasons {
         self.check(parse_ip_sloppy(addr).is_some(), || {
             format!("{field} {} is not an IP address", shortened(addr))
         });
+    }
+
+    /// The API server's dual-stack rules (`validateIPFamilies`,
+    /// `validateServiceClusterIPsRelatedFields`): at most two families, each once, named
+    /// `IPv4` or `IPv6`; at most two clusterIPs, of different families, the first equal to
+    /// `clusterIP`, each of the family at its index in `ipFamilies`; `SingleStack` with one
+    /// family. The planner relies on them to find a Service's clusterIP of each family.
+    fn ip_families(&mut self, spec: &ServiceSpec) {
+        let families = spec.ip_families.as_deref().unwrap_or_default();
+        self.check(families.len() <= 2, || {
+            format!(
+                "spec.ipFamilies lists {} families, at most 2",
+                families.len()
+            )
+        });
+        for (index, family) in families.iter().enumerate() {
+            self.one_of(
+                &format!("spec.ipFamilies[{index}]"),
+                Some(family),
+                &["IPv4", "IPv6"],
+            );
+            self.check(!families[..index].contains(family), || {
+                format!(
+                    "spec.ipFamilies[{index}] {} is listed twice",
+                    shortened(family)
+                )
+            });
+        }
+        let policy = spec.ip_family_policy.as_deref();
+        self.one_of(
+            "spec.ipFamilyPolicy",
+            policy,
+            &["SingleStack", "PreferDualStack", "RequireDualStack"],
+        );
+        self.check(policy != Some("SingleStack") || families.len() <= 1, || {
+            "spec.ipFamilyPolicy SingleStack allows one entry in spec.ipFamilies".to_owned()
+        });
+        let cluster_ips = spec.cluster_ips.as_deref().unwrap_or_default();
+        let is_address = |ip: &str| !matches!(ip, "" | "None");
+        if cluster_ips.iter().any(|ip| is_address(ip)) {
+            self.check(cluster_ips.len() <= 2, || {
+                format!(
+                    "spec.clusterIPs lists {} addresses, at most 2",
+                    cluster_ips.len()
+                )
+            });
+            if let Some(cluster_ip) = spec.cluster_ip.as_deref().filter(|ip| !ip.is_empty()) {
+                self.check(cluster_ips[0] == cluster_ip, || {
+                    "spec.clusterIPs[0] must equal spec.clusterIP".to_owned()
+                });
+            }
+            let parsed: Vec<Option<Family>> = (cluster_ips.iter())
+                .map(|ip| parse_ip_sloppy(ip).map(Family::of))
+                .collect();
+            if let [Some(first), Some(second)] = parsed[..] {
+                self.check(first != second, || {
+                    "spec.clusterIPs holds two addresses of one family (one per family)".to_owned()
+                });
+            }
+            for (index, (family, name)) in parsed.iter().zip(families).enumerate() {
+                if let (Some(family), Some(named)) = (family, Family::from_api(name)) {
+                    self.check(*family == named, || {
+                        format!("spec.clusterIPs[{index}] is not of family {name} (spec.ipFamilies[{index}])")
+                    });
+                }
+            }
+        }
     }
 
     fn port(&mut self, field: &str, port: i32) {
@@ -212,6 +279,7 @@ pub fn validate_service(service: &Service) -> Result<(), String> {
                 reasons.ip(&format!("spec.clusterIPs[{index}]"), cluster_ip);
             }
         }
+        reasons.ip_families(spec);
         for (index, external_ip) in spec.external_ips.iter().flatten().enumerate() {
             reasons.ip(&format!("spec.externalIPs[{index}]"), external_ip);
         }
@@ -394,6 +462,82 @@ mod tests {
             let endpoint = &slice.endpoints.as_ref().unwrap()[0];
             let name = format!("{} {:?}", slice.address_type, endpoint.addresses[0]);
             assert_eq!(validate_endpoint_slice(&slice).is_ok(), valid, "{name}");
+        }
+    }
+
+    /// The API server's dual-stack rules: families named once, at most two; clusterIPs one
+    /// per family, the first equal to clusterIP, each of the family its index names.
+    #[test]
+    fn dual_stack_fields_follow_the_api_servers_rules() {
+        let service = |spec: serde_json::Value| -> Service {
+            let mut spec_value = json!({"ports": [{"port": 80}]});
+            spec_value
+                .as_object_mut()
+                .unwrap()
+                .extend(spec.as_object().unwrap().clone());
+            serde_json::from_value(json!({
+                "metadata": {"name": "web", "namespace": "default"},
+                "spec": spec_value,
+            }))
+            .unwrap()
+        };
+        // (spec fields, the error's first reason or None when valid)
+        let cases = [
+            (
+                json!({"clusterIP": "198.19.0.10", "clusterIPs": ["198.19.0.10", "2001:db8::10"],
+                       "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack"}),
+                None,
+            ),
+            (
+                json!({"clusterIP": "2001:db8::10", "clusterIPs": ["2001:db8::10", "198.19.0.10"],
+                       "ipFamilies": ["IPv6", "IPv4"], "ipFamilyPolicy": "PreferDualStack"}),
+                None,
+            ),
+            (
+                json!({"clusterIP": "2001:db8::10", "clusterIPs": ["2001:db8::10"],
+                       "ipFamilies": ["IPv6"], "ipFamilyPolicy": "SingleStack"}),
+                None,
+            ),
+            (
+                json!({"clusterIP": "198.19.0.10", "clusterIPs": ["198.19.0.10", "198.19.0.11"]}),
+                Some("spec.clusterIPs holds two addresses of one family"),
+            ),
+            (
+                json!({"clusterIP": "198.19.0.10", "clusterIPs": ["198.19.0.10", "2001:db8::10"],
+                       "ipFamilies": ["IPv6", "IPv4"]}),
+                Some("spec.clusterIPs[0] is not of family IPv6"),
+            ),
+            (
+                json!({"clusterIP": "198.19.0.10", "clusterIPs": ["2001:db8::10", "198.19.0.10"]}),
+                Some("spec.clusterIPs[0] must equal spec.clusterIP"),
+            ),
+            (
+                json!({"clusterIP": "198.19.0.10", "ipFamilies": ["IPv4", "IPv4"]}),
+                Some("spec.ipFamilies[1] \"IPv4\" is listed twice"),
+            ),
+            (
+                json!({"clusterIP": "198.19.0.10", "ipFamilies": ["IPv5"]}),
+                Some("spec.ipFamilies[0] \"IPv5\" is invalid"),
+            ),
+            (
+                json!({"clusterIP": "198.19.0.10", "ipFamilies": ["IPv4", "IPv6"],
+                       "ipFamilyPolicy": "SingleStack"}),
+                Some("spec.ipFamilyPolicy SingleStack allows one entry"),
+            ),
+            (
+                json!({"clusterIP": "198.19.0.10", "ipFamilyPolicy": "DualStack"}),
+                Some("spec.ipFamilyPolicy \"DualStack\" is invalid"),
+            ),
+        ];
+        for (spec, expected) in cases {
+            let name = spec.to_string();
+            match (validate_service(&service(spec)), expected) {
+                (Ok(()), None) => {}
+                (Err(error), Some(reason)) => {
+                    assert!(error.starts_with(reason), "{name}: {error}")
+                }
+                (result, expected) => panic!("{name}: {result:?}, expected {expected:?}"),
+            }
         }
     }
 }

@@ -293,7 +293,9 @@ impl MapMirror {
         let mut new = DesiredImage::default();
         let mut keys = BTreeSet::new();
         for change in changes {
-            let key = frontend_key(&change.frontend);
+            let Some(key) = frontend_key(&change.frontend) else {
+                continue;
+            };
             keys.insert(key);
             old.extend(self.current.frontend_part(&key));
             if let Some(plan) = &change.new {

@@ -6,6 +6,7 @@
 //! ordering rule that keeps every packet consistent while entries change.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
 use aya::maps::lpm_trie::Key;
 use proxy_common::maglev::{self, CHUNK_POSITIONS, MaglevChunk, MaglevKey};
@@ -103,16 +104,27 @@ fn header_flags(plan: &FrontendPlan) -> u16 {
     flags
 }
 
-/// The SERVICES key of a frontend.
-pub fn frontend_key(frontend: &Frontend) -> FrontendKey {
-    FrontendKey::new(
-        frontend.addr.octets(),
+/// The SERVICES key of an IPv4 frontend; `None` for an IPv6 one, which these maps do not
+/// hold (no IPv6 datapath yet: the daemon reports such frontends as not programmed).
+pub fn frontend_key(frontend: &Frontend) -> Option<FrontendKey> {
+    let addr = ipv4_octets(frontend.addr)?;
+    Some(FrontendKey::new(
+        addr,
         frontend.port,
         frontend.protocol.number(),
-    )
+    ))
 }
 
-/// The map contents for `desired` (the caller forgets the ids nothing names any more).
+/// An IPv4 address's octets; `None` for IPv6.
+fn ipv4_octets(addr: IpAddr) -> Option<[u8; 4]> {
+    match addr {
+        IpAddr::V4(addr) => Some(addr.octets()),
+        IpAddr::V6(_) => None,
+    }
+}
+
+/// The map contents for `desired` (its IPv4 frontends; the caller forgets the ids nothing
+/// names any more).
 pub fn materialize(desired: &DesiredState, ids: &mut IdRegistry) -> DesiredImage {
     let mut image = DesiredImage::default();
     for (frontend, plan) in &desired.frontends {
@@ -126,7 +138,9 @@ pub fn materialize(desired: &DesiredState, ids: &mut IdRegistry) -> DesiredImage
 /// MEMBERSHIP entries, the SOURCE_RANGES prefixes of a restricted one, and its SVC_NAMES
 /// name. The one place that knows how a plan becomes map entries. A Service port whose
 /// name exceeds Kubernetes' limits (possible only in hand-written manifests) is balanced
-/// all the same, just listed without a name.
+/// all the same, just listed without a name. An IPv6 frontend adds nothing (see
+/// [`frontend_key`]); the planner gives an IPv4 frontend only IPv4 backends, serving
+/// addresses and source ranges.
 pub fn frontend_entries(
     frontend: &Frontend,
     plan: &FrontendPlan,
@@ -134,7 +148,9 @@ pub fn frontend_entries(
     image: &mut DesiredImage,
 ) {
     let proto = frontend.protocol.number();
-    let key = frontend_key(frontend);
+    let Some(key) = frontend_key(frontend) else {
+        return;
+    };
     let rev_nat_id = ids.rev_nat_id(key);
     let mut slots = Vec::new();
     let sets = [
@@ -146,7 +162,10 @@ pub fn frontend_entries(
     ];
     for (backends, bit) in sets {
         for backend in backends {
-            let backend = Backend::new(backend.addr.octets(), backend.port, proto);
+            let Some(addr) = ipv4_octets(backend.addr) else {
+                continue;
+            };
+            let backend = Backend::new(addr, backend.port, proto);
             let backend_id = ids.backend_id(backend);
             image.backends.insert(backend_id, backend);
             slots.push(Slot {
@@ -161,18 +180,25 @@ pub fn frontend_entries(
             *image.membership.entry(member).or_default() |= bit;
         }
     }
-    for addr in &plan.serving_addrs {
+    for addr in plan
+        .serving_addrs
+        .iter()
+        .filter_map(|addr| ipv4_octets(*addr))
+    {
         let member = MembershipKey {
             rev_nat_id,
-            addr: u32::from_ne_bytes(addr.octets()),
+            addr: u32::from_ne_bytes(addr),
         };
         *image.membership.entry(member).or_default() |= membership::SERVING;
     }
     for network in &plan.source_ranges {
+        let Some(addr) = ipv4_octets(network.network()) else {
+            continue;
+        };
         image.source_ranges.insert(SourceRangeEntry {
             range: SourceRange {
                 rev_nat_id,
-                addr: u32::from_ne_bytes(network.network().octets()),
+                addr: u32::from_ne_bytes(addr),
             },
             prefix_len: network.prefix_len(),
         });
@@ -224,7 +250,7 @@ pub fn maglev_table(header: &FrontendValue, own: &[Slot]) -> Vec<(MaglevKey, Mag
     let backends: Vec<BackendAddr> = own
         .iter()
         .map(|slot| BackendAddr {
-            addr: std::net::Ipv4Addr::from(slot.backend.addr.to_ne_bytes()),
+            addr: std::net::Ipv4Addr::from(slot.backend.addr.to_ne_bytes()).into(),
             port: u16::from_be(slot.backend.port),
         })
         .collect();

@@ -71,8 +71,10 @@ const SERVICES: [(&str, &str); 6] = [
     ("b", "s2"),
 ];
 const CLUSTER_IPS: [&str; 4] = ["198.19.0.1", "198.19.0.2", "198.19.0.3", "198.19.0.4"];
-const EXTERNAL_IPS: [&str; 2] = ["198.18.9.1", "198.18.9.2"];
-const INGRESS_IPS: [&str; 2] = ["198.18.8.1", "198.18.8.2"];
+const CLUSTER_IPS6: [&str; 2] = ["2001:db8:ff::1", "2001:db8:ff::2"];
+const EXTERNAL_IPS: [&str; 3] = ["198.18.9.1", "198.18.9.2", "2001:db8:e::1"];
+const INGRESS_IPS: [&str; 3] = ["198.18.8.1", "198.18.8.2", "2001:db8:1b::1"];
+const PODS6: [&str; 3] = ["2001:db8:1::10", "2001:db8:1::11", "2001:db8:1::12"];
 const PODS: [&str; 8] = [
     "198.18.1.10",
     "198.18.1.11",
@@ -86,8 +88,20 @@ const PODS: [&str; 8] = [
 const NODE: &str = "node-a";
 const ZONES: [&str; 2] = ["zone-a", "zone-b"];
 
+/// IPv4, dual-stack (either family first) or IPv6 only.
 fn random_service(rng: &mut Rng, (namespace, name): (&str, &str)) -> Svc {
-    let mut service = svc(&format!("{namespace}/{name}"), rng.pick(&CLUSTER_IPS));
+    let key = format!("{namespace}/{name}");
+    let (ipv4, ipv6) = (rng.pick(&CLUSTER_IPS), rng.pick(&CLUSTER_IPS6));
+    let mut service = match rng.below(5) {
+        0 => svc(&key, ipv4)
+            .cluster_ips(&[ipv4, ipv6])
+            .ip_families(&["IPv4", "IPv6"]),
+        1 => svc(&key, ipv6)
+            .cluster_ips(&[ipv6, ipv4])
+            .ip_families(&["IPv6", "IPv4"]),
+        2 => svc(&key, ipv6),
+        _ => svc(&key, ipv4),
+    };
     let service_type = rng.pick(&["ClusterIP", "NodePort", "LoadBalancer"]);
     service = service.service_type(service_type);
     let node_ports = service_type != "ClusterIP";
@@ -127,6 +141,7 @@ fn random_service(rng: &mut Rng, (namespace, name): (&str, &str)) -> Svc {
                 "198.18.0.0/24",
                 "198.18.0.1/32",
                 "10.0.0.0/8",
+                "2001:db8::/64",
             ])]);
         }
     }
@@ -153,6 +168,10 @@ fn random_service(rng: &mut Rng, (namespace, name): (&str, &str)) -> Svc {
 
 fn random_slice(rng: &mut Rng, (namespace, service): (&str, &str), index: usize) -> Slice {
     let mut slice = slice(&format!("{namespace}/{service}-{index}"), service);
+    let ipv6 = rng.chance(30);
+    if ipv6 {
+        slice = slice.address_type("IPv6");
+    }
     match rng.below(4) {
         0 => slice = slice.port(None, Some(8080), "TCP"),
         _ => {
@@ -166,7 +185,11 @@ fn random_slice(rng: &mut Rng, (namespace, service): (&str, &str), index: usize)
     }
     let hinted = rng.chance(30);
     for _ in 0..rng.below(5) {
-        let mut endpoint = ep(rng.pick(&PODS));
+        let mut endpoint = ep(if ipv6 {
+            rng.pick(&PODS6)
+        } else {
+            rng.pick(&PODS)
+        });
         endpoint = match rng.below(6) {
             0 => endpoint.serving_terminating(),
             1 => endpoint.not_ready(),
@@ -193,6 +216,9 @@ fn change_node(rng: &mut Rng, model: &mut Model, node: &mut NodeFacts) {
             if rng.chance(50) {
                 node.addresses.push("198.18.0.2".parse().expect("address"));
             }
+            if rng.chance(50) {
+                node.addresses.push("2001:db8::1".parse().expect("address"));
+            }
         }
         1 => {
             let labels = BTreeMap::from([(ZONE_LABEL.to_owned(), rng.pick(&ZONES).to_string())]);
@@ -203,6 +229,9 @@ fn change_node(rng: &mut Rng, model: &mut Model, node: &mut NodeFacts) {
             state.primary_ipv4 = rng
                 .chance(50)
                 .then(|| rng.pick(&[Ipv4Addr::new(198, 18, 0, 1), Ipv4Addr::new(198, 18, 0, 2)]));
+            state.primary_ipv6 = rng
+                .chance(50)
+                .then(|| "2001:db8::1".parse().expect("address"));
             model.set_node_state(state);
         }
     }
@@ -232,11 +261,12 @@ fn change(rng: &mut Rng, model: &mut Model, node: &mut NodeFacts) {
     }
 }
 
-/// Slots in BACKEND_SLOTS: the generated states name up to about 80, and a changed
+/// Slots in BACKEND_SLOTS: the generated states' IPv4 frontends (the IPv6 ones are not in
+/// these maps) name up to about 60, and a changed
 /// frontend's new slice needs room while its old one is still live, so slices are reused
 /// after barriers, now and then evacuated, and a burst of changes sometimes finds no room
 /// at all until the next (full) sync.
-const SLOTS: u32 = 90;
+const SLOTS: u32 = 68;
 
 /// The daemon's state between syncs, with the maps kept in memory.
 struct Node {

@@ -12,8 +12,8 @@ use proxy_common::{FrontendKey, MembershipKey, SourceRange, map_names, membershi
 
 use super::*;
 use crate::plan::{
-    BackendAddr, DesiredState, EmptyFrontend, Frontend, FrontendKind, FrontendPlan, Protocol,
-    Selection, ServicePortName,
+    BackendAddr, DesiredState, EmptyFrontend, Frontend, FrontendChange, FrontendKind, FrontendPlan,
+    Protocol, Selection, ServicePortName,
 };
 
 /// Maps in memory: what the kernel would hold, with limits that refuse writes as full.
@@ -152,7 +152,7 @@ pub(super) fn sync_into(
 
 fn frontend(addr: [u8; 4], port: u16) -> Frontend {
     Frontend {
-        addr: Ipv4Addr::from(addr),
+        addr: Ipv4Addr::from(addr).into(),
         port,
         protocol: Protocol::Tcp,
     }
@@ -166,7 +166,7 @@ fn backends(last_octets: &[u8]) -> Vec<BackendAddr> {
     last_octets
         .iter()
         .map(|octet| BackendAddr {
-            addr: Ipv4Addr::new(198, 18, 1, *octet),
+            addr: Ipv4Addr::new(198, 18, 1, *octet).into(),
             port: 8080,
         })
         .collect()
@@ -599,7 +599,7 @@ fn every_frontend_records_its_selectable_and_serving_addresses() {
     let mut state = desired(&[(vip, &[10, 11]), (empty, &[])]);
     // pod .12 is terminating but serving: it keeps its flows, takes no new ones.
     state.frontends.get_mut(&vip).unwrap().serving_addrs = [10, 11, 12]
-        .map(|octet| Ipv4Addr::new(198, 18, 1, octet))
+        .map(|octet| Ipv4Addr::new(198, 18, 1, octet).into())
         .into();
     let (mut mirror, mut maps) = written(&state, 16);
     let vip_id = maps.image.services[&key([198, 19, 0, 10], 80)].rev_nat_id;
@@ -767,4 +767,34 @@ fn fragmented_slots_are_evacuated_for_a_large_frontend() {
     assert!(report.complete(), "{report:?}");
     assert_eq!(maps.image.services[&key([198, 19, 1, 1], 80)].count, 6);
     assert!(maps.barriers >= 1);
+}
+
+/// These maps are IPv4's: an IPv6 frontend of a dual-stack Service is left out of a full
+/// sync and of a delta alike (the daemon reports it as not programmed), and its IPv4
+/// sibling is written as if it were alone.
+#[test]
+fn ipv6_frontends_are_not_written_into_the_ipv4_maps() {
+    let vip = frontend([198, 19, 0, 10], 80);
+    let vip6 = Frontend {
+        addr: "2001:db8:ff::10".parse().unwrap(),
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    let mut plan6 = plan("web", &[]);
+    plan6.backends = vec![BackendAddr {
+        addr: "2001:db8:1::10".parse().unwrap(),
+        port: 8080,
+    }];
+    let mut dual = desired(&[(vip, &[10, 11])]);
+    dual.frontends.insert(vip6, plan6.clone());
+    let (mut mirror, maps) = written(&dual, 16);
+    let (_, alone) = written(&desired(&[(vip, &[10, 11])]), 16);
+    assert_eq!(maps.image.desired(), alone.image.desired());
+
+    let change = FrontendChange {
+        frontend: vip6,
+        old: None,
+        new: Some(plan6),
+    };
+    assert_eq!(mirror.delta(&[change]).ops(), Vec::new());
 }

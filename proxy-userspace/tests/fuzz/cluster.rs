@@ -9,11 +9,11 @@
 //! to them is SNATed, answers are routed by the program); VIPs 198.19.0.0/24.
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::{Context, Result, ensure};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use proxy_common::{CtKey, CtTimeouts, CtValue, FragmentKey, FragmentValue, map_names};
 use proxy_lab::{Endpoint, NODE_NAME, PrivateBpffs, Rng, Service};
 use proxy_userspace::conntrack::ConntrackSizes;
@@ -266,7 +266,7 @@ impl Cluster {
             rng: Rng::new(seed ^ 0xc1a5_7e55),
             node: NodeFacts {
                 node_name: NODE_NAME.to_owned(),
-                addresses: vec![Ipv4Addr::from(NODE)],
+                addresses: vec![Ipv4Addr::from(NODE).into()],
                 ..NodeFacts::default()
             },
         }
@@ -316,14 +316,15 @@ pub struct FrontendState {
     /// Its backends (address and port): a new flow goes to one of these.
     pub backends: HashSet<End>,
     pub when_empty: EmptyFrontend,
-    pub source_ranges: Vec<Ipv4Net>,
+    pub source_ranges: Vec<IpNet>,
 }
 
 impl FrontendState {
     /// Whether a new connection from `client` gets past the source ranges.
     pub fn admits(&self, client: [u8; 4]) -> bool {
         self.source_ranges.is_empty()
-            || (self.source_ranges.iter()).any(|range| range.contains(&Ipv4Addr::from(client)))
+            || (self.source_ranges.iter())
+                .any(|range| range.contains(&IpAddr::from(Ipv4Addr::from(client))))
     }
 }
 
@@ -334,6 +335,14 @@ pub struct Frontends {
     pub backends: HashSet<(End, u8)>,
 }
 
+/// The octets of an address of the fuzzed cluster, which is IPv4 only.
+fn ipv4(addr: IpAddr) -> [u8; 4] {
+    match addr {
+        IpAddr::V4(addr) => addr.octets(),
+        IpAddr::V6(addr) => panic!("the fuzzed cluster is IPv4 only, planned {addr}"),
+    }
+}
+
 impl Frontends {
     fn of(desired: &DesiredState) -> Self {
         let mut frontends = BTreeMap::new();
@@ -341,11 +350,11 @@ impl Frontends {
         for (frontend, plan) in &desired.frontends {
             let protocol = frontend.protocol.number();
             let backends: HashSet<End> = (plan.backends.iter())
-                .map(|backend| End::new(backend.addr.octets(), backend.port))
+                .map(|backend| End::new(ipv4(backend.addr), backend.port))
                 .collect();
             all_backends.extend(backends.iter().map(|backend| (*backend, protocol)));
             frontends.insert(
-                (End::new(frontend.addr.octets(), frontend.port), protocol),
+                (End::new(ipv4(frontend.addr), frontend.port), protocol),
                 FrontendState {
                     backends,
                     when_empty: plan.when_empty,

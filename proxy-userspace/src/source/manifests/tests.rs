@@ -95,7 +95,10 @@ fn slice_names(model: &Model) -> Vec<String> {
 fn cluster_ip(model: &Model, key: &str) -> String {
     let (namespace, name) = key.split_once('/').unwrap();
     match model.service(&ObjectKey::new(namespace, name)).unwrap() {
-        ServiceRecord::Proxied(service) => service.cluster_ip.to_string(),
+        ServiceRecord::Proxied(service) => (service.cluster_ips.iter())
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
         other => panic!("{key} is not proxied: {other:?}"),
     }
 }
