@@ -256,7 +256,7 @@ impl ManifestSource {
                     }
                     let object = match id {
                         Some(id) => (id.kind.problem_kind(), id.to_string()),
-                        None => (ProblemKind::File, location),
+                        None => (ProblemKind::File, location.to_string()),
                     };
                     problems.push((Some(object), "invalid", reason));
                 }

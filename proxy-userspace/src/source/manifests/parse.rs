@@ -52,7 +52,7 @@ pub(super) enum FileRead {
     /// Its documents, each with where it is (`document 3`, `document 1 item 2`).
     Parsed {
         hash: ContentHash,
-        documents: Vec<(String, Decoded)>,
+        documents: Vec<(Location, Decoded)>,
     },
     /// The file as a whole can't be used; `reason` is the metric label.
     Failed {
@@ -137,7 +137,7 @@ fn parse_file(
     file: &Path,
     limits: &ParseLimits,
     size: u64,
-) -> Result<Vec<(String, Decoded)>, (&'static str, String)> {
+) -> Result<Vec<(Location, Decoded)>, (&'static str, String)> {
     let unreadable = |error: io::Error| ("unreadable", format!("can't be read: {error}"));
     let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
     File::open(file)
@@ -205,15 +205,33 @@ fn parse_file(
         for located in part {
             documents_here = documents_here.max(located.document + 1);
             let document = documents_before + located.document + 1;
-            let location = match located.item {
-                None => format!("document {document}"),
-                Some(item) => format!("document {document} item {}", item + 1),
+            let location = Location {
+                document,
+                item: located.item.map(|item| item + 1),
             };
             decoded.push((location, located.decoded));
         }
         documents_before += documents_here;
     }
     Ok(decoded)
+}
+
+/// Where a document is in its file, counted from 1 (`document 3`, `document 1 item 2`);
+/// written out only for a document that is reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Location {
+    document: usize,
+    item: Option<usize>,
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "document {}", self.document)?;
+        match self.item {
+            Some(item) => write!(f, " item {item}"),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Files at least this large are parsed in parts, side by side.
@@ -236,27 +254,39 @@ fn not_utf8(bytes: &[u8], error: &std::str::Utf8Error) -> (&'static str, String)
 /// `text` cut into about `parts` pieces at document markers (`---` at the start of a line:
 /// YAML forbids that line inside any scalar, so it always starts a document). Whole when
 /// it has directives (`%YAML`, which belong to the document after them) or few markers.
+/// Found by substring search, not line by line: a 170 MB file is cut in milliseconds.
 fn split_documents(text: &str, parts: usize) -> Vec<&str> {
-    let is_marker = |line: &str| {
-        line.strip_prefix("---")
-            .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\r', '\n']))
-    };
-    if text.lines().any(|line| line.starts_with('%')) {
+    if text.starts_with('%') || text.contains("\n%") {
         return vec![text];
     }
     let target = text.len() / parts.max(1) + 1;
     let mut pieces = Vec::new();
     let mut start = 0;
-    let mut offset = 0;
-    for line in text.split_inclusive('\n') {
-        if offset - start >= target && is_marker(line) {
-            pieces.push(&text[start..offset]);
-            start = offset;
-        }
-        offset += line.len();
+    // The first marker line that starts at least `target` bytes into the piece.
+    while let Some(at) = next_marker(text, start + target) {
+        pieces.push(&text[start..at]);
+        start = at;
     }
     pieces.push(&text[start..]);
     pieces
+}
+
+/// Where the first document marker line at or after `from` starts.
+fn next_marker(text: &str, from: usize) -> Option<usize> {
+    let bytes = text.as_bytes();
+    let mut search = from.checked_sub(1)?;
+    loop {
+        let found = search
+            + bytes
+                .get(search..)?
+                .windows(4)
+                .position(|window| window == b"\n---")?;
+        let at = found + 1;
+        if matches!(bytes.get(at + 3), None | Some(b' ' | b'\t' | b'\r' | b'\n')) {
+            return Some(at);
+        }
+        search = at;
+    }
 }
 
 #[cfg(test)]
@@ -275,6 +305,13 @@ mod tests {
         assert_eq!(
             split_documents("%YAML 1.2\n---\na: 1\n---\nb: 2\n", 2).len(),
             1
+        );
+        let later = "a: 1\n---\nb: 2\n...\n%YAML 1.2\n---\nc: 3\n";
+        assert_eq!(split_documents(later, 3), [later]);
+        // A marker needs the end of its line or a space after it.
+        assert_eq!(
+            split_documents("a: 1\n---x\n---\tb\n", 3),
+            ["a: 1\n---x\n", "---\tb\n"]
         );
     }
 }

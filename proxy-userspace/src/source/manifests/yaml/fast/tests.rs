@@ -136,6 +136,15 @@ fn what_tools_write_is_read_fast_into_the_parsers_trees() {
     assert!(reads_like_the_parser("a:\n- b\n- c\nd: e\n"));
     assert!(reads_like_the_parser("- a\n- b: c\n  d: e\n-\n  - f\n"));
     assert!(reads_like_the_parser("\"quoted key\": 1\n'single': 2\n"));
+    assert!(reads_like_the_parser(
+        "a: it's\nb: a#b\nc: a:b\nd: x y  \ne:    spaced\nf: 0x1F\ng: 1e3\nh: yes\n"
+    ));
+    assert!(reads_like_the_parser(
+        "s:\n- -1\n- {}\n- []\n- [[a], {b: [c]}]\n- {\"k\": 'it''s', l: \"a\\/b\"}\n- name: a # note\n"
+    ));
+    assert!(reads_like_the_parser(
+        "m:\n  a: 1\n# at the margin\n\n    # deeper\n  b: 2\nn: ''\no: \"\"\n"
+    ));
 }
 
 #[test]
