@@ -222,19 +222,10 @@ impl<'a> Reader<'_, 'a, '_> {
             match split_key(item) {
                 // A mapping starting on the entry's line: its keys line up with the first.
                 Some((key, rest)) => self.mapping(column, key, rest)?,
-                None => {
-                    self.value(item)?;
-                    if self.deeper_than(indent) {
-                        return None;
-                    }
-                }
+                None => self.line_value(item, indent)?,
             }
         }
-        if self.deeper_than(indent) {
-            return None;
-        }
-        self.close();
-        Some(())
+        self.close_at(indent)
     }
 
     /// A block mapping whose keys sit at `indent`; the first key's line is read already.
@@ -270,12 +261,15 @@ impl<'a> Reader<'_, 'a, '_> {
                     _ => self.null(),
                 }
             } else {
-                self.value(rest)?;
-                if self.deeper_than(indent) {
-                    return None;
-                }
+                self.line_value(rest, indent)?;
             }
         }
+        self.close_at(indent)
+    }
+
+    /// Closes the collection at `indent`; `None` if a line below it is indented deeper
+    /// (in a way the reader does not know).
+    fn close_at(&mut self, indent: usize) -> Read {
         if self.deeper_than(indent) {
             return None;
         }
@@ -283,23 +277,37 @@ impl<'a> Reader<'_, 'a, '_> {
         Some(())
     }
 
+    /// A value on the rest of a line of a collection at `indent`; `None` when a line
+    /// indented deeper follows (a multi-line scalar, or a mistake: the parser's to read).
+    fn line_value(&mut self, text: &'a str, indent: usize) -> Read {
+        self.value(text)?;
+        (!self.deeper_than(indent)).then_some(())
+    }
+
     /// A value on the rest of a line: flow collection, quoted or plain scalar, and maybe a
     /// comment after it.
     fn value(&mut self, text: &'a str) -> Read {
-        let rest = match text.as_bytes()[0] {
-            b'[' | b'{' => self.flow(text)?,
-            b'"' | b'\'' => {
-                let (scalar, rest) = quoted(text)?;
-                self.steps.push(Step::Scalar(scalar));
-                rest
-            }
+        let rest = self.node(text, plain_in_block)?;
+        comment_or_nothing(rest)
+    }
+
+    /// A flow collection, a quoted scalar or a plain one (as `plain_scalar` finds it) at
+    /// the start of `text`; what follows it.
+    fn node(
+        &mut self,
+        text: &'a str,
+        plain_scalar: fn(&str) -> Option<(&str, &str)>,
+    ) -> Option<&'a str> {
+        let (scalar, rest) = match text.as_bytes().first()? {
+            b'[' | b'{' => return self.flow(text),
+            b'"' | b'\'' => quoted(text)?,
             _ => {
-                let (scalar, rest) = plain_in_block(text)?;
-                self.steps.push(Step::Scalar(plain(scalar)));
-                rest
+                let (scalar, rest) = plain_scalar(text)?;
+                (plain(scalar), rest)
             }
         };
-        comment_or_nothing(rest)
+        self.steps.push(Step::Scalar(scalar));
+        Some(rest)
     }
 
     /// A flow collection at the start of `text`, on one line; what follows it.
@@ -329,20 +337,7 @@ impl<'a> Reader<'_, 'a, '_> {
                 self.steps.push(Step::Scalar(key));
                 rest = after.strip_prefix(": ")?.trim_start_matches(' ');
             }
-            rest = match rest.as_bytes().first()? {
-                b'[' | b'{' => self.flow(rest)?,
-                b'"' | b'\'' => {
-                    let (scalar, after) = quoted(rest)?;
-                    self.steps.push(Step::Scalar(scalar));
-                    after
-                }
-                _ => {
-                    let (scalar, after) = plain_in_flow(rest)?;
-                    self.steps.push(Step::Scalar(plain(scalar)));
-                    after
-                }
-            }
-            .trim_start_matches(' ');
+            rest = self.node(rest, plain_in_flow)?.trim_start_matches(' ');
             if let Some(after) = rest.strip_prefix(close) {
                 self.close();
                 return Some(after);
