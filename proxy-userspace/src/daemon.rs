@@ -98,9 +98,9 @@ struct Daemon {
     need_reread: bool,
     /// The last sync left writes undone (a full map, a failed write): the maps lag behind.
     writes_pending: bool,
-    /// IPv6 frontends the planner has and the writer does not program (no IPv6 datapath
-    /// yet), as last logged.
-    ipv6_frontends_planned: usize,
+    /// IPv6 frontends written to the IPv6 maps, which no program serves yet, as last
+    /// logged.
+    ipv6_frontends_unserved: usize,
     runner: SyncRunner,
     node: NodeFacts,
     attached: BTreeSet<Device>,
@@ -202,7 +202,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         need_full_sync: true,
         need_reread: false,
         writes_pending: false,
-        ipv6_frontends_planned: 0,
+        ipv6_frontends_unserved: 0,
         node,
         attached: BTreeSet::new(),
         xdp_attached: BTreeMap::new(),
@@ -437,19 +437,21 @@ impl Daemon {
         self.service_health
             .sync(self.planner.health_checks(), &addresses);
         let desired = self.planner.desired();
-        let ipv6_frontends = desired.ipv6_frontends().count();
-        if ipv6_frontends != self.ipv6_frontends_planned {
-            self.ipv6_frontends_planned = ipv6_frontends;
+        let ipv6_frontends = self.writer.image6().services.len();
+        if ipv6_frontends != self.ipv6_frontends_unserved {
+            self.ipv6_frontends_unserved = ipv6_frontends;
             if ipv6_frontends > 0 {
                 warn!(
                     frontends = ipv6_frontends,
-                    "IPv6 frontends planned but not programmed: the datapath serves IPv4 only"
+                    "IPv6 frontends written to the IPv6 maps but not served: the packet path \
+                     is IPv4 only"
                 );
             }
         }
         info!(
-            frontends = desired.frontends.len() - ipv6_frontends,
-            backends = self.writer.image().backends.len(),
+            frontends = desired.frontends.len(),
+            ipv6_frontends,
+            backends = self.writer.image().backends.len() + self.writer.image6().backends.len(),
             writes = report.ops,
             all_written = report.complete(),
             changed = delta.frontends.len(),

@@ -1,8 +1,9 @@
 //! A dual-stack LoadBalancer Service (`ipFamilies: [IPv4, IPv6]`, `externalTrafficPolicy:
 //! Local`, a healthCheckNodePort) on a node with an address of each family, as far as
 //! issue 12 has come: its IPv4 half serves (ClusterIP from a pod, NodePort from outside),
-//! its IPv6 half is planned from the IPv6 EndpointSlice and reported as not programmed
-//! (no IPv6 datapath yet), and the health check answers over both families. The lab's
+//! its IPv6 half is planned from the IPv6 EndpointSlice and written into the IPv6 maps,
+//! reported as not served (no IPv6 packet path yet), and the health check answers over
+//! both families. The lab's
 //! IPv6 addresses are in 2001:db8::/32, inside the lab's namespaces only.
 
 mod common;
@@ -116,10 +117,12 @@ fn a_dual_stack_service_serves_ipv4_plans_ipv6_and_answers_health_checks_on_both
     }
 
     // The IPv6 half: its ClusterIP, the NodePort on the node's IPv6 address and the IPv6
-    // load-balancer IP are planned, and the log says they are not programmed.
+    // load-balancer IP are written into the IPv6 maps, and the log says they are not
+    // served.
     let log = daemon.log();
     ensure!(
-        log.contains("IPv6 frontends planned but not programmed") && log.contains("frontends=3"),
+        log.contains("IPv6 frontends written to the IPv6 maps but not served")
+            && log.contains("frontends=3"),
         "no line about the IPv6 frontends:\n{log}"
     );
     ensure!(
