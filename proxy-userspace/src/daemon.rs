@@ -472,15 +472,20 @@ impl Daemon {
     fn report_refused(&self, report: &ApplyReport) {
         let sizes = &self.config.map_sizes;
         for (map, refused) in &report.map_full {
+            // Each family's maps are sized by the same flags.
             let (max, flag) = match *map {
-                map_names::SERVICES => (sizes.services, "--max-services"),
-                map_names::BACKEND_SLOTS => (sizes.backend_slots, "--max-backend-slots"),
-                map_names::BACKEND_IDS => (sizes.backends, "--max-backends"),
-                map_names::MEMBERSHIP => (
+                map_names::SERVICES | map_names::SERVICES6 => (sizes.services, "--max-services"),
+                map_names::BACKEND_SLOTS | map_names::BACKEND_SLOTS6 => {
+                    (sizes.backend_slots, "--max-backend-slots")
+                }
+                map_names::BACKEND_IDS | map_names::BACKEND_IDS6 => {
+                    (sizes.backends, "--max-backends")
+                }
+                map_names::MEMBERSHIP | map_names::MEMBERSHIP6 => (
                     sizes.backend_slots.saturating_add(sizes.services),
                     "--max-backend-slots",
                 ),
-                map_names::MAGLEV => (
+                map_names::MAGLEV | map_names::MAGLEV6 => (
                     sizes
                         .maglev_tables
                         .saturating_mul(proxy_common::maglev::chunks(
