@@ -25,7 +25,7 @@ pub trait Address: sealed::Sealed + Copy + Debug + Default + Eq + Ord + Hash + '
     /// "IPv4", "IPv6": as the Kubernetes API names the family.
     const NAME: &'static str;
     /// The family's maps that the daemon writes.
-    const MAPS: FamilyMaps;
+    const MAPS: FamilyMapNames;
     /// The lowest and the highest address (bounds of a range over one frontend's keys).
     const LOWEST: Self;
     const HIGHEST: Self;
@@ -38,7 +38,7 @@ pub trait Address: sealed::Sealed + Copy + Debug + Default + Eq + Ord + Hash + '
 /// The pin names of one family's maps that the daemon writes (their types are the generic
 /// ones instantiated with the family's [`Address`]; MEMBERSHIP_EPOCH is shared).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FamilyMaps {
+pub struct FamilyMapNames {
     pub services: &'static str,
     pub backend_slots: &'static str,
     pub backend_ids: &'static str,
@@ -48,7 +48,7 @@ pub struct FamilyMaps {
     pub maglev: &'static str,
 }
 
-impl FamilyMaps {
+impl FamilyMapNames {
     /// Every map, for listings of fill and capacity.
     pub const fn all(&self) -> [&'static str; 7] {
         [
@@ -68,9 +68,9 @@ impl Address for u32 {
     const NAME: &'static str = "IPv4";
     const LOWEST: Self = 0;
     const HIGHEST: Self = u32::MAX;
-    const MAPS: FamilyMaps = {
+    const MAPS: FamilyMapNames = {
         use crate::map_names::*;
-        FamilyMaps {
+        FamilyMapNames {
             services: SERVICES,
             backend_slots: BACKEND_SLOTS,
             backend_ids: BACKEND_IDS,
@@ -98,9 +98,9 @@ impl Address for Ipv6 {
     const NAME: &'static str = "IPv6";
     const LOWEST: Self = [0; 16];
     const HIGHEST: Self = [u8::MAX; 16];
-    const MAPS: FamilyMaps = {
+    const MAPS: FamilyMapNames = {
         use crate::map_names::*;
-        FamilyMaps {
+        FamilyMapNames {
             services: SERVICES6,
             backend_slots: BACKEND_SLOTS6,
             backend_ids: BACKEND_IDS6,

@@ -17,7 +17,7 @@ pub use conntrack::{
     CtKey, CtTimeouts, CtValue, EXPIRES_REMOVING, Endpoint, FlowState, Translation, Tuple,
     UDP_STREAM_AFTER_S, ct_flags, ct_seconds, ct_state, flow_expired, next_state, tcp_flags,
 };
-pub use family::{Address, FamilyMaps, Ipv6};
+pub use family::{Address, FamilyMapNames, Ipv6};
 pub use fragment::{
     FRAGMENT_TIMEOUT_NS, FragmentKey, FragmentValue, MIN_CHECKED_MTU, fragment_verdict, icmp,
 };

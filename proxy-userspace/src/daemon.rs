@@ -450,12 +450,13 @@ impl Daemon {
         }
         info!(
             frontends = desired.frontends.len(),
-            ipv6_frontends,
             backends = self.writer.image().backends.len() + self.writer.image6().backends.len(),
             writes = report.ops,
             all_written = report.complete(),
             changed = delta.frontends.len(),
             full,
+            // Not `ipv6_frontends=`: tests and tools look for `frontends=N `.
+            ipv6 = ipv6_frontends,
             elapsed_us = started.elapsed().as_micros() as u64,
             "sync complete"
         );

@@ -170,6 +170,17 @@ fn a_dual_stack_service_serves_ipv4_plans_ipv6_and_answers_health_checks_on_both
         let backends = row["backends"].as_array().map_or(0, Vec::len);
         ensure!(backends == 3, "{row}");
     }
+    let stats = cli_json(&daemon, &["stats"])?;
+    let entries = |name: &str| {
+        (stats["maps"].as_array().into_iter().flatten())
+            .find(|map| map["name"] == name)
+            .and_then(|map| map["entries"].as_u64())
+    };
+    // Three distinct backends: sticky6's endpoint is one of dual's.
+    ensure!(
+        entries("SERVICES6") == Some(5) && entries("BACKEND_IDS6") == Some(3),
+        "stats: {stats:#}"
+    );
     let rules = daemon.cli(&["explain", "--family", "ipv6"])?;
     ensure!(
         rules.contains(&format!("-d {CLUSTER_IPV6} --dport 80 -j KUBE-SVC-"))

@@ -14,7 +14,7 @@ use crate::plan::ServicePortName;
 /// listing never attributes an old flow to a new backend, nor an affinity to another
 /// Service port.
 /// One per address family (`A`): each family's maps count their ids apart.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct IdRegistry<A = u32> {
     backends: HashMap<Backend<A>, u32>,
     frontends: HashMap<FrontendKey<A>, u32>,
@@ -22,19 +22,6 @@ pub struct IdRegistry<A = u32> {
     last_backend_id: u32,
     last_rev_nat_id: u32,
     last_service_port_id: u32,
-}
-
-impl<A> Default for IdRegistry<A> {
-    fn default() -> Self {
-        Self {
-            backends: HashMap::new(),
-            frontends: HashMap::new(),
-            service_ports: HashMap::new(),
-            last_backend_id: 0,
-            last_rev_nat_id: 0,
-            last_service_port_id: 0,
-        }
-    }
 }
 
 impl<A: Address> IdRegistry<A> {

@@ -22,7 +22,7 @@ use crate::plan::{
 
 /// The contents of the maps the writer owns, of one address family (`A`, see
 /// [`Address`]: IPv4's SERVICES, BACKEND_SLOTS, …, or IPv6's SERVICES6, BACKEND_SLOTS6, …).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapImage<A = u32> {
     /// SERVICES: each frontend's header.
     pub services: BTreeMap<FrontendKey<A>, FrontendValue>,
@@ -41,42 +41,15 @@ pub struct MapImage<A = u32> {
     pub maglev: BTreeSet<MaglevKey>,
 }
 
-// Written out: derive would ask `A: Default`, which `[u8; 16]` is, but says nothing.
-impl<A> Default for MapImage<A> {
-    fn default() -> Self {
-        Self {
-            services: BTreeMap::new(),
-            slots: BTreeMap::new(),
-            backends: BTreeMap::new(),
-            membership: BTreeMap::new(),
-            names: BTreeMap::new(),
-            source_ranges: BTreeSet::new(),
-            maglev: BTreeSet::new(),
-        }
-    }
-}
-
 /// What the maps should hold: like [`MapImage`], but each frontend's slots are listed with
 /// its header (whose `base` means nothing yet) rather than placed in BACKEND_SLOTS.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredImage<A = u32> {
     pub frontends: BTreeMap<FrontendKey<A>, FrontendEntry<A>>,
     pub backends: BTreeMap<u32, Backend<A>>,
     pub membership: BTreeMap<MembershipKey<A>, u8>,
     pub names: BTreeMap<u32, ServiceName>,
     pub source_ranges: BTreeSet<SourceRangeEntry<A>>,
-}
-
-impl<A> Default for DesiredImage<A> {
-    fn default() -> Self {
-        Self {
-            frontends: BTreeMap::new(),
-            backends: BTreeMap::new(),
-            membership: BTreeMap::new(),
-            names: BTreeMap::new(),
-            source_ranges: BTreeSet::new(),
-        }
-    }
 }
 
 /// A frontend's header and its slots in order: its own set, then its Cluster set.
@@ -609,7 +582,7 @@ impl<A: Address> MapOp<A> {
 }
 
 /// Where the slices of a batch go.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Placement<A = u32> {
     /// The base of each frontend of the desired image.
     bases: BTreeMap<FrontendKey<A>, u32>,
@@ -627,20 +600,6 @@ pub struct Placement<A = u32> {
     /// Frontends left as they are for now: room is being made (an evacuation), they are
     /// placed by the next pass.
     pub deferred: Vec<FrontendKey<A>>,
-}
-
-impl<A> Default for Placement<A> {
-    fn default() -> Self {
-        Self {
-            bases: BTreeMap::new(),
-            writes: BTreeMap::new(),
-            moved: BTreeMap::new(),
-            left_tables: Vec::new(),
-            barrier: false,
-            unplaced: Vec::new(),
-            deferred: Vec::new(),
-        }
-    }
 }
 
 /// Which frontends a batch is about.
@@ -751,7 +710,7 @@ pub fn place<A: Address>(
 /// every packet consistent (see [`diff`]). The writes of one phase are independent of each
 /// other — any order of them is as safe as another — so each phase goes to the kernel as
 /// one batch, whose elements the kernel applies in order.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapWrites<A = u32> {
     pub put_names: Vec<(u32, ServiceName)>,
     pub put_backends: Vec<(u32, Backend<A>)>,
@@ -775,28 +734,6 @@ pub struct MapWrites<A = u32> {
     /// Maglev chunks no header names any more.
     pub delete_maglev: Vec<MaglevKey>,
     pub delete_names: Vec<u32>,
-}
-
-impl<A> Default for MapWrites<A> {
-    fn default() -> Self {
-        Self {
-            put_names: Vec::new(),
-            put_backends: Vec::new(),
-            grow_membership: Vec::new(),
-            barrier: false,
-            put_slots: Vec::new(),
-            put_maglev: Vec::new(),
-            put_source_ranges: Vec::new(),
-            put_headers: Vec::new(),
-            delete_headers: Vec::new(),
-            shrink_membership: Vec::new(),
-            delete_membership: Vec::new(),
-            delete_source_ranges: Vec::new(),
-            delete_backends: Vec::new(),
-            delete_maglev: Vec::new(),
-            delete_names: Vec::new(),
-        }
-    }
 }
 
 impl<A: Address> MapWrites<A> {

@@ -20,7 +20,7 @@ use crate::plan::{
 
 /// Maps in memory: what the kernel would hold, with limits that refuse writes as full.
 /// One family's (`A`).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub(super) struct FakeMaps<A = u32> {
     pub image: MapImage<A>,
     /// The slots a packet may still read: named by a header since the last barrier.
@@ -36,21 +36,6 @@ pub(super) struct FakeMaps<A = u32> {
     pub at: String,
     /// Writes so far.
     pub written: usize,
-}
-
-impl<A> Default for FakeMaps<A> {
-    fn default() -> Self {
-        Self {
-            image: MapImage::default(),
-            readable: BTreeSet::new(),
-            limits: BTreeMap::new(),
-            barriers: 0,
-            relocations: 0,
-            maglev: BTreeMap::new(),
-            at: String::new(),
-            written: 0,
-        }
-    }
 }
 
 impl<A: Address> MapSink<A> for FakeMaps<A> {
