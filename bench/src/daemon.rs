@@ -58,17 +58,21 @@ pub fn start<'lab>(
     }
 }
 
-/// `--max-services` and `--max-backends` for `services` Services of one port with
-/// `endpoints` endpoints each (never below the defaults).
-pub fn map_size_flags(services: usize, endpoints: usize) -> [String; 4] {
+/// `--max-services`, `--max-backends` and `--max-backend-slots` for `services` Services of
+/// one port with `endpoints` endpoints each (never below the defaults); the slots keep a
+/// fifth spare for the slices changes write before they free the old ones.
+pub fn map_size_flags(services: usize, endpoints: usize) -> [String; 6] {
     let defaults = proxy_userspace::datapath::MapSizes::default();
     let services_entries = (services * (endpoints + 1) + 1024).max(defaults.services as usize);
     let backends = (services * endpoints + 1024).max(defaults.backends as usize);
+    let slots = (services * endpoints * 6 / 5 + 1024).max(defaults.backend_slots as usize);
     [
         "--max-services".to_owned(),
         services_entries.to_string(),
         "--max-backends".to_owned(),
         backends.to_string(),
+        "--max-backend-slots".to_owned(),
+        slots.to_string(),
     ]
 }
 

@@ -10,7 +10,7 @@
 //! kernel maps, or the tests' maps in memory — and holds back what would leave a packet
 //! with half a frontend when a write was refused.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use proxy_common::maglev::{MaglevChunk, MaglevKey};
 use proxy_common::{
@@ -335,11 +335,27 @@ impl<A: Address> MapMirror<A> {
 
     /// Forgets the ids of what neither `next` nor the maps name any more.
     fn forget_unused_ids(&mut self, next: &DesiredImage<A>) {
-        let current = &self.current;
-        let service_ports: BTreeSet<u32> = (next.frontends.values().map(|entry| &entry.header))
-            .chain(current.services.values())
-            .map(|header| header.service_port_id)
+        let mut service_ports: HashSet<u32> = (next.frontends.values())
+            .map(|entry| entry.header.service_port_id)
             .collect();
+        // Every id `next` names comes from the registry: when the registry holds no more
+        // ids than that, none is unused (a first sync, a resync that changed nothing) and
+        // the walk over a million backends is saved.
+        let named = (
+            next.backends.len(),
+            next.frontends.len(),
+            service_ports.len(),
+        );
+        if self.ids.counts() == named {
+            return;
+        }
+        let current = &self.current;
+        service_ports.extend(
+            current
+                .services
+                .values()
+                .map(|header| header.service_port_id),
+        );
         self.ids.retain(
             |id| next.backends.contains_key(&id) || current.backends.contains_key(&id),
             |key| next.frontends.contains_key(key) || current.services.contains_key(key),
@@ -406,10 +422,15 @@ impl<A: Address> MapMirror<A> {
         self.write_phase(maps, Phase::DeleteMembership(&delete_members), &mut report);
         self.write_phase(maps, Phase::DeleteSourceRanges(&delete_ranges), &mut report);
         self.write_phase(maps, Phase::DeleteBackends(&delete_backends), &mut report);
-        // A table a held-back (or moved) header still names stays.
-        let named: BTreeSet<MaglevKey> = (self.current.services.values())
-            .flat_map(super::image::maglev_keys)
-            .collect();
+        // A table a held-back (or moved) header still names stays. (Looked for only when
+        // tables go: a change of a frontend without one costs no walk over every header.)
+        let named: BTreeSet<MaglevKey> = if writes.delete_maglev.is_empty() {
+            BTreeSet::new()
+        } else {
+            (self.current.services.values())
+                .flat_map(super::image::maglev_keys)
+                .collect()
+        };
         let (delete_tables, kept_tables) = split(&writes.delete_maglev, |key| !named.contains(key));
         report.held_back += kept_tables;
         self.write_phase(maps, Phase::DeleteMaglev(&delete_tables), &mut report);

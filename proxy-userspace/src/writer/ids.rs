@@ -95,6 +95,15 @@ impl<A: Address> IdRegistry<A> {
         self.backends.remove(backend);
     }
 
+    /// How many backend, frontend and Service port ids are given out.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (
+            self.backends.len(),
+            self.frontends.len(),
+            self.service_ports.len(),
+        )
+    }
+
     /// Gives unused buckets back after most ids were released.
     pub fn shrink_sparse(&mut self) {
         crate::allocator::shrink_sparse(&mut self.backends);

@@ -117,21 +117,13 @@ pub fn frontend_key<A: Address>(frontend: &Frontend) -> Option<FrontendKey<A>> {
     })
 }
 
-/// The map contents for `desired`'s frontends of family `A`, forgetting the ids of
-/// everything else.
+/// The map contents for `desired`'s frontends of family `A` (the caller forgets the ids
+/// nothing names any more).
 pub fn materialize<A: Address>(desired: &DesiredState, ids: &mut IdRegistry<A>) -> DesiredImage<A> {
     let mut image = DesiredImage::default();
     for (frontend, plan) in &desired.frontends {
         frontend_entries(frontend, plan, ids, &mut image);
     }
-    let service_ports: BTreeSet<u32> = (image.frontends.values())
-        .map(|entry| entry.header.service_port_id)
-        .collect();
-    ids.retain(
-        |id| image.backends.contains_key(&id),
-        |key| image.frontends.contains_key(key),
-        |id| service_ports.contains(&id),
-    );
     image
 }
 
@@ -499,11 +491,22 @@ impl<A: Address> DesiredImage<A> {
         let Some(entry) = self.frontends.remove(key) else {
             return;
         };
+        // Its own entries only, found by range: a frontend left out of a full batch must
+        // not cost a walk over every frontend's (at 100 000 frontends short of slots, that
+        // was a million entries for each of tens of thousands left out).
         let rev_nat_id = entry.header.rev_nat_id;
-        self.membership
-            .retain(|member, _| member.rev_nat_id != rev_nat_id);
-        self.source_ranges
-            .retain(|range| range.range.rev_nat_id != rev_nat_id);
+        let members: Vec<MembershipKey<A>> = (self.membership.range(member_bounds(rev_nat_id)))
+            .map(|(member, _)| *member)
+            .collect();
+        for member in members {
+            self.membership.remove(&member);
+        }
+        let ranges: Vec<SourceRangeEntry<A>> = (self.source_ranges.range(range_bounds(rev_nat_id)))
+            .copied()
+            .collect();
+        for range in ranges {
+            self.source_ranges.remove(&range);
+        }
         self.names.remove(&rev_nat_id);
     }
 
@@ -623,21 +626,11 @@ pub fn place<A: Address>(
     slots: &mut SlotAllocator,
 ) -> Placement<A> {
     let mut placement = Placement::default();
-    // Live slices that may move: those of frontends the batch leaves as they are. The
-    // others are live until their headers switch or go.
-    let untouched = |key: &FrontendKey<A>, header: &FrontendValue| match next.frontends.get(key) {
-        Some(entry) => current.slots_of(header).as_ref() == Some(&entry.slots),
-        None => matches!(scope, Scope::Frontends(keys) if !keys.contains(key)),
-    };
-    let mut movable: BTreeMap<Slice, FrontendKey<A>> = BTreeMap::new();
-    let mut fixed: Vec<Slice> = Vec::new();
-    for (key, header) in &current.services {
-        if untouched(key, header) {
-            movable.insert(slice_of(header), *key);
-        } else {
-            fixed.push(slice_of(header));
-        }
-    }
+    // The live slices, looked at only once a slice finds no room (a walk over every
+    // header: a change must not cost what the maps hold).
+    let mut live: Option<LiveSlices<A>> = None;
+    // The smallest slice no evacuation could make room for: larger ones need not try.
+    let mut no_room_from = u32::MAX;
     let keys: Vec<FrontendKey<A>> = next.frontends.keys().copied().collect();
     for key in keys {
         let entry = &next.frontends[&key];
@@ -663,8 +656,15 @@ pub fn place<A: Address>(
                 .insert(reservation.slice.base, entry.slots.clone());
             continue;
         }
+        if wanted >= no_room_from {
+            placement.unplaced.push(key);
+            continue;
+        }
+        let LiveSlices { movable, fixed } =
+            live.get_or_insert_with(|| LiveSlices::of(current, next, scope));
         let candidates: Vec<Slice> = movable.keys().copied().collect();
-        let Some(moves) = slots.evacuation(wanted, &candidates, &fixed) else {
+        let Some(moves) = slots.evacuation(wanted, &candidates, fixed) else {
+            no_room_from = wanted;
             placement.unplaced.push(key);
             continue;
         };
@@ -704,6 +704,36 @@ pub fn place<A: Address>(
     }
     placement.barrier = slots.barrier_pending();
     placement
+}
+
+/// The live slices of BACKEND_SLOTS, for an evacuation.
+struct LiveSlices<A> {
+    /// Slices that may move: those of frontends the batch leaves as they are.
+    movable: BTreeMap<Slice, FrontendKey<A>>,
+    /// The others: live until their headers switch or go.
+    fixed: Vec<Slice>,
+}
+
+impl<A: Address> LiveSlices<A> {
+    fn of(current: &MapImage<A>, next: &DesiredImage<A>, scope: Scope<'_, A>) -> Self {
+        let untouched = |key: &FrontendKey<A>, header: &FrontendValue| match next.frontends.get(key)
+        {
+            Some(entry) => current.slots_of(header).as_ref() == Some(&entry.slots),
+            None => matches!(scope, Scope::Frontends(keys) if !keys.contains(key)),
+        };
+        let mut live = LiveSlices {
+            movable: BTreeMap::new(),
+            fixed: Vec::new(),
+        };
+        for (key, header) in &current.services {
+            if untouched(key, header) {
+                live.movable.insert(slice_of(header), *key);
+            } else {
+                live.fixed.push(slice_of(header));
+            }
+        }
+        live
+    }
 }
 
 /// The writes that turn one image into another, phase by phase in the one order that keeps

@@ -16,7 +16,7 @@
 //! slices fit elsewhere, and reserves their new places; they are moved (copies written,
 //! headers switched), and after a barrier the window is free.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 
 /// A slice of `len` slots from `base` on.
@@ -48,6 +48,9 @@ pub struct SlotAllocator {
     capacity: u32,
     /// Free ranges, base → length, coalesced.
     free: BTreeMap<u32, u32>,
+    /// The same ranges by (length, base): best fit in O(log n) however fragmented the
+    /// array is (a million slots after thousands of changes).
+    free_by_len: BTreeSet<(u32, u32)>,
     /// Slices headers stopped naming since the last barrier.
     quarantined: Vec<Slice>,
     /// Slices reserved for writing, not yet named by a header: base → length.
@@ -73,13 +76,14 @@ impl SlotAllocator {
         let mut allocator = Self {
             capacity,
             free: BTreeMap::new(),
+            free_by_len: BTreeSet::new(),
             quarantined: Vec::new(),
             reserved: BTreeMap::new(),
             held: Vec::new(),
             barrier_pending: false,
         };
         if capacity > 0 {
-            allocator.free.insert(0, capacity);
+            allocator.add_free(0, capacity);
         }
         allocator
     }
@@ -100,15 +104,16 @@ impl SlotAllocator {
         self.reserved.clear();
         self.held.clear();
         self.free.clear();
+        self.free_by_len.clear();
         let mut next = 0;
         for slice in used {
             if slice.base > next {
-                self.free.insert(next, slice.base.min(self.capacity) - next);
+                self.add_free(next, slice.base.min(self.capacity) - next);
             }
             next = next.max(slice.end().min(self.capacity));
         }
         if next < self.capacity {
-            self.free.insert(next, self.capacity - next);
+            self.add_free(next, self.capacity - next);
         }
     }
 
@@ -153,14 +158,10 @@ impl SlotAllocator {
     }
 
     fn take_best_fit(&mut self, len: u32) -> Option<Slice> {
-        let (&base, &free_len) = self
-            .free
-            .iter()
-            .filter(|(_, free_len)| **free_len >= len)
-            .min_by_key(|(base, free_len)| (**free_len, **base))?;
-        self.free.remove(&base);
+        let &(free_len, base) = self.free_by_len.range((len, 0)..).next()?;
+        self.remove_free(base);
         if free_len > len {
-            self.free.insert(base + len, free_len - len);
+            self.add_free(base + len, free_len - len);
         }
         self.reserved.insert(base, len);
         Some(Slice { base, len })
@@ -205,14 +206,26 @@ impl SlotAllocator {
         if let Some((&before, &before_len)) = self.free.range(..base).next_back()
             && before + before_len == base
         {
-            self.free.remove(&before);
+            self.remove_free(before);
             base = before;
             len += before_len;
         }
-        if let Some(after_len) = self.free.remove(&(base + len)) {
+        if let Some(after_len) = self.remove_free(base + len) {
             len += after_len;
         }
+        self.add_free(base, len);
+    }
+
+    fn add_free(&mut self, base: u32, len: u32) {
         self.free.insert(base, len);
+        self.free_by_len.insert((len, base));
+    }
+
+    /// Removes the free range at `base`; its length, if there was one.
+    fn remove_free(&mut self, base: u32) -> Option<u32> {
+        let len = self.free.remove(&base)?;
+        self.free_by_len.remove(&(len, base));
+        Some(len)
     }
 
     /// Whether slices wait in quarantine (a barrier would free them).
@@ -251,34 +264,60 @@ impl SlotAllocator {
         starts.push(0);
         starts.sort_unstable();
         starts.dedup();
-        let blocked: Vec<Slice> = self
+        let mut blocked: Vec<Slice> = self
             .reserved
             .iter()
             .map(|(&base, &len)| Slice { base, len })
             .chain(self.held.iter().copied())
             .chain(fixed.iter().copied().filter(|s| s.len > 0))
             .collect();
-        let mut best: Option<(u32, Slice, Vec<Slice>)> = None;
+        blocked.sort();
+        // The furthest end among the blocked slices up to each: a window overlaps one iff
+        // the furthest end of those starting before the window's end lies past its start.
+        let blocked_reach: Vec<u32> = (blocked.iter())
+            .scan(0, |reach, slice| {
+                *reach = (*reach).max(slice.end());
+                Some(*reach)
+            })
+            .collect();
+        // Live slices are disjoint, so sorted by base they are sorted by end too: the ones
+        // a window overlaps are a run, found by two cursors moving forward as the windows
+        // do; their cost is a difference of running sums. Linear after the sorts.
+        let mut sums = Vec::with_capacity(live.len() + 1);
+        sums.push(0u64);
+        for slice in &live {
+            sums.push(sums[sums.len() - 1] + u64::from(slice.len));
+        }
+        let (mut first, mut past) = (0, 0);
+        let mut windows: Vec<(u64, u32)> = Vec::new();
         for base in starts {
             let window = Slice { base, len };
-            if window.end() > self.capacity || blocked.iter().any(|b| b.overlaps(window)) {
+            if window.end() > self.capacity {
                 continue;
             }
-            let inside: Vec<Slice> = live
-                .iter()
-                .copied()
-                .filter(|slice| slice.overlaps(window))
-                .collect();
-            let cost: u32 = inside.iter().map(|slice| slice.len).sum();
-            if best
-                .as_ref()
-                .is_none_or(|(best_cost, _, _)| cost < *best_cost)
-                && self.fits_outside(&inside, window)
-            {
-                best = Some((cost, window, inside));
+            let before = blocked.partition_point(|slice| slice.base < window.end());
+            if before > 0 && blocked_reach[before - 1] > base {
+                continue;
             }
+            while first < live.len() && live[first].end() <= base {
+                first += 1;
+            }
+            past = past.max(first);
+            while past < live.len() && live[past].base < window.end() {
+                past += 1;
+            }
+            windows.push((sums[past] - sums[first], base));
         }
-        let (_, window, mut victims) = best?;
+        // The cheapest window whose slices fit elsewhere; the first of equally cheap ones.
+        windows.sort_unstable();
+        let (window, mut victims) = windows.into_iter().find_map(|(_, base)| {
+            let window = Slice { base, len };
+            let first = live.partition_point(|slice| slice.end() <= base);
+            let past = live.partition_point(|slice| slice.base < window.end());
+            let inside = live[first..past].to_vec();
+            self.fits_outside(&inside, window)
+                .then_some((window, inside))
+        })?;
         let held = self.carve(window);
         victims.sort_by_key(|victim| std::cmp::Reverse(victim.len));
         let mut moves = Vec::new();
@@ -318,21 +357,21 @@ impl SlotAllocator {
 
     /// Takes the free parts inside `window` out of the free ranges; returns them.
     fn carve(&mut self, window: Slice) -> Vec<Slice> {
-        let overlapping: Vec<(u32, u32)> = self
-            .free
-            .iter()
+        let first =
+            (self.free.range(..window.base).next_back()).map_or(window.base, |(&base, _)| base);
+        let overlapping: Vec<(u32, u32)> = (self.free.range(first..window.end()))
             .map(|(&base, &len)| (base, len))
             .filter(|&(base, len)| Slice { base, len }.overlaps(window))
             .collect();
         let mut inside = Vec::new();
         for (base, len) in overlapping {
-            self.free.remove(&base);
+            self.remove_free(base);
             let range = Slice { base, len };
             if base < window.base {
-                self.free.insert(base, window.base - base);
+                self.add_free(base, window.base - base);
             }
             if range.end() > window.end() {
-                self.free.insert(window.end(), range.end() - window.end());
+                self.add_free(window.end(), range.end() - window.end());
             }
             let start = base.max(window.base);
             inside.push(Slice {
@@ -450,5 +489,143 @@ mod tests {
         let mut slots = SlotAllocator::new(12);
         slots.rebuild(fixed);
         assert_eq!(slots.evacuation(7, &[], &fixed), None);
+    }
+
+    /// The window a plain search picks: every start, the cheapest that fits, the first of
+    /// equally cheap ones (what [`SlotAllocator::evacuation`] computes with cursors).
+    fn plain_search(
+        slots: &SlotAllocator,
+        len: u32,
+        movable: &[Slice],
+        fixed: &[Slice],
+    ) -> Option<Vec<Slice>> {
+        let mut slots = slots.clone();
+        slots.free_quarantine();
+        if slots.free.values().sum::<u32>() < len {
+            return None;
+        }
+        let mut starts: Vec<u32> = slots.free.keys().copied().collect();
+        starts.extend(movable.iter().chain(fixed).map(|slice| slice.end()));
+        starts.push(0);
+        starts.sort_unstable();
+        starts.dedup();
+        let mut best: Option<(u32, Vec<Slice>)> = None;
+        for base in starts {
+            let window = slice(base, len);
+            let blocked = (slots.reserved.iter().map(|(&base, &len)| slice(base, len)))
+                .chain(slots.held.iter().copied())
+                .chain(fixed.iter().copied())
+                .any(|blocked| blocked.len > 0 && blocked.overlaps(window));
+            if window.end() > slots.capacity || blocked {
+                continue;
+            }
+            let mut inside: Vec<Slice> = (movable.iter().copied())
+                .filter(|live| live.len > 0 && live.overlaps(window))
+                .collect();
+            inside.sort();
+            let cost = inside.iter().map(|live| live.len).sum();
+            if best.as_ref().is_none_or(|(best, _)| cost < *best)
+                && slots.fits_outside(&inside, window)
+            {
+                best = Some((cost, inside));
+            }
+        }
+        best.map(|(_, inside)| inside)
+    }
+
+    /// xorshift64: enough to draw test layouts.
+    fn draw(state: &mut u64, below: u32) -> u32 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        (*state % u64::from(below)) as u32
+    }
+
+    #[test]
+    fn evacuation_moves_what_a_plain_search_would() {
+        let mut state = 0x5eed_u64;
+        for _ in 0..2_000 {
+            let capacity = 20 + draw(&mut state, 60);
+            // Disjoint live slices with gaps, some of them fixed.
+            let (mut movable, mut fixed) = (Vec::new(), Vec::new());
+            let mut next = draw(&mut state, 4);
+            loop {
+                let live = slice(next, 1 + draw(&mut state, 8));
+                if live.end() > capacity {
+                    break;
+                }
+                if draw(&mut state, 5) == 0 {
+                    fixed.push(live);
+                } else {
+                    movable.push(live);
+                }
+                next = live.end() + draw(&mut state, 5);
+            }
+            let mut slots = SlotAllocator::new(capacity);
+            slots.rebuild(movable.iter().chain(&fixed).copied());
+            let len = 1 + draw(&mut state, capacity / 2);
+            let expected = plain_search(&slots, len, &movable, &fixed);
+            let moves = slots.evacuation(len, &movable, &fixed);
+            let mut moved: Option<Vec<Slice>> = moves
+                .as_ref()
+                .map(|moves| moves.iter().map(|(old, _)| *old).collect());
+            if let Some(moved) = &mut moved {
+                moved.sort();
+            }
+            assert_eq!(
+                moved, expected,
+                "{len} slots among {movable:?}, fixed {fixed:?}"
+            );
+            for (old, new) in moves.unwrap_or_default() {
+                assert_eq!(old.len, new.len);
+                assert!(movable.iter().chain(&fixed).all(|live| !live.overlaps(new)));
+            }
+        }
+    }
+
+    #[test]
+    fn a_fragmented_array_of_a_million_slots() {
+        // 100 000 slices of 10 two slots apart, every tenth one gone (holes of 14), and
+        // 200 002 slots free at the end.
+        let capacity = 1_400_000;
+        let live: Vec<Slice> = (0..100_000u32)
+            .filter(|index| index % 10 != 5)
+            .map(|index| slice(index * 12, 10))
+            .collect();
+        let mut slots = SlotAllocator::new(capacity);
+        slots.rebuild(live.iter().copied());
+        // Best fit: the first hole of 14 for 12 slots, not the long free end.
+        let hole = slots.reserve(12).unwrap().slice;
+        assert_eq!(hole, slice(4 * 12 + 10, 12));
+        let end = slots.reserve(200_002).unwrap().slice;
+        assert_eq!(end.end(), capacity);
+        slots.named(hole);
+        slots.named(end);
+        assert_eq!(slots.reserve(30), None, "no 30 slots in a row");
+        let moves = (slots.evacuation(30, &live, &[hole, end])).expect("room can be made");
+        let moved: Vec<Slice> = moves.iter().map(|(old, _)| *old).collect();
+        assert_eq!(
+            moved.iter().map(|old| old.len).sum::<u32>(),
+            20,
+            "a window of 30 holds a hole of 14 and two slices at best"
+        );
+        for (old, new) in &moves {
+            let taken = live.iter().chain([&hole, &end]);
+            assert!(
+                !taken.into_iter().any(|live| live.overlaps(*new)),
+                "{new:?}"
+            );
+            slots.named(*new);
+            slots.released(*old);
+        }
+        slots.settle();
+        let reserved = slots.reserve(30).expect("the window, after a barrier");
+        assert!(reserved.after_barrier);
+        assert!(
+            (live.iter())
+                .filter(|live| !moved.contains(live))
+                .all(|live| !live.overlaps(reserved.slice)),
+            "{reserved:?} overlaps a slice still live"
+        );
     }
 }

@@ -28,6 +28,7 @@ pub(super) use de::NodeDeserializer;
 use scalar::Resolved;
 
 mod de;
+mod fast;
 mod scalar;
 #[cfg(test)]
 mod tests;
@@ -174,7 +175,55 @@ pub(super) trait DocumentSink<'a> {
 
 /// Reads every document of `text` into `sink`. Err when the text is not YAML or breaks a
 /// limit: then the file as a whole can't be used (the parser can't go on past an error).
+///
+/// The plain block YAML that tools write is read by [`fast`], several times faster than
+/// the parser; at the first document it does not read (anything past that subset, or a
+/// document the parser would refuse or report on), the parser reads the text from the
+/// start and the documents [`fast`] handed on already are not handed on again — so every
+/// error and every document is exactly what the parser alone would give.
 pub(super) fn read_documents<'a>(
+    text: &'a str,
+    limits: &TreeLimits,
+    sink: &mut impl DocumentSink<'a>,
+) -> Result<(), YamlError> {
+    let Err(fast::HandedOver { delivered }) = fast::read_documents(text, limits, sink) else {
+        return Ok(());
+    };
+    let mut rest = Skipping {
+        sink,
+        skip: delivered,
+    };
+    parse_documents(text, limits, &mut rest)
+}
+
+/// A sink that leaves out the first `skip` documents (read already).
+struct Skipping<'s, S> {
+    sink: &'s mut S,
+    skip: usize,
+}
+
+impl<'a, S: DocumentSink<'a>> DocumentSink<'a> for Skipping<'_, S> {
+    fn document(
+        &mut self,
+        index: usize,
+        tree: &Tree<'a>,
+        root: Option<u32>,
+        error: Option<String>,
+    ) {
+        if index >= self.skip {
+            self.sink.document(index, tree, root, error);
+        }
+    }
+
+    fn list_item(&mut self, index: usize, tree: &Tree<'a>, item: u32, error: Option<String>) {
+        if index >= self.skip {
+            self.sink.list_item(index, tree, item, error);
+        }
+    }
+}
+
+/// [`read_documents`] with granit-parser's events: all of YAML.
+fn parse_documents<'a>(
     text: &'a str,
     limits: &TreeLimits,
     sink: &mut impl DocumentSink<'a>,
@@ -193,9 +242,7 @@ pub(super) fn read_documents<'a>(
             Event::StreamStart | Event::StreamEnd => {}
             Event::DocumentStart(..) => builder.reset(),
             Event::DocumentEnd => {
-                let root = (!builder.tree.nodes.is_empty()).then_some(0);
-                let error = builder.document_error.take();
-                sink.document(document, &builder.tree, root, error);
+                builder.document_done(document, sink);
                 document += 1;
             }
             Event::Scalar(text, style, anchor, tag) => {
@@ -279,6 +326,13 @@ impl<'a> Builder<'a> {
             document_error: None,
             item_error: None,
         }
+    }
+
+    /// Hands the complete document to the sink.
+    fn document_done(&mut self, document: usize, sink: &mut impl DocumentSink<'a>) {
+        let root = (!self.tree.nodes.is_empty()).then_some(0);
+        let error = self.document_error.take();
+        sink.document(document, &self.tree, root, error);
     }
 
     fn reset(&mut self) {
