@@ -9,9 +9,9 @@
 //! kube-proxy hashing; nftables mode hashes its own (longer) names.
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 
 use data_encoding::BASE32;
-use proxy_userspace::inspect::Endpoint;
 use proxy_userspace::inspect::explain::{endpoint_chain, service_chain};
 use sha2::{Digest, Sha256};
 
@@ -25,14 +25,11 @@ const PROTOCOL: &str = "tcp";
 const NFT_TABLE: &str = "ip kube-proxy";
 
 /// The Service's endpoints as kube-proxy orders them: sorted as `ip:port` text.
-fn sorted_endpoints(service: &BenchService) -> Vec<Endpoint> {
-    let mut endpoints: Vec<Endpoint> = service
+fn sorted_endpoints(service: &BenchService) -> Vec<SocketAddr> {
+    let mut endpoints: Vec<SocketAddr> = service
         .endpoints
         .iter()
-        .map(|address| Endpoint {
-            address: *address,
-            port: service.target_port,
-        })
+        .map(|address| SocketAddr::new((*address).into(), service.target_port))
         .collect();
     endpoints.sort_by_key(ToString::to_string);
     endpoints
@@ -117,7 +114,7 @@ pub fn iptables_restore_with_node_port(cluster: &Cluster, node_port: Option<u16>
             let _ = writeln!(
                 rules,
                 "-A {chain} -m comment --comment {name} -s {} -j KUBE-MARK-MASQ",
-                endpoint.address
+                endpoint.ip()
             );
             let _ = writeln!(
                 rules,
@@ -146,10 +143,12 @@ fn nft_service_chain(service: &BenchService) -> String {
     format!("service-{}", hashed(&base))
 }
 
-fn nft_endpoint_chain(service: &BenchService, endpoint: &Endpoint) -> String {
+fn nft_endpoint_chain(service: &BenchService, endpoint: &SocketAddr) -> String {
     let base = format!(
         "{NAMESPACE}/{}/{PROTOCOL}/{PORT_NAME}__{}/{}",
-        service.name, endpoint.address, endpoint.port
+        service.name,
+        endpoint.ip(),
+        endpoint.port()
     );
     format!("endpoint-{}", hashed(&base))
 }
@@ -191,7 +190,7 @@ pub fn nft_script(cluster: &Cluster) -> String {
                 "add chain {NFT_TABLE} {chain}\n\
                  add rule {NFT_TABLE} {chain} ip saddr {} jump mark-for-masquerade\n\
                  add rule {NFT_TABLE} {chain} meta l4proto tcp dnat to {endpoint}",
-                endpoint.address
+                endpoint.ip()
             );
             choices.push(format!("{index} : goto {chain}"));
         }
@@ -282,10 +281,7 @@ mod tests {
         assert_eq!(script.matches("numgen random mod 10 vmap").count(), 3);
         assert_eq!(script.matches(" dnat to ").count(), 30);
         let service = cluster(3).service(0);
-        let first = Endpoint {
-            address: Ipv4Addr::new(198, 18, 2, 0),
-            port: 8080,
-        };
+        let first = SocketAddr::new(Ipv4Addr::new(198, 18, 2, 0).into(), 8080);
         assert!(script.contains(&format!(
             "0 : goto {}",
             nft_endpoint_chain(&service, &first)

@@ -7,6 +7,7 @@
 #![no_std]
 
 mod conntrack;
+mod family;
 mod fragment;
 pub mod maglev;
 pub mod sctp;
@@ -16,6 +17,7 @@ pub use conntrack::{
     CtKey, CtTimeouts, CtValue, EXPIRES_REMOVING, Endpoint, FlowState, Translation, Tuple,
     UDP_STREAM_AFTER_S, ct_flags, ct_seconds, ct_state, flow_expired, next_state, tcp_flags,
 };
+pub use family::{Address, FamilyMapNames, Ipv6};
 pub use fragment::{
     FRAGMENT_TIMEOUT_NS, FragmentKey, FragmentValue, MIN_CHECKED_MTU, fragment_verdict, icmp,
 };
@@ -102,6 +104,16 @@ pub mod map_names {
     pub const XDP_EGRESS: &str = "XDP_EGRESS";
     /// Not pinned: each `ebpf-proxy trace` process gets its own, private to its dry run.
     pub const TRACE: &str = "TRACE";
+    /// IPv6's counterparts of SERVICES, BACKEND_SLOTS, BACKEND_IDS, MEMBERSHIP, SVC_NAMES,
+    /// SOURCE_RANGES and MAGLEV: the same types with 16-byte addresses (see
+    /// [`Address`](crate::Address)); their ids and slots count apart from IPv4's.
+    pub const SERVICES6: &str = "SERVICES6";
+    pub const BACKEND_SLOTS6: &str = "BACKEND_SLOTS6";
+    pub const BACKEND_IDS6: &str = "BACKEND_IDS6";
+    pub const MEMBERSHIP6: &str = "MEMBERSHIP6";
+    pub const SVC_NAMES6: &str = "SVC_NAMES6";
+    pub const SOURCE_RANGES6: &str = "SOURCE_RANGES6";
+    pub const MAGLEV6: &str = "MAGLEV6";
     /// Socket-level translations, per socket cookie (see [`SockKey`](crate::SockKey)).
     pub const SOCK_XLATE: &str = "SOCK_XLATE";
     /// Session affinity of sockets: each network namespace's backend per frontend (a
@@ -161,12 +173,12 @@ pub struct ReapRequest {
 /// TRACE map. Never attached: `ebpf-proxy trace` runs it with BPF_PROG_TEST_RUN.
 pub const TRACE_PROGRAM_NAME: &str = "epx_trace";
 
-/// Key of the SERVICES map: a frontend, `addr:port/proto`.
+/// Key of the SERVICES map (SERVICES6 with an IPv6 address): a frontend, `addr:port/proto`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct FrontendKey {
-    /// IPv4 address, network byte order.
-    pub addr: u32,
+pub struct FrontendKey<A = u32> {
+    /// The address, network byte order.
+    pub addr: A,
     /// Port, network byte order.
     pub port: u16,
     pub proto: u8,
@@ -326,8 +338,8 @@ impl FrontendValue {
 /// reads one slot and nothing else.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct Slot {
-    pub backend: Backend,
+pub struct Slot<A = u32> {
+    pub backend: Backend<A>,
     /// The backend's id (BACKEND_IDS), recorded in conntrack entries.
     pub backend_id: u32,
     pub _pad: u32,
@@ -337,9 +349,9 @@ pub struct Slot {
 /// and what a slot holds.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct Backend {
-    /// IPv4 address, network byte order.
-    pub addr: u32,
+pub struct Backend<A = u32> {
+    /// The address, network byte order.
+    pub addr: A,
     /// Port, network byte order.
     pub port: u16,
     pub proto: u8,
@@ -400,10 +412,10 @@ pub struct AffinityValue {
 /// address of the frontend `rev_nat_id`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct MembershipKey {
+pub struct MembershipKey<A = u32> {
     pub rev_nat_id: u32,
-    /// IPv4 address, network byte order.
-    pub addr: u32,
+    /// The address, network byte order.
+    pub addr: A,
 }
 
 /// Bits of a MEMBERSHIP value.
@@ -428,14 +440,14 @@ pub mod membership {
 /// prefixes contains it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SourceRange {
+pub struct SourceRange<A = u32> {
     /// The frontend's id. Always matched whole, so its byte order does not matter.
     pub rev_nat_id: u32,
     /// The client address or prefix, network byte order.
-    pub addr: u32,
+    pub addr: A,
 }
 
-impl SourceRange {
+impl<A> SourceRange<A> {
     /// Bits of the key before the address: the whole `rev_nat_id`.
     pub const FRONTEND_BITS: u32 = 32;
 }
@@ -911,20 +923,22 @@ pub mod default_max_entries {
 mod pod {
     // SAFETY: each type is #[repr(C)], Copy, made only of integers with explicit padding
     // fields, so every bit pattern is valid and there are no implicit holes.
-    unsafe impl aya::Pod for super::FrontendKey {}
+    use super::Address;
+    // Generic over the two sealed `Address` types, whose sizes (4, 16) leave no holes.
+    unsafe impl<A: Address> aya::Pod for super::FrontendKey<A> {}
     unsafe impl aya::Pod for super::FrontendValue {}
     unsafe impl aya::Pod for super::maglev::MaglevKey {}
     unsafe impl aya::Pod for super::maglev::MaglevChunk {}
-    unsafe impl aya::Pod for super::Slot {}
-    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl<A: Address> aya::Pod for super::Slot<A> {}
+    unsafe impl<A: Address> aya::Pod for super::Backend<A> {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityValue {}
-    unsafe impl aya::Pod for super::MembershipKey {}
+    unsafe impl<A: Address> aya::Pod for super::MembershipKey<A> {}
     unsafe impl aya::Pod for super::CtTimeouts {}
     unsafe impl aya::Pod for super::ReapRequest {}
-    unsafe impl aya::Pod for super::SourceRange {}
+    unsafe impl<A: Address> aya::Pod for super::SourceRange<A> {}
     unsafe impl aya::Pod for super::ServiceName {}
     unsafe impl aya::Pod for super::TraceRecord {}
     unsafe impl aya::Pod for super::RefusalLimits {}
@@ -958,6 +972,11 @@ mod tests {
         assert_eq!(size_of::<TraceRecord>(), 160);
         assert_eq!(size_of::<FragmentKey>(), 12);
         assert_eq!(size_of::<FragmentValue>(), 24);
+        assert_eq!(size_of::<FrontendKey<Ipv6>>(), 20);
+        assert_eq!(size_of::<Backend<Ipv6>>(), 20);
+        assert_eq!(size_of::<Slot<Ipv6>>(), 28);
+        assert_eq!(size_of::<MembershipKey<Ipv6>>(), 20);
+        assert_eq!(size_of::<SourceRange<Ipv6>>(), 20);
     }
 
     #[test]

@@ -34,6 +34,7 @@ mod forwarding;
 mod fragment;
 mod icmp_error;
 mod lb;
+mod lb6;
 mod maglev;
 mod membership;
 mod mode;

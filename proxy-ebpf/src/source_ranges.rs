@@ -18,7 +18,7 @@ static SOURCE_RANGES: LpmTrie<SourceRange, u8> =
 #[inline(always)]
 pub fn admits(client_addr: u32, frontend: &Frontend) -> bool {
     let key = Key::new(
-        SourceRange::FRONTEND_BITS + 32,
+        SourceRange::<u32>::FRONTEND_BITS + 32,
         SourceRange {
             rev_nat_id: frontend.header.rev_nat_id,
             addr: client_addr,

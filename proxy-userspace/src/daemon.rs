@@ -98,9 +98,9 @@ struct Daemon {
     need_reread: bool,
     /// The last sync left writes undone (a full map, a failed write): the maps lag behind.
     writes_pending: bool,
-    /// IPv6 frontends the planner has and the writer does not program (no IPv6 datapath
-    /// yet), as last logged.
-    ipv6_frontends_planned: usize,
+    /// IPv6 frontends written to the IPv6 maps, which no program serves yet, as last
+    /// logged.
+    ipv6_frontends_unserved: usize,
     runner: SyncRunner,
     node: NodeFacts,
     attached: BTreeSet<Device>,
@@ -202,7 +202,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         need_full_sync: true,
         need_reread: false,
         writes_pending: false,
-        ipv6_frontends_planned: 0,
+        ipv6_frontends_unserved: 0,
         node,
         attached: BTreeSet::new(),
         xdp_attached: BTreeMap::new(),
@@ -437,23 +437,26 @@ impl Daemon {
         self.service_health
             .sync(self.planner.health_checks(), &addresses);
         let desired = self.planner.desired();
-        let ipv6_frontends = desired.ipv6_frontends().count();
-        if ipv6_frontends != self.ipv6_frontends_planned {
-            self.ipv6_frontends_planned = ipv6_frontends;
+        let ipv6_frontends = self.writer.image6().services.len();
+        if ipv6_frontends != self.ipv6_frontends_unserved {
+            self.ipv6_frontends_unserved = ipv6_frontends;
             if ipv6_frontends > 0 {
                 warn!(
                     frontends = ipv6_frontends,
-                    "IPv6 frontends planned but not programmed: the datapath serves IPv4 only"
+                    "IPv6 frontends written to the IPv6 maps but not served: the packet path \
+                     is IPv4 only"
                 );
             }
         }
         info!(
-            frontends = desired.frontends.len() - ipv6_frontends,
-            backends = self.writer.image().backends.len(),
+            frontends = desired.frontends.len(),
+            backends = self.writer.image().backends.len() + self.writer.image6().backends.len(),
             writes = report.ops,
             all_written = report.complete(),
             changed = delta.frontends.len(),
             full,
+            // Not `ipv6_frontends=`: tests and tools look for `frontends=N `.
+            ipv6 = ipv6_frontends,
             elapsed_us = started.elapsed().as_micros() as u64,
             "sync complete"
         );
@@ -470,15 +473,20 @@ impl Daemon {
     fn report_refused(&self, report: &ApplyReport) {
         let sizes = &self.config.map_sizes;
         for (map, refused) in &report.map_full {
+            // Each family's maps are sized by the same flags.
             let (max, flag) = match *map {
-                map_names::SERVICES => (sizes.services, "--max-services"),
-                map_names::BACKEND_SLOTS => (sizes.backend_slots, "--max-backend-slots"),
-                map_names::BACKEND_IDS => (sizes.backends, "--max-backends"),
-                map_names::MEMBERSHIP => (
+                map_names::SERVICES | map_names::SERVICES6 => (sizes.services, "--max-services"),
+                map_names::BACKEND_SLOTS | map_names::BACKEND_SLOTS6 => {
+                    (sizes.backend_slots, "--max-backend-slots")
+                }
+                map_names::BACKEND_IDS | map_names::BACKEND_IDS6 => {
+                    (sizes.backends, "--max-backends")
+                }
+                map_names::MEMBERSHIP | map_names::MEMBERSHIP6 => (
                     sizes.backend_slots.saturating_add(sizes.services),
                     "--max-backend-slots",
                 ),
-                map_names::MAGLEV => (
+                map_names::MAGLEV | map_names::MAGLEV6 => (
                     sizes
                         .maglev_tables
                         .saturating_mul(proxy_common::maglev::chunks(

@@ -31,8 +31,9 @@ use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, TestRun as _, Test
 use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::{
-    CtTimeouts, PROGRAM_NAME, REFUSAL_LIMITS_GLOBAL, RefusalLimits, SNAT_PORT_MAX_GLOBAL,
-    SNAT_PORT_MIN_GLOBAL, XDP_PROGRAM_NAME, device_kind, map_names, sock_globals,
+    Address, CtTimeouts, Ipv6, PROGRAM_NAME, REFUSAL_LIMITS_GLOBAL, RefusalLimits,
+    SNAT_PORT_MAX_GLOBAL, SNAT_PORT_MIN_GLOBAL, XDP_PROGRAM_NAME, device_kind, map_names,
+    sock_globals,
 };
 use tracing::{info, warn};
 
@@ -183,27 +184,33 @@ impl Datapath {
         let links_dir = root.join("links");
         fs::create_dir_all(&links_dir)
             .with_context(|| format!("creating {}", links_dir.display()))?;
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .default_map_pin_directory(root)
-            .map_max_entries(map_names::SERVICES, sizes.services)
-            .map_max_entries(map_names::BACKEND_SLOTS, sizes.backend_slots)
             .map_max_entries(map_names::CONNTRACK, sizes.conntrack.assured)
             .map_max_entries(map_names::CONNTRACK_PENDING, sizes.conntrack.pending)
-            // One name per frontend, and frontends are bounded by SERVICES.
-            .map_max_entries(map_names::SVC_NAMES, sizes.services)
-            // About one entry per slot (an endpoint address of a frontend).
-            .map_max_entries(
-                map_names::MEMBERSHIP,
-                sizes.backend_slots.saturating_add(sizes.services),
-            )
-            .map_max_entries(map_names::BACKEND_IDS, sizes.backends)
-            .map_max_entries(
-                map_names::MAGLEV,
-                sizes
-                    .maglev_tables
-                    .saturating_mul(proxy_common::maglev::chunks(DEFAULT_TABLE_SIZE)),
-            )
-            .map_max_entries(map_names::FRAGMENTS, sizes.fragments)
+            .map_max_entries(map_names::FRAGMENTS, sizes.fragments);
+        // Each family's maps get the same sizes.
+        for family in [<u32 as Address>::MAPS, <Ipv6 as Address>::MAPS] {
+            loader
+                .map_max_entries(family.services, sizes.services)
+                .map_max_entries(family.backend_slots, sizes.backend_slots)
+                // One name per frontend, and frontends are bounded by SERVICES.
+                .map_max_entries(family.svc_names, sizes.services)
+                // About one entry per slot (an endpoint address of a frontend).
+                .map_max_entries(
+                    family.membership,
+                    sizes.backend_slots.saturating_add(sizes.services),
+                )
+                .map_max_entries(family.backend_ids, sizes.backends)
+                .map_max_entries(
+                    family.maglev,
+                    sizes
+                        .maglev_tables
+                        .saturating_mul(proxy_common::maglev::chunks(DEFAULT_TABLE_SIZE)),
+                );
+        }
+        let mut ebpf = loader
             .override_global(SNAT_PORT_MIN_GLOBAL, &sizes.snat_ports.min, true)
             .override_global(SNAT_PORT_MAX_GLOBAL, &sizes.snat_ports.max, true)
             .override_global(REFUSAL_LIMITS_GLOBAL, &refusal_limits, true)

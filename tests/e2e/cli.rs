@@ -7,16 +7,16 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Context, Result, ensure};
-use common::{SERVICE_TCP_PORT, SYNC_TIMEOUT, backends, caller, cli_json, echo_service, flows_of};
-use proxy_lab::{
-    Daemon, Lab, Manifest, NODE_NAME, Netns, Service, addr, daemon_binary, require_lab,
+use common::{
+    SERVICE_TCP_PORT, SYNC_TIMEOUT, backends, caller, cli_json, echo_service, flows_of, in_netns,
+    kube_rules,
 };
+use proxy_lab::{Daemon, Lab, Manifest, NODE_NAME, Service, addr, daemon_binary, require_lab};
 use serde_json::Value;
 
 /// The single-backend Service of the trace test, and its only endpoint (pod-2).
@@ -406,57 +406,6 @@ fn missing_pins_ask_whether_the_daemon_runs() -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Runs `program args` inside `ns` (`nsenter --net`), with `stdin` as its input; its stdout.
-fn in_netns(ns: &Netns, program: &str, args: &[&str], stdin: &str) -> Result<String> {
-    use std::io::Write as _;
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net={}", ns.path().display()))
-        .arg(program)
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .with_context(|| format!("running {program} in netns {}", ns.name()))?;
-    child
-        .stdin
-        .take()
-        .context("piped stdin")?
-        .write_all(stdin.as_bytes())?;
-    let output = child.wait_with_output()?;
-    ensure!(
-        output.status.success(),
-        "{program} {} failed ({}): {}",
-        args.join(" "),
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8(output.stdout)?)
-}
-
-/// The KUBE chains of iptables-save-style text: per table, each chain's rules in order.
-fn kube_rules(text: &str) -> BTreeMap<(String, String), Vec<String>> {
-    let mut rules: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
-    let mut table = String::new();
-    for line in text.lines() {
-        if let Some(name) = line.strip_prefix('*') {
-            table = name.to_owned();
-        } else if let Some(chain) = line.strip_prefix(':') {
-            let chain = chain.split(' ').next().unwrap_or_default();
-            if chain.starts_with("KUBE-") {
-                rules.entry((table.clone(), chain.to_owned())).or_default();
-            }
-        } else if let Some(rule) = line.strip_prefix("-A ") {
-            let chain = rule.split(' ').next().unwrap_or_default();
-            rules
-                .entry((table.clone(), chain.to_owned()))
-                .or_default()
-                .push(line.to_owned());
-        }
-    }
-    rules
 }
 
 /// `explain` is text that `iptables-restore` takes, and `explain --form iptables-save` is

@@ -2,10 +2,11 @@
 //! is the caller. The caller is never a backend (hairpin has its own test, `hairpin`).
 #![allow(dead_code)] // each test binary uses its own subset
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use proxy_lab::{Cluster, ClusterNode, Daemon, Endpoint, Lab, Netns, Pod, Service, addr};
 use serde_json::Value;
 
@@ -148,4 +149,55 @@ pub fn daemons_on_nodes_1_and_2<'lab>(
         daemon.wait_synced(SYNC_TIMEOUT)?;
     }
     Ok(daemons)
+}
+
+/// Runs `program args` inside `ns` (`nsenter --net`), with `stdin` as its input; its stdout.
+pub fn in_netns(ns: &Netns, program: &str, args: &[&str], stdin: &str) -> Result<String> {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", ns.path().display()))
+        .arg(program)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {program} in netns {}", ns.name()))?;
+    child
+        .stdin
+        .take()
+        .context("piped stdin")?
+        .write_all(stdin.as_bytes())?;
+    let output = child.wait_with_output()?;
+    ensure!(
+        output.status.success(),
+        "{program} {} failed ({}): {}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?)
+}
+
+/// The KUBE chains of iptables-save-style text: per table, each chain's rules in order.
+pub fn kube_rules(text: &str) -> BTreeMap<(String, String), Vec<String>> {
+    let mut rules: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    let mut table = String::new();
+    for line in text.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            table = name.to_owned();
+        } else if let Some(chain) = line.strip_prefix(':') {
+            let chain = chain.split(' ').next().unwrap_or_default();
+            if chain.starts_with("KUBE-") {
+                rules.entry((table.clone(), chain.to_owned())).or_default();
+            }
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            let chain = rule.split(' ').next().unwrap_or_default();
+            rules
+                .entry((table.clone(), chain.to_owned()))
+                .or_default()
+                .push(line.to_owned());
+        }
+    }
+    rules
 }

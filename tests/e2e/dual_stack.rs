@@ -1,8 +1,9 @@
 //! A dual-stack LoadBalancer Service (`ipFamilies: [IPv4, IPv6]`, `externalTrafficPolicy:
 //! Local`, a healthCheckNodePort) on a node with an address of each family, as far as
 //! issue 12 has come: its IPv4 half serves (ClusterIP from a pod, NodePort from outside),
-//! its IPv6 half is planned from the IPv6 EndpointSlice and reported as not programmed
-//! (no IPv6 datapath yet), and the health check answers over both families. The lab's
+//! its IPv6 half is planned from the IPv6 EndpointSlice and written into the IPv6 maps,
+//! reported as not served (no IPv6 packet path yet), and the health check answers over
+//! both families. The lab's
 //! IPv6 addresses are in 2001:db8::/32, inside the lab's namespaces only.
 
 mod common;
@@ -10,13 +11,15 @@ mod common;
 use std::net::{IpAddr, Ipv6Addr};
 
 use anyhow::{Result, ensure};
-use common::{BACKEND_NAMES, SYNC_TIMEOUT, caller, health_check};
+use common::{BACKEND_NAMES, SYNC_TIMEOUT, caller, cli_json, health_check, in_netns, kube_rules};
 use proxy_lab::{Lab, Manifest, NODE_NAME, addr, require_lab};
 
 const NODE_IPV6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 const CLIENT_IPV6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
 const CLUSTER_IPV6: &str = "2001:db8:ff::10";
 const LOAD_BALANCER_IPV6: &str = "2001:db8:1b::1";
+const STICKY_IPV6: &str = "2001:db8:ff::11";
+const EMPTY_IPV6: &str = "2001:db8:ff::12";
 const HEALTH_CHECK_NODE_PORT: u16 = 32002;
 
 /// The Service, its IPv4 slice (pod-1..pod-3) and its IPv6 slice (addresses the datapath
@@ -67,6 +70,23 @@ fn dual_stack_manifest(lab: &Lab) -> Manifest {
             ));
         }
     }
+    // Single-stack IPv6 Services: one with session affinity, one without endpoints.
+    yaml.push_str(&format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: sticky6\n  namespace: default\n\
+         spec:\n  clusterIP: \"{STICKY_IPV6}\"\n  ipFamilies: [IPv6]\n\
+         \x20 sessionAffinity: ClientIP\n\
+         \x20 sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 600}}}}\n\
+         \x20 ports:\n  - name: http\n    protocol: TCP\n    port: 80\n    targetPort: {echo}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n\
+         \x20 name: sticky6\n  namespace: default\n  labels:\n\
+         \x20   kubernetes.io/service-name: sticky6\naddressType: IPv6\n\
+         ports:\n  - name: http\n    protocol: TCP\n    port: {echo}\nendpoints:\n\
+         \x20 - addresses: [\"2001:db8:1::1\"]\n    conditions: {{ready: true}}\n\
+         ---\napiVersion: v1\nkind: Service\nmetadata:\n  name: empty6\n  namespace: default\n\
+         spec:\n  clusterIP: \"{EMPTY_IPV6}\"\n  ipFamilies: [IPv6]\n\
+         \x20 ports:\n  - name: http\n    protocol: TCP\n    port: 80\n",
+        echo = addr::ECHO_TCP_PORT,
+    ));
     Manifest {
         file_name: "dual.yaml".to_owned(),
         yaml,
@@ -116,15 +136,67 @@ fn a_dual_stack_service_serves_ipv4_plans_ipv6_and_answers_health_checks_on_both
     }
 
     // The IPv6 half: its ClusterIP, the NodePort on the node's IPv6 address and the IPv6
-    // load-balancer IP are planned, and the log says they are not programmed.
+    // load-balancer IP are written into the IPv6 maps, with the two IPv6-only ClusterIPs,
+    // and the log says they are not served.
     let log = daemon.log();
     ensure!(
-        log.contains("IPv6 frontends planned but not programmed") && log.contains("frontends=3"),
+        log.contains("IPv6 frontends written to the IPv6 maps but not served")
+            && log.contains("frontends=5"),
         "no line about the IPv6 frontends:\n{log}"
     );
     ensure!(
         log.contains(&NODE_IPV6.to_string()),
         "the node's IPv6 address is not among its addresses:\n{log}"
+    );
+
+    // The CLI reads them back from the IPv6 maps: the three frontends with the IPv6
+    // slice's endpoints, and as ip6tables rules.
+    let services = cli_json(&daemon, &["services"])?;
+    let ipv6: Vec<&serde_json::Value> = (services.as_array().into_iter().flatten())
+        .filter(|row| row["family"] == "IPv6" && row["service"] == "default/dual:http")
+        .collect();
+    let addresses: Vec<&str> = ipv6
+        .iter()
+        .filter_map(|row| row["address"].as_str())
+        .collect();
+    ensure!(
+        addresses.len() == 3
+            && addresses.contains(&CLUSTER_IPV6)
+            && addresses.contains(&LOAD_BALANCER_IPV6)
+            && addresses.contains(&NODE_IPV6.to_string().as_str()),
+        "IPv6 frontends in `services`: {addresses:?}"
+    );
+    for row in &ipv6 {
+        let backends = row["backends"].as_array().map_or(0, Vec::len);
+        ensure!(backends == 3, "{row}");
+    }
+    let stats = cli_json(&daemon, &["stats"])?;
+    let entries = |name: &str| {
+        (stats["maps"].as_array().into_iter().flatten())
+            .find(|map| map["name"] == name)
+            .and_then(|map| map["entries"].as_u64())
+    };
+    // Three distinct backends: sticky6's endpoint is one of dual's.
+    ensure!(
+        entries("SERVICES6") == Some(5) && entries("BACKEND_IDS6") == Some(3),
+        "stats: {stats:#}"
+    );
+    let rules = daemon.cli(&["explain", "--family", "ipv6"])?;
+    ensure!(
+        rules.contains(&format!("-d {CLUSTER_IPV6} --dport 80 -j KUBE-SVC-"))
+            && rules.contains(&format!("-d {EMPTY_IPV6} --dport 80 -j REJECT"))
+            && rules.contains("--rcheck --seconds 600 --reap")
+            && rules.matches("-j DNAT --to-destination [2001:db8:").count() == 4,
+        "explain --family ipv6:\n{rules}"
+    );
+    // ip6tables takes them (session affinity's `recent` lists and REJECT included), and ip6tables-save prints back exactly the iptables-save form
+    // (in the client's namespace, where nothing jumps to the KUBE chains).
+    let saved_form = daemon.cli(&["explain", "--family", "ipv6", "--form", "iptables-save"])?;
+    in_netns(lab.client(), "ip6tables-restore", &[], &rules)?;
+    let saved = in_netns(lab.client(), "ip6tables-save", &[], "")?;
+    ensure!(
+        kube_rules(&saved_form) == kube_rules(&saved),
+        "explain --family ipv6 --form iptables-save:\n{saved_form}\nip6tables-save:\n{saved}"
     );
     Ok(())
 }

@@ -1,18 +1,22 @@
 //! `ebpf-proxy backends`: one row per backend, with the frontends that use it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, SocketAddr};
 
+use proxy_common::Address;
 use serde::Serialize;
 
-use super::{Endpoint, frontend_label, new_table, protocol_name, service_of};
+use super::{frontend_label, new_table, protocol_name, service_of, socket_addr};
 use crate::writer::{MapImage, slice_of};
 
 /// One backend. JSON schema: every field, always present.
 #[derive(Debug, Serialize)]
 pub struct BackendView {
+    /// `IPv4` or `IPv6`: each family's backends sit in maps of their own, and their ids
+    /// count apart.
+    pub family: &'static str,
     pub id: u32,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub protocol: &'static str,
     /// `active`: a frontend slot names it; `unused`: none does (the daemon deletes it
@@ -24,7 +28,7 @@ pub struct BackendView {
     pub frontends: Vec<String>,
 }
 
-pub fn view(image: &MapImage) -> Vec<BackendView> {
+pub fn view<A: Address>(image: &MapImage<A>) -> Vec<BackendView> {
     let mut users: BTreeMap<u32, (BTreeSet<String>, BTreeSet<String>)> = BTreeMap::new();
     for (key, header) in &image.services {
         let slots = slice_of(header)
@@ -40,12 +44,13 @@ pub fn view(image: &MapImage) -> Vec<BackendView> {
         .backends
         .iter()
         .map(|(id, backend)| {
-            let endpoint = Endpoint::from_wire(backend.addr, backend.port);
+            let endpoint = socket_addr(backend.addr, backend.port);
             let (services, frontends) = users.remove(id).unwrap_or_default();
             BackendView {
+                family: A::NAME,
                 id: *id,
-                address: endpoint.address,
-                port: endpoint.port,
+                address: endpoint.ip(),
+                port: endpoint.port(),
                 protocol: protocol_name(backend.proto),
                 state: if frontends.is_empty() {
                     "unused"
@@ -62,10 +67,7 @@ pub fn view(image: &MapImage) -> Vec<BackendView> {
 pub fn render(backends: &[BackendView]) -> String {
     let mut table = new_table(["ID", "BACKEND", "STATE", "SERVICES", "FRONTENDS"]);
     for backend in backends {
-        let endpoint = Endpoint {
-            address: backend.address,
-            port: backend.port,
-        };
+        let endpoint = SocketAddr::new(backend.address, backend.port);
         table.add_row([
             backend.id.to_string(),
             format!("{endpoint}/{}", backend.protocol),
@@ -82,7 +84,7 @@ mod tests {
     use proxy_common::{Backend, proto};
 
     use super::*;
-    use crate::inspect::test_support::{Port, image};
+    use crate::inspect::test_support::{Port, dual_stack, image, written};
     use crate::plan::{FrontendKind, Protocol};
 
     #[test]
@@ -110,7 +112,7 @@ mod tests {
         assert_eq!(views.len(), 3);
         let shared = views
             .iter()
-            .find(|b| b.address == Ipv4Addr::new(198, 18, 1, 11));
+            .find(|b| b.address == std::net::Ipv4Addr::new(198, 18, 1, 11));
         let shared = shared.unwrap();
         assert_eq!(shared.state, "active");
         assert_eq!(shared.services, ["default/web:http"]);
@@ -125,5 +127,20 @@ mod tests {
         assert_eq!(json[2]["id"], 99);
         assert_eq!(json[2]["protocol"], "tcp");
         assert!(render(&views).contains("198.18.1.13:8080/tcp"));
+    }
+
+    /// Each family's backends come from its own maps; their ids count apart.
+    #[test]
+    fn ipv6_backends_are_listed_with_their_frontends() {
+        let desired = dual_stack();
+        let mut views = view(&written::<u32>(&desired));
+        views.extend(view(&written::<proxy_common::Ipv6>(&desired)));
+        let json = serde_json::to_value(&views).unwrap();
+        assert_eq!(json[1]["family"], "IPv6");
+        assert_eq!(json[1]["address"], "2001:db8:1::11");
+        assert_eq!(json[1]["frontends"][0], "[2001:db8:ff::10]:80/tcp");
+        assert_eq!(json[1]["services"][0], "default/dual:http");
+        assert_eq!(json[0]["family"], "IPv4");
+        assert!(render(&views).contains("[2001:db8:1::11]:8080/tcp"));
     }
 }

@@ -18,16 +18,18 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, SocketAddr};
 
 use anyhow::Result;
 use clap::{Args, ValueEnum};
 use data_encoding::BASE32;
-use proxy_common::{BackendSet, Origin, device_kind, maglev, map_names, service_flags};
+use proxy_common::{
+    Address, BackendSet, Ipv6, Origin, device_kind, maglev, map_names, service_flags,
+};
 use sha2::{Digest, Sha256};
 
 use super::{
-    Endpoint, PinArgs, frontend_label, print, protocol_name, read_image, service_port_name,
+    PinArgs, frontend_label, print, protocol_name, read_image, service_port_name, socket_addr,
 };
 use crate::writer::MapImage;
 
@@ -39,14 +41,69 @@ pub struct ExplainArgs {
     /// same rules as `iptables-save` prints them on a kube-proxy node, to diff against.
     #[arg(long, value_enum, default_value_t = Form::KubeProxy)]
     form: Form,
+    /// Which family's rules: kube-proxy writes one ruleset per family, `ipv4` for
+    /// iptables, `ipv6` for ip6tables (from the IPv6 maps).
+    #[arg(long, value_enum, default_value_t = Family::Ipv4)]
+    family: Family,
+}
+
+/// An address family, as `--family` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    fn of<A: Address>() -> Self {
+        if A::BITS == 128 {
+            Family::Ipv6
+        } else {
+            Family::Ipv4
+        }
+    }
+
+    fn command(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "iptables",
+            Family::Ipv6 => "ip6tables",
+        }
+    }
+
+    /// A single address as `iptables-save` prints it.
+    fn host_prefix(self) -> u8 {
+        match self {
+            Family::Ipv4 => 32,
+            Family::Ipv6 => 128,
+        }
+    }
+
+    /// REJECT's default `--reject-with`.
+    fn port_unreachable(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "icmp-port-unreachable",
+            Family::Ipv6 => "icmp6-port-unreachable",
+        }
+    }
+
+    /// libxt_recent's default `--mask`: the whole address.
+    fn full_mask(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "255.255.255.255",
+            Family::Ipv6 => "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+        }
+    }
 }
 
 impl ExplainArgs {
     pub fn run(self) -> Result<()> {
         let root = &self.pins.bpffs_root;
-        let image = read_image(root)?;
         let pods = pod_interfaces(root)?;
-        print(render(&image, &pods, self.form).trim_end())
+        let text = match self.family {
+            Family::Ipv4 => render(&read_image::<u32>(root)?, &pods, self.form),
+            Family::Ipv6 => render(&read_image::<Ipv6>(root)?, &pods, self.form),
+        };
+        print(text.trim_end())
     }
 }
 
@@ -102,8 +159,9 @@ pub fn service_chain(prefix: &str, service_port: &str, protocol: &str) -> String
 }
 
 /// `KUBE-SEP-` + kube-proxy's `servicePortEndpointChainName` hash, which appends the
-/// endpoint (`ip:port`) to the service port and protocol.
-pub fn endpoint_chain(service_port: &str, protocol: &str, endpoint: &Endpoint) -> String {
+/// endpoint (`ip:port`, `[ip]:port` for IPv6: Go's `net.JoinHostPort`) to the service
+/// port and protocol.
+pub fn endpoint_chain(service_port: &str, protocol: &str, endpoint: &SocketAddr) -> String {
     format!(
         "KUBE-SEP-{}",
         hash16(&format!("{service_port}{protocol}{endpoint}"))
@@ -132,15 +190,15 @@ fn saved_probability(kube_proxy: &str) -> String {
 /// One Service port, gathered from its frontends.
 #[derive(Default)]
 struct ServicePort {
-    cluster_ip: Option<(Endpoint, Vec<Endpoint>)>,
+    cluster_ip: Option<(SocketAddr, Vec<SocketAddr>)>,
     /// `externalTrafficPolicy: Local`: the Cluster endpoints its external frontends send
     /// pods' traffic to (`service_flags::CLUSTER_SET`), which is what kube-proxy's
     /// KUBE-SVC chain holds.
-    pod_cluster_endpoints: Option<Vec<Endpoint>>,
+    pod_cluster_endpoints: Option<Vec<SocketAddr>>,
     /// ExternalIP and LoadBalancer frontends, with their backends and rule comments.
-    external: Vec<(Endpoint, Vec<Endpoint>, &'static str)>,
+    external: Vec<(SocketAddr, Vec<SocketAddr>, &'static str)>,
     /// NodePort frontends: the node address and its backends, by port.
-    node_ports: BTreeMap<u16, Vec<Endpoint>>,
+    node_ports: BTreeMap<u16, Vec<SocketAddr>>,
     /// A frontend is empty only because its Local policy leaves no endpoint here: the
     /// Service has endpoints elsewhere (`service_flags::NO_LOCAL_ENDPOINTS`).
     has_remote_endpoints: bool,
@@ -154,7 +212,7 @@ impl ServicePort {
     /// The endpoints of kube-proxy's cluster policy chain: the Cluster set pods reach an
     /// externalTrafficPolicy Local frontend with, else those of the ClusterIP, else those
     /// of the external frontends.
-    fn cluster_endpoints(&self) -> &[Endpoint] {
+    fn cluster_endpoints(&self) -> &[SocketAddr] {
         self.pod_cluster_endpoints
             .as_deref()
             .or_else(|| {
@@ -168,7 +226,7 @@ impl ServicePort {
 
     /// The endpoints of external traffic, if the port has external frontends (they all
     /// share one plan, so the first speaks for all).
-    fn external_endpoints(&self) -> Option<&[Endpoint]> {
+    fn external_endpoints(&self) -> Option<&[SocketAddr]> {
         self.external
             .first()
             .map(|(_, endpoints, _)| endpoints.as_slice())
@@ -187,7 +245,8 @@ enum Recent {
 }
 
 impl Recent {
-    fn render(&self, form: Form) -> String {
+    fn render(&self, form: Form, family: Family) -> String {
+        let mask = family.full_mask();
         match (self, form) {
             (Recent::Check { list, seconds }, Form::KubeProxy) => {
                 format!(" -m recent --name {list} --rcheck --seconds {seconds} --reap")
@@ -197,10 +256,10 @@ impl Recent {
             // source address).
             (Recent::Check { list, seconds }, Form::IptablesSave) => format!(
                 " -m recent --rcheck --seconds {seconds} --reap --name {list} \
-                 --mask 255.255.255.255 --rsource"
+                 --mask {mask} --rsource"
             ),
             (Recent::Set { list }, Form::IptablesSave) => {
-                format!(" -m recent --set --name {list} --mask 255.255.255.255 --rsource")
+                format!(" -m recent --set --name {list} --mask {mask} --rsource")
             }
         }
     }
@@ -218,11 +277,11 @@ struct Rule {
     dst_type_local: bool,
     recent: Option<Recent>,
     protocol: Option<&'static str>,
-    destination: Option<Ipv4Addr>,
+    destination: Option<IpAddr>,
     dport: Option<u16>,
     probability: Option<String>,
     target: String,
-    to_destination: Option<Endpoint>,
+    to_destination: Option<SocketAddr>,
 }
 
 impl Rule {
@@ -234,7 +293,7 @@ impl Rule {
         }
     }
 
-    fn render(&self, form: Form) -> String {
+    fn render(&self, form: Form, family: Family) -> String {
         let mut line = format!("-A {}", self.chain);
         match form {
             // kube-proxy: comment first, then matches in the order its proxier appends them.
@@ -258,7 +317,7 @@ impl Rule {
                     line.push_str(" -m addrtype --dst-type LOCAL");
                 }
                 if let Some(recent) = &self.recent {
-                    line.push_str(&recent.render(form));
+                    line.push_str(&recent.render(form, family));
                 }
                 if let Some(protocol) = self.protocol {
                     write!(line, " -m {protocol} -p {protocol}").unwrap();
@@ -282,7 +341,7 @@ impl Rule {
             // order, each with its own options.
             Form::IptablesSave => {
                 if let Some(destination) = self.destination {
-                    write!(line, " -d {destination}/32").unwrap();
+                    write!(line, " -d {destination}/{}", family.host_prefix()).unwrap();
                 }
                 if let Some(interface) = &self.in_interface {
                     write!(line, " -i {interface}").unwrap();
@@ -300,7 +359,7 @@ impl Rule {
                     line.push_str(" -m addrtype --dst-type LOCAL");
                 }
                 if let Some(recent) = &self.recent {
-                    line.push_str(&recent.render(form));
+                    line.push_str(&recent.render(form, family));
                 }
                 if let Some(protocol) = self.protocol {
                     write!(line, " -m {protocol}").unwrap();
@@ -314,7 +373,7 @@ impl Rule {
                 }
                 write!(line, " -j {}", self.target).unwrap();
                 if self.target == "REJECT" {
-                    line.push_str(" --reject-with icmp-port-unreachable");
+                    write!(line, " --reject-with {}", family.port_unreachable()).unwrap();
                 }
             }
         }
@@ -339,7 +398,7 @@ impl Table {
         }
     }
 
-    fn render(&self, name: &str, form: Form, out: &mut String) {
+    fn render(&self, name: &str, form: Form, family: Family, out: &mut String) {
         writeln!(out, "*{name}").unwrap();
         for chain in &self.chains {
             writeln!(out, ":{chain} - [0:0]").unwrap();
@@ -351,20 +410,24 @@ impl Table {
             rules.sort_by_key(|rule| position(rule));
         }
         for rule in rules {
-            writeln!(out, "{}", rule.render(form)).unwrap();
+            writeln!(out, "{}", rule.render(form, family)).unwrap();
         }
         writeln!(out, "COMMIT").unwrap();
     }
 }
 
-/// The iptables-restore text for everything in `image`; `pod_interfaces` are the pod
-/// devices as kube-proxy's local-traffic detector names them (`lxc+`). Pure, so golden
-/// tests need no kernel.
-pub fn render(image: &MapImage, pod_interfaces: &[String], form: Form) -> String {
-    let mut out = String::from(
-        "# ebpf-proxy explain: the Services in the datapath's maps as the iptables rules\n\
+/// The iptables-restore text for everything in `image` (ip6tables-restore's for IPv6's
+/// maps: kube-proxy writes one ruleset per family); `pod_interfaces` are the pod devices
+/// as kube-proxy's local-traffic detector names them (`lxc+`). Pure, so golden tests need
+/// no kernel.
+pub fn render<A: Address>(image: &MapImage<A>, pod_interfaces: &[String], form: Form) -> String {
+    let family = Family::of::<A>();
+    let mut out = format!(
+        "# ebpf-proxy explain: the {} Services in the datapath's maps as the {} rules\n\
          # kube-proxy (iptables mode) would install for them. Left out because ebpf-proxy\n\
          # does not do it: masquerading (KUBE-MARK-MASQ, KUBE-POSTROUTING).\n",
+        A::NAME,
+        family.command(),
     );
     let mut ports: BTreeMap<(String, &'static str), ServicePort> = BTreeMap::new();
     let mut node_addresses = BTreeSet::new();
@@ -385,7 +448,7 @@ pub fn render(image: &MapImage, pod_interfaces: &[String], form: Form) -> String
         let port = ports
             .entry((service_port_name(name), protocol_name(key.proto)))
             .or_default();
-        let frontend = Endpoint::from_wire(key.addr, key.port);
+        let frontend = socket_addr(key.addr, key.port);
         let endpoints = endpoints(image, &header.backends_for(Origin::Outside));
         let pods = header.backends_for(Origin::Pod);
         if pods.cluster {
@@ -394,8 +457,8 @@ pub fn render(image: &MapImage, pod_interfaces: &[String], form: Form) -> String
         port.has_remote_endpoints |= header.flags & service_flags::NO_LOCAL_ENDPOINTS != 0;
         port.affinity_timeout_s = port.affinity_timeout_s.max(header.affinity_timeout_s);
         if header.flags & service_flags::NODE_PORT != 0 {
-            node_addresses.insert(frontend.address);
-            port.node_ports.insert(frontend.port, endpoints);
+            node_addresses.insert(frontend.ip());
+            port.node_ports.insert(frontend.port(), endpoints);
         } else if header.flags & service_flags::LOAD_BALANCER != 0 {
             port.external.push((frontend, endpoints, "loadbalancer IP"));
         } else if header.flags & service_flags::EXTERNAL_IP != 0 {
@@ -434,17 +497,17 @@ pub fn render(image: &MapImage, pod_interfaces: &[String], form: Form) -> String
             ..Rule::new(KUBE_SERVICES, KUBE_NODEPORTS)
         });
     }
-    filter.render("filter", form, &mut out);
-    nat.render("nat", form, &mut out);
+    filter.render("filter", form, family, &mut out);
+    nat.render("nat", form, family, &mut out);
     out
 }
 
 /// A set of a frontend's backends, sorted like kube-proxy sorts endpoints (as `ip:port`
 /// text).
-fn endpoints(image: &MapImage, set: &BackendSet) -> Vec<Endpoint> {
-    let mut endpoints: Vec<Endpoint> = (set.first..set.first + u32::from(set.count))
+fn endpoints<A: Address>(image: &MapImage<A>, set: &BackendSet) -> Vec<SocketAddr> {
+    let mut endpoints: Vec<SocketAddr> = (set.first..set.first + u32::from(set.count))
         .filter_map(|index| image.slots.get(&index))
-        .map(|slot| Endpoint::from_wire(slot.backend.addr, slot.backend.port))
+        .map(|slot| socket_addr(slot.backend.addr, slot.backend.port))
         .collect();
     endpoints.sort_by_key(ToString::to_string);
     endpoints
@@ -501,8 +564,8 @@ fn write_service_port(
         table.rules.push(Rule {
             comment: Some(comment),
             protocol: Some(protocol),
-            destination: Some(frontend.address),
-            dport: Some(frontend.port),
+            destination: Some(frontend.ip()),
+            dport: Some(frontend.port()),
             ..Rule::new(chain, target)
         });
     }
@@ -510,8 +573,8 @@ fn write_service_port(
         let rule = |chain: &str, target: &str, comment: String| Rule {
             comment: Some(comment),
             protocol: Some(protocol),
-            destination: Some(frontend.address),
-            dport: Some(frontend.port),
+            destination: Some(frontend.ip()),
+            dport: Some(frontend.port()),
             ..Rule::new(chain, target)
         };
         if has_endpoints {
@@ -591,7 +654,7 @@ fn write_service_port(
         write_policy_chain(name, protocol, &local_chain, endpoints, affinity, nat);
     }
     // One chain per endpoint reachable by either policy, in endpoint order.
-    let reachable: BTreeMap<String, &Endpoint> = cluster_endpoints
+    let reachable: BTreeMap<String, &SocketAddr> = cluster_endpoints
         .iter()
         .chain(external_endpoints.unwrap_or_default())
         .map(|endpoint| (endpoint.to_string(), endpoint))
@@ -621,7 +684,7 @@ fn write_policy_chain(
     name: &str,
     protocol: &'static str,
     chain: &str,
-    endpoints: &[Endpoint],
+    endpoints: &[SocketAddr],
     affinity_timeout_s: u32,
     nat: &mut Table,
 ) {
@@ -652,15 +715,11 @@ fn write_policy_chain(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inspect::test_support::{Port, image, image_with_cluster_sets};
+    use crate::inspect::test_support::{Port, dual_stack, image, image_with_cluster_sets, written};
     use crate::plan::{FrontendKind, Protocol};
 
-    fn endpoint(text: &str) -> Endpoint {
-        let (address, port) = text.split_once(':').unwrap();
-        Endpoint {
-            address: address.parse().unwrap(),
-            port: port.parse().unwrap(),
-        }
+    fn endpoint(text: &str) -> SocketAddr {
+        text.parse().unwrap()
     }
 
     #[test]
@@ -821,6 +880,56 @@ mod tests {
                 "{form:?} differs from its golden file; got:\n{text}"
             );
         }
+    }
+
+    /// The IPv6 maps read as ip6tables rules: addresses of 128 bits, endpoints as Go's
+    /// `net.JoinHostPort` writes them (`[ip]:port`, in the endpoint chain's hash too),
+    /// REJECT with ICMPv6's port unreachable, `recent` lists masked over 128 bits.
+    #[test]
+    fn the_ipv6_maps_read_as_ip6tables_rules() {
+        let mut desired = dual_stack();
+        let (vip6, mut plan) = desired.frontends.pop_last().unwrap();
+        plan.session_affinity = Some(std::time::Duration::from_secs(60));
+        desired.frontends.insert(vip6, plan.clone());
+        plan.backends.clear();
+        plan.service.name = "empty".into();
+        let empty = crate::plan::Frontend {
+            addr: "2001:db8:ff::20".parse().unwrap(),
+            ..vip6
+        };
+        desired.frontends.insert(empty, plan);
+        let image = written::<Ipv6>(&desired);
+        let saved = render(&image, &[], Form::IptablesSave);
+        let endpoint = endpoint("[2001:db8:1::11]:8080");
+        let sep = endpoint_chain("default/dual:http", "tcp", &endpoint);
+        assert!(
+            saved.starts_with("# ebpf-proxy explain: the IPv6 Services"),
+            "{saved}"
+        );
+        assert!(saved.contains("as the ip6tables rules"), "{saved}");
+        for line in [
+            "-A KUBE-SERVICES -d 2001:db8:ff::10/128 -p tcp -m comment --comment \
+             \"default/dual:http cluster IP\" -m tcp --dport 80 -j KUBE-SVC-",
+            "-A KUBE-SERVICES -d 2001:db8:ff::20/128 -p tcp -m comment --comment \
+             \"default/empty:http has no endpoints\" -m tcp --dport 80 -j REJECT \
+             --reject-with icmp6-port-unreachable",
+            &format!(
+                "-A {sep} -p tcp -m comment --comment \"default/dual:http\" -m recent --set \
+                 --name {sep} --mask ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff --rsource -m tcp \
+                 -j DNAT --to-destination [2001:db8:1::11]:8080"
+            ),
+        ] {
+            assert!(saved.contains(line), "{line}\nnot in:\n{saved}");
+        }
+        // kube-proxy's spelling, and the IPv4 maps of the same state stay IPv4's.
+        let kube_proxy = render(&image, &[], Form::KubeProxy);
+        let vip = " -d 2001:db8:ff::10 --dport 80 -j KUBE-SVC-";
+        assert!(kube_proxy.contains(vip), "{kube_proxy}");
+        let ipv4 = render(&written::<u32>(&desired), &[], Form::KubeProxy);
+        assert!(
+            ipv4.contains("-d 198.19.0.10 --dport 80") && !ipv4.contains("2001:db8"),
+            "{ipv4}"
+        );
     }
 
     #[test]

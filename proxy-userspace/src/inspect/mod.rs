@@ -31,7 +31,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use comfy_table::{Table, presets::NOTHING};
 use proxy_common::maglev::{MaglevChunk, MaglevKey};
 use proxy_common::{
-    Backend, FrontendKey, FrontendValue, ServiceName, map_names, proto, service_flags,
+    Address, Backend, FrontendKey, FrontendValue, Ipv6, ServiceName, proto, service_flags,
 };
 use serde::Serialize;
 
@@ -69,11 +69,19 @@ impl Command {
     pub fn run(self) -> Result<()> {
         match self {
             Command::Services(args) => args.list.show(
-                |root| Ok(services::view(&read_image(root)?)),
+                |root| {
+                    let mut rows = services::view(&read_image::<u32>(root)?);
+                    rows.extend(services::view(&read_image::<Ipv6>(root)?));
+                    Ok(rows)
+                },
                 |rows| services::render(rows, args.wide),
             ),
             Command::Backends(args) => args.show(
-                |root| Ok(backends::view(&read_image(root)?)),
+                |root| {
+                    let mut rows = backends::view(&read_image::<u32>(root)?);
+                    rows.extend(backends::view(&read_image::<Ipv6>(root)?));
+                    Ok(rows)
+                },
                 |rows| backends::render(rows),
             ),
             Command::Conntrack(args) => args.run(),
@@ -237,15 +245,17 @@ fn open_typed<M: TryFrom<Map, Error = MapError>>(root: &Path, name: &str) -> Res
     M::try_from(map).with_context(|| format!("{name} under {}", root.display()))
 }
 
-/// Reads SERVICES, the BACKEND_SLOTS they name, BACKEND_IDS and SVC_NAMES.
-pub fn read_image(root: &Path) -> Result<MapImage> {
-    let services: BpfHashMap<MapData, _, _> = open_typed(root, map_names::SERVICES)?;
-    let backend_ids: BpfHashMap<MapData, Backend, u32> = open_typed(root, map_names::BACKEND_IDS)?;
-    let names: BpfHashMap<MapData, _, _> = open_typed(root, map_names::SVC_NAMES)?;
+/// Reads one family's SERVICES, the BACKEND_SLOTS they name, BACKEND_IDS and SVC_NAMES
+/// (IPv6's: SERVICES6, …).
+pub fn read_image<A: Address>(root: &Path) -> Result<MapImage<A>> {
+    let maps = A::MAPS;
+    let services: BpfHashMap<MapData, _, _> = open_typed(root, maps.services)?;
+    let backend_ids: BpfHashMap<MapData, Backend<A>, u32> = open_typed(root, maps.backend_ids)?;
+    let names: BpfHashMap<MapData, _, _> = open_typed(root, maps.svc_names)?;
     let services = read_entries(&services)?;
-    let slots = read_slots(&open_pinned(root, map_names::BACKEND_SLOTS)?, &services)
-        .with_context(|| format!("reading {}", map_names::BACKEND_SLOTS))?;
-    let maglev = read_maglev_keys(root, &services)?;
+    let slots = read_slots(&open_pinned(root, maps.backend_slots)?, &services)
+        .with_context(|| format!("reading {}", maps.backend_slots))?;
+    let maglev = read_maglev_keys(root, maps.maglev, &services)?;
     Ok(MapImage {
         services,
         slots,
@@ -262,15 +272,16 @@ pub fn read_image(root: &Path) -> Result<MapImage> {
     })
 }
 
-/// The MAGLEV keys, read only when a header names a table.
-fn read_maglev_keys(
+/// The keys of MAGLEV (`map`: its family's), read only when a header names a table.
+fn read_maglev_keys<A: Address>(
     root: &Path,
-    services: &std::collections::BTreeMap<FrontendKey, FrontendValue>,
+    map: &str,
+    services: &std::collections::BTreeMap<FrontendKey<A>, FrontendValue>,
 ) -> Result<std::collections::BTreeSet<MaglevKey>> {
     if services.values().all(|header| header.maglev == 0) {
         return Ok(Default::default());
     }
-    let tables: BpfHashMap<MapData, MaglevKey, MaglevChunk> = open_typed(root, map_names::MAGLEV)?;
+    let tables: BpfHashMap<MapData, MaglevKey, MaglevChunk> = open_typed(root, map)?;
     let mut keys = std::collections::BTreeSet::new();
     for key in tables.keys() {
         match key {
@@ -324,13 +335,18 @@ impl fmt::Display for Endpoint {
     }
 }
 
-/// `addr:port/proto`, the way every view names a frontend.
-fn frontend_label(key: &FrontendKey) -> String {
+/// `addr:port/proto` (`[addr]:port/proto` for IPv6), the way every view names a frontend.
+fn frontend_label<A: Address>(key: &FrontendKey<A>) -> String {
     format!(
         "{}/{}",
-        Endpoint::from_wire(key.addr, key.port),
+        socket_addr(key.addr, key.port),
         protocol_name(key.proto)
     )
+}
+
+/// A wire-order address and port of either family, as `std` shows them.
+fn socket_addr<A: Address>(addr: A, port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(addr.to_ip(), u16::from_be(port))
 }
 
 fn protocol_name(protocol: u8) -> &'static str {
@@ -360,7 +376,7 @@ pub fn service_port_name(name: &ServiceName) -> String {
 }
 
 /// The Service port of the frontend with this rev_nat_id, if the daemon named it.
-fn service_of(image: &MapImage, rev_nat_id: u32) -> Option<String> {
+fn service_of<A: Address>(image: &MapImage<A>, rev_nat_id: u32) -> Option<String> {
     image.names.get(&rev_nat_id).map(service_port_name)
 }
 
@@ -439,9 +455,50 @@ mod test_support {
                 },
             );
         }
+        written(&desired)
+    }
+
+    /// What the writer puts into family `A`'s maps for `desired`.
+    pub fn written<A: proxy_common::Address>(desired: &DesiredState) -> MapImage<A> {
         let mut mirror = MapMirror::new(MapImage::default(), 1024);
-        let report = mirror.sync(Sync::Full(&desired), &mut crate::writer::AcceptingMaps);
+        let report = mirror.sync(Sync::Full(desired), &mut crate::writer::AcceptingMaps);
         assert!(report.complete(), "{report:?}");
         mirror.image().clone()
+    }
+
+    /// A dual-stack Service port's ClusterIPs, each with one endpoint of its family.
+    pub fn dual_stack() -> DesiredState {
+        let mut desired = DesiredState::default();
+        for (vip, backend) in [
+            ("198.19.0.10", "198.18.1.11"),
+            ("2001:db8:ff::10", "2001:db8:1::11"),
+        ] {
+            desired.frontends.insert(
+                Frontend {
+                    addr: vip.parse().unwrap(),
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                },
+                FrontendPlan {
+                    service: ServicePortName {
+                        namespace: "default".into(),
+                        name: "dual".into(),
+                        port_name: "http".into(),
+                    },
+                    kind: FrontendKind::ClusterIp,
+                    backends: vec![BackendAddr {
+                        addr: backend.parse().unwrap(),
+                        port: 8080,
+                    }],
+                    cluster_backends: None,
+                    when_empty: EmptyFrontend::Reject,
+                    session_affinity: None,
+                    serving_addrs: Vec::new(),
+                    source_ranges: Vec::new(),
+                    selection: crate::plan::Selection::Random,
+                },
+            );
+        }
+        desired
     }
 }

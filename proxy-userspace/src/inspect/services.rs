@@ -1,17 +1,20 @@
 //! `ebpf-proxy services`: one row per frontend, as the datapath holds it.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, SocketAddr};
 
-use proxy_common::{BackendSet, Origin, maglev};
+use proxy_common::{Address, BackendSet, Origin, maglev};
 use serde::Serialize;
 
-use super::{Endpoint, kind_name, new_table, protocol_name, service_of};
+use super::{kind_name, new_table, protocol_name, service_of, socket_addr};
 use crate::writer::{MapImage, maglev_keys};
 
 /// One frontend. JSON schema: every field, always present (`service` may be null).
 #[derive(Debug, Serialize)]
 pub struct FrontendView {
-    pub address: Ipv4Addr,
+    /// `IPv4` or `IPv6`: each family's frontends sit in maps of their own, and their ids
+    /// (`rev_nat_id`, backend ids) count apart.
+    pub family: &'static str,
+    pub address: IpAddr,
     pub port: u16,
     pub protocol: &'static str,
     /// `ClusterIP`, `NodePort`, `ExternalIP` or `LoadBalancer`.
@@ -51,26 +54,27 @@ pub struct SlotView {
     /// Null if the slot itself is missing (a transient while the daemon writes).
     pub id: Option<u32>,
     /// Null with `port` when the backend is missing.
-    pub address: Option<Ipv4Addr>,
+    pub address: Option<IpAddr>,
     pub port: Option<u16>,
     /// `active`: new flows may pick it; `missing`: the slot could not be read (the daemon
     /// rewrote the frontend while it was being listed).
     pub state: &'static str,
 }
 
-pub fn view(image: &MapImage) -> Vec<FrontendView> {
+pub fn view<A: Address>(image: &MapImage<A>) -> Vec<FrontendView> {
     image
         .services
         .iter()
         .map(|(key, header)| {
-            let endpoint = Endpoint::from_wire(key.addr, key.port);
+            let endpoint = socket_addr(key.addr, key.port);
             let own = header.backends_for(Origin::Outside);
             let pods = header.backends_for(Origin::Pod);
             let table_size = maglev::table_size(header.maglev);
             let written = maglev_keys(header).all(|chunk| image.maglev.contains(&chunk));
             FrontendView {
-                address: endpoint.address,
-                port: endpoint.port,
+                family: A::NAME,
+                address: endpoint.ip(),
+                port: endpoint.port(),
                 protocol: protocol_name(key.proto),
                 kind: kind_name(header.flags),
                 service: service_of(image, header.rev_nat_id),
@@ -94,19 +98,18 @@ pub fn view(image: &MapImage) -> Vec<FrontendView> {
         .collect()
 }
 
-fn slot_views(image: &MapImage, set: &BackendSet) -> Vec<SlotView> {
+fn slot_views<A: Address>(image: &MapImage<A>, set: &BackendSet) -> Vec<SlotView> {
     (0..set.count)
         .map(|position| {
             let index = set.first + u32::from(position);
             let slot = image.slots.get(&index);
-            let endpoint =
-                slot.map(|slot| Endpoint::from_wire(slot.backend.addr, slot.backend.port));
+            let endpoint = slot.map(|slot| socket_addr(slot.backend.addr, slot.backend.port));
             SlotView {
                 slot: position + 1,
                 index,
                 id: slot.map(|slot| slot.backend_id),
-                address: endpoint.map(|endpoint| endpoint.address),
-                port: endpoint.map(|endpoint| endpoint.port),
+                address: endpoint.map(|endpoint| endpoint.ip()),
+                port: endpoint.map(|endpoint| endpoint.port()),
                 state: if slot.is_some() { "active" } else { "missing" },
             }
         })
@@ -120,10 +123,7 @@ pub fn render(frontends: &[FrontendView], wide: bool) -> String {
         new_table(["FRONTEND", "TYPE", "SERVICE", "BACKENDS"])
     };
     for frontend in frontends {
-        let endpoint = Endpoint {
-            address: frontend.address,
-            port: frontend.port,
-        };
+        let endpoint = SocketAddr::new(frontend.address, frontend.port);
         let label = format!("{endpoint}/{}", frontend.protocol);
         let service = frontend.service.clone().unwrap_or_else(|| "-".into());
         let backends = if frontend.backends.is_empty() {
@@ -178,7 +178,7 @@ fn selection_text(frontend: &FrontendView) -> String {
 /// `2: 198.18.1.12:8080 (id 5, active)`.
 fn slot_line(slot: &SlotView) -> String {
     let target = match (slot.address, slot.port) {
-        (Some(address), Some(port)) => Endpoint { address, port }.to_string(),
+        (Some(address), Some(port)) => SocketAddr::new(address, port).to_string(),
         _ => "?".to_owned(),
     };
     let id = slot.id.map_or_else(|| "-".to_owned(), |id| id.to_string());
@@ -189,8 +189,10 @@ fn slot_line(slot: &SlotView) -> String {
 mod tests {
     use proxy_common::FrontendKey;
 
+    use proxy_common::Ipv6;
+
     use super::*;
-    use crate::inspect::test_support::{Port, image};
+    use crate::inspect::test_support::{Port, dual_stack, image, written};
     use crate::plan::{FrontendKind, Protocol};
 
     #[test]
@@ -247,6 +249,26 @@ mod tests {
         let wide = render(&views, true);
         assert!(wide.contains("1: 198.18.1.11:8080 (id"), "{wide}");
         assert!(wide.contains("2: ? (id"), "{wide}");
+    }
+
+    /// `ebpf-proxy services` lists IPv4's frontends, then IPv6's, from each family's maps.
+    #[test]
+    fn both_families_are_listed_from_their_own_maps() {
+        let desired = dual_stack();
+        let mut views = view(&written::<u32>(&desired));
+        views.extend(view(&written::<Ipv6>(&desired)));
+        let json = serde_json::to_value(&views).unwrap();
+        assert_eq!(json[0]["family"], "IPv4");
+        assert_eq!(json[0]["address"], "198.19.0.10");
+        assert_eq!(json[1]["family"], "IPv6");
+        assert_eq!(json[1]["address"], "2001:db8:ff::10");
+        assert_eq!(json[1]["service"], "default/dual:http");
+        assert_eq!(json[1]["backends"][0]["address"], "2001:db8:1::11");
+        assert_eq!(json[1]["backends"][0]["port"], 8080);
+        let wide = render(&views, true);
+        assert!(wide.contains("[2001:db8:ff::10]:80/tcp"), "{wide}");
+        assert!(wide.contains("1: [2001:db8:1::11]:8080 (id"), "{wide}");
+        assert!(wide.contains("198.19.0.10:80/tcp"), "{wide}");
     }
 
     #[test]

@@ -6,9 +6,9 @@ use anyhow::Result;
 use aya::Pod;
 use aya::maps::{Map, MapData, PerCpuArray};
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragmentKey, FragmentValue, FrontendKey,
-    FrontendValue, MembershipKey, ServiceName, SockAffinityKey, SockKey, SockValue, map_names,
-    stat,
+    Address, AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragmentKey, FragmentValue,
+    FrontendKey, FrontendValue, Ipv6, MembershipKey, ServiceName, SockAffinityKey, SockKey,
+    SockValue, map_names, stat,
 };
 
 use serde::Serialize;
@@ -53,20 +53,30 @@ pub fn read(root: &Path) -> Result<StatsView> {
             value: per_cpu.iter().sum(),
         });
     }
-    let maps = vec![
-        fill::<FrontendKey, FrontendValue>(root, map_names::SERVICES)?,
-        slots_fill(root)?,
-        fill::<Backend, u32>(root, map_names::BACKEND_IDS)?,
+    let mut maps = vec![
         fill::<CtKey, CtValue>(root, map_names::CONNTRACK)?,
         fill::<CtKey, CtValue>(root, map_names::CONNTRACK_PENDING)?,
         fill::<FragmentKey, FragmentValue>(root, map_names::FRAGMENTS)?,
         fill::<AffinityKey, AffinityValue>(root, map_names::AFFINITY)?,
-        fill::<MembershipKey, u8>(root, map_names::MEMBERSHIP)?,
-        fill::<u32, ServiceName>(root, map_names::SVC_NAMES)?,
         fill::<SockKey, SockValue>(root, map_names::SOCK_XLATE)?,
         fill::<SockAffinityKey, AffinityValue>(root, map_names::SOCK_AFFINITY)?,
     ];
+    maps.splice(0..0, service_maps::<u32>(root)?);
+    maps.extend(service_maps::<Ipv6>(root)?);
     Ok(StatsView { counters, maps })
+}
+
+/// The fill of the maps the daemon writes for one family (IPv4's SERVICES, …; IPv6's
+/// SERVICES6, …).
+fn service_maps<A: Address>(root: &Path) -> Result<Vec<MapFill>> {
+    let names = A::MAPS;
+    Ok(vec![
+        fill::<FrontendKey<A>, FrontendValue>(root, names.services)?,
+        slots_fill::<A>(root)?,
+        fill::<Backend<A>, u32>(root, names.backend_ids)?,
+        fill::<MembershipKey<A>, u8>(root, names.membership)?,
+        fill::<u32, ServiceName>(root, names.svc_names)?,
+    ])
 }
 
 /// Counts a hash map's entries, read in batches (the kernel keeps no count).
@@ -79,21 +89,22 @@ fn fill<K: Pod, V: Pod>(root: &Path, name: &'static str) -> Result<MapFill> {
     })
 }
 
-/// BACKEND_SLOTS' fill: the slots the frontends' headers name.
-fn slots_fill(root: &Path) -> Result<MapFill> {
-    let services = open_pinned(root, map_names::SERVICES)?;
+/// BACKEND_SLOTS' (BACKEND_SLOTS6's) fill: the slots the frontends' headers name.
+fn slots_fill<A: Address>(root: &Path) -> Result<MapFill> {
+    let names = A::MAPS;
+    let services = open_pinned(root, names.services)?;
     let mut entries = 0;
     bpf_batch::for_each_entry(
         &services,
         4096,
-        |_: &FrontendKey, header: &FrontendValue| {
+        |_: &FrontendKey<A>, header: &FrontendValue| {
             entries += u64::from(header.slots());
             Ok(())
         },
     )?;
-    let slots = open_pinned(root, map_names::BACKEND_SLOTS)?;
+    let slots = open_pinned(root, names.backend_slots)?;
     Ok(MapFill {
-        name: map_names::BACKEND_SLOTS,
+        name: names.backend_slots,
         entries,
         max_entries: slots.info()?.max_entries(),
     })

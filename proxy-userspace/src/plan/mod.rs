@@ -246,18 +246,6 @@ pub struct DesiredState {
     pub frontends: BTreeMap<Frontend, FrontendPlan>,
 }
 
-impl DesiredState {
-    /// The IPv6 frontends (after every IPv4 one in the map's order).
-    pub fn ipv6_frontends(&self) -> impl Iterator<Item = (&Frontend, &FrontendPlan)> {
-        let first_ipv6 = Frontend {
-            addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-            port: 0,
-            protocol: Protocol::Tcp,
-        };
-        self.frontends.range(first_ipv6..)
-    }
-}
-
 /// What a Service's `healthCheckNodePort` tells a load balancer about this node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServiceHealthCheck {

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use proxy_common::maglev::{MaglevChunk, MaglevKey};
 use proxy_common::{
-    Backend, FrontendKey, FrontendValue, MembershipKey, ServiceName, Slot, map_names,
+    Address, Backend, FrontendKey, FrontendValue, MembershipKey, ServiceName, Slot,
 };
 
 use super::ids::IdRegistry;
@@ -40,27 +40,27 @@ pub enum WriteError {
 /// One phase of a sync's writes: entries of one map, independent of each other (see
 /// [`MapWrites`]), written as one batch.
 #[derive(Clone, Copy, Debug)]
-pub enum Phase<'a> {
+pub enum Phase<'a, A = u32> {
     PutNames(&'a [(u32, ServiceName)]),
-    PutBackends(&'a [(u32, Backend)]),
-    PutMembership(&'a [(MembershipKey, u8)]),
+    PutBackends(&'a [(u32, Backend<A>)]),
+    PutMembership(&'a [(MembershipKey<A>, u8)]),
     /// An RCU grace period (see [`MapOp::Barrier`]).
     Barrier,
-    PutSlots(&'a [(u32, Slot)]),
+    PutSlots(&'a [(u32, Slot<A>)]),
     PutMaglev(&'a [(MaglevKey, MaglevChunk)]),
-    PutSourceRanges(&'a [SourceRangeEntry]),
-    PutHeaders(&'a [(FrontendKey, FrontendValue)]),
-    DeleteHeaders(&'a [FrontendKey]),
-    DeleteMembership(&'a [MembershipKey]),
-    DeleteSourceRanges(&'a [SourceRangeEntry]),
-    DeleteBackends(&'a [(u32, Backend)]),
+    PutSourceRanges(&'a [SourceRangeEntry<A>]),
+    PutHeaders(&'a [(FrontendKey<A>, FrontendValue)]),
+    DeleteHeaders(&'a [FrontendKey<A>]),
+    DeleteMembership(&'a [MembershipKey<A>]),
+    DeleteSourceRanges(&'a [SourceRangeEntry<A>]),
+    DeleteBackends(&'a [(u32, Backend<A>)]),
     DeleteMaglev(&'a [MaglevKey]),
     DeleteNames(&'a [u32]),
 }
 
-impl<'a> Phase<'a> {
+impl<'a, A: Address> Phase<'a, A> {
     /// The phase's writes one at a time, in order.
-    pub fn ops(self) -> Box<dyn Iterator<Item = MapOp> + 'a> {
+    pub fn ops(self) -> Box<dyn Iterator<Item = MapOp<A>> + 'a> {
         match self {
             Phase::PutNames(entries) => {
                 Box::new(entries.iter().map(|(id, name)| MapOp::PutName(*id, *name)))
@@ -114,11 +114,11 @@ impl<'a> Phase<'a> {
     }
 }
 
-/// Where a sync's writes go: the kernel's maps, or the tests' maps in memory.
-pub trait MapSink {
+/// Where a sync's writes go: the kernel's maps of family `A`, or the tests' maps in memory.
+pub trait MapSink<A = u32> {
     /// Writes `phase`'s entries in order (a key already gone counts as deleted): the
     /// outcome of each, one per entry (a barrier: one).
-    fn write(&mut self, phase: Phase<'_>) -> Vec<Result<(), WriteError>>;
+    fn write(&mut self, phase: Phase<'_, A>) -> Vec<Result<(), WriteError>>;
 }
 
 /// Maps that take every write, for tests that want only what the mirror follows.
@@ -126,8 +126,8 @@ pub trait MapSink {
 pub struct AcceptingMaps;
 
 #[cfg(test)]
-impl MapSink for AcceptingMaps {
-    fn write(&mut self, phase: Phase<'_>) -> Vec<Result<(), WriteError>> {
+impl<A: Address> MapSink<A> for AcceptingMaps {
+    fn write(&mut self, phase: Phase<'_, A>) -> Vec<Result<(), WriteError>> {
         phase.ops().map(|_| Ok(())).collect()
     }
 }
@@ -169,7 +169,7 @@ impl ApplyReport {
         self.map_full.values().sum()
     }
 
-    fn add(&mut self, other: ApplyReport) {
+    pub fn add(&mut self, other: ApplyReport) {
         self.ops += other.ops;
         for (map, count) in other.map_full {
             *self.map_full.entry(map).or_default() += count;
@@ -189,37 +189,37 @@ pub enum Sync<'a> {
 }
 
 /// The writes of one pass, and the frontends they leave as they are.
-#[derive(Debug, Default)]
-pub struct Batch {
-    pub writes: MapWrites,
+#[derive(Debug)]
+pub struct Batch<A = u32> {
+    pub writes: MapWrites<A>,
     /// Frontends with no room for their slice.
     pub unplaced: usize,
     /// Frontends waiting for an evacuation this batch does (placed by the next pass).
     pub deferred: usize,
 }
 
-impl Batch {
+impl<A: Address> Batch<A> {
     /// The writes one at a time, in order.
-    pub fn ops(&self) -> Vec<MapOp> {
+    pub fn ops(&self) -> Vec<MapOp<A>> {
         self.writes.ops().collect()
     }
 }
 
 /// The maps' contents as last written, and the ids, slices and backend counts that go
-/// with them.
+/// with them: one per address family (`A`), each family's maps followed apart.
 #[derive(Clone, Debug)]
-pub struct MapMirror {
-    current: MapImage,
-    ids: IdRegistry,
+pub struct MapMirror<A = u32> {
+    current: MapImage<A>,
+    ids: IdRegistry<A>,
     slots: SlotAllocator,
     /// Backend id → how many slots of live headers name it.
     backend_refs: HashMap<u32, u32>,
 }
 
-impl MapMirror {
+impl<A: Address> MapMirror<A> {
     /// Follows maps that hold `current` (read from the pins: ids stay stable across
     /// restarts), with `slot_capacity` slots in BACKEND_SLOTS.
-    pub fn new(current: MapImage, slot_capacity: u32) -> Self {
+    pub fn new(current: MapImage<A>, slot_capacity: u32) -> Self {
         let mut mirror = MapMirror {
             ids: IdRegistry::from_image(&current),
             current: MapImage::default(),
@@ -231,7 +231,7 @@ impl MapMirror {
     }
 
     /// What the maps hold, as far as the writes that succeeded tell.
-    pub fn image(&self) -> &MapImage {
+    pub fn image(&self) -> &MapImage<A> {
         &self.current
     }
 
@@ -242,7 +242,7 @@ impl MapMirror {
 
     /// Forgets what was written and takes `current` as the truth (re-read from the maps),
     /// keeping the ids it knows and the quarantine of BACKEND_SLOTS.
-    pub fn reset(&mut self, current: MapImage) {
+    pub fn reset(&mut self, current: MapImage<A>) {
         self.slots.rebuild(current.services.values().map(slice_of));
         self.current = current;
         self.backend_refs.clear();
@@ -254,7 +254,7 @@ impl MapMirror {
     /// Plans and writes `sync` into `maps`, in passes (bounded): a frontend waiting for an
     /// evacuation, or one that found no room while this pass freed slices (they are
     /// reusable after a barrier), is placed by the next.
-    pub fn sync(&mut self, sync: Sync<'_>, maps: &mut impl MapSink) -> ApplyReport {
+    pub fn sync(&mut self, sync: Sync<'_>, maps: &mut impl MapSink<A>) -> ApplyReport {
         let mut report = ApplyReport::default();
         for pass in 1..=MAX_PASSES {
             let batch = match sync {
@@ -266,7 +266,7 @@ impl MapMirror {
             let room_coming = self.slots.has_quarantine();
             if left == 0 || !room_coming || pass == MAX_PASSES {
                 if left > 0 {
-                    *report.map_full.entry(map_names::BACKEND_SLOTS).or_default() += left;
+                    *report.map_full.entry(A::MAPS.backend_slots).or_default() += left;
                 }
                 break;
             }
@@ -275,7 +275,7 @@ impl MapMirror {
     }
 
     /// The writes that make the maps hold exactly `desired` (a full sync).
-    pub fn full(&mut self, desired: &DesiredState) -> Batch {
+    pub fn full(&mut self, desired: &DesiredState) -> Batch<A> {
         let mut next = materialize(desired, &mut self.ids);
         self.forget_unused_ids(&next);
         let placement = place(&self.current, &mut next, Scope::Full, &mut self.slots);
@@ -288,7 +288,7 @@ impl MapMirror {
 
     /// The writes for the changed frontends only: their entries, new backends before the
     /// slots that name them, unused backends after the last slot that named them went.
-    pub fn delta(&mut self, changes: &[FrontendChange]) -> Batch {
+    pub fn delta(&mut self, changes: &[FrontendChange]) -> Batch<A> {
         let mut old = MapImage::default();
         let mut new = DesiredImage::default();
         let mut keys = BTreeSet::new();
@@ -334,7 +334,7 @@ impl MapMirror {
     }
 
     /// Forgets the ids of what neither `next` nor the maps name any more.
-    fn forget_unused_ids(&mut self, next: &DesiredImage) {
+    fn forget_unused_ids(&mut self, next: &DesiredImage<A>) {
         let mut service_ports: HashSet<u32> = (next.frontends.values())
             .map(|entry| entry.header.service_port_id)
             .collect();
@@ -366,7 +366,7 @@ impl MapMirror {
     /// Writes a batch into `maps` phase by phase, each phase one batch, following what
     /// succeeded. A header is written only once everything it names is in the maps;
     /// removals that a held-back header still needs are held back with it.
-    pub fn write(&mut self, batch: Batch, maps: &mut impl MapSink) -> ApplyReport {
+    pub fn write(&mut self, batch: Batch<A>, maps: &mut impl MapSink<A>) -> ApplyReport {
         let writes = batch.writes;
         let mut report = ApplyReport {
             ops: writes.len(),
@@ -443,7 +443,12 @@ impl MapMirror {
     }
 
     /// Writes one phase into `maps` and records the outcome.
-    fn write_phase(&mut self, maps: &mut impl MapSink, phase: Phase<'_>, report: &mut ApplyReport) {
+    fn write_phase(
+        &mut self,
+        maps: &mut impl MapSink<A>,
+        phase: Phase<'_, A>,
+        report: &mut ApplyReport,
+    ) {
         let results = maps.write(phase);
         self.record(phase, results, report);
     }
@@ -452,7 +457,7 @@ impl MapMirror {
     /// mirror, the others in the report (retried by the next, full, sync).
     fn record(
         &mut self,
-        phase: Phase<'_>,
+        phase: Phase<'_, A>,
         results: Vec<Result<(), WriteError>>,
         report: &mut ApplyReport,
     ) {
@@ -477,7 +482,7 @@ impl MapMirror {
     }
 
     /// Records a write that succeeded.
-    fn applied(&mut self, op: MapOp) {
+    fn applied(&mut self, op: MapOp<A>) {
         match op {
             MapOp::PutService(key, header) => {
                 let old = self.current.services.insert(key, header);
@@ -544,7 +549,7 @@ impl MapMirror {
     }
 
     /// The header of `key` as the mirror knows it.
-    pub fn header(&self, key: &FrontendKey) -> Option<&FrontendValue> {
+    pub fn header(&self, key: &FrontendKey<A>) -> Option<&FrontendValue> {
         self.current.services.get(key)
     }
 }

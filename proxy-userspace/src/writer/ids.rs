@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use proxy_common::{Backend, FrontendKey};
+use proxy_common::{Address, Backend, FrontendKey};
 
 use super::image::MapImage;
 use crate::plan::ServicePortName;
@@ -13,20 +13,21 @@ use crate::plan::ServicePortName;
 /// Gives out the ids. They grow monotonically and are not reused soon after release, so a
 /// listing never attributes an old flow to a new backend, nor an affinity to another
 /// Service port.
+/// One per address family (`A`): each family's maps count their ids apart.
 #[derive(Clone, Debug, Default)]
-pub struct IdRegistry {
-    backends: HashMap<Backend, u32>,
-    frontends: HashMap<FrontendKey, u32>,
+pub struct IdRegistry<A = u32> {
+    backends: HashMap<Backend<A>, u32>,
+    frontends: HashMap<FrontendKey<A>, u32>,
     service_ports: HashMap<(ServicePortName, u8), u32>,
     last_backend_id: u32,
     last_rev_nat_id: u32,
     last_service_port_id: u32,
 }
 
-impl IdRegistry {
+impl<A: Address> IdRegistry<A> {
     /// Learns the ids already in the maps. A Service port is known by its frontends' names
     /// (SVC_NAMES); one without a name gets a new id, and its clients a new affinity.
-    pub fn from_image(image: &MapImage) -> Self {
+    pub fn from_image(image: &MapImage<A>) -> Self {
         let mut ids = Self::default();
         for (id, backend) in &image.backends {
             ids.backends.insert(*backend, *id);
@@ -49,7 +50,7 @@ impl IdRegistry {
         ids
     }
 
-    pub fn backend_id(&mut self, backend: Backend) -> u32 {
+    pub fn backend_id(&mut self, backend: Backend<A>) -> u32 {
         if let Some(id) = self.backends.get(&backend) {
             return *id;
         }
@@ -60,7 +61,7 @@ impl IdRegistry {
         id
     }
 
-    pub fn rev_nat_id(&mut self, frontend: FrontendKey) -> u32 {
+    pub fn rev_nat_id(&mut self, frontend: FrontendKey<A>) -> u32 {
         if let Some(id) = self.frontends.get(&frontend) {
             return *id;
         }
@@ -85,12 +86,12 @@ impl IdRegistry {
     }
 
     /// Forgets a frontend's id (it left the maps).
-    pub fn release_frontend(&mut self, key: FrontendKey) {
+    pub fn release_frontend(&mut self, key: FrontendKey<A>) {
         self.frontends.remove(&key);
     }
 
     /// Forgets a backend's id (no slot names it any more).
-    pub fn release_backend(&mut self, backend: &Backend) {
+    pub fn release_backend(&mut self, backend: &Backend<A>) {
         self.backends.remove(backend);
     }
 
@@ -115,7 +116,7 @@ impl IdRegistry {
     pub fn retain(
         &mut self,
         backends: impl Fn(u32) -> bool,
-        frontends: impl Fn(&FrontendKey) -> bool,
+        frontends: impl Fn(&FrontendKey<A>) -> bool,
         service_ports: impl Fn(u32) -> bool,
     ) {
         self.backends.retain(|_, id| backends(*id));
@@ -158,7 +159,7 @@ mod tests {
             name: name.into(),
             port_name: "http".into(),
         };
-        let mut ids = IdRegistry::default();
+        let mut ids: IdRegistry = IdRegistry::default();
         let web = ids.service_port_id(&port("web"), 6);
         assert_eq!(ids.service_port_id(&port("web"), 6), web);
         assert_ne!(ids.service_port_id(&port("web"), 17), web);

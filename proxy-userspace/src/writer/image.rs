@@ -6,13 +6,12 @@
 //! ordering rule that keeps every packet consistent while entries change.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
 
 use aya::maps::lpm_trie::Key;
 use proxy_common::maglev::{self, CHUNK_POSITIONS, MaglevChunk, MaglevKey};
 use proxy_common::{
-    Backend, FrontendKey, FrontendValue, MembershipKey, ServiceName, Slot, SourceRange, membership,
-    service_flags,
+    Address, Backend, FrontendKey, FrontendValue, MembershipKey, ServiceName, Slot, SourceRange,
+    membership, service_flags,
 };
 
 use super::ids::IdRegistry;
@@ -21,21 +20,22 @@ use crate::plan::{
     BackendAddr, DesiredState, EmptyFrontend, Frontend, FrontendKind, FrontendPlan, Selection,
 };
 
-/// The contents of the maps the writer owns.
+/// The contents of the maps the writer owns, of one address family (`A`, see
+/// [`Address`]: IPv4's SERVICES, BACKEND_SLOTS, …, or IPv6's SERVICES6, BACKEND_SLOTS6, …).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct MapImage {
+pub struct MapImage<A = u32> {
     /// SERVICES: each frontend's header.
-    pub services: BTreeMap<FrontendKey, FrontendValue>,
+    pub services: BTreeMap<FrontendKey<A>, FrontendValue>,
     /// BACKEND_SLOTS: the slots headers name, and the slices written for headers to come.
-    pub slots: BTreeMap<u32, Slot>,
+    pub slots: BTreeMap<u32, Slot<A>>,
     /// BACKEND_IDS, inverted: id → backend.
-    pub backends: BTreeMap<u32, Backend>,
+    pub backends: BTreeMap<u32, Backend<A>>,
     /// Each frontend's endpoint addresses: selectable, serving (`proxy_common::membership`).
-    pub membership: BTreeMap<MembershipKey, u8>,
+    pub membership: BTreeMap<MembershipKey<A>, u8>,
     /// rev_nat_id → the Service port of that frontend.
     pub names: BTreeMap<u32, ServiceName>,
     /// The client prefixes of each restricted frontend (SOURCE_RANGES' keys).
-    pub source_ranges: BTreeSet<SourceRangeEntry>,
+    pub source_ranges: BTreeSet<SourceRangeEntry<A>>,
     /// MAGLEV: the chunks the maps hold (their contents follow from the slices they belong
     /// to, see [`maglev_table`], and are not kept here).
     pub maglev: BTreeSet<MaglevKey>,
@@ -44,40 +44,42 @@ pub struct MapImage {
 /// What the maps should hold: like [`MapImage`], but each frontend's slots are listed with
 /// its header (whose `base` means nothing yet) rather than placed in BACKEND_SLOTS.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DesiredImage {
-    pub frontends: BTreeMap<FrontendKey, FrontendEntry>,
-    pub backends: BTreeMap<u32, Backend>,
-    pub membership: BTreeMap<MembershipKey, u8>,
+pub struct DesiredImage<A = u32> {
+    pub frontends: BTreeMap<FrontendKey<A>, FrontendEntry<A>>,
+    pub backends: BTreeMap<u32, Backend<A>>,
+    pub membership: BTreeMap<MembershipKey<A>, u8>,
     pub names: BTreeMap<u32, ServiceName>,
-    pub source_ranges: BTreeSet<SourceRangeEntry>,
+    pub source_ranges: BTreeSet<SourceRangeEntry<A>>,
 }
 
 /// A frontend's header and its slots in order: its own set, then its Cluster set.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct FrontendEntry {
+pub struct FrontendEntry<A = u32> {
     pub header: FrontendValue,
-    pub slots: Vec<Slot>,
+    pub slots: Vec<Slot<A>>,
 }
 
 /// One SOURCE_RANGES key: a frontend's prefix of `prefix_len` bits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct SourceRangeEntry {
-    pub range: SourceRange,
+pub struct SourceRangeEntry<A = u32> {
+    pub range: SourceRange<A>,
     pub prefix_len: u8,
 }
 
-impl SourceRangeEntry {
-    pub fn key(&self) -> Key<SourceRange> {
+impl<A: Address> SourceRangeEntry<A> {
+    pub fn key(&self) -> Key<SourceRange<A>> {
         Key::new(
-            SourceRange::FRONTEND_BITS + u32::from(self.prefix_len),
+            SourceRange::<A>::FRONTEND_BITS + u32::from(self.prefix_len),
             self.range,
         )
     }
 
-    pub fn from_key(key: &Key<SourceRange>) -> Self {
+    pub fn from_key(key: &Key<SourceRange<A>>) -> Self {
         Self {
             range: key.data(),
-            prefix_len: key.prefix_len().saturating_sub(SourceRange::FRONTEND_BITS) as u8,
+            prefix_len: key
+                .prefix_len()
+                .saturating_sub(SourceRange::<A>::FRONTEND_BITS) as u8,
         }
     }
 }
@@ -104,28 +106,20 @@ fn header_flags(plan: &FrontendPlan) -> u16 {
     flags
 }
 
-/// The SERVICES key of an IPv4 frontend; `None` for an IPv6 one, which these maps do not
-/// hold (no IPv6 datapath yet: the daemon reports such frontends as not programmed).
-pub fn frontend_key(frontend: &Frontend) -> Option<FrontendKey> {
-    let addr = ipv4_octets(frontend.addr)?;
-    Some(FrontendKey::new(
-        addr,
-        frontend.port,
-        frontend.protocol.number(),
-    ))
+/// The key of a frontend of family `A` in its SERVICES map; `None` for a frontend of the
+/// other family, which the other family's maps hold.
+pub fn frontend_key<A: Address>(frontend: &Frontend) -> Option<FrontendKey<A>> {
+    Some(FrontendKey {
+        addr: A::from_ip(frontend.addr)?,
+        port: frontend.port.to_be(),
+        proto: frontend.protocol.number(),
+        _pad: 0,
+    })
 }
 
-/// An IPv4 address's octets; `None` for IPv6.
-fn ipv4_octets(addr: IpAddr) -> Option<[u8; 4]> {
-    match addr {
-        IpAddr::V4(addr) => Some(addr.octets()),
-        IpAddr::V6(_) => None,
-    }
-}
-
-/// The map contents for `desired` (its IPv4 frontends; the caller forgets the ids nothing
-/// names any more).
-pub fn materialize(desired: &DesiredState, ids: &mut IdRegistry) -> DesiredImage {
+/// The map contents for `desired`'s frontends of family `A` (the caller forgets the ids
+/// nothing names any more).
+pub fn materialize<A: Address>(desired: &DesiredState, ids: &mut IdRegistry<A>) -> DesiredImage<A> {
     let mut image = DesiredImage::default();
     for (frontend, plan) in &desired.frontends {
         frontend_entries(frontend, plan, ids, &mut image);
@@ -138,14 +132,14 @@ pub fn materialize(desired: &DesiredState, ids: &mut IdRegistry) -> DesiredImage
 /// MEMBERSHIP entries, the SOURCE_RANGES prefixes of a restricted one, and its SVC_NAMES
 /// name. The one place that knows how a plan becomes map entries. A Service port whose
 /// name exceeds Kubernetes' limits (possible only in hand-written manifests) is balanced
-/// all the same, just listed without a name. An IPv6 frontend adds nothing (see
-/// [`frontend_key`]); the planner gives an IPv4 frontend only IPv4 backends, serving
-/// addresses and source ranges.
-pub fn frontend_entries(
+/// all the same, just listed without a name. A frontend of the other family adds nothing
+/// (see [`frontend_key`]); the planner gives a frontend only backends, serving addresses
+/// and source ranges of its own family.
+pub fn frontend_entries<A: Address>(
     frontend: &Frontend,
     plan: &FrontendPlan,
-    ids: &mut IdRegistry,
-    image: &mut DesiredImage,
+    ids: &mut IdRegistry<A>,
+    image: &mut DesiredImage<A>,
 ) {
     let proto = frontend.protocol.number();
     let Some(key) = frontend_key(frontend) else {
@@ -162,10 +156,15 @@ pub fn frontend_entries(
     ];
     for (backends, bit) in sets {
         for backend in backends {
-            let Some(addr) = ipv4_octets(backend.addr) else {
+            let Some(addr) = A::from_ip(backend.addr) else {
                 continue;
             };
-            let backend = Backend::new(addr, backend.port, proto);
+            let backend = Backend {
+                addr,
+                port: backend.port.to_be(),
+                proto,
+                _pad: 0,
+            };
             let backend_id = ids.backend_id(backend);
             image.backends.insert(backend_id, backend);
             slots.push(Slot {
@@ -183,23 +182,17 @@ pub fn frontend_entries(
     for addr in plan
         .serving_addrs
         .iter()
-        .filter_map(|addr| ipv4_octets(*addr))
+        .filter_map(|addr| A::from_ip(*addr))
     {
-        let member = MembershipKey {
-            rev_nat_id,
-            addr: u32::from_ne_bytes(addr),
-        };
+        let member = MembershipKey { rev_nat_id, addr };
         *image.membership.entry(member).or_default() |= membership::SERVING;
     }
     for network in &plan.source_ranges {
-        let Some(addr) = ipv4_octets(network.network()) else {
+        let Some(addr) = A::from_ip(network.network()) else {
             continue;
         };
         image.source_ranges.insert(SourceRangeEntry {
-            range: SourceRange {
-                rev_nat_id,
-                addr: u32::from_ne_bytes(addr),
-            },
+            range: SourceRange { rev_nat_id, addr },
             prefix_len: network.prefix_len(),
         });
     }
@@ -243,14 +236,17 @@ pub fn maglev_keys(header: &FrontendValue) -> impl Iterator<Item = MaglevKey> + 
 
 /// The Maglev table of a header whose own set is `own` (its first `count` slots, in the
 /// plan's sorted order, as every node writes them), as MAGLEV entries.
-pub fn maglev_table(header: &FrontendValue, own: &[Slot]) -> Vec<(MaglevKey, MaglevChunk)> {
+pub fn maglev_table<A: Address>(
+    header: &FrontendValue,
+    own: &[Slot<A>],
+) -> Vec<(MaglevKey, MaglevChunk)> {
     let Some(size) = maglev::table_size(header.maglev) else {
         return Vec::new();
     };
     let backends: Vec<BackendAddr> = own
         .iter()
         .map(|slot| BackendAddr {
-            addr: std::net::Ipv4Addr::from(slot.backend.addr.to_ne_bytes()).into(),
+            addr: slot.backend.addr.to_ip(),
             port: u16::from_be(slot.backend.port),
         })
         .collect();
@@ -275,9 +271,9 @@ pub fn slice_of(header: &FrontendValue) -> Slice {
     }
 }
 
-impl MapImage {
+impl<A: Address> MapImage<A> {
     /// The slots `header` names, in order; `None` if one is missing.
-    pub fn slots_of(&self, header: &FrontendValue) -> Option<Vec<Slot>> {
+    pub fn slots_of(&self, header: &FrontendValue) -> Option<Vec<Slot<A>>> {
         slice_of(header)
             .range()
             .map(|index| self.slots.get(&index).copied())
@@ -289,7 +285,7 @@ impl MapImage {
     /// no member of its set in MEMBERSHIP, a restriction without source ranges. `None`:
     /// the header can be written. The writer writes no header before this holds, and the
     /// tests check it after every write.
-    pub fn missing_for(&self, key: &FrontendKey, header: &FrontendValue) -> Option<String> {
+    pub fn missing_for(&self, key: &FrontendKey<A>, header: &FrontendValue) -> Option<String> {
         for (position, index) in slice_of(header).range().enumerate() {
             let Some(slot) = self.slots.get(&index) else {
                 return Some(format!("{key:?}: slot {index} is not written"));
@@ -334,7 +330,7 @@ impl MapImage {
 
     /// The entries this image holds for one frontend (header, slots, membership, source
     /// ranges, name), without its backends, which frontends share.
-    pub fn frontend_part(&self, key: &FrontendKey) -> MapImage {
+    pub fn frontend_part(&self, key: &FrontendKey<A>) -> MapImage<A> {
         let mut part = MapImage::default();
         let Some(header) = self.services.get(key) else {
             return part;
@@ -358,7 +354,7 @@ impl MapImage {
     }
 
     /// One frontend as desired: what it holds now, backends included.
-    fn desired_part(&self, key: &FrontendKey) -> DesiredImage {
+    fn desired_part(&self, key: &FrontendKey<A>) -> DesiredImage<A> {
         let part = self.frontend_part(key);
         let mut desired = DesiredImage {
             membership: part.membership,
@@ -384,7 +380,7 @@ impl MapImage {
 
     /// The whole image in desired form (slices read through their headers): what
     /// listings and comparisons want.
-    pub fn desired(&self) -> DesiredImage {
+    pub fn desired(&self) -> DesiredImage<A> {
         let mut desired = DesiredImage {
             backends: self.backends.clone(),
             membership: self.membership.clone(),
@@ -415,7 +411,7 @@ impl MapImage {
     }
 
     /// Adds `other`'s entries.
-    pub fn extend(&mut self, other: MapImage) {
+    pub fn extend(&mut self, other: MapImage<A>) {
         self.services.extend(other.services);
         self.slots.extend(other.slots);
         self.backends.extend(other.backends);
@@ -426,7 +422,7 @@ impl MapImage {
     }
 
     /// Applies one operation to this in-memory image.
-    pub fn apply(&mut self, op: &MapOp) {
+    pub fn apply(&mut self, op: &MapOp<A>) {
         match op {
             MapOp::PutName(id, name) => {
                 self.names.insert(*id, *name);
@@ -472,7 +468,7 @@ impl MapImage {
     }
 }
 
-impl DesiredImage {
+impl<A: Address> DesiredImage<A> {
     /// The backend ids named by the slots, once per slot.
     pub fn slot_backends(&self) -> impl Iterator<Item = u32> + '_ {
         self.frontends
@@ -482,7 +478,7 @@ impl DesiredImage {
     }
 
     /// Adds `other`'s entries.
-    pub fn extend(&mut self, other: DesiredImage) {
+    pub fn extend(&mut self, other: DesiredImage<A>) {
         self.frontends.extend(other.frontends);
         self.backends.extend(other.backends);
         self.membership.extend(other.membership);
@@ -491,7 +487,7 @@ impl DesiredImage {
     }
 
     /// Removes one frontend's entries (not the backends, which frontends share).
-    fn remove_frontend(&mut self, key: &FrontendKey) {
+    fn remove_frontend(&mut self, key: &FrontendKey<A>) {
         let Some(entry) = self.frontends.remove(key) else {
             return;
         };
@@ -499,13 +495,13 @@ impl DesiredImage {
         // not cost a walk over every frontend's (at 100 000 frontends short of slots, that
         // was a million entries for each of tens of thousands left out).
         let rev_nat_id = entry.header.rev_nat_id;
-        let members: Vec<MembershipKey> = (self.membership.range(member_bounds(rev_nat_id)))
+        let members: Vec<MembershipKey<A>> = (self.membership.range(member_bounds(rev_nat_id)))
             .map(|(member, _)| *member)
             .collect();
         for member in members {
             self.membership.remove(&member);
         }
-        let ranges: Vec<SourceRangeEntry> = (self.source_ranges.range(range_bounds(rev_nat_id)))
+        let ranges: Vec<SourceRangeEntry<A>> = (self.source_ranges.range(range_bounds(rev_nat_id)))
             .copied()
             .collect();
         for range in ranges {
@@ -521,27 +517,27 @@ impl DesiredImage {
     }
 }
 
-fn member_bounds(rev_nat_id: u32) -> std::ops::RangeInclusive<MembershipKey> {
+fn member_bounds<A: Address>(rev_nat_id: u32) -> std::ops::RangeInclusive<MembershipKey<A>> {
     MembershipKey {
         rev_nat_id,
-        addr: 0,
+        addr: A::LOWEST,
     }..=MembershipKey {
         rev_nat_id,
-        addr: u32::MAX,
+        addr: A::HIGHEST,
     }
 }
 
-fn range_bounds(rev_nat_id: u32) -> std::ops::RangeInclusive<SourceRangeEntry> {
+fn range_bounds<A: Address>(rev_nat_id: u32) -> std::ops::RangeInclusive<SourceRangeEntry<A>> {
     SourceRangeEntry {
         range: SourceRange {
             rev_nat_id,
-            addr: 0,
+            addr: A::LOWEST,
         },
         prefix_len: 0,
     }..=SourceRangeEntry {
         range: SourceRange {
             rev_nat_id,
-            addr: u32::MAX,
+            addr: A::HIGHEST,
         },
         prefix_len: u8::MAX,
     }
@@ -549,19 +545,19 @@ fn range_bounds(rev_nat_id: u32) -> std::ops::RangeInclusive<SourceRangeEntry> {
 
 /// One map write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MapOp {
+pub enum MapOp<A = u32> {
     PutName(u32, ServiceName),
-    PutBackend(u32, Backend),
+    PutBackend(u32, Backend<A>),
     /// BACKEND_SLOTS[index] (never a slot a header names, or named since the last barrier).
-    PutSlot(u32, Slot),
-    PutService(FrontendKey, FrontendValue),
-    PutMembership(MembershipKey, u8),
-    PutSourceRange(SourceRangeEntry),
-    DeleteService(FrontendKey),
-    DeleteMembership(MembershipKey),
-    DeleteSourceRange(SourceRangeEntry),
+    PutSlot(u32, Slot<A>),
+    PutService(FrontendKey<A>, FrontendValue),
+    PutMembership(MembershipKey<A>, u8),
+    PutSourceRange(SourceRangeEntry<A>),
+    DeleteService(FrontendKey<A>),
+    DeleteMembership(MembershipKey<A>),
+    DeleteSourceRange(SourceRangeEntry<A>),
     /// The backend's id and the backend (BACKEND_IDS is keyed by the backend).
-    DeleteBackend(u32, Backend),
+    DeleteBackend(u32, Backend<A>),
     DeleteName(u32),
     /// A chunk of a slice's Maglev table (never of a table a header names).
     PutMaglev(MaglevKey, MaglevChunk),
@@ -571,18 +567,18 @@ pub enum MapOp {
     Barrier,
 }
 
-impl MapOp {
+impl<A: Address> MapOp<A> {
     /// The map the operation writes (`None` for a barrier).
     pub fn map(&self) -> Option<&'static str> {
-        use proxy_common::map_names;
+        let maps = A::MAPS;
         Some(match self {
-            MapOp::PutName(..) | MapOp::DeleteName(_) => map_names::SVC_NAMES,
-            MapOp::PutBackend(..) | MapOp::DeleteBackend(..) => map_names::BACKEND_IDS,
-            MapOp::PutSlot(..) => map_names::BACKEND_SLOTS,
-            MapOp::PutService(..) | MapOp::DeleteService(_) => map_names::SERVICES,
-            MapOp::PutMembership(..) | MapOp::DeleteMembership(_) => map_names::MEMBERSHIP,
-            MapOp::PutSourceRange(_) | MapOp::DeleteSourceRange(_) => map_names::SOURCE_RANGES,
-            MapOp::PutMaglev(..) | MapOp::DeleteMaglev(_) => map_names::MAGLEV,
+            MapOp::PutName(..) | MapOp::DeleteName(_) => maps.svc_names,
+            MapOp::PutBackend(..) | MapOp::DeleteBackend(..) => maps.backend_ids,
+            MapOp::PutSlot(..) => maps.backend_slots,
+            MapOp::PutService(..) | MapOp::DeleteService(_) => maps.services,
+            MapOp::PutMembership(..) | MapOp::DeleteMembership(_) => maps.membership,
+            MapOp::PutSourceRange(_) | MapOp::DeleteSourceRange(_) => maps.source_ranges,
+            MapOp::PutMaglev(..) | MapOp::DeleteMaglev(_) => maps.maglev,
             MapOp::Barrier => return None,
         })
     }
@@ -590,32 +586,32 @@ impl MapOp {
 
 /// Where the slices of a batch go.
 #[derive(Clone, Debug, Default)]
-pub struct Placement {
+pub struct Placement<A = u32> {
     /// The base of each frontend of the desired image.
-    bases: BTreeMap<FrontendKey, u32>,
+    bases: BTreeMap<FrontendKey<A>, u32>,
     /// Slices to write: base → slots (new slices and the copies of moved ones).
-    writes: BTreeMap<u32, Vec<Slot>>,
+    writes: BTreeMap<u32, Vec<Slot<A>>>,
     /// Frontends moved out of a window being evacuated, with their new header (their
     /// contents unchanged).
-    moved: BTreeMap<FrontendKey, FrontendValue>,
+    moved: BTreeMap<FrontendKey<A>, FrontendValue>,
     /// The Maglev chunks of the slices those frontends leave.
     left_tables: Vec<MaglevKey>,
     /// A barrier must pass before the slices are written (they reuse quarantined slots).
     barrier: bool,
     /// Frontends left as they are: no room for their slice.
-    pub unplaced: Vec<FrontendKey>,
+    pub unplaced: Vec<FrontendKey<A>>,
     /// Frontends left as they are for now: room is being made (an evacuation), they are
     /// placed by the next pass.
-    pub deferred: Vec<FrontendKey>,
+    pub deferred: Vec<FrontendKey<A>>,
 }
 
 /// Which frontends a batch is about.
 #[derive(Clone, Copy, Debug)]
-pub enum Scope<'a> {
+pub enum Scope<'a, A = u32> {
     /// All: a frontend missing from the desired image is deleted.
     Full,
     /// These (a delta): the others stay as they are.
-    Frontends(&'a BTreeSet<FrontendKey>),
+    Frontends(&'a BTreeSet<FrontendKey<A>>),
 }
 
 /// Decides where the slices of `next` go: a frontend whose slots are unchanged keeps its
@@ -623,19 +619,19 @@ pub enum Scope<'a> {
 /// not yet (see [`Placement::deferred`]), is set back in `next` to what `current` holds
 /// for it, so the batch leaves it as it is. `current` is everything the maps hold; `scope`
 /// says which frontends `next` speaks for.
-pub fn place(
-    current: &MapImage,
-    next: &mut DesiredImage,
-    scope: Scope<'_>,
+pub fn place<A: Address>(
+    current: &MapImage<A>,
+    next: &mut DesiredImage<A>,
+    scope: Scope<'_, A>,
     slots: &mut SlotAllocator,
-) -> Placement {
+) -> Placement<A> {
     let mut placement = Placement::default();
     // The live slices, looked at only once a slice finds no room (a walk over every
     // header: a change must not cost what the maps hold).
-    let mut live: Option<LiveSlices> = None;
+    let mut live: Option<LiveSlices<A>> = None;
     // The smallest slice no evacuation could make room for: larger ones need not try.
     let mut no_room_from = u32::MAX;
-    let keys: Vec<FrontendKey> = next.frontends.keys().copied().collect();
+    let keys: Vec<FrontendKey<A>> = next.frontends.keys().copied().collect();
     for key in keys {
         let entry = &next.frontends[&key];
         if let Some(header) = current.services.get(&key)
@@ -711,16 +707,17 @@ pub fn place(
 }
 
 /// The live slices of BACKEND_SLOTS, for an evacuation.
-struct LiveSlices {
+struct LiveSlices<A> {
     /// Slices that may move: those of frontends the batch leaves as they are.
-    movable: BTreeMap<Slice, FrontendKey>,
+    movable: BTreeMap<Slice, FrontendKey<A>>,
     /// The others: live until their headers switch or go.
     fixed: Vec<Slice>,
 }
 
-impl LiveSlices {
-    fn of(current: &MapImage, next: &DesiredImage, scope: Scope<'_>) -> Self {
-        let untouched = |key: &FrontendKey, header: &FrontendValue| match next.frontends.get(key) {
+impl<A: Address> LiveSlices<A> {
+    fn of(current: &MapImage<A>, next: &DesiredImage<A>, scope: Scope<'_, A>) -> Self {
+        let untouched = |key: &FrontendKey<A>, header: &FrontendValue| match next.frontends.get(key)
+        {
             Some(entry) => current.slots_of(header).as_ref() == Some(&entry.slots),
             None => matches!(scope, Scope::Frontends(keys) if !keys.contains(key)),
         };
@@ -744,32 +741,32 @@ impl LiveSlices {
 /// other — any order of them is as safe as another — so each phase goes to the kernel as
 /// one batch, whose elements the kernel applies in order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct MapWrites {
+pub struct MapWrites<A = u32> {
     pub put_names: Vec<(u32, ServiceName)>,
-    pub put_backends: Vec<(u32, Backend)>,
+    pub put_backends: Vec<(u32, Backend<A>)>,
     /// Membership entries that gain bits (or appear), keeping the bits they lose.
-    pub grow_membership: Vec<(MembershipKey, u8)>,
+    pub grow_membership: Vec<(MembershipKey<A>, u8)>,
     /// A grace period must pass before the slots are written: they reuse slots headers
     /// named until lately.
     pub barrier: bool,
-    pub put_slots: Vec<(u32, Slot)>,
+    pub put_slots: Vec<(u32, Slot<A>)>,
     /// The Maglev tables of new slices (and of sizes new to a slice), with the slots.
     pub put_maglev: Vec<(MaglevKey, MaglevChunk)>,
-    pub put_source_ranges: Vec<SourceRangeEntry>,
+    pub put_source_ranges: Vec<SourceRangeEntry<A>>,
     /// New and changed headers, and headers moved out of a window being evacuated.
-    pub put_headers: Vec<(FrontendKey, FrontendValue)>,
-    pub delete_headers: Vec<FrontendKey>,
+    pub put_headers: Vec<(FrontendKey<A>, FrontendValue)>,
+    pub delete_headers: Vec<FrontendKey<A>>,
     /// Membership entries that lose bits.
-    pub shrink_membership: Vec<(MembershipKey, u8)>,
-    pub delete_membership: Vec<MembershipKey>,
-    pub delete_source_ranges: Vec<SourceRangeEntry>,
-    pub delete_backends: Vec<(u32, Backend)>,
+    pub shrink_membership: Vec<(MembershipKey<A>, u8)>,
+    pub delete_membership: Vec<MembershipKey<A>>,
+    pub delete_source_ranges: Vec<SourceRangeEntry<A>>,
+    pub delete_backends: Vec<(u32, Backend<A>)>,
     /// Maglev chunks no header names any more.
     pub delete_maglev: Vec<MaglevKey>,
     pub delete_names: Vec<u32>,
 }
 
-impl MapWrites {
+impl<A: Address> MapWrites<A> {
     /// How many single writes these are (a barrier is no write).
     pub fn len(&self) -> usize {
         self.put_names.len()
@@ -798,7 +795,7 @@ impl MapWrites {
     }
 
     /// Every write, one at a time, in order: what the kernel does with the batches.
-    pub fn ops(&self) -> impl Iterator<Item = MapOp> + '_ {
+    pub fn ops(&self) -> impl Iterator<Item = MapOp<A>> + '_ {
         let puts = (self.put_names.iter())
             .map(|(id, name)| MapOp::PutName(*id, *name))
             .chain((self.put_backends.iter()).map(|(id, backend)| MapOp::PutBackend(*id, *backend)))
@@ -823,7 +820,9 @@ impl MapWrites {
     }
 }
 
-fn put_membership(entries: &[(MembershipKey, u8)]) -> impl Iterator<Item = MapOp> + '_ {
+fn put_membership<A: Address>(
+    entries: &[(MembershipKey<A>, u8)],
+) -> impl Iterator<Item = MapOp<A>> + '_ {
     (entries.iter()).map(|(key, bits)| MapOp::PutMembership(*key, *bits))
 }
 
@@ -837,7 +836,11 @@ fn put_membership(entries: &[(MembershipKey, u8)]) -> impl Iterator<Item = MapOp
 /// backend never looks as if its backend had left, a header never names a Maglev table
 /// not yet written, and no slice is written while a packet may read it. Names come first
 /// and go last, so a listing never shows a live frontend without its name.
-pub fn diff(current: &MapImage, next: &DesiredImage, placement: &Placement) -> MapWrites {
+pub fn diff<A: Address>(
+    current: &MapImage<A>,
+    next: &DesiredImage<A>,
+    placement: &Placement<A>,
+) -> MapWrites<A> {
     let mut writes = MapWrites {
         barrier: placement.barrier,
         ..MapWrites::default()
@@ -880,7 +883,7 @@ pub fn diff(current: &MapImage, next: &DesiredImage, placement: &Placement) -> M
     // rewritten. Its contents follow from the slice's own set.
     let mut named_tables: BTreeSet<MaglevKey> = BTreeSet::new();
     let mut put_maglev = Vec::new();
-    let mut table_of = |header: &FrontendValue, slots: &[Slot]| {
+    let mut table_of = |header: &FrontendValue, slots: &[Slot<A>]| {
         let keys: Vec<MaglevKey> = maglev_keys(header).collect();
         if keys.iter().any(|chunk| !current.maglev.contains(chunk)) {
             let own = &slots[..usize::from(header.count).min(slots.len())];

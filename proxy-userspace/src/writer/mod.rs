@@ -24,7 +24,8 @@ use aya::Pod;
 use aya::maps::{Array, HashMap as BpfHashMap, IterableMap, LpmTrie, MapData, MapError};
 use proxy_common::maglev::{MaglevChunk, MaglevKey};
 use proxy_common::{
-    Backend, FrontendKey, FrontendValue, MembershipKey, ServiceName, Slot, SourceRange,
+    Address, Backend, FrontendKey, FrontendValue, Ipv6, MembershipKey, ServiceName, Slot,
+    SourceRange,
 };
 use tracing::warn;
 
@@ -40,44 +41,72 @@ pub use image::{
 use crate::bpf_batch;
 use crate::plan::{DesiredState, FrontendChange};
 
-/// The maps the writer owns, as pinned by the datapath.
-pub struct WriterMaps {
-    pub services: BpfHashMap<MapData, FrontendKey, FrontendValue>,
-    pub slots: Array<MapData, Slot>,
-    pub backend_ids: BpfHashMap<MapData, Backend, u32>,
-    pub membership: BpfHashMap<MapData, MembershipKey, u8>,
-    /// Raised after MEMBERSHIP changed: flows re-check their backend.
-    pub membership_epoch: Array<MapData, u32>,
+/// One address family's maps that the writer owns, as pinned by the datapath (IPv4's
+/// SERVICES, …, or IPv6's SERVICES6, …: `A::MAPS`).
+pub struct FamilyMaps<A: Address = u32> {
+    pub services: BpfHashMap<MapData, FrontendKey<A>, FrontendValue>,
+    pub slots: Array<MapData, Slot<A>>,
+    pub backend_ids: BpfHashMap<MapData, Backend<A>, u32>,
+    pub membership: BpfHashMap<MapData, MembershipKey<A>, u8>,
     pub names: BpfHashMap<MapData, u32, ServiceName>,
-    pub source_ranges: LpmTrie<MapData, SourceRange, u8>,
+    pub source_ranges: LpmTrie<MapData, SourceRange<A>, u8>,
     pub maglev: BpfHashMap<MapData, MaglevKey, MaglevChunk>,
 }
 
-impl WriterMaps {
-    /// Takes the writer's maps out of the loaded object.
-    pub fn take(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
-        use proxy_common::map_names;
+impl<A: Address> FamilyMaps<A> {
+    fn take(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
+        let names = A::MAPS;
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .ok_or_else(|| anyhow::anyhow!("map {name} missing from the eBPF object"))
         };
         Ok(Self {
-            services: take(map_names::SERVICES)?.try_into()?,
-            slots: take(map_names::BACKEND_SLOTS)?.try_into()?,
-            backend_ids: take(map_names::BACKEND_IDS)?.try_into()?,
-            membership: take(map_names::MEMBERSHIP)?.try_into()?,
-            membership_epoch: take(map_names::MEMBERSHIP_EPOCH)?.try_into()?,
-            names: take(map_names::SVC_NAMES)?.try_into()?,
-            source_ranges: take(map_names::SOURCE_RANGES)?.try_into()?,
-            maglev: take(map_names::MAGLEV)?.try_into()?,
+            services: take(names.services)?.try_into()?,
+            slots: take(names.backend_slots)?.try_into()?,
+            backend_ids: take(names.backend_ids)?.try_into()?,
+            membership: take(names.membership)?.try_into()?,
+            names: take(names.svc_names)?.try_into()?,
+            source_ranges: take(names.source_ranges)?.try_into()?,
+            maglev: take(names.maglev)?.try_into()?,
         })
     }
 }
 
-/// Writes the maps, following what they hold in a [`MapMirror`].
+/// The maps the writer owns, as pinned by the datapath: each family's, and the one
+/// MEMBERSHIP_EPOCH both raise.
+pub struct WriterMaps {
+    pub ipv4: FamilyMaps<u32>,
+    pub ipv6: FamilyMaps<Ipv6>,
+    /// Raised after MEMBERSHIP or MEMBERSHIP6 changed: flows re-check their backend.
+    pub membership_epoch: Array<MapData, u32>,
+}
+
+impl WriterMaps {
+    /// Takes the writer's maps out of the loaded object.
+    pub fn take(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
+        let epoch = proxy_common::map_names::MEMBERSHIP_EPOCH;
+        Ok(Self {
+            ipv4: FamilyMaps::take(ebpf)?,
+            ipv6: FamilyMaps::take(ebpf)?,
+            membership_epoch: ebpf
+                .take_map(epoch)
+                .ok_or_else(|| anyhow::anyhow!("map {epoch} missing from the eBPF object"))?
+                .try_into()?,
+        })
+    }
+}
+
+/// Writes the maps of both families, following what they hold in a [`MapMirror`] each.
 pub struct MapWriter {
-    maps: WriterMaps,
-    mirror: MapMirror,
+    ipv4: FamilyWriter<u32>,
+    ipv6: FamilyWriter<Ipv6>,
+    membership_epoch: Array<MapData, u32>,
+}
+
+/// One family's maps, what they hold, and their capacities.
+struct FamilyWriter<A: Address> {
+    maps: FamilyMaps<A>,
+    mirror: MapMirror<A>,
     /// Each map's capacity, read once (a reused pin keeps the size it was created with).
     capacities: BTreeMap<&'static str, u32>,
 }
@@ -90,25 +119,23 @@ pub struct MapFill {
     pub max_entries: u32,
 }
 
-impl MapWriter {
-    /// Takes the maps and learns what they already hold (they may be pinned from a
-    /// previous run of the daemon).
-    pub fn new(maps: WriterMaps) -> Result<Self, MapError> {
-        use proxy_common::map_names;
+impl<A: Address> FamilyWriter<A> {
+    fn new(maps: FamilyMaps<A>) -> Result<Self, MapError> {
+        let names = A::MAPS;
         let capacity = maps.slots.len();
         let image = read(&maps)?;
         let mut capacities = BTreeMap::new();
         for (name, map) in [
-            (map_names::SERVICES, maps.services.map()),
-            (map_names::BACKEND_IDS, maps.backend_ids.map()),
-            (map_names::MEMBERSHIP, maps.membership.map()),
-            (map_names::SVC_NAMES, maps.names.map()),
-            (map_names::SOURCE_RANGES, maps.source_ranges.map()),
-            (map_names::MAGLEV, maps.maglev.map()),
+            (names.services, maps.services.map()),
+            (names.backend_ids, maps.backend_ids.map()),
+            (names.membership, maps.membership.map()),
+            (names.svc_names, maps.names.map()),
+            (names.source_ranges, maps.source_ranges.map()),
+            (names.maglev, maps.maglev.map()),
         ] {
             capacities.insert(name, map.info()?.max_entries());
         }
-        capacities.insert(map_names::BACKEND_SLOTS, capacity);
+        capacities.insert(names.backend_slots, capacity);
         Ok(Self {
             maps,
             mirror: MapMirror::new(image, capacity),
@@ -116,10 +143,8 @@ impl MapWriter {
         })
     }
 
-    /// How full the maps the writer owns are, as last written (BACKEND_SLOTS: the slots
-    /// headers name).
-    pub fn fill(&self) -> Vec<MapFill> {
-        use proxy_common::map_names;
+    fn fill(&self) -> impl Iterator<Item = MapFill> + '_ {
+        let names = A::MAPS;
         let image = self.mirror.image();
         let named_slots: u64 = image
             .services
@@ -127,13 +152,13 @@ impl MapWriter {
             .map(|header| u64::from(header.slots()))
             .sum();
         [
-            (map_names::SERVICES, image.services.len() as u64),
-            (map_names::BACKEND_SLOTS, named_slots),
-            (map_names::BACKEND_IDS, image.backends.len() as u64),
-            (map_names::MEMBERSHIP, image.membership.len() as u64),
-            (map_names::SVC_NAMES, image.names.len() as u64),
-            (map_names::SOURCE_RANGES, image.source_ranges.len() as u64),
-            (map_names::MAGLEV, image.maglev.len() as u64),
+            (names.services, image.services.len() as u64),
+            (names.backend_slots, named_slots),
+            (names.backend_ids, image.backends.len() as u64),
+            (names.membership, image.membership.len() as u64),
+            (names.svc_names, image.names.len() as u64),
+            (names.source_ranges, image.source_ranges.len() as u64),
+            (names.maglev, image.maglev.len() as u64),
         ]
         .into_iter()
         .map(|(map, entries)| MapFill {
@@ -141,25 +166,57 @@ impl MapWriter {
             entries,
             max_entries: self.capacities.get(map).copied().unwrap_or(0),
         })
-        .collect()
     }
 
-    /// Reads the maps again, so the next [`apply`](Self::apply) repairs anything that was
-    /// changed behind our back.
-    pub fn reread(&mut self) -> Result<(), MapError> {
+    fn reread(&mut self) -> Result<(), MapError> {
         let image = read(&self.maps)?;
         self.mirror.reset(image);
         Ok(())
     }
 
-    /// What the maps hold, as last written.
-    pub fn image(&self) -> &MapImage {
-        self.mirror.image()
+    /// Writes `sync`'s frontends of this family; whether a MEMBERSHIP write succeeded.
+    fn sync(&mut self, sync: Sync<'_>) -> (ApplyReport, bool) {
+        let mut kernel = KernelMaps {
+            maps: &mut self.maps,
+            membership_changed: false,
+        };
+        let report = self.mirror.sync(sync, &mut kernel);
+        (report, kernel.membership_changed)
+    }
+}
+
+impl MapWriter {
+    /// Takes the maps and learns what they already hold (they may be pinned from a
+    /// previous run of the daemon).
+    pub fn new(maps: WriterMaps) -> Result<Self, MapError> {
+        Ok(Self {
+            ipv4: FamilyWriter::new(maps.ipv4)?,
+            ipv6: FamilyWriter::new(maps.ipv6)?,
+            membership_epoch: maps.membership_epoch,
+        })
     }
 
-    /// BACKEND_SLOTS: slots in use (named, or freed too recently to reuse), and capacity.
-    pub fn slots_used(&self) -> (u32, u32) {
-        self.mirror.slots_used()
+    /// How full the maps the writer owns are, as last written (BACKEND_SLOTS: the slots
+    /// headers name), IPv4's then IPv6's.
+    pub fn fill(&self) -> Vec<MapFill> {
+        self.ipv4.fill().chain(self.ipv6.fill()).collect()
+    }
+
+    /// Reads the maps again, so the next [`apply`](Self::apply) repairs anything that was
+    /// changed behind our back.
+    pub fn reread(&mut self) -> Result<(), MapError> {
+        self.ipv4.reread()?;
+        self.ipv6.reread()
+    }
+
+    /// What the IPv4 maps hold, as last written.
+    pub fn image(&self) -> &MapImage {
+        self.ipv4.mirror.image()
+    }
+
+    /// What the IPv6 maps hold, as last written.
+    pub fn image6(&self) -> &MapImage<Ipv6> {
+        self.ipv6.mirror.image()
     }
 
     /// Makes the maps equal to `desired`, writing only the difference to what they hold (a
@@ -174,14 +231,12 @@ impl MapWriter {
     }
 
     fn sync(&mut self, sync: Sync<'_>) -> ApplyReport {
-        let mut kernel = KernelMaps {
-            maps: &mut self.maps,
-            membership_changed: false,
-        };
-        let mut report = self.mirror.sync(sync, &mut kernel);
+        let (mut report, ipv4_members) = self.ipv4.sync(sync);
+        let (ipv6_report, ipv6_members) = self.ipv6.sync(sync);
+        report.add(ipv6_report);
         // After the writes: a flow that reads the new epoch finds the new membership.
-        if kernel.membership_changed
-            && let Err(error) = raise_membership_epoch(&mut self.maps)
+        if (ipv4_members || ipv6_members)
+            && let Err(error) = raise_membership_epoch(&mut self.membership_epoch)
         {
             report
                 .failures
@@ -195,20 +250,20 @@ impl MapWriter {
 /// as one batch (BPF_MAP_UPDATE_BATCH / BPF_MAP_DELETE_BATCH, applied element by element
 /// in order, as single writes were); SOURCE_RANGES, an LPM trie of a few entries per
 /// restricted frontend, one entry at a time.
-struct KernelMaps<'a> {
-    maps: &'a mut WriterMaps,
+struct KernelMaps<'a, A: Address> {
+    maps: &'a mut FamilyMaps<A>,
     /// Whether a MEMBERSHIP write succeeded (MEMBERSHIP_EPOCH is raised after the sync).
     membership_changed: bool,
 }
 
-impl MapSink for KernelMaps<'_> {
-    fn write(&mut self, phase: Phase<'_>) -> Vec<Result<(), WriteError>> {
+impl<A: Address> MapSink<A> for KernelMaps<'_, A> {
+    fn write(&mut self, phase: Phase<'_, A>) -> Vec<Result<(), WriteError>> {
         let maps = &mut *self.maps;
         let results = match phase {
             Phase::PutNames(entries) => put(maps.names.map(), entries),
             Phase::PutBackends(entries) => {
                 // BACKEND_IDS is keyed by the backend.
-                let (ids, backends): (Vec<u32>, Vec<Backend>) = entries.iter().copied().unzip();
+                let (ids, backends): (Vec<u32>, Vec<Backend<A>>) = entries.iter().copied().unzip();
                 update_each(maps.backend_ids.map(), &backends, &ids)
             }
             Phase::PutMembership(entries) => put(maps.membership.map(), entries),
@@ -230,7 +285,8 @@ impl MapSink for KernelMaps<'_> {
                 .map(io_result)
                 .collect(),
             Phase::DeleteBackends(entries) => {
-                let backends: Vec<Backend> = entries.iter().map(|(_, backend)| *backend).collect();
+                let backends: Vec<Backend<A>> =
+                    entries.iter().map(|(_, backend)| *backend).collect();
                 delete_each(maps.backend_ids.map(), &backends)
             }
             Phase::DeleteMaglev(keys) => delete_each(maps.maglev.map(), keys),
@@ -306,7 +362,7 @@ fn io_result(result: Result<(), MapError>) -> io::Result<()> {
 /// Reads what the maps hold: every header, the slots they name, the backends, membership,
 /// names and source ranges. BACKEND_IDS entries no slot names, or that disagree with the
 /// slots, are left out, so the next full sync writes them again.
-fn read(maps: &WriterMaps) -> Result<MapImage, MapError> {
+fn read<A: Address>(maps: &FamilyMaps<A>) -> Result<MapImage<A>, MapError> {
     let mut image = MapImage::default();
     for entry in maps.services.iter() {
         let (key, header) = entry?;
@@ -343,10 +399,10 @@ fn read(maps: &WriterMaps) -> Result<MapImage, MapError> {
 }
 
 /// The slots of BACKEND_SLOTS (`map`) that `headers` name, read in batches.
-pub fn read_slots(
+pub fn read_slots<A: Address>(
     map: &MapData,
-    headers: &BTreeMap<FrontendKey, FrontendValue>,
-) -> io::Result<BTreeMap<u32, Slot>> {
+    headers: &BTreeMap<FrontendKey<A>, FrontendValue>,
+) -> io::Result<BTreeMap<u32, Slot<A>>> {
     let named: Vec<std::ops::Range<u32>> = headers
         .values()
         .map(|header| slice_of(header).range())
@@ -356,7 +412,7 @@ pub fn read_slots(
     if named.is_empty() {
         return Ok(slots);
     }
-    bpf_batch::for_each_entry(map, 4096, |index: &u32, slot: &Slot| {
+    bpf_batch::for_each_entry(map, 4096, |index: &u32, slot: &Slot<A>| {
         if named.iter().any(|range| range.contains(index)) {
             slots.insert(*index, *slot);
         }
@@ -365,8 +421,7 @@ pub fn read_slots(
     Ok(slots)
 }
 
-fn raise_membership_epoch(maps: &mut WriterMaps) -> Result<(), MapError> {
-    let epoch = &mut maps.membership_epoch;
+fn raise_membership_epoch(epoch: &mut Array<MapData, u32>) -> Result<(), MapError> {
     let next = epoch.get(&0, 0)?.wrapping_add(1);
     epoch.set(0, next, 0)
 }

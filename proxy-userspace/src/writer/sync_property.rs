@@ -5,7 +5,7 @@
 //! address) — each synced as the daemon syncs it (a delta, or a full sync when the node
 //! changed), one to three changes per sync. After every step:
 //! - the planner's incremental desired state equals a plan from scratch;
-//! - the maps written incrementally equal what a full sync writes into empty maps (ids
+//! - the maps of each family written incrementally equal what a full sync writes into empty maps (ids
 //!   aside: they depend on history), and a full sync over them has nothing left to write;
 //! - every single write left the maps consistent (the writer's ordering rule);
 //! - the backends' reference counts are exact: every backend in the maps is named by a
@@ -14,15 +14,15 @@
 //! Seeded, so a failure names its seed and step and replays exactly.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 
 use proxy_common::maglev::MaglevKey;
-use proxy_common::{Backend, FrontendKey, service_flags};
+use proxy_common::{Address, Backend, FrontendKey, Ipv6, service_flags};
 
 use super::image::maglev_table;
 use super::tests::{FakeMaps, sync_into};
 use super::{MapImage, MapMirror, Sync};
-use crate::inspect::{Endpoint, service_port_name};
+use crate::inspect::service_port_name;
 use crate::model::selection::{ALGORITHM_ANNOTATION, SelectionDefaults, TABLE_SIZE_ANNOTATION};
 use crate::model::{Model, ObjectKey};
 use crate::plan::testing::{Slice, Svc, ep, slice, svc};
@@ -261,8 +261,8 @@ fn change(rng: &mut Rng, model: &mut Model, node: &mut NodeFacts) {
     }
 }
 
-/// Slots in BACKEND_SLOTS: the generated states' IPv4 frontends (the IPv6 ones are not in
-/// these maps) name up to about 60, and a changed
+/// Slots in BACKEND_SLOTS (and BACKEND_SLOTS6): the generated states' frontends of one
+/// family name up to about 60, and a changed
 /// frontend's new slice needs room while its old one is still live, so slices are reused
 /// after barriers, now and then evacuated, and a burst of changes sometimes finds no room
 /// at all until the next (full) sync.
@@ -273,11 +273,69 @@ struct Node {
     model: Model,
     node: NodeFacts,
     planner: Planner,
-    mirror: MapMirror,
+    ipv4: Written<u32>,
+    ipv6: Written<Ipv6>,
+}
+
+/// One family's maps as the daemon writes them.
+struct Written<A: Address> {
+    mirror: MapMirror<A>,
     /// What the maps hold, written op by op.
-    maps: FakeMaps,
+    maps: FakeMaps<A>,
     /// Syncs that found no room for a slice and were caught up by the next, full one.
     retries: usize,
+}
+
+impl<A: Address> Written<A> {
+    fn new() -> Self {
+        Self {
+            mirror: MapMirror::new(MapImage::default(), SLOTS),
+            maps: FakeMaps::default(),
+            retries: 0,
+        }
+    }
+
+    fn sync(&mut self, sync: Sync<'_>, planner: &Planner, at: &str) {
+        let at = format!("{at} ({})", A::NAME);
+        let report = sync_into(&mut self.mirror, &mut self.maps, sync, &at);
+        if !report.complete() {
+            // As the daemon does after refused writes: the next sync is a full one, and
+            // by then the slices this one let go are free after a barrier.
+            assert!(
+                report.failures.is_empty() && report.held_back == 0,
+                "{at}: {report:?}"
+            );
+            self.retries += 1;
+            let retry = format!("{at} (retried in full)");
+            let desired = Sync::Full(planner.desired());
+            let report = sync_into(&mut self.mirror, &mut self.maps, desired, &retry);
+            assert!(report.complete(), "{retry}: {report:?}");
+        }
+    }
+
+    fn check(&self, planner: &Planner, from_scratch: &plan::Planned, at: &str) {
+        let at = format!("{at} ({})", A::NAME);
+        let maps = &self.maps.image;
+        assert_eq!(
+            maps.desired(),
+            self.mirror.image().desired(),
+            "{at}: the mirror drifted"
+        );
+        let mut fresh_mirror: MapMirror<A> = MapMirror::new(MapImage::default(), SLOTS);
+        let mut fresh = FakeMaps::default();
+        let from_scratch_at = format!("{at} (from scratch)");
+        let desired = Sync::Full(&from_scratch.desired);
+        sync_into(&mut fresh_mirror, &mut fresh, desired, &from_scratch_at);
+        assert_same(&canonical(maps), &canonical(&fresh.image), &at);
+        let mut again = self.mirror.clone();
+        assert_eq!(
+            again.full(planner.desired()).ops(),
+            Vec::new(),
+            "{at}: a full sync would still write"
+        );
+        check_backend_refs(maps, &self.mirror, &at);
+        check_maglev_tables(&self.maps, &at);
+    }
 }
 
 impl Node {
@@ -299,9 +357,8 @@ impl Node {
             planner: Planner::new(&node, &model),
             model,
             node,
-            mirror: MapMirror::new(MapImage::default(), SLOTS),
-            maps: FakeMaps::default(),
-            retries: 0,
+            ipv4: Written::new(),
+            ipv6: Written::new(),
         }
     }
 
@@ -311,27 +368,16 @@ impl Node {
     fn sync(&mut self, at: &str) -> bool {
         let changes = self.model.take_changes();
         let full = self.planner.set_node(&self.node, &self.model);
-        let report = if full {
+        if full {
             self.planner.update_all(&self.model);
-            let desired = self.planner.desired();
-            sync_into(&mut self.mirror, &mut self.maps, Sync::Full(desired), at)
+            let desired = Sync::Full(self.planner.desired());
+            self.ipv4.sync(desired, &self.planner, at);
+            self.ipv6.sync(desired, &self.planner, at);
         } else {
             let delta = self.planner.update(&self.model, changes.dirty_services);
             let changes = Sync::Delta(&delta.frontends);
-            sync_into(&mut self.mirror, &mut self.maps, changes, at)
-        };
-        if !report.complete() {
-            // As the daemon does after refused writes: the next sync is a full one, and
-            // by then the slices this one let go are free after a barrier.
-            assert!(
-                report.failures.is_empty() && report.held_back == 0,
-                "{at}: {report:?}"
-            );
-            self.retries += 1;
-            let retry = format!("{at} (retried in full)");
-            let desired = Sync::Full(self.planner.desired());
-            let report = sync_into(&mut self.mirror, &mut self.maps, desired, &retry);
-            assert!(report.complete(), "{retry}: {report:?}");
+            self.ipv4.sync(changes, &self.planner, at);
+            self.ipv6.sync(changes, &self.planner, at);
         }
         full
     }
@@ -343,32 +389,14 @@ impl Node {
             &from_scratch.desired,
             "{at}: the incremental plan differs from a plan from scratch"
         );
-        let maps = &self.maps.image;
-        assert_eq!(
-            maps.desired(),
-            self.mirror.image().desired(),
-            "{at}: the mirror drifted"
-        );
-        let mut fresh_mirror = MapMirror::new(MapImage::default(), SLOTS);
-        let mut fresh = FakeMaps::default();
-        let from_scratch_at = format!("{at} (from scratch)");
-        let desired = Sync::Full(&from_scratch.desired);
-        sync_into(&mut fresh_mirror, &mut fresh, desired, &from_scratch_at);
-        assert_same(&canonical(maps), &canonical(&fresh.image), at);
-        let mut again = self.mirror.clone();
-        assert_eq!(
-            again.full(self.planner.desired()).ops(),
-            Vec::new(),
-            "{at}: a full sync would still write"
-        );
-        check_backend_refs(maps, &self.mirror, at);
-        check_maglev_tables(&self.maps, at);
+        self.ipv4.check(&self.planner, &from_scratch, at);
+        self.ipv6.check(&self.planner, &from_scratch, at);
     }
 }
 
 /// MAGLEV holds exactly the chunks headers name, each table the one its slice's own set
 /// gives.
-fn check_maglev_tables(maps: &FakeMaps, at: &str) {
+fn check_maglev_tables<A: Address>(maps: &FakeMaps<A>, at: &str) {
     let mut named = BTreeSet::new();
     for (key, entry) in &maps.image.desired().frontends {
         let own = &entry.slots[..usize::from(entry.header.count)];
@@ -385,7 +413,7 @@ fn check_maglev_tables(maps: &FakeMaps, at: &str) {
     assert_eq!(held, named, "{at}: Maglev chunks held vs named");
 }
 
-fn check_backend_refs(maps: &MapImage, mirror: &MapMirror, at: &str) {
+fn check_backend_refs<A: Address>(maps: &MapImage<A>, mirror: &MapMirror<A>, at: &str) {
     let mut counted: BTreeMap<u32, u32> = BTreeMap::new();
     for id in maps.slot_backends() {
         *counted.entry(id).or_default() += 1;
@@ -403,9 +431,9 @@ fn check_backend_refs(maps: &MapImage, mirror: &MapMirror, at: &str) {
 
 /// The maps' contents as sorted lines of text, ids replaced by what they name (ids depend
 /// on history), so a difference reads as the lines only one side has.
-fn canonical(maps: &MapImage) -> BTreeSet<String> {
-    let label = |key: &FrontendKey| {
-        let endpoint = Endpoint::from_wire(key.addr, key.port);
+fn canonical<A: Address>(maps: &MapImage<A>) -> BTreeSet<String> {
+    let label = |key: &FrontendKey<A>| {
+        let endpoint = SocketAddr::new(key.addr.to_ip(), u16::from_be(key.port));
         format!("{endpoint}/{}", key.proto)
     };
     let frontends: BTreeMap<u32, String> = maps
@@ -413,11 +441,11 @@ fn canonical(maps: &MapImage) -> BTreeSet<String> {
         .iter()
         .map(|(key, header)| (header.rev_nat_id, label(key)))
         .collect();
-    let backend = |backend: &Backend| {
-        let endpoint = Endpoint::from_wire(backend.addr, backend.port);
+    let backend = |backend: &Backend<A>| {
+        let endpoint = SocketAddr::new(backend.addr.to_ip(), u16::from_be(backend.port));
         format!("{endpoint}/{}", backend.proto)
     };
-    let address = |addr: u32| Ipv4Addr::from(addr.to_ne_bytes());
+    let address = |addr: A| addr.to_ip();
     let mut lines = BTreeSet::new();
     let mut service_ports: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
     for (key, entry) in &maps.desired().frontends {
@@ -500,11 +528,14 @@ struct Coverage {
     barriers: usize,
     relocations: usize,
     retries: usize,
+    ipv6_frontends: usize,
 }
 
 impl Coverage {
     fn count(&mut self, node: &Node) {
-        for header in node.maps.image.services.values() {
+        self.ipv6_frontends += node.ipv6.maps.image.services.len();
+        let ipv4 = node.ipv4.maps.image.services.values();
+        for header in ipv4.chain(node.ipv6.maps.image.services.values()) {
             self.cluster_sets += usize::from(header.flags & service_flags::CLUSTER_SET != 0);
             self.affinity += usize::from(header.affinity_timeout_s != 0);
             self.maglev += usize::from(header.maglev != 0);
@@ -519,10 +550,8 @@ impl Coverage {
             .iter()
             .filter(|problem| problem.reason == "frontend_conflict")
             .count();
-        self.shared_backends += node
-            .mirror
-            .backend_refs()
-            .values()
+        let ipv4 = node.ipv4.mirror.backend_refs().values();
+        self.shared_backends += (ipv4.chain(node.ipv6.mirror.backend_refs().values()))
             .filter(|count| **count > 1)
             .count();
     }
@@ -551,9 +580,9 @@ fn incremental_syncs_equal_a_full_sync_after_every_step() {
             node.check(&at);
             coverage.count(&node);
         }
-        barriers += node.maps.barriers;
-        relocations += node.maps.relocations;
-        retries += node.retries;
+        barriers += node.ipv4.maps.barriers + node.ipv6.maps.barriers;
+        relocations += node.ipv4.maps.relocations + node.ipv6.maps.relocations;
+        retries += node.ipv4.retries + node.ipv6.retries;
     }
     coverage.barriers = barriers;
     coverage.relocations = relocations;
@@ -573,6 +602,7 @@ fn incremental_syncs_equal_a_full_sync_after_every_step() {
         barriers,
         relocations,
         retries,
+        ipv6_frontends,
     } = coverage;
     for (case, seen) in [
         ("full syncs", full_syncs),
@@ -585,6 +615,7 @@ fn incremental_syncs_equal_a_full_sync_after_every_step() {
         ("shared backends", shared_backends),
         ("Cluster sets for pods", cluster_sets),
         ("Maglev tables", maglev),
+        ("IPv6 frontends", ipv6_frontends),
     ] {
         assert!(seen >= 100, "{case}: seen {seen} times only ({coverage:?})");
     }

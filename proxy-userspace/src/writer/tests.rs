@@ -8,7 +8,9 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use proxy_common::maglev::{MaglevChunk, MaglevKey};
-use proxy_common::{FrontendKey, MembershipKey, SourceRange, map_names, membership, service_flags};
+use proxy_common::{
+    Address, FrontendKey, Ipv6, MembershipKey, SourceRange, map_names, membership, service_flags,
+};
 
 use super::*;
 use crate::plan::{
@@ -17,9 +19,10 @@ use crate::plan::{
 };
 
 /// Maps in memory: what the kernel would hold, with limits that refuse writes as full.
+/// One family's (`A`).
 #[derive(Clone, Debug, Default)]
-pub(super) struct FakeMaps {
-    pub image: MapImage,
+pub(super) struct FakeMaps<A = u32> {
+    pub image: MapImage<A>,
     /// The slots a packet may still read: named by a header since the last barrier.
     readable: BTreeSet<u32>,
     /// Entries a map holds at most (absent: no limit).
@@ -35,9 +38,9 @@ pub(super) struct FakeMaps {
     pub written: usize,
 }
 
-impl MapSink for FakeMaps {
+impl<A: Address> MapSink<A> for FakeMaps<A> {
     /// A batch is its elements in order: each is written and checked as a single write.
-    fn write(&mut self, phase: Phase<'_>) -> Vec<Result<(), WriteError>> {
+    fn write(&mut self, phase: Phase<'_, A>) -> Vec<Result<(), WriteError>> {
         phase
             .ops()
             .map(|op| {
@@ -49,11 +52,11 @@ impl MapSink for FakeMaps {
     }
 }
 
-impl FakeMaps {
+impl<A: Address> FakeMaps<A> {
     /// Writes `op` as the kernel would, refusing it when its map is at its limit, and
     /// checks it: a slot is never written while a packet may read it, and after the write
     /// every header is complete.
-    pub fn write_one(&mut self, op: &MapOp, at: &str) -> Result<(), WriteError> {
+    pub fn write_one(&mut self, op: &MapOp<A>, at: &str) -> Result<(), WriteError> {
         if let MapOp::PutSlot(index, _) = op {
             assert!(
                 !self.readable.contains(index),
@@ -96,7 +99,7 @@ impl FakeMaps {
         Ok(())
     }
 
-    fn is_full_for(&self, op: &MapOp) -> bool {
+    fn is_full_for(&self, op: &MapOp<A>) -> bool {
         let Some(&limit) = op.map().and_then(|map| self.limits.get(map)) else {
             return false;
         };
@@ -120,8 +123,8 @@ impl FakeMaps {
 /// Every header names only written slots of backends BACKEND_IDS holds that are members
 /// of its set, and is restricted only with its ranges ([`MapImage::missing_for`]); every
 /// header's frontend has its name; no two headers' slices overlap.
-pub(super) fn assert_consistent(image: &MapImage, at: &str, op: &MapOp) {
-    let mut taken: BTreeMap<u32, FrontendKey> = BTreeMap::new();
+pub(super) fn assert_consistent<A: Address>(image: &MapImage<A>, at: &str, op: &MapOp<A>) {
+    let mut taken: BTreeMap<u32, FrontendKey<A>> = BTreeMap::new();
     for (key, header) in &image.services {
         if let Some(missing) = image.missing_for(key, header) {
             panic!("{at}, after {op:?}: {missing}");
@@ -139,9 +142,9 @@ pub(super) fn assert_consistent(image: &MapImage, at: &str, op: &MapOp) {
 }
 
 /// Syncs `sync` into `maps` through `mirror`, checking every write.
-pub(super) fn sync_into(
-    mirror: &mut MapMirror,
-    maps: &mut FakeMaps,
+pub(super) fn sync_into<A: Address>(
+    mirror: &mut MapMirror<A>,
+    maps: &mut FakeMaps<A>,
     sync: Sync<'_>,
     at: &str,
 ) -> ApplyReport {
@@ -571,7 +574,7 @@ fn names_follow_their_frontends() {
 fn overlong_names_leave_the_frontend_unnamed_but_balanced() {
     let long = "x".repeat(64);
     let state = named([(frontend([198, 19, 0, 10], 80), long.as_str(), &[10][..])]);
-    let mut mirror = MapMirror::new(MapImage::default(), 16);
+    let mut mirror: MapMirror = MapMirror::new(MapImage::default(), 16);
     let report = mirror.sync(Sync::Full(&state), &mut AcceptingMaps);
     assert!(report.complete());
     assert!(mirror.image().names.is_empty());
@@ -769,32 +772,72 @@ fn fragmented_slots_are_evacuated_for_a_large_frontend() {
     assert!(maps.barriers >= 1);
 }
 
-/// These maps are IPv4's: an IPv6 frontend of a dual-stack Service is left out of a full
-/// sync and of a delta alike (the daemon reports it as not programmed), and its IPv4
-/// sibling is written as if it were alone.
+/// Each family's frontends go into its own maps: an IPv6 frontend of a dual-stack
+/// Service leaves the IPv4 maps as if its IPv4 sibling were alone, in a full sync and a
+/// delta alike, and the IPv6 maps hold it whole (header, slot, backend, membership, name),
+/// with 16-byte addresses.
 #[test]
-fn ipv6_frontends_are_not_written_into_the_ipv4_maps() {
+fn each_family_is_written_into_its_own_maps() {
     let vip = frontend([198, 19, 0, 10], 80);
     let vip6 = Frontend {
         addr: "2001:db8:ff::10".parse().unwrap(),
         port: 80,
         protocol: Protocol::Tcp,
     };
+    let backend6: std::net::IpAddr = "2001:db8:1::10".parse().unwrap();
     let mut plan6 = plan("web", &[]);
     plan6.backends = vec![BackendAddr {
-        addr: "2001:db8:1::10".parse().unwrap(),
+        addr: backend6,
         port: 8080,
     }];
+    plan6.serving_addrs = vec![backend6];
     let mut dual = desired(&[(vip, &[10, 11])]);
     dual.frontends.insert(vip6, plan6.clone());
     let (mut mirror, maps) = written(&dual, 16);
     let (_, alone) = written(&desired(&[(vip, &[10, 11])]), 16);
     assert_eq!(maps.image.desired(), alone.image.desired());
-
     let change = FrontendChange {
         frontend: vip6,
         old: None,
         new: Some(plan6),
     };
-    assert_eq!(mirror.delta(&[change]).ops(), Vec::new());
+    assert_eq!(
+        mirror.delta(std::slice::from_ref(&change)).ops(),
+        Vec::new()
+    );
+
+    let mut mirror6: MapMirror<Ipv6> = MapMirror::new(MapImage::default(), 16);
+    let mut maps6: FakeMaps<Ipv6> = FakeMaps::default();
+    let report = sync_into(&mut mirror6, &mut maps6, Sync::Full(&dual), "ipv6 full");
+    assert!(report.complete(), "{report:?}");
+    let key6 = frontend_key::<Ipv6>(&vip6).unwrap();
+    assert_eq!(key6.addr, Ipv6::from_ip(vip6.addr).unwrap());
+    let header = maps6.image.services[&key6];
+    assert_eq!((header.count, header.flags), (1, service_flags::CLUSTER_IP));
+    let slots = maps6.image.slots_of(&header).unwrap();
+    assert_eq!(slots[0].backend.addr.to_ip(), backend6);
+    assert_eq!(u16::from_be(slots[0].backend.port), 8080);
+    let member = MembershipKey {
+        rev_nat_id: header.rev_nat_id,
+        addr: slots[0].backend.addr,
+    };
+    assert_eq!(
+        maps6.image.membership[&member],
+        membership::SELECTABLE | membership::SERVING
+    );
+    assert_eq!(maps6.image.names[&header.rev_nat_id].name(), "web");
+    assert_eq!(maps6.image.services.len(), 1, "no IPv4 frontend in them");
+
+    // The same frontend as a delta into empty IPv6 maps: the same contents.
+    let mut delta_mirror: MapMirror<Ipv6> = MapMirror::new(MapImage::default(), 16);
+    let mut delta_maps: FakeMaps<Ipv6> = FakeMaps::default();
+    let changes = [change];
+    let report = sync_into(
+        &mut delta_mirror,
+        &mut delta_maps,
+        Sync::Delta(&changes),
+        "delta",
+    );
+    assert!(report.complete(), "{report:?}");
+    assert_eq!(delta_maps.image.desired(), maps6.image.desired());
 }

@@ -369,7 +369,7 @@ impl Datapath {
             rev_nat_id: REV_NAT_ID,
             addr: u32::from_ne_bytes(network),
         };
-        let key = Key::new(SourceRange::FRONTEND_BITS + prefix_len, range);
+        let key = Key::new(SourceRange::<u32>::FRONTEND_BITS + prefix_len, range);
         ranges.insert(&key, 1, 0).unwrap();
     }
 

@@ -1,0 +1,148 @@
+//! Address families: the one abstraction through which the maps, the writer and the CLI
+//! handle IPv4 and IPv6 alike. Each family has maps of its own (Cilium's lb4/lb6), so an
+//! IPv4 key stays as small as it was: the map types are generic over their [`Address`],
+//! IPv4's `u32` by default.
+
+use core::fmt::Debug;
+use core::hash::Hash;
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// An IPv6 address as the maps hold it: its 16 bytes in wire order.
+pub type Ipv6 = [u8; 16];
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for u32 {}
+    impl Sealed for super::Ipv6 {}
+}
+
+/// An address as the maps of its family hold it, in wire order: IPv4's `u32` (its bytes
+/// as on the wire, read in native order), IPv6's 16 bytes. Sealed: the map types are
+/// plain old data only for these two (no implicit padding in any of them).
+pub trait Address: sealed::Sealed + Copy + Debug + Default + Eq + Ord + Hash + 'static {
+    /// Bits of an address (LPM prefixes count them).
+    const BITS: u8;
+    /// "IPv4", "IPv6": as the Kubernetes API names the family.
+    const NAME: &'static str;
+    /// The family's maps that the daemon writes.
+    const MAPS: FamilyMapNames;
+    /// The lowest and the highest address (bounds of a range over one frontend's keys).
+    const LOWEST: Self;
+    const HIGHEST: Self;
+
+    /// The address of this family, `None` for the other one.
+    fn from_ip(addr: IpAddr) -> Option<Self>;
+    fn to_ip(self) -> IpAddr;
+}
+
+/// The pin names of one family's maps that the daemon writes (their types are the generic
+/// ones instantiated with the family's [`Address`]; MEMBERSHIP_EPOCH is shared).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FamilyMapNames {
+    pub services: &'static str,
+    pub backend_slots: &'static str,
+    pub backend_ids: &'static str,
+    pub membership: &'static str,
+    pub svc_names: &'static str,
+    pub source_ranges: &'static str,
+    pub maglev: &'static str,
+}
+
+impl FamilyMapNames {
+    /// Every map, for listings of fill and capacity.
+    pub const fn all(&self) -> [&'static str; 7] {
+        [
+            self.services,
+            self.backend_slots,
+            self.backend_ids,
+            self.membership,
+            self.svc_names,
+            self.source_ranges,
+            self.maglev,
+        ]
+    }
+}
+
+impl Address for u32 {
+    const BITS: u8 = 32;
+    const NAME: &'static str = "IPv4";
+    const LOWEST: Self = 0;
+    const HIGHEST: Self = u32::MAX;
+    const MAPS: FamilyMapNames = {
+        use crate::map_names::*;
+        FamilyMapNames {
+            services: SERVICES,
+            backend_slots: BACKEND_SLOTS,
+            backend_ids: BACKEND_IDS,
+            membership: MEMBERSHIP,
+            svc_names: SVC_NAMES,
+            source_ranges: SOURCE_RANGES,
+            maglev: MAGLEV,
+        }
+    };
+
+    fn from_ip(addr: IpAddr) -> Option<Self> {
+        match addr {
+            IpAddr::V4(addr) => Some(u32::from_ne_bytes(addr.octets())),
+            IpAddr::V6(_) => None,
+        }
+    }
+
+    fn to_ip(self) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::from(self.to_ne_bytes()))
+    }
+}
+
+impl Address for Ipv6 {
+    const BITS: u8 = 128;
+    const NAME: &'static str = "IPv6";
+    const LOWEST: Self = [0; 16];
+    const HIGHEST: Self = [u8::MAX; 16];
+    const MAPS: FamilyMapNames = {
+        use crate::map_names::*;
+        FamilyMapNames {
+            services: SERVICES6,
+            backend_slots: BACKEND_SLOTS6,
+            backend_ids: BACKEND_IDS6,
+            membership: MEMBERSHIP6,
+            svc_names: SVC_NAMES6,
+            source_ranges: SOURCE_RANGES6,
+            maglev: MAGLEV6,
+        }
+    };
+
+    fn from_ip(addr: IpAddr) -> Option<Self> {
+        match addr {
+            IpAddr::V4(_) => None,
+            IpAddr::V6(addr) => Some(addr.octets()),
+        }
+    }
+
+    fn to_ip(self) -> IpAddr {
+        IpAddr::V6(Ipv6Addr::from(self))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_round_trip_in_their_own_family_only() {
+        let v4: IpAddr = "198.19.0.10".parse().unwrap();
+        let v6: IpAddr = "2001:db8::10".parse().unwrap();
+        let key = u32::from_ip(v4).unwrap();
+        assert_eq!(key.to_ne_bytes(), [198, 19, 0, 10]);
+        assert_eq!(key.to_ip(), v4);
+        assert_eq!(Ipv6::from_ip(v6).unwrap().to_ip(), v6);
+        assert_eq!(u32::from_ip(v6), None);
+        assert_eq!(Ipv6::from_ip(v4), None);
+    }
+
+    #[test]
+    fn each_family_has_maps_of_its_own() {
+        for name in u32::MAPS.all() {
+            assert!(!Ipv6::MAPS.all().contains(&name), "{name} shared");
+        }
+    }
+}
