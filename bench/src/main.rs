@@ -396,8 +396,12 @@ fn run(cli: &Cli) -> Result<()> {
         show(&report::xdp_packet_table(&results.xdp.packet));
         show(&report::xdp_requests_table(&results.xdp.requests));
     }
+    let doc_path = cli.out_dir.join("benchmarks.md");
+    let earlier = std::fs::read_to_string(&doc_path)
+        .ok()
+        .and_then(|doc| report::EarlierRun::parse(&doc));
     heading("Targets");
-    show(&report::targets_table(&results));
+    show(&report::targets_table(&results, earlier.as_ref()));
 
     std::fs::create_dir_all(&cli.out_dir)
         .with_context(|| format!("creating {}", cli.out_dir.display()))?;
@@ -413,8 +417,8 @@ fn run(cli: &Cli) -> Result<()> {
         elapsed: started.elapsed(),
         quick: cli.quick,
         chart_file: chart_file.to_owned(),
+        earlier,
     };
-    let doc_path = cli.out_dir.join("benchmarks.md");
     std::fs::write(&doc_path, report::document(&results, &context))
         .with_context(|| format!("writing {}", doc_path.display()))?;
     println!(

@@ -539,13 +539,54 @@ fn verdicts(results: &Results) -> Vec<Verdict> {
     verdicts
 }
 
-pub fn targets_table(results: &Results) -> Table {
-    let mut table = Table::new(&["target", "measured", ""]);
+/// The "Where we stand" figures of the run a new document replaces, so each target shows
+/// the figure it had before beside the new one.
+pub struct EarlierRun {
+    pub date: String,
+    /// (target, measured) as that document wrote them.
+    measured: Vec<(String, String)>,
+}
+
+impl EarlierRun {
+    /// Reads a benchmarks.md; None when it has no date or no targets table.
+    pub fn parse(doc: &str) -> Option<Self> {
+        let date = doc
+            .lines()
+            .find_map(|line| line.strip_prefix("- date: "))?
+            .to_owned();
+        let after_heading = doc.split_once("\n## Where we stand\n")?.1;
+        let measured: Vec<_> = after_heading
+            .lines()
+            .skip_while(|line| !line.starts_with("| target |"))
+            .skip(2)
+            .take_while(|line| line.starts_with('|'))
+            .filter_map(|line| {
+                let mut cells = line.trim().trim_matches('|').split(" | ").map(str::trim);
+                Some((cells.next()?.to_owned(), cells.next()?.to_owned()))
+            })
+            .collect();
+        (!measured.is_empty()).then_some(Self { date, measured })
+    }
+
+    /// The figure the earlier run gave for the same target (worded the same).
+    fn measured(&self, target: &str) -> Option<&str> {
+        (self.measured.iter())
+            .find(|(earlier, _)| earlier == target)
+            .map(|(_, measured)| measured.as_str())
+    }
+}
+
+pub fn targets_table(results: &Results, earlier: Option<&EarlierRun>) -> Table {
+    let earlier_header = earlier.map(|run| format!("earlier run ({})", run.date));
+    let mut header = vec!["target", "measured", ""];
+    header.extend(earlier_header.as_deref());
+    let mut table = Table::new(&header);
     for verdict in verdicts(results) {
         let mark = if verdict.met { "met" } else { "**not met**" };
-        table
-            .rows
-            .push(vec![verdict.target, verdict.measured, mark.to_owned()]);
+        let before = earlier.map(|run| run.measured(&verdict.target).unwrap_or("—").to_owned());
+        let mut row = vec![verdict.target, verdict.measured, mark.to_owned()];
+        row.extend(before);
+        table.rows.push(row);
     }
     table
 }
@@ -599,6 +640,8 @@ pub struct DocumentContext {
     pub elapsed: Duration,
     pub quick: bool,
     pub chart_file: String,
+    /// The figures of the document this one replaces, if there was one.
+    pub earlier: Option<EarlierRun>,
 }
 
 pub fn document(results: &Results, context: &DocumentContext) -> String {
@@ -631,8 +674,19 @@ pub fn document(results: &Results, context: &DocumentContext) -> String {
     }
     let _ = write!(
         doc,
-        "\n## Where we stand\n\n{}\n![Cost against the number of Services]({})\n",
-        targets_table(results).markdown(),
+        "\n## Where we stand\n\n{}\n",
+        targets_table(results, context.earlier.as_ref()).markdown()
+    );
+    if context.earlier.is_some() {
+        doc.push_str(
+            "The last column is the figure the run this document replaced gave for the same \
+             target (read from that document before this one was written; —: it had no such \
+             target).\n\n",
+        );
+    }
+    let _ = writeln!(
+        doc,
+        "![Cost against the number of Services]({})",
         context.chart_file
     );
     if !results.packet.is_empty() {
@@ -866,6 +920,24 @@ mod tests {
         let mut table = Table::new(&["a", "b"]);
         table.rows.push(vec!["1".into(), "2".into()]);
         assert_eq!(table.markdown(), "| a | b |\n|---|---|\n| 1 | 2 |\n");
+    }
+
+    #[test]
+    fn the_earlier_run_is_read_back_from_its_document() {
+        let doc = "# Benchmarks\n\n## Machine\n\n- date: 2026-11-22 04:42 UTC\n- cores: 2\n\n\
+                   ## Where we stand\n\n| target | measured |  | earlier run (x) |\n|---|---|---|---|\n\
+                   | 10000 Services programmed in ≤ 1 s | 0.241 s | met | 0.3 s |\n\
+                   | daemon RSS ≤ 64 MiB | 506.2 MiB | **not met** | — |\n\n![chart](c.png)\n\n\
+                   ## 1. Per-packet cost\n\n| target | x |\n|---|---|\n| not | this |\n";
+        let earlier = EarlierRun::parse(doc).unwrap();
+        assert_eq!(earlier.date, "2026-11-22 04:42 UTC");
+        assert_eq!(
+            earlier.measured("10000 Services programmed in ≤ 1 s"),
+            Some("0.241 s")
+        );
+        assert_eq!(earlier.measured("daemon RSS ≤ 64 MiB"), Some("506.2 MiB"));
+        assert_eq!(earlier.measured("not"), None);
+        assert!(EarlierRun::parse("# Benchmarks\n- date: today\n").is_none());
     }
 
     #[test]
