@@ -125,7 +125,8 @@ impl Reaper {
                 CtTable::Pending => trace_table::PENDING,
             }),
             count: u32::try_from(keys.len().min(REAP_BATCH))?,
-            _pad: [0; 2],
+            bits: 32,
+            _pad: 0,
         };
         let mut input = Vec::with_capacity(size_of::<ReapRequest>() + size_of_val(keys));
         input.extend_from_slice(as_bytes(&request));
