@@ -9,7 +9,8 @@ mod datapath;
 use datapath::ipv6::*;
 use datapath::wire::{self, Extension};
 use datapath::*;
-use proxy_common::{ct_flags, map_names, proto, service_flags, stat, tcp_flags};
+use proxy_common::{CtKey, ct_flags, map_names, proto, service_flags, stat, tcp_flags};
+use proxy_userspace::conntrack::gc::Reaper;
 
 const MACS: ([u8; 6], [u8; 6]) = ([0x02, 0, 0, 0, 0, 0x01], [0x02, 0, 0, 0, 0, 0x02]);
 const SYN6: L4 = L4::Tcp(tcp_flags::SYN);
@@ -92,11 +93,11 @@ fn clusterip_tcp_is_dnated_and_its_replies_reverse_natted() {
 
     let conntrack = datapath.conntrack6();
     assert_eq!(conntrack.len(), 2, "{conntrack:?}");
-    let forward = conntrack[&proxy_common::CtKey::new(tuple6(CLIENT, VIP), proto::TCP)];
+    let forward = conntrack[&CtKey::new(tuple6(CLIENT, VIP), proto::TCP)];
     assert_eq!(forward.to, tuple6(CLIENT, BACKEND));
     assert_eq!(forward.backend_id, ids[0]);
     assert_eq!(forward.rev_nat_id, REV_NAT_ID);
-    let reply = conntrack[&proxy_common::CtKey::new(tuple6(BACKEND, CLIENT), proto::TCP)];
+    let reply = conntrack[&CtKey::new(tuple6(BACKEND, CLIENT), proto::TCP)];
     assert_eq!(reply.to, tuple6(VIP, CLIENT));
     assert_eq!(reply.flags, ct_flags::REPLY);
 
@@ -157,7 +158,7 @@ fn the_next_packet_of_a_flow_reuses_its_conntrack_entry() {
         (stat::REPLY, 1),
         (stat::CT_HIT, 1),
     ]);
-    let forward = proxy_common::CtKey::new(tuple6(CLIENT, VIP), proto::TCP);
+    let forward = CtKey::new(tuple6(CLIENT, VIP), proto::TCP);
     let assured = datapath.conntrack6_map(map_names::CONNTRACK6);
     assert_eq!(assured.len(), 2, "{assured:?}");
     assert_eq!(assured[&forward].packets, 2);
@@ -266,4 +267,147 @@ fn each_family_is_served_by_its_own_frontends_only() {
     );
     assert_eq!(datapath.conntrack().len(), 2);
     assert_eq!(datapath.conntrack6().len(), 2);
+}
+
+#[test]
+fn the_collector_reaps_finished_ipv6_flows_and_only_those() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    tcp_service(&mut datapath);
+    let second = (CLIENT6, CLIENT6_PORT + 1);
+    for client in [CLIENT, second] {
+        datapath.run(&frame6(client, VIP, SYN6));
+    }
+    assert_eq!(datapath.conntrack6().len(), 4);
+    // The first flow's two entries idle past their timeouts.
+    datapath.expire6(CtKey::new(tuple6(CLIENT, VIP), proto::TCP));
+    datapath.expire6(CtKey::new(tuple6(BACKEND, CLIENT), proto::TCP));
+
+    let report = Reaper::load(datapath.pins()).unwrap().sweep().unwrap();
+    assert_eq!(report.reaped(), 2);
+    let left = datapath.conntrack6();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(left.contains_key(&CtKey::new(tuple6(second, VIP), proto::TCP)));
+    let pending6 = report
+        .tables
+        .iter()
+        .find(|table| table.map == map_names::CONNTRACK_PENDING6)
+        .unwrap();
+    assert_eq!((pending6.entries, pending6.reaped), (4, 2));
+}
+
+/// The NodePort the namespace tests install on [`NODE6`].
+const NODE_PORT: ([u8; 16], u16) = (NODE6, 30_080);
+
+/// Runs `test` in a network namespace of its own where this node holds [`NODE6`] and
+/// forwards IPv6, reaching clients through `lo` (the device test runs arrive on) and the
+/// backends (2001:db8:118::/48) through `backends_via`: `lo` too (backends on other nodes,
+/// reached through the arrival device) or a veth of their own (pods of this node).
+fn on_an_ipv6_node(backends_via: &str, test: impl FnOnce() + Send) {
+    let mut commands: Vec<&[&str]> = vec![
+        &["link", "set", "lo", "up"],
+        &["-6", "addr", "add", "2001:db8:1::1/128", "dev", "lo"],
+        &["-6", "route", "add", "2001:db8:18::/48", "dev", "lo"],
+    ];
+    if backends_via == "pods" {
+        commands.extend(POD_VETH);
+    }
+    let route = [
+        "-6",
+        "route",
+        "add",
+        "2001:db8:118::/48",
+        "dev",
+        backends_via,
+    ];
+    commands.push(&route);
+    in_a_namespace(&commands, &[("net/ipv6/conf/all/forwarding", "1")], test);
+}
+
+#[test]
+fn a_node_port_reply_is_routed_by_the_program_with_its_hop_limit_decremented() {
+    if !bpf_available() {
+        return;
+    }
+    on_an_ipv6_node("pods", || {
+        let mut datapath = Datapath::load().unwrap();
+        datapath.add_service6(
+            frontend6(NODE_PORT.0, NODE_PORT.1, proto::TCP),
+            &[backend6(BACKEND6_1, BACKEND6_PORT, proto::TCP)],
+            service_flags::NODE_PORT,
+        );
+        // To a pod of this node: DNAT, and the kernel forwards it.
+        assert_translated6(
+            &datapath,
+            &frame6(CLIENT, NODE_PORT, SYN6),
+            &frame6(CLIENT, BACKEND, SYN6),
+        );
+        // The reply leaves with the node's address as source: the program routes it (the
+        // kernel would drop it as a martian), one hop less.
+        let (verdict, out) = datapath.run(&frame6(BACKEND, CLIENT, SYN_ACK6));
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let routed = frame6_with(NODE_PORT, CLIENT, SYN_ACK6, &[], 63);
+        assert_eq!(out, routed, "{out:02x?}");
+        assert!(wire::ipv6_checksum_valid(&out));
+        datapath.assert_stats(&[(stat::CT_MISS, 1), (stat::NEW_FLOW, 1), (stat::REPLY, 1)]);
+    });
+}
+
+#[test]
+fn a_node_port_to_a_backend_on_another_node_is_snated_both_ways() {
+    if !bpf_available() {
+        return;
+    }
+    on_an_ipv6_node("lo", || {
+        let mut datapath = Datapath::load().unwrap();
+        datapath.add_service6(
+            frontend6(NODE_PORT.0, NODE_PORT.1, proto::TCP),
+            &[backend6(BACKEND6_1, BACKEND6_PORT, proto::TCP)],
+            service_flags::NODE_PORT,
+        );
+        // Out through the device it came in on: the node's address and an SNAT port as
+        // source (kube-proxy's MASQUERADE), routed by the program.
+        let (verdict, out) = datapath.run(&frame6(CLIENT, NODE_PORT, SYN6));
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let port = u16::from_be_bytes([out[54], out[55]]);
+        assert!((SNAT_PORTS.0..=SNAT_PORTS.1).contains(&port), "port {port}");
+        let snat = (NODE6, port);
+        assert_eq!(out, frame6_with(snat, BACKEND, SYN6, &[], 63), "{out:02x?}");
+        assert!(wire::ipv6_checksum_valid(&out));
+        // The backend answers the node; the client gets the NodePort's answer.
+        let (verdict, out) = datapath.run(&frame6(BACKEND, snat, SYN_ACK6));
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(out, frame6_with(NODE_PORT, CLIENT, SYN_ACK6, &[], 63));
+        let reply = datapath.conntrack6()[&CtKey::new(tuple6(BACKEND, snat), proto::TCP)];
+        assert_eq!(
+            reply.flags,
+            ct_flags::SNAT | ct_flags::REPLY | ct_flags::ROUTES_ITSELF
+        );
+    });
+}
+
+#[test]
+fn source_ranges_admit_ipv6_clients_inside_their_prefixes_only() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    datapath.add_service6(
+        frontend6(VIP6, VIP6_PORT, proto::TCP),
+        &[backend6(BACKEND6_1, BACKEND6_PORT, proto::TCP)],
+        service_flags::LOAD_BALANCER | service_flags::SOURCE_RANGES,
+    );
+    // 2001:db8:18::/48 admitted; the client is inside, another one outside.
+    datapath.allow_sources6(ip6(0x0018, 0), 48);
+    let outside = (ip6(0x0020, 0x0a), CLIENT6_PORT);
+    let (verdict, _) = datapath.run(&frame6(outside, VIP, SYN6));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    let (verdict, out) = datapath.run(&frame6(CLIENT, VIP, SYN6));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, frame6(CLIENT, BACKEND, SYN6));
+    datapath.assert_stats(&[
+        (stat::SOURCE_RANGE_DENIED, 1),
+        (stat::CT_MISS, 1),
+        (stat::NEW_FLOW, 1),
+    ]);
 }

@@ -5,10 +5,10 @@
 use std::collections::HashMap;
 use std::net::Ipv6Addr;
 
-use aya::maps::HashMap as BpfHashMap;
+use aya::maps::{HashMap as BpfHashMap, LpmTrie, lpm_trie::Key};
 use proxy_common::{
-    Address, Backend, CtKey, CtValue, FrontendKey, FrontendValue, Ipv6, MembershipKey, Slot, Tuple,
-    map_names, membership,
+    Address, Backend, CtKey, CtValue, FrontendKey, FrontendValue, Ipv6, MembershipKey, Slot,
+    SourceRange, Tuple, map_names, membership,
 };
 
 use super::{Datapath, REV_NAT_ID, SERVICE_PORT_ID};
@@ -127,6 +127,32 @@ impl Datapath {
         let map: BpfHashMap<_, CtKey<Ipv6>, CtValue<Ipv6>> =
             BpfHashMap::try_from(self.ebpf.map(name).unwrap()).unwrap();
         map.iter().map(Result::unwrap).collect()
+    }
+
+    /// Admits IPv6 clients in `network/prefix_len` to the frontend [`REV_NAT_ID`], as the
+    /// daemon writes SOURCE_RANGES6.
+    pub fn allow_sources6(&mut self, network: [u8; 16], prefix_len: u32) {
+        let mut ranges: LpmTrie<_, SourceRange<Ipv6>, u8> =
+            LpmTrie::try_from(self.ebpf.map_mut(map_names::SOURCE_RANGES6).unwrap()).unwrap();
+        let range = SourceRange {
+            rev_nat_id: REV_NAT_ID,
+            addr: v6(network),
+        };
+        let key = Key::new(SourceRange::<Ipv6>::FRONTEND_BITS + prefix_len, range);
+        ranges.insert(&key, 1, 0).unwrap();
+    }
+
+    /// Moves the IPv6 entry at `key` (in either map) past its expiry.
+    pub fn expire6(&mut self, key: CtKey<Ipv6>) {
+        for name in [map_names::CONNTRACK6, map_names::CONNTRACK_PENDING6] {
+            let mut map = self.map6::<CtKey<Ipv6>, CtValue<Ipv6>>(name);
+            if let Ok(mut value) = map.get(&key, 0) {
+                value.expires_ns = 1;
+                map.insert(key, value, 0).unwrap();
+                return;
+            }
+        }
+        panic!("no IPv6 conntrack entry {key:?} to expire");
     }
 
     fn map6<K: aya::Pod, V: aya::Pod>(
