@@ -442,7 +442,7 @@ fn move_to_assured<A: Family>(key: &CtKey<A>, value: &CtValue<A>) -> bool {
 pub enum NotCreated {
     /// Its reply tuple was taken and no port of the SNAT range was free for it.
     NoPort,
-    /// An entry on its tuples is being removed or replaced concurrently.
+    /// The entry on its forward tuple is being removed or replaced concurrently.
     Busy,
 }
 
@@ -456,8 +456,11 @@ enum Claim {
 
 /// Claims `key` for a new flow whose client key is `owner` (in either map): replaces an
 /// entry of the same client or of a flow that is over (see [`make_room`]); refuses when a
-/// live flow of another client holds it.
-#[inline(always)]
+/// live flow of another client holds it. A BPF subprogram: the paths through it meet again
+/// at its return, so the verifier walks what follows a claim once per outcome (else once
+/// per path, for each of a new flow's port tries); and its frame, not `create`'s, holds
+/// what a removal needs (with `create`'s, an IPv6 flow's would not fit the BPF stack).
+#[inline(never)]
 fn claim<A: Family>(key: &CtKey<A>, owner: &CtKey<A>, value: &CtValue<A>, now_ns: u64) -> Claim {
     if let Some(existing) = Table::Assured.get(key) {
         match make_room(&existing, key, owner, now_ns) {
@@ -486,10 +489,8 @@ fn claim<A: Family>(key: &CtKey<A>, owner: &CtKey<A>, value: &CtValue<A>, now_ns
 
 /// Removes `existing` (at `key`) for a new flow whose client key is `owner`, if it is the
 /// same client's earlier flow or a flow that is over (idle past its timeout, or closed by
-/// FINs or a reset); refuses when it is a live flow of another client. A BPF subprogram:
-/// the paths through it meet again at its return, so the verifier walks what follows a
-/// claim once per outcome (else once per path, for each of a new flow's port tries).
-#[inline(never)]
+/// FINs or a reset); refuses when it is a live flow of another client.
+#[inline(always)]
 fn make_room<A: Family>(
     existing: &Entry<A>,
     key: &CtKey<A>,
@@ -514,8 +515,15 @@ fn make_room<A: Family>(
 /// CONNTRACK_PENDING. The reply tuple is claimed first: if a live flow of another client
 /// holds it (a direct flow to the same backend port, or a Service flow of another
 /// frontend), the peer's port is remapped into the SNAT range, as netfilter remaps a
-/// clashing tuple; SNAT flows take a port of the range in any case. A BPF subprogram,
-/// called from one place: the verifier walks its claims once per kind of new flow.
+/// clashing tuple; SNAT flows take a port of the range in any case.
+///
+/// A reply tuple whose entry someone else is removing or replacing right now (the
+/// reaper between its compare-and-exchange and its delete, or a concurrent packet) is
+/// remapped the same way: the program cannot wait for that delete, and the delete, aimed
+/// at the old key, can never hit the remapped flow. Dropping there lost a client's query
+/// whenever a port's flow came back to a backend at the instant the collector reaped its
+/// stale reply entry. A BPF subprogram, called from one place: the verifier walks its
+/// claims once per kind of new flow.
 #[inline(never)]
 pub fn create<A: Family>(
     translation: &mut Translation<A>,
@@ -568,8 +576,7 @@ pub fn create<A: Family>(
                 claimed = true;
                 break;
             }
-            Claim::Taken => remap = true,
-            Claim::Busy => return Err(NotCreated::Busy),
+            Claim::Taken | Claim::Busy => remap = true,
         }
     }
     if !claimed {

@@ -22,10 +22,11 @@ use crate::{
     family::Family,
     maglev::{self, Flow},
     parse::Packet,
-    select,
+    recycled, select,
 };
 
 /// Named like `proxy_common::map_names::SERVICES`; pinned so the daemon fills this map.
+/// Read through [`recycled::read`]: the daemon rewrites headers in place.
 #[map]
 pub(crate) static SERVICES: HashMap<FrontendKey, FrontendValue> =
     HashMap::pinned(default_max_entries::SERVICES, 0);
@@ -100,18 +101,12 @@ pub fn find_frontend<A: Family>(key: &LbKey<A>, into: &mut Frontend<A>) -> bool 
         proto: key.proto,
         _pad: 0,
     };
-    // SAFETY: the value is copied out at once and no reference is kept (a concurrent
-    // delete lets the kernel reuse the element).
-    match unsafe { A::services().get(&into.key) } {
-        Some(header) => {
-            into.header = *header;
-            true
-        }
-        None => {
-            into.header = FrontendValue::default();
-            false
-        }
+    // Through `recycled`: the daemon rewrites headers in place.
+    let found = recycled::read_into(A::services(), &into.key, &mut into.header);
+    if !found {
+        into.header = FrontendValue::default();
     }
+    found
 }
 
 /// Whether `key` is a backend of some frontend: a flow straight to it could clash with a

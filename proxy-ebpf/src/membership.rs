@@ -15,10 +15,11 @@ use aya_ebpf::{
 };
 use proxy_common::{MembershipKey, default_max_entries, membership};
 
-use crate::family::Family;
+use crate::{family::Family, recycled};
 
 /// Named like `proxy_common::map_names::MEMBERSHIP`; the daemon fills it (MEMBERSHIP6 for
-/// IPv6 addresses, in `lb6`; the epoch is shared).
+/// IPv6 addresses, in `lb6`; the epoch is shared) and rewrites bits in place, hence read
+/// through [`recycled::read`].
 #[map]
 pub(crate) static MEMBERSHIP: HashMap<MembershipKey, u8> =
     HashMap::pinned(default_max_entries::MEMBERSHIP, 0);
@@ -30,10 +31,7 @@ static MEMBERSHIP_EPOCH: Array<u32> = Array::pinned(1, 0);
 /// The `membership` bits of `addr` for the frontend `rev_nat_id` (0: not an endpoint).
 #[inline(always)]
 pub fn of<A: Family>(rev_nat_id: u32, addr: A) -> u8 {
-    // SAFETY: the value is copied out at once.
-    unsafe { A::membership().get(MembershipKey { rev_nat_id, addr }) }
-        .copied()
-        .unwrap_or(0)
+    recycled::read(A::membership(), &MembershipKey { rev_nat_id, addr }).unwrap_or(0)
 }
 
 /// The current epoch.
