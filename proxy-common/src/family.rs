@@ -58,6 +58,9 @@ pub trait Address: sealed::Sealed + Copy + Debug + Default + Eq + Ord + Hash + '
     const NAME: &'static str;
     /// The family's maps that the daemon writes.
     const MAPS: FamilyMapNames;
+    /// The padding after a `Backend<Self>` and a `u32` that aligns a `u64` to 8 bytes
+    /// (`AffinityValue`): 4 bytes for IPv4, none for IPv6.
+    type Align8Pad: Copy + Debug + Default + Eq + Hash + 'static;
     /// The lowest and the highest address (bounds of a range over one frontend's keys).
     const LOWEST: Self;
     const HIGHEST: Self;
@@ -101,6 +104,7 @@ impl FamilyMapNames {
 }
 
 impl Address for u32 {
+    type Align8Pad = u32;
     const BITS: u8 = 32;
     const NAME: &'static str = "IPv4";
     const LOWEST: Self = 0;
@@ -135,6 +139,7 @@ impl Address for u32 {
 }
 
 impl Address for Ipv6 {
+    type Align8Pad = ();
     const BITS: u8 = 128;
     const NAME: &'static str = "IPv6";
     const LOWEST: Self = Ipv6([0; 4]);

@@ -75,6 +75,8 @@ pub mod map_names {
     /// CONNTRACK and CONNTRACK_PENDING of IPv6 flows: same entries, 16-byte addresses.
     pub const CONNTRACK6: &str = "CONNTRACK6";
     pub const CONNTRACK_PENDING6: &str = "CONNTRACK_PENDING6";
+    /// AFFINITY of IPv6 clients.
+    pub const AFFINITY6: &str = "AFFINITY6";
     pub const STATS: &str = "STATS";
     /// Session affinity: each client's backend per Service port (written by the datapath).
     pub const AFFINITY: &str = "AFFINITY";
@@ -403,14 +405,14 @@ impl Backend {
     }
 }
 
-/// Key of the AFFINITY map: a client of a Service port with session affinity. Keyed by
-/// the client's address only, as kube-proxy's `recent` lists are, and shared by all the
-/// port's frontends.
+/// Key of the AFFINITY map (AFFINITY6 with an IPv6 client): a client of a Service port
+/// with session affinity. Keyed by the client's address only, as kube-proxy's `recent`
+/// lists are, and shared by all the port's frontends.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct AffinityKey {
-    /// The client's IPv4 address, network byte order.
-    pub client_addr: u32,
+pub struct AffinityKey<A = u32> {
+    /// The client's address, network byte order.
+    pub client_addr: A,
     /// [`FrontendValue::service_port_id`].
     pub service_port_id: u32,
 }
@@ -428,15 +430,16 @@ pub struct SockAffinityKey {
     pub _pad: u32,
 }
 
-/// Value of the AFFINITY and SOCK_AFFINITY maps.
+/// Value of the AFFINITY, AFFINITY6 and SOCK_AFFINITY maps.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct AffinityValue {
+pub struct AffinityValue<A: Address = u32> {
     /// The backend of the client's latest new connection (inline, so reusing it needs no
     /// other map than MEMBERSHIP).
-    pub backend: Backend,
+    pub backend: Backend<A>,
     pub backend_id: u32,
-    pub _pad: u32,
+    /// Aligns the time to 8 bytes: 4 bytes after an IPv4 backend, none after an IPv6 one.
+    pub _pad: A::Align8Pad,
     /// `bpf_ktime_get_ns` of that connection.
     pub last_used_ns: u64,
 }
@@ -969,8 +972,8 @@ mod pod {
     unsafe impl<A: Address> aya::Pod for super::Backend<A> {}
     unsafe impl<A: Address> aya::Pod for super::CtKey<A> {}
     unsafe impl<A: Address> aya::Pod for super::CtValue<A> {}
-    unsafe impl aya::Pod for super::AffinityKey {}
-    unsafe impl aya::Pod for super::AffinityValue {}
+    unsafe impl<A: Address> aya::Pod for super::AffinityKey<A> {}
+    unsafe impl<A: Address> aya::Pod for super::AffinityValue<A> {}
     unsafe impl<A: Address> aya::Pod for super::MembershipKey<A> {}
     unsafe impl aya::Pod for super::CtTimeouts {}
     unsafe impl aya::Pod for super::ReapRequest {}
@@ -1015,6 +1018,8 @@ mod tests {
         assert_eq!(size_of::<SourceRange<Ipv6>>(), 20);
         assert_eq!(size_of::<CtKey<Ipv6>>(), 40);
         assert_eq!(size_of::<CtValue<Ipv6>>(), 88);
+        assert_eq!(size_of::<AffinityKey<Ipv6>>(), 20);
+        assert_eq!(size_of::<AffinityValue<Ipv6>>(), 32);
     }
 
     #[test]

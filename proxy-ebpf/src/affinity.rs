@@ -12,8 +12,7 @@
 //! one that left (removed, terminating, outside the traffic policy) is not, and the
 //! connection is balanced anew.
 //!
-//! IPv4 only so far: an IPv6 client's connections are balanced as without affinity (there
-//! is no AFFINITY6 yet; `Family::ipv4` leaves them out).
+//! IPv6 clients are remembered in AFFINITY6 (`lb6`), bound by `Family::affinity`.
 
 use aya_ebpf::{macros::map, maps::LruHashMap};
 use proxy_common::{
@@ -31,7 +30,7 @@ const NANOS_PER_SECOND: u64 = 1_000_000_000;
 /// Named like `proxy_common::map_names::AFFINITY`; pinned so affinities survive a daemon
 /// restart. LRU: the least recently used clients are forgotten when it is full.
 #[map]
-static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+pub(crate) static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::pinned(default_max_entries::AFFINITY, 0);
 
 /// Named like `proxy_common::map_names::SOCK_AFFINITY`: as AFFINITY, for sockets.
@@ -48,23 +47,34 @@ pub fn remembered_backend<A: Family>(
     set: &BackendSet,
     now_ns: u64,
 ) -> Option<(u32, Backend<A>)> {
-    // SAFETY: the value is copied out at once.
-    let remembered = *match client {
-        Client::Address(addr) => unsafe { AFFINITY.get(key(addr.ipv4()?, frontend)) },
-        Client::Netns(cookie) => unsafe { SOCK_AFFINITY.get(sock_key(cookie, frontend)) },
-    }?;
+    // SAFETY (both lookups): the value is copied out at once.
+    let (backend_id, backend, last_used_ns) = match client {
+        Client::Address(addr) => {
+            let remembered = *unsafe { A::affinity().get(key(addr, frontend)) }?;
+            (
+                remembered.backend_id,
+                remembered.backend,
+                remembered.last_used_ns,
+            )
+        }
+        // Sockets are IPv4's (`sock`).
+        Client::Netns(cookie) => {
+            let remembered = *unsafe { SOCK_AFFINITY.get(sock_key(cookie, frontend)) }?;
+            let backend = Backend {
+                addr: A::from_ipv4(remembered.backend.addr)?,
+                port: remembered.backend.port,
+                proto: remembered.backend.proto,
+                _pad: 0,
+            };
+            (remembered.backend_id, backend, remembered.last_used_ns)
+        }
+    };
     let timeout_ns = u64::from(frontend.header.affinity_timeout_s) * NANOS_PER_SECOND;
-    if now_ns.saturating_sub(remembered.last_used_ns) > timeout_ns {
+    if now_ns.saturating_sub(last_used_ns) > timeout_ns {
         return None;
     }
-    let backend = Backend {
-        addr: A::from_ipv4(remembered.backend.addr)?,
-        port: remembered.backend.port,
-        proto: remembered.backend.proto,
-        _pad: 0,
-    };
     let bits = membership::of(frontend.header.rev_nat_id, backend.addr);
-    (bits & set.membership_bit() != 0).then_some((remembered.backend_id, backend))
+    (bits & set.membership_bit() != 0).then_some((backend_id, backend))
 }
 
 /// Records that the client's new connection to `frontend`'s Service port went to
@@ -77,31 +87,38 @@ pub fn remember<A: Family>(
     backend: &Backend<A>,
     now_ns: u64,
 ) {
-    let Some(addr) = backend.addr.ipv4() else {
-        return;
-    };
-    let value = AffinityValue {
-        backend: Backend {
-            addr,
-            port: backend.port,
-            proto: backend.proto,
-            _pad: 0,
-        },
-        backend_id,
-        _pad: 0,
-        last_used_ns: now_ns,
-    };
     let _ = match client {
-        Client::Address(addr) => match addr.ipv4() {
-            Some(addr) => AFFINITY.insert(key(addr, frontend), value, 0),
-            None => return,
-        },
-        Client::Netns(cookie) => SOCK_AFFINITY.insert(sock_key(cookie, frontend), value, 0),
+        Client::Address(addr) => {
+            let value = AffinityValue {
+                backend: *backend,
+                backend_id,
+                _pad: Default::default(),
+                last_used_ns: now_ns,
+            };
+            A::affinity().insert(key(addr, frontend), value, 0)
+        }
+        Client::Netns(cookie) => {
+            let Some(addr) = backend.addr.ipv4() else {
+                return;
+            };
+            let value = AffinityValue {
+                backend: Backend {
+                    addr,
+                    port: backend.port,
+                    proto: backend.proto,
+                    _pad: 0,
+                },
+                backend_id,
+                _pad: 0,
+                last_used_ns: now_ns,
+            };
+            SOCK_AFFINITY.insert(sock_key(cookie, frontend), value, 0)
+        }
     };
 }
 
 #[inline(always)]
-fn key<A>(client_addr: u32, frontend: &Frontend<A>) -> AffinityKey {
+fn key<A: Family>(client_addr: A, frontend: &Frontend<A>) -> AffinityKey<A> {
     AffinityKey {
         client_addr,
         service_port_id: frontend.header.service_port_id,

@@ -12,8 +12,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    Address, Backend, CtKey, CtValue, FrontendKey, FrontendValue, Ipv6, MembershipKey, Slot,
-    SourceRange, Tuple,
+    Address, AffinityKey, AffinityValue, Backend, CtKey, CtValue, FrontendKey, FrontendValue, Ipv6,
+    MembershipKey, Slot, SourceRange, Tuple,
     maglev::{MaglevChunk, MaglevKey},
 };
 
@@ -51,6 +51,8 @@ pub trait Family: Address {
     fn new_entry() -> &'static PerCpuArray<CtValue<Self>>;
     /// This CPU's scratch conntrack keys (`conntrack::KeySlot`).
     fn ct_keys() -> &'static PerCpuArray<CtKey<Self>>;
+    /// Session affinity of this family's clients (`affinity`).
+    fn affinity() -> &'static LruHashMap<AffinityKey<Self>, AffinityValue<Self>>;
     /// This CPU's decision for the packet in hand (`service_path`).
     fn decision() -> &'static PerCpuArray<Decision<Self>>;
 
@@ -149,6 +151,10 @@ impl Family for u32 {
     #[inline(always)]
     fn ct_keys() -> &'static PerCpuArray<CtKey<Self>> {
         &crate::conntrack::CT_KEYS
+    }
+    #[inline(always)]
+    fn affinity() -> &'static LruHashMap<AffinityKey<Self>, AffinityValue<Self>> {
+        &crate::affinity::AFFINITY
     }
     #[inline(always)]
     fn decision() -> &'static PerCpuArray<Decision<Self>> {
@@ -278,6 +284,10 @@ impl Family for Ipv6 {
     #[inline(always)]
     fn ct_keys() -> &'static PerCpuArray<CtKey<Self>> {
         &lb6::CT_KEYS6
+    }
+    #[inline(always)]
+    fn affinity() -> &'static LruHashMap<AffinityKey<Self>, AffinityValue<Self>> {
+        &lb6::AFFINITY6
     }
     #[inline(always)]
     fn decision() -> &'static PerCpuArray<Decision<Self>> {

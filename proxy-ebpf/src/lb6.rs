@@ -14,8 +14,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    Backend, CtKey, CtValue, FrontendKey, FrontendValue, Ipv6, MembershipKey, ServiceName, Slot,
-    SourceRange, default_max_entries,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, FrontendKey, FrontendValue, Ipv6,
+    MembershipKey, ServiceName, Slot, SourceRange, default_max_entries,
     maglev::{MaglevChunk, MaglevKey},
 };
 
@@ -69,3 +69,8 @@ pub(crate) static PACKET6: PerCpuArray<Packet<Ipv6>> = PerCpuArray::with_max_ent
 /// This CPU's scratch IPv6 conntrack keys (`conntrack::KeySlot`); not pinned.
 #[map]
 pub(crate) static CT_KEYS6: PerCpuArray<CtKey<Ipv6>> = PerCpuArray::with_max_entries(3, 0);
+
+/// AFFINITY of IPv6 clients, sized like IPv4's; LRU.
+#[map]
+pub(crate) static AFFINITY6: LruHashMap<AffinityKey<Ipv6>, AffinityValue<Ipv6>> =
+    LruHashMap::pinned(default_max_entries::AFFINITY, 0);

@@ -411,3 +411,43 @@ fn source_ranges_admit_ipv6_clients_inside_their_prefixes_only() {
         (stat::NEW_FLOW, 1),
     ]);
 }
+
+#[test]
+fn session_affinity_keeps_an_ipv6_client_on_its_backend() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    let backends = [BACKEND6_1, BACKEND6_2].map(|addr| backend6(addr, BACKEND6_PORT, proto::TCP));
+    datapath.add_service6_with(
+        frontend6(VIP6, VIP6_PORT, proto::TCP),
+        &backends,
+        service_flags::CLUSTER_IP,
+        10_800,
+    );
+    let backend_of = |out: &[u8]| -> [u8; 16] {
+        out[wire::ETH_LEN + 24..wire::ETH_LEN + 40]
+            .try_into()
+            .unwrap()
+    };
+    let (_, first) = datapath.run(&frame6(CLIENT, VIP, SYN6));
+    let chosen = backend_of(&first);
+    // Every new connection of the client (another source port each) goes there too.
+    for port in 1..=8 {
+        let (verdict, out) = datapath.run(&frame6((CLIENT6, CLIENT6_PORT + port), VIP, SYN6));
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(
+            out,
+            frame6(
+                (CLIENT6, CLIENT6_PORT + port),
+                (chosen, BACKEND6_PORT),
+                SYN6
+            )
+        );
+    }
+    let remembered = datapath.affinity6();
+    assert_eq!(remembered.len(), 1, "{remembered:?}");
+    let (key, value) = remembered.into_iter().next().unwrap();
+    assert_eq!(key.client_addr, v6(CLIENT6));
+    assert_eq!(value.backend.addr, v6(chosen));
+    datapath.assert_stats(&[(stat::CT_MISS, 9), (stat::NEW_FLOW, 9), (stat::AFFINITY, 8)]);
+}

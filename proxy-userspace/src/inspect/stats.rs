@@ -60,6 +60,9 @@ pub fn read(root: &Path) -> Result<StatsView> {
         fill::<AffinityKey, AffinityValue>(root, map_names::AFFINITY)?,
         fill::<SockKey, SockValue>(root, map_names::SOCK_XLATE)?,
         fill::<SockAffinityKey, AffinityValue>(root, map_names::SOCK_AFFINITY)?,
+        fill::<CtKey<Ipv6>, CtValue<Ipv6>>(root, map_names::CONNTRACK6)?,
+        fill::<CtKey<Ipv6>, CtValue<Ipv6>>(root, map_names::CONNTRACK_PENDING6)?,
+        fill::<AffinityKey<Ipv6>, AffinityValue<Ipv6>>(root, map_names::AFFINITY6)?,
     ];
     maps.splice(0..0, service_maps::<u32>(root)?);
     maps.extend(service_maps::<Ipv6>(root)?);

@@ -100,6 +100,7 @@ pub const PINNED_MAPS: &[PinnedMap] = &[
     // The programs it holds are the loading daemon's: filled anew at every load.
     pinned(map_names::TAIL_CALLS, 1, Carries::Runtime, (4, 4)),
     pinned(map_names::AFFINITY, 1, Carries::Runtime, (8, 24)),
+    pinned(map_names::AFFINITY6, 1, Carries::Runtime, (20, 32)),
     pinned(map_names::SOCK_AFFINITY, 1, Carries::Runtime, (16, 24)),
     pinned(map_names::SOCK_XLATE, 1, Carries::Runtime, (16, 40)),
     pinned(map_names::FRAGMENTS, 1, Carries::Runtime, (12, 24)),

@@ -7,8 +7,8 @@ use std::net::Ipv6Addr;
 
 use aya::maps::{HashMap as BpfHashMap, LpmTrie, lpm_trie::Key};
 use proxy_common::{
-    Address, Backend, CtKey, CtValue, FrontendKey, FrontendValue, Ipv6, MembershipKey, Slot,
-    SourceRange, Tuple, map_names, membership,
+    Address, AffinityKey, AffinityValue, Backend, CtKey, CtValue, FrontendKey, FrontendValue, Ipv6,
+    MembershipKey, Slot, SourceRange, Tuple, map_names, membership,
 };
 
 use super::{Datapath, REV_NAT_ID, SERVICE_PORT_ID};
@@ -74,6 +74,17 @@ impl Datapath {
         backends: &[Backend<Ipv6>],
         flags: u16,
     ) -> Vec<u32> {
+        self.add_service6_with(key, backends, flags, 0)
+    }
+
+    /// [`Datapath::add_service6`] with session affinity (`affinity_timeout_s`, 0: none).
+    pub fn add_service6_with(
+        &mut self,
+        key: FrontendKey<Ipv6>,
+        backends: &[Backend<Ipv6>],
+        flags: u16,
+        affinity_timeout_s: u32,
+    ) -> Vec<u32> {
         let base = self.next_slot;
         let mut ids = Vec::new();
         for backend in backends {
@@ -107,6 +118,7 @@ impl Datapath {
             base,
             count: u16::try_from(backends.len()).unwrap(),
             flags,
+            affinity_timeout_s,
             ..FrontendValue::default()
         };
         self.map6::<FrontendKey<Ipv6>, FrontendValue>(map_names::SERVICES6)
@@ -140,6 +152,13 @@ impl Datapath {
         };
         let key = Key::new(SourceRange::<Ipv6>::FRONTEND_BITS + prefix_len, range);
         ranges.insert(&key, 1, 0).unwrap();
+    }
+
+    /// Every AFFINITY6 entry.
+    pub fn affinity6(&self) -> HashMap<AffinityKey<Ipv6>, AffinityValue<Ipv6>> {
+        let map: BpfHashMap<_, AffinityKey<Ipv6>, AffinityValue<Ipv6>> =
+            BpfHashMap::try_from(self.ebpf.map(map_names::AFFINITY6).unwrap()).unwrap();
+        map.iter().map(Result::unwrap).collect()
     }
 
     /// Moves the IPv6 entry at `key` (in either map) past its expiry.
