@@ -451,3 +451,35 @@ fn session_affinity_keeps_an_ipv6_client_on_its_backend() {
     assert_eq!(value.backend.addr, v6(chosen));
     datapath.assert_stats(&[(stat::CT_MISS, 9), (stat::NEW_FLOW, 9), (stat::AFFINITY, 8)]);
 }
+
+#[test]
+fn a_packet_whose_hop_limit_runs_out_here_is_answered_with_time_exceeded() {
+    if !bpf_available() {
+        return;
+    }
+    on_an_ipv6_node("pods", || {
+        let mut datapath = Datapath::load().unwrap();
+        tcp_service(&mut datapath);
+        // Hop limit 1: the kernel's forwarding would answer it; the program does, before
+        // it translates anything, about the packet as the client sent it, from the node's
+        // address toward the client.
+        let syn = frame6_with(CLIENT, VIP, SYN6, &[], 1);
+        let (verdict, out) = datapath.run(&syn);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let quote = &syn[wire::ETH_LEN..wire::ETH_LEN + wire::IPV6_LEN + 8];
+        let expected = wire::ipv6_frame(
+            (MACS.1, MACS.0),
+            NODE6,
+            CLIENT6,
+            64,
+            &[],
+            wire::ICMPV6,
+            &[3, 0, 0, 0, 0, 0, 0, 0],
+            Some(2),
+            quote,
+        );
+        assert_eq!(out, expected, "{out:02x?}");
+        assert!(wire::ipv6_checksum_valid(&out));
+        datapath.assert_stats(&[(stat::TTL_EXCEEDED, 1), (stat::CT_MISS, 1)]);
+    });
+}
