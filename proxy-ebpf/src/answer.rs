@@ -259,8 +259,7 @@ pub fn send(
     if packet.l4_offset != L3_OFFSET + Ipv4Hdr::LEN {
         return Err(NotAnswered::IpOptions);
     }
-    // SAFETY: a load-time constant; volatile so the compiler keeps the loader's value.
-    let limits = unsafe { ptr::read_volatile(&raw const REFUSAL_LIMITS) };
+    let limits = refusal_limits();
     let (icmp_header, limited) = kind.header(&limits);
     if charge && limited && !error_allowed(&REFUSED_CLIENTS, &packet.src_addr, &limits) {
         return Err(NotAnswered::RateLimited);
@@ -269,14 +268,8 @@ pub fn send(
     // SAFETY: `answer` is this CPU's scratch entry, used only within this call (no
     // preemption while the program runs); the loads write exactly the fields' sizes.
     let answer = unsafe { &mut *answer };
-    load(ctx, 0, &mut answer.eth)?;
-    load(ctx, L3_OFFSET, &mut answer.quote)?;
+    start(ctx, &mut answer.eth, &mut answer.quote)?;
     answer.icmp = icmp_header;
-    // Back to where it came from: the MAC addresses swap, the EtherType stays IPv4.
-    let mut destination = [0u8; 6];
-    destination.copy_from_slice(&answer.eth[6..12]);
-    answer.eth.copy_within(0..6, 6);
-    answer.eth[..6].copy_from_slice(&destination);
 
     let total_len = (size_of::<IcmpAnswer>() - EthHdr::LEN) as u16;
     let [len_high, len_low] = total_len.to_be_bytes();
@@ -328,8 +321,7 @@ pub fn send6(
     if packet.l4_offset != L3_OFFSET + IPV6_LEN {
         return Err(NotAnswered::IpOptions);
     }
-    // SAFETY: a load-time constant; volatile so the compiler keeps the loader's value.
-    let limits = unsafe { ptr::read_volatile(&raw const REFUSAL_LIMITS) };
+    let limits = refusal_limits();
     let (icmp_header, limited) = kind.header6(&limits);
     if charge && limited && !error_allowed(&REFUSED_CLIENTS6, &packet.src_addr, &limits) {
         return Err(NotAnswered::RateLimited);
@@ -337,13 +329,8 @@ pub fn send6(
     let answer = ANSWER6.get_ptr_mut(0).ok_or(NotAnswered::HelperFailed)?;
     // SAFETY: as in `send`.
     let answer = unsafe { &mut *answer };
-    load(ctx, 0, &mut answer.eth)?;
-    load(ctx, L3_OFFSET, &mut answer.quote)?;
+    start(ctx, &mut answer.eth, &mut answer.quote)?;
     answer.icmp = icmp_header;
-    let mut destination = [0u8; 6];
-    destination.copy_from_slice(&answer.eth[6..12]);
-    answer.eth.copy_within(0..6, 6);
-    answer.eth[..6].copy_from_slice(&destination);
 
     let payload_len = (size_of::<Icmp6Answer>() - EthHdr::LEN - IPV6_LEN) as u16;
     let [len_high, len_low] = payload_len.to_be_bytes();
@@ -362,6 +349,31 @@ pub fn send6(
     answer.icmp[2] = icmp_csum_high;
     answer.icmp[3] = icmp_csum_low;
     emit(ctx, answer)
+}
+
+/// The node's ICMP rate limits, as the loader set them.
+#[inline(always)]
+fn refusal_limits() -> RefusalLimits {
+    // SAFETY: a load-time constant; volatile so the compiler keeps the loader's value.
+    unsafe { ptr::read_volatile(&raw const REFUSAL_LIMITS) }
+}
+
+/// Starts an answer: its Ethernet header back to where the packet came from (the MAC
+/// addresses swapped, the EtherType kept) and the quote of the packet from its IP header
+/// on.
+#[inline(always)]
+fn start<const N: usize>(
+    ctx: &TcContext,
+    eth: &mut [u8; EthHdr::LEN],
+    quote: &mut [u8; N],
+) -> Result<(), NotAnswered> {
+    load(ctx, 0, eth)?;
+    load(ctx, L3_OFFSET, quote)?;
+    let mut destination = [0u8; 6];
+    destination.copy_from_slice(&eth[6..12]);
+    eth.copy_within(0..6, 6);
+    eth[..6].copy_from_slice(&destination);
+    Ok(())
 }
 
 /// Replaces the packet with `answer`'s bytes and redirects it back out of its device.

@@ -548,16 +548,20 @@ pub fn ipv6_frame(
 /// The checksum to store in an upper-layer `segment` (its checksum field zero) over the
 /// IPv6 pseudo-header (RFC 8200 8.1).
 pub fn ipv6_pseudo_checksum(src: [u8; 16], dst: [u8; 16], proto: u8, segment: &[u8]) -> [u8; 2] {
+    checksum(&with_pseudo_header(src, dst, proto, segment))
+}
+
+/// `segment` behind the IPv6 pseudo-header that its checksum covers.
+fn with_pseudo_header(src: [u8; 16], dst: [u8; 16], proto: u8, segment: &[u8]) -> Vec<u8> {
     let len = u32::try_from(segment.len()).unwrap();
-    let pseudo = [
+    [
         &src[..],
         &dst[..],
         &len.to_be_bytes(),
         &[0, 0, 0, proto],
         segment,
     ]
-    .concat();
-    checksum(&pseudo)
+    .concat()
 }
 
 /// A TCP header (20 bytes, checksum zero) with `flags` (`proxy_common::tcp_flags`).
@@ -595,16 +599,6 @@ pub fn ipv6_checksum_valid(frame: &[u8]) -> bool {
         ip[8..24].try_into().unwrap(),
         ip[24..40].try_into().unwrap(),
     );
-    let proto = ip[6];
     let segment = &frame[ETH_LEN + IPV6_LEN..];
-    let len = u32::try_from(segment.len()).unwrap();
-    let pseudo = [
-        &src[..],
-        &dst[..],
-        &len.to_be_bytes(),
-        &[0, 0, 0, proto],
-        segment,
-    ]
-    .concat();
-    ones_complement_sum(&pseudo) == 0xffff
+    ones_complement_sum(&with_pseudo_header(src, dst, ip[6], segment)) == 0xffff
 }
