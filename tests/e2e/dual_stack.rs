@@ -1,29 +1,35 @@
-//! A dual-stack LoadBalancer Service (`ipFamilies: [IPv4, IPv6]`, `externalTrafficPolicy:
-//! Local`, a healthCheckNodePort) on a node with an address of each family, as far as
-//! issue 12 has come: its IPv4 half serves (ClusterIP from a pod, NodePort from outside),
-//! its IPv6 half is planned from the IPv6 EndpointSlice and written into the IPv6 maps,
-//! reported as not served (no IPv6 packet path yet), and the health check answers over
-//! both families. The lab's
-//! IPv6 addresses are in 2001:db8::/32, inside the lab's namespaces only.
+//! The dual-stack lab and a dual-stack LoadBalancer Service (`ipFamilies: [IPv4, IPv6]`,
+//! `externalTrafficPolicy: Local`, a healthCheckNodePort) on it, as far as issue 12 has
+//! come.
+//!
+//! The lab's plumbing: node, client and pods have an IPv6 address each (2001:db8::/32,
+//! inside the lab's namespaces only), the node forwards IPv6, the pods' echo servers answer
+//! on both families, and IPv6 goes pod to pod and client to pod straight through the
+//! node with the daemon running.
+//!
+//! The Service: its IPv4 half serves (ClusterIP from a pod, NodePort from outside), its
+//! IPv6 half is planned from the IPv6 EndpointSlice (the pods' IPv6 addresses) and written
+//! into the IPv6 maps, reported as not served (no IPv6 packet path yet), and the health
+//! check answers over both families.
 
 mod common;
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 
 use anyhow::{Result, ensure};
-use common::{BACKEND_NAMES, SYNC_TIMEOUT, caller, cli_json, health_check, in_netns, kube_rules};
+use common::{
+    BACKEND_NAMES, SERVICE_TCP_PORT, SERVICE_UDP_PORT, SYNC_TIMEOUT, caller, cli_json,
+    health_check, in_netns, kube_rules,
+};
 use proxy_lab::{Lab, Manifest, NODE_NAME, addr, require_lab};
 
-const NODE_IPV6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
-const CLIENT_IPV6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
 const CLUSTER_IPV6: &str = "2001:db8:ff::10";
-const LOAD_BALANCER_IPV6: &str = "2001:db8:1b::1";
 const STICKY_IPV6: &str = "2001:db8:ff::11";
 const EMPTY_IPV6: &str = "2001:db8:ff::12";
 const HEALTH_CHECK_NODE_PORT: u16 = 32002;
 
-/// The Service, its IPv4 slice (pod-1..pod-3) and its IPv6 slice (addresses the datapath
-/// does not reach yet: the pods have none).
+/// The Service, its IPv4 slice (pod-1..pod-3) and its IPv6 slice (the same pods' IPv6
+/// addresses).
 fn dual_stack_manifest(lab: &Lab) -> Manifest {
     let mut yaml = format!(
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: dual\n  namespace: default\n\
@@ -39,7 +45,7 @@ fn dual_stack_manifest(lab: &Lab) -> Manifest {
         echo = addr::ECHO_TCP_PORT,
         node_port = addr::NODE_PORT_TCP,
         lb = addr::LOAD_BALANCER_IP,
-        lb6 = LOAD_BALANCER_IPV6,
+        lb6 = addr::LOAD_BALANCER_IPV6,
     );
     for (family, name, addresses) in [
         (
@@ -53,7 +59,10 @@ fn dual_stack_manifest(lab: &Lab) -> Manifest {
         (
             "IPv6",
             "dual-v6",
-            (1..=3).map(|i| format!("2001:db8:1::{i}")).collect(),
+            lab.pods()[..3]
+                .iter()
+                .map(|pod| pod.ipv6.to_string())
+                .collect(),
         ),
     ] {
         yaml.push_str(&format!(
@@ -81,11 +90,12 @@ fn dual_stack_manifest(lab: &Lab) -> Manifest {
          \x20 name: sticky6\n  namespace: default\n  labels:\n\
          \x20   kubernetes.io/service-name: sticky6\naddressType: IPv6\n\
          ports:\n  - name: http\n    protocol: TCP\n    port: {echo}\nendpoints:\n\
-         \x20 - addresses: [\"2001:db8:1::1\"]\n    conditions: {{ready: true}}\n\
+         \x20 - addresses: [\"{pod_1}\"]\n    conditions: {{ready: true}}\n\
          ---\napiVersion: v1\nkind: Service\nmetadata:\n  name: empty6\n  namespace: default\n\
          spec:\n  clusterIP: \"{EMPTY_IPV6}\"\n  ipFamilies: [IPv6]\n\
          \x20 ports:\n  - name: http\n    protocol: TCP\n    port: 80\n",
         echo = addr::ECHO_TCP_PORT,
+        pod_1 = lab.pod(1).ipv6,
     ));
     Manifest {
         file_name: "dual.yaml".to_owned(),
@@ -93,20 +103,49 @@ fn dual_stack_manifest(lab: &Lab) -> Manifest {
     }
 }
 
-/// Gives the node's and the client's `eth0` an IPv6 address each (no duplicate address
-/// detection, so they are usable at once).
-fn add_ipv6(lab: &Lab) -> Result<()> {
-    for (ns, address) in [(lab.node(), NODE_IPV6), (lab.client(), CLIENT_IPV6)] {
-        ns.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{address}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
+#[test]
+fn the_lab_carries_ipv6_pod_to_pod_and_from_the_client_with_the_daemon_running() -> Result<()> {
+    require_lab!();
+    let lab = common::lab()?;
+    let daemon = lab
+        .daemon()
+        .manifest(common::echo_service().manifest(common::backends(&lab)))
+        .start()?;
+    daemon.wait_synced(SYNC_TIMEOUT)?;
+    for pod in common::backends(&lab) {
+        // Straight to the pod's IPv6 address: from another pod through the node, and from
+        // outside through the node's external link; TCP and UDP, both echo servers.
+        for from in [caller(&lab), lab.client()] {
+            let reply = from.tcp_request(pod.ipv6, addr::ECHO_TCP_PORT)?;
+            ensure!(
+                reply.body == pod.name && reply.peer.ip() == IpAddr::V6(pod.ipv6),
+                "TCP from {} to [{}]: {reply:?}",
+                from.name(),
+                pod.ipv6
+            );
+            let reply = from.udp_request(pod.ipv6, addr::ECHO_UDP_PORT)?;
+            ensure!(
+                reply.body == pod.name && reply.peer.ip() == IpAddr::V6(pod.ipv6),
+                "UDP from {} to [{}]: {reply:?}",
+                from.name(),
+                pod.ipv6
+            );
+        }
+        // The node reaches its pods over IPv6 too, and IPv4 is as it was.
+        let reply = lab.node().tcp_request(pod.ipv6, addr::ECHO_TCP_PORT)?;
+        ensure!(reply.body == pod.name, "node to [{}]: {reply:?}", pod.ipv6);
+        let reply = lab.client().udp_request(pod.ip, addr::ECHO_UDP_PORT)?;
+        ensure!(reply.body == pod.name, "client to {}: {reply:?}", pod.ip);
     }
+    // The IPv4 Service is served as before, beside.
+    let reply = caller(&lab).udp_request(addr::CLUSTER_IP, SERVICE_UDP_PORT)?;
+    ensure!(
+        BACKEND_NAMES.contains(&reply.body.as_str())
+            && reply.peer == (addr::CLUSTER_IP, SERVICE_UDP_PORT).into(),
+        "{reply:?}"
+    );
+    let reply = caller(&lab).tcp_request(addr::CLUSTER_IP, SERVICE_TCP_PORT)?;
+    ensure!(BACKEND_NAMES.contains(&reply.body.as_str()), "{reply:?}");
     Ok(())
 }
 
@@ -114,7 +153,6 @@ fn add_ipv6(lab: &Lab) -> Result<()> {
 fn a_dual_stack_service_serves_ipv4_plans_ipv6_and_answers_health_checks_on_both() -> Result<()> {
     require_lab!();
     let lab = common::lab()?;
-    add_ipv6(&lab)?;
     let daemon = lab.daemon().manifest(dual_stack_manifest(&lab)).start()?;
     daemon.wait_synced(SYNC_TIMEOUT)?;
 
@@ -127,7 +165,7 @@ fn a_dual_stack_service_serves_ipv4_plans_ipv6_and_answers_health_checks_on_both
     ensure!(BACKEND_NAMES.contains(&reply.body.as_str()), "{reply:?}");
 
     // The health check over both families: three local endpoints in each.
-    for address in [IpAddr::V4(addr::NODE_IP), IpAddr::V6(NODE_IPV6)] {
+    for address in [IpAddr::V4(addr::NODE_IP), IpAddr::V6(addr::NODE_IPV6)] {
         let (code, local_endpoints) = health_check(lab.client(), address, HEALTH_CHECK_NODE_PORT)?;
         ensure!(
             code == 200 && local_endpoints == 3,
@@ -135,21 +173,22 @@ fn a_dual_stack_service_serves_ipv4_plans_ipv6_and_answers_health_checks_on_both
         );
     }
 
-    // The IPv6 half: its ClusterIP, the NodePort on the node's IPv6 address and the IPv6
-    // load-balancer IP are written into the IPv6 maps, with the two IPv6-only ClusterIPs,
-    // and the log says they are not served.
+    // The IPv6 half: its ClusterIP, the NodePort on each of the node's IPv6 addresses
+    // (`eth0`'s and the pods' gateway, as the IPv4 NodePort opens on both of the IPv4
+    // ones) and the IPv6 load-balancer IP are written into the IPv6 maps, with the two
+    // IPv6-only ClusterIPs, and the log says they are not served.
     let log = daemon.log();
     ensure!(
         log.contains("IPv6 frontends written to the IPv6 maps but not served")
-            && log.contains("frontends=5"),
+            && log.contains("frontends=6"),
         "no line about the IPv6 frontends:\n{log}"
     );
     ensure!(
-        log.contains(&NODE_IPV6.to_string()),
+        log.contains(&addr::NODE_IPV6.to_string()),
         "the node's IPv6 address is not among its addresses:\n{log}"
     );
 
-    // The CLI reads them back from the IPv6 maps: the three frontends with the IPv6
+    // The CLI reads them back from the IPv6 maps: the four frontends with the IPv6
     // slice's endpoints, and as ip6tables rules.
     let services = cli_json(&daemon, &["services"])?;
     let ipv6: Vec<&serde_json::Value> = (services.as_array().into_iter().flatten())
@@ -160,10 +199,11 @@ fn a_dual_stack_service_serves_ipv4_plans_ipv6_and_answers_health_checks_on_both
         .filter_map(|row| row["address"].as_str())
         .collect();
     ensure!(
-        addresses.len() == 3
+        addresses.len() == 4
             && addresses.contains(&CLUSTER_IPV6)
-            && addresses.contains(&LOAD_BALANCER_IPV6)
-            && addresses.contains(&NODE_IPV6.to_string().as_str()),
+            && addresses.contains(&addr::POD_GATEWAY_V6.to_string().as_str())
+            && addresses.contains(&addr::LOAD_BALANCER_IPV6.to_string().as_str())
+            && addresses.contains(&addr::NODE_IPV6.to_string().as_str()),
         "IPv6 frontends in `services`: {addresses:?}"
     );
     for row in &ipv6 {
@@ -178,7 +218,7 @@ fn a_dual_stack_service_serves_ipv4_plans_ipv6_and_answers_health_checks_on_both
     };
     // Three distinct backends: sticky6's endpoint is one of dual's.
     ensure!(
-        entries("SERVICES6") == Some(5) && entries("BACKEND_IDS6") == Some(3),
+        entries("SERVICES6") == Some(6) && entries("BACKEND_IDS6") == Some(3),
         "stats: {stats:#}"
     );
     let rules = daemon.cli(&["explain", "--family", "ipv6"])?;
