@@ -116,20 +116,17 @@ fn the_lab_carries_ipv6_pod_to_pod_and_from_the_client_with_the_daemon_running()
         // Straight to the pod's IPv6 address: from another pod through the node, and from
         // outside through the node's external link; TCP and UDP, both echo servers.
         for from in [caller(&lab), lab.client()] {
-            let reply = from.tcp_request(pod.ipv6, addr::ECHO_TCP_PORT)?;
-            ensure!(
-                reply.body == pod.name && reply.peer.ip() == IpAddr::V6(pod.ipv6),
-                "TCP from {} to [{}]: {reply:?}",
-                from.name(),
-                pod.ipv6
-            );
-            let reply = from.udp_request(pod.ipv6, addr::ECHO_UDP_PORT)?;
-            ensure!(
-                reply.body == pod.name && reply.peer.ip() == IpAddr::V6(pod.ipv6),
-                "UDP from {} to [{}]: {reply:?}",
-                from.name(),
-                pod.ipv6
-            );
+            for (protocol, reply) in [
+                ("TCP", from.tcp_request(pod.ipv6, addr::ECHO_TCP_PORT)?),
+                ("UDP", from.udp_request(pod.ipv6, addr::ECHO_UDP_PORT)?),
+            ] {
+                ensure!(
+                    reply.body == pod.name && reply.peer.ip() == IpAddr::V6(pod.ipv6),
+                    "{protocol} from {} to [{}]: {reply:?}",
+                    from.name(),
+                    pod.ipv6
+                );
+            }
         }
         // The node reaches its pods over IPv6 too, and IPv4 is as it was.
         let reply = lab.node().tcp_request(pod.ipv6, addr::ECHO_TCP_PORT)?;
