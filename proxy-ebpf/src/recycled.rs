@@ -31,7 +31,11 @@ pub fn read<K, V: Copy>(map: &HashMap<K, V>, key: &K) -> Option<V> {
         // may change under us, which the lookup below detects.
         let value = unsafe { *element };
         // The helper call is opaque to the compiler, so the copy's loads stay before it.
-        let linked = map.get_ptr(key)?;
+        // A key not found again (deleted meanwhile) keeps the copy the first lookup
+        // found, as a single lookup would have: never less than before this check.
+        let Some(linked) = map.get_ptr(key) else {
+            return Some(value);
+        };
         if core::ptr::eq(linked, element) || copies == COPIES {
             return Some(value);
         }
