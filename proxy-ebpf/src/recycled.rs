@@ -9,10 +9,18 @@
 //! frontend's header could copy, a microsecond later, the header of the next frontend the
 //! same batch rewrote into that element.
 //!
+//! The same reuse can hide the key altogether: a lookup that stands on the key's old
+//! element when the next update rewrites that element's key (before linking it into its
+//! new bucket, so its `next` still ends this bucket's list) finds no match and ends on its
+//! own bucket's end marker — "not found", although the new element sits at the head. The
+//! nulls-marker check of `lookup_nulls_elem_raw` catches an element only once it is linked
+//! elsewhere. A packet then misses its frontend and passes untranslated.
+//!
 //! [`read`] copies the value and then looks the key up again: if the element linked at
 //! the key is still the one copied, the copy was of this key (the element moved on only if
 //! the key was updated meanwhile, and then it is no longer linked here); else it copies
-//! again from the new element.
+//! again from the new element. A miss is looked up once more: the second walk starts from
+//! the bucket's head, where the updated key's element is.
 
 use aya_ebpf::maps::HashMap;
 
@@ -24,7 +32,10 @@ const COPIES: u32 = 3;
 /// after the copy.
 #[inline(always)]
 pub fn read<K, V: Copy>(map: &HashMap<K, V>, key: &K) -> Option<V> {
-    let mut element = map.get_ptr(key)?;
+    let mut element = match map.get_ptr(key) {
+        Some(element) => element,
+        None => map.get_ptr(key)?,
+    };
     let mut copies = 1;
     loop {
         // SAFETY: a map element stays mapped for the whole program run (RCU); its contents
