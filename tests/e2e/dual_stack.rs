@@ -7,21 +7,29 @@
 //! on both families, and IPv6 goes pod to pod and client to pod straight through the
 //! node with the daemon running.
 //!
-//! The Service: its IPv4 half serves (ClusterIP from a pod, NodePort from outside), its
-//! IPv6 half is planned from the IPv6 EndpointSlice (the pods' IPv6 addresses) and written
-//! into the IPv6 maps, reported as not served (no IPv6 packet path yet), and the health
+//! IPv6 end to end: a single-stack IPv6 ClusterIP and NodePort answered over TCP and UDP
+//! from the client and from a pod (every answer from the frontend, every backend
+//! reached), the dual-stack Service over both families, and an IPv6 Service without
+//! endpoints refused at once (ICMPv6 port unreachable: connection refused).
+//!
+//! The LoadBalancer Service: its IPv4 half serves (ClusterIP from a pod, NodePort from
+//! outside), its IPv6 half is planned from the IPv6 EndpointSlice (the pods' IPv6
+//! addresses) and written into the IPv6 maps, which the CLI reads back, and the health
 //! check answers over both families.
 
 mod common;
 
-use std::net::IpAddr;
+use std::collections::BTreeSet;
+use std::io::ErrorKind;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use common::{
     BACKEND_NAMES, SERVICE_TCP_PORT, SERVICE_UDP_PORT, SYNC_TIMEOUT, caller, cli_json,
     health_check, in_netns, kube_rules,
 };
-use proxy_lab::{Lab, Manifest, NODE_NAME, addr, require_lab};
+use proxy_lab::{Lab, Manifest, NODE_NAME, Reply, Service, addr, require_lab};
 
 const CLUSTER_IPV6: &str = "2001:db8:ff::10";
 const STICKY_IPV6: &str = "2001:db8:ff::11";
@@ -146,6 +154,114 @@ fn the_lab_carries_ipv6_pod_to_pod_and_from_the_client_with_the_daemon_running()
     Ok(())
 }
 
+/// Requests until every backend answered or `MAX_REQUESTS` were made: each answer from one
+/// of the three backends and from `expected_peer` (the frontend: reverse NAT).
+fn answered_by_every_backend(
+    what: &str,
+    expected_peer: SocketAddr,
+    mut request: impl FnMut() -> Result<Reply>,
+) -> Result<()> {
+    const MAX_REQUESTS: usize = 60;
+    let mut seen = BTreeSet::new();
+    for _ in 0..MAX_REQUESTS {
+        let reply = request().with_context(|| what.to_owned())?;
+        ensure!(
+            BACKEND_NAMES.contains(&reply.body.as_str()) && reply.peer == expected_peer,
+            "{what}: {reply:?}, not a backend from {expected_peer}"
+        );
+        seen.insert(reply.body);
+        if seen.len() == BACKEND_NAMES.len() {
+            return Ok(());
+        }
+    }
+    // Missing a backend in 60 draws of three: probability 3 · (2/3)^60 ≈ 1e-10.
+    bail!("{what}: only {seen:?} answered in {MAX_REQUESTS} requests")
+}
+
+#[test]
+fn ipv6_services_answer_tcp_and_udp_from_the_client_and_a_pod_and_refuse_without_endpoints()
+-> Result<()> {
+    require_lab!();
+    let lab = common::lab()?;
+    let six = Service::node_port("six", addr::NODE_PORT_SERVICE_IPV6)
+        .tcp_node_port(SERVICE_TCP_PORT, addr::ECHO_TCP_PORT, addr::NODE_PORT_TCP)
+        .udp_node_port(SERVICE_UDP_PORT, addr::ECHO_UDP_PORT, addr::NODE_PORT_UDP);
+    let dual = Service::cluster_ip("dual", addr::CLUSTER_IP)
+        .dual_stack(addr::CLUSTER_IPV6)
+        .tcp(SERVICE_TCP_PORT, addr::ECHO_TCP_PORT)
+        .udp(SERVICE_UDP_PORT, addr::ECHO_UDP_PORT);
+    let empty_ip: Ipv6Addr = EMPTY_IPV6.parse()?;
+    let empty = Service::cluster_ip("empty6", empty_ip).tcp(SERVICE_TCP_PORT, addr::ECHO_TCP_PORT);
+    let backends = common::backends(&lab);
+    let daemon = lab
+        .daemon()
+        .manifest(six.manifest(backends))
+        .manifest(dual.manifest(backends))
+        .manifest(empty.manifest([]))
+        .start()?;
+    daemon.wait_synced(SYNC_TIMEOUT)?;
+    let pod = caller(&lab);
+    let client = lab.client();
+    let at = |ip: IpAddr, port: u16| SocketAddr::new(ip, port);
+    let six_ip = IpAddr::V6(addr::NODE_PORT_SERVICE_IPV6);
+    let node = IpAddr::V6(addr::NODE_IPV6);
+    // The single-stack IPv6 Service: its ClusterIP from a pod, its NodePorts from outside.
+    for (what, from, ip, tcp_port, udp_port) in [
+        (
+            "ClusterIP from a pod",
+            pod,
+            six_ip,
+            SERVICE_TCP_PORT,
+            SERVICE_UDP_PORT,
+        ),
+        (
+            "NodePort from outside",
+            client,
+            node,
+            addr::NODE_PORT_TCP,
+            addr::NODE_PORT_UDP,
+        ),
+        (
+            "NodePort from a pod",
+            pod,
+            node,
+            addr::NODE_PORT_TCP,
+            addr::NODE_PORT_UDP,
+        ),
+    ] {
+        answered_by_every_backend(&format!("IPv6 {what}, TCP"), at(ip, tcp_port), || {
+            from.tcp_request(ip, tcp_port)
+        })?;
+        answered_by_every_backend(&format!("IPv6 {what}, UDP"), at(ip, udp_port), || {
+            from.udp_request(ip, udp_port)
+        })?;
+    }
+    // The dual-stack Service over both families, from a pod.
+    for ip in [IpAddr::V4(addr::CLUSTER_IP), IpAddr::V6(addr::CLUSTER_IPV6)] {
+        answered_by_every_backend(
+            &format!("dual-stack {ip}, TCP"),
+            at(ip, SERVICE_TCP_PORT),
+            || pod.tcp_request(ip, SERVICE_TCP_PORT),
+        )?;
+        answered_by_every_backend(
+            &format!("dual-stack {ip}, UDP"),
+            at(ip, SERVICE_UDP_PORT),
+            || pod.udp_request(ip, SERVICE_UDP_PORT),
+        )?;
+    }
+    // No endpoints: refused at once (ICMPv6 port unreachable), from a pod and from outside.
+    for from in [pod, client] {
+        match from.tcp_connect(empty_ip, SERVICE_TCP_PORT, Duration::from_secs(2)) {
+            Err(error) if error.kind() == ErrorKind::ConnectionRefused => {}
+            other => bail!(
+                "{} to [{empty_ip}]:80 without endpoints: {other:?}",
+                from.name()
+            ),
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn a_dual_stack_service_serves_ipv4_plans_ipv6_and_answers_health_checks_on_both() -> Result<()> {
     require_lab!();
@@ -173,12 +289,11 @@ fn a_dual_stack_service_serves_ipv4_plans_ipv6_and_answers_health_checks_on_both
     // The IPv6 half: its ClusterIP, the NodePort on each of the node's IPv6 addresses
     // (`eth0`'s and the pods' gateway, as the IPv4 NodePort opens on both of the IPv4
     // ones) and the IPv6 load-balancer IP are written into the IPv6 maps, with the two
-    // IPv6-only ClusterIPs, and the log says they are not served.
+    // IPv6-only ClusterIPs, and served by the IPv6 packet path: the sync line counts them.
     let log = daemon.log();
     ensure!(
-        log.contains("IPv6 frontends written to the IPv6 maps but not served")
-            && log.contains("frontends=6"),
-        "no line about the IPv6 frontends:\n{log}"
+        log.contains("ipv6=6") && !log.contains("not served: the packet path"),
+        "no sync line counting the 6 IPv6 frontends:\n{log}"
     );
     ensure!(
         log.contains(&addr::NODE_IPV6.to_string()),
