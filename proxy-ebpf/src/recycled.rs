@@ -9,10 +9,18 @@
 //! frontend's header could copy, a microsecond later, the header of the next frontend the
 //! same batch rewrote into that element.
 //!
+//! The same reuse can hide the key altogether: a lookup that stands on the key's old
+//! element when the next update rewrites that element's key (before linking it into its
+//! new bucket, so its `next` still ends this bucket's list) finds no match and ends on its
+//! own bucket's end marker — "not found", although the new element sits at the head. The
+//! nulls-marker check of `lookup_nulls_elem_raw` catches an element only once it is linked
+//! elsewhere. A packet then misses its frontend and passes untranslated.
+//!
 //! [`read`] copies the value and then looks the key up again: if the element linked at
 //! the key is still the one copied, the copy was of this key (the element moved on only if
 //! the key was updated meanwhile, and then it is no longer linked here); else it copies
-//! again from the new element.
+//! again from the new element. A miss is looked up once more: the second walk starts from
+//! the bucket's head, where the updated key's element is.
 
 use aya_ebpf::maps::HashMap;
 
@@ -36,10 +44,11 @@ pub fn read_into<K, V: Copy>(map: &HashMap<K, V>, key: &K, into: &mut V) -> bool
 }
 
 /// Calls `copy` with the element at `key`, again while the element linked at `key` after
-/// the copy is another one (at most [`COPIES`] times); false when there is none.
+/// the copy is another one (at most [`COPIES`] times); false when there is none. A miss
+/// is looked up once more (see the module docs).
 #[inline(always)]
 fn copy_linked<K, V>(map: &HashMap<K, V>, key: &K, mut copy: impl FnMut(&V)) -> bool {
-    let Some(mut element) = map.get_ptr(key) else {
+    let Some(mut element) = map.get_ptr(key).or_else(|| map.get_ptr(key)) else {
         return false;
     };
     let mut copies = 1;
@@ -48,8 +57,10 @@ fn copy_linked<K, V>(map: &HashMap<K, V>, key: &K, mut copy: impl FnMut(&V)) -> 
         // may change under us, which the lookup below detects.
         copy(unsafe { &*element });
         // The helper call is opaque to the compiler, so the copy's loads stay before it.
+        // A key not found again (deleted meanwhile) keeps the copy the first lookup
+        // found, as a single lookup would have: never less than before this check.
         let Some(linked) = map.get_ptr(key) else {
-            return false;
+            return true;
         };
         if core::ptr::eq(linked, element) || copies == COPIES {
             return true;

@@ -1,29 +1,43 @@
-//! A dual-stack LoadBalancer Service (`ipFamilies: [IPv4, IPv6]`, `externalTrafficPolicy:
-//! Local`, a healthCheckNodePort) on a node with an address of each family, as far as
-//! issue 12 has come: its IPv4 half serves (ClusterIP from a pod, NodePort from outside),
-//! its IPv6 half is planned from the IPv6 EndpointSlice and written into the IPv6 maps,
-//! reported as not served (no IPv6 packet path yet), and the health check answers over
-//! both families. The lab's
-//! IPv6 addresses are in 2001:db8::/32, inside the lab's namespaces only.
+//! The dual-stack lab and a dual-stack LoadBalancer Service (`ipFamilies: [IPv4, IPv6]`,
+//! `externalTrafficPolicy: Local`, a healthCheckNodePort) on it, as far as issue 12 has
+//! come.
+//!
+//! The lab's plumbing: node, client and pods have an IPv6 address each (2001:db8::/32,
+//! inside the lab's namespaces only), the node forwards IPv6, the pods' echo servers answer
+//! on both families, and IPv6 goes pod to pod and client to pod straight through the
+//! node with the daemon running.
+//!
+//! IPv6 end to end: a single-stack IPv6 ClusterIP and NodePort answered over TCP and UDP
+//! from the client and from a pod (every answer from the frontend, every backend
+//! reached), the dual-stack Service over both families, and an IPv6 Service without
+//! endpoints refused at once (ICMPv6 port unreachable: connection refused).
+//!
+//! The LoadBalancer Service: its IPv4 half serves (ClusterIP from a pod, NodePort from
+//! outside), its IPv6 half is planned from the IPv6 EndpointSlice (the pods' IPv6
+//! addresses) and written into the IPv6 maps, which the CLI reads back, and the health
+//! check answers over both families.
 
 mod common;
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::collections::BTreeSet;
+use std::io::ErrorKind;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
 
-use anyhow::{Result, ensure};
-use common::{BACKEND_NAMES, SYNC_TIMEOUT, caller, cli_json, health_check, in_netns, kube_rules};
-use proxy_lab::{Lab, Manifest, NODE_NAME, addr, require_lab};
+use anyhow::{Context, Result, bail, ensure};
+use common::{
+    BACKEND_NAMES, SERVICE_TCP_PORT, SERVICE_UDP_PORT, SYNC_TIMEOUT, caller, cli_json,
+    health_check, in_netns, kube_rules,
+};
+use proxy_lab::{Lab, Manifest, NODE_NAME, Reply, Service, addr, require_lab};
 
-const NODE_IPV6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
-const CLIENT_IPV6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
 const CLUSTER_IPV6: &str = "2001:db8:ff::10";
-const LOAD_BALANCER_IPV6: &str = "2001:db8:1b::1";
 const STICKY_IPV6: &str = "2001:db8:ff::11";
 const EMPTY_IPV6: &str = "2001:db8:ff::12";
 const HEALTH_CHECK_NODE_PORT: u16 = 32002;
 
-/// The Service, its IPv4 slice (pod-1..pod-3) and its IPv6 slice (addresses the datapath
-/// does not reach yet: the pods have none).
+/// The Service, its IPv4 slice (pod-1..pod-3) and its IPv6 slice (the same pods' IPv6
+/// addresses).
 fn dual_stack_manifest(lab: &Lab) -> Manifest {
     let mut yaml = format!(
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: dual\n  namespace: default\n\
@@ -39,7 +53,7 @@ fn dual_stack_manifest(lab: &Lab) -> Manifest {
         echo = addr::ECHO_TCP_PORT,
         node_port = addr::NODE_PORT_TCP,
         lb = addr::LOAD_BALANCER_IP,
-        lb6 = LOAD_BALANCER_IPV6,
+        lb6 = addr::LOAD_BALANCER_IPV6,
     );
     for (family, name, addresses) in [
         (
@@ -53,7 +67,10 @@ fn dual_stack_manifest(lab: &Lab) -> Manifest {
         (
             "IPv6",
             "dual-v6",
-            (1..=3).map(|i| format!("2001:db8:1::{i}")).collect(),
+            lab.pods()[..3]
+                .iter()
+                .map(|pod| pod.ipv6.to_string())
+                .collect(),
         ),
     ] {
         yaml.push_str(&format!(
@@ -81,11 +98,12 @@ fn dual_stack_manifest(lab: &Lab) -> Manifest {
          \x20 name: sticky6\n  namespace: default\n  labels:\n\
          \x20   kubernetes.io/service-name: sticky6\naddressType: IPv6\n\
          ports:\n  - name: http\n    protocol: TCP\n    port: {echo}\nendpoints:\n\
-         \x20 - addresses: [\"2001:db8:1::1\"]\n    conditions: {{ready: true}}\n\
+         \x20 - addresses: [\"{pod_1}\"]\n    conditions: {{ready: true}}\n\
          ---\napiVersion: v1\nkind: Service\nmetadata:\n  name: empty6\n  namespace: default\n\
          spec:\n  clusterIP: \"{EMPTY_IPV6}\"\n  ipFamilies: [IPv6]\n\
          \x20 ports:\n  - name: http\n    protocol: TCP\n    port: 80\n",
         echo = addr::ECHO_TCP_PORT,
+        pod_1 = lab.pod(1).ipv6,
     ));
     Manifest {
         file_name: "dual.yaml".to_owned(),
@@ -93,19 +111,153 @@ fn dual_stack_manifest(lab: &Lab) -> Manifest {
     }
 }
 
-/// Gives the node's and the client's `eth0` an IPv6 address each (no duplicate address
-/// detection, so they are usable at once).
-fn add_ipv6(lab: &Lab) -> Result<()> {
-    for (ns, address) in [(lab.node(), NODE_IPV6), (lab.client(), CLIENT_IPV6)] {
-        ns.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{address}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
+#[test]
+fn the_lab_carries_ipv6_pod_to_pod_and_from_the_client_with_the_daemon_running() -> Result<()> {
+    require_lab!();
+    let lab = common::lab()?;
+    let daemon = lab
+        .daemon()
+        .manifest(common::echo_service().manifest(common::backends(&lab)))
+        .start()?;
+    daemon.wait_synced(SYNC_TIMEOUT)?;
+    for pod in common::backends(&lab) {
+        // Straight to the pod's IPv6 address: from another pod through the node, and from
+        // outside through the node's external link; TCP and UDP, both echo servers.
+        for from in [caller(&lab), lab.client()] {
+            for (protocol, reply) in [
+                ("TCP", from.tcp_request(pod.ipv6, addr::ECHO_TCP_PORT)?),
+                ("UDP", from.udp_request(pod.ipv6, addr::ECHO_UDP_PORT)?),
+            ] {
+                ensure!(
+                    reply.body == pod.name && reply.peer.ip() == IpAddr::V6(pod.ipv6),
+                    "{protocol} from {} to [{}]: {reply:?}",
+                    from.name(),
+                    pod.ipv6
+                );
+            }
+        }
+        // The node reaches its pods over IPv6 too, and IPv4 is as it was.
+        let reply = lab.node().tcp_request(pod.ipv6, addr::ECHO_TCP_PORT)?;
+        ensure!(reply.body == pod.name, "node to [{}]: {reply:?}", pod.ipv6);
+        let reply = lab.client().udp_request(pod.ip, addr::ECHO_UDP_PORT)?;
+        ensure!(reply.body == pod.name, "client to {}: {reply:?}", pod.ip);
+    }
+    // The IPv4 Service is served as before, beside.
+    let reply = caller(&lab).udp_request(addr::CLUSTER_IP, SERVICE_UDP_PORT)?;
+    ensure!(
+        BACKEND_NAMES.contains(&reply.body.as_str())
+            && reply.peer == (addr::CLUSTER_IP, SERVICE_UDP_PORT).into(),
+        "{reply:?}"
+    );
+    let reply = caller(&lab).tcp_request(addr::CLUSTER_IP, SERVICE_TCP_PORT)?;
+    ensure!(BACKEND_NAMES.contains(&reply.body.as_str()), "{reply:?}");
+    Ok(())
+}
+
+/// Requests until every backend answered or `MAX_REQUESTS` were made: each answer from one
+/// of the three backends and from `expected_peer` (the frontend: reverse NAT).
+fn answered_by_every_backend(
+    what: &str,
+    expected_peer: SocketAddr,
+    mut request: impl FnMut() -> Result<Reply>,
+) -> Result<()> {
+    const MAX_REQUESTS: usize = 60;
+    let mut seen = BTreeSet::new();
+    for _ in 0..MAX_REQUESTS {
+        let reply = request().with_context(|| what.to_owned())?;
+        ensure!(
+            BACKEND_NAMES.contains(&reply.body.as_str()) && reply.peer == expected_peer,
+            "{what}: {reply:?}, not a backend from {expected_peer}"
+        );
+        seen.insert(reply.body);
+        if seen.len() == BACKEND_NAMES.len() {
+            return Ok(());
+        }
+    }
+    // Missing a backend in 60 draws of three: probability 3 · (2/3)^60 ≈ 1e-10.
+    bail!("{what}: only {seen:?} answered in {MAX_REQUESTS} requests")
+}
+
+#[test]
+fn ipv6_services_answer_tcp_and_udp_from_the_client_and_a_pod_and_refuse_without_endpoints()
+-> Result<()> {
+    require_lab!();
+    let lab = common::lab()?;
+    let six = Service::node_port("six", addr::NODE_PORT_SERVICE_IPV6)
+        .tcp_node_port(SERVICE_TCP_PORT, addr::ECHO_TCP_PORT, addr::NODE_PORT_TCP)
+        .udp_node_port(SERVICE_UDP_PORT, addr::ECHO_UDP_PORT, addr::NODE_PORT_UDP);
+    let dual = Service::cluster_ip("dual", addr::CLUSTER_IP)
+        .dual_stack(addr::CLUSTER_IPV6)
+        .tcp(SERVICE_TCP_PORT, addr::ECHO_TCP_PORT)
+        .udp(SERVICE_UDP_PORT, addr::ECHO_UDP_PORT);
+    let empty_ip: Ipv6Addr = EMPTY_IPV6.parse()?;
+    let empty = Service::cluster_ip("empty6", empty_ip).tcp(SERVICE_TCP_PORT, addr::ECHO_TCP_PORT);
+    let backends = common::backends(&lab);
+    let daemon = lab
+        .daemon()
+        .manifest(six.manifest(backends))
+        .manifest(dual.manifest(backends))
+        .manifest(empty.manifest([]))
+        .start()?;
+    daemon.wait_synced(SYNC_TIMEOUT)?;
+    let pod = caller(&lab);
+    let client = lab.client();
+    let at = |ip: IpAddr, port: u16| SocketAddr::new(ip, port);
+    let six_ip = IpAddr::V6(addr::NODE_PORT_SERVICE_IPV6);
+    let node = IpAddr::V6(addr::NODE_IPV6);
+    // The single-stack IPv6 Service: its ClusterIP from a pod, its NodePorts from outside.
+    for (what, from, ip, tcp_port, udp_port) in [
+        (
+            "ClusterIP from a pod",
+            pod,
+            six_ip,
+            SERVICE_TCP_PORT,
+            SERVICE_UDP_PORT,
+        ),
+        (
+            "NodePort from outside",
+            client,
+            node,
+            addr::NODE_PORT_TCP,
+            addr::NODE_PORT_UDP,
+        ),
+        (
+            "NodePort from a pod",
+            pod,
+            node,
+            addr::NODE_PORT_TCP,
+            addr::NODE_PORT_UDP,
+        ),
+    ] {
+        answered_by_every_backend(&format!("IPv6 {what}, TCP"), at(ip, tcp_port), || {
+            from.tcp_request(ip, tcp_port)
+        })?;
+        answered_by_every_backend(&format!("IPv6 {what}, UDP"), at(ip, udp_port), || {
+            from.udp_request(ip, udp_port)
+        })?;
+    }
+    // The dual-stack Service over both families, from a pod.
+    for ip in [IpAddr::V4(addr::CLUSTER_IP), IpAddr::V6(addr::CLUSTER_IPV6)] {
+        answered_by_every_backend(
+            &format!("dual-stack {ip}, TCP"),
+            at(ip, SERVICE_TCP_PORT),
+            || pod.tcp_request(ip, SERVICE_TCP_PORT),
+        )?;
+        answered_by_every_backend(
+            &format!("dual-stack {ip}, UDP"),
+            at(ip, SERVICE_UDP_PORT),
+            || pod.udp_request(ip, SERVICE_UDP_PORT),
+        )?;
+    }
+    // No endpoints: refused at once (ICMPv6 port unreachable), from a pod and from outside.
+    for from in [pod, client] {
+        match from.tcp_connect(empty_ip, SERVICE_TCP_PORT, Duration::from_secs(2)) {
+            Err(error) if error.kind() == ErrorKind::ConnectionRefused => {}
+            other => bail!(
+                "{} to [{empty_ip}]:80 without endpoints: {other:?}",
+                from.name()
+            ),
+        }
     }
     Ok(())
 }
@@ -114,7 +266,6 @@ fn add_ipv6(lab: &Lab) -> Result<()> {
 fn a_dual_stack_service_serves_ipv4_plans_ipv6_and_answers_health_checks_on_both() -> Result<()> {
     require_lab!();
     let lab = common::lab()?;
-    add_ipv6(&lab)?;
     let daemon = lab.daemon().manifest(dual_stack_manifest(&lab)).start()?;
     daemon.wait_synced(SYNC_TIMEOUT)?;
 
@@ -127,7 +278,7 @@ fn a_dual_stack_service_serves_ipv4_plans_ipv6_and_answers_health_checks_on_both
     ensure!(BACKEND_NAMES.contains(&reply.body.as_str()), "{reply:?}");
 
     // The health check over both families: three local endpoints in each.
-    for address in [IpAddr::V4(addr::NODE_IP), IpAddr::V6(NODE_IPV6)] {
+    for address in [IpAddr::V4(addr::NODE_IP), IpAddr::V6(addr::NODE_IPV6)] {
         let (code, local_endpoints) = health_check(lab.client(), address, HEALTH_CHECK_NODE_PORT)?;
         ensure!(
             code == 200 && local_endpoints == 3,
@@ -135,20 +286,21 @@ fn a_dual_stack_service_serves_ipv4_plans_ipv6_and_answers_health_checks_on_both
         );
     }
 
-    // The IPv6 half: its ClusterIP, the NodePort on the node's IPv6 address and the IPv6
-    // load-balancer IP are written into the IPv6 maps, with the two IPv6-only ClusterIPs,
-    // and served by the IPv6 packet path: the sync line counts them.
+    // The IPv6 half: its ClusterIP, the NodePort on each of the node's IPv6 addresses
+    // (`eth0`'s and the pods' gateway, as the IPv4 NodePort opens on both of the IPv4
+    // ones) and the IPv6 load-balancer IP are written into the IPv6 maps, with the two
+    // IPv6-only ClusterIPs, and served by the IPv6 packet path: the sync line counts them.
     let log = daemon.log();
     ensure!(
-        log.contains("ipv6=5") && !log.contains("not served: the packet path"),
-        "no sync line counting the 5 IPv6 frontends:\n{log}"
+        log.contains("ipv6=6") && !log.contains("not served: the packet path"),
+        "no sync line counting the 6 IPv6 frontends:\n{log}"
     );
     ensure!(
-        log.contains(&NODE_IPV6.to_string()),
+        log.contains(&addr::NODE_IPV6.to_string()),
         "the node's IPv6 address is not among its addresses:\n{log}"
     );
 
-    // The CLI reads them back from the IPv6 maps: the three frontends with the IPv6
+    // The CLI reads them back from the IPv6 maps: the four frontends with the IPv6
     // slice's endpoints, and as ip6tables rules.
     let services = cli_json(&daemon, &["services"])?;
     let ipv6: Vec<&serde_json::Value> = (services.as_array().into_iter().flatten())
@@ -159,10 +311,11 @@ fn a_dual_stack_service_serves_ipv4_plans_ipv6_and_answers_health_checks_on_both
         .filter_map(|row| row["address"].as_str())
         .collect();
     ensure!(
-        addresses.len() == 3
+        addresses.len() == 4
             && addresses.contains(&CLUSTER_IPV6)
-            && addresses.contains(&LOAD_BALANCER_IPV6)
-            && addresses.contains(&NODE_IPV6.to_string().as_str()),
+            && addresses.contains(&addr::POD_GATEWAY_V6.to_string().as_str())
+            && addresses.contains(&addr::LOAD_BALANCER_IPV6.to_string().as_str())
+            && addresses.contains(&addr::NODE_IPV6.to_string().as_str()),
         "IPv6 frontends in `services`: {addresses:?}"
     );
     for row in &ipv6 {
@@ -177,7 +330,7 @@ fn a_dual_stack_service_serves_ipv4_plans_ipv6_and_answers_health_checks_on_both
     };
     // Three distinct backends: sticky6's endpoint is one of dual's.
     ensure!(
-        entries("SERVICES6") == Some(5) && entries("BACKEND_IDS6") == Some(3),
+        entries("SERVICES6") == Some(6) && entries("BACKEND_IDS6") == Some(3),
         "stats: {stats:#}"
     );
     let rules = daemon.cli(&["explain", "--family", "ipv6"])?;

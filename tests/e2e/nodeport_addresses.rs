@@ -51,7 +51,7 @@ fn a_loopback_range_serves_the_health_check_on_loopback_beside_an_ipv6_range() -
     require_lab!();
     let lab = common::lab()?;
     // The IPv6 range holds no node address: IPv6 is served nowhere, IPv4 on loopback.
-    let daemon = start(&lab, "127.0.0.0/8,2001:db8::/64")?;
+    let daemon = start(&lab, "127.0.0.0/8,2001:db8:ffff::/64")?;
     let log = daemon.log();
     ensure!(
         log.contains("health check listening") && log.contains("addresses=[127.0.0.1]"),
@@ -79,7 +79,7 @@ fn a_loopback_range_serves_the_health_check_on_loopback_beside_an_ipv6_range() -
 fn an_ipv4_range_next_to_an_ipv6_one_serves_node_ports_and_health_checks_there() -> Result<()> {
     require_lab!();
     let lab = common::lab()?;
-    let _daemon = start(&lab, "2001:db8::/64,198.18.0.0/24")?;
+    let _daemon = start(&lab, "2001:db8:ffff::/64,198.18.0.0/24")?;
     let (code, local_endpoints) =
         health_check(lab.client(), addr::NODE_IP, HEALTH_CHECK_NODE_PORT)?;
     ensure!(
@@ -100,7 +100,9 @@ fn an_ipv4_range_next_to_an_ipv6_one_serves_node_ports_and_health_checks_there()
 fn no_matching_address_serves_no_health_check_and_says_so() -> Result<()> {
     require_lab!();
     let lab = common::lab()?;
-    let daemon = start(&lab, "203.0.113.0/24")?;
+    // A range of each family (a family without one would be unrestricted: the lab's node
+    // has IPv6 addresses).
+    let daemon = start(&lab, "203.0.113.0/24,2001:db8:ffff::/64")?;
     let log = daemon.log();
     ensure!(
         log.contains("health check not served: no node address is inside --nodeport-addresses"),

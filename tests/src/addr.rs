@@ -1,6 +1,10 @@
 //! The lab's addresses (the table in the crate docs). `deploy/examples/` uses the same ones.
+//!
+//! The lab is dual-stack: beside each IPv4 address, an IPv6 one from the documentation
+//! prefix 2001:db8::/32 whose last group reads like the IPv4 address's last octet
+//! (198.18.1.11 ↔ 2001:db8:1::11), configured inside lab namespaces only.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// The node's external address (`eth0` in the node namespace); NodePorts answer here.
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -21,6 +25,37 @@ pub fn pod_ip(i: usize) -> Ipv4Addr {
     );
     Ipv4Addr::new(198, 18, 1, 10 + i as u8)
 }
+
+/// The node's external IPv6 address (`eth0`, beside [`NODE_IP`]).
+pub const NODE_IPV6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+/// Prefix length of the external link's IPv6 network.
+pub const EXTERNAL_PREFIX_LEN_V6: u8 = 64;
+/// The outside client's IPv6 address (beside [`CLIENT_IP`]).
+pub const CLIENT_IPV6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
+/// The pods' IPv6 gateway, a /128 on every pod veth's node side (beside [`POD_GATEWAY`]).
+pub const POD_GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
+
+/// IPv6 address of pod `i`: 2001:db8:1::(10+i), the last group written like the last
+/// octet of [`pod_ip`] (pod-1: 2001:db8:1::11).
+pub fn pod_ipv6(i: usize) -> Ipv6Addr {
+    let ipv4 = pod_ip(i);
+    Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, reads_like(ipv4.octets()[3]))
+}
+
+/// The IPv6 group whose hex digits read like `n`'s decimal ones (11 → 0x11).
+fn reads_like(n: u8) -> u16 {
+    u16::from_str_radix(&n.to_string(), 16).expect("decimal digits are hex digits")
+}
+
+/// The IPv6 ClusterIP beside [`CLUSTER_IP`] (IPv6 Service VIPs come from 2001:db8:ff::/64).
+pub const CLUSTER_IPV6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0x10);
+/// The IPv6 cluster IP beside [`NODE_PORT_SERVICE_IP`].
+pub const NODE_PORT_SERVICE_IPV6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0x11);
+/// An IPv6 external IP, routed to the node by the client's default route (beside
+/// [`EXTERNAL_IP`]).
+pub const EXTERNAL_IPV6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 9, 0, 0, 0, 0, 1);
+/// An IPv6 load-balancer ingress IP (beside [`LOAD_BALANCER_IP`]).
+pub const LOAD_BALANCER_IPV6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 8, 0, 0, 0, 0, 1);
 
 /// The example ClusterIP Service's VIP (service VIPs come from 198.19.0.0/16).
 pub const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
@@ -73,6 +108,47 @@ pub fn node_pod_gateway(k: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 16 + node_octet(k), 1)
 }
 
+/// Node `k` on the fabric's IPv6 network: 2001:db8:10::k/64.
+pub fn fabric_node_ipv6(k: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, u16::from(node_octet(k)))
+}
+
+/// The outside client on the fabric's IPv6 network.
+pub const FABRIC_CLIENT_IPV6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 0x100);
+/// Prefix length of the fabric's IPv6 network.
+pub const FABRIC_PREFIX_LEN_V6: u8 = 64;
+
+/// Node `k`'s IPv6 pod prefix, 2001:db8:1k::/64 (node 1: 2001:db8:11::/64); its `::1` is
+/// the pods' gateway.
+pub fn node_pod_prefix_v6(k: usize) -> (Ipv6Addr, u8) {
+    let group = reads_like(10 + node_octet(k));
+    (Ipv6Addr::new(0x2001, 0xdb8, group, 0, 0, 0, 0, 0), 64)
+}
+
+/// The pods' IPv6 gateway on node `k`: 2001:db8:1k::1.
+pub fn node_pod_gateway_v6(k: usize) -> Ipv6Addr {
+    let (prefix, _) = node_pod_prefix_v6(k);
+    let [a, b, c, ..] = prefix.segments();
+    Ipv6Addr::new(a, b, c, 0, 0, 0, 0, 1)
+}
+
+/// IPv6 address of pod `i` of node `k`: 2001:db8:1k::(10+i), like [`node_pod_ip`]'s last
+/// octet.
+pub fn node_pod_ipv6(k: usize, i: usize) -> Ipv6Addr {
+    let (prefix, _) = node_pod_prefix_v6(k);
+    let [a, b, c, ..] = prefix.segments();
+    Ipv6Addr::new(
+        a,
+        b,
+        c,
+        0,
+        0,
+        0,
+        0,
+        reads_like(node_pod_ip(k, i).octets()[3]),
+    )
+}
+
 /// Pod `i` of node `k` (both from 1): 198.18.(16+k).(10+i).
 pub fn node_pod_ip(k: usize, i: usize) -> Ipv4Addr {
     assert!(
@@ -88,4 +164,21 @@ fn node_octet(k: usize) -> u8 {
         "nodes are numbered 1..={MAX_CLUSTER_NODES}, got {k}"
     );
     k as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_addresses_read_like_their_ipv4_twins() {
+        assert_eq!(pod_ipv6(1).to_string(), "2001:db8:1::11");
+        assert_eq!(pod_ipv6(200).to_string(), "2001:db8:1::210");
+        assert_eq!(node_pod_ipv6(2, 3).to_string(), "2001:db8:12::13");
+        assert_eq!(node_pod_gateway_v6(3).to_string(), "2001:db8:13::1");
+        assert_eq!(fabric_node_ipv6(2).to_string(), "2001:db8:10::2");
+        let pods: std::collections::BTreeSet<_> = (1..=MAX_PODS).map(pod_ipv6).collect();
+        assert_eq!(pods.len(), MAX_PODS);
+        assert!(!pods.contains(&POD_GATEWAY_V6));
+    }
 }

@@ -14,8 +14,9 @@
 //!   resolver requires.
 //!
 //! A failure says where a lost query was lost: the examples name the source port, and the
-//! report holds what the datapath's counters and the UDP counters of the caller's and
-//! every pod's namespace (`/proc/net/snmp`) counted while the clients ran
+//! report holds what the datapath's counters and the UDP (and IP and ICMP error)
+//! counters of the node's, the caller's and every pod's namespace (`/proc/net/snmp`)
+//! counted while the clients ran
 //! ([`crate::counters`]).
 //!
 //! UDP queries come from a few recurring source ports, as a resolver's do, so the conntrack
@@ -296,7 +297,7 @@ pub struct ChurnReport {
     pub udp: ProtocolCounts,
     /// The first few violations, described.
     pub examples: Vec<String>,
-    /// What the datapath and the kernel (UDP counters of the caller and every pod)
+    /// What the datapath and the kernel (counters of the node, the caller and every pod)
     /// counted while the clients ran: where a lost query was lost.
     pub counters: String,
 }
@@ -407,6 +408,7 @@ impl<'lab> Churn<'lab> {
         let namespaces: Vec<(String, &Netns)> = (1..=settings.caller())
             .map(|number| lab.pod(number))
             .map(|pod| (pod.name.clone(), &pod.ns))
+            .chain([("node".to_owned(), lab.node())])
             .collect();
         let counters_before = Counters::read(daemon, &namespaces)?;
         let started = Instant::now();

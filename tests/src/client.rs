@@ -1,10 +1,11 @@
 //! Client helpers: requests to the echo servers from any lab namespace, with timeouts.
 //!
 //! Only socket creation has to happen inside the namespace ([`Netns::run`]); reads and
-//! writes then work from the caller's thread.
+//! writes then work from the caller's thread. Every helper takes an address of either
+//! family and makes its socket in the target's family (`[addr]:port` for IPv6).
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -78,15 +79,32 @@ impl TcpSession {
     }
 }
 
-/// A socket of `kind` bound to `local_port` on every address, with SO_REUSEADDR (other
-/// sockets may share the port, as `socat …,sourceport=` or `dig -b` do) and a receive
-/// timeout.
-fn bound_socket(kind: Type, local_port: u16, timeout: Duration) -> std::io::Result<Socket> {
-    let socket = Socket::new(Domain::IPV4, kind, None)?;
+/// The unspecified address of `addr`'s family: what a client socket for it binds.
+fn unspecified_like(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    }
+}
+
+/// A socket of `kind` for talking to `peer`'s family, bound to `local_port` on every
+/// address, with SO_REUSEADDR (other sockets may share the port, as `socat …,sourceport=`
+/// or `dig -b` do) and a receive timeout. An IPv6 socket is IPv6 only.
+fn bound_socket(
+    kind: Type,
+    peer: IpAddr,
+    local_port: u16,
+    timeout: Duration,
+) -> std::io::Result<Socket> {
+    let local = SocketAddr::new(unspecified_like(peer), local_port);
+    let socket = Socket::new(Domain::for_address(local), kind, None)?;
+    if local.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
     socket.set_reuse_address(true)?;
     socket.set_read_timeout(Some(timeout))?;
     socket.set_write_timeout(Some(timeout))?;
-    socket.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, local_port).into())?;
+    socket.bind(&local.into())?;
     Ok(socket)
 }
 
@@ -120,11 +138,13 @@ impl Netns {
     }
 
     /// A new TCP connection with one request/response round.
-    pub fn tcp_request(&self, addr: Ipv4Addr, port: u16) -> Result<Reply> {
+    pub fn tcp_request(&self, addr: impl Into<IpAddr>, port: u16) -> Result<Reply> {
+        let addr = addr.into();
         let mut session = self.tcp_session(addr, port)?;
-        let body = session
-            .request()
-            .with_context(|| format!("TCP request from {} to {addr}:{port}", self.name()))?;
+        let body = session.request().with_context(|| {
+            let target = SocketAddr::new(addr, port);
+            format!("TCP request from {} to {target}", self.name())
+        })?;
         Ok(Reply {
             body,
             peer: session.peer()?,
@@ -132,21 +152,23 @@ impl Netns {
     }
 
     /// A datagram from a new socket (so a new flow) and its answer, with [`REQUEST_TIMEOUT`].
-    pub fn udp_request(&self, addr: Ipv4Addr, port: u16) -> Result<Reply> {
-        self.udp_request_within(addr, port, REQUEST_TIMEOUT)
-            .with_context(|| format!("UDP request from {} to {addr}:{port}", self.name()))
+    pub fn udp_request(&self, addr: impl Into<IpAddr>, port: u16) -> Result<Reply> {
+        let target = SocketAddr::new(addr.into(), port);
+        self.udp_request_within(target.ip(), port, REQUEST_TIMEOUT)
+            .with_context(|| format!("UDP request from {} to {target}", self.name()))
     }
 
     /// Like [`Netns::udp_request`] with a chosen timeout; the raw error tells a lost
     /// answer ([`ErrorKind::WouldBlock`] or [`ErrorKind::TimedOut`]) from others.
     pub fn udp_request_within(
         &self,
-        addr: Ipv4Addr,
+        addr: impl Into<IpAddr>,
         port: u16,
         timeout: Duration,
     ) -> std::io::Result<Reply> {
+        let addr = addr.into();
         let socket = self
-            .run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))
+            .run(|| UdpSocket::bind((unspecified_like(addr), 0)))
             .map_err(std::io::Error::other)??;
         socket.set_read_timeout(Some(timeout))?;
         socket.send_to(b"ping", (addr, port))?;
@@ -193,14 +215,15 @@ impl Netns {
     pub fn tcp_connect_from(
         &self,
         local_port: u16,
-        addr: Ipv4Addr,
+        addr: impl Into<IpAddr>,
         port: u16,
         timeout: Duration,
     ) -> std::io::Result<TcpSession> {
+        let target = SocketAddr::new(addr.into(), port);
         let socket = self
-            .run(|| bound_socket(Type::STREAM, local_port, timeout))
+            .run(|| bound_socket(Type::STREAM, target.ip(), local_port, timeout))
             .map_err(std::io::Error::other)??;
-        socket.connect_timeout(&SocketAddrV4::new(addr, port).into(), timeout)?;
+        socket.connect_timeout(&target.into(), timeout)?;
         let stream = TcpStream::from(socket);
         stream.set_nodelay(true)?;
         Ok(TcpSession {
@@ -209,15 +232,25 @@ impl Netns {
         })
     }
 
-    /// An unconnected UDP socket on this namespace's `local_port` (SO_REUSEADDR), as
+    /// An unconnected IPv4 UDP socket on this namespace's `local_port` (SO_REUSEADDR), as
     /// `dig -b address#local_port` uses one, receiving with `timeout`.
     pub fn udp_socket_from(
         &self,
         local_port: u16,
         timeout: Duration,
     ) -> std::io::Result<UdpSocket> {
+        self.udp_socket_for(Ipv4Addr::UNSPECIFIED.into(), local_port, timeout)
+    }
+
+    /// [`Netns::udp_socket_from`] in the family of `peer` (IPv6 only for an IPv6 peer).
+    pub fn udp_socket_for(
+        &self,
+        peer: IpAddr,
+        local_port: u16,
+        timeout: Duration,
+    ) -> std::io::Result<UdpSocket> {
         let socket = self
-            .run(|| bound_socket(Type::DGRAM, local_port, timeout))
+            .run(|| bound_socket(Type::DGRAM, peer, local_port, timeout))
             .map_err(std::io::Error::other)??;
         Ok(UdpSocket::from(socket))
     }
@@ -225,12 +258,13 @@ impl Netns {
     /// A UDP socket in this namespace connected to `addr:port`, receiving with `timeout`.
     pub fn udp_flow(
         &self,
-        addr: Ipv4Addr,
+        addr: impl Into<IpAddr>,
         port: u16,
         timeout: Duration,
     ) -> std::io::Result<UdpFlow> {
+        let addr = addr.into();
         let socket = self
-            .run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))
+            .run(|| UdpSocket::bind((unspecified_like(addr), 0)))
             .map_err(std::io::Error::other)??;
         socket.set_read_timeout(Some(timeout))?;
         socket.connect((addr, port))?;
@@ -244,8 +278,12 @@ pub fn is_timeout(error: &std::io::Error) -> bool {
 }
 
 /// One query on an unconnected UDP socket: sends to `addr:port`, waits for the answer.
-pub fn udp_exchange(socket: &UdpSocket, addr: Ipv4Addr, port: u16) -> std::io::Result<Reply> {
-    socket.send_to(b"ping", (addr, port))?;
+pub fn udp_exchange(
+    socket: &UdpSocket,
+    addr: impl Into<IpAddr>,
+    port: u16,
+) -> std::io::Result<Reply> {
+    socket.send_to(b"ping", (addr.into(), port))?;
     let mut buffer = [0u8; 512];
     let (length, peer) = socket.recv_from(&mut buffer)?;
     Ok(Reply {

@@ -3,14 +3,14 @@
 //! via the node addresses (host-gw style, as flannel's host-gw or Calico without overlay),
 //! and an outside client on the fabric. Addresses: the crate docs' second table.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result, ensure};
 
 use crate::addr;
 use crate::daemon::DaemonBuilder;
 use crate::echo::EchoServers;
-use crate::lab::{Pod, wire_pod};
+use crate::lab::{Pod, prepare_ipv6, wire_pod};
 use crate::netns::Netns;
 use crate::scratch::unique_prefix;
 use crate::xdp_pass::XdpPass;
@@ -76,8 +76,14 @@ impl ClusterBuilder {
         fabric.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
         fabric.ip(&["link", "set", BRIDGE, "up"])?;
         let client = Netns::create(format!("{id}-client"))?;
-        let client_port = attach_to_fabric(&fabric, &client, "client", addr::FABRIC_CLIENT_IP)
-            .context("wiring the client to the fabric")?;
+        let client_port = attach_to_fabric(
+            &fabric,
+            &client,
+            "client",
+            addr::FABRIC_CLIENT_IP,
+            addr::FABRIC_CLIENT_IPV6,
+        )
+        .context("wiring the client to the fabric")?;
 
         let mut cluster = Cluster {
             fabric_ports: vec![client_port],
@@ -153,21 +159,34 @@ impl Cluster {
         let ns = Netns::create(format!("{}-node-{k}", self.id))?;
         ns.ip(&["link", "set", "lo", "up"])?;
         ns.sysctl("net/ipv4/ip_forward", "1")?;
+        prepare_ipv6(&ns)?;
+        ns.sysctl("net/ipv6/conf/all/forwarding", "1")?;
         let ip = addr::fabric_node_ip(k);
-        let port = attach_to_fabric(&self.fabric, &ns, &format!("node{k}"), ip)?;
+        let port = attach_to_fabric(
+            &self.fabric,
+            &ns,
+            &format!("node{k}"),
+            ip,
+            addr::fabric_node_ipv6(k),
+        )?;
         self.fabric_ports.push(port);
-        // Host-gw routing: every other node's pod CIDR via that node's fabric address.
+        // Host-gw routing: every other node's pod CIDR (and IPv6 pod prefix) via that
+        // node's fabric address.
         for other in (1..=node_count).filter(|&other| other != k) {
             let (network, prefix) = addr::node_pod_cidr(other);
-            ns.ip(&[
-                "route",
-                "add",
-                &format!("{network}/{prefix}"),
-                "via",
-                &addr::fabric_node_ip(other).to_string(),
-                "dev",
-                "eth0",
-            ])?;
+            let (network_v6, prefix_v6) = addr::node_pod_prefix_v6(other);
+            for (destination, via) in [
+                (
+                    format!("{network}/{prefix}"),
+                    addr::fabric_node_ip(other).to_string(),
+                ),
+                (
+                    format!("{network_v6}/{prefix_v6}"),
+                    addr::fabric_node_ipv6(other).to_string(),
+                ),
+            ] {
+                ns.ip(&["route", "add", &destination, "via", &via, "dev", "eth0"])?;
+            }
         }
         let mut node = ClusterNode {
             name: format!("lab-node-{k}"),
@@ -177,21 +196,20 @@ impl Cluster {
         };
         for i in 1..=pod_count {
             let name = format!("n{k}-pod-{i}");
-            let pod_ns = Netns::create(format!("{}-{name}", self.id))?;
-            let pod_ip = addr::node_pod_ip(k, i);
+            let pod = Pod {
+                ns: Netns::create(format!("{}-{name}", self.id))?,
+                name,
+                ip: addr::node_pod_ip(k, i),
+                ipv6: addr::node_pod_ipv6(k, i),
+            };
             wire_pod(
                 &node.ns,
-                &pod_ns,
+                &pod,
                 &format!("lxc{i}"),
-                pod_ip,
                 addr::node_pod_gateway(k),
+                addr::node_pod_gateway_v6(k),
             )
-            .with_context(|| format!("wiring {name}"))?;
-            let pod = Pod {
-                name,
-                ip: pod_ip,
-                ns: pod_ns,
-            };
+            .with_context(|| format!("wiring {}", pod.name))?;
             // Pushed before its servers start, so a failure below still deletes it.
             node.pods.push(pod);
             let pod = node.pods.last().expect("just pushed");
@@ -205,9 +223,16 @@ impl Cluster {
     }
 }
 
-/// A veth from `member` (`eth0`, `ip`/24) to the fabric bridge (`port` in the fabric
-/// namespace), created inside lab namespaces only.
-fn attach_to_fabric(fabric: &Netns, member: &Netns, port: &str, ip: Ipv4Addr) -> Result<XdpPass> {
+/// A veth from `member` (`eth0`, `ip`/24 and `ipv6`/64) to the fabric bridge (`port` in
+/// the fabric namespace), created inside lab namespaces only.
+fn attach_to_fabric(
+    fabric: &Netns,
+    member: &Netns,
+    port: &str,
+    ip: Ipv4Addr,
+    ipv6: Ipv6Addr,
+) -> Result<XdpPass> {
+    prepare_ipv6(member)?;
     fabric.ip(&[
         "link",
         "add",
@@ -231,6 +256,15 @@ fn attach_to_fabric(fabric: &Netns, member: &Netns, port: &str, ip: Ipv4Addr) ->
         &format!("{ip}/{}", addr::FABRIC_PREFIX_LEN),
         "dev",
         "eth0",
+    ])?;
+    member.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{ipv6}/{}", addr::FABRIC_PREFIX_LEN_V6),
+        "dev",
+        "eth0",
+        "nodad",
     ])?;
     member.ip(&["link", "set", "eth0", "up"])?;
     // The port takes what an XDP program on the member sends back onto the wire.

@@ -2,7 +2,9 @@
 //! says where it was lost: the datapath's drop counters (`ebpf-proxy stats`) name a drop
 //! by the program, the UDP counters of `/proc/net/snmp` in each namespace one by the
 //! kernel (`NoPorts`: nothing listened, `InErrors`/`RcvbufErrors`: a full socket,
-//! `InDatagrams`/`OutDatagrams`: where a datagram went missing).
+//! `InDatagrams`/`OutDatagrams`: where a datagram went missing), and the IP and ICMP error
+//! counters there (`OutNoRoutes`, `InAddrErrors`, `InDestUnreachs`, ...) one the kernel
+//! could not route or answered with an error.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -18,7 +20,8 @@ use crate::netns::Netns;
 pub struct Counters {
     /// The datapath's counters by name, summed over CPUs.
     datapath: BTreeMap<String, u64>,
-    /// Each namespace's `Udp:` counters, by the namespace's label.
+    /// Each namespace's `Udp:` counters and the error ones of `Ip:` and `Icmp:`
+    /// (`Ip.OutNoRoutes`, ...), by the namespace's label.
     udp: Vec<(String, BTreeMap<String, u64>)>,
 }
 
@@ -67,21 +70,40 @@ impl Counters {
         for (label, now) in &self.udp {
             let then =
                 (before.udp.iter()).find_map(|(other, then)| (other == label).then_some(then));
-            let _ = writeln!(text, "{label} Udp: {}", moved(now, then));
+            let _ = writeln!(text, "{label}: {}", moved(now, then));
         }
         text
     }
 }
 
 impl Netns {
-    /// This namespace's `Udp:` counters from `/proc/net/snmp` (read from a thread inside
-    /// it: `/proc/thread-self/net` shows the thread's namespace, `/proc/self/net` the
-    /// process's).
+    /// This namespace's `Udp:` counters from `/proc/net/snmp`, and the error counters of
+    /// its `Ip:` and `Icmp:` lines, named `Ip.OutNoRoutes` and so on (read from a thread
+    /// inside it: `/proc/thread-self/net` shows the thread's namespace, `/proc/self/net`
+    /// the process's).
     pub fn udp_counters(&self) -> Result<BTreeMap<String, u64>> {
         let text = self
             .run(|| std::fs::read_to_string("/proc/thread-self/net/snmp"))?
             .with_context(|| format!("reading /proc/net/snmp in {}", self.name()))?;
-        parse_snmp(&text, "Udp")
+        let mut counters = parse_snmp(&text, "Udp")?;
+        for protocol in ["Ip", "Icmp"] {
+            let errors = parse_snmp(&text, protocol)?
+                .into_iter()
+                .filter(|(name, _)| {
+                    [
+                        "Err",
+                        "Discards",
+                        "NoRoutes",
+                        "Unknown",
+                        "DestUnreach",
+                        "Fails",
+                    ]
+                    .iter()
+                    .any(|kind| name.contains(kind))
+                });
+            counters.extend(errors.map(|(name, value)| (format!("{protocol}.{name}"), value)));
+        }
+        Ok(counters)
     }
 }
 
@@ -134,7 +156,7 @@ mod tests {
         after.udp[0].1.insert("NoPorts".to_owned(), 3);
         assert_eq!(
             after.since(&before),
-            "datapath: new_flow +2\npod-1 Udp: NoPorts +2\n"
+            "datapath: new_flow +2\npod-1: NoPorts +2\n"
         );
     }
 }

@@ -2,14 +2,16 @@
 //! which backend served it. They run as threads of the test process, inside the pod's
 //! namespace, and stop on drop.
 //!
+//! Every server listens on both families (an IPv4 socket and an IPv6-only one, served by
+//! one thread), so IPv4 clients see exactly what they saw before the lab was dual-stack.
 //! TCP: one reply line `<pod-name>\n` for every line received, so a single connection can
 //! carry many request/response rounds. UDP: one datagram `<pod-name>` for every datagram.
 //! The peer reporter (multi-node lab) answers every line with the source address it sees,
 //! so a test can tell whether the client's address was kept or rewritten.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -17,6 +19,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
+use socket2::{Domain, Socket, Type};
 
 use crate::lab::Pod;
 use crate::netns::{Netns, enter};
@@ -65,13 +68,20 @@ impl EchoServers {
     ) -> Result<()> {
         let stop = self.stop.clone();
         self.spawn_in(ns, thread_name, move |ready| {
-            let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port));
-            let listener = match listener {
-                Ok(listener) => listener,
+            let listeners = both_families(port, Type::STREAM).and_then(|sockets| {
+                (sockets.into_iter())
+                    .map(|socket| {
+                        socket.listen(128)?;
+                        Ok(TcpListener::from(socket))
+                    })
+                    .collect::<std::io::Result<Vec<_>>>()
+            });
+            let listeners = match listeners {
+                Ok(listeners) => listeners,
                 Err(error) => return ready.send(Err(error)).unwrap_or(()),
             };
             let _ = ready.send(Ok(()));
-            serve_tcp(&listener, &reply, &stop);
+            serve_tcp(&listeners, &reply, &stop);
         })
     }
 
@@ -80,14 +90,20 @@ impl EchoServers {
         let stop = self.stop.clone();
         let reply = name.as_bytes().to_vec();
         self.spawn_in(ns, format!("udp-echo {name}"), move |ready| {
-            let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
-                .and_then(|socket| socket.set_read_timeout(Some(STOP_POLL)).map(|()| socket));
-            let socket = match socket {
-                Ok(socket) => socket,
+            let sockets = both_families(port, Type::DGRAM).and_then(|sockets| {
+                (sockets.into_iter())
+                    .map(|socket| {
+                        socket.set_nonblocking(true)?;
+                        Ok(UdpSocket::from(socket))
+                    })
+                    .collect::<std::io::Result<Vec<_>>>()
+            });
+            let sockets = match sockets {
+                Ok(sockets) => sockets,
                 Err(error) => return ready.send(Err(error)).unwrap_or(()),
             };
             let _ = ready.send(Ok(()));
-            serve_udp(&socket, &reply, &stop);
+            serve_udp(&sockets, &reply, &stop);
         })
         .with_context(|| format!("UDP echo server of {name} on port {port}"))
     }
@@ -135,25 +151,46 @@ impl Drop for EchoServers {
     }
 }
 
+/// Sockets of `kind` bound to `port` on every address of each family: an IPv4 one and an
+/// IPv6-only one.
+fn both_families(port: u16, kind: Type) -> std::io::Result<[Socket; 2]> {
+    let bound = |address: SocketAddr| -> std::io::Result<Socket> {
+        let socket = Socket::new(Domain::for_address(address), kind, None)?;
+        if address.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        if kind == Type::STREAM {
+            // As std's TcpListener::bind: a restarted server may bind at once.
+            socket.set_reuse_address(true)?;
+        }
+        socket.bind(&address.into())?;
+        Ok(socket)
+    };
+    Ok([
+        bound(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))?,
+        bound(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))?,
+    ])
+}
+
 fn serve_tcp(
-    listener: &TcpListener,
+    listeners: &[TcpListener],
     reply: &impl Fn(&SocketAddr) -> Vec<u8>,
     stop: &Arc<AtomicBool>,
 ) {
     let mut connections: Vec<JoinHandle<()>> = Vec::new();
+    let fds: Vec<RawFd> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
     while !stop.load(Ordering::Relaxed) {
-        if !readable_within(listener, STOP_POLL) {
-            continue;
+        for ready in readable_within(&fds, STOP_POLL) {
+            let Ok((stream, peer)) = listeners[ready].accept() else {
+                continue;
+            };
+            connections.retain(|connection| !connection.is_finished());
+            let reply = reply(&peer);
+            let stop = stop.clone();
+            connections.push(std::thread::spawn(move || {
+                answer_lines(stream, &reply, &stop)
+            }));
         }
-        let Ok((stream, peer)) = listener.accept() else {
-            continue;
-        };
-        connections.retain(|connection| !connection.is_finished());
-        let reply = reply(&peer);
-        let stop = stop.clone();
-        connections.push(std::thread::spawn(move || {
-            answer_lines(stream, &reply, &stop)
-        }));
     }
     for connection in connections {
         let _ = connection.join();
@@ -182,23 +219,42 @@ fn answer_lines(mut stream: TcpStream, reply: &[u8], stop: &AtomicBool) {
     }
 }
 
-fn serve_udp(socket: &UdpSocket, reply: &[u8], stop: &AtomicBool) {
+/// Answers every datagram on `sockets` (non-blocking) until `stop`.
+fn serve_udp(sockets: &[UdpSocket], reply: &[u8], stop: &AtomicBool) {
     let mut buffer = [0u8; 1024];
+    let fds: Vec<RawFd> = sockets.iter().map(AsRawFd::as_raw_fd).collect();
     while !stop.load(Ordering::Relaxed) {
-        if let Ok((_, peer)) = socket.recv_from(&mut buffer) {
-            let _ = socket.send_to(reply, peer);
+        for ready in readable_within(&fds, STOP_POLL) {
+            while let Ok((_, peer)) = sockets[ready].recv_from(&mut buffer) {
+                let _ = sockets[ready].send_to(reply, peer);
+            }
         }
     }
 }
 
-/// Waits until `listener` has a connection to accept, at most `timeout`.
-fn readable_within(listener: &TcpListener, timeout: Duration) -> bool {
-    let mut poll_fd = libc::pollfd {
-        fd: listener.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
+/// Waits until some of `fds` are readable (a connection to accept, a datagram), at most
+/// `timeout`; returns their indices.
+fn readable_within(fds: &[RawFd], timeout: Duration) -> Vec<usize> {
+    let mut poll_fds: Vec<libc::pollfd> = (fds.iter())
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: valid pollfds, as many as passed, for the duration of the call.
+    let ready = unsafe {
+        libc::poll(
+            poll_fds.as_mut_ptr(),
+            poll_fds.len() as libc::nfds_t,
+            timeout.as_millis() as libc::c_int,
+        )
     };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let ready = unsafe { libc::poll(&mut poll_fd, 1, timeout.as_millis() as libc::c_int) };
-    ready > 0
+    if ready <= 0 {
+        return Vec::new();
+    }
+    (poll_fds.iter().enumerate())
+        .filter(|(_, poll_fd)| poll_fd.revents & libc::POLLIN != 0)
+        .map(|(index, _)| index)
+        .collect()
 }

@@ -1,6 +1,6 @@
 //! The lab topology: node, pods and client namespaces, wired as in the crate docs' table.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result, ensure};
 
@@ -14,13 +14,14 @@ use crate::xdp_pass::XdpPass;
 /// The Kubernetes node name the daemon runs as and the examples' endpoints name.
 pub const NODE_NAME: &str = "lab-node";
 
-/// A pod: a namespace behind a veth (`eth0` inside, `lxc<i>` on the node), running echo
-/// servers that answer with [`Pod::name`].
+/// A pod: a namespace behind a veth (`eth0` inside, `lxc<i>` on the node), with an
+/// address of each family, running echo servers (on both) that answer with [`Pod::name`].
 #[derive(Debug)]
 pub struct Pod {
     /// `pod-<i>`, what its echo servers answer.
     pub name: String,
     pub ip: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
     pub ns: Netns,
 }
 
@@ -64,8 +65,11 @@ impl LabBuilder {
         let node = Netns::create(format!("{id}-node"))?;
         node.ip(&["link", "set", "lo", "up"])?;
         node.sysctl("net/ipv4/ip_forward", "1")?;
+        prepare_ipv6(&node)?;
+        node.sysctl("net/ipv6/conf/all/forwarding", "1")?;
 
         let client = Netns::create(format!("{id}-client"))?;
+        prepare_ipv6(&client)?;
         wire_client(&node, &client).context("wiring the client namespace")?;
         let client_end = XdpPass::attach(&client, "eth0")?;
 
@@ -191,23 +195,50 @@ impl Lab {
     fn add_pod(&self, i: usize) -> Result<Pod> {
         let name = format!("pod-{i}");
         let ns = Netns::create(format!("{}-{name}", self.id))?;
-        let ip = addr::pod_ip(i);
-        wire_pod(&self.node, &ns, &format!("lxc{i}"), ip, addr::POD_GATEWAY)?;
-        Ok(Pod { name, ip, ns })
+        let pod = Pod {
+            name,
+            ip: addr::pod_ip(i),
+            ipv6: addr::pod_ipv6(i),
+            ns,
+        };
+        wire_pod(
+            &self.node,
+            &pod,
+            &format!("lxc{i}"),
+            addr::POD_GATEWAY,
+            addr::POD_GATEWAY_V6,
+        )?;
+        Ok(pod)
     }
 }
 
-/// Connects pod namespace `pod` to `node` by a veth (`eth0` in the pod, `host_side` on the
-/// node): the pod gets `ip`/32 and a default route via `gateway`, the node the gateway as a
-/// /32 on `host_side` and a /32 route to the pod.
+/// Makes IPv6 addresses and neighbours usable at once in `ns`, a lab namespace: no
+/// duplicate address detection (a tentative address cannot be used for a second or more,
+/// also the link-local ones neighbour discovery starts from). Links created in `ns`
+/// afterwards take it from `default`.
+pub(crate) fn prepare_ipv6(ns: &Netns) -> Result<()> {
+    for scope in ["all", "default"] {
+        ns.sysctl(&format!("net/ipv6/conf/{scope}/accept_dad"), "0")?;
+    }
+    Ok(())
+}
+
+/// Connects `pod`'s namespace to `node` by a veth (`eth0` in the pod, `host_side` on the
+/// node), in both families: the pod gets its address as a /32 (/128) and a default route
+/// via `gateway` (`gateway_v6`), the node the gateway as a /32 (/128) on `host_side` and a
+/// /32 (/128) route to the pod. IPv6 addresses skip duplicate address detection.
 pub(crate) fn wire_pod(
     node: &Netns,
-    pod: &Netns,
+    pod: &Pod,
     host_side: &str,
-    ip: Ipv4Addr,
     gateway: Ipv4Addr,
+    gateway_v6: Ipv6Addr,
 ) -> Result<()> {
+    let (ip, ipv6) = (pod.ip, pod.ipv6);
+    let pod = &pod.ns;
+    prepare_ipv6(pod)?;
     let gateway = gateway.to_string();
+    let gateway_v6 = gateway_v6.to_string();
     // Both ends are created inside lab namespaces: nothing appears in the root namespace.
     node.ip(&[
         "link",
@@ -229,10 +260,41 @@ pub(crate) fn wire_pod(
     pod.ip(&["link", "set", "eth0", "up"])?;
     pod.ip(&["route", "add", &gateway, "dev", "eth0", "scope", "link"])?;
     pod.ip(&["route", "add", "default", "via", &gateway])?;
+    let host_route = format!("{ipv6}/128");
+    node.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{gateway_v6}/128"),
+        "dev",
+        host_side,
+        "nodad",
+    ])?;
+    node.ip(&["-6", "route", "add", &host_route, "dev", host_side])?;
+    pod.ip(&["-6", "addr", "add", &host_route, "dev", "eth0", "nodad"])?;
+    pod.ip(&[
+        "-6",
+        "route",
+        "add",
+        &format!("{gateway_v6}/128"),
+        "dev",
+        "eth0",
+    ])?;
+    pod.ip(&[
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        &gateway_v6,
+        "dev",
+        "eth0",
+    ])?;
     Ok(())
 }
 
-/// The external link: node `eth0` 198.18.0.1/24 ↔ client `eth0` 198.18.0.2/24.
+/// The external link: node `eth0` 198.18.0.1/24 and 2001:db8::1/64 ↔ client `eth0`
+/// 198.18.0.2/24 and 2001:db8::2/64, the client's default routes via the node.
 fn wire_client(node: &Netns, client: &Netns) -> Result<()> {
     let prefix = addr::EXTERNAL_PREFIX_LEN;
     node.ip(&[
@@ -266,5 +328,25 @@ fn wire_client(node: &Netns, client: &Netns) -> Result<()> {
     client.ip(&["link", "set", "eth0", "up"])?;
     client.like_a_wire("eth0")?;
     client.ip(&["route", "add", "default", "via", &addr::NODE_IP.to_string()])?;
+    let prefix_v6 = addr::EXTERNAL_PREFIX_LEN_V6;
+    for (ns, ip) in [(node, addr::NODE_IPV6), (client, addr::CLIENT_IPV6)] {
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip}/{prefix_v6}"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+    }
+    client.ip(&[
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        &addr::NODE_IPV6.to_string(),
+    ])?;
     Ok(())
 }

@@ -4,24 +4,29 @@
 //!
 //! # Addresses
 //!
-//! Everything lives in 198.18.0.0/15, the benchmarking range; nothing touches the root
-//! namespace. This table is the one place the lab's addressing is written down
-//! (constants in [`addr`]).
+//! Everything lives in 198.18.0.0/15, the benchmarking range, and in the IPv6 documentation
+//! prefix 2001:db8::/32: the lab is dual-stack. Nothing touches the root namespace. This
+//! table is the one place the lab's addressing is written down (constants in [`addr`]).
 //!
-//! | what | namespace | interface | address |
-//! |---|---|---|---|
-//! | node, external side | `node` | `eth0` | 198.18.0.1/24 ([`addr::NODE_IP`]) |
-//! | outside client | `client` | `eth0` | 198.18.0.2/24, default via 198.18.0.1 ([`addr::CLIENT_IP`]) |
-//! | pods' gateway, on every pod veth | `node` | `lxc<i>` | 198.18.1.1/32 ([`addr::POD_GATEWAY`]) |
-//! | pod i (i = 1, 2, …) | `pod-i` | `eth0` | 198.18.1.(10+i)/32, default via 198.18.1.1 ([`addr::pod_ip`]) |
-//! | service VIPs | — | — | 198.19.0.0/16 ([`addr::CLUSTER_IP`] = 198.19.0.10, [`addr::NODE_PORT_SERVICE_IP`] = 198.19.0.11) |
-//! | NodePorts | `node` | `eth0` | 198.18.0.1:[`addr::NODE_PORT_TCP`] (30080), :[`addr::NODE_PORT_UDP`] (30053) |
-//! | external IP, load-balancer IP | — | — | [`addr::EXTERNAL_IP`] = 198.18.9.1, [`addr::LOAD_BALANCER_IP`] = 198.18.8.1, via the client's default route |
+//! | what | namespace | interface | IPv4 | IPv6 |
+//! |---|---|---|---|---|
+//! | node, external side | `node` | `eth0` | 198.18.0.1/24 ([`addr::NODE_IP`]) | 2001:db8::1/64 ([`addr::NODE_IPV6`]) |
+//! | outside client | `client` | `eth0` | 198.18.0.2/24, default via 198.18.0.1 ([`addr::CLIENT_IP`]) | 2001:db8::2/64, default via 2001:db8::1 ([`addr::CLIENT_IPV6`]) |
+//! | pods' gateway, on every pod veth | `node` | `lxc<i>` | 198.18.1.1/32 ([`addr::POD_GATEWAY`]) | 2001:db8:1::1/128 ([`addr::POD_GATEWAY_V6`]) |
+//! | pod i (i = 1, 2, …) | `pod-i` | `eth0` | 198.18.1.(10+i)/32, default via 198.18.1.1 ([`addr::pod_ip`]) | 2001:db8:1::(10+i)/128 (pod-1: 2001:db8:1::11), default via 2001:db8:1::1 ([`addr::pod_ipv6`]) |
+//! | service VIPs | — | — | 198.19.0.0/16 ([`addr::CLUSTER_IP`] = 198.19.0.10, [`addr::NODE_PORT_SERVICE_IP`] = 198.19.0.11) | 2001:db8:ff::/64 ([`addr::CLUSTER_IPV6`] = 2001:db8:ff::10, [`addr::NODE_PORT_SERVICE_IPV6`] = 2001:db8:ff::11) |
+//! | NodePorts | `node` | `eth0` | 198.18.0.1:[`addr::NODE_PORT_TCP`] (30080), :[`addr::NODE_PORT_UDP`] (30053) | [2001:db8::1]:30080, :30053 |
+//! | external IP, load-balancer IP | — | — | [`addr::EXTERNAL_IP`] = 198.18.9.1, [`addr::LOAD_BALANCER_IP`] = 198.18.8.1, via the client's default route | [`addr::EXTERNAL_IPV6`] = 2001:db8:9::1, [`addr::LOAD_BALANCER_IPV6`] = 2001:db8:8::1 |
 //!
-//! The node routes each pod's /32 to its `lxc<i>` and forwards (ip_forward=1 inside the
-//! node namespace only). Every pod runs a TCP echo server on [`addr::ECHO_TCP_PORT`] (8080)
-//! and a UDP one on [`addr::ECHO_UDP_PORT`] (5353); both ports are configurable per lab.
-//! `deploy/examples/` uses exactly these addresses.
+//! The node routes each pod's /32 and /128 to its `lxc<i>` and forwards both families
+//! (`ip_forward=1`, `ipv6/conf/all/forwarding=1`, inside the node namespace only). Every
+//! lab namespace skips IPv6 duplicate address detection (`accept_dad=0` there, `nodad` on
+//! every address), so addresses and neighbour discovery work at once. Every pod runs a TCP
+//! echo server on [`addr::ECHO_TCP_PORT`] (8080) and a UDP one on [`addr::ECHO_UDP_PORT`]
+//! (5353), each on both families; both ports are configurable per lab. The client helpers
+//! take addresses of either family (`[addr]:port`), and [`Service`] makes IPv6 and
+//! dual-stack Services with an EndpointSlice per family. `deploy/examples/` uses exactly
+//! the IPv4 addresses.
 //!
 //! The multi-node lab ([`Cluster`]) has its own namespaces and addresses, disjoint from the
 //! table above: nodes and an outside client on one L2 fabric (a bridge in a namespace of
@@ -30,10 +35,10 @@
 //! | what | namespace | interface | address |
 //! |---|---|---|---|
 //! | fabric bridge | `fabric` | `fabric0`, ports `node<k>`, `client` | none |
-//! | node k (k = 1..=3), Kubernetes name `lab-node-<k>` | `node-<k>` | `eth0` | 198.18.16.k/24 ([`addr::fabric_node_ip`]); routes to the other nodes' pod CIDRs via their 198.18.16.j |
-//! | outside client | `client` | `eth0` | 198.18.16.100/24 ([`addr::FABRIC_CLIENT_IP`]), no default route |
-//! | node k's pod CIDR and pods' gateway | `node-<k>` | `lxc<i>` | 198.18.(16+k).0/24, gateway 198.18.(16+k).1/32 ([`addr::node_pod_gateway`]) |
-//! | pod i of node k | `n<k>-pod-<i>` | `eth0` | 198.18.(16+k).(10+i)/32 ([`addr::node_pod_ip`]) |
+//! | node k (k = 1..=3), Kubernetes name `lab-node-<k>` | `node-<k>` | `eth0` | 198.18.16.k/24 ([`addr::fabric_node_ip`]), 2001:db8:10::k/64 ([`addr::fabric_node_ipv6`]); routes to the other nodes' pod CIDRs and prefixes via their fabric addresses |
+//! | outside client | `client` | `eth0` | 198.18.16.100/24 ([`addr::FABRIC_CLIENT_IP`]), 2001:db8:10::100/64 ([`addr::FABRIC_CLIENT_IPV6`]), no default route |
+//! | node k's pod CIDR and pods' gateway | `node-<k>` | `lxc<i>` | 198.18.(16+k).0/24, gateway 198.18.(16+k).1/32 ([`addr::node_pod_gateway`]); 2001:db8:1k::/64, gateway 2001:db8:1k::1/128 ([`addr::node_pod_gateway_v6`]) |
+//! | pod i of node k | `n<k>-pod-<i>` | `eth0` | 198.18.(16+k).(10+i)/32 ([`addr::node_pod_ip`]), 2001:db8:1k::(10+i)/128 ([`addr::node_pod_ipv6`]) |
 //!
 //! Its pods run the echo servers and a peer reporter on [`addr::PEER_REPORT_PORT`] (8081)
 //! that answers with the source address it sees. Service VIPs are 198.19.0.0/16 as above.

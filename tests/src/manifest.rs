@@ -2,10 +2,14 @@
 //! discovery.k8s.io/v1 EndpointSlice (labelled `kubernetes.io/service-name`) that the
 //! EndpointSlice controller would have written for it. Options the lab's default Services
 //! do not use (affinity, traffic policies, external and load-balancer IPs, endpoints on
-//! other nodes or terminating) add their YAML only when set.
+//! other nodes or terminating, IPv6) add their YAML only when set.
+//!
+//! A Service has the family of its cluster IP, or both ([`Service::dual_stack`]); it gets
+//! one EndpointSlice per family (`addressType: IPv4` named `<name>-lab`, `addressType:
+//! IPv6` named `<name>-lab-v6`), each with its pods' addresses of that family.
 
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use crate::lab::{NODE_NAME, Pod};
 
@@ -71,7 +75,8 @@ enum ServiceType {
 #[derive(Clone, Debug)]
 pub struct Service {
     name: String,
-    cluster_ip: Ipv4Addr,
+    /// `spec.clusterIPs`: one, or one per family (the first is `spec.clusterIP`).
+    cluster_ips: Vec<IpAddr>,
     service_type: ServiceType,
     ports: Vec<ServicePort>,
     /// `sessionAffinity: ClientIP` with this `timeoutSeconds`.
@@ -82,9 +87,9 @@ pub struct Service {
     health_check_node_port: Option<u16>,
     /// `loadBalancerSourceRanges`, as written.
     source_ranges: Vec<String>,
-    external_ips: Vec<Ipv4Addr>,
+    external_ips: Vec<IpAddr>,
     /// `status.loadBalancer.ingress[].ip`.
-    load_balancer_ips: Vec<Ipv4Addr>,
+    load_balancer_ips: Vec<IpAddr>,
     /// `metadata.annotations`, as written.
     annotations: Vec<(String, String)>,
 }
@@ -95,7 +100,7 @@ pub struct Service {
 #[derive(Clone, Debug)]
 pub struct Endpoint {
     pod_name: String,
-    ip: Ipv4Addr,
+    ip: IpAddr,
     node_name: String,
     ready: bool,
     serving: bool,
@@ -105,17 +110,23 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// `pod` ready, on the lab's node ([`NODE_NAME`]).
+    /// `pod` ready, on the lab's node ([`NODE_NAME`]), by its IPv4 address.
     pub fn of(pod: &Pod) -> Self {
         Self::at(&pod.name, pod.ip)
     }
 
+    /// `pod` ready, on the lab's node, by its IPv6 address (an `addressType: IPv6` slice's
+    /// endpoint).
+    pub fn of_v6(pod: &Pod) -> Self {
+        Self::at(&pod.name, pod.ipv6)
+    }
+
     /// A ready pod named `pod_name` at `ip` on the lab's node, which need not exist (the
     /// TestRun fuzzer's Services point at addresses only).
-    pub fn at(pod_name: &str, ip: Ipv4Addr) -> Self {
+    pub fn at(pod_name: &str, ip: impl Into<IpAddr>) -> Self {
         Self {
             pod_name: pod_name.to_owned(),
-            ip,
+            ip: ip.into(),
             node_name: NODE_NAME.to_owned(),
             ready: true,
             serving: true,
@@ -167,11 +178,11 @@ impl Manifest {
 }
 
 impl Service {
-    /// A `type: ClusterIP` Service.
-    pub fn cluster_ip(name: &str, cluster_ip: Ipv4Addr) -> Self {
+    /// A `type: ClusterIP` Service of `cluster_ip`'s family.
+    pub fn cluster_ip(name: &str, cluster_ip: impl Into<IpAddr>) -> Self {
         Self {
             name: name.to_owned(),
-            cluster_ip,
+            cluster_ips: vec![cluster_ip.into()],
             service_type: ServiceType::ClusterIp,
             ports: Vec::new(),
             affinity_timeout_seconds: None,
@@ -187,7 +198,7 @@ impl Service {
 
     /// A `type: NodePort` Service; give its ports with [`Service::tcp_node_port`] and
     /// [`Service::udp_node_port`].
-    pub fn node_port(name: &str, cluster_ip: Ipv4Addr) -> Self {
+    pub fn node_port(name: &str, cluster_ip: impl Into<IpAddr>) -> Self {
         Self {
             service_type: ServiceType::NodePort,
             ..Self::cluster_ip(name, cluster_ip)
@@ -196,25 +207,49 @@ impl Service {
 
     /// A `type: LoadBalancer` Service whose load balancer has given it `ingress_ip`
     /// (`status.loadBalancer.ingress`). Its ports get node ports only where given.
-    pub fn load_balancer(name: &str, cluster_ip: Ipv4Addr, ingress_ip: Ipv4Addr) -> Self {
+    pub fn load_balancer(
+        name: &str,
+        cluster_ip: impl Into<IpAddr>,
+        ingress_ip: impl Into<IpAddr>,
+    ) -> Self {
         Self {
             service_type: ServiceType::LoadBalancer,
-            load_balancer_ips: vec![ingress_ip],
+            load_balancer_ips: vec![ingress_ip.into()],
             ..Self::cluster_ip(name, cluster_ip)
         }
     }
 
     /// Adds another `status.loadBalancer.ingress` IP (a LoadBalancer Service's first one
     /// is given to [`Service::load_balancer`]).
-    pub fn ingress_ip(mut self, ip: Ipv4Addr) -> Self {
-        self.load_balancer_ips.push(ip);
+    pub fn ingress_ip(mut self, ip: impl Into<IpAddr>) -> Self {
+        self.load_balancer_ips.push(ip.into());
         self
     }
 
     /// Adds `spec.externalIPs` entry `ip`.
-    pub fn external_ip(mut self, ip: Ipv4Addr) -> Self {
-        self.external_ips.push(ip);
+    pub fn external_ip(mut self, ip: impl Into<IpAddr>) -> Self {
+        self.external_ips.push(ip.into());
         self
+    }
+
+    /// Makes the Service dual-stack (`ipFamilyPolicy: RequireDualStack`): `cluster_ip`, of
+    /// the other family, is its second cluster IP, and its endpoints get a slice per
+    /// family.
+    pub fn dual_stack(mut self, cluster_ip: impl Into<IpAddr>) -> Self {
+        let cluster_ip = cluster_ip.into();
+        assert_ne!(
+            cluster_ip.is_ipv6(),
+            self.cluster_ips[0].is_ipv6(),
+            "a dual-stack Service's second cluster IP is of the other family"
+        );
+        self.cluster_ips.truncate(1);
+        self.cluster_ips.push(cluster_ip);
+        self
+    }
+
+    /// The Service's families, primary first: whether each is IPv6.
+    fn families(&self) -> impl Iterator<Item = bool> + '_ {
+        self.cluster_ips.iter().map(IpAddr::is_ipv6)
     }
 
     /// The annotation `key: value` (quoted in the YAML).
@@ -259,9 +294,9 @@ impl Service {
         &self.name
     }
 
-    /// `spec.clusterIP`.
-    pub fn address(&self) -> Ipv4Addr {
-        self.cluster_ip
+    /// `spec.clusterIP` (the primary family's).
+    pub fn address(&self) -> IpAddr {
+        self.cluster_ips[0]
     }
 
     /// Each port: protocol, port, the pods' target port and the node port, if any.
@@ -309,19 +344,41 @@ impl Service {
         self
     }
 
-    /// The Service and its EndpointSlice with `backends` as ready endpoints (none: an
-    /// EndpointSlice without endpoints, as for a Service whose selector matches no pod),
-    /// in one multi-document file `<name>.yaml`.
+    /// The Service and its EndpointSlice (one per family) with `backends` as ready
+    /// endpoints (none: an EndpointSlice without endpoints, as for a Service whose selector
+    /// matches no pod), in one multi-document file `<name>.yaml`.
     pub fn manifest<'a>(&self, backends: impl IntoIterator<Item = &'a Pod>) -> Manifest {
-        let endpoints: Vec<Endpoint> = backends.into_iter().map(Endpoint::of).collect();
+        let backends: Vec<&Pod> = backends.into_iter().collect();
+        let endpoints: Vec<Endpoint> = self
+            .families()
+            .flat_map(|ipv6| {
+                (backends.iter()).map(move |pod| {
+                    if ipv6 {
+                        Endpoint::of_v6(pod)
+                    } else {
+                        Endpoint::of(pod)
+                    }
+                })
+            })
+            .collect();
         self.manifest_with(&endpoints)
     }
 
-    /// [`Service::manifest`] with each endpoint's node and conditions spelled out.
+    /// [`Service::manifest`] with each endpoint's node and conditions spelled out: a slice
+    /// for each of the Service's families and each family among `endpoints`.
     pub fn manifest_with(&self, endpoints: &[Endpoint]) -> Manifest {
         let mut yaml = self.service_yaml();
-        yaml.push_str("---\n");
-        yaml.push_str(&self.endpoint_slice_yaml(endpoints));
+        for ipv6 in [false, true] {
+            let of_family: Vec<Endpoint> = (endpoints.iter())
+                .filter(|endpoint| endpoint.ip.is_ipv6() == ipv6)
+                .cloned()
+                .collect();
+            if of_family.is_empty() && !self.families().any(|family| family == ipv6) {
+                continue;
+            }
+            yaml.push_str("---\n");
+            yaml.push_str(&self.endpoint_slice_yaml(ipv6, &of_family));
+        }
         Manifest {
             file_name: format!("{}.yaml", self.name),
             yaml,
@@ -346,11 +403,27 @@ impl Service {
         }
         let _ = write!(
             yaml,
-            "spec:\n  type: {kind}\n  clusterIP: {ip}\n  clusterIPs:\n    - {ip}\n\
-             \x20 selector:\n    app: {name}\n",
-            name = self.name,
-            ip = self.cluster_ip,
+            "spec:\n  type: {kind}\n  clusterIP: {ip}\n  clusterIPs:\n",
+            ip = yaml_ip(self.cluster_ips[0]),
         );
+        for ip in &self.cluster_ips {
+            let _ = writeln!(yaml, "    - {}", yaml_ip(*ip));
+        }
+        // An IPv4 single-stack Service leaves the families to their defaults, as the
+        // examples in deploy/examples/ do.
+        if self.cluster_ips.len() > 1 || self.cluster_ips[0].is_ipv6() {
+            yaml.push_str("  ipFamilies:\n");
+            for ipv6 in self.families() {
+                let _ = writeln!(yaml, "    - {}", family_name(ipv6));
+            }
+            let policy = if self.cluster_ips.len() > 1 {
+                "RequireDualStack"
+            } else {
+                "SingleStack"
+            };
+            let _ = writeln!(yaml, "  ipFamilyPolicy: {policy}");
+        }
+        let _ = write!(yaml, "  selector:\n    app: {name}\n", name = self.name);
         if let Some(seconds) = self.affinity_timeout_seconds {
             let _ = write!(
                 yaml,
@@ -376,7 +449,7 @@ impl Service {
         if !self.external_ips.is_empty() {
             yaml.push_str("  externalIPs:\n");
             for ip in &self.external_ips {
-                let _ = writeln!(yaml, "    - {ip}");
+                let _ = writeln!(yaml, "    - {}", yaml_ip(*ip));
             }
         }
         yaml.push_str("  ports:\n");
@@ -396,20 +469,23 @@ impl Service {
         if !self.load_balancer_ips.is_empty() {
             yaml.push_str("status:\n  loadBalancer:\n    ingress:\n");
             for ip in &self.load_balancer_ips {
-                let _ = writeln!(yaml, "      - ip: {ip}");
+                let _ = writeln!(yaml, "      - ip: {}", yaml_ip(*ip));
             }
         }
         yaml
     }
 
-    fn endpoint_slice_yaml(&self, endpoints: &[Endpoint]) -> String {
+    /// The EndpointSlice of one family (`ipv6`) with `endpoints`, all of that family.
+    fn endpoint_slice_yaml(&self, ipv6: bool, endpoints: &[Endpoint]) -> String {
         let mut yaml = format!(
             "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n\
-             \x20 name: {name}-lab\n  namespace: default\n  labels:\n\
+             \x20 name: {name}-lab{suffix}\n  namespace: default\n  labels:\n\
              \x20   kubernetes.io/service-name: {name}\n\
              \x20   endpointslice.kubernetes.io/managed-by: proxy-lab\n\
-             addressType: IPv4\nports:\n",
-            name = self.name
+             addressType: {family}\nports:\n",
+            name = self.name,
+            suffix = if ipv6 { "-v6" } else { "" },
+            family = family_name(ipv6),
         );
         for port in &self.ports {
             let _ = write!(
@@ -432,7 +508,7 @@ impl Service {
                  \x20     serving: {serving}\n      terminating: {terminating}\n\
                  \x20   nodeName: {node}\n    targetRef:\n      kind: Pod\n\
                  \x20     namespace: default\n      name: {pod}\n",
-                ip = endpoint.ip,
+                ip = yaml_ip(endpoint.ip),
                 ready = endpoint.ready,
                 serving = endpoint.serving,
                 terminating = endpoint.terminating,
@@ -447,8 +523,23 @@ impl Service {
     }
 }
 
+/// `IPv4` or `IPv6`, as `ipFamilies` and `addressType` spell them.
+fn family_name(ipv6: bool) -> &'static str {
+    if ipv6 { "IPv6" } else { "IPv4" }
+}
+
+/// `ip` as a YAML scalar: IPv6 addresses quoted (colons), IPv4 ones plain.
+fn yaml_ip(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(ip) => ip.to_string(),
+        IpAddr::V6(ip) => format!("\"{ip}\""),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
     use crate::addr;
 
@@ -464,7 +555,7 @@ mod tests {
             .iter()
             .map(|(name, ip)| Endpoint {
                 pod_name: name.clone(),
-                ip: *ip,
+                ip: IpAddr::V4(*ip),
                 node_name: NODE_NAME.to_owned(),
                 ready: true,
                 serving: true,
@@ -554,10 +645,47 @@ mod tests {
     }
 
     #[test]
+    fn dual_stack_and_ipv6_services_get_a_slice_per_family() {
+        let endpoints = [
+            Endpoint::at("pod-1", addr::pod_ip(1)),
+            Endpoint::at("pod-1", addr::pod_ipv6(1)),
+        ];
+        let dual = Service::cluster_ip("dual", addr::CLUSTER_IP)
+            .dual_stack(addr::CLUSTER_IPV6)
+            .tcp(80, addr::ECHO_TCP_PORT)
+            .manifest_with(&endpoints);
+        let objects = dual.objects();
+        let kinds: Vec<&str> = objects.iter().filter_map(|o| o["kind"].as_str()).collect();
+        assert_eq!(kinds, ["Service", "EndpointSlice", "EndpointSlice"]);
+        let spec = &objects[0]["spec"];
+        assert_eq!(spec["clusterIPs"][1], "2001:db8:ff::10");
+        assert_eq!(spec["ipFamilies"], serde_json::json!(["IPv4", "IPv6"]));
+        assert_eq!(spec["ipFamilyPolicy"], "RequireDualStack");
+        assert_eq!(objects[1]["addressType"], "IPv4");
+        assert_eq!(objects[1]["endpoints"][0]["addresses"][0], "198.18.1.11");
+        assert_eq!(objects[2]["addressType"], "IPv6");
+        assert_eq!(objects[2]["metadata"]["name"], "dual-lab-v6");
+        assert_eq!(objects[2]["endpoints"][0]["addresses"][0], "2001:db8:1::11");
+
+        let ipv6 = Service::cluster_ip("six", addr::CLUSTER_IPV6)
+            .udp(53, addr::ECHO_UDP_PORT)
+            .manifest_with(&[]);
+        let objects = ipv6.objects();
+        assert_eq!(objects.len(), 2, "{}", ipv6.yaml);
+        assert_eq!(
+            objects[0]["spec"]["ipFamilies"],
+            serde_json::json!(["IPv6"])
+        );
+        assert_eq!(objects[0]["spec"]["ipFamilyPolicy"], "SingleStack");
+        assert_eq!(objects[1]["addressType"], "IPv6");
+        assert!(ipv6.yaml.ends_with("endpoints: []\n"), "{}", ipv6.yaml);
+    }
+
+    #[test]
     fn endpoints_carry_their_node_and_conditions() {
         let endpoint = Endpoint {
             pod_name: "pod-1".to_owned(),
-            ip: addr::pod_ip(1),
+            ip: addr::pod_ip(1).into(),
             node_name: NODE_NAME.to_owned(),
             ready: true,
             serving: true,

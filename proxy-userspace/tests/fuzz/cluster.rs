@@ -225,7 +225,10 @@ pub fn pools() -> Pools {
     for spec in services() {
         for (protocol, port, target, node_port) in spec.service.ports() {
             let protocol = protocol.number();
-            let vip = spec.service.address().octets();
+            let IpAddr::V4(vip) = spec.service.address() else {
+                unreachable!("the fuzzer's Services are IPv4")
+            };
+            let vip = vip.octets();
             frontends.push((End::new(vip, port), protocol));
             if let Some(node_port) = node_port {
                 frontends.push((End::new(NODE, node_port), protocol));

@@ -47,14 +47,15 @@ fn run(examples: &Path) -> Result<()> {
     let lab = Lab::builder().pods(4).build().context("building the lab")?;
     println!("lab {} is up:", lab.id());
     println!(
-        "  node    eth0 {}  (NodePorts {} tcp, {} udp)",
+        "  node    eth0 {} {}  (NodePorts {} tcp, {} udp)",
         addr::NODE_IP,
+        addr::NODE_IPV6,
         addr::NODE_PORT_TCP,
         addr::NODE_PORT_UDP
     );
-    println!("  client  eth0 {}", addr::CLIENT_IP);
+    println!("  client  eth0 {} {}", addr::CLIENT_IP, addr::CLIENT_IPV6);
     for pod in lab.pods() {
-        println!("  {:<7} eth0 {}", pod.name, pod.ip);
+        println!("  {:<7} eth0 {} {}", pod.name, pod.ip, pod.ipv6);
     }
     println!(
         "applying {} manifest(s) from {}",
