@@ -19,8 +19,8 @@ use proxy_common::{
 
 use super::ids::IdRegistry;
 use super::image::{
-    DesiredImage, MapImage, MapOp, MapWrites, Scope, SourceRangeEntry, diff, frontend_entries,
-    frontend_key, materialize, place, slice_of,
+    DesiredImage, MapImage, MapOp, MapWrites, Puts, Scope, SourceRangeEntry, diff,
+    frontend_entries, frontend_key, materialize, place, slice_of,
 };
 use super::slots::{Slice, SlotAllocator};
 use crate::plan::{DesiredState, FrontendChange};
@@ -461,9 +461,10 @@ impl<A: Address> MapMirror<A> {
         results: Vec<Result<(), WriteError>>,
         report: &mut ApplyReport,
     ) {
+        let mut puts = Puts::default();
         for (op, result) in phase.ops().zip(results) {
             match result {
-                Ok(()) => self.applied(op),
+                Ok(()) => self.applied(op, &mut puts),
                 Err(WriteError::Full) => {
                     let map = op.map().unwrap_or("?");
                     *report.map_full.entry(map).or_default() += 1;
@@ -473,6 +474,7 @@ impl<A: Address> MapMirror<A> {
                 }
             }
         }
+        puts.merge_into(&mut self.current);
     }
 
     /// Gives unused buckets back after most entries went.
@@ -481,8 +483,14 @@ impl<A: Address> MapMirror<A> {
         self.ids.shrink_sparse();
     }
 
-    /// Records a write that succeeded.
-    fn applied(&mut self, op: MapOp<A>) {
+    /// Records a write that succeeded. Plain puts wait in `puts`, to be merged into the
+    /// image together (see [`Puts`]); anything else first merges what waits, so the writes
+    /// count in order.
+    fn applied(&mut self, op: MapOp<A>, puts: &mut Puts<A>) {
+        let Some(op) = puts.take(op) else {
+            return;
+        };
+        puts.merge_into(&mut self.current);
         match op {
             MapOp::PutService(key, header) => {
                 let old = self.current.services.insert(key, header);

@@ -517,6 +517,83 @@ impl<A: Address> DesiredImage<A> {
     }
 }
 
+/// Puts waiting to be merged into an image, in the order they came, per map. A full sync's
+/// puts into one map, large beside it, are merged in one pass: its nodes come out full,
+/// where inserting ascending keys one at a time leaves each node about half empty (at
+/// 10 000 Services, 5 MiB of the image), and no key is searched for. A few puts are
+/// inserted one by one.
+pub(super) struct Puts<A: Address> {
+    names: Vec<(u32, ServiceName)>,
+    backends: Vec<(u32, Backend<A>)>,
+    slots: Vec<(u32, Slot<A>)>,
+    membership: Vec<(MembershipKey<A>, u8)>,
+    source_ranges: Vec<SourceRangeEntry<A>>,
+    maglev: Vec<MaglevKey>,
+}
+
+impl<A: Address> Default for Puts<A> {
+    fn default() -> Self {
+        Self {
+            names: Vec::new(),
+            backends: Vec::new(),
+            slots: Vec::new(),
+            membership: Vec::new(),
+            source_ranges: Vec::new(),
+            maglev: Vec::new(),
+        }
+    }
+}
+
+impl<A: Address> Puts<A> {
+    /// Keeps `op` if it is a plain put; hands back any other operation.
+    pub fn take(&mut self, op: MapOp<A>) -> Option<MapOp<A>> {
+        match op {
+            MapOp::PutName(id, name) => self.names.push((id, name)),
+            MapOp::PutBackend(id, backend) => self.backends.push((id, backend)),
+            MapOp::PutSlot(index, slot) => self.slots.push((index, slot)),
+            MapOp::PutMembership(key, bits) => self.membership.push((key, bits)),
+            MapOp::PutSourceRange(entry) => self.source_ranges.push(entry),
+            MapOp::PutMaglev(key, _) => self.maglev.push(key),
+            op => return Some(op),
+        }
+        None
+    }
+
+    /// Puts what waits into `image`, the later of equal keys winning.
+    pub fn merge_into(&mut self, image: &mut MapImage<A>) {
+        merge(&mut image.names, &mut self.names);
+        merge(&mut image.backends, &mut self.backends);
+        merge(&mut image.slots, &mut self.slots);
+        merge(&mut image.membership, &mut self.membership);
+        merge_set(&mut image.source_ranges, &mut self.source_ranges);
+        merge_set(&mut image.maglev, &mut self.maglev);
+    }
+}
+
+/// A batch at least this large beside its map is merged in one pass rather than inserted
+/// entry by entry (a pass costs the map's size, an insert its depth).
+const MERGE_FROM_FRACTION: usize = 8;
+
+/// Takes `entries` into `map`, the later of equal keys winning, as inserting them in order.
+fn merge<K: Ord, V>(map: &mut BTreeMap<K, V>, entries: &mut Vec<(K, V)>) {
+    if entries.len() < map.len() / MERGE_FROM_FRACTION {
+        map.extend(entries.drain(..));
+        return;
+    }
+    // Sorted stably in place and built bottom-up, keeping the last of equal keys.
+    let mut batch: BTreeMap<K, V> = std::mem::take(entries).into_iter().collect();
+    map.append(&mut batch);
+}
+
+fn merge_set<K: Ord>(set: &mut BTreeSet<K>, entries: &mut Vec<K>) {
+    if entries.len() < set.len() / MERGE_FROM_FRACTION {
+        set.extend(entries.drain(..));
+        return;
+    }
+    let mut batch: BTreeSet<K> = std::mem::take(entries).into_iter().collect();
+    set.append(&mut batch);
+}
+
 fn member_bounds<A: Address>(rev_nat_id: u32) -> std::ops::RangeInclusive<MembershipKey<A>> {
     MembershipKey {
         rev_nat_id,
