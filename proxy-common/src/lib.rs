@@ -462,8 +462,10 @@ pub mod stat {
     pub const REPLY: u32 = 2;
     /// A packet for a service frontend found no conntrack entry and went to selection.
     pub const CT_MISS: u32 = 3;
-    /// The conntrack entry could not be created (map full or update failed); the packet
-    /// was still translated but its flow may not stay on one backend.
+    /// A new flow could not be recorded: the entry on its own (forward) tuple was being
+    /// removed or replaced by another CPU at that instant. The packet was dropped; the
+    /// client's retransmission creates the flow. (A reply tuple in that state is remapped
+    /// like a clash instead, see `REMAPPED`.)
     pub const CT_CREATE_FAILED: u32 = 4;
     /// The frontend has no backends on this node (traffic policy Local, see
     /// `service_flags::NO_LOCAL_ENDPOINTS`), or its refusal could not be built (IPv4
@@ -501,8 +503,9 @@ pub mod stat {
     /// Service flow is created over its reply tuple: passed untouched, or with its source
     /// port remapped when it clashed with a live Service flow.
     pub const DIRECT: u32 = 16;
-    /// A new flow's reply tuple belonged to another live flow: its source port was
-    /// replaced with one of the SNAT range (netfilter's clash remap).
+    /// A new flow's reply tuple belonged to another live flow, or its entry was being
+    /// removed by another CPU: its source port was replaced with one of the SNAT range
+    /// (netfilter's clash remap).
     pub const REMAPPED: u32 = 17;
     /// A tracked flow's backend stopped serving its frontend (a UDP flow, or a SYN not yet
     /// answered): the packet went to a newly selected backend.

@@ -399,7 +399,7 @@ fn move_to_assured(key: &CtKey, value: &CtValue) -> bool {
 pub enum NotCreated {
     /// Its reply tuple was taken and no port of the SNAT range was free for it.
     NoPort,
-    /// An entry on its tuples is being removed or replaced concurrently.
+    /// The entry on its forward tuple is being removed or replaced concurrently.
     Busy,
 }
 
@@ -466,8 +466,15 @@ fn make_room(existing: &Entry, key: &CtKey, owner: &CtKey, now_ns: u64) -> Claim
 /// CONNTRACK_PENDING. The reply tuple is claimed first: if a live flow of another client
 /// holds it (a direct flow to the same backend port, or a Service flow of another
 /// frontend), the peer's port is remapped into the SNAT range, as netfilter remaps a
-/// clashing tuple; SNAT flows take a port of the range in any case. A BPF subprogram,
-/// called from one place: the verifier walks its claims once per kind of new flow.
+/// clashing tuple; SNAT flows take a port of the range in any case.
+///
+/// A reply tuple whose entry someone else is removing or replacing right now (the
+/// reaper between its compare-and-exchange and its delete, or a concurrent packet) is
+/// remapped the same way: the program cannot wait for that delete, and the delete, aimed
+/// at the old key, can never hit the remapped flow. Dropping there lost a client's query
+/// whenever a port's flow came back to a backend at the instant the collector reaped its
+/// stale reply entry. A BPF subprogram, called from one place: the verifier walks its
+/// claims once per kind of new flow.
 #[inline(never)]
 pub fn create(
     translation: &mut Translation,
@@ -510,8 +517,7 @@ pub fn create(
                 claimed = true;
                 break;
             }
-            Claim::Taken => remap = true,
-            Claim::Busy => return Err(NotCreated::Busy),
+            Claim::Taken | Claim::Busy => remap = true,
         }
     }
     if !claimed {

@@ -6,7 +6,10 @@
 use aya_ebpf::{macros::map, maps::HashMap};
 use proxy_common::{Origin, default_max_entries, device_kind};
 
-/// Named like `proxy_common::map_names::DEVICES`; written by the daemon as it attaches.
+use crate::recycled;
+
+/// Named like `proxy_common::map_names::DEVICES`; written by the daemon as it attaches
+/// (again at a restart, in place: read through [`recycled::read`]).
 #[map]
 static DEVICES: HashMap<u32, u8> = HashMap::pinned(default_max_entries::DEVICES, 0);
 
@@ -15,9 +18,8 @@ static DEVICES: HashMap<u32, u8> = HashMap::pinned(default_max_entries::DEVICES,
 /// the frontend's own traffic policy).
 #[inline(always)]
 pub fn origin_of(ifindex: u32) -> Origin {
-    // SAFETY: the value is copied out at once.
-    match unsafe { DEVICES.get(ifindex) } {
-        Some(&device_kind::POD) => Origin::Pod,
+    match recycled::read(&DEVICES, &ifindex) {
+        Some(device_kind::POD) => Origin::Pod,
         _ => Origin::Outside,
     }
 }

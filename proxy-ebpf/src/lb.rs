@@ -21,10 +21,11 @@ use crate::{
     affinity,
     maglev::{self, Flow},
     parse::Packet,
-    select,
+    recycled, select,
 };
 
 /// Named like `proxy_common::map_names::SERVICES`; pinned so the daemon fills this map.
+/// Read through [`recycled::read`]: the daemon rewrites headers in place.
 #[map]
 static SERVICES: HashMap<FrontendKey, FrontendValue> =
     HashMap::pinned(default_max_entries::SERVICES, 0);
@@ -84,9 +85,7 @@ pub fn frontend(key: &LbKey) -> Option<Frontend> {
         proto: key.proto,
         _pad: 0,
     };
-    // SAFETY: the value is copied out at once and no reference is kept (a concurrent
-    // delete lets the kernel reuse the element).
-    let header = *unsafe { SERVICES.get(key) }?;
+    let header = recycled::read(&SERVICES, &key)?;
     Some(Frontend { key, header })
 }
 

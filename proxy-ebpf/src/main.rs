@@ -42,6 +42,7 @@ mod names;
 mod nat;
 mod parse;
 mod reap;
+mod recycled;
 mod route;
 mod select;
 mod snat;

@@ -15,7 +15,10 @@ use aya_ebpf::{
 };
 use proxy_common::{MembershipKey, default_max_entries, membership};
 
-/// Named like `proxy_common::map_names::MEMBERSHIP`; the daemon fills it.
+use crate::recycled;
+
+/// Named like `proxy_common::map_names::MEMBERSHIP`; the daemon fills it and rewrites
+/// bits in place, hence read through [`recycled::read`].
 #[map]
 static MEMBERSHIP: HashMap<MembershipKey, u8> = HashMap::pinned(default_max_entries::MEMBERSHIP, 0);
 
@@ -26,10 +29,7 @@ static MEMBERSHIP_EPOCH: Array<u32> = Array::pinned(1, 0);
 /// The `membership` bits of `addr` for the frontend `rev_nat_id` (0: not an endpoint).
 #[inline(always)]
 pub fn of(rev_nat_id: u32, addr: u32) -> u8 {
-    // SAFETY: the value is copied out at once.
-    unsafe { MEMBERSHIP.get(MembershipKey { rev_nat_id, addr }) }
-        .copied()
-        .unwrap_or(0)
+    recycled::read(&MEMBERSHIP, &MembershipKey { rev_nat_id, addr }).unwrap_or(0)
 }
 
 /// The current epoch.

@@ -2,7 +2,8 @@
 //! `testrun`: TCP states and their timeouts, where unanswered flows live (a SYN flood never
 //! evicts an established flow), flows that clash on a reply tuple (issue 16: a Service flow
 //! and a direct flow to the same backend port from the same client port), flows that leave
-//! a backend which stopped serving, and the reaper the garbage collector runs.
+//! a backend which stopped serving, a new flow beside a reply entry the reaper is removing,
+//! and the reaper the garbage collector runs.
 
 mod datapath;
 
@@ -527,6 +528,72 @@ fn udp_flows_end_when_the_last_serving_endpoint_leaves() {
         (stat::BACKEND_LEFT, 1),
         (stat::REJECTED, 1),
     ]);
+}
+
+/// A client port's UDP flow comes back to a backend it left at the instant the collector
+/// reaps the stale reply entry it left there (`epx_ct_reap` between its compare-and-exchange
+/// and its delete): the new flow takes another port instead of being dropped, and both
+/// directions of it are translated. `assured`: the stale entry sits in CONNTRACK.
+fn a_new_flow_beside_a_reply_entry_being_removed_gets_another_port(assured: bool) {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    datapath.add_service(frontend(DNS, proto::UDP), &[backend(SERVER_1, proto::UDP)]);
+    let query = Frame::new(CLIENT, DNS, UDP);
+    assert_translated(&datapath, query, query.between(CLIENT, SERVER_1));
+    // The flow leaves SERVER_1; its reply entry there stays until it expires.
+    remove_from_dns(&mut datapath, proto::UDP, SERVER_1, SERVER_2, false);
+    assert_translated(&datapath, query, query.between(CLIENT, SERVER_2));
+    let stale = ct_key(SERVER_1, CLIENT, proto::UDP);
+    assert!(datapath.conntrack().contains_key(&stale));
+    if assured {
+        datapath.move_to_assured(stale);
+    }
+    // The flow is sent back to SERVER_1 while the reaper removes that entry.
+    remove_from_dns(&mut datapath, proto::UDP, SERVER_2, SERVER_1, false);
+    datapath.set_membership(member(SERVER_1), membership::SERVING);
+    datapath.mark_removing(stale);
+
+    let (verdict, out) = datapath.run(&query.build());
+    assert_eq!(
+        verdict,
+        TC_ACT_OK,
+        "the query was dropped: {:?}",
+        datapath.stats()
+    );
+    let remapped = addr(CLIENT.ip().octets(), source_port(&out));
+    assert!(
+        (SNAT_PORTS.0..=SNAT_PORTS.1).contains(&remapped.port()),
+        "{remapped}"
+    );
+    assert_eq!(out, query.between(remapped, SERVER_1).build());
+    assert_checksums_valid(&out);
+    let answer = Frame::new(SERVER_1, remapped, UDP);
+    assert_translated(&datapath, answer, answer.between(DNS, CLIENT));
+    // The flow keeps its port; the entry being removed was left to its remover.
+    assert_translated(&datapath, query, query.between(remapped, SERVER_1));
+    assert_eq!(
+        datapath.conntrack_entry(stale).expires_ns,
+        proxy_common::EXPIRES_REMOVING
+    );
+    datapath.assert_stats(&[
+        (stat::CT_MISS, 3),
+        (stat::NEW_FLOW, 3),
+        (stat::BACKEND_LEFT, 2),
+        (stat::REMAPPED, 1),
+        (stat::REPLY, 1),
+        (stat::CT_HIT, 1),
+    ]);
+}
+
+#[test]
+fn a_new_flow_beside_a_pending_reply_entry_being_removed_gets_another_port() {
+    a_new_flow_beside_a_reply_entry_being_removed_gets_another_port(false);
+}
+
+#[test]
+fn a_new_flow_beside_an_assured_reply_entry_being_removed_gets_another_port() {
+    a_new_flow_beside_a_reply_entry_being_removed_gets_another_port(true);
 }
 
 /// The MEMBERSHIP key of `endpoint` in the test frontend.

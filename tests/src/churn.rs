@@ -9,7 +9,14 @@
 //! connection against that timeline ([`Timeline`]):
 //! - none fails, because the Service has a ready backend at every moment;
 //! - none is served by a pod that had left the maps before it was opened and was in no
-//!   set asked for before it ended (its packets leave at some moment in between).
+//!   set asked for before it ended (its packets leave at some moment in between);
+//! - every UDP answer comes from the Service's address and port (reverse NAT), as a
+//!   resolver requires.
+//!
+//! A failure says where a lost query was lost: the examples name the source port, and the
+//! report holds what the datapath's counters and the UDP counters of the caller's and
+//! every pod's namespace (`/proc/net/snmp`) counted while the clients ran
+//! ([`crate::counters`]).
 //!
 //! UDP queries come from a few recurring source ports, as a resolver's do, so the conntrack
 //! entry a port left behind names the pod its previous query went to, and tens of
@@ -20,7 +27,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -29,6 +36,7 @@ use serde_json::Value;
 
 use crate::addr;
 use crate::client::udp_exchange;
+use crate::counters::Counters;
 use crate::daemon::Daemon;
 use crate::lab::{Lab, Pod};
 use crate::manifest::Service;
@@ -255,7 +263,12 @@ impl Timeline {
 struct Attempt {
     opened: Instant,
     ended: Instant,
+    /// The client's source port, for a UDP query (its flow's key in conntrack).
+    source_port: Option<u16>,
     answer: Result<String, String>,
+    /// A UDP answer's source when it was not the Service's address and port: its reverse
+    /// NAT did not happen.
+    untranslated_from: Option<SocketAddr>,
 }
 
 /// What the clients of one protocol saw.
@@ -266,6 +279,9 @@ pub struct ProtocolCounts {
     pub failed: usize,
     /// Answered by a pod the maps no longer held when the attempt was opened.
     pub by_removed: usize,
+    /// Answered from another source than the Service's address and port (UDP: the reply
+    /// was not reverse-translated; a resolver would drop it).
+    pub untranslated: usize,
 }
 
 /// What a churn run saw.
@@ -280,6 +296,9 @@ pub struct ChurnReport {
     pub udp: ProtocolCounts,
     /// The first few violations, described.
     pub examples: Vec<String>,
+    /// What the datapath and the kernel (UDP counters of the caller and every pod)
+    /// counted while the clients ran: where a lost query was lost.
+    pub counters: String,
 }
 
 impl ChurnReport {
@@ -294,9 +313,10 @@ impl ChurnReport {
                 self.changes
             );
             ensure!(
-                counts.failed == 0 && counts.by_removed == 0,
-                "{self}\n{:#?}",
-                self.examples
+                counts.failed == 0 && counts.by_removed == 0 && counts.untranslated == 0,
+                "{self}\n{:#?}\nwhile the clients ran:\n{}",
+                self.examples,
+                self.counters
             );
         }
         Ok(())
@@ -318,8 +338,8 @@ impl fmt::Display for ChurnReport {
         ] {
             write!(
                 f,
-                "{name} {} {unit}, {} failed, {} to a removed pod; ",
-                counts.attempts, counts.failed, counts.by_removed
+                "{name} {} {unit}, {} failed, {} to a removed pod, {} untranslated; ",
+                counts.attempts, counts.failed, counts.by_removed, counts.untranslated
             )?;
         }
         Ok(())
@@ -384,6 +404,11 @@ impl<'lab> Churn<'lab> {
         until_programmed(daemon, lab, &first, 0, settings.settle_timeout)?;
         let caller = &lab.pod(settings.caller()).ns;
         open_older_flows(caller, settings)?;
+        let namespaces: Vec<(String, &Netns)> = (1..=settings.caller())
+            .map(|number| lab.pod(number))
+            .map(|pod| (pod.name.clone(), &pod.ns))
+            .collect();
+        let counters_before = Counters::read(daemon, &namespaces)?;
         let started = Instant::now();
         let mut timeline = Timeline::new(started, first);
         let mut slowest_change = Duration::ZERO;
@@ -412,6 +437,7 @@ impl<'lab> Churn<'lab> {
         });
         churned?;
         let (tcp, udp) = attempts?;
+        let counters = Counters::read(daemon, &namespaces)?.since(&counters_before);
         let mut examples = Vec::new();
         let mut count = |protocol: &str, attempts: &[Attempt]| -> ProtocolCounts {
             let mut counts = ProtocolCounts {
@@ -421,21 +447,33 @@ impl<'lab> Churn<'lab> {
             for attempt in attempts {
                 let since = attempt.opened.saturating_duration_since(started);
                 let took = attempt.ended - attempt.opened;
-                let problem = match &attempt.answer {
-                    Err(error) => {
+                let from = attempt
+                    .source_port
+                    .map(|port| format!(" from port {port}"))
+                    .unwrap_or_default();
+                let problem = match (&attempt.answer, attempt.untranslated_from) {
+                    (Err(error), _) => {
                         counts.failed += 1;
                         format!(
-                            "{protocol} opened {since:?} after the start, for {took:?}: {error}"
+                            "{protocol}{from} opened {since:?} after the start, for {took:?}: \
+                             {error}"
                         )
                     }
-                    Ok(pod) => {
+                    (Ok(pod), Some(source)) => {
+                        counts.untranslated += 1;
+                        format!(
+                            "{protocol}{from} opened {since:?} after the start, for {took:?}, \
+                             answered by {pod} from {source}, not from the Service's address"
+                        )
+                    }
+                    (Ok(pod), None) => {
                         let allowed = timeline.may_serve(attempt.opened, attempt.ended);
                         if allowed.contains(pod) {
                             continue;
                         }
                         counts.by_removed += 1;
                         format!(
-                            "{protocol} opened {since:?} after the start, for {took:?}, \
+                            "{protocol}{from} opened {since:?} after the start, for {took:?}, \
                              answered by {pod}, not one of {allowed:?}"
                         )
                     }
@@ -455,6 +493,7 @@ impl<'lab> Churn<'lab> {
             tcp,
             udp,
             examples,
+            counters,
         })
     }
 }
@@ -464,8 +503,13 @@ fn open_older_flows(caller: &Netns, settings: &ChurnSettings) -> Result<()> {
     for index in 0..settings.older_flows {
         let socket =
             caller.udp_socket_from(OLDER_FLOWS_FIRST_PORT + index, settings.answer_timeout)?;
-        udp_exchange(&socket, addr::CLUSTER_IP, UDP_PORT)
+        let reply = udp_exchange(&socket, addr::CLUSTER_IP, UDP_PORT)
             .with_context(|| format!("query {index} before the churn"))?;
+        ensure!(
+            reply.peer == SocketAddr::from((addr::CLUSTER_IP, UDP_PORT)),
+            "query {index} before the churn answered from {}",
+            reply.peer
+        );
     }
     Ok(())
 }
@@ -478,6 +522,7 @@ fn clients(
     stop: &AtomicBool,
 ) -> Result<(Vec<Attempt>, Vec<Attempt>)> {
     let timeout = settings.answer_timeout;
+    let service_address = SocketAddr::from((addr::CLUSTER_IP, UDP_PORT));
     let keep_going = |made: usize| !stop.load(Ordering::Relaxed) && made < MAX_ATTEMPTS_PER_THREAD;
     std::thread::scope(|scope| {
         let tcp: Vec<_> = (0..settings.tcp_threads)
@@ -499,7 +544,9 @@ fn clients(
                         attempts.push(Attempt {
                             opened,
                             ended,
+                            source_port: None,
                             answer,
+                            untranslated_from: None,
                         });
                     }
                     attempts
@@ -518,14 +565,19 @@ fn clients(
                         }
                         let socket = caller.udp_socket_from(port, timeout)?;
                         let opened = Instant::now();
-                        let answer = udp_exchange(&socket, addr::CLUSTER_IP, UDP_PORT)
-                            .map(|reply| reply.body)
-                            .map_err(|error| error.to_string());
+                        let reply = udp_exchange(&socket, addr::CLUSTER_IP, UDP_PORT);
                         let ended = Instant::now();
+                        let untranslated_from = (reply.as_ref().ok())
+                            .map(|reply| reply.peer)
+                            .filter(|peer| *peer != service_address);
                         attempts.push(Attempt {
                             opened,
                             ended,
-                            answer,
+                            source_port: Some(port),
+                            answer: reply
+                                .map(|reply| reply.body)
+                                .map_err(|error| error.to_string()),
+                            untranslated_from,
                         });
                     }
                     Ok(attempts)
@@ -685,6 +737,7 @@ mod tests {
             attempts,
             failed,
             by_removed,
+            untranslated: 0,
         };
         let report = |tcp, udp| ChurnReport {
             changes: 10,
@@ -693,8 +746,14 @@ mod tests {
             tcp,
             udp,
             examples: Vec::new(),
+            counters: String::new(),
         };
         assert!(report(counts(100, 0, 0), counts(100, 0, 0)).check().is_ok());
+        let untranslated = ProtocolCounts {
+            untranslated: 1,
+            ..counts(100, 0, 0)
+        };
+        assert!(report(counts(100, 0, 0), untranslated).check().is_err());
         assert!(
             report(counts(100, 1, 0), counts(100, 0, 0))
                 .check()

@@ -67,6 +67,7 @@ mod cgroup;
 pub mod churn;
 mod client;
 mod cluster;
+pub mod counters;
 mod daemon;
 mod echo;
 pub mod fake_apiserver;

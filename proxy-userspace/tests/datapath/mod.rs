@@ -447,16 +447,38 @@ impl Datapath {
     /// Moves the entry at `key` (in either conntrack map) past its expiry, as if its
     /// timeout had passed since its latest packet.
     pub fn expire(&mut self, key: CtKey) {
+        self.set_expiry(key, 1);
+    }
+
+    /// Marks the entry at `key` (in either conntrack map) as being removed: what another
+    /// CPU's reaper leaves between its compare-and-exchange and its delete.
+    pub fn mark_removing(&mut self, key: CtKey) {
+        self.set_expiry(key, proxy_common::EXPIRES_REMOVING);
+    }
+
+    fn set_expiry(&mut self, key: CtKey, expires_ns: u64) {
         for name in [map_names::CONNTRACK, map_names::CONNTRACK_PENDING] {
             let mut map: BpfHashMap<_, CtKey, CtValue> =
                 BpfHashMap::try_from(self.ebpf.map_mut(name).unwrap()).unwrap();
             if let Ok(mut value) = map.get(&key, 0) {
-                value.expires_ns = 1;
+                value.expires_ns = expires_ns;
                 map.insert(key, value, 0).unwrap();
                 return;
             }
         }
-        panic!("no conntrack entry {key:?} to expire");
+        panic!("no conntrack entry {key:?} to change");
+    }
+
+    /// Moves the entry at `key` from CONNTRACK_PENDING to CONNTRACK, as a flow that became
+    /// assured.
+    pub fn move_to_assured(&mut self, key: CtKey) {
+        let mut pending: BpfHashMap<_, CtKey, CtValue> =
+            BpfHashMap::try_from(self.ebpf.map_mut(map_names::CONNTRACK_PENDING).unwrap()).unwrap();
+        let value = pending.get(&key, 0).unwrap();
+        pending.remove(&key).unwrap();
+        let mut assured: BpfHashMap<_, CtKey, CtValue> =
+            BpfHashMap::try_from(self.ebpf.map_mut(map_names::CONNTRACK).unwrap()).unwrap();
+        assured.insert(key, value, 0).unwrap();
     }
 
     /// Raises MEMBERSHIP_EPOCH, as the daemon does after it changed MEMBERSHIP.
