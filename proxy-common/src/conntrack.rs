@@ -13,19 +13,20 @@
 //! backend, reverse NAT, hairpin, SNAT, a port remap after a clash, and which directions
 //! the program routes itself. Both entries are derived from that one record.
 
-use crate::{proto, service_flags};
+use crate::{Address, proto, service_flags};
 
-/// Addresses and ports of a packet as on the wire (network byte order).
+/// Addresses and ports of a packet as on the wire (network byte order), of either family
+/// (`A`: its [`Address`], IPv4 by default).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct Tuple {
-    pub src_addr: u32,
-    pub dst_addr: u32,
+pub struct Tuple<A = u32> {
+    pub src_addr: A,
+    pub dst_addr: A,
     pub src_port: u16,
     pub dst_port: u16,
 }
 
-impl Tuple {
+impl<A: Address> Tuple<A> {
     /// The same flow seen from the other end.
     pub const fn reversed(self) -> Self {
         Self {
@@ -37,19 +38,19 @@ impl Tuple {
     }
 }
 
-/// Key of the CONNTRACK and CONNTRACK_PENDING maps: a packet's tuple and protocol. Which
-/// side of its flow an entry is for is in its value (`ct_flags::REPLY`), so one lookup
-/// serves a packet in either direction.
+/// Key of the CONNTRACK and CONNTRACK_PENDING maps (CONNTRACK6 and CONNTRACK_PENDING6 with
+/// IPv6 addresses): a packet's tuple and protocol. Which side of its flow an entry is for
+/// is in its value (`ct_flags::REPLY`), so one lookup serves a packet in either direction.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct CtKey {
-    pub tuple: Tuple,
+pub struct CtKey<A = u32> {
+    pub tuple: Tuple<A>,
     pub proto: u8,
     pub _pad: [u8; 3],
 }
 
-impl CtKey {
-    pub const fn new(tuple: Tuple, proto: u8) -> Self {
+impl<A: Address> CtKey<A> {
+    pub const fn new(tuple: Tuple<A>, proto: u8) -> Self {
         Self {
             tuple,
             proto,
@@ -59,14 +60,19 @@ impl CtKey {
 
     /// The key of the other entry of `value`'s flow: the reverse of the tuple its packets
     /// become.
-    pub const fn partner(value: &CtValue, proto: u8) -> Self {
+    pub const fn partner(value: &CtValue<A>, proto: u8) -> Self {
         Self::new(value.to.reversed(), proto)
     }
 
     /// Whether `partner` (found at `CtKey::partner` of this key's entry) points back here:
     /// the two entries belong to one flow. A key can be taken over by a newer flow.
-    pub fn is_mutual(&self, partner: &CtValue) -> bool {
-        partner.to.reversed() == self.tuple
+    pub fn is_mutual(&self, partner: &CtValue<A>) -> bool {
+        // Field by field: no reversed copy (40 bytes of a BPF frame for an IPv6 tuple).
+        let (to, tuple) = (&partner.to, &self.tuple);
+        to.src_addr == tuple.dst_addr
+            && to.dst_addr == tuple.src_addr
+            && to.src_port == tuple.dst_port
+            && to.dst_port == tuple.src_port
     }
 }
 
@@ -147,11 +153,11 @@ const NANOS_PER_SECOND: u64 = 1_000_000_000;
 /// Value of the conntrack maps.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct CtValue {
+pub struct CtValue<A = u32> {
     /// The tuple this entry's packets are rewritten to: for the client's entry
     /// peer → backend, for the backend's entry frontend → client. Equal to the key's
     /// tuple when nothing is rewritten (a direct flow).
-    pub to: Tuple,
+    pub to: Tuple<A>,
     /// The frontend (SERVICES' `rev_nat_id`); 0 for a direct flow.
     pub rev_nat_id: u32,
     /// The backend chosen (its BACKEND_IDS id); 0 for a direct flow.
@@ -174,7 +180,7 @@ pub struct CtValue {
     pub bytes: u64,
 }
 
-impl CtValue {
+impl<A> CtValue<A> {
     pub const fn is_reply(&self) -> bool {
         self.flags & ct_flags::REPLY != 0
     }
@@ -194,7 +200,12 @@ impl CtValue {
 /// Whether the flow of the entry `value` at `key` is over: its entry expired, and so did
 /// its partner (or the partner is gone, or belongs to a newer flow). One direction alone
 /// keeps a flow alive, as netfilter's single entry does.
-pub fn flow_expired(key: &CtKey, value: &CtValue, partner: Option<&CtValue>, now_ns: u64) -> bool {
+pub fn flow_expired<A: Address>(
+    key: &CtKey<A>,
+    value: &CtValue<A>,
+    partner: Option<&CtValue<A>>,
+    now_ns: u64,
+) -> bool {
     value.entry_expired(now_ns)
         && match partner {
             Some(partner) => !key.is_mutual(partner) || partner.entry_expired(now_ns),
@@ -371,14 +382,14 @@ impl Default for CtTimeouts {
 /// The translation of one flow, decided for its first packet: the one record both of its
 /// conntrack entries are derived from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Translation {
+pub struct Translation<A = u32> {
     pub proto: u8,
     /// What the client sends: client → frontend (a direct flow: client → backend).
-    pub original: Tuple,
+    pub original: Tuple<A>,
     /// What the backend answers: backend → peer. The peer is the client, or for hairpin
     /// the frontend address with the client's port, for SNAT a node address and SNAT port,
     /// after a clash the client with a remapped port.
-    pub reply: Tuple,
+    pub reply: Tuple<A>,
     pub rev_nat_id: u32,
     pub backend_id: u32,
     /// `HAIRPIN`, `SNAT`, `REMAPPED`, `DIRECT` (see [`ct_flags`]).
@@ -389,20 +400,20 @@ pub struct Translation {
 }
 
 /// An address and port, wire order.
-pub type Endpoint = (u32, u16);
+pub type Endpoint<A = u32> = (A, u16);
 
-impl Translation {
+impl<A: Address> Translation<A> {
     /// Whether a new flow of this frontend to `backend`, chosen from `set`, may need SNAT,
     /// so the datapath asks the FIB whether the backend is on another node: outside
     /// traffic (not to a ClusterIP) that is not hairpin. Pods taking an
     /// externalTrafficPolicy Local frontend's Cluster set keep their address, as
     /// kube-proxy's "pod traffic for … external destinations" rule jumps to KUBE-SVC
     /// without marking it for masquerade.
-    pub const fn may_snat(
+    pub fn may_snat(
         frontend_flags: u16,
         set: &crate::BackendSet,
-        client_addr: u32,
-        backend_addr: u32,
+        client_addr: A,
+        backend_addr: A,
     ) -> bool {
         frontend_flags & service_flags::CLUSTER_IP == 0
             && !set.cluster
@@ -415,13 +426,13 @@ impl Translation {
     #[allow(clippy::too_many_arguments)]
     pub fn service(
         proto: u8,
-        client: Endpoint,
-        frontend: Endpoint,
+        client: Endpoint<A>,
+        frontend: Endpoint<A>,
         frontend_flags: u16,
         rev_nat_id: u32,
-        backend: Endpoint,
+        backend: Endpoint<A>,
         backend_id: u32,
-        snat_source: Option<u32>,
+        snat_source: Option<A>,
     ) -> Self {
         let node_port = frontend_flags & service_flags::NODE_PORT != 0;
         let hairpin = backend.0 == client.0;
@@ -444,17 +455,23 @@ impl Translation {
     }
 
     /// A flow from `client` straight to `backend`.
-    pub fn direct(proto: u8, client: Endpoint, backend: Endpoint) -> Self {
-        Self {
-            proto,
-            original: tuple(client, backend),
-            reply: tuple(backend, client),
-            rev_nat_id: 0,
-            backend_id: 0,
-            kind: ct_flags::DIRECT,
-            forward_routes_itself: false,
-            reply_routes_itself: false,
-        }
+    pub fn direct(proto: u8, client: Endpoint<A>, backend: Endpoint<A>) -> Self {
+        let mut flow = Self::default();
+        flow.set_direct(proto, client, backend);
+        flow
+    }
+
+    /// Makes this [`Self::direct`], field by field (in place: the datapath's flows live in
+    /// a map's scratch entry).
+    pub fn set_direct(&mut self, proto: u8, client: Endpoint<A>, backend: Endpoint<A>) {
+        self.proto = proto;
+        self.original = tuple(client, backend);
+        self.reply = tuple(backend, client);
+        self.rev_nat_id = 0;
+        self.backend_id = 0;
+        self.kind = ct_flags::DIRECT;
+        self.forward_routes_itself = false;
+        self.reply_routes_itself = false;
     }
 
     /// SNAT flows: the port of the peer (node address) the backend answers to.
@@ -475,58 +492,89 @@ impl Translation {
         }
     }
 
-    pub fn forward_key(&self) -> CtKey {
+    pub fn forward_key(&self) -> CtKey<A> {
         CtKey::new(self.original, self.proto)
     }
 
-    pub fn reply_key(&self) -> CtKey {
+    pub fn reply_key(&self) -> CtKey<A> {
         CtKey::new(self.reply, self.proto)
     }
 
+    /// [`Self::forward_key`] and [`Self::reply_key`], written over `forward` and `reply`
+    /// field by field (the datapath keeps them in scratch memory).
+    pub fn write_keys(&self, forward: &mut CtKey<A>, reply: &mut CtKey<A>) {
+        forward.tuple = self.original;
+        forward.proto = self.proto;
+        forward._pad = [0; 3];
+        reply.tuple = self.reply;
+        reply.proto = self.proto;
+        reply._pad = [0; 3];
+    }
+
     /// The client's entry: its packets become peer → backend.
-    pub fn forward_entry(&self, created: u32, expires_ns: u64) -> CtValue {
+    pub fn forward_entry(&self, created: u32, expires_ns: u64) -> CtValue<A> {
+        let mut entry = CtValue::default();
+        self.write_forward_entry(&mut entry, created, expires_ns);
+        entry
+    }
+
+    /// The backend's entry: its packets become frontend → client.
+    pub fn reply_entry(&self, created: u32, expires_ns: u64) -> CtValue<A> {
+        let mut entry = CtValue::default();
+        self.write_reply_entry(&mut entry, created, expires_ns);
+        entry
+    }
+
+    /// [`Self::forward_entry`], written over `entry` field by field (the datapath builds
+    /// it in a map's scratch entry: an IPv6 entry built on the stack and copied would not
+    /// fit the BPF stack frame).
+    pub fn write_forward_entry(&self, entry: &mut CtValue<A>, created: u32, expires_ns: u64) {
         let routes = if self.forward_routes_itself {
             ct_flags::ROUTES_ITSELF
         } else {
             0
         };
-        self.entry(
-            self.reply.reversed(),
-            self.kind | routes,
-            created,
-            expires_ns,
-        )
+        self.write_entry(entry, &self.reply, self.kind | routes, created, expires_ns);
     }
 
-    /// The backend's entry: its packets become frontend → client.
-    pub fn reply_entry(&self, created: u32, expires_ns: u64) -> CtValue {
+    /// [`Self::reply_entry`], written over `entry` field by field.
+    pub fn write_reply_entry(&self, entry: &mut CtValue<A>, created: u32, expires_ns: u64) {
         let routes = if self.reply_routes_itself {
             ct_flags::ROUTES_ITSELF
         } else {
             0
         };
         let flags = self.kind | ct_flags::REPLY | routes;
-        self.entry(self.original.reversed(), flags, created, expires_ns)
+        self.write_entry(entry, &self.original, flags, created, expires_ns);
     }
 
-    fn entry(&self, to: Tuple, flags: u8, created: u32, expires_ns: u64) -> CtValue {
-        CtValue {
-            to,
-            rev_nat_id: self.rev_nat_id,
-            backend_id: self.backend_id,
-            flags,
-            _pad: [0; 3],
-            created,
-            epoch: 0,
-            state: 0,
-            expires_ns,
-            packets: 0,
-            bytes: 0,
-        }
+    /// Writes the entry whose packets become the reverse of `reversed`.
+    fn write_entry(
+        &self,
+        entry: &mut CtValue<A>,
+        reversed: &Tuple<A>,
+        flags: u8,
+        created: u32,
+        expires_ns: u64,
+    ) {
+        entry.to.src_addr = reversed.dst_addr;
+        entry.to.dst_addr = reversed.src_addr;
+        entry.to.src_port = reversed.dst_port;
+        entry.to.dst_port = reversed.src_port;
+        entry.rev_nat_id = self.rev_nat_id;
+        entry.backend_id = self.backend_id;
+        entry.flags = flags;
+        entry._pad = [0; 3];
+        entry.created = created;
+        entry.epoch = 0;
+        entry.state = 0;
+        entry.expires_ns = expires_ns;
+        entry.packets = 0;
+        entry.bytes = 0;
     }
 }
 
-const fn tuple(src: Endpoint, dst: Endpoint) -> Tuple {
+const fn tuple<A: Address>(src: Endpoint<A>, dst: Endpoint<A>) -> Tuple<A> {
     Tuple {
         src_addr: src.0,
         dst_addr: dst.0,
@@ -661,7 +709,7 @@ mod tests {
         let closed = tcp(half_closed, true, FIN | ACK);
         assert_eq!(FlowState::of(proto::TCP, closed), FlowState::TimeWait);
         assert!(
-            CtValue {
+            CtValue::<u32> {
                 state: closed,
                 ..CtValue::default()
             }

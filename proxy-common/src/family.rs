@@ -7,8 +7,40 @@ use core::fmt::Debug;
 use core::hash::Hash;
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-/// An IPv6 address as the maps hold it: its 16 bytes in wire order.
-pub type Ipv6 = [u8; 16];
+/// An IPv6 address as the maps hold it: its 16 bytes in wire order, held as four words
+/// read in native order (as IPv4's `u32` is), so the datapath copies and compares it a word
+/// at a time (as bytes, each copy would take 16 loads and stores, and the frames of the
+/// packet path would not fit the BPF stack). Every map type that holds one has its address
+/// at a multiple of 4 and a size a multiple of 4: the alignment adds no padding.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ipv6(pub [u32; 4]);
+
+impl Ipv6 {
+    /// The address of these bytes (wire order).
+    pub const fn from_octets(octets: [u8; 16]) -> Self {
+        let mut words = [0u32; 4];
+        let mut index = 0;
+        while index < 4 {
+            let at = index * 4;
+            words[index] =
+                u32::from_ne_bytes([octets[at], octets[at + 1], octets[at + 2], octets[at + 3]]);
+            index += 1;
+        }
+        Self(words)
+    }
+
+    /// The address's bytes (wire order).
+    pub const fn octets(self) -> [u8; 16] {
+        let mut octets = [0u8; 16];
+        let mut index = 0;
+        while index < 16 {
+            octets[index] = self.0[index / 4].to_ne_bytes()[index % 4];
+            index += 1;
+        }
+        octets
+    }
+}
 
 mod sealed {
     pub trait Sealed {}
@@ -29,6 +61,11 @@ pub trait Address: sealed::Sealed + Copy + Debug + Default + Eq + Ord + Hash + '
     /// The lowest and the highest address (bounds of a range over one frontend's keys).
     const LOWEST: Self;
     const HIGHEST: Self;
+
+    /// The 32 bits of the address that Maglev's flow hash takes
+    /// ([`crate::maglev::client_flow_hash`]): IPv4's word as the maps hold it, IPv6's
+    /// [`crate::maglev::ipv6_digest`].
+    fn maglev_word(self) -> u32;
 
     /// The address of this family, `None` for the other one.
     fn from_ip(addr: IpAddr) -> Option<Self>;
@@ -81,6 +118,10 @@ impl Address for u32 {
         }
     };
 
+    fn maglev_word(self) -> u32 {
+        self
+    }
+
     fn from_ip(addr: IpAddr) -> Option<Self> {
         match addr {
             IpAddr::V4(addr) => Some(u32::from_ne_bytes(addr.octets())),
@@ -96,8 +137,8 @@ impl Address for u32 {
 impl Address for Ipv6 {
     const BITS: u8 = 128;
     const NAME: &'static str = "IPv6";
-    const LOWEST: Self = [0; 16];
-    const HIGHEST: Self = [u8::MAX; 16];
+    const LOWEST: Self = Ipv6([0; 4]);
+    const HIGHEST: Self = Ipv6([u32::MAX; 4]);
     const MAPS: FamilyMapNames = {
         use crate::map_names::*;
         FamilyMapNames {
@@ -111,15 +152,19 @@ impl Address for Ipv6 {
         }
     };
 
+    fn maglev_word(self) -> u32 {
+        crate::maglev::ipv6_digest(self.octets())
+    }
+
     fn from_ip(addr: IpAddr) -> Option<Self> {
         match addr {
             IpAddr::V4(_) => None,
-            IpAddr::V6(addr) => Some(addr.octets()),
+            IpAddr::V6(addr) => Some(Ipv6::from_octets(addr.octets())),
         }
     }
 
     fn to_ip(self) -> IpAddr {
-        IpAddr::V6(Ipv6Addr::from(self))
+        IpAddr::V6(Ipv6Addr::from(self.octets()))
     }
 }
 

@@ -72,6 +72,9 @@ pub mod map_names {
     /// Flows not yet assured, and the direct flows to backends being tracked: a flood of
     /// unanswered packets churns only this map.
     pub const CONNTRACK_PENDING: &str = "CONNTRACK_PENDING";
+    /// CONNTRACK and CONNTRACK_PENDING of IPv6 flows: same entries, 16-byte addresses.
+    pub const CONNTRACK6: &str = "CONNTRACK6";
+    pub const CONNTRACK_PENDING6: &str = "CONNTRACK_PENDING6";
     pub const STATS: &str = "STATS";
     /// Session affinity: each client's backend per Service port (written by the datapath).
     pub const AFFINITY: &str = "AFFINITY";
@@ -115,6 +118,9 @@ pub mod map_names {
     pub const SOURCE_RANGES6: &str = "SOURCE_RANGES6";
     pub const MAGLEV6: &str = "MAGLEV6";
     /// Socket-level translations, per socket cookie (see [`SockKey`](crate::SockKey)).
+    /// The programs `epx_ingress` and `epx_trace` tail-call (`tail_call`); filled by the
+    /// process that loads them, never pinned.
+    pub const TAIL_CALLS: &str = "TAIL_CALLS";
     pub const SOCK_XLATE: &str = "SOCK_XLATE";
     /// Session affinity of sockets: each network namespace's backend per frontend (a
     /// socket's source address is not known at `connect()`; its namespace stands for it).
@@ -157,15 +163,42 @@ pub const REAP_PROGRAM_NAME: &str = "epx_ct_reap";
 /// Keys per run of [`REAP_PROGRAM_NAME`] (a test run's input must fit a page).
 pub const REAP_BATCH: usize = 128;
 
-/// The input of [`REAP_PROGRAM_NAME`]: this header, then `count` [`CtKey`]s. The program
-/// returns how many of the entries it removed.
+/// The input of [`REAP_PROGRAM_NAME`]: this header, then `count` [`CtKey`]s of the family
+/// named by `bits`. The program returns how many of the entries it removed.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ReapRequest {
     /// Which map: [`trace_table::ASSURED`] (CONNTRACK) or [`trace_table::PENDING`].
     pub table: u32,
     pub count: u32,
-    pub _pad: [u32; 2],
+    /// The keys' family, as [`Address::BITS`]: 32 (CONNTRACK, CONNTRACK_PENDING) or 128
+    /// (CONNTRACK6, CONNTRACK_PENDING6).
+    pub bits: u32,
+    pub _pad: u32,
+}
+
+/// Keys of a family per run of [`REAP_PROGRAM_NAME`]: a test run's input must fit a page.
+pub const fn reap_batch<A: Address>() -> usize {
+    if A::BITS == 32 {
+        REAP_BATCH
+    } else {
+        REAP_BATCH / 2
+    }
+}
+
+/// The IPv6 packet path of [`PROGRAM_NAME`]: a program of its own, which `epx_ingress`
+/// tail-calls through the [`map_names::TAIL_CALLS`] slot [`tail_call::IPV6`], so that the
+/// IPv6 path's frames get the BPF stack to themselves. The daemon loads it and fills the
+/// slot; never attached.
+pub const PROGRAM6_NAME: &str = "epx_ingress6";
+
+/// [`PROGRAM6_NAME`] of the dry run [`TRACE_PROGRAM_NAME`] (slot [`tail_call::IPV6_TRACE`]).
+pub const TRACE6_PROGRAM_NAME: &str = "epx_trace6";
+
+/// Slots of the [`map_names::TAIL_CALLS`] program array.
+pub mod tail_call {
+    pub const IPV6: u32 = 0;
+    pub const IPV6_TRACE: u32 = 1;
 }
 
 /// The same packet path as [`PROGRAM_NAME`] as a dry run: it rewrites the packet it is
@@ -934,8 +967,8 @@ mod pod {
     unsafe impl aya::Pod for super::maglev::MaglevChunk {}
     unsafe impl<A: Address> aya::Pod for super::Slot<A> {}
     unsafe impl<A: Address> aya::Pod for super::Backend<A> {}
-    unsafe impl aya::Pod for super::CtKey {}
-    unsafe impl aya::Pod for super::CtValue {}
+    unsafe impl<A: Address> aya::Pod for super::CtKey<A> {}
+    unsafe impl<A: Address> aya::Pod for super::CtValue<A> {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityValue {}
     unsafe impl<A: Address> aya::Pod for super::MembershipKey<A> {}
@@ -980,6 +1013,8 @@ mod tests {
         assert_eq!(size_of::<Slot<Ipv6>>(), 28);
         assert_eq!(size_of::<MembershipKey<Ipv6>>(), 20);
         assert_eq!(size_of::<SourceRange<Ipv6>>(), 20);
+        assert_eq!(size_of::<CtKey<Ipv6>>(), 40);
+        assert_eq!(size_of::<CtValue<Ipv6>>(), 88);
     }
 
     #[test]

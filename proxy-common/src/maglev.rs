@@ -114,7 +114,13 @@ pub const fn flow_hash(client_addr: u32, client_port: u16, proto: u8) -> u32 {
     (mix64(key) >> 32) as u32
 }
 
-/// An IPv6 address as the 32 bits Maglev's hashes take ([`flow_hash`], [`permutation`]):
+/// [`flow_hash`] of a client of either family ([`crate::Address::maglev_word`] of its address):
+/// the one rule by which the datapath places an IPv4 or IPv6 flow.
+pub fn client_flow_hash<A: crate::Address>(client_addr: A, client_port: u16, proto: u8) -> u32 {
+    flow_hash(client_addr.maglev_word(), client_port, proto)
+}
+
+/// An IPv6 address as the 32 bits Maglev's hashes take ([`client_flow_hash`], [`permutation`]):
 /// its halves mixed together, so every bit counts (an IPv4 address is its own 32 bits).
 pub const fn ipv6_digest(octets: [u8; 16]) -> u32 {
     let mut high = 0u64;

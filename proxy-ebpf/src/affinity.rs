@@ -11,6 +11,9 @@
 //! in the set the connection chooses from (the chain being walked, in kube-proxy's terms):
 //! one that left (removed, terminating, outside the traffic policy) is not, and the
 //! connection is balanced anew.
+//!
+//! IPv4 only so far: an IPv6 client's connections are balanced as without affinity (there
+//! is no AFFINITY6 yet; `Family::ipv4` leaves them out).
 
 use aya_ebpf::{macros::map, maps::LruHashMap};
 use proxy_common::{
@@ -18,6 +21,7 @@ use proxy_common::{
 };
 
 use crate::{
+    family::Family,
     lb::{Client, Frontend},
     membership,
 };
@@ -38,49 +42,66 @@ static SOCK_AFFINITY: LruHashMap<SockAffinityKey, AffinityValue> =
 /// The backend `client` used last on `frontend`'s Service port, if that was within the
 /// timeout and the backend is in `set`.
 #[inline(always)]
-pub fn remembered_backend(
-    client: Client,
-    frontend: &Frontend,
+pub fn remembered_backend<A: Family>(
+    client: Client<A>,
+    frontend: &Frontend<A>,
     set: &BackendSet,
     now_ns: u64,
-) -> Option<(u32, Backend)> {
+) -> Option<(u32, Backend<A>)> {
     // SAFETY: the value is copied out at once.
     let remembered = *match client {
-        Client::Address(addr) => unsafe { AFFINITY.get(key(addr, frontend)) },
+        Client::Address(addr) => unsafe { AFFINITY.get(key(addr.ipv4()?, frontend)) },
         Client::Netns(cookie) => unsafe { SOCK_AFFINITY.get(sock_key(cookie, frontend)) },
     }?;
     let timeout_ns = u64::from(frontend.header.affinity_timeout_s) * NANOS_PER_SECOND;
     if now_ns.saturating_sub(remembered.last_used_ns) > timeout_ns {
         return None;
     }
-    let bits = membership::of(frontend.header.rev_nat_id, remembered.backend.addr);
-    (bits & set.membership_bit() != 0).then_some((remembered.backend_id, remembered.backend))
+    let backend = Backend {
+        addr: A::from_ipv4(remembered.backend.addr)?,
+        port: remembered.backend.port,
+        proto: remembered.backend.proto,
+        _pad: 0,
+    };
+    let bits = membership::of(frontend.header.rev_nat_id, backend.addr);
+    (bits & set.membership_bit() != 0).then_some((remembered.backend_id, backend))
 }
 
 /// Records that the client's new connection to `frontend`'s Service port went to
 /// `backend` now. A failed update only costs the next connection its affinity.
 #[inline(always)]
-pub fn remember(
-    client: Client,
-    frontend: &Frontend,
+pub fn remember<A: Family>(
+    client: Client<A>,
+    frontend: &Frontend<A>,
     backend_id: u32,
-    backend: &Backend,
+    backend: &Backend<A>,
     now_ns: u64,
 ) {
+    let Some(addr) = backend.addr.ipv4() else {
+        return;
+    };
     let value = AffinityValue {
-        backend: *backend,
+        backend: Backend {
+            addr,
+            port: backend.port,
+            proto: backend.proto,
+            _pad: 0,
+        },
         backend_id,
         _pad: 0,
         last_used_ns: now_ns,
     };
     let _ = match client {
-        Client::Address(addr) => AFFINITY.insert(key(addr, frontend), value, 0),
+        Client::Address(addr) => match addr.ipv4() {
+            Some(addr) => AFFINITY.insert(key(addr, frontend), value, 0),
+            None => return,
+        },
         Client::Netns(cookie) => SOCK_AFFINITY.insert(sock_key(cookie, frontend), value, 0),
     };
 }
 
 #[inline(always)]
-fn key(client_addr: u32, frontend: &Frontend) -> AffinityKey {
+fn key<A>(client_addr: u32, frontend: &Frontend<A>) -> AffinityKey {
     AffinityKey {
         client_addr,
         service_port_id: frontend.header.service_port_id,
@@ -88,7 +109,7 @@ fn key(client_addr: u32, frontend: &Frontend) -> AffinityKey {
 }
 
 #[inline(always)]
-fn sock_key(netns_cookie: u64, frontend: &Frontend) -> SockAffinityKey {
+fn sock_key<A>(netns_cookie: u64, frontend: &Frontend<A>) -> SockAffinityKey {
     SockAffinityKey {
         netns_cookie,
         service_port_id: frontend.header.service_port_id,

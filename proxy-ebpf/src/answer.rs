@@ -15,7 +15,11 @@
 //! The packet is rewritten in place into the answer and redirected (`bpf_redirect`):
 //! Ethernet addresses swapped, a new IPv4 header, the ICMP header, then the original IPv4
 //! header and the first 8 bytes of its payload (RFC 792), by which the sender's kernel
-//! finds the socket the error is for.
+//! finds the socket the error is for. IPv6 the same way with ICMPv6 (RFC 4443: destination
+//! unreachable / port unreachable, packet too big, time exceeded — kube-proxy's
+//! `--reject-with icmp6-port-unreachable`), its checksum over the IPv6 pseudo-header; the
+//! quote is the IPv6 header and 8 bytes, so a packet with extension headers is not
+//! answered (as IPv4 options are not).
 //!
 //! Errors are rate limited as the kernel limits its own, kube-proxy's REJECT among them, so
 //! that the node cannot be used to reflect a flood of spoofed packets at a victim: per
@@ -24,8 +28,11 @@
 //! `icmp_msgs_burst`, refilled at most every 20 ms and charged a random 0-2 per error
 //! (`icmp_global_allow`, `icmp_global_consume`) — all with the node's settings, which the
 //! daemon reads when it loads the program ([`RefusalLimits`]), for the types its
-//! `icmp_ratemask` names. "Fragmentation needed" is never limited, as in the kernel ("don't
-//! limit PMTU discovery"). An error without room is a drop, counted by the caller.
+//! `icmp_ratemask` names. "Fragmentation needed" and "packet too big" are never limited,
+//! as in the kernel ("don't limit PMTU discovery"). ICMPv6 errors share the node-wide
+//! budget (as the kernel's do) and go by the same IPv4 settings for the rest (the kernel's
+//! `net.ipv6.icmp.ratelimit` has the same 1 s default). An error without room is a drop,
+//! counted by the caller.
 //!
 //! Not yet handled: a packet whose L4 checksum a device was still to complete
 //! (CHECKSUM_PARTIAL: a sender on this host through a veth, or a GRO'd segment) keeps that
@@ -49,22 +56,34 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
-use proxy_common::{RefusalLimits, icmp};
+use proxy_common::{Ipv6, RefusalLimits, icmp};
 
 use crate::{
     csum,
+    family::Family,
     parse::{L3_OFFSET, Packet},
 };
 
 /// The error to answer a packet with.
 #[derive(Clone, Copy)]
-pub enum Answer {
+pub enum Answer<A = u32> {
     /// A refusal, from the frontend the packet was addressed to.
     PortUnreachable,
     /// Too big for the next hop, whose MTU it names; from `source`, a node address.
-    FragNeeded { mtu: u16, source: u32 },
-    /// Its TTL ran out here; from `source`, a node address.
-    TimeExceeded { source: u32 },
+    FragNeeded { mtu: u16, source: A },
+    /// Its TTL (hop limit) ran out here; from `source`, a node address.
+    TimeExceeded { source: A },
+}
+
+impl<A: Family> Answer<A> {
+    /// The answer's source address.
+    #[inline(always)]
+    fn source(self, packet: &Packet<A>) -> A {
+        match self {
+            Answer::PortUnreachable => packet.dst_addr,
+            Answer::FragNeeded { source, .. } | Answer::TimeExceeded { source } => source,
+        }
+    }
 }
 
 impl Answer {
@@ -90,15 +109,41 @@ impl Answer {
         let [mtu_high, mtu_low] = mtu.to_be_bytes();
         ([icmp_type, code, 0, 0, 0, 0, mtu_high, mtu_low], limited)
     }
+}
 
-    /// The answer's source address.
+impl Answer<Ipv6> {
+    /// ICMPv6 type, code, the rest of the header (RFC 4443: packet too big's MTU), and
+    /// whether the rate limits apply.
     #[inline(always)]
-    fn source(self, packet: &Packet) -> u32 {
-        match self {
-            Answer::PortUnreachable => packet.dst_addr,
-            Answer::FragNeeded { source, .. } | Answer::TimeExceeded { source } => source,
-        }
+    fn header6(self, limits: &RefusalLimits) -> ([u8; ICMP_HEADER_LEN], bool) {
+        let (icmp_type, code, mtu, limited) = match self {
+            Answer::PortUnreachable => (
+                icmp6::DEST_UNREACH,
+                icmp6::PORT_UNREACH,
+                0u32,
+                limits.limited != 0,
+            ),
+            Answer::FragNeeded { mtu, .. } => (icmp6::PACKET_TOO_BIG, 0, u32::from(mtu), false),
+            Answer::TimeExceeded { .. } => (
+                icmp6::TIME_EXCEEDED,
+                icmp6::HOP_LIMIT_EXCEEDED,
+                0,
+                limits.time_exceeded_limited != 0,
+            ),
+        };
+        let [mtu_0, mtu_1, mtu_2, mtu_3] = mtu.to_be_bytes();
+        ([icmp_type, code, 0, 0, mtu_0, mtu_1, mtu_2, mtu_3], limited)
     }
+}
+
+/// ICMPv6 types and codes (RFC 4443).
+mod icmp6 {
+    pub const PROTOCOL: u8 = 58;
+    pub const DEST_UNREACH: u8 = 1;
+    pub const PORT_UNREACH: u8 = 4;
+    pub const PACKET_TOO_BIG: u8 = 2;
+    pub const TIME_EXCEEDED: u8 = 3;
+    pub const HOP_LIMIT_EXCEEDED: u8 = 0;
 }
 
 /// IPv4 version 4, header length 5 words.
@@ -124,6 +169,22 @@ struct IcmpAnswer {
 #[map]
 static ANSWER: PerCpuArray<IcmpAnswer> = PerCpuArray::with_max_entries(1, 0);
 
+const IPV6_LEN: usize = 40;
+
+/// The ICMPv6 answer, byte for byte: Ethernet, IPv6, ICMPv6, and the quote of the packet
+/// (its IPv6 header and 8 bytes, its ports).
+#[repr(C)]
+struct Icmp6Answer {
+    eth: [u8; EthHdr::LEN],
+    ip: [u8; IPV6_LEN],
+    icmp: [u8; ICMP_HEADER_LEN],
+    quote: [u8; IPV6_LEN + QUOTED_PAYLOAD_LEN],
+}
+
+/// This CPU's ICMPv6 answer under construction; not pinned.
+#[map]
+static ANSWER6: PerCpuArray<Icmp6Answer> = PerCpuArray::with_max_entries(1, 0);
+
 /// The node's ICMP rate limits, set at load time (the daemon reads the sysctls).
 #[unsafe(no_mangle)]
 static REFUSAL_LIMITS: RefusalLimits = RefusalLimits::KERNEL_DEFAULTS;
@@ -139,6 +200,10 @@ static REFUSAL_BUDGET: Array<NodeBudget> = Array::with_max_entries(1, 0);
 /// are forgotten and start with a full bucket again; the node-wide limit still holds.
 #[map]
 static REFUSED_CLIENTS: LruHashMap<u32, ClientBucket> = LruHashMap::with_max_entries(16_384, 0);
+
+/// The same for IPv6 clients.
+#[map]
+static REFUSED_CLIENTS6: LruHashMap<Ipv6, ClientBucket> = LruHashMap::with_max_entries(16_384, 0);
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -197,7 +262,7 @@ pub fn send(
     // SAFETY: a load-time constant; volatile so the compiler keeps the loader's value.
     let limits = unsafe { ptr::read_volatile(&raw const REFUSAL_LIMITS) };
     let (icmp_header, limited) = kind.header(&limits);
-    if charge && limited && !error_allowed(packet.src_addr, &limits) {
+    if charge && limited && !error_allowed(&REFUSED_CLIENTS, &packet.src_addr, &limits) {
         return Err(NotAnswered::RateLimited);
     }
     let answer = ANSWER.get_ptr_mut(0).ok_or(NotAnswered::HelperFailed)?;
@@ -247,9 +312,63 @@ pub fn send(
     let [icmp_csum_high, icmp_csum_low] = csum::internet_checksum(&answer.icmp, quote_sum);
     answer.icmp[2] = icmp_csum_high;
     answer.icmp[3] = icmp_csum_low;
+    emit(ctx, answer)
+}
 
+/// [`send`] for an IPv6 packet: the ICMPv6 error `kind`, from the frontend (a refusal) or
+/// the node.
+#[inline(never)]
+pub fn send6(
+    ctx: &TcContext,
+    packet: &Packet<Ipv6>,
+    kind: &Answer<Ipv6>,
+    charge: bool,
+) -> Result<i32, NotAnswered> {
+    let kind = *kind;
+    if packet.l4_offset != L3_OFFSET + IPV6_LEN {
+        return Err(NotAnswered::IpOptions);
+    }
+    // SAFETY: a load-time constant; volatile so the compiler keeps the loader's value.
+    let limits = unsafe { ptr::read_volatile(&raw const REFUSAL_LIMITS) };
+    let (icmp_header, limited) = kind.header6(&limits);
+    if charge && limited && !error_allowed(&REFUSED_CLIENTS6, &packet.src_addr, &limits) {
+        return Err(NotAnswered::RateLimited);
+    }
+    let answer = ANSWER6.get_ptr_mut(0).ok_or(NotAnswered::HelperFailed)?;
+    // SAFETY: as in `send`.
+    let answer = unsafe { &mut *answer };
+    load(ctx, 0, &mut answer.eth)?;
+    load(ctx, L3_OFFSET, &mut answer.quote)?;
+    answer.icmp = icmp_header;
+    let mut destination = [0u8; 6];
+    destination.copy_from_slice(&answer.eth[6..12]);
+    answer.eth.copy_within(0..6, 6);
+    answer.eth[..6].copy_from_slice(&destination);
+
+    let payload_len = (size_of::<Icmp6Answer>() - EthHdr::LEN - IPV6_LEN) as u16;
+    let [len_high, len_low] = payload_len.to_be_bytes();
+    let source = kind.source(packet);
+    answer.ip[..8].copy_from_slice(&[0x60, 0, 0, 0, len_high, len_low, icmp6::PROTOCOL, TTL]);
+    // The pseudo-header: both addresses, the upper-layer length and next header.
+    let mut pseudo = u32::from(payload_len) + u32::from(icmp6::PROTOCOL);
+    for (index, (from, to)) in source.0.iter().zip(packet.src_addr.0).enumerate() {
+        let (from, to) = (from.to_ne_bytes(), to.to_ne_bytes());
+        answer.ip[8 + index * 4..12 + index * 4].copy_from_slice(&from);
+        answer.ip[24 + index * 4..28 + index * 4].copy_from_slice(&to);
+        pseudo += csum::ones_complement_sum(&from) + csum::ones_complement_sum(&to);
+    }
+    let partial = pseudo + csum::ones_complement_sum(&answer.quote);
+    let [icmp_csum_high, icmp_csum_low] = csum::internet_checksum(&answer.icmp, partial);
+    answer.icmp[2] = icmp_csum_high;
+    answer.icmp[3] = icmp_csum_low;
+    emit(ctx, answer)
+}
+
+/// Replaces the packet with `answer`'s bytes and redirects it back out of its device.
+#[inline(always)]
+fn emit<T>(ctx: &TcContext, answer: &T) -> Result<i32, NotAnswered> {
     // SAFETY: `skb` is the program's context; the helper trims or zero-extends the packet.
-    let resized = unsafe { bpf_skb_change_tail(ctx.skb.skb, size_of::<IcmpAnswer>() as u32, 0) };
+    let resized = unsafe { bpf_skb_change_tail(ctx.skb.skb, size_of::<T>() as u32, 0) };
     if resized != 0 {
         return Err(NotAnswered::HelperFailed);
     }
@@ -259,8 +378,8 @@ pub fn send(
         bpf_skb_store_bytes(
             ctx.skb.skb,
             0,
-            (answer as *const IcmpAnswer).cast(),
-            size_of::<IcmpAnswer>() as u32,
+            (answer as *const T).cast(),
+            size_of::<T>() as u32,
             BPF_F_RECOMPUTE_CSUM.into(),
         )
     };
@@ -301,13 +420,17 @@ fn load<const N: usize>(
 /// the node-wide budget first, then the client's bucket, and only an error that goes out
 /// is charged to the node-wide budget.
 #[inline(always)]
-fn error_allowed(client: u32, limits: &RefusalLimits) -> bool {
+fn error_allowed<K>(
+    clients: &LruHashMap<K, ClientBucket>,
+    client: &K,
+    limits: &RefusalLimits,
+) -> bool {
     // SAFETY: the helper has no preconditions.
     let now_ns = unsafe { bpf_ktime_get_ns() };
     let Some(budget) = REFUSAL_BUDGET.get_ptr_mut(0) else {
         return true;
     };
-    if !node_allows(budget, limits, now_ns) || !client_allows(client, limits, now_ns) {
+    if !node_allows(budget, limits, now_ns) || !client_allows(clients, client, limits, now_ns) {
         return false;
     }
     // The kernel charges a random 0, 1 or 2 (1 on average), so that the budget tells an
@@ -355,20 +478,25 @@ fn node_allows(budget: *mut NodeBudget, limits: &RefusalLimits, now_ns: u64) -> 
 /// up to [`RefusalLimits::CLIENT_BURST`] intervals, and a refusal takes one interval. A
 /// client seen for the first time starts full, as the kernel's new peer does.
 #[inline(always)]
-fn client_allows(client: u32, limits: &RefusalLimits, now_ns: u64) -> bool {
+fn client_allows<K>(
+    clients: &LruHashMap<K, ClientBucket>,
+    client: &K,
+    limits: &RefusalLimits,
+    now_ns: u64,
+) -> bool {
     let interval = limits.client_interval_ns;
     if interval == 0 {
         return true;
     }
     let full = RefusalLimits::CLIENT_BURST * interval;
-    let Some(bucket) = REFUSED_CLIENTS.get_ptr_mut(&client) else {
+    let Some(bucket) = clients.get_ptr_mut(client) else {
         let bucket = ClientBucket {
             tokens_ns: full - interval,
             last_ns: now_ns,
         };
         // A full map evicts its least recent client; should the insert still fail, the
         // kernel without a peer entry lets the error out too.
-        let _ = REFUSED_CLIENTS.insert(&client, &bucket, 0);
+        let _ = clients.insert(client, &bucket, 0);
         return true;
     };
     // SAFETY: the pointer comes from a successful lookup; racing CPUs may lose one

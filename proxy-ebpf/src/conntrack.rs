@@ -27,17 +27,18 @@ use proxy_common::{
     default_max_entries, flow_expired, next_state, proto, trace_ct,
 };
 
-use crate::{membership, mode::Mode, parse::Packet, snat};
+use crate::{family::Family, membership, mode::Mode, parse::Packet, snat};
 
 /// Named like `proxy_common::map_names::CONNTRACK`; pinned so the daemon can collect its
-/// garbage and the CLI list it. LRU: when full, the least recently used flows go.
+/// garbage and the CLI list it. LRU: when full, the least recently used flows go. IPv6
+/// flows have CONNTRACK6 and CONNTRACK_PENDING6 (`lb6`), bound by `Family`.
 #[map]
-static CONNTRACK: LruHashMap<CtKey, CtValue> =
+pub(crate) static CONNTRACK: LruHashMap<CtKey, CtValue> =
     LruHashMap::pinned(default_max_entries::CONNTRACK, 0);
 
 /// Named like `proxy_common::map_names::CONNTRACK_PENDING`.
 #[map]
-static CONNTRACK_PENDING: LruHashMap<CtKey, CtValue> =
+pub(crate) static CONNTRACK_PENDING: LruHashMap<CtKey, CtValue> =
     LruHashMap::pinned(default_max_entries::CONNTRACK_PENDING, 0);
 
 /// Named like `proxy_common::map_names::CT_TIMEOUTS`: the idle timeouts, which the daemon
@@ -48,7 +49,11 @@ static CT_TIMEOUTS: Array<CtTimeouts> = Array::pinned(1, 0);
 
 /// This CPU's new entry under construction ([`create`]); not pinned.
 #[map]
-static NEW_ENTRY: PerCpuArray<CtValue> = PerCpuArray::with_max_entries(1, 0);
+pub(crate) static NEW_ENTRY: PerCpuArray<CtValue> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's scratch keys ([`KeySlot`]); not pinned.
+#[map]
+pub(crate) static CT_KEYS: PerCpuArray<CtKey> = PerCpuArray::with_max_entries(3, 0);
 
 /// Now: CLOCK_MONOTONIC from the coarse clock (precision beyond a tick buys nothing here,
 /// and it is the cheaper read).
@@ -92,7 +97,7 @@ impl Now {
     }
 }
 
-/// One of the two maps.
+/// One of the two maps (of the key's family).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Table {
     Assured,
@@ -101,46 +106,45 @@ pub enum Table {
 
 impl Table {
     #[inline(always)]
-    pub fn get(self, key: &CtKey) -> Option<Entry> {
-        let ptr = match self {
-            Table::Assured => CONNTRACK.get_ptr_mut(key),
-            Table::Pending => CONNTRACK_PENDING.get_ptr_mut(key),
-        }?;
+    fn map<A: Family>(self) -> &'static LruHashMap<CtKey<A>, CtValue<A>> {
+        match self {
+            Table::Assured => A::conntrack(),
+            Table::Pending => A::conntrack_pending(),
+        }
+    }
+
+    #[inline(always)]
+    pub fn get<A: Family>(self, key: &CtKey<A>) -> Option<Entry<A>> {
+        let ptr = self.map::<A>().get_ptr_mut(key)?;
         Some(Entry { ptr, table: self })
     }
 
     #[inline(always)]
-    fn insert_new(self, key: &CtKey, value: &CtValue) -> bool {
-        let flags = BPF_NOEXIST.into();
-        match self {
-            Table::Assured => CONNTRACK.insert(key, value, flags),
-            Table::Pending => CONNTRACK_PENDING.insert(key, value, flags),
-        }
-        .is_ok()
+    fn insert_new<A: Family>(self, key: &CtKey<A>, value: &CtValue<A>) -> bool {
+        self.map::<A>()
+            .insert(key, value, BPF_NOEXIST.into())
+            .is_ok()
     }
 
     #[inline(always)]
-    fn remove(self, key: &CtKey) {
-        let _ = match self {
-            Table::Assured => CONNTRACK.remove(key),
-            Table::Pending => CONNTRACK_PENDING.remove(key),
-        };
+    fn remove<A: Family>(self, key: &CtKey<A>) {
+        let _ = self.map::<A>().remove(key);
     }
 }
 
 /// An entry found in a table; it lives in the map, so updates are shared.
-pub struct Entry {
-    ptr: *mut CtValue,
+pub struct Entry<A = u32> {
+    ptr: *mut CtValue<A>,
     pub table: Table,
 }
 
-impl Entry {
+impl<A: Family> Entry<A> {
     /// The entry, read in place: copies would cost 64 bytes of stack each. Fields other
     /// packets change (expiry, state, epoch, counters) may change between two reads; code
     /// that decides on the expiry reads it once (the removal protocol swaps from the
     /// expiry it saw).
     #[inline(always)]
-    pub fn value(&self) -> &CtValue {
+    pub fn value(&self) -> &CtValue<A> {
         // SAFETY: `ptr` comes from a successful lookup; map values stay valid for the
         // whole program run.
         unsafe { &*self.ptr }
@@ -150,7 +154,7 @@ impl Entry {
     /// protocol above); false when another packet refreshed it or someone else is
     /// removing it.
     #[inline(always)]
-    fn retire(&self, key: &CtKey, seen: u64) -> bool {
+    fn retire(&self, key: &CtKey<A>, seen: u64) -> bool {
         if seen == EXPIRES_REMOVING {
             return false;
         }
@@ -211,9 +215,9 @@ impl Entry {
 }
 
 /// What a found entry means for the packet.
-pub enum Followed {
+pub enum Followed<A = u32> {
     /// Rewrite the packet to the entry's tuple.
-    Hit(Hit),
+    Hit(Hit<A>),
     /// The client opens a new connection on the tuple of a closing one, or its flow's
     /// backend left: the old entry is gone, select a backend again.
     Reselect,
@@ -225,33 +229,55 @@ pub enum Followed {
 }
 
 /// A conntrack hit: what to do with the packet.
-pub struct Hit {
-    pub to: Tuple,
+pub struct Hit<A = u32> {
+    pub to: Tuple<A>,
     pub flags: u8,
 }
 
-/// The partner of the entry `value` at `key`, if it is still its flow's.
+/// Which of this CPU's scratch keys (`Family::ct_keys`): a key built for a lookup lives
+/// there rather than on the stack, where an IPv6 key's 40 bytes each would crowd the
+/// frames of the packet path. Each role has its own, so no two uses overlap.
+#[derive(Clone, Copy)]
+enum KeySlot {
+    /// The partner of an entry ([`partner`]).
+    Partner = 0,
+    /// A new flow's client key ([`create`]).
+    Owner = 1,
+    /// A new flow's reply key ([`create`]).
+    Reply = 2,
+}
+
+/// This CPU's scratch key `slot`.
 #[inline(always)]
-fn partner(table: Table, key: &CtKey, value: &CtValue) -> Option<(CtKey, Entry)> {
-    let partner_key = CtKey::partner(value, key.proto);
-    let entry = table.get(&partner_key)?;
-    key.is_mutual(entry.value()).then_some((partner_key, entry))
+fn scratch_key<A: Family>(slot: KeySlot) -> Option<*mut CtKey<A>> {
+    A::ct_keys().get_ptr_mut(slot as u32)
+}
+
+/// The partner of the entry `value` at `key`, if it is still its flow's; its key is in the
+/// [`KeySlot::Partner`] scratch key until the next call.
+#[inline(always)]
+fn partner<A: Family>(table: Table, key: &CtKey<A>, value: &CtValue<A>) -> Option<Entry<A>> {
+    let partner_key = scratch_key::<A>(KeySlot::Partner)?;
+    // SAFETY: this CPU's scratch key, used by nothing else until the next call.
+    let partner_key = unsafe {
+        (*partner_key).tuple = value.to.reversed();
+        (*partner_key).proto = key.proto;
+        (*partner_key)._pad = [0; 3];
+        &*partner_key
+    };
+    let entry = table.get(partner_key)?;
+    key.is_mutual(entry.value()).then_some(entry)
 }
 
 /// Whether the flow of the entry `value` at `key` is over (both its entries idle past
 /// their timeouts).
 #[inline(always)]
-fn expired(table: Table, key: &CtKey, value: &CtValue, now_ns: u64) -> bool {
+fn expired<A: Family>(table: Table, key: &CtKey<A>, value: &CtValue<A>, now_ns: u64) -> bool {
     if !value.entry_expired(now_ns) {
         return false;
     }
     let partner = partner(table, key, value);
-    flow_expired(
-        key,
-        value,
-        partner.as_ref().map(|(_, entry)| entry.value()),
-        now_ns,
-    )
+    flow_expired(key, value, partner.as_ref().map(Entry::value), now_ns)
 }
 
 /// Decides what `entry`, found for `packet` at `key`, does with it; in live mode, also
@@ -259,15 +285,15 @@ fn expired(table: Table, key: &CtKey, value: &CtValue, now_ns: u64) -> bool {
 /// CONNTRACK once assured. With `may_retire` false, a flow that must select again is left
 /// as it was ([`Followed::ReselectElsewhere`]).
 #[inline(always)]
-pub fn follow<M: Mode>(
-    entry: Entry,
-    key: &CtKey,
-    packet: &Packet,
+pub fn follow<A: Family, M: Mode>(
+    entry: Entry<A>,
+    key: &CtKey<A>,
+    packet: &Packet<A>,
     len: u32,
     now: Now,
     mode: &M,
     may_retire: bool,
-) -> Followed {
+) -> Followed<A> {
     let value = entry.value();
     let seen = value.expires_ns;
     if seen == EXPIRES_REMOVING || expired(entry.table, key, value, now.ns) {
@@ -314,7 +340,12 @@ pub fn follow<M: Mode>(
 /// UDP datagram, or a SYN the backend never answered) and the backend stopped serving the
 /// frontend since the flow last looked. Established TCP connections keep their backend.
 #[inline(always)]
-fn backend_left<M: Mode>(entry: &Entry, value: &CtValue, packet: &Packet, mode: &M) -> bool {
+fn backend_left<A: Family, M: Mode>(
+    entry: &Entry<A>,
+    value: &CtValue<A>,
+    packet: &Packet<A>,
+    mode: &M,
+) -> bool {
     let may_move = packet.proto == proto::UDP
         || (packet.opens_connection() && value.state & ct_state::ASSURED == 0);
     if !may_move || value.flags & ct_flags::DIRECT != 0 {
@@ -337,7 +368,14 @@ fn backend_left<M: Mode>(entry: &Entry, value: &CtValue, packet: &Packet, mode: 
 /// Accounts the packet and applies its effect on the flow's state and expiry (`seen`: the
 /// expiry the packet's decision was made on).
 #[inline(always)]
-fn advance(entry: &Entry, key: &CtKey, seen: u64, packet: &Packet, len: u32, now: Now) {
+fn advance<A: Family>(
+    entry: &Entry<A>,
+    key: &CtKey<A>,
+    seen: u64,
+    packet: &Packet<A>,
+    len: u32,
+    now: Now,
+) {
     let value = entry.value();
     entry.account(len);
     let state = next_state(
@@ -358,7 +396,7 @@ fn advance(entry: &Entry, key: &CtKey, seen: u64, packet: &Packet, len: u32, now
     if new_bits != 0 {
         entry.add_state(new_bits);
         // A state change shortens or lengthens the whole flow's life, not one direction's.
-        if let Some((_, partner)) = &partner {
+        if let Some(partner) = &partner {
             partner.add_state(new_bits);
             partner.refresh(partner.value().expires_ns, expires);
         }
@@ -372,21 +410,26 @@ fn advance(entry: &Entry, key: &CtKey, seen: u64, packet: &Packet, len: u32, now
 /// Moves an assured flow from CONNTRACK_PENDING to CONNTRACK: copies first, so every
 /// packet finds the flow in one map or the other throughout.
 #[inline(always)]
-fn promote(entry: &Entry, key: &CtKey, partner: Option<(CtKey, Entry)>) {
+fn promote<A: Family>(entry: &Entry<A>, key: &CtKey<A>, partner: Option<Entry<A>>) {
     if move_to_assured(key, entry.value()) {
         Table::Pending.remove(key);
     }
-    if let Some((partner_key, partner)) = partner
-        && move_to_assured(&partner_key, partner.value())
+    // The partner's key, as `partner` left it.
+    if let Some(partner) = partner
+        && let Some(partner_key) = scratch_key::<A>(KeySlot::Partner)
     {
-        Table::Pending.remove(&partner_key);
+        // SAFETY: this CPU's scratch key; nothing writes it before this use ends.
+        let partner_key = unsafe { &*partner_key };
+        if move_to_assured(partner_key, partner.value()) {
+            Table::Pending.remove(partner_key);
+        }
     }
 }
 
 /// Inserts `value` at `key` in CONNTRACK. An entry already there is over: a live one
 /// would have matched the flow's packets before its pending entry did.
 #[inline(always)]
-fn move_to_assured(key: &CtKey, value: &CtValue) -> bool {
+fn move_to_assured<A: Family>(key: &CtKey<A>, value: &CtValue<A>) -> bool {
     if let Some(existing) = Table::Assured.get(key)
         && !existing.retire(key, existing.value().expires_ns)
     {
@@ -413,9 +456,12 @@ enum Claim {
 
 /// Claims `key` for a new flow whose client key is `owner` (in either map): replaces an
 /// entry of the same client or of a flow that is over (see [`make_room`]); refuses when a
-/// live flow of another client holds it.
-#[inline(always)]
-fn claim(key: &CtKey, owner: &CtKey, value: &CtValue, now_ns: u64) -> Claim {
+/// live flow of another client holds it. A BPF subprogram: the paths through it meet again
+/// at its return, so the verifier walks what follows a claim once per outcome (else once
+/// per path, for each of a new flow's port tries); and its frame, not `create`'s, holds
+/// what a removal needs (with `create`'s, an IPv6 flow's would not fit the BPF stack).
+#[inline(never)]
+fn claim<A: Family>(key: &CtKey<A>, owner: &CtKey<A>, value: &CtValue<A>, now_ns: u64) -> Claim {
     if let Some(existing) = Table::Assured.get(key) {
         match make_room(&existing, key, owner, now_ns) {
             Claim::Done => {}
@@ -443,15 +489,18 @@ fn claim(key: &CtKey, owner: &CtKey, value: &CtValue, now_ns: u64) -> Claim {
 
 /// Removes `existing` (at `key`) for a new flow whose client key is `owner`, if it is the
 /// same client's earlier flow or a flow that is over (idle past its timeout, or closed by
-/// FINs or a reset); refuses when it is a live flow of another client. A BPF subprogram:
-/// the paths through it meet again at its return, so the verifier walks what follows a
-/// claim once per outcome (else once per path, for each of a new flow's port tries).
-#[inline(never)]
-fn make_room(existing: &Entry, key: &CtKey, owner: &CtKey, now_ns: u64) -> Claim {
+/// FINs or a reset); refuses when it is a live flow of another client.
+#[inline(always)]
+fn make_room<A: Family>(
+    existing: &Entry<A>,
+    key: &CtKey<A>,
+    owner: &CtKey<A>,
+    now_ns: u64,
+) -> Claim {
     let table = existing.table;
     let value = existing.value();
     let seen = value.expires_ns;
-    let own = *key == *owner || CtKey::partner(value, key.proto) == *owner;
+    let own = *key == *owner || owner.is_mutual(value);
     if !own && !value.is_closed() && !expired(table, key, value, now_ns) {
         return Claim::Taken;
     }
@@ -476,14 +525,22 @@ fn make_room(existing: &Entry, key: &CtKey, owner: &CtKey, now_ns: u64) -> Claim
 /// stale reply entry. A BPF subprogram, called from one place: the verifier walks its
 /// claims once per kind of new flow.
 #[inline(never)]
-pub fn create(
-    translation: &mut Translation,
-    packet: &Packet,
+pub fn create<A: Family>(
+    translation: &mut Translation<A>,
+    packet: &Packet<A>,
     len: u32,
     now: &Now,
 ) -> Result<(), NotCreated> {
     let now = *now;
-    let owner = translation.forward_key();
+    let (Some(owner), Some(reply)) = (
+        scratch_key::<A>(KeySlot::Owner),
+        scratch_key::<A>(KeySlot::Reply),
+    ) else {
+        return Err(NotCreated::Busy);
+    };
+    // SAFETY: this CPU's scratch keys, used only within this call.
+    let (owner, reply) = unsafe { (&mut *owner, &mut *reply) };
+
     let state = next_state(
         translation.proto,
         0,
@@ -495,7 +552,7 @@ pub fn create(
     let expires = expiry(translation.proto, state, now.ns);
     // The entries are built in this CPU's scratch entry, the reply entry and then the
     // forward entry: on the stack they would take 128 bytes of the packet path's 512.
-    let entry = NEW_ENTRY.get_ptr_mut(0).ok_or(NotCreated::Busy)?;
+    let entry = A::new_entry().get_ptr_mut(0).ok_or(NotCreated::Busy)?;
     // SAFETY: this CPU's scratch entry, used only within this call (no preemption while
     // the program runs).
     let entry = unsafe { &mut *entry };
@@ -510,9 +567,11 @@ pub fn create(
             let start = *start.get_or_insert_with(snat::random_start);
             translation.remap(snat::port(start, attempt));
         }
-        *entry = translation.reply_entry(now.seconds, expires);
+        translation.write_reply_entry(entry, now.seconds, expires);
         entry.state = state;
-        match claim(&translation.reply_key(), &owner, entry, now.ns) {
+        // The keys again after each remap: the reply key's port changed.
+        translation.write_keys(owner, reply);
+        match claim(reply, owner, entry, now.ns) {
             Claim::Done => {
                 claimed = true;
                 break;
@@ -523,16 +582,16 @@ pub fn create(
     if !claimed {
         return Err(NotCreated::NoPort);
     }
-    *entry = translation.forward_entry(now.seconds, expires);
+    translation.write_forward_entry(entry, now.seconds, expires);
     entry.state = state;
     entry.packets = 1;
     entry.bytes = u64::from(len);
     // The packet found no usable entry on its own tuple: usually there is none, and an
     // insert is all it takes; else the entry left there (over, or being replaced) goes.
-    if Table::Pending.insert_new(&owner, entry) {
+    if Table::Pending.insert_new(owner, entry) {
         return Ok(());
     }
-    match claim(&owner, &owner, entry, now.ns) {
+    match claim(owner, owner, entry, now.ns) {
         Claim::Done => Ok(()),
         Claim::Taken | Claim::Busy => Err(NotCreated::Busy),
     }
@@ -540,7 +599,7 @@ pub fn create(
 
 /// Removes the entry at `key` if its flow is over; whether it did.
 #[inline(always)]
-pub fn reap(table: Table, key: &CtKey, now_ns: u64) -> bool {
+pub fn reap<A: Family>(table: Table, key: &CtKey<A>, now_ns: u64) -> bool {
     let Some(entry) = table.get(key) else {
         return false;
     };

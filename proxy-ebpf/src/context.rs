@@ -13,8 +13,9 @@ use core::ptr;
 use proxy_common::to_tc;
 
 use crate::{
-    answer::{self, Answer, NotAnswered},
+    answer::{Answer, NotAnswered},
     csum,
+    family::Family,
     parse::{self, Packet},
     route::Hop,
     verdict::Verdict,
@@ -59,11 +60,18 @@ pub trait Context {
     /// Sends the (translated, TTL-decremented) packet to `hop`, which [`Self::can_send`]
     /// accepted.
     fn send(&self, hop: &Hop) -> Verdict;
+    /// Hands the packet to the program in `slot` of TAIL_CALLS (`proxy_common::tail_call`);
+    /// returns only if there is none there (or the hook has none).
+    fn tail_call(&self, slot: u32);
     /// Turns the packet into the ICMP error `answer` to its sender and sends it back out of
     /// its device (kube-proxy's REJECT; the kernel's forwarding errors), if the ICMP rate
     /// limits allow (`charge`: counts against them; false for a dry run).
-    fn answer(&self, packet: &Packet, answer: Answer, charge: bool)
-    -> Result<Verdict, NotAnswered>;
+    fn answer<A: Family>(
+        &self,
+        packet: &Packet<A>,
+        answer: Answer<A>,
+        charge: bool,
+    ) -> Result<Verdict, NotAnswered>;
 }
 
 impl Context for TcContext {
@@ -131,6 +139,12 @@ impl Context for TcContext {
         if result == 0 { Ok(()) } else { Err(result) }
     }
 
+    #[inline(always)]
+    fn tail_call(&self, slot: u32) {
+        // SAFETY: the program's own context; a failed tail call returns.
+        unsafe { crate::TAIL_CALLS.tail_call(self, slot) };
+    }
+
     /// `bpf_redirect_neigh` sends anywhere and resolves a missing neighbour itself.
     #[inline(always)]
     fn can_send(&self, _hop: &Hop) -> Result<(), u8> {
@@ -144,13 +158,13 @@ impl Context for TcContext {
     }
 
     #[inline(always)]
-    fn answer(
+    fn answer<A: Family>(
         &self,
-        packet: &Packet,
-        answer: Answer,
+        packet: &Packet<A>,
+        answer: Answer<A>,
         charge: bool,
     ) -> Result<Verdict, NotAnswered> {
-        answer::send(self, packet, &answer, charge).map(Verdict::Sent)
+        A::send_answer(self, packet, &answer, charge).map(Verdict::Sent)
     }
 }
 
@@ -223,6 +237,10 @@ impl Context for XdpContext {
         Ok(())
     }
 
+    /// The XDP program leaves IPv6 to tc.
+    #[inline(always)]
+    fn tail_call(&self, _slot: u32) {}
+
     /// XDP has no neighbour resolution, and a redirect reaches only devices whose driver
     /// takes XDP frames: those the daemon attached natively (`xdp::XDP_EGRESS`).
     #[inline(always)]
@@ -255,10 +273,10 @@ impl Context for XdpContext {
 
     /// ICMP errors are rare and rate limited: tc builds them.
     #[inline(always)]
-    fn answer(
+    fn answer<A: Family>(
         &self,
-        _packet: &Packet,
-        _answer: Answer,
+        _packet: &Packet<A>,
+        _answer: Answer<A>,
         _charge: bool,
     ) -> Result<Verdict, NotAnswered> {
         Ok(Verdict::ToTc(to_tc::ANSWER))

@@ -25,6 +25,7 @@ use proxy_common::{MIN_CHECKED_MTU, Tuple, stat, to_tc, trace_answer};
 use crate::{
     answer::{Answer, NotAnswered},
     context::Context,
+    family::Family,
     mode::Mode,
     parse::{L3_OFFSET, Packet, ip_flags},
     route::{self, Hop, Route},
@@ -36,8 +37,9 @@ use crate::{
 /// sets. Passed by reference, so that [`check`] stays within the five registers of a BPF
 /// call and returns no more than one register holds (the verifier refuses a subprogram
 /// that hands back a pointer into its caller's stack, as a larger return value compiles to).
-pub struct Translated {
-    pub to: Tuple,
+#[derive(Clone, Copy)]
+pub struct Translated<A = u32> {
+    pub to: Tuple<A>,
     pub routes_itself: bool,
     pub hop: Hop,
 }
@@ -61,11 +63,11 @@ pub enum Checked {
 /// which tc builds. A BPF subprogram: its FIB lookups and the answer get a stack frame of
 /// their own.
 #[inline(never)]
-pub fn check<C: Context, M: Mode>(
+pub fn check<C: Context, M: Mode, A: Family>(
     ctx: &C,
     mode: &M,
-    packet: &Packet,
-    translated: &mut Translated,
+    packet: &Packet<A>,
+    translated: &mut Translated<A>,
 ) -> Checked {
     let (to, routes_itself) = (translated.to, translated.routes_itself);
     translated.hop = Hop::KERNEL;
@@ -116,12 +118,12 @@ pub fn check<C: Context, M: Mode>(
 /// `gso_size` of a GSO packet segmented along its fragments (SCTP's).
 const GSO_BY_FRAGS: u32 = 0xffff;
 
-/// The IPv4 length of the largest packet `packet` leaves as: itself, or for a GSO packet
+/// The IP length of the largest packet `packet` leaves as: itself, or for a GSO packet
 /// (a TCP or UDP super-packet the kernel segments on the way out) one segment. SCTP's GSO
 /// packets are segmented by their fragments (`GSO_BY_FRAGS`), each built by SCTP to the
 /// path MTU: 0, nothing to check.
 #[inline(always)]
-fn segment_len<C: Context>(ctx: &C, packet: &Packet) -> u16 {
+fn segment_len<C: Context, A: Family>(ctx: &C, packet: &Packet<A>) -> u16 {
     let segment = ctx.gso_size();
     if segment == 0 {
         return packet.ip.total_len;
@@ -136,12 +138,12 @@ fn segment_len<C: Context>(ctx: &C, packet: &Packet) -> u16 {
 /// Sends the error `make(source)` back to the packet's sender, from the node address the
 /// kernel would use toward it; counts `counter` if it went out.
 #[inline(always)]
-fn answer<C: Context, M: Mode>(
+fn answer<C: Context, M: Mode, A: Family>(
     ctx: &C,
     mode: &M,
-    packet: &Packet,
+    packet: &Packet<A>,
     counter: u32,
-    make: impl FnOnce(u32) -> Answer,
+    make: impl FnOnce(A) -> Answer<A>,
 ) -> Checked {
     if C::IS_XDP {
         return Checked::Answered(Verdict::ToTc(to_tc::ANSWER));

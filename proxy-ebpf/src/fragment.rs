@@ -72,19 +72,11 @@ impl Fate {
     }
 }
 
-/// Records `fate` for the later fragments of `packet`'s datagram, if it is a first
-/// fragment. The dry run only reports the record.
-#[inline(always)]
-pub fn remember<M: Mode>(mode: &M, packet: &Packet, fate: &Fate) {
-    if packet.is_first_fragment() {
-        record(mode, packet, fate);
-    }
-}
-
-/// [`remember`] for a first fragment: a BPF subprogram, so the record takes no room in the
-/// packet path's stack frame.
+/// Records `fate` for the later fragments of `packet`'s datagram, a first fragment. The dry
+/// run only reports the record. A BPF subprogram, so the record takes no room in the packet
+/// path's stack frame.
 #[inline(never)]
-fn record<M: Mode>(mode: &M, packet: &Packet, fate: &Fate) {
+pub fn remember<M: Mode>(mode: &M, packet: &Packet, fate: &Fate) {
     let record = FragmentValue {
         to: fate.to,
         verdict: fate.verdict,
@@ -141,7 +133,7 @@ pub fn follow<C: Context, M: Mode>(ctx: &C, mode: &M, fragment: &LaterFragment) 
         mode.count(stat::REWRITE_FAILED);
         return Verdict::Drop;
     }
-    let Some(verdict) = route::send(ctx, mode, &hop) else {
+    let Some(verdict) = route::send::<C, M, u32>(ctx, mode, &hop) else {
         // The TTL ran out here: the kernel drops a later fragment silently too.
         mode.count(stat::NOT_FORWARDABLE);
         return Verdict::Drop;

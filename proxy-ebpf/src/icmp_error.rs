@@ -154,7 +154,7 @@ pub fn translate<C: Context, M: Mode>(ctx: &C, mode: &M, l4_offset: usize) -> Ve
             Hop::KERNEL
         }
     };
-    let Some(verdict) = route::send(ctx, mode, &hop) else {
+    let Some(verdict) = route::send::<C, M, u32>(ctx, mode, &hop) else {
         // Its TTL ran out here: no error is sent about an error.
         mode.count(stat::NOT_FORWARDABLE);
         return Verdict::Drop;

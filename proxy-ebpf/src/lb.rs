@@ -19,6 +19,7 @@ use proxy_common::{
 
 use crate::{
     affinity,
+    family::Family,
     maglev::{self, Flow},
     parse::Packet,
     recycled, select,
@@ -27,31 +28,32 @@ use crate::{
 /// Named like `proxy_common::map_names::SERVICES`; pinned so the daemon fills this map.
 /// Read through [`recycled::read`]: the daemon rewrites headers in place.
 #[map]
-static SERVICES: HashMap<FrontendKey, FrontendValue> =
+pub(crate) static SERVICES: HashMap<FrontendKey, FrontendValue> =
     HashMap::pinned(default_max_entries::SERVICES, 0);
 
 /// Named like `proxy_common::map_names::BACKEND_SLOTS`; each frontend owns the slice its
 /// header names. An array lookup, which the verifier inlines.
 #[map]
-static BACKEND_SLOTS: Array<Slot> = Array::pinned(default_max_entries::BACKEND_SLOTS, 0);
+pub(crate) static BACKEND_SLOTS: Array<Slot> = Array::pinned(default_max_entries::BACKEND_SLOTS, 0);
 
 /// Named like `proxy_common::map_names::BACKEND_IDS`: every backend, written by the daemon
 /// before the slots that name it.
 #[map]
-static BACKEND_IDS: HashMap<Backend, u32> = HashMap::pinned(default_max_entries::BACKEND_IDS, 0);
+pub(crate) static BACKEND_IDS: HashMap<Backend, u32> =
+    HashMap::pinned(default_max_entries::BACKEND_IDS, 0);
 
 /// What a connection is addressed to: address, port (wire order) and protocol.
 #[derive(Clone, Copy)]
-pub struct LbKey {
-    pub addr: u32,
+pub struct LbKey<A = u32> {
+    pub addr: A,
     pub port: u16,
     pub proto: u8,
 }
 
-impl LbKey {
+impl<A: Family> LbKey<A> {
     /// The packet's destination.
     #[inline(always)]
-    pub fn destination(packet: &Packet) -> Self {
+    pub fn destination(packet: &Packet<A>) -> Self {
         Self {
             addr: packet.dst_addr,
             port: packet.dst_port,
@@ -62,37 +64,55 @@ impl LbKey {
 
 /// Who opens a connection, as session affinity tells clients apart.
 #[derive(Clone, Copy)]
-pub enum Client {
+pub enum Client<A = u32> {
     /// A packet's source address (the tc path).
-    Address(u32),
+    Address(A),
     /// A socket's network namespace cookie (the socket path, where the source address is
     /// not chosen yet at `connect()`: the namespace — a pod, or the node — stands for it).
     Netns(u64),
 }
 
 /// A frontend: its key and its header.
-pub struct Frontend {
-    pub key: FrontendKey,
+#[derive(Clone, Copy)]
+pub struct Frontend<A = u32> {
+    pub key: FrontendKey<A>,
     pub header: FrontendValue,
 }
 
 /// The frontend at `key`, if it is one.
 #[inline(always)]
-pub fn frontend(key: &LbKey) -> Option<Frontend> {
-    let key = FrontendKey {
+pub fn frontend<A: Family>(key: &LbKey<A>) -> Option<Frontend<A>> {
+    let mut frontend = Frontend {
+        key: FrontendKey::default(),
+        header: FrontendValue::default(),
+    };
+    find_frontend(key, &mut frontend).then_some(frontend)
+}
+
+/// Whether `key` is a frontend, written to `into` (its header zero when it is none: a
+/// header left undefined would live across the lookups that follow, and the verifier
+/// refuses to read a register it holds unset). Into the caller's memory, which the IPv6
+/// path keeps off the stack.
+#[inline(always)]
+pub fn find_frontend<A: Family>(key: &LbKey<A>, into: &mut Frontend<A>) -> bool {
+    into.key = FrontendKey {
         addr: key.addr,
         port: key.port,
         proto: key.proto,
         _pad: 0,
     };
-    let header = recycled::read(&SERVICES, &key)?;
-    Some(Frontend { key, header })
+    // Through `recycled`: the daemon rewrites headers in place.
+    let found = recycled::read_into(A::services(), &into.key, &mut into.header);
+    if !found {
+        into.header = FrontendValue::default();
+    }
+    found
 }
 
 /// Whether `key` is a backend of some frontend: a flow straight to it could clash with a
 /// Service flow's replies.
 #[inline(always)]
-pub fn is_backend(key: &LbKey) -> bool {
+pub fn is_backend<A: Family>(key: &LbKey<A>) -> bool {
     let backend = Backend {
         addr: key.addr,
         port: key.port,
@@ -100,14 +120,14 @@ pub fn is_backend(key: &LbKey) -> bool {
         _pad: 0,
     };
     // SAFETY: only the presence of the entry is used.
-    unsafe { BACKEND_IDS.get(backend) }.is_some()
+    unsafe { A::backend_ids().get(backend) }.is_some()
 }
 
 /// The backends a new connection to `frontend` chooses among. `origin` is asked only when
 /// it matters (an externalTrafficPolicy Local frontend, whose pods reach the Cluster set),
 /// so the other frontends never pay for finding out.
 #[inline(always)]
-pub fn backends_for(frontend: &Frontend, origin: impl FnOnce() -> Origin) -> BackendSet {
+pub fn backends_for<A>(frontend: &Frontend<A>, origin: impl FnOnce() -> Origin) -> BackendSet {
     let origin = if frontend.header.flags & proxy_common::service_flags::CLUSTER_SET != 0 {
         origin()
     } else {
@@ -117,15 +137,15 @@ pub fn backends_for(frontend: &Frontend, origin: impl FnOnce() -> Origin) -> Bac
 }
 
 /// How a new flow's backend was chosen.
-pub enum Selection {
+pub enum Selection<A = u32> {
     /// The client's previous backend of the Service port (session affinity).
-    Affinity { id: u32, backend: Backend },
+    Affinity { id: u32, backend: Backend<A> },
     /// A slot of the set: `slot` in `1..=count`, drawn at random or given by the
     /// frontend's Maglev table (`maglev`).
     Slot {
         slot: u16,
         id: u32,
-        backend: Backend,
+        backend: Backend<A>,
         maglev: bool,
     },
     /// The drawn slot lies outside BACKEND_SLOTS or was never written (a header the
@@ -138,14 +158,14 @@ pub enum Selection {
 /// set; else, for a packet's `flow` to a frontend with a Maglev table (its own set), the
 /// table's; else a random one.
 #[inline(always)]
-pub fn select_backend(
-    frontend: &Frontend,
+pub fn select_backend<A: Family>(
+    frontend: &Frontend<A>,
     set: &BackendSet,
     count: NonZeroU16,
-    client: Client,
-    flow: Option<Flow>,
+    client: Client<A>,
+    flow: Option<Flow<A>>,
     now_ns: u64,
-) -> Selection {
+) -> Selection<A> {
     if frontend.header.affinity_timeout_s != 0
         && let Some((id, backend)) = affinity::remembered_backend(client, frontend, set, now_ns)
     {
@@ -158,7 +178,7 @@ pub fn select_backend(
         _ => None,
     };
     let index = by_table.unwrap_or_else(|| select::random_index(count));
-    match BACKEND_SLOTS.get(set.first.wrapping_add(u32::from(index))) {
+    match A::backend_slots().get(set.first.wrapping_add(u32::from(index))) {
         Some(slot) if slot.backend_id != 0 => Selection::Slot {
             slot: index + 1,
             id: slot.backend_id,

@@ -1,37 +1,38 @@
-//! IPv6's load-balancing maps (Cilium's lb6): SERVICES, BACKEND_SLOTS, BACKEND_IDS,
-//! MEMBERSHIP, SVC_NAMES, SOURCE_RANGES and MAGLEV with 16-byte addresses
-//! (`proxy_common::Address`), named like `proxy_common::map_names::*6`, so IPv4's keys
-//! stay small. The daemon writes them through the same writer as IPv4's; no program reads
-//! them yet (the IPv6 packet path is issue 12's next step): the `#[map]` export keeps them
-//! in the object so the daemon creates and pins them with the others.
+//! IPv6's maps (Cilium's lb6): SERVICES, BACKEND_SLOTS, BACKEND_IDS, MEMBERSHIP,
+//! SVC_NAMES, SOURCE_RANGES and MAGLEV with 16-byte addresses (`proxy_common::Address`),
+//! which the daemon writes through the same writer as IPv4's, and the conntrack maps of
+//! IPv6 flows, which the packet path writes. Named like `proxy_common::map_names::*6`, so
+//! IPv4's keys stay small; `family::Family` binds them to the generic packet path.
 //!
 //! The hash maps are not preallocated: a node without IPv6 Services pays nothing for them
-//! but the slot array.
+//! but the slot array. SVC_NAMES6 is read by the CLI only.
 
+use crate::parse::Packet;
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    Backend, FrontendKey, FrontendValue, Ipv6, MembershipKey, ServiceName, Slot, SourceRange,
-    default_max_entries,
+    Backend, CtKey, CtValue, FrontendKey, FrontendValue, Ipv6, MembershipKey, ServiceName, Slot,
+    SourceRange, default_max_entries,
     maglev::{MaglevChunk, MaglevKey},
 };
 
 #[map]
-static SERVICES6: HashMap<FrontendKey<Ipv6>, FrontendValue> =
+pub(crate) static SERVICES6: HashMap<FrontendKey<Ipv6>, FrontendValue> =
     HashMap::pinned(default_max_entries::SERVICES, BPF_F_NO_PREALLOC);
 
 #[map]
-static BACKEND_SLOTS6: Array<Slot<Ipv6>> = Array::pinned(default_max_entries::BACKEND_SLOTS, 0);
+pub(crate) static BACKEND_SLOTS6: Array<Slot<Ipv6>> =
+    Array::pinned(default_max_entries::BACKEND_SLOTS, 0);
 
 #[map]
-static BACKEND_IDS6: HashMap<Backend<Ipv6>, u32> =
+pub(crate) static BACKEND_IDS6: HashMap<Backend<Ipv6>, u32> =
     HashMap::pinned(default_max_entries::BACKEND_IDS, BPF_F_NO_PREALLOC);
 
 #[map]
-static MEMBERSHIP6: HashMap<MembershipKey<Ipv6>, u8> =
+pub(crate) static MEMBERSHIP6: HashMap<MembershipKey<Ipv6>, u8> =
     HashMap::pinned(default_max_entries::MEMBERSHIP, BPF_F_NO_PREALLOC);
 
 #[map]
@@ -39,9 +40,32 @@ static SVC_NAMES6: HashMap<u32, ServiceName> =
     HashMap::pinned(default_max_entries::SVC_NAMES, BPF_F_NO_PREALLOC);
 
 #[map]
-static SOURCE_RANGES6: LpmTrie<SourceRange<Ipv6>, u8> =
+pub(crate) static SOURCE_RANGES6: LpmTrie<SourceRange<Ipv6>, u8> =
     LpmTrie::pinned(default_max_entries::SOURCE_RANGES, 0);
 
 #[map]
-static MAGLEV6: HashMap<MaglevKey, MaglevChunk> =
+pub(crate) static MAGLEV6: HashMap<MaglevKey, MaglevChunk> =
     HashMap::pinned(default_max_entries::MAGLEV, BPF_F_NO_PREALLOC);
+
+/// CONNTRACK of IPv6 flows, sized like IPv4's (LRU maps allocate as they fill).
+#[map]
+pub(crate) static CONNTRACK6: LruHashMap<CtKey<Ipv6>, CtValue<Ipv6>> =
+    LruHashMap::pinned(default_max_entries::CONNTRACK, 0);
+
+/// CONNTRACK_PENDING of IPv6 flows.
+#[map]
+pub(crate) static CONNTRACK_PENDING6: LruHashMap<CtKey<Ipv6>, CtValue<Ipv6>> =
+    LruHashMap::pinned(default_max_entries::CONNTRACK_PENDING, 0);
+
+/// This CPU's new IPv6 entry under construction (`conntrack::create`); not pinned.
+#[map]
+pub(crate) static NEW_ENTRY6: PerCpuArray<CtValue<Ipv6>> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's IPv6 packet being balanced (`balance6`): the IPv6 path's frames have no room
+/// for it. Not pinned.
+#[map]
+pub(crate) static PACKET6: PerCpuArray<Packet<Ipv6>> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's scratch IPv6 conntrack keys (`conntrack::KeySlot`); not pinned.
+#[map]
+pub(crate) static CT_KEYS6: PerCpuArray<CtKey<Ipv6>> = PerCpuArray::with_max_entries(3, 0);

@@ -8,19 +8,22 @@ use core::num::NonZeroU32;
 use aya_ebpf::{bindings::BPF_F_NO_PREALLOC, macros::map, maps::HashMap};
 use proxy_common::{
     FrontendValue, default_max_entries,
-    maglev::{CHUNK_POSITIONS, MaglevChunk, MaglevKey, flow_hash, table_size},
+    maglev::{CHUNK_POSITIONS, MaglevChunk, MaglevKey, client_flow_hash, table_size},
 };
 
-/// Named like `proxy_common::map_names::MAGLEV`; pinned, written by the daemon. Not
+use crate::family::Family;
+
+/// Named like `proxy_common::map_names::MAGLEV` (MAGLEV6, in `lb6`, holds IPv6 frontends'
+/// tables); pinned, written by the daemon. Not
 /// preallocated: only the tables that exist take memory.
 #[map]
-static MAGLEV: HashMap<MaglevKey, MaglevChunk> =
+pub(crate) static MAGLEV: HashMap<MaglevKey, MaglevChunk> =
     HashMap::pinned(default_max_entries::MAGLEV, BPF_F_NO_PREALLOC);
 
 /// A flow's client as the table's hash takes it: address, port (wire order), protocol.
 #[derive(Clone, Copy)]
-pub struct Flow {
-    pub addr: u32,
+pub struct Flow<A = u32> {
+    pub addr: A,
     pub port: u16,
     pub proto: u8,
 }
@@ -30,9 +33,9 @@ pub struct Flow {
 /// header that names it, and removes it after the header moved on: only a packet that read
 /// the header a moment before can miss it; the caller then chooses at random).
 #[inline(always)]
-pub fn index(header: &FrontendValue, flow: Flow) -> Option<u16> {
+pub fn index<A: Family>(header: &FrontendValue, flow: Flow<A>) -> Option<u16> {
     let size = NonZeroU32::new(table_size(header.maglev)?)?;
-    let position = flow_hash(flow.addr, flow.port, flow.proto) % size;
+    let position = client_flow_hash(flow.addr, flow.port, flow.proto) % size;
     let key = MaglevKey {
         base: header.base,
         maglev: header.maglev,
@@ -40,7 +43,7 @@ pub fn index(header: &FrontendValue, flow: Flow) -> Option<u16> {
         chunk: position / CHUNK_POSITIONS as u32,
     };
     // SAFETY: the value is copied out at once.
-    let chunk = unsafe { MAGLEV.get(&key) }?;
+    let chunk = unsafe { A::maglev().get(&key) }?;
     chunk
         .positions
         .get(position as usize % CHUNK_POSITIONS)

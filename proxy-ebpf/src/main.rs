@@ -1,4 +1,4 @@
-//! The tc and XDP programs: Service load balancing for IPv4 TCP/UDP.
+//! The tc and XDP programs: Service load balancing for TCP/UDP/SCTP over IPv4 and IPv6.
 //!
 //! parse → conntrack (one lookup, either direction) → frontend lookup → backend selection
 //! → conntrack create → forwarding checks → NAT (XDP: the checks before the create). A packet to no frontend is checked for
@@ -7,6 +7,11 @@
 //! A later fragment follows its datagram's first fragment (`fragment`), an ICMP error
 //! about a tracked flow is translated as the flow is (`icmp_error`). One module per
 //! concern, like Cilium's `bpf/lib/{lb,conntrack,nat,csum}.h`.
+//!
+//! The packet path is generic over the address family ([`family::Family`]) and compiled
+//! once per family; each family has its own maps. IPv4 only, so far: fragments, ICMP
+//! errors about tracked flows, the XDP program (IPv6 packets go on to tc untouched) and
+//! the socket programs.
 //!
 //! `epx_ingress` is the datapath at tc ingress of every device; `epx_xdp` runs the same
 //! path at XDP on the external devices, in front of it (see [`xdp`]). `epx_trace` and
@@ -30,6 +35,7 @@ mod conntrack;
 mod context;
 mod csum;
 mod devices;
+mod family;
 mod forwarding;
 mod fragment;
 mod icmp_error;
@@ -57,19 +63,17 @@ use core::num::NonZeroU16;
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     macros::{cgroup_sock, cgroup_sock_addr, classifier, map, xdp},
-    maps::PerCpuArray,
+    maps::{PerCpuArray, ProgramArray},
     programs::{SockAddrContext, SockContext, TcContext, XdpContext},
 };
-use proxy_common::{
-    CtKey, FrontendKey, FrontendValue, Translation, Tuple, ct_flags, service_flags, stat, to_tc,
-};
+use proxy_common::{CtKey, Ipv6, Translation, Tuple, ct_flags, service_flags, stat, to_tc};
 
 use crate::{
     answer::{Answer, NotAnswered},
-    conntrack::{Entry, Followed, NotCreated, Now, Table},
+    conntrack::{Followed, NotCreated, Now, Table},
     context::Context,
+    family::Family,
     forwarding::{Checked, Translated},
-    fragment::Fate,
     lb::{Client, Frontend, LbKey},
     mode::{DryRun, Live, Mode},
     parse::{Packet, Parsed},
@@ -93,6 +97,28 @@ pub fn epx_trace(ctx: TcContext) -> i32 {
         None => TC_ACT_OK,
     }
 }
+
+/// `epx_ingress` for an IPv6 packet (its tail call).
+#[classifier]
+pub fn epx_ingress6(ctx: TcContext) -> i32 {
+    tc_action(balance6(&ctx, &Live))
+}
+
+/// `epx_trace` for an IPv6 packet (its tail call).
+#[classifier]
+pub fn epx_trace6(ctx: TcContext) -> i32 {
+    match DryRun::start() {
+        Some(dry_run) => tc_action(balance6(&ctx, &dry_run)),
+        None => TC_ACT_OK,
+    }
+}
+
+/// Named like `proxy_common::map_names::TAIL_CALLS`: the IPv6 packet paths
+/// (`proxy_common::tail_call`), which the loading process puts here. Pinned: a program
+/// array is emptied when no process holds it, and the attached programs outlive the
+/// daemon that loaded them.
+#[map]
+static TAIL_CALLS: ProgramArray = ProgramArray::pinned(2, 0);
 
 #[xdp]
 pub fn epx_xdp(ctx: XdpContext) -> u32 {
@@ -169,6 +195,13 @@ fn balance<C: Context, M: Mode>(ctx: &C, mode: &M) -> Verdict {
             Verdict::ToTc(to_tc::FRAGMENT)
         }
         Parsed::Packet(packet) => service_path(ctx, mode, &packet),
+        Parsed::Ipv6 if C::IS_XDP => Verdict::ToTc(to_tc::NOT_HANDLED),
+        Parsed::Ipv6 => {
+            // On in the IPv6 program; here only if it is not loaded: untouched.
+            ctx.tail_call(M::IPV6_SLOT);
+            mode.count(stat::NOT_HANDLED);
+            Verdict::Accept
+        }
         Parsed::LaterFragment(_) if C::IS_XDP => Verdict::ToTc(to_tc::FRAGMENT),
         Parsed::LaterFragment(fragment) => fragment::follow(ctx, mode, &fragment),
         Parsed::Icmp { .. } if C::IS_XDP => Verdict::ToTc(to_tc::ICMP),
@@ -181,35 +214,60 @@ fn balance<C: Context, M: Mode>(ctx: &C, mode: &M) -> Verdict {
     }
 }
 
+/// The packet path of an IPv6 packet (tc only), in a program of its own
+/// (`epx_ingress6`, `epx_trace6`), which `epx_ingress` tail-calls: IPv6's frames get the
+/// BPF stack to themselves.
+#[inline(always)]
+fn balance6<C: Context, M: Mode>(ctx: &C, mode: &M) -> Verdict {
+    let Some(packet) = lb6::PACKET6.get_ptr_mut(0) else {
+        return Verdict::Drop;
+    };
+    // SAFETY: this CPU's entry, used only within this run (no preemption while the program
+    // runs); `packet6` writes all of it before anything reads it.
+    let packet = unsafe { &mut *packet };
+    if parse::packet6(ctx, packet) {
+        service_path(ctx, mode, packet)
+    } else {
+        mode.count(stat::NOT_HANDLED);
+        Verdict::Accept
+    }
+}
+
 /// What the packet path decided for a TCP/UDP packet ([`decide`]), carried out by
 /// [`service_path`]. A struct with every field set, not an enum with data: LLVM leaves the
 /// unused payload of an enum undefined, and the verifier refuses to store a register that
 /// holds a pointer there.
 #[derive(Clone, Copy)]
-struct Decision {
+pub struct Decision<A = u32> {
     action: Action,
     /// [`Action::Translate`]: the counter that names what happened; [`Action::Create`]:
     /// the one the packet counts in once the flow is recorded.
     counter: u32,
-    /// [`Action::Translate`]: the tuple to rewrite the packet to.
-    to: Tuple,
-    /// [`Action::Translate`]: its source becomes a node address, so the program forwards
-    /// it (the kernel would drop it as a martian).
-    routes_itself: bool,
-    /// [`Action::Translate`], XDP: where the forwarding checks send the translated packet
-    /// ([`Hop::KERNEL`]: the kernel routes it).
-    hop: Hop,
+    /// [`Action::Translate`]: the tuple to rewrite the packet to; whether its source
+    /// becomes a node address, so the program forwards it (the kernel would drop it as a
+    /// martian); and where the forwarding checks send it ([`Hop::KERNEL`]: the kernel
+    /// routes it).
+    out: Translated<A>,
     /// [`Action::Create`]: the new flow.
-    flow: Translation,
+    flow: Translation<A>,
     /// [`Action::Done`]: the packet's verdict, as [`Verdict::to_parts`] gives it.
     verdict: (u8, i32),
+    /// Scratch of [`decide`]: the packet's destination as a frontend (its header zero
+    /// when it is none), and its conntrack key. Held here, not on the stack: an IPv6 key
+    /// and frontend would crowd the frames of the lookups (see `Ipv6`).
+    frontend: Frontend<A>,
+    key: CtKey<A>,
 }
 
 /// This CPU's decision for the packet in hand: [`decide`] writes it, [`service_path`]
-/// carries it out. About 100 bytes that the stack, already holding the lookups' frames
-/// beside the packet path's, has no room for. Not pinned.
+/// carries it out. About 150 bytes (IPv6: 250) that the stack, already holding the
+/// lookups' frames beside the packet path's, has no room for. Not pinned.
 #[map]
 static DECISION: PerCpuArray<Decision> = PerCpuArray::with_max_entries(1, 0);
+
+/// [`DECISION`] for IPv6 packets.
+#[map]
+static DECISION6: PerCpuArray<Decision<Ipv6>> = PerCpuArray::with_max_entries(1, 0);
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Action {
@@ -228,24 +286,26 @@ enum Action {
     Done,
 }
 
-impl Decision {
+impl<A: Family> Decision<A> {
+    /// Starts the decision `action`: every field but the tuple and the flow, which only
+    /// [`Action::Translate`] and [`Action::Create`] read, and which their setters write.
+    /// Written in place: a decision built on the stack and copied would not fit an IPv6
+    /// packet's frame (an IPv6 flow is 88 bytes).
     #[inline(always)]
-    fn translate(to: Tuple, routes_itself: bool, counter: u32) -> Self {
-        Self {
-            counter,
-            to,
-            routes_itself,
-            ..Self::only(Action::Translate)
-        }
+    fn set(&mut self, action: Action) {
+        self.action = action;
+        self.counter = stat::PASS;
+        self.out.routes_itself = false;
+        self.out.hop = Hop::KERNEL;
+        self.verdict = Verdict::Drop.to_parts();
     }
 
     #[inline(always)]
-    fn create(flow: Translation, counter: u32) -> Self {
-        Self {
-            counter,
-            flow,
-            ..Self::only(Action::Create)
-        }
+    fn set_translate(&mut self, to: Tuple<A>, routes_itself: bool, counter: u32) {
+        self.set(Action::Translate);
+        self.counter = counter;
+        self.out.to = to;
+        self.out.routes_itself = routes_itself;
     }
 
     /// Ends the decision with `verdict` (see [`Action::Done`]).
@@ -253,27 +313,6 @@ impl Decision {
     fn finish(&mut self, verdict: Verdict) {
         self.action = Action::Done;
         self.verdict = verdict.to_parts();
-    }
-
-    #[inline(always)]
-    fn done(verdict: Verdict) -> Self {
-        Self {
-            verdict: verdict.to_parts(),
-            ..Self::only(Action::Done)
-        }
-    }
-
-    #[inline(always)]
-    fn only(action: Action) -> Self {
-        Self {
-            action,
-            counter: stat::PASS,
-            to: Tuple::default(),
-            routes_itself: false,
-            hop: Hop::KERNEL,
-            flow: Translation::default(),
-            verdict: Verdict::Drop.to_parts(),
-        }
     }
 }
 
@@ -284,8 +323,8 @@ impl Decision {
 /// flow's record, with its claim of a reply tuple, would otherwise be walked for every
 /// way a packet can miss conntrack).
 #[inline(always)]
-fn service_path<C: Context, M: Mode>(ctx: &C, mode: &M, packet: &Packet) -> Verdict {
-    let Some(decision) = DECISION.get_ptr_mut(0) else {
+fn service_path<C: Context, M: Mode, A: Family>(ctx: &C, mode: &M, packet: &Packet<A>) -> Verdict {
+    let Some(decision) = A::decision().get_ptr_mut(0) else {
         // Never: the array has its one entry.
         return Verdict::Drop;
     };
@@ -293,7 +332,12 @@ fn service_path<C: Context, M: Mode>(ctx: &C, mode: &M, packet: &Packet) -> Verd
     // program runs); `decide` writes all of it before anything reads it.
     let decision = unsafe { &mut *decision };
     let now = Now::read();
-    if decide(ctx, mode, packet, &now, decision) {
+    let decided = if A::FRAMES_APART {
+        decide_inline(ctx, mode, packet, &now, decision)
+    } else {
+        decide(ctx, mode, packet, &now, decision)
+    };
+    if decided {
         if C::IS_XDP {
             // XDP runs the forwarding checks before a new flow is recorded, so it can still
             // leave the packet to tc with nothing recorded (an SNAT port claimed later
@@ -301,31 +345,45 @@ fn service_path<C: Context, M: Mode>(ctx: &C, mode: &M, packet: &Packet) -> Verd
             // `translate`, after: walking the flow's record once per outcome of the checks
             // would take the verifier past its budget, and tc answers what they find itself.
             if decision.action == Action::Create {
-                decision.to = decision.flow.reply.reversed();
-                decision.routes_itself = decision.flow.forward_routes_itself;
+                decision.out.to = decision.flow.reply.reversed();
+                decision.out.routes_itself = decision.flow.forward_routes_itself;
             }
-            match checked(ctx, mode, packet, &decision.to, decision.routes_itself) {
-                Ok(hop) => decision.hop = hop,
-                Err(verdict) => decision.finish(verdict),
+            if let Some(verdict) = checked(ctx, mode, packet, &mut decision.out) {
+                decision.finish(verdict);
             }
         }
         if decision.action == Action::Create {
             create(mode, decision, packet, ctx.len(), &now);
         }
     }
-    let (verdict, fate) = match decision.action {
+    let (verdict, sent) = match decision.action {
         Action::Translate => translate(ctx, mode, packet, decision),
-        Action::Refuse => refuse(ctx, mode, packet),
-        Action::Done => (Verdict::from_parts(decision.verdict), Fate::dropped()),
+        Action::Refuse => (refuse(ctx, mode, packet), false),
+        Action::Done => (Verdict::from_parts(decision.verdict), false),
         // `create` leaves no Create behind.
-        Action::Drop | Action::Create => (Verdict::Drop, Fate::dropped()),
+        Action::Drop | Action::Create => (Verdict::Drop, false),
         Action::Pass => {
             mode.count(stat::PASS);
-            (Verdict::Accept, Fate::forward(packet.tuple(), false))
+            (Verdict::Accept, true)
         }
     };
-    fragment::remember(mode, packet, &fate);
+    A::remember_fragment(mode, packet, decision, sent);
     verdict
+}
+
+impl Decision {
+    /// What became of the packet this decision was for, for the rest of its datagram:
+    /// `sent` on, translated as decided or passed untouched; else dropped (or answered).
+    #[inline(always)]
+    fn fate(&self, packet: &Packet, sent: bool) -> fragment::Fate {
+        match self.action {
+            Action::Translate if sent => {
+                fragment::Fate::forward(self.out.to, self.out.routes_itself)
+            }
+            Action::Pass => fragment::Fate::forward(packet.tuple(), false),
+            _ => fragment::Fate::dropped(),
+        }
+    }
 }
 
 /// Writes into `decision` what becomes of `packet`: a tracked flow's translation, a new
@@ -336,37 +394,49 @@ fn service_path<C: Context, M: Mode>(ctx: &C, mode: &M, packet: &Packet) -> Verd
 /// caller's stack handed back in R0, and so may a function that returns nothing (R0 left
 /// as it was last used); the verifier refuses both.
 #[inline(never)]
-fn decide<C: Context, M: Mode>(
+fn decide<C: Context, M: Mode, A: Family>(
     ctx: &C,
     mode: &M,
-    packet: &Packet,
+    packet: &Packet<A>,
     now: &Now,
-    decision: &mut Decision,
+    decision: &mut Decision<A>,
 ) -> bool {
-    *decision = decision_for(ctx, mode, packet, now);
+    decide_inline(ctx, mode, packet, now, decision)
+}
+
+/// [`decide`], in the caller's frame: the IPv6 path, whose lookups have frames of their
+/// own ([`tracked`], [`new_flow`]) and which would not fit one more level of frames.
+#[inline(always)]
+fn decide_inline<C: Context, M: Mode, A: Family>(
+    ctx: &C,
+    mode: &M,
+    packet: &Packet<A>,
+    now: &Now,
+    decision: &mut Decision<A>,
+) -> bool {
+    decide_into(ctx, mode, packet, now, decision);
     matches!(decision.action, Action::Translate | Action::Create)
 }
 
-/// What becomes of `packet` (see [`decide`]).
+/// Writes what becomes of `packet` into `decision` (see [`decide`]).
 #[inline(always)]
-fn decision_for<C: Context, M: Mode>(ctx: &C, mode: &M, packet: &Packet, now: &Now) -> Decision {
-    let now = *now;
-    let key = packet.key();
+fn decide_into<C: Context, M: Mode, A: Family>(
+    ctx: &C,
+    mode: &M,
+    packet: &Packet<A>,
+    now: &Now,
+    decision: &mut Decision<A>,
+) {
     // An assured flow, in either direction: one lookup.
-    if let Some(entry) = Table::Assured.get(&key)
-        && let Some(decision) = tracked(ctx, mode, entry, &key, packet, now)
-    {
-        return decision;
+    let mut lookup = Lookup {
+        table: Table::Assured,
+        now: *now,
+    };
+    if tracked(ctx, mode, packet, &lookup, decision) {
+        return;
     }
     let destination = LbKey::destination(packet);
-    let found = lb::frontend(&destination);
-    let is_frontend = found.is_some();
-    // Zeros where there is none: an `Option`'s payload left undefined lives across the
-    // lookups below, and LLVM may spill it from a register the verifier holds unset.
-    let frontend = found.unwrap_or(Frontend {
-        key: FrontendKey::default(),
-        header: FrontendValue::default(),
-    });
+    let is_frontend = lb::find_frontend(&destination, &mut decision.frontend);
     // A flow not yet assured: of a frontend (a retransmitted SYN, the handshake's last
     // ACK, a UDP flow before it became a stream), the first answer of one, or a direct
     // flow to a backend. Anything else to no frontend is nothing of ours.
@@ -376,49 +446,64 @@ fn decision_for<C: Context, M: Mode>(ctx: &C, mode: &M, packet: &Packet, now: &N
         to_backend = Some(is_backend);
         is_backend
     };
-    if may_be_pending
-        && let Some(entry) = Table::Pending.get(&key)
-        && let Some(decision) = tracked(ctx, mode, entry, &key, packet, now)
-    {
-        return decision;
+    lookup.table = Table::Pending;
+    if may_be_pending && tracked(ctx, mode, packet, &lookup, decision) {
+        return;
     }
     if is_frontend {
-        return new_flow(ctx, mode, packet, &frontend, now);
+        new_flow(ctx, mode, packet, &lookup, decision);
+        return;
     }
     if to_backend.unwrap_or_else(|| lb::is_backend(&destination)) {
         // A packet straight to a backend that belongs to no tracked flow: the direct flow
         // is tracked, so no Service flow is created over its reply tuple. If a live
         // Service flow holds that tuple already, its source port is remapped instead.
-        let flow = Translation::direct(
+        decision.set(Action::Create);
+        decision.counter = stat::DIRECT;
+        decision.flow.set_direct(
             packet.proto,
             (packet.src_addr, packet.src_port),
             (packet.dst_addr, packet.dst_port),
         );
-        return Decision::create(flow, stat::DIRECT);
+        return;
     }
-    Decision::only(Action::Pass)
+    decision.set(Action::Pass);
 }
 
-/// A packet whose tuple has a conntrack `entry`: rewritten to the entry's tuple, unless the
-/// flow is over or must select again (`None`: go on as without the entry).
-#[inline(always)]
-fn tracked<C: Context, M: Mode>(
+/// Where [`tracked`] looks, and when.
+struct Lookup {
+    table: Table,
+    now: Now,
+}
+
+/// A packet whose tuple has an entry in the `lookup`'s table: rewritten to the entry's
+/// tuple, unless the flow is over or must select again (false, `decision` unset: go on as
+/// without the entry). A BPF subprogram, called for either table: its keys take a frame of
+/// their own (an IPv6 key is 40 bytes), and the verifier walks it once per call.
+#[inline(never)]
+fn tracked<C: Context, M: Mode, A: Family>(
     ctx: &C,
     mode: &M,
-    entry: Entry,
-    key: &CtKey,
-    packet: &Packet,
-    now: Now,
-) -> Option<Decision> {
+    packet: &Packet<A>,
+    lookup: &Lookup,
+    decision: &mut Decision<A>,
+) -> bool {
+    decision.key = packet.key();
+    let Some(entry) = lookup.table.get(&decision.key) else {
+        return false;
+    };
+    let (key, now) = (&decision.key, lookup.now);
     // XDP leaves a flow that must select again to tc: retiring its entry and then leaving
     // the new flow to tc (a refusal, an unknown neighbour) would not leave tc the packet
     // untouched with nothing recorded.
     let hit = match conntrack::follow(entry, key, packet, ctx.len(), now, mode, !C::IS_XDP) {
         Followed::Hit(hit) => hit,
         Followed::ReselectElsewhere => {
-            return Some(Decision::done(Verdict::ToTc(to_tc::RESELECT)));
+            decision.set(Action::Done);
+            decision.finish(Verdict::ToTc(to_tc::RESELECT));
+            return true;
         }
-        Followed::Reselect | Followed::Gone => return None,
+        Followed::Reselect | Followed::Gone => return false,
     };
     let counter = if hit.flags & ct_flags::DIRECT != 0 {
         stat::DIRECT
@@ -427,31 +512,33 @@ fn tracked<C: Context, M: Mode>(
     } else {
         stat::CT_HIT
     };
-    Some(Decision::translate(
-        hit.to,
-        hit.flags & ct_flags::ROUTES_ITSELF != 0,
-        counter,
-    ))
+    decision.set_translate(hit.to, hit.flags & ct_flags::ROUTES_ITSELF != 0, counter);
+    true
 }
 
-/// A packet to a frontend without a flow: selects a backend (the client's previous one
-/// under session affinity, else by the frontend's Maglev table or at random) among the set
-/// its origin reaches, for the new flow.
-#[inline(always)]
-fn new_flow<C: Context, M: Mode>(
+/// A packet to `decision`'s frontend without a flow: selects a backend (the client's
+/// previous one under session affinity, else by the frontend's Maglev table or at random)
+/// among the set its origin reaches, for the new flow. A BPF subprogram: the selection's lookups and the
+/// new flow take a frame of their own, beside the conntrack lookups' (an IPv6 packet's
+/// keys and flow would not fit one frame). Returns whether it records a new flow (a
+/// subprogram must return a value, see [`decide`]).
+#[inline(never)]
+fn new_flow<C: Context, M: Mode, A: Family>(
     ctx: &C,
     mode: &M,
-    packet: &Packet,
-    frontend: &Frontend,
-    now: Now,
-) -> Decision {
+    packet: &Packet<A>,
+    lookup: &Lookup,
+    decision: &mut Decision<A>,
+) -> bool {
+    let (frontend, now) = (&decision.frontend.clone(), lookup.now);
     mode.frontend_found(frontend);
     let flags = frontend.header.flags;
     if flags & service_flags::SOURCE_RANGES != 0
         && !source_ranges::admits(packet.src_addr, frontend)
     {
         mode.count(stat::SOURCE_RANGE_DENIED);
-        return Decision::only(Action::Drop);
+        decision.set(Action::Drop);
+        return false;
     }
     let set = lb::backends_for(frontend, || {
         let origin = devices::origin_of(ctx.ifindex());
@@ -464,9 +551,11 @@ fn new_flow<C: Context, M: Mode>(
         // at once (kube-proxy's DROP and REJECT).
         if set.drops_when_empty {
             mode.count(stat::NO_BACKEND);
-            return Decision::only(Action::Drop);
+            decision.set(Action::Drop);
+            return false;
         }
-        return Decision::only(Action::Refuse);
+        decision.set(Action::Refuse);
+        return false;
     };
     let client = Client::Address(packet.src_addr);
     let hashed = maglev::Flow {
@@ -478,14 +567,17 @@ fn new_flow<C: Context, M: Mode>(
     let Some((backend_id, backend)) = mode.chosen(selection) else {
         // Counted by `chosen`; the miss here, a new flow's in `create`.
         mode.count(stat::CT_MISS);
-        return Decision::only(Action::Drop);
+        decision.set(Action::Drop);
+        return false;
     };
     let snat_source = if Translation::may_snat(flags, &set, packet.src_addr, backend.addr) {
         snat::source_for(ctx, &backend)
     } else {
         None
     };
-    let mut flow = Translation::service(
+    decision.set(Action::Create);
+    decision.counter = stat::NEW_FLOW;
+    decision.flow = Translation::service(
         packet.proto,
         (packet.src_addr, packet.src_port),
         (packet.dst_addr, packet.dst_port),
@@ -497,38 +589,35 @@ fn new_flow<C: Context, M: Mode>(
     );
     if M::DRY_RUN {
         // Nothing is claimed in a dry run: a port of the range is shown.
-        if flow.needs_port() {
-            flow.set_peer_port(snat::port(snat::random_start(), 0));
+        if decision.flow.needs_port() {
+            decision
+                .flow
+                .set_peer_port(snat::port(snat::random_start(), 0));
         }
     } else if frontend.header.affinity_timeout_s != 0 {
         affinity::remember(client, frontend, backend_id, &backend, now.ns);
     }
-    Decision::create(flow, stat::NEW_FLOW)
+    true
 }
 
-/// The kernel's forwarding checks for `packet`, about to be translated to `to` (see
-/// `forwarding`): `Ok` where it goes, `Err` the verdict in place of the translation (an
-/// ICMP error went back, or XDP leaves the packet to tc). A packet that stays as it is (a
-/// direct flow) gets the kernel's own checks.
+/// The kernel's forwarding checks for `packet`, about to be translated as `out` says (see
+/// `forwarding`), which they complete with where it goes; `Some` verdict in place of the
+/// translation (an ICMP error went back, or XDP leaves the packet to tc). A packet that
+/// stays as it is (a direct flow) gets the kernel's own checks.
 #[inline(always)]
-fn checked<C: Context, M: Mode>(
+fn checked<C: Context, M: Mode, A: Family>(
     ctx: &C,
     mode: &M,
-    packet: &Packet,
-    to: &Tuple,
-    routes_itself: bool,
-) -> Result<Hop, Verdict> {
-    if !routes_itself && *to == packet.tuple() {
-        return Ok(Hop::KERNEL);
+    packet: &Packet<A>,
+    out: &mut Translated<A>,
+) -> Option<Verdict> {
+    out.hop = Hop::KERNEL;
+    if !out.routes_itself && packet.has_tuple(&out.to) {
+        return None;
     }
-    let mut translated = Translated {
-        to: *to,
-        routes_itself,
-        hop: Hop::KERNEL,
-    };
-    match forwarding::check(ctx, mode, packet, &mut translated) {
-        Checked::Go => Ok(translated.hop),
-        Checked::Answered(verdict) => Err(verdict),
+    match forwarding::check(ctx, mode, packet, out) {
+        Checked::Go => None,
+        Checked::Answered(verdict) => Some(verdict),
     }
 }
 
@@ -537,7 +626,13 @@ fn checked<C: Context, M: Mode>(
 /// Service's new flow counts its conntrack miss here, once it is sure to be recorded by
 /// this hook (XDP may leave it to tc before).
 #[inline(always)]
-fn create<M: Mode>(mode: &M, decision: &mut Decision, packet: &Packet, len: u32, now: &Now) {
+fn create<M: Mode, A: Family>(
+    mode: &M,
+    decision: &mut Decision<A>,
+    packet: &Packet<A>,
+    len: u32,
+    now: &Now,
+) {
     if decision.counter == stat::NEW_FLOW {
         mode.count(stat::CT_MISS);
     }
@@ -555,8 +650,8 @@ fn create<M: Mode>(mode: &M, decision: &mut Decision, packet: &Packet, len: u32,
             mode.count(stat::REMAPPED);
         }
     }
-    decision.to = flow.reply.reversed();
-    decision.routes_itself = flow.forward_routes_itself;
+    decision.out.to = flow.reply.reversed();
+    decision.out.routes_itself = flow.forward_routes_itself;
     decision.action = Action::Translate;
 }
 
@@ -565,44 +660,40 @@ fn create<M: Mode>(mode: &M, decision: &mut Decision, packet: &Packet, len: u32,
 /// one of the node's own addresses, the program's own forwarding step. Returns the verdict and what became of the packet, for
 /// the rest of its datagram.
 #[inline(always)]
-fn translate<C: Context, M: Mode>(
+fn translate<C: Context, M: Mode, A: Family>(
     ctx: &C,
     mode: &M,
-    packet: &Packet,
-    decision: &Decision,
-) -> (Verdict, Fate) {
-    let to = &decision.to;
-    let hop = if C::IS_XDP {
-        decision.hop
-    } else {
-        match checked(ctx, mode, packet, to, decision.routes_itself) {
-            Ok(hop) => hop,
-            Err(verdict) => return (verdict, Fate::dropped()),
-        }
-    };
-    let hop = &hop;
+    packet: &Packet<A>,
+    decision: &mut Decision<A>,
+) -> (Verdict, bool) {
+    if !C::IS_XDP
+        && let Some(verdict) = checked(ctx, mode, packet, &mut decision.out)
+    {
+        return (verdict, false);
+    }
+    let (to, hop) = (&decision.out.to, &decision.out.hop);
     if nat::rewrite(ctx, packet, to).is_err() {
         // A half-rewritten packet must not leave.
         mode.count(stat::REWRITE_FAILED);
-        return (Verdict::Drop, Fate::dropped());
+        return (Verdict::Drop, false);
     }
     // The TTL was checked before the translation: only a packet the check could not
     // answer runs out of it here.
-    let Some(verdict) = route::send(ctx, mode, hop) else {
+    let Some(verdict) = route::send::<C, M, A>(ctx, mode, hop) else {
         mode.count(stat::NOT_FORWARDABLE);
-        return (Verdict::Drop, Fate::dropped());
+        return (Verdict::Drop, false);
     };
     mode.count(decision.counter);
-    (verdict, Fate::forward(*to, decision.routes_itself))
+    (verdict, true)
 }
 
-/// Refuses `packet` with an ICMP port unreachable, sent back out of its device, if the
+/// Refuses `packet` with an ICMP (ICMPv6) port unreachable, sent back out of its device, if the
 /// ICMP rate limits allow; the rest of a refused datagram goes nowhere either. XDP leaves
 /// it to tc, which builds the answer.
 #[inline(always)]
-fn refuse<C: Context, M: Mode>(ctx: &C, mode: &M, packet: &Packet) -> (Verdict, Fate) {
+fn refuse<C: Context, M: Mode, A: Family>(ctx: &C, mode: &M, packet: &Packet<A>) -> Verdict {
     let (verdict, counter) = match ctx.answer(packet, Answer::PortUnreachable, !M::DRY_RUN) {
-        Ok(Verdict::ToTc(reason)) => return (Verdict::ToTc(reason), Fate::dropped()),
+        Ok(Verdict::ToTc(reason)) => return Verdict::ToTc(reason),
         Ok(verdict) => (verdict, stat::REJECTED),
         Err(NotAnswered::RateLimited) => (Verdict::Drop, stat::REJECT_RATE_LIMITED),
         Err(NotAnswered::IpOptions) => (Verdict::Drop, stat::NO_BACKEND),
@@ -610,7 +701,7 @@ fn refuse<C: Context, M: Mode>(ctx: &C, mode: &M, packet: &Packet) -> (Verdict, 
         Err(NotAnswered::HelperFailed) => (Verdict::Drop, stat::REWRITE_FAILED),
     };
     mode.count(counter);
-    (verdict, Fate::dropped())
+    verdict
 }
 
 #[cfg(not(test))]

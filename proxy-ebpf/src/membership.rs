@@ -15,12 +15,14 @@ use aya_ebpf::{
 };
 use proxy_common::{MembershipKey, default_max_entries, membership};
 
-use crate::recycled;
+use crate::{family::Family, recycled};
 
-/// Named like `proxy_common::map_names::MEMBERSHIP`; the daemon fills it and rewrites
-/// bits in place, hence read through [`recycled::read`].
+/// Named like `proxy_common::map_names::MEMBERSHIP`; the daemon fills it (MEMBERSHIP6 for
+/// IPv6 addresses, in `lb6`; the epoch is shared) and rewrites bits in place, hence read
+/// through [`recycled::read`].
 #[map]
-static MEMBERSHIP: HashMap<MembershipKey, u8> = HashMap::pinned(default_max_entries::MEMBERSHIP, 0);
+pub(crate) static MEMBERSHIP: HashMap<MembershipKey, u8> =
+    HashMap::pinned(default_max_entries::MEMBERSHIP, 0);
 
 /// Named like `proxy_common::map_names::MEMBERSHIP_EPOCH`; the daemon raises it.
 #[map]
@@ -28,8 +30,8 @@ static MEMBERSHIP_EPOCH: Array<u32> = Array::pinned(1, 0);
 
 /// The `membership` bits of `addr` for the frontend `rev_nat_id` (0: not an endpoint).
 #[inline(always)]
-pub fn of(rev_nat_id: u32, addr: u32) -> u8 {
-    recycled::read(&MEMBERSHIP, &MembershipKey { rev_nat_id, addr }).unwrap_or(0)
+pub fn of<A: Family>(rev_nat_id: u32, addr: A) -> u8 {
+    recycled::read(A::membership(), &MembershipKey { rev_nat_id, addr }).unwrap_or(0)
 }
 
 /// The current epoch.
@@ -43,6 +45,6 @@ pub fn epoch() -> u32 {
 /// backend, or — the last serving endpoint gone, or the frontend — refused, as after
 /// kube-proxy's `CleanStaleEntries`.
 #[inline(always)]
-pub fn may_stay(rev_nat_id: u32, addr: u32) -> bool {
+pub fn may_stay<A: Family>(rev_nat_id: u32, addr: A) -> bool {
     of(rev_nat_id, addr) & membership::SERVING != 0
 }

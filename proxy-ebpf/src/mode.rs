@@ -6,15 +6,19 @@
 //! writes neither (the packet path checks [`Mode::DRY_RUN`] before every conntrack write)
 //! and instead records what it decided in the TRACE map. Monomorphization removes every
 //! trace hook from `epx_ingress`.
+//!
+//! The trace record holds IPv4 addresses: a dry run of an IPv6 packet records its outcome
+//! and the path's decisions, without the addresses of its flow, frontend and backend.
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 use proxy_common::{
-    Backend, BackendSet, CtValue, FragmentValue, Origin, TraceRecord, stat, trace_answer, trace_ct,
-    trace_fragment, trace_origin, trace_table,
+    Backend, BackendSet, CtValue, FragmentValue, FrontendKey, Origin, TraceRecord, Tuple, stat,
+    trace_answer, trace_ct, trace_fragment, trace_origin, trace_table,
 };
 
 use crate::{
     conntrack::Table,
+    family::Family,
     lb::{Frontend, Selection},
     stats,
 };
@@ -28,20 +32,29 @@ static TRACE: PerCpuArray<TraceRecord> = PerCpuArray::with_max_entries(1, 0);
 pub trait Mode {
     /// True when shared state (conntrack entries, their counters, STATS) must stay as is.
     const DRY_RUN: bool;
+    /// The `proxy_common::tail_call` slot of this mode's IPv6 path.
+    const IPV6_SLOT: u32;
     /// The path reached the outcome named by a `proxy_common::stat` counter.
     fn count(&self, counter: u32);
     /// A conntrack entry of `table` decided the packet (`kind`: a `trace_ct` constant).
-    fn flow_found(&self, _kind: u8, _table: Table, _flow: &CtValue) {}
+    fn flow_found<A: Family>(&self, _kind: u8, _table: Table, _flow: &CtValue<A>) {}
     /// The packet is addressed to `frontend`.
-    fn frontend_found(&self, _frontend: &Frontend) {}
+    fn frontend_found<A: Family>(&self, _frontend: &Frontend<A>) {}
     /// Where the new connection comes from was looked up (it decides the backend set).
     fn origin_found(&self, _origin: Origin) {}
     /// The new connection chooses among `set`.
     fn set_chosen(&self, _set: &BackendSet) {}
     /// A new flow was given the backend in `slot` (1-based) of its set.
-    fn backend_selected(&self, _slot: u16, _backend_id: u32, _backend: &Backend, _maglev: bool) {}
+    fn backend_selected<A: Family>(
+        &self,
+        _slot: u16,
+        _backend_id: u32,
+        _backend: &Backend<A>,
+        _maglev: bool,
+    ) {
+    }
     /// A new flow was given the client's previous backend (session affinity).
-    fn affinity_kept(&self, _backend_id: u32, _backend: &Backend) {}
+    fn affinity_kept<A: Family>(&self, _backend_id: u32, _backend: &Backend<A>) {}
     /// The packet would now be routed by the program (FIB lookup and redirect) out of
     /// `egress_ifindex`: its source became a node address (see `ct_flags::ROUTES_ITSELF`).
     fn routes_itself(&self, _egress_ifindex: u32) {}
@@ -63,7 +76,7 @@ pub trait Mode {
     /// The backend `selection` gave a new flow (or socket), counted and recorded as chosen;
     /// `None` when the drawn slot holds no backend (counted as `backend_missing`).
     #[inline(always)]
-    fn chosen(&self, selection: Selection) -> Option<(u32, Backend)> {
+    fn chosen<A: Family>(&self, selection: Selection<A>) -> Option<(u32, Backend<A>)> {
         match selection {
             Selection::Affinity { id, backend } => {
                 self.count(stat::AFFINITY);
@@ -92,6 +105,7 @@ pub struct Live;
 
 impl Mode for Live {
     const DRY_RUN: bool = false;
+    const IPV6_SLOT: u32 = proxy_common::tail_call::IPV6;
 
     #[inline(always)]
     fn count(&self, counter: u32) {
@@ -137,6 +151,7 @@ impl DryRun {
 
 impl Mode for DryRun {
     const DRY_RUN: bool = true;
+    const IPV6_SLOT: u32 = proxy_common::tail_call::IPV6_TRACE;
 
     #[inline(always)]
     fn count(&self, counter: u32) {
@@ -145,23 +160,32 @@ impl Mode for DryRun {
     }
 
     #[inline(always)]
-    fn flow_found(&self, kind: u8, table: Table, flow: &CtValue) {
+    fn flow_found<A: Family>(&self, kind: u8, table: Table, flow: &CtValue<A>) {
         let record = self.record();
         record.conntrack = kind;
         record.table = match table {
             Table::Assured => trace_table::ASSURED,
             Table::Pending => trace_table::PENDING,
         };
-        record.flow = *flow;
+        if let Some(flow) = ipv4_flow(flow) {
+            record.flow = flow;
+        }
         if kind == trace_ct::FORWARD {
             record.backend_id = flow.backend_id;
         }
     }
 
     #[inline(always)]
-    fn frontend_found(&self, frontend: &Frontend) {
+    fn frontend_found<A: Family>(&self, frontend: &Frontend<A>) {
         let record = self.record();
-        record.frontend = frontend.key;
+        if let Some(addr) = frontend.key.addr.ipv4() {
+            record.frontend = FrontendKey {
+                addr,
+                port: frontend.key.port,
+                proto: frontend.key.proto,
+                _pad: 0,
+            };
+        }
         record.service = frontend.header;
     }
 
@@ -179,20 +203,30 @@ impl Mode for DryRun {
     }
 
     #[inline(always)]
-    fn backend_selected(&self, slot: u16, backend_id: u32, backend: &Backend, maglev: bool) {
+    fn backend_selected<A: Family>(
+        &self,
+        slot: u16,
+        backend_id: u32,
+        backend: &Backend<A>,
+        maglev: bool,
+    ) {
         let record = self.record();
         record.slot = slot;
         record.maglev = u8::from(maglev);
         record.backend_id = backend_id;
-        record.backend = *backend;
+        if let Some(backend) = ipv4_backend(backend) {
+            record.backend = backend;
+        }
     }
 
     #[inline(always)]
-    fn affinity_kept(&self, backend_id: u32, backend: &Backend) {
+    fn affinity_kept<A: Family>(&self, backend_id: u32, backend: &Backend<A>) {
         let record = self.record();
         record.affinity = 1;
         record.backend_id = backend_id;
-        record.backend = *backend;
+        if let Some(backend) = ipv4_backend(backend) {
+            record.backend = backend;
+        }
     }
 
     #[inline(always)]
@@ -239,4 +273,39 @@ impl Mode for DryRun {
             trace.mtu = mtu;
         }
     }
+}
+
+/// `backend` as the trace record holds it: IPv4 only.
+#[inline(always)]
+fn ipv4_backend<A: Family>(backend: &Backend<A>) -> Option<Backend> {
+    Some(Backend {
+        addr: backend.addr.ipv4()?,
+        port: backend.port,
+        proto: backend.proto,
+        _pad: 0,
+    })
+}
+
+/// `flow` as the trace record holds it: IPv4 only.
+#[inline(always)]
+fn ipv4_flow<A: Family>(flow: &CtValue<A>) -> Option<CtValue> {
+    let to = Tuple {
+        src_addr: flow.to.src_addr.ipv4()?,
+        dst_addr: flow.to.dst_addr.ipv4()?,
+        src_port: flow.to.src_port,
+        dst_port: flow.to.dst_port,
+    };
+    Some(CtValue {
+        to,
+        rev_nat_id: flow.rev_nat_id,
+        backend_id: flow.backend_id,
+        flags: flow.flags,
+        _pad: flow._pad,
+        created: flow.created,
+        epoch: flow.epoch,
+        state: flow.state,
+        expires_ns: flow.expires_ns,
+        packets: flow.packets,
+        bytes: flow.bytes,
+    })
 }

@@ -6,7 +6,7 @@
 //! about a flow the same operations on their outer and quoted headers (`icmp_error`).
 //!
 //! The new addresses and ports are written in place, the IPv4 header checksum is fixed by
-//! the program, and the TCP/UDP checksum gets one difference for the addresses (which it
+//! the program (IPv6 has none), and the TCP/UDP checksum gets one difference for the addresses (which it
 //! covers through its pseudo-header) and one for the ports, through the context
 //! ([`Context::add_to_l4_checksum`]), which knows how the skb's checksum is to be completed.
 //! SCTP's CRC32c covers no addresses; a port change updates it in place
@@ -18,6 +18,7 @@ use proxy_common::{Tuple, proto, sctp};
 use crate::{
     context::Context,
     csum,
+    family::Family,
     parse::{self, L3_OFFSET, Packet},
 };
 
@@ -85,30 +86,35 @@ pub fn rewrite_addresses<C: Context>(
 
 /// Rewrites `packet`'s addresses and ports to `to` and fixes its checksums.
 #[inline(always)]
-pub fn rewrite<C: Context>(ctx: &C, packet: &Packet, to: &Tuple) -> Result<(), c_long> {
-    let from = packet.tuple();
-    if from == *to {
+pub fn rewrite<C: Context, A: Family>(
+    ctx: &C,
+    packet: &Packet<A>,
+    to: &Tuple<A>,
+) -> Result<(), c_long> {
+    if packet.has_tuple(to) {
         return Ok(());
     }
-    let addresses = address_diff(from.src_addr, from.dst_addr, to.src_addr, to.dst_addr);
+    // From the packet's fields, not a copy of its tuple (an IPv6 tuple would take 36
+    // bytes of the frame).
+    let addresses = A::address_diff(&packet.src_addr, &packet.dst_addr, to);
     let mut port_diff = 0;
-    if from.src_port != to.src_port {
-        port_diff = csum::diff16(from.src_port, to.src_port);
+    if packet.src_port != to.src_port {
+        port_diff = csum::diff16(packet.src_port, to.src_port);
     }
-    if from.dst_port != to.dst_port {
-        port_diff = csum::add(port_diff, csum::diff16(from.dst_port, to.dst_port));
+    if packet.dst_port != to.dst_port {
+        port_diff = csum::add(port_diff, csum::diff16(packet.dst_port, to.dst_port));
     }
-    let addresses_changed = from.src_addr != to.src_addr || from.dst_addr != to.dst_addr;
-    let ports_changed = from.src_port != to.src_port || from.dst_port != to.dst_port;
+    let addresses_changed = packet.src_addr != to.src_addr || packet.dst_addr != to.dst_addr;
+    let ports_changed = packet.src_port != to.src_port || packet.dst_port != to.dst_port;
 
     // In place, before any helper (a helper call invalidates packet pointers).
-    let ip = parse::at(ctx, L3_OFFSET, IPV4_LEN).ok_or(NOT_WRITABLE)?;
+    let ip = parse::at(ctx, L3_OFFSET, A::HEADER_LEN).ok_or(NOT_WRITABLE)?;
     let l4 = parse::at(ctx, packet.l4_offset, 4).ok_or(NOT_WRITABLE)?;
     // SAFETY: both ranges were checked against data_end just above; tc programs may
     // write packet data (the verifier unclones the skb first).
     unsafe {
         if addresses_changed {
-            set_addresses(ip, to.src_addr, to.dst_addr, addresses);
+            A::set_addresses(ip, to, addresses);
         }
         if ports_changed {
             *(l4 as *mut [u8; 4]) = port_bytes(to);
@@ -116,7 +122,7 @@ pub fn rewrite<C: Context>(ctx: &C, packet: &Packet, to: &Tuple) -> Result<(), c
     }
     if packet.proto == proto::SCTP {
         if ports_changed {
-            fix_sctp_checksum(ctx, packet, &from, to)?;
+            fix_sctp_checksum(ctx, packet, to)?;
         }
         return Ok(());
     }
@@ -138,14 +144,23 @@ pub fn rewrite<C: Context>(ctx: &C, packet: &Packet, to: &Tuple) -> Result<(), c
 
 /// The ports of `tuple` as the L4 header's first four bytes.
 #[inline(always)]
-pub fn port_bytes(tuple: &Tuple) -> [u8; 4] {
+pub fn port_bytes<A>(tuple: &Tuple<A>) -> [u8; 4] {
     let mut ports = [0u8; 4];
     ports[..2].copy_from_slice(&tuple.src_port.to_ne_bytes());
     ports[2..].copy_from_slice(&tuple.dst_port.to_ne_bytes());
     ports
 }
 
-/// Updates the CRC32c of an SCTP packet whose ports changed from `from`'s to `to`'s (the
+/// The ports of `packet` as its L4 header's first four bytes.
+#[inline(always)]
+fn packet_port_bytes<A>(packet: &Packet<A>) -> [u8; 4] {
+    let mut ports = [0u8; 4];
+    ports[..2].copy_from_slice(&packet.src_port.to_ne_bytes());
+    ports[2..].copy_from_slice(&packet.dst_port.to_ne_bytes());
+    ports
+}
+
+/// Updates the CRC32c of an SCTP packet whose ports changed from its own to `to`'s (the
 /// addresses are not under it). Two cases leave the field alone:
 /// - zero: the sender left the CRC to the device (`CHECKSUM_PARTIAL`; a pod's SCTP
 ///   socket behind a veth, which offers SCTP CRC offload, sends it so), and the kernel or
@@ -156,11 +171,10 @@ pub fn port_bytes(tuple: &Tuple) -> [u8; 4] {
 ///   the fragment does not tell. SCTP sets DF and splits its own chunks to the path MTU,
 ///   so such datagrams are rare; the receiver discards one, as a lost packet.
 #[inline(always)]
-fn fix_sctp_checksum<C: Context>(
+fn fix_sctp_checksum<C: Context, A: Family>(
     ctx: &C,
-    packet: &Packet,
-    from: &Tuple,
-    to: &Tuple,
+    packet: &Packet<A>,
+    to: &Tuple<A>,
 ) -> Result<(), c_long> {
     let ip_header_len = (packet.l4_offset - L3_OFFSET) as u16;
     let Some(len) = packet.ip.total_len.checked_sub(ip_header_len) else {
@@ -175,8 +189,8 @@ fn fix_sctp_checksum<C: Context>(
         let field = (header + sctp::CHECKSUM_OFFSET) as *mut [u8; 4];
         let stored = *field;
         if stored != [0; 4] {
-            *field =
-                sctp::checksum_after_port_change(stored, port_bytes(from), port_bytes(to), len);
+            let from = packet_port_bytes(packet);
+            *field = sctp::checksum_after_port_change(stored, from, port_bytes(to), len);
         }
     }
     Ok(())

@@ -24,16 +24,35 @@ const COPIES: u32 = 3;
 /// after the copy.
 #[inline(always)]
 pub fn read<K, V: Copy>(map: &HashMap<K, V>, key: &K) -> Option<V> {
-    let mut element = map.get_ptr(key)?;
+    let mut value = None;
+    copy_linked(map, key, |element| value = Some(*element)).then_some(value)?
+}
+
+/// [`read`] into `into` (the IPv6 path's scratch memory, where a copy on the stack would
+/// crowd its frames); whether there was a value. `into` is left as it was if not.
+#[inline(always)]
+pub fn read_into<K, V: Copy>(map: &HashMap<K, V>, key: &K, into: &mut V) -> bool {
+    copy_linked(map, key, |element| *into = *element)
+}
+
+/// Calls `copy` with the element at `key`, again while the element linked at `key` after
+/// the copy is another one (at most [`COPIES`] times); false when there is none.
+#[inline(always)]
+fn copy_linked<K, V>(map: &HashMap<K, V>, key: &K, mut copy: impl FnMut(&V)) -> bool {
+    let Some(mut element) = map.get_ptr(key) else {
+        return false;
+    };
     let mut copies = 1;
     loop {
         // SAFETY: a map element stays mapped for the whole program run (RCU); its contents
         // may change under us, which the lookup below detects.
-        let value = unsafe { *element };
+        copy(unsafe { &*element });
         // The helper call is opaque to the compiler, so the copy's loads stay before it.
-        let linked = map.get_ptr(key)?;
+        let Some(linked) = map.get_ptr(key) else {
+            return false;
+        };
         if core::ptr::eq(linked, element) || copies == COPIES {
-            return Some(value);
+            return true;
         }
         element = linked;
         copies += 1;

@@ -30,13 +30,11 @@ use proxy_common::Tuple;
 
 use crate::{
     context::Context,
-    csum,
+    family::Family,
     mode::Mode,
     parse::{self, L3_OFFSET},
     verdict::Verdict,
 };
-
-const AF_INET: u8 = 2;
 
 /// This CPU's lookup parameters: 64 bytes the packet path's stack has no room for. Each
 /// lookup fills them anew; not pinned.
@@ -64,10 +62,6 @@ fn fib<C: Context, T>(
     let found = unsafe { fib_lookup(ctx.raw(), params, size_of::<bpf_fib_lookup>() as i32, flags) };
     Some(read(found, params))
 }
-
-/// Offsets within the IPv4 header.
-const IPV4_TTL_OFFSET: usize = 8;
-const IPV4_CSUM_OFFSET: usize = 10;
 
 /// Where a packet leaves when the program routes it: the egress device and, when the
 /// neighbour table knows it, the Ethernet addresses to use. Every field is always written
@@ -116,20 +110,19 @@ pub enum Route {
 /// segment), checked against the route's MTU as the kernel's forwarding does; with 0 the
 /// kernel checks the skb itself against the egress device's MTU instead.
 #[inline(always)]
-pub fn lookup<C: Context>(ctx: &C, proto: u8, to: &Tuple, l3_len: u16) -> Route {
+pub fn lookup<C: Context, A: Family>(ctx: &C, proto: u8, to: &Tuple<A>, l3_len: u16) -> Route {
     let ingress = ctx.ifindex();
     let route = fib(
         ctx,
         0,
         |params| {
-            params.family = AF_INET;
+            params.family = A::AF;
             params.l4_protocol = proto;
             params.sport = to.src_port;
             params.dport = to.dst_port;
             params.ifindex = ingress;
             params.__bindgen_anon_1.tot_len = l3_len;
-            params.__bindgen_anon_3.ipv4_src = to.src_addr;
-            params.__bindgen_anon_4.ipv4_dst = to.dst_addr;
+            A::fib_addresses(params, to.src_addr, to.dst_addr);
         },
         |found, params| {
             let neighbour_known = found == i64::from(BPF_FIB_LKUP_RET_SUCCESS);
@@ -157,11 +150,11 @@ pub fn lookup<C: Context>(ctx: &C, proto: u8, to: &Tuple, l3_len: u16) -> Route 
 
 /// Sends the already translated packet on: to the kernel when `hop` is [`Hop::KERNEL`],
 /// else out of `hop` (found by [`lookup`], accepted by the context's `can_send`) with the
-/// TTL decremented as a router does; a dry run only records where. `None` when the TTL is
+/// TTL (hop limit) decremented as a router does; a dry run only records where. `None` when the TTL is
 /// exhausted: the caller drops the packet (the error, where one is due, was sent before
 /// the packet was translated).
 #[inline(always)]
-pub fn send<C: Context, M: Mode>(ctx: &C, mode: &M, hop: &Hop) -> Option<Verdict> {
+pub fn send<C: Context, M: Mode, A: Family>(ctx: &C, mode: &M, hop: &Hop) -> Option<Verdict> {
     if !hop.routed_here() {
         return Some(Verdict::Accept);
     }
@@ -169,7 +162,7 @@ pub fn send<C: Context, M: Mode>(ctx: &C, mode: &M, hop: &Hop) -> Option<Verdict
         mode.routes_itself(hop.ifindex);
         return Some(Verdict::Accept);
     }
-    if !decrement_ttl(ctx) {
+    if !decrement_hop_limit::<C, A>(ctx) {
         return None;
     }
     Some(ctx.send(hop))
@@ -178,50 +171,41 @@ pub fn send<C: Context, M: Mode>(ctx: &C, mode: &M, hop: &Hop) -> Option<Verdict
 /// The node address a packet toward `addr` leaves with (`BPF_FIB_LOOKUP_SRC`, a
 /// forwarding lookup from the arrival device), and the device it leaves by.
 #[inline(always)]
-pub fn source_toward<C: Context>(ctx: &C, proto: u8, addr: u32, port: u16) -> Option<(u32, u32)> {
+pub fn source_toward<C: Context, A: Family>(
+    ctx: &C,
+    proto: u8,
+    addr: A,
+    port: u16,
+) -> Option<(A, u32)> {
     let ingress = ctx.ifindex();
     fib(
         ctx,
         BPF_FIB_LOOKUP_SRC,
         |params| {
-            params.family = AF_INET;
+            params.family = A::AF;
             params.l4_protocol = proto;
             params.dport = port;
             params.ifindex = ingress;
-            params.__bindgen_anon_4.ipv4_dst = addr;
+            A::fib_addresses(params, A::default(), addr);
         },
         |found, params| {
             let routed = found == i64::from(BPF_FIB_LKUP_RET_SUCCESS)
                 || found == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH);
-            // SAFETY: the lookup filled in the IPv4 source (BPF_FIB_LOOKUP_SRC).
-            let source = unsafe { params.__bindgen_anon_3.ipv4_src };
-            (routed && source != 0).then_some((source, params.ifindex))
+            // The lookup filled in the source (BPF_FIB_LOOKUP_SRC).
+            let source = A::fib_source(params);
+            (routed && source != A::default()).then_some((source, params.ifindex))
         },
     )
     .flatten()
 }
 
-/// Decrements the TTL and fixes the header checksum; false when it would reach zero.
+/// Decrements the TTL or hop limit (fixing IPv4's header checksum); false when it would
+/// reach zero.
 #[inline(always)]
-fn decrement_ttl<C: Context>(ctx: &C) -> bool {
-    let Some(ip) = parse::at(ctx, L3_OFFSET, IPV4_CSUM_OFFSET + 2) else {
+fn decrement_hop_limit<C: Context, A: Family>(ctx: &C) -> bool {
+    let Some(ip) = parse::at(ctx, L3_OFFSET, A::HEADER_LEN) else {
         return false;
     };
-    // SAFETY: the range was checked against data_end just above.
-    unsafe {
-        let ttl_and_proto = (ip + IPV4_TTL_OFFSET) as *mut [u8; 2];
-        let [ttl, protocol] = *ttl_and_proto;
-        if ttl <= 1 {
-            return false;
-        }
-        let decremented = [ttl - 1, protocol];
-        let check = (ip + IPV4_CSUM_OFFSET) as *mut [u8; 2];
-        let diff = csum::diff16(
-            u16::from_ne_bytes(*ttl_and_proto),
-            u16::from_ne_bytes(decremented),
-        );
-        *check = csum::updated(u16::from_ne_bytes(*check), diff).to_ne_bytes();
-        *ttl_and_proto = decremented;
-    }
-    true
+    // SAFETY: the header was checked against data_end just above.
+    unsafe { A::decrement_hop_limit(ip) }
 }

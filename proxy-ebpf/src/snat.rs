@@ -8,7 +8,7 @@ use core::{num::NonZeroU32, ptr};
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use proxy_common::{Backend, SNAT_PORT_RANGE};
 
-use crate::{context::Context, route};
+use crate::{context::Context, family::Family, route};
 
 /// Ports tried per new flow before giving up (`stat::SNAT_FAILED`): consecutive ones from
 /// a random start (wrapping within the range). Clash remaps draw from the same range.
@@ -24,7 +24,7 @@ static SNAT_PORT_MAX: u16 = SNAT_PORT_RANGE.1;
 /// goes to `backend` through the same device: a backend on another node. `None` when the
 /// backend is reached another way (a pod of this node) or the FIB has no route.
 #[inline(always)]
-pub fn source_for<C: Context>(ctx: &C, backend: &Backend) -> Option<u32> {
+pub fn source_for<C: Context, A: Family>(ctx: &C, backend: &Backend<A>) -> Option<A> {
     // A forwarding lookup, as for the packet itself (from its arrival device), with the
     // source address the node would use on the way out.
     let (source, egress) = route::source_toward(ctx, backend.proto, backend.addr, backend.port)?;

@@ -7,22 +7,23 @@ use aya_ebpf::{
 };
 use proxy_common::{SourceRange, default_max_entries};
 
-use crate::lb::Frontend;
+use crate::{family::Family, lb::Frontend};
 
 /// Named like `proxy_common::map_names::SOURCE_RANGES`; written by the daemon.
 #[map]
-static SOURCE_RANGES: LpmTrie<SourceRange, u8> =
+pub(crate) static SOURCE_RANGES: LpmTrie<SourceRange, u8> =
     LpmTrie::pinned(default_max_entries::SOURCE_RANGES, 0);
 
-/// Whether one of `frontend`'s source ranges contains `client_addr`.
+/// Whether one of `frontend`'s source ranges contains `client_addr` (SOURCE_RANGES6 for an
+/// IPv6 client, whose prefixes are IPv6 ones).
 #[inline(always)]
-pub fn admits(client_addr: u32, frontend: &Frontend) -> bool {
+pub fn admits<A: Family>(client_addr: A, frontend: &Frontend<A>) -> bool {
     let key = Key::new(
-        SourceRange::<u32>::FRONTEND_BITS + 32,
+        SourceRange::<A>::FRONTEND_BITS + u32::from(A::BITS),
         SourceRange {
             rev_nat_id: frontend.header.rev_nat_id,
             addr: client_addr,
         },
     );
-    SOURCE_RANGES.get(&key).is_some()
+    A::source_ranges().get(&key).is_some()
 }

@@ -98,9 +98,6 @@ struct Daemon {
     need_reread: bool,
     /// The last sync left writes undone (a full map, a failed write): the maps lag behind.
     writes_pending: bool,
-    /// IPv6 frontends written to the IPv6 maps, which no program serves yet, as last
-    /// logged.
-    ipv6_frontends_unserved: usize,
     runner: SyncRunner,
     node: NodeFacts,
     attached: BTreeSet<Device>,
@@ -202,7 +199,6 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         need_full_sync: true,
         need_reread: false,
         writes_pending: false,
-        ipv6_frontends_unserved: 0,
         node,
         attached: BTreeSet::new(),
         xdp_attached: BTreeMap::new(),
@@ -438,16 +434,6 @@ impl Daemon {
             .sync(self.planner.health_checks(), &addresses);
         let desired = self.planner.desired();
         let ipv6_frontends = self.writer.image6().services.len();
-        if ipv6_frontends != self.ipv6_frontends_unserved {
-            self.ipv6_frontends_unserved = ipv6_frontends;
-            if ipv6_frontends > 0 {
-                warn!(
-                    frontends = ipv6_frontends,
-                    "IPv6 frontends written to the IPv6 maps but not served: the packet path \
-                     is IPv4 only"
-                );
-            }
-        }
         info!(
             frontends = desired.frontends.len(),
             backends = self.writer.image().backends.len() + self.writer.image6().backends.len(),

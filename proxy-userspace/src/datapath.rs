@@ -24,16 +24,18 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow};
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, xdp::DevMapHash};
+use aya::maps::{
+    Array, HashMap as BpfHashMap, MapData, PerCpuArray, ProgramArray, xdp::DevMapHash,
+};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::TcAttachOptions;
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, Xdp};
 use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::{
-    Address, CtTimeouts, Ipv6, PROGRAM_NAME, REFUSAL_LIMITS_GLOBAL, RefusalLimits,
+    Address, CtTimeouts, Ipv6, PROGRAM_NAME, PROGRAM6_NAME, REFUSAL_LIMITS_GLOBAL, RefusalLimits,
     SNAT_PORT_MAX_GLOBAL, SNAT_PORT_MIN_GLOBAL, XDP_PROGRAM_NAME, device_kind, map_names,
-    sock_globals,
+    sock_globals, tail_call,
 };
 use tracing::{info, warn};
 
@@ -189,6 +191,8 @@ impl Datapath {
             .default_map_pin_directory(root)
             .map_max_entries(map_names::CONNTRACK, sizes.conntrack.assured)
             .map_max_entries(map_names::CONNTRACK_PENDING, sizes.conntrack.pending)
+            .map_max_entries(map_names::CONNTRACK6, sizes.conntrack.assured)
+            .map_max_entries(map_names::CONNTRACK_PENDING6, sizes.conntrack.pending)
             .map_max_entries(map_names::FRAGMENTS, sizes.fragments);
         // Each family's maps get the same sizes.
         for family in [<u32 as Address>::MAPS, <Ipv6 as Address>::MAPS] {
@@ -227,6 +231,7 @@ impl Datapath {
         program(&mut ebpf)?
             .load()
             .context("loading the tc program into the kernel")?;
+        load_ipv6_path(&mut ebpf, PROGRAM6_NAME, tail_call::IPV6)?;
         set_timeouts(&mut ebpf, timeouts)?;
         layout::record(root)?;
         Ok(Self {
@@ -549,6 +554,27 @@ fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
         .program_mut(XDP_PROGRAM_NAME)
         .ok_or_else(|| anyhow!("program {XDP_PROGRAM_NAME} missing from the eBPF object"))?;
     Ok(program.try_into()?)
+}
+
+/// Loads `name`, the IPv6 packet path of a tc program, and puts it in the TAIL_CALLS
+/// `slot` (`proxy_common::tail_call`) that the program tail-calls for IPv6 packets: until
+/// then, IPv6 passes it untouched.
+pub fn load_ipv6_path(ebpf: &mut Ebpf, name: &str, slot: u32) -> Result<()> {
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+        .try_into()?;
+    program
+        .load()
+        .with_context(|| format!("loading {name} into the kernel"))?;
+    let fd = program.fd()?.try_clone()?;
+    let map = ebpf
+        .map_mut(map_names::TAIL_CALLS)
+        .ok_or_else(|| anyhow!("map {} missing from the eBPF object", map_names::TAIL_CALLS))?;
+    ProgramArray::try_from(map)?
+        .set(slot, &fd, 0)
+        .with_context(|| format!("installing {name} in {}", map_names::TAIL_CALLS))?;
+    Ok(())
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {

@@ -10,6 +10,9 @@
 //! key after the sweep read it is never removed. (The previous sweep deleted keys from a
 //! snapshot seconds old, which cut the rare connection that reused a port in between.)
 //!
+//! Both families' maps are swept: CONNTRACK and CONNTRACK_PENDING, CONNTRACK6 and
+//! CONNTRACK_PENDING6.
+//!
 //! The interval adapts, in the spirit of Cilium's CT GC: shorter while sweeps remove much
 //! or the maps run full, longer while they find little.
 
@@ -23,8 +26,8 @@ use aya::Ebpf;
 use aya::maps::{Map, MapData};
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
 use proxy_common::{
-    CtKey, CtValue, EXPIRES_REMOVING, REAP_BATCH, REAP_PROGRAM_NAME, ReapRequest, map_names,
-    trace_table,
+    Address, CtKey, CtValue, EXPIRES_REMOVING, Ipv6, REAP_PROGRAM_NAME, ReapRequest, map_names,
+    reap_batch, trace_table,
 };
 use tracing::{debug, warn};
 
@@ -34,17 +37,25 @@ use crate::metrics::{MapLabel, Metrics};
 /// Entries read per system call.
 const SCAN_CHUNK: usize = 4096;
 
-/// `epx_ct_reap` and the two conntrack maps, loaded against the daemon's pins.
+/// `epx_ct_reap` and the conntrack maps of both families, loaded against the daemon's
+/// pins.
 pub struct Reaper {
     assured: MapData,
     pending: MapData,
+    assured6: MapData,
+    pending6: MapData,
     ebpf: Ebpf,
 }
 
 impl Reaper {
     /// Loads the reaper from the embedded object, reusing the maps pinned under `root`.
     pub fn load(root: &Path) -> Result<Self> {
-        let pins = [map_names::CONNTRACK, map_names::CONNTRACK_PENDING];
+        let pins = [
+            map_names::CONNTRACK,
+            map_names::CONNTRACK_PENDING,
+            map_names::CONNTRACK6,
+            map_names::CONNTRACK_PENDING6,
+        ];
         let mut ebpf = crate::inspect::load_beside_pins(root, &pins, &[REAP_PROGRAM_NAME])?;
         let mut take = |name: &str| -> Result<MapData> {
             match ebpf.take_map(name) {
@@ -55,26 +66,35 @@ impl Reaper {
         };
         let assured = take(map_names::CONNTRACK)?;
         let pending = take(map_names::CONNTRACK_PENDING)?;
+        let assured6 = take(map_names::CONNTRACK6)?;
+        let pending6 = take(map_names::CONNTRACK_PENDING6)?;
         Ok(Self {
             assured,
             pending,
+            assured6,
+            pending6,
             ebpf,
         })
     }
 
-    fn map(&self, table: CtTable) -> &MapData {
-        match table {
-            CtTable::Assured => &self.assured,
-            CtTable::Pending => &self.pending,
+    fn map<A: Address>(&self, table: CtTable) -> &MapData {
+        match (A::BITS == 32, table) {
+            (true, CtTable::Assured) => &self.assured,
+            (true, CtTable::Pending) => &self.pending,
+            (false, CtTable::Assured) => &self.assured6,
+            (false, CtTable::Pending) => &self.pending6,
         }
     }
 
-    /// One pass over both maps.
+    /// One pass over the maps of both families.
     pub fn sweep(&self) -> Result<SweepReport> {
         let started = Instant::now();
-        let mut tables = Vec::with_capacity(2);
+        let mut tables = Vec::with_capacity(4);
         for table in CtTable::ALL {
-            tables.push(self.sweep_table(table)?);
+            tables.push(self.sweep_table::<u32>(table)?);
+        }
+        for table in CtTable::ALL {
+            tables.push(self.sweep_table::<Ipv6>(table)?);
         }
         Ok(SweepReport {
             tables,
@@ -82,20 +102,21 @@ impl Reaper {
         })
     }
 
-    fn sweep_table(&self, table: CtTable) -> Result<TableSweep> {
-        let map = self.map(table);
+    fn sweep_table<A: Address>(&self, table: CtTable) -> Result<TableSweep> {
+        let map = self.map::<A>(table);
+        let name = table.map_name_of::<A>();
         let capacity = map.info()?.max_entries();
         let now_ns = monotonic_now_ns();
         let mut entries = 0;
         let mut reaped = 0;
-        let mut candidates = Vec::with_capacity(REAP_BATCH);
-        crate::bpf_batch::for_each_entry(map, SCAN_CHUNK, |key: &CtKey, value: &CtValue| {
+        let mut candidates = Vec::with_capacity(reap_batch::<A>());
+        crate::bpf_batch::for_each_entry(map, SCAN_CHUNK, |key: &CtKey<A>, value: &CtValue<A>| {
             entries += 1;
             // The reaper applies the whole rule (both entries of the flow); this only
             // spares it the entries that are certainly alive.
             if value.expires_ns != EXPIRES_REMOVING && value.expires_ns < now_ns {
                 candidates.push(*key);
-                if candidates.len() == REAP_BATCH {
+                if candidates.len() == reap_batch::<A>() {
                     reaped += self
                         .reap(table, &candidates)
                         .map_err(std::io::Error::other)?;
@@ -104,18 +125,19 @@ impl Reaper {
             }
             Ok(())
         })
-        .with_context(|| format!("reading {}", table.map_name()))?;
+        .with_context(|| format!("reading {name}"))?;
         reaped += self.reap(table, &candidates)?;
         Ok(TableSweep {
-            table,
+            map: name,
             entries,
             reaped,
             capacity,
         })
     }
 
-    /// Runs `epx_ct_reap` over `keys` (at most [`REAP_BATCH`]); how many it removed.
-    pub fn reap(&self, table: CtTable, keys: &[CtKey]) -> Result<usize> {
+    /// Runs `epx_ct_reap` over `keys` of one family (at most its [`reap_batch`]); how many
+    /// it removed.
+    pub fn reap<A: Address>(&self, table: CtTable, keys: &[CtKey<A>]) -> Result<usize> {
         if keys.is_empty() {
             return Ok(0);
         }
@@ -124,8 +146,9 @@ impl Reaper {
                 CtTable::Assured => trace_table::ASSURED,
                 CtTable::Pending => trace_table::PENDING,
             }),
-            count: u32::try_from(keys.len().min(REAP_BATCH))?,
-            _pad: [0; 2],
+            count: u32::try_from(keys.len().min(reap_batch::<A>()))?,
+            bits: u32::from(A::BITS),
+            _pad: 0,
         };
         let mut input = Vec::with_capacity(size_of::<ReapRequest>() + size_of_val(keys));
         input.extend_from_slice(as_bytes(&request));
@@ -161,7 +184,8 @@ fn as_bytes<T: aya::Pod>(value: &T) -> &[u8] {
 /// What one sweep of one map found.
 #[derive(Clone, Copy, Debug)]
 pub struct TableSweep {
-    pub table: CtTable,
+    /// The map's name.
+    pub map: &'static str,
     /// Entries before the sweep.
     pub entries: usize,
     pub reaped: usize,
@@ -272,9 +296,7 @@ fn record(report: &SweepReport, metrics: &Metrics) {
     for table in &report.tables {
         metrics
             .map_entries
-            .get_or_create(&MapLabel {
-                map: table.table.map_name(),
-            })
+            .get_or_create(&MapLabel { map: table.map })
             .set((table.entries - table.reaped) as i64);
     }
 }
@@ -287,13 +309,13 @@ mod tests {
         SweepReport {
             tables: vec![
                 TableSweep {
-                    table: CtTable::Assured,
+                    map: map_names::CONNTRACK,
                     entries,
                     reaped,
                     capacity: 1000,
                 },
                 TableSweep {
-                    table: CtTable::Pending,
+                    map: map_names::CONNTRACK_PENDING,
                     entries: 0,
                     reaped: 0,
                     capacity: 250,

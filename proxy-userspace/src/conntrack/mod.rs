@@ -30,6 +30,17 @@ impl CtTable {
             CtTable::Pending => proxy_common::map_names::CONNTRACK_PENDING,
         }
     }
+
+    /// The map of addresses `A`: IPv4's ([`Self::map_name`]) or IPv6's (CONNTRACK6,
+    /// CONNTRACK_PENDING6).
+    pub fn map_name_of<A: proxy_common::Address>(self) -> &'static str {
+        use proxy_common::map_names::{CONNTRACK_PENDING6, CONNTRACK6};
+        match (A::BITS == 32, self) {
+            (true, table) => table.map_name(),
+            (false, CtTable::Assured) => CONNTRACK6,
+            (false, CtTable::Pending) => CONNTRACK_PENDING6,
+        }
+    }
 }
 
 /// An entry read from one of the maps.

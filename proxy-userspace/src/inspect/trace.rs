@@ -222,7 +222,13 @@ impl Tracer {
             map_names::DEVICES,
             map_names::MAGLEV,
         ];
-        let ebpf = load_beside_pins(root, &pins, &[TRACE_PROGRAM_NAME, XDP_TRACE_PROGRAM_NAME])?;
+        let mut ebpf =
+            load_beside_pins(root, &pins, &[TRACE_PROGRAM_NAME, XDP_TRACE_PROGRAM_NAME])?;
+        crate::datapath::load_ipv6_path(
+            &mut ebpf,
+            proxy_common::TRACE6_PROGRAM_NAME,
+            proxy_common::tail_call::IPV6_TRACE,
+        )?;
         Ok(Self { ebpf })
     }
 

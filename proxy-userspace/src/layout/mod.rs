@@ -95,6 +95,10 @@ pub const PINNED_MAPS: &[PinnedMap] = &[
     pinned(map_names::CT_TIMEOUTS, 1, Carries::Programmed, (4, 32)),
     pinned(map_names::CONNTRACK, 1, Carries::Flows, (16, 64)),
     pinned(map_names::CONNTRACK_PENDING, 1, Carries::Flows, (16, 64)),
+    pinned(map_names::CONNTRACK6, 1, Carries::Flows, (40, 88)),
+    pinned(map_names::CONNTRACK_PENDING6, 1, Carries::Flows, (40, 88)),
+    // The programs it holds are the loading daemon's: filled anew at every load.
+    pinned(map_names::TAIL_CALLS, 1, Carries::Runtime, (4, 4)),
     pinned(map_names::AFFINITY, 1, Carries::Runtime, (8, 24)),
     pinned(map_names::SOCK_AFFINITY, 1, Carries::Runtime, (16, 24)),
     pinned(map_names::SOCK_XLATE, 1, Carries::Runtime, (16, 40)),

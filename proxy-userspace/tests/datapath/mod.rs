@@ -4,6 +4,7 @@
 //! byte by byte, for frames no header library would build (the fuzzer's).
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod ipv6;
 pub mod wire;
 
 use std::collections::{BTreeMap, HashMap};
@@ -195,6 +196,12 @@ impl Datapath {
         program
             .load()
             .unwrap_or_else(|e| panic!("loading {PROGRAM_NAME}: {e:?}"));
+        proxy_userspace::datapath::load_ipv6_path(
+            &mut ebpf,
+            proxy_common::PROGRAM6_NAME,
+            proxy_common::tail_call::IPV6,
+        )
+        .unwrap_or_else(|e| panic!("loading the IPv6 path: {e:?}"));
         let xdp: &mut Xdp = ebpf
             .program_mut(XDP_PROGRAM_NAME)
             .expect("XDP program in object")

@@ -459,3 +459,152 @@ pub fn hex(frame: &[u8]) -> String {
         .collect::<Vec<String>>()
         .join("\n")
 }
+
+/// The IPv6 EtherType and header length.
+pub const ETHERTYPE_IPV6: [u8; 2] = [0x86, 0xdd];
+pub const IPV6_LEN: usize = 40;
+/// ICMPv6's next-header value.
+pub const ICMPV6: u8 = 58;
+
+/// An IPv6 extension header in front of the L4 header: its next-header value (as the
+/// header before it names it) and its bytes, whose first byte (this header's own next
+/// header) the builder fills in.
+#[derive(Clone, Debug)]
+pub struct Extension {
+    pub kind: u8,
+    pub bytes: Vec<u8>,
+}
+
+impl Extension {
+    /// Hop-by-hop options: PadN to 8 bytes.
+    pub fn hop_by_hop() -> Self {
+        Self {
+            kind: 0,
+            bytes: vec![0, 0, 1, 4, 0, 0, 0, 0],
+        }
+    }
+
+    /// Destination options of 16 bytes (one 8-byte unit more): PadN.
+    pub fn destination_options() -> Self {
+        Self {
+            kind: 60,
+            bytes: [&[0, 1, 1, 12][..], &[0; 12]].concat(),
+        }
+    }
+
+    /// A fragment header: the first fragment (offset 0, more fragments), identification 7.
+    pub fn first_fragment() -> Self {
+        Self {
+            kind: 44,
+            bytes: vec![0, 0, 0, 1, 0, 0, 0, 7],
+        }
+    }
+}
+
+/// An IPv6 frame, byte by byte: Ethernet (`macs`: source, destination), the fixed header
+/// (`hop_limit`), `extensions`, and the L4 header `l4` of protocol `proto` followed by
+/// `payload`. The L4 checksum is computed here over the IPv6 pseudo-header (for TCP, UDP
+/// and ICMPv6; the field at `csum_offset` within `l4`, which must be zero).
+#[allow(clippy::too_many_arguments)]
+pub fn ipv6_frame(
+    macs: ([u8; 6], [u8; 6]),
+    src: [u8; 16],
+    dst: [u8; 16],
+    hop_limit: u8,
+    extensions: &[Extension],
+    proto: u8,
+    l4: &[u8],
+    csum_offset: Option<usize>,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut segment = [l4, payload].concat();
+    if let Some(offset) = csum_offset {
+        let sum = ipv6_pseudo_checksum(src, dst, proto, &segment);
+        segment[offset..offset + 2].copy_from_slice(&sum);
+    }
+    let mut chain = Vec::new();
+    for (index, extension) in extensions.iter().enumerate() {
+        let next = extensions.get(index + 1).map_or(proto, |next| next.kind);
+        let mut bytes = extension.bytes.clone();
+        bytes[0] = next;
+        chain.extend(bytes);
+    }
+    let first = extensions.first().map_or(proto, |extension| extension.kind);
+    let payload_len = u16::try_from(chain.len() + segment.len()).unwrap();
+    let mut frame = Vec::new();
+    frame.extend(macs.1);
+    frame.extend(macs.0);
+    frame.extend(ETHERTYPE_IPV6);
+    frame.extend([0x60, 0, 0, 0]);
+    frame.extend(payload_len.to_be_bytes());
+    frame.extend([first, hop_limit]);
+    frame.extend(src);
+    frame.extend(dst);
+    frame.extend(chain);
+    frame.extend(segment);
+    frame
+}
+
+/// The checksum to store in an upper-layer `segment` (its checksum field zero) over the
+/// IPv6 pseudo-header (RFC 8200 8.1).
+pub fn ipv6_pseudo_checksum(src: [u8; 16], dst: [u8; 16], proto: u8, segment: &[u8]) -> [u8; 2] {
+    let len = u32::try_from(segment.len()).unwrap();
+    let pseudo = [
+        &src[..],
+        &dst[..],
+        &len.to_be_bytes(),
+        &[0, 0, 0, proto],
+        segment,
+    ]
+    .concat();
+    checksum(&pseudo)
+}
+
+/// A TCP header (20 bytes, checksum zero) with `flags` (`proxy_common::tcp_flags`).
+pub fn tcp_header(src_port: u16, dst_port: u16, flags: u8) -> Vec<u8> {
+    let ack = if flags & 0x10 != 0 { 5_000u32 } else { 0 };
+    [
+        &src_port.to_be_bytes()[..],
+        &dst_port.to_be_bytes(),
+        &1_000u32.to_be_bytes(),
+        &ack.to_be_bytes(),
+        &[0x50, flags],
+        &64_240u16.to_be_bytes(),
+        &[0, 0, 0, 0],
+    ]
+    .concat()
+}
+
+/// A UDP header (checksum zero) for `payload_len` bytes of payload.
+pub fn udp_header(src_port: u16, dst_port: u16, payload_len: usize) -> Vec<u8> {
+    let len = u16::try_from(UDP_LEN + payload_len).unwrap();
+    [
+        &src_port.to_be_bytes()[..],
+        &dst_port.to_be_bytes(),
+        &len.to_be_bytes(),
+        &[0, 0],
+    ]
+    .concat()
+}
+
+/// Whether the TCP, UDP or ICMPv6 checksum of an IPv6 frame without extension headers
+/// holds, computed from scratch.
+pub fn ipv6_checksum_valid(frame: &[u8]) -> bool {
+    let ip = &frame[ETH_LEN..ETH_LEN + IPV6_LEN];
+    let (src, dst): ([u8; 16], [u8; 16]) = (
+        ip[8..24].try_into().unwrap(),
+        ip[24..40].try_into().unwrap(),
+    );
+    let proto = ip[6];
+    let segment = &frame[ETH_LEN + IPV6_LEN..];
+    let len = u32::try_from(segment.len()).unwrap();
+    let pseudo = [
+        &src[..],
+        &dst[..],
+        &len.to_be_bytes(),
+        &[0, 0, 0, proto],
+        segment,
+    ]
+    .concat();
+    ones_complement_sum(&pseudo) == 0xffff
+}

@@ -108,7 +108,8 @@ impl Generator {
         let request = ReapRequest {
             table,
             count,
-            _pad: [0; 2],
+            bits: 32,
+            _pad: 0,
         };
         let mut bytes = as_bytes(&request).to_vec();
         for _ in 0..keys {

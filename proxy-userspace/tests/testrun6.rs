@@ -1,0 +1,413 @@
+//! Packet tests of the IPv6 path (`epx_ingress6`, which `epx_ingress` tail-calls for
+//! IPv6) through `BPF_PROG_TEST_RUN`, as `testrun.rs` tests IPv4: a frame in, the exact
+//! verdict and frame out. Frames are built byte by byte (`datapath::wire`), their TCP,
+//! UDP and ICMPv6 checksums computed there over the IPv6 pseudo-header, independently of
+//! the program; outputs are compared whole and their checksums verified from scratch.
+
+mod datapath;
+
+use datapath::ipv6::*;
+use datapath::wire::{self, Extension};
+use datapath::*;
+use proxy_common::{CtKey, ct_flags, map_names, proto, service_flags, stat, tcp_flags};
+use proxy_userspace::conntrack::gc::Reaper;
+
+const MACS: ([u8; 6], [u8; 6]) = ([0x02, 0, 0, 0, 0, 0x01], [0x02, 0, 0, 0, 0, 0x02]);
+const SYN6: L4 = L4::Tcp(tcp_flags::SYN);
+const SYN_ACK6: L4 = L4::Tcp(tcp_flags::SYN | tcp_flags::ACK);
+const ACK6: L4 = L4::Tcp(tcp_flags::ACK);
+const CLIENT: ([u8; 16], u16) = (CLIENT6, CLIENT6_PORT);
+const VIP: ([u8; 16], u16) = (VIP6, VIP6_PORT);
+const BACKEND: ([u8; 16], u16) = (BACKEND6_1, BACKEND6_PORT);
+
+#[derive(Clone, Copy)]
+enum L4 {
+    Tcp(u8),
+    Udp,
+}
+
+impl L4 {
+    fn proto(self) -> u8 {
+        match self {
+            L4::Tcp(_) => proto::TCP,
+            L4::Udp => proto::UDP,
+        }
+    }
+}
+
+/// An IPv6 frame from `src` to `dst` with hop limit 64.
+fn frame6(src: ([u8; 16], u16), dst: ([u8; 16], u16), l4: L4) -> Vec<u8> {
+    frame6_with(src, dst, l4, &[], 64)
+}
+
+fn frame6_with(
+    src: ([u8; 16], u16),
+    dst: ([u8; 16], u16),
+    l4: L4,
+    extensions: &[Extension],
+    hop_limit: u8,
+) -> Vec<u8> {
+    let (header, csum_offset) = match l4 {
+        L4::Tcp(flags) => (wire::tcp_header(src.1, dst.1, flags), 16),
+        L4::Udp => (wire::udp_header(src.1, dst.1, PAYLOAD.len()), 6),
+    };
+    wire::ipv6_frame(
+        MACS,
+        src.0,
+        dst.0,
+        hop_limit,
+        extensions,
+        l4.proto(),
+        &header,
+        Some(csum_offset),
+        PAYLOAD,
+    )
+}
+
+/// Runs `frame` and asserts it leaves as `expected` to the kernel, checksums valid.
+fn assert_translated6(datapath: &Datapath, frame: &[u8], expected: &[u8]) {
+    let (verdict, out) = datapath.run(frame);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, expected, "{out:02x?}");
+}
+
+fn tcp_service(datapath: &mut Datapath) -> Vec<u32> {
+    datapath.add_service6(
+        frontend6(VIP6, VIP6_PORT, proto::TCP),
+        &[backend6(BACKEND6_1, BACKEND6_PORT, proto::TCP)],
+        service_flags::CLUSTER_IP,
+    )
+}
+
+#[test]
+fn clusterip_tcp_is_dnated_and_its_replies_reverse_natted() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    let ids = tcp_service(&mut datapath);
+
+    let syn = frame6(CLIENT, VIP, SYN6);
+    let dnated = frame6(CLIENT, BACKEND, SYN6);
+    assert_translated6(&datapath, &syn, &dnated);
+    assert!(wire::ipv6_checksum_valid(&dnated));
+
+    let conntrack = datapath.conntrack6();
+    assert_eq!(conntrack.len(), 2, "{conntrack:?}");
+    let forward = conntrack[&CtKey::new(tuple6(CLIENT, VIP), proto::TCP)];
+    assert_eq!(forward.to, tuple6(CLIENT, BACKEND));
+    assert_eq!(forward.backend_id, ids[0]);
+    assert_eq!(forward.rev_nat_id, REV_NAT_ID);
+    let reply = conntrack[&CtKey::new(tuple6(BACKEND, CLIENT), proto::TCP)];
+    assert_eq!(reply.to, tuple6(VIP, CLIENT));
+    assert_eq!(reply.flags, ct_flags::REPLY);
+
+    let syn_ack = frame6(BACKEND, CLIENT, SYN_ACK6);
+    assert_translated6(&datapath, &syn_ack, &frame6(VIP, CLIENT, SYN_ACK6));
+    datapath.assert_stats(&[(stat::CT_MISS, 1), (stat::NEW_FLOW, 1), (stat::REPLY, 1)]);
+    // IPv4's conntrack saw nothing.
+    assert!(datapath.conntrack().is_empty());
+}
+
+#[test]
+fn clusterip_udp_is_dnated_both_ways() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    datapath.add_service6(
+        frontend6(VIP6, 53, proto::UDP),
+        &[backend6(BACKEND6_1, 5353, proto::UDP)],
+        service_flags::CLUSTER_IP,
+    );
+    let (vip, backend) = ((VIP6, 53), (BACKEND6_1, 5353));
+    let query = frame6(CLIENT, vip, L4::Udp);
+    let dnated = frame6(CLIENT, backend, L4::Udp);
+    assert_translated6(&datapath, &query, &dnated);
+    assert!(wire::ipv6_checksum_valid(&dnated));
+    let answer = frame6(backend, CLIENT, L4::Udp);
+    let reversed = frame6(vip, CLIENT, L4::Udp);
+    assert_translated6(&datapath, &answer, &reversed);
+    assert!(wire::ipv6_checksum_valid(&reversed));
+    datapath.assert_stats(&[(stat::CT_MISS, 1), (stat::NEW_FLOW, 1), (stat::REPLY, 1)]);
+}
+
+#[test]
+fn the_next_packet_of_a_flow_reuses_its_conntrack_entry() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    tcp_service(&mut datapath);
+    assert_translated6(
+        &datapath,
+        &frame6(CLIENT, VIP, SYN6),
+        &frame6(CLIENT, BACKEND, SYN6),
+    );
+    assert_translated6(
+        &datapath,
+        &frame6(BACKEND, CLIENT, SYN_ACK6),
+        &frame6(VIP, CLIENT, SYN_ACK6),
+    );
+    // The handshake's last ACK: the tracked flow, now assured (CONNTRACK6).
+    assert_translated6(
+        &datapath,
+        &frame6(CLIENT, VIP, ACK6),
+        &frame6(CLIENT, BACKEND, ACK6),
+    );
+    datapath.assert_stats(&[
+        (stat::CT_MISS, 1),
+        (stat::NEW_FLOW, 1),
+        (stat::REPLY, 1),
+        (stat::CT_HIT, 1),
+    ]);
+    let forward = CtKey::new(tuple6(CLIENT, VIP), proto::TCP);
+    let assured = datapath.conntrack6_map(map_names::CONNTRACK6);
+    assert_eq!(assured.len(), 2, "{assured:?}");
+    assert_eq!(assured[&forward].packets, 2);
+    assert!(
+        datapath
+            .conntrack6_map(map_names::CONNTRACK_PENDING6)
+            .is_empty()
+    );
+}
+
+#[test]
+fn a_frontend_without_endpoints_refuses_with_an_icmpv6_port_unreachable() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    datapath.add_service6(
+        frontend6(VIP6, VIP6_PORT, proto::TCP),
+        &[],
+        service_flags::CLUSTER_IP,
+    );
+    let syn = frame6(CLIENT, VIP, SYN6);
+    let (verdict, out) = datapath.run(&syn);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "back out of its device");
+    // From the frontend to the client: destination unreachable, port unreachable (type 1,
+    // code 4), quoting the IPv6 header and 8 bytes of the refused packet (RFC 4443).
+    let quote = &syn[wire::ETH_LEN..wire::ETH_LEN + wire::IPV6_LEN + 8];
+    let expected = wire::ipv6_frame(
+        (MACS.1, MACS.0),
+        VIP6,
+        CLIENT6,
+        64,
+        &[],
+        wire::ICMPV6,
+        &[1, 4, 0, 0, 0, 0, 0, 0],
+        Some(2),
+        quote,
+    );
+    assert_eq!(out, expected, "{out:02x?}");
+    assert!(wire::ipv6_checksum_valid(&out));
+    datapath.assert_stats(&[(stat::REJECTED, 1)]);
+    assert!(datapath.conntrack6().is_empty());
+}
+
+#[test]
+fn extension_headers_are_skipped_to_find_the_ports() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    tcp_service(&mut datapath);
+    let extensions = [Extension::hop_by_hop(), Extension::destination_options()];
+    let syn = frame6_with(CLIENT, VIP, SYN6, &extensions, 64);
+    // The extension headers stay; the TCP checksum (over the pseudo-header, which they
+    // are not part of) is the one of the DNATed segment.
+    let dnated = frame6_with(CLIENT, BACKEND, SYN6, &extensions, 64);
+    assert_translated6(&datapath, &syn, &dnated);
+    datapath.assert_stats(&[(stat::CT_MISS, 1), (stat::NEW_FLOW, 1)]);
+}
+
+#[test]
+fn a_fragment_passes_untouched() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    tcp_service(&mut datapath);
+    let fragment = frame6_with(CLIENT, VIP, SYN6, &[Extension::first_fragment()], 64);
+    assert_untouched(&datapath, &fragment);
+    // Also behind a skipped extension header.
+    let fragment = frame6_with(
+        CLIENT,
+        VIP,
+        SYN6,
+        &[Extension::hop_by_hop(), Extension::first_fragment()],
+        64,
+    );
+    assert_untouched(&datapath, &fragment);
+    datapath.assert_stats(&[(stat::NOT_HANDLED, 2)]);
+    assert!(datapath.conntrack6().is_empty());
+}
+
+#[test]
+fn each_family_is_served_by_its_own_frontends_only() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    // An IPv4 Service and an IPv6 Service on the same port.
+    datapath.add_service(
+        frontend(datapath::VIP, proto::TCP),
+        &[backend(BACKEND_1, proto::TCP)],
+    );
+    tcp_service(&mut datapath);
+
+    // IPv6 to an address that is an IPv6 frontend of nothing: untouched.
+    let other = (ip6(0x0019, 0x0b), VIP6_PORT);
+    assert_untouched(&datapath, &frame6(CLIENT, other, SYN6));
+    // IPv4 to an address with no IPv4 frontend: untouched.
+    assert_untouched(&datapath, &Frame::new(datapath::CLIENT, OTHER, SYN).build());
+    datapath.assert_stats(&[(stat::PASS, 2)]);
+
+    // Each family's frontend translates its own packets into its own conntrack.
+    let syn4 = Frame::new(datapath::CLIENT, datapath::VIP, SYN);
+    assert_translated(&datapath, syn4, syn4.between(datapath::CLIENT, BACKEND_1));
+    assert_translated6(
+        &datapath,
+        &frame6(CLIENT, VIP, SYN6),
+        &frame6(CLIENT, BACKEND, SYN6),
+    );
+    assert_eq!(datapath.conntrack().len(), 2);
+    assert_eq!(datapath.conntrack6().len(), 2);
+}
+
+#[test]
+fn the_collector_reaps_finished_ipv6_flows_and_only_those() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    tcp_service(&mut datapath);
+    let second = (CLIENT6, CLIENT6_PORT + 1);
+    for client in [CLIENT, second] {
+        datapath.run(&frame6(client, VIP, SYN6));
+    }
+    assert_eq!(datapath.conntrack6().len(), 4);
+    // The first flow's two entries idle past their timeouts.
+    datapath.expire6(CtKey::new(tuple6(CLIENT, VIP), proto::TCP));
+    datapath.expire6(CtKey::new(tuple6(BACKEND, CLIENT), proto::TCP));
+
+    let report = Reaper::load(datapath.pins()).unwrap().sweep().unwrap();
+    assert_eq!(report.reaped(), 2);
+    let left = datapath.conntrack6();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(left.contains_key(&CtKey::new(tuple6(second, VIP), proto::TCP)));
+    let pending6 = report
+        .tables
+        .iter()
+        .find(|table| table.map == map_names::CONNTRACK_PENDING6)
+        .unwrap();
+    assert_eq!((pending6.entries, pending6.reaped), (4, 2));
+}
+
+/// The NodePort the namespace tests install on [`NODE6`].
+const NODE_PORT: ([u8; 16], u16) = (NODE6, 30_080);
+
+/// Runs `test` in a network namespace of its own where this node holds [`NODE6`] and
+/// forwards IPv6, reaching clients through `lo` (the device test runs arrive on) and the
+/// backends (2001:db8:118::/48) through `backends_via`: `lo` too (backends on other nodes,
+/// reached through the arrival device) or a veth of their own (pods of this node).
+fn on_an_ipv6_node(backends_via: &str, test: impl FnOnce() + Send) {
+    let mut commands: Vec<&[&str]> = vec![
+        &["link", "set", "lo", "up"],
+        &["-6", "addr", "add", "2001:db8:1::1/128", "dev", "lo"],
+        &["-6", "route", "add", "2001:db8:18::/48", "dev", "lo"],
+    ];
+    if backends_via == "pods" {
+        commands.extend(POD_VETH);
+    }
+    let route = [
+        "-6",
+        "route",
+        "add",
+        "2001:db8:118::/48",
+        "dev",
+        backends_via,
+    ];
+    commands.push(&route);
+    in_a_namespace(&commands, &[("net/ipv6/conf/all/forwarding", "1")], test);
+}
+
+#[test]
+fn a_node_port_reply_is_routed_by_the_program_with_its_hop_limit_decremented() {
+    if !bpf_available() {
+        return;
+    }
+    on_an_ipv6_node("pods", || {
+        let mut datapath = Datapath::load().unwrap();
+        datapath.add_service6(
+            frontend6(NODE_PORT.0, NODE_PORT.1, proto::TCP),
+            &[backend6(BACKEND6_1, BACKEND6_PORT, proto::TCP)],
+            service_flags::NODE_PORT,
+        );
+        // To a pod of this node: DNAT, and the kernel forwards it.
+        assert_translated6(
+            &datapath,
+            &frame6(CLIENT, NODE_PORT, SYN6),
+            &frame6(CLIENT, BACKEND, SYN6),
+        );
+        // The reply leaves with the node's address as source: the program routes it (the
+        // kernel would drop it as a martian), one hop less.
+        let (verdict, out) = datapath.run(&frame6(BACKEND, CLIENT, SYN_ACK6));
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let routed = frame6_with(NODE_PORT, CLIENT, SYN_ACK6, &[], 63);
+        assert_eq!(out, routed, "{out:02x?}");
+        assert!(wire::ipv6_checksum_valid(&out));
+        datapath.assert_stats(&[(stat::CT_MISS, 1), (stat::NEW_FLOW, 1), (stat::REPLY, 1)]);
+    });
+}
+
+#[test]
+fn a_node_port_to_a_backend_on_another_node_is_snated_both_ways() {
+    if !bpf_available() {
+        return;
+    }
+    on_an_ipv6_node("lo", || {
+        let mut datapath = Datapath::load().unwrap();
+        datapath.add_service6(
+            frontend6(NODE_PORT.0, NODE_PORT.1, proto::TCP),
+            &[backend6(BACKEND6_1, BACKEND6_PORT, proto::TCP)],
+            service_flags::NODE_PORT,
+        );
+        // Out through the device it came in on: the node's address and an SNAT port as
+        // source (kube-proxy's MASQUERADE), routed by the program.
+        let (verdict, out) = datapath.run(&frame6(CLIENT, NODE_PORT, SYN6));
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let port = u16::from_be_bytes([out[54], out[55]]);
+        assert!((SNAT_PORTS.0..=SNAT_PORTS.1).contains(&port), "port {port}");
+        let snat = (NODE6, port);
+        assert_eq!(out, frame6_with(snat, BACKEND, SYN6, &[], 63), "{out:02x?}");
+        assert!(wire::ipv6_checksum_valid(&out));
+        // The backend answers the node; the client gets the NodePort's answer.
+        let (verdict, out) = datapath.run(&frame6(BACKEND, snat, SYN_ACK6));
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(out, frame6_with(NODE_PORT, CLIENT, SYN_ACK6, &[], 63));
+        let reply = datapath.conntrack6()[&CtKey::new(tuple6(BACKEND, snat), proto::TCP)];
+        assert_eq!(
+            reply.flags,
+            ct_flags::SNAT | ct_flags::REPLY | ct_flags::ROUTES_ITSELF
+        );
+    });
+}
+
+#[test]
+fn source_ranges_admit_ipv6_clients_inside_their_prefixes_only() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    datapath.add_service6(
+        frontend6(VIP6, VIP6_PORT, proto::TCP),
+        &[backend6(BACKEND6_1, BACKEND6_PORT, proto::TCP)],
+        service_flags::LOAD_BALANCER | service_flags::SOURCE_RANGES,
+    );
+    // 2001:db8:18::/48 admitted; the client is inside, another one outside.
+    datapath.allow_sources6(ip6(0x0018, 0), 48);
+    let outside = (ip6(0x0020, 0x0a), CLIENT6_PORT);
+    let (verdict, _) = datapath.run(&frame6(outside, VIP, SYN6));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    let (verdict, out) = datapath.run(&frame6(CLIENT, VIP, SYN6));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, frame6(CLIENT, BACKEND, SYN6));
+    datapath.assert_stats(&[
+        (stat::SOURCE_RANGE_DENIED, 1),
+        (stat::CT_MISS, 1),
+        (stat::NEW_FLOW, 1),
+    ]);
+}
