@@ -262,10 +262,9 @@ impl Model {
         self.unlink_endpoint_slice(&key);
         self.changes.slice_changed(&record.service);
         self.changes.trigger_times.extend(trigger_time);
-        let slices = self
-            .slices_by_service
-            .entry(record.service.clone())
-            .or_default();
+        // Most Services have one slice: room for one, not the four a first push reserves.
+        let slices = (self.slices_by_service.entry(record.service.clone()))
+            .or_insert_with(|| Vec::with_capacity(1));
         if let Err(position) = slices.binary_search(&key) {
             slices.insert(position, key.clone());
         }

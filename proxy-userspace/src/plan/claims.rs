@@ -41,7 +41,9 @@ pub(super) struct Claims {
 impl Claims {
     /// Adds or replaces the claim of `claim`'s Service; whether the claims changed.
     pub fn upsert(&mut self, frontend: Frontend, claim: Claim) -> bool {
-        let claims = self.by_frontend.entry(frontend).or_default();
+        // Almost every frontend has one claimant: room for one, not the four a first push
+        // reserves.
+        let claims = (self.by_frontend.entry(frontend)).or_insert_with(|| Vec::with_capacity(1));
         match claims.binary_search_by(|existing| existing.order().cmp(&claim.order())) {
             Ok(index) if claims[index] == claim => false,
             Ok(index) => {

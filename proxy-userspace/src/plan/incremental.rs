@@ -194,6 +194,14 @@ impl Planner {
                 (old != new).then_some(FrontendChange { frontend, old, new })
             })
             .collect();
+        if delta.frontends.len() * 2 > self.desired.frontends.len() {
+            // Most frontends were planned anew (a full sync): rebuilt in one pass, the
+            // map's nodes come out full, where inserts in Service order leave them a third
+            // empty.
+            self.desired.frontends = std::mem::take(&mut self.desired.frontends)
+                .into_iter()
+                .collect();
+        }
         crate::allocator::shrink_sparse(&mut self.services);
         self.claims.shrink_sparse();
         delta

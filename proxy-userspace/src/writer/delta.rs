@@ -19,8 +19,8 @@ use proxy_common::{
 
 use super::ids::IdRegistry;
 use super::image::{
-    DesiredImage, MapImage, MapOp, MapWrites, Scope, SourceRangeEntry, diff, frontend_entries,
-    frontend_key, materialize, place, slice_of,
+    DesiredImage, Entries, MapImage, MapOp, MapWrites, Puts, Scope, SourceRangeEntry, diff,
+    frontend_entries, frontend_key, materialize, place, slice_of,
 };
 use super::slots::{Slice, SlotAllocator};
 use crate::plan::{DesiredState, FrontendChange};
@@ -59,6 +59,38 @@ pub enum Phase<'a, A = u32> {
 }
 
 impl<'a, A: Address> Phase<'a, A> {
+    /// How many writes the phase holds (a barrier: one).
+    pub fn writes(&self) -> usize {
+        match self {
+            Phase::PutNames(entries) => entries.len(),
+            Phase::PutBackends(entries) | Phase::DeleteBackends(entries) => entries.len(),
+            Phase::PutMembership(entries) => entries.len(),
+            Phase::Barrier => 1,
+            Phase::PutSlots(entries) => entries.len(),
+            Phase::PutMaglev(entries) => entries.len(),
+            Phase::PutSourceRanges(entries) | Phase::DeleteSourceRanges(entries) => entries.len(),
+            Phase::PutHeaders(entries) => entries.len(),
+            Phase::DeleteHeaders(keys) => keys.len(),
+            Phase::DeleteMembership(keys) => keys.len(),
+            Phase::DeleteMaglev(keys) => keys.len(),
+            Phase::DeleteNames(ids) => ids.len(),
+        }
+    }
+
+    /// Whether the phase puts into a hash map or the slot array: writes that other threads
+    /// may make at the same time into other maps.
+    pub fn puts_shared(&self) -> bool {
+        matches!(
+            self,
+            Phase::PutNames(_)
+                | Phase::PutBackends(_)
+                | Phase::PutMembership(_)
+                | Phase::PutSlots(_)
+                | Phase::PutMaglev(_)
+                | Phase::PutHeaders(_)
+        )
+    }
+
     /// The phase's writes one at a time, in order.
     pub fn ops(self) -> Box<dyn Iterator<Item = MapOp<A>> + 'a> {
         match self {
@@ -119,6 +151,16 @@ pub trait MapSink<A = u32> {
     /// Writes `phase`'s entries in order (a key already gone counts as deleted): the
     /// outcome of each, one per entry (a barrier: one).
     fn write(&mut self, phase: Phase<'_, A>) -> Vec<Result<(), WriteError>>;
+
+    /// Writes phases that are independent of each other (puts into different maps that
+    /// only headers written later name), in any order or side by side: the outcomes of
+    /// each phase, as [`write`](Self::write) gives them.
+    fn write_together(&mut self, phases: &[Phase<'_, A>]) -> Vec<Vec<Result<(), WriteError>>>
+    where
+        A: Copy,
+    {
+        phases.iter().map(|phase| self.write(*phase)).collect()
+    }
 }
 
 /// Maps that take every write, for tests that want only what the mirror follows.
@@ -290,7 +332,7 @@ impl<A: Address> MapMirror<A> {
     /// slots that name them, unused backends after the last slot that named them went.
     pub fn delta(&mut self, changes: &[FrontendChange]) -> Batch<A> {
         let mut old = MapImage::default();
-        let mut new = DesiredImage::default();
+        let mut new = Entries::default();
         let mut keys = BTreeSet::new();
         for change in changes {
             let Some(key) = frontend_key(&change.frontend) else {
@@ -302,6 +344,7 @@ impl<A: Address> MapMirror<A> {
                 frontend_entries(&change.frontend, plan, &mut self.ids, &mut new);
             }
         }
+        let mut new = new.into_image();
         let placement = place(
             &self.current,
             &mut new,
@@ -372,17 +415,25 @@ impl<A: Address> MapMirror<A> {
             ops: writes.len(),
             ..ApplyReport::default()
         };
-        self.write_phase(maps, Phase::PutNames(&writes.put_names), &mut report);
-        self.write_phase(maps, Phase::PutBackends(&writes.put_backends), &mut report);
-        self.write_phase(
-            maps,
+        // What headers will name, each map's puts independent of the others'; slots that
+        // reuse quarantined ones only after a barrier.
+        let mut together = vec![
+            Phase::PutNames(&writes.put_names),
+            Phase::PutBackends(&writes.put_backends),
             Phase::PutMembership(&writes.grow_membership),
-            &mut report,
-        );
+        ];
+        let slots = Phase::PutSlots(&writes.put_slots);
+        if !writes.needs_barrier() {
+            together.push(slots);
+        }
+        let results = maps.write_together(&together);
+        for (phase, results) in together.iter().zip(results) {
+            self.record(*phase, results, &mut report);
+        }
         if writes.needs_barrier() {
             self.write_phase(maps, Phase::Barrier, &mut report);
+            self.write_phase(maps, slots, &mut report);
         }
-        self.write_phase(maps, Phase::PutSlots(&writes.put_slots), &mut report);
         self.write_phase(maps, Phase::PutMaglev(&writes.put_maglev), &mut report);
         let ranges = &writes.put_source_ranges;
         self.write_phase(maps, Phase::PutSourceRanges(ranges), &mut report);
@@ -461,9 +512,10 @@ impl<A: Address> MapMirror<A> {
         results: Vec<Result<(), WriteError>>,
         report: &mut ApplyReport,
     ) {
+        let mut puts = Puts::default();
         for (op, result) in phase.ops().zip(results) {
             match result {
-                Ok(()) => self.applied(op),
+                Ok(()) => self.applied(op, &mut puts),
                 Err(WriteError::Full) => {
                     let map = op.map().unwrap_or("?");
                     *report.map_full.entry(map).or_default() += 1;
@@ -473,6 +525,7 @@ impl<A: Address> MapMirror<A> {
                 }
             }
         }
+        puts.merge_into(&mut self.current);
     }
 
     /// Gives unused buckets back after most entries went.
@@ -481,8 +534,14 @@ impl<A: Address> MapMirror<A> {
         self.ids.shrink_sparse();
     }
 
-    /// Records a write that succeeded.
-    fn applied(&mut self, op: MapOp<A>) {
+    /// Records a write that succeeded. Plain puts wait in `puts`, to be merged into the
+    /// image together (see [`Puts`]); anything else first merges what waits, so the writes
+    /// count in order.
+    fn applied(&mut self, op: MapOp<A>, puts: &mut Puts<A>) {
+        let Some(op) = puts.take(op) else {
+            return;
+        };
+        puts.merge_into(&mut self.current);
         match op {
             MapOp::PutService(key, header) => {
                 let old = self.current.services.insert(key, header);

@@ -120,11 +120,58 @@ pub fn frontend_key<A: Address>(frontend: &Frontend) -> Option<FrontendKey<A>> {
 /// The map contents for `desired`'s frontends of family `A` (the caller forgets the ids
 /// nothing names any more).
 pub fn materialize<A: Address>(desired: &DesiredState, ids: &mut IdRegistry<A>) -> DesiredImage<A> {
-    let mut image = DesiredImage::default();
+    let mut entries = Entries::default();
     for (frontend, plan) in &desired.frontends {
-        frontend_entries(frontend, plan, ids, &mut image);
+        frontend_entries(frontend, plan, ids, &mut entries);
     }
-    image
+    entries.into_image()
+}
+
+/// Frontends' entries as [`frontend_entries`] lists them, to become a [`DesiredImage`] at
+/// once: each map is sorted and built in one pass (at 100 000 Services, a million backends
+/// and members inserted one at a time cost a second).
+pub struct Entries<A: Address> {
+    frontends: Vec<(FrontendKey<A>, FrontendEntry<A>)>,
+    backends: Vec<(u32, Backend<A>)>,
+    /// Membership bits, a key listed once per bit it gains.
+    membership: Vec<(MembershipKey<A>, u8)>,
+    names: Vec<(u32, ServiceName)>,
+    source_ranges: Vec<SourceRangeEntry<A>>,
+}
+
+impl<A: Address> Default for Entries<A> {
+    fn default() -> Self {
+        Self {
+            frontends: Vec::new(),
+            backends: Vec::new(),
+            membership: Vec::new(),
+            names: Vec::new(),
+            source_ranges: Vec::new(),
+        }
+    }
+}
+
+impl<A: Address> Entries<A> {
+    /// The image of these entries: of a key listed twice, the later entry (a membership
+    /// key: the union of its bits).
+    pub fn into_image(self) -> DesiredImage<A> {
+        let mut membership = self.membership;
+        membership.sort_by_key(|(key, _)| *key);
+        membership.dedup_by(|(key, bits), (kept, kept_bits)| {
+            let same = key == kept;
+            if same {
+                *kept_bits |= *bits;
+            }
+            same
+        });
+        DesiredImage {
+            frontends: self.frontends.into_iter().collect(),
+            backends: self.backends.into_iter().collect(),
+            membership: membership.into_iter().collect(),
+            names: self.names.into_iter().collect(),
+            source_ranges: self.source_ranges.into_iter().collect(),
+        }
+    }
 }
 
 /// Adds one frontend's entries to `image`: its header, its slots (its own set, then the
@@ -139,7 +186,7 @@ pub fn frontend_entries<A: Address>(
     frontend: &Frontend,
     plan: &FrontendPlan,
     ids: &mut IdRegistry<A>,
-    image: &mut DesiredImage<A>,
+    image: &mut Entries<A>,
 ) {
     let proto = frontend.protocol.number();
     let Some(key) = frontend_key(frontend) else {
@@ -166,7 +213,7 @@ pub fn frontend_entries<A: Address>(
                 _pad: 0,
             };
             let backend_id = ids.backend_id(backend);
-            image.backends.insert(backend_id, backend);
+            image.backends.push((backend_id, backend));
             slots.push(Slot {
                 backend,
                 backend_id,
@@ -176,7 +223,7 @@ pub fn frontend_entries<A: Address>(
                 rev_nat_id,
                 addr: backend.addr,
             };
-            *image.membership.entry(member).or_default() |= bit;
+            image.membership.push((member, bit));
         }
     }
     for addr in plan
@@ -185,13 +232,13 @@ pub fn frontend_entries<A: Address>(
         .filter_map(|addr| A::from_ip(*addr))
     {
         let member = MembershipKey { rev_nat_id, addr };
-        *image.membership.entry(member).or_default() |= membership::SERVING;
+        image.membership.push((member, membership::SERVING));
     }
     for network in &plan.source_ranges {
         let Some(addr) = A::from_ip(network.network()) else {
             continue;
         };
-        image.source_ranges.insert(SourceRangeEntry {
+        image.source_ranges.push(SourceRangeEntry {
             range: SourceRange { rev_nat_id, addr },
             prefix_len: network.prefix_len(),
         });
@@ -216,10 +263,10 @@ pub fn frontend_entries<A: Address>(
             u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX)
         }),
     };
-    image.frontends.insert(key, FrontendEntry { header, slots });
+    image.frontends.push((key, FrontendEntry { header, slots }));
     let service = &plan.service;
     if let Some(name) = ServiceName::new(&service.namespace, &service.name, &service.port_name) {
-        image.names.insert(rev_nat_id, name);
+        image.names.push((rev_nat_id, name));
     }
 }
 
@@ -515,6 +562,83 @@ impl<A: Address> DesiredImage<A> {
         let named: BTreeSet<u32> = self.slot_backends().collect();
         self.backends.retain(|id, _| named.contains(id));
     }
+}
+
+/// Puts waiting to be merged into an image, in the order they came, per map. A full sync's
+/// puts into one map, large beside it, are merged in one pass: its nodes come out full,
+/// where inserting ascending keys one at a time leaves each node about half empty (at
+/// 10 000 Services, 5 MiB of the image), and no key is searched for. A few puts are
+/// inserted one by one.
+pub(super) struct Puts<A: Address> {
+    names: Vec<(u32, ServiceName)>,
+    backends: Vec<(u32, Backend<A>)>,
+    slots: Vec<(u32, Slot<A>)>,
+    membership: Vec<(MembershipKey<A>, u8)>,
+    source_ranges: Vec<SourceRangeEntry<A>>,
+    maglev: Vec<MaglevKey>,
+}
+
+impl<A: Address> Default for Puts<A> {
+    fn default() -> Self {
+        Self {
+            names: Vec::new(),
+            backends: Vec::new(),
+            slots: Vec::new(),
+            membership: Vec::new(),
+            source_ranges: Vec::new(),
+            maglev: Vec::new(),
+        }
+    }
+}
+
+impl<A: Address> Puts<A> {
+    /// Keeps `op` if it is a plain put; hands back any other operation.
+    pub fn take(&mut self, op: MapOp<A>) -> Option<MapOp<A>> {
+        match op {
+            MapOp::PutName(id, name) => self.names.push((id, name)),
+            MapOp::PutBackend(id, backend) => self.backends.push((id, backend)),
+            MapOp::PutSlot(index, slot) => self.slots.push((index, slot)),
+            MapOp::PutMembership(key, bits) => self.membership.push((key, bits)),
+            MapOp::PutSourceRange(entry) => self.source_ranges.push(entry),
+            MapOp::PutMaglev(key, _) => self.maglev.push(key),
+            op => return Some(op),
+        }
+        None
+    }
+
+    /// Puts what waits into `image`, the later of equal keys winning.
+    pub fn merge_into(&mut self, image: &mut MapImage<A>) {
+        merge(&mut image.names, &mut self.names);
+        merge(&mut image.backends, &mut self.backends);
+        merge(&mut image.slots, &mut self.slots);
+        merge(&mut image.membership, &mut self.membership);
+        merge_set(&mut image.source_ranges, &mut self.source_ranges);
+        merge_set(&mut image.maglev, &mut self.maglev);
+    }
+}
+
+/// A batch at least this large beside its map is merged in one pass rather than inserted
+/// entry by entry (a pass costs the map's size, an insert its depth).
+const MERGE_FROM_FRACTION: usize = 8;
+
+/// Takes `entries` into `map`, the later of equal keys winning, as inserting them in order.
+fn merge<K: Ord, V>(map: &mut BTreeMap<K, V>, entries: &mut Vec<(K, V)>) {
+    if entries.len() < map.len() / MERGE_FROM_FRACTION {
+        map.extend(entries.drain(..));
+        return;
+    }
+    // Sorted stably in place and built bottom-up, keeping the last of equal keys.
+    let mut batch: BTreeMap<K, V> = std::mem::take(entries).into_iter().collect();
+    map.append(&mut batch);
+}
+
+fn merge_set<K: Ord>(set: &mut BTreeSet<K>, entries: &mut Vec<K>) {
+    if entries.len() < set.len() / MERGE_FROM_FRACTION {
+        set.extend(entries.drain(..));
+        return;
+    }
+    let mut batch: BTreeSet<K> = std::mem::take(entries).into_iter().collect();
+    set.append(&mut batch);
 }
 
 fn member_bounds<A: Address>(rev_nat_id: u32) -> std::ops::RangeInclusive<MembershipKey<A>> {

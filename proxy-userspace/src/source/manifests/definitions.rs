@@ -30,7 +30,9 @@ impl Definitions {
         object: ManifestObject,
         model: &mut Model,
     ) {
-        let files = self.files.entry(id.clone()).or_default();
+        // Almost every object is defined by one file: room for one, not the four a first
+        // push reserves.
+        let files = (self.files.entry(id.clone())).or_insert_with(|| Vec::with_capacity(1));
         let owner_before = files.first().cloned();
         if let Err(position) = files.binary_search(path) {
             files.insert(position, path.clone());
