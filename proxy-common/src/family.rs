@@ -7,6 +7,8 @@ use core::fmt::Debug;
 use core::hash::Hash;
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use crate::{TraceAddresses, TraceRecord};
+
 /// An IPv6 address as the maps hold it: its 16 bytes in wire order, held as four words
 /// read in native order (as IPv4's `u32` is), so the datapath copies and compares it a word
 /// at a time (as bytes, each copy would take 16 loads and stores, and the frames of the
@@ -73,6 +75,10 @@ pub trait Address: sealed::Sealed + Copy + Debug + Default + Eq + Ord + Hash + '
     /// The address of this family, `None` for the other one.
     fn from_ip(addr: IpAddr) -> Option<Self>;
     fn to_ip(self) -> IpAddr;
+
+    /// This family's place in a dry run's record.
+    fn traced(record: &TraceRecord) -> &TraceAddresses<Self>;
+    fn traced_mut(record: &mut TraceRecord) -> &mut TraceAddresses<Self>;
 }
 
 /// The pin names of one family's maps that the daemon writes (their types are the generic
@@ -136,6 +142,14 @@ impl Address for u32 {
     fn to_ip(self) -> IpAddr {
         IpAddr::V4(Ipv4Addr::from(self.to_ne_bytes()))
     }
+
+    fn traced(record: &TraceRecord) -> &TraceAddresses<Self> {
+        &record.ipv4
+    }
+
+    fn traced_mut(record: &mut TraceRecord) -> &mut TraceAddresses<Self> {
+        &mut record.ipv4
+    }
 }
 
 impl Address for Ipv6 {
@@ -170,6 +184,14 @@ impl Address for Ipv6 {
 
     fn to_ip(self) -> IpAddr {
         IpAddr::V6(Ipv6Addr::from(self.octets()))
+    }
+
+    fn traced(record: &TraceRecord) -> &TraceAddresses<Self> {
+        &record.ipv6
+    }
+
+    fn traced_mut(record: &mut TraceRecord) -> &mut TraceAddresses<Self> {
+        &mut record.ipv6
     }
 }
 

@@ -91,6 +91,21 @@ pub mod icmp {
     }
 }
 
+/// ICMPv6 types and codes (RFC 4443) that the datapath writes and `trace` reads.
+pub mod icmp6 {
+    /// The next-header value of ICMPv6.
+    pub const PROTOCOL: u8 = 58;
+    pub const DEST_UNREACH: u8 = 1;
+    pub const PACKET_TOO_BIG: u8 = 2;
+    pub const TIME_EXCEEDED: u8 = 3;
+    /// Codes of [`DEST_UNREACH`].
+    pub const NO_ROUTE: u8 = 0;
+    pub const ADDR_UNREACH: u8 = 3;
+    pub const PORT_UNREACH: u8 = 4;
+    /// Code of [`TIME_EXCEEDED`]: the hop limit ran out in transit.
+    pub const HOP_LIMIT_EXCEEDED: u8 = 0;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,7 +19,7 @@ pub use conntrack::{
 };
 pub use family::{Address, FamilyMapNames, Ipv6};
 pub use fragment::{
-    FRAGMENT_TIMEOUT_NS, FragmentKey, FragmentValue, MIN_CHECKED_MTU, fragment_verdict, icmp,
+    FRAGMENT_TIMEOUT_NS, FragmentKey, FragmentValue, MIN_CHECKED_MTU, fragment_verdict, icmp, icmp6,
 };
 pub use sock::{
     ECONNREFUSED, EHOSTUNREACH, SockKey, SockValue, TRACE_ERRNO, sock_flags, sock_globals,
@@ -788,15 +788,14 @@ pub struct TraceRecord {
     pub to_tc: u8,
     /// 1 when the frontend's Maglev table gave the slot (else it was drawn at random).
     pub maglev: u8,
-    /// The backend as read during the selection (its slot, or the affinity entry); zero
-    /// for conntrack hits.
-    pub backend: Backend,
-    /// The frontend looked up, zero when no lookup happened or none matched.
-    pub frontend: FrontendKey,
-    /// SERVICES[frontend], the frontend's header.
+    /// SERVICES[frontend], the frontend's header (SERVICES6's for an IPv6 packet).
     pub service: FrontendValue,
-    /// The conntrack entry that matched, if [`TraceRecord::conntrack`] is not NONE.
-    pub flow: CtValue,
+    /// What an IPv4 packet's run found (zero after an IPv6 packet's).
+    pub ipv4: TraceAddresses,
+    /// What an IPv6 packet's run found (zero after an IPv4 packet's). Both families have
+    /// their place, so one program (`epx_trace`, and the IPv6 path it tail-calls) writes
+    /// one record whatever the packet; [`Address::traced`] picks a family's.
+    pub ipv6: TraceAddresses<Ipv6>,
     /// A first fragment: the record its later fragments would find (the dry run writes
     /// none). A later fragment: the record it found, if [`TraceRecord::fragment_found`].
     pub fragment_record: FragmentValue,
@@ -816,6 +815,21 @@ pub struct TraceRecord {
     /// it found no route).
     pub egress_ifindex: u32,
     pub _pad_end: u32,
+}
+
+/// The map entries of one family that decided a dry run ([`TraceRecord::ipv4`],
+/// [`TraceRecord::ipv6`]): copies, so the report shows what the program saw even if the
+/// daemon changes the maps a moment later.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TraceAddresses<A = u32> {
+    /// The conntrack entry that matched, if [`TraceRecord::conntrack`] is not NONE.
+    pub flow: CtValue<A>,
+    /// The backend as read during the selection (its slot, or the affinity entry); zero
+    /// for conntrack hits.
+    pub backend: Backend<A>,
+    /// The frontend looked up, zero when no lookup happened or none matched.
+    pub frontend: FrontendKey<A>,
 }
 
 /// Which part of a fragmented datagram a trace saw ([`TraceRecord::fragment`]).
@@ -980,6 +994,7 @@ mod pod {
     unsafe impl<A: Address> aya::Pod for super::SourceRange<A> {}
     unsafe impl aya::Pod for super::ServiceName {}
     unsafe impl aya::Pod for super::TraceRecord {}
+    unsafe impl<A: Address> aya::Pod for super::TraceAddresses<A> {}
     unsafe impl aya::Pod for super::RefusalLimits {}
     unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::SockValue {}
@@ -1008,7 +1023,9 @@ mod tests {
         assert_eq!(size_of::<CtTimeouts>(), 32);
         assert_eq!(size_of::<RefusalLimits>(), 24);
         assert_eq!(size_of::<ServiceName>(), 4 + 63 + 63 + 15);
-        assert_eq!(size_of::<TraceRecord>(), 160);
+        assert_eq!(size_of::<TraceAddresses>(), 80);
+        assert_eq!(size_of::<TraceAddresses<Ipv6>>(), 128);
+        assert_eq!(size_of::<TraceRecord>(), 288);
         assert_eq!(size_of::<FragmentKey>(), 12);
         assert_eq!(size_of::<FragmentValue>(), 24);
         assert_eq!(size_of::<FrontendKey<Ipv6>>(), 20);

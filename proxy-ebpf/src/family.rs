@@ -56,8 +56,8 @@ pub trait Family: Address {
     /// This CPU's decision for the packet in hand (`service_path`).
     fn decision() -> &'static PerCpuArray<Decision<Self>>;
 
-    /// The address as IPv4's `u32`, `None` for IPv6: what is IPv4 only (session affinity's
-    /// and the dry run's records) takes IPv4 addresses through it.
+    /// The address as IPv4's `u32`, `None` for IPv6: what is IPv4 only (the socket hooks'
+    /// affinity) takes IPv4 addresses through it.
     fn ipv4(self) -> Option<u32>;
     /// The IPv4 address `addr` in this family, `None` for IPv6.
     fn from_ipv4(addr: u32) -> Option<Self>;

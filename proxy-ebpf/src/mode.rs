@@ -7,13 +7,13 @@
 //! and instead records what it decided in the TRACE map. Monomorphization removes every
 //! trace hook from `epx_ingress`.
 //!
-//! The trace record holds IPv4 addresses: a dry run of an IPv6 packet records its outcome
-//! and the path's decisions, without the addresses of its flow, frontend and backend.
+//! The trace record has a place for each family's addresses (`proxy_common::TraceAddresses`):
+//! a dry run records the flow, frontend and backend of an IPv6 packet as of an IPv4 one.
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 use proxy_common::{
-    Backend, BackendSet, CtValue, FragmentValue, FrontendKey, Origin, TraceRecord, Tuple, stat,
-    trace_answer, trace_ct, trace_fragment, trace_origin, trace_table,
+    Backend, BackendSet, CtValue, FragmentValue, Origin, TraceRecord, stat, trace_answer, trace_ct,
+    trace_fragment, trace_origin, trace_table,
 };
 
 use crate::{
@@ -167,9 +167,7 @@ impl Mode for DryRun {
             Table::Assured => trace_table::ASSURED,
             Table::Pending => trace_table::PENDING,
         };
-        if let Some(flow) = ipv4_flow(flow) {
-            record.flow = flow;
-        }
+        A::traced_mut(record).flow = *flow;
         if kind == trace_ct::FORWARD {
             record.backend_id = flow.backend_id;
         }
@@ -178,14 +176,7 @@ impl Mode for DryRun {
     #[inline(always)]
     fn frontend_found<A: Family>(&self, frontend: &Frontend<A>) {
         let record = self.record();
-        if let Some(addr) = frontend.key.addr.ipv4() {
-            record.frontend = FrontendKey {
-                addr,
-                port: frontend.key.port,
-                proto: frontend.key.proto,
-                _pad: 0,
-            };
-        }
+        A::traced_mut(record).frontend = frontend.key;
         record.service = frontend.header;
     }
 
@@ -214,9 +205,7 @@ impl Mode for DryRun {
         record.slot = slot;
         record.maglev = u8::from(maglev);
         record.backend_id = backend_id;
-        if let Some(backend) = ipv4_backend(backend) {
-            record.backend = backend;
-        }
+        A::traced_mut(record).backend = *backend;
     }
 
     #[inline(always)]
@@ -224,9 +213,7 @@ impl Mode for DryRun {
         let record = self.record();
         record.affinity = 1;
         record.backend_id = backend_id;
-        if let Some(backend) = ipv4_backend(backend) {
-            record.backend = backend;
-        }
+        A::traced_mut(record).backend = *backend;
     }
 
     #[inline(always)]
@@ -273,39 +260,4 @@ impl Mode for DryRun {
             trace.mtu = mtu;
         }
     }
-}
-
-/// `backend` as the trace record holds it: IPv4 only.
-#[inline(always)]
-fn ipv4_backend<A: Family>(backend: &Backend<A>) -> Option<Backend> {
-    Some(Backend {
-        addr: backend.addr.ipv4()?,
-        port: backend.port,
-        proto: backend.proto,
-        _pad: 0,
-    })
-}
-
-/// `flow` as the trace record holds it: IPv4 only.
-#[inline(always)]
-fn ipv4_flow<A: Family>(flow: &CtValue<A>) -> Option<CtValue> {
-    let to = Tuple {
-        src_addr: flow.to.src_addr.ipv4()?,
-        dst_addr: flow.to.dst_addr.ipv4()?,
-        src_port: flow.to.src_port,
-        dst_port: flow.to.dst_port,
-    };
-    Some(CtValue {
-        to,
-        rev_nat_id: flow.rev_nat_id,
-        backend_id: flow.backend_id,
-        flags: flow.flags,
-        _pad: flow._pad,
-        created: flow.created,
-        epoch: flow.epoch,
-        state: flow.state,
-        expires_ns: flow.expires_ns,
-        packets: flow.packets,
-        bytes: flow.bytes,
-    })
 }
