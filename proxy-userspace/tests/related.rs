@@ -596,7 +596,7 @@ fn trace_explains_a_later_fragment_and_an_icmp_error() {
     let record = report.fragment.as_ref().unwrap().record.as_ref().unwrap();
     assert_eq!(
         (record.verdict, record.destination),
-        ("forward", *BACKEND_1.ip())
+        ("forward", std::net::IpAddr::V4(*BACKEND_1.ip()))
     );
     let output = report.output.as_ref().unwrap();
     assert_eq!(output.destination.address, *BACKEND_1.ip());

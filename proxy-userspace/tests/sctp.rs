@@ -274,7 +274,7 @@ fn trace_rewrites_an_sctp_packet_as_ingress_does() {
     let output = report.output.expect("the rewritten packet");
     assert_eq!(
         (output.destination.address, output.destination.port),
-        (*BACKEND_1.ip(), 8080)
+        (std::net::IpAddr::V4(*BACKEND_1.ip()), 8080)
     );
     let frame = packet.frame();
     let traced = tracer.run_frame(&frame).unwrap();

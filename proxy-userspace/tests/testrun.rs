@@ -13,6 +13,8 @@
 
 mod datapath;
 
+use std::net::IpAddr;
+
 use datapath::*;
 use etherparse::{Ethernet2Header, Ipv4Header, PacketBuilder};
 use proxy_common::{
@@ -813,7 +815,7 @@ fn trace_rewrites_like_ingress_and_leaves_the_maps_alone() {
         let backend = report.backend.expect("a backend was selected");
         assert_eq!(
             (backend.id, backend.address, backend.port),
-            (ids[0], *BACKEND_1.ip(), 8080)
+            (ids[0], IpAddr::V4(*BACKEND_1.ip()), 8080)
         );
         assert_eq!(report.selection.map(|s| (s.slot, s.of)), Some((1, 1)));
         let output = report.output.expect("the rewritten packet");
@@ -856,9 +858,12 @@ fn trace_follows_a_tracked_flow_and_its_replies() {
     let flow = forward.conntrack.expect("the forward entry decided");
     assert_eq!(
         (flow.direction, flow.nat.address),
-        ("forward", *chosen.ip())
+        ("forward", IpAddr::V4(*chosen.ip()))
     );
-    assert_eq!(forward.backend.map(|b| b.address), Some(*chosen.ip()));
+    assert_eq!(
+        forward.backend.map(|b| b.address),
+        Some(IpAddr::V4(*chosen.ip()))
+    );
     assert!(forward.frontend.is_none(), "no SERVICES lookup on a hit");
 
     let reply = tracer
@@ -869,7 +874,7 @@ fn trace_follows_a_tracked_flow_and_its_replies() {
     let output = reply.output.expect("the rewritten reply");
     assert_eq!(
         (output.source.address, output.source.port),
-        (*VIP.ip(), VIP.port())
+        (IpAddr::V4(*VIP.ip()), VIP.port())
     );
 
     assert_eq!(
@@ -949,7 +954,7 @@ fn trace_of_a_node_port_reply_stops_before_routing_it() {
         let output = report.output.expect("the rewritten reply");
         assert_eq!(
             (output.source.address, output.source.port),
-            (*VIP.ip(), VIP.port())
+            (IpAddr::V4(*VIP.ip()), VIP.port())
         );
         assert_eq!(datapath.stats(), stats_before);
     });
@@ -985,7 +990,10 @@ fn trace_shows_a_backend_kept_by_affinity_and_leaves_it_alone() {
         ("accept", "new_flow")
     );
     assert!(report.selection.is_none(), "no slot was drawn");
-    assert_eq!(report.backend.map(|b| b.address), Some(*first.ip()));
+    assert_eq!(
+        report.backend.map(|b| b.address),
+        Some(IpAddr::V4(*first.ip()))
+    );
     assert!(
         report
             .decided_by

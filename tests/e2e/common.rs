@@ -3,7 +3,7 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -110,8 +110,8 @@ pub fn cli_json(daemon: &Daemon, args: &[&str]) -> Result<Value> {
 }
 
 /// The flows of a client, as `conntrack -o json --client` lists them.
-pub fn flows_of(daemon: &Daemon, client: Ipv4Addr, extra: &[&str]) -> Result<Vec<Value>> {
-    let client = client.to_string();
+pub fn flows_of(daemon: &Daemon, client: impl Into<IpAddr>, extra: &[&str]) -> Result<Vec<Value>> {
+    let client = client.into().to_string();
     let mut args = vec!["conntrack", "--client", client.as_str()];
     args.extend(extra);
     match cli_json(daemon, &args)? {

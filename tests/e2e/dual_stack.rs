@@ -12,6 +12,10 @@
 //! reached), the dual-stack Service over both families, and an IPv6 Service without
 //! endpoints refused at once (ICMPv6 port unreachable: connection refused).
 //!
+//! The CLI on a real IPv6 flow: `conntrack` lists it from CONNTRACK6 (`-o json` with its
+//! family) and its IPv6 filters select it, `trace` follows its conntrack entry and dry-runs
+//! a new connection through the IPv6 maps, `conntrack flush` removes it.
+//!
 //! The LoadBalancer Service: its IPv4 half serves (ClusterIP from a pod, NodePort from
 //! outside), its IPv6 half is planned from the IPv6 EndpointSlice (the pods' IPv6
 //! addresses) and written into the IPv6 maps, which the CLI reads back, and the health
@@ -26,7 +30,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use common::{
-    BACKEND_NAMES, SERVICE_TCP_PORT, SERVICE_UDP_PORT, SYNC_TIMEOUT, caller, cli_json,
+    BACKEND_NAMES, SERVICE_TCP_PORT, SERVICE_UDP_PORT, SYNC_TIMEOUT, caller, cli_json, flows_of,
     health_check, in_netns, kube_rules,
 };
 use proxy_lab::{Lab, Manifest, NODE_NAME, Reply, Service, addr, require_lab};
@@ -350,5 +354,128 @@ fn a_dual_stack_service_serves_ipv4_plans_ipv6_and_answers_health_checks_on_both
         kube_rules(&saved_form) == kube_rules(&saved),
         "explain --family ipv6 --form iptables-save:\n{saved_form}\nip6tables-save:\n{saved}"
     );
+    Ok(())
+}
+
+#[test]
+fn conntrack_and_trace_read_a_real_ipv6_flow_and_flush_removes_it() -> Result<()> {
+    require_lab!();
+    let lab = common::lab()?;
+    let six =
+        Service::cluster_ip("six", addr::CLUSTER_IPV6).tcp(SERVICE_TCP_PORT, addr::ECHO_TCP_PORT);
+    let backends = common::backends(&lab);
+    let daemon = lab.daemon().manifest(six.manifest(backends)).start()?;
+    daemon.wait_synced(SYNC_TIMEOUT)?;
+    let client = lab.pod(4).ipv6;
+    let vip = addr::CLUSTER_IPV6.to_string();
+
+    let mut session = caller(&lab).tcp_session(addr::CLUSTER_IPV6, SERVICE_TCP_PORT)?;
+    let served_by = session.request()?;
+    let backend = backends
+        .iter()
+        .find(|pod| pod.name == served_by)
+        .with_context(|| format!("answered by {served_by}"))?;
+    let backend_ip = backend.ipv6.to_string();
+
+    // `conntrack` reads the flow from CONNTRACK6.
+    let flows = flows_of(&daemon, client, &[])?;
+    ensure!(flows.len() == 1, "one flow from [{client}]: {flows:#?}");
+    let flow = &flows[0];
+    ensure!(
+        flow["family"] == "IPv6"
+            && flow["protocol"] == "tcp"
+            && flow["frontend"]["address"] == vip
+            && flow["frontend"]["port"] == SERVICE_TCP_PORT
+            && flow["backend"]["address"] == backend_ip
+            && flow["backend"]["port"] == addr::ECHO_TCP_PORT
+            && flow["backend_sees"]["address"] == client.to_string()
+            && flow["service"] == "default/six:tcp-80"
+            && flow["flow_state"] == "established"
+            && flow["assured"] == true
+            && flow["entries"] == serde_json::json!(["forward", "reply"]),
+        "{flow:#}"
+    );
+    let other_ip = backends
+        .iter()
+        .find(|pod| pod.ipv6 != backend.ipv6)
+        .context("a second pod")?
+        .ipv6
+        .to_string();
+    let vip_port = format!("[{vip}]:{SERVICE_TCP_PORT}");
+    for (filter, expected) in [
+        (vec!["--service", vip_port.as_str()], 1),
+        (vec!["--service", vip.as_str()], 1),
+        (vec!["--service", "default/six"], 1),
+        (vec!["--service", "198.19.0.10:80"], 0),
+        (vec!["--backend", backend_ip.as_str()], 1),
+        (vec!["--backend", other_ip.as_str()], 0),
+    ] {
+        let flows = flows_of(&daemon, client, &filter)?;
+        ensure!(flows.len() == expected, "{filter:?}: {flows:#?}");
+    }
+    let table = daemon.cli(&["conntrack"])?;
+    ensure!(
+        table.contains(&format!("[{client}]:{}", flow["client"]["port"]))
+            && table.contains(&vip_port),
+        "{table}"
+    );
+
+    // `trace` of the flow's own tuple follows its CONNTRACK6 entry to the same backend.
+    let source = format!("[{client}]:{}", flow["client"]["port"]);
+    let destination = format!("{vip_port}/tcp");
+    let trace = cli_json(&daemon, &["trace", &source, &destination])?;
+    ensure!(
+        trace["packet"]["family"] == "IPv6"
+            && trace["path"] == "ct_hit"
+            && trace["conntrack"]["direction"] == "forward"
+            && trace["backend"]["address"] == backend_ip
+            && trace["output"]["destination"]["address"] == backend_ip,
+        "{trace:#}"
+    );
+    ensure!(
+        trace["decided_by"][0]
+            .as_str()
+            .is_some_and(|line| line.starts_with("CONNTRACK6[tcp ")),
+        "{trace:#}"
+    );
+    // A new port: a new connection's dry run through SERVICES6 and BACKEND_SLOTS6, which
+    // writes no flow.
+    let trace = cli_json(
+        &daemon,
+        &["trace", &format!("[{client}]:45678"), &destination],
+    )?;
+    let reached = trace["output"]["destination"]["address"]
+        .as_str()
+        .unwrap_or("");
+    ensure!(
+        trace["path"] == "new_flow"
+            && trace["frontend"]["address"] == vip
+            && trace["frontend"]["service"] == "default/six:tcp-80"
+            && trace["backend"]["address"] == reached
+            && backends.iter().any(|pod| pod.ipv6.to_string() == reached)
+            && trace["output"]["source"]["port"] == 45678,
+        "{trace:#}"
+    );
+    ensure!(
+        trace["decided_by"][0]
+            .as_str()
+            .is_some_and(|line| line.starts_with(&format!("SERVICES6[{vip_port}/tcp]"))),
+        "{trace:#}"
+    );
+    ensure!(
+        flows_of(&daemon, client, &[])?.len() == 1,
+        "the dry run created a flow"
+    );
+
+    // `conntrack flush` removes both of its CONNTRACK6 entries.
+    let client_ip = client.to_string();
+    let flushed = cli_json(&daemon, &["conntrack", "flush", "--client", &client_ip])?;
+    ensure!(
+        flushed["flows"] == 1 && flushed["entries"] == 2,
+        "{flushed:#}"
+    );
+    let left = flows_of(&daemon, client, &[])?;
+    ensure!(left.is_empty(), "after the flush: {left:#?}");
+    drop(session);
     Ok(())
 }

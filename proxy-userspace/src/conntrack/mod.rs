@@ -1,5 +1,5 @@
-//! Conntrack from userspace: the flows of both conntrack maps paired for listings and
-//! flushes, map sizes from the machine's memory, batched reads ([`crate::bpf_batch`]) and the garbage
+//! Conntrack from userspace: the flows of both conntrack maps (of either family) paired for
+//! listings and flushes, map sizes from the machine's memory, batched reads ([`crate::bpf_batch`]) and the garbage
 //! collector ([`gc`]).
 //!
 //! Which entries belong together, when a flow is over and what state it is in are decided
@@ -10,7 +10,7 @@ pub mod gc;
 use std::collections::HashMap;
 
 use aya::maps::MapData;
-use proxy_common::{CtKey, CtValue, FlowState, ct_state, flow_expired};
+use proxy_common::{Address, CtKey, CtValue, FlowState, ct_state, flow_expired};
 
 /// One of the two conntrack maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -43,31 +43,31 @@ impl CtTable {
     }
 }
 
-/// An entry read from one of the maps.
+/// An entry read from one of the maps (of the family of addresses `A`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CtEntry {
+pub struct CtEntry<A = u32> {
     pub table: CtTable,
-    pub key: CtKey,
-    pub value: CtValue,
+    pub key: CtKey<A>,
+    pub value: CtValue<A>,
 }
 
 /// One flow's entries: the client's with the backend's that belongs to it, or an entry
 /// whose partner is gone (evicted, or its key taken over by a newer flow).
 #[derive(Clone, Copy, Debug)]
-pub struct FlowEntries<'a> {
+pub struct FlowEntries<'a, A = u32> {
     /// The client's entry (keyed client → frontend).
-    pub forward: Option<&'a CtEntry>,
+    pub forward: Option<&'a CtEntry<A>>,
     /// The backend's entry (keyed backend → peer).
-    pub reply: Option<&'a CtEntry>,
+    pub reply: Option<&'a CtEntry<A>>,
 }
 
-impl<'a> FlowEntries<'a> {
+impl<'a, A: Address> FlowEntries<'a, A> {
     /// The entries present (one or two).
-    pub fn present(&self) -> impl Iterator<Item = &'a CtEntry> + use<'a> {
+    pub fn present(&self) -> impl Iterator<Item = &'a CtEntry<A>> + use<'a, A> {
         self.forward.into_iter().chain(self.reply)
     }
 
-    fn first(&self) -> &'a CtEntry {
+    fn first(&self) -> &'a CtEntry<A> {
         self.present()
             .next()
             .expect("a flow has at least one entry")
@@ -125,8 +125,8 @@ impl<'a> FlowEntries<'a> {
 /// Pairs the entries of both maps into flows: each client entry with the backend entry
 /// at the reverse of the tuple it rewrites to, when that entry points back; then every
 /// backend entry left alone.
-pub fn pair_flows(entries: &[CtEntry]) -> Vec<FlowEntries<'_>> {
-    let by_key: HashMap<CtKey, &CtEntry> = entries.iter().map(|e| (e.key, e)).collect();
+pub fn pair_flows<A: Address>(entries: &[CtEntry<A>]) -> Vec<FlowEntries<'_, A>> {
+    let by_key: HashMap<CtKey<A>, &CtEntry<A>> = entries.iter().map(|e| (e.key, e)).collect();
     let mut paired = std::collections::HashSet::new();
     let mut flows = Vec::new();
     for forward in entries.iter().filter(|e| !e.value.is_reply()) {
@@ -155,11 +155,11 @@ pub fn pair_flows(entries: &[CtEntry]) -> Vec<FlowEntries<'_>> {
 
 /// Reads every entry of both maps (CONNTRACK's first: a flow caught while it moves from
 /// CONNTRACK_PENDING is listed once).
-pub fn read_all(maps: &[(CtTable, &MapData)]) -> std::io::Result<Vec<CtEntry>> {
-    let mut entries: Vec<CtEntry> = Vec::new();
+pub fn read_all<A: Address>(maps: &[(CtTable, &MapData)]) -> std::io::Result<Vec<CtEntry<A>>> {
+    let mut entries: Vec<CtEntry<A>> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for (table, map) in maps {
-        crate::bpf_batch::for_each_entry(map, 4096, |key: &CtKey, value: &CtValue| {
+        crate::bpf_batch::for_each_entry(map, 4096, |key: &CtKey<A>, value: &CtValue<A>| {
             if seen.insert(*key) {
                 entries.push(CtEntry {
                     table: *table,

@@ -1,9 +1,10 @@
 //! `ebpf-proxy conntrack`: live flows (client → frontend → backend) of both conntrack
-//! maps with their state, and `conntrack flush`, which deletes the flows matching the same
+//! maps of each family (CONNTRACK and CONNTRACK_PENDING, CONNTRACK6 and CONNTRACK_PENDING6)
+//! with their state, and `conntrack flush`, which deletes the flows matching the same
 //! filters.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -11,12 +12,14 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
 use clap::{Args, Subcommand};
-use proxy_common::{CtKey, CtTimeouts, CtValue, ServiceName, ct_flags, ct_seconds, map_names};
+use proxy_common::{
+    Address, CtKey, CtTimeouts, CtValue, Ipv6, ServiceName, ct_flags, ct_seconds, map_names,
+};
 use serde::Serialize;
 
 use super::{
-    Endpoint, ListArgs, Output, PinArgs, new_table, open_pinned, open_typed, print, protocol_name,
-    read_entries, service_port_name,
+    Endpoint, ListArgs, Output, PinArgs, family_name, new_table, open_pinned, open_typed, print,
+    protocol_name, read_entries, service_port_name,
 };
 use crate::conntrack::{CtEntry, CtTable, FlowEntries, monotonic_now_ns, pair_flows, read_all};
 
@@ -108,9 +111,9 @@ impl FlushArgs {
         let mut report = FlushReport::default();
         for flow in filter.select(flows) {
             report.flows += 1;
-            for (table, key) in &flow.keys {
+            for key in &flow.keys {
                 // Already gone (expired or evicted meanwhile) counts as flushed.
-                if maps.remove(*table, key)? {
+                if maps.remove(key)? {
                     report.entries += 1;
                 }
             }
@@ -132,20 +135,23 @@ struct FlushReport {
     entries: u64,
 }
 
-/// The pinned conntrack maps and timeouts.
-struct ConntrackMaps {
+/// One family's pinned conntrack maps.
+struct FamilyMaps {
     assured: Map,
     pending: Map,
-    timeouts: CtTimeouts,
 }
 
-impl ConntrackMaps {
-    fn open(root: &Path) -> Result<Self> {
-        let timeouts: Array<MapData, CtTimeouts> = open_typed(root, map_names::CT_TIMEOUTS)?;
+impl FamilyMaps {
+    fn open<A: Address>(root: &Path) -> Result<Self> {
+        let open = |table: CtTable| -> Result<Map> {
+            Ok(Map::from_map_data(open_pinned(
+                root,
+                table.map_name_of::<A>(),
+            )?)?)
+        };
         Ok(Self {
-            assured: Map::from_map_data(open_pinned(root, map_names::CONNTRACK)?)?,
-            pending: Map::from_map_data(open_pinned(root, map_names::CONNTRACK_PENDING)?)?,
-            timeouts: timeouts.get(&0, 0)?,
+            assured: open(CtTable::Assured)?,
+            pending: open(CtTable::Pending)?,
         })
     }
 
@@ -156,45 +162,113 @@ impl ConntrackMaps {
         }
     }
 
-    fn entries(&mut self) -> Result<Vec<CtEntry>> {
+    fn entries<A: Address>(&self) -> Result<Vec<CtEntry<A>>> {
         fn data(map: &Map) -> Result<&MapData> {
             match map {
                 Map::LruHashMap(data) => Ok(data),
                 _ => Err(anyhow::anyhow!("a conntrack map is not an LRU hash map")),
             }
         }
-        let (assured, pending) = (data(&self.assured)?, data(&self.pending)?);
         Ok(read_all(&[
-            (CtTable::Assured, assured),
-            (CtTable::Pending, pending),
+            (CtTable::Assured, data(&self.assured)?),
+            (CtTable::Pending, data(&self.pending)?),
         ])?)
     }
 
     /// Removes one entry; false if it was gone already.
-    fn remove(&mut self, table: CtTable, key: &CtKey) -> Result<bool> {
-        let mut map: BpfHashMap<&mut MapData, CtKey, CtValue> = self.map(table).try_into()?;
+    fn remove<A: Address>(&mut self, table: CtTable, key: &CtKey<A>) -> Result<bool> {
+        let mut map: BpfHashMap<&mut MapData, CtKey<A>, CtValue<A>> = self.map(table).try_into()?;
         Ok(map.remove(key).is_ok())
     }
 }
 
-/// The flows in both conntrack maps, and the maps (for flushes).
+/// The pinned conntrack maps of both families, and the timeouts.
+struct ConntrackMaps {
+    ipv4: FamilyMaps,
+    ipv6: FamilyMaps,
+    timeouts: CtTimeouts,
+}
+
+impl ConntrackMaps {
+    fn open(root: &Path) -> Result<Self> {
+        let timeouts: Array<MapData, CtTimeouts> = open_typed(root, map_names::CT_TIMEOUTS)?;
+        Ok(Self {
+            ipv4: FamilyMaps::open::<u32>(root)?,
+            ipv6: FamilyMaps::open::<Ipv6>(root)?,
+            timeouts: timeouts.get(&0, 0)?,
+        })
+    }
+
+    /// Removes one entry; false if it was gone already.
+    fn remove(&mut self, key: &EntryKey) -> Result<bool> {
+        match key {
+            EntryKey::Ipv4(table, key) => self.ipv4.remove(*table, key),
+            EntryKey::Ipv6(table, key) => self.ipv6.remove(*table, key),
+        }
+    }
+}
+
+/// Where one of a flow's entries sits: its family's map and its key (a flush removes it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EntryKey {
+    Ipv4(CtTable, CtKey),
+    Ipv6(CtTable, CtKey<Ipv6>),
+}
+
+/// A family's conntrack entries, as [`EntryKey`]s know them.
+trait FlowFamily: Address {
+    fn entry_key(table: CtTable, key: CtKey<Self>) -> EntryKey;
+}
+
+impl FlowFamily for u32 {
+    fn entry_key(table: CtTable, key: CtKey) -> EntryKey {
+        EntryKey::Ipv4(table, key)
+    }
+}
+
+impl FlowFamily for Ipv6 {
+    fn entry_key(table: CtTable, key: CtKey<Ipv6>) -> EntryKey {
+        EntryKey::Ipv6(table, key)
+    }
+}
+
+/// The flows in the conntrack maps of both families (IPv4's first), and the maps (for
+/// flushes). Each family's flows are named from its own SVC_NAMES: rev_nat_ids count per
+/// family.
 fn read_flows(root: &Path) -> Result<(Vec<FlowView>, ConntrackMaps)> {
-    let mut maps = ConntrackMaps::open(root)?;
-    let names: BpfHashMap<MapData, u32, ServiceName> = open_typed(root, map_names::SVC_NAMES)?;
-    let entries = maps.entries()?;
-    let flows = flows(
-        &entries,
-        &read_entries(&names)?,
-        monotonic_now_ns(),
+    let maps = ConntrackMaps::open(root)?;
+    let now_ns = monotonic_now_ns();
+    let mut flows = family_flows::<u32>(root, &maps.ipv4, now_ns, &maps.timeouts)?;
+    flows.extend(family_flows::<Ipv6>(
+        root,
+        &maps.ipv6,
+        now_ns,
         &maps.timeouts,
-    );
+    )?);
     Ok((flows, maps))
+}
+
+fn family_flows<A: FlowFamily>(
+    root: &Path,
+    maps: &FamilyMaps,
+    now_ns: u64,
+    timeouts: &CtTimeouts,
+) -> Result<Vec<FlowView>> {
+    let names: BpfHashMap<MapData, u32, ServiceName> = open_typed(root, A::MAPS.svc_names)?;
+    Ok(flows(
+        &maps.entries::<A>()?,
+        &read_entries(&names)?,
+        now_ns,
+        timeouts,
+    ))
 }
 
 /// One connection as the datapath tracks it. JSON schema: every field, always present
 /// (`service` may be null).
 #[derive(Debug, Serialize)]
 pub struct FlowView {
+    /// `IPv4` or `IPv6`: which family's maps hold the flow (ids count per family).
+    pub family: &'static str,
     pub protocol: &'static str,
     pub client: Endpoint,
     /// The address the client connected to (a VIP or a node address; the backend itself
@@ -235,12 +309,13 @@ pub struct FlowView {
     /// `reply` (keyed backend → client). The LRU may evict one before the other.
     pub entries: Vec<&'static str>,
     #[serde(skip)]
-    keys: Vec<(CtTable, CtKey)>,
+    keys: Vec<EntryKey>,
 }
 
-/// One view per flow (see [`pair_flows`]), sorted by client, then frontend.
-pub fn flows(
-    entries: &[CtEntry],
+/// One view per flow (see [`pair_flows`]) of one family's entries, sorted by client, then
+/// frontend.
+fn flows<A: FlowFamily>(
+    entries: &[CtEntry<A>],
     names: &BTreeMap<u32, ServiceName>,
     now_ns: u64,
     timeouts: &CtTimeouts,
@@ -253,8 +328,8 @@ pub fn flows(
     flows
 }
 
-fn view(
-    flow: &FlowEntries,
+fn view<A: FlowFamily>(
+    flow: &FlowEntries<'_, A>,
     names: &BTreeMap<u32, ServiceName>,
     now_ns: u64,
     timeouts: &CtTimeouts,
@@ -300,8 +375,12 @@ fn view(
     .filter(|(bit, _)| flags & bit != 0)
     .map(|(_, name)| name)
     .collect();
-    let keys: Vec<(CtTable, CtKey)> = flow.present().map(|e| (e.table, e.key)).collect();
+    let keys: Vec<EntryKey> = flow
+        .present()
+        .map(|e| A::entry_key(e.table, e.key))
+        .collect();
     FlowView {
+        family: family_name(client.address),
         protocol: protocol_name(first.key.proto),
         client,
         frontend,
@@ -326,13 +405,13 @@ fn view(
         bytes_to_backend: forward.map_or(0, |v| v.bytes),
         packets_from_backend: reply.map_or(0, |v| v.packets),
         bytes_from_backend: reply.map_or(0, |v| v.bytes),
-        entries: keys
-            .iter()
-            .map(|(_, key)| {
-                if flow.forward.is_some_and(|e| e.key == *key) {
-                    "forward"
-                } else {
+        entries: flow
+            .present()
+            .map(|e| {
+                if e.value.is_reply() {
                     "reply"
+                } else {
+                    "forward"
                 }
             })
             .collect(),
@@ -340,10 +419,10 @@ fn view(
     }
 }
 
-/// `address` or `address:port`.
+/// `address` or `address:port` (`[address]:port` for IPv6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct EndpointPattern {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: Option<u16>,
 }
 
@@ -356,9 +435,7 @@ impl EndpointPattern {
 impl FromStr for EndpointPattern {
     type Err = String;
 
-    /// `addr`, `addr:port`, or an IPv6 address as `[addr]:port` or bare, which is named
-    /// as such: the maps these views read hold IPv4 only (see the README's "IPv6 and
-    /// dual-stack").
+    /// `addr`, `addr:port`, or an IPv6 address as `[addr]:port`, `[addr]` or bare.
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let (address, port) = match text.strip_prefix('[') {
             Some(rest) => match rest.split_once(']') {
@@ -376,13 +453,11 @@ impl FromStr for EndpointPattern {
             },
         };
         let address = match address.parse::<IpAddr>() {
-            Ok(IpAddr::V4(address)) => address,
-            Ok(IpAddr::V6(_)) => {
-                return Err(format!(
-                    "{text:?}: an IPv6 address; the datapath's maps are IPv4 only so far \
-                     (the planner plans IPv6 frontends, nothing programs them yet)"
-                ));
+            // `[198.18.0.1]:80` is no address: brackets hold IPv6 only.
+            Ok(IpAddr::V4(_)) if text.starts_with('[') => {
+                return Err(format!("{text:?}: brackets hold an IPv6 address"));
             }
+            Ok(address) => address,
             Err(_) => return Err(format!("{text:?}: expected an address[:port]")),
         };
         Ok(Self {
@@ -493,20 +568,27 @@ mod tests {
 
     fn endpoint(address: [u8; 4], port: u16) -> Endpoint {
         Endpoint {
-            address: Ipv4Addr::from(address),
+            address: IpAddr::from(address),
+            port,
+        }
+    }
+
+    fn endpoint6(address: &str, port: u16) -> Endpoint {
+        Endpoint {
+            address: address.parse().unwrap(),
             port,
         }
     }
 
     /// An established flow's two entries as the datapath writes them: created at 100 s,
     /// the client's last packet at 130 s, the backend's at 140 s.
-    fn flow(
+    fn flow<A: Address>(
         client: Endpoint,
         frontend: Endpoint,
         backend: Endpoint,
         rev_nat_id: u32,
-    ) -> [CtEntry; 2] {
-        let wire = |e: Endpoint| (u32::from_ne_bytes(e.address.octets()), e.port.to_be());
+    ) -> [CtEntry<A>; 2] {
+        let wire = |e: Endpoint| (A::from_ip(e.address).unwrap(), e.port.to_be());
         let translation = Translation::service(
             proto::TCP,
             wire(client),
@@ -548,8 +630,8 @@ mod tests {
         let pod_2 = endpoint([198, 18, 1, 12], 8080);
         let caller = endpoint([198, 18, 1, 14], 40000);
         let outside = endpoint([198, 18, 0, 2], 50000);
-        let [web_forward, web_reply] = flow(caller, vip, pod_1, 1);
-        let [np_forward, np_reply] = flow(outside, node_port, pod_2, 2);
+        let [web_forward, web_reply] = flow::<u32>(caller, vip, pod_1, 1);
+        let [np_forward, np_reply] = flow::<u32>(outside, node_port, pod_2, 2);
         // The LRU evicted this flow's forward entry.
         let entries = [web_forward, web_reply, np_reply];
         let names = BTreeMap::from([
@@ -614,6 +696,7 @@ mod tests {
         assert_eq!(select(client), [outside]);
 
         let json = serde_json::to_value(&flows[1]).unwrap();
+        assert_eq!(json["family"], "IPv4");
         assert_eq!(json["client"]["address"], "198.18.1.14");
         assert_eq!(json["frontend"]["port"], 80);
         assert_eq!(json["state"], "open");
@@ -624,13 +707,80 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_flows_are_read_from_their_own_entries_and_filtered_by_ipv6_patterns() {
+        let vip = endpoint6("2001:db8:ff::10", 80);
+        let pod = endpoint6("2001:db8:1::11", 8080);
+        let caller = endpoint6("2001:db8:1::14", 40000);
+        let entries = flow::<Ipv6>(caller, vip, pod, 1);
+        let names = BTreeMap::from([(1, ServiceName::new("default", "web6", "http").unwrap())]);
+
+        let flows = flows(&entries, &names, 150 * SECOND, &CtTimeouts::DEFAULT);
+        assert_eq!(flows.len(), 1);
+        let web = &flows[0];
+        assert_eq!((web.client, web.frontend, web.backend), (caller, vip, pod));
+        assert_eq!(web.family, "IPv6");
+        assert_eq!(web.service.as_deref(), Some("default/web6:http"));
+        assert_eq!(web.entries, ["forward", "reply"]);
+        assert_eq!(
+            web.keys,
+            [
+                EntryKey::Ipv6(CtTable::Assured, entries[0].key),
+                EntryKey::Ipv6(CtTable::Assured, entries[1].key)
+            ]
+        );
+
+        let matches = |filter: FlowFilter| filter.matches(web);
+        let service = |text: &str| FlowFilter {
+            service: Some(text.parse().unwrap()),
+            ..FlowFilter::default()
+        };
+        assert!(matches(service("[2001:db8:ff::10]:80")));
+        assert!(matches(service("2001:db8:ff::10")));
+        assert!(!matches(service("[2001:db8:ff::10]:81")));
+        assert!(matches(service("default/web6")));
+        assert!(matches(FlowFilter {
+            backend: Some("[2001:db8:1::11]:8080".parse().unwrap()),
+            client: Some("[2001:db8:1::14]".parse().unwrap()),
+            ..FlowFilter::default()
+        }));
+        // An IPv4 address never matches an IPv6 flow.
+        assert!(!matches(FlowFilter {
+            client: Some("198.18.1.14".parse().unwrap()),
+            ..FlowFilter::default()
+        }));
+
+        let json = serde_json::to_value(web).unwrap();
+        assert_eq!(json["family"], "IPv6");
+        assert_eq!(json["client"]["address"], "2001:db8:1::14");
+        assert_eq!(json["backend"]["port"], 8080);
+        let table = render(&flows);
+        assert!(table.contains("[2001:db8:1::14]:40000"), "{table}");
+        assert!(table.contains("[2001:db8:ff::10]:80"), "{table}");
+    }
+
+    #[test]
     fn patterns_parse_or_explain_why_not() {
         assert_eq!("198.18.0.2".parse::<EndpointPattern>().unwrap().port, None);
         assert!("198.18.0.2:x".parse::<EndpointPattern>().is_err());
-        for ipv6 in ["[2001:db8::10]:80", "2001:db8::10", "[2001:db8::10]"] {
-            let error = ipv6.parse::<EndpointPattern>().unwrap_err();
-            assert!(error.contains("an IPv6 address"), "{ipv6}: {error}");
+        let v6: IpAddr = "2001:db8::10".parse().unwrap();
+        for (text, port) in [
+            ("[2001:db8::10]:80", Some(80)),
+            ("2001:db8::10", None),
+            ("[2001:db8::10]", None),
+        ] {
+            assert_eq!(
+                text.parse::<EndpointPattern>(),
+                Ok(EndpointPattern { address: v6, port }),
+                "{text}"
+            );
         }
+        assert!(
+            "[198.18.0.2]:80"
+                .parse::<EndpointPattern>()
+                .unwrap_err()
+                .contains("brackets")
+        );
+        assert!("[2001:db8::10]80".parse::<EndpointPattern>().is_err());
         assert!(
             "[2001:db8::10:80"
                 .parse::<EndpointPattern>()

@@ -19,7 +19,7 @@ pub mod trace_hooks;
 
 use std::fmt;
 use std::io::{IsTerminal, Write};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -52,7 +52,7 @@ pub enum Command {
     /// One row per backend: id, address, state and the Services using it.
     Backends(ListArgs),
     /// Live flows: client → frontend → backend, age, packets and bytes.
-    Conntrack(conntrack::ConntrackArgs),
+    Conntrack(Box<conntrack::ConntrackArgs>),
     /// Connections translated at the socket (--socket-lb): cookie, process, Service,
     /// backend.
     Sockets(sockets::SocketsArgs),
@@ -62,7 +62,7 @@ pub enum Command {
     Explain(explain::ExplainArgs),
     /// Runs a packet through the program as a dry run: verdict, backend, rewritten headers
     /// and the map entries that decided. Needs root (it loads a program).
-    Trace(trace::TraceArgs),
+    Trace(Box<trace::TraceArgs>),
 }
 
 impl Command {
@@ -312,26 +312,35 @@ fn read_entries<K: aya::Pod + Ord, V: aya::Pod>(
     Ok(entries)
 }
 
-/// An IPv4 address and port, in host order. JSON: `{"address": "…", "port": n}`.
+/// An address of either family and a port, in host order. JSON: `{"address": "…",
+/// "port": n}`; shown as `addr:port`, `[addr]:port` for IPv6.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct Endpoint {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
 }
 
 impl Endpoint {
     /// From the wire-order address and port the maps store.
-    pub fn from_wire(addr: u32, port: u16) -> Self {
+    pub fn from_wire<A: Address>(addr: A, port: u16) -> Self {
         Self {
-            address: Ipv4Addr::from(addr.to_ne_bytes()),
+            address: addr.to_ip(),
             port: u16::from_be(port),
         }
     }
 }
 
+/// `IPv4` or `IPv6`, as the Kubernetes API names the family.
+pub fn family_name(address: IpAddr) -> &'static str {
+    match address {
+        IpAddr::V4(_) => u32::NAME,
+        IpAddr::V6(_) => Ipv6::NAME,
+    }
+}
+
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.address, self.port)
+        std::net::SocketAddr::new(self.address, self.port).fmt(f)
     }
 }
 

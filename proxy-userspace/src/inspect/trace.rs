@@ -10,7 +10,7 @@
 //! device, and `epx_trace` only if XDP leaves it to tc (see [`super::trace_hooks`]).
 
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::Path;
 use std::str::FromStr;
 
@@ -20,9 +20,9 @@ use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
 use aya::programs::SchedClassifier;
 use clap::Args;
 use proxy_common::{
-    BackendSet, FlowState, FrontendKey, Origin, ServiceName, TRACE_PROGRAM_NAME, TraceRecord,
-    XDP_TRACE_PROGRAM_NAME, ct_flags, ct_state, fragment_verdict, icmp, maglev, map_names, proto,
-    stat, tcp_flags, trace_answer, trace_ct, trace_fragment, trace_origin, trace_table,
+    Address, BackendSet, FlowState, FrontendKey, Ipv6, Origin, ServiceName, TRACE_PROGRAM_NAME,
+    TraceRecord, XDP_TRACE_PROGRAM_NAME, ct_flags, ct_state, fragment_verdict, maglev, map_names,
+    proto, stat, tcp_flags, trace_answer, trace_ct, trace_fragment, trace_origin, trace_table,
 };
 use serde::Serialize;
 
@@ -33,8 +33,10 @@ pub use packet::{Fragment, IcmpError, IcmpKind, TracePacket};
 use super::conntrack::EndpointPattern;
 use super::trace_hooks::{self, Arrival, Hook, XdpView};
 use super::{
-    Endpoint, Output, PinArgs, frontend_label, kind_name, load_beside_pins, print, protocol_name,
+    Endpoint, Output, PinArgs, family_name, frontend_label, kind_name, load_beside_pins, print,
+    protocol_name,
 };
+use crate::conntrack::CtTable;
 
 /// The source port when SRC has none: any fixed port works; give the port of a live flow
 /// to see that flow's conntrack entry decide.
@@ -42,10 +44,12 @@ const DEFAULT_SOURCE_PORT: u16 = 40000;
 
 #[derive(Args)]
 pub struct TraceArgs {
-    /// The packet's source, `address[:port]` (port 40000 if omitted).
+    /// The packet's source, `address[:port]` (`[address]:port` for IPv6; port 40000 if
+    /// omitted).
     #[arg(required_unless_present = "connect")]
     source: Option<EndpointPattern>,
-    /// Its destination, `address:port[/tcp|/udp|/sctp]` (tcp if omitted).
+    /// Its destination, `address:port[/tcp|/udp|/sctp]` (`[address]:port/…` for IPv6; tcp
+    /// if omitted), of the source's family.
     #[arg(required_unless_present = "connect")]
     destination: Option<Destination>,
     /// Instead of a packet, a `connect()` of a process of this node to
@@ -73,17 +77,18 @@ pub struct TraceArgs {
     /// network namespace.
     #[arg(long)]
     device: Option<String>,
-    /// The packet's IPv4 length in bytes, its payload zero-filled (default: the headers
-    /// alone). A long one shows the egress MTU check: "fragmentation needed".
+    /// The packet's IP length in bytes (IPv6: its 40-byte header and payload), its payload
+    /// zero-filled (default: the headers alone). A long one shows the egress MTU check:
+    /// "fragmentation needed" ("packet too big").
     #[arg(long)]
     length: Option<u16>,
-    /// The packet's TTL; 1 shows the TTL check: "time exceeded".
+    /// The packet's TTL (IPv6: hop limit); 1 shows the TTL check: "time exceeded".
     #[arg(long, default_value_t = 64)]
     ttl: u8,
     /// Trace one fragment of the datagram: `first` (it carries the ports and decides for
     /// the datagram) or `later` (no ports: it follows its first fragment's FRAGMENTS
     /// record, which only the live program writes). Default: a whole datagram with "don't
-    /// fragment", as Linux sends TCP.
+    /// fragment", as Linux sends TCP. IPv4 only.
     #[arg(long, value_enum, default_value_t = Fragment::Whole)]
     fragment: Fragment,
     /// The IPv4 identification, which with the addresses and protocol names a fragment's
@@ -92,13 +97,15 @@ pub struct TraceArgs {
     ip_id: u16,
     /// Trace the ICMP error the packet drew instead of the packet itself:
     /// `port-unreachable`, `host-unreachable`, `net-unreachable`, `frag-needed[=MTU]`
-    /// (1400 if omitted) or `time-exceeded`, sent to the packet's source and quoting it.
+    /// (1400 if omitted) or `time-exceeded`, sent to the packet's source and quoting it
+    /// (ICMPv6's counterparts for an IPv6 packet: no route, address unreachable, port
+    /// unreachable, packet too big, hop limit exceeded).
     #[arg(long)]
     icmp_error: Option<IcmpKind>,
     /// The ICMP error's sender (default: the packet's destination; a router's address for
     /// "fragmentation needed" or "time exceeded" on the way).
     #[arg(long, requires = "icmp_error")]
-    icmp_from: Option<Ipv4Addr>,
+    icmp_from: Option<IpAddr>,
     #[command(flatten)]
     pins: PinArgs,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
@@ -141,6 +148,7 @@ impl TraceArgs {
             }),
             ..opening
         };
+        packet.check().map_err(anyhow::Error::msg)?;
         let arrival = trace_hooks::arrival(&self.pins.bpffs_root, self.device.as_deref())?;
         let report =
             Tracer::load(&self.pins.bpffs_root)?.run_hooks(&packet, self.hook, arrival.as_ref())?;
@@ -205,23 +213,25 @@ impl Tracer {
     /// Loads the dry runs from the embedded object, reusing the maps pinned under `root`
     /// (it never creates pins: missing ones are an error). Needs root (or CAP_BPF).
     pub fn load(root: &Path) -> Result<Self> {
-        let pins = [
-            map_names::SERVICES,
-            map_names::BACKEND_SLOTS,
-            map_names::BACKEND_IDS,
-            map_names::CONNTRACK,
-            map_names::CONNTRACK_PENDING,
-            map_names::FRAGMENTS,
-            map_names::CT_TIMEOUTS,
-            map_names::STATS,
-            map_names::AFFINITY,
-            map_names::MEMBERSHIP,
-            map_names::MEMBERSHIP_EPOCH,
-            map_names::SVC_NAMES,
-            map_names::SOURCE_RANGES,
-            map_names::DEVICES,
-            map_names::MAGLEV,
-        ];
+        // Each family's maps the daemon writes, and the datapath's.
+        let pins: Vec<&str> = u32::MAPS
+            .all()
+            .into_iter()
+            .chain(Ipv6::MAPS.all())
+            .chain([
+                map_names::CONNTRACK,
+                map_names::CONNTRACK_PENDING,
+                map_names::CONNTRACK6,
+                map_names::CONNTRACK_PENDING6,
+                map_names::AFFINITY,
+                map_names::AFFINITY6,
+                map_names::FRAGMENTS,
+                map_names::CT_TIMEOUTS,
+                map_names::STATS,
+                map_names::MEMBERSHIP_EPOCH,
+                map_names::DEVICES,
+            ])
+            .collect();
         let mut ebpf =
             load_beside_pins(root, &pins, &[TRACE_PROGRAM_NAME, XDP_TRACE_PROGRAM_NAME])?;
         crate::datapath::load_ipv6_path(
@@ -285,9 +295,25 @@ impl Tracer {
         output: &[u8],
         record: &TraceRecord,
     ) -> Result<TraceReport> {
-        let record = *record;
-        let name_of = |rev_nat_id: u32| service_name(&self.ebpf, rev_nat_id);
-        let frontend_name = if record.frontend == FrontendKey::default() {
+        if packet.is_ipv6() {
+            self.explain_as::<Ipv6>(packet, return_code, output, record)
+        } else {
+            self.explain_as::<u32>(packet, return_code, output, record)
+        }
+    }
+
+    /// [`Tracer::explain`] for a packet of the family of `A`: its names from its family's
+    /// SVC_NAMES.
+    fn explain_as<A: Address>(
+        &self,
+        packet: &TracePacket,
+        return_code: u32,
+        output: &[u8],
+        record: &TraceRecord,
+    ) -> Result<TraceReport> {
+        let traced = A::traced(record);
+        let name_of = |rev_nat_id: u32| service_name::<A>(&self.ebpf, rev_nat_id);
+        let frontend_name = if traced.frontend == FrontendKey::default() {
             None
         } else {
             name_of(record.service.rev_nat_id)?
@@ -295,13 +321,13 @@ impl Tracer {
         let flow_name = if record.conntrack == trace_ct::NONE {
             None
         } else {
-            name_of(record.flow.rev_nat_id)?
+            name_of(traced.flow.rev_nat_id)?
         };
-        Ok(report(
+        Ok(report_of::<A>(
             packet,
             return_code,
             output,
-            &record,
+            record,
             frontend_name,
             flow_name,
         ))
@@ -372,11 +398,13 @@ pub(super) fn record(ebpf: &mut Ebpf, program: &str) -> Result<TraceRecord> {
     }
 }
 
-/// The Service port named for `rev_nat_id` in SVC_NAMES of a loaded object.
-pub(super) fn service_name(ebpf: &Ebpf, rev_nat_id: u32) -> Result<Option<String>> {
+/// The Service port named for `rev_nat_id` in the SVC_NAMES of family `A` (SVC_NAMES6 for
+/// IPv6) of a loaded object.
+pub(super) fn service_name<A: Address>(ebpf: &Ebpf, rev_nat_id: u32) -> Result<Option<String>> {
+    let map = A::MAPS.svc_names;
     let names: BpfHashMap<&MapData, u32, ServiceName> = ebpf
-        .map(map_names::SVC_NAMES)
-        .context("SVC_NAMES missing from the object")?
+        .map(map)
+        .with_context(|| format!("{map} missing from the object"))?
         .try_into()?;
     Ok(names
         .get(&rev_nat_id, 0)
@@ -450,6 +478,8 @@ impl TraceReport {
 
 #[derive(Debug, PartialEq, Eq, Serialize)]
 pub struct PacketView {
+    /// `IPv4` or `IPv6`.
+    pub family: &'static str,
     pub protocol: &'static str,
     pub source: Endpoint,
     pub destination: Endpoint,
@@ -457,8 +487,9 @@ pub struct PacketView {
     pub tcp_flags: Option<String>,
     /// SCTP: its chunk (`INIT`, `INIT ACK`, `DATA`, `SHUTDOWN`, `ABORT`); null otherwise.
     pub sctp_chunk: Option<&'static str>,
-    /// The IPv4 length in bytes.
+    /// The IP length in bytes (IPv6: header and payload).
     pub length: u16,
+    /// The TTL (IPv6: hop limit).
     pub ttl: u8,
     /// `first` or `later` for a fragment (a later one carries no ports: they are its
     /// datagram's); null for a whole datagram.
@@ -476,12 +507,13 @@ pub struct IcmpErrorView {
     /// "Fragmentation needed": the MTU it names.
     pub mtu: Option<u16>,
     /// The error's sender: it goes to the quoted packet's source.
-    pub from: Ipv4Addr,
+    pub from: IpAddr,
 }
 
 impl From<&TracePacket> for PacketView {
     fn from(packet: &TracePacket) -> Self {
         Self {
+            family: family_name(packet.source.address),
             protocol: protocol_name(packet.protocol),
             source: packet.source,
             destination: packet.destination,
@@ -519,45 +551,31 @@ fn icmp_kind_name(kind: IcmpKind) -> (&'static str, Option<u16>) {
     }
 }
 
-/// An ICMP error by type and code, as `--icmp-error` names it.
-fn icmp_kind_of(icmp_type: u8, code: u8, mtu: u16) -> Option<IcmpKind> {
-    Some(match (icmp_type, code) {
-        (icmp::DEST_UNREACH, icmp::NET_UNREACH) => IcmpKind::NetUnreachable,
-        (icmp::DEST_UNREACH, icmp::HOST_UNREACH) => IcmpKind::HostUnreachable,
-        (icmp::DEST_UNREACH, icmp::PORT_UNREACH) => IcmpKind::PortUnreachable,
-        (icmp::DEST_UNREACH, icmp::FRAG_NEEDED) => IcmpKind::FragNeeded { mtu },
-        (icmp::TIME_EXCEEDED, icmp::TTL_EXCEEDED) => IcmpKind::TimeExceeded,
-        _ => return None,
-    })
-}
-
-/// The ICMP error the program answered the packet with, read from the frame it left.
+/// The ICMP (ICMPv6) error the program answered the packet with, read from the frame it
+/// left.
 #[derive(Debug, Serialize)]
 pub struct AnswerView {
-    /// `port-unreachable` (a refusal), `frag-needed` or `time-exceeded`; `type-T-code-C`
-    /// for anything else.
+    /// `port-unreachable` (a refusal), `frag-needed` (ICMPv6: packet too big) or
+    /// `time-exceeded`; `type-T-code-C` for anything else.
     pub kind: String,
     /// "Fragmentation needed": the next hop's MTU, which the sender lowers its path MTU to.
     pub mtu: Option<u16>,
-    pub from: Ipv4Addr,
-    pub to: Ipv4Addr,
+    pub from: IpAddr,
+    pub to: IpAddr,
 }
 
 impl AnswerView {
-    /// Reads an ICMP error (Ethernet, IPv4 without options, ICMP) from `frame`.
+    /// Reads an ICMP error (Ethernet, IPv4 without options and ICMP, or IPv6 and ICMPv6)
+    /// from `frame`.
     fn parse(frame: &[u8]) -> Option<Self> {
         let ip = frame.get(14..)?;
-        if ip.get(9) != Some(&icmp::PROTOCOL) || ip.first()? & 0x0f != 5 {
+        let header = packet::IpHeader::parse(ip)?;
+        if !header.is_icmp() || (!header.is_ipv6() && header.len != 20) {
             return None;
         }
-        let address = |at: usize| -> Option<Ipv4Addr> {
-            Some(Ipv4Addr::from(
-                <[u8; 4]>::try_from(ip.get(at..at + 4)?).ok()?,
-            ))
-        };
-        let message = ip.get(20..28)?;
-        let mtu = u16::from_be_bytes([message[6], message[7]]);
-        let (kind, mtu) = match icmp_kind_of(message[0], message[1], mtu) {
+        let message = ip.get(header.len..header.len + 8)?;
+        let rest = [message[4], message[5], message[6], message[7]];
+        let (kind, mtu) = match IcmpKind::of(header.is_ipv6(), message[0], message[1], rest) {
             Some(kind) => {
                 let (name, mtu) = icmp_kind_name(kind);
                 (name.to_owned(), mtu)
@@ -567,8 +585,8 @@ impl AnswerView {
         Some(Self {
             kind,
             mtu,
-            from: address(12)?,
-            to: address(16)?,
+            from: header.source,
+            to: header.destination,
         })
     }
 }
@@ -579,8 +597,8 @@ pub struct FragmentMatch {
     /// `first` or `later`.
     pub part: &'static str,
     /// The FRAGMENTS key: source and destination address, protocol, IP identification.
-    pub source: Ipv4Addr,
-    pub destination: Ipv4Addr,
+    pub source: IpAddr,
+    pub destination: IpAddr,
     pub ip_id: u16,
     /// `first`: what the live program would record for the later fragments; `later`:
     /// the record found (null when none: the fragment passes untouched).
@@ -591,8 +609,8 @@ pub struct FragmentMatch {
 pub struct FragmentRecord {
     /// `forward` (rewritten to the addresses below, or left as they are) or `drop`.
     pub verdict: &'static str,
-    pub source: Ipv4Addr,
-    pub destination: Ipv4Addr,
+    pub source: IpAddr,
+    pub destination: IpAddr,
     /// The live program routes the fragments itself (their source is a node address).
     pub routes_itself: bool,
 }
@@ -623,7 +641,8 @@ pub struct FlowMatch {
     /// SYN on a closing flow: selected anew) or `backend-left` (its backend no longer
     /// serves the frontend and the packet may move: selected anew).
     pub direction: &'static str,
-    /// `assured` (CONNTRACK) or `pending` (CONNTRACK_PENDING).
+    /// `assured` (CONNTRACK, CONNTRACK6) or `pending` (CONNTRACK_PENDING,
+    /// CONNTRACK_PENDING6).
     pub table: &'static str,
     /// `service`, or `direct` (a flow straight to a backend).
     pub kind: &'static str,
@@ -655,7 +674,7 @@ pub struct TupleView {
 /// The SERVICES header that matched.
 #[derive(Debug, Serialize)]
 pub struct FrontendMatch {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub protocol: &'static str,
     pub kind: &'static str,
@@ -685,7 +704,7 @@ pub struct Selection {
 #[derive(Debug, Serialize)]
 pub struct BackendMatch {
     pub id: u32,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
 }
 
@@ -701,8 +720,8 @@ fn explanation(path: u32) -> &'static str {
             "no endpoint of the frontend is on this node (traffic policy Local): dropped"
         }
         stat::REJECTED => {
-            "the frontend has no endpoints: refused, answered with an ICMP port unreachable \
-             sent back out of the device (kube-proxy's REJECT)"
+            "the frontend has no endpoints: refused, answered with an ICMP (ICMPv6) port \
+             unreachable sent back out of the device (kube-proxy's REJECT)"
         }
         stat::REJECT_RATE_LIMITED => {
             "an ICMP error was due, but the node's ICMP rate limits had no room: dropped"
@@ -711,8 +730,8 @@ fn explanation(path: u32) -> &'static str {
             "the selected slot names no backend (the daemon is mid-update): dropped"
         }
         stat::NOT_HANDLED => {
-            "not IPv4 TCP/UDP (nor a fragment of such a datagram, nor an ICMP error): passes \
-             untouched"
+            "not a TCP, UDP or SCTP packet the parser takes (nor a fragment or an ICMP error \
+             it translates): passes untouched"
         }
         stat::FIB_MISS => {
             "translated, but the FIB has no route for the packet the program would route \
@@ -786,28 +805,31 @@ pub(super) struct Decision {
 /// The frontend, selection and backend of a dry run's `record` (`affinity_key` names the
 /// affinity entry that kept a backend), with the map entries they came from appended to
 /// `decided_by`.
-pub(super) fn decision(
+pub(super) fn decision<A: Address>(
     record: &TraceRecord,
     frontend_name: Option<String>,
     affinity_key: &str,
     decided_by: &mut Vec<String>,
 ) -> Decision {
     let header = &record.service;
-    let frontend = (record.frontend != FrontendKey::default()).then(|| {
-        let key = &record.frontend;
+    let traced = A::traced(record);
+    let slots = A::MAPS.backend_slots;
+    let frontend = (traced.frontend != FrontendKey::default()).then(|| {
+        let key = &traced.frontend;
         let endpoint = Endpoint::from_wire(key.addr, key.port);
         let own = header.backends_for(Origin::Outside);
         let pods = header.backends_for(Origin::Pod);
         let mut line = format!(
-            "SERVICES[{}] = {} {}, rev_nat_id {}, {}",
+            "{}[{}] = {} {}, rev_nat_id {}, {}",
+            A::MAPS.services,
             frontend_label(key),
             kind_name(header.flags),
             frontend_name.as_deref().unwrap_or("(unnamed)"),
             header.rev_nat_id,
-            slice_text(&own),
+            slice_text(slots, &own),
         );
         if pods.cluster {
-            write!(line, ", pods and the node: {}", slice_text(&pods)).unwrap();
+            write!(line, ", pods and the node: {}", slice_text(slots, &pods)).unwrap();
         }
         decided_by.push(line);
         FrontendMatch {
@@ -840,7 +862,7 @@ pub(super) fn decision(
     });
     let selection = (record.slot != 0).then(|| {
         let index = set.first + u32::from(record.slot) - 1;
-        let endpoint = Endpoint::from_wire(record.backend.addr, record.backend.port);
+        let endpoint = Endpoint::from_wire(traced.backend.addr, traced.backend.port);
         let chosen = match maglev::table_size(header.maglev).filter(|_| record.maglev != 0) {
             Some(size) => format!(
                 "given by the frontend's Maglev table of {size} positions for the client's \
@@ -849,7 +871,7 @@ pub(super) fn decision(
             None => "chosen at random".to_owned(),
         };
         decided_by.push(format!(
-            "BACKEND_SLOTS[{index}] = backend {}, {endpoint} (slot {} of {}, {chosen})",
+            "{slots}[{index}] = backend {}, {endpoint} (slot {} of {}, {chosen})",
             record.backend_id, record.slot, set.count
         ));
         Selection {
@@ -865,7 +887,7 @@ pub(super) fn decision(
         }
     });
     let backend = (selection.is_some() || record.affinity != 0).then(|| {
-        let endpoint = Endpoint::from_wire(record.backend.addr, record.backend.port);
+        let endpoint = Endpoint::from_wire(traced.backend.addr, traced.backend.port);
         if record.affinity != 0 {
             let set_name = if set.cluster {
                 "Cluster set's"
@@ -891,19 +913,20 @@ pub(super) fn decision(
     }
 }
 
-/// `3 backends at BACKEND_SLOTS[12..15]`, `no backends`.
-fn slice_text(set: &BackendSet) -> String {
+/// `3 backends at BACKEND_SLOTS[12..15]`, `no backends` (`slots`: the family's
+/// BACKEND_SLOTS).
+fn slice_text(slots: &str, set: &BackendSet) -> String {
     let end = set.first + u32::from(set.count);
     match set.count {
         0 => "no backends".to_owned(),
-        1 => format!("1 backend at BACKEND_SLOTS[{}..{end}]", set.first),
-        n => format!("{n} backends at BACKEND_SLOTS[{}..{end}]", set.first),
+        1 => format!("1 backend at {slots}[{}..{end}]", set.first),
+        n => format!("{n} backends at {slots}[{}..{end}]", set.first),
     }
 }
 
-/// The report for one run: pure, from the packet, the program's verdict and output, and
-/// its record.
-fn report(
+/// The report for one run of a packet of the family of `A`: pure, from the packet, the
+/// program's verdict and output, and its record (read in the family's place).
+fn report_of<A: Address>(
     packet: &TracePacket,
     return_code: u32,
     output: &[u8],
@@ -911,6 +934,7 @@ fn report(
     frontend_name: Option<String>,
     flow_name: Option<String>,
 ) -> TraceReport {
+    let traced = A::traced(record);
     let mut decided_by = Vec::new();
     if let Some(error) = &packet.icmp_error {
         let (kind, _) = icmp_kind_name(error.kind);
@@ -923,7 +947,7 @@ fn report(
         ));
     }
     let conntrack = (record.conntrack != trace_ct::NONE).then(|| {
-        let flow = &record.flow;
+        let flow = &traced.flow;
         let direction = match record.conntrack {
             trace_ct::REPLY => "reply",
             trace_ct::FORWARD => "forward",
@@ -951,9 +975,9 @@ fn report(
             ),
         };
         let (table, map) = if record.table == trace_table::ASSURED {
-            ("assured", map_names::CONNTRACK)
+            ("assured", CtTable::Assured.map_name_of::<A>())
         } else {
-            ("pending", map_names::CONNTRACK_PENDING)
+            ("pending", CtTable::Pending.map_name_of::<A>())
         };
         let flow_state = FlowState::of(packet.protocol, flow.state).name();
         // The packet's own tuple is the key, in either direction; an ICMP error's, the
@@ -987,8 +1011,13 @@ fn report(
             bytes: flow.bytes,
         }
     });
+    let affinity = if A::BITS == 32 {
+        map_names::AFFINITY
+    } else {
+        map_names::AFFINITY6
+    };
     let affinity_key = format!(
-        "AFFINITY[{} service port {}]",
+        "{affinity}[{} service port {}]",
         packet.source.address, record.service.service_port_id
     );
     let origin = match record.origin {
@@ -1000,11 +1029,11 @@ fn report(
         frontend,
         selection,
         backend,
-    } = decision(record, frontend_name, &affinity_key, &mut decided_by);
+    } = decision::<A>(record, frontend_name, &affinity_key, &mut decided_by);
     let backend = if backend.is_some() {
         backend
-    } else if record.conntrack == trace_ct::FORWARD && record.flow.flags & ct_flags::DIRECT == 0 {
-        let endpoint = Endpoint::from_wire(record.flow.to.dst_addr, record.flow.to.dst_port);
+    } else if record.conntrack == trace_ct::FORWARD && traced.flow.flags & ct_flags::DIRECT == 0 {
+        let endpoint = Endpoint::from_wire(traced.flow.to.dst_addr, traced.flow.to.dst_port);
         Some(BackendMatch {
             id: record.backend_id,
             address: endpoint.address,
@@ -1039,7 +1068,9 @@ fn report(
         decided_by.push(match u32::from(record.outcome) {
             stat::NOT_HANDLED => "no map: the parser let the packet through".to_owned(),
             _ => format!(
-                "no CONNTRACK entry for the tuple, no SERVICES entry for {}/{}",
+                "no {} entry for the tuple, no {} entry for {}/{}",
+                CtTable::Assured.map_name_of::<A>(),
+                A::MAPS.services,
                 packet.destination,
                 protocol_name(packet.protocol)
             ),
@@ -1168,8 +1199,11 @@ pub fn render(report: &TraceReport) -> String {
             .unwrap_or_default();
         writeln!(
             out,
-            "answered    icmp {}{mtu} {} → {}, quoting the packet as it came",
-            answer.kind, answer.from, answer.to
+            "answered    {} {}{mtu} {} → {}, quoting the packet as it came",
+            icmp_name(report.packet.family),
+            answer.kind,
+            answer.from,
+            answer.to
         )
         .unwrap();
     }
@@ -1232,10 +1266,21 @@ fn describe(view: &PacketView) -> String {
                 .map(|mtu| format!(" (MTU {mtu})"))
                 .unwrap_or_default();
             format!(
-                "icmp {}{mtu} from {} about {packet}",
-                error.kind, error.from
+                "{} {}{mtu} from {} about {packet}",
+                icmp_name(view.family),
+                error.kind,
+                error.from
             )
         }
+    }
+}
+
+/// `icmp`, or `icmpv6` for the errors of an IPv6 packet.
+fn icmp_name(family: &str) -> &'static str {
+    if family == Ipv6::NAME {
+        "icmpv6"
+    } else {
+        "icmp"
     }
 }
 
@@ -1261,13 +1306,50 @@ pub(super) fn write_decision(
 
 #[cfg(test)]
 mod tests {
-    use proxy_common::{Backend, FrontendValue, service_flags};
+    use proxy_common::{Backend, FrontendValue, TraceAddresses, service_flags};
 
     use super::*;
 
+    /// [`report_of`] in the packet's family.
+    fn report(
+        packet: &TracePacket,
+        return_code: u32,
+        output: &[u8],
+        record: &TraceRecord,
+        frontend_name: Option<String>,
+        flow_name: Option<String>,
+    ) -> TraceReport {
+        if packet.is_ipv6() {
+            report_of::<Ipv6>(
+                packet,
+                return_code,
+                output,
+                record,
+                frontend_name,
+                flow_name,
+            )
+        } else {
+            report_of::<u32>(
+                packet,
+                return_code,
+                output,
+                record,
+                frontend_name,
+                flow_name,
+            )
+        }
+    }
+
     pub(super) fn endpoint(address: [u8; 4], port: u16) -> Endpoint {
         Endpoint {
-            address: Ipv4Addr::from(address),
+            address: IpAddr::from(address),
+            port,
+        }
+    }
+
+    pub(super) fn endpoint6(address: &str, port: u16) -> Endpoint {
+        Endpoint {
+            address: address.parse().unwrap(),
             port,
         }
     }
@@ -1299,8 +1381,11 @@ mod tests {
             outcome: stat::NEW_FLOW as u8,
             slot,
             backend_id,
-            backend,
-            frontend,
+            ipv4: TraceAddresses {
+                backend,
+                frontend,
+                ..TraceAddresses::default()
+            },
             service,
             ..TraceRecord::default()
         }
@@ -1497,15 +1582,18 @@ mod tests {
             outcome: stat::ICMP_ERROR as u8,
             conntrack: trace_ct::REPLY,
             table: trace_table::PENDING,
-            flow: proxy_common::CtValue {
-                to: proxy_common::Tuple {
-                    src_addr: wire([198, 19, 0, 10]),
-                    dst_addr: wire([198, 18, 1, 14]),
-                    src_port: 54u16.to_be(),
-                    dst_port: 35676u16.to_be(),
+            ipv4: TraceAddresses {
+                flow: proxy_common::CtValue {
+                    to: proxy_common::Tuple {
+                        src_addr: wire([198, 19, 0, 10]),
+                        dst_addr: wire([198, 18, 1, 14]),
+                        src_port: 54u16.to_be(),
+                        dst_port: 35676u16.to_be(),
+                    },
+                    flags: ct_flags::REPLY,
+                    ..Default::default()
                 },
-                flags: ct_flags::REPLY,
-                ..Default::default()
+                ..TraceAddresses::default()
             },
             ..TraceRecord::default()
         };
@@ -1513,7 +1601,7 @@ mod tests {
             destination: endpoint([198, 19, 0, 10], 54),
             icmp_error: Some(IcmpError {
                 kind: IcmpKind::PortUnreachable,
-                from: Some(Ipv4Addr::new(198, 19, 0, 10)),
+                from: Some(IpAddr::from([198, 19, 0, 10])),
             }),
             ..about
         };
@@ -1549,7 +1637,7 @@ mod tests {
         let answer = TracePacket {
             icmp_error: Some(IcmpError {
                 kind: IcmpKind::FragNeeded { mtu: 1000 },
-                from: Some(Ipv4Addr::new(198, 18, 1, 1)),
+                from: Some(IpAddr::from([198, 18, 1, 1])),
             }),
             ..big
         };
@@ -1564,5 +1652,169 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("MTU 1000 < 1500 bytes"), "{text}");
+    }
+
+    fn wire6(address: &str) -> Ipv6 {
+        Ipv6::from_ip(address.parse().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn an_ipv6_new_flow_is_reported_from_the_ipv6_maps_with_its_addresses() {
+        let packet = TracePacket::opening(
+            proto::TCP,
+            endpoint6("2001:db8:1::14", 40000),
+            endpoint6("2001:db8:ff::10", 80),
+        );
+        let record = TraceRecord {
+            recorded: 1,
+            outcome: stat::NEW_FLOW as u8,
+            slot: 2,
+            backend_id: 5,
+            ipv6: TraceAddresses {
+                backend: Backend {
+                    addr: wire6("2001:db8:1::12"),
+                    port: 8080u16.to_be(),
+                    proto: proto::TCP,
+                    _pad: 0,
+                },
+                frontend: FrontendKey {
+                    addr: wire6("2001:db8:ff::10"),
+                    port: 80u16.to_be(),
+                    proto: proto::TCP,
+                    _pad: 0,
+                },
+                ..TraceAddresses::default()
+            },
+            service: FrontendValue {
+                rev_nat_id: 1,
+                base: 12,
+                count: 3,
+                flags: service_flags::CLUSTER_IP,
+                ..FrontendValue::default()
+            },
+            ..TraceRecord::default()
+        };
+        let output = TracePacket {
+            destination: endpoint6("2001:db8:1::12", 8080),
+            ..packet
+        };
+        let report = report(
+            &packet,
+            0,
+            &output.frame(),
+            &record,
+            Some("default/web6:http".into()),
+            None,
+        );
+        assert_eq!(report.path, "new_flow");
+        assert_eq!(
+            report.decided_by,
+            [
+                "SERVICES6[[2001:db8:ff::10]:80/tcp] = ClusterIP default/web6:http, rev_nat_id \
+                 1, 3 backends at BACKEND_SLOTS6[12..15]",
+                "BACKEND_SLOTS6[13] = backend 5, [2001:db8:1::12]:8080 (slot 2 of 3, chosen at \
+                 random)",
+            ]
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["packet"]["family"], "IPv6");
+        assert_eq!(json["frontend"]["address"], "2001:db8:ff::10");
+        assert_eq!(json["backend"]["address"], "2001:db8:1::12");
+        assert_eq!(json["output"]["destination"]["address"], "2001:db8:1::12");
+        let text = render(&report);
+        assert!(
+            text.contains("rewritten   tcp [2001:db8:1::14]:40000 → [2001:db8:1::12]:8080"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn an_ipv6_reply_names_conntrack6_and_a_refusal_reads_as_icmpv6() {
+        let packet = TracePacket {
+            tcp_flags: tcp_flags::SYN | tcp_flags::ACK,
+            ..TracePacket::opening(
+                proto::TCP,
+                endpoint6("2001:db8:1::12", 8080),
+                endpoint6("2001:db8:1::14", 40000),
+            )
+        };
+        let record = TraceRecord {
+            recorded: 1,
+            outcome: stat::REPLY as u8,
+            conntrack: trace_ct::REPLY,
+            table: trace_table::PENDING,
+            ipv6: TraceAddresses {
+                flow: proxy_common::CtValue {
+                    to: proxy_common::Tuple {
+                        src_addr: wire6("2001:db8:ff::10"),
+                        dst_addr: wire6("2001:db8:1::14"),
+                        src_port: 80u16.to_be(),
+                        dst_port: 40000u16.to_be(),
+                    },
+                    rev_nat_id: 1,
+                    backend_id: 5,
+                    flags: ct_flags::REPLY,
+                    ..Default::default()
+                },
+                ..TraceAddresses::default()
+            },
+            ..TraceRecord::default()
+        };
+        let output = TracePacket {
+            source: endpoint6("2001:db8:ff::10", 80),
+            ..packet
+        };
+        let reply = report(&packet, 0, &output.frame(), &record, None, None);
+        assert!(
+            reply.decided_by[0].starts_with(
+                "CONNTRACK_PENDING6[tcp [2001:db8:1::12]:8080 → [2001:db8:1::14]:40000 reply"
+            ),
+            "{:?}",
+            reply.decided_by
+        );
+        let flow = reply.conntrack.as_ref().unwrap();
+        assert_eq!(flow.nat, endpoint6("2001:db8:ff::10", 80));
+
+        // A frontend without endpoints: the program answers ICMPv6 port unreachable.
+        let syn = TracePacket::opening(
+            proto::TCP,
+            endpoint6("2001:db8:1::14", 40000),
+            endpoint6("2001:db8:ff::20", 80),
+        );
+        let refusal = TracePacket {
+            icmp_error: Some(IcmpError {
+                kind: IcmpKind::PortUnreachable,
+                from: None,
+            }),
+            ..syn
+        };
+        let record = TraceRecord {
+            recorded: 1,
+            outcome: stat::REJECTED as u8,
+            ..TraceRecord::default()
+        };
+        let refused = report(&syn, 7, &refusal.frame(), &record, None, None);
+        let answer = refused.answer.as_ref().unwrap();
+        assert_eq!(answer.kind, "port-unreachable");
+        assert_eq!(
+            (answer.from, answer.to),
+            (syn.destination.address, syn.source.address)
+        );
+        let text = render(&refused);
+        assert!(
+            text.contains("answered    icmpv6 port-unreachable 2001:db8:ff::20 → 2001:db8:1::14"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn ipv6_destinations_parse_in_brackets() {
+        let udp: Destination = "[2001:db8:ff::10]:53/udp".parse().unwrap();
+        assert_eq!(
+            (udp.endpoint, udp.protocol),
+            (endpoint6("2001:db8:ff::10", 53), proto::UDP)
+        );
+        assert!("[2001:db8:ff::10]/udp".parse::<Destination>().is_err());
+        assert!("2001:db8:ff::10".parse::<Destination>().is_err());
     }
 }

@@ -14,7 +14,7 @@
 use std::fmt::Write as _;
 use std::fs;
 use std::io;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
@@ -39,6 +39,12 @@ pub fn trace(
     destination: Destination,
     cgroup_root: Option<&Path>,
 ) -> Result<ConnectReport> {
+    ensure!(
+        destination.endpoint.address.is_ipv4(),
+        "{}: the socket programs translate IPv4 connects only (no connect6 hook); an IPv6 \
+         connection is translated per packet by the tc program: trace SRC DST",
+        destination.endpoint
+    );
     ensure!(
         destination.protocol != proto::SCTP,
         "the socket programs translate TCP and UDP only; SCTP is translated by the tc \
@@ -91,7 +97,7 @@ pub fn trace(
         );
     }
     let record = record(&mut ebpf, PROGRAM)?;
-    let frontend_name = service_name(&ebpf, record.service.rev_nat_id)?;
+    let frontend_name = service_name::<u32>(&ebpf, record.service.rev_nat_id)?;
     let mut decided_by = Vec::new();
     let affinity_key = format!(
         "SOCK_AFFINITY[netns {host_netns} service port {}]",
@@ -101,7 +107,7 @@ pub fn trace(
         frontend,
         selection,
         backend,
-    } = decision(&record, frontend_name, &affinity_key, &mut decided_by);
+    } = decision::<u32>(&record, frontend_name, &affinity_key, &mut decided_by);
     let outcome = Outcome::of(u32::from(record.outcome), frontend.is_some());
     if frontend.is_none() {
         decided_by.push(format!(
@@ -143,10 +149,7 @@ fn traced_connect(destination: Destination) -> Result<Option<i32>> {
         Type::DGRAM
     };
     let socket = Socket::new(Domain::IPV4, kind, None).context("opening a socket")?;
-    let target = SocketAddr::V4(SocketAddrV4::new(
-        destination.endpoint.address,
-        destination.endpoint.port,
-    ));
+    let target = SocketAddr::new(destination.endpoint.address, destination.endpoint.port);
     Ok(socket
         .connect(&target.into())
         .err()

@@ -993,7 +993,7 @@ pub const SECOND_NS: u64 = 1_000_000_000;
 /// A packet as `ebpf-proxy trace` builds it by default (TCP: a SYN).
 pub fn trace_packet(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> TracePacket {
     let endpoint = |a: SocketAddrV4| proxy_userspace::inspect::Endpoint {
-        address: *a.ip(),
+        address: (*a.ip()).into(),
         port: a.port(),
     };
     TracePacket::opening(proto, endpoint(src), endpoint(dst))

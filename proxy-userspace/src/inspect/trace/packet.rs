@@ -1,24 +1,29 @@
 //! The packet `trace` runs through the dry run: built byte by byte with valid checksums,
-//! and read back from the frame the program leaves.
+//! and read back from the frame the program leaves. IPv4 or IPv6, as its addresses are.
 //!
 //! Besides a TCP segment, UDP datagram or SCTP packet it can be one fragment of a datagram (the first,
-//! which carries the ports, or a later one, which carries none), a packet of a given
-//! length and TTL (to see the forwarding checks answer), or an ICMP error about the
-//! packet (to see the error translated as its flow is).
+//! which carries the ports, or a later one, which carries none; IPv4 only), a packet of a given
+//! length and TTL or hop limit (to see the forwarding checks answer), or an ICMP (ICMPv6)
+//! error about the packet (to see the error translated as its flow is).
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use proxy_common::{icmp, proto, sctp, tcp_flags};
+use proxy_common::{icmp, icmp6, proto, sctp, tcp_flags};
 
 use crate::inspect::Endpoint;
 
 const ETHERNET_LEN: usize = 14;
-pub(super) const IPV4_LEN: usize = 20;
+const IPV4_LEN: usize = 20;
+const IPV6_LEN: usize = 40;
+const ETHERTYPE_IPV4: [u8; 2] = [0x08, 0x00];
+const ETHERTYPE_IPV6: [u8; 2] = [0x86, 0xdd];
 const TCP_LEN: usize = 20;
 const UDP_LEN: usize = 8;
 /// The SCTP common header and one chunk header.
 const SCTP_LEN: usize = sctp::COMMON_HEADER_LEN + 4;
 const ICMP_HEADER_LEN: usize = 8;
+/// Bytes an ICMP error quotes after the packet's IP header: its ports.
+const QUOTED_L4_LEN: usize = 8;
 /// The fragment offset of a traced later fragment, in 8-byte units: where the second
 /// fragment of a datagram sent over a 1500-byte MTU starts.
 const LATER_FRAGMENT_OFFSET: u16 = 1480 / 8;
@@ -26,8 +31,8 @@ const IP_DONT_FRAGMENT: u16 = 0x4000;
 const IP_MORE_FRAGMENTS: u16 = 0x2000;
 const FRAGMENT_OFFSET: u16 = 0x1fff;
 
-/// The packet to trace: a TCP segment or a UDP datagram (or one fragment of it), or an
-/// ICMP error about one.
+/// The packet to trace: a TCP segment, a UDP datagram or an SCTP packet (or one fragment of
+/// it), or an ICMP error about one. Its family is its addresses' (both of one family).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TracePacket {
     pub protocol: u8,
@@ -36,9 +41,10 @@ pub struct TracePacket {
     /// TCP: the flag bits (`proxy_common::tcp_flags`); SCTP: the chunk they stand for
     /// ([`sctp_chunk`]).
     pub tcp_flags: u8,
-    /// The IPv4 total length, the payload zero-filled up to it (raised to the headers'
-    /// length if shorter).
+    /// The IP packet's length (IPv4's total length; IPv6's 40-byte header and its payload),
+    /// the payload zero-filled up to it (raised to the headers' length if shorter).
     pub length: u16,
+    /// The TTL (IPv4) or hop limit (IPv6).
     pub ttl: u8,
     pub fragment: Fragment,
     /// The IPv4 identification, which names a fragment's datagram.
@@ -61,11 +67,11 @@ pub enum Fragment {
 
 /// An ICMP error about the traced packet, as the host that could not deliver it sends it:
 /// from `from` (default: the packet's destination) to the packet's source, quoting the
-/// packet's IPv4 header and its first 8 bytes.
+/// packet's IP header and its first 8 bytes. ICMPv6 for an IPv6 packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IcmpError {
     pub kind: IcmpKind,
-    pub from: Option<Ipv4Addr>,
+    pub from: Option<IpAddr>,
 }
 
 /// The errors `trace --icmp-error` builds.
@@ -74,7 +80,7 @@ pub enum IcmpKind {
     NetUnreachable,
     HostUnreachable,
     PortUnreachable,
-    /// "Fragmentation needed", naming the next hop's MTU.
+    /// "Fragmentation needed" (ICMPv6: "packet too big"), naming the next hop's MTU.
     FragNeeded {
         mtu: u16,
     },
@@ -82,18 +88,55 @@ pub enum IcmpKind {
 }
 
 impl IcmpKind {
-    /// ICMP type, code and the header's last four bytes (the MTU of "fragmentation needed").
-    pub fn header(self) -> (u8, u8, [u8; 4]) {
-        match self {
-            IcmpKind::NetUnreachable => (icmp::DEST_UNREACH, icmp::NET_UNREACH, [0; 4]),
-            IcmpKind::HostUnreachable => (icmp::DEST_UNREACH, icmp::HOST_UNREACH, [0; 4]),
-            IcmpKind::PortUnreachable => (icmp::DEST_UNREACH, icmp::PORT_UNREACH, [0; 4]),
-            IcmpKind::FragNeeded { mtu } => {
+    /// ICMP type, code and the header's last four bytes (the MTU of "fragmentation
+    /// needed"); ICMPv6's for `ipv6` (RFC 4443: no route, address unreachable, port
+    /// unreachable, packet too big with a 32-bit MTU, hop limit exceeded).
+    pub fn header(self, ipv6: bool) -> (u8, u8, [u8; 4]) {
+        match (self, ipv6) {
+            (IcmpKind::NetUnreachable, false) => (icmp::DEST_UNREACH, icmp::NET_UNREACH, [0; 4]),
+            (IcmpKind::HostUnreachable, false) => (icmp::DEST_UNREACH, icmp::HOST_UNREACH, [0; 4]),
+            (IcmpKind::PortUnreachable, false) => (icmp::DEST_UNREACH, icmp::PORT_UNREACH, [0; 4]),
+            (IcmpKind::FragNeeded { mtu }, false) => {
                 let [high, low] = mtu.to_be_bytes();
                 (icmp::DEST_UNREACH, icmp::FRAG_NEEDED, [0, 0, high, low])
             }
-            IcmpKind::TimeExceeded => (icmp::TIME_EXCEEDED, icmp::TTL_EXCEEDED, [0; 4]),
+            (IcmpKind::TimeExceeded, false) => (icmp::TIME_EXCEEDED, icmp::TTL_EXCEEDED, [0; 4]),
+            (IcmpKind::NetUnreachable, true) => (icmp6::DEST_UNREACH, icmp6::NO_ROUTE, [0; 4]),
+            (IcmpKind::HostUnreachable, true) => (icmp6::DEST_UNREACH, icmp6::ADDR_UNREACH, [0; 4]),
+            (IcmpKind::PortUnreachable, true) => (icmp6::DEST_UNREACH, icmp6::PORT_UNREACH, [0; 4]),
+            (IcmpKind::FragNeeded { mtu }, true) => {
+                (icmp6::PACKET_TOO_BIG, 0, u32::from(mtu).to_be_bytes())
+            }
+            (IcmpKind::TimeExceeded, true) => {
+                (icmp6::TIME_EXCEEDED, icmp6::HOP_LIMIT_EXCEEDED, [0; 4])
+            }
         }
+    }
+
+    /// The error of this type, code and last four header bytes, if it is one `trace`
+    /// names: the inverse of [`IcmpKind::header`].
+    pub fn of(ipv6: bool, icmp_type: u8, code: u8, rest: [u8; 4]) -> Option<Self> {
+        [
+            IcmpKind::NetUnreachable,
+            IcmpKind::HostUnreachable,
+            IcmpKind::PortUnreachable,
+            IcmpKind::TimeExceeded,
+        ]
+        .into_iter()
+        .find(|kind| {
+            let (kind_type, kind_code, _) = kind.header(ipv6);
+            (kind_type, kind_code) == (icmp_type, code)
+        })
+        .or_else(|| {
+            let (too_big_type, too_big_code, _) = IcmpKind::FragNeeded { mtu: 0 }.header(ipv6);
+            let mtu = if ipv6 {
+                u16::try_from(u32::from_be_bytes(rest)).unwrap_or(u16::MAX)
+            } else {
+                u16::from_be_bytes([rest[2], rest[3]])
+            };
+            ((icmp_type, code) == (too_big_type, too_big_code))
+                .then_some(IcmpKind::FragNeeded { mtu })
+        })
     }
 }
 
@@ -149,12 +192,42 @@ impl TracePacket {
             } else {
                 0
             },
-            length: (IPV4_LEN + l4_header_len(protocol)) as u16,
+            length: (ip_header_len(source.address) + l4_header_len(protocol)) as u16,
             ttl: 64,
             fragment: Fragment::Whole,
             ip_id: 1,
             icmp_error: None,
         }
+    }
+
+    /// Whether the packet is IPv6 (its source is; [`TracePacket::check`] makes sure the
+    /// rest is of the same family).
+    pub fn is_ipv6(&self) -> bool {
+        self.source.address.is_ipv6()
+    }
+
+    /// Why this packet cannot be built, if it cannot: addresses of two families, or what
+    /// only IPv4 has.
+    pub fn check(&self) -> Result<(), String> {
+        let family = |address: IpAddr| address.is_ipv6();
+        if family(self.destination.address) != self.is_ipv6()
+            || self
+                .icmp_error
+                .and_then(|error| error.from)
+                .is_some_and(|from| family(from) != self.is_ipv6())
+        {
+            return Err(format!(
+                "{} → {}: the addresses of a packet are of one family",
+                self.source, self.destination
+            ));
+        }
+        if self.is_ipv6() && self.fragment != Fragment::Whole {
+            return Err(
+                "trace builds no IPv6 fragments (a fragment header): trace the whole datagram"
+                    .to_owned(),
+            );
+        }
+        Ok(())
     }
 
     fn l4_len(&self) -> usize {
@@ -164,10 +237,16 @@ impl TracePacket {
         }
     }
 
-    /// Ethernet, then the packet's IPv4 datagram (or the ICMP error about it).
+    /// Ethernet, then the packet's IPv4 or IPv6 datagram (or the ICMP error about it).
     pub fn frame(&self) -> Vec<u8> {
         let datagram = self.datagram();
-        let mut frame = vec![0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01, 0x08, 0x00];
+        let ethertype = if self.is_ipv6() {
+            ETHERTYPE_IPV6
+        } else {
+            ETHERTYPE_IPV4
+        };
+        let mut frame = vec![0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01];
+        frame.extend_from_slice(&ethertype);
         match &self.icmp_error {
             None => frame.extend_from_slice(&datagram),
             Some(error) => frame.extend_from_slice(&self.icmp_error_about(error, &datagram)),
@@ -175,26 +254,29 @@ impl TracePacket {
         frame
     }
 
-    /// The packet itself: IPv4 with valid checksums (test-run skbs are not
-    /// CHECKSUM_PARTIAL, so the checksum helpers update real sums).
+    /// The packet itself, with valid checksums (test-run skbs are not CHECKSUM_PARTIAL, so
+    /// the checksum helpers update real sums).
     fn datagram(&self) -> Vec<u8> {
+        let header_len = ip_header_len(self.source.address);
         let l4_len = self.l4_len();
-        let total_len = usize::from(self.length).max(IPV4_LEN + l4_len.max(8));
+        let total_len = usize::from(self.length).max(header_len + l4_len.max(8));
         let (flags, offset) = match self.fragment {
             Fragment::Whole => (IP_DONT_FRAGMENT, 0),
             Fragment::First => (IP_MORE_FRAGMENTS, 0),
             Fragment::Later => (0, LATER_FRAGMENT_OFFSET),
         };
-        let ip = ipv4_header(
-            total_len as u16,
-            self.ip_id,
-            flags | offset,
-            self.ttl,
-            self.protocol,
+        let ip = ip_header(
+            IpFields {
+                total_len,
+                id: self.ip_id,
+                flags_and_offset: flags | offset,
+                ttl: self.ttl,
+                protocol: self.protocol,
+            },
             self.source.address,
             self.destination.address,
         );
-        let mut payload = vec![0u8; total_len - IPV4_LEN];
+        let mut payload = vec![0u8; total_len - header_len];
         if l4_len > 0 {
             let l4 = &mut payload[..l4_len];
             l4[0..2].copy_from_slice(&self.source.port.to_be_bytes());
@@ -219,40 +301,53 @@ impl TracePacket {
             } else {
                 // A first fragment's UDP length is the whole datagram's; this one's ends
                 // here (the checksum covers what is traced).
-                let udp_len = (total_len - IPV4_LEN) as u16;
+                let udp_len = (total_len - header_len) as u16;
                 l4[4..6].copy_from_slice(&udp_len.to_be_bytes());
                 6
             };
-            let pseudo_header = [
-                &ip[12..20],
-                &[0, self.protocol],
-                &((total_len - IPV4_LEN) as u16).to_be_bytes(),
-            ]
-            .concat();
-            let l4_checksum = checksum(&[&pseudo_header, &payload]);
+            let pseudo = pseudo_header(&ip, self.protocol, payload.len());
+            let mut l4_checksum = checksum(&[&pseudo, &payload]);
+            // UDP sends a sum of zero as all ones (zero: no checksum, which IPv6 forbids).
+            if self.protocol == proto::UDP && l4_checksum == 0 {
+                l4_checksum = 0xffff;
+            }
             payload[checksum_offset..checksum_offset + 2]
                 .copy_from_slice(&l4_checksum.to_be_bytes());
         }
         [&ip[..], &payload].concat()
     }
 
-    /// The ICMP error about `datagram`: from the error's sender to the packet's source,
-    /// quoting the packet's IPv4 header and first 8 bytes.
+    /// The ICMP (ICMPv6) error about `datagram`: from the error's sender to the packet's
+    /// source, quoting the packet's IP header and first 8 bytes.
     fn icmp_error_about(&self, error: &IcmpError, datagram: &[u8]) -> Vec<u8> {
-        let quote = &datagram[..(IPV4_LEN + 8).min(datagram.len())];
-        let (icmp_type, code, rest) = error.kind.header();
+        let header_len = ip_header_len(self.source.address);
+        let quote = &datagram[..(header_len + QUOTED_L4_LEN).min(datagram.len())];
+        let (icmp_type, code, rest) = error.kind.header(self.is_ipv6());
         let mut message = [&[icmp_type, code, 0, 0][..], &rest, quote].concat();
-        let icmp_checksum = checksum(&[&message]);
-        message[2..4].copy_from_slice(&icmp_checksum.to_be_bytes());
-        let ip = ipv4_header(
-            (IPV4_LEN + message.len()) as u16,
-            0,
-            0,
-            64,
-            icmp::PROTOCOL,
+        let protocol = if self.is_ipv6() {
+            icmp6::PROTOCOL
+        } else {
+            icmp::PROTOCOL
+        };
+        let ip = ip_header(
+            IpFields {
+                total_len: header_len + message.len(),
+                id: 0,
+                flags_and_offset: 0,
+                ttl: 64,
+                protocol,
+            },
             error.from.unwrap_or(self.destination.address),
             self.source.address,
         );
+        // ICMPv6's checksum covers the pseudo-header, ICMP's the message alone.
+        let pseudo = if self.is_ipv6() {
+            pseudo_header(&ip, protocol, message.len())
+        } else {
+            Vec::new()
+        };
+        let icmp_checksum = checksum(&[&pseudo, &message]);
+        message[2..4].copy_from_slice(&icmp_checksum.to_be_bytes());
         [&ip[..], &message].concat()
     }
 
@@ -261,22 +356,17 @@ impl TracePacket {
     /// addresses (its ports, which it does not carry, stay the traced ones).
     pub fn parse_as(frame: &[u8], traced: &TracePacket) -> Option<Self> {
         let ip = frame.get(ETHERNET_LEN..)?;
-        let header_len = usize::from(ip.first()? & 0x0f) * 4;
-        let address = |bytes: &[u8], at: usize| -> Option<Ipv4Addr> {
-            Some(Ipv4Addr::from(
-                <[u8; 4]>::try_from(bytes.get(at..at + 4)?).ok()?,
-            ))
-        };
         if traced.icmp_error.is_some() {
             // The outer header must still be an ICMP error: an answer in its place, or a
             // drop, leaves something else.
-            if *ip.get(9)? != icmp::PROTOCOL {
+            let outer = IpHeader::parse(ip)?;
+            if !outer.is_icmp() {
                 return None;
             }
-            let quoted = ip.get(header_len + ICMP_HEADER_LEN..)?;
+            let quoted = ip.get(outer.len + ICMP_HEADER_LEN..)?;
             let mut about = Self::parse_datagram(quoted, traced)?;
             about.icmp_error = Some(IcmpError {
-                from: Some(address(ip, 12)?),
+                from: Some(outer.source),
                 ..*traced.icmp_error.as_ref()?
             });
             return Some(about);
@@ -285,21 +375,14 @@ impl TracePacket {
     }
 
     fn parse_datagram(ip: &[u8], traced: &TracePacket) -> Option<Self> {
-        let header_len = usize::from(ip.first()? & 0x0f) * 4;
-        let l4 = ip.get(header_len..)?;
-        let address = |at: usize| -> Option<Ipv4Addr> {
-            Some(Ipv4Addr::from(
-                <[u8; 4]>::try_from(ip.get(at..at + 4)?).ok()?,
-            ))
-        };
-        let protocol = *ip.get(9)?;
-        if protocol != traced.protocol {
+        let header = IpHeader::parse(ip)?;
+        let l4 = ip.get(header.len..)?;
+        if header.protocol != traced.protocol {
             return None;
         }
         // A later fragment carries no ports: its datagram's are the traced ones.
-        let has_ports = u16::from_be_bytes([*ip.get(6)?, *ip.get(7)?]) & FRAGMENT_OFFSET == 0;
         let port = |at: usize, traced: u16| {
-            if has_ports {
+            if header.has_ports {
                 l4.get(at..at + 2)
                     .map(|bytes| u16::from_be_bytes([bytes[0], bytes[1]]))
             } else {
@@ -308,29 +391,105 @@ impl TracePacket {
         };
         // An ICMP error quotes 8 bytes: the flags are not among them.
         let tcp_flags = match l4.get(13) {
-            Some(&flags) if protocol == proto::TCP && has_ports => flags,
+            Some(&flags) if header.protocol == proto::TCP && header.has_ports => flags,
             _ => traced.tcp_flags,
         };
         Some(Self {
-            protocol,
+            protocol: header.protocol,
             tcp_flags,
             source: Endpoint {
-                address: address(12)?,
+                address: header.source,
                 port: port(0, traced.source.port)?,
             },
             destination: Endpoint {
-                address: address(16)?,
+                address: header.destination,
                 port: port(2, traced.destination.port)?,
             },
-            length: u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]),
-            ttl: *ip.get(8)?,
+            length: header.total_len,
+            ttl: header.ttl,
             ..*traced
         })
     }
 }
 
+/// What `trace` reads of an IPv4 or IPv6 header (an IPv6 header without extension headers,
+/// as `trace` builds them and the program answers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct IpHeader {
+    /// Bytes of the header (IPv4's with its options).
+    pub len: usize,
+    /// IPv4's protocol, IPv6's next header.
+    pub protocol: u8,
+    pub source: IpAddr,
+    pub destination: IpAddr,
+    /// The packet's length: IPv4's total length, IPv6's header and payload length.
+    pub total_len: u16,
+    /// The TTL or hop limit.
+    pub ttl: u8,
+    /// Not a later fragment: the L4 header follows.
+    pub has_ports: bool,
+}
+
+impl IpHeader {
+    pub(super) fn parse(ip: &[u8]) -> Option<Self> {
+        let address = |at: usize, len: usize| -> Option<IpAddr> {
+            let bytes = ip.get(at..at + len)?;
+            Some(match len {
+                4 => IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+                _ => IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
+            })
+        };
+        let word = |at: usize| -> Option<u16> {
+            Some(u16::from_be_bytes([*ip.get(at)?, *ip.get(at + 1)?]))
+        };
+        match ip.first()? >> 4 {
+            4 => Some(Self {
+                len: usize::from(ip.first()? & 0x0f) * 4,
+                protocol: *ip.get(9)?,
+                source: address(12, 4)?,
+                destination: address(16, 4)?,
+                total_len: word(2)?,
+                ttl: *ip.get(8)?,
+                has_ports: word(6)? & FRAGMENT_OFFSET == 0,
+            }),
+            6 => Some(Self {
+                len: IPV6_LEN,
+                protocol: *ip.get(6)?,
+                source: address(8, 16)?,
+                destination: address(24, 16)?,
+                total_len: word(4)?.saturating_add(IPV6_LEN as u16),
+                ttl: *ip.get(7)?,
+                has_ports: true,
+            }),
+            _ => None,
+        }
+    }
+
+    pub(super) fn is_ipv6(&self) -> bool {
+        self.source.is_ipv6()
+    }
+
+    /// An ICMP message (ICMPv6 in IPv6) follows.
+    pub(super) fn is_icmp(&self) -> bool {
+        self.protocol
+            == if self.is_ipv6() {
+                icmp6::PROTOCOL
+            } else {
+                icmp::PROTOCOL
+            }
+    }
+}
+
 /// CRC32c, as SCTP computes it (RFC 9260 appendix A).
 pub(crate) const SCTP_CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+
+/// The IP header of a packet from `source`.
+fn ip_header_len(source: IpAddr) -> usize {
+    match source {
+        IpAddr::V4(_) => IPV4_LEN,
+        IpAddr::V6(_) => IPV6_LEN,
+    }
+}
 
 /// The L4 header a traced packet carries.
 fn l4_header_len(protocol: u8) -> usize {
@@ -371,27 +530,64 @@ pub fn sctp_chunk_name(chunk: u8) -> &'static str {
     }
 }
 
-fn ipv4_header(
-    total_len: u16,
+/// The IP header fields a traced packet sets (IPv6 takes no identification nor fragment
+/// bits: it has no fragments here).
+struct IpFields {
+    /// The whole packet's length, header included.
+    total_len: usize,
     id: u16,
     flags_and_offset: u16,
     ttl: u8,
     protocol: u8,
-    source: Ipv4Addr,
-    destination: Ipv4Addr,
-) -> [u8; IPV4_LEN] {
-    let mut ip = [0u8; IPV4_LEN];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&total_len.to_be_bytes());
-    ip[4..6].copy_from_slice(&id.to_be_bytes());
-    ip[6..8].copy_from_slice(&flags_and_offset.to_be_bytes());
-    ip[8] = ttl;
-    ip[9] = protocol;
-    ip[12..16].copy_from_slice(&source.octets());
-    ip[16..20].copy_from_slice(&destination.octets());
-    let ip_checksum = checksum(&[&ip]);
-    ip[10..12].copy_from_slice(&ip_checksum.to_be_bytes());
-    ip
+}
+
+/// An IPv4 header with its checksum, or an IPv6 header, as the addresses are.
+fn ip_header(fields: IpFields, source: IpAddr, destination: IpAddr) -> Vec<u8> {
+    match (source, destination) {
+        (IpAddr::V4(source), IpAddr::V4(destination)) => {
+            let mut ip = [0u8; IPV4_LEN];
+            ip[0] = 0x45;
+            ip[2..4].copy_from_slice(&(fields.total_len as u16).to_be_bytes());
+            ip[4..6].copy_from_slice(&fields.id.to_be_bytes());
+            ip[6..8].copy_from_slice(&fields.flags_and_offset.to_be_bytes());
+            ip[8] = fields.ttl;
+            ip[9] = fields.protocol;
+            ip[12..16].copy_from_slice(&source.octets());
+            ip[16..20].copy_from_slice(&destination.octets());
+            let ip_checksum = checksum(&[&ip]);
+            ip[10..12].copy_from_slice(&ip_checksum.to_be_bytes());
+            ip.to_vec()
+        }
+        (source, destination) => {
+            let octets = |address: IpAddr| match address {
+                IpAddr::V6(address) => address.octets(),
+                IpAddr::V4(address) => address.to_ipv6_mapped().octets(),
+            };
+            let payload_len = (fields.total_len - IPV6_LEN) as u16;
+            let mut ip = vec![0x60, 0, 0, 0];
+            ip.extend_from_slice(&payload_len.to_be_bytes());
+            ip.extend_from_slice(&[fields.protocol, fields.ttl]);
+            ip.extend_from_slice(&octets(source));
+            ip.extend_from_slice(&octets(destination));
+            ip
+        }
+    }
+}
+
+/// The pseudo-header an L4 (or ICMPv6) checksum covers for a payload of `len` bytes after
+/// the header `ip`: IPv4's addresses, zero, protocol and 16-bit length; IPv6's addresses,
+/// 32-bit length, three zeros and next header (RFC 8200 8.1).
+fn pseudo_header(ip: &[u8], protocol: u8, len: usize) -> Vec<u8> {
+    if ip[0] >> 4 == 6 {
+        [
+            &ip[8..40],
+            &(len as u32).to_be_bytes(),
+            &[0, 0, 0, protocol],
+        ]
+        .concat()
+    } else {
+        [&ip[12..20], &[0, protocol], &(len as u16).to_be_bytes()].concat()
+    }
 }
 
 /// The Internet checksum over the concatenated parts (each of even length but the last).
@@ -409,7 +605,7 @@ pub(super) fn checksum(parts: &[&[u8]]) -> u16 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::endpoint;
+    use super::super::tests::{endpoint, endpoint6};
     use super::*;
 
     fn packet(protocol: u8) -> TracePacket {
@@ -543,8 +739,14 @@ mod tests {
         let ip = &frame[ETHERNET_LEN..];
         assert_eq!(checksum(&[&ip[..IPV4_LEN]]), 0);
         assert_eq!(ip[9], icmp::PROTOCOL);
-        assert_eq!(&ip[12..16], about.destination.address.octets());
-        assert_eq!(&ip[16..20], about.source.address.octets());
+        assert_eq!(
+            IpAddr::from(<[u8; 4]>::try_from(&ip[12..16]).unwrap()),
+            about.destination.address
+        );
+        assert_eq!(
+            IpAddr::from(<[u8; 4]>::try_from(&ip[16..20]).unwrap()),
+            about.source.address
+        );
         let message = &ip[IPV4_LEN..];
         assert_eq!(checksum(&[message]), 0, "ICMP checksum");
         assert_eq!(&message[..2], [3, 4]);
@@ -562,6 +764,133 @@ mod tests {
             parsed.icmp_error.and_then(|error| error.from),
             Some(about.destination.address)
         );
+    }
+
+    fn packet6(protocol: u8) -> TracePacket {
+        TracePacket {
+            length: 200,
+            ..TracePacket::opening(
+                protocol,
+                endpoint6("2001:db8:1::14", 40000),
+                endpoint6("2001:db8:ff::10", 80),
+            )
+        }
+    }
+
+    /// Asserts an IPv6 packet's L4 checksum over its pseudo-header, summed here word by
+    /// word from the header's fields (not with the builder's helpers).
+    fn assert_valid6(ip: &[u8]) {
+        assert_eq!(ip[0] >> 4, 6, "version");
+        let payload_len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+        assert_eq!(ip.len(), IPV6_LEN + payload_len, "payload length");
+        let next_header = ip[6];
+        let l4 = &ip[IPV6_LEN..];
+        let mut sum: u64 = ip[8..40]
+            .chunks(2)
+            .map(|pair| u64::from(u16::from_be_bytes([pair[0], pair[1]])))
+            .sum();
+        sum += payload_len as u64 + u64::from(next_header);
+        sum += l4
+            .chunks(2)
+            .map(|pair| u64::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+            .sum::<u64>();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        assert_eq!(sum, 0xffff, "L4 checksum over the IPv6 pseudo-header");
+    }
+
+    #[test]
+    fn ipv6_frames_carry_valid_checksums_and_parse_back() {
+        for protocol in [proto::TCP, proto::UDP] {
+            let packet = packet6(protocol);
+            let frame = packet.frame();
+            assert_eq!(&frame[12..14], [0x86, 0xdd], "ethertype");
+            let ip = &frame[ETHERNET_LEN..];
+            assert_eq!(ip.len(), 200);
+            assert_eq!((ip[6], ip[7]), (protocol, 64), "next header, hop limit");
+            assert_eq!(
+                &ip[8..24],
+                &"2001:db8:1::14"
+                    .parse::<std::net::Ipv6Addr>()
+                    .unwrap()
+                    .octets()
+            );
+            assert_valid6(ip);
+            assert_eq!(TracePacket::parse_as(&frame, &packet), Some(packet));
+        }
+        // SCTP carries its CRC32c, no pseudo-header sum.
+        let sctp = packet6(proto::SCTP);
+        let frame = sctp.frame();
+        let mut chunk = frame[ETHERNET_LEN + IPV6_LEN..].to_vec();
+        let field = sctp::CHECKSUM_OFFSET..sctp::CHECKSUM_OFFSET + 4;
+        let stored: [u8; 4] = chunk[field.clone()].try_into().unwrap();
+        chunk[field].fill(0);
+        assert_eq!(stored, SCTP_CRC.checksum(&chunk).to_le_bytes());
+        assert_eq!(TracePacket::parse_as(&frame, &sctp), Some(sctp));
+        assert_eq!(packet6(proto::TCP).check(), Ok(()));
+    }
+
+    #[test]
+    fn an_icmpv6_error_quotes_the_packet_with_its_pseudo_header_checksum() {
+        let about = packet6(proto::UDP);
+        let traced = TracePacket {
+            icmp_error: Some(IcmpError {
+                kind: IcmpKind::FragNeeded { mtu: 1280 },
+                from: Some("2001:db8::1".parse().unwrap()),
+            }),
+            ..about
+        };
+        let frame = traced.frame();
+        let ip = &frame[ETHERNET_LEN..];
+        assert_eq!(ip[6], icmp6::PROTOCOL);
+        assert_valid6(ip);
+        let message = &ip[IPV6_LEN..];
+        assert_eq!(&message[..2], [2, 0], "packet too big");
+        assert_eq!(&message[4..8], 1280u32.to_be_bytes());
+        assert_eq!(
+            &message[8..],
+            &about.frame()[ETHERNET_LEN..ETHERNET_LEN + IPV6_LEN + 8]
+        );
+        let parsed = TracePacket::parse_as(&frame, &traced).unwrap();
+        assert_eq!(
+            (parsed.source, parsed.destination, parsed.icmp_error),
+            (about.source, about.destination, traced.icmp_error)
+        );
+        for kind in [
+            IcmpKind::NetUnreachable,
+            IcmpKind::HostUnreachable,
+            IcmpKind::PortUnreachable,
+            IcmpKind::FragNeeded { mtu: 1280 },
+            IcmpKind::TimeExceeded,
+        ] {
+            for ipv6 in [false, true] {
+                let (icmp_type, code, rest) = kind.header(ipv6);
+                assert_eq!(IcmpKind::of(ipv6, icmp_type, code, rest), Some(kind));
+            }
+        }
+    }
+
+    #[test]
+    fn a_packet_of_two_families_or_an_ipv6_fragment_is_refused() {
+        let mixed = TracePacket {
+            destination: endpoint([198, 19, 0, 10], 80),
+            ..packet6(proto::TCP)
+        };
+        assert!(mixed.check().unwrap_err().contains("one family"));
+        let fragment = TracePacket {
+            fragment: Fragment::First,
+            ..packet6(proto::UDP)
+        };
+        assert!(fragment.check().unwrap_err().contains("fragments"));
+        let error_from_v4 = TracePacket {
+            icmp_error: Some(IcmpError {
+                kind: IcmpKind::PortUnreachable,
+                from: Some("198.18.0.1".parse().unwrap()),
+            }),
+            ..packet6(proto::UDP)
+        };
+        assert!(error_from_v4.check().is_err());
     }
 
     #[test]
