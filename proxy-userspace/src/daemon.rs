@@ -24,7 +24,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, error, info, warn};
 
 use aya::maps::MapData;
-use proxy_common::{AffinityKey, AffinityValue, CtTimeouts, map_names};
+use proxy_common::{Address, AffinityKey, AffinityValue, CtTimeouts, Ipv6, map_names};
 
 use crate::bpf_batch::count_entries;
 use crate::conntrack::gc::{Collector, Reaper};
@@ -85,7 +85,7 @@ struct Daemon {
     datapath: Datapath,
     writer: MapWriter,
     /// AFFINITY, read for its fill at full syncs (the datapath writes it).
-    affinity: MapData,
+    affinity: crate::datapath::AffinityMaps,
     /// The conntrack garbage collector's thread, stopped when the daemon ends.
     _conntrack_gc: Collector,
     netlink: Netlink,
@@ -142,9 +142,17 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
     let health = Health::new(config.healthz_timeout);
     let (metrics, registry) = Metrics::new(Some(maps.stats));
     for (map, max) in [
-        ("CONNTRACK", config.map_sizes.conntrack.assured),
-        ("CONNTRACK_PENDING", config.map_sizes.conntrack.pending),
-        ("FRAGMENTS", config.map_sizes.fragments),
+        (map_names::CONNTRACK, config.map_sizes.conntrack.assured),
+        (
+            map_names::CONNTRACK_PENDING,
+            config.map_sizes.conntrack.pending,
+        ),
+        (map_names::CONNTRACK6, config.map_sizes.conntrack.assured),
+        (
+            map_names::CONNTRACK_PENDING6,
+            config.map_sizes.conntrack.pending,
+        ),
+        (map_names::FRAGMENTS, config.map_sizes.fragments),
     ] {
         metrics
             .map_max_entries
@@ -501,22 +509,25 @@ impl Daemon {
         }
     }
 
-    /// AFFINITY's fill (an LRU: when full, the least recently seen clients lose their
-    /// affinity).
+    /// AFFINITY's and AFFINITY6's fill (LRUs: when full, the least recently seen clients
+    /// lose their affinity).
     fn record_affinity_fill(&self) {
-        let label = MapLabel {
-            map: map_names::AFFINITY,
-        };
-        match count_entries::<AffinityKey, AffinityValue>(&self.affinity) {
+        self.record_affinity_fill_of::<u32>(map_names::AFFINITY, &self.affinity.ipv4);
+        self.record_affinity_fill_of::<Ipv6>(map_names::AFFINITY6, &self.affinity.ipv6);
+    }
+
+    fn record_affinity_fill_of<A: Address>(&self, map: &'static str, data: &MapData) {
+        let label = MapLabel { map };
+        match count_entries::<AffinityKey<A>, AffinityValue<A>>(data) {
             Ok(entries) => {
                 self.metrics
                     .map_entries
                     .get_or_create(&label)
                     .set(entries as i64);
             }
-            Err(error) => warn!(%error, "counting AFFINITY's entries failed"),
+            Err(error) => warn!(%error, "counting {map}'s entries failed"),
         }
-        if let Ok(info) = self.affinity.info() {
+        if let Ok(info) = data.info() {
             self.metrics
                 .map_max_entries
                 .get_or_create(&label)

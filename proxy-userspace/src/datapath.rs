@@ -132,8 +132,14 @@ impl Default for MapSizes {
 pub struct Maps {
     pub writer: WriterMaps,
     pub stats: PerCpuArray<MapData, u64>,
-    /// Read for its fill only (the datapath writes it).
-    pub affinity: MapData,
+    /// AFFINITY and AFFINITY6, read for their fill only (the datapath writes them).
+    pub affinity: AffinityMaps,
+}
+
+/// Each family's session-affinity map.
+pub struct AffinityMaps {
+    pub ipv4: MapData,
+    pub ipv6: MapData,
 }
 
 /// The loaded programs and their attachments.
@@ -307,9 +313,9 @@ impl Datapath {
         Ok(Maps {
             writer,
             stats: take(map_names::STATS)?.try_into()?,
-            affinity: match take(map_names::AFFINITY)? {
-                aya::maps::Map::LruHashMap(data) => data,
-                _ => return Err(anyhow!("{} is no LRU hash map", map_names::AFFINITY)),
+            affinity: AffinityMaps {
+                ipv4: lru(map_names::AFFINITY, take(map_names::AFFINITY)?)?,
+                ipv6: lru(map_names::AFFINITY6, take(map_names::AFFINITY6)?)?,
             },
         })
     }
@@ -575,6 +581,14 @@ pub fn load_ipv6_path(ebpf: &mut Ebpf, name: &str, slot: u32) -> Result<()> {
         .set(slot, &fd, 0)
         .with_context(|| format!("installing {name} in {}", map_names::TAIL_CALLS))?;
     Ok(())
+}
+
+/// The data of `map`, an LRU hash map named `name`.
+fn lru(name: &str, map: aya::maps::Map) -> Result<MapData> {
+    match map {
+        aya::maps::Map::LruHashMap(data) => Ok(data),
+        _ => Err(anyhow!("{name} is no LRU hash map")),
+    }
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {

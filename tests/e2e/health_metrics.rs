@@ -66,6 +66,12 @@ fn healthz_livez_and_metrics_answer_like_kube_proxy() -> Result<()> {
         "ebpf_proxy_map_max_entries{map=\"CONNTRACK\"}",
         "ebpf_proxy_map_entries{map=\"SERVICES\"} 2",
         "ebpf_proxy_map_entries{map=\"BACKEND_SLOTS\"} 6",
+        // Each family's maps are their own metrics' labels.
+        "ebpf_proxy_map_entries{map=\"SERVICES6\"} 0",
+        "ebpf_proxy_map_max_entries{map=\"CONNTRACK6\"}",
+        "ebpf_proxy_map_max_entries{map=\"CONNTRACK_PENDING6\"}",
+        "ebpf_proxy_map_entries{map=\"AFFINITY6\"} 0",
+        "ebpf_proxy_map_max_entries{map=\"AFFINITY6\"}",
     ] {
         ensure!(
             metrics.contains(expected),
