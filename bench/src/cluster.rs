@@ -6,10 +6,12 @@
 //! Addresses stay in 198.18.0.0/15: VIPs are 198.19.x.y (port 80, then 81, … past 65 536
 //! Services), distinct endpoints 198.18.2.0 – 198.18.197.79 (target port 8080, then
 //! 8081, … every 50 000 endpoints), spare addresses for endpoint changes 198.18.198.0/23.
+//! The IPv6 rows render the same Services as single-stack IPv6 ones
+//! ([`Cluster::ipv6_model`]): each address's [`ipv6_twin`] in 2001:db8:be::/48.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Result, ensure};
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
@@ -151,6 +153,62 @@ impl Cluster {
         Ok(model)
     }
 
+    /// The Services as single-stack IPv6 ones (`ipFamilies: [IPv6]`, the ClusterIP's
+    /// [`ipv6_twin`]), each with an IPv6 EndpointSlice whose endpoints are `endpoint` of
+    /// the IPv4 ones (their twins, or the lab pods' IPv6 addresses).
+    pub fn ipv6_objects(
+        &self,
+        endpoint: impl Fn(Ipv4Addr) -> Ipv6Addr,
+    ) -> Vec<(Service, EndpointSlice)> {
+        self.iter()
+            .map(|service| {
+                let vip = ipv6_twin(service.vip).to_string();
+                let mut kube = kubernetes_service(&service);
+                let spec = kube.spec.as_mut().expect("a spec");
+                spec.cluster_ip = Some(vip.clone());
+                spec.cluster_ips = Some(vec![vip]);
+                spec.ip_families = Some(vec!["IPv6".to_owned()]);
+                let mut slice = endpoint_slice(&service, &service.endpoints);
+                slice.address_type = "IPv6".to_owned();
+                for each in slice.endpoints.iter_mut().flatten() {
+                    each.addresses = (each.addresses.iter())
+                        .map(|address| {
+                            endpoint(address.parse().expect("an IPv4 endpoint")).to_string()
+                        })
+                        .collect();
+                }
+                (kube, slice)
+            })
+            .collect()
+    }
+
+    /// [`Self::ipv6_objects`] with twin endpoints, as the planner takes them.
+    pub fn ipv6_model(&self) -> Result<Model> {
+        let mut model = Model::default();
+        for (service, slice) in self.ipv6_objects(ipv6_twin) {
+            model.insert_service(service)?;
+            model.insert_endpoint_slice(slice)?;
+        }
+        Ok(model)
+    }
+
+    /// [`Self::ipv6_objects`] as one multi-document file for the daemon's manifests
+    /// directory (JSON documents, which YAML reads).
+    pub fn ipv6_manifest(&self, endpoint: impl Fn(Ipv4Addr) -> Ipv6Addr) -> String {
+        let mut yaml = String::new();
+        for (service, slice) in self.ipv6_objects(endpoint) {
+            for document in [
+                serde_json::to_string(&service),
+                serde_json::to_string(&slice),
+            ] {
+                yaml.push_str("---\n");
+                yaml.push_str(&document.expect("k8s-openapi objects serialize"));
+                yaml.push('\n');
+            }
+        }
+        yaml
+    }
+
     /// Every Service and EndpointSlice as the API server stores them (JSON, with kind and
     /// apiVersion), for the test API server.
     pub fn api_objects(&self) -> impl Iterator<Item = serde_json::Value> + '_ {
@@ -187,6 +245,23 @@ pub fn lab_node() -> NodeFacts {
 /// endpoint changes.
 pub fn spare_address(index: usize) -> Ipv4Addr {
     offset(FIRST_SPARE, index as u32 % SPARE_ADDRESSES)
+}
+
+/// The IPv6 address the IPv6 rows give a bench address: 2001:db8:be::, then its four
+/// octets as two groups (198.19.0.10 → 2001:db8:be::c613:a). Never an IPv4-mapped address,
+/// which Kubernetes reads as IPv4.
+pub fn ipv6_twin(address: Ipv4Addr) -> Ipv6Addr {
+    let [a, b, c, d] = address.octets();
+    Ipv6Addr::new(
+        0x2001,
+        0xdb8,
+        0xbe,
+        0,
+        0,
+        0,
+        u16::from_be_bytes([a, b]),
+        u16::from_be_bytes([c, d]),
+    )
 }
 
 fn offset(base: Ipv4Addr, by: u32) -> Ipv4Addr {
@@ -360,6 +435,35 @@ mod tests {
         let rejected = model.take_changes().rejected;
         assert!(rejected.is_empty(), "{rejected:?}");
         assert_eq!(plan(&model, &node), from_objects);
+    }
+
+    #[test]
+    fn the_ipv6_twins_plan_as_ipv6_frontends_from_objects_and_from_the_manifest() {
+        let cluster = distinct(20);
+        let node = lab_node();
+        let planned = plan(&cluster.ipv6_model().unwrap(), &node);
+        assert!(planned.problems.is_empty(), "{:?}", planned.problems);
+        assert_eq!(planned.desired.frontends.len(), 20);
+        let service = cluster.service(3);
+        let vip = std::net::IpAddr::V6(ipv6_twin(service.vip));
+        let (_, frontend) = (planned.desired.frontends.iter())
+            .find(|(key, _)| key.addr == vip)
+            .expect("the twin VIP is a frontend");
+        assert_eq!(frontend.backends.len(), 10);
+        assert_eq!(
+            ipv6_twin(Ipv4Addr::new(198, 19, 0, 10)).to_string(),
+            "2001:db8:be::c613:a"
+        );
+
+        let dir = std::env::temp_dir().join(format!("epx-bench-ipv6-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("bench.yaml"), cluster.ipv6_manifest(ipv6_twin)).unwrap();
+        let mut model = Model::default();
+        let loaded = ManifestSource::new(&dir, ParseLimits::default()).load(&mut model);
+        std::fs::remove_dir_all(&dir).unwrap();
+        loaded.unwrap();
+        assert!(model.take_changes().rejected.is_empty());
+        assert_eq!(plan(&model, &node), planned);
     }
 
     #[test]

@@ -5,21 +5,27 @@
 //! pods with no proxy as the floor. The calling pod is no backend.
 //!
 //! Every variant gets a lab of its own, so no state (conntrack, rules) leaks between them,
-//! and the same load settings and target sequences. The five labs stand side by side and
+//! and the same load settings and target sequences. The seven labs stand side by side and
 //! the variants take turns run by run, so a noisy spell of the machine hits them all
 //! alike rather than posing as a difference between them. Services are all served by the
 //! lab's pods; kube-proxy still writes one endpoint chain per Service and pod, and every
 //! connection goes to a random Service, so the iptables walk is on average half of
 //! KUBE-SERVICES long. For ebpf-proxy, the daemon's CPU time during each measured run is
 //! reported too.
+//!
+//! IPv6 beside IPv4: the same Services as single-stack IPv6 ones (IPv6 ClusterIPs, the
+//! pods' IPv6 addresses as endpoints) served by the daemon's tc program, and straight to
+//! the pods' IPv6 addresses as that family's floor. The socket hooks are IPv4's, so IPv6
+//! has no socket-LB variant.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use proxy_lab::{Daemon, Lab, Netns, Placement};
 
-use crate::cluster::{Cluster, Endpoints};
+use crate::cluster::{Cluster, Endpoints, ipv6_twin};
 use crate::daemon;
 use crate::netfilter::{self, Loaded, Netfilter};
 use crate::stats::{Summary, percentile_of_sorted};
@@ -35,14 +41,20 @@ pub enum Variant {
     EbpfProxyTc,
     Iptables,
     Nftables,
+    /// Straight to the pods' IPv6 addresses.
+    DirectIpv6,
+    /// The daemon translating packets (tc) to IPv6 ClusterIPs.
+    EbpfProxyTcIpv6,
 }
 
-pub const VARIANTS: [Variant; 5] = [
+pub const VARIANTS: [Variant; 7] = [
     Variant::Direct,
     Variant::EbpfProxySocketLb,
     Variant::EbpfProxyTc,
     Variant::Iptables,
     Variant::Nftables,
+    Variant::DirectIpv6,
+    Variant::EbpfProxyTcIpv6,
 ];
 
 impl Variant {
@@ -53,6 +65,22 @@ impl Variant {
             Variant::EbpfProxyTc => "ebpf-proxy, tc only",
             Variant::Iptables => "iptables (kube-proxy shape)",
             Variant::Nftables => "nftables (kube-proxy shape)",
+            Variant::DirectIpv6 => "IPv6: direct (no proxy)",
+            Variant::EbpfProxyTcIpv6 => "IPv6: ebpf-proxy, tc only",
+        }
+    }
+
+    /// Connects over IPv6 (to IPv6 ClusterIPs, or the pods' IPv6 addresses).
+    pub fn ipv6(self) -> bool {
+        matches!(self, Variant::DirectIpv6 | Variant::EbpfProxyTcIpv6)
+    }
+
+    /// The floor of this variant's family: straight to the pods.
+    pub fn direct(self) -> Variant {
+        if self.ipv6() {
+            Variant::DirectIpv6
+        } else {
+            Variant::Direct
         }
     }
 
@@ -61,7 +89,11 @@ impl Variant {
         match self {
             Variant::Iptables => Some(Netfilter::Iptables),
             Variant::Nftables => Some(Netfilter::Nftables),
-            Variant::Direct | Variant::EbpfProxySocketLb | Variant::EbpfProxyTc => None,
+            Variant::Direct
+            | Variant::EbpfProxySocketLb
+            | Variant::EbpfProxyTc
+            | Variant::DirectIpv6
+            | Variant::EbpfProxyTcIpv6 => None,
         }
     }
 
@@ -69,8 +101,8 @@ impl Variant {
     fn socket_lb(self) -> Option<&'static str> {
         match self {
             Variant::EbpfProxySocketLb => Some("all"),
-            Variant::EbpfProxyTc => Some("off"),
-            Variant::Direct | Variant::Iptables | Variant::Nftables => None,
+            Variant::EbpfProxyTc | Variant::EbpfProxyTcIpv6 => Some("off"),
+            Variant::Direct | Variant::Iptables | Variant::Nftables | Variant::DirectIpv6 => None,
         }
     }
 }
@@ -124,7 +156,7 @@ struct Prepared<'lab> {
     /// With socket LB: the caller's sockets are made in the daemon's cgroup.
     _placement: Option<Placement<'lab>>,
     daemon: Option<Daemon<'lab>>,
-    targets: Vec<SocketAddrV4>,
+    targets: Vec<SocketAddr>,
 }
 
 /// What the runs of one variant measured.
@@ -224,6 +256,8 @@ fn prepare<'lab>(
 ) -> Result<Prepared<'lab>> {
     let (caller, serving) = lab.pods().split_last().context("a lab without pods")?;
     let pods: Vec<Ipv4Addr> = serving.iter().map(|pod| pod.ip).collect();
+    let ipv6_of: HashMap<Ipv4Addr, Ipv6Addr> =
+        serving.iter().map(|pod| (pod.ip, pod.ipv6)).collect();
     let cluster = Cluster::new(
         services,
         Endpoints::Shared {
@@ -236,9 +270,17 @@ fn prepare<'lab>(
             let sizes = daemon::map_size_flags(services, pods.len());
             let mut args: Vec<&str> = sizes.iter().map(String::as_str).collect();
             args.extend(["--socket-lb", socket_lb]);
+            let manifest = if variant.ipv6() {
+                proxy_lab::Manifest {
+                    file_name: "bench.yaml".to_owned(),
+                    yaml: cluster.ipv6_manifest(|pod| ipv6_of[&pod]),
+                }
+            } else {
+                daemon::cluster_manifest(&cluster)
+            };
             Some(daemon::start(
                 lab,
-                daemon::Source::Manifests(vec![daemon::cluster_manifest(&cluster)]),
+                daemon::Source::Manifests(vec![manifest]),
                 &args,
                 services,
             )?)
@@ -257,14 +299,22 @@ fn prepare<'lab>(
             bail!("loading the rules took longer than {after:?}");
         }
     }
-    let targets: Vec<SocketAddrV4> = match variant {
+    let targets: Vec<SocketAddr> = match variant {
         Variant::Direct => pods
             .iter()
-            .map(|pod| SocketAddrV4::new(*pod, lab.tcp_port()))
+            .map(|pod| SocketAddr::new((*pod).into(), lab.tcp_port()))
+            .collect(),
+        Variant::DirectIpv6 => serving
+            .iter()
+            .map(|pod| SocketAddr::new(pod.ipv6.into(), lab.tcp_port()))
+            .collect(),
+        Variant::EbpfProxyTcIpv6 => cluster
+            .iter()
+            .map(|service| SocketAddr::new(ipv6_twin(service.vip).into(), service.port))
             .collect(),
         _ => cluster
             .iter()
-            .map(|service| SocketAddrV4::new(service.vip, service.port))
+            .map(|service| SocketAddr::new(service.vip.into(), service.port))
             .collect(),
     };
     let warmup = LoadSettings {

@@ -343,6 +343,7 @@ fn run(cli: &Cli) -> Result<()> {
         let lab = Lab::builder().pods(0).build()?;
         results.packet = lab.node().run(|| packet::measure(&settings.packet))??;
         show(&report::packet_table(&results.packet));
+        show(&report::packet_family_table(&results.packet));
     }
     if wants(Section::Related) {
         heading("1. Per-packet cost of the packets around a flow (ns per packet)");

@@ -26,10 +26,15 @@
 //!   about what creating the flow's two conntrack entries (and claiming its reply tuple)
 //!   costs.
 //!
+//! - IPv6 beside IPv4: the same Services as single-stack IPv6 ones (each address's
+//!   [`ipv6_twin`]) in a program of their own, measured the same ways: new flows to random
+//!   Services, the established flow, pass-through. `epx_ingress` tail-calls `epx_ingress6`
+//!   for them, as on a node, so the IPv6 figures include the tail call.
+//!
 //! Every figure is checked against the program's own counters: a run that did not take
 //! the path it measures fails the benchmark instead of reporting a wrong number.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use anyhow::{Context, Result, bail, ensure};
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
@@ -37,13 +42,13 @@ use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
 use aya::{Ebpf, EbpfLoader};
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use proxy_common::{
-    CtKey, CtTimeouts, CtValue, PROGRAM_NAME, TRACE_PROGRAM_NAME, TraceRecord, Tuple,
-    default_max_entries, map_names, proto, stat,
+    Address, CtKey, CtTimeouts, CtValue, Ipv6, PROGRAM_NAME, PROGRAM6_NAME, TRACE_PROGRAM_NAME,
+    TraceRecord, Tuple, default_max_entries, map_names, proto, stat, tail_call,
 };
 use proxy_userspace::writer::{MapWriter, WriterMaps};
 use proxy_userspace::{datapath, plan};
 
-use crate::cluster::{BenchService, Cluster, Endpoints, lab_node};
+use crate::cluster::{BenchService, Cluster, Endpoints, ipv6_twin, lab_node};
 use crate::stats::{Rng, Summary, median};
 use proxy_lab::PrivateBpffs;
 
@@ -61,6 +66,22 @@ const PENDING_ENTRIES: u32 = 1 << 18;
 /// New flows come from 198.18.240.0 onward, 50 000 source ports per address.
 const FIRST_NEW_FLOW_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 240, 0);
 const PORTS_PER_CLIENT: usize = 50_000;
+/// The IPv6 rows' established client and pass-through source, and a destination that is
+/// no Service, in 2001:db8::/32 like every IPv6 bench address.
+const CLIENT6: SocketAddrV6 = SocketAddrV6::new(
+    Ipv6Addr::new(0x2001, 0xdb8, 0xbe, 0xfa, 0, 0, 0, 1),
+    40_000,
+    0,
+    0,
+);
+const NOT_A_SERVICE6: SocketAddrV6 = SocketAddrV6::new(
+    Ipv6Addr::new(0x2001, 0xdb8, 0xbe, 0xff, 0, 0, 0, 0xfffe),
+    9,
+    0,
+    0,
+);
+/// New IPv6 flows come from 2001:db8:be:f0::/64, 50 000 source ports per address.
+const FIRST_NEW_FLOW_CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xbe, 0xf0, 0, 0, 0, 0);
 
 #[derive(Clone, Debug)]
 pub struct PacketSettings {
@@ -96,6 +117,19 @@ pub struct PacketCosts {
     /// The established packet measured like new flows; close to `established` when the
     /// floor correction is sound.
     pub established_single: Summary,
+    pub timer_floor: Summary,
+    /// The same Services as single-stack IPv6 ones.
+    pub ipv6: Ipv6Costs,
+}
+
+/// Nanoseconds per IPv6 packet (through `epx_ingress`'s tail call to `epx_ingress6`).
+#[derive(Clone, Debug)]
+pub struct Ipv6Costs {
+    /// New flows to random Services.
+    pub new_flow: Summary,
+    pub established: Summary,
+    /// A TCP SYN to no Service and no backend.
+    pub pass_through: Summary,
     pub timer_floor: Summary,
 }
 
@@ -182,8 +216,11 @@ fn measure_at(services: usize, settings: &PacketSettings) -> Result<PacketCosts>
         figures.new_flow_without_create.push(dry_run - floor);
         figures.timer_floor.push(floor);
     }
+    drop(datapath);
+    let ipv6 = measure_ipv6(&cluster, settings)?;
     let summary = |values: &[f64]| Summary::of(values).context("no runs");
     Ok(PacketCosts {
+        ipv6,
         services,
         new_flow: summary(&figures.new_flow)?,
         new_flow_one_service: summary(&figures.new_flow_one_service)?,
@@ -195,6 +232,51 @@ fn measure_at(services: usize, settings: &PacketSettings) -> Result<PacketCosts>
         direct: summary(&figures.direct)?,
         established_single: summary(&figures.established_single)?,
         timer_floor: summary(&figures.timer_floor)?,
+    })
+}
+
+/// The IPv6 rows at `cluster`'s size: its Services as single-stack IPv6 ones, in a program
+/// of their own.
+fn measure_ipv6(cluster: &Cluster, settings: &PacketSettings) -> Result<Ipv6Costs> {
+    let services = cluster.services;
+    let planned = plan::plan(&cluster.ipv6_model()?, &lab_node());
+    let mut datapath = LoadedProgram::load(services)?;
+    let report = datapath.writer.apply(&planned.desired);
+    ensure!(
+        report.complete(),
+        "filling the IPv6 maps failed: {report:?}"
+    );
+    let established = datapath.open_established_flow6(&cluster.service(services / 2))?;
+    let pass = tcp_frame(CLIENT6, NOT_A_SERVICE6, Flags::Syn)?;
+    let mut rng = Rng::new(services as u64 ^ 6);
+    let mut next_flow = 0usize;
+    let (mut new_flows, mut established_runs, mut passes, mut floors) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..settings.runs {
+        let pass_repeated = datapath.repeated(&pass, settings.repeat, stat::PASS)?;
+        let established_repeated =
+            datapath.repeated(&established, settings.repeat, stat::CT_HIT)?;
+        let pass_single =
+            datapath.single_runs(settings.single_runs, stat::PASS, || Ok(pass.clone()))?;
+        let new_flow = datapath.single_runs(settings.single_runs, stat::NEW_FLOW, || {
+            let service = cluster.service(rng.below(services));
+            let client = new_flow_client6(next_flow);
+            next_flow += 1;
+            let vip = SocketAddrV6::new(ipv6_twin(service.vip), service.port, 0, 0);
+            tcp_frame(client, vip, Flags::Syn)
+        })?;
+        let floor = pass_single - pass_repeated;
+        new_flows.push(new_flow - floor);
+        established_runs.push(established_repeated);
+        passes.push(pass_repeated);
+        floors.push(floor);
+    }
+    let summary = |values: &[f64]| Summary::of(values).context("no runs");
+    Ok(Ipv6Costs {
+        new_flow: summary(&new_flows)?,
+        established: summary(&established_runs)?,
+        pass_through: summary(&passes)?,
+        timer_floor: summary(&floors)?,
     })
 }
 
@@ -220,11 +302,19 @@ fn new_flow_client(index: usize) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::from(address), port)
 }
 
+/// The source of the `index`-th new IPv6 flow: a tuple no earlier run used.
+fn new_flow_client6(index: usize) -> SocketAddrV6 {
+    let address = u128::from(FIRST_NEW_FLOW_CLIENT6) + (index / PORTS_PER_CLIENT) as u128;
+    let port = 10_000 + (index % PORTS_PER_CLIENT) as u16;
+    SocketAddrV6::new(Ipv6Addr::from(address), port, 0, 0)
+}
+
 /// The object loaded with maps sized for `services`, pinned in a private bpffs.
 pub(crate) struct LoadedProgram {
     // Dropped in declaration order: maps and program before the bpffs that pins them.
     pub(crate) writer: MapWriter,
     pub(crate) conntrack: BpfHashMap<MapData, CtKey, CtValue>,
+    conntrack6: BpfHashMap<MapData, CtKey<Ipv6>, CtValue<Ipv6>>,
     stats: PerCpuArray<MapData, u64>,
     trace: PerCpuArray<MapData, TraceRecord>,
     pub(crate) ebpf: Ebpf,
@@ -235,29 +325,35 @@ impl LoadedProgram {
     pub(crate) fn load(services: usize) -> Result<Self> {
         let bpffs = PrivateBpffs::mount("bench")?;
         let frontends = u32::try_from(services)?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(bpffs.path())
-            .map_max_entries(
-                map_names::SERVICES,
-                default_max_entries::SERVICES.max(frontends + 1024),
-            )
-            .map_max_entries(
-                map_names::BACKEND_SLOTS,
-                default_max_entries::BACKEND_SLOTS.max(frontends * 12 + 1024),
-            )
-            .map_max_entries(
-                map_names::SVC_NAMES,
-                default_max_entries::SVC_NAMES.max(frontends + 1024),
-            )
-            .map_max_entries(
-                map_names::MEMBERSHIP,
-                default_max_entries::SERVICES.max(frontends * 12 + 1024),
-            )
-            .map_max_entries(
-                map_names::BACKEND_IDS,
-                default_max_entries::BACKENDS.max(frontends * 10 + 1024),
-            )
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(bpffs.path());
+        // Each family's maps sized alike, as the daemon's sizing flags do.
+        for maps in [u32::MAPS, Ipv6::MAPS] {
+            loader
+                .map_max_entries(
+                    maps.services,
+                    default_max_entries::SERVICES.max(frontends + 1024),
+                )
+                .map_max_entries(
+                    maps.backend_slots,
+                    default_max_entries::BACKEND_SLOTS.max(frontends * 12 + 1024),
+                )
+                .map_max_entries(
+                    maps.svc_names,
+                    default_max_entries::SVC_NAMES.max(frontends + 1024),
+                )
+                .map_max_entries(
+                    maps.membership,
+                    default_max_entries::SERVICES.max(frontends * 12 + 1024),
+                )
+                .map_max_entries(
+                    maps.backend_ids,
+                    default_max_entries::BACKENDS.max(frontends * 10 + 1024),
+                );
+        }
+        let mut ebpf = loader
             .map_max_entries(map_names::CONNTRACK_PENDING, PENDING_ENTRIES)
+            .map_max_entries(map_names::CONNTRACK_PENDING6, PENDING_ENTRIES)
             .load(proxy_userspace::EBPF_OBJECT)
             .context("loading the eBPF object")?;
         proxy_userspace::datapath::set_timeouts(&mut ebpf, CtTimeouts::DEFAULT)?;
@@ -268,17 +364,20 @@ impl LoadedProgram {
                 .try_into()?;
             program.load().with_context(|| format!("loading {name}"))?;
         }
+        datapath::load_ipv6_path(&mut ebpf, PROGRAM6_NAME, tail_call::IPV6)?;
         let writer_maps = WriterMaps::take(&mut ebpf)?;
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .with_context(|| format!("the object has no map {name}"))
         };
         let conntrack = take(map_names::CONNTRACK)?.try_into()?;
+        let conntrack6 = take(map_names::CONNTRACK6)?.try_into()?;
         let stats = take(map_names::STATS)?.try_into()?;
         let trace = take(map_names::TRACE)?.try_into()?;
         Ok(Self {
             writer: MapWriter::new(writer_maps)?,
             conntrack,
+            conntrack6,
             stats,
             trace,
             ebpf,
@@ -426,6 +525,35 @@ impl LoadedProgram {
         Ok(ack)
     }
 
+    /// [`Self::open_established_flow`] from [`CLIENT6`] to the IPv6 twin of `service`
+    /// (the IPv6 rows' maps), mirrored in CONNTRACK6.
+    fn open_established_flow6(&mut self, service: &BenchService) -> Result<Vec<u8>> {
+        let vip = SocketAddrV6::new(ipv6_twin(service.vip), service.port, 0, 0);
+        let out = self.once(&tcp_frame(CLIENT6, vip, Flags::Syn)?, stat::NEW_FLOW)?;
+        let SocketAddr::V6(backend) = endpoints_of(&out)?.1 else {
+            bail!("the SYN to {vip} left as IPv4");
+        };
+        ensure!(
+            (service.endpoints.iter()).any(|endpoint| ipv6_twin(*endpoint) == *backend.ip()),
+            "the SYN to {vip} went to {backend}, which is none of its endpoints"
+        );
+        self.once(&tcp_frame(backend, CLIENT6, Flags::SynAck)?, stat::REPLY)?;
+        let ack = tcp_frame(CLIENT6, vip, Flags::Ack)?;
+        self.once(&ack, stat::CT_HIT)?;
+        let key = |src: SocketAddrV6, dst: SocketAddrV6| CtKey::new(tuple_of(src, dst), proto::TCP);
+        let forward = self
+            .conntrack6
+            .get(&key(CLIENT6, vip), 0)
+            .context("the IPv6 flow is not assured after its handshake")?;
+        let back_to_vip = CtValue {
+            to: tuple_of(CLIENT6, vip),
+            ..forward
+        };
+        self.conntrack6
+            .insert(key(CLIENT6, backend), back_to_vip, 0)?;
+        Ok(ack)
+    }
+
     /// Opens a flow from [`DIRECT_CLIENT`] straight to a backend of `service` through its
     /// handshake (assured, in CONNTRACK). Returns its ACK frame, which the program passes
     /// untouched.
@@ -449,9 +577,16 @@ impl LoadedProgram {
 }
 
 pub(crate) fn tuple(src: SocketAddrV4, dst: SocketAddrV4) -> Tuple {
+    tuple_of(src, dst)
+}
+
+/// The tuple of a packet from `src` to `dst`, in the maps of family `A`.
+fn tuple_of<A: Address>(src: impl Into<SocketAddr>, dst: impl Into<SocketAddr>) -> Tuple<A> {
+    let (src, dst) = (src.into(), dst.into());
+    let address = |ip: IpAddr| A::from_ip(ip).expect("addresses of the map's family");
     Tuple {
-        src_addr: u32::from_ne_bytes(src.ip().octets()),
-        dst_addr: u32::from_ne_bytes(dst.ip().octets()),
+        src_addr: address(src.ip()),
+        dst_addr: address(dst.ip()),
         src_port: src.port().to_be(),
         dst_port: dst.port().to_be(),
     }
@@ -469,21 +604,30 @@ pub(crate) enum Flags {
     Ack,
 }
 
-/// An Ethernet/IPv4/TCP frame without payload, checksums complete.
-fn tcp_frame(src: SocketAddrV4, dst: SocketAddrV4, flags: Flags) -> Result<Vec<u8>> {
+/// An Ethernet/IPv4/TCP (or IPv6/TCP) frame without payload, checksums complete.
+fn tcp_frame(
+    src: impl Into<SocketAddr>,
+    dst: impl Into<SocketAddr>,
+    flags: Flags,
+) -> Result<Vec<u8>> {
     tcp_frame_between(([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]), src, dst, flags)
 }
 
 /// [`tcp_frame`] between the Ethernet addresses `macs` (source, destination).
 pub(crate) fn tcp_frame_between(
     macs: ([u8; 6], [u8; 6]),
-    src: SocketAddrV4,
-    dst: SocketAddrV4,
+    src: impl Into<SocketAddr>,
+    dst: impl Into<SocketAddr>,
     flags: Flags,
 ) -> Result<Vec<u8>> {
-    let builder = PacketBuilder::ethernet2(macs.0, macs.1)
-        .ipv4(src.ip().octets(), dst.ip().octets(), 64)
-        .tcp(src.port(), dst.port(), 1, 64_240);
+    let (src, dst) = (src.into(), dst.into());
+    let ethernet = PacketBuilder::ethernet2(macs.0, macs.1);
+    let ip = match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => ethernet.ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => ethernet.ipv6(s.octets(), d.octets(), 64),
+        _ => bail!("{src} → {dst}: addresses of two families"),
+    };
+    let builder = ip.tcp(src.port(), dst.port(), 1, 64_240);
     let builder = match flags {
         Flags::Syn => builder.syn(),
         Flags::SynAck => builder.syn().ack(1),
@@ -514,16 +658,34 @@ pub(crate) fn source(frame: &[u8]) -> Result<SocketAddrV4> {
     Ok(endpoints(frame)?.0)
 }
 
-/// A TCP frame's source and destination.
+/// An IPv4 TCP frame's source and destination.
 fn endpoints(frame: &[u8]) -> Result<(SocketAddrV4, SocketAddrV4)> {
+    match endpoints_of(frame)? {
+        (SocketAddr::V4(src), SocketAddr::V4(dst)) => Ok((src, dst)),
+        _ => bail!("the program's output is not IPv4/TCP"),
+    }
+}
+
+/// A TCP frame's source and destination, of either family.
+fn endpoints_of(frame: &[u8]) -> Result<(SocketAddr, SocketAddr)> {
     let packet = SlicedPacket::from_ethernet(frame)?;
-    let (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Tcp(tcp))) = (packet.net, packet.transport)
-    else {
-        bail!("the program's output is not IPv4/TCP");
+    let Some(TransportSlice::Tcp(tcp)) = packet.transport else {
+        bail!("the program's output is not TCP");
+    };
+    let (src, dst): (IpAddr, IpAddr) = match packet.net {
+        Some(NetSlice::Ipv4(ip)) => (
+            ip.header().source_addr().into(),
+            ip.header().destination_addr().into(),
+        ),
+        Some(NetSlice::Ipv6(ip)) => (
+            ip.header().source_addr().into(),
+            ip.header().destination_addr().into(),
+        ),
+        _ => bail!("the program's output is not IP"),
     };
     Ok((
-        SocketAddrV4::new(ip.header().source_addr(), tcp.source_port()),
-        SocketAddrV4::new(ip.header().destination_addr(), tcp.destination_port()),
+        SocketAddr::new(src, tcp.source_port()),
+        SocketAddr::new(dst, tcp.destination_port()),
     ))
 }
 
@@ -548,5 +710,21 @@ mod tests {
         let dst = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 1), 80);
         let frame = tcp_frame(CLIENT, dst, Flags::Syn).unwrap();
         assert_eq!(destination(&frame).unwrap(), dst);
+        let dst6 = SocketAddrV6::new(ipv6_twin(*dst.ip()), 80, 0, 0);
+        let frame = tcp_frame(CLIENT6, dst6, Flags::Syn).unwrap();
+        assert_eq!(endpoints_of(&frame).unwrap(), (CLIENT6.into(), dst6.into()));
+        assert!(tcp_frame(CLIENT, dst6, Flags::Syn).is_err());
+    }
+
+    #[test]
+    fn new_ipv6_flows_never_share_a_tuple_and_stay_in_the_documentation_prefix() {
+        let clients: std::collections::HashSet<SocketAddrV6> =
+            (0..200_000).map(new_flow_client6).collect();
+        assert_eq!(clients.len(), 200_000);
+        assert!(
+            clients
+                .iter()
+                .all(|client| client.ip().segments()[..2] == [0x2001, 0xdb8])
+        );
     }
 }

@@ -107,7 +107,7 @@ pub fn measure(settings: &PacketSettings) -> Result<RelatedCosts> {
 /// INIT ACK, DATA: `trace`'s mapping), CRC32c complete.
 fn sctp_packet(src: SocketAddrV4, dst: SocketAddrV4, flags: u8, length: usize) -> Vec<u8> {
     let endpoint = |end: SocketAddrV4| Endpoint {
-        address: *end.ip(),
+        address: (*end.ip()).into(),
         port: end.port(),
     };
     TracePacket {

@@ -100,6 +100,54 @@ pub fn packet_table(costs: &[PacketCosts]) -> Table {
     table
 }
 
+/// IPv6 beside IPv4: the same Services, each family in its own maps.
+pub fn packet_family_table(costs: &[PacketCosts]) -> Table {
+    let mut table = Table::new(&[
+        "Services",
+        "family",
+        "new flow, random Service (ns)",
+        "established (ns)",
+        "pass-through: TCP SYN (ns)",
+        "new flow ÷ IPv4's",
+        "established ÷ IPv4's",
+        "pass-through ÷ IPv4's",
+        "timer floor subtracted (ns)",
+    ]);
+    for cost in costs {
+        let ipv6 = &cost.ipv6;
+        let rows = [
+            (
+                "IPv4",
+                &cost.new_flow,
+                &cost.established,
+                &cost.pass_through,
+                &cost.timer_floor,
+            ),
+            (
+                "IPv6",
+                &ipv6.new_flow,
+                &ipv6.established,
+                &ipv6.pass_through,
+                &ipv6.timer_floor,
+            ),
+        ];
+        for (family, new_flow, established, pass_through, floor) in rows {
+            table.rows.push(vec![
+                cost.services.to_string(),
+                family.to_owned(),
+                new_flow.display(0),
+                established.display(0),
+                pass_through.display(0),
+                ratio(new_flow.median / cost.new_flow.median),
+                ratio(established.median / cost.established.median),
+                ratio(pass_through.median / cost.pass_through.median),
+                floor.display(0),
+            ]);
+        }
+    }
+    table
+}
+
 pub fn related_table(costs: &RelatedCosts) -> Table {
     let mut table = Table::new(&[
         "established, 54 bytes (ns)",
@@ -154,8 +202,13 @@ pub fn gc_table(costs: &[GcCost]) -> Table {
 }
 
 /// The direct variant's result at the same number of Services.
-fn direct_at(results: &[ConnectionResult], services: usize) -> Option<&ConnectionResult> {
-    at(results, Variant::Direct, services)
+/// The floor (straight to the pods) of `variant`'s family at `services`.
+fn direct_at(
+    results: &[ConnectionResult],
+    variant: Variant,
+    services: usize,
+) -> Option<&ConnectionResult> {
+    at(results, variant.direct(), services)
 }
 
 fn at(
@@ -182,9 +235,16 @@ pub fn connections_table(results: &[ConnectionResult]) -> Table {
         "daemon CPU per run (s)",
     ]);
     for result in results {
-        let direct = direct_at(results, result.services);
-        let socket_lb = at(results, Variant::EbpfProxySocketLb, result.services);
-        let tc_only = at(results, Variant::EbpfProxyTc, result.services);
+        let direct = direct_at(results, result.variant, result.services);
+        // IPv4's own variants compare with IPv4's, IPv6's tc with IPv6's.
+        let (socket_lb, tc_only) = if result.variant.ipv6() {
+            (None, at(results, Variant::EbpfProxyTcIpv6, result.services))
+        } else {
+            (
+                at(results, Variant::EbpfProxySocketLb, result.services),
+                at(results, Variant::EbpfProxyTc, result.services),
+            )
+        };
         let cell = |other: Option<&ConnectionResult>, f: fn(f64, f64) -> f64| {
             other.map_or_else(String::new, |other| {
                 ratio(f(result.rate.median, other.rate.median))
@@ -737,6 +797,14 @@ pub fn document(results: &Results, context: &DocumentContext) -> String {
              that new connections spread over many Services do not find cached, and it grows \
              with the size of the maps. Established and pass-through packets here reuse one \
              hot tuple.\n\n{}\n\
+             ### IPv6 beside IPv4\n\n\
+             The same Services as single-stack IPv6 ones (each address's twin in \
+             2001:db8:be::/48, the endpoints' too), written by the same writer into the IPv6 \
+             maps of a program of their own, measured the same ways: new flows to random \
+             Services (single runs, the timer floor subtracted), the established flow \
+             (mirrored in CONNTRACK6), pass-through. An IPv6 packet enters `epx_ingress`, \
+             which tail-calls `epx_ingress6`: the figures include the tail call, and the \
+             40-byte conntrack keys and 16-byte addresses hashed and compared.\n\n{}\n\
              ### Conntrack garbage collection\n\n\
              One sweep of the daemon's collector (its own code, on a thread of its own) over a \
              nine-tenths full CONNTRACK whose flows are half over: both maps read in batches of \
@@ -746,6 +814,7 @@ pub fn document(results: &Results, context: &DocumentContext) -> String {
              method on the same map, which ran on the daemon's event loop: every entry read \
              with two system calls, then each finished one deleted with one.\n\n{}",
             packet_table(&results.packet).markdown(),
+            packet_family_table(&results.packet).markdown(),
             gc_table(&results.gc).markdown()
         );
     }
@@ -786,8 +855,11 @@ pub fn document(results: &Results, context: &DocumentContext) -> String {
              direct flow to a backend) or per packet (tc only), by kube-proxy-shaped iptables \
              rules (`iptables-restore`), by kube-proxy-shaped nftables rules (`nft -f`), and \
              straight to the pod IPs with no proxy (the floor). Every variant gets a lab of its \
-             own; the five stand side by side and take turns run by run, so a noisy spell of \
-             the shared machine hits them alike. The last column is \
+             own; the seven stand side by side and take turns run by run, so a noisy spell of \
+             the shared machine hits them alike. The IPv6 rows are the same Services as \
+             single-stack IPv6 ones (IPv6 ClusterIPs, the pods' IPv6 addresses as endpoints), \
+             through the daemon's tc program, beside IPv6 straight to the pods (the socket \
+             hooks are IPv4's: no socket-LB row for IPv6). The last column is \
              the daemon's CPU time (user + system) during each measured run. Each connection \
              goes to a random Service (so the \
              iptables walk averages half of KUBE-SERVICES), sends one line, reads the pod's \

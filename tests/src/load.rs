@@ -6,7 +6,7 @@
 //! fail while the daemon resyncs and collects conntrack garbage.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
@@ -47,9 +47,9 @@ impl LoadReport {
 }
 
 /// Runs the generator from `client` against `targets`; `seed` fixes the target sequence.
-pub fn generate(
+pub fn generate<T: Copy + Into<SocketAddr> + Sync>(
     client: &Netns,
-    targets: &[SocketAddrV4],
+    targets: &[T],
     settings: &LoadSettings,
     seed: u64,
 ) -> Result<LoadReport> {
@@ -71,7 +71,7 @@ pub fn generate(
                         while started.elapsed() < settings.duration
                             && report.completed + report.failed < per_thread
                         {
-                            let target = targets[rng.below(targets.len())];
+                            let target: SocketAddr = targets[rng.below(targets.len())].into();
                             match connection(target, settings.timeout, settings.hold) {
                                 Ok(latency) => {
                                     report.completed += 1;
@@ -115,13 +115,9 @@ pub fn generate(
 }
 
 /// One connection with one request and its reply; returns how long `connect` took.
-fn connection(
-    target: SocketAddrV4,
-    timeout: Duration,
-    hold: Duration,
-) -> std::io::Result<Duration> {
+fn connection(target: SocketAddr, timeout: Duration, hold: Duration) -> std::io::Result<Duration> {
     let begin = Instant::now();
-    let stream = TcpStream::connect_timeout(&SocketAddr::V4(target), timeout)?;
+    let stream = TcpStream::connect_timeout(&target, timeout)?;
     let connected = begin.elapsed();
     if !hold.is_zero() {
         std::thread::sleep(hold);
