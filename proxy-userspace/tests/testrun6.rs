@@ -6,11 +6,15 @@
 
 mod datapath;
 
+use std::net::IpAddr;
+
 use datapath::ipv6::*;
 use datapath::wire::{self, Extension};
 use datapath::*;
 use proxy_common::{CtKey, ct_flags, map_names, proto, service_flags, stat, tcp_flags};
 use proxy_userspace::conntrack::gc::Reaper;
+use proxy_userspace::inspect::Endpoint;
+use proxy_userspace::inspect::trace::TracePacket;
 
 const MACS: ([u8; 6], [u8; 6]) = ([0x02, 0, 0, 0, 0, 0x01], [0x02, 0, 0, 0, 0, 0x02]);
 const SYN6: L4 = L4::Tcp(tcp_flags::SYN);
@@ -482,4 +486,73 @@ fn a_packet_whose_hop_limit_runs_out_here_is_answered_with_time_exceeded() {
         assert!(wire::ipv6_checksum_valid(&out));
         datapath.assert_stats(&[(stat::TTL_EXCEEDED, 1), (stat::CT_MISS, 1)]);
     });
+}
+
+/// `trace`'s view of an IPv6 address and port.
+fn trace_endpoint((address, port): ([u8; 16], u16)) -> Endpoint {
+    Endpoint {
+        address: IpAddr::from(address),
+        port,
+    }
+}
+
+#[test]
+fn the_dry_run_of_an_ipv6_packet_records_its_addresses_and_writes_nothing() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    let ids = tcp_service(&mut datapath);
+    let syn = TracePacket::opening(proto::TCP, trace_endpoint(CLIENT), trace_endpoint(VIP));
+    let mut tracer = datapath.tracer();
+
+    // A new connection: epx_trace6 records the frontend and backend it read.
+    let report = tracer.run(&syn).unwrap();
+    assert_eq!(
+        (report.verdict.as_str(), report.path),
+        ("accept", "new_flow")
+    );
+    let frontend = report.frontend.as_ref().expect("the frontend was found");
+    assert_eq!(
+        (frontend.address, frontend.port),
+        (IpAddr::from(VIP6), VIP6_PORT)
+    );
+    let backend = report.backend.as_ref().expect("a backend was selected");
+    assert_eq!(
+        (backend.id, backend.address, backend.port),
+        (ids[0], IpAddr::from(BACKEND6_1), BACKEND6_PORT)
+    );
+    let output = report.output.as_ref().expect("the rewritten packet");
+    assert_eq!(output.destination, trace_endpoint(BACKEND));
+    assert_eq!(output.family, "IPv6");
+    assert!(
+        report.decided_by[0].starts_with("SERVICES6[[")
+            && report.decided_by[1].starts_with("BACKEND_SLOTS6["),
+        "{:?}",
+        report.decided_by
+    );
+    assert!(datapath.conntrack6().is_empty(), "the dry run wrote a flow");
+    datapath.assert_stats(&[]);
+
+    // A live flow: the trace of its next packet follows its CONNTRACK_PENDING6 entry.
+    assert_translated6(
+        &datapath,
+        &frame6(CLIENT, VIP, SYN6),
+        &frame6(CLIENT, BACKEND, SYN6),
+    );
+    let report = tracer.run(&syn).unwrap();
+    assert_eq!(report.path, "ct_hit");
+    let flow = report.conntrack.as_ref().expect("the flow's entry decided");
+    assert_eq!(
+        (flow.direction, flow.table, flow.nat, flow.backend_id),
+        ("forward", "pending", trace_endpoint(BACKEND), ids[0])
+    );
+    assert!(
+        report.decided_by[0].starts_with("CONNTRACK_PENDING6[tcp [2001:db8:"),
+        "{:?}",
+        report.decided_by
+    );
+    assert_eq!(
+        report.backend.as_ref().map(|backend| backend.address),
+        Some(IpAddr::from(BACKEND6_1))
+    );
 }
