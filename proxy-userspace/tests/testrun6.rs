@@ -483,3 +483,23 @@ fn a_packet_whose_hop_limit_runs_out_here_is_answered_with_time_exceeded() {
         datapath.assert_stats(&[(stat::TTL_EXCEEDED, 1), (stat::CT_MISS, 1)]);
     });
 }
+
+/// The socket programs of both families (`connect6` and the others serve IPv6 frontends
+/// and IPv4-mapped addresses) are accepted by this kernel's verifier, with room to spare.
+/// Their translations are tested in the lab (`socket_lb`, `socket_lb6`): the kernel cannot
+/// test-run cgroup socket programs.
+#[test]
+fn the_socket_programs_of_both_families_verify() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    for name in proxy_userspace::socket_lb::PROGRAMS {
+        datapath.load_socket_program(name);
+        let verified = datapath.verified_instructions(name);
+        eprintln!("{name}: {verified} instructions verified");
+        assert!(
+            verified < 100_000,
+            "{name}: {verified} instructions verified"
+        );
+    }
+}

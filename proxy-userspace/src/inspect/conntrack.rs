@@ -348,8 +348,10 @@ pub(super) struct EndpointPattern {
 }
 
 impl EndpointPattern {
-    pub(super) fn matches(&self, endpoint: &Endpoint) -> bool {
-        self.address == endpoint.address && self.port.is_none_or(|port| port == endpoint.port)
+    /// Against an endpoint of either family (`sockets` lists IPv6 ones too).
+    pub(super) fn matches<I: Copy + Into<IpAddr>>(&self, endpoint: &Endpoint<I>) -> bool {
+        IpAddr::V4(self.address) == endpoint.address.into()
+            && self.port.is_none_or(|port| port == endpoint.port)
     }
 }
 
@@ -424,7 +426,11 @@ impl ServicePattern {
     }
 
     /// Whether a Service port name (`namespace/name:port-name`) or its frontend matches.
-    pub(super) fn matches_parts(&self, service: Option<&str>, frontend: &Endpoint) -> bool {
+    pub(super) fn matches_parts<I: Copy + Into<IpAddr>>(
+        &self,
+        service: Option<&str>,
+        frontend: &Endpoint<I>,
+    ) -> bool {
         match self {
             // `ns/web` matches every port of the Service, `ns/web:http` only that one.
             Self::Name(name) => service.is_some_and(|service| {

@@ -19,7 +19,7 @@ pub mod trace_hooks;
 
 use std::fmt;
 use std::io::{IsTerminal, Write};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -312,10 +312,11 @@ fn read_entries<K: aya::Pod + Ord, V: aya::Pod>(
     Ok(entries)
 }
 
-/// An IPv4 address and port, in host order. JSON: `{"address": "…", "port": n}`.
+/// An address and port, in host order: IPv4's (`Ipv4Addr`, the default) or either
+/// family's (`IpAddr`). JSON: `{"address": "…", "port": n}`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-pub struct Endpoint {
-    pub address: Ipv4Addr,
+pub struct Endpoint<I = Ipv4Addr> {
+    pub address: I,
     pub port: u16,
 }
 
@@ -329,9 +330,27 @@ impl Endpoint {
     }
 }
 
+impl Endpoint<IpAddr> {
+    /// From the wire-order address of either family and port the maps store.
+    pub fn of<A: Address>(addr: A, port: u16) -> Self {
+        let endpoint = socket_addr(addr, port);
+        Self {
+            address: endpoint.ip(),
+            port: endpoint.port(),
+        }
+    }
+}
+
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.address, self.port)
+    }
+}
+
+impl fmt::Display for Endpoint<IpAddr> {
+    /// `addr:port`, `[addr]:port` for IPv6.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        std::net::SocketAddr::new(self.address, self.port).fmt(f)
     }
 }
 
