@@ -32,6 +32,21 @@ impl Ipv6 {
         Self(words)
     }
 
+    /// The IPv4 address of an IPv4-mapped one (`::ffff:a.b.c.d`, RFC 4291 2.5.5.2: what
+    /// an IPv6 socket names an IPv4 peer by), as IPv4's `u32`; `None` for any other.
+    pub const fn ipv4_mapped(self) -> Option<u32> {
+        if self.0[0] == 0 && self.0[1] == 0 && self.0[2] == MAPPED_PREFIX {
+            Some(self.0[3])
+        } else {
+            None
+        }
+    }
+
+    /// `::ffff:a.b.c.d` for IPv4's `addr` (wire order, as the maps hold it).
+    pub const fn mapping_ipv4(addr: u32) -> Self {
+        Self([0, 0, MAPPED_PREFIX, addr])
+    }
+
     /// The address's bytes (wire order).
     pub const fn octets(self) -> [u8; 16] {
         let mut octets = [0u8; 16];
@@ -43,6 +58,9 @@ impl Ipv6 {
         octets
     }
 }
+
+/// The third word of an IPv4-mapped address: bytes `00 00 ff ff`.
+const MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 mod sealed {
     pub trait Sealed {}
@@ -63,6 +81,9 @@ pub trait Address: sealed::Sealed + Copy + Debug + Default + Eq + Ord + Hash + '
     /// The padding after a `Backend<Self>` and a `u32` that aligns a `u64` to 8 bytes
     /// (`AffinityValue`): 4 bytes for IPv4, none for IPv6.
     type Align8Pad: Copy + Debug + Default + Eq + Hash + 'static;
+    /// The padding after an address and a 4-byte word that aligns a `u64` to 8 bytes
+    /// (`SockKey`, `SockValue`): none for IPv4, 4 bytes for IPv6.
+    type WordAlign8Pad: Copy + Debug + Default + Eq + Ord + Hash + 'static;
     /// The lowest and the highest address (bounds of a range over one frontend's keys).
     const LOWEST: Self;
     const HIGHEST: Self;
@@ -111,6 +132,7 @@ impl FamilyMapNames {
 
 impl Address for u32 {
     type Align8Pad = u32;
+    type WordAlign8Pad = ();
     const BITS: u8 = 32;
     const NAME: &'static str = "IPv4";
     const LOWEST: Self = 0;
@@ -154,6 +176,7 @@ impl Address for u32 {
 
 impl Address for Ipv6 {
     type Align8Pad = ();
+    type WordAlign8Pad = u32;
     const BITS: u8 = 128;
     const NAME: &'static str = "IPv6";
     const LOWEST: Self = Ipv6([0; 4]);
@@ -209,6 +232,23 @@ mod tests {
         assert_eq!(Ipv6::from_ip(v6).unwrap().to_ip(), v6);
         assert_eq!(u32::from_ip(v6), None);
         assert_eq!(Ipv6::from_ip(v4), None);
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_are_told_from_other_ipv6_ones() {
+        let ipv4 = u32::from_ip("198.19.0.10".parse().unwrap()).unwrap();
+        let mapped = Ipv6::from_ip("::ffff:198.19.0.10".parse().unwrap()).unwrap();
+        assert_eq!(mapped.ipv4_mapped(), Some(ipv4));
+        assert_eq!(Ipv6::mapping_ipv4(ipv4), mapped);
+        // IPv4-compatible (deprecated), NAT64's well-known prefix, an ordinary address: no.
+        for other in [
+            "::198.19.0.10",
+            "64:ff9b::198.19.0.10",
+            "2001:db8::ffff:c613:a",
+        ] {
+            let other = Ipv6::from_ip(other.parse().unwrap()).unwrap();
+            assert_eq!(other.ipv4_mapped(), None, "{other:?}");
+        }
     }
 
     #[test]

@@ -119,14 +119,17 @@ pub mod map_names {
     pub const SVC_NAMES6: &str = "SVC_NAMES6";
     pub const SOURCE_RANGES6: &str = "SOURCE_RANGES6";
     pub const MAGLEV6: &str = "MAGLEV6";
-    /// Socket-level translations, per socket cookie (see [`SockKey`](crate::SockKey)).
     /// The programs `epx_ingress` and `epx_trace` tail-call (`tail_call`); filled by the
     /// process that loads them, never pinned.
     pub const TAIL_CALLS: &str = "TAIL_CALLS";
+    /// Socket-level translations, per socket cookie (see [`SockKey`](crate::SockKey)).
     pub const SOCK_XLATE: &str = "SOCK_XLATE";
     /// Session affinity of sockets: each network namespace's backend per frontend (a
     /// socket's source address is not known at `connect()`; its namespace stands for it).
     pub const SOCK_AFFINITY: &str = "SOCK_AFFINITY";
+    /// SOCK_XLATE and SOCK_AFFINITY of IPv6 sockets to IPv6 frontends (16-byte addresses).
+    pub const SOCK_XLATE6: &str = "SOCK_XLATE6";
+    pub const SOCK_AFFINITY6: &str = "SOCK_AFFINITY6";
 }
 
 /// Key of the LAYOUT map: a map's pin name, NUL-padded.
@@ -430,7 +433,7 @@ pub struct SockAffinityKey {
     pub _pad: u32,
 }
 
-/// Value of the AFFINITY, AFFINITY6 and SOCK_AFFINITY maps.
+/// Value of the AFFINITY, AFFINITY6, SOCK_AFFINITY and SOCK_AFFINITY6 maps.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct AffinityValue<A: Address = u32> {
@@ -996,8 +999,8 @@ mod pod {
     unsafe impl aya::Pod for super::TraceRecord {}
     unsafe impl<A: Address> aya::Pod for super::TraceAddresses<A> {}
     unsafe impl aya::Pod for super::RefusalLimits {}
-    unsafe impl aya::Pod for super::SockKey {}
-    unsafe impl aya::Pod for super::SockValue {}
+    unsafe impl<A: Address> aya::Pod for super::SockKey<A> {}
+    unsafe impl<A: Address> aya::Pod for super::SockValue<A> {}
     unsafe impl aya::Pod for super::SockAffinityKey {}
     unsafe impl aya::Pod for super::FragmentKey {}
     unsafe impl aya::Pod for super::FragmentValue {}

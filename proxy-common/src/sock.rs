@@ -7,6 +7,13 @@
 //! what was translated, so `getpeername()` and `recvmsg()` can show the frontend again
 //! (Cilium's `lb4_reverse_sk`), and an unconnected UDP socket's datagrams to a frontend
 //! stay on one backend like a conntrack flow.
+//!
+//! IPv6 sockets have SOCK_XLATE6, the same entries with 16-byte addresses; an IPv6 socket
+//! that names an IPv4 peer by its IPv4-mapped address (`::ffff:a.b.c.d`, a dual-stack
+//! socket) is served by IPv4's frontends and entered in SOCK_XLATE, as Cilium's
+//! `sock6_xlate_v4_in_v6` does.
+
+use crate::Address;
 
 /// Bits of [`SockKey::kind`]: which of a socket's entries a key names.
 pub mod sock_kind {
@@ -27,28 +34,30 @@ pub mod sock_flags {
     pub const HOST: u8 = 1 << 1;
 }
 
-/// Key of SOCK_XLATE: one socket (its cookie, unique for the machine's uptime) and an
-/// address as on the wire.
+/// Key of SOCK_XLATE (SOCK_XLATE6 with an IPv6 address): one socket (its cookie, unique
+/// for the machine's uptime) and an address as on the wire.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct SockKey {
+pub struct SockKey<A: Address = u32> {
     pub cookie: u64,
-    /// IPv4 address, network byte order.
-    pub addr: u32,
+    /// Network byte order.
+    pub addr: A,
     /// Port, network byte order.
     pub port: u16,
     pub proto: u8,
     /// A [`sock_kind`] constant.
     pub kind: u8,
+    /// None after an IPv4 address, 4 bytes after an IPv6 one.
+    pub _pad: A::WordAlign8Pad,
 }
 
-/// Value of SOCK_XLATE.
+/// Value of SOCK_XLATE (SOCK_XLATE6: IPv6 addresses).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct SockValue {
+pub struct SockValue<A: Address = u32> {
     /// [`sock_kind::REVERSE`]: the frontend; [`sock_kind::FORWARD`]: the backend (network
     /// byte order).
-    pub addr: u32,
+    pub addr: A,
     pub port: u16,
     /// Bits of [`sock_flags`].
     pub flags: u8,
@@ -60,6 +69,8 @@ pub struct SockValue {
     pub pid: u32,
     /// FORWARD: the membership epoch at which the backend was last found serving.
     pub epoch: u32,
+    /// None after an IPv4 address, 4 bytes after an IPv6 one.
+    pub _align: A::WordAlign8Pad,
     /// The socket's network namespace (`bpf_get_netns_cookie`).
     pub netns_cookie: u64,
     /// When the socket last sent to the frontend through this entry (CLOCK_MONOTONIC, ns):
@@ -81,6 +92,11 @@ pub mod sock_programs {
     pub const SENDMSG4: &str = "epx_sendmsg4";
     pub const RECVMSG4: &str = "epx_recvmsg4";
     pub const GETPEERNAME4: &str = "epx_getpeername4";
+    /// The IPv6 hooks: IPv6 frontends, and IPv4 ones named by IPv4-mapped addresses.
+    pub const CONNECT6: &str = "epx_connect6";
+    pub const SENDMSG6: &str = "epx_sendmsg6";
+    pub const RECVMSG6: &str = "epx_recvmsg6";
+    pub const GETPEERNAME6: &str = "epx_getpeername6";
     pub const SOCK_RELEASE: &str = "epx_sock_release";
     /// `connect4` as a dry run for `ebpf-proxy trace --connect`: records its decision in
     /// TRACE and refuses the `connect()` with [`TRACE_ERRNO`](super::TRACE_ERRNO), so
@@ -106,9 +122,14 @@ mod tests {
     use super::*;
     use core::mem::size_of;
 
+    use crate::Ipv6;
+
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<SockKey>(), 16);
         assert_eq!(size_of::<SockValue>(), 40);
+        // 8 + 16 + 4 + 4 (explicit) and 16 + 4 + 16 + 4 (explicit) + 16.
+        assert_eq!(size_of::<SockKey<Ipv6>>(), 32);
+        assert_eq!(size_of::<SockValue<Ipv6>>(), 56);
     }
 }

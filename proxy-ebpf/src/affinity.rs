@@ -12,7 +12,8 @@
 //! one that left (removed, terminating, outside the traffic policy) is not, and the
 //! connection is balanced anew.
 //!
-//! IPv6 clients are remembered in AFFINITY6 (`lb6`), bound by `Family::affinity`.
+//! IPv6 clients are remembered in AFFINITY6, sockets to IPv6 frontends in SOCK_AFFINITY6
+//! (`lb6`), bound by `Family::affinity` and `Family::sock_affinity`.
 
 use aya_ebpf::{macros::map, maps::LruHashMap};
 use proxy_common::{
@@ -35,7 +36,7 @@ pub(crate) static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 
 /// Named like `proxy_common::map_names::SOCK_AFFINITY`: as AFFINITY, for sockets.
 #[map]
-static SOCK_AFFINITY: LruHashMap<SockAffinityKey, AffinityValue> =
+pub(crate) static SOCK_AFFINITY: LruHashMap<SockAffinityKey, AffinityValue> =
     LruHashMap::pinned(default_max_entries::SOCK_AFFINITY, 0);
 
 /// The backend `client` used last on `frontend`'s Service port, if that was within the
@@ -48,33 +49,16 @@ pub fn remembered_backend<A: Family>(
     now_ns: u64,
 ) -> Option<(u32, Backend<A>)> {
     // SAFETY (both lookups): the value is copied out at once.
-    let (backend_id, backend, last_used_ns) = match client {
-        Client::Address(addr) => {
-            let remembered = *unsafe { A::affinity().get(key(addr, frontend)) }?;
-            (
-                remembered.backend_id,
-                remembered.backend,
-                remembered.last_used_ns,
-            )
-        }
-        // Sockets are IPv4's (`sock`).
-        Client::Netns(cookie) => {
-            let remembered = *unsafe { SOCK_AFFINITY.get(sock_key(cookie, frontend)) }?;
-            let backend = Backend {
-                addr: A::from_ipv4(remembered.backend.addr)?,
-                port: remembered.backend.port,
-                proto: remembered.backend.proto,
-                _pad: 0,
-            };
-            (remembered.backend_id, backend, remembered.last_used_ns)
-        }
+    let remembered = match client {
+        Client::Address(addr) => *unsafe { A::affinity().get(key(addr, frontend)) }?,
+        Client::Netns(cookie) => *unsafe { A::sock_affinity().get(sock_key(cookie, frontend)) }?,
     };
     let timeout_ns = u64::from(frontend.header.affinity_timeout_s) * NANOS_PER_SECOND;
-    if now_ns.saturating_sub(last_used_ns) > timeout_ns {
+    if now_ns.saturating_sub(remembered.last_used_ns) > timeout_ns {
         return None;
     }
-    let bits = membership::of(frontend.header.rev_nat_id, backend.addr);
-    (bits & set.membership_bit() != 0).then_some((backend_id, backend))
+    let bits = membership::of(frontend.header.rev_nat_id, remembered.backend.addr);
+    (bits & set.membership_bit() != 0).then_some((remembered.backend_id, remembered.backend))
 }
 
 /// Records that the client's new connection to `frontend`'s Service port went to
@@ -87,33 +71,15 @@ pub fn remember<A: Family>(
     backend: &Backend<A>,
     now_ns: u64,
 ) {
+    let value = AffinityValue {
+        backend: *backend,
+        backend_id,
+        _pad: Default::default(),
+        last_used_ns: now_ns,
+    };
     let _ = match client {
-        Client::Address(addr) => {
-            let value = AffinityValue {
-                backend: *backend,
-                backend_id,
-                _pad: Default::default(),
-                last_used_ns: now_ns,
-            };
-            A::affinity().insert(key(addr, frontend), value, 0)
-        }
-        Client::Netns(cookie) => {
-            let Some(addr) = backend.addr.ipv4() else {
-                return;
-            };
-            let value = AffinityValue {
-                backend: Backend {
-                    addr,
-                    port: backend.port,
-                    proto: backend.proto,
-                    _pad: 0,
-                },
-                backend_id,
-                _pad: 0,
-                last_used_ns: now_ns,
-            };
-            SOCK_AFFINITY.insert(sock_key(cookie, frontend), value, 0)
-        }
+        Client::Address(addr) => A::affinity().insert(key(addr, frontend), value, 0),
+        Client::Netns(cookie) => A::sock_affinity().insert(sock_key(cookie, frontend), value, 0),
     };
 }
 

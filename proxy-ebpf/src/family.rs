@@ -13,7 +13,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     Address, AffinityKey, AffinityValue, Backend, CtKey, CtValue, FrontendKey, FrontendValue, Ipv6,
-    MembershipKey, Slot, SourceRange, Tuple,
+    MembershipKey, Slot, SockAffinityKey, SockKey, SockValue, SourceRange, Tuple,
     maglev::{MaglevChunk, MaglevKey},
 };
 
@@ -55,6 +55,10 @@ pub trait Family: Address {
     fn affinity() -> &'static LruHashMap<AffinityKey<Self>, AffinityValue<Self>>;
     /// This CPU's decision for the packet in hand (`service_path`).
     fn decision() -> &'static PerCpuArray<Decision<Self>>;
+    /// The translations of sockets to this family's frontends (`sock`).
+    fn sock_xlate() -> &'static LruHashMap<SockKey<Self>, SockValue<Self>>;
+    /// Session affinity of sockets to this family's frontends (`affinity`).
+    fn sock_affinity() -> &'static LruHashMap<SockAffinityKey, AffinityValue<Self>>;
 
     /// The address as IPv4's `u32`, `None` for IPv6: what is IPv4 only (the socket hooks'
     /// affinity) takes IPv4 addresses through it.
@@ -159,6 +163,14 @@ impl Family for u32 {
     #[inline(always)]
     fn decision() -> &'static PerCpuArray<Decision<Self>> {
         &crate::DECISION
+    }
+    #[inline(always)]
+    fn sock_xlate() -> &'static LruHashMap<SockKey<Self>, SockValue<Self>> {
+        &crate::sock::SOCK_XLATE
+    }
+    #[inline(always)]
+    fn sock_affinity() -> &'static LruHashMap<SockAffinityKey, AffinityValue<Self>> {
+        &crate::affinity::SOCK_AFFINITY
     }
 
     #[inline(always)]
@@ -292,6 +304,14 @@ impl Family for Ipv6 {
     #[inline(always)]
     fn decision() -> &'static PerCpuArray<Decision<Self>> {
         &crate::DECISION6
+    }
+    #[inline(always)]
+    fn sock_xlate() -> &'static LruHashMap<SockKey<Self>, SockValue<Self>> {
+        &lb6::SOCK_XLATE6
+    }
+    #[inline(always)]
+    fn sock_affinity() -> &'static LruHashMap<SockAffinityKey, AffinityValue<Self>> {
+        &lb6::SOCK_AFFINITY6
     }
 
     #[inline(always)]

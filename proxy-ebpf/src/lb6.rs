@@ -1,7 +1,8 @@
 //! IPv6's maps (Cilium's lb6): SERVICES, BACKEND_SLOTS, BACKEND_IDS, MEMBERSHIP,
 //! SVC_NAMES, SOURCE_RANGES and MAGLEV with 16-byte addresses (`proxy_common::Address`),
-//! which the daemon writes through the same writer as IPv4's, and the conntrack maps of
-//! IPv6 flows, which the packet path writes. Named like `proxy_common::map_names::*6`, so
+//! which the daemon writes through the same writer as IPv4's, the conntrack maps of
+//! IPv6 flows, which the packet path writes, and the socket programs' maps of IPv6
+//! sockets. Named like `proxy_common::map_names::*6`, so
 //! IPv4's keys stay small; `family::Family` binds them to the generic packet path.
 //!
 //! The hash maps are not preallocated: a node without IPv6 Services pays nothing for them
@@ -15,7 +16,8 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, FrontendKey, FrontendValue, Ipv6,
-    MembershipKey, ServiceName, Slot, SourceRange, default_max_entries,
+    MembershipKey, ServiceName, Slot, SockAffinityKey, SockKey, SockValue, SourceRange,
+    default_max_entries,
     maglev::{MaglevChunk, MaglevKey},
 };
 
@@ -74,3 +76,14 @@ pub(crate) static CT_KEYS6: PerCpuArray<CtKey<Ipv6>> = PerCpuArray::with_max_ent
 #[map]
 pub(crate) static AFFINITY6: LruHashMap<AffinityKey<Ipv6>, AffinityValue<Ipv6>> =
     LruHashMap::pinned(default_max_entries::AFFINITY, 0);
+
+/// SOCK_XLATE of IPv6 sockets to IPv6 frontends (an IPv4-mapped peer's entries are
+/// SOCK_XLATE's), sized like IPv4's; LRU.
+#[map]
+pub(crate) static SOCK_XLATE6: LruHashMap<SockKey<Ipv6>, SockValue<Ipv6>> =
+    LruHashMap::pinned(default_max_entries::SOCK_XLATE, 0);
+
+/// SOCK_AFFINITY of sockets to IPv6 frontends, sized like IPv4's; LRU.
+#[map]
+pub(crate) static SOCK_AFFINITY6: LruHashMap<SockAffinityKey, AffinityValue<Ipv6>> =
+    LruHashMap::pinned(default_max_entries::SOCK_AFFINITY, 0);

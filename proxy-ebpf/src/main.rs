@@ -10,8 +10,7 @@
 //!
 //! The packet path is generic over the address family ([`family::Family`]) and compiled
 //! once per family; each family has its own maps. IPv4 only, so far: fragments, ICMP
-//! errors about tracked flows, the XDP program (IPv6 packets go on to tc untouched) and
-//! the socket programs.
+//! errors about tracked flows and the XDP program (IPv6 packets go on to tc untouched).
 //!
 //! `epx_ingress` is the datapath at tc ingress of every device; `epx_xdp` runs the same
 //! path at XDP on the external devices, in front of it (see [`xdp`]). `epx_trace` and
@@ -20,8 +19,9 @@
 //! never attached.
 //!
 //! The cgroup programs (`epx_connect4`, `epx_sendmsg4`, `epx_recvmsg4`,
-//! `epx_getpeername4`, `epx_sock_release`) balance at the socket instead, with the same
-//! lookups (see [`sock`]); `epx_connect4_trace` is `connect4`'s dry run.
+//! `epx_getpeername4`, their `*6` twins, `epx_sock_release`) balance at the socket
+//! instead, with the same lookups (see [`sock`]); `epx_connect4_trace` is `connect4`'s dry
+//! run.
 #![no_std]
 #![no_main]
 // Atomic operations on shared conntrack entries: the bpf target has no `AtomicU64`
@@ -78,7 +78,7 @@ use crate::{
     mode::{DryRun, Live, Mode},
     parse::{Packet, Parsed},
     route::Hop,
-    sock::{Call, Sock},
+    sock::Call,
     verdict::Verdict,
 };
 
@@ -140,23 +140,45 @@ pub fn epx_ct_reap(ctx: TcContext) -> i32 {
 
 #[cgroup_sock_addr(connect4)]
 pub fn epx_connect4(ctx: SockAddrContext) -> i32 {
-    sock::finish(sock::forward(&Sock::new(&ctx), &Live, Call::Connect))
+    sock::finish(sock::forward4(&ctx, &Live, Call::Connect))
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn epx_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::finish(sock::forward(&Sock::new(&ctx), &Live, Call::SendMsg))
+    sock::finish(sock::forward4(&ctx, &Live, Call::SendMsg))
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn epx_recvmsg4(ctx: SockAddrContext) -> i32 {
-    sock::reverse(&Sock::new(&ctx), &Live);
+    sock::reverse4(&ctx, &Live);
     sock::PROCEED
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn epx_getpeername4(ctx: SockAddrContext) -> i32 {
-    sock::reverse(&Sock::new(&ctx), &Live);
+    sock::reverse4(&ctx, &Live);
+    sock::PROCEED
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn epx_connect6(ctx: SockAddrContext) -> i32 {
+    sock::finish(sock::forward6(&ctx, &Live, Call::Connect))
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn epx_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::finish(sock::forward6(&ctx, &Live, Call::SendMsg))
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn epx_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::reverse6(&ctx, &Live);
+    sock::PROCEED
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn epx_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::reverse6(&ctx, &Live);
     sock::PROCEED
 }
 
@@ -168,11 +190,10 @@ pub fn epx_sock_release(ctx: SockContext) -> i32 {
 
 #[cgroup_sock_addr(connect4)]
 pub fn epx_connect4_trace(ctx: SockAddrContext) -> i32 {
-    let sock = Sock::new(&ctx);
     if let Some(dry_run) = DryRun::start() {
-        sock::forward(&sock, &dry_run, Call::Connect);
+        sock::forward4(&ctx, &dry_run, Call::Connect);
     }
-    sock::abandon(&sock, proxy_common::TRACE_ERRNO)
+    sock::abandon(&ctx, proxy_common::TRACE_ERRNO)
 }
 
 /// The tc action for a verdict (tc never leaves a packet to itself).

@@ -2,15 +2,20 @@
 //! packet exists (Cilium's `bpf_sock.c`), with the packet path's own lookups (`lb`):
 //! frontend, session affinity, random selection, membership.
 //!
-//! - `connect4`: a TCP or UDP `connect()` to a frontend is connected to a backend instead;
-//!   without endpoints it fails with ECONNREFUSED at once (kube-proxy's REJECT), a frontend
-//!   that drops fails it with EHOSTUNREACH.
-//! - `sendmsg4`: each datagram of an unconnected UDP socket to a frontend goes to its flow's
-//!   backend, kept like a conntrack UDP flow: until it idles past the UDP timeout or the
-//!   backend stops serving the frontend.
-//! - `recvmsg4`, `getpeername4`: the backend's address is shown as the frontend's again,
-//!   from SOCK_XLATE (keyed by socket cookie and backend).
+//! - `connect4`, `connect6`: a TCP or UDP `connect()` to a frontend is connected to a
+//!   backend instead; without endpoints it fails with ECONNREFUSED at once (kube-proxy's
+//!   REJECT), a frontend that drops fails it with EHOSTUNREACH.
+//! - `sendmsg4`, `sendmsg6`: each datagram of an unconnected UDP socket to a frontend goes
+//!   to its flow's backend, kept like a conntrack UDP flow: until it idles past the UDP
+//!   timeout or the backend stops serving the frontend.
+//! - `recvmsg4`, `getpeername4` (and `*6`): the backend's address is shown as the
+//!   frontend's again, from SOCK_XLATE (keyed by socket cookie and backend).
 //! - `sock_release`: a closed connected socket's entry goes with it.
+//!
+//! Both families run one code path over a [`View`] of the hook's addresses: the `*6` hooks
+//! serve IPv6 frontends from IPv6's maps (SOCK_XLATE6, SOCK_AFFINITY6, `lb6`), and an
+//! IPv4-mapped address (`::ffff:a.b.c.d`, a dual-stack socket's IPv4 peer) from IPv4's,
+//! written back mapped, as Cilium's `sock6_xlate_v4_in_v6`.
 //!
 //! Which sockets: those of the daemon's own network namespace (the node's processes, which
 //! no tc program sees), and with `--socket-lb all` pods' TCP sockets too. Pods' UDP stays
@@ -20,6 +25,7 @@
 
 use aya_ebpf::{
     EbpfContext,
+    bindings::{bpf_sock, bpf_sock_addr},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval,
     },
@@ -27,14 +33,15 @@ use aya_ebpf::{
     maps::LruHashMap,
     programs::{SockAddrContext, SockContext},
 };
-use core::{num::NonZeroU16, ptr};
+use core::{marker::PhantomData, num::NonZeroU16, ptr};
 use proxy_common::{
-    ECONNREFUSED, EHOSTUNREACH, Origin, SockKey, SockValue, default_max_entries, proto,
+    ECONNREFUSED, EHOSTUNREACH, Ipv6, Origin, SockKey, SockValue, default_max_entries, proto,
     service_flags, sock_flags, sock_kind, stat,
 };
 
 use crate::{
     affinity, conntrack,
+    family::Family,
     lb::{self, Client, Frontend, LbKey},
     membership,
     mode::Mode,
@@ -50,9 +57,10 @@ static SOCK_LB_ALL: u8 = 0;
 
 /// Named like `proxy_common::map_names::SOCK_XLATE`; pinned so a restarted daemon's
 /// programs keep answering for sockets translated before, and the CLI lists it. LRU: the
-/// least recently used go first when it is full.
+/// least recently used go first when it is full. IPv6 sockets to IPv6 frontends have
+/// SOCK_XLATE6 (`lb6`), bound by `Family::sock_xlate`.
 #[map]
-static SOCK_XLATE: LruHashMap<SockKey, SockValue> =
+pub(crate) static SOCK_XLATE: LruHashMap<SockKey, SockValue> =
     LruHashMap::pinned(default_max_entries::SOCK_XLATE, 0);
 
 /// The return value that lets the system call go on (0 fails it).
@@ -60,6 +68,7 @@ pub const PROCEED: i32 = 1;
 const REJECT: i32 = 0;
 
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 
 /// Which system call a forward translation serves.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -79,71 +88,225 @@ pub enum Verdict {
     Refused(i32),
 }
 
-/// The socket address a program is given, and its socket.
-pub struct Sock<'a> {
-    ctx: &'a SockAddrContext,
+/// How a hook's socket addresses read and write as addresses of one family: the `*4`
+/// hooks' as IPv4 ([`Inet4`]), the `*6` hooks' as IPv6 ([`Inet6`]), or an IPv4-mapped
+/// address on an IPv6 socket as IPv4 again ([`Mapped4`]). The rest of this module is
+/// written once over it.
+///
+/// The context allows only 4-byte loads of most of these fields (and none of another
+/// family's hook): each word is read on its own, so the compiler cannot merge them.
+trait View {
+    type A: Family;
+    /// The `user_family` of the calls this view serves.
+    const USER_FAMILY: u32;
+    /// The address the call names (the destination, or a datagram's source in recvmsg).
+    fn address(sock_addr: &bpf_sock_addr) -> Self::A;
+    fn set_address(sock_addr: &mut bpf_sock_addr, addr: Self::A);
+    /// The source a datagram names (`IP_PKTINFO`, `IPV6_PKTINFO`), unspecified if none.
+    /// Read only by `sendmsg` hooks: no other may.
+    fn message_source(sock_addr: &bpf_sock_addr) -> Self::A;
+    /// The address the socket is bound to, unspecified when unbound.
+    fn local(sk: &bpf_sock) -> Self::A;
+    /// The peer the socket is connected to, unspecified if none.
+    fn remote(sk: &bpf_sock) -> Self::A;
 }
 
-impl<'a> Sock<'a> {
+/// The `connect4`, `sendmsg4`, … hooks: IPv4 sockets.
+enum Inet4 {}
+
+/// The `connect6`, `sendmsg6`, … hooks with an IPv6 address.
+enum Inet6 {}
+
+/// The `*6` hooks with an IPv4-mapped address (`::ffff:a.b.c.d`): a dual-stack socket's
+/// IPv4 peer, served by IPv4's frontends and SOCK_XLATE, and written back mapped (Cilium's
+/// `sock6_xlate_v4_in_v6`).
+enum Mapped4 {}
+
+impl View for Inet4 {
+    type A = u32;
+    const USER_FAMILY: u32 = AF_INET;
+
     #[inline(always)]
-    pub fn new(ctx: &'a SockAddrContext) -> Self {
-        Self { ctx }
+    fn address(sock_addr: &bpf_sock_addr) -> u32 {
+        sock_addr.user_ip4
+    }
+    #[inline(always)]
+    fn set_address(sock_addr: &mut bpf_sock_addr, addr: u32) {
+        sock_addr.user_ip4 = addr;
+    }
+    #[inline(always)]
+    fn message_source(sock_addr: &bpf_sock_addr) -> u32 {
+        sock_addr.msg_src_ip4
+    }
+    #[inline(always)]
+    fn local(sk: &bpf_sock) -> u32 {
+        sk.src_ip4
+    }
+    #[inline(always)]
+    fn remote(sk: &bpf_sock) -> u32 {
+        sk.dst_ip4
+    }
+}
+
+impl View for Inet6 {
+    type A = Ipv6;
+    const USER_FAMILY: u32 = AF_INET6;
+
+    #[inline(always)]
+    fn address(sock_addr: &bpf_sock_addr) -> Ipv6 {
+        read_words(&sock_addr.user_ip6)
+    }
+    #[inline(always)]
+    fn set_address(sock_addr: &mut bpf_sock_addr, addr: Ipv6) {
+        write_words(&mut sock_addr.user_ip6, addr);
+    }
+    #[inline(always)]
+    fn message_source(sock_addr: &bpf_sock_addr) -> Ipv6 {
+        read_words(&sock_addr.msg_src_ip6)
+    }
+    #[inline(always)]
+    fn local(sk: &bpf_sock) -> Ipv6 {
+        read_words(&sk.src_ip6)
+    }
+    #[inline(always)]
+    fn remote(sk: &bpf_sock) -> Ipv6 {
+        read_words(&sk.dst_ip6)
+    }
+}
+
+impl View for Mapped4 {
+    type A = u32;
+    const USER_FAMILY: u32 = AF_INET6;
+
+    #[inline(always)]
+    fn address(sock_addr: &bpf_sock_addr) -> u32 {
+        ipv4_of(Inet6::address(sock_addr))
+    }
+    #[inline(always)]
+    fn set_address(sock_addr: &mut bpf_sock_addr, addr: u32) {
+        Inet6::set_address(sock_addr, Ipv6::mapping_ipv4(addr));
+    }
+    #[inline(always)]
+    fn message_source(sock_addr: &bpf_sock_addr) -> u32 {
+        ipv4_of(Inet6::message_source(sock_addr))
+    }
+    #[inline(always)]
+    fn local(sk: &bpf_sock) -> u32 {
+        ipv4_of(Inet6::local(sk))
+    }
+    #[inline(always)]
+    fn remote(sk: &bpf_sock) -> u32 {
+        ipv4_of(Inet6::remote(sk))
+    }
+}
+
+/// The IPv4 address of an IPv4-mapped one; unspecified for any other (`::` is unbound).
+#[inline(always)]
+fn ipv4_of(addr: Ipv6) -> u32 {
+    addr.ipv4_mapped().unwrap_or(0)
+}
+
+#[inline(always)]
+fn read_words(words: &[u32; 4]) -> Ipv6 {
+    // SAFETY: reads of the context's own fields, one word each (see `View`).
+    unsafe {
+        Ipv6([
+            ptr::read_volatile(&raw const words[0]),
+            ptr::read_volatile(&raw const words[1]),
+            ptr::read_volatile(&raw const words[2]),
+            ptr::read_volatile(&raw const words[3]),
+        ])
+    }
+}
+
+#[inline(always)]
+fn write_words(words: &mut [u32; 4], addr: Ipv6) {
+    // SAFETY: writes of the context's own field, which these hooks may write.
+    unsafe {
+        ptr::write_volatile(&raw mut words[0], addr.0[0]);
+        ptr::write_volatile(&raw mut words[1], addr.0[1]);
+        ptr::write_volatile(&raw mut words[2], addr.0[2]);
+        ptr::write_volatile(&raw mut words[3], addr.0[3]);
+    }
+}
+
+/// The socket address a program is given, and its socket, read through the view `V`.
+struct Sock<'a, V> {
+    ctx: &'a SockAddrContext,
+    view: PhantomData<V>,
+}
+
+impl<'a, V: View> Sock<'a, V> {
+    #[inline(always)]
+    fn new(ctx: &'a SockAddrContext) -> Self {
+        Self {
+            ctx,
+            view: PhantomData,
+        }
+    }
+
+    #[inline(always)]
+    fn sock_addr(&self) -> &bpf_sock_addr {
+        // SAFETY: the context pointer is the program's own, valid while it runs.
+        unsafe { &*self.ctx.sock_addr }
+    }
+
+    #[inline(always)]
+    fn sk(&self) -> &bpf_sock {
+        // SAFETY: `sk` is never null in these hooks.
+        unsafe { &*self.sock_addr().__bindgen_anon_1.sk }
     }
 
     #[inline(always)]
     fn protocol(&self) -> u8 {
-        // SAFETY: the context pointer is the program's own.
-        unsafe { (*self.ctx.sock_addr).protocol as u8 }
+        self.sock_addr().protocol as u8
+    }
+
+    /// Whether the call names an address of the view's kind and a protocol the programs
+    /// translate.
+    #[inline(always)]
+    fn is_served(&self) -> bool {
+        let proto = self.protocol();
+        self.sock_addr().user_family == V::USER_FAMILY
+            && (proto == proto::TCP || proto == proto::UDP)
+    }
+
+    /// The address and port (network byte order) the call names.
+    #[inline(always)]
+    fn address(&self) -> (V::A, u16) {
+        // The port is in network byte order in the low 16 bits.
+        (
+            V::address(self.sock_addr()),
+            self.sock_addr().user_port as u16,
+        )
     }
 
     #[inline(always)]
-    fn is_ipv4(&self) -> bool {
-        // SAFETY: as in `protocol`.
-        unsafe { (*self.ctx.sock_addr).user_family == AF_INET }
+    fn set_address(&self, addr: V::A, port: u16) {
+        // SAFETY: as in `sock_addr`; these hooks may write the user address.
+        let sock_addr = unsafe { &mut *self.ctx.sock_addr };
+        V::set_address(sock_addr, addr);
+        sock_addr.user_port = u32::from(port);
     }
 
-    /// The address the call names (the destination, or a datagram's source in recvmsg).
+    /// The address the socket is bound to (unspecified when unbound), or the one a
+    /// datagram names with IP_PKTINFO / IPV6_PKTINFO.
     #[inline(always)]
-    fn address(&self) -> (u32, u16) {
-        // SAFETY: as in `protocol`. The port is in network byte order in the low 16 bits.
-        unsafe {
-            let sock_addr = &*self.ctx.sock_addr;
-            (sock_addr.user_ip4, sock_addr.user_port as u16)
-        }
-    }
-
-    #[inline(always)]
-    fn set_address(&self, addr: u32, port: u16) {
-        // SAFETY: as in `protocol`; these hooks may write the user address.
-        unsafe {
-            let sock_addr = &mut *self.ctx.sock_addr;
-            sock_addr.user_ip4 = addr;
-            sock_addr.user_port = u32::from(port);
-        }
-    }
-
-    /// The address the socket is bound to (0 when unbound), or the one a datagram names
-    /// with IP_PKTINFO.
-    #[inline(always)]
-    fn source_address(&self, call: Call) -> u32 {
-        // SAFETY: as in `protocol`; `sk` is never null in these hooks.
-        unsafe {
-            let sock_addr = &*self.ctx.sock_addr;
-            if call == Call::SendMsg && sock_addr.msg_src_ip4 != 0 {
-                return sock_addr.msg_src_ip4;
+    fn source_address(&self, call: Call) -> V::A {
+        if call == Call::SendMsg {
+            let named = V::message_source(self.sock_addr());
+            if named != V::A::default() {
+                return named;
             }
-            (*sock_addr.__bindgen_anon_1.sk).src_ip4
         }
+        V::local(self.sk())
     }
 
     /// The peer the socket is connected to now, if it is (a UDP socket may connect again).
     #[inline(always)]
-    fn connected_peer(&self) -> (u32, u16) {
-        // SAFETY: as in `source_address`.
-        unsafe {
-            let sk = &*(*self.ctx.sock_addr).__bindgen_anon_1.sk;
-            (sk.dst_ip4, sk.dst_port)
-        }
+    fn connected_peer(&self) -> (V::A, u16) {
+        let sk = self.sk();
+        (V::remote(sk), sk.dst_port as u16)
     }
 
     #[inline(always)]
@@ -159,6 +322,14 @@ impl<'a> Sock<'a> {
     }
 }
 
+impl Sock<'_, Inet6> {
+    /// Whether the `*6` hook's address is IPv4-mapped: the call is IPv4's ([`Mapped4`]).
+    #[inline(always)]
+    fn names_ipv4(&self) -> bool {
+        Inet6::address(self.sock_addr()).ipv4_mapped().is_some()
+    }
+}
+
 /// The daemon's namespace and whether pods count, as set at load time.
 #[inline(always)]
 fn settings() -> (u64, bool) {
@@ -171,14 +342,32 @@ fn settings() -> (u64, bool) {
     }
 }
 
-/// `connect4` and `sendmsg4`: translates a call addressed to a frontend. `mode` counts (or
-/// records, in the dry run of `ebpf-proxy trace --connect`, which writes nothing).
+/// `connect4` and `sendmsg4`.
 #[inline(always)]
-pub fn forward<M: Mode>(sock: &Sock, mode: &M, call: Call) -> Verdict {
-    let proto = sock.protocol();
-    if !sock.is_ipv4() || (proto != proto::TCP && proto != proto::UDP) {
+pub fn forward4<M: Mode>(ctx: &SockAddrContext, mode: &M, call: Call) -> Verdict {
+    forward(&Sock::<Inet4>::new(ctx), mode, call)
+}
+
+/// `connect6` and `sendmsg6`: an IPv6 frontend from IPv6's maps, an IPv4-mapped address
+/// from IPv4's.
+#[inline(always)]
+pub fn forward6<M: Mode>(ctx: &SockAddrContext, mode: &M, call: Call) -> Verdict {
+    let sock = Sock::<Inet6>::new(ctx);
+    if sock.names_ipv4() {
+        forward(&Sock::<Mapped4>::new(ctx), mode, call)
+    } else {
+        forward(&sock, mode, call)
+    }
+}
+
+/// Translates a call addressed to a frontend. `mode` counts (or records, in the dry run of
+/// `ebpf-proxy trace --connect`, which writes nothing).
+#[inline(always)]
+fn forward<M: Mode, V: View>(sock: &Sock<V>, mode: &M, call: Call) -> Verdict {
+    if !sock.is_served() {
         return Verdict::Untouched;
     }
+    let proto = sock.protocol();
     let netns = sock.netns_cookie();
     let (host_netns, all) = settings();
     let host = netns == host_netns;
@@ -199,9 +388,11 @@ pub fn forward<M: Mode>(sock: &Sock, mode: &M, call: Call) -> Verdict {
         // An unbound socket's source is chosen by the route after this hook: the node
         // itself, which the ranges admit when they hold a node address (the planner then
         // admits the frontend's own address too, kube-proxy's allowFromNode).
-        let source = match sock.source_address(call) {
-            0 => addr,
-            bound => bound,
+        let bound = sock.source_address(call);
+        let source = if bound == V::A::default() {
+            addr
+        } else {
+            bound
         };
         if !source_ranges::admits(source, &frontend) {
             mode.count(stat::SOURCE_RANGE_DENIED);
@@ -212,9 +403,10 @@ pub fn forward<M: Mode>(sock: &Sock, mode: &M, call: Call) -> Verdict {
     let now_ns = conntrack::now_ns();
     let cookie = sock.cookie();
     if call == Call::SendMsg
-        && let Some(backend) = kept_flow::<M>(cookie, &frontend, proto, now_ns, mode)
+        && let Some((backend_addr, backend_port)) =
+            kept_flow::<M, V::A>(cookie, &frontend, proto, now_ns, mode)
     {
-        sock.set_address(backend.0, backend.1);
+        sock.set_address(backend_addr, backend_port);
         mode.count(stat::SOCK_SENDMSG);
         return Verdict::Translated;
     }
@@ -256,33 +448,28 @@ pub fn forward<M: Mode>(sock: &Sock, mode: &M, call: Call) -> Verdict {
             // The upper half is the process.
             pid: (bpf_get_current_pid_tgid() >> 32) as u32,
             epoch: membership::epoch(),
+            _align: Default::default(),
             netns_cookie: netns,
             last_used_ns: now_ns,
         };
         if call == Call::Connect && proto == proto::UDP {
             // A UDP socket may connect again: its previous peer's entry goes.
             let (peer_addr, peer_port) = sock.connected_peer();
-            if peer_addr != 0 {
+            if peer_addr != V::A::default() {
                 forget(cookie, peer_addr, peer_port, proto);
             }
         }
-        let reverse = SockKey {
-            cookie,
-            addr: backend.addr,
-            port: backend.port,
-            proto,
-            kind: sock_kind::REVERSE,
-        };
+        let reverse = reverse_key(cookie, backend.addr, backend.port, proto);
         // A failed insert (map full of entries being removed) costs only the reverse
         // translation of this socket's answers.
-        let _ = SOCK_XLATE.insert(&reverse, &entry, 0);
+        let _ = V::A::sock_xlate().insert(&reverse, &entry, 0);
         if call == Call::SendMsg {
             let flow = SockValue {
                 addr: backend.addr,
                 port: backend.port,
                 ..entry
             };
-            let _ = SOCK_XLATE.insert(&forward_key(cookie, &frontend, proto), &flow, 0);
+            let _ = V::A::sock_xlate().insert(&forward_key(cookie, &frontend, proto), &flow, 0);
         }
     }
     sock.set_address(backend.addr, backend.port);
@@ -295,13 +482,26 @@ pub fn forward<M: Mode>(sock: &Sock, mode: &M, call: Call) -> Verdict {
 }
 
 #[inline(always)]
-fn forward_key(cookie: u64, frontend: &Frontend, proto: u8) -> SockKey {
+fn forward_key<A: Family>(cookie: u64, frontend: &Frontend<A>, proto: u8) -> SockKey<A> {
     SockKey {
         cookie,
         addr: frontend.key.addr,
         port: frontend.key.port,
         proto,
         kind: sock_kind::FORWARD,
+        _pad: Default::default(),
+    }
+}
+
+#[inline(always)]
+fn reverse_key<A: Family>(cookie: u64, addr: A, port: u16, proto: u8) -> SockKey<A> {
+    SockKey {
+        cookie,
+        addr,
+        port,
+        proto,
+        kind: sock_kind::REVERSE,
+        _pad: Default::default(),
     }
 }
 
@@ -309,15 +509,15 @@ fn forward_key(cookie: u64, frontend: &Frontend, proto: u8) -> SockKey {
 /// was last used within the UDP timeout (a conntrack UDP flow that is not a stream) and its
 /// backend still serves the frontend (else the flow leaves it, counted as `backend_left`).
 #[inline(always)]
-fn kept_flow<M: Mode>(
+fn kept_flow<M: Mode, A: Family>(
     cookie: u64,
-    frontend: &Frontend,
+    frontend: &Frontend<A>,
     proto: u8,
     now_ns: u64,
     mode: &M,
-) -> Option<(u32, u16)> {
+) -> Option<(A, u16)> {
     let key = forward_key(cookie, frontend, proto);
-    let entry = SOCK_XLATE.get_ptr_mut(&key)?;
+    let entry = A::sock_xlate().get_ptr_mut(&key)?;
     // SAFETY: a successful lookup's value, valid for this run; copied out at once.
     let flow = unsafe { *entry };
     if flow.rev_nat_id != frontend.header.rev_nat_id
@@ -340,24 +540,35 @@ fn kept_flow<M: Mode>(
     Some((flow.addr, flow.port))
 }
 
-/// `recvmsg4` and `getpeername4`: shows a backend the socket was translated to as its
-/// frontend, while that frontend still exists. These hooks cannot fail the call.
+/// `recvmsg4` and `getpeername4`.
 #[inline(always)]
-pub fn reverse<M: Mode>(sock: &Sock, mode: &M) {
-    let proto = sock.protocol();
-    if !sock.is_ipv4() || (proto != proto::TCP && proto != proto::UDP) {
+pub fn reverse4<M: Mode>(ctx: &SockAddrContext, mode: &M) {
+    reverse(&Sock::<Inet4>::new(ctx), mode);
+}
+
+/// `recvmsg6` and `getpeername6`: an IPv4-mapped backend is looked up in IPv4's map.
+#[inline(always)]
+pub fn reverse6<M: Mode>(ctx: &SockAddrContext, mode: &M) {
+    let sock = Sock::<Inet6>::new(ctx);
+    if sock.names_ipv4() {
+        reverse(&Sock::<Mapped4>::new(ctx), mode);
+    } else {
+        reverse(&sock, mode);
+    }
+}
+
+/// Shows a backend the socket was translated to as its frontend, while that frontend
+/// still exists. These hooks cannot fail the call.
+#[inline(always)]
+fn reverse<M: Mode, V: View>(sock: &Sock<V>, mode: &M) {
+    if !sock.is_served() {
         return;
     }
+    let proto = sock.protocol();
     let (addr, port) = sock.address();
-    let key = SockKey {
-        cookie: sock.cookie(),
-        addr,
-        port,
-        proto,
-        kind: sock_kind::REVERSE,
-    };
+    let key = reverse_key(sock.cookie(), addr, port, proto);
     // SAFETY: the value is copied out at once.
-    let Some(entry) = (unsafe { SOCK_XLATE.get(&key) }).copied() else {
+    let Some(entry) = (unsafe { V::A::sock_xlate().get(&key) }).copied() else {
         return;
     };
     let frontend = LbKey {
@@ -373,22 +584,31 @@ pub fn reverse<M: Mode>(sock: &Sock, mode: &M) {
         // The Service is gone (or another owns the address now): the backend shows.
         _ => {
             if !M::DRY_RUN {
-                let _ = SOCK_XLATE.remove(&key);
+                let _ = V::A::sock_xlate().remove(&key);
             }
         }
     }
 }
 
-/// `sock_release`: a connected socket that was translated takes its entry along. (An
-/// unconnected UDP socket's entries are left to the LRU: nothing here names them.)
+/// `sock_release`: a connected socket that was translated takes its entry along (from
+/// SOCK_XLATE6 for an IPv6 peer, SOCK_XLATE for an IPv4 or IPv4-mapped one). An
+/// unconnected UDP socket's entries are left to the LRU: nothing here names them.
 #[inline(always)]
 pub fn release(ctx: &SockContext) {
     // SAFETY: the context pointer is the program's own.
-    let (proto, addr, port) = unsafe {
-        let sk = &*ctx.sock;
-        (sk.protocol as u8, sk.dst_ip4, sk.dst_port)
-    };
-    if addr == 0 || (proto != proto::TCP && proto != proto::UDP) {
+    let sk = unsafe { &*ctx.sock };
+    match sk.family {
+        AF_INET => release_peer::<Inet4>(ctx, sk),
+        AF_INET6 if Inet6::remote(sk).ipv4_mapped().is_some() => release_peer::<Mapped4>(ctx, sk),
+        AF_INET6 => release_peer::<Inet6>(ctx, sk),
+        _ => {}
+    }
+}
+
+#[inline(always)]
+fn release_peer<V: View>(ctx: &SockContext, sk: &bpf_sock) {
+    let (proto, addr, port) = (sk.protocol as u8, V::remote(sk), sk.dst_port as u16);
+    if addr == V::A::default() || (proto != proto::TCP && proto != proto::UDP) {
         return;
     }
     // SAFETY: the helper takes the program's context.
@@ -397,15 +617,8 @@ pub fn release(ctx: &SockContext) {
 }
 
 #[inline(always)]
-fn forget(cookie: u64, addr: u32, port: u16, proto: u8) {
-    let key = SockKey {
-        cookie,
-        addr,
-        port,
-        proto,
-        kind: sock_kind::REVERSE,
-    };
-    let _ = SOCK_XLATE.remove(&key);
+fn forget<A: Family>(cookie: u64, addr: A, port: u16, proto: u8) {
+    let _ = A::sock_xlate().remove(&reverse_key(cookie, addr, port, proto));
 }
 
 /// Ends a forward hook: lets the call go on, or fails it with the verdict's errno.
@@ -426,11 +639,11 @@ pub fn fail(errno: i32) -> i32 {
     REJECT
 }
 
-/// The dry run's end: whatever it decided, the address is made to name nothing (so the
-/// live program in a parent cgroup, which runs next, finds no frontend) and the call fails
-/// with `errno`, so nothing is sent.
+/// The dry run's end (`connect4`'s): whatever it decided, the address is made to name
+/// nothing (so the live program in a parent cgroup, which runs next, finds no frontend)
+/// and the call fails with `errno`, so nothing is sent.
 #[inline(always)]
-pub fn abandon(sock: &Sock, errno: i32) -> i32 {
-    sock.set_address(0, 0);
+pub fn abandon(ctx: &SockAddrContext, errno: i32) -> i32 {
+    Sock::<Inet4>::new(ctx).set_address(0, 0);
     fail(errno)
 }

@@ -556,3 +556,23 @@ fn the_dry_run_of_an_ipv6_packet_records_its_addresses_and_writes_nothing() {
         Some(IpAddr::from(BACKEND6_1))
     );
 }
+
+/// The socket programs of both families (`connect6` and the others serve IPv6 frontends
+/// and IPv4-mapped addresses) are accepted by this kernel's verifier, with room to spare.
+/// Their translations are tested in the lab (`socket_lb`, `socket_lb6`): the kernel cannot
+/// test-run cgroup socket programs.
+#[test]
+fn the_socket_programs_of_both_families_verify() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    for name in proxy_userspace::socket_lb::PROGRAMS {
+        datapath.load_socket_program(name);
+        let verified = datapath.verified_instructions(name);
+        eprintln!("{name}: {verified} instructions verified");
+        assert!(
+            verified < 100_000,
+            "{name}: {verified} instructions verified"
+        );
+    }
+}

@@ -1,15 +1,20 @@
 //! `ebpf-proxy sockets`: the translations made at the socket (`--socket-lb`), from
-//! SOCK_XLATE: one row per socket and backend — its cookie (`ss -e` shows it as `sk:`),
-//! the process and network namespace that made it, the Service and the backend. These
-//! connections have no conntrack entry: no packet of theirs is translated.
+//! SOCK_XLATE and SOCK_XLATE6: one row per socket and backend — its cookie (`ss -e` shows
+//! it as `sk:`), the process and network namespace that made it, the Service and the
+//! backend. These connections have no conntrack entry: no packet of theirs is translated.
+//! IPv4's rows come first, then IPv6's; an IPv6 socket's connection to an IPv4-mapped
+//! address is IPv4's (it was served by IPv4's frontends).
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::Path;
 
 use anyhow::Result;
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use clap::Args;
-use proxy_common::{ServiceName, SockKey, SockValue, map_names, sock_flags, sock_kind};
+use proxy_common::{
+    Address, Ipv6, ServiceName, SockKey, SockValue, map_names, sock_flags, sock_kind,
+};
 use serde::Serialize;
 
 use super::conntrack::{EndpointPattern, ServicePattern, duration};
@@ -54,6 +59,9 @@ impl SocketsArgs {
 /// (`service`, `command` may be null).
 #[derive(Debug, Serialize, PartialEq)]
 pub struct SocketView {
+    /// `IPv4` or `IPv6`: the family of the frontend (each family's translations sit in a
+    /// map of their own, and their ids count apart).
+    pub family: &'static str,
     /// The socket cookie (`ss -e` prints it in hex as `sk:`).
     pub cookie: u64,
     pub protocol: &'static str,
@@ -77,8 +85,15 @@ pub struct SocketView {
 }
 
 fn read(root: &Path) -> Result<Vec<SocketView>> {
-    let map: BpfHashMap<MapData, SockKey, SockValue> = open_typed(root, map_names::SOCK_XLATE)?;
-    let names: BpfHashMap<MapData, u32, ServiceName> = open_typed(root, map_names::SVC_NAMES)?;
+    let mut sockets = read_family::<u32>(root, map_names::SOCK_XLATE)?;
+    sockets.extend(read_family::<Ipv6>(root, map_names::SOCK_XLATE6)?);
+    Ok(sockets)
+}
+
+/// The rows of one family's translations (`xlate`), named from its SVC_NAMES.
+fn read_family<A: Address>(root: &Path, xlate: &str) -> Result<Vec<SocketView>> {
+    let map: BpfHashMap<MapData, SockKey<A>, SockValue<A>> = open_typed(root, xlate)?;
+    let names: BpfHashMap<MapData, u32, ServiceName> = open_typed(root, A::MAPS.svc_names)?;
     Ok(view(
         &read_entries(&map)?,
         &read_entries(&names)?,
@@ -93,8 +108,8 @@ fn read(root: &Path) -> Result<Vec<SocketView>> {
 
 /// The rows of `entries` (their reverse entries: one per socket and backend), ordered by
 /// cookie. `command` names a running process.
-pub fn view(
-    entries: &BTreeMap<SockKey, SockValue>,
+pub fn view<A: Address>(
+    entries: &BTreeMap<SockKey<A>, SockValue<A>>,
     names: &BTreeMap<u32, ServiceName>,
     now_ns: u64,
     command: impl Fn(u32) -> Option<String>,
@@ -103,6 +118,7 @@ pub fn view(
         .iter()
         .filter(|(key, _)| key.kind == sock_kind::REVERSE)
         .map(|(key, value)| SocketView {
+            family: A::NAME,
             cookie: key.cookie,
             protocol: protocol_name(key.proto),
             call: if value.flags & sock_flags::CONNECTED != 0 {
@@ -164,6 +180,17 @@ mod tests {
         (u32::from_ne_bytes(addr), port.to_be())
     }
 
+    fn key<A: Address>(kind: u8, (addr, port): (A, u16)) -> SockKey<A> {
+        SockKey {
+            cookie: 0x2a,
+            addr,
+            port,
+            proto: proto::UDP,
+            kind,
+            _pad: Default::default(),
+        }
+    }
+
     #[test]
     fn each_socket_shows_its_client_service_and_backend() {
         let (vip, vip_port) = wire([198, 19, 0, 10], 53);
@@ -184,13 +211,6 @@ mod tests {
             port: vip_port,
             ..flow
         };
-        let key = |kind, (addr, port): (u32, u16)| SockKey {
-            cookie: 0x2a,
-            addr,
-            port,
-            proto: proto::UDP,
-            kind,
-        };
         let entries = BTreeMap::from([
             (key(sock_kind::REVERSE, (pod, pod_port)), reverse),
             // The unconnected flow's forward entry is the same translation: no row.
@@ -203,6 +223,7 @@ mod tests {
         assert_eq!(
             rows,
             [SocketView {
+                family: "IPv4",
                 cookie: 0x2a,
                 protocol: "udp",
                 call: "sendmsg",
@@ -223,5 +244,35 @@ mod tests {
         assert!(table.contains("node, pid 77 (resolver)"), "{table}");
         assert!(table.contains("198.19.0.10:53"), "{table}");
         assert!(table.contains("198.18.1.11:5353"), "{table}");
+    }
+
+    #[test]
+    fn ipv6_sockets_show_their_ipv6_frontend_and_backend() {
+        let address = |text: &str| Ipv6::from_ip(text.parse().unwrap()).unwrap();
+        let (vip, pod) = (address("2001:db8:ff::10"), address("2001:db8:1::b"));
+        let reverse = SockValue {
+            addr: vip,
+            port: 80u16.to_be(),
+            flags: sock_flags::HOST | sock_flags::CONNECTED,
+            rev_nat_id: 1,
+            backend_id: 3,
+            ..SockValue::default()
+        };
+        let entries = BTreeMap::from([(key(sock_kind::REVERSE, (pod, 8080u16.to_be())), reverse)]);
+        let names = BTreeMap::from([(1, ServiceName::new("default", "dual", "http").unwrap())]);
+        let rows = view(&entries, &names, 0, |_| None);
+        assert_eq!(rows.len(), 1);
+        let row = &rows[0];
+        assert_eq!(
+            (row.family, row.call, row.service.as_deref()),
+            ("IPv6", "connect", Some("default/dual:http"))
+        );
+        let json = serde_json::to_value(row).unwrap();
+        assert_eq!(json["family"], "IPv6");
+        assert_eq!(json["frontend"]["address"], "2001:db8:ff::10");
+        assert_eq!(json["backend"]["port"], 8080);
+        let table = render(&rows);
+        assert!(table.contains("[2001:db8:ff::10]:80"), "{table}");
+        assert!(table.contains("[2001:db8:1::b]:8080"), "{table}");
     }
 }

@@ -63,6 +63,8 @@ pub fn read(root: &Path) -> Result<StatsView> {
         fill::<CtKey<Ipv6>, CtValue<Ipv6>>(root, map_names::CONNTRACK6)?,
         fill::<CtKey<Ipv6>, CtValue<Ipv6>>(root, map_names::CONNTRACK_PENDING6)?,
         fill::<AffinityKey<Ipv6>, AffinityValue<Ipv6>>(root, map_names::AFFINITY6)?,
+        fill::<SockKey<Ipv6>, SockValue<Ipv6>>(root, map_names::SOCK_XLATE6)?,
+        fill::<SockAffinityKey, AffinityValue<Ipv6>>(root, map_names::SOCK_AFFINITY6)?,
     ];
     maps.splice(0..0, service_maps::<u32>(root)?);
     maps.extend(service_maps::<Ipv6>(root)?);

@@ -1,6 +1,7 @@
 //! Socket-level load balancing (`--socket-lb`): attaches the cgroup programs of the
 //! datapath's object (`epx_connect4`, `epx_sendmsg4`, `epx_recvmsg4`, `epx_getpeername4`,
-//! `epx_sock_release`, see proxy-ebpf's `sock`) to the cgroup v2 hierarchy.
+//! their `*6` twins for IPv6 sockets, `epx_sock_release`, see proxy-ebpf's `sock`) to the
+//! cgroup v2 hierarchy.
 //!
 //! Their links are pinned under `<bpffs root>/sock-links/<program>`, like the tc links, so
 //! the datapath keeps translating while the daemon restarts; a restarted daemon swaps its
@@ -53,12 +54,16 @@ impl fmt::Display for SocketLbMode {
 
 /// The programs attached to the cgroup, in the order they are attached: the reverse
 /// translations first, so no translated socket ever misses its way back.
-pub const PROGRAMS: [&str; 5] = [
+pub const PROGRAMS: [&str; 9] = [
     sock_programs::SOCK_RELEASE,
     sock_programs::RECVMSG4,
+    sock_programs::RECVMSG6,
     sock_programs::GETPEERNAME4,
+    sock_programs::GETPEERNAME6,
     sock_programs::SENDMSG4,
+    sock_programs::SENDMSG6,
     sock_programs::CONNECT4,
+    sock_programs::CONNECT6,
 ];
 
 /// The directory of the socket programs' link pins under the bpffs root.
@@ -213,7 +218,8 @@ pub fn attach(ebpf: &mut Ebpf, cgroup: &Path, links_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn load(program: &mut Program) -> Result<()> {
+/// Loads one of the socket programs into the kernel (the verifier checks it here).
+pub fn load(program: &mut Program) -> Result<()> {
     match program {
         Program::CgroupSockAddr(program) => program.load()?,
         Program::CgroupSock(program) => program.load()?,

@@ -12,8 +12,7 @@
 //! with kube-proxy. Only sockets of the daemon's own network namespace can be reached this
 //! way — and only those are translated at the socket for UDP.
 
-use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
@@ -23,13 +22,14 @@ use netlink_packet_core::{
 };
 use netlink_packet_sock_diag::{
     SockDiagMessage,
-    constants::{AF_INET, IPPROTO_UDP},
+    constants::{AF_INET, AF_INET6, IPPROTO_UDP},
     inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
     message::SockDiagDestroy,
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 use proxy_common::{
-    MembershipKey, SockKey, SockValue, map_names, membership, proto, sock_flags, sock_kind,
+    Address, Ipv6, MembershipKey, SockKey, SockValue, map_names, membership, proto, sock_flags,
+    sock_kind,
 };
 
 use crate::bpf_batch;
@@ -37,53 +37,81 @@ use crate::bpf_batch;
 /// Entries read per system call while walking SOCK_XLATE.
 const WALK_CHUNK: usize = 4096;
 
-/// The pinned maps the terminator reads.
+/// The pinned maps the terminator reads: each family's translations (SOCK_XLATE holds the
+/// IPv4-mapped peers of IPv6 sockets too) and memberships.
 pub struct Terminator {
-    xlate: MapData,
-    membership: BpfHashMap<MapData, MembershipKey, u8>,
+    ipv4: FamilyMaps<u32>,
+    ipv6: FamilyMaps<Ipv6>,
 }
 
-impl Terminator {
-    pub fn open(root: &Path) -> Result<Self> {
+struct FamilyMaps<A> {
+    xlate: MapData,
+    membership: BpfHashMap<MapData, MembershipKey<A>, u8>,
+}
+
+impl<A: Address> FamilyMaps<A> {
+    fn open(root: &Path, xlate: &str) -> Result<Self> {
         let open = |name: &str| {
             MapData::from_pin(root.join(name)).with_context(|| format!("opening pinned {name}"))
         };
         Ok(Self {
-            xlate: open(map_names::SOCK_XLATE)?,
-            membership: aya::maps::Map::HashMap(open(map_names::MEMBERSHIP)?).try_into()?,
+            xlate: open(xlate)?,
+            membership: aya::maps::Map::HashMap(open(A::MAPS.membership)?).try_into()?,
         })
     }
 
-    /// Destroys the node's connected UDP sockets whose backend left their frontend;
-    /// returns how many were destroyed.
-    pub fn run(&mut self) -> Result<usize> {
+    /// The reverse entries of the node's connected UDP sockets whose backend left.
+    fn stale(&self) -> Result<Vec<SockKey<A>>> {
         // Batched: the walk costs a system call per few thousand sockets, and keeps only
         // the kind that can be stale.
         let mut closable = Vec::new();
         bpf_batch::for_each_entry(
             &self.xlate,
             WALK_CHUNK,
-            |key: &SockKey, value: &SockValue| {
+            |key: &SockKey<A>, value: &SockValue<A>| {
                 if is_closable(key, value) {
                     closable.push((*key, *value));
                 }
                 Ok(())
             },
         )
-        .context("reading SOCK_XLATE")?;
-        let stale = stale(&closable, |rev_nat_id, addr| {
+        .context("reading the socket translations")?;
+        Ok(stale(&closable, |rev_nat_id, addr| {
             self.membership
                 .get(&MembershipKey { rev_nat_id, addr }, 0)
                 .is_ok_and(|bits| bits & membership::SERVING != 0)
-        });
-        if stale.is_empty() {
-            return Ok(0);
-        }
-        let destroyed = destroy(&stale)?;
-        for key in stale.keys() {
+        }))
+    }
+
+    fn forget(&self, keys: &[SockKey<A>]) {
+        for key in keys {
             // The socket's release removes it too; whichever comes first.
             let _ = bpf_batch::delete(&self.xlate, std::slice::from_ref(key));
         }
+    }
+}
+
+impl Terminator {
+    pub fn open(root: &Path) -> Result<Self> {
+        Ok(Self {
+            ipv4: FamilyMaps::open(root, map_names::SOCK_XLATE)?,
+            ipv6: FamilyMaps::open(root, map_names::SOCK_XLATE6)?,
+        })
+    }
+
+    /// Destroys the node's connected UDP sockets whose backend left their frontend;
+    /// returns how many were destroyed.
+    pub fn run(&mut self) -> Result<usize> {
+        let (stale4, stale6) = (self.ipv4.stale()?, self.ipv6.stale()?);
+        if stale4.is_empty() && stale6.is_empty() {
+            return Ok(0);
+        }
+        let cookies: BTreeSet<u64> = (stale4.iter().map(|key| key.cookie))
+            .chain(stale6.iter().map(|key| key.cookie))
+            .collect();
+        let destroyed = destroy(&cookies)?;
+        self.ipv4.forget(&stale4);
+        self.ipv6.forget(&stale6);
         Ok(destroyed)
     }
 }
@@ -91,7 +119,7 @@ impl Terminator {
 /// A reverse entry of a connected UDP socket of the node: the only kind that no program
 /// sees again (TCP keeps its backend, an unconnected socket's flow moves at its next
 /// `sendmsg()`, a pod's UDP is the tc path's).
-fn is_closable(key: &SockKey, value: &SockValue) -> bool {
+fn is_closable<A: Address>(key: &SockKey<A>, value: &SockValue<A>) -> bool {
     key.kind == sock_kind::REVERSE
         && key.proto == proto::UDP
         && value.flags & sock_flags::CONNECTED != 0
@@ -99,60 +127,68 @@ fn is_closable(key: &SockKey, value: &SockValue) -> bool {
 }
 
 /// The closable entries (see [`is_closable`]) whose backend (`key.addr`) no longer serves
-/// their frontend, by socket cookie.
-fn stale(
-    entries: &[(SockKey, SockValue)],
-    serving: impl Fn(u32, u32) -> bool,
-) -> BTreeMap<SockKey, u64> {
+/// their frontend.
+fn stale<A: Address>(
+    entries: &[(SockKey<A>, SockValue<A>)],
+    serving: impl Fn(u32, A) -> bool,
+) -> Vec<SockKey<A>> {
     entries
         .iter()
         .filter(|(key, value)| is_closable(key, value) && !serving(value.rev_nat_id, key.addr))
-        .map(|(key, _)| (*key, key.cookie))
+        .map(|(key, _)| *key)
         .collect()
 }
 
-/// Dumps this namespace's UDP sockets and destroys those with a cookie of `stale`.
-fn destroy(stale: &BTreeMap<SockKey, u64>) -> Result<usize> {
-    let cookies: Vec<u64> = stale.values().copied().collect();
+/// Dumps this namespace's UDP sockets of both families and destroys those with a cookie
+/// of `stale` (an IPv6 socket to an IPv4-mapped peer is among the IPv6 ones).
+fn destroy(stale: &BTreeSet<u64>) -> Result<usize> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG).context("opening a sock_diag socket")?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
-    let doomed: Vec<SocketId> = dump_udp(&socket)?
-        .into_iter()
-        .filter(|id| cookies.contains(&u64::from_ne_bytes(id.cookie)))
-        .collect();
     let mut destroyed = 0;
-    for id in doomed {
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | NLM_F_ACK;
-        let mut message = NetlinkMessage::new(
-            header,
-            NetlinkPayload::InnerMessage(SockDiagDestroy::new(SockDiagMessage::InetRequest(
-                request(id),
-            ))),
-        );
-        message.finalize();
-        let mut buffer = vec![0; message.buffer_len()];
-        message.serialize(&mut buffer);
-        socket.send(&buffer, 0)?;
-        let (reply, _) = socket.recv_from_full()?;
-        match NetlinkMessage::<SockDiagMessage>::deserialize(&reply)?.payload {
-            NetlinkPayload::Error(error) if error.code.is_some() => {
-                // Gone meanwhile (closed by its owner): nothing left to do.
-                if error.to_io().raw_os_error() != Some(libc::ENOENT) {
-                    return Err(error.to_io()).context("SOCK_DESTROY of a UDP socket");
-                }
-            }
-            NetlinkPayload::Error(_) => destroyed += 1,
-            other => bail!("unexpected answer to SOCK_DESTROY: {other:?}"),
+    for family in [AF_INET, AF_INET6] {
+        let doomed: Vec<SocketId> = dump_udp(&socket, family)?
+            .into_iter()
+            .filter(|id| stale.contains(&u64::from_ne_bytes(id.cookie)))
+            .collect();
+        for id in doomed {
+            destroyed += usize::from(destroy_one(&socket, family, id)?);
         }
     }
     Ok(destroyed)
 }
 
-fn request(socket_id: SocketId) -> InetRequest {
+/// SOCK_DESTROY of one socket; false when it was gone meanwhile (closed by its owner).
+fn destroy_one(socket: &Socket, family: u8, id: SocketId) -> Result<bool> {
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_ACK;
+    let mut message = NetlinkMessage::new(
+        header,
+        NetlinkPayload::InnerMessage(SockDiagDestroy::new(SockDiagMessage::InetRequest(request(
+            family, id,
+        )))),
+    );
+    message.finalize();
+    let mut buffer = vec![0; message.buffer_len()];
+    message.serialize(&mut buffer);
+    socket.send(&buffer, 0)?;
+    let (reply, _) = socket.recv_from_full()?;
+    match NetlinkMessage::<SockDiagMessage>::deserialize(&reply)?.payload {
+        NetlinkPayload::Error(error) if error.code.is_some() => {
+            if error.to_io().raw_os_error() == Some(libc::ENOENT) {
+                Ok(false)
+            } else {
+                Err(error.to_io()).context("SOCK_DESTROY of a UDP socket")
+            }
+        }
+        NetlinkPayload::Error(_) => Ok(true),
+        other => bail!("unexpected answer to SOCK_DESTROY: {other:?}"),
+    }
+}
+
+fn request(family: u8, socket_id: SocketId) -> InetRequest {
     InetRequest {
-        family: AF_INET,
+        family,
         protocol: IPPROTO_UDP,
         extensions: ExtensionFlags::empty(),
         states: StateFlags::all(),
@@ -160,13 +196,18 @@ fn request(socket_id: SocketId) -> InetRequest {
     }
 }
 
-/// Every IPv4 UDP socket of this namespace.
-fn dump_udp(socket: &Socket) -> Result<Vec<SocketId>> {
+/// Every UDP socket of `family` in this namespace.
+fn dump_udp(socket: &Socket, family: u8) -> Result<Vec<SocketId>> {
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let any = if family == AF_INET6 {
+        SocketId::new_v6()
+    } else {
+        SocketId::new_v4()
+    };
     let mut message = NetlinkMessage::new(
         header,
-        SockDiagMessage::InetRequest(request(SocketId::new_v4())).into(),
+        SockDiagMessage::InetRequest(request(family, any)).into(),
     );
     message.finalize();
     let mut buffer = vec![0; message.buffer_len()];
@@ -181,9 +222,7 @@ fn dump_udp(socket: &Socket) -> Result<Vec<SocketId>> {
             let length = message.header.length as usize;
             match message.payload {
                 NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-                    if matches!(response.header.socket_id.destination_address, IpAddr::V4(_)) {
-                        sockets.push(response.header.socket_id);
-                    }
+                    sockets.push(response.header.socket_id);
                 }
                 NetlinkPayload::Done(_) => return Ok(sockets),
                 NetlinkPayload::Error(error) => {
@@ -203,24 +242,39 @@ fn dump_udp(socket: &Socket) -> Result<Vec<SocketId>> {
 mod tests {
     use super::*;
 
+    /// A reverse entry of socket `cookie` to `backend`, of the frontend 7.
+    fn entry<A: Address>(
+        cookie: u64,
+        proto: u8,
+        flags: u8,
+        backend: A,
+    ) -> (SockKey<A>, SockValue<A>) {
+        (
+            SockKey {
+                cookie,
+                addr: backend,
+                port: 53u16.to_be(),
+                proto,
+                kind: sock_kind::REVERSE,
+                _pad: Default::default(),
+            },
+            SockValue {
+                flags,
+                rev_nat_id: 7,
+                ..SockValue::default()
+            },
+        )
+    }
+
+    fn stale_cookies<A: Address>(entries: &[(SockKey<A>, SockValue<A>)], kept: A) -> Vec<u64> {
+        stale(entries, |rev_nat_id, addr| rev_nat_id == 7 && addr == kept)
+            .iter()
+            .map(|key| key.cookie)
+            .collect()
+    }
+
     #[test]
     fn only_the_nodes_connected_udp_sockets_whose_backend_left_are_stale() {
-        let entry = |cookie: u64, proto: u8, flags: u8, backend: u32| {
-            (
-                SockKey {
-                    cookie,
-                    addr: backend,
-                    port: 53u16.to_be(),
-                    proto,
-                    kind: sock_kind::REVERSE,
-                },
-                SockValue {
-                    flags,
-                    rev_nat_id: 7,
-                    ..SockValue::default()
-                },
-            )
-        };
         let host_connected = sock_flags::HOST | sock_flags::CONNECTED;
         let (kept, left) = (11, 12);
         let entries = [
@@ -232,7 +286,23 @@ mod tests {
             entry(4, proto::UDP, sock_flags::HOST, left),
             entry(5, proto::UDP, sock_flags::CONNECTED, left),
         ];
-        let stale = stale(&entries, |rev_nat_id, addr| rev_nat_id == 7 && addr == kept);
-        assert_eq!(stale.values().copied().collect::<Vec<_>>(), [1]);
+        assert_eq!(stale_cookies(&entries, kept), [1]);
+    }
+
+    #[test]
+    fn ipv6_sockets_are_judged_by_their_ipv6_backends() {
+        let host_connected = sock_flags::HOST | sock_flags::CONNECTED;
+        let address = |last: u8| {
+            let mut octets = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            octets[15] = last;
+            Ipv6::from_octets(octets)
+        };
+        let (kept, left) = (address(11), address(12));
+        let entries = [
+            entry(1, proto::UDP, host_connected, kept),
+            entry(2, proto::UDP, host_connected, left),
+            entry(3, proto::TCP, host_connected, left),
+        ];
+        assert_eq!(stale_cookies(&entries, kept), [2]);
     }
 }

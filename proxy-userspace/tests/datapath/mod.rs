@@ -508,6 +508,17 @@ impl Datapath {
             .expect("the kernel reports verified instructions (5.16 and later)")
     }
 
+    /// Loads the cgroup socket program `name` as the daemon does (never attached here):
+    /// the verifier's word on it.
+    pub fn load_socket_program(&mut self, name: &str) {
+        let program = self
+            .ebpf
+            .program_mut(name)
+            .unwrap_or_else(|| panic!("{name} missing from the object"));
+        proxy_userspace::socket_lb::load(program)
+            .unwrap_or_else(|e| panic!("loading {name}: {e:?}"));
+    }
+
     /// Runs the program on `frame`: its verdict and the frame it leaves.
     pub fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
         self.run_on(frame, 0)
