@@ -56,7 +56,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
-use proxy_common::{Ipv6, RefusalLimits, icmp};
+use proxy_common::{Ipv6, RefusalLimits, icmp, icmp6};
 
 use crate::{
     csum,
@@ -134,16 +134,6 @@ impl Answer<Ipv6> {
         let [mtu_0, mtu_1, mtu_2, mtu_3] = mtu.to_be_bytes();
         ([icmp_type, code, 0, 0, mtu_0, mtu_1, mtu_2, mtu_3], limited)
     }
-}
-
-/// ICMPv6 types and codes (RFC 4443).
-mod icmp6 {
-    pub const PROTOCOL: u8 = 58;
-    pub const DEST_UNREACH: u8 = 1;
-    pub const PORT_UNREACH: u8 = 4;
-    pub const PACKET_TOO_BIG: u8 = 2;
-    pub const TIME_EXCEEDED: u8 = 3;
-    pub const HOP_LIMIT_EXCEEDED: u8 = 0;
 }
 
 /// IPv4 version 4, header length 5 words.
