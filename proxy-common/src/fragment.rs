@@ -1,5 +1,5 @@
 //! IP fragments and ICMP errors: what the datapath keeps about a fragmented datagram, and
-//! the ICMP numbers it reads and writes.
+//! the ICMP and ICMPv6 numbers it reads and writes.
 //!
 //! Only a datagram's first fragment carries its TCP/UDP header, so only it can be matched
 //! to a flow. The datapath decides it like any packet and records that decision under the
@@ -91,19 +91,30 @@ pub mod icmp {
     }
 }
 
-/// ICMPv6 types and codes (RFC 4443) that the datapath writes and `trace` reads.
+/// ICMPv6 types and codes (RFC 4443) the datapath translates or sends.
 pub mod icmp6 {
-    /// The next-header value of ICMPv6.
+    /// ICMPv6's next-header value.
     pub const PROTOCOL: u8 = 58;
     pub const DEST_UNREACH: u8 = 1;
     pub const PACKET_TOO_BIG: u8 = 2;
     pub const TIME_EXCEEDED: u8 = 3;
+    pub const PARAMETER_PROBLEM: u8 = 4;
     /// Codes of [`DEST_UNREACH`].
     pub const NO_ROUTE: u8 = 0;
     pub const ADDR_UNREACH: u8 = 3;
     pub const PORT_UNREACH: u8 = 4;
     /// Code of [`TIME_EXCEEDED`]: the hop limit ran out in transit.
     pub const HOP_LIMIT_EXCEEDED: u8 = 0;
+
+    /// Whether an ICMPv6 message of `icmp_type` is an error quoting the packet it is about
+    /// (types below 128; RFC 4443 2.1), which the datapath translates when that packet
+    /// belongs to a tracked flow.
+    pub const fn is_error(icmp_type: u8) -> bool {
+        matches!(
+            icmp_type,
+            DEST_UNREACH | PACKET_TOO_BIG | TIME_EXCEEDED | PARAMETER_PROBLEM
+        )
+    }
 }
 
 #[cfg(test)]
@@ -135,6 +146,18 @@ mod tests {
         // Echo request and reply, redirect: not errors the datapath translates.
         for other in [0, 8, 5] {
             assert!(!icmp::is_error(other));
+        }
+        for error in [
+            icmp6::DEST_UNREACH,
+            icmp6::PACKET_TOO_BIG,
+            icmp6::TIME_EXCEEDED,
+            icmp6::PARAMETER_PROBLEM,
+        ] {
+            assert!(icmp6::is_error(error));
+        }
+        // Echo request and reply, neighbour solicitation: informational.
+        for other in [128, 129, 135] {
+            assert!(!icmp6::is_error(other));
         }
     }
 }

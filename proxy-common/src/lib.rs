@@ -120,8 +120,12 @@ pub mod map_names {
     pub const SOURCE_RANGES6: &str = "SOURCE_RANGES6";
     pub const MAGLEV6: &str = "MAGLEV6";
     /// The programs `epx_ingress` and `epx_trace` tail-call (`tail_call`); filled by the
-    /// process that loads them, never pinned.
+    /// process that loads them (pinned: a program array is emptied when no process holds
+    /// it, and the attached programs outlive the daemon).
     pub const TAIL_CALLS: &str = "TAIL_CALLS";
+    /// [`TAIL_CALLS`] of the XDP programs `epx_xdp` and `epx_xdp_trace` (a program array
+    /// holds programs of one type only), with the same slots.
+    pub const XDP_TAIL_CALLS: &str = "XDP_TAIL_CALLS";
     /// Socket-level translations, per socket cookie (see [`SockKey`](crate::SockKey)).
     pub const SOCK_XLATE: &str = "SOCK_XLATE";
     /// Session affinity of sockets: each network namespace's backend per frontend (a
@@ -200,7 +204,17 @@ pub const PROGRAM6_NAME: &str = "epx_ingress6";
 /// [`PROGRAM6_NAME`] of the dry run [`TRACE_PROGRAM_NAME`] (slot [`tail_call::IPV6_TRACE`]).
 pub const TRACE6_PROGRAM_NAME: &str = "epx_trace6";
 
-/// Slots of the [`map_names::TAIL_CALLS`] program array.
+/// The IPv6 packet path of [`XDP_PROGRAM_NAME`], which it tail-calls through the
+/// [`map_names::XDP_TAIL_CALLS`] slot [`tail_call::IPV6`], as [`PROGRAM6_NAME`] is to
+/// [`PROGRAM_NAME`].
+pub const XDP6_PROGRAM_NAME: &str = "epx_xdp6";
+
+/// [`XDP6_PROGRAM_NAME`] of the dry run [`XDP_TRACE_PROGRAM_NAME`] (slot
+/// [`tail_call::IPV6_TRACE`] of [`map_names::XDP_TAIL_CALLS`]).
+pub const XDP_TRACE6_PROGRAM_NAME: &str = "epx_xdp_trace6";
+
+/// Slots of the [`map_names::TAIL_CALLS`] and [`map_names::XDP_TAIL_CALLS`] program
+/// arrays.
 pub mod tail_call {
     pub const IPV6: u32 = 0;
     pub const IPV6_TRACE: u32 = 1;

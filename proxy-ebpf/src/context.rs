@@ -60,8 +60,8 @@ pub trait Context {
     /// Sends the (translated, TTL-decremented) packet to `hop`, which [`Self::can_send`]
     /// accepted.
     fn send(&self, hop: &Hop) -> Verdict;
-    /// Hands the packet to the program in `slot` of TAIL_CALLS (`proxy_common::tail_call`);
-    /// returns only if there is none there (or the hook has none).
+    /// Hands the packet to the program in `slot` of the hook's TAIL_CALLS (XDP:
+    /// XDP_TAIL_CALLS; `proxy_common::tail_call`); returns only if there is none there.
     fn tail_call(&self, slot: u32);
     /// Turns the packet into the ICMP error `answer` to its sender and sends it back out of
     /// its device (kube-proxy's REJECT; the kernel's forwarding errors), if the ICMP rate
@@ -171,14 +171,20 @@ impl Context for TcContext {
 impl Context for XdpContext {
     const IS_XDP: bool = true;
 
+    /// Read with a volatile load, so a subprogram taking the context reads it itself: LLVM
+    /// would otherwise load `data` and `data_end` in the caller and pass them as 32-bit
+    /// arguments, which the callee widens with shifts the verifier refuses on packet
+    /// pointers (the IPv6 parser, a subprogram, met it).
     #[inline(always)]
     fn data(&self) -> usize {
-        XdpContext::data(self)
+        // SAFETY: `ctx` is the program's context pointer.
+        unsafe { ptr::read_volatile(&raw const (*self.ctx).data) as usize }
     }
 
     #[inline(always)]
     fn data_end(&self) -> usize {
-        XdpContext::data_end(self)
+        // SAFETY: as in `data`.
+        unsafe { ptr::read_volatile(&raw const (*self.ctx).data_end) as usize }
     }
 
     /// An XDP frame is linear (multi-buffer frames only come with jumbo MTUs, whose first
@@ -237,9 +243,11 @@ impl Context for XdpContext {
         Ok(())
     }
 
-    /// The XDP program leaves IPv6 to tc.
     #[inline(always)]
-    fn tail_call(&self, _slot: u32) {}
+    fn tail_call(&self, slot: u32) {
+        // SAFETY: the program's own context; a failed tail call returns.
+        unsafe { xdp::XDP_TAIL_CALLS.tail_call(self, slot) };
+    }
 
     /// XDP has no neighbour resolution, and a redirect reaches only devices whose driver
     /// takes XDP frames: those the daemon attached natively (`xdp::XDP_EGRESS`).

@@ -9,8 +9,7 @@
 //! concern, like Cilium's `bpf/lib/{lb,conntrack,nat,csum}.h`.
 //!
 //! The packet path is generic over the address family ([`family::Family`]) and compiled
-//! once per family; each family has its own maps. IPv4 only, so far: fragments, ICMP
-//! errors about tracked flows and the XDP program (IPv6 packets go on to tc untouched).
+//! once per family; each family has its own maps. IPv4 only, so far: fragments.
 //!
 //! `epx_ingress` is the datapath at tc ingress of every device; `epx_xdp` runs the same
 //! path at XDP on the external devices, in front of it (see [`xdp`]). `epx_trace` and
@@ -76,7 +75,7 @@ use crate::{
     forwarding::{Checked, Translated},
     lb::{Client, Frontend, LbKey},
     mode::{DryRun, Live, Mode},
-    parse::{Packet, Parsed},
+    parse::{Packet, Parsed, Parsed6},
     route::Hop,
     sock::Call,
     verdict::Verdict,
@@ -129,6 +128,21 @@ pub fn epx_xdp(ctx: XdpContext) -> u32 {
 pub fn epx_xdp_trace(ctx: XdpContext) -> u32 {
     match DryRun::start() {
         Some(dry_run) => xdp::run(&ctx, &dry_run, || balance(&ctx, &dry_run)),
+        None => aya_ebpf::bindings::xdp_action::XDP_PASS,
+    }
+}
+
+/// `epx_xdp` for an IPv6 frame (its tail call, the mark already reserved).
+#[xdp]
+pub fn epx_xdp6(ctx: XdpContext) -> u32 {
+    xdp::finish(&ctx, &Live, balance6(&ctx, &Live))
+}
+
+/// `epx_xdp_trace` for an IPv6 frame (its tail call).
+#[xdp]
+pub fn epx_xdp_trace6(ctx: XdpContext) -> u32 {
+    match DryRun::start() {
+        Some(dry_run) => xdp::finish(&ctx, &dry_run, balance6(&ctx, &dry_run)),
         None => aya_ebpf::bindings::xdp_action::XDP_PASS,
     }
 }
@@ -216,17 +230,19 @@ fn balance<C: Context, M: Mode>(ctx: &C, mode: &M) -> Verdict {
             Verdict::ToTc(to_tc::FRAGMENT)
         }
         Parsed::Packet(packet) => service_path(ctx, mode, &packet),
-        Parsed::Ipv6 if C::IS_XDP => Verdict::ToTc(to_tc::NOT_HANDLED),
         Parsed::Ipv6 => {
-            // On in the IPv6 program; here only if it is not loaded: untouched.
+            // On in the IPv6 program; here only if it is not loaded: untouched (XDP: to tc).
             ctx.tail_call(M::IPV6_SLOT);
+            if C::IS_XDP {
+                return Verdict::ToTc(to_tc::NOT_HANDLED);
+            }
             mode.count(stat::NOT_HANDLED);
             Verdict::Accept
         }
         Parsed::LaterFragment(_) if C::IS_XDP => Verdict::ToTc(to_tc::FRAGMENT),
         Parsed::LaterFragment(fragment) => fragment::follow(ctx, mode, &fragment),
         Parsed::Icmp { .. } if C::IS_XDP => Verdict::ToTc(to_tc::ICMP),
-        Parsed::Icmp { l4_offset } => icmp_error::translate(ctx, mode, l4_offset),
+        Parsed::Icmp { l4_offset } => icmp_error::translate::<C, M, u32>(ctx, mode, l4_offset),
         Parsed::NotHandled if C::IS_XDP => Verdict::ToTc(to_tc::NOT_HANDLED),
         Parsed::NotHandled => {
             mode.count(stat::NOT_HANDLED);
@@ -235,9 +251,9 @@ fn balance<C: Context, M: Mode>(ctx: &C, mode: &M) -> Verdict {
     }
 }
 
-/// The packet path of an IPv6 packet (tc only), in a program of its own
-/// (`epx_ingress6`, `epx_trace6`), which `epx_ingress` tail-calls: IPv6's frames get the
-/// BPF stack to themselves.
+/// The packet path of an IPv6 packet, in a program of its own (`epx_ingress6`,
+/// `epx_trace6`; XDP: `epx_xdp6`, `epx_xdp_trace6`), which `balance` tail-calls: IPv6's
+/// frames get the BPF stack to themselves. XDP leaves ICMPv6 and what is not parsed to tc.
 #[inline(always)]
 fn balance6<C: Context, M: Mode>(ctx: &C, mode: &M) -> Verdict {
     let Some(packet) = lb6::PACKET6.get_ptr_mut(0) else {
@@ -246,11 +262,15 @@ fn balance6<C: Context, M: Mode>(ctx: &C, mode: &M) -> Verdict {
     // SAFETY: this CPU's entry, used only within this run (no preemption while the program
     // runs); `packet6` writes all of it before anything reads it.
     let packet = unsafe { &mut *packet };
-    if parse::packet6(ctx, packet) {
-        service_path(ctx, mode, packet)
-    } else {
-        mode.count(stat::NOT_HANDLED);
-        Verdict::Accept
+    match parse::packet6(ctx, packet) {
+        Parsed6::Packet => service_path(ctx, mode, packet),
+        Parsed6::Icmp if C::IS_XDP => Verdict::ToTc(to_tc::ICMP),
+        Parsed6::Icmp => icmp_error::translate::<C, M, Ipv6>(ctx, mode, packet.l4_offset),
+        Parsed6::NotHandled if C::IS_XDP => Verdict::ToTc(to_tc::NOT_HANDLED),
+        Parsed6::NotHandled => {
+            mode.count(stat::NOT_HANDLED);
+            Verdict::Accept
+        }
     }
 }
 
@@ -329,6 +349,19 @@ impl<A: Family> Decision<A> {
         self.out.routes_itself = routes_itself;
     }
 
+    /// Aims the translation at the new flow: its forward tuple (the reply tuple reversed),
+    /// field by field (a reversed IPv6 tuple built first would take 40 bytes of the XDP
+    /// program's frame).
+    #[inline(always)]
+    fn aim_at_flow(&mut self) {
+        let (reply, to) = (&self.flow.reply, &mut self.out.to);
+        to.src_addr = reply.dst_addr;
+        to.dst_addr = reply.src_addr;
+        to.src_port = reply.dst_port;
+        to.dst_port = reply.src_port;
+        self.out.routes_itself = self.flow.forward_routes_itself;
+    }
+
     /// Ends the decision with `verdict` (see [`Action::Done`]).
     #[inline(always)]
     fn finish(&mut self, verdict: Verdict) {
@@ -366,8 +399,7 @@ fn service_path<C: Context, M: Mode, A: Family>(ctx: &C, mode: &M, packet: &Pack
             // `translate`, after: walking the flow's record once per outcome of the checks
             // would take the verifier past its budget, and tc answers what they find itself.
             if decision.action == Action::Create {
-                decision.out.to = decision.flow.reply.reversed();
-                decision.out.routes_itself = decision.flow.forward_routes_itself;
+                decision.aim_at_flow();
             }
             if let Some(verdict) = checked(ctx, mode, packet, &mut decision.out) {
                 decision.finish(verdict);
@@ -551,7 +583,9 @@ fn new_flow<C: Context, M: Mode, A: Family>(
     lookup: &Lookup,
     decision: &mut Decision<A>,
 ) -> bool {
-    let (frontend, now) = (&decision.frontend.clone(), lookup.now);
+    // Read in place, not copied (an IPv6 frontend would take 44 bytes of the frame): the
+    // decision is written only once the frontend is done with.
+    let (frontend, now) = (&decision.frontend, lookup.now);
     mode.frontend_found(frontend);
     let flags = frontend.header.flags;
     if flags & service_flags::SOURCE_RANGES != 0
@@ -596,6 +630,10 @@ fn new_flow<C: Context, M: Mode, A: Family>(
     } else {
         None
     };
+    let rev_nat_id = frontend.header.rev_nat_id;
+    if !M::DRY_RUN && frontend.header.affinity_timeout_s != 0 {
+        affinity::remember(client, frontend, backend_id, &backend, now.ns);
+    }
     decision.set(Action::Create);
     decision.counter = stat::NEW_FLOW;
     decision.flow = Translation::service(
@@ -603,20 +641,16 @@ fn new_flow<C: Context, M: Mode, A: Family>(
         (packet.src_addr, packet.src_port),
         (packet.dst_addr, packet.dst_port),
         flags,
-        frontend.header.rev_nat_id,
+        rev_nat_id,
         (backend.addr, backend.port),
         backend_id,
         snat_source,
     );
-    if M::DRY_RUN {
-        // Nothing is claimed in a dry run: a port of the range is shown.
-        if decision.flow.needs_port() {
-            decision
-                .flow
-                .set_peer_port(snat::port(snat::random_start(), 0));
-        }
-    } else if frontend.header.affinity_timeout_s != 0 {
-        affinity::remember(client, frontend, backend_id, &backend, now.ns);
+    // Nothing is claimed in a dry run: a port of the range is shown.
+    if M::DRY_RUN && decision.flow.needs_port() {
+        decision
+            .flow
+            .set_peer_port(snat::port(snat::random_start(), 0));
     }
     true
 }
@@ -671,8 +705,7 @@ fn create<M: Mode, A: Family>(
             mode.count(stat::REMAPPED);
         }
     }
-    decision.out.to = flow.reply.reversed();
-    decision.out.routes_itself = flow.forward_routes_itself;
+    decision.aim_at_flow();
     decision.action = Action::Translate;
 }
 

@@ -2,9 +2,10 @@
 //! later IPv4 fragments and ICMP messages are told apart for their own paths.
 //!
 //! IPv6: the common extension headers — hop-by-hop options, routing (with no segments
-//! left), destination options — are skipped, up to [`MAX_EXTENSION_HEADERS`] of them. A
-//! fragment header, a routing header with segments left, any other extension header, an
-//! ICMPv6 message and anything past that depth are not parsed: the packet passes untouched.
+//! left), destination options — are skipped, up to [`MAX_EXTENSION_HEADERS`] of them. An
+//! ICMPv6 message is told apart (for `icmp_error`); a fragment header, a routing header
+//! with segments left, any other extension header and anything past that depth are not
+//! parsed: the packet passes untouched.
 //!
 //! Headers are read in place (direct packet access), which costs a few instructions where
 //! a `bpf_skb_load_bytes` call per header costs a helper call each. When the headers are
@@ -13,7 +14,7 @@
 //! lost.
 
 use network_types::eth::EthHdr;
-use proxy_common::{CtKey, FragmentKey, Ipv6, Tuple, icmp, proto, sctp, tcp_flags};
+use proxy_common::{CtKey, FragmentKey, Ipv6, Tuple, icmp, icmp6, proto, sctp, tcp_flags};
 
 use crate::{context::Context, family::Family};
 
@@ -176,24 +177,42 @@ enum Read {
     NotLinear,
 }
 
-/// Parses an IPv6 TCP/UDP/SCTP packet (never a fragment) into `packet`; false for any
-/// other. Apart from [`packet`], into memory the caller provides (a per-CPU entry: the
-/// IPv6 path's frames have no room for it).
+/// What [`packet6`] found. No data of its own (its offsets are in the `Packet` it
+/// wrote): [`parse6`], a subprogram, returns it in one register.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Parsed6 {
+    /// A TCP/UDP/SCTP packet (never a fragment), all of its `Packet` written.
+    Packet,
+    /// An ICMPv6 message, its header at the `Packet`'s `l4_offset` (its only field
+    /// written).
+    Icmp,
+    /// Another protocol, a fragment, a routing header with segments left, too many
+    /// extension headers, or truncated.
+    NotHandled,
+}
+
+/// Parses an IPv6 packet into `packet` (see [`Parsed6`]). Apart from [`packet`], into
+/// memory the caller provides (a per-CPU entry: the IPv6 path's frames have no room for
+/// it).
 #[inline(always)]
-pub fn packet6<C: Context>(ctx: &C, packet: &mut Packet<Ipv6>) -> bool {
+pub fn packet6<C: Context>(ctx: &C, packet: &mut Packet<Ipv6>) -> Parsed6 {
     match parse6(ctx, packet) {
         Read6::Done(parsed) => parsed,
         Read6::NotLinear => {
-            ctx.pull(ctx.len().min(MAX_HEADERS_LEN)).is_ok()
-                && matches!(parse6(ctx, packet), Read6::Done(true))
+            if ctx.pull(ctx.len().min(MAX_HEADERS_LEN)).is_err() {
+                return Parsed6::NotHandled;
+            }
+            match parse6(ctx, packet) {
+                Read6::Done(parsed) => parsed,
+                Read6::NotLinear => Parsed6::NotHandled,
+            }
         }
     }
 }
 
 /// [`Read`] for [`parse6`], which writes the packet it parses into its caller's memory.
 enum Read6 {
-    /// Whether it is an IPv6 packet for the balancer.
-    Done(bool),
+    Done(Parsed6),
     NotLinear,
 }
 
@@ -201,7 +220,7 @@ impl From<Read> for Read6 {
     /// What [`missing`] and [`missing_l4`] found.
     fn from(read: Read) -> Self {
         match read {
-            Read::Done(_) => Read6::Done(false),
+            Read::Done(_) => Read6::Done(Parsed6::NotHandled),
             Read::NotLinear => Read6::NotLinear,
         }
     }
@@ -334,7 +353,7 @@ fn parse6<C: Context>(ctx: &C, packet: &mut Packet<Ipv6>) -> Read6 {
     // SAFETY (all reads below): each lies within a range `at` checked against data_end.
     let version = unsafe { *(ip as *const u8) } >> 4;
     if version != 6 {
-        return Read6::Done(false);
+        return Read6::Done(Parsed6::NotHandled);
     }
     let payload_len = u16::from_be_bytes(unsafe { *((ip + 4) as *const [u8; 2]) });
     let [mut next, hop_limit] = unsafe { *((ip + 6) as *const [u8; 2]) };
@@ -366,16 +385,20 @@ fn parse6<C: Context>(ctx: &C, packet: &mut Packet<Ipv6>) -> Read6 {
         let [following, units, _, segments_left] = unsafe { *(extension as *const [u8; 4]) };
         if next == IPV6_ROUTING && segments_left != 0 {
             // Addressed onward through the route: not a packet for a frontend here.
-            return Read6::Done(false);
+            return Read6::Done(Parsed6::NotHandled);
         }
         next_at = l4_offset;
         next = following;
         l4_offset += (usize::from(units) + 1) * 8;
     }
+    if next == icmp6::PROTOCOL {
+        packet.l4_offset = l4_offset;
+        return Read6::Done(Parsed6::Icmp);
+    }
     if !proto::is_balanced(next) {
-        // A fragment header, another extension header, ICMPv6, or more extension headers
-        // than are skipped.
-        return Read6::Done(false);
+        // A fragment header, another extension header, or more extension headers than
+        // are skipped.
+        return Read6::Done(Parsed6::NotHandled);
     }
     let Some(l4) = l4_fields(ctx, l4_offset, next) else {
         return missing_l4(ctx, l4_offset, next).into();
@@ -383,7 +406,7 @@ fn parse6<C: Context>(ctx: &C, packet: &mut Packet<Ipv6>) -> Read6 {
     // As in `parse`, from the byte that named it (checked with the byte after it, always
     // there: the verifier learns no range from a one-byte check).
     let Some(next) = at(ctx, next_at, 2) else {
-        return Read6::Done(false);
+        return Read6::Done(Parsed6::NotHandled);
     };
     // SAFETY: checked against data_end just above.
     packet.proto = unsafe { core::ptr::read_volatile(next as *const u8) };
@@ -392,7 +415,7 @@ fn parse6<C: Context>(ctx: &C, packet: &mut Packet<Ipv6>) -> Read6 {
     packet.dst_port = l4.dst_port;
     packet.tcp_flags = l4.tcp_flags;
     packet.ip.l4_header_len = l4.header_len;
-    Read6::Done(true)
+    Read6::Done(Parsed6::Packet)
 }
 
 /// The IPv6 address at `at`, a word at a time.
@@ -400,7 +423,7 @@ fn parse6<C: Context>(ctx: &C, packet: &mut Packet<Ipv6>) -> Read6 {
 /// # Safety
 /// `at` points to 16 bytes of packet data checked against data_end.
 #[inline(always)]
-unsafe fn read_ipv6(at: usize) -> Ipv6 {
+pub unsafe fn read_ipv6(at: usize) -> Ipv6 {
     let word = |index: usize| {
         // SAFETY: within the 16 bytes the caller vouches for.
         u32::from_ne_bytes(unsafe { *((at + index * 4) as *const [u8; 4]) })

@@ -5,12 +5,16 @@
 //! behind it ([`Verdict::ToTc`]); what it decided it marks in the frame's XDP metadata
 //! ([`XDP_DECIDED`]), which the kernel hands on to the skb, so tc passes that packet
 //! untouched instead of looking it up a second time.
+//!
+//! IPv6 runs in a program of its own, `epx_xdp6`, which `epx_xdp` tail-calls through
+//! [`XDP_TAIL_CALLS`] (as `epx_ingress` does `epx_ingress6`): the mark is reserved and
+//! zeroed before the tail call, and the IPv6 program ends the run ([`finish`]).
 
 use aya_ebpf::{
     bindings::xdp_action,
     helpers::bpf_xdp_adjust_meta,
     macros::map,
-    maps::DevMapHash,
+    maps::{DevMapHash, ProgramArray},
     programs::{TcContext, XdpContext},
 };
 use proxy_common::{XDP_DECIDED, stat, to_tc};
@@ -23,6 +27,12 @@ use crate::{context::Context, mode::Mode, verdict::Verdict};
 #[map]
 static XDP_EGRESS: DevMapHash =
     DevMapHash::pinned(proxy_common::default_max_entries::XDP_EGRESS, 0);
+
+/// Named like `proxy_common::map_names::XDP_TAIL_CALLS`: `TAIL_CALLS` for the XDP program
+/// (a program array holds programs of one type only), with the same slots
+/// (`proxy_common::tail_call`). Pinned, filled by the process that loads the programs.
+#[map]
+pub(crate) static XDP_TAIL_CALLS: ProgramArray = ProgramArray::pinned(2, 0);
 
 const MARK_LEN: usize = size_of::<u32>();
 
@@ -43,7 +53,8 @@ pub fn redirect(ifindex: u32) -> Verdict {
 }
 
 /// Runs the packet path on the frame, marks what it decided, and counts its verdict;
-/// returns the XDP action.
+/// returns the XDP action. `balance` may tail-call the IPv6 program, which then ends the
+/// run itself ([`finish`]).
 #[inline(always)]
 pub fn run<M: Mode>(ctx: &XdpContext, mode: &M, balance: impl FnOnce() -> Verdict) -> u32 {
     // Room for the mark first: a helper that moves data_meta invalidates packet pointers.
@@ -54,6 +65,13 @@ pub fn run<M: Mode>(ctx: &XdpContext, mode: &M, balance: impl FnOnce() -> Verdic
     } else {
         Verdict::ToTc(to_tc::NO_METADATA)
     };
+    finish(ctx, mode, verdict)
+}
+
+/// Ends a run whose packet path gave `verdict`: marks what it decided and counts it;
+/// returns the XDP action. The IPv6 program's whole end, its mark reserved by [`run`].
+#[inline(always)]
+pub fn finish<M: Mode>(ctx: &XdpContext, mode: &M, verdict: Verdict) -> u32 {
     let (action, counter) = match verdict {
         Verdict::Accept if write_mark(ctx, XDP_DECIDED) => (xdp_action::XDP_PASS, stat::XDP_PASS),
         // The mark vanished (cannot happen once written): drop rather than let tc

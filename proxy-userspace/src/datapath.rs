@@ -23,19 +23,21 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::{
     Array, HashMap as BpfHashMap, MapData, PerCpuArray, ProgramArray, xdp::DevMapHash,
 };
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::TcAttachOptions;
-use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, Xdp};
+use aya::programs::{
+    LinkOrder, Program, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, Xdp,
+};
 use aya::sys::SyscallError;
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::{
     Address, CtTimeouts, Ipv6, PROGRAM_NAME, PROGRAM6_NAME, REFUSAL_LIMITS_GLOBAL, RefusalLimits,
-    SNAT_PORT_MAX_GLOBAL, SNAT_PORT_MIN_GLOBAL, XDP_PROGRAM_NAME, device_kind, map_names,
-    sock_globals, tail_call,
+    SNAT_PORT_MAX_GLOBAL, SNAT_PORT_MIN_GLOBAL, XDP_PROGRAM_NAME, XDP6_PROGRAM_NAME, device_kind,
+    map_names, sock_globals, tail_call,
 };
 use tracing::{info, warn};
 
@@ -255,7 +257,8 @@ impl Datapath {
     pub fn load_xdp(&mut self) -> Result<()> {
         xdp_program(&mut self.ebpf)?
             .load()
-            .context("loading the XDP program into the kernel")
+            .context("loading the XDP program into the kernel")?;
+        load_ipv6_path(&mut self.ebpf, XDP6_PROGRAM_NAME, tail_call::IPV6)
     }
 
     /// Attaches the XDP program to the external `device` as `mode` asks (with `off`, removes
@@ -562,24 +565,35 @@ fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
     Ok(program.try_into()?)
 }
 
-/// Loads `name`, the IPv6 packet path of a tc program, and puts it in the TAIL_CALLS
-/// `slot` (`proxy_common::tail_call`) that the program tail-calls for IPv6 packets: until
-/// then, IPv6 passes it untouched.
+/// Loads `name`, the IPv6 packet path of a tc program (an XDP program's), and puts it in
+/// the TAIL_CALLS (XDP_TAIL_CALLS) `slot` (`proxy_common::tail_call`) that the program
+/// tail-calls for IPv6 packets: until then, tc passes IPv6 untouched and XDP leaves it to
+/// tc.
 pub fn load_ipv6_path(ebpf: &mut Ebpf, name: &str, slot: u32) -> Result<()> {
-    let program: &mut SchedClassifier = ebpf
+    let (fd, map_name) = match ebpf
         .program_mut(name)
         .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
-        .try_into()?;
-    program
-        .load()
-        .with_context(|| format!("loading {name} into the kernel"))?;
-    let fd = program.fd()?.try_clone()?;
+    {
+        Program::SchedClassifier(program) => {
+            program
+                .load()
+                .with_context(|| format!("loading {name} into the kernel"))?;
+            (program.fd()?.try_clone()?, map_names::TAIL_CALLS)
+        }
+        Program::Xdp(program) => {
+            program
+                .load()
+                .with_context(|| format!("loading {name} into the kernel"))?;
+            (program.fd()?.try_clone()?, map_names::XDP_TAIL_CALLS)
+        }
+        _ => bail!("{name} is neither a tc nor an XDP program"),
+    };
     let map = ebpf
-        .map_mut(map_names::TAIL_CALLS)
-        .ok_or_else(|| anyhow!("map {} missing from the eBPF object", map_names::TAIL_CALLS))?;
+        .map_mut(map_name)
+        .ok_or_else(|| anyhow!("map {map_name} missing from the eBPF object"))?;
     ProgramArray::try_from(map)?
         .set(slot, &fd, 0)
-        .with_context(|| format!("installing {name} in {}", map_names::TAIL_CALLS))?;
+        .with_context(|| format!("installing {name} in {map_name}"))?;
     Ok(())
 }
 

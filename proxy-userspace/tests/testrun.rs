@@ -19,7 +19,7 @@ use datapath::*;
 use etherparse::{Ethernet2Header, Ipv4Header, PacketBuilder};
 use proxy_common::{
     AffinityValue, CtTimeouts, CtValue, FrontendValue, PROGRAM_NAME, PROGRAM6_NAME, RefusalLimits,
-    XDP_PROGRAM_NAME, ct_flags, ct_state, map_names, proto, service_flags, stat,
+    XDP_PROGRAM_NAME, XDP6_PROGRAM_NAME, ct_flags, ct_state, map_names, proto, service_flags, stat,
 };
 use proxy_userspace::inspect::trace::TracePacket;
 
@@ -1014,7 +1014,12 @@ fn the_datapath_verifies_with_room_to_spare() {
     // The kernel's verifier walks at most 1,000,000 instructions per program; a program
     // near that limit fails to load after the next small change. This one's share is a
     // budget for everyone changing the packet path, which both programs run.
-    for program in [PROGRAM_NAME, PROGRAM6_NAME, XDP_PROGRAM_NAME] {
+    for program in [
+        PROGRAM_NAME,
+        PROGRAM6_NAME,
+        XDP_PROGRAM_NAME,
+        XDP6_PROGRAM_NAME,
+    ] {
         let verified = datapath.verified_instructions(program);
         eprintln!("{program}: {verified} instructions verified");
         assert!(

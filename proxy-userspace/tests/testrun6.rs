@@ -11,62 +11,14 @@ use std::net::IpAddr;
 use datapath::ipv6::*;
 use datapath::wire::{self, Extension};
 use datapath::*;
-use proxy_common::{CtKey, ct_flags, map_names, proto, service_flags, stat, tcp_flags};
+use proxy_common::{CtKey, ct_flags, map_names, proto, service_flags, stat};
 use proxy_userspace::conntrack::gc::Reaper;
 use proxy_userspace::inspect::Endpoint;
 use proxy_userspace::inspect::trace::TracePacket;
 
-const MACS: ([u8; 6], [u8; 6]) = ([0x02, 0, 0, 0, 0, 0x01], [0x02, 0, 0, 0, 0, 0x02]);
-const SYN6: L4 = L4::Tcp(tcp_flags::SYN);
-const SYN_ACK6: L4 = L4::Tcp(tcp_flags::SYN | tcp_flags::ACK);
-const ACK6: L4 = L4::Tcp(tcp_flags::ACK);
 const CLIENT: ([u8; 16], u16) = (CLIENT6, CLIENT6_PORT);
 const VIP: ([u8; 16], u16) = (VIP6, VIP6_PORT);
 const BACKEND: ([u8; 16], u16) = (BACKEND6_1, BACKEND6_PORT);
-
-#[derive(Clone, Copy)]
-enum L4 {
-    Tcp(u8),
-    Udp,
-}
-
-impl L4 {
-    fn proto(self) -> u8 {
-        match self {
-            L4::Tcp(_) => proto::TCP,
-            L4::Udp => proto::UDP,
-        }
-    }
-}
-
-/// An IPv6 frame from `src` to `dst` with hop limit 64.
-fn frame6(src: ([u8; 16], u16), dst: ([u8; 16], u16), l4: L4) -> Vec<u8> {
-    frame6_with(src, dst, l4, &[], 64)
-}
-
-fn frame6_with(
-    src: ([u8; 16], u16),
-    dst: ([u8; 16], u16),
-    l4: L4,
-    extensions: &[Extension],
-    hop_limit: u8,
-) -> Vec<u8> {
-    let (header, csum_offset) = match l4 {
-        L4::Tcp(flags) => (wire::tcp_header(src.1, dst.1, flags), 16),
-        L4::Udp => (wire::udp_header(src.1, dst.1, PAYLOAD.len()), 6),
-    };
-    wire::ipv6_frame(
-        MACS,
-        src.0,
-        dst.0,
-        hop_limit,
-        extensions,
-        l4.proto(),
-        &header,
-        Some(csum_offset),
-        PAYLOAD,
-    )
-}
 
 /// Runs `frame` and asserts it leaves as `expected` to the kernel, checksums valid.
 fn assert_translated6(datapath: &Datapath, frame: &[u8], expected: &[u8]) {
@@ -190,7 +142,7 @@ fn a_frontend_without_endpoints_refuses_with_an_icmpv6_port_unreachable() {
     // code 4), quoting the IPv6 header and 8 bytes of the refused packet (RFC 4443).
     let quote = &syn[wire::ETH_LEN..wire::ETH_LEN + wire::IPV6_LEN + 8];
     let expected = wire::ipv6_frame(
-        (MACS.1, MACS.0),
+        (MACS6.1, MACS6.0),
         VIP6,
         CLIENT6,
         64,
@@ -303,31 +255,6 @@ fn the_collector_reaps_finished_ipv6_flows_and_only_those() {
 
 /// The NodePort the namespace tests install on [`NODE6`].
 const NODE_PORT: ([u8; 16], u16) = (NODE6, 30_080);
-
-/// Runs `test` in a network namespace of its own where this node holds [`NODE6`] and
-/// forwards IPv6, reaching clients through `lo` (the device test runs arrive on) and the
-/// backends (2001:db8:118::/48) through `backends_via`: `lo` too (backends on other nodes,
-/// reached through the arrival device) or a veth of their own (pods of this node).
-fn on_an_ipv6_node(backends_via: &str, test: impl FnOnce() + Send) {
-    let mut commands: Vec<&[&str]> = vec![
-        &["link", "set", "lo", "up"],
-        &["-6", "addr", "add", "2001:db8:1::1/128", "dev", "lo"],
-        &["-6", "route", "add", "2001:db8:18::/48", "dev", "lo"],
-    ];
-    if backends_via == "pods" {
-        commands.extend(POD_VETH);
-    }
-    let route = [
-        "-6",
-        "route",
-        "add",
-        "2001:db8:118::/48",
-        "dev",
-        backends_via,
-    ];
-    commands.push(&route);
-    in_a_namespace(&commands, &[("net/ipv6/conf/all/forwarding", "1")], test);
-}
 
 #[test]
 fn a_node_port_reply_is_routed_by_the_program_with_its_hop_limit_decremented() {
@@ -472,7 +399,7 @@ fn a_packet_whose_hop_limit_runs_out_here_is_answered_with_time_exceeded() {
         assert_eq!(verdict, TC_ACT_REDIRECT);
         let quote = &syn[wire::ETH_LEN..wire::ETH_LEN + wire::IPV6_LEN + 8];
         let expected = wire::ipv6_frame(
-            (MACS.1, MACS.0),
+            (MACS6.1, MACS6.0),
             NODE6,
             CLIENT6,
             64,

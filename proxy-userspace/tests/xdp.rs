@@ -19,13 +19,6 @@ fn assert_sent_back(datapath: &Datapath, ifindex: u32, frame: Frame, expected: F
     run
 }
 
-/// Asserts XDP left `frame` to tc: passed, unmarked, untouched.
-fn assert_left_to_tc(run: &XdpRun, frame: &[u8]) {
-    assert_eq!(run.action, XDP_PASS);
-    assert!(!run.decided, "tc must see the packet");
-    assert_eq!(run.frame, frame, "untouched");
-}
-
 #[test]
 fn a_new_flow_to_a_local_backend_is_dnated_and_marked_for_the_stack() {
     let Some(mut datapath) = Datapath::load() else {

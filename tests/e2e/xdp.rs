@@ -1,12 +1,12 @@
 //! The XDP program on the external devices (`--xdp`), with real traffic: outside clients'
 //! NodePort flows are decided by XDP, and the tc program behind it never translates them a
 //! second time; across nodes, SNAT flows go back out of the node with XDP_TX both ways;
-//! `trace` shows which hook decided.
+//! `trace` shows which hook decided; IPv6 NodePort flows are decided by XDP as IPv4's are.
 
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use anyhow::{Context, Result, ensure};
 use common::{BACKEND_NAMES, SERVICE_TCP_PORT, SERVICE_UDP_PORT, SYNC_TIMEOUT, backends, cli_json};
@@ -85,6 +85,50 @@ fn node_port_flows_are_decided_by_xdp_and_never_translated_again_by_tc() -> Resu
             "{mode}: XDP decided too little: {counters:?}"
         );
     }
+    Ok(())
+}
+
+#[test]
+fn ipv6_node_port_flows_are_decided_by_xdp_as_ipv4_ones_are() -> Result<()> {
+    require_lab!();
+    let lab = common::lab()?;
+    let six = Service::node_port("six", addr::NODE_PORT_SERVICE_IPV6)
+        .tcp_node_port(SERVICE_TCP_PORT, addr::ECHO_TCP_PORT, addr::NODE_PORT_TCP)
+        .udp_node_port(SERVICE_UDP_PORT, addr::ECHO_UDP_PORT, addr::NODE_PORT_UDP);
+    let daemon = lab
+        .daemon()
+        .manifest(six.manifest(backends(&lab)))
+        .args(["--xdp", "native"])
+        .start()?;
+    daemon.wait_synced(SYNC_TIMEOUT)?;
+    let node = IpAddr::V6(addr::NODE_IPV6);
+    for _ in 0..CONNECTIONS {
+        let tcp = lab.client().tcp_request(node, addr::NODE_PORT_TCP)?;
+        let udp = lab.client().udp_request(node, addr::NODE_PORT_UDP)?;
+        for (reply, port) in [(tcp, addr::NODE_PORT_TCP), (udp, addr::NODE_PORT_UDP)] {
+            ensure!(
+                BACKEND_NAMES.contains(&reply.body.as_str())
+                    && reply.peer == SocketAddr::new(node, port),
+                "answered by {reply:?}"
+            );
+        }
+    }
+    let counters = counters(&daemon)?;
+    // As for IPv4: every packet translated once (tc never met a translated one as a
+    // `direct` flow), each connection's SYN, handshake ACK, request and FIN and each
+    // datagram decided by XDP.
+    ensure!(
+        counters["direct"] == 0,
+        "tc saw translated packets: {counters:?}"
+    );
+    ensure!(
+        (CONNECTIONS..=2 * CONNECTIONS).contains(&counters["new_flow"]),
+        "{counters:?}"
+    );
+    ensure!(
+        counters["xdp_pass"] >= 5 * CONNECTIONS,
+        "XDP decided too little: {counters:?}"
+    );
     Ok(())
 }
 

@@ -234,11 +234,16 @@ impl Tracer {
             .collect();
         let mut ebpf =
             load_beside_pins(root, &pins, &[TRACE_PROGRAM_NAME, XDP_TRACE_PROGRAM_NAME])?;
-        crate::datapath::load_ipv6_path(
-            &mut ebpf,
+        for program in [
             proxy_common::TRACE6_PROGRAM_NAME,
-            proxy_common::tail_call::IPV6_TRACE,
-        )?;
+            proxy_common::XDP_TRACE6_PROGRAM_NAME,
+        ] {
+            crate::datapath::load_ipv6_path(
+                &mut ebpf,
+                program,
+                proxy_common::tail_call::IPV6_TRACE,
+            )?;
+        }
         Ok(Self { ebpf })
     }
 

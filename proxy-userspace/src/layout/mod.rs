@@ -99,6 +99,7 @@ pub const PINNED_MAPS: &[PinnedMap] = &[
     pinned(map_names::CONNTRACK_PENDING6, 1, Carries::Flows, (40, 88)),
     // The programs it holds are the loading daemon's: filled anew at every load.
     pinned(map_names::TAIL_CALLS, 1, Carries::Runtime, (4, 4)),
+    pinned(map_names::XDP_TAIL_CALLS, 1, Carries::Runtime, (4, 4)),
     pinned(map_names::AFFINITY, 1, Carries::Runtime, (8, 24)),
     pinned(map_names::AFFINITY6, 1, Carries::Runtime, (20, 32)),
     pinned(map_names::SOCK_AFFINITY, 1, Carries::Runtime, (16, 24)),

@@ -1,6 +1,7 @@
 //! IPv6 beside IPv4: the harness's frontends, backends and conntrack entries in the IPv6
 //! maps (SERVICES6, BACKEND_SLOTS6, …, CONNTRACK6), written the way the daemon writes
-//! them, and the tests' IPv6 addresses (documentation prefix 2001:db8::/32).
+//! them, the tests' IPv6 addresses (documentation prefix 2001:db8::/32), and their frames
+//! (built byte by byte by `wire`, checksums computed there).
 
 use std::collections::HashMap;
 use std::net::Ipv6Addr;
@@ -8,10 +9,11 @@ use std::net::Ipv6Addr;
 use aya::maps::{HashMap as BpfHashMap, LpmTrie, lpm_trie::Key};
 use proxy_common::{
     Address, AffinityKey, AffinityValue, Backend, CtKey, CtValue, FrontendKey, FrontendValue, Ipv6,
-    MembershipKey, Slot, SourceRange, Tuple, map_names, membership,
+    MembershipKey, Slot, SourceRange, Tuple, map_names, membership, proto, tcp_flags,
 };
 
-use super::{Datapath, REV_NAT_ID, SERVICE_PORT_ID};
+use super::wire::{self, Extension};
+use super::{Datapath, PAYLOAD, REV_NAT_ID, SERVICE_PORT_ID};
 
 pub const CLIENT6: [u8; 16] = ip6(0x0018, 0x0a);
 pub const VIP6: [u8; 16] = ip6(0x0019, 0x0a);
@@ -22,6 +24,71 @@ pub const NODE6: [u8; 16] = ip6(0x0001, 0x01);
 pub const CLIENT6_PORT: u16 = 40_000;
 pub const VIP6_PORT: u16 = 80;
 pub const BACKEND6_PORT: u16 = 8080;
+
+/// The Ethernet addresses (source, destination) of the frames [`frame6`] builds.
+pub const MACS6: ([u8; 6], [u8; 6]) = ([0x02, 0, 0, 0, 0, 0x01], [0x02, 0, 0, 0, 0, 0x02]);
+pub const SYN6: L4 = L4::Tcp(tcp_flags::SYN);
+pub const SYN_ACK6: L4 = L4::Tcp(tcp_flags::SYN | tcp_flags::ACK);
+pub const ACK6: L4 = L4::Tcp(tcp_flags::ACK);
+
+/// The L4 header of a frame: TCP with its flags, or UDP (with a checksum: IPv6 requires
+/// one).
+#[derive(Clone, Copy)]
+pub enum L4 {
+    Tcp(u8),
+    Udp,
+}
+
+impl L4 {
+    pub fn proto(self) -> u8 {
+        match self {
+            L4::Tcp(_) => proto::TCP,
+            L4::Udp => proto::UDP,
+        }
+    }
+}
+
+/// An IPv6 frame from `src` to `dst` with hop limit 64.
+pub fn frame6(src: ([u8; 16], u16), dst: ([u8; 16], u16), l4: L4) -> Vec<u8> {
+    frame6_with(src, dst, l4, &[], 64)
+}
+
+/// [`frame6`] with `extensions` and `hop_limit`.
+pub fn frame6_with(
+    src: ([u8; 16], u16),
+    dst: ([u8; 16], u16),
+    l4: L4,
+    extensions: &[Extension],
+    hop_limit: u8,
+) -> Vec<u8> {
+    frame6_via(MACS6, src, dst, l4, extensions, hop_limit)
+}
+
+/// [`frame6_with`] between the Ethernet addresses `macs` (source, destination).
+pub fn frame6_via(
+    macs: ([u8; 6], [u8; 6]),
+    src: ([u8; 16], u16),
+    dst: ([u8; 16], u16),
+    l4: L4,
+    extensions: &[Extension],
+    hop_limit: u8,
+) -> Vec<u8> {
+    let (header, csum_offset) = match l4 {
+        L4::Tcp(flags) => (wire::tcp_header(src.1, dst.1, flags), 16),
+        L4::Udp => (wire::udp_header(src.1, dst.1, PAYLOAD.len()), 6),
+    };
+    wire::ipv6_frame(
+        macs,
+        src.0,
+        dst.0,
+        hop_limit,
+        extensions,
+        l4.proto(),
+        &header,
+        Some(csum_offset),
+        PAYLOAD,
+    )
+}
 
 /// 2001:db8:`subnet`::`host`.
 pub const fn ip6(subnet: u16, host: u8) -> [u8; 16] {
@@ -180,4 +247,73 @@ impl Datapath {
     ) -> BpfHashMap<&mut aya::maps::MapData, K, V> {
         BpfHashMap::try_from(self.ebpf.map_mut(name).unwrap()).unwrap()
     }
+}
+
+/// Runs `test` (given the wire's ifindex) as [`super::on_a_node_with_a_wire`] does for
+/// IPv4: in a fresh network namespace where this node holds [`NODE6`] on `wire0`, one
+/// end of a veth, forwards IPv6, and reaches clients (2001:db8:18::/48) and backends
+/// (2001:db8:118::/48) through it, its neighbour table knowing the MACs of [`CLIENT6`] and
+/// [`BACKEND6_1`] but not of [`BACKEND6_2`].
+pub fn on_an_ipv6_node_with_a_wire(test: impl FnOnce(u32) + Send) {
+    let mac = |mac: [u8; 6]| mac.map(|byte| format!("{byte:02x}")).join(":");
+    let ip = |addr: [u8; 16]| Ipv6Addr::from(addr).to_string();
+    let setup = [
+        "link set lo up".to_owned(),
+        format!(
+            "link add wire0 address {} type veth peer name wire1",
+            mac(super::NODE_MAC)
+        ),
+        "link set wire0 up".to_owned(),
+        "link set wire1 up".to_owned(),
+        format!("-6 addr add {}/128 dev wire0 nodad", ip(NODE6)),
+        "-6 route add 2001:db8:18::/48 dev wire0".to_owned(),
+        "-6 route add 2001:db8:118::/48 dev wire0".to_owned(),
+        format!(
+            "-6 neigh add {} lladdr {} dev wire0 nud permanent",
+            ip(BACKEND6_1),
+            mac(super::BACKEND_1_MAC)
+        ),
+        format!(
+            "-6 neigh add {} lladdr {} dev wire0 nud permanent",
+            ip(CLIENT6),
+            mac(super::CLIENT_MAC)
+        ),
+    ];
+    let setup: Vec<Vec<&str>> = setup
+        .iter()
+        .map(|line| line.split_whitespace().collect())
+        .collect();
+    let setup: Vec<&[&str]> = setup.iter().map(Vec::as_slice).collect();
+    super::in_a_namespace(&setup, &[("net/ipv6/conf/all/forwarding", "1")], || {
+        let name = std::ffi::CString::new("wire0").unwrap();
+        // SAFETY: a valid C string; the lookup happens in this thread's namespace.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert_ne!(ifindex, 0, "wire0's index");
+        test(ifindex);
+    });
+}
+
+/// Runs `test` in a network namespace of its own where this node holds [`NODE6`] and
+/// forwards IPv6, reaching clients through `lo` (the device test runs arrive on) and the
+/// backends (2001:db8:118::/48) through `backends_via`: `lo` too (backends on other nodes,
+/// reached through the arrival device) or a veth of their own (pods of this node).
+pub fn on_an_ipv6_node(backends_via: &str, test: impl FnOnce() + Send) {
+    let mut commands: Vec<&[&str]> = vec![
+        &["link", "set", "lo", "up"],
+        &["-6", "addr", "add", "2001:db8:1::1/128", "dev", "lo"],
+        &["-6", "route", "add", "2001:db8:18::/48", "dev", "lo"],
+    ];
+    if backends_via == "pods" {
+        commands.extend(super::POD_VETH);
+    }
+    let route = [
+        "-6",
+        "route",
+        "add",
+        "2001:db8:118::/48",
+        "dev",
+        backends_via,
+    ];
+    commands.push(&route);
+    super::in_a_namespace(&commands, &[("net/ipv6/conf/all/forwarding", "1")], test);
 }

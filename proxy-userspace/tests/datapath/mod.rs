@@ -209,6 +209,12 @@ impl Datapath {
             .expect("an XDP program");
         xdp.load()
             .unwrap_or_else(|e| panic!("loading {XDP_PROGRAM_NAME}: {e:?}"));
+        proxy_userspace::datapath::load_ipv6_path(
+            &mut ebpf,
+            proxy_common::XDP6_PROGRAM_NAME,
+            proxy_common::tail_call::IPV6,
+        )
+        .unwrap_or_else(|e| panic!("loading the XDP IPv6 path: {e:?}"));
         proxy_userspace::datapath::set_timeouts(&mut ebpf, CtTimeouts::DEFAULT).unwrap();
         // The CLI and the reaper read only pins of a recorded layout.
         proxy_userspace::layout::record(bpffs.path()).unwrap();
@@ -815,6 +821,13 @@ pub fn assert_refused(datapath: &Datapath, refused: &[u8]) {
     let ip = &out[Ethernet2Header::LEN..];
     assert_eq!(ones_complement_sum(&ip[..Ipv4Header::MIN_LEN]), 0xffff);
     assert_eq!(ones_complement_sum(&ip[Ipv4Header::MIN_LEN..]), 0xffff);
+}
+
+/// Asserts the XDP program left `frame` to tc: passed, unmarked, untouched.
+pub fn assert_left_to_tc(run: &XdpRun, frame: &[u8]) {
+    assert_eq!(run.action, proxy_userspace::xdp::XDP_PASS);
+    assert!(!run.decided, "tc must see the packet");
+    assert_eq!(run.frame, frame, "untouched");
 }
 
 /// Runs `frame` and asserts it passes (TC_ACT_OK) byte for byte unchanged.
