@@ -59,6 +59,10 @@ struct Cli {
     /// Run only these measurements (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Section>,
+    /// Programming and memory at these numbers of Services only (default: the run's
+    /// sizes); such a run writes under the target directory, not docs/.
+    #[arg(long, value_delimiter = ',')]
+    services: Vec<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -328,11 +332,15 @@ fn run(cli: &Cli) -> Result<()> {
         bail!("the benchmarks need root and network namespaces: {reason}");
     }
     let started = Instant::now();
-    let settings = if cli.quick {
+    let mut settings = if cli.quick {
         Settings::quick()
     } else {
         Settings::full()
     };
+    if !cli.services.is_empty() {
+        settings.programming.sizes = cli.services.clone();
+        settings.memory.services = cli.services.clone();
+    }
     let wants = |section| cli.only.is_empty() || cli.only.contains(&section);
     let mut results = Results::default();
 

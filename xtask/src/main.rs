@@ -44,6 +44,10 @@ enum Task {
         /// docs/.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+        /// Programming and memory at these numbers of Services only (e.g. 100000); such
+        /// a run writes under the target directory, not docs/.
+        #[arg(long, value_delimiter = ',')]
+        services: Vec<usize>,
     },
     /// setup, build, and run the long variants of lab tests: the API outage (each phase —
     /// down, stalled, 500, 503, garbage, blackhole — minutes instead of seconds), TCP
@@ -83,7 +87,11 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(),
         Task::Test => test(),
         Task::Demo => demo(),
-        Task::Bench { quick, only } => bench(quick, &only),
+        Task::Bench {
+            quick,
+            only,
+            services,
+        } => bench(quick, &only, &services),
         Task::Soak {
             phase_seconds,
             churn_seconds,
@@ -131,7 +139,7 @@ fn test() -> Result<()> {
     run_step(tests)?;
     // The benchmarks' smoke check, no timing assertions. Debug builds: they reuse what the
     // tests built, and the figures of a quick run mean nothing anyway.
-    run_bench(&cargo, Profile::Debug, true, &[])?;
+    run_bench(&cargo, Profile::Debug, true, &[], &[])?;
     println!("\nxtask test: fmt, clippy, build, tests and the benchmarks' smoke run all passed");
     Ok(())
 }
@@ -202,15 +210,22 @@ fn fuzz(packets: u64, seed: Option<u64>) -> Result<()> {
     run_step(run)
 }
 
-fn bench(quick: bool, only: &[String]) -> Result<()> {
+fn bench(quick: bool, only: &[String], services: &[usize]) -> Result<()> {
     setup::run()?;
-    run_bench(&Cargo::new(workspace_root()), Profile::Release, quick, only)
+    let cargo = Cargo::new(workspace_root());
+    run_bench(&cargo, Profile::Release, quick, only, services)
 }
 
 /// Builds the daemon and the benchmarks with `profile` and runs them. A full run writes
 /// docs/; a quick or partial one writes next to the binary, so it never overwrites the
 /// published figures.
-fn run_bench(cargo: &Cargo, profile: Profile, quick: bool, only: &[String]) -> Result<()> {
+fn run_bench(
+    cargo: &Cargo,
+    profile: Profile,
+    quick: bool,
+    only: &[String],
+    services: &[usize],
+) -> Result<()> {
     let daemon = cargo.build_binary("proxy-userspace", "ebpf-proxy", profile)?;
     let bench = cargo.build_binary("proxy-bench", "proxy-bench", profile)?;
     let beside_binary = |name| {
@@ -221,7 +236,7 @@ fn run_bench(cargo: &Cargo, profile: Profile, quick: bool, only: &[String]) -> R
     };
     let out_dir = if quick {
         beside_binary("bench-quick")
-    } else if !only.is_empty() {
+    } else if !only.is_empty() || !services.is_empty() {
         beside_binary("bench-partial")
     } else {
         workspace_root().join("docs")
@@ -235,6 +250,10 @@ fn run_bench(cargo: &Cargo, profile: Profile, quick: bool, only: &[String]) -> R
     }
     if !only.is_empty() {
         run.arg("--only").arg(only.join(","));
+    }
+    if !services.is_empty() {
+        let sizes: Vec<String> = services.iter().map(usize::to_string).collect();
+        run.arg("--services").arg(sizes.join(","));
     }
     run_step(run)
 }
