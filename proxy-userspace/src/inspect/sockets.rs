@@ -6,7 +6,6 @@
 //! address is IPv4's (it was served by IPv4's frontends).
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::path::Path;
 
 use anyhow::Result;
