@@ -159,7 +159,37 @@ fn nft_endpoint_chain(service: &BenchService, endpoint: &SocketAddr) -> String {
 /// spelled as numbers (dstnat = -100, srcnat = 100): Debian's nft 1.0.6 refuses the names
 /// on the output hook.
 pub fn nft_script(cluster: &Cluster) -> String {
-    let mut script = format!(
+    let mut script = nft_base();
+    for service in cluster.iter() {
+        write_nft_service(&mut script, &service);
+    }
+    script
+}
+
+/// The same rules as [`nft_script`], split into transactions of at most
+/// `services_per_transaction` Services each (the first also holds the table, base chains
+/// and map). The kernel binds each anonymous set by walking the whole transaction
+/// (`__nft_set_trans_bind`), so one transaction of N Services costs O(N²): 10,000
+/// Services take minutes. Where only the rules in place matter, not how long loading them
+/// took, loading them in parts gives the same ruleset in a fraction of the time.
+pub fn nft_transactions(cluster: &Cluster, services_per_transaction: usize) -> Vec<String> {
+    let services: Vec<BenchService> = cluster.iter().collect();
+    let mut transactions = vec![nft_base()];
+    for (index, part) in services.chunks(services_per_transaction.max(1)).enumerate() {
+        if index > 0 {
+            transactions.push(String::new());
+        }
+        let transaction = transactions.last_mut().expect("one transaction at least");
+        for service in part {
+            write_nft_service(transaction, service);
+        }
+    }
+    transactions
+}
+
+/// The table, its base chains, the masquerade chains and the `service-ips` map.
+fn nft_base() -> String {
+    format!(
         "add table {NFT_TABLE} {{ comment \"rules for kube-proxy\" ; }}\n\
          add chain {NFT_TABLE} nat-prerouting {{ type nat hook prerouting priority -100 ; }}\n\
          add chain {NFT_TABLE} nat-output {{ type nat hook output priority -100 ; }}\n\
@@ -177,36 +207,37 @@ pub fn nft_script(cluster: &Cluster) -> String {
          add rule {NFT_TABLE} nat-prerouting jump services\n\
          add rule {NFT_TABLE} nat-output jump services\n\
          add rule {NFT_TABLE} nat-postrouting jump masquerading\n"
-    );
-    for service in cluster.iter() {
-        let service_chain = nft_service_chain(&service);
-        let endpoints = sorted_endpoints(&service);
-        let _ = writeln!(script, "add chain {NFT_TABLE} {service_chain}");
-        let mut choices = Vec::with_capacity(endpoints.len());
-        for (index, endpoint) in endpoints.iter().enumerate() {
-            let chain = nft_endpoint_chain(&service, endpoint);
-            let _ = writeln!(
-                script,
-                "add chain {NFT_TABLE} {chain}\n\
-                 add rule {NFT_TABLE} {chain} ip saddr {} jump mark-for-masquerade\n\
-                 add rule {NFT_TABLE} {chain} meta l4proto tcp dnat to {endpoint}",
-                endpoint.ip()
-            );
-            choices.push(format!("{index} : goto {chain}"));
-        }
+    )
+}
+
+/// One Service's chain, its endpoint chains and its `service-ips` element.
+fn write_nft_service(script: &mut String, service: &BenchService) {
+    let service_chain = nft_service_chain(service);
+    let endpoints = sorted_endpoints(service);
+    let _ = writeln!(script, "add chain {NFT_TABLE} {service_chain}");
+    let mut choices = Vec::with_capacity(endpoints.len());
+    for (index, endpoint) in endpoints.iter().enumerate() {
+        let chain = nft_endpoint_chain(service, endpoint);
         let _ = writeln!(
             script,
-            "add rule {NFT_TABLE} {service_chain} ip daddr {vip} tcp dport {port} \
-             ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade\n\
-             add rule {NFT_TABLE} {service_chain} numgen random mod {count} vmap {{ {choices} }}\n\
-             add element {NFT_TABLE} service-ips {{ {vip} . tcp . {port} : goto {service_chain} }}",
-            vip = service.vip,
-            port = service.port,
-            count = endpoints.len(),
-            choices = choices.join(", "),
+            "add chain {NFT_TABLE} {chain}\n\
+             add rule {NFT_TABLE} {chain} ip saddr {} jump mark-for-masquerade\n\
+             add rule {NFT_TABLE} {chain} meta l4proto tcp dnat to {endpoint}",
+            endpoint.ip()
         );
+        choices.push(format!("{index} : goto {chain}"));
     }
-    script
+    let _ = writeln!(
+        script,
+        "add rule {NFT_TABLE} {service_chain} ip daddr {vip} tcp dport {port} \
+         ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade\n\
+         add rule {NFT_TABLE} {service_chain} numgen random mod {count} vmap {{ {choices} }}\n\
+         add element {NFT_TABLE} service-ips {{ {vip} . tcp . {port} : goto {service_chain} }}",
+        vip = service.vip,
+        port = service.port,
+        count = endpoints.len(),
+        choices = choices.join(", "),
+    );
 }
 
 #[cfg(test)]
@@ -286,5 +317,20 @@ mod tests {
             "0 : goto {}",
             nft_endpoint_chain(&service, &first)
         )));
+    }
+
+    #[test]
+    fn nft_transactions_in_parts_hold_the_one_transactions_rules() {
+        let cluster = cluster(5);
+        let parts = nft_transactions(&cluster, 2);
+        assert_eq!(parts.len(), 3);
+        assert_eq!(parts.concat(), nft_script(&cluster));
+        assert!(parts[0].starts_with("add table ip kube-proxy"));
+        for part in &parts[1..] {
+            assert!(!part.contains("add table"));
+            assert!(part.starts_with(&format!("add chain {NFT_TABLE} service-")));
+        }
+        let elements = |part: &String| part.matches("add element ").count();
+        assert_eq!(parts.iter().map(elements).collect::<Vec<_>>(), [2, 2, 1]);
     }
 }

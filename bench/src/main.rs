@@ -59,8 +59,8 @@ struct Cli {
     /// Run only these measurements (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Section>,
-    /// Programming and memory at these numbers of Services only (default: the run's
-    /// sizes); such a run writes under the target directory, not docs/.
+    /// Connections, programming and memory at these numbers of Services only (default: the
+    /// run's sizes); such a run writes under the target directory, not docs/.
     #[arg(long, value_delimiter = ',')]
     services: Vec<usize>,
 }
@@ -338,6 +338,7 @@ fn run(cli: &Cli) -> Result<()> {
         Settings::full()
     };
     if !cli.services.is_empty() {
+        settings.connections.sizes = cli.services.clone();
         settings.programming.sizes = cli.services.clone();
         settings.memory.services = cli.services.clone();
     }

@@ -14,6 +14,11 @@ use proxy_lab::Netns;
 use crate::cluster::Cluster;
 use crate::kube_rules;
 
+/// Services per `nft -f` transaction where rules are loaded in parts: small enough that
+/// the kernel's per-transaction walks stay short, large enough that the few `nft` runs
+/// (each reads the ruleset in place first) cost little.
+const NFT_SERVICES_PER_TRANSACTION: usize = 1_000;
+
 /// A kube-proxy mode that programs netfilter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Netfilter {
@@ -42,6 +47,20 @@ impl Netfilter {
         match self {
             Netfilter::Iptables => kube_rules::iptables_restore(cluster),
             Netfilter::Nftables => kube_rules::nft_script(cluster),
+        }
+    }
+
+    /// The same rules as [`Netfilter::rules`], in parts to load one after the other, for
+    /// where only the rules in place matter: nftables' in transactions of
+    /// [`NFT_SERVICES_PER_TRANSACTION`] Services (one transaction costs O(N²) in the kernel,
+    /// see [`kube_rules::nft_transactions`]); iptables' in one (`iptables-restore` replaces
+    /// the whole table).
+    pub fn rules_in_parts(self, cluster: &Cluster) -> Vec<String> {
+        match self {
+            Netfilter::Iptables => vec![kube_rules::iptables_restore(cluster)],
+            Netfilter::Nftables => {
+                kube_rules::nft_transactions(cluster, NFT_SERVICES_PER_TRANSACTION)
+            }
         }
     }
 
@@ -108,6 +127,24 @@ pub fn load(
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Loads `parts` one after the other (see [`Netfilter::rules_in_parts`]); stops when all
+/// of them together take longer than `timeout`.
+pub fn load_parts(
+    namespace: &Netns,
+    netfilter: Netfilter,
+    parts: &[String],
+    timeout: Duration,
+) -> Result<Loaded> {
+    let started = Instant::now();
+    for part in parts {
+        let left = timeout.saturating_sub(started.elapsed());
+        if let Loaded::StoppedAfter(_) = load(namespace, netfilter, part, left)? {
+            return Ok(Loaded::StoppedAfter(started.elapsed()));
+        }
+    }
+    Ok(Loaded::In(started.elapsed()))
 }
 
 /// Rules written to a temporary file, removed on drop.

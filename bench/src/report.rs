@@ -236,9 +236,12 @@ pub fn connections_table(results: &[ConnectionResult]) -> Table {
     ]);
     for result in results {
         let direct = direct_at(results, result.variant, result.services);
-        // IPv4's own variants compare with IPv4's, IPv6's tc with IPv6's.
+        // Each family's variants compare with their own family's.
         let (socket_lb, tc_only) = if result.variant.ipv6() {
-            (None, at(results, Variant::EbpfProxyTcIpv6, result.services))
+            (
+                at(results, Variant::EbpfProxySocketLbIpv6, result.services),
+                at(results, Variant::EbpfProxyTcIpv6, result.services),
+            )
         } else {
             (
                 at(results, Variant::EbpfProxySocketLb, result.services),
@@ -855,11 +858,11 @@ pub fn document(results: &Results, context: &DocumentContext) -> String {
              direct flow to a backend) or per packet (tc only), by kube-proxy-shaped iptables \
              rules (`iptables-restore`), by kube-proxy-shaped nftables rules (`nft -f`), and \
              straight to the pod IPs with no proxy (the floor). Every variant gets a lab of its \
-             own; the seven stand side by side and take turns run by run, so a noisy spell of \
+             own; the eight stand side by side and take turns run by run, so a noisy spell of \
              the shared machine hits them alike. The IPv6 rows are the same Services as \
              single-stack IPv6 ones (IPv6 ClusterIPs, the pods' IPv6 addresses as endpoints), \
-             through the daemon's tc program, beside IPv6 straight to the pods (the socket \
-             hooks are IPv4's: no socket-LB row for IPv6). The last column is \
+             translated by the daemon at the socket (`connect6`) or per packet (tc), beside \
+             IPv6 straight to the pods. The last column is \
              the daemon's CPU time (user + system) during each measured run. Each connection \
              goes to a random Service (so the \
              iptables walk averages half of KUBE-SERVICES), sends one line, reads the pod's \

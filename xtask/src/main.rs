@@ -44,8 +44,8 @@ enum Task {
         /// docs/.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
-        /// Programming and memory at these numbers of Services only (e.g. 100000); such
-        /// a run writes under the target directory, not docs/.
+        /// Connections, programming and memory at these numbers of Services only (e.g.
+        /// 100000); such a run writes under the target directory, not docs/.
         #[arg(long, value_delimiter = ',')]
         services: Vec<usize>,
     },
