@@ -306,10 +306,11 @@ fn prepare<'lab>(
         let parts = mode.rules_in_parts(&cluster);
         match netfilter::load_parts(lab.node(), mode, &parts, settings.rules_timeout)? {
             Loaded::In(took) => eprintln!(
-                "  {services} Services, {}: rules loaded in {:.1} s ({} transactions)",
+                "  {services} Services, {}: rules loaded in {:.1} s ({} {})",
                 variant.label(),
                 took.as_secs_f64(),
-                parts.len()
+                parts.len(),
+                if parts.len() == 1 { "part" } else { "parts" }
             ),
             Loaded::StoppedAfter(after) => {
                 bail!("loading the rules took longer than {after:?}")
