@@ -885,8 +885,11 @@ pub fn document(results: &Results, context: &DocumentContext) -> String {
              fills freshly loaded maps: the daemon's first sync (the second column leaves the \
              parsing out). iptables and nftables: loading kube-proxy's rules with \
              `iptables-restore` and `nft -f` into a fresh namespace (generating the text is not \
-             timed; they parse it). A load that runs past the time limit is stopped; its cell \
-             gives a lower bound.\n\n{}\n\
+             timed; they parse it), `nft -f` as one transaction, as kube-proxy's full sync \
+             writes it (the kernel binds each Service's anonymous verdict map by walking the \
+             whole transaction, so its time grows with the square of the Services; the \
+             connection section loads the same rules in parts of 1,000 Services). A load that \
+             runs past the time limit is stopped; its cell gives a lower bound.\n\n{}\n\
              ### One endpoint change\n\n\
              In process: an EndpointSlice event (one endpoint of a random Service replaced), \
              then what the daemon's partial sync does: the model marks that Service dirty, the \
