@@ -6,7 +6,10 @@
 //! connection moved the same way: node 2 sends it to the backend node 1 chose (the
 //! connection itself does not survive where a node SNATs it: the backend sees another
 //! source, see the README). With kube-proxy's random choice (the same Service without the
-//! annotation) the nodes disagree. With `--xdp off` and `--xdp native`.
+//! annotation) the nodes disagree. With `--xdp off` and `--xdp native`. IPv6 alike: a
+//! single-stack IPv6 Service's new TCP connections from one client port through either
+//! node's IPv6 NodePort reach the same backend (an IPv6 client placed by its address's
+//! digest, IPv6 backends placed as the writer places them; remote ones SNATed).
 //!
 //! Three nodes: the client enters through nodes 1 and 2, which run the daemons; the five
 //! backends sit on all three (node 1's and node 2's pods are local to one entry node and
@@ -14,6 +17,7 @@
 
 mod common;
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -70,8 +74,12 @@ fn cluster() -> Result<Cluster> {
 }
 
 /// For each client port: the pod that answered a TCP request through node 1's NodePort,
-/// and then one through node 2's, each a new connection from that port.
-fn tcp_through_both_nodes(cluster: &Cluster) -> Result<Vec<(String, String)>> {
+/// and then one through node 2's, each a new connection from that port; `node_ip(k)` is
+/// node k's address of the family tried.
+fn tcp_through_both_nodes(
+    cluster: &Cluster,
+    node_ip: impl Fn(usize) -> IpAddr,
+) -> Result<Vec<(String, String)>> {
     (0..FLOWS)
         .map(|flow| {
             let port = FIRST_CLIENT_PORT + flow;
@@ -79,7 +87,7 @@ fn tcp_through_both_nodes(cluster: &Cluster) -> Result<Vec<(String, String)>> {
             for k in [1, 2] {
                 let mut session = cluster
                     .client()
-                    .tcp_connect_from(port, cluster.node(k).ip, addr::NODE_PORT_TCP, TIMEOUT)
+                    .tcp_connect_from(port, node_ip(k), addr::NODE_PORT_TCP, TIMEOUT)
                     .with_context(|| format!("port {port} through node {k}"))?;
                 answers.push(session.request()?);
                 session.reset_on_close()?;
@@ -164,7 +172,10 @@ fn same_backend_through_either_node(xdp: &str) -> Result<()> {
     let cluster = cluster()?;
     let daemons = entry_daemons(&cluster, &service(true), xdp)?;
     for (name, pairs) in [
-        ("TCP through either node", tcp_through_both_nodes(&cluster)?),
+        (
+            "TCP through either node",
+            tcp_through_both_nodes(&cluster, |k| cluster.node(k).ip.into())?,
+        ),
         (
             "UDP moved from node 1 to node 2",
             udp_moving_from_node_1_to_node_2(&cluster)?,
@@ -174,16 +185,7 @@ fn same_backend_through_either_node(xdp: &str) -> Result<()> {
             tcp_moving_from_node_1_to_node_2(&cluster, &daemons)?,
         ),
     ] {
-        let differing: Vec<&(String, String)> = pairs.iter().filter(|(a, b)| a != b).collect();
-        ensure!(
-            differing.is_empty(),
-            "{name}: backends changed: {differing:?}"
-        );
-        let spread: std::collections::BTreeSet<&String> = pairs.iter().map(|(a, _)| a).collect();
-        ensure!(
-            spread.len() > 1,
-            "{name}: every flow on one backend: {spread:?}"
-        );
+        same_backends_spread(name, &pairs)?;
     }
     let services = common::cli_json(&daemons[0], &["services"])?;
     let external = services
@@ -194,6 +196,49 @@ fn same_backend_through_either_node(xdp: &str) -> Result<()> {
     for frontend in external {
         ensure!(frontend["algorithm"] == "maglev", "{frontend:#}");
         ensure!(frontend["maglev_table_written"] == true, "{frontend:#}");
+    }
+    Ok(())
+}
+
+/// Each flow kept its backend, and the flows spread over more than one.
+fn same_backends_spread(name: &str, pairs: &[(String, String)]) -> Result<()> {
+    let differing: Vec<&(String, String)> = pairs.iter().filter(|(a, b)| a != b).collect();
+    ensure!(
+        differing.is_empty(),
+        "{name}: backends changed: {differing:?}"
+    );
+    let spread: std::collections::BTreeSet<&String> = pairs.iter().map(|(a, _)| a).collect();
+    ensure!(
+        spread.len() > 1,
+        "{name}: every flow on one backend: {spread:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn over_ipv6_every_node_sends_a_clients_connection_to_the_same_backend() -> Result<()> {
+    require_lab!();
+    for xdp in XDP_MODES {
+        let cluster = cluster()?;
+        let service = Service::node_port("web6", addr::NODE_PORT_SERVICE_IPV6)
+            .tcp_node_port(80, addr::ECHO_TCP_PORT, addr::NODE_PORT_TCP)
+            .annotation("ebpf-proxy.io/lb-algorithm", "maglev");
+        let endpoints: Vec<Endpoint> = (1..=3)
+            .flat_map(|k| {
+                let node = cluster.node(k);
+                node.pods()
+                    .iter()
+                    .map(|pod| Endpoint::of_v6(pod).on_node(&node.name))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let _daemons = common::daemons_on_nodes_1_and_2(&cluster, &service, &endpoints, xdp)?;
+        let pairs = tcp_through_both_nodes(&cluster, |k| addr::fabric_node_ipv6(k).into())
+            .with_context(|| format!("--xdp {xdp}"))?;
+        same_backends_spread(
+            &format!("IPv6 TCP through either node, --xdp {xdp}"),
+            &pairs,
+        )?;
     }
     Ok(())
 }
