@@ -8,6 +8,7 @@ mod datapath;
 
 use std::net::IpAddr;
 
+use datapath::ipv6::ends::{BACKEND, CLIENT, NODE_PORT, VIP};
 use datapath::ipv6::*;
 use datapath::wire::{self, Extension};
 use datapath::*;
@@ -15,10 +16,6 @@ use proxy_common::{CtKey, ct_flags, map_names, proto, service_flags, stat};
 use proxy_userspace::conntrack::gc::Reaper;
 use proxy_userspace::inspect::Endpoint;
 use proxy_userspace::inspect::trace::TracePacket;
-
-const CLIENT: ([u8; 16], u16) = (CLIENT6, CLIENT6_PORT);
-const VIP: ([u8; 16], u16) = (VIP6, VIP6_PORT);
-const BACKEND: ([u8; 16], u16) = (BACKEND6_1, BACKEND6_PORT);
 
 /// Runs `frame` and asserts it leaves as `expected` to the kernel, checksums valid.
 fn assert_translated6(datapath: &Datapath, frame: &[u8], expected: &[u8]) {
@@ -252,9 +249,6 @@ fn the_collector_reaps_finished_ipv6_flows_and_only_those() {
         .unwrap();
     assert_eq!((pending6.entries, pending6.reaped), (4, 2));
 }
-
-/// The NodePort the namespace tests install on [`NODE6`].
-const NODE_PORT: ([u8; 16], u16) = (NODE6, 30_080);
 
 #[test]
 fn a_node_port_reply_is_routed_by_the_program_with_its_hop_limit_decremented() {

@@ -8,17 +8,12 @@
 
 mod datapath;
 
+use datapath::ipv6::ends::{BACKEND, CLIENT, NODE_PORT, VIP};
 use datapath::ipv6::*;
 use datapath::wire::{self, Extension};
 use datapath::*;
 use proxy_common::{CtKey, ct_flags, proto, service_flags, stat};
 use proxy_userspace::xdp::{XDP_PASS, XDP_TX};
-
-const CLIENT: ([u8; 16], u16) = (CLIENT6, CLIENT6_PORT);
-const VIP: ([u8; 16], u16) = (VIP6, VIP6_PORT);
-const BACKEND: ([u8; 16], u16) = (BACKEND6_1, BACKEND6_PORT);
-/// The NodePort the wire tests install on [`NODE6`].
-const NODE_PORT: ([u8; 16], u16) = (NODE6, 30_080);
 
 /// Runs `frame` through XDP and asserts it was translated to `expected` and marked for the
 /// stack (tc lets it through), checksums valid.

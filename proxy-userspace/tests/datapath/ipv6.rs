@@ -25,6 +25,19 @@ pub const CLIENT6_PORT: u16 = 40_000;
 pub const VIP6_PORT: u16 = 80;
 pub const BACKEND6_PORT: u16 = 8080;
 
+/// The tests' IPv6 endpoints (address, port), under the names the IPv4 tests give theirs:
+/// imported by name (`use datapath::ipv6::ends::{CLIENT, …}`), which shadows IPv4's from
+/// the `datapath` glob.
+pub mod ends {
+    use super::*;
+
+    pub const CLIENT: ([u8; 16], u16) = (CLIENT6, CLIENT6_PORT);
+    pub const VIP: ([u8; 16], u16) = (VIP6, VIP6_PORT);
+    pub const BACKEND: ([u8; 16], u16) = (BACKEND6_1, BACKEND6_PORT);
+    /// A NodePort on [`NODE6`].
+    pub const NODE_PORT: ([u8; 16], u16) = (NODE6, 30_080);
+}
+
 /// The Ethernet addresses (source, destination) of the frames [`frame6`] builds.
 pub const MACS6: ([u8; 6], [u8; 6]) = ([0x02, 0, 0, 0, 0, 0x01], [0x02, 0, 0, 0, 0, 0x02]);
 pub const SYN6: L4 = L4::Tcp(tcp_flags::SYN);
