@@ -12,7 +12,7 @@ use datapath::ipv6::ends::{BACKEND, CLIENT, NODE_PORT, VIP};
 use datapath::ipv6::*;
 use datapath::wire::{self, Extension};
 use datapath::*;
-use proxy_common::{CtKey, ct_flags, map_names, proto, service_flags, stat};
+use proxy_common::{CtKey, ct_flags, fragment_verdict, map_names, proto, service_flags, stat};
 use proxy_userspace::conntrack::gc::Reaper;
 use proxy_userspace::inspect::Endpoint;
 use proxy_userspace::inspect::trace::TracePacket;
@@ -170,24 +170,148 @@ fn extension_headers_are_skipped_to_find_the_ports() {
     datapath.assert_stats(&[(stat::CT_MISS, 1), (stat::NEW_FLOW, 1)]);
 }
 
+/// The identification the tests' senders give a fragmented datagram.
+const DATAGRAM_ID: u32 = 0x1234_5678;
+
+/// A UDP Service on [`VIP6`]:53 served by [`BACKEND6_1`]:5353; its frontend and backend.
+fn udp_service(datapath: &mut Datapath) -> (([u8; 16], u16), ([u8; 16], u16)) {
+    let (dns, server) = ((VIP6, 53), (BACKEND6_1, 5353));
+    datapath.add_service6(
+        frontend6(dns.0, dns.1, proto::UDP),
+        &[backend6(server.0, server.1, proto::UDP)],
+        service_flags::CLUSTER_IP,
+    );
+    (dns, server)
+}
+
+/// Sends the UDP datagram `src` → `dst` of `len` bytes of payload as its fragments and
+/// asserts each leaves (to the kernel) as the matching fragment of the datagram `to_src`
+/// → `to_dst` built from scratch (its UDP checksum computed over the new addresses and
+/// sitting in the first fragment: a later one's bytes past its headers are untouched),
+/// the reassembled output's checksum valid; returns how many fragments there were.
+fn assert_datagram6_translated(
+    datapath: &Datapath,
+    (src, dst): (([u8; 16], u16), ([u8; 16], u16)),
+    (to_src, to_dst): (([u8; 16], u16), ([u8; 16], u16)),
+    len: usize,
+) -> usize {
+    let data = payload(len);
+    let sent = wire::ipv6_fragments(&udp6(src, dst, data), DATAGRAM_ID);
+    let expected = wire::ipv6_fragments(&udp6(to_src, to_dst, data), DATAGRAM_ID);
+    let out = assert_fragments(datapath, &sent, TC_ACT_OK, &expected);
+    assert!(wire::ipv6_checksum_valid(&wire::ipv6_reassembled(&out)));
+    out.len()
+}
+
 #[test]
-fn a_fragment_passes_untouched() {
+fn fragments_of_a_clusterip_datagram_follow_their_first_fragment_both_ways() {
     let Some(mut datapath) = Datapath::load() else {
         return;
     };
-    tcp_service(&mut datapath);
-    let fragment = frame6_with(CLIENT, VIP, SYN6, &[Extension::first_fragment()], 64);
-    assert_untouched(&datapath, &fragment);
-    // Also behind a skipped extension header.
-    let fragment = frame6_with(
-        CLIENT,
-        VIP,
-        SYN6,
-        &[Extension::hop_by_hop(), Extension::first_fragment()],
-        64,
+    let (dns, server) = udp_service(&mut datapath);
+    // A 4,000-byte query, cut into fragments by the client: the first DNATed (its UDP
+    // checksum updated) and its fate recorded, the later ones rewritten the same.
+    let sent = assert_datagram6_translated(&datapath, (CLIENT, dns), (CLIENT, server), 4000);
+    assert_eq!(sent, 3, "fragments");
+    let record = datapath.fragments6()[&datagram6(CLIENT6, VIP6, DATAGRAM_ID)];
+    assert_eq!(record.to, tuple6(CLIENT, server));
+    assert_eq!(
+        (record.verdict, record.routes_itself),
+        (fragment_verdict::FORWARD, 0)
     );
-    assert_untouched(&datapath, &fragment);
-    datapath.assert_stats(&[(stat::NOT_HANDLED, 2)]);
+    // A 30,000-byte answer, fragmented by the backend: the client gets it from the Service.
+    let sent = assert_datagram6_translated(&datapath, (server, CLIENT), (dns, CLIENT), 30_000);
+    assert_eq!(sent, 21, "fragments");
+    let record = datapath.fragments6()[&datagram6(BACKEND6_1, CLIENT6, DATAGRAM_ID)];
+    assert_eq!(record.to, tuple6(dns, CLIENT));
+    assert_eq!(datapath.fragments6().len(), 2);
+    assert!(
+        datapath.fragments().is_empty(),
+        "IPv4's FRAGMENTS saw nothing"
+    );
+    datapath.assert_stats(&[
+        (stat::CT_MISS, 1),
+        (stat::NEW_FLOW, 1),
+        (stat::REPLY, 1),
+        (stat::FRAGMENT, 2 + 20),
+    ]);
+}
+
+#[test]
+fn a_later_fragment_before_its_first_passes_untouched_and_is_counted() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    let (dns, server) = udp_service(&mut datapath);
+    let sent = wire::ipv6_fragments(&udp6(CLIENT, dns, payload(2000)), DATAGRAM_ID);
+    // Out of order: nothing knows its datagram yet.
+    assert_untouched(&datapath, &sent[1]);
+    datapath.assert_stats(&[(stat::FRAGMENT_UNMATCHED, 1)]);
+    assert!(datapath.fragments6().is_empty());
+    // The sender's retry: now its first fragment leads.
+    assert_datagram6_translated(&datapath, (CLIENT, dns), (CLIENT, server), 2000);
+    datapath.assert_stats(&[
+        (stat::FRAGMENT_UNMATCHED, 1),
+        (stat::CT_MISS, 1),
+        (stat::NEW_FLOW, 1),
+        (stat::FRAGMENT, 1),
+    ]);
+}
+
+#[test]
+fn fragments_of_a_datagram_to_no_service_or_of_icmpv6_pass_untouched() {
+    let Some(datapath) = Datapath::load() else {
+        return;
+    };
+    let other = (ip6(0x0019, 0x0b), 53);
+    let sent = wire::ipv6_fragments(&udp6(CLIENT, other, payload(2000)), DATAGRAM_ID);
+    for fragment in &sent {
+        assert_untouched(&datapath, fragment);
+    }
+    // Its record says so: passed as it was.
+    let record = datapath.fragments6()[&datagram6(CLIENT6, other.0, DATAGRAM_ID)];
+    assert_eq!(record.to, tuple6(CLIENT, other));
+    datapath.assert_stats(&[(stat::PASS, 1), (stat::FRAGMENT, 1)]);
+    // A fragmented ICMPv6 echo request: neither fragment is followed.
+    let echo = wire::ipv6_frame(
+        MACS6,
+        CLIENT6,
+        VIP6,
+        64,
+        &[],
+        wire::ICMPV6,
+        &[128, 0, 0, 0, 0, 1, 0, 1],
+        Some(2),
+        payload(2000),
+    );
+    for fragment in &wire::ipv6_fragments(&echo, DATAGRAM_ID) {
+        assert_untouched(&datapath, fragment);
+    }
+    datapath.assert_stats(&[(stat::PASS, 1), (stat::FRAGMENT, 1), (stat::NOT_HANDLED, 2)]);
+    assert_eq!(datapath.fragments6().len(), 1);
+}
+
+#[test]
+fn the_rest_of_a_refused_datagram_is_dropped() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    datapath.add_service6(
+        frontend6(VIP6, 53, proto::UDP),
+        &[],
+        service_flags::CLUSTER_IP,
+    );
+    let sent = wire::ipv6_fragments(&udp6(CLIENT, (VIP6, 53), payload(2000)), DATAGRAM_ID);
+    // No endpoints: a first fragment is dropped, not answered (the quote of its IPv6
+    // header and 8 bytes would hold its fragment header, not its ports), as packets with
+    // extension headers are.
+    for fragment in &sent {
+        let (verdict, _) = datapath.run(fragment);
+        assert_eq!(verdict, TC_ACT_SHOT);
+    }
+    let record = datapath.fragments6()[&datagram6(CLIENT6, VIP6, DATAGRAM_ID)];
+    assert_eq!(record.verdict, fragment_verdict::DROP);
+    datapath.assert_stats(&[(stat::NO_BACKEND, 1), (stat::FRAGMENT_DROPPED, 1)]);
     assert!(datapath.conntrack6().is_empty());
 }
 

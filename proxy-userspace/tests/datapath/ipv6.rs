@@ -8,8 +8,9 @@ use std::net::Ipv6Addr;
 
 use aya::maps::{HashMap as BpfHashMap, LpmTrie, lpm_trie::Key};
 use proxy_common::{
-    Address, AffinityKey, AffinityValue, Backend, CtKey, CtValue, FrontendKey, FrontendValue, Ipv6,
-    MembershipKey, Slot, SourceRange, Tuple, map_names, membership, proto, tcp_flags,
+    Address, AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragmentKey, FragmentValue,
+    FrontendKey, FrontendValue, Ipv6, MembershipKey, Slot, SourceRange, Tuple, map_names,
+    membership, proto, tcp_flags,
 };
 
 use super::wire::{self, Extension};
@@ -101,6 +102,33 @@ pub fn frame6_via(
         Some(csum_offset),
         PAYLOAD,
     )
+}
+
+/// A UDP datagram from `src` to `dst` carrying `payload` (hop limit 64), its checksum
+/// computed here.
+pub fn udp6(src: ([u8; 16], u16), dst: ([u8; 16], u16), payload: &[u8]) -> Vec<u8> {
+    wire::ipv6_frame(
+        MACS6,
+        src.0,
+        dst.0,
+        64,
+        &[],
+        proto::UDP,
+        &wire::udp_header(src.1, dst.1, payload.len()),
+        Some(6),
+        payload,
+    )
+}
+
+/// The FRAGMENTS6 key of the UDP datagram from `src` to `dst` with identification `id`.
+pub fn datagram6(src: [u8; 16], dst: [u8; 16], id: u32) -> FragmentKey<Ipv6> {
+    FragmentKey {
+        src_addr: v6(src),
+        dst_addr: v6(dst),
+        id: u32::from_ne_bytes(id.to_be_bytes()),
+        proto: proto::UDP,
+        _pad: [0; 3],
+    }
 }
 
 /// 2001:db8:`subnet`::`host`.
@@ -212,6 +240,13 @@ impl Datapath {
         let mut entries = self.conntrack6_map(map_names::CONNTRACK6);
         entries.extend(self.conntrack6_map(map_names::CONNTRACK_PENDING6));
         entries
+    }
+
+    /// Every FRAGMENTS6 entry: the IPv6 datagrams whose first fragment passed.
+    pub fn fragments6(&self) -> HashMap<FragmentKey<Ipv6>, FragmentValue<Ipv6>> {
+        let map: BpfHashMap<_, FragmentKey<Ipv6>, FragmentValue<Ipv6>> =
+            BpfHashMap::try_from(self.ebpf.map(map_names::FRAGMENTS6).unwrap()).unwrap();
+        map.iter().map(Result::unwrap).collect()
     }
 
     /// The entries of one IPv6 conntrack map (`CONNTRACK6` or `CONNTRACK_PENDING6`).
