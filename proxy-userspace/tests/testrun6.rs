@@ -15,7 +15,7 @@ use datapath::*;
 use proxy_common::{CtKey, ct_flags, fragment_verdict, map_names, proto, service_flags, stat};
 use proxy_userspace::conntrack::gc::Reaper;
 use proxy_userspace::inspect::Endpoint;
-use proxy_userspace::inspect::trace::TracePacket;
+use proxy_userspace::inspect::trace::{Fragment, TracePacket};
 
 /// Runs `frame` and asserts it leaves as `expected` to the kernel, checksums valid.
 fn assert_translated6(datapath: &Datapath, frame: &[u8], expected: &[u8]) {
@@ -606,6 +606,63 @@ fn the_dry_run_of_an_ipv6_packet_records_its_addresses_and_writes_nothing() {
 /// and IPv4-mapped addresses) are accepted by this kernel's verifier, with room to spare.
 /// Their translations are tested in the lab (`socket_lb`, `socket_lb6`): the kernel cannot
 /// test-run cgroup socket programs.
+#[test]
+fn the_dry_run_of_ipv6_fragments_reports_and_follows_fragments6_and_writes_nothing() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    let (dns, server) = udp_service(&mut datapath);
+    let first = TracePacket {
+        fragment: Fragment::First,
+        ip_id: DATAGRAM_ID,
+        length: 1496,
+        ..TracePacket::opening(proto::UDP, trace_endpoint(CLIENT), trace_endpoint(dns))
+    };
+    // A first fragment: DNATed, with the record the live program would write for the
+    // later ones reported (and none written).
+    let report = datapath.tracer().run(&first).unwrap();
+    let fragment = report.fragment.as_ref().unwrap();
+    assert_eq!(fragment.part, "first");
+    let record = fragment.record.as_ref().unwrap();
+    assert_eq!(
+        (record.verdict, record.destination),
+        ("forward", IpAddr::from(server.0))
+    );
+    assert_eq!(
+        report.output.as_ref().unwrap().destination,
+        trace_endpoint(server)
+    );
+    assert!(datapath.fragments6().is_empty());
+    assert!(datapath.conntrack6().is_empty());
+
+    // The live program passes the datagram's first fragment: a later one follows it.
+    let sent = wire::ipv6_fragments(&udp6(CLIENT, dns, payload(2000)), DATAGRAM_ID);
+    assert_eq!(datapath.run(&sent[0]).0, TC_ACT_OK);
+    let (stats, recorded) = (datapath.stats(), datapath.fragments6());
+    let later = TracePacket {
+        fragment: Fragment::Later,
+        ..first
+    };
+    let report = datapath.tracer().run(&later).unwrap();
+    assert_eq!(
+        (report.verdict.as_str(), report.path),
+        ("accept", "fragment")
+    );
+    let record = report.fragment.as_ref().unwrap().record.as_ref().unwrap();
+    assert_eq!(record.destination, IpAddr::from(server.0));
+    let output = report.output.as_ref().unwrap();
+    assert_eq!(output.destination.address, IpAddr::from(server.0));
+    assert_eq!(output.fragment, Some("later"));
+    // Another datagram of the client: its first fragment never passed.
+    let unknown = TracePacket { ip_id: 7, ..later };
+    let report = datapath.tracer().run(&unknown).unwrap();
+    assert_eq!(report.path, "fragment_unmatched");
+    assert!(report.fragment.unwrap().record.is_none());
+    // A dry run writes nothing.
+    assert_eq!(datapath.stats(), stats);
+    assert_eq!(datapath.fragments6(), recorded);
+}
+
 #[test]
 fn the_socket_programs_of_both_families_verify() {
     let Some(mut datapath) = Datapath::load() else {

@@ -91,13 +91,14 @@ pub struct TraceArgs {
     /// Trace one fragment of the datagram: `first` (it carries the ports and decides for
     /// the datagram) or `later` (no ports: it follows its first fragment's FRAGMENTS
     /// record, which only the live program writes). Default: a whole datagram with "don't
-    /// fragment", as Linux sends TCP. IPv4 only.
+    /// fragment", as Linux sends TCP. IPv6: behind a fragment header (the later one at
+    /// offset 1448, where the second fragment over a 1500-byte MTU starts).
     #[arg(long, value_enum, default_value_t = Fragment::Whole)]
     fragment: Fragment,
-    /// The IPv4 identification, which with the addresses and protocol names a fragment's
-    /// datagram.
+    /// The identification, which with the addresses and protocol names a fragment's
+    /// datagram: IPv4's 16 bits, or the 32 of IPv6's fragment header.
     #[arg(long, default_value_t = 1)]
-    ip_id: u16,
+    ip_id: u32,
     /// Trace the ICMP error the packet drew instead of the packet itself:
     /// `port-unreachable`, `host-unreachable`, `net-unreachable`, `frag-needed[=MTU]`
     /// (1400 if omitted) or `time-exceeded`, sent to the packet's source and quoting it

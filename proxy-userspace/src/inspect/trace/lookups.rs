@@ -5,9 +5,9 @@
 use std::fmt::Write as _;
 
 use proxy_common::{
-    Address, BackendSet, FlowState, FrontendKey, Origin, TraceRecord, ct_flags, ct_state,
-    fragment_verdict, maglev, map_names, stat, trace_answer, trace_ct, trace_fragment,
-    trace_origin, trace_table,
+    Address, BackendSet, FlowState, FragmentValue, FrontendKey, Ipv6, Origin, TraceRecord,
+    ct_flags, ct_state, fragment_verdict, maglev, map_names, stat, trace_answer, trace_ct,
+    trace_fragment, trace_origin, trace_table,
 };
 
 use super::report::{
@@ -331,7 +331,8 @@ pub(super) fn report_of<A: Address>(
     }
 }
 
-/// A fragment's datagram and its FRAGMENTS record, with the line that explains it.
+/// A fragment's datagram and its FRAGMENTS (IPv6: FRAGMENTS6) record, with the line that
+/// explains it.
 fn fragment_match(
     packet: &TracePacket,
     record: &TraceRecord,
@@ -343,7 +344,12 @@ fn fragment_match(
         _ => return None,
     };
     let key = format!(
-        "FRAGMENTS[{} {} → {} id {}]",
+        "{}[{} {} → {} id {}]",
+        if packet.is_ipv6() {
+            map_names::FRAGMENTS6
+        } else {
+            map_names::FRAGMENTS
+        },
         protocol_name(packet.protocol),
         packet.source.address,
         packet.destination.address,
@@ -351,16 +357,10 @@ fn fragment_match(
     );
     let found = record.fragment == trace_fragment::FIRST || record.fragment_found != 0;
     let fragment_record = found.then(|| {
-        let value = &record.fragment_record;
-        FragmentRecord {
-            verdict: if value.verdict == fragment_verdict::DROP {
-                "drop"
-            } else {
-                "forward"
-            },
-            source: Endpoint::from_wire(value.to.src_addr, 0).address,
-            destination: Endpoint::from_wire(value.to.dst_addr, 0).address,
-            routes_itself: value.routes_itself != 0,
+        if packet.is_ipv6() {
+            fragment_record(Ipv6::traced_fragment(record))
+        } else {
+            fragment_record(u32::traced_fragment(record))
         }
     });
     let said = match &fragment_record {
@@ -395,4 +395,18 @@ fn fragment_match(
         ip_id: packet.ip_id,
         record: fragment_record,
     })
+}
+
+/// A FRAGMENTS (FRAGMENTS6) record as the report shows it.
+fn fragment_record<A: Address>(value: &FragmentValue<A>) -> FragmentRecord {
+    FragmentRecord {
+        verdict: if value.verdict == fragment_verdict::DROP {
+            "drop"
+        } else {
+            "forward"
+        },
+        source: value.to.src_addr.to_ip(),
+        destination: value.to.dst_addr.to_ip(),
+        routes_itself: value.routes_itself != 0,
+    }
 }

@@ -91,7 +91,7 @@ pub struct PacketView {
     /// `first` or `later` for a fragment (a later one carries no ports: they are its
     /// datagram's); null for a whole datagram.
     pub fragment: Option<&'static str>,
-    pub ip_id: u16,
+    pub ip_id: u32,
     /// An ICMP error about the packet described by the fields above (which it quotes).
     pub icmp_error: Option<IcmpErrorView>,
 }
@@ -118,7 +118,7 @@ impl From<&TracePacket> for PacketView {
             sctp_chunk: (packet.protocol == proto::SCTP).then(|| {
                 super::packet::sctp_chunk_name(super::packet::sctp_chunk(packet.tcp_flags))
             }),
-            length: packet.length,
+            length: packet.total_len(),
             ttl: packet.ttl,
             fragment: match packet.fragment {
                 Fragment::Whole => None,
@@ -194,10 +194,11 @@ impl AnswerView {
 pub struct FragmentMatch {
     /// `first` or `later`.
     pub part: &'static str,
-    /// The FRAGMENTS key: source and destination address, protocol, IP identification.
+    /// The FRAGMENTS (IPv6: FRAGMENTS6) key: source and destination address, protocol,
+    /// identification.
     pub source: IpAddr,
     pub destination: IpAddr,
-    pub ip_id: u16,
+    pub ip_id: u32,
     /// `first`: what the live program would record for the later fragments; `later`:
     /// the record found (null when none: the fragment passes untouched).
     pub record: Option<FragmentRecord>,

@@ -274,54 +274,86 @@ fn a_passing_packet_says_what_was_missing() {
     );
 }
 
-#[test]
-fn a_later_fragment_shows_its_datagrams_record_and_no_ports() {
+/// The report of a later UDP fragment from `source` to `destination` (id 4660) whose
+/// datagram's record, in the family of `A`, forwards it to `backend`.
+fn later_fragment_report<A: Address>(
+    source: Endpoint,
+    destination: Endpoint,
+    backend: Endpoint,
+) -> TraceReport {
     let packet = TracePacket {
         fragment: Fragment::Later,
         ip_id: 4660,
-        ..TracePacket::opening(
-            proto::UDP,
-            endpoint([198, 18, 1, 14], 35676),
-            endpoint([198, 19, 0, 10], 53),
-        )
+        ..TracePacket::opening(proto::UDP, source, destination)
     };
-    let record = TraceRecord {
+    let mut record = TraceRecord {
         fragment: trace_fragment::LATER,
         fragment_found: 1,
-        fragment_record: FragmentValue {
-            to: Tuple {
-                src_addr: wire("198.18.1.14"),
-                dst_addr: wire("198.18.1.11"),
-                src_port: 0,
-                dst_port: 0,
-            },
-            ..Default::default()
-        },
         ..recorded(stat::FRAGMENT)
     };
+    *A::traced_fragment_mut(&mut record) = FragmentValue {
+        to: Tuple {
+            src_addr: A::from_ip(source.address).unwrap(),
+            dst_addr: A::from_ip(backend.address).unwrap(),
+            src_port: 0,
+            dst_port: 0,
+        },
+        ..Default::default()
+    };
     let output = TracePacket {
-        destination: endpoint([198, 18, 1, 11], 53),
+        destination: backend,
         ..packet
     };
-    let report = report(&packet, 0, &output.frame(), &record, None);
-    assert_eq!(report.path, "fragment");
-    assert_eq!(
-        report.decided_by,
-        [
+    report(&packet, 0, &output.frame(), &record, None)
+}
+
+#[test]
+fn a_later_fragment_shows_its_datagrams_record_and_no_ports() {
+    // IPv4's record in FRAGMENTS, IPv6's in FRAGMENTS6 (the later fragment behind its
+    // fragment header: 40 + 8 + 8 bytes).
+    let cases = [
+        (
+            later_fragment_report::<u32>(
+                endpoint([198, 18, 1, 14], 35676),
+                endpoint([198, 19, 0, 10], 53),
+                endpoint([198, 18, 1, 11], 53),
+            ),
             "FRAGMENTS[udp 198.18.1.14 → 198.19.0.10 id 4660] = forward as 198.18.1.14 → \
-          198.18.1.11"
-        ]
-    );
-    let text = render(&report);
-    for line in [
-        "packet      udp 198.18.1.14 → 198.19.0.10 (later fragment, id 4660, 28 bytes, TTL 64)",
-        "rewritten   udp 198.18.1.14 → 198.18.1.11 (later fragment, id 4660, 28 bytes, TTL 64)",
-    ] {
-        assert!(text.contains(line), "{line:?} not in\n{text}");
+             198.18.1.11",
+            [
+                "packet      udp 198.18.1.14 → 198.19.0.10 (later fragment, id 4660, 28 bytes, \
+                 TTL 64)",
+                "rewritten   udp 198.18.1.14 → 198.18.1.11 (later fragment, id 4660, 28 bytes, \
+                 TTL 64)",
+            ],
+        ),
+        (
+            later_fragment_report::<Ipv6>(
+                endpoint6("2001:db8:1::14", 35676),
+                endpoint6("2001:db8:ff::10", 53),
+                endpoint6("2001:db8:2::11", 53),
+            ),
+            "FRAGMENTS6[udp 2001:db8:1::14 → 2001:db8:ff::10 id 4660] = forward as \
+             2001:db8:1::14 → 2001:db8:2::11",
+            [
+                "packet      udp 2001:db8:1::14 → 2001:db8:ff::10 (later fragment, id 4660, 56 \
+                 bytes, TTL 64)",
+                "rewritten   udp 2001:db8:1::14 → 2001:db8:2::11 (later fragment, id 4660, 56 \
+                 bytes, TTL 64)",
+            ],
+        ),
+    ];
+    for (report, decided_by, lines) in cases {
+        assert_eq!(report.path, "fragment");
+        assert_eq!(report.decided_by, [decided_by]);
+        let text = render(&report);
+        for line in lines {
+            assert!(text.contains(line), "{line:?} not in\n{text}");
+        }
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["fragment"]["record"]["verdict"], "forward");
+        assert_eq!(json["output"]["fragment"], "later");
     }
-    let json = serde_json::to_value(&report).unwrap();
-    assert_eq!(json["fragment"]["record"]["verdict"], "forward");
-    assert_eq!(json["output"]["fragment"], "later");
 }
 
 #[test]
