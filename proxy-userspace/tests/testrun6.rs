@@ -437,6 +437,49 @@ fn a_node_port_to_a_backend_on_another_node_is_snated_both_ways() {
 }
 
 #[test]
+fn fragments_through_snat_are_routed_by_the_program_both_ways() {
+    if !bpf_available() {
+        return;
+    }
+    on_an_ipv6_node("lo", || {
+        let mut datapath = Datapath::load().unwrap();
+        let server = (BACKEND6_1, 5353);
+        datapath.add_service6(
+            frontend6(NODE_PORT.0, NODE_PORT.1, proto::UDP),
+            &[backend6(server.0, server.1, proto::UDP)],
+            service_flags::NODE_PORT,
+        );
+        let (query, answer) = (payload(4000), payload(3000));
+        let sent = wire::ipv6_fragments(&udp6(CLIENT, NODE_PORT, query), DATAGRAM_ID);
+        let (verdict, out) = datapath.run(&sent[0]);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        // The UDP source port, behind the fixed and the fragment header.
+        let port_at = wire::ETH_LEN + wire::IPV6_LEN + wire::IPV6_FRAGMENT_LEN;
+        let snat = (NODE6, u16::from_be_bytes([out[port_at], out[port_at + 1]]));
+        let expected = wire::ipv6_fragments(&udp6_with(snat, server, query, 63), DATAGRAM_ID);
+        assert_eq!(out, expected[0], "{out:02x?}");
+        // The later fragments go where the first went, routed by the program too.
+        assert_fragments(&datapath, &sent[1..], TC_ACT_REDIRECT, &expected[1..]);
+
+        let back = wire::ipv6_fragments(&udp6(server, snat, answer), DATAGRAM_ID);
+        let expected = wire::ipv6_fragments(&udp6_with(NODE_PORT, CLIENT, answer, 63), DATAGRAM_ID);
+        let out = assert_fragments(&datapath, &back, TC_ACT_REDIRECT, &expected);
+        assert!(wire::ipv6_checksum_valid(&wire::ipv6_reassembled(&out)));
+        // A later fragment whose hop limit runs out here: no error may be sent about it.
+        let mut last_hop = back.last().unwrap().clone();
+        last_hop[wire::ETH_LEN + 7] = 1;
+        assert_eq!(datapath.run(&last_hop).0, TC_ACT_SHOT);
+        datapath.assert_stats(&[
+            (stat::CT_MISS, 1),
+            (stat::NEW_FLOW, 1),
+            (stat::REPLY, 1),
+            (stat::FRAGMENT, 2 + 2),
+            (stat::NOT_FORWARDABLE, 1),
+        ]);
+    });
+}
+
+#[test]
 fn source_ranges_admit_ipv6_clients_inside_their_prefixes_only() {
     let Some(mut datapath) = Datapath::load() else {
         return;

@@ -107,11 +107,21 @@ pub fn frame6_via(
 /// A UDP datagram from `src` to `dst` carrying `payload` (hop limit 64), its checksum
 /// computed here.
 pub fn udp6(src: ([u8; 16], u16), dst: ([u8; 16], u16), payload: &[u8]) -> Vec<u8> {
+    udp6_with(src, dst, payload, 64)
+}
+
+/// [`udp6`] with `hop_limit`.
+pub fn udp6_with(
+    src: ([u8; 16], u16),
+    dst: ([u8; 16], u16),
+    payload: &[u8],
+    hop_limit: u8,
+) -> Vec<u8> {
     wire::ipv6_frame(
         MACS6,
         src.0,
         dst.0,
-        64,
+        hop_limit,
         &[],
         proto::UDP,
         &wire::udp_header(src.1, dst.1, payload.len()),
