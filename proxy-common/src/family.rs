@@ -7,7 +7,7 @@ use core::fmt::Debug;
 use core::hash::Hash;
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::{TraceAddresses, TraceRecord};
+use crate::{FragmentValue, TraceAddresses, TraceRecord};
 
 /// An IPv6 address as the maps hold it: its 16 bytes in wire order, held as four words
 /// read in native order (as IPv4's `u32` is), so the datapath copies and compares it a word
@@ -84,6 +84,11 @@ pub trait Address: sealed::Sealed + Copy + Debug + Default + Eq + Ord + Hash + '
     /// The padding after an address and a 4-byte word that aligns a `u64` to 8 bytes
     /// (`SockKey`, `SockValue`): none for IPv4, 4 bytes for IPv6.
     type WordAlign8Pad: Copy + Debug + Default + Eq + Ord + Hash + 'static;
+    /// A fragmented datagram's identification (`FragmentKey`): IPv4's 16-bit header
+    /// field, IPv6's 32-bit one of its fragment header.
+    type FragmentId: Copy + Debug + Default + Eq + Ord + Hash + 'static;
+    /// The padding after a `FragmentKey`'s protocol byte: 1 byte for IPv4, 3 for IPv6.
+    type FragmentPad: Copy + Debug + Default + Eq + Ord + Hash + 'static;
     /// The lowest and the highest address (bounds of a range over one frontend's keys).
     const LOWEST: Self;
     const HIGHEST: Self;
@@ -100,6 +105,9 @@ pub trait Address: sealed::Sealed + Copy + Debug + Default + Eq + Ord + Hash + '
     /// This family's place in a dry run's record.
     fn traced(record: &TraceRecord) -> &TraceAddresses<Self>;
     fn traced_mut(record: &mut TraceRecord) -> &mut TraceAddresses<Self>;
+    /// This family's fragment record in a dry run's record.
+    fn traced_fragment(record: &TraceRecord) -> &FragmentValue<Self>;
+    fn traced_fragment_mut(record: &mut TraceRecord) -> &mut FragmentValue<Self>;
 }
 
 /// The pin names of one family's maps that the daemon writes (their types are the generic
@@ -133,6 +141,8 @@ impl FamilyMapNames {
 impl Address for u32 {
     type Align8Pad = u32;
     type WordAlign8Pad = ();
+    type FragmentId = u16;
+    type FragmentPad = u8;
     const BITS: u8 = 32;
     const NAME: &'static str = "IPv4";
     const LOWEST: Self = 0;
@@ -172,11 +182,21 @@ impl Address for u32 {
     fn traced_mut(record: &mut TraceRecord) -> &mut TraceAddresses<Self> {
         &mut record.ipv4
     }
+
+    fn traced_fragment(record: &TraceRecord) -> &FragmentValue<Self> {
+        &record.fragment_record
+    }
+
+    fn traced_fragment_mut(record: &mut TraceRecord) -> &mut FragmentValue<Self> {
+        &mut record.fragment_record
+    }
 }
 
 impl Address for Ipv6 {
     type Align8Pad = ();
     type WordAlign8Pad = u32;
+    type FragmentId = u32;
+    type FragmentPad = [u8; 3];
     const BITS: u8 = 128;
     const NAME: &'static str = "IPv6";
     const LOWEST: Self = Ipv6([0; 4]);
@@ -215,6 +235,14 @@ impl Address for Ipv6 {
 
     fn traced_mut(record: &mut TraceRecord) -> &mut TraceAddresses<Self> {
         &mut record.ipv6
+    }
+
+    fn traced_fragment(record: &TraceRecord) -> &FragmentValue<Self> {
+        &record.fragment_record6
+    }
+
+    fn traced_fragment_mut(record: &mut TraceRecord) -> &mut FragmentValue<Self> {
+        &mut record.fragment_record6
     }
 }
 

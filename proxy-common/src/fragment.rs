@@ -7,21 +7,23 @@
 //! fragments look it up and get the same treatment — the IPv4 addresses rewritten the same
 //! way (the L4 checksum, which covers the whole datagram, sits in the first fragment and was
 //! fixed there), passed, or dropped. Cilium keeps the first fragment's ports under the
-//! same key (`ipv4_frag_datagrams`). IPv6 will key by its fragment header's 32-bit
-//! identification in a map of its own.
+//! same key (`ipv4_frag_datagrams`). IPv6 keys by its fragment header's 32-bit
+//! identification (RFC 8200 4.5: source, destination, identification) in a map of its own,
+//! FRAGMENTS6 (Cilium's `ipv6_frag_datagrams`), with the same values over its addresses.
 
-use crate::Tuple;
+use crate::{Address, Tuple};
 
-/// Key of the FRAGMENTS map: one IPv4 datagram, as its fragments carry it (wire order).
+/// Key of the FRAGMENTS (IPv6: FRAGMENTS6) map: one datagram, as its fragments carry it
+/// (wire order). 12 bytes for IPv4, 40 for IPv6.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct FragmentKey {
-    pub src_addr: u32,
-    pub dst_addr: u32,
-    /// The IPv4 identification field.
-    pub id: u16,
+pub struct FragmentKey<A: Address = u32> {
+    pub src_addr: A,
+    pub dst_addr: A,
+    /// The IPv4 identification field; IPv6: its fragment header's identification.
+    pub id: A::FragmentId,
     pub proto: u8,
-    pub _pad: u8,
+    pub _pad: A::FragmentPad,
 }
 
 /// What the later fragments of a datagram do: [`FragmentValue::verdict`].
@@ -34,12 +36,13 @@ pub mod fragment_verdict {
     pub const DROP: u8 = 1;
 }
 
-/// Value of the FRAGMENTS map: what happened to the datagram's first fragment.
+/// Value of the FRAGMENTS (FRAGMENTS6) map: what happened to the datagram's first
+/// fragment. 24 bytes for IPv4, 48 for IPv6.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct FragmentValue {
+pub struct FragmentValue<A: Address = u32> {
     /// The addresses and ports the first fragment left with (its own when untouched).
-    pub to: Tuple,
+    pub to: Tuple<A>,
     /// A [`fragment_verdict`] constant.
     pub verdict: u8,
     /// 1 when the program routes the datagram itself (its source became a node address,
@@ -51,7 +54,7 @@ pub struct FragmentValue {
     pub seen_ns: u64,
 }
 
-impl FragmentValue {
+impl<A: Address> FragmentValue<A> {
     /// Whether the record still stands at `now_ns`: within the time a receiver keeps
     /// fragments for reassembly, so a later datagram reusing the identification never
     /// meets it.
@@ -123,7 +126,7 @@ mod tests {
 
     #[test]
     fn records_stand_for_the_reassembly_timeout() {
-        let value = FragmentValue {
+        let value: FragmentValue = FragmentValue {
             seen_ns: 5_000_000_000,
             ..FragmentValue::default()
         };

@@ -98,6 +98,8 @@ pub mod map_names {
     /// IPv4 datagrams whose first fragment passed: what was done to it, so the later
     /// fragments (which carry no ports) follow (LRU).
     pub const FRAGMENTS: &str = "FRAGMENTS";
+    /// FRAGMENTS of IPv6 datagrams (keyed by their fragment header's identification).
+    pub const FRAGMENTS6: &str = "FRAGMENTS6";
     /// Metadata for people, not for packets: which Service port each frontend belongs to.
     pub const SVC_NAMES: &str = "SVC_NAMES";
     /// `loadBalancerSourceRanges`: the client prefixes each restricted frontend admits.
@@ -816,6 +818,8 @@ pub struct TraceRecord {
     /// A first fragment: the record its later fragments would find (the dry run writes
     /// none). A later fragment: the record it found, if [`TraceRecord::fragment_found`].
     pub fragment_record: FragmentValue,
+    /// [`TraceRecord::fragment_record`] of an IPv6 fragment (FRAGMENTS6's).
+    pub fragment_record6: FragmentValue<Ipv6>,
     /// A [`trace_fragment`] constant.
     pub fragment: u8,
     /// 1 when a later fragment found its datagram's record.
@@ -1016,8 +1020,8 @@ mod pod {
     unsafe impl<A: Address> aya::Pod for super::SockKey<A> {}
     unsafe impl<A: Address> aya::Pod for super::SockValue<A> {}
     unsafe impl aya::Pod for super::SockAffinityKey {}
-    unsafe impl aya::Pod for super::FragmentKey {}
-    unsafe impl aya::Pod for super::FragmentValue {}
+    unsafe impl<A: Address> aya::Pod for super::FragmentKey<A> {}
+    unsafe impl<A: Address> aya::Pod for super::FragmentValue<A> {}
 }
 
 #[cfg(test)]
@@ -1042,9 +1046,11 @@ mod tests {
         assert_eq!(size_of::<ServiceName>(), 4 + 63 + 63 + 15);
         assert_eq!(size_of::<TraceAddresses>(), 80);
         assert_eq!(size_of::<TraceAddresses<Ipv6>>(), 128);
-        assert_eq!(size_of::<TraceRecord>(), 288);
+        assert_eq!(size_of::<TraceRecord>(), 336);
         assert_eq!(size_of::<FragmentKey>(), 12);
         assert_eq!(size_of::<FragmentValue>(), 24);
+        assert_eq!(size_of::<FragmentKey<Ipv6>>(), 40);
+        assert_eq!(size_of::<FragmentValue<Ipv6>>(), 48);
         assert_eq!(size_of::<FrontendKey<Ipv6>>(), 20);
         assert_eq!(size_of::<Backend<Ipv6>>(), 20);
         assert_eq!(size_of::<Slot<Ipv6>>(), 28);

@@ -12,17 +12,16 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    Address, AffinityKey, AffinityValue, Backend, CtKey, CtValue, FrontendKey, FrontendValue, Ipv6,
-    MembershipKey, Slot, SockAffinityKey, SockKey, SockValue, SourceRange, Tuple,
+    Address, AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragmentKey, FragmentValue,
+    FrontendKey, FrontendValue, Ipv6, MembershipKey, Slot, SockAffinityKey, SockKey, SockValue,
+    SourceRange, Tuple,
     maglev::{MaglevChunk, MaglevKey},
 };
 
 use crate::{
     Decision,
     answer::{self, Answer, NotAnswered},
-    csum, fragment, lb6,
-    mode::Mode,
-    nat,
+    csum, lb6, nat,
     parse::Packet,
 };
 
@@ -59,6 +58,12 @@ pub trait Family: Address {
     fn sock_xlate() -> &'static LruHashMap<SockKey<Self>, SockValue<Self>>;
     /// Session affinity of sockets to this family's frontends (`affinity`).
     fn sock_affinity() -> &'static LruHashMap<SockAffinityKey, AffinityValue<Self>>;
+    /// What became of the first fragments of this family's datagrams (`fragment`).
+    fn fragments() -> &'static LruHashMap<FragmentKey<Self>, FragmentValue<Self>>;
+
+    /// A datagram's identification as its [`FragmentKey`] holds it, from the packet's
+    /// (`parse::IpFields::id`): IPv4's 16 bits, IPv6's 32.
+    fn fragment_id(id: u32) -> Self::FragmentId;
 
     /// The address as IPv4's `u32`, `None` for IPv6: what is IPv4 only (the socket hooks'
     /// affinity) takes IPv4 addresses through it.
@@ -98,16 +103,6 @@ pub trait Family: Address {
         kind: &Answer<Self>,
         charge: bool,
     ) -> Result<i32, NotAnswered>;
-
-    /// Records what became of a first fragment for the rest of its datagram (`decision`
-    /// carried out, and the packet `sent` on or not). An IPv6 packet never is one: a
-    /// fragment header leaves it unparsed (`parse`).
-    fn remember_fragment<M: Mode>(
-        mode: &M,
-        packet: &Packet<Self>,
-        decision: &Decision<Self>,
-        sent: bool,
-    );
 }
 
 impl Family for u32 {
@@ -171,6 +166,16 @@ impl Family for u32 {
     #[inline(always)]
     fn sock_affinity() -> &'static LruHashMap<SockAffinityKey, AffinityValue<Self>> {
         &crate::affinity::SOCK_AFFINITY
+    }
+    #[inline(always)]
+    fn fragments() -> &'static LruHashMap<FragmentKey<Self>, FragmentValue<Self>> {
+        &crate::fragment::FRAGMENTS
+    }
+
+    #[inline(always)]
+    fn fragment_id(id: u32) -> u16 {
+        // The header's 16 bits, kept in the low half (`parse`).
+        id as u16
     }
 
     #[inline(always)]
@@ -237,18 +242,6 @@ impl Family for u32 {
     ) -> Result<i32, NotAnswered> {
         answer::send(ctx, packet, kind, charge)
     }
-
-    #[inline(always)]
-    fn remember_fragment<M: Mode>(
-        mode: &M,
-        packet: &Packet<Self>,
-        decision: &Decision<Self>,
-        sent: bool,
-    ) {
-        if packet.is_first_fragment() {
-            fragment::remember(mode, packet, &decision.fate(packet, sent));
-        }
-    }
 }
 
 impl Family for Ipv6 {
@@ -312,6 +305,15 @@ impl Family for Ipv6 {
     #[inline(always)]
     fn sock_affinity() -> &'static LruHashMap<SockAffinityKey, AffinityValue<Self>> {
         &lb6::SOCK_AFFINITY6
+    }
+    #[inline(always)]
+    fn fragments() -> &'static LruHashMap<FragmentKey<Self>, FragmentValue<Self>> {
+        &lb6::FRAGMENTS6
+    }
+
+    #[inline(always)]
+    fn fragment_id(id: u32) -> u32 {
+        id
     }
 
     #[inline(always)]
@@ -383,15 +385,6 @@ impl Family for Ipv6 {
         charge: bool,
     ) -> Result<i32, NotAnswered> {
         answer::send6(ctx, packet, kind, charge)
-    }
-
-    #[inline(always)]
-    fn remember_fragment<M: Mode>(
-        _mode: &M,
-        _packet: &Packet<Self>,
-        _decision: &Decision<Self>,
-        _sent: bool,
-    ) {
     }
 }
 

@@ -1,12 +1,15 @@
-//! Fragmented IPv4 datagrams: the first fragment decides, the later ones follow.
+//! Fragmented datagrams, IPv4's and IPv6's alike: the first fragment decides, the later
+//! ones follow.
 //!
 //! A datagram's first fragment carries its TCP/UDP header and goes through the packet
 //! path like any packet; what happened to it — translated to a tuple (and routed by the
-//! program or not), passed untouched, or dropped — is recorded in FRAGMENTS under the
+//! program or not), passed untouched, or dropped — is recorded in FRAGMENTS (IPv6:
+//! `lb6::FRAGMENTS6`, by the fragment header's 32-bit identification) under the
 //! datagram's identity (see `proxy_common::FragmentKey`). A later fragment, which carries
-//! no ports, looks the record up and is treated the same: its IPv4 addresses rewritten
-//! (the L4 checksum covers the whole datagram and sits in the first fragment, where the
-//! translation fixed it), passed, or dropped.
+//! no ports, looks the record up and is treated the same: its addresses rewritten (the L4
+//! checksum covers the whole datagram and sits in the first fragment, where the
+//! translation fixed it; IPv4's header checksum is fixed, IPv6 has none), passed, or
+//! dropped.
 //!
 //! A later fragment that arrives before its first one (or whose first one this node never
 //! saw, or whose record expired or was evicted) is passed untouched and counted
@@ -24,9 +27,10 @@ use proxy_common::{
 use crate::{
     conntrack::now_ns,
     context::Context,
+    family::Family,
     mode::Mode,
     nat,
-    parse::{LaterFragment, Packet},
+    parse::Packet,
     route::{self, Hop, Route},
     verdict::Verdict,
 };
@@ -35,25 +39,25 @@ use crate::{
 /// the dry run finds the live program's records. LRU: a datagram's record is needed only
 /// while its fragments pass (microseconds), so the least recently used go first.
 #[map]
-static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> =
+pub(crate) static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> =
     LruHashMap::pinned(default_max_entries::FRAGMENTS, 0);
 
 /// What became of a packet, which its datagram's later fragments follow. A struct with
 /// every field set, not an enum: LLVM leaves an enum's unused payload undefined, and the
 /// verifier refuses the store of a register that holds anything there.
 #[derive(Clone, Copy)]
-pub struct Fate {
+pub struct Fate<A = u32> {
     /// Where it went (its own tuple when it passed untouched); unset when dropped.
-    to: Tuple,
+    to: Tuple<A>,
     /// A `fragment_verdict` constant.
     verdict: u8,
     routes_itself: bool,
 }
 
-impl Fate {
+impl<A: Family> Fate<A> {
     /// It left rewritten to `to`, routed by the program if `routes_itself`.
     #[inline(always)]
-    pub fn forward(to: Tuple, routes_itself: bool) -> Self {
+    pub fn forward(to: Tuple<A>, routes_itself: bool) -> Self {
         Self {
             to,
             verdict: fragment_verdict::FORWARD,
@@ -76,7 +80,7 @@ impl Fate {
 /// run only reports the record. A BPF subprogram, so the record takes no room in the packet
 /// path's stack frame.
 #[inline(never)]
-pub fn remember<M: Mode>(mode: &M, packet: &Packet, fate: &Fate) {
+pub fn remember<M: Mode, A: Family>(mode: &M, packet: &Packet<A>, fate: &Fate<A>) {
     let record = FragmentValue {
         to: fate.to,
         verdict: fate.verdict,
@@ -88,17 +92,22 @@ pub fn remember<M: Mode>(mode: &M, packet: &Packet, fate: &Fate) {
         mode.first_fragment(&record);
     } else {
         // A failed insert (no memory) leaves the later fragments unmatched: counted there.
-        let _ = FRAGMENTS.insert(&packet.datagram(), &record, 0);
+        let _ = A::fragments().insert(&packet.datagram(), &record, 0);
     }
 }
 
-/// A later fragment: treated as its datagram's first fragment was. A BPF subprogram (a
-/// stack frame of its own).
+/// A later fragment of `datagram`, `total_len` bytes from its IP header on (host order):
+/// treated as its datagram's first fragment was. A BPF subprogram (a stack frame of its
+/// own).
 #[inline(never)]
-pub fn follow<C: Context, M: Mode>(ctx: &C, mode: &M, fragment: &LaterFragment) -> Verdict {
-    let datagram = &fragment.datagram;
+pub fn follow<C: Context, M: Mode, A: Family>(
+    ctx: &C,
+    mode: &M,
+    datagram: &FragmentKey<A>,
+    total_len: u16,
+) -> Verdict {
     // SAFETY: the value is copied out at once (the LRU may recycle the element).
-    let record = unsafe { FRAGMENTS.get(datagram) }
+    let record = unsafe { A::fragments().get(datagram) }
         .copied()
         .filter(|record| record.is_fresh(now_ns()));
     mode.later_fragment(record.as_ref());
@@ -115,8 +124,8 @@ pub fn follow<C: Context, M: Mode>(ctx: &C, mode: &M, fragment: &LaterFragment) 
         // Its source is a node address: the kernel would drop it as a martian, so the
         // program forwards it, and cannot fragment it; nor may an ICMP error be sent
         // about a later fragment (the kernel sends none).
-        let length = if fragment.total_len > MIN_CHECKED_MTU {
-            fragment.total_len
+        let length = if total_len > MIN_CHECKED_MTU {
+            total_len
         } else {
             0
         };
@@ -129,12 +138,12 @@ pub fn follow<C: Context, M: Mode>(ctx: &C, mode: &M, fragment: &LaterFragment) 
             Route::Local | Route::None => mode.count(stat::FIB_MISS),
         }
     }
-    if nat::rewrite_addresses(ctx, datagram.src_addr, datagram.dst_addr, &record.to).is_err() {
+    if nat::rewrite_addresses(ctx, &datagram.src_addr, &datagram.dst_addr, &record.to).is_err() {
         mode.count(stat::REWRITE_FAILED);
         return Verdict::Drop;
     }
-    let Some(verdict) = route::send::<C, M, u32>(ctx, mode, &hop) else {
-        // The TTL ran out here: the kernel drops a later fragment silently too.
+    let Some(verdict) = route::send::<C, M, A>(ctx, mode, &hop) else {
+        // The TTL (hop limit) ran out here: the kernel drops a later fragment silently too.
         mode.count(stat::NOT_FORWARDABLE);
         return Verdict::Drop;
     };

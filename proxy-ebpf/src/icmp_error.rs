@@ -23,9 +23,9 @@
 //!
 //! Written once over the family ([`Quoting`]); what differs is how the outer and the
 //! quoted IP headers are read. An ICMPv6 error whose quoted packet has extension headers
-//! before its TCP/UDP/SCTP header is not followed (passed untouched): the flows it could be
-//! about send none (the program never parses a fragment, and the common extension headers
-//! are not what a TCP or UDP socket of a pod sends).
+//! before its TCP/UDP/SCTP header is not followed (passed untouched): the common extension
+//! headers are not what a TCP or UDP socket of a pod sends; a fragment header is (a
+//! fragmented datagram's first fragment): an error about one passes untranslated.
 //!
 //! As netfilter checks, an error is only taken as related when its outer destination is the
 //! quoted packet's source. It refreshes no conntrack entry. Where the flow's packets in

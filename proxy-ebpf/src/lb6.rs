@@ -2,7 +2,7 @@
 //! SVC_NAMES, SOURCE_RANGES and MAGLEV with 16-byte addresses (`proxy_common::Address`),
 //! which the daemon writes through the same writer as IPv4's, the conntrack maps of
 //! IPv6 flows, which the packet path writes, and the socket programs' maps of IPv6
-//! sockets. Named like `proxy_common::map_names::*6`, so
+//! sockets, and FRAGMENTS6, the first fragments of IPv6 datagrams. Named like `proxy_common::map_names::*6`, so
 //! IPv4's keys stay small; `family::Family` binds them to the generic packet path.
 //!
 //! The hash maps are not preallocated: a node without IPv6 Services pays nothing for them
@@ -15,9 +15,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, FrontendKey, FrontendValue, Ipv6,
-    MembershipKey, ServiceName, Slot, SockAffinityKey, SockKey, SockValue, SourceRange,
-    default_max_entries,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragmentKey, FragmentValue, FrontendKey,
+    FrontendValue, Ipv6, MembershipKey, ServiceName, Slot, SockAffinityKey, SockKey, SockValue,
+    SourceRange, default_max_entries,
     maglev::{MaglevChunk, MaglevKey},
 };
 
@@ -87,3 +87,9 @@ pub(crate) static SOCK_XLATE6: LruHashMap<SockKey<Ipv6>, SockValue<Ipv6>> =
 #[map]
 pub(crate) static SOCK_AFFINITY6: LruHashMap<SockAffinityKey, AffinityValue<Ipv6>> =
     LruHashMap::pinned(default_max_entries::SOCK_AFFINITY, 0);
+
+/// FRAGMENTS of IPv6 datagrams, keyed by their fragment header's identification; sized
+/// like FRAGMENTS (`--max-fragments`); LRU.
+#[map]
+pub(crate) static FRAGMENTS6: LruHashMap<FragmentKey<Ipv6>, FragmentValue<Ipv6>> =
+    LruHashMap::pinned(default_max_entries::FRAGMENTS, 0);

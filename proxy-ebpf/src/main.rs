@@ -9,7 +9,7 @@
 //! concern, like Cilium's `bpf/lib/{lb,conntrack,nat,csum}.h`.
 //!
 //! The packet path is generic over the address family ([`family::Family`]) and compiled
-//! once per family; each family has its own maps. IPv4 only, so far: fragments.
+//! once per family; each family has its own maps.
 //!
 //! `epx_ingress` is the datapath at tc ingress of every device; `epx_xdp` runs the same
 //! path at XDP on the external devices, in front of it (see [`xdp`]). `epx_trace` and
@@ -240,7 +240,9 @@ fn balance<C: Context, M: Mode>(ctx: &C, mode: &M) -> Verdict {
             Verdict::Accept
         }
         Parsed::LaterFragment(_) if C::IS_XDP => Verdict::ToTc(to_tc::FRAGMENT),
-        Parsed::LaterFragment(fragment) => fragment::follow(ctx, mode, &fragment),
+        Parsed::LaterFragment(fragment) => {
+            fragment::follow(ctx, mode, &fragment.datagram, fragment.total_len)
+        }
         Parsed::Icmp { .. } if C::IS_XDP => Verdict::ToTc(to_tc::ICMP),
         Parsed::Icmp { l4_offset } => icmp_error::translate::<C, M, u32>(ctx, mode, l4_offset),
         Parsed::NotHandled if C::IS_XDP => Verdict::ToTc(to_tc::NOT_HANDLED),
@@ -253,7 +255,8 @@ fn balance<C: Context, M: Mode>(ctx: &C, mode: &M) -> Verdict {
 
 /// The packet path of an IPv6 packet, in a program of its own (`epx_ingress6`,
 /// `epx_trace6`; XDP: `epx_xdp6`, `epx_xdp_trace6`), which `balance` tail-calls: IPv6's
-/// frames get the BPF stack to themselves. XDP leaves ICMPv6 and what is not parsed to tc.
+/// frames get the BPF stack to themselves. XDP leaves fragments (as IPv4's), ICMPv6 and
+/// what is not parsed to tc.
 #[inline(always)]
 fn balance6<C: Context, M: Mode>(ctx: &C, mode: &M) -> Verdict {
     let Some(packet) = lb6::PACKET6.get_ptr_mut(0) else {
@@ -263,7 +266,14 @@ fn balance6<C: Context, M: Mode>(ctx: &C, mode: &M) -> Verdict {
     // runs); `packet6` writes all of it before anything reads it.
     let packet = unsafe { &mut *packet };
     match parse::packet6(ctx, packet) {
+        Parsed6::Packet if C::IS_XDP && packet.is_first_fragment() => {
+            Verdict::ToTc(to_tc::FRAGMENT)
+        }
         Parsed6::Packet => service_path(ctx, mode, packet),
+        Parsed6::LaterFragment if C::IS_XDP => Verdict::ToTc(to_tc::FRAGMENT),
+        Parsed6::LaterFragment => {
+            fragment::follow(ctx, mode, &packet.datagram(), packet.ip.total_len)
+        }
         Parsed6::Icmp if C::IS_XDP => Verdict::ToTc(to_tc::ICMP),
         Parsed6::Icmp => icmp_error::translate::<C, M, Ipv6>(ctx, mode, packet.l4_offset),
         Parsed6::NotHandled if C::IS_XDP => Verdict::ToTc(to_tc::NOT_HANDLED),
@@ -420,15 +430,17 @@ fn service_path<C: Context, M: Mode, A: Family>(ctx: &C, mode: &M, packet: &Pack
             (Verdict::Accept, true)
         }
     };
-    A::remember_fragment(mode, packet, decision, sent);
+    if packet.is_first_fragment() {
+        fragment::remember(mode, packet, &decision.fate(packet, sent));
+    }
     verdict
 }
 
-impl Decision {
+impl<A: Family> Decision<A> {
     /// What became of the packet this decision was for, for the rest of its datagram:
     /// `sent` on, translated as decided or passed untouched; else dropped (or answered).
     #[inline(always)]
-    fn fate(&self, packet: &Packet, sent: bool) -> fragment::Fate {
+    fn fate(&self, packet: &Packet<A>, sent: bool) -> fragment::Fate<A> {
         match self.action {
             Action::Translate if sent => {
                 fragment::Fate::forward(self.out.to, self.out.routes_itself)

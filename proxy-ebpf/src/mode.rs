@@ -64,9 +64,9 @@ pub trait Mode {
     fn xdp_verdict(&self, _counter: u32) {}
     /// A first fragment: its later fragments are to be treated as `record` says (the live
     /// mode writes it to FRAGMENTS).
-    fn first_fragment(&self, _record: &FragmentValue) {}
+    fn first_fragment<A: Family>(&self, _record: &FragmentValue<A>) {}
     /// A later fragment found its datagram's `record`, or none.
-    fn later_fragment(&self, _record: Option<&FragmentValue>) {}
+    fn later_fragment<A: Family>(&self, _record: Option<&FragmentValue<A>>) {}
     /// An ICMP error of `icmp_type` and `code`, about a tracked flow, is being translated.
     fn icmp_error(&self, _icmp_type: u8, _code: u8) {}
     /// Instead of the packet, an ICMP error (a `trace_answer` constant) goes back to its
@@ -229,19 +229,19 @@ impl Mode for DryRun {
     }
 
     #[inline(always)]
-    fn first_fragment(&self, record: &FragmentValue) {
+    fn first_fragment<A: Family>(&self, record: &FragmentValue<A>) {
         let trace = self.record();
         trace.fragment = trace_fragment::FIRST;
-        trace.fragment_record = *record;
+        *A::traced_fragment_mut(trace) = *record;
     }
 
     #[inline(always)]
-    fn later_fragment(&self, record: Option<&FragmentValue>) {
+    fn later_fragment<A: Family>(&self, record: Option<&FragmentValue<A>>) {
         let trace = self.record();
         trace.fragment = trace_fragment::LATER;
         if let Some(record) = record {
             trace.fragment_found = 1;
-            trace.fragment_record = *record;
+            *A::traced_fragment_mut(trace) = *record;
         }
     }
 

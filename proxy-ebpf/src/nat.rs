@@ -25,7 +25,6 @@ use crate::{
 /// Offsets within the IPv4 header.
 const IPV4_CSUM_OFFSET: usize = 10;
 const IPV4_SRC_OFFSET: usize = 12;
-const IPV4_LEN: usize = 20;
 /// Offsets of the checksum within the TCP and UDP headers.
 pub const TCP_CSUM_OFFSET: usize = 16;
 pub const UDP_CSUM_OFFSET: usize = 6;
@@ -64,23 +63,23 @@ pub unsafe fn set_addresses(ip: usize, src: u32, dst: u32, diff: u32) {
     }
 }
 
-/// Rewrites the IPv4 addresses of the packet's header from (`src`, `dst`) to `to`'s and
-/// fixes the header checksum: all a later fragment needs (its datagram's L4 checksum sits
-/// in the first fragment).
+/// Rewrites the addresses of the packet's IP header from (`src`, `dst`) to `to`'s (fixing
+/// IPv4's header checksum): all a later fragment needs (its datagram's L4 checksum sits in
+/// the first fragment).
 #[inline(always)]
-pub fn rewrite_addresses<C: Context>(
+pub fn rewrite_addresses<C: Context, A: Family>(
     ctx: &C,
-    src: u32,
-    dst: u32,
-    to: &Tuple,
+    src: &A,
+    dst: &A,
+    to: &Tuple<A>,
 ) -> Result<(), c_long> {
-    if src == to.src_addr && dst == to.dst_addr {
+    if *src == to.src_addr && *dst == to.dst_addr {
         return Ok(());
     }
-    let ip = parse::at(ctx, L3_OFFSET, IPV4_LEN).ok_or(NOT_WRITABLE)?;
-    let diff = address_diff(src, dst, to.src_addr, to.dst_addr);
+    let ip = parse::at(ctx, L3_OFFSET, A::HEADER_LEN).ok_or(NOT_WRITABLE)?;
+    let diff = A::address_diff(src, dst, to);
     // SAFETY: the range was checked against data_end just above.
-    unsafe { set_addresses(ip, to.src_addr, to.dst_addr, diff) };
+    unsafe { A::set_addresses(ip, to, diff) };
     Ok(())
 }
 

@@ -2,10 +2,13 @@
 //! later IPv4 fragments and ICMP messages are told apart for their own paths.
 //!
 //! IPv6: the common extension headers — hop-by-hop options, routing (with no segments
-//! left), destination options — are skipped, up to [`MAX_EXTENSION_HEADERS`] of them. An
-//! ICMPv6 message is told apart (for `icmp_error`); a fragment header, a routing header
-//! with segments left, any other extension header and anything past that depth are not
-//! parsed: the packet passes untouched.
+//! left), destination options, fragment — are skipped, up to [`MAX_EXTENSION_HEADERS`] of
+//! them. A fragment header names the datagram (its 32-bit identification): at offset 0
+//! with more fragments to come, the packet is a first fragment, whose L4 header follows;
+//! at any other offset, a later fragment (no ports), as IPv4's. An ICMPv6 message (not
+//! fragmented) is told apart (for `icmp_error`); a routing header with segments left, any
+//! other extension header and anything past that depth are not parsed: the packet passes
+//! untouched.
 //!
 //! Headers are read in place (direct packet access), which costs a few instructions where
 //! a `bpf_skb_load_bytes` call per header costs a helper call each. When the headers are
@@ -42,6 +45,12 @@ const MAX_HEADERS_LEN: u32 = (L3_OFFSET + IPV6_LEN + MAX_EXTENSIONS_LEN + TCP_RE
 const IPV6_HOP_BY_HOP: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
 const IPV6_DEST_OPTIONS: u8 = 60;
+const IPV6_FRAGMENT: u8 = 44;
+/// The fragment header's length, and the "more fragments" bit of its offset's low byte
+/// (the offset is the 13 bits above the three low ones).
+const IPV6_FRAGMENT_LEN: usize = 8;
+const IPV6_MORE_FRAGMENTS: u8 = 0x01;
+const IPV6_FRAGMENT_OFFSET_LOW: u8 = 0xf8;
 /// IPv4 "don't fragment" and "more fragments" flags and fragment offset, in bytes 6 and 7
 /// of the header.
 const IP_DONT_FRAGMENT: u8 = 0x40;
@@ -68,8 +77,9 @@ pub struct Packet<A = u32> {
 /// IP header fields beyond the addresses.
 #[derive(Clone, Copy)]
 pub struct IpFields {
-    /// The identification, wire order (names the datagram of a fragment); IPv6: 0.
-    pub id: u16,
+    /// The identification, wire order (names the datagram of a fragment): IPv4's 16 bits,
+    /// read in native order; IPv6's 32 of its fragment header (0 when it has none).
+    pub id: u32,
     /// The length of the packet from its IP header on, host order (IPv6: the payload
     /// length plus the fixed header).
     pub total_len: u16,
@@ -91,7 +101,8 @@ pub mod ip_flags {
     pub const FIRST_FRAGMENT: u8 = 1 << 1;
 }
 
-/// A fragment after the first: IPv4 header only, no ports.
+/// An IPv4 fragment after the first: IPv4 header only, no ports. (An IPv6 one is left in
+/// the IPv6 path's `Packet`: [`Parsed6::LaterFragment`].)
 pub struct LaterFragment {
     /// The datagram it belongs to.
     pub datagram: FragmentKey,
@@ -143,15 +154,16 @@ impl<A: Family> Packet<A> {
     }
 }
 
-impl Packet {
+impl<A: Family> Packet<A> {
     /// The datagram this packet belongs to, as its fragments name it.
-    pub fn datagram(&self) -> FragmentKey {
+    #[inline(always)]
+    pub fn datagram(&self) -> FragmentKey<A> {
         FragmentKey {
             src_addr: self.src_addr,
             dst_addr: self.dst_addr,
-            id: self.ip.id,
+            id: A::fragment_id(self.ip.id),
             proto: self.proto,
-            _pad: 0,
+            _pad: Default::default(),
         }
     }
 }
@@ -186,7 +198,10 @@ pub enum Parsed6 {
     /// An ICMPv6 message, its header at the `Packet`'s `l4_offset` (its only field
     /// written).
     Icmp,
-    /// Another protocol, a fragment, a routing header with segments left, too many
+    /// A later fragment of a TCP/UDP/SCTP datagram: the `Packet`'s addresses, `proto`
+    /// and `ip` written (its identification and length), no ports.
+    LaterFragment,
+    /// Another protocol, a fragment of one, a routing header with segments left, too many
     /// extension headers, or truncated.
     NotHandled,
 }
@@ -334,7 +349,7 @@ fn parse<C: Context>(ctx: &C) -> Read {
         dst_port: l4.dst_port,
         tcp_flags: l4.tcp_flags,
         ip: IpFields {
-            id,
+            id: u32::from(id),
             total_len,
             ttl,
             flags,
@@ -374,6 +389,30 @@ fn parse6<C: Context>(ctx: &C, packet: &mut Packet<Ipv6>) -> Read6 {
     let mut next_at = L3_OFFSET + 6;
     let mut l4_offset = L3_OFFSET + IPV6_LEN;
     for _ in 0..MAX_EXTENSION_HEADERS {
+        if next == IPV6_FRAGMENT {
+            // Next header, reserved, offset and flags, identification.
+            let Some(fragment) = at(ctx, l4_offset, IPV6_FRAGMENT_LEN) else {
+                return missing(ctx, l4_offset + IPV6_FRAGMENT_LEN).into();
+            };
+            let [following, _, offset_high, offset_low] = unsafe { *(fragment as *const [u8; 4]) };
+            packet.ip.id = u32::from_ne_bytes(unsafe { *((fragment + 4) as *const [u8; 4]) });
+            if offset_high != 0 || offset_low & IPV6_FRAGMENT_OFFSET_LOW != 0 {
+                // No header of its own: only balanced datagrams have first fragments on
+                // record.
+                if !proto::is_balanced(following) {
+                    return Read6::Done(Parsed6::NotHandled);
+                }
+                packet.proto = following;
+                return Read6::Done(Parsed6::LaterFragment);
+            }
+            if offset_low & IPV6_MORE_FRAGMENTS != 0 {
+                packet.ip.flags |= ip_flags::FIRST_FRAGMENT;
+            }
+            next_at = l4_offset;
+            next = following;
+            l4_offset += IPV6_FRAGMENT_LEN;
+            continue;
+        }
         if next != IPV6_HOP_BY_HOP && next != IPV6_ROUTING && next != IPV6_DEST_OPTIONS {
             break;
         }
@@ -391,13 +430,13 @@ fn parse6<C: Context>(ctx: &C, packet: &mut Packet<Ipv6>) -> Read6 {
         next = following;
         l4_offset += (usize::from(units) + 1) * 8;
     }
-    if next == icmp6::PROTOCOL {
+    if next == icmp6::PROTOCOL && packet.ip.flags & ip_flags::FIRST_FRAGMENT == 0 {
         packet.l4_offset = l4_offset;
         return Read6::Done(Parsed6::Icmp);
     }
     if !proto::is_balanced(next) {
-        // A fragment header, another extension header, or more extension headers than
-        // are skipped.
+        // Another extension header, more extension headers than are skipped, or a
+        // fragment of an ICMPv6 message.
         return Read6::Done(Parsed6::NotHandled);
     }
     let Some(l4) = l4_fields(ctx, l4_offset, next) else {

@@ -153,6 +153,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
             config.map_sizes.conntrack.pending,
         ),
         (map_names::FRAGMENTS, config.map_sizes.fragments),
+        (map_names::FRAGMENTS6, config.map_sizes.fragments),
     ] {
         metrics
             .map_max_entries

@@ -67,7 +67,8 @@ pub struct MapSizes {
     /// Maglev tables of the default size (MAGLEV holds this many tables' chunks).
     pub maglev_tables: u32,
     pub conntrack: ConntrackSizes,
-    /// FRAGMENTS: fragmented datagrams in flight whose later fragments follow the first.
+    /// FRAGMENTS and FRAGMENTS6 (each): fragmented datagrams in flight whose later
+    /// fragments follow the first.
     pub fragments: u32,
     /// Source ports (inclusive, host order) for SNAT to backends on other nodes.
     pub snat_ports: SnatPortRange,
@@ -201,7 +202,8 @@ impl Datapath {
             .map_max_entries(map_names::CONNTRACK_PENDING, sizes.conntrack.pending)
             .map_max_entries(map_names::CONNTRACK6, sizes.conntrack.assured)
             .map_max_entries(map_names::CONNTRACK_PENDING6, sizes.conntrack.pending)
-            .map_max_entries(map_names::FRAGMENTS, sizes.fragments);
+            .map_max_entries(map_names::FRAGMENTS, sizes.fragments)
+            .map_max_entries(map_names::FRAGMENTS6, sizes.fragments);
         // Each family's maps get the same sizes.
         for family in [<u32 as Address>::MAPS, <Ipv6 as Address>::MAPS] {
             loader

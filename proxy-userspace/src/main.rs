@@ -132,8 +132,9 @@ struct DaemonArgs {
     /// from the machine's memory, see --conntrack-memory-ratio].
     #[arg(long)]
     max_conntrack: Option<u32>,
-    /// FRAGMENTS map size: fragmented datagrams in flight whose first fragment passed, so
-    /// their later fragments follow it (LRU; Cilium's --bpf-fragments-map-max).
+    /// FRAGMENTS and FRAGMENTS6 map size (each): fragmented IPv4 and IPv6 datagrams in
+    /// flight whose first fragment passed, so their later fragments follow it (LRU;
+    /// Cilium's --bpf-fragments-map-max).
     #[arg(long, default_value_t = MapSizes::default().fragments, value_parser = clap::value_parser!(u32).range(1..))]
     max_fragments: u32,
     /// The share of the machine's memory the conntrack maps take when --max-conntrack is

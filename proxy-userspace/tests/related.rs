@@ -23,16 +23,6 @@ const ROUTER: [u8; 4] = [198, 18, 0, 254];
 /// This node's address in the `on_a_node_*` namespaces.
 const NODE: [u8; 4] = [198, 18, 0, 1];
 
-/// `len` bytes of payload that differ from byte to byte.
-fn payload(len: usize) -> &'static [u8] {
-    Box::leak(
-        (0..len)
-            .map(|i| (i * 7 + 3) as u8)
-            .collect::<Vec<_>>()
-            .into_boxed_slice(),
-    )
-}
-
 /// Sets the IPv4 header checksum of the header at the start of `ip` (20 bytes).
 fn set_ip_checksum(ip: &mut [u8]) {
     ip[10..12].copy_from_slice(&[0, 0]);
@@ -74,27 +64,6 @@ fn reassembled(fragments: &[Vec<u8>]) -> Vec<u8> {
     ip[6..8].copy_from_slice(&0x4000u16.to_be_bytes());
     set_ip_checksum(ip);
     whole
-}
-
-/// Runs every fragment; asserts each verdict is `verdict` and the output is `expected`'s
-/// fragments; returns the output.
-fn assert_fragments(
-    datapath: &Datapath,
-    sent: &[Vec<u8>],
-    verdict: u32,
-    expected: &[Vec<u8>],
-) -> Vec<Vec<u8>> {
-    assert_eq!(sent.len(), expected.len());
-    sent.iter()
-        .zip(expected)
-        .enumerate()
-        .map(|(index, (fragment, expected))| {
-            let (got, out) = datapath.run(fragment);
-            assert_eq!(got, verdict, "fragment {index}");
-            assert_eq!(&out, expected, "fragment {index}");
-            out
-        })
-        .collect()
 }
 
 /// Sends `datagram` as its fragments; asserts each is translated, exactly, into the

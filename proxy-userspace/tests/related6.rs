@@ -5,14 +5,12 @@
 
 mod datapath;
 
+use datapath::ipv6::ends::{BACKEND, CLIENT, VIP};
 use datapath::ipv6::*;
 use datapath::wire;
 use datapath::*;
 use proxy_common::{icmp6, proto, service_flags, stat};
 
-const CLIENT: ([u8; 16], u16) = (CLIENT6, CLIENT6_PORT);
-const VIP: ([u8; 16], u16) = (VIP6, VIP6_PORT);
-const BACKEND: ([u8; 16], u16) = (BACKEND6_1, BACKEND6_PORT);
 /// A router between this node and the client.
 const ROUTER: [u8; 16] = ip6(0x0018, 0xfe);
 

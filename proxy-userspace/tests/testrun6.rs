@@ -8,17 +8,14 @@ mod datapath;
 
 use std::net::IpAddr;
 
+use datapath::ipv6::ends::{BACKEND, CLIENT, NODE_PORT, VIP};
 use datapath::ipv6::*;
 use datapath::wire::{self, Extension};
 use datapath::*;
-use proxy_common::{CtKey, ct_flags, map_names, proto, service_flags, stat};
+use proxy_common::{CtKey, ct_flags, fragment_verdict, map_names, proto, service_flags, stat};
 use proxy_userspace::conntrack::gc::Reaper;
 use proxy_userspace::inspect::Endpoint;
-use proxy_userspace::inspect::trace::TracePacket;
-
-const CLIENT: ([u8; 16], u16) = (CLIENT6, CLIENT6_PORT);
-const VIP: ([u8; 16], u16) = (VIP6, VIP6_PORT);
-const BACKEND: ([u8; 16], u16) = (BACKEND6_1, BACKEND6_PORT);
+use proxy_userspace::inspect::trace::{Fragment, TracePacket};
 
 /// Runs `frame` and asserts it leaves as `expected` to the kernel, checksums valid.
 fn assert_translated6(datapath: &Datapath, frame: &[u8], expected: &[u8]) {
@@ -173,24 +170,148 @@ fn extension_headers_are_skipped_to_find_the_ports() {
     datapath.assert_stats(&[(stat::CT_MISS, 1), (stat::NEW_FLOW, 1)]);
 }
 
+/// The identification the tests' senders give a fragmented datagram.
+const DATAGRAM_ID: u32 = 0x1234_5678;
+
+/// A UDP Service on [`VIP6`]:53 served by [`BACKEND6_1`]:5353; its frontend and backend.
+fn udp_service(datapath: &mut Datapath) -> (([u8; 16], u16), ([u8; 16], u16)) {
+    let (dns, server) = ((VIP6, 53), (BACKEND6_1, 5353));
+    datapath.add_service6(
+        frontend6(dns.0, dns.1, proto::UDP),
+        &[backend6(server.0, server.1, proto::UDP)],
+        service_flags::CLUSTER_IP,
+    );
+    (dns, server)
+}
+
+/// Sends the UDP datagram `src` → `dst` of `len` bytes of payload as its fragments and
+/// asserts each leaves (to the kernel) as the matching fragment of the datagram `to_src`
+/// → `to_dst` built from scratch (its UDP checksum computed over the new addresses and
+/// sitting in the first fragment: a later one's bytes past its headers are untouched),
+/// the reassembled output's checksum valid; returns how many fragments there were.
+fn assert_datagram6_translated(
+    datapath: &Datapath,
+    (src, dst): (([u8; 16], u16), ([u8; 16], u16)),
+    (to_src, to_dst): (([u8; 16], u16), ([u8; 16], u16)),
+    len: usize,
+) -> usize {
+    let data = payload(len);
+    let sent = wire::ipv6_fragments(&udp6(src, dst, data), DATAGRAM_ID);
+    let expected = wire::ipv6_fragments(&udp6(to_src, to_dst, data), DATAGRAM_ID);
+    let out = assert_fragments(datapath, &sent, TC_ACT_OK, &expected);
+    assert!(wire::ipv6_checksum_valid(&wire::ipv6_reassembled(&out)));
+    out.len()
+}
+
 #[test]
-fn a_fragment_passes_untouched() {
+fn fragments_of_a_clusterip_datagram_follow_their_first_fragment_both_ways() {
     let Some(mut datapath) = Datapath::load() else {
         return;
     };
-    tcp_service(&mut datapath);
-    let fragment = frame6_with(CLIENT, VIP, SYN6, &[Extension::first_fragment()], 64);
-    assert_untouched(&datapath, &fragment);
-    // Also behind a skipped extension header.
-    let fragment = frame6_with(
-        CLIENT,
-        VIP,
-        SYN6,
-        &[Extension::hop_by_hop(), Extension::first_fragment()],
-        64,
+    let (dns, server) = udp_service(&mut datapath);
+    // A 4,000-byte query, cut into fragments by the client: the first DNATed (its UDP
+    // checksum updated) and its fate recorded, the later ones rewritten the same.
+    let sent = assert_datagram6_translated(&datapath, (CLIENT, dns), (CLIENT, server), 4000);
+    assert_eq!(sent, 3, "fragments");
+    let record = datapath.fragments6()[&datagram6(CLIENT6, VIP6, DATAGRAM_ID)];
+    assert_eq!(record.to, tuple6(CLIENT, server));
+    assert_eq!(
+        (record.verdict, record.routes_itself),
+        (fragment_verdict::FORWARD, 0)
     );
-    assert_untouched(&datapath, &fragment);
-    datapath.assert_stats(&[(stat::NOT_HANDLED, 2)]);
+    // A 30,000-byte answer, fragmented by the backend: the client gets it from the Service.
+    let sent = assert_datagram6_translated(&datapath, (server, CLIENT), (dns, CLIENT), 30_000);
+    assert_eq!(sent, 21, "fragments");
+    let record = datapath.fragments6()[&datagram6(BACKEND6_1, CLIENT6, DATAGRAM_ID)];
+    assert_eq!(record.to, tuple6(dns, CLIENT));
+    assert_eq!(datapath.fragments6().len(), 2);
+    assert!(
+        datapath.fragments().is_empty(),
+        "IPv4's FRAGMENTS saw nothing"
+    );
+    datapath.assert_stats(&[
+        (stat::CT_MISS, 1),
+        (stat::NEW_FLOW, 1),
+        (stat::REPLY, 1),
+        (stat::FRAGMENT, 2 + 20),
+    ]);
+}
+
+#[test]
+fn a_later_fragment_before_its_first_passes_untouched_and_is_counted() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    let (dns, server) = udp_service(&mut datapath);
+    let sent = wire::ipv6_fragments(&udp6(CLIENT, dns, payload(2000)), DATAGRAM_ID);
+    // Out of order: nothing knows its datagram yet.
+    assert_untouched(&datapath, &sent[1]);
+    datapath.assert_stats(&[(stat::FRAGMENT_UNMATCHED, 1)]);
+    assert!(datapath.fragments6().is_empty());
+    // The sender's retry: now its first fragment leads.
+    assert_datagram6_translated(&datapath, (CLIENT, dns), (CLIENT, server), 2000);
+    datapath.assert_stats(&[
+        (stat::FRAGMENT_UNMATCHED, 1),
+        (stat::CT_MISS, 1),
+        (stat::NEW_FLOW, 1),
+        (stat::FRAGMENT, 1),
+    ]);
+}
+
+#[test]
+fn fragments_of_a_datagram_to_no_service_or_of_icmpv6_pass_untouched() {
+    let Some(datapath) = Datapath::load() else {
+        return;
+    };
+    let other = (ip6(0x0019, 0x0b), 53);
+    let sent = wire::ipv6_fragments(&udp6(CLIENT, other, payload(2000)), DATAGRAM_ID);
+    for fragment in &sent {
+        assert_untouched(&datapath, fragment);
+    }
+    // Its record says so: passed as it was.
+    let record = datapath.fragments6()[&datagram6(CLIENT6, other.0, DATAGRAM_ID)];
+    assert_eq!(record.to, tuple6(CLIENT, other));
+    datapath.assert_stats(&[(stat::PASS, 1), (stat::FRAGMENT, 1)]);
+    // A fragmented ICMPv6 echo request: neither fragment is followed.
+    let echo = wire::ipv6_frame(
+        MACS6,
+        CLIENT6,
+        VIP6,
+        64,
+        &[],
+        wire::ICMPV6,
+        &[128, 0, 0, 0, 0, 1, 0, 1],
+        Some(2),
+        payload(2000),
+    );
+    for fragment in &wire::ipv6_fragments(&echo, DATAGRAM_ID) {
+        assert_untouched(&datapath, fragment);
+    }
+    datapath.assert_stats(&[(stat::PASS, 1), (stat::FRAGMENT, 1), (stat::NOT_HANDLED, 2)]);
+    assert_eq!(datapath.fragments6().len(), 1);
+}
+
+#[test]
+fn the_rest_of_a_refused_datagram_is_dropped() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    datapath.add_service6(
+        frontend6(VIP6, 53, proto::UDP),
+        &[],
+        service_flags::CLUSTER_IP,
+    );
+    let sent = wire::ipv6_fragments(&udp6(CLIENT, (VIP6, 53), payload(2000)), DATAGRAM_ID);
+    // No endpoints: a first fragment is dropped, not answered (the quote of its IPv6
+    // header and 8 bytes would hold its fragment header, not its ports), as packets with
+    // extension headers are.
+    for fragment in &sent {
+        let (verdict, _) = datapath.run(fragment);
+        assert_eq!(verdict, TC_ACT_SHOT);
+    }
+    let record = datapath.fragments6()[&datagram6(CLIENT6, VIP6, DATAGRAM_ID)];
+    assert_eq!(record.verdict, fragment_verdict::DROP);
+    datapath.assert_stats(&[(stat::NO_BACKEND, 1), (stat::FRAGMENT_DROPPED, 1)]);
     assert!(datapath.conntrack6().is_empty());
 }
 
@@ -253,9 +374,6 @@ fn the_collector_reaps_finished_ipv6_flows_and_only_those() {
     assert_eq!((pending6.entries, pending6.reaped), (4, 2));
 }
 
-/// The NodePort the namespace tests install on [`NODE6`].
-const NODE_PORT: ([u8; 16], u16) = (NODE6, 30_080);
-
 #[test]
 fn a_node_port_reply_is_routed_by_the_program_with_its_hop_limit_decremented() {
     if !bpf_available() {
@@ -315,6 +433,49 @@ fn a_node_port_to_a_backend_on_another_node_is_snated_both_ways() {
             reply.flags,
             ct_flags::SNAT | ct_flags::REPLY | ct_flags::ROUTES_ITSELF
         );
+    });
+}
+
+#[test]
+fn fragments_through_snat_are_routed_by_the_program_both_ways() {
+    if !bpf_available() {
+        return;
+    }
+    on_an_ipv6_node("lo", || {
+        let mut datapath = Datapath::load().unwrap();
+        let server = (BACKEND6_1, 5353);
+        datapath.add_service6(
+            frontend6(NODE_PORT.0, NODE_PORT.1, proto::UDP),
+            &[backend6(server.0, server.1, proto::UDP)],
+            service_flags::NODE_PORT,
+        );
+        let (query, answer) = (payload(4000), payload(3000));
+        let sent = wire::ipv6_fragments(&udp6(CLIENT, NODE_PORT, query), DATAGRAM_ID);
+        let (verdict, out) = datapath.run(&sent[0]);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        // The UDP source port, behind the fixed and the fragment header.
+        let port_at = wire::ETH_LEN + wire::IPV6_LEN + wire::IPV6_FRAGMENT_LEN;
+        let snat = (NODE6, u16::from_be_bytes([out[port_at], out[port_at + 1]]));
+        let expected = wire::ipv6_fragments(&udp6_with(snat, server, query, 63), DATAGRAM_ID);
+        assert_eq!(out, expected[0], "{out:02x?}");
+        // The later fragments go where the first went, routed by the program too.
+        assert_fragments(&datapath, &sent[1..], TC_ACT_REDIRECT, &expected[1..]);
+
+        let back = wire::ipv6_fragments(&udp6(server, snat, answer), DATAGRAM_ID);
+        let expected = wire::ipv6_fragments(&udp6_with(NODE_PORT, CLIENT, answer, 63), DATAGRAM_ID);
+        let out = assert_fragments(&datapath, &back, TC_ACT_REDIRECT, &expected);
+        assert!(wire::ipv6_checksum_valid(&wire::ipv6_reassembled(&out)));
+        // A later fragment whose hop limit runs out here: no error may be sent about it.
+        let mut last_hop = back.last().unwrap().clone();
+        last_hop[wire::ETH_LEN + 7] = 1;
+        assert_eq!(datapath.run(&last_hop).0, TC_ACT_SHOT);
+        datapath.assert_stats(&[
+            (stat::CT_MISS, 1),
+            (stat::NEW_FLOW, 1),
+            (stat::REPLY, 1),
+            (stat::FRAGMENT, 2 + 2),
+            (stat::NOT_FORWARDABLE, 1),
+        ]);
     });
 }
 
@@ -488,6 +649,63 @@ fn the_dry_run_of_an_ipv6_packet_records_its_addresses_and_writes_nothing() {
 /// and IPv4-mapped addresses) are accepted by this kernel's verifier, with room to spare.
 /// Their translations are tested in the lab (`socket_lb`, `socket_lb6`): the kernel cannot
 /// test-run cgroup socket programs.
+#[test]
+fn the_dry_run_of_ipv6_fragments_reports_and_follows_fragments6_and_writes_nothing() {
+    let Some(mut datapath) = Datapath::load() else {
+        return;
+    };
+    let (dns, server) = udp_service(&mut datapath);
+    let first = TracePacket {
+        fragment: Fragment::First,
+        ip_id: DATAGRAM_ID,
+        length: 1496,
+        ..TracePacket::opening(proto::UDP, trace_endpoint(CLIENT), trace_endpoint(dns))
+    };
+    // A first fragment: DNATed, with the record the live program would write for the
+    // later ones reported (and none written).
+    let report = datapath.tracer().run(&first).unwrap();
+    let fragment = report.fragment.as_ref().unwrap();
+    assert_eq!(fragment.part, "first");
+    let record = fragment.record.as_ref().unwrap();
+    assert_eq!(
+        (record.verdict, record.destination),
+        ("forward", IpAddr::from(server.0))
+    );
+    assert_eq!(
+        report.output.as_ref().unwrap().destination,
+        trace_endpoint(server)
+    );
+    assert!(datapath.fragments6().is_empty());
+    assert!(datapath.conntrack6().is_empty());
+
+    // The live program passes the datagram's first fragment: a later one follows it.
+    let sent = wire::ipv6_fragments(&udp6(CLIENT, dns, payload(2000)), DATAGRAM_ID);
+    assert_eq!(datapath.run(&sent[0]).0, TC_ACT_OK);
+    let (stats, recorded) = (datapath.stats(), datapath.fragments6());
+    let later = TracePacket {
+        fragment: Fragment::Later,
+        ..first
+    };
+    let report = datapath.tracer().run(&later).unwrap();
+    assert_eq!(
+        (report.verdict.as_str(), report.path),
+        ("accept", "fragment")
+    );
+    let record = report.fragment.as_ref().unwrap().record.as_ref().unwrap();
+    assert_eq!(record.destination, IpAddr::from(server.0));
+    let output = report.output.as_ref().unwrap();
+    assert_eq!(output.destination.address, IpAddr::from(server.0));
+    assert_eq!(output.fragment, Some("later"));
+    // Another datagram of the client: its first fragment never passed.
+    let unknown = TracePacket { ip_id: 7, ..later };
+    let report = datapath.tracer().run(&unknown).unwrap();
+    assert_eq!(report.path, "fragment_unmatched");
+    assert!(report.fragment.unwrap().record.is_none());
+    // A dry run writes nothing.
+    assert_eq!(datapath.stats(), stats);
+    assert_eq!(datapath.fragments6(), recorded);
+}
+
 #[test]
 fn the_socket_programs_of_both_families_verify() {
     let Some(mut datapath) = Datapath::load() else {

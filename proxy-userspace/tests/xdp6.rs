@@ -8,17 +8,12 @@
 
 mod datapath;
 
+use datapath::ipv6::ends::{BACKEND, CLIENT, NODE_PORT, VIP};
 use datapath::ipv6::*;
-use datapath::wire::{self, Extension};
+use datapath::wire;
 use datapath::*;
 use proxy_common::{CtKey, ct_flags, proto, service_flags, stat};
 use proxy_userspace::xdp::{XDP_PASS, XDP_TX};
-
-const CLIENT: ([u8; 16], u16) = (CLIENT6, CLIENT6_PORT);
-const VIP: ([u8; 16], u16) = (VIP6, VIP6_PORT);
-const BACKEND: ([u8; 16], u16) = (BACKEND6_1, BACKEND6_PORT);
-/// The NodePort the wire tests install on [`NODE6`].
-const NODE_PORT: ([u8; 16], u16) = (NODE6, 30_080);
 
 /// Runs `frame` through XDP and asserts it was translated to `expected` and marked for the
 /// stack (tc lets it through), checksums valid.
@@ -120,9 +115,13 @@ fn refusals_fragments_and_icmpv6_are_left_to_tc() {
     // tc builds the ICMPv6 refusal.
     let syn = frame6(CLIENT, VIP, SYN6);
     assert_left_to_tc(&datapath.run_xdp(&syn), &syn);
-    // A fragment, and an ICMPv6 message (an echo request to the frontend).
-    let fragment = frame6_with(CLIENT, VIP, SYN6, &[Extension::first_fragment()], 64);
-    assert_left_to_tc(&datapath.run_xdp(&fragment), &fragment);
+    // A fragmented datagram's first and later fragments (tc decides the first and records
+    // it for the rest, so every fragment goes one way), and an ICMPv6 message (an echo
+    // request to the frontend).
+    let datagram = udp6(CLIENT, (VIP6, 53), payload(2000));
+    for fragment in &wire::ipv6_fragments(&datagram, 7) {
+        assert_left_to_tc(&datapath.run_xdp(fragment), fragment);
+    }
     let echo = wire::ipv6_frame(
         MACS6,
         CLIENT6,
@@ -135,7 +134,7 @@ fn refusals_fragments_and_icmpv6_are_left_to_tc() {
         PAYLOAD,
     );
     assert_left_to_tc(&datapath.run_xdp(&echo), &echo);
-    datapath.assert_stats(&[(stat::XDP_TO_TC, 3)]);
+    datapath.assert_stats(&[(stat::XDP_TO_TC, 4)]);
     // tc then refuses, as without XDP.
     let (verdict, _) = datapath.run(&syn);
     assert_eq!(verdict, TC_ACT_REDIRECT);

@@ -17,6 +17,16 @@ pub const SERVICE_UDP_PORT: u16 = 53;
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 pub const BACKEND_NAMES: [&str; 3] = ["pod-1", "pod-2", "pod-3"];
 
+/// The `stats` counter `name`.
+pub fn counter(daemon: &Daemon, name: &str) -> Result<u64> {
+    let stats = cli_json(daemon, &["stats"])?;
+    stats["counters"]
+        .as_array()
+        .and_then(|counters| counters.iter().find(|counter| counter["name"] == name))
+        .and_then(|counter| counter["value"].as_u64())
+        .with_context(|| format!("no counter {name} in {stats}"))
+}
+
 /// A lab with three backends and a caller pod.
 pub fn lab() -> Result<Lab> {
     Lab::builder().pods(4).build()

@@ -10,7 +10,10 @@
 //! IPv6 end to end: a single-stack IPv6 ClusterIP and NodePort answered over TCP and UDP
 //! from the client and from a pod (every answer from the frontend, every backend
 //! reached), the dual-stack Service over both families, and an IPv6 Service without
-//! endpoints refused at once (ICMPv6 port unreachable: connection refused).
+//! endpoints refused at once (ICMPv6 port unreachable: connection refused). UDP datagrams
+//! over the MTU (a 4,000-byte query, a 30,000-byte answer: IPv6 fragments, cut by their
+//! sender) through an IPv6 ClusterIP from a pod and its NodePort from the client, answered
+//! whole from the frontend: the later fragments follow their first through FRAGMENTS6.
 //!
 //! The CLI on a real IPv6 flow: `conntrack` lists it from CONNTRACK6 (`-o json` with its
 //! family) and its IPv6 filters select it, `trace` follows its conntrack entry and dry-runs
@@ -30,10 +33,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use common::{
-    BACKEND_NAMES, SERVICE_TCP_PORT, SERVICE_UDP_PORT, SYNC_TIMEOUT, caller, cli_json, flows_of,
-    health_check, in_netns, kube_rules,
+    BACKEND_NAMES, SERVICE_TCP_PORT, SERVICE_UDP_PORT, SYNC_TIMEOUT, caller, cli_json, counter,
+    flows_of, health_check, in_netns, kube_rules,
 };
-use proxy_lab::{Lab, Manifest, NODE_NAME, Reply, Service, addr, require_lab};
+use proxy_lab::{Lab, LargeServers, Manifest, NODE_NAME, Reply, Service, addr, require_lab};
 
 const CLUSTER_IPV6: &str = "2001:db8:ff::10";
 const STICKY_IPV6: &str = "2001:db8:ff::11";
@@ -263,6 +266,64 @@ fn ipv6_services_answer_tcp_and_udp_from_the_client_and_a_pod_and_refuse_without
             ),
         }
     }
+    Ok(())
+}
+
+#[test]
+fn udp_over_the_mtu_through_an_ipv6_cluster_ip_and_node_port_is_answered_whole() -> Result<()> {
+    require_lab!();
+    // pod-1's sized UDP server (it answers with the size asked for); 5454: no echo port.
+    const SIZED_PORT: u16 = 5454;
+    const SIZED_NODE_PORT: u16 = 30053;
+    let lab = common::lab()?;
+    let mut servers = LargeServers::default();
+    servers.udp_sized(lab.pod(1), SIZED_PORT)?;
+    let six = Service::node_port("large6", addr::NODE_PORT_SERVICE_IPV6).udp_node_port(
+        SERVICE_UDP_PORT,
+        SIZED_PORT,
+        SIZED_NODE_PORT,
+    );
+    let daemon = lab.daemon().manifest(six.manifest([lab.pod(1)])).start()?;
+    daemon.wait_synced(SYNC_TIMEOUT)?;
+    let six_ip = IpAddr::V6(addr::NODE_PORT_SERVICE_IPV6);
+    let node = IpAddr::V6(addr::NODE_IPV6);
+    for (what, from, ip, port) in [
+        (
+            "ClusterIP from a pod",
+            caller(&lab),
+            six_ip,
+            SERVICE_UDP_PORT,
+        ),
+        (
+            "NodePort from the client",
+            lab.client(),
+            node,
+            SIZED_NODE_PORT,
+        ),
+    ] {
+        // A fragmented query, then a fragmented answer (a lost fragment loses the datagram:
+        // the request times out).
+        for (query, answer) in [(4_000, 100), (50, 30_000)] {
+            let reply = from
+                .udp_sized_request(ip, port, query, answer, Duration::from_secs(3))
+                .with_context(|| format!("{what}: {query} B query, {answer} B answer"))?;
+            ensure!(
+                reply.body == "pod-1",
+                "{what}: answered by {:?}",
+                reply.body
+            );
+            ensure!(
+                reply.peer == SocketAddr::new(ip, port),
+                "{what}: answered from {}",
+                reply.peer
+            );
+            println!("UDP {what} [{ip}]:{port}: {query} B query, {answer} B answer");
+        }
+    }
+    ensure!(
+        counter(&daemon, "fragment")? > 0,
+        "no fragment was followed"
+    );
     Ok(())
 }
 

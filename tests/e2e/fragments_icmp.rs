@@ -16,7 +16,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use common::{SYNC_TIMEOUT, cli_json};
+use common::{SYNC_TIMEOUT, counter};
 use proxy_lab::{
     Cluster, Endpoint, Lab, LargeServers, Netns, Received, Service, addr, require_lab,
 };
@@ -88,16 +88,6 @@ fn assert_refused(from: &Netns, addr: Ipv4Addr, port: u16) -> Result<()> {
         }
         Err(error) => bail!("{addr}:{port} was not refused: {error}"),
     }
-}
-
-/// The `stats` counter `name`.
-fn counter(daemon: &proxy_lab::Daemon, name: &str) -> Result<u64> {
-    let stats = cli_json(daemon, &["stats"])?;
-    stats["counters"]
-        .as_array()
-        .and_then(|counters| counters.iter().find(|counter| counter["name"] == name))
-        .and_then(|counter| counter["value"].as_u64())
-        .with_context(|| format!("no counter {name} in {stats}"))
 }
 
 /// The lab: pod-1 serves (sized UDP, bulk TCP), pod-2 calls.

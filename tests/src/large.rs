@@ -9,7 +9,7 @@
 //! [`std::io::ErrorKind::ConnectionRefused`].
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -62,7 +62,7 @@ impl Netns {
     /// refusal ([`ErrorKind::ConnectionRefused`]) from a lost query or answer (a timeout).
     pub fn udp_sized_request(
         &self,
-        addr: Ipv4Addr,
+        addr: impl Into<IpAddr>,
         port: u16,
         query_len: usize,
         answer_len: usize,
@@ -146,7 +146,7 @@ pub struct Received {
 
 impl EchoServers {
     /// A UDP server on `port` in `ns` answering each datagram with `answer(datagram)`, if
-    /// any; returns once it is bound.
+    /// any, over both families (one dual-stack socket); returns once it is bound.
     pub(crate) fn spawn_udp_with(
         &mut self,
         ns: &Netns,
@@ -156,7 +156,7 @@ impl EchoServers {
     ) -> Result<()> {
         let stop = self.stop_flag();
         self.spawn_in(ns, format!("udp-sized {name}"), move |ready| {
-            let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).and_then(|socket| {
+            let socket = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port)).and_then(|socket| {
                 socket
                     .set_read_timeout(Some(crate::echo::STOP_POLL))
                     .map(|()| socket)

@@ -65,6 +65,7 @@ pub fn read(root: &Path) -> Result<StatsView> {
         fill::<AffinityKey<Ipv6>, AffinityValue<Ipv6>>(root, map_names::AFFINITY6)?,
         fill::<SockKey<Ipv6>, SockValue<Ipv6>>(root, map_names::SOCK_XLATE6)?,
         fill::<SockAffinityKey, AffinityValue<Ipv6>>(root, map_names::SOCK_AFFINITY6)?,
+        fill::<FragmentKey<Ipv6>, FragmentValue<Ipv6>>(root, map_names::FRAGMENTS6)?,
     ];
     maps.splice(0..0, service_maps::<u32>(root)?);
     maps.extend(service_maps::<Ipv6>(root)?);

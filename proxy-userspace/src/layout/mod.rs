@@ -107,6 +107,7 @@ pub const PINNED_MAPS: &[PinnedMap] = &[
     pinned(map_names::SOCK_AFFINITY6, 1, Carries::Runtime, (16, 32)),
     pinned(map_names::SOCK_XLATE6, 1, Carries::Runtime, (32, 56)),
     pinned(map_names::FRAGMENTS, 1, Carries::Runtime, (12, 24)),
+    pinned(map_names::FRAGMENTS6, 1, Carries::Runtime, (40, 48)),
     // 2: 36 counters (the XDP verdicts), not 31.
     pinned(map_names::STATS, 2, Carries::Runtime, (4, 8)),
 ];

@@ -8,8 +8,9 @@ use std::net::Ipv6Addr;
 
 use aya::maps::{HashMap as BpfHashMap, LpmTrie, lpm_trie::Key};
 use proxy_common::{
-    Address, AffinityKey, AffinityValue, Backend, CtKey, CtValue, FrontendKey, FrontendValue, Ipv6,
-    MembershipKey, Slot, SourceRange, Tuple, map_names, membership, proto, tcp_flags,
+    Address, AffinityKey, AffinityValue, Backend, CtKey, CtValue, FragmentKey, FragmentValue,
+    FrontendKey, FrontendValue, Ipv6, MembershipKey, Slot, SourceRange, Tuple, map_names,
+    membership, proto, tcp_flags,
 };
 
 use super::wire::{self, Extension};
@@ -24,6 +25,19 @@ pub const NODE6: [u8; 16] = ip6(0x0001, 0x01);
 pub const CLIENT6_PORT: u16 = 40_000;
 pub const VIP6_PORT: u16 = 80;
 pub const BACKEND6_PORT: u16 = 8080;
+
+/// The tests' IPv6 endpoints (address, port), under the names the IPv4 tests give theirs:
+/// imported by name (`use datapath::ipv6::ends::{CLIENT, …}`), which shadows IPv4's from
+/// the `datapath` glob.
+pub mod ends {
+    use super::*;
+
+    pub const CLIENT: ([u8; 16], u16) = (CLIENT6, CLIENT6_PORT);
+    pub const VIP: ([u8; 16], u16) = (VIP6, VIP6_PORT);
+    pub const BACKEND: ([u8; 16], u16) = (BACKEND6_1, BACKEND6_PORT);
+    /// A NodePort on [`NODE6`].
+    pub const NODE_PORT: ([u8; 16], u16) = (NODE6, 30_080);
+}
 
 /// The Ethernet addresses (source, destination) of the frames [`frame6`] builds.
 pub const MACS6: ([u8; 6], [u8; 6]) = ([0x02, 0, 0, 0, 0, 0x01], [0x02, 0, 0, 0, 0, 0x02]);
@@ -88,6 +102,43 @@ pub fn frame6_via(
         Some(csum_offset),
         PAYLOAD,
     )
+}
+
+/// A UDP datagram from `src` to `dst` carrying `payload` (hop limit 64), its checksum
+/// computed here.
+pub fn udp6(src: ([u8; 16], u16), dst: ([u8; 16], u16), payload: &[u8]) -> Vec<u8> {
+    udp6_with(src, dst, payload, 64)
+}
+
+/// [`udp6`] with `hop_limit`.
+pub fn udp6_with(
+    src: ([u8; 16], u16),
+    dst: ([u8; 16], u16),
+    payload: &[u8],
+    hop_limit: u8,
+) -> Vec<u8> {
+    wire::ipv6_frame(
+        MACS6,
+        src.0,
+        dst.0,
+        hop_limit,
+        &[],
+        proto::UDP,
+        &wire::udp_header(src.1, dst.1, payload.len()),
+        Some(6),
+        payload,
+    )
+}
+
+/// The FRAGMENTS6 key of the UDP datagram from `src` to `dst` with identification `id`.
+pub fn datagram6(src: [u8; 16], dst: [u8; 16], id: u32) -> FragmentKey<Ipv6> {
+    FragmentKey {
+        src_addr: v6(src),
+        dst_addr: v6(dst),
+        id: u32::from_ne_bytes(id.to_be_bytes()),
+        proto: proto::UDP,
+        _pad: [0; 3],
+    }
 }
 
 /// 2001:db8:`subnet`::`host`.
@@ -199,6 +250,13 @@ impl Datapath {
         let mut entries = self.conntrack6_map(map_names::CONNTRACK6);
         entries.extend(self.conntrack6_map(map_names::CONNTRACK_PENDING6));
         entries
+    }
+
+    /// Every FRAGMENTS6 entry: the IPv6 datagrams whose first fragment passed.
+    pub fn fragments6(&self) -> HashMap<FragmentKey<Ipv6>, FragmentValue<Ipv6>> {
+        let map: BpfHashMap<_, FragmentKey<Ipv6>, FragmentValue<Ipv6>> =
+            BpfHashMap::try_from(self.ebpf.map(map_names::FRAGMENTS6).unwrap()).unwrap();
+        map.iter().map(Result::unwrap).collect()
     }
 
     /// The entries of one IPv6 conntrack map (`CONNTRACK6` or `CONNTRACK_PENDING6`).

@@ -823,6 +823,37 @@ pub fn assert_refused(datapath: &Datapath, refused: &[u8]) {
     assert_eq!(ones_complement_sum(&ip[Ipv4Header::MIN_LEN..]), 0xffff);
 }
 
+/// `len` bytes of payload that differ from byte to byte.
+pub fn payload(len: usize) -> &'static [u8] {
+    Box::leak(
+        (0..len)
+            .map(|i| (i * 7 + 3) as u8)
+            .collect::<Vec<_>>()
+            .into_boxed_slice(),
+    )
+}
+
+/// Runs every fragment; asserts each verdict is `verdict` and the output is `expected`'s
+/// fragments; returns the output.
+pub fn assert_fragments(
+    datapath: &Datapath,
+    sent: &[Vec<u8>],
+    verdict: u32,
+    expected: &[Vec<u8>],
+) -> Vec<Vec<u8>> {
+    assert_eq!(sent.len(), expected.len());
+    sent.iter()
+        .zip(expected)
+        .enumerate()
+        .map(|(index, (fragment, expected))| {
+            let (got, out) = datapath.run(fragment);
+            assert_eq!(got, verdict, "fragment {index}");
+            assert_eq!(&out, expected, "fragment {index}");
+            out
+        })
+        .collect()
+}
+
 /// Asserts the XDP program left `frame` to tc: passed, unmarked, untouched.
 pub fn assert_left_to_tc(run: &XdpRun, frame: &[u8]) {
     assert_eq!(run.action, proxy_userspace::xdp::XDP_PASS);

@@ -491,14 +491,55 @@ impl Extension {
             bytes: [&[0, 1, 1, 12][..], &[0; 12]].concat(),
         }
     }
+}
 
-    /// A fragment header: the first fragment (offset 0, more fragments), identification 7.
-    pub fn first_fragment() -> Self {
-        Self {
-            kind: 44,
-            bytes: vec![0, 0, 0, 1, 0, 0, 0, 7],
-        }
+/// The IPv6 fragment header's next-header value, and its length.
+pub const IPV6_FRAGMENT: u8 = 44;
+pub const IPV6_FRAGMENT_LEN: usize = 8;
+/// Bytes of a datagram's fragmentable part in each IPv6 fragment over a 1500-byte MTU:
+/// 1500 less the fixed and the fragment header, down to a multiple of 8.
+pub const IPV6_FRAGMENT_DATA: usize = 1448;
+
+/// `frame` (Ethernet, IPv6 without extension headers, payload) as the fragments its source
+/// cuts it into for a 1500-byte MTU (RFC 8200 4.5): each the fixed header (its payload
+/// length its own), a fragment header (the offset of its part in 8-byte units, "more
+/// fragments" on all but the last, the identification `id`) and 1448 bytes of the
+/// datagram's payload (the last one the rest).
+pub fn ipv6_fragments(frame: &[u8], id: u32) -> Vec<Vec<u8>> {
+    let (head, data) = frame.split_at(ETH_LEN + IPV6_LEN);
+    let next_header = head[ETH_LEN + 6];
+    let count = data.chunks(IPV6_FRAGMENT_DATA).count();
+    data.chunks(IPV6_FRAGMENT_DATA)
+        .enumerate()
+        .map(|(index, part)| {
+            let mut out = head.to_vec();
+            let payload_len = u16::try_from(IPV6_FRAGMENT_LEN + part.len()).unwrap();
+            out[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&payload_len.to_be_bytes());
+            out[ETH_LEN + 6] = IPV6_FRAGMENT;
+            // The offset in 8-byte units above three bits: the byte offset, a multiple of 8.
+            let offset = u16::try_from(index * IPV6_FRAGMENT_DATA).unwrap();
+            let more = u16::from(index + 1 < count);
+            out.extend([next_header, 0]);
+            out.extend((offset | more).to_be_bytes());
+            out.extend(id.to_be_bytes());
+            out.extend(part);
+            out
+        })
+        .collect()
+}
+
+/// The datagram [`ipv6_fragments`] cut `fragments` from (the first one's fixed header),
+/// to check its L4 checksum end to end.
+pub fn ipv6_reassembled(fragments: &[Vec<u8>]) -> Vec<u8> {
+    let header = ETH_LEN + IPV6_LEN;
+    let mut whole = fragments[0][..header].to_vec();
+    whole[ETH_LEN + 6] = fragments[0][header];
+    for fragment in fragments {
+        whole.extend_from_slice(&fragment[header + IPV6_FRAGMENT_LEN..]);
     }
+    let payload_len = u16::try_from(whole.len() - header).unwrap();
+    whole[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&payload_len.to_be_bytes());
+    whole
 }
 
 /// An IPv6 frame, byte by byte: Ethernet (`macs`: source, destination), the fixed header

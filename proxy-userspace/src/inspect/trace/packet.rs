@@ -2,7 +2,8 @@
 //! and read back from the frame the program leaves. IPv4 or IPv6, as its addresses are.
 //!
 //! Besides a TCP segment, UDP datagram or SCTP packet it can be one fragment of a datagram (the first,
-//! which carries the ports, or a later one, which carries none; IPv4 only), a packet of a given
+//! which carries the ports, or a later one, which carries none; IPv6's behind a fragment
+//! header), a packet of a given
 //! length and TTL or hop limit (to see the forwarding checks answer), or an ICMP (ICMPv6)
 //! error about the packet (to see the error translated as its flow is).
 
@@ -30,6 +31,15 @@ const LATER_FRAGMENT_OFFSET: u16 = 1480 / 8;
 const IP_DONT_FRAGMENT: u16 = 0x4000;
 const IP_MORE_FRAGMENTS: u16 = 0x2000;
 const FRAGMENT_OFFSET: u16 = 0x1fff;
+/// IPv6's fragment header: its next-header value and length; the offset of a traced later
+/// fragment in bytes (a multiple of 8: the field's 13 bits above its three low ones) where
+/// the second fragment over a 1500-byte MTU starts (1500 less both headers, down to a
+/// multiple of 8); the "more fragments" bit.
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_FRAGMENT_LEN: usize = 8;
+const IPV6_LATER_FRAGMENT_OFFSET: u16 = 1448;
+const IPV6_MORE_FRAGMENTS: u16 = 0x0001;
+const IPV6_FRAGMENT_OFFSET: u16 = 0xfff8;
 
 /// The packet to trace: a TCP segment, a UDP datagram or an SCTP packet (or one fragment of
 /// it), or an ICMP error about one. Its family is its addresses' (both of one family).
@@ -47,8 +57,9 @@ pub struct TracePacket {
     /// The TTL (IPv4) or hop limit (IPv6).
     pub ttl: u8,
     pub fragment: Fragment,
-    /// The IPv4 identification, which names a fragment's datagram.
-    pub ip_id: u16,
+    /// The identification, which names a fragment's datagram: IPv4's 16 bits, IPv6's 32
+    /// (its fragment header's).
+    pub ip_id: u32,
     /// Trace the ICMP error this packet drew instead of the packet itself.
     pub icmp_error: Option<IcmpError>,
 }
@@ -61,7 +72,7 @@ pub enum Fragment {
     Whole,
     /// The first fragment: offset 0, more fragments follow; it carries the ports.
     First,
-    /// A later fragment (offset 1480): no TCP/UDP header of its own.
+    /// A later fragment (offset 1480; IPv6: 1448): no TCP/UDP header of its own.
     Later,
 }
 
@@ -221,13 +232,35 @@ impl TracePacket {
                 self.source, self.destination
             ));
         }
-        if self.is_ipv6() && self.fragment != Fragment::Whole {
-            return Err(
-                "trace builds no IPv6 fragments (a fragment header): trace the whole datagram"
-                    .to_owned(),
-            );
+        if !self.is_ipv6() && u16::try_from(self.ip_id).is_err() {
+            return Err(format!(
+                "--ip-id {}: IPv4's identification is 16 bits (IPv6's 32)",
+                self.ip_id
+            ));
         }
         Ok(())
+    }
+
+    /// Whether the packet carries IPv6's fragment header.
+    fn has_fragment_header(&self) -> bool {
+        self.is_ipv6() && self.fragment != Fragment::Whole
+    }
+
+    /// Bytes of its IP header (IPv6's with its fragment header).
+    fn header_len(&self) -> usize {
+        ip_header_len(self.source.address)
+            + if self.has_fragment_header() {
+                IPV6_FRAGMENT_LEN
+            } else {
+                0
+            }
+    }
+
+    /// The IP packet's length as built: [`TracePacket::length`], raised to its headers'
+    /// and at least 8 bytes after the IP header.
+    pub fn total_len(&self) -> u16 {
+        let least = self.header_len() + self.l4_len().max(8);
+        self.length.max(least as u16)
     }
 
     fn l4_len(&self) -> usize {
@@ -257,25 +290,39 @@ impl TracePacket {
     /// The packet itself, with valid checksums (test-run skbs are not CHECKSUM_PARTIAL, so
     /// the checksum helpers update real sums).
     fn datagram(&self) -> Vec<u8> {
-        let header_len = ip_header_len(self.source.address);
+        let fragment_header = self.has_fragment_header();
+        let header_len = self.header_len();
         let l4_len = self.l4_len();
-        let total_len = usize::from(self.length).max(header_len + l4_len.max(8));
-        let (flags, offset) = match self.fragment {
-            Fragment::Whole => (IP_DONT_FRAGMENT, 0),
-            Fragment::First => (IP_MORE_FRAGMENTS, 0),
-            Fragment::Later => (0, LATER_FRAGMENT_OFFSET),
+        let total_len = usize::from(self.total_len());
+        let (flags, offset) = match (self.is_ipv6(), self.fragment) {
+            (false, Fragment::Whole) => (IP_DONT_FRAGMENT, 0),
+            (false, Fragment::First) => (IP_MORE_FRAGMENTS, 0),
+            (false, Fragment::Later) => (0, LATER_FRAGMENT_OFFSET),
+            // IPv6: no flags in its header; the fragment header's field below.
+            (true, Fragment::First) => (IPV6_MORE_FRAGMENTS, 0),
+            (true, _) => (0, IPV6_LATER_FRAGMENT_OFFSET),
         };
-        let ip = ip_header(
+        let mut ip = ip_header(
             IpFields {
                 total_len,
-                id: self.ip_id,
+                // IPv4's 16 bits (`check`); IPv6's go into the fragment header.
+                id: self.ip_id as u16,
                 flags_and_offset: flags | offset,
                 ttl: self.ttl,
-                protocol: self.protocol,
+                protocol: if fragment_header {
+                    IPV6_FRAGMENT
+                } else {
+                    self.protocol
+                },
             },
             self.source.address,
             self.destination.address,
         );
+        if fragment_header {
+            ip.extend_from_slice(&[self.protocol, 0]);
+            ip.extend_from_slice(&(flags | offset).to_be_bytes());
+            ip.extend_from_slice(&self.ip_id.to_be_bytes());
+        }
         let mut payload = vec![0u8; total_len - header_len];
         if l4_len > 0 {
             let l4 = &mut payload[..l4_len];
@@ -412,11 +459,11 @@ impl TracePacket {
     }
 }
 
-/// What `trace` reads of an IPv4 or IPv6 header (an IPv6 header without extension headers,
-/// as `trace` builds them and the program answers).
+/// What `trace` reads of an IPv4 or IPv6 header (an IPv6 header without extension headers
+/// but a fragment header, as `trace` builds them and the program answers).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct IpHeader {
-    /// Bytes of the header (IPv4's with its options).
+    /// Bytes of the header (IPv4's with its options; IPv6's with its fragment header).
     pub len: usize,
     /// IPv4's protocol, IPv6's next header.
     pub protocol: u8,
@@ -452,15 +499,27 @@ impl IpHeader {
                 ttl: *ip.get(8)?,
                 has_ports: word(6)? & FRAGMENT_OFFSET == 0,
             }),
-            6 => Some(Self {
-                len: IPV6_LEN,
-                protocol: *ip.get(6)?,
-                source: address(8, 16)?,
-                destination: address(24, 16)?,
-                total_len: word(4)?.saturating_add(IPV6_LEN as u16),
-                ttl: *ip.get(7)?,
-                has_ports: true,
-            }),
+            6 => {
+                let fragment = *ip.get(6)? == IPV6_FRAGMENT;
+                let (len, protocol, has_ports) = if fragment {
+                    (
+                        IPV6_LEN + IPV6_FRAGMENT_LEN,
+                        *ip.get(IPV6_LEN)?,
+                        word(IPV6_LEN + 2)? & IPV6_FRAGMENT_OFFSET == 0,
+                    )
+                } else {
+                    (IPV6_LEN, *ip.get(6)?, true)
+                };
+                Some(Self {
+                    len,
+                    protocol,
+                    source: address(8, 16)?,
+                    destination: address(24, 16)?,
+                    total_len: word(4)?.saturating_add(IPV6_LEN as u16),
+                    ttl: *ip.get(7)?,
+                    has_ports,
+                })
+            }
             _ => None,
         }
     }
@@ -531,7 +590,7 @@ pub fn sctp_chunk_name(chunk: u8) -> &'static str {
 }
 
 /// The IP header fields a traced packet sets (IPv6 takes no identification nor fragment
-/// bits: it has no fragments here).
+/// bits: they are in its fragment header).
 struct IpFields {
     /// The whole packet's length, header included.
     total_len: usize,

@@ -1,36 +1,14 @@
-use proxy_common::{Backend, FrontendValue, TraceAddresses, service_flags};
+use std::net::IpAddr;
 
-use super::*;
+use proxy_common::{
+    Address, Backend, CtValue, FragmentValue, FrontendKey, FrontendValue, Ipv6, TraceRecord, Tuple,
+    ct_flags, maglev, proto, service_flags, stat, tcp_flags, trace_answer, trace_ct,
+    trace_fragment, trace_table,
+};
 
-/// [`report_of`] in the packet's family.
-fn report(
-    packet: &TracePacket,
-    return_code: u32,
-    output: &[u8],
-    record: &TraceRecord,
-    frontend_name: Option<String>,
-    flow_name: Option<String>,
-) -> TraceReport {
-    if packet.is_ipv6() {
-        report_of::<Ipv6>(
-            packet,
-            return_code,
-            output,
-            record,
-            frontend_name,
-            flow_name,
-        )
-    } else {
-        report_of::<u32>(
-            packet,
-            return_code,
-            output,
-            record,
-            frontend_name,
-            flow_name,
-        )
-    }
-}
+use super::lookups::report_of;
+use super::{Destination, Fragment, IcmpError, IcmpKind, TracePacket, TraceReport, render};
+use crate::inspect::Endpoint;
 
 pub(super) fn endpoint(address: [u8; 4], port: u16) -> Endpoint {
     Endpoint {
@@ -46,99 +24,204 @@ pub(super) fn endpoint6(address: &str, port: u16) -> Endpoint {
     }
 }
 
-#[test]
-fn destinations_parse_with_a_default_protocol() {
-    let udp: Destination = "198.19.0.10:53/udp".parse().unwrap();
-    assert_eq!(
-        (udp.endpoint, udp.protocol),
-        (endpoint([198, 19, 0, 10], 53), proto::UDP)
-    );
-    let tcp: Destination = "198.19.0.10:80".parse().unwrap();
-    assert_eq!(tcp.protocol, proto::TCP);
-    assert!("198.19.0.10/tcp".parse::<Destination>().is_err());
-    let sctp: Destination = "198.19.0.10:3868/sctp".parse().unwrap();
-    assert_eq!(sctp.protocol, proto::SCTP);
-    assert!("198.19.0.10:80/quic".parse::<Destination>().is_err());
+/// [`report_of`] in the packet's family, the frontend named `frontend_name`.
+fn report(
+    packet: &TracePacket,
+    return_code: u32,
+    output: &[u8],
+    record: &TraceRecord,
+    frontend_name: Option<&str>,
+) -> TraceReport {
+    type ReportOf =
+        fn(&TracePacket, u32, &[u8], &TraceRecord, Option<String>, Option<String>) -> TraceReport;
+    let report_of: ReportOf = if packet.is_ipv6() {
+        report_of::<Ipv6>
+    } else {
+        report_of::<u32>
+    };
+    let frontend_name = frontend_name.map(str::to_owned);
+    report_of(packet, return_code, output, record, frontend_name, None)
 }
 
-/// The record of a new flow to `frontend` (header `service`) given `(slot, backend id,
-/// backend)`.
-fn new_flow_record(
-    (slot, backend_id, backend): (u16, u32, Backend),
-    frontend: FrontendKey,
-    service: FrontendValue,
-) -> TraceRecord {
+/// An address as the maps hold it, in the family of `A`.
+fn wire<A: Address>(address: &str) -> A {
+    A::from_ip(address.parse().unwrap()).unwrap()
+}
+
+/// A run's record on its CPU, the program's path `outcome`, nothing else found.
+fn recorded(outcome: u32) -> TraceRecord {
     TraceRecord {
         recorded: 1,
-        outcome: stat::NEW_FLOW as u8,
-        slot,
-        backend_id,
-        ipv4: TraceAddresses {
-            backend,
-            frontend,
-            ..TraceAddresses::default()
-        },
-        service,
+        outcome: outcome as u8,
         ..TraceRecord::default()
     }
 }
 
-#[test]
-fn a_new_flow_report_names_every_entry_that_decided() {
-    let packet = TracePacket::opening(
-        proto::TCP,
-        endpoint([198, 18, 1, 14], 40000),
-        endpoint([198, 19, 0, 10], 80),
-    );
-    let record = new_flow_record(
-        (2, 5, Backend::new([198, 18, 1, 12], 8080, proto::TCP)),
-        FrontendKey::new([198, 19, 0, 10], 80, proto::TCP),
-        FrontendValue {
-            rev_nat_id: 1,
-            base: 12,
-            count: 3,
-            flags: service_flags::CLUSTER_IP,
-            ..FrontendValue::default()
-        },
-    );
-    let output = TracePacket {
-        destination: endpoint([198, 18, 1, 12], 8080),
-        ..packet
+/// The record of a new TCP flow to `frontend` (header `service`) given `(slot, backend
+/// id, backend)`, in the frontend's family.
+fn new_flow_record(
+    (slot, backend_id, backend): (u16, u32, Endpoint),
+    frontend: Endpoint,
+    service: FrontendValue,
+) -> TraceRecord {
+    fn place<A: Address>(record: &mut TraceRecord, backend: Endpoint, frontend: Endpoint) {
+        let address = |endpoint: Endpoint| wire::<A>(&endpoint.address.to_string());
+        let traced = A::traced_mut(record);
+        traced.backend = Backend {
+            addr: address(backend),
+            port: backend.port.to_be(),
+            proto: proto::TCP,
+            _pad: 0,
+        };
+        traced.frontend = FrontendKey {
+            addr: address(frontend),
+            port: frontend.port.to_be(),
+            proto: proto::TCP,
+            _pad: 0,
+        };
+    }
+    let mut record = TraceRecord {
+        slot,
+        backend_id,
+        service,
+        ..recorded(stat::NEW_FLOW)
     };
-    let report = report(
-        &packet,
-        0,
-        &output.frame(),
-        &record,
-        Some("default/echo:tcp-80".into()),
-        None,
-    );
-    assert_eq!(
-        (report.verdict.as_str(), report.path),
-        ("accept", "new_flow")
-    );
-    assert_eq!(
-        report.decided_by,
-        [
-            "SERVICES[198.19.0.10:80/tcp] = ClusterIP default/echo:tcp-80, rev_nat_id 1, \
-             3 backends at BACKEND_SLOTS[12..15]",
-            "BACKEND_SLOTS[13] = backend 5, 198.18.1.12:8080 (slot 2 of 3, chosen at random)",
-        ]
-    );
-    let json = serde_json::to_value(&report).unwrap();
-    assert_eq!(json["backend"]["address"], "198.18.1.12");
-    assert_eq!(json["selection"]["of"], 3);
-    assert_eq!(json["selection"]["index"], 13);
-    assert_eq!(json["selection"]["set"], "frontend");
-    assert_eq!(json["selection"]["chosen_by"], "random");
-    assert_eq!(json["origin"], serde_json::Value::Null);
-    assert_eq!(json["conntrack"], serde_json::Value::Null);
-    assert_eq!(json["output"]["destination"]["port"], 8080);
-    let text = render(&report);
-    assert!(
-        text.contains("rewritten   tcp 198.18.1.14:40000 → 198.18.1.12:8080"),
-        "{text}"
-    );
+    if frontend.address.is_ipv6() {
+        place::<Ipv6>(&mut record, backend, frontend);
+    } else {
+        place::<u32>(&mut record, backend, frontend);
+    }
+    record
+}
+
+/// A reply entry of the family of `A` rewriting to `source → destination`.
+fn reply_entry<A: Address>(source: Endpoint, destination: Endpoint) -> CtValue<A> {
+    let address = |endpoint: Endpoint| wire::<A>(&endpoint.address.to_string());
+    CtValue {
+        to: Tuple {
+            src_addr: address(source),
+            dst_addr: address(destination),
+            src_port: source.port.to_be(),
+            dst_port: destination.port.to_be(),
+        },
+        flags: ct_flags::REPLY,
+        ..Default::default()
+    }
+}
+
+/// A ClusterIP header with `count` backends from BACKEND_SLOTS[`base`].
+fn cluster_ip(rev_nat_id: u32, base: u32, count: u16) -> FrontendValue {
+    FrontendValue {
+        rev_nat_id,
+        base,
+        count,
+        flags: service_flags::CLUSTER_IP,
+        ..FrontendValue::default()
+    }
+}
+
+#[test]
+fn destinations_parse_with_a_default_protocol_and_ipv6_in_brackets() {
+    for (text, expected) in [
+        (
+            "198.19.0.10:53/udp",
+            (endpoint([198, 19, 0, 10], 53), proto::UDP),
+        ),
+        (
+            "198.19.0.10:80",
+            (endpoint([198, 19, 0, 10], 80), proto::TCP),
+        ),
+        (
+            "198.19.0.10:3868/sctp",
+            (endpoint([198, 19, 0, 10], 3868), proto::SCTP),
+        ),
+        (
+            "[2001:db8:ff::10]:53/udp",
+            (endpoint6("2001:db8:ff::10", 53), proto::UDP),
+        ),
+    ] {
+        let destination: Destination = text.parse().unwrap();
+        assert_eq!(
+            (destination.endpoint, destination.protocol),
+            expected,
+            "{text}"
+        );
+    }
+    for text in [
+        "198.19.0.10/tcp",
+        "198.19.0.10:80/quic",
+        "[2001:db8:ff::10]/udp",
+        "2001:db8:ff::10",
+    ] {
+        assert!(text.parse::<Destination>().is_err(), "{text}");
+    }
+}
+
+#[test]
+fn a_new_flow_report_names_every_entry_that_decided_from_its_familys_maps() {
+    for (client, frontend, backend, name, decided_by, rewritten) in [
+        (
+            endpoint([198, 18, 1, 14], 40000),
+            endpoint([198, 19, 0, 10], 80),
+            endpoint([198, 18, 1, 12], 8080),
+            "default/echo:tcp-80",
+            [
+                "SERVICES[198.19.0.10:80/tcp] = ClusterIP default/echo:tcp-80, rev_nat_id 1, \
+                 3 backends at BACKEND_SLOTS[12..15]",
+                "BACKEND_SLOTS[13] = backend 5, 198.18.1.12:8080 (slot 2 of 3, chosen at \
+                 random)",
+            ],
+            "rewritten   tcp 198.18.1.14:40000 → 198.18.1.12:8080",
+        ),
+        (
+            endpoint6("2001:db8:1::14", 40000),
+            endpoint6("2001:db8:ff::10", 80),
+            endpoint6("2001:db8:1::12", 8080),
+            "default/web6:http",
+            [
+                "SERVICES6[[2001:db8:ff::10]:80/tcp] = ClusterIP default/web6:http, \
+                 rev_nat_id 1, 3 backends at BACKEND_SLOTS6[12..15]",
+                "BACKEND_SLOTS6[13] = backend 5, [2001:db8:1::12]:8080 (slot 2 of 3, chosen \
+                 at random)",
+            ],
+            "rewritten   tcp [2001:db8:1::14]:40000 → [2001:db8:1::12]:8080",
+        ),
+    ] {
+        let packet = TracePacket::opening(proto::TCP, client, frontend);
+        let record = new_flow_record((2, 5, backend), frontend, cluster_ip(1, 12, 3));
+        let output = TracePacket {
+            destination: backend,
+            ..packet
+        };
+        let report = report(&packet, 0, &output.frame(), &record, Some(name));
+        assert_eq!(
+            (report.verdict.as_str(), report.path),
+            ("accept", "new_flow")
+        );
+        assert_eq!(report.decided_by, decided_by);
+        let json = serde_json::to_value(&report).unwrap();
+        let family = if client.address.is_ipv6() {
+            "IPv6"
+        } else {
+            "IPv4"
+        };
+        assert_eq!(json["packet"]["family"], family);
+        assert_eq!(json["frontend"]["address"], frontend.address.to_string());
+        assert_eq!(json["backend"]["address"], backend.address.to_string());
+        assert_eq!(json["selection"]["of"], 3);
+        assert_eq!(json["selection"]["index"], 13);
+        assert_eq!(json["selection"]["set"], "frontend");
+        assert_eq!(json["selection"]["chosen_by"], "random");
+        assert_eq!(json["origin"], serde_json::Value::Null);
+        assert_eq!(json["conntrack"], serde_json::Value::Null);
+        assert_eq!(
+            json["output"]["destination"]["address"],
+            backend.address.to_string()
+        );
+        assert_eq!(json["output"]["destination"]["port"], 8080);
+        let text = render(&report);
+        assert!(text.contains(rewritten), "{text}");
+    }
 }
 
 #[test]
@@ -151,19 +234,16 @@ fn a_maglev_choice_names_the_table_and_is_not_called_random() {
     let record = TraceRecord {
         maglev: 1,
         ..new_flow_record(
-            (3, 7, Backend::new([198, 18, 2, 12], 8080, proto::TCP)),
-            FrontendKey::new([198, 18, 0, 1], 30080, proto::TCP),
+            (3, 7, endpoint([198, 18, 2, 12], 8080)),
+            endpoint([198, 18, 0, 1], 30080),
             FrontendValue {
-                rev_nat_id: 2,
-                base: 20,
-                count: 4,
                 flags: service_flags::NODE_PORT,
                 maglev: maglev::header_value(maglev::DEFAULT_TABLE_SIZE).unwrap(),
-                ..FrontendValue::default()
+                ..cluster_ip(2, 20, 4)
             },
         )
     };
-    let report = report(&packet, 0, &packet.frame(), &record, None, None);
+    let report = report(&packet, 0, &packet.frame(), &record, None);
     assert_eq!(
         report.decided_by[1],
         "BACKEND_SLOTS[22] = backend 7, 198.18.2.12:8080 (slot 3 of 4, given by the \
@@ -185,12 +265,7 @@ fn a_passing_packet_says_what_was_missing() {
             endpoint([198, 18, 5, 5], 53),
         )
     };
-    let record = TraceRecord {
-        recorded: 1,
-        outcome: stat::PASS as u8,
-        ..TraceRecord::default()
-    };
-    let report = report(&packet, 0, &packet.frame(), &record, None, None);
+    let report = report(&packet, 0, &packet.frame(), &recorded(stat::PASS), None);
     assert_eq!(report.path, "pass");
     assert!(report.frontend.is_none() && report.backend.is_none());
     assert_eq!(
@@ -199,60 +274,86 @@ fn a_passing_packet_says_what_was_missing() {
     );
 }
 
-fn wire(address: [u8; 4]) -> u32 {
-    u32::from_ne_bytes(address)
+/// The report of a later UDP fragment from `source` to `destination` (id 4660) whose
+/// datagram's record, in the family of `A`, forwards it to `backend`.
+fn later_fragment_report<A: Address>(
+    source: Endpoint,
+    destination: Endpoint,
+    backend: Endpoint,
+) -> TraceReport {
+    let packet = TracePacket {
+        fragment: Fragment::Later,
+        ip_id: 4660,
+        ..TracePacket::opening(proto::UDP, source, destination)
+    };
+    let mut record = TraceRecord {
+        fragment: trace_fragment::LATER,
+        fragment_found: 1,
+        ..recorded(stat::FRAGMENT)
+    };
+    *A::traced_fragment_mut(&mut record) = FragmentValue {
+        to: Tuple {
+            src_addr: A::from_ip(source.address).unwrap(),
+            dst_addr: A::from_ip(backend.address).unwrap(),
+            src_port: 0,
+            dst_port: 0,
+        },
+        ..Default::default()
+    };
+    let output = TracePacket {
+        destination: backend,
+        ..packet
+    };
+    report(&packet, 0, &output.frame(), &record, None)
 }
 
 #[test]
 fn a_later_fragment_shows_its_datagrams_record_and_no_ports() {
-    let packet = TracePacket {
-        fragment: Fragment::Later,
-        ip_id: 4660,
-        ..TracePacket::opening(
-            proto::UDP,
-            endpoint([198, 18, 1, 14], 35676),
-            endpoint([198, 19, 0, 10], 53),
-        )
-    };
-    let record = TraceRecord {
-        recorded: 1,
-        outcome: stat::FRAGMENT as u8,
-        fragment: trace_fragment::LATER,
-        fragment_found: 1,
-        fragment_record: proxy_common::FragmentValue {
-            to: proxy_common::Tuple {
-                src_addr: wire([198, 18, 1, 14]),
-                dst_addr: wire([198, 18, 1, 11]),
-                src_port: 0,
-                dst_port: 0,
-            },
-            ..Default::default()
-        },
-        ..TraceRecord::default()
-    };
-    let output = TracePacket {
-        destination: endpoint([198, 18, 1, 11], 53),
-        ..packet
-    };
-    let report = report(&packet, 0, &output.frame(), &record, None, None);
-    assert_eq!(report.path, "fragment");
-    assert_eq!(
-        report.decided_by,
-        [
+    // IPv4's record in FRAGMENTS, IPv6's in FRAGMENTS6 (the later fragment behind its
+    // fragment header: 40 + 8 + 8 bytes).
+    let cases = [
+        (
+            later_fragment_report::<u32>(
+                endpoint([198, 18, 1, 14], 35676),
+                endpoint([198, 19, 0, 10], 53),
+                endpoint([198, 18, 1, 11], 53),
+            ),
             "FRAGMENTS[udp 198.18.1.14 → 198.19.0.10 id 4660] = forward as 198.18.1.14 → \
-          198.18.1.11"
-        ]
-    );
-    let text = render(&report);
-    for line in [
-        "packet      udp 198.18.1.14 → 198.19.0.10 (later fragment, id 4660, 28 bytes, TTL 64)",
-        "rewritten   udp 198.18.1.14 → 198.18.1.11 (later fragment, id 4660, 28 bytes, TTL 64)",
-    ] {
-        assert!(text.contains(line), "{line:?} not in\n{text}");
+             198.18.1.11",
+            [
+                "packet      udp 198.18.1.14 → 198.19.0.10 (later fragment, id 4660, 28 bytes, \
+                 TTL 64)",
+                "rewritten   udp 198.18.1.14 → 198.18.1.11 (later fragment, id 4660, 28 bytes, \
+                 TTL 64)",
+            ],
+        ),
+        (
+            later_fragment_report::<Ipv6>(
+                endpoint6("2001:db8:1::14", 35676),
+                endpoint6("2001:db8:ff::10", 53),
+                endpoint6("2001:db8:2::11", 53),
+            ),
+            "FRAGMENTS6[udp 2001:db8:1::14 → 2001:db8:ff::10 id 4660] = forward as \
+             2001:db8:1::14 → 2001:db8:2::11",
+            [
+                "packet      udp 2001:db8:1::14 → 2001:db8:ff::10 (later fragment, id 4660, 56 \
+                 bytes, TTL 64)",
+                "rewritten   udp 2001:db8:1::14 → 2001:db8:2::11 (later fragment, id 4660, 56 \
+                 bytes, TTL 64)",
+            ],
+        ),
+    ];
+    for (report, decided_by, lines) in cases {
+        assert_eq!(report.path, "fragment");
+        assert_eq!(report.decided_by, [decided_by]);
+        let text = render(&report);
+        for line in lines {
+            assert!(text.contains(line), "{line:?} not in\n{text}");
+        }
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["fragment"]["record"]["verdict"], "forward");
+        assert_eq!(json["output"]["fragment"], "later");
     }
-    let json = serde_json::to_value(&report).unwrap();
-    assert_eq!(json["fragment"]["record"]["verdict"], "forward");
-    assert_eq!(json["output"]["fragment"], "later");
 }
 
 #[test]
@@ -269,26 +370,15 @@ fn an_icmp_error_shows_the_flow_of_its_quote_and_the_answer_of_a_check_its_reaso
         }),
         ..about
     };
-    let record = TraceRecord {
-        recorded: 1,
-        outcome: stat::ICMP_ERROR as u8,
+    let mut record = TraceRecord {
         conntrack: trace_ct::REPLY,
         table: trace_table::PENDING,
-        ipv4: TraceAddresses {
-            flow: proxy_common::CtValue {
-                to: proxy_common::Tuple {
-                    src_addr: wire([198, 19, 0, 10]),
-                    dst_addr: wire([198, 18, 1, 14]),
-                    src_port: 54u16.to_be(),
-                    dst_port: 35676u16.to_be(),
-                },
-                flags: ct_flags::REPLY,
-                ..Default::default()
-            },
-            ..TraceAddresses::default()
-        },
-        ..TraceRecord::default()
+        ..recorded(stat::ICMP_ERROR)
     };
+    record.ipv4.flow = reply_entry(
+        endpoint([198, 19, 0, 10], 54),
+        endpoint([198, 18, 1, 14], 35676),
+    );
     let translated = TracePacket {
         destination: endpoint([198, 19, 0, 10], 54),
         icmp_error: Some(IcmpError {
@@ -297,7 +387,7 @@ fn an_icmp_error_shows_the_flow_of_its_quote_and_the_answer_of_a_check_its_reaso
         }),
         ..about
     };
-    let translated_report = report(&error, 0, &translated.frame(), &record, None, None);
+    let translated_report = report(&error, 0, &translated.frame(), &record, None);
     assert_eq!(translated_report.path, "icmp_error");
     assert!(
         translated_report.decided_by[1]
@@ -320,11 +410,9 @@ fn an_icmp_error_shows_the_flow_of_its_quote_and_the_answer_of_a_check_its_reaso
         ..about
     };
     let record = TraceRecord {
-        recorded: 1,
-        outcome: stat::FRAG_NEEDED as u8,
         answered: trace_answer::FRAG_NEEDED,
         mtu: 1000,
-        ..TraceRecord::default()
+        ..recorded(stat::FRAG_NEEDED)
     };
     let answer = TracePacket {
         icmp_error: Some(IcmpError {
@@ -333,7 +421,7 @@ fn an_icmp_error_shows_the_flow_of_its_quote_and_the_answer_of_a_check_its_reaso
         }),
         ..big
     };
-    let report = report(&big, 2, &answer.frame(), &record, None, None);
+    let report = report(&big, 2, &answer.frame(), &record, None);
     assert!(report.output.is_none());
     let text = render(&report);
     assert!(
@@ -346,80 +434,6 @@ fn an_icmp_error_shows_the_flow_of_its_quote_and_the_answer_of_a_check_its_reaso
     assert!(text.contains("MTU 1000 < 1500 bytes"), "{text}");
 }
 
-fn wire6(address: &str) -> Ipv6 {
-    Ipv6::from_ip(address.parse().unwrap()).unwrap()
-}
-
-#[test]
-fn an_ipv6_new_flow_is_reported_from_the_ipv6_maps_with_its_addresses() {
-    let packet = TracePacket::opening(
-        proto::TCP,
-        endpoint6("2001:db8:1::14", 40000),
-        endpoint6("2001:db8:ff::10", 80),
-    );
-    let record = TraceRecord {
-        recorded: 1,
-        outcome: stat::NEW_FLOW as u8,
-        slot: 2,
-        backend_id: 5,
-        ipv6: TraceAddresses {
-            backend: Backend {
-                addr: wire6("2001:db8:1::12"),
-                port: 8080u16.to_be(),
-                proto: proto::TCP,
-                _pad: 0,
-            },
-            frontend: FrontendKey {
-                addr: wire6("2001:db8:ff::10"),
-                port: 80u16.to_be(),
-                proto: proto::TCP,
-                _pad: 0,
-            },
-            ..TraceAddresses::default()
-        },
-        service: FrontendValue {
-            rev_nat_id: 1,
-            base: 12,
-            count: 3,
-            flags: service_flags::CLUSTER_IP,
-            ..FrontendValue::default()
-        },
-        ..TraceRecord::default()
-    };
-    let output = TracePacket {
-        destination: endpoint6("2001:db8:1::12", 8080),
-        ..packet
-    };
-    let report = report(
-        &packet,
-        0,
-        &output.frame(),
-        &record,
-        Some("default/web6:http".into()),
-        None,
-    );
-    assert_eq!(report.path, "new_flow");
-    assert_eq!(
-        report.decided_by,
-        [
-            "SERVICES6[[2001:db8:ff::10]:80/tcp] = ClusterIP default/web6:http, rev_nat_id \
-             1, 3 backends at BACKEND_SLOTS6[12..15]",
-            "BACKEND_SLOTS6[13] = backend 5, [2001:db8:1::12]:8080 (slot 2 of 3, chosen at \
-             random)",
-        ]
-    );
-    let json = serde_json::to_value(&report).unwrap();
-    assert_eq!(json["packet"]["family"], "IPv6");
-    assert_eq!(json["frontend"]["address"], "2001:db8:ff::10");
-    assert_eq!(json["backend"]["address"], "2001:db8:1::12");
-    assert_eq!(json["output"]["destination"]["address"], "2001:db8:1::12");
-    let text = render(&report);
-    assert!(
-        text.contains("rewritten   tcp [2001:db8:1::14]:40000 → [2001:db8:1::12]:8080"),
-        "{text}"
-    );
-}
-
 #[test]
 fn an_ipv6_reply_names_conntrack6_and_a_refusal_reads_as_icmpv6() {
     let packet = TracePacket {
@@ -430,33 +444,24 @@ fn an_ipv6_reply_names_conntrack6_and_a_refusal_reads_as_icmpv6() {
             endpoint6("2001:db8:1::14", 40000),
         )
     };
-    let record = TraceRecord {
-        recorded: 1,
-        outcome: stat::REPLY as u8,
+    let mut record = TraceRecord {
         conntrack: trace_ct::REPLY,
         table: trace_table::PENDING,
-        ipv6: TraceAddresses {
-            flow: proxy_common::CtValue {
-                to: proxy_common::Tuple {
-                    src_addr: wire6("2001:db8:ff::10"),
-                    dst_addr: wire6("2001:db8:1::14"),
-                    src_port: 80u16.to_be(),
-                    dst_port: 40000u16.to_be(),
-                },
-                rev_nat_id: 1,
-                backend_id: 5,
-                flags: ct_flags::REPLY,
-                ..Default::default()
-            },
-            ..TraceAddresses::default()
-        },
-        ..TraceRecord::default()
+        ..recorded(stat::REPLY)
+    };
+    record.ipv6.flow = CtValue {
+        rev_nat_id: 1,
+        backend_id: 5,
+        ..reply_entry(
+            endpoint6("2001:db8:ff::10", 80),
+            endpoint6("2001:db8:1::14", 40000),
+        )
     };
     let output = TracePacket {
         source: endpoint6("2001:db8:ff::10", 80),
         ..packet
     };
-    let reply = report(&packet, 0, &output.frame(), &record, None, None);
+    let reply = report(&packet, 0, &output.frame(), &record, None);
     assert!(
         reply.decided_by[0].starts_with(
             "CONNTRACK_PENDING6[tcp [2001:db8:1::12]:8080 → [2001:db8:1::14]:40000 reply"
@@ -480,12 +485,7 @@ fn an_ipv6_reply_names_conntrack6_and_a_refusal_reads_as_icmpv6() {
         }),
         ..syn
     };
-    let record = TraceRecord {
-        recorded: 1,
-        outcome: stat::REJECTED as u8,
-        ..TraceRecord::default()
-    };
-    let refused = report(&syn, 7, &refusal.frame(), &record, None, None);
+    let refused = report(&syn, 7, &refusal.frame(), &recorded(stat::REJECTED), None);
     let answer = refused.answer.as_ref().unwrap();
     assert_eq!(answer.kind, "port-unreachable");
     assert_eq!(
@@ -497,15 +497,4 @@ fn an_ipv6_reply_names_conntrack6_and_a_refusal_reads_as_icmpv6() {
         text.contains("answered    icmpv6 port-unreachable 2001:db8:ff::20 → 2001:db8:1::14"),
         "{text}"
     );
-}
-
-#[test]
-fn ipv6_destinations_parse_in_brackets() {
-    let udp: Destination = "[2001:db8:ff::10]:53/udp".parse().unwrap();
-    assert_eq!(
-        (udp.endpoint, udp.protocol),
-        (endpoint6("2001:db8:ff::10", 53), proto::UDP)
-    );
-    assert!("[2001:db8:ff::10]/udp".parse::<Destination>().is_err());
-    assert!("2001:db8:ff::10".parse::<Destination>().is_err());
 }

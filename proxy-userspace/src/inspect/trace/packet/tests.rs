@@ -265,17 +265,25 @@ fn an_icmpv6_error_quotes_the_packet_with_its_pseudo_header_checksum() {
 }
 
 #[test]
-fn a_packet_of_two_families_or_an_ipv6_fragment_is_refused() {
+fn a_packet_of_two_families_or_an_ipv4_id_over_16_bits_is_refused() {
     let mixed = TracePacket {
         destination: endpoint([198, 19, 0, 10], 80),
         ..packet6(proto::TCP)
     };
     assert!(mixed.check().unwrap_err().contains("one family"));
-    let fragment = TracePacket {
+    let long_id = TracePacket {
         fragment: Fragment::First,
+        ip_id: 0x1_0000,
+        ..packet(proto::UDP)
+    };
+    assert!(long_id.check().unwrap_err().contains("16 bits"));
+    // IPv6's identification is 32 bits.
+    let ipv6 = TracePacket {
+        fragment: Fragment::First,
+        ip_id: 0x1_0000,
         ..packet6(proto::UDP)
     };
-    assert!(fragment.check().unwrap_err().contains("fragments"));
+    assert_eq!(ipv6.check(), Ok(()));
     let error_from_v4 = TracePacket {
         icmp_error: Some(IcmpError {
             kind: IcmpKind::PortUnreachable,
@@ -284,6 +292,56 @@ fn a_packet_of_two_families_or_an_ipv6_fragment_is_refused() {
         ..packet6(proto::UDP)
     };
     assert!(error_from_v4.check().is_err());
+}
+
+/// The IPv6 packet `ip` without its fragment header (its next header and payload length
+/// set back): the datagram the fragment's L4 checksum is over.
+fn without_fragment_header(ip: &[u8]) -> Vec<u8> {
+    let mut header = ip[..IPV6_LEN].to_vec();
+    header[6] = ip[IPV6_LEN];
+    let payload_len = u16::from_be_bytes([ip[4], ip[5]]) - 8;
+    header[4..6].copy_from_slice(&payload_len.to_be_bytes());
+    [&header[..], &ip[IPV6_LEN + 8..]].concat()
+}
+
+#[test]
+fn ipv6_fragments_carry_a_fragment_header_and_parse_back() {
+    let first = TracePacket {
+        fragment: Fragment::First,
+        ip_id: 0x1234_5678,
+        ..packet6(proto::UDP)
+    };
+    let frame = first.frame();
+    let ip = &frame[ETHERNET_LEN..];
+    assert_eq!(ip.len(), 200);
+    assert_eq!(u16::from_be_bytes([ip[4], ip[5]]), 160, "payload length");
+    assert_eq!(ip[6], 44, "a fragment header follows");
+    assert_eq!(
+        ip[IPV6_LEN..IPV6_LEN + 8],
+        [proto::UDP, 0, 0, 1, 0x12, 0x34, 0x56, 0x78],
+        "UDP next, offset 0 with more fragments, the identification"
+    );
+    assert_eq!(
+        &ip[IPV6_LEN + 8..IPV6_LEN + 12],
+        [0x9c, 0x40, 0, 80],
+        "ports"
+    );
+    assert_valid6(&without_fragment_header(ip));
+    assert_eq!(TracePacket::parse_as(&frame, &first), Some(first));
+
+    let later = TracePacket {
+        fragment: Fragment::Later,
+        ..first
+    };
+    let frame = later.frame();
+    let ip = &frame[ETHERNET_LEN..];
+    assert_eq!(
+        ip[IPV6_LEN..IPV6_LEN + 8],
+        [proto::UDP, 0, 0x05, 0xa8, 0x12, 0x34, 0x56, 0x78],
+        "offset 1448, no more fragments"
+    );
+    assert!(ip[IPV6_LEN + 8..].iter().all(|&byte| byte == 0), "no ports");
+    assert_eq!(TracePacket::parse_as(&frame, &later), Some(later));
 }
 
 #[test]
