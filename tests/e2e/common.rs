@@ -109,6 +109,16 @@ pub fn cli_json(daemon: &Daemon, args: &[&str]) -> Result<Value> {
     serde_json::from_str(&stdout).with_context(|| format!("parsing {stdout}"))
 }
 
+/// `trace --connect destination -o json`: the dry run of a `connect()` of the node's, from
+/// a trace cgroup under the daemon's (the lab's private one).
+pub fn trace_connect(daemon: &Daemon, destination: &str) -> Result<Value> {
+    let cgroup = daemon.cgroup().path().to_string_lossy().into_owned();
+    cli_json(
+        daemon,
+        &["trace", "--connect", destination, "--cgroup-root", &cgroup],
+    )
+}
+
 /// The flows of a client, as `conntrack -o json --client` lists them.
 pub fn flows_of(daemon: &Daemon, client: impl Into<IpAddr>, extra: &[&str]) -> Result<Vec<Value>> {
     let client = client.into().to_string();

@@ -138,16 +138,7 @@ fn a_host_network_client_reaches_a_cluster_ip_over_tcp_and_udp() -> Result<()> {
     drop(session);
 
     // trace --connect explains a connect() the same way, as a dry run.
-    let cgroup = daemon.cgroup().path().to_string_lossy().into_owned();
-    let trace: Value = serde_json::from_str(&daemon.cli(&[
-        "trace",
-        "--connect",
-        "198.19.0.10:80/tcp",
-        "--cgroup-root",
-        &cgroup,
-        "-o",
-        "json",
-    ])?)?;
+    let trace = common::trace_connect(&daemon, "198.19.0.10:80/tcp")?;
     ensure!(trace["outcome"] == "translated", "{trace}");
     ensure!(
         trace["frontend"]["service"] == "default/echo:tcp-80",

@@ -186,6 +186,48 @@ fn the_node_reaches_an_ipv6_cluster_ip_and_a_mapped_ipv4_one_at_the_socket() -> 
     );
     drop(session);
 
+    // trace --connect explains both kinds as connect6 decides them, writing nothing: the
+    // IPv6 ClusterIP from IPv6's maps, the mapped one from IPv4's (connected to a mapped
+    // backend), the IPv6 Service without endpoints refused.
+    let connects = counter(&cli_json(&daemon, &["stats"])?, "sock_connect")?;
+    let v6_backends: Vec<String> = (backends(&lab).iter())
+        .map(|pod| pod.ipv6.to_string())
+        .collect();
+    let mapped_backends: Vec<String> = (backends(&lab).iter())
+        .map(|pod| pod.ip.to_ipv6_mapped().to_string())
+        .collect();
+    for (destination, family, frontend, connects_to) in [
+        (vip6(SERVICE_TCP_PORT), "IPv6", v6.to_string(), &v6_backends),
+        (
+            SocketAddr::new(mapped_vip(), SERVICE_TCP_PORT),
+            "IPv4",
+            addr::CLUSTER_IP.to_string(),
+            &mapped_backends,
+        ),
+    ] {
+        let trace = common::trace_connect(&daemon, &format!("{destination}/tcp"))?;
+        ensure!(
+            trace["outcome"] == "translated"
+                && trace["family"] == family
+                && trace["frontend"]["address"] == frontend
+                && trace["frontend"]["service"] == "default/echo:tcp-80"
+                && trace["socket_lb_attached"] == true,
+            "{trace}"
+        );
+        let backend = trace["connects_to"]["address"].as_str().unwrap_or_default();
+        ensure!(connects_to.iter().any(|ip| ip == backend), "{trace}");
+    }
+    let refused =
+        common::trace_connect(&daemon, &format!("[{EMPTY_IPV6}]:{SERVICE_TCP_PORT}/tcp"))?;
+    ensure!(
+        refused["outcome"] == "refused" && refused["errno"] == 111,
+        "{refused}"
+    );
+    ensure!(
+        counter(&cli_json(&daemon, &["stats"])?, "sock_connect")? == connects,
+        "a dry run counted a connect()"
+    );
+
     // All of it at the socket: the tc program translated nothing.
     let stats = cli_json(&daemon, &["stats"])?;
     ensure!(
