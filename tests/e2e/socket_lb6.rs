@@ -114,7 +114,7 @@ fn counter(stats: &Value, name: &str) -> Result<u64> {
         .with_context(|| format!("no counter {name}"))
 }
 
-/// The `sockets -o json` row of the open connection to `backend`.
+/// The `sockets -o json --service service` row of the open connection to `backend`.
 fn socket_row(daemon: &Daemon, service: &str, backend: IpAddr) -> Result<Value> {
     let sockets = cli_json(daemon, &["sockets", "--service", service])?;
     (sockets.as_array().into_iter().flatten())
@@ -161,12 +161,16 @@ fn the_node_reaches_an_ipv6_cluster_ip_and_a_mapped_ipv4_one_at_the_socket() -> 
         || connected_udp_request(node, mapped(SERVICE_UDP_PORT)),
     )?;
 
-    // The CLI lists open connections of both kinds: the IPv6 one from SOCK_XLATE6, the
-    // mapped one as IPv4's.
+    // The CLI lists open connections of both kinds: the IPv6 one from SOCK_XLATE6 (picked
+    // by its IPv6 frontend, `--service [2001:db8:ff::10]:80`), the mapped one as IPv4's.
     let pod_named = |name: &str| backends(&lab).iter().find(|pod| pod.name == name);
     let mut session = node.tcp_session(v6, SERVICE_TCP_PORT)?;
     let serving = pod_named(&session.request()?).context("an unknown backend")?;
-    let row = socket_row(&daemon, "default/echo:tcp-80", IpAddr::V6(serving.ipv6))?;
+    let row = socket_row(
+        &daemon,
+        &vip6(SERVICE_TCP_PORT).to_string(),
+        IpAddr::V6(serving.ipv6),
+    )?;
     ensure!(
         row["family"] == "IPv6"
             && row["frontend"]["address"] == addr::CLUSTER_IPV6.to_string()
