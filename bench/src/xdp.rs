@@ -56,7 +56,8 @@ pub struct XdpSettings {
 /// One packet kind: nanoseconds per packet through each hook.
 #[derive(Clone, Debug)]
 pub struct XdpPacketCost {
-    pub packet: &'static str,
+    /// The packet kind; IPv6's rows begin `IPv6: `.
+    pub packet: String,
     pub tc: Summary,
     pub xdp: Summary,
 }

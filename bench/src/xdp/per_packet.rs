@@ -1,15 +1,18 @@
 //! Part 1 of the XDP measurement, per packet: `epx_xdp` and `epx_ingress` on the same
-//! frames by BPF_PROG_TEST_RUN (see the module above).
+//! frames by BPF_PROG_TEST_RUN (see the module above). IPv6's rows run the same packets
+//! between the IPv6 twins of the same addresses ([`cluster::ipv6_twin`]) to single-stack
+//! IPv6 twins of the two Services, through the programs' tail calls (`epx_xdp6`,
+//! `epx_ingress6`), interleaved with IPv4's run by run.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use anyhow::{Context, Result, ensure};
 use aya::maps::{MapData, PerCpuArray};
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::{
-    CtTimeouts, PROGRAM_NAME, SNAT_PORT_MAX_GLOBAL, SNAT_PORT_MIN_GLOBAL, XDP_PROGRAM_NAME,
-    map_names, stat,
+    CtTimeouts, PROGRAM_NAME, PROGRAM6_NAME, SNAT_PORT_MAX_GLOBAL, SNAT_PORT_MIN_GLOBAL,
+    XDP_PROGRAM_NAME, XDP6_PROGRAM_NAME, map_names, stat, tail_call,
 };
 use proxy_lab::PrivateBpffs;
 use proxy_userspace::model::Model;
@@ -17,8 +20,8 @@ use proxy_userspace::plan::{self, NodeFacts};
 use proxy_userspace::writer::{MapWriter, WriterMaps};
 
 use super::{XdpPacketCost, XdpSettings};
-use crate::cluster::{self, BenchService};
-use crate::packet::{Flags, destination, source, tcp_frame_between};
+use crate::cluster::{self, BenchService, ipv6_twin};
+use crate::packet::{Flags, endpoints_of, tcp_frame_between};
 use crate::stats::{Summary, median};
 
 const TC_ACT_OK: u32 = 0;
@@ -49,10 +52,45 @@ fn nth(base: Ipv4Addr, offset: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(base) + offset)
 }
 
-/// The MAC the node's neighbour table gives `address`.
-fn mac_of(address: Ipv4Addr) -> [u8; 6] {
-    let [_, _, c, d] = address.octets();
+/// The MAC the node's neighbour table gives `address` (an IPv6 twin: its IPv4 address's,
+/// one host of both families).
+fn mac_of(address: IpAddr) -> [u8; 6] {
+    let [c, d] = match address {
+        IpAddr::V4(address) => [address.octets()[2], address.octets()[3]],
+        IpAddr::V6(address) => [address.octets()[14], address.octets()[15]],
+    };
     [2, 0, 0, 0xbe, c, d]
+}
+
+/// The family of a row: IPv4's addresses, or their IPv6 twins.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    const ALL: [Family; 2] = [Family::Ipv4, Family::Ipv6];
+
+    /// `address` in this family.
+    fn at(self, address: Ipv4Addr) -> IpAddr {
+        match self {
+            Family::Ipv4 => address.into(),
+            Family::Ipv6 => ipv6_twin(address).into(),
+        }
+    }
+
+    fn endpoint(self, endpoint: SocketAddrV4) -> SocketAddr {
+        SocketAddr::new(self.at(*endpoint.ip()), endpoint.port())
+    }
+
+    /// The table's label of `kind`'s row.
+    fn label(self, kind: Kind) -> String {
+        match self {
+            Family::Ipv4 => kind.label().to_owned(),
+            Family::Ipv6 => format!("IPv6: {}", kind.label()),
+        }
+    }
 }
 
 fn mac_text(mac: [u8; 6]) -> String {
@@ -76,13 +114,20 @@ fn wire_up() -> Result<u32> {
         &format!("addr add {NODE}/24 dev wire0"),
         "route add 198.18.0.0/16 dev wire0 src 198.18.0.1",
         "route add 198.18.1.0/24 dev pod0",
+        // The twins of the same: 198.18.0.0/16's in a /112, 198.18.1.0/24's in a /120.
+        &format!("-6 addr add {}/112 dev wire0 nodad", ipv6_twin(NODE)),
+        &format!(
+            "-6 route add {}/120 dev pod0",
+            ipv6_twin(Ipv4Addr::new(198, 18, 1, 0))
+        ),
     ]
     .iter()
     .map(|line| line.split_whitespace().map(str::to_owned).collect())
     .collect();
     let neighbours = (0..PODS_PER_SERVICE)
         .map(|pod| nth(REMOTE_PODS, pod))
-        .chain([*CLIENT.ip()]);
+        .chain([*CLIENT.ip()])
+        .flat_map(|neighbour| Family::ALL.map(|family| family.at(neighbour)));
     for neighbour in neighbours {
         commands.push(
             format!(
@@ -99,6 +144,7 @@ fn wire_up() -> Result<u32> {
         ensure!(status.success(), "ip {}", args.join(" "));
     }
     std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
+    std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")?;
     let name = c"wire0";
     // SAFETY: a valid C string; the lookup happens in this thread's namespace.
     let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
@@ -196,6 +242,7 @@ impl Loaded2 {
             // Every new flow of the runs stays (two entries each); SNAT ports enough for
             // all the new flows to the other node's ten pods.
             .map_max_entries(map_names::CONNTRACK_PENDING, 1 << 19)
+            .map_max_entries(map_names::CONNTRACK_PENDING6, 1 << 19)
             .override_global(SNAT_PORT_MIN_GLOBAL, &1024u16, true)
             .override_global(SNAT_PORT_MAX_GLOBAL, &65_535u16, true)
             .load(proxy_userspace::EBPF_OBJECT)
@@ -211,22 +258,29 @@ impl Loaded2 {
             .context("no XDP program")?
             .try_into()?;
         xdp.load().context("loading epx_xdp")?;
+        for program in [PROGRAM6_NAME, XDP6_PROGRAM_NAME] {
+            proxy_userspace::datapath::load_ipv6_path(&mut ebpf, program, tail_call::IPV6)?;
+        }
 
         let services = [
             node_port_service("local", 0, LOCAL_PORT, LOCAL_PODS),
             node_port_service("remote", 1, REMOTE_PORT, REMOTE_PODS),
         ];
         let mut model = Model::default();
-        for service in &services {
-            model.insert_service(cluster::kubernetes_service_with(
-                &service.0,
-                Some(service.1),
-            ))?;
-            model
-                .insert_endpoint_slice(cluster::endpoint_slice(&service.0, &service.0.endpoints))?;
+        for (service, node_port) in &services {
+            model.insert_service(cluster::kubernetes_service_with(service, Some(*node_port)))?;
+            model.insert_endpoint_slice(cluster::endpoint_slice(service, &service.endpoints))?;
+            // Its single-stack IPv6 twin, on the same node port of the node's IPv6 address.
+            let twin = BenchService {
+                name: format!("{}6", service.name),
+                ..service.clone()
+            };
+            let (service6, slice6) = cluster::ipv6_objects_of(&twin, Some(*node_port), ipv6_twin);
+            model.insert_service(service6)?;
+            model.insert_endpoint_slice(slice6)?;
         }
         let node = NodeFacts {
-            addresses: vec![NODE.into()],
+            addresses: vec![NODE.into(), ipv6_twin(NODE).into()],
             ..cluster::lab_node()
         };
         let planned = plan::plan(&model, &node);
@@ -332,74 +386,109 @@ impl Loaded2 {
     }
 }
 
-/// An Ethernet/IPv4/TCP frame on the wire to the node, checksums complete.
-fn frame(src: SocketAddrV4, dst: SocketAddrV4, flags: Flags) -> Result<Vec<u8>> {
-    tcp_frame_between((mac_of(*src.ip()), NODE_MAC), src, dst, flags)
+/// An Ethernet/IPv4 (IPv6)/TCP frame on the wire to the node, checksums complete.
+fn frame(src: SocketAddr, dst: SocketAddr, flags: Flags) -> Result<Vec<u8>> {
+    tcp_frame_between((mac_of(src.ip()), NODE_MAC), src, dst, flags)
+}
+
+/// One family's frames: its established flows (through their handshakes, assured) and
+/// pass-through, and the NodePorts new flows go to.
+struct Frames {
+    family: Family,
+    local: SocketAddr,
+    remote: SocketAddr,
+    established_local: Vec<u8>,
+    established_remote: Vec<u8>,
+    reply_remote: Vec<u8>,
+    pass: Vec<u8>,
+}
+
+impl Frames {
+    fn open(loaded: &Loaded2, family: Family) -> Result<Self> {
+        let node = family.at(NODE);
+        let local = SocketAddr::new(node, LOCAL_PORT);
+        let remote = SocketAddr::new(node, REMOTE_PORT);
+        let client = family.endpoint(CLIENT);
+        let open = |port: u16, target: SocketAddr| -> Result<(Vec<u8>, Vec<u8>)> {
+            let client = SocketAddr::new(client.ip(), port);
+            let (_, out, _) = loaded.run(true, &frame(client, target, Flags::Syn)?, 1)?;
+            let (peer, backend) = endpoints_of(&out)?;
+            loaded.run(true, &frame(backend, peer, Flags::SynAck)?, 1)?;
+            let ack = frame(client, target, Flags::Ack)?;
+            loaded.run(true, &ack, 1)?;
+            Ok((ack, frame(backend, peer, Flags::Ack)?))
+        };
+        let (established_local, _) = open(client.port(), local)?;
+        let (established_remote, reply_remote) = open(client.port() + 1, remote)?;
+        ensure!(
+            endpoints_of(&reply_remote)?.1.ip() == node,
+            "the flow to the other node's pods was not SNATed to the node ({node})"
+        );
+        Ok(Self {
+            family,
+            local,
+            remote,
+            established_local,
+            established_remote,
+            reply_remote,
+            pass: frame(client, family.endpoint(NOT_A_SERVICE), Flags::Syn)?,
+        })
+    }
+
+    /// The frame of a run of `kind` other than a new flow.
+    fn of(&self, kind: Kind) -> &[u8] {
+        match kind {
+            Kind::EstablishedLocal => &self.established_local,
+            Kind::EstablishedRemote => &self.established_remote,
+            Kind::ReplyRemote => &self.reply_remote,
+            _ => &self.pass,
+        }
+    }
 }
 
 pub(super) fn measure(settings: &XdpSettings) -> Result<Vec<XdpPacketCost>> {
     let ifindex = wire_up()?;
     let loaded = Loaded2::load(ifindex)?;
-    let local = SocketAddrV4::new(NODE, LOCAL_PORT);
-    let remote = SocketAddrV4::new(NODE, REMOTE_PORT);
-    // The established flows, through their handshakes (assured).
-    let open = |port: u16, target: SocketAddrV4| -> Result<(Vec<u8>, Vec<u8>)> {
-        let client = SocketAddrV4::new(*CLIENT.ip(), port);
-        let (_, out, _) = loaded.run(true, &frame(client, target, Flags::Syn)?, 1)?;
-        let (backend, peer) = (destination(&out)?, source(&out)?);
-        loaded.run(true, &frame(backend, peer, Flags::SynAck)?, 1)?;
-        let ack = frame(client, target, Flags::Ack)?;
-        loaded.run(true, &ack, 1)?;
-        Ok((ack, frame(backend, peer, Flags::Ack)?))
-    };
-    let (established_local, _) = open(CLIENT.port(), local)?;
-    let (established_remote, reply_remote) = open(CLIENT.port() + 1, remote)?;
-    ensure!(
-        destination(&reply_remote)?.ip() == &NODE,
-        "the flow to the other node's pods was not SNATed to the node"
-    );
-    let pass = frame(CLIENT, NOT_A_SERVICE, Flags::Syn)?;
+    let families = Family::ALL
+        .iter()
+        .map(|&family| Frames::open(&loaded, family))
+        .collect::<Result<Vec<_>>>()?;
+    let pass = &families[0].pass;
     let mut next_client = 0usize;
-    let mut fresh = |target: SocketAddrV4| {
-        let client = SocketAddrV4::new(
-            nth(FIRST_NEW_CLIENT, (next_client / PORTS_PER_CLIENT) as u32),
+    let mut fresh = |family: Family, target: SocketAddr| {
+        let client = SocketAddr::new(
+            family.at(nth(
+                FIRST_NEW_CLIENT,
+                (next_client / PORTS_PER_CLIENT) as u32,
+            )),
             1024 + (next_client % PORTS_PER_CLIENT) as u16,
         );
         next_client += 1;
         frame(client, target, Flags::Syn)
     };
-    let mut figures: Vec<(Vec<f64>, Vec<f64>)> =
-        Kind::ALL.iter().map(|_| Default::default()).collect();
+    // Each family's rows, in the table's order: IPv4's, then IPv6's.
+    let rows: Vec<(&Frames, Kind)> = (families.iter())
+        .flat_map(|frames| Kind::ALL.map(|kind| (frames, kind)))
+        .collect();
+    let mut figures: Vec<(Vec<f64>, Vec<f64>)> = rows.iter().map(|_| Default::default()).collect();
     for _ in 0..settings.runs {
-        let (_, _, repeated) = loaded.run(false, &pass, settings.repeat)?;
+        let (_, _, repeated) = loaded.run(false, pass, settings.repeat)?;
         let single = loaded.single_runs(false, Kind::PassThrough, settings.single_runs, || {
             Ok(pass.clone())
         })?;
         let floor = single - repeated;
-        for (kind, (tc, xdp)) in Kind::ALL.iter().zip(&mut figures) {
+        for (&(frames, kind), (tc, xdp)) in rows.iter().zip(&mut figures) {
             for through_xdp in [false, true] {
+                let count = settings.single_runs;
                 let nanoseconds = match kind {
-                    Kind::NewLocal => {
-                        loaded.single_runs(through_xdp, *kind, settings.single_runs, || {
-                            fresh(local)
-                        })?
-                    }
-                    Kind::NewRemote => {
-                        loaded.single_runs(through_xdp, *kind, settings.single_runs, || {
-                            fresh(remote)
-                        })?
-                    }
-                    _ => {
-                        let frame = match kind {
-                            Kind::EstablishedLocal => &established_local,
-                            Kind::EstablishedRemote => &established_remote,
-                            Kind::ReplyRemote => &reply_remote,
-                            _ => &pass,
-                        };
-                        loaded.single_runs(through_xdp, *kind, settings.single_runs, || {
-                            Ok(frame.clone())
-                        })?
-                    }
+                    Kind::NewLocal => loaded.single_runs(through_xdp, kind, count, || {
+                        fresh(frames.family, frames.local)
+                    })?,
+                    Kind::NewRemote => loaded.single_runs(through_xdp, kind, count, || {
+                        fresh(frames.family, frames.remote)
+                    })?,
+                    _ => loaded
+                        .single_runs(through_xdp, kind, count, || Ok(frames.of(kind).to_vec()))?,
                 };
                 let cost = nanoseconds - floor;
                 if through_xdp {
@@ -410,12 +499,11 @@ pub(super) fn measure(settings: &XdpSettings) -> Result<Vec<XdpPacketCost>> {
             }
         }
     }
-    Kind::ALL
-        .iter()
+    rows.iter()
         .zip(figures)
-        .map(|(kind, (tc, xdp))| {
+        .map(|(&(frames, kind), (tc, xdp))| {
             Ok(XdpPacketCost {
-                packet: kind.label(),
+                packet: frames.family.label(kind),
                 tc: Summary::of(&tc).context("no runs")?,
                 xdp: Summary::of(&xdp).context("no runs")?,
             })
