@@ -11,18 +11,18 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::io::ErrorKind;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use common::{BACKEND_NAMES, SERVICE_TCP_PORT, SERVICE_UDP_PORT, SYNC_TIMEOUT, backends, cli_json};
-use proxy_lab::{Daemon, Lab, Netns, Reply, Service, Tally, addr, require_lab, udp_exchange};
+use common::{
+    BACKEND_NAMES, REFUSAL_WITHIN, SERVICE_TCP_PORT, SERVICE_UDP_PORT, SYNC_TIMEOUT, backends,
+    cli_json, connected_udp_request, counter, spread,
+};
+use proxy_lab::{Daemon, Lab, Service, addr, require_lab, udp_exchange};
 use serde_json::Value;
 
 const REQUESTS: usize = 150;
-const DEADLINE: Duration = Duration::from_secs(120);
-/// A refusal is immediate: no packet, no timeout.
-const REFUSAL_WITHIN: Duration = Duration::from_millis(100);
 const EMPTY_IPV6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0x12);
 const STICKY_IPV6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0x13);
 
@@ -55,65 +55,6 @@ fn mapped_vip() -> IpAddr {
     IpAddr::V6(addr::CLUSTER_IP.to_ipv6_mapped())
 }
 
-/// Requests (each with a fresh socket) until `REQUESTS` answered, every answer from
-/// `frontend`: spread uniformly over the three backends.
-fn spread(
-    what: &str,
-    frontend: SocketAddr,
-    mut request: impl FnMut() -> Result<Reply>,
-) -> Result<()> {
-    let mut tally = Tally::new(BACKEND_NAMES);
-    let started = Instant::now();
-    for _ in 0..REQUESTS {
-        ensure!(
-            started.elapsed() < DEADLINE,
-            "{what}: only {} requests within {DEADLINE:?}",
-            tally.total()
-        );
-        let reply = request()?;
-        ensure!(
-            reply.peer == frontend,
-            "{what}: an answer from {}, not {frontend}",
-            reply.peer
-        );
-        tally.record(&reply.body);
-    }
-    println!("{what}:\n{tally}chi² = {:.3}", tally.chi_square());
-    ensure!(
-        tally.unexpected().is_empty() && tally.looks_uniform(),
-        "{what}: not spread over the backends (chi² = {:.3} ≥ {}):\n{tally}",
-        tally.chi_square(),
-        tally.chi_square_critical()
-    );
-    Ok(())
-}
-
-/// A UDP socket of `node` connected to `frontend`: `getpeername()` must show the frontend;
-/// one request's answer (and where `recvfrom()` says it came from).
-fn connected_udp_request(node: &Netns, frontend: SocketAddr) -> Result<Reply> {
-    let unspecified = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0);
-    let socket = node.run(|| UdpSocket::bind(unspecified))??;
-    socket.set_read_timeout(Some(proxy_lab::REQUEST_TIMEOUT))?;
-    socket.connect(frontend)?;
-    let peer = socket.peer_addr()?;
-    ensure!(peer == frontend, "getpeername: {peer}, not {frontend}");
-    socket.send(b"ping")?;
-    let mut buffer = [0u8; 512];
-    let (length, peer) = socket.recv_from(&mut buffer)?;
-    Ok(Reply {
-        body: String::from_utf8_lossy(&buffer[..length]).into_owned(),
-        peer,
-    })
-}
-
-/// The STATS counter `name` from `stats -o json`.
-fn counter(stats: &Value, name: &str) -> Result<u64> {
-    (stats["counters"].as_array().into_iter().flatten())
-        .find(|counter| counter["name"] == name)
-        .and_then(|counter| counter["value"].as_u64())
-        .with_context(|| format!("no counter {name}"))
-}
-
 /// The `sockets -o json --service service` row of the open connection to `backend`.
 fn socket_row(daemon: &Daemon, service: &str, backend: IpAddr) -> Result<Value> {
     let sockets = cli_json(daemon, &["sockets", "--service", service])?;
@@ -134,30 +75,41 @@ fn the_node_reaches_an_ipv6_cluster_ip_and_a_mapped_ipv4_one_at_the_socket() -> 
 
     // TCP (connect6; getpeername6 shows the ClusterIP), unconnected UDP (sendmsg6;
     // recvmsg6 shows the ClusterIP as the source), connected UDP (both).
-    spread("IPv6 TCP", vip6(SERVICE_TCP_PORT), || {
+    spread("IPv6 TCP", vip6(SERVICE_TCP_PORT), REQUESTS, || {
         node.tcp_request(v6, SERVICE_TCP_PORT)
     })?;
-    spread("IPv6 UDP, unconnected", vip6(SERVICE_UDP_PORT), || {
-        node.udp_request(v6, SERVICE_UDP_PORT)
-    })?;
-    spread("IPv6 UDP, connected", vip6(SERVICE_UDP_PORT), || {
-        connected_udp_request(node, vip6(SERVICE_UDP_PORT))
-    })?;
+    spread(
+        "IPv6 UDP, unconnected",
+        vip6(SERVICE_UDP_PORT),
+        REQUESTS,
+        || node.udp_request(v6, SERVICE_UDP_PORT),
+    )?;
+    spread(
+        "IPv6 UDP, connected",
+        vip6(SERVICE_UDP_PORT),
+        REQUESTS,
+        || connected_udp_request(node, vip6(SERVICE_UDP_PORT)),
+    )?;
 
     // An IPv6 socket to the IPv4 ClusterIP, IPv4-mapped: IPv4's frontend serves it, and
     // the socket sees the mapped ClusterIP as its peer.
     let mapped = |port| SocketAddr::new(mapped_vip(), port);
-    spread("IPv4-mapped TCP", mapped(SERVICE_TCP_PORT), || {
-        node.tcp_request(mapped_vip(), SERVICE_TCP_PORT)
-    })?;
+    spread(
+        "IPv4-mapped TCP",
+        mapped(SERVICE_TCP_PORT),
+        REQUESTS,
+        || node.tcp_request(mapped_vip(), SERVICE_TCP_PORT),
+    )?;
     spread(
         "IPv4-mapped UDP, unconnected",
         mapped(SERVICE_UDP_PORT),
+        REQUESTS,
         || node.udp_request(mapped_vip(), SERVICE_UDP_PORT),
     )?;
     spread(
         "IPv4-mapped UDP, connected",
         mapped(SERVICE_UDP_PORT),
+        REQUESTS,
         || connected_udp_request(node, mapped(SERVICE_UDP_PORT)),
     )?;
 
