@@ -161,24 +161,7 @@ impl Cluster {
         endpoint: impl Fn(Ipv4Addr) -> Ipv6Addr,
     ) -> Vec<(Service, EndpointSlice)> {
         self.iter()
-            .map(|service| {
-                let vip = ipv6_twin(service.vip).to_string();
-                let mut kube = kubernetes_service(&service);
-                let spec = kube.spec.as_mut().expect("a spec");
-                spec.cluster_ip = Some(vip.clone());
-                spec.cluster_ips = Some(vec![vip]);
-                spec.ip_families = Some(vec!["IPv6".to_owned()]);
-                let mut slice = endpoint_slice(&service, &service.endpoints);
-                slice.address_type = "IPv6".to_owned();
-                for each in slice.endpoints.iter_mut().flatten() {
-                    each.addresses = (each.addresses.iter())
-                        .map(|address| {
-                            endpoint(address.parse().expect("an IPv4 endpoint")).to_string()
-                        })
-                        .collect();
-                }
-                (kube, slice)
-            })
+            .map(|service| ipv6_objects_of(&service, None, &endpoint))
             .collect()
     }
 
@@ -308,6 +291,30 @@ pub fn kubernetes_service_with(service: &BenchService, node_port: Option<u16>) -
         }),
         ..Service::default()
     }
+}
+
+/// `service` as a single-stack IPv6 one (`ipFamilies: [IPv6]`, the ClusterIP's
+/// [`ipv6_twin`]; with `node_port`, of type NodePort), with an IPv6 EndpointSlice whose
+/// endpoints are `endpoint` of the IPv4 ones.
+pub fn ipv6_objects_of(
+    service: &BenchService,
+    node_port: Option<u16>,
+    endpoint: impl Fn(Ipv4Addr) -> Ipv6Addr,
+) -> (Service, EndpointSlice) {
+    let vip = ipv6_twin(service.vip).to_string();
+    let mut kube = kubernetes_service_with(service, node_port);
+    let spec = kube.spec.as_mut().expect("a spec");
+    spec.cluster_ip = Some(vip.clone());
+    spec.cluster_ips = Some(vec![vip]);
+    spec.ip_families = Some(vec!["IPv6".to_owned()]);
+    let mut slice = endpoint_slice(service, &service.endpoints);
+    slice.address_type = "IPv6".to_owned();
+    for each in slice.endpoints.iter_mut().flatten() {
+        each.addresses = (each.addresses.iter())
+            .map(|address| endpoint(address.parse().expect("an IPv4 endpoint")).to_string())
+            .collect();
+    }
+    (kube, slice)
 }
 
 /// The Service's EndpointSlice with `endpoints` ready.

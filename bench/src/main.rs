@@ -302,7 +302,7 @@ impl Settings {
                 }
             ),
             format!(
-                "XDP: per packet {} runs of {} single runs per packet kind and hook; NodePort \
+                "XDP: per packet {} runs of {} single runs per packet kind, family and hook; NodePort \
                  requests through {} pods, {} runs of {:?} with {} client threads after {} \
                  warm-up connections",
                 xdp.runs,

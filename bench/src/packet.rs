@@ -653,11 +653,6 @@ pub(crate) fn destination(frame: &[u8]) -> Result<SocketAddrV4> {
     Ok(endpoints(frame)?.1)
 }
 
-/// Where a frame comes from.
-pub(crate) fn source(frame: &[u8]) -> Result<SocketAddrV4> {
-    Ok(endpoints(frame)?.0)
-}
-
 /// An IPv4 TCP frame's source and destination.
 fn endpoints(frame: &[u8]) -> Result<(SocketAddrV4, SocketAddrV4)> {
     match endpoints_of(frame)? {
@@ -667,7 +662,7 @@ fn endpoints(frame: &[u8]) -> Result<(SocketAddrV4, SocketAddrV4)> {
 }
 
 /// A TCP frame's source and destination, of either family.
-fn endpoints_of(frame: &[u8]) -> Result<(SocketAddr, SocketAddr)> {
+pub(crate) fn endpoints_of(frame: &[u8]) -> Result<(SocketAddr, SocketAddr)> {
     let packet = SlicedPacket::from_ethernet(frame)?;
     let Some(TransportSlice::Tcp(tcp)) = packet.transport else {
         bail!("the program's output is not TCP");

@@ -968,7 +968,10 @@ pub fn document(results: &Results, context: &DocumentContext) -> String {
              route themselves: tc with `bpf_redirect_neigh`, XDP with the FIB's MAC addresses \
              and XDP_TX). Maps filled by the real planner and writer with two NodePort \
              Services of 10 pods: one served on this node (DNAT only), one on other nodes \
-             (DNAT and SNAT, both directions routed by the program). One call per packet (a \
+             (DNAT and SNAT, both directions routed by the program); the `IPv6:` rows run the \
+             same packets between the addresses' IPv6 twins to single-stack IPv6 twins of \
+             the two Services, through the tail calls to `epx_xdp6` and `epx_ingress6`, \
+             interleaved with IPv4's run by run. One call per packet (a \
              new flow a fresh 5-tuple each), the median, the timer floor subtracted; every \
              call's return code and counter checked. A test run redirects nothing, so this is \
              the program alone: what XDP saves besides — the skb, the stack's receive path — \

@@ -103,10 +103,14 @@ pub mod sock_programs {
     /// nothing is sent and nothing is written. Attached only to the CLI's own short-lived
     /// cgroup.
     pub const CONNECT4_TRACE: &str = "epx_connect4_trace";
+    /// `connect6` as a dry run, likewise: an IPv6 frontend from IPv6's maps, an
+    /// IPv4-mapped address from IPv4's, as `connect6` serves them.
+    pub const CONNECT6_TRACE: &str = "epx_connect6_trace";
 }
 
-/// The errno the dry run of `connect4` ends every traced `connect()` with (ENOTRECOVERABLE,
-/// which no connect() returns otherwise): the CLI tells its own refusal from others.
+/// The errno the dry runs of `connect4` and `connect6` end every traced `connect()` with
+/// (ENOTRECOVERABLE, which no connect() returns otherwise): the CLI tells its own refusal
+/// from others.
 pub const TRACE_ERRNO: i32 = 131;
 
 /// The errno a `connect()` or `sendmsg()` to a frontend without endpoints gets: kube-proxy's

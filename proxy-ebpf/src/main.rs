@@ -19,8 +19,8 @@
 //!
 //! The cgroup programs (`epx_connect4`, `epx_sendmsg4`, `epx_recvmsg4`,
 //! `epx_getpeername4`, their `*6` twins, `epx_sock_release`) balance at the socket
-//! instead, with the same lookups (see [`sock`]); `epx_connect4_trace` is `connect4`'s dry
-//! run.
+//! instead, with the same lookups (see [`sock`]); `epx_connect4_trace` and
+//! `epx_connect6_trace` are `connect4`'s and `connect6`'s dry runs.
 #![no_std]
 #![no_main]
 // Atomic operations on shared conntrack entries: the bpf target has no `AtomicU64`
@@ -207,7 +207,15 @@ pub fn epx_connect4_trace(ctx: SockAddrContext) -> i32 {
     if let Some(dry_run) = DryRun::start() {
         sock::forward4(&ctx, &dry_run, Call::Connect);
     }
-    sock::abandon(&ctx, proxy_common::TRACE_ERRNO)
+    sock::abandon4(&ctx, proxy_common::TRACE_ERRNO)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn epx_connect6_trace(ctx: SockAddrContext) -> i32 {
+    if let Some(dry_run) = DryRun::start() {
+        sock::forward6(&ctx, &dry_run, Call::Connect);
+    }
+    sock::abandon6(&ctx, proxy_common::TRACE_ERRNO)
 }
 
 /// The tc action for a verdict (tc never leaves a packet to itself).

@@ -639,11 +639,23 @@ pub fn fail(errno: i32) -> i32 {
     REJECT
 }
 
-/// The dry run's end (`connect4`'s): whatever it decided, the address is made to name
+/// The end of `connect4`'s dry run: whatever it decided, the address is made to name
 /// nothing (so the live program in a parent cgroup, which runs next, finds no frontend)
 /// and the call fails with `errno`, so nothing is sent.
 #[inline(always)]
-pub fn abandon(ctx: &SockAddrContext, errno: i32) -> i32 {
-    Sock::<Inet4>::new(ctx).set_address(0, 0);
+pub fn abandon4(ctx: &SockAddrContext, errno: i32) -> i32 {
+    abandon::<Inet4>(ctx, errno)
+}
+
+/// [`abandon4`] for `connect6`'s dry run: the address becomes `[::]:0`, which names no
+/// frontend of either family (it is not IPv4-mapped).
+#[inline(always)]
+pub fn abandon6(ctx: &SockAddrContext, errno: i32) -> i32 {
+    abandon::<Inet6>(ctx, errno)
+}
+
+#[inline(always)]
+fn abandon<V: View>(ctx: &SockAddrContext, errno: i32) -> i32 {
+    Sock::<V>::new(ctx).set_address(V::A::default(), 0);
     fail(errno)
 }

@@ -12,7 +12,9 @@ use datapath::ipv6::ends::{BACKEND, CLIENT, NODE_PORT, VIP};
 use datapath::ipv6::*;
 use datapath::wire::{self, Extension};
 use datapath::*;
-use proxy_common::{CtKey, ct_flags, fragment_verdict, map_names, proto, service_flags, stat};
+use proxy_common::{
+    CtKey, ct_flags, fragment_verdict, map_names, proto, service_flags, sock_programs, stat,
+};
 use proxy_userspace::conntrack::gc::Reaper;
 use proxy_userspace::inspect::Endpoint;
 use proxy_userspace::inspect::trace::{Fragment, TracePacket};
@@ -645,10 +647,8 @@ fn the_dry_run_of_an_ipv6_packet_records_its_addresses_and_writes_nothing() {
     );
 }
 
-/// The socket programs of both families (`connect6` and the others serve IPv6 frontends
-/// and IPv4-mapped addresses) are accepted by this kernel's verifier, with room to spare.
-/// Their translations are tested in the lab (`socket_lb`, `socket_lb6`): the kernel cannot
-/// test-run cgroup socket programs.
+/// `trace --fragment` over IPv6: the dry run reports a first fragment's record without
+/// writing it, and follows a later one through the live program's FRAGMENTS6 record.
 #[test]
 fn the_dry_run_of_ipv6_fragments_reports_and_follows_fragments6_and_writes_nothing() {
     let Some(mut datapath) = Datapath::load() else {
@@ -706,12 +706,21 @@ fn the_dry_run_of_ipv6_fragments_reports_and_follows_fragments6_and_writes_nothi
     assert_eq!(datapath.fragments6(), recorded);
 }
 
+/// The socket programs of both families (`connect6` and the others serve IPv6 frontends
+/// and IPv4-mapped addresses), and `trace --connect`'s dry runs of `connect4` and
+/// `connect6`, are accepted by this kernel's verifier, with room to spare. Their
+/// translations are tested in the lab (`socket_lb`, `socket_lb6`): the kernel cannot
+/// test-run cgroup socket programs.
 #[test]
 fn the_socket_programs_of_both_families_verify() {
     let Some(mut datapath) = Datapath::load() else {
         return;
     };
-    for name in proxy_userspace::socket_lb::PROGRAMS {
+    let dry_runs = [sock_programs::CONNECT4_TRACE, sock_programs::CONNECT6_TRACE];
+    for name in proxy_userspace::socket_lb::PROGRAMS
+        .into_iter()
+        .chain(dry_runs)
+    {
         datapath.load_socket_program(name);
         let verified = datapath.verified_instructions(name);
         eprintln!("{name}: {verified} instructions verified");

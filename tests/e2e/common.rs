@@ -3,11 +3,13 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use proxy_lab::{Cluster, ClusterNode, Daemon, Endpoint, Lab, Netns, Pod, Service, addr};
+use proxy_lab::{
+    Cluster, ClusterNode, Daemon, Endpoint, Lab, Netns, Pod, Reply, Service, Tally, addr,
+};
 use serde_json::Value;
 
 /// Service ports of the test Services (the pods listen on the lab's echo ports).
@@ -17,14 +19,10 @@ pub const SERVICE_UDP_PORT: u16 = 53;
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 pub const BACKEND_NAMES: [&str; 3] = ["pod-1", "pod-2", "pod-3"];
 
-/// The `stats` counter `name`.
+/// The daemon's `stats` counter `name`, read now.
 pub fn counter(daemon: &Daemon, name: &str) -> Result<u64> {
     let stats = cli_json(daemon, &["stats"])?;
-    stats["counters"]
-        .as_array()
-        .and_then(|counters| counters.iter().find(|counter| counter["name"] == name))
-        .and_then(|counter| counter["value"].as_u64())
-        .with_context(|| format!("no counter {name} in {stats}"))
+    counter_in(&stats, name).with_context(|| format!("in {stats}"))
 }
 
 /// A lab with three backends and a caller pod.
@@ -117,6 +115,86 @@ pub fn cli_json(daemon: &Daemon, args: &[&str]) -> Result<Value> {
     args.extend(["-o", "json"]);
     let stdout = daemon.cli(&args)?;
     serde_json::from_str(&stdout).with_context(|| format!("parsing {stdout}"))
+}
+
+/// `trace --connect destination -o json`: the dry run of a `connect()` of the node's, from
+/// a trace cgroup under the daemon's (the lab's private one).
+pub fn trace_connect(daemon: &Daemon, destination: &str) -> Result<Value> {
+    let cgroup = daemon.cgroup().path().to_string_lossy().into_owned();
+    cli_json(
+        daemon,
+        &["trace", "--connect", destination, "--cgroup-root", &cgroup],
+    )
+}
+
+/// The STATS counter `name` from `stats -o json` read once (several counters of one
+/// moment).
+pub fn counter_in(stats: &Value, name: &str) -> Result<u64> {
+    (stats["counters"].as_array().into_iter().flatten())
+        .find(|counter| counter["name"] == name)
+        .and_then(|counter| counter["value"].as_u64())
+        .with_context(|| format!("no counter {name}"))
+}
+
+/// A refusal at the socket is immediate: no packet, no timeout.
+pub const REFUSAL_WITHIN: Duration = Duration::from_millis(100);
+/// How long [`spread`] may take.
+pub const SPREAD_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Runs `request` (each with a fresh socket) until `requests` answered, every answer from
+/// `frontend`: the backends' tally, which must be uniform over [`BACKEND_NAMES`].
+pub fn spread(
+    what: &str,
+    frontend: SocketAddr,
+    requests: usize,
+    mut request: impl FnMut() -> Result<Reply>,
+) -> Result<Tally> {
+    let mut tally = Tally::new(BACKEND_NAMES);
+    let started = Instant::now();
+    for _ in 0..requests {
+        ensure!(
+            started.elapsed() < SPREAD_DEADLINE,
+            "{what}: only {} requests within {SPREAD_DEADLINE:?}",
+            tally.total()
+        );
+        let reply = request()?;
+        ensure!(
+            reply.peer == frontend,
+            "{what}: an answer from {}, not {frontend}",
+            reply.peer
+        );
+        tally.record(&reply.body);
+    }
+    println!("{what}:\n{tally}chi² = {:.3}", tally.chi_square());
+    ensure!(
+        tally.unexpected().is_empty() && tally.looks_uniform(),
+        "{what}: not spread over the backends (chi² = {:.3} ≥ {}):\n{tally}",
+        tally.chi_square(),
+        tally.chi_square_critical()
+    );
+    Ok(tally)
+}
+
+/// A UDP socket of `node`, of `frontend`'s family, connected to `frontend`:
+/// `getpeername()` must show the frontend; one request's answer (and where `recvfrom()`
+/// says it came from).
+pub fn connected_udp_request(node: &Netns, frontend: SocketAddr) -> Result<Reply> {
+    let unspecified: IpAddr = match frontend {
+        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let socket = node.run(|| UdpSocket::bind((unspecified, 0)))??;
+    socket.set_read_timeout(Some(proxy_lab::REQUEST_TIMEOUT))?;
+    socket.connect(frontend)?;
+    let peer = socket.peer_addr()?;
+    ensure!(peer == frontend, "getpeername: {peer}, not {frontend}");
+    socket.send(b"ping")?;
+    let mut buffer = [0u8; 512];
+    let (length, peer) = socket.recv_from(&mut buffer)?;
+    Ok(Reply {
+        body: String::from_utf8_lossy(&buffer[..length]).into_owned(),
+        peer,
+    })
 }
 
 /// The flows of a client, as `conntrack -o json --client` lists them.

@@ -13,55 +13,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use common::{
-    BACKEND_NAMES, SERVICE_TCP_PORT, SERVICE_UDP_PORT, SYNC_TIMEOUT, backends, cli_json,
-    daemon_with_echo, daemon_with_echo_and, echo_service,
+    BACKEND_NAMES, REFUSAL_WITHIN, SERVICE_TCP_PORT, SERVICE_UDP_PORT, SYNC_TIMEOUT, backends,
+    cli_json, connected_udp_request, counter_in, daemon_with_echo, daemon_with_echo_and,
+    echo_service, spread,
 };
-use proxy_lab::{Endpoint, Netns, Service, Tally, addr, require_lab, udp_exchange};
-use serde_json::Value;
+use proxy_lab::{Endpoint, Netns, Service, addr, require_lab, udp_exchange};
 
 const REQUESTS: usize = 300;
-const DEADLINE: Duration = Duration::from_secs(120);
-/// A refusal is immediate: no packet, no timeout.
-const REFUSAL_WITHIN: Duration = Duration::from_millis(100);
 
 fn vip(port: u16) -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(addr::CLUSTER_IP, port))
-}
-
-/// Requests from `client` (each with a fresh socket) until `REQUESTS` answered: the
-/// backends' tally; every answer must come from the ClusterIP.
-fn spread(
-    what: &str,
-    mut request: impl FnMut() -> Result<(String, SocketAddr)>,
-    port: u16,
-) -> Result<Tally> {
-    let mut tally = Tally::new(BACKEND_NAMES);
-    let started = Instant::now();
-    for _ in 0..REQUESTS {
-        ensure!(
-            started.elapsed() < DEADLINE,
-            "{what}: only {} requests within {DEADLINE:?}",
-            tally.total()
-        );
-        let (body, peer) = request()?;
-        ensure!(
-            peer == vip(port),
-            "{what}: an answer from {peer}, not the ClusterIP"
-        );
-        tally.record(&body);
-    }
-    println!("{what}:\n{tally}chi² = {:.3}", tally.chi_square());
-    ensure!(
-        tally.unexpected().is_empty(),
-        "{what}: unexpected backends:\n{tally}"
-    );
-    ensure!(
-        tally.looks_uniform(),
-        "{what}: not uniform at p = 0.001 (chi² = {:.3} ≥ {}):\n{tally}",
-        tally.chi_square(),
-        tally.chi_square_critical()
-    );
-    Ok(tally)
 }
 
 #[test]
@@ -75,38 +36,23 @@ fn a_host_network_client_reaches_a_cluster_ip_over_tcp_and_udp() -> Result<()> {
     // TCP: getpeername() shows the ClusterIP (the connection itself goes to a pod).
     spread(
         "TCP, new connections",
-        || {
-            let reply = node.tcp_request(addr::CLUSTER_IP, SERVICE_TCP_PORT)?;
-            Ok((reply.body, reply.peer))
-        },
-        SERVICE_TCP_PORT,
+        vip(SERVICE_TCP_PORT),
+        REQUESTS,
+        || node.tcp_request(addr::CLUSTER_IP, SERVICE_TCP_PORT),
     )?;
     // Unconnected UDP, a new socket each: recvfrom() shows the ClusterIP as the source.
     spread(
         "UDP, unconnected sockets",
-        || {
-            let reply = node.udp_request(addr::CLUSTER_IP, SERVICE_UDP_PORT)?;
-            Ok((reply.body, reply.peer))
-        },
-        SERVICE_UDP_PORT,
+        vip(SERVICE_UDP_PORT),
+        REQUESTS,
+        || node.udp_request(addr::CLUSTER_IP, SERVICE_UDP_PORT),
     )?;
     // Connected UDP: getpeername() and recvfrom() show the ClusterIP.
     spread(
         "UDP, connected sockets",
-        || {
-            let socket = node.run(|| std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))??;
-            socket.set_read_timeout(Some(proxy_lab::REQUEST_TIMEOUT))?;
-            socket.connect(vip(SERVICE_UDP_PORT))?;
-            ensure!(socket.peer_addr()? == vip(SERVICE_UDP_PORT), "getpeername");
-            socket.send(b"ping")?;
-            let mut buffer = [0u8; 512];
-            let (length, peer) = socket.recv_from(&mut buffer)?;
-            Ok((
-                String::from_utf8_lossy(&buffer[..length]).into_owned(),
-                peer,
-            ))
-        },
-        SERVICE_UDP_PORT,
+        vip(SERVICE_UDP_PORT),
+        REQUESTS,
+        || connected_udp_request(node, vip(SERVICE_UDP_PORT)),
     )?;
 
     // The CLI lists an open connection's socket: the node's, this process, the Service and
@@ -138,16 +84,7 @@ fn a_host_network_client_reaches_a_cluster_ip_over_tcp_and_udp() -> Result<()> {
     drop(session);
 
     // trace --connect explains a connect() the same way, as a dry run.
-    let cgroup = daemon.cgroup().path().to_string_lossy().into_owned();
-    let trace: Value = serde_json::from_str(&daemon.cli(&[
-        "trace",
-        "--connect",
-        "198.19.0.10:80/tcp",
-        "--cgroup-root",
-        &cgroup,
-        "-o",
-        "json",
-    ])?)?;
+    let trace = common::trace_connect(&daemon, "198.19.0.10:80/tcp")?;
     ensure!(trace["outcome"] == "translated", "{trace}");
     ensure!(
         trace["frontend"]["service"] == "default/echo:tcp-80",
@@ -166,7 +103,7 @@ fn a_host_network_client_reaches_a_cluster_ip_over_tcp_and_udp() -> Result<()> {
 
     // All of it at the socket: the counters say so, the tc program translated nothing.
     let stats = cli_json(&daemon, &["stats"])?;
-    let counters = counters(&stats)?;
+    let counters = |name| counter_in(&stats, name);
     ensure!(counters("sock_connect")? >= 2 * REQUESTS as u64, "{stats}");
     ensure!(counters("sock_sendmsg")? >= REQUESTS as u64);
     ensure!(counters("sock_reverse")? >= 2 * REQUESTS as u64);
@@ -175,17 +112,6 @@ fn a_host_network_client_reaches_a_cluster_ip_over_tcp_and_udp() -> Result<()> {
         "the tc program translated a host flow"
     );
     Ok(())
-}
-
-/// The STATS counters from `stats -o json`, by name.
-fn counters(stats: &Value) -> Result<impl Fn(&str) -> Result<u64> + '_> {
-    let list = stats["counters"].as_array().context("no counters")?;
-    Ok(move |name: &str| {
-        list.iter()
-            .find(|counter| counter["name"] == name)
-            .and_then(|counter| counter["value"].as_u64())
-            .with_context(|| format!("no counter {name}"))
-    })
 }
 
 #[test]
@@ -282,7 +208,7 @@ fn internal_traffic_policy_local_keeps_the_nodes_connections_on_this_node() -> R
     );
     ensure!(started.elapsed() < REFUSAL_WITHIN);
     let stats = cli_json(&daemon, &["stats"])?;
-    ensure!(counters(&stats)?("sock_unreachable")? >= 1, "{stats}");
+    ensure!(counter_in(&stats, "sock_unreachable")? >= 1, "{stats}");
     Ok(())
 }
 
@@ -522,17 +448,15 @@ fn socket_lb_all_translates_a_pods_connections_at_connect() -> Result<()> {
     let _placed = pod.place_in(daemon.cgroup());
     let tally = spread(
         "pod TCP with --socket-lb all",
-        || {
-            let reply = pod.tcp_request(addr::CLUSTER_IP, SERVICE_TCP_PORT)?;
-            Ok((reply.body, reply.peer))
-        },
-        SERVICE_TCP_PORT,
+        vip(SERVICE_TCP_PORT),
+        REQUESTS,
+        || pod.tcp_request(addr::CLUSTER_IP, SERVICE_TCP_PORT),
     )?;
     // Its UDP stays with tc: replies from the ClusterIP all the same.
     let reply = pod.udp_request(addr::CLUSTER_IP, SERVICE_UDP_PORT)?;
     ensure!(reply.peer == vip(SERVICE_UDP_PORT));
     let stats = cli_json(&daemon, &["stats"])?;
-    let counters = counters(&stats)?;
+    let counters = |name| counter_in(&stats, name);
     ensure!(counters("sock_connect")? >= tally.total());
     // tc saw those connections only as direct flows to backends (tracked, untouched).
     ensure!(
@@ -554,7 +478,7 @@ fn with_socket_lb_host_a_pods_connections_stay_with_tc() -> Result<()> {
         ensure!(reply.peer == vip(SERVICE_TCP_PORT));
     }
     let stats = cli_json(&daemon, &["stats"])?;
-    let counters = counters(&stats)?;
+    let counters = |name| counter_in(&stats, name);
     ensure!(
         counters("sock_connect")? == 0,
         "a pod's socket was translated: {stats}"

@@ -11,18 +11,18 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::io::ErrorKind;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use common::{BACKEND_NAMES, SERVICE_TCP_PORT, SERVICE_UDP_PORT, SYNC_TIMEOUT, backends, cli_json};
-use proxy_lab::{Daemon, Lab, Netns, Reply, Service, Tally, addr, require_lab, udp_exchange};
+use common::{
+    BACKEND_NAMES, REFUSAL_WITHIN, SERVICE_TCP_PORT, SERVICE_UDP_PORT, SYNC_TIMEOUT, backends,
+    cli_json, connected_udp_request, counter, counter_in, spread,
+};
+use proxy_lab::{Daemon, Lab, Service, addr, require_lab, udp_exchange};
 use serde_json::Value;
 
 const REQUESTS: usize = 150;
-const DEADLINE: Duration = Duration::from_secs(120);
-/// A refusal is immediate: no packet, no timeout.
-const REFUSAL_WITHIN: Duration = Duration::from_millis(100);
 const EMPTY_IPV6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0x12);
 const STICKY_IPV6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0x13);
 
@@ -55,66 +55,7 @@ fn mapped_vip() -> IpAddr {
     IpAddr::V6(addr::CLUSTER_IP.to_ipv6_mapped())
 }
 
-/// Requests (each with a fresh socket) until `REQUESTS` answered, every answer from
-/// `frontend`: spread uniformly over the three backends.
-fn spread(
-    what: &str,
-    frontend: SocketAddr,
-    mut request: impl FnMut() -> Result<Reply>,
-) -> Result<()> {
-    let mut tally = Tally::new(BACKEND_NAMES);
-    let started = Instant::now();
-    for _ in 0..REQUESTS {
-        ensure!(
-            started.elapsed() < DEADLINE,
-            "{what}: only {} requests within {DEADLINE:?}",
-            tally.total()
-        );
-        let reply = request()?;
-        ensure!(
-            reply.peer == frontend,
-            "{what}: an answer from {}, not {frontend}",
-            reply.peer
-        );
-        tally.record(&reply.body);
-    }
-    println!("{what}:\n{tally}chi² = {:.3}", tally.chi_square());
-    ensure!(
-        tally.unexpected().is_empty() && tally.looks_uniform(),
-        "{what}: not spread over the backends (chi² = {:.3} ≥ {}):\n{tally}",
-        tally.chi_square(),
-        tally.chi_square_critical()
-    );
-    Ok(())
-}
-
-/// A UDP socket of `node` connected to `frontend`: `getpeername()` must show the frontend;
-/// one request's answer (and where `recvfrom()` says it came from).
-fn connected_udp_request(node: &Netns, frontend: SocketAddr) -> Result<Reply> {
-    let unspecified = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0);
-    let socket = node.run(|| UdpSocket::bind(unspecified))??;
-    socket.set_read_timeout(Some(proxy_lab::REQUEST_TIMEOUT))?;
-    socket.connect(frontend)?;
-    let peer = socket.peer_addr()?;
-    ensure!(peer == frontend, "getpeername: {peer}, not {frontend}");
-    socket.send(b"ping")?;
-    let mut buffer = [0u8; 512];
-    let (length, peer) = socket.recv_from(&mut buffer)?;
-    Ok(Reply {
-        body: String::from_utf8_lossy(&buffer[..length]).into_owned(),
-        peer,
-    })
-}
-
-/// The STATS counter `name` from `stats -o json`.
-fn counter(stats: &Value, name: &str) -> Result<u64> {
-    (stats["counters"].as_array().into_iter().flatten())
-        .find(|counter| counter["name"] == name)
-        .and_then(|counter| counter["value"].as_u64())
-        .with_context(|| format!("no counter {name}"))
-}
-
-/// The `sockets -o json` row of the open connection to `backend`.
+/// The `sockets -o json --service service` row of the open connection to `backend`.
 fn socket_row(daemon: &Daemon, service: &str, backend: IpAddr) -> Result<Value> {
     let sockets = cli_json(daemon, &["sockets", "--service", service])?;
     (sockets.as_array().into_iter().flatten())
@@ -134,39 +75,54 @@ fn the_node_reaches_an_ipv6_cluster_ip_and_a_mapped_ipv4_one_at_the_socket() -> 
 
     // TCP (connect6; getpeername6 shows the ClusterIP), unconnected UDP (sendmsg6;
     // recvmsg6 shows the ClusterIP as the source), connected UDP (both).
-    spread("IPv6 TCP", vip6(SERVICE_TCP_PORT), || {
+    spread("IPv6 TCP", vip6(SERVICE_TCP_PORT), REQUESTS, || {
         node.tcp_request(v6, SERVICE_TCP_PORT)
     })?;
-    spread("IPv6 UDP, unconnected", vip6(SERVICE_UDP_PORT), || {
-        node.udp_request(v6, SERVICE_UDP_PORT)
-    })?;
-    spread("IPv6 UDP, connected", vip6(SERVICE_UDP_PORT), || {
-        connected_udp_request(node, vip6(SERVICE_UDP_PORT))
-    })?;
+    spread(
+        "IPv6 UDP, unconnected",
+        vip6(SERVICE_UDP_PORT),
+        REQUESTS,
+        || node.udp_request(v6, SERVICE_UDP_PORT),
+    )?;
+    spread(
+        "IPv6 UDP, connected",
+        vip6(SERVICE_UDP_PORT),
+        REQUESTS,
+        || connected_udp_request(node, vip6(SERVICE_UDP_PORT)),
+    )?;
 
     // An IPv6 socket to the IPv4 ClusterIP, IPv4-mapped: IPv4's frontend serves it, and
     // the socket sees the mapped ClusterIP as its peer.
     let mapped = |port| SocketAddr::new(mapped_vip(), port);
-    spread("IPv4-mapped TCP", mapped(SERVICE_TCP_PORT), || {
-        node.tcp_request(mapped_vip(), SERVICE_TCP_PORT)
-    })?;
+    spread(
+        "IPv4-mapped TCP",
+        mapped(SERVICE_TCP_PORT),
+        REQUESTS,
+        || node.tcp_request(mapped_vip(), SERVICE_TCP_PORT),
+    )?;
     spread(
         "IPv4-mapped UDP, unconnected",
         mapped(SERVICE_UDP_PORT),
+        REQUESTS,
         || node.udp_request(mapped_vip(), SERVICE_UDP_PORT),
     )?;
     spread(
         "IPv4-mapped UDP, connected",
         mapped(SERVICE_UDP_PORT),
+        REQUESTS,
         || connected_udp_request(node, mapped(SERVICE_UDP_PORT)),
     )?;
 
-    // The CLI lists open connections of both kinds: the IPv6 one from SOCK_XLATE6, the
-    // mapped one as IPv4's.
+    // The CLI lists open connections of both kinds: the IPv6 one from SOCK_XLATE6 (picked
+    // by its IPv6 frontend, `--service [2001:db8:ff::10]:80`), the mapped one as IPv4's.
     let pod_named = |name: &str| backends(&lab).iter().find(|pod| pod.name == name);
     let mut session = node.tcp_session(v6, SERVICE_TCP_PORT)?;
     let serving = pod_named(&session.request()?).context("an unknown backend")?;
-    let row = socket_row(&daemon, "default/echo:tcp-80", IpAddr::V6(serving.ipv6))?;
+    let row = socket_row(
+        &daemon,
+        &vip6(SERVICE_TCP_PORT).to_string(),
+        IpAddr::V6(serving.ipv6),
+    )?;
     ensure!(
         row["family"] == "IPv6"
             && row["frontend"]["address"] == addr::CLUSTER_IPV6.to_string()
@@ -186,16 +142,58 @@ fn the_node_reaches_an_ipv6_cluster_ip_and_a_mapped_ipv4_one_at_the_socket() -> 
     );
     drop(session);
 
+    // trace --connect explains both kinds as connect6 decides them, writing nothing: the
+    // IPv6 ClusterIP from IPv6's maps, the mapped one from IPv4's (connected to a mapped
+    // backend), the IPv6 Service without endpoints refused.
+    let connects = counter(&daemon, "sock_connect")?;
+    let v6_backends: Vec<String> = (backends(&lab).iter())
+        .map(|pod| pod.ipv6.to_string())
+        .collect();
+    let mapped_backends: Vec<String> = (backends(&lab).iter())
+        .map(|pod| pod.ip.to_ipv6_mapped().to_string())
+        .collect();
+    for (destination, family, frontend, connects_to) in [
+        (vip6(SERVICE_TCP_PORT), "IPv6", v6.to_string(), &v6_backends),
+        (
+            SocketAddr::new(mapped_vip(), SERVICE_TCP_PORT),
+            "IPv4",
+            addr::CLUSTER_IP.to_string(),
+            &mapped_backends,
+        ),
+    ] {
+        let trace = common::trace_connect(&daemon, &format!("{destination}/tcp"))?;
+        ensure!(
+            trace["outcome"] == "translated"
+                && trace["family"] == family
+                && trace["frontend"]["address"] == frontend
+                && trace["frontend"]["service"] == "default/echo:tcp-80"
+                && trace["socket_lb_attached"] == true,
+            "{trace}"
+        );
+        let backend = trace["connects_to"]["address"].as_str().unwrap_or_default();
+        ensure!(connects_to.iter().any(|ip| ip == backend), "{trace}");
+    }
+    let refused =
+        common::trace_connect(&daemon, &format!("[{EMPTY_IPV6}]:{SERVICE_TCP_PORT}/tcp"))?;
+    ensure!(
+        refused["outcome"] == "refused" && refused["errno"] == 111,
+        "{refused}"
+    );
+    ensure!(
+        counter(&daemon, "sock_connect")? == connects,
+        "a dry run counted a connect()"
+    );
+
     // All of it at the socket: the tc program translated nothing.
     let stats = cli_json(&daemon, &["stats"])?;
     ensure!(
-        counter(&stats, "sock_connect")? >= 4 * REQUESTS as u64
-            && counter(&stats, "sock_sendmsg")? >= 2 * REQUESTS as u64
-            && counter(&stats, "sock_reverse")? >= 6 * REQUESTS as u64,
+        counter_in(&stats, "sock_connect")? >= 4 * REQUESTS as u64
+            && counter_in(&stats, "sock_sendmsg")? >= 2 * REQUESTS as u64
+            && counter_in(&stats, "sock_reverse")? >= 6 * REQUESTS as u64,
         "{stats}"
     );
     ensure!(
-        counter(&stats, "new_flow")? == 0,
+        counter_in(&stats, "new_flow")? == 0,
         "the tc program translated a flow of the node: {stats}"
     );
     Ok(())

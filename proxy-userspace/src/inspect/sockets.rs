@@ -24,15 +24,34 @@ use crate::conntrack::monotonic_now_ns;
 
 #[derive(Args)]
 pub struct SocketsArgs {
-    /// Only sockets of this Service: `namespace/name`, `namespace/name:port-name`, or a
-    /// frontend `address[:port]`.
-    #[arg(long, value_name = "SERVICE")]
-    service: Option<ServicePattern>,
-    /// Only sockets sent to this backend: `address[:port]`.
-    #[arg(long, value_name = "ADDRESS[:PORT]")]
-    backend: Option<EndpointPattern>,
+    #[command(flatten)]
+    filter: SocketFilter,
     #[command(flatten)]
     list: ListArgs,
+}
+
+/// The sockets `sockets` lists: all given filters must match. An address matches
+/// translations of its own family only, as `conntrack`'s filters do: a dual-stack socket's
+/// IPv4-mapped connection is IPv4's (`198.19.0.10`, not `::ffff:198.19.0.10`).
+#[derive(Args, Clone, Debug, Default)]
+struct SocketFilter {
+    /// Only sockets of this Service: `namespace/name`, `namespace/name:port-name`, or a
+    /// frontend `address[:port]` (`[address]:port` for IPv6).
+    #[arg(long, value_name = "SERVICE")]
+    service: Option<ServicePattern>,
+    /// Only sockets sent to this backend: `address[:port]` (`[address]:port` for IPv6).
+    #[arg(long, value_name = "ADDRESS[:PORT]")]
+    backend: Option<EndpointPattern>,
+}
+
+impl SocketFilter {
+    fn matches(&self, socket: &SocketView) -> bool {
+        self.service.as_ref().is_none_or(|pattern| {
+            pattern.matches_parts(socket.service.as_deref(), &socket.frontend)
+        }) && self
+            .backend
+            .is_none_or(|pattern| pattern.matches(&socket.backend))
+    }
 }
 
 impl SocketsArgs {
@@ -40,13 +59,7 @@ impl SocketsArgs {
         self.list.show(
             |root| {
                 let mut sockets = read(root)?;
-                sockets.retain(|socket| {
-                    self.service.as_ref().is_none_or(|pattern| {
-                        pattern.matches_parts(socket.service.as_deref(), &socket.frontend)
-                    }) && self
-                        .backend
-                        .is_none_or(|pattern| pattern.matches(&socket.backend))
-                });
+                sockets.retain(|socket| self.filter.matches(socket));
                 Ok(sockets)
             },
             |sockets| render(sockets),
@@ -243,6 +256,90 @@ mod tests {
         assert!(table.contains("node, pid 77 (resolver)"), "{table}");
         assert!(table.contains("198.19.0.10:53"), "{table}");
         assert!(table.contains("198.18.1.11:5353"), "{table}");
+    }
+
+    /// A row of family `A`'s translation from `frontend` to `backend`, of `service`.
+    fn row<A: Address>(frontend: &str, backend: &str, service: &str) -> SocketView {
+        let endpoint = |text: &str| {
+            let pattern: EndpointPattern = text.parse().unwrap();
+            let address = A::from_ip(pattern.address).unwrap();
+            (address, pattern.port.unwrap().to_be())
+        };
+        let (vip, vip_port) = endpoint(frontend);
+        let reverse = SockValue {
+            addr: vip,
+            port: vip_port,
+            rev_nat_id: 1,
+            ..SockValue::default()
+        };
+        let entries = BTreeMap::from([(key(sock_kind::REVERSE, endpoint(backend)), reverse)]);
+        let (namespace, rest) = service.split_once('/').unwrap();
+        let (name, port) = rest.split_once(':').unwrap();
+        let names = BTreeMap::from([(1, ServiceName::new(namespace, name, port).unwrap())]);
+        view(&entries, &names, 0, |_| None).remove(0)
+    }
+
+    #[test]
+    fn filters_take_addresses_of_either_family_and_match_their_own_only() {
+        let rows = [
+            row::<u32>("198.19.0.10:80", "198.18.1.11:8080", "default/echo:tcp-80"),
+            row::<Ipv6>(
+                "[2001:db8:ff::10]:80",
+                "[2001:db8:1::11]:8080",
+                "default/echo:tcp-80",
+            ),
+            row::<Ipv6>(
+                "[2001:db8:ff::20]:53",
+                "[2001:db8:1::12]:5353",
+                "default/dns:udp",
+            ),
+        ];
+        let kept = |service: Option<&str>, backend: Option<&str>| -> Vec<String> {
+            let filter = SocketFilter {
+                service: service.map(|text| text.parse().unwrap()),
+                backend: backend.map(|text| text.parse().unwrap()),
+            };
+            (rows.iter())
+                .filter(|socket| filter.matches(socket))
+                .map(|socket| socket.backend.to_string())
+                .collect()
+        };
+        for (service, backend, expected) in [
+            (
+                Some("[2001:db8:ff::10]:80"),
+                None,
+                vec!["[2001:db8:1::11]:8080"],
+            ),
+            (Some("2001:db8:ff::20"), None, vec!["[2001:db8:1::12]:5353"]),
+            (Some("[2001:db8:ff::10]:53"), None, vec![]),
+            (None, Some("2001:db8:1::12"), vec!["[2001:db8:1::12]:5353"]),
+            (
+                None,
+                Some("[2001:db8:1::11]:8080"),
+                vec!["[2001:db8:1::11]:8080"],
+            ),
+            (Some("198.19.0.10"), None, vec!["198.18.1.11:8080"]),
+            // An IPv4-mapped address is IPv6's: it matches no IPv4 translation.
+            (Some("::ffff:198.19.0.10"), None, vec![]),
+            (None, Some("[::ffff:198.18.1.11]:8080"), vec![]),
+            // A Service name matches its translations of both families.
+            (
+                Some("default/echo"),
+                None,
+                vec!["198.18.1.11:8080", "[2001:db8:1::11]:8080"],
+            ),
+            (
+                Some("default/echo"),
+                Some("2001:db8:1::11"),
+                vec!["[2001:db8:1::11]:8080"],
+            ),
+        ] {
+            assert_eq!(
+                kept(service, backend),
+                expected,
+                "--service {service:?} --backend {backend:?}"
+            );
+        }
     }
 
     #[test]

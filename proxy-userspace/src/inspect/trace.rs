@@ -56,9 +56,10 @@ pub struct TraceArgs {
     #[arg(required_unless_present = "connect")]
     destination: Option<Destination>,
     /// Instead of a packet, a `connect()` of a process of this node to
-    /// `address:port[/tcp|/udp]`: what the socket programs (--socket-lb) decide for it.
-    /// Runs `connect4`'s dry run from a cgroup made for the trace; the traced connect()
-    /// itself is refused, nothing is sent.
+    /// `address:port[/tcp|/udp]` (`[address]:port/…` for IPv6, IPv4-mapped too): what the
+    /// socket programs (--socket-lb) decide for it. Runs `connect4`'s (`connect6`'s) dry run
+    /// from a cgroup made for the trace; the traced connect() itself is refused, nothing is
+    /// sent.
     #[arg(long, value_name = "ADDRESS:PORT[/PROTO]", conflicts_with_all = ["source", "destination"])]
     connect: Option<Destination>,
     /// With --connect: the cgroup v2 directory under which the trace's cgroup is made (the
@@ -209,4 +210,4 @@ fn parse_tcp_flag(name: &str) -> Result<u8, String> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;

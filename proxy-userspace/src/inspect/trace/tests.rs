@@ -10,14 +10,14 @@ use super::lookups::report_of;
 use super::{Destination, Fragment, IcmpError, IcmpKind, TracePacket, TraceReport, render};
 use crate::inspect::Endpoint;
 
-pub(super) fn endpoint(address: [u8; 4], port: u16) -> Endpoint {
+pub(in crate::inspect) fn endpoint(address: [u8; 4], port: u16) -> Endpoint {
     Endpoint {
         address: IpAddr::from(address),
         port,
     }
 }
 
-pub(super) fn endpoint6(address: &str, port: u16) -> Endpoint {
+pub(in crate::inspect) fn endpoint6(address: &str, port: u16) -> Endpoint {
     Endpoint {
         address: address.parse().unwrap(),
         port,
@@ -49,7 +49,7 @@ fn wire<A: Address>(address: &str) -> A {
 }
 
 /// A run's record on its CPU, the program's path `outcome`, nothing else found.
-fn recorded(outcome: u32) -> TraceRecord {
+pub(in crate::inspect) fn recorded(outcome: u32) -> TraceRecord {
     TraceRecord {
         recorded: 1,
         outcome: outcome as u8,
@@ -59,7 +59,7 @@ fn recorded(outcome: u32) -> TraceRecord {
 
 /// The record of a new TCP flow to `frontend` (header `service`) given `(slot, backend
 /// id, backend)`, in the frontend's family.
-fn new_flow_record(
+pub(in crate::inspect) fn new_flow_record(
     (slot, backend_id, backend): (u16, u32, Endpoint),
     frontend: Endpoint,
     service: FrontendValue,
@@ -110,7 +110,7 @@ fn reply_entry<A: Address>(source: Endpoint, destination: Endpoint) -> CtValue<A
 }
 
 /// A ClusterIP header with `count` backends from BACKEND_SLOTS[`base`].
-fn cluster_ip(rev_nat_id: u32, base: u32, count: u16) -> FrontendValue {
+pub(in crate::inspect) fn cluster_ip(rev_nat_id: u32, base: u32, count: u16) -> FrontendValue {
     FrontendValue {
         rev_nat_id,
         base,
