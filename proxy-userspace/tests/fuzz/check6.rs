@@ -382,3 +382,156 @@ fn icmp6(run: &Run6, at: usize, untouched: bool) -> Result<Outcome, String> {
         Outcome::Translated
     })
 }
+
+#[cfg(test)]
+mod tests {
+    //! The IPv6 properties have teeth: each catches the violation it is about.
+
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::cluster::FrontendState;
+    use crate::datapath::ipv6::{L4, frame6, frame6_with, ip6};
+    use crate::datapath::wire::Extension;
+
+    const CLIENT: End6 = End6::new(ip6(0x18, 10), 40_000);
+    const VIP: End6 = End6::new(ip6(0x19, 10), 53);
+    const BACKEND: End6 = End6::new(ip6(0x118, 10), 5353);
+    const ELSEWHERE: End6 = End6::new(ip6(0x118, 99), 53);
+
+    fn udp(src: End6, dst: End6) -> Vec<u8> {
+        frame6((src.addr, src.port), (dst.addr, dst.port), L4::Udp)
+    }
+
+    fn frontends(backends: &[End6]) -> Frontends {
+        let mut frontends = Frontends::default();
+        let state = FrontendState {
+            backends: backends.iter().copied().collect::<HashSet<_>>(),
+            when_empty: EmptyFrontend::Reject,
+            source_ranges: Vec::new(),
+        };
+        frontends.frontends6.insert((VIP, proto::UDP), state);
+        (frontends.backends6).extend(backends.iter().map(|backend| (*backend, proto::UDP)));
+        frontends
+    }
+
+    fn flows(to: Option<(End6, End6)>) -> Flows<Ipv6> {
+        Flows {
+            assured: None,
+            pending: to.map(|(src, dst)| CtValue {
+                to: tuple6(src, dst),
+                ..CtValue::default()
+            }),
+        }
+    }
+
+    fn run<'a>(input: &'a [u8], verdict: u32, output: &'a [u8], after: Flows<Ipv6>) -> Run6<'a> {
+        Run6 {
+            program: Program::Live,
+            input,
+            verdict,
+            output,
+            before: Flows::default(),
+            after,
+            reply: flows(Some((VIP, CLIENT))),
+            record_before: None,
+            record_after: None,
+        }
+    }
+
+    #[test]
+    fn a_new_ipv6_flow_must_go_to_a_backend_of_its_frontend_and_be_recorded() {
+        let input = udp(CLIENT, VIP);
+        let good = udp(CLIENT, BACKEND);
+        let recorded = flows(Some((CLIENT, BACKEND)));
+        let frontends = frontends(&[BACKEND]);
+        let check =
+            |output: &[u8], after| check6(&run(&input, TC_ACT_OK, output, after), &frontends);
+        assert_eq!(check(&good, recorded), Ok(Outcome::Translated));
+        assert!(check(&good, Flows::default()).is_err(), "not recorded");
+        assert!(
+            check(&input, Flows::default()).is_err(),
+            "passed untranslated"
+        );
+        let stray = udp(CLIENT, ELSEWHERE);
+        assert!(check(&stray, flows(Some((CLIENT, ELSEWHERE)))).is_err());
+        let mut broken = good.clone();
+        *broken.last_mut().unwrap() ^= 1;
+        assert!(check(&broken, recorded).is_err(), "payload changed");
+        let mut checksum = good.clone();
+        checksum[ETH_LEN + IPV6_LEN + 6] ^= 1;
+        assert!(check(&checksum, recorded).is_err(), "checksum broken");
+        let mut hop_limit = good.clone();
+        hop_limit[HOP_LIMIT] -= 1;
+        assert!(
+            check(&hop_limit, recorded).is_err(),
+            "hop limit, not routed"
+        );
+    }
+
+    #[test]
+    fn ipv6_frames_of_nothing_ours_or_not_handled_must_pass_untouched() {
+        let frontends = frontends(&[BACKEND]);
+        let check = |input: &[u8], verdict, output: &[u8]| {
+            check6(&run(input, verdict, output, Flows::default()), &frontends)
+        };
+        let stray = udp(CLIENT, ELSEWHERE);
+        assert_eq!(check(&stray, TC_ACT_OK, &stray), Ok(Outcome::Untouched));
+        assert!(check(&stray, TC_ACT_SHOT, &stray).is_err(), "dropped");
+        // A routing header with segments left: addressed onward, not handled.
+        let routing = Extension {
+            kind: 43,
+            bytes: vec![0, 0, 4, 1, 0, 0, 0, 0],
+        };
+        let onward = frame6_with(
+            (CLIENT.addr, CLIENT.port),
+            (VIP.addr, VIP.port),
+            L4::Udp,
+            &[routing],
+            64,
+        );
+        assert!(matches!(shape6(&onward), Shape6::Foreign));
+        assert_eq!(check(&onward, TC_ACT_OK, &onward), Ok(Outcome::Untouched));
+        assert!(check(&onward, TC_ACT_SHOT, &onward).is_err(), "dropped");
+    }
+
+    #[test]
+    fn a_later_ipv6_fragment_follows_its_record_only() {
+        let frontends = frontends(&[BACKEND]);
+        let whole = udp(CLIENT, VIP);
+        let later =
+            crate::datapath::wire::ipv6_fragments(&[&whole[..], &[0; 1500][..]].concat(), 7)
+                .pop()
+                .unwrap();
+        assert!(matches!(shape6(&later), Shape6::LaterFragment(_)));
+        let mut moved = later.clone();
+        moved[ETH_LEN + 24..ETH_LEN + 40].copy_from_slice(&BACKEND.addr);
+        let later_run = |verdict, output: &[u8], record| {
+            let mut run = run(&later, verdict, output, Flows::default());
+            run.record_before = record;
+            check6(&run, &frontends)
+        };
+        let went = |to: End6, verdict| FragmentValue {
+            to: tuple6(CLIENT, to),
+            verdict,
+            ..FragmentValue::default()
+        };
+        let forward = Some(went(BACKEND, fragment_verdict::FORWARD));
+        assert_eq!(
+            later_run(TC_ACT_OK, &moved, forward),
+            Ok(Outcome::Translated)
+        );
+        assert!(later_run(TC_ACT_OK, &moved, None).is_err(), "no record");
+        let elsewhere = Some(went(ELSEWHERE, fragment_verdict::FORWARD));
+        assert!(
+            later_run(TC_ACT_OK, &moved, elsewhere).is_err(),
+            "elsewhere"
+        );
+        assert!(later_run(TC_ACT_SHOT, &later, forward).is_err(), "dropped");
+        let dropped = Some(went(BACKEND, fragment_verdict::DROP));
+        assert_eq!(
+            later_run(TC_ACT_SHOT, &later, dropped),
+            Ok(Outcome::Dropped)
+        );
+    }
+}

@@ -28,6 +28,7 @@ use proxy_userspace::socket_lb::SocketLbMode;
 use proxy_userspace::writer::MapWriter;
 
 use crate::datapath::POD_VETH;
+use crate::datapath::ipv6::ip6;
 use crate::datapath::wire::End;
 use crate::ipv6::End6;
 
@@ -100,14 +101,6 @@ fn local_pod(i: u8) -> [u8; 4] {
 
 fn remote_pod(i: u8) -> [u8; 4] {
     [198, 18, 2, i]
-}
-
-/// 2001:db8:`subnet`::`host`.
-const fn ip6(subnet: u16, host: u8) -> [u8; 16] {
-    let [high, low] = subnet.to_be_bytes();
-    [
-        0x20, 0x01, 0x0d, 0xb8, high, low, 0, 0, 0, 0, 0, 0, 0, 0, 0, host,
-    ]
 }
 
 /// The IPv6 cluster IPs of the dual-stack Services.

@@ -722,6 +722,28 @@ mod tests {
         for chunk in [0, 1, 2, 6, 7, 8, 10, 14] {
             assert!(chunks.contains(&chunk), "chunk {chunk} never generated");
         }
+        // IPv6: each kind, and truncated inside and past the fixed header.
+        for kind in [
+            "IPv6 to a frontend",
+            "IPv6 backend to client",
+            "IPv6 truncated",
+            "IPv6 payload length",
+            "IPv6 next header",
+            "IPv6 extension length",
+            "IPv6 first fragment",
+            "IPv6 later fragment",
+            "ICMPv6 port unreachable",
+            "ICMPv6 packet too big",
+            "random IPv6",
+        ] {
+            assert!(kinds.contains(kind), "{kind} never generated: {kinds:?}");
+        }
+        let truncated6 = |range: std::ops::Range<usize>| {
+            (first.iter()).any(|generated| {
+                generated.kind == "IPv6 truncated" && range.contains(&generated.frame.len())
+            })
+        };
+        assert!(truncated6(ETH_LEN..ETH_LEN + 40) && truncated6(ETH_LEN + 40..ETH_LEN + 60));
         let quoting_sctp = (first.iter()).filter(|generated| {
             generated.kind == "ICMP port unreachable"
                 && generated.frame.get(ETH_LEN + 20 + 8 + 9) == Some(&proto::SCTP)
