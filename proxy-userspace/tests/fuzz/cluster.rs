@@ -6,7 +6,7 @@
 //! Addresses: the node is 198.18.0.1; pods of this node 198.18.1.0/24 (routed through a
 //! veth, so no SNAT); pods of other nodes 198.18.2.0/24 and outside clients 198.18.0.0/24
 //! and 198.18.3.0/24 (routed through `lo`, the device test runs arrive on: outside traffic
-//! to them is SNATed, answers are routed by the program); VIPs 198.19.0.0/24. Two
+//! to them is SNATed, answers are routed by the program); VIPs 198.19.0.0/24. Three
 //! ClusterIP Services are dual-stack: IPv6 VIPs in 2001:db8:19::/64, pods of this node
 //! 2001:db8:118::/64, of another node 2001:db8:218::/64, clients 2001:db8:18::/64.
 
@@ -106,6 +106,7 @@ fn remote_pod(i: u8) -> [u8; 4] {
 /// The IPv6 cluster IPs of the dual-stack Services.
 const VIP6_SPREAD: [u8; 16] = ip6(0x19, 10);
 const VIP6_EMPTY: [u8; 16] = ip6(0x19, 11);
+const VIP6_STICKY: [u8; 16] = ip6(0x19, 13);
 
 fn local_pod6(i: u8) -> IpAddr {
     Ipv6Addr::from(ip6(0x118, i)).into()
@@ -186,16 +187,20 @@ fn services() -> Vec<FuzzService> {
         },
         FuzzService {
             service: Service::cluster_ip("sticky", vip(13))
+                .dual_stack(Ipv6Addr::from(VIP6_STICKY))
                 .tcp(80, 8083)
                 .udp(53, 5353)
                 .client_ip_affinity(2),
-            vip6: None,
+            vip6: Some(VIP6_STICKY),
             pool: vec![
                 (v4(local_pod(10)), true),
                 (v4(local_pod(11)), true),
                 (v4(remote_pod(10)), false),
+                (local_pod6(10), true),
+                (local_pod6(11), true),
+                (remote_pod6(10), false),
             ],
-            sizes: 1..=3,
+            sizes: 1..=6,
             terminating: false,
         },
         FuzzService {

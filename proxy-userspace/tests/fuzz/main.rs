@@ -7,7 +7,10 @@
 //! stream of generated frames ([`generate`]), each checked against the properties in
 //! [`check`] and [`reap`]. The node is loaded the daemon's way and its frontends written by
 //! the daemon's planner and map writer ([`cluster`]); every few thousand packets the
-//! Services' endpoints change (scaled to none and back, terminating, other nodes).
+//! Services' endpoints change (scaled to none and back, terminating, other nodes). A
+//! share of the frames are IPv6 (to the dual-stack Services' IPv6 frontends and
+//! elsewhere), run through the same programs (`epx_ingress6`, `epx_xdp6` behind them)
+//! and checked by [`check6`].
 //!
 //! `EBPF_PROXY_FUZZ_PACKETS` (default 30 000, what `cargo xtask test` runs) and
 //! `EBPF_PROXY_FUZZ_SEED` (default 14) set the run; `cargo xtask fuzz [--packets N]
