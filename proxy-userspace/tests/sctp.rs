@@ -317,3 +317,243 @@ fn an_icmp_error_about_an_association_reaches_the_client_with_its_quote_translat
     let quote = &error(VIP, &init.build(), whole)[wire::ETH_LEN + 28..];
     assert_eq!(wire::sctp_checksum_valid(&quote[20..]), Some(true));
 }
+
+/// The same associations over IPv6 (`epx_ingress6`): frames built by `datapath::ipv6`
+/// (SCTP's CRC32c covers no pseudo-header, so only changed ports change it).
+mod over_ipv6 {
+    use super::*;
+    use datapath::ipv6::ends::{BACKEND, CLIENT, NODE_PORT, VIP};
+    use datapath::ipv6::*;
+    use proxy_common::CtKey;
+
+    const INIT6: L4 = L4::Sctp {
+        chunk: sctp::chunk::INIT,
+        checksum: true,
+    };
+    const INIT_ACK6: L4 = L4::Sctp {
+        chunk: sctp::chunk::INIT_ACK,
+        checksum: true,
+    };
+    const DATA6: L4 = L4::Sctp {
+        chunk: 0,
+        checksum: true,
+    };
+    /// Where the SCTP packet starts in a frame without extension headers.
+    const SCTP_AT: usize = wire::ETH_LEN + wire::IPV6_LEN;
+
+    fn crc_of6(frame: &[u8]) -> [u8; 4] {
+        let at = SCTP_AT + sctp::CHECKSUM_OFFSET;
+        frame[at..at + 4].try_into().unwrap()
+    }
+
+    /// Runs `frame`: TC_ACT_OK, exactly `expected`, its CRC32c valid.
+    fn assert_translated6(datapath: &Datapath, frame: &[u8], expected: &[u8]) {
+        let (verdict, out) = datapath.run(frame);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(out, expected, "{}", wire::hex(&out));
+        assert_eq!(wire::sctp_checksum_valid(&out[SCTP_AT..]), Some(true));
+    }
+
+    fn key6(src: ([u8; 16], u16), dst: ([u8; 16], u16)) -> CtKey<proxy_common::Ipv6> {
+        CtKey::new(tuple6(src, dst), proto::SCTP)
+    }
+
+    /// VIP6:80 → BACKEND6_1:8080 over SCTP: every translation changes a port.
+    fn with_one_service6() -> Option<(Datapath, Vec<u32>)> {
+        let mut datapath = Datapath::load()?;
+        let ids = datapath.add_service6(
+            frontend6(VIP6, VIP6_PORT, proto::SCTP),
+            &[backend6(BACKEND6_1, BACKEND6_PORT, proto::SCTP)],
+            service_flags::CLUSTER_IP,
+        );
+        Some((datapath, ids))
+    }
+
+    #[test]
+    fn an_ipv6_association_is_dnated_with_its_crc_recomputed_and_replies_reversed() {
+        let Some((datapath, ids)) = with_one_service6() else {
+            return;
+        };
+        let init = frame6(CLIENT, VIP, INIT6);
+        let dnated = frame6(CLIENT, BACKEND, INIT6);
+        assert_translated6(&datapath, &init, &dnated);
+        assert_ne!(crc_of6(&init), crc_of6(&dnated));
+        assert_translated6(
+            &datapath,
+            &frame6(BACKEND, CLIENT, INIT_ACK6),
+            &frame6(VIP, CLIENT, INIT_ACK6),
+        );
+        // COOKIE ECHO (any chunk but INIT and ABORT) completes the handshake.
+        let cookie_echo = L4::Sctp {
+            chunk: 10,
+            checksum: true,
+        };
+        assert_translated6(
+            &datapath,
+            &frame6(CLIENT, VIP, cookie_echo),
+            &frame6(CLIENT, BACKEND, cookie_echo),
+        );
+        assert_translated6(
+            &datapath,
+            &frame6(BACKEND, CLIENT, DATA6),
+            &frame6(VIP, CLIENT, DATA6),
+        );
+        datapath.assert_stats(&[
+            (stat::CT_MISS, 1),
+            (stat::NEW_FLOW, 1),
+            (stat::CT_HIT, 1),
+            (stat::REPLY, 2),
+        ]);
+        let conntrack = datapath.conntrack6();
+        let forward = conntrack[&key6(CLIENT, VIP)];
+        assert_eq!(forward.to, tuple6(CLIENT, BACKEND));
+        assert_eq!(forward.backend_id, ids[0]);
+        assert_eq!(forward.packets, 2);
+        assert_eq!(
+            FlowState::of(proto::SCTP, forward.state),
+            FlowState::Established
+        );
+        let reply = conntrack[&key6(BACKEND, CLIENT)];
+        assert_eq!(reply.to, tuple6(VIP, CLIENT));
+        assert_eq!(reply.flags, ct_flags::REPLY);
+        assert!(datapath.conntrack().is_empty(), "IPv4's conntrack");
+    }
+
+    #[test]
+    fn an_ipv6_address_only_rewrite_leaves_the_crc_as_it_was() {
+        let Some(mut datapath) = Datapath::load() else {
+            return;
+        };
+        let (vip, server) = ((VIP6, 3868), (BACKEND6_1, 3868));
+        datapath.add_service6(
+            frontend6(vip.0, vip.1, proto::SCTP),
+            &[backend6(server.0, server.1, proto::SCTP)],
+            service_flags::CLUSTER_IP,
+        );
+        let init = frame6(CLIENT, vip, INIT6);
+        let dnated = frame6(CLIENT, server, INIT6);
+        assert_translated6(&datapath, &init, &dnated);
+        // The CRC32c covers no addresses (no pseudo-header).
+        assert_eq!(crc_of6(&init), crc_of6(&dnated));
+        assert_translated6(
+            &datapath,
+            &frame6(server, CLIENT, INIT_ACK6),
+            &frame6(vip, CLIENT, INIT_ACK6),
+        );
+    }
+
+    #[test]
+    fn an_ipv6_crc_left_to_the_device_stays_zero() {
+        let Some((datapath, _)) = with_one_service6() else {
+            return;
+        };
+        let offloaded = L4::Sctp {
+            chunk: sctp::chunk::INIT,
+            checksum: false,
+        };
+        let (verdict, out) = datapath.run(&frame6(CLIENT, VIP, offloaded));
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(out, frame6(CLIENT, BACKEND, offloaded));
+        assert_eq!(crc_of6(&out), [0; 4]);
+    }
+
+    #[test]
+    fn an_ipv6_tcp_frontend_leaves_sctp_alone() {
+        let Some(mut datapath) = Datapath::load() else {
+            return;
+        };
+        datapath.add_service6(
+            frontend6(VIP6, VIP6_PORT, proto::TCP),
+            &[backend6(BACKEND6_1, BACKEND6_PORT, proto::TCP)],
+            service_flags::CLUSTER_IP,
+        );
+        assert_untouched(&datapath, &frame6(CLIENT, VIP, INIT6));
+        assert!(datapath.conntrack6().is_empty());
+    }
+
+    #[test]
+    fn an_ipv6_service_without_endpoints_refuses_with_an_icmpv6_port_unreachable() {
+        let Some(mut datapath) = Datapath::load() else {
+            return;
+        };
+        datapath.add_service6(
+            frontend6(VIP6, VIP6_PORT, proto::SCTP),
+            &[],
+            service_flags::CLUSTER_IP,
+        );
+        let init = frame6(CLIENT, VIP, INIT6);
+        let (verdict, out) = datapath.run(&init);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        // Type 1 code 4 from the frontend, quoting the IPv6 header and 8 bytes: the ports
+        // and the verification tag.
+        let expected = wire::ipv6_frame(
+            (MACS6.1, MACS6.0),
+            VIP6,
+            CLIENT6,
+            64,
+            &[],
+            wire::ICMPV6,
+            &[1, 4, 0, 0, 0, 0, 0, 0],
+            Some(2),
+            &init[wire::ETH_LEN..SCTP_AT + 8],
+        );
+        assert_eq!(out, expected, "{}", wire::hex(&out));
+        assert!(wire::ipv6_checksum_valid(&out));
+        datapath.assert_stats(&[(stat::REJECTED, 1)]);
+        assert!(datapath.conntrack6().is_empty());
+    }
+
+    #[test]
+    fn abort_ends_an_ipv6_association_and_a_new_init_selects_again() {
+        let Some((datapath, _)) = with_one_service6() else {
+            return;
+        };
+        let (init, dnated) = (frame6(CLIENT, VIP, INIT6), frame6(CLIENT, BACKEND, INIT6));
+        assert_translated6(&datapath, &init, &dnated);
+        let abort = L4::Sctp {
+            chunk: sctp::chunk::ABORT,
+            checksum: true,
+        };
+        assert_translated6(
+            &datapath,
+            &frame6(BACKEND, CLIENT, abort),
+            &frame6(VIP, CLIENT, abort),
+        );
+        let forward = datapath.conntrack6()[&key6(CLIENT, VIP)];
+        assert_eq!(FlowState::of(proto::SCTP, forward.state), FlowState::Close);
+        assert_translated6(&datapath, &init, &dnated);
+        datapath.assert_stats(&[(stat::CT_MISS, 2), (stat::NEW_FLOW, 2), (stat::REPLY, 1)]);
+    }
+
+    #[test]
+    fn an_ipv6_node_port_to_another_node_is_snated_with_valid_crcs_both_ways() {
+        if !bpf_available() {
+            return;
+        }
+        on_an_ipv6_node("lo", || {
+            let mut datapath = Datapath::load().unwrap();
+            datapath.add_service6(
+                frontend6(NODE_PORT.0, NODE_PORT.1, proto::SCTP),
+                &[backend6(BACKEND6_1, BACKEND6_PORT, proto::SCTP)],
+                service_flags::NODE_PORT,
+            );
+            let (verdict, out) = datapath.run(&frame6(CLIENT, NODE_PORT, INIT6));
+            assert_eq!(verdict, TC_ACT_REDIRECT);
+            // Both ports change: the SNAT source port and the target port.
+            let port = u16::from_be_bytes([out[SCTP_AT], out[SCTP_AT + 1]]);
+            assert!((SNAT_PORTS.0..=SNAT_PORTS.1).contains(&port), "{port}");
+            let snat = (NODE6, port);
+            assert_eq!(out, frame6_with(snat, BACKEND, INIT6, &[], 63));
+            assert_eq!(wire::sctp_checksum_valid(&out[SCTP_AT..]), Some(true));
+            let (verdict, out) = datapath.run(&frame6(BACKEND, snat, INIT_ACK6));
+            assert_eq!(verdict, TC_ACT_REDIRECT);
+            assert_eq!(out, frame6_with(NODE_PORT, CLIENT, INIT_ACK6, &[], 63));
+            assert_eq!(wire::sctp_checksum_valid(&out[SCTP_AT..]), Some(true));
+            let reply = datapath.conntrack6()[&key6(BACKEND, snat)];
+            assert_eq!(
+                reply.flags,
+                ct_flags::SNAT | ct_flags::REPLY | ct_flags::ROUTES_ITSELF
+            );
+        });
+    }
+}

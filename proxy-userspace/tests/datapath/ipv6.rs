@@ -45,12 +45,15 @@ pub const SYN6: L4 = L4::Tcp(tcp_flags::SYN);
 pub const SYN_ACK6: L4 = L4::Tcp(tcp_flags::SYN | tcp_flags::ACK);
 pub const ACK6: L4 = L4::Tcp(tcp_flags::ACK);
 
-/// The L4 header of a frame: TCP with its flags, or UDP (with a checksum: IPv6 requires
-/// one).
+/// The L4 header of a frame: TCP with its flags, UDP (with a checksum: IPv6 requires
+/// one), or SCTP: one chunk of `chunk` carrying the payload, its CRC32c computed from
+/// scratch (`wire::sctp_packet`; no pseudo-header), or the field left zero without
+/// `checksum`.
 #[derive(Clone, Copy)]
 pub enum L4 {
     Tcp(u8),
     Udp,
+    Sctp { chunk: u8, checksum: bool },
 }
 
 impl L4 {
@@ -58,6 +61,7 @@ impl L4 {
         match self {
             L4::Tcp(_) => proto::TCP,
             L4::Udp => proto::UDP,
+            L4::Sctp { .. } => proto::SCTP,
         }
     }
 }
@@ -87,9 +91,18 @@ pub fn frame6_via(
     extensions: &[Extension],
     hop_limit: u8,
 ) -> Vec<u8> {
-    let (header, csum_offset) = match l4 {
-        L4::Tcp(flags) => (wire::tcp_header(src.1, dst.1, flags), 16),
-        L4::Udp => (wire::udp_header(src.1, dst.1, PAYLOAD.len()), 6),
+    let (header, csum_offset, payload) = match l4 {
+        L4::Tcp(flags) => (wire::tcp_header(src.1, dst.1, flags), Some(16), PAYLOAD),
+        L4::Udp => (
+            wire::udp_header(src.1, dst.1, PAYLOAD.len()),
+            Some(6),
+            PAYLOAD,
+        ),
+        L4::Sctp { chunk, checksum } => (
+            wire::sctp_packet(src.1, dst.1, chunk, PAYLOAD, checksum),
+            None,
+            &[][..],
+        ),
     };
     wire::ipv6_frame(
         macs,
@@ -99,8 +112,8 @@ pub fn frame6_via(
         extensions,
         l4.proto(),
         &header,
-        Some(csum_offset),
-        PAYLOAD,
+        csum_offset,
+        payload,
     )
 }
 

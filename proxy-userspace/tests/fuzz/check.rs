@@ -300,7 +300,12 @@ fn rewritten_bytes(
     let csum = packet.csum_offset()..packet.csum_offset() + csum_len(packet.proto());
     let mut allowed = vec![l4..l4 + 4, csum.clone()];
     allowed.extend(ip_fields(routed));
-    only_changed(run, &allowed, routed)?;
+    only_changed(
+        run.input,
+        run.output,
+        &allowed,
+        routed.then_some(ETH_LEN + 8),
+    )?;
     ip_checksum_kept(run, &packet.ip)?;
     if !whole {
         return Ok(());
@@ -344,17 +349,22 @@ fn ip_fields(routed: bool) -> Vec<std::ops::Range<usize>> {
     vec![ttl, ETH_LEN + 10..ETH_LEN + 20]
 }
 
-/// The output has the input's length, differs only inside `allowed`, and a routed frame's
-/// TTL is one less.
-fn only_changed(run: &Run, allowed: &[std::ops::Range<usize>], routed: bool) -> Result<(), String> {
-    if run.output.len() != run.input.len() {
+/// The output has the input's length and differs only inside `allowed`; a routed frame's
+/// TTL or hop limit (the byte at `routed_ttl`) is one less. (Both families.)
+pub fn only_changed(
+    input: &[u8],
+    output: &[u8],
+    allowed: &[std::ops::Range<usize>],
+    routed_ttl: Option<usize>,
+) -> Result<(), String> {
+    if output.len() != input.len() {
         return Err(format!(
             "a rewrite changed the length from {} to {}",
-            run.input.len(),
-            run.output.len()
+            input.len(),
+            output.len()
         ));
     }
-    let changed = (run.input.iter().zip(run.output))
+    let changed = (input.iter().zip(output))
         .enumerate()
         .find(|(at, (a, b))| a != b && !allowed.iter().any(|range| range.contains(at)));
     if let Some((at, _)) = changed {
@@ -362,9 +372,10 @@ fn only_changed(run: &Run, allowed: &[std::ops::Range<usize>], routed: bool) -> 
             "a rewrite changed byte {at}, which it has no business with"
         ));
     }
-    let ttl = ETH_LEN + 8;
-    if routed && run.output[ttl] != run.input[ttl].wrapping_sub(1) {
-        return Err("a routed packet's TTL did not go down by one".into());
+    if let Some(ttl) = routed_ttl
+        && output[ttl] != input[ttl].wrapping_sub(1)
+    {
+        return Err("a routed packet's TTL or hop limit did not go down by one".into());
     }
     Ok(())
 }
@@ -459,7 +470,12 @@ fn later_fragment(run: &Run, ip: &Ipv4) -> Result<Outcome, String> {
         return Ok(Outcome::Untouched);
     }
     let routed = run.verdict == TC_ACT_REDIRECT;
-    only_changed(run, &ip_fields(routed), routed)?;
+    only_changed(
+        run.input,
+        run.output,
+        &ip_fields(routed),
+        routed.then_some(ETH_LEN + 8),
+    )?;
     ip_checksum_kept(run, ip)?;
     let out = wire::ipv4(run.output).ok_or("the rewritten fragment is no longer IPv4")?;
     let Some(record) = record.filter(|record| record.verdict == fragment_verdict::FORWARD) else {
@@ -614,7 +630,12 @@ fn icmp(run: &Run, ip: &Ipv4) -> Result<Outcome, String> {
         // A whole quoted SCTP packet's CRC32c follows its ports (`sctp_manip_pkt`).
         allowed.push(inner_l4 + 8..inner_l4 + 12);
     }
-    only_changed(run, &allowed, routed)?;
+    only_changed(
+        run.input,
+        run.output,
+        &allowed,
+        routed.then_some(ETH_LEN + 8),
+    )?;
     ip_checksum_kept(run, ip)?;
     let message_valid = |frame: &[u8]| {
         ip.payload(frame)

@@ -6,15 +6,17 @@
 //! Addresses: the node is 198.18.0.1; pods of this node 198.18.1.0/24 (routed through a
 //! veth, so no SNAT); pods of other nodes 198.18.2.0/24 and outside clients 198.18.0.0/24
 //! and 198.18.3.0/24 (routed through `lo`, the device test runs arrive on: outside traffic
-//! to them is SNATed, answers are routed by the program); VIPs 198.19.0.0/24.
+//! to them is SNATed, answers are routed by the program); VIPs 198.19.0.0/24. Three
+//! ClusterIP Services are dual-stack: IPv6 VIPs in 2001:db8:19::/64, pods of this node
+//! 2001:db8:118::/64, of another node 2001:db8:218::/64, clients 2001:db8:18::/64.
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result, ensure};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray};
 use ipnet::IpNet;
-use proxy_common::{CtKey, CtTimeouts, CtValue, FragmentKey, FragmentValue, map_names};
+use proxy_common::{CtKey, CtTimeouts, CtValue, FragmentKey, FragmentValue, Ipv6, map_names};
 use proxy_lab::{Endpoint, NODE_NAME, PrivateBpffs, Rng, Service};
 use proxy_userspace::conntrack::ConntrackSizes;
 use proxy_userspace::conntrack::gc::Reaper;
@@ -26,7 +28,9 @@ use proxy_userspace::socket_lb::SocketLbMode;
 use proxy_userspace::writer::MapWriter;
 
 use crate::datapath::POD_VETH;
+use crate::datapath::ipv6::ip6;
 use crate::datapath::wire::End;
+use crate::ipv6::End6;
 
 pub const NODE: [u8; 4] = [198, 18, 0, 1];
 /// Where a load balancer and `spec.externalIPs` send traffic to the node.
@@ -99,11 +103,31 @@ fn remote_pod(i: u8) -> [u8; 4] {
     [198, 18, 2, i]
 }
 
+/// The IPv6 cluster IPs of the dual-stack Services.
+const VIP6_SPREAD: [u8; 16] = ip6(0x19, 10);
+const VIP6_EMPTY: [u8; 16] = ip6(0x19, 11);
+const VIP6_STICKY: [u8; 16] = ip6(0x19, 13);
+
+fn local_pod6(i: u8) -> IpAddr {
+    Ipv6Addr::from(ip6(0x118, i)).into()
+}
+
+fn remote_pod6(i: u8) -> IpAddr {
+    Ipv6Addr::from(ip6(0x218, i)).into()
+}
+
+fn v4(octets: [u8; 4]) -> IpAddr {
+    Ipv4Addr::from(octets).into()
+}
+
 /// A Service of the fuzzed cluster, and the endpoints it may have.
 struct FuzzService {
     service: Service,
-    /// Candidate endpoints: address and whether the pod runs on this node.
-    pool: Vec<([u8; 4], bool)>,
+    /// Its IPv6 cluster IP, if dual-stack.
+    vip6: Option<[u8; 16]>,
+    /// Candidate endpoints (of both families when dual-stack): address and whether the pod
+    /// runs on this node.
+    pool: Vec<(IpAddr, bool)>,
     /// How many of the pool an epoch gives it.
     sizes: std::ops::RangeInclusive<usize>,
     /// Whether an endpoint may be terminating (serving, not ready).
@@ -124,23 +148,30 @@ fn services() -> Vec<FuzzService> {
     vec![
         FuzzService {
             service: Service::cluster_ip("spread", vip(10))
+                .dual_stack(Ipv6Addr::from(VIP6_SPREAD))
                 .tcp(80, 8080)
                 .udp(53, 5353)
                 .sctp(3868, 3870),
+            vip6: Some(VIP6_SPREAD),
             pool: vec![
-                (local_pod(10), true),
-                (local_pod(11), true),
-                (local_pod(12), true),
-                (remote_pod(10), false),
+                (v4(local_pod(10)), true),
+                (v4(local_pod(11)), true),
+                (v4(local_pod(12)), true),
+                (v4(remote_pod(10)), false),
+                (local_pod6(10), true),
+                (local_pod6(11), true),
+                (remote_pod6(10), false),
             ],
-            sizes: 0..=4,
+            sizes: 0..=7,
             terminating: false,
         },
         FuzzService {
             service: Service::cluster_ip("empty", vip(11))
+                .dual_stack(Ipv6Addr::from(VIP6_EMPTY))
                 .tcp(80, 8081)
                 .udp(53, 5351)
                 .sctp(3868, 3871),
+            vip6: Some(VIP6_EMPTY),
             pool: Vec::new(),
             sizes: 0..=0,
             terminating: false,
@@ -149,21 +180,27 @@ fn services() -> Vec<FuzzService> {
             service: Service::cluster_ip("terminating", vip(12))
                 .tcp(80, 8082)
                 .udp(53, 5352),
-            pool: vec![(local_pod(13), true), (local_pod(14), true)],
+            vip6: None,
+            pool: vec![(v4(local_pod(13)), true), (v4(local_pod(14)), true)],
             sizes: 1..=2,
             terminating: true,
         },
         FuzzService {
             service: Service::cluster_ip("sticky", vip(13))
+                .dual_stack(Ipv6Addr::from(VIP6_STICKY))
                 .tcp(80, 8083)
                 .udp(53, 5353)
                 .client_ip_affinity(2),
+            vip6: Some(VIP6_STICKY),
             pool: vec![
-                (local_pod(10), true),
-                (local_pod(11), true),
-                (remote_pod(10), false),
+                (v4(local_pod(10)), true),
+                (v4(local_pod(11)), true),
+                (v4(remote_pod(10)), false),
+                (local_pod6(10), true),
+                (local_pod6(11), true),
+                (remote_pod6(10), false),
             ],
-            sizes: 1..=3,
+            sizes: 1..=6,
             terminating: false,
         },
         FuzzService {
@@ -173,11 +210,12 @@ fn services() -> Vec<FuzzService> {
                 .sctp_node_port(3868, 3874, 30_868)
                 .annotation("ebpf-proxy.io/lb-algorithm", "maglev")
                 .annotation("ebpf-proxy.io/maglev-table-size", "251"),
+            vip6: None,
             pool: vec![
-                (remote_pod(11), false),
-                (remote_pod(12), false),
-                (local_pod(12), true),
-                (local_pod(10), true),
+                (v4(remote_pod(11)), false),
+                (v4(remote_pod(12)), false),
+                (v4(local_pod(12)), true),
+                (v4(local_pod(10)), true),
             ],
             sizes: 0..=4,
             terminating: false,
@@ -188,7 +226,8 @@ fn services() -> Vec<FuzzService> {
                 .udp_node_port(53, 5355, 30_054)
                 .external_traffic_policy_local()
                 .annotation("ebpf-proxy.io/lb-algorithm", "maglev"),
-            pool: vec![(remote_pod(13), false), (local_pod(15), true)],
+            vip6: None,
+            pool: vec![(v4(remote_pod(13)), false), (v4(local_pod(15)), true)],
             sizes: 1..=2,
             terminating: false,
         },
@@ -198,7 +237,8 @@ fn services() -> Vec<FuzzService> {
                 .udp_node_port(53, 5356, 30_055)
                 .external_ip(ip(EXTERNAL_IP))
                 .load_balancer_source_ranges(&[SOURCE_RANGE]),
-            pool: vec![(local_pod(15), true), (remote_pod(14), false)],
+            vip6: None,
+            pool: vec![(v4(local_pod(15)), true), (v4(remote_pod(14)), false)],
             sizes: 0..=2,
             terminating: false,
         },
@@ -217,11 +257,16 @@ pub struct Pools {
     pub clients: Vec<[u8; 4]>,
     pub node: [u8; 4],
     pub snat_ports: (u16, u16),
+    /// The same for IPv6 (the dual-stack Services'; a pod of this node among the clients).
+    pub frontends6: Vec<(End6, u8)>,
+    pub backends6: Vec<(End6, u8)>,
+    pub clients6: Vec<[u8; 16]>,
 }
 
 pub fn pools() -> Pools {
     let mut frontends = Vec::new();
     let mut backends = Vec::new();
+    let (mut frontends6, mut backends6) = (Vec::new(), Vec::new());
     for spec in services() {
         for (protocol, port, target, node_port) in spec.service.ports() {
             let protocol = protocol.number();
@@ -237,8 +282,16 @@ pub fn pools() -> Pools {
                 frontends.push((End::new(LOAD_BALANCER_IP, port), protocol));
                 frontends.push((End::new(EXTERNAL_IP, port), protocol));
             }
+            if let Some(vip6) = spec.vip6 {
+                frontends6.push((End6::new(vip6, port), protocol));
+            }
             for (addr, _) in &spec.pool {
-                backends.push((End::new(*addr, target), protocol));
+                match addr {
+                    IpAddr::V4(addr) => backends.push((End::new(addr.octets(), target), protocol)),
+                    IpAddr::V6(addr) => {
+                        backends6.push((End6::new(addr.octets(), target), protocol));
+                    }
+                }
             }
         }
     }
@@ -254,6 +307,9 @@ pub fn pools() -> Pools {
         ],
         node: NODE,
         snat_ports: (SNAT_PORTS.min, SNAT_PORTS.max),
+        frontends6,
+        backends6,
+        clients6: vec![ip6(0x18, 10), ip6(0x18, 11), ip6(0x118, 10)],
     }
 }
 
@@ -285,8 +341,11 @@ impl Cluster {
             let mut endpoints = Vec::new();
             while endpoints.len() < size {
                 let (addr, local) = pool.swap_remove(self.rng.below(pool.len()));
-                let name = format!("pod-{}-{}", addr[2], addr[3]);
-                let mut endpoint = Endpoint::at(&name, Ipv4Addr::from(addr));
+                let name = match addr {
+                    IpAddr::V4(addr) => format!("pod-{}-{}", addr.octets()[2], addr.octets()[3]),
+                    IpAddr::V6(addr) => format!("pod6-{:x}", addr.segments()[7]),
+                };
+                let mut endpoint = Endpoint::at(&name, addr);
                 if !local {
                     endpoint = endpoint.on_node("other-node");
                 }
@@ -313,62 +372,74 @@ impl Cluster {
     }
 }
 
-/// What a frontend does in the current epoch, as the checks need it.
+/// What a frontend does in the current epoch, as the checks need it (`E`: [`End`] or
+/// [`End6`]).
 #[derive(Clone, Debug)]
-pub struct FrontendState {
+pub struct FrontendState<E = End> {
     /// Its backends (address and port): a new flow goes to one of these.
-    pub backends: HashSet<End>,
+    pub backends: HashSet<E>,
     pub when_empty: EmptyFrontend,
     pub source_ranges: Vec<IpNet>,
 }
 
-impl FrontendState {
+impl<E> FrontendState<E> {
     /// Whether a new connection from `client` gets past the source ranges.
-    pub fn admits(&self, client: [u8; 4]) -> bool {
+    pub fn admits(&self, client: impl Into<IpAddr>) -> bool {
+        let client = client.into();
         self.source_ranges.is_empty()
-            || (self.source_ranges.iter())
-                .any(|range| range.contains(&IpAddr::from(Ipv4Addr::from(client))))
+            || (self.source_ranges.iter()).any(|range| range.contains(&client))
     }
 }
 
-/// The current epoch's frontends and backends.
+/// The current epoch's frontends and backends, per family.
 #[derive(Clone, Debug, Default)]
 pub struct Frontends {
     pub frontends: BTreeMap<(End, u8), FrontendState>,
     pub backends: HashSet<(End, u8)>,
-}
-
-/// The octets of an address of the fuzzed cluster, which is IPv4 only.
-fn ipv4(addr: IpAddr) -> [u8; 4] {
-    match addr {
-        IpAddr::V4(addr) => addr.octets(),
-        IpAddr::V6(addr) => panic!("the fuzzed cluster is IPv4 only, planned {addr}"),
-    }
+    pub frontends6: BTreeMap<(End6, u8), FrontendState<End6>>,
+    pub backends6: HashSet<(End6, u8)>,
 }
 
 impl Frontends {
     fn of(desired: &DesiredState) -> Self {
-        let mut frontends = BTreeMap::new();
-        let mut all_backends = HashSet::new();
+        let mut frontends = Self::default();
         for (frontend, plan) in &desired.frontends {
             let protocol = frontend.protocol.number();
-            let backends: HashSet<End> = (plan.backends.iter())
-                .map(|backend| End::new(ipv4(backend.addr), backend.port))
-                .collect();
-            all_backends.extend(backends.iter().map(|backend| (*backend, protocol)));
-            frontends.insert(
-                (End::new(ipv4(frontend.addr), frontend.port), protocol),
-                FrontendState {
-                    backends,
-                    when_empty: plan.when_empty,
-                    source_ranges: plan.source_ranges.clone(),
-                },
-            );
+            let (when_empty, source_ranges) = (plan.when_empty, &plan.source_ranges);
+            let backends = plan
+                .backends
+                .iter()
+                .map(|backend| (backend.addr, backend.port));
+            match frontend.addr {
+                IpAddr::V4(addr) => {
+                    let backends: HashSet<End> = (backends)
+                        .map(|(addr, port)| End::new(octets4(addr), port))
+                        .collect();
+                    (frontends.backends).extend(backends.iter().map(|end| (*end, protocol)));
+                    let key = (End::new(addr.octets(), frontend.port), protocol);
+                    let state = FrontendState {
+                        backends,
+                        when_empty,
+                        source_ranges: source_ranges.clone(),
+                    };
+                    frontends.frontends.insert(key, state);
+                }
+                IpAddr::V6(addr) => {
+                    let backends: HashSet<End6> = (backends)
+                        .map(|(addr, port)| End6::new(octets6(addr), port))
+                        .collect();
+                    (frontends.backends6).extend(backends.iter().map(|end| (*end, protocol)));
+                    let key = (End6::new(addr.octets(), frontend.port), protocol);
+                    let state = FrontendState {
+                        backends,
+                        when_empty,
+                        source_ranges: source_ranges.clone(),
+                    };
+                    frontends.frontends6.insert(key, state);
+                }
+            }
         }
-        Self {
-            frontends,
-            backends: all_backends,
-        }
+        frontends
     }
 
     pub fn get(&self, destination: End, protocol: u8) -> Option<&FrontendState> {
@@ -377,6 +448,21 @@ impl Frontends {
 
     pub fn is_backend(&self, destination: End, protocol: u8) -> bool {
         self.backends.contains(&(destination, protocol))
+    }
+}
+
+/// A frontend's backend of its own family: the planner never mixes them.
+fn octets4(addr: IpAddr) -> [u8; 4] {
+    match addr {
+        IpAddr::V4(addr) => addr.octets(),
+        IpAddr::V6(addr) => panic!("an IPv4 frontend planned the IPv6 backend {addr}"),
+    }
+}
+
+fn octets6(addr: IpAddr) -> [u8; 16] {
+    match addr {
+        IpAddr::V6(addr) => addr.octets(),
+        IpAddr::V4(addr) => panic!("an IPv6 frontend planned the IPv4 backend {addr}"),
     }
 }
 
@@ -389,6 +475,9 @@ pub struct FuzzedNode {
     assured: BpfHashMap<MapData, CtKey, CtValue>,
     pending: BpfHashMap<MapData, CtKey, CtValue>,
     fragments: BpfHashMap<MapData, FragmentKey, FragmentValue>,
+    assured6: BpfHashMap<MapData, CtKey<Ipv6>, CtValue<Ipv6>>,
+    pending6: BpfHashMap<MapData, CtKey<Ipv6>, CtValue<Ipv6>>,
+    fragments6: BpfHashMap<MapData, FragmentKey<Ipv6>, FragmentValue<Ipv6>>,
     pub stats: PerCpuArray<MapData, u64>,
     pub frontends: Frontends,
     _bpffs: PrivateBpffs,
@@ -409,13 +498,15 @@ impl FuzzedNode {
         datapath.load_xdp()?;
         let maps = datapath.take_maps()?;
         let writer = MapWriter::new(maps.writer).context("opening the map writer")?;
-        let conntrack = |name: &str| -> Result<BpfHashMap<MapData, CtKey, CtValue>> {
-            let data = MapData::from_pin(root.join(name))?;
-            Ok(BpfHashMap::try_from(Map::LruHashMap(data))?)
+        let lru = |name: &str| -> Result<Map> {
+            Ok(Map::LruHashMap(MapData::from_pin(root.join(name))?))
         };
-        let fragments = MapData::from_pin(root.join(map_names::FRAGMENTS))?;
+        let conntrack = |name: &str| Ok::<_, anyhow::Error>(BpfHashMap::try_from(lru(name)?)?);
         Ok(Self {
-            fragments: BpfHashMap::try_from(Map::LruHashMap(fragments))?,
+            fragments: BpfHashMap::try_from(lru(map_names::FRAGMENTS)?)?,
+            assured6: BpfHashMap::try_from(lru(map_names::CONNTRACK6)?)?,
+            pending6: BpfHashMap::try_from(lru(map_names::CONNTRACK_PENDING6)?)?,
+            fragments6: BpfHashMap::try_from(lru(map_names::FRAGMENTS6)?)?,
             tracer: Tracer::load(&root)?,
             reaper: Reaper::load(&root)?,
             assured: conntrack(map_names::CONNTRACK)?,
@@ -442,6 +533,19 @@ impl FuzzedNode {
             assured: self.assured.get(key, 0).ok(),
             pending: self.pending.get(key, 0).ok(),
         }
+    }
+
+    /// The entries at `key` in CONNTRACK6 and CONNTRACK_PENDING6.
+    pub fn flows6(&self, key: &CtKey<Ipv6>) -> Flows<Ipv6> {
+        Flows {
+            assured: self.assured6.get(key, 0).ok(),
+            pending: self.pending6.get(key, 0).ok(),
+        }
+    }
+
+    /// The FRAGMENTS6 record of an IPv6 datagram.
+    pub fn fragment_record6(&self, datagram: &FragmentKey<Ipv6>) -> Option<FragmentValue<Ipv6>> {
+        self.fragments6.get(datagram, 0).ok()
     }
 
     /// The FRAGMENTS record of a datagram: what its first fragment's fate was.
@@ -481,19 +585,28 @@ impl FuzzedNode {
     }
 }
 
-/// The conntrack entries at one key.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Flows {
-    pub assured: Option<CtValue>,
-    pub pending: Option<CtValue>,
+/// The conntrack entries at one key (CONNTRACK's, or with `A` [`Ipv6`], CONNTRACK6's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flows<A: proxy_common::Address = u32> {
+    pub assured: Option<CtValue<A>>,
+    pub pending: Option<CtValue<A>>,
 }
 
-impl Flows {
+impl<A: proxy_common::Address> Default for Flows<A> {
+    fn default() -> Self {
+        Self {
+            assured: None,
+            pending: None,
+        }
+    }
+}
+
+impl<A: proxy_common::Address> Flows<A> {
     pub fn is_empty(&self) -> bool {
         self.assured.is_none() && self.pending.is_none()
     }
 
-    pub fn values(&self) -> impl Iterator<Item = &CtValue> {
+    pub fn values(&self) -> impl Iterator<Item = &CtValue<A>> {
         self.assured.iter().chain(self.pending.iter())
     }
 }

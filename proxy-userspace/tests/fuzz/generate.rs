@@ -6,7 +6,8 @@
 //! (truncated at any length, IPv4 options, bad lengths, header lengths and versions,
 //! fragment bits, other protocols and EtherTypes, VLAN tags, zero ports, bad checksums,
 //! flipped bits, trailing bytes), ICMP errors quoting the node's flows, fragment series
-//! of datagrams to frontends, and random bytes.
+//! of datagrams to frontends, and random bytes; and a share of IPv6 frames of the same
+//! kinds ([`ipv6`]).
 //!
 //! Frames are never shorter than an Ethernet header: BPF_PROG_TEST_RUN refuses those for
 //! a tc program, which the kernel never hands one either.
@@ -15,6 +16,9 @@ use std::collections::VecDeque;
 
 use proxy_common::{CtKey, REAP_BATCH, ReapRequest, proto, sctp, tcp_flags, trace_table};
 use proxy_lab::Rng;
+
+#[path = "generate6.rs"]
+mod ipv6;
 
 use crate::cluster::Pools;
 use crate::datapath::wire::{
@@ -31,6 +35,8 @@ pub struct Generated {
     pub datagram: Option<CtKey>,
 }
 
+/// The share of IPv6 frames, in percent.
+const IPV6_SHARE: usize = 20;
 /// Client ports: a few, so flows are reused.
 const CLIENT_PORTS: [u16; 6] = [40_000, 40_001, 40_002, 40_003, 33_000, 1_024];
 /// An address a router would send ICMP errors from.
@@ -57,6 +63,9 @@ impl Generator {
     pub fn next_frame(&mut self) -> Generated {
         if let Some(fragment) = self.queue.pop_front() {
             return fragment;
+        }
+        if self.rng.below(100) < IPV6_SHARE {
+            return self.ipv6();
         }
         match self.rng.below(100) {
             0..45 => {
@@ -567,6 +576,14 @@ impl Generator {
             });
             offset = end;
         }
+        self.shuffle(&mut fragments);
+        self.queue.extend(fragments);
+        self.queue.pop_front().unwrap_or_else(|| self.random_ipv4())
+    }
+
+    /// The order a datagram's fragments go out in: as cut mostly, reversed or shuffled,
+    /// one sometimes lost or repeated.
+    fn shuffle(&mut self, fragments: &mut Vec<Generated>) {
         match self.rng.below(10) {
             0 => fragments.reverse(),
             1 => {
@@ -583,8 +600,6 @@ impl Generator {
             }
             _ => {}
         }
-        self.queue.extend(fragments);
-        self.queue.pop_front().unwrap_or_else(|| self.random_ipv4())
     }
 
     /// An Ethernet frame with an IPv4-looking header of random contents (version 4, a
@@ -707,6 +722,28 @@ mod tests {
         for chunk in [0, 1, 2, 6, 7, 8, 10, 14] {
             assert!(chunks.contains(&chunk), "chunk {chunk} never generated");
         }
+        // IPv6: each kind, and truncated inside and past the fixed header.
+        for kind in [
+            "IPv6 to a frontend",
+            "IPv6 backend to client",
+            "IPv6 truncated",
+            "IPv6 payload length",
+            "IPv6 next header",
+            "IPv6 extension length",
+            "IPv6 first fragment",
+            "IPv6 later fragment",
+            "ICMPv6 port unreachable",
+            "ICMPv6 packet too big",
+            "random IPv6",
+        ] {
+            assert!(kinds.contains(kind), "{kind} never generated: {kinds:?}");
+        }
+        let truncated6 = |range: std::ops::Range<usize>| {
+            (first.iter()).any(|generated| {
+                generated.kind == "IPv6 truncated" && range.contains(&generated.frame.len())
+            })
+        };
+        assert!(truncated6(ETH_LEN..ETH_LEN + 40) && truncated6(ETH_LEN + 40..ETH_LEN + 60));
         let quoting_sctp = (first.iter()).filter(|generated| {
             generated.kind == "ICMP port unreachable"
                 && generated.frame.get(ETH_LEN + 20 + 8 + 9) == Some(&proto::SCTP)

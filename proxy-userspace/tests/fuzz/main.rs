@@ -7,7 +7,10 @@
 //! stream of generated frames ([`generate`]), each checked against the properties in
 //! [`check`] and [`reap`]. The node is loaded the daemon's way and its frontends written by
 //! the daemon's planner and map writer ([`cluster`]); every few thousand packets the
-//! Services' endpoints change (scaled to none and back, terminating, other nodes).
+//! Services' endpoints change (scaled to none and back, terminating, other nodes). A
+//! share of the frames are IPv6 (to the dual-stack Services' IPv6 frontends and
+//! elsewhere), run through the same programs (`epx_ingress6`, `epx_xdp6` behind them)
+//! and checked by [`check6`].
 //!
 //! `EBPF_PROXY_FUZZ_PACKETS` (default 30 000, what `cargo xtask test` runs) and
 //! `EBPF_PROXY_FUZZ_SEED` (default 14) set the run; `cargo xtask fuzz [--packets N]
@@ -21,8 +24,10 @@
 mod datapath;
 
 mod check;
+mod check6;
 mod cluster;
 mod generate;
+mod ipv6;
 mod reap;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -300,6 +305,9 @@ impl Fuzzer {
             self.tally(packet.kind, Outcome::NotRun);
             return Ok(());
         }
+        if ipv6::is_ipv6(frame) {
+            return self.packet6(packet);
+        }
         let key = flow_key(frame, packet.datagram);
         let flows = |node: &FuzzedNode| key.map(|key| node.flows(&key)).unwrap_or_default();
         let before = flows(node);
@@ -421,6 +429,121 @@ impl Fuzzer {
         self.reap()
     }
 
+    /// [`Fuzzer::packet`] for an IPv6 frame (runnable): the dry run, `epx_xdp` (every
+    /// other packet) or `epx_ingress`, checked by [`check6`] against CONNTRACK6 and
+    /// FRAGMENTS6.
+    fn packet6(&mut self, packet: &Generated) -> Result<(), Failure> {
+        let frame = &packet.frame[..];
+        let node = &mut self.node;
+        let failed = |program, verdict, output: &[u8], problem| Failure {
+            program,
+            input: frame.to_vec(),
+            verdict,
+            output: output.to_vec(),
+            problem,
+        };
+        let ran = |program| {
+            move |error: anyhow::Error| {
+                Failure::of(
+                    program,
+                    frame,
+                    format!("BPF_PROG_TEST_RUN failed: {error:#}"),
+                )
+            }
+        };
+        let key = check6::flow_key6(frame);
+        let datagram = check6::datagram6(frame);
+        let state = |node: &FuzzedNode| {
+            (
+                key.map(|key| node.flows6(&key)).unwrap_or_default(),
+                datagram.and_then(|key| node.fragment_record6(&key)),
+            )
+        };
+        let (before, record_before) = state(node);
+        let (verdict, output) = node.tracer.run_frame(frame).map_err(ran("epx_trace"))?;
+        let mut run = check6::Run6 {
+            program: Program::DryRun,
+            input: frame,
+            verdict,
+            output: &output,
+            before,
+            after: before,
+            reply: Flows::default(),
+            record_before,
+            record_after: record_before,
+        };
+        check6::check6(&run, &node.frontends)
+            .map_err(|problem| failed("epx_trace", verdict, &output, problem))?;
+        if state(node) != (before, record_before) {
+            let problem = "the dry run changed CONNTRACK6 or FRAGMENTS6".to_owned();
+            return Err(failed("epx_trace", verdict, &output, problem));
+        }
+        let through_xdp = self.runs % 2 == 1;
+        if through_xdp {
+            let xdp = (node.tracer.run_xdp_frame(frame)).map_err(ran("epx_xdp_trace"))?;
+            let decided = xdp_as_tc(frame, xdp.action, xdp.decided, xdp.frame)
+                .map_err(|problem| failed("epx_xdp_trace", xdp.action, &[], problem))?;
+            if let Some((verdict, output)) = decided {
+                let dry = check6::Run6 {
+                    verdict,
+                    output: &output,
+                    ..run
+                };
+                check6::check6(&dry, &node.frontends)
+                    .map_err(|problem| failed("epx_xdp_trace", verdict, &output, problem))?;
+            }
+            if state(node) != (before, record_before) {
+                let problem = "the dry run changed CONNTRACK6 or FRAGMENTS6".to_owned();
+                return Err(failed("epx_xdp_trace", xdp.action, frame, problem));
+            }
+        }
+        let mut program = "epx_ingress";
+        let (verdict, output) = if through_xdp {
+            self.summary.xdp += 1;
+            let xdp = (node.datapath.test_run_xdp(frame)).map_err(ran("epx_xdp"))?;
+            match xdp_as_tc(frame, xdp.action, xdp.decided, xdp.frame)
+                .map_err(|problem| failed("epx_xdp", xdp.action, &[], problem))?
+            {
+                Some(_) if check6::only_tc6(frame) => {
+                    let problem = "decided an IPv6 fragment or an ICMPv6 message".to_owned();
+                    return Err(failed("epx_xdp", xdp.action, frame, problem));
+                }
+                Some(decided) => {
+                    program = "epx_xdp";
+                    self.xdp_drops += u64::from(decided.0 == TC_ACT_SHOT);
+                    decided
+                }
+                None => {
+                    let (flows, record) = state(node);
+                    if (translations(&flows), record) != (translations(&before), record_before) {
+                        let problem = "left a packet to tc but changed CONNTRACK6 or \
+                                       FRAGMENTS6"
+                            .to_owned();
+                        return Err(failed("epx_xdp", XDP_PASS, frame, problem));
+                    }
+                    self.summary.xdp_to_tc += 1;
+                    (node.datapath.test_run(frame)).map_err(ran("epx_ingress"))?
+                }
+            }
+        } else {
+            (node.datapath.test_run(frame)).map_err(ran("epx_ingress"))?
+        };
+        run.program = Program::Live;
+        run.verdict = verdict;
+        run.output = &output;
+        (run.after, run.record_after) = state(node);
+        if let ipv6::Shape6::Transport(out) = ipv6::shape6(&output) {
+            let reply = CtKey::new(ipv6::tuple6(out.dst, out.src), out.proto);
+            run.reply = node.flows6(&reply);
+        }
+        let outcome = check6::check6(&run, &node.frontends)
+            .map_err(|problem| failed(program, verdict, &output, problem))?;
+        self.runs += 1;
+        self.drops += u64::from(verdict == TC_ACT_SHOT);
+        self.tally(packet.kind, outcome);
+        self.reap()
+    }
+
     fn tally(&mut self, kind: &'static str, outcome: Outcome) {
         *self.summary.outcomes.entry((kind, outcome)).or_default() += 1;
     }
@@ -479,7 +602,9 @@ impl Fuzzer {
 /// a packet to tc. A packet of a tracked flow is accounted when its entry is followed,
 /// before the forwarding checks find where it goes; one XDP then leaves to tc (its next
 /// hop's MAC unknown, another device, an ICMP error due) tc accounts again.
-fn translations(flows: &Flows) -> Vec<(proxy_common::Tuple, u32, u32, u8)> {
+fn translations<A: proxy_common::Address>(
+    flows: &Flows<A>,
+) -> Vec<(proxy_common::Tuple<A>, u32, u32, u8)> {
     flows
         .values()
         .map(|value| (value.to, value.rev_nat_id, value.backend_id, value.flags))
