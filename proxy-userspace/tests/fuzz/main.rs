@@ -378,40 +378,13 @@ impl Fuzzer {
         }
         // IP fragments and ICMP take tc's paths of their own: XDP leaves them all to tc.
         let only_tc = matches!(wire::shape(frame), Shape::Fragment(_) | Shape::Icmp(_));
-        let mut program = "epx_ingress";
-        let (verdict, output) = if through_xdp {
-            self.summary.xdp += 1;
-            let xdp = (node.datapath.test_run_xdp(frame)).map_err(ran("epx_xdp"))?;
-            match xdp_as_tc(frame, xdp.action, xdp.decided, xdp.frame)
-                .map_err(|problem| failed("epx_xdp", xdp.action, &[], problem))?
-            {
-                Some(_) if only_tc => {
-                    let problem = "decided a fragment or an ICMP message".to_owned();
-                    return Err(failed("epx_xdp", xdp.action, frame, problem));
-                }
-                Some(decided) => {
-                    program = "epx_xdp";
-                    self.xdp_drops += u64::from(decided.0 == TC_ACT_SHOT);
-                    decided
-                }
-                None => {
-                    // A tracked flow's packet XDP may have accounted before it found it
-                    // must leave the packet to tc (see `translations`).
-                    let after = (translations(&flows(node)), record(node));
-                    if after != (translations(&before), record_before) {
-                        let problem = format!(
-                            "left a packet to tc but changed conntrack or FRAGMENTS: \
-                             {before:?}, {record_before:?} → {after:?}"
-                        );
-                        return Err(failed("epx_xdp", XDP_PASS, frame, problem));
-                    }
-                    self.summary.xdp_to_tc += 1;
-                    (node.datapath.test_run(frame)).map_err(ran("epx_ingress"))?
-                }
-            }
-        } else {
-            (node.datapath.test_run(frame)).map_err(ran("epx_ingress"))?
-        };
+        let (program, verdict, output) = self.run_live(frame, through_xdp, only_tc, |node| {
+            let after = (translations(&flows(node)), record(node));
+            (after != (translations(&before), record_before)).then(|| {
+                format!("conntrack or FRAGMENTS: {before:?}, {record_before:?} → {after:?}")
+            })
+        })?;
+        let node = &mut self.node;
         run.program = Program::Live;
         run.verdict = verdict;
         run.output = &output;
@@ -497,37 +470,13 @@ impl Fuzzer {
                 return Err(failed("epx_xdp_trace", xdp.action, frame, problem));
             }
         }
-        let mut program = "epx_ingress";
-        let (verdict, output) = if through_xdp {
-            self.summary.xdp += 1;
-            let xdp = (node.datapath.test_run_xdp(frame)).map_err(ran("epx_xdp"))?;
-            match xdp_as_tc(frame, xdp.action, xdp.decided, xdp.frame)
-                .map_err(|problem| failed("epx_xdp", xdp.action, &[], problem))?
-            {
-                Some(_) if check6::only_tc6(frame) => {
-                    let problem = "decided an IPv6 fragment or an ICMPv6 message".to_owned();
-                    return Err(failed("epx_xdp", xdp.action, frame, problem));
-                }
-                Some(decided) => {
-                    program = "epx_xdp";
-                    self.xdp_drops += u64::from(decided.0 == TC_ACT_SHOT);
-                    decided
-                }
-                None => {
-                    let (flows, record) = state(node);
-                    if (translations(&flows), record) != (translations(&before), record_before) {
-                        let problem = "left a packet to tc but changed CONNTRACK6 or \
-                                       FRAGMENTS6"
-                            .to_owned();
-                        return Err(failed("epx_xdp", XDP_PASS, frame, problem));
-                    }
-                    self.summary.xdp_to_tc += 1;
-                    (node.datapath.test_run(frame)).map_err(ran("epx_ingress"))?
-                }
-            }
-        } else {
-            (node.datapath.test_run(frame)).map_err(ran("epx_ingress"))?
-        };
+        let only_tc = check6::only_tc6(frame);
+        let (program, verdict, output) = self.run_live(frame, through_xdp, only_tc, |node| {
+            let (flows, record) = state(node);
+            ((translations(&flows), record) != (translations(&before), record_before))
+                .then(|| "CONNTRACK6 or FRAGMENTS6".to_owned())
+        })?;
+        let node = &mut self.node;
         run.program = Program::Live;
         run.verdict = verdict;
         run.output = &output;
@@ -542,6 +491,70 @@ impl Fuzzer {
         self.drops += u64::from(verdict == TC_ACT_SHOT);
         self.tally(packet.kind, outcome);
         self.reap()
+    }
+
+    /// The live programs on `frame`, as a device runs them: through XDP (`through_xdp`:
+    /// every other packet arrives on a device running it) `epx_xdp` first, and
+    /// `epx_ingress` only for what it leaves to tc, which must have changed no tracked
+    /// state (`changed_state` names what did); else `epx_ingress` alone. `only_tc`: a
+    /// packet XDP must leave to tc (fragments, ICMP). The program that decided, its
+    /// verdict and its frame.
+    fn run_live(
+        &mut self,
+        frame: &[u8],
+        through_xdp: bool,
+        only_tc: bool,
+        changed_state: impl Fn(&FuzzedNode) -> Option<String>,
+    ) -> Result<(&'static str, u32, Vec<u8>), Failure> {
+        let ran = |program| {
+            move |error: anyhow::Error| {
+                Failure::of(
+                    program,
+                    frame,
+                    format!("BPF_PROG_TEST_RUN failed: {error:#}"),
+                )
+            }
+        };
+        let ingress = |node: &FuzzedNode| {
+            let (verdict, output) = node.datapath.test_run(frame).map_err(ran("epx_ingress"))?;
+            Ok(("epx_ingress", verdict, output))
+        };
+        if !through_xdp {
+            return ingress(&self.node);
+        }
+        self.summary.xdp += 1;
+        let xdp = (self.node.datapath.test_run_xdp(frame)).map_err(ran("epx_xdp"))?;
+        let failed = |verdict, output: &[u8], problem| Failure {
+            program: "epx_xdp",
+            input: frame.to_vec(),
+            verdict,
+            output: output.to_vec(),
+            problem,
+        };
+        match xdp_as_tc(frame, xdp.action, xdp.decided, xdp.frame)
+            .map_err(|problem| failed(xdp.action, &[], problem))?
+        {
+            Some(_) if only_tc => {
+                let problem = "decided a fragment or an ICMP message".to_owned();
+                Err(failed(xdp.action, frame, problem))
+            }
+            Some((verdict, output)) => {
+                self.xdp_drops += u64::from(verdict == TC_ACT_SHOT);
+                Ok(("epx_xdp", verdict, output))
+            }
+            // A tracked flow's packet XDP may have accounted before it found it must leave
+            // the packet to tc (see `translations`); nothing else may have changed.
+            None => match changed_state(&self.node) {
+                Some(change) => {
+                    let problem = format!("left a packet to tc but changed {change}");
+                    Err(failed(XDP_PASS, frame, problem))
+                }
+                None => {
+                    self.summary.xdp_to_tc += 1;
+                    ingress(&self.node)
+                }
+            },
+        }
     }
 
     fn tally(&mut self, kind: &'static str, outcome: Outcome) {
