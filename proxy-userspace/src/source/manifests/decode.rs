@@ -247,8 +247,9 @@ fn object_id(tree: &Tree, root: u32) -> Option<ObjectId> {
 
 /// Deserializes with the path of the offending field in the error, e.g.
 /// `spec.ports[0].port: invalid type: string "http", expected i32`. Read plainly first:
-/// following the path costs a third of typing a valid object, so only a document that
-/// fails is read again to name where (the tree is immutable, so it fails the same way).
+/// following the path took about half of typing a valid object (100 000 slices: 1.3 s of
+/// CPU, 0.7 s without), so only a document that fails is read again to name where (the
+/// tree is immutable, so it fails the same way).
 fn deserialize<'de, T: Deserialize<'de>>(document: NodeDeserializer) -> Result<T, String> {
     if let Ok(object) = T::deserialize(document) {
         return Ok(object);
