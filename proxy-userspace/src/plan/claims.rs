@@ -4,7 +4,7 @@
 //! order the changes come in: a Service that sorts first takes the frontend over, and when
 //! the owner lets go, the next claimant gets it.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 
 use super::{Frontend, FrontendKind, ServicePortName};
 use crate::model::{ObjectKey, Problem, ProblemKind};

@@ -3,7 +3,7 @@
 //! traffic policy (`CategorizeEndpoints`: ready ones, else serving-and-terminating ones;
 //! `Local` keeps this node's; topology hints narrow the Cluster set).
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::collections::hash_map::Entry;
 use std::net::IpAddr;
 

@@ -7,8 +7,10 @@
 //! that at start-up, at the periodic resync and when the node's facts change (addresses,
 //! labels, zone: they touch every Service), as kube-proxy's `needFullSync`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+
+use foldhash::HashMap;
 
 use super::claims::{Claim, Claims};
 use super::endpoints::NodeIdentity;

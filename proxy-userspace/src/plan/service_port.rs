@@ -159,18 +159,20 @@ impl ServicePlan {
         service: &ProxiedService,
         port: &PortRecord,
     ) -> Option<PortNumbers> {
-        let port_label = if port.name.is_empty() {
-            port.port.to_string()
-        } else {
-            port.name.to_string()
+        // Written only for a problem: every Service port of a full sync passes here.
+        let context = || {
+            if port.name.is_empty() {
+                format!("{key} port {}", port.port)
+            } else {
+                format!("{key} port {}", port.name)
+            }
         };
-        let context = format!("{key} port {port_label}");
         let protocol = match &port.protocol {
             Ok(protocol) => *protocol,
             Err(reason) => {
                 self.problem(
                     "unsupported_protocol",
-                    format!("{context}: {reason}, skipped"),
+                    format!("{}: {reason}, skipped", context()),
                 );
                 return None;
             }
@@ -178,7 +180,7 @@ impl ServicePlan {
         let Some(service_port) = port_number(port.port) else {
             self.problem(
                 "out_of_range",
-                format!("{context}: port {} is out of range, skipped", port.port),
+                format!("{}: port {} is out of range, skipped", context(), port.port),
             );
             return None;
         };
@@ -190,7 +192,10 @@ impl ServicePlan {
             if number.is_none() {
                 self.problem(
                     "out_of_range",
-                    format!("{context}: nodePort {node_port} is out of range, NodePort skipped"),
+                    format!(
+                        "{}: nodePort {node_port} is out of range, NodePort skipped",
+                        context()
+                    ),
                 );
             }
             number

@@ -358,12 +358,13 @@ pub fn validate_endpoint_slice(slice: &EndpointSlice) -> Result<(), String> {
         )
     });
     for (index, endpoint) in endpoints.iter().enumerate() {
-        let field = format!("endpoints[{index}].addresses");
+        // Named only when reported: a large file checks millions of addresses.
+        let field = || format!("endpoints[{index}].addresses");
         reasons.check(!endpoint.addresses.is_empty(), || {
-            format!("{field} is empty")
+            format!("{} is empty", field())
         });
         reasons.check(endpoint.addresses.len() <= MAX_ENDPOINT_ADDRESSES, || {
-            format!("{field}: more than {MAX_ENDPOINT_ADDRESSES} addresses")
+            format!("{}: more than {MAX_ENDPOINT_ADDRESSES} addresses", field())
         });
         for addr in &endpoint.addresses {
             // The API server's rule: the address read sloppily is of the slice's family
@@ -375,7 +376,8 @@ pub fn validate_endpoint_slice(slice: &EndpointSlice) -> Result<(), String> {
             };
             reasons.check(valid, || {
                 format!(
-                    "{field}: {} is not an {address_type} address",
+                    "{}: {} is not an {address_type} address",
+                    field(),
                     shortened(addr)
                 )
             });

@@ -10,8 +10,9 @@
 //! kernel maps, or the tests' maps in memory — and holds back what would leave a packet
 //! with half a frontend when a write was refused.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 
+use foldhash::{HashMap, HashMapExt, HashSet};
 use proxy_common::maglev::{MaglevChunk, MaglevKey};
 use proxy_common::{
     Address, Backend, FrontendKey, FrontendValue, MembershipKey, ServiceName, Slot,

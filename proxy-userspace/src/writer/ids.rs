@@ -3,7 +3,7 @@
 //! a backend's id (BACKEND_IDS), a frontend's `rev_nat_id` and a Service port's
 //! `service_port_id`.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 
 use proxy_common::{Address, Backend, FrontendKey};
 

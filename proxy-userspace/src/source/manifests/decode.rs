@@ -246,8 +246,14 @@ fn object_id(tree: &Tree, root: u32) -> Option<ObjectId> {
 }
 
 /// Deserializes with the path of the offending field in the error, e.g.
-/// `spec.ports[0].port: invalid type: string "http", expected i32`.
+/// `spec.ports[0].port: invalid type: string "http", expected i32`. Read plainly first:
+/// following the path took about half of typing a valid object (100 000 slices: 1.3 s of
+/// CPU, 0.7 s without), so only a document that fails is read again to name where (the
+/// tree is immutable, so it fails the same way).
 fn deserialize<'de, T: Deserialize<'de>>(document: NodeDeserializer) -> Result<T, String> {
+    if let Ok(object) = T::deserialize(document) {
+        return Ok(object);
+    }
     serde_path_to_error::deserialize(document).map_err(|error| {
         let path = error.path().to_string();
         if path == "." {
