@@ -15,6 +15,9 @@
 //! sender) through an IPv6 ClusterIP from a pod and its NodePort from the client, answered
 //! whole from the frontend: the later fragments follow their first through FRAGMENTS6.
 //!
+//! Restarts keep IPv6 flows: a pod's TCP connections and connected UDP flows to an IPv6
+//! ClusterIP keep their backends across a daemon restart (CONNTRACK6 is pinned).
+//!
 //! The CLI on a real IPv6 flow: `conntrack` lists it from CONNTRACK6 (`-o json` with its
 //! family) and its IPv6 filters select it, `trace` follows its conntrack entry and dry-runs
 //! a new connection through the IPv6 maps, `conntrack flush` removes it.
@@ -538,5 +541,62 @@ fn conntrack_and_trace_read_a_real_ipv6_flow_and_flush_removes_it() -> Result<()
     let left = flows_of(&daemon, client, &[])?;
     ensure!(left.is_empty(), "after the flush: {left:#?}");
     drop(session);
+    Ok(())
+}
+
+/// Flows per protocol kept across the restart: were a restarted daemon to forget them and
+/// choose again, all of them would keep their backend with probability (1/3)^5 each.
+const KEPT_FLOWS: usize = 5;
+
+#[test]
+fn ipv6_flows_keep_their_backends_across_a_daemon_restart() -> Result<()> {
+    require_lab!();
+    let lab = common::lab()?;
+    let service = Service::cluster_ip("six", addr::CLUSTER_IPV6)
+        .tcp(SERVICE_TCP_PORT, addr::ECHO_TCP_PORT)
+        .udp(SERVICE_UDP_PORT, addr::ECHO_UDP_PORT);
+    let mut daemon = lab
+        .daemon()
+        .manifest(service.manifest(common::backends(&lab)))
+        .start()?;
+    daemon.wait_synced(SYNC_TIMEOUT)?;
+    let pod = caller(&lab);
+    let timeout = Duration::from_secs(2);
+    // Established TCP connections and connected UDP flows from a pod, through tc.
+    let mut sessions = (0..KEPT_FLOWS)
+        .map(|_| pod.tcp_session(addr::CLUSTER_IPV6, SERVICE_TCP_PORT))
+        .collect::<Result<Vec<_>>>()?;
+    let flows = (0..KEPT_FLOWS)
+        .map(|_| pod.udp_flow(addr::CLUSTER_IPV6, SERVICE_UDP_PORT, timeout))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let tcp_before = (sessions.iter_mut())
+        .map(|session| session.request())
+        .collect::<Result<Vec<_>>>()?;
+    let udp_before = flows
+        .iter()
+        .map(|flow| flow.request())
+        .collect::<std::io::Result<Vec<_>>>()?;
+
+    let syncs = daemon.syncs();
+    daemon.restart()?;
+    daemon.wait_for_syncs(syncs + 1, SYNC_TIMEOUT)?;
+    // Each keeps its backend: the pinned CONNTRACK6 outlived the daemon.
+    for (session, before) in sessions.iter_mut().zip(&tcp_before) {
+        let after = session
+            .request()
+            .context("a TCP connection after the restart")?;
+        ensure!(&after == before, "TCP moved from {before} to {after}");
+    }
+    for (flow, before) in flows.iter().zip(&udp_before) {
+        let after = flow.request().context("a UDP flow after the restart")?;
+        ensure!(&after == before, "UDP moved from {before} to {after}");
+    }
+    // New flows are served as before.
+    let reply = pod.tcp_request(addr::CLUSTER_IPV6, SERVICE_TCP_PORT)?;
+    ensure!(
+        BACKEND_NAMES.contains(&reply.body.as_str())
+            && reply.peer == SocketAddr::new(addr::CLUSTER_IPV6.into(), SERVICE_TCP_PORT),
+        "{reply:?}"
+    );
     Ok(())
 }
