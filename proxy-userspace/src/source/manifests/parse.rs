@@ -13,6 +13,7 @@ use std::fs::File;
 use std::hash::Hasher;
 use std::io::{self, Read};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::decode::{Decoded, Decoder, Located};
 use super::yaml::{TreeLimits, YamlError, read_documents};
@@ -132,7 +133,7 @@ fn content_hash(file: &Path, limit: u64) -> io::Result<ContentHash> {
 
 /// The documents of a file. Err (reason label, message) when the file as a whole can't be
 /// parsed: then none of its new contents is used. A large file is cut at its document
-/// markers and its parts parsed side by side, one thread a core.
+/// markers and its parts parsed side by side, one thread a core ([`parse_parts`]).
 fn parse_file(
     file: &Path,
     limits: &ParseLimits,
@@ -167,7 +168,7 @@ fn parse_file(
     };
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let parts = if text.len() as u64 >= PARALLEL_FROM_BYTES && cores > 1 {
-        split_documents(text, cores)
+        split_documents(text, cores * PARTS_PER_CORE)
     } else {
         vec![text]
     };
@@ -180,18 +181,7 @@ fn parse_file(
         read_documents(part, &tree_limits, &mut decoder)?;
         Ok(decoder.decoded)
     };
-    let parsed: Vec<Result<Vec<Located>, YamlError>> = if parts.len() > 1 {
-        std::thread::scope(|scope| {
-            let threads: Vec<_> = (parts.iter())
-                .map(|part| scope.spawn(|| parse(part)))
-                .collect();
-            (threads.into_iter())
-                .map(|thread| thread.join().expect("a parser thread panicked"))
-                .collect()
-        })
-    } else {
-        vec![parse(text)]
-    };
+    let parsed = parse_parts(&parts, cores, parse);
     let mut decoded = Vec::new();
     let mut documents_before = 0;
     for part in parsed {
@@ -236,6 +226,46 @@ impl std::fmt::Display for Location {
 
 /// Files at least this large are parsed in parts, side by side.
 pub(super) const PARALLEL_FROM_BYTES: u64 = 1 << 20;
+
+/// A large file is cut into this many parts a core, which the cores take one at a time:
+/// when a core is busy with something else, the others parse its share instead of
+/// waiting for its one half.
+const PARTS_PER_CORE: usize = 4;
+
+/// Each of `parts` parsed, in order: the calling thread and `cores - 1` more take the
+/// next unparsed part until none is left.
+fn parse_parts<'a, T: Send>(
+    parts: &[&'a str],
+    cores: usize,
+    parse: impl Fn(&'a str) -> T + Sync,
+) -> Vec<T> {
+    if parts.len() == 1 {
+        return vec![parse(parts[0])];
+    }
+    let next = AtomicUsize::new(0);
+    let work = || {
+        let mut done = Vec::new();
+        loop {
+            let index = next.fetch_add(1, Ordering::Relaxed);
+            let Some(part) = parts.get(index) else {
+                return done;
+            };
+            done.push((index, parse(part)));
+        }
+    };
+    let mut parsed: Vec<(usize, T)> = std::thread::scope(|scope| {
+        let helpers: Vec<_> = (1..cores.min(parts.len()))
+            .map(|_| scope.spawn(work))
+            .collect();
+        let mut parsed = work();
+        for helper in helpers {
+            parsed.extend(helper.join().expect("a parser thread panicked"));
+        }
+        parsed
+    });
+    parsed.sort_unstable_by_key(|(index, _)| *index);
+    parsed.into_iter().map(|(_, part)| part).collect()
+}
 
 /// Where a file stops being UTF-8, which YAML and JSON must be.
 fn not_utf8(bytes: &[u8], error: &std::str::Utf8Error) -> (&'static str, String) {
@@ -292,6 +322,16 @@ fn next_marker(text: &str, from: usize) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parts_come_back_in_order_whichever_core_parsed_them() {
+        let parts: Vec<String> = (0..37).map(|i| i.to_string()).collect();
+        let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+        for cores in [1, 2, 3, 64] {
+            let parsed = parse_parts(&parts, cores, |part| part.parse::<usize>().unwrap());
+            assert_eq!(parsed, (0..37).collect::<Vec<_>>(), "{cores} cores");
+        }
+    }
 
     #[test]
     fn files_are_split_at_document_markers_only() {
