@@ -37,6 +37,26 @@ pub fn return_freed_memory() {
     }
 }
 
+/// Drops the resident pages of `bytes`, data embedded in the binary's read-only segment
+/// (the eBPF object, 3.5 MB with its debug sections), once it has been read: parsing it
+/// touches nearly every page, and a mapped page of the binary counts in RSS until the
+/// process drops it. The kernel reads a page back from the binary if it is read again.
+/// Only the pages wholly inside `bytes` are dropped.
+pub fn release_embedded(bytes: &'static [u8]) {
+    // SAFETY: sysconf only reads a constant of the system.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let start = (bytes.as_ptr() as usize).next_multiple_of(page);
+    let end = (bytes.as_ptr() as usize + bytes.len()) / page * page;
+    if end > start {
+        // SAFETY: the range lies inside a `'static` byte slice the linker put in a read-only
+        // file mapping of the binary (nothing in it is ever written, nor relocated at load),
+        // so dropping its pages loses nothing: they read back from the file unchanged.
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+        }
+    }
+}
+
 /// Tables at most this large keep their buckets: a resize costs more than they hold.
 const SMALL_TABLE: usize = 1024;
 

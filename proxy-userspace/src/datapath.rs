@@ -238,6 +238,8 @@ impl Datapath {
                     root.display()
                 )
             })?;
+        // The loaded object holds its own copies of everything it needs from the file.
+        crate::allocator::release_embedded(crate::EBPF_OBJECT);
         program(&mut ebpf)?
             .load()
             .context("loading the tc program into the kernel")?;

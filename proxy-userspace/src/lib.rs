@@ -33,5 +33,8 @@ pub mod source;
 pub mod writer;
 pub mod xdp;
 
-/// The kernel programs, built from proxy-ebpf by build.rs.
-pub const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+/// The kernel programs, built from proxy-ebpf by build.rs. A static, so the binary holds one
+/// copy of it (as a `const`, each crate using it got its own) and
+/// [`allocator::release_embedded`] drops the very pages that were read.
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
