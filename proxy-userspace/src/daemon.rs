@@ -818,9 +818,12 @@ impl SyncRunner {
     }
 }
 
-/// Completes at `deadline`; never without one.
+/// Completes at `deadline`; never without one. A deadline already reached completes at
+/// once: tokio's timer rounds deadlines up to its next millisecond tick, which would hold
+/// every sync requested "now" back by up to two milliseconds.
 async fn until(deadline: Option<tokio::time::Instant>) {
     match deadline {
+        Some(deadline) if deadline <= tokio::time::Instant::now() => {}
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
@@ -857,6 +860,18 @@ mod tests {
     /// kube-proxy's guarantee (issue: a change every 0.4 s held off every sync for 19 s):
     /// changes streaming faster than syncs take never hold a sync off; the gap between two
     /// syncs stays within the period plus one sync and one event.
+    #[tokio::test]
+    async fn a_sync_due_now_runs_without_waiting_for_the_timer() {
+        use futures::FutureExt;
+        assert!(
+            until(Some(tokio::time::Instant::now()))
+                .now_or_never()
+                .is_some()
+        );
+        let later = tokio::time::Instant::now() + Duration::from_secs(60);
+        assert!(until(Some(later)).now_or_never().is_none());
+    }
+
     #[test]
     fn a_steady_stream_of_changes_still_syncs_every_period() {
         let start = tokio::time::Instant::now();

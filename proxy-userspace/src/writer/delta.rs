@@ -257,6 +257,9 @@ pub struct MapMirror<A = u32> {
     slots: SlotAllocator,
     /// Backend id → how many slots of live headers name it.
     backend_refs: HashMap<u32, u32>,
+    /// How many slots the headers name, followed with them: the fill metric reads it after
+    /// every sync, where a sum over the headers would cost every Service.
+    named_slots: u64,
 }
 
 impl<A: Address> MapMirror<A> {
@@ -268,6 +271,7 @@ impl<A: Address> MapMirror<A> {
             current: MapImage::default(),
             slots: SlotAllocator::new(slot_capacity),
             backend_refs: HashMap::new(),
+            named_slots: 0,
         };
         mirror.reset(current);
         mirror
@@ -283,10 +287,18 @@ impl<A: Address> MapMirror<A> {
         (self.slots.used(), self.slots.capacity())
     }
 
+    /// BACKEND_SLOTS: the slots live headers name.
+    pub fn named_slots(&self) -> u64 {
+        self.named_slots
+    }
+
     /// Forgets what was written and takes `current` as the truth (re-read from the maps),
     /// keeping the ids it knows and the quarantine of BACKEND_SLOTS.
     pub fn reset(&mut self, current: MapImage<A>) {
         self.slots.rebuild(current.services.values().map(slice_of));
+        self.named_slots = (current.services.values())
+            .map(|header| u64::from(slice_of(header).len))
+            .sum();
         self.current = current;
         self.backend_refs.clear();
         for id in self.current.slot_backends() {
@@ -570,6 +582,8 @@ impl<A: Address> MapMirror<A> {
         if old == new {
             return;
         }
+        let len = |slice: Option<Slice>| u64::from(slice.map_or(0, |slice| slice.len));
+        self.named_slots = self.named_slots + len(new) - len(old);
         if let Some(slice) = new {
             self.slots.named(slice);
             for index in slice.range() {

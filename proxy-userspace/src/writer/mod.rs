@@ -146,14 +146,9 @@ impl<A: Address + std::marker::Sync> FamilyWriter<A> {
     fn fill(&self) -> impl Iterator<Item = MapFill> + '_ {
         let names = A::MAPS;
         let image = self.mirror.image();
-        let named_slots: u64 = image
-            .services
-            .values()
-            .map(|header| u64::from(header.slots()))
-            .sum();
         [
             (names.services, image.services.len() as u64),
-            (names.backend_slots, named_slots),
+            (names.backend_slots, self.mirror.named_slots()),
             (names.backend_ids, image.backends.len() as u64),
             (names.membership, image.membership.len() as u64),
             (names.svc_names, image.names.len() as u64),

@@ -427,6 +427,14 @@ fn check_backend_refs<A: Address>(maps: &MapImage<A>, mirror: &MapMirror<A>, at:
     let held: BTreeSet<u32> = maps.backends.keys().copied().collect();
     let named: BTreeSet<u32> = counted.keys().copied().collect();
     assert_eq!(held, named, "{at}: backends held vs named by a slot");
+    let named_slots: u64 = (maps.services.values())
+        .map(|header| u64::from(header.slots()))
+        .sum();
+    assert_eq!(
+        mirror.named_slots(),
+        named_slots,
+        "{at}: the slots headers name, as followed"
+    );
 }
 
 /// The maps' contents as sorted lines of text, ids replaced by what they name (ids depend
