@@ -56,6 +56,17 @@ enum Input {
     Nothing,
 }
 
+impl Input {
+    /// As the report's first column names it.
+    fn name(&self) -> String {
+        match self {
+            Input::File { name, .. } => name.clone(),
+            Input::Flapping => "a Service rewritten every millisecond".to_owned(),
+            Input::Nothing => "(none)".to_owned(),
+        }
+    }
+}
+
 pub fn measure(settings: &HostileSettings) -> Result<Vec<HostileResult>> {
     let mut inputs = vec![Input::Nothing];
     for file in hostile::hostile_files(MAX_FILE_BYTES) {
@@ -114,7 +125,10 @@ pub fn measure(settings: &HostileSettings) -> Result<Vec<HostileResult>> {
     inputs.push(Input::Flapping);
     inputs
         .into_iter()
-        .map(|input| measure_input(input, settings.changes))
+        .map(|input| {
+            let name = input.name();
+            measure_input(input, settings.changes).with_context(|| format!("with {name} present"))
+        })
         .collect()
 }
 
@@ -124,21 +138,18 @@ fn measure_input(input: Input, changes: usize) -> Result<HostileResult> {
     let max_bytes = MAX_FILE_BYTES.to_string();
     let (daemon, maps) = setup.start_with(0, extra, &["--manifests-max-file-bytes", &max_bytes])?;
     let pid = daemon.pid().context("the daemon is not running")?;
-    let (name, bytes, outcome) = match &input {
-        Input::Nothing => ("(none)".to_owned(), 0, "-".to_owned()),
+    let name = input.name();
+    let (bytes, outcome) = match &input {
+        Input::Nothing => (0, "-".to_owned()),
         Input::File {
             name,
             contents,
             outcome,
         } => {
             daemon.apply_bytes(name, contents)?;
-            (name.clone(), contents.len(), outcome.clone())
+            (contents.len(), outcome.clone())
         }
-        Input::Flapping => (
-            "a Service rewritten every millisecond".to_owned(),
-            0,
-            "loaded".to_owned(),
-        ),
+        Input::Flapping => (0, "loaded".to_owned()),
     };
     let stop = AtomicBool::new(false);
     let timings = std::thread::scope(|scope| {
