@@ -21,7 +21,7 @@ use proxy_common::{
 use super::ids::IdRegistry;
 use super::image::{
     DesiredImage, Entries, MapImage, MapOp, MapWrites, Puts, Scope, SourceRangeEntry, diff,
-    frontend_entries, frontend_key, materialize, place, slice_of,
+    frontend_entries, frontend_key, is_bulk, materialize, merge, place, slice_of,
 };
 use super::slots::{Slice, SlotAllocator};
 use crate::plan::{DesiredState, FrontendChange};
@@ -186,6 +186,37 @@ fn split<T: Copy>(entries: &[T], keep: impl Fn(&T) -> bool) -> (Vec<T>, usize) {
     (kept, left)
 }
 
+/// Whether a write succeeded; a refused one is counted in `report` (a full map by map,
+/// another failure with its reason).
+fn succeeded<A: Address>(
+    op: &MapOp<A>,
+    result: Result<(), WriteError>,
+    report: &mut ApplyReport,
+) -> bool {
+    match result {
+        Ok(()) => return true,
+        Err(WriteError::Full) => {
+            let map = op.map().unwrap_or("?");
+            *report.map_full.entry(map).or_default() += 1;
+        }
+        Err(WriteError::Failed(reason)) => {
+            report.failures.push(format!("{op:?}: {reason}"));
+        }
+    }
+    false
+}
+
+/// The slices a header names before and after a write (an empty one is none); `None`
+/// when they are the same.
+fn switched(
+    old: Option<&FrontendValue>,
+    new: Option<&FrontendValue>,
+) -> Option<(Option<Slice>, Option<Slice>)> {
+    let old = old.map(slice_of).filter(|slice| slice.len > 0);
+    let new = new.map(slice_of).filter(|slice| slice.len > 0);
+    (old != new).then_some((old, new))
+}
+
 /// What one sync wrote, and what it could not.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ApplyReport {
@@ -300,10 +331,7 @@ impl<A: Address> MapMirror<A> {
             .map(|header| u64::from(slice_of(header).len))
             .sum();
         self.current = current;
-        self.backend_refs.clear();
-        for id in self.current.slot_backends() {
-            *self.backend_refs.entry(id).or_default() += 1;
-        }
+        self.count_backend_refs();
     }
 
     /// Plans and writes `sync` into `maps`, in passes (bounded): a frontend waiting for an
@@ -462,7 +490,7 @@ impl<A: Address> MapMirror<A> {
                 held.insert(header.rev_nat_id);
             }
         }
-        self.record(Phase::PutHeaders(&ready), results, &mut report);
+        self.record_headers(&ready, results, &mut report);
         self.write_phase(
             maps,
             Phase::DeleteHeaders(&writes.delete_headers),
@@ -527,18 +555,48 @@ impl<A: Address> MapMirror<A> {
     ) {
         let mut puts = Puts::default();
         for (op, result) in phase.ops().zip(results) {
-            match result {
-                Ok(()) => self.applied(op, &mut puts),
-                Err(WriteError::Full) => {
-                    let map = op.map().unwrap_or("?");
-                    *report.map_full.entry(map).or_default() += 1;
-                }
-                Err(WriteError::Failed(reason)) => {
-                    report.failures.push(format!("{op:?}: {reason}"));
-                }
+            if succeeded(&op, result, report) {
+                self.applied(op, &mut puts);
             }
         }
         puts.merge_into(&mut self.current);
+    }
+
+    /// Records the outcome of each header write, as [`record`](Self::record) does. Many
+    /// beside the headers the maps hold (a full sync) are taken in one pass: their slices
+    /// switched, the headers merged into the image, and every backend's count taken again
+    /// over the slices headers name — switching one header at a time counts its slots one
+    /// by one, in a map of a million at 100 000 Services.
+    fn record_headers(
+        &mut self,
+        headers: &[(FrontendKey<A>, FrontendValue)],
+        results: Vec<Result<(), WriteError>>,
+        report: &mut ApplyReport,
+    ) {
+        if !is_bulk(headers.len(), self.current.services.len()) {
+            return self.record(Phase::PutHeaders(headers), results, report);
+        }
+        let mut written = Vec::with_capacity(headers.len());
+        for (&(key, header), result) in headers.iter().zip(results) {
+            if succeeded(&MapOp::PutService(key, header), result, report) {
+                let old = self.current.services.get(&key);
+                if let Some((old, new)) = switched(old, Some(&header)) {
+                    self.move_slices(old, new);
+                }
+                written.push((key, header));
+            }
+        }
+        merge(&mut self.current.services, &mut written);
+        self.count_backend_refs();
+    }
+
+    /// Counts again, over every header's slice, how many slots name each backend.
+    fn count_backend_refs(&mut self) {
+        let mut refs = HashMap::with_capacity(self.current.backends.len());
+        for id in self.current.slot_backends() {
+            *refs.entry(id).or_default() += 1;
+        }
+        self.backend_refs = refs;
     }
 
     /// Gives unused buckets back after most entries went.
@@ -577,32 +635,36 @@ impl<A: Address> MapMirror<A> {
     /// A header stopped naming `old`'s slice and names `new`'s: the backends' counts move
     /// with the slots, the old slice goes to quarantine.
     fn switch_slices(&mut self, old: Option<&FrontendValue>, new: Option<&FrontendValue>) {
-        let old = old.map(slice_of).filter(|slice| slice.len > 0);
-        let new = new.map(slice_of).filter(|slice| slice.len > 0);
-        if old == new {
+        let Some((old, new)) = switched(old, new) else {
             return;
-        }
-        let len = |slice: Option<Slice>| u64::from(slice.map_or(0, |slice| slice.len));
-        self.named_slots = self.named_slots + len(new) - len(old);
+        };
         if let Some(slice) = new {
-            self.slots.named(slice);
-            for index in slice.range() {
-                if let Some(slot) = self.current.slots.get(&index) {
-                    *self.backend_refs.entry(slot.backend_id).or_default() += 1;
-                }
+            for (_, slot) in self.current.slots.range(slice.range()) {
+                *self.backend_refs.entry(slot.backend_id).or_default() += 1;
             }
         }
         if let Some(slice) = old {
-            for index in slice.range() {
-                if let Some(slot) = self.current.slots.get(&index)
-                    && let Some(count) = self.backend_refs.get_mut(&slot.backend_id)
-                {
+            for (_, slot) in self.current.slots.range(slice.range()) {
+                if let Some(count) = self.backend_refs.get_mut(&slot.backend_id) {
                     *count -= 1;
                     if *count == 0 {
                         self.backend_refs.remove(&slot.backend_id);
                     }
                 }
             }
+        }
+        self.move_slices(old, new);
+    }
+
+    /// A header names `new` (reserved until now) instead of `old`, which the mirror
+    /// forgets and BACKEND_SLOTS quarantines.
+    fn move_slices(&mut self, old: Option<Slice>, new: Option<Slice>) {
+        let len = |slice: Option<Slice>| u64::from(slice.map_or(0, |slice| slice.len));
+        self.named_slots = self.named_slots + len(new) - len(old);
+        if let Some(slice) = new {
+            self.slots.named(slice);
+        }
+        if let Some(slice) = old {
             self.forget_slots(slice);
             self.slots.released(slice);
         }

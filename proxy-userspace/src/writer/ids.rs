@@ -85,6 +85,14 @@ impl<A: Address> IdRegistry<A> {
         id
     }
 
+    /// Makes room for the ids of `frontends` frontends and `backends` backends in all.
+    pub fn reserve(&mut self, frontends: usize, backends: usize) {
+        self.frontends
+            .reserve(frontends.saturating_sub(self.frontends.len()));
+        self.backends
+            .reserve(backends.saturating_sub(self.backends.len()));
+    }
+
     /// Forgets a frontend's id (it left the maps).
     pub fn release_frontend(&mut self, key: FrontendKey<A>) {
         self.frontends.remove(&key);

@@ -7,6 +7,8 @@
 //! frontends it touched, with reference-counted backends, and writes a batch through any
 //! writer; [`MapWriter`] is the only code that writes the kernel's maps.
 
+#[cfg(test)]
+mod backend_refs_tests;
 mod delta;
 mod ids;
 mod image;

@@ -153,7 +153,7 @@ pub(super) fn sync_into<A: Address>(
     mirror.sync(sync, maps)
 }
 
-fn frontend(addr: [u8; 4], port: u16) -> Frontend {
+pub(super) fn frontend(addr: [u8; 4], port: u16) -> Frontend {
     Frontend {
         addr: Ipv4Addr::from(addr).into(),
         port,
@@ -193,7 +193,7 @@ fn plan(name: &str, octets: &[u8]) -> FrontendPlan {
     }
 }
 
-fn desired(entries: &[(Frontend, &[u8])]) -> DesiredState {
+pub(super) fn desired(entries: &[(Frontend, &[u8])]) -> DesiredState {
     named(
         entries
             .iter()
@@ -228,7 +228,7 @@ fn with_maglev(mut state: DesiredState, table_size: u32) -> DesiredState {
 }
 
 /// Maps holding `state`, written by a mirror of `slots` slots.
-fn written(state: &DesiredState, slots: u32) -> (MapMirror, FakeMaps) {
+pub(super) fn written(state: &DesiredState, slots: u32) -> (MapMirror, FakeMaps) {
     let mut mirror = MapMirror::new(MapImage::default(), slots);
     let mut maps = FakeMaps::default();
     let report = sync_into(&mut mirror, &mut maps, Sync::Full(state), "setup");
