@@ -34,7 +34,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use decode::{Decoded, ManifestObject, ObjectId};
+use foldhash::HashSet;
+
+use decode::{Decoded, ObjectId};
 use definitions::Definitions;
 pub use parse::ParseLimits;
 use parse::{ContentHash, FileRead, read_file};
@@ -62,7 +64,7 @@ struct FileState {
     /// contents fail the same way).
     hash: Option<ContentHash>,
     /// The objects it defines, as last read (or kept from before).
-    objects: BTreeSet<ObjectId>,
+    objects: HashSet<ObjectId>,
     /// Why it could not be used the last time it was read: the same failure is reported
     /// once, not on every look.
     failure: Option<String>,
@@ -74,7 +76,7 @@ impl FileState {
             path: Arc::from(path),
             stat: None,
             hash: None,
-            objects: BTreeSet::new(),
+            objects: HashSet::default(),
             failure: None,
         }
     }
@@ -231,27 +233,34 @@ impl ManifestSource {
             }
         };
 
-        let mut fresh: BTreeMap<ObjectId, ManifestObject> = BTreeMap::new();
-        let mut kept = BTreeSet::new();
+        // What the file defines now: its valid objects (in file order) and the ids of the
+        // invalid ones whose last good version stays. One hash lookup an object.
+        let mut objects = HashSet::with_capacity_and_hasher(documents.len(), Default::default());
+        let mut fresh = Vec::with_capacity(documents.len());
+        let mut kept = HashSet::default();
         let mut problems = Vec::new();
         for (location, decoded) in documents {
             match decoded {
                 Decoded::Skipped => {}
-                Decoded::Object(id, _) if fresh.contains_key(&id) || kept.contains(&id) => {
-                    problems.push((
-                        Some((id.kind.problem_kind(), id.to_string())),
-                        "duplicate",
-                        "defined twice in this file; keeping the first".to_owned(),
-                    ));
-                }
                 Decoded::Object(id, object) => {
-                    fresh.insert(id, object);
+                    if objects.contains(&id) {
+                        problems.push((
+                            Some((id.kind.problem_kind(), id.to_string())),
+                            "duplicate",
+                            "defined twice in this file; keeping the first".to_owned(),
+                        ));
+                    } else {
+                        objects.insert(id.clone());
+                        fresh.push((id, object));
+                    }
                 }
                 Decoded::Invalid { id, mut reason } => {
-                    if let Some(id) = id.as_ref().filter(|id| previous.contains(id))
-                        && !fresh.contains_key(id)
+                    // Kept unless a valid version came first in this file.
+                    if let Some(id) = id.as_ref().filter(|id| previous.contains(*id))
+                        && (!objects.contains(id) || kept.contains(id))
                     {
                         reason.push_str("; keeping its last good version");
+                        objects.insert(id.clone());
                         kept.insert(id.clone());
                     }
                     let object = match id {
@@ -265,15 +274,10 @@ impl ManifestSource {
         for (object, reason, message) in problems {
             problem(object, reason, message);
         }
-        for id in previous
-            .iter()
-            .filter(|id| !fresh.contains_key(id) && !kept.contains(id))
-        {
+        for id in previous.iter().filter(|id| !objects.contains(*id)) {
             self.definitions.undefine(id, path, model);
         }
-        let mut objects = kept;
         for (id, object) in fresh {
-            objects.insert(id.clone());
             self.definitions.define(id, &shared_path, object, model);
         }
         self.file_mut(path).objects = objects;
