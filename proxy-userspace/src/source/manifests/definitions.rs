@@ -25,13 +25,14 @@ pub(super) struct Definitions {
 
 impl Definitions {
     /// `path` defines `id` as `object`: the model gets it if `path` is the first file to
-    /// define it.
+    /// define it. An object another file defines too is reported into `duplicates`.
     pub fn define(
         &mut self,
         id: ObjectId,
         path: &Arc<Path>,
         object: ManifestObject,
         model: &mut Model,
+        duplicates: &mut Vec<Problem>,
     ) {
         let (owner_before, owner) = match self.files.entry(id.clone()) {
             Entry::Vacant(vacant) => {
@@ -46,7 +47,7 @@ impl Definitions {
             }
         };
         if owner != *path {
-            report_duplicate(model, path, &id, &owner);
+            duplicates.push(duplicate(path, &id, &owner));
             self.shadowed.insert((id, path.clone()), object);
             return;
         }
@@ -54,7 +55,7 @@ impl Definitions {
         if let Some(before) = owner_before.filter(|before| before != path)
             && let Some(theirs) = model_object(model, &id)
         {
-            report_duplicate(model, &before, &id, path);
+            duplicates.push(duplicate(&before, &id, path));
             self.shadowed.insert((id.clone(), before), theirs);
         }
         put(model, &id, object);
@@ -141,8 +142,8 @@ impl Definers {
     }
 }
 
-fn report_duplicate(model: &mut Model, path: &Path, id: &ObjectId, kept: &Path) {
-    model.reject(Problem::new(
+fn duplicate(path: &Path, id: &ObjectId, kept: &Path) -> Problem {
+    Problem::new(
         ProblemKind::File,
         "duplicate",
         format!(
@@ -150,7 +151,7 @@ fn report_duplicate(model: &mut Model, path: &Path, id: &ObjectId, kept: &Path) 
             path.display(),
             kept.display()
         ),
-    ));
+    )
 }
 
 fn put(model: &mut Model, id: &ObjectId, object: ManifestObject) {
