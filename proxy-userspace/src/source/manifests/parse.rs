@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::hash::Hasher;
+use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Read};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -120,10 +120,11 @@ pub(super) fn read_file(
 }
 
 /// A hash of the file's bytes (at most `limit` of them: a file growing past the limit
-/// meanwhile is caught by the parser's own limit).
+/// meanwhile is caught by the parser's own limit). foldhash, several times faster than
+/// SipHash on long input (a 168 MB file: SipHash took 0.1 s before parsing could start).
 fn content_hash(file: &Path, limit: u64) -> io::Result<ContentHash> {
     let mut reader = File::open(file)?.take(limit.saturating_add(1));
-    let mut hasher = std::hash::DefaultHasher::new();
+    let mut hasher = foldhash::quality::FixedState::with_seed(0).build_hasher();
     let mut buffer = vec![0; 64 * 1024];
     loop {
         let read = reader.read(&mut buffer)?;
