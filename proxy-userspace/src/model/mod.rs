@@ -19,7 +19,7 @@ mod problem;
 pub mod selection;
 pub(crate) mod service;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, btree_map};
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
@@ -179,11 +179,19 @@ impl Model {
 
     /// Adds or replaces a Service's record; whether it changed.
     pub fn upsert_service(&mut self, key: ObjectKey, record: ServiceRecord) -> bool {
-        if self.services.get(&key) == Some(&record) {
-            return false;
+        match self.services.entry(key) {
+            btree_map::Entry::Occupied(mut occupied) => {
+                if *occupied.get() == record {
+                    return false;
+                }
+                self.changes.service_changed(occupied.key());
+                occupied.insert(record);
+            }
+            btree_map::Entry::Vacant(vacant) => {
+                self.changes.service_changed(vacant.key());
+                vacant.insert(record);
+            }
         }
-        self.changes.service_changed(&key);
-        self.services.insert(key, record);
         true
     }
 
@@ -256,20 +264,34 @@ impl Model {
         mut record: SliceRecord,
         trigger_time: Option<chrono::DateTime<chrono::Utc>>,
     ) -> bool {
-        if self.endpoint_slices.get(&key) == Some(&record) {
-            return false;
-        }
         record.share_names(&mut self.names);
-        self.unlink_endpoint_slice(&key);
-        self.changes.slice_changed(&record.service);
+        let service = record.service.clone();
+        // One lookup: the slice it replaces, if any, is unlinked from its Service here.
+        let replaced = match self.endpoint_slices.entry(key.clone()) {
+            btree_map::Entry::Occupied(mut occupied) => {
+                if *occupied.get() == record {
+                    return false;
+                }
+                Some(occupied.insert(record))
+            }
+            btree_map::Entry::Vacant(vacant) => {
+                vacant.insert(record);
+                None
+            }
+        };
+        if let Some(replaced) = replaced {
+            unlink_from_service(&mut self.slices_by_service, &replaced.service, &key);
+            // The Service it belonged to changes too (it may now belong to another).
+            self.changes.dirty_services.insert(replaced.service);
+        }
+        self.changes.slice_changed(&service);
         self.changes.trigger_times.extend(trigger_time);
         // Most Services have one slice: room for one, not the four a first push reserves.
-        let slices = (self.slices_by_service.entry(record.service.clone()))
-            .or_insert_with(|| Vec::with_capacity(1));
+        let slices =
+            (self.slices_by_service.entry(service)).or_insert_with(|| Vec::with_capacity(1));
         if let Err(position) = slices.binary_search(&key) {
-            slices.insert(position, key.clone());
+            slices.insert(position, key);
         }
-        self.endpoint_slices.insert(key, record);
         true
     }
 
@@ -287,14 +309,7 @@ impl Model {
     /// Takes a slice out of both indexes without recording a change.
     fn unlink_endpoint_slice(&mut self, key: &ObjectKey) -> Option<SliceRecord> {
         let slice = self.endpoint_slices.remove(key)?;
-        if let Some(slices) = self.slices_by_service.get_mut(&slice.service) {
-            if let Ok(position) = slices.binary_search(key) {
-                slices.remove(position);
-            }
-            if slices.is_empty() {
-                self.slices_by_service.remove(&slice.service);
-            }
-        }
+        unlink_from_service(&mut self.slices_by_service, &slice.service, key);
         // The Service it belonged to changes too (it may now belong to another).
         self.changes.dirty_services.insert(slice.service.clone());
         Some(slice)
@@ -417,6 +432,22 @@ impl Model {
         let changes = std::mem::take(&mut self.changes);
         self.changes.revision = revision;
         changes
+    }
+}
+
+/// Takes slice `key` out of `service`'s entry of the index.
+fn unlink_from_service(
+    slices_by_service: &mut HashMap<ObjectKey, Vec<ObjectKey>>,
+    service: &ObjectKey,
+    key: &ObjectKey,
+) {
+    if let Some(slices) = slices_by_service.get_mut(service) {
+        if let Ok(position) = slices.binary_search(key) {
+            slices.remove(position);
+        }
+        if slices.is_empty() {
+            slices_by_service.remove(service);
+        }
     }
 }
 

@@ -7,39 +7,47 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use foldhash::HashMap;
+
 use super::decode::{Kind, ManifestObject, ObjectId};
 use crate::model::{Model, Problem, ProblemKind};
+use std::collections::hash_map::Entry;
 
 /// The files that define each object, and the versions the model does not hold.
 #[derive(Debug, Default)]
 pub(super) struct Definitions {
-    /// The files that define each object, in name order (almost always one): the first
-    /// one's version is in the model. The paths are shared with the files' own state.
-    files: BTreeMap<ObjectId, Vec<Arc<Path>>>,
+    /// The files that define each object (almost always one): the first one's version is
+    /// in the model. The paths are shared with the files' own state.
+    files: HashMap<ObjectId, Definers>,
     /// The versions of files that define an object another file defined first.
     shadowed: BTreeMap<(ObjectId, Arc<Path>), ManifestObject>,
 }
 
 impl Definitions {
     /// `path` defines `id` as `object`: the model gets it if `path` is the first file to
-    /// define it.
+    /// define it. An object another file defines too is reported into `duplicates`.
     pub fn define(
         &mut self,
         id: ObjectId,
         path: &Arc<Path>,
         object: ManifestObject,
         model: &mut Model,
+        duplicates: &mut Vec<Problem>,
     ) {
-        // Almost every object is defined by one file: room for one, not the four a first
-        // push reserves.
-        let files = (self.files.entry(id.clone())).or_insert_with(|| Vec::with_capacity(1));
-        let owner_before = files.first().cloned();
-        if let Err(position) = files.binary_search(path) {
-            files.insert(position, path.clone());
-        }
-        let owner = files[0].clone();
+        let (owner_before, owner) = match self.files.entry(id.clone()) {
+            Entry::Vacant(vacant) => {
+                vacant.insert(Definers::One(path.clone()));
+                (None, path.clone())
+            }
+            Entry::Occupied(mut occupied) => {
+                let definers = occupied.get_mut();
+                let before = definers.first().clone();
+                definers.add(path);
+                (Some(before), definers.first().clone())
+            }
+        };
         if owner != *path {
-            report_duplicate(model, path, &id, &owner);
+            duplicates.push(duplicate(path, &id, &owner));
             self.shadowed.insert((id, path.clone()), object);
             return;
         }
@@ -47,7 +55,7 @@ impl Definitions {
         if let Some(before) = owner_before.filter(|before| before != path)
             && let Some(theirs) = model_object(model, &id)
         {
-            report_duplicate(model, &before, &id, path);
+            duplicates.push(duplicate(&before, &id, path));
             self.shadowed.insert((id.clone(), before), theirs);
         }
         put(model, &id, object);
@@ -55,15 +63,17 @@ impl Definitions {
 
     /// `path` no longer defines `id`: the next file's version takes its place, if any.
     pub fn undefine(&mut self, id: &ObjectId, path: &Path, model: &mut Model) {
-        let Some(files) = self.files.get_mut(id) else {
+        let Entry::Occupied(mut definers) = self.files.entry(id.clone()) else {
             return;
         };
-        let was_owner = files.first().is_some_and(|owner| **owner == *path);
-        files.retain(|file| **file != *path);
-        let next = files.first().cloned();
-        if files.is_empty() {
-            self.files.remove(id);
-        }
+        let was_owner = **definers.get().first() == *path;
+        let next = match definers.get_mut().remove(path) {
+            Some(next) => Some(next.clone()),
+            None => {
+                definers.remove();
+                None
+            }
+        };
         if !was_owner {
             self.shadowed
                 .retain(|(shadowed, file), _| shadowed != id || **file != *path);
@@ -83,8 +93,57 @@ impl Definitions {
     }
 }
 
-fn report_duplicate(model: &mut Model, path: &Path, id: &ObjectId, kept: &Path) {
-    model.reject(Problem::new(
+/// The files that define an object, in name order: almost always one, kept inline.
+#[derive(Debug)]
+enum Definers {
+    One(Arc<Path>),
+    /// Two or more.
+    Many(Vec<Arc<Path>>),
+}
+
+impl Definers {
+    /// The file whose version is in the model.
+    fn first(&self) -> &Arc<Path> {
+        match self {
+            Definers::One(path) => path,
+            Definers::Many(paths) => &paths[0],
+        }
+    }
+
+    fn add(&mut self, path: &Arc<Path>) {
+        match self {
+            Definers::One(only) if only == path => {}
+            Definers::One(only) => {
+                let mut paths = vec![only.clone(), path.clone()];
+                paths.sort();
+                *self = Definers::Many(paths);
+            }
+            Definers::Many(paths) => {
+                if let Err(position) = paths.binary_search(path) {
+                    paths.insert(position, path.clone());
+                }
+            }
+        }
+    }
+
+    /// Takes `path` out; the first file left, `None` when none is.
+    fn remove(&mut self, path: &Path) -> Option<&Arc<Path>> {
+        match self {
+            Definers::One(only) if **only == *path => return None,
+            Definers::One(_) => {}
+            Definers::Many(paths) => {
+                paths.retain(|file| **file != *path);
+                if let [only] = paths.as_slice() {
+                    *self = Definers::One(only.clone());
+                }
+            }
+        }
+        Some(self.first())
+    }
+}
+
+fn duplicate(path: &Path, id: &ObjectId, kept: &Path) -> Problem {
+    Problem::new(
         ProblemKind::File,
         "duplicate",
         format!(
@@ -92,7 +151,7 @@ fn report_duplicate(model: &mut Model, path: &Path, id: &ObjectId, kept: &Path) 
             path.display(),
             kept.display()
         ),
-    ));
+    )
 }
 
 fn put(model: &mut Model, id: &ObjectId, object: ManifestObject) {
