@@ -25,14 +25,13 @@ pub(super) struct Definitions {
 
 impl Definitions {
     /// `path` defines `id` as `object`: the model gets it if `path` is the first file to
-    /// define it. An object another file defines too is reported into `duplicates`.
+    /// define it.
     pub fn define(
         &mut self,
         id: ObjectId,
         path: &Arc<Path>,
         object: ManifestObject,
         model: &mut Model,
-        duplicates: &mut Vec<Problem>,
     ) {
         let (owner_before, owner) = match self.files.entry(id.clone()) {
             Entry::Vacant(vacant) => {
@@ -47,7 +46,7 @@ impl Definitions {
             }
         };
         if owner != *path {
-            duplicates.push(duplicate(path, &id, &owner));
+            report_duplicate(model, path, &id, &owner);
             self.shadowed.insert((id, path.clone()), object);
             return;
         }
@@ -55,7 +54,7 @@ impl Definitions {
         if let Some(before) = owner_before.filter(|before| before != path)
             && let Some(theirs) = model_object(model, &id)
         {
-            duplicates.push(duplicate(&before, &id, path));
+            report_duplicate(model, &before, &id, path);
             self.shadowed.insert((id.clone(), before), theirs);
         }
         put(model, &id, object);
@@ -142,8 +141,8 @@ impl Definers {
     }
 }
 
-fn duplicate(path: &Path, id: &ObjectId, kept: &Path) -> Problem {
-    Problem::new(
+fn report_duplicate(model: &mut Model, path: &Path, id: &ObjectId, kept: &Path) {
+    model.reject(Problem::new(
         ProblemKind::File,
         "duplicate",
         format!(
@@ -151,7 +150,7 @@ fn duplicate(path: &Path, id: &ObjectId, kept: &Path) -> Problem {
             path.display(),
             kept.display()
         ),
-    )
+    ));
 }
 
 fn put(model: &mut Model, id: &ObjectId, object: ManifestObject) {

@@ -39,7 +39,7 @@ use foldhash::HashSet;
 use decode::{Decoded, ObjectId};
 use definitions::Definitions;
 pub use parse::ParseLimits;
-use parse::{ContentHash, FileRead, Location, read_file};
+use parse::{ContentHash, FileRead, read_file};
 pub use watch::ManifestWatcher;
 
 use crate::model::{Model, Problem, ProblemKind};
@@ -171,11 +171,7 @@ impl ManifestSource {
 
     /// Reads one file (blocking: off the event loop in the daemon).
     pub fn read(limits: &ParseLimits, file: &FileToRead) -> FileReadResult {
-        let mut documents = Vec::new();
-        let read = read_file(&file.path, limits, file.previous, &mut |part| {
-            documents.extend(part);
-        });
-        FileReadResult { read, documents }
+        FileReadResult(read_file(&file.path, limits, file.previous))
     }
 
     pub fn limits(&self) -> &ParseLimits {
@@ -185,92 +181,106 @@ impl ManifestSource {
     /// Brings what `file` read into the model: only the objects that changed, what it
     /// no longer defines removed, every problem recorded in the model.
     pub fn apply(&mut self, file: &FileToRead, read: FileReadResult, model: &mut Model) {
-        let incoming = self.begin(file);
-        self.finish_read(incoming, read, model);
-    }
-
-    /// Brings a whole file's documents in (if it parsed) and finishes.
-    fn finish_read(&mut self, mut incoming: Incoming, read: FileReadResult, model: &mut Model) {
-        if matches!(read.read, FileRead::Parsed { .. }) {
-            incoming.take(read.documents, &mut self.definitions, model);
-        }
-        self.finish(incoming, read.read, model);
-    }
-
-    /// Starts bringing `file` into the model.
-    fn begin(&mut self, file: &FileToRead) -> Incoming {
         let path = &file.path;
         let state = (self.files.entry(path.clone())).or_insert_with(|| FileState::new(path));
         state.stat = file.stat;
-        Incoming {
-            path: state.path.clone(),
-            previous: std::mem::take(&mut state.objects),
-            objects: HashSet::default(),
-            kept: HashSet::default(),
-            problems: Vec::new(),
-            duplicates: Vec::new(),
-        }
-    }
-
-    /// Ends bringing a file into the model, by how its reading ended.
-    fn finish(&mut self, incoming: Incoming, read: FileRead, model: &mut Model) {
-        let Incoming {
-            path,
-            previous,
-            objects,
-            kept,
-            problems,
-            duplicates,
-        } = incoming;
-        let (hash, reason, message) = match read {
+        let shared_path = state.path.clone();
+        let previous = std::mem::take(&mut state.objects);
+        // An object's problem counts as its kind's, the file's own as the file's.
+        let mut problem = |object: Option<(ProblemKind, String)>, reason, message: String| {
+            let (kind, object) = match object {
+                Some((kind, object)) => (kind, format!("{object}: ")),
+                None => (ProblemKind::File, String::new()),
+            };
+            model.reject(Problem::new(
+                kind,
+                reason,
+                format!("{}: {object}{message}", path.display()),
+            ));
+        };
+        let documents = match read.0 {
             FileRead::Unchanged => {
-                self.file_mut(&path).objects = previous;
-                return;
-            }
-            FileRead::Parsed { hash } => {
-                for problem in problems.into_iter().chain(duplicates) {
-                    model.reject(problem);
-                }
-                for id in previous.iter().filter(|id| !objects.contains(*id)) {
-                    self.definitions.undefine(id, &path, model);
-                }
-                let state = self.file_mut(&path);
-                state.hash = Some(hash);
-                state.failure = None;
-                state.objects = objects;
+                self.file_mut(path).objects = previous;
                 return;
             }
             FileRead::Failed {
                 hash,
                 reason,
                 message,
-            } => (hash, reason, message),
+            } => {
+                let state = self.file_mut(path);
+                state.hash = hash.or(state.hash);
+                let repeated = state.failure.as_ref() == Some(&message);
+                state.failure = Some(message.clone());
+                if repeated || (reason == "empty" && previous.is_empty()) {
+                    state.objects = previous;
+                    return;
+                }
+                let keeping = if previous.is_empty() {
+                    ""
+                } else {
+                    "; keeping its last good objects"
+                };
+                problem(None, reason, format!("{message}{keeping}"));
+                self.file_mut(path).objects = previous;
+                return;
+            }
+            FileRead::Parsed { hash, documents } => {
+                let state = self.file_mut(path);
+                state.hash = Some(hash);
+                state.failure = None;
+                documents
+            }
         };
-        // The parts before the failing one may be in the model already (only for a file
-        // with nothing to keep, see `load`): they go again, as if never read. Their
-        // problems are not reported.
-        for id in objects.iter().filter(|id| !kept.contains(*id)) {
-            self.definitions.undefine(id, &path, model);
+
+        // What the file defines now: its valid objects (in file order) and the ids of the
+        // invalid ones whose last good version stays. One hash lookup an object.
+        let mut objects = HashSet::with_capacity_and_hasher(documents.len(), Default::default());
+        let mut fresh = Vec::with_capacity(documents.len());
+        let mut kept = HashSet::default();
+        let mut problems = Vec::new();
+        for (location, decoded) in documents {
+            match decoded {
+                Decoded::Skipped => {}
+                Decoded::Object(id, object) => {
+                    if objects.contains(&id) {
+                        problems.push((
+                            Some((id.kind.problem_kind(), id.to_string())),
+                            "duplicate",
+                            "defined twice in this file; keeping the first".to_owned(),
+                        ));
+                    } else {
+                        objects.insert(id.clone());
+                        fresh.push((id, object));
+                    }
+                }
+                Decoded::Invalid { id, mut reason } => {
+                    // Kept unless a valid version came first in this file.
+                    if let Some(id) = id.as_ref().filter(|id| previous.contains(*id))
+                        && (!objects.contains(id) || kept.contains(id))
+                    {
+                        reason.push_str("; keeping its last good version");
+                        objects.insert(id.clone());
+                        kept.insert(id.clone());
+                    }
+                    let object = match id {
+                        Some(id) => (id.kind.problem_kind(), id.to_string()),
+                        None => (ProblemKind::File, location.to_string()),
+                    };
+                    problems.push((Some(object), "invalid", reason));
+                }
+            }
         }
-        let state = self.file_mut(&path);
-        state.hash = hash.or(state.hash);
-        let repeated = state.failure.as_ref() == Some(&message);
-        state.failure = Some(message.clone());
-        state.objects = previous;
-        if repeated || (reason == "empty" && state.objects.is_empty()) {
-            return;
+        for (object, reason, message) in problems {
+            problem(object, reason, message);
         }
-        let keeping = if state.objects.is_empty() {
-            ""
-        } else {
-            "; keeping its last good objects"
-        };
-        model.reject(file_problem(
-            &path,
-            None,
-            reason,
-            format!("{message}{keeping}"),
-        ));
+        for id in previous.iter().filter(|id| !objects.contains(*id)) {
+            self.definitions.undefine(id, path, model);
+        }
+        for (id, object) in fresh {
+            self.definitions.define(id, &shared_path, object, model);
+        }
+        self.file_mut(path).objects = objects;
     }
 
     /// A file that is gone: its objects go with it (or fall back to another file's).
@@ -284,27 +294,15 @@ impl ManifestSource {
     }
 
     /// Reads and applies every file that changed since the last call, one after the other
-    /// (the daemon reads in parallel, off its loop: [`ManifestWatcher`]). A file that
-    /// defined nothing before has its objects brought into the model part by part while
-    /// its later parts are still being parsed (taken out again if a later part fails);
-    /// one with objects to keep on a failure is parsed whole first.
+    /// (the daemon reads in parallel, off its loop: [`ManifestWatcher`]).
     pub fn load(&mut self, model: &mut Model) -> io::Result<()> {
         let scan = self.scan(&BTreeSet::new())?;
         for path in &scan.removed {
             self.remove(path, model);
         }
         for file in scan.to_read {
-            let mut incoming = self.begin(&file);
-            if !incoming.previous.is_empty() {
-                let read = Self::read(&self.limits, &file);
-                self.finish_read(incoming, read, model);
-                continue;
-            }
-            let definitions = &mut self.definitions;
-            let read = read_file(&file.path, &self.limits, file.previous, &mut |part| {
-                incoming.take(part, definitions, model);
-            });
-            self.finish(incoming, read, model);
+            let read = Self::read(&self.limits, &file);
+            self.apply(&file, read, model);
         }
         Ok(())
     }
@@ -318,99 +316,7 @@ impl ManifestSource {
 
 /// What [`ManifestSource::read`] found, for [`ManifestSource::apply`].
 #[derive(Debug)]
-pub struct FileReadResult {
-    read: FileRead,
-    documents: Vec<(Location, Decoded)>,
-}
-
-/// A file's objects on their way into the model, as its parts are parsed.
-struct Incoming {
-    /// The file's path, shared with the definitions of its objects.
-    path: Arc<Path>,
-    /// What it defined before.
-    previous: HashSet<ObjectId>,
-    /// What it defines now: its valid objects (in the model or shadowed by another file's
-    /// version) and the invalid ones whose last good version stays (`kept`).
-    objects: HashSet<ObjectId>,
-    kept: HashSet<ObjectId>,
-    /// Its invalid and repeated objects, reported once the whole file is read.
-    problems: Vec<Problem>,
-    /// Its objects that another file defines too, reported after those.
-    duplicates: Vec<Problem>,
-}
-
-impl Incoming {
-    /// Brings one part's documents into the model (or the definitions, when another file's
-    /// version wins), one hash lookup an object.
-    fn take(
-        &mut self,
-        documents: Vec<(Location, Decoded)>,
-        definitions: &mut Definitions,
-        model: &mut Model,
-    ) {
-        for (location, decoded) in documents {
-            match decoded {
-                Decoded::Skipped => {}
-                Decoded::Object(id, _) if self.objects.contains(&id) => {
-                    self.problems.push(file_problem(
-                        &self.path,
-                        Some((id.kind.problem_kind(), &id)),
-                        "duplicate",
-                        "defined twice in this file; keeping the first".to_owned(),
-                    ));
-                }
-                Decoded::Object(id, object) => {
-                    self.objects.insert(id.clone());
-                    definitions.define(id, &self.path, object, model, &mut self.duplicates);
-                }
-                Decoded::Invalid { id, mut reason } => {
-                    // Kept unless a valid version came first in this file.
-                    if let Some(id) = id.as_ref().filter(|id| self.previous.contains(*id))
-                        && (!self.objects.contains(id) || self.kept.contains(id))
-                    {
-                        reason.push_str("; keeping its last good version");
-                        self.objects.insert(id.clone());
-                        self.kept.insert(id.clone());
-                    }
-                    let problem = match &id {
-                        Some(id) => file_problem(
-                            &self.path,
-                            Some((id.kind.problem_kind(), id)),
-                            "invalid",
-                            reason,
-                        ),
-                        None => file_problem(
-                            &self.path,
-                            Some((ProblemKind::File, &location)),
-                            "invalid",
-                            reason,
-                        ),
-                    };
-                    self.problems.push(problem);
-                }
-            }
-        }
-    }
-}
-
-/// A problem with a file (`object` `None`) or one of its objects: an object's problem
-/// counts as its kind's, the file's own as the file's.
-fn file_problem(
-    path: &Path,
-    object: Option<(ProblemKind, &dyn std::fmt::Display)>,
-    reason: &'static str,
-    message: String,
-) -> Problem {
-    let (kind, object) = match object {
-        Some((kind, object)) => (kind, format!("{object}: ")),
-        None => (ProblemKind::File, String::new()),
-    };
-    Problem::new(
-        kind,
-        reason,
-        format!("{}: {object}{message}", path.display()),
-    )
-}
+pub struct FileReadResult(FileRead);
 
 /// The manifest files of `dir` in name order, each with its metadata (through symlinks).
 /// Dotfiles, other extensions and directories are left out; entries whose metadata can't be

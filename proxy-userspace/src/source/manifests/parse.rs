@@ -9,13 +9,11 @@
 //! then typed, checked and interpreted into a record, and dropped: no file's trees are
 //! ever held at once.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Read};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
 
 use super::decode::{Decoded, Decoder, Located};
 use super::yaml::{TreeLimits, YamlError, read_documents};
@@ -52,10 +50,12 @@ pub(super) type ContentHash = u64;
 pub(super) enum FileRead {
     /// Same contents as the last time it was parsed.
     Unchanged,
-    /// Parsed: every document was handed on, in order.
-    Parsed { hash: ContentHash },
-    /// The file as a whole can't be used; `reason` is the metric label. The documents of
-    /// the parts before the one that failed may have been handed on.
+    /// Its documents, each with where it is (`document 3`, `document 1 item 2`).
+    Parsed {
+        hash: ContentHash,
+        documents: Vec<(Location, Decoded)>,
+    },
+    /// The file as a whole can't be used; `reason` is the metric label.
     Failed {
         /// `None` when the contents could not be read (retry on the next look).
         hash: Option<ContentHash>,
@@ -64,14 +64,11 @@ pub(super) enum FileRead {
     },
 }
 
-/// Reads `file` unless its contents hash to `previous`, handing its documents to `documents`
-/// part by part in file order, each with where it is (`document 3`, `document 1 item 2`),
-/// as soon as the part and all before it are parsed. Blocking: run it off the event loop.
+/// Reads `file` unless its contents hash to `previous`. Blocking: run it off the event loop.
 pub(super) fn read_file(
     file: &Path,
     limits: &ParseLimits,
     previous: Option<ContentHash>,
-    documents: &mut dyn FnMut(Vec<(Location, Decoded)>),
 ) -> FileRead {
     let failed = |reason, message| FileRead::Failed {
         hash: None,
@@ -109,8 +106,8 @@ pub(super) fn read_file(
             message: "is empty".to_owned(),
         };
     }
-    match parse_file(file, limits, size, documents) {
-        Ok(()) => FileRead::Parsed { hash },
+    match parse_file(file, limits, size) {
+        Ok(documents) => FileRead::Parsed { hash, documents },
         Err((reason, message)) => FileRead::Failed {
             hash: Some(hash),
             reason,
@@ -135,16 +132,14 @@ fn content_hash(file: &Path, limit: u64) -> io::Result<ContentHash> {
     }
 }
 
-/// Hands on the documents of a file, part by part. Err (reason label, message) when the
-/// file as a whole can't be parsed: then none of its new contents may be used (the parts
-/// before the failing one were handed on already). A large file is cut at its document
+/// The documents of a file. Err (reason label, message) when the file as a whole can't be
+/// parsed: then none of its new contents is used. A large file is cut at its document
 /// markers and its parts parsed side by side, one thread a core ([`parse_parts`]).
 fn parse_file(
     file: &Path,
     limits: &ParseLimits,
     size: u64,
-    documents: &mut dyn FnMut(Vec<(Location, Decoded)>),
-) -> Result<(), (&'static str, String)> {
+) -> Result<Vec<(Location, Decoded)>, (&'static str, String)> {
     let unreadable = |error: io::Error| ("unreadable", format!("can't be read: {error}"));
     let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
     File::open(file)
@@ -187,19 +182,17 @@ fn parse_file(
         read_documents(part, &tree_limits, &mut decoder)?;
         Ok(decoder.decoded)
     };
-    let mut failure = None;
+    let parsed = parse_parts(&parts, cores, parse);
+    let mut decoded = Vec::new();
     let mut documents_before = 0;
-    parse_parts(&parts, cores, parse, |part| {
-        let part = match part {
-            Ok(part) => part,
-            Err(error) => {
-                let message = format!("invalid {language}: {}", error.message);
-                failure = Some((error.reason, message));
-                return false;
-            }
-        };
+    for part in parsed {
+        let part = part.map_err(|error| {
+            (
+                error.reason,
+                format!("invalid {language}: {}", error.message),
+            )
+        })?;
         let mut documents_here = 0;
-        let mut decoded = Vec::with_capacity(part.len());
         for located in part {
             documents_here = documents_here.max(located.document + 1);
             let document = documents_before + located.document + 1;
@@ -210,13 +203,8 @@ fn parse_file(
             decoded.push((location, located.decoded));
         }
         documents_before += documents_here;
-        documents(decoded);
-        true
-    });
-    match failure {
-        Some(failure) => Err(failure),
-        None => Ok(()),
     }
+    Ok(decoded)
 }
 
 /// Where a document is in its file, counted from 1 (`document 3`, `document 1 item 2`);
@@ -245,59 +233,39 @@ pub(super) const PARALLEL_FROM_BYTES: u64 = 1 << 20;
 /// waiting for its one half.
 const PARTS_PER_CORE: usize = 4;
 
-/// Each of `parts` parsed and handed to `done` in order, on the calling thread, as soon as
-/// it and all before it are parsed: the calling thread and `cores - 1` more take the next
-/// unparsed part until none is left, the calling thread handing on what is ready between
-/// its own parts (so what `done` does overlaps the parsing). `done` returning false hands
-/// nothing more on and starts no further part.
+/// Each of `parts` parsed, in order: the calling thread and `cores - 1` more take the
+/// next unparsed part until none is left.
 fn parse_parts<'a, T: Send>(
     parts: &[&'a str],
     cores: usize,
     parse: impl Fn(&'a str) -> T + Sync,
-    mut done: impl FnMut(T) -> bool,
-) {
+) -> Vec<T> {
+    if parts.len() == 1 {
+        return vec![parse(parts[0])];
+    }
     let next = AtomicUsize::new(0);
-    let take = || {
-        let index = next.fetch_add(1, Ordering::Relaxed);
-        parts.get(index).map(|part| (index, *part))
+    let work = || {
+        let mut done = Vec::new();
+        loop {
+            let index = next.fetch_add(1, Ordering::Relaxed);
+            let Some(part) = parts.get(index) else {
+                return done;
+            };
+            done.push((index, parse(part)));
+        }
     };
-    let (parse, take) = (&parse, &take);
-    std::thread::scope(|scope| {
-        let (sender, receiver) = mpsc::channel();
-        for _ in 1..cores.min(parts.len()) {
-            let sender = sender.clone();
-            scope.spawn(move || {
-                while let Some((index, part)) = take() {
-                    if sender.send((index, parse(part))).is_err() {
-                        return;
-                    }
-                }
-            });
+    let mut parsed: Vec<(usize, T)> = std::thread::scope(|scope| {
+        let helpers: Vec<_> = (1..cores.min(parts.len()))
+            .map(|_| scope.spawn(work))
+            .collect();
+        let mut parsed = work();
+        for helper in helpers {
+            parsed.extend(helper.join().expect("a parser thread panicked"));
         }
-        drop(sender);
-        let mut ready = BTreeMap::new();
-        let mut wanted = 0;
-        let mut going = true;
-        let mut hand_on = |ready: &mut BTreeMap<usize, T>| {
-            while let Some(part) = ready.remove(&wanted) {
-                wanted += 1;
-                if going && !done(part) {
-                    going = false;
-                    next.store(parts.len(), Ordering::Relaxed);
-                }
-            }
-        };
-        while let Some((index, part)) = take() {
-            ready.insert(index, parse(part));
-            ready.extend(receiver.try_iter());
-            hand_on(&mut ready);
-        }
-        // The parts the others are still parsing.
-        for (index, part) in receiver {
-            ready.insert(index, part);
-            hand_on(&mut ready);
-        }
+        parsed
     });
+    parsed.sort_unstable_by_key(|(index, _)| *index);
+    parsed.into_iter().map(|(_, part)| part).collect()
 }
 
 /// Where a file stops being UTF-8, which YAML and JSON must be.
@@ -360,22 +328,9 @@ mod tests {
     fn parts_come_back_in_order_whichever_core_parsed_them() {
         let parts: Vec<String> = (0..37).map(|i| i.to_string()).collect();
         let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
-        let parse = |part: &str| part.parse::<usize>().unwrap();
         for cores in [1, 2, 3, 64] {
-            let mut parsed = Vec::new();
-            parse_parts(&parts, cores, parse, |part| {
-                parsed.push(part);
-                true
-            });
+            let parsed = parse_parts(&parts, cores, |part| part.parse::<usize>().unwrap());
             assert_eq!(parsed, (0..37).collect::<Vec<_>>(), "{cores} cores");
-
-            // Refusing a part hands nothing more on.
-            let mut handed = Vec::new();
-            parse_parts(&parts, cores, parse, |part| {
-                handed.push(part);
-                part != 5
-            });
-            assert_eq!(handed, (0..=5).collect::<Vec<_>>(), "{cores} cores");
         }
     }
 

@@ -402,7 +402,7 @@ fn unchanged_files_are_not_parsed_again_and_the_detector_never_flips() {
     let scan = source.scan(&BTreeSet::new()).unwrap();
     assert_eq!(scan.to_read.len(), 1);
     let read = ManifestSource::read(source.limits(), &scan.to_read[0]);
-    assert!(matches!(read.read, FileRead::Unchanged), "{read:?}");
+    assert!(matches!(read.0, FileRead::Unchanged), "{read:?}");
     source.apply(&scan.to_read[0], read, &mut model);
     assert_eq!(model.revision(), revision, "nothing changed");
 
@@ -583,7 +583,12 @@ fn a_list_is_read_item_by_item() {
 #[test]
 fn a_large_file_parsed_in_parts_reads_like_a_small_one() {
     let dir = TempDir::new("large");
-    let text = large_file(12_000, Some((5000, "just a string\n")));
+    let mut documents: Vec<String> = (0..12_000)
+        .map(|i| service_yaml(&format!("s{i}"), &format!("198.19.{}.{}", i / 250, i % 250)))
+        .collect();
+    documents[5000] = "just a string\n".to_owned();
+    let text = documents.join("---\n");
+    assert!(text.len() as u64 > parse::PARALLEL_FROM_BYTES);
     dir.write("large.yaml", &text);
     let reload = load(&dir);
     assert_eq!(reload.model.services().count(), 11_999);
@@ -592,101 +597,6 @@ fn a_large_file_parsed_in_parts_reads_like_a_small_one() {
         ["large.yaml: document 5001: not a Kubernetes object: kind is missing"]
     );
     assert_eq!(cluster_ip(&reload.model, "web/s11999"), "198.19.47.249");
-}
-
-/// A file large enough to be parsed in parts: `count` Services `s0`, `s1` … (documents
-/// joined with `---`), document `index` replaced by `text` when `replaced` is given.
-fn large_file(count: usize, replaced: Option<(usize, &str)>) -> String {
-    let mut documents: Vec<String> = (0..count)
-        .map(|i| service_yaml(&format!("s{i}"), &format!("198.19.{}.{}", i / 250, i % 250)))
-        .collect();
-    if let Some((index, text)) = replaced {
-        documents[index] = text.to_owned();
-    }
-    let text = documents.join("---\n");
-    assert!(text.len() as u64 > parse::PARALLEL_FROM_BYTES);
-    text
-}
-
-/// A new large file's first parts reach the model while its last is being parsed; when
-/// the last fails, they are taken out again: the model is as if the file was never read,
-/// another file's version of an object it took over is back, and only the failure is
-/// reported. A file that had objects keeps them all.
-#[test]
-fn a_large_file_refused_in_its_last_part_changes_nothing() {
-    let dir = TempDir::new("large-refused");
-    dir.write("z.yaml", &service_yaml("s1", "198.19.200.1"));
-    let without = load(&dir).model;
-    let broken = "apiVersion: v1\nkind: [unclosed\n";
-    let large = dir.write("large.yaml", &large_file(12_000, Some((11_999, broken))));
-    let mut source = source(&dir);
-    let mut model = Model::default();
-    let reload = reload_into(&mut source, &mut model);
-    assert!(reload.model == without, "nothing of large.yaml stays");
-    assert_eq!(cluster_ip(&reload.model, "web/s1"), "198.19.200.1");
-    assert_eq!(reload.problems.len(), 1, "{:?}", reload.problems);
-    assert!(
-        reload.problems[0].starts_with("large.yaml: invalid YAML: "),
-        "{:?}",
-        reload.problems
-    );
-
-    // Fixed: all of it, and large.yaml's s1 (first by name) wins over z.yaml's.
-    fs::write(&large, large_file(12_000, None)).unwrap();
-    let reload = reload_into(&mut source, &mut model);
-    assert_eq!(reload.model.services().count(), 12_000);
-    assert_eq!(cluster_ip(&reload.model, "web/s1"), "198.19.0.1");
-    assert_eq!(reload.problems.len(), 1, "{:?}", reload.problems);
-    let good = reload.model;
-
-    // Broken again at its end: everything it had stays.
-    fs::write(&large, large_file(12_000, Some((11_999, broken)))).unwrap();
-    let reload = reload_into(&mut source, &mut model);
-    assert!(reload.model == good);
-    assert_eq!(reload.problems.len(), 1, "{:?}", reload.problems);
-    assert!(
-        reload.problems[0].ends_with("keeping its last good objects"),
-        "{:?}",
-        reload.problems
-    );
-}
-
-/// Bringing a large file in part by part while it is parsed (`load`) gives the model and
-/// the problems that reading it whole first and applying it (the daemon's watcher) give:
-/// duplicates within the file and across files, invalid objects.
-#[test]
-fn a_file_brought_in_while_parsed_equals_one_read_whole() {
-    let dir = TempDir::new("large-streamed");
-    let mut text = large_file(12_000, Some((11_999, &service_yaml("s5", "198.19.200.5"))));
-    text.push_str("---\n");
-    text.push_str(&service_yaml("s7", "not an address"));
-    text.push_str("---\n");
-    text.push_str(&slice_yaml("s3-a", "s3", "198.18.0.3"));
-    dir.write("large.yaml", &text);
-    dir.write("a.yaml", &service_yaml("s9", "198.19.200.9"));
-    dir.write("z.yaml", &service_yaml("s11", "198.19.200.11"));
-
-    let streamed = load(&dir);
-    let mut whole = source(&dir);
-    let mut model = Model::default();
-    for file in whole.scan(&BTreeSet::new()).unwrap().to_read {
-        let read = ManifestSource::read(whole.limits(), &file);
-        whole.apply(&file, read, &mut model);
-    }
-    let problems: Vec<String> = (model.take_changes().rejected.iter())
-        .map(|problem| {
-            problem
-                .message
-                .replace(&format!("{}/", dir.0.display()), "")
-        })
-        .collect();
-    assert!(streamed.model == model);
-    assert_eq!(streamed.problems, problems);
-    assert_eq!(streamed.problems.len(), 4, "{problems:?}");
-    assert_eq!(cluster_ip(&model, "web/s5"), "198.19.0.5");
-    assert_eq!(cluster_ip(&model, "web/s9"), "198.19.200.9");
-    assert_eq!(cluster_ip(&model, "web/s11"), "198.19.0.11");
-    assert_eq!(slice_names(&model), ["web/s3-a"]);
 }
 
 #[test]
