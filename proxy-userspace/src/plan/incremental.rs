@@ -42,7 +42,8 @@ struct ServiceState {
 /// What one [`Planner::update`] changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PlanDelta {
-    /// The frontends whose plan changed, in frontend order.
+    /// The frontends whose plan changed, in frontend order; empty after
+    /// [`Planner::update_all`] (a full sync writes [`Planner::desired`] whole).
     pub frontends: Vec<FrontendChange>,
     /// Problems that were not there before this update, in Service order.
     pub new_problems: Vec<Problem>,
@@ -59,6 +60,27 @@ pub struct FrontendChange {
     pub frontend: Frontend,
     pub old: Option<FrontendPlan>,
     pub new: Option<FrontendPlan>,
+}
+
+/// One update's work in progress.
+#[derive(Default)]
+struct Pass {
+    /// Services still to plan, in order.
+    queue: BTreeSet<ObjectKey>,
+    /// What a partial update records to return its delta; `None` for a full one, which
+    /// looks at every Service and hands over the whole desired state.
+    changes: Option<Changes>,
+    health_checks_changed: bool,
+    services_planned: usize,
+}
+
+/// What a partial update records as it goes.
+#[derive(Default)]
+struct Changes {
+    /// The plan each touched frontend had before this update.
+    before: BTreeMap<Frontend, Option<FrontendPlan>>,
+    /// The Services whose problems may have changed.
+    affected: BTreeSet<ObjectKey>,
 }
 
 impl Planner {
@@ -100,10 +122,37 @@ impl Planner {
     /// Re-plans every Service: each one in the model, and each one this planner still has
     /// frontends or problems for — a Service removed since the last update lets them go
     /// (a full sync that planned only the model's Services would leave them programmed).
+    /// The delta's `frontends` stay empty: a full sync writes the whole desired state, so
+    /// no frontend's plan is copied into it.
     pub fn update_all(&mut self, model: &Model) -> PlanDelta {
-        let known: Vec<ObjectKey> = self.services.keys().cloned().collect();
-        let all = model.services().map(|(key, _)| key.clone());
-        self.update(model, all.chain(known))
+        let removed: Vec<ObjectKey> = (self.services.keys())
+            .filter(|key| model.service(key).is_none())
+            .cloned()
+            .collect();
+        let mut pass = Pass::default();
+        for key in model.services().map(|(key, _)| key).chain(&removed) {
+            self.plan(model, key, &mut pass);
+        }
+        while let Some(key) = pass.queue.pop_first() {
+            self.plan(model, &key, &mut pass);
+        }
+        // Every Service was planned: each one's problems are looked at, in Service order.
+        let mut new_problems = Vec::new();
+        for (key, _) in model.services() {
+            self.report(key, &mut new_problems);
+        }
+        // Rebuilt in one pass, the map's nodes come out full, where inserts in Service
+        // order leave them a third empty.
+        self.desired.frontends = std::mem::take(&mut self.desired.frontends)
+            .into_iter()
+            .collect();
+        self.shrink();
+        PlanDelta {
+            frontends: Vec::new(),
+            new_problems,
+            health_checks_changed: pass.health_checks_changed,
+            services_planned: pass.services_planned,
+        }
     }
 
     /// Re-plans the `dirty` Services (present in the model or not) and returns what
@@ -114,113 +163,138 @@ impl Planner {
         model: &Model,
         dirty: impl IntoIterator<Item = ObjectKey>,
     ) -> PlanDelta {
-        let mut queue: BTreeSet<ObjectKey> = dirty.into_iter().collect();
-        let mut delta = PlanDelta::default();
-        // The plan each touched frontend had before this update.
-        let mut before: BTreeMap<Frontend, Option<FrontendPlan>> = BTreeMap::new();
-        let mut affected: BTreeSet<ObjectKey> = BTreeSet::new();
-        while let Some(key) = queue.pop_first() {
-            delta.services_planned += 1;
-            let record = model.service(&key);
-            let plan = plan_service(&key, record, model.endpoint_slices_of(&key), &self.node);
-            affected.insert(key.clone());
-            let old = self.services.remove(&key).unwrap_or_default();
-            let claimed: Vec<Frontend> = plan.frontends.iter().map(|(f, _)| *f).collect();
-
-            for &frontend in old.frontends.iter().filter(|f| !claimed.contains(f)) {
-                let owned = self
-                    .claims
-                    .owner(&frontend)
-                    .is_some_and(|owner| owner.is_by(&key));
-                self.claims.remove(frontend, &key);
-                affected.extend(self.claims.of(&frontend).iter().map(Claim::service));
-                if owned {
-                    self.set_desired(frontend, None, &mut before);
-                    if let Some(next) = self.claims.owner(&frontend) {
-                        queue.insert(next.service());
-                    }
-                }
-            }
-            for (frontend, frontend_plan) in plan.frontends {
-                let claim = Claim {
-                    port: frontend_plan.service.clone(),
-                    kind: frontend_plan.kind,
-                };
-                if self.claims.upsert(frontend, claim) {
-                    affected.extend(self.claims.of(&frontend).iter().map(Claim::service));
-                }
-                let owned = self
-                    .claims
-                    .owner(&frontend)
-                    .is_some_and(|owner| owner.is_by(&key));
-                if owned {
-                    self.set_desired(frontend, Some(frontend_plan), &mut before);
-                }
-            }
-
-            let health_check = plan.health_check;
-            if self.health_checks.get(&key) != health_check.as_ref() {
-                delta.health_checks_changed = true;
-                match health_check {
-                    Some(check) => self.health_checks.insert(key.clone(), check),
-                    None => self.health_checks.remove(&key),
-                };
-            }
-            if record.is_some() {
-                let state = ServiceState {
-                    frontends: claimed,
-                    problems: plan.problems,
-                    reported: old.reported,
-                };
-                self.services.insert(key, state);
-            }
+        let mut pass = Pass {
+            queue: dirty.into_iter().collect(),
+            changes: Some(Changes::default()),
+            ..Pass::default()
+        };
+        while let Some(key) = pass.queue.pop_first() {
+            self.plan(model, &key, &mut pass);
         }
-
-        for key in &affected {
-            let problems = self.problems_of(key);
-            let Some(state) = self.services.get_mut(key) else {
-                continue;
-            };
-            delta.new_problems.extend(
-                problems
-                    .iter()
-                    .filter(|problem| !state.reported.contains(problem))
-                    .cloned(),
-            );
-            state.reported = problems;
+        let changes = pass.changes.take().unwrap_or_default();
+        let mut new_problems = Vec::new();
+        for key in &changes.affected {
+            self.report(key, &mut new_problems);
         }
-        delta.frontends = before
-            .into_iter()
+        let frontends: Vec<FrontendChange> = (changes.before.into_iter())
             .filter_map(|(frontend, old)| {
                 let new = self.desired.frontends.get(&frontend).cloned();
                 (old != new).then_some(FrontendChange { frontend, old, new })
             })
             .collect();
-        if delta.frontends.len() * 2 > self.desired.frontends.len() {
-            // Most frontends were planned anew (a full sync): rebuilt in one pass, the
-            // map's nodes come out full, where inserts in Service order leave them a third
-            // empty.
+        if frontends.len() * 2 > self.desired.frontends.len() {
+            // Most frontends were planned anew: rebuilt in one pass, as after a full sync.
             self.desired.frontends = std::mem::take(&mut self.desired.frontends)
                 .into_iter()
                 .collect();
         }
-        crate::allocator::shrink_sparse(&mut self.services);
-        self.claims.shrink_sparse();
-        delta
+        self.shrink();
+        PlanDelta {
+            frontends,
+            new_problems,
+            health_checks_changed: pass.health_checks_changed,
+            services_planned: pass.services_planned,
+        }
     }
 
-    /// Sets a frontend's desired plan, remembering the one it had first in this update.
+    /// Plans one Service and takes its claims, desired frontends and health check; queues
+    /// the Services that take over a frontend it let go.
+    fn plan(&mut self, model: &Model, key: &ObjectKey, pass: &mut Pass) {
+        pass.services_planned += 1;
+        let record = model.service(key);
+        let plan = plan_service(key, record, model.endpoint_slices_of(key), &self.node);
+        if let Some(changes) = &mut pass.changes {
+            changes.affected.insert(key.clone());
+        }
+        let old = self.services.remove(key).unwrap_or_default();
+        let claimed: Vec<Frontend> = plan.frontends.iter().map(|(f, _)| *f).collect();
+
+        for &frontend in old.frontends.iter().filter(|f| !claimed.contains(f)) {
+            let owned = (self.claims.owner(&frontend)).is_some_and(|owner| owner.is_by(key));
+            self.claims.remove(frontend, key);
+            if let Some(changes) = &mut pass.changes {
+                let claimants = self.claims.of(&frontend).iter().map(Claim::service);
+                changes.affected.extend(claimants);
+            }
+            if owned {
+                self.set_desired(frontend, None, &mut pass.changes);
+                if let Some(next) = self.claims.owner(&frontend) {
+                    pass.queue.insert(next.service());
+                }
+            }
+        }
+        for (frontend, frontend_plan) in plan.frontends {
+            let claim = Claim {
+                port: frontend_plan.service.clone(),
+                kind: frontend_plan.kind,
+            };
+            if self.claims.upsert(frontend, claim)
+                && let Some(changes) = &mut pass.changes
+            {
+                let claimants = self.claims.of(&frontend).iter().map(Claim::service);
+                changes.affected.extend(claimants);
+            }
+            let owned = (self.claims.owner(&frontend)).is_some_and(|owner| owner.is_by(key));
+            if owned {
+                self.set_desired(frontend, Some(frontend_plan), &mut pass.changes);
+            }
+        }
+
+        let health_check = plan.health_check;
+        if self.health_checks.get(key) != health_check.as_ref() {
+            pass.health_checks_changed = true;
+            match health_check {
+                Some(check) => self.health_checks.insert(key.clone(), check),
+                None => self.health_checks.remove(key),
+            };
+        }
+        if record.is_some() {
+            let state = ServiceState {
+                frontends: claimed,
+                problems: plan.problems,
+                reported: old.reported,
+            };
+            self.services.insert(key.clone(), state);
+        }
+    }
+
+    /// Adds a Service's problems not reported before to `new_problems`, and remembers
+    /// them as reported.
+    fn report(&mut self, key: &ObjectKey, new_problems: &mut Vec<Problem>) {
+        let problems = self.problems_of(key);
+        let Some(state) = self.services.get_mut(key) else {
+            return;
+        };
+        new_problems.extend(
+            (problems.iter())
+                .filter(|problem| !state.reported.contains(problem))
+                .cloned(),
+        );
+        state.reported = problems;
+    }
+
+    fn shrink(&mut self) {
+        crate::allocator::shrink_sparse(&mut self.services);
+        self.claims.shrink_sparse();
+    }
+
+    /// Sets a frontend's desired plan, remembering the one it had first in this update
+    /// when the update records its changes.
     fn set_desired(
         &mut self,
         frontend: Frontend,
         plan: Option<FrontendPlan>,
-        before: &mut BTreeMap<Frontend, Option<FrontendPlan>>,
+        changes: &mut Option<Changes>,
     ) {
         let current = self.desired.frontends.get(&frontend);
         if current == plan.as_ref() {
             return;
         }
-        before.entry(frontend).or_insert_with(|| current.cloned());
+        if let Some(changes) = changes {
+            (changes.before)
+                .entry(frontend)
+                .or_insert_with(|| current.cloned());
+        }
         match plan {
             Some(plan) => self.desired.frontends.insert(frontend, plan),
             None => self.desired.frontends.remove(&frontend),
@@ -296,13 +370,7 @@ mod tests {
         assert_eq!(planner.desired().frontends.len(), 1);
 
         model.remove_service(&ObjectKey::new("web", "a"));
-        let delta = planner.update_all(&model);
+        planner.update_all(&model);
         assert!(planner.desired().frontends.is_empty());
-        assert_eq!(
-            delta.frontends.len(),
-            1,
-            "the removed frontend is in the delta"
-        );
-        assert!(delta.frontends[0].new.is_none());
     }
 }
