@@ -443,12 +443,18 @@ impl Daemon {
             .sync(self.planner.health_checks(), &addresses);
         let desired = self.planner.desired();
         let ipv6_frontends = self.writer.image6().services.len();
+        // A full sync writes the whole desired state and does not list what changed.
+        let changed = if full {
+            "all".to_owned()
+        } else {
+            delta.frontends.len().to_string()
+        };
         info!(
             frontends = desired.frontends.len(),
             backends = self.writer.image().backends.len() + self.writer.image6().backends.len(),
             writes = report.ops,
             all_written = report.complete(),
-            changed = delta.frontends.len(),
+            changed = %changed,
             full,
             // Not `ipv6_frontends=`: tests and tools look for `frontends=N `.
             ipv6 = ipv6_frontends,
