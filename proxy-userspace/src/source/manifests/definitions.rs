@@ -4,6 +4,7 @@
 //! earlier one does.
 
 use std::collections::BTreeMap;
+use std::collections::hash_map::Entry;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -11,7 +12,6 @@ use foldhash::HashMap;
 
 use super::decode::{Kind, ManifestObject, ObjectId};
 use crate::model::{Model, Problem, ProblemKind};
-use std::collections::hash_map::Entry;
 
 /// The files that define each object, and the versions the model does not hold.
 #[derive(Debug, Default)]
